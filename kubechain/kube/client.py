@@ -1,0 +1,260 @@
+"""The one module that talks to the Kubernetes API server.
+
+A thin REST client over httpx (connection reuse, explicit content types, streaming watches), with a
+per-process token bucket. Status writes are JSON merge patches carrying ``metadata.resourceVersion``, so a
+stale writer gets :class:`Conflict` instead of silently overwriting someone else's transition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import httpx
+
+from kubechain.kube.connection import ClusterConnection, load_connection
+from kubechain.kube.errors import Gone, KubeAPIError, Unavailable, error_for
+from kubechain.kube.ratelimit import TokenBucket
+from kubechain.models import GROUP, VERSION, Resource
+from kubechain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Resource[Any, Any])
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+def custom_path(plural: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    path = f"/apis/{GROUP}/{VERSION}"
+    if namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+def core_path(plural: str, namespace: str | None, name: str | None = None) -> str:
+    path = "/api/v1"
+    if namespace:
+        path += f"/namespaces/{namespace}"
+    path += f"/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+def lease_path(namespace: str, name: str | None = None) -> str:
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    return f"{path}/{name}" if name else path
+
+
+class KubeClient:
+    """get / list / watch / create / delete / conditional status writes / Secrets / Events / Leases."""
+
+    def __init__(
+        self,
+        connection: ClusterConnection,
+        qps: float = 100.0,
+        burst: int = 200,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.connection = connection
+        self._bucket = TokenBucket(qps, burst)
+        self._timeout = timeout_s
+        self._http = httpx.Client(
+            base_url=connection.host,
+            verify=connection.verify,
+            cert=connection.cert,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KubeClient:
+        connection = load_connection(settings.kubeconfig, settings.kube_context)
+        return cls(connection, settings.kube_qps, settings.kube_burst, settings.kube_timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport ---------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        self._bucket.acquire()
+        headers = {"Accept": "application/json", **self.connection.auth_headers()}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            content = json.dumps(body)
+        try:
+            response = self._http.request(method, path, params=params, content=content, headers=headers)
+        except httpx.HTTPError as exc:
+            raise Unavailable(0, "Unavailable", f"{method} {path}: {exc!r}") from exc
+        if response.status_code >= 400:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = {"message": response.text[:500]}
+            raise error_for(response.status_code, payload, response.reason_phrase)
+        if not response.content:
+            return {}
+        result: dict[str, Any] = response.json()
+        return result
+
+    # -- custom resources --------------------------------------------------------------------------
+
+    def get_raw(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        return self.request("GET", custom_path(plural, namespace, name))
+
+    def get(self, model: type[R], namespace: str, name: str) -> R:
+        return model.from_wire(self.get_raw(model.PLURAL, namespace, name))
+
+    def list_raw(
+        self, plural: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        params: dict[str, Any] = {}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        result = self.request("GET", custom_path(plural, namespace), params=params)
+        return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
+
+    def list(self, model: type[R], namespace: str | None = None, label_selector: str | None = None) -> list[R]:
+        items, _ = self.list_raw(model.PLURAL, namespace, label_selector)
+        return [model.from_wire(item) for item in items]
+
+    def create_raw(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", custom_path(plural, namespace), body=body)
+
+    def create(self, resource: R) -> R:
+        body = resource.to_wire()
+        body["kind"] = resource.KIND
+        body.pop("status", None)
+        return type(resource).from_wire(self.create_raw(resource.PLURAL, resource.namespace, body))
+
+    def delete(self, plural: str, namespace: str, name: str, propagation: str = "Background") -> None:
+        self.request(
+            "DELETE",
+            custom_path(plural, namespace, name),
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
+        )
+
+    def patch_status_raw(
+        self, plural: str, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self.request(
+            "PATCH", custom_path(plural, namespace, name, "status"), body=body, content_type=MERGE_PATCH
+        )
+
+    def patch_status(self, resource: R, status: dict[str, Any], *, precondition: bool = True) -> R:
+        """Merge-patch ``status`` (wire names; None deletes a field), conditional on the object's RV.
+
+        Raises Conflict when the object changed since it was read: re-read and re-decide.
+        """
+        raw = self.patch_status_raw(
+            resource.PLURAL,
+            resource.namespace,
+            resource.name,
+            resource.resource_version if precondition else None,
+            status,
+        )
+        return type(resource).from_wire(raw)
+
+    def patch_metadata(self, plural: str, namespace: str, name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        return self.request(
+            "PATCH", custom_path(plural, namespace, name), body={"metadata": metadata}, content_type=MERGE_PATCH
+        )
+
+    def watch_raw(
+        self,
+        plural: str,
+        namespace: str | None,
+        resource_version: str,
+        timeout_s: int = 300,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
+        params = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_s),
+        }
+        self._bucket.acquire()
+        headers = {"Accept": "application/json", **self.connection.auth_headers()}
+        try:
+            with self._http.stream(
+                "GET",
+                custom_path(plural, namespace),
+                params=params,
+                headers=headers,
+                timeout=httpx.Timeout(connect=5.0, read=timeout_s + 30, write=10.0, pool=10.0),
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        payload = response.json()
+                    except ValueError:
+                        payload = {"message": response.text[:500]}
+                    raise error_for(response.status_code, payload)
+                for line in response.iter_lines():
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object", {})
+                        code = int(status.get("code") or 500)
+                        if code == 410:
+                            raise Gone(410, "Expired", str(status.get("message", "")))
+                        raise error_for(code, status)
+                    yield event
+        except httpx.HTTPError as exc:
+            raise Unavailable(0, "Unavailable", f"watch {plural}: {exc!r}") from exc
+
+    # -- core objects ------------------------------------------------------------------------------
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """The Secret's data, base64-decoded. Values are secrets: never log them."""
+        import base64
+
+        raw = self.request("GET", core_path("secrets", namespace, name))
+        data = raw.get("data") or {}
+        decoded = {key: base64.b64decode(value).decode("utf-8", "replace") for key, value in data.items()}
+        decoded.update(raw.get("stringData") or {})
+        return decoded
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", core_path("events", namespace), body=body)
+
+    def list_events(self, namespace: str, field_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"fieldSelector": field_selector} if field_selector else None
+        return list(self.request("GET", core_path("events", namespace), params=params).get("items") or [])
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.request("GET", lease_path(namespace, name))
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", lease_path(namespace), body=body)
+
+    def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT with the body's resourceVersion: Conflict if another replica renewed first."""
+        return self.request("PUT", lease_path(namespace, name), body=body)
+
+    def version(self) -> dict[str, Any]:
+        return self.request("GET", "/version")
+
+
+__all__ = ["KubeAPIError", "KubeClient", "custom_path"]

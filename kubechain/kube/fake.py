@@ -1,0 +1,194 @@
+"""An in-memory API server behind :class:`KubeClient`'s transport boundary, for fast unit tests.
+
+It emulates what our correctness rests on: resourceVersion preconditions (409), the status subresource
+(a /status write cannot change spec and vice versa), AlreadyExists on create, label selectors, generation
+bumps on spec changes and owner-reference garbage collection on delete.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from kubechain.kube.client import KubeClient
+from kubechain.kube.connection import ClusterConnection
+from kubechain.kube.errors import error_for
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _matches(labels: dict[str, str], selector: str | None) -> bool:
+    if not selector:
+        return True
+    for term in selector.split(","):
+        key, _, value = term.partition("=")
+        if labels.get(key.strip()) != value.strip():
+            return False
+    return True
+
+
+class FakeKubeClient(KubeClient):
+    def __init__(self) -> None:
+        super().__init__(ClusterConnection(host="http://fake.invalid", verify=False, cert=None), qps=1e6, burst=10**6)
+        self._lock = threading.RLock()
+        self._rv = itertools.count(1)
+        # (api prefix, plural, namespace, name) -> object
+        self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self.requests: list[tuple[str, str]] = []
+
+    # -- helpers for tests -------------------------------------------------------------------------
+
+    def add_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        import base64
+
+        encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
+        self.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/secrets",
+            body={"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": encoded},
+        )
+
+    def events(self, namespace: str = "default") -> list[dict[str, Any]]:
+        with self._lock:
+            items = [obj for (prefix, plural, ns, _), obj in self.objects.items() if plural == "events" and ns == namespace]
+        return sorted(items, key=lambda event: int(event["metadata"]["resourceVersion"]))
+
+    def event_reasons(self, name: str, namespace: str = "default") -> list[str]:
+        return [e["reason"] for e in self.events(namespace) if e["involvedObject"]["name"] == name]
+
+    # -- the transport -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(path: str) -> tuple[str, str, str | None, str | None, str | None]:
+        parts = path.strip("/").split("/")
+        if parts[0] == "api":
+            prefix, rest = "/".join(parts[:2]), parts[2:]
+        else:
+            prefix, rest = "/".join(parts[:3]), parts[3:]
+        namespace = None
+        if rest and rest[0] == "namespaces" and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        return prefix, plural, namespace, name, sub
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        if path == "/version":
+            return {"major": "1", "minor": "33", "gitVersion": "v1.33.6-fake"}
+        with self._lock:
+            self.requests.append((method, path))
+            prefix, plural, namespace, name, sub = self._parse(path)
+            params = params or {}
+            if method == "GET" and name is None:
+                items = [
+                    copy.deepcopy(obj)
+                    for (p, pl, ns, _), obj in sorted(self.objects.items())
+                    if p == prefix
+                    and pl == plural
+                    and (namespace is None or ns == namespace)
+                    and _matches(obj["metadata"].get("labels") or {}, params.get("labelSelector"))
+                ]
+                return {"items": items, "metadata": {"resourceVersion": str(next(self._rv))}}
+            key = (prefix, plural, namespace or "", name or "")
+            if method == "POST":
+                return self._create(prefix, plural, namespace or "default", body)
+            current = self.objects.get(key)
+            if current is None:
+                raise error_for(404, {"reason": "NotFound", "message": f'{plural} "{name}" not found'})
+            if method == "GET":
+                return copy.deepcopy(current)
+            if method == "DELETE":
+                self._delete(key)
+                return {}
+            if method in ("PATCH", "PUT"):
+                return self._update(key, current, body, sub, replace=method == "PUT")
+        raise error_for(405, {"message": f"{method} not supported by the fake"})
+
+    def _create(self, prefix: str, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not name:
+            raise error_for(422, {"message": "metadata.name: Required value"})
+        key = (prefix, plural, namespace, name)
+        if key in self.objects:
+            raise error_for(409, {"reason": "AlreadyExists", "message": f'{plural} "{name}" already exists'})
+        meta.update(
+            namespace=namespace,
+            uid=str(uuid.uuid4()),
+            resourceVersion=str(next(self._rv)),
+            generation=1,
+            creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        if prefix.startswith("apis/kubechain"):
+            obj.pop("status", None)
+        self.objects[key] = obj
+        return copy.deepcopy(obj)
+
+    def _delete(self, key: tuple[str, str, str, str]) -> None:
+        obj = self.objects.pop(key)
+        uid = obj["metadata"]["uid"]
+        for child_key, child in list(self.objects.items()):
+            owners = child["metadata"].get("ownerReferences") or []
+            if any(owner.get("uid") == uid for owner in owners) and child_key in self.objects:
+                self._delete(child_key)
+
+    def _update(
+        self,
+        key: tuple[str, str, str, str],
+        current: dict[str, Any],
+        body: dict[str, Any],
+        sub: str | None,
+        *,
+        replace: bool,
+    ) -> dict[str, Any]:
+        wanted_rv = (body.get("metadata") or {}).get("resourceVersion")
+        if wanted_rv and wanted_rv != current["metadata"]["resourceVersion"]:
+            raise error_for(
+                409,
+                {"reason": "Conflict", "message": "the object has been modified; please apply your changes to the latest version and try again"},
+            )
+        updated = copy.deepcopy(body) if replace else merge_patch(current, body)
+        if sub == "status":
+            updated = {**copy.deepcopy(current), "status": updated.get("status")}
+        elif key[0].startswith("apis/kubechain"):
+            updated["status"] = copy.deepcopy(current.get("status"))
+            if updated.get("spec") != current.get("spec"):
+                updated["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        for field in ("uid", "creationTimestamp", "namespace", "name"):
+            updated["metadata"][field] = current["metadata"][field]
+        if updated.get("status") is None:
+            updated.pop("status", None)
+        updated["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.objects[key] = updated
+        return copy.deepcopy(updated)
+
+    def watch_raw(
+        self, plural: str, namespace: str | None, resource_version: str, timeout_s: int = 300
+    ) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError("the fake has no watch; drive the watcher's dispatch logic directly")

@@ -1,0 +1,108 @@
+"""Anthropic's Messages API through the official ``anthropic`` package."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
+from kubechain.models.taskrun import TokenUsage
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, Any]]]:
+    """System prompt apart; assistant tool calls become tool_use blocks, tool results tool_result blocks."""
+    system_parts: list[str] = []
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == "system":
+            system_parts.append(message.content)
+            continue
+        if message.role == "tool":
+            block = {"type": "tool_result", "tool_use_id": message.tool_call_id or "", "content": message.content}
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
+                out[-1]["content"].append(block)
+            else:
+                out.append({"role": "user", "content": [block]})
+            continue
+        if message.role == "assistant" and message.tool_calls:
+            blocks: list[dict[str, Any]] = []
+            if message.content:
+                blocks.append({"type": "text", "text": message.content})
+            for call in message.tool_calls:
+                try:
+                    arguments = json.loads(call.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = {"_raw": call.function.arguments}
+                blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments})
+            out.append({"role": "assistant", "content": blocks})
+            continue
+        out.append({"role": message.role, "content": message.content})
+    return "\n\n".join(system_parts), out
+
+
+class AnthropicClient:
+    def __init__(self, llm: LLM, api_key: str, timeout_s: float) -> None:
+        base_url = llm.spec.parameters.base_url if llm.spec.parameters else None
+        self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        system, messages = to_anthropic_messages(request.messages)
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+        }
+        if system:
+            kwargs["system"] = system
+        if request.tools:
+            kwargs["tools"] = [
+                {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
+                for tool in request.tools
+            ]
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.top_p is not None:
+            kwargs["top_p"] = request.top_p
+        try:
+            response = self._client.messages.create(**kwargs)
+        except anthropic.APIStatusError as exc:
+            status = exc.status_code
+            retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
+            raise LLMError(
+                f"LLM request failed with status {status}: {str(exc)[:500]}",
+                retryable=status in (408, 429) or status >= 500,
+                status_code=status,
+                retry_after_s=float(retry_after) if retry_after and retry_after.replace(".", "").isdigit() else None,
+            ) from exc
+        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
+            raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
+        text: list[str] = []
+        calls: list[ToolCall] = []
+        for block in response.content:
+            if block.type == "text":
+                text.append(block.text)
+            elif block.type == "tool_use":
+                calls.append(
+                    ToolCall(id=block.id, type="function", function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)))
+                )
+        usage = TokenUsage(
+            prompt_tokens=response.usage.input_tokens,
+            completion_tokens=response.usage.output_tokens,
+            total_tokens=response.usage.input_tokens + response.usage.output_tokens,
+        )
+        return LLMResponse(content="".join(text), tool_calls=calls, usage=usage)
+
+    def validate_credentials(self) -> None:
+        try:
+            self._client.models.list(limit=1)
+        except anthropic.AuthenticationError as exc:
+            raise LLMError(f"invalid API key (status code: {exc.status_code})", retryable=False, status_code=exc.status_code) from exc
+        except anthropic.APIStatusError as exc:
+            raise LLMError(f"endpoint answered status {exc.status_code}", retryable=exc.status_code >= 500, status_code=exc.status_code) from exc
+        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
+            raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc

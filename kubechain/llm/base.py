@@ -1,0 +1,115 @@
+"""The LLM transport boundary: one request/response shape for every provider, and a test double."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+from kubechain.models import LLM, Message, ToolCall
+from kubechain.models.taskrun import TokenUsage
+
+
+class ToolDefinition(BaseModel):
+    """A function the LLM may call. ``parameters`` is the JSON schema, passed through whole."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+class LLMRequest(BaseModel):
+    model: str
+    messages: list[Message]
+    tools: list[ToolDefinition] = Field(default_factory=list)
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+
+
+class LLMResponse(BaseModel):
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: TokenUsage | None = None
+
+
+class LLMError(Exception):
+    """A failed LLM request. ``retryable`` errors (429, 5xx, timeouts) back off and retry; others fail."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status_code: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+
+
+class LLMClient(Protocol):
+    def complete(self, request: LLMRequest) -> LLMResponse: ...
+
+    def validate_credentials(self) -> None:
+        """Raise LLMError when the endpoint rejects the key (a cheap authenticated call)."""
+
+
+ClientBuilder = Callable[[LLM, str, float], LLMClient]
+
+
+class LLMClientFactory:
+    """Builds provider clients and reuses them per (provider, endpoint, key) so connections are pooled."""
+
+    def __init__(self, timeout_s: float, builders: dict[str, ClientBuilder] | None = None) -> None:
+        self._timeout_s = timeout_s
+        self._builders = builders or default_builders()
+        self._cache: dict[tuple[str, str, str], LLMClient] = {}
+        self._lock = threading.Lock()
+
+    def for_llm(self, llm: LLM, api_key: str) -> LLMClient:
+        base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or ""
+        key = (llm.spec.provider, base_url, api_key)
+        with self._lock:
+            client = self._cache.get(key)
+            if client is None:
+                builder = self._builders.get(llm.spec.provider)
+                if builder is None:
+                    raise LLMError(f"unsupported LLM provider {llm.spec.provider!r}", retryable=False)
+                client = builder(llm, api_key, self._timeout_s)
+                self._cache[key] = client
+            return client
+
+
+def default_builders() -> dict[str, ClientBuilder]:
+    from kubechain.llm.anthropic_provider import AnthropicClient
+    from kubechain.llm.openai_provider import OpenAIClient
+
+    return {
+        "openai": lambda llm, key, timeout: OpenAIClient(llm, key, timeout),
+        "anthropic": lambda llm, key, timeout: AnthropicClient(llm, key, timeout),
+    }
+
+
+def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]) -> LLMRequest:
+    """Honour the LLM resource's model, temperature, maxTokens and topP (the original ignored them)."""
+    params = llm.spec.parameters
+    top_p = float(params.top_p) if params and params.top_p else None
+    return LLMRequest(
+        model=llm.spec.effective_model(),
+        messages=messages,
+        tools=tools,
+        temperature=llm.spec.effective_temperature(),
+        max_tokens=llm.spec.effective_max_tokens(),
+        top_p=top_p,
+    )

@@ -1,0 +1,112 @@
+"""OpenAI and any OpenAI-compatible endpoint (vLLM, Ollama, LiteLLM, the scripted test server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
+from kubechain.models.taskrun import TokenUsage
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after") if exc.response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def message_to_openai(message: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": call.id, "type": call.type or "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+            for call in message.tool_calls
+        ]
+        if not message.content:
+            out["content"] = None
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
+    return out
+
+
+class OpenAIClient:
+    def __init__(self, llm: LLM, api_key: str, timeout_s: float) -> None:
+        base_url = llm.spec.parameters.base_url if llm.spec.parameters else None
+        self._client = openai.OpenAI(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        kwargs: dict[str, Any] = {
+            "model": request.model,
+            "messages": [message_to_openai(message) for message in request.messages],
+        }
+        if request.tools:
+            kwargs["tools"] = [tool.to_openai() for tool in request.tools]
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.top_p is not None:
+            kwargs["top_p"] = request.top_p
+        try:
+            completion = self._client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            retryable = status == 429 or status >= 500 or status == 408
+            raise LLMError(
+                f"LLM request failed with status {status}: {_short_body(exc)}",
+                retryable=retryable,
+                status_code=status,
+                retry_after_s=_retry_after(exc),
+            ) from exc
+        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+            raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
+        except openai.OpenAIError as exc:
+            raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
+        if not completion.choices:
+            raise LLMError("LLM returned no completion choices", retryable=False)
+        message = completion.choices[0].message
+        calls = [
+            ToolCall(
+                id=call.id,
+                type=call.type or "function",
+                function=ToolCallFunction(name=call.function.name, arguments=call.function.arguments or ""),
+            )
+            for call in (message.tool_calls or [])
+            if getattr(call, "function", None) is not None
+        ]
+        usage = None
+        if completion.usage is not None:
+            usage = TokenUsage(
+                prompt_tokens=completion.usage.prompt_tokens or 0,
+                completion_tokens=completion.usage.completion_tokens or 0,
+                total_tokens=completion.usage.total_tokens or 0,
+            )
+        return LLMResponse(content=message.content or "", tool_calls=calls, usage=usage)
+
+    def validate_credentials(self) -> None:
+        try:
+            self._client.models.list()
+        except openai.AuthenticationError as exc:
+            raise LLMError(
+                f"invalid API key (status code: {exc.status_code})", retryable=False, status_code=exc.status_code
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise LLMError(
+                f"endpoint answered status {exc.status_code}", retryable=exc.status_code >= 500, status_code=exc.status_code
+            ) from exc
+        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+            raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc
+
+
+def _short_body(exc: openai.APIStatusError) -> str:
+    try:
+        text = exc.response.text
+    except Exception:  # noqa: BLE001 - the body is only decoration for the message
+        text = str(exc)
+    return text[:500]

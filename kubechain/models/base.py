@@ -1,0 +1,111 @@
+"""Base classes shared by every KubeChain resource model.
+
+Models hold no I/O. Field names are snake_case in Python and camelCase on the wire (the Kubernetes JSON
+convention); irregular wire names (``externalCallID``, ``channelOrUserID``...) carry explicit aliases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubechain.humanlayer.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Marks a field the CRD schema lists as required even though the Python model has a default
+# (e.g. Message.content: "" is legal, but the key must be present).
+SCHEMA_REQUIRED = {"x-kubechain-required": True}
+# Marks a free-form object whose keys the API server must keep (JSON schemas, tool arguments).
+PRESERVE_UNKNOWN = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class KubeModel(BaseModel):
+    """A fragment of a Kubernetes object: camelCase on the wire, unknown keys ignored on read."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        use_enum_values=True,
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-ready dict the API server expects (aliases, no unset/None fields)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class OwnerReference(KubeModel):
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+    controller: bool | None = None
+    block_owner_deletion: bool | None = None
+
+
+class ObjectMeta(KubeModel):
+    name: str = ""
+    namespace: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    owner_references: list[OwnerReference] = Field(default_factory=list)
+
+
+SpecT = TypeVar("SpecT", bound=KubeModel)
+StatusT = TypeVar("StatusT", bound=KubeModel)
+
+
+class Resource(KubeModel, Generic[SpecT, StatusT]):
+    """A namespaced custom resource of group kubechain.humanlayer.dev/v1alpha1."""
+
+    KIND: ClassVar[str] = ""
+    PLURAL: ClassVar[str] = ""
+
+    api_version: str = API_VERSION
+    kind: str = ""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: SpecT
+    status: StatusT
+
+    @classmethod
+    def from_wire(cls, obj: dict[str, Any]) -> Self:
+        data = dict(obj)
+        data.setdefault("status", {})
+        if data.get("status") is None:
+            data["status"] = {}
+        return cls.model_validate(data)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    @property
+    def uid(self) -> str:
+        return self.metadata.uid or ""
+
+    @property
+    def resource_version(self) -> str:
+        return self.metadata.resource_version or ""
+
+    def owner_reference(self) -> OwnerReference:
+        """An ownerReference making this object the controller of a child (GC cascades)."""
+        return OwnerReference(
+            api_version=API_VERSION,
+            kind=self.KIND,
+            name=self.name,
+            uid=self.uid,
+            controller=True,
+            block_owner_deletion=True,
+        )

@@ -1,0 +1,57 @@
+"""LLM: a provider, its credentials and request parameters."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from kubechain.models.base import KubeModel, Resource
+from kubechain.models.common import APIKeySource, ReadyStatus
+
+# Anchored versions of the original's patterns (its temperature pattern was an unanchored alternation).
+UNIT_INTERVAL_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"
+PENALTY_PATTERN = r"^-?[0-2](\.[0-9]+)?$"
+
+
+class LLMParameters(KubeModel):
+    """Request parameters, named as ACP names them; any OpenAI-compatible endpoint via ``baseUrl``."""
+
+    model: str | None = None
+    base_url: str | None = None
+    temperature: str | None = Field(default=None, pattern=UNIT_INTERVAL_PATTERN)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_p: str | None = Field(default=None, pattern=UNIT_INTERVAL_PATTERN)
+    top_k: int | None = Field(default=None, ge=1)
+    frequency_penalty: str | None = Field(default=None, pattern=PENALTY_PATTERN)
+    presence_penalty: str | None = Field(default=None, pattern=PENALTY_PATTERN)
+
+
+class LLMSpec(KubeModel):
+    provider: Literal["openai", "anthropic"]
+    api_key_from: APIKeySource
+    temperature: str | None = Field(default=None, pattern=UNIT_INTERVAL_PATTERN)
+    max_tokens: int | None = Field(default=None, ge=1)
+    parameters: LLMParameters | None = None
+
+    def effective_model(self) -> str:
+        if self.parameters and self.parameters.model:
+            return self.parameters.model
+        return "gpt-4o" if self.provider == "openai" else "claude-3-5-sonnet-latest"
+
+    def effective_temperature(self) -> float | None:
+        raw = (self.parameters.temperature if self.parameters else None) or self.temperature
+        return float(raw) if raw is not None else None
+
+    def effective_max_tokens(self) -> int | None:
+        return (self.parameters.max_tokens if self.parameters else None) or self.max_tokens
+
+
+class LLMStatus(ReadyStatus):
+    pass
+
+
+class LLM(Resource[LLMSpec, LLMStatus]):
+    KIND: ClassVar[str] = "LLM"
+    PLURAL: ClassVar[str] = "llms"
+    status: LLMStatus = Field(default_factory=LLMStatus)

@@ -1,0 +1,71 @@
+"""Structured logging: every line carries the resource it is about (from a contextvar), JSON optional."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+_resource: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("kubechain_resource", default=None)
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+@contextlib.contextmanager
+def resource_context(kind: str, namespace: str, name: str, task: str = "") -> Iterator[None]:
+    token = _resource.set({"kind": kind, "namespace": namespace, "resource": name, "task": task})
+    try:
+        yield
+    finally:
+        _resource.reset(token)
+
+
+class ResourceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in (_resource.get() or {}).items():
+            if not hasattr(record, key) and value:
+                setattr(record, key, value)
+        return True
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: value for key, value in record.__dict__.items() if key not in _STANDARD and not key.startswith("_")}
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        extras = " ".join(f"{key}={value}" for key, value in sorted(_fields(record).items()))
+        text = f"{base} {extras}".rstrip()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **{key: value if isinstance(value, int | float | bool) else str(value) for key, value in _fields(record).items()},
+        }
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload)
+
+
+def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if json_output else KeyValueFormatter())
+    handler.addFilter(ResourceFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "httpcore", "urllib3", "kubernetes", "openai", "anthropic", "celery.worker.strategy", "celery.app.trace", "mcp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,90 @@
+"""The contract between watcher and workers: task names, queues, the payload, the Celery app factory.
+
+A message is only a hint: it names an object; the task re-reads it and decides from its current status.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from celery import Celery
+from kombu import Queue
+from pydantic import BaseModel, Field
+
+from kubechain.settings import Settings
+
+
+class TaskName(StrEnum):
+    VALIDATE = "kubechain.validate"
+    PREPARE = "kubechain.prepare"
+    LLM_CALL = "kubechain.llm_call"
+    TOOL_CALL = "kubechain.tool_call"
+
+
+class QueueName(StrEnum):
+    CONTROL = "control"  # validation and bookkeeping: fast, never behind slow LLM calls
+    LLM = "llm"
+    TOOLS = "tools"
+
+
+TASK_QUEUES: dict[TaskName, QueueName] = {
+    TaskName.VALIDATE: QueueName.CONTROL,
+    TaskName.PREPARE: QueueName.CONTROL,
+    TaskName.LLM_CALL: QueueName.LLM,
+    TaskName.TOOL_CALL: QueueName.TOOLS,
+}
+
+
+class ResourceMessage(BaseModel):
+    """The payload of every task: which object to look at (and, for tracing, when and why)."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
+    resource_version: str = ""
+    reason: str = "event"
+    enqueued_at: float = Field(default_factory=time.time)
+    traceparent: str | None = None
+
+    def key(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
+    """The Celery app (producer and consumer share it). Settings follow the at-least-once playbook:
+    acks_late + reject on worker loss (the state machines make redelivery harmless), prefetch 1 (KEDA only
+    sees ready messages, and a busy worker must not hoard), a visibility timeout well above the longest
+    LLM call, and a soft shutdown that requeues in-flight work."""
+    app = Celery(name, broker=settings.redis_url)
+    visibility = max(3600.0, settings.llm_timeout_s * 4, settings.tool_timeout_s * 4)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": visibility},
+        broker_connection_retry_on_startup=True,
+        worker_soft_shutdown_timeout=10.0,
+        worker_enable_soft_shutdown_on_idle=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_default_queue=QueueName.CONTROL.value,
+        task_queues=[Queue(queue.value) for queue in QueueName],
+        task_routes={task.value: {"queue": queue.value} for task, queue in TASK_QUEUES.items()},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, task: TaskName, message: ResourceMessage, countdown_s: float = 0.0) -> None:
+    app.send_task(
+        task.value,
+        args=[message.model_dump()],
+        queue=TASK_QUEUES[task].value,
+        countdown=countdown_s if countdown_s > 0 else None,
+    )

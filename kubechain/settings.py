@@ -1,0 +1,59 @@
+"""Process settings, from the environment (prefix ``KUBECHAIN_``) — injected, never read ad hoc."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_identity() -> str:
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore")
+
+    # Kubernetes
+    kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
+    kube_context: str | None = None
+    namespaces: list[str] = Field(default_factory=list, description="watched namespaces; empty = all")
+    kube_qps: float = 100.0
+    kube_burst: int = 200
+    kube_timeout_s: float = 30.0
+
+    # Celery / Redis
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+
+    # Agent loop
+    llm_timeout_s: float = 120.0
+    llm_max_attempts: int = 5
+    llm_backoff_base_s: float = 1.0
+    llm_backoff_max_s: float = 60.0
+    tool_timeout_s: float = 120.0
+    # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
+    claim_timeout_s: float = 180.0
+    max_tool_result_bytes: int = 64 * 1024
+    max_context_window_bytes: int = 1024 * 1024
+    max_delegation_depth: int = 5
+
+    # Watcher
+    resync_interval_s: float = 30.0
+    stale_after_s: float = 20.0
+    lease_name: str = "kubechain-watcher"
+    lease_namespace: str = "default"
+    lease_duration_s: float = 15.0
+    identity: str = Field(default_factory=_default_identity)
+
+    # Integrations
+    humanlayer_api_base: str = Field(
+        default="https://api.humanlayer.dev", validation_alias="HUMANLAYER_API_BASE"
+    )
+    mcp_command_allowlist: list[str] = Field(default_factory=list)
+
+    # Observability
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_json: bool = False

@@ -1,0 +1,167 @@
+"""What work an object's current state calls for, and which other objects a change affects (pure).
+
+The watcher applies these to watch events and, periodically, to everything it has cached (resync), so a
+lost message or a dead worker never strands a resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
+from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
+from kubechain.queueing import TaskName
+from kubechain.statemachines.transition import parse_timestamp
+
+VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel")
+TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
+TASKRUN_PREPARE = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
+TASKRUN_WAITING = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
+
+
+@dataclass(frozen=True)
+class Work:
+    task: TaskName
+    kind: str
+    namespace: str
+    name: str
+    countdown_s: float = 0.0
+    reason: str = "event"
+
+
+def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta.get("name") or "")
+
+
+def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("status") or {}
+
+
+def is_terminal(kind: str, obj: Mapping[str, Any]) -> bool:
+    phase = _status(obj).get("phase") or ""
+    if kind == "TaskRun":
+        return phase in TERMINAL_TASKRUN_PHASES
+    if kind == "TaskRunToolCall":
+        return phase in TERMINAL_TOOLCALL_PHASES
+    return False
+
+
+def needs_validation(obj: Mapping[str, Any]) -> bool:
+    status = _status(obj)
+    generation = (obj.get("metadata") or {}).get("generation")
+    return not status.get("status") or status.get("observedGeneration") != generation
+
+
+def work_for(
+    kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, *, resync: bool = False
+) -> list[Work]:
+    """The tasks this object's own state calls for. ``resync`` adds the periodic checks: re-validate
+    resources that are not Ready, and re-take claims whose holder stopped answering."""
+    namespace, name = _meta(obj)
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return []
+    status = _status(obj)
+    reason = "resync" if resync else "event"
+    if kind in VALIDATED_KINDS:
+        not_ready = status.get("status") in ("Error", "Pending") or (
+            kind == "MCPServer" and not status.get("connected")
+        )
+        if needs_validation(obj) or (resync and not_ready):
+            return [Work(TaskName.VALIDATE, kind, namespace, name, reason=reason)]
+        return []
+    phase = status.get("phase") or ""
+    if kind == "TaskRun":
+        if phase in TERMINAL_TASKRUN_PHASES:
+            return []
+        if phase in TASKRUN_PREPARE:
+            return [Work(TaskName.PREPARE, kind, namespace, name, reason=reason)]
+        if phase == TaskRunPhase.READY_FOR_LLM:
+            return [Work(TaskName.LLM_CALL, kind, namespace, name, reason=reason)]
+        if phase == TaskRunPhase.ERROR_BACKOFF:
+            due = parse_timestamp(status.get("nextAttemptAt"))
+            countdown = max(0.0, (due - now).total_seconds()) if due else 0.0
+            return [Work(TaskName.LLM_CALL, kind, namespace, name, countdown, reason)]
+        if phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM and resync and _claim_expired(status, now, claim_timeout_s):
+            return [Work(TaskName.LLM_CALL, kind, namespace, name, reason="stale-claim")]
+        return []
+    if kind == "TaskRunToolCall":
+        parent = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
+        if phase in TERMINAL_TOOLCALL_PHASES:
+            # Fan-in hint: the parent re-checks whether every tool call of its turn is done.
+            return [Work(TaskName.PREPARE, "TaskRun", namespace, parent, reason="toolcall-finished")] if parent else []
+        if phase in TOOLCALL_EXECUTABLE:
+            return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
+        if phase == ToolCallPhase.RUNNING and resync and _claim_expired(status, now, claim_timeout_s):
+            return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason="stale-claim")]
+        if phase in (ToolCallPhase.AWAITING_HUMAN_APPROVAL, ToolCallPhase.AWAITING_HUMAN_INPUT, ToolCallPhase.AWAITING_SUB_AGENT, ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL) and resync:
+            return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
+    return []
+
+
+def _claim_expired(status: Mapping[str, Any], now: datetime, claim_timeout_s: float) -> bool:
+    claimed_at = parse_timestamp(status.get("claimedAt"))
+    return claimed_at is None or (now - claimed_at).total_seconds() >= claim_timeout_s
+
+
+def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """What dependents care about; a change of it re-triggers them."""
+    if obj is None:
+        return ("absent",)
+    status = _status(obj)
+    if kind == "TaskRun":
+        return (status.get("phase"),)
+    return (status.get("ready"), status.get("status"), status.get("connected"), len(status.get("tools") or []))
+
+
+def _refs(spec: Mapping[str, Any], field: str) -> list[str]:
+    return [str(ref.get("name")) for ref in spec.get(field) or [] if isinstance(ref, Mapping)]
+
+
+def dependents(
+    kind: str, obj: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
+) -> list[Work]:
+    """Objects that use ``obj`` and must re-decide now that its readiness changed."""
+    namespace, name = _meta(obj)
+    out: list[Work] = []
+
+    def objects(of_kind: str) -> Iterable[tuple[str, Mapping[str, Any]]]:
+        for (ns, obj_name), other in (cache.get(of_kind) or {}).items():
+            if ns == namespace:
+                yield obj_name, other
+
+    agent_fields = {"LLM": None, "Tool": "tools", "MCPServer": "mcpServers", "ContactChannel": "humanContactChannels", "Agent": "subAgents"}
+    if kind in agent_fields:
+        for agent_name, agent in objects("Agent"):
+            spec = agent.get("spec") or {}
+            field = agent_fields[kind]
+            uses = ((spec.get("llmRef") or {}).get("name") == name) if field is None else name in _refs(spec, field)
+            if uses:
+                out.append(Work(TaskName.VALIDATE, "Agent", namespace, agent_name, reason=f"{kind.lower()}-changed"))
+    if kind == "ContactChannel":
+        for server_name, server in objects("MCPServer"):
+            if ((server.get("spec") or {}).get("approvalContactChannel") or {}).get("name") == name:
+                out.append(Work(TaskName.VALIDATE, "MCPServer", namespace, server_name, reason="channel-changed"))
+    if kind == "Agent":
+        for task_name, task in objects("Task"):
+            if ((task.get("spec") or {}).get("agentRef") or {}).get("name") == name:
+                out.append(Work(TaskName.VALIDATE, "Task", namespace, task_name, reason="agent-changed"))
+    if kind in ("Agent", "Task"):
+        for run_name, run in objects("TaskRun"):
+            if (_status(run).get("phase") or "") not in TASKRUN_WAITING:
+                continue
+            spec = run.get("spec") or {}
+            if kind == "Task":
+                hit = (spec.get("taskRef") or {}).get("name") == name
+            else:
+                agent_ref = (spec.get("agentRef") or {}).get("name")
+                task_ref = (spec.get("taskRef") or {}).get("name")
+                task = (cache.get("Task") or {}).get((namespace, task_ref or ""))
+                task_agent = ((task or {}).get("spec") or {}).get("agentRef", {}).get("name") if task else None
+                hit = agent_ref == name or (agent_ref is None and task_agent == name)
+            if hit:
+                out.append(Work(TaskName.PREPARE, "TaskRun", namespace, run_name, reason=f"{kind.lower()}-changed"))
+    return out

@@ -1,0 +1,430 @@
+"""The TaskRun state machine: pure decisions, no I/O.
+
+    ""/Initializing/Pending --prepare--> ReadyForLLM --llm_call claims--> SendContextWindowToLLM
+    SendContextWindowToLLM --content--> FinalAnswer
+    SendContextWindowToLLM --tool calls--> ToolCallsPending (+ one TaskRunToolCall per call)
+    ToolCallsPending --all tool calls terminal (prepare)--> ReadyForLLM
+    SendContextWindowToLLM --429/5xx/timeout--> ErrorBackoff --(nextAttemptAt)--> SendContextWindowToLLM
+    any --4xx / empty response / budget exhausted--> Failed
+
+Every transition is applied as a merge patch conditional on the resourceVersion the decision was made
+from, so of two workers deciding the same transition exactly one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    LABEL_TOOLCALLREQUEST,
+    Agent,
+    LocalObjectReference,
+    Message,
+    ObjectMeta,
+    Task,
+    TaskRun,
+    TaskRunPhase,
+    TaskRunToolCall,
+    TaskRunToolCallSpec,
+    ToolCallPhase,
+)
+from kubechain.models.labels import LABEL_TASK
+from kubechain.statemachines.transition import (
+    Transition,
+    normal,
+    parse_timestamp,
+    precise_timestamp,
+    status_differs,
+    timestamp,
+    warning,
+)
+
+PREVIEW_LENGTH = 50
+TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
+
+
+@dataclass(frozen=True)
+class LoopLimits:
+    claim_timeout_s: float = 180.0
+    max_attempts: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_tool_result_bytes: int = 64 * 1024
+    max_context_window_bytes: int = 1024 * 1024
+
+
+def preview(message: str) -> str:
+    return message if len(message) <= PREVIEW_LENGTH else message[: PREVIEW_LENGTH - 3] + "..."
+
+
+def trace_ids(uid: str) -> dict[str, str]:
+    digest = hashlib.sha256(uid.encode()).hexdigest()
+    return {"traceID": digest[:32], "spanID": digest[32:48]}
+
+
+def request_id(run: TaskRun, turn: int) -> str:
+    """Deterministic per (run, turn): a retried turn names the same tool calls, so creates are idempotent."""
+    return hashlib.sha256(f"{run.uid}:{turn}".encode()).hexdigest()[:7]
+
+
+def toolcall_name(run_name: str, req_id: str, index: int) -> str:
+    return f"{run_name}-{req_id}-tc-{index:02d}"
+
+
+def _window(run: TaskRun) -> list[Message]:
+    return list(run.status.context_window or [])
+
+
+def _wire_window(messages: list[Message]) -> list[dict[str, Any]]:
+    return [message.to_wire() | {"content": message.content} for message in messages]
+
+
+def window_bytes(messages: list[Message]) -> int:
+    return len(json.dumps(_wire_window(messages)).encode())
+
+
+# -- prepare: Initializing/Pending -> ReadyForLLM ---------------------------------------------------
+
+
+def needs_prepare(run: TaskRun) -> bool:
+    return run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
+
+
+def plan_initial_context(
+    run: TaskRun, task: Task | None, task_missing: bool, agent: Agent | None, now: datetime
+) -> Transition | None:
+    """Decide the first context window, or why the run must wait (or fail)."""
+    if run.phase not in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
+        return None
+    current = run.status.model_dump(by_alias=True)
+    direct = run.spec.agent_ref is not None and bool(run.spec.user_message)
+    if not direct:
+        if run.spec.task_ref is None:
+            message = "taskRef is required when agentRef and userMessage are not provided"
+            return _fail(run, message, "ValidationFailed", now)
+        if task_missing:
+            message = f'Task "{run.spec.task_ref.name}" not found'
+            return _fail(run, message, "TaskValidationFailed", now)
+        if task is None or not task.status.ready:
+            detail = f'Waiting for task "{run.spec.task_ref.name}" to become ready'
+            return _wait(current, detail, "TaskNotReady")
+    agent_name = run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else "")
+    if agent is None:
+        return _wait(current, "Waiting for Agent to exist", "Waiting")
+    if not agent.status.ready:
+        return _wait(current, f'Waiting for agent "{agent_name}" to become ready', "Waiting")
+    user_message = run.spec.user_message or (task.spec.message if task else "")
+    if not user_message:
+        return _fail(run, "no message found in TaskRun or Task", "ValidationFailed", now)
+    window = [Message(role="system", content=agent.spec.system), Message(role="user", content=user_message)]
+    return Transition(
+        status={
+            "phase": TaskRunPhase.READY_FOR_LLM.value,
+            "ready": True,
+            "status": "Ready",
+            "statusDetail": "Ready to send to LLM",
+            "error": None,
+            "contextWindow": _wire_window(window),
+            "messageCount": len(window),
+            "userMsgPreview": preview(user_message),
+            "startTime": run.status.start_time or timestamp(now),
+            "spanContext": run.status.span_context.to_wire() if run.status.span_context else trace_ids(run.uid),
+            "turns": 0,
+            "llmAttempts": 0,
+        },
+        events=[normal("ValidationSucceeded", "Task validated successfully")],
+    )
+
+
+def _wait(current: dict[str, Any], detail: str, reason: str) -> Transition | None:
+    patch = {"phase": TaskRunPhase.PENDING.value, "ready": False, "status": "Pending", "statusDetail": detail, "error": None}
+    if not status_differs(current, patch):
+        return None
+    return Transition(status=patch, events=[normal(reason, detail)])
+
+
+def _fail(run: TaskRun, message: str, reason: str, now: datetime, detail: str | None = None) -> Transition:
+    return Transition(
+        status={
+            "phase": TaskRunPhase.FAILED.value,
+            "ready": False,
+            "status": "Error",
+            "statusDetail": detail or message,
+            "error": message,
+            "completionTime": timestamp(now),
+            "claimedBy": None,
+            "claimedAt": None,
+        },
+        events=[warning(reason, message)],
+    )
+
+
+# -- llm_call: claim, then record the answer ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimDecision:
+    transition: Transition | None
+    wait_s: float = 0.0  # > 0: not yet (ErrorBackoff) — try again after this long
+    reason: str = ""
+
+
+def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits) -> ClaimDecision:
+    """Claim the LLM step with a conditional write, or say why not (someone holds it, or backoff)."""
+    phase = run.phase
+    attempts = run.status.llm_attempts or 0
+    if phase == TaskRunPhase.ERROR_BACKOFF:
+        due = parse_timestamp(run.status.next_attempt_at)
+        if due is not None and due > now:
+            return ClaimDecision(None, (due - now).total_seconds(), "backing off")
+    elif phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM:
+        claimed_at = parse_timestamp(run.status.claimed_at)
+        if claimed_at is not None and now - claimed_at < timedelta(seconds=limits.claim_timeout_s):
+            remaining = limits.claim_timeout_s - (now - claimed_at).total_seconds()
+            return ClaimDecision(None, remaining, f"claimed by {run.status.claimed_by}")
+        # The holder died mid-call: the turn is repeated, but at most once.
+        if attempts >= 2:
+            message = (
+                f"the LLM call of turn {run.status.turns or 0} was interrupted twice "
+                f"(last holder {run.status.claimed_by}); not retrying"
+            )
+            return ClaimDecision(_fail(run, message, "LLMRequestFailed", now))
+    elif phase != TaskRunPhase.READY_FOR_LLM:
+        return ClaimDecision(None, 0.0, f"phase {phase or '<none>'} does not call the LLM")
+    return ClaimDecision(
+        Transition(
+            status={
+                "phase": TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM.value,
+                "statusDetail": "Sending context window to LLM",
+                "claimedBy": worker,
+                "claimedAt": precise_timestamp(now),
+                "llmAttempts": attempts + 1,
+                "nextAttemptAt": None,
+            },
+            events=[normal("SendingContextWindowToLLM", "Sending context window to LLM")],
+        )
+    )
+
+
+def holds_claim(run: TaskRun, worker: str, claimed_at: str) -> bool:
+    return (
+        run.phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM
+        and run.status.claimed_by == worker
+        and run.status.claimed_at == claimed_at
+    )
+
+
+def plan_llm_answer(
+    run: TaskRun,
+    content: str,
+    tool_calls: list[Any],
+    usage: dict[str, int] | None,
+    now: datetime,
+    limits: LoopLimits,
+) -> Transition:
+    """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create."""
+    window = _window(run)
+    turn = run.status.turns or 0
+    token_usage = _add_usage(run, usage)
+    released = {"claimedBy": None, "claimedAt": None, "llmAttempts": 0, "nextAttemptAt": None}
+    if not content and not tool_calls:
+        failed = _fail(
+            run,
+            "LLM returned an empty response (no content and no tool calls)",
+            "LLMResponseProcessingFailed",
+            now,
+        )
+        failed.status["tokenUsage"] = token_usage
+        return failed
+    if not tool_calls:
+        window.append(Message(role="assistant", content=content))
+        return Transition(
+            status={
+                "phase": TaskRunPhase.FINAL_ANSWER.value,
+                "ready": True,
+                "status": "Ready",
+                "statusDetail": "LLM final response received",
+                "output": content,
+                "error": None,
+                "contextWindow": _wire_window(window),
+                "messageCount": len(window),
+                "completionTime": timestamp(now),
+                "turns": turn + 1,
+                "tokenUsage": token_usage,
+                **released,
+            },
+            events=[normal("LLMFinalAnswer", "LLM response received successfully")],
+        )
+    req_id = request_id(run, turn)
+    window.append(Message(role="assistant", content=content, tool_calls=tool_calls))
+    if window_bytes(window) > limits.max_context_window_bytes:
+        return _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now)
+    return Transition(
+        status={
+            "phase": TaskRunPhase.TOOL_CALLS_PENDING.value,
+            "ready": True,
+            "status": "Ready",
+            "statusDetail": "LLM response received, tool calls pending",
+            "output": "",
+            "error": None,
+            "toolCallRequestId": req_id,
+            "contextWindow": _wire_window(window),
+            "messageCount": len(window),
+            "turns": turn + 1,
+            "tokenUsage": token_usage,
+            **released,
+        },
+        events=[normal("ToolCallsPending", "LLM response received, tool calls pending")],
+        children=_toolcalls_for(run, window[-1], req_id),
+    )
+
+
+def _too_large_message(window: list[Message], limits: LoopLimits) -> str:
+    return (
+        f"the context window would be {window_bytes(window)} bytes, over the "
+        f"{limits.max_context_window_bytes}-byte limit that keeps TaskRun status under etcd's request size limit"
+    )
+
+
+def _add_usage(run: TaskRun, usage: dict[str, int] | None) -> dict[str, int]:
+    total = run.status.token_usage.to_wire() if run.status.token_usage else {}
+    result = {key: int(total.get(key, 0)) for key in ("promptTokens", "completionTokens", "totalTokens")}
+    for key, wire in (("prompt_tokens", "promptTokens"), ("completion_tokens", "completionTokens"), ("total_tokens", "totalTokens")):
+        result[wire] += int((usage or {}).get(key, 0))
+    return result
+
+
+def plan_llm_error(
+    run: TaskRun, message: str, retryable: bool, retry_after_s: float | None, now: datetime, limits: LoopLimits, rng: random.Random | None = None
+) -> Transition:
+    """Retryable errors back off exponentially with jitter (Retry-After honoured); others fail the run."""
+    attempts = run.status.llm_attempts or 1
+    if not retryable:
+        return _fail(run, message, "LLMRequestFailed4xx" if "status 4" in message else "LLMRequestFailed", now)
+    if attempts >= limits.max_attempts:
+        return _fail(run, f"{message} (gave up after {attempts} attempts)", "LLMRequestFailed", now)
+    rng = rng or random.Random()
+    delay = min(limits.backoff_max_s, limits.backoff_base_s * (2 ** (attempts - 1)))
+    delay = delay / 2 + rng.uniform(0, delay / 2)
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, limits.backoff_max_s))
+    return Transition(
+        status={
+            "phase": TaskRunPhase.ERROR_BACKOFF.value,
+            "ready": False,
+            "status": "Error",
+            "statusDetail": f"LLM request failed, retrying in {delay:.1f}s (attempt {attempts} of {limits.max_attempts})",
+            "error": message,
+            "nextAttemptAt": precise_timestamp(now + timedelta(seconds=delay)),
+            "claimedBy": None,
+            "claimedAt": None,
+        },
+        events=[warning("LLMRequestFailed", message)],
+    )
+
+
+def plan_config_error(run: TaskRun, message: str, reason: str, now: datetime) -> Transition:
+    """The run cannot call its LLM (missing LLM, secret, key): a clear terminal error."""
+    return _fail(run, message, reason, now)
+
+
+# -- fan-in: ToolCallsPending -> ReadyForLLM -----------------------------------------------------------
+
+
+def expected_toolcalls(run: TaskRun) -> list[TaskRunToolCall]:
+    """The TaskRunToolCalls the last assistant message asks for (deterministic names and labels)."""
+    window = _window(run)
+    if not window or window[-1].role != "assistant" or not window[-1].tool_calls:
+        return []
+    return _toolcalls_for(run, window[-1], run.status.tool_call_request_id or "")
+
+
+def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRunToolCall]:
+    children = []
+    for index, call in enumerate(assistant.tool_calls or [], start=1):
+        meta = ObjectMeta(
+            name=toolcall_name(run.name, req_id, index),
+            namespace=run.namespace,
+            labels={LABEL_TASKRUNTOOLCALL: run.name, LABEL_TOOLCALLREQUEST: req_id}
+            | ({LABEL_TASK: run.spec.task_ref.name} if run.spec.task_ref else {}),
+            owner_references=[run.owner_reference()],
+        )
+        spec = TaskRunToolCallSpec(
+            tool_call_id=call.id,
+            task_run_ref=LocalObjectReference(name=run.name),
+            tool_ref=LocalObjectReference(name=call.function.name),
+            arguments=call.function.arguments,
+        )
+        children.append(TaskRunToolCall(metadata=meta, spec=spec))
+    return children
+
+
+def tool_message_content(toolcall: TaskRunToolCall, limits: LoopLimits) -> str:
+    phase = toolcall.phase
+    if phase == ToolCallPhase.SUCCEEDED:
+        content = toolcall.status.result or ""
+    elif phase == ToolCallPhase.TOOL_CALL_REJECTED:
+        content = f"User denied `{toolcall.spec.tool_ref.name}` with feedback: {toolcall.status.result or ''}"
+    else:
+        content = f"Error: {toolcall.status.error or toolcall.status.status_detail or 'tool call failed'}"
+    return truncate(content, limits.max_tool_result_bytes)
+
+
+def truncate(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    kept = encoded[:max_bytes].decode("utf-8", "ignore")
+    return kept + TRUNCATION_MARKER.format(omitted=len(encoded) - len(kept.encode()))
+
+
+@dataclass(frozen=True)
+class FanIn:
+    missing: list[TaskRunToolCall]
+    transition: Transition | None
+
+
+def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, limits: LoopLimits) -> FanIn:
+    """When every tool call of the current turn is terminal, append their results in the LLM's order."""
+    if run.phase != TaskRunPhase.TOOL_CALLS_PENDING:
+        return FanIn([], None)
+    expected = expected_toolcalls(run)
+    if not expected:
+        # Nothing to wait for (e.g. an older run whose window lost its tool calls): go back to the LLM.
+        return FanIn([], _fail(run, "TaskRun is in ToolCallsPending phase but no tool calls were found", "ToolCallsPendingWithNoToolCalls", now))
+    by_name = {toolcall.name: toolcall for toolcall in toolcalls}
+    missing = [child for child in expected if child.name not in by_name]
+    if missing:
+        return FanIn(missing, None)
+    done = [by_name[child.name] for child in expected]
+    if not all(toolcall.is_terminal() for toolcall in done):
+        return FanIn([], None)
+    window = _window(run)
+    for toolcall in done:
+        window.append(
+            Message(role="tool", content=tool_message_content(toolcall, limits), tool_call_id=toolcall.spec.tool_call_id)
+        )
+    if window_bytes(window) > limits.max_context_window_bytes:
+        return FanIn([], _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now))
+    detail = "All tool calls completed, ready to send tool results to LLM"
+    return FanIn(
+        [],
+        Transition(
+            status={
+                "phase": TaskRunPhase.READY_FOR_LLM.value,
+                "ready": True,
+                "status": "Ready",
+                "statusDetail": detail,
+                "contextWindow": _wire_window(window),
+                "messageCount": len(window),
+                "llmAttempts": 0,
+            },
+            events=[normal("AllToolCallsCompleted", detail)],
+        ),
+    )

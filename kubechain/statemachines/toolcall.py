@@ -1,0 +1,96 @@
+"""The TaskRunToolCall state machine (pure): claim, then record the outcome exactly once.
+
+    "" / Pending / ReadyToExecuteApprovedTool --claim--> Running --> Succeeded | Failed
+    Running with a stale claim (the worker died) --> Running again if the tool is idempotent, else Failed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.statemachines.transition import Transition, normal, parse_timestamp, precise_timestamp, timestamp, warning
+
+CLAIMABLE_PHASES = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
+
+
+@dataclass(frozen=True)
+class ToolClaim:
+    transition: Transition | None
+    wait_s: float = 0.0
+    reason: str = ""
+
+
+def plan_tool_claim(
+    toolcall: TaskRunToolCall, worker: str, now: datetime, claim_timeout_s: float, idempotent: bool
+) -> ToolClaim:
+    phase = toolcall.phase
+    attempts = toolcall.status.attempts or 0
+    if phase == ToolCallPhase.RUNNING:
+        claimed_at = parse_timestamp(toolcall.status.claimed_at)
+        if claimed_at is not None and now - claimed_at < timedelta(seconds=claim_timeout_s):
+            remaining = claim_timeout_s - (now - claimed_at).total_seconds()
+            return ToolClaim(None, remaining, f"running on {toolcall.status.claimed_by}")
+        if not idempotent:
+            message = (
+                f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost mid-execution; "
+                "the tool is not declared idempotent, so it was not run again"
+            )
+            return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
+    elif phase not in CLAIMABLE_PHASES:
+        return ToolClaim(None, 0.0, f"phase {phase} is not executable")
+    return ToolClaim(
+        Transition(
+            status={
+                "phase": ToolCallPhase.RUNNING.value,
+                "status": "Ready",
+                "statusDetail": "Executing tool",
+                "startTime": toolcall.status.start_time or timestamp(now),
+                "claimedBy": worker,
+                "claimedAt": precise_timestamp(now),
+                "attempts": attempts + 1,
+            }
+        )
+    )
+
+
+def holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str) -> bool:
+    return (
+        toolcall.phase == ToolCallPhase.RUNNING
+        and toolcall.status.claimed_by == worker
+        and toolcall.status.claimed_at == claimed_at
+    )
+
+
+def plan_tool_success(toolcall: TaskRunToolCall, result: str, now: datetime, event_message: str) -> Transition:
+    return Transition(
+        status={
+            "phase": ToolCallPhase.SUCCEEDED.value,
+            "status": "Succeeded",
+            "statusDetail": "Tool executed successfully",
+            "result": result,
+            "error": None,
+            "completionTime": timestamp(now),
+            "claimedBy": None,
+            "claimedAt": None,
+        },
+        events=[normal("ExecutionSucceeded", event_message)],
+    )
+
+
+def plan_tool_failure(
+    toolcall: TaskRunToolCall, error: str, now: datetime, *, detail: str | None = None, reason: str = "ExecutionFailed"
+) -> Transition:
+    return Transition(
+        status={
+            "phase": ToolCallPhase.FAILED.value,
+            "status": "Error",
+            "statusDetail": detail or error,
+            "error": error,
+            "completionTime": timestamp(now),
+            "claimedBy": None,
+            "claimedAt": None,
+        },
+        events=[warning(reason, error)],
+    )

@@ -1,0 +1,93 @@
+"""The tools an Agent offers the LLM, and how an LLM function name maps back to what executes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kubechain.llm.base import ToolDefinition
+from kubechain.models import Agent, ContactChannel, MCPServer, Tool
+
+MESSAGE_PARAMETERS = {
+    "type": "object",
+    "properties": {"message": {"type": "string", "description": "The message to send"}},
+    "required": ["message"],
+}
+MCP_SEPARATOR = "__"
+DELEGATE_PREFIX = "delegate_to_agent__"
+HUMAN_CONTACT_MARKER = "__human_contact"
+
+ToolKind = Literal["tool", "mcp", "subagent", "human"]
+
+
+@dataclass(frozen=True)
+class ToolTarget:
+    """What an LLM function name refers to."""
+
+    kind: ToolKind
+    name: str  # Tool function name, MCP server, sub-agent or contact channel
+    tool: str = ""  # the MCP server's tool name
+
+
+def resolve_tool_name(function_name: str) -> ToolTarget:
+    if function_name.startswith(DELEGATE_PREFIX):
+        return ToolTarget("subagent", function_name[len(DELEGATE_PREFIX) :])
+    if HUMAN_CONTACT_MARKER in function_name:
+        channel, _, _ = function_name.partition(HUMAN_CONTACT_MARKER)
+        return ToolTarget("human", channel)
+    parts = function_name.split(MCP_SEPARATOR)
+    if len(parts) == 2 and all(parts):
+        return ToolTarget("mcp", parts[0], parts[1])
+    return ToolTarget("tool", function_name)
+
+
+def tool_definitions(
+    agent: Agent,
+    tools: list[Tool],
+    mcp_servers: list[MCPServer],
+    sub_agents: list[Agent],
+    channels: list[ContactChannel],
+) -> list[ToolDefinition]:
+    """Every function the agent's LLM may call, JSON schemas passed through whole."""
+    definitions: list[ToolDefinition] = []
+    for tool in tools:
+        parameters = tool.spec.parameters or {"type": "object", "properties": {}}
+        definitions.append(
+            ToolDefinition(
+                name=tool.spec.function_name(tool.name),
+                description=tool.spec.description or "",
+                parameters=parameters,
+            )
+        )
+    for server in mcp_servers:
+        for mcp_tool in server.status.tools or []:
+            definitions.append(
+                ToolDefinition(
+                    name=f"{server.name}{MCP_SEPARATOR}{mcp_tool.name}",
+                    description=mcp_tool.description or "",
+                    parameters=mcp_tool.input_schema or {"type": "object", "properties": {}},
+                )
+            )
+    for sub_agent in sub_agents:
+        definitions.append(
+            ToolDefinition(
+                name=f"{DELEGATE_PREFIX}{sub_agent.name}",
+                description=sub_agent.spec.description or f"Delegate a task to the agent {sub_agent.name}",
+                parameters=MESSAGE_PARAMETERS,
+            )
+        )
+    for channel in channels:
+        if channel.spec.type == "email":
+            description = (channel.spec.email.context_about_user if channel.spec.email else None) or "Contact a human via email"
+        else:
+            description = (
+                channel.spec.slack.context_about_channel_or_user if channel.spec.slack else None
+            ) or "Contact a human via Slack"
+        definitions.append(
+            ToolDefinition(
+                name=f"{channel.name}{HUMAN_CONTACT_MARKER}_{channel.spec.type}",
+                description=description,
+                parameters=MESSAGE_PARAMETERS,
+            )
+        )
+    return definitions

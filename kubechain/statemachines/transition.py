@@ -1,0 +1,60 @@
+"""What a state machine returns: a status patch plus the Events and children that go with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from kubechain.models import Resource
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Transition:
+    """Apply ``status`` as a conditional merge patch; only if it wins, emit ``events`` and create ``children``."""
+
+    status: dict[str, Any]
+    events: list[EventSpec] = field(default_factory=list)
+    children: list[Resource[Any, Any]] = field(default_factory=list)
+
+    def phase(self) -> str | None:
+        value = self.status.get("phase")
+        return str(value) if value is not None else None
+
+
+def normal(reason: str, message: str) -> EventSpec:
+    return EventSpec("Normal", reason, message)
+
+
+def warning(reason: str, message: str) -> EventSpec:
+    return EventSpec("Warning", reason, message)
+
+
+def timestamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def precise_timestamp(now: datetime) -> str:
+    """RFC 3339 with microseconds (claims compare at sub-second resolution)."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def status_differs(current: dict[str, Any], patch: dict[str, Any]) -> bool:
+    """True when writing ``patch`` would change something (avoids no-op writes and event churn)."""
+    return any(current.get(key) != value for key, value in patch.items())

@@ -1,0 +1,162 @@
+"""Readiness decisions for LLM, Tool, Agent, Task, MCPServer and ContactChannel (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubechain.models import LABEL_TASK, Agent, ContactChannel, LLM, MCPServer, ObjectMeta, Resource, Task, TaskRun, Tool
+from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
+from kubechain.models.common import LocalObjectReference
+from kubechain.models.taskrun import TaskRunSpec
+from kubechain.statemachines.transition import Transition, normal, status_differs, warning
+
+
+def plan_validation(
+    obj: Resource[Any, Any],
+    ok: bool,
+    detail: str,
+    *,
+    pending: bool = False,
+    extra: dict[str, Any] | None = None,
+    success_message: str | None = None,
+    ready_field: str = "ready",
+) -> Transition | None:
+    """The status triple for a validation outcome; None when nothing would change."""
+    current = obj.status.model_dump(by_alias=True)
+    patch: dict[str, Any] = {
+        ready_field: ok,
+        "status": "Ready" if ok else ("Pending" if pending else "Error"),
+        "statusDetail": detail,
+        "observedGeneration": obj.metadata.generation,
+        **(extra or {}),
+    }
+    if not status_differs(current, patch):
+        return None
+    events = []
+    if not current.get("status"):
+        events.append(normal("Initializing", "Starting validation"))
+    if ok:
+        events.append(normal("ValidationSucceeded", success_message or detail))
+    else:
+        events.append(warning("ValidationFailed", detail))
+    return Transition(status=patch, events=events)
+
+
+def validate_tool_spec(tool: Tool) -> str | None:
+    """Why the Tool cannot be used, or None."""
+    spec = tool.spec
+    if spec.parameters is not None:
+        if spec.parameters.get("type", "object") != "object":
+            return f"Invalid Parameters JSON: parameters must be a JSON schema of type object, got {spec.parameters.get('type')!r}"
+        if "properties" in spec.parameters and not isinstance(spec.parameters["properties"], dict):
+            return "Invalid Parameters JSON: properties must be an object"
+    kind = tool_type(tool)
+    if kind is None:
+        return "unknown tool type: tool doesn't have valid execution configuration"
+    if kind == "function" and (spec.execute is None or spec.execute.builtin is None or not spec.execute.builtin.name):
+        return "toolType function needs execute.builtin.name (one of add, subtract, multiply, divide)"
+    if kind == "externalAPI" and (spec.execute is None or spec.execute.external_api is None or not spec.execute.external_api.url):
+        return "toolType externalAPI needs execute.externalAPI.url"
+    if kind == "delegateToAgent" and spec.agent_ref is None:
+        return "toolType delegateToAgent needs agentRef"
+    return None
+
+
+def tool_type(tool: Tool) -> str | None:
+    """The original's precedence: builtin, then agentRef, then externalAPI, then spec.toolType."""
+    execute = tool.spec.execute
+    if execute is not None and execute.builtin is not None:
+        return "function"
+    if tool.spec.agent_ref is not None:
+        return "delegateToAgent"
+    if execute is not None and execute.external_api is not None:
+        return "externalAPI"
+    return tool.spec.tool_type
+
+
+@dataclass
+class AgentDependencies:
+    """What the validate task fetched for an Agent; None values are objects that do not exist."""
+
+    llm: LLM | None
+    tools: dict[str, Tool | None] = field(default_factory=dict)
+    mcp_servers: dict[str, MCPServer | None] = field(default_factory=dict)
+    sub_agents: dict[str, Agent | None] = field(default_factory=dict)
+    channels: dict[str, ContactChannel | None] = field(default_factory=dict)
+
+
+def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
+    spec = agent.spec
+    problems: list[tuple[str, bool]] = []  # (message, is-waiting)
+    if deps.llm is None:
+        problems.append((f'failed to get LLM "{spec.llm_ref.name}": not found', False))
+    elif deps.llm.status.status != "Ready":
+        problems.append((f'LLM "{spec.llm_ref.name}" is not ready', True))
+    valid_tools = []
+    for ref in spec.tools:
+        tool = deps.tools.get(ref.name)
+        if tool is None:
+            problems.append((f'failed to get Tool "{ref.name}": not found', False))
+        elif not tool.status.ready:
+            problems.append((f'tool "{ref.name}" is not ready', True))
+        else:
+            valid_tools.append(ResolvedTool(kind="Tool", name=ref.name))
+    valid_servers = []
+    for ref in spec.mcp_servers:
+        server = deps.mcp_servers.get(ref.name)
+        if server is None:
+            problems.append((f'failed to get MCPServer "{ref.name}": not found', False))
+        elif not server.status.connected:
+            problems.append((f'MCPServer "{ref.name}" is not connected', True))
+        else:
+            valid_servers.append(ResolvedMCPServer(name=ref.name, tools=[t.name for t in server.status.tools or []]))
+    valid_sub_agents = []
+    for ref in spec.sub_agents:
+        # Existence only: requiring readiness would deadlock agents that delegate to each other.
+        if deps.sub_agents.get(ref.name) is None:
+            problems.append((f'waiting for sub-agent "{ref.name}" (not found)', True))
+        else:
+            valid_sub_agents.append(ResolvedSubAgent(name=ref.name))
+    valid_channels = []
+    for ref in spec.human_contact_channels:
+        channel = deps.channels.get(ref.name)
+        if channel is None:
+            problems.append((f'ContactChannel "{ref.name}" not found', False))
+        elif not channel.status.ready:
+            problems.append((f'ContactChannel "{ref.name}" is not ready', True))
+        else:
+            valid_channels.append(ResolvedContactChannel(name=ref.name, type=channel.spec.type))
+    extra = {
+        "validTools": [t.to_wire() for t in valid_tools],
+        "validMCPServers": [s.to_wire() for s in valid_servers],
+        "validSubAgents": [a.to_wire() for a in valid_sub_agents],
+        "validHumanContactChannels": [c.to_wire() for c in valid_channels],
+    }
+    if problems:
+        message = "; ".join(text for text, _ in problems)
+        waiting = all(is_waiting for _, is_waiting in problems)
+        return plan_validation(agent, False, message, pending=waiting, extra=extra)
+    return plan_validation(agent, True, "All dependencies validated successfully", extra=extra)
+
+
+def taskrun_for_task(task: Task) -> TaskRun:
+    """The original's one run per Task: ``<task>-1``, labelled and owned by the Task."""
+    return TaskRun(
+        metadata=ObjectMeta(
+            name=f"{task.name}-1",
+            namespace=task.namespace,
+            labels={LABEL_TASK: task.name},
+            owner_references=[task.owner_reference()],
+        ),
+        spec=TaskRunSpec(task_ref=LocalObjectReference(name=task.name)),
+    )
+
+
+def plan_task(task: Task, agent: Agent | None) -> Transition | None:
+    name = task.spec.agent_ref.name
+    if agent is None:
+        return plan_validation(task, False, f'failed to get Agent "{name}": not found')
+    if not agent.status.ready:
+        return plan_validation(task, False, f'agent "{name}" is not ready', pending=True)
+    return plan_validation(task, True, "Task Run Created", success_message="Task validation successful")

@@ -1,0 +1,1 @@
+"""Tool executors: builtin arithmetic, external HTTP APIs (MCP lives in kubechain.mcp)."""

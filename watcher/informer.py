@@ -1,0 +1,107 @@
+"""List-then-watch one kind into a cache, relisting on 410 Gone and resuming after connection errors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubechain.kube.client import KubeClient
+from kubechain.kube.errors import Gone, KubeAPIError
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+# (kind, event type, new object, previous object or None)
+Handler = Callable[[str, str, dict[str, Any], dict[str, Any] | None], None]
+
+
+def object_key(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+class Informer:
+    def __init__(
+        self,
+        kube: KubeClient,
+        kind: str,
+        plural: str,
+        namespace: str | None,
+        handler: Handler,
+        stop: threading.Event,
+        watch_timeout_s: int = 290,
+    ) -> None:
+        self.kube = kube
+        self.kind = kind
+        self.plural = plural
+        self.namespace = namespace
+        self.handler = handler
+        self.stop = stop
+        self.watch_timeout_s = watch_timeout_s
+        self.cache: dict[Key, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+        self.resource_version = ""
+        self.relists = 0
+
+    def snapshot(self) -> dict[Key, dict[str, Any]]:
+        with self.lock:
+            return dict(self.cache)
+
+    def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
+        key = object_key(obj)
+        with self.lock:
+            previous = self.cache.get(key)
+            if event_type == "DELETED":
+                self.cache.pop(key, None)
+            else:
+                if previous is not None and previous["metadata"].get("resourceVersion") == obj["metadata"].get("resourceVersion"):
+                    return  # a duplicate delivery of something we have already seen
+                self.cache[key] = obj
+        self.handler(self.kind, event_type, obj, previous)
+
+    def relist(self) -> None:
+        items, resource_version = self.kube.list_raw(self.plural, self.namespace)
+        seen = set()
+        for item in items:
+            item.setdefault("kind", self.kind)
+            seen.add(object_key(item))
+            self._apply("ADDED", item)
+        with self.lock:
+            vanished = [obj for key, obj in self.cache.items() if key not in seen]
+        for obj in vanished:
+            self._apply("DELETED", obj)
+        self.resource_version = resource_version
+        self.relists += 1
+        self.synced.set()
+
+    def run(self) -> None:
+        backoff = 0.2
+        while not self.stop.is_set():
+            try:
+                if not self.resource_version:
+                    self.relist()
+                for event in self.kube.watch_raw(self.plural, self.namespace, self.resource_version, self.watch_timeout_s):
+                    if self.stop.is_set():
+                        return
+                    obj = event.get("object") or {}
+                    rv = (obj.get("metadata") or {}).get("resourceVersion")
+                    if event.get("type") == "BOOKMARK":
+                        self.resource_version = rv or self.resource_version
+                        continue
+                    self._apply(str(event.get("type")), obj)
+                    self.resource_version = rv or self.resource_version
+                    backoff = 0.2
+            except Gone:
+                log.info("watch of %s expired (410 Gone); relisting", self.plural)
+                self.resource_version = ""
+            except KubeAPIError as exc:
+                log.warning("watch of %s failed: %s; retrying in %.1fs", self.plural, exc, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            except Exception:  # noqa: BLE001 - a watcher thread must never die
+                log.exception("unexpected error watching %s; retrying in %.1fs", self.plural, backoff)
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)

@@ -1,0 +1,147 @@
+"""Leader election over a coordination.k8s.io/v1 Lease (controller-runtime's defaults: 15 s / 2 s).
+
+Replicas all watch and keep their caches warm; only the holder of the Lease enqueues work. A standby takes
+over once the holder has not renewed for the lease duration.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubechain.kube.client import KubeClient
+from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
+
+log = logging.getLogger(__name__)
+
+
+def _micro(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        kube: KubeClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        lease_duration_s: float = 15.0,
+        retry_period_s: float = 2.0,
+        on_started_leading: Callable[[], None] | None = None,
+        on_stopped_leading: Callable[[], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_duration_s = lease_duration_s
+        self.retry_period_s = retry_period_s
+        self._on_started = on_started_leading
+        self._on_stopped = on_stopped_leading
+        self._clock = clock
+        self._leading = False
+        self._last_renew: datetime | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        if not self._leading or self._last_renew is None:
+            return False
+        # Stop acting as leader before another replica may take over (renew deadline < duration).
+        return self._clock() - self._last_renew < timedelta(seconds=self.lease_duration_s * 0.66)
+
+    def try_acquire_or_renew(self) -> bool:
+        now = self._clock()
+        spec = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_duration_s),
+            "renewTime": _micro(now),
+        }
+        try:
+            lease = self.kube.get_lease(self.namespace, self.name)
+        except NotFound:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": {**spec, "acquireTime": _micro(now), "leaseTransitions": 0},
+            }
+            try:
+                self.kube.create_lease(self.namespace, body)
+            except AlreadyExists:
+                return False
+            return True
+        current: dict[str, Any] = lease.get("spec") or {}
+        holder = current.get("holderIdentity")
+        if holder != self.identity:
+            renewed = _parse(current.get("renewTime")) or _parse(current.get("acquireTime"))
+            duration = float(current.get("leaseDurationSeconds") or self.lease_duration_s)
+            if holder and renewed is not None and now - renewed < timedelta(seconds=duration):
+                return False
+            spec["acquireTime"] = _micro(now)
+            spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
+        else:
+            spec["acquireTime"] = current.get("acquireTime") or _micro(now)
+            spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0)
+        lease["spec"] = spec
+        try:
+            self.kube.replace_lease(self.namespace, self.name, lease)
+        except Conflict:
+            return False
+        return True
+
+    def step(self) -> None:
+        try:
+            acquired = self.try_acquire_or_renew()
+        except KubeAPIError as exc:
+            log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
+            acquired = False
+        if acquired:
+            self._last_renew = self._clock()
+        was_leading = self.is_leader if self._leading else False
+        if acquired and not self._leading:
+            self._leading = True
+            log.info("became leader", extra={"lease": self.name, "identity": self.identity})
+            if self._on_started:
+                self._on_started()
+        elif not acquired and self._leading and not self.is_leader:
+            self._leading = False
+            log.warning("lost leadership", extra={"lease": self.name, "identity": self.identity})
+            if self._on_stopped and was_leading is not None:
+                self._on_stopped()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+            self._stop.wait(self.retry_period_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
+        self._thread.start()
+
+    def stop(self, release: bool = True) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if release and self._leading:
+            try:
+                lease = self.kube.get_lease(self.namespace, self.name)
+                if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                    lease["spec"]["holderIdentity"] = None
+                    lease["spec"]["renewTime"] = None
+                    self.kube.replace_lease(self.namespace, self.name, lease)
+            except KubeAPIError:
+                pass
+        self._leading = False

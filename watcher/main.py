@@ -1,0 +1,228 @@
+"""The watcher process: lists and watches every KubeChain kind and turns state into Celery tasks.
+
+It does no LLM or tool work. Events map to tasks by kind and phase; a change in an object's readiness
+re-triggers the objects that depend on it; a periodic resync re-enqueues anything that sits in a
+non-terminal state, so nothing is stranded by a lost message, a dead worker, a Redis flush or a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubechain.kube.client import KubeClient
+from kubechain.models import KINDS
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.settings import Settings
+from kubechain.statemachines.routing import VALIDATED_KINDS, Work, dependents, readiness, work_for
+from watcher.informer import Informer, Key
+from watcher.leader import LeaderElector
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[TaskName, ResourceMessage, float], None]
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: Settings,
+        kube: KubeClient,
+        send: Send,
+        *,
+        leader_election: bool = True,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self._send = send
+        self._clock = clock
+        self.stop_event = threading.Event()
+        namespaces: list[str | None] = list(settings.namespaces) or [None]
+        self.informers: list[Informer] = [
+            Informer(kube, info.kind, info.plural, namespace, self._on_event, self.stop_event)
+            for info in KINDS
+            for namespace in namespaces
+        ]
+        self.elector: LeaderElector | None = None
+        if leader_election:
+            self.elector = LeaderElector(
+                kube,
+                settings.lease_namespace,
+                settings.lease_name,
+                settings.identity,
+                settings.lease_duration_s,
+                on_started_leading=self._on_started_leading,
+            )
+        self._outbox: queue.Queue[tuple[Work, str]] = queue.Queue()
+        self._recent: dict[tuple[str, str, str, str], tuple[str, float]] = {}
+        self._recent_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.enqueued = 0
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.is_leader
+
+    def cache(self) -> dict[str, dict[Key, dict[str, Any]]]:
+        view: dict[str, dict[Key, dict[str, Any]]] = {}
+        for informer in self.informers:
+            view.setdefault(informer.kind, {}).update(informer.snapshot())
+        return view
+
+    def _on_event(self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        if not self.is_leader:
+            return
+        now = self._clock()
+        works: list[Work] = []
+        if event_type != "DELETED":
+            works = work_for(kind, obj, now, self.settings.claim_timeout_s)
+        if kind in VALIDATED_KINDS:
+            after = None if event_type == "DELETED" else obj
+            if readiness(kind, after) != readiness(kind, previous):
+                works += dependents(kind, obj, self.cache())
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        for work in works:
+            self._submit(work, rv)
+
+    def _submit(self, work: Work, rv: str, *, resync: bool = False) -> None:
+        key = (work.task.value, work.kind, work.namespace, work.name)
+        now = time.monotonic()
+        with self._recent_lock:
+            last = self._recent.get(key)
+            if last is not None:
+                last_rv, at = last
+                if resync and now - at < self.settings.stale_after_s:
+                    return
+                if not resync and last_rv == rv and work.countdown_s == 0:
+                    return  # the same state was already enqueued
+            self._recent[key] = (rv, now)
+        self._outbox.put((work, rv))
+
+    def resync(self, *, force: bool = False) -> int:
+        """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
+        if not self.is_leader:
+            return 0
+        now = self._clock()
+        count = 0
+        for kind, objects in self.cache().items():
+            for obj in objects.values():
+                for work in work_for(kind, obj, now, self.settings.claim_timeout_s, resync=True):
+                    rv = str(obj["metadata"].get("resourceVersion", ""))
+                    if force:
+                        with self._recent_lock:
+                            self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
+                    before = self._outbox.qsize()
+                    self._submit(work, rv, resync=True)
+                    count += self._outbox.qsize() - before
+        if count:
+            log.info("resync re-enqueued %d resources", count)
+        self._forget_finished()
+        return count
+
+    def _forget_finished(self) -> None:
+        horizon = time.monotonic() - max(600.0, self.settings.stale_after_s * 10)
+        with self._recent_lock:
+            for key in [key for key, (_, at) in self._recent.items() if at < horizon]:
+                del self._recent[key]
+
+    def _on_started_leading(self) -> None:
+        self.resync(force=True)
+
+    # -- threads -----------------------------------------------------------------------------------
+
+    def _sender(self) -> None:
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            try:
+                work, rv = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            message = ResourceMessage(
+                kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason
+            )
+            while not self.stop_event.is_set():
+                try:
+                    self._send(work.task, message, work.countdown_s)
+                    self.enqueued += 1
+                    backoff = 0.2
+                    break
+                except Exception as exc:  # noqa: BLE001 - Redis down: keep trying, resync covers the rest
+                    log.warning("could not enqueue %s for %s: %s", work.task.value, message.key(), exc)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+
+    def _resync_loop(self) -> None:
+        while not self.stop_event.wait(self.settings.resync_interval_s):
+            try:
+                self.resync()
+            except Exception:  # noqa: BLE001
+                log.exception("resync failed")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def start(self) -> None:
+        for informer in self.informers:
+            self._spawn(informer.run, f"watch-{informer.plural}")
+        self._spawn(self._sender, "enqueue")
+        self._spawn(self._resync_loop, "resync")
+        for informer in self.informers:
+            informer.synced.wait(timeout=30)
+        if self.elector is not None:
+            self.elector.start()
+        else:
+            self.resync(force=True)
+        log.info("watcher started", extra={"kinds": len(KINDS), "namespaces": self.settings.namespaces or "all"})
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.elector is not None:
+            self.elector.stop()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import signal
+
+    from kubechain.observability.logs import configure_logging
+    from kubechain.queueing import enqueue, make_celery
+
+    parser = argparse.ArgumentParser(description="KubeChain watcher: CRD events → Celery tasks")
+    parser.add_argument("--no-leader-election", action="store_true")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = make_celery(settings)
+    kube = KubeClient.from_settings(settings)
+    watcher = Watcher(
+        settings, kube, lambda task, message, countdown: enqueue(app, task, message, countdown),
+        leader_election=not args.no_leader_election,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
+    watcher.run_forever()
+
+
+if __name__ == "__main__":
+    main()

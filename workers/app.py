@@ -1,0 +1,92 @@
+"""The Celery app and its four tasks. Each task is a thin shell: parse the payload, call the handler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+
+from kubechain.kube.errors import Unavailable
+from kubechain.observability.logs import configure_logging, resource_context
+from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
+from kubechain.settings import Settings
+from workers.context import WorkerContext, build_context
+
+log = logging.getLogger(__name__)
+
+settings = Settings()
+app: Celery = make_celery(settings)
+
+_context: WorkerContext | None = None
+_context_lock = threading.Lock()
+
+
+def context() -> WorkerContext:
+    """One context per worker process (threads share it; prefork children build their own)."""
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = build_context(
+                settings, lambda task, message, countdown: enqueue(app, task, message, countdown)
+            )
+        return _context
+
+
+def set_context(ctx: WorkerContext | None) -> None:
+    """For tests: inject a context (fakes) instead of building one from the environment."""
+    global _context
+    with _context_lock:
+        _context = ctx
+
+
+def _run(task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], None], payload: dict[str, Any]) -> None:
+    message = ResourceMessage.model_validate(payload)
+    with resource_context(message.kind, message.namespace, message.name, task.value):
+        handler(context(), message)
+
+
+RETRY = {"autoretry_for": (Unavailable,), "retry_backoff": True, "retry_backoff_max": 30, "max_retries": 20}
+
+
+@app.task(name=TaskName.VALIDATE.value, **RETRY)
+def validate(payload: dict[str, Any]) -> None:
+    from workers.validators import validate as handler
+
+    _run(TaskName.VALIDATE, handler, payload)
+
+
+@app.task(name=TaskName.PREPARE.value, **RETRY)
+def prepare(payload: dict[str, Any]) -> None:
+    from workers.prepare import prepare as handler
+
+    _run(TaskName.PREPARE, handler, payload)
+
+
+@app.task(name=TaskName.LLM_CALL.value, **RETRY)
+def llm_call(payload: dict[str, Any]) -> None:
+    from workers.llm_call import llm_call as handler
+
+    _run(TaskName.LLM_CALL, handler, payload)
+
+
+@app.task(name=TaskName.TOOL_CALL.value, **RETRY)
+def tool_call(payload: dict[str, Any]) -> None:
+    from workers.tool_call import tool_call as handler
+
+    _run(TaskName.TOOL_CALL, handler, payload)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(settings.log_level, settings.log_json)
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _shutdown(**_: Any) -> None:
+    ctx = _context
+    if ctx is not None and ctx.mcp is not None:
+        ctx.mcp.close()

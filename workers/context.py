@@ -1,0 +1,61 @@
+"""Everything a task handler needs, built once per worker process and injected (tests pass fakes)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubechain.kube.client import KubeClient
+from kubechain.kube.events import EventRecorder
+from kubechain.llm.base import LLMClientFactory
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.settings import Settings
+from kubechain.statemachines.taskrun import LoopLimits
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[TaskName, ResourceMessage, float], None]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    kube: KubeClient
+    events: EventRecorder
+    llms: LLMClientFactory
+    identity: str
+    enqueue: Enqueue
+    clock: Callable[[], datetime] = utcnow
+    mcp: Any = None  # kubechain.mcp.MCPManager, set up by the tools worker
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> LoopLimits:
+        s = self.settings
+        return LoopLimits(
+            claim_timeout_s=s.claim_timeout_s,
+            max_attempts=s.llm_max_attempts,
+            backoff_base_s=s.llm_backoff_base_s,
+            backoff_max_s=s.llm_backoff_max_s,
+            max_tool_result_bytes=s.max_tool_result_bytes,
+            max_context_window_bytes=s.max_context_window_bytes,
+        )
+
+
+def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
+    kube = KubeClient.from_settings(settings)
+    return WorkerContext(
+        settings=settings,
+        kube=kube,
+        events=EventRecorder(kube, "kubechain-worker", settings.identity),
+        llms=LLMClientFactory(settings.llm_timeout_s),
+        identity=settings.identity,
+        enqueue=enqueue,
+    )

@@ -1,0 +1,130 @@
+"""``llm_call``: claim the turn with a conditional write, call the LLM once, record the answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
+from kubechain.llm.base import LLMError, ToolDefinition, build_request
+from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
+from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.taskrun import holds_claim, plan_config_error, plan_llm_answer, plan_llm_claim, plan_llm_error
+from kubechain.statemachines.toolset import tool_definitions
+from kubechain.statemachines.transition import Transition
+from workers.context import WorkerContext
+from workers.transitions import apply_transition, retry_on_conflict
+from workers.validators import SecretProblem, get_or_none, read_api_key
+
+log = logging.getLogger(__name__)
+
+PlanFn = Callable[[TaskRun], Transition]
+
+
+class RunConfigError(Exception):
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
+    retry_on_conflict(lambda: _llm_call_once(ctx, message))
+
+
+def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
+    """The agent, its LLM, the API key and the tool definitions; RunConfigError says what is missing."""
+    agent_name = run.spec.agent_ref.name if run.spec.agent_ref else None
+    if agent_name is None and run.spec.task_ref is not None:
+        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name)
+        if task is None:
+            raise RunConfigError(f'Task "{run.spec.task_ref.name}" not found', "TaskValidationFailed")
+        agent_name = task.spec.agent_ref.name
+    agent = get_or_none(ctx, Agent, run.namespace, agent_name or "")
+    if agent is None:
+        raise RunConfigError(f'Agent "{agent_name}" not found', "AgentFetchFailed")
+    llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name)
+    if llm is None:
+        raise RunConfigError(f'Failed to get LLM: LLM "{agent.spec.llm_ref.name}" not found', "LLMFetchFailed")
+    ref = llm.spec.api_key_from.secret_key_ref
+    try:
+        api_key = read_api_key(ctx, run.namespace, ref.name, ref.key)
+    except SecretProblem as problem:
+        raise RunConfigError(f"Failed to get API key secret: {problem}", "SecretFetchFailed") from None
+    status = agent.status
+    ns = run.namespace
+    tools = [t for t in (get_or_none(ctx, Tool, ns, v.name) for v in status.valid_tools or []) if t is not None]
+    servers = [s for s in (get_or_none(ctx, MCPServer, ns, v.name) for v in status.valid_mcp_servers or []) if s is not None]
+    sub_agents = [a for a in (get_or_none(ctx, Agent, ns, v.name) for v in status.valid_sub_agents or []) if a is not None]
+    channels = [
+        c for c in (get_or_none(ctx, ContactChannel, ns, v.name) for v in status.valid_human_contact_channels or []) if c is not None
+    ]
+    return agent, llm, api_key, tool_definitions(agent, tools, servers, sub_agents, channels)
+
+
+def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
+    try:
+        run = ctx.kube.get(TaskRun, message.namespace, message.name)
+    except NotFound:
+        return
+    if run.metadata.deletion_timestamp:
+        return
+    now = ctx.clock()
+    claim = plan_llm_claim(run, ctx.identity, now, ctx.limits)
+    if claim.transition is None:
+        log.debug("llm_call skipped for %s: %s", message.key(), claim.reason)
+        return
+    if claim.transition.phase() == "Failed":
+        apply_transition(ctx, run, claim.transition)
+        return
+    try:
+        _agent, llm, api_key, tools = _resolve(ctx, run)
+    except RunConfigError as problem:
+        apply_transition(ctx, run, plan_config_error(run, str(problem), problem.reason, now))
+        return
+    claimed = apply_transition(ctx, run, claim.transition)  # Conflict: another worker claimed first
+    claimed_at = claimed.status.claimed_at or ""
+    request = build_request(llm, list(claimed.status.context_window or []), tools)
+    try:
+        response = ctx.llms.for_llm(llm, api_key).complete(request)
+    except LLMError as exc:
+        log.warning("LLM request for %s failed: %s", message.key(), exc)
+        _record(
+            ctx,
+            claimed,
+            claimed_at,
+            lambda current: plan_llm_error(current, str(exc), exc.retryable, exc.retry_after_s, ctx.clock(), ctx.limits),
+        )
+        return
+    usage = response.usage.model_dump() if response.usage else None
+    _record(
+        ctx,
+        claimed,
+        claimed_at,
+        lambda current: plan_llm_answer(current, response.content, response.tool_calls, usage, ctx.clock(), ctx.limits),
+    )
+
+
+def _record(ctx: WorkerContext, claimed: TaskRun, claimed_at: str, plan: PlanFn) -> None:
+    """Write the outcome while we still hold the claim; if we lost it (deleted, or re-taken as stale),
+    the answer is dropped: someone else now owns the turn."""
+    current = claimed
+    for _ in range(8):
+        try:
+            apply_transition(ctx, current, plan(current))
+            return
+        except Conflict:
+            pass
+        except NotFound:
+            log.info("TaskRun %s/%s was deleted during its LLM call", claimed.namespace, claimed.name)
+            return
+        except KubeAPIError as exc:
+            log.error("could not record the LLM outcome for %s/%s: %s", claimed.namespace, claimed.name, exc)
+            raise
+        try:
+            current = ctx.kube.get(TaskRun, claimed.namespace, claimed.name)
+        except NotFound:
+            return
+        if not holds_claim(current, ctx.identity, claimed_at):
+            log.warning("lost the claim on %s/%s; discarding this LLM answer", claimed.namespace, claimed.name)
+            return
+

@@ -1,0 +1,188 @@
+"""``tool_call``: claim a TaskRunToolCall, execute it once, record Succeeded or Failed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubechain.kube.errors import Conflict, NotFound
+from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, Tool
+from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.toolcall import holds_claim, plan_tool_claim, plan_tool_failure, plan_tool_success
+from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
+from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.validation import tool_type
+from kubechain.tools.builtin import ToolError, run_builtin
+from kubechain.tools.external_api import call_external_api
+from workers.context import WorkerContext
+from workers.transitions import apply_transition, retry_on_conflict
+from workers.validators import SecretProblem, get_or_none, read_api_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    result: str | None = None
+    error: str | None = None
+    detail: str | None = None
+    event_message: str = ""
+
+
+class Executor:
+    """Resolves a tool call's target; ``run`` performs it (the side effect, after the claim)."""
+
+    def __init__(self, ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+        self.ctx = ctx
+        self.toolcall = toolcall
+        self.target: ToolTarget = resolve_tool_name(toolcall.spec.tool_ref.name)
+        self.tool: Tool | None = None
+        self.server: MCPServer | None = None
+        self.problem: str | None = None
+        self._resolve()
+
+    def _resolve(self) -> None:
+        ns = self.toolcall.namespace
+        if self.target.kind == "mcp":
+            self.server = get_or_none(self.ctx, MCPServer, ns, self.target.name)
+            if self.server is None:
+                self.problem = f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
+        elif self.target.kind == "tool":
+            self.tool = find_tool(self.ctx, ns, self.target.name)
+            if self.tool is None:
+                self.problem = f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
+        else:
+            self.problem = f"{self.target.kind} tools are not supported by this worker yet"
+
+    @property
+    def idempotent(self) -> bool:
+        if self.tool is not None:
+            return bool(self.tool.spec.idempotent) or tool_type(self.tool) == "function"
+        if self.server is not None:
+            return bool(self.server.spec.idempotent)
+        return False
+
+    def run(self, arguments: dict[str, Any]) -> Outcome:
+        ref = self.toolcall.spec.tool_ref.name
+        try:
+            if self.server is not None:
+                return self._run_mcp(arguments)
+            assert self.tool is not None
+            kind = tool_type(self.tool)
+            if kind == "function":
+                builtin = self.tool.spec.execute.builtin.name if self.tool.spec.execute and self.tool.spec.execute.builtin else None
+                result = run_builtin(builtin or "", arguments)
+                return Outcome(result=result, event_message=f'Tool "{self.tool.name}" executed successfully')
+            if kind == "externalAPI":
+                return self._run_external(arguments)
+            return Outcome(error=f"unsupported tool type {kind!r} for tool {ref!r}")
+        except ToolError as exc:
+            return Outcome(error=str(exc))
+
+    def _run_external(self, arguments: dict[str, Any]) -> Outcome:
+        assert self.tool is not None and self.tool.spec.execute is not None
+        api = self.tool.spec.execute.external_api
+        assert api is not None and api.url
+        token = None
+        if api.credentials_from is not None:
+            try:
+                token = read_api_key(self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key)
+            except SecretProblem as problem:
+                return Outcome(error=f"Failed to get API credentials: {problem}")
+        timeout = float(api.timeout_seconds or self.ctx.settings.tool_timeout_s)
+        body = call_external_api(api.url, api.method, arguments, token, timeout)
+        return Outcome(result=body, event_message=f'Tool "{self.tool.name}" executed successfully')
+
+    def _run_mcp(self, arguments: dict[str, Any]) -> Outcome:
+        assert self.server is not None
+        if self.ctx.mcp is None:
+            return Outcome(error="this worker has no MCP manager (run MCP tools on the tools queue)")
+        result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
+        ref = self.toolcall.spec.tool_ref.name
+        if result.is_error:
+            return Outcome(error=f"tool execution error: {result.text}", detail="MCP tool execution failed")
+        return Outcome(result=result.text, event_message=f'MCP tool "{ref}" executed successfully')
+
+
+def find_tool(ctx: WorkerContext, namespace: str, function_name: str) -> Tool | None:
+    """A Tool by metadata.name, else by spec.name (the original only matched when both were equal)."""
+    tool = get_or_none(ctx, Tool, namespace, function_name)
+    if tool is not None:
+        return tool
+    for candidate in ctx.kube.list(Tool, namespace):
+        if candidate.spec.name == function_name:
+            return candidate
+    return None
+
+
+def parse_arguments(raw: str) -> dict[str, Any]:
+    value = json.loads(raw or "{}")
+    if not isinstance(value, dict):
+        raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
+    retry_on_conflict(lambda: _tool_call_once(ctx, message))
+
+
+def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
+    try:
+        toolcall = ctx.kube.get(TaskRunToolCall, message.namespace, message.name)
+    except NotFound:
+        return
+    if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
+        return
+    parent = get_or_none(ctx, TaskRun, toolcall.namespace, toolcall.spec.task_run_ref.name)
+    if parent is None or parent.metadata.deletion_timestamp or parent.is_terminal():
+        log.info("skipping tool call %s: its TaskRun is gone or finished", message.key())
+        return
+    executor = Executor(ctx, toolcall)
+    now = ctx.clock()
+    claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
+    if claim.transition is None:
+        log.debug("tool_call skipped for %s: %s", message.key(), claim.reason)
+        return
+    if claim.transition.phase() == "Failed":
+        apply_transition(ctx, toolcall, claim.transition)
+        return
+    if executor.problem is not None:
+        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
+        return
+    try:
+        arguments = parse_arguments(toolcall.spec.arguments)
+    except ValueError as exc:
+        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"))
+        return
+    claimed = apply_transition(ctx, toolcall, claim.transition)
+    claimed_at = claimed.status.claimed_at or ""
+    outcome = executor.run(arguments)
+
+    def plan(current: TaskRunToolCall) -> Transition:
+        if outcome.error is not None:
+            return plan_tool_failure(current, outcome.error, ctx.clock(), detail=outcome.detail)
+        return plan_tool_success(current, outcome.result or "", ctx.clock(), outcome.event_message)
+
+    _record(ctx, claimed, claimed_at, plan)
+
+
+def _record(ctx: WorkerContext, claimed: TaskRunToolCall, claimed_at: str, plan: Callable[[TaskRunToolCall], Transition]) -> None:
+    current = claimed
+    for _ in range(8):
+        try:
+            apply_transition(ctx, current, plan(current))
+            return
+        except Conflict:
+            pass
+        except NotFound:
+            return
+        try:
+            current = ctx.kube.get(TaskRunToolCall, claimed.namespace, claimed.name)
+        except NotFound:
+            return
+        if not holds_claim(current, ctx.identity, claimed_at):
+            log.warning("lost the claim on tool call %s/%s; discarding its result", claimed.namespace, claimed.name)
+            return

@@ -1,0 +1,55 @@
+"""Applying a state machine's decision: the conditional write, then (only for the winner) its effects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubechain.kube.errors import AlreadyExists, Conflict
+from kubechain.models import Resource
+from kubechain.statemachines.transition import Transition
+from workers.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Resource[Any, Any])
+T = TypeVar("T")
+
+CHILD_CREATED_REASON = {"TaskRunToolCall": "ToolCallCreated", "TaskRun": "TaskRunCreated"}
+
+
+def apply_transition(ctx: WorkerContext, obj: R, transition: Transition) -> R:
+    """Write ``transition.status`` conditional on ``obj``'s resourceVersion (Conflict if it moved), then
+    emit its Events (named after the new resourceVersion, so never twice) and create its children."""
+    updated = ctx.kube.patch_status(obj, transition.status)
+    for event in transition.events:
+        ctx.events.emit(updated, event.type, event.reason, event.message, key=updated.resource_version)
+    create_children(ctx, updated, transition.children)
+    log.info(
+        "transition",
+        extra={"kind": obj.KIND, "namespace": obj.namespace, "resource": obj.name, "phase": transition.phase()},
+    )
+    return updated
+
+
+def create_children(ctx: WorkerContext, parent: Resource[Any, Any], children: list[Resource[Any, Any]]) -> None:
+    """Create children by their deterministic names; AlreadyExists means a previous attempt did it."""
+    for child in children:
+        try:
+            ctx.kube.create(child)
+        except AlreadyExists:
+            continue
+        reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
+        ctx.events.emit(parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=child.name)
+
+
+def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
+    """Run ``step`` (which re-reads and re-decides) again whenever another writer moved first."""
+    for _ in range(attempts):
+        try:
+            return step()
+        except Conflict:
+            continue
+    log.warning("gave up after %d conflicting writes; the next event or resync will retry", attempts)
+    return None

@@ -1,0 +1,132 @@
+"""``validate``: decide the readiness of LLM, Tool, Agent and Task resources (MCPServer, ContactChannel in
+their own modules)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+from kubechain.kube.errors import NotFound
+from kubechain.llm.base import LLMError
+from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, Tool
+from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.validation import (
+    AgentDependencies,
+    plan_agent,
+    plan_task,
+    plan_validation,
+    taskrun_for_task,
+    validate_tool_spec,
+)
+from workers.context import WorkerContext
+from workers.transitions import apply_transition, create_children, retry_on_conflict
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Resource[Any, Any])
+
+
+def get_or_none(ctx: WorkerContext, model: type[R], namespace: str, name: str) -> R | None:
+    try:
+        return ctx.kube.get(model, namespace, name)
+    except NotFound:
+        return None
+
+
+class SecretProblem(Exception):
+    pass
+
+
+def read_api_key(ctx: WorkerContext, namespace: str, secret_name: str, key: str) -> str:
+    """The value of one Secret key, or SecretProblem saying what to fix (never the value itself)."""
+    try:
+        data = ctx.kube.read_secret(namespace, secret_name)
+    except NotFound:
+        raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found') from None
+    if key not in data:
+        raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
+    if not data[key].strip():
+        raise SecretProblem(f'API key is empty in secret "{secret_name}" (key "{key}")')
+    return data[key].strip()
+
+
+def validate(ctx: WorkerContext, message: ResourceMessage) -> None:
+    handler = VALIDATORS.get(message.kind)
+    if handler is None:
+        log.warning("no validator for kind %s", message.kind)
+        return
+    retry_on_conflict(lambda: handler(ctx, message))
+
+
+def _write(ctx: WorkerContext, obj: R, transition: Transition | None) -> None:
+    if transition is not None:
+        apply_transition(ctx, obj, transition)
+
+
+def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
+    llm = get_or_none(ctx, LLM, message.namespace, message.name)
+    if llm is None:
+        return
+    ref = llm.spec.api_key_from.secret_key_ref
+    try:
+        api_key = read_api_key(ctx, llm.namespace, ref.name, ref.key)
+    except SecretProblem as problem:
+        _write(ctx, llm, plan_validation(llm, False, str(problem)))
+        return
+    if llm.spec.provider != "openai":
+        _write(ctx, llm, plan_validation(llm, True, "Secret validated successfully"))
+        return
+    try:
+        ctx.llms.for_llm(llm, api_key).validate_credentials()
+    except LLMError as exc:
+        _write(ctx, llm, plan_validation(llm, False, f"OpenAI API key validation failed: {exc}"))
+        return
+    _write(ctx, llm, plan_validation(llm, True, "OpenAI API key validated successfully"))
+
+
+def validate_tool(ctx: WorkerContext, message: ResourceMessage) -> None:
+    tool = get_or_none(ctx, Tool, message.namespace, message.name)
+    if tool is None:
+        return
+    problem = validate_tool_spec(tool)
+    _write(ctx, tool, plan_validation(tool, problem is None, problem or "Tool validation successful"))
+
+
+def agent_dependencies(ctx: WorkerContext, agent: Agent) -> AgentDependencies:
+    ns = agent.namespace
+    spec = agent.spec
+    return AgentDependencies(
+        llm=get_or_none(ctx, LLM, ns, spec.llm_ref.name),
+        tools={ref.name: get_or_none(ctx, Tool, ns, ref.name) for ref in spec.tools},
+        mcp_servers={ref.name: get_or_none(ctx, MCPServer, ns, ref.name) for ref in spec.mcp_servers},
+        sub_agents={ref.name: get_or_none(ctx, Agent, ns, ref.name) for ref in spec.sub_agents},
+        channels={ref.name: get_or_none(ctx, ContactChannel, ns, ref.name) for ref in spec.human_contact_channels},
+    )
+
+
+def validate_agent(ctx: WorkerContext, message: ResourceMessage) -> None:
+    agent = get_or_none(ctx, Agent, message.namespace, message.name)
+    if agent is None:
+        return
+    _write(ctx, agent, plan_agent(agent, agent_dependencies(ctx, agent)))
+
+
+def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
+    task = get_or_none(ctx, Task, message.namespace, message.name)
+    if task is None:
+        return
+    agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
+    transition = plan_task(task, agent)
+    if agent is not None and agent.status.ready and not task.status.ready:
+        # Child first: if we crash before the status write, the retry finds it (AlreadyExists) and goes on.
+        create_children(ctx, task, [taskrun_for_task(task)])
+    _write(ctx, task, transition)
+
+
+VALIDATORS = {
+    "LLM": validate_llm,
+    "Tool": validate_tool,
+    "Agent": validate_agent,
+    "Task": validate_task,
+}
