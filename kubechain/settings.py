@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     # Celery / Redis
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
 
+    # LLMs: where provider "openai" goes when an LLM has no spec.parameters.baseUrl (None: api.openai.com)
+    openai_base_url: str | None = None
+
     # Agent loop
     llm_timeout_s: float = 120.0
     llm_max_attempts: int = 5

@@ -55,7 +55,10 @@ def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
         settings=settings,
         kube=kube,
         events=EventRecorder(kube, "kubechain-worker", settings.identity),
-        llms=LLMClientFactory(settings.llm_timeout_s),
+        llms=LLMClientFactory(
+            settings.llm_timeout_s,
+            default_base_urls={"openai": settings.openai_base_url} if settings.openai_base_url else None,
+        ),
         identity=settings.identity,
         enqueue=enqueue,
     )

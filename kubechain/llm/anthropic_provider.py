@@ -8,7 +8,7 @@ from typing import Any
 import anthropic
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
-from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
+from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
 DEFAULT_MAX_TOKENS = 4096
@@ -46,8 +46,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
 
 
 class AnthropicClient:
-    def __init__(self, llm: LLM, api_key: str, timeout_s: float) -> None:
-        base_url = llm.spec.parameters.base_url if llm.spec.parameters else None
+    def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
 
     def complete(self, request: LLMRequest) -> LLMResponse:

@@ -65,20 +65,31 @@ class LLMClient(Protocol):
         """Raise LLMError when the endpoint rejects the key (a cheap authenticated call)."""
 
 
-ClientBuilder = Callable[[LLM, str, float], LLMClient]
+# (llm, api key, timeout, base URL or None) -> client
+ClientBuilder = Callable[[LLM, str, float, str | None], LLMClient]
 
 
 class LLMClientFactory:
     """Builds provider clients and reuses them per (provider, endpoint, key) so connections are pooled."""
 
-    def __init__(self, timeout_s: float, builders: dict[str, ClientBuilder] | None = None) -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        builders: dict[str, ClientBuilder] | None = None,
+        default_base_urls: dict[str, str] | None = None,
+    ) -> None:
         self._timeout_s = timeout_s
         self._builders = builders or default_builders()
+        # Where an LLM without spec.parameters.baseUrl goes (kubechain up points openai at the local
+        # scripted server when no API key is configured).
+        self._default_base_urls = default_base_urls or {}
         self._cache: dict[tuple[str, str, str], LLMClient] = {}
         self._lock = threading.Lock()
 
     def for_llm(self, llm: LLM, api_key: str) -> LLMClient:
-        base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or ""
+        base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or self._default_base_urls.get(
+            llm.spec.provider, ""
+        )
         key = (llm.spec.provider, base_url, api_key)
         with self._lock:
             client = self._cache.get(key)
@@ -86,7 +97,7 @@ class LLMClientFactory:
                 builder = self._builders.get(llm.spec.provider)
                 if builder is None:
                     raise LLMError(f"unsupported LLM provider {llm.spec.provider!r}", retryable=False)
-                client = builder(llm, api_key, self._timeout_s)
+                client = builder(llm, api_key, self._timeout_s, base_url or None)
                 self._cache[key] = client
             return client
 
@@ -96,8 +107,8 @@ def default_builders() -> dict[str, ClientBuilder]:
     from kubechain.llm.openai_provider import OpenAIClient
 
     return {
-        "openai": lambda llm, key, timeout: OpenAIClient(llm, key, timeout),
-        "anthropic": lambda llm, key, timeout: AnthropicClient(llm, key, timeout),
+        "openai": lambda llm, key, timeout, base_url: OpenAIClient(key, timeout, base_url),
+        "anthropic": lambda llm, key, timeout, base_url: AnthropicClient(key, timeout, base_url),
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import openai
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
-from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
+from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
 
@@ -36,8 +36,7 @@ def message_to_openai(message: Message) -> dict[str, Any]:
 
 
 class OpenAIClient:
-    def __init__(self, llm: LLM, api_key: str, timeout_s: float) -> None:
-        base_url = llm.spec.parameters.base_url if llm.spec.parameters else None
+    def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._client = openai.OpenAI(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
 
     def complete(self, request: LLMRequest) -> LLMResponse:

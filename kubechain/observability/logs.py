@@ -67,5 +67,5 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "urllib3", "kubernetes", "openai", "anthropic", "celery.worker.strategy", "celery.app.trace", "mcp"):
+    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "kubernetes", "openai", "anthropic", "celery.worker.strategy", "celery.app.trace", "mcp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

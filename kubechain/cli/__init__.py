@@ -1,0 +1,33 @@
+"""The ``kubechain`` command."""
+
+from __future__ import annotations
+
+import click
+
+from kubechain import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """KubeChain: a Kubernetes-native orchestrator for AI agents."""
+
+
+@main.command()
+def version() -> None:
+    """Print the KubeChain version."""
+    click.echo(f"kubechain {__version__}")
+
+
+@main.command()
+@click.option("--output", type=click.Path(), default=None, help="directory (default: deploy/crds)")
+def crds(output: str | None) -> None:
+    """Regenerate the CRD YAML from the resource models."""
+    from pathlib import Path
+
+    from kubechain.crdgen import DEFAULT_OUTPUT, write_crds
+
+    for path in write_crds(Path(output) if output else DEFAULT_OUTPUT):
+        click.echo(str(path))
+
+
+from kubechain.cli import processes, up  # noqa: E402,F401  (registers commands)

@@ -1,0 +1,3 @@
+from kubechain.cli import main
+
+main()

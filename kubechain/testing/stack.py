@@ -1,0 +1,213 @@
+"""The whole system on one machine: control plane, Redis, scripted LLM, watcher and workers as processes.
+
+``kubechain up`` runs it in the foreground; end-to-end tests and benchmarks start it the same way, so what
+the tests exercise is what users run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from kubechain.kube.client import KubeClient
+from kubechain.kube.connection import load_connection
+from kubechain.kube.crds import apply_crds, load_crds
+from kubechain.testing.controlplane import LocalControlPlane, ManagedProcess, free_port
+from kubechain.testing.redis_server import LocalRedis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO_ROOT / "deploy" / "crds"
+
+Progress = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(f"[kubechain] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class StackOptions:
+    workdir: Path
+    cluster: str = "local"  # local | current (the kubeconfig's current context)
+    kubeconfig: Path | None = None
+    workers: int = 1
+    worker_queues: str = "control,llm,tools"
+    worker_pool: str = "threads"
+    worker_concurrency: int = 16
+    watchers: int = 1
+    llm: str = "scripted"  # scripted | real
+    llm_port: int = 0
+    llm_latency_s: float = 0.0
+    resync_interval_s: float = 5.0
+    stale_after_s: float = 5.0
+    claim_timeout_s: float = 180.0
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalStack:
+    def __init__(self, options: StackOptions, progress: Progress = _print) -> None:
+        self.options = options
+        self.progress = progress
+        self.workdir = options.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs = self.workdir / "logs"
+        self.control_plane: LocalControlPlane | None = None
+        self.redis: LocalRedis | None = None
+        self.kubeconfig: Path = options.kubeconfig or (self.workdir / "kubeconfig")
+        self.llm_port = options.llm_port
+        self.llm_process: ManagedProcess | None = None
+        self.watchers: dict[str, ManagedProcess] = {}
+        self.workers: dict[str, ManagedProcess] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        started = time.monotonic()
+        if self.options.cluster == "local":
+            self.progress("starting a local control plane (etcd + kube-apiserver)")
+            self.control_plane = LocalControlPlane(
+                workdir=self.workdir / "controlplane", progress=self.progress
+            )
+            self.control_plane.start()
+            self.kubeconfig.write_text(self.control_plane.kubeconfig_path.read_text())
+        else:
+            self.progress(f"using the cluster of kubeconfig {self.kubeconfig}")
+        self.progress("installing the KubeChain CRDs")
+        kube = self.kube()
+        try:
+            apply_crds(kube, load_crds(CRD_DIR))
+        finally:
+            kube.close()
+        self.redis = LocalRedis()
+        self.redis.start()
+        self.progress(f"redis at {self.redis.url}")
+        if self.options.llm == "scripted":
+            self.start_llm()
+        for index in range(self.options.watchers):
+            self.start_watcher(f"watcher-{index}")
+        for index in range(self.options.workers):
+            self.start_worker(f"worker-{index}")
+        self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
+
+    def stop(self) -> None:
+        for process in [*self.workers.values(), *self.watchers.values()]:
+            process.stop(timeout=15)
+        if self.llm_process:
+            self.llm_process.stop()
+        if self.redis:
+            self.redis.stop()
+        if self.control_plane:
+            self.control_plane.stop()
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- components --------------------------------------------------------------------------------
+
+    def kube(self) -> KubeClient:
+        return KubeClient(load_connection(str(self.kubeconfig)))
+
+    @property
+    def llm_url(self) -> str:
+        return f"http://127.0.0.1:{self.llm_port}"
+
+    @property
+    def llm_base_url(self) -> str:
+        return f"{self.llm_url}/v1"
+
+    def env(self) -> dict[str, str]:
+        assert self.redis is not None
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "REDIS_URL": self.redis.url,
+            "KUBECHAIN_RESYNC_INTERVAL_S": str(self.options.resync_interval_s),
+            "KUBECHAIN_STALE_AFTER_S": str(self.options.stale_after_s),
+            "KUBECHAIN_CLAIM_TIMEOUT_S": str(self.options.claim_timeout_s),
+            "KUBECHAIN_LOG_LEVEL": self.options.log_level,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.options.llm == "scripted":
+            env["KUBECHAIN_OPENAI_BASE_URL"] = self.llm_base_url
+        env.update(self.options.extra_env)
+        return env
+
+    def start_llm(self) -> None:
+        self.llm_port = self.llm_port or free_port()
+        argv = [sys.executable, "-m", "kubechain.llm.scripted_server", "--port", str(self.llm_port)]
+        if self.options.llm_latency_s:
+            argv += ["--latency", str(self.options.llm_latency_s)]
+        self.llm_process = ManagedProcess("llm", argv, self.logs / "llm.log", env=self.env())
+        self.llm_process.start()
+        wait_for_http(f"{self.llm_url}/healthz", 30)
+        self.progress(f"scripted LLM (OpenAI-compatible) at {self.llm_base_url}")
+
+    def start_watcher(self, name: str) -> ManagedProcess:
+        env = self.env() | {"POD_NAME": name}
+        process = ManagedProcess(name, [sys.executable, "-m", "watcher"], self.logs / f"{name}.log", env=env)
+        process.start()
+        self.watchers[name] = process
+        self.progress(f"{name} started (pid {process.pid})")
+        return process
+
+    def start_worker(self, name: str, queues: str | None = None) -> ManagedProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "kubechain.cli",
+            "worker",
+            "--queues",
+            queues or self.options.worker_queues,
+            "--pool",
+            self.options.worker_pool,
+            "--concurrency",
+            str(self.options.worker_concurrency),
+            "--name",
+            name,
+        ]
+        env = self.env() | {"POD_NAME": name}
+        process = ManagedProcess(name, argv, self.logs / f"{name}.log", env=env)
+        process.start()
+        self.workers[name] = process
+        self.progress(f"{name} started (pid {process.pid}, queues {queues or self.options.worker_queues})")
+        return process
+
+
+def wait_for_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def cluster_reachable(kubeconfig: str | None) -> bool:
+    """Whether the current kube context answers (used by ``kubechain up --cluster auto``)."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    if not os.path.exists(path):
+        return False
+    try:
+        client = KubeClient(load_connection(path), timeout_s=3)
+        try:
+            client.version()
+        finally:
+            client.close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
