@@ -45,7 +45,7 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
     llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name)
     if llm is None:
         raise RunConfigError(f'Failed to get LLM: LLM "{agent.spec.llm_ref.name}" not found', "LLMFetchFailed")
-    ref = llm.spec.api_key_from.secret_key_ref
+    ref = llm.spec.api_key_ref()
     try:
         api_key = read_api_key(ctx, run.namespace, ref.name, ref.key)
     except SecretProblem as problem:

@@ -68,7 +68,7 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     llm = get_or_none(ctx, LLM, message.namespace, message.name)
     if llm is None:
         return
-    ref = llm.spec.api_key_from.secret_key_ref
+    ref = llm.spec.api_key_ref()
     try:
         api_key = read_api_key(ctx, llm.namespace, ref.name, ref.key)
     except SecretProblem as problem:

@@ -74,6 +74,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean shutdown
         say("stopping")
         started = time.monotonic()
         stack.stop()

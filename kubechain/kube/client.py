@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -25,6 +26,22 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource[Any, Any])
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def _ssl_context(connection: ClusterConnection) -> ssl.SSLContext | bool:
+    if connection.host.startswith("http://"):
+        return False
+    if connection.verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif isinstance(connection.verify, str):
+        context = ssl.create_default_context(cafile=connection.verify)
+    else:
+        context = ssl.create_default_context()
+    if connection.cert:
+        context.load_cert_chain(*connection.cert)
+    return context
 
 
 def custom_path(plural: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -67,8 +84,7 @@ class KubeClient:
         self._timeout = timeout_s
         self._http = httpx.Client(
             base_url=connection.host,
-            verify=connection.verify,
-            cert=connection.cert,
+            verify=_ssl_context(connection),
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         )

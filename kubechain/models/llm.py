@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from kubechain.models.base import KubeModel, Resource
-from kubechain.models.common import APIKeySource, ReadyStatus
+from kubechain.models.common import APIKeySource, ReadyStatus, SecretKeyRef
 
 # Anchored versions of the original's patterns (its temperature pattern was an unanchored alternation).
 UNIT_INTERVAL_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"
@@ -29,14 +29,25 @@ class LLMParameters(KubeModel):
 
 class LLMSpec(KubeModel):
     provider: Literal["openai", "anthropic"]
-    api_key_from: APIKeySource
+    # Optional (as in ACP): without it the key is read from Secret <provider>, key <PROVIDER>_API_KEY,
+    # which is what the README's `kubectl create secret generic anthropic --from-literal=...` creates.
+    api_key_from: APIKeySource | None = None
+    # The original README's shorthand (spec.model); parameters.model wins when both are set.
+    model: str | None = None
     temperature: str | None = Field(default=None, pattern=UNIT_INTERVAL_PATTERN)
     max_tokens: int | None = Field(default=None, ge=1)
     parameters: LLMParameters | None = None
 
+    def api_key_ref(self) -> SecretKeyRef:
+        if self.api_key_from is not None:
+            return self.api_key_from.secret_key_ref
+        return SecretKeyRef(name=self.provider, key=f"{self.provider.upper()}_API_KEY")
+
     def effective_model(self) -> str:
         if self.parameters and self.parameters.model:
             return self.parameters.model
+        if self.model:
+            return self.model
         return "gpt-4o" if self.provider == "openai" else "claude-3-5-sonnet-latest"
 
     def effective_temperature(self) -> float | None:

@@ -1,0 +1,225 @@
+"""A real ``redis-server`` on a free loopback port (or an external one via ``$REDIS_URL``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from kubechain.testing.binaries import Progress, default_progress
+from kubechain.testing.controlplane import ManagedProcess, _register_for_exit, _unregister_for_exit, free_port
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = "install redis-server (Debian: apt-get install redis-server) or set REDIS_URL"
+_apt_lock = threading.Lock()
+
+
+class RedisError(RuntimeError):
+    """redis-server could not be found, installed or started."""
+
+
+def find_redis_server() -> Path | None:
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    for candidate in ("/usr/bin/redis-server", "/usr/sbin/redis-server", "/usr/local/bin/redis-server"):
+        if os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def _apt(args: list[str], report: Progress, attempts: int = 5) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Wait for (rather than fail on) a dpkg/apt lock held by a concurrent apt run.
+    cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-o", "Dpkg::Use-Pty=0", *args]
+    last = ""
+    for attempt in range(1, attempts + 1):
+        report(f"running {' '.join(cmd)} (attempt {attempt})")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode == 0:
+            return
+        last = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        logger.warning("apt-get %s failed (rc=%d): %s", " ".join(args), proc.returncode, last)
+        if "lock" not in last.lower() or attempt == attempts:
+            break
+        time.sleep(min(5.0 * attempt, 20.0))
+    raise RedisError(f"apt-get {' '.join(args)} failed; {_INSTALL_HINT}\n{last}")
+
+
+def ensure_redis_server(progress: Progress | None = None) -> Path:
+    """Path of ``redis-server``; installs it with apt-get when missing and running as root."""
+    report = progress or default_progress
+    found = find_redis_server()
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RedisError(f"redis-server not found; {_INSTALL_HINT}")
+    with _apt_lock:
+        found = find_redis_server()
+        if found:
+            return found
+        report("redis-server not found; installing it with apt-get")
+        _apt(["update"], report)
+        _apt(["install", "-y", "--no-install-recommends", "redis-server"], report)
+    found = find_redis_server()
+    if found is None:
+        raise RedisError(f"redis-server still missing after apt-get install; {_INSTALL_HINT}")
+    return found
+
+
+class LocalRedis:
+    """A throw-away Redis (no persistence, ``noeviction``), or ``$REDIS_URL`` if set."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        progress: Progress | None = None,
+        use_env: bool = True,
+        start_timeout: float = 20.0,
+    ) -> None:
+        env_url = os.environ.get("REDIS_URL") if use_env else None
+        self._external_url = env_url or None
+        self._port = port or 0
+        self._owns_workdir = workdir is None
+        self._workdir = workdir
+        self._progress = progress or default_progress
+        self._start_timeout = start_timeout
+        self._proc: ManagedProcess | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def managed(self) -> bool:
+        """True when this object runs the server (False for ``$REDIS_URL``)."""
+        return self._external_url is None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        if self._external_url:
+            return self._external_url
+        if not self._port:
+            raise RedisError("redis not started")
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._workdir / "redis.log" if self._workdir else None
+
+    def __enter__(self) -> LocalRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._external_url:
+                logger.info("using external Redis from REDIS_URL")
+                return
+            if self._proc is not None and self._proc.running():
+                return
+            binary = ensure_redis_server(self._progress)
+            if self._workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="kubechain-redis-"))
+            self._workdir.mkdir(parents=True, exist_ok=True)
+            if not self._port:
+                self._port = free_port()
+            _register_for_exit(self)
+            argv = [
+                str(binary),
+                "--port", str(self._port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--maxmemory-policy", "noeviction",
+                "--daemonize", "no",
+                "--dir", str(self._workdir),
+                "--dbfilename", "dump.rdb",
+                "--logfile", "",
+            ]  # fmt: skip
+            assert self.log_path is not None
+            self._proc = ManagedProcess("redis-server", argv, self.log_path)
+            t0 = time.monotonic()
+            self._proc.start()
+            try:
+                self._wait_ping()
+            except BaseException:
+                self.stop()
+                raise
+            self._progress(f"redis-server ready at {self.url} in {time.monotonic() - t0:.2f}s")
+
+    def _wait_ping(self) -> None:
+        import redis
+
+        deadline = time.monotonic() + self._start_timeout
+        client = redis.Redis(
+            host="127.0.0.1", port=self._port, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        try:
+            while True:
+                assert self._proc is not None
+                if not self._proc.running():
+                    raise RedisError(
+                        f"redis-server exited with {self._proc.returncode()}:\n{self._proc.tail()}"
+                    )
+                try:
+                    if client.ping():
+                        return
+                except redis.exceptions.BusyLoadingError:
+                    pass
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RedisError(f"redis-server did not answer PING within {self._start_timeout:.0f}s:\n"
+                                     f"{self._proc.tail()}")  # fmt: skip
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stop(timeout=5.0)
+                self._proc = None
+            _unregister_for_exit(self)
+            if self._owns_workdir and self._workdir is not None and self._workdir.exists():
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
+
+    def restart(self, flush: bool = True) -> None:
+        """Stop and start again on the same port.
+
+        ``flush=True``: the new server starts empty.  ``flush=False``: the dataset is saved to an RDB file
+        first and loaded by the new server.
+        """
+        with self._lock:
+            if not self.managed:
+                raise RedisError("cannot restart an external Redis (REDIS_URL is set)")
+            if self._proc is None or self._workdir is None:
+                raise RedisError("redis not started")
+            import redis
+
+            dump = self._workdir / "dump.rdb"
+            if flush:
+                dump.unlink(missing_ok=True)
+            else:
+                with redis.Redis(host="127.0.0.1", port=self._port) as client:
+                    client.save()
+            self._progress(f"restarting redis-server on port {self._port} (flush={flush})")
+            self._proc.stop(timeout=5.0)
+            self._proc.start()
+            self._wait_ping()

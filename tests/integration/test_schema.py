@@ -1,0 +1,155 @@
+"""The generated CRDs on a real API server: samples apply, bad input is rejected, status is a subresource."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubechain.kube.errors import Conflict, Invalid
+from kubechain.models import LLM
+from tests.conftest import FIXTURES, Kubectl
+
+SAMPLES = sorted((FIXTURES / "original").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
+def test_original_sample_applies_and_reads_back(sample: Path, kubectl: Kubectl, namespace: str) -> None:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(sample.read_text()) if d]
+    for doc in docs:
+        doc["metadata"].pop("namespace", None)  # each test applies into its own namespace
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs), namespace=namespace)
+    for doc in docs:
+        got = json.loads(kubectl("get", doc["kind"].lower(), doc["metadata"]["name"], "-o", "json", namespace=namespace).stdout)
+        if "spec" in doc:
+            for key, value in doc["spec"].items():
+                assert got["spec"][key] == value, f"{doc['kind']} {key} did not round-trip"
+
+
+INVALID = {
+    "llm-provider-foo": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: LLM
+metadata: {name: bad-llm}
+spec:
+  provider: foo
+  apiKeyFrom: {secretKeyRef: {name: openai, key: OPENAI_API_KEY}}
+""",
+    "mcpserver-transport-ftp": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: MCPServer
+metadata: {name: bad-mcp}
+spec: {transport: ftp, url: "ftp://example.com"}
+""",
+    "agent-without-system": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: Agent
+metadata: {name: bad-agent}
+spec:
+  llmRef: {name: gpt-4o}
+""",
+    "contactchannel-slack-id-x123": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: ContactChannel
+metadata: {name: bad-channel}
+spec:
+  type: slack
+  apiKeyFrom: {secretKeyRef: {name: hl, key: api-key}}
+  slack: {channelOrUserID: x123}
+""",
+    "llm-temperature-1.5": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: LLM
+metadata: {name: hot-llm}
+spec:
+  provider: openai
+  temperature: "1.5"
+  apiKeyFrom: {secretKeyRef: {name: openai, key: OPENAI_API_KEY}}
+""",
+    "taskrun-without-task-or-agent": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: TaskRun
+metadata: {name: bad-run}
+spec: {userMessage: "hello"}
+""",
+    "stdio-mcpserver-without-command": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: MCPServer
+metadata: {name: no-command}
+spec: {transport: stdio}
+""",
+}
+
+EXPECTED_ERROR = {
+    "llm-provider-foo": 'Unsupported value: "foo"',
+    "mcpserver-transport-ftp": 'Unsupported value: "ftp"',
+    "agent-without-system": "spec.system: Required value",
+    "contactchannel-slack-id-x123": "spec.slack.channelOrUserID",
+    "llm-temperature-1.5": "spec.temperature",
+    "taskrun-without-task-or-agent": "set spec.taskRef, or spec.agentRef together with a non-empty spec.userMessage",
+    "stdio-mcpserver-without-command": "command is required for stdio transport",
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_manifest_is_rejected(case: str, kubectl: Kubectl, namespace: str) -> None:
+    result = kubectl("apply", "-f", "-", input=INVALID[case], check=False, namespace=namespace)
+    assert result.returncode != 0
+    assert EXPECTED_ERROR[case] in result.stderr, result.stderr
+
+
+LLM_BODY = {
+    "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+    "kind": "LLM",
+    "metadata": {"name": "gpt-4o"},
+    "spec": {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "openai", "key": "k"}}},
+}
+
+
+def test_status_write_does_not_change_spec(kube: object, namespace: str) -> None:
+    created = LLM.from_wire(kube.create_raw("llms", namespace, LLM_BODY))  # type: ignore[attr-defined]
+    body = {"spec": {"provider": "anthropic"}, "status": {"ready": True, "status": "Ready"}}
+    kube.request(  # type: ignore[attr-defined]
+        "PATCH",
+        f"/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/{namespace}/llms/gpt-4o/status",
+        body=body,
+        content_type="application/merge-patch+json",
+    )
+    after = kube.get(LLM, namespace, "gpt-4o")  # type: ignore[attr-defined]
+    assert after.spec.provider == "openai"
+    assert after.status.ready is True
+    assert after.metadata.generation == created.metadata.generation
+
+
+def test_stale_status_write_raises_conflict(kube: object, namespace: str) -> None:
+    created = LLM.from_wire(kube.create_raw("llms", namespace, LLM_BODY))  # type: ignore[attr-defined]
+    kube.patch_status(created, {"status": "Pending", "statusDetail": "first writer"})  # type: ignore[attr-defined]
+    with pytest.raises(Conflict):
+        kube.patch_status(created, {"status": "Ready", "statusDetail": "stale writer"})  # type: ignore[attr-defined]
+    assert kube.get(LLM, namespace, "gpt-4o").status.status_detail == "first writer"  # type: ignore[attr-defined]
+
+
+def test_status_schema_is_enforced(kube: object, namespace: str) -> None:
+    created = LLM.from_wire(kube.create_raw("llms", namespace, LLM_BODY))  # type: ignore[attr-defined]
+    with pytest.raises(Invalid):
+        kube.patch_status(created, {"status": "Bogus"})  # type: ignore[attr-defined]
+
+
+def test_printer_columns_match_the_original(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("apply", "-f", "-", input=json.dumps({**LLM_BODY, "metadata": {"name": "gpt-4o"}}), namespace=namespace)
+    header = kubectl("get", "llm", "-o", "wide", namespace=namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "PROVIDER", "READY", "STATUS", "DETAIL"]
+    run = {
+        "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+        "kind": "TaskRun",
+        "metadata": {"name": "r"},
+        "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"},
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(run), namespace=namespace)
+    header = kubectl("get", "taskrun", "-o", "wide", namespace=namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "STATUS", "DETAIL", "PHASE", "TASK", "PREVIEW", "OUTPUT", "ERROR", "STARTED", "COMPLETED"]
+    header = kubectl("get", "taskrun", namespace=namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "READY", "STATUS", "PHASE", "TASK", "PREVIEW", "OUTPUT"]
