@@ -85,6 +85,8 @@ class LocalStack:
             apply_crds(kube, load_crds(CRD_DIR))
         finally:
             kube.close()
+        if self.control_plane is not None and self.control_plane.has_controller_manager:
+            self.control_plane.restart_controller_manager()  # so GC knows the new kinds at once
         self.redis = LocalRedis()
         self.redis.start()
         self.progress(f"redis at {self.redis.url}")

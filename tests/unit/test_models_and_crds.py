@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from kubechain.crdgen import DEFAULT_OUTPUT, render_all
+from kubechain.models import LLM, KINDS, TaskRun, TaskRunToolCall
+
+
+def test_committed_crds_equal_generated() -> None:
+    rendered = render_all()
+    on_disk = {path.name: path.read_text() for path in DEFAULT_OUTPUT.glob("*.yaml")}
+    assert set(on_disk) == set(rendered), "run `kubechain crds`"
+    for name, text in rendered.items():
+        assert on_disk[name] == text, f"{name} is stale: run `kubechain crds`"
+
+
+def test_every_kind_has_a_status_subresource_and_columns() -> None:
+    import yaml
+
+    for info in KINDS:
+        crd = yaml.safe_load(render_all()[f"kubechain.humanlayer.dev_{info.plural}.yaml"])
+        version = crd["spec"]["versions"][0]
+        assert version["subresources"] == {"status": {}}
+        assert version["additionalPrinterColumns"]
+        assert crd["spec"]["group"] == "kubechain.humanlayer.dev"
+
+
+def test_irregular_wire_names_round_trip() -> None:
+    toolcall = TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "x"},
+            "spec": {"toolCallId": "c1", "taskRunRef": {"name": "r"}, "toolRef": {"name": "add"}, "arguments": "{}"},
+            "status": {"externalCallID": "ec-1", "phase": "Succeeded"},
+        }
+    )
+    assert toolcall.status.external_call_id == "ec-1"
+    assert toolcall.to_wire()["status"]["externalCallID"] == "ec-1"
+    assert toolcall.is_terminal()
+
+
+def test_llm_parameters_and_defaults() -> None:
+    llm = LLM.from_wire(
+        {
+            "metadata": {"name": "m"},
+            "spec": {"provider": "openai", "temperature": "0.2", "parameters": {"model": "x", "maxTokens": 10, "baseUrl": "http://h/v1"}},
+        }
+    )
+    assert llm.spec.effective_model() == "x"
+    assert llm.spec.effective_temperature() == 0.2
+    assert llm.spec.effective_max_tokens() == 10
+    assert llm.spec.api_key_ref().name == "openai" and llm.spec.api_key_ref().key == "OPENAI_API_KEY"
+    with pytest.raises(ValidationError):
+        LLM.from_wire({"metadata": {"name": "m"}, "spec": {"provider": "foo"}})
+
+
+def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
+    run = TaskRun.from_wire({"metadata": {"name": "r"}, "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"}})
+    assert run.spec.task_ref is None and run.spec.agent_ref is not None and run.phase == ""

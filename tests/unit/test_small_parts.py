@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kubechain.kube.events import event_name
+from kubechain.kube.ratelimit import TokenBucket
+from kubechain.queueing import TaskName
+from kubechain.statemachines.routing import dependents, work_for
+from kubechain.statemachines.toolset import resolve_tool_name
+from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(5.0, "5"), (3.5, "3.5"), (1e6, "1e+06"), (1234567.0, "1.234567e+06"), (123456.0, "123456"), (0.0001, "0.0001"), (1e-5, "1e-05"), (-2.5, "-2.5")],
+)
+def test_go_float_formatting(value: float, text: str) -> None:
+    assert go_format_float(value) == text
+
+
+def test_builtins() -> None:
+    assert run_builtin("add", {"a": 2, "b": 3}) == "5"
+    assert run_builtin("divide", {"a": 7, "b": 2}) == "3.5"
+    assert run_builtin("multiply", {"a": "4", "b": 2.5}) == "10"
+    with pytest.raises(ToolError, match="division by zero"):
+        run_builtin("divide", {"a": 1, "b": 0})
+    with pytest.raises(ToolError, match="must be a number"):
+        run_builtin("add", {"a": "x", "b": 1})
+
+
+def test_token_bucket_allows_burst_then_paces() -> None:
+    clock = [0.0]
+    slept: list[float] = []
+    bucket = TokenBucket(10, 5, clock=lambda: clock[0], sleep=lambda s: slept.append(s))
+    for _ in range(5):
+        assert bucket.acquire() == 0
+    assert bucket.acquire() == pytest.approx(0.1)
+    clock[0] += 1.0
+    assert bucket.acquire() == 0
+
+
+def test_event_names_are_deterministic_per_transition() -> None:
+    assert event_name("r", "u", "LLMFinalAnswer", "42") == event_name("r", "u", "LLMFinalAnswer", "42")
+    assert event_name("r", "u", "LLMFinalAnswer", "42") != event_name("r", "u", "LLMFinalAnswer", "43")
+
+
+def test_tool_name_resolution() -> None:
+    assert resolve_tool_name("fetch__fetch").kind == "mcp"
+    assert resolve_tool_name("add").kind == "tool"
+    assert resolve_tool_name("a__b__c").kind == "tool"
+    assert resolve_tool_name("delegate_to_agent__helper").name == "helper"
+    assert resolve_tool_name("approvers__human_contact_email").kind == "human"
+
+
+def obj(kind: str, name: str, spec: dict, status: dict | None = None, generation: int = 1) -> dict:
+    return {"kind": kind, "metadata": {"name": name, "namespace": "ns", "generation": generation, "resourceVersion": "1"}, "spec": spec, "status": status or {}}
+
+
+def test_routing_by_phase() -> None:
+    assert [w.task for w in work_for("TaskRun", obj("TaskRun", "r", {}), NOW, 180)] == [TaskName.PREPARE]
+    assert [w.task for w in work_for("TaskRun", obj("TaskRun", "r", {}, {"phase": "ReadyForLLM"}), NOW, 180)] == [TaskName.LLM_CALL]
+    assert work_for("TaskRun", obj("TaskRun", "r", {}, {"phase": "FinalAnswer"}), NOW, 180) == []
+    backoff = obj("TaskRun", "r", {}, {"phase": "ErrorBackoff", "nextAttemptAt": (NOW + timedelta(seconds=3)).isoformat()})
+    assert work_for("TaskRun", backoff, NOW, 180)[0].countdown_s == pytest.approx(3)
+    claimed = obj("TaskRun", "r", {}, {"phase": "SendContextWindowToLLM", "claimedAt": NOW.isoformat()})
+    assert work_for("TaskRun", claimed, NOW + timedelta(seconds=10), 180, resync=True) == []
+    assert work_for("TaskRun", claimed, NOW + timedelta(seconds=200), 180, resync=True)[0].reason == "stale-claim"
+    done_call = obj("TaskRunToolCall", "c", {"taskRunRef": {"name": "r"}}, {"phase": "Failed"})
+    (hint,) = work_for("TaskRunToolCall", done_call, NOW, 180)
+    assert (hint.task, hint.kind, hint.name) == (TaskName.PREPARE, "TaskRun", "r")
+    validated = obj("Agent", "a", {}, {"status": "Ready", "observedGeneration": 1})
+    assert work_for("Agent", validated, NOW, 180) == []
+    assert work_for("Agent", {**validated, "metadata": {**validated["metadata"], "generation": 2}}, NOW, 180)[0].task == TaskName.VALIDATE
+
+
+def test_dependents_of_a_readiness_change() -> None:
+    cache = {
+        "Agent": {("ns", "a"): obj("Agent", "a", {"llmRef": {"name": "l"}, "tools": [{"name": "t"}]})},
+        "Task": {("ns", "task"): obj("Task", "task", {"agentRef": {"name": "a"}})},
+        "TaskRun": {
+            ("ns", "direct"): obj("TaskRun", "direct", {"agentRef": {"name": "a"}}, {"phase": "Pending"}),
+            ("ns", "via-task"): obj("TaskRun", "via-task", {"taskRef": {"name": "task"}}, {"phase": "Pending"}),
+            ("ns", "done"): obj("TaskRun", "done", {"agentRef": {"name": "a"}}, {"phase": "FinalAnswer"}),
+        },
+    }
+    assert [(w.kind, w.name) for w in dependents("LLM", obj("LLM", "l", {}), cache)] == [("Agent", "a")]
+    assert [(w.kind, w.name) for w in dependents("Tool", obj("Tool", "t", {}), cache)] == [("Agent", "a")]
+    assert sorted((w.kind, w.name) for w in dependents("Agent", obj("Agent", "a", {}), cache)) == [
+        ("Task", "task"),
+        ("TaskRun", "direct"),
+        ("TaskRun", "via-task"),
+    ]

@@ -1,0 +1,170 @@
+"""Worker handlers against the in-memory API server: idempotency, claims and fan-in under concurrency."""
+
+from __future__ import annotations
+
+import threading
+
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMRequest, LLMResponse
+from kubechain.models import ToolCall, ToolCallFunction
+from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
+from workers.llm_call import llm_call
+from workers.prepare import prepare
+from workers.tool_call import tool_call
+from workers.validators import validate
+
+ADD_TOOL = {
+    "name": "add",
+    "toolType": "function",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    "execute": {"builtin": {"name": "add"}},
+}
+
+
+def validated(kube: FakeKubeClient, llm: FakeLLM, tools: list[str] | None = None) -> None:
+    ready_agent_setup(kube, tools)
+    ctx = context(kube, llm)
+    for name in tools or []:
+        create(kube, "Tool", "tools", name, ADD_TOOL)
+        validate(ctx, message("Tool", name))
+    validate(ctx, message("LLM", "gpt-4o"))
+    validate(ctx, message("Agent", "a"))
+
+
+def test_validation_chain_and_events() -> None:
+    kube = FakeKubeClient()
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    llm = kube.get_raw("llms", "default", "gpt-4o")["status"]
+    assert llm["status"] == "Ready" and llm["statusDetail"] == "OpenAI API key validated successfully"
+    agent = kube.get_raw("agents", "default", "a")["status"]
+    assert agent["ready"] is True and agent["statusDetail"] == "All dependencies validated successfully"
+    assert kube.event_reasons("a") == ["Initializing", "ValidationSucceeded"]
+
+
+def test_missing_secret_is_a_clear_error() -> None:
+    kube = FakeKubeClient()
+    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}})
+    validate(context(kube, FakeLLM(lambda r: LLMResponse())), message("LLM", "gpt-4o"))
+    status = kube.get_raw("llms", "default", "gpt-4o")["status"]
+    assert status["status"] == "Error" and 'secrets "nope" not found' in status["statusDetail"]
+    assert "ValidationFailed" in kube.event_reasons("gpt-4o")
+
+
+def test_concurrent_llm_calls_make_one_request() -> None:
+    kube = FakeKubeClient()
+    gate = threading.Event()
+
+    def slow(request: LLMRequest) -> LLMResponse:
+        gate.wait(5)
+        return LLMResponse(content="done")
+
+    llm = FakeLLM(slow)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(context(kube, llm), message("TaskRun", "r"))
+    workers = [threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    # Every losing worker returns after its claim conflicts; only the winner waits on the gate.
+    workers_done = [w for w in workers]
+    gate.set()
+    for worker in workers_done:
+        worker.join(10)
+    assert len(llm.requests) == 1
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer" and status["output"] == "done"
+    assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+    assert kube.event_reasons("r").count("LLMFinalAnswer") == 1
+
+
+def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    for _ in range(3):
+        prepare(ctx, message("TaskRun", "r"))
+        llm_call(ctx, message("TaskRun", "r"))
+    assert len(llm.requests) == 1
+    assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
+
+
+def tool_turn(kube: FakeKubeClient, arguments: list[str]) -> FakeLLM:
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content="; ".join(m.content for m in request.messages if m.role == "tool"))
+        calls = [ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments=a)) for i, a in enumerate(arguments)]
+        return LLMResponse(tool_calls=calls)
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    return llm
+
+
+def toolcall_names(kube: FakeKubeClient) -> list[str]:
+    return sorted(name for (_, plural, _, name) in kube.objects if plural == "taskruntoolcalls")
+
+
+def test_duplicate_tool_call_delivery_executes_once() -> None:
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}'])
+    (name,) = toolcall_names(kube)
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Succeeded" and status["result"] == "3" and status["attempts"] == 1
+    assert kube.event_reasons(name) == ["ExecutionSucceeded"]
+
+
+def test_bad_arguments_and_unknown_tools_are_tool_errors_the_llm_sees() -> None:
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ["{not json", '{"a": 1, "b": 0}'])
+    ctx = context(kube, llm)
+    kube.objects  # noqa: B018 - for the debugger
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    first, second = (kube.get_raw("taskruntoolcalls", "default", n)["status"] for n in toolcall_names(kube))
+    assert first["phase"] == "Failed" and first["statusDetail"] == "Invalid arguments JSON"
+    assert second["phase"] == "Succeeded" and second["result"] == "1"
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer"
+    assert status["output"].startswith("Error: Invalid arguments JSON")
+
+
+def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
+    ctx = context(kube, llm)
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    threads = [threading.Thread(target=prepare, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert kube.event_reasons("r").count("AllToolCallsCompleted") == 1
+    threads = [threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(llm.requests) == 2, "one request per turn"
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer" and status["output"] == "; ".join(["2"] * 6)
+
+
+def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}'])
+    (name,) = toolcall_names(kube)
+    kube.objects.pop(("apis/kubechain.humanlayer.dev/v1alpha1", "taskruns", "default", "r"))
+    tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    assert "status" not in kube.get_raw("taskruntoolcalls", "default", name)
