@@ -9,16 +9,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubechain.kube.errors import Conflict, NotFound
-from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, Tool
+from kubechain.models import LABEL_TASKRUNTOOLCALL, MCPServer, ObjectMeta, Task, TaskRun, TaskRunToolCall, Tool
+from kubechain.models.common import LocalObjectReference
+from kubechain.models.labels import LABEL_DEPTH
+from kubechain.models.taskrun import TaskRunSpec
 from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.toolcall import holds_claim, plan_tool_claim, plan_tool_failure, plan_tool_success
+from kubechain.statemachines.toolcall import (
+    DELEGATION_CHAIN_ANNOTATION,
+    child_run_name,
+    delegation_problem,
+    holds_claim,
+    plan_awaiting_sub_agent,
+    plan_sub_agent_outcome,
+    plan_tool_claim,
+    plan_tool_failure,
+    plan_tool_success,
+)
 from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
 from kubechain.statemachines.transition import Transition
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
 from workers.context import WorkerContext
-from workers.transitions import apply_transition, retry_on_conflict
+from workers.transitions import apply_transition, create_children, retry_on_conflict
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -41,6 +54,7 @@ class Executor:
         self.target: ToolTarget = resolve_tool_name(toolcall.spec.tool_ref.name)
         self.tool: Tool | None = None
         self.server: MCPServer | None = None
+        self.delegate_to: str | None = None  # the sub-agent a delegation goes to
         self.problem: str | None = None
         self._resolve()
 
@@ -54,6 +68,10 @@ class Executor:
             self.tool = find_tool(self.ctx, ns, self.target.name)
             if self.tool is None:
                 self.problem = f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
+            elif tool_type(self.tool) == "delegateToAgent" and self.tool.spec.agent_ref is not None:
+                self.delegate_to = self.tool.spec.agent_ref.name
+        elif self.target.kind == "subagent":
+            self.delegate_to = self.target.name
         else:
             self.problem = f"{self.target.kind} tools are not supported by this worker yet"
 
@@ -142,6 +160,9 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     executor = Executor(ctx, toolcall)
     now = ctx.clock()
+    if executor.delegate_to is not None:
+        _delegate(ctx, toolcall, parent, executor.delegate_to)
+        return
     claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
     if claim.transition is None:
         log.debug("tool_call skipped for %s: %s", message.key(), claim.reason)
@@ -186,3 +207,57 @@ def _record(ctx: WorkerContext, claimed: TaskRunToolCall, claimed_at: str, plan:
         if not holds_claim(current, ctx.identity, claimed_at):
             log.warning("lost the claim on tool call %s/%s; discarding its result", claimed.namespace, claimed.name)
             return
+
+
+def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
+    if run.spec.agent_ref is not None:
+        return run.spec.agent_ref.name
+    if run.spec.task_ref is not None:
+        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name)
+        if task is not None:
+            return task.spec.agent_ref.name
+    return ""
+
+
+def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, agent: str) -> None:
+    """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
+    now = ctx.clock()
+    child_name = child_run_name(toolcall.name, agent)
+    if toolcall.phase == "AwaitingSubAgent":
+        child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
+        if child is None:
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"sub-agent TaskRun {child_name} was deleted", now))
+            return
+        outcome = plan_sub_agent_outcome(toolcall, child.phase, child.status.output or "", child.status.error or "", now)
+        if outcome is not None:
+            apply_transition(ctx, toolcall, outcome)
+        return
+    if toolcall.phase not in ("", "Pending"):
+        return
+    chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
+    chain.append(_parent_agent(ctx, parent))
+    problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth)
+    if problem is not None:
+        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused"))
+        return
+    try:
+        arguments = parse_arguments(toolcall.spec.arguments)
+    except ValueError as exc:
+        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"))
+        return
+    message = arguments.get("message")
+    if not isinstance(message, str) or not message.strip():
+        message = json.dumps(arguments)
+    child = TaskRun(
+        metadata=ObjectMeta(
+            name=child_name,
+            namespace=toolcall.namespace,
+            labels={LABEL_TASKRUNTOOLCALL: toolcall.name, LABEL_DEPTH: str(len(chain))},
+            annotations={DELEGATION_CHAIN_ANNOTATION: ",".join(chain)},
+            owner_references=[toolcall.owner_reference()],
+        ),
+        spec=TaskRunSpec(agent_ref=LocalObjectReference(name=agent), user_message=message),
+    )
+    # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
+    create_children(ctx, toolcall, [child])
+    apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))

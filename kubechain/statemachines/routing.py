@@ -76,7 +76,15 @@ def work_for(
     phase = status.get("phase") or ""
     if kind == "TaskRun":
         if phase in TERMINAL_TASKRUN_PHASES:
-            return []
+            # A sub-agent's run finished: its delegating tool call collects the outcome.
+            if resync:
+                return []  # the tool call's own resync (AwaitingSubAgent) covers a lost message
+            owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+            return [
+                Work(TaskName.TOOL_CALL, "TaskRunToolCall", namespace, str(owner.get("name")), reason="sub-agent-finished")
+                for owner in owners
+                if owner.get("kind") == "TaskRunToolCall"
+            ]
         if phase in TASKRUN_PREPARE:
             return [Work(TaskName.PREPARE, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.READY_FOR_LLM:

@@ -94,3 +94,52 @@ def plan_tool_failure(
         },
         events=[warning(reason, error)],
     )
+
+
+# -- delegation to a sub-agent ---------------------------------------------------------------------------
+
+DELEGATION_CHAIN_ANNOTATION = "kubechain.humanlayer.dev/delegation-chain"
+
+
+def child_run_name(toolcall_name: str, agent: str) -> str:
+    """``delegate-<toolcall>-<agent>``, shortened with a hash when over 63 characters (stable per call)."""
+    import hashlib
+
+    name = f"delegate-{toolcall_name}-{agent}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def delegation_problem(chain: list[str], target: str, max_depth: int) -> str | None:
+    """Why delegating from the agents in ``chain`` (outermost first) to ``target`` is refused, or None."""
+    if target in chain:
+        return f"delegation cycle: {' → '.join([*chain, target])}"
+    if len(chain) >= max_depth:
+        return f"delegation depth limit of {max_depth} reached ({' → '.join([*chain, target])})"
+    return None
+
+
+def plan_awaiting_sub_agent(toolcall: TaskRunToolCall, child: str, agent: str, now: datetime) -> Transition:
+    return Transition(
+        status={
+            "phase": ToolCallPhase.AWAITING_SUB_AGENT.value,
+            "status": "Ready",
+            "statusDetail": f'Waiting for sub-agent "{agent}" (TaskRun {child})',
+            "startTime": toolcall.status.start_time or timestamp(now),
+        },
+        events=[normal("DelegatingToSubAgent", f'Delegated to agent "{agent}" as TaskRun {child}')],
+    )
+
+
+def plan_sub_agent_outcome(
+    toolcall: TaskRunToolCall, child_phase: str, output: str, error: str, now: datetime
+) -> Transition | None:
+    if child_phase == "FinalAnswer":
+        transition = plan_tool_success(toolcall, output, now, "Sub-agent completed")
+        transition.events = [normal("SubAgentCompleted", "Sub-agent completed")]
+        return transition
+    if child_phase == "Failed":
+        return plan_tool_failure(toolcall, f"sub-agent failed: {error}", now, reason="SubAgentFailed")
+    return None

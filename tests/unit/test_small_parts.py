@@ -94,3 +94,14 @@ def test_dependents_of_a_readiness_change() -> None:
         ("TaskRun", "direct"),
         ("TaskRun", "via-task"),
     ]
+
+
+def test_delegation_rules() -> None:
+    from kubechain.statemachines.toolcall import child_run_name, delegation_problem
+
+    assert delegation_problem(["boss"], "helper", 5) is None
+    assert delegation_problem(["a", "b"], "a", 5) == "delegation cycle: a → b → a"
+    assert "depth limit of 2" in (delegation_problem(["a", "b"], "c", 2) or "")
+    long = child_run_name("x" * 60 + "-abc1234-tc-01", "helper")
+    assert len(long) <= 63 and long == child_run_name("x" * 60 + "-abc1234-tc-01", "helper")
+    assert child_run_name("run-abc-tc-01", "helper") == "delegate-run-abc-tc-01-helper"
