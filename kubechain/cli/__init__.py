@@ -30,4 +30,4 @@ def crds(output: str | None) -> None:
         click.echo(str(path))
 
 
-from kubechain.cli import processes, up  # noqa: E402,F401  (registers commands)
+from kubechain.cli import install, processes, resources, run, up  # noqa: E402,F401  (registers commands)

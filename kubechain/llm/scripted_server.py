@@ -423,6 +423,8 @@ class _State:
         self.latency_s = latency_s
         self.api_keys = set(api_keys) if api_keys is not None else None
         self.log: list[RequestRecord] = []
+        # Requests being answered right now: seq -> {first_user, turn, received_at}.
+        self.inflight: dict[int, dict[str, Any]] = {}
         self.error_counts: Counter[tuple[str, int, int]] = Counter()
         self.seq = 0
         # Set (in the event loop) when the server shuts down: pending delays end at once.
@@ -472,6 +474,15 @@ class _State:
     def record(self, record: RequestRecord) -> None:
         with self.lock:
             self.log.append(record)
+            self.inflight.pop(record.seq, None)
+
+    def begin(self, seq: int, first_user: str | None, turn: int, received_at: float) -> None:
+        with self.lock:
+            self.inflight[seq] = {"seq": seq, "first_user": first_user, "turn": turn, "received_at": received_at}
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(entry) for entry in self.inflight.values()]
 
     def requests(self) -> list[RequestRecord]:
         with self.lock:
@@ -581,6 +592,7 @@ def build_app(state: _State) -> Starlette:
         turn_index = _turn_index(messages)
         conv_key = conversation_key(raw_messages if isinstance(raw_messages, list) else [])
         rule_index: int | None = None
+        state.begin(seq, _first_user(messages), turn_index, received_at)
 
         def log(status: int) -> None:
             max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
@@ -736,6 +748,9 @@ def build_app(state: _State) -> Starlette:
         state.reset()
         return JSONResponse({"ok": True})
 
+    async def admin_inflight(request: Request) -> Response:
+        return JSONResponse(state.in_flight())
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -748,6 +763,7 @@ def build_app(state: _State) -> Starlette:
         Route("/_admin/script", admin_get_script, methods=["GET"]),
         Route("/_admin/requests", admin_requests, methods=["GET"]),
         Route("/_admin/duplicates", admin_duplicates, methods=["GET"]),
+        Route("/_admin/inflight", admin_inflight, methods=["GET"]),
         Route("/_admin/reset", admin_reset, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]

@@ -41,6 +41,9 @@ class ScriptedLLM:
         current.setdefault("rules", []).insert(0, {"match": {"user_contains": user_contains}, "turns": turns})
         httpx.post(f"{self.url}/_admin/script", json=current).raise_for_status()
 
+    def in_flight(self, first_user: str) -> list[dict[str, Any]]:
+        return [r for r in httpx.get(f"{self.url}/_admin/inflight").json() if r["first_user"] == first_user]
+
     def requests(self, first_user: str) -> list[dict[str, Any]]:
         return [r for r in httpx.get(f"{self.url}/_admin/requests").json() if r["first_user"] == first_user]
 

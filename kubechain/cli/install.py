@@ -1,0 +1,157 @@
+"""``kubechain install``: the CRDs, then (unless ``--crds-only``) the release manifest, by server-side apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from kubechain.cli import main
+from kubechain.cli.resources import CLIError, Target, api_error, kube_options
+from kubechain.kube.client import KubeClient
+from kubechain.kube.crds import apply_crds, load_crds
+from kubechain.kube.errors import KubeAPIError, NotFound
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO_ROOT / "deploy" / "crds"
+RELEASE_MANIFEST = REPO_ROOT / "deploy" / "release" / "kubechain.yaml"
+FIELD_MANAGER = "kubechain-cli"
+APPLY_PATCH = "application/apply-patch+yaml"
+
+
+class Discovery:
+    """kind -> (plural, namespaced) per apiVersion, from the API server's discovery documents."""
+
+    def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
+        self._cache: dict[str, dict[str, tuple[str, bool]]] = {}
+
+    def _load(self, api_version: str) -> dict[str, tuple[str, bool]]:
+        path = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+        try:
+            document = self.kube.request("GET", path)
+        except NotFound:
+            return {}
+        return {
+            r["kind"]: (r["name"], bool(r.get("namespaced")))
+            for r in document.get("resources") or []
+            if "/" not in r.get("name", "")
+        }
+
+    def resource(self, api_version: str, kind: str) -> tuple[str, bool]:
+        found = self._cache.get(api_version, {}).get(kind)
+        if found is None:  # unknown or new (a CRD applied a moment ago): ask again
+            self._cache[api_version] = self._load(api_version)
+            found = self._cache[api_version].get(kind)
+        if found is None:
+            raise CLIError(f"the API server does not know kind {kind} of {api_version}")
+        return found
+
+
+def object_path(api_version: str, plural: str, namespace: str | None, name: str) -> str:
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    return f"{base}/namespaces/{namespace}/{plural}/{name}" if namespace else f"{base}/{plural}/{name}"
+
+
+def display_name(api_version: str, kind: str, name: str) -> str:
+    """As kubectl prints it: deployment.apps/NAME, serviceaccount/NAME."""
+    group = api_version.rpartition("/")[0]
+    return f"{kind.lower()}{'.' + group if group else ''}/{name}"
+
+
+def server_side_apply(kube: KubeClient, discovery: Discovery, doc: dict[str, Any], namespace: str) -> str:
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    name = (doc.get("metadata") or {}).get("name")
+    if not api_version or not kind or not name:
+        raise CLIError(f"manifest object without apiVersion, kind or metadata.name: {str(doc)[:200]}")
+    plural, namespaced = discovery.resource(api_version, kind)
+    object_namespace = None
+    if namespaced:
+        object_namespace = doc["metadata"].get("namespace") or namespace
+        doc = {**doc, "metadata": {**doc["metadata"], "namespace": object_namespace}}
+    try:
+        kube.request(
+            "PATCH",
+            object_path(api_version, plural, object_namespace, name),
+            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            body=doc,
+            content_type=APPLY_PATCH,
+        )
+    except KubeAPIError as exc:
+        raise api_error(exc, f"cannot apply {kind} {name}") from None
+    return f"{display_name(api_version, kind, name)} serverside-applied" + (
+        f" (namespace {object_namespace})" if object_namespace else ""
+    )
+
+
+def load_manifest(path: Path) -> list[dict[str, Any]]:
+    try:
+        docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{path} is not valid YAML: {exc}") from None
+    flat: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc.get("kind") == "List":
+            flat.extend(doc.get("items") or [])
+        else:
+            flat.append(doc)
+    return flat
+
+
+@main.command()
+@click.option("--crds-only", is_flag=True, help="install the CustomResourceDefinitions only")
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=RELEASE_MANIFEST,
+    show_default=True,
+    help="the release manifest (watcher, workers, Redis, RBAC)",
+)
+@click.option(
+    "--crds-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=CRD_DIR,
+    show_default=True,
+    help="the CRD YAML files",
+)
+@kube_options
+def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path) -> None:
+    """Install KubeChain into the cluster: CRDs, then the release manifest (server-side apply)."""
+    crds = load_crds(crds_dir) if crds_dir.is_dir() else []
+    if not crds:
+        raise CLIError(f"no CRDs found in {crds_dir}")
+    if not crds_only and not manifest.is_file():
+        # say so before touching the cluster
+        raise CLIError(
+            f"release manifest {manifest} not found: nothing to deploy besides the CRDs "
+            "(use --crds-only, or --manifest PATH)"
+        )
+    with target.connect() as kube:
+        try:
+            apply_crds(kube, crds)
+        except KubeAPIError as exc:
+            raise api_error(exc, "cannot apply the CRDs") from None
+        except TimeoutError as exc:
+            raise CLIError(str(exc)) from None
+        for crd in crds:
+            click.echo(f"customresourcedefinition.apiextensions.k8s.io/{crd['metadata']['name']} applied")
+        if crds_only:
+            return
+        docs = load_manifest(manifest)
+        # CRDs first (and Established) so the objects after them can use the new kinds; Namespaces next.
+        manifest_crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
+        if manifest_crds:
+            try:
+                apply_crds(kube, manifest_crds)
+            except KubeAPIError as exc:
+                raise api_error(exc, "cannot apply the manifest's CRDs") from None
+            for crd in manifest_crds:
+                click.echo(f"customresourcedefinition.apiextensions.k8s.io/{crd['metadata']['name']} applied")
+        rest = [d for d in docs if d.get("kind") != "CustomResourceDefinition"]
+        rest.sort(key=lambda d: 0 if d.get("kind") == "Namespace" else 1)
+        discovery = Discovery(kube)
+        for doc in rest:
+            click.echo(server_side_apply(kube, discovery, doc, target.namespace))
+    click.echo(f"KubeChain installed from {manifest}")

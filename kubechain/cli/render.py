@@ -1,0 +1,350 @@
+"""Rendering a TaskRun's conversation: what happened, as events, printed plain (pipes) or with rich (TTYs).
+
+:class:`ConversationTracker` turns successive observations of a TaskRun and its TaskRunToolCalls into
+:class:`Event` s, each reported once: the context-window messages not printed yet, tool-call phase
+changes, waiting/retrying notices and the final answer or failure. ``kubechain run`` feeds it from
+watches, ``kubechain logs`` feeds it once. Renderers only print events.
+
+The plain format is one event per line (newlines inside content are written as ``\\n``) and is meant
+to be stable for scripts::
+
+    system: You add numbers.
+    user: Add 2 and 3
+    tool call add({"a": 2, "b": 3}) [call_0_1_ab12cd34]
+    tool add [sums-0a1b2c3-tc-01] Succeeded
+    tool result add: 5
+    assistant: The sum is 5.
+    final answer: The sum is 5.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Literal, Protocol
+
+from kubechain.models import TaskRun, TaskRunToolCall
+from kubechain.models.common import Message
+from kubechain.models.taskrun import TaskRunPhase
+from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+EventKind = Literal[
+    "system",
+    "user",
+    "assistant",
+    "tool_call",
+    "tool_result",
+    "tool_status",
+    "pending",
+    "retrying",
+    "final",
+    "failed",
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing to report. ``name`` is a tool's function name; ``ident`` a tool call id (``tool_call``,
+    ``tool_result``) or a TaskRunToolCall name (``tool_status``); ``phase`` a TaskRunToolCall phase."""
+
+    kind: EventKind
+    text: str = ""
+    name: str = ""
+    ident: str = ""
+    arguments: str = ""
+    phase: str = ""
+
+
+def one_line(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+
+
+def normalize_arguments(arguments: str) -> str:
+    """Tool arguments as compact, stable JSON (``{"a": 2, "b": 3}``); verbatim when not JSON."""
+    try:
+        return json.dumps(json.loads(arguments), ensure_ascii=False)
+    except (ValueError, TypeError):
+        return arguments
+
+
+def approve_hint(toolcall_name: str) -> str:
+    return f"waiting for approval: kubechain approve {toolcall_name}"
+
+
+def plain_line(event: Event) -> str:
+    """The stable one-line form of an event."""
+    kind = event.kind
+    if kind in ("system", "user", "assistant"):
+        return f"{kind}: {one_line(event.text)}"
+    if kind == "tool_call":
+        return f"tool call {event.name}({one_line(event.arguments)}) [{event.ident}]"
+    if kind == "tool_result":
+        return f"tool result {event.name}: {one_line(event.text)}"
+    if kind == "tool_status":
+        prefix = f"tool {event.name} [{event.ident}]"
+        if event.phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL:
+            return f"{prefix} {approve_hint(event.ident)}"
+        return f"{prefix} {event.phase}" + (f": {one_line(event.text)}" if event.text else "")
+    if kind == "pending":
+        return f"pending: {one_line(event.text)}"
+    if kind == "retrying":
+        return f"retrying: {one_line(event.text)}"
+    if kind == "final":
+        return f"final answer: {one_line(event.text)}"
+    return f"failed: {one_line(event.text)}"
+
+
+# -- tracking what was printed ---------------------------------------------------------------------
+
+
+class ConversationTracker:
+    """Remembers what was reported, so each observation yields only what is new."""
+
+    def __init__(self) -> None:
+        self.messages_seen = 0
+        self.tool_names: dict[str, str] = {}  # tool call id -> function name (from assistant messages)
+        self.toolcall_phases: dict[str, str] = {}  # TaskRunToolCall name -> last reported phase
+        self.terminal_tool_call_ids: set[str] = set()  # tool call ids whose outcome was reported
+        self.last_notice: tuple[str, str] | None = None
+        self.finished = False
+
+    # messages
+
+    def message_events(self, message: Message) -> list[Event]:
+        if message.role in ("system", "user"):
+            return [Event(message.role, message.content)]
+        if message.role == "assistant":
+            events: list[Event] = []
+            if message.content or not message.tool_calls:
+                events.append(Event("assistant", message.content))
+            for call in message.tool_calls or []:
+                self.tool_names[call.id] = call.function.name
+                events.append(
+                    Event(
+                        "tool_call",
+                        name=call.function.name,
+                        ident=call.id,
+                        arguments=normalize_arguments(call.function.arguments),
+                    )
+                )
+            return events
+        call_id = message.tool_call_id or ""
+        name = self.tool_names.get(call_id) or message.name or call_id or "?"
+        return [Event("tool_result", message.content, name=name, ident=call_id)]
+
+    def new_messages(self, run: TaskRun) -> list[Message]:
+        return list(run.status.context_window or [])[self.messages_seen :]
+
+    def needs_toolcalls(self, run: TaskRun) -> bool:
+        """Whether unreported tool results would be printed before their tool call's outcome."""
+        return any(
+            m.role == "tool" and (m.tool_call_id or "") not in self.terminal_tool_call_ids
+            for m in self.new_messages(run)
+        )
+
+    def taskrun_events(self, run: TaskRun, toolcalls: Sequence[TaskRunToolCall] = ()) -> list[Event]:
+        """New messages (a tool call's outcome, when known from ``toolcalls``, just before its result)
+        and waiting/retrying notices. The final answer or failure comes from :meth:`final_events`."""
+        by_call_id: dict[str, list[TaskRunToolCall]] = {}
+        for toolcall in toolcalls:
+            by_call_id.setdefault(toolcall.spec.tool_call_id, []).append(toolcall)
+        events: list[Event] = []
+        window = list(run.status.context_window or [])
+        for message in window[self.messages_seen :]:
+            if message.role == "tool":
+                for toolcall in by_call_id.get(message.tool_call_id or "", []):
+                    events.extend(self.toolcall_events(toolcall))
+            events.extend(self.message_events(message))
+        self.messages_seen = max(self.messages_seen, len(window))
+        events.extend(self._notice(run))
+        return events
+
+    def _notice(self, run: TaskRun) -> list[Event]:
+        status = run.status
+        notice: tuple[str, str] | None = None
+        if run.phase == TaskRunPhase.PENDING and status.status_detail:
+            notice = ("pending", status.status_detail)
+        elif run.phase == TaskRunPhase.ERROR_BACKOFF:
+            detail = status.status_detail or "LLM request failed"
+            notice = ("retrying", f"{detail}: {status.error}" if status.error else detail)
+        if notice is None or notice == self.last_notice:
+            return []
+        self.last_notice = notice
+        return [Event("pending" if notice[0] == "pending" else "retrying", notice[1])]
+
+    # tool calls
+
+    def knows_tool_call(self, toolcall: TaskRunToolCall) -> bool:
+        return toolcall.spec.tool_call_id in self.tool_names
+
+    def toolcall_events(self, toolcall: TaskRunToolCall) -> list[Event]:
+        phase = toolcall.phase
+        if phase in ("", ToolCallPhase.PENDING) or self.toolcall_phases.get(toolcall.name) == phase:
+            return []
+        self.toolcall_phases[toolcall.name] = phase
+        if phase in TERMINAL_TOOLCALL_PHASES:
+            self.terminal_tool_call_ids.add(toolcall.spec.tool_call_id)
+        detail = ""
+        if phase == ToolCallPhase.FAILED:
+            detail = toolcall.status.error or toolcall.status.status_detail or ""
+        elif phase == ToolCallPhase.TOOL_CALL_REJECTED:
+            detail = toolcall.status.result or toolcall.status.error or ""
+        elif phase == ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL:
+            detail = toolcall.status.error or toolcall.status.status_detail or ""
+        name = self.tool_names.get(toolcall.spec.tool_call_id) or toolcall.spec.tool_ref.name
+        return [Event("tool_status", detail, name=name, ident=toolcall.name, phase=phase)]
+
+    # the end
+
+    def final_events(self, run: TaskRun) -> list[Event]:
+        if self.finished or not run.is_terminal():
+            return []
+        self.finished = True
+        if run.phase == TaskRunPhase.FINAL_ANSWER:
+            return [Event("final", run.status.output or "")]
+        return [Event("failed", run.status.error or run.status.status_detail or "TaskRun failed")]
+
+
+def conversation_events(run: TaskRun, toolcalls: Sequence[TaskRunToolCall]) -> list[Event]:
+    """Everything about a run at once (``kubechain logs``): messages, each tool call's outcome before
+    its result, tool calls still in progress, then the final answer or failure."""
+    tracker = ConversationTracker()
+    ordered = sorted(toolcalls, key=lambda t: (t.metadata.creation_timestamp or "", t.name))
+    events = tracker.taskrun_events(run, ordered)
+    for toolcall in ordered:
+        events.extend(tracker.toolcall_events(toolcall))
+    events.extend(tracker.final_events(run))
+    return events
+
+
+# -- renderers -------------------------------------------------------------------------------------
+
+
+class Renderer(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+    def __enter__(self) -> Renderer: ...
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+class PlainRenderer:
+    """One line per event; progress (``status``) is not printed."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def emit(self, event: Event) -> None:
+        self.stream.write(plain_line(event) + "\n")
+        self.stream.flush()
+
+    def emit_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            self.emit(event)
+
+    def status(self, text: str) -> None:
+        pass
+
+    def __enter__(self) -> PlainRenderer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        pass
+
+
+PHASE_STYLES: dict[str, str] = {
+    ToolCallPhase.SUCCEEDED.value: "green",
+    ToolCallPhase.FAILED.value: "bold red",
+    ToolCallPhase.TOOL_CALL_REJECTED.value: "red",
+    ToolCallPhase.AWAITING_HUMAN_APPROVAL.value: "bold yellow",
+}
+
+
+class RichRenderer:
+    """Colours and panels for a terminal, with a spinner showing the run's phase while waiting."""
+
+    def __init__(self, stream: IO[str], spinner: bool = True) -> None:
+        from rich.console import Console
+
+        self.console = Console(file=stream, highlight=False)
+        self._spinner = spinner
+        self._status: Status | None = None
+
+    def emit(self, event: Event) -> None:
+        from rich.markup import escape
+        from rich.panel import Panel
+        from rich.text import Text
+
+        console = self.console
+        kind = event.kind
+        if kind == "system":
+            console.print(Text("system: ", style="bold dim") + Text(event.text, style="dim"))
+        elif kind == "user":
+            console.print(Panel(Text(event.text), title="user", title_align="left", border_style="cyan"))
+        elif kind == "assistant":
+            console.print(
+                Panel(
+                    Text(event.text or "(empty)"), title="assistant", title_align="left", border_style="green"
+                )
+            )
+        elif kind == "tool_call":
+            console.print(
+                f"[bold yellow]→ {escape(event.name)}[/]({escape(event.arguments)}) [dim]\\[{escape(event.ident)}][/]"
+            )
+        elif kind == "tool_result":
+            console.print(f"[bold magenta]← {escape(event.name)}:[/] {escape(event.text)}")
+        elif kind == "tool_status":
+            style = PHASE_STYLES.get(event.phase, "dim")
+            if event.phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL:
+                body = f"{escape(approve_hint(event.ident))}  (or: kubechain reject {escape(event.ident)} --comment ...)"
+            else:
+                body = escape(event.phase) + (f": {escape(event.text)}" if event.text else "")
+            console.print(f"  [dim]{escape(event.name)} \\[{escape(event.ident)}][/] [{style}]{body}[/]")
+        elif kind == "pending":
+            console.print(f"[yellow]pending:[/] {escape(event.text)}")
+        elif kind == "retrying":
+            console.print(f"[yellow]retrying:[/] {escape(event.text)}")
+        elif kind == "final":
+            console.print(
+                Panel(Text(event.text), title="final answer", title_align="left", border_style="bold green")
+            )
+        else:
+            console.print(
+                Panel(Text(event.text), title="failed", title_align="left", border_style="bold red")
+            )
+
+    def status(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+    def __enter__(self) -> RichRenderer:
+        if self._spinner and self.console.is_terminal:
+            self._status = self.console.status("starting")
+            self._status.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def make_renderer(stream: IO[str], rich: bool | None = None) -> PlainRenderer | RichRenderer:
+    """Rich when ``stream`` is a terminal (or ``rich`` says so), plain lines otherwise."""
+    if rich is None:
+        isatty = getattr(stream, "isatty", None)
+        rich = bool(isatty and isatty())
+    return RichRenderer(stream) if rich else PlainRenderer(stream)

@@ -1,0 +1,506 @@
+"""``kubechain run``, ``logs``, ``approve`` and ``reject``: start a conversation, follow it, decide tool calls.
+
+Following a run: two threads watch the TaskRun (field selector on its name) and its TaskRunToolCalls
+(label selector) and put every observed object on one queue; the main thread renders what is new. Each
+watch starts from the resourceVersion of a fresh get/list, and a watch that ends (its timeoutSeconds,
+a dropped connection) or answers 410 Gone starts over with a fresh get/list, so the terminal state is
+never missed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import string
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import click
+import httpx
+
+from kubechain.cli import main
+from kubechain.cli.render import (
+    ConversationTracker,
+    Event,
+    conversation_events,
+    make_renderer,
+)
+from kubechain.cli.resources import CLIError, Target, api_error, dump, kube_options, resource_ref
+from kubechain.kube.client import KubeClient, custom_path
+from kubechain.kube.errors import Conflict, Gone, KubeAPIError, NotFound, error_for
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    Agent,
+    LocalObjectReference,
+    ObjectMeta,
+    TaskRun,
+    TaskRunSpec,
+    TaskRunToolCall,
+)
+from kubechain.models.labels import LABEL_AGENT
+
+ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
+ANNOTATION_APPROVAL_COMMENT = "kubechain.humanlayer.dev/approval-comment"
+
+EXIT_FINAL_ANSWER = 0
+EXIT_FAILED = 1
+EXIT_OTHER = 2
+
+WATCH_TIMEOUT_S = 60
+NAME_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def random_suffix(length: int = 6) -> str:
+    return "".join(secrets.choice(NAME_ALPHABET) for _ in range(length))
+
+
+# -- watching --------------------------------------------------------------------------------------
+
+
+class WatchClient(KubeClient):
+    """A KubeClient whose watches can be narrowed with field and label selectors."""
+
+    def watch_selected(
+        self,
+        plural: str,
+        namespace: str,
+        resource_version: str,
+        *,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+        timeout_s: int = WATCH_TIMEOUT_S,
+    ) -> Iterator[dict[str, Any]]:
+        """Watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
+        params = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(timeout_s),
+        }
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        if label_selector:
+            params["labelSelector"] = label_selector
+        headers = {"Accept": "application/json", **self.connection.auth_headers()}
+        timeout = httpx.Timeout(connect=5.0, read=timeout_s + 30, write=10.0, pool=10.0)
+        with self._http.stream(
+            "GET", custom_path(plural, namespace), params=params, headers=headers, timeout=timeout
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                try:
+                    payload = response.json()
+                except ValueError:
+                    payload = {"message": response.text[:500]}
+                raise error_for(response.status_code, payload)
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    code = int(status.get("code") or 500)
+                    if code == 410:
+                        raise Gone(410, "Expired", str(status.get("message", "")))
+                    raise error_for(code, status)
+                yield event
+
+
+@dataclass
+class Observed:
+    """What a watch thread saw: an object, its deletion, or a problem worth telling the user."""
+
+    kind: str  # "taskrun" | "toolcall" | "deleted" | "error"
+    obj: dict[str, Any] | None = None
+    message: str = ""
+
+
+class Follower:
+    """Watches one TaskRun and its TaskRunToolCalls, putting what it sees on ``events``."""
+
+    def __init__(self, target: Target, name: str) -> None:
+        self.target = target
+        self.name = name
+        self.events: queue.Queue[Observed] = queue.Queue()
+        self.stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for loop in (self._taskrun_loop, self._toolcall_loop):
+            thread = threading.Thread(target=self._guard(loop), daemon=True, name=f"follow-{loop.__name__}")
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def _guard(self, loop: Callable[[WatchClient], None]) -> Callable[[], None]:
+        def run() -> None:
+            from kubechain.kube.connection import load_connection
+
+            try:
+                client = WatchClient(load_connection(self.target.kubeconfig, self.target.context))
+            except Exception as exc:  # noqa: BLE001
+                self.events.put(Observed("error", message=f"cannot connect: {exc}"))
+                return
+            try:
+                loop(client)
+            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which decides
+                self.events.put(Observed("error", message=f"{type(exc).__name__}: {exc}"))
+            finally:
+                client.close()
+
+        return run
+
+    def _retry_pause(self, failures: int) -> None:
+        self.stop.wait(min(5.0, 0.2 * (2**failures)))
+
+    def _taskrun_loop(self, client: WatchClient) -> None:
+        ns, failures = self.target.namespace, 0
+        while not self.stop.is_set():
+            try:
+                current = client.get_raw(TaskRun.PLURAL, ns, self.name)
+            except NotFound:
+                self.events.put(Observed("deleted"))
+                return
+            except KubeAPIError as exc:
+                failures += 1
+                if failures in (3, 10):
+                    self.events.put(Observed("error", message=f"still retrying: {exc}"))
+                self._retry_pause(failures)
+                continue
+            self.events.put(Observed("taskrun", current))
+            version = str(current.get("metadata", {}).get("resourceVersion", ""))
+            try:
+                for event in client.watch_selected(
+                    TaskRun.PLURAL, ns, version, field_selector=f"metadata.name={self.name}"
+                ):
+                    if self.stop.is_set():
+                        return
+                    failures = 0
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind in ("ADDED", "MODIFIED"):
+                        self.events.put(Observed("taskrun", obj))
+                    elif kind == "DELETED":
+                        self.events.put(Observed("deleted"))
+                        return
+            except Gone:
+                pass  # re-get and re-watch
+            except (KubeAPIError, httpx.HTTPError):
+                failures += 1
+                self._retry_pause(failures)
+            # a watch that ended normally: loop, re-get (never miss the terminal state), re-watch
+
+    def _toolcall_loop(self, client: WatchClient) -> None:
+        ns, failures = self.target.namespace, 0
+        selector = f"{LABEL_TASKRUNTOOLCALL}={self.name}"
+        while not self.stop.is_set():
+            try:
+                items, version = client.list_raw(TaskRunToolCall.PLURAL, ns, selector)
+            except KubeAPIError:
+                failures += 1
+                self._retry_pause(failures)
+                continue
+            for item in items:
+                self.events.put(Observed("toolcall", item))
+            try:
+                for event in client.watch_selected(
+                    TaskRunToolCall.PLURAL, ns, version, label_selector=selector
+                ):
+                    if self.stop.is_set():
+                        return
+                    failures = 0
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self.events.put(Observed("toolcall", event.get("object") or {}))
+            except Gone:
+                pass
+            except (KubeAPIError, httpx.HTTPError):
+                failures += 1
+                self._retry_pause(failures)
+
+
+def _phase_text(run: TaskRun) -> str:
+    detail = run.status.status_detail
+    return f"{run.name}: {run.phase or 'Initializing'}" + (f" ({detail})" if detail else "")
+
+
+def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tuple[int, dict[str, Any] | None]:
+    """Print the run's conversation as it happens until it ends. Returns (exit code, last TaskRun)."""
+    tracker = ConversationTracker()
+    follower = Follower(target, name)
+    last: dict[str, Any] | None = None
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    kube = target.client()
+    renderer = make_renderer(stream)
+
+    def emit(events: list[Event]) -> None:
+        for event in events:
+            renderer.emit(event)
+
+    def list_toolcalls() -> list[TaskRunToolCall]:
+        try:
+            return kube.list(TaskRunToolCall, target.namespace, f"{LABEL_TASKRUNTOOLCALL}={name}")
+        except KubeAPIError:
+            return []
+
+    def on_taskrun(raw: dict[str, Any]) -> int | None:
+        nonlocal last
+        last = raw
+        run = TaskRun.from_wire(raw)
+        renderer.status(_phase_text(run))
+        toolcalls = list_toolcalls() if tracker.needs_toolcalls(run) or run.is_terminal() else []
+        emit(tracker.taskrun_events(run, toolcalls))
+        if not run.is_terminal():
+            return None
+        for toolcall in toolcalls:
+            emit(tracker.toolcall_events(toolcall))
+        emit(tracker.final_events(run))
+        return EXIT_FINAL_ANSWER if run.phase == "FinalAnswer" else EXIT_FAILED
+
+    def on_toolcall(raw: dict[str, Any]) -> int | None:
+        toolcall = TaskRunToolCall.from_wire(raw)
+        if not tracker.knows_tool_call(toolcall):
+            # the assistant message asking for it is not printed yet: print it first
+            try:
+                code = on_taskrun(kube.get_raw(TaskRun.PLURAL, target.namespace, name))
+            except KubeAPIError:
+                code = None
+            if code is not None:
+                return code
+        emit(tracker.toolcall_events(toolcall))
+        return None
+
+    try:
+        with renderer:
+            follower.start()
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    phase = (last or {}).get("status", {}).get("phase") or "Initializing"
+                    click.echo(
+                        f"error: timed out after {timeout_s:g}s waiting for TaskRun {name} (phase {phase})",
+                        err=True,
+                    )
+                    return EXIT_OTHER, last
+                try:
+                    observed = follower.events.get(
+                        timeout=min(remaining, 1.0) if remaining is not None else 1.0
+                    )
+                except queue.Empty:
+                    continue
+                code: int | None = None
+                if observed.kind == "taskrun" and observed.obj is not None:
+                    code = on_taskrun(observed.obj)
+                elif observed.kind == "toolcall" and observed.obj is not None:
+                    code = on_toolcall(observed.obj)
+                elif observed.kind == "deleted":
+                    click.echo(f"error: TaskRun {name} was deleted", err=True)
+                    return EXIT_OTHER, last
+                elif observed.kind == "error":
+                    click.echo(f"warning: watching TaskRun {name}: {observed.message}", err=True)
+                    if last is None and "cannot connect" in observed.message:
+                        return EXIT_OTHER, last
+                if code is not None:
+                    return code, last
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the run goes on (kubechain logs {name})", err=True)
+        return 130, last
+    finally:
+        follower.close()
+        kube.close()
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("message")
+@click.option("--agent", "-a", "agent_name", required=True, help="the Agent that answers")
+@click.option("--name", default=None, help="TaskRun name (default: <agent>-<6 random characters>)")
+@click.option("--no-wait", is_flag=True, help="create the TaskRun, print its name and exit")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Choice(["json", "yaml"]),
+    default=None,
+    help="print the final TaskRun object (the conversation then goes to stderr)",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="seconds to wait for the end (0: no limit)",
+)
+@kube_options
+def run(
+    target: Target,
+    message: str,
+    agent_name: str,
+    name: str | None,
+    no_wait: bool,
+    output: str | None,
+    timeout: float,
+) -> None:
+    """Ask an agent something: create a TaskRun and stream the conversation until its final answer.
+
+    Exit code: 0 final answer, 1 failed, 2 timeout or another error.
+    """
+    if not message.strip():
+        raise CLIError("the message is empty", EXIT_OTHER)
+    name = name or f"{agent_name}-{random_suffix()}"[:253]
+    taskrun = TaskRun(
+        metadata=ObjectMeta(name=name, namespace=target.namespace, labels={LABEL_AGENT: agent_name}),
+        spec=TaskRunSpec(agent_ref=LocalObjectReference(name=agent_name), user_message=message),
+    )
+    with target.connect() as kube:
+        try:
+            kube.get(Agent, target.namespace, agent_name)
+        except NotFound:
+            click.echo(
+                f'warning: agent "{agent_name}" does not exist in namespace "{target.namespace}" (yet); '
+                "the run waits for it",
+                err=True,
+            )
+        except KubeAPIError as exc:
+            raise api_error(exc, f"cannot read agent {agent_name}", EXIT_OTHER) from None
+        body = taskrun.to_wire()
+        body["kind"] = TaskRun.KIND
+        body.pop("status", None)
+        try:
+            created = kube.create_raw(TaskRun.PLURAL, target.namespace, body)
+        except KubeAPIError as exc:
+            raise api_error(exc, f"cannot create {resource_ref('TaskRun', name)}", EXIT_OTHER) from None
+    if no_wait:
+        click.echo(dump(created, output) if output else name)
+        return
+    click.echo(f"{resource_ref('TaskRun', name)} created", err=True)
+    stream = sys.stderr if output else sys.stdout
+    code, last = follow(target, name, stream, timeout)
+    if output and last is not None:
+        click.echo(dump(last, output))
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("taskrun")
+@click.option("--output", "-o", type=click.Choice(["json"]), default=None, help="the conversation as JSON")
+@click.option(
+    "--follow", "-f", "follow_", is_flag=True, help="keep printing until the run ends (exit codes as run)"
+)
+@kube_options
+def logs(target: Target, taskrun: str, output: str | None, follow_: bool) -> None:
+    """Print a TaskRun's conversation, its tool calls' outcomes and its final answer or error."""
+    code = 0
+    if follow_:
+        code, last = follow(target, taskrun, sys.stderr if output else sys.stdout, 0)
+        if not output or last is None:
+            sys.exit(code)
+    with target.connect() as kube:
+        try:
+            run_ = kube.get(TaskRun, target.namespace, taskrun)
+            toolcalls = kube.list(TaskRunToolCall, target.namespace, f"{LABEL_TASKRUNTOOLCALL}={taskrun}")
+        except NotFound:
+            raise CLIError(f'taskrun "{taskrun}" not found in namespace "{target.namespace}"') from None
+        except KubeAPIError as exc:
+            raise api_error(exc, f"cannot read taskrun {taskrun}") from None
+    if output == "json":
+        click.echo(json.dumps(conversation_json(run_, toolcalls), indent=2, ensure_ascii=False))
+        sys.exit(code)
+    renderer = make_renderer(sys.stdout)
+    for event in conversation_events(run_, toolcalls):
+        renderer.emit(event)
+    if not run_.is_terminal():
+        click.echo(f"(in progress: {_phase_text(run_)}; kubechain logs -f {taskrun} to follow)", err=True)
+
+
+def conversation_json(run_: TaskRun, toolcalls: list[TaskRunToolCall]) -> dict[str, Any]:
+    return {
+        "name": run_.name,
+        "namespace": run_.namespace,
+        "phase": run_.phase,
+        "contextWindow": [m.to_wire() for m in run_.status.context_window or []],
+        "toolCalls": [
+            {
+                "name": t.name,
+                "tool": t.spec.tool_ref.name,
+                "toolCallId": t.spec.tool_call_id,
+                "arguments": t.spec.arguments,
+                "phase": t.phase,
+                **({"result": t.status.result} if t.status.result is not None else {}),
+                **({"error": t.status.error} if t.status.error is not None else {}),
+                **(
+                    {"approval": t.metadata.annotations[ANNOTATION_APPROVAL]}
+                    if ANNOTATION_APPROVAL in t.metadata.annotations
+                    else {}
+                ),
+            }
+            for t in sorted(toolcalls, key=lambda t: (t.metadata.creation_timestamp or "", t.name))
+        ],
+        "output": run_.status.output,
+        "error": run_.status.error,
+    }
+
+
+def decide(target: Target, name: str, decision: str, comment: str | None) -> None:
+    """Set the approval annotations, once: a decision already recorded wins (exit 1)."""
+    ref = resource_ref("TaskRunToolCall", name)
+    with target.connect() as kube:
+        for _ in range(5):
+            try:
+                toolcall = kube.get(TaskRunToolCall, target.namespace, name)
+            except NotFound:
+                raise CLIError(
+                    f'taskruntoolcall "{name}" not found in namespace "{target.namespace}"'
+                ) from None
+            except KubeAPIError as exc:
+                raise api_error(exc, f"cannot read {ref}") from None
+            existing = toolcall.metadata.annotations.get(ANNOTATION_APPROVAL)
+            if existing:
+                click.echo(f"{ref} already {existing}; ignoring")
+                sys.exit(1)
+            annotations = {ANNOTATION_APPROVAL: decision}
+            if comment is not None:
+                annotations[ANNOTATION_APPROVAL_COMMENT] = comment
+            try:
+                # resourceVersion makes the patch conditional: a concurrent decision wins, we re-read.
+                kube.patch_metadata(
+                    TaskRunToolCall.PLURAL,
+                    target.namespace,
+                    name,
+                    {"annotations": annotations, "resourceVersion": toolcall.resource_version},
+                )
+            except Conflict:
+                continue
+            except KubeAPIError as exc:
+                raise api_error(exc, f"cannot annotate {ref}") from None
+            click.echo(f"{ref} {decision}")
+            if toolcall.is_terminal():
+                click.echo(
+                    f"note: the tool call is already {toolcall.phase}; the decision has no effect", err=True
+                )
+            return
+    raise CLIError(f"cannot annotate {ref}: it kept changing (conflicts)")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--comment", default=None, help="a note for the record (and the LLM)")
+@kube_options
+def approve(target: Target, name: str, comment: str | None) -> None:
+    """Approve a tool call awaiting human approval (a TaskRunToolCall name)."""
+    decide(target, name, "approved", comment)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--comment", required=True, help="why: sent back to the LLM")
+@kube_options
+def reject(target: Target, name: str, comment: str) -> None:
+    """Reject a tool call awaiting human approval; the comment goes back to the LLM."""
+    decide(target, name, "rejected", comment)

@@ -1,0 +1,142 @@
+"""Checking an MCPServer spec and resolving it (secrets included) into what a connection needs. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from kubechain.mcp.common import MCPError
+from kubechain.models import MCPServer, MCPServerSpec
+from kubechain.models.mcpserver import EnvVar
+
+# resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
+SecretResolver = Callable[[str, str, str], str]
+
+ALLOWLIST_SETTING = "KUBECHAIN_MCP_COMMAND_ALLOWLIST"
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Everything that identifies one connection. ``env`` and ``headers`` may hold secret values: they are
+    kept out of ``repr`` and must never be logged."""
+
+    transport: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    url: str | None = None
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def fingerprint(self) -> str:
+        """A digest of the whole spec: a different value means a different connection (reconnect)."""
+        material = json.dumps(
+            [self.transport, self.command, list(self.args), list(self.env), self.url, list(self.headers)],
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    def describe(self) -> str:
+        """A log-safe description (no args, env, header values or URL credentials)."""
+        if self.transport == "stdio":
+            return f"stdio command {self.command!r}"
+        return f"{self.transport} {redact_url(self.url or '')}"
+
+
+def redact_url(url: str) -> str:
+    """The URL without userinfo (``https://user:token@host`` → ``https://host``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _var_problem(var: EnvVar, what: str) -> str | None:
+    if not var.name:
+        return f"{what} name must not be empty"
+    if var.value_from is not None:
+        if var.value_from.secret_key_ref is None:
+            return f'{what} "{var.name}": valueFrom needs a secretKeyRef'
+        if var.value:
+            return f'{what} "{var.name}": set either value or valueFrom, not both'
+    return None
+
+
+def validate_spec(spec: MCPServerSpec) -> str | None:
+    """Why the spec cannot work, or None (the original's messages where it had them)."""
+    transport = spec.transport
+    if transport not in ("stdio", "http", "sse"):
+        return f"invalid server transport: {transport}"
+    if transport == "stdio":
+        if not spec.command:
+            return "command is required for stdio servers"
+    else:
+        if not spec.url:
+            return f"url is required for {transport} servers"
+        scheme = urlsplit(spec.url).scheme.lower()
+        if scheme not in ("http", "https"):
+            return f"url must start with http:// or https:// (got scheme {scheme!r})"
+    for var in spec.env or []:
+        if problem := _var_problem(var, "env var"):
+            return problem
+    for header in spec.headers or []:
+        if problem := _var_problem(header, "header"):
+            return problem
+    return None
+
+
+def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None:
+    """Why a stdio command may not run, or None. An empty allowlist allows everything; an entry without
+    a slash matches the command's basename, an entry with one must equal the command."""
+    if not allowlist:
+        return None
+    if command in allowlist or os.path.basename(command) in allowlist:
+        return None
+    return (
+        f"stdio command '{command}' is not in the allowlist ({ALLOWLIST_SETTING}); "
+        f"allowed: {', '.join(allowlist)}"
+    )
+
+
+def _resolve_vars(
+    namespace: str, variables: list[EnvVar] | None, what: str, resolve_secret: SecretResolver
+) -> tuple[tuple[str, str], ...]:
+    resolved: list[tuple[str, str]] = []
+    for var in variables or []:
+        ref = var.value_from.secret_key_ref if var.value_from is not None else None
+        if var.value or ref is None:
+            resolved.append((var.name, var.value or ""))
+            continue
+        try:
+            value = resolve_secret(namespace, ref.name, ref.key)
+        except Exception as exc:  # the resolver's message says what is missing, never a value
+            raise MCPError(f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}') from exc
+        resolved.append((var.name, value))
+    return tuple(resolved)
+
+
+def resolve_spec(server: MCPServer, resolve_secret: SecretResolver) -> ResolvedSpec:
+    """The spec with secret references replaced by their values (MCPError if it is invalid or a secret
+    cannot be read)."""
+    spec = server.spec
+    problem = validate_spec(spec)
+    if problem is not None:
+        raise MCPError(problem)
+    if spec.transport == "stdio":
+        return ResolvedSpec(
+            transport="stdio",
+            command=spec.command,
+            args=tuple(spec.args or ()),
+            env=_resolve_vars(server.namespace, spec.env, "env var", resolve_secret),
+        )
+    return ResolvedSpec(
+        transport=spec.transport,
+        url=spec.url,
+        headers=_resolve_vars(server.namespace, spec.headers, "header", resolve_secret),
+    )

@@ -1,0 +1,52 @@
+"""Chaos tier: each test gets its own stack (own Redis, two workers) so faults stay contained."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubechain.testing.stack import LocalStack, StackOptions
+from tests.e2e.conftest import ScriptedLLM
+
+CLAIM_TIMEOUT_S = 6.0
+
+
+@pytest.fixture
+def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalStack]:
+    marker = request.node.get_closest_marker("stack")
+    overrides = dict(marker.kwargs) if marker else {}
+    options = StackOptions(
+        workdir=tmp_path / "stack",
+        cluster="current",
+        kubeconfig=kubeconfig,
+        workers=overrides.pop("workers", 2),
+        worker_concurrency=overrides.pop("worker_concurrency", 16),
+        watchers=overrides.pop("watchers", 1),
+        resync_interval_s=1.0,
+        stale_after_s=1.0,
+        claim_timeout_s=CLAIM_TIMEOUT_S,
+        extra_env={"KUBECHAIN_LEASE_DURATION_S": "4", **overrides.pop("env", {})},
+    )
+    stack = LocalStack(options)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def chaos_llm(chaos_stack: LocalStack) -> ScriptedLLM:
+    return ScriptedLLM(chaos_stack.llm_url)
+
+
+def kill(stack: LocalStack, name: str) -> None:
+    process = stack.workers.get(name) or stack.watchers[name]
+    assert process.pid is not None
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.proc is not None
+    process.proc.wait(10)

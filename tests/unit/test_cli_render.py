@@ -1,0 +1,185 @@
+"""The conversation renderer of ``kubechain run`` / ``logs``: plain lines, diffing, tool-call phases."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from kubechain.cli.render import (
+    ConversationTracker,
+    Event,
+    PlainRenderer,
+    RichRenderer,
+    conversation_events,
+    make_renderer,
+    plain_line,
+)
+from kubechain.models import TaskRun, TaskRunToolCall
+
+CALL = {"id": "call_0_1_abc", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}}
+
+WINDOW: list[dict[str, Any]] = [
+    {"role": "system", "content": "You add numbers."},
+    {"role": "user", "content": "Add 2 and 3"},
+    {"role": "assistant", "content": "", "toolCalls": [CALL]},
+    {"role": "tool", "content": "5", "toolCallId": "call_0_1_abc"},
+    {"role": "assistant", "content": "The sum is 5."},
+]
+
+EXPECTED = [
+    "system: You add numbers.",
+    "user: Add 2 and 3",
+    'tool call add({"a": 2, "b": 3}) [call_0_1_abc]',
+    "tool result add: 5",
+    "assistant: The sum is 5.",
+]
+
+
+def taskrun(window: list[dict[str, Any]], phase: str = "FinalAnswer", **status: Any) -> TaskRun:
+    return TaskRun.from_wire(
+        {
+            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+            "kind": "TaskRun",
+            "metadata": {"name": "calc-abc123", "namespace": "ns"},
+            "spec": {"agentRef": {"name": "calc"}, "userMessage": "Add 2 and 3"},
+            "status": {"phase": phase, "contextWindow": window, **status},
+        }
+    )
+
+
+def toolcall(name: str, phase: str, call_id: str = "call_0_1_abc", **status: Any) -> TaskRunToolCall:
+    return TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": {
+                "toolCallId": call_id,
+                "taskRunRef": {"name": "calc-abc123"},
+                "toolRef": {"name": "add"},
+                "arguments": '{"a":2,"b":3}',
+            },
+            "status": {"phase": phase, **status},
+        }
+    )
+
+
+def lines(events: list[Event]) -> list[str]:
+    return [plain_line(event) for event in events]
+
+
+def test_plain_lines_of_a_whole_conversation() -> None:
+    run = taskrun(WINDOW, output="The sum is 5.")
+    tracker = ConversationTracker()
+    assert lines(tracker.taskrun_events(run)) == EXPECTED
+    assert lines(tracker.final_events(run)) == ["final answer: The sum is 5."]
+
+
+def test_only_new_messages_are_reported() -> None:
+    tracker = ConversationTracker()
+    assert lines(tracker.taskrun_events(taskrun(WINDOW[:2], "ReadyForLLM"))) == EXPECTED[:2]
+    # the same observation again (a resync, a re-get after a watch ended): nothing new
+    assert tracker.taskrun_events(taskrun(WINDOW[:2], "SendContextWindowToLLM")) == []
+    assert lines(tracker.taskrun_events(taskrun(WINDOW[:3], "ToolCallsPending"))) == EXPECTED[2:3]
+    # an older observation arriving late does not repeat anything
+    assert tracker.taskrun_events(taskrun(WINDOW[:2], "ReadyForLLM")) == []
+    assert tracker.final_events(taskrun(WINDOW[:3], "ToolCallsPending")) == []
+    # two messages at once; the tool result is named after the assistant's tool call
+    assert lines(tracker.taskrun_events(taskrun(WINDOW, "FinalAnswer", output="The sum is 5."))) == EXPECTED[3:]
+    final = taskrun(WINDOW, "FinalAnswer", output="The sum is 5.")
+    assert lines(tracker.final_events(final)) == ["final answer: The sum is 5."]
+    assert tracker.final_events(final) == [], "the end is reported once"
+
+
+def test_tool_call_phase_changes_are_reported_once() -> None:
+    tracker = ConversationTracker()
+    tracker.taskrun_events(taskrun(WINDOW[:3], "ToolCallsPending"))
+    assert tracker.toolcall_events(toolcall("calc-tc-01", "Pending")) == []
+    assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "Running"))) == ["tool add [calc-tc-01] Running"]
+    assert tracker.toolcall_events(toolcall("calc-tc-01", "Running")) == []
+    assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "AwaitingHumanApproval"))) == [
+        "tool add [calc-tc-01] waiting for approval: kubechain approve calc-tc-01"
+    ]
+    assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "Failed", error="division by zero"))) == [
+        "tool add [calc-tc-01] Failed: division by zero"
+    ]
+    assert lines(tracker.toolcall_events(toolcall("calc-tc-02", "ToolCallRejected", "call_x", result="no"))) == [
+        "tool add [calc-tc-02] ToolCallRejected: no"
+    ]
+
+
+def test_tool_outcome_is_printed_before_its_result_when_known() -> None:
+    tracker = ConversationTracker()
+    tracker.taskrun_events(taskrun(WINDOW[:3], "ToolCallsPending"))
+    run = taskrun(WINDOW[:4], "ReadyForLLM")
+    assert tracker.needs_toolcalls(run)
+    assert lines(tracker.taskrun_events(run, [toolcall("calc-tc-01", "Succeeded", result="5")])) == [
+        "tool add [calc-tc-01] Succeeded",
+        "tool result add: 5",
+    ]
+    assert not tracker.needs_toolcalls(taskrun(WINDOW, "FinalAnswer"))
+
+
+def test_failed_pending_and_retrying() -> None:
+    tracker = ConversationTracker()
+    pending = taskrun([], "Pending", statusDetail="Waiting for Agent to exist")
+    assert lines(tracker.taskrun_events(pending)) == ["pending: Waiting for Agent to exist"]
+    assert tracker.taskrun_events(pending) == []
+    backoff = taskrun(WINDOW[:2], "ErrorBackoff", statusDetail="LLM request failed, retrying in 1.0s", error="500 boom")
+    assert lines(tracker.taskrun_events(backoff)) == EXPECTED[:2] + [
+        "retrying: LLM request failed, retrying in 1.0s: 500 boom"
+    ]
+    failed = taskrun(WINDOW[:2], "Failed", error="LLM request failed: status 400")
+    assert tracker.taskrun_events(failed) == []
+    assert lines(tracker.final_events(failed)) == ["failed: LLM request failed: status 400"]
+
+
+def test_multiline_content_stays_on_one_line_and_odd_arguments_verbatim() -> None:
+    window = [
+        {"role": "user", "content": "line one\nline two"},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "toolCalls": [{"id": "c1", "function": {"name": "fetch__get", "arguments": "{not json"}}],
+        },
+        {"role": "tool", "content": "Error: boom", "toolCallId": "c1"},
+        {"role": "tool", "content": "orphan", "toolCallId": "c9"},
+    ]
+    assert lines(ConversationTracker().taskrun_events(taskrun(window, "ReadyForLLM"))) == [
+        "user: line one\\nline two",
+        "assistant: Let me check.",
+        "tool call fetch__get({not json) [c1]",
+        "tool result fetch__get: Error: boom",
+        "tool result c9: orphan",
+    ]
+
+
+def test_conversation_events_for_logs() -> None:
+    run = taskrun(WINDOW, output="The sum is 5.")
+    running = toolcall("calc-tc-02", "Running", "call_other")
+    done = toolcall("calc-tc-01", "Succeeded", result="5")
+    assert lines(conversation_events(run, [running, done])) == [
+        *EXPECTED[:3],
+        "tool add [calc-tc-01] Succeeded",
+        *EXPECTED[3:],
+        "tool add [calc-tc-02] Running",
+        "final answer: The sum is 5.",
+    ]
+
+
+def test_renderers() -> None:
+    plain = io.StringIO()
+    renderer = make_renderer(plain)
+    assert isinstance(renderer, PlainRenderer)
+    with renderer:
+        for event in conversation_events(taskrun(WINDOW, output="The sum is 5."), []):
+            renderer.emit(event)
+    assert plain.getvalue().splitlines() == [*EXPECTED, "final answer: The sum is 5."]
+
+    fancy = io.StringIO()
+    rich_renderer = make_renderer(fancy, rich=True)
+    assert isinstance(rich_renderer, RichRenderer)
+    with rich_renderer:
+        for event in conversation_events(taskrun(WINDOW, output="The sum is 5."), [toolcall("t1", "Failed", error="x")]):
+            rich_renderer.emit(event)
+        rich_renderer.emit(Event("failed", "boom [bold]"))
+    text = fancy.getvalue()
+    assert "final answer" in text and "The sum is 5." in text and "add" in text and "boom [bold]" in text
