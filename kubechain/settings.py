@@ -20,8 +20,8 @@ class Settings(BaseSettings):
     kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
     kube_context: str | None = None
     namespaces: list[str] = Field(default_factory=list, description="watched namespaces; empty = all")
-    kube_qps: float = 100.0
-    kube_burst: int = 200
+    kube_qps: float = 200.0
+    kube_burst: int = 400
     kube_timeout_s: float = 30.0
 
     # Celery / Redis
@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
     max_delegation_depth: int = 5
+    # How long a worker may reuse what it read of an Agent, LLM, Secret, Tool or MCPServer to build an
+    # LLM request (the run itself is always read fresh).
+    config_cache_ttl_s: float = 2.0
 
     # Watcher
     resync_interval_s: float = 30.0

@@ -60,7 +60,8 @@ class Watcher:
                 on_started_leading=self._on_started_leading,
             )
         self._outbox: queue.Queue[tuple[Work, str]] = queue.Queue()
-        self._recent: dict[tuple[str, str, str, str], tuple[str, float]] = {}
+        # (task, kind, namespace, name) -> (resourceVersion enqueued, when, resync re-enqueues since)
+        self._recent: dict[tuple[str, str, str, str], tuple[str, float, int]] = {}
         self._recent_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.enqueued = 0
@@ -97,13 +98,20 @@ class Watcher:
         now = time.monotonic()
         with self._recent_lock:
             last = self._recent.get(key)
+            retries = 0
             if last is not None:
-                last_rv, at = last
-                if resync and now - at < self.settings.stale_after_s:
-                    return
-                if not resync and last_rv == rv and work.countdown_s == 0:
+                last_rv, at, retries = last
+                if resync:
+                    # Back off per object: a backlog of queued work must not be re-enqueued every tick.
+                    wait = min(300.0, self.settings.stale_after_s * (2 ** min(retries, 8))) if last_rv == rv else self.settings.stale_after_s
+                    if now - at < wait:
+                        return
+                    retries = retries + 1 if last_rv == rv else 0
+                elif last_rv == rv and work.countdown_s == 0:
                     return  # the same state was already enqueued
-            self._recent[key] = (rv, now)
+                else:
+                    retries = 0
+            self._recent[key] = (rv, now, retries)
         self._outbox.put((work, rv))
 
     def resync(self, *, force: bool = False) -> int:
@@ -130,7 +138,7 @@ class Watcher:
     def _forget_finished(self) -> None:
         horizon = time.monotonic() - max(600.0, self.settings.stale_after_s * 10)
         with self._recent_lock:
-            for key in [key for key, (_, at) in self._recent.items() if at < horizon]:
+            for key in [key for key, (_, at, _) in self._recent.items() if at < horizon]:
                 del self._recent[key]
 
     def _on_started_leading(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from kubechain.kube.cache import TTLReadCache
 from kubechain.kube.client import KubeClient
 from kubechain.kube.events import EventRecorder
 from kubechain.llm.base import LLMClientFactory
@@ -35,6 +36,14 @@ class WorkerContext:
     clock: Callable[[], datetime] = utcnow
     mcp: Any = None  # kubechain.mcp.MCPManager, set up by the tools worker
     extra: dict[str, Any] = field(default_factory=dict)
+    _config: TTLReadCache | None = None
+
+    @property
+    def config_cache(self) -> TTLReadCache:
+        """Reads of Agents, LLMs, Secrets and Tools for building LLM requests (may be ~2 s old)."""
+        if self._config is None:
+            self._config = TTLReadCache(self.kube, self.settings.config_cache_ttl_s)
+        return self._config
 
     @property
     def limits(self) -> LoopLimits:
@@ -50,6 +59,8 @@ class WorkerContext:
 
 
 def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
+    from kubechain.mcp import MCPManager, kube_secret_resolver
+
     kube = KubeClient.from_settings(settings)
     return WorkerContext(
         settings=settings,
@@ -61,4 +72,10 @@ def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
         ),
         identity=settings.identity,
         enqueue=enqueue,
+        # Lazy: its event loop thread and MCP sessions start on the first MCP request.
+        mcp=MCPManager(
+            kube_secret_resolver(kube),
+            call_timeout_s=settings.tool_timeout_s,
+            command_allowlist=settings.mcp_command_allowlist,
+        ),
     )

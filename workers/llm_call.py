@@ -35,28 +35,28 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
     """The agent, its LLM, the API key and the tool definitions; RunConfigError says what is missing."""
     agent_name = run.spec.agent_ref.name if run.spec.agent_ref else None
     if agent_name is None and run.spec.task_ref is not None:
-        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name)
+        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is None:
             raise RunConfigError(f'Task "{run.spec.task_ref.name}" not found', "TaskValidationFailed")
         agent_name = task.spec.agent_ref.name
-    agent = get_or_none(ctx, Agent, run.namespace, agent_name or "")
+    agent = get_or_none(ctx, Agent, run.namespace, agent_name or "", cached=True)
     if agent is None:
         raise RunConfigError(f'Agent "{agent_name}" not found', "AgentFetchFailed")
-    llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name)
+    llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name, cached=True)
     if llm is None:
         raise RunConfigError(f'Failed to get LLM: LLM "{agent.spec.llm_ref.name}" not found', "LLMFetchFailed")
     ref = llm.spec.api_key_ref()
     try:
-        api_key = read_api_key(ctx, run.namespace, ref.name, ref.key)
+        api_key = read_api_key(ctx, run.namespace, ref.name, ref.key, cached=True)
     except SecretProblem as problem:
         raise RunConfigError(f"Failed to get API key secret: {problem}", "SecretFetchFailed") from None
     status = agent.status
     ns = run.namespace
-    tools = [t for t in (get_or_none(ctx, Tool, ns, v.name) for v in status.valid_tools or []) if t is not None]
-    servers = [s for s in (get_or_none(ctx, MCPServer, ns, v.name) for v in status.valid_mcp_servers or []) if s is not None]
-    sub_agents = [a for a in (get_or_none(ctx, Agent, ns, v.name) for v in status.valid_sub_agents or []) if a is not None]
+    tools = [t for t in (get_or_none(ctx, Tool, ns, v.name, cached=True) for v in status.valid_tools or []) if t is not None]
+    servers = [s for s in (get_or_none(ctx, MCPServer, ns, v.name, cached=True) for v in status.valid_mcp_servers or []) if s is not None]
+    sub_agents = [a for a in (get_or_none(ctx, Agent, ns, v.name, cached=True) for v in status.valid_sub_agents or []) if a is not None]
     channels = [
-        c for c in (get_or_none(ctx, ContactChannel, ns, v.name) for v in status.valid_human_contact_channels or []) if c is not None
+        c for c in (get_or_none(ctx, ContactChannel, ns, v.name, cached=True) for v in status.valid_human_contact_channels or []) if c is not None
     ]
     return agent, llm, api_key, tool_definitions(agent, tools, servers, sub_agents, channels)
 

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource[Any, Any])
 
 
-def get_or_none(ctx: WorkerContext, model: type[R], namespace: str, name: str) -> R | None:
+def get_or_none(ctx: WorkerContext, model: type[R], namespace: str, name: str, *, cached: bool = False) -> R | None:
     try:
+        if cached:
+            return ctx.config_cache.get(model, namespace, name)
         return ctx.kube.get(model, namespace, name)
     except NotFound:
         return None
@@ -38,10 +40,10 @@ class SecretProblem(Exception):
     pass
 
 
-def read_api_key(ctx: WorkerContext, namespace: str, secret_name: str, key: str) -> str:
+def read_api_key(ctx: WorkerContext, namespace: str, secret_name: str, key: str, *, cached: bool = False) -> str:
     """The value of one Secret key, or SecretProblem saying what to fix (never the value itself)."""
     try:
-        data = ctx.kube.read_secret(namespace, secret_name)
+        data = ctx.config_cache.read_secret(namespace, secret_name) if cached else ctx.kube.read_secret(namespace, secret_name)
     except NotFound:
         raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found') from None
     if key not in data:
@@ -124,9 +126,16 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
     _write(ctx, task, transition)
 
 
+def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
+    from workers.mcpservers import validate_mcpserver as handler  # lazy: that module imports this one
+
+    handler(ctx, message)
+
+
 VALIDATORS = {
     "LLM": validate_llm,
     "Tool": validate_tool,
     "Agent": validate_agent,
     "Task": validate_task,
+    "MCPServer": validate_mcpserver,
 }

@@ -1,0 +1,348 @@
+"""Shape checks of the deployment manifests (no cluster, no kubectl).
+
+They read deploy/release/kubechain.yaml — the rendered installation, which
+tests/integration/test_deploy.py keeps equal to `kubectl kustomize deploy` — and the KEDA objects in
+deploy/keda/, and check what the processes rely on: queue names, probes, grace periods, leader-election
+identity, Redis never evicting, least-privilege RBAC over exactly the CRDs' kinds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubechain.queueing import QueueName
+from kubechain.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+RELEASE = DEPLOY / "release" / "kubechain.yaml"
+KEDA = DEPLOY / "keda"
+NAMESPACE = "kubechain-system"
+GROUP = "kubechain.humanlayer.dev"
+IMAGE_REPO = "ghcr.io/kubechain/kubechain"
+QUEUES = {q.value for q in QueueName}
+WORKERS = {f"kubechain-worker-{q}": q for q in QUEUES}
+MIN_WORKER_GRACE_S = 300
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def release() -> list[dict[str, Any]]:
+    return load(RELEASE)
+
+
+def objects(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, deployment["metadata"]["name"]
+    return containers[0]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in c.get("env") or []}
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    assert flag in args, args
+    return args[args.index(flag) + 1]
+
+
+def keda_docs() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((KEDA / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        docs += load(KEDA / resource)
+    return docs
+
+
+def crd_plurals() -> set[str]:
+    plurals = set()
+    for path in (DEPLOY / "crds").glob("*.yaml"):
+        for doc in load(path):
+            if doc.get("kind") == "CustomResourceDefinition" and doc["spec"]["group"] == GROUP:
+                plurals.add(doc["spec"]["names"]["plural"])
+    return plurals
+
+
+# ------------------------------------------------------------------------------------------ KEDA
+
+
+def test_keda_is_not_in_the_release(release: list[dict[str, Any]]) -> None:
+    assert not [d for d in release if d["apiVersion"].startswith("keda.sh/")]
+
+
+def test_one_scaled_object_per_worker_deployment(release: list[dict[str, Any]]) -> None:
+    deployments = objects(release, "Deployment")
+    scaled = objects(keda_docs(), "ScaledObject")
+    assert {so["spec"]["scaleTargetRef"]["name"] for so in scaled.values()} == set(WORKERS)
+    assert len(scaled) == len(WORKERS)
+    for name, so in scaled.items():
+        assert so["apiVersion"] == "keda.sh/v1alpha1", name
+        assert so["metadata"]["namespace"] == NAMESPACE, name
+        target = so["spec"]["scaleTargetRef"]
+        assert target.get("kind", "Deployment") == "Deployment", name
+        assert target["name"] in deployments, f"{name}: no Deployment {target['name']} in the base"
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUES))
+def test_scaled_object_watches_its_workers_queue(release: list[dict[str, Any]], queue: str) -> None:
+    deployments = objects(release, "Deployment")
+    services = objects(release, "Service")
+    (so,) = [
+        so
+        for so in objects(keda_docs(), "ScaledObject").values()
+        if so["spec"]["scaleTargetRef"]["name"] == f"kubechain-worker-{queue}"
+    ]
+    spec = so["spec"]
+    trigger = spec["triggers"][0]
+    assert trigger["type"] == "redis"
+    meta = trigger["metadata"]
+    assert meta["listName"] in QUEUES
+    # the list it measures is the one the targeted Deployment consumes
+    worker_args = container(deployments[spec["scaleTargetRef"]["name"]])["args"]
+    assert meta["listName"] == arg_after(worker_args, "--queues") == queue
+    for key in ("listLength", "activationListLength"):
+        assert isinstance(meta[key], str) and re.fullmatch(r"[0-9]+", meta[key]), f"{key}: {meta[key]!r}"
+    assert int(meta["listLength"]) > 0
+    # the address is the in-cluster Redis Service of the base (KEDA's operator runs in another namespace)
+    if "address" in meta:
+        host, port = meta["address"].rsplit(":", 1)
+        service, namespace = host.split(".")[:2]
+        assert namespace == NAMESPACE
+        assert service in services
+        assert int(port) in {p["port"] for p in services[service]["spec"]["ports"]}
+    else:
+        assert "addressFromEnv" in meta or "host" in meta
+    assert meta.get("databaseIndex", "0") == "0"  # REDIS_URL's /0
+    assert 1 <= int(spec["minReplicaCount"]) <= int(spec["maxReplicaCount"])
+
+
+# ------------------------------------------------------------------------------------------ workloads
+
+
+def test_every_queue_has_a_worker_deployment(release: list[dict[str, Any]]) -> None:
+    deployments = objects(release, "Deployment")
+    assert set(WORKERS) <= set(deployments)
+    consumed = {arg_after(container(deployments[name])["args"], "--queues") for name in WORKERS}
+    assert consumed == QUEUES
+
+
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_worker_deployment(release: list[dict[str, Any]], name: str) -> None:
+    deployment = objects(release, "Deployment")[name]
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    assert pod["terminationGracePeriodSeconds"] >= MIN_WORKER_GRACE_S
+    assert pod["serviceAccountName"] == "kubechain-worker"
+    assert c["args"][0] == "worker"
+    assert arg_after(c["args"], "--pool") == "threads"
+    assert int(arg_after(c["args"], "--concurrency")) > 0
+    assert_probes_on_metrics_port(c)
+    assert_hardened(pod, c)
+    # uvx/npx need a writable HOME (and /tmp) when the root filesystem is read-only
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/home/kubechain", "/tmp"):
+        assert path in mounts, f"{name}: nothing mounted at {path}"
+        assert "emptyDir" in volumes[mounts[path]]
+    assert {"configMapRef": {"name": "kubechain-config"}} in c["envFrom"]
+
+
+def test_watcher_deployment(release: list[dict[str, Any]]) -> None:
+    deployment = objects(release, "Deployment")["kubechain-watcher"]
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment)
+    assert deployment["spec"]["replicas"] == 2
+    assert c["args"] == ["watcher"]
+    assert pod["serviceAccountName"] == "kubechain-watcher"
+    # POD_NAME is the leader-election identity: it must be the pod's own name
+    env = env_of(c)
+    assert "POD_NAME" in env, "the watcher needs POD_NAME (its leader-election identity)"
+    assert env["POD_NAME"].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
+    assert_probes_on_metrics_port(c)
+    assert_hardened(pod, c)
+    assert {"configMapRef": {"name": "kubechain-config"}} in c["envFrom"]
+
+
+def assert_probes_on_metrics_port(c: dict[str, Any]) -> None:
+    port = int(env_of(c)["KUBECHAIN_METRICS_PORT"]["value"])
+    named = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert probe in c, f"{c['name']}: no {probe}"
+        http = c[probe]["httpGet"]
+        assert http["path"] == "/metrics"
+        assert (named[http["port"]] if isinstance(http["port"], str) else http["port"]) == port
+
+
+def assert_hardened(pod: dict[str, Any], c: dict[str, Any]) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "limits" in c["resources"] and "requests" in c["resources"]
+
+
+def test_images_are_the_release_version(release: list[dict[str, Any]]) -> None:
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for name, deployment in objects(release, "Deployment").items():
+        assert container(deployment)["image"] == f"{IMAGE_REPO}:{version}", name
+
+
+def test_every_deployment_has_a_disruption_budget(release: list[dict[str, Any]]) -> None:
+    budgets = objects(release, "PodDisruptionBudget").values()
+    for name, deployment in objects(release, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(matching) == 1, f"{name}: {len(matching)} PodDisruptionBudgets"
+
+
+def test_everything_namespaced_is_in_kubechain_system(release: list[dict[str, Any]]) -> None:
+    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    for doc in release:
+        if doc["kind"] not in cluster_scoped:
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+# ------------------------------------------------------------------------------------------ Redis & config
+
+
+def test_redis_never_evicts_and_persists(release: list[dict[str, Any]]) -> None:
+    redis = objects(release, "StatefulSet")["kubechain-redis"]
+    c = container(redis)
+    args = [*c.get("command", []), *c.get("args", [])]
+    assert arg_after(args, "--maxmemory-policy") == "noeviction"
+    assert arg_after(args, "--appendonly") == "yes"
+    assert redis["spec"]["volumeClaimTemplates"], "no PVC"
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["memory"]
+    services = objects(release, "Service")
+    assert services["kubechain-redis"]["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert services[redis["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+
+
+def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = objects(release, "ConfigMap")["kubechain-config"]["data"]
+    for key in (
+        "REDIS_URL",
+        "HUMANLAYER_API_BASE",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "KUBECHAIN_KUBE_QPS",
+        "KUBECHAIN_KUBE_BURST",
+        "KUBECHAIN_LOG_LEVEL",
+        "KUBECHAIN_LOG_JSON",
+        "KUBECHAIN_LEASE_NAMESPACE",
+    ):
+        assert key in data, key
+    assert all(isinstance(v, str) for v in data.values())
+    for key in list(os.environ):
+        if key.startswith("KUBECHAIN_"):
+            monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.redis_url == "redis://kubechain-redis:6379/0"
+    assert settings.lease_namespace == NAMESPACE
+    assert settings.log_json is True
+    assert settings.kube_qps > 0 and settings.kube_burst > 0
+    assert "kubechain-redis" in objects(release, "Service")
+
+
+# ------------------------------------------------------------------------------------------ RBAC
+
+
+def rules(release: list[dict[str, Any]], role: str) -> list[dict[str, Any]]:
+    return list(objects(release, "ClusterRole")[role]["rules"])
+
+
+def granted(rule_list: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for rule in rule_list:
+        if group in rule["apiGroups"] and resource in rule["resources"] and not rule.get("resourceNames"):
+            verbs |= set(rule["verbs"])
+    return verbs
+
+
+def test_rbac_covers_exactly_the_crds(release: list[dict[str, Any]]) -> None:
+    plurals = crd_plurals()
+    assert len(plurals) == 8
+    for role in ("kubechain-watcher", "kubechain-worker"):
+        for plural in plurals:
+            assert granted(rules(release, role), GROUP, plural) >= {"get", "list", "watch"}, (role, plural)
+    worker = rules(release, "kubechain-worker")
+    for plural in plurals:
+        assert "patch" in granted(worker, GROUP, f"{plural}/status"), plural
+
+
+def test_rbac_is_least_privilege(release: list[dict[str, Any]]) -> None:
+    for name, role in [*objects(release, "ClusterRole").items(), *objects(release, "Role").items()]:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"{name}: wildcard {field}"
+            assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(
+                rule["verbs"]
+            ), name
+    watcher = rules(release, "kubechain-watcher")
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in watcher)
+    worker = rules(release, "kubechain-worker")
+    # spec writes and creation are limited to what the agent loop creates
+    for plural in crd_plurals():
+        verbs = granted(worker, GROUP, plural)
+        assert not {"update", "patch"} & verbs, plural
+        assert ("create" in verbs) == (plural in {"taskruns", "taskruntoolcalls"}), plural
+    assert granted(worker, "", "events") == {"create", "patch"}
+    # Secrets: read by name only, never enumerated, from a separately bindable ClusterRole
+    secret_verbs = set()
+    for role_name in objects(release, "ClusterRole"):
+        secret_verbs |= granted(rules(release, role_name), "", "secrets")
+    assert secret_verbs == {"get"}
+    approver = rules(release, "kubechain-approver")
+    assert "patch" in granted(approver, GROUP, "taskruntoolcalls")
+    assert not granted(approver, GROUP, "taskruntoolcalls/status")
+
+
+def test_role_bindings_name_the_service_accounts(release: list[dict[str, Any]]) -> None:
+    accounts = set(objects(release, "ServiceAccount"))
+    assert accounts == {"kubechain-watcher", "kubechain-worker"}
+    bindings = [*objects(release, "ClusterRoleBinding").values(), *objects(release, "RoleBinding").values()]
+    bound = {(b["roleRef"]["name"], s["name"]) for b in bindings for s in b["subjects"]}
+    assert ("kubechain-watcher", "kubechain-watcher") in bound
+    assert ("kubechain-watcher-leader-election", "kubechain-watcher") in bound
+    assert ("kubechain-worker", "kubechain-worker") in bound
+    assert ("kubechain-worker-secrets", "kubechain-worker") in bound
+    assert not any(role == "kubechain-approver" for role, _ in bound)  # humans bind it themselves
+    for b in bindings:
+        for s in b["subjects"]:
+            if s["kind"] == "ServiceAccount":
+                assert s["namespace"] == NAMESPACE and s["name"] in accounts
+    lease_role = objects(release, "Role")["kubechain-watcher-leader-election"]
+    names = {n for r in lease_role["rules"] for n in r.get("resourceNames", [])}
+    assert names == {Settings.model_fields["lease_name"].default}
+
+
+# ------------------------------------------------------------------------------------------ image
+
+
+def test_dockerfile_shape() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.1[12]-slim-bookworm$", text, re.M)
+    assert len(re.findall(r"^FROM ", text, re.M)) >= 3  # node runtime, wheel build, final
+    assert re.search(r"^USER 65532(:65532)?$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \[.*"kubechain"\]$', text, re.M)
+    assert re.search(r'^CMD \["worker"\]$', text, re.M)
+    for tool in ("npx", "uvx", "node"):
+        assert tool in text
+    ignore = (REPO / ".dockerignore").read_text()
+    assert "!kubechain/" in ignore and "!pyproject.toml" in ignore
