@@ -30,6 +30,7 @@ from kubechain.statemachines.transition import Transition
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
+from workers import approvals
 from workers.context import WorkerContext
 from workers.transitions import apply_transition, create_children, retry_on_conflict
 from workers.validators import SecretProblem, get_or_none, read_api_key
@@ -55,6 +56,7 @@ class Executor:
         self.tool: Tool | None = None
         self.server: MCPServer | None = None
         self.delegate_to: str | None = None  # the sub-agent a delegation goes to
+        self.human_channel: str | None = None  # the ContactChannel a human-contact tool reaches
         self.problem: str | None = None
         self._resolve()
 
@@ -72,6 +74,8 @@ class Executor:
                 self.delegate_to = self.tool.spec.agent_ref.name
         elif self.target.kind == "subagent":
             self.delegate_to = self.target.name
+        elif self.target.kind == "human":
+            self.human_channel = self.target.name
         else:
             self.problem = f"{self.target.kind} tools are not supported by this worker yet"
 
@@ -163,6 +167,11 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     if executor.delegate_to is not None:
         _delegate(ctx, toolcall, parent, executor.delegate_to)
         return
+    if executor.human_channel is not None:
+        approvals.contact_human(ctx, toolcall, executor)
+        return
+    if executor.problem is None and not approvals.gate(ctx, toolcall, executor):
+        return  # approval requested, pending or rejected: the approval flow wrote the status
     claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
     if claim.transition is None:
         log.debug("tool_call skipped for %s: %s", message.key(), claim.reason)
