@@ -17,6 +17,7 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS
+from kubechain.observability.metrics import ENQUEUED, IS_LEADER, QUEUE_DEPTH, WATCH_EVENTS, register_phase_collector
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import VALIDATED_KINDS, Work, dependents, readiness, work_for
@@ -78,7 +79,16 @@ class Watcher:
             view.setdefault(informer.kind, {}).update(informer.snapshot())
         return view
 
+    def taskrun_phases(self) -> list[str]:
+        return [
+            str((obj.get("status") or {}).get("phase") or "")
+            for informer in self.informers
+            if informer.kind == "TaskRun"
+            for obj in informer.snapshot().values()
+        ]
+
     def _on_event(self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        WATCH_EVENTS.labels(kind, event_type).inc()
         if not self.is_leader:
             return
         now = self._clock()
@@ -160,6 +170,7 @@ class Watcher:
                 try:
                     self._send(work.task, message, work.countdown_s)
                     self.enqueued += 1
+                    ENQUEUED.labels(work.task.value.removeprefix("kubechain."), work.reason).inc()
                     backoff = 0.2
                     break
                 except Exception as exc:  # noqa: BLE001 - Redis down: keep trying, resync covers the rest
@@ -174,6 +185,20 @@ class Watcher:
             except Exception:  # noqa: BLE001
                 log.exception("resync failed")
 
+    def _gauges_loop(self) -> None:
+        import redis
+
+        from kubechain.queueing import QueueName
+
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
+        while not self.stop_event.wait(2.0):
+            IS_LEADER.set(1 if self.is_leader else 0)
+            try:
+                for queue in QueueName:
+                    QUEUE_DEPTH.labels(queue.value).set(client.llen(queue.value))
+            except redis.RedisError:
+                pass
+
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -184,6 +209,7 @@ class Watcher:
             self._spawn(informer.run, f"watch-{informer.plural}")
         self._spawn(self._sender, "enqueue")
         self._spawn(self._resync_loop, "resync")
+        self._spawn(self._gauges_loop, "gauges")
         for informer in self.informers:
             informer.synced.wait(timeout=30)
         if self.elector is not None:
@@ -229,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         leader_election=not args.no_leader_election,
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
+    from kubechain.observability.metrics import serve
+
+    register_phase_collector(watcher.taskrun_phases)
+    serve(settings.metrics_port)
     watcher.run_forever()
 
 

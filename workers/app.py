@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from celery import Celery, signals
 
 from kubechain.kube.errors import Unavailable
 from kubechain.observability.logs import configure_logging, resource_context
+from kubechain.observability.metrics import TASK_QUEUE_SECONDS, TASK_SECONDS, TASKS, serve
 from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
 from kubechain.settings import Settings
 from workers.context import WorkerContext, build_context
@@ -44,8 +46,23 @@ def set_context(ctx: WorkerContext | None) -> None:
 
 def _run(task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], None], payload: dict[str, Any]) -> None:
     message = ResourceMessage.model_validate(payload)
-    with resource_context(message.kind, message.namespace, message.name, task.value):
-        handler(context(), message)
+    name = task.value.removeprefix("kubechain.")
+    TASK_QUEUE_SECONDS.labels(name).observe(max(0.0, time.time() - message.enqueued_at))
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        with resource_context(message.kind, message.namespace, message.name, task.value):
+            handler(context(), message)
+    except Unavailable:
+        outcome = "retry"
+        raise
+    except Exception:
+        outcome = "error"
+        log.exception("task %s failed for %s", task.value, message.key())
+        raise
+    finally:
+        TASKS.labels(name, outcome).inc()
+        TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
 
 
 RETRY = {"autoretry_for": (Unavailable,), "retry_backoff": True, "retry_backoff_max": 30, "max_retries": 20}
@@ -82,6 +99,11 @@ def tool_call(payload: dict[str, Any]) -> None:
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
+
+
+@signals.worker_ready.connect
+def _start_metrics(**_: Any) -> None:
+    serve(settings.metrics_port)
 
 
 @signals.worker_process_shutdown.connect

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
+from kubechain.observability.metrics import LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import holds_claim, plan_config_error, plan_llm_answer, plan_llm_claim, plan_llm_error
 from kubechain.statemachines.toolset import tool_definitions
@@ -84,9 +86,12 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     claimed = apply_transition(ctx, run, claim.transition)  # Conflict: another worker claimed first
     claimed_at = claimed.status.claimed_at or ""
     request = build_request(llm, list(claimed.status.context_window or []), tools)
+    started = time.perf_counter()
     try:
         response = ctx.llms.for_llm(llm, api_key).complete(request)
     except LLMError as exc:
+        LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
+        LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
         log.warning("LLM request for %s failed: %s", message.key(), exc)
         _record(
             ctx,
@@ -95,6 +100,11 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
             lambda current: plan_llm_error(current, str(exc), exc.retryable, exc.retry_after_s, ctx.clock(), ctx.limits),
         )
         return
+    LLM_REQUESTS.labels(request.model, "ok").inc()
+    LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
+    if response.usage is not None:
+        LLM_TOKENS.labels(request.model, "prompt").inc(response.usage.prompt_tokens)
+        LLM_TOKENS.labels(request.model, "completion").inc(response.usage.completion_tokens)
     usage = response.usage.model_dump() if response.usage else None
     _record(
         ctx,

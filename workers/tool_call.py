@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ from kubechain.models import LABEL_TASKRUNTOOLCALL, MCPServer, ObjectMeta, Task,
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
 from kubechain.models.taskrun import TaskRunSpec
+from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
@@ -189,7 +191,11 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     claimed = apply_transition(ctx, toolcall, claim.transition)
     claimed_at = claimed.status.claimed_at or ""
+    started = time.perf_counter()
     outcome = executor.run(arguments)
+    label = tool_label(toolcall.spec.tool_ref.name)
+    TOOL_CALLS.labels(label, "error" if outcome.error is not None else "ok").inc()
+    TOOL_SECONDS.labels(label).observe(time.perf_counter() - started)
 
     def plan(current: TaskRunToolCall) -> Transition:
         if outcome.error is not None:

@@ -141,7 +141,14 @@ def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path) -> 
             return
         docs = load_manifest(manifest)
         # CRDs first (and Established) so the objects after them can use the new kinds; Namespaces next.
-        manifest_crds = [d for d in docs if d.get("kind") == "CustomResourceDefinition"]
+        # (those deploy/crds already defines were applied above, from the source of truth)
+        applied = {crd["metadata"]["name"] for crd in crds}
+        manifest_crds = [
+            d
+            for d in docs
+            if d.get("kind") == "CustomResourceDefinition"
+            and (d.get("metadata") or {}).get("name") not in applied
+        ]
         if manifest_crds:
             try:
                 apply_crds(kube, manifest_crds)

@@ -280,6 +280,7 @@ class RichRenderer:
         self.console = Console(file=stream, highlight=False)
         self._spinner = spinner
         self._status: Status | None = None
+        self._last_assistant: str | None = None
 
     def emit(self, event: Event) -> None:
         from rich.markup import escape
@@ -293,6 +294,7 @@ class RichRenderer:
         elif kind == "user":
             console.print(Panel(Text(event.text), title="user", title_align="left", border_style="cyan"))
         elif kind == "assistant":
+            self._last_assistant = event.text
             console.print(
                 Panel(
                     Text(event.text or "(empty)"), title="assistant", title_align="left", border_style="green"
@@ -316,9 +318,14 @@ class RichRenderer:
         elif kind == "retrying":
             console.print(f"[yellow]retrying:[/] {escape(event.text)}")
         elif kind == "final":
-            console.print(
-                Panel(Text(event.text), title="final answer", title_align="left", border_style="bold green")
-            )
+            if event.text and event.text == self._last_assistant:
+                console.print("[bold green]✓ final answer[/] [dim](above)[/]")
+            else:
+                console.print(
+                    Panel(
+                        Text(event.text), title="final answer", title_align="left", border_style="bold green"
+                    )
+                )
         else:
             console.print(
                 Panel(Text(event.text), title="failed", title_align="left", border_style="bold red")
@@ -326,7 +333,9 @@ class RichRenderer:
 
     def status(self, text: str) -> None:
         if self._status is not None:
-            self._status.update(text)
+            from rich.text import Text
+
+            self._status.update(Text(text))
 
     def __enter__(self) -> RichRenderer:
         if self._spinner and self.console.is_terminal:

@@ -182,6 +182,7 @@ def wire(resource: Resource[Any, Any]) -> dict[str, Any]:
     body["apiVersion"] = API_VERSION
     body["kind"] = resource.KIND
     body.pop("status", None)
+    body["metadata"] = {key: value for key, value in body["metadata"].items() if value not in ({}, [])}
     return body
 
 

@@ -10,6 +10,7 @@ never missed.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import string
@@ -51,7 +52,8 @@ EXIT_FINAL_ANSWER = 0
 EXIT_FAILED = 1
 EXIT_OTHER = 2
 
-WATCH_TIMEOUT_S = 60
+# Server-side timeoutSeconds of each watch; the watch then starts over from a fresh get.
+WATCH_TIMEOUT_S = int(os.environ.get("KUBECHAIN_CLI_WATCH_TIMEOUT_S") or 60)
 NAME_ALPHABET = string.ascii_lowercase + string.digits
 
 

@@ -19,6 +19,7 @@ from kubechain.kube.connection import ClusterConnection, load_connection
 from kubechain.kube.errors import Gone, KubeAPIError, Unavailable, error_for
 from kubechain.kube.ratelimit import TokenBucket
 from kubechain.models import GROUP, VERSION, Resource
+from kubechain.observability.metrics import API_REQUESTS, STATUS_CONFLICTS
 from kubechain.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,11 @@ class KubeClient:
         try:
             response = self._http.request(method, path, params=params, content=content, headers=headers)
         except httpx.HTTPError as exc:
+            API_REQUESTS.labels(method, "error").inc()
             raise Unavailable(0, "Unavailable", f"{method} {path}: {exc!r}") from exc
+        API_REQUESTS.labels(method, str(response.status_code)).inc()
+        if response.status_code == 409 and path.endswith("/status"):
+            STATUS_CONFLICTS.labels(path.rsplit("/", 3)[-3]).inc()
         if response.status_code >= 400:
             try:
                 payload = response.json()

@@ -65,6 +65,7 @@ class LocalStack:
         self.llm_process: ManagedProcess | None = None
         self.watchers: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}
+        self.metrics_ports: dict[str, int] = {}  # process name -> its /metrics port
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -155,8 +156,12 @@ class LocalStack:
         wait_for_http(f"{self.llm_url}/healthz", 30)
         self.progress(f"scripted LLM (OpenAI-compatible) at {self.llm_base_url}")
 
+    def _process_env(self, name: str) -> dict[str, str]:
+        port = self.metrics_ports.setdefault(name, free_port())
+        return self.env() | {"POD_NAME": name, "KUBECHAIN_METRICS_PORT": str(port)}
+
     def start_watcher(self, name: str) -> ManagedProcess:
-        env = self.env() | {"POD_NAME": name}
+        env = self._process_env(name)
         process = ManagedProcess(name, [sys.executable, "-m", "watcher"], self.logs / f"{name}.log", env=env)
         process.start()
         self.watchers[name] = process
@@ -178,7 +183,7 @@ class LocalStack:
             "--name",
             name,
         ]
-        env = self.env() | {"POD_NAME": name}
+        env = self._process_env(name)
         process = ManagedProcess(name, argv, self.logs / f"{name}.log", env=env)
         process.start()
         self.workers[name] = process

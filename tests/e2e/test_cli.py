@@ -34,8 +34,10 @@ ADD_TOOL = resource(
 )
 
 
-def cli(kubeconfig: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+def cli(
+    kubeconfig: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "kubechain.cli", *args],
         capture_output=True,
@@ -46,7 +48,9 @@ def cli(kubeconfig: Path, *args: str, timeout: float = 120) -> subprocess.Comple
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    )
     return result
 
 
@@ -59,7 +63,9 @@ def in_order(lines: list[str], expected_prefixes: list[str]) -> None:
                 position = index + 1
                 break
         else:
-            raise AssertionError(f"no line starting {prefix!r} after line {position} in:\n" + "\n".join(lines))
+            raise AssertionError(
+                f"no line starting {prefix!r} after line {position} in:\n" + "\n".join(lines)
+            )
 
 
 def created_name(stderr: str) -> str:
@@ -69,7 +75,20 @@ def created_name(stderr: str) -> str:
 
 def setup_calculator(kubeconfig: Path, kubectl: Kubectl, namespace: str) -> None:
     apply(kubectl, namespace, ADD_TOOL)
-    result = ok(cli(kubeconfig, "create", "llm", "gpt-4o", "--provider", "openai", "--api-key", "sk-x", "-n", namespace))
+    result = ok(
+        cli(
+            kubeconfig,
+            "create",
+            "llm",
+            "gpt-4o",
+            "--provider",
+            "openai",
+            "--api-key",
+            "sk-x",
+            "-n",
+            namespace,
+        )
+    )
     assert result.stdout.splitlines() == [
         "secret/gpt-4o-api-key created",
         "llm.kubechain.humanlayer.dev/gpt-4o created",
@@ -77,14 +96,33 @@ def setup_calculator(kubeconfig: Path, kubectl: Kubectl, namespace: str) -> None
     llm = get(kubectl, namespace, "llm", "gpt-4o")
     assert llm["spec"]["apiKeyFrom"] == {"secretKeyRef": {"name": "gpt-4o-api-key", "key": "OPENAI_API_KEY"}}
     result = ok(
-        cli(kubeconfig, "create", "agent", "calc", "--llm", "gpt-4o", "--system", "You add.", "--tools", "add", "-n", namespace)
+        cli(
+            kubeconfig,
+            "create",
+            "agent",
+            "calc",
+            "--llm",
+            "gpt-4o",
+            "--system",
+            "You add.",
+            "--tools",
+            "add",
+            "-n",
+            namespace,
+        )
     )
     assert result.stdout.strip() == "agent.kubechain.humanlayer.dev/calc created"
-    wait_for(lambda: get(kubectl, namespace, "agent", "calc").get("status", {}).get("ready"), 60, what="agent ready")
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "calc").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
 
 
 def test_version() -> None:
-    result = ok(subprocess.run([sys.executable, "-m", "kubechain.cli", "version"], capture_output=True, text=True))
+    result = ok(
+        subprocess.run([sys.executable, "-m", "kubechain.cli", "version"], capture_output=True, text=True)
+    )
     assert result.stdout.startswith("kubechain ")
 
 
@@ -126,23 +164,49 @@ def test_create_run_and_logs(
 
     conversation = json.loads(ok(cli(kubeconfig, "logs", name, "-o", "json", "-n", namespace)).stdout)
     assert conversation["phase"] == "FinalAnswer" and conversation["output"] == "The sum is 5."
-    assert [m["role"] for m in conversation["contextWindow"]] == ["system", "user", "assistant", "tool", "assistant"]
-    assert [(t["tool"], t["phase"], t["result"]) for t in conversation["toolCalls"]] == [("add", "Succeeded", "5")]
+    assert [m["role"] for m in conversation["contextWindow"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    assert [(t["tool"], t["phase"], t["result"]) for t in conversation["toolCalls"]] == [
+        ("add", "Succeeded", "5")
+    ]
 
     # the same agent again, printing the final object; the conversation then goes to stderr
     again = f"Add 2 and 3 again ({namespace})"
-    llm.add_rule(again, [{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}, {"content": "Five."}])
-    result = ok(cli(kubeconfig, "run", "--agent", "calc", again, "--name", "again", "-o", "yaml", "-n", namespace))
+    llm.add_rule(
+        again, [{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]}, {"content": "Five."}]
+    )
+    result = ok(
+        cli(kubeconfig, "run", "--agent", "calc", again, "--name", "again", "-o", "yaml", "-n", namespace)
+    )
     final = yaml.safe_load(result.stdout)
     assert final["metadata"]["name"] == "again" and final["status"]["phase"] == "FinalAnswer"
     assert final["status"]["output"] == "Five."
     assert "final answer: Five." in result.stderr.splitlines()
 
     # create refuses to overwrite, --update replaces the spec
-    refused = cli(kubeconfig, "create", "agent", "calc", "--llm", "gpt-4o", "--system", "Other.", "-n", namespace)
+    refused = cli(
+        kubeconfig, "create", "agent", "calc", "--llm", "gpt-4o", "--system", "Other.", "-n", namespace
+    )
     assert refused.returncode == 1 and "already exists" in refused.stderr
     updated = ok(
-        cli(kubeconfig, "create", "agent", "calc", "--llm", "gpt-4o", "--system", "Other.", "--update", "-n", namespace)
+        cli(
+            kubeconfig,
+            "create",
+            "agent",
+            "calc",
+            "--llm",
+            "gpt-4o",
+            "--system",
+            "Other.",
+            "--update",
+            "-n",
+            namespace,
+        )
     )
     assert updated.stdout.strip() == "agent.kubechain.humanlayer.dev/calc configured"
     assert get(kubectl, namespace, "agent", "calc")["spec"]["system"] == "Other."
@@ -164,18 +228,52 @@ def test_failed_run_exits_1(
     assert ok(cli(kubeconfig, "logs", "refused", "-n", namespace)).stdout.splitlines()[-1] == lines[-1]
 
 
+def test_run_outlives_its_watches(
+    stack: LocalStack, kubeconfig: Path, kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
+    """Watches of 1 s, LLM answers of 2.5 s: every watch ends mid-run; the stream must go on, in order."""
+    setup_calculator(kubeconfig, kubectl, namespace)
+    question = f"Slowly add 2 and 3 ({namespace})"
+    llm.add_rule(
+        question,
+        [
+            {"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}], "delay_s": 2.5},
+            {"content": "Slowly: 5.", "delay_s": 2.5},
+        ],
+    )
+    result = ok(
+        cli(
+            kubeconfig,
+            "run",
+            "--agent",
+            "calc",
+            question,
+            "-n",
+            namespace,
+            env={"KUBECHAIN_CLI_WATCH_TIMEOUT_S": "1"},
+        )
+    )
+    lines = result.stdout.splitlines()
+    in_order(lines, [f"user: {question}", "tool call add(", "tool result add: 5", "final answer: Slowly: 5."])
+    assert len(lines) == len(set(lines)), "nothing printed twice across re-watches"
+
+
 def test_no_wait_prints_the_taskrun(
     stack: LocalStack, kubeconfig: Path, kubectl: Kubectl, namespace: str, llm: ScriptedLLM
 ) -> None:
     question = f"No waiting ({namespace})"
     llm.add_rule(question, [{"content": "done"}])
-    result = ok(cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-o", "json", "-n", namespace))
+    result = ok(
+        cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-o", "json", "-n", namespace)
+    )
     run: dict[str, Any] = json.loads(result.stdout)
     assert run["kind"] == "TaskRun" and run["metadata"]["namespace"] == namespace
     assert run["spec"] == {"agentRef": {"name": "calc"}, "userMessage": question}
     assert run["metadata"]["name"].startswith("calc-")
 
-    name = ok(cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-n", namespace)).stdout.strip()
+    name = ok(
+        cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-n", namespace)
+    ).stdout.strip()
     assert get(kubectl, namespace, "taskrun", name)["spec"]["userMessage"] == question
 
     # the agent is created after the runs: they wait for it, and `logs -f` follows one to its end
@@ -189,7 +287,12 @@ def test_approve_and_reject(kubeconfig: Path, kubectl: Kubectl, namespace: str) 
         body = resource(
             "TaskRunToolCall",
             tc,
-            {"toolCallId": f"call-{tc}", "taskRunRef": {"name": "nowhere"}, "toolRef": {"name": "add"}, "arguments": "{}"},
+            {
+                "toolCallId": f"call-{tc}",
+                "taskRunRef": {"name": "nowhere"},
+                "toolRef": {"name": "add"},
+                "arguments": "{}",
+            },
         )
         apply(kubectl, namespace, body)
 
@@ -227,7 +330,15 @@ def test_dry_run_output_and_mcpserver(kubeconfig: Path, kubectl: Kubectl, namesp
         ok(
             cli(
                 kubeconfig,
-                *("create", "llm", "claude", "--provider", "anthropic", "--model", "claude-3-5-sonnet-latest"),
+                *(
+                    "create",
+                    "llm",
+                    "claude",
+                    "--provider",
+                    "anthropic",
+                    "--model",
+                    "claude-3-5-sonnet-latest",
+                ),
                 *("--api-key", "sk-ant", "--dry-run", "-o", "json", "-n", namespace),
             )
         ).stdout
@@ -249,16 +360,34 @@ def test_dry_run_output_and_mcpserver(kubeconfig: Path, kubectl: Kubectl, namesp
         ).stdout
     )
     assert server["kind"] == "MCPServer" and server["metadata"] == {"name": "fetch", "namespace": namespace}
-    assert server["spec"] == {"transport": "stdio", "command": "uvx", "args": ["mcp-server-fetch", "--verbose"]}
+    assert server["spec"] == {
+        "transport": "stdio",
+        "command": "uvx",
+        "args": ["mcp-server-fetch", "--verbose"],
+    }
     assert get(kubectl, namespace, "mcpserver", "fetch") == {}, "a dry run creates nothing"
 
     bad = cli(kubeconfig, "create", "mcpserver", "web", "--transport", "http", "-n", namespace)
     assert bad.returncode == 2 and "--url" in bad.stderr
     created = ok(
-        cli(kubeconfig, "create", "mcpserver", "web", "--transport", "http", "--url", "http://127.0.0.1:9/mcp", "-n", namespace)
+        cli(
+            kubeconfig,
+            "create",
+            "mcpserver",
+            "web",
+            "--transport",
+            "http",
+            "--url",
+            "http://127.0.0.1:9/mcp",
+            "-n",
+            namespace,
+        )
     )
     assert created.stdout.strip() == "mcpserver.kubechain.humanlayer.dev/web created"
-    assert get(kubectl, namespace, "mcpserver", "web")["spec"] == {"transport": "http", "url": "http://127.0.0.1:9/mcp"}
+    assert get(kubectl, namespace, "mcpserver", "web")["spec"] == {
+        "transport": "http",
+        "url": "http://127.0.0.1:9/mcp",
+    }
 
 
 def test_install(kubeconfig: Path, kubectl: Kubectl, namespace: str, tmp_path: Path) -> None:
@@ -277,5 +406,7 @@ def test_install(kubeconfig: Path, kubectl: Kubectl, namespace: str, tmp_path: P
     applied = ok(cli(kubeconfig, "install", "--manifest", str(manifest), "-n", namespace)).stdout.splitlines()
     assert f"configmap/kubechain-config serverside-applied (namespace {namespace})" in applied
     assert f"serviceaccount/kubechain serverside-applied (namespace {namespace})" in applied
-    config = json.loads(kubectl("get", "configmap", "kubechain-config", "-o", "json", namespace=namespace).stdout)
+    config = json.loads(
+        kubectl("get", "configmap", "kubechain-config", "-o", "json", namespace=namespace).stdout
+    )
     assert config["data"] == {"a": "b"}

@@ -83,7 +83,9 @@ def test_only_new_messages_are_reported() -> None:
     assert tracker.taskrun_events(taskrun(WINDOW[:2], "ReadyForLLM")) == []
     assert tracker.final_events(taskrun(WINDOW[:3], "ToolCallsPending")) == []
     # two messages at once; the tool result is named after the assistant's tool call
-    assert lines(tracker.taskrun_events(taskrun(WINDOW, "FinalAnswer", output="The sum is 5."))) == EXPECTED[3:]
+    assert (
+        lines(tracker.taskrun_events(taskrun(WINDOW, "FinalAnswer", output="The sum is 5."))) == EXPECTED[3:]
+    )
     final = taskrun(WINDOW, "FinalAnswer", output="The sum is 5.")
     assert lines(tracker.final_events(final)) == ["final answer: The sum is 5."]
     assert tracker.final_events(final) == [], "the end is reported once"
@@ -93,7 +95,9 @@ def test_tool_call_phase_changes_are_reported_once() -> None:
     tracker = ConversationTracker()
     tracker.taskrun_events(taskrun(WINDOW[:3], "ToolCallsPending"))
     assert tracker.toolcall_events(toolcall("calc-tc-01", "Pending")) == []
-    assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "Running"))) == ["tool add [calc-tc-01] Running"]
+    assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "Running"))) == [
+        "tool add [calc-tc-01] Running"
+    ]
     assert tracker.toolcall_events(toolcall("calc-tc-01", "Running")) == []
     assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "AwaitingHumanApproval"))) == [
         "tool add [calc-tc-01] waiting for approval: kubechain approve calc-tc-01"
@@ -101,9 +105,9 @@ def test_tool_call_phase_changes_are_reported_once() -> None:
     assert lines(tracker.toolcall_events(toolcall("calc-tc-01", "Failed", error="division by zero"))) == [
         "tool add [calc-tc-01] Failed: division by zero"
     ]
-    assert lines(tracker.toolcall_events(toolcall("calc-tc-02", "ToolCallRejected", "call_x", result="no"))) == [
-        "tool add [calc-tc-02] ToolCallRejected: no"
-    ]
+    assert lines(
+        tracker.toolcall_events(toolcall("calc-tc-02", "ToolCallRejected", "call_x", result="no"))
+    ) == ["tool add [calc-tc-02] ToolCallRejected: no"]
 
 
 def test_tool_outcome_is_printed_before_its_result_when_known() -> None:
@@ -123,7 +127,9 @@ def test_failed_pending_and_retrying() -> None:
     pending = taskrun([], "Pending", statusDetail="Waiting for Agent to exist")
     assert lines(tracker.taskrun_events(pending)) == ["pending: Waiting for Agent to exist"]
     assert tracker.taskrun_events(pending) == []
-    backoff = taskrun(WINDOW[:2], "ErrorBackoff", statusDetail="LLM request failed, retrying in 1.0s", error="500 boom")
+    backoff = taskrun(
+        WINDOW[:2], "ErrorBackoff", statusDetail="LLM request failed, retrying in 1.0s", error="500 boom"
+    )
     assert lines(tracker.taskrun_events(backoff)) == EXPECTED[:2] + [
         "retrying: LLM request failed, retrying in 1.0s: 500 boom"
     ]
@@ -133,7 +139,7 @@ def test_failed_pending_and_retrying() -> None:
 
 
 def test_multiline_content_stays_on_one_line_and_odd_arguments_verbatim() -> None:
-    window = [
+    window: list[dict[str, Any]] = [
         {"role": "user", "content": "line one\nline two"},
         {
             "role": "assistant",
@@ -178,8 +184,95 @@ def test_renderers() -> None:
     rich_renderer = make_renderer(fancy, rich=True)
     assert isinstance(rich_renderer, RichRenderer)
     with rich_renderer:
-        for event in conversation_events(taskrun(WINDOW, output="The sum is 5."), [toolcall("t1", "Failed", error="x")]):
+        for event in conversation_events(
+            taskrun(WINDOW, output="The sum is 5."), [toolcall("t1", "Failed", error="x")]
+        ):
             rich_renderer.emit(event)
         rich_renderer.emit(Event("failed", "boom [bold]"))
     text = fancy.getvalue()
     assert "final answer" in text and "The sum is 5." in text and "add" in text and "boom [bold]" in text
+
+
+# -- following: watches that end or expire start over from a fresh get -------------------------------
+
+
+class FakeWatchClient:
+    """Scripted get/list/watch answers for one TaskRun; records the resourceVersions watched from."""
+
+    def __init__(self, follower: Any, gets: list[Any], watches: list[Any]) -> None:
+        self.follower = follower
+        self.gets = gets
+        self.watches = watches
+        self.watched_from: list[str] = []
+
+    def get_raw(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        answer = self.gets.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    def list_raw(self, plural: str, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str]:
+        return [], "1"
+
+    def watch_selected(self, plural: str, namespace: str, version: str, **_: Any) -> Any:
+        self.watched_from.append(version)
+        script = self.watches.pop(0) if self.watches else None
+        if isinstance(script, Exception):
+            raise script
+        yield from script or []
+        if not self.watches and not self.gets:
+            self.follower.stop.set()  # the scripted story is over
+
+
+def wire_run(version: str, phase: str) -> dict[str, Any]:
+    return {"metadata": {"name": "r", "resourceVersion": version}, "status": {"phase": phase}}
+
+
+def test_follower_rewatches_after_gone_and_after_a_watch_ends() -> None:
+    from kubechain.cli.resources import Target
+    from kubechain.cli.run import Follower
+    from kubechain.kube.errors import Gone
+
+    follower = Follower(Target("ns", None, None), "r")
+    client = FakeWatchClient(
+        follower,
+        gets=[wire_run("1", "ReadyForLLM"), wire_run("5", "ToolCallsPending"), wire_run("9", "FinalAnswer")],
+        watches=[
+            Gone(410, "Expired", "too old"),
+            [
+                {"type": "BOOKMARK", "object": wire_run("6", "")},
+                {"type": "MODIFIED", "object": wire_run("7", "ReadyForLLM")},
+            ],
+            [],
+        ],
+    )
+    follower._taskrun_loop(client)  # type: ignore[arg-type]
+    observed = []
+    while not follower.events.empty():
+        observed.append(follower.events.get_nowait())
+    assert [(o.kind, (o.obj or {}).get("status", {}).get("phase")) for o in observed] == [
+        ("taskrun", "ReadyForLLM"),
+        ("taskrun", "ToolCallsPending"),
+        ("taskrun", "ReadyForLLM"),
+        ("taskrun", "FinalAnswer"),
+    ]
+    assert client.watched_from == ["1", "5", "9"]
+
+
+def test_follower_reports_deletion() -> None:
+    from kubechain.cli.resources import Target
+    from kubechain.cli.run import Follower
+    from kubechain.kube.errors import NotFound
+
+    follower = Follower(Target("ns", None, None), "r")
+    client = FakeWatchClient(
+        follower,
+        gets=[wire_run("1", "ReadyForLLM")],
+        watches=[[{"type": "DELETED", "object": wire_run("2", "")}]],
+    )
+    follower._taskrun_loop(client)  # type: ignore[arg-type]
+    assert [follower.events.get_nowait().kind for _ in range(2)] == ["taskrun", "deleted"]
+
+    gone = Follower(Target("ns", None, None), "r")
+    gone._taskrun_loop(FakeWatchClient(gone, gets=[NotFound(404, "NotFound", "nope")], watches=[]))  # type: ignore[arg-type]
+    assert gone.events.get_nowait().kind == "deleted"

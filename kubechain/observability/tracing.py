@@ -1,0 +1,75 @@
+"""OpenTelemetry tracing: one trace per TaskRun, from the watcher's enqueue through every task, LLM request
+and tool call.
+
+The trace id is derived from the TaskRun's uid (and stored in ``status.spanContext``), so every process
+computes the same trace without coordination; a tool call belongs to its TaskRun's trace. The exporter is
+OTLP over HTTP when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_propagator = TraceContextTextMapPropagator()
+TRACER_NAME = "kubechain"
+
+
+def run_trace_ids(run_uid: str) -> dict[str, str]:
+    """The TaskRun's trace id and root span id (hex), as stored in status.spanContext."""
+    digest = hashlib.sha256(run_uid.encode()).hexdigest()
+    return {"traceID": digest[:32], "spanID": digest[32:48]}
+
+
+def setup_tracing(service_name: str) -> None:
+    """Install a tracer provider; export with OTLP/HTTP when an endpoint is configured."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def run_context(run_uid: str) -> otel_context.Context:
+    """A context whose (remote) parent is the TaskRun's root span."""
+    ids = run_trace_ids(run_uid)
+    parent = SpanContext(
+        trace_id=int(ids["traceID"], 16),
+        span_id=int(ids["spanID"], 16),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def traceparent_of(span: Span) -> str:
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
+
+
+def context_from(traceparent: str | None, run_uid: str) -> otel_context.Context | None:
+    if traceparent:
+        return _propagator.extract({"traceparent": traceparent})
+    return run_context(run_uid) if run_uid else None
+
+
+@contextmanager
+def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
+    tracer = trace.get_tracer(TRACER_NAME)
+    with tracer.start_as_current_span(name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}) as current:
+        yield current
