@@ -1,0 +1,332 @@
+"""Long-lived MCP client sessions for a worker process, behind a synchronous API.
+
+One session per MCPServer per process, keyed by (namespace, name) and a fingerprint of the resolved spec
+(transport, command, args, env, url, headers — secrets included), so an edited spec or a rotated secret
+reconnects and the old session is closed once its in-flight calls finish. All sessions run on one
+background event loop thread that the manager starts on first use; Celery task threads call the sync
+methods, which submit coroutines to that loop and wait for them.
+
+Restarts: a session found dead before a call is replaced silently (nothing was sent). A call that fails
+because the connection broke is retried on a fresh session only if its request never left this process,
+or if the server is declared idempotent (``spec.idempotent``); otherwise MCPError says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kubechain.mcp.common import MCPError, MCPToolResult
+from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
+from kubechain.models import MCPServer, MCPTool
+
+if TYPE_CHECKING:
+    from kubechain.mcp.session import Session
+
+log = logging.getLogger("kubechain.mcp")
+
+T = TypeVar("T")
+Key = tuple[str, str]
+
+CLOSE_TIMEOUT_S = 20.0
+_live_managers: weakref.WeakSet[MCPManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for manager in list(_live_managers):
+        try:
+            manager.close()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            log.exception("closing an MCP manager at exit failed")
+
+
+class MCPManager:
+    def __init__(
+        self,
+        resolve_secret: SecretResolver,
+        call_timeout_s: float = 120,
+        connect_timeout_s: float = 30,
+        command_allowlist: Sequence[str] | None = None,
+    ) -> None:
+        """Cheap: no thread, loop or process starts until the first request."""
+        self._resolve_secret = resolve_secret
+        self.call_timeout_s = float(call_timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s)
+        self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Owned by the loop thread:
+        self._sessions: dict[Key, Session] = {}
+        self._retiring: set[Session] = set()
+        self._key_locks: dict[Key, asyncio.Lock] = {}
+
+    # -- public sync API ---------------------------------------------------------------------------
+
+    def check_command(self, server: MCPServer) -> None:
+        """MCPError if ``server`` is a stdio server whose command the allowlist forbids."""
+        if server.spec.transport == "stdio" and server.spec.command:
+            problem = command_problem(server.spec.command, self.command_allowlist)
+            if problem is not None:
+                raise MCPError(problem)
+
+    def list_tools(self, server: MCPServer) -> list[MCPTool]:
+        """The server's tools (connecting if needed), with their full input schemas."""
+        resolved = self._resolve(server)
+        key = (server.namespace, server.name)
+        budget = 4 * self.connect_timeout_s + 10
+        tools = self._run(
+            lambda: self._alist_tools(key, resolved), budget, f"listing tools of MCP server {_label(key)}"
+        )
+        return [MCPTool(name=t.name, description=t.description, input_schema=t.input_schema) for t in tools]
+
+    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
+        resolved = self._resolve(server)
+        key = (server.namespace, server.name)
+        idempotent = bool(server.spec.idempotent)
+        budget = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
+        return self._run(
+            lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
+            budget,
+            f'calling tool "{tool}" on MCP server {_label(key)}',
+        )
+
+    def disconnect(self, namespace: str, name: str) -> None:
+        """Close the session of one MCPServer, if this process has one."""
+        with self._lock:
+            if self._loop is None or self._closed:
+                return
+        key = (namespace, name)
+        self._run(
+            lambda: self._adisconnect(key), CLOSE_TIMEOUT_S + 5, f"disconnecting MCP server {_label(key)}"
+        )
+
+    def connected(self, namespace: str, name: str) -> bool:
+        """Whether this process holds a live session for the MCPServer (diagnostics, tests)."""
+        session = self._peek(namespace, name)
+        return session is not None and session.usable
+
+    def stdio_pid(self, namespace: str, name: str) -> int | None:
+        """The pid of the MCPServer's stdio child in this process, if any (diagnostics, tests)."""
+        session = self._peek(namespace, name)
+        return session.pid if session is not None and not session.dead else None
+
+    def close(self) -> None:
+        """Close every session and terminate stdio children, then stop the loop. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if threading.current_thread() is thread:
+            raise RuntimeError("MCPManager.close() called from its own event loop")
+        try:
+            asyncio.run_coroutine_threadsafe(self._aclose_all(), loop).result(CLOSE_TIMEOUT_S + 5)
+        except Exception as exc:
+            log.warning("closing MCP sessions failed: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        _live_managers.discard(self)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _resolve(self, server: MCPServer) -> ResolvedSpec:
+        """Resolves secrets in the calling thread (blocking API calls stay off the loop)."""
+        resolved = resolve_spec(server, self._resolve_secret)
+        self.check_command(server)
+        return resolved
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._closed:
+                raise MCPError("the MCP manager is closed")
+            if self._loop is None:
+                import kubechain.mcp.session  # noqa: F401  (imports the SDK; installs the spawn hook)
+
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=_run_loop, args=(loop,), name="kubechain-mcp", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+                _live_managers.add(self)
+            return self._loop
+
+    def _run(self, make: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+        loop = self._ensure_loop()
+
+        async def wrapped() -> T:
+            return await make()
+
+        future = asyncio.run_coroutine_threadsafe(wrapped(), loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise MCPError(f"timed out after {timeout:g}s {what}") from None
+        except concurrent.futures.CancelledError:
+            raise MCPError(f"the MCP manager was closed while {what}") from None
+
+    def _peek(self, namespace: str, name: str) -> Session | None:
+        with self._lock:
+            if self._loop is None or self._closed:
+                return None
+        return self._sessions.get((namespace, name))
+
+    # -- on the loop -------------------------------------------------------------------------------
+
+    async def _session_for(self, key: Key, resolved: ResolvedSpec) -> tuple[Session, bool]:
+        """The live session for this spec, connecting one if needed; (session, freshly connected)."""
+        from kubechain.mcp.session import Session
+
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            current = self._sessions.get(key)
+            if current is not None:
+                if current.fingerprint == resolved.fingerprint() and current.usable:
+                    return current, False
+                reason = (
+                    "its spec changed"
+                    if current.fingerprint != resolved.fingerprint()
+                    else "the connection was lost"
+                )
+                log.info("MCP server %s: reconnecting (%s)", _label(key), reason)
+                self._retire(key, current)
+            session = Session(_label(key), resolved, self.connect_timeout_s, self.call_timeout_s)
+            await session.start()
+            self._sessions[key] = session
+            return session, True
+
+    def _retire(self, key: Key, session: Session) -> None:
+        if self._sessions.get(key) is session:
+            del self._sessions[key]
+        if session.finished.is_set():
+            return
+        self._retiring.add(session)
+        session.retire()
+        asyncio.get_running_loop().create_task(self._forget_when_finished(session))
+
+    async def _forget_when_finished(self, session: Session) -> None:
+        await session.finished.wait()
+        self._retiring.discard(session)
+
+    async def _alist_tools(self, key: Key, resolved: ResolvedSpec) -> list[Any]:
+        from kubechain.mcp.session import ConnectionLost
+
+        for attempt in (1, 2):
+            session, fresh = await self._session_for(key, resolved)
+            if fresh:
+                return list(session.tools)
+            try:
+                return await session.refresh_tools()
+            except ConnectionLost as lost:
+                self._retire(key, session)
+                if attempt == 2:
+                    raise MCPError(str(lost)) from lost
+                log.info("MCP server %s: %s; reconnecting to list tools", _label(key), lost)
+        raise AssertionError("unreachable")
+
+    async def _acall_tool(
+        self, key: Key, resolved: ResolvedSpec, idempotent: bool, tool: str, arguments: dict[str, Any]
+    ) -> MCPToolResult:
+        from mcp.shared.exceptions import MCPError as SDKError
+        from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
+
+        from kubechain.mcp.session import ConnectionLost, describe_error, flatten_result
+
+        label = _label(key)
+        for attempt in (1, 2):
+            session, fresh = await self._session_for(key, resolved)
+            try:
+                if tool not in {t.name for t in session.tools} and not fresh:
+                    await session.refresh_tools()  # the server may have added it since we listed
+                if tool not in {t.name for t in session.tools}:
+                    raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"')
+                return flatten_result(await session.call_tool(tool, arguments))
+            except ConnectionLost as lost:
+                self._retire(key, session)
+                if attempt == 2:
+                    raise MCPError(
+                        f"error calling tool {tool} on server {key[1]}: {lost} (after a restart)"
+                    ) from lost
+                if lost.maybe_executed and not idempotent:
+                    raise MCPError(
+                        f"error calling tool {tool} on server {key[1]}: {lost} while the call was in flight; "
+                        "not retried because the MCPServer is not marked idempotent (spec.idempotent) "
+                        "and the tool may have run"
+                    ) from lost
+                log.info(
+                    "MCP server %s: %s; restarting the session and retrying tool %s (%s)",
+                    label,
+                    lost,
+                    tool,
+                    "idempotent server" if lost.maybe_executed else "the request was never sent",
+                )
+            except SDKError as exc:
+                if exc.code == REQUEST_TIMEOUT:
+                    raise MCPError(
+                        f"error calling tool {tool} on server {key[1]}: timed out after {self.call_timeout_s:g}s"
+                    ) from exc
+                if exc.code == INVALID_PARAMS and "unknown tool" in exc.message.lower():
+                    raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"') from exc
+                raise MCPError(f"error calling tool {tool} on server {key[1]}: {exc.message}") from exc
+            except MCPError:
+                raise
+            except Exception as exc:
+                raise MCPError(
+                    f"error calling tool {tool} on server {key[1]}: {describe_error(exc)}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def _adisconnect(self, key: Key) -> None:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return
+        session.stop()
+        if not await session.wait_finished(CLOSE_TIMEOUT_S - 5):
+            session.cancel()
+            await session.wait_finished(5)
+
+    async def _aclose_all(self) -> None:
+        sessions = [*self._sessions.values(), *self._retiring]
+        self._sessions.clear()
+        for session in sessions:
+            session.stop()
+        await _wait_all(sessions, CLOSE_TIMEOUT_S - 6)
+        stuck = [session for session in sessions if not session.finished.is_set()]
+        for session in stuck:
+            log.warning("MCP session %s did not close in time; cancelling it", session.label)
+            session.cancel()
+        await _wait_all(stuck, 5)
+
+
+async def _wait_all(sessions: list[Session], timeout: float) -> None:
+    if sessions:
+        await asyncio.wait([asyncio.ensure_future(s.finished.wait()) for s in sessions], timeout=timeout)
+
+
+def _label(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        # Whatever is still pending (a call racing close()) is cancelled, so its waiter returns.
+        pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending, timeout=5))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,0 +1,600 @@
+"""One live MCP client connection, owned by one asyncio task on the manager's event loop.
+
+The SDK's transports (``stdio_client``, ``streamable_http_client``, ``sse_client``) and ``Client`` are async
+context managers built on anyio task groups, whose cancel scopes must be exited by the task that entered
+them. So each connection lives in one long-lived task (:meth:`Session.run`) that enters them, signals
+``ready`` and waits until it is told to stop or the connection is lost. Requests are plain coroutines on
+the same loop that go through the live ``Client``.
+
+This module imports the MCP SDK; the manager imports it lazily (only when its loop starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any, TextIO
+
+import anyio
+import httpx2
+import mcp_types as types
+from mcp import Client
+from mcp.client import stdio as sdk_stdio
+from mcp.client.sse import sse_client
+from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.exceptions import MCPError as SDKError
+from mcp.shared.message import SessionMessage
+from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST
+
+from kubechain.mcp.common import MCPError, MCPToolResult
+from kubechain.mcp.spec import ResolvedSpec, redact_url
+
+log = logging.getLogger("kubechain.mcp")
+stderr_log = logging.getLogger("kubechain.mcp.stderr")
+
+CLIENT_INFO = types.Implementation(name="kubechain", version="0.1.0")
+
+# Inherited by stdio children on top of the SDK's minimal set (HOME, LOGNAME, PATH, SHELL, TERM, USER):
+# locale, time zone, temp dir, proxies and CA bundles, which servers that call out commonly need.
+EXTRA_INHERITED_ENV = (
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+)
+SSE_READ_TIMEOUT_S = 300.0
+MAX_TOOL_PAGES = 100
+STDERR_TAIL_LINES = 20
+
+
+def child_environment(spec_env: dict[str, str]) -> dict[str, str]:
+    """A minimal inherited environment plus the spec's variables (which win)."""
+    env = get_default_environment()
+    for key in EXTRA_INHERITED_ENV:
+        value = os.environ.get(key)
+        if value is not None and not value.startswith("()"):
+            env[key] = value
+    env.update(spec_env)
+    return env
+
+
+# -- knowing the stdio child process ----------------------------------------------------------------
+# stdio_client does not expose the process it spawns. We wrap the SDK's spawn helper once so the task
+# that opens a session can learn the process (pid, exit code) through a context variable; other callers
+# of the SDK are unaffected. If a future SDK renames the helper, sessions simply have no process handle.
+
+_SPAWNED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "kubechain_mcp_spawned", default=None
+)
+
+
+def _install_spawn_hook() -> None:
+    original = getattr(sdk_stdio, "_create_platform_compatible_process", None)
+    if original is None or getattr(original, "_kubechain_hook", False):
+        return
+
+    async def spawn(*args: Any, **kwargs: Any) -> Any:
+        process = await original(*args, **kwargs)
+        sink = _SPAWNED.get()
+        if sink is not None:
+            sink.append(process)
+        return process
+
+    spawn._kubechain_hook = True  # type: ignore[attr-defined]
+    sdk_stdio._create_platform_compatible_process = spawn
+
+
+_install_spawn_hook()
+
+
+# -- knowing whether a tools/call request left this process -----------------------------------------
+
+
+class Attempt:
+    """Per call: whether the tools/call request was handed to the transport (then it may have run)."""
+
+    sent = False
+
+
+_ATTEMPT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "kubechain_mcp_attempt", default=None
+)
+
+
+class _WatchedWriteStream:
+    """The transport's write stream, marking the current call's Attempt as sent when its request goes out."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    async def send(self, item: SessionMessage, /) -> None:
+        message = item.message
+        if isinstance(message, types.JSONRPCRequest) and message.method == "tools/call":
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.sent = True  # a started write counts: it may have been delivered
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _WatchedWriteStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        await self.aclose()
+        return None
+
+
+class _WatchedReadStream:
+    """The transport's read stream, calling ``on_eof`` when it ends (the server went away)."""
+
+    def __init__(self, inner: Any, on_eof: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_eof = on_eof
+
+    @property
+    def last_context(self) -> contextvars.Context | None:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> SessionMessage | Exception:
+        try:
+            item: SessionMessage | Exception = await self._inner.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._on_eof()
+            raise
+        return item
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __anext__(self) -> SessionMessage | Exception:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> _WatchedReadStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        await self.aclose()
+        return None
+
+
+# -- the child's stderr -------------------------------------------------------------------------------
+
+
+class _StderrTail:
+    """Reads a stdio child's stderr through a pipe: lines go to the debug log, the last few are kept for
+    error messages (a server that exits at startup usually says why there)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._read_fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def open_writer(self) -> TextIO:
+        read_fd, write_fd = os.pipe()
+        self._read_fd = read_fd
+        self._task = asyncio.get_running_loop().create_task(self._pump(read_fd))
+        return os.fdopen(write_fd, "w")
+
+    async def _pump(self, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        buffer = b""
+        try:
+            while chunk := await reader.read(4096):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    self._add(line)
+                if len(buffer) > 4096:
+                    self._add(buffer)
+                    buffer = b""
+            if buffer:
+                self._add(buffer)
+        finally:
+            transport.close()
+
+    def _add(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line.strip():
+            self.lines.append(" ".join(line.split())[:400])
+            stderr_log.debug("[%s] %s", self.label, line)
+
+    async def drain(self, timeout: float) -> None:
+        """Let the reader reach EOF (the child exited), then stop it."""
+        task = self._task
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait([task], timeout=timeout)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=1)
+
+    def tail(self, max_lines: int = 6, max_chars: int = 600) -> str:
+        text = " | ".join(list(self.lines)[-max_lines:])
+        return text if len(text) <= max_chars else "..." + text[-max_chars:]
+
+
+# -- describing failures ----------------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for inner in exc.exceptions:
+            out.extend(_leaves(inner))
+        return out
+    return [exc]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, secret-free description (exception groups unwrapped to their causes)."""
+    parts: list[str] = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, asyncio.CancelledError | anyio.get_cancelled_exc_class()):
+            continue
+        if isinstance(leaf, SDKError):
+            text = leaf.message
+        elif isinstance(leaf, MCPError | OSError):
+            text = str(leaf)
+        elif isinstance(leaf, httpx2.HTTPStatusError):
+            text = f"HTTP {leaf.response.status_code} from {redact_url(str(leaf.request.url))}"
+        else:
+            text = f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__
+        if text not in parts:
+            parts.append(text)
+    return "; ".join(parts) or type(exc).__name__
+
+
+class ConnectionLost(Exception):
+    """The session cannot be used any more. ``maybe_executed``: the failed request may have reached the
+    server (then only an idempotent call may be retried)."""
+
+    def __init__(self, message: str, *, maybe_executed: bool) -> None:
+        super().__init__(message)
+        self.maybe_executed = maybe_executed
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def _b64_size(data: str) -> int:
+    return len(data.strip().rstrip("=")) * 3 // 4
+
+
+def flatten_result(result: types.CallToolResult) -> MCPToolResult:
+    """Text blocks joined by newlines; other content described in brackets."""
+    parts: list[str] = []
+    for block in result.content:
+        if isinstance(block, types.TextContent):
+            parts.append(block.text)
+        elif isinstance(block, types.ImageContent):
+            parts.append(f"[image content: {block.mime_type}, {_b64_size(block.data)} bytes]")
+        elif isinstance(block, types.AudioContent):
+            parts.append(f"[audio content: {block.mime_type}, {_b64_size(block.data)} bytes]")
+        elif isinstance(block, types.ResourceLink):
+            parts.append(f"[resource link: {block.uri}]")
+        elif isinstance(block, types.EmbeddedResource):
+            resource = block.resource
+            if isinstance(resource, types.TextResourceContents):
+                parts.append(f"[resource: {resource.uri}]\n{resource.text}")
+            else:
+                mime = f"{resource.mime_type}, " if resource.mime_type else ""
+                parts.append(f"[resource: {resource.uri}, {mime}{_b64_size(resource.blob)} bytes]")
+        else:
+            parts.append(f"[{getattr(block, 'type', 'unknown')} content]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content))
+    return MCPToolResult(text="\n".join(parts), is_error=bool(result.is_error))
+
+
+# -- the session --------------------------------------------------------------------------------------
+
+
+class Session:
+    """One connection to one MCPServer spec (identified by ``fingerprint``). Loop-thread only."""
+
+    def __init__(
+        self, label: str, spec: ResolvedSpec, connect_timeout_s: float, call_timeout_s: float
+    ) -> None:
+        self.label = label
+        self.spec = spec
+        self.fingerprint = spec.fingerprint()
+        self.connect_timeout_s = connect_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self.client: Client | None = None
+        self.tools: list[types.Tool] = []
+        self.process: Any = None  # the stdio child (anyio Process) when the spawn hook is in place
+        self.dead = False  # the connection ended (or never came up)
+        self.broken = False  # a request saw the connection fail: no new requests
+        self.retired = False  # replaced or discarded: stop once in-flight calls are done
+        self.inflight = 0
+        self.finished = asyncio.Event()
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._scope: anyio.CancelScope | None = None
+        self._stderr = _StderrTail(label) if spec.transport == "stdio" else None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.client is not None and not (self.dead or self.broken or self.retired)
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.process, "pid", None)
+
+    async def start(self) -> None:
+        """Connect and list tools within the connect timeout; MCPError if that fails."""
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self.run(ready), name=f"mcp-session {self.label}")
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout_s)
+        except TimeoutError:
+            ready.cancel()
+            self.cancel()
+            await self.wait_finished(10)
+            raise MCPError(
+                self._explain(
+                    f"timed out after {self.connect_timeout_s:g}s connecting to {self.spec.describe()}"
+                )
+            ) from None
+        except asyncio.CancelledError:
+            ready.cancel()
+            self.cancel()
+            raise
+
+    async def run(self, ready: asyncio.Future[None]) -> None:
+        error: BaseException | None = None
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                client = Client(
+                    self._transport(),  # type: ignore[arg-type]
+                    mode="auto",
+                    cache=None,
+                    client_info=CLIENT_INFO,
+                    message_handler=self._on_message,
+                )
+                async with client:
+                    self.client = client
+                    with anyio.fail_after(self.connect_timeout_s):
+                        self.tools = await self._list_all(client)
+                    log.info(
+                        "MCP session %s connected (%s, protocol %s, %d tools%s)",
+                        self.label,
+                        self.spec.describe(),
+                        client.protocol_version,
+                        len(self.tools),
+                        f", pid {self.pid}" if self.pid else "",
+                    )
+                    if not ready.done():
+                        ready.set_result(None)
+                    if not self._stopping:
+                        await self._wake.wait()
+        except Exception as exc:
+            error = exc
+        finally:
+            self.dead = True
+            self.client = None
+            if self._stderr is not None:
+                await self._stderr.drain(1.0 if error is not None or not ready.done() else 0.2)
+            if not ready.done():
+                what = describe_error(error) if error is not None else "the connection closed during setup"
+                ready.set_exception(MCPError(self._explain(self._connect_failure(what, error))))
+            elif error is not None and not self._stopping:
+                log.warning("MCP session %s ended: %s", self.label, self._explain(describe_error(error)))
+            else:
+                log.info("MCP session %s closed", self.label)
+            self.finished.set()
+
+    def _connect_failure(self, what: str, error: BaseException | None) -> str:
+        if self.spec.transport == "stdio":
+            if (
+                error is not None
+                and any(isinstance(leaf, OSError) for leaf in _leaves(error))
+                and self.process is None
+            ):
+                return f"cannot start stdio command '{self.spec.command}': {what}"
+            return f"MCP handshake with stdio command '{self.spec.command}' failed: {what}"
+        return f"cannot connect to {self.spec.describe()}: {what}"
+
+    def _explain(self, message: str) -> str:
+        """Adds the child's exit code and last stderr lines, when there are any."""
+        extra = []
+        returncode = getattr(self.process, "returncode", None)
+        if returncode is not None:
+            extra.append(f"exit code {returncode}")
+        if self._stderr is not None and self._stderr.lines:
+            extra.append(f"stderr: {self._stderr.tail()}")
+        return f"{message} ({'; '.join(extra)})" if extra else message
+
+    def stop(self) -> None:
+        """Close gracefully (stdio: close stdin, then terminate the process group if it lingers)."""
+        self._stopping = True
+        self._wake.set()
+
+    def cancel(self) -> None:
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+        self._wake.set()
+
+    def retire(self) -> None:
+        """No new calls; stop as soon as none are in flight."""
+        self.retired = True
+        if self.inflight == 0 or self.dead:
+            self.stop()
+
+    async def wait_finished(self, timeout: float) -> bool:
+        if self._task is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.finished.wait()), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _lost(self) -> None:
+        if not self._stopping and not self.dead:
+            log.info("MCP session %s: the server closed the connection", self.label)
+        self.dead = True
+        self._wake.set()
+
+    async def _on_message(self, message: Any) -> None:
+        if isinstance(message, Exception):
+            log.debug("MCP session %s: transport error: %s", self.label, describe_error(message))
+        await anyio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def _transport(self) -> AsyncIterator[tuple[_WatchedReadStream, _WatchedWriteStream]]:
+        spec = self.spec
+        async with AsyncExitStack() as stack:
+            if spec.transport == "stdio":
+                assert spec.command is not None and self._stderr is not None
+                params = StdioServerParameters(
+                    command=spec.command, args=list(spec.args), env=child_environment(dict(spec.env))
+                )
+                errlog = self._stderr.open_writer()
+                spawned: list[Any] = []
+                token = _SPAWNED.set(spawned)
+                try:
+                    read, write = await stack.enter_async_context(stdio_client(params, errlog=errlog))
+                finally:
+                    _SPAWNED.reset(token)
+                    errlog.close()  # the child holds its own copy
+                    if spawned:
+                        self.process = spawned[0]
+            elif spec.transport == "http":
+                assert spec.url is not None
+                timeout = httpx2.Timeout(
+                    self.connect_timeout_s, read=max(SSE_READ_TIMEOUT_S, self.call_timeout_s)
+                )
+                http = await stack.enter_async_context(
+                    create_mcp_http_client(headers=dict(spec.headers), timeout=timeout)
+                )
+                read, write = await stack.enter_async_context(
+                    streamable_http_client(spec.url, http_client=http)
+                )
+            else:
+                assert spec.url is not None
+                read, write = await stack.enter_async_context(
+                    sse_client(
+                        spec.url,
+                        headers=dict(spec.headers),
+                        timeout=self.connect_timeout_s,
+                        sse_read_timeout=max(SSE_READ_TIMEOUT_S, self.call_timeout_s),
+                    )
+                )
+            yield _WatchedReadStream(read, self._lost), _WatchedWriteStream(write)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _list_all(client: Client) -> list[types.Tool]:
+        tools: list[types.Tool] = []
+        cursor: str | None = None
+        for _ in range(MAX_TOOL_PAGES):
+            page = await client.list_tools(cursor=cursor)
+            tools.extend(page.tools)
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        return tools
+
+    def _lost_message(self) -> str:
+        if self.process is not None and getattr(self.process, "returncode", None) is not None:
+            return self._explain("the MCP server process exited")
+        return self._explain(f"the connection to {self.spec.describe()} was lost")
+
+    def _check_usable(self) -> Client:
+        client = self.client
+        if client is None or self.dead or self.broken:
+            raise ConnectionLost(self._lost_message(), maybe_executed=False)
+        return client
+
+    async def refresh_tools(self) -> list[types.Tool]:
+        client = self._check_usable()
+        self.inflight += 1
+        try:
+            with anyio.fail_after(self.connect_timeout_s):
+                self.tools = await self._list_all(client)
+        except TimeoutError:
+            raise MCPError(f"listing tools timed out after {self.connect_timeout_s:g}s") from None
+        except SDKError as exc:
+            if exc.code == CONNECTION_CLOSED or self.dead:
+                self.broken = True
+                raise ConnectionLost(self._lost_message(), maybe_executed=False) from exc
+            raise MCPError(f"failed to list tools: {exc.message}") from exc
+        finally:
+            self._release()
+        return self.tools
+
+    async def call_tool(self, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
+        """The raw result. ConnectionLost if the session died (saying whether the request may have run);
+        SDK errors (JSON-RPC error responses, timeouts) propagate."""
+        client = self._check_usable()
+        attempt = Attempt()
+        token = _ATTEMPT.set(attempt)
+        self.inflight += 1
+        try:
+            return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+        except SDKError as exc:
+            if exc.code == CONNECTION_CLOSED or self.dead:
+                self.broken = True
+                raise ConnectionLost(self._lost_message(), maybe_executed=attempt.sent) from exc
+            if exc.code == INVALID_REQUEST and exc.message == "Session terminated":
+                # HTTP 404 for our session id: the server restarted and never ran this request.
+                self.broken = True
+                raise ConnectionLost(
+                    "the server no longer knows this session (it restarted?)", maybe_executed=False
+                ) from exc
+            raise
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            self.broken = True
+            raise ConnectionLost(self._lost_message(), maybe_executed=attempt.sent) from exc
+        finally:
+            _ATTEMPT.reset(token)
+            self._release()
+
+    def _release(self) -> None:
+        self.inflight -= 1
+        if self.retired and self.inflight == 0:
+            self.stop()

@@ -1,0 +1,495 @@
+"""MCPManager against real MCP servers: ``mcp-server-time`` and small SDK servers written by the tests
+(stdio in a temp file, streamable HTTP and SSE served by uvicorn in a thread)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import MCPServer as SDKServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from kubechain.mcp import MCPError, MCPManager, command_problem, validate_spec
+from kubechain.models import MCPServer
+
+BIN_DIR = Path(sys.executable).parent
+TIME_SERVER = str(BIN_DIR / "mcp-server-time")
+# Generous: the machine running the suite may be busy, and a stdio server is a fresh Python process.
+CONNECT_TIMEOUT_S = 60.0
+SECRETS = {
+    ("default", "tokens", "api-key"): "s3cret-env-value",
+    ("default", "tokens", "bearer"): "s3cret-bearer-value",
+}
+
+
+def resolve_secret(namespace: str, name: str, key: str) -> str:
+    try:
+        return SECRETS[(namespace, name, key)]
+    except KeyError:
+        raise LookupError(f'key "{key}" not found in secret "{name}"') from None
+
+
+def mcp_server(name: str, **spec: Any) -> MCPServer:
+    return MCPServer.model_validate(
+        {"metadata": {"name": name, "namespace": "default", "generation": 1}, "spec": spec, "status": {}}
+    )
+
+
+def time_server(name: str, *args: str, idempotent: bool | None = None) -> MCPServer:
+    return mcp_server(name, transport="stdio", command=TIME_SERVER, args=list(args), idempotent=idempotent)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def manager() -> Iterator[MCPManager]:
+    m = MCPManager(resolve_secret, call_timeout_s=60, connect_timeout_s=CONNECT_TIMEOUT_S)
+    yield m
+    m.close()
+
+
+# -- an in-test stdio server ----------------------------------------------------------------------
+
+STDIO_SERVER = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("test-stdio")
+
+
+    @server.tool()
+    def env(name: str) -> str:
+        return os.environ.get(name, "<unset>")
+
+
+    @server.tool()
+    async def slow(seconds: float) -> str:
+        import anyio
+
+        await anyio.sleep(seconds)
+        return "done"
+
+
+    @server.tool()
+    def die_once(marker: str) -> str:
+        path = Path(marker)
+        if not path.exists():
+            path.write_text("died")
+            os._exit(3)
+        return "survived"
+
+
+    if __name__ == "__main__":
+        server.run()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def stdio_script(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("mcp") / "stdio_server.py"
+    path.write_text(STDIO_SERVER)
+    return str(path)
+
+
+def script_server(name: str, script: str, **spec: Any) -> MCPServer:
+    return mcp_server(name, transport="stdio", command=sys.executable, args=[script], **spec)
+
+
+# -- in-test HTTP servers -------------------------------------------------------------------------
+
+
+def _http_mcp_server() -> Any:
+    server = SDKServer("test-http")
+
+    @server.tool()
+    def whoami(ctx: Context) -> str:  # type: ignore[type-arg]
+        headers = {k.lower(): v for k, v in (ctx.headers or {}).items()}
+        if headers.get("authorization") != "Bearer s3cret-bearer-value":
+            raise ToolError("unauthorized: missing or wrong Authorization header")
+        return f"authorized; x-team={headers.get('x-team')}"
+
+    return server
+
+
+class UvicornThread:
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        )
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> UvicornThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started, what="uvicorn to start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def http_url() -> Iterator[str]:
+    with UvicornThread(_http_mcp_server().streamable_http_app(host="127.0.0.1")) as server:
+        yield f"http://127.0.0.1:{server.port}/mcp"
+
+
+@pytest.fixture(scope="module")
+def sse_url() -> Iterator[str]:
+    with UvicornThread(_http_mcp_server().sse_app(host="127.0.0.1")) as server:
+        yield f"http://127.0.0.1:{server.port}/sse"
+
+
+BEARER_HEADERS = [
+    {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "bearer"}}},
+    {"name": "X-Team", "value": "platform"},
+]
+# The manager resolves "Authorization" to "Bearer <secret>" only if the secret holds the full value:
+SECRETS[("default", "tokens", "bearer")] = "Bearer s3cret-bearer-value"
+
+
+# -- mcp-server-time over stdio -------------------------------------------------------------------
+
+
+def test_list_tools_returns_full_input_schemas(manager: MCPManager) -> None:
+    tools = {tool.name: tool for tool in manager.list_tools(time_server("time-list"))}
+    assert set(tools) == {"get_current_time", "convert_time"}
+    current = tools["get_current_time"]
+    assert current.description == "Get current time in a specific timezone"
+    schema = current.input_schema
+    assert schema is not None
+    assert schema["type"] == "object"
+    assert schema["required"] == ["timezone"]
+    assert schema["properties"]["timezone"]["type"] == "string"
+    assert "IANA timezone name" in schema["properties"]["timezone"]["description"]
+    convert = tools["convert_time"].input_schema
+    assert convert is not None and set(convert["required"]) == {"source_timezone", "time", "target_timezone"}
+
+
+def test_call_tool_returns_text_and_reuses_the_session(manager: MCPManager) -> None:
+    server = time_server("time-call")
+    manager.list_tools(server)
+    pid = manager.stdio_pid("default", "time-call")
+    assert pid is not None and alive(pid)
+
+    result = manager.call_tool(server, "get_current_time", {"timezone": "UTC"})
+    assert not result.is_error
+    payload = json.loads(result.text)
+    assert payload["timezone"] == "UTC" and "datetime" in payload
+
+    converted = manager.call_tool(
+        server, "convert_time", {"source_timezone": "UTC", "time": "12:00", "target_timezone": "Asia/Tokyo"}
+    )
+    assert not converted.is_error and "Asia/Tokyo" in converted.text
+    assert manager.stdio_pid("default", "time-call") == pid  # one long-lived child for all of them
+
+
+def test_is_error_results_and_unknown_tools(manager: MCPManager) -> None:
+    server = time_server("time-errors")
+    bad = manager.call_tool(server, "get_current_time", {"timezone": "Nowhere/Atlantis"})
+    assert bad.is_error
+    assert "Invalid timezone" in bad.text
+
+    with pytest.raises(MCPError, match='tool "no_such_tool" not found on MCP server "time-errors"'):
+        manager.call_tool(server, "no_such_tool", {})
+
+
+def test_killed_child_is_restarted_for_an_idempotent_server(manager: MCPManager) -> None:
+    server = time_server("time-killed", idempotent=True)
+    assert not manager.call_tool(server, "get_current_time", {"timezone": "UTC"}).is_error
+    pid = manager.stdio_pid("default", "time-killed")
+    assert pid is not None
+
+    os.kill(pid, signal.SIGKILL)  # the next call may race the manager noticing: idempotent allows a retry
+    result = manager.call_tool(server, "get_current_time", {"timezone": "UTC"})
+    assert not result.is_error and json.loads(result.text)["timezone"] == "UTC"
+    new_pid = manager.stdio_pid("default", "time-killed")
+    assert new_pid is not None and new_pid != pid and alive(new_pid)
+
+
+def test_dead_session_noticed_before_a_call_is_restarted_even_if_not_idempotent(manager: MCPManager) -> None:
+    server = time_server("time-dead")
+    manager.list_tools(server)
+    pid = manager.stdio_pid("default", "time-dead")
+    assert pid is not None
+
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not manager.connected("default", "time-dead"), what="the manager to notice the exit")
+    result = manager.call_tool(server, "get_current_time", {"timezone": "UTC"})  # nothing was sent before
+    assert not result.is_error
+    assert manager.stdio_pid("default", "time-dead") not in (None, pid)
+
+
+def test_changed_spec_reconnects_and_closes_the_old_child(manager: MCPManager) -> None:
+    manager.list_tools(time_server("time-spec"))
+    old_pid = manager.stdio_pid("default", "time-spec")
+    assert old_pid is not None
+
+    tools = manager.list_tools(time_server("time-spec", "--local-timezone", "Europe/Paris"))
+    new_pid = manager.stdio_pid("default", "time-spec")
+    assert new_pid is not None and new_pid != old_pid
+    schema = next(t for t in tools if t.name == "get_current_time").input_schema
+    assert schema is not None and "Europe/Paris" in schema["properties"]["timezone"]["description"]
+    wait_until(lambda: not alive(old_pid), what="the old child to exit")
+
+
+def test_allowlist(manager: MCPManager) -> None:
+    strict = MCPManager(resolve_secret, command_allowlist=["npx", "/usr/bin/uvx"])
+    try:
+        with pytest.raises(MCPError) as info:
+            strict.list_tools(time_server("time-forbidden"))
+        assert str(info.value) == (
+            f"stdio command '{TIME_SERVER}' is not in the allowlist (KUBECHAIN_MCP_COMMAND_ALLOWLIST); "
+            "allowed: npx, /usr/bin/uvx"
+        )
+    finally:
+        strict.close()
+    # basename or full path entries allow; an empty allowlist allows everything
+    assert command_problem(TIME_SERVER, ["mcp-server-time"]) is None
+    assert command_problem(TIME_SERVER, [TIME_SERVER]) is None
+    assert command_problem("/tmp/evil/npx", ["/usr/bin/npx"]) is not None
+    assert command_problem(TIME_SERVER, []) is None
+
+
+def test_spec_validation_messages() -> None:
+    assert validate_spec(mcp_server("x", transport="stdio").spec) == "command is required for stdio servers"
+    assert validate_spec(mcp_server("x", transport="http").spec) == "url is required for http servers"
+    assert validate_spec(mcp_server("x", transport="sse").spec) == "url is required for sse servers"
+    assert "http:// or https://" in (
+        validate_spec(mcp_server("x", transport="http", url="ftp://h/").spec) or ""
+    )
+    bad_env = mcp_server("x", transport="stdio", command="c", env=[{"name": "A", "valueFrom": {}}]).spec
+    assert validate_spec(bad_env) == 'env var "A": valueFrom needs a secretKeyRef'
+
+
+def test_bad_command_and_early_exit_explain_themselves(manager: MCPManager) -> None:
+    with pytest.raises(MCPError, match="cannot start stdio command '/nonexistent/mcp-server'.*No such file"):
+        manager.list_tools(mcp_server("missing", transport="stdio", command="/nonexistent/mcp-server"))
+    # The server exits at startup: the message carries its exit code and what it printed on stderr.
+    with pytest.raises(MCPError, match=r"exit code 1.*invalid --local-timezone 'Bogus/Zone'"):
+        manager.list_tools(time_server("time-bogus", "--local-timezone", "Bogus/Zone"))
+
+
+# -- the in-test stdio server ---------------------------------------------------------------------
+
+
+def test_env_from_secret_reaches_the_child_and_is_never_logged(
+    manager: MCPManager, stdio_script: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("KUBECHAIN_TEST_NOT_INHERITED", "leak")
+    server = script_server(
+        "env-server",
+        stdio_script,
+        env=[
+            {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "api-key"}}},
+            {"name": "PLAIN", "value": "literal"},
+        ],
+    )
+    assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "s3cret-env-value"
+    assert manager.call_tool(server, "env", {"name": "PLAIN"}).text == "literal"
+    assert manager.call_tool(server, "env", {"name": "PATH"}).text != "<unset>"  # minimal inherited env
+    assert manager.call_tool(server, "env", {"name": "KUBECHAIN_TEST_NOT_INHERITED"}).text == "<unset>"
+    assert "s3cret-env-value" not in caplog.text
+
+
+def test_secret_rotation_reconnects(manager: MCPManager, stdio_script: str) -> None:
+    env = [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "rotating", "key": "k"}}}]
+    server = script_server("rotating-server", stdio_script, env=env)
+    SECRETS[("default", "rotating", "k")] = "first"
+    try:
+        assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "first"
+        SECRETS[("default", "rotating", "k")] = "second"
+        assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "second"
+    finally:
+        del SECRETS[("default", "rotating", "k")]
+
+
+def test_missing_secret_is_a_clear_error(manager: MCPManager, stdio_script: str) -> None:
+    env = [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "missing"}}}]
+    with pytest.raises(
+        MCPError, match='cannot resolve env var "API_KEY" from secret "tokens": key "missing" not found'
+    ):
+        manager.list_tools(script_server("no-secret", stdio_script, env=env))
+
+
+def test_crash_during_a_call_is_not_retried_unless_idempotent(
+    manager: MCPManager, stdio_script: str, tmp_path: Path
+) -> None:
+    server = script_server("crashy", stdio_script)
+    with pytest.raises(MCPError, match="not marked idempotent"):
+        manager.call_tool(server, "die_once", {"marker": str(tmp_path / "first")})
+    # the session is replaced on the next call
+    assert manager.call_tool(server, "die_once", {"marker": str(tmp_path / "first")}).text == "survived"
+
+    retried = script_server("crashy-idempotent", stdio_script, idempotent=True)
+    assert manager.call_tool(retried, "die_once", {"marker": str(tmp_path / "second")}).text == "survived"
+
+
+# -- HTTP transports ------------------------------------------------------------------------------
+
+
+def test_streamable_http_with_secret_header(
+    manager: MCPManager, http_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kubechain")
+    server = mcp_server("http-server", transport="http", url=http_url, headers=BEARER_HEADERS)
+    assert [t.name for t in manager.list_tools(server)] == ["whoami"]
+    result = manager.call_tool(server, "whoami", {})
+    assert result == type(result)(text="authorized; x-team=platform", is_error=False)
+
+    unauthenticated = mcp_server("http-anon", transport="http", url=http_url)
+    denied = manager.call_tool(unauthenticated, "whoami", {})
+    assert denied.is_error and "unauthorized" in denied.text
+    assert "s3cret-bearer-value" not in caplog.text
+
+    manager.disconnect("default", "http-server")
+    manager.disconnect("default", "http-anon")
+    assert not manager.connected("default", "http-server")
+
+
+def test_sse_with_secret_header(manager: MCPManager, sse_url: str) -> None:
+    server = mcp_server("sse-server", transport="sse", url=sse_url, headers=BEARER_HEADERS)
+    assert manager.call_tool(server, "whoami", {}).text == "authorized; x-team=platform"
+    manager.disconnect("default", "sse-server")
+
+
+def test_unreachable_http_server(manager: MCPManager) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(MCPError, match=f"cannot connect to http http://127.0.0.1:{port}/mcp"):
+        manager.list_tools(mcp_server("http-down", transport="http", url=f"http://127.0.0.1:{port}/mcp"))
+
+
+# -- result flattening and lifecycle --------------------------------------------------------------
+
+
+def test_non_text_content_is_described() -> None:
+    import mcp_types as types
+
+    from kubechain.mcp.session import flatten_result
+
+    result = types.CallToolResult(
+        content=[
+            types.TextContent(type="text", text="hello"),
+            types.ImageContent(type="image", data="aGVsbG8=", mime_type="image/png"),
+            types.EmbeddedResource(
+                type="resource", resource=types.TextResourceContents(uri="file:///a.txt", text="A")
+            ),
+            types.ResourceLink(type="resource_link", name="b", uri="file:///b.bin"),
+        ],
+        is_error=True,
+    )
+    flat = flatten_result(result)
+    assert flat.is_error
+    assert (
+        flat.text
+        == "hello\n[image content: image/png, 5 bytes]\n[resource: file:///a.txt]\nA\n[resource link: file:///b.bin]"
+    )
+
+
+def test_close_terminates_children_and_is_idempotent() -> None:
+    m = MCPManager(resolve_secret, connect_timeout_s=CONNECT_TIMEOUT_S)
+    assert m._loop is None  # constructing starts nothing
+    m.list_tools(time_server("close-a"))
+    m.list_tools(time_server("close-b"))
+    pids = [m.stdio_pid("default", "close-a"), m.stdio_pid("default", "close-b")]
+    assert all(pid is not None and alive(pid) for pid in pids)
+    m.close()
+    assert not any(alive(pid) for pid in pids if pid is not None)
+    assert m._thread is not None and not m._thread.is_alive()
+    m.close()
+    with pytest.raises(MCPError, match="closed"):
+        m.list_tools(time_server("close-a"))
+
+
+def test_concurrent_callers_share_one_session(manager: MCPManager) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = time_server("time-concurrent")
+    before = time_children()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(
+            pool.map(lambda _: manager.call_tool(server, "get_current_time", {"timezone": "UTC"}), range(16))
+        )
+    assert all(not r.is_error and json.loads(r.text)["timezone"] == "UTC" for r in results)
+    assert time_children() - before == {manager.stdio_pid("default", "time-concurrent")}  # one spawn for all
+
+
+def time_children() -> set[int]:
+    """Live mcp-server-time processes whose parent is this test process."""
+    return {
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and _ppid(p) == os.getpid()
+        and "mcp-server-time" in _cmdline(p)
+        and alive(int(p.name))
+    }
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def test_call_timeout_keeps_the_session(stdio_script: str) -> None:
+    m = MCPManager(resolve_secret, call_timeout_s=1, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        server = script_server("slow-server", stdio_script)
+        assert m.call_tool(server, "slow", {"seconds": 0}).text == "done"
+        pid = m.stdio_pid("default", "slow-server")
+        with pytest.raises(
+            MCPError, match="error calling tool slow on server slow-server: timed out after 1s"
+        ):
+            m.call_tool(server, "slow", {"seconds": 30})
+        assert m.call_tool(server, "env", {"name": "PLAIN"}).text == "<unset>"
+        assert m.stdio_pid("default", "slow-server") == pid
+    finally:
+        m.close()

@@ -1,0 +1,197 @@
+"""validate(MCPServer) on the in-memory API server with a real MCPManager and ``mcp-server-time``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubechain.kube.events import EventRecorder
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMClientFactory
+from kubechain.mcp import MCPManager, kube_secret_resolver
+from kubechain.queueing import ResourceMessage
+from kubechain.settings import Settings
+from workers.context import WorkerContext
+from workers.validators import validate
+
+API = "kubechain.humanlayer.dev/v1alpha1"
+TIME_SERVER = str(Path(sys.executable).parent / "mcp-server-time")
+
+
+def make_context(kube: FakeKubeClient, mcp: MCPManager | None, **settings: Any) -> WorkerContext:
+    return WorkerContext(
+        settings=Settings(**settings),
+        kube=kube,
+        events=EventRecorder(kube, "kubechain-worker", "w1"),
+        llms=LLMClientFactory(10),
+        identity="w1",
+        enqueue=lambda *_: None,
+        mcp=mcp,
+    )
+
+
+def create(kube: FakeKubeClient, kind: str, plural: str, name: str, spec: dict[str, Any]) -> None:
+    kube.create_raw(
+        plural, "default", {"apiVersion": API, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    )
+
+
+def run_validate(ctx: WorkerContext, name: str) -> dict[str, Any]:
+    validate(ctx, ResourceMessage(kind="MCPServer", namespace="default", name=name))
+    return ctx.kube.get_raw("mcpservers", "default", name)
+
+
+@pytest.fixture
+def kube() -> FakeKubeClient:
+    return FakeKubeClient()
+
+
+@pytest.fixture
+def manager(kube: FakeKubeClient) -> Iterator[MCPManager]:
+    m = MCPManager(kube_secret_resolver(kube), connect_timeout_s=60)
+    yield m
+    m.close()
+
+
+def test_connects_and_records_tools(kube: FakeKubeClient, manager: MCPManager) -> None:
+    create(kube, "MCPServer", "mcpservers", "time", {"transport": "stdio", "command": TIME_SERVER})
+    ctx = make_context(kube, manager)
+    obj = run_validate(ctx, "time")
+    status = obj["status"]
+    assert status["connected"] is True
+    assert status["status"] == "Ready"
+    assert status["statusDetail"] == "Connected successfully with 2 tools"
+    assert status["observedGeneration"] == 1
+    tools = {tool["name"]: tool for tool in status["tools"]}
+    assert set(tools) == {"get_current_time", "convert_time"}
+    assert tools["get_current_time"]["inputSchema"]["required"] == ["timezone"]
+    assert kube.event_reasons("time") == ["Connected"]
+    event = kube.events()[-1]
+    assert event["type"] == "Normal" and event["message"] == "MCP server connected successfully"
+
+    # Nothing changed: the session is reused and nothing is written.
+    pid = manager.stdio_pid("default", "time")
+    again = run_validate(ctx, "time")
+    assert again["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
+    assert kube.event_reasons("time") == ["Connected"]
+    assert manager.stdio_pid("default", "time") == pid
+
+
+def test_spec_change_reconnects_and_updates_tools(kube: FakeKubeClient, manager: MCPManager) -> None:
+    create(kube, "MCPServer", "mcpservers", "time", {"transport": "stdio", "command": TIME_SERVER})
+    ctx = make_context(kube, manager)
+    run_validate(ctx, "time")
+    old_pid = manager.stdio_pid("default", "time")
+    kube.request(
+        "PATCH",
+        f"/apis/{API}/namespaces/default/mcpservers/time",
+        body={"spec": {"args": ["--local-timezone", "Europe/Paris"]}},
+    )
+    status = run_validate(ctx, "time")["status"]
+    assert status["observedGeneration"] == 2
+    schema = next(t for t in status["tools"] if t["name"] == "get_current_time")["inputSchema"]
+    assert "Europe/Paris" in schema["properties"]["timezone"]["description"]
+    assert manager.stdio_pid("default", "time") not in (None, old_pid)
+    assert kube.event_reasons("time") == ["Connected", "Connected"]
+
+
+def test_bad_command_is_a_connection_failure(kube: FakeKubeClient, manager: MCPManager) -> None:
+    create(
+        kube,
+        "MCPServer",
+        "mcpservers",
+        "broken",
+        {"transport": "stdio", "command": "/nonexistent/mcp-server"},
+    )
+    status = run_validate(make_context(kube, manager), "broken")["status"]
+    assert status["connected"] is False
+    assert status["status"] == "Error"
+    assert status["statusDetail"].startswith(
+        "Connection failed: cannot start stdio command '/nonexistent/mcp-server'"
+    )
+    assert kube.event_reasons("broken") == ["ConnectionFailed"]
+    assert kube.events()[-1]["type"] == "Warning"
+
+
+def test_missing_approval_channel(kube: FakeKubeClient, manager: MCPManager) -> None:
+    spec = {"transport": "stdio", "command": TIME_SERVER, "approvalContactChannel": {"name": "approvals"}}
+    create(kube, "MCPServer", "mcpservers", "guarded", spec)
+    status = run_validate(make_context(kube, manager), "guarded")["status"]
+    assert status == {
+        "connected": False,
+        "status": "Error",
+        "statusDetail": 'ContactChannel "approvals" not found',
+        "observedGeneration": 1,
+    }
+    assert kube.event_reasons("guarded") == ["ContactChannelNotFound"]
+    assert manager.stdio_pid("default", "guarded") is None  # never connected
+
+
+def test_approval_channel_not_ready_is_pending(kube: FakeKubeClient, manager: MCPManager) -> None:
+    kube.add_secret("default", "hl", {"key": "hl-key"})
+    channel = {
+        "type": "slack",
+        "apiKeyFrom": {"secretKeyRef": {"name": "hl", "key": "key"}},
+        "slack": {"channelOrUserID": "C123"},
+    }
+    create(kube, "ContactChannel", "contactchannels", "approvals", channel)
+    spec = {"transport": "stdio", "command": TIME_SERVER, "approvalContactChannel": {"name": "approvals"}}
+    create(kube, "MCPServer", "mcpservers", "guarded", spec)
+    ctx = make_context(kube, manager)
+    status = run_validate(ctx, "guarded")["status"]
+    assert (
+        status["status"] == "Pending" and status["statusDetail"] == 'ContactChannel "approvals" is not ready'
+    )
+    assert kube.event_reasons("guarded") == ["ContactChannelNotReady"]
+
+    kube.patch_status_raw("contactchannels", "default", "approvals", None, {"ready": True, "status": "Ready"})
+    status = run_validate(ctx, "guarded")["status"]
+    assert status["connected"] is True and status["statusDetail"] == "Connected successfully with 2 tools"
+    assert kube.event_reasons("guarded") == ["ContactChannelNotReady", "Connected"]
+
+
+def test_invalid_spec_and_allowlist_are_validation_failures(kube: FakeKubeClient) -> None:
+    create(kube, "MCPServer", "mcpservers", "no-url", {"transport": "http"})
+    create(kube, "MCPServer", "mcpservers", "forbidden", {"transport": "stdio", "command": TIME_SERVER})
+    ctx = make_context(kube, None, mcp_command_allowlist=["npx"])  # no worker manager: a temporary one
+    status = run_validate(ctx, "no-url")["status"]
+    assert status["statusDetail"] == "Validation failed: url is required for http servers"
+    assert status["status"] == "Error" and status["connected"] is False
+    status = run_validate(ctx, "forbidden")["status"]
+    assert status["statusDetail"] == (
+        f"Validation failed: stdio command '{TIME_SERVER}' is not in the allowlist "
+        "(KUBECHAIN_MCP_COMMAND_ALLOWLIST); allowed: npx"
+    )
+    assert kube.event_reasons("forbidden") == ["ValidationFailed"]
+
+
+def test_env_secret_from_the_cluster(kube: FakeKubeClient) -> None:
+    env = [{"name": "TZ_HINT", "valueFrom": {"secretKeyRef": {"name": "time-secrets", "key": "hint"}}}]
+    create(
+        kube, "MCPServer", "mcpservers", "time", {"transport": "stdio", "command": TIME_SERVER, "env": env}
+    )
+    ctx = make_context(kube, None)  # a temporary manager, closed after the validation
+    status = run_validate(ctx, "time")["status"]
+    assert status["status"] == "Error"
+    assert status["statusDetail"] == (
+        'Connection failed: cannot resolve env var "TZ_HINT" from secret "time-secrets": '
+        'secret "time-secrets" not found in namespace "default"'
+    )
+    kube.add_secret("default", "time-secrets", {"hint": "UTC"})
+    status = run_validate(ctx, "time")["status"]  # what the watcher's resync does
+    assert status["connected"] is True and status["statusDetail"] == "Connected successfully with 2 tools"
+    assert kube.event_reasons("time") == ["ConnectionFailed", "Connected"]
+
+
+def test_deleted_server_is_disconnected(kube: FakeKubeClient, manager: MCPManager) -> None:
+    create(kube, "MCPServer", "mcpservers", "time", {"transport": "stdio", "command": TIME_SERVER})
+    ctx = make_context(kube, manager)
+    run_validate(ctx, "time")
+    assert manager.connected("default", "time")
+    kube.delete("mcpservers", "default", "time")
+    validate(ctx, ResourceMessage(kind="MCPServer", namespace="default", name="time"))
+    assert not manager.connected("default", "time")

@@ -1,0 +1,109 @@
+"""``validate`` for MCPServer: check the approval channel and the spec, connect, record the tool list.
+
+The original's controller (§2.7): ContactChannelNotFound / ContactChannelNotReady, "Validation failed: ...",
+"Connection failed: ...", and on success ``connected=true``, "Connected successfully with N tools" and a
+``Connected`` event. The watcher re-validates servers that are not connected on every resync, so failures
+need no retry scheduling here. A re-validation that finds nothing changed reuses this process's session
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubechain.kube.errors import Unavailable
+from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_spec
+from kubechain.models import ContactChannel, MCPServer, MCPTool
+from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.transition import Transition, normal, warning
+from kubechain.statemachines.validation import plan_validation
+from workers.context import WorkerContext
+from workers.transitions import apply_transition
+from workers.validators import get_or_none
+
+log = logging.getLogger(__name__)
+
+
+def _write(ctx: WorkerContext, server: MCPServer, transition: Transition | None) -> None:
+    if transition is not None:
+        apply_transition(ctx, server, transition)
+
+
+def _failure(server: MCPServer, detail: str, reason: str, *, pending: bool = False) -> Transition | None:
+    transition = plan_validation(server, False, detail, pending=pending, ready_field="connected")
+    if transition is not None:
+        transition.events = [warning(reason, detail)]
+    return transition
+
+
+def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None:
+    """The success status; ``tools`` is only written when the list differs from the recorded one."""
+    wire = [tool.to_wire() for tool in tools]
+    recorded = [tool.to_wire() for tool in server.status.tools] if server.status.tools is not None else None
+    extra: dict[str, Any] = {} if wire == recorded else {"tools": wire}
+    detail = f"Connected successfully with {len(tools)} tools"
+    transition = plan_validation(server, True, detail, extra=extra, ready_field="connected")
+    if transition is not None:
+        status = server.status
+        was_connected = (
+            status.connected
+            and status.status == "Ready"
+            and status.observed_generation == server.metadata.generation
+        )
+        transition.events = (
+            [] if was_connected else [normal("Connected", "MCP server connected successfully")]
+        )
+    return transition
+
+
+def _temporary_manager(ctx: WorkerContext) -> MCPManager:
+    settings = ctx.settings
+    return MCPManager(
+        kube_secret_resolver(ctx.kube),
+        call_timeout_s=settings.tool_timeout_s,
+        command_allowlist=settings.mcp_command_allowlist,
+    )
+
+
+def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
+    server = get_or_none(ctx, MCPServer, message.namespace, message.name)
+    if server is None:
+        if ctx.mcp is not None:
+            ctx.mcp.disconnect(message.namespace, message.name)
+        return
+    channel_ref = server.spec.approval_contact_channel
+    if channel_ref is not None:
+        channel = get_or_none(ctx, ContactChannel, server.namespace, channel_ref.name)
+        if channel is None:
+            detail = f'ContactChannel "{channel_ref.name}" not found'
+            _write(ctx, server, _failure(server, detail, "ContactChannelNotFound"))
+            return
+        if not channel.status.ready:
+            detail = f'ContactChannel "{channel_ref.name}" is not ready'
+            _write(ctx, server, _failure(server, detail, "ContactChannelNotReady", pending=True))
+            return
+    problem = validate_spec(server.spec)
+    if problem is not None:
+        _write(ctx, server, _failure(server, f"Validation failed: {problem}", "ValidationFailed"))
+        return
+
+    manager: MCPManager = ctx.mcp if ctx.mcp is not None else _temporary_manager(ctx)
+    try:
+        try:
+            manager.check_command(server)
+        except MCPError as exc:
+            _write(ctx, server, _failure(server, f"Validation failed: {exc}", "ValidationFailed"))
+            return
+        try:
+            tools = manager.list_tools(server)
+        except MCPError as exc:
+            if isinstance(exc.__cause__, Unavailable):
+                raise exc.__cause__ from exc  # reading a secret failed transiently: let the task retry
+            log.info("MCPServer %s/%s: connection failed: %s", server.namespace, server.name, exc)
+            _write(ctx, server, _failure(server, f"Connection failed: {exc}", "ConnectionFailed"))
+            return
+    finally:
+        if manager is not ctx.mcp:
+            manager.close()
+    _write(ctx, server, plan_connected(server, tools))
