@@ -18,6 +18,7 @@ from typing import Any
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS
 from kubechain.observability.metrics import ENQUEUED, IS_LEADER, QUEUE_DEPTH, WATCH_EVENTS, register_phase_collector
+from kubechain.observability.tracing import run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import VALIDATED_KINDS, Work, dependents, readiness, work_for
@@ -156,6 +157,18 @@ class Watcher:
 
     # -- threads -----------------------------------------------------------------------------------
 
+    def message_for(self, work: Work, rv: str) -> ResourceMessage:
+        """The task payload; work on a TaskRun (or its tool calls) carries a span of the run's trace."""
+        message = ResourceMessage(kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason)
+        if work.trace_uid:
+            with span(
+                f"enqueue {work.task.value}",
+                run_context(work.trace_uid),
+                **{"kubechain.kind": work.kind, "kubechain.name": work.name, "kubechain.reason": work.reason},
+            ) as current:
+                message.traceparent = traceparent_of(current)
+        return message
+
     def _sender(self) -> None:
         backoff = 0.2
         while not self.stop_event.is_set():
@@ -163,9 +176,7 @@ class Watcher:
                 work, rv = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 continue
-            message = ResourceMessage(
-                kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason
-            )
+            message = self.message_for(work, rv)
             while not self.stop_event.is_set():
                 try:
                     self._send(work.task, message, work.countdown_s)
@@ -258,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     from kubechain.observability.metrics import serve
 
     register_phase_collector(watcher.taskrun_phases)
+    setup_tracing("kubechain-watcher")
     serve(settings.metrics_port)
     watcher.run_forever()
 

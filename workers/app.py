@@ -13,6 +13,7 @@ from celery import Celery, signals
 from kubechain.kube.errors import Unavailable
 from kubechain.observability.logs import configure_logging, resource_context
 from kubechain.observability.metrics import TASK_QUEUE_SECONDS, TASK_SECONDS, TASKS, serve
+from kubechain.observability.tracing import context_from, setup_tracing, span
 from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
 from kubechain.settings import Settings
 from workers.context import WorkerContext, build_context
@@ -51,7 +52,14 @@ def _run(task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], Non
     started = time.perf_counter()
     outcome = "ok"
     try:
-        with resource_context(message.kind, message.namespace, message.name, task.value):
+        with (
+            resource_context(message.kind, message.namespace, message.name, task.value),
+            span(
+                f"{name} {message.kind}/{message.name}",
+                context_from(message.traceparent, ""),
+                **{"kubechain.namespace": message.namespace, "kubechain.reason": message.reason},
+            ),
+        ):
             handler(context(), message)
     except Unavailable:
         outcome = "retry"
@@ -104,6 +112,7 @@ def _setup_logging(**_: Any) -> None:
 @signals.worker_ready.connect
 def _start_metrics(**_: Any) -> None:
     serve(settings.metrics_port)
+    setup_tracing("kubechain-worker")
 
 
 @signals.worker_process_shutdown.connect

@@ -10,6 +10,7 @@ from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
 from kubechain.observability.metrics import LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
+from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import holds_claim, plan_config_error, plan_llm_answer, plan_llm_claim, plan_llm_error
 from kubechain.statemachines.toolset import tool_definitions
@@ -88,7 +89,20 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     request = build_request(llm, list(claimed.status.context_window or []), tools)
     started = time.perf_counter()
     try:
-        response = ctx.llms.for_llm(llm, api_key).complete(request)
+        with span(
+            "LLMRequest",
+            None,
+            **{
+                "llm.request.model": request.model,
+                "kubechain.context_window.messages": len(request.messages),
+                "kubechain.tools.count": len(request.tools),
+                "kubechain.taskrun": claimed.name,
+            },
+        ) as current:
+            response = ctx.llms.for_llm(llm, api_key).complete(request)
+            current.set_attribute("llm.response.tool_calls.count", len(response.tool_calls))
+            if response.usage is not None:
+                current.set_attribute("llm.usage.total_tokens", response.usage.total_tokens)
     except LLMError as exc:
         LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)

@@ -15,6 +15,7 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
+from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
@@ -192,7 +193,9 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     claimed = apply_transition(ctx, toolcall, claim.transition)
     claimed_at = claimed.status.claimed_at or ""
     started = time.perf_counter()
-    outcome = executor.run(arguments)
+    with span(f"ToolCall {toolcall.spec.tool_ref.name}", None, **{"kubechain.toolcall": toolcall.name}) as current:
+        outcome = executor.run(arguments)
+        current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")
     label = tool_label(toolcall.spec.tool_ref.name)
     TOOL_CALLS.labels(label, "error" if outcome.error is not None else "ok").inc()
     TOOL_SECONDS.labels(label).observe(time.perf_counter() - started)

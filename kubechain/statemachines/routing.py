@@ -7,7 +7,7 @@ lost message or a dead worker never strands a resource.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ class Work:
     name: str
     countdown_s: float = 0.0
     reason: str = "event"
+    trace_uid: str = ""  # the TaskRun whose trace this work belongs to
 
 
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -64,6 +65,22 @@ def work_for(
     namespace, name = _meta(obj)
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         return []
+    return [replace(work, trace_uid=_trace_uid(kind, obj)) for work in _work_for(kind, obj, now, claim_timeout_s, resync)]
+
+
+def _trace_uid(kind: str, obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    if kind == "TaskRun":
+        return str(meta.get("uid") or "")
+    if kind == "TaskRunToolCall":
+        for owner in meta.get("ownerReferences") or []:
+            if owner.get("kind") == "TaskRun":
+                return str(owner.get("uid") or "")
+    return ""
+
+
+def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, resync: bool) -> list[Work]:
+    namespace, name = _meta(obj)
     status = _status(obj)
     reason = "resync" if resync else "event"
     if kind in VALIDATED_KINDS:

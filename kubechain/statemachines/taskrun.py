@@ -35,6 +35,7 @@ from kubechain.models import (
     ToolCallPhase,
 )
 from kubechain.models.labels import LABEL_TASK
+from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
     Transition,
     normal,
@@ -64,8 +65,7 @@ def preview(message: str) -> str:
 
 
 def trace_ids(uid: str) -> dict[str, str]:
-    digest = hashlib.sha256(uid.encode()).hexdigest()
-    return {"traceID": digest[:32], "spanID": digest[32:48]}
+    return run_trace_ids(uid)
 
 
 def request_id(run: TaskRun, turn: int) -> str:

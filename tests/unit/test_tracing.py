@@ -1,0 +1,76 @@
+"""One trace per TaskRun: watcher enqueue → tasks → LLM request → tool calls, id in status.spanContext."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMRequest, LLMResponse
+from kubechain.models import ToolCall, ToolCallFunction
+from kubechain.queueing import TaskName
+from kubechain.settings import Settings
+from kubechain.statemachines.routing import work_for
+from tests.unit.fakes import FakeLLM, context, create
+from tests.unit.test_workers_on_fake import validated
+
+EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def provider() -> None:
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+    trace.set_tracer_provider(tracer_provider)
+
+
+def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.app as app
+    from watcher.main import Watcher
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content="three")
+        return LLMResponse(tool_calls=[ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))])
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    app.set_context(context(kube, llm))
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    handlers = {TaskName.PREPARE: app.prepare, TaskName.LLM_CALL: app.llm_call, TaskName.TOOL_CALL: app.tool_call}
+    try:
+        for _ in range(10):
+            pending = [
+                (work, obj)
+                for (prefix, plural, _, _), obj in list(kube.objects.items())
+                if plural in ("taskruns", "taskruntoolcalls")
+                for work in work_for(obj["kind"], obj, datetime.now(UTC), 180)
+            ]
+            if not pending:
+                break
+            for work, obj in pending:
+                message = watcher.message_for(work, obj["metadata"]["resourceVersion"])
+                handlers[work.task](message.model_dump())
+    finally:
+        app.set_context(None)
+    run = kube.get_raw("taskruns", "default", "r")
+    assert run["status"]["phase"] == "FinalAnswer"
+    trace_id = int(run["status"]["spanContext"]["traceID"], 16)
+    spans = EXPORTER.get_finished_spans()
+    names = [s.name for s in spans]
+    assert names.count("LLMRequest") == 2
+    assert "ToolCall add" in names
+    assert any(n.startswith("enqueue kubechain.llm_call") for n in names)
+    assert any(n.startswith("tool_call TaskRunToolCall/") for n in names)
+    assert {s.context.trace_id for s in spans} == {trace_id}, "every span belongs to the run's trace"
+    llm_span = next(s for s in spans if s.name == "LLMRequest")
+    assert llm_span.attributes is not None and llm_span.attributes["llm.request.model"] == "gpt-4o"
