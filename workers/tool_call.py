@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubechain.kube.errors import Conflict, NotFound
-from kubechain.models import LABEL_TASKRUNTOOLCALL, MCPServer, ObjectMeta, Task, TaskRun, TaskRunToolCall, Tool
+from kubechain.models import LABEL_TASKRUNTOOLCALL, Agent, MCPServer, ObjectMeta, Task, TaskRun, TaskRunToolCall, Tool
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
 from kubechain.models.taskrun import TaskRunSpec
@@ -52,9 +52,10 @@ class Outcome:
 class Executor:
     """Resolves a tool call's target; ``run`` performs it (the side effect, after the claim)."""
 
-    def __init__(self, ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+    def __init__(self, ctx: WorkerContext, toolcall: TaskRunToolCall, agent: Agent | None = None) -> None:
         self.ctx = ctx
         self.toolcall = toolcall
+        self.agent = agent
         self.target: ToolTarget = resolve_tool_name(toolcall.spec.tool_ref.name)
         self.tool: Tool | None = None
         self.server: MCPServer | None = None
@@ -62,6 +63,24 @@ class Executor:
         self.human_channel: str | None = None  # the ContactChannel a human-contact tool reaches
         self.problem: str | None = None
         self._resolve()
+        if self.problem is None and agent is not None:
+            self.problem = self._not_granted(agent)
+
+    def _not_granted(self, agent: Agent) -> str | None:
+        """The LLM may only use what its Agent was given, not any tool that happens to exist."""
+        spec = agent.spec
+        kind, name = self.target.kind, self.target.name
+        granted = {
+            "tool": {ref.name for ref in spec.tools},
+            "mcp": {ref.name for ref in spec.mcp_servers},
+            "subagent": {ref.name for ref in spec.sub_agents},
+            "human": {ref.name for ref in spec.human_contact_channels},
+        }[kind]
+        subject = self.tool.name if (kind == "tool" and self.tool is not None) else name
+        if subject in granted:
+            return None
+        field = {"tool": "tools", "mcp": "mcpServers", "subagent": "subAgents", "human": "humanContactChannels"}[kind]
+        return f'tool "{self.toolcall.spec.tool_ref.name}" is not available to agent "{agent.name}" (not in spec.{field})'
 
     def _resolve(self) -> None:
         ns = self.toolcall.namespace
@@ -165,8 +184,12 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     if parent is None or parent.metadata.deletion_timestamp or parent.is_terminal():
         log.info("skipping tool call %s: its TaskRun is gone or finished", message.key())
         return
-    executor = Executor(ctx, toolcall)
+    agent_name = _parent_agent(ctx, parent)
+    executor = Executor(ctx, toolcall, get_or_none(ctx, Agent, parent.namespace, agent_name, cached=True) if agent_name else None)
     now = ctx.clock()
+    if executor.problem is not None and toolcall.phase in ("", "Pending"):
+        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
+        return
     if executor.delegate_to is not None:
         _delegate(ctx, toolcall, parent, executor.delegate_to)
         return

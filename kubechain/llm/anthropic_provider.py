@@ -80,6 +80,10 @@ class AnthropicClient:
             ) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
+        except anthropic.AnthropicError as exc:
+            raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise LLMError(f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True) from exc
         text: list[str] = []
         calls: list[ToolCall] = []
         for block in response.content:

@@ -67,6 +67,9 @@ class OpenAIClient:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except openai.OpenAIError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Garbage from the endpoint (invalid UTF-8, not JSON, wrong shape): retry, bounded by max attempts.
+            raise LLMError(f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True) from exc
         if not completion.choices:
             raise LLMError("LLM returned no completion choices", retryable=False)
         message = completion.choices[0].message

@@ -47,6 +47,7 @@ from kubechain.statemachines.transition import (
 )
 
 PREVIEW_LENGTH = 50
+UNNAMED_TOOL = "(unnamed tool)"
 TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
 
 
@@ -358,7 +359,8 @@ def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRu
         spec = TaskRunToolCallSpec(
             tool_call_id=call.id,
             task_run_ref=LocalObjectReference(name=run.name),
-            tool_ref=LocalObjectReference(name=call.function.name),
+            # The LLM may send an empty or absurd name; the tool call then fails as an unknown tool.
+            tool_ref=LocalObjectReference(name=call.function.name[:253] or UNNAMED_TOOL),
             arguments=call.function.arguments,
         )
         children.append(TaskRunToolCall(metadata=meta, spec=spec))

@@ -1,0 +1,23 @@
+"""HumanLayer: the API that reaches humans over Slack or email (approvals and humans as tools)."""
+
+from kubechain.humanlayer.channels import channel_config_problem, channel_payload, email_address_problem
+from kubechain.humanlayer.client import (
+    HumanLayerAuthError,
+    HumanLayerClient,
+    HumanLayerConflict,
+    HumanLayerError,
+    HumanLayerNotFound,
+    HumanLayerUnavailable,
+)
+
+__all__ = [
+    "HumanLayerAuthError",
+    "HumanLayerClient",
+    "HumanLayerConflict",
+    "HumanLayerError",
+    "HumanLayerNotFound",
+    "HumanLayerUnavailable",
+    "channel_config_problem",
+    "channel_payload",
+    "email_address_problem",
+]

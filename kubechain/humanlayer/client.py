@@ -1,0 +1,149 @@
+"""A small synchronous client for the HumanLayer API endpoints KubeChain uses.
+
+    GET  {base}/humanlayer/v1/project                      whose project an API key belongs to
+    POST {base}/humanlayer/v1/function_calls               ask a human to approve a tool call
+    GET  {base}/humanlayer/v1/function_calls/{call_id}     ... and read the decision
+    POST {base}/humanlayer/v1/contact_requests             ask a human a question (humans as tools)
+    GET  {base}/humanlayer/v1/contact_requests/{call_id}   ... and read the answer
+
+Every request carries ``Authorization: Bearer <ContactChannel API key>``. TLS certificates are verified and
+every request has a timeout. Errors say what went wrong without ever containing the key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+DEFAULT_TIMEOUT_S = 10.0
+API_PREFIX = "/humanlayer/v1"
+
+
+class HumanLayerError(Exception):
+    """HumanLayer answered with an error, or could not be reached (``status`` is None then)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HumanLayerUnavailable(HumanLayerError):
+    """Network failure, timeout, 429 or 5xx: try again later."""
+
+
+class HumanLayerAuthError(HumanLayerError):
+    """401/403: the API key is not valid (for this request)."""
+
+
+class HumanLayerNotFound(HumanLayerError):
+    """404: HumanLayer does not know this call id."""
+
+
+class HumanLayerConflict(HumanLayerError):
+    """409: a call with this id exists already (e.g. a retried POST)."""
+
+
+class HumanLayerClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            verify=True,
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> HumanLayerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"HumanLayerClient({self.base_url!r})"
+
+    # -- endpoints -----------------------------------------------------------------------------------
+
+    def get_project(self) -> dict[str, Any]:
+        return self._request("GET", f"{API_PREFIX}/project")
+
+    def create_function_call(self, run_id: str, call_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Request approval. Idempotent by ``call_id``: if HumanLayer already has the call (409), return it."""
+        body = {"run_id": run_id, "call_id": call_id, "spec": spec}
+        try:
+            return self._request("POST", f"{API_PREFIX}/function_calls", body)
+        except HumanLayerConflict:
+            return self.get_function_call(call_id)
+
+    def get_function_call(self, call_id: str) -> dict[str, Any]:
+        return self._request("GET", f"{API_PREFIX}/function_calls/{call_id}")
+
+    def create_contact_request(self, run_id: str, call_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Ask a human. Idempotent by ``call_id`` like :meth:`create_function_call`."""
+        body = {"run_id": run_id, "call_id": call_id, "spec": spec}
+        try:
+            return self._request("POST", f"{API_PREFIX}/contact_requests", body)
+        except HumanLayerConflict:
+            return self.get_contact_request(call_id)
+
+    def get_contact_request(self, call_id: str) -> dict[str, Any]:
+        return self._request("GET", f"{API_PREFIX}/contact_requests/{call_id}")
+
+    # -- transport -----------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        where = f"{method} {self.base_url}{path}"
+        try:
+            response = self._http.request(method, path, json=body)
+        except httpx.TimeoutException as exc:
+            raise HumanLayerUnavailable(f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:
+            raise HumanLayerUnavailable(f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status >= 400:
+            detail = _detail(response)
+            suffix = f": {detail}" if detail else ""
+            if status == 401:
+                raise HumanLayerAuthError("invalid HumanLayer API key", status)
+            if status == 403:
+                raise HumanLayerAuthError(f"HumanLayer API key not permitted for {where} (HTTP 403){suffix}", status)
+            if status == 404:
+                raise HumanLayerNotFound(f"not found at HumanLayer ({where}){suffix}", status)
+            if status == 409:
+                raise HumanLayerConflict(f"conflict at HumanLayer ({where}){suffix}", status)
+            if status == 429 or status >= 500:
+                raise HumanLayerUnavailable(f"HumanLayer API unavailable ({where}): HTTP {status}{suffix}", status)
+            raise HumanLayerError(f"HumanLayer rejected the request ({where}): HTTP {status}{suffix}", status)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise HumanLayerError(f"invalid response from HumanLayer ({where}): not JSON", status) from None
+        if not isinstance(payload, dict):
+            raise HumanLayerError(f"invalid response from HumanLayer ({where}): expected a JSON object", status)
+        return payload
+
+
+def _detail(response: httpx.Response) -> str:
+    """A short, printable reason from an error body (HumanLayer/FastAPI use ``{"detail": ...}``)."""
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text.strip()[:200]
+    if isinstance(payload, dict) and "detail" in payload:
+        detail = payload["detail"]
+        return (detail if isinstance(detail, str) else json.dumps(detail))[:200]
+    return json.dumps(payload)[:200]

@@ -1,0 +1,117 @@
+"""Hostile LLM output never crashes a worker: every case ends in a clear status."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.llm.openai_provider import OpenAIClient
+from kubechain.models import Message, ToolCall, ToolCallFunction
+from tests.unit.fakes import FakeLLM, context, create
+from tests.unit.test_workers_on_fake import validated
+from workers.llm_call import llm_call
+from workers.prepare import prepare
+from workers.tool_call import tool_call
+from tests.unit.fakes import message
+
+tool_names = st.one_of(st.sampled_from(["add", "nope", "srv__tool", "delegate_to_agent__ghost", "x__human_contact_email", ""]), st.text(max_size=20))
+arguments = st.one_of(st.sampled_from(['{"a": 1, "b": 2}', "{not json", "[]", "null", '{"a": "x"}', ""]), st.text(max_size=30))
+calls = st.lists(st.builds(lambda n, a, i: ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments=a)), tool_names, arguments, st.integers(0, 10**6)), max_size=4, unique_by=lambda c: c.id)
+contents = st.one_of(st.text(max_size=50), st.just("x" * 200_000), st.just("\ud800 lone surrogate"), st.just(""))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=st.tuples(contents, calls), second=st.tuples(contents, calls))
+def test_any_llm_output_ends_in_a_clear_status(first: tuple[str, list[ToolCall]], second: tuple[str, list[ToolCall]]) -> None:
+    kube = FakeKubeClient()
+    answers = iter([first, second, ("done", [])])
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        content, tool_calls = next(answers, ("done", []))
+        return LLMResponse(content=content, tool_calls=tool_calls)
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    ctx = context(kube, llm, max_context_window_bytes=150_000)
+    for _ in range(6):
+        prepare(ctx, message("TaskRun", "r"))
+        llm_call(ctx, message("TaskRun", "r"))
+        for (_, plural, _, name) in list(kube.objects):
+            if plural == "taskruntoolcalls":
+                tool_call(ctx, message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] in ("FinalAnswer", "Failed"), status.get("statusDetail")
+    if status["phase"] == "Failed":
+        assert status["error"]
+    for (_, plural, _, name) in kube.objects:
+        if plural == "taskruntoolcalls":
+            call = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+            assert call["phase"] in ("Succeeded", "Failed"), call
+            assert call["phase"] == "Succeeded" or call["error"]
+
+
+class RawLLM:
+    """An HTTP server answering chat completions with whatever bytes a test wants."""
+
+    def __init__(self) -> None:
+        self.body = b""
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                self.wfile.write(owner.body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def raw_llm() -> Iterator[RawLLM]:
+    server = RawLLM()
+    yield server
+    server.server.shutdown()
+
+
+def completion(message: dict) -> bytes:
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}).encode(),
+        b'{"choices": [{"message": {"role": "assistant", "content": "caf\xe9 \xff\xfe"}}]}',
+        b"this is not json",
+        b"",
+        completion({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]}),
+    ],
+    ids=["empty-choices", "invalid-utf8", "not-json", "empty-body", "malformed-arguments"],
+)
+def test_provider_client_turns_garbage_into_errors_or_answers(raw_llm: RawLLM, body: bytes) -> None:
+    raw_llm.body = body
+    client = OpenAIClient("sk-test", 5, raw_llm.url)
+    request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+    try:
+        response = client.complete(request)
+    except LLMError as exc:
+        assert str(exc)
+        return
+    assert isinstance(response, LLMResponse)
