@@ -245,6 +245,9 @@ def plan_llm_answer(
         return failed
     if not tool_calls:
         window.append(Message(role="assistant", content=content))
+        # The answer is stored twice (window and output): both must fit in one status write.
+        if window_bytes(window) + len(content.encode()) > limits.max_context_window_bytes:
+            return _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now)
         return Transition(
             status={
                 "phase": TaskRunPhase.FINAL_ANSWER.value,

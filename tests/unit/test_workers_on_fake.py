@@ -168,3 +168,43 @@ def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
     kube.objects.pop(("apis/kubechain.humanlayer.dev/v1alpha1", "taskruns", "default", "r"))
     tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
     assert "status" not in kube.get_raw("taskruntoolcalls", "default", name)
+
+
+def test_a_tool_the_agent_was_not_given_is_refused() -> None:
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}'])
+    create(kube, "Tool", "tools", "multiply", {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}})
+    (name,) = toolcall_names(kube)
+    spec = kube.get_raw("taskruntoolcalls", "default", name)
+    spec["spec"]["toolRef"]["name"] = "multiply"
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "taskruntoolcalls", "default", name)] = spec
+    tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Failed"
+    assert status["error"] == 'tool "multiply" is not available to agent "a" (not in spec.tools)'
+
+
+def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly() -> None:
+    kube = FakeKubeClient()
+    big = "y" * 300_000
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content=big)  # an answer that cannot fit either
+        return LLMResponse(tool_calls=[ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))])
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "x" * 120_000})
+    ctx = context(kube, llm, max_tool_result_bytes=10, max_context_window_bytes=250_000)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    (name,) = toolcall_names(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", "r"))
+    window = kube.get_raw("taskruns", "default", "r")["status"]["contextWindow"]
+    assert window[-1] == {"role": "tool", "content": "3", "toolCallId": "c1"}
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "Failed"
+    assert "over the 250000-byte limit" in status["error"]

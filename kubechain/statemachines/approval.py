@@ -1,0 +1,390 @@
+"""Human approval of tool calls and humans as tools: the decisions, pure (workers/approvals.py does I/O).
+
+Approval — required by an MCPServer's ``approvalContactChannel`` (asked via HumanLayer) or by a Tool's
+``execute.externalAPI.requiresApproval`` (no channel field: decided with kubectl only)::
+
+    "" / Pending --claim--> AwaitingHumanApproval (claimedBy: a worker is sending the HumanLayer request)
+        --sent-->   AwaitingHumanApproval (externalCallID; re-checked with back-off, no worker waits)
+        --failed--> ErrorRequestingHumanApproval (requested again with back-off)
+    AwaitingHumanApproval --approved--> ReadyToExecuteApprovedTool --(tool_call claims, runs once)--> Succeeded
+                          --rejected--> ToolCallRejected (status Succeeded, result = the comment)
+
+A kubectl decision (the ``kubechain.humanlayer.dev/approval`` annotation) counts in every undecided phase.
+The first decision recorded in the status is final: later annotations or HumanLayer answers are ignored.
+
+Humans as tools (``<channel>__human_contact_<type>``)::
+
+    "" / Pending --claim--> AwaitingHumanInput --sent--> AwaitingHumanInput (externalCallID) --answer--> Succeeded
+    request failures: AwaitingHumanInput with status Error, requested again with back-off; Failed after
+    HUMAN_CONTACT_MAX_ATTEMPTS (the LLM then sees the error; there is no ErrorRequestingHumanInput phase).
+
+Bookkeeping in the waiting phases uses existing status fields (everything survives restarts):
+
+    claimedBy   set while a worker sends the HumanLayer request: the claim (taken over after
+                REQUEST_CLAIM_TIMEOUT_S, when its holder is presumed dead)
+    claimedAt   when a worker last talked to HumanLayer about this call (request or status check)
+    attempts    HumanLayer calls of the current stage: failed requests until externalCallID is known,
+                status checks after that; reset when a decision is recorded, so that afterwards it counts
+                executions as usual
+    The next HumanLayer call is due at claimedAt + recheck_delay(attempts) (2 s, 2 s, 4 s, ... 60 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.transition import (
+    Transition,
+    normal,
+    parse_timestamp,
+    precise_timestamp,
+    status_differs,
+    timestamp,
+    warning,
+)
+
+APPROVAL_ANNOTATION = "kubechain.humanlayer.dev/approval"
+APPROVAL_COMMENT_ANNOTATION = "kubechain.humanlayer.dev/approval-comment"
+
+PENDING_PHASES = ("", ToolCallPhase.PENDING.value)
+APPROVAL_WAITING_PHASES = (
+    ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
+    ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL.value,
+)
+UNDECIDED_PHASES = PENDING_PHASES + APPROVAL_WAITING_PHASES
+
+RECHECK_BASE_S = 2.0
+RECHECK_MAX_S = 60.0
+REQUEST_CLAIM_TIMEOUT_S = 30.0  # well above the HumanLayer client's 10 s request timeout
+HUMAN_CONTACT_MAX_ATTEMPTS = 8  # ~3 minutes of retrying before the LLM is told
+NO_FEEDBACK = "(no feedback given)"
+RECHECK_REASON = "humanlayer-recheck"
+
+
+# -- identities and timing ---------------------------------------------------------------------------
+
+
+def call_id(toolcall: TaskRunToolCall) -> str:
+    """Deterministic per tool call, so a retried request is the same HumanLayer call."""
+    identity = toolcall.uid or f"{toolcall.namespace}/{toolcall.name}"
+    return "kc-" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+def run_id(toolcall: TaskRunToolCall) -> str:
+    """The tool call's name (HumanLayer allows at most 64 characters for run_id + call_id)."""
+    return toolcall.name[: 64 - len(call_id(toolcall))]
+
+
+def recheck_delay(attempts: int) -> float:
+    return min(RECHECK_MAX_S, RECHECK_BASE_S * 2 ** max(0, attempts - 1))
+
+
+def next_due(toolcall: TaskRunToolCall) -> datetime | None:
+    last = parse_timestamp(toolcall.status.claimed_at)
+    if last is None:
+        return None
+    return last + timedelta(seconds=recheck_delay(toolcall.status.attempts or 0))
+
+
+def is_due(toolcall: TaskRunToolCall, now: datetime) -> bool:
+    """Whether the next HumanLayer call is due (with a little slack for clock differences between workers).
+
+    Early triggers (a resync, a duplicate message) do nothing, so concurrent re-check chains die out: only
+    the one that finds the call due checks, and its conditional write makes any other one stale."""
+    due = next_due(toolcall)
+    if due is None:
+        return True
+    slack = 0.5 + 0.1 * recheck_delay(toolcall.status.attempts or 0)
+    return now + timedelta(seconds=slack) >= due
+
+
+def seconds_until_due(toolcall: TaskRunToolCall, now: datetime) -> float:
+    due = next_due(toolcall)
+    return max(0.0, (due - now).total_seconds()) if due else 0.0
+
+
+def request_in_flight(toolcall: TaskRunToolCall, now: datetime) -> bool:
+    """Another worker holds the request claim and is presumably still talking to HumanLayer."""
+    if not toolcall.status.claimed_by:
+        return False
+    claimed = parse_timestamp(toolcall.status.claimed_at)
+    return claimed is not None and (now - claimed).total_seconds() < REQUEST_CLAIM_TIMEOUT_S
+
+
+def _current(toolcall: TaskRunToolCall) -> dict[str, Any]:
+    return toolcall.status.model_dump(by_alias=True)
+
+
+# -- decisions ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    approved: bool
+    via: str  # "kubectl" | "HumanLayer"
+    comment: str = ""
+    by: str = ""
+
+
+def annotation_decision(toolcall: TaskRunToolCall) -> Decision | None:
+    annotations = toolcall.metadata.annotations
+    value = annotations.get(APPROVAL_ANNOTATION, "").strip().lower()
+    if value not in ("approved", "rejected"):
+        return None
+    return Decision(value == "approved", "kubectl", annotations.get(APPROVAL_COMMENT_ANNOTATION, "").strip())
+
+
+def humanlayer_decision(call: dict[str, Any]) -> Decision | None:
+    status = call.get("status") or {}
+    approved = status.get("approved")
+    if approved is None:
+        return None
+    return Decision(bool(approved), "HumanLayer", str(status.get("comment") or "").strip(), _user(status))
+
+
+def human_response(contact: dict[str, Any]) -> tuple[str, str] | None:
+    """(response, who) once the human answered a contact request, else None."""
+    status = contact.get("status") or {}
+    if status.get("response") is None and not status.get("responded_at"):
+        return None
+    return str(status.get("response") or ""), _user(status)
+
+
+def _user(status: dict[str, Any]) -> str:
+    info = status.get("user_info")
+    if isinstance(info, dict):
+        for key in ("email", "name", "username", "user_id", "id"):
+            if info.get(key):
+                return str(info[key])
+    return ""
+
+
+def plan_decision(toolcall: TaskRunToolCall, decision: Decision, now: datetime) -> Transition:
+    who = f" by {decision.by}" if decision.by else ""
+    cleared: dict[str, Any] = {"error": None, "claimedBy": None, "claimedAt": None, "attempts": None}
+    if decision.approved:
+        note = f": {decision.comment}" if decision.comment else ""
+        return Transition(
+            status=cleared
+            | {
+                "phase": ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL.value,
+                "status": "Ready",
+                "statusDetail": f"Ready to execute approved tool (approved via {decision.via}{who})",
+            },
+            events=[normal("ToolCallApproved", f"Tool call approved via {decision.via}{who}{note}")],
+        )
+    feedback = decision.comment or NO_FEEDBACK
+    return Transition(
+        status=cleared
+        | {
+            "phase": ToolCallPhase.TOOL_CALL_REJECTED.value,
+            "status": "Succeeded",
+            "statusDetail": f"Tool execution rejected (rejected via {decision.via}{who})",
+            "result": feedback,
+            "completionTime": timestamp(now),
+        },
+        events=[normal("ToolCallRejected", f"Tool call rejected via {decision.via}{who}: {feedback}")],
+    )
+
+
+# -- approval requests -------------------------------------------------------------------------------
+
+
+def waiting_detail(channel: str) -> str:
+    return f"Waiting for human approval via contact channel {channel}"
+
+
+def how_to_decide(name: str) -> str:
+    return (
+        f"`kubechain approve {name}` or `kubechain reject {name} --comment ...`, or "
+        f"`kubectl annotate taskruntoolcall {name} {APPROVAL_ANNOTATION}=approved`"
+    )
+
+
+def kubectl_detail(name: str) -> str:
+    return f"Waiting for human approval: {how_to_decide(name)}"
+
+
+def plan_await_kubectl(toolcall: TaskRunToolCall, now: datetime) -> Transition | None:
+    """Approval without a HumanLayer channel: wait for the annotation (None when already waiting)."""
+    patch: dict[str, Any] = {
+        "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
+        "status": "Ready",
+        "statusDetail": kubectl_detail(toolcall.name),
+        "startTime": toolcall.status.start_time or timestamp(now),
+        "claimedBy": None,
+    }
+    if not status_differs(_current(toolcall), patch):
+        return None
+    events = []
+    if toolcall.phase != ToolCallPhase.AWAITING_HUMAN_APPROVAL:
+        events.append(normal("AwaitingHumanApproval", f"Tool execution requires approval: {how_to_decide(toolcall.name)}"))
+    return Transition(status=patch, events=events)
+
+
+def plan_request_claim(toolcall: TaskRunToolCall, channel: str, worker: str, now: datetime) -> Transition:
+    """Take the claim to send the approval request (the side effect comes after this write wins)."""
+    status: dict[str, Any] = {
+        "claimedBy": worker,
+        "claimedAt": precise_timestamp(now),
+        "externalCallID": None,
+        "startTime": toolcall.status.start_time or timestamp(now),
+    }
+    events = []
+    if toolcall.phase in PENDING_PHASES:
+        status |= {
+            "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
+            "status": "Ready",
+            "statusDetail": waiting_detail(channel),
+            "attempts": 0,
+        }
+        events.append(normal("AwaitingHumanApproval", f"Tool execution requires approval via contact channel {channel}"))
+    elif toolcall.phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL:
+        status["statusDetail"] = waiting_detail(channel)
+    return Transition(status=status, events=events)
+
+
+def plan_request_sent(toolcall: TaskRunToolCall, channel: str, external_id: str, now: datetime) -> Transition:
+    return Transition(
+        status={
+            "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
+            "status": "Ready",
+            "statusDetail": waiting_detail(channel),
+            "externalCallID": external_id,
+            "error": None,
+            "claimedBy": None,
+            "claimedAt": precise_timestamp(now),
+            "attempts": 0,
+        },
+        events=[normal("HumanLayerRequestSent", "HumanLayer request sent")],
+    )
+
+
+def plan_request_failed(toolcall: TaskRunToolCall, error: str, reason: str, now: datetime) -> Transition:
+    """ErrorRequestingHumanApproval; requested again when due (a kubectl decision still counts)."""
+    attempts = (toolcall.status.attempts or 0) + 1
+    retry = recheck_delay(attempts)
+    detail = (
+        f"{error} (attempt {attempts}; retrying in {retry:.0f}s; or decide with {how_to_decide(toolcall.name)})"
+    )
+    changed = toolcall.phase != ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL or toolcall.status.error != error
+    return Transition(
+        status={
+            "phase": ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL.value,
+            "status": "Error",
+            "statusDetail": detail,
+            "error": error,
+            "externalCallID": None,
+            "claimedBy": None,
+            "claimedAt": precise_timestamp(now),
+            "attempts": attempts,
+        },
+        events=[warning(reason, error)] if changed else [],
+    )
+
+
+def plan_checked(toolcall: TaskRunToolCall, detail: str, now: datetime, problem: str | None = None) -> Transition:
+    """A status check found no answer yet (or failed): count it, so the next one is due later."""
+    shown = detail if problem is None else f"{detail} (last check failed: {problem}; retrying)"
+    events = []
+    if problem is not None and toolcall.status.status_detail != shown:
+        events.append(warning("HumanLayerCheckFailed", problem))
+    return Transition(
+        status={
+            "statusDetail": shown,
+            "claimedAt": precise_timestamp(now),
+            "attempts": (toolcall.status.attempts or 0) + 1,
+        },
+        events=events,
+    )
+
+
+# -- humans as tools ---------------------------------------------------------------------------------
+
+
+def input_detail(channel: str) -> str:
+    return f"Waiting for human input via contact channel {channel}"
+
+
+def plan_contact_claim(toolcall: TaskRunToolCall, channel: str, worker: str, now: datetime) -> Transition:
+    status: dict[str, Any] = {
+        "claimedBy": worker,
+        "claimedAt": precise_timestamp(now),
+        "externalCallID": None,
+        "startTime": toolcall.status.start_time or timestamp(now),
+    }
+    events = []
+    if toolcall.phase in PENDING_PHASES:
+        status |= {
+            "phase": ToolCallPhase.AWAITING_HUMAN_INPUT.value,
+            "status": "Ready",
+            "statusDetail": f"Contacting a human via contact channel {channel}",
+            "attempts": 0,
+        }
+        events.append(normal("AwaitingHumanContact", f"Asking a human via contact channel {channel}"))
+    return Transition(status=status, events=events)
+
+
+def plan_contact_sent(toolcall: TaskRunToolCall, channel: str, external_id: str, now: datetime) -> Transition:
+    return Transition(
+        status={
+            "phase": ToolCallPhase.AWAITING_HUMAN_INPUT.value,
+            "status": "Ready",
+            "statusDetail": input_detail(channel),
+            "externalCallID": external_id,
+            "error": None,
+            "claimedBy": None,
+            "claimedAt": precise_timestamp(now),
+            "attempts": 0,
+        },
+        events=[normal("HumanLayerRequestSent", "HumanLayer request sent")],
+    )
+
+
+def plan_contact_failed(
+    toolcall: TaskRunToolCall, channel: str, error: str, reason: str, now: datetime, max_attempts: int = HUMAN_CONTACT_MAX_ATTEMPTS
+) -> Transition:
+    attempts = (toolcall.status.attempts or 0) + 1
+    if attempts >= max_attempts:
+        message = f"could not contact a human via contact channel {channel} after {attempts} attempts: {error}"
+        failed = plan_tool_failure(toolcall, message, now, reason=reason)
+        failed.status["attempts"] = attempts
+        return failed
+    retry = recheck_delay(attempts)
+    changed = toolcall.status.status != "Error" or toolcall.status.error != error
+    return Transition(
+        status={
+            "phase": ToolCallPhase.AWAITING_HUMAN_INPUT.value,
+            "status": "Error",
+            "statusDetail": f"{error} (attempt {attempts} of {max_attempts}; retrying in {retry:.0f}s)",
+            "error": error,
+            "externalCallID": None,
+            "claimedBy": None,
+            "claimedAt": precise_timestamp(now),
+            "attempts": attempts,
+        },
+        events=[warning(reason, error)] if changed else [],
+    )
+
+
+def plan_human_responded(toolcall: TaskRunToolCall, channel: str, response: str, by: str, now: datetime) -> Transition:
+    who = f" ({by})" if by else ""
+    return Transition(
+        status={
+            "phase": ToolCallPhase.SUCCEEDED.value,
+            "status": "Succeeded",
+            "statusDetail": f"Human responded via contact channel {channel}",
+            "result": response,
+            "error": None,
+            "completionTime": timestamp(now),
+            "claimedBy": None,
+            "claimedAt": None,
+            "attempts": None,
+        },
+        events=[normal("HumanResponded", f"Human responded via contact channel {channel}{who}")],
+    )
