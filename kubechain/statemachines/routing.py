@@ -20,6 +20,8 @@ VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel"
 TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
 TASKRUN_PREPARE = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
 TASKRUN_WAITING = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
+TOOLCALL_AWAITING_DECISION = (ToolCallPhase.AWAITING_HUMAN_APPROVAL, ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL)
+APPROVAL_ANNOTATION = "kubechain.humanlayer.dev/approval"  # = kubechain.statemachines.approval.APPROVAL_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,17 @@ def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s:
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
         if phase == ToolCallPhase.RUNNING and resync and _claim_expired(status, now, claim_timeout_s):
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason="stale-claim")]
+        if phase in TOOLCALL_AWAITING_DECISION and not resync and _has_approval_annotation(obj):
+            # A human decided with kubectl (or `kubechain approve|reject`): record it now, not at the next resync.
+            return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason="approval-annotation")]
         if phase in (ToolCallPhase.AWAITING_HUMAN_APPROVAL, ToolCallPhase.AWAITING_HUMAN_INPUT, ToolCallPhase.AWAITING_SUB_AGENT, ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL) and resync:
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
     return []
+
+
+def _has_approval_annotation(obj: Mapping[str, Any]) -> bool:
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get(APPROVAL_ANNOTATION))
 
 
 def _claim_expired(status: Mapping[str, Any], now: datetime, claim_timeout_s: float) -> bool:

@@ -61,6 +61,11 @@ class LoopLimits:
     max_context_window_bytes: int = 1024 * 1024
 
 
+def clean_text(text: str) -> str:
+    """LLM output may hold lone surrogates (invalid in UTF-8); replace them so it can be stored."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def preview(message: str) -> str:
     return message if len(message) <= PREVIEW_LENGTH else message[: PREVIEW_LENGTH - 3] + "..."
 
@@ -230,6 +235,18 @@ def plan_llm_answer(
     limits: LoopLimits,
 ) -> Transition:
     """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create."""
+    content = clean_text(content)
+    tool_calls = [
+        call.model_copy(
+            update={
+                "id": clean_text(call.id),
+                "function": call.function.model_copy(
+                    update={"name": clean_text(call.function.name), "arguments": clean_text(call.function.arguments)}
+                ),
+            }
+        )
+        for call in tool_calls
+    ]
     window = _window(run)
     turn = run.status.turns or 0
     token_usage = _add_usage(run, usage)
@@ -382,7 +399,7 @@ def tool_message_content(toolcall: TaskRunToolCall, limits: LoopLimits) -> str:
 
 
 def truncate(text: str, max_bytes: int) -> str:
-    encoded = text.encode("utf-8")
+    encoded = text.encode("utf-8", "replace")
     if len(encoded) <= max_bytes:
         return text
     kept = encoded[:max_bytes].decode("utf-8", "ignore")
