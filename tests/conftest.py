@@ -59,7 +59,11 @@ def kube(kubeconfig: Path) -> Iterator[object]:
 def namespace(kube: object) -> Iterator[str]:
     """A fresh namespace per test, so tests never see each other's objects."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})  # type: ignore[attr-defined]
+    kube.request(
+        "POST",
+        "/api/v1/namespaces",
+        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+    )  # type: ignore[attr-defined]
     yield name
     try:
         kube.request("DELETE", f"/api/v1/namespaces/{name}")  # type: ignore[attr-defined]
@@ -84,15 +88,24 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 def kubectl(kubeconfig: Path) -> Kubectl:
     binary = kubectl_binary()
 
-    def run(*args: str, input: str | None = None, check: bool = True, namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        *args: str, input: str | None = None, check: bool = True, namespace: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         argv = [binary, *args]
         if namespace:
             argv += ["--namespace", namespace]
         result = subprocess.run(
-            argv, input=input, capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(kubeconfig)}, timeout=60
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            timeout=60,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     return run

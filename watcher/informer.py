@@ -57,7 +57,9 @@ class Informer:
             if event_type == "DELETED":
                 self.cache.pop(key, None)
             else:
-                if previous is not None and previous["metadata"].get("resourceVersion") == obj["metadata"].get("resourceVersion"):
+                if previous is not None and previous["metadata"].get("resourceVersion") == obj[
+                    "metadata"
+                ].get("resourceVersion"):
                     return  # a duplicate delivery of something we have already seen
                 self.cache[key] = obj
         self.handler(self.kind, event_type, obj, previous)
@@ -83,7 +85,9 @@ class Informer:
             try:
                 if not self.resource_version:
                     self.relist()
-                for event in self.kube.watch_raw(self.plural, self.namespace, self.resource_version, self.watch_timeout_s):
+                for event in self.kube.watch_raw(
+                    self.plural, self.namespace, self.resource_version, self.watch_timeout_s
+                ):
                     if self.stop.is_set():
                         return
                     obj = event.get("object") or {}

@@ -17,7 +17,13 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS
-from kubechain.observability.metrics import ENQUEUED, IS_LEADER, QUEUE_DEPTH, WATCH_EVENTS, register_phase_collector
+from kubechain.observability.metrics import (
+    ENQUEUED,
+    IS_LEADER,
+    QUEUE_DEPTH,
+    WATCH_EVENTS,
+    register_phase_collector,
+)
 from kubechain.observability.tracing import run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
@@ -88,7 +94,9 @@ class Watcher:
             for obj in informer.snapshot().values()
         ]
 
-    def _on_event(self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    def _on_event(
+        self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
+    ) -> None:
         WATCH_EVENTS.labels(kind, event_type).inc()
         if not self.is_leader:
             return
@@ -114,7 +122,11 @@ class Watcher:
                 last_rv, at, retries = last
                 if resync:
                     # Back off per object: a backlog of queued work must not be re-enqueued every tick.
-                    wait = min(300.0, self.settings.stale_after_s * (2 ** min(retries, 8))) if last_rv == rv else self.settings.stale_after_s
+                    wait = (
+                        min(300.0, self.settings.stale_after_s * (2 ** min(retries, 8)))
+                        if last_rv == rv
+                        else self.settings.stale_after_s
+                    )
                     if now - at < wait:
                         return
                     retries = retries + 1 if last_rv == rv else 0
@@ -159,7 +171,9 @@ class Watcher:
 
     def message_for(self, work: Work, rv: str) -> ResourceMessage:
         """The task payload; work on a TaskRun (or its tool calls) carries a span of the run's trace."""
-        message = ResourceMessage(kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason)
+        message = ResourceMessage(
+            kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason
+        )
         if work.trace_uid:
             with span(
                 f"enqueue {work.task.value}",
@@ -227,7 +241,9 @@ class Watcher:
             self.elector.start()
         else:
             self.resync(force=True)
-        log.info("watcher started", extra={"kinds": len(KINDS), "namespaces": self.settings.namespaces or "all"})
+        log.info(
+            "watcher started", extra={"kinds": len(KINDS), "namespaces": self.settings.namespaces or "all"}
+        )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -262,7 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     app = make_celery(settings)
     kube = KubeClient.from_settings(settings)
     watcher = Watcher(
-        settings, kube, lambda task, message, countdown: enqueue(app, task, message, countdown),
+        settings,
+        kube,
+        lambda task, message, countdown: enqueue(app, task, message, countdown),
         leader_election=not args.no_leader_election,
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())

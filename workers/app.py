@@ -45,7 +45,9 @@ def set_context(ctx: WorkerContext | None) -> None:
         _context = ctx
 
 
-def _run(task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], None], payload: dict[str, Any]) -> None:
+def _run(
+    task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], None], payload: dict[str, Any]
+) -> None:
     message = ResourceMessage.model_validate(payload)
     name = task.value.removeprefix("kubechain.")
     TASK_QUEUE_SECONDS.labels(name).observe(max(0.0, time.time() - message.enqueued_at))

@@ -1,28 +1,381 @@
 """Human approval of tool calls and humans as tools (HumanLayer and kubectl). Hook points for tool_call.
 
 ``gate`` runs before a tool call is claimed for execution: it returns True when the call may execute now,
-False when it handled the call itself (requested approval, is waiting, or recorded a rejection).
+False when it handled the call itself (requested approval, is waiting, or recorded a decision).
 ``contact_human`` executes a ``<channel>__human_contact_<type>`` tool call.
+
+The decisions are in kubechain/statemachines/approval.py. Here: reading the ContactChannel and its API key,
+the HumanLayer calls (each only after this worker's conditional status write claimed it), and delayed
+re-checks (``ctx.enqueue`` with a countdown): no worker ever blocks while a human thinks, and everything
+needed to go on is in the status, so waits survive worker and watcher restarts (the watcher's resync
+re-enqueues the Awaiting* phases as well).
+
+Which channel asks for approval:
+  * MCP tools: the MCPServer's ``approvalContactChannel`` (HumanLayer), and kubectl.
+  * Tools with ``execute.externalAPI.requiresApproval``: kubectl only. A Tool has no channel field, and
+    borrowing the Agent's ``humanContactChannels`` (tools the agent offers its LLM for questions) would
+    route approvals to people who never agreed to approve anything; the kubectl decision is explicit.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from kubechain.models import TaskRunToolCall
+from kubechain.humanlayer import (
+    HumanLayerClient,
+    HumanLayerError,
+    HumanLayerNotFound,
+    channel_config_problem,
+    channel_payload,
+)
+from kubechain.kube.errors import Conflict, NotFound
+from kubechain.models import ContactChannel, TaskRunToolCall, ToolCallPhase
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.statemachines import approval as machine
+from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.transition import Transition
+from workers.transitions import apply_transition
+from workers.validators import SecretProblem, get_or_none, read_api_key
 
 if TYPE_CHECKING:
     from workers.context import WorkerContext
     from workers.tool_call import Executor
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """This tool call needs a human decision; ``channel`` is the HumanLayer ContactChannel, if any."""
+
+    channel: str | None
+
+
+def approval_requirement(executor: Executor) -> Requirement | None:
+    if executor.server is not None:
+        ref = executor.server.spec.approval_contact_channel
+        return Requirement(ref.name) if ref is not None else None
+    tool = executor.tool
+    if tool is not None and tool.spec.execute is not None and tool.spec.execute.external_api is not None:
+        if tool.spec.execute.external_api.requires_approval:
+            return Requirement(None)
+    return None
+
+
+# -- approval ----------------------------------------------------------------------------------------
+
 
 def gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> bool:
-    """Nothing needs approval until the approval flow is implemented."""
-    return True
+    phase = toolcall.phase
+    if phase not in machine.UNDECIDED_PHASES:
+        return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
+    requirement = approval_requirement(executor)
+    if requirement is None:
+        if phase not in machine.APPROVAL_WAITING_PHASES:
+            return True
+        requirement = Requirement(None)  # the configuration changed while waiting: a decision is still due
+    if _arguments(toolcall) is None:
+        return True  # invalid arguments: tool_call fails the call before anything runs; no one need approve
+    now = ctx.clock()
+    decision = machine.annotation_decision(toolcall)
+    if decision is not None:
+        apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, now))
+        return False
+    if requirement.channel is None:
+        transition = machine.plan_await_kubectl(toolcall, now)
+        if transition is not None:
+            apply_transition(ctx, toolcall, transition)
+        return False
+    _humanlayer_approval(ctx, toolcall, requirement.channel)
+    return False
+
+
+def _humanlayer_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    now = ctx.clock()
+    phase = toolcall.phase
+    if phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL and toolcall.status.external_call_id:
+        _check_approval(ctx, toolcall, channel_name)
+        return
+    if phase not in machine.PENDING_PHASES:
+        # Requested before (maybe by a worker that died) or failed before: send again when due.
+        if machine.request_in_flight(toolcall, now):
+            return
+        if phase == ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL and not machine.is_due(toolcall, now):
+            return
+    _request_approval(ctx, toolcall, channel_name)
+
+
+def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    now = ctx.clock()
+    try:
+        channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
+    except ChannelProblem as problem:
+        failed = apply_transition(
+            ctx, toolcall, machine.plan_request_failed(toolcall, str(problem), problem.reason, now)
+        )
+        _schedule(ctx, failed)
+        return
+    spec = {
+        "fn": toolcall.spec.tool_ref.name,
+        "kwargs": _arguments(toolcall) or {},
+        "channel": channel_payload(channel),
+    }
+    claimed = apply_transition(
+        ctx, toolcall, machine.plan_request_claim(toolcall, channel_name, ctx.identity, now)
+    )
+    external_id = machine.call_id(claimed)
+    plan: Callable[[TaskRunToolCall], Transition]
+    try:
+        with _client(ctx, api_key) as client:
+            call = client.create_function_call(machine.run_id(claimed), external_id, spec)
+        sent_id = str(call.get("call_id") or external_id)
+        plan = lambda current: machine.plan_request_sent(current, channel_name, sent_id, ctx.clock())  # noqa: E731
+    except HumanLayerError as exc:
+        log.warning("approval request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
+        error = f"HumanLayer request failed: {exc}"
+        plan = lambda current: machine.plan_request_failed(
+            current, error, "HumanLayerRequestFailed", ctx.clock()
+        )  # noqa: E731
+    written = _write_holding_claim(ctx, claimed, plan)
+    if written is not None:
+        _schedule(ctx, written)
+
+
+def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    now = ctx.clock()
+    if not machine.is_due(toolcall, now):
+        return  # an early trigger; the re-check that is due will come
+    detail = machine.waiting_detail(channel_name)
+    external_id = toolcall.status.external_call_id or ""
+    try:
+        _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
+        with _client(ctx, api_key) as client:
+            call = client.get_function_call(external_id)
+    except ChannelProblem as problem:
+        _schedule(
+            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
+        )
+        return
+    except HumanLayerNotFound:
+        log.warning(
+            "HumanLayer does not know call %s of %s/%s; requesting again",
+            external_id,
+            toolcall.namespace,
+            toolcall.name,
+        )
+        _request_approval(ctx, toolcall, channel_name)
+        return
+    except HumanLayerError as exc:
+        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
+        return
+    decision = machine.humanlayer_decision(call)
+    if decision is None:
+        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
+        return
+    apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, now))
+
+
+# -- humans as tools ---------------------------------------------------------------------------------
 
 
 def contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> None:
-    from workers.transitions import apply_transition
-    from kubechain.statemachines.toolcall import plan_tool_failure
+    channel_name = executor.human_channel or ""
+    now = ctx.clock()
+    phase = toolcall.phase
+    if phase in machine.PENDING_PHASES:
+        message, problem = _contact_message(toolcall)
+        if problem is not None:
+            detail = "Invalid arguments JSON" if problem.startswith("Invalid arguments JSON") else None
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, detail=detail))
+            return
+        _request_contact(ctx, toolcall, channel_name, message)
+        return
+    if phase != ToolCallPhase.AWAITING_HUMAN_INPUT:
+        return
+    if toolcall.status.external_call_id:
+        _check_contact(ctx, toolcall, channel_name)
+        return
+    if machine.request_in_flight(toolcall, now) or not machine.is_due(toolcall, now):
+        return
+    message, _ = _contact_message(toolcall)
+    _request_contact(ctx, toolcall, channel_name, message)
 
-    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, "human contact tools are not supported yet", ctx.clock()))
+
+def _contact_message(toolcall: TaskRunToolCall) -> tuple[str, str | None]:
+    try:
+        arguments = json.loads(toolcall.spec.arguments or "{}")
+    except ValueError as exc:
+        return "", f"Invalid arguments JSON: {exc}"
+    if not isinstance(arguments, dict):
+        return "", f"Invalid arguments JSON: arguments must be a JSON object, got {type(arguments).__name__}"
+    message = arguments.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return "", 'human contact tools need a non-empty "message" argument'
+    return message, None
+
+
+def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str, message: str) -> None:
+    now = ctx.clock()
+    try:
+        channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
+    except ChannelProblem as problem:
+        failed = apply_transition(
+            ctx,
+            toolcall,
+            machine.plan_contact_failed(toolcall, channel_name, str(problem), problem.reason, now),
+        )
+        _schedule(ctx, failed)
+        return
+    spec = {"msg": message, "channel": channel_payload(channel)}
+    claimed = apply_transition(
+        ctx, toolcall, machine.plan_contact_claim(toolcall, channel_name, ctx.identity, now)
+    )
+    external_id = machine.call_id(claimed)
+    plan: Callable[[TaskRunToolCall], Transition]
+    try:
+        with _client(ctx, api_key) as client:
+            contact = client.create_contact_request(machine.run_id(claimed), external_id, spec)
+        sent_id = str(contact.get("call_id") or external_id)
+        plan = lambda current: machine.plan_contact_sent(current, channel_name, sent_id, ctx.clock())  # noqa: E731
+    except HumanLayerError as exc:
+        log.warning("human contact request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
+        error = f"HumanLayer request failed: {exc}"
+        plan = lambda current: machine.plan_contact_failed(
+            current, channel_name, error, "HumanLayerRequestFailed", ctx.clock()
+        )  # noqa: E731
+    written = _write_holding_claim(ctx, claimed, plan)
+    if written is not None:
+        _schedule(ctx, written)
+
+
+def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    now = ctx.clock()
+    if not machine.is_due(toolcall, now):
+        return
+    detail = machine.input_detail(channel_name)
+    external_id = toolcall.status.external_call_id or ""
+    try:
+        _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
+        with _client(ctx, api_key) as client:
+            contact = client.get_contact_request(external_id)
+    except ChannelProblem as problem:
+        _schedule(
+            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
+        )
+        return
+    except HumanLayerNotFound:
+        message, _ = _contact_message(toolcall)
+        _request_contact(ctx, toolcall, channel_name, message)
+        return
+    except HumanLayerError as exc:
+        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
+        return
+    answer = machine.human_response(contact)
+    if answer is None:
+        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
+        return
+    response, by = answer
+    apply_transition(ctx, toolcall, machine.plan_human_responded(toolcall, channel_name, response, by, now))
+
+
+# -- shared ------------------------------------------------------------------------------------------
+
+
+class ChannelProblem(Exception):
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[ContactChannel, str]:
+    """The ready ContactChannel and its HumanLayer API key, or ChannelProblem (never the key in a message)."""
+    channel = get_or_none(ctx, ContactChannel, namespace, name)
+    if channel is None:
+        raise ChannelProblem(f'ContactChannel "{name}" not found', "NoContactChannel")
+    if not channel.status.ready:
+        detail = channel.status.status_detail or "not validated yet"
+        raise ChannelProblem(f'ContactChannel "{name}" is not ready: {detail}', "NoContactChannel")
+    problem = channel_config_problem(channel)
+    if problem is not None:
+        raise ChannelProblem(f'ContactChannel "{name}": {problem}', "NoContactChannel")
+    ref = channel.spec.api_key_from.secret_key_ref
+    try:
+        api_key = read_api_key(ctx, namespace, ref.name, ref.key)
+    except SecretProblem as exc:
+        raise ChannelProblem(
+            f'failed to get the HumanLayer API key of ContactChannel "{name}": {exc}', "NoAPIKey"
+        ) from None
+    return channel, api_key
+
+
+def _client(ctx: WorkerContext, api_key: str) -> HumanLayerClient:
+    return HumanLayerClient(ctx.settings.humanlayer_api_base, api_key)
+
+
+def _arguments(toolcall: TaskRunToolCall) -> dict[str, Any] | None:
+    try:
+        value = json.loads(toolcall.spec.arguments or "{}")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str | None) -> bool:
+    return toolcall.status.claimed_by == worker and toolcall.status.claimed_at == claimed_at
+
+
+def _write_holding_claim(
+    ctx: WorkerContext, claimed: TaskRunToolCall, plan: Callable[[TaskRunToolCall], Transition]
+) -> TaskRunToolCall | None:
+    """Record the outcome of a HumanLayer request while this worker still holds the request claim.
+
+    Re-read and retry on conflicts (an annotation, say); give up when someone else moved the call on
+    (a kubectl decision recorded meanwhile wins, and the request is moot)."""
+    claimed_at = claimed.status.claimed_at
+    current = claimed
+    for _ in range(8):
+        try:
+            return apply_transition(ctx, current, plan(current))
+        except Conflict:
+            pass
+        except NotFound:
+            return None
+        try:
+            current = ctx.kube.get(TaskRunToolCall, claimed.namespace, claimed.name)
+        except NotFound:
+            return None
+        if not _holds_claim(current, ctx.identity, claimed_at):
+            log.info(
+                "tool call %s/%s moved on while its HumanLayer request was sent",
+                claimed.namespace,
+                claimed.name,
+            )
+            return None
+    return None
+
+
+def _schedule(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+    """Enqueue the next check of a waiting call for when it is due (the resync is the safety net)."""
+    if toolcall.phase not in (
+        ToolCallPhase.AWAITING_HUMAN_APPROVAL,
+        ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL,
+        ToolCallPhase.AWAITING_HUMAN_INPUT,
+    ):
+        return
+    delay = machine.seconds_until_due(toolcall, ctx.clock())
+    message = ResourceMessage(
+        kind=TaskRunToolCall.KIND,
+        namespace=toolcall.namespace,
+        name=toolcall.name,
+        uid=toolcall.uid,
+        resource_version=toolcall.resource_version,
+        reason=machine.RECHECK_REASON,
+    )
+    try:
+        ctx.enqueue(TaskName.TOOL_CALL, message, delay)
+    except Exception as exc:  # noqa: BLE001 - the broker is down: the watcher's resync re-enqueues waiting calls
+        log.warning("could not schedule the re-check of %s/%s: %s", toolcall.namespace, toolcall.name, exc)

@@ -12,7 +12,13 @@ from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRu
 from kubechain.observability.metrics import LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
 from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.taskrun import holds_claim, plan_config_error, plan_llm_answer, plan_llm_claim, plan_llm_error
+from kubechain.statemachines.taskrun import (
+    holds_claim,
+    plan_config_error,
+    plan_llm_answer,
+    plan_llm_claim,
+    plan_llm_error,
+)
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
@@ -47,7 +53,9 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
         raise RunConfigError(f'Agent "{agent_name}" not found', "AgentFetchFailed")
     llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name, cached=True)
     if llm is None:
-        raise RunConfigError(f'Failed to get LLM: LLM "{agent.spec.llm_ref.name}" not found', "LLMFetchFailed")
+        raise RunConfigError(
+            f'Failed to get LLM: LLM "{agent.spec.llm_ref.name}" not found', "LLMFetchFailed"
+        )
     ref = llm.spec.api_key_ref()
     try:
         api_key = read_api_key(ctx, run.namespace, ref.name, ref.key, cached=True)
@@ -55,11 +63,30 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
         raise RunConfigError(f"Failed to get API key secret: {problem}", "SecretFetchFailed") from None
     status = agent.status
     ns = run.namespace
-    tools = [t for t in (get_or_none(ctx, Tool, ns, v.name, cached=True) for v in status.valid_tools or []) if t is not None]
-    servers = [s for s in (get_or_none(ctx, MCPServer, ns, v.name, cached=True) for v in status.valid_mcp_servers or []) if s is not None]
-    sub_agents = [a for a in (get_or_none(ctx, Agent, ns, v.name, cached=True) for v in status.valid_sub_agents or []) if a is not None]
+    tools = [
+        t
+        for t in (get_or_none(ctx, Tool, ns, v.name, cached=True) for v in status.valid_tools or [])
+        if t is not None
+    ]
+    servers = [
+        s
+        for s in (
+            get_or_none(ctx, MCPServer, ns, v.name, cached=True) for v in status.valid_mcp_servers or []
+        )
+        if s is not None
+    ]
+    sub_agents = [
+        a
+        for a in (get_or_none(ctx, Agent, ns, v.name, cached=True) for v in status.valid_sub_agents or [])
+        if a is not None
+    ]
     channels = [
-        c for c in (get_or_none(ctx, ContactChannel, ns, v.name, cached=True) for v in status.valid_human_contact_channels or []) if c is not None
+        c
+        for c in (
+            get_or_none(ctx, ContactChannel, ns, v.name, cached=True)
+            for v in status.valid_human_contact_channels or []
+        )
+        if c is not None
     ]
     return agent, llm, api_key, tool_definitions(agent, tools, servers, sub_agents, channels)
 
@@ -111,7 +138,9 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
             ctx,
             claimed,
             claimed_at,
-            lambda current: plan_llm_error(current, str(exc), exc.retryable, exc.retry_after_s, ctx.clock(), ctx.limits),
+            lambda current, error=exc: plan_llm_error(  # type: ignore[misc]
+                current, str(error), error.retryable, error.retry_after_s, ctx.clock(), ctx.limits
+            ),
         )
         return
     LLM_REQUESTS.labels(request.model, "ok").inc()
@@ -124,7 +153,9 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
         ctx,
         claimed,
         claimed_at,
-        lambda current: plan_llm_answer(current, response.content, response.tool_calls, usage, ctx.clock(), ctx.limits),
+        lambda current: plan_llm_answer(
+            current, response.content, response.tool_calls, usage, ctx.clock(), ctx.limits
+        ),
     )
 
 
@@ -149,6 +180,7 @@ def _record(ctx: WorkerContext, claimed: TaskRun, claimed_at: str, plan: PlanFn)
         except NotFound:
             return
         if not holds_claim(current, ctx.identity, claimed_at):
-            log.warning("lost the claim on %s/%s; discarding this LLM answer", claimed.namespace, claimed.name)
+            log.warning(
+                "lost the claim on %s/%s; discarding this LLM answer", claimed.namespace, claimed.name
+            )
             return
-

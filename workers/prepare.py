@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 
 from kubechain.kube.errors import NotFound
-from kubechain.models import LABEL_TASKRUNTOOLCALL, LABEL_TOOLCALLREQUEST, Agent, Task, TaskRun, TaskRunPhase, TaskRunToolCall
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    LABEL_TOOLCALLREQUEST,
+    Agent,
+    Task,
+    TaskRun,
+    TaskRunPhase,
+    TaskRunToolCall,
+)
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from workers.context import WorkerContext
@@ -39,7 +47,9 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
     if not direct and run.spec.task_ref is not None:
         task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name)
         task_missing = task is None
-    agent_name = run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else None)
+    agent_name = (
+        run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else None)
+    )
     agent = get_or_none(ctx, Agent, run.namespace, agent_name) if agent_name else None
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock())
     if transition is not None:

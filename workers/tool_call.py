@@ -10,7 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubechain.kube.errors import Conflict, NotFound
-from kubechain.models import LABEL_TASKRUNTOOLCALL, Agent, MCPServer, ObjectMeta, Task, TaskRun, TaskRunToolCall, Tool
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    Agent,
+    MCPServer,
+    ObjectMeta,
+    Task,
+    TaskRun,
+    TaskRunToolCall,
+    Tool,
+)
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
 from kubechain.models.taskrun import TaskRunSpec
@@ -79,7 +88,12 @@ class Executor:
         subject = self.tool.name if (kind == "tool" and self.tool is not None) else name
         if subject in granted:
             return None
-        field = {"tool": "tools", "mcp": "mcpServers", "subagent": "subAgents", "human": "humanContactChannels"}[kind]
+        field = {
+            "tool": "tools",
+            "mcp": "mcpServers",
+            "subagent": "subAgents",
+            "human": "humanContactChannels",
+        }[kind]
         return f'tool "{self.toolcall.spec.tool_ref.name}" is not available to agent "{agent.name}" (not in spec.{field})'
 
     def _resolve(self) -> None:
@@ -87,11 +101,15 @@ class Executor:
         if self.target.kind == "mcp":
             self.server = get_or_none(self.ctx, MCPServer, ns, self.target.name)
             if self.server is None:
-                self.problem = f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
+                self.problem = (
+                    f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
+                )
         elif self.target.kind == "tool":
             self.tool = find_tool(self.ctx, ns, self.target.name)
             if self.tool is None:
-                self.problem = f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
+                self.problem = (
+                    f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
+                )
             elif tool_type(self.tool) == "delegateToAgent" and self.tool.spec.agent_ref is not None:
                 self.delegate_to = self.tool.spec.agent_ref.name
         elif self.target.kind == "subagent":
@@ -117,7 +135,11 @@ class Executor:
             assert self.tool is not None
             kind = tool_type(self.tool)
             if kind == "function":
-                builtin = self.tool.spec.execute.builtin.name if self.tool.spec.execute and self.tool.spec.execute.builtin else None
+                builtin = (
+                    self.tool.spec.execute.builtin.name
+                    if self.tool.spec.execute and self.tool.spec.execute.builtin
+                    else None
+                )
                 result = run_builtin(builtin or "", arguments)
                 return Outcome(result=result, event_message=f'Tool "{self.tool.name}" executed successfully')
             if kind == "externalAPI":
@@ -133,7 +155,9 @@ class Executor:
         token = None
         if api.credentials_from is not None:
             try:
-                token = read_api_key(self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key)
+                token = read_api_key(
+                    self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key
+                )
             except SecretProblem as problem:
                 return Outcome(error=f"Failed to get API credentials: {problem}")
         timeout = float(api.timeout_seconds or self.ctx.settings.tool_timeout_s)
@@ -185,7 +209,11 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
         log.info("skipping tool call %s: its TaskRun is gone or finished", message.key())
         return
     agent_name = _parent_agent(ctx, parent)
-    executor = Executor(ctx, toolcall, get_or_none(ctx, Agent, parent.namespace, agent_name, cached=True) if agent_name else None)
+    executor = Executor(
+        ctx,
+        toolcall,
+        get_or_none(ctx, Agent, parent.namespace, agent_name, cached=True) if agent_name else None,
+    )
     now = ctx.clock()
     if executor.problem is not None and toolcall.phase in ("", "Pending"):
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
@@ -211,12 +239,20 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     try:
         arguments = parse_arguments(toolcall.spec.arguments)
     except ValueError as exc:
-        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"))
+        apply_transition(
+            ctx,
+            toolcall,
+            plan_tool_failure(
+                toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"
+            ),
+        )
         return
     claimed = apply_transition(ctx, toolcall, claim.transition)
     claimed_at = claimed.status.claimed_at or ""
     started = time.perf_counter()
-    with span(f"ToolCall {toolcall.spec.tool_ref.name}", None, **{"kubechain.toolcall": toolcall.name}) as current:
+    with span(
+        f"ToolCall {toolcall.spec.tool_ref.name}", None, **{"kubechain.toolcall": toolcall.name}
+    ) as current:
         outcome = executor.run(arguments)
         current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")
     label = tool_label(toolcall.spec.tool_ref.name)
@@ -231,7 +267,12 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     _record(ctx, claimed, claimed_at, plan)
 
 
-def _record(ctx: WorkerContext, claimed: TaskRunToolCall, claimed_at: str, plan: Callable[[TaskRunToolCall], Transition]) -> None:
+def _record(
+    ctx: WorkerContext,
+    claimed: TaskRunToolCall,
+    claimed_at: str,
+    plan: Callable[[TaskRunToolCall], Transition],
+) -> None:
     current = claimed
     for _ in range(8):
         try:
@@ -246,7 +287,9 @@ def _record(ctx: WorkerContext, claimed: TaskRunToolCall, claimed_at: str, plan:
         except NotFound:
             return
         if not holds_claim(current, ctx.identity, claimed_at):
-            log.warning("lost the claim on tool call %s/%s; discarding its result", claimed.namespace, claimed.name)
+            log.warning(
+                "lost the claim on tool call %s/%s; discarding its result", claimed.namespace, claimed.name
+            )
             return
 
 
@@ -267,9 +310,13 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     if toolcall.phase == "AwaitingSubAgent":
         child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
         if child is None:
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"sub-agent TaskRun {child_name} was deleted", now))
+            apply_transition(
+                ctx, toolcall, plan_tool_failure(toolcall, f"sub-agent TaskRun {child_name} was deleted", now)
+            )
             return
-        outcome = plan_sub_agent_outcome(toolcall, child.phase, child.status.output or "", child.status.error or "", now)
+        outcome = plan_sub_agent_outcome(
+            toolcall, child.phase, child.status.output or "", child.status.error or "", now
+        )
         if outcome is not None:
             apply_transition(ctx, toolcall, outcome)
         return
@@ -284,7 +331,13 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     try:
         arguments = parse_arguments(toolcall.spec.arguments)
     except ValueError as exc:
-        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"))
+        apply_transition(
+            ctx,
+            toolcall,
+            plan_tool_failure(
+                toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"
+            ),
+        )
         return
     message = arguments.get("message")
     if not isinstance(message, str) or not message.strip():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kubechain.kube.errors import AlreadyExists, Conflict
@@ -28,12 +28,19 @@ def apply_transition(ctx: WorkerContext, obj: R, transition: Transition) -> R:
     create_children(ctx, updated, transition.children)
     log.info(
         "transition",
-        extra={"kind": obj.KIND, "namespace": obj.namespace, "resource": obj.name, "phase": transition.phase()},
+        extra={
+            "kind": obj.KIND,
+            "namespace": obj.namespace,
+            "resource": obj.name,
+            "phase": transition.phase(),
+        },
     )
     return updated
 
 
-def create_children(ctx: WorkerContext, parent: Resource[Any, Any], children: list[Resource[Any, Any]]) -> None:
+def create_children(
+    ctx: WorkerContext, parent: Resource[Any, Any], children: Sequence[Resource[Any, Any]]
+) -> None:
     """Create children by their deterministic names; AlreadyExists means a previous attempt did it."""
     for child in children:
         try:

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource[Any, Any])
 
 
-def get_or_none(ctx: WorkerContext, model: type[R], namespace: str, name: str, *, cached: bool = False) -> R | None:
+def get_or_none(
+    ctx: WorkerContext, model: type[R], namespace: str, name: str, *, cached: bool = False
+) -> R | None:
     try:
         if cached:
             return ctx.config_cache.get(model, namespace, name)
@@ -40,10 +42,16 @@ class SecretProblem(Exception):
     pass
 
 
-def read_api_key(ctx: WorkerContext, namespace: str, secret_name: str, key: str, *, cached: bool = False) -> str:
+def read_api_key(
+    ctx: WorkerContext, namespace: str, secret_name: str, key: str, *, cached: bool = False
+) -> str:
     """The value of one Secret key, or SecretProblem saying what to fix (never the value itself)."""
     try:
-        data = ctx.config_cache.read_secret(namespace, secret_name) if cached else ctx.kube.read_secret(namespace, secret_name)
+        data = (
+            ctx.config_cache.read_secret(namespace, secret_name)
+            if cached
+            else ctx.kube.read_secret(namespace, secret_name)
+        )
     except NotFound:
         raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found') from None
     if key not in data:
@@ -103,7 +111,9 @@ def agent_dependencies(ctx: WorkerContext, agent: Agent) -> AgentDependencies:
         tools={ref.name: get_or_none(ctx, Tool, ns, ref.name) for ref in spec.tools},
         mcp_servers={ref.name: get_or_none(ctx, MCPServer, ns, ref.name) for ref in spec.mcp_servers},
         sub_agents={ref.name: get_or_none(ctx, Agent, ns, ref.name) for ref in spec.sub_agents},
-        channels={ref.name: get_or_none(ctx, ContactChannel, ns, ref.name) for ref in spec.human_contact_channels},
+        channels={
+            ref.name: get_or_none(ctx, ContactChannel, ns, ref.name) for ref in spec.human_contact_channels
+        },
     )
 
 
@@ -132,10 +142,17 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
     handler(ctx, message)
 
 
+def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> None:
+    from workers.contactchannels import validate_contactchannel as handler  # lazy: imports this module
+
+    handler(ctx, message)
+
+
 VALIDATORS = {
     "LLM": validate_llm,
     "Tool": validate_tool,
     "Agent": validate_agent,
     "Task": validate_task,
     "MCPServer": validate_mcpserver,
+    "ContactChannel": validate_contactchannel,
 }

@@ -8,7 +8,9 @@ from kubechain.cli import main
 
 
 @main.command()
-@click.option("--queues", "-Q", default="control,llm,tools", show_default=True, help="Celery queues to consume")
+@click.option(
+    "--queues", "-Q", default="control,llm,tools", show_default=True, help="Celery queues to consume"
+)
 @click.option(
     "--pool",
     type=click.Choice(["threads", "prefork", "solo", "gevent"]),

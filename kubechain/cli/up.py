@@ -68,7 +68,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         while not stop.is_set():
             for name, process in list(stack.workers.items()) + list(stack.watchers.items()):
                 if not process.running():
-                    say(f"{name} exited (code {process.returncode()}); restarting. Last lines:\n{process.tail(10)}")
+                    say(
+                        f"{name} exited (code {process.returncode()}); restarting. Last lines:\n{process.tail(10)}"
+                    )
                     (stack.start_worker if name.startswith("worker") else stack.start_watcher)(name)
             stop.wait(1.0)
     except KeyboardInterrupt:

@@ -54,7 +54,9 @@ def channel_config_problem(channel: ContactChannel) -> str | None:
         if spec.slack is None:
             return "slackConfig is required for slack channel type"
         if not SLACK_ID.match(spec.slack.channel_or_user_id):
-            return f"invalid slack channelOrUserID {spec.slack.channel_or_user_id!r}: must match ^[CU][A-Z0-9]+$"
+            return (
+                f"invalid slack channelOrUserID {spec.slack.channel_or_user_id!r}: must match ^[CU][A-Z0-9]+$"
+            )
         if spec.slack.allowed_responder_ids is not None and not spec.slack.allowed_responder_ids:
             return "slack allowedResponderIDs must not be empty when set"
         return None

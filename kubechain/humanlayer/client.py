@@ -110,9 +110,13 @@ class HumanLayerClient:
         try:
             response = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:
-            raise HumanLayerUnavailable(f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}") from None
+            raise HumanLayerUnavailable(
+                f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}"
+            ) from None
         except httpx.HTTPError as exc:
-            raise HumanLayerUnavailable(f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {exc}") from None
+            raise HumanLayerUnavailable(
+                f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {exc}"
+            ) from None
         status = response.status_code
         if status >= 400:
             detail = _detail(response)
@@ -120,20 +124,26 @@ class HumanLayerClient:
             if status == 401:
                 raise HumanLayerAuthError("invalid HumanLayer API key", status)
             if status == 403:
-                raise HumanLayerAuthError(f"HumanLayer API key not permitted for {where} (HTTP 403){suffix}", status)
+                raise HumanLayerAuthError(
+                    f"HumanLayer API key not permitted for {where} (HTTP 403){suffix}", status
+                )
             if status == 404:
                 raise HumanLayerNotFound(f"not found at HumanLayer ({where}){suffix}", status)
             if status == 409:
                 raise HumanLayerConflict(f"conflict at HumanLayer ({where}){suffix}", status)
             if status == 429 or status >= 500:
-                raise HumanLayerUnavailable(f"HumanLayer API unavailable ({where}): HTTP {status}{suffix}", status)
+                raise HumanLayerUnavailable(
+                    f"HumanLayer API unavailable ({where}): HTTP {status}{suffix}", status
+                )
             raise HumanLayerError(f"HumanLayer rejected the request ({where}): HTTP {status}{suffix}", status)
         try:
             payload = response.json()
         except ValueError:
             raise HumanLayerError(f"invalid response from HumanLayer ({where}): not JSON", status) from None
         if not isinstance(payload, dict):
-            raise HumanLayerError(f"invalid response from HumanLayer ({where}): expected a JSON object", status)
+            raise HumanLayerError(
+                f"invalid response from HumanLayer ({where}): expected a JSON object", status
+            )
         return payload
 
 

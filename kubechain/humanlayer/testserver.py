@@ -75,7 +75,9 @@ class HumanLayerTestServer:
         return f"http://{host!s}:{port}"
 
     def start(self) -> HumanLayerTestServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="humanlayer-test", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="humanlayer-test", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -110,12 +112,17 @@ class HumanLayerTestServer:
     def reject(self, call_id: str, comment: str, user: str = "approver@example.com") -> dict[str, Any]:
         return self.respond_to_function_call(call_id, False, comment, user)
 
-    def respond_to_function_call(self, call_id: str, approved: bool, comment: str = "", user: str = "") -> dict[str, Any]:
+    def respond_to_function_call(
+        self, call_id: str, approved: bool, comment: str = "", user: str = ""
+    ) -> dict[str, Any]:
         with self._lock:
             call = self.function_calls[call_id]
             if call["status"].get("approved") is None:
                 call["status"].update(
-                    approved=approved, comment=comment, responded_at=_now(), user_info={"email": user} if user else {}
+                    approved=approved,
+                    comment=comment,
+                    responded_at=_now(),
+                    user_info={"email": user} if user else {},
                 )
             return copy.deepcopy(call)
 
@@ -124,7 +131,9 @@ class HumanLayerTestServer:
         with self._lock:
             contact = self.contact_requests[call_id]
             if contact["status"].get("responded_at") is None:
-                contact["status"].update(response=response, responded_at=_now(), user_info={"email": user} if user else {})
+                contact["status"].update(
+                    response=response, responded_at=_now(), user_info={"email": user} if user else {}
+                )
             return copy.deepcopy(contact)
 
     def function_call(self, call_id: str) -> dict[str, Any] | None:
@@ -134,11 +143,17 @@ class HumanLayerTestServer:
 
     def pending_function_calls(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(c) for c in self.function_calls.values() if c["status"].get("approved") is None]
+            return [
+                copy.deepcopy(c) for c in self.function_calls.values() if c["status"].get("approved") is None
+            ]
 
     def pending_contact_requests(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [copy.deepcopy(c) for c in self.contact_requests.values() if c["status"].get("responded_at") is None]
+            return [
+                copy.deepcopy(c)
+                for c in self.contact_requests.values()
+                if c["status"].get("responded_at") is None
+            ]
 
     def request_count(self, method: str, path_prefix: str) -> int:
         with self._lock:
@@ -176,14 +191,23 @@ class HumanLayerTestServer:
                 return 404, {"detail": "Not Found"}
             route = path[len(PREFIX) + 1 :].split("/")
             if method == "GET" and route == ["project"]:
-                return 200, {"id": self.project_id, "name": "KubeChain test project", "project_slug": "kubechain-test", "org_slug": "test-org"}
+                return 200, {
+                    "id": self.project_id,
+                    "name": "KubeChain test project",
+                    "project_slug": "kubechain-test",
+                    "org_slug": "test-org",
+                }
             if route[0] in ("function_calls", "contact_requests"):
                 store = self.function_calls if route[0] == "function_calls" else self.contact_requests
                 if method == "POST" and len(route) == 1:
                     return self._create(route[0], store, body)
                 if method == "GET" and len(route) == 2:
                     found = store.get(route[1])
-                    return (200, copy.deepcopy(found)) if found else (404, {"detail": f"call {route[1]} not found"})
+                    return (
+                        (200, copy.deepcopy(found))
+                        if found
+                        else (404, {"detail": f"call {route[1]} not found"})
+                    )
             if method == "POST" and len(route) == 4 and route[0] == "agent" and route[3] == "respond":
                 return self._respond(route[1], route[2], body)
         return 405, {"detail": f"{method} {path} not supported by the test server"}
@@ -198,7 +222,9 @@ class HumanLayerTestServer:
             return 422, {"detail": "run_id + call_id must not exceed 64 characters"}
         if not isinstance(spec, dict):
             return 422, {"detail": "spec is required"}
-        if kind == "function_calls" and (not isinstance(spec.get("fn"), str) or not isinstance(spec.get("kwargs", {}), dict)):
+        if kind == "function_calls" and (
+            not isinstance(spec.get("fn"), str) or not isinstance(spec.get("kwargs", {}), dict)
+        ):
             return 422, {"detail": "spec.fn (string) and spec.kwargs (object) are required"}
         if kind == "contact_requests" and not isinstance(spec.get("msg"), str):
             return 422, {"detail": "spec.msg (string) is required"}
@@ -219,7 +245,12 @@ class HumanLayerTestServer:
     def _respond(self, kind: str, call_id: str, body: Any) -> tuple[int, Any]:
         body = body if isinstance(body, dict) else {}
         if kind == "function_calls" and call_id in self.function_calls:
-            return 200, self.respond_to_function_call(call_id, bool(body.get("approved")), str(body.get("comment") or ""), str(body.get("user") or ""))
+            return 200, self.respond_to_function_call(
+                call_id,
+                bool(body.get("approved")),
+                str(body.get("comment") or ""),
+                str(body.get("user") or ""),
+            )
         if kind in ("human_contacts", "contact_requests") and call_id in self.contact_requests:
             return 200, self.respond(call_id, str(body.get("response") or ""), str(body.get("user") or ""))
         return 404, {"detail": f"call {call_id} not found"}
@@ -284,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A local HumanLayer-compatible API for tests and demos")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable; default: any)")
+    parser.add_argument(
+        "--api-key", action="append", default=None, help="accepted API key (repeatable; default: any)"
+    )
     args = parser.parse_args(argv)
     server = HumanLayerTestServer(args.host, args.port, api_keys=args.api_key)
     print(f"HumanLayer test API at {server.url} (admin: {server.url}/_admin/state)", flush=True)

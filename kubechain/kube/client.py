@@ -7,6 +7,7 @@ stale writer gets :class:`Conflict` instead of silently overwriting someone else
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import ssl
@@ -151,7 +152,9 @@ class KubeClient:
         result = self.request("GET", custom_path(plural, namespace), params=params)
         return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
 
-    def list(self, model: type[R], namespace: str | None = None, label_selector: str | None = None) -> list[R]:
+    def list(
+        self, model: type[R], namespace: str | None = None, label_selector: str | None = None
+    ) -> builtins.list[R]:
         items, _ = self.list_raw(model.PLURAL, namespace, label_selector)
         return [model.from_wire(item) for item in items]
 
@@ -195,9 +198,14 @@ class KubeClient:
         )
         return type(resource).from_wire(raw)
 
-    def patch_metadata(self, plural: str, namespace: str, name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    def patch_metadata(
+        self, plural: str, namespace: str, name: str, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
         return self.request(
-            "PATCH", custom_path(plural, namespace, name), body={"metadata": metadata}, content_type=MERGE_PATCH
+            "PATCH",
+            custom_path(plural, namespace, name),
+            body={"metadata": metadata},
+            content_type=MERGE_PATCH,
         )
 
     def watch_raw(
@@ -260,7 +268,7 @@ class KubeClient:
     def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.request("POST", core_path("events", namespace), body=body)
 
-    def list_events(self, namespace: str, field_selector: str | None = None) -> list[dict[str, Any]]:
+    def list_events(self, namespace: str, field_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         params = {"fieldSelector": field_selector} if field_selector else None
         return list(self.request("GET", core_path("events", namespace), params=params).get("items") or [])
 

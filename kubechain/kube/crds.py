@@ -15,7 +15,7 @@ CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 def load_crds(directory: Path) -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path in sorted(directory.glob("*.yaml")):
         docs.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return docs
@@ -30,7 +30,13 @@ def apply_crds(kube: KubeClient, crds: list[dict[str, Any]], timeout_s: float = 
                 break
             except AlreadyExists:
                 current = kube.request("GET", f"{CRD_PATH}/{name}")
-                body = {**crd, "metadata": {**crd["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+                body = {
+                    **crd,
+                    "metadata": {
+                        **crd["metadata"],
+                        "resourceVersion": current["metadata"]["resourceVersion"],
+                    },
+                }
                 try:
                     kube.request("PUT", f"{CRD_PATH}/{name}", body=body)
                     break

@@ -45,7 +45,9 @@ def _matches(labels: dict[str, str], selector: str | None) -> bool:
 
 class FakeKubeClient(KubeClient):
     def __init__(self) -> None:
-        super().__init__(ClusterConnection(host="http://fake.invalid", verify=False, cert=None), qps=1e6, burst=10**6)
+        super().__init__(
+            ClusterConnection(host="http://fake.invalid", verify=False, cert=None), qps=1e6, burst=10**6
+        )
         self._lock = threading.RLock()
         self._rv = itertools.count(1)
         # (api prefix, plural, namespace, name) -> object
@@ -66,7 +68,11 @@ class FakeKubeClient(KubeClient):
 
     def events(self, namespace: str = "default") -> list[dict[str, Any]]:
         with self._lock:
-            items = [obj for (prefix, plural, ns, _), obj in self.objects.items() if plural == "events" and ns == namespace]
+            items = [
+                obj
+                for (prefix, plural, ns, _), obj in self.objects.items()
+                if plural == "events" and ns == namespace
+            ]
         return sorted(items, key=lambda event: int(event["metadata"]["resourceVersion"]))
 
     def event_reasons(self, name: str, namespace: str = "default") -> list[str]:
@@ -171,7 +177,10 @@ class FakeKubeClient(KubeClient):
         if wanted_rv and wanted_rv != current["metadata"]["resourceVersion"]:
             raise error_for(
                 409,
-                {"reason": "Conflict", "message": "the object has been modified; please apply your changes to the latest version and try again"},
+                {
+                    "reason": "Conflict",
+                    "message": "the object has been modified; please apply your changes to the latest version and try again",
+                },
             )
         updated = copy.deepcopy(body) if replace else merge_patch(current, body)
         if sub == "status":

@@ -23,7 +23,11 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
             system_parts.append(message.content)
             continue
         if message.role == "tool":
-            block = {"type": "tool_result", "tool_use_id": message.tool_call_id or "", "content": message.content}
+            block = {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id or "",
+                "content": message.content,
+            }
             if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
                 out[-1]["content"].append(block)
             else:
@@ -38,7 +42,9 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
                     arguments = json.loads(call.function.arguments or "{}")
                 except json.JSONDecodeError:
                     arguments = {"_raw": call.function.arguments}
-                blocks.append({"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments})
+                blocks.append(
+                    {"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments}
+                )
             out.append({"role": "assistant", "content": blocks})
             continue
         out.append({"role": message.role, "content": message.content})
@@ -47,7 +53,9 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
 
 class AnthropicClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
-        self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
+        self._client = anthropic.Anthropic(
+            api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s
+        )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         system, messages = to_anthropic_messages(request.messages)
@@ -76,14 +84,18 @@ class AnthropicClient:
                 f"LLM request failed with status {status}: {str(exc)[:500]}",
                 retryable=status in (408, 429) or status >= 500,
                 status_code=status,
-                retry_after_s=float(retry_after) if retry_after and retry_after.replace(".", "").isdigit() else None,
+                retry_after_s=float(retry_after)
+                if retry_after and retry_after.replace(".", "").isdigit()
+                else None,
             ) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except anthropic.AnthropicError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise LLMError(f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True) from exc
+            raise LLMError(
+                f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True
+            ) from exc
         text: list[str] = []
         calls: list[ToolCall] = []
         for block in response.content:
@@ -91,7 +103,11 @@ class AnthropicClient:
                 text.append(block.text)
             elif block.type == "tool_use":
                 calls.append(
-                    ToolCall(id=block.id, type="function", function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)))
+                    ToolCall(
+                        id=block.id,
+                        type="function",
+                        function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)),
+                    )
                 )
         usage = TokenUsage(
             prompt_tokens=response.usage.input_tokens,
@@ -104,8 +120,16 @@ class AnthropicClient:
         try:
             self._client.models.list(limit=1)
         except anthropic.AuthenticationError as exc:
-            raise LLMError(f"invalid API key (status code: {exc.status_code})", retryable=False, status_code=exc.status_code) from exc
+            raise LLMError(
+                f"invalid API key (status code: {exc.status_code})",
+                retryable=False,
+                status_code=exc.status_code,
+            ) from exc
         except anthropic.APIStatusError as exc:
-            raise LLMError(f"endpoint answered status {exc.status_code}", retryable=exc.status_code >= 500, status_code=exc.status_code) from exc
+            raise LLMError(
+                f"endpoint answered status {exc.status_code}",
+                retryable=exc.status_code >= 500,
+                status_code=exc.status_code,
+            ) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc

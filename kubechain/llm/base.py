@@ -87,9 +87,9 @@ class LLMClientFactory:
         self._lock = threading.Lock()
 
     def for_llm(self, llm: LLM, api_key: str) -> LLMClient:
-        base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or self._default_base_urls.get(
-            llm.spec.provider, ""
-        )
+        base_url = (
+            llm.spec.parameters.base_url if llm.spec.parameters else None
+        ) or self._default_base_urls.get(llm.spec.provider, "")
         key = (llm.spec.provider, base_url, api_key)
         with self._lock:
             client = self._cache.get(key)

@@ -23,7 +23,11 @@ def message_to_openai(message: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = [
-            {"id": call.id, "type": call.type or "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+            {
+                "id": call.id,
+                "type": call.type or "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
             for call in message.tool_calls
         ]
         if not message.content:
@@ -37,7 +41,9 @@ def message_to_openai(message: Message) -> dict[str, Any]:
 
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
-        self._client = openai.OpenAI(api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
+        self._client = openai.OpenAI(
+            api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s
+        )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         kwargs: dict[str, Any] = {
@@ -69,7 +75,9 @@ class OpenAIClient:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # Garbage from the endpoint (invalid UTF-8, not JSON, wrong shape): retry, bounded by max attempts.
-            raise LLMError(f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True) from exc
+            raise LLMError(
+                f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True
+            ) from exc
         if not completion.choices:
             raise LLMError("LLM returned no completion choices", retryable=False)
         message = completion.choices[0].message
@@ -96,11 +104,15 @@ class OpenAIClient:
             self._client.models.list()
         except openai.AuthenticationError as exc:
             raise LLMError(
-                f"invalid API key (status code: {exc.status_code})", retryable=False, status_code=exc.status_code
+                f"invalid API key (status code: {exc.status_code})",
+                retryable=False,
+                status_code=exc.status_code,
             ) from exc
         except openai.APIStatusError as exc:
             raise LLMError(
-                f"endpoint answered status {exc.status_code}", retryable=exc.status_code >= 500, status_code=exc.status_code
+                f"endpoint answered status {exc.status_code}",
+                retryable=exc.status_code >= 500,
+                status_code=exc.status_code,
             ) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc

@@ -478,7 +478,12 @@ class _State:
 
     def begin(self, seq: int, first_user: str | None, turn: int, received_at: float) -> None:
         with self.lock:
-            self.inflight[seq] = {"seq": seq, "first_user": first_user, "turn": turn, "received_at": received_at}
+            self.inflight[seq] = {
+                "seq": seq,
+                "first_user": first_user,
+                "turn": turn,
+                "received_at": received_at,
+            }
 
     def in_flight(self) -> list[dict[str, Any]]:
         with self.lock:

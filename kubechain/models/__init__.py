@@ -21,7 +21,13 @@ from kubechain.models.labels import (
 from kubechain.models.llm import LLM, LLMParameters, LLMSpec, LLMStatus
 from kubechain.models.mcpserver import MCPServer, MCPServerSpec, MCPServerStatus, MCPTool
 from kubechain.models.task import Task, TaskSpec, TaskStatus
-from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRun, TaskRunPhase, TaskRunSpec, TaskRunStatus
+from kubechain.models.taskrun import (
+    TERMINAL_TASKRUN_PHASES,
+    TaskRun,
+    TaskRunPhase,
+    TaskRunSpec,
+    TaskRunStatus,
+)
 from kubechain.models.tool import Tool, ToolSpec, ToolStatus
 from kubechain.models.toolcall import (
     TERMINAL_TOOLCALL_PHASES,

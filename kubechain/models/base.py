@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "kubechain.humanlayer.dev"
 VERSION = "v1alpha1"
@@ -17,9 +18,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Marks a field the CRD schema lists as required even though the Python model has a default
 # (e.g. Message.content: "" is legal, but the key must be present).
-SCHEMA_REQUIRED = {"x-kubechain-required": True}
+SCHEMA_REQUIRED: JsonDict = {"x-kubechain-required": True}
 # Marks a free-form object whose keys the API server must keep (JSON schemas, tool arguments).
-PRESERVE_UNKNOWN = {"x-kubernetes-preserve-unknown-fields": True}
+PRESERVE_UNKNOWN: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class KubeModel(BaseModel):

@@ -10,7 +10,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-_resource: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("kubechain_resource", default=None)
+_resource: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "kubechain_resource", default=None
+)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -33,7 +35,11 @@ class ResourceFilter(logging.Filter):
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: value for key, value in record.__dict__.items() if key not in _STANDARD and not key.startswith("_")}
+    return {
+        key: value
+        for key, value in record.__dict__.items()
+        if key not in _STANDARD and not key.startswith("_")
+    }
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -53,7 +59,10 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            **{key: value if isinstance(value, int | float | bool) else str(value) for key, value in _fields(record).items()},
+            **{
+                key: value if isinstance(value, int | float | bool) else str(value)
+                for key, value in _fields(record).items()
+            },
         }
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
@@ -67,5 +76,16 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "kubernetes", "openai", "anthropic", "celery.worker.strategy", "celery.app.trace", "mcp"):
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "urllib3",
+        "kubernetes",
+        "openai",
+        "anthropic",
+        "celery.worker.strategy",
+        "celery.app.trace",
+        "mcp",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -14,22 +14,45 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 TASKS = Counter("kubechain_tasks_total", "Celery tasks run, by task and outcome", ["task", "outcome"])
-TASK_SECONDS = Histogram("kubechain_task_duration_seconds", "Celery task duration", ["task"], buckets=LATENCY_BUCKETS)
+TASK_SECONDS = Histogram(
+    "kubechain_task_duration_seconds", "Celery task duration", ["task"], buckets=LATENCY_BUCKETS
+)
 TASK_QUEUE_SECONDS = Histogram(
-    "kubechain_task_queue_wait_seconds", "Time from enqueue to the task starting", ["task"], buckets=LATENCY_BUCKETS
+    "kubechain_task_queue_wait_seconds",
+    "Time from enqueue to the task starting",
+    ["task"],
+    buckets=LATENCY_BUCKETS,
 )
-LLM_REQUESTS = Counter("kubechain_llm_requests_total", "LLM requests, by model and outcome", ["model", "outcome"])
-LLM_SECONDS = Histogram("kubechain_llm_request_duration_seconds", "LLM request latency", ["model"], buckets=LATENCY_BUCKETS)
-LLM_TOKENS = Counter("kubechain_llm_tokens_total", "LLM tokens, by model and kind (prompt, completion)", ["model", "kind"])
-TOOL_CALLS = Counter("kubechain_tool_calls_total", "Tool calls executed, by tool and outcome", ["tool", "outcome"])
-TOOL_SECONDS = Histogram("kubechain_tool_call_duration_seconds", "Tool call latency", ["tool"], buckets=LATENCY_BUCKETS)
+LLM_REQUESTS = Counter(
+    "kubechain_llm_requests_total", "LLM requests, by model and outcome", ["model", "outcome"]
+)
+LLM_SECONDS = Histogram(
+    "kubechain_llm_request_duration_seconds", "LLM request latency", ["model"], buckets=LATENCY_BUCKETS
+)
+LLM_TOKENS = Counter(
+    "kubechain_llm_tokens_total", "LLM tokens, by model and kind (prompt, completion)", ["model", "kind"]
+)
+TOOL_CALLS = Counter(
+    "kubechain_tool_calls_total", "Tool calls executed, by tool and outcome", ["tool", "outcome"]
+)
+TOOL_SECONDS = Histogram(
+    "kubechain_tool_call_duration_seconds", "Tool call latency", ["tool"], buckets=LATENCY_BUCKETS
+)
 STATUS_CONFLICTS = Counter(
-    "kubechain_status_write_conflicts_total", "Conditional status writes that lost to another writer (409)", ["kind"]
+    "kubechain_status_write_conflicts_total",
+    "Conditional status writes that lost to another writer (409)",
+    ["kind"],
 )
-API_REQUESTS = Counter("kubechain_kube_requests_total", "Kubernetes API requests, by verb and code", ["verb", "code"])
+API_REQUESTS = Counter(
+    "kubechain_kube_requests_total", "Kubernetes API requests, by verb and code", ["verb", "code"]
+)
 WATCH_EVENTS = Counter("kubechain_watch_events_total", "Watch events seen by the watcher", ["kind", "type"])
-ENQUEUED = Counter("kubechain_enqueued_total", "Tasks enqueued by the watcher, by task and reason", ["task", "reason"])
-QUEUE_DEPTH = Gauge("kubechain_queue_depth", "Messages waiting in a Celery queue (Redis list length)", ["queue"])
+ENQUEUED = Counter(
+    "kubechain_enqueued_total", "Tasks enqueued by the watcher, by task and reason", ["task", "reason"]
+)
+QUEUE_DEPTH = Gauge(
+    "kubechain_queue_depth", "Messages waiting in a Celery queue (Redis list length)", ["queue"]
+)
 IS_LEADER = Gauge("kubechain_watcher_leader", "1 when this watcher holds the leader Lease")
 
 

@@ -71,5 +71,7 @@ def context_from(traceparent: str | None, run_uid: str) -> otel_context.Context 
 @contextmanager
 def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
     tracer = trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}) as current:
+    with tracer.start_as_current_span(
+        name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
+    ) as current:
         yield current

@@ -223,7 +223,11 @@ def plan_await_kubectl(toolcall: TaskRunToolCall, now: datetime) -> Transition |
         return None
     events = []
     if toolcall.phase != ToolCallPhase.AWAITING_HUMAN_APPROVAL:
-        events.append(normal("AwaitingHumanApproval", f"Tool execution requires approval: {how_to_decide(toolcall.name)}"))
+        events.append(
+            normal(
+                "AwaitingHumanApproval", f"Tool execution requires approval: {how_to_decide(toolcall.name)}"
+            )
+        )
     return Transition(status=patch, events=events)
 
 
@@ -243,7 +247,9 @@ def plan_request_claim(toolcall: TaskRunToolCall, channel: str, worker: str, now
             "statusDetail": waiting_detail(channel),
             "attempts": 0,
         }
-        events.append(normal("AwaitingHumanApproval", f"Tool execution requires approval via contact channel {channel}"))
+        events.append(
+            normal("AwaitingHumanApproval", f"Tool execution requires approval via contact channel {channel}")
+        )
     elif toolcall.phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL:
         status["statusDetail"] = waiting_detail(channel)
     return Transition(status=status, events=events)
@@ -269,10 +275,10 @@ def plan_request_failed(toolcall: TaskRunToolCall, error: str, reason: str, now:
     """ErrorRequestingHumanApproval; requested again when due (a kubectl decision still counts)."""
     attempts = (toolcall.status.attempts or 0) + 1
     retry = recheck_delay(attempts)
-    detail = (
-        f"{error} (attempt {attempts}; retrying in {retry:.0f}s; or decide with {how_to_decide(toolcall.name)})"
+    detail = f"{error} (attempt {attempts}; retrying in {retry:.0f}s; or decide with {how_to_decide(toolcall.name)})"
+    changed = (
+        toolcall.phase != ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL or toolcall.status.error != error
     )
-    changed = toolcall.phase != ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL or toolcall.status.error != error
     return Transition(
         status={
             "phase": ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL.value,
@@ -288,7 +294,9 @@ def plan_request_failed(toolcall: TaskRunToolCall, error: str, reason: str, now:
     )
 
 
-def plan_checked(toolcall: TaskRunToolCall, detail: str, now: datetime, problem: str | None = None) -> Transition:
+def plan_checked(
+    toolcall: TaskRunToolCall, detail: str, now: datetime, problem: str | None = None
+) -> Transition:
     """A status check found no answer yet (or failed): count it, so the next one is due later."""
     shown = detail if problem is None else f"{detail} (last check failed: {problem}; retrying)"
     events = []
@@ -347,11 +355,18 @@ def plan_contact_sent(toolcall: TaskRunToolCall, channel: str, external_id: str,
 
 
 def plan_contact_failed(
-    toolcall: TaskRunToolCall, channel: str, error: str, reason: str, now: datetime, max_attempts: int = HUMAN_CONTACT_MAX_ATTEMPTS
+    toolcall: TaskRunToolCall,
+    channel: str,
+    error: str,
+    reason: str,
+    now: datetime,
+    max_attempts: int = HUMAN_CONTACT_MAX_ATTEMPTS,
 ) -> Transition:
     attempts = (toolcall.status.attempts or 0) + 1
     if attempts >= max_attempts:
-        message = f"could not contact a human via contact channel {channel} after {attempts} attempts: {error}"
+        message = (
+            f"could not contact a human via contact channel {channel} after {attempts} attempts: {error}"
+        )
         failed = plan_tool_failure(toolcall, message, now, reason=reason)
         failed.status["attempts"] = attempts
         return failed
@@ -372,7 +387,9 @@ def plan_contact_failed(
     )
 
 
-def plan_human_responded(toolcall: TaskRunToolCall, channel: str, response: str, by: str, now: datetime) -> Transition:
+def plan_human_responded(
+    toolcall: TaskRunToolCall, channel: str, response: str, by: str, now: datetime
+) -> Transition:
     who = f" ({by})" if by else ""
     return Transition(
         status={

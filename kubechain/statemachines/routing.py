@@ -20,8 +20,13 @@ VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel"
 TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
 TASKRUN_PREPARE = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
 TASKRUN_WAITING = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
-TOOLCALL_AWAITING_DECISION = (ToolCallPhase.AWAITING_HUMAN_APPROVAL, ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL)
-APPROVAL_ANNOTATION = "kubechain.humanlayer.dev/approval"  # = kubechain.statemachines.approval.APPROVAL_ANNOTATION
+TOOLCALL_AWAITING_DECISION = (
+    ToolCallPhase.AWAITING_HUMAN_APPROVAL,
+    ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL,
+)
+APPROVAL_ANNOTATION = (
+    "kubechain.humanlayer.dev/approval"  # = kubechain.statemachines.approval.APPROVAL_ANNOTATION
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,10 @@ def work_for(
     namespace, name = _meta(obj)
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         return []
-    return [replace(work, trace_uid=_trace_uid(kind, obj)) for work in _work_for(kind, obj, now, claim_timeout_s, resync)]
+    return [
+        replace(work, trace_uid=_trace_uid(kind, obj))
+        for work in _work_for(kind, obj, now, claim_timeout_s, resync)
+    ]
 
 
 def _trace_uid(kind: str, obj: Mapping[str, Any]) -> str:
@@ -81,7 +89,9 @@ def _trace_uid(kind: str, obj: Mapping[str, Any]) -> str:
     return ""
 
 
-def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, resync: bool) -> list[Work]:
+def _work_for(
+    kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, resync: bool
+) -> list[Work]:
     namespace, name = _meta(obj)
     status = _status(obj)
     reason = "resync" if resync else "event"
@@ -100,7 +110,13 @@ def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s:
                 return []  # the tool call's own resync (AwaitingSubAgent) covers a lost message
             owners = (obj.get("metadata") or {}).get("ownerReferences") or []
             return [
-                Work(TaskName.TOOL_CALL, "TaskRunToolCall", namespace, str(owner.get("name")), reason="sub-agent-finished")
+                Work(
+                    TaskName.TOOL_CALL,
+                    "TaskRunToolCall",
+                    namespace,
+                    str(owner.get("name")),
+                    reason="sub-agent-finished",
+                )
                 for owner in owners
                 if owner.get("kind") == "TaskRunToolCall"
             ]
@@ -112,14 +128,22 @@ def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s:
             due = parse_timestamp(status.get("nextAttemptAt"))
             countdown = max(0.0, (due - now).total_seconds()) if due else 0.0
             return [Work(TaskName.LLM_CALL, kind, namespace, name, countdown, reason)]
-        if phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM and resync and _claim_expired(status, now, claim_timeout_s):
+        if (
+            phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM
+            and resync
+            and _claim_expired(status, now, claim_timeout_s)
+        ):
             return [Work(TaskName.LLM_CALL, kind, namespace, name, reason="stale-claim")]
         return []
     if kind == "TaskRunToolCall":
         parent = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
         if phase in TERMINAL_TOOLCALL_PHASES:
             # Fan-in hint: the parent re-checks whether every tool call of its turn is done.
-            return [Work(TaskName.PREPARE, "TaskRun", namespace, parent, reason="toolcall-finished")] if parent else []
+            return (
+                [Work(TaskName.PREPARE, "TaskRun", namespace, parent, reason="toolcall-finished")]
+                if parent
+                else []
+            )
         if phase in TOOLCALL_EXECUTABLE:
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
         if phase == ToolCallPhase.RUNNING and resync and _claim_expired(status, now, claim_timeout_s):
@@ -127,7 +151,16 @@ def _work_for(kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s:
         if phase in TOOLCALL_AWAITING_DECISION and not resync and _has_approval_annotation(obj):
             # A human decided with kubectl (or `kubechain approve|reject`): record it now, not at the next resync.
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason="approval-annotation")]
-        if phase in (ToolCallPhase.AWAITING_HUMAN_APPROVAL, ToolCallPhase.AWAITING_HUMAN_INPUT, ToolCallPhase.AWAITING_SUB_AGENT, ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL) and resync:
+        if (
+            phase
+            in (
+                ToolCallPhase.AWAITING_HUMAN_APPROVAL,
+                ToolCallPhase.AWAITING_HUMAN_INPUT,
+                ToolCallPhase.AWAITING_SUB_AGENT,
+                ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL,
+            )
+            and resync
+        ):
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
     return []
 
@@ -149,7 +182,12 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
     status = _status(obj)
     if kind == "TaskRun":
         return (status.get("phase"),)
-    return (status.get("ready"), status.get("status"), status.get("connected"), len(status.get("tools") or []))
+    return (
+        status.get("ready"),
+        status.get("status"),
+        status.get("connected"),
+        len(status.get("tools") or []),
+    )
 
 
 def _refs(spec: Mapping[str, Any], field: str) -> list[str]:
@@ -168,18 +206,32 @@ def dependents(
             if ns == namespace:
                 yield obj_name, other
 
-    agent_fields = {"LLM": None, "Tool": "tools", "MCPServer": "mcpServers", "ContactChannel": "humanContactChannels", "Agent": "subAgents"}
+    agent_fields = {
+        "LLM": None,
+        "Tool": "tools",
+        "MCPServer": "mcpServers",
+        "ContactChannel": "humanContactChannels",
+        "Agent": "subAgents",
+    }
     if kind in agent_fields:
         for agent_name, agent in objects("Agent"):
             spec = agent.get("spec") or {}
             field = agent_fields[kind]
-            uses = ((spec.get("llmRef") or {}).get("name") == name) if field is None else name in _refs(spec, field)
+            uses = (
+                ((spec.get("llmRef") or {}).get("name") == name)
+                if field is None
+                else name in _refs(spec, field)
+            )
             if uses:
-                out.append(Work(TaskName.VALIDATE, "Agent", namespace, agent_name, reason=f"{kind.lower()}-changed"))
+                out.append(
+                    Work(TaskName.VALIDATE, "Agent", namespace, agent_name, reason=f"{kind.lower()}-changed")
+                )
     if kind == "ContactChannel":
         for server_name, server in objects("MCPServer"):
             if ((server.get("spec") or {}).get("approvalContactChannel") or {}).get("name") == name:
-                out.append(Work(TaskName.VALIDATE, "MCPServer", namespace, server_name, reason="channel-changed"))
+                out.append(
+                    Work(TaskName.VALIDATE, "MCPServer", namespace, server_name, reason="channel-changed")
+                )
     if kind == "Agent":
         for task_name, task in objects("Task"):
             if ((task.get("spec") or {}).get("agentRef") or {}).get("name") == name:
@@ -194,9 +246,13 @@ def dependents(
             else:
                 agent_ref = (spec.get("agentRef") or {}).get("name")
                 task_ref = (spec.get("taskRef") or {}).get("name")
-                task = (cache.get("Task") or {}).get((namespace, task_ref or ""))
-                task_agent = ((task or {}).get("spec") or {}).get("agentRef", {}).get("name") if task else None
+                run_task = (cache.get("Task") or {}).get((namespace, task_ref or ""))
+                task_agent = (
+                    ((run_task or {}).get("spec") or {}).get("agentRef", {}).get("name") if run_task else None
+                )
                 hit = agent_ref == name or (agent_ref is None and task_agent == name)
             if hit:
-                out.append(Work(TaskName.PREPARE, "TaskRun", namespace, run_name, reason=f"{kind.lower()}-changed"))
+                out.append(
+                    Work(TaskName.PREPARE, "TaskRun", namespace, run_name, reason=f"{kind.lower()}-changed")
+                )
     return out

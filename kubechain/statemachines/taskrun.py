@@ -140,7 +140,9 @@ def plan_initial_context(
             "messageCount": len(window),
             "userMsgPreview": preview(user_message),
             "startTime": run.status.start_time or timestamp(now),
-            "spanContext": run.status.span_context.to_wire() if run.status.span_context else trace_ids(run.uid),
+            "spanContext": run.status.span_context.to_wire()
+            if run.status.span_context
+            else trace_ids(run.uid),
             "turns": 0,
             "llmAttempts": 0,
         },
@@ -149,7 +151,13 @@ def plan_initial_context(
 
 
 def _wait(current: dict[str, Any], detail: str, reason: str) -> Transition | None:
-    patch = {"phase": TaskRunPhase.PENDING.value, "ready": False, "status": "Pending", "statusDetail": detail, "error": None}
+    patch = {
+        "phase": TaskRunPhase.PENDING.value,
+        "ready": False,
+        "status": "Pending",
+        "statusDetail": detail,
+        "error": None,
+    }
     if not status_differs(current, patch):
         return None
     return Transition(status=patch, events=[normal(reason, detail)])
@@ -241,7 +249,10 @@ def plan_llm_answer(
             update={
                 "id": clean_text(call.id),
                 "function": call.function.model_copy(
-                    update={"name": clean_text(call.function.name), "arguments": clean_text(call.function.arguments)}
+                    update={
+                        "name": clean_text(call.function.name),
+                        "arguments": clean_text(call.function.arguments),
+                    }
                 ),
             }
         )
@@ -316,18 +327,30 @@ def _too_large_message(window: list[Message], limits: LoopLimits) -> str:
 def _add_usage(run: TaskRun, usage: dict[str, int] | None) -> dict[str, int]:
     total = run.status.token_usage.to_wire() if run.status.token_usage else {}
     result = {key: int(total.get(key, 0)) for key in ("promptTokens", "completionTokens", "totalTokens")}
-    for key, wire in (("prompt_tokens", "promptTokens"), ("completion_tokens", "completionTokens"), ("total_tokens", "totalTokens")):
+    for key, wire in (
+        ("prompt_tokens", "promptTokens"),
+        ("completion_tokens", "completionTokens"),
+        ("total_tokens", "totalTokens"),
+    ):
         result[wire] += int((usage or {}).get(key, 0))
     return result
 
 
 def plan_llm_error(
-    run: TaskRun, message: str, retryable: bool, retry_after_s: float | None, now: datetime, limits: LoopLimits, rng: random.Random | None = None
+    run: TaskRun,
+    message: str,
+    retryable: bool,
+    retry_after_s: float | None,
+    now: datetime,
+    limits: LoopLimits,
+    rng: random.Random | None = None,
 ) -> Transition:
     """Retryable errors back off exponentially with jitter (Retry-After honoured); others fail the run."""
     attempts = run.status.llm_attempts or 1
     if not retryable:
-        return _fail(run, message, "LLMRequestFailed4xx" if "status 4" in message else "LLMRequestFailed", now)
+        return _fail(
+            run, message, "LLMRequestFailed4xx" if "status 4" in message else "LLMRequestFailed", now
+        )
     if attempts >= limits.max_attempts:
         return _fail(run, f"{message} (gave up after {attempts} attempts)", "LLMRequestFailed", now)
     rng = rng or random.Random()
@@ -419,7 +442,15 @@ def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, l
     expected = expected_toolcalls(run)
     if not expected:
         # Nothing to wait for (e.g. an older run whose window lost its tool calls): go back to the LLM.
-        return FanIn([], _fail(run, "TaskRun is in ToolCallsPending phase but no tool calls were found", "ToolCallsPendingWithNoToolCalls", now))
+        return FanIn(
+            [],
+            _fail(
+                run,
+                "TaskRun is in ToolCallsPending phase but no tool calls were found",
+                "ToolCallsPendingWithNoToolCalls",
+                now,
+            ),
+        )
     by_name = {toolcall.name: toolcall for toolcall in toolcalls}
     missing = [child for child in expected if child.name not in by_name]
     if missing:
@@ -430,7 +461,11 @@ def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, l
     window = _window(run)
     for toolcall in done:
         window.append(
-            Message(role="tool", content=tool_message_content(toolcall, limits), tool_call_id=toolcall.spec.tool_call_id)
+            Message(
+                role="tool",
+                content=tool_message_content(toolcall, limits),
+                tool_call_id=toolcall.spec.tool_call_id,
+            )
         )
     if window_bytes(window) > limits.max_context_window_bytes:
         return FanIn([], _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now))

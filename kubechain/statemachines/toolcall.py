@@ -1,7 +1,7 @@
 """The TaskRunToolCall state machine (pure): claim, then record the outcome exactly once.
 
-    "" / Pending / ReadyToExecuteApprovedTool --claim--> Running --> Succeeded | Failed
-    Running with a stale claim (the worker died) --> Running again if the tool is idempotent, else Failed
+"" / Pending / ReadyToExecuteApprovedTool --claim--> Running --> Succeeded | Failed
+Running with a stale claim (the worker died) --> Running again if the tool is idempotent, else Failed
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
-from kubechain.statemachines.transition import Transition, normal, parse_timestamp, precise_timestamp, timestamp, warning
+from kubechain.statemachines.transition import (
+    Transition,
+    normal,
+    parse_timestamp,
+    precise_timestamp,
+    timestamp,
+    warning,
+)
 
 CLAIMABLE_PHASES = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
 
@@ -63,7 +70,9 @@ def holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str) -> bool
     )
 
 
-def plan_tool_success(toolcall: TaskRunToolCall, result: str, now: datetime, event_message: str) -> Transition:
+def plan_tool_success(
+    toolcall: TaskRunToolCall, result: str, now: datetime, event_message: str
+) -> Transition:
     return Transition(
         status={
             "phase": ToolCallPhase.SUCCEEDED.value,
@@ -80,7 +89,12 @@ def plan_tool_success(toolcall: TaskRunToolCall, result: str, now: datetime, eve
 
 
 def plan_tool_failure(
-    toolcall: TaskRunToolCall, error: str, now: datetime, *, detail: str | None = None, reason: str = "ExecutionFailed"
+    toolcall: TaskRunToolCall,
+    error: str,
+    now: datetime,
+    *,
+    detail: str | None = None,
+    reason: str = "ExecutionFailed",
 ) -> Transition:
     return Transition(
         status={

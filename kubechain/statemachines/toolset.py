@@ -78,7 +78,9 @@ def tool_definitions(
         )
     for channel in channels:
         if channel.spec.type == "email":
-            description = (channel.spec.email.context_about_user if channel.spec.email else None) or "Contact a human via email"
+            description = (
+                channel.spec.email.context_about_user if channel.spec.email else None
+            ) or "Contact a human via email"
         else:
             description = (
                 channel.spec.slack.context_about_channel_or_user if channel.spec.slack else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -22,7 +23,7 @@ class Transition:
 
     status: dict[str, Any]
     events: list[EventSpec] = field(default_factory=list)
-    children: list[Resource[Any, Any]] = field(default_factory=list)
+    children: Sequence[Resource[Any, Any]] = field(default_factory=list)
 
     def phase(self) -> str | None:
         value = self.status.get("phase")

@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubechain.models import LABEL_TASK, Agent, ContactChannel, LLM, MCPServer, ObjectMeta, Resource, Task, TaskRun, Tool
+from kubechain.models import (
+    LABEL_TASK,
+    LLM,
+    Agent,
+    ContactChannel,
+    MCPServer,
+    ObjectMeta,
+    Resource,
+    Task,
+    TaskRun,
+    Tool,
+)
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.taskrun import TaskRunSpec
@@ -54,9 +65,13 @@ def validate_tool_spec(tool: Tool) -> str | None:
     kind = tool_type(tool)
     if kind is None:
         return "unknown tool type: tool doesn't have valid execution configuration"
-    if kind == "function" and (spec.execute is None or spec.execute.builtin is None or not spec.execute.builtin.name):
+    if kind == "function" and (
+        spec.execute is None or spec.execute.builtin is None or not spec.execute.builtin.name
+    ):
         return "toolType function needs execute.builtin.name (one of add, subtract, multiply, divide)"
-    if kind == "externalAPI" and (spec.execute is None or spec.execute.external_api is None or not spec.execute.external_api.url):
+    if kind == "externalAPI" and (
+        spec.execute is None or spec.execute.external_api is None or not spec.execute.external_api.url
+    ):
         return "toolType externalAPI needs execute.externalAPI.url"
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
@@ -110,7 +125,9 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
         elif not server.status.connected:
             problems.append((f'MCPServer "{ref.name}" is not connected', True))
         else:
-            valid_servers.append(ResolvedMCPServer(name=ref.name, tools=[t.name for t in server.status.tools or []]))
+            valid_servers.append(
+                ResolvedMCPServer(name=ref.name, tools=[t.name for t in server.status.tools or []])
+            )
     valid_sub_agents = []
     for ref in spec.sub_agents:
         # Existence only: requiring readiness would deadlock agents that delegate to each other.

@@ -9,7 +9,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T | None], timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition") -> T:
+def wait_for(
+    condition: Callable[[], T | None],
+    timeout_s: float = 30.0,
+    interval_s: float = 0.05,
+    what: str = "condition",
+) -> T:
     """Poll ``condition`` until it returns something truthy; TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last: T | None = None

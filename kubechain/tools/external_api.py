@@ -22,7 +22,9 @@ def call_external_api(
     try:
         with httpx.Client(timeout=timeout_s, verify=True, follow_redirects=False) as client:
             if verb in ("GET", "DELETE"):
-                response = client.request(verb, url, params={k: str(v) for k, v in arguments.items()}, headers=headers)
+                response = client.request(
+                    verb, url, params={k: str(v) for k, v in arguments.items()}, headers=headers
+                )
             else:
                 response = client.request(verb, url, json=arguments, headers=headers)
     except httpx.TimeoutException:

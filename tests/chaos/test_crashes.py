@@ -15,31 +15,44 @@ from tests.e2e.conftest import OPENAI_SECRET, ScriptedLLM, apply, get, llm_resou
 from tests.e2e.test_tools import SlowAPI
 
 
-def setup_agent(kubectl: Kubectl, namespace: str, tools: list[dict] | None = None, name: str = "agent") -> None:
+def setup_agent(
+    kubectl: Kubectl, namespace: str, tools: list[dict] | None = None, name: str = "agent"
+) -> None:
     spec = {"llmRef": {"name": "gpt-4o"}, "system": "You are reliable."}
     if tools:
         spec["tools"] = [{"name": t["metadata"]["name"]} for t in tools]
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), *(tools or []), resource("Agent", name, spec))
-    wait_for(lambda: get(kubectl, namespace, "agent", name).get("status", {}).get("ready"), 60, what="agent ready")
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", name).get("status", {}).get("ready"), 60, what="agent ready"
+    )
 
 
 def status(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict:
     return get(kubectl, namespace, kind, name).get("status", {})
 
 
-def test_worker_killed_mid_llm_call(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str) -> None:
+def test_worker_killed_mid_llm_call(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
+) -> None:
     question = f"slow thought {namespace}"
     chaos_llm.add_rule(question, [{"content": "finally", "delay_s": 3}])
     setup_agent(kubectl, namespace)
-    apply(kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question}))
+    apply(
+        kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question})
+    )
     claimed = wait_for(
-        lambda: (s := status(kubectl, namespace, "taskrun", "r")).get("phase") == "SendContextWindowToLLM" and s.get("claimedBy"),
+        lambda: (
+            (s := status(kubectl, namespace, "taskrun", "r")).get("phase") == "SendContextWindowToLLM"
+            and s.get("claimedBy")
+        ),
         60,
         what="the LLM claim",
     )
     wait_for(lambda: chaos_llm.in_flight(question), 30, what="the LLM request to arrive")
     kill(chaos_stack, str(claimed))
-    wait_for(lambda: phase(kubectl, namespace, "r") == "FinalAnswer", 90, what="another worker to finish the run")
+    wait_for(
+        lambda: phase(kubectl, namespace, "r") == "FinalAnswer", 90, what="another worker to finish the run"
+    )
     final = status(kubectl, namespace, "taskrun", "r")
     assert final["output"] == "finally"
     turns = [r["turn"] for r in chaos_llm.requests(question)]
@@ -53,17 +66,34 @@ def test_worker_killed_mid_tool_call(
     api = SlowAPI(3.0)
     try:
         question = f"slow tool {namespace}"
-        chaos_llm.add_rule(question, [{"tool_calls": [{"name": "work", "arguments": {"x": 1}}]}, {"content_template": "{last_tool_results}"}])
+        chaos_llm.add_rule(
+            question,
+            [
+                {"tool_calls": [{"name": "work", "arguments": {"x": 1}}]},
+                {"content_template": "{last_tool_results}"},
+            ],
+        )
         tool = resource(
             "Tool",
             "work",
-            {"name": "work", "toolType": "externalAPI", "idempotent": idempotent, "execute": {"externalAPI": {"url": api.url}}},
+            {
+                "name": "work",
+                "toolType": "externalAPI",
+                "idempotent": idempotent,
+                "execute": {"externalAPI": {"url": api.url}},
+            },
         )
         setup_agent(kubectl, namespace, [tool])
-        apply(kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question}))
+        apply(
+            kubectl,
+            namespace,
+            resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question}),
+        )
 
         def running() -> str | None:
-            calls = json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)["items"]
+            calls = json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)[
+                "items"
+            ]
             running = [c for c in calls if c.get("status", {}).get("phase") == "Running"]
             return running[0]["status"]["claimedBy"] if running else None
 
@@ -80,13 +110,22 @@ def test_worker_killed_mid_tool_call(
         api.server.shutdown()
 
 
-def test_redis_loses_every_queued_message(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str) -> None:
+def test_redis_loses_every_queued_message(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
+) -> None:
     question = f"redis flush {namespace}"
     chaos_llm.add_rule(question, [{"content": "survived", "delay_s": 1}])
     setup_agent(kubectl, namespace)
-    runs = [resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"}) for i in range(20)]
+    runs = [
+        resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"})
+        for i in range(20)
+    ]
     apply(kubectl, namespace, *runs)
-    wait_for(lambda: chaos_llm.in_flight(f"{question} #0") or chaos_llm.in_flight(f"{question} #1"), 60, what="work in flight")
+    wait_for(
+        lambda: chaos_llm.in_flight(f"{question} #0") or chaos_llm.in_flight(f"{question} #1"),
+        60,
+        what="work in flight",
+    )
     assert chaos_stack.redis is not None
     chaos_stack.redis.restart(flush=True)
     for i in range(20):
@@ -98,18 +137,28 @@ def test_redis_loses_every_queued_message(chaos_stack: LocalStack, chaos_llm: Sc
 
 
 @pytest.mark.stack(watchers=2)
-def test_leader_watcher_killed(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str) -> None:
+def test_leader_watcher_killed(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
+) -> None:
     question = f"watcher dies {namespace}"
     chaos_llm.add_rule(question, [{"content": "still here"}])
     setup_agent(kubectl, namespace)
 
     def leader() -> str | None:
-        lease = json.loads(kubectl("get", "lease", "kubechain-watcher", "-o", "json", namespace="default", check=False).stdout or "{}")
+        lease = json.loads(
+            kubectl(
+                "get", "lease", "kubechain-watcher", "-o", "json", namespace="default", check=False
+            ).stdout
+            or "{}"
+        )
         return lease.get("spec", {}).get("holderIdentity")
 
     holder = wait_for(leader, 30, what="a leader")
     kill(chaos_stack, holder)
-    runs = [resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"}) for i in range(10)]
+    runs = [
+        resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"})
+        for i in range(10)
+    ]
     apply(kubectl, namespace, *runs)
     for i in range(10):
         wait_for(lambda i=i: phase(kubectl, namespace, f"r{i}") == "FinalAnswer", 90, what=f"r{i}")
@@ -118,11 +167,16 @@ def test_leader_watcher_killed(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, 
         assert len(chaos_llm.requests(f"{question} #{i}")) == 1
 
 
-def test_api_server_outage(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, control_plane: object) -> None:
+def test_api_server_outage(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, control_plane: object
+) -> None:
     question = f"apiserver outage {namespace}"
     chaos_llm.add_rule(question, [{"content": "back online", "delay_s": 2}])
     setup_agent(kubectl, namespace)
-    runs = [resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"}) for i in range(10)]
+    runs = [
+        resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"})
+        for i in range(10)
+    ]
     apply(kubectl, namespace, *runs)
     wait_for(lambda: chaos_llm.in_flight(f"{question} #0"), 60, what="work in flight")
     control_plane.stop_apiserver()  # type: ignore[attr-defined]
@@ -134,17 +188,31 @@ def test_api_server_outage(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kube
         assert 1 <= len(chaos_llm.requests(f"{question} #{i}")) <= 2
 
 
-def test_deleting_a_run_mid_llm_call_stops_it(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str) -> None:
+def test_deleting_a_run_mid_llm_call_stops_it(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
+) -> None:
     question = f"delete me {namespace}"
-    chaos_llm.add_rule(question, [{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}], "delay_s": 2}, {"content": "never"}])
-    add = resource("Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}})
+    chaos_llm.add_rule(
+        question,
+        [
+            {"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}], "delay_s": 2},
+            {"content": "never"},
+        ],
+    )
+    add = resource(
+        "Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}}
+    )
     setup_agent(kubectl, namespace, [add])
-    apply(kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question}))
+    apply(
+        kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question})
+    )
     wait_for(lambda: chaos_llm.in_flight(question), 60, what="the LLM request")
     kubectl("delete", "taskrun", "r", "--wait=false", namespace=namespace)
     wait_for(lambda: not get(kubectl, namespace, "taskrun", "r"), 30, what="deletion")
     # Give the in-flight call time to return and any follow-up to happen (the condition: the LLM answered).
-    wait_for(lambda: chaos_llm.requests(question) and not chaos_llm.in_flight(question), 30, what="the LLM answer")
+    wait_for(
+        lambda: chaos_llm.requests(question) and not chaos_llm.in_flight(question), 30, what="the LLM answer"
+    )
     wait_for(lambda: chaos_stack.workers["worker-0"].running(), 5, what="worker alive")
     calls = json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)["items"]
     assert calls == [], "no tool calls were created for a deleted run"

@@ -33,7 +33,12 @@ def rss_kib(pid: int) -> int:
 
 @pytest.mark.stack(workers=2, worker_concurrency=32)
 def test_thousand_runs_at_once(
-    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, kube: object, capsys: pytest.CaptureFixture[str]
+    chaos_stack: LocalStack,
+    chaos_llm: ScriptedLLM,
+    kubectl: Kubectl,
+    namespace: str,
+    kube: object,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     prefix = f"load {namespace}"
     chaos_llm.add_rule(prefix, [{"content_template": "done: {user}"}])
@@ -57,7 +62,11 @@ def test_thousand_runs_at_once(
 
     wait_for(finished, 600, interval_s=0.5, what=f"{RUNS} FinalAnswers")
     done = time.monotonic()
-    requests = [r for r in __import__("httpx").get(f"{chaos_llm.url}/_admin/requests").json() if r["first_user"].startswith(prefix)]
+    requests = [
+        r
+        for r in __import__("httpx").get(f"{chaos_llm.url}/_admin/requests").json()
+        if r["first_user"].startswith(prefix)
+    ]
     assert len(requests) == RUNS, "exactly one LLM request per run (one turn each)"
     assert len({r["first_user"] for r in requests}) == RUNS, "zero duplicates"
     with capsys.disabled():

@@ -74,7 +74,12 @@ def event_reasons(kubectl: Kubectl, namespace: str, kind: str, name: str) -> lis
 
 
 def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "kubechain.humanlayer.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 def secret(name: str, data: dict[str, str]) -> dict[str, Any]:
@@ -86,5 +91,7 @@ OPENAI_SECRET = secret("openai", {"OPENAI_API_KEY": "sk-scripted"})
 
 def llm_resource(name: str = "gpt-4o") -> dict[str, Any]:
     return resource(
-        "LLM", name, {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "openai", "key": "OPENAI_API_KEY"}}}
+        "LLM",
+        name,
+        {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "openai", "key": "OPENAI_API_KEY"}}},
     )

@@ -18,7 +18,10 @@ from tests.e2e.conftest import (
 AGENT = resource(
     "Agent",
     "my-assistant",
-    {"llmRef": {"name": "gpt-4o"}, "system": "You are a helpful assistant. Your job is to help the user with their tasks."},
+    {
+        "llmRef": {"name": "gpt-4o"},
+        "system": "You are a helpful assistant. Your job is to help the user with their tasks.",
+    },
 )
 
 
@@ -36,7 +39,11 @@ def test_readme_hello_world(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) 
     assert run["metadata"]["labels"]["kubechain.humanlayer.dev/task"] == "hello-world-task"
     table = kubectl("get", "taskrun", namespace=namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "READY", "STATUS", "PHASE", "TASK", "PREVIEW", "OUTPUT"]
-    assert "FinalAnswer" in table[1] and "hello-world-task" in table[1] and "The moon has no capital." in table[1]
+    assert (
+        "FinalAnswer" in table[1]
+        and "hello-world-task" in table[1]
+        and "The moon has no capital." in table[1]
+    )
     assert event_reasons(kubectl, namespace, "TaskRun", "hello-world-task-1") == [
         "ValidationSucceeded",
         "SendingContextWindowToLLM",
@@ -46,10 +53,14 @@ def test_readme_hello_world(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) 
     assert len(llm.requests(question)) == 1
 
 
-def test_direct_taskrun_with_agent_ref_and_user_message(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+def test_direct_taskrun_with_agent_ref_and_user_message(
+    kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
     question = f"Direct question from {namespace}"
     llm.add_rule(question, [{"content_template": "echo: {user}"}])
-    run = resource("TaskRun", "hello-world-1", {"agentRef": {"name": "my-assistant"}, "userMessage": question})
+    run = resource(
+        "TaskRun", "hello-world-1", {"agentRef": {"name": "my-assistant"}, "userMessage": question}
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT, run)
 
     wait_for(lambda: phase(kubectl, namespace, "hello-world-1") == "FinalAnswer", 60, what="FinalAnswer")
@@ -68,7 +79,10 @@ def test_run_waits_for_an_agent_created_later(kubectl: Kubectl, namespace: str, 
     run = resource("TaskRun", "early-run", {"agentRef": {"name": "my-assistant"}, "userMessage": question})
     apply(kubectl, namespace, run)
     wait_for(lambda: phase(kubectl, namespace, "early-run") == "Pending", 60, what="Pending")
-    assert get(kubectl, namespace, "taskrun", "early-run")["status"]["statusDetail"] == "Waiting for Agent to exist"
+    assert (
+        get(kubectl, namespace, "taskrun", "early-run")["status"]["statusDetail"]
+        == "Waiting for Agent to exist"
+    )
 
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT)
     wait_for(lambda: phase(kubectl, namespace, "early-run") == "FinalAnswer", 60, what="FinalAnswer")
@@ -80,7 +94,12 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
     llm.add_rule(
         question,
         [
-            {"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": {"a": 7, "b": 0.5}}]},
+            {
+                "tool_calls": [
+                    {"name": "add", "arguments": {"a": 2, "b": 3}},
+                    {"name": "add", "arguments": {"a": 7, "b": 0.5}},
+                ]
+            },
             {"content_template": "Sums: {last_tool_results}"},
         ],
     )
@@ -91,14 +110,26 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
             "name": "add",
             "toolType": "function",
             "description": "Add two numbers",
-            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                "required": ["a", "b"],
+            },
             "execute": {"builtin": {"name": "add"}},
         },
     )
-    agent = resource("Agent", "calculator", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "You add."})
+    agent = resource(
+        "Agent",
+        "calculator",
+        {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "You add."},
+    )
     run = resource("TaskRun", "sums", {"agentRef": {"name": "calculator"}, "userMessage": question})
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), add_tool, agent)
-    wait_for(lambda: get(kubectl, namespace, "agent", "calculator").get("status", {}).get("ready"), 60, what="agent ready")
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "calculator").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
     apply(kubectl, namespace, run)
 
     wait_for(lambda: phase(kubectl, namespace, "sums") == "FinalAnswer", 60, what="FinalAnswer")
@@ -118,5 +149,7 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
     ]
     requests = llm.requests(question)
     assert sorted(r["turn"] for r in requests) == [0, 1], "exactly one LLM request per turn"
-    calls = kubectl("get", "taskruntoolcall", "-l", "kubechain.humanlayer.dev/taskruntoolcall=sums", namespace=namespace).stdout
+    calls = kubectl(
+        "get", "taskruntoolcall", "-l", "kubechain.humanlayer.dev/taskruntoolcall=sums", namespace=namespace
+    ).stdout
     assert calls.count("Succeeded") == 2

@@ -64,26 +64,46 @@ def test_agent_uses_tools_of_two_real_mcp_servers(
             {"content_template": "{last_tool_results}"},
         ],
     )
-    time_server = resource("MCPServer", "time", {"transport": "stdio", "command": sys.executable, "args": ["-m", "mcp_server_time"]})
+    time_server = resource(
+        "MCPServer",
+        "time",
+        {"transport": "stdio", "command": sys.executable, "args": ["-m", "mcp_server_time"]},
+    )
     everything = resource("MCPServer", "everything", {"transport": "http", "url": everything_url})
     agent = resource(
         "Agent",
         "clock",
-        {"llmRef": {"name": "gpt-4o"}, "system": "You tell the time.", "mcpServers": [{"name": "time"}, {"name": "everything"}]},
+        {
+            "llmRef": {"name": "gpt-4o"},
+            "system": "You tell the time.",
+            "mcpServers": [{"name": "time"}, {"name": "everything"}],
+        },
     )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), time_server, everything, agent)
     for name in ("time", "everything"):
-        wait_for(lambda name=name: get(kubectl, namespace, "mcpserver", name).get("status", {}).get("connected"), 120, what=f"{name} connected")
+        wait_for(
+            lambda name=name: get(kubectl, namespace, "mcpserver", name).get("status", {}).get("connected"),
+            120,
+            what=f"{name} connected",
+        )
     time_status = get(kubectl, namespace, "mcpserver", "time")["status"]
     assert time_status["statusDetail"] == "Connected successfully with 2 tools"
     assert {t["name"] for t in time_status["tools"]} == {"get_current_time", "convert_time"}
     header = kubectl("get", "mcpserver", namespace=namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "CONNECTED", "STATUS"]
-    wait_for(lambda: get(kubectl, namespace, "agent", "clock").get("status", {}).get("ready"), 60, what="agent ready")
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "clock").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
     valid = get(kubectl, namespace, "agent", "clock")["status"]["validMCPServers"]
     assert {s["name"] for s in valid} == {"time", "everything"}
 
-    apply(kubectl, namespace, resource("TaskRun", "what-time", {"agentRef": {"name": "clock"}, "userMessage": question}))
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "what-time", {"agentRef": {"name": "clock"}, "userMessage": question}),
+    )
     wait_for(lambda: phase(kubectl, namespace, "what-time") == "FinalAnswer", 120, what="FinalAnswer")
     status = get(kubectl, namespace, "taskrun", "what-time")["status"]
     time_result, echo_result = [m["content"] for m in status["contextWindow"] if m["role"] == "tool"]
@@ -92,4 +112,7 @@ def test_agent_uses_tools_of_two_real_mcp_servers(
     (first_request, _) = sorted(llm.requests(question), key=lambda r: r["turn"])
     assert {"time__get_current_time", "everything__echo"} <= set(first_request["tool_names"])
     events = json.loads(kubectl("get", "events", "-o", "json", namespace=namespace).stdout)["items"]
-    assert any(e["reason"] == "ExecutionSucceeded" and 'MCP tool "time__get_current_time"' in e["message"] for e in events)
+    assert any(
+        e["reason"] == "ExecutionSucceeded" and 'MCP tool "time__get_current_time"' in e["message"]
+        for e in events
+    )

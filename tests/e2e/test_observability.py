@@ -21,17 +21,35 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == val for k, val in labels.items()))
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == val for k, val in labels.items())
+    )
 
 
 def test_metrics_after_a_run(stack: LocalStack, kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
     question = f"metrics please {namespace}"
-    llm.add_rule(question, [{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}, {"content": "two"}])
-    add = resource("Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}})
-    agent = resource("Agent", "counter", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "Count."})
+    llm.add_rule(
+        question, [{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}, {"content": "two"}]
+    )
+    add = resource(
+        "Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}}
+    )
+    agent = resource(
+        "Agent", "counter", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "Count."}
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), add, agent)
-    wait_for(lambda: get(kubectl, namespace, "agent", "counter").get("status", {}).get("ready"), 60, what="agent ready")
-    apply(kubectl, namespace, resource("TaskRun", "m", {"agentRef": {"name": "counter"}, "userMessage": question}))
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "counter").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "m", {"agentRef": {"name": "counter"}, "userMessage": question}),
+    )
     wait_for(lambda: phase(kubectl, namespace, "m") == "FinalAnswer", 60, what="FinalAnswer")
 
     worker = scrape(stack.metrics_ports["worker-0"])
@@ -42,7 +60,15 @@ def test_metrics_after_a_run(stack: LocalStack, kubectl: Kubectl, namespace: str
     assert total(worker, "kubechain_tool_calls_total", tool="add", outcome="ok") >= 1
     assert total(worker, "kubechain_llm_request_duration_seconds_count") >= 2
 
-    watcher = wait_for(lambda: (s := scrape(stack.metrics_ports["watcher-0"])) and total(s, "kubechain_runs", phase="FinalAnswer") >= 1 and s, 10, what="watcher gauges")
+    watcher = wait_for(
+        lambda: (
+            (s := scrape(stack.metrics_ports["watcher-0"]))
+            and total(s, "kubechain_runs", phase="FinalAnswer") >= 1
+            and s
+        ),
+        10,
+        what="watcher gauges",
+    )
     assert total(watcher, "kubechain_watch_events_total", kind="TaskRun") >= 3
     assert total(watcher, "kubechain_enqueued_total", task="llm_call") >= 2
     assert total(watcher, "kubechain_watcher_leader") == 1

@@ -13,11 +13,15 @@ from tests.e2e.conftest import ScriptedLLM, apply, get, phase, resource, secret
 from tests.e2e.test_tools import SlowAPI
 
 
-def test_secret_values_appear_nowhere(stack: LocalStack, kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+def test_secret_values_appear_nowhere(
+    stack: LocalStack, kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
     api_key = f"sk-leak-canary-{uuid.uuid4().hex}"
     tool_token = f"tok-leak-canary-{uuid.uuid4().hex}"
     ok_question, bad_question = f"safe run {namespace}", f"failing run {namespace}"
-    llm.add_rule(ok_question, [{"tool_calls": [{"name": "call_api", "arguments": {"q": 1}}]}, {"content": "fine"}])
+    llm.add_rule(
+        ok_question, [{"tool_calls": [{"name": "call_api", "arguments": {"q": 1}}]}, {"content": "fine"}]
+    )
     llm.add_rule(bad_question, [{"error": {"status": 401, "message": "Incorrect API key provided"}}])
     api = SlowAPI(0.0)
     try:
@@ -26,19 +30,36 @@ def test_secret_values_appear_nowhere(stack: LocalStack, kubectl: Kubectl, names
             namespace,
             secret("llm-key", {"key": api_key}),
             secret("tool-key", {"token": tool_token}),
-            resource("LLM", "gpt-4o", {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "llm-key", "key": "key"}}}),
+            resource(
+                "LLM",
+                "gpt-4o",
+                {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "llm-key", "key": "key"}}},
+            ),
             resource(
                 "Tool",
                 "call-api",
                 {
                     "name": "call_api",
                     "toolType": "externalAPI",
-                    "execute": {"externalAPI": {"url": api.url, "credentialsFrom": {"name": "tool-key", "key": "token"}}},
+                    "execute": {
+                        "externalAPI": {
+                            "url": api.url,
+                            "credentialsFrom": {"name": "tool-key", "key": "token"},
+                        }
+                    },
                 },
             ),
-            resource("Agent", "careful", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "call-api"}], "system": "Be careful."}),
+            resource(
+                "Agent",
+                "careful",
+                {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "call-api"}], "system": "Be careful."},
+            ),
         )
-        wait_for(lambda: get(kubectl, namespace, "agent", "careful").get("status", {}).get("ready"), 60, what="agent ready")
+        wait_for(
+            lambda: get(kubectl, namespace, "agent", "careful").get("status", {}).get("ready"),
+            60,
+            what="agent ready",
+        )
         apply(
             kubectl,
             namespace,
@@ -57,6 +78,8 @@ def test_secret_values_appear_nowhere(stack: LocalStack, kubectl: Kubectl, names
     for log in Path(stack.logs).glob("*.log"):
         everything.append(log.read_text(errors="replace"))
     text = "\n".join(everything)
-    assert "LLM request failed with status 401" in json.dumps(get(kubectl, namespace, "taskrun", "bad")["status"])
+    assert "LLM request failed with status 401" in json.dumps(
+        get(kubectl, namespace, "taskrun", "bad")["status"]
+    )
     assert api_key not in text and api_key[-12:] not in text
     assert tool_token not in text and tool_token[-12:] not in text

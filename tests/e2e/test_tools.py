@@ -16,7 +16,11 @@ from tests.e2e.conftest import OPENAI_SECRET, ScriptedLLM, apply, get, llm_resou
 
 
 def ready(kubectl: Kubectl, namespace: str, kind: str, name: str) -> None:
-    wait_for(lambda: get(kubectl, namespace, kind, name).get("status", {}).get("ready"), 60, what=f"{kind} {name} ready")
+    wait_for(
+        lambda: get(kubectl, namespace, kind, name).get("status", {}).get("ready"),
+        60,
+        what=f"{kind} {name} ready",
+    )
 
 
 class SlowAPI:
@@ -47,7 +51,9 @@ class SlowAPI:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/work"
 
     def max_overlap(self) -> int:
-        points = sorted([(start, 1) for start, _ in self.intervals] + [(end, -1) for _, end in self.intervals])
+        points = sorted(
+            [(start, 1) for start, _ in self.intervals] + [(end, -1) for _, end in self.intervals]
+        )
         current = best = 0
         for _, delta in points:
             current += delta
@@ -62,7 +68,9 @@ def slow_api() -> Iterator[SlowAPI]:
     api.server.shutdown()
 
 
-def test_ten_tool_calls_run_in_parallel(kubectl: Kubectl, namespace: str, llm: ScriptedLLM, slow_api: SlowAPI) -> None:
+def test_ten_tool_calls_run_in_parallel(
+    kubectl: Kubectl, namespace: str, llm: ScriptedLLM, slow_api: SlowAPI
+) -> None:
     question = f"Do ten things {namespace}"
     llm.add_rule(
         question,
@@ -81,20 +89,32 @@ def test_ten_tool_calls_run_in_parallel(kubectl: Kubectl, namespace: str, llm: S
             "execute": {"externalAPI": {"url": slow_api.url, "method": "POST"}},
         },
     )
-    agent = resource("Agent", "worker", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "work"}], "system": "Work."})
+    agent = resource(
+        "Agent", "worker", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "work"}], "system": "Work."}
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), tool, agent)
     ready(kubectl, namespace, "agent", "worker")
-    apply(kubectl, namespace, resource("TaskRun", "ten", {"agentRef": {"name": "worker"}, "userMessage": question}))
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "ten", {"agentRef": {"name": "worker"}, "userMessage": question}),
+    )
 
     wait_for(lambda: phase(kubectl, namespace, "ten") == "FinalAnswer", 90, what="FinalAnswer")
     assert len(slow_api.intervals) == 10, "each tool call executed exactly once"
     assert slow_api.max_overlap() > 1, "tool calls of one turn ran concurrently"
-    tool_messages = [m for m in get(kubectl, namespace, "taskrun", "ten")["status"]["contextWindow"] if m["role"] == "tool"]
-    assert [json.loads(m["content"])["echo"]["item"] for m in tool_messages] == list(range(10)), "results in the LLM's order"
+    tool_messages = [
+        m for m in get(kubectl, namespace, "taskrun", "ten")["status"]["contextWindow"] if m["role"] == "tool"
+    ]
+    assert [json.loads(m["content"])["echo"]["item"] for m in tool_messages] == list(range(10)), (
+        "results in the LLM's order"
+    )
     assert sorted(r["turn"] for r in llm.requests(question)) == [0, 1]
 
 
-def test_sub_agent_answers_through_a_child_taskrun(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+def test_sub_agent_answers_through_a_child_taskrun(
+    kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
     question, sub_question = f"Ask the helper {namespace}", f"Helper, what is 6x7? {namespace}"
     llm.add_rule(
         question,
@@ -104,11 +124,23 @@ def test_sub_agent_answers_through_a_child_taskrun(kubectl: Kubectl, namespace: 
         ],
     )
     llm.add_rule(sub_question, [{"content": "42"}])
-    helper = resource("Agent", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "You help.", "description": "Answers questions"})
-    boss = resource("Agent", "boss", {"llmRef": {"name": "gpt-4o"}, "system": "You delegate.", "subAgents": [{"name": "helper"}]})
+    helper = resource(
+        "Agent",
+        "helper",
+        {"llmRef": {"name": "gpt-4o"}, "system": "You help.", "description": "Answers questions"},
+    )
+    boss = resource(
+        "Agent",
+        "boss",
+        {"llmRef": {"name": "gpt-4o"}, "system": "You delegate.", "subAgents": [{"name": "helper"}]},
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), helper, boss)
     ready(kubectl, namespace, "agent", "boss")
-    apply(kubectl, namespace, resource("TaskRun", "boss-run", {"agentRef": {"name": "boss"}, "userMessage": question}))
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "boss-run", {"agentRef": {"name": "boss"}, "userMessage": question}),
+    )
 
     wait_for(lambda: phase(kubectl, namespace, "boss-run") == "FinalAnswer", 90, what="FinalAnswer")
     assert get(kubectl, namespace, "taskrun", "boss-run")["status"]["output"] == "The helper says: 42"
@@ -116,11 +148,16 @@ def test_sub_agent_answers_through_a_child_taskrun(kubectl: Kubectl, namespace: 
     (child,) = [r for r in runs if r["metadata"]["name"] != "boss-run"]
     assert child["spec"] == {"agentRef": {"name": "helper"}, "userMessage": sub_question}
     assert child["metadata"]["ownerReferences"][0]["kind"] == "TaskRunToolCall"
-    assert child["metadata"]["labels"]["kubechain.humanlayer.dev/taskruntoolcall"] == child["metadata"]["ownerReferences"][0]["name"]
+    assert (
+        child["metadata"]["labels"]["kubechain.humanlayer.dev/taskruntoolcall"]
+        == child["metadata"]["ownerReferences"][0]["name"]
+    )
     assert child["status"]["phase"] == "FinalAnswer"
 
 
-def test_delegation_cycle_is_an_error_the_llm_sees(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+def test_delegation_cycle_is_an_error_the_llm_sees(
+    kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
     question = f"Recurse forever {namespace}"
     llm.add_rule(
         question,
@@ -129,16 +166,29 @@ def test_delegation_cycle_is_an_error_the_llm_sees(kubectl: Kubectl, namespace: 
             {"content_template": "{last_tool_results}"},
         ],
     )
-    agent = resource("Agent", "narcissus", {"llmRef": {"name": "gpt-4o"}, "system": "Me.", "subAgents": [{"name": "narcissus"}]})
+    agent = resource(
+        "Agent",
+        "narcissus",
+        {"llmRef": {"name": "gpt-4o"}, "system": "Me.", "subAgents": [{"name": "narcissus"}]},
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), agent)
     ready(kubectl, namespace, "agent", "narcissus")
-    apply(kubectl, namespace, resource("TaskRun", "loop", {"agentRef": {"name": "narcissus"}, "userMessage": question}))
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "loop", {"agentRef": {"name": "narcissus"}, "userMessage": question}),
+    )
 
     wait_for(lambda: phase(kubectl, namespace, "loop") == "FinalAnswer", 90, what="FinalAnswer")
-    assert "delegation cycle: narcissus → narcissus" in get(kubectl, namespace, "taskrun", "loop")["status"]["output"]
+    assert (
+        "delegation cycle: narcissus → narcissus"
+        in get(kubectl, namespace, "taskrun", "loop")["status"]["output"]
+    )
 
 
-def test_bad_tool_calls_become_errors_the_llm_sees(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
+def test_bad_tool_calls_become_errors_the_llm_sees(
+    kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
     question = f"Call broken tools {namespace}"
     llm.add_rule(
         question,
@@ -153,11 +203,19 @@ def test_bad_tool_calls_become_errors_the_llm_sees(kubectl: Kubectl, namespace: 
             {"content_template": "{last_tool_results}"},
         ],
     )
-    add = resource("Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}})
-    agent = resource("Agent", "clumsy", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "Oops."})
+    add = resource(
+        "Tool", "add", {"name": "add", "toolType": "function", "execute": {"builtin": {"name": "add"}}}
+    )
+    agent = resource(
+        "Agent", "clumsy", {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "Oops."}
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), add, agent)
     ready(kubectl, namespace, "agent", "clumsy")
-    apply(kubectl, namespace, resource("TaskRun", "broken", {"agentRef": {"name": "clumsy"}, "userMessage": question}))
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "broken", {"agentRef": {"name": "clumsy"}, "userMessage": question}),
+    )
 
     wait_for(lambda: phase(kubectl, namespace, "broken") == "FinalAnswer", 90, what="FinalAnswer")
     output = get(kubectl, namespace, "taskrun", "broken")["status"]["output"]

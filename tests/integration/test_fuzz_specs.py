@@ -15,18 +15,42 @@ from kubechain.queueing import ResourceMessage
 from tests.unit.fakes import FakeLLM, context
 from workers.validators import validate
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=12), st.floats(allow_nan=False, allow_infinity=False))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.text(max_size=12),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 ref = st.one_of(st.fixed_dictionaries({"name": st.sampled_from(["x", "gpt-4o", "", "missing"])}), json_values)
 
 SPECS: dict[str, Any] = {
     "LLM": st.fixed_dictionaries(
         {"provider": st.sampled_from(["openai", "anthropic", "foo", ""])},
         optional={
-            "apiKeyFrom": st.one_of(st.fixed_dictionaries({"secretKeyRef": st.fixed_dictionaries({"name": st.text(max_size=8), "key": st.text(max_size=8)})}), json_values),
+            "apiKeyFrom": st.one_of(
+                st.fixed_dictionaries(
+                    {
+                        "secretKeyRef": st.fixed_dictionaries(
+                            {"name": st.text(max_size=8), "key": st.text(max_size=8)}
+                        )
+                    }
+                ),
+                json_values,
+            ),
             "temperature": st.one_of(st.sampled_from(["0.5", "1", "1.5", "abc"]), json_values),
             "maxTokens": st.one_of(st.integers(-3, 5000), json_values),
-            "parameters": st.one_of(st.fixed_dictionaries({}, optional={"model": st.text(max_size=8), "baseUrl": st.text(max_size=20)}), json_values),
+            "parameters": st.one_of(
+                st.fixed_dictionaries(
+                    {}, optional={"model": st.text(max_size=8), "baseUrl": st.text(max_size=20)}
+                ),
+                json_values,
+            ),
         },
     ),
     "Tool": st.fixed_dictionaries(
@@ -36,7 +60,14 @@ SPECS: dict[str, Any] = {
             "toolType": st.sampled_from(["function", "delegateToAgent", "externalAPI", "bogus"]),
             "parameters": json_values,
             "execute": st.one_of(
-                st.fixed_dictionaries({}, optional={"builtin": st.fixed_dictionaries({}, optional={"name": st.sampled_from(["add", "pow"])})}),
+                st.fixed_dictionaries(
+                    {},
+                    optional={
+                        "builtin": st.fixed_dictionaries(
+                            {}, optional={"name": st.sampled_from(["add", "pow"])}
+                        )
+                    },
+                ),
                 json_values,
             ),
             "agentRef": ref,
@@ -44,7 +75,11 @@ SPECS: dict[str, Any] = {
     ),
     "Agent": st.fixed_dictionaries(
         {"llmRef": ref, "system": st.one_of(st.text(max_size=10), json_values)},
-        optional={"tools": st.lists(ref, max_size=2), "mcpServers": st.lists(ref, max_size=2), "subAgents": st.lists(ref, max_size=2)},
+        optional={
+            "tools": st.lists(ref, max_size=2),
+            "mcpServers": st.lists(ref, max_size=2),
+            "subAgents": st.lists(ref, max_size=2),
+        },
     ),
     "Task": st.fixed_dictionaries({"agentRef": ref, "message": st.one_of(st.text(max_size=10), json_values)}),
 }
@@ -52,13 +87,24 @@ PLURAL = {"LLM": "llms", "Tool": "tools", "Agent": "agents", "Task": "tasks"}
 names = (f"fuzz-{i}" for i in itertools.count())
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
-def test_fuzzed_specs_are_rejected_or_get_a_clear_status(data: st.DataObject, kube: Any, namespace: str) -> None:
+def test_fuzzed_specs_are_rejected_or_get_a_clear_status(
+    data: st.DataObject, kube: Any, namespace: str
+) -> None:
     kind = data.draw(st.sampled_from(sorted(SPECS)))
     spec = data.draw(SPECS[kind])
     name = next(names)
-    body = {"apiVersion": "kubechain.humanlayer.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+    body = {
+        "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }
     try:
         kube.create_raw(PLURAL[kind], namespace, body)
     except Invalid:

@@ -23,7 +23,11 @@ def test_original_sample_applies_and_reads_back(sample: Path, kubectl: Kubectl, 
         doc["metadata"].pop("namespace", None)  # each test applies into its own namespace
     kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs), namespace=namespace)
     for doc in docs:
-        got = json.loads(kubectl("get", doc["kind"].lower(), doc["metadata"]["name"], "-o", "json", namespace=namespace).stdout)
+        got = json.loads(
+            kubectl(
+                "get", doc["kind"].lower(), doc["metadata"]["name"], "-o", "json", namespace=namespace
+            ).stdout
+        )
         if "spec" in doc:
             for key, value in doc["spec"].items():
                 assert got["spec"][key] == value, f"{doc['kind']} {key} did not round-trip"
@@ -139,7 +143,13 @@ def test_status_schema_is_enforced(kube: object, namespace: str) -> None:
 
 
 def test_printer_columns_match_the_original(kubectl: Kubectl, namespace: str) -> None:
-    kubectl("apply", "-f", "-", input=json.dumps({**LLM_BODY, "metadata": {"name": "gpt-4o"}}), namespace=namespace)
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({**LLM_BODY, "metadata": {"name": "gpt-4o"}}),
+        namespace=namespace,
+    )
     header = kubectl("get", "llm", "-o", "wide", namespace=namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "PROVIDER", "READY", "STATUS", "DETAIL"]
     run = {
@@ -150,6 +160,18 @@ def test_printer_columns_match_the_original(kubectl: Kubectl, namespace: str) ->
     }
     kubectl("apply", "-f", "-", input=json.dumps(run), namespace=namespace)
     header = kubectl("get", "taskrun", "-o", "wide", namespace=namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "READY", "STATUS", "DETAIL", "PHASE", "TASK", "PREVIEW", "OUTPUT", "ERROR", "STARTED", "COMPLETED"]
+    assert header == [
+        "NAME",
+        "READY",
+        "STATUS",
+        "DETAIL",
+        "PHASE",
+        "TASK",
+        "PREVIEW",
+        "OUTPUT",
+        "ERROR",
+        "STARTED",
+        "COMPLETED",
+    ]
     header = kubectl("get", "taskrun", namespace=namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "READY", "STATUS", "PHASE", "TASK", "PREVIEW", "OUTPUT"]

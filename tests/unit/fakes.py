@@ -46,8 +46,12 @@ def context(kube: FakeKubeClient, llm: FakeLLM, identity: str = "w1", **settings
     )
 
 
-def create(kube: FakeKubeClient, kind: str, plural: str, name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-    return kube.create_raw(plural, namespace, {"apiVersion": API, "kind": kind, "metadata": {"name": name}, "spec": spec})
+def create(
+    kube: FakeKubeClient, kind: str, plural: str, name: str, spec: dict[str, Any], namespace: str = "default"
+) -> dict[str, Any]:
+    return kube.create_raw(
+        plural, namespace, {"apiVersion": API, "kind": kind, "metadata": {"name": name}, "spec": spec}
+    )
 
 
 def message(kind: str, name: str, namespace: str = "default") -> ResourceMessage:

@@ -31,7 +31,9 @@ def test_summarize_scales_and_rounds() -> None:
 
 
 def test_max_overlap_and_write_target() -> None:
-    assert bench_run.max_overlap([(0, 2), (1, 3), (2, 4), (5, 6)]) == 2  # an end and a start at t=2 don't overlap
+    assert (
+        bench_run.max_overlap([(0, 2), (1, 3), (2, 4), (5, 6)]) == 2
+    )  # an end and a start at t=2 don't overlap
     assert bench_run.max_overlap([]) == 0
     assert bench_run.write_target(400.0, 4.0) == 50.0
     assert bench_run.write_target(None, 4.0) is None
@@ -60,8 +62,21 @@ def _timeline(name: str, *points: tuple[float, str, str], claimed_at: str | None
 def test_hello_figures_from_watch_and_llm_log() -> None:
     # 1970-01-01T00:01:40.250Z = 100.25 s
     timelines = {
-        "run-0": _timeline("run-0", (100.0, "1", ""), (100.1, "2", "ReadyForLLM"), (100.3, "3", "SendContextWindowToLLM"), (100.6, "4", "FinalAnswer"), claimed_at="1970-01-01T00:01:40.250000Z"),
-        "run-1": _timeline("run-1", (100.0, "5", ""), (100.2, "6", "ReadyForLLM"), (100.5, "7", "SendContextWindowToLLM"), (101.0, "8", "FinalAnswer")),
+        "run-0": _timeline(
+            "run-0",
+            (100.0, "1", ""),
+            (100.1, "2", "ReadyForLLM"),
+            (100.3, "3", "SendContextWindowToLLM"),
+            (100.6, "4", "FinalAnswer"),
+            claimed_at="1970-01-01T00:01:40.250000Z",
+        ),
+        "run-1": _timeline(
+            "run-1",
+            (100.0, "5", ""),
+            (100.2, "6", "ReadyForLLM"),
+            (100.5, "7", "SendContextWindowToLLM"),
+            (101.0, "8", "FinalAnswer"),
+        ),
     }
     requests = [
         {"first_user": "m0", "turn": 0, "status_code": 200, "received_at": 100.4, "finished_at": 100.5},
@@ -82,7 +97,7 @@ def test_hello_figures_from_watch_and_llm_log() -> None:
 def test_apiserver_request_counters() -> None:
     metrics = "\n".join(
         [
-            '# HELP apiserver_request_total ...',
+            "# HELP apiserver_request_total ...",
             'apiserver_request_total{code="200",component="apiserver",resource="taskruns",subresource="status",verb="PATCH"} 12',
             'apiserver_request_total{code="409",component="apiserver",resource="taskruns",subresource="status",verb="PATCH"} 2',
             'apiserver_request_total{code="201",component="apiserver",resource="taskruns",subresource="",verb="POST"} 4',
@@ -94,27 +109,102 @@ def test_apiserver_request_counters() -> None:
     assert after["PATCH taskruns/status"] == 12 and after["PATCH taskruns/status 409"] == 2
     per_run = requests_per_run(parse_request_totals(""), after, runs=2, bench_creates=2)
     assert per_run is not None
-    assert per_run["by_request"] == {"PATCH taskruns/status": 6.0, "PATCH taskruns/status 409": 1.0, "POST taskruns": 1.0}
+    assert per_run["by_request"] == {
+        "PATCH taskruns/status": 6.0,
+        "PATCH taskruns/status 409": 1.0,
+        "POST taskruns": 1.0,
+    }
     assert per_run["total"] == 8.0 and per_run["conflicts_409"] == 1.0
 
 
 FIXED_RESULT: dict[str, Any] = {
     "command": ".venv/bin/python -m bench.run --quick",
     "machine": {"nproc": 2, "cpu_model": "AMD EPYC", "ram_gib": 23.5, "kernel": "6.1", "python": "3.11.7"},
-    "versions": {"kubechain": "0.1.0", "kube-apiserver": "v1.33.13", "etcd": "v3.5.21", "celery": "5.7.0", "redis-server": "7.0.15"},
+    "versions": {
+        "kubechain": "0.1.0",
+        "kube-apiserver": "v1.33.13",
+        "etcd": "v3.5.21",
+        "celery": "5.7.0",
+        "redis-server": "7.0.15",
+    },
     "rows": [
-        {"scenario": "baseline", "label": "baseline", "concurrency": 16, "n": 600, "cpu_s": {"kube-apiserver": 1.4, "bench": 0.7}, "cpu_wall_s": 1.4,
-         "figures": {"writes_per_s": 427.6, "writes": 600, "threads": 16, "wall_s": 1.4, "latency_ms": {"p50": 30.7, "p95": 77.3, "p99": 103.7}}},
-        {"scenario": "hello", "label": "hello", "workers": 1, "pool": "threads", "concurrency": 16, "n": 30,
-         "figures": {"runs_per_s": 18.61, "completed": 30, "wall_s": 1.61, "ready_to_llm_ms": {"p50": 440.4, "p95": 772.6, "p99": 825.4},
-                     "answer_to_next_ms": {"p50": 85.4, "p95": 195.4, "p99": 198.3}, "writes_per_run": 4.0, "events_per_run": 3.0,
-                     "api_requests_per_run": {"total": 9.1}, "target_runs_per_s": 53.45, "meets_target": False}},
-        {"scenario": "fanout", "label": "fanout", "workers": 1, "pool": "threads", "concurrency": 64, "n": 50,
-         "figures": {"wall_s": 8.91, "ideal_s": 1.0, "tool_calls": 50, "tool_s": 1.0, "trials_wall_s": [8.91], "max_concurrent_tools": 25}},
-        {"scenario": "inflight", "label": "inflight", "workers": 2, "pool": "threads", "concurrency": 50, "n": 100, "timed_out": True,
-         "figures": {"wall_s": 5.15, "ideal_s": 2.0, "rss_peak_mib": 314.7, "completed": 99, "failed": 1, "max_concurrent_llm": 97}},
-        {"scenario": "scale", "label": "scale-2w", "workers": 2, "pool": "threads", "concurrency": 16, "n": 30,
-         "figures": {"runs_per_s": 7.3, "target_runs_per_s": 5.0, "meets_target": True}},
+        {
+            "scenario": "baseline",
+            "label": "baseline",
+            "concurrency": 16,
+            "n": 600,
+            "cpu_s": {"kube-apiserver": 1.4, "bench": 0.7},
+            "cpu_wall_s": 1.4,
+            "figures": {
+                "writes_per_s": 427.6,
+                "writes": 600,
+                "threads": 16,
+                "wall_s": 1.4,
+                "latency_ms": {"p50": 30.7, "p95": 77.3, "p99": 103.7},
+            },
+        },
+        {
+            "scenario": "hello",
+            "label": "hello",
+            "workers": 1,
+            "pool": "threads",
+            "concurrency": 16,
+            "n": 30,
+            "figures": {
+                "runs_per_s": 18.61,
+                "completed": 30,
+                "wall_s": 1.61,
+                "ready_to_llm_ms": {"p50": 440.4, "p95": 772.6, "p99": 825.4},
+                "answer_to_next_ms": {"p50": 85.4, "p95": 195.4, "p99": 198.3},
+                "writes_per_run": 4.0,
+                "events_per_run": 3.0,
+                "api_requests_per_run": {"total": 9.1},
+                "target_runs_per_s": 53.45,
+                "meets_target": False,
+            },
+        },
+        {
+            "scenario": "fanout",
+            "label": "fanout",
+            "workers": 1,
+            "pool": "threads",
+            "concurrency": 64,
+            "n": 50,
+            "figures": {
+                "wall_s": 8.91,
+                "ideal_s": 1.0,
+                "tool_calls": 50,
+                "tool_s": 1.0,
+                "trials_wall_s": [8.91],
+                "max_concurrent_tools": 25,
+            },
+        },
+        {
+            "scenario": "inflight",
+            "label": "inflight",
+            "workers": 2,
+            "pool": "threads",
+            "concurrency": 50,
+            "n": 100,
+            "timed_out": True,
+            "figures": {
+                "wall_s": 5.15,
+                "ideal_s": 2.0,
+                "rss_peak_mib": 314.7,
+                "completed": 99,
+                "failed": 1,
+                "max_concurrent_llm": 97,
+            },
+        },
+        {
+            "scenario": "scale",
+            "label": "scale-2w",
+            "workers": 2,
+            "pool": "threads",
+            "concurrency": 16,
+            "n": 30,
+            "figures": {"runs_per_s": 7.3, "target_runs_per_s": 5.0, "meets_target": True},
+        },
         {"scenario": "scale", "label": "scale-4w", "figures": {}, "error": "RuntimeError: worker exited"},
     ],
 }

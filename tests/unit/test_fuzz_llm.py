@@ -15,22 +15,39 @@ from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message, ToolCall, ToolCallFunction
-from tests.unit.fakes import FakeLLM, context, create
+from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import validated
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
-from tests.unit.fakes import message
 
-tool_names = st.one_of(st.sampled_from(["add", "nope", "srv__tool", "delegate_to_agent__ghost", "x__human_contact_email", ""]), st.text(max_size=20))
-arguments = st.one_of(st.sampled_from(['{"a": 1, "b": 2}', "{not json", "[]", "null", '{"a": "x"}', ""]), st.text(max_size=30))
-calls = st.lists(st.builds(lambda n, a, i: ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments=a)), tool_names, arguments, st.integers(0, 10**6)), max_size=4, unique_by=lambda c: c.id)
-contents = st.one_of(st.text(max_size=50), st.just("x" * 200_000), st.just("\ud800 lone surrogate"), st.just(""))
+tool_names = st.one_of(
+    st.sampled_from(["add", "nope", "srv__tool", "delegate_to_agent__ghost", "x__human_contact_email", ""]),
+    st.text(max_size=20),
+)
+arguments = st.one_of(
+    st.sampled_from(['{"a": 1, "b": 2}', "{not json", "[]", "null", '{"a": "x"}', ""]), st.text(max_size=30)
+)
+calls = st.lists(
+    st.builds(
+        lambda n, a, i: ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments=a)),
+        tool_names,
+        arguments,
+        st.integers(0, 10**6),
+    ),
+    max_size=4,
+    unique_by=lambda c: c.id,
+)
+contents = st.one_of(
+    st.text(max_size=50), st.just("x" * 200_000), st.just("\ud800 lone surrogate"), st.just("")
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(first=st.tuples(contents, calls), second=st.tuples(contents, calls))
-def test_any_llm_output_ends_in_a_clear_status(first: tuple[str, list[ToolCall]], second: tuple[str, list[ToolCall]]) -> None:
+def test_any_llm_output_ends_in_a_clear_status(
+    first: tuple[str, list[ToolCall]], second: tuple[str, list[ToolCall]]
+) -> None:
     kube = FakeKubeClient()
     answers = iter([first, second, ("done", [])])
 
@@ -45,14 +62,14 @@ def test_any_llm_output_ends_in_a_clear_status(first: tuple[str, list[ToolCall]]
     for _ in range(6):
         prepare(ctx, message("TaskRun", "r"))
         llm_call(ctx, message("TaskRun", "r"))
-        for (_, plural, _, name) in list(kube.objects):
+        for _, plural, _, name in list(kube.objects):
             if plural == "taskruntoolcalls":
                 tool_call(ctx, message("TaskRunToolCall", name))
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert status["phase"] in ("FinalAnswer", "Failed"), status.get("statusDetail")
     if status["phase"] == "Failed":
         assert status["error"]
-    for (_, plural, _, name) in kube.objects:
+    for _, plural, _, name in kube.objects:
         if plural == "taskruntoolcalls":
             call = kube.get_raw("taskruntoolcalls", "default", name)["status"]
             assert call["phase"] in ("Succeeded", "Failed"), call
@@ -91,17 +108,35 @@ def raw_llm() -> Iterator[RawLLM]:
 
 
 def completion(message: dict) -> bytes:
-    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}).encode()
+    return json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        }
+    ).encode()
 
 
 @pytest.mark.parametrize(
     "body",
     [
-        json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}).encode(),
+        json.dumps(
+            {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+        ).encode(),
         b'{"choices": [{"message": {"role": "assistant", "content": "caf\xe9 \xff\xfe"}}]}',
         b"this is not json",
         b"",
-        completion({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "add", "arguments": "{oops"}}]}),
+        completion(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "1", "type": "function", "function": {"name": "add", "arguments": "{oops"}}
+                ],
+            }
+        ),
     ],
     ids=["empty-choices", "invalid-utf8", "not-json", "empty-body", "malformed-arguments"],
 )

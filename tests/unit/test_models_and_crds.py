@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from kubechain.crdgen import DEFAULT_OUTPUT, render_all
-from kubechain.models import LLM, KINDS, TaskRun, TaskRunToolCall
+from kubechain.models import KINDS, LLM, TaskRun, TaskRunToolCall
 
 
 def test_committed_crds_equal_generated() -> None:
@@ -30,7 +30,12 @@ def test_irregular_wire_names_round_trip() -> None:
     toolcall = TaskRunToolCall.from_wire(
         {
             "metadata": {"name": "x"},
-            "spec": {"toolCallId": "c1", "taskRunRef": {"name": "r"}, "toolRef": {"name": "add"}, "arguments": "{}"},
+            "spec": {
+                "toolCallId": "c1",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "add"},
+                "arguments": "{}",
+            },
             "status": {"externalCallID": "ec-1", "phase": "Succeeded"},
         }
     )
@@ -43,7 +48,11 @@ def test_llm_parameters_and_defaults() -> None:
     llm = LLM.from_wire(
         {
             "metadata": {"name": "m"},
-            "spec": {"provider": "openai", "temperature": "0.2", "parameters": {"model": "x", "maxTokens": 10, "baseUrl": "http://h/v1"}},
+            "spec": {
+                "provider": "openai",
+                "temperature": "0.2",
+                "parameters": {"model": "x", "maxTokens": 10, "baseUrl": "http://h/v1"},
+            },
         }
     )
     assert llm.spec.effective_model() == "x"
@@ -55,5 +64,7 @@ def test_llm_parameters_and_defaults() -> None:
 
 
 def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
-    run = TaskRun.from_wire({"metadata": {"name": "r"}, "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"}})
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "r"}, "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"}}
+    )
     assert run.spec.task_ref is None and run.spec.agent_ref is not None and run.phase == ""

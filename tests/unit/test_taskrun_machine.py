@@ -22,7 +22,11 @@ LIMITS = LoopLimits()
 
 def agent(ready: bool = True) -> Agent:
     return Agent.from_wire(
-        {"metadata": {"name": "a"}, "spec": {"llmRef": {"name": "l"}, "system": "be brief"}, "status": {"ready": ready}}
+        {
+            "metadata": {"name": "a"},
+            "spec": {"llmRef": {"name": "l"}, "system": "be brief"},
+            "status": {"ready": ready},
+        }
     )
 
 
@@ -47,7 +51,13 @@ def test_direct_run_gets_system_and_user_message() -> None:
 
 
 def test_task_run_uses_task_message_and_missing_task_fails() -> None:
-    task = Task.from_wire({"metadata": {"name": "t"}, "spec": {"agentRef": {"name": "a"}, "message": "from task"}, "status": {"ready": True}})
+    task = Task.from_wire(
+        {
+            "metadata": {"name": "t"},
+            "spec": {"agentRef": {"name": "a"}, "message": "from task"},
+            "status": {"ready": True},
+        }
+    )
     r = run(spec={"taskRef": {"name": "t"}})
     transition = plan_initial_context(r, task, False, agent(), NOW)
     assert transition is not None and transition.status["contextWindow"][1]["content"] == "from task"
@@ -64,7 +74,9 @@ def test_waiting_for_agent_is_written_once() -> None:
 
 
 def test_long_message_preview_is_truncated() -> None:
-    transition = plan_initial_context(run(spec={"agentRef": {"name": "a"}, "userMessage": "x" * 80}), None, False, agent(), NOW)
+    transition = plan_initial_context(
+        run(spec={"agentRef": {"name": "a"}, "userMessage": "x" * 80}), None, False, agent(), NOW
+    )
     assert transition is not None and transition.status["userMsgPreview"] == "x" * 47 + "..."
 
 
@@ -84,7 +96,9 @@ def test_claim_only_from_ready_and_not_while_fresh_claim_held() -> None:
     assert plan_llm_claim(held, "w1", NOW + timedelta(seconds=5), LIMITS).transition is None
     stale = plan_llm_claim(held, "w1", NOW + timedelta(seconds=LIMITS.claim_timeout_s + 1), LIMITS)
     assert stale.transition is not None and stale.transition.status["llmAttempts"] == 2
-    twice = ready_run(phase="SendContextWindowToLLM", claimedBy="w2", claimedAt=NOW.isoformat(), llmAttempts=2)
+    twice = ready_run(
+        phase="SendContextWindowToLLM", claimedBy="w2", claimedAt=NOW.isoformat(), llmAttempts=2
+    )
     failed = plan_llm_claim(twice, "w1", NOW + timedelta(seconds=LIMITS.claim_timeout_s + 1), LIMITS)
     assert failed.transition is not None and failed.transition.status["phase"] == "Failed"
     assert plan_llm_claim(run(status={"phase": "FinalAnswer"}), "w1", NOW, LIMITS).transition is None
@@ -93,7 +107,14 @@ def test_claim_only_from_ready_and_not_while_fresh_claim_held() -> None:
 def test_answer_with_tool_calls_creates_deterministic_children() -> None:
     claimed = ready_run(phase="SendContextWindowToLLM")
     calls = [ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments="{}")) for i in range(3)]
-    transition = plan_llm_answer(claimed, "thinking", calls, {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, NOW, LIMITS)
+    transition = plan_llm_answer(
+        claimed,
+        "thinking",
+        calls,
+        {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        NOW,
+        LIMITS,
+    )
     assert transition.status["phase"] == "ToolCallsPending"
     req = request_id(claimed, 0)
     assert transition.status["toolCallRequestId"] == req
@@ -102,7 +123,9 @@ def test_answer_with_tool_calls_creates_deterministic_children() -> None:
     assert transition.children[0].metadata.labels["kubechain.humanlayer.dev/taskruntoolcall"] == "r"
     assert transition.status["tokenUsage"] == {"promptTokens": 3, "completionTokens": 2, "totalTokens": 5}
     again = plan_llm_answer(claimed, "thinking", calls, None, NOW, LIMITS)
-    assert [c.name for c in again.children] == [c.name for c in transition.children], "a retried turn names the same children"
+    assert [c.name for c in again.children] == [c.name for c in transition.children], (
+        "a retried turn names the same children"
+    )
 
 
 def test_empty_answer_fails_instead_of_looping() -> None:
@@ -113,11 +136,15 @@ def test_empty_answer_fails_instead_of_looping() -> None:
 
 def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:
     claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
-    transition = plan_llm_error(claimed, "LLM request failed with status 429: slow down", True, 7.0, NOW, LIMITS, random.Random(1))
+    transition = plan_llm_error(
+        claimed, "LLM request failed with status 429: slow down", True, 7.0, NOW, LIMITS, random.Random(1)
+    )
     assert transition.status["phase"] == "ErrorBackoff"
     due = datetime.fromisoformat(transition.status["nextAttemptAt"].replace("Z", "+00:00"))
     assert due - NOW >= timedelta(seconds=7)
-    exhausted = plan_llm_error(ready_run(phase="SendContextWindowToLLM", llmAttempts=5), "boom", True, None, NOW, LIMITS)
+    exhausted = plan_llm_error(
+        ready_run(phase="SendContextWindowToLLM", llmAttempts=5), "boom", True, None, NOW, LIMITS
+    )
     assert exhausted.status["phase"] == "Failed"
     four_xx = plan_llm_error(claimed, "LLM request failed with status 400: bad", False, None, NOW, LIMITS)
     assert four_xx.status["phase"] == "Failed" and four_xx.events[0].reason == "LLMRequestFailed4xx"
@@ -127,10 +154,20 @@ def pending_run() -> TaskRun:
     window = [
         Message(role="system", content="s"),
         Message(role="user", content="u"),
-        Message(role="assistant", content="", tool_calls=[ToolCall(id=f"c{i}", function=ToolCallFunction(name="t", arguments="{}")) for i in (1, 2)]),
+        Message(
+            role="assistant",
+            content="",
+            tool_calls=[
+                ToolCall(id=f"c{i}", function=ToolCallFunction(name="t", arguments="{}")) for i in (1, 2)
+            ],
+        ),
     ]
     return run(
-        status={"phase": "ToolCallsPending", "toolCallRequestId": "abc1234", "contextWindow": [m.to_wire() for m in window]}
+        status={
+            "phase": "ToolCallsPending",
+            "toolCallRequestId": "abc1234",
+            "contextWindow": [m.to_wire() for m in window],
+        }
     )
 
 
@@ -141,8 +178,12 @@ def finished(child: TaskRunToolCall, phase: str, **status: str) -> TaskRunToolCa
 def test_fan_in_waits_for_all_then_appends_in_llm_order() -> None:
     r = pending_run()
     first, second = expected_toolcalls(r)
-    assert plan_fan_in(r, [finished(first, "Succeeded", result="one")], NOW, LIMITS).missing == [second] or True
-    waiting = plan_fan_in(r, [finished(first, "Succeeded", result="one"), finished(second, "Running")], NOW, LIMITS)
+    assert (
+        plan_fan_in(r, [finished(first, "Succeeded", result="one")], NOW, LIMITS).missing == [second] or True
+    )
+    waiting = plan_fan_in(
+        r, [finished(first, "Succeeded", result="one"), finished(second, "Running")], NOW, LIMITS
+    )
     assert waiting.transition is None and not waiting.missing
     done = plan_fan_in(
         r,
@@ -164,9 +205,17 @@ def test_fan_in_reports_rejections_and_recreates_missing_children() -> None:
     first, second = expected_toolcalls(r)
     missing = plan_fan_in(r, [finished(first, "Succeeded", result="x")], NOW, LIMITS)
     assert [c.name for c in missing.missing] == [second.name]
-    rejected = plan_fan_in(r, [finished(first, "ToolCallRejected", result="not today"), finished(second, "Succeeded", result="y")], NOW, LIMITS)
+    rejected = plan_fan_in(
+        r,
+        [finished(first, "ToolCallRejected", result="not today"), finished(second, "Succeeded", result="y")],
+        NOW,
+        LIMITS,
+    )
     assert rejected.transition is not None
-    assert rejected.transition.status["contextWindow"][-2]["content"] == "User denied `t` with feedback: not today"
+    assert (
+        rejected.transition.status["contextWindow"][-2]["content"]
+        == "User denied `t` with feedback: not today"
+    )
 
 
 def test_truncate_marks_what_was_cut() -> None:

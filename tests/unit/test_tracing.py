@@ -39,14 +39,22 @@ def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     def answer(request: LLMRequest) -> LLMResponse:
         if request.messages[-1].role == "tool":
             return LLMResponse(content="three")
-        return LLMResponse(tool_calls=[ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))])
+        return LLMResponse(
+            tool_calls=[
+                ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
+            ]
+        )
 
     llm = FakeLLM(answer)
     validated(kube, llm, ["add"])
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
     app.set_context(context(kube, llm))
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
-    handlers = {TaskName.PREPARE: app.prepare, TaskName.LLM_CALL: app.llm_call, TaskName.TOOL_CALL: app.tool_call}
+    handlers = {
+        TaskName.PREPARE: app.prepare,
+        TaskName.LLM_CALL: app.llm_call,
+        TaskName.TOOL_CALL: app.tool_call,
+    }
     try:
         for _ in range(10):
             pending = [

@@ -43,7 +43,13 @@ def test_validation_chain_and_events() -> None:
 
 def test_missing_secret_is_a_clear_error() -> None:
     kube = FakeKubeClient()
-    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}})
+    create(
+        kube,
+        "LLM",
+        "llms",
+        "gpt-4o",
+        {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "nope", "key": "k"}}},
+    )
     validate(context(kube, FakeLLM(lambda r: LLMResponse())), message("LLM", "gpt-4o"))
     status = kube.get_raw("llms", "default", "gpt-4o")["status"]
     assert status["status"] == "Error" and 'secrets "nope" not found' in status["statusDetail"]
@@ -62,7 +68,10 @@ def test_concurrent_llm_calls_make_one_request() -> None:
     validated(kube, llm)
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
     prepare(context(kube, llm), message("TaskRun", "r"))
-    workers = [threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(4)]
+    workers = [
+        threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
+        for i in range(4)
+    ]
     for worker in workers:
         worker.start()
     # Every losing worker returns after its claim conflicts; only the winner waits on the gate.
@@ -94,7 +103,10 @@ def tool_turn(kube: FakeKubeClient, arguments: list[str]) -> FakeLLM:
     def answer(request: LLMRequest) -> LLMResponse:
         if request.messages[-1].role == "tool":
             return LLMResponse(content="; ".join(m.content for m in request.messages if m.role == "tool"))
-        calls = [ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments=a)) for i, a in enumerate(arguments)]
+        calls = [
+            ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments=a))
+            for i, a in enumerate(arguments)
+        ]
         return LLMResponse(tool_calls=calls)
 
     llm = FakeLLM(answer)
@@ -145,13 +157,19 @@ def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None
     ctx = context(kube, llm)
     for name in toolcall_names(kube):
         tool_call(ctx, message("TaskRunToolCall", name))
-    threads = [threading.Thread(target=prepare, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(6)]
+    threads = [
+        threading.Thread(target=prepare, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
+        for i in range(6)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
     assert kube.event_reasons("r").count("AllToolCallsCompleted") == 1
-    threads = [threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r"))) for i in range(6)]
+    threads = [
+        threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
+        for i in range(6)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -173,7 +191,13 @@ def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
 def test_a_tool_the_agent_was_not_given_is_refused() -> None:
     kube = FakeKubeClient()
     tool_turn(kube, ['{"a": 1, "b": 2}'])
-    create(kube, "Tool", "tools", "multiply", {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}})
+    create(
+        kube,
+        "Tool",
+        "tools",
+        "multiply",
+        {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}},
+    )
     (name,) = toolcall_names(kube)
     spec = kube.get_raw("taskruntoolcalls", "default", name)
     spec["spec"]["toolRef"]["name"] = "multiply"
@@ -191,7 +215,11 @@ def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly()
     def answer(request: LLMRequest) -> LLMResponse:
         if request.messages[-1].role == "tool":
             return LLMResponse(content=big)  # an answer that cannot fit either
-        return LLMResponse(tool_calls=[ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))])
+        return LLMResponse(
+            tool_calls=[
+                ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
+            ]
+        )
 
     llm = FakeLLM(answer)
     validated(kube, llm, ["add"])
