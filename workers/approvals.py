@@ -128,18 +128,21 @@ def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_nam
         ctx, toolcall, machine.plan_request_claim(toolcall, channel_name, ctx.identity, now)
     )
     external_id = machine.call_id(claimed)
-    plan: Callable[[TaskRunToolCall], Transition]
+    sent_id: str | None = None
+    error = ""
     try:
         with _client(ctx, api_key) as client:
             call = client.create_function_call(machine.run_id(claimed), external_id, spec)
         sent_id = str(call.get("call_id") or external_id)
-        plan = lambda current: machine.plan_request_sent(current, channel_name, sent_id, ctx.clock())  # noqa: E731
     except HumanLayerError as exc:
         log.warning("approval request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"
-        plan = lambda current: machine.plan_request_failed(
-            current, error, "HumanLayerRequestFailed", ctx.clock()
-        )  # noqa: E731
+
+    def plan(current: TaskRunToolCall) -> Transition:
+        if sent_id is not None:
+            return machine.plan_request_sent(current, channel_name, sent_id, ctx.clock())
+        return machine.plan_request_failed(current, error, "HumanLayerRequestFailed", ctx.clock())
+
     written = _write_holding_claim(ctx, claimed, plan)
     if written is not None:
         _schedule(ctx, written)
@@ -235,18 +238,23 @@ def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name
         ctx, toolcall, machine.plan_contact_claim(toolcall, channel_name, ctx.identity, now)
     )
     external_id = machine.call_id(claimed)
-    plan: Callable[[TaskRunToolCall], Transition]
+    sent_id: str | None = None
+    error = ""
     try:
         with _client(ctx, api_key) as client:
             contact = client.create_contact_request(machine.run_id(claimed), external_id, spec)
         sent_id = str(contact.get("call_id") or external_id)
-        plan = lambda current: machine.plan_contact_sent(current, channel_name, sent_id, ctx.clock())  # noqa: E731
     except HumanLayerError as exc:
         log.warning("human contact request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"
-        plan = lambda current: machine.plan_contact_failed(
+
+    def plan(current: TaskRunToolCall) -> Transition:
+        if sent_id is not None:
+            return machine.plan_contact_sent(current, channel_name, sent_id, ctx.clock())
+        return machine.plan_contact_failed(
             current, channel_name, error, "HumanLayerRequestFailed", ctx.clock()
-        )  # noqa: E731
+        )
+
     written = _write_holding_claim(ctx, claimed, plan)
     if written is not None:
         _schedule(ctx, written)

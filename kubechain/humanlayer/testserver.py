@@ -76,7 +76,10 @@ class HumanLayerTestServer:
 
     def start(self) -> HumanLayerTestServer:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="humanlayer-test", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="humanlayer-test",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -71,10 +71,11 @@ class AnthropicClient:
                 {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
                 for tool in request.tools
             ]
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.top_p is not None:
-            kwargs["top_p"] = request.top_p
+        # Recent SDKs no longer take sampling parameters as arguments; send them only when the LLM
+        # resource sets them, for endpoints that still accept them.
+        sampling = {key: value for key, value in (("temperature", request.temperature), ("top_p", request.top_p)) if value is not None}
+        if sampling:
+            kwargs["extra_body"] = sampling
         try:
             response = self._client.messages.create(**kwargs)
         except anthropic.APIStatusError as exc:

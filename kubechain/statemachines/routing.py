@@ -99,7 +99,9 @@ def _work_for(
         not_ready = status.get("status") in ("Error", "Pending") or (
             kind == "MCPServer" and not status.get("connected")
         )
-        if needs_validation(obj) or (resync and not_ready):
+        # Resync also re-checks connected MCP servers, so one that went away is noticed (the watcher's
+        # per-object backoff spaces these checks out to minutes while nothing changes).
+        if needs_validation(obj) or (resync and (not_ready or kind == "MCPServer")):
             return [Work(TaskName.VALIDATE, kind, namespace, name, reason=reason)]
         return []
     phase = status.get("phase") or ""

@@ -1,0 +1,96 @@
+"""The Anthropic provider through the official SDK against a local Messages API: mapping both ways."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from kubechain.llm.anthropic_provider import AnthropicClient
+from kubechain.llm.base import LLMError, LLMRequest, ToolDefinition
+from kubechain.models import Message, ToolCall, ToolCallFunction
+
+
+class FakeAnthropic:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.status = 200
+        self.reply: dict[str, Any] = {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                owner.requests[-1]["_api_key"] = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
+                body = json.dumps(owner.reply if owner.status == 200 else {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}).encode()
+                self.send_response(owner.status)
+                self.send_header("Content-Type", "application/json")
+                if owner.status == 429:
+                    self.send_header("retry-after", "3")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAnthropic]:
+    server = FakeAnthropic()
+    yield server
+    server.server.shutdown()
+
+
+def test_messages_tools_and_answers_map_both_ways(fake: FakeAnthropic) -> None:
+    fake.reply = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [
+            {"type": "text", "text": "Let me add."},
+            {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1, "b": 2}},
+        ],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 11, "output_tokens": 7},
+    }
+    client = AnthropicClient("sk-ant-test", 5, fake.url)
+    schema = {"type": "object", "properties": {"a": {"type": "number", "description": "first"}, "b": {"enum": [1, 2]}}}
+    request = LLMRequest(
+        model="claude-x",
+        temperature=0.2,
+        max_tokens=100,
+        tools=[ToolDefinition(name="add", description="Add", parameters=schema)],
+        messages=[
+            Message(role="system", content="be brief"),
+            Message(role="user", content="1+2?"),
+            Message(role="assistant", content="", tool_calls=[ToolCall(id="toolu_0", function=ToolCallFunction(name="add", arguments='{"a": 0, "b": 1}'))]),
+            Message(role="tool", content="1", tool_call_id="toolu_0"),
+        ],
+    )
+    response = client.complete(request)
+    sent = fake.requests[0]
+    assert sent["_api_key"] == "sk-ant-test"
+    assert sent["system"] == "be brief" and sent["max_tokens"] == 100 and sent["temperature"] == 0.2
+    assert sent["tools"] == [{"name": "add", "description": "Add", "input_schema": schema}], "schemas pass through whole"
+    assert sent["messages"][1]["content"][0] == {"type": "tool_use", "id": "toolu_0", "name": "add", "input": {"a": 0, "b": 1}}
+    assert sent["messages"][2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "1"}]}
+    assert response.content == "Let me add."
+    assert response.tool_calls[0].function.name == "add" and json.loads(response.tool_calls[0].function.arguments) == {"a": 1, "b": 2}
+    assert response.usage is not None and response.usage.total_tokens == 18
+
+
+def test_rate_limits_are_retryable_with_retry_after(fake: FakeAnthropic) -> None:
+    fake.status = 429
+    with pytest.raises(LLMError) as caught:
+        AnthropicClient("k", 5, fake.url).complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert caught.value.retryable and caught.value.status_code == 429 and caught.value.retry_after_s == 3.0

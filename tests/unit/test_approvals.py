@@ -1,0 +1,754 @@
+"""Approvals and humans as tools: the tool_call handler on the in-memory API server + the HumanLayer test server.
+
+Time is a fake clock (re-checks are due by the status, not by sleeping); the re-checks the handler schedules
+are recorded instead of sent to Celery, and the tests deliver them by calling the handler again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from kubechain.humanlayer.testserver import HumanLayerTestServer
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMRequest, LLMResponse
+from kubechain.mcp.common import MCPToolResult
+from kubechain.models import MCPServer, TaskRunToolCall, ToolCall, ToolCallFunction
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.statemachines import approval as machine
+from kubechain.statemachines.routing import work_for
+from tests.unit.fakes import FakeLLM, context, create, message
+from workers.context import WorkerContext
+from workers.llm_call import llm_call
+from workers.prepare import prepare
+from workers.tool_call import tool_call
+from workers.transitions import apply_transition
+from workers.validators import validate
+
+KEY = "hl-approvals-secret-key"
+TC = "r-tc-01"
+ARGS = {"url": "https://example.com/page"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class FakeMCP:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
+        self.calls.append((server.name, tool, arguments))
+        return MCPToolResult(text=f"contents of {arguments.get('url')}")
+
+
+class CountingAPI:
+    """An externalAPI tool endpoint that counts its calls."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                owner.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "8")
+                self.end_headers()
+                self.wfile.write(b"deployed")
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/deploy"
+
+
+@dataclass
+class World:
+    kube: FakeKubeClient
+    hl: HumanLayerTestServer
+    clock: Clock
+    mcp: FakeMCP
+    scheduled: list[tuple[TaskName, ResourceMessage, float]] = field(default_factory=list)
+
+    def ctx(self, identity: str = "w1") -> WorkerContext:
+        ctx = context(self.kube, FakeLLM(lambda r: LLMResponse()), identity, humanlayer_api_base=self.hl.url)
+        ctx.clock = self.clock
+        ctx.mcp = self.mcp
+        ctx.enqueue = lambda task, msg, countdown: self.scheduled.append((task, msg, countdown))
+        return ctx
+
+    def run(self, name: str = TC, identity: str = "w1") -> None:
+        tool_call(self.ctx(identity), message("TaskRunToolCall", name))
+
+    def status(self, name: str = TC) -> dict[str, Any]:
+        return dict(self.kube.get_raw("taskruntoolcalls", "default", name).get("status") or {})
+
+    def resource_version(self, name: str = TC) -> str:
+        return str(self.kube.get_raw("taskruntoolcalls", "default", name)["metadata"]["resourceVersion"])
+
+    def annotate(self, decision: str, comment: str | None = None, name: str = TC) -> None:
+        annotations = {machine.APPROVAL_ANNOTATION: decision}
+        if comment is not None:
+            annotations[machine.APPROVAL_COMMENT_ANNOTATION] = comment
+        self.kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+
+    def events(self, name: str = TC) -> list[str]:
+        return self.kube.event_reasons(name)
+
+    def event_messages(self, name: str = TC) -> list[str]:
+        return [e["message"] for e in self.kube.events() if e["involvedObject"]["name"] == name]
+
+    def last_countdown(self) -> float:
+        assert self.scheduled, "a re-check was scheduled"
+        task, msg, countdown = self.scheduled[-1]
+        assert task == TaskName.TOOL_CALL and msg.name == TC and msg.reason == machine.RECHECK_REASON
+        return countdown
+
+    def calls_to_humanlayer(self) -> list[tuple[str, str]]:
+        """HumanLayer requests other than the ContactChannel validation's project lookup."""
+        return [r for r in self.hl.requests if not r[1].endswith("/project")]
+
+    def gets(self, kind: str = "function_calls") -> int:
+        return self.hl.request_count("GET", f"/humanlayer/v1/{kind}/")
+
+
+@pytest.fixture
+def hl() -> Iterator[HumanLayerTestServer]:
+    with HumanLayerTestServer(api_keys={KEY}) as server:
+        yield server
+
+
+def channel(kube: FakeKubeClient, name: str = "approvals") -> None:
+    spec = {
+        "type": "email",
+        "apiKeyFrom": {"secretKeyRef": {"name": "humanlayer", "key": "HUMANLAYER_API_KEY"}},
+        "email": {"address": "approver@example.com", "contextAboutUser": "the on-call approver"},
+    }
+    create(kube, "ContactChannel", "contactchannels", name, spec)
+
+
+@pytest.fixture
+def world(hl: HumanLayerTestServer) -> World:
+    """An agent with an MCP server whose tools need approval via the ContactChannel "approvals"."""
+    kube = FakeKubeClient()
+    w = World(kube, hl, Clock(), FakeMCP())
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    channel(kube)
+    validate(w.ctx(), message("ContactChannel", "approvals"))
+    assert w.kube.get_raw("contactchannels", "default", "approvals")["status"]["ready"] is True
+    create(
+        kube,
+        "MCPServer",
+        "mcpservers",
+        "fetch",
+        {"transport": "stdio", "command": "fetch-server", "approvalContactChannel": {"name": "approvals"}},
+    )
+    agent = {
+        "llmRef": {"name": "gpt-4o"},
+        "system": "be careful",
+        "mcpServers": [{"name": "fetch"}],
+        "humanContactChannels": [{"name": "approvals"}],
+    }
+    create(kube, "Agent", "agents", "a", agent)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "fetch it"})
+    return w
+
+
+def add_toolcall(
+    w: World, tool: str = "fetch__fetch", arguments: dict[str, Any] | str = ARGS, name: str = TC
+) -> None:
+    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    spec = {
+        "toolCallId": f"call-{name}",
+        "taskRunRef": {"name": "r"},
+        "toolRef": {"name": tool},
+        "arguments": raw,
+    }
+    create(w.kube, "TaskRunToolCall", "taskruntoolcalls", name, spec)
+
+
+def awaiting_approval(w: World) -> str:
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and status["externalCallID"]
+    return str(status["externalCallID"])
+
+
+# -- approval via HumanLayer -------------------------------------------------------------------------
+
+
+def test_approved_via_humanlayer_then_executed_once(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    w = world
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and status["status"] == "Ready"
+    assert status["statusDetail"] == "Waiting for human approval via contact channel approvals"
+    call_id = status["externalCallID"]
+    assert call_id.startswith("kc-") and "claimedBy" not in status and status["startTime"]
+    assert w.events() == ["AwaitingHumanApproval", "HumanLayerRequestSent"]
+    assert w.event_messages()[0] == "Tool execution requires approval via contact channel approvals"
+    request = w.hl.function_call(call_id)
+    assert request is not None and request["run_id"] == TC
+    assert request["spec"] == {
+        "fn": "fetch__fetch",
+        "kwargs": ARGS,
+        "channel": {
+            "email": {"address": "approver@example.com", "context_about_user": "the on-call approver"}
+        },
+    }
+    assert w.last_countdown() == pytest.approx(2.0)
+
+    # A duplicate delivery before the re-check is due does nothing: no HumanLayer call, no write.
+    rv = w.resource_version()
+    w.run()
+    assert w.gets() == 0 and w.resource_version() == rv and w.hl.posts[call_id] == 1
+
+    w.clock.advance(2)
+    w.run()
+    assert w.gets() == 1 and w.status()["attempts"] == 1 and w.status()["phase"] == "AwaitingHumanApproval"
+    assert w.last_countdown() == pytest.approx(2.0)
+    w.clock.advance(2)
+    w.run()
+    assert w.gets() == 2 and w.last_countdown() == pytest.approx(4.0), "back-off: 2 s, 2 s, 4 s, ..."
+
+    w.hl.approve(call_id, "looks safe", user="alice@example.com")
+    w.clock.advance(4)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ReadyToExecuteApprovedTool"
+    assert (
+        status["statusDetail"]
+        == "Ready to execute approved tool (approved via HumanLayer by alice@example.com)"
+    )
+    assert w.mcp.calls == [], "the approval write and the execution are separate steps"
+    # The watcher routes ReadyToExecuteApprovedTool to tool_call at once:
+    assert [
+        wk.task
+        for wk in work_for(
+            "TaskRunToolCall", w.kube.get_raw("taskruntoolcalls", "default", TC), w.clock(), 180
+        )
+    ] == [TaskName.TOOL_CALL]
+    w.run()
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Succeeded" and status["result"] == "contents of https://example.com/page"
+    assert status["attempts"] == 1
+    assert w.mcp.calls == [("fetch", "fetch", ARGS)]
+    assert w.events() == [
+        "AwaitingHumanApproval",
+        "HumanLayerRequestSent",
+        "ToolCallApproved",
+        "ExecutionSucceeded",
+    ]
+    assert "Tool call approved via HumanLayer by alice@example.com: looks safe" in w.event_messages()
+    assert w.hl.posts[call_id] == 1
+    # The API key never shows up in logs, status or events.
+    assert (
+        KEY not in caplog.text
+        and KEY not in json.dumps(status)
+        and all(KEY not in m for m in w.event_messages())
+    )
+
+
+def test_rejection_reaches_the_llm_and_the_run_goes_on(world: World) -> None:
+    w = world
+    answers: list[str] = []
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            answers.append(request.messages[-1].content)
+            return LLMResponse(content=f"Understood: {request.messages[-1].content}")
+        return LLMResponse(
+            tool_calls=[
+                ToolCall(id="c1", function=ToolCallFunction(name="fetch__fetch", arguments=json.dumps(ARGS)))
+            ]
+        )
+
+    llm = FakeLLM(answer)
+    ctx = context(w.kube, llm, humanlayer_api_base=w.hl.url)
+    ctx.clock, ctx.mcp = w.clock, w.mcp
+    w.kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(w.kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
+    w.kube.patch_status_raw(
+        "mcpservers",
+        "default",
+        "fetch",
+        None,
+        {"connected": True, "status": "Ready", "tools": [{"name": "fetch"}]},
+    )
+    validate(ctx, message("LLM", "gpt-4o"))
+    validate(ctx, message("Agent", "a"))
+    assert w.kube.get_raw("agents", "default", "a")["status"]["ready"] is True
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    (name,) = [n for (_, plural, _, n) in w.kube.objects if plural == "taskruntoolcalls"]
+
+    w.run(name)
+    call_id = w.status(name)["externalCallID"]
+    w.hl.reject(call_id, "do not fetch that site")
+    w.clock.advance(2)
+    w.run(name)
+    status = w.status(name)
+    assert status["phase"] == "ToolCallRejected" and status["status"] == "Succeeded"
+    assert (
+        status["statusDetail"] == "Tool execution rejected (rejected via HumanLayer by approver@example.com)"
+    )
+    assert status["result"] == "do not fetch that site" and status["completionTime"]
+    assert w.mcp.calls == []
+    w.run(name)  # terminal: nothing more happens
+    assert w.mcp.calls == []
+
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    run = w.kube.get_raw("taskruns", "default", "r")["status"]
+    assert answers == ["User denied `fetch__fetch` with feedback: do not fetch that site"]
+    assert run["phase"] == "FinalAnswer" and run["output"].startswith("Understood: User denied")
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_humanlayer_down_then_recovers(world: World, mode: str) -> None:
+    w = world
+    w.hl.set_down(mode)
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ErrorRequestingHumanApproval" and status["status"] == "Error"
+    assert status["error"].startswith("HumanLayer request failed:") and w.hl.url in status["error"]
+    assert f"kubechain approve {TC}" in status["statusDetail"], (
+        "the detail says how to decide without HumanLayer"
+    )
+    assert status["attempts"] == 1 and "externalCallID" not in status and "claimedBy" not in status
+    assert w.events() == ["AwaitingHumanApproval", "HumanLayerRequestFailed"]
+    assert w.last_countdown() == pytest.approx(2.0)
+    posts = w.hl.request_count("POST", "/humanlayer/v1/function_calls")
+
+    w.run()  # not due yet
+    assert w.hl.request_count("POST", "/humanlayer/v1/function_calls") == posts
+    w.clock.advance(2)
+    w.run()
+    assert w.status()["attempts"] == 2 and w.status()["phase"] == "ErrorRequestingHumanApproval"
+    assert w.events().count("HumanLayerRequestFailed") == 1, "the same error is reported once"
+    assert w.last_countdown() == pytest.approx(4.0)
+
+    w.hl.set_down(None)
+    w.clock.advance(4)
+    w.run()
+    status = w.status()
+    assert (
+        status["phase"] == "AwaitingHumanApproval" and status["status"] == "Ready" and "error" not in status
+    )
+    assert status["statusDetail"] == "Waiting for human approval via contact channel approvals"
+    call_id = status["externalCallID"]
+    assert w.events()[-1] == "HumanLayerRequestSent"
+    w.hl.approve(call_id)
+    w.clock.advance(2)
+    w.run()
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and len(w.mcp.calls) == 1
+
+
+def test_outage_while_waiting_keeps_waiting(world: World) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.hl.set_down("503")
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and status["externalCallID"] == call_id
+    assert "last check failed" in status["statusDetail"] and "HumanLayerCheckFailed" in w.events()
+    w.hl.set_down(None)
+    w.hl.approve(call_id)
+    w.clock.advance(2)
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason", "error"),
+    [
+        ("no-channel", "NoContactChannel", 'ContactChannel "approvals" not found'),
+        ("not-ready", "NoContactChannel", 'ContactChannel "approvals" is not ready'),
+        ("no-key", "NoAPIKey", 'failed to get the HumanLayer API key of ContactChannel "approvals"'),
+    ],
+)
+def test_channel_problems_are_errors_requesting_approval(
+    world: World, breakage: str, reason: str, error: str
+) -> None:
+    w = world
+    if breakage == "no-channel":
+        w.kube.delete("contactchannels", "default", "approvals")
+    elif breakage == "not-ready":
+        w.kube.patch_status_raw(
+            "contactchannels", "default", "approvals", None, {"ready": False, "status": "Error"}
+        )
+    else:
+        w.kube.request("DELETE", "/api/v1/namespaces/default/secrets/humanlayer")
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ErrorRequestingHumanApproval" and status["error"].startswith(error)
+    assert w.events() == [reason]
+    assert w.hl.request_count("POST", "/humanlayer/v1/function_calls") == 0
+    # A kubectl decision still works while HumanLayer cannot be asked.
+    w.annotate("approved")
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
+
+
+def test_humanlayer_losing_the_call_means_asking_again(world: World) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.hl.function_calls.clear()
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and status["externalCallID"] == call_id
+    assert w.hl.function_call(call_id) is not None and w.hl.posts[call_id] == 2
+
+
+def test_concurrent_deliveries_send_one_request(world: World) -> None:
+    w = world
+    add_toolcall(w)
+    barrier = threading.Barrier(6)
+
+    def deliver(i: int) -> None:
+        barrier.wait(5)
+        w.run(identity=f"w{i}")
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval"
+    assert w.hl.posts == {status["externalCallID"]: 1}
+    assert w.events() == ["AwaitingHumanApproval", "HumanLayerRequestSent"]
+
+
+def test_concurrent_rechecks_die_out(world: World) -> None:
+    """Resync and scheduled re-checks may pile up; only a due one asks HumanLayer, and its write makes the
+    others early, so they neither ask nor schedule another."""
+    w = world
+    awaiting_approval(w)
+    w.clock.advance(2)
+    before = len(w.scheduled)
+    for _ in range(5):
+        w.run()
+    assert w.gets() == 1 and len(w.scheduled) == before + 1
+
+
+def test_a_dead_requester_is_taken_over_after_the_claim_timeout(world: World) -> None:
+    w = world
+    add_toolcall(w)
+    toolcall = w.kube.get(TaskRunToolCall, "default", TC)
+    claimed = apply_transition(
+        w.ctx(), toolcall, machine.plan_request_claim(toolcall, "approvals", "dead-worker", w.clock())
+    )
+    # The dead worker even got its request through before dying.
+    call_id = machine.call_id(claimed)
+    w.hl._handle(
+        "POST",
+        "/humanlayer/v1/function_calls",
+        f"Bearer {KEY}",
+        {
+            "run_id": TC,
+            "call_id": call_id,
+            "spec": {
+                "fn": "fetch__fetch",
+                "kwargs": ARGS,
+                "channel": {
+                    "email": {"address": "approver@example.com", "context_about_user": "the on-call approver"}
+                },
+            },
+        },
+    )
+    w.run()
+    assert w.status()["claimedBy"] == "dead-worker", "a fresh claim is respected"
+    w.clock.advance(machine.REQUEST_CLAIM_TIMEOUT_S + 1)
+    w.run()
+    status = w.status()
+    assert (
+        status["phase"] == "AwaitingHumanApproval"
+        and status["externalCallID"] == call_id
+        and "claimedBy" not in status
+    )
+    assert len(w.hl.function_calls) == 1, "the retried request is the same HumanLayer call"
+
+
+# -- approval with kubectl ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting_api() -> Iterator[CountingAPI]:
+    api = CountingAPI()
+    yield api
+    api.server.shutdown()
+
+
+def kubectl_only(w: World, api: CountingAPI) -> None:
+    """A Tool with requiresApproval: no channel, decided with kubectl."""
+    tool = {
+        "name": "deploy",
+        "toolType": "externalAPI",
+        "execute": {"externalAPI": {"url": api.url, "method": "POST", "requiresApproval": True}},
+    }
+    create(w.kube, "Tool", "tools", "deploy", tool)
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/agents/a",
+        body={"spec": {"tools": [{"name": "deploy"}]}},
+    )
+    add_toolcall(w, "deploy", {"version": "1.2.3"})
+
+
+def test_kubectl_approval_of_a_tool_without_channel(world: World, counting_api: CountingAPI) -> None:
+    w = world
+    kubectl_only(w, counting_api)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and "externalCallID" not in status
+    assert f"kubechain approve {TC}" in status["statusDetail"]
+    assert (
+        f"kubectl annotate taskruntoolcall {TC} kubechain.humanlayer.dev/approval=approved"
+        in status["statusDetail"]
+    )
+    assert w.events() == ["AwaitingHumanApproval"] and w.scheduled == [] and w.calls_to_humanlayer() == []
+    rv = w.resource_version()
+    w.run()
+    assert w.resource_version() == rv, "waiting writes nothing"
+    raw = w.kube.get_raw("taskruntoolcalls", "default", TC)
+    assert work_for("TaskRunToolCall", raw, w.clock(), 180) == [], (
+        "without a decision only the resync looks at it"
+    )
+
+    w.annotate("approved", "ship it")
+    raw = w.kube.get_raw("taskruntoolcalls", "default", TC)
+    (work,) = work_for("TaskRunToolCall", raw, w.clock(), 180)
+    assert work.task == TaskName.TOOL_CALL and work.reason == "approval-annotation"
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ReadyToExecuteApprovedTool"
+    assert status["statusDetail"] == "Ready to execute approved tool (approved via kubectl)"
+    assert "Tool call approved via kubectl: ship it" in w.event_messages()
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and w.status()["result"] == "deployed"
+    assert counting_api.bodies == [{"version": "1.2.3"}]
+
+
+@pytest.mark.parametrize(
+    ("comment", "result"), [("wrong version", "wrong version"), (None, machine.NO_FEEDBACK)]
+)
+def test_kubectl_rejection(world: World, counting_api: CountingAPI, comment: str | None, result: str) -> None:
+    w = world
+    kubectl_only(w, counting_api)
+    w.run()
+    w.annotate("rejected", comment)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ToolCallRejected" and status["status"] == "Succeeded"
+    assert (
+        status["statusDetail"] == "Tool execution rejected (rejected via kubectl)"
+        and status["result"] == result
+    )
+    assert counting_api.bodies == []
+
+
+def test_kubectl_decision_on_a_humanlayer_call(world: World) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.annotate("approved")
+    w.run()  # the annotation is routed at once; no need to wait for the re-check to be due
+    assert w.status()["statusDetail"] == "Ready to execute approved tool (approved via kubectl)"
+    assert w.gets() == 0
+    w.hl.reject(call_id, "too late")
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and len(w.mcp.calls) == 1
+
+
+def test_second_decision_is_ignored(world: World) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.hl.approve(call_id, "yes")
+    w.clock.advance(2)
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
+    # A kubectl rejection arriving after the recorded approval changes nothing.
+    w.annotate("rejected", "no!")
+    raw = w.kube.get_raw("taskruntoolcalls", "default", TC)
+    assert [wk.task for wk in work_for("TaskRunToolCall", raw, w.clock(), 180)] == [TaskName.TOOL_CALL]
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Succeeded" and status["result"] == "contents of https://example.com/page"
+    w.annotate("approved")
+    w.run()
+    assert w.status() == status and len(w.mcp.calls) == 1
+    assert w.events().count("ToolCallApproved") == 1 and "ToolCallRejected" not in w.events()
+
+
+def test_unknown_annotation_value_is_not_a_decision(world: World) -> None:
+    w = world
+    awaiting_approval(w)
+    w.annotate("maybe")
+    w.run()
+    assert w.status()["phase"] == "AwaitingHumanApproval"
+
+
+def test_invalid_arguments_are_not_sent_for_approval(world: World) -> None:
+    w = world
+    add_toolcall(w, arguments="{not json")
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed" and status["statusDetail"] == "Invalid arguments JSON"
+    assert w.calls_to_humanlayer() == [] and w.mcp.calls == []
+
+
+def test_tools_without_approval_run_directly(world: World) -> None:
+    w = world
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
+        body={"spec": {"approvalContactChannel": None}},
+    )
+    add_toolcall(w)
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and w.calls_to_humanlayer() == []
+
+
+# -- humans as tools ---------------------------------------------------------------------------------
+
+
+def test_human_contact_round_trip(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanInput" and status["status"] == "Ready"
+    assert status["statusDetail"] == "Waiting for human input via contact channel approvals"
+    call_id = status["externalCallID"]
+    contact = w.hl.contact_requests[call_id]
+    assert contact["run_id"] == TC
+    assert contact["spec"] == {
+        "msg": "What is the budget for Q3?",
+        "channel": {
+            "email": {"address": "approver@example.com", "context_about_user": "the on-call approver"}
+        },
+    }
+    assert w.events() == ["AwaitingHumanContact", "HumanLayerRequestSent"]
+    assert w.last_countdown() == pytest.approx(2.0)
+    w.clock.advance(2)
+    w.run()
+    assert w.gets("contact_requests") == 1 and w.status()["phase"] == "AwaitingHumanInput"
+    w.hl.respond(call_id, "42k, but ask finance first", user="bob@example.com")
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Succeeded" and status["result"] == "42k, but ask finance first"
+    assert status["statusDetail"] == "Human responded via contact channel approvals"
+    assert w.events()[-1] == "HumanResponded"
+    w.run()
+    assert w.hl.posts == {call_id: 1} and w.gets("contact_requests") == 2
+
+
+def test_human_contact_needs_a_message(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"question": "?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed" and 'non-empty "message"' in status["error"]
+    assert w.calls_to_humanlayer() == []
+
+
+def test_human_contact_fails_after_repeated_outage(world: World) -> None:
+    w = world
+    w.hl.set_down("503")
+    add_toolcall(w, "approvals__human_contact_email", {"message": "anyone there?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanInput" and status["status"] == "Error" and status["attempts"] == 1
+    assert status["error"].startswith("HumanLayer request failed:")
+    for attempt in range(2, machine.HUMAN_CONTACT_MAX_ATTEMPTS):
+        w.clock.advance(w.last_countdown())
+        w.run()
+        assert w.status()["attempts"] == attempt and w.status()["phase"] == "AwaitingHumanInput"
+    w.clock.advance(w.last_countdown())
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed" and status["status"] == "Error"
+    assert status["error"].startswith(
+        f"could not contact a human via contact channel approvals after {machine.HUMAN_CONTACT_MAX_ATTEMPTS} attempts"
+    )
+    assert w.events().count("HumanLayerRequestFailed") == 2, "first failure and the final one"
+
+
+def test_human_contact_recovers_after_an_outage(world: World) -> None:
+    w = world
+    w.hl.set_down("drop")
+    add_toolcall(w, "approvals__human_contact_email", {"message": "anyone there?"})
+    w.run()
+    assert w.status()["status"] == "Error"
+    w.hl.set_down(None)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    status = w.status()
+    assert (
+        status["phase"] == "AwaitingHumanInput" and status["status"] == "Ready" and status["externalCallID"]
+    )
+
+
+# -- pure pieces -------------------------------------------------------------------------------------
+
+
+def test_recheck_delays_back_off_to_a_minute() -> None:
+    assert [machine.recheck_delay(n) for n in range(8)] == [2, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_call_ids_are_deterministic_and_short() -> None:
+    one = TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "x" * 63, "uid": "u-1"},
+            "spec": {
+                "toolCallId": "c",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "t"},
+                "arguments": "{}",
+            },
+        }
+    )
+    two = TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "y", "uid": "u-1"},
+            "spec": {
+                "toolCallId": "c",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "t"},
+                "arguments": "{}",
+            },
+        }
+    )
+    assert machine.call_id(one) == machine.call_id(two) and len(machine.call_id(one)) == 13
+    assert len(machine.run_id(one)) + len(machine.call_id(one)) == 64

@@ -1,0 +1,314 @@
+"""The HumanLayer client against the local test server, channel checks, and ContactChannel validation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from kubechain.humanlayer import (
+    HumanLayerAuthError,
+    HumanLayerClient,
+    HumanLayerNotFound,
+    HumanLayerUnavailable,
+    channel_payload,
+    email_address_problem,
+)
+from kubechain.humanlayer.testserver import HumanLayerTestServer
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMResponse
+from kubechain.models import ContactChannel
+from tests.unit.fakes import FakeLLM, context, create, message
+from workers.validators import validate
+
+KEY = "hl-secret-key-123"
+
+
+@pytest.fixture
+def hl() -> Iterator[HumanLayerTestServer]:
+    with HumanLayerTestServer(api_keys={KEY}) as server:
+        yield server
+
+
+# -- email addresses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "approver@example.com",
+        "first.last+tag@sub.example.co.uk",
+        "a@b.io",
+        "o'brien@example.org",
+        "x@xn--bcher-kva.example",
+    ],
+)
+def test_valid_email_addresses(address: str) -> None:
+    assert email_address_problem(address) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "test@example..com",
+        "test@.example.com",
+        "test@example.com.",
+        "test@example",
+        "test@example.c0m",
+        "test@example.c",
+        "te..st@example.com",
+        ".test@example.com",
+        "test.@example.com",
+        "test@@example.com",
+        "test@exa mple.com",
+        "Test User <test@example.com>",
+        "test@-example.com",
+        "test@example-.com",
+        "@example.com",
+        " test@example.com",
+        "",
+    ],
+)
+def test_invalid_email_addresses(address: str) -> None:
+    assert email_address_problem(address) is not None
+
+
+# -- client and test server --------------------------------------------------------------------------
+
+
+def test_project_and_auth(hl: HumanLayerTestServer) -> None:
+    with HumanLayerClient(hl.url, KEY) as client:
+        assert client.get_project()["id"] == hl.project_id
+    with (
+        HumanLayerClient(hl.url, "wrong") as client,
+        pytest.raises(HumanLayerAuthError, match="invalid HumanLayer API key"),
+    ):
+        client.get_project()
+
+
+def test_function_call_round_trip_is_idempotent_by_call_id(hl: HumanLayerTestServer) -> None:
+    spec = {
+        "fn": "fetch__fetch",
+        "kwargs": {"url": "https://example.com"},
+        "channel": {"email": {"address": "a@example.com"}},
+    }
+    with HumanLayerClient(hl.url, KEY) as client:
+        created = client.create_function_call("run-1", "kc-1", spec)
+        assert created["call_id"] == "kc-1" and created["status"]["approved"] is None
+        again = client.create_function_call("run-1", "kc-1", spec)
+        assert again == created, "a retried POST is the same call"
+        assert len(hl.function_calls) == 1 and hl.posts["kc-1"] == 2
+        # A different request under the same id: 409 at the server, the client returns the existing call.
+        other = client.create_function_call("run-1", "kc-1", {"fn": "other", "kwargs": {}})
+        assert other["spec"]["fn"] == "fetch__fetch"
+        hl.reject("kc-1", "not that site")
+        status = client.get_function_call("kc-1")["status"]
+        assert status["approved"] is False and status["comment"] == "not that site"
+        hl.approve("kc-1", "changed my mind")
+        assert client.get_function_call("kc-1")["status"]["approved"] is False, "the first answer is final"
+        with pytest.raises(HumanLayerNotFound):
+            client.get_function_call("kc-unknown")
+
+
+def test_contact_request_round_trip(hl: HumanLayerTestServer) -> None:
+    with HumanLayerClient(hl.url, KEY) as client:
+        client.create_contact_request("run-2", "kc-2", {"msg": "What is the budget?"})
+        assert client.get_contact_request("kc-2")["status"]["response"] is None
+        hl.respond("kc-2", "42k")
+        status = client.get_contact_request("kc-2")["status"]
+        assert status["response"] == "42k" and status["responded_at"]
+
+
+def test_admin_http_api(hl: HumanLayerTestServer) -> None:
+    with HumanLayerClient(hl.url, KEY) as client:
+        client.create_function_call("run-3", "kc-3", {"fn": "f", "kwargs": {}})
+    response = httpx.post(
+        f"{hl.url}/_admin/function_calls/kc-3/respond", json={"approved": True, "comment": "ok"}
+    )
+    assert response.status_code == 200 and response.json()["status"]["approved"] is True
+    assert httpx.post(f"{hl.url}/_admin/down", json={"mode": "503"}).json() == {"down": "503"}
+    with HumanLayerClient(hl.url, KEY) as client, pytest.raises(HumanLayerUnavailable, match="HTTP 503"):
+        client.get_project()
+    httpx.post(f"{hl.url}/_admin/down", json={"mode": None})
+    state = httpx.get(f"{hl.url}/_admin/state").json()
+    assert [c["call_id"] for c in state["function_calls"]] == ["kc-3"]
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_down_server_is_unavailable(hl: HumanLayerTestServer, mode: str) -> None:
+    hl.set_down(mode)
+    with HumanLayerClient(hl.url, KEY) as client, pytest.raises(HumanLayerUnavailable) as raised:
+        client.get_project()
+    assert KEY not in str(raised.value)
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    server = HumanLayerTestServer()
+    url = server.url
+    server._server.server_close()  # never started: nothing listens
+    with (
+        HumanLayerClient(url, KEY, timeout_s=2) as client,
+        pytest.raises(HumanLayerUnavailable, match="cannot reach"),
+    ):
+        client.get_project()
+
+
+def test_slack_and_email_payloads() -> None:
+    slack = ContactChannel.from_wire(
+        {
+            "metadata": {"name": "s"},
+            "spec": {
+                "type": "slack",
+                "apiKeyFrom": {"secretKeyRef": {"name": "hl", "key": "k"}},
+                "slack": {
+                    "channelOrUserID": "C0123",
+                    "contextAboutChannelOrUser": "the ops channel",
+                    "allowedResponderIDs": ["U1"],
+                },
+            },
+        }
+    )
+    assert channel_payload(slack) == {
+        "slack": {
+            "channel_or_user_id": "C0123",
+            "context_about_channel_or_user": "the ops channel",
+            "allowed_responder_ids": ["U1"],
+        }
+    }
+    email = ContactChannel.from_wire(
+        {
+            "metadata": {"name": "e"},
+            "spec": {
+                "type": "email",
+                "apiKeyFrom": {"secretKeyRef": {"name": "hl", "key": "k"}},
+                "email": {
+                    "address": "a@example.com",
+                    "contextAboutUser": "the approver",
+                    "subject": "Approve?",
+                },
+            },
+        }
+    )
+    assert channel_payload(email) == {
+        "email": {
+            "address": "a@example.com",
+            "context_about_user": "the approver",
+            "experimental_subject_line": "Approve?",
+        }
+    }
+
+
+# -- ContactChannel validation -----------------------------------------------------------------------
+
+
+def channel_spec(kind: str = "email", **config: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "type": kind,
+        "apiKeyFrom": {"secretKeyRef": {"name": "humanlayer", "key": "HUMANLAYER_API_KEY"}},
+    }
+    if kind == "email":
+        spec["email"] = {"address": "approver@example.com", **config}
+    elif kind == "slack":
+        spec["slack"] = {"channelOrUserID": "C07ABC", **config}
+    return spec
+
+
+def validated_status(kube: FakeKubeClient, url: str, name: str = "cc") -> dict[str, Any]:
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()), humanlayer_api_base=url)
+    validate(ctx, message("ContactChannel", name))
+    return dict(kube.get_raw("contactchannels", "default", name).get("status") or {})
+
+
+@pytest.mark.parametrize("kind", ["email", "slack"])
+def test_contact_channel_validates_and_records_the_project(hl: HumanLayerTestServer, kind: str) -> None:
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec(kind))
+    status = validated_status(kube, hl.url)
+    assert status["ready"] is True and status["status"] == "Ready"
+    assert status["statusDetail"] == f"HumanLayer {kind} channel validated successfully"
+    assert status["humanLayerProject"] == hl.project_id
+    assert kube.event_reasons("cc") == ["Initializing", "ValidationSucceeded"]
+    assert hl.request_count("GET", "/humanlayer/v1/project") == 1
+    validated_status(kube, hl.url)
+    assert kube.event_reasons("cc") == ["Initializing", "ValidationSucceeded"], (
+        "nothing changed, nothing written"
+    )
+
+
+def test_invalid_api_key(hl: HumanLayerTestServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": "hl-wrong-key"})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
+    status = validated_status(kube, hl.url)
+    assert status["ready"] is False and status["status"] == "Error"
+    assert status["statusDetail"] == "invalid HumanLayer API key"
+    assert "ValidationFailed" in kube.event_reasons("cc")
+    assert "hl-wrong-key" not in caplog.text
+    # Fixing the Secret and re-validating (the watcher's resync does that) makes it Ready.
+    kube.request("DELETE", "/api/v1/namespaces/default/secrets/humanlayer")
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    assert validated_status(kube, hl.url)["status"] == "Ready"
+
+
+def test_strict_email_check_rejects_double_dots(hl: HumanLayerTestServer) -> None:
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(
+        kube,
+        "ContactChannel",
+        "contactchannels",
+        "cc",
+        {**channel_spec(), "email": {"address": "test@example..com"}},
+    )
+    status = validated_status(kube, hl.url)
+    assert status["status"] == "Error" and status["statusDetail"].startswith("invalid email address:")
+    assert hl.request_count("GET", "/humanlayer/v1/project") == 0, (
+        "a bad channel is not checked against HumanLayer"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec_change", "secret", "detail"),
+    [
+        ({"type": "slack"}, {"HUMANLAYER_API_KEY": KEY}, "slackConfig is required for slack channel type"),
+        (
+            {"type": "email", "email": None},
+            {"HUMANLAYER_API_KEY": KEY},
+            "emailConfig is required for email channel type",
+        ),
+        ({}, None, 'failed to get secret: secrets "humanlayer" not found'),
+        ({}, {"OTHER": "x"}, 'key "HUMANLAYER_API_KEY" not found in secret "humanlayer"'),
+        ({}, {"HUMANLAYER_API_KEY": "  "}, "API key is empty"),
+    ],
+)
+def test_configuration_problems(
+    hl: HumanLayerTestServer, spec_change: dict[str, Any], secret: dict[str, str] | None, detail: str
+) -> None:
+    kube = FakeKubeClient()
+    if secret is not None:
+        kube.add_secret("default", "humanlayer", secret)
+    spec = {key: value for key, value in {**channel_spec(), **spec_change}.items() if value is not None}
+    if spec["type"] == "slack":
+        spec.pop("email", None)
+    create(kube, "ContactChannel", "contactchannels", "cc", spec)
+    status = validated_status(kube, hl.url)
+    assert status["status"] == "Error" and detail in status["statusDetail"]
+
+
+@pytest.mark.parametrize("mode", ["503", "drop"])
+def test_humanlayer_outage_is_a_clear_error_and_heals(hl: HumanLayerTestServer, mode: str) -> None:
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
+    hl.set_down(mode)
+    status = validated_status(kube, hl.url)
+    assert status["status"] == "Error"
+    assert "HumanLayer API" in status["statusDetail"] and hl.url in status["statusDetail"]
+    assert KEY not in status["statusDetail"]
+    hl.set_down(None)
+    assert validated_status(kube, hl.url)["status"] == "Ready"

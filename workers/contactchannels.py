@@ -1,0 +1,55 @@
+"""``validate`` for ContactChannel: the channel configuration, the API key Secret, then HumanLayer itself.
+
+The original's controller (§2.8) with its strings ("slackConfig is required for slack channel type",
+"invalid email address: ...", "invalid HumanLayer API key", "HumanLayer <type> channel validated
+successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
+and network failures reported as such. The watcher re-validates channels that are not Ready on every
+resync, so a HumanLayer outage heals by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kubechain.humanlayer import HumanLayerClient, HumanLayerError, channel_config_problem
+from kubechain.models import ContactChannel
+from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.validation import plan_validation
+from workers.context import WorkerContext
+from workers.transitions import apply_transition
+from workers.validators import SecretProblem, get_or_none, read_api_key
+
+log = logging.getLogger(__name__)
+
+
+def _write(ctx: WorkerContext, channel: ContactChannel, transition: Transition | None) -> None:
+    if transition is not None:
+        apply_transition(ctx, channel, transition)
+
+
+def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> None:
+    channel = get_or_none(ctx, ContactChannel, message.namespace, message.name)
+    if channel is None:
+        return
+    problem = channel_config_problem(channel)
+    if problem is not None:
+        _write(ctx, channel, plan_validation(channel, False, problem))
+        return
+    ref = channel.spec.api_key_from.secret_key_ref
+    try:
+        api_key = read_api_key(ctx, channel.namespace, ref.name, ref.key)
+    except SecretProblem as exc:
+        _write(ctx, channel, plan_validation(channel, False, str(exc)))
+        return
+    try:
+        with HumanLayerClient(ctx.settings.humanlayer_api_base, api_key) as client:
+            project = client.get_project()
+    except HumanLayerError as exc:
+        log.info("ContactChannel %s/%s: HumanLayer check failed: %s", channel.namespace, channel.name, exc)
+        _write(ctx, channel, plan_validation(channel, False, str(exc)))
+        return
+    project_id = project.get("id")
+    extra = {"humanLayerProject": str(project_id)} if project_id else {}
+    detail = f"HumanLayer {channel.spec.type} channel validated successfully"
+    _write(ctx, channel, plan_validation(channel, True, detail, extra=extra))
