@@ -1,0 +1,145 @@
+"""The watcher's informers, dispatch, resync and leader election, with an in-memory API server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubechain.kube.errors import Gone, Unavailable
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.settings import Settings
+from tests.unit.fakes import create
+from watcher.informer import Informer
+from watcher.leader import LeaderElector
+from watcher.main import Watcher
+
+
+class ScriptedWatchKube(FakeKubeClient):
+    """A fake whose watch streams are scripted per call: a list of events or an exception."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        super().__init__()
+        self.streams = streams
+        self.watch_calls: list[str] = []
+
+    def watch_raw(
+        self, plural: str, namespace: str | None, resource_version: str, timeout_s: int = 300
+    ) -> Iterator[dict[str, Any]]:
+        self.watch_calls.append(resource_version)
+        step = self.streams.pop(0) if self.streams else []
+        if isinstance(step, Exception):
+            raise step
+        yield from step
+        if not self.streams:
+            self.stop.set()
+
+    stop = threading.Event()
+
+
+def run(kind: str, obj: dict[str, Any], rv: str) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "metadata": {"name": obj["name"], "namespace": "default", "resourceVersion": rv, "uid": "u"},
+        "spec": {},
+        "status": obj.get("status", {}),
+    }
+
+
+def test_informer_relists_on_gone_and_resumes_after_errors() -> None:
+    seen: list[tuple[str, str]] = []
+    kube = ScriptedWatchKube(
+        [
+            Gone(410, "Expired", "too old"),
+            Unavailable(0, "Unavailable", "connection reset"),
+            [
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "900"}}},
+                {"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "901")},
+                {"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "901")},  # a duplicate delivery
+            ],
+        ]
+    )
+    ScriptedWatchKube.stop = threading.Event()
+    create(kube, "TaskRun", "taskruns", "a", {"agentRef": {"name": "x"}, "userMessage": "m"})
+    informer = Informer(
+        kube,
+        "TaskRun",
+        "taskruns",
+        None,
+        lambda k, t, o, p: seen.append((t, o["metadata"]["resourceVersion"])),
+        ScriptedWatchKube.stop,
+    )
+    informer.run()
+    assert informer.relists == 2, "listed at start and again after 410 Gone"
+    assert kube.watch_calls[1] == kube.watch_calls[2], (
+        "after a connection error the watch resumes from the same resourceVersion"
+    )
+    assert [t for t, _ in seen].count("ADDED") == 1, (
+        "the relist after 410 does not re-deliver an unchanged object"
+    )
+    assert seen[-1] == ("MODIFIED", "901") and [rv for _, rv in seen].count("901") == 1, (
+        "duplicates are dropped"
+    )
+    assert informer.resource_version == "901"
+
+
+def test_readiness_change_fans_out_to_dependents_and_resync_backs_off() -> None:
+    kube = FakeKubeClient()
+    sent: list[tuple[TaskName, ResourceMessage]] = []
+    settings = Settings(stale_after_s=1.0)
+    watcher = Watcher(
+        settings, kube, lambda task, message, countdown: sent.append((task, message)), leader_election=False
+    )
+    agent = {
+        "kind": "Agent",
+        "metadata": {"name": "a", "namespace": "default", "resourceVersion": "1", "generation": 1},
+        "spec": {"llmRef": {"name": "l"}},
+        "status": {"status": "Ready", "observedGeneration": 1, "ready": True},
+    }
+    pending_run = {
+        "kind": "TaskRun",
+        "metadata": {"name": "r", "namespace": "default", "resourceVersion": "2", "uid": "u"},
+        "spec": {"agentRef": {"name": "a"}},
+        "status": {"phase": "Pending"},
+    }
+    for informer in watcher.informers:
+        if informer.kind == "TaskRun":
+            informer.cache[("default", "r")] = pending_run
+        if informer.kind == "Agent":
+            informer.cache[("default", "a")] = agent
+    watcher._on_event("Agent", "MODIFIED", agent, {**agent, "status": {"status": "Pending"}})
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert [(w.task, w.kind, w.name) for w in queued] == [(TaskName.PREPARE, "TaskRun", "r")]
+    assert watcher.resync() == 0, "just enqueued: not stale yet"
+    watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
+    assert watcher.resync() == 1, "stale: re-enqueued"
+    watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
+    assert watcher.resync() == 1, "still unchanged after another stale period: re-enqueued again"
+    watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
+    assert watcher.resync() == 0, "now it waits twice as long"
+    watcher._recent = {key: (rv, at - 1.0, n) for key, (rv, at, n) in watcher._recent.items()}
+    assert watcher.resync() == 1
+
+
+def test_lease_is_taken_over_only_after_it_expires() -> None:
+    kube = FakeKubeClient()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    first = LeaderElector(kube, "default", "lease", "one", lease_duration_s=15, clock=lambda: now[0])
+    second = LeaderElector(kube, "default", "lease", "two", lease_duration_s=15, clock=lambda: now[0])
+    first.step()
+    second.step()
+    assert first.is_leader and not second.is_leader
+    now[0] += timedelta(seconds=5)
+    first.step()
+    second.step()
+    assert first.is_leader and not second.is_leader
+    now[0] += timedelta(seconds=16)  # "one" died: it stopped renewing
+    second.step()
+    assert second.is_leader
+    lease = kube.get_lease("default", "lease")
+    assert lease["spec"]["holderIdentity"] == "two" and lease["spec"]["leaseTransitions"] == 1
+    assert not first.is_leader, "a leader that cannot renew stops acting before the lease runs out"
