@@ -70,6 +70,13 @@ def approval_requirement(executor: Executor) -> Requirement | None:
 
 
 def gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> bool:
+    try:
+        return _gate(ctx, toolcall, executor)
+    except NotFound:
+        return False  # the tool call was deleted meanwhile (its run was deleted): nothing to decide
+
+
+def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> bool:
     phase = toolcall.phase
     if phase not in machine.UNDECIDED_PHASES:
         return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
@@ -186,6 +193,13 @@ def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name:
 
 
 def contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> None:
+    try:
+        _contact_human(ctx, toolcall, executor)
+    except NotFound:
+        pass  # the tool call was deleted meanwhile
+
+
+def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> None:
     channel_name = executor.human_channel or ""
     now = ctx.clock()
     phase = toolcall.phase

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from kubechain.humanlayer import HumanLayerClient, HumanLayerError, channel_config_problem
+from kubechain.kube.errors import NotFound
 from kubechain.models import ContactChannel
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.transition import Transition
@@ -24,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def _write(ctx: WorkerContext, channel: ContactChannel, transition: Transition | None) -> None:
-    if transition is not None:
+    if transition is None:
+        return
+    try:
         apply_transition(ctx, channel, transition)
+    except NotFound:
+        pass  # deleted meanwhile: nothing to record
 
 
 def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> None:

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
+from kubechain.kube.errors import NotFound
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
 from kubechain.observability.metrics import LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
@@ -22,7 +22,7 @@ from kubechain.statemachines.taskrun import (
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
-from workers.transitions import apply_transition, retry_on_conflict
+from workers.transitions import apply_transition, record_while_claimed, retry_on_conflict
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -160,27 +160,6 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
 
 
 def _record(ctx: WorkerContext, claimed: TaskRun, claimed_at: str, plan: PlanFn) -> None:
-    """Write the outcome while we still hold the claim; if we lost it (deleted, or re-taken as stale),
-    the answer is dropped: someone else now owns the turn."""
-    current = claimed
-    for _ in range(8):
-        try:
-            apply_transition(ctx, current, plan(current))
-            return
-        except Conflict:
-            pass
-        except NotFound:
-            log.info("TaskRun %s/%s was deleted during its LLM call", claimed.namespace, claimed.name)
-            return
-        except KubeAPIError as exc:
-            log.error("could not record the LLM outcome for %s/%s: %s", claimed.namespace, claimed.name, exc)
-            raise
-        try:
-            current = ctx.kube.get(TaskRun, claimed.namespace, claimed.name)
-        except NotFound:
-            return
-        if not holds_claim(current, ctx.identity, claimed_at):
-            log.warning(
-                "lost the claim on %s/%s; discarding this LLM answer", claimed.namespace, claimed.name
-            )
-            return
+    record_while_claimed(
+        ctx, claimed, lambda current: holds_claim(current, ctx.identity, claimed_at), plan, "LLM answer"
+    )

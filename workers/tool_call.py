@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubechain.kube.errors import Conflict, NotFound
+from kubechain.kube.errors import NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -44,7 +44,7 @@ from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
 from workers import approvals
 from workers.context import WorkerContext
-from workers.transitions import apply_transition, create_children, retry_on_conflict
+from workers.transitions import apply_transition, create_children, record_while_claimed, retry_on_conflict
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,15 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
         get_or_none(ctx, Agent, parent.namespace, agent_name, cached=True) if agent_name else None,
     )
     now = ctx.clock()
-    if executor.problem is not None and toolcall.phase in ("", "Pending"):
+    # A call that cannot run (unknown tool, not granted, its MCP server deleted while it waited for a
+    # human) fails now instead of waiting forever.
+    if executor.problem is not None and toolcall.phase in (
+        "",
+        "Pending",
+        "AwaitingHumanApproval",
+        "ErrorRequestingHumanApproval",
+        "ReadyToExecuteApprovedTool",
+    ):
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
         return
     if executor.delegate_to is not None:
@@ -273,24 +281,9 @@ def _record(
     claimed_at: str,
     plan: Callable[[TaskRunToolCall], Transition],
 ) -> None:
-    current = claimed
-    for _ in range(8):
-        try:
-            apply_transition(ctx, current, plan(current))
-            return
-        except Conflict:
-            pass
-        except NotFound:
-            return
-        try:
-            current = ctx.kube.get(TaskRunToolCall, claimed.namespace, claimed.name)
-        except NotFound:
-            return
-        if not holds_claim(current, ctx.identity, claimed_at):
-            log.warning(
-                "lost the claim on tool call %s/%s; discarding its result", claimed.namespace, claimed.name
-            )
-            return
+    record_while_claimed(
+        ctx, claimed, lambda current: holds_claim(current, ctx.identity, claimed_at), plan, "tool result"
+    )
 
 
 def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from kubechain.kube.errors import AlreadyExists, Conflict
+from kubechain.kube.errors import AlreadyExists, Conflict, NotFound
 from kubechain.models import Resource
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
@@ -60,3 +60,40 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
             continue
     log.warning("gave up after %d conflicting writes; the next event or resync will retry", attempts)
     return None
+
+
+def record_while_claimed(
+    ctx: WorkerContext,
+    claimed: R,
+    still_ours: Callable[[R], bool],
+    plan: Callable[[R], Transition],
+    what: str,
+) -> None:
+    """Write the outcome of a claimed side effect. On a conflict, re-read: if the claim is still ours
+    (someone touched metadata) plan again from the fresh object; if it was re-taken or the object was
+    deleted, drop the outcome — the new owner decides now."""
+    current = claimed
+    for _ in range(8):
+        try:
+            apply_transition(ctx, current, plan(current))
+            return
+        except Conflict:
+            pass
+        except NotFound:
+            log.info(
+                "%s %s/%s was deleted during its %s", claimed.KIND, claimed.namespace, claimed.name, what
+            )
+            return
+        try:
+            current = ctx.kube.get(type(claimed), claimed.namespace, claimed.name)
+        except NotFound:
+            return
+        if not still_ours(current):
+            log.warning(
+                "lost the claim on %s %s/%s; discarding its %s",
+                claimed.KIND,
+                claimed.namespace,
+                claimed.name,
+                what,
+            )
+            return

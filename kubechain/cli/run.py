@@ -32,8 +32,8 @@ from kubechain.cli.render import (
     make_renderer,
 )
 from kubechain.cli.resources import CLIError, Target, api_error, dump, kube_options, resource_ref
-from kubechain.kube.client import KubeClient, custom_path
-from kubechain.kube.errors import Conflict, Gone, KubeAPIError, NotFound, error_for
+from kubechain.kube.client import KubeClient
+from kubechain.kube.errors import Conflict, Gone, KubeAPIError, NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -78,39 +78,14 @@ class WatchClient(KubeClient):
         timeout_s: int = WATCH_TIMEOUT_S,
     ) -> Iterator[dict[str, Any]]:
         """Watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
-        params = {
-            "watch": "1",
-            "allowWatchBookmarks": "true",
-            "resourceVersion": resource_version,
-            "timeoutSeconds": str(timeout_s),
-        }
-        if field_selector:
-            params["fieldSelector"] = field_selector
-        if label_selector:
-            params["labelSelector"] = label_selector
-        headers = {"Accept": "application/json", **self.connection.auth_headers()}
-        timeout = httpx.Timeout(connect=5.0, read=timeout_s + 30, write=10.0, pool=10.0)
-        with self._http.stream(
-            "GET", custom_path(plural, namespace), params=params, headers=headers, timeout=timeout
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                try:
-                    payload = response.json()
-                except ValueError:
-                    payload = {"message": response.text[:500]}
-                raise error_for(response.status_code, payload)
-            for line in response.iter_lines():
-                if not line:
-                    continue
-                event = json.loads(line)
-                if event.get("type") == "ERROR":
-                    status = event.get("object") or {}
-                    code = int(status.get("code") or 500)
-                    if code == 410:
-                        raise Gone(410, "Expired", str(status.get("message", "")))
-                    raise error_for(code, status)
-                yield event
+        return self.watch_raw(
+            plural,
+            namespace,
+            resource_version,
+            timeout_s,
+            field_selector=field_selector,
+            label_selector=label_selector,
+        )
 
 
 @dataclass

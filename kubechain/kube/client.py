@@ -214,6 +214,9 @@ class KubeClient:
         namespace: str | None,
         resource_version: str,
         timeout_s: int = 300,
+        *,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
         params = {
@@ -222,6 +225,10 @@ class KubeClient:
             "resourceVersion": resource_version,
             "timeoutSeconds": str(timeout_s),
         }
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        if label_selector:
+            params["labelSelector"] = label_selector
         self._bucket.acquire()
         headers = {"Accept": "application/json", **self.connection.auth_headers()}
         try:

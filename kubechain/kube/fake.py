@@ -198,6 +198,13 @@ class FakeKubeClient(KubeClient):
         return copy.deepcopy(updated)
 
     def watch_raw(
-        self, plural: str, namespace: str | None, resource_version: str, timeout_s: int = 300
+        self,
+        plural: str,
+        namespace: str | None,
+        resource_version: str,
+        timeout_s: int = 300,
+        *,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         raise NotImplementedError("the fake has no watch; drive the watcher's dispatch logic directly")

@@ -73,7 +73,11 @@ class AnthropicClient:
             ]
         # Recent SDKs no longer take sampling parameters as arguments; send them only when the LLM
         # resource sets them, for endpoints that still accept them.
-        sampling = {key: value for key, value in (("temperature", request.temperature), ("top_p", request.top_p)) if value is not None}
+        sampling = {
+            key: value
+            for key, value in (("temperature", request.temperature), ("top_p", request.top_p))
+            if value is not None
+        }
         if sampling:
             kwargs["extra_body"] = sampling
         try:

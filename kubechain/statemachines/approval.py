@@ -217,6 +217,7 @@ def plan_await_kubectl(toolcall: TaskRunToolCall, now: datetime) -> Transition |
         "status": "Ready",
         "statusDetail": kubectl_detail(toolcall.name),
         "startTime": toolcall.status.start_time or timestamp(now),
+        "error": None,
         "claimedBy": None,
     }
     if not status_differs(_current(toolcall), patch):

@@ -14,6 +14,7 @@ from typing import Any
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
+from kubechain.statemachines.approval import APPROVAL_ANNOTATION
 from kubechain.statemachines.transition import parse_timestamp
 
 VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel")
@@ -23,9 +24,6 @@ TASKRUN_WAITING = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
 TOOLCALL_AWAITING_DECISION = (
     ToolCallPhase.AWAITING_HUMAN_APPROVAL,
     ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL,
-)
-APPROVAL_ANNOTATION = (
-    "kubechain.humanlayer.dev/approval"  # = kubechain.statemachines.approval.APPROVAL_ANNOTATION
 )
 
 

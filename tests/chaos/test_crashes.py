@@ -6,7 +6,6 @@ import json
 import time
 
 import httpx
-
 import pytest
 
 from kubechain.testing.stack import LocalStack

@@ -413,8 +413,10 @@ def test_channel_problems_are_errors_requesting_approval(
     assert status["phase"] == "ErrorRequestingHumanApproval" and status["error"].startswith(error)
     assert w.events() == [reason]
     assert w.hl.request_count("POST", "/humanlayer/v1/function_calls") == 0
-    # A kubectl decision still works while HumanLayer cannot be asked.
+    # A kubectl decision still works while HumanLayer cannot be asked, and is routed at once.
     w.annotate("approved")
+    raw = w.kube.get_raw("taskruntoolcalls", "default", TC)
+    assert [wk.reason for wk in work_for("TaskRunToolCall", raw, w.clock(), 180)] == ["approval-annotation"]
     w.run()
     assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
 

@@ -26,7 +26,14 @@ class ScriptedWatchKube(FakeKubeClient):
         self.watch_calls: list[str] = []
 
     def watch_raw(
-        self, plural: str, namespace: str | None, resource_version: str, timeout_s: int = 300
+        self,
+        plural: str,
+        namespace: str | None,
+        resource_version: str,
+        timeout_s: int = 300,
+        *,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         self.watch_calls.append(resource_version)
         step = self.streams.pop(0) if self.streams else []
