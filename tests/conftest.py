@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,6 +71,28 @@ def namespace(kube: object) -> Iterator[str]:
         kube.request("DELETE", f"/api/v1/namespaces/{name}")  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - best effort cleanup
         pass
+
+
+# Stacks whose watcher watches every namespace (the e2e session stack). A test that starts a stack of its
+# own stops their watchers meanwhile, or two watchers would hand the same objects to different workers.
+SHARED_STACKS: list[Any] = []
+
+
+@contextlib.contextmanager
+def exclusive_stack(options: Any) -> Iterator[Any]:
+    from kubechain.testing.stack import LocalStack
+
+    paused = [(shared, name) for shared in SHARED_STACKS for name in list(shared.watchers)]
+    for shared, name in paused:
+        shared.watchers.pop(name).stop(timeout=15)
+    stack = LocalStack(options)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        for shared, name in paused:
+            shared.start_watcher(name)
 
 
 def kubectl_binary() -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubechain.testing.stack import LocalStack, StackOptions
+from tests.conftest import exclusive_stack
 from tests.e2e.conftest import ScriptedLLM
 
 CLAIM_TIMEOUT_S = 6.0
@@ -31,12 +32,8 @@ def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
         claim_timeout_s=CLAIM_TIMEOUT_S,
         extra_env={"KUBECHAIN_LEASE_DURATION_S": "4", **overrides.pop("env", {})},
     )
-    stack = LocalStack(options)
-    stack.start()
-    try:
+    with exclusive_stack(options) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture

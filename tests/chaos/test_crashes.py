@@ -220,7 +220,9 @@ def test_deleting_a_run_mid_llm_call_stops_it(
     assert len(chaos_llm.requests(question)) == 1
 
 
-def test_hundred_runs_with_a_worker_killed_midway(chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, kube: object) -> None:
+def test_hundred_runs_with_a_worker_killed_midway(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, kube: object
+) -> None:
     prefix = f"burst {namespace}"
     chaos_llm.add_rule(prefix, [{"content": "ok", "delay_s": 0.5}])
     setup_agent(kubectl, namespace)
@@ -228,7 +230,12 @@ def test_hundred_runs_with_a_worker_killed_midway(chaos_stack: LocalStack, chaos
         kube.create_raw(  # type: ignore[attr-defined]
             "taskruns",
             namespace,
-            {"apiVersion": "kubechain.humanlayer.dev/v1alpha1", "kind": "TaskRun", "metadata": {"name": f"r{i}"}, "spec": {"agentRef": {"name": "agent"}, "userMessage": f"{prefix} #{i}"}},
+            {
+                "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+                "kind": "TaskRun",
+                "metadata": {"name": f"r{i}"},
+                "spec": {"agentRef": {"name": "agent"}, "userMessage": f"{prefix} #{i}"},
+            },
         )
 
     def finished() -> int:
@@ -237,10 +244,14 @@ def test_hundred_runs_with_a_worker_killed_midway(chaos_stack: LocalStack, chaos
 
     wait_for(lambda: finished() >= 20, 120, what="20 runs done")
     # What worker-0 may have had in flight: at most its 16 threads' worth (the LLM server sees both workers).
-    interrupted = [r for r in httpx.get(f"{chaos_llm.url}/_admin/inflight").json() if r["first_user"].startswith(prefix)]
+    interrupted = [
+        r for r in httpx.get(f"{chaos_llm.url}/_admin/inflight").json() if r["first_user"].startswith(prefix)
+    ]
     kill(chaos_stack, "worker-0")
     wait_for(lambda: finished() == 100, 180, what="all 100 runs")
-    requests = [r for r in httpx.get(f"{chaos_llm.url}/_admin/requests").json() if r["first_user"].startswith(prefix)]
+    requests = [
+        r for r in httpx.get(f"{chaos_llm.url}/_admin/requests").json() if r["first_user"].startswith(prefix)
+    ]
     per_run: dict[str, int] = {}
     for record in requests:
         per_run[record["first_user"]] = per_run.get(record["first_user"], 0) + 1

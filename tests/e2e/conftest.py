@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from kubechain.testing.stack import LocalStack, StackOptions
-from tests.conftest import Kubectl
+from tests.conftest import SHARED_STACKS, Kubectl
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,11 @@ def stack(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.TempPathFac
         extra_env={"REDIS_URL": redis_url},
     )
     with LocalStack(options) as running:
-        yield running
+        SHARED_STACKS.append(running)
+        try:
+            yield running
+        finally:
+            SHARED_STACKS.remove(running)
 
 
 class ScriptedLLM:

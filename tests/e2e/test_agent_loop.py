@@ -157,10 +157,26 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
 
 def test_rate_limited_llm_backs_off_then_answers(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:
     question = f"Busy provider {namespace}"
-    llm.add_rule(question, [{"error": {"status": 429, "message": "slow down", "retry_after": 1, "times": 2}, "then": {"content": "patience pays"}}])
+    llm.add_rule(
+        question,
+        [
+            {
+                "error": {"status": 429, "message": "slow down", "retry_after": 1, "times": 2},
+                "then": {"content": "patience pays"},
+            }
+        ],
+    )
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT)
-    wait_for(lambda: get(kubectl, namespace, "agent", "my-assistant").get("status", {}).get("ready"), 60, what="agent ready")
-    apply(kubectl, namespace, resource("TaskRun", "busy", {"agentRef": {"name": "my-assistant"}, "userMessage": question}))
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "my-assistant").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "busy", {"agentRef": {"name": "my-assistant"}, "userMessage": question}),
+    )
     wait_for(lambda: phase(kubectl, namespace, "busy") == "FinalAnswer", 60, what="FinalAnswer after backoff")
     assert get(kubectl, namespace, "taskrun", "busy")["status"]["output"] == "patience pays"
     statuses = [r["status_code"] for r in sorted(llm.requests(question), key=lambda r: r["seq"])]
@@ -173,11 +189,22 @@ def test_client_error_fails_the_run_clearly(kubectl: Kubectl, namespace: str, ll
     question = f"Bad request {namespace}"
     llm.add_rule(question, [{"error": {"status": 400, "message": "context too long", "times": 100}}])
     apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), AGENT)
-    wait_for(lambda: get(kubectl, namespace, "agent", "my-assistant").get("status", {}).get("ready"), 60, what="agent ready")
-    apply(kubectl, namespace, resource("TaskRun", "bad", {"agentRef": {"name": "my-assistant"}, "userMessage": question}))
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "my-assistant").get("status", {}).get("ready"),
+        60,
+        what="agent ready",
+    )
+    apply(
+        kubectl,
+        namespace,
+        resource("TaskRun", "bad", {"agentRef": {"name": "my-assistant"}, "userMessage": question}),
+    )
     wait_for(lambda: phase(kubectl, namespace, "bad") == "Failed", 60, what="Failed")
     status = get(kubectl, namespace, "taskrun", "bad")["status"]
-    assert status["error"].startswith("LLM request failed with status 400") and "context too long" in status["error"]
+    assert (
+        status["error"].startswith("LLM request failed with status 400")
+        and "context too long" in status["error"]
+    )
     assert status["status"] == "Error" and status["completionTime"]
     assert "LLMRequestFailed4xx" in event_reasons(kubectl, namespace, "TaskRun", "bad")
     assert len(llm.requests(question)) == 1, "a 4xx is not retried"

@@ -19,7 +19,7 @@ import pytest
 from kubechain.humanlayer.testserver import HumanLayerTestServer
 from kubechain.testing.stack import LocalStack, StackOptions
 from kubechain.testing.waiting import wait_for
-from tests.conftest import Kubectl
+from tests.conftest import Kubectl, exclusive_stack
 from tests.e2e.conftest import (
     OPENAI_SECRET,
     ScriptedLLM,
@@ -37,19 +37,6 @@ HL_KEY = "hl-e2e-approvals-key"
 TIME_TOOL = "time__get_current_time"
 
 
-def _active_shared_stack(request: pytest.FixtureRequest) -> LocalStack | None:
-    """The session's ``stack`` if some earlier test started it (without starting it ourselves)."""
-    try:
-        definitions = request._fixturemanager.getfixturedefs("stack", request.node) or []
-    except Exception:  # noqa: BLE001 - pytest internals moved: assume it is not running
-        return None
-    for definition in definitions:
-        cached = getattr(definition, "cached_result", None)
-        if cached and isinstance(cached[0], LocalStack):
-            return cached[0]
-    return None
-
-
 @pytest.fixture(scope="module")
 def hl() -> Iterator[HumanLayerTestServer]:
     with HumanLayerTestServer(api_keys={HL_KEY}) as server:
@@ -63,11 +50,6 @@ def humans_stack(
     hl: HumanLayerTestServer,
     request: pytest.FixtureRequest,
 ) -> Iterator[LocalStack]:
-    shared = _active_shared_stack(request)
-    paused = list(shared.watchers) if shared is not None else []
-    if shared is not None:
-        for name in paused:
-            shared.watchers.pop(name).stop(timeout=15)
     options = StackOptions(
         workdir=tmp_path_factory.mktemp("humans-stack"),
         cluster="current",
@@ -83,15 +65,8 @@ def humans_stack(
             "KUBECHAIN_LEASE_DURATION_S": "4",
         },
     )
-    stack = LocalStack(options)
-    stack.start()
-    try:
+    with exclusive_stack(options) as stack:
         yield stack
-    finally:
-        stack.stop()
-        if shared is not None:
-            for name in paused:
-                shared.start_watcher(name)
 
 
 @pytest.fixture(scope="module")

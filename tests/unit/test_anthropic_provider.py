@@ -25,8 +25,14 @@ class FakeAnthropic:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                owner.requests[-1]["_api_key"] = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix("Bearer ")
-                body = json.dumps(owner.reply if owner.status == 200 else {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}).encode()
+                owner.requests[-1]["_api_key"] = self.headers.get("x-api-key") or self.headers.get(
+                    "authorization", ""
+                ).removeprefix("Bearer ")
+                body = json.dumps(
+                    owner.reply
+                    if owner.status == 200
+                    else {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+                ).encode()
                 self.send_response(owner.status)
                 self.send_header("Content-Type", "application/json")
                 if owner.status == 429:
@@ -64,7 +70,10 @@ def test_messages_tools_and_answers_map_both_ways(fake: FakeAnthropic) -> None:
         "usage": {"input_tokens": 11, "output_tokens": 7},
     }
     client = AnthropicClient("sk-ant-test", 5, fake.url)
-    schema = {"type": "object", "properties": {"a": {"type": "number", "description": "first"}, "b": {"enum": [1, 2]}}}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "number", "description": "first"}, "b": {"enum": [1, 2]}},
+    }
     request = LLMRequest(
         model="claude-x",
         temperature=0.2,
@@ -73,7 +82,15 @@ def test_messages_tools_and_answers_map_both_ways(fake: FakeAnthropic) -> None:
         messages=[
             Message(role="system", content="be brief"),
             Message(role="user", content="1+2?"),
-            Message(role="assistant", content="", tool_calls=[ToolCall(id="toolu_0", function=ToolCallFunction(name="add", arguments='{"a": 0, "b": 1}'))]),
+            Message(
+                role="assistant",
+                content="",
+                tool_calls=[
+                    ToolCall(
+                        id="toolu_0", function=ToolCallFunction(name="add", arguments='{"a": 0, "b": 1}')
+                    )
+                ],
+            ),
             Message(role="tool", content="1", tool_call_id="toolu_0"),
         ],
     )
@@ -81,16 +98,30 @@ def test_messages_tools_and_answers_map_both_ways(fake: FakeAnthropic) -> None:
     sent = fake.requests[0]
     assert sent["_api_key"] == "sk-ant-test"
     assert sent["system"] == "be brief" and sent["max_tokens"] == 100 and sent["temperature"] == 0.2
-    assert sent["tools"] == [{"name": "add", "description": "Add", "input_schema": schema}], "schemas pass through whole"
-    assert sent["messages"][1]["content"][0] == {"type": "tool_use", "id": "toolu_0", "name": "add", "input": {"a": 0, "b": 1}}
-    assert sent["messages"][2] == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "1"}]}
+    assert sent["tools"] == [{"name": "add", "description": "Add", "input_schema": schema}], (
+        "schemas pass through whole"
+    )
+    assert sent["messages"][1]["content"][0] == {
+        "type": "tool_use",
+        "id": "toolu_0",
+        "name": "add",
+        "input": {"a": 0, "b": 1},
+    }
+    assert sent["messages"][2] == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_0", "content": "1"}],
+    }
     assert response.content == "Let me add."
-    assert response.tool_calls[0].function.name == "add" and json.loads(response.tool_calls[0].function.arguments) == {"a": 1, "b": 2}
+    assert response.tool_calls[0].function.name == "add" and json.loads(
+        response.tool_calls[0].function.arguments
+    ) == {"a": 1, "b": 2}
     assert response.usage is not None and response.usage.total_tokens == 18
 
 
 def test_rate_limits_are_retryable_with_retry_after(fake: FakeAnthropic) -> None:
     fake.status = 429
     with pytest.raises(LLMError) as caught:
-        AnthropicClient("k", 5, fake.url).complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+        AnthropicClient("k", 5, fake.url).complete(
+            LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+        )
     assert caught.value.retryable and caught.value.status_code == 429 and caught.value.retry_after_s == 3.0

@@ -1,0 +1,1 @@
+"""KubeChain benchmarks: ``python -m bench.run`` (see bench/README.md)."""

@@ -1,0 +1,343 @@
+"""Pure helpers of the benchmark: statistics, machine/version facts, and the result table."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation between closest ranks (numpy's
+    default "linear" method); None for no values."""
+    data = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    if not data:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    if len(data) == 1:
+        return data[0]
+    rank = (len(data) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = math.ceil(rank)
+    if low == high:
+        return data[low]
+    return data[low] + (data[high] - data[low]) * (rank - low)
+
+
+def summarize(values: Iterable[float | None], scale: float = 1.0, digits: int = 1) -> dict[str, Any]:
+    """n, mean, min, p50, p95, p99, max of ``values`` (times ``scale``, e.g. 1000 for s -> ms)."""
+    data = [float(v) * scale for v in values if v is not None]
+    if not data:
+        return {"n": 0, "mean": None, "min": None, "p50": None, "p95": None, "p99": None, "max": None}
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, digits)
+
+    return {
+        "n": len(data),
+        "mean": r(sum(data) / len(data)),
+        "min": r(min(data)),
+        "p50": r(percentile(data, 50)),
+        "p95": r(percentile(data, 95)),
+        "p99": r(percentile(data, 99)),
+        "max": r(max(data)),
+    }
+
+
+def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """The largest number of intervals (start, end) open at the same instant."""
+    points: list[tuple[float, int]] = []
+    for start, end in intervals:
+        points.append((start, 1))
+        points.append((end, -1))
+    points.sort(key=lambda p: (p[0], p[1]))  # an end before a start at the same instant
+    best = current = 0
+    for _, delta in points:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+def write_target(
+    baseline_writes_per_s: float | None, writes_per_run: float | None, share: float = 0.5
+) -> float | None:
+    """Runs/s the design should reach: ``share`` of the API server's write rate spent on TaskRun writes."""
+    if not baseline_writes_per_s or not writes_per_run:
+        return None
+    return share * baseline_writes_per_s / writes_per_run
+
+
+# --------------------------------------------------------------------------------------------------
+# Machine and versions
+# --------------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def machine_info() -> dict[str, Any]:
+    cpuinfo = _read("/proc/cpuinfo")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), ""
+    )
+    meminfo = _read("/proc/meminfo")
+    mem_kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal:")), 0)
+    os_release = _read("/etc/os-release")
+    pretty = next(
+        (
+            line.split("=", 1)[1].strip('"')
+            for line in os_release.splitlines()
+            if line.startswith("PRETTY_NAME=")
+        ),
+        "",
+    )
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count() or 0
+    return {
+        "nproc": usable,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "ram_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": pretty,
+        "python": platform.python_version(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def redis_server_version(binary: str = "redis-server") -> str | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"v=(\S+)", out)
+    return match.group(1) if match else (out.strip() or None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, spec: str = "", suffix: str = "") -> str:
+    """``value`` formatted with ``spec`` (+ suffix), or "-" when it is missing."""
+    if value is None:
+        return "-"
+    try:
+        return f"{value:{spec}}{suffix}"
+    except (TypeError, ValueError):
+        return f"{value}{suffix}"
+
+
+def _pcts(stats: dict[str, Any] | None, unit: str = "ms", spec: str = ".0f") -> str:
+    stats = stats or {}
+    return f"{fmt(stats.get('p50'), spec)}/{fmt(stats.get('p95'), spec)}/{fmt(stats.get('p99'), spec)} {unit}"
+
+
+def headline(row: dict[str, Any]) -> str:
+    f = row.get("figures") or {}
+    scenario = row.get("scenario")
+    if row.get("error") and not f:
+        return "ERROR"
+    if scenario == "baseline":
+        return f"{fmt(f.get('writes_per_s'), '.0f')} writes/s"
+    if scenario in ("hello", "scale"):
+        return f"{fmt(f.get('runs_per_s'), '.1f')} runs/s"
+    if scenario == "fanout":
+        return f"{fmt(f.get('wall_s'), '.2f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s)"
+    if scenario == "inflight":
+        return (
+            f"{fmt(f.get('wall_s'), '.1f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s); "
+            f"peak RSS {fmt(f.get('rss_peak_mib'), '.0f')} MiB"
+        )
+    return "-"
+
+
+def details(row: dict[str, Any]) -> str:
+    f = row.get("figures") or {}
+    scenario = row.get("scenario")
+    parts: list[str] = []
+    if scenario == "baseline":
+        parts.append(
+            f"{fmt(f.get('writes'))} writes by {fmt(f.get('threads'))} threads in {fmt(f.get('wall_s'), '.1f')} s"
+        )
+        parts.append(f"latency p50/p95/p99 {_pcts(f.get('latency_ms'), spec='.1f')}")
+        if f.get("conflicts"):
+            parts.append(f"{f['conflicts']} conflicts")
+    elif scenario in ("hello", "scale"):
+        parts.append(f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} done in {fmt(f.get('wall_s'), '.1f')} s")
+        parts.append(f"ready→LLM {_pcts(f.get('ready_to_llm_ms'))}")
+        parts.append(f"answer→next phase {_pcts(f.get('answer_to_next_ms'))}")
+        parts.append(
+            f"writes/run {fmt(f.get('writes_per_run'), '.1f')} (+{fmt(f.get('events_per_run'), '.1f')} events)"
+        )
+        api = f.get("api_requests_per_run") or {}
+        if api:
+            parts.append(f"API requests/run {fmt(api.get('total'), '.1f')}")
+        cpu = f.get("cpu_ms_per_run") or {}
+        if cpu:
+            parts.append(
+                f"CPU/run workers {fmt(cpu.get('workers'), '.0f')} ms, apiserver {fmt(cpu.get('kube-apiserver'), '.0f')} ms"
+            )
+        target = f.get("target_runs_per_s")
+        if target is not None:
+            verdict = "met" if f.get("meets_target") else "MISSED"
+            parts.append(f"target ≥ {target:.1f} runs/s: {verdict}")
+        if f.get("duplicate_llm_requests"):
+            parts.append(f"{f['duplicate_llm_requests']} duplicate LLM requests")
+    elif scenario == "fanout":
+        parts.append(f"{fmt(f.get('tool_calls'))} tool calls × {fmt(f.get('tool_s'), '.0f')} s")
+        trials = f.get("trials_wall_s")
+        if trials:
+            parts.append("trials " + ", ".join(f"{t:.2f}" for t in trials) + " s")
+        parts.append(f"last TRTC created +{fmt(f.get('last_toolcall_created_s'), '.2f')} s")
+        parts.append(
+            f"first/last tool request +{fmt(f.get('first_tool_request_s'), '.2f')}/+{fmt(f.get('last_tool_request_s'), '.2f')} s"
+        )
+        parts.append(f"max concurrent tools {fmt(f.get('max_concurrent_tools'))}")
+        parts.append(f"fan-in lag {fmt(f.get('fan_in_lag_s'), '.2f')} s")
+        api = f.get("api_requests") or {}
+        if api:
+            parts.append(
+                f"API requests {fmt(api.get('total'), '.0f')} ({fmt(api.get('conflicts_409'), '.0f')} answered 409)"
+            )
+        parts.append(f"run minus LLM {fmt(f.get('run_minus_llm_s'), '.2f')} s")
+    elif scenario == "inflight":
+        parts.append(
+            f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} done, 99% by {fmt(f.get('wall_99_s'), '.1f')} s"
+        )
+        parts.append(f"creates took {fmt(f.get('create_s'), '.1f')} s")
+        parts.append(f"max concurrent LLM requests {fmt(f.get('max_concurrent_llm'))}")
+        parts.append(f"run latency p50/p95/p99 {_pcts(f.get('run_latency_s'), 's', '.1f')}")
+        parts.append(f"write floor {fmt(f.get('write_floor_s'), '.1f')} s")
+        api = f.get("api_requests_per_run") or {}
+        if api:
+            parts.append(f"API requests/run {fmt(api.get('total'), '.1f')}")
+        parts.append(
+            f"RSS idle {fmt(f.get('rss_idle_mib'), '.0f')} MiB, +{fmt(f.get('rss_per_run_kib'), '.0f')} KiB/run"
+        )
+    stragglers = [s for s in f.get("stragglers") or [] if s.get("name")]
+    if stragglers:
+        worst = stragglers[0]
+        wait = worst.get("longest_wait") or {}
+        parts.append(
+            f"{len(stragglers)} straggler(s), worst {fmt(worst.get('latency_s'), '.0f')} s "
+            f"(waited {fmt(wait.get('s'), '.0f')} s in {wait.get('phase') or '?'})"
+        )
+    api = f.get("api_requests_per_run") or f.get("api_requests") or {}
+    errors = {k: v for k, v in (api.get("errors") or {}).items() if not k.endswith(" 409")}
+    if errors:
+        parts.append("API errors " + ", ".join(f"{k} ×{v}" for k, v in errors.items()))
+    if f.get("failed"):
+        parts.append(f"{f['failed']} FAILED")
+    if row.get("timed_out"):
+        parts.append("TIMED OUT")
+    if row.get("error"):
+        parts.append(f"error: {str(row['error'])[:120]}")
+    return "; ".join(parts)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = (
+        [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+        if rows
+        else [len(h) for h in header]
+    )
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)]
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result.get("machine") or {}
+    v = result.get("versions") or {}
+    return (
+        f"machine: {fmt(m.get('nproc'))} CPU × {m.get('cpu_model') or '?'}, {fmt(m.get('ram_gib'))} GiB RAM, "
+        f"Linux {m.get('kernel') or '?'}, Python {m.get('python') or '?'} | kubechain {v.get('kubechain') or '?'}, "
+        f"kube-apiserver {v.get('kube-apiserver') or '?'}, etcd {v.get('etcd') or '?'}, celery {v.get('celery') or '?'}, "
+        f"redis-server {v.get('redis-server') or '?'}"
+    )
+
+
+CPU_COLUMNS = (
+    "kube-apiserver",
+    "etcd",
+    "kcm",
+    "redis",
+    "llm",
+    "watcher",
+    "workers",
+    "bench",
+    "irq",
+    "others",
+)
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The human-readable report: machine line, command, the results table and a CPU table."""
+    rows = result.get("rows") or []
+    lines = [machine_line(result), f"command: {result.get('command') or '?'}", ""]
+    body = []
+    for row in rows:
+        body.append(
+            [
+                str(row.get("label") or row.get("scenario") or "?"),
+                fmt(row.get("workers")),
+                str(row.get("pool") or "-"),
+                fmt(row.get("concurrency")),
+                fmt(row.get("n")),
+                headline(row),
+                details(row),
+            ]
+        )
+    lines += _table(["scenario", "workers", "pool", "conc", "n", "result", "details"], body)
+    cpu_rows = []
+    for row in rows:
+        cpu = row.get("cpu_s") or {}
+        wall = row.get("cpu_wall_s")
+        if not cpu or not wall:
+            continue
+        cells = [str(row.get("label") or row.get("scenario")), f"{wall:.1f}"]
+        for name in CPU_COLUMNS:
+            value = cpu.get(name)
+            cells.append("-" if value is None else f"{value:.1f} ({100 * value / wall:.0f}%)")
+        cpu_rows.append(cells)
+    busy = [
+        str(row.get("label") or row.get("scenario"))
+        for row in rows
+        if (row.get("cpu_s") or {}).get("others")
+        and row.get("cpu_wall_s")
+        and row["cpu_s"]["others"] / row["cpu_wall_s"] > 0.25
+    ]
+    if cpu_rows:
+        ncpu = (result.get("machine") or {}).get("nproc") or "?"
+        lines += [
+            "",
+            f"CPU seconds used during each measured window (percent of one core; {ncpu} cores = {ncpu}00%; "
+            "irq = interrupt handling; others = processes outside the benchmark):",
+        ]
+        lines += _table(["row", "wall s", *CPU_COLUMNS], cpu_rows)
+    if busy:
+        lines += [
+            "",
+            f"note: other processes used more than a quarter of a core while measuring {', '.join(busy)}",
+        ]
+    return "\n".join(lines)

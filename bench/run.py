@@ -1,0 +1,318 @@
+"""``python -m bench.run``: KubeChain's performance, measured on this machine (see bench/README.md).
+
+    python -m bench.run [--scenarios baseline,hello,fanout,inflight,scale] [--quick]
+                        [--json bench/results/latest.json]
+
+Starts ONE local control plane (etcd + kube-apiserver + kube-controller-manager) with the CRDs installed;
+every row then starts its own stack (Redis, scripted LLM server, watcher, workers) against it, in a fresh
+namespace, so rows are comparable. Prints a table and writes a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.report import (
+    details,
+    fmt,
+    headline,
+    machine_info,
+    machine_line,
+    max_overlap,
+    percentile,
+    redis_server_version,
+    render_table,
+    summarize,
+    write_target,
+)
+
+__all__ = [
+    "SCENARIOS",
+    "details",
+    "fmt",
+    "headline",
+    "machine_info",
+    "machine_line",
+    "main",
+    "max_overlap",
+    "parse_args",
+    "percentile",
+    "render_table",
+    "summarize",
+    "write_target",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CRD_DIR = REPO_ROOT / "deploy" / "crds"
+SCENARIOS = ("baseline", "hello", "fanout", "inflight", "scale")
+DEFAULT_JSON = Path("bench/results/latest.json")
+
+# Sizes: (full, --quick)
+SIZES = {
+    "baseline_writes": (3000, 600),
+    "hello_runs": (200, 30),
+    "inflight_runs": (1000, 100),
+    "fanout_trials": (3, 1),
+}
+# Per-scenario time limits in seconds (multiplied by --timeout-factor); scale is per row.
+TIMEOUTS = {"baseline": 300, "hello": 300, "fanout": 240, "inflight": 900, "scale": 300}
+
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, in this order: {','.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every scenario)")
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})"
+    )
+    parser.add_argument(
+        "--hello-runs", type=int, default=None, help="TaskRuns of hello and of each scale row"
+    )
+    parser.add_argument("--inflight-runs", type=int, default=None)
+    parser.add_argument(
+        "--inflight-workers", type=int, default=2, help="worker processes of the inflight row"
+    )
+    parser.add_argument(
+        "--inflight-concurrency", type=int, default=None, help="threads per worker (default: runs / workers)"
+    )
+    parser.add_argument("--baseline-threads", type=int, default=16)
+    parser.add_argument("--baseline-writes", type=int, default=None)
+    parser.add_argument("--fanout-trials", type=int, default=None)
+    parser.add_argument("--scale-workers", default="1,2,4", help="worker process counts of the scale rows")
+    parser.add_argument(
+        "--resync-interval", type=float, default=30.0, help="watcher resync (the product default)"
+    )
+    parser.add_argument(
+        "--stale-after", type=float, default=20.0, help="watcher staleness window (product default)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="KUBECHAIN_LOG_LEVEL of watcher and workers")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of every watcher and worker (repeatable), e.g. KUBECHAIN_KUBE_QPS=1000",
+    )
+    parser.add_argument(
+        "--timeout-factor", type=float, default=1.0, help="multiply every scenario time limit"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="logs and data (default: a temporary directory)"
+    )
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the logs and etcd data afterwards")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    args.scenario_list = [s for s in SCENARIOS if s in chosen]
+    size = 1 if args.quick else 0
+    args.hello_runs = args.hello_runs or SIZES["hello_runs"][size]
+    args.inflight_runs = args.inflight_runs or SIZES["inflight_runs"][size]
+    args.baseline_writes = args.baseline_writes or SIZES["baseline_writes"][size]
+    args.fanout_trials = args.fanout_trials or SIZES["fanout_trials"][size]
+    args.scale_counts = tuple(int(x) for x in args.scale_workers.split(",") if x.strip())
+    bad = [e for e in args.env if "=" not in e]
+    if bad:
+        parser.error(f"--env wants KEY=VALUE, got {', '.join(bad)}")
+    args.extra_env = dict(e.split("=", 1) for e in args.env)
+    return args
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    exe = os.path.relpath(sys.executable) if sys.executable.startswith(str(Path.cwd())) else sys.executable
+    return " ".join(shlex.quote(a) for a in [exe, "-m", "bench.run", *args])
+
+
+def versions(cp: Any) -> dict[str, Any]:
+    import celery
+    import kombu
+
+    import kubechain
+
+    out: dict[str, Any] = {
+        "kubechain": kubechain.__version__,
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis-server": redis_server_version(shutil.which("redis-server") or "redis-server"),
+        "python": sys.version.split()[0],
+    }
+    try:
+        binaries = cp.binaries
+        out["etcd"] = binaries.versions.get("etcd")
+        out["kube-apiserver"] = binaries.versions.get("kubernetes")
+    except Exception:  # noqa: BLE001 - facts are best effort
+        pass
+    try:
+        from bench.observe import bench_kube
+
+        kube = bench_kube(str(cp.kubeconfig_path))
+        try:
+            out["kube-apiserver"] = kube.version().get("gitVersion") or out.get("kube-apiserver")
+        finally:
+            kube.close()
+    except Exception:  # noqa: BLE001
+        pass
+    out["git"] = git_revision()
+    for name in ("httpx", "openai", "pydantic"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", None)
+        except ImportError:
+            pass
+    return out
+
+
+def git_revision() -> str | None:
+    """The commit measured (``-dirty`` when the work tree has uncommitted changes)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _run_guarded(name: str, fn: Callable[[], list[dict[str, Any]]], result: dict[str, Any]) -> None:
+    """Run one scenario; an exception becomes an error row (the other scenarios still run)."""
+    started = time.monotonic()
+    progress(f"=== {name} ===")
+    try:
+        rows = fn()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        rows = [{"scenario": name, "label": name, "figures": {}, "error": f"{type(exc).__name__}: {exc}"}]
+    for row in rows:
+        row.setdefault("elapsed_s", round(time.monotonic() - started, 1))
+    result["rows"].extend(rows)
+    progress(f"=== {name} done in {time.monotonic() - started:.0f}s ===")
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from bench import scenarios
+    from kubechain.testing.controlplane import LocalControlPlane
+
+    if os.environ.pop("REDIS_URL", None):
+        progress("ignoring REDIS_URL: every row starts a Redis of its own")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubechain-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "command": command_line(argv),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": {},
+        "options": {
+            "quick": args.quick,
+            "scenarios": args.scenario_list,
+            "hello_runs": args.hello_runs,
+            "inflight_runs": args.inflight_runs,
+            "baseline_writes": args.baseline_writes,
+            "baseline_threads": args.baseline_threads,
+            "resync_interval_s": args.resync_interval,
+            "stale_after_s": args.stale_after,
+            "log_level": args.log_level,
+            "extra_env": args.extra_env,
+            "workdir": str(workdir),
+        },
+        "rows": [],
+    }
+    progress(f"workdir {workdir}")
+    cp = LocalControlPlane(workdir=workdir / "controlplane", progress=progress)
+    try:
+        cp.start()
+        cp.install_crds(CRD_DIR)
+        result["versions"] = versions(cp)
+        progress(machine_line(result))
+        ctx = scenarios.BenchContext(
+            cp=cp,
+            workdir=workdir,
+            progress=progress,
+            quick=args.quick,
+            timeout_factor=args.timeout_factor,
+            resync_interval_s=args.resync_interval,
+            stale_after_s=args.stale_after,
+            log_level=args.log_level,
+            extra_env=args.extra_env,
+        )
+        plan: dict[str, Callable[[], list[dict[str, Any]]]] = {
+            "baseline": lambda: scenarios.baseline(
+                ctx, args.baseline_threads, args.baseline_writes, TIMEOUTS["baseline"]
+            ),
+            "hello": lambda: scenarios.hello(ctx, args.hello_runs, timeout_s=TIMEOUTS["hello"]),
+            "fanout": lambda: scenarios.fanout(ctx, trials=args.fanout_trials, timeout_s=TIMEOUTS["fanout"]),
+            "inflight": lambda: scenarios.inflight(
+                ctx,
+                args.inflight_runs,
+                workers=args.inflight_workers,
+                concurrency=args.inflight_concurrency,
+                timeout_s=TIMEOUTS["inflight"],
+            ),
+            "scale": lambda: scenarios.scale(ctx, args.hello_runs, args.scale_counts, TIMEOUTS["scale"]),
+        }
+        try:
+            for name in args.scenario_list:
+                _run_guarded(name, plan[name], result)
+        except KeyboardInterrupt:
+            progress("interrupted: reporting what was measured")
+            result["interrupted"] = True
+    finally:
+        progress("stopping the control plane")
+        cp.stop()
+        if not args.keep_workdir and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            progress(f"logs kept in {workdir}")
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return result
+
+
+def save(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args, argv)
+    table = render_table(result)
+    print(table, flush=True)
+    save(result, args.json)
+    progress(f"results written to {args.json}")
+    failed = [r for r in result["rows"] if r.get("error")]
+    return 1 if failed or result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,879 @@
+"""The benchmark scenarios. Each returns one or more result rows (dicts, see bench/README.md).
+
+Every row except ``baseline`` starts its own :class:`LocalStack` (Redis, scripted LLM, watcher, workers)
+against the one shared control plane, in a fresh namespace that only this row's watcher watches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.observe import (
+    CpuMeter,
+    RssSampler,
+    SleepServer,
+    Timeline,
+    WatchRecorder,
+    api_request_totals,
+    bench_kube,
+    requests_per_run,
+)
+from bench.report import max_overlap, percentile, summarize, write_target
+from kubechain.kube.client import KubeClient
+from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError
+from kubechain.testing.controlplane import LocalControlPlane
+from kubechain.testing.stack import LocalStack, StackOptions
+
+GROUP_VERSION = "kubechain.humanlayer.dev/v1alpha1"
+TERMINAL = ("FinalAnswer", "Failed")
+Progress = Callable[[str], None]
+
+
+class ScenarioTimeout(Exception):
+    pass
+
+
+@dataclass
+class BenchContext:
+    """What every scenario gets: the shared control plane, options and the baseline figure."""
+
+    cp: LocalControlPlane
+    workdir: Path
+    progress: Progress
+    quick: bool = False
+    timeout_factor: float = 1.0
+    resync_interval_s: float = 30.0
+    stale_after_s: float = 20.0
+    log_level: str = "INFO"
+    baseline_writes_per_s: float | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> str:
+        return str(self.cp.kubeconfig_path)
+
+    def kube(self) -> KubeClient:
+        return bench_kube(self.kubeconfig)
+
+
+def new_row(
+    scenario: str, label: str, workers: int | None, pool: str | None, concurrency: int | None, n: int | None
+) -> dict[str, Any]:
+    return {
+        "scenario": scenario,
+        "label": label,
+        "workers": workers,
+        "pool": pool,
+        "concurrency": concurrency,
+        "n": n,
+        "figures": {},
+        "cpu_s": {},
+        "cpu_wall_s": None,
+        "timed_out": False,
+        "error": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources
+# --------------------------------------------------------------------------------------------------
+
+
+def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": GROUP_VERSION, "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def create_namespace(kube: KubeClient, prefix: str) -> str:
+    name = f"bench-{prefix}-{uuid.uuid4().hex[:6]}"
+    kube.request(
+        "POST",
+        "/api/v1/namespaces",
+        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+    )
+    return name
+
+
+def create_agent(
+    kube: KubeClient, namespace: str, agent: str = "bench-agent", tools: list[dict[str, Any]] | None = None
+) -> None:
+    """Secret + LLM (provider openai, no baseUrl: the stack routes it to the scripted server) + Agent."""
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "openai"},
+        "stringData": {"OPENAI_API_KEY": "sk-bench"},
+    }
+    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=secret)
+    llm = resource(
+        "LLM",
+        "gpt-4o",
+        {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "openai", "key": "OPENAI_API_KEY"}}},
+    )
+    kube.create_raw("llms", namespace, llm)
+    for tool in tools or []:
+        kube.create_raw("tools", namespace, tool)
+    spec: dict[str, Any] = {
+        "llmRef": {"name": "gpt-4o"},
+        "system": "You are a benchmark agent. Answer briefly.",
+    }
+    if tools:
+        spec["tools"] = [{"name": t["metadata"]["name"]} for t in tools]
+    kube.create_raw("agents", namespace, resource("Agent", agent, spec))
+
+
+def wait_agent_ready(kube: KubeClient, namespace: str, agent: str, deadline: float, tools: int = 0) -> None:
+    while True:
+        status = kube.get_raw("agents", namespace, agent).get("status") or {}
+        if status.get("ready") and len(status.get("validTools") or []) >= tools:
+            return
+        if time.monotonic() > deadline:
+            raise ScenarioTimeout(f"agent {namespace}/{agent} not ready: {status}")
+        time.sleep(0.1)
+
+
+def taskrun(name: str, agent: str, message: str) -> dict[str, Any]:
+    return resource("TaskRun", name, {"agentRef": {"name": agent}, "userMessage": message})
+
+
+def create_runs(
+    kube: KubeClient, namespace: str, runs: dict[str, str], agent: str, threads: int = 16
+) -> tuple[float, float]:
+    """Create the TaskRuns (name -> userMessage) as fast as ``threads`` clients can; (start, end) times."""
+
+    def create(item: tuple[str, str]) -> None:
+        name, message = item
+        for attempt in range(5):
+            try:
+                kube.create_raw("taskruns", namespace, taskrun(name, agent, message))
+                return
+            except AlreadyExists:
+                return
+            except KubeAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-create") as pool:
+        list(pool.map(create, runs.items()))
+    return started, time.time()
+
+
+def set_script(stack: LocalStack, script: dict[str, Any]) -> None:
+    httpx.post(f"{stack.llm_url}/_admin/script", json=script, timeout=30).raise_for_status()
+
+
+def llm_requests(stack: LocalStack) -> list[dict[str, Any]]:
+    response = httpx.get(f"{stack.llm_url}/_admin/requests", timeout=120)
+    response.raise_for_status()
+    return list(response.json())
+
+
+def parse_ts(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Stack per row
+# --------------------------------------------------------------------------------------------------
+
+
+def _pid(process: Any) -> int | None:
+    return getattr(process, "pid", None) if process is not None else None
+
+
+def cpu_groups(ctx: BenchContext, stack: LocalStack | None) -> dict[str, list[int]]:
+    cp = ctx.cp
+    groups: dict[str, list[int]] = {
+        "kube-apiserver": [p for p in [_pid(getattr(cp, "_apiserver", None))] if p],
+        "etcd": [p for p in [_pid(getattr(cp, "_etcd", None))] if p],
+        "kcm": [p for p in [_pid(getattr(cp, "_kcm", None))] if p],
+        "bench": [os.getpid()],
+    }
+    if stack is not None:
+        redis_proc = getattr(stack.redis, "_proc", None)
+        groups["redis"] = [p for p in [_pid(redis_proc)] if p]
+        groups["llm"] = [p for p in [_pid(stack.llm_process)] if p]
+        groups["watcher"] = [p for p in (w.pid for w in stack.watchers.values()) if p]
+        groups["workers"] = [p for p in (w.pid for w in stack.workers.values()) if p]
+    return groups
+
+
+def worker_pids(stack: LocalStack) -> list[int]:
+    return [p for p in (w.pid for w in stack.workers.values()) if p]
+
+
+def _wait_workers_ready(stack: LocalStack, deadline: float, progress: Progress) -> None:
+    """Celery logs "<name>@<host> ready." once it consumes; wait for every worker's line."""
+    pending = dict(stack.workers)
+    while pending:
+        for name, process in list(pending.items()):
+            if not process.running():
+                raise RuntimeError(f"worker {name} exited with {process.returncode()}:\n{process.tail()}")
+            try:
+                text = process.log_path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            if " ready." in text:
+                del pending[name]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            progress(f"workers not (yet) logging ready: {', '.join(pending)}; continuing")
+            return
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def row_stack(
+    ctx: BenchContext,
+    label: str,
+    namespace: str,
+    workers: int,
+    pool: str,
+    concurrency: int,
+    llm_latency_s: float = 0.0,
+) -> Iterator[LocalStack]:
+    options = StackOptions(
+        workdir=ctx.workdir / label,
+        cluster="current",
+        kubeconfig=Path(ctx.kubeconfig),
+        workers=workers,
+        worker_pool=pool,
+        worker_concurrency=concurrency,
+        llm_latency_s=llm_latency_s,
+        resync_interval_s=ctx.resync_interval_s,
+        stale_after_s=ctx.stale_after_s,
+        log_level=ctx.log_level,
+        extra_env={
+            # only this row's namespace, and a Lease of its own (no wait for the previous row's leader)
+            "KUBECHAIN_NAMESPACES": json.dumps([namespace]),
+            "KUBECHAIN_LEASE_NAME": f"bench-{namespace}",
+            "KUBECHAIN_LEASE_NAMESPACE": namespace,
+            **ctx.extra_env,
+        },
+    )
+    stack = LocalStack(options, progress=lambda m: ctx.progress(f"{label}: {m}"))
+    try:
+        stack.start()
+        _wait_workers_ready(stack, time.monotonic() + 60, ctx.progress)
+        yield stack
+    finally:
+        stop_stack(stack, ctx.progress, label)
+
+
+def stop_stack(stack: LocalStack, progress: Progress, label: str) -> None:
+    """Stop the workers and watchers in parallel (each may take its soft-shutdown time), then the rest."""
+    started = time.monotonic()
+    processes = [*stack.workers.values(), *stack.watchers.values()]
+    progress(f"{label}: stopping its stack ({len(processes)} watcher/worker processes)")
+    threads = [threading.Thread(target=p.stop, kwargs={"timeout": 20}, daemon=True) for p in processes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    stopped_processes = time.monotonic() - started
+    stack.stop()  # LLM server, Redis (and whatever did not stop above)
+    progress(
+        f"{label}: stack stopped (workers+watcher {stopped_processes:.1f} s, total {time.monotonic() - started:.1f} s)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# baseline: raw conditional status writes
+# --------------------------------------------------------------------------------------------------
+
+
+def baseline(
+    ctx: BenchContext, threads: int = 16, writes: int = 3000, timeout_s: float = 300
+) -> list[dict[str, Any]]:
+    row = new_row("baseline", "baseline", None, None, threads, writes)
+    deadline = time.monotonic() + timeout_s * ctx.timeout_factor
+    kube = ctx.kube()
+    try:
+        namespace = create_namespace(kube, "baseline")
+        names = [f"write-{i:02d}" for i in range(threads)]
+        rvs: dict[str, str] = {}
+        for name in names:
+            created = kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline"))
+            rvs[name] = created["metadata"]["resourceVersion"]
+        window = [
+            {"role": "system", "content": "You are a benchmark agent. Answer briefly."},
+            {"role": "user", "content": "baseline status write"},
+        ]
+        lock = threading.Lock()
+        counter = [0]
+        latencies: list[float] = []
+        conflicts = [0]
+
+        def writer(name: str) -> None:
+            rv = rvs[name]
+            while time.monotonic() < deadline:
+                with lock:
+                    if counter[0] >= writes:
+                        return
+                    counter[0] += 1
+                    i = counter[0]
+                status = {
+                    "phase": "Pending",
+                    "statusDetail": f"baseline write {i}",
+                    "messageCount": i,
+                    "contextWindow": window,
+                }
+                t0 = time.perf_counter()
+                try:
+                    result = kube.patch_status_raw("taskruns", namespace, name, rv, status)
+                except Conflict:
+                    conflicts[0] += 1
+                    rv = kube.get_raw("taskruns", namespace, name)["metadata"]["resourceVersion"]
+                    continue
+                elapsed = time.perf_counter() - t0
+                rv = result["metadata"]["resourceVersion"]
+                with lock:
+                    latencies.append(elapsed)
+
+        ctx.progress(f"baseline: {writes} conditional status writes from {threads} threads")
+        cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-write") as pool:
+            list(pool.map(writer, names))
+        wall = time.monotonic() - started
+        row["cpu_s"] = cpu.stop()
+        row["cpu_wall_s"] = round(cpu.wall_s, 2)
+        done = len(latencies)
+        row["timed_out"] = done < writes
+        row["figures"] = {
+            "threads": threads,
+            "writes": done,
+            "wall_s": round(wall, 2),
+            "writes_per_s": round(done / wall, 1) if wall > 0 else None,
+            "latency_ms": summarize(latencies, 1000.0, 2),
+            "conflicts": conflicts[0],
+            "namespace": namespace,
+        }
+        ctx.baseline_writes_per_s = row["figures"]["writes_per_s"]
+        ctx.progress(f"baseline: {row['figures']['writes_per_s']} writes/s")
+    finally:
+        kube.close()
+    return [row]
+
+
+# --------------------------------------------------------------------------------------------------
+# hello / scale: many single-turn runs at once
+# --------------------------------------------------------------------------------------------------
+
+
+def hello_figures(
+    timelines: dict[str, Timeline],
+    requests: list[dict[str, Any]],
+    runs: dict[str, str],
+    started: float,
+    created: float,
+    events_per_run: float | None,
+    baseline_writes_per_s: float | None,
+) -> dict[str, Any]:
+    """Throughput, per-turn overheads and writes per run from what the watch and the LLM log saw."""
+    by_user: dict[str, list[dict[str, Any]]] = {}
+    for request in requests:
+        by_user.setdefault(str(request.get("first_user")), []).append(request)
+    finals: list[float] = []
+    ready_to_llm: list[float] = []
+    answer_to_next: list[float] = []
+    ready_to_claim: list[float] = []
+    claim_to_llm: list[float] = []
+    create_to_ready: list[float] = []
+    latency: list[float] = []
+    rv_counts: list[int] = []
+    failed = 0
+    duplicates = 0
+    phase_paths: dict[str, int] = {}
+    for name, message in runs.items():
+        timeline = timelines.get(name)
+        if timeline is None:
+            continue
+        if timeline.phase == "Failed":
+            failed += 1
+        final = timeline.first("FinalAnswer")
+        added = timeline.sightings[0].t if timeline.sightings else None
+        ready = timeline.first("ReadyForLLM")
+        if final is not None:
+            finals.append(final)
+            rv_counts.append(timeline.distinct_rvs())
+            path = ">".join(p or '""' for p in timeline.phases())
+            phase_paths[path] = phase_paths.get(path, 0) + 1
+            if added is not None:
+                latency.append(final - added)
+        if added is not None and ready is not None:
+            create_to_ready.append(ready - added)
+        ok = [r for r in by_user.get(message, []) if r.get("status_code") == 200]
+        first_turn = [r for r in ok if r.get("turn") == 0]
+        duplicates += max(0, len(first_turn) - 1)
+        first = min(first_turn, key=lambda r: r["received_at"]) if first_turn else None
+        if first is not None and ready is not None:
+            ready_to_llm.append(first["received_at"] - ready)
+            claim = next(
+                (
+                    parse_ts(s.claimed_at)
+                    for s in timeline.sightings
+                    if s.phase == "SendContextWindowToLLM" and s.claimed_at
+                ),
+                None,
+            )
+            if claim is not None:
+                ready_to_claim.append(claim - ready)
+                claim_to_llm.append(first["received_at"] - claim)
+        if first is not None and final is not None:
+            answer_to_next.append(final - first["finished_at"])
+    completed = len(finals)
+    wall = (max(finals) - started) if finals else None
+    finals.sort()
+    needed = math.ceil(0.99 * len(runs))
+    wall_99 = finals[needed - 1] - started if needed and len(finals) >= needed else None
+    stragglers = _stragglers(timelines, runs, latency)
+    runs_per_s = completed / wall if wall else None
+    writes_per_run = sum(rv_counts) / len(rv_counts) if rv_counts else None
+    target = write_target(baseline_writes_per_s, writes_per_run)
+    return {
+        "completed": completed,
+        "failed": failed,
+        "create_s": round(created - started, 2),
+        "wall_s": round(wall, 2) if wall else None,
+        "wall_99_s": round(wall_99, 2) if wall_99 else None,
+        "runs_per_s": round(runs_per_s, 2) if runs_per_s else None,
+        "stragglers": stragglers,
+        "ready_to_llm_ms": summarize(ready_to_llm, 1000.0),
+        "answer_to_next_ms": summarize(answer_to_next, 1000.0),
+        "ready_to_claim_ms": summarize(ready_to_claim, 1000.0),
+        "claim_to_llm_ms": summarize(claim_to_llm, 1000.0),
+        "create_to_ready_ms": summarize(create_to_ready, 1000.0),
+        "run_latency_s": summarize(latency, 1.0, 2),
+        "writes_per_run": round(writes_per_run, 2) if writes_per_run else None,
+        "events_per_run": round(events_per_run, 2) if events_per_run is not None else None,
+        "phase_paths": phase_paths,
+        "duplicate_llm_requests": duplicates,
+        "baseline_writes_per_s": baseline_writes_per_s,
+        "target_runs_per_s": round(target, 2) if target else None,
+        "meets_target": (runs_per_s >= target) if (runs_per_s and target) else None,
+    }
+
+
+def _stragglers(
+    timelines: dict[str, Timeline], runs: dict[str, str], latencies: list[float], limit: int = 10
+) -> list[dict[str, Any]]:
+    """Runs that took more than max(10 s, 5 × the median) or did not finish, with where they waited."""
+    median = percentile(latencies, 50) or 0.0
+    out: list[dict[str, Any]] = []
+    for name in runs:
+        timeline = timelines.get(name)
+        if timeline is None or not timeline.sightings:
+            out.append({"name": name, "latency_s": None, "phases": [], "longest_wait": None})
+            continue
+        final = timeline.first("FinalAnswer") or timeline.first("Failed")
+        first = timeline.sightings[0].t
+        latency = (final - first) if final is not None else None
+        if latency is not None and latency <= max(10.0, 5 * median):
+            continue
+        gaps = [
+            (b.t - a.t, a.phase) for a, b in zip(timeline.sightings, timeline.sightings[1:], strict=False)
+        ]
+        longest = max(gaps, default=(0.0, timeline.phase))
+        out.append(
+            {
+                "name": name,
+                "latency_s": round(latency, 2) if latency is not None else None,
+                "phases": timeline.phases(),
+                "longest_wait": {"phase": longest[1], "s": round(longest[0], 2)},
+            }
+        )
+    out.sort(key=lambda s: -(s["latency_s"] if s["latency_s"] is not None else math.inf))
+    return out[:limit] + ([{"more": len(out) - limit}] if len(out) > limit else [])
+
+
+def cpu_per_run(cpu_s: dict[str, float], runs: int) -> dict[str, float] | None:
+    """CPU milliseconds per completed run, by component (from the measured window)."""
+    if not cpu_s or not runs:
+        return None
+    return {
+        name: round(1000 * seconds / runs, 1)
+        for name, seconds in cpu_s.items()
+        if name not in ("machine", "others")
+    }
+
+
+def _events_per_run(kube: KubeClient, namespace: str, names: set[str]) -> float | None:
+    try:
+        events: Any = kube.list_events(namespace)  # (mypy mistakes client.py's "list" for its method)
+    except KubeAPIError:
+        return None
+    mine = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
+    return len(mine) / len(names) if names else None
+
+
+def _warm_up(kube: KubeClient, namespace: str, agent: str, count: int, deadline: float) -> None:
+    """A few runs through the whole loop first (connections, imports, first-request costs)."""
+    warm = {f"warmup-{i}": f"warm-up {namespace} #{i}" for i in range(count)}
+    create_runs(kube, namespace, warm, agent, threads=count)
+    end = min(deadline, time.monotonic() + 90)
+    while time.monotonic() < end:
+        items, _ = kube.list_raw("taskruns", namespace)
+        phases = [(i.get("status") or {}).get("phase") for i in items if i["metadata"]["name"] in warm]
+        if len(phases) == count and all(p in TERMINAL for p in phases):
+            return
+        time.sleep(0.2)
+    raise ScenarioTimeout(f"warm-up runs did not finish: {phases}")
+
+
+def hello(
+    ctx: BenchContext,
+    n: int,
+    workers: int = 1,
+    pool: str = "threads",
+    concurrency: int = 16,
+    scenario: str = "hello",
+    label: str | None = None,
+    timeout_s: float = 300,
+) -> list[dict[str, Any]]:
+    label = label or scenario
+    row = new_row(scenario, label, workers, pool, concurrency, n)
+    deadline = time.monotonic() + timeout_s * ctx.timeout_factor
+    kube = ctx.kube()
+    try:
+        namespace = create_namespace(kube, label)
+        row["figures"]["namespace"] = namespace
+        with row_stack(ctx, label, namespace, workers, pool, concurrency) as stack:
+            set_script(stack, {"default": {"content": "Hello from the scripted LLM."}})
+            create_agent(kube, namespace)
+            wait_agent_ready(kube, namespace, "bench-agent", deadline)
+            _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline)
+            runs = {f"run-{i:05d}": f"hello {label} {namespace} #{i}" for i in range(n)}
+            recorder = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
+            try:
+                api_before = api_request_totals(ctx.cp)
+                cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
+                ctx.progress(
+                    f"{label}: creating {n} TaskRuns at once ({workers} worker(s), {pool} × {concurrency})"
+                )
+                started, created = create_runs(kube, namespace, runs, "bench-agent")
+                ctx.progress(f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer")
+                done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
+                row["cpu_s"] = cpu.stop()
+                row["cpu_wall_s"] = round(cpu.wall_s, 2)
+                row["timed_out"] = not done
+                time.sleep(0.5)  # the last events of the last runs
+                row["figures"]["api_requests_per_run"] = requests_per_run(
+                    api_before, api_request_totals(ctx.cp), n, n
+                )
+            finally:
+                recorder.stop()
+            timelines = recorder.snapshot()
+            requests = llm_requests(stack)
+        events = _events_per_run(kube, namespace, set(runs))
+        row["figures"].update(
+            hello_figures(timelines, requests, runs, started, created, events, ctx.baseline_writes_per_s)
+        )
+        f = row["figures"]
+        f["cpu_ms_per_run"] = cpu_per_run(row["cpu_s"], f["completed"])
+        ctx.progress(f"{label}: {f['runs_per_s']} runs/s; ready→LLM p50 {f['ready_to_llm_ms']['p50']} ms")
+    finally:
+        kube.close()
+    return [row]
+
+
+def scale(
+    ctx: BenchContext, n: int, worker_counts: tuple[int, ...] = (1, 2, 4), timeout_s: float = 300
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for count in worker_counts:
+        try:
+            rows += hello(
+                ctx, n, workers=count, scenario="scale", label=f"scale-{count}w", timeout_s=timeout_s
+            )
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+            row = new_row("scale", f"scale-{count}w", count, "threads", 16, n)
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            ctx.progress(f"scale-{count}w failed: {row['error']}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# fanout: 50 parallel 1-second tool calls
+# --------------------------------------------------------------------------------------------------
+
+
+def fanout(
+    ctx: BenchContext,
+    tool_calls: int = 50,
+    tool_s: float = 1.0,
+    trials: int = 3,
+    concurrency: int = 64,
+    timeout_s: float = 240,
+) -> list[dict[str, Any]]:
+    row = new_row("fanout", "fanout", 1, "threads", concurrency, tool_calls)
+    deadline = time.monotonic() + timeout_s * ctx.timeout_factor
+    kube = ctx.kube()
+    sleeper = SleepServer(tool_s).start()
+    try:
+        namespace = create_namespace(kube, "fanout")
+        row["figures"]["namespace"] = namespace
+        tool = resource(
+            "Tool",
+            "sleep1",
+            {
+                "name": "sleep1",
+                "toolType": "externalAPI",
+                "description": f"Waits {tool_s:g} s and answers",
+                "parameters": {"type": "object", "properties": {"i": {"type": "integer"}}, "required": ["i"]},
+                "execute": {"externalAPI": {"url": sleeper.url, "method": "POST", "timeoutSeconds": 60}},
+            },
+        )
+        with row_stack(ctx, "fanout", namespace, 1, "threads", concurrency) as stack:
+            calls = [{"name": "sleep1", "arguments": {"i": i}} for i in range(tool_calls)]
+            set_script(
+                stack,
+                {
+                    "rules": [
+                        {
+                            "match": {"user_contains": "FANOUT"},
+                            "turns": [{"tool_calls": calls}, {"content": "fan-out done"}],
+                        }
+                    ],
+                    "default": {"content": "warm"},
+                },
+            )
+            create_agent(kube, namespace, tools=[tool])
+            wait_agent_ready(kube, namespace, "bench-agent", deadline, tools=1)
+            _warm_up(kube, namespace, "bench-agent", 2, deadline)
+            runs_rec = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
+            calls_rec = WatchRecorder(ctx.kubeconfig, "taskruntoolcalls", namespace).start()
+            cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
+            trial_figures: list[dict[str, Any]] = []
+            try:
+                for trial in range(trials):
+                    name = f"fanout-{trial}"
+                    message = f"FANOUT trial {trial} {namespace}"
+                    sleeper_before = len(sleeper.records)
+                    api_before = api_request_totals(ctx.cp)
+                    sleeper.max_in_flight = 0
+                    ctx.progress(
+                        f"fanout: trial {trial + 1}/{trials}: {tool_calls} tool calls × {tool_s:g} s"
+                    )
+                    started, _ = create_runs(kube, namespace, {name: message}, "bench-agent", threads=1)
+                    done = runs_rec.wait_for([name], TERMINAL, deadline, ctx.progress, "fanout: ")
+                    if not done:
+                        row["timed_out"] = True
+                        break
+                    time.sleep(0.5)  # let the last tool-call events arrive
+                    api = requests_per_run(api_before, api_request_totals(ctx.cp), 1, 1)
+                    trial_figures.append(
+                        _fanout_trial(
+                            runs_rec.snapshot()[name],
+                            {k: v for k, v in calls_rec.snapshot().items() if k.startswith(f"{name}-")},
+                            [r for r in llm_requests(stack) if r.get("first_user") == message],
+                            sleeper.records[sleeper_before:],
+                            sleeper.max_in_flight,
+                            started,
+                            tool_s,
+                        )
+                    )
+                    trial_figures[-1]["api_requests"] = api
+                    ctx.progress(
+                        f"fanout: trial {trial + 1}: ToolCallsPending→ReadyForLLM {trial_figures[-1]['wall_s']} s"
+                    )
+            finally:
+                row["cpu_s"] = cpu.stop()
+                row["cpu_wall_s"] = round(cpu.wall_s, 2)
+                runs_rec.stop()
+                calls_rec.stop()
+        row["figures"].update(_fanout_summary(trial_figures, tool_calls, tool_s))
+    finally:
+        sleeper.stop()
+        kube.close()
+    return [row]
+
+
+def _fanout_trial(
+    run: Timeline,
+    toolcalls: dict[str, Timeline],
+    requests: list[dict[str, Any]],
+    tool_requests: list[tuple[float, float]],
+    max_in_flight: int,
+    started: float,
+    tool_s: float,
+) -> dict[str, Any]:
+    pending = run.first("ToolCallsPending")
+    ready2 = run.first("ReadyForLLM", after=pending) if pending is not None else None
+    final = run.first("FinalAnswer")
+
+    def rel(t: float | None) -> float | None:
+        return round(t - pending, 3) if (t is not None and pending is not None) else None
+
+    created = [t.sightings[0].t for t in toolcalls.values() if t.sightings]
+    succeeded = [t.first("Succeeded") for t in toolcalls.values()]
+    succeeded_t = [t for t in succeeded if t is not None]
+    llm_s = sum(r["finished_at"] - r["received_at"] for r in requests if r.get("status_code") == 200)
+    whole = (final - started) if final is not None else None
+    return {
+        "wall_s": round(ready2 - pending, 3) if (ready2 is not None and pending is not None) else None,
+        "toolcalls_seen": len(toolcalls),
+        "toolcalls_succeeded": len(succeeded_t),
+        "tool_requests": len(tool_requests),
+        "last_toolcall_created_s": rel(max(created)) if created else None,
+        "first_tool_request_s": rel(min(a for a, _ in tool_requests)) if tool_requests else None,
+        "last_tool_request_s": rel(max(a for a, _ in tool_requests)) if tool_requests else None,
+        "last_tool_answer_s": rel(max(b for _, b in tool_requests)) if tool_requests else None,
+        "last_succeeded_seen_s": rel(max(succeeded_t)) if succeeded_t else None,
+        "fan_in_lag_s": round(ready2 - max(succeeded_t), 3) if (ready2 is not None and succeeded_t) else None,
+        "max_concurrent_tools": max_in_flight,
+        "max_concurrent_tools_log": max_overlap(tool_requests),
+        "llm_requests": len(requests),
+        "run_s": round(whole, 3) if whole is not None else None,
+        "llm_s": round(llm_s, 3),
+        "run_minus_llm_s": round(whole - llm_s, 3) if whole is not None else None,
+        "phase_path": ">".join(p or '""' for p in run.phases()),
+        "ideal_s": tool_s,
+    }
+
+
+def _fanout_summary(trials: list[dict[str, Any]], tool_calls: int, tool_s: float) -> dict[str, Any]:
+    if not trials:
+        return {"tool_calls": tool_calls, "tool_s": tool_s, "ideal_s": tool_s, "trials": []}
+    walls = [t["wall_s"] for t in trials if t["wall_s"] is not None]
+    median_trial = sorted(trials, key=lambda t: t["wall_s"] if t["wall_s"] is not None else math.inf)[
+        len(trials) // 2
+    ]
+    out = {k: v for k, v in median_trial.items() if k != "phase_path"}
+    out.update(
+        {
+            "tool_calls": tool_calls,
+            "tool_s": tool_s,
+            "ideal_s": tool_s,
+            "trials_wall_s": walls,
+            "overhead_s": round(median_trial["wall_s"] - tool_s, 3)
+            if median_trial["wall_s"] is not None
+            else None,
+            "trials": trials,
+        }
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# inflight: 1,000 runs with a 2 s LLM
+# --------------------------------------------------------------------------------------------------
+
+
+def inflight(
+    ctx: BenchContext,
+    n: int,
+    llm_s: float = 2.0,
+    workers: int = 2,
+    concurrency: int | None = None,
+    timeout_s: float = 900,
+) -> list[dict[str, Any]]:
+    concurrency = concurrency or max(16, math.ceil(n / workers))
+    row = new_row("inflight", "inflight", workers, "threads", concurrency, n)
+    deadline = time.monotonic() + timeout_s * ctx.timeout_factor
+    kube = ctx.kube()
+    try:
+        namespace = create_namespace(kube, "inflight")
+        row["figures"]["namespace"] = namespace
+        with row_stack(ctx, "inflight", namespace, workers, "threads", concurrency) as stack:
+            set_script(stack, {"default": {"content": "warm"}})
+            create_agent(kube, namespace)
+            wait_agent_ready(kube, namespace, "bench-agent", deadline)
+            _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline)
+            set_script(stack, {"default": {"content": "Slow hello."}, "latency_s": llm_s})
+            runs = {f"run-{i:05d}": f"inflight {namespace} #{i}" for i in range(n)}
+            rss = RssSampler(worker_pids(stack), 0.2).start()
+            recorder = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
+            try:
+                time.sleep(0.5)  # a few idle RSS samples
+                api_before = api_request_totals(ctx.cp)
+                cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
+                ctx.progress(
+                    f"inflight: creating {n} TaskRuns ({llm_s:g} s LLM; {workers} × {concurrency} threads)"
+                )
+                started, created = create_runs(kube, namespace, runs, "bench-agent")
+                ctx.progress(f"inflight: {n} created in {created - started:.1f} s; waiting for FinalAnswer")
+                done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, "inflight: ")
+                row["cpu_s"] = cpu.stop()
+                row["cpu_wall_s"] = round(cpu.wall_s, 2)
+                row["timed_out"] = not done
+                time.sleep(0.5)
+                api_per_run = requests_per_run(api_before, api_request_totals(ctx.cp), n, n)
+            finally:
+                recorder.stop()
+                rss.stop()
+            timelines = recorder.snapshot()
+            requests = [
+                r for r in llm_requests(stack) if str(r.get("first_user") or "").startswith("inflight ")
+            ]
+        base = hello_figures(timelines, requests, runs, started, created, None, ctx.baseline_writes_per_s)
+        writes_per_run = base.get("writes_per_run")
+        floor = (
+            (n * writes_per_run / ctx.baseline_writes_per_s)
+            if (writes_per_run and ctx.baseline_writes_per_s)
+            else None
+        )
+        ok = [r for r in requests if r.get("status_code") == 200]
+        idle = rss.first_kib
+        row["figures"].update(
+            {
+                "completed": base["completed"],
+                "failed": base["failed"],
+                "llm_s": llm_s,
+                "ideal_s": llm_s,
+                "create_s": base["create_s"],
+                "wall_s": base["wall_s"],
+                "wall_99_s": base["wall_99_s"],
+                "wall_over_ideal": round(base["wall_s"] / llm_s, 1) if base["wall_s"] else None,
+                "stragglers": base["stragglers"],
+                "runs_per_s": base["runs_per_s"],
+                "run_latency_s": base["run_latency_s"],
+                "ready_to_llm_ms": base["ready_to_llm_ms"],
+                "answer_to_next_ms": base["answer_to_next_ms"],
+                "writes_per_run": writes_per_run,
+                "write_floor_s": round(floor, 2) if floor else None,
+                "max_concurrent_llm": max_overlap((r["received_at"], r["finished_at"]) for r in ok),
+                "last_llm_request_s": round(max(r["received_at"] for r in ok) - started, 2) if ok else None,
+                "llm_requests": len(requests),
+                "duplicate_llm_requests": base["duplicate_llm_requests"],
+                "rss_idle_mib": round(idle / 1024, 1),
+                "rss_peak_mib": round(rss.peak_kib / 1024, 1),
+                "rss_per_run_kib": round((rss.peak_kib - idle) / n, 1) if n else None,
+                "rss_peak_per_process_mib": {
+                    str(pid): round(kib / 1024, 1) for pid, kib in rss.peak_per_pid.items()
+                },
+                "rss_samples": len(rss.samples),
+                "phase_paths": base["phase_paths"],
+                "api_requests_per_run": api_per_run,
+            }
+        )
+        f = row["figures"]
+        f["cpu_ms_per_run"] = cpu_per_run(row["cpu_s"], f["completed"])
+        ctx.progress(
+            f"inflight: {f['completed']}/{n} in {f['wall_s']} s; peak worker RSS {f['rss_peak_mib']} MiB"
+        )
+    finally:
+        kube.close()
+    return [row]

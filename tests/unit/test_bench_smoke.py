@@ -1,0 +1,280 @@
+"""The benchmark's pure parts: statistics, figure derivation and the report (not the scenarios)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import bench.run as bench_run
+from bench.observe import Sighting, Timeline, parse_request_totals, requests_per_run
+from bench.scenarios import hello_figures
+
+
+def test_percentile_interpolates_linearly_like_numpy() -> None:
+    assert bench_run.percentile([1, 2, 3, 4], 50) == 2.5
+    assert bench_run.percentile([4, 1, 3, 2], 0) == 1
+    assert bench_run.percentile([4, 1, 3, 2], 100) == 4
+    assert bench_run.percentile(range(1, 101), 95) == pytest.approx(95.05)
+    assert bench_run.percentile(range(1, 101), 99) == pytest.approx(99.01)
+    assert bench_run.percentile([7.5], 99) == 7.5
+    assert bench_run.percentile([], 50) is None
+    with pytest.raises(ValueError):
+        bench_run.percentile([1, 2], 101)
+
+
+def test_summarize_scales_and_rounds() -> None:
+    stats = bench_run.summarize([0.010, 0.020, 0.030, None], scale=1000.0)
+    assert stats == {"n": 3, "mean": 20.0, "min": 10.0, "p50": 20.0, "p95": 29.0, "p99": 29.8, "max": 30.0}
+    assert bench_run.summarize([])["p50"] is None
+
+
+def test_max_overlap_and_write_target() -> None:
+    assert (
+        bench_run.max_overlap([(0, 2), (1, 3), (2, 4), (5, 6)]) == 2
+    )  # an end and a start at t=2 don't overlap
+    assert bench_run.max_overlap([]) == 0
+    assert bench_run.write_target(400.0, 4.0) == 50.0
+    assert bench_run.write_target(None, 4.0) is None
+
+
+def test_parse_args_sizes_and_validation() -> None:
+    full = bench_run.parse_args([])
+    assert full.scenario_list == list(bench_run.SCENARIOS)
+    assert (full.hello_runs, full.inflight_runs, full.baseline_writes) == (200, 1000, 3000)
+    quick = bench_run.parse_args(["--quick", "--scenarios", "scale,hello", "--env", "KUBECHAIN_KUBE_QPS=500"])
+    assert quick.scenario_list == ["hello", "scale"]  # always in the canonical order
+    assert (quick.hello_runs, quick.inflight_runs) == (30, 100)
+    assert quick.extra_env == {"KUBECHAIN_KUBE_QPS": "500"}
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--scenarios", "nope"])
+
+
+def _timeline(name: str, *points: tuple[float, str, str], claimed_at: str | None = None) -> Timeline:
+    sightings = [Sighting(t, rv, phase, "MODIFIED") for t, rv, phase in points]
+    for s in sightings:
+        if s.phase == "SendContextWindowToLLM":
+            s.claimed_at = claimed_at
+    return Timeline(name, sightings)
+
+
+def test_hello_figures_from_watch_and_llm_log() -> None:
+    # 1970-01-01T00:01:40.250Z = 100.25 s
+    timelines = {
+        "run-0": _timeline(
+            "run-0",
+            (100.0, "1", ""),
+            (100.1, "2", "ReadyForLLM"),
+            (100.3, "3", "SendContextWindowToLLM"),
+            (100.6, "4", "FinalAnswer"),
+            claimed_at="1970-01-01T00:01:40.250000Z",
+        ),
+        "run-1": _timeline(
+            "run-1",
+            (100.0, "5", ""),
+            (100.2, "6", "ReadyForLLM"),
+            (100.5, "7", "SendContextWindowToLLM"),
+            (101.0, "8", "FinalAnswer"),
+        ),
+    }
+    requests = [
+        {"first_user": "m0", "turn": 0, "status_code": 200, "received_at": 100.4, "finished_at": 100.5},
+        {"first_user": "m1", "turn": 0, "status_code": 200, "received_at": 100.6, "finished_at": 100.8},
+    ]
+    f = hello_figures(timelines, requests, {"run-0": "m0", "run-1": "m1"}, 100.0, 100.05, 3.0, 400.0)
+    assert f["completed"] == 2 and f["failed"] == 0
+    assert f["wall_s"] == 1.0 and f["runs_per_s"] == 2.0
+    assert f["ready_to_llm_ms"]["n"] == 2 and f["ready_to_llm_ms"]["p50"] == pytest.approx(350.0)
+    assert f["answer_to_next_ms"]["max"] == pytest.approx(200.0)
+    assert f["ready_to_claim_ms"]["n"] == 1 and f["ready_to_claim_ms"]["p50"] == pytest.approx(150.0)
+    assert f["claim_to_llm_ms"]["p50"] == pytest.approx(150.0)
+    assert f["writes_per_run"] == 4.0
+    assert f["target_runs_per_s"] == 50.0 and f["meets_target"] is False
+    assert f["phase_paths"] == {'"">ReadyForLLM>SendContextWindowToLLM>FinalAnswer': 2}
+    assert f["wall_99_s"] == 1.0 and f["stragglers"] == []
+
+
+def test_hello_figures_name_the_stragglers() -> None:
+    timelines = {
+        f"run-{i}": _timeline(
+            f"run-{i}",
+            (0.0, f"{i}a", ""),
+            (0.1, f"{i}b", "ReadyForLLM"),
+            (0.2, f"{i}c", "SendContextWindowToLLM"),
+            (0.5, f"{i}d", "FinalAnswer"),
+        )
+        for i in range(9)
+    }
+    timelines["slow"] = _timeline(
+        "slow",
+        (0.0, "s1", ""),
+        (0.1, "s2", "ReadyForLLM"),
+        (0.2, "s3", "SendContextWindowToLLM"),
+        (190.2, "s4", "FinalAnswer"),
+    )
+    runs = {name: name for name in timelines} | {"lost": "lost"}
+    f = hello_figures(timelines, [], runs, 0.0, 0.1, None, None)
+    assert f["completed"] == 10 and f["wall_s"] == 190.2
+    assert f["wall_99_s"] is None  # 11 runs: 99 % needs all 11, and one never showed up
+    lost, slow = f["stragglers"]  # unfinished runs first
+    assert lost == {"name": "lost", "latency_s": None, "phases": [], "longest_wait": None}
+    assert slow["name"] == "slow" and slow["latency_s"] == 190.2
+    assert slow["longest_wait"] == {"phase": "SendContextWindowToLLM", "s": 190.0}
+
+
+def test_apiserver_request_counters() -> None:
+    metrics = "\n".join(
+        [
+            "# HELP apiserver_request_total ...",
+            'apiserver_request_total{code="200",component="apiserver",resource="taskruns",subresource="status",verb="PATCH"} 12',
+            'apiserver_request_total{code="409",component="apiserver",resource="taskruns",subresource="status",verb="PATCH"} 2',
+            'apiserver_request_total{code="201",component="apiserver",resource="taskruns",subresource="",verb="POST"} 4',
+            'apiserver_request_total{code="200",component="apiserver",resource="taskruns",subresource="",verb="WATCH"} 1',
+            'apiserver_request_total{code="200",component="",resource="",subresource="/readyz",verb="GET"} 9',
+        ]
+    )
+    after = parse_request_totals(metrics)
+    assert after["PATCH taskruns/status"] == 12 and after["PATCH taskruns/status 409"] == 2
+    per_run = requests_per_run(parse_request_totals(""), after, runs=2, bench_creates=2)
+    assert per_run is not None
+    assert per_run["by_request"] == {
+        "PATCH taskruns/status": 6.0,
+        "PATCH taskruns/status 409": 1.0,
+        "POST taskruns": 1.0,
+    }
+    assert per_run["total"] == 8.0 and per_run["conflicts_409"] == 1.0
+    assert per_run["errors"] == {"PATCH taskruns/status 409": 2}
+
+
+FIXED_RESULT: dict[str, Any] = {
+    "command": ".venv/bin/python -m bench.run --quick",
+    "machine": {"nproc": 2, "cpu_model": "AMD EPYC", "ram_gib": 23.5, "kernel": "6.1", "python": "3.11.7"},
+    "versions": {
+        "kubechain": "0.1.0",
+        "kube-apiserver": "v1.33.13",
+        "etcd": "v3.5.21",
+        "celery": "5.7.0",
+        "redis-server": "7.0.15",
+    },
+    "rows": [
+        {
+            "scenario": "baseline",
+            "label": "baseline",
+            "concurrency": 16,
+            "n": 600,
+            "cpu_s": {"kube-apiserver": 1.4, "bench": 0.7},
+            "cpu_wall_s": 1.4,
+            "figures": {
+                "writes_per_s": 427.6,
+                "writes": 600,
+                "threads": 16,
+                "wall_s": 1.4,
+                "latency_ms": {"p50": 30.7, "p95": 77.3, "p99": 103.7},
+            },
+        },
+        {
+            "scenario": "hello",
+            "label": "hello",
+            "workers": 1,
+            "pool": "threads",
+            "concurrency": 16,
+            "n": 30,
+            "figures": {
+                "runs_per_s": 18.61,
+                "completed": 30,
+                "wall_s": 1.61,
+                "ready_to_llm_ms": {"p50": 440.4, "p95": 772.6, "p99": 825.4},
+                "answer_to_next_ms": {"p50": 85.4, "p95": 195.4, "p99": 198.3},
+                "writes_per_run": 4.0,
+                "events_per_run": 3.0,
+                "api_requests_per_run": {"total": 9.1},
+                "target_runs_per_s": 53.45,
+                "meets_target": False,
+            },
+        },
+        {
+            "scenario": "fanout",
+            "label": "fanout",
+            "workers": 1,
+            "pool": "threads",
+            "concurrency": 64,
+            "n": 50,
+            "figures": {
+                "wall_s": 8.91,
+                "ideal_s": 1.0,
+                "tool_calls": 50,
+                "tool_s": 1.0,
+                "trials_wall_s": [8.91],
+                "max_concurrent_tools": 25,
+            },
+        },
+        {
+            "scenario": "inflight",
+            "label": "inflight",
+            "workers": 2,
+            "pool": "threads",
+            "concurrency": 50,
+            "n": 100,
+            "timed_out": True,
+            "figures": {
+                "wall_s": 5.15,
+                "ideal_s": 2.0,
+                "rss_peak_mib": 314.7,
+                "completed": 99,
+                "failed": 1,
+                "max_concurrent_llm": 97,
+                "stragglers": [
+                    {
+                        "name": "run-00268",
+                        "latency_s": 200.1,
+                        "longest_wait": {"phase": "SendContextWindowToLLM", "s": 189.6},
+                    }
+                ],
+                "api_requests_per_run": {
+                    "total": 10.3,
+                    "errors": {"PATCH taskruns/status 504": 1, "POST taskruns 409": 3},
+                },
+            },
+        },
+        {
+            "scenario": "scale",
+            "label": "scale-2w",
+            "workers": 2,
+            "pool": "threads",
+            "concurrency": 16,
+            "n": 30,
+            "figures": {"runs_per_s": 7.3, "target_runs_per_s": 5.0, "meets_target": True},
+        },
+        {"scenario": "scale", "label": "scale-4w", "figures": {}, "error": "RuntimeError: worker exited"},
+    ],
+}
+
+
+def test_render_table_from_a_fixed_result() -> None:
+    text = bench_run.render_table(json.loads(json.dumps(FIXED_RESULT)))
+    lines = text.splitlines()
+    assert lines[0].startswith("machine: 2 CPU × AMD EPYC, 23.5 GiB RAM")
+    assert "kube-apiserver v1.33.13" in lines[0] and "redis-server 7.0.15" in lines[0]
+    assert lines[1] == "command: .venv/bin/python -m bench.run --quick"
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].split("|")[1].strip() == "scenario"
+    body = "\n".join(table)
+    assert "428 writes/s" in body
+    assert "18.6 runs/s" in body and "target ≥ 53.5 runs/s: MISSED" in body and "API requests/run 9.1" in body
+    assert "8.91 s (ideal 1.0 s)" in body and "max concurrent tools 25" in body
+    assert "peak RSS 315 MiB" in body and "TIMED OUT" in body and "1 FAILED" in body
+    assert "1 straggler(s), worst 200 s (waited 190 s in SendContextWindowToLLM)" in body
+    assert "API errors PATCH taskruns/status 504 ×1" in body and "POST taskruns 409" not in body
+    assert "target ≥ 5.0 runs/s: met" in body
+    assert "ERROR" in body and "worker exited" in body
+    # the CPU table only lists rows that measured CPU
+    cpu_header = next(i for i, line in enumerate(lines) if line.startswith("CPU seconds"))
+    cpu_rows = [line for line in lines[cpu_header:] if line.startswith("| ") and not line.startswith("| row")]
+    assert len(cpu_rows) == 1 and "1.4 (100%)" in cpu_rows[0]
+
+
+def test_render_table_tolerates_an_empty_result() -> None:
+    text = bench_run.render_table({})
+    assert text.startswith("machine: - CPU × ?")
+    assert "| scenario |" in text
