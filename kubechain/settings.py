@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
     kube_context: str | None = None
     namespaces: list[str] = Field(default_factory=list, description="watched namespaces; empty = all")
-    kube_qps: float = 200.0
-    kube_burst: int = 400
+    # A per-process budget; the API server's own priority and fairness protects it from many processes.
+    kube_qps: float = 1000.0
+    kube_burst: int = 2000
     kube_timeout_s: float = 30.0
 
     # Celery / Redis

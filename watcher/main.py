@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubechain.kube.client import KubeClient
-from kubechain.models import KINDS
+from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
 from kubechain.observability.metrics import (
     ENQUEUED,
     IS_LEADER,
@@ -27,7 +27,14 @@ from kubechain.observability.metrics import (
 from kubechain.observability.tracing import run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
-from kubechain.statemachines.routing import VALIDATED_KINDS, Work, dependents, readiness, work_for
+from kubechain.statemachines.routing import (
+    VALIDATED_KINDS,
+    Work,
+    dependents,
+    is_terminal,
+    readiness,
+    work_for,
+)
 from watcher.informer import Informer, Key
 from watcher.leader import LeaderElector
 
@@ -104,6 +111,10 @@ class Watcher:
         works: list[Work] = []
         if event_type != "DELETED":
             works = work_for(kind, obj, now, self.settings.claim_timeout_s)
+            if kind == "TaskRunToolCall" and works and not self._all_siblings_finished(obj):
+                # Fan-in: only the last of a turn's tool calls to finish prompts the parent; resync
+                # covers a hint lost on the way.
+                works = [work for work in works if work.kind != "TaskRun"]
         if kind in VALIDATED_KINDS:
             after = None if event_type == "DELETED" else obj
             if readiness(kind, after) != readiness(kind, previous):
@@ -111,6 +122,22 @@ class Watcher:
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in works:
             self._submit(work, rv)
+
+    def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        request = labels.get(LABEL_TOOLCALLREQUEST)
+        namespace = (obj.get("metadata") or {}).get("namespace")
+        if not request:
+            return True
+        for informer in self.informers:
+            if informer.kind != "TaskRunToolCall":
+                continue
+            for (ns, _), sibling in informer.snapshot().items():
+                sibling_labels = (sibling.get("metadata") or {}).get("labels") or {}
+                if ns == namespace and sibling_labels.get(LABEL_TOOLCALLREQUEST) == request:
+                    if not is_terminal("TaskRunToolCall", sibling):
+                        return False
+        return True
 
     def _submit(self, work: Work, rv: str, *, resync: bool = False) -> None:
         key = (work.task.value, work.kind, work.namespace, work.name)
@@ -249,8 +276,12 @@ class Watcher:
         self.stop_event.set()
         if self.elector is not None:
             self.elector.stop()
+        # Watch threads block in reads; closing the client ends them. All threads are daemons: one
+        # overall deadline, not one per thread.
+        self.kube.close()
+        deadline = time.monotonic() + 3.0
         for thread in self._threads:
-            thread.join(timeout=2)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def run_forever(self) -> None:
         self.start()

@@ -121,5 +121,7 @@ def _start_metrics(**_: Any) -> None:
 @signals.worker_shutdown.connect
 def _shutdown(**_: Any) -> None:
     ctx = _context
-    if ctx is not None and ctx.mcp is not None:
-        ctx.mcp.close()
+    if ctx is not None:
+        ctx.events.flush()
+        if ctx.mcp is not None:
+            ctx.mcp.close()

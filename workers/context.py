@@ -50,6 +50,7 @@ class WorkerContext:
         s = self.settings
         return LoopLimits(
             claim_timeout_s=s.claim_timeout_s,
+            child_creation_grace_s=min(10.0, s.claim_timeout_s / 2),
             max_attempts=s.llm_max_attempts,
             backoff_base_s=s.llm_backoff_base_s,
             backoff_max_s=s.llm_backoff_max_s,
@@ -65,7 +66,7 @@ def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
     return WorkerContext(
         settings=settings,
         kube=kube,
-        events=EventRecorder(kube, "kubechain-worker", settings.identity),
+        events=EventRecorder(kube, "kubechain-worker", settings.identity, background=True),
         llms=LLMClientFactory(
             settings.llm_timeout_s,
             default_base_urls={"openai": settings.openai_base_url} if settings.openai_base_url else None,

@@ -22,7 +22,7 @@ from kubechain.statemachines.taskrun import (
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
-from workers.transitions import apply_transition, record_while_claimed, retry_on_conflict
+from workers.transitions import apply_claim, apply_transition, record_while_claimed, retry_on_conflict
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,11 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     except RunConfigError as problem:
         apply_transition(ctx, run, plan_config_error(run, str(problem), problem.reason, now))
         return
-    claimed = apply_transition(ctx, run, claim.transition)  # Conflict: another worker claimed first
-    claimed_at = claimed.status.claimed_at or ""
+    claimed_at = str(claim.transition.status["claimedAt"])
+    # Conflict: another worker claimed first.
+    claimed = apply_claim(
+        ctx, run, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
+    )
     request = build_request(llm, list(claimed.status.context_window or []), tools)
     started = time.perf_counter()
     try:

@@ -44,7 +44,13 @@ from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
 from workers import approvals
 from workers.context import WorkerContext
-from workers.transitions import apply_transition, create_children, record_while_claimed, retry_on_conflict
+from workers.transitions import (
+    apply_claim,
+    apply_transition,
+    create_children,
+    record_while_claimed,
+    retry_on_conflict,
+)
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -255,8 +261,10 @@ def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
             ),
         )
         return
-    claimed = apply_transition(ctx, toolcall, claim.transition)
-    claimed_at = claimed.status.claimed_at or ""
+    claimed_at = str(claim.transition.status["claimedAt"])
+    claimed = apply_claim(
+        ctx, toolcall, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
+    )
     started = time.perf_counter()
     with span(
         f"ToolCall {toolcall.spec.tool_ref.name}", None, **{"kubechain.toolcall": toolcall.name}

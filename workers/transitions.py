@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from kubechain.kube.errors import AlreadyExists, Conflict, NotFound
+from kubechain.kube.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from kubechain.models import Resource
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
@@ -41,14 +42,24 @@ def apply_transition(ctx: WorkerContext, obj: R, transition: Transition) -> R:
 def create_children(
     ctx: WorkerContext, parent: Resource[Any, Any], children: Sequence[Resource[Any, Any]]
 ) -> None:
-    """Create children by their deterministic names; AlreadyExists means a previous attempt did it."""
-    for child in children:
+    """Create children by their deterministic names (concurrently: a turn may ask for dozens of tool
+    calls); AlreadyExists means a previous attempt did it."""
+
+    def create(child: Resource[Any, Any]) -> None:
         try:
             ctx.kube.create(child)
         except AlreadyExists:
-            continue
+            return
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
         ctx.events.emit(parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=child.name)
+
+    if len(children) <= 2:
+        for child in children:
+            create(child)
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
+        for future in [pool.submit(create, child) for child in children]:
+            future.result()
 
 
 def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
@@ -60,6 +71,20 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
             continue
     log.warning("gave up after %d conflicting writes; the next event or resync will retry", attempts)
     return None
+
+
+def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
+    """Write a claim. A write whose outcome is unknown (timeout, 5xx after the server applied it) is
+    resolved by reading back: if the claim we wrote is there, it is ours and we go on, rather than
+    leaving the step stranded until the claim expires."""
+    try:
+        return apply_transition(ctx, obj, transition)
+    except Unavailable:
+        current = ctx.kube.get(type(obj), obj.namespace, obj.name)
+        if still_ours(current):
+            log.info("claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name)
+            return current
+        raise
 
 
 def record_while_claimed(

@@ -49,6 +49,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         llm="real" if real_llm else "scripted",
         resync_interval_s=15.0,
         stale_after_s=15.0,
+        supervise=True,
     )
     stack = LocalStack(options, progress=say)
     stop = threading.Event()
@@ -66,12 +67,6 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         click.echo(f"    export KUBECONFIG={stack.kubeconfig}\n")
         click.echo("Press Ctrl-C to stop.\n")
         while not stop.is_set():
-            for name, process in list(stack.workers.items()) + list(stack.watchers.items()):
-                if not process.running():
-                    say(
-                        f"{name} exited (code {process.returncode()}); restarting. Last lines:\n{process.tail(10)}"
-                    )
-                    (stack.start_worker if name.startswith("worker") else stack.start_watcher)(name)
             stop.wait(1.0)
     except KeyboardInterrupt:
         pass

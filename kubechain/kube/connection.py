@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+
+AUTH_REFRESH_S = 30.0
 
 
 @dataclass
@@ -16,9 +19,19 @@ class ClusterConnection:
     verify: str | bool
     cert: tuple[str, str] | None
     _configuration: Any = None
+    _cached: tuple[float, dict[str, str]] | None = None
 
     def auth_headers(self) -> dict[str, str]:
-        """Authorization header; re-read each time so refreshed exec/OIDC tokens are picked up."""
+        """The Authorization header, re-derived every 30 s so refreshed exec/OIDC/projected tokens are
+        picked up without paying for the refresh on every request."""
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < AUTH_REFRESH_S:
+            return self._cached[1]
+        headers = self._derive_headers()
+        self._cached = (now, headers)
+        return headers
+
+    def _derive_headers(self) -> dict[str, str]:
         cfg = self._configuration
         if cfg is None:
             return {}

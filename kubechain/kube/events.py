@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -23,12 +26,44 @@ def event_name(object_name: str, uid: str, reason: str, key: str) -> str:
 
 
 class EventRecorder:
-    """Posts Events about KubeChain objects. Best effort: a failure is logged, never raised."""
+    """Posts Events about KubeChain objects. Best effort: a failure is logged, never raised.
 
-    def __init__(self, client: KubeClient, controller: str, instance: str) -> None:
+    With ``background=True`` Events are posted by a sender thread, off the critical path of the
+    transition they describe (their names are deterministic, so order of posting does not matter)."""
+
+    def __init__(
+        self, client: KubeClient, controller: str, instance: str, *, background: bool = False
+    ) -> None:
         self._client = client
         self.controller = controller
         self.instance = instance
+        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=10_000)
+            threading.Thread(target=self._send_loop, name="events", daemon=True).start()
+
+    def _send_loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._post(*item)
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until queued Events are posted, e.g. before a process exits."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue is not None and not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _post(self, namespace: str, body: dict[str, Any]) -> None:
+        try:
+            self._client.create_event(namespace, body)
+        except AlreadyExists:
+            pass
+        except KubeAPIError as exc:
+            reason = body.get("reason")
+            log.warning("could not record event %s on %s: %s", reason, body["involvedObject"]["name"], exc)
 
     def emit(
         self,
@@ -70,9 +105,10 @@ class EventRecorder:
             "reportingComponent": self.controller,
             "reportingInstance": self.instance[:128],
         }
-        try:
-            self._client.create_event(obj.namespace, body)
-        except AlreadyExists:
-            pass
-        except KubeAPIError as exc:
-            log.warning("could not record event %s on %s/%s: %s", reason, obj.KIND, obj.name, exc)
+        if self._queue is not None:
+            try:
+                self._queue.put_nowait((obj.namespace, body))
+                return
+            except queue.Full:
+                pass  # overloaded: post inline rather than drop
+        self._post(obj.namespace, body)

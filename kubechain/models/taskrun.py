@@ -73,6 +73,9 @@ class TaskRunStatus(KubeModel):
     next_attempt_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     turns: int | None = None
     token_usage: TokenUsage | None = None
+    # When the current batch of tool calls was requested: children still missing after a grace period
+    # (their creator died) are created by the fan-in check.
+    tool_calls_pending_since: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
 
 
 class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):

@@ -54,6 +54,8 @@ TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
 @dataclass(frozen=True)
 class LoopLimits:
     claim_timeout_s: float = 180.0
+    # How long the fan-in check leaves missing tool calls to the worker that is creating them.
+    child_creation_grace_s: float = 10.0
     max_attempts: int = 5
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
@@ -306,6 +308,7 @@ def plan_llm_answer(
             "output": "",
             "error": None,
             "toolCallRequestId": req_id,
+            "toolCallsPendingSince": precise_timestamp(now),
             "contextWindow": _wire_window(window),
             "messageCount": len(window),
             "turns": turn + 1,
@@ -454,6 +457,9 @@ def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, l
     by_name = {toolcall.name: toolcall for toolcall in toolcalls}
     missing = [child for child in expected if child.name not in by_name]
     if missing:
+        since = parse_timestamp(run.status.tool_calls_pending_since)
+        if since is not None and (now - since).total_seconds() < limits.child_creation_grace_s:
+            return FanIn([], None)  # the worker that made the turn is still creating them
         return FanIn(missing, None)
     done = [by_name[child.name] for child in expected]
     if not all(toolcall.is_terminal() for toolcall in done):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class StackOptions:
     stale_after_s: float = 5.0
     claim_timeout_s: float = 180.0
     log_level: str = "INFO"
+    # Restart watcher/worker processes that exit, as a Deployment's restart policy would.
+    supervise: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -66,6 +69,8 @@ class LocalStack:
         self.watchers: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}
         self.metrics_ports: dict[str, int] = {}  # process name -> its /metrics port
+        self.restarts: dict[str, int] = {}
+        self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -97,9 +102,24 @@ class LocalStack:
             self.start_watcher(f"watcher-{index}")
         for index in range(self.options.workers):
             self.start_worker(f"worker-{index}")
+        if self.options.supervise:
+            threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
 
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            for group, start in ((self.workers, self.start_worker), (self.watchers, self.start_watcher)):
+                for name, process in list(group.items()):
+                    if self._stopping.is_set() or process.running() or group.get(name) is not process:
+                        continue
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    self.progress(
+                        f"{name} exited (code {process.returncode()}); restarting. Last lines:\n{process.tail(8)}"
+                    )
+                    start(name)
+
     def stop(self) -> None:
+        self._stopping.set()
         for process in [*self.workers.values(), *self.watchers.values()]:
             process.stop(timeout=15)
         if self.llm_process:

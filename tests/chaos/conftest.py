@@ -30,6 +30,7 @@ def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
         resync_interval_s=1.0,
         stale_after_s=1.0,
         claim_timeout_s=CLAIM_TIMEOUT_S,
+        supervise=overrides.pop("supervise", False),
         extra_env={"KUBECHAIN_LEASE_DURATION_S": "4", **overrides.pop("env", {})},
     )
     with exclusive_stack(options) as stack:

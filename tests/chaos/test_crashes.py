@@ -111,6 +111,7 @@ def test_worker_killed_mid_tool_call(
         api.server.shutdown()
 
 
+@pytest.mark.stack(supervise=True)  # a worker may die on the reset (kombu); its Deployment restarts it
 def test_redis_loses_every_queued_message(
     chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
 ) -> None:

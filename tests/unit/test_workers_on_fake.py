@@ -236,3 +236,36 @@ def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly()
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert status["phase"] == "Failed"
     assert "over the 250000-byte limit" in status["error"]
+
+
+def test_a_claim_write_that_timed_out_but_was_applied_is_ours() -> None:
+    from kubechain.kube.errors import Unavailable
+
+    class FlakyKube(FakeKubeClient):
+        """Applies the first claim PATCH, then answers 504 as an overloaded API server may."""
+
+        failed = False
+
+        def request(self, method: str, path: str, **kwargs: object) -> dict:  # type: ignore[override]
+            result = super().request(method, path, **kwargs)  # type: ignore[arg-type]
+            body = kwargs.get("body")
+            if (
+                method == "PATCH"
+                and not self.failed
+                and isinstance(body, dict)
+                and "claimedBy" in body.get("status", {})
+            ):
+                self.failed = True
+                raise Unavailable(504, "Timeout", "Handler timeout")
+            return result
+
+    kube = FlakyKube()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert kube.failed
+    assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"
+    assert len(llm.requests) == 1
