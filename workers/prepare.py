@@ -50,7 +50,13 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
     agent_name = (
         run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else None)
     )
-    agent = get_or_none(ctx, Agent, run.namespace, agent_name) if agent_name else None
+    agent = None
+    if agent_name:
+        # A Ready agent read a moment ago is good enough; anything else is read fresh, so a run never
+        # waits on a stale "not ready".
+        agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
+        if agent is None or not agent.status.ready:
+            agent = get_or_none(ctx, Agent, run.namespace, agent_name)
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock())
     if transition is not None:
         apply_transition(ctx, run, transition)
