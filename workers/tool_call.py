@@ -105,7 +105,7 @@ class Executor:
     def _resolve(self) -> None:
         ns = self.toolcall.namespace
         if self.target.kind == "mcp":
-            self.server = get_or_none(self.ctx, MCPServer, ns, self.target.name)
+            self.server = get_or_none(self.ctx, MCPServer, ns, self.target.name, cached=True)
             if self.server is None:
                 self.problem = (
                     f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
@@ -183,7 +183,7 @@ class Executor:
 
 def find_tool(ctx: WorkerContext, namespace: str, function_name: str) -> Tool | None:
     """A Tool by metadata.name, else by spec.name (the original only matched when both were equal)."""
-    tool = get_or_none(ctx, Tool, namespace, function_name)
+    tool = get_or_none(ctx, Tool, namespace, function_name, cached=True)
     if tool is not None:
         return tool
     for candidate in ctx.kube.list(Tool, namespace):

@@ -259,3 +259,49 @@ def test_hundred_runs_with_a_worker_killed_midway(
     repeated = {run for run, count in per_run.items() if count > 1}
     assert all(count <= 2 for count in per_run.values()), "a turn is repeated at most once"
     assert len(repeated) <= len(interrupted), "only calls cut off by the crash were repeated"
+
+
+def test_deleting_the_task_mid_tool_call_stops_its_run(
+    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str
+) -> None:
+    api = SlowAPI(3.0)
+    try:
+        question = f"delete my task {namespace}"
+        chaos_llm.add_rule(
+            question, [{"tool_calls": [{"name": "work", "arguments": {"x": 1}}]}, {"content": "never"}]
+        )
+        tool = resource(
+            "Tool",
+            "work",
+            {"name": "work", "toolType": "externalAPI", "execute": {"externalAPI": {"url": api.url}}},
+        )
+        setup_agent(kubectl, namespace, [tool])
+        apply(kubectl, namespace, resource("Task", "t", {"agentRef": {"name": "agent"}, "message": question}))
+
+        def running_call() -> bool:
+            calls = json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)[
+                "items"
+            ]
+            return any(c.get("status", {}).get("phase") == "Running" for c in calls)
+
+        wait_for(running_call, 60, what="the tool call to run")
+        owner = get(kubectl, namespace, "taskrun", "t-1")["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "Task" and owner["name"] == "t"
+        kubectl("delete", "task", "t", "--wait=false", namespace=namespace)
+        # The garbage collector removes the run and its tool calls (owner references all the way down).
+        wait_for(lambda: not get(kubectl, namespace, "taskrun", "t-1"), 60, what="the run to be collected")
+        wait_for(
+            lambda: (
+                json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)[
+                    "items"
+                ]
+                == []
+            ),
+            60,
+            what="its tool calls to be collected",
+        )
+        wait_for(lambda: len(api.intervals) == 1, 30, what="the in-flight tool call to return")
+        assert len(chaos_llm.requests(question)) == 1, "no LLM call after the deletion"
+        assert len(api.intervals) == 1, "the tool was not started again"
+    finally:
+        api.server.shutdown()
