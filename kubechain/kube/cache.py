@@ -13,13 +13,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import NotFound
 from kubechain.models import Resource
 
 R = TypeVar("R", bound=Resource[Any, Any])
 T = TypeVar("T")
-
-_MISSING = object()
 
 
 class TTLReadCache:
@@ -31,20 +28,14 @@ class TTLReadCache:
         self._lock = threading.Lock()
 
     def _cached(self, key: tuple[str, ...], load: Callable[[], T]) -> T:
+        """Only objects that exist are cached: a "not found" is always re-read, because the usual next
+        event is the object being created (and a stale absence would fail a run)."""
         now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and now - entry[0] < self.ttl_s:
-                value = entry[1]
-                if value is _MISSING:
-                    raise NotFound(404, "NotFound", f"{'/'.join(key)} not found (cached)")
-                return value  # type: ignore[no-any-return]
-        try:
-            value = load()
-        except NotFound:
-            with self._lock:
-                self._entries[key] = (now, _MISSING)
-            raise
+                return entry[1]  # type: ignore[no-any-return]
+        value = load()
         with self._lock:
             self._entries[key] = (now, value)
             if len(self._entries) > 10_000:

@@ -136,3 +136,29 @@ def test_delegation_rules() -> None:
     long = child_run_name("x" * 60 + "-abc1234-tc-01", "helper")
     assert len(long) <= 63 and long == child_run_name("x" * 60 + "-abc1234-tc-01", "helper")
     assert child_run_name("run-abc-tc-01", "helper") == "delegate-run-abc-tc-01-helper"
+
+
+def test_read_cache_never_remembers_absence() -> None:
+    from kubechain.kube.cache import TTLReadCache
+    from kubechain.kube.errors import NotFound
+    from kubechain.kube.fake import FakeKubeClient
+    from kubechain.models import Agent
+
+    kube = FakeKubeClient()
+    cache = TTLReadCache(kube, ttl_s=60)
+    with pytest.raises(NotFound):
+        cache.get(Agent, "default", "late")
+    kube.create_raw(
+        "agents",
+        "default",
+        {
+            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+            "kind": "Agent",
+            "metadata": {"name": "late"},
+            "spec": {"llmRef": {"name": "l"}, "system": "s"},
+        },
+    )
+    assert cache.get(Agent, "default", "late").name == "late", "created after a miss: found at once"
+    reads = len(kube.requests)
+    cache.get(Agent, "default", "late")
+    assert len(kube.requests) == reads, "present objects are served from the cache"
