@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -47,6 +48,10 @@ class ResourceMessage(BaseModel):
     reason: str = "event"
     enqueued_at: float = Field(default_factory=time.time)
     traceparent: str | None = None
+    # The object as the watcher saw it (small kinds only): lets a task skip its first GET. It is still
+    # only a hint — the claim is conditional on this snapshot's resourceVersion, so a stale one conflicts
+    # and the task re-reads.
+    snapshot: dict[str, Any] | None = None
 
     def key(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 Send = Callable[[TaskName, ResourceMessage, float], None]
 
 
+def _name(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name") or "")
+
+
 class Watcher:
     def __init__(
         self,
@@ -74,7 +78,7 @@ class Watcher:
                 settings.lease_duration_s,
                 on_started_leading=self._on_started_leading,
             )
-        self._outbox: queue.Queue[tuple[Work, str]] = queue.Queue()
+        self._outbox: queue.Queue[tuple[Work, str, dict[str, Any] | None]] = queue.Queue()
         # (task, kind, namespace, name) -> (resourceVersion enqueued, when, resync re-enqueues since)
         self._recent: dict[tuple[str, str, str, str], tuple[str, float, int]] = {}
         self._recent_lock = threading.Lock()
@@ -121,7 +125,7 @@ class Watcher:
                 works += dependents(kind, obj, self.cache())
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in works:
-            self._submit(work, rv)
+            self._submit(work, rv, snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None)
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -139,7 +143,9 @@ class Watcher:
                         return False
         return True
 
-    def _submit(self, work: Work, rv: str, *, resync: bool = False) -> None:
+    def _submit(
+        self, work: Work, rv: str, *, resync: bool = False, snapshot: dict[str, Any] | None = None
+    ) -> None:
         key = (work.task.value, work.kind, work.namespace, work.name)
         now = time.monotonic()
         with self._recent_lock:
@@ -162,7 +168,8 @@ class Watcher:
                 else:
                     retries = 0
             self._recent[key] = (rv, now, retries)
-        self._outbox.put((work, rv))
+        # Only tool calls travel with their object: they are small, and their first step is a claim.
+        self._outbox.put((work, rv, snapshot if work.task == TaskName.TOOL_CALL else None))
 
     def resync(self, *, force: bool = False) -> int:
         """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
@@ -178,7 +185,12 @@ class Watcher:
                         with self._recent_lock:
                             self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
                     before = self._outbox.qsize()
-                    self._submit(work, rv, resync=True)
+                    self._submit(
+                        work,
+                        rv,
+                        resync=True,
+                        snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None,
+                    )
                     count += self._outbox.qsize() - before
         if count:
             log.info("resync re-enqueued %d resources", count)
@@ -196,10 +208,15 @@ class Watcher:
 
     # -- threads -----------------------------------------------------------------------------------
 
-    def message_for(self, work: Work, rv: str) -> ResourceMessage:
+    def message_for(self, work: Work, rv: str, snapshot: dict[str, Any] | None = None) -> ResourceMessage:
         """The task payload; work on a TaskRun (or its tool calls) carries a span of the run's trace."""
         message = ResourceMessage(
-            kind=work.kind, namespace=work.namespace, name=work.name, resource_version=rv, reason=work.reason
+            kind=work.kind,
+            namespace=work.namespace,
+            name=work.name,
+            resource_version=rv,
+            reason=work.reason,
+            snapshot=snapshot,
         )
         if work.trace_uid:
             with span(
@@ -214,10 +231,10 @@ class Watcher:
         backoff = 0.2
         while not self.stop_event.is_set():
             try:
-                work, rv = self._outbox.get(timeout=0.5)
+                work, rv, snapshot = self._outbox.get(timeout=0.5)
             except queue.Empty:
                 continue
-            message = self.message_for(work, rv)
+            message = self.message_for(work, rv, snapshot)
             while not self.stop_event.is_set():
                 try:
                     self._send(work.task, message, work.countdown_s)

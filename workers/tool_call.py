@@ -200,12 +200,22 @@ def parse_arguments(raw: str) -> dict[str, Any]:
 
 
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
-    retry_on_conflict(lambda: _tool_call_once(ctx, message))
+    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
+
+    def attempt() -> None:
+        _tool_call_once(ctx, message, snapshot.pop() if snapshot else None)
+
+    retry_on_conflict(attempt)
 
 
-def _tool_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
+def _tool_call_once(
+    ctx: WorkerContext, message: ResourceMessage, snapshot: dict[str, Any] | None = None
+) -> None:
     try:
-        toolcall = ctx.kube.get(TaskRunToolCall, message.namespace, message.name)
+        if snapshot is not None and (snapshot.get("metadata") or {}).get("name") == message.name:
+            toolcall = TaskRunToolCall.from_wire(snapshot)
+        else:
+            toolcall = ctx.kube.get(TaskRunToolCall, message.namespace, message.name)
     except NotFound:
         return
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
