@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from kubechain.humanlayer import (
@@ -116,43 +117,87 @@ def _humanlayer_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_
     _request_approval(ctx, toolcall, channel_name)
 
 
-def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+@dataclass(frozen=True)
+class _RequestKind:
+    """One kind of HumanLayer request: an approval (function call) or a question (contact request)."""
+
+    what: str
+    claim: Callable[[TaskRunToolCall, str, str, datetime], Transition]  # (call, channel, worker, now)
+    sent: Callable[[TaskRunToolCall, str, str, datetime], Transition]  # (call, channel, external id, now)
+    failed: Callable[
+        [TaskRunToolCall, str, str, str, datetime], Transition
+    ]  # (call, channel, error, reason, now)
+    send: Callable[
+        [HumanLayerClient, str, str, dict[str, Any]], dict[str, Any]
+    ]  # (client, run id, call id, spec)
+
+
+_APPROVAL = _RequestKind(
+    what="approval request",
+    claim=machine.plan_request_claim,
+    sent=machine.plan_request_sent,
+    failed=lambda call, _channel, error, reason, now: machine.plan_request_failed(call, error, reason, now),
+    send=lambda client, run_id, call_id, spec: client.create_function_call(run_id, call_id, spec),
+)
+_CONTACT = _RequestKind(
+    what="human contact request",
+    claim=machine.plan_contact_claim,
+    sent=machine.plan_contact_sent,
+    failed=machine.plan_contact_failed,
+    send=lambda client, run_id, call_id, spec: client.create_contact_request(run_id, call_id, spec),
+)
+
+
+def _send_request(
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    channel_name: str,
+    kind: _RequestKind,
+    spec_for: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    """Claim the call, send the request (with a deterministic call id, so a retry is the same call),
+    record sent or failed while the claim is ours, and schedule the next re-check."""
     now = ctx.clock()
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
         failed = apply_transition(
-            ctx, toolcall, machine.plan_request_failed(toolcall, str(problem), problem.reason, now)
+            ctx, toolcall, kind.failed(toolcall, channel_name, str(problem), problem.reason, now)
         )
         _schedule(ctx, failed)
         return
-    spec = {
-        "fn": toolcall.spec.tool_ref.name,
-        "kwargs": _arguments(toolcall) or {},
-        "channel": channel_payload(channel),
-    }
-    claimed = apply_transition(
-        ctx, toolcall, machine.plan_request_claim(toolcall, channel_name, ctx.identity, now)
-    )
+    spec = spec_for(channel_payload(channel))
+    claimed = apply_transition(ctx, toolcall, kind.claim(toolcall, channel_name, ctx.identity, now))
     external_id = machine.call_id(claimed)
     sent_id: str | None = None
     error = ""
     try:
         with _client(ctx, api_key) as client:
-            call = client.create_function_call(machine.run_id(claimed), external_id, spec)
-        sent_id = str(call.get("call_id") or external_id)
+            answer = kind.send(client, machine.run_id(claimed), external_id, spec)
+        sent_id = str(answer.get("call_id") or external_id)
     except HumanLayerError as exc:
-        log.warning("approval request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
+        log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"
 
     def plan(current: TaskRunToolCall) -> Transition:
         if sent_id is not None:
-            return machine.plan_request_sent(current, channel_name, sent_id, ctx.clock())
-        return machine.plan_request_failed(current, error, "HumanLayerRequestFailed", ctx.clock())
+            return kind.sent(current, channel_name, sent_id, ctx.clock())
+        return kind.failed(current, channel_name, error, "HumanLayerRequestFailed", ctx.clock())
 
     written = _write_holding_claim(ctx, claimed, plan)
     if written is not None:
         _schedule(ctx, written)
+
+
+def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    kwargs = _arguments(toolcall) or {}
+    _send_request(
+        ctx,
+        toolcall,
+        channel_name,
+        _APPROVAL,
+        lambda channel: {"fn": toolcall.spec.tool_ref.name, "kwargs": kwargs, "channel": channel},
+    )
 
 
 def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
@@ -236,42 +281,7 @@ def _contact_message(toolcall: TaskRunToolCall) -> tuple[str, str | None]:
 
 
 def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str, message: str) -> None:
-    now = ctx.clock()
-    try:
-        channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
-    except ChannelProblem as problem:
-        failed = apply_transition(
-            ctx,
-            toolcall,
-            machine.plan_contact_failed(toolcall, channel_name, str(problem), problem.reason, now),
-        )
-        _schedule(ctx, failed)
-        return
-    spec = {"msg": message, "channel": channel_payload(channel)}
-    claimed = apply_transition(
-        ctx, toolcall, machine.plan_contact_claim(toolcall, channel_name, ctx.identity, now)
-    )
-    external_id = machine.call_id(claimed)
-    sent_id: str | None = None
-    error = ""
-    try:
-        with _client(ctx, api_key) as client:
-            contact = client.create_contact_request(machine.run_id(claimed), external_id, spec)
-        sent_id = str(contact.get("call_id") or external_id)
-    except HumanLayerError as exc:
-        log.warning("human contact request for %s/%s failed: %s", toolcall.namespace, toolcall.name, exc)
-        error = f"HumanLayer request failed: {exc}"
-
-    def plan(current: TaskRunToolCall) -> Transition:
-        if sent_id is not None:
-            return machine.plan_contact_sent(current, channel_name, sent_id, ctx.clock())
-        return machine.plan_contact_failed(
-            current, channel_name, error, "HumanLayerRequestFailed", ctx.clock()
-        )
-
-    written = _write_holding_claim(ctx, claimed, plan)
-    if written is not None:
-        _schedule(ctx, written)
+    _send_request(ctx, toolcall, channel_name, _CONTACT, lambda channel: {"msg": message, "channel": channel})
 
 
 def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
