@@ -7,6 +7,7 @@ non-terminal state, so nothing is stranded by a lost message, a dead worker, a R
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -41,6 +42,17 @@ from watcher.leader import LeaderElector
 log = logging.getLogger(__name__)
 
 Send = Callable[[TaskName, ResourceMessage, float], None]
+
+
+# The object travels with its message (saving the worker a read) when it is small; the worker's first
+# step on it is a write conditional on its resourceVersion, so a stale snapshot only costs a conflict.
+MAX_SNAPSHOT_BYTES = 32 * 1024
+
+
+def _carries_snapshot(work: Work, snapshot: dict[str, Any] | None) -> bool:
+    if snapshot is None or work.kind not in ("TaskRun", "TaskRunToolCall"):
+        return False
+    return len(json.dumps(snapshot, separators=(",", ":"))) <= MAX_SNAPSHOT_BYTES
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -114,7 +126,13 @@ class Watcher:
         now = self._clock()
         works: list[Work] = []
         if event_type != "DELETED":
-            works = work_for(kind, obj, now, self.settings.claim_timeout_s)
+            works = work_for(
+                kind,
+                obj,
+                now,
+                self.settings.claim_timeout_s,
+                handoff_timeout_s=self.settings.handoff_timeout_s,
+            )
             if kind == "TaskRunToolCall" and works and not self._all_siblings_finished(obj):
                 # Fan-in: only the last of a turn's tool calls to finish prompts the parent; resync
                 # covers a hint lost on the way.
@@ -168,8 +186,7 @@ class Watcher:
                 else:
                     retries = 0
             self._recent[key] = (rv, now, retries)
-        # Only tool calls travel with their object: they are small, and their first step is a claim.
-        self._outbox.put((work, rv, snapshot if work.task == TaskName.TOOL_CALL else None))
+        self._outbox.put((work, rv, snapshot if _carries_snapshot(work, snapshot) else None))
 
     def resync(self, *, force: bool = False) -> int:
         """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
@@ -179,7 +196,14 @@ class Watcher:
         count = 0
         for kind, objects in self.cache().items():
             for obj in objects.values():
-                for work in work_for(kind, obj, now, self.settings.claim_timeout_s, resync=True):
+                for work in work_for(
+                    kind,
+                    obj,
+                    now,
+                    self.settings.claim_timeout_s,
+                    resync=True,
+                    handoff_timeout_s=self.settings.handoff_timeout_s,
+                ):
                     rv = str(obj["metadata"].get("resourceVersion", ""))
                     if force:
                         with self._recent_lock:

@@ -14,7 +14,7 @@ from kubechain.kube.errors import Unavailable
 from kubechain.observability.logs import configure_logging, resource_context
 from kubechain.observability.metrics import TASK_QUEUE_SECONDS, TASK_SECONDS, TASKS, serve
 from kubechain.observability.tracing import context_from, setup_tracing, span
-from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
+from kubechain.queueing import QueueName, ResourceMessage, TaskName, enqueue, make_celery
 from kubechain.settings import Settings
 from workers.context import WorkerContext, build_context
 
@@ -33,7 +33,9 @@ def context() -> WorkerContext:
     with _context_lock:
         if _context is None:
             _context = build_context(
-                settings, lambda task, message, countdown: enqueue(app, task, message, countdown)
+                settings,
+                lambda task, message, countdown: enqueue(app, task, message, countdown),
+                continues_llm=QueueName.LLM.value in app.amqp.queues.consume_from,
             )
         return _context
 

@@ -35,6 +35,8 @@ class WorkerContext:
     enqueue: Enqueue
     clock: Callable[[], datetime] = utcnow
     mcp: Any = None  # kubechain.mcp.MCPManager, set up by the tools worker
+    # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.
+    continues_llm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     _config: TTLReadCache | None = None
 
@@ -50,6 +52,7 @@ class WorkerContext:
         s = self.settings
         return LoopLimits(
             claim_timeout_s=s.claim_timeout_s,
+            handoff_timeout_s=s.handoff_timeout_s,
             child_creation_grace_s=min(10.0, s.claim_timeout_s / 2),
             max_attempts=s.llm_max_attempts,
             backoff_base_s=s.llm_backoff_base_s,
@@ -59,7 +62,7 @@ class WorkerContext:
         )
 
 
-def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
+def build_context(settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False) -> WorkerContext:
     from kubechain.mcp import MCPManager, kube_secret_resolver
 
     kube = KubeClient.from_settings(settings)
@@ -73,6 +76,7 @@ def build_context(settings: Settings, enqueue: Enqueue) -> WorkerContext:
         ),
         identity=settings.identity,
         enqueue=enqueue,
+        continues_llm=continues_llm,
         # Lazy: its event loop thread and MCP sessions start on the first MCP request.
         mcp=MCPManager(
             kube_secret_resolver(kube),

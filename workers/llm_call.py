@@ -9,7 +9,7 @@ from collections.abc import Callable
 from kubechain.kube.errors import NotFound
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
-from kubechain.observability.metrics import LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
+from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
 from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import (
@@ -37,7 +37,39 @@ class RunConfigError(Exception):
 
 
 def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
-    retry_on_conflict(lambda: _llm_call_once(ctx, message))
+    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
+
+    def attempt() -> None:
+        first = snapshot.pop() if snapshot else None
+        run = TaskRun.from_wire(first) if first and _names(first, message.name) else None
+        _llm_call_once(ctx, message.namespace, message.name, run)
+
+    retry_on_conflict(attempt)
+
+
+def continue_turn(ctx: WorkerContext, run: TaskRun) -> None:
+    """Make the LLM call of a ReadyForLLM turn this worker just handed to itself (its write put our
+    claim on it), without the round trip through the watcher and the queue."""
+    first = [run]
+    handed_off_at = run.status.claimed_at
+    outcome = "ok"
+    try:
+        with span(f"llm_call TaskRun/{run.name}", None, **{"kubechain.reason": "handoff"}):
+            retry_on_conflict(
+                lambda: _llm_call_once(
+                    ctx, run.namespace, run.name, first.pop() if first else None, handed_off_at
+                )
+            )
+    except Exception:
+        outcome = "error"
+        raise
+    finally:
+        HANDOFFS.labels(outcome).inc()
+
+
+def _names(obj: dict[str, object], name: str) -> bool:
+    metadata = obj.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("name") == name
 
 
 def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
@@ -91,17 +123,28 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
     return agent, llm, api_key, tool_definitions(agent, tools, servers, sub_agents, channels)
 
 
-def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
+def _llm_call_once(
+    ctx: WorkerContext,
+    namespace: str,
+    name: str,
+    run: TaskRun | None,
+    handed_off_at: str | None = None,
+) -> None:
+    """Decide from ``run`` (None: read it now) and, if the turn is ours to take, claim it, call the
+    LLM once and record the answer. A deleted run ends it quietly."""
     try:
-        run = ctx.kube.get(TaskRun, message.namespace, message.name)
+        _take_turn(ctx, run or ctx.kube.get(TaskRun, namespace, name), handed_off_at)
     except NotFound:
-        return
+        log.info("TaskRun %s/%s is gone; nothing to send", namespace, name)
+
+
+def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> None:
     if run.metadata.deletion_timestamp:
         return
     now = ctx.clock()
-    claim = plan_llm_claim(run, ctx.identity, now, ctx.limits)
+    claim = plan_llm_claim(run, ctx.identity, now, ctx.limits, handed_off_at)
     if claim.transition is None:
-        log.debug("llm_call skipped for %s: %s", message.key(), claim.reason)
+        log.debug("llm_call skipped for %s/%s: %s", run.namespace, run.name, claim.reason)
         return
     if claim.transition.phase() == "Failed":
         apply_transition(ctx, run, claim.transition)
@@ -136,7 +179,7 @@ def _llm_call_once(ctx: WorkerContext, message: ResourceMessage) -> None:
     except LLMError as exc:
         LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
-        log.warning("LLM request for %s failed: %s", message.key(), exc)
+        log.warning("LLM request for %s/%s failed: %s", run.namespace, run.name, exc)
         _record(
             ctx,
             claimed,

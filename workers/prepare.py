@@ -16,7 +16,9 @@ from kubechain.models import (
 )
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
+from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
+from workers.llm_call import continue_turn
 from workers.transitions import apply_transition, create_children, retry_on_conflict
 from workers.validators import get_or_none
 
@@ -24,20 +26,48 @@ log = logging.getLogger(__name__)
 
 
 def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
-    retry_on_conflict(lambda: _prepare_once(ctx, message))
+    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
+
+    def attempt() -> None:
+        first = snapshot.pop() if snapshot else None
+        named = first is not None and (first.get("metadata") or {}).get("name") == message.name
+        try:
+            run = TaskRun.from_wire(first) if first and named else None
+            _prepare_once(ctx, run or ctx.kube.get(TaskRun, message.namespace, message.name))
+        except NotFound:
+            log.info("TaskRun %s is gone; nothing to prepare", message.key())
+
+    retry_on_conflict(attempt)
 
 
-def _prepare_once(ctx: WorkerContext, message: ResourceMessage) -> None:
-    try:
-        run = ctx.kube.get(TaskRun, message.namespace, message.name)
-    except NotFound:
-        return
+def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
     if run.metadata.deletion_timestamp or run.is_terminal():
         return
     if run.phase == TaskRunPhase.TOOL_CALLS_PENDING:
         _fan_in(ctx, run)
     elif run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         _initial_context(ctx, run)
+    elif _handed_to_us(ctx, run):
+        # Our hand-off write landed but the call after it did not happen (e.g. this task is a retry).
+        continue_turn(ctx, run)
+
+
+def _handoff_to(ctx: WorkerContext) -> str | None:
+    return ctx.identity if ctx.continues_llm else None
+
+
+def _handed_to_us(ctx: WorkerContext, run: TaskRun) -> bool:
+    return (
+        ctx.continues_llm
+        and run.phase == TaskRunPhase.READY_FOR_LLM
+        and run.status.claimed_by == ctx.identity
+    )
+
+
+def _apply_and_continue(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
+    updated = apply_transition(ctx, run, transition)
+    if _handed_to_us(ctx, updated):
+        continue_turn(ctx, updated)
 
 
 def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
@@ -57,17 +87,17 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
         agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
         if agent is None or not agent.status.ready:
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
-    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock())
+    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), _handoff_to(ctx))
     if transition is not None:
-        apply_transition(ctx, run, transition)
+        _apply_and_continue(ctx, run, transition)
 
 
 def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
     selector = f"{LABEL_TASKRUNTOOLCALL}={run.name},{LABEL_TOOLCALLREQUEST}={run.status.tool_call_request_id}"
     toolcalls = ctx.kube.list(TaskRunToolCall, run.namespace, selector)
-    decision = plan_fan_in(run, toolcalls, ctx.clock(), ctx.limits)
+    decision = plan_fan_in(run, toolcalls, ctx.clock(), ctx.limits, _handoff_to(ctx))
     if decision.missing:
         # The ToolCallsPending write won but its worker died before creating every child: finish the job.
         create_children(ctx, run, list(decision.missing))
     if decision.transition is not None:
-        apply_transition(ctx, run, decision.transition)
+        _apply_and_continue(ctx, run, decision.transition)

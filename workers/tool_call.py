@@ -220,7 +220,9 @@ def _tool_call_once(
         return
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
-    parent = get_or_none(ctx, TaskRun, toolcall.namespace, toolcall.spec.task_run_ref.name)
+    # The parent's spec does not change, and the "is it finished or deleted" check races with the
+    # deletion however fresh the read: a read shared by the turn's sibling calls is good enough.
+    parent = get_or_none(ctx, TaskRun, toolcall.namespace, toolcall.spec.task_run_ref.name, cached=True)
     if parent is None or parent.metadata.deletion_timestamp or parent.is_terminal():
         log.info("skipping tool call %s: its TaskRun is gone or finished", message.key())
         return
@@ -308,7 +310,7 @@ def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
     if run.spec.agent_ref is not None:
         return run.spec.agent_ref.name
     if run.spec.task_ref is not None:
-        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name)
+        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is not None:
             return task.spec.agent_ref.name
     return ""

@@ -28,11 +28,19 @@ def event_name(object_name: str, uid: str, reason: str, key: str) -> str:
 class EventRecorder:
     """Posts Events about KubeChain objects. Best effort: a failure is logged, never raised.
 
-    With ``background=True`` Events are posted by a sender thread, off the critical path of the
-    transition they describe (their names are deterministic, so order of posting does not matter)."""
+    With ``background=True`` Events are posted by sender threads, off the critical path of the
+    transition they describe (their names are deterministic, so order of posting does not matter).
+    Several senders, because one falls behind a busy worker: every post waits for the GIL after each
+    socket operation, and a run makes three Events."""
 
     def __init__(
-        self, client: KubeClient, controller: str, instance: str, *, background: bool = False
+        self,
+        client: KubeClient,
+        controller: str,
+        instance: str,
+        *,
+        background: bool = False,
+        senders: int = 4,
     ) -> None:
         self._client = client
         self.controller = controller
@@ -40,20 +48,24 @@ class EventRecorder:
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] | None = None
         if background:
             self._queue = queue.Queue(maxsize=10_000)
-            threading.Thread(target=self._send_loop, name="events", daemon=True).start()
+            for index in range(senders):
+                threading.Thread(target=self._send_loop, name=f"events-{index}", daemon=True).start()
 
     def _send_loop(self) -> None:
         assert self._queue is not None
         while True:
             item = self._queue.get()
-            if item is None:
-                return
-            self._post(*item)
+            try:
+                if item is None:
+                    return
+                self._post(*item)
+            finally:
+                self._queue.task_done()
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) until queued Events are posted, e.g. before a process exits."""
         deadline = time.monotonic() + timeout_s
-        while self._queue is not None and not self._queue.empty() and time.monotonic() < deadline:
+        while self._queue is not None and self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def _post(self, namespace: str, body: dict[str, Any]) -> None:

@@ -23,6 +23,11 @@ TASK_QUEUE_SECONDS = Histogram(
     ["task"],
     buckets=LATENCY_BUCKETS,
 )
+HANDOFFS = Counter(
+    "kubechain_llm_handoffs_total",
+    "Turns a worker made ready and then sent to the LLM itself, without a round trip through the queue",
+    ["outcome"],
+)
 LLM_REQUESTS = Counter(
     "kubechain_llm_requests_total", "LLM requests, by model and outcome", ["model", "outcome"]
 )

@@ -63,16 +63,22 @@ def needs_validation(obj: Mapping[str, Any]) -> bool:
 
 
 def work_for(
-    kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, *, resync: bool = False
+    kind: str,
+    obj: Mapping[str, Any],
+    now: datetime,
+    claim_timeout_s: float,
+    *,
+    resync: bool = False,
+    handoff_timeout_s: float = 15.0,
 ) -> list[Work]:
     """The tasks this object's own state calls for. ``resync`` adds the periodic checks: re-validate
-    resources that are not Ready, and re-take claims whose holder stopped answering."""
+    resources that are not Ready, and re-take claims (and hand-offs) whose holder stopped answering."""
     namespace, name = _meta(obj)
     if (obj.get("metadata") or {}).get("deletionTimestamp"):
         return []
     return [
         replace(work, trace_uid=_trace_uid(kind, obj))
-        for work in _work_for(kind, obj, now, claim_timeout_s, resync)
+        for work in _work_for(kind, obj, now, claim_timeout_s, resync, handoff_timeout_s)
     ]
 
 
@@ -88,7 +94,12 @@ def _trace_uid(kind: str, obj: Mapping[str, Any]) -> str:
 
 
 def _work_for(
-    kind: str, obj: Mapping[str, Any], now: datetime, claim_timeout_s: float, resync: bool
+    kind: str,
+    obj: Mapping[str, Any],
+    now: datetime,
+    claim_timeout_s: float,
+    resync: bool,
+    handoff_timeout_s: float,
 ) -> list[Work]:
     namespace, name = _meta(obj)
     status = _status(obj)
@@ -123,6 +134,12 @@ def _work_for(
         if phase in TASKRUN_PREPARE:
             return [Work(TaskName.PREPARE, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.READY_FOR_LLM:
+            if status.get("claimedBy"):
+                # Handed off to the worker that wrote it, which makes the call itself; only a hand-off
+                # whose worker went quiet is sent to the queue.
+                if resync and _claim_expired(status, now, handoff_timeout_s):
+                    return [Work(TaskName.LLM_CALL, kind, namespace, name, reason="stale-handoff")]
+                return []
             return [Work(TaskName.LLM_CALL, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.ERROR_BACKOFF:
             due = parse_timestamp(status.get("nextAttemptAt"))

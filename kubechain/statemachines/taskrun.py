@@ -54,6 +54,9 @@ TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
 @dataclass(frozen=True)
 class LoopLimits:
     claim_timeout_s: float = 180.0
+    # A ReadyForLLM turn handed off to the worker that wrote it (it goes on to the LLM call itself,
+    # without a round trip through the watcher and the queue); older than this, anyone may take it.
+    handoff_timeout_s: float = 15.0
     # How long the fan-in check leaves missing tool calls to the worker that is creating them.
     child_creation_grace_s: float = 10.0
     max_attempts: int = 5
@@ -104,10 +107,23 @@ def needs_prepare(run: TaskRun) -> bool:
     return run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
 
 
+def handoff(worker: str | None, now: datetime) -> dict[str, Any]:
+    """Status fields that hand a ReadyForLLM turn to ``worker`` (None: to whoever the watcher sends)."""
+    if worker is None:
+        return {"claimedBy": None, "claimedAt": None}
+    return {"claimedBy": worker, "claimedAt": precise_timestamp(now)}
+
+
 def plan_initial_context(
-    run: TaskRun, task: Task | None, task_missing: bool, agent: Agent | None, now: datetime
+    run: TaskRun,
+    task: Task | None,
+    task_missing: bool,
+    agent: Agent | None,
+    now: datetime,
+    handoff_to: str | None = None,
 ) -> Transition | None:
-    """Decide the first context window, or why the run must wait (or fail)."""
+    """Decide the first context window, or why the run must wait (or fail). ``handoff_to``: the worker
+    that will make the LLM call right after this write (see ``LoopLimits.handoff_timeout_s``)."""
     if run.phase not in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         return None
     current = run.status.model_dump(by_alias=True)
@@ -147,6 +163,7 @@ def plan_initial_context(
             else trace_ids(run.uid),
             "turns": 0,
             "llmAttempts": 0,
+            **handoff(handoff_to, now),
         },
         events=[normal("ValidationSucceeded", "Task validated successfully")],
     )
@@ -191,8 +208,11 @@ class ClaimDecision:
     reason: str = ""
 
 
-def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits) -> ClaimDecision:
-    """Claim the LLM step with a conditional write, or say why not (someone holds it, or backoff)."""
+def plan_llm_claim(
+    run: TaskRun, worker: str, now: datetime, limits: LoopLimits, handed_off_at: str | None = None
+) -> ClaimDecision:
+    """Claim the LLM step with a conditional write, or say why not (someone holds it, or backoff).
+    ``handed_off_at``: the caller wrote this ReadyForLLM handing the turn to itself at that time."""
     phase = run.phase
     attempts = run.status.llm_attempts or 0
     if phase == TaskRunPhase.ERROR_BACKOFF:
@@ -213,6 +233,13 @@ def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits)
             return ClaimDecision(_fail(run, message, "LLMRequestFailed", now))
     elif phase != TaskRunPhase.READY_FOR_LLM:
         return ClaimDecision(None, 0.0, f"phase {phase or '<none>'} does not call the LLM")
+    elif run.status.claimed_by and not (
+        run.status.claimed_by == worker and run.status.claimed_at == handed_off_at
+    ):
+        handed_at = parse_timestamp(run.status.claimed_at)
+        if handed_at is not None and now - handed_at < timedelta(seconds=limits.handoff_timeout_s):
+            remaining = limits.handoff_timeout_s - (now - handed_at).total_seconds()
+            return ClaimDecision(None, remaining, f"handed off to {run.status.claimed_by}")
     return ClaimDecision(
         Transition(
             status={
@@ -438,8 +465,15 @@ class FanIn:
     transition: Transition | None
 
 
-def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, limits: LoopLimits) -> FanIn:
-    """When every tool call of the current turn is terminal, append their results in the LLM's order."""
+def plan_fan_in(
+    run: TaskRun,
+    toolcalls: list[TaskRunToolCall],
+    now: datetime,
+    limits: LoopLimits,
+    handoff_to: str | None = None,
+) -> FanIn:
+    """When every tool call of the current turn is terminal, append their results in the LLM's order
+    (``handoff_to``: as in ``plan_initial_context``)."""
     if run.phase != TaskRunPhase.TOOL_CALLS_PENDING:
         return FanIn([], None)
     expected = expected_toolcalls(run)
@@ -487,6 +521,7 @@ def plan_fan_in(run: TaskRun, toolcalls: list[TaskRunToolCall], now: datetime, l
                 "contextWindow": _wire_window(window),
                 "messageCount": len(window),
                 "llmAttempts": 0,
+                **handoff(handoff_to, now),
             },
             events=[normal("AllToolCallsCompleted", detail)],
         ),

@@ -32,7 +32,14 @@ class FakeLLM:
         return None
 
 
-def context(kube: FakeKubeClient, llm: FakeLLM, identity: str = "w1", **settings: Any) -> WorkerContext:
+def context(
+    kube: FakeKubeClient,
+    llm: FakeLLM,
+    identity: str = "w1",
+    *,
+    continues_llm: bool = False,
+    **settings: Any,
+) -> WorkerContext:
     def build(_llm: LLM, _key: str, _timeout: float, _base: str | None) -> LLMClient:
         return llm
 
@@ -43,6 +50,7 @@ def context(kube: FakeKubeClient, llm: FakeLLM, identity: str = "w1", **settings
         llms=LLMClientFactory(10, builders={"openai": build, "anthropic": build}),
         identity=identity,
         enqueue=lambda *_: None,
+        continues_llm=continues_llm,
     )
 
 

@@ -150,3 +150,36 @@ def test_lease_is_taken_over_only_after_it_expires() -> None:
     lease = kube.get_lease("default", "lease")
     assert lease["spec"]["holderIdentity"] == "two" and lease["spec"]["leaseTransitions"] == 1
     assert not first.is_leader, "a leader that cannot renew stops acting before the lease runs out"
+
+
+def test_small_runs_travel_with_their_message_and_large_ones_are_read_by_the_worker() -> None:
+    kube = FakeKubeClient()
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+
+    def queued_snapshot(obj: dict[str, Any]) -> dict[str, Any] | None:
+        watcher._on_event("TaskRun", "ADDED", obj, None)
+        (item,) = [watcher._outbox.get_nowait()]
+        work, rv, snapshot = item
+        message = watcher.message_for(work, rv, snapshot)
+        assert (work.task, message.resource_version) == (TaskName.PREPARE, obj["metadata"]["resourceVersion"])
+        return message.snapshot
+
+    small = run("TaskRun", {"name": "small"}, "5")
+    assert queued_snapshot(small) == small
+    large = run("TaskRun", {"name": "large", "status": {"userMsgPreview": "x" * 40_000}}, "6")
+    assert queued_snapshot(large) is None
+
+
+def test_a_turn_handed_off_to_its_worker_is_not_queued_by_the_watcher() -> None:
+    kube = FakeKubeClient()
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    handed = run(
+        "TaskRun", {"name": "r", "status": {"phase": "ReadyForLLM", "claimedBy": "w1", "claimedAt": now}}, "7"
+    )
+    watcher._on_event("TaskRun", "MODIFIED", handed, None)
+    assert watcher._outbox.empty()
+    free = run("TaskRun", {"name": "r", "status": {"phase": "ReadyForLLM"}}, "8")
+    watcher._on_event("TaskRun", "MODIFIED", free, None)
+    work, _, snapshot = watcher._outbox.get_nowait()
+    assert work.task == TaskName.LLM_CALL and snapshot == free

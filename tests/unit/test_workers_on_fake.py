@@ -253,7 +253,7 @@ def test_a_claim_write_that_timed_out_but_was_applied_is_ours() -> None:
                 method == "PATCH"
                 and not self.failed
                 and isinstance(body, dict)
-                and "claimedBy" in body.get("status", {})
+                and body.get("status", {}).get("phase") == "SendContextWindowToLLM"
             ):
                 self.failed = True
                 raise Unavailable(504, "Timeout", "Handler timeout")

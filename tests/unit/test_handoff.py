@@ -1,0 +1,222 @@
+"""Hand-off: a worker that makes a turn ready (and consumes the llm queue) makes its LLM call itself.
+
+The ReadyForLLM write carries that worker's claim, so the watcher does not also queue the turn and no
+other worker takes it while the hand-off is fresh; a hand-off whose worker went quiet is re-taken.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubechain.kube.cache import TTLReadCache
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMResponse
+from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
+from kubechain.queueing import TaskName
+from kubechain.statemachines.routing import work_for
+from kubechain.statemachines.taskrun import plan_initial_context
+from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.test_workers_on_fake import validated
+from workers.llm_call import llm_call
+from workers.prepare import prepare
+from workers.tool_call import tool_call
+from workers.transitions import apply_transition
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+class CountingKube(FakeKubeClient):
+    """Counts requests by verb and path suffix, and records every status write's phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.phases: list[str] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.calls.append((method, path))
+        result = super().request(method, path, **kwargs)
+        body = kwargs.get("body")
+        if method == "PATCH" and path.endswith("/status") and isinstance(body, dict):
+            phase = (body.get("status") or {}).get("phase")
+            if phase:
+                self.phases.append(str(phase))
+        return result
+
+    def gets(self, plural: str) -> int:
+        return sum(1 for method, path in self.calls if method == "GET" and f"/{plural}/" in path)
+
+
+def run_status(kube: FakeKubeClient, name: str = "r") -> dict[str, Any]:
+    return kube.get_raw("taskruns", "default", name).get("status") or {}
+
+
+def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
+    kube = CountingKube()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    snapshot = kube.get_raw("taskruns", "default", "r")
+    kube.calls.clear()
+
+    ctx = context(kube, llm, continues_llm=True)
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": snapshot}))
+
+    assert kube.gets("taskruns") == 0, "the message's snapshot and each write's answer were enough"
+    assert run_status(kube)["phase"] == "FinalAnswer"
+    assert kube.phases == ["ReadyForLLM", "SendContextWindowToLLM", "FinalAnswer"]
+    assert len(llm.requests) == 1
+
+
+def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(context(kube, llm, continues_llm=False), message("TaskRun", "r"))
+    status = run_status(kube)
+    assert status["phase"] == "ReadyForLLM" and not status.get("claimedBy")
+    assert [w.task for w in work_for("TaskRun", kube.get_raw("taskruns", "default", "r"), NOW, 180)] == [
+        TaskName.LLM_CALL
+    ]
+    assert llm.requests == []
+
+
+def handed_off_run(kube: FakeKubeClient, llm: FakeLLM, holder: str) -> dict[str, Any]:
+    """A run whose ReadyForLLM write handed the turn to ``holder``, which then did nothing (died)."""
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, identity=holder, continues_llm=True)
+    # Only the hand-off write: the holder dies before its claim.
+    run = kube.get(TaskRun, "default", "r")
+    agent = kube.get(Agent, "default", "a")
+    transition = plan_initial_context(run, None, False, agent, ctx.clock(), holder)
+    assert transition is not None
+    apply_transition(ctx, run, transition)
+    return kube.get_raw("taskruns", "default", "r")
+
+
+def test_a_fresh_hand_off_is_not_queued_nor_taken_by_another_worker() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    obj = handed_off_run(kube, llm, "w1")
+    assert obj["status"]["claimedBy"] == "w1"
+    handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
+
+    assert work_for("TaskRun", obj, handed, 180) == []
+    assert work_for("TaskRun", obj, handed + timedelta(seconds=5), 180, resync=True) == []
+    llm_call(context(kube, llm, identity="w2"), message("TaskRun", "r"))
+    assert llm.requests == [] and run_status(kube)["phase"] == "ReadyForLLM"
+
+
+def test_a_stale_hand_off_is_requeued_by_resync_and_taken_by_another_worker() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    obj = handed_off_run(kube, llm, "w1")
+    handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
+    later = handed + timedelta(seconds=16)
+
+    assert work_for("TaskRun", obj, later, 180) == [], "only resync re-takes a hand-off"
+    (work,) = work_for("TaskRun", obj, later, 180, resync=True, handoff_timeout_s=15)
+    assert (work.task, work.reason) == (TaskName.LLM_CALL, "stale-handoff")
+
+    other = context(kube, llm, identity="w2", handoff_timeout_s=15)
+    other.clock = lambda: later
+    llm_call(other, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer"
+    assert len(llm.requests) == 1
+
+
+def test_a_retried_prepare_finishes_its_own_hand_off() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    handed_off_run(kube, llm, "w1")
+    prepare(context(kube, llm, identity="w1", continues_llm=True), message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer"
+    assert len(llm.requests) == 1
+
+
+def test_fan_in_hands_the_next_turn_to_the_worker_that_completed_it() -> None:
+    kube = CountingKube()
+    answers = iter(
+        [
+            LLMResponse(
+                tool_calls=[
+                    ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
+                ]
+            ),
+            LLMResponse(content="3"),
+        ]
+    )
+    llm = FakeLLM(lambda r: next(answers))
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "1+2?"})
+    ctx = context(kube, llm, continues_llm=True)
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ToolCallsPending"
+    (name,) = [item["metadata"]["name"] for item in kube.list_raw("taskruntoolcalls", "default")[0]]
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", "r"))  # the fan-in hint
+    assert run_status(kube)["phase"] == "FinalAnswer"
+    assert kube.phases.count("ReadyForLLM") == 2 and len(llm.requests) == 2
+
+
+def test_stale_run_snapshots_conflict_and_are_reread() -> None:
+    """Messages redelivered after the run finished, each with the state that once called for it."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    created = kube.get_raw("taskruns", "default", "r")
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    ready = kube.get_raw("taskruns", "default", "r")
+    llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+
+    llm_call(ctx, message("TaskRun", "r").model_copy(update={"snapshot": ready}))
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": created}))
+    assert run_status(kube)["phase"] == "FinalAnswer", "a stale snapshot never rewinds a run"
+    assert len(llm.requests) == 1
+
+
+def test_a_snapshot_of_a_deleted_run_ends_quietly() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    snapshot = kube.get_raw("taskruns", "default", "r")
+    kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r")
+    ctx = context(kube, llm, continues_llm=True)
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": snapshot}))
+    assert llm.requests == []
+
+
+def test_concurrent_cache_misses_make_one_read() -> None:
+    kube = CountingKube()
+    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
+    gate = threading.Barrier(8)
+    loads = []
+    original = kube.get
+
+    def slow_get(model: Any, namespace: str, name: str) -> Any:
+        loads.append(name)
+        return original(model, namespace, name)
+
+    kube.get = slow_get  # type: ignore[method-assign]
+    cache = TTLReadCache(kube, ttl_s=60)
+    results = []
+
+    def reader() -> None:
+        gate.wait()
+        results.append(cache.get(LLM, "default", "gpt-4o").name)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["gpt-4o"] * 8
+    assert len(loads) == 1
