@@ -159,6 +159,11 @@ def headline(row: dict[str, Any]) -> str:
         return f"{fmt(f.get('writes_per_s'), '.0f')} writes/s"
     if scenario in ("hello", "scale"):
         return f"{fmt(f.get('runs_per_s'), '.1f')} runs/s"
+    if scenario == "light":
+        return (
+            f"p50 {fmt((f.get('ready_to_llm_ms') or {}).get('p50'), '.0f')}"
+            f"/{fmt((f.get('answer_to_next_ms') or {}).get('p50'), '.0f')} ms"
+        )
     if scenario == "fanout":
         return f"{fmt(f.get('wall_s'), '.2f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s)"
     if scenario == "inflight":
@@ -201,6 +206,16 @@ def details(row: dict[str, Any]) -> str:
             parts.append(f"target ≥ {target:.1f} runs/s: {verdict}")
         if f.get("duplicate_llm_requests"):
             parts.append(f"{f['duplicate_llm_requests']} duplicate LLM requests")
+    elif scenario == "light":
+        parts.append(f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} runs one at a time")
+        parts.append(f"ready→LLM p50/p95/p99 {_pcts(f.get('ready_to_llm_ms'))}")
+        parts.append(f"answer→next phase {_pcts(f.get('answer_to_next_ms'))}")
+        if f.get("meets_overhead_target") is not None:
+            verdict = "met" if f["meets_overhead_target"] else "MISSED"
+            parts.append(
+                f"target p50 < {fmt(f.get('target_p50_ms'), '.0f')} ms, "
+                f"p99 < {fmt(f.get('target_p99_ms'), '.0f')} ms: {verdict}"
+            )
     elif scenario == "fanout":
         parts.append(f"{fmt(f.get('tool_calls'))} tool calls × {fmt(f.get('tool_s'), '.0f')} s")
         trials = f.get("trials_wall_s")

@@ -56,18 +56,19 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO_ROOT / "deploy" / "crds"
-SCENARIOS = ("baseline", "hello", "fanout", "inflight", "scale")
+SCENARIOS = ("baseline", "hello", "light", "fanout", "inflight", "scale")
 DEFAULT_JSON = Path("bench/results/latest.json")
 
 # Sizes: (full, --quick)
 SIZES = {
     "baseline_writes": (3000, 600),
     "hello_runs": (200, 30),
+    "light_runs": (30, 10),
     "inflight_runs": (1000, 100),
     "fanout_trials": (3, 1),
 }
 # Per-scenario time limits in seconds (multiplied by --timeout-factor); scale is per row.
-TIMEOUTS = {"baseline": 300, "hello": 300, "fanout": 240, "inflight": 900, "scale": 300}
+TIMEOUTS = {"baseline": 300, "hello": 300, "light": 300, "fanout": 240, "inflight": 900, "scale": 300}
 
 _T0 = time.monotonic()
 
@@ -89,6 +90,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hello-runs", type=int, default=None, help="TaskRuns of hello and of each scale row"
+    )
+    parser.add_argument(
+        "--light-runs", type=int, default=None, help="TaskRuns of the light-load row (one at a time)"
     )
     parser.add_argument("--inflight-runs", type=int, default=None)
     parser.add_argument(
@@ -130,6 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.scenario_list = [s for s in SCENARIOS if s in chosen]
     size = 1 if args.quick else 0
     args.hello_runs = args.hello_runs or SIZES["hello_runs"][size]
+    args.light_runs = args.light_runs or SIZES["light_runs"][size]
     args.inflight_runs = args.inflight_runs or SIZES["inflight_runs"][size]
     args.baseline_writes = args.baseline_writes or SIZES["baseline_writes"][size]
     args.fanout_trials = args.fanout_trials or SIZES["fanout_trials"][size]
@@ -237,6 +242,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             "quick": args.quick,
             "scenarios": args.scenario_list,
             "hello_runs": args.hello_runs,
+            "light_runs": args.light_runs,
             "inflight_runs": args.inflight_runs,
             "baseline_writes": args.baseline_writes,
             "baseline_threads": args.baseline_threads,
@@ -271,6 +277,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 ctx, args.baseline_threads, args.baseline_writes, TIMEOUTS["baseline"]
             ),
             "hello": lambda: scenarios.hello(ctx, args.hello_runs, timeout_s=TIMEOUTS["hello"]),
+            "light": lambda: scenarios.light(ctx, args.light_runs, timeout_s=TIMEOUTS["light"]),
             "fanout": lambda: scenarios.fanout(ctx, trials=args.fanout_trials, timeout_s=TIMEOUTS["fanout"]),
             "inflight": lambda: scenarios.inflight(
                 ctx,

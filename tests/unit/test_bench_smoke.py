@@ -278,3 +278,22 @@ def test_render_table_tolerates_an_empty_result() -> None:
     text = bench_run.render_table({})
     assert text.startswith("machine: - CPU × ?")
     assert "| scenario |" in text
+
+
+def test_light_load_row_is_judged_on_both_overheads() -> None:
+    from bench.scenarios import light_load_verdict
+
+    fast = {"ready_to_llm_ms": {"p50": 21.0, "p99": 60.0}, "answer_to_next_ms": {"p50": 30.0, "p99": 90.0}}
+    assert light_load_verdict(fast)["meets_overhead_target"] is True
+    slow_tail = {**fast, "answer_to_next_ms": {"p50": 30.0, "p99": 260.0}}
+    assert light_load_verdict(slow_tail)["meets_overhead_target"] is False
+    assert light_load_verdict({})["meets_overhead_target"] is False
+    row = {
+        "scenario": "light",
+        "label": "light",
+        "n": 30,
+        "figures": {"completed": 30, **fast, **light_load_verdict(fast)},
+    }
+    text = bench_run.render_table({"rows": [row]})
+    assert "p50 21/30 ms" in text and "30/30 runs one at a time" in text
+    assert "target p50 < 50 ms, p99 < 250 ms: met" in text

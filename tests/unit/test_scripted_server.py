@@ -478,3 +478,30 @@ def test_cli_main_runs_in_foreground(tmp_path: Any) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_connections_disable_nagle() -> None:
+    """Without TCP_NODELAY each answer's body waited ~40 ms behind its headers (delayed ACK)."""
+    import socket as socket_module
+
+    from kubechain.llm.scripted_server import _NoDelayH11Protocol
+
+    listener = socket_module.create_server(("127.0.0.1", 0))
+    client = socket_module.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        assert accepted.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY) == 0
+
+        class Transport:
+            def get_extra_info(self, name: str, default: object = None) -> object:
+                return accepted if name == "socket" else default
+
+        protocol = _NoDelayH11Protocol.__new__(_NoDelayH11Protocol)
+        try:
+            protocol.connection_made(Transport())  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - the rest of uvicorn's set-up needs a real server
+            pass
+        assert accepted.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY) == 1
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
