@@ -92,6 +92,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--hello-runs", type=int, default=None, help="TaskRuns of hello and of each scale row"
     )
     parser.add_argument(
+        "--operator",
+        default=None,
+        metavar="COMMAND",
+        help="also run hello against this command instead of KubeChain's processes, side by side "
+        "(e.g. the Go KubeChain manager); it gets KUBECONFIG and OPENAI_BASE_URL",
+    )
+    parser.add_argument(
         "--light-runs", type=int, default=None, help="TaskRuns of the light-load row (one at a time)"
     )
     parser.add_argument("--inflight-runs", type=int, default=None)
@@ -271,12 +278,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             stale_after_s=args.stale_after,
             log_level=args.log_level,
             extra_env=args.extra_env,
+            operator_command=args.operator,
         )
         plan: dict[str, Callable[[], list[dict[str, Any]]]] = {
             "baseline": lambda: scenarios.baseline(
                 ctx, args.baseline_threads, args.baseline_writes, TIMEOUTS["baseline"]
             ),
-            "hello": lambda: scenarios.hello(ctx, args.hello_runs, timeout_s=TIMEOUTS["hello"]),
+            "hello": lambda: [
+                *scenarios.hello(ctx, args.hello_runs, timeout_s=TIMEOUTS["hello"]),
+                *scenarios.hello_side_by_side(ctx, args.hello_runs, timeout_s=TIMEOUTS["hello"]),
+            ],
             "light": lambda: scenarios.light(ctx, args.light_runs, timeout_s=TIMEOUTS["light"]),
             "fanout": lambda: scenarios.fanout(ctx, trials=args.fanout_trials, timeout_s=TIMEOUTS["fanout"]),
             "inflight": lambda: scenarios.inflight(

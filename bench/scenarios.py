@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -61,6 +63,8 @@ class BenchContext:
     log_level: str = "INFO"
     baseline_writes_per_s: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Another operator to run the hello scenario against, side by side (e.g. the Go KubeChain manager).
+    operator_command: str | None = None
 
     @property
     def kubeconfig(self) -> str:
@@ -215,6 +219,9 @@ def cpu_groups(ctx: BenchContext, stack: LocalStack | None) -> dict[str, list[in
         groups["llm"] = [p for p in [_pid(stack.llm_process)] if p]
         groups["watcher"] = [p for p in (w.pid for w in stack.watchers.values()) if p]
         groups["workers"] = [p for p in (w.pid for w in stack.workers.values()) if p]
+        external = _EXTERNAL.get(id(stack))
+        if external is not None and external.pid:
+            groups["workers"].append(external.pid)
     return groups
 
 
@@ -252,12 +259,16 @@ def row_stack(
     pool: str,
     concurrency: int,
     llm_latency_s: float = 0.0,
+    operator: str | None = None,
 ) -> Iterator[LocalStack]:
+    """A stack for one row: Redis, the scripted LLM and KubeChain's watcher and workers — or, with
+    ``operator``, that command instead of the watcher and workers (same API server, same LLM server)."""
     options = StackOptions(
         workdir=ctx.workdir / label,
         cluster="current",
         kubeconfig=Path(ctx.kubeconfig),
-        workers=workers,
+        workers=0 if operator else workers,
+        watchers=0 if operator else 1,
         worker_pool=pool,
         worker_concurrency=concurrency,
         llm_latency_s=llm_latency_s,
@@ -273,12 +284,72 @@ def row_stack(
         },
     )
     stack = LocalStack(options, progress=lambda m: ctx.progress(f"{label}: {m}"))
+    external: ExternalOperator | None = None
     try:
         stack.start()
+        if operator:
+            external = ExternalOperator(operator, stack, namespace, ctx.kubeconfig).start()
+            _EXTERNAL[id(stack)] = external
+            ctx.progress(f"{label}: started {operator!r} (pid {external.pid}); log {external.log_path}")
         _wait_workers_ready(stack, time.monotonic() + 60, ctx.progress)
         yield stack
     finally:
+        if external is not None:
+            external.stop()
+            _EXTERNAL.pop(id(stack), None)
         stop_stack(stack, ctx.progress, label)
+
+
+_EXTERNAL: dict[int, ExternalOperator] = {}  # id(stack) -> the operator running in its place
+
+
+class ExternalOperator:
+    """A command run in place of KubeChain's processes. It gets ``KUBECONFIG``, ``OPENAI_BASE_URL``
+    (the scripted LLM server) and ``KUBECHAIN_BENCH_NAMESPACE``; its CPU is charged to ``workers``."""
+
+    def __init__(self, command: str, stack: LocalStack, namespace: str, kubeconfig: str) -> None:
+        self.command = command
+        self.log_path = stack.logs / "operator.log"
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": kubeconfig,
+            "OPENAI_BASE_URL": f"{stack.llm_url}/v1",
+            "KUBECHAIN_BENCH_NAMESPACE": namespace,
+            "KUBECHAIN_NAMESPACES": json.dumps([namespace]),
+            "KUBECHAIN_LEASE_NAME": f"bench-{namespace}",
+            "KUBECHAIN_LEASE_NAMESPACE": namespace,
+            "REDIS_URL": stack.redis.url if stack.redis is not None else "",
+            "KUBECHAIN_OPENAI_BASE_URL": f"{stack.llm_url}/v1",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def start(self) -> ExternalOperator:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S602 - the user's own command line
+                self.command,
+                shell=True,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 def stop_stack(stack: LocalStack, progress: Progress, label: str) -> None:
@@ -502,6 +573,17 @@ def light(ctx: BenchContext, n: int, timeout_s: float = 300) -> list[dict[str, A
     return hello(ctx, n, scenario="light", timeout_s=timeout_s, sequential=True)
 
 
+def hello_side_by_side(ctx: BenchContext, n: int, timeout_s: float = 300) -> list[dict[str, Any]]:
+    """The hello row again with ``ctx.operator_command`` (e.g. the Go operator) in place of KubeChain."""
+    if not ctx.operator_command:
+        return []
+    rows = hello(ctx, n, label="hello-operator", timeout_s=timeout_s, operator=ctx.operator_command)
+    for row in rows:
+        row["workers"], row["pool"], row["concurrency"] = None, "external", None
+        row["figures"]["operator_command"] = ctx.operator_command
+    return rows
+
+
 def _stragglers(
     timelines: dict[str, Timeline], runs: dict[str, str], latencies: list[float], limit: int = 10
 ) -> list[dict[str, Any]]:
@@ -578,6 +660,7 @@ def hello(
     label: str | None = None,
     timeout_s: float = 300,
     sequential: bool = False,
+    operator: str | None = None,
 ) -> list[dict[str, Any]]:
     """``n`` runs created at once (``sequential``: one at a time, each after the previous finished —
     the light-load row, where per-turn overheads are measured without queueing behind other runs)."""
@@ -588,7 +671,7 @@ def hello(
     try:
         namespace = create_namespace(kube, label)
         row["figures"]["namespace"] = namespace
-        with row_stack(ctx, label, namespace, workers, pool, concurrency) as stack:
+        with row_stack(ctx, label, namespace, workers, pool, concurrency, operator=operator) as stack:
             set_script(stack, {"default": {"content": "Hello from the scripted LLM."}})
             create_agent(kube, namespace)
             wait_agent_ready(kube, namespace, "bench-agent", deadline)

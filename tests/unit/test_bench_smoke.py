@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import bench.run as bench_run
 from bench.observe import Sighting, Timeline, parse_request_totals, requests_per_run
 from bench.scenarios import hello_figures
+from kubechain.testing.waiting import wait_for
 
 
 def test_percentile_interpolates_linearly_like_numpy() -> None:
@@ -297,3 +299,20 @@ def test_light_load_row_is_judged_on_both_overheads() -> None:
     text = bench_run.render_table({"rows": [row]})
     assert "p50 21/30 ms" in text and "30/30 runs one at a time" in text
     assert "target p50 < 50 ms, p99 < 250 ms: met" in text
+
+
+def test_external_operator_gets_the_stack_and_is_stopped(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bench.scenarios import ExternalOperator
+
+    stack = SimpleNamespace(
+        logs=tmp_path / "logs", llm_url="http://127.0.0.1:9999", redis=SimpleNamespace(url="redis://x")
+    )
+    command = 'echo "$OPENAI_BASE_URL $KUBECHAIN_BENCH_NAMESPACE $KUBECONFIG"; exec sleep 60'
+    operator = ExternalOperator(command, stack, "ns-1", "/tmp/kubeconfig").start()  # type: ignore[arg-type]
+    assert operator.process is not None
+    wait_for(lambda: operator.log_path.read_text().strip() != "", 10, what="the operator's first line")
+    assert operator.log_path.read_text().split() == ["http://127.0.0.1:9999/v1", "ns-1", "/tmp/kubeconfig"]
+    operator.stop()
+    assert operator.process.poll() is not None
