@@ -62,7 +62,7 @@ DEFAULT_JSON = Path("bench/results/latest.json")
 # Sizes: (full, --quick)
 SIZES = {
     "baseline_writes": (3000, 600),
-    "hello_runs": (200, 30),
+    "hello_runs": (1000, 30),
     "light_runs": (30, 10),
     "inflight_runs": (1000, 100),
     "fanout_trials": (3, 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import Message, ToolCall, ToolCallFunction
@@ -59,7 +60,12 @@ class OpenAIClient:
         if request.top_p is not None:
             kwargs["top_p"] = request.top_p
         try:
-            completion = self._client.chat.completions.create(**kwargs)
+            # The client's own POST (same transport, errors and response model) with the body as built
+            # here: chat.completions.create would first re-walk it against the SDK's TypedDicts, which
+            # cost a quarter of a worker's CPU per turn.
+            completion = self._client.post(
+                "/chat/completions", body=kwargs, cast_to=ChatCompletion, options={}
+            )
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status == 429 or status >= 500 or status == 408
@@ -85,10 +91,11 @@ class OpenAIClient:
             ToolCall(
                 id=call.id,
                 type=call.type or "function",
-                function=ToolCallFunction(name=call.function.name, arguments=call.function.arguments or ""),
+                function=ToolCallFunction(name=function.name, arguments=function.arguments or ""),
             )
             for call in (message.tool_calls or [])
-            if getattr(call, "function", None) is not None
+            # custom (non-function) tool calls have no function: not ours to run
+            if (function := getattr(call, "function", None)) is not None
         ]
         usage = None
         if completion.usage is not None:
