@@ -158,7 +158,9 @@ def headline(row: dict[str, Any]) -> str:
     if scenario == "baseline":
         return f"{fmt(f.get('writes_per_s'), '.0f')} writes/s"
     if scenario in ("hello", "scale"):
-        return f"{fmt(f.get('runs_per_s'), '.1f')} runs/s"
+        drained = f.get("runs_per_s_incl_events")
+        suffix = f" ({fmt(drained, '.1f')} with Events)" if drained is not None else ""
+        return f"{fmt(f.get('runs_per_s'), '.1f')} runs/s{suffix}"
     if scenario == "light":
         return (
             f"p50 {fmt((f.get('ready_to_llm_ms') or {}).get('p50'), '.0f')}"
@@ -203,7 +205,8 @@ def details(row: dict[str, Any]) -> str:
         target = f.get("target_runs_per_s")
         if target is not None:
             verdict = "met" if f.get("meets_target") else "MISSED"
-            parts.append(f"target ≥ {target:.1f} runs/s: {verdict}")
+            judged = " (with Events)" if f.get("runs_per_s_incl_events") is not None else ""
+            parts.append(f"target ≥ {target:.1f} runs/s{judged}: {verdict}")
         if f.get("duplicate_llm_requests"):
             parts.append(f"{f['duplicate_llm_requests']} duplicate LLM requests")
     elif scenario == "light":
