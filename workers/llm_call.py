@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from kubechain.kube.errors import NotFound
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
@@ -22,7 +21,13 @@ from kubechain.statemachines.taskrun import (
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
-from workers.transitions import apply_claim, apply_transition, record_while_claimed, retry_on_conflict
+from workers.transitions import (
+    apply_claim,
+    apply_transition,
+    decide_on_current,
+    message_object,
+    record_while_claimed,
+)
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
@@ -37,39 +42,36 @@ class RunConfigError(Exception):
 
 
 def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
-    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
-
-    def attempt() -> None:
-        first = snapshot.pop() if snapshot else None
-        run = TaskRun.from_wire(first) if first and _names(first, message.name) else None
-        _llm_call_once(ctx, message.namespace, message.name, run)
-
-    retry_on_conflict(attempt)
+    decide_on_current(
+        ctx,
+        TaskRun,
+        message.namespace,
+        message.name,
+        lambda run: _take_turn(ctx, run, None),
+        message_object(message, TaskRun),
+    )
 
 
 def continue_turn(ctx: WorkerContext, run: TaskRun) -> None:
     """Make the LLM call of a ReadyForLLM turn this worker just handed to itself (its write put our
     claim on it), without the round trip through the watcher and the queue."""
-    first = [run]
     handed_off_at = run.status.claimed_at
     outcome = "ok"
     try:
         with span(f"llm_call TaskRun/{run.name}", None, **{"kubechain.reason": "handoff"}):
-            retry_on_conflict(
-                lambda: _llm_call_once(
-                    ctx, run.namespace, run.name, first.pop() if first else None, handed_off_at
-                )
+            decide_on_current(
+                ctx,
+                TaskRun,
+                run.namespace,
+                run.name,
+                lambda current: _take_turn(ctx, current, handed_off_at),
+                run,
             )
     except Exception:
         outcome = "error"
         raise
     finally:
         HANDOFFS.labels(outcome).inc()
-
-
-def _names(obj: dict[str, object], name: str) -> bool:
-    metadata = obj.get("metadata")
-    return isinstance(metadata, dict) and metadata.get("name") == name
 
 
 def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
@@ -123,22 +125,9 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
     return agent, llm, api_key, tool_definitions(agent, tools, servers, sub_agents, channels)
 
 
-def _llm_call_once(
-    ctx: WorkerContext,
-    namespace: str,
-    name: str,
-    run: TaskRun | None,
-    handed_off_at: str | None = None,
-) -> None:
-    """Decide from ``run`` (None: read it now) and, if the turn is ours to take, claim it, call the
-    LLM once and record the answer. A deleted run ends it quietly."""
-    try:
-        _take_turn(ctx, run or ctx.kube.get(TaskRun, namespace, name), handed_off_at)
-    except NotFound:
-        log.info("TaskRun %s/%s is gone; nothing to send", namespace, name)
-
-
 def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> None:
+    """If the turn is ours to take (``handed_off_at``: we handed it to ourselves then), claim it, call
+    the LLM once and record the answer."""
     if run.metadata.deletion_timestamp:
         return
     now = ctx.clock()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from kubechain.kube.errors import NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     LABEL_TOOLCALLREQUEST,
@@ -19,25 +18,21 @@ from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
 from workers.llm_call import continue_turn
-from workers.transitions import apply_transition, create_children, retry_on_conflict
+from workers.transitions import apply_transition, create_children, decide_on_current, message_object
 from workers.validators import get_or_none
 
 log = logging.getLogger(__name__)
 
 
 def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
-    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
-
-    def attempt() -> None:
-        first = snapshot.pop() if snapshot else None
-        named = first is not None and (first.get("metadata") or {}).get("name") == message.name
-        try:
-            run = TaskRun.from_wire(first) if first and named else None
-            _prepare_once(ctx, run or ctx.kube.get(TaskRun, message.namespace, message.name))
-        except NotFound:
-            log.info("TaskRun %s is gone; nothing to prepare", message.key())
-
-    retry_on_conflict(attempt)
+    decide_on_current(
+        ctx,
+        TaskRun,
+        message.namespace,
+        message.name,
+        lambda run: _prepare_once(ctx, run),
+        message_object(message, TaskRun),
+    )
 
 
 def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubechain.kube.errors import NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -48,8 +47,9 @@ from workers.transitions import (
     apply_claim,
     apply_transition,
     create_children,
+    decide_on_current,
+    message_object,
     record_while_claimed,
-    retry_on_conflict,
 )
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
@@ -200,31 +200,26 @@ def parse_arguments(raw: str) -> dict[str, Any]:
 
 
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
-    snapshot = [message.snapshot]  # used for the first attempt only; after a conflict, read fresh
+    decide_on_current(
+        ctx,
+        TaskRunToolCall,
+        message.namespace,
+        message.name,
+        lambda toolcall: _tool_call_once(ctx, toolcall),
+        message_object(message, TaskRunToolCall),
+    )
 
-    def attempt() -> None:
-        _tool_call_once(ctx, message, snapshot.pop() if snapshot else None)
 
-    retry_on_conflict(attempt)
-
-
-def _tool_call_once(
-    ctx: WorkerContext, message: ResourceMessage, snapshot: dict[str, Any] | None = None
-) -> None:
-    try:
-        if snapshot is not None and (snapshot.get("metadata") or {}).get("name") == message.name:
-            toolcall = TaskRunToolCall.from_wire(snapshot)
-        else:
-            toolcall = ctx.kube.get(TaskRunToolCall, message.namespace, message.name)
-    except NotFound:
-        return
+def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
     # The parent's spec does not change, and the "is it finished or deleted" check races with the
     # deletion however fresh the read: a read shared by the turn's sibling calls is good enough.
     parent = get_or_none(ctx, TaskRun, toolcall.namespace, toolcall.spec.task_run_ref.name, cached=True)
     if parent is None or parent.metadata.deletion_timestamp or parent.is_terminal():
-        log.info("skipping tool call %s: its TaskRun is gone or finished", message.key())
+        log.info(
+            "skipping tool call %s/%s: its TaskRun is gone or finished", toolcall.namespace, toolcall.name
+        )
         return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
@@ -254,7 +249,7 @@ def _tool_call_once(
         return  # approval requested, pending or rejected: the approval flow wrote the status
     claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
     if claim.transition is None:
-        log.debug("tool_call skipped for %s: %s", message.key(), claim.reason)
+        log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
         return
     if claim.transition.phase() == "Failed":
         apply_transition(ctx, toolcall, claim.transition)

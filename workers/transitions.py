@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from kubechain.kube.errors import AlreadyExists, Conflict, NotFound, Unavailable
 from kubechain.models import Resource
+from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
 
@@ -60,6 +61,38 @@ def create_children(
     with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
         for future in [pool.submit(create, child) for child in children]:
             future.result()
+
+
+def message_object(message: ResourceMessage, model: type[R]) -> R | None:
+    """The object the message carries (the watcher's snapshot), if it is the one the message names."""
+    snapshot = message.snapshot
+    if snapshot is None or snapshot.get("kind", model.KIND) != model.KIND:
+        return None
+    if (snapshot.get("metadata") or {}).get("name") != message.name:
+        return None
+    return model.from_wire(snapshot)
+
+
+def decide_on_current(
+    ctx: WorkerContext,
+    model: type[R],
+    namespace: str,
+    name: str,
+    step: Callable[[R], None],
+    first: R | None = None,
+) -> None:
+    """Run ``step`` on the object — ``first`` (a snapshot from the message, or what this worker just
+    wrote) on the first attempt, a fresh read after each conflict — until it decides without losing a
+    race. An object deleted meanwhile ends it quietly."""
+    pending = [first] if first is not None else []
+
+    def attempt() -> None:
+        try:
+            step(pending.pop() if pending else ctx.kube.get(model, namespace, name))
+        except NotFound:
+            log.info("%s %s/%s is gone; nothing to do", model.KIND, namespace, name)
+
+    retry_on_conflict(attempt)
 
 
 def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
