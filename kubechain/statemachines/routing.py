@@ -15,7 +15,7 @@ from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
-from kubechain.statemachines.transition import parse_timestamp
+from kubechain.statemachines.transition import HANDOFF_TIMEOUT_S, claim_remaining_s, parse_timestamp
 
 VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel")
 TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
@@ -69,7 +69,7 @@ def work_for(
     claim_timeout_s: float,
     *,
     resync: bool = False,
-    handoff_timeout_s: float = 15.0,
+    handoff_timeout_s: float = HANDOFF_TIMEOUT_S,
 ) -> list[Work]:
     """The tasks this object's own state calls for. ``resync`` adds the periodic checks: re-validate
     resources that are not Ready, and re-take claims (and hand-offs) whose holder stopped answering."""
@@ -188,8 +188,7 @@ def _has_approval_annotation(obj: Mapping[str, Any]) -> bool:
 
 
 def _claim_expired(status: Mapping[str, Any], now: datetime, claim_timeout_s: float) -> bool:
-    claimed_at = parse_timestamp(status.get("claimedAt"))
-    return claimed_at is None or (now - claimed_at).total_seconds() >= claim_timeout_s
+    return claim_remaining_s(status.get("claimedAt"), now, claim_timeout_s) <= 0
 
 
 def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:

@@ -37,7 +37,9 @@ from kubechain.models import (
 from kubechain.models.labels import LABEL_TASK
 from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
+    HANDOFF_TIMEOUT_S,
     Transition,
+    claim_remaining_s,
     normal,
     parse_timestamp,
     precise_timestamp,
@@ -56,7 +58,7 @@ class LoopLimits:
     claim_timeout_s: float = 180.0
     # A ReadyForLLM turn handed off to the worker that wrote it (it goes on to the LLM call itself,
     # without a round trip through the watcher and the queue); older than this, anyone may take it.
-    handoff_timeout_s: float = 15.0
+    handoff_timeout_s: float = HANDOFF_TIMEOUT_S
     # How long the fan-in check leaves missing tool calls to the worker that is creating them.
     child_creation_grace_s: float = 10.0
     max_attempts: int = 5
@@ -220,9 +222,8 @@ def plan_llm_claim(
         if due is not None and due > now:
             return ClaimDecision(None, (due - now).total_seconds(), "backing off")
     elif phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM:
-        claimed_at = parse_timestamp(run.status.claimed_at)
-        if claimed_at is not None and now - claimed_at < timedelta(seconds=limits.claim_timeout_s):
-            remaining = limits.claim_timeout_s - (now - claimed_at).total_seconds()
+        remaining = claim_remaining_s(run.status.claimed_at, now, limits.claim_timeout_s)
+        if remaining > 0:
             return ClaimDecision(None, remaining, f"claimed by {run.status.claimed_by}")
         # The holder died mid-call: the turn is repeated, but at most once.
         if attempts >= 2:
@@ -236,9 +237,8 @@ def plan_llm_claim(
     elif run.status.claimed_by and not (
         run.status.claimed_by == worker and run.status.claimed_at == handed_off_at
     ):
-        handed_at = parse_timestamp(run.status.claimed_at)
-        if handed_at is not None and now - handed_at < timedelta(seconds=limits.handoff_timeout_s):
-            remaining = limits.handoff_timeout_s - (now - handed_at).total_seconds()
+        remaining = claim_remaining_s(run.status.claimed_at, now, limits.handoff_timeout_s)
+        if remaining > 0:
             return ClaimDecision(None, remaining, f"handed off to {run.status.claimed_by}")
     return ClaimDecision(
         Transition(

@@ -7,13 +7,13 @@ Running with a stale claim (the worker died) --> Running again if the tool is id
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
 from kubechain.statemachines.transition import (
     Transition,
+    claim_remaining_s,
     normal,
-    parse_timestamp,
     precise_timestamp,
     timestamp,
     warning,
@@ -35,9 +35,8 @@ def plan_tool_claim(
     phase = toolcall.phase
     attempts = toolcall.status.attempts or 0
     if phase == ToolCallPhase.RUNNING:
-        claimed_at = parse_timestamp(toolcall.status.claimed_at)
-        if claimed_at is not None and now - claimed_at < timedelta(seconds=claim_timeout_s):
-            remaining = claim_timeout_s - (now - claimed_at).total_seconds()
+        remaining = claim_remaining_s(toolcall.status.claimed_at, now, claim_timeout_s)
+        if remaining > 0:
             return ToolClaim(None, remaining, f"running on {toolcall.status.claimed_by}")
         if not idempotent:
             message = (

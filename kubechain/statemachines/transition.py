@@ -56,6 +56,18 @@ def parse_timestamp(value: str | None) -> datetime | None:
         return None
 
 
+# How long a worker that hands a ReadyForLLM turn to itself has to claim it before anyone may.
+HANDOFF_TIMEOUT_S = 15.0
+
+
+def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -> float:
+    """Seconds until a claim (or hand-off) written at ``claimed_at`` expires; 0 if it has or if none."""
+    at = parse_timestamp(claimed_at)
+    if at is None:
+        return 0.0
+    return max(0.0, timeout_s - (now - at).total_seconds())
+
+
 def status_differs(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     """True when writing ``patch`` would change something (avoids no-op writes and event churn)."""
     return any(current.get(key) != value for key, value in patch.items())
