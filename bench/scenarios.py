@@ -289,7 +289,7 @@ def row_stack(
     try:
         stack.start()
         if operator:
-            external = ExternalOperator(operator, stack, namespace, ctx.kubeconfig).start()
+            external = ExternalOperator(operator, stack, namespace).start()
             _EXTERNAL[id(stack)] = external
             ctx.progress(f"{label}: started {operator!r} (pid {external.pid}); log {external.log_path}")
         _wait_workers_ready(stack, time.monotonic() + 60, ctx.progress)
@@ -308,19 +308,14 @@ class ExternalOperator:
     """A command run in place of KubeChain's processes. It gets ``KUBECONFIG``, ``OPENAI_BASE_URL``
     (the scripted LLM server) and ``KUBECHAIN_BENCH_NAMESPACE``; its CPU is charged to ``workers``."""
 
-    def __init__(self, command: str, stack: LocalStack, namespace: str, kubeconfig: str) -> None:
+    def __init__(self, command: str, stack: LocalStack, namespace: str) -> None:
         self.command = command
         self.log_path = stack.logs / "operator.log"
-        self.env = {
-            **os.environ,
-            "KUBECONFIG": kubeconfig,
-            "OPENAI_BASE_URL": f"{stack.llm_url}/v1",
+        # What KubeChain's own processes get (kubeconfig, Redis, namespace, Lease), plus the OpenAI
+        # variable other operators read.
+        self.env = stack.env() | {
+            "OPENAI_BASE_URL": stack.llm_base_url,
             "KUBECHAIN_BENCH_NAMESPACE": namespace,
-            "KUBECHAIN_NAMESPACES": json.dumps([namespace]),
-            "KUBECHAIN_LEASE_NAME": f"bench-{namespace}",
-            "KUBECHAIN_LEASE_NAMESPACE": namespace,
-            "REDIS_URL": stack.redis.url if stack.redis is not None else "",
-            "KUBECHAIN_OPENAI_BASE_URL": f"{stack.llm_url}/v1",
         }
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -307,10 +308,12 @@ def test_external_operator_gets_the_stack_and_is_stopped(tmp_path: Path) -> None
     from bench.scenarios import ExternalOperator
 
     stack = SimpleNamespace(
-        logs=tmp_path / "logs", llm_url="http://127.0.0.1:9999", redis=SimpleNamespace(url="redis://x")
+        logs=tmp_path / "logs",
+        llm_base_url="http://127.0.0.1:9999/v1",
+        env=lambda: {"PATH": os.environ["PATH"], "KUBECONFIG": "/tmp/kubeconfig"},
     )
     command = 'echo "$OPENAI_BASE_URL $KUBECHAIN_BENCH_NAMESPACE $KUBECONFIG"; exec sleep 60'
-    operator = ExternalOperator(command, stack, "ns-1", "/tmp/kubeconfig").start()  # type: ignore[arg-type]
+    operator = ExternalOperator(command, stack, "ns-1").start()  # type: ignore[arg-type]
     assert operator.process is not None
     wait_for(lambda: operator.log_path.read_text().strip() != "", 10, what="the operator's first line")
     assert operator.log_path.read_text().split() == ["http://127.0.0.1:9999/v1", "ns-1", "/tmp/kubeconfig"]
