@@ -122,29 +122,29 @@ class _RequestKind:
     """One kind of HumanLayer request: an approval (function call) or a question (contact request)."""
 
     what: str
-    claim: Callable[[TaskRunToolCall, str, str, datetime], Transition]  # (call, channel, worker, now)
-    sent: Callable[[TaskRunToolCall, str, str, datetime], Transition]  # (call, channel, external id, now)
+    ask: machine.HumanAsk
     failed: Callable[
         [TaskRunToolCall, str, str, str, datetime], Transition
     ]  # (call, channel, error, reason, now)
     send: Callable[
         [HumanLayerClient, str, str, dict[str, Any]], dict[str, Any]
     ]  # (client, run id, call id, spec)
+    fetch: Callable[[HumanLayerClient, str], dict[str, Any]]  # (client, external id): its state
 
 
 _APPROVAL = _RequestKind(
     what="approval request",
-    claim=machine.plan_request_claim,
-    sent=machine.plan_request_sent,
+    ask=machine.APPROVAL,
     failed=lambda call, _channel, error, reason, now: machine.plan_request_failed(call, error, reason, now),
     send=lambda client, run_id, call_id, spec: client.create_function_call(run_id, call_id, spec),
+    fetch=lambda client, external_id: client.get_function_call(external_id),
 )
 _CONTACT = _RequestKind(
     what="human contact request",
-    claim=machine.plan_contact_claim,
-    sent=machine.plan_contact_sent,
+    ask=machine.CONTACT,
     failed=machine.plan_contact_failed,
     send=lambda client, run_id, call_id, spec: client.create_contact_request(run_id, call_id, spec),
+    fetch=lambda client, external_id: client.get_contact_request(external_id),
 )
 
 
@@ -167,7 +167,9 @@ def _send_request(
         _schedule(ctx, failed)
         return
     spec = spec_for(channel_payload(channel))
-    claimed = apply_transition(ctx, toolcall, kind.claim(toolcall, channel_name, ctx.identity, now))
+    claimed = apply_transition(
+        ctx, toolcall, machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, now)
+    )
     external_id = machine.call_id(claimed)
     sent_id: str | None = None
     error = ""
@@ -181,7 +183,7 @@ def _send_request(
 
     def plan(current: TaskRunToolCall) -> Transition:
         if sent_id is not None:
-            return kind.sent(current, channel_name, sent_id, ctx.clock())
+            return machine.plan_ask_sent(current, kind.ask, channel_name, sent_id, ctx.clock())
         return kind.failed(current, channel_name, error, "HumanLayerRequestFailed", ctx.clock())
 
     written = _write_holding_claim(ctx, claimed, plan)
@@ -201,15 +203,39 @@ def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_nam
 
 
 def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+    def answered(call: dict[str, Any], now: datetime) -> Transition | None:
+        decision = machine.humanlayer_decision(call)
+        return machine.plan_decision(toolcall, decision, now) if decision is not None else None
+
+    _check_request(
+        ctx,
+        toolcall,
+        channel_name,
+        _APPROVAL,
+        answered,
+        lambda: _request_approval(ctx, toolcall, channel_name),
+    )
+
+
+def _check_request(
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    channel_name: str,
+    kind: _RequestKind,
+    answered: Callable[[dict[str, Any], datetime], Transition | None],
+    request_again: Callable[[], None],
+) -> None:
+    """When a re-check is due, ask HumanLayer about the request: record the human's answer, or count
+    the check (so the next is due later); a request HumanLayer forgot is sent again."""
     now = ctx.clock()
     if not machine.is_due(toolcall, now):
         return  # an early trigger; the re-check that is due will come
-    detail = machine.waiting_detail(channel_name)
+    detail = kind.ask.waiting_detail(channel_name)
     external_id = toolcall.status.external_call_id or ""
     try:
         _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
         with _client(ctx, api_key) as client:
-            call = client.get_function_call(external_id)
+            state = kind.fetch(client, external_id)
     except ChannelProblem as problem:
         _schedule(
             ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
@@ -217,21 +243,22 @@ def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name:
         return
     except HumanLayerNotFound:
         log.warning(
-            "HumanLayer does not know call %s of %s/%s; requesting again",
+            "HumanLayer does not know %s %s of %s/%s; sending it again",
+            kind.what,
             external_id,
             toolcall.namespace,
             toolcall.name,
         )
-        _request_approval(ctx, toolcall, channel_name)
+        request_again()
         return
     except HumanLayerError as exc:
         _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
         return
-    decision = machine.humanlayer_decision(call)
-    if decision is None:
+    transition = answered(state, now)
+    if transition is None:
         _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
         return
-    apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, now))
+    apply_transition(ctx, toolcall, transition)
 
 
 # -- humans as tools ---------------------------------------------------------------------------------
@@ -285,33 +312,18 @@ def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name
 
 
 def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
-    now = ctx.clock()
-    if not machine.is_due(toolcall, now):
-        return
-    detail = machine.input_detail(channel_name)
-    external_id = toolcall.status.external_call_id or ""
-    try:
-        _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
-        with _client(ctx, api_key) as client:
-            contact = client.get_contact_request(external_id)
-    except ChannelProblem as problem:
-        _schedule(
-            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
-        )
-        return
-    except HumanLayerNotFound:
+    def answered(contact: dict[str, Any], now: datetime) -> Transition | None:
+        answer = machine.human_response(contact)
+        if answer is None:
+            return None
+        response, by = answer
+        return machine.plan_human_responded(toolcall, channel_name, response, by, now)
+
+    def request_again() -> None:
         message, _ = _contact_message(toolcall)
         _request_contact(ctx, toolcall, channel_name, message)
-        return
-    except HumanLayerError as exc:
-        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
-        return
-    answer = machine.human_response(contact)
-    if answer is None:
-        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
-        return
-    response, by = answer
-    apply_transition(ctx, toolcall, machine.plan_human_responded(toolcall, channel_name, response, by, now))
+
+    _check_request(ctx, toolcall, channel_name, _CONTACT, answered, request_again)
 
 
 # -- shared ------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ Bookkeeping in the waiting phases uses existing status fields (everything surviv
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -192,6 +193,63 @@ def plan_decision(toolcall: TaskRunToolCall, decision: Decision, now: datetime) 
     )
 
 
+# -- requests to a human (approvals and questions) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HumanAsk:
+    """What differs between asking a human to approve a call and asking a human a question."""
+
+    phase: ToolCallPhase  # the phase while the request is out
+    first_detail: Callable[[str], str]  # statusDetail when it is first claimed (by channel)
+    waiting_detail: Callable[[str], str]  # statusDetail once sent
+    event_reason: str  # the Event when the human is first asked
+    event_message: Callable[[str], str]
+    refresh_detail: bool  # a repeated request shows the waiting detail again
+
+
+def plan_ask_claim(
+    toolcall: TaskRunToolCall, ask: HumanAsk, channel: str, worker: str, now: datetime
+) -> Transition:
+    """Take the claim to send the request (the side effect comes after this write wins)."""
+    status: dict[str, Any] = {
+        "claimedBy": worker,
+        "claimedAt": precise_timestamp(now),
+        "externalCallID": None,
+        "startTime": toolcall.status.start_time or timestamp(now),
+    }
+    events = []
+    if toolcall.phase in PENDING_PHASES:
+        status |= {
+            "phase": ask.phase.value,
+            "status": "Ready",
+            "statusDetail": ask.first_detail(channel),
+            "attempts": 0,
+        }
+        events.append(normal(ask.event_reason, ask.event_message(channel)))
+    elif toolcall.phase == ask.phase and ask.refresh_detail:
+        status["statusDetail"] = ask.waiting_detail(channel)
+    return Transition(status=status, events=events)
+
+
+def plan_ask_sent(
+    toolcall: TaskRunToolCall, ask: HumanAsk, channel: str, external_id: str, now: datetime
+) -> Transition:
+    return Transition(
+        status={
+            "phase": ask.phase.value,
+            "status": "Ready",
+            "statusDetail": ask.waiting_detail(channel),
+            "externalCallID": external_id,
+            "error": None,
+            "claimedBy": None,
+            "claimedAt": precise_timestamp(now),
+            "attempts": 0,
+        },
+        events=[normal("HumanLayerRequestSent", "HumanLayer request sent")],
+    )
+
+
 # -- approval requests -------------------------------------------------------------------------------
 
 
@@ -230,46 +288,6 @@ def plan_await_kubectl(toolcall: TaskRunToolCall, now: datetime) -> Transition |
             )
         )
     return Transition(status=patch, events=events)
-
-
-def plan_request_claim(toolcall: TaskRunToolCall, channel: str, worker: str, now: datetime) -> Transition:
-    """Take the claim to send the approval request (the side effect comes after this write wins)."""
-    status: dict[str, Any] = {
-        "claimedBy": worker,
-        "claimedAt": precise_timestamp(now),
-        "externalCallID": None,
-        "startTime": toolcall.status.start_time or timestamp(now),
-    }
-    events = []
-    if toolcall.phase in PENDING_PHASES:
-        status |= {
-            "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
-            "status": "Ready",
-            "statusDetail": waiting_detail(channel),
-            "attempts": 0,
-        }
-        events.append(
-            normal("AwaitingHumanApproval", f"Tool execution requires approval via contact channel {channel}")
-        )
-    elif toolcall.phase == ToolCallPhase.AWAITING_HUMAN_APPROVAL:
-        status["statusDetail"] = waiting_detail(channel)
-    return Transition(status=status, events=events)
-
-
-def plan_request_sent(toolcall: TaskRunToolCall, channel: str, external_id: str, now: datetime) -> Transition:
-    return Transition(
-        status={
-            "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
-            "status": "Ready",
-            "statusDetail": waiting_detail(channel),
-            "externalCallID": external_id,
-            "error": None,
-            "claimedBy": None,
-            "claimedAt": precise_timestamp(now),
-            "attempts": 0,
-        },
-        events=[normal("HumanLayerRequestSent", "HumanLayer request sent")],
-    )
 
 
 def plan_request_failed(toolcall: TaskRunToolCall, error: str, reason: str, now: datetime) -> Transition:
@@ -320,39 +338,22 @@ def input_detail(channel: str) -> str:
     return f"Waiting for human input via contact channel {channel}"
 
 
-def plan_contact_claim(toolcall: TaskRunToolCall, channel: str, worker: str, now: datetime) -> Transition:
-    status: dict[str, Any] = {
-        "claimedBy": worker,
-        "claimedAt": precise_timestamp(now),
-        "externalCallID": None,
-        "startTime": toolcall.status.start_time or timestamp(now),
-    }
-    events = []
-    if toolcall.phase in PENDING_PHASES:
-        status |= {
-            "phase": ToolCallPhase.AWAITING_HUMAN_INPUT.value,
-            "status": "Ready",
-            "statusDetail": f"Contacting a human via contact channel {channel}",
-            "attempts": 0,
-        }
-        events.append(normal("AwaitingHumanContact", f"Asking a human via contact channel {channel}"))
-    return Transition(status=status, events=events)
-
-
-def plan_contact_sent(toolcall: TaskRunToolCall, channel: str, external_id: str, now: datetime) -> Transition:
-    return Transition(
-        status={
-            "phase": ToolCallPhase.AWAITING_HUMAN_INPUT.value,
-            "status": "Ready",
-            "statusDetail": input_detail(channel),
-            "externalCallID": external_id,
-            "error": None,
-            "claimedBy": None,
-            "claimedAt": precise_timestamp(now),
-            "attempts": 0,
-        },
-        events=[normal("HumanLayerRequestSent", "HumanLayer request sent")],
-    )
+APPROVAL = HumanAsk(
+    phase=ToolCallPhase.AWAITING_HUMAN_APPROVAL,
+    first_detail=waiting_detail,
+    waiting_detail=waiting_detail,
+    event_reason="AwaitingHumanApproval",
+    event_message=lambda channel: f"Tool execution requires approval via contact channel {channel}",
+    refresh_detail=True,
+)
+CONTACT = HumanAsk(
+    phase=ToolCallPhase.AWAITING_HUMAN_INPUT,
+    first_detail=lambda channel: f"Contacting a human via contact channel {channel}",
+    waiting_detail=input_detail,
+    event_reason="AwaitingHumanContact",
+    event_message=lambda channel: f"Asking a human via contact channel {channel}",
+    refresh_detail=False,
+)
 
 
 def plan_contact_failed(

@@ -469,7 +469,9 @@ def test_a_dead_requester_is_taken_over_after_the_claim_timeout(world: World) ->
     add_toolcall(w)
     toolcall = w.kube.get(TaskRunToolCall, "default", TC)
     claimed = apply_transition(
-        w.ctx(), toolcall, machine.plan_request_claim(toolcall, "approvals", "dead-worker", w.clock())
+        w.ctx(),
+        toolcall,
+        machine.plan_ask_claim(toolcall, machine.APPROVAL, "approvals", "dead-worker", w.clock()),
     )
     # The dead worker even got its request through before dying.
     call_id = machine.call_id(claimed)
