@@ -19,7 +19,6 @@ Which channel asks for approval:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, TaskRunToolCall, ToolCallPhase
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
-from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
 from kubechain.statemachines.transition import Transition
 from workers.transitions import apply_transition
 from workers.validators import SecretProblem, get_or_none, read_api_key
@@ -86,7 +85,7 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
         if phase not in machine.APPROVAL_WAITING_PHASES:
             return True
         requirement = Requirement(None)  # the configuration changed while waiting: a decision is still due
-    if _arguments(toolcall) is None:
+    if parse_arguments(toolcall)[1] is not None:
         return True  # invalid arguments: tool_call fails the call before anything runs; no one need approve
     now = ctx.clock()
     decision = machine.annotation_decision(toolcall)
@@ -192,7 +191,7 @@ def _send_request(
 
 
 def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
-    kwargs = _arguments(toolcall) or {}
+    kwargs, _ = parse_arguments(toolcall)
     _send_request(
         ctx,
         toolcall,
@@ -276,10 +275,14 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
     now = ctx.clock()
     phase = toolcall.phase
     if phase in machine.PENDING_PHASES:
-        message, problem = _contact_message(toolcall)
-        if problem is not None:
-            detail = "Invalid arguments JSON" if problem.startswith("Invalid arguments JSON") else None
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, detail=detail))
+        arguments, invalid = parse_arguments(toolcall)
+        if invalid is not None:
+            apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
+            return
+        message = _contact_message(arguments)
+        if message is None:
+            problem = 'human contact tools need a non-empty "message" argument'
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
             return
         _request_contact(ctx, toolcall, channel_name, message)
         return
@@ -290,21 +293,13 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
         return
     if machine.request_in_flight(toolcall, now) or not machine.is_due(toolcall, now):
         return
-    message, _ = _contact_message(toolcall)
+    message = _contact_message(parse_arguments(toolcall)[0]) or ""
     _request_contact(ctx, toolcall, channel_name, message)
 
 
-def _contact_message(toolcall: TaskRunToolCall) -> tuple[str, str | None]:
-    try:
-        arguments = json.loads(toolcall.spec.arguments or "{}")
-    except ValueError as exc:
-        return "", f"Invalid arguments JSON: {exc}"
-    if not isinstance(arguments, dict):
-        return "", f"Invalid arguments JSON: arguments must be a JSON object, got {type(arguments).__name__}"
+def _contact_message(arguments: dict[str, Any]) -> str | None:
     message = arguments.get("message")
-    if not isinstance(message, str) or not message.strip():
-        return "", 'human contact tools need a non-empty "message" argument'
-    return message, None
+    return message if isinstance(message, str) and message.strip() else None
 
 
 def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str, message: str) -> None:
@@ -320,7 +315,7 @@ def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: 
         return machine.plan_human_responded(toolcall, channel_name, response, by, now)
 
     def request_again() -> None:
-        message, _ = _contact_message(toolcall)
+        message = _contact_message(parse_arguments(toolcall)[0]) or ""
         _request_contact(ctx, toolcall, channel_name, message)
 
     _check_request(ctx, toolcall, channel_name, _CONTACT, answered, request_again)
@@ -358,14 +353,6 @@ def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[Cont
 
 def _client(ctx: WorkerContext, api_key: str) -> HumanLayerClient:
     return HumanLayerClient(ctx.settings.humanlayer_api_base, api_key)
-
-
-def _arguments(toolcall: TaskRunToolCall) -> dict[str, Any] | None:
-    try:
-        value = json.loads(toolcall.spec.arguments or "{}")
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str | None) -> bool:

@@ -30,7 +30,9 @@ from kubechain.statemachines.toolcall import (
     child_run_name,
     delegation_problem,
     holds_claim,
+    parse_arguments,
     plan_awaiting_sub_agent,
+    plan_invalid_arguments,
     plan_sub_agent_outcome,
     plan_tool_claim,
     plan_tool_failure,
@@ -192,13 +194,6 @@ def find_tool(ctx: WorkerContext, namespace: str, function_name: str) -> Tool | 
     return None
 
 
-def parse_arguments(raw: str) -> dict[str, Any]:
-    value = json.loads(raw or "{}")
-    if not isinstance(value, dict):
-        raise ValueError(f"arguments must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     decide_on_current(
         ctx,
@@ -257,16 +252,9 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if executor.problem is not None:
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
         return
-    try:
-        arguments = parse_arguments(toolcall.spec.arguments)
-    except ValueError as exc:
-        apply_transition(
-            ctx,
-            toolcall,
-            plan_tool_failure(
-                toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"
-            ),
-        )
+    arguments, invalid = parse_arguments(toolcall)
+    if invalid is not None:
+        apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
         return
     claimed_at = str(claim.transition.status["claimedAt"])
     claimed = apply_claim(
@@ -336,16 +324,9 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     if problem is not None:
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused"))
         return
-    try:
-        arguments = parse_arguments(toolcall.spec.arguments)
-    except ValueError as exc:
-        apply_transition(
-            ctx,
-            toolcall,
-            plan_tool_failure(
-                toolcall, f"Invalid arguments JSON: {exc}", now, detail="Invalid arguments JSON"
-            ),
-        )
+    arguments, invalid = parse_arguments(toolcall)
+    if invalid is not None:
+        apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
         return
     message = arguments.get("message")
     if not isinstance(message, str) or not message.strip():

@@ -6,8 +6,10 @@ Running with a stale claim (the worker died) --> Running again if the tool is id
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
 from kubechain.statemachines.transition import (
@@ -85,6 +87,24 @@ def plan_tool_success(
         },
         events=[normal("ExecutionSucceeded", event_message)],
     )
+
+
+INVALID_ARGUMENTS = "Invalid arguments JSON"
+
+
+def parse_arguments(toolcall: TaskRunToolCall) -> tuple[dict[str, Any], str | None]:
+    """The call's arguments, or the error the LLM is told when they are not a JSON object."""
+    try:
+        value = json.loads(toolcall.spec.arguments or "{}")
+    except ValueError as exc:
+        return {}, f"{INVALID_ARGUMENTS}: {exc}"
+    if not isinstance(value, dict):
+        return {}, f"{INVALID_ARGUMENTS}: arguments must be a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+def plan_invalid_arguments(toolcall: TaskRunToolCall, problem: str, now: datetime) -> Transition:
+    return plan_tool_failure(toolcall, problem, now, detail=INVALID_ARGUMENTS)
 
 
 def plan_tool_failure(
