@@ -7,7 +7,7 @@ from typing import Any
 
 import anthropic
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -124,17 +124,7 @@ class AnthropicClient:
     def validate_credentials(self) -> None:
         try:
             self._client.models.list(limit=1)
-        except anthropic.AuthenticationError as exc:
-            raise LLMError(
-                f"invalid API key (status code: {exc.status_code})",
-                retryable=False,
-                status_code=exc.status_code,
-            ) from exc
         except anthropic.APIStatusError as exc:
-            raise LLMError(
-                f"endpoint answered status {exc.status_code}",
-                retryable=exc.status_code >= 500,
-                status_code=exc.status_code,
-            ) from exc
+            raise credentials_error(exc.status_code, exc) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
-            raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc
+            raise credentials_error(None, exc) from exc

@@ -58,6 +58,19 @@ class LLMError(Exception):
         self.retry_after_s = retry_after_s
 
 
+def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
+    """What a failed credentials check (listing models) means: an HTTP status, or no answer at all."""
+    if status_code is None:
+        return LLMError(f"could not reach the LLM endpoint: {cause}", retryable=True)
+    if status_code == 401:
+        return LLMError(
+            f"invalid API key (status code: {status_code})", retryable=False, status_code=status_code
+        )
+    return LLMError(
+        f"endpoint answered status {status_code}", retryable=status_code >= 500, status_code=status_code
+    )
+
+
 class LLMClient(Protocol):
     def complete(self, request: LLMRequest) -> LLMResponse: ...
 

@@ -7,7 +7,7 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -109,20 +109,10 @@ class OpenAIClient:
     def validate_credentials(self) -> None:
         try:
             self._client.models.list()
-        except openai.AuthenticationError as exc:
-            raise LLMError(
-                f"invalid API key (status code: {exc.status_code})",
-                retryable=False,
-                status_code=exc.status_code,
-            ) from exc
         except openai.APIStatusError as exc:
-            raise LLMError(
-                f"endpoint answered status {exc.status_code}",
-                retryable=exc.status_code >= 500,
-                status_code=exc.status_code,
-            ) from exc
+            raise credentials_error(exc.status_code, exc) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            raise LLMError(f"could not reach the LLM endpoint: {exc}", retryable=True) from exc
+            raise credentials_error(None, exc) from exc
 
 
 def _short_body(exc: openai.APIStatusError) -> str:
