@@ -86,6 +86,24 @@ def resource(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The README's builtin "add" Tool, with the parameters schema the LLM is shown.
+ADD_TOOL = resource(
+    "Tool",
+    "add",
+    {
+        "name": "add",
+        "toolType": "function",
+        "description": "Add two numbers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        },
+        "execute": {"builtin": {"name": "add"}},
+    },
+)
+
+
 def secret(name: str, data: dict[str, str]) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kubechain.testing.waiting import wait_for
 from tests.conftest import Kubectl
 from tests.e2e.conftest import (
+    ADD_TOOL,
     OPENAI_SECRET,
     ScriptedLLM,
     apply,
@@ -103,28 +104,13 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
             {"content_template": "Sums: {last_tool_results}"},
         ],
     )
-    add_tool = resource(
-        "Tool",
-        "add",
-        {
-            "name": "add",
-            "toolType": "function",
-            "description": "Add two numbers",
-            "parameters": {
-                "type": "object",
-                "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
-                "required": ["a", "b"],
-            },
-            "execute": {"builtin": {"name": "add"}},
-        },
-    )
     agent = resource(
         "Agent",
         "calculator",
         {"llmRef": {"name": "gpt-4o"}, "tools": [{"name": "add"}], "system": "You add."},
     )
     run = resource("TaskRun", "sums", {"agentRef": {"name": "calculator"}, "userMessage": question})
-    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), add_tool, agent)
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), ADD_TOOL, agent)
     wait_for(
         lambda: get(kubectl, namespace, "agent", "calculator").get("status", {}).get("ready"),
         60,

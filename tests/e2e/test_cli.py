@@ -15,23 +15,7 @@ import yaml
 from kubechain.testing.stack import LocalStack
 from kubechain.testing.waiting import wait_for
 from tests.conftest import Kubectl
-from tests.e2e.conftest import ScriptedLLM, apply, get, resource
-
-ADD_TOOL = resource(
-    "Tool",
-    "add",
-    {
-        "name": "add",
-        "toolType": "function",
-        "description": "Add two numbers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
-            "required": ["a", "b"],
-        },
-        "execute": {"builtin": {"name": "add"}},
-    },
-)
+from tests.e2e.conftest import ADD_TOOL, ScriptedLLM, apply, get, resource
 
 
 def cli(
