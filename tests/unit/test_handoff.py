@@ -55,9 +55,7 @@ def run_status(kube: FakeKubeClient, name: str = "r") -> dict[str, Any]:
 
 def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
     kube = CountingKube()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    validated(kube, llm)
-    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    llm = new_run(kube)
     snapshot = kube.get_raw("taskruns", "default", "r")
     kube.calls.clear()
 
@@ -72,9 +70,7 @@ def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
 
 def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    validated(kube, llm)
-    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    llm = new_run(kube)
     prepare(context(kube, llm, continues_llm=False), message("TaskRun", "r"))
     status = run_status(kube)
     assert status["phase"] == "ReadyForLLM" and not status.get("claimedBy")
@@ -84,10 +80,17 @@ def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
     assert llm.requests == []
 
 
-def handed_off_run(kube: FakeKubeClient, llm: FakeLLM, holder: str) -> dict[str, Any]:
-    """A run whose ReadyForLLM write handed the turn to ``holder``, which then did nothing (died)."""
+def new_run(kube: FakeKubeClient) -> FakeLLM:
+    """Validated LLM and Agent, and a new direct TaskRun "r"; the LLM answers "done"."""
+    llm = FakeLLM(lambda r: LLMResponse(content="done"))
     validated(kube, llm)
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    return llm
+
+
+def handed_off_run(kube: FakeKubeClient, holder: str) -> tuple[FakeLLM, dict[str, Any]]:
+    """A run whose ReadyForLLM write handed the turn to ``holder``, which then did nothing (died)."""
+    llm = new_run(kube)
     ctx = context(kube, llm, identity=holder, continues_llm=True)
     # Only the hand-off write: the holder dies before its claim.
     run = kube.get(TaskRun, "default", "r")
@@ -95,13 +98,12 @@ def handed_off_run(kube: FakeKubeClient, llm: FakeLLM, holder: str) -> dict[str,
     transition = plan_initial_context(run, None, False, agent, ctx.clock(), holder)
     assert transition is not None
     apply_transition(ctx, run, transition)
-    return kube.get_raw("taskruns", "default", "r")
+    return llm, kube.get_raw("taskruns", "default", "r")
 
 
 def test_a_fresh_hand_off_is_not_queued_nor_taken_by_another_worker() -> None:
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    obj = handed_off_run(kube, llm, "w1")
+    llm, obj = handed_off_run(kube, "w1")
     assert obj["status"]["claimedBy"] == "w1"
     handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
 
@@ -113,8 +115,7 @@ def test_a_fresh_hand_off_is_not_queued_nor_taken_by_another_worker() -> None:
 
 def test_a_stale_hand_off_is_requeued_by_resync_and_taken_by_another_worker() -> None:
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    obj = handed_off_run(kube, llm, "w1")
+    llm, obj = handed_off_run(kube, "w1")
     handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
     later = handed + timedelta(seconds=16)
 
@@ -131,8 +132,7 @@ def test_a_stale_hand_off_is_requeued_by_resync_and_taken_by_another_worker() ->
 
 def test_a_retried_prepare_finishes_its_own_hand_off() -> None:
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    handed_off_run(kube, llm, "w1")
+    llm, _ = handed_off_run(kube, "w1")
     prepare(context(kube, llm, identity="w1", continues_llm=True), message("TaskRun", "r"))
     assert run_status(kube)["phase"] == "FinalAnswer"
     assert len(llm.requests) == 1
@@ -166,9 +166,7 @@ def test_fan_in_hands_the_next_turn_to_the_worker_that_completed_it() -> None:
 def test_stale_run_snapshots_conflict_and_are_reread() -> None:
     """Messages redelivered after the run finished, each with the state that once called for it."""
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    validated(kube, llm)
-    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    llm = new_run(kube)
     created = kube.get_raw("taskruns", "default", "r")
     ctx = context(kube, llm)
     prepare(ctx, message("TaskRun", "r"))
@@ -184,9 +182,7 @@ def test_stale_run_snapshots_conflict_and_are_reread() -> None:
 
 def test_a_snapshot_of_a_deleted_run_ends_quietly() -> None:
     kube = FakeKubeClient()
-    llm = FakeLLM(lambda r: LLMResponse(content="done"))
-    validated(kube, llm)
-    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    llm = new_run(kube)
     snapshot = kube.get_raw("taskruns", "default", "r")
     kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r")
     ctx = context(kube, llm, continues_llm=True)
