@@ -89,8 +89,8 @@ def decide_on_current(
     def attempt() -> None:
         try:
             step(pending.pop() if pending else ctx.kube.get(model, namespace, name))
-        except NotFound:
-            log.info("%s %s/%s is gone; nothing to do", model.KIND, namespace, name)
+        except NotFound as gone:
+            log.info("%s %s/%s: %s was deleted meanwhile; nothing to do", model.KIND, namespace, name, gone)
 
     retry_on_conflict(attempt)
 
