@@ -331,3 +331,16 @@ def test_throughput_is_judged_with_the_events_posted() -> None:
     row = {"scenario": "hello", "label": "hello", "n": 1000, "figures": {**figures, **drained}}
     text = bench_run.render_table({"rows": [row]})
     assert "(80.0 with Events)" in text and "target ≥ 90.0 runs/s (with Events): MISSED" in text
+
+
+def test_ready_time_of_a_handed_off_turn_is_its_hand_off() -> None:
+    from datetime import UTC, datetime
+
+    from bench.scenarios import ready_time
+
+    handed = datetime.fromtimestamp(100.0, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lagging = Timeline("r", [Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", handed)])
+    assert ready_time(lagging) == pytest.approx(100.0)
+    queued = Timeline("r", [Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", None)])
+    assert ready_time(queued) == pytest.approx(100.4)
+    assert ready_time(Timeline("r", [])) is None
