@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Queue
 from pydantic import BaseModel, Field
 
+from kubechain.redis_transport import transport_for
 from kubechain.settings import Settings
 
 
@@ -73,6 +74,7 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_transport_options={"visibility_timeout": visibility},
+        broker_transport=transport_for(settings.redis_url),
         broker_connection_retry_on_startup=True,
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
@@ -92,4 +94,7 @@ def enqueue(app: Celery, task: TaskName, message: ResourceMessage, countdown_s: 
         args=[message.model_dump()],
         queue=TASK_QUEUES[task].value,
         countdown=countdown_s if countdown_s > 0 else None,
+        # Celery would saferepr() the whole payload (snapshot included) for its logs; the key says more.
+        argsrepr=f"[{message.key()} ({message.reason})]",
+        kwargsrepr="{}",
     )
