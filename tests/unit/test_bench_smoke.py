@@ -166,7 +166,7 @@ FIXED_RESULT: dict[str, Any] = {
             "label": "baseline",
             "concurrency": 16,
             "n": 600,
-            "cpu_s": {"kube-apiserver": 1.4, "bench": 0.7},
+            "cpu_s": {"kube-apiserver": 1.4, "bench": 0.7, "machine": 2.66},
             "cpu_wall_s": 1.4,
             "figures": {
                 "writes_per_s": 427.6,
@@ -263,7 +263,7 @@ def test_render_table_from_a_fixed_result() -> None:
     table = [line for line in lines if line.startswith("| ")]
     assert table[0].split("|")[1].strip() == "scenario"
     body = "\n".join(table)
-    assert "428 writes/s" in body
+    assert "428 writes/s" in body and "machine CPU 95% busy" in body  # 2.66 s of 2 cores × 1.4 s
     assert "18.6 runs/s" in body and "target ≥ 53.5 runs/s: MISSED" in body and "API requests/run 9.1" in body
     assert "8.91 s (ideal 1.0 s)" in body and "max concurrent tools 25" in body
     assert "peak RSS 315 MiB" in body and "TIMED OUT" in body and "1 FAILED" in body
@@ -344,3 +344,60 @@ def test_ready_time_of_a_handed_off_turn_is_its_hand_off() -> None:
     queued = Timeline("r", [Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", None)])
     assert ready_time(queued) == pytest.approx(100.4)
     assert ready_time(Timeline("r", [])) is None
+
+
+def test_baseline_and_hello_repeat_in_rounds_and_the_rest_runs_once() -> None:
+    full = bench_run.parse_args([])
+    assert full.rounds == 3 and bench_run.parse_args(["--quick"]).rounds == 1
+    assert bench_run._schedule(full.scenario_list, 3) == [
+        *["baseline", "hello"] * 3,
+        "light",
+        "fanout",
+        "inflight",
+        "scale",
+    ]
+    assert bench_run._schedule(["hello", "scale"], 3) == ["hello", "scale"]  # no baseline, nothing to pair
+    assert bench_run._schedule(["baseline", "hello"], 1) == ["baseline", "hello"]
+    result: dict[str, Any] = {"options": {"scenarios": ["baseline", "hello", "light"]}, "rows": []}
+    assert bench_run._round_of("baseline", 3, result) == 1
+    result["rows"] += [
+        {"scenario": "hello", "label": "hello", "round": 1},
+        {"scenario": "hello", "label": "hello-operator", "round": 1},
+    ]
+    assert bench_run._round_of("hello", 3, result) == 2  # two rows of one round are still one round
+    assert bench_run._round_of("light", 3, result) is None
+    assert bench_run._round_of("hello", 3, {"options": {"scenarios": ["hello"]}, "rows": []}) is None
+
+
+def _hello_round(round_no: int, baseline: float, rate: float, **extra: Any) -> dict[str, Any]:
+    target = bench_run.write_target(baseline, 4.0)
+    figures = {
+        "baseline_writes_per_s": baseline,
+        "runs_per_s": rate + 10,
+        "runs_per_s_incl_events": rate,
+        "target_runs_per_s": target,
+    }
+    return {"scenario": "hello", "label": "hello", "round": round_no, "n": 1000, "figures": figures, **extra}
+
+
+def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline() -> None:
+    rows = [
+        {"scenario": "baseline", "label": "baseline", "round": 1, "figures": {"writes_per_s": 600.0}},
+        _hello_round(1, 600.0, 80.0),  # 80 / 75 = 1.067
+        _hello_round(2, 700.0, 80.0),  # 80 / 87.5 = 0.914
+        _hello_round(3, 640.0, 84.0),  # 84 / 80 = 1.05
+        _hello_round(4, 640.0, 1.0, error="worker exited"),  # an error row is not a round
+    ]
+    summary = bench_run.round_summary(rows, "hello")
+    assert summary is not None
+    f = summary["figures"]
+    assert [r["ratio"] for r in f["rounds"]] == [1.067, 0.914, 1.05]
+    assert f["ratio"] == 1.05 and f["meets_target"] is True
+    assert f["runs_per_s_incl_events"] == 80.0 and f["baseline_writes_per_s"] == 640.0
+    assert bench_run.round_summary(rows[:2], "hello") is None  # one round: nothing to summarise
+    slow = bench_run.round_summary([_hello_round(i, 700.0, 80.0) for i in (1, 2)], "hello")
+    assert slow is not None and slow["figures"]["meets_target"] is False
+    text = bench_run.render_table({"rows": [*rows[:3], summary]})
+    assert "| hello #2 " in text and "| hello (median) " in text
+    assert "= 1.05 × target" in text and "80.0 vs ≥ 75.0, 80.0 vs ≥ 87.5, 84.0 vs ≥ 80.0" in text
+    assert "target (median ratio ≥ 1): met" in text
