@@ -12,6 +12,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -68,10 +69,16 @@ def context_from(traceparent: str | None, run_uid: str) -> otel_context.Context 
     return run_context(run_uid) if run_uid else None
 
 
+@cache
+def _tracer() -> trace.Tracer:
+    # One tracer per process: the SDK builds a new one per get_tracer() call. Taken before the provider is
+    # set, it is a proxy that switches to the real tracer once setup_tracing() runs.
+    return trace.get_tracer(TRACER_NAME)
+
+
 @contextmanager
 def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
-    tracer = trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(
+    with _tracer().start_as_current_span(
         name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
     ) as current:
         yield current
