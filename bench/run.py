@@ -339,6 +339,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
         }
         try:
             for name in _schedule(args.scenario_list, args.rounds):
+                # every row starts on an API server that holds no earlier row's objects
+                scenarios.remove_bench_namespaces(ctx)
                 _run_guarded(name, plan[name], result, _round_of(name, args.rounds, result))
             for label in ("hello", "hello-operator"):
                 summary = round_summary(result["rows"], label)

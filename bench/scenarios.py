@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import httpx
 
 from bench.observe import (
     CpuMeter,
+    EventCounter,
     RssSampler,
     SleepServer,
     Timeline,
@@ -37,7 +37,7 @@ from bench.observe import (
 )
 from bench.report import max_overlap, percentile, summarize, write_target
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError
+from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
 from kubechain.testing.controlplane import LocalControlPlane
 from kubechain.testing.stack import LocalStack, StackOptions
 
@@ -110,6 +110,42 @@ def create_namespace(kube: KubeClient, prefix: str) -> str:
         body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
     )
     return name
+
+
+def remove_bench_namespaces(ctx: BenchContext, timeout_s: float = 300) -> None:
+    """Delete every row's namespace and wait until they are gone, between rows (never inside a measured
+    window): objects left behind make the API server's and etcd's later work dearer (a bigger watch cache
+    and heap to collect, a bigger garbage-collector graph), and so made each later row look slower."""
+    kube = ctx.kube()
+    try:
+        started = time.monotonic()
+        names = [
+            str(ns["metadata"]["name"])
+            for ns in kube.request("GET", "/api/v1/namespaces").get("items") or []
+            if str(ns["metadata"]["name"]).startswith("bench-")
+        ]
+        for name in names:
+            try:
+                kube.request("DELETE", f"/api/v1/namespaces/{name}")
+            except NotFound:
+                pass
+        remaining = names
+        while remaining and time.monotonic() - started < timeout_s:
+            time.sleep(0.5)
+            remaining = [n for n in remaining if _namespace_exists(kube, n)]
+        if names:
+            left = f"; still terminating: {', '.join(remaining)}" if remaining else ""
+            ctx.progress(f"removed {len(names)} namespace(s) in {time.monotonic() - started:.1f} s{left}")
+    finally:
+        kube.close()
+
+
+def _namespace_exists(kube: KubeClient, name: str) -> bool:
+    try:
+        kube.request("GET", f"/api/v1/namespaces/{name}")
+    except NotFound:
+        return False
+    return True
 
 
 def create_agent(
@@ -546,25 +582,6 @@ def hello_figures(
 EVENTS_PER_HELLO_RUN = 3  # ValidationSucceeded, SendingContextWindowToLLM, LLMFinalAnswer
 
 
-def _wait_events_posted(
-    ctx: BenchContext, before: Counter[str] | None, expected: int, deadline: float
-) -> float:
-    """When the API server had received ``expected`` more Event POSTs than ``before`` (or the count
-    stopped growing for 2 s): the time (``time.time()``) the last of them was seen."""
-    last_count, last_change = -1, time.time()
-    while True:
-        now = time.time()
-        totals = api_request_totals(ctx.cp)
-        if before is None or totals is None:
-            return now
-        count = sum(v - before.get(k, 0) for k, v in totals.items() if k.startswith("POST events"))
-        if count != last_count:
-            last_count, last_change = count, now
-        if count >= expected or now - last_change >= 2.0 or time.monotonic() > deadline:
-            return last_change
-        time.sleep(0.2)
-
-
 def with_event_drain(figures: dict[str, Any], drained_s: float) -> dict[str, Any]:
     """Throughput counted until the runs' Events were posted too; the target is judged on it."""
     completed = figures.get("completed") or 0
@@ -728,6 +745,7 @@ def hello(
             _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline)
             runs = {f"run-{i:05d}": f"hello {label} {namespace} #{i}" for i in range(n)}
             recorder = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
+            event_watch = EventCounter(ctx.kubeconfig, namespace, runs).start()
             try:
                 api_before = api_request_totals(ctx.cp)
                 cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
@@ -749,7 +767,7 @@ def hello(
                     done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
                 # Workers post Events off the critical path: the window (and its CPU) ends when they
                 # are all posted, so none of the work a run causes falls outside it.
-                events_done = _wait_events_posted(ctx, api_before, EVENTS_PER_HELLO_RUN * n, deadline)
+                events_done = event_watch.wait(EVENTS_PER_HELLO_RUN * n, deadline)
                 row["cpu_s"] = cpu.stop()
                 row["cpu_wall_s"] = round(cpu.wall_s, 2)
                 row["timed_out"] = not done
@@ -759,6 +777,7 @@ def hello(
                 )
             finally:
                 recorder.stop()
+                event_watch.stop()
             timelines = recorder.snapshot()
             requests = llm_requests(stack)
         events = _events_per_run(kube, namespace, set(runs))
@@ -781,6 +800,7 @@ def scale(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for count in worker_counts:
+        remove_bench_namespaces(ctx)
         try:
             rows += hello(
                 ctx, n, workers=count, scenario="scale", label=f"scale-{count}w", timeout_s=timeout_s

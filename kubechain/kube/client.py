@@ -247,8 +247,10 @@ class KubeClient:
         *,
         field_selector: str | None = None,
         label_selector: str | None = None,
+        core: bool = False,
     ) -> Iterator[dict[str, Any]]:
-        """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
+        """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410. ``core``: a
+        core/v1 plural (e.g. events) instead of one of ours."""
         params = {
             "watch": "1",
             "allowWatchBookmarks": "true",
@@ -261,7 +263,8 @@ class KubeClient:
             params["labelSelector"] = label_selector
         self._bucket.acquire()
         headers = {"Accept": "application/json", **self.connection.auth_headers()}
-        url = f"{custom_path(plural, namespace)}?{urlencode(params)}"
+        path = core_path(plural, namespace) if core else custom_path(plural, namespace)
+        url = f"{path}?{urlencode(params)}"
         response = None
         try:
             response = self._http.urlopen(

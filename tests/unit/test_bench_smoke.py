@@ -401,3 +401,32 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
     assert "| hello #2 " in text and "| hello (median) " in text
     assert "= 1.05 × target" in text and "80.0 vs ≥ 75.0, 80.0 vs ≥ 87.5, 84.0 vs ≥ 80.0" in text
     assert "target (median ratio ≥ 1): met" in text
+
+
+def _event(kind: str, name: str, uid: str, event_type: str = "ADDED") -> dict[str, Any]:
+    return {
+        "type": event_type,
+        "object": {"metadata": {"uid": uid}, "involvedObject": {"kind": kind, "name": name}},
+    }
+
+
+def test_event_counter_counts_each_event_about_the_runs_once() -> None:
+    import time
+
+    from bench.observe import EventCounter
+
+    counter = EventCounter("unused-kubeconfig", "ns", ["run-1", "run-2"])
+    counter.record(_event("TaskRun", "run-1", "a"), 10.0)
+    counter.record(_event("TaskRun", "run-1", "a"), 11.0)  # a resumed watch repeats it
+    counter.record(_event("TaskRun", "run-2", "b", "MODIFIED"), 12.0)
+    counter.record(_event("TaskRun", "warm-up", "c"), 13.0)
+    counter.record(_event("Agent", "run-2", "d"), 14.0)
+    counter.record(_event("TaskRun", "run-2", "e"), 15.0)
+    assert counter.count == 2 and counter.last_at == 15.0
+    assert counter.wait(2, time.monotonic() + 5) == 15.0  # all there: returns at once
+    # fewer than expected and quiet for quiet_s: the time of the last one, not the deadline
+    started = time.monotonic()
+    assert counter.wait(3, started + 30, quiet_s=0.1) == 15.0
+    assert time.monotonic() - started < 5
+    nothing = EventCounter("unused-kubeconfig", "ns", ["run-1"])
+    assert nothing.wait(1, time.monotonic() + 30, quiet_s=0.1) > 0  # an operator that posts none
