@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -80,7 +81,7 @@ class WatchRecorder:
     seen. Resumes after the watch's server-side timeout, relists on 410 Gone."""
 
     def __init__(self, kubeconfig: str, plural: str, namespace: str, watch_timeout_s: int = 60) -> None:
-        self.kube = bench_kube(kubeconfig)
+        self.kubeconfig = kubeconfig
         self.plural = plural
         self.namespace = namespace
         self.watch_timeout_s = watch_timeout_s
@@ -91,6 +92,11 @@ class WatchRecorder:
         self._rv = ""
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self._changed_names: list[str] = []  # every sighting's name, in order: wait_for reads the new ones
+
+    @cached_property
+    def kube(self) -> KubeClient:
+        return bench_kube(self.kubeconfig)
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -107,6 +113,7 @@ class WatchRecorder:
                 return
             timeline.sightings.append(Sighting(t, rv, phase, event, claimed_at))
             timeline.last = obj
+            self._changed_names.append(name)
             self.changed.notify_all()
 
     def _list(self) -> None:
@@ -152,7 +159,8 @@ class WatchRecorder:
 
     def stop(self) -> None:
         self._stop.set()
-        self.kube.close()
+        if "kube" in self.__dict__:
+            self.kube.close()
         if self._thread is not None:
             # A blocked streaming read is not interrupted by close(); the (daemon) thread ends at the
             # next event or at the watch's server-side timeout and records nothing after _stop is set.
@@ -164,11 +172,6 @@ class WatchRecorder:
         with self.lock:
             return {name: Timeline(name, list(t.sightings), t.last) for name, t in self.timelines.items()}
 
-    def count(self, names: Iterable[str], phases: Iterable[str]) -> int:
-        wanted = set(phases)
-        with self.lock:
-            return sum(1 for n in names if n in self.timelines and self.timelines[n].phase in wanted)
-
     def wait_for(
         self,
         names: list[str],
@@ -178,21 +181,31 @@ class WatchRecorder:
         label: str = "",
         every_s: float = 5.0,
     ) -> bool:
-        """Wait until every name is in one of ``phases`` (True) or ``deadline`` (monotonic) passes."""
+        """Wait until every name is in one of ``phases`` (True) or ``deadline`` (monotonic) passes.
+
+        Each wake-up re-checks only the names whose timelines changed since the last one: checking all
+        of them on every watch event was a third of the benchmark's CPU with 1,000 runs."""
         wanted = set(phases)
         next_report = time.monotonic() + every_s
+        with self.changed:
+            seen = len(self._changed_names)
+            pending = {n for n in names if not (n in self.timelines and self.timelines[n].phase in wanted)}
         while True:
-            done = self.count(names, wanted)
-            if done >= len(names):
+            if not pending:
                 return True
             now = time.monotonic()
             if now >= deadline:
                 return False
             if progress is not None and now >= next_report:
+                done = len(names) - len(pending)
                 progress(f"{label}{done}/{len(names)} in {'/'.join(sorted(wanted))}")
                 next_report = now + every_s
             with self.changed:
                 self.changed.wait(timeout=min(0.5, max(0.01, deadline - now)))
+                changed, seen = self._changed_names[seen:], len(self._changed_names)
+                for name in set(changed) & pending:
+                    if self.timelines[name].phase in wanted:
+                        pending.discard(name)
 
 
 class EventCounter:

@@ -430,3 +430,32 @@ def test_event_counter_counts_each_event_about_the_runs_once() -> None:
     assert time.monotonic() - started < 5
     nothing = EventCounter("unused-kubeconfig", "ns", ["run-1"])
     assert nothing.wait(1, time.monotonic() + 30, quiet_s=0.1) > 0  # an operator that posts none
+
+
+def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_deadline() -> None:
+    import threading
+    import time
+
+    from bench.observe import WatchRecorder
+
+    recorder = WatchRecorder("unused-kubeconfig", "taskruns", "ns")
+
+    def taskrun(name: str, rv: int, phase: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "resourceVersion": str(rv)}, "status": {"phase": phase}}
+
+    recorder._record("ADDED", taskrun("run-1", 1, "FinalAnswer"), 1.0)  # done before the wait starts
+    recorder._record("ADDED", taskrun("run-2", 2, ""), 1.0)
+
+    def finish_later() -> None:
+        time.sleep(0.05)
+        recorder._record("MODIFIED", taskrun("run-2", 3, "ReadyForLLM"), 2.0)
+        recorder._record("MODIFIED", taskrun("other", 4, "FinalAnswer"), 2.0)
+        recorder._record("MODIFIED", taskrun("run-2", 5, "Failed"), 3.0)
+
+    worker = threading.Thread(target=finish_later)
+    worker.start()
+    assert recorder.wait_for(["run-1", "run-2"], ("FinalAnswer", "Failed"), time.monotonic() + 10) is True
+    worker.join()
+    recorder._record("ADDED", taskrun("run-3", 6, "ReadyForLLM"), 4.0)
+    assert recorder.wait_for(["run-3"], ("FinalAnswer",), time.monotonic() + 0.2) is False
+    recorder.stop()  # never connected: nothing to close
