@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import load_connection
@@ -76,73 +76,50 @@ class Timeline:
         return self.sightings[-1].phase if self.sightings else ""
 
 
-class WatchRecorder:
-    """List-then-watch one plural in one namespace; record when each (object, resourceVersion) is first
-    seen. Resumes after the watch's server-side timeout, relists on 410 Gone."""
+class NamespaceWatch:
+    """Watch one plural in one namespace on a thread, handing each event to ``on_event``. Resumes after
+    the watch's server-side timeout; after 410 Gone, ``resync`` starts it over."""
+
+    core = False  # a core/v1 plural (events) rather than one of KubeChain's
 
     def __init__(self, kubeconfig: str, plural: str, namespace: str, watch_timeout_s: int = 60) -> None:
         self.kubeconfig = kubeconfig
         self.plural = plural
         self.namespace = namespace
         self.watch_timeout_s = watch_timeout_s
-        self.timelines: dict[str, Timeline] = {}
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
         self._stop = threading.Event()
         self._rv = ""
         self._thread: threading.Thread | None = None
         self.errors = 0
-        self._changed_names: list[str] = []  # every sighting's name, in order: wait_for reads the new ones
 
     @cached_property
     def kube(self) -> KubeClient:
         return bench_kube(self.kubeconfig)
 
-    # -- recording ---------------------------------------------------------------------------------
+    def on_event(self, event_type: str, obj: dict[str, Any], t: float) -> None:
+        raise NotImplementedError
 
-    def _record(self, event: str, obj: dict[str, Any], t: float) -> None:
-        meta = obj.get("metadata") or {}
-        name = str(meta.get("name") or "")
-        rv = str(meta.get("resourceVersion") or "")
-        status = obj.get("status") or {}
-        phase = str(status.get("phase") or "")
-        claimed_at = status.get("claimedAt")
-        with self.changed:
-            timeline = self.timelines.setdefault(name, Timeline(name))
-            if event != "DELETED" and any(s.rv == rv for s in timeline.sightings[-3:]):
-                return
-            timeline.sightings.append(Sighting(t, rv, phase, event, claimed_at))
-            timeline.last = obj
-            self._changed_names.append(name)
-            self.changed.notify_all()
-
-    def _list(self) -> None:
-        items, rv = self.kube.list_raw(self.plural, self.namespace)
-        t = time.time()
-        for item in items:
-            self._record("LIST", item, t)
-        self._rv = rv
+    def resync(self) -> None:
+        """Where a watch starts without a resourceVersion: here, with the current objects as ADDED."""
+        self._rv = ""
 
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                if not self._rv:
-                    self._list()
-                for event in self.kube.watch_raw(self.plural, self.namespace, self._rv, self.watch_timeout_s):
+                for event in self.kube.watch_raw(
+                    self.plural, self.namespace, self._rv, self.watch_timeout_s, core=self.core
+                ):
                     t = time.time()
                     if self._stop.is_set():
                         return
                     obj = event.get("object") or {}
-                    rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
                     if event.get("type") != "BOOKMARK":
-                        self._record(str(event.get("type")), obj, t)
-                    self._rv = rv or self._rv
+                        self.on_event(str(event.get("type")), obj, t)
+                    self._rv = str((obj.get("metadata") or {}).get("resourceVersion") or "") or self._rv
                     backoff = 0.1
-                    if self._stop.is_set():
-                        return
             except Gone:
-                self._rv = ""
+                self.resync()
             except (KubeAPIError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     return
@@ -151,8 +128,8 @@ class WatchRecorder:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def start(self) -> WatchRecorder:
-        self._list()  # synchronously, so that everything created after start() is seen as an event
+    def start(self) -> Self:
+        self.resync()
         self._thread = threading.Thread(target=self._run, name=f"bench-watch-{self.plural}", daemon=True)
         self._thread.start()
         return self
@@ -163,8 +140,46 @@ class WatchRecorder:
             self.kube.close()
         if self._thread is not None:
             # A blocked streaming read is not interrupted by close(); the (daemon) thread ends at the
-            # next event or at the watch's server-side timeout and records nothing after _stop is set.
+            # next event or at the watch's server-side timeout and hands nothing on after _stop is set.
             self._thread.join(timeout=0.5)
+
+
+class WatchRecorder(NamespaceWatch):
+    """List-then-watch one plural in one namespace; record when each (object, resourceVersion) is first
+    seen. Relists on 410 Gone."""
+
+    def __init__(self, kubeconfig: str, plural: str, namespace: str, watch_timeout_s: int = 60) -> None:
+        super().__init__(kubeconfig, plural, namespace, watch_timeout_s)
+        self.timelines: dict[str, Timeline] = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self._changed_names: list[str] = []  # every sighting's name, in order: wait_for reads the new ones
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def on_event(self, event_type: str, obj: dict[str, Any], t: float) -> None:
+        meta = obj.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        rv = str(meta.get("resourceVersion") or "")
+        status = obj.get("status") or {}
+        phase = str(status.get("phase") or "")
+        claimed_at = status.get("claimedAt")
+        with self.changed:
+            timeline = self.timelines.setdefault(name, Timeline(name))
+            if event_type != "DELETED" and any(s.rv == rv for s in timeline.sightings[-3:]):
+                return
+            timeline.sightings.append(Sighting(t, rv, phase, event_type, claimed_at))
+            timeline.last = obj
+            self._changed_names.append(name)
+            self.changed.notify_all()
+
+    def resync(self) -> None:
+        # A list, synchronously from start(), so that everything created after start() is seen as an event.
+        items, rv = self.kube.list_raw(self.plural, self.namespace)
+        t = time.time()
+        for item in items:
+            self.on_event("LIST", item, t)
+        self._rv = rv
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -208,26 +223,23 @@ class WatchRecorder:
                         pending.discard(name)
 
 
-class EventCounter:
+class EventCounter(NamespaceWatch):
     """Watch core/v1 Events in one namespace and count those about the given TaskRuns, with the time the
     last of them arrived. Cheaper than polling the API server's /metrics (1.7 MB, ~23 ms of its CPU per
     scrape) while the benchmark's CPU window is open, and the same for any operator."""
 
+    core = True
+
     def __init__(self, kubeconfig: str, namespace: str, names: Iterable[str]) -> None:
-        self.kubeconfig = kubeconfig
-        self.kube: KubeClient | None = None
-        self.namespace = namespace
+        super().__init__(kubeconfig, "events", namespace)
         self.names = set(names)
-        self.seen: set[str] = set()  # Event uids: a resumed watch may repeat one
+        self.seen: set[str] = set()  # Event uids: a watch started over replays them
         self.last_at = 0.0
         self.changed = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def record(self, event: dict[str, Any], t: float) -> None:
-        obj = event.get("object") or {}
+    def on_event(self, event_type: str, obj: dict[str, Any], t: float) -> None:
         involved = obj.get("involvedObject") or {}
-        if event.get("type") != "ADDED" or involved.get("kind") != "TaskRun":
+        if event_type != "ADDED" or involved.get("kind") != "TaskRun":
             return
         uid = str((obj.get("metadata") or {}).get("uid") or "")
         if involved.get("name") not in self.names or uid in self.seen:
@@ -242,29 +254,6 @@ class EventCounter:
         with self.changed:
             return len(self.seen)
 
-    def _run(self, kube: KubeClient) -> None:
-        rv = ""  # no resourceVersion: existing Events first (as ADDED), then new ones
-        while not self._stop.is_set():
-            try:
-                for event in kube.watch_raw("events", self.namespace, rv, 60, core=True):
-                    if self._stop.is_set():
-                        return
-                    self.record(event, time.time())
-                    rv = str(((event.get("object") or {}).get("metadata") or {}).get("resourceVersion") or rv)
-            except Gone:
-                rv = ""
-            except (KubeAPIError, OSError, ValueError) as exc:
-                log.debug("watch events: %s", exc)
-                self._stop.wait(0.2)
-
-    def start(self) -> EventCounter:
-        self.kube = bench_kube(self.kubeconfig)
-        self._thread = threading.Thread(
-            target=self._run, args=(self.kube,), name="bench-watch-events", daemon=True
-        )
-        self._thread.start()
-        return self
-
     def wait(self, expected: int, deadline: float, quiet_s: float = 2.0) -> float:
         """Until ``expected`` Events arrived, none arrived for ``quiet_s`` or ``deadline`` (monotonic):
         the time (``time.time()``) the last of them arrived."""
@@ -275,13 +264,6 @@ class EventCounter:
                     break
                 self.changed.wait(timeout=0.2)
             return self.last_at or time.time()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.kube is not None:
-            self.kube.close()
-        if self._thread is not None:
-            self._thread.join(timeout=0.5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -403,11 +403,8 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
     assert "target (median ratio ≥ 1): met" in text
 
 
-def _event(kind: str, name: str, uid: str, event_type: str = "ADDED") -> dict[str, Any]:
-    return {
-        "type": event_type,
-        "object": {"metadata": {"uid": uid}, "involvedObject": {"kind": kind, "name": name}},
-    }
+def _event(kind: str, name: str, uid: str, event_type: str = "ADDED") -> tuple[str, dict[str, Any]]:
+    return event_type, {"metadata": {"uid": uid}, "involvedObject": {"kind": kind, "name": name}}
 
 
 def test_event_counter_counts_each_event_about_the_runs_once() -> None:
@@ -416,12 +413,12 @@ def test_event_counter_counts_each_event_about_the_runs_once() -> None:
     from bench.observe import EventCounter
 
     counter = EventCounter("unused-kubeconfig", "ns", ["run-1", "run-2"])
-    counter.record(_event("TaskRun", "run-1", "a"), 10.0)
-    counter.record(_event("TaskRun", "run-1", "a"), 11.0)  # a resumed watch repeats it
-    counter.record(_event("TaskRun", "run-2", "b", "MODIFIED"), 12.0)
-    counter.record(_event("TaskRun", "warm-up", "c"), 13.0)
-    counter.record(_event("Agent", "run-2", "d"), 14.0)
-    counter.record(_event("TaskRun", "run-2", "e"), 15.0)
+    counter.on_event(*_event("TaskRun", "run-1", "a"), 10.0)
+    counter.on_event(*_event("TaskRun", "run-1", "a"), 11.0)  # a resumed watch repeats it
+    counter.on_event(*_event("TaskRun", "run-2", "b", "MODIFIED"), 12.0)
+    counter.on_event(*_event("TaskRun", "warm-up", "c"), 13.0)
+    counter.on_event(*_event("Agent", "run-2", "d"), 14.0)
+    counter.on_event(*_event("TaskRun", "run-2", "e"), 15.0)
     assert counter.count == 2 and counter.last_at == 15.0
     assert counter.wait(2, time.monotonic() + 5) == 15.0  # all there: returns at once
     # fewer than expected and quiet for quiet_s: the time of the last one, not the deadline
@@ -443,19 +440,19 @@ def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_dead
     def taskrun(name: str, rv: int, phase: str) -> dict[str, Any]:
         return {"metadata": {"name": name, "resourceVersion": str(rv)}, "status": {"phase": phase}}
 
-    recorder._record("ADDED", taskrun("run-1", 1, "FinalAnswer"), 1.0)  # done before the wait starts
-    recorder._record("ADDED", taskrun("run-2", 2, ""), 1.0)
+    recorder.on_event("ADDED", taskrun("run-1", 1, "FinalAnswer"), 1.0)  # done before the wait starts
+    recorder.on_event("ADDED", taskrun("run-2", 2, ""), 1.0)
 
     def finish_later() -> None:
         time.sleep(0.05)
-        recorder._record("MODIFIED", taskrun("run-2", 3, "ReadyForLLM"), 2.0)
-        recorder._record("MODIFIED", taskrun("other", 4, "FinalAnswer"), 2.0)
-        recorder._record("MODIFIED", taskrun("run-2", 5, "Failed"), 3.0)
+        recorder.on_event("MODIFIED", taskrun("run-2", 3, "ReadyForLLM"), 2.0)
+        recorder.on_event("MODIFIED", taskrun("other", 4, "FinalAnswer"), 2.0)
+        recorder.on_event("MODIFIED", taskrun("run-2", 5, "Failed"), 3.0)
 
     worker = threading.Thread(target=finish_later)
     worker.start()
     assert recorder.wait_for(["run-1", "run-2"], ("FinalAnswer", "Failed"), time.monotonic() + 10) is True
     worker.join()
-    recorder._record("ADDED", taskrun("run-3", 6, "ReadyForLLM"), 4.0)
+    recorder.on_event("ADDED", taskrun("run-3", 6, "ReadyForLLM"), 4.0)
     assert recorder.wait_for(["run-3"], ("FinalAnswer",), time.monotonic() + 0.2) is False
     recorder.stop()  # never connected: nothing to close
