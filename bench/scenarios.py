@@ -114,8 +114,8 @@ def create_namespace(kube: KubeClient, prefix: str) -> str:
 
 def remove_bench_namespaces(ctx: BenchContext, timeout_s: float = 300) -> None:
     """Delete every row's namespace and wait until they are gone, between rows (never inside a measured
-    window): objects left behind make the API server's and etcd's later work dearer (a bigger watch cache
-    and heap to collect, a bigger garbage-collector graph), and so made each later row look slower."""
+    window), so that each row starts on an API server holding none of the earlier rows' objects (a bigger
+    watch cache and heap to collect, a bigger garbage-collector graph could make later rows dearer)."""
     kube = ctx.kube()
     try:
         started = time.monotonic()
