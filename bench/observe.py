@@ -31,7 +31,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 def bench_kube(kubeconfig: str, timeout_s: float = 60.0) -> KubeClient:
     """A client without the per-process token bucket getting in the way (the bench is not the SUT)."""
-    return KubeClient(load_connection(kubeconfig), qps=1e6, burst=1_000_000, timeout_s=timeout_s)
+    return KubeClient(
+        load_connection(kubeconfig),
+        qps=1e6,
+        burst=1_000_000,
+        timeout_s=timeout_s,
+        component="kubechain-bench",
+    )
 
 
 # --------------------------------------------------------------------------------------------------

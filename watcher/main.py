@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_json)
     app = make_celery(settings)
-    kube = KubeClient.from_settings(settings)
+    kube = KubeClient.from_settings(settings, "kubechain-watcher")
     watcher = Watcher(
         settings,
         kube,

@@ -65,7 +65,7 @@ class WorkerContext:
 def build_context(settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False) -> WorkerContext:
     from kubechain.mcp import MCPManager, kube_secret_resolver
 
-    kube = KubeClient.from_settings(settings)
+    kube = KubeClient.from_settings(settings, "kubechain-worker")
     return WorkerContext(
         settings=settings,
         kube=kube,

@@ -97,7 +97,7 @@ class Target:
             raise CLIError(
                 f"cannot load the cluster connection from {kubeconfig_path(self.kubeconfig)}: {exc}", 2
             ) from None
-        return KubeClient(connection, timeout_s=timeout_s)
+        return KubeClient(connection, timeout_s=timeout_s, component="kubechain-cli")
 
     @contextmanager
     def connect(self, timeout_s: float = 30.0) -> Iterator[KubeClient]:

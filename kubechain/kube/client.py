@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
 
+from kubechain import __version__
 from kubechain.kube.connection import ClusterConnection, load_connection
 from kubechain.kube.errors import Gone, KubeAPIError, Unavailable, error_for
 from kubechain.kube.ratelimit import TokenBucket
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource[Any, Any])
 
 MERGE_PATCH = "application/merge-patch+json"
+
+
+def user_agent(component: str) -> str:
+    """``<component>/<version> (python-urllib3)``. The API server names a writer's managedFields entry
+    (and audit log lines) after the part before the slash, so status writes show up as
+    ``kubechain-worker`` rather than ``python-urllib3``."""
+    return f"{component}/{__version__} (python-urllib3)"
 
 
 def _ssl_context(connection: ClusterConnection) -> ssl.SSLContext | bool:
@@ -118,16 +126,18 @@ class KubeClient:
         qps: float = 100.0,
         burst: int = 200,
         timeout_s: float = 30.0,
+        component: str = "kubechain",
     ) -> None:
         self.connection = connection
+        self._user_agent = user_agent(component)
         self._bucket = TokenBucket(qps, burst)
         self._timeout = timeout_s
         self._http = _connection_pool(connection, timeout_s)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KubeClient:
+    def from_settings(cls, settings: Settings, component: str = "kubechain") -> KubeClient:
         connection = load_connection(settings.kubeconfig, settings.kube_context)
-        return cls(connection, settings.kube_qps, settings.kube_burst, settings.kube_timeout_s)
+        return cls(connection, settings.kube_qps, settings.kube_burst, settings.kube_timeout_s, component)
 
     def close(self) -> None:
         self._http.close()
@@ -144,7 +154,11 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         self._bucket.acquire()
-        headers = {"Accept": "application/json", **self.connection.auth_headers()}
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+            **self.connection.auth_headers(),
+        }
         content = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -262,7 +276,11 @@ class KubeClient:
         if label_selector:
             params["labelSelector"] = label_selector
         self._bucket.acquire()
-        headers = {"Accept": "application/json", **self.connection.auth_headers()}
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+            **self.connection.auth_headers(),
+        }
         path = core_path(plural, namespace) if core else custom_path(plural, namespace)
         url = f"{path}?{urlencode(params)}"
         response = None

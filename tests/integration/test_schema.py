@@ -175,3 +175,19 @@ def test_printer_columns_match_the_original(kubectl: Kubectl, namespace: str) ->
     ]
     header = kubectl("get", "taskrun", namespace=namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "READY", "STATUS", "PHASE", "TASK", "PREVIEW", "OUTPUT"]
+
+
+def test_status_writes_are_managed_under_the_component_name(kubeconfig: Path, namespace: str) -> None:
+    """kubectl's managedFields (and audit logs) name the writer after its User-Agent."""
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import load_connection
+
+    worker = KubeClient(load_connection(str(kubeconfig)), component="kubechain-worker")
+    try:
+        created = LLM.from_wire(worker.create_raw("llms", namespace, LLM_BODY))
+        worker.patch_status(created, {"status": "Ready", "statusDetail": "validated"})
+        managed = worker.get_raw("llms", namespace, "gpt-4o")["metadata"]["managedFields"]
+    finally:
+        worker.close()
+    by_subresource = {entry.get("subresource", ""): entry["manager"] for entry in managed}
+    assert by_subresource == {"": "kubechain-worker", "status": "kubechain-worker"}
