@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,8 +86,6 @@ class NamespaceWatch:
     """Watch one plural in one namespace on a thread, handing each event to ``on_event``. Resumes after
     the watch's server-side timeout; after 410 Gone, ``resync`` starts it over."""
 
-    core = False  # a core/v1 plural (events) rather than one of KubeChain's
-
     def __init__(self, kubeconfig: str, plural: str, namespace: str, watch_timeout_s: int = 60) -> None:
         self.kubeconfig = kubeconfig
         self.plural = plural
@@ -113,9 +111,7 @@ class NamespaceWatch:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                for event in self.kube.watch_raw(
-                    self.plural, self.namespace, self._rv, self.watch_timeout_s, core=self.core
-                ):
+                for event in self.kube.watch_raw(self.plural, self.namespace, self._rv, self.watch_timeout_s):
                     t = time.time()
                     if self._stop.is_set():
                         return
@@ -160,6 +156,7 @@ class WatchRecorder(NamespaceWatch):
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self._changed_names: list[str] = []  # every sighting's name, in order: wait_for reads the new ones
+        self._wake_on: frozenset[str] = frozenset()  # the phases wait_for waits for
 
     # -- recording ---------------------------------------------------------------------------------
 
@@ -177,7 +174,10 @@ class WatchRecorder(NamespaceWatch):
             timeline.sightings.append(Sighting(t, rv, phase, event_type, claimed_at))
             timeline.last = obj
             self._changed_names.append(name)
-            self.changed.notify_all()
+            if phase in self._wake_on:
+                # Only sightings that can end a wait wake the waiter: waking it on each of the ~4 watch
+                # events of every run cost the benchmark a fifth of its CPU.
+                self.changed.notify_all()
 
     def resync(self) -> None:
         # A list, synchronously from start(), so that everything created after start() is seen as an event.
@@ -209,6 +209,7 @@ class WatchRecorder(NamespaceWatch):
         wanted = set(phases)
         next_report = time.monotonic() + every_s
         with self.changed:
+            self._wake_on = frozenset(wanted)
             seen = len(self._changed_names)
             pending = {n for n in names if not (n in self.timelines and self.timelines[n].phase in wanted)}
         while True:
@@ -229,47 +230,43 @@ class WatchRecorder(NamespaceWatch):
                         pending.discard(name)
 
 
-class EventCounter(NamespaceWatch):
-    """Watch core/v1 Events in one namespace and count those about the given TaskRuns, with the time the
-    last of them arrived. Cheaper than polling the API server's /metrics (1.7 MB, ~23 ms of its CPU per
-    scrape) while the benchmark's CPU window is open, and the same for any operator."""
+class EventTally:
+    """Counts the Events in one namespace when asked (``KubeClient.count_events``: one small request),
+    to tell when the Events of a row's runs are all posted. A watch would instead deliver every Event to
+    the benchmark (and make the API server send it) while the row's CPU window is open."""
 
-    core = True
+    def __init__(self, count: Callable[[], int], poll_s: float = 0.05) -> None:
+        self._count = count
+        self.poll_s = poll_s
+        self.before = 0
 
-    def __init__(self, kubeconfig: str, namespace: str, names: Iterable[str]) -> None:
-        super().__init__(kubeconfig, "events", namespace)
-        self.names = set(names)
-        self.seen: set[str] = set()  # Event uids: a watch started over replays them
-        self.last_at = 0.0
-        self.changed = threading.Condition()
+    @classmethod
+    def of(cls, kube: KubeClient, namespace: str) -> EventTally:
+        return cls(lambda: kube.count_events(namespace))
 
-    def on_event(self, event_type: str, obj: dict[str, Any], t: float) -> None:
-        involved = obj.get("involvedObject") or {}
-        if event_type != "ADDED" or involved.get("kind") != "TaskRun":
-            return
-        uid = str((obj.get("metadata") or {}).get("uid") or "")
-        if involved.get("name") not in self.names or uid in self.seen:
-            return
-        with self.changed:
-            self.seen.add(uid)
-            self.last_at = t
-            self.changed.notify_all()
-
-    @property
-    def count(self) -> int:
-        with self.changed:
-            return len(self.seen)
+    def settle(self, deadline: float, quiet_s: float = 0.5) -> int:
+        """Take the count the row's Events add to, once it has not changed for ``quiet_s`` (Events of
+        warm-up runs may still be on their way)."""
+        self.before, _ = self._poll(None, deadline, quiet_s)
+        return self.before
 
     def wait(self, expected: int, deadline: float, quiet_s: float = 2.0) -> float:
-        """Until ``expected`` Events arrived, none arrived for ``quiet_s`` or ``deadline`` (monotonic):
-        the time (``time.time()``) the last of them arrived."""
-        started = time.time()
-        with self.changed:
-            while len(self.seen) < expected and time.monotonic() < deadline:
-                if time.time() - (self.last_at or started) >= quiet_s:
-                    break
-                self.changed.wait(timeout=0.2)
-            return self.last_at or time.time()
+        """Until ``expected`` Events were added since ``settle``, none were added for ``quiet_s`` or
+        ``deadline`` (monotonic) passes: the time (``time.time()``) the last addition was seen, late by
+        at most ``poll_s`` plus one request."""
+        _, seen_at = self._poll(self.before + expected, deadline, quiet_s)
+        return seen_at
+
+    def _poll(self, target: int | None, deadline: float, quiet_s: float) -> tuple[int, float]:
+        count, seen_at = self._count(), time.time()
+        while (target is None or count < target) and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+            latest = self._count()
+            if latest != count:
+                count, seen_at = latest, time.time()
+            elif time.time() - seen_at >= quiet_s:
+                break
+        return count, seen_at
 
 
 # --------------------------------------------------------------------------------------------------

@@ -248,6 +248,11 @@ def details(row: dict[str, Any]) -> str:
         parts.append(f"latency p50/p95/p99 {_pcts(f.get('latency_ms'), spec='.1f')}")
         if f.get("conflicts"):
             parts.append(f"{f['conflicts']} conflicts")
+        if f.get("objects"):
+            parts.append(f"{fmt(f['objects'])} objects, a run's 3 statuses in turn")
+        if f.get("earlier_method_writes_per_s") is not None:
+            earlier = fmt(f["earlier_method_writes_per_s"], ".0f")
+            parts.append(f"earlier method (minimal status, 1 object/thread): {earlier} writes/s")
     elif scenario in ("hello", "scale"):
         parts.append(f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} done in {fmt(f.get('wall_s'), '.1f')} s")
         parts.append(f"ready→LLM {_pcts(f.get('ready_to_llm_ms'))}")

@@ -261,10 +261,8 @@ class KubeClient:
         *,
         field_selector: str | None = None,
         label_selector: str | None = None,
-        core: bool = False,
     ) -> Iterator[dict[str, Any]]:
-        """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410. ``core``: a
-        core/v1 plural (e.g. events) instead of one of ours."""
+        """Yield watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
         params = {
             "watch": "1",
             "allowWatchBookmarks": "true",
@@ -281,8 +279,7 @@ class KubeClient:
             "User-Agent": self._user_agent,
             **self.connection.auth_headers(),
         }
-        path = core_path(plural, namespace) if core else custom_path(plural, namespace)
-        url = f"{path}?{urlencode(params)}"
+        url = f"{custom_path(plural, namespace)}?{urlencode(params)}"
         response = None
         try:
             response = self._http.urlopen(
@@ -329,6 +326,13 @@ class KubeClient:
     def list_events(self, namespace: str, field_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         params = {"fieldSelector": field_selector} if field_selector else None
         return list(self.request("GET", core_path("events", namespace), params=params).get("items") or [])
+
+    def count_events(self, namespace: str) -> int:
+        """How many Events the namespace holds: a one-item list (its remainingItemCount counts the rest),
+        so the count costs one small request however many there are."""
+        result = self.request("GET", core_path("events", namespace), params={"limit": "1"})
+        remaining = (result.get("metadata") or {}).get("remainingItemCount") or 0
+        return len(result.get("items") or []) + int(remaining)
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
         return self.request("GET", lease_path(namespace, name))

@@ -206,6 +206,5 @@ class FakeKubeClient(KubeClient):
         *,
         field_selector: str | None = None,
         label_selector: str | None = None,
-        core: bool = False,
     ) -> Iterator[dict[str, Any]]:
         raise NotImplementedError("the fake has no watch; drive the watcher's dispatch logic directly")

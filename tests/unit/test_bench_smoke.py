@@ -403,30 +403,35 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
     assert "target (median ratio ≥ 1): met" in text
 
 
-def _event(kind: str, name: str, uid: str, event_type: str = "ADDED") -> tuple[str, dict[str, Any]]:
-    return event_type, {"metadata": {"uid": uid}, "involvedObject": {"kind": kind, "name": name}}
-
-
-def test_event_counter_counts_each_event_about_the_runs_once() -> None:
+def test_event_tally_waits_for_the_rows_events_counted_from_where_they_settled() -> None:
     import time
 
-    from bench.observe import EventCounter
+    from bench.observe import EventTally
 
-    counter = EventCounter("unused-kubeconfig", "ns", ["run-1", "run-2"])
-    counter.on_event(*_event("TaskRun", "run-1", "a"), 10.0)
-    counter.on_event(*_event("TaskRun", "run-1", "a"), 11.0)  # a resumed watch repeats it
-    counter.on_event(*_event("TaskRun", "run-2", "b", "MODIFIED"), 12.0)
-    counter.on_event(*_event("TaskRun", "warm-up", "c"), 13.0)
-    counter.on_event(*_event("Agent", "run-2", "d"), 14.0)
-    counter.on_event(*_event("TaskRun", "run-2", "e"), 15.0)
-    assert counter.count == 2 and counter.last_at == 15.0
-    assert counter.wait(2, time.monotonic() + 5) == 15.0  # all there: returns at once
-    # fewer than expected and quiet for quiet_s: the time of the last one, not the deadline
+    counts = iter([5, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
+    tally = EventTally(lambda: next(counts), poll_s=0.001)
+    # warm-up Events still arriving (5 -> 7): the row counts from 7, once it stopped changing
+    assert tally.settle(time.monotonic() + 10, quiet_s=0.01) == 7
+
+    later = iter([7, 8, 10, 13])
+    tally._count = lambda: next(later)
+    before = time.time()
+    seen_at = tally.wait(6, time.monotonic() + 10)  # 7 + 6 = 13: returns when it sees 13
+    assert seen_at >= before
+
+    stuck = EventTally(lambda: 3, poll_s=0.001)
+    stuck.settle(time.monotonic() + 10, quiet_s=0.01)
     started = time.monotonic()
-    assert counter.wait(3, started + 30, quiet_s=0.1) == 15.0
+    # fewer than expected and none for quiet_s (an operator that posts none): not the deadline
+    stuck.wait(3, started + 30, quiet_s=0.05)
     assert time.monotonic() - started < 5
-    nothing = EventCounter("unused-kubeconfig", "ns", ["run-1"])
-    assert nothing.wait(1, time.monotonic() + 30, quiet_s=0.1) > 0  # an operator that posts none
+    # and the deadline ends a wait whose Events keep trickling in
+    trickle = iter(range(100, 10_000))
+    slow = EventTally(lambda: next(trickle), poll_s=0.001)
+    slow.before = 100
+    started = time.monotonic()
+    slow.wait(1_000_000, started + 0.1, quiet_s=10)
+    assert time.monotonic() - started < 5
 
 
 def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_deadline() -> None:
@@ -456,3 +461,52 @@ def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_dead
     recorder.on_event("ADDED", taskrun("run-3", 6, "ReadyForLLM"), 4.0)
     assert recorder.wait_for(["run-3"], ("FinalAnswer",), time.monotonic() + 0.2) is False
     recorder.stop()  # never connected: nothing to close
+
+
+def test_baseline_writes_the_statuses_a_hello_run_writes() -> None:
+    from datetime import UTC, datetime
+
+    from bench.scenarios import minimal_statuses, run_statuses
+
+    first, claim, answer = run_statuses("hello baseline", datetime(2026, 12, 1, tzinfo=UTC))
+    assert first["phase"] == "ReadyForLLM" and len(first["contextWindow"]) == 2
+    assert first["claimedBy"] == "worker-0"  # handed off, as the worker's prepare writes it
+    assert claim["phase"] == "SendContextWindowToLLM" and claim["llmAttempts"] == 1
+    assert answer["phase"] == "FinalAnswer" and answer["output"] == "Hello from the scripted LLM."
+    assert [m["role"] for m in answer["contextWindow"]] == ["system", "user", "assistant"]
+    assert answer["claimedBy"] is None  # the merge patch releases the claim
+    # consecutive writes of the comparison status differ (an unchanged object is not written at all)
+    minimal = minimal_statuses()
+    assert len({str(s) for s in minimal}) == len(minimal) == 3
+
+
+def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_order() -> None:
+    import time
+
+    from bench.scenarios import _status_writes, taskrun
+    from kubechain.kube.fake import FakeKubeClient
+
+    kube = FakeKubeClient()
+    groups = [["a-0", "a-1"], ["b-0", "b-1"]]
+    for name in ("a-0", "a-1", "b-0", "b-1"):
+        kube.create_raw("taskruns", "ns", taskrun(name, "agent", "baseline"))
+    written: list[tuple[str, str]] = []
+    patch = kube.patch_status_raw
+
+    def recording_patch(
+        plural: str, namespace: str, name: str, rv: str | None, status: dict[str, Any]
+    ) -> Any:
+        written.append((name, status["phase"]))
+        return patch(plural, namespace, name, rv, status)
+
+    kube.patch_status_raw = recording_patch  # type: ignore[method-assign]
+    cycle = [{"phase": "ReadyForLLM"}, {"phase": "SendContextWindowToLLM"}, {"phase": "FinalAnswer"}]
+    burst = _status_writes(kube, "ns", groups, cycle, 12, time.monotonic() + 30)
+    assert len(burst.latencies) == 12 and burst.conflicts == 0
+    for name in ("a-0", "a-1", "b-0", "b-1"):  # (threads need not share the writes evenly)
+        phases = [phase for n, phase in written if n == name]
+        assert phases == [cycle[i % len(cycle)]["phase"] for i in range(len(phases))]
+    # a thread never writes the same object twice in a row
+    for group in groups:
+        mine = [n for n, _ in written if n in group]
+        assert all(x != y for x, y in zip(mine, mine[1:], strict=False))
