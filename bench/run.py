@@ -67,7 +67,7 @@ SIZES = {
     "light_runs": (30, 10),
     "inflight_runs": (1000, 100),
     "fanout_trials": (3, 1),
-    "rounds": (3, 1),
+    "rounds": (5, 1),
 }
 # Per-scenario time limits in seconds (multiplied by --timeout-factor); scale is per row.
 TIMEOUTS = {"baseline": 300, "hello": 300, "light": 300, "fanout": 240, "inflight": 900, "scale": 300}
@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="repeat baseline → hello this many times and judge hello on the median (default 3; --quick 1)",
+        help="repeat baseline → hello this many times and judge hello on the median (default 5; --quick 1)",
     )
     parser.add_argument("--baseline-threads", type=int, default=16)
     parser.add_argument("--baseline-writes", type=int, default=None)

@@ -348,7 +348,7 @@ def test_ready_time_of_a_handed_off_turn_is_its_hand_off() -> None:
 
 def test_baseline_and_hello_repeat_in_rounds_and_the_rest_runs_once() -> None:
     full = bench_run.parse_args([])
-    assert full.rounds == 3 and bench_run.parse_args(["--quick"]).rounds == 1
+    assert full.rounds == 5 and bench_run.parse_args(["--quick"]).rounds == 1
     assert bench_run._schedule(full.scenario_list, 3) == [
         *["baseline", "hello"] * 3,
         "light",
