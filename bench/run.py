@@ -121,6 +121,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fanout-trials", type=int, default=None)
     parser.add_argument("--scale-workers", default="1,2,4", help="worker process counts of the scale rows")
     parser.add_argument(
+        "--scale-threads",
+        default="16,1",
+        help="threads per worker of each scale series (1: workers too small to fill the machine alone)",
+    )
+    parser.add_argument(
         "--resync-interval", type=float, default=30.0, help="watcher resync (the product default)"
     )
     parser.add_argument(
@@ -155,6 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.fanout_trials = args.fanout_trials or SIZES["fanout_trials"][size]
     args.rounds = max(1, args.rounds or SIZES["rounds"][size])
     args.scale_counts = tuple(int(x) for x in args.scale_workers.split(",") if x.strip())
+    args.scale_threads = tuple(int(x) for x in args.scale_threads.split(",") if x.strip())
     bad = [e for e in args.env if "=" not in e]
     if bad:
         parser.error(f"--env wants KEY=VALUE, got {', '.join(bad)}")
@@ -291,6 +297,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             "baseline_writes": args.baseline_writes,
             "baseline_threads": args.baseline_threads,
             "rounds": args.rounds,
+            "scale_workers": list(args.scale_counts),
+            "scale_threads": list(args.scale_threads),
             "resync_interval_s": args.resync_interval,
             "stale_after_s": args.stale_after,
             "log_level": args.log_level,
@@ -335,7 +343,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 concurrency=args.inflight_concurrency,
                 timeout_s=TIMEOUTS["inflight"],
             ),
-            "scale": lambda: scenarios.scale(ctx, args.hello_runs, args.scale_counts, TIMEOUTS["scale"]),
+            "scale": lambda: scenarios.scale(
+                ctx, args.hello_runs, args.scale_counts, TIMEOUTS["scale"], args.scale_threads
+            ),
         }
         try:
             for name in _schedule(args.scenario_list, args.rounds):

@@ -887,20 +887,37 @@ def hello(
 
 
 def scale(
-    ctx: BenchContext, n: int, worker_counts: tuple[int, ...] = (1, 2, 4), timeout_s: float = 300
+    ctx: BenchContext,
+    n: int,
+    worker_counts: tuple[int, ...] = (1, 2, 4),
+    timeout_s: float = 300,
+    thread_counts: tuple[int, ...] = (16, 1),
 ) -> list[dict[str, Any]]:
+    """hello with each worker count, for each size of worker (threads per process). With 16 threads one
+    worker already keeps this machine's cores busy; with 1 thread a worker cannot, so that series shows
+    throughput growing with workers until the shared cores are the limit. Small workers get a quarter of
+    the runs (each row still takes ~10-20 s)."""
     rows: list[dict[str, Any]] = []
-    for count in worker_counts:
-        remove_bench_namespaces(ctx)
-        try:
-            rows += hello(
-                ctx, n, workers=count, scenario="scale", label=f"scale-{count}w", timeout_s=timeout_s
-            )
-        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
-            row = new_row("scale", f"scale-{count}w", count, "threads", 16, n)
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            rows.append(row)
-            ctx.progress(f"scale-{count}w failed: {row['error']}")
+    for threads in thread_counts:
+        runs = n if threads >= 16 else max(10, n // 4)
+        for count in worker_counts:
+            label = f"scale-{count}w" if threads == 16 else f"scale-{count}w-{threads}t"
+            remove_bench_namespaces(ctx)
+            try:
+                rows += hello(
+                    ctx,
+                    runs,
+                    workers=count,
+                    concurrency=threads,
+                    scenario="scale",
+                    label=label,
+                    timeout_s=timeout_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+                row = new_row("scale", label, count, "threads", threads, runs)
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+                ctx.progress(f"{label} failed: {row['error']}")
     return rows
 
 

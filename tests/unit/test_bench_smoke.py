@@ -510,3 +510,36 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
     for group in groups:
         mine = [n for n, _ in written if n in group]
         assert all(x != y for x, y in zip(mine, mine[1:], strict=False))
+
+
+def test_scale_runs_a_series_per_worker_size_with_small_workers_on_fewer_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import scenarios
+
+    calls: list[tuple[int, int, int, str]] = []
+
+    def fake_hello(
+        ctx: Any, n: int, workers: int, concurrency: int, scenario: str, label: str, **_: Any
+    ) -> Any:
+        calls.append((n, workers, concurrency, label))
+        if label == "scale-2w-1t":
+            raise RuntimeError("stack did not start")
+        return [{"label": label}]
+
+    monkeypatch.setattr(scenarios, "hello", fake_hello)
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: None)
+    progress: list[str] = []
+    ctx = type("Ctx", (), {"progress": staticmethod(progress.append)})()
+    rows = scenarios.scale(ctx, 1000, (1, 2, 4), 300, (16, 1))
+    assert calls == [
+        (1000, 1, 16, "scale-1w"),
+        (1000, 2, 16, "scale-2w"),
+        (1000, 4, 16, "scale-4w"),
+        (250, 1, 1, "scale-1w-1t"),
+        (250, 2, 1, "scale-2w-1t"),
+        (250, 4, 1, "scale-4w-1t"),
+    ]
+    failed = [row for row in rows if row.get("error")]
+    assert [row["label"] for row in failed] == ["scale-2w-1t"] and failed[0]["concurrency"] == 1
+    assert len(rows) == 6 and progress == ["scale-2w-1t failed: RuntimeError: stack did not start"]
