@@ -70,7 +70,8 @@ def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
 def write_target(
     baseline_writes_per_s: float | None, writes_per_run: float | None, share: float = 0.5
 ) -> float | None:
-    """Runs/s the design should reach: ``share`` of the API server's write rate spent on TaskRun writes."""
+    """Runs/s the design should reach: ``share`` of the API server's status-write rate spent on the
+    status writes one run needs."""
     if not baseline_writes_per_s or not writes_per_run:
         return None
     return share * baseline_writes_per_s / writes_per_run
@@ -258,7 +259,8 @@ def details(row: dict[str, Any]) -> str:
         parts.append(f"ready→LLM {_pcts(f.get('ready_to_llm_ms'))}")
         parts.append(f"answer→next phase {_pcts(f.get('answer_to_next_ms'))}")
         parts.append(
-            f"writes/run {fmt(f.get('writes_per_run'), '.1f')} (+{fmt(f.get('events_per_run'), '.1f')} events)"
+            f"writes/run {fmt(f.get('writes_per_run'), '.1f')} (1 create + {fmt(f.get('status_writes_per_run'), '.1f')}"
+            f" status; +{fmt(f.get('events_per_run'), '.1f')} events)"
         )
         api = f.get("api_requests_per_run") or {}
         if api:

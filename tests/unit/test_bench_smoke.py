@@ -92,8 +92,9 @@ def test_hello_figures_from_watch_and_llm_log() -> None:
     assert f["answer_to_next_ms"]["max"] == pytest.approx(200.0)
     assert f["ready_to_claim_ms"]["n"] == 1 and f["ready_to_claim_ms"]["p50"] == pytest.approx(150.0)
     assert f["claim_to_llm_ms"]["p50"] == pytest.approx(150.0)
-    assert f["writes_per_run"] == 4.0
-    assert f["target_runs_per_s"] == 50.0 and f["meets_target"] is False
+    assert f["writes_per_run"] == 4.0 and f["status_writes_per_run"] == 3.0
+    # half the baseline (400 writes/s) over the 3 status writes; the create is the user's write
+    assert f["target_runs_per_s"] == 66.67 and f["meets_target"] is False
     assert f["phase_paths"] == {'"">ReadyForLLM>SendContextWindowToLLM>FinalAnswer': 2}
     assert f["wall_99_s"] == 1.0 and f["stragglers"] == []
 
