@@ -19,6 +19,14 @@ CRD_DIR = REPO / "deploy" / "crds"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+TIER_ORDER = ("unit", "integration", "e2e", "chaos")
+
+
+def _tier(item: pytest.Item) -> int:
+    parts = Path(str(item.fspath)).parts
+    return next((i for i, tier in enumerate(TIER_ORDER) if tier in parts), len(TIER_ORDER))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
@@ -27,6 +35,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "e2e" in parts or "chaos" in parts:
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.slow)
+    # Fast tiers first, and integration before e2e: the e2e session stack's watcher watches every
+    # namespace from its first test to the end of the session, and would validate the objects an
+    # integration test writes by hand (e.g. an LLM whose status the test sets) under its feet.
+    items.sort(key=_tier)
 
 
 @pytest.fixture(scope="session")
