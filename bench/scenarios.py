@@ -470,10 +470,21 @@ class WriteBurst:
         return round(len(self.latencies) / self.wall_s, 1) if self.wall_s > 0 else None
 
 
+def _create_taskruns(kube: KubeClient, namespace: str, names: list[str]) -> dict[str, str]:
+    """Create TaskRuns nobody works on; their resourceVersions, for the first conditional write."""
+    return {
+        name: kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline"))["metadata"][
+            "resourceVersion"
+        ]
+        for name in names
+    }
+
+
 def _status_writes(
     kube: KubeClient,
     namespace: str,
     groups: list[list[str]],
+    rvs: dict[str, str],
     cycle: list[dict[str, Any]],
     writes: int,
     deadline: float,
@@ -489,9 +500,6 @@ def _status_writes(
     conflicts = [0]
 
     def writer(names: list[str]) -> None:
-        rvs = {
-            name: kube.get_raw("taskruns", namespace, name)["metadata"]["resourceVersion"] for name in names
-        }
         step = 0
         while time.monotonic() < deadline:
             with lock:
@@ -537,22 +545,19 @@ def baseline(
     try:
         namespace = create_namespace(kube, "baseline")
         groups = [[f"write-{t:02d}-{o}" for o in range(objects_per_thread)] for t in range(threads)]
-        for name in (name for group in groups for name in group):
-            kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline"))
+        rvs = _create_taskruns(kube, namespace, [name for group in groups for name in group])
         ctx.progress(
             f"baseline: {writes} conditional status writes (a run's three statuses) by {threads} threads"
         )
         cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
-        burst = _status_writes(
-            kube, namespace, groups, run_statuses("hello baseline", datetime.now(UTC)), writes, deadline
-        )
+        statuses = run_statuses("hello baseline", datetime.now(UTC))
+        burst = _status_writes(kube, namespace, groups, rvs, statuses, writes, deadline)
         row["cpu_s"] = cpu.stop()
         row["cpu_wall_s"] = round(cpu.wall_s, 2)
         ctx.progress(f"baseline: {burst.writes_per_s} writes/s; now {writes} by the earlier method")
         singles = [[f"earlier-{t:02d}"] for t in range(threads)]
-        for (name,) in singles:
-            kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline"))
-        earlier = _status_writes(kube, namespace, singles, minimal_statuses(), writes, deadline)
+        rvs = _create_taskruns(kube, namespace, [name for (name,) in singles])
+        earlier = _status_writes(kube, namespace, singles, rvs, minimal_statuses(), writes, deadline)
         row["timed_out"] = len(burst.latencies) < writes
         row["figures"] = {
             "threads": threads,
@@ -676,6 +681,7 @@ def hello_figures(
 
 
 EVENTS_PER_HELLO_RUN = 3  # ValidationSucceeded, SendingContextWindowToLLM, LLMFinalAnswer
+HELLO_THREADS = 16  # threads of a hello worker
 
 
 def with_event_drain(figures: dict[str, Any], drained_s: float) -> dict[str, Any]:
@@ -818,7 +824,7 @@ def hello(
     n: int,
     workers: int = 1,
     pool: str = "threads",
-    concurrency: int = 16,
+    concurrency: int = HELLO_THREADS,
     scenario: str = "hello",
     label: str | None = None,
     timeout_s: float = 300,
@@ -904,9 +910,9 @@ def scale(
     the runs (each row still takes ~10-20 s)."""
     rows: list[dict[str, Any]] = []
     for threads in thread_counts:
-        runs = n if threads >= 16 else max(10, n // 4)
+        runs = n if threads >= HELLO_THREADS else max(10, n // 4)
         for count in worker_counts:
-            label = f"scale-{count}w" if threads == 16 else f"scale-{count}w-{threads}t"
+            label = f"scale-{count}w" if threads == HELLO_THREADS else f"scale-{count}w-{threads}t"
             remove_bench_namespaces(ctx)
             try:
                 rows += hello(

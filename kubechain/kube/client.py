@@ -142,6 +142,13 @@ class KubeClient:
     def close(self) -> None:
         self._http.close()
 
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+            **self.connection.auth_headers(),
+        }
+
     # -- transport ---------------------------------------------------------------------------------
 
     def request(
@@ -154,11 +161,7 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         self._bucket.acquire()
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-            **self.connection.auth_headers(),
-        }
+        headers = self._headers()
         content = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -274,11 +277,7 @@ class KubeClient:
         if label_selector:
             params["labelSelector"] = label_selector
         self._bucket.acquire()
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-            **self.connection.auth_headers(),
-        }
+        headers = self._headers()
         url = f"{custom_path(plural, namespace)}?{urlencode(params)}"
         response = None
         try:

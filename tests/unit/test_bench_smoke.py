@@ -484,13 +484,12 @@ def test_baseline_writes_the_statuses_a_hello_run_writes() -> None:
 def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_order() -> None:
     import time
 
-    from bench.scenarios import _status_writes, taskrun
+    from bench.scenarios import _create_taskruns, _status_writes
     from kubechain.kube.fake import FakeKubeClient
 
     kube = FakeKubeClient()
     groups = [["a-0", "a-1"], ["b-0", "b-1"]]
-    for name in ("a-0", "a-1", "b-0", "b-1"):
-        kube.create_raw("taskruns", "ns", taskrun(name, "agent", "baseline"))
+    rvs = _create_taskruns(kube, "ns", ["a-0", "a-1", "b-0", "b-1"])
     written: list[tuple[str, str]] = []
     patch = kube.patch_status_raw
 
@@ -502,7 +501,7 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
 
     kube.patch_status_raw = recording_patch  # type: ignore[method-assign]
     cycle = [{"phase": "ReadyForLLM"}, {"phase": "SendContextWindowToLLM"}, {"phase": "FinalAnswer"}]
-    burst = _status_writes(kube, "ns", groups, cycle, 12, time.monotonic() + 30)
+    burst = _status_writes(kube, "ns", groups, rvs, cycle, 12, time.monotonic() + 30)
     assert len(burst.latencies) == 12 and burst.conflicts == 0
     for name in ("a-0", "a-1", "b-0", "b-1"):  # (threads need not share the writes evenly)
         phases = [phase for n, phase in written if n == name]
