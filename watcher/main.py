@@ -34,6 +34,7 @@ from kubechain.statemachines.routing import (
     dependents,
     is_terminal,
     readiness,
+    tasks_missing_their_run,
     work_for,
 )
 from watcher.informer import Informer, Key
@@ -194,32 +195,45 @@ class Watcher:
             return 0
         now = self._clock()
         count = 0
-        for kind, objects in self.cache().items():
-            for obj in objects.values():
-                for work in work_for(
-                    kind,
-                    obj,
-                    now,
-                    self.settings.claim_timeout_s,
-                    resync=True,
-                    handoff_timeout_s=self.settings.handoff_timeout_s,
-                ):
-                    rv = str(obj["metadata"].get("resourceVersion", ""))
-                    if force:
-                        with self._recent_lock:
-                            self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
-                    before = self._outbox.qsize()
-                    self._submit(
-                        work,
-                        rv,
-                        resync=True,
-                        snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None,
-                    )
-                    count += self._outbox.qsize() - before
+        cache = self.cache()
+        for kind, obj, work in self._resync_work(cache, now):
+            rv = str(obj["metadata"].get("resourceVersion", ""))
+            if force:
+                with self._recent_lock:
+                    self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
+            before = self._outbox.qsize()
+            self._submit(
+                work,
+                rv,
+                resync=True,
+                snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None,
+            )
+            count += self._outbox.qsize() - before
         if count:
             log.info("resync re-enqueued %d resources", count)
         self._forget_finished()
         return count
+
+    def _resync_work(
+        self, cache: dict[str, dict[Key, dict[str, Any]]], now: datetime
+    ) -> list[tuple[str, dict[str, Any], Work]]:
+        """Each piece of work a resync calls for, with the object (and its kind) whose state calls for it."""
+        out = [
+            (kind, obj, work)
+            for kind, objects in cache.items()
+            for obj in objects.values()
+            for work in work_for(
+                kind,
+                obj,
+                now,
+                self.settings.claim_timeout_s,
+                resync=True,
+                handoff_timeout_s=self.settings.handoff_timeout_s,
+            )
+        ]
+        tasks = cache.get("Task") or {}
+        out += [("Task", tasks[(w.namespace, w.name)], w) for w in tasks_missing_their_run(cache)]
+        return out
 
     def _forget_finished(self) -> None:
         horizon = time.monotonic() - max(600.0, self.settings.stale_after_s * 10)

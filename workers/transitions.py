@@ -48,11 +48,12 @@ def create_children(
 
     def create(child: Resource[Any, Any]) -> None:
         try:
-            ctx.kube.create(child)
+            created = ctx.kube.create(child)
         except AlreadyExists:
             return
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
-        ctx.events.emit(parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=child.name)
+        # Keyed by the new object's uid: a child deleted and created again is a new Event.
+        ctx.events.emit(parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid)
 
     if len(children) <= 2:
         for child in children:

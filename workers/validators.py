@@ -130,10 +130,13 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
     transition = plan_task(task, agent)
-    if agent is not None and agent.status.ready and not task.status.ready:
-        # Child first: if we crash before the status write, the retry finds it (AlreadyExists) and goes on.
+    if transition is not None:
+        task = apply_transition(ctx, task, transition)
+    if task.status.ready:
+        # Ready first, run second: the run's first prepare then never finds its Task not yet Ready (a
+        # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the
+        # watcher's resync, which re-validates a Ready Task whose run is missing.
         create_children(ctx, task, [taskrun_for_task(task)])
-    _write(ctx, task, transition)
 
 
 def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from kubechain.models.labels import LABEL_TASK
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
@@ -272,3 +273,21 @@ def dependents(
                     Work(TaskName.PREPARE, "TaskRun", namespace, run_name, reason=f"{kind.lower()}-changed")
                 )
     return out
+
+
+def tasks_missing_their_run(
+    cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
+) -> list[Work]:
+    """Ready Tasks with no TaskRun labelled as theirs: the worker that wrote Ready died before it created
+    the run, and its message is gone too. Validating the Task again creates the run."""
+    runs_of = {
+        (ns, ((run.get("metadata") or {}).get("labels") or {}).get(LABEL_TASK))
+        for (ns, _), run in (cache.get("TaskRun") or {}).items()
+    }
+    return [
+        Work(TaskName.VALIDATE, "Task", ns, name, reason="resync")
+        for (ns, name), task in (cache.get("Task") or {}).items()
+        if _status(task).get("ready")
+        and not (task.get("metadata") or {}).get("deletionTimestamp")
+        and (ns, name) not in runs_of
+    ]

@@ -183,3 +183,36 @@ def test_a_turn_handed_off_to_its_worker_is_not_queued_by_the_watcher() -> None:
     watcher._on_event("TaskRun", "MODIFIED", free, None)
     work, _, snapshot = watcher._outbox.get_nowait()
     assert work.task == TaskName.LLM_CALL and snapshot == free
+
+
+def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    task = {
+        "kind": "Task",
+        "metadata": {"name": "t", "namespace": "default", "resourceVersion": "5", "generation": 1},
+        "spec": {"agentRef": {"name": "a"}},
+        "status": {"status": "Ready", "ready": True, "observedGeneration": 1},
+    }
+    informers = {informer.kind: informer for informer in watcher.informers}
+    informers["Task"].cache[("default", "t")] = task
+    assert watcher.resync() == 1
+    work = watcher._outbox.get_nowait()[0]
+    assert (work.task, work.kind, work.name) == (TaskName.VALIDATE, "Task", "t")
+
+    other_namespace = {
+        "kind": "TaskRun",
+        "metadata": {
+            "name": "t-1",
+            "namespace": "elsewhere",
+            "labels": {"kubechain.humanlayer.dev/task": "t"},
+        },
+        "status": {"phase": "FinalAnswer"},
+    }
+    informers["TaskRun"].cache[("elsewhere", "t-1")] = other_namespace
+    assert watcher.resync(force=True) == 1, "a run of a same-named Task elsewhere is not this Task's"
+    watcher._outbox.get_nowait()
+    informers["TaskRun"].cache[("default", "t-1")] = {
+        **other_namespace,
+        "metadata": {**other_namespace["metadata"], "namespace": "default"},
+    }
+    assert watcher.resync(force=True) == 0, "its run exists: nothing to do"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
@@ -284,3 +285,34 @@ def test_a_stale_snapshot_in_the_message_conflicts_and_is_reread() -> None:
     status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
     assert status["phase"] == "Succeeded" and status["attempts"] == 1
     assert kube.event_reasons(name) == ["ExecutionSucceeded"]
+
+
+def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again() -> None:
+    kube = FakeKubeClient()
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    create(kube, "Task", "tasks", "t", {"agentRef": {"name": "a"}, "message": "hi"})
+    task_ready_when_run_created: list[bool] = []
+    create_resource = kube.create
+
+    def recording_create(resource: Any) -> Any:
+        if resource.KIND == "TaskRun":
+            task_ready_when_run_created.append(kube.get_raw("tasks", "default", "t")["status"]["ready"])
+        return create_resource(resource)
+
+    kube.create = recording_create  # type: ignore[method-assign]
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    validate(ctx, message("Task", "t"))
+    assert task_ready_when_run_created == [True]
+    run = kube.get_raw("taskruns", "default", "t-1")
+    assert run["metadata"]["labels"] == {"kubechain.humanlayer.dev/task": "t"}
+    prepare(ctx, message("TaskRun", "t-1"))
+    assert kube.event_reasons("t-1") == ["ValidationSucceeded"], "never a spurious TaskNotReady"
+    assert kube.event_reasons("t") == ["Initializing", "ValidationSucceeded", "TaskRunCreated"]
+
+    # A worker died between the Ready write and the create: validating the Ready Task again mends it.
+    kube.delete("taskruns", "default", "t-1")
+    validate(ctx, message("Task", "t"))
+    assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
+    assert task_ready_when_run_created == [True, True]
+    validate(ctx, message("Task", "t"))  # a duplicate message: AlreadyExists, no second event
+    assert kube.event_reasons("t").count("TaskRunCreated") == 2
