@@ -38,6 +38,7 @@ from bench.observe import (
 from bench.report import max_overlap, percentile, summarize, write_target
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
+from kubechain.kube.events import EventRecorder
 from kubechain.models import Agent, TaskRun
 from kubechain.statemachines.taskrun import (
     LoopLimits,
@@ -527,6 +528,26 @@ def _status_writes(
     return WriteBurst(latencies, conflicts[0], time.monotonic() - started)
 
 
+# The Events a hello run's transitions post (ValidationSucceeded, SendingContextWindowToLLM, LLMFinalAnswer).
+EVENT_REASONS_OF_A_RUN = ("ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer")
+
+
+def _event_posts(kube: KubeClient, namespace: str, names: list[str], posts: int, threads: int) -> float:
+    """``posts`` Events about the TaskRuns ``names``, as KubeChain's workers post them (same recorder, same
+    body), by ``threads`` threads; the wall seconds they took."""
+    runs = [TaskRun.from_wire(kube.get_raw("taskruns", namespace, name)) for name in names]
+    recorder = EventRecorder(kube, "kubechain-bench", "bench")
+
+    def post(index: int) -> None:
+        reason = EVENT_REASONS_OF_A_RUN[index % len(EVENT_REASONS_OF_A_RUN)]
+        recorder.emit(runs[index % len(runs)], "Normal", reason, f"bench event {index}", key=str(index))
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-event") as pool:
+        list(pool.map(post, range(posts)))
+    return time.monotonic() - started
+
+
 def baseline(
     ctx: BenchContext,
     threads: int = 16,
@@ -558,6 +579,11 @@ def baseline(
         singles = [[f"earlier-{t:02d}"] for t in range(threads)]
         rvs = _create_taskruns(kube, namespace, [name for (name,) in singles])
         earlier = _status_writes(kube, namespace, singles, rvs, minimal_statuses(), writes, deadline)
+        # What an Event costs next to a status write (each hello run posts three): the machine's CPU
+        # per post, measured the same way, outside the status writes' window.
+        event_cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
+        event_wall = _event_posts(kube, namespace, [n for group in groups for n in group], writes, threads)
+        event_machine_s = event_cpu.stop()["machine"]
         row["timed_out"] = len(burst.latencies) < writes
         row["figures"] = {
             "threads": threads,
@@ -568,6 +594,9 @@ def baseline(
             "latency_ms": summarize(burst.latencies, 1000.0, 2),
             "conflicts": burst.conflicts,
             "earlier_method_writes_per_s": earlier.writes_per_s,
+            "cpu_ms_per_write": round(1000 * row["cpu_s"]["machine"] / writes, 2),
+            "event_posts_per_s": round(writes / event_wall, 1) if event_wall > 0 else None,
+            "cpu_ms_per_event": round(1000 * event_machine_s / writes, 2),
             "namespace": namespace,
         }
         ctx.baseline_writes_per_s = burst.writes_per_s

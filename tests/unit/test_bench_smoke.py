@@ -543,3 +543,32 @@ def test_scale_runs_a_series_per_worker_size_with_small_workers_on_fewer_runs(
     failed = [row for row in rows if row.get("error")]
     assert [row["label"] for row in failed] == ["scale-2w-1t"] and failed[0]["concurrency"] == 1
     assert len(rows) == 6 and progress == ["scale-2w-1t failed: RuntimeError: stack did not start"]
+
+
+def test_event_posts_are_the_three_events_of_a_run_posted_as_workers_post_them() -> None:
+    from bench.scenarios import EVENT_REASONS_OF_A_RUN, _create_taskruns, _event_posts
+    from kubechain.kube.fake import FakeKubeClient
+
+    kube = FakeKubeClient()
+    _create_taskruns(kube, "ns", ["a", "b"])
+    wall = _event_posts(kube, "ns", ["a", "b"], 12, 3)
+    events = kube.events("ns")
+    assert wall > 0 and len(events) == 12, "each post is a new Event (distinct names)"
+    assert {e["reason"] for e in events} == set(EVENT_REASONS_OF_A_RUN)
+    assert {e["involvedObject"]["name"] for e in events} == {"a", "b"}
+    assert all(e["source"]["component"] == "kubechain-bench" for e in events)
+
+
+def test_baseline_details_compare_an_events_cost_with_a_status_writes() -> None:
+    from bench.report import details
+
+    row = {
+        "scenario": "baseline",
+        "figures": {
+            "writes": 3000,
+            "cpu_ms_per_write": 6.9,
+            "cpu_ms_per_event": 2.1,
+            "event_posts_per_s": 900.0,
+        },
+    }
+    assert "per status write 6.9 ms, per Event 2.1 ms (900 Events/s)" in details(row)
