@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -33,15 +33,25 @@ def run_trace_ids(run_uid: str) -> dict[str, str]:
     return {"traceID": digest[:32], "spanID": digest[32:48]}
 
 
-def setup_tracing(service_name: str) -> None:
-    """Install a tracer provider; export with OTLP/HTTP when an endpoint is configured."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider):
-        return
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def exporting(environ: Mapping[str, str]) -> bool:
+    """Whether spans go anywhere: an OTLP endpoint is configured and the SDK is not disabled."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return bool(
+        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+
+def setup_tracing(service_name: str) -> None:
+    """Install a tracer provider exporting with OTLP/HTTP, when an endpoint is configured. Without one,
+    spans stay the API's no-op spans: nothing would see them, and recording them cost a worker ~2 % of its
+    CPU. A no-op span carries its parent's context, so messages and logs still name the run's trace."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider) or not exporting(os.environ):
+        return
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
 
 

@@ -82,3 +82,25 @@ def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {s.context.trace_id for s in spans} == {trace_id}, "every span belongs to the run's trace"
     llm_span = next(s for s in spans if s.name == "LLMRequest")
     assert llm_span.attributes is not None and llm_span.attributes["llm.request.model"] == "gpt-4o"
+
+
+def test_spans_are_recorded_only_when_an_otlp_endpoint_takes_them() -> None:
+    from kubechain.observability.tracing import exporting
+
+    assert not exporting({})
+    assert exporting({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert exporting({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"})
+    assert not exporting(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "True"}
+    )
+
+
+def test_without_a_recording_provider_the_run_trace_still_propagates() -> None:
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from kubechain.observability.tracing import run_context, run_trace_ids, traceparent_of
+
+    ids = run_trace_ids("uid-1")
+    tracer = NoOpTracerProvider().get_tracer("kubechain")  # what the API gives without setup_tracing
+    with tracer.start_as_current_span("enqueue", context=run_context("uid-1")) as current:
+        assert traceparent_of(current) == f"00-{ids['traceID']}-{ids['spanID']}-01"
