@@ -126,7 +126,7 @@ def validate_agent(ctx: WorkerContext, message: ResourceMessage) -> None:
 
 def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
     task = get_or_none(ctx, Task, message.namespace, message.name)
-    if task is None:
+    if task is None or task.metadata.deletion_timestamp:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
     transition = plan_task(task, agent)

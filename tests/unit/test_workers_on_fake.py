@@ -316,3 +316,9 @@ def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again()
     assert task_ready_when_run_created == [True, True]
     validate(ctx, message("Task", "t"))  # a duplicate message: AlreadyExists, no second event
     assert kube.event_reasons("t").count("TaskRunCreated") == 2
+
+    # A Task being deleted (its run went first) is left alone.
+    kube.delete("taskruns", "default", "t-1")
+    kube.patch_metadata("tasks", "default", "t", {"deletionTimestamp": "2026-12-01T00:00:00Z"})
+    validate(ctx, message("Task", "t"))
+    assert not kube.list_raw("taskruns", "default")[0]
