@@ -532,10 +532,9 @@ def _status_writes(
 EVENT_REASONS_OF_A_RUN = ("ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer")
 
 
-def _event_posts(kube: KubeClient, namespace: str, names: list[str], posts: int, threads: int) -> float:
-    """``posts`` Events about the TaskRuns ``names``, as KubeChain's workers post them (same recorder, same
-    body), by ``threads`` threads; the wall seconds they took."""
-    runs = [TaskRun.from_wire(kube.get_raw("taskruns", namespace, name)) for name in names]
+def _event_posts(kube: KubeClient, runs: list[TaskRun], posts: int, threads: int) -> float:
+    """``posts`` Events about ``runs``, as KubeChain's workers post them (same recorder, same body), by
+    ``threads`` threads; the wall seconds they took."""
     recorder = EventRecorder(kube, "kubechain-bench", "bench")
 
     def post(index: int) -> None:
@@ -581,8 +580,9 @@ def baseline(
         earlier = _status_writes(kube, namespace, singles, rvs, minimal_statuses(), writes, deadline)
         # What an Event costs next to a status write (each hello run posts three): the machine's CPU
         # per post, measured the same way, outside the status writes' window.
+        runs = [TaskRun.from_wire(kube.get_raw("taskruns", namespace, n)) for group in groups for n in group]
         event_cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
-        event_wall = _event_posts(kube, namespace, [n for group in groups for n in group], writes, threads)
+        event_wall = _event_posts(kube, runs, writes, threads)
         event_machine_s = event_cpu.stop()["machine"]
         row["timed_out"] = len(burst.latencies) < writes
         row["figures"] = {
@@ -594,7 +594,7 @@ def baseline(
             "latency_ms": summarize(burst.latencies, 1000.0, 2),
             "conflicts": burst.conflicts,
             "earlier_method_writes_per_s": earlier.writes_per_s,
-            "cpu_ms_per_write": round(1000 * row["cpu_s"]["machine"] / writes, 2),
+            "cpu_ms_per_write": round(1000 * row["cpu_s"]["machine"] / max(1, len(burst.latencies)), 2),
             "event_posts_per_s": round(writes / event_wall, 1) if event_wall > 0 else None,
             "cpu_ms_per_event": round(1000 * event_machine_s / writes, 2),
             "namespace": namespace,

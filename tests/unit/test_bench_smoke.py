@@ -548,10 +548,12 @@ def test_scale_runs_a_series_per_worker_size_with_small_workers_on_fewer_runs(
 def test_event_posts_are_the_three_events_of_a_run_posted_as_workers_post_them() -> None:
     from bench.scenarios import EVENT_REASONS_OF_A_RUN, _create_taskruns, _event_posts
     from kubechain.kube.fake import FakeKubeClient
+    from kubechain.models import TaskRun
 
     kube = FakeKubeClient()
     _create_taskruns(kube, "ns", ["a", "b"])
-    wall = _event_posts(kube, "ns", ["a", "b"], 12, 3)
+    runs = [TaskRun.from_wire(kube.get_raw("taskruns", "ns", name)) for name in ("a", "b")]
+    wall = _event_posts(kube, runs, 12, 3)
     events = kube.events("ns")
     assert wall > 0 and len(events) == 12, "each post is a new Event (distinct names)"
     assert {e["reason"] for e in events} == set(EVENT_REASONS_OF_A_RUN)
