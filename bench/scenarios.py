@@ -471,12 +471,10 @@ class WriteBurst:
         return round(len(self.latencies) / self.wall_s, 1) if self.wall_s > 0 else None
 
 
-def _create_taskruns(kube: KubeClient, namespace: str, names: list[str]) -> dict[str, str]:
-    """Create TaskRuns nobody works on; their resourceVersions, for the first conditional write."""
+def _create_taskruns(kube: KubeClient, namespace: str, names: list[str]) -> dict[str, TaskRun]:
+    """Create TaskRuns nobody works on, as the API server answered the creates."""
     return {
-        name: kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline"))["metadata"][
-            "resourceVersion"
-        ]
+        name: TaskRun.from_wire(kube.create_raw("taskruns", namespace, taskrun(name, "nobody", "baseline")))
         for name in names
     }
 
@@ -485,7 +483,7 @@ def _status_writes(
     kube: KubeClient,
     namespace: str,
     groups: list[list[str]],
-    rvs: dict[str, str],
+    created: dict[str, TaskRun],
     cycle: list[dict[str, Any]],
     writes: int,
     deadline: float,
@@ -494,7 +492,9 @@ def _status_writes(
     in rotation, each of them ``cycle``'s statuses in order. Rotation matters: an object written again
     the moment its previous write returns is usually still stale in the API server's watch cache, and
     the server then applies the patch twice (first to the cached copy, which fails its resourceVersion
-    precondition, then to a fresh read from etcd) — a cost of that access pattern, not of a write."""
+    precondition, then to a fresh read from etcd) — a cost of that access pattern, not of a write.
+    ``created``: the objects as created; the first write of each is conditional on that version."""
+    rvs = {name: run.resource_version for name, run in created.items()}
     lock = threading.Lock()
     counter = [0]
     latencies: list[float] = []
@@ -528,7 +528,7 @@ def _status_writes(
     return WriteBurst(latencies, conflicts[0], time.monotonic() - started)
 
 
-# The Events a hello run's transitions post (ValidationSucceeded, SendingContextWindowToLLM, LLMFinalAnswer).
+# The Events a hello run's transitions post.
 EVENT_REASONS_OF_A_RUN = ("ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer")
 
 
@@ -565,24 +565,26 @@ def baseline(
     try:
         namespace = create_namespace(kube, "baseline")
         groups = [[f"write-{t:02d}-{o}" for o in range(objects_per_thread)] for t in range(threads)]
-        rvs = _create_taskruns(kube, namespace, [name for group in groups for name in group])
+        created = _create_taskruns(kube, namespace, [name for group in groups for name in group])
         ctx.progress(
             f"baseline: {writes} conditional status writes (a run's three statuses) by {threads} threads"
         )
         cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
         statuses = run_statuses("hello baseline", datetime.now(UTC))
-        burst = _status_writes(kube, namespace, groups, rvs, statuses, writes, deadline)
+        burst = _status_writes(kube, namespace, groups, created, statuses, writes, deadline)
         row["cpu_s"] = cpu.stop()
         row["cpu_wall_s"] = round(cpu.wall_s, 2)
         ctx.progress(f"baseline: {burst.writes_per_s} writes/s; now {writes} by the earlier method")
         singles = [[f"earlier-{t:02d}"] for t in range(threads)]
-        rvs = _create_taskruns(kube, namespace, [name for (name,) in singles])
-        earlier = _status_writes(kube, namespace, singles, rvs, minimal_statuses(), writes, deadline)
+        singles_created = _create_taskruns(kube, namespace, [name for (name,) in singles])
+        earlier = _status_writes(
+            kube, namespace, singles, singles_created, minimal_statuses(), writes, deadline
+        )
         # What an Event costs next to a status write (each hello run posts three): the machine's CPU
-        # per post, measured the same way, outside the status writes' window.
-        runs = [TaskRun.from_wire(kube.get_raw("taskruns", namespace, n)) for group in groups for n in group]
+        # per post, measured the same way, outside the status writes' window. (An Event names its
+        # object's uid; the resourceVersion it carries, the created one, does not change its cost.)
         event_cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
-        event_wall = _event_posts(kube, runs, writes, threads)
+        event_wall = _event_posts(kube, list(created.values()), writes, threads)
         event_machine_s = event_cpu.stop()["machine"]
         row["timed_out"] = len(burst.latencies) < writes
         row["figures"] = {
@@ -709,7 +711,7 @@ def hello_figures(
     }
 
 
-EVENTS_PER_HELLO_RUN = 3  # ValidationSucceeded, SendingContextWindowToLLM, LLMFinalAnswer
+EVENTS_PER_HELLO_RUN = len(EVENT_REASONS_OF_A_RUN)
 HELLO_THREADS = 16  # threads of a hello worker
 
 

@@ -69,9 +69,9 @@ def validate(ctx: WorkerContext, message: ResourceMessage) -> None:
     retry_on_conflict(lambda: handler(ctx, message))
 
 
-def _write(ctx: WorkerContext, obj: R, transition: Transition | None) -> None:
-    if transition is not None:
-        apply_transition(ctx, obj, transition)
+def _write(ctx: WorkerContext, obj: R, transition: Transition | None) -> R:
+    """``obj`` after ``transition`` (unchanged when there is none)."""
+    return apply_transition(ctx, obj, transition) if transition is not None else obj
 
 
 def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
@@ -129,9 +129,7 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
     if task is None or task.metadata.deletion_timestamp:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
-    transition = plan_task(task, agent)
-    if transition is not None:
-        task = apply_transition(ctx, task, transition)
+    task = _write(ctx, task, plan_task(task, agent))
     if task.status.ready:
         # Ready first, run second: the run's first prepare then never finds its Task not yet Ready (a
         # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the

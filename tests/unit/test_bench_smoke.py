@@ -489,7 +489,7 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
 
     kube = FakeKubeClient()
     groups = [["a-0", "a-1"], ["b-0", "b-1"]]
-    rvs = _create_taskruns(kube, "ns", ["a-0", "a-1", "b-0", "b-1"])
+    created = _create_taskruns(kube, "ns", ["a-0", "a-1", "b-0", "b-1"])
     written: list[tuple[str, str]] = []
     patch = kube.patch_status_raw
 
@@ -501,7 +501,7 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
 
     kube.patch_status_raw = recording_patch  # type: ignore[method-assign]
     cycle = [{"phase": "ReadyForLLM"}, {"phase": "SendContextWindowToLLM"}, {"phase": "FinalAnswer"}]
-    burst = _status_writes(kube, "ns", groups, rvs, cycle, 12, time.monotonic() + 30)
+    burst = _status_writes(kube, "ns", groups, created, cycle, 12, time.monotonic() + 30)
     assert len(burst.latencies) == 12 and burst.conflicts == 0
     for name in ("a-0", "a-1", "b-0", "b-1"):  # (threads need not share the writes evenly)
         phases = [phase for n, phase in written if n == name]
@@ -548,11 +548,9 @@ def test_scale_runs_a_series_per_worker_size_with_small_workers_on_fewer_runs(
 def test_event_posts_are_the_three_events_of_a_run_posted_as_workers_post_them() -> None:
     from bench.scenarios import EVENT_REASONS_OF_A_RUN, _create_taskruns, _event_posts
     from kubechain.kube.fake import FakeKubeClient
-    from kubechain.models import TaskRun
 
     kube = FakeKubeClient()
-    _create_taskruns(kube, "ns", ["a", "b"])
-    runs = [TaskRun.from_wire(kube.get_raw("taskruns", "ns", name)) for name in ("a", "b")]
+    runs = list(_create_taskruns(kube, "ns", ["a", "b"]).values())
     wall = _event_posts(kube, runs, 12, 3)
     events = kube.events("ns")
     assert wall > 0 and len(events) == 12, "each post is a new Event (distinct names)"
