@@ -150,3 +150,50 @@ def test_provider_client_turns_garbage_into_errors_or_answers(raw_llm: RawLLM, b
         assert str(exc)
         return
     assert isinstance(response, LLMResponse)
+
+
+def test_provider_client_reads_answers_tool_calls_and_usage(raw_llm: RawLLM) -> None:
+    """The completion's JSON maps onto our response: content, function tool calls (a custom tool call,
+    which has no function, is not ours to run), token counts; a tool-call turn's null content is ""."""
+    raw_llm.body = json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "add", "arguments": '{"a": 1}'},
+                            },
+                            {"id": "c2", "type": "custom", "custom": {"name": "grammar", "input": "x"}},
+                            {"id": "c3", "function": {"name": "srv__tool"}},
+                        ],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        }
+    ).encode()
+    client = OpenAIClient("sk-test", 5, raw_llm.url)
+    response = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert response.content == ""
+    assert response.tool_calls == [
+        ToolCall(id="c1", type="function", function=ToolCallFunction(name="add", arguments='{"a": 1}')),
+        ToolCall(id="c3", type="function", function=ToolCallFunction(name="srv__tool", arguments="")),
+    ]
+    assert response.usage is not None
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (7, 3)
+    assert response.usage.total_tokens == 10
+
+    raw_llm.body = completion({"role": "assistant", "content": "The answer is 42."})
+    response = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert (response.content, response.tool_calls, response.usage) == ("The answer is 42.", [], None)
