@@ -238,6 +238,17 @@ def headline(row: dict[str, Any]) -> str:
     return "-"
 
 
+def apiserver_profile_summary(f: dict[str, Any]) -> str | None:
+    """Where the API server's CPU went in the row's window (``--apiserver-profile``)."""
+    profile = f.get("apiserver_profile") or {}
+    if profile.get("error"):
+        return f"API server profile: {profile['error']}"
+    shares = profile.get("cpu_shares_pct") or {}
+    if not shares:
+        return None
+    return "API server CPU: " + ", ".join(f"{name} {pct:.0f} %" for name, pct in shares.items())
+
+
 def details(row: dict[str, Any]) -> str:
     f = row.get("figures") or {}
     scenario = row.get("scenario")
@@ -346,6 +357,9 @@ def details(row: dict[str, Any]) -> str:
     errors = {k: v for k, v in (api.get("errors") or {}).items() if not k.endswith(" 409")}
     if errors:
         parts.append("API errors " + ", ".join(f"{k} ×{v}" for k, v in errors.items()))
+    profile = apiserver_profile_summary(f)
+    if profile:
+        parts.append(profile)
     if f.get("failed"):
         parts.append(f"{f['failed']} FAILED")
     if row.get("timed_out"):

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.apiserver_profile import PROFILING_FLAG
 from bench.report import (
     details,
     fmt,
@@ -146,6 +147,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="logs and data (default: a temporary directory)"
     )
     parser.add_argument("--keep-workdir", action="store_true", help="keep the logs and etcd data afterwards")
+    parser.add_argument(
+        "--apiserver-profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run kube-apiserver with --profiling=true, keep CPU profiles of the baseline and hello/scale "
+        "windows in DIR (for `go tool pprof`) and show where its CPU went on those rows",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
@@ -304,11 +313,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             "log_level": args.log_level,
             "extra_env": args.extra_env,
             "workdir": str(workdir),
+            "apiserver_profile": str(args.apiserver_profile) if args.apiserver_profile else None,
         },
         "rows": [],
     }
     progress(f"workdir {workdir}")
-    cp = LocalControlPlane(workdir=workdir / "controlplane", progress=progress)
+    cp = LocalControlPlane(
+        workdir=workdir / "controlplane",
+        progress=progress,
+        extra_apiserver_args=[PROFILING_FLAG] if args.apiserver_profile else [],
+    )
     try:
         cp.start()
         cp.install_crds(CRD_DIR)
@@ -325,6 +339,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             log_level=args.log_level,
             extra_env=args.extra_env,
             operator_command=args.operator,
+            apiserver_profile_dir=args.apiserver_profile,
         )
         plan: dict[str, Callable[[], list[dict[str, Any]]]] = {
             "baseline": lambda: scenarios.baseline(

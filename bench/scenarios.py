@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from bench import apiserver_profile
 from bench.observe import (
     CpuMeter,
     EventTally,
@@ -46,6 +47,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_answer,
     plan_llm_claim,
 )
+from kubechain.testing.binaries import find_go
 from kubechain.testing.controlplane import LocalControlPlane
 from kubechain.testing.stack import LocalStack, StackOptions
 
@@ -74,6 +76,8 @@ class BenchContext:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Another operator to run the hello scenario against, side by side (e.g. the Go KubeChain manager).
     operator_command: str | None = None
+    # Where to keep kube-apiserver CPU profiles of the measured windows (None: no profiles).
+    apiserver_profile_dir: Path | None = None
 
     @property
     def kubeconfig(self) -> str:
@@ -81,6 +85,30 @@ class BenchContext:
 
     def kube(self) -> KubeClient:
         return bench_kube(self.kubeconfig)
+
+
+@contextlib.contextmanager
+def apiserver_profiled(ctx: BenchContext, name: str, figures: dict[str, Any]) -> Iterator[None]:
+    """With ``--apiserver-profile``, profile the API server for the block (end it right after the CPU
+    window) and put where its CPU went in ``figures["apiserver_profile"]``, computed after the block
+    (``go tool pprof`` costs CPU). A profile is a diagnostic: its failure is recorded, never raised."""
+    if ctx.apiserver_profile_dir is None:
+        yield
+        return
+    recorder = apiserver_profile.ProfileRecorder(ctx.cp, ctx.apiserver_profile_dir / name).start()
+    try:
+        yield
+    finally:
+        files = recorder.stop()
+        try:
+            if recorder.error and not files:
+                raise RuntimeError(recorder.error)
+            go = find_go(ctx.progress)
+            figures["apiserver_profile"] = apiserver_profile.summarize(
+                go.go, go.env(), ctx.cp.binaries.kube_apiserver, files
+            )
+        except Exception as exc:  # noqa: BLE001
+            figures["apiserver_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def new_row(
@@ -570,9 +598,10 @@ def baseline(
             f"baseline: {writes} conditional status writes (a run's three statuses) by {threads} threads"
         )
         cpu = CpuMeter(cpu_groups(ctx, None), shallow=["bench"]).start()
-        statuses = run_statuses("hello baseline", datetime.now(UTC))
-        burst = _status_writes(kube, namespace, groups, created, statuses, writes, deadline)
-        row["cpu_s"] = cpu.stop()
+        with apiserver_profiled(ctx, namespace, row["figures"]):
+            statuses = run_statuses("hello baseline", datetime.now(UTC))
+            burst = _status_writes(kube, namespace, groups, created, statuses, writes, deadline)
+            row["cpu_s"] = cpu.stop()
         row["cpu_wall_s"] = round(cpu.wall_s, 2)
         ctx.progress(f"baseline: {burst.writes_per_s} writes/s; now {writes} by the earlier method")
         singles = [[f"earlier-{t:02d}"] for t in range(threads)]
@@ -587,7 +616,7 @@ def baseline(
         event_wall = _event_posts(kube, list(created.values()), writes, threads)
         event_machine_s = event_cpu.stop()["machine"]
         row["timed_out"] = len(burst.latencies) < writes
-        row["figures"] = {
+        row["figures"] |= {
             "threads": threads,
             "objects": threads * objects_per_thread,
             "writes": len(burst.latencies),
@@ -883,26 +912,27 @@ def hello(
             try:
                 api_before = api_request_totals(ctx.cp)
                 cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
-                if sequential:
-                    ctx.progress(f"{label}: {n} TaskRuns one after another ({workers} worker(s))")
-                    started, created, done = time.time(), time.time(), True
-                    for name, message in runs.items():
-                        create_runs(kube, namespace, {name: message}, "bench-agent", threads=1)
-                        done = done and recorder.wait_for([name], TERMINAL, deadline, ctx.progress, label)
-                        created = time.time()
-                else:
-                    ctx.progress(
-                        f"{label}: creating {n} TaskRuns at once ({workers} worker(s), {pool} × {concurrency})"
-                    )
-                    started, created = create_runs(kube, namespace, runs, "bench-agent")
-                    ctx.progress(
-                        f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer"
-                    )
-                    done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
-                # Workers post Events off the critical path: the window (and its CPU) ends when they
-                # are all posted, so none of the work a run causes falls outside it.
-                events_done = event_tally.wait(EVENTS_PER_HELLO_RUN * n, deadline)
-                row["cpu_s"] = cpu.stop()
+                with apiserver_profiled(ctx, namespace, row["figures"]):
+                    if sequential:
+                        ctx.progress(f"{label}: {n} TaskRuns one after another ({workers} worker(s))")
+                        started, created, done = time.time(), time.time(), True
+                        for name, message in runs.items():
+                            create_runs(kube, namespace, {name: message}, "bench-agent", threads=1)
+                            done = done and recorder.wait_for([name], TERMINAL, deadline, ctx.progress, label)
+                            created = time.time()
+                    else:
+                        ctx.progress(
+                            f"{label}: creating {n} TaskRuns at once ({workers} worker(s), {pool} × {concurrency})"
+                        )
+                        started, created = create_runs(kube, namespace, runs, "bench-agent")
+                        ctx.progress(
+                            f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer"
+                        )
+                        done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
+                    # Workers post Events off the critical path: the window (and its CPU) ends when they
+                    # are all posted, so none of the work a run causes falls outside it.
+                    events_done = event_tally.wait(EVENTS_PER_HELLO_RUN * n, deadline)
+                    row["cpu_s"] = cpu.stop()
                 row["cpu_wall_s"] = round(cpu.wall_s, 2)
                 row["timed_out"] = not done
                 time.sleep(0.5)  # the last events of the last runs

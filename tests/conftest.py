@@ -45,7 +45,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from kubechain.testing.controlplane import LocalControlPlane
 
-    cp = LocalControlPlane(workdir=tmp_path_factory.mktemp("controlplane"))
+    # --profiling=true only serves /debug/pprof: the bench's --apiserver-profile is tested against it.
+    cp = LocalControlPlane(
+        workdir=tmp_path_factory.mktemp("controlplane"), extra_apiserver_args=["--profiling=true"]
+    )
     cp.start()
     # Installs the CRDs and restarts kube-controller-manager so its garbage collector knows the new kinds
     # at once (it rediscovers them only every 30 s otherwise).
