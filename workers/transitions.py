@@ -23,7 +23,13 @@ CHILD_CREATED_REASON = {"TaskRunToolCall": "ToolCallCreated", "TaskRun": "TaskRu
 
 def apply_transition(ctx: WorkerContext, obj: R, transition: Transition) -> R:
     """Write ``transition.status`` conditional on ``obj``'s resourceVersion (Conflict if it moved), then
-    emit its Events (named after the new resourceVersion, so never twice) and create its children."""
+    post its Events (named after the new resourceVersion, so never twice) and create its children.
+
+    The Events are posted before the worker goes on. Left to sender threads, they let a run's next
+    write follow this one so closely that the API server's watch cache was often still stale: it then
+    applied that patch twice (to the cached copy, which fails the resourceVersion precondition, and to
+    a fresh read from etcd). On the hello bench (4 rounds against 6) posting them here cut the API
+    server's CPU per run by about a quarter and the whole machine's by about a sixth."""
     updated = ctx.kube.patch_status(obj, transition.status)
     for event in transition.events:
         ctx.events.emit(updated, event.type, event.reason, event.message, key=updated.resource_version)
@@ -52,8 +58,11 @@ def create_children(
         except AlreadyExists:
             return
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
-        # Keyed by the new object's uid: a child deleted and created again is a new Event.
-        ctx.events.emit(parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid)
+        # Keyed by the new object's uid: a child deleted and created again is a new Event. Deferred: a
+        # fan-out creates dozens of children at once, and their tool calls should not wait on Events.
+        ctx.events.emit(
+            parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid, deferred=True
+        )
 
     if len(children) <= 2:
         for child in children:

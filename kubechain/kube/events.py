@@ -28,10 +28,10 @@ def event_name(object_name: str, uid: str, reason: str, key: str) -> str:
 class EventRecorder:
     """Posts Events about KubeChain objects. Best effort: a failure is logged, never raised.
 
-    With ``background=True`` Events are posted by sender threads, off the critical path of the
-    transition they describe (their names are deterministic, so order of posting does not matter).
-    Several senders, because one falls behind a busy worker: every post waits for the GIL after each
-    socket operation, and a run makes three Events."""
+    ``emit`` posts before it returns. With ``background=True`` the recorder also has sender threads,
+    and ``emit(..., deferred=True)`` leaves the post to them (an Event's name is deterministic, so the
+    order of posting does not matter): for bursts, such as the Events of dozens of children created at
+    once, that should not hold up the work that follows."""
 
     def __init__(
         self,
@@ -86,9 +86,11 @@ class EventRecorder:
         *,
         key: str,
         component: str | None = None,
+        deferred: bool = False,
     ) -> None:
         """Record ``reason`` on ``obj``. ``key`` names the transition (e.g. the resourceVersion the
-        transition produced): the same (object, reason, key) always maps to the same Event name."""
+        transition produced): the same (object, reason, key) always maps to the same Event name.
+        ``deferred``: a sender thread posts it (when the recorder has them), not this call."""
         now = datetime.now(UTC)
         body = {
             "apiVersion": "v1",
@@ -117,7 +119,7 @@ class EventRecorder:
             "reportingComponent": self.controller,
             "reportingInstance": self.instance[:128],
         }
-        if self._queue is not None:
+        if deferred and self._queue is not None:
             try:
                 self._queue.put_nowait((obj.namespace, body))
                 return

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
-from kubechain.kube.events import event_name
+from kubechain.kube.events import EventRecorder, event_name
+from kubechain.kube.fake import FakeKubeClient
 from kubechain.kube.ratelimit import TokenBucket
+from kubechain.models import TaskRun
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import dependents, work_for
 from kubechain.statemachines.toolset import resolve_tool_name
+from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -50,6 +55,38 @@ def test_token_bucket_allows_burst_then_paces() -> None:
     assert bucket.acquire() == pytest.approx(0.1)
     clock[0] += 1.0
     assert bucket.acquire() == 0
+
+
+class GatedEvents(FakeKubeClient):
+    """Holds every Event post until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.gate.wait(timeout=10), "the test never opened the gate"
+        return super().create_event(namespace, body)
+
+
+def test_events_are_posted_before_emit_returns_unless_deferred_to_the_senders() -> None:
+    kube = GatedEvents()
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "r", "namespace": "default", "uid": "u1", "resourceVersion": "7"}}
+    )
+    recorder = EventRecorder(kube, "kubechain-worker", "w1", background=True, senders=1)
+    # Deferred: emit returns while the post waits in a sender thread.
+    recorder.emit(run, "Normal", "TaskRunCreated", "Created TaskRun c", key="child-uid", deferred=True)
+    assert kube.event_reasons("r") == []
+    kube.gate.set()
+    wait_for(lambda: kube.event_reasons("r") == ["TaskRunCreated"], what="the deferred Event")
+    # Not deferred: posted by the time emit returns, although the recorder has senders.
+    recorder.emit(run, "Normal", "LLMFinalAnswer", "LLM response received successfully", key="8")
+    assert kube.event_reasons("r") == ["TaskRunCreated", "LLMFinalAnswer"]
+    # A recorder without senders posts deferred Events itself.
+    inline = EventRecorder(kube, "kubechain-worker", "w1")
+    inline.emit(run, "Normal", "ToolCallCreated", "Created TaskRunToolCall t", key="t-uid", deferred=True)
+    assert kube.event_reasons("r") == ["TaskRunCreated", "LLMFinalAnswer", "ToolCallCreated"]
 
 
 def test_event_names_are_deterministic_per_transition() -> None:
