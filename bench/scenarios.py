@@ -929,8 +929,9 @@ def hello(
                             f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer"
                         )
                         done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
-                    # Workers post Events off the critical path: the window (and its CPU) ends when they
-                    # are all posted, so none of the work a run causes falls outside it.
+                    # The window (and its CPU) ends when every Event exists, so none of the work a run
+                    # causes falls outside it (workers post a transition's Events before going on, but
+                    # another operator, or an older KubeChain, may post them later).
                     events_done = event_tally.wait(EVENTS_PER_HELLO_RUN * n, deadline)
                     row["cpu_s"] = cpu.stop()
                 row["cpu_wall_s"] = round(cpu.wall_s, 2)
@@ -967,11 +968,11 @@ def scale(
 ) -> list[dict[str, Any]]:
     """hello with each worker count, for each size of worker (threads per process). With 16 threads one
     worker already keeps this machine's cores busy; with 1 thread a worker cannot, so that series shows
-    throughput growing with workers until the shared cores are the limit. Small workers get a quarter of
-    the runs (each row still takes ~10-20 s)."""
+    throughput growing with workers until the shared cores are the limit. Small workers get half of the
+    runs (each row takes ~10-25 s: long enough to average over this machine's drift)."""
     rows: list[dict[str, Any]] = []
     for threads in thread_counts:
-        runs = n if threads >= HELLO_THREADS else max(10, n // 4)
+        runs = n if threads >= HELLO_THREADS else max(10, n // 2)
         for count in worker_counts:
             label = f"scale-{count}w" if threads == HELLO_THREADS else f"scale-{count}w-{threads}t"
             remove_bench_namespaces(ctx)

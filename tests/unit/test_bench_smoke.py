@@ -536,9 +536,9 @@ def test_scale_runs_a_series_per_worker_size_with_small_workers_on_fewer_runs(
         (1000, 1, 16, "scale-1w"),
         (1000, 2, 16, "scale-2w"),
         (1000, 4, 16, "scale-4w"),
-        (250, 1, 1, "scale-1w-1t"),
-        (250, 2, 1, "scale-2w-1t"),
-        (250, 4, 1, "scale-4w-1t"),
+        (500, 1, 1, "scale-1w-1t"),
+        (500, 2, 1, "scale-2w-1t"),
+        (500, 4, 1, "scale-4w-1t"),
     ]
     failed = [row for row in rows if row.get("error")]
     assert [row["label"] for row in failed] == ["scale-2w-1t"] and failed[0]["concurrency"] == 1
