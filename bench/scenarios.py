@@ -100,15 +100,16 @@ def apiserver_profiled(ctx: BenchContext, name: str, figures: dict[str, Any]) ->
         yield
     finally:
         files = recorder.stop()
-        try:
-            if recorder.error and not files:
-                raise RuntimeError(recorder.error)
-            go = find_go(ctx.progress)
-            figures["apiserver_profile"] = apiserver_profile.summarize(
-                go.go, go.env(), ctx.cp.binaries.kube_apiserver, files
-            )
-        except Exception as exc:  # noqa: BLE001
-            figures["apiserver_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if recorder.error and not files:
+            figures["apiserver_profile"] = {"error": recorder.error}
+        else:
+            try:
+                go = find_go(ctx.progress)
+                figures["apiserver_profile"] = apiserver_profile.summarize(
+                    go.go, go.env(), ctx.cp.binaries.kube_apiserver, files
+                )
+            except Exception as exc:  # noqa: BLE001
+                figures["apiserver_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def new_row(

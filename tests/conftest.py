@@ -43,11 +43,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from bench.apiserver_profile import PROFILING_FLAG
     from kubechain.testing.controlplane import LocalControlPlane
 
     # --profiling=true only serves /debug/pprof: the bench's --apiserver-profile is tested against it.
     cp = LocalControlPlane(
-        workdir=tmp_path_factory.mktemp("controlplane"), extra_apiserver_args=["--profiling=true"]
+        workdir=tmp_path_factory.mktemp("controlplane"), extra_apiserver_args=[PROFILING_FLAG]
     )
     cp.start()
     # Installs the CRDs and restarts kube-controller-manager so its garbage collector knows the new kinds
