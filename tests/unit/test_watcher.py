@@ -92,6 +92,27 @@ def test_informer_relists_on_gone_and_resumes_after_errors() -> None:
     assert informer.resource_version == "901"
 
 
+def test_informer_caches_objects_without_their_managed_fields() -> None:
+    managed = [{"manager": "kubectl", "operation": "Update", "fieldsV1": {"f:spec": {}}}]
+    watched = run("TaskRun", {"name": "b"}, "901")
+    watched["metadata"]["managedFields"] = managed
+    kube = ScriptedWatchKube([[{"type": "ADDED", "object": watched}]])
+    ScriptedWatchKube.stop = threading.Event()
+    create(kube, "TaskRun", "taskruns", "a", {"agentRef": {"name": "x"}, "userMessage": "m"})
+    (stored,) = [
+        obj for (_, plural, _, name), obj in kube.objects.items() if (plural, name) == ("taskruns", "a")
+    ]
+    stored["metadata"]["managedFields"] = managed
+    handled: list[dict[str, Any]] = []
+    informer = Informer(
+        kube, "TaskRun", "taskruns", None, lambda k, t, o, p: handled.append(o), ScriptedWatchKube.stop
+    )
+    informer.run()
+    assert [o["metadata"]["name"] for o in handled] == ["a", "b"]
+    for obj in [*handled, *informer.snapshot().values()]:
+        assert "managedFields" not in obj["metadata"], obj["metadata"]
+
+
 def test_readiness_change_fans_out_to_dependents_and_resync_backs_off() -> None:
     kube = FakeKubeClient()
     sent: list[tuple[TaskName, ResourceMessage]] = []
