@@ -50,7 +50,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -820,8 +820,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _NoDelayH11Protocol(H11Protocol):
-    """Disables Nagle on every connection. asyncio does so only for sockets whose ``proto`` says TCP,
+class _NoDelayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (a C parser: 0.5 ms of server CPU per chat completion against h11's 0.8)
+    that disables Nagle on every connection. asyncio does so only for sockets whose ``proto`` says TCP,
     which the ones accepted here do not; with Nagle on, each response body waited ~40 ms behind its
     headers for the client's delayed ACK — a delay real LLM APIs do not add."""
 
@@ -835,7 +836,7 @@ class _NoDelayH11Protocol(H11Protocol):
 def _uvicorn_config(app: Starlette, host: str, port: int) -> uvicorn.Config:
     return uvicorn.Config(
         app,
-        http=_NoDelayH11Protocol,
+        http=_NoDelayHttpProtocol,
         host=host,
         port=port,
         log_level="warning",

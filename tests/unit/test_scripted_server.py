@@ -484,7 +484,7 @@ def test_connections_disable_nagle() -> None:
     """Without TCP_NODELAY each answer's body waited ~40 ms behind its headers (delayed ACK)."""
     import socket as socket_module
 
-    from kubechain.llm.scripted_server import _NoDelayH11Protocol
+    from kubechain.llm.scripted_server import _NoDelayHttpProtocol
 
     listener = socket_module.create_server(("127.0.0.1", 0))
     client = socket_module.create_connection(listener.getsockname())
@@ -496,7 +496,7 @@ def test_connections_disable_nagle() -> None:
             def get_extra_info(self, name: str, default: object = None) -> object:
                 return accepted if name == "socket" else default
 
-        protocol = _NoDelayH11Protocol.__new__(_NoDelayH11Protocol)
+        protocol = _NoDelayHttpProtocol.__new__(_NoDelayHttpProtocol)
         try:
             protocol.connection_made(Transport())  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the rest of uvicorn's set-up needs a real server
