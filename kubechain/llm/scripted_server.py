@@ -821,8 +821,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class _NoDelayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol (a C parser: 0.5 ms of server CPU per chat completion against h11's 0.8)
-    that disables Nagle on every connection. asyncio does so only for sockets whose ``proto`` says TCP,
+    """uvicorn's httptools protocol (a C parser: 0.45–0.65 ms of server CPU per chat completion, against
+    0.76–0.91 ms with h11) that disables Nagle on every connection. asyncio does so only for sockets whose ``proto`` says TCP,
     which the ones accepted here do not; with Nagle on, each response body waited ~40 ms behind its
     headers for the client's delayed ACK — a delay real LLM APIs do not add."""
 
