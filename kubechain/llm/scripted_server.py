@@ -822,9 +822,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 class _NoDelayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (a C parser: 0.45–0.65 ms of server CPU per chat completion, against
-    0.76–0.91 ms with h11) that disables Nagle on every connection. asyncio does so only for sockets whose ``proto`` says TCP,
-    which the ones accepted here do not; with Nagle on, each response body waited ~40 ms behind its
-    headers for the client's delayed ACK — a delay real LLM APIs do not add."""
+    0.76–0.91 ms with h11) that disables Nagle on every connection. asyncio does so only for sockets
+    whose ``proto`` says TCP, which the ones accepted here do not; with Nagle on, each response body
+    waited ~40 ms behind its headers for the client's delayed ACK — a delay real LLM APIs do not add."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
