@@ -103,24 +103,41 @@ class LeaderElector:
         return True
 
     def step(self) -> None:
+        # The lease counts from the renewTime written, which is taken before the request; a slow
+        # answer must not extend how long this replica believes it still leads.
+        attempted_at = self._clock()
+        acting = self.is_leader
         try:
             acquired = self.try_acquire_or_renew()
         except KubeAPIError as exc:
             log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
             acquired = False
+        except Exception:  # noqa: BLE001 - e.g. a credential refresh failing: the thread must go on
+            log.exception("lease %s/%s: unexpected error", self.namespace, self.name)
+            acquired = False
         if acquired:
-            self._last_renew = self._clock()
-        was_leading = self.is_leader if self._leading else False
+            self._last_renew = attempted_at
         if acquired and not self._leading:
             self._leading = True
             log.info("became leader", extra={"lease": self.name, "identity": self.identity})
-            if self._on_started:
-                self._on_started()
+            self._notify(self._on_started)
+        elif acquired and not acting:
+            # Renewed after a gap in which this replica stopped acting: the events it ignored meanwhile
+            # are not replayed, so it starts over as a new leader does.
+            log.info("leading again after a gap", extra={"lease": self.name, "identity": self.identity})
+            self._notify(self._on_started)
         elif not acquired and self._leading and not self.is_leader:
             self._leading = False
             log.warning("lost leadership", extra={"lease": self.name, "identity": self.identity})
-            if self._on_stopped and was_leading is not None:
-                self._on_stopped()
+            self._notify(self._on_stopped)
+
+    def _notify(self, callback: Callable[[], None] | None) -> None:
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - a failing callback must not end leader election
+            log.exception("lease %s/%s: leadership callback failed", self.namespace, self.name)
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +33,13 @@ from kubechain.statemachines.routing import (
     dependents,
     is_terminal,
     readiness,
+    ready_with_unready_dependencies,
     tasks_missing_their_run,
     work_for,
 )
 from watcher.informer import Informer, Key
 from watcher.leader import LeaderElector
+from watcher.outbox import Empty, MergingQueue
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Watcher:
                 settings.lease_duration_s,
                 on_started_leading=self._on_started_leading,
             )
-        self._outbox: queue.Queue[tuple[Work, str, dict[str, Any] | None]] = queue.Queue()
+        self._outbox: MergingQueue[tuple[Work, str, dict[str, Any] | None]] = MergingQueue()
         # (task, kind, namespace, name) -> (resourceVersion enqueued, when, resync re-enqueues since)
         self._recent: dict[tuple[str, str, str, str], tuple[str, float, int]] = {}
         self._recent_lock = threading.Lock()
@@ -164,7 +165,9 @@ class Watcher:
 
     def _submit(
         self, work: Work, rv: str, *, resync: bool = False, snapshot: dict[str, Any] | None = None
-    ) -> None:
+    ) -> bool:
+        """Queue ``work`` for the sender unless the same state was just queued; True if it added to the
+        outbox (work already waiting there is replaced by this newer state instead)."""
         key = (work.task.value, work.kind, work.namespace, work.name)
         now = time.monotonic()
         with self._recent_lock:
@@ -180,14 +183,14 @@ class Watcher:
                         else self.settings.stale_after_s
                     )
                     if now - at < wait:
-                        return
+                        return False
                     retries = retries + 1 if last_rv == rv else 0
                 elif last_rv == rv and work.countdown_s == 0:
-                    return  # the same state was already enqueued
+                    return False  # the same state was already enqueued
                 else:
                     retries = 0
             self._recent[key] = (rv, now, retries)
-        self._outbox.put((work, rv, snapshot if _carries_snapshot(work, snapshot) else None))
+        return self._outbox.put(key, (work, rv, snapshot if _carries_snapshot(work, snapshot) else None))
 
     def resync(self, *, force: bool = False) -> int:
         """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
@@ -201,14 +204,12 @@ class Watcher:
             if force:
                 with self._recent_lock:
                     self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
-            before = self._outbox.qsize()
-            self._submit(
+            count += self._submit(
                 work,
                 rv,
                 resync=True,
                 snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None,
             )
-            count += self._outbox.qsize() - before
         if count:
             log.info("resync re-enqueued %d resources", count)
         self._forget_finished()
@@ -231,8 +232,10 @@ class Watcher:
                 handoff_timeout_s=self.settings.handoff_timeout_s,
             )
         ]
-        tasks = cache.get("Task") or {}
-        out += [("Task", tasks[(w.namespace, w.name)], w) for w in tasks_missing_their_run(cache)]
+        for work in [*tasks_missing_their_run(cache), *ready_with_unready_dependencies(cache)]:
+            obj = cache[work.kind][(work.namespace, work.name)]
+            if not (obj.get("metadata") or {}).get("deletionTimestamp"):
+                out.append((work.kind, obj, work))
         return out
 
     def _forget_finished(self) -> None:
@@ -270,7 +273,7 @@ class Watcher:
         while not self.stop_event.is_set():
             try:
                 work, rv, snapshot = self._outbox.get(timeout=0.5)
-            except queue.Empty:
+            except Empty:
                 continue
             message = self.message_for(work, rv, snapshot)
             while not self.stop_event.is_set():

@@ -29,7 +29,9 @@ class AlreadyExists(KubeAPIError):
 
 
 class Gone(KubeAPIError):
-    """410: the requested resourceVersion is too old for a watch; relist."""
+    """The watch cannot resume from the requested resourceVersion; relist. 410 when it is too old; also
+    the 504 "Too large resource version" of one newer than the API server has (e.g. after an etcd
+    restore), which client-go's reflector answers with a relist too."""
 
 
 class Invalid(KubeAPIError):
@@ -56,6 +58,8 @@ def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> K
         return Conflict(status, reason or "Conflict", message, body)
     if status == 410:
         return Gone(status, reason or "Expired", message, body)
+    if status == 504 and _too_large_resource_version(body):
+        return Gone(status, reason or "Timeout", message, body)
     if status == 422:
         return Invalid(status, reason or "Invalid", message, body)
     if status in (401, 403):
@@ -63,3 +67,11 @@ def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> K
     if status == 429 or status >= 500:
         return Unavailable(status, reason or "Unavailable", message, body)
     return KubeAPIError(status, reason or "Error", message, body)
+
+
+def _too_large_resource_version(body: dict[str, Any]) -> bool:
+    # apimachinery's IsTooLargeResourceVersion: the cause, or the message of servers that predate it
+    causes = (body.get("details") or {}).get("causes") or []
+    return any(
+        isinstance(cause, dict) and cause.get("reason") == "ResourceVersionTooLarge" for cause in causes
+    ) or "Too large resource version" in str(body.get("message") or "")

@@ -156,12 +156,12 @@ def _work_for(
     if kind == "TaskRunToolCall":
         parent = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
         if phase in TERMINAL_TOOLCALL_PHASES:
-            # Fan-in hint: the parent re-checks whether every tool call of its turn is done.
-            return (
-                [Work(TaskName.PREPARE, "TaskRun", namespace, parent, reason="toolcall-finished")]
-                if parent
-                else []
-            )
+            # Fan-in hint: the parent re-checks whether every tool call of its turn is done. Only on
+            # events: a parent still in ToolCallsPending is re-checked by its own resync, and finished
+            # runs keep their finished tool calls for good.
+            if resync or not parent:
+                return []
+            return [Work(TaskName.PREPARE, "TaskRun", namespace, parent, reason="toolcall-finished")]
         if phase in TOOLCALL_EXECUTABLE:
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
         if phase == ToolCallPhase.RUNNING and resync and _claim_expired(status, now, claim_timeout_s):
@@ -291,3 +291,50 @@ def tasks_missing_their_run(
         and not (task.get("metadata") or {}).get("deletionTimestamp")
         and (ns, name) not in runs_of
     ]
+
+
+def _llm_ready(llm: Mapping[str, Any] | None) -> bool:
+    return llm is not None and _status(llm).get("status") == "Ready"
+
+
+def _ready(obj: Mapping[str, Any] | None) -> bool:
+    return obj is not None and bool(_status(obj).get("ready"))
+
+
+def _connected(server: Mapping[str, Any] | None) -> bool:
+    return server is not None and bool(_status(server).get("connected"))
+
+
+def _agent_dependencies_ok(
+    namespace: str, spec: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
+) -> bool:
+    """What the Agent validator requires of its dependencies (plan_agent), read from the cache."""
+
+    def get(kind: str, name: str) -> Mapping[str, Any] | None:
+        return (cache.get(kind) or {}).get((namespace, name))
+
+    return (
+        _llm_ready(get("LLM", str((spec.get("llmRef") or {}).get("name") or "")))
+        and all(_ready(get("Tool", name)) for name in _refs(spec, "tools"))
+        and all(_connected(get("MCPServer", name)) for name in _refs(spec, "mcpServers"))
+        and all(get("Agent", name) is not None for name in _refs(spec, "subAgents"))
+        and all(_ready(get("ContactChannel", name)) for name in _refs(spec, "humanContactChannels"))
+    )
+
+
+def ready_with_unready_dependencies(
+    cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
+) -> list[Work]:
+    """Ready Agents and Tasks whose dependencies are gone or no longer ready. The change that should have
+    re-validated them is normally a watch event; one that came while no watcher was leading (a restart,
+    a lost lease) is not replayed, so resync compares the cached states instead."""
+    out: list[Work] = []
+    agents = cache.get("Agent") or {}
+    for (namespace, name), agent in agents.items():
+        if _ready(agent) and not _agent_dependencies_ok(namespace, agent.get("spec") or {}, cache):
+            out.append(Work(TaskName.VALIDATE, "Agent", namespace, name, reason="dependency-not-ready"))
+    for (namespace, name), task in (cache.get("Task") or {}).items():
+        agent_name = str(((task.get("spec") or {}).get("agentRef") or {}).get("name") or "")
+        if _ready(task) and not _ready(agents.get((namespace, agent_name))):
+            out.append(Work(TaskName.VALIDATE, "Task", namespace, name, reason="dependency-not-ready"))
+    return out

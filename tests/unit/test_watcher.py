@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kubechain.kube.errors import Gone, Unavailable
+from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
+from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import create
 from watcher.informer import Informer
 from watcher.leader import LeaderElector
@@ -52,6 +53,16 @@ def run(kind: str, obj: dict[str, Any], rv: str) -> dict[str, Any]:
         "metadata": {"name": obj["name"], "namespace": "default", "resourceVersion": rv, "uid": "u"},
         "spec": {},
         "status": obj.get("status", {}),
+    }
+
+
+def ready(kind: str, name: str, spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    """A validated object as the cache holds it."""
+    return {
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "default", "resourceVersion": "1", "generation": 1},
+        "spec": spec or {},
+        "status": {"status": "Ready", "ready": True, "observedGeneration": 1, **status},
     }
 
 
@@ -137,20 +148,29 @@ def test_readiness_change_fans_out_to_dependents_and_resync_backs_off() -> None:
             informer.cache[("default", "r")] = pending_run
         if informer.kind == "Agent":
             informer.cache[("default", "a")] = agent
+        if informer.kind == "LLM":
+            informer.cache[("default", "l")] = ready("LLM", "l")
     watcher._on_event("Agent", "MODIFIED", agent, {**agent, "status": {"status": "Pending"}})
     queued = []
     while not watcher._outbox.empty():
         queued.append(watcher._outbox.get_nowait()[0])
     assert [(w.task, w.kind, w.name) for w in queued] == [(TaskName.PREPARE, "TaskRun", "r")]
-    assert watcher.resync() == 0, "just enqueued: not stale yet"
+
+    def resync_and_send() -> int:
+        count = watcher.resync()
+        while not watcher._outbox.empty():
+            watcher._outbox.get_nowait()
+        return count
+
+    assert resync_and_send() == 0, "just enqueued: not stale yet"
     watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
-    assert watcher.resync() == 1, "stale: re-enqueued"
+    assert resync_and_send() == 1, "stale: re-enqueued"
     watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
-    assert watcher.resync() == 1, "still unchanged after another stale period: re-enqueued again"
+    assert resync_and_send() == 1, "still unchanged after another stale period: re-enqueued again"
     watcher._recent = {key: (rv, at - 1.5, n) for key, (rv, at, n) in watcher._recent.items()}
-    assert watcher.resync() == 0, "now it waits twice as long"
+    assert resync_and_send() == 0, "now it waits twice as long"
     watcher._recent = {key: (rv, at - 1.0, n) for key, (rv, at, n) in watcher._recent.items()}
-    assert watcher.resync() == 1
+    assert resync_and_send() == 1
 
 
 def test_lease_is_taken_over_only_after_it_expires() -> None:
@@ -216,6 +236,8 @@ def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
     }
     informers = {informer.kind: informer for informer in watcher.informers}
     informers["Task"].cache[("default", "t")] = task
+    informers["Agent"].cache[("default", "a")] = ready("Agent", "a", {"llmRef": {"name": "l"}})
+    informers["LLM"].cache[("default", "l")] = ready("LLM", "l")
     assert watcher.resync() == 1
     work = watcher._outbox.get_nowait()[0]
     assert (work.task, work.kind, work.name) == (TaskName.VALIDATE, "Task", "t")
@@ -237,3 +259,203 @@ def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
         "metadata": {**other_namespace["metadata"], "namespace": "default"},
     }
     assert watcher.resync(force=True) == 0, "its run exists: nothing to do"
+
+
+def test_informer_relists_when_its_resource_version_is_newer_than_the_api_server_has() -> None:
+    # What kube-apiserver answers a watch from a resourceVersion it has not reached (an etcd restore).
+    too_large = {
+        "kind": "Status",
+        "code": 504,
+        "reason": "Timeout",
+        "message": "Too large resource version: 901, current: 12",
+        "details": {
+            "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]
+        },
+    }
+    assert isinstance(error_for(504, too_large), Gone)
+    assert isinstance(error_for(504, {"reason": "Timeout", "message": "request timed out"}), Unavailable)
+    kube = ScriptedWatchKube([error_for(504, too_large), []])
+    ScriptedWatchKube.stop = threading.Event()
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, ScriptedWatchKube.stop)
+    informer.run()
+    assert informer.relists == 2, "listed at start and again instead of retrying the same resourceVersion"
+
+
+def test_finished_tool_calls_prompt_their_parent_on_events_but_not_on_every_resync() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    informers["TaskRun"].cache[("default", "r")] = run(
+        "TaskRun", {"name": "r", "status": {"phase": "FinalAnswer"}}, "3"
+    )
+    for index, rv in ((1, "4"), (2, "5")):
+        call = run("TaskRunToolCall", {"name": f"r-abc-tc-0{index}", "status": {"phase": "Succeeded"}}, rv)
+        call["spec"] = {"taskRunRef": {"name": "r"}}
+        informers["TaskRunToolCall"].cache[("default", f"r-abc-tc-0{index}")] = call
+    assert watcher.resync(force=True) == 0, "a finished run's finished tool calls call for nothing"
+    watcher._on_event("TaskRunToolCall", "MODIFIED", call, None)
+    work = watcher._outbox.get_nowait()[0]
+    assert (work.task, work.kind, work.name, work.reason) == (
+        TaskName.PREPARE,
+        "TaskRun",
+        "r",
+        "toolcall-finished",
+    )
+
+
+def test_work_waiting_for_the_sender_is_replaced_by_newer_state_not_queued_again() -> None:
+    # No sender thread runs here: Redis is down and nothing leaves the outbox.
+    watcher = Watcher(Settings(stale_after_s=1.0), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    for name in ("a", "b"):
+        informers["TaskRun"].cache[("default", name)] = run(
+            "TaskRun", {"name": name, "status": {"phase": "Pending"}}, "1"
+        )
+    assert watcher.resync(force=True) == 2
+    for _ in range(5):
+        watcher._recent = {key: (rv, at - 400, n) for key, (rv, at, n) in watcher._recent.items()}
+        assert watcher.resync(force=True) == 0
+    assert watcher._outbox.qsize() == 2, "one waiting message per object however long the outage"
+    newer = run("TaskRun", {"name": "a", "status": {"phase": "Pending"}}, "9")
+    watcher._on_event("TaskRun", "MODIFIED", newer, None)
+    assert watcher._outbox.qsize() == 2
+    sent = [watcher._outbox.get_nowait() for _ in range(2)]
+    assert [(work.name, rv) for work, rv, _ in sent] == [("a", "9"), ("b", "1")], (
+        "first queued, first sent, with the newest state"
+    )
+
+
+def test_resync_revalidates_ready_agents_and_tasks_whose_dependencies_went_away() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    spec = {
+        "llmRef": {"name": "l"},
+        "tools": [{"name": "t"}],
+        "mcpServers": [{"name": "m"}],
+        "subAgents": [{"name": "helper"}],
+        "humanContactChannels": [{"name": "c"}],
+    }
+    dependencies = {
+        ("LLM", "l"): ready("LLM", "l"),
+        ("Tool", "t"): ready("Tool", "t"),
+        ("MCPServer", "m"): ready("MCPServer", "m", connected=True),
+        ("Agent", "helper"): ready("Agent", "helper", {"llmRef": {"name": "l"}}),
+        ("ContactChannel", "c"): ready("ContactChannel", "c"),
+    }
+    for (kind, name), obj in dependencies.items():
+        informers[kind].cache[("default", name)] = obj
+    informers["Agent"].cache[("default", "a")] = ready("Agent", "a", spec)
+    informers["Task"].cache[("default", "task")] = ready("Task", "task", {"agentRef": {"name": "a"}})
+    informers["TaskRun"].cache[("default", "task-1")] = {
+        **run("TaskRun", {"name": "task-1", "status": {"phase": "FinalAnswer"}}, "2"),
+        "metadata": {
+            "name": "task-1",
+            "namespace": "default",
+            "labels": {"kubechain.humanlayer.dev/task": "task"},
+        },
+    }
+
+    def revalidations() -> list[tuple[str, str]]:
+        watcher.resync(force=True)
+        works = []
+        while not watcher._outbox.empty():
+            works.append(watcher._outbox.get_nowait()[0])
+        return sorted((w.kind, w.name) for w in works if w.reason == "dependency-not-ready")
+
+    assert revalidations() == [], "every dependency is there and ready"
+
+    def revalidated(kind: str, name: str, broken: dict[str, Any] | None) -> list[tuple[str, str]]:
+        cache = informers[kind].cache
+        if broken is None:
+            del cache[("default", name)]
+        else:
+            cache[("default", name)] = broken
+        found = revalidations()
+        cache[("default", name)] = dependencies[(kind, name)]
+        return found
+
+    not_ready = {"status": {"status": "Error", "ready": False}}
+    assert revalidated("LLM", "l", {**dependencies[("LLM", "l")], **not_ready}) == [
+        ("Agent", "a"),
+        ("Agent", "helper"),
+    ]
+    assert revalidated("Tool", "t", None) == [("Agent", "a")]
+    disconnected = {**dependencies[("MCPServer", "m")], "status": {"connected": False}}
+    assert revalidated("MCPServer", "m", disconnected) == [("Agent", "a")]
+    assert revalidated("Agent", "helper", None) == [("Agent", "a")], "sub-agents need only exist"
+    unready_channel = {**dependencies[("ContactChannel", "c")], **not_ready}
+    assert revalidated("ContactChannel", "c", unready_channel) == [("Agent", "a")]
+    informers["Agent"].cache[("default", "a")] = {**ready("Agent", "a", spec), **not_ready}
+    assert revalidations() == [("Task", "task")], "a Ready Task whose Agent is not"
+
+
+class FlakyLeaseKube(FakeKubeClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: Exception | None = None
+        self.lease_reads = 0
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        self.lease_reads += 1
+        if self.failure is not None:
+            raise self.failure
+        return super().get_lease(namespace, name)
+
+
+def test_leader_election_survives_unexpected_errors_and_starts_over_after_a_gap() -> None:
+    kube = FlakyLeaseKube()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    started: list[datetime] = []
+
+    def on_started() -> None:
+        started.append(now[0])
+        if len(started) == 1:
+            raise RuntimeError("the first resync failed")
+
+    elector = LeaderElector(
+        kube,
+        "default",
+        "lease",
+        "one",
+        lease_duration_s=15,
+        clock=lambda: now[0],
+        on_started_leading=on_started,
+    )
+    elector.step()
+    assert elector.is_leader and len(started) == 1, "a failing callback does not undo leadership"
+    kube.failure = OSError("credential refresh failed")
+    for _ in range(6):  # 12 s without a renewal: past the renew deadline
+        now[0] += timedelta(seconds=2)
+        elector.step()
+    assert not elector.is_leader
+    kube.failure = None
+    now[0] += timedelta(seconds=2)
+    elector.step()
+    assert elector.is_leader and started == [started[0], now[0]], (
+        "leading again, it starts over as a new leader does (events it ignored are not replayed)"
+    )
+
+    thread_kube = FlakyLeaseKube()
+    thread_kube.failure = ValueError("not JSON")
+    threaded = LeaderElector(thread_kube, "default", "lease", "two", retry_period_s=0.01)
+    threaded.start()
+    wait_for(lambda: thread_kube.lease_reads >= 3, timeout_s=10, what="three attempts")
+    assert threaded._thread is not None and threaded._thread.is_alive()
+    thread_kube.failure = None
+    wait_for(lambda: threaded.is_leader, timeout_s=10, what="leadership")
+    threaded.stop()
+
+
+def test_a_slow_renewal_counts_from_when_it_was_sent() -> None:
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+
+    class SlowKube(FakeKubeClient):
+        def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            now[0] += timedelta(seconds=9)  # the API server took 9 s to answer
+            return super().replace_lease(namespace, name, body)
+
+    elector = LeaderElector(SlowKube(), "default", "lease", "one", lease_duration_s=15, clock=lambda: now[0])
+    elector.step()  # creates the lease (fast)
+    now[0] += timedelta(seconds=2)
+    elector.step()  # renews: sent at +2 s, answered at +11 s
+    now[0] += timedelta(seconds=1)
+    assert not elector.is_leader, "10 s after the renewTime it wrote: past the 9.9 s renew deadline"
