@@ -81,7 +81,7 @@ class AnthropicClient:
         if sampling:
             kwargs["extra_body"] = sampling
         try:
-            response = self._client.messages.create(**kwargs)
+            return _response_from(self._client.messages.create(**kwargs))
         except anthropic.APIStatusError as exc:
             status = exc.status_code
             retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
@@ -97,29 +97,12 @@ class AnthropicClient:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except anthropic.AnthropicError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            # The SDK does not check the answer's shape: a body of the wrong shape (from a proxy, say)
+            # fails here, when it is read.
             raise LLMError(
                 f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True
             ) from exc
-        text: list[str] = []
-        calls: list[ToolCall] = []
-        for block in response.content:
-            if block.type == "text":
-                text.append(block.text)
-            elif block.type == "tool_use":
-                calls.append(
-                    ToolCall(
-                        id=block.id,
-                        type="function",
-                        function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)),
-                    )
-                )
-        usage = TokenUsage(
-            prompt_tokens=response.usage.input_tokens,
-            completion_tokens=response.usage.output_tokens,
-            total_tokens=response.usage.input_tokens + response.usage.output_tokens,
-        )
-        return LLMResponse(content="".join(text), tool_calls=calls, usage=usage)
 
     def validate_credentials(self) -> None:
         try:
@@ -128,3 +111,25 @@ class AnthropicClient:
             raise credentials_error(exc.status_code, exc) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise credentials_error(None, exc) from exc
+
+
+def _response_from(response: Any) -> LLMResponse:
+    text: list[str] = []
+    calls: list[ToolCall] = []
+    for block in response.content:
+        if block.type == "text":
+            text.append(block.text)
+        elif block.type == "tool_use":
+            calls.append(
+                ToolCall(
+                    id=block.id,
+                    type="function",
+                    function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)),
+                )
+            )
+    usage = TokenUsage(
+        prompt_tokens=response.usage.input_tokens,
+        completion_tokens=response.usage.output_tokens,
+        total_tokens=response.usage.input_tokens + response.usage.output_tokens,
+    )
+    return LLMResponse(content="".join(text), tool_calls=calls, usage=usage)

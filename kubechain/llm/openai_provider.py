@@ -109,7 +109,7 @@ class OpenAIClient:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except openai.OpenAIError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
-        except (ValueError, TypeError, KeyError, AttributeError, httpx2.HTTPError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, httpx2.HTTPError) as exc:
             # Garbage from the endpoint (invalid UTF-8, not JSON, wrong shape, a body cut short):
             # retry, bounded by max attempts.
             raise LLMError(

@@ -125,3 +125,25 @@ def test_rate_limits_are_retryable_with_retry_after(fake: FakeAnthropic) -> None
             LLMRequest(model="m", messages=[Message(role="user", content="hi")])
         )
     assert caught.value.retryable and caught.value.status_code == 429 and caught.value.retry_after_s == 3.0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {},
+        {"content": None, "usage": {"input_tokens": 1, "output_tokens": 1}},
+        {"content": "text", "usage": {"input_tokens": 1, "output_tokens": 1}},
+        {"content": [{"type": "text", "text": "hi"}], "usage": None},
+        {"content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": None, "output_tokens": 1}},
+    ],
+    ids=["empty", "null-content", "string-content", "null-usage", "null-token-count"],
+)
+def test_an_answer_of_the_wrong_shape_is_an_llm_error(fake: FakeAnthropic, reply: dict[str, Any]) -> None:
+    """The SDK does not check the answer's shape (a proxy's, say): it must fail as an LLMError, which the
+    worker records, not as an exception that escapes the worker after its claim."""
+    fake.reply = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", **reply}
+    with pytest.raises(LLMError) as caught:
+        AnthropicClient("k", 5, fake.url).complete(
+            LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+        )
+    assert "unreadable response" in str(caught.value)

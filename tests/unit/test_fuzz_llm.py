@@ -137,8 +137,9 @@ def completion(message: dict) -> bytes:
                 ],
             }
         ),
+        b"[" * 100_000 + b"]" * 100_000,
     ],
-    ids=["empty-choices", "invalid-utf8", "not-json", "empty-body", "malformed-arguments"],
+    ids=["empty-choices", "invalid-utf8", "not-json", "empty-body", "malformed-arguments", "deeply-nested"],
 )
 def test_provider_client_turns_garbage_into_errors_or_answers(raw_llm: RawLLM, body: bytes) -> None:
     raw_llm.body = body
