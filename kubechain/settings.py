@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,3 +68,17 @@ class Settings(BaseSettings):
     metrics_port: int = 0
     log_level: str = "INFO"
     log_json: bool = False
+
+    @model_validator(mode="after")
+    def _claims_outlive_calls(self) -> Self:
+        # A claim that expires while its LLM or tool call is still running lets resync hand the step to a
+        # second worker: the call would be made twice.
+        longest = max(self.llm_timeout_s, self.tool_timeout_s)
+        if self.claim_timeout_s <= longest:
+            raise ValueError(
+                f"KUBECHAIN_CLAIM_TIMEOUT_S ({self.claim_timeout_s:g} s) must be longer than "
+                f"KUBECHAIN_LLM_TIMEOUT_S ({self.llm_timeout_s:g} s) and KUBECHAIN_TOOL_TIMEOUT_S "
+                f"({self.tool_timeout_s:g} s), or a call still running would be started again by another "
+                "worker: raise the claim timeout or lower the call timeouts"
+            )
+        return self

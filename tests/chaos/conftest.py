@@ -31,7 +31,13 @@ def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
         stale_after_s=1.0,
         claim_timeout_s=CLAIM_TIMEOUT_S,
         supervise=overrides.pop("supervise", False),
-        extra_env={"KUBECHAIN_LEASE_DURATION_S": "4", **overrides.pop("env", {})},
+        extra_env={
+            "KUBECHAIN_LEASE_DURATION_S": "4",
+            # calls must end within a claim (Settings checks it); the scripted delays here are ≤ 3 s
+            "KUBECHAIN_LLM_TIMEOUT_S": "5",
+            "KUBECHAIN_TOOL_TIMEOUT_S": "5",
+            **overrides.pop("env", {}),
+        },
     )
     with exclusive_stack(options) as stack:
         yield stack

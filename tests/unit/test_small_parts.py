@@ -5,12 +5,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from kubechain.kube.events import EventRecorder, event_name
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.kube.ratelimit import TokenBucket
 from kubechain.models import TaskRun
 from kubechain.queueing import TaskName
+from kubechain.settings import Settings
 from kubechain.statemachines.routing import dependents, work_for
 from kubechain.statemachines.toolset import resolve_tool_name
 from kubechain.testing.waiting import wait_for
@@ -199,3 +201,10 @@ def test_read_cache_never_remembers_absence() -> None:
     reads = len(kube.requests)
     cache.get(Agent, "default", "late")
     assert len(kube.requests) == reads, "present objects are served from the cache"
+
+
+def test_settings_refuse_a_claim_that_could_expire_during_a_call() -> None:
+    assert Settings(claim_timeout_s=180, llm_timeout_s=120, tool_timeout_s=120).claim_timeout_s == 180
+    for timeouts in ({"llm_timeout_s": 300}, {"tool_timeout_s": 180}):
+        with pytest.raises(ValidationError, match="KUBECHAIN_CLAIM_TIMEOUT_S .* must be longer than"):
+            Settings(claim_timeout_s=180, **timeouts)
