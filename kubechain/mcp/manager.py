@@ -9,6 +9,10 @@ methods, which submit coroutines to that loop and wait for them.
 Restarts: a session found dead before a call is replaced silently (nothing was sent). A call that fails
 because the connection broke is retried on a fresh session only if its request never left this process,
 or if the server is declared idempotent (``spec.idempotent``); otherwise MCPError says so.
+
+Idle sessions close: every process that used an MCPServer holds a session (a stdio child with the
+server's secrets in its environment), and no message reaches every process when the MCPServer is deleted
+or stops being used. A session unused for ``idle_timeout_s`` is closed; the next call reconnects.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import atexit
 import concurrent.futures
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +40,7 @@ T = TypeVar("T")
 Key = tuple[str, str]
 
 CLOSE_TIMEOUT_S = 20.0
+IDLE_TIMEOUT_S = 15 * 60.0  # longer than the watcher's longest gap between checks of a connected server
 _live_managers: weakref.WeakSet[MCPManager] = weakref.WeakSet()
 
 
@@ -54,12 +60,14 @@ class MCPManager:
         call_timeout_s: float = 120,
         connect_timeout_s: float = 30,
         command_allowlist: Sequence[str] | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         self.connect_timeout_s = float(connect_timeout_s)
         self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
+        self.idle_timeout_s = float(idle_timeout_s)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -68,6 +76,7 @@ class MCPManager:
         self._sessions: dict[Key, Session] = {}
         self._retiring: set[Session] = set()
         self._key_locks: dict[Key, asyncio.Lock] = {}
+        self._last_used: dict[Key, float] = {}
 
     # -- public sync API ---------------------------------------------------------------------------
 
@@ -156,6 +165,7 @@ class MCPManager:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=_run_loop, args=(loop,), name="kubechain-mcp", daemon=True)
                 thread.start()
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._close_idle_sessions()))
                 self._loop, self._thread = loop, thread
                 _live_managers.add(self)
             return self._loop
@@ -188,6 +198,7 @@ class MCPManager:
         from kubechain.mcp.session import Session
 
         lock = self._key_locks.setdefault(key, asyncio.Lock())
+        self._last_used[key] = time.monotonic()
         async with lock:
             current = self._sessions.get(key)
             if current is not None:
@@ -204,6 +215,21 @@ class MCPManager:
             await session.start()
             self._sessions[key] = session
             return session, True
+
+    async def _close_idle_sessions(self) -> None:
+        interval = min(60.0, max(0.05, self.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for key, session in list(self._sessions.items()):
+                if now - self._last_used.get(key, now) > self.idle_timeout_s and not session.inflight:
+                    log.info(
+                        "MCP server %s: closing its session, unused for %.0fs",
+                        _label(key),
+                        self.idle_timeout_s,
+                    )
+                    self._retire(key, session)
+                    self._last_used.pop(key, None)
 
     def _retire(self, key: Key, session: Session) -> None:
         if self._sessions.get(key) is session:

@@ -493,3 +493,21 @@ def test_call_timeout_keeps_the_session(stdio_script: str) -> None:
         assert m.stdio_pid("default", "slow-server") == pid
     finally:
         m.close()
+
+
+def test_a_session_left_unused_is_closed_and_its_child_ends() -> None:
+    """A deleted MCPServer sends no message to every worker process that used it: its session (a stdio
+    child holding the server's secrets) closes once idle, and the next call reconnects."""
+    m = MCPManager(resolve_secret, connect_timeout_s=CONNECT_TIMEOUT_S, idle_timeout_s=0.5)
+    try:
+        server = time_server("idle")
+        m.list_tools(server)
+        pid = m.stdio_pid("default", "idle")
+        assert pid is not None and alive(pid)
+        wait_until(
+            lambda: not m.connected("default", "idle") and not alive(pid), what="the idle session to close"
+        )
+        result = m.call_tool(server, "get_current_time", {"timezone": "UTC"})
+        assert not result.is_error, "the next call reconnected (the old child is gone)"
+    finally:
+        m.close()
