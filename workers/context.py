@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ class WorkerContext:
     identity: str
     enqueue: Enqueue
     clock: Callable[[], datetime] = utcnow
+    sleep: Callable[[float], None] = time.sleep  # for in-task backoff (tests pass a recorder)
     mcp: Any = None  # kubechain.mcp.MCPManager, set up by the tools worker
     # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.
     continues_llm: bool = False

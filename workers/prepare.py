@@ -12,6 +12,7 @@ from kubechain.models import (
     TaskRun,
     TaskRunPhase,
     TaskRunToolCall,
+    label_value,
 )
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
@@ -88,11 +89,15 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
 
 
 def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
-    selector = f"{LABEL_TASKRUNTOOLCALL}={run.name},{LABEL_TOOLCALLREQUEST}={run.status.tool_call_request_id}"
+    selector = (
+        f"{LABEL_TASKRUNTOOLCALL}={label_value(run.name)},"
+        f"{LABEL_TOOLCALLREQUEST}={run.status.tool_call_request_id}"
+    )
     toolcalls = ctx.kube.list(TaskRunToolCall, run.namespace, selector)
     decision = plan_fan_in(run, toolcalls, ctx.clock(), ctx.limits, _handoff_to(ctx))
     if decision.missing:
         # The ToolCallsPending write won but its worker died before creating every child: finish the job.
-        create_children(ctx, run, list(decision.missing))
+        if create_children(ctx, run, list(decision.missing)) is not None:
+            return  # the API server rejected one as invalid: the run was failed with the reason
     if decision.transition is not None:
         _apply_and_continue(ctx, run, decision.transition)

@@ -18,6 +18,7 @@ from kubechain.models import (
     TaskRun,
     TaskRunToolCall,
     Tool,
+    label_value,
 )
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
@@ -33,6 +34,7 @@ from kubechain.statemachines.toolcall import (
     parse_arguments,
     plan_awaiting_sub_agent,
     plan_invalid_arguments,
+    plan_stranded,
     plan_sub_agent_outcome,
     plan_tool_claim,
     plan_tool_failure,
@@ -244,6 +246,19 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return  # approval requested, pending or rejected: the approval flow wrote the status
     claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
     if claim.transition is None:
+        # No flow above owns this phase any more (e.g. AwaitingSubAgent whose Tool was deleted): fail
+        # it rather than leave the run's fan-in waiting forever.
+        stranded = plan_stranded(toolcall, executor.problem, now)
+        if stranded is not None:
+            log.warning(
+                "tool call %s/%s stranded in phase %s: %s",
+                toolcall.namespace,
+                toolcall.name,
+                toolcall.phase,
+                stranded.status["error"],
+            )
+            apply_transition(ctx, toolcall, stranded)
+            return
         log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
         return
     if claim.transition.phase() == "Failed":
@@ -270,10 +285,16 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     TOOL_CALLS.labels(label, "error" if outcome.error is not None else "ok").inc()
     TOOL_SECONDS.labels(label).observe(time.perf_counter() - started)
 
+    max_bytes = ctx.limits.max_tool_result_bytes
+
     def plan(current: TaskRunToolCall) -> Transition:
         if outcome.error is not None:
-            return plan_tool_failure(current, outcome.error, ctx.clock(), detail=outcome.detail)
-        return plan_tool_success(current, outcome.result or "", ctx.clock(), outcome.event_message)
+            return plan_tool_failure(
+                current, outcome.error, ctx.clock(), detail=outcome.detail, max_bytes=max_bytes
+            )
+        return plan_tool_success(
+            current, outcome.result or "", ctx.clock(), outcome.event_message, max_bytes=max_bytes
+        )
 
     _record(ctx, claimed, claimed_at, plan)
 
@@ -306,12 +327,19 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     if toolcall.phase == "AwaitingSubAgent":
         child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
         if child is None:
-            apply_transition(
-                ctx, toolcall, plan_tool_failure(toolcall, f"sub-agent TaskRun {child_name} was deleted", now)
+            gone = (
+                f"sub-agent TaskRun {child_name} not found: it was deleted, or the Tool now delegates to "
+                f'another agent than "{agent}"; run the task again'
             )
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
         outcome = plan_sub_agent_outcome(
-            toolcall, child.phase, child.status.output or "", child.status.error or "", now
+            toolcall,
+            child.phase,
+            child.status.output or "",
+            child.status.error or "",
+            now,
+            max_bytes=ctx.limits.max_tool_result_bytes,
         )
         if outcome is not None:
             apply_transition(ctx, toolcall, outcome)
@@ -335,12 +363,13 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
         metadata=ObjectMeta(
             name=child_name,
             namespace=toolcall.namespace,
-            labels={LABEL_TASKRUNTOOLCALL: toolcall.name, LABEL_DEPTH: str(len(chain))},
+            labels={LABEL_TASKRUNTOOLCALL: label_value(toolcall.name), LABEL_DEPTH: str(len(chain))},
             annotations={DELEGATION_CHAIN_ANNOTATION: ",".join(chain)},
             owner_references=[toolcall.owner_reference()],
         ),
         spec=TaskRunSpec(agent_ref=LocalObjectReference(name=agent), user_message=message),
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
-    create_children(ctx, toolcall, [child])
+    if create_children(ctx, toolcall, [child]) is not None:
+        return  # the API server rejected the child as invalid: the call was failed with the reason
     apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))

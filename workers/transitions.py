@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from kubechain.kube.errors import AlreadyExists, Conflict, NotFound, Unavailable
-from kubechain.models import Resource
+from kubechain.kube.errors import AlreadyExists, Conflict, Invalid, NotFound, Unavailable
+from kubechain.models import Resource, TaskRun, TaskRunToolCall
 from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.taskrun import plan_children_rejected
+from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.transition import Transition, child_rejected_message
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -31,46 +34,75 @@ def apply_transition(ctx: WorkerContext, obj: R, transition: Transition) -> R:
     a fresh read from etcd). On the hello bench (4 rounds against 6) posting them here cut the API
     server's CPU per run by about a quarter and the whole machine's by about a sixth."""
     updated = ctx.kube.patch_status(obj, transition.status)
+    return _after_write(ctx, updated, transition)
+
+
+def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
+    """The effects of a status write that landed: its Events and children (each idempotent)."""
     for event in transition.events:
         ctx.events.emit(updated, event.type, event.reason, event.message, key=updated.resource_version)
-    create_children(ctx, updated, transition.children)
     log.info(
         "transition",
         extra={
-            "kind": obj.KIND,
-            "namespace": obj.namespace,
-            "resource": obj.name,
+            "kind": updated.KIND,
+            "namespace": updated.namespace,
+            "resource": updated.name,
             "phase": transition.phase(),
         },
     )
-    return updated
+    failed = create_children(ctx, updated, transition.children)
+    return failed if failed is not None else updated
 
 
-def create_children(
-    ctx: WorkerContext, parent: Resource[Any, Any], children: Sequence[Resource[Any, Any]]
-) -> None:
+def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[Any, Any]]) -> R | None:
     """Create children by their deterministic names (concurrently: a turn may ask for dozens of tool
-    calls); AlreadyExists means a previous attempt did it."""
+    calls); AlreadyExists means a previous attempt did it.
 
-    def create(child: Resource[Any, Any]) -> None:
+    A child the API server rejects as invalid (422) is rejected again on every retry, so it ends the
+    parent instead: a TaskRun or tool call is failed with the reason (status, Warning Event, log line),
+    and the parent as written is returned (other parents get the Event and the log line). None: every
+    child exists."""
+
+    def create(child: Resource[Any, Any]) -> Invalid | None:
         try:
             created = ctx.kube.create(child)
         except AlreadyExists:
-            return
+            return None
+        except Invalid as invalid:
+            return invalid
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
         # Keyed by the new object's uid: a child deleted and created again is a new Event. Deferred: a
         # fan-out creates dozens of children at once, and their tool calls should not wait on Events.
         ctx.events.emit(
             parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid, deferred=True
         )
+        return None
 
     if len(children) <= 2:
-        for child in children:
-            create(child)
-        return
-    with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
-        for future in [pool.submit(create, child) for child in children]:
-            future.result()
+        outcomes = [create(child) for child in children]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
+            outcomes = [future.result() for future in [pool.submit(create, child) for child in children]]
+    for child, invalid in zip(children, outcomes, strict=True):
+        if invalid is not None:
+            return _child_rejected(ctx, parent, child, invalid)
+    return None
+
+
+def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], invalid: Invalid) -> R:
+    message = child_rejected_message(child.KIND, child.name, invalid.message)
+    log.error("%s %s/%s: %s", parent.KIND, parent.namespace, parent.name, message)
+    now = ctx.clock()
+    transition: Transition | None = None
+    if isinstance(parent, TaskRun):
+        transition = plan_children_rejected(parent, message, now)
+    elif isinstance(parent, TaskRunToolCall):
+        transition = plan_tool_failure(parent, message, now)
+    if transition is None:
+        ctx.events.emit(parent, "Warning", "ChildCreationFailed", message, key=child.name)
+        return parent
+    # Conflict (the parent moved meanwhile): the caller's retry re-reads and ends up here again.
+    return apply_transition(ctx, parent, transition)
 
 
 def message_object(message: ResourceMessage, model: type[R]) -> R | None:
@@ -130,38 +162,126 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
         raise
 
 
+# How long a worker holding an outcome (a tool result, an LLM answer) retries writing it through an
+# unreachable API server before it gives up and lets Celery retry the task.
+RECORD_RETRY_BUDGET_S = 60.0
+RECORD_RETRY_FIRST_S = 0.5
+RECORD_RETRY_MAX_S = 15.0
+
+
+def _backoff(budget_s: float) -> Iterator[float]:
+    """Exponential delays (0.5 s, 1 s, 2 s ... at most 15 s) adding up to ``budget_s``."""
+    delay, left = RECORD_RETRY_FIRST_S, budget_s
+    while left > 0:
+        step = min(delay, RECORD_RETRY_MAX_S, left)
+        yield step
+        left -= step
+        delay *= 2
+
+
+def _applied(current: Any, patch: Any) -> bool:
+    """Whether the merge patch ``patch`` is already reflected in ``current`` (both as on the wire;
+    fields the API server may add, such as schema defaults, are allowed)."""
+    if isinstance(patch, dict):
+        return isinstance(current, dict) and all(
+            current.get(key) is None if value is None else _applied(current.get(key), value)
+            for key, value in patch.items()
+        )
+    if isinstance(patch, list):
+        return (
+            isinstance(current, list)
+            and len(current) == len(patch)
+            and all(_applied(c, p) for c, p in zip(current, patch, strict=True))
+        )
+    return bool(current == patch)
+
+
+def _landed(raw: dict[str, Any], transition: Transition) -> bool:
+    return _applied(raw.get("status") or {}, json.loads(json.dumps(transition.status)))
+
+
 def record_while_claimed(
     ctx: WorkerContext,
     claimed: R,
     still_ours: Callable[[R], bool],
     plan: Callable[[R], Transition],
     what: str,
+    *,
+    retry_budget_s: float = RECORD_RETRY_BUDGET_S,
 ) -> None:
     """Write the outcome of a claimed side effect. On a conflict, re-read: if the claim is still ours
     (someone touched metadata) plan again from the fresh object; if it was re-taken or the object was
-    deleted, drop the outcome — the new owner decides now."""
-    current = claimed
-    for _ in range(8):
+    deleted, drop the outcome — the new owner decides now.
+
+    The outcome exists only in this process (a tool that ran, an LLM answer that was paid for), so an
+    unreachable API server (Unavailable: restarting, 5xx, timeout) is retried here with backoff for
+    ``retry_budget_s``, re-reading first each time: a write that timed out may have landed, and then
+    only its Events and children are still to do. When the budget is spent the Unavailable is raised
+    and Celery retries the task — as a last resort, because the outcome is lost then: the retry finds
+    the call claimed and waits for the claim to expire, after which a non-idempotent tool is failed as
+    interrupted and an idempotent tool or an LLM turn runs again (each a bounded number of times)."""
+    current: R | None = claimed
+    raw: dict[str, Any] = {}
+    attempted: Transition | None = None
+    delays = _backoff(retry_budget_s)
+    conflicts = 0
+    while True:
         try:
-            apply_transition(ctx, current, plan(current))
+            if current is None:
+                raw = ctx.kube.get_raw(claimed.PLURAL, claimed.namespace, claimed.name)
+                current = type(claimed).from_wire(raw)
+            if attempted is not None and _landed(raw, attempted):
+                log.info(
+                    "%s of %s %s/%s was written before", what, claimed.KIND, claimed.namespace, claimed.name
+                )
+                _after_write(ctx, current, attempted)
+                return
+            if not still_ours(current):
+                log.warning(
+                    "lost the claim on %s %s/%s; discarding its %s",
+                    claimed.KIND,
+                    claimed.namespace,
+                    claimed.name,
+                    what,
+                )
+                return
+            attempted = plan(current)
+            apply_transition(ctx, current, attempted)
             return
         except Conflict:
-            pass
+            conflicts += 1
+            if conflicts >= 8:
+                log.warning(
+                    "gave up writing the %s of %s/%s after 8 conflicts", what, claimed.namespace, claimed.name
+                )
+                return
         except NotFound:
             log.info(
                 "%s %s/%s was deleted during its %s", claimed.KIND, claimed.namespace, claimed.name, what
             )
             return
-        try:
-            current = ctx.kube.get(type(claimed), claimed.namespace, claimed.name)
-        except NotFound:
-            return
-        if not still_ours(current):
+        except Unavailable as exc:
+            delay = next(delays, None)
+            if delay is None:
+                log.error(
+                    "could not write the %s of %s %s/%s for %.0f s (%s); the task is retried, the %s is lost",
+                    what,
+                    claimed.KIND,
+                    claimed.namespace,
+                    claimed.name,
+                    retry_budget_s,
+                    exc,
+                    what,
+                )
+                raise
             log.warning(
-                "lost the claim on %s %s/%s; discarding its %s",
+                "writing the %s of %s %s/%s failed (%s); retrying in %.1f s",
+                what,
                 claimed.KIND,
                 claimed.namespace,
                 claimed.name,
-                what,
+                exc,
+                delay,
             )
-            return
+            ctx.sleep(delay)
+        current = None

@@ -42,6 +42,7 @@ from kubechain.models import (
     TaskRun,
     TaskRunSpec,
     TaskRunToolCall,
+    label_value,
 )
 from kubechain.models.labels import LABEL_AGENT
 
@@ -175,7 +176,7 @@ class Follower:
 
     def _toolcall_loop(self, client: WatchClient) -> None:
         ns, failures = self.target.namespace, 0
-        selector = f"{LABEL_TASKRUNTOOLCALL}={self.name}"
+        selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(self.name)}"
         while not self.stop.is_set():
             try:
                 items, version = client.list_raw(TaskRunToolCall.PLURAL, ns, selector)
@@ -221,7 +222,9 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
 
     def list_toolcalls() -> list[TaskRunToolCall]:
         try:
-            return kube.list(TaskRunToolCall, target.namespace, f"{LABEL_TASKRUNTOOLCALL}={name}")
+            return kube.list(
+                TaskRunToolCall, target.namespace, f"{LABEL_TASKRUNTOOLCALL}={label_value(name)}"
+            )
         except KubeAPIError:
             return []
 
@@ -332,7 +335,9 @@ def run(
         raise CLIError("the message is empty", EXIT_OTHER)
     name = name or f"{agent_name}-{random_suffix()}"[:253]
     taskrun = TaskRun(
-        metadata=ObjectMeta(name=name, namespace=target.namespace, labels={LABEL_AGENT: agent_name}),
+        metadata=ObjectMeta(
+            name=name, namespace=target.namespace, labels={LABEL_AGENT: label_value(agent_name)}
+        ),
         spec=TaskRunSpec(agent_ref=LocalObjectReference(name=agent_name), user_message=message),
     )
     with target.connect() as kube:
@@ -381,7 +386,8 @@ def logs(target: Target, taskrun: str, output: str | None, follow_: bool) -> Non
     with target.connect() as kube:
         try:
             run_ = kube.get(TaskRun, target.namespace, taskrun)
-            toolcalls = kube.list(TaskRunToolCall, target.namespace, f"{LABEL_TASKRUNTOOLCALL}={taskrun}")
+            selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(taskrun)}"
+            toolcalls = kube.list(TaskRunToolCall, target.namespace, selector)
         except NotFound:
             raise CLIError(f'taskrun "{taskrun}" not found in namespace "{target.namespace}"') from None
         except KubeAPIError as exc:

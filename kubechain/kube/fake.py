@@ -2,13 +2,16 @@
 
 It emulates what our correctness rests on: resourceVersion preconditions (409), the status subresource
 (a /status write cannot change spec and vice versa), AlreadyExists on create, label selectors, generation
-bumps on spec changes and owner-reference garbage collection on delete.
+bumps on spec changes, owner-reference garbage collection on delete, the API server's 422 for an
+invalid object name or label value, and its 413 for a request body over 3 MiB.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -31,6 +34,41 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+# apimachinery's validation: DNS-1123 subdomain names, and label values of at most 63 characters.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+
+
+MAX_REQUEST_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit on a request body
+
+
+def metadata_problems(meta: dict[str, Any]) -> list[str]:
+    """What the API server would reject in ``meta`` (its 422 messages, shortened)."""
+    problems = []
+    name = str(meta.get("name") or "")
+    if name and (len(name) > 253 or not _NAME.match(name)):
+        problems.append(
+            f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain must consist of "
+            "lower case alphanumeric characters, '-' or '.', and must be no more than 253 characters"
+        )
+    for key, value in (meta.get("labels") or {}).items():
+        label = str(key).rpartition("/")[2]
+        if len(label) > 63 or not _LABEL_NAME.match(label):
+            problems.append(f"metadata.labels: Invalid value: {key!r}: name part must be a valid label name")
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+            problems.append(
+                f"metadata.labels: Invalid value: {value!r}: must be no more than 63 characters, "
+                "and begin and end with an alphanumeric character"
+            )
+    return problems
+
+
+def _invalid(kind: str, name: str, problems: list[str]) -> Exception:
+    message = f'{kind} "{name}" is invalid: ' + ", ".join(problems)
+    return error_for(422, {"reason": "Invalid", "message": message})
 
 
 def _matches(labels: dict[str, str], selector: str | None) -> bool:
@@ -106,6 +144,11 @@ class FakeKubeClient(KubeClient):
     ) -> dict[str, Any]:
         if path == "/version":
             return {"major": "1", "minor": "33", "gitVersion": "v1.33.6-fake"}
+        if body is not None and len(json.dumps(body).encode()) > MAX_REQUEST_BYTES:
+            raise error_for(
+                413,
+                {"reason": "RequestEntityTooLarge", "message": "Request entity too large: limit is 3145728"},
+            )
         with self._lock:
             self.requests.append((method, path))
             prefix, plural, namespace, name, sub = self._parse(path)
@@ -141,6 +184,9 @@ class FakeKubeClient(KubeClient):
         name = meta.get("name")
         if not name:
             raise error_for(422, {"message": "metadata.name: Required value"})
+        problems = metadata_problems(meta)
+        if problems:
+            raise _invalid(str(obj.get("kind") or plural), name, problems)
         key = (prefix, plural, namespace, name)
         if key in self.objects:
             raise error_for(409, {"reason": "AlreadyExists", "message": f'{plural} "{name}" already exists'})
@@ -191,6 +237,9 @@ class FakeKubeClient(KubeClient):
                 updated["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
         for field in ("uid", "creationTimestamp", "namespace", "name"):
             updated["metadata"][field] = current["metadata"][field]
+        problems = metadata_problems(updated["metadata"])
+        if problems:
+            raise _invalid(str(current.get("kind") or key[1]), key[3], problems)
         if updated.get("status") is None:
             updated.pop("status", None)
         updated["metadata"]["resourceVersion"] = str(next(self._rv))

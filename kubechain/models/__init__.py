@@ -17,6 +17,7 @@ from kubechain.models.labels import (
     LABEL_TASK,
     LABEL_TASKRUNTOOLCALL,
     LABEL_TOOLCALLREQUEST,
+    label_value,
 )
 from kubechain.models.llm import LLM, LLMParameters, LLMSpec, LLMStatus
 from kubechain.models.mcpserver import MCPServer, MCPServerSpec, MCPServerStatus, MCPTool
@@ -89,4 +90,5 @@ __all__ = [
     "ToolCallPhase",
     "ToolSpec",
     "ToolStatus",
+    "label_value",
 ]

@@ -1,5 +1,9 @@
 """Label keys of the original KubeChain (kubectl selectors keep working)."""
 
+from __future__ import annotations
+
+import hashlib
+
 LABEL_TASK = "kubechain.humanlayer.dev/task"
 # On a TaskRunToolCall: the TaskRun's name. On a child TaskRun: the delegating tool call's name.
 LABEL_TASKRUNTOOLCALL = "kubechain.humanlayer.dev/taskruntoolcall"
@@ -7,3 +11,18 @@ LABEL_TOOLCALLREQUEST = "kubechain.humanlayer.dev/toolcallrequest"
 LABEL_AGENT = "kubechain.humanlayer.dev/agent"
 # Delegation depth of a sub-agent TaskRun (0 for a run a user created).
 LABEL_DEPTH = "kubechain.humanlayer.dev/depth"
+
+MAX_LABEL_VALUE = 63
+
+
+def label_value(name: str) -> str:
+    """The label value that stands for the object ``name``: the name itself when it fits (so the
+    original's labels and kubectl selectors stay the same), else a prefix plus a hash of the whole name.
+
+    Object names may be 253 characters long, label values only 63 (the API server rejects more). Write
+    and select through this function, never with the bare name."""
+    if len(name) <= MAX_LABEL_VALUE:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    # A label value must end alphanumeric; the hash does. Names start alphanumeric, so does the prefix.
+    return f"{name[: MAX_LABEL_VALUE - 9].rstrip('-.')}-{digest}"

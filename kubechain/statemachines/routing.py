@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from kubechain.models.labels import LABEL_TASK
+from kubechain.models.labels import LABEL_TASK, label_value
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
@@ -289,7 +289,7 @@ def tasks_missing_their_run(
         for (ns, name), task in (cache.get("Task") or {}).items()
         if _status(task).get("ready")
         and not (task.get("metadata") or {}).get("deletionTimestamp")
-        and (ns, name) not in runs_of
+        and (ns, label_value(name)) not in runs_of
     ]
 
 

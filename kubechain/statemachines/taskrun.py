@@ -33,6 +33,7 @@ from kubechain.models import (
     TaskRunToolCall,
     TaskRunToolCallSpec,
     ToolCallPhase,
+    label_value,
 )
 from kubechain.models.labels import LABEL_TASK
 from kubechain.observability.tracing import run_trace_ids
@@ -403,6 +404,14 @@ def plan_llm_error(
     )
 
 
+def plan_children_rejected(run: TaskRun, message: str, now: datetime) -> Transition:
+    """The API server refused a tool call of this turn as invalid: the run cannot go on (as in the
+    original, where any creation error failed the run)."""
+    return _fail(
+        run, message, "LLMResponseProcessingFailed", now, detail=f"Failed to process LLM response: {message}"
+    )
+
+
 def plan_config_error(run: TaskRun, message: str, reason: str, now: datetime) -> Transition:
     """The run cannot call its LLM (missing LLM, secret, key): a clear terminal error."""
     return _fail(run, message, reason, now)
@@ -425,8 +434,8 @@ def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRu
         meta = ObjectMeta(
             name=toolcall_name(run.name, req_id, index),
             namespace=run.namespace,
-            labels={LABEL_TASKRUNTOOLCALL: run.name, LABEL_TOOLCALLREQUEST: req_id}
-            | ({LABEL_TASK: run.spec.task_ref.name} if run.spec.task_ref else {}),
+            labels={LABEL_TASKRUNTOOLCALL: label_value(run.name), LABEL_TOOLCALLREQUEST: req_id}
+            | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {}),
             owner_references=[run.owner_reference()],
         )
         spec = TaskRunToolCallSpec(

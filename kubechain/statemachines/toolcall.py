@@ -1,7 +1,8 @@
 """The TaskRunToolCall state machine (pure): claim, then record the outcome exactly once.
 
 "" / Pending / ReadyToExecuteApprovedTool --claim--> Running --> Succeeded | Failed
-Running with a stale claim (the worker died) --> Running again if the tool is idempotent, else Failed
+Running with a stale claim (the worker died) --> Running again if the tool is idempotent (once), else Failed
+AwaitingSubAgent / AwaitingHumanInput that nothing can move on any more --> Failed
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.statemachines.taskrun import LoopLimits, truncate
 from kubechain.statemachines.transition import (
     Transition,
     claim_remaining_s,
@@ -22,6 +24,13 @@ from kubechain.statemachines.transition import (
 )
 
 CLAIMABLE_PHASES = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
+# A result or error stored in the status is cut to this many UTF-8 bytes (the worker passes the
+# configured max_tool_result_bytes): the LLM never sees more, and a multi-MB tool output would make the
+# status write fail — over and over, for an idempotent tool.
+MAX_STATUS_TEXT_BYTES = LoopLimits().max_tool_result_bytes
+# Executions of an idempotent tool whose worker was lost: it is run again, but at most once (as an
+# interrupted LLM turn is).
+MAX_TOOL_EXECUTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,13 @@ def plan_tool_claim(
             message = (
                 f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost mid-execution; "
                 "the tool is not declared idempotent, so it was not run again"
+            )
+            return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
+        if attempts >= MAX_TOOL_EXECUTIONS:
+            message = (
+                f"the execution of this tool call was interrupted {attempts} times (last worker "
+                f"{toolcall.status.claimed_by}); not running it again. Check that worker's logs (was it "
+                "killed, or could it not store the result?) and run the task again"
             )
             return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
     elif phase not in CLAIMABLE_PHASES:
@@ -72,14 +88,19 @@ def holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str) -> bool
 
 
 def plan_tool_success(
-    toolcall: TaskRunToolCall, result: str, now: datetime, event_message: str
+    toolcall: TaskRunToolCall,
+    result: str,
+    now: datetime,
+    event_message: str,
+    *,
+    max_bytes: int = MAX_STATUS_TEXT_BYTES,
 ) -> Transition:
     return Transition(
         status={
             "phase": ToolCallPhase.SUCCEEDED.value,
             "status": "Succeeded",
             "statusDetail": "Tool executed successfully",
-            "result": result,
+            "result": truncate(result, max_bytes),
             "error": None,
             "completionTime": timestamp(now),
             "claimedBy": None,
@@ -114,7 +135,9 @@ def plan_tool_failure(
     *,
     detail: str | None = None,
     reason: str = "ExecutionFailed",
+    max_bytes: int = MAX_STATUS_TEXT_BYTES,
 ) -> Transition:
+    error = truncate(error, max_bytes)  # an MCP server's error text is unbounded
     return Transition(
         status={
             "phase": ToolCallPhase.FAILED.value,
@@ -167,12 +190,40 @@ def plan_awaiting_sub_agent(toolcall: TaskRunToolCall, child: str, agent: str, n
 
 
 def plan_sub_agent_outcome(
-    toolcall: TaskRunToolCall, child_phase: str, output: str, error: str, now: datetime
+    toolcall: TaskRunToolCall,
+    child_phase: str,
+    output: str,
+    error: str,
+    now: datetime,
+    *,
+    max_bytes: int = MAX_STATUS_TEXT_BYTES,
 ) -> Transition | None:
     if child_phase == "FinalAnswer":
-        transition = plan_tool_success(toolcall, output, now, "Sub-agent completed")
+        transition = plan_tool_success(toolcall, output, now, "Sub-agent completed", max_bytes=max_bytes)
         transition.events = [normal("SubAgentCompleted", "Sub-agent completed")]
         return transition
     if child_phase == "Failed":
-        return plan_tool_failure(toolcall, f"sub-agent failed: {error}", now, reason="SubAgentFailed")
+        return plan_tool_failure(
+            toolcall, f"sub-agent failed: {error}", now, reason="SubAgentFailed", max_bytes=max_bytes
+        )
     return None
+
+
+def plan_stranded(toolcall: TaskRunToolCall, problem: str | None, now: datetime) -> Transition | None:
+    """A call waiting in a phase that nothing can move it out of any more — e.g. AwaitingSubAgent after
+    its delegating Tool was deleted or changed — fails, so its run's fan-in is not blocked forever.
+    ``problem``: why its tool no longer resolves, if it does not."""
+    phase = toolcall.phase
+    if toolcall.is_terminal() or phase in CLAIMABLE_PHASES or phase == ToolCallPhase.RUNNING:
+        return None
+    ref = toolcall.spec.tool_ref.name
+    if phase == ToolCallPhase.AWAITING_SUB_AGENT:
+        cause = problem or f'tool "{ref}" no longer delegates to an agent'
+        message = (
+            f"the sub-agent this call was delegated to can no longer be resolved: {cause}. The Tool was "
+            "deleted or changed while the sub-agent ran; restore it and run the task again"
+        )
+        return plan_tool_failure(toolcall, message, now, reason="DelegationLost")
+    cause = problem or f'tool "{ref}" does not support it'
+    message = f"this tool call cannot continue from phase {phase}: {cause}"
+    return plan_tool_failure(toolcall, message, now)

@@ -68,6 +68,14 @@ def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -
     return max(0.0, timeout_s - (now - at).total_seconds())
 
 
+def child_rejected_message(kind: str, name: str, detail: str) -> str:
+    """Why a parent failed: the API server refused a child it needs as invalid (a 422 never passes)."""
+    return (
+        f"cannot create {kind} {name}: the API server rejected it as invalid ({detail}); retrying cannot "
+        "help: fix what it names (often a name or label that is too long) and run the task again"
+    )
+
+
 def status_differs(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     """True when writing ``patch`` would change something (avoids no-op writes and event churn)."""
     return any(current.get(key) != value for key, value in patch.items())

@@ -16,6 +16,7 @@ from kubechain.models import (
     Task,
     TaskRun,
     Tool,
+    label_value,
 )
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
@@ -163,7 +164,7 @@ def taskrun_for_task(task: Task) -> TaskRun:
         metadata=ObjectMeta(
             name=f"{task.name}-1",
             namespace=task.namespace,
-            labels={LABEL_TASK: task.name},
+            labels={LABEL_TASK: label_value(task.name)},
             owner_references=[task.owner_reference()],
         ),
         spec=TaskRunSpec(task_ref=LocalObjectReference(name=task.name)),

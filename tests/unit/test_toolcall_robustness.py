@@ -1,0 +1,523 @@
+"""Tool calls and their results on the in-memory API server: stranded waits, long names, an API server
+that is briefly unreachable, and results too large to store."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import workers.tool_call as tool_call_module
+from kubechain.kube.errors import Invalid, KubeAPIError, Unavailable
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMRequest, LLMResponse
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    LABEL_TOOLCALLREQUEST,
+    TaskRun,
+    TaskRunToolCall,
+    ToolCall,
+    ToolCallFunction,
+    label_value,
+)
+from kubechain.statemachines.taskrun import toolcall_name
+from kubechain.statemachines.toolcall import (
+    child_run_name,
+    plan_stranded,
+    plan_tool_claim,
+    plan_tool_failure,
+    plan_tool_success,
+)
+from kubechain.statemachines.transition import precise_timestamp
+from tests.unit.fakes import FakeLLM, context, create, message
+from workers.context import WorkerContext
+from workers.llm_call import llm_call
+from workers.prepare import prepare
+from workers.tool_call import tool_call
+from workers.transitions import RECORD_RETRY_BUDGET_S
+from workers.validators import validate
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+MIB = 1024 * 1024
+
+
+def calling(tool: str, arguments: str = "{}") -> FakeLLM:
+    """An LLM that calls ``tool`` once, then answers with what the tool said."""
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content=f"tool said: {request.messages[-1].content[:40]}")
+        return LLMResponse(
+            tool_calls=[ToolCall(id="c1", function=ToolCallFunction(name=tool, arguments=arguments))]
+        )
+
+    return FakeLLM(answer)
+
+
+def agent_with(
+    kube: FakeKubeClient, llm: FakeLLM, tool_specs: dict[str, dict[str, Any]], **spec: Any
+) -> WorkerContext:
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    for name, tool in tool_specs.items():
+        create(kube, "Tool", "tools", name, {"name": name, "description": "d", **tool})
+        validate(ctx, message("Tool", name))
+    validate(ctx, message("LLM", "gpt-4o"))
+    create(kube, "Agent", "agents", "a", {"llmRef": {"name": "gpt-4o"}, "system": "s", **spec})
+    validate(ctx, message("Agent", "a"))
+    return ctx
+
+
+def start_turn(ctx: WorkerContext, kube: FakeKubeClient, run: str = "r") -> list[str]:
+    create(kube, "TaskRun", "taskruns", run, {"agentRef": {"name": "a"}, "userMessage": "go"})
+    prepare(ctx, message("TaskRun", run))
+    llm_call(ctx, message("TaskRun", run))
+    return sorted(n for (_, plural, _, n) in kube.objects if plural == "taskruntoolcalls")
+
+
+def toolcall_status(kube: FakeKubeClient, name: str) -> dict[str, Any]:
+    return dict(kube.get_raw("taskruntoolcalls", "default", name).get("status") or {})
+
+
+def run_status(kube: FakeKubeClient, name: str = "r") -> dict[str, Any]:
+    return dict(kube.get_raw("taskruns", "default", name).get("status") or {})
+
+
+def warnings(kube: FakeKubeClient, name: str) -> list[str]:
+    return [
+        e["reason"] for e in kube.events() if e["involvedObject"]["name"] == name and e["type"] == "Warning"
+    ]
+
+
+ASK = {
+    "toolType": "delegateToAgent",
+    "agentRef": {"name": "helper"},
+    "parameters": {"type": "object", "properties": {"message": {"type": "string"}}},
+}
+CHARGE = {
+    "toolType": "externalAPI",
+    "parameters": {"type": "object", "properties": {}},
+    "execute": {"externalAPI": {"url": "https://example.invalid/charge"}},
+}
+
+
+# -- 1. a sub-agent call whose delegating Tool went away --------------------------------------------
+
+
+def delegating(kube: FakeKubeClient) -> tuple[WorkerContext, str]:
+    """A run whose one tool call delegates to the agent "helper"."""
+    create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+    ctx = agent_with(kube, calling("ask", '{"message": "hi"}'), {"ask": ASK}, tools=[{"name": "ask"}])
+    validate(ctx, message("Agent", "helper"))
+    validate(ctx, message("Agent", "a"))
+    (name,) = start_turn(ctx, kube)
+    return ctx, name
+
+
+def delegated(kube: FakeKubeClient) -> tuple[WorkerContext, str, str]:
+    """A run whose one tool call waits (AwaitingSubAgent) on a sub-agent TaskRun."""
+    ctx, name = delegating(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    child = child_run_name(name, "helper")
+    return ctx, name, child
+
+
+def finish(kube: FakeKubeClient, child: str) -> None:
+    kube.patch_status(kube.get(TaskRun, "default", child), {"phase": "FinalAnswer", "output": "42"})
+
+
+def test_a_sub_agent_call_whose_tool_was_deleted_fails_and_the_run_goes_on() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.delete("tools", "default", "ask")
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and status["status"] == "Error"
+    assert 'unknown tool "ask"' in status["error"] and "restore it" in status["error"]
+    assert warnings(kube, name) == ["DelegationLost"]
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM"
+
+
+def test_a_sub_agent_call_whose_tool_no_longer_delegates_fails() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    tool = kube.get_raw("tools", "default", "ask")
+    tool["spec"] = {**tool["spec"], "toolType": "function", "execute": {"builtin": {"name": "add"}}}
+    tool["spec"].pop("agentRef")
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "tools", "default", "ask")] = tool
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed"
+    assert 'tool "ask" no longer delegates to an agent' in status["error"]
+
+
+def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent", "the sub-agent is still working"
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["result"] == "42"
+
+
+def test_only_waiting_phases_can_be_stranded() -> None:
+    def call(phase: str) -> TaskRunToolCall:
+        return TaskRunToolCall.from_wire(
+            {
+                "metadata": {"name": "tc"},
+                "spec": {
+                    "toolCallId": "c",
+                    "taskRunRef": {"name": "r"},
+                    "toolRef": {"name": "t"},
+                    "arguments": "{}",
+                },
+                "status": {"phase": phase} if phase else {},
+            }
+        )
+
+    for phase in (
+        "",
+        "Pending",
+        "ReadyToExecuteApprovedTool",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "ToolCallRejected",
+    ):
+        assert plan_stranded(call(phase), "gone", NOW) is None, phase
+    for phase in ("AwaitingSubAgent", "AwaitingHumanInput"):
+        stranded = plan_stranded(call(phase), None, NOW)
+        assert stranded is not None and stranded.phase() == "Failed"
+        assert [e.type for e in stranded.events] == ["Warning"]
+
+
+# -- 2. label values derived from names ---------------------------------------------------------------
+
+
+def test_label_values_are_the_name_when_it_fits_else_bounded_valid_and_stable() -> None:
+    for name in ("r", "hello-world-1-ad37e2e-tc-01", "x" * 63):
+        assert label_value(name) == name
+    long = [
+        "delegate-hello-world-1-ad37e2e-tc-01-web-researcher-1234567-tc-01",
+        "delegate-hello-world-1-ad37e2e-tc-01-web-researcher-1234567-tc-02",
+        "a" * 53 + "-." + "b" * 200,  # the cut falls right after "-."
+    ]
+    values = [label_value(name) for name in long]
+    for value in values:
+        assert len(value) <= 63 and LABEL_VALUE.match(value), value
+    assert len(set(values)) == len(values)
+    assert values == [label_value(name) for name in long]
+
+
+def test_the_fake_api_server_rejects_what_the_real_one_does() -> None:
+    kube = FakeKubeClient()
+    with pytest.raises(Invalid, match="must be no more than 63 characters"):
+        create_labelled(kube, "r", {LABEL_TASKRUNTOOLCALL: "x" * 64})
+    with pytest.raises(Invalid, match="and end with an alphanumeric"):
+        create_labelled(
+            kube,
+            "r",
+            {LABEL_TASKRUNTOOLCALL: "x-"},
+        )
+    with pytest.raises(Invalid, match="metadata.name"):
+        create_labelled(kube, "R_1", {})
+    with pytest.raises(KubeAPIError, match="Request entity too large"):
+        create(kube, "TaskRun", "taskruns", "big", {"agentRef": {"name": "a"}, "userMessage": "x" * 4 * MIB})
+
+
+def create_labelled(kube: FakeKubeClient, name: str, labels: dict[str, str]) -> None:
+    body = {
+        "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+        "kind": "TaskRun",
+        "metadata": {"name": name, "labels": labels},
+    }
+    kube.create_raw("taskruns", "default", {**body, "spec": {"agentRef": {"name": "a"}, "userMessage": "m"}})
+
+
+def test_a_run_with_a_long_name_gets_its_tool_calls_and_fans_in() -> None:
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    run = "a-run-with-a-name-longer-than-a-label-value-may-be-" + "x" * 20
+    (name,) = start_turn(ctx, kube, run)
+    labels = kube.get_raw("taskruntoolcalls", "default", name)["metadata"]["labels"]
+    assert labels[LABEL_TASKRUNTOOLCALL] == label_value(run) != run
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", run))
+    llm_call(ctx, message("TaskRun", run))
+    assert run_status(kube, run)["phase"] == "FinalAnswer"
+    assert run_status(kube, run)["output"] == "tool said: 3"
+
+
+ADD = {
+    "toolType": "function",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    "execute": {"builtin": {"name": "add"}},
+}
+
+
+def test_a_nested_delegation_with_a_long_tool_call_name_creates_its_sub_agent() -> None:
+    """The reviewer's case: a grandchild tool call's name is 65 characters long."""
+    kube = FakeKubeClient()
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
+    create(kube, "Agent", "agents", "fact-checker", {"llmRef": {"name": "gpt-4o"}, "system": "x"})
+    create(
+        kube,
+        "Agent",
+        "agents",
+        "web-researcher",
+        {"llmRef": {"name": "gpt-4o"}, "system": "x", "subAgents": [{"name": "fact-checker"}]},
+    )
+    parent_name = child_run_name(toolcall_name("hello-world-1", "ad37e2e", 1), "web-researcher")
+    create(
+        kube, "TaskRun", "taskruns", parent_name, {"agentRef": {"name": "web-researcher"}, "userMessage": "q"}
+    )
+    parent = kube.get(TaskRun, "default", parent_name)
+    kube.patch_status(parent, {"phase": "ToolCallsPending"})
+    name = toolcall_name(parent_name, "1234567", 1)
+    assert len(name) > 63
+    kube.create_raw(
+        "taskruntoolcalls",
+        "default",
+        {
+            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+            "kind": "TaskRunToolCall",
+            "metadata": {
+                "name": name,
+                "labels": {LABEL_TASKRUNTOOLCALL: label_value(parent_name), LABEL_TOOLCALLREQUEST: "1234567"},
+                "ownerReferences": [parent.owner_reference().to_wire()],
+            },
+            "spec": {
+                "toolCallId": "c1",
+                "taskRunRef": {"name": parent_name},
+                "toolRef": {"name": "delegate_to_agent__fact-checker"},
+                "arguments": '{"message": "check"}',
+            },
+        },
+    )
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()), config_cache_ttl_s=0)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    child = kube.get_raw("taskruns", "default", child_run_name(name, "fact-checker"))
+    assert child["metadata"]["labels"][LABEL_TASKRUNTOOLCALL] == label_value(name)
+    finish(kube, child["metadata"]["name"])
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["result"] == "42"
+
+
+class RejectingKube(FakeKubeClient):
+    """Answers 422 to every create of ``plural`` once armed (as for an admission-policy violation)."""
+
+    def __init__(self, plural: str, *, armed: bool = True) -> None:
+        super().__init__()
+        self.plural, self.armed = plural, armed
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.armed and method == "POST" and path.endswith(f"/{self.plural}"):
+            raise Invalid(422, "Invalid", "spec.arguments: Too long: may not be longer than 10")
+        return super().request(method, path, **kwargs)
+
+
+def test_a_tool_call_the_api_server_rejects_fails_its_run_instead_of_retrying_forever() -> None:
+    kube = RejectingKube("taskruntoolcalls")
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    assert start_turn(ctx, kube) == []
+    status = run_status(kube)
+    assert status["phase"] == "Failed" and status["status"] == "Error"
+    assert "rejected it as invalid (spec.arguments: Too long" in status["error"]
+    assert status["statusDetail"].startswith("Failed to process LLM response: cannot create TaskRunToolCall")
+    assert warnings(kube, "r") == ["LLMResponseProcessingFailed"]
+
+
+def test_a_sub_agent_run_the_api_server_rejects_fails_the_tool_call() -> None:
+    kube = RejectingKube("taskruns", armed=False)
+    ctx, name = delegating(kube)
+    kube.armed = True
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed"
+    assert status["error"].startswith(
+        f"cannot create TaskRun {child_run_name(name, 'helper')}: the API server"
+    )
+    assert warnings(kube, name) == ["ExecutionFailed"]
+    assert "DelegatingToSubAgent" not in kube.event_reasons(name)
+
+
+# -- 3. an outcome written while the API server is briefly unreachable ------------------------------
+
+
+class FlakyKube(FakeKubeClient):
+    """Fails status writes that set ``phase`` while ``failures`` lasts: with Unavailable, either
+    before applying them (connection refused) or after (a timeout whose write landed)."""
+
+    def __init__(self, phase: str, failures: int, *, applied: bool = False) -> None:
+        super().__init__()
+        self.phase, self.failures, self.applied = phase, failures, applied
+        self.failed = 0
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        hit = (
+            method == "PATCH"
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        )
+        if not hit or self.failed >= self.failures:
+            return super().request(method, path, **kwargs)
+        self.failed += 1
+        if self.applied:
+            super().request(method, path, **kwargs)
+        raise Unavailable(0, "Unavailable", "connection refused")
+
+
+def charged(
+    kube: FlakyKube, monkeypatch: pytest.MonkeyPatch
+) -> tuple[WorkerContext, list[float], list[str], str]:
+    calls: list[str] = []
+    monkeypatch.setattr(
+        tool_call_module, "call_external_api", lambda *a, **k: calls.append("x") or "charged card #1"
+    )
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    sleeps: list[float] = []
+    ctx.sleep = sleeps.append
+    (name,) = start_turn(ctx, kube)
+    return ctx, sleeps, calls, name
+
+
+def test_a_tool_result_is_rewritten_until_the_api_server_is_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FlakyKube("Succeeded", failures=3)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["result"] == "charged card #1"
+    assert calls == ["x"] and sleeps == [0.5, 1.0, 2.0]
+    assert kube.event_reasons(name) == ["ExecutionSucceeded"]
+
+
+def test_a_tool_result_write_that_landed_despite_the_error_is_not_repeated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = FlakyKube("Succeeded", failures=1, applied=True)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Succeeded"
+    assert kube.event_reasons(name) == ["ExecutionSucceeded"], "the Event the lost answer skipped"
+    status_writes = [p for (m, p) in kube.requests if m == "PATCH" and p.endswith(f"/{name}/status")]
+    assert len(status_writes) == 2, "the claim and the result, each once"
+    assert calls == ["x"] and sleeps == [0.5]
+
+
+def test_a_tool_result_that_cannot_be_written_in_time_raises_for_celery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = FlakyKube("Succeeded", failures=10**6)
+    ctx, sleeps, _calls, name = charged(kube, monkeypatch)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert sum(sleeps) == pytest.approx(RECORD_RETRY_BUDGET_S) and max(sleeps) <= 15
+    assert toolcall_status(kube, name)["phase"] == "Running"
+
+
+def test_an_llm_answer_whose_write_landed_despite_the_error_still_creates_its_tool_calls() -> None:
+    kube = FlakyKube("ToolCallsPending", failures=1, applied=True)
+    llm = calling("add", '{"a": 1, "b": 2}')
+    ctx = agent_with(kube, llm, {"add": ADD}, tools=[{"name": "add"}])
+    ctx.sleep = lambda _s: None
+    (name,) = start_turn(ctx, kube)
+    assert kube.failed == 1 and len(llm.requests) == 1
+    assert run_status(kube)["phase"] == "ToolCallsPending"
+    assert kube.event_reasons("r").count("ToolCallsPending") == 1
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["output"] == "tool said: 3" and len(llm.requests) == 2
+
+
+def test_an_llm_answer_is_rewritten_until_the_api_server_is_back() -> None:
+    kube = FlakyKube("FinalAnswer", failures=2)
+    llm = FakeLLM(lambda r: LLMResponse(content="paid for"))
+    ctx = agent_with(kube, llm, {})
+    ctx.sleep = lambda _s: None
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["output"] == "paid for" and len(llm.requests) == 1
+    assert kube.event_reasons("r").count("LLMFinalAnswer") == 1
+
+
+# -- 4. oversized results, and idempotent tools whose worker keeps dying -----------------------------
+
+
+def test_a_multi_megabyte_tool_result_is_stored_truncated(monkeypatch: pytest.MonkeyPatch) -> None:
+    kube = FlakyKube("-", failures=0)
+    ctx, _sleeps, _calls, name = charged(kube, monkeypatch)
+    monkeypatch.setattr(tool_call_module, "call_external_api", lambda *a, **k: "é" * (2 * MIB))  # 4 MB
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded"
+    kept, _, marker = status["result"].partition("\n...[truncated by KubeChain: ")
+    assert len(kept.encode()) <= ctx.limits.max_tool_result_bytes and set(kept) == {"é"}
+    assert marker.endswith(" bytes omitted]")
+
+
+def test_tool_errors_and_results_in_status_are_bounded() -> None:
+    call = TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "tc"},
+            "spec": {
+                "toolCallId": "c",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "s__t"},
+                "arguments": "{}",
+            },
+        }
+    )
+    failed = plan_tool_failure(call, "tool execution error: " + "x" * (4 * MIB), NOW)
+    assert (
+        len(failed.status["error"].encode()) < 65 * 1024
+        and "truncated by KubeChain" in failed.status["error"]
+    )
+    assert failed.status["statusDetail"] == failed.status["error"]
+    succeeded = plan_tool_success(call, "y" * 1000, NOW, "ok", max_bytes=100)
+    assert succeeded.status["result"].startswith(
+        "y" * 100 + "\n...[truncated by KubeChain: 900 bytes omitted]"
+    )
+
+
+def stale_running(attempts: int) -> TaskRunToolCall:
+    return TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "tc"},
+            "spec": {
+                "toolCallId": "c",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "t"},
+                "arguments": "{}",
+            },
+            "status": {
+                "phase": "Running",
+                "claimedBy": "dead-worker",
+                "claimedAt": precise_timestamp(NOW - timedelta(seconds=600)),
+                "attempts": attempts,
+            },
+        }
+    )
+
+
+def test_an_interrupted_idempotent_tool_runs_again_at_most_once() -> None:
+    again = plan_tool_claim(stale_running(1), "w1", NOW, 180, idempotent=True)
+    assert again.transition is not None and again.transition.status["attempts"] == 2
+    assert again.transition.phase() == "Running"
+    given_up = plan_tool_claim(stale_running(2), "w1", NOW, 180, idempotent=True)
+    assert given_up.transition is not None and given_up.transition.phase() == "Failed"
+    assert "interrupted 2 times (last worker dead-worker)" in given_up.transition.status["error"]
+    assert [e.reason for e in given_up.transition.events] == ["ExecutionInterrupted"]
