@@ -70,6 +70,8 @@ class TaskRunStatus(KubeModel):
     claimed_by: str | None = None
     claimed_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     llm_attempts: int | None = None
+    # How often this turn's claim was re-taken from a worker that died mid-call (errors do not count).
+    llm_interruptions: int | None = None
     next_attempt_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     turns: int | None = None
     token_usage: TokenUsage | None = None

@@ -218,6 +218,7 @@ def plan_llm_claim(
     ``handed_off_at``: the caller wrote this ReadyForLLM handing the turn to itself at that time."""
     phase = run.phase
     attempts = run.status.llm_attempts or 0
+    interrupted: dict[str, int] = {}
     if phase == TaskRunPhase.ERROR_BACKOFF:
         due = parse_timestamp(run.status.next_attempt_at)
         if due is not None and due > now:
@@ -226,13 +227,15 @@ def plan_llm_claim(
         remaining = claim_remaining_s(run.status.claimed_at, now, limits.claim_timeout_s)
         if remaining > 0:
             return ClaimDecision(None, remaining, f"claimed by {run.status.claimed_by}")
-        # The holder died mid-call: the turn is repeated, but at most once.
-        if attempts >= 2:
+        # The holder died mid-call: the turn is repeated, but at most once. Only interruptions count
+        # here; attempts that ended in an LLM error are max_attempts' business.
+        if run.status.llm_interruptions:
             message = (
                 f"the LLM call of turn {run.status.turns or 0} was interrupted twice "
                 f"(last holder {run.status.claimed_by}); not retrying"
             )
             return ClaimDecision(_fail(run, message, "LLMRequestFailed", now))
+        interrupted = {"llmInterruptions": 1}
     elif phase != TaskRunPhase.READY_FOR_LLM:
         return ClaimDecision(None, 0.0, f"phase {phase or '<none>'} does not call the LLM")
     elif run.status.claimed_by and not (
@@ -250,6 +253,7 @@ def plan_llm_claim(
                 "claimedAt": precise_timestamp(now),
                 "llmAttempts": attempts + 1,
                 "nextAttemptAt": None,
+                **interrupted,
             },
             events=[normal("SendingContextWindowToLLM", "Sending context window to LLM")],
         )
@@ -291,7 +295,13 @@ def plan_llm_answer(
     window = _window(run)
     turn = run.status.turns or 0
     token_usage = _add_usage(run, usage)
-    released = {"claimedBy": None, "claimedAt": None, "llmAttempts": 0, "nextAttemptAt": None}
+    released = {
+        "claimedBy": None,
+        "claimedAt": None,
+        "llmAttempts": 0,
+        "llmInterruptions": None,
+        "nextAttemptAt": None,
+    }
     if not content and not tool_calls:
         failed = _fail(
             run,

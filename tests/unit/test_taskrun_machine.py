@@ -94,13 +94,28 @@ def test_claim_only_from_ready_and_not_while_fresh_claim_held() -> None:
     assert claim.transition is not None and claim.transition.status["claimedBy"] == "w1"
     held = ready_run(phase="SendContextWindowToLLM", claimedBy="w2", claimedAt=NOW.isoformat(), llmAttempts=1)
     assert plan_llm_claim(held, "w1", NOW + timedelta(seconds=5), LIMITS).transition is None
-    stale = plan_llm_claim(held, "w1", NOW + timedelta(seconds=LIMITS.claim_timeout_s + 1), LIMITS)
+    expired = NOW + timedelta(seconds=LIMITS.claim_timeout_s + 1)
+    stale = plan_llm_claim(held, "w1", expired, LIMITS)
     assert stale.transition is not None and stale.transition.status["llmAttempts"] == 2
+    assert stale.transition.status["llmInterruptions"] == 1
     twice = ready_run(
+        phase="SendContextWindowToLLM",
+        claimedBy="w2",
+        claimedAt=NOW.isoformat(),
+        llmAttempts=2,
+        llmInterruptions=1,
+    )
+    failed = plan_llm_claim(twice, "w1", expired, LIMITS)
+    assert failed.transition is not None and failed.transition.status["phase"] == "Failed"
+    assert "interrupted twice" in failed.transition.status["error"]
+    # A 429 then a retry (llmAttempts 2), then one worker death: one interruption, repeated once.
+    after_error = ready_run(
         phase="SendContextWindowToLLM", claimedBy="w2", claimedAt=NOW.isoformat(), llmAttempts=2
     )
-    failed = plan_llm_claim(twice, "w1", NOW + timedelta(seconds=LIMITS.claim_timeout_s + 1), LIMITS)
-    assert failed.transition is not None and failed.transition.status["phase"] == "Failed"
+    retaken = plan_llm_claim(after_error, "w1", expired, LIMITS)
+    assert retaken.transition is not None and retaken.transition.status["phase"] == "SendContextWindowToLLM"
+    answered = plan_llm_answer(twice, "done", [], None, NOW, LIMITS)
+    assert answered.status["llmInterruptions"] is None, "counted per turn"
     assert plan_llm_claim(run(status={"phase": "FinalAnswer"}), "w1", NOW, LIMITS).transition is None
 
 
