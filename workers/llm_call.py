@@ -165,7 +165,12 @@ def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> N
             current.set_attribute("llm.response.tool_calls.count", len(response.tool_calls))
             if response.usage is not None:
                 current.set_attribute("llm.usage.total_tokens", response.usage.total_tokens)
-    except LLMError as exc:
+    except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
+        if not isinstance(exc, LLMError):
+            # An adapter bug or an SDK surprise: recorded like a retryable LLM error (bounded by
+            # max attempts) instead of escaping with the claim held until it expires.
+            log.exception("LLM request for %s/%s raised unexpectedly", run.namespace, run.name)
+            exc = LLMError(f"LLM request failed: {type(exc).__name__}: {str(exc)[:300]}", retryable=True)
         LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
         log.warning("LLM request for %s/%s failed: %s", run.namespace, run.name, exc)

@@ -322,3 +322,21 @@ def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again()
     kube.patch_metadata("tasks", "default", "t", {"deletionTimestamp": "2026-12-01T00:00:00Z"})
     validate(ctx, message("Task", "t"))
     assert not kube.list_raw("taskruns", "default")[0]
+
+
+def test_an_llm_client_that_raises_unexpectedly_ends_in_a_status_not_a_held_claim() -> None:
+    kube = FakeKubeClient()
+
+    def broken(request: LLMRequest) -> LLMResponse:
+        raise TypeError("'NoneType' object is not iterable")
+
+    llm = FakeLLM(broken)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "ErrorBackoff" and not status.get("claimedBy")
+    assert "TypeError: 'NoneType' object is not iterable" in status["error"]
+    assert "LLMRequestFailed" in kube.event_reasons("r") and len(llm.requests) == 1
