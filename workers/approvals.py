@@ -253,7 +253,16 @@ def _check_request(
     except HumanLayerError as exc:
         _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
         return
-    transition = answered(state, now)
+    try:
+        transition = answered(state, now)
+    except machine.MalformedAnswer as malformed:
+        log.warning(
+            "%s %s of %s/%s: %s", kind.what, external_id, toolcall.namespace, toolcall.name, malformed
+        )
+        _schedule(
+            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(malformed)))
+        )
+        return
     if transition is None:
         _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
         return

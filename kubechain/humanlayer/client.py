@@ -54,6 +54,12 @@ class HumanLayerClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if not (api_key.isascii() and api_key.isprintable()):
+            # An HTTP header carries visible ASCII only; httpx would raise an error that quotes the key.
+            raise HumanLayerAuthError(
+                "the HumanLayer API key contains characters an HTTP header cannot carry (non-ASCII, or a "
+                "control character such as a newline): check the value in its Secret"
+            )
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(
             base_url=self.base_url,

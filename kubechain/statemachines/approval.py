@@ -140,17 +140,35 @@ def annotation_decision(toolcall: TaskRunToolCall) -> Decision | None:
     return Decision(value == "approved", "kubectl", annotations.get(APPROVAL_COMMENT_ANNOTATION, "").strip())
 
 
+class MalformedAnswer(ValueError):
+    """HumanLayer's answer does not have the documented shape: no decision can be read from it."""
+
+
+def _status_of(answer: Any) -> dict[str, Any]:
+    status = answer.get("status") if isinstance(answer, dict) else answer
+    if status is None:
+        return {}
+    if not isinstance(status, dict):
+        raise MalformedAnswer(f"HumanLayer answered with a malformed status ({type(status).__name__})")
+    return status
+
+
 def humanlayer_decision(call: dict[str, Any]) -> Decision | None:
-    status = call.get("status") or {}
+    status = _status_of(call)
     approved = status.get("approved")
     if approved is None:
         return None
-    return Decision(bool(approved), "HumanLayer", str(status.get("comment") or "").strip(), _user(status))
+    if not isinstance(approved, bool):
+        # An approval gate reads only an explicit true as yes ("false" is a truthy string).
+        raise MalformedAnswer(
+            f"HumanLayer answered with a malformed decision (approved: {str(approved)[:40]!r})"
+        )
+    return Decision(approved, "HumanLayer", str(status.get("comment") or "").strip(), _user(status))
 
 
 def human_response(contact: dict[str, Any]) -> tuple[str, str] | None:
     """(response, who) once the human answered a contact request, else None."""
-    status = contact.get("status") or {}
+    status = _status_of(contact)
     if status.get("response") is None and not status.get("responded_at"):
         return None
     return str(status.get("response") or ""), _user(status)
@@ -229,6 +247,10 @@ def plan_ask_claim(
         events.append(normal(ask.event_reason, ask.event_message(channel)))
     elif toolcall.phase == ask.phase and ask.refresh_detail:
         status["statusDetail"] = ask.waiting_detail(channel)
+    if toolcall.status.external_call_id:
+        # Sent again because HumanLayer forgot the request: the status checks counted so far are not
+        # failed sends, and must not use up the sends' attempts.
+        status["attempts"] = 0
     return Transition(status=status, events=events)
 
 

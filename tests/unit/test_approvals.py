@@ -756,3 +756,56 @@ def test_call_ids_are_deterministic_and_short() -> None:
     )
     assert machine.call_id(one) == machine.call_id(two) and len(machine.call_id(one)) == 13
     assert len(machine.run_id(one)) + len(machine.call_id(one)) == 64
+
+
+@pytest.mark.parametrize(
+    "status",
+    [{"approved": "false"}, {"approved": 1}, "pending"],
+    ids=["string-false", "number", "string-status"],
+)
+def test_a_malformed_humanlayer_answer_is_a_failed_check_not_a_decision(world: World, status: Any) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.hl.function_calls[call_id]["status"] = status
+    w.clock.advance(2)
+    w.run()
+    current = w.status()
+    assert current["phase"] == "AwaitingHumanApproval", "only an explicit true approves"
+    assert "HumanLayer answered with a malformed" in current["statusDetail"]
+    assert "HumanLayerCheckFailed" in w.events()
+
+
+def test_an_api_key_an_http_header_cannot_carry_is_a_clear_error(world: World) -> None:
+    w = world
+    secret = "hl-s\u00e9cret"
+    w.kube.request("DELETE", "/api/v1/namespaces/default/secrets/humanlayer")
+    w.kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": secret})
+    validate(w.ctx(), message("ContactChannel", "approvals"))
+    status = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
+    assert status["ready"] is False and "cannot carry" in status["statusDetail"]
+    add_toolcall(w)
+    w.run()
+    current = w.status()
+    assert current["phase"] == "ErrorRequestingHumanApproval" and "cannot carry" in current["error"]
+    assert not current.get("claimedBy"), "the claim is released with the failure"
+    texts = [json.dumps(current), *w.event_messages()]
+    assert not any(secret in text for text in texts)
+
+
+def test_a_request_humanlayer_forgot_is_sent_again_with_its_full_attempts(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "anyone there?"})
+    w.run()
+    for _ in range(machine.HUMAN_CONTACT_MAX_ATTEMPTS + 1):  # more checks than a send may fail
+        w.clock.advance(w.last_countdown())
+        w.run()
+    checked = TaskRunToolCall.from_wire(w.kube.get_raw("taskruntoolcalls", "default", TC))
+    assert (checked.status.attempts or 0) > machine.HUMAN_CONTACT_MAX_ATTEMPTS
+    # HumanLayer forgot the request: it is claimed to be sent again, and that send then fails once.
+    claim = machine.plan_ask_claim(checked, machine.CONTACT, "approvals", "w1", w.clock())
+    assert claim.status["attempts"] == 0, "the checks before HumanLayer forgot it are not failed sends"
+    resend = checked.model_copy(update={"status": checked.status.model_copy(update={"attempts": 0})})
+    failed = machine.plan_contact_failed(
+        resend, "approvals", "HumanLayer request failed: 503", "X", w.clock()
+    )
+    assert failed.status["phase"] == "AwaitingHumanInput" and failed.status["attempts"] == 1
