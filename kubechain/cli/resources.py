@@ -332,15 +332,20 @@ def create_llm(
     api_key_from = (
         APIKeySource(secret_key_ref=SecretKeyRef(name=secret_name, key=key)) if secret_name else None
     )
-    parameters = None
-    if model or base_url or temperature or max_tokens:
-        parameters = LLMParameters(
-            model=model, base_url=base_url, temperature=temperature, max_tokens=max_tokens
-        )
+    has_parameters = bool(model or base_url or temperature or max_tokens)
     resource = build(
         lambda: LLM(
             metadata=ObjectMeta(name=name, namespace=target.namespace),
-            spec=LLMSpec(provider=provider, api_key_from=api_key_from, parameters=parameters),  # type: ignore[arg-type]
+            spec=LLMSpec(
+                provider=provider,  # type: ignore[arg-type]
+                api_key_from=api_key_from,
+                # built inside build(): an invalid value is a CLI error, not a traceback
+                parameters=LLMParameters(
+                    model=model, base_url=base_url, temperature=temperature, max_tokens=max_tokens
+                )
+                if has_parameters
+                else None,
+            ),
         )
     )
     secret: dict[str, Any] | None = None

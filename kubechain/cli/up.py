@@ -20,26 +20,45 @@ from kubechain.cli import main
     default="auto",
     show_default=True,
     help="local: start etcd + kube-apiserver here; current: the kubeconfig's current context; "
-    "auto: current if it answers, else local",
+    "auto: current if it answers and runs no KubeChain of its own, else local",
 )
 @click.option("--workers", default=1, show_default=True, help="worker processes")
 @click.option("--concurrency", default=16, show_default=True, help="threads per worker process")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".kubechain"), show_default=True)
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
-    from kubechain.testing.stack import LocalStack, StackOptions, cluster_reachable
+    from kubechain.cli.resources import CLIError
+    from kubechain.testing.stack import (
+        DEPLOYED_LEASE,
+        LocalStack,
+        StackOptions,
+        cluster_reachable,
+        deployed_watcher,
+    )
 
     def say(message: str) -> None:
         click.echo(click.style("[kubechain] ", fg="cyan") + message, err=True)
 
+    reachable = cluster != "local" and cluster_reachable(None)
+    holder = deployed_watcher(None) if reachable else None
+    running = (
+        f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease "
+        f"{'/'.join(DEPLOYED_LEASE)})"
+    )
     if cluster == "auto":
-        cluster = "current" if cluster_reachable(None) else "local"
+        cluster = "current" if reachable and holder is None else "local"
+        if holder is not None:
+            say(f"{running}: using a local control plane instead of racing it")
         say(f"cluster: {'the current kube context' if cluster == 'current' else 'a local control plane'}")
+    elif cluster == "current" and holder is not None:
+        raise CLIError(f"{running}; a second one would race it for every resource: use --cluster local")
     workdir = workdir.resolve()
     kubeconfig = None
     if cluster == "current":
         kubeconfig = Path(os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config"))
-    real_llm = bool(os.environ.get("OPENAI_API_KEY") or os.environ.get("ANTHROPIC_API_KEY"))
+    # The scripted server stands in for provider openai (the README's walkthrough); an Anthropic key
+    # alone does not answer openai LLMs.
+    real_llm = bool(os.environ.get("OPENAI_API_KEY"))
     options = StackOptions(
         workdir=workdir,
         cluster=cluster,

@@ -12,13 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import load_connection
 from kubechain.kube.crds import apply_crds, load_crds
+from kubechain.kube.errors import KubeAPIError
 from kubechain.testing.controlplane import LocalControlPlane, ManagedProcess, free_port
 from kubechain.testing.redis_server import LocalRedis
 
@@ -83,6 +86,7 @@ class LocalStack:
             )
             self.control_plane.start()
             self.kubeconfig.write_text(self.control_plane.kubeconfig_path.read_text())
+            self.kubeconfig.chmod(0o600)  # it carries the control plane's admin token
         else:
             self.progress(f"using the cluster of kubeconfig {self.kubeconfig}")
         self.progress("installing the KubeChain CRDs")
@@ -238,3 +242,32 @@ def cluster_reachable(kubeconfig: str | None) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return False
+
+
+# Where deploy/ runs the watcher's leader election (deploy/base/config.yaml).
+DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
+
+
+def lease_holder(lease: dict[str, Any], now: datetime) -> str | None:
+    """Who holds the Lease, if its holder renewed it within its duration."""
+    spec = lease.get("spec") or {}
+    holder = spec.get("holderIdentity")
+    renewed = spec.get("renewTime") or spec.get("acquireTime")
+    if not holder or not renewed:
+        return None
+    renewed_at = datetime.fromisoformat(str(renewed).replace("Z", "+00:00"))
+    duration = timedelta(seconds=float(spec.get("leaseDurationSeconds") or 15))
+    return str(holder) if now - renewed_at < duration else None
+
+
+def deployed_watcher(kubeconfig: str | None) -> str | None:
+    """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
+    ``kubechain up`` must not start a second KubeChain that would race it for every resource."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    client = KubeClient(load_connection(path), timeout_s=5)
+    try:
+        return lease_holder(client.get_lease(*DEPLOYED_LEASE), datetime.now(UTC))
+    except KubeAPIError:
+        return None  # no such Lease (or not ours to read): nothing known to be running
+    finally:
+        client.close()

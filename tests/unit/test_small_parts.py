@@ -15,6 +15,7 @@ from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import dependents, work_for
 from kubechain.statemachines.toolset import resolve_tool_name
+from kubechain.testing.stack import lease_holder
 from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
 
@@ -208,3 +209,45 @@ def test_settings_refuse_a_claim_that_could_expire_during_a_call() -> None:
     for timeouts in ({"llm_timeout_s": 300}, {"tool_timeout_s": 180}):
         with pytest.raises(ValidationError, match="KUBECHAIN_CLAIM_TIMEOUT_S .* must be longer than"):
             Settings(claim_timeout_s=180, **timeouts)
+
+
+def test_a_lease_is_held_only_while_its_holder_renews_it() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    lease = {
+        "spec": {
+            "holderIdentity": "w-1",
+            "leaseDurationSeconds": 15,
+            "renewTime": "2026-12-01T11:59:50.000000Z",
+        }
+    }
+    assert lease_holder(lease, now) == "w-1"
+    assert lease_holder(lease, now + timedelta(seconds=6)) is None, "expired"
+    assert lease_holder({"spec": {"holderIdentity": None, "renewTime": None}}, now) is None, "released"
+
+
+def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
+    monkeypatch.setattr(stack, "deployed_watcher", lambda _: "kubechain-watcher-7d9f-abcde")
+    monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current"])
+    assert result.exit_code == 1 and not started
+    assert "KubeChain already runs in the current cluster" in result.output
+    assert "kubechain-system/kubechain-watcher" in result.output and "--cluster local" in result.output
+
+
+def test_an_invalid_llm_parameter_is_a_cli_error_not_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+
+    result = CliRunner().invoke(
+        main, ["create", "llm", "x", "--provider", "openai", "--temperature", "abc", "--dry-run"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
+    assert "invalid resource: temperature" in result.output
