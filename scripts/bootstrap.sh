@@ -7,20 +7,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '\033[36m[bootstrap]\033[0m %s\n' "$*" >&2; }
 
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  say "creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-fi
-stamp=".venv/.kubechain-deps-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  say "installing KubeChain and its dependencies into .venv"
-  .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet -e '.[dev]'
-  rm -f .venv/.kubechain-deps-*
-  touch "$stamp"
-fi
-
 apt_install() {
   if [ "$(id -u)" != 0 ]; then
     say "missing $*: install it (Debian: sudo apt-get install $*)"
@@ -32,6 +18,29 @@ apt_install() {
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
+
+PYTHON=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && [ ! -x .venv/bin/pip ]; then
+  # e.g. left by a venv creation that failed half-way: give it pip, or start over
+  .venv/bin/python -m ensurepip --upgrade --default-pip >/dev/null 2>&1 || { say "removing .venv: it has no pip"; rm -rf .venv; }
+fi
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $($PYTHON --version)"
+  if ! "$PYTHON" -m venv .venv; then
+    # Debian's python3 leaves venv's pip bootstrap to the python3-venv package
+    rm -rf .venv
+    apt_install python3-venv
+    "$PYTHON" -m venv .venv
+  fi
+fi
+stamp=".venv/.kubechain-deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  say "installing KubeChain and its dependencies into .venv"
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet -e '.[dev]'
+  rm -f .venv/.kubechain-deps-*
+  touch "$stamp"
+fi
 
 if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
   apt_install redis-server
