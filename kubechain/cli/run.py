@@ -45,6 +45,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_AGENT
+from kubechain.statemachines.approval import UNDECIDED_PHASES
 
 ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
 ANNOTATION_APPROVAL_COMMENT = "kubechain.humanlayer.dev/approval-comment"
@@ -444,9 +445,15 @@ def decide(target: Target, name: str, decision: str, comment: str | None) -> Non
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot read {ref}") from None
             existing = toolcall.metadata.annotations.get(ANNOTATION_APPROVAL)
-            if existing:
+            if existing in ("approved", "rejected"):
                 click.echo(f"{ref} already {existing}; ignoring")
                 sys.exit(1)
+            # (any other value is not a decision: the workers ignore it, and this one replaces it)
+            if toolcall.phase not in UNDECIDED_PHASES:
+                raise CLIError(
+                    f"{ref} is {toolcall.phase}: it is not waiting for a decision, and the workers would "
+                    "ignore this one"
+                )
             annotations = {ANNOTATION_APPROVAL: decision}
             if comment is not None:
                 annotations[ANNOTATION_APPROVAL_COMMENT] = comment
@@ -463,10 +470,6 @@ def decide(target: Target, name: str, decision: str, comment: str | None) -> Non
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot annotate {ref}") from None
             click.echo(f"{ref} {decision}")
-            if toolcall.is_terminal():
-                click.echo(
-                    f"note: the tool call is already {toolcall.phase}; the decision has no effect", err=True
-                )
             return
     raise CLIError(f"cannot annotate {ref}: it kept changing (conflicts)")
 
