@@ -260,13 +260,13 @@ def lease_holder(lease: dict[str, Any], now: datetime) -> str | None:
     return str(holder) if now - renewed_at < duration else None
 
 
-def deployed_watcher(kubeconfig: str | None) -> str | None:
+def deployed_watcher(kubeconfig: str | None, lease: tuple[str, str] = DEPLOYED_LEASE) -> str | None:
     """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
     ``kubechain up`` must not start a second KubeChain that would race it for every resource."""
     path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     client = KubeClient(load_connection(path), timeout_s=5)
     try:
-        return lease_holder(client.get_lease(*DEPLOYED_LEASE), datetime.now(UTC))
+        return lease_holder(client.get_lease(*lease), datetime.now(UTC))
     except KubeAPIError:
         return None  # no such Lease (or not ours to read): nothing known to be running
     finally:
