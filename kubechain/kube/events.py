@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import AlreadyExists, KubeAPIError
+from kubechain.kube.errors import AlreadyExists
 from kubechain.models import Resource
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class EventRecorder:
             self._client.create_event(namespace, body)
         except AlreadyExists:
             pass
-        except KubeAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: a sender thread must not die, a task not fail
             reason = body.get("reason")
             log.warning("could not record event %s on %s: %s", reason, body["involvedObject"]["name"], exc)
 
@@ -108,7 +108,8 @@ class EventRecorder:
                 "resourceVersion": obj.resource_version,
             },
             "reason": reason,
-            "message": message[:MAX_MESSAGE],
+            # the API server's limit counts bytes: a cut by characters let long non-ASCII messages fail
+            "message": message.encode()[:MAX_MESSAGE].decode("utf-8", "ignore"),
             "type": event_type,
             "source": {"component": component or self.controller},
             "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -18,6 +18,7 @@ from kubechain.statemachines.toolset import resolve_tool_name
 from kubechain.testing.stack import lease_holder
 from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
+from tests.unit.fakes import create
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -294,3 +295,21 @@ def test_approve_refuses_a_call_that_is_not_waiting_for_a_decision(monkeypatch: 
     assert approval("waiting") == "approved"
     assert CliRunner().invoke(main, ["approve", "typo", "-n", "default"]).exit_code == 0
     assert approval("typo") == "approved", "a value that is no decision is replaced"
+
+
+def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_raises() -> None:
+    kube = FakeKubeClient()
+    recorder = EventRecorder(kube, "kubechain-worker", "w1")
+    run = TaskRun.from_wire(
+        create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "m"})
+    )
+    feedback = "この変更は承認できません。" * 40  # 520 characters, 1,560 bytes
+    recorder.emit(run, "Warning", "ToolCallRejected", feedback, key="1")
+    (posted,) = [e["message"] for e in kube.events() if e["reason"] == "ToolCallRejected"]
+    assert len(posted.encode()) <= 1024 and feedback.startswith(posted) and len(posted) == 341
+
+    class BrokenProxy(FakeKubeClient):
+        def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+            raise ValueError("a 200 whose body is not JSON")
+
+    EventRecorder(BrokenProxy(), "kubechain-worker", "w1").emit(run, "Normal", "X", "y", key="2")
