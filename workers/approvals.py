@@ -34,6 +34,7 @@ from kubechain.humanlayer import (
 )
 from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, TaskRunToolCall, ToolCallPhase
+from kubechain.observability.tracing import current_traceparent
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
@@ -414,6 +415,7 @@ def _schedule(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         uid=toolcall.uid,
         resource_version=toolcall.resource_version,
         reason=machine.RECHECK_REASON,
+        traceparent=current_traceparent(),
     )
     try:
         ctx.enqueue(TaskName.TOOL_CALL, message, delay)

@@ -73,6 +73,13 @@ def traceparent_of(span: Span) -> str:
     return carrier.get("traceparent", "")
 
 
+def current_traceparent() -> str | None:
+    """The traceparent of the span this code runs in, if any: a task that enqueues follow-up work (a
+    scheduled re-check) passes it on, so that work stays in the run's trace."""
+    span = trace.get_current_span()
+    return traceparent_of(span) if span.get_span_context().is_valid else None
+
+
 def context_from(traceparent: str | None, run_uid: str) -> otel_context.Context | None:
     if traceparent:
         return _propagator.extract({"traceparent": traceparent})

@@ -104,3 +104,34 @@ def test_without_a_recording_provider_the_run_trace_still_propagates() -> None:
     tracer = NoOpTracerProvider().get_tracer("kubechain")  # what the API gives without setup_tracing
     with tracer.start_as_current_span("enqueue", context=run_context("uid-1")) as current:
         assert traceparent_of(current) == f"00-{ids['traceID']}-{ids['spanID']}-01"
+
+
+def test_a_scheduled_approval_recheck_stays_in_the_runs_trace() -> None:
+    import dataclasses
+
+    from kubechain.models import TaskRunToolCall
+    from kubechain.observability.tracing import run_context, span
+    from workers.approvals import _schedule
+
+    kube = FakeKubeClient()
+    sent: list[tuple[TaskName, object, float]] = []
+    ctx = dataclasses.replace(
+        context(kube, FakeLLM(lambda r: LLMResponse())), enqueue=lambda *args: sent.append(args)
+    )
+    waiting = TaskRunToolCall.from_wire(
+        {
+            "metadata": {"name": "tc", "namespace": "default", "uid": "u1", "resourceVersion": "5"},
+            "spec": {
+                "toolCallId": "c",
+                "taskRunRef": {"name": "r"},
+                "toolRef": {"name": "t"},
+                "arguments": "{}",
+            },
+            "status": {"phase": "AwaitingHumanApproval", "claimedAt": "2026-12-01T12:00:00.000000Z"},
+        }
+    )
+    with span("tool_call TaskRunToolCall/tc", run_context("run-uid")) as current:
+        _schedule(ctx, waiting)
+    ((_, message, _),) = sent
+    trace_id = format(current.get_span_context().trace_id, "032x")
+    assert message.traceparent and message.traceparent.split("-")[1] == trace_id  # type: ignore[attr-defined]
