@@ -300,14 +300,15 @@ class Watcher:
 
         from kubechain.queueing import QueueName
 
-        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
+        client: redis.Redis | None = None
         while not self.stop_event.wait(2.0):
             IS_LEADER.set(1 if self.is_leader else 0)
             try:
+                client = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
                 for queue in QueueName:
                     QUEUE_DEPTH.labels(queue.value).set(client.llen(queue.value))
-            except redis.RedisError:
-                pass
+            except Exception:  # noqa: BLE001 - the leader gauge must go on (a sentinel:// URL, Redis down)
+                log.debug("queue depth unavailable", exc_info=True)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

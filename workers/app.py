@@ -115,8 +115,8 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _start_metrics(**_: Any) -> None:
+    setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
     serve(settings.metrics_port)
-    setup_tracing("kubechain-worker")
 
 
 @signals.worker_process_shutdown.connect
