@@ -169,20 +169,15 @@ def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> No
     assert toolcall_status(kube, name)["result"] == "42"
 
 
+def a_toolcall(status: dict[str, Any] | None = None, tool: str = "t") -> TaskRunToolCall:
+    """A tool call object as read from the API server, for the pure planning functions."""
+    spec = {"toolCallId": "c", "taskRunRef": {"name": "r"}, "toolRef": {"name": tool}, "arguments": "{}"}
+    return TaskRunToolCall.from_wire({"metadata": {"name": "tc"}, "spec": spec, "status": status or {}})
+
+
 def test_only_waiting_phases_can_be_stranded() -> None:
     def call(phase: str) -> TaskRunToolCall:
-        return TaskRunToolCall.from_wire(
-            {
-                "metadata": {"name": "tc"},
-                "spec": {
-                    "toolCallId": "c",
-                    "taskRunRef": {"name": "r"},
-                    "toolRef": {"name": "t"},
-                    "arguments": "{}",
-                },
-                "status": {"phase": phase} if phase else {},
-            }
-        )
+        return a_toolcall({"phase": phase} if phase else {})
 
     for phase in (
         "",
@@ -470,17 +465,7 @@ def test_a_multi_megabyte_tool_result_is_stored_truncated(monkeypatch: pytest.Mo
 
 
 def test_tool_errors_and_results_in_status_are_bounded() -> None:
-    call = TaskRunToolCall.from_wire(
-        {
-            "metadata": {"name": "tc"},
-            "spec": {
-                "toolCallId": "c",
-                "taskRunRef": {"name": "r"},
-                "toolRef": {"name": "s__t"},
-                "arguments": "{}",
-            },
-        }
-    )
+    call = a_toolcall(tool="s__t")
     failed = plan_tool_failure(call, "tool execution error: " + "x" * (4 * MIB), NOW)
     assert (
         len(failed.status["error"].encode()) < 65 * 1024
@@ -494,21 +479,12 @@ def test_tool_errors_and_results_in_status_are_bounded() -> None:
 
 
 def stale_running(attempts: int) -> TaskRunToolCall:
-    return TaskRunToolCall.from_wire(
+    return a_toolcall(
         {
-            "metadata": {"name": "tc"},
-            "spec": {
-                "toolCallId": "c",
-                "taskRunRef": {"name": "r"},
-                "toolRef": {"name": "t"},
-                "arguments": "{}",
-            },
-            "status": {
-                "phase": "Running",
-                "claimedBy": "dead-worker",
-                "claimedAt": precise_timestamp(NOW - timedelta(seconds=600)),
-                "attempts": attempts,
-            },
+            "phase": "Running",
+            "claimedBy": "dead-worker",
+            "claimedAt": precise_timestamp(NOW - timedelta(seconds=600)),
+            "attempts": attempts,
         }
     )
 

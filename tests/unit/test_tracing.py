@@ -109,8 +109,8 @@ def test_without_a_recording_provider_the_run_trace_still_propagates() -> None:
 def test_a_scheduled_approval_recheck_stays_in_the_runs_trace() -> None:
     import dataclasses
 
-    from kubechain.models import TaskRunToolCall
     from kubechain.observability.tracing import run_context, span
+    from tests.unit.test_toolcall_robustness import a_toolcall
     from workers.approvals import _schedule
 
     kube = FakeKubeClient()
@@ -118,18 +118,7 @@ def test_a_scheduled_approval_recheck_stays_in_the_runs_trace() -> None:
     ctx = dataclasses.replace(
         context(kube, FakeLLM(lambda r: LLMResponse())), enqueue=lambda *args: sent.append(args)
     )
-    waiting = TaskRunToolCall.from_wire(
-        {
-            "metadata": {"name": "tc", "namespace": "default", "uid": "u1", "resourceVersion": "5"},
-            "spec": {
-                "toolCallId": "c",
-                "taskRunRef": {"name": "r"},
-                "toolRef": {"name": "t"},
-                "arguments": "{}",
-            },
-            "status": {"phase": "AwaitingHumanApproval", "claimedAt": "2026-12-01T12:00:00.000000Z"},
-        }
-    )
+    waiting = a_toolcall({"phase": "AwaitingHumanApproval", "claimedAt": "2026-12-01T12:00:00.000000Z"})
     with span("tool_call TaskRunToolCall/tc", run_context("run-uid")) as current:
         _schedule(ctx, waiting)
     ((_, message, _),) = sent
