@@ -6,7 +6,7 @@ lost message or a dead worker never strands a resource.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -211,6 +211,40 @@ def _refs(spec: Mapping[str, Any], field: str) -> list[str]:
     return [str(ref.get("name")) for ref in spec.get(field) or [] if isinstance(ref, Mapping)]
 
 
+def _llm_ready(llm: Mapping[str, Any] | None) -> bool:
+    return llm is not None and _status(llm).get("status") == "Ready"
+
+
+def _ready(obj: Mapping[str, Any] | None) -> bool:
+    return obj is not None and bool(_status(obj).get("ready"))
+
+
+def _connected(server: Mapping[str, Any] | None) -> bool:
+    return server is not None and bool(_status(server).get("connected"))
+
+
+def _exists(obj: Mapping[str, Any] | None) -> bool:
+    return obj is not None
+
+
+# What an Agent's spec refers to, and what its validator (plan_agent) requires of each: a change of such
+# an object re-validates the Agents that use it, and resync re-validates Ready Agents it no longer holds
+# for. Sub-agents need only exist (readiness would deadlock agents that delegate to each other).
+AGENT_DEPENDENCIES: tuple[tuple[str, str, Callable[[Mapping[str, Any] | None], bool]], ...] = (
+    ("LLM", "llmRef", _llm_ready),
+    ("Tool", "tools", _ready),
+    ("MCPServer", "mcpServers", _connected),
+    ("Agent", "subAgents", _exists),
+    ("ContactChannel", "humanContactChannels", _ready),
+)
+
+
+def _agent_refs(spec: Mapping[str, Any], field: str) -> list[str]:
+    if field == "llmRef":  # the one single reference
+        return [str((spec.get("llmRef") or {}).get("name") or "")]
+    return _refs(spec, field)
+
+
 def dependents(
     kind: str, obj: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
 ) -> list[Work]:
@@ -223,23 +257,11 @@ def dependents(
             if ns == namespace:
                 yield obj_name, other
 
-    agent_fields = {
-        "LLM": None,
-        "Tool": "tools",
-        "MCPServer": "mcpServers",
-        "ContactChannel": "humanContactChannels",
-        "Agent": "subAgents",
-    }
-    if kind in agent_fields:
+    fields = [field for dependency, field, _ in AGENT_DEPENDENCIES if dependency == kind]
+    if fields:
         for agent_name, agent in objects("Agent"):
             spec = agent.get("spec") or {}
-            field = agent_fields[kind]
-            uses = (
-                ((spec.get("llmRef") or {}).get("name") == name)
-                if field is None
-                else name in _refs(spec, field)
-            )
-            if uses:
+            if any(name in _agent_refs(spec, field) for field in fields):
                 out.append(
                     Work(TaskName.VALIDATE, "Agent", namespace, agent_name, reason=f"{kind.lower()}-changed")
                 )
@@ -293,32 +315,14 @@ def tasks_missing_their_run(
     ]
 
 
-def _llm_ready(llm: Mapping[str, Any] | None) -> bool:
-    return llm is not None and _status(llm).get("status") == "Ready"
-
-
-def _ready(obj: Mapping[str, Any] | None) -> bool:
-    return obj is not None and bool(_status(obj).get("ready"))
-
-
-def _connected(server: Mapping[str, Any] | None) -> bool:
-    return server is not None and bool(_status(server).get("connected"))
-
-
 def _agent_dependencies_ok(
     namespace: str, spec: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
 ) -> bool:
     """What the Agent validator requires of its dependencies (plan_agent), read from the cache."""
-
-    def get(kind: str, name: str) -> Mapping[str, Any] | None:
-        return (cache.get(kind) or {}).get((namespace, name))
-
-    return (
-        _llm_ready(get("LLM", str((spec.get("llmRef") or {}).get("name") or "")))
-        and all(_ready(get("Tool", name)) for name in _refs(spec, "tools"))
-        and all(_connected(get("MCPServer", name)) for name in _refs(spec, "mcpServers"))
-        and all(get("Agent", name) is not None for name in _refs(spec, "subAgents"))
-        and all(_ready(get("ContactChannel", name)) for name in _refs(spec, "humanContactChannels"))
+    return all(
+        holds((cache.get(kind) or {}).get((namespace, name)))
+        for kind, field, holds in AGENT_DEPENDENCIES
+        for name in _agent_refs(spec, field)
     )
 
 
