@@ -14,18 +14,13 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
+from kubechain.statemachines.lease import lease_holder
 
 log = logging.getLogger(__name__)
 
 
 def _micro(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 class LeaderElector:
@@ -86,10 +81,8 @@ class LeaderElector:
         current: dict[str, Any] = lease.get("spec") or {}
         holder = current.get("holderIdentity")
         if holder != self.identity:
-            renewed = _parse(current.get("renewTime")) or _parse(current.get("acquireTime"))
-            duration = float(current.get("leaseDurationSeconds") or self.lease_duration_s)
-            if holder and renewed is not None and now - renewed < timedelta(seconds=duration):
-                return False
+            if lease_holder(current, now, self.lease_duration_s) is not None:
+                return False  # another replica holds it and keeps renewing
             spec["acquireTime"] = _micro(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
         else:

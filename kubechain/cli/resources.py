@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from kubechain.cli import main
 from kubechain.kube.client import MERGE_PATCH, KubeClient, core_path, custom_path
+from kubechain.kube.connection import kubeconfig_path
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
 from kubechain.models import (
     API_VERSION,
@@ -52,10 +53,6 @@ class CLIError(click.ClickException):
 
 
 # -- connection ------------------------------------------------------------------------------------
-
-
-def kubeconfig_path(kubeconfig: str | None) -> str:
-    return kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
 
 
 def context_namespace(kubeconfig: str | None, context: str | None) -> str:

@@ -46,10 +46,15 @@ class ClusterConnection:
         return {}
 
 
+def kubeconfig_path(kubeconfig: str | None = None) -> str:
+    """The kubeconfig kubectl would read: the explicit path, else $KUBECONFIG, else ~/.kube/config."""
+    return kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
 def load_connection(kubeconfig: str | None = None, context: str | None = None) -> ClusterConnection:
     """Kubeconfig (explicit path, $KUBECONFIG or ~/.kube/config) when present, else in-cluster config."""
     cfg = k8s_client.Configuration()
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    path = kubeconfig_path(kubeconfig)
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.path.exists(path)
     if in_cluster:
         k8s_config.load_incluster_config(client_configuration=cfg)

@@ -12,16 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.connection import load_connection
+from kubechain.kube.connection import kubeconfig_path, load_connection
 from kubechain.kube.crds import apply_crds, load_crds
 from kubechain.kube.errors import KubeAPIError
+from kubechain.statemachines.lease import lease_holder
 from kubechain.testing.controlplane import LocalControlPlane, ManagedProcess, free_port
 from kubechain.testing.redis_server import LocalRedis
 
@@ -230,7 +230,7 @@ def wait_for_http(url: str, timeout_s: float) -> None:
 
 def cluster_reachable(kubeconfig: str | None) -> bool:
     """Whether the current kube context answers (used by ``kubechain up --cluster auto``)."""
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    path = kubeconfig_path(kubeconfig)
     if not os.path.exists(path):
         return False
     try:
@@ -248,25 +248,12 @@ def cluster_reachable(kubeconfig: str | None) -> bool:
 DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 
-def lease_holder(lease: dict[str, Any], now: datetime) -> str | None:
-    """Who holds the Lease, if its holder renewed it within its duration."""
-    spec = lease.get("spec") or {}
-    holder = spec.get("holderIdentity")
-    renewed = spec.get("renewTime") or spec.get("acquireTime")
-    if not holder or not renewed:
-        return None
-    renewed_at = datetime.fromisoformat(str(renewed).replace("Z", "+00:00"))
-    duration = timedelta(seconds=float(spec.get("leaseDurationSeconds") or 15))
-    return str(holder) if now - renewed_at < duration else None
-
-
 def deployed_watcher(kubeconfig: str | None, lease: tuple[str, str] = DEPLOYED_LEASE) -> str | None:
     """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
     ``kubechain up`` must not start a second KubeChain that would race it for every resource."""
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    client = KubeClient(load_connection(path), timeout_s=5)
+    client = KubeClient(load_connection(kubeconfig), timeout_s=5)
     try:
-        return lease_holder(client.get_lease(*lease), datetime.now(UTC))
+        return lease_holder(client.get_lease(*lease).get("spec") or {}, datetime.now(UTC))
     except KubeAPIError:
         return None  # no such Lease (or not ours to read): nothing known to be running
     finally:

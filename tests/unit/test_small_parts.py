@@ -13,9 +13,9 @@ from kubechain.kube.ratelimit import TokenBucket
 from kubechain.models import TaskRun
 from kubechain.queueing import TaskName
 from kubechain.settings import Settings
+from kubechain.statemachines.lease import lease_holder
 from kubechain.statemachines.routing import dependents, work_for
 from kubechain.statemachines.toolset import resolve_tool_name
-from kubechain.testing.stack import lease_holder
 from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
 from tests.unit.fakes import create
@@ -214,16 +214,10 @@ def test_settings_refuse_a_claim_that_could_expire_during_a_call() -> None:
 
 def test_a_lease_is_held_only_while_its_holder_renews_it() -> None:
     now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-    lease = {
-        "spec": {
-            "holderIdentity": "w-1",
-            "leaseDurationSeconds": 15,
-            "renewTime": "2026-12-01T11:59:50.000000Z",
-        }
-    }
+    lease = {"holderIdentity": "w-1", "leaseDurationSeconds": 15, "renewTime": "2026-12-01T11:59:50.000000Z"}
     assert lease_holder(lease, now) == "w-1"
     assert lease_holder(lease, now + timedelta(seconds=6)) is None, "expired"
-    assert lease_holder({"spec": {"holderIdentity": None, "renewTime": None}}, now) is None, "released"
+    assert lease_holder({"holderIdentity": None, "renewTime": None}, now) is None, "released"
 
 
 def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.MonkeyPatch) -> None:
