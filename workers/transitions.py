@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ from kubechain.models import Resource, TaskRun, TaskRunToolCall
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_children_rejected
 from kubechain.statemachines.toolcall import plan_tool_failure
-from kubechain.statemachines.transition import Transition, child_rejected_message
+from kubechain.statemachines.transition import Transition, child_rejected_message, patch_landed
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -179,27 +178,6 @@ def _backoff(budget_s: float) -> Iterator[float]:
         delay *= 2
 
 
-def _applied(current: Any, patch: Any) -> bool:
-    """Whether the merge patch ``patch`` is already reflected in ``current`` (both as on the wire;
-    fields the API server may add, such as schema defaults, are allowed)."""
-    if isinstance(patch, dict):
-        return isinstance(current, dict) and all(
-            current.get(key) is None if value is None else _applied(current.get(key), value)
-            for key, value in patch.items()
-        )
-    if isinstance(patch, list):
-        return (
-            isinstance(current, list)
-            and len(current) == len(patch)
-            and all(_applied(c, p) for c, p in zip(current, patch, strict=True))
-        )
-    return bool(current == patch)
-
-
-def _landed(raw: dict[str, Any], transition: Transition) -> bool:
-    return _applied(raw.get("status") or {}, json.loads(json.dumps(transition.status)))
-
-
 def record_while_claimed(
     ctx: WorkerContext,
     claimed: R,
@@ -230,7 +208,7 @@ def record_while_claimed(
             if current is None:
                 raw = ctx.kube.get_raw(claimed.PLURAL, claimed.namespace, claimed.name)
                 current = type(claimed).from_wire(raw)
-            if attempted is not None and _landed(raw, attempted):
+            if attempted is not None and patch_landed(raw.get("status") or {}, attempted.status):
                 log.info(
                     "%s of %s %s/%s was written before", what, claimed.KIND, claimed.namespace, claimed.name
                 )
@@ -249,6 +227,7 @@ def record_while_claimed(
             apply_transition(ctx, current, attempted)
             return
         except Conflict:
+            attempted = None  # refused: it cannot have landed, so the re-read need not be compared
             conflicts += 1
             if conflicts >= 8:
                 log.warning(

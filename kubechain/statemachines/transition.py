@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,3 +80,25 @@ def child_rejected_message(kind: str, name: str, detail: str) -> str:
 def status_differs(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     """True when writing ``patch`` would change something (avoids no-op writes and event churn)."""
     return any(current.get(key) != value for key, value in patch.items())
+
+
+def _reflects(current: Any, patch: Any) -> bool:
+    if isinstance(patch, dict):
+        return isinstance(current, dict) and all(
+            current.get(key) is None if value is None else _reflects(current.get(key), value)
+            for key, value in patch.items()
+        )
+    if isinstance(patch, list):
+        return (
+            isinstance(current, list)
+            and len(current) == len(patch)
+            and all(_reflects(c, p) for c, p in zip(current, patch, strict=True))
+        )
+    return bool(current == patch)
+
+
+def patch_landed(current: dict[str, Any], patch: dict[str, Any]) -> bool:
+    """Whether the merge patch ``patch`` (a status as written) is reflected in ``current`` (as read back):
+    a write answered with an error may have landed. Fields the API server may add (schema defaults) are
+    allowed; unlike status_differs, nested objects are compared field by field."""
+    return _reflects(current, json.loads(json.dumps(patch)))
