@@ -232,10 +232,11 @@ class Watcher:
                 handoff_timeout_s=self.settings.handoff_timeout_s,
             )
         ]
-        for work in [*tasks_missing_their_run(cache), *ready_with_unready_dependencies(cache)]:
-            obj = cache[work.kind][(work.namespace, work.name)]
-            if not (obj.get("metadata") or {}).get("deletionTimestamp"):
-                out.append((work.kind, obj, work))
+        # (both skip objects being deleted, as work_for does)
+        out += [
+            (work.kind, cache[work.kind][(work.namespace, work.name)], work)
+            for work in [*tasks_missing_their_run(cache), *ready_with_unready_dependencies(cache)]
+        ]
         return out
 
     def _forget_finished(self) -> None:

@@ -75,7 +75,7 @@ def work_for(
     """The tasks this object's own state calls for. ``resync`` adds the periodic checks: re-validate
     resources that are not Ready, and re-take claims (and hand-offs) whose holder stopped answering."""
     namespace, name = _meta(obj)
-    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+    if _deleting(obj):
         return []
     return [
         replace(work, trace_uid=_trace_uid(kind, obj))
@@ -211,6 +211,10 @@ def _refs(spec: Mapping[str, Any], field: str) -> list[str]:
     return [str(ref.get("name")) for ref in spec.get(field) or [] if isinstance(ref, Mapping)]
 
 
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _llm_ready(llm: Mapping[str, Any] | None) -> bool:
     return llm is not None and _status(llm).get("status") == "Ready"
 
@@ -309,9 +313,7 @@ def tasks_missing_their_run(
     return [
         Work(TaskName.VALIDATE, "Task", ns, name, reason="resync")
         for (ns, name), task in (cache.get("Task") or {}).items()
-        if _status(task).get("ready")
-        and not (task.get("metadata") or {}).get("deletionTimestamp")
-        and (ns, label_value(name)) not in runs_of
+        if _status(task).get("ready") and not _deleting(task) and (ns, label_value(name)) not in runs_of
     ]
 
 
@@ -335,10 +337,12 @@ def ready_with_unready_dependencies(
     out: list[Work] = []
     agents = cache.get("Agent") or {}
     for (namespace, name), agent in agents.items():
+        if _deleting(agent):
+            continue
         if _ready(agent) and not _agent_dependencies_ok(namespace, agent.get("spec") or {}, cache):
             out.append(Work(TaskName.VALIDATE, "Agent", namespace, name, reason="dependency-not-ready"))
     for (namespace, name), task in (cache.get("Task") or {}).items():
         agent_name = str(((task.get("spec") or {}).get("agentRef") or {}).get("name") or "")
-        if _ready(task) and not _ready(agents.get((namespace, agent_name))):
+        if not _deleting(task) and _ready(task) and not _ready(agents.get((namespace, agent_name))):
             out.append(Work(TaskName.VALIDATE, "Task", namespace, name, reason="dependency-not-ready"))
     return out

@@ -386,6 +386,10 @@ def test_resync_revalidates_ready_agents_and_tasks_whose_dependencies_went_away(
     assert revalidated("ContactChannel", "c", unready_channel) == [("Agent", "a")]
     informers["Agent"].cache[("default", "a")] = {**ready("Agent", "a", spec), **not_ready}
     assert revalidations() == [("Task", "task")], "a Ready Task whose Agent is not"
+    deleting = ready("Task", "task", {"agentRef": {"name": "a"}})
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-01T12:00:00Z"
+    informers["Task"].cache[("default", "task")] = deleting
+    assert revalidations() == [], "nothing is validated on its way out"
 
 
 class FlakyLeaseKube(FakeKubeClient):
