@@ -9,6 +9,7 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import Gone, KubeAPIError
+from kubechain.statemachines.routing import cached_form
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Informer:
                     "metadata"
                 ].get("resourceVersion"):
                     return  # a duplicate delivery of something we have already seen
-                self.cache[key] = obj
+                self.cache[key] = cached_form(self.kind, obj)
         self.handler(self.kind, event_type, obj, previous)
 
     def relist(self) -> None:

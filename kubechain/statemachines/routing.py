@@ -57,6 +57,29 @@ def is_terminal(kind: str, obj: Mapping[str, Any]) -> bool:
     return False
 
 
+# Of a finished run or tool call, the parts no decision reads again, and that make up most of its size.
+_FINISHED_BULK = {
+    "spec": ("contextWindow", "userMessage", "arguments"),
+    "status": ("contextWindow", "output", "result"),
+}
+
+
+def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """What the watcher keeps of ``obj``. A finished TaskRun or tool call is kept without its context
+    window, message, arguments, output and result: every decision about it (and about its parent and its
+    Task) reads only metadata, references and phase, and finished runs are kept for good, so a watcher
+    holding them whole grew by their full size per run until it hit its memory limit. A later change
+    arrives as a whole object again."""
+    if not is_terminal(kind, obj):
+        return obj
+    slim = dict(obj)
+    for part, fields in _FINISHED_BULK.items():
+        section = obj.get(part)
+        if isinstance(section, dict) and any(field in section for field in fields):
+            slim[part] = {key: value for key, value in section.items() if key not in fields}
+    return slim
+
+
 def needs_validation(obj: Mapping[str, Any]) -> bool:
     status = _status(obj)
     generation = (obj.get("metadata") or {}).get("generation")

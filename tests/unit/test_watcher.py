@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
+from kubechain.statemachines.routing import is_terminal, readiness, tasks_missing_their_run, work_for
 from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import create
 from watcher.informer import Informer
@@ -122,6 +124,57 @@ def test_informer_caches_objects_without_their_managed_fields() -> None:
     assert [o["metadata"]["name"] for o in handled] == ["a", "b"]
     for obj in [*handled, *informer.snapshot().values()]:
         assert "managedFields" not in obj["metadata"], obj["metadata"]
+
+
+def test_finished_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_the_same() -> None:
+    window = [{"role": "user", "content": "x" * 50_000}, {"role": "assistant", "content": "y" * 50_000}]
+    finished = run(
+        "TaskRun", {"name": "done", "status": {"phase": "FinalAnswer", "contextWindow": window}}, "7"
+    )
+    finished["spec"] = {"agentRef": {"name": "a"}, "userMessage": "x" * 50_000}
+    finished["status"]["output"] = "y" * 50_000
+    finished["metadata"]["labels"] = {"kubechain.humanlayer.dev/task": "t"}
+    finished["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "parent-tc", "uid": "p"}]
+    going = run(
+        "TaskRun", {"name": "going", "status": {"phase": "ToolCallsPending", "contextWindow": window}}, "8"
+    )
+    tool_call = run(
+        "TaskRunToolCall", {"name": "tc", "status": {"phase": "Succeeded", "result": "r" * 50_000}}, "9"
+    )
+    tool_call["spec"] = {"taskRunRef": {"name": "going"}, "arguments": "{" + " " * 50_000 + "}"}
+    handled: list[dict[str, Any]] = []
+    caches = {}
+    for kind, plural, obj in [
+        ("TaskRun", "taskruns", finished),
+        ("TaskRun", "taskruns", going),
+        ("TaskRunToolCall", "taskruntoolcalls", tool_call),
+    ]:
+        kube = ScriptedWatchKube([[{"type": "ADDED", "object": obj}]])
+        ScriptedWatchKube.stop = threading.Event()
+        informer = Informer(
+            kube, kind, plural, None, lambda k, t, o, p: handled.append(o), ScriptedWatchKube.stop
+        )
+        informer.run()
+        caches.setdefault(kind, {}).update(informer.snapshot())
+    assert handled == [finished, going, tool_call], "the handler decides on the whole object"
+    kept = {key[1]: obj for objects in caches.values() for key, obj in objects.items()}
+    assert kept["going"] == going, "a run in progress is kept whole: its snapshot feeds the fan-in"
+    assert len(json.dumps(kept["done"])) < 1_000 and len(json.dumps(kept["tc"])) < 1_000, kept
+    assert (
+        kept["done"]["status"]["phase"] == "FinalAnswer" and kept["done"]["metadata"] == finished["metadata"]
+    )
+    now = datetime.now(UTC)
+    for kind, whole in [("TaskRun", finished), ("TaskRunToolCall", tool_call)]:
+        slim = kept[whole["metadata"]["name"]]
+        for resync in (False, True):
+            assert work_for(kind, slim, now, 60, resync=resync) == work_for(
+                kind, whole, now, 60, resync=resync
+            )
+        assert readiness(kind, slim) == readiness(kind, whole) and is_terminal(kind, slim)
+    whole_cache = {"TaskRun": {("default", "done"): finished}, "Task": {("default", "t"): ready("Task", "t")}}
+    assert tasks_missing_their_run(caches | {"Task": whole_cache["Task"]}) == tasks_missing_their_run(
+        whole_cache
+    )
 
 
 def test_readiness_change_fans_out_to_dependents_and_resync_backs_off() -> None:
