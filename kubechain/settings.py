@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
     max_delegation_depth: int = 5
+    # A sub-agent's run that has not started after this long (its Agent never became Ready) is deleted
+    # and its delegating tool call fails with the reason, so the parent run is not blocked forever.
+    sub_agent_start_timeout_s: float = 900.0
     # How long a worker may reuse what it read of an Agent, LLM, Secret, Tool or MCPServer to build an
     # LLM request (the run itself is always read fresh).
     config_cache_ttl_s: float = 2.0

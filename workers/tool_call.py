@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -35,13 +36,15 @@ from kubechain.statemachines.toolcall import (
     plan_awaiting_sub_agent,
     plan_invalid_arguments,
     plan_stranded,
+    plan_sub_agent_not_started,
     plan_sub_agent_outcome,
     plan_tool_claim,
     plan_tool_failure,
     plan_tool_success,
+    sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.transition import Transition, parse_timestamp
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
@@ -332,6 +335,28 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
                 f'another agent than "{agent}"; run the task again'
             )
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
+            return
+        timeout_s = ctx.settings.sub_agent_start_timeout_s
+        created = parse_timestamp(child.metadata.creation_timestamp)
+        if sub_agent_start_expired(child.phase, created, now, timeout_s):
+            # Only the run in the state just read: one that started meanwhile is left to finish.
+            deleted = True
+            try:
+                ctx.kube.delete(
+                    TaskRun.PLURAL, child.namespace, child.name, resource_version=child.resource_version
+                )
+            except Conflict:
+                return  # it moved: the next message re-decides on its new state
+            except NotFound:
+                pass
+            except KubeAPIError as exc:  # e.g. RBAC without delete on taskruns: still free the parent
+                log.warning("could not delete sub-agent run %s: %s", child.name, exc)
+                deleted = False
+            waiting_for = child.status.status_detail or ""
+            failed = plan_sub_agent_not_started(
+                toolcall, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
+            )
+            apply_transition(ctx, toolcall, failed)
             return
         outcome = plan_sub_agent_outcome(
             toolcall,

@@ -214,12 +214,20 @@ class KubeClient:
         body.pop("status", None)
         return type(resource).from_wire(self.create_raw(resource.PLURAL, resource.namespace, body))
 
-    def delete(self, plural: str, namespace: str, name: str, propagation: str = "Background") -> None:
-        self.request(
-            "DELETE",
-            custom_path(plural, namespace, name),
-            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
-        )
+    def delete(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        propagation: str = "Background",
+        *,
+        resource_version: str | None = None,
+    ) -> None:
+        """Delete; with ``resource_version``, only the object in that state (409 Conflict if it moved)."""
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if resource_version:
+            body["preconditions"] = {"resourceVersion": resource_version}
+        self.request("DELETE", custom_path(plural, namespace, name), body=body)
 
     def patch_status_raw(
         self, plural: str, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]

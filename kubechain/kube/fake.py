@@ -172,6 +172,11 @@ class FakeKubeClient(KubeClient):
             if method == "GET":
                 return copy.deepcopy(current)
             if method == "DELETE":
+                wanted = ((body or {}).get("preconditions") or {}).get("resourceVersion")
+                if wanted and wanted != current["metadata"].get("resourceVersion"):
+                    raise error_for(
+                        409, {"reason": "Conflict", "message": "Precondition failed: resourceVersion"}
+                    )
                 self._delete(key)
                 return {}
             if method in ("PATCH", "PUT"):

@@ -209,6 +209,38 @@ def plan_sub_agent_outcome(
     return None
 
 
+SUB_AGENT_NOT_STARTED = ("", "Initializing", "Pending")
+
+
+def sub_agent_start_expired(
+    child_phase: str, child_created: datetime | None, now: datetime, timeout_s: float
+) -> bool:
+    """A sub-agent's run that is still waiting to start (its Agent is not Ready) after ``timeout_s``."""
+    if child_phase not in SUB_AGENT_NOT_STARTED or child_created is None:
+        return False
+    return (now - child_created).total_seconds() >= timeout_s
+
+
+def plan_sub_agent_not_started(
+    toolcall: TaskRunToolCall,
+    agent: str,
+    child: str,
+    waiting_for: str,
+    timeout_s: float,
+    now: datetime,
+    *,
+    deleted: bool = True,
+) -> Transition:
+    minutes = f"{timeout_s / 60:g} min"
+    cause = f": {waiting_for}" if waiting_for else ""
+    fate = "was deleted" if deleted else "could not be deleted (delete it by hand)"
+    message = (
+        f'sub-agent "{agent}" did not start within {minutes}{cause}. Its TaskRun {child} {fate}; make '
+        f'Agent "{agent}" Ready (kubectl describe agent {agent}) and run the task again'
+    )
+    return plan_tool_failure(toolcall, message, now, reason="SubAgentFailed")
+
+
 def plan_stranded(toolcall: TaskRunToolCall, problem: str | None, now: datetime) -> Transition | None:
     """A call waiting in a phase that nothing can move it out of any more — e.g. AwaitingSubAgent after
     its delegating Tool was deleted or changed — fails, so its run's fan-in is not blocked forever.

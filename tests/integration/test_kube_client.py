@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from kubechain.kube.client import KubeClient
+from kubechain.kube.errors import Conflict, NotFound
+from kubechain.models import LocalObjectReference, ObjectMeta, TaskRun, TaskRunSpec
 from kubechain.testing.stack import DEPLOYED_LEASE, deployed_watcher
 
 
@@ -42,3 +46,21 @@ def test_deployed_watcher_finds_a_kubechain_leading_in_the_cluster(
     lease["spec"]["renewTime"] = "2020-01-01T00:00:00.000000Z"
     kube.replace_lease(namespace, lease_at[1], lease)
     assert deployed_watcher(str(kubeconfig), lease_at) is None, "a lease its holder stopped renewing"
+
+
+def test_a_delete_with_a_resource_version_removes_only_the_object_in_that_state(
+    kube: KubeClient, namespace: str
+) -> None:
+    run = kube.create(
+        TaskRun(
+            metadata=ObjectMeta(name="doomed", namespace=namespace),
+            spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+        )
+    )
+    moved = kube.patch_status(run, {"phase": "Pending"})
+    with pytest.raises(Conflict):
+        kube.delete(TaskRun.PLURAL, namespace, run.name, resource_version=run.resource_version)
+    assert kube.get_raw(TaskRun.PLURAL, namespace, run.name)["metadata"]["uid"] == run.uid
+    kube.delete(TaskRun.PLURAL, namespace, run.name, resource_version=moved.resource_version)
+    with pytest.raises(NotFound):
+        kube.get_raw(TaskRun.PLURAL, namespace, run.name)

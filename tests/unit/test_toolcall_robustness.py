@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import workers.tool_call as tool_call_module
-from kubechain.kube.errors import Invalid, KubeAPIError, Unavailable
+from kubechain.kube.errors import Invalid, KubeAPIError, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import (
@@ -167,6 +167,78 @@ def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> No
     finish(kube, child)
     tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["result"] == "42"
+
+
+def test_a_sub_agent_that_never_starts_fails_its_call_after_the_timeout_and_its_run_is_deleted() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.patch_status_raw("agents", "default", "helper", None, {"ready": False, "status": "Error"})
+    prepare(ctx, message("TaskRun", child))
+    waiting = run_status(kube, child)
+    assert waiting["phase"] == "Pending" and "helper" in waiting["statusDetail"], waiting
+    created = datetime.fromisoformat(
+        kube.get_raw("taskruns", "default", child)["metadata"]["creationTimestamp"]
+    )
+    timeout = ctx.settings.sub_agent_start_timeout_s
+    ctx.clock = lambda: created + timedelta(seconds=timeout - 5)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent", "not yet: the agent may still come up"
+    ctx.clock = lambda: created + timedelta(seconds=timeout + 5)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert 'sub-agent "helper" did not start within 15 min' in status["error"]
+    assert waiting["statusDetail"] in status["error"] and 'make Agent "helper" Ready' in status["error"]
+    assert warnings(kube, name) == ["SubAgentFailed"]
+    assert ("taskruns", child) not in {(plural, n) for (_, plural, _, n) in kube.objects}, (
+        "no run left to start later"
+    )
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM", (
+        "the parent run goes on with the error as the tool result"
+    )
+
+
+def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+
+    def forbidden(*_: Any, **__: Any) -> None:
+        raise error_for(403, {"reason": "Forbidden", "message": "cannot delete resource taskruns"})
+
+    kube.delete = forbidden  # type: ignore[method-assign]
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "could not be deleted (delete it by hand)" in status["error"]
+
+
+def test_a_sub_agent_run_that_started_is_not_deleted_for_being_slow() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    prepare(ctx, message("TaskRun", child))
+    assert run_status(kube, child)["phase"] == "ReadyForLLM"
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    assert run_status(kube, child)["phase"] == "ReadyForLLM"
+
+
+def test_a_waiting_sub_agent_run_that_moves_meanwhile_is_not_deleted() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    stale = kube.get(TaskRun, "default", child)
+    kube.patch_status(stale, {"phase": "ReadyForLLM"})
+    original_get = kube.get
+
+    def get_stale(model: Any, namespace: str, obj_name: str) -> Any:
+        return stale if obj_name == child else original_get(model, namespace, obj_name)
+
+    kube.get = get_stale  # type: ignore[method-assign]
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent", "re-decided on the next message"
+    assert run_status(kube, child)["phase"] == "ReadyForLLM"
 
 
 def a_toolcall(status: dict[str, Any] | None = None, tool: str = "t") -> TaskRunToolCall:
