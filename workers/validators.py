@@ -8,13 +8,14 @@ from typing import Any, TypeVar
 
 from kubechain.kube.errors import NotFound
 from kubechain.llm.base import LLMError
-from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, Tool
+from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.transition import Transition
 from kubechain.statemachines.validation import (
     AgentDependencies,
     plan_agent,
     plan_task,
+    plan_task_output,
     plan_validation,
     taskrun_for_task,
     validate_tool_spec,
@@ -135,6 +136,8 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the
         # watcher's resync, which re-validates a Ready Task whose run is missing.
         create_children(ctx, task, [taskrun_for_task(task)])
+    run = get_or_none(ctx, TaskRun, task.namespace, taskrun_for_task(task).name)
+    _write(ctx, task, plan_task_output(task, run))
 
 
 def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:

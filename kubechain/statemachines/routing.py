@@ -144,6 +144,8 @@ def _work_for(
             if resync:
                 return []  # the tool call's own resync (AwaitingSubAgent) covers a lost message
             owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+            # A Task's run finished: the Task shows its answer (its Output column).
+            task = ((obj.get("spec") or {}).get("taskRef") or {}).get("name")
             return [
                 Work(
                     TaskName.TOOL_CALL,
@@ -154,7 +156,9 @@ def _work_for(
                 )
                 for owner in owners
                 if owner.get("kind") == "TaskRunToolCall"
-            ]
+            ] + (
+                [Work(TaskName.VALIDATE, "Task", namespace, str(task), reason="run-finished")] if task else []
+            )
         if phase in TASKRUN_PREPARE:
             return [Work(TaskName.PREPARE, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.READY_FOR_LLM:

@@ -20,7 +20,7 @@ from kubechain.models import (
 )
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
-from kubechain.models.taskrun import TaskRunSpec
+from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.statemachines.transition import Transition, normal, status_differs, warning
 
 
@@ -169,6 +169,13 @@ def taskrun_for_task(task: Task) -> TaskRun:
         ),
         spec=TaskRunSpec(task_ref=LocalObjectReference(name=task.name)),
     )
+
+
+def plan_task_output(task: Task, run: TaskRun | None) -> Transition | None:
+    """The Task's ``Output`` column: its run's final answer (the original declared it and never wrote it)."""
+    if run is None or run.phase != TaskRunPhase.FINAL_ANSWER or task.status.output == run.status.output:
+        return None
+    return Transition(status={"output": run.status.output})
 
 
 def plan_task(task: Task, agent: Agent | None) -> Transition | None:

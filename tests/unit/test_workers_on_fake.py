@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import ToolCall, ToolCallFunction
+from kubechain.queueing import TaskName
+from kubechain.statemachines.routing import work_for
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -322,6 +325,29 @@ def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again()
     kube.patch_metadata("tasks", "default", "t", {"deletionTimestamp": "2026-12-01T00:00:00Z"})
     validate(ctx, message("Task", "t"))
     assert not kube.list_raw("taskruns", "default")[0]
+
+
+def test_a_task_shows_the_answer_of_its_run_once_the_run_finishes() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="the answer"))
+    validated(kube, llm)
+    create(kube, "Task", "tasks", "t", {"agentRef": {"name": "a"}, "message": "hi"})
+    ctx = context(kube, llm)
+    validate(ctx, message("Task", "t"))
+    assert "output" not in kube.get_raw("tasks", "default", "t")["status"]
+    prepare(ctx, message("TaskRun", "t-1"))
+    llm_call(ctx, message("TaskRun", "t-1"))
+    finished = kube.get_raw("taskruns", "default", "t-1")
+    assert finished["status"]["phase"] == "FinalAnswer"
+    (work,) = work_for("TaskRun", finished, datetime.now(UTC), 60)
+    assert (work.task, work.kind, work.name) == (TaskName.VALIDATE, "Task", "t"), "the watcher asks"
+    assert work_for("TaskRun", finished, datetime.now(UTC), 60, resync=True) == []
+    validate(ctx, message("Task", "t"))
+    task = kube.get_raw("tasks", "default", "t")
+    assert task["status"]["output"] == "the answer" and task["status"]["ready"] is True
+    before = task["metadata"]["resourceVersion"]
+    validate(ctx, message("Task", "t"))
+    assert kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"] == before, "written once"
 
 
 def test_an_llm_client_that_raises_unexpectedly_ends_in_a_status_not_a_held_claim() -> None:
