@@ -9,7 +9,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Queue
 from pydantic import BaseModel, Field
 
@@ -36,6 +36,17 @@ TASK_QUEUES: dict[TaskName, QueueName] = {
     TaskName.LLM_CALL: QueueName.LLM,
     TaskName.TOOL_CALL: QueueName.TOOLS,
 }
+
+
+# The time a message was published, stamped on every publish (a retry too: Celery re-sends the first payload,
+# and its old headers, which this overwrites). Workers measure queue wait from it.
+SENT_AT_HEADER = "kubechain_sent_at"
+
+
+@signals.before_task_publish.connect
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None:
+        headers[SENT_AT_HEADER] = time.time()
 
 
 class ResourceMessage(BaseModel):

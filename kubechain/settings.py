@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
     # Observability
     metrics_port: int = 0
+    # Where a prefork worker's processes keep their metrics for /metrics to add up (prometheus_client's
+    # multiprocess mode, which reads it from the environment at import: set it before the process starts).
+    prometheus_multiproc_dir: str | None = Field(default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, signals
+from celery.concurrency import get_implementation
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from kubechain.kube.errors import Unavailable
 from kubechain.observability.logs import configure_logging, resource_context
-from kubechain.observability.metrics import TASK_QUEUE_SECONDS, TASK_SECONDS, TASKS, serve
+from kubechain.observability.metrics import (
+    TASK_QUEUE_SECONDS,
+    TASK_SECONDS,
+    TASKS,
+    process_exited,
+    registry_for,
+    serve,
+)
 from kubechain.observability.tracing import context_from, setup_tracing, span
-from kubechain.queueing import QueueName, ResourceMessage, TaskName, enqueue, make_celery
+from kubechain.queueing import (
+    SENT_AT_HEADER,
+    QueueName,
+    ResourceMessage,
+    TaskName,
+    enqueue,
+    make_celery,
+)
 from kubechain.settings import Settings
 from workers.context import WorkerContext, build_context
 
@@ -25,6 +43,7 @@ app: Celery = make_celery(settings)
 
 _context: WorkerContext | None = None
 _context_lock = threading.Lock()
+_metrics_registry: CollectorRegistry = REGISTRY
 
 
 def context() -> WorkerContext:
@@ -47,12 +66,27 @@ def set_context(ctx: WorkerContext | None) -> None:
         _context = ctx
 
 
+def queue_wait_s(request: Any, message: ResourceMessage, now: float) -> float:
+    """How long a message waited for a worker once it was due: from max(published, eta) to ``now``. A
+    countdown or an autoretry's backoff is waiting on purpose. The publish time is the message header (a
+    retry carries the first payload's ``enqueued_at``); the payload's time only without one."""
+    due = float(getattr(request, SENT_AT_HEADER, None) or message.enqueued_at)
+    eta = request.eta
+    if eta is not None:
+        eta = datetime.fromisoformat(eta) if isinstance(eta, str) else eta
+        due = max(due, (eta if eta.tzinfo else eta.replace(tzinfo=UTC)).timestamp())
+    return max(0.0, now - due)
+
+
 def _run(
-    task: TaskName, handler: Callable[[WorkerContext, ResourceMessage], None], payload: dict[str, Any]
+    task: TaskName,
+    handler: Callable[[WorkerContext, ResourceMessage], None],
+    payload: dict[str, Any],
+    request: Any,
 ) -> None:
     message = ResourceMessage.model_validate(payload)
     name = task.value.removeprefix("kubechain.")
-    TASK_QUEUE_SECONDS.labels(name).observe(max(0.0, time.time() - message.enqueued_at))
+    TASK_QUEUE_SECONDS.labels(name).observe(queue_wait_s(request, message, time.time()))
     started = time.perf_counter()
     outcome = "ok"
     try:
@@ -80,32 +114,32 @@ def _run(
 RETRY = {"autoretry_for": (Unavailable,), "retry_backoff": True, "retry_backoff_max": 30, "max_retries": 20}
 
 
-@app.task(name=TaskName.VALIDATE.value, **RETRY)
-def validate(payload: dict[str, Any]) -> None:
+@app.task(name=TaskName.VALIDATE.value, bind=True, **RETRY)
+def validate(self: Any, payload: dict[str, Any]) -> None:
     from workers.validators import validate as handler
 
-    _run(TaskName.VALIDATE, handler, payload)
+    _run(TaskName.VALIDATE, handler, payload, self.request)
 
 
-@app.task(name=TaskName.PREPARE.value, **RETRY)
-def prepare(payload: dict[str, Any]) -> None:
+@app.task(name=TaskName.PREPARE.value, bind=True, **RETRY)
+def prepare(self: Any, payload: dict[str, Any]) -> None:
     from workers.prepare import prepare as handler
 
-    _run(TaskName.PREPARE, handler, payload)
+    _run(TaskName.PREPARE, handler, payload, self.request)
 
 
-@app.task(name=TaskName.LLM_CALL.value, **RETRY)
-def llm_call(payload: dict[str, Any]) -> None:
+@app.task(name=TaskName.LLM_CALL.value, bind=True, **RETRY)
+def llm_call(self: Any, payload: dict[str, Any]) -> None:
     from workers.llm_call import llm_call as handler
 
-    _run(TaskName.LLM_CALL, handler, payload)
+    _run(TaskName.LLM_CALL, handler, payload, self.request)
 
 
-@app.task(name=TaskName.TOOL_CALL.value, **RETRY)
-def tool_call(payload: dict[str, Any]) -> None:
+@app.task(name=TaskName.TOOL_CALL.value, bind=True, **RETRY)
+def tool_call(self: Any, payload: dict[str, Any]) -> None:
     from workers.tool_call import tool_call as handler
 
-    _run(TaskName.TOOL_CALL, handler, payload)
+    _run(TaskName.TOOL_CALL, handler, payload, self.request)
 
 
 @signals.setup_logging.connect
@@ -113,10 +147,31 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
 
 
+@signals.worker_init.connect
+def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
+    global _metrics_registry
+    # the pool is a class (from the CLI) or a name (from the config); Celery resolves it right after this
+    prefork = sender is not None and issubclass(
+        get_implementation(sender.pool_cls), get_implementation("prefork")
+    )
+    _metrics_registry = registry_for(prefork, settings.prometheus_multiproc_dir)
+
+
 @signals.worker_ready.connect
 def _start_metrics(**_: Any) -> None:
     setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
-    serve(settings.metrics_port)
+    serve(settings.metrics_port, _metrics_registry)
+
+
+@signals.worker_process_init.connect
+def _child_tracing(**_: Any) -> None:
+    # prefork children are forked before worker_ready: each sets up its own exporter
+    setup_tracing("kubechain-worker")
+
+
+@signals.worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    process_exited(pid or os.getpid(), settings.prometheus_multiproc_dir)
 
 
 @signals.worker_process_shutdown.connect

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,34 @@ def register_phase_collector(phases: Callable[[], Iterable[str]]) -> None:
     REGISTRY.register(PhaseCollector(phases))
 
 
-def serve(port: int) -> None:
+def registry_for(prefork: bool, multiproc_dir: str | None) -> CollectorRegistry:
+    """What /metrics serves. A prefork worker runs its tasks in child processes: their samples reach the
+    parent's endpoint only through prometheus_client's multiprocess files."""
+    if not prefork:
+        return REGISTRY
+    if not multiproc_dir:
+        log.warning(
+            "--pool prefork runs tasks in child processes, and without PROMETHEUS_MULTIPROC_DIR /metrics "
+            "shows none of their metrics: set it to an empty writable directory (an emptyDir in Kubernetes), "
+            "or use --pool threads"
+        )
+        return REGISTRY
+    # An earlier run's files (a restarted container keeps its emptyDir) would be added up again.
+    for stale in Path(multiproc_dir).glob("*.db"):
+        stale.unlink()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)
+    return registry
+
+
+def process_exited(pid: int, multiproc_dir: str | None) -> None:
+    """Drop a dead prefork child's live gauges (its counters and histograms stay counted)."""
+    if multiproc_dir:
+        mark_process_dead(pid, multiproc_dir)
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
     """Start the /metrics endpoint (a no-op for port 0)."""
     if port > 0:
-        start_http_server(port)
+        start_http_server(port, registry=registry)
         log.info("metrics on :%d/metrics", port)

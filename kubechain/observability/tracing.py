@@ -3,12 +3,15 @@ and tool call.
 
 The trace id is derived from the TaskRun's uid (and stored in ``status.spanContext``), so every process
 computes the same trace without coordination; a tool call belongs to its TaskRun's trace. The exporter is
-OTLP over HTTP when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT`` is set.
+OTLP when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT`` is set: over HTTP, or gRPC
+when ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=grpc`` and its exporter is installed. ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES`` describe the process as the SDK defines them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,11 +20,13 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
 
 _propagator = TraceContextTextMapPropagator()
 TRACER_NAME = "kubechain"
@@ -42,16 +47,55 @@ def exporting(environ: Mapping[str, str]) -> bool:
     )
 
 
-def setup_tracing(service_name: str) -> None:
-    """Install a tracer provider exporting with OTLP/HTTP, when an endpoint is configured. Without one,
-    spans stay the API's no-op spans: nothing would see them, and recording them cost a worker ~2 % of its
-    CPU. A no-op span carries its parent's context, so messages and logs still name the run's trace."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider) or not exporting(os.environ):
-        return
+def resource(default_service_name: str) -> Resource:
+    """The SDK's resource (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``), named after the process only
+    when the environment names no service."""
+    named = SERVICE_NAME in OTELResourceDetector().detect().attributes
+    return Resource.create({} if named else {SERVICE_NAME: default_service_name})
+
+
+def span_exporter(environ: Mapping[str, str]) -> SpanExporter:
+    """OTLP/HTTP (protobuf), or gRPC when asked for and installed. grpcio is heavy and not a dependency, so
+    without it gRPC is not exported silently over HTTP: one warning says what to install or set."""
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+                OTLPSpanExporter as GrpcSpanExporter,
+            )
+
+            return GrpcSpanExporter()
+        except ImportError:
+            log.warning(
+                "OTLP protocol grpc asked for, but its exporter is not installed: pip install "
+                "opentelemetry-exporter-otlp-proto-grpc, or set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf "
+                "with an OTLP/HTTP endpoint (usually port 4318); exporting traces with http/protobuf meanwhile",
+                extra={"protocol": protocol},
+            )
+    elif protocol != "http/protobuf":
+        log.warning(
+            "OTLP protocol %r is not supported (grpc or http/protobuf); exporting traces with http/protobuf",
+            protocol,
+            extra={"protocol": protocol},
+        )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return OTLPSpanExporter()
+
+
+def setup_tracing(service_name: str) -> None:
+    """Install a tracer provider exporting with OTLP, when an endpoint is configured. Without one, spans
+    stay the API's no-op spans: nothing would see them, and recording them cost a worker ~2 % of its CPU. A
+    no-op span carries its parent's context, so messages and logs still name the run's trace.
+    ``service_name`` is the default of ``OTEL_SERVICE_NAME``."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider) or not exporting(os.environ):
+        return
+    provider = TracerProvider(resource=resource(service_name))
+    provider.add_span_processor(BatchSpanProcessor(span_exporter(os.environ)))
     trace.set_tracer_provider(provider)
 
 

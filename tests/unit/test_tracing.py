@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import types
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kubechain.kube.fake import FakeKubeClient
@@ -20,6 +25,7 @@ from tests.unit.fakes import FakeLLM, context, create
 from tests.unit.test_workers_on_fake import validated
 
 EXPORTER = InMemorySpanExporter()
+GRPC_EXPORTER = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,3 +130,94 @@ def test_a_scheduled_approval_recheck_stays_in_the_runs_trace() -> None:
     ((_, message, _),) = sent
     trace_id = format(current.get_span_context().trace_id, "032x")
     assert message.traceparent and message.traceparent.split("-")[1] == trace_id  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[TracerProvider, SpanExporter]]]:
+    """What setup_tracing installs, captured instead (this module's provider stays), with an endpoint set
+    and no other OTEL_* variable."""
+    from kubechain.observability import tracing
+
+    captured: list[tuple[TracerProvider, SpanExporter]] = []
+    exporters: list[SpanExporter] = []
+
+    def processor(exporter: SpanExporter) -> SimpleSpanProcessor:
+        exporters.append(exporter)
+        return SimpleSpanProcessor(exporter)
+
+    monkeypatch.setattr(tracing, "BatchSpanProcessor", processor)
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
+    monkeypatch.setattr(trace, "set_tracer_provider", lambda p: captured.append((p, exporters[-1])))
+    for key in list(os.environ):
+        if key.startswith("OTEL_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    yield captured
+    for provider, _ in captured:
+        provider.shutdown()
+
+
+def test_otel_service_name_and_resource_attributes_describe_the_process(
+    installed: list[tuple[TracerProvider, SpanExporter]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.observability.tracing import setup_tracing
+
+    def attributes() -> dict[str, object]:
+        setup_tracing("kubechain-worker")
+        return dict(installed[-1][0].resource.attributes)
+
+    assert attributes()["service.name"] == "kubechain-worker"  # the default, when the env names none
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,service.name=from-attributes")
+    assert attributes()["service.name"] == "from-attributes"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "agents-llm-worker")
+    got = attributes()
+    assert got["service.name"] == "agents-llm-worker"  # OTEL_SERVICE_NAME wins, as the spec says
+    assert got["deployment.environment"] == "prod"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"},
+    ],
+)
+def test_grpc_without_its_exporter_warns_once_and_exports_over_http(
+    installed: list[tuple[TracerProvider, SpanExporter]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+) -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from kubechain.observability.tracing import setup_tracing
+
+    monkeypatch.setitem(sys.modules, GRPC_EXPORTER, None)  # not installed (grpcio is no dependency)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with caplog.at_level(logging.WARNING):
+        setup_tracing("kubechain-worker")
+    assert isinstance(installed[-1][1], OTLPSpanExporter)
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "pip install" in warning.getMessage() and "opentelemetry-exporter-otlp-proto-grpc" in (
+        warning.getMessage()
+    )
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf" in warning.getMessage()
+
+
+def test_grpc_uses_the_grpc_exporter_when_installed(
+    installed: list[tuple[TracerProvider, SpanExporter]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kubechain.observability.tracing import setup_tracing
+
+    class GrpcExporter(InMemorySpanExporter):
+        pass
+
+    monkeypatch.setitem(sys.modules, GRPC_EXPORTER, types.SimpleNamespace(OTLPSpanExporter=GrpcExporter))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with caplog.at_level(logging.WARNING):
+        setup_tracing("kubechain-worker")
+    assert isinstance(installed[-1][1], GrpcExporter)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -1,0 +1,156 @@
+"""What the workers' Prometheus metrics measure, and that a prefork worker exports its children's."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from prometheus_client import REGISTRY
+
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.base import LLMResponse
+from kubechain.queueing import SENT_AT_HEADER, ResourceMessage, TaskName, enqueue
+from tests.unit.fakes import FakeLLM, context
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def test_every_publish_carries_its_send_time() -> None:
+    """The header is stamped on publish (Celery's retries publish through the same path)."""
+    app = Celery("t", broker="memory://")
+    enqueue(app, TaskName.VALIDATE, ResourceMessage(kind="Agent", namespace="default", name="a"), 30)
+    with app.connection_for_read() as connection:
+        message = connection.SimpleQueue("control").get(timeout=1)
+        message.ack()
+    assert time.time() - message.headers[SENT_AT_HEADER] < 5
+    assert message.headers["eta"]  # the countdown, which the worker does not count as waiting
+
+
+def test_queue_wait_counts_from_when_the_message_was_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A countdown or an autoretry's backoff is waiting on purpose: the histogram starts at max(sent, eta)."""
+    from celery.app.trace import build_tracer
+
+    import workers.app as app
+    import workers.validators
+
+    monkeypatch.setattr(workers.validators, "validate", lambda ctx, message: None)
+    app.set_context(context(FakeKubeClient(), FakeLLM(lambda r: LLMResponse())))
+    # what a worker does with a message: its headers are the task's request
+    tracer = build_tracer(app.validate.name, app.validate, app=app.app, eager=True, propagate=True)
+
+    def waited(enqueued_at: float, headers: dict[str, Any], eta: str | None) -> float:
+        sample = ("kubechain_task_queue_wait_seconds_sum", {"task": "validate"})
+        before = REGISTRY.get_sample_value(*sample) or 0.0
+        message = ResourceMessage(kind="Agent", namespace="default", name="a", enqueued_at=enqueued_at)
+        tracer("id", [message.model_dump()], {}, {**headers, "headers": headers, "eta": eta})
+        return (REGISTRY.get_sample_value(*sample) or 0.0) - before
+
+    now = time.time()
+    try:
+        # sent with a 30 s countdown, due half a second ago
+        assert waited(now - 30.5, {SENT_AT_HEADER: now - 30.5}, iso(now - 0.5)) == pytest.approx(0.5, abs=0.3)
+        # an autoretry re-published (no backoff left) 0.2 s ago: the first payload, enqueued a minute ago
+        assert waited(now - 60, {SENT_AT_HEADER: now - 0.2}, None) == pytest.approx(0.2, abs=0.3)
+        # an autoretry with a 10 s backoff, due a second ago
+        assert waited(now - 60, {SENT_AT_HEADER: now - 11}, iso(now - 1)) == pytest.approx(1, abs=0.3)
+        # a producer that does not stamp the header: the payload's time
+        assert waited(now - 2, {}, None) == pytest.approx(2, abs=0.3)
+    finally:
+        app.set_context(None)
+
+
+PREFORK_WORKER = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, urllib.request
+    from celery import signals
+    from prometheus_client import Gauge
+    import workers.app as app, workers.validators
+
+    workers.validators.validate = lambda ctx, message: None
+    app.set_context(object())
+    signals.worker_init.send(sender=type("WorkController", (), {"pool_cls": "prefork"})())
+
+    def child():  # a prefork pool process: runs a task, then exits the way billiard's do
+        app.validate({"kind": "Agent", "namespace": "default", "name": "a"})
+        Gauge("kubechain_test_live", "a live gauge", multiprocess_mode="livesum").set(1)
+        signals.worker_process_shutdown.send(sender="w", pid=os.getpid(), exitcode=0)
+
+    for _ in range(3):
+        process = multiprocessing.get_context("fork").Process(target=child)
+        process.start()
+        process.join()
+    app._start_metrics()
+    port = os.environ["KUBECHAIN_METRICS_PORT"]
+    sys.stdout.write(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
+    """
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_prefork_worker_exports_its_child_processes_metrics(tmp_path: Path) -> None:
+    """Tasks run (and count) in the pool's child processes; the parent serves /metrics."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),  # set before the process starts, as the docs say
+        "OTEL_SDK_DISABLED": "true",
+    }
+    for _ in range(2):  # the second run, a restarted container, must not add the first run's files up
+        env["KUBECHAIN_METRICS_PORT"] = str(free_port())
+        done = subprocess.run(
+            [sys.executable, "-c", PREFORK_WORKER],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert 'kubechain_tasks_total{outcome="ok",task="validate"} 3.0' in done.stdout, done.stdout
+        assert 'kubechain_task_duration_seconds_count{task="validate"} 3.0' in done.stdout
+        # the children are gone: so are their live gauges
+        assert "kubechain_test_live" not in done.stdout
+
+
+class WorkController:
+    """What worker_init is sent by: the pool is a class (from the CLI) or a name (from the config)."""
+
+    def __init__(self, pool_cls: object) -> None:
+        self.pool_cls = pool_cls
+
+
+def test_prefork_without_a_multiprocess_directory_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery.concurrency.thread import TaskPool as ThreadPool
+    from celery.signals import worker_init
+
+    import workers.app as app
+
+    monkeypatch.setattr(app.settings, "prometheus_multiproc_dir", None)
+    with caplog.at_level(logging.WARNING):
+        worker_init.send(sender=WorkController(ThreadPool))
+        assert not caplog.records
+        worker_init.send(sender=WorkController("prefork"))
+    (warning,) = caplog.records
+    assert "PROMETHEUS_MULTIPROC_DIR" in warning.getMessage() and "--pool threads" in warning.getMessage()
+    assert app._metrics_registry is REGISTRY
