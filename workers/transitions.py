@@ -9,10 +9,17 @@ from typing import Any, TypeVar
 
 from kubechain.kube.errors import AlreadyExists, Conflict, Invalid, NotFound, Unavailable
 from kubechain.models import Resource, TaskRun, TaskRunToolCall
+from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
+from kubechain.observability.tracing import export_run_span
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_children_rejected
 from kubechain.statemachines.toolcall import plan_tool_failure
-from kubechain.statemachines.transition import Transition, child_rejected_message, patch_landed
+from kubechain.statemachines.transition import (
+    Transition,
+    child_rejected_message,
+    parse_timestamp,
+    patch_landed,
+)
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,16 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
             "phase": transition.phase(),
         },
     )
+    if isinstance(updated, TaskRun) and transition.phase() in TERMINAL_TASKRUN_PHASES:
+        now = ctx.clock()
+        export_run_span(
+            updated.uid,
+            updated.name,
+            updated.namespace,
+            parse_timestamp(updated.metadata.creation_timestamp) or now,
+            now,
+            (updated.status.error or "TaskRun failed") if updated.phase == TaskRunPhase.FAILED else None,
+        )
     failed = create_children(ctx, updated, transition.children)
     return failed if failed is not None else updated
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -23,7 +25,8 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,57 @@ def span_exporter(environ: Mapping[str, str]) -> SpanExporter:
     return OTLPSpanExporter()
 
 
+class RunSpanIds(RandomIdGenerator):
+    """Random ids, except for a run's root span: its ids are derived from the run's uid (run_trace_ids),
+    and every other span of the run already names it as its parent."""
+
+    def __init__(self) -> None:
+        self._forced = threading.local()
+
+    @contextmanager
+    def forced(self, trace_id: int, span_id: int) -> Iterator[None]:
+        self._forced.ids = (trace_id, span_id)
+        try:
+            yield
+        finally:
+            self._forced.ids = None
+
+    def generate_trace_id(self) -> int:
+        ids = getattr(self._forced, "ids", None)
+        return ids[0] if ids else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = getattr(self._forced, "ids", None)
+        return ids[1] if ids else super().generate_span_id()
+
+
+def tracer_provider(resource: Resource | None = None) -> TracerProvider:
+    """A provider that can export runs' root spans (see ``export_run_span``)."""
+    return TracerProvider(resource=resource or Resource.create(), id_generator=RunSpanIds())
+
+
+def export_run_span(
+    run_uid: str, name: str, namespace: str, started: datetime, ended: datetime, error: str | None
+) -> None:
+    """The run's root span, ``TaskRun/<name>``, from its creation to its end. Every span of the run names
+    it as parent from the start, but it is only known whole once the run ended: it is made then, by the
+    worker whose write ended the run, so trace backends show the run as one tree with a root."""
+    ids = getattr(trace.get_tracer_provider(), "id_generator", None)
+    if not isinstance(ids, RunSpanIds):
+        return  # not recording (no OTLP endpoint), or a provider that cannot take the run's ids
+    root = run_trace_ids(run_uid)
+    with ids.forced(int(root["traceID"], 16), int(root["spanID"], 16)):
+        run_span = _tracer().start_span(
+            f"TaskRun/{name}",
+            context=otel_context.Context(),  # a root: no parent, whatever span is current
+            kind=SpanKind.SERVER,
+            start_time=int(started.timestamp() * 1e9),
+            attributes={"taskrun.name": name, "taskrun.namespace": namespace, "taskrun.uid": run_uid},
+        )
+    run_span.set_status(Status(StatusCode.ERROR, error) if error else Status(StatusCode.OK))
+    run_span.end(end_time=int(max(ended, started).timestamp() * 1e9))
+
+
 def setup_tracing(service_name: str) -> None:
     """Install a tracer provider exporting with OTLP, when an endpoint is configured. Without one, spans
     stay the API's no-op spans: nothing would see them, and recording them cost a worker ~2 % of its CPU. A
@@ -94,7 +148,7 @@ def setup_tracing(service_name: str) -> None:
     ``service_name`` is the default of ``OTEL_SERVICE_NAME``."""
     if isinstance(trace.get_tracer_provider(), TracerProvider) or not exporting(os.environ):
         return
-    provider = TracerProvider(resource=resource(service_name))
+    provider = tracer_provider(resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(span_exporter(os.environ)))
     trace.set_tracer_provider(provider)
 

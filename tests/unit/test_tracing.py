@@ -14,10 +14,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import ToolCall, ToolCallFunction
+from kubechain.observability import tracing
 from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import work_for
@@ -30,7 +32,7 @@ GRPC_EXPORTER = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
 
 @pytest.fixture(scope="module", autouse=True)
 def provider() -> None:
-    tracer_provider = TracerProvider()
+    tracer_provider = tracing.tracer_provider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
     trace.set_tracer_provider(tracer_provider)
 
@@ -88,6 +90,14 @@ def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {s.context.trace_id for s in spans} == {trace_id}, "every span belongs to the run's trace"
     llm_span = next(s for s in spans if s.name == "LLMRequest")
     assert llm_span.attributes is not None and llm_span.attributes["llm.request.model"] == "gpt-4o"
+    (root,) = [s for s in spans if s.name == "TaskRun/r"]
+    assert root.parent is None and root.context.span_id == int(run["status"]["spanContext"]["spanID"], 16)
+    assert root.status.status_code == StatusCode.OK and root.end_time and root.start_time <= root.end_time
+    by_id = {s.context.span_id: s for s in spans}
+    for s in spans:  # every span's ancestry ends at the run's root: one tree
+        while s.parent is not None:
+            s = by_id[s.parent.span_id]
+        assert s is root, s.name
 
 
 def test_spans_are_recorded_only_when_an_otlp_endpoint_takes_them() -> None:
