@@ -28,7 +28,7 @@ from workers.transitions import (
     message_object,
     record_while_claimed,
 )
-from workers.validators import SecretProblem, get_or_none, read_api_key
+from workers.validators import EmptySecretValue, SecretProblem, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[To
     ref = llm.spec.api_key_ref()
     try:
         api_key = read_api_key(ctx, run.namespace, ref.name, ref.key, cached=True)
+    except EmptySecretValue as problem:
+        raise RunConfigError(str(problem), "EmptyAPIKey") from None
     except SecretProblem as problem:
         raise RunConfigError(f"Failed to get API key secret: {problem}", "SecretFetchFailed") from None
     status = agent.status

@@ -43,6 +43,10 @@ class SecretProblem(Exception):
     pass
 
 
+class EmptySecretValue(SecretProblem):
+    """The key is there, with nothing in it (the original's ``EmptyAPIKey``)."""
+
+
 def read_api_key(
     ctx: WorkerContext, namespace: str, secret_name: str, key: str, *, cached: bool = False
 ) -> str:
@@ -58,7 +62,7 @@ def read_api_key(
     if key not in data:
         raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
     if not data[key].strip():
-        raise SecretProblem(f'API key is empty in secret "{secret_name}" (key "{key}")')
+        raise EmptySecretValue(f'API key is empty in secret "{secret_name}" (key "{key}")')
     return data[key].strip()
 
 

@@ -60,6 +60,22 @@ def test_missing_secret_is_a_clear_error() -> None:
     assert "ValidationFailed" in kube.event_reasons("gpt-4o")
 
 
+def test_a_run_whose_api_key_was_emptied_says_so_with_the_originals_reason() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm)
+    kube.request("DELETE", "/api/v1/namespaces/default/secrets/openai")
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": " "})
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert "API key is empty" in status["statusDetail"] and "sk-" not in str(status), status
+    assert "EmptyAPIKey" in kube.event_reasons("r") and "SecretFetchFailed" not in kube.event_reasons("r")
+    assert not llm.requests, "no request without a key"
+
+
 def test_concurrent_llm_calls_make_one_request() -> None:
     kube = FakeKubeClient()
     gate = threading.Event()
