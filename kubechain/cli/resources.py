@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from pydantic import ValidationError
 
 from kubechain.cli import main
 from kubechain.kube.client import MERGE_PATCH, KubeClient, core_path, custom_path
-from kubechain.kube.connection import kubeconfig_path
+from kubechain.kube.connection import kubeconfig_exists, kubeconfig_namespace, kubeconfig_path
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
 from kubechain.models import (
     API_VERSION,
@@ -57,16 +56,11 @@ class CLIError(click.ClickException):
 
 def context_namespace(kubeconfig: str | None, context: str | None) -> str:
     """The namespace of the kubeconfig context (current or named), else the in-cluster one, else default."""
-    path = kubeconfig_path(kubeconfig)
-    if os.path.exists(path.split(os.pathsep)[0]):
+    if kubeconfig_exists(kubeconfig):
         try:
-            from kubernetes import config as k8s_config
-
-            contexts, active = k8s_config.list_kube_config_contexts(config_file=path)
-            chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
-            namespace = ((chosen or {}).get("context") or {}).get("namespace")
+            namespace = kubeconfig_namespace(kubeconfig, context)
             if namespace:
-                return str(namespace)
+                return namespace
         except Exception:  # noqa: BLE001 - an unreadable kubeconfig fails later with a clear message
             pass
         return "default"
@@ -119,7 +113,8 @@ def kube_options(function: F) -> F:
         default=None,
         envvar="KUBECONFIG",
         show_envvar=True,
-        help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)",
+        help="kubeconfig file, or files separated by ':' merged as kubectl merges them "
+        "(default: $KUBECONFIG, else ~/.kube/config)",
     )
     @click.option("--context", default=None, help="kubeconfig context (default: the current context)")
     @functools.wraps(function)

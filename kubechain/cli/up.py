@@ -28,6 +28,7 @@ from kubechain.cli import main
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
     from kubechain.cli.resources import CLIError
+    from kubechain.kube.connection import kubeconfig_path
     from kubechain.testing.stack import (
         DEPLOYED_LEASE,
         LocalStack,
@@ -53,9 +54,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     elif cluster == "current" and holder is not None:
         raise CLIError(f"{running}; a second one would race it for every resource: use --cluster local")
     workdir = workdir.resolve()
-    kubeconfig = None
-    if cluster == "current":
-        kubeconfig = Path(os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config"))
+    # current: the kubeconfig as kubectl reads it ($KUBECONFIG may list several files, merged); local: the
+    # stack writes its own <workdir>/kubeconfig
+    kubeconfig = kubeconfig_path() if cluster == "current" else None
     # The scripted server stands in for provider openai (the README's walkthrough); an Anthropic key
     # alone does not answer openai LLMs.
     real_llm = bool(os.environ.get("OPENAI_API_KEY"))

@@ -9,6 +9,7 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.config.kube_config import KubeConfigMerger
 
 AUTH_REFRESH_S = 30.0
 
@@ -46,20 +47,66 @@ class ClusterConnection:
         return {}
 
 
+def kubeconfig_paths(kubeconfig: str | None = None) -> list[str]:
+    """The kubeconfig files kubectl would read, in order: the explicit value, else $KUBECONFIG, else
+    ~/.kube/config. A value may list several files separated by ``os.pathsep`` (``:``), as $KUBECONFIG does
+    for kubectl, which merges them; empty entries are skipped and ``~`` is expanded."""
+    value = kubeconfig or os.environ.get("KUBECONFIG") or ""
+    paths = [os.path.expanduser(path) for path in value.split(os.pathsep) if path]
+    return paths or [os.path.expanduser("~/.kube/config")]
+
+
 def kubeconfig_path(kubeconfig: str | None = None) -> str:
-    """The kubeconfig kubectl would read: the explicit path, else $KUBECONFIG, else ~/.kube/config."""
-    return kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    """:func:`kubeconfig_paths` as one string, joined with ``os.pathsep``: what $KUBECONFIG holds and what the
+    kubernetes client's loader (``KubeConfigMerger``) reads. A list, not a file: never write to it."""
+    return os.pathsep.join(kubeconfig_paths(kubeconfig))
+
+
+def kubeconfig_exists(kubeconfig: str | None = None) -> bool:
+    """Whether any of the kubeconfig files exists (kubectl ignores the missing ones of a list)."""
+    return any(os.path.exists(path) for path in kubeconfig_paths(kubeconfig))
+
+
+def current_context(kubeconfig: str | None = None) -> str | None:
+    """The current context kubectl would use: that of the first file of the list that sets one.
+
+    The kubernetes client merges clusters, contexts and users as kubectl does (the first of a name wins)
+    but lets the *last* file's ``current-context`` win, so the context is chosen here and passed to it.
+    """
+    return _current_context(KubeConfigMerger(kubeconfig_path(kubeconfig)))
+
+
+def _current_context(merger: KubeConfigMerger) -> str | None:
+    for path in merger.paths:
+        name = (merger.config_files.get(path) or {}).get("current-context")
+        if name:
+            return str(name)
+    return None
+
+
+def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = None) -> str | None:
+    """The namespace set by the context kubectl would use (``context``, else the current one), if any."""
+    merger = KubeConfigMerger(kubeconfig_path(kubeconfig))
+    name = context or _current_context(merger)
+    if merger.config is None or not name:
+        return None
+    chosen = merger.config["contexts"].get_with_name(name, safe=True)
+    namespace = ((chosen.value if chosen is not None else {}).get("context") or {}).get("namespace")
+    return str(namespace) if namespace else None
 
 
 def load_connection(kubeconfig: str | None = None, context: str | None = None) -> ClusterConnection:
-    """Kubeconfig (explicit path, $KUBECONFIG or ~/.kube/config) when present, else in-cluster config."""
+    """Kubeconfig (explicit, $KUBECONFIG or ~/.kube/config; a file or a merged list of files, as kubectl
+    reads it) when one exists, else in-cluster config."""
     cfg = k8s_client.Configuration()
-    path = kubeconfig_path(kubeconfig)
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.path.exists(path)
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig_exists(kubeconfig)
     if in_cluster:
         k8s_config.load_incluster_config(client_configuration=cfg)
     else:
-        k8s_config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        path = kubeconfig_path(kubeconfig)
+        k8s_config.load_kube_config(
+            config_file=path, context=context or current_context(path), client_configuration=cfg
+        )
     verify: str | bool = cfg.ssl_ca_cert if (cfg.verify_ssl and cfg.ssl_ca_cert) else bool(cfg.verify_ssl)
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
     return ClusterConnection(host=cfg.host.rstrip("/"), verify=verify, cert=cert, _configuration=cfg)

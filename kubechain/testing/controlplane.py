@@ -7,26 +7,29 @@ Modelled on controller-runtime's envtest, but driven from Python::
         ...
 
 All processes listen on free loopback ports, keep their data and logs under ``workdir`` and run in their
-own process group; they are stopped by :meth:`LocalControlPlane.stop`, by an ``atexit`` hook, and (when
-started from the main thread on Linux) by ``PR_SET_PDEATHSIG`` if the Python process dies abruptly.
+own process group; they are stopped by :meth:`LocalControlPlane.stop`, by an ``atexit`` hook, and (on
+Linux) by ``PR_SET_PDEATHSIG`` if the Python process dies abruptly, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime as dt
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +39,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -78,9 +81,87 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _pdeathsig_preexec() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+PR_SET_PDEATHSIG = 1
+T = TypeVar("T")
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def pdeathsig_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux only, else None) that makes the kernel send the child ``sig`` when its parent
+    dies, however it dies (SIGKILL included).
+
+    prctl is looked up here, in the parent, so that the child runs no dlopen between fork and exec. If the
+    parent died before the prctl took effect, the child has already been re-parented and would never get
+    the signal: it exits at once instead. The kernel sends the signal when the *thread* that forked the
+    child ends, so fork only from a thread that lives as long as the process: see :func:`spawn`.
+    """
+    prctl = _libc_prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class _Spawner:
+    """One daemon thread that forks children for the threads that are not the main thread.
+
+    PR_SET_PDEATHSIG fires when the thread that forked a child ends, not when its process does: a child
+    forked by a thread that stops (``kubechain up``'s supervisor restarting a worker, a test's helper
+    thread) would be sent SIGTERM then, or, without PDEATHSIG, would outlive a supervisor killed by
+    SIGKILL. The main thread and this thread end only with the process.
+    """
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, fork: Callable[[], T]) -> T:
+        if threading.current_thread() is threading.main_thread():
+            return fork()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # not yet, or in a forked child
+                self._thread = threading.Thread(target=self._loop, name="kubechain-spawner", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._requests.put((fork, done))
+        return done.result()
+
+    def _loop(self) -> None:
+        while True:
+            fork, done = self._requests.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(fork())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+                done.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
+def spawn(fork: Callable[[], T]) -> T:
+    """Run ``fork`` (a ``subprocess.Popen(...)``) on a thread that lives as long as the process: the
+    calling thread if it is the main thread, else the spawner thread. See :class:`_Spawner`."""
+    return _spawner.run(fork)
 
 
 def tail_file(path: Path, lines: int = 30) -> str:
@@ -105,27 +186,28 @@ class ManagedProcess:
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0  # time.monotonic() of the last start
 
     def start(self) -> None:
+        """Start the process; on Linux it dies (SIGTERM) with this Python process, even killed by SIGKILL."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logger.info("starting %s: %s", self.name, " ".join(self.argv))
-        preexec = (
-            _pdeathsig_preexec
-            if threading.current_thread() is threading.main_thread() and os.uname().sysname == "Linux"
-            else None
-        )
+        preexec = pdeathsig_preexec()
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {dt.datetime.now().isoformat()} starting: {' '.join(self.argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=preexec,  # noqa: PLW1509 - only prctl, safe enough
-                env=self.env,
+            self.proc = spawn(
+                lambda: subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=preexec,  # noqa: PLW1509 - only a prctl looked up before the fork
+                    env=self.env,
+                )
             )
+        self.started_at = time.monotonic()
 
     @property
     def pid(self) -> int | None:

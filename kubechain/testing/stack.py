@@ -7,18 +7,19 @@ the tests exercise is what users run.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.connection import kubeconfig_path, load_connection
+from kubechain.kube.connection import kubeconfig_exists, kubeconfig_path, load_connection
 from kubechain.kube.crds import apply_crds, load_crds
 from kubechain.kube.errors import KubeAPIError
 from kubechain.statemachines.lease import lease_holder
@@ -30,6 +31,31 @@ CRD_DIR = REPO_ROOT / "deploy" / "crds"
 
 Progress = Callable[[str], None]
 
+# Restarts of a process that keeps exiting wait 1 s, 2 s, 4 s, ... up to 30 s (a crash loop's back-off, like
+# a kubelet's), and start again from 1 s once a process had run for a minute.
+RESTART_BACKOFF_INITIAL_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF_RESET_S = 60.0
+
+
+def restart_delay(previous_delay_s: float | None, ran_for_s: float) -> float:
+    """How long to wait before restarting a process that exited after running ``ran_for_s`` seconds, given
+    the delay before its previous restart (None: never restarted)."""
+    if previous_delay_s is None or ran_for_s >= RESTART_BACKOFF_RESET_S:
+        return RESTART_BACKOFF_INITIAL_S
+    return min(max(previous_delay_s, RESTART_BACKOFF_INITIAL_S) * 2, RESTART_BACKOFF_MAX_S)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
 
 def _print(message: str) -> None:
     print(f"[kubechain] {message}", file=sys.stderr, flush=True)
@@ -39,7 +65,10 @@ def _print(message: str) -> None:
 class StackOptions:
     workdir: Path
     cluster: str = "local"  # local | current (the kubeconfig's current context)
-    kubeconfig: Path | None = None
+    # cluster "current" only: a kubeconfig file, or several separated by os.pathsep (merged as kubectl
+    # merges $KUBECONFIG); default $KUBECONFIG, else ~/.kube/config. A local control plane's kubeconfig is
+    # always the stack's own file, <workdir>/kubeconfig.
+    kubeconfig: str | Path | None = None
     workers: int = 1
     worker_queues: str = "control,llm,tools"
     worker_pool: str = "threads"
@@ -66,13 +95,22 @@ class LocalStack:
         self.logs = self.workdir / "logs"
         self.control_plane: LocalControlPlane | None = None
         self.redis: LocalRedis | None = None
-        self.kubeconfig: Path = options.kubeconfig or (self.workdir / "kubeconfig")
+        # What the processes get as KUBECONFIG. A local control plane's is written to a file of the stack's
+        # own, never to a user's kubeconfig, and never to a list of files (which kubectl would merge).
+        self.kubeconfig: str
+        if options.cluster == "local":
+            if options.kubeconfig is not None:
+                raise ValueError("a local control plane writes its own kubeconfig (<workdir>/kubeconfig)")
+            self.kubeconfig = str(self.workdir / "kubeconfig")
+        else:
+            self.kubeconfig = kubeconfig_path(str(options.kubeconfig) if options.kubeconfig else None)
         self.llm_port = options.llm_port
         self.llm_process: ManagedProcess | None = None
         self.watchers: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}
         self.metrics_ports: dict[str, int] = {}  # process name -> its /metrics port
         self.restarts: dict[str, int] = {}
+        self._restart_delays: dict[str, float] = {}  # name -> the delay before its last restart
         self._stopping = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -85,8 +123,9 @@ class LocalStack:
                 workdir=self.workdir / "controlplane", progress=self.progress
             )
             self.control_plane.start()
-            self.kubeconfig.write_text(self.control_plane.kubeconfig_path.read_text())
-            self.kubeconfig.chmod(0o600)  # it carries the control plane's admin token
+            own = Path(self.kubeconfig)
+            own.write_text(self.control_plane.kubeconfig_path.read_text())
+            own.chmod(0o600)  # it carries the control plane's admin token
         else:
             self.progress(f"using the cluster of kubeconfig {self.kubeconfig}")
         self.progress("installing the KubeChain CRDs")
@@ -111,16 +150,41 @@ class LocalStack:
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
 
     def _supervise(self) -> None:
-        while not self._stopping.wait(0.5):
+        """Restart watcher and worker processes that exit, with an exponential back-off (:func:`restart_delay`)."""
+        pending: dict[str, tuple[ManagedProcess, float]] = {}  # name -> (the exited process, when to restart)
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
             for group, start in ((self.workers, self.start_worker), (self.watchers, self.start_watcher)):
                 for name, process in list(group.items()):
-                    if self._stopping.is_set() or process.running() or group.get(name) is not process:
-                        continue
-                    self.restarts[name] = self.restarts.get(name, 0) + 1
-                    self.progress(
-                        f"{name} exited (code {process.returncode()}); restarting. Last lines:\n{process.tail(8)}"
-                    )
-                    start(name)
+                    if self._stopping.is_set():
+                        return
+                    if name in pending and pending[name][0] is not process:
+                        del pending[name]  # started again by someone else meanwhile
+                    if name not in pending:
+                        if process.running():
+                            continue
+                        ran_for = now - process.started_at
+                        delay = restart_delay(self._restart_delays.get(name), ran_for)
+                        self._restart_delays[name] = delay
+                        pending[name] = (process, now + delay)
+                        at = datetime.now() + timedelta(seconds=delay)
+                        self.progress(
+                            f"{name} (pid {process.pid}) exited with {describe_exit(process.returncode())} after "
+                            f"{ran_for:.1f}s; restarting it in {delay:g}s, at {at:%H:%M:%S}. Last lines:\n"
+                            f"{process.tail(8)}"
+                        )
+                    elif now >= pending[name][1]:
+                        del pending[name]
+                        try:
+                            start(name)
+                            self.restarts[name] = self.restarts.get(name, 0) + 1
+                        except Exception as exc:  # noqa: BLE001 - e.g. fork failed: retried after a back-off
+                            delay = restart_delay(self._restart_delays.get(name), 0.0)
+                            self._restart_delays[name] = delay
+                            pending[name] = (process, time.monotonic() + delay)
+                            self.progress(
+                                f"{name} could not be restarted ({exc}); trying again in {delay:g}s"
+                            )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -143,7 +207,7 @@ class LocalStack:
     # -- components --------------------------------------------------------------------------------
 
     def kube(self) -> KubeClient:
-        return KubeClient(load_connection(str(self.kubeconfig)))
+        return KubeClient(load_connection(self.kubeconfig))
 
     @property
     def llm_url(self) -> str:
@@ -157,7 +221,7 @@ class LocalStack:
         assert self.redis is not None
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
+            "KUBECONFIG": self.kubeconfig,
             "REDIS_URL": self.redis.url,
             "KUBECHAIN_RESYNC_INTERVAL_S": str(self.options.resync_interval_s),
             "KUBECHAIN_STALE_AFTER_S": str(self.options.stale_after_s),
@@ -230,11 +294,10 @@ def wait_for_http(url: str, timeout_s: float) -> None:
 
 def cluster_reachable(kubeconfig: str | None) -> bool:
     """Whether the current kube context answers (used by ``kubechain up --cluster auto``)."""
-    path = kubeconfig_path(kubeconfig)
-    if not os.path.exists(path):
+    if not kubeconfig_exists(kubeconfig):
         return False
     try:
-        client = KubeClient(load_connection(path), timeout_s=3)
+        client = KubeClient(load_connection(kubeconfig), timeout_s=3)
         try:
             client.version()
         finally:

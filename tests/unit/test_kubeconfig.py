@@ -1,0 +1,176 @@
+"""KUBECONFIG as kubectl reads it: one file or several separated by ':', merged (the first definition of a
+name wins, and so does the first file that sets current-context); ``kubechain up`` writes only its own file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubechain.kube import connection as kc
+
+
+def kubeconfig(
+    path: Path,
+    clusters: dict[str, str],
+    users: dict[str, str],
+    contexts: dict[str, tuple[str, str, str | None]],
+    current: str | None,
+) -> Path:
+    """A kubeconfig file: cluster name → server, user name → token, context name → (cluster, user, ns)."""
+    config: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": n, "cluster": {"server": s}} for n, s in clusters.items()],
+        "users": [{"name": n, "user": {"token": t}} for n, t in users.items()],
+        "contexts": [
+            {"name": n, "context": {"cluster": c, "user": u} | ({"namespace": ns} if ns else {})}
+            for n, (c, u, ns) in contexts.items()
+        ],
+    }
+    if current is not None:
+        config["current-context"] = current
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    first = kubeconfig(
+        tmp_path / "first.yaml",
+        clusters={"one": "https://one.example:6443"},
+        users={"alice": "token-alice"},
+        contexts={"ctx-one": ("one", "alice", "team-one")},
+        current="ctx-one",
+    )
+    second = kubeconfig(
+        tmp_path / "second.yaml",
+        # "one" again, elsewhere: the first file's definition wins
+        clusters={"two": "https://two.example:6443", "one": "https://not-this-one.example:6443"},
+        users={"bob": "token-bob"},
+        contexts={"ctx-two": ("two", "bob", "team-two")},
+        current="ctx-two",
+    )
+    return first, second
+
+
+def listed(*paths: Path | str) -> str:
+    return os.pathsep.join(str(p) for p in paths)
+
+
+def test_the_first_file_that_sets_current_context_wins(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two_files
+    monkeypatch.setenv("KUBECONFIG", listed(first, second))
+    connection = kc.load_connection()
+    assert connection.host == "https://one.example:6443", "kubectl uses the first file's current-context"
+    assert connection.auth_headers() == {"Authorization": "Bearer token-alice"}
+    assert kc.current_context() == "ctx-one"
+    # the other order: the other context
+    monkeypatch.setenv("KUBECONFIG", listed(second, first))
+    assert kc.load_connection().host == "https://two.example:6443"
+    assert kc.current_context() == "ctx-two"
+
+
+def test_contexts_clusters_and_users_of_every_file_are_merged(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two_files
+    monkeypatch.setenv("KUBECONFIG", listed(first, second))
+    connection = kc.load_connection(context="ctx-two")  # defined in the second file only
+    assert connection.host == "https://two.example:6443"
+    assert connection.auth_headers() == {"Authorization": "Bearer token-bob"}
+    # cluster "one" is defined by both files: the first definition wins
+    monkeypatch.setenv("KUBECONFIG", listed(second, first))
+    assert kc.load_connection(context="ctx-one").host == "https://not-this-one.example:6443"
+
+
+def test_a_file_without_current_context_and_missing_files_are_skipped(
+    two_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = two_files
+    plain = kubeconfig(
+        tmp_path / "plain.yaml",
+        clusters={"three": "https://three.example"},
+        users={},
+        contexts={},
+        current=None,
+    )
+    missing = tmp_path / "missing.yaml"
+    monkeypatch.setenv("KUBECONFIG", listed(missing, plain, "", second, first))
+    assert kc.load_connection().host == "https://two.example:6443"
+    assert kc.kubeconfig_exists()
+    assert not kc.kubeconfig_exists(listed(missing, tmp_path / "also-missing"))
+
+
+def test_an_explicit_kubeconfig_may_be_a_list_too(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--kubeconfig`` takes its default from $KUBECONFIG (click's envvar), so it may hold a list."""
+    first, second = two_files
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
+    assert kc.load_connection(listed(second, first)).host == "https://two.example:6443"
+
+
+def test_the_cli_namespace_is_that_of_the_merged_current_context(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.cli.resources import context_namespace
+
+    first, second = two_files
+    assert context_namespace(listed(first, second), None) == "team-one"
+    assert context_namespace(listed(first, second), "ctx-two") == "team-two"
+    assert context_namespace(listed(second, first), None) == "team-two"
+
+
+def test_kubeconfig_paths_parse_like_kubectl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBECONFIG", listed("/a", "", "~/b"))
+    assert kc.kubeconfig_paths() == ["/a", os.path.expanduser("~/b")]
+    assert kc.kubeconfig_path() == listed("/a", os.path.expanduser("~/b"))
+    assert kc.kubeconfig_paths("/explicit") == ["/explicit"]
+    monkeypatch.setenv("KUBECONFIG", "")
+    assert kc.kubeconfig_paths() == [os.path.expanduser("~/.kube/config")]
+
+
+def test_the_stack_uses_the_list_for_the_current_cluster_and_its_own_file_for_a_local_one(
+    two_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    first, second = two_files
+    monkeypatch.setenv("KUBECONFIG", listed(first, second))
+    current = LocalStack(StackOptions(workdir=tmp_path / "current", cluster="current"))
+    assert current.kubeconfig == listed(first, second), "the processes get the list, as kubectl reads it"
+    local = LocalStack(StackOptions(workdir=tmp_path / "local", cluster="local"))
+    assert local.kubeconfig == str(tmp_path / "local" / "kubeconfig"), "its own file, never the user's list"
+    with pytest.raises(ValueError, match="its own kubeconfig"):
+        LocalStack(StackOptions(workdir=tmp_path / "x", cluster="local", kubeconfig=listed(first, second)))
+
+
+def test_up_passes_the_whole_list_for_the_current_cluster(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    first, second = two_files
+    monkeypatch.setenv("KUBECONFIG", listed(first, second))
+    seen: list[Any] = []
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
+    monkeypatch.setattr(stack, "deployed_watcher", lambda _: None)
+
+    def no_stack(options: Any, **_: Any) -> None:
+        seen.append(options)
+        raise RuntimeError("not started in a unit test")
+
+    monkeypatch.setattr(stack, "LocalStack", no_stack)
+    CliRunner().invoke(main, ["up", "--cluster", "current"])
+    assert [options.kubeconfig for options in seen] == [listed(first, second)]
