@@ -2,10 +2,29 @@
 # Installs what KubeChain and its tests need on a fresh Debian machine, idempotently:
 # a Python venv with the project, redis-server, Node.js (for npx MCP servers), and the kube-apiserver /
 # etcd binaries (built once from their Go modules at pinned versions, then cached).
+#
+#   scripts/bootstrap.sh [--control-plane=always|on-demand]
+#     always     (the default; ./scripts/test): find or build the control-plane binaries now, since the
+#                tests always start a local kube-apiserver + etcd.
+#     on-demand  (./scripts/up): leave them to `kubechain up`, which finds or builds them (same pinned
+#                versions, same KUBEBUILDER_ASSETS, same cache ~/.cache/kubechain/bin) only when it starts a
+#                local control plane: --cluster local, or --cluster auto when the current kube context does
+#                not answer (or already runs KubeChain). Against a reachable cluster nothing is built.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 say() { printf '\033[36m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+control_plane=always
+for arg in "$@"; do
+  case "$arg" in
+    --control-plane=always | --control-plane=on-demand) control_plane=${arg#--control-plane=} ;;
+    *)
+      say "unknown argument: $arg (usage: scripts/bootstrap.sh [--control-plane=always|on-demand])"
+      exit 2
+      ;;
+  esac
+done
 
 apt_install() {
   if [ "$(id -u)" != 0 ]; then
@@ -50,4 +69,8 @@ if ! command -v npx >/dev/null 2>&1; then
 fi
 
 # kube-apiserver + etcd (+ kube-controller-manager): KUBEBUILDER_ASSETS if set, else built and cached.
-.venv/bin/python -c "from kubechain.testing.binaries import ensure_binaries; b = ensure_binaries(); print('[bootstrap] control plane binaries:', b.versions)" >&2
+if [ "$control_plane" = always ]; then
+  .venv/bin/python -c "from kubechain.testing.binaries import ensure_binaries; b = ensure_binaries(); print('[bootstrap] control plane binaries:', b.versions)" >&2
+else
+  say "control plane binaries: not needed yet; kubechain up finds or builds them if it starts a local control plane"
+fi
