@@ -38,8 +38,13 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 def structural_schema(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """Convert one pydantic JSON-schema node to a Kubernetes structural OpenAPI v3 schema."""
+    out: dict[str, Any]
+    if node.get("x-kubernetes-int-or-string"):
+        # The one union a structural schema allows (a resource.Quantity, an IntOrString).
+        out = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+        return out | ({"pattern": node["pattern"]} if "pattern" in node else {})
     node = _resolve(node, defs)
-    out: dict[str, Any] = {}
+    out = {}
     if node.get("description"):
         out["description"] = node["description"].strip()
     if node.get("x-kubernetes-preserve-unknown-fields"):

@@ -47,8 +47,14 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from kubechain.testing.controlplane import LocalControlPlane
 
     # --profiling=true only serves /debug/pprof: the bench's --apiserver-profile is tested against it.
+    # OwnerReferencesPermissionEnforcement, as on OpenShift and hardened clusters: owning a child with
+    # blockOwnerDeletion needs `update` on the owner's finalizers (tests/integration/test_deploy.py).
     cp = LocalControlPlane(
-        workdir=tmp_path_factory.mktemp("controlplane"), extra_apiserver_args=[PROFILING_FLAG]
+        workdir=tmp_path_factory.mktemp("controlplane"),
+        extra_apiserver_args=[
+            PROFILING_FLAG,
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+        ],
     )
     cp.start()
     # Installs the CRDs and restarts kube-controller-manager so its garbage collector knows the new kinds

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -22,9 +22,16 @@ class EnvVar(KubeModel):
     value_from: EnvVarSource | None = None
 
 
+# resource.Quantity as the Kubernetes API takes it: "100m", "1Gi", or a bare number (cpu: 1).
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+Quantity = Annotated[
+    int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})
+]
+
+
 class ResourceRequirements(KubeModel):
-    limits: dict[str, str] | None = None
-    requests: dict[str, str] | None = None
+    limits: dict[str, Quantity] | None = None
+    requests: dict[str, Quantity] | None = None
 
 
 class MCPServerSpec(KubeModel):

@@ -167,6 +167,45 @@ def test_worker_rbac(
 
 
 @pytest.mark.parametrize(
+    ("owner_kind", "allowed"),
+    [("Task", True), ("TaskRun", True), ("TaskRunToolCall", True), ("LLM", False)],
+)
+def test_worker_may_create_children_that_block_their_owners_deletion(
+    kubectl: Kubectl, rbac: None, namespace: str, owner_kind: str, allowed: bool
+) -> None:
+    """The API server runs OwnerReferencesPermissionEnforcement (tests/conftest.py), as OpenShift and
+    hardened clusters do: a child with blockOwnerDeletion needs `update` on its owner's finalizers. The
+    worker creates TaskRuns owned by a Task, a TaskRun (its tool calls are created the same way) and a
+    TaskRunToolCall; an LLM owns nothing, and shows the plugin is on."""
+    child = {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": "TaskRun",
+        "metadata": {
+            "name": "owned",
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/v1alpha1",
+                    "kind": owner_kind,
+                    "name": "owner",
+                    "uid": "00000000-0000-0000-0000-000000000001",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {"agentRef": {"name": "agent"}, "userMessage": "hi"},
+    }
+    result = kubectl(
+        "create", "--dry-run=server", f"--as={WORKER}", "-f", "-", input=dump([child]), namespace=namespace,
+        check=False,
+    )  # fmt: skip
+    if allowed:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0 and "cannot set blockOwnerDeletion" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
     ("verb", "resource", "extra", "namespace", "allowed"),
     [
         ("list", f"taskruns.{GROUP}", (), "default", True),

@@ -85,6 +85,12 @@ kind: MCPServer
 metadata: {name: no-command}
 spec: {transport: stdio}
 """,
+    "mcpserver-quantity-lots": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: MCPServer
+metadata: {name: greedy}
+spec: {transport: stdio, command: uvx, resources: {limits: {memory: lots}}}
+""",
 }
 
 EXPECTED_ERROR = {
@@ -95,7 +101,26 @@ EXPECTED_ERROR = {
     "llm-temperature-1.5": "spec.temperature",
     "taskrun-without-task-or-agent": "set spec.taskRef, or spec.agentRef together with a non-empty spec.userMessage",
     "stdio-mcpserver-without-command": "command is required for stdio transport",
+    "mcpserver-quantity-lots": "spec.resources.limits.memory",
 }
+
+
+def test_resource_quantities_are_numbers_or_strings_as_in_a_pod(kubectl: Kubectl, namespace: str) -> None:
+    manifest = """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: MCPServer
+metadata: {name: sized}
+spec:
+  transport: stdio
+  command: uvx
+  resources: {limits: {cpu: 1, memory: 128Mi}, requests: {cpu: 100m, memory: 1e6}}
+"""
+    kubectl("apply", "-f", "-", input=manifest, namespace=namespace)
+    got = json.loads(kubectl("get", "mcpserver", "sized", "-o", "json", namespace=namespace).stdout)
+    assert got["spec"]["resources"] == {
+        "limits": {"cpu": 1, "memory": "128Mi"},
+        "requests": {"cpu": "100m", "memory": 1000000},
+    }
 
 
 @pytest.mark.parametrize("case", sorted(INVALID))

@@ -1,9 +1,10 @@
 """Shape checks of the deployment manifests (no cluster, no kubectl).
 
 They read deploy/release/kubechain.yaml — the rendered installation, which
-tests/integration/test_deploy.py keeps equal to `kubectl kustomize deploy` — and the KEDA objects in
-deploy/keda/, and check what the processes rely on: queue names, probes, grace periods, leader-election
-identity, Redis never evicting, least-privilege RBAC over exactly the CRDs' kinds.
+tests/integration/test_deploy.py keeps equal to `kubectl kustomize deploy` — and the KEDA and Prometheus
+Operator objects in deploy/keda/ and deploy/monitoring/, and check what the processes rely on: queue names,
+probes, scraped ports, grace periods, leader-election identity, Redis never evicting, least-privilege RBAC
+over exactly the CRDs' kinds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 RELEASE = DEPLOY / "release" / "kubechain.yaml"
 KEDA = DEPLOY / "keda"
+MONITORING = DEPLOY / "monitoring"
 NAMESPACE = "kubechain-system"
 GROUP = "kubechain.humanlayer.dev"
 IMAGE_REPO = "ghcr.io/kubechain/kubechain"
@@ -60,12 +62,34 @@ def arg_after(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-def keda_docs() -> list[dict[str, Any]]:
-    kustomization = yaml.safe_load((KEDA / "kustomization.yaml").read_text())
+def kustomized_docs(directory: Path) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     docs: list[dict[str, Any]] = []
     for resource in kustomization["resources"]:
-        docs += load(KEDA / resource)
+        docs += load(directory / resource)
     return docs
+
+
+def keda_docs() -> list[dict[str, Any]]:
+    return kustomized_docs(KEDA)
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels and matchExpressions) applied to an object's labels."""
+    if not (selector.get("matchLabels") or {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        matches = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }
+        assert operator in matches, operator
+        if not matches[operator]:
+            return False
+    return True
 
 
 def crd_plurals() -> set[str]:
@@ -128,6 +152,42 @@ def test_scaled_object_watches_its_workers_queue(release: list[dict[str, Any]], 
         assert "addressFromEnv" in meta or "host" in meta
     assert meta.get("databaseIndex", "0") == "0"  # REDIS_URL's /0
     assert 1 <= int(spec["minReplicaCount"]) <= int(spec["maxReplicaCount"])
+
+
+# ------------------------------------------------------------------------------------------ Prometheus Operator
+
+
+def test_monitoring_is_not_in_the_release(release: list[dict[str, Any]]) -> None:
+    """Clusters without the Prometheus Operator's CRDs would reject the whole installation."""
+    assert not [d for d in release if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    default = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert not [r for r in default["resources"] if r.rstrip("/").endswith("monitoring")]
+
+
+def test_pod_monitor_scrapes_the_watcher_and_every_worker(release: list[dict[str, Any]]) -> None:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    assert "podmonitor.yaml" in kustomization["resources"]
+    assert kustomization["namespace"] == NAMESPACE
+    (monitor,) = objects(kustomized_docs(MONITORING), "PodMonitor").values()
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert "namespaceSelector" not in monitor["spec"]  # its own namespace: the pods'
+    workloads = {**objects(release, "Deployment"), **objects(release, "StatefulSet")}
+    selected = {
+        name
+        for name, workload in workloads.items()
+        if selects(monitor["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+    }
+    assert selected == {"kubechain-watcher", *WORKERS}  # and not Redis
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoints
+    for name in selected:
+        c = container(workloads[name])
+        named = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+        for endpoint in endpoints:
+            assert endpoint["port"] in named, f"{name}: no container port named {endpoint['port']!r}"
+            assert named[endpoint["port"]] == int(env_of(c)["KUBECHAIN_METRICS_PORT"]["value"]), name
+            assert endpoint.get("path", "/metrics") == "/metrics"
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -291,9 +351,13 @@ def test_rbac_is_least_privilege(release: list[dict[str, Any]]) -> None:
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{name}: wildcard {field}"
-            assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(
-                rule["verbs"]
-            ), name
+            assert not {"deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"]), name
+            if "delete" in rule["verbs"]:  # only a sub-agent's run that never started, by the workers
+                assert (name, rule["resources"], rule["verbs"]) == (
+                    "kubechain-worker",
+                    ["taskruns"],
+                    ["delete"],
+                )
     watcher = rules(release, "kubechain-watcher")
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in watcher)
     worker = rules(release, "kubechain-worker")
@@ -311,6 +375,76 @@ def test_rbac_is_least_privilege(release: list[dict[str, Any]]) -> None:
     approver = rules(release, "kubechain-approver")
     assert "patch" in granted(approver, GROUP, "taskruntoolcalls")
     assert not granted(approver, GROUP, "taskruntoolcalls/status")
+
+
+def owner_kinds() -> dict[str, str]:
+    """``path:line`` → plural of the kind, for every ``x.owner_reference()`` in the processes' code.
+
+    ``Resource.owner_reference`` sets ``blockOwnerDeletion: true``; ``x`` must be a parameter annotated
+    with a KubeChain model, so that its kind is known here.
+    """
+    import ast
+
+    from kubechain import models
+
+    found: dict[str, str] = {}
+
+    def visit(function: ast.FunctionDef | ast.AsyncFunctionDef, path: Path) -> None:
+        arguments = function.args
+        annotated = {
+            a.arg: a.annotation for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+        }
+        nodes: list[ast.AST] = list(function.body)
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(node, path)
+                continue
+            nodes.extend(ast.iter_child_nodes(node))
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "owner_reference"
+            ):
+                continue
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            owner = node.func.value
+            annotation = annotated.get(owner.id) if isinstance(owner, ast.Name) else None
+            assert annotation is not None, f"{where}: the owner's kind is unknown; annotate it with its model"
+            model = getattr(models, ast.unparse(annotation).strip("'\""), None)
+            assert model is not None and model.PLURAL, f"{where}: {ast.unparse(annotation)} is not a model"
+            found[where] = model.PLURAL
+
+    for package in ("kubechain", "workers", "watcher"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            text = path.read_text()
+            if path != REPO / "kubechain" / "models" / "base.py":
+                assert not re.search(r"blockOwnerDeletion|block_owner_deletion", text), (
+                    f"{path}: an owner reference not made by Resource.owner_reference(): check it here"
+                )
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    visit(node, path)
+    return found
+
+
+def test_every_owner_kind_lets_the_worker_block_its_deletion(release: list[dict[str, Any]]) -> None:
+    """With the OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters), a
+    child with ``blockOwnerDeletion: true`` can only be created by someone who may ``update`` the owner's
+    ``finalizers``."""
+    owners = owner_kinds()
+    # a Task owns its run, a TaskRun its tool calls, a tool call its sub-agent run
+    assert set(owners.values()) >= {"tasks", "taskruns", "taskruntoolcalls"}, owners
+    worker = rules(release, "kubechain-worker")
+    for where, plural in owners.items():
+        assert "update" in granted(worker, GROUP, f"{plural}/finalizers"), f"{where} owns {plural}"
+    finalizers = {
+        resource
+        for rule in worker
+        for resource in rule["resources"]
+        if GROUP in rule["apiGroups"] and resource.endswith("/finalizers")
+    }
+    assert finalizers == {f"{plural}/finalizers" for plural in owners.values()}, "only the owners'"
 
 
 def test_role_bindings_name_the_service_accounts(release: list[dict[str, Any]]) -> None:
