@@ -149,9 +149,12 @@ def rbac(kubectl: Kubectl, system_namespace: str) -> Iterator[None]:
         ("create", f"taskruntoolcalls.{GROUP}", (), True),
         ("create", "events", (), True),
         ("get", "secrets", (), True),
-        # never: delete, spec writes, Secret enumeration, other kinds' creation
-        ("delete", f"taskruns.{GROUP}", (), False),
+        # a sub-agent's run that never started (and nothing else) may be deleted
+        ("delete", f"taskruns.{GROUP}", (), True),
+        # never: other deletes, spec writes, Secret enumeration, other kinds' creation
         ("delete", f"taskruntoolcalls.{GROUP}", (), False),
+        ("delete", f"agents.{GROUP}", (), False),
+        ("deletecollection", f"taskruns.{GROUP}", (), False),
         ("update", f"taskruns.{GROUP}", (), False),
         ("patch", f"taskruns.{GROUP}", (), False),
         ("create", f"agents.{GROUP}", (), False),
