@@ -181,7 +181,13 @@ def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> N
             claimed,
             claimed_at,
             lambda current, error=exc: plan_llm_error(  # type: ignore[misc]
-                current, str(error), error.retryable, error.retry_after_s, ctx.clock(), ctx.limits
+                current,
+                str(error),
+                error.retryable,
+                error.retry_after_s,
+                ctx.clock(),
+                ctx.limits,
+                status_code=error.status_code,
             ),
         )
         return

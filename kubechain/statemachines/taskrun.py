@@ -385,13 +385,15 @@ def plan_llm_error(
     now: datetime,
     limits: LoopLimits,
     rng: random.Random | None = None,
+    *,
+    status_code: int | None = None,
 ) -> Transition:
-    """Retryable errors back off exponentially with jitter (Retry-After honoured); others fail the run."""
+    """Retryable errors back off exponentially with jitter (Retry-After honoured); others fail the run.
+    ``status_code``: the provider's HTTP status, if it answered (a 4xx is the original's own reason)."""
     attempts = run.status.llm_attempts or 1
     if not retryable:
-        return _fail(
-            run, message, "LLMRequestFailed4xx" if "status 4" in message else "LLMRequestFailed", now
-        )
+        client_error = status_code is not None and 400 <= status_code < 500
+        return _fail(run, message, "LLMRequestFailed4xx" if client_error else "LLMRequestFailed", now)
     if attempts >= limits.max_attempts:
         return _fail(run, f"{message} (gave up after {attempts} attempts)", "LLMRequestFailed", now)
     rng = rng or random.Random()
@@ -497,7 +499,8 @@ def plan_fan_in(
         return FanIn([], None)
     expected = expected_toolcalls(run)
     if not expected:
-        # Nothing to wait for (e.g. an older run whose window lost its tool calls): go back to the LLM.
+        # Nothing to wait for (e.g. an older run whose window lost its tool calls): fail, as the original
+        # reported it, rather than loop.
         return FanIn(
             [],
             _fail(

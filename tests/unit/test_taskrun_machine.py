@@ -161,8 +161,13 @@ def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:
         ready_run(phase="SendContextWindowToLLM", llmAttempts=5), "boom", True, None, NOW, LIMITS
     )
     assert exhausted.status["phase"] == "Failed"
-    four_xx = plan_llm_error(claimed, "LLM request failed with status 400: bad", False, None, NOW, LIMITS)
+    four_xx = plan_llm_error(
+        claimed, "LLM request failed with status 400: bad", False, None, NOW, LIMITS, status_code=400
+    )
     assert four_xx.status["phase"] == "Failed" and four_xx.events[0].reason == "LLMRequestFailed4xx"
+    # the reason follows the provider's status code, not words in the message
+    unanswered = plan_llm_error(claimed, "response had status 404 fields", False, None, NOW, LIMITS)
+    assert unanswered.events[0].reason == "LLMRequestFailed"
 
 
 def pending_run() -> TaskRun:
