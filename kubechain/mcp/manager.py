@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
 from kubechain.models import MCPServer, MCPTool
+from kubechain.observability.logs import detached_context
 
 if TYPE_CHECKING:
     from kubechain.mcp.session import Session
@@ -165,7 +166,9 @@ class MCPManager:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=_run_loop, args=(loop,), name="kubechain-mcp", daemon=True)
                 thread.start()
-                loop.call_soon_threadsafe(lambda: loop.create_task(self._close_idle_sessions()))
+                loop.call_soon_threadsafe(
+                    lambda: loop.create_task(self._close_idle_sessions()), context=detached_context()
+                )
                 self._loop, self._thread = loop, thread
                 _live_managers.add(self)
             return self._loop

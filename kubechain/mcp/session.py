@@ -37,6 +37,7 @@ from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, redact_url
+from kubechain.observability.logs import detached_context
 
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")
@@ -364,7 +365,12 @@ class Session:
     async def start(self) -> None:
         """Connect and list tools within the connect timeout; MCPError if that fails."""
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.get_running_loop().create_task(self.run(ready), name=f"mcp-session {self.label}")
+        namespace, _, name = self.label.partition("/")
+        self._task = asyncio.get_running_loop().create_task(
+            self.run(ready),
+            name=f"mcp-session {self.label}",
+            context=detached_context("MCPServer", namespace, name),  # not the first caller's
+        )
         try:
             await asyncio.wait_for(asyncio.shield(ready), self.connect_timeout_s)
         except TimeoutError:

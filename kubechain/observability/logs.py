@@ -26,6 +26,15 @@ def resource_context(kind: str, namespace: str, name: str, task: str = "") -> It
         _resource.reset(token)
 
 
+def detached_context(kind: str = "", namespace: str = "", name: str = "") -> contextvars.Context:
+    """A fresh context for long-lived background work (an MCP connection's task), naming only its own
+    resource. Started from a caller's context, such work would name that first caller on every line."""
+    context = contextvars.Context()
+    fields = {"kind": kind, "namespace": namespace, "resource": name, "task": ""} if kind else None
+    context.run(_resource.set, fields)
+    return context
+
+
 class ResourceFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in (_resource.get() or {}).items():
