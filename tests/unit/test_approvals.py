@@ -809,3 +809,38 @@ def test_a_request_humanlayer_forgot_is_sent_again_with_its_full_attempts(world:
         resend, "approvals", "HumanLayer request failed: 503", "X", w.clock()
     )
     assert failed.status["phase"] == "AwaitingHumanInput" and failed.status["attempts"] == 1
+
+
+@pytest.mark.parametrize("reply", ["missing", "empty"])
+def test_a_humanlayer_reply_without_a_call_id_is_asked_once_under_the_deterministic_id(
+    world: World, monkeypatch: pytest.MonkeyPatch, reply: str
+) -> None:
+    """The original stored the call id HumanLayer answered with; an empty one made every pass ask again
+    (known bug 12)."""
+    w = world
+    handle = w.hl._handle
+
+    def without_call_id(method: str, path: str, auth: str | None, body: Any) -> tuple[int, Any]:
+        status, payload = handle(method, path, auth, body)
+        if method == "POST" and path.endswith("/function_calls") and isinstance(payload, dict):
+            payload = {k: v for k, v in payload.items() if k != "call_id"}
+            if reply == "empty":
+                payload["call_id"] = ""
+        return status, payload
+
+    monkeypatch.setattr(w.hl, "_handle", without_call_id)
+    add_toolcall(w)
+    expected = machine.call_id(TaskRunToolCall.from_wire(w.kube.get_raw("taskruntoolcalls", "default", TC)))
+    for _ in range(4):
+        w.run()
+        assert w.status()["phase"] == "AwaitingHumanApproval"
+        w.clock.advance(w.last_countdown())
+    assert w.hl.request_count("POST", "/humanlayer/v1/function_calls") == 1, "asked once, not every pass"
+    assert w.hl.posts == {expected: 1} and w.gets() == 3, "later passes check the request"
+    assert w.status()["externalCallID"] == expected
+    assert w.events() == ["AwaitingHumanApproval", "HumanLayerRequestSent"]
+
+    w.hl.approve(expected)
+    w.run()
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and len(w.mcp.calls) == 1

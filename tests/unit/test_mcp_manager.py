@@ -23,6 +23,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from kubechain.mcp import MCPError, MCPManager, command_problem, validate_spec
 from kubechain.models import MCPServer
+from kubechain.observability.logs import ResourceFilter, resource_context
 
 BIN_DIR = Path(sys.executable).parent
 TIME_SERVER = str(BIN_DIR / "mcp-server-time")
@@ -254,6 +255,30 @@ def test_dead_session_noticed_before_a_call_is_restarted_even_if_not_idempotent(
     result = manager.call_tool(server, "get_current_time", {"timezone": "UTC"})  # nothing was sent before
     assert not result.is_error
     assert manager.stdio_pid("default", "time-dead") not in (None, pid)
+
+
+def test_a_sessions_own_log_lines_name_its_server_not_its_first_caller(
+    manager: MCPManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = time_server("time-logged")
+    with resource_context("TaskRunToolCall", "default", "first-caller"):
+        manager.list_tools(server)
+    pid = manager.stdio_pid("default", "time-logged")
+    assert pid is not None
+    caplog.set_level(logging.INFO, logger="kubechain.mcp")
+    handler = caplog.handler
+    handler.addFilter(ResourceFilter())  # as configure_logging installs it on every handler
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not manager.connected("default", "time-logged"), what="the manager to notice the exit")
+    wait_until(
+        lambda: any("default/time-logged" in r.getMessage() for r in caplog.records),
+        what=f"the session's last line, among {[r.getMessage() for r in caplog.records]}",
+    )
+    lines = [r for r in caplog.records if "MCP session default/time-logged" in r.getMessage()]
+    assert lines and all(
+        (getattr(r, "kind", None), getattr(r, "resource", None)) == ("MCPServer", "time-logged")
+        for r in lines
+    ), [(r.getMessage(), getattr(r, "kind", None), getattr(r, "resource", None)) for r in lines]
 
 
 def test_changed_spec_reconnects_and_closes_the_old_child(manager: MCPManager) -> None:
@@ -511,3 +536,38 @@ def test_a_session_left_unused_is_closed_and_its_child_ends() -> None:
         assert not result.is_error, "the next call reconnected (the old child is gone)"
     finally:
         m.close()
+
+
+def test_servers_of_the_same_name_in_two_namespaces_are_two_sessions(
+    manager: MCPManager, stdio_script: str
+) -> None:
+    """The original keyed MCP connections by name only, so namespaces shared (or stole) each other's
+    connection (known bug 7)."""
+
+    def in_namespace(namespace: str) -> MCPServer:
+        spec = {
+            "transport": "stdio",
+            "command": sys.executable,
+            "args": [stdio_script],
+            "env": [{"name": "TEAM", "value": namespace}],
+        }
+        return MCPServer.model_validate(
+            {"metadata": {"name": "shared", "namespace": namespace, "generation": 1}, "spec": spec}
+        )
+
+    team_a, team_b = in_namespace("team-a"), in_namespace("team-b")
+    try:
+        assert manager.call_tool(team_a, "env", {"name": "TEAM"}).text == "team-a"
+        assert manager.call_tool(team_b, "env", {"name": "TEAM"}).text == "team-b"
+        pid_a, pid_b = manager.stdio_pid("team-a", "shared"), manager.stdio_pid("team-b", "shared")
+        assert pid_a is not None and pid_b is not None and pid_a != pid_b
+        for _ in range(2):  # interleaved: each call goes to its own namespace's session, none reconnects
+            assert manager.call_tool(team_a, "env", {"name": "TEAM"}).text == "team-a"
+            assert manager.call_tool(team_b, "env", {"name": "TEAM"}).text == "team-b"
+        assert manager.stdio_pid("team-a", "shared") == pid_a and alive(pid_a)
+        assert manager.stdio_pid("team-b", "shared") == pid_b and alive(pid_b)
+        manager.disconnect("team-a", "shared")
+        assert manager.connected("team-b", "shared"), "closing one namespace's session leaves the other"
+    finally:
+        manager.disconnect("team-a", "shared")
+        manager.disconnect("team-b", "shared")

@@ -8,9 +8,10 @@ from typing import Any
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
-from kubechain.models import ToolCall, ToolCallFunction
+from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
+from kubechain.statemachines.taskrun import plan_initial_context
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -382,3 +383,83 @@ def test_an_llm_client_that_raises_unexpectedly_ends_in_a_status_not_a_held_clai
     assert status["phase"] == "ErrorBackoff" and not status.get("claimedBy")
     assert "TypeError: 'NoneType' object is not iterable" in status["error"]
     assert "LLMRequestFailed" in kube.event_reasons("r") and len(llm.requests) == 1
+
+
+def test_an_agent_going_not_ready_mid_run_neither_parks_the_run_nor_resets_its_context_window() -> None:
+    """The original moved a run to Pending when its Agent went not ready, and the next prepare rebuilt the
+    window from scratch (system + user), losing the turns so far (known bug 4)."""
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    pending = kube.get_raw("taskruns", "default", "r")["status"]
+    assert pending["phase"] == "ToolCallsPending" and len(pending["contextWindow"]) == 3
+    agent_ready = kube.get_raw("agents", "default", "a")["status"]
+    kube.patch_status_raw(
+        "agents", "default", "a", None, {"ready": False, "status": "Pending", "statusDetail": "LLM not ready"}
+    )
+
+    prepare(ctx, message("TaskRun", "r"))
+    assert kube.get_raw("taskruns", "default", "r")["status"] == pending
+
+    (name,) = toolcall_names(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", "r"))  # fans in: system, user, assistant, tool
+    ready = kube.get_raw("taskruns", "default", "r")["status"]
+    assert ready["phase"] == "ReadyForLLM" and len(ready["contextWindow"]) == 4
+    assert ready["contextWindow"][-1] == {"role": "tool", "content": "3", "toolCallId": "c0"}
+
+    for _ in range(2):  # redelivered while the Agent is not ready
+        prepare(ctx, message("TaskRun", "r"))
+        assert kube.get_raw("taskruns", "default", "r")["status"] == ready
+    run = TaskRun.from_wire(kube.get_raw("taskruns", "default", "r"))
+    not_ready = Agent.from_wire(kube.get_raw("agents", "default", "a"))
+    assert plan_initial_context(run, None, False, not_ready, datetime.now(UTC)) is None, (
+        "nor would the machine"
+    )
+    kube.patch_status_raw("agents", "default", "a", None, agent_ready)
+    prepare(ctx, message("TaskRun", "r"))  # and once it is ready again
+    assert kube.get_raw("taskruns", "default", "r")["status"] == ready
+    assert kube.event_reasons("r").count("ValidationSucceeded") == 1
+    assert "Waiting" not in kube.event_reasons("r")
+
+    llm_call(ctx, message("TaskRun", "r"))
+    assert [m.role for m in llm.requests[-1].messages] == ["system", "user", "assistant", "tool"]
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer" and status["output"] == "3"
+
+
+def test_a_tool_whose_spec_name_differs_from_its_resource_name_is_offered_by_spec_name_and_runs() -> None:
+    """The original resolved a called function only when spec.name == metadata.name (known bug 5)."""
+    kube = FakeKubeClient()
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content=f"sum is {request.messages[-1].content}")
+        (offered,) = request.tools
+        call = ToolCall(id="c1", function=ToolCallFunction(name=offered.name, arguments='{"a": 2, "b": 5}'))
+        return LLMResponse(tool_calls=[call])
+
+    llm = FakeLLM(answer)
+    ready_agent_setup(kube, ["adder"])  # the Agent grants the Tool by its resource name
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    create(kube, "Tool", "tools", "adder", {**ADD_TOOL, "name": "add_numbers"})
+    for kind, name in (("Tool", "adder"), ("LLM", "gpt-4o"), ("Agent", "a")):
+        validate(ctx, message(kind, name))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "2 + 5?"})
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert [tool.name for tool in llm.requests[0].tools] == ["add_numbers"], "the LLM sees spec.name"
+
+    (name,) = toolcall_names(kube)
+    assert kube.get_raw("taskruntoolcalls", "default", name)["spec"]["toolRef"] == {"name": "add_numbers"}
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Succeeded" and status["result"] == "7", status
+    executed = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == name]
+    assert executed == ['Tool "adder" executed successfully'], "resolved to the Tool resource adder"
+
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    run = kube.get_raw("taskruns", "default", "r")["status"]
+    assert run["contextWindow"][-2] == {"role": "tool", "content": "7", "toolCallId": "c1"}
+    assert run["phase"] == "FinalAnswer" and run["output"] == "sum is 7"
