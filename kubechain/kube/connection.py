@@ -47,11 +47,11 @@ class ClusterConnection:
         return {}
 
 
-def kubeconfig_paths(kubeconfig: str | None = None) -> list[str]:
+def kubeconfig_paths(kubeconfig: str | os.PathLike[str] | None = None) -> list[str]:
     """The kubeconfig files kubectl would read, in order: the explicit value, else $KUBECONFIG, else
     ~/.kube/config. A value may list several files separated by ``os.pathsep`` (``:``), as $KUBECONFIG does
     for kubectl, which merges them; empty entries are skipped and ``~`` is expanded."""
-    value = kubeconfig or os.environ.get("KUBECONFIG") or ""
+    value = os.fspath(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG") or ""
     paths = [os.path.expanduser(path) for path in value.split(os.pathsep) if path]
     return paths or [os.path.expanduser("~/.kube/config")]
 

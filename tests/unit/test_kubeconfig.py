@@ -174,3 +174,8 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
     monkeypatch.setattr(stack, "LocalStack", no_stack)
     CliRunner().invoke(main, ["up", "--cluster", "current"])
     assert [options.kubeconfig for options in seen] == [listed(first, second)]
+
+
+def test_a_kubeconfig_given_as_a_path_object_is_one_file(tmp_path: Path) -> None:
+    one = tmp_path / "one.yaml"
+    assert kc.kubeconfig_paths(one) == [str(one)]
