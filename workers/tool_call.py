@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubechain.kube.errors import Conflict, KubeAPIError, NotFound
+from kubechain.kube.errors import Conflict, Forbidden, NotFound
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -349,7 +349,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
                 return  # it moved: the next message re-decides on its new state
             except NotFound:
                 pass
-            except KubeAPIError as exc:  # e.g. RBAC without delete on taskruns: still free the parent
+            except Forbidden as exc:  # RBAC without delete on taskruns: still free the parent
                 log.warning("could not delete sub-agent run %s: %s", child.name, exc)
                 deleted = False
             waiting_for = child.status.status_detail or ""

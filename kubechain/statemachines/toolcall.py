@@ -209,14 +209,12 @@ def plan_sub_agent_outcome(
     return None
 
 
-SUB_AGENT_NOT_STARTED = ("", "Initializing", "Pending")
-
-
 def sub_agent_start_expired(
     child_phase: str, child_created: datetime | None, now: datetime, timeout_s: float
 ) -> bool:
-    """A sub-agent's run that is still waiting to start (its Agent is not Ready) after ``timeout_s``."""
-    if child_phase not in SUB_AGENT_NOT_STARTED or child_created is None:
+    """A sub-agent's run still waiting to start (Pending: its Agent is not Ready) after ``timeout_s``. One
+    not yet prepared at all ("") is only waiting in a queue, and is left alone."""
+    if child_phase != "Pending" or child_created is None:
         return False
     return (now - child_created).total_seconds() >= timeout_s
 

@@ -169,11 +169,17 @@ def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> No
     assert toolcall_status(kube, name)["result"] == "42"
 
 
+def waiting_for_its_agent(kube: FakeKubeClient, ctx: WorkerContext, child: str) -> None:
+    """The sub-agent's run, prepared while its Agent is not Ready: Pending."""
+    kube.patch_status_raw("agents", "default", "helper", None, {"ready": False, "status": "Error"})
+    prepare(ctx, message("TaskRun", child))
+    assert run_status(kube, child)["phase"] == "Pending"
+
+
 def test_a_sub_agent_that_never_starts_fails_its_call_after_the_timeout_and_its_run_is_deleted() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
-    kube.patch_status_raw("agents", "default", "helper", None, {"ready": False, "status": "Error"})
-    prepare(ctx, message("TaskRun", child))
+    waiting_for_its_agent(kube, ctx, child)
     waiting = run_status(kube, child)
     assert waiting["phase"] == "Pending" and "helper" in waiting["statusDetail"], waiting
     created = datetime.fromisoformat(
@@ -202,6 +208,7 @@ def test_a_sub_agent_that_never_starts_fails_its_call_after_the_timeout_and_its_
 def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
+    waiting_for_its_agent(kube, ctx, child)
 
     def forbidden(*_: Any, **__: Any) -> None:
         raise error_for(403, {"reason": "Forbidden", "message": "cannot delete resource taskruns"})
@@ -211,6 +218,36 @@ def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> N
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed" and "could not be deleted (delete it by hand)" in status["error"]
+
+
+def test_an_api_server_hiccup_while_deleting_a_sub_agent_run_is_retried_not_final() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    waiting_for_its_agent(kube, ctx, child)
+    real_delete = kube.delete
+
+    def unavailable(*_: Any, **__: Any) -> None:
+        raise error_for(503, {"reason": "ServiceUnavailable", "message": "etcd leader changed"})
+
+    kube.delete = unavailable  # type: ignore[method-assign]
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    with pytest.raises(Unavailable):  # Celery's autoretry delivers it again
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    kube.delete = real_delete  # type: ignore[method-assign]
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "was deleted" in status["error"]
+
+
+def test_a_sub_agent_run_only_waiting_in_a_queue_is_not_given_up_on() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    assert run_status(kube, child).get("phase") in (None, ""), "never prepared"
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    assert ("taskruns", child) in {(plural, n) for (_, plural, _, n) in kube.objects}
 
 
 def test_a_sub_agent_run_that_started_is_not_deleted_for_being_slow() -> None:
@@ -227,6 +264,7 @@ def test_a_sub_agent_run_that_started_is_not_deleted_for_being_slow() -> None:
 def test_a_waiting_sub_agent_run_that_moves_meanwhile_is_not_deleted() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
+    waiting_for_its_agent(kube, ctx, child)
     stale = kube.get(TaskRun, "default", child)
     kube.patch_status(stale, {"phase": "ReadyForLLM"})
     original_get = kube.get
