@@ -34,6 +34,7 @@ from kubechain.statemachines.routing import (
     is_terminal,
     readiness,
     ready_with_unready_dependencies,
+    tasks_missing_their_output,
     tasks_missing_their_run,
     work_for,
 )
@@ -235,7 +236,11 @@ class Watcher:
         # (both skip objects being deleted, as work_for does)
         out += [
             (work.kind, cache[work.kind][(work.namespace, work.name)], work)
-            for work in [*tasks_missing_their_run(cache), *ready_with_unready_dependencies(cache)]
+            for work in [
+                *tasks_missing_their_run(cache),
+                *tasks_missing_their_output(cache),
+                *ready_with_unready_dependencies(cache),
+            ]
         ]
         return out
 

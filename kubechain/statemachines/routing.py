@@ -64,12 +64,22 @@ _FINISHED_BULK = {
 }
 
 
+# In the watcher's cache, a Task's output (its run's whole answer) is replaced by whether it is shown.
+OUTPUT_SHOWN = "_outputShown"
+
+
 def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     """What the watcher keeps of ``obj``. A finished TaskRun or tool call is kept without its context
     window, message, arguments, output and result: every decision about it (and about its parent and its
     Task) reads only metadata, references and phase, and finished runs are kept for good, so a watcher
-    holding them whole grew by their full size per run until it hit its memory limit. A later change
-    arrives as a whole object again."""
+    holding them whole grew by their full size per run until it hit its memory limit. A Task keeps only
+    whether its output is shown. A later change arrives as a whole object again."""
+    if kind == "Task":
+        status = obj.get("status")
+        if not isinstance(status, dict) or "output" not in status:
+            return obj
+        kept = {key: value for key, value in status.items() if key != "output"}
+        return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}}
     if not is_terminal(kind, obj):
         return obj
     slim = dict(obj)
@@ -341,6 +351,25 @@ def tasks_missing_their_run(
         Work(TaskName.VALIDATE, "Task", ns, name, reason="resync")
         for (ns, name), task in (cache.get("Task") or {}).items()
         if _status(task).get("ready") and not _deleting(task) and (ns, label_value(name)) not in runs_of
+    ]
+
+
+def tasks_missing_their_output(
+    cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
+) -> list[Work]:
+    """Tasks whose run gave its final answer while the Task does not show it: the event that should have
+    prompted the Task (its run finishing) came while no watcher was leading, or its message was lost."""
+    answered = {
+        (ns, ((run.get("metadata") or {}).get("labels") or {}).get(LABEL_TASK))
+        for (ns, _), run in (cache.get("TaskRun") or {}).items()
+        if (_status(run).get("phase") or "") == TaskRunPhase.FINAL_ANSWER
+    }
+    return [
+        Work(TaskName.VALIDATE, "Task", ns, name, reason="output-missing")
+        for (ns, name), task in (cache.get("Task") or {}).items()
+        if (ns, label_value(name)) in answered
+        and not _deleting(task)
+        and not (_status(task).get(OUTPUT_SHOWN) or _status(task).get("output"))
     ]
 
 

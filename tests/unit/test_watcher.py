@@ -12,7 +12,13 @@ from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
-from kubechain.statemachines.routing import is_terminal, readiness, tasks_missing_their_run, work_for
+from kubechain.statemachines.routing import (
+    cached_form,
+    is_terminal,
+    readiness,
+    tasks_missing_their_run,
+    work_for,
+)
 from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import create
 from watcher.informer import Informer
@@ -311,7 +317,18 @@ def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
         **other_namespace,
         "metadata": {**other_namespace["metadata"], "namespace": "default"},
     }
-    assert watcher.resync(force=True) == 0, "its run exists: nothing to do"
+    assert watcher.resync(force=True) == 1, "its run exists, and answered: the Task must show the answer"
+    work = watcher._outbox.get_nowait()[0]
+    assert (work.task, work.kind, work.name, work.reason) == (
+        TaskName.VALIDATE,
+        "Task",
+        "t",
+        "output-missing",
+    )
+    shown = {**task, "status": {**task["status"], "output": "the answer " * 1000}}
+    informers["Task"].cache[("default", "t")] = cached_form("Task", shown)
+    assert "output" not in informers["Task"].cache[("default", "t")]["status"], "not kept in memory"
+    assert watcher.resync(force=True) == 0, "its run exists and its answer is shown: nothing to do"
 
 
 def test_informer_relists_when_its_resource_version_is_newer_than_the_api_server_has() -> None:
