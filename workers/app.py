@@ -44,6 +44,7 @@ app: Celery = make_celery(settings)
 _context: WorkerContext | None = None
 _context_lock = threading.Lock()
 _metrics_registry: CollectorRegistry = REGISTRY
+_prefork_parent = False
 
 
 def context() -> WorkerContext:
@@ -149,17 +150,21 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
-    global _metrics_registry
+    global _metrics_registry, _prefork_parent
     # the pool is a class (from the CLI) or a name (from the config); Celery resolves it right after this
     prefork = sender is not None and issubclass(
         get_implementation(sender.pool_cls), get_implementation("prefork")
     )
     _metrics_registry = registry_for(prefork, settings.prometheus_multiproc_dir)
+    _prefork_parent = prefork
 
 
 @signals.worker_ready.connect
 def _start_metrics(**_: Any) -> None:
-    setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
+    # A prefork parent runs no tasks, and children forked after it set up tracing would inherit its
+    # exporter (a gRPC channel is not fork-safe): each child sets up its own (worker_process_init).
+    if not _prefork_parent:
+        setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
     serve(settings.metrics_port, _metrics_registry)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -57,10 +59,16 @@ WATCH_EVENTS = Counter("kubechain_watch_events_total", "Watch events seen by the
 ENQUEUED = Counter(
     "kubechain_enqueued_total", "Tasks enqueued by the watcher, by task and reason", ["task", "reason"]
 )
+# (multiprocess_mode only matters for prefork workers: one series, not one per child process ever forked)
 QUEUE_DEPTH = Gauge(
-    "kubechain_queue_depth", "Messages waiting in a Celery queue (Redis list length)", ["queue"]
+    "kubechain_queue_depth",
+    "Messages waiting in a Celery queue (Redis list length)",
+    ["queue"],
+    multiprocess_mode="livemax",
 )
-IS_LEADER = Gauge("kubechain_watcher_leader", "1 when this watcher holds the leader Lease")
+IS_LEADER = Gauge(
+    "kubechain_watcher_leader", "1 when this watcher holds the leader Lease", multiprocess_mode="livemax"
+)
 
 
 def tool_label(name: str) -> str:
@@ -88,6 +96,19 @@ def register_phase_collector(phases: Callable[[], Iterable[str]]) -> None:
     REGISTRY.register(PhaseCollector(phases))
 
 
+_MULTIPROCESS_FILE = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_(\d+)\.db")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def registry_for(prefork: bool, multiproc_dir: str | None) -> CollectorRegistry:
     """What /metrics serves. A prefork worker runs its tasks in child processes: their samples reach the
     parent's endpoint only through prometheus_client's multiprocess files."""
@@ -100,9 +121,12 @@ def registry_for(prefork: bool, multiproc_dir: str | None) -> CollectorRegistry:
             "or use --pool threads"
         )
         return REGISTRY
-    # An earlier run's files (a restarted container keeps its emptyDir) would be added up again.
+    # An earlier run's files (a restarted container keeps its emptyDir) would be added up again. Only
+    # prometheus_client's own files, and only of processes that are gone: the directory may hold others'.
     for stale in Path(multiproc_dir).glob("*.db"):
-        stale.unlink()
+        match = _MULTIPROCESS_FILE.fullmatch(stale.name)
+        if match and not _alive(int(match.group(1))):
+            stale.unlink(missing_ok=True)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=multiproc_dir)
     return registry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,8 @@ def test_a_prefork_worker_exports_its_child_processes_metrics(tmp_path: Path) ->
         assert 'kubechain_task_duration_seconds_count{task="validate"} 3.0' in done.stdout
         # the children are gone: so are their live gauges
         assert "kubechain_test_live" not in done.stdout
+        # no gauge keeps a series per child process ever forked
+        assert "pid=" not in done.stdout, [line for line in done.stdout.splitlines() if "pid=" in line]
 
 
 class WorkController:
@@ -154,3 +157,45 @@ def test_prefork_without_a_multiprocess_directory_warns(
     (warning,) = caplog.records
     assert "PROMETHEUS_MULTIPROC_DIR" in warning.getMessage() and "--pool threads" in warning.getMessage()
     assert app._metrics_registry is REGISTRY
+
+
+def test_a_prefork_parent_leaves_tracing_to_its_children(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.concurrency.thread import TaskPool as ThreadPool
+    from celery.signals import worker_init, worker_process_init, worker_ready
+
+    import workers.app as app
+
+    calls: list[str] = []
+    monkeypatch.setattr(app, "setup_tracing", calls.append)
+    monkeypatch.setattr(app, "serve", lambda *_: None)
+    monkeypatch.setattr(app.settings, "prometheus_multiproc_dir", None)
+    worker_init.send(sender=WorkController(ThreadPool))
+    worker_ready.send(sender=None)
+    assert calls == ["kubechain-worker"], "a threads worker traces in its one process"
+    calls.clear()
+    worker_init.send(sender=WorkController("prefork"))
+    worker_ready.send(sender=None)
+    assert calls == [], "the parent, whose exporter later children would inherit, sets up none"
+    worker_process_init.send(sender=None)
+    assert calls == ["kubechain-worker"], "each child sets up its own"
+    worker_init.send(sender=WorkController(ThreadPool))  # leave the module as a threads worker
+
+
+def test_a_multiprocess_directory_loses_only_dead_processes_files(tmp_path: Path) -> None:
+
+    from kubechain.observability.metrics import registry_for
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid, live_pid = int(gone.stdout), os.getpid()
+    names = [
+        f"counter_{dead_pid}.db",
+        f"gauge_livesum_{dead_pid}.db",
+        f"counter_{live_pid}.db",  # another worker sharing the directory, still running
+        "app.db",  # not prometheus_client's
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    registry_for(True, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"counter_{live_pid}.db", "app.db"])
