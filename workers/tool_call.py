@@ -25,7 +25,7 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
-from kubechain.observability.tracing import span
+from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
@@ -279,8 +279,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         ctx, toolcall, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
     )
     started = time.perf_counter()
-    with span(
-        f"ToolCall {toolcall.spec.tool_ref.name}", None, **{"kubechain.toolcall": toolcall.name}
+    ids = claimed.status.span_context
+    with span_with_ids(
+        f"ToolCall {toolcall.spec.tool_ref.name}",
+        None,
+        (ids.trace_id, ids.span_id) if ids and ids.trace_id and ids.span_id else None,
+        **{"kubechain.toolcall": toolcall.name},
     ) as current:
         outcome = executor.run(arguments)
         current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")

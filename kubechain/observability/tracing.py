@@ -191,9 +191,33 @@ def _tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
+def toolcall_span_id(toolcall_uid: str) -> str:
+    """The span id (hex) of a tool call's execution span, as stored in its status.spanContext."""
+    return hashlib.sha256(f"toolcall/{toolcall_uid}".encode()).hexdigest()[:16]
+
+
 @contextmanager
 def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
     with _tracer().start_as_current_span(
         name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
     ) as current:
+        yield current
+
+
+@contextmanager
+def span_with_ids(
+    name: str, parent: otel_context.Context | None, ids: tuple[str, str] | None, **attributes: Any
+) -> Iterator[Span]:
+    """:func:`span`, with the ids (trace id, span id; hex) a status already names for it (a tool call's
+    spanContext) when the provider is ours; the trace id only counts for a root."""
+    generator = getattr(trace.get_tracer_provider(), "id_generator", None)
+    if ids is None or not isinstance(generator, RunSpanIds):
+        with span(name, parent, **attributes) as current:
+            yield current
+        return
+    with generator.forced(int(ids[0], 16), int(ids[1], 16)):  # this span only, not those it starts
+        current = _tracer().start_span(
+            name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
+        )
+    with trace.use_span(current, end_on_exit=True):
         yield current

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
 from kubechain.statemachines.taskrun import LoopLimits, truncate
 from kubechain.statemachines.transition import (
     Transition,
@@ -64,19 +65,28 @@ def plan_tool_claim(
             return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
     elif phase not in CLAIMABLE_PHASES:
         return ToolClaim(None, 0.0, f"phase {phase} is not executable")
-    return ToolClaim(
-        Transition(
-            status={
-                "phase": ToolCallPhase.RUNNING.value,
-                "status": "Ready",
-                "statusDetail": "Executing tool",
-                "startTime": toolcall.status.start_time or timestamp(now),
-                "claimedBy": worker,
-                "claimedAt": precise_timestamp(now),
-                "attempts": attempts + 1,
-            }
-        )
-    )
+    status: dict[str, Any] = {
+        "phase": ToolCallPhase.RUNNING.value,
+        "status": "Ready",
+        "statusDetail": "Executing tool",
+        "startTime": toolcall.status.start_time or timestamp(now),
+        "claimedBy": worker,
+        "claimedAt": precise_timestamp(now),
+        "attempts": attempts + 1,
+    }
+    span_context = toolcall_span_context(toolcall)
+    if span_context is not None:
+        status["spanContext"] = span_context
+    return ToolClaim(Transition(status=status))
+
+
+def toolcall_span_context(toolcall: TaskRunToolCall) -> dict[str, str] | None:
+    """Its run's trace id and the span id of its execution span (the original declared the field and never
+    wrote it); None for a call without a TaskRun owner."""
+    run_uid = next((o.uid for o in toolcall.metadata.owner_references if o.kind == "TaskRun"), None)
+    if not run_uid or not toolcall.uid:
+        return None
+    return {"traceID": run_trace_ids(run_uid)["traceID"], "spanID": toolcall_span_id(toolcall.uid)}
 
 
 def holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str) -> bool:

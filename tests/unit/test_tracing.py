@@ -93,6 +93,12 @@ def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     (root,) = [s for s in spans if s.name == "TaskRun/r"]
     assert root.parent is None and root.context.span_id == int(run["status"]["spanContext"]["spanID"], 16)
     assert root.status.status_code == StatusCode.OK and root.end_time and root.start_time <= root.end_time
+    (tool_call,) = [o for (_, plural, _, _), o in kube.objects.items() if plural == "taskruntoolcalls"]
+    (tool_span,) = [s for s in spans if s.name == "ToolCall add"]
+    assert tool_call["status"]["spanContext"] == {
+        "traceID": run["status"]["spanContext"]["traceID"],
+        "spanID": f"{tool_span.context.span_id:016x}",
+    }, "a tool call's spanContext names its execution span in its run's trace"
     by_id = {s.context.span_id: s for s in spans}
     for s in spans:  # every span's ancestry ends at the run's root: one tree
         while s.parent is not None:
