@@ -13,6 +13,7 @@ from kubechain.testing.waiting import wait_for
 from tests.chaos.conftest import kill
 from tests.conftest import Kubectl
 from tests.e2e.conftest import OPENAI_SECRET, ScriptedLLM, apply, get, llm_resource, phase, resource
+from tests.e2e.test_observability import scrape, total
 from tests.e2e.test_tools import SlowAPI
 
 
@@ -209,11 +210,18 @@ def test_deleting_a_run_mid_llm_call_stops_it(
         kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question})
     )
     wait_for(lambda: chaos_llm.in_flight(question), 60, what="the LLM request")
+    metrics_port = chaos_stack.metrics_ports["worker-0"]
+    tasks_done = total(scrape(metrics_port), "kubechain_tasks_total")  # the task making the call is not
     kubectl("delete", "taskrun", "r", "--wait=false", namespace=namespace)
     wait_for(lambda: not get(kubectl, namespace, "taskrun", "r"), 30, what="deletion")
-    # Give the in-flight call time to return and any follow-up to happen (the condition: the LLM answered).
+    # The in-flight call returns, and the task that made it ends (whatever it then tried) before we look.
     wait_for(
         lambda: chaos_llm.requests(question) and not chaos_llm.in_flight(question), 30, what="the LLM answer"
+    )
+    wait_for(
+        lambda: total(scrape(metrics_port), "kubechain_tasks_total") > tasks_done,
+        30,
+        what="the worker to finish the task that made the LLM call",
     )
     wait_for(lambda: chaos_stack.workers["worker-0"].running(), 5, what="worker alive")
     calls = json.loads(kubectl("get", "taskruntoolcall", "-o", "json", namespace=namespace).stdout)["items"]
@@ -261,6 +269,7 @@ def test_hundred_runs_with_a_worker_killed_midway(
     per_run: dict[str, int] = {}
     for record in requests:
         per_run[record["first_user"]] = per_run.get(record["first_user"], 0) + 1
+    assert set(per_run) == {f"{prefix} #{i}" for i in range(100)}, "every run asked the LLM"
     repeated = {run for run, count in per_run.items() if count > 1}
     assert all(count <= 2 for count in per_run.values()), "a turn is repeated at most once"
     assert repeated <= interrupted, "only calls cut off by the crash were repeated"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -155,10 +156,16 @@ def test_finished_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_t
         ("TaskRun", "taskruns", going),
         ("TaskRunToolCall", "taskruntoolcalls", tool_call),
     ]:
-        kube = ScriptedWatchKube([[{"type": "ADDED", "object": obj}]])
+        # copies in, copies out: the originals stay what the API server sent, to compare with
+        kube = ScriptedWatchKube([[{"type": "ADDED", "object": copy.deepcopy(obj)}]])
         ScriptedWatchKube.stop = threading.Event()
         informer = Informer(
-            kube, kind, plural, None, lambda k, t, o, p: handled.append(o), ScriptedWatchKube.stop
+            kube,
+            kind,
+            plural,
+            None,
+            lambda k, t, o, p: handled.append(copy.deepcopy(o)),
+            ScriptedWatchKube.stop,
         )
         informer.run()
         caches.setdefault(kind, {}).update(informer.snapshot())
