@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,6 +27,7 @@ from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.routing import work_for
 from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.test_workers_on_fake import ReadGateKube, run_concurrently
 from workers.context import WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -151,7 +153,10 @@ def channel(kube: FakeKubeClient, name: str = "approvals") -> None:
 @pytest.fixture
 def world(hl: HumanLayerTestServer) -> World:
     """An agent with an MCP server whose tools need approval via the ContactChannel "approvals"."""
-    kube = FakeKubeClient()
+    return new_world(hl, FakeKubeClient())
+
+
+def new_world(hl: HumanLayerTestServer, kube: FakeKubeClient) -> World:
     w = World(kube, hl, Clock(), FakeMCP())
     kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
     channel(kube)
@@ -432,24 +437,21 @@ def test_humanlayer_losing_the_call_means_asking_again(world: World) -> None:
     assert w.hl.function_call(call_id) is not None and w.hl.posts[call_id] == 2
 
 
-def test_concurrent_deliveries_send_one_request(world: World) -> None:
-    w = world
+def test_concurrent_deliveries_send_one_request(hl: HumanLayerTestServer) -> None:
+    kube = ReadGateKube()
+    w = new_world(hl, kube)
     add_toolcall(w)
-    barrier = threading.Barrier(6)
-
-    def deliver(i: int) -> None:
-        barrier.wait(5)
-        w.run(identity=f"w{i}")
-
-    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(20)
+    # All six read the new tool call (one resourceVersion) before any of them writes its claim.
+    with kube.gate("taskruntoolcalls", TC, 6):
+        run_concurrently([partial(w.run, identity=f"w{i}") for i in range(6)])
     status = w.status()
     assert status["phase"] == "AwaitingHumanApproval"
     assert w.hl.posts == {status["externalCallID"]: 1}
     assert w.events() == ["AwaitingHumanApproval", "HumanLayerRequestSent"]
+    assert len(kube.first_read_rvs) == 6 and len(set(kube.first_read_rvs)) == 1, (
+        "all six decided on one version"
+    )
+    assert kube.conflicts >= 5, "the five losing claims conflicted"
 
 
 def test_concurrent_rechecks_die_out(world: World) -> None:

@@ -436,31 +436,67 @@ def test_event_tally_waits_for_the_rows_events_counted_from_where_they_settled()
 
 
 def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_deadline() -> None:
-    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from bench.observe import WatchRecorder
 
     recorder = WatchRecorder("unused-kubeconfig", "taskruns", "ns")
 
+    class Lookups(dict[str, Timeline]):
+        """The recorder's timelines, noting each run wait_for checks (``timelines[name]``) and its phase."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.checked: list[tuple[str, str]] = []
+
+        def __getitem__(self, name: str) -> Timeline:
+            timeline = super().__getitem__(name)
+            self.checked.append((name, timeline.phase))
+            return timeline
+
+    timelines = recorder.timelines = Lookups()
+
     def taskrun(name: str, rv: int, phase: str) -> dict[str, Any]:
         return {"metadata": {"name": name, "resourceVersion": str(rv)}, "status": {"phase": phase}}
 
+    def until(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            with recorder.lock:
+                if condition():
+                    return
+            assert time.monotonic() < deadline, f"timed out waiting until {what}"
+            time.sleep(0.001)
+
     recorder.on_event("ADDED", taskrun("run-1", 1, "FinalAnswer"), 1.0)  # done before the wait starts
     recorder.on_event("ADDED", taskrun("run-2", 2, ""), 1.0)
-
-    def finish_later() -> None:
-        time.sleep(0.05)
-        recorder.on_event("MODIFIED", taskrun("run-2", 3, "ReadyForLLM"), 2.0)
-        recorder.on_event("MODIFIED", taskrun("other", 4, "FinalAnswer"), 2.0)
-        recorder.on_event("MODIFIED", taskrun("run-2", 5, "Failed"), 3.0)
-
-    worker = threading.Thread(target=finish_later)
-    worker.start()
-    assert recorder.wait_for(["run-1", "run-2"], ("FinalAnswer", "Failed"), time.monotonic() + 10) is True
-    worker.join()
-    recorder.on_event("ADDED", taskrun("run-3", 6, "ReadyForLLM"), 4.0)
-    assert recorder.wait_for(["run-3"], ("FinalAnswer",), time.monotonic() + 0.2) is False
+    recorder.on_event("ADDED", taskrun("run-3", 3, ""), 1.0)
+    names = ["run-1", "run-2", "run-3"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(recorder.wait_for, names, ("FinalAnswer", "Failed"), time.monotonic() + 10)
+        # wait_for sets the phases to wake on, under the lock it checks every run's first state under:
+        # from then on, it is waiting and sees each sighting as a change.
+        until(lambda: recorder._wake_on == {"FinalAnswer", "Failed"}, "wait_for is waiting")
+        assert not waiting.done()
+        with recorder.lock:
+            del timelines.checked[:]  # the first check of every run
+        recorder.on_event("MODIFIED", taskrun("run-2", 4, "ReadyForLLM"), 2.0)
+        recorder.on_event("MODIFIED", taskrun("other", 5, "FinalAnswer"), 2.0)
+        recorder.on_event("MODIFIED", taskrun("run-2", 6, "Failed"), 3.0)
+        until(lambda: ("run-2", "Failed") in timelines.checked, "wait_for rechecked run-2")
+        assert not waiting.done(), "run-3 is not done"
+        recorder.on_event("MODIFIED", taskrun("run-3", 7, "FinalAnswer"), 4.0)
+        assert waiting.result(timeout=10) is True
+    # Only runs it waits for whose timelines changed were checked again: not run-1 (done before), not
+    # "other" (not waited for), and run-3 only once its change came (not on run-2's wake-up).
+    checked = set(timelines.checked)
+    assert {name for name, _ in checked} == {"run-2", "run-3"}, timelines.checked
+    assert {phase for name, phase in checked if name == "run-3"} == {"FinalAnswer"}, timelines.checked
+    recorder.on_event("ADDED", taskrun("run-4", 8, "ReadyForLLM"), 5.0)
+    started = time.monotonic()
+    assert recorder.wait_for(["run-4"], ("FinalAnswer",), started + 0.2) is False
+    assert time.monotonic() - started < 5
     recorder.stop()  # never connected: nothing to close
 
 
@@ -503,9 +539,13 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
     cycle = [{"phase": "ReadyForLLM"}, {"phase": "SendContextWindowToLLM"}, {"phase": "FinalAnswer"}]
     burst = _status_writes(kube, "ns", groups, created, cycle, 12, time.monotonic() + 30)
     assert len(burst.latencies) == 12 and burst.conflicts == 0
+    assert len(written) == 12, "one write attempt per write: none conflicted"
+    per_object = 0
     for name in ("a-0", "a-1", "b-0", "b-1"):  # (threads need not share the writes evenly)
         phases = [phase for n, phase in written if n == name]
         assert phases == [cycle[i % len(cycle)]["phase"] for i in range(len(phases))]
+        per_object += len(phases)
+    assert per_object == 12, "every write was to one of the four objects, and checked above"
     # a thread never writes the same object twice in a row
     for group in groups:
         mine = [n for n, _ in written if n in group]

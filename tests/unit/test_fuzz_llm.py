@@ -119,38 +119,72 @@ def completion(message: dict) -> bytes:
     ).encode()
 
 
+UNREADABLE = "LLM returned an unreadable response: "
+
+
 @pytest.mark.parametrize(
-    "body",
+    ("body", "error", "retryable", "answer"),
     [
-        json.dumps(
-            {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
-        ).encode(),
-        b'{"choices": [{"message": {"role": "assistant", "content": "caf\xe9 \xff\xfe"}}]}',
-        b"this is not json",
-        b"",
-        completion(
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {"id": "1", "type": "function", "function": {"name": "add", "arguments": "{oops"}}
-                ],
-            }
+        pytest.param(
+            json.dumps(
+                {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+            ).encode(),
+            "LLM returned no completion choices",
+            False,  # the endpoint answered, with nothing: asking again is not expected to help
+            None,
+            id="empty-choices",
         ),
-        b"[" * 100_000 + b"]" * 100_000,
+        pytest.param(
+            b'{"choices": [{"message": {"role": "assistant", "content": "caf\xe9 \xff\xfe"}}]}',
+            UNREADABLE + "UnicodeDecodeError: ",
+            True,  # garbage from the endpoint: retried, bounded by the attempts
+            None,
+            id="invalid-utf8",
+        ),
+        pytest.param(b"this is not json", UNREADABLE + "JSONDecodeError: ", True, None, id="not-json"),
+        pytest.param(b"", UNREADABLE + "JSONDecodeError: ", True, None, id="empty-body"),
+        pytest.param(
+            completion(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "1", "type": "function", "function": {"name": "add", "arguments": "{oops"}}
+                    ],
+                }
+            ),
+            None,
+            None,
+            # a well-formed completion: its broken arguments are the tool call's to report, verbatim
+            LLMResponse(
+                content="",
+                tool_calls=[
+                    ToolCall(
+                        id="1", type="function", function=ToolCallFunction(name="add", arguments="{oops")
+                    )
+                ],
+            ),
+            id="malformed-arguments",
+        ),
+        pytest.param(
+            b"[" * 100_000 + b"]" * 100_000, UNREADABLE + "RecursionError: ", True, None, id="deeply-nested"
+        ),
     ],
-    ids=["empty-choices", "invalid-utf8", "not-json", "empty-body", "malformed-arguments", "deeply-nested"],
 )
-def test_provider_client_turns_garbage_into_errors_or_answers(raw_llm: RawLLM, body: bytes) -> None:
+def test_provider_client_turns_garbage_into_errors_or_answers(
+    raw_llm: RawLLM, body: bytes, error: str | None, retryable: bool | None, answer: LLMResponse | None
+) -> None:
     raw_llm.body = body
     client = OpenAIClient("sk-test", 5, raw_llm.url)
     request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
-    try:
-        response = client.complete(request)
-    except LLMError as exc:
-        assert str(exc)
+    if error is None:
+        assert client.complete(request) == answer
         return
-    assert isinstance(response, LLMResponse)
+    with pytest.raises(LLMError) as raised:
+        client.complete(request)
+    assert str(raised.value).startswith(error), str(raised.value)
+    assert raised.value.retryable is retryable
+    assert raised.value.status_code is None
 
 
 def test_provider_client_reads_answers_tool_calls_and_usage(raw_llm: RawLLM) -> None:

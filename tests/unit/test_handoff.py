@@ -7,6 +7,7 @@ other worker takes it while the hand-off is fresh; a hand-off whose worker went 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -193,26 +194,33 @@ def test_a_snapshot_of_a_deleted_run_ends_quietly() -> None:
 def test_concurrent_cache_misses_make_one_read() -> None:
     kube = CountingKube()
     create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
-    gate = threading.Barrier(8)
+    start = threading.Barrier(8)
+    entered = [0]
+    entered_lock = threading.Lock()
+    all_entered = threading.Event()  # set once all eight readers are about to call cache.get
     loads = []
     original = kube.get
 
-    def slow_get(model: Any, namespace: str, name: str) -> Any:
+    def blocking_get(model: Any, namespace: str, name: str) -> Any:
+        # The first load cannot finish (and fill the cache) before every reader has asked for the key:
+        # all eight miss, and only the per-key loading lock stops each of them loading it.
         loads.append(name)
+        assert all_entered.wait(10), "not all readers called cache.get"
         return original(model, namespace, name)
 
-    kube.get = slow_get  # type: ignore[method-assign]
+    kube.get = blocking_get  # type: ignore[method-assign]
     cache = TTLReadCache(kube, ttl_s=60)
-    results = []
 
-    def reader() -> None:
-        gate.wait()
-        results.append(cache.get(LLM, "default", "gpt-4o").name)
+    def reader() -> str:
+        start.wait(10)
+        with entered_lock:
+            entered[0] += 1
+            if entered[0] == 8:
+                all_entered.set()
+        return cache.get(LLM, "default", "gpt-4o").name
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(reader) for _ in range(8)]
+        results = [future.result(timeout=30) for future in futures]
     assert results == ["gpt-4o"] * 8
-    assert len(loads) == 1
+    assert len(loads) == 1, f"{len(loads)} reads of one key"

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
+from kubechain.kube.errors import Conflict
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
@@ -24,6 +30,65 @@ ADD_TOOL = {
     "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
     "execute": {"builtin": {"name": "add"}},
 }
+
+
+class ReadGateKube(FakeKubeClient):
+    """Holds each thread's first GET of one object, once answered, until ``parties`` threads have read it.
+
+    Every one of them then decides on the same resourceVersion, so all but one of their conditional writes
+    (claims, transitions) must conflict: without the gate a thread usually finishes before the next one
+    reads, and the 409 path is never taken. Inert outside ``with kube.gate(...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gate: tuple[str, str, threading.Barrier] | None = None
+        self._gate_lock = threading.Lock()
+        self._through: set[int] = set()
+        self.first_read_rvs: list[str] = []
+        self.conflicts = 0
+
+    @contextmanager
+    def gate(self, plural: str, name: str, parties: int) -> Iterator[None]:
+        with self._gate_lock:
+            self._gate = (plural, name, threading.Barrier(parties, timeout=10))
+            self._through = set()
+            self.first_read_rvs = []
+            self.conflicts = 0
+        try:
+            yield
+        finally:
+            self._gate = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        gate = self._gate
+        gated = False
+        if gate is not None and path != "/version":
+            _, plural, _, name, _ = self._parse(path)
+            gated = (plural, name) == gate[:2]
+        try:
+            result = super().request(method, path, **kwargs)
+        except Conflict:
+            if gated:
+                with self._gate_lock:
+                    self.conflicts += 1
+            raise
+        if gate is not None and gated and method == "GET":
+            with self._gate_lock:
+                first = threading.get_ident() not in self._through
+                if first:
+                    self._through.add(threading.get_ident())
+                    self.first_read_rvs.append(result["metadata"]["resourceVersion"])
+            if first:
+                gate[2].wait()  # BrokenBarrierError after 10 s if fewer threads read it
+        return result
+
+
+def run_concurrently(calls: list[Callable[[], None]]) -> None:
+    """Each call on its own thread; re-raises the first exception any of them raised."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        for future in futures:
+            future.result(timeout=30)
 
 
 def validated(kube: FakeKubeClient, llm: FakeLLM, tools: list[str] | None = None) -> None:
@@ -78,33 +143,39 @@ def test_a_run_whose_api_key_was_emptied_says_so_with_the_originals_reason() -> 
 
 
 def test_concurrent_llm_calls_make_one_request() -> None:
-    kube = FakeKubeClient()
+    kube = ReadGateKube()
     gate = threading.Event()
 
     def slow(request: LLMRequest) -> LLMResponse:
-        gate.wait(5)
+        assert gate.wait(10), "the losing workers did not return while the winner was calling the LLM"
         return LLMResponse(content="done")
 
     llm = FakeLLM(slow)
     validated(kube, llm)
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
     prepare(context(kube, llm), message("TaskRun", "r"))
-    workers = [
-        threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
-        for i in range(4)
-    ]
-    for worker in workers:
-        worker.start()
-    # Every losing worker returns after its claim conflicts; only the winner waits on the gate.
-    workers_done = [w for w in workers]
-    gate.set()
-    for worker in workers_done:
-        worker.join(10)
+    # All four read the ReadyForLLM run (the same resourceVersion) before any of them writes its claim.
+    with kube.gate("taskruns", "r", 4), ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [
+            pool.submit(llm_call, context(kube, llm, f"w{i}"), message("TaskRun", "r")) for i in range(4)
+        ]
+        # Every losing worker returns after its claim conflicts, while the winner waits on the gate.
+        deadline = time.monotonic() + 10
+        while sum(f.done() for f in futures) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        finished = sum(f.done() for f in futures)
+        gate.set()
+        for future in futures:
+            future.result(timeout=10)
     assert len(llm.requests) == 1
+    assert finished == 3, f"{finished} of 4 workers returned before the LLM answered"
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert status["phase"] == "FinalAnswer" and status["output"] == "done"
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
     assert kube.event_reasons("r").count("LLMFinalAnswer") == 1
+    # and the race was real: all four decided on one version, and the three losing claims conflicted
+    assert len(kube.first_read_rvs) == 4 and len(set(kube.first_read_rvs)) == 1
+    assert kube.conflicts >= 3
 
 
 def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
@@ -173,31 +244,32 @@ def test_bad_arguments_and_unknown_tools_are_tool_errors_the_llm_sees() -> None:
 
 
 def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
-    kube = FakeKubeClient()
+    kube = ReadGateKube()
     llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
     ctx = context(kube, llm)
     for name in toolcall_names(kube):
         tool_call(ctx, message("TaskRunToolCall", name))
-    threads = [
-        threading.Thread(target=prepare, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
-        for i in range(6)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    # Six deliveries of the fan-in, all reading the run (one resourceVersion) before any of them writes.
+    with kube.gate("taskruns", "r", 6):
+        run_concurrently(
+            [partial(prepare, context(kube, llm, f"w{i}"), message("TaskRun", "r")) for i in range(6)]
+        )
     assert kube.event_reasons("r").count("AllToolCallsCompleted") == 1
-    threads = [
-        threading.Thread(target=llm_call, args=(context(kube, llm, f"w{i}"), message("TaskRun", "r")))
-        for i in range(6)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    assert len(kube.first_read_rvs) == 6 and len(set(kube.first_read_rvs)) == 1, (
+        "all six decided on one version"
+    )
+    assert kube.conflicts >= 5, "the five losing transitions conflicted"
+    with kube.gate("taskruns", "r", 6):
+        run_concurrently(
+            [partial(llm_call, context(kube, llm, f"w{i}"), message("TaskRun", "r")) for i in range(6)]
+        )
     assert len(llm.requests) == 2, "one request per turn"
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert status["phase"] == "FinalAnswer" and status["output"] == "; ".join(["2"] * 6)
+    assert len(kube.first_read_rvs) == 6 and len(set(kube.first_read_rvs)) == 1, (
+        "all six decided on one version"
+    )
+    assert kube.conflicts >= 5, "the five losing claims conflicted"
 
 
 def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
