@@ -210,8 +210,12 @@ def test_deleting_a_run_mid_llm_call_stops_it(
         kubectl, namespace, resource("TaskRun", "r", {"agentRef": {"name": "agent"}, "userMessage": question})
     )
     wait_for(lambda: chaos_llm.in_flight(question), 60, what="the LLM request")
-    metrics_port = chaos_stack.metrics_ports["worker-0"]
-    tasks_done = total(scrape(metrics_port), "kubechain_tasks_total")  # the task making the call is not
+
+    def tasks_done() -> float:  # by every worker: either may be the one making the call
+        ports = [port for name, port in chaos_stack.metrics_ports.items() if name in chaos_stack.workers]
+        return sum(total(scrape(port), "kubechain_tasks_total") for port in ports)
+
+    done_before = tasks_done()  # the task making the call is not done
     kubectl("delete", "taskrun", "r", "--wait=false", namespace=namespace)
     wait_for(lambda: not get(kubectl, namespace, "taskrun", "r"), 30, what="deletion")
     # The in-flight call returns, and the task that made it ends (whatever it then tried) before we look.
@@ -219,7 +223,7 @@ def test_deleting_a_run_mid_llm_call_stops_it(
         lambda: chaos_llm.requests(question) and not chaos_llm.in_flight(question), 30, what="the LLM answer"
     )
     wait_for(
-        lambda: total(scrape(metrics_port), "kubechain_tasks_total") > tasks_done,
+        lambda: tasks_done() > done_before,
         30,
         what="the worker to finish the task that made the LLM call",
     )
