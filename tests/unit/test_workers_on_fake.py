@@ -437,6 +437,11 @@ def test_a_task_shows_the_answer_of_its_run_once_the_run_finishes() -> None:
     before = task["metadata"]["resourceVersion"]
     validate(ctx, message("Task", "t"))
     assert kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"] == before, "written once"
+    # Its run deleted and created again (the mend of a lost run): the old answer is not shown for the new run.
+    kube.delete("taskruns", "default", "t-1")
+    validate(ctx, message("Task", "t"))
+    assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
+    assert "output" not in kube.get_raw("tasks", "default", "t")["status"]
 
 
 def test_an_llm_client_that_raises_unexpectedly_ends_in_a_status_not_a_held_claim() -> None:
