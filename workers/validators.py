@@ -135,13 +135,13 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
     task = _write(ctx, task, plan_task(task, agent))
+    run = taskrun_for_task(task)
     if task.status.ready:
         # Ready first, run second: the run's first prepare then never finds its Task not yet Ready (a
         # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the
         # watcher's resync, which re-validates a Ready Task whose run is missing.
-        create_children(ctx, task, [taskrun_for_task(task)])
-    run = get_or_none(ctx, TaskRun, task.namespace, taskrun_for_task(task).name)
-    _write(ctx, task, plan_task_output(task, run))
+        create_children(ctx, task, [run])
+    _write(ctx, task, plan_task_output(task, get_or_none(ctx, TaskRun, task.namespace, run.name)))
 
 
 def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:

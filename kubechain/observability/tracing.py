@@ -114,6 +114,16 @@ class RunSpanIds(RandomIdGenerator):
         return ids[1] if ids else super().generate_span_id()
 
 
+def _start_span_with_ids(ids: tuple[str, str], name: str, **options: Any) -> Span | None:
+    """A span started with the given ids (trace id, span id; hex: the trace id only counts for a root), or
+    None when the provider cannot take them (no recording provider of ours)."""
+    generator = getattr(trace.get_tracer_provider(), "id_generator", None)
+    if not isinstance(generator, RunSpanIds):
+        return None
+    with generator.forced(int(ids[0], 16), int(ids[1], 16)):  # this span only, not those it starts
+        return _tracer().start_span(name, **options)
+
+
 def tracer_provider(resource: Resource | None = None) -> TracerProvider:
     """A provider that can export runs' root spans (see ``export_run_span``)."""
     return TracerProvider(resource=resource or Resource.create(), id_generator=RunSpanIds())
@@ -125,18 +135,17 @@ def export_run_span(
     """The run's root span, ``TaskRun/<name>``, from its creation to its end. Every span of the run names
     it as parent from the start, but it is only known whole once the run ended: it is made then, by the
     worker whose write ended the run, so trace backends show the run as one tree with a root."""
-    ids = getattr(trace.get_tracer_provider(), "id_generator", None)
-    if not isinstance(ids, RunSpanIds):
-        return  # not recording (no OTLP endpoint), or a provider that cannot take the run's ids
     root = run_trace_ids(run_uid)
-    with ids.forced(int(root["traceID"], 16), int(root["spanID"], 16)):
-        run_span = _tracer().start_span(
-            f"TaskRun/{name}",
-            context=otel_context.Context(),  # a root: no parent, whatever span is current
-            kind=SpanKind.SERVER,
-            start_time=int(started.timestamp() * 1e9),
-            attributes={"taskrun.name": name, "taskrun.namespace": namespace, "taskrun.uid": run_uid},
-        )
+    run_span = _start_span_with_ids(
+        (root["traceID"], root["spanID"]),
+        f"TaskRun/{name}",
+        context=otel_context.Context(),  # a root: no parent, whatever span is current
+        kind=SpanKind.SERVER,
+        start_time=int(started.timestamp() * 1e9),
+        attributes={"taskrun.name": name, "taskrun.namespace": namespace, "taskrun.uid": run_uid},
+    )
+    if run_span is None:
+        return  # not recording (no OTLP endpoint), or a provider that cannot take the run's ids
     run_span.set_status(Status(StatusCode.ERROR, error) if error else Status(StatusCode.OK))
     run_span.end(end_time=int(max(ended, started).timestamp() * 1e9))
 
@@ -196,11 +205,13 @@ def toolcall_span_id(toolcall_uid: str) -> str:
     return hashlib.sha256(f"toolcall/{toolcall_uid}".encode()).hexdigest()[:16]
 
 
+def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attributes.items() if v is not None}
+
+
 @contextmanager
 def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
-    with _tracer().start_as_current_span(
-        name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
-    ) as current:
+    with _tracer().start_as_current_span(name, context=parent, attributes=_present(attributes)) as current:
         yield current
 
 
@@ -210,14 +221,12 @@ def span_with_ids(
 ) -> Iterator[Span]:
     """:func:`span`, with the ids (trace id, span id; hex) a status already names for it (a tool call's
     spanContext) when the provider is ours; the trace id only counts for a root."""
-    generator = getattr(trace.get_tracer_provider(), "id_generator", None)
-    if ids is None or not isinstance(generator, RunSpanIds):
+    started = (
+        _start_span_with_ids(ids, name, context=parent, attributes=_present(attributes)) if ids else None
+    )
+    if started is None:
         with span(name, parent, **attributes) as current:
             yield current
         return
-    with generator.forced(int(ids[0], 16), int(ids[1], 16)):  # this span only, not those it starts
-        current = _tracer().start_span(
-            name, context=parent, attributes={k: v for k, v in attributes.items() if v is not None}
-        )
-    with trace.use_span(current, end_on_exit=True):
-        yield current
+    with trace.use_span(started, end_on_exit=True):
+        yield started

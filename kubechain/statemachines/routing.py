@@ -338,15 +338,23 @@ def dependents(
     return out
 
 
+def _runs_by_task(
+    cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]], phase: str | None = None
+) -> set[tuple[str, Any]]:
+    """(namespace, Task label value) of every cached TaskRun a Task made (in ``phase``, if given)."""
+    return {
+        (ns, ((run.get("metadata") or {}).get("labels") or {}).get(LABEL_TASK))
+        for (ns, _), run in (cache.get("TaskRun") or {}).items()
+        if phase is None or (_status(run).get("phase") or "") == phase
+    }
+
+
 def tasks_missing_their_run(
     cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
 ) -> list[Work]:
     """Ready Tasks with no TaskRun labelled as theirs: the worker that wrote Ready died before it created
     the run, and its message is gone too. Validating the Task again creates the run."""
-    runs_of = {
-        (ns, ((run.get("metadata") or {}).get("labels") or {}).get(LABEL_TASK))
-        for (ns, _), run in (cache.get("TaskRun") or {}).items()
-    }
+    runs_of = _runs_by_task(cache)
     return [
         Work(TaskName.VALIDATE, "Task", ns, name, reason="resync")
         for (ns, name), task in (cache.get("Task") or {}).items()
@@ -359,11 +367,7 @@ def tasks_missing_their_output(
 ) -> list[Work]:
     """Tasks whose run gave its final answer while the Task does not show it: the event that should have
     prompted the Task (its run finishing) came while no watcher was leading, or its message was lost."""
-    answered = {
-        (ns, ((run.get("metadata") or {}).get("labels") or {}).get(LABEL_TASK))
-        for (ns, _), run in (cache.get("TaskRun") or {}).items()
-        if (_status(run).get("phase") or "") == TaskRunPhase.FINAL_ANSWER
-    }
+    answered = _runs_by_task(cache, TaskRunPhase.FINAL_ANSWER)
     return [
         Work(TaskName.VALIDATE, "Task", ns, name, reason="output-missing")
         for (ns, name), task in (cache.get("Task") or {}).items()

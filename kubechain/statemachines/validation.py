@@ -174,8 +174,7 @@ def taskrun_for_task(task: Task) -> TaskRun:
 def plan_task_output(task: Task, run: TaskRun | None) -> Transition | None:
     """The Task's ``Output`` column: its run's final answer (the original declared it and never wrote it),
     and nothing while its run has none (a run deleted and created again must not show the old answer)."""
-    answered = run is not None and run.phase == TaskRunPhase.FINAL_ANSWER
-    wanted = (run.status.output or None) if answered and run is not None else None
+    wanted = (run.status.output or None) if run and run.phase == TaskRunPhase.FINAL_ANSWER else None
     if (task.status.output or None) == wanted:
         return None
     return Transition(status={"output": wanted})  # None removes the field (merge patch)

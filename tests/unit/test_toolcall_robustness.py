@@ -4,6 +4,7 @@ that is briefly unreachable, and results too large to store."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -205,15 +206,20 @@ def test_a_sub_agent_that_never_starts_fails_its_call_after_the_timeout_and_its_
     )
 
 
+def failing(status: int, reason: str, text: str) -> Callable[..., None]:
+    """A client call that the API server answers with ``status``."""
+
+    def call(*_: Any, **__: Any) -> None:
+        raise error_for(status, {"reason": reason, "message": text})
+
+    return call
+
+
 def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
     waiting_for_its_agent(kube, ctx, child)
-
-    def forbidden(*_: Any, **__: Any) -> None:
-        raise error_for(403, {"reason": "Forbidden", "message": "cannot delete resource taskruns"})
-
-    kube.delete = forbidden  # type: ignore[method-assign]
+    kube.delete = failing(403, "Forbidden", "cannot delete resource taskruns")  # type: ignore[method-assign]
     ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
@@ -225,11 +231,7 @@ def test_an_api_server_hiccup_while_deleting_a_sub_agent_run_is_retried_not_fina
     ctx, name, child = delegated(kube)
     waiting_for_its_agent(kube, ctx, child)
     real_delete = kube.delete
-
-    def unavailable(*_: Any, **__: Any) -> None:
-        raise error_for(503, {"reason": "ServiceUnavailable", "message": "etcd leader changed"})
-
-    kube.delete = unavailable  # type: ignore[method-assign]
+    kube.delete = failing(503, "ServiceUnavailable", "etcd leader changed")  # type: ignore[method-assign]
     ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
     with pytest.raises(Unavailable):  # Celery's autoretry delivers it again
         tool_call(ctx, message("TaskRunToolCall", name))
