@@ -13,7 +13,8 @@ from kubechain.cli import main
 )
 @click.option(
     "--pool",
-    type=click.Choice(["threads", "prefork", "solo", "gevent"]),
+    # No gevent/eventlet: they need monkey-patching before anything else is imported.
+    type=click.Choice(["threads", "prefork", "solo"]),
     default="threads",
     show_default=True,
     help="I/O-bound work (LLM and tool calls) wants threads",

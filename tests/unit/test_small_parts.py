@@ -307,3 +307,15 @@ def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_
             raise ValueError("a 200 whose body is not JSON")
 
     EventRecorder(BrokenProxy(), "kubechain-worker", "w1").emit(run, "Normal", "X", "y", key="2")
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_worker_refuses_pools_it_cannot_run(pool: str) -> None:
+    """gevent/eventlet need monkey-patching before any import; the CLI would start them unpatched."""
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--pool", pool])
+    assert result.exit_code == 2
+    assert "Invalid value for '--pool'" in result.output
