@@ -281,6 +281,10 @@ def details(row: dict[str, Any]) -> str:
         api = f.get("api_requests_per_run") or {}
         if api:
             parts.append(f"API requests/run {fmt(api.get('total'), '.1f')}")
+            # a status write that met a stale watch-cache copy re-reads the object from etcd
+            stale = (api.get("etcd_by_request") or {}).get("get taskruns")
+            if stale is not None:
+                parts.append(f"etcd re-reads/run {fmt(stale, '.2f')}")
         cpu = f.get("cpu_ms_per_run") or {}
         if cpu:
             parts.append(

@@ -136,6 +136,8 @@ def test_apiserver_request_counters() -> None:
             'apiserver_request_total{code="201",component="apiserver",resource="taskruns",subresource="",verb="POST"} 4',
             'apiserver_request_total{code="200",component="apiserver",resource="taskruns",subresource="",verb="WATCH"} 1',
             'apiserver_request_total{code="200",component="",resource="",subresource="/readyz",verb="GET"} 9',
+            'etcd_request_duration_seconds_count{operation="get",type="taskruns.kubechain.humanlayer.dev"} 3',
+            'etcd_request_duration_seconds_count{operation="update",type="taskruns.kubechain.humanlayer.dev"} 14',
         ]
     )
     after = parse_request_totals(metrics)
@@ -149,6 +151,7 @@ def test_apiserver_request_counters() -> None:
     }
     assert per_run["total"] == 8.0 and per_run["conflicts_409"] == 1.0
     assert per_run["errors"] == {"PATCH taskruns/status 409": 2}
+    assert per_run["etcd_by_request"] == {"update taskruns": 7.0, "get taskruns": 1.5}
 
 
 FIXED_RESULT: dict[str, Any] = {
@@ -192,7 +195,7 @@ FIXED_RESULT: dict[str, Any] = {
                 "answer_to_next_ms": {"p50": 85.4, "p95": 195.4, "p99": 198.3},
                 "writes_per_run": 4.0,
                 "events_per_run": 3.0,
-                "api_requests_per_run": {"total": 9.1},
+                "api_requests_per_run": {"total": 9.1, "etcd_by_request": {"get taskruns": 0.09}},
                 "target_runs_per_s": 53.45,
                 "meets_target": False,
             },
@@ -265,7 +268,11 @@ def test_render_table_from_a_fixed_result() -> None:
     assert table[0].split("|")[1].strip() == "scenario"
     body = "\n".join(table)
     assert "428 writes/s" in body and "machine CPU 95% busy" in body  # 2.66 s of 2 cores × 1.4 s
-    assert "18.6 runs/s" in body and "target ≥ 53.5 runs/s: MISSED" in body and "API requests/run 9.1" in body
+    assert (
+        "18.6 runs/s" in body
+        and "target ≥ 53.5 runs/s: MISSED" in body
+        and "API requests/run 9.1; etcd re-reads/run 0.09" in body
+    )
     assert "8.91 s (ideal 1.0 s)" in body and "max concurrent tools 25" in body
     assert "peak RSS 315 MiB" in body and "TIMED OUT" in body and "1 FAILED" in body
     assert "1 straggler(s), worst 200 s (waited 190 s in SendContextWindowToLLM)" in body
