@@ -28,6 +28,7 @@ from kubechain.observability.tracing import run_context, setup_tracing, span, tr
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import (
+    SLIMMED,
     VALIDATED_KINDS,
     Work,
     dependents,
@@ -53,7 +54,7 @@ MAX_SNAPSHOT_BYTES = 32 * 1024
 
 
 def _carries_snapshot(work: Work, snapshot: dict[str, Any] | None) -> bool:
-    if snapshot is None or work.kind not in ("TaskRun", "TaskRunToolCall"):
+    if snapshot is None or work.kind not in ("TaskRun", "TaskRunToolCall") or snapshot.get(SLIMMED):
         return False
     return len(json.dumps(snapshot, separators=(",", ":"))) <= MAX_SNAPSHOT_BYTES
 

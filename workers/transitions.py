@@ -12,6 +12,7 @@ from kubechain.models import Resource, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import export_run_span
 from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.routing import SLIMMED
 from kubechain.statemachines.taskrun import plan_children_rejected
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
@@ -124,7 +125,7 @@ def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], in
 def message_object(message: ResourceMessage, model: type[R]) -> R | None:
     """The object the message carries (the watcher's snapshot), if it is the one the message names."""
     snapshot = message.snapshot
-    if snapshot is None or snapshot.get("kind", model.KIND) != model.KIND:
+    if snapshot is None or snapshot.get("kind", model.KIND) != model.KIND or snapshot.get(SLIMMED):
         return None
     if (snapshot.get("metadata") or {}).get("name") != message.name:
         return None

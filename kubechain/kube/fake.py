@@ -21,20 +21,7 @@ from typing import Any
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import ClusterConnection
 from kubechain.kube.errors import error_for
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
+from kubechain.models.base import merge_patch
 
 # apimachinery's validation: DNS-1123 subdomain names, and label values of at most 63 characters.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")

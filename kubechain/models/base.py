@@ -6,9 +6,10 @@ convention); irregular wire names (``externalCallID``, ``channelOrUserID``...) c
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
@@ -21,6 +22,19 @@ API_VERSION = f"{GROUP}/{VERSION}"
 SCHEMA_REQUIRED: JsonDict = {"x-kubechain-required": True}
 # Marks a free-form object whose keys the API server must keep (JSON schemas, tool arguments).
 PRESERVE_UNKNOWN: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: ``patch``'s keys replace ``target``'s, None deletes, objects merge."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
 
 
 class KubeModel(BaseModel):
@@ -75,6 +89,9 @@ class Resource(KubeModel, Generic[SpecT, StatusT]):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: SpecT
     status: StatusT
+    # The status exactly as the API server sent it, fields this model does not know included (a newer
+    # KubeChain's, during a rolling upgrade): a write of the whole status starts from it.
+    _wire_status: dict[str, Any] | None = PrivateAttr(default=None)
 
     @classmethod
     def from_wire(cls, obj: dict[str, Any]) -> Self:
@@ -82,7 +99,15 @@ class Resource(KubeModel, Generic[SpecT, StatusT]):
         data.setdefault("status", {})
         if data.get("status") is None:
             data["status"] = {}
-        return cls.model_validate(data)
+        resource = cls.model_validate(data)
+        resource._wire_status = data["status"]
+        return resource
+
+    def status_after(self, patch: dict[str, Any]) -> dict[str, Any]:
+        """The whole status once ``patch`` (wire names; None deletes) is merged into this version's."""
+        base = self._wire_status if self._wire_status is not None else self.status.to_wire()
+        merged: dict[str, Any] = merge_patch(base, patch)
+        return merged
 
     @property
     def name(self) -> str:

@@ -66,6 +66,9 @@ _FINISHED_BULK = {
 
 # In the watcher's cache, a Task's output (its run's whole answer) is replaced by whether it is shown.
 OUTPUT_SHOWN = "_outputShown"
+# Marks a finished object the watcher keeps without its bulk: never a base to write from (a worker
+# writes a whole status, merged into the version it read), so never sent as a message's snapshot.
+SLIMMED = "_kubechainSlimmed"
 
 
 def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +90,7 @@ def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         section = obj.get(part)
         if isinstance(section, dict) and any(field in section for field in fields):
             slim[part] = {key: value for key, value in section.items() if key not in fields}
+            slim[SLIMMED] = True
     return slim
 
 

@@ -40,7 +40,7 @@ class CountingKube(FakeKubeClient):
         self.calls.append((method, path))
         result = super().request(method, path, **kwargs)
         body = kwargs.get("body")
-        if method == "PATCH" and path.endswith("/status") and isinstance(body, dict):
+        if method in ("PATCH", "PUT") and path.endswith("/status") and isinstance(body, dict):
             phase = (body.get("status") or {}).get("phase")
             if phase:
                 self.phases.append(str(phase))

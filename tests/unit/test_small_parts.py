@@ -319,3 +319,25 @@ def test_worker_refuses_pools_it_cannot_run(pool: str) -> None:
     result = CliRunner().invoke(main, ["worker", "--pool", pool])
     assert result.exit_code == 2
     assert "Invalid value for '--pool'" in result.output
+
+
+def test_a_status_write_merges_into_the_version_it_read() -> None:
+    """patch_status PUTs the whole status: the read version's (fields this model does not know kept),
+    with the patch merged in (None deletes); a version that moved meanwhile is a Conflict."""
+    from kubechain.kube.errors import Conflict
+
+    kube = FakeKubeClient()
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    kube.patch_status_raw(
+        "taskruns", "default", "r", None, {"phase": "ReadyForLLM", "error": "old", "fromANewerVersion": 7}
+    )
+    run = kube.get(TaskRun, "default", "r")
+    written = kube.patch_status(run, {"phase": "FinalAnswer", "output": "42", "error": None})
+    stored = kube.get_raw("taskruns", "default", "r")
+    assert stored["status"] == {"phase": "FinalAnswer", "output": "42", "fromANewerVersion": 7}
+    assert stored["spec"] == {"agentRef": {"name": "a"}, "userMessage": "hi"}
+    assert written.status.output == "42" and written.resource_version == stored["metadata"]["resourceVersion"]
+    assert kube.requests[-2][0] == "PUT"
+    with pytest.raises(Conflict):
+        kube.patch_status(run, {"phase": "Failed"})
+    assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"

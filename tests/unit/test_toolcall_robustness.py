@@ -474,7 +474,7 @@ class FlakyKube(FakeKubeClient):
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body = kwargs.get("body")
         hit = (
-            method == "PATCH"
+            method in ("PATCH", "PUT")
             and isinstance(body, dict)
             and (body.get("status") or {}).get("phase") == self.phase
         )
@@ -518,7 +518,7 @@ def test_a_tool_result_write_that_landed_despite_the_error_is_not_repeated(
     tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["phase"] == "Succeeded"
     assert kube.event_reasons(name) == ["ExecutionSucceeded"], "the Event the lost answer skipped"
-    status_writes = [p for (m, p) in kube.requests if m == "PATCH" and p.endswith(f"/{name}/status")]
+    status_writes = [p for (m, p) in kube.requests if m in ("PATCH", "PUT") and p.endswith(f"/{name}/status")]
     assert len(status_writes) == 2, "the claim and the result, each once"
     assert calls == ["x"] and sleeps == [0.5]
 

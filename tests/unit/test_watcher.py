@@ -11,9 +11,12 @@ from typing import Any
 
 from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
+from kubechain.models import TaskRun, TaskRunToolCall
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import (
+    SLIMMED,
+    Work,
     cached_form,
     is_terminal,
     readiness,
@@ -24,7 +27,8 @@ from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import create
 from watcher.informer import Informer
 from watcher.leader import LeaderElector
-from watcher.main import Watcher
+from watcher.main import Watcher, _carries_snapshot
+from workers.transitions import message_object
 
 
 class ScriptedWatchKube(FakeKubeClient):
@@ -184,6 +188,16 @@ def test_finished_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_t
                 kind, whole, now, 60, resync=resync
             )
         assert readiness(kind, slim) == readiness(kind, whole) and is_terminal(kind, slim)
+        # A worker writes a whole status merged into the version it was given: a slimmed copy (what a
+        # resync finds in the cache) must never be that version, or the write would erase the bulk.
+        work = Work(TaskName.TOOL_CALL, kind, "default", whole["metadata"]["name"])
+        unmarked = {key: value for key, value in slim.items() if key != SLIMMED}
+        assert _carries_snapshot(work, unmarked) and not _carries_snapshot(work, slim)
+        message = ResourceMessage(
+            kind=kind, namespace="default", name=whole["metadata"]["name"], snapshot=slim
+        )
+        model = TaskRun if kind == "TaskRun" else TaskRunToolCall
+        assert message_object(message, model) is None, "a worker reads the object instead"
     whole_cache = {"TaskRun": {("default", "done"): finished}, "Task": {("default", "t"): ready("Task", "t")}}
     assert tasks_missing_their_run(caches | {"Task": whole_cache["Task"]}) == tasks_missing_their_run(
         whole_cache

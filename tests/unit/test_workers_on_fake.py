@@ -343,7 +343,7 @@ def test_a_claim_write_that_timed_out_but_was_applied_is_ours() -> None:
             result = super().request(method, path, **kwargs)  # type: ignore[arg-type]
             body = kwargs.get("body")
             if (
-                method == "PATCH"
+                method in ("PATCH", "PUT")
                 and not self.failed
                 and isinstance(body, dict)
                 and body.get("status", {}).get("phase") == "SendContextWindowToLLM"
