@@ -24,7 +24,10 @@ PROFILING_FLAG = "--profiling=true"
 # Requests run their handler in a goroutine of their own (finishRequest); their HTTP reading, TLS and
 # filter chain (authentication, authorization, priority and fairness, audit) are a separate category.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("status writes", ("customresource.(*StatusREST)", "serveStatus.PatchResource")),
+    (
+        "status writes",
+        ("customresource.(*StatusREST)", "serveStatus.PatchResource", "serveStatus.UpdateResource"),
+    ),
     ("creates (custom resources)", ("crdHandler).serveResource.CreateResource",)),
     ("Events (creates of core objects)", ("endpoints/handlers.CreateResource",)),
     ("other requests", ("finisher.finishRequest",)),

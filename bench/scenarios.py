@@ -522,8 +522,12 @@ def _status_writes(
     the moment its previous write returns is usually still stale in the API server's watch cache, and
     the server then applies the patch twice (first to the cached copy, which fails its resourceVersion
     precondition, then to a fresh read from etcd) — a cost of that access pattern, not of a write.
-    ``created``: the objects as created; the first write of each is conditional on that version."""
-    rvs = {name: run.resource_version for name, run in created.items()}
+    ``created``: the objects as created; the first write of each is conditional on that version.
+
+    Each write is KubeChain's own (``KubeClient.patch_status``: the whole status, merged into the version
+    written last, PUT with its resourceVersion) — the cheapest conditional status write the API server
+    takes (a merge patch of the same statuses costs it about a quarter more CPU)."""
+    current = dict(created)
     lock = threading.Lock()
     counter = [0]
     latencies: list[float] = []
@@ -540,13 +544,13 @@ def _status_writes(
             status = cycle[(step // len(names)) % len(cycle)]
             t0 = time.perf_counter()
             try:
-                result = kube.patch_status_raw("taskruns", namespace, name, rvs[name], status)
+                written = kube.patch_status(current[name], status)
             except Conflict:
                 conflicts[0] += 1
-                rvs[name] = kube.get_raw("taskruns", namespace, name)["metadata"]["resourceVersion"]
+                current[name] = kube.get(TaskRun, namespace, name)
                 continue
             elapsed = time.perf_counter() - t0
-            rvs[name] = result["metadata"]["resourceVersion"]
+            current[name] = written
             step += 1
             with lock:
                 latencies.append(elapsed)

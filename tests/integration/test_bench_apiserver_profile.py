@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.apiserver_profile import ProfileRecorder, summarize
 from bench.scenarios import taskrun
 from kubechain.kube.client import KubeClient
+from kubechain.models import TaskRun
 from kubechain.testing.binaries import find_go
 from kubechain.testing.controlplane import LocalControlPlane
 
@@ -15,17 +16,14 @@ from kubechain.testing.controlplane import LocalControlPlane
 def test_profile_of_status_writes_shows_them(
     control_plane: LocalControlPlane, kube: KubeClient, namespace: str, tmp_path: Path
 ) -> None:
-    created = kube.create_raw("taskruns", namespace, taskrun("profiled", "nobody", "profile"))
-    version = created["metadata"]["resourceVersion"]
+    run = TaskRun.from_wire(kube.create_raw("taskruns", namespace, taskrun("profiled", "nobody", "profile")))
     recorder = ProfileRecorder(control_plane, tmp_path / "writes", chunk_s=1).start()
     writes = 0
     # Write until a whole profile has been taken while writing (the first may have begun a moment
     # before the writes did).
     while len(recorder.files) < 2 and recorder.error is None:
         status = {"phase": "Pending", "statusDetail": f"write {writes}", "messageCount": writes}
-        version = kube.patch_status_raw("taskruns", namespace, "profiled", version, status)["metadata"][
-            "resourceVersion"
-        ]
+        run = kube.patch_status(run, status)  # a status write as KubeChain makes it (a PUT)
         writes += 1
     files = recorder.stop()
     assert recorder.error is None

@@ -534,15 +534,13 @@ def test_status_writes_rotate_over_each_threads_objects_writing_the_cycle_in_ord
     groups = [["a-0", "a-1"], ["b-0", "b-1"]]
     created = _create_taskruns(kube, "ns", ["a-0", "a-1", "b-0", "b-1"])
     written: list[tuple[str, str]] = []
-    patch = kube.patch_status_raw
+    patch = kube.patch_status
 
-    def recording_patch(
-        plural: str, namespace: str, name: str, rv: str | None, status: dict[str, Any]
-    ) -> Any:
-        written.append((name, status["phase"]))
-        return patch(plural, namespace, name, rv, status)
+    def recording_patch(run: Any, status: dict[str, Any]) -> Any:
+        written.append((run.name, status["phase"]))
+        return patch(run, status)
 
-    kube.patch_status_raw = recording_patch  # type: ignore[method-assign]
+    kube.patch_status = recording_patch  # type: ignore[method-assign]
     cycle = [{"phase": "ReadyForLLM"}, {"phase": "SendContextWindowToLLM"}, {"phase": "FinalAnswer"}]
     burst = _status_writes(kube, "ns", groups, created, cycle, 12, time.monotonic() + 30)
     assert len(burst.latencies) == 12 and burst.conflicts == 0
