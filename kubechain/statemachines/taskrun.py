@@ -7,7 +7,7 @@
     SendContextWindowToLLM --429/5xx/timeout--> ErrorBackoff --(nextAttemptAt)--> SendContextWindowToLLM
     any --4xx / empty response / budget exhausted--> Failed
 
-Every transition is applied as a merge patch conditional on the resourceVersion the decision was made
+Every transition is merged into the status as a write conditional on the resourceVersion the decision was made
 from, so of two workers deciding the same transition exactly one wins.
 """
 

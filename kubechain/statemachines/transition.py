@@ -20,7 +20,8 @@ class EventSpec:
 
 @dataclass
 class Transition:
-    """Apply ``status`` as a conditional merge patch; only if it wins, emit ``events`` and create ``children``."""
+    """Merge ``status`` into the object's (conditional on its resourceVersion); only if that write wins,
+    emit ``events`` and create ``children``."""
 
     status: dict[str, Any]
     events: list[EventSpec] = field(default_factory=list)
