@@ -249,10 +249,13 @@ class KubeClient:
         precondition guarantees ``resource`` is the stored version), but kube-apiserver accepts a PUT
         for about a quarter less CPU than a merge patch, which it must apply to a re-encoded copy of
         the stored object (4.1 vs 5.6 ms per write, 16 writers, this repository's TaskRun statuses).
-        Without the precondition (or a resourceVersion to hold it) the write is a merge patch.
+        Without the precondition (or a resourceVersion to hold it) the write is a merge patch, and so it
+        is for a model not read from the API server (whose whole status on the wire is unknown).
         """
-        if not precondition or not resource.resource_version:
-            raw = self.patch_status_raw(resource.PLURAL, resource.namespace, resource.name, None, status)
+        version = resource.resource_version if precondition else None
+        whole = resource.status_after(status) if version else None
+        if whole is None:
+            raw = self.patch_status_raw(resource.PLURAL, resource.namespace, resource.name, version, status)
             return type(resource).from_wire(raw)
         body = {
             "apiVersion": resource.api_version,
@@ -262,7 +265,7 @@ class KubeClient:
                 "namespace": resource.namespace,
                 "resourceVersion": resource.resource_version,
             },
-            "status": resource.status_after(status),
+            "status": whole,
         }
         path = custom_path(resource.PLURAL, resource.namespace, resource.name, "status")
         return type(resource).from_wire(self.request("PUT", path, body=body))

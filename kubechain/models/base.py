@@ -103,10 +103,12 @@ class Resource(KubeModel, Generic[SpecT, StatusT]):
         resource._wire_status = data["status"]
         return resource
 
-    def status_after(self, patch: dict[str, Any]) -> dict[str, Any]:
-        """The whole status once ``patch`` (wire names; None deletes) is merged into this version's."""
-        base = self._wire_status if self._wire_status is not None else self.status.to_wire()
-        merged: dict[str, Any] = merge_patch(base, patch)
+    def status_after(self, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """The whole status once ``patch`` (wire names; None deletes) is merged into this version's;
+        None for a model not read from the API server (its status on the wire is unknown)."""
+        if self._wire_status is None:
+            return None
+        merged: dict[str, Any] = merge_patch(self._wire_status, patch)
         return merged
 
     @property

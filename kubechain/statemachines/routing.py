@@ -66,8 +66,9 @@ _FINISHED_BULK = {
 
 # In the watcher's cache, a Task's output (its run's whole answer) is replaced by whether it is shown.
 OUTPUT_SHOWN = "_outputShown"
-# Marks a finished object the watcher keeps without its bulk: never a base to write from (a worker
-# writes a whole status, merged into the version it read), so never sent as a message's snapshot.
+# Marks an object the watcher keeps in a reduced form (a finished run or tool call without its bulk, a
+# Task without its output): never a base to write from (a worker writes a whole status, merged into the
+# version it read), so never sent as a message's snapshot.
 SLIMMED = "_kubechainSlimmed"
 
 
@@ -82,7 +83,7 @@ def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(status, dict) or "output" not in status:
             return obj
         kept = {key: value for key, value in status.items() if key != "output"}
-        return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}}
+        return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}, SLIMMED: True}
     if not is_terminal(kind, obj):
         return obj
     slim = dict(obj)

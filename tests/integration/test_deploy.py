@@ -142,6 +142,9 @@ def rbac(kubectl: Kubectl, system_namespace: str) -> Iterator[None]:
     ("verb", "resource", "extra", "allowed"),
     [
         ("patch", f"taskruns.{GROUP}", ("--subresource=status",), True),
+        ("update", f"taskruns.{GROUP}", ("--subresource=status",), True),  # a transition's PUT
+        ("update", f"taskruntoolcalls.{GROUP}", ("--subresource=status",), True),
+        ("update", f"agents.{GROUP}", ("--subresource=status",), True),
         ("patch", f"taskruntoolcalls.{GROUP}", ("--subresource=status",), True),
         ("patch", f"llms.{GROUP}", ("--subresource=status",), True),
         ("watch", f"agents.{GROUP}", (), True),

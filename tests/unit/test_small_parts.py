@@ -341,3 +341,10 @@ def test_a_status_write_merges_into_the_version_it_read() -> None:
     with pytest.raises(Conflict):
         kube.patch_status(run, {"phase": "Failed"})
     assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"
+    # A model not read from the API server has no known wire status: a conditional merge patch instead.
+    built = TaskRun.model_validate(kube.get_raw("taskruns", "default", "r"))
+    kube.patch_status(built, {"error": "e"})
+    assert kube.requests[-1][0] == "PATCH"
+    assert kube.get_raw("taskruns", "default", "r")["status"]["fromANewerVersion"] == 7
+    with pytest.raises(Conflict):
+        kube.patch_status(built, {"error": "stale"})
