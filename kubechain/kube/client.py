@@ -248,7 +248,9 @@ class KubeClient:
         The merge is done here and the whole status is PUT: the outcome is the merge patch's (the
         precondition guarantees ``resource`` is the stored version), but kube-apiserver accepts a PUT
         for about a quarter less CPU than a merge patch, which it must apply to a re-encoded copy of
-        the stored object (4.1 vs 5.6 ms per write, 16 writers, this repository's TaskRun statuses).
+        the stored object (4.1 vs 5.6 ms per write, 16 writers, this repository's TaskRun statuses; with a
+        300 KB context window, a claim's write: 51-56 vs 91-108 ms, 27-29 vs 16-19 writes/s, for ~3 ms
+        more client CPU to send the whole status).
         Without the precondition (or a resourceVersion to hold it) the write is a merge patch, and so it
         is for a model not read from the API server (whose whole status on the wire is unknown).
         """
