@@ -511,15 +511,22 @@ ETCD_PREFIX = "etcd "
 
 def parse_request_totals(metrics: str) -> Counter[str]:
     """``apiserver_request_total`` as {"VERB resource[/subresource][ CODE]": count}; the code is only
-    part of the key when it is not 2xx (409 = a lost conditional write)."""
+    part of the key when it is not 2xx (409 = a lost conditional write). The API server's own requests to
+    etcd are in it too, as {"etcd OPERATION resource": count} (``etcd_request_duration_seconds_count``)."""
     out: Counter[str] = Counter()
     for line in metrics.splitlines():
-        if not line.startswith("apiserver_request_total{"):
+        etcd = line.startswith("etcd_request_duration_seconds_count{")
+        if not etcd and not line.startswith("apiserver_request_total{"):
             continue
-        match = _REQUEST_TOTAL.match(line)
+        match = (_ETCD_TOTAL if etcd else _REQUEST_TOTAL).match(line)
         if not match:
             continue
         labels = dict(_LABEL.findall(match.group("labels")))
+        value = int(float(match.group("value")))
+        if etcd:
+            kind = (labels.get("type") or "?").split(".")[0]
+            out[f"{ETCD_PREFIX}{labels.get('operation', '?')} {kind}"] += value
+            continue
         resource = labels.get("resource") or ""
         if not resource:
             continue  # /readyz, /metrics, ...
@@ -528,13 +535,7 @@ def parse_request_totals(metrics: str) -> Counter[str]:
         code = labels.get("code", "")
         if code and not code.startswith("2"):
             key += f" {code}"
-        out[key] += int(float(match.group("value")))
-    for line in metrics.splitlines():
-        match = _ETCD_TOTAL.match(line) if line.startswith("etcd_request_duration_seconds_count{") else None
-        if match:
-            labels = dict(_LABEL.findall(match.group("labels")))
-            kind = (labels.get("type") or "?").split(".")[0]
-            out[f"{ETCD_PREFIX}{labels.get('operation', '?')} {kind}"] += int(float(match.group("value")))
+        out[key] += value
     return out
 
 

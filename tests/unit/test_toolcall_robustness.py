@@ -215,24 +215,33 @@ def failing(status: int, reason: str, text: str) -> Callable[..., None]:
     return call
 
 
-def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> None:
+def past_start_timeout_with_failing_delete(
+    status: int, reason: str, text: str
+) -> tuple[FakeKubeClient, Any, str, Callable[..., Any]]:
+    """A delegated call whose child run has waited a day for its Agent, and whose delete the API server
+    answers with ``status``; the client's real delete is returned too."""
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
     waiting_for_its_agent(kube, ctx, child)
-    kube.delete = failing(403, "Forbidden", "cannot delete resource taskruns")  # type: ignore[method-assign]
+    real_delete = kube.delete
+    kube.delete = failing(status, reason, text)  # type: ignore[method-assign]
     ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    return kube, ctx, name, real_delete
+
+
+def test_a_sub_agent_run_the_worker_may_not_delete_still_frees_its_parent() -> None:
+    kube, ctx, name, _ = past_start_timeout_with_failing_delete(
+        403, "Forbidden", "cannot delete resource taskruns"
+    )
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed" and "could not be deleted (delete it by hand)" in status["error"]
 
 
 def test_an_api_server_hiccup_while_deleting_a_sub_agent_run_is_retried_not_final() -> None:
-    kube = FakeKubeClient()
-    ctx, name, child = delegated(kube)
-    waiting_for_its_agent(kube, ctx, child)
-    real_delete = kube.delete
-    kube.delete = failing(503, "ServiceUnavailable", "etcd leader changed")  # type: ignore[method-assign]
-    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    kube, ctx, name, real_delete = past_start_timeout_with_failing_delete(
+        503, "ServiceUnavailable", "etcd leader changed"
+    )
     with pytest.raises(Unavailable):  # Celery's autoretry delivers it again
         tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"

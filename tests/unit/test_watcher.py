@@ -348,7 +348,7 @@ def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
     )
     shown = {**task, "status": {**task["status"], "output": "the answer " * 1000}}
     informers["Task"].cache[("default", "t")] = cached_form("Task", shown)
-    assert cached_form("Task", shown)[SLIMMED], "a Task without its output is never a write's base"
+    assert informers["Task"].cache[("default", "t")][SLIMMED], "a Task without its output: never a base"
     assert "output" not in informers["Task"].cache[("default", "t")]["status"], "not kept in memory"
     assert watcher.resync(force=True) == 0, "its run exists and its answer is shown: nothing to do"
 
