@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from kubechain.heap import freeze_startup_heap
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
 from kubechain.observability.metrics import (
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     register_phase_collector(watcher.taskrun_phases)
     setup_tracing("kubechain-watcher")
     serve(settings.metrics_port)
+    freeze_startup_heap()
     watcher.run_forever()
 
 

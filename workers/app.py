@@ -14,6 +14,7 @@ from celery import Celery, signals
 from celery.concurrency import get_implementation
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from kubechain.heap import freeze_startup_heap
 from kubechain.kube.errors import Unavailable
 from kubechain.observability.logs import configure_logging, resource_context
 from kubechain.observability.metrics import (
@@ -157,6 +158,18 @@ def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
     )
     _metrics_registry = registry_for(prefork, settings.prometheus_multiproc_dir)
     _prefork_parent = prefork
+
+
+@signals.worker_init.connect
+def _settle_heap(**_: Any) -> None:
+    """Import the task handlers (and the SDKs they pull in) now rather than on the first task, then
+    freeze the start-up heap (before prefork children are forked, so its pages stay shared)."""
+    import workers.llm_call
+    import workers.prepare
+    import workers.tool_call
+    import workers.validators  # noqa: F401
+
+    freeze_startup_heap()
 
 
 @signals.worker_ready.connect

@@ -24,6 +24,14 @@ from tests.unit.fakes import FakeLLM, context
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _heap_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker_init also freezes the heap (see test_heap): not this test process's."""
+    import workers.app
+
+    monkeypatch.setattr(workers.app, "freeze_startup_heap", lambda: None)
+
+
 def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
