@@ -40,7 +40,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
             for call in message.tool_calls:
                 try:
                     arguments = json.loads(call.function.arguments or "{}")
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
                     arguments = {"_raw": call.function.arguments}
                 blocks.append(
                     {"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments}

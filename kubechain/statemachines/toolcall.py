@@ -127,7 +127,7 @@ def parse_arguments(toolcall: TaskRunToolCall) -> tuple[dict[str, Any], str | No
     """The call's arguments, or the error the LLM is told when they are not a JSON object."""
     try:
         value = json.loads(toolcall.spec.arguments or "{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can parse
         return {}, f"{INVALID_ARGUMENTS}: {exc}"
     if not isinstance(value, dict):
         return {}, f"{INVALID_ARGUMENTS}: arguments must be a JSON object, got {type(value).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,9 @@ MESSAGE_PARAMETERS = {
 MCP_SEPARATOR = "__"
 DELEGATE_PREFIX = "delegate_to_agent__"
 HUMAN_CONTACT_MARKER = "__human_contact"
+# Exactly what tool_definitions offers for a channel (the ContactChannel types are slack and email), so an
+# MCP tool such as ``crm__human_contact_lookup`` stays an MCP tool.
+HUMAN_CONTACT_NAME = re.compile(rf"(.+?){HUMAN_CONTACT_MARKER}(?:_slack|_email)?")
 
 ToolKind = Literal["tool", "mcp", "subagent", "human"]
 
@@ -32,9 +36,9 @@ class ToolTarget:
 def resolve_tool_name(function_name: str) -> ToolTarget:
     if function_name.startswith(DELEGATE_PREFIX):
         return ToolTarget("subagent", function_name[len(DELEGATE_PREFIX) :])
-    if HUMAN_CONTACT_MARKER in function_name:
-        channel, _, _ = function_name.partition(HUMAN_CONTACT_MARKER)
-        return ToolTarget("human", channel)
+    human = HUMAN_CONTACT_NAME.fullmatch(function_name)
+    if human:
+        return ToolTarget("human", human.group(1))
     parts = function_name.split(MCP_SEPARATOR)
     if len(parts) == 2 and all(parts):
         return ToolTarget("mcp", parts[0], parts[1])

@@ -147,3 +147,14 @@ def test_an_answer_of_the_wrong_shape_is_an_llm_error(fake: FakeAnthropic, reply
             LLMRequest(model="m", messages=[Message(role="user", content="hi")])
         )
     assert "unreadable response" in str(caught.value)
+
+
+def test_tool_arguments_it_cannot_parse_are_passed_raw() -> None:
+    """Not JSON, or nested deeper than json parses (RecursionError): the turn still goes out."""
+    from kubechain.llm.anthropic_provider import to_anthropic_messages
+
+    for raw in ("{oops", "[" * 100_000):
+        call = ToolCall(id="c1", type="function", function=ToolCallFunction(name="add", arguments=raw))
+        _, messages = to_anthropic_messages([Message(role="assistant", content="", tool_calls=[call])])
+        (block,) = messages[0]["content"]
+        assert block["input"] == {"_raw": raw}

@@ -15,7 +15,7 @@ from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.lease import lease_holder
 from kubechain.statemachines.routing import dependents, work_for
-from kubechain.statemachines.toolset import resolve_tool_name
+from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
 from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
 from tests.unit.fakes import create
@@ -104,6 +104,10 @@ def test_tool_name_resolution() -> None:
     assert resolve_tool_name("a__b__c").kind == "tool"
     assert resolve_tool_name("delegate_to_agent__helper").name == "helper"
     assert resolve_tool_name("approvers__human_contact_email").kind == "human"
+    assert resolve_tool_name("approvers__human_contact_slack").name == "approvers"
+    assert resolve_tool_name("approvers__human_contact").name == "approvers"
+    # an MCP server's tool whose name merely starts like one is still that server's tool
+    assert resolve_tool_name("crm__human_contact_lookup") == ToolTarget("mcp", "crm", "human_contact_lookup")
 
 
 def obj(kind: str, name: str, spec: dict, status: dict | None = None, generation: int = 1) -> dict:

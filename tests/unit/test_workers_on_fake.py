@@ -243,6 +243,17 @@ def test_bad_arguments_and_unknown_tools_are_tool_errors_the_llm_sees() -> None:
     assert status["output"].startswith("Error: Invalid arguments JSON")
 
 
+def test_arguments_nested_deeper_than_json_parses_fail_the_call_not_the_worker() -> None:
+    """json raises RecursionError, not ValueError, for them: still the LLM's mistake to hear about."""
+    kube = FakeKubeClient()
+    tool_turn(kube, ["[" * 100_000])
+    (name,) = toolcall_names(kube)
+    tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Failed" and status["statusDetail"] == "Invalid arguments JSON"
+    assert "ExecutionFailed" in kube.event_reasons(name)
+
+
 def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
     kube = ReadGateKube()
     llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
