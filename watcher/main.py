@@ -52,6 +52,7 @@ Send = Callable[[TaskName, ResourceMessage, float], None]
 # The object travels with its message (saving the worker a read) when it is small; the worker's first
 # step on it is a write conditional on its resourceVersion, so a stale snapshot only costs a conflict.
 MAX_SNAPSHOT_BYTES = 32 * 1024
+INITIAL_SYNC_TIMEOUT_S = 30.0
 
 
 def _carries_snapshot(work: Work, snapshot: dict[str, Any] | None) -> bool:
@@ -329,8 +330,11 @@ class Watcher:
         self._spawn(self._sender, "enqueue")
         self._spawn(self._resync_loop, "resync")
         self._spawn(self._gauges_loop, "gauges")
+        # One deadline for all: an informer that cannot sync (a namespace without RBAC, a missing CRD)
+        # must not hold up leader election once per kind; events and resync cope with a partial cache.
+        deadline = time.monotonic() + INITIAL_SYNC_TIMEOUT_S
         for informer in self.informers:
-            informer.synced.wait(timeout=30)
+            informer.synced.wait(timeout=max(0.0, deadline - time.monotonic()))
         if self.elector is not None:
             self.elector.start()
         else:

@@ -14,6 +14,7 @@ from kubechain.models import (
     TaskRunToolCall,
     label_value,
 )
+from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from kubechain.statemachines.transition import Transition
@@ -39,7 +40,7 @@ def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
 def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
     if run.metadata.deletion_timestamp or run.is_terminal():
         return
-    if run.phase == TaskRunPhase.TOOL_CALLS_PENDING:
+    if run.phase in FAN_IN_TASKRUN_PHASES:
         _fan_in(ctx, run)
     elif run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         _initial_context(ctx, run)

@@ -24,6 +24,9 @@ class TaskRunPhase(StrEnum):
 
 
 TERMINAL_TASKRUN_PHASES = frozenset({TaskRunPhase.FINAL_ANSWER, TaskRunPhase.FAILED})
+# Waiting for a turn's tool calls. KubeChain writes only ToolCallsPending; CheckingToolCalls is in the
+# original's phase enum (which never wrote it either), so a run found in it is treated the same.
+FAN_IN_TASKRUN_PHASES = frozenset({TaskRunPhase.TOOL_CALLS_PENDING, TaskRunPhase.CHECKING_TOOL_CALLS})
 
 TaskRunPhaseValue = Literal[
     "Initializing",

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from kubechain.models.labels import LABEL_TASK, label_value
-from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
+from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES, TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
@@ -20,7 +20,7 @@ from kubechain.statemachines.transition import HANDOFF_TIMEOUT_S, claim_remainin
 
 VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel")
 TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
-TASKRUN_PREPARE = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
+TASKRUN_PREPARE = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, *FAN_IN_TASKRUN_PHASES)
 TASKRUN_WAITING = ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
 TOOLCALL_AWAITING_DECISION = (
     ToolCallPhase.AWAITING_HUMAN_APPROVAL,

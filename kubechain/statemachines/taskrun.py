@@ -36,6 +36,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_TASK
+from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
     HANDOFF_TIMEOUT_S,
@@ -107,7 +108,10 @@ def window_bytes(messages: list[Message]) -> int:
 
 
 def needs_prepare(run: TaskRun) -> bool:
-    return run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING, TaskRunPhase.TOOL_CALLS_PENDING)
+    return (
+        run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING)
+        or run.phase in FAN_IN_TASKRUN_PHASES
+    )
 
 
 def handoff(worker: str | None, now: datetime) -> dict[str, Any]:
@@ -495,7 +499,7 @@ def plan_fan_in(
 ) -> FanIn:
     """When every tool call of the current turn is terminal, append their results in the LLM's order
     (``handoff_to``: as in ``plan_initial_context``)."""
-    if run.phase != TaskRunPhase.TOOL_CALLS_PENDING:
+    if run.phase not in FAN_IN_TASKRUN_PHASES:
         return FanIn([], None)
     expected = expected_toolcalls(run)
     if not expected:

@@ -555,3 +555,28 @@ def test_a_slow_renewal_counts_from_when_it_was_sent() -> None:
     elector.step()  # renews: sent at +2 s, answered at +11 s
     now[0] += timedelta(seconds=1)
     assert not elector.is_leader, "10 s after the renewTime it wrote: past the 9.9 s renew deadline"
+
+
+def test_start_waits_for_the_informers_to_sync_within_one_deadline(monkeypatch: Any) -> None:
+    """Informers that never sync (no RBAC in a namespace, a CRD missing) share one start-up deadline,
+    rather than each holding up leader election for the whole timeout in turn."""
+    import watcher.main as main
+
+    clock = [1000.0]
+    waited: list[float] = []
+
+    class NeverSynced:
+        def wait(self, timeout: float | None = None) -> bool:
+            waited.append(timeout or 0.0)
+            clock[0] += timeout or 0.0  # the wait used up its timeout
+            return False
+
+    monkeypatch.setattr(main.time, "monotonic", lambda: clock[0])
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    monkeypatch.setattr(watcher, "_spawn", lambda target, name: None)
+    monkeypatch.setattr(watcher, "resync", lambda force=False: 0)
+    for informer in watcher.informers:
+        monkeypatch.setattr(informer, "synced", NeverSynced())
+    watcher.start()
+    assert len(waited) == len(watcher.informers) > 1
+    assert sum(waited) == main.INITIAL_SYNC_TIMEOUT_S

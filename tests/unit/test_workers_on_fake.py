@@ -254,6 +254,24 @@ def test_arguments_nested_deeper_than_json_parses_fail_the_call_not_the_worker()
     assert "ExecutionFailed" in kube.event_reasons(name)
 
 
+def test_a_run_found_in_checking_tool_calls_is_fanned_in_like_tool_calls_pending() -> None:
+    """The original's phase enum has CheckingToolCalls (nothing writes it): such a run must not sit
+    there for ever, since neither an event nor a resync would otherwise give it work."""
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm)
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    kube.patch_status_raw("taskruns", "default", "r", None, {"phase": "CheckingToolCalls"})
+    run = kube.get_raw("taskruns", "default", "r")
+    (work,) = work_for("TaskRun", run, datetime.now(UTC), 60, resync=True)
+    assert work.task == TaskName.PREPARE
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer" and status["output"] == "3"
+
+
 def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
     kube = ReadGateKube()
     llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
