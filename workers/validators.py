@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any, TypeVar
 
-from kubechain.kube.errors import NotFound
+from kubechain.kube.errors import Forbidden, NotFound
 from kubechain.llm.base import LLMError
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
 from kubechain.queueing import ResourceMessage
@@ -59,6 +59,10 @@ def read_api_key(
         )
     except NotFound:
         raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found') from None
+    except Forbidden as denied:
+        # RBAC that does not grant this Secret (e.g. a Role narrowed to some names): the user's to fix,
+        # and retrying will not change it.
+        raise SecretProblem(f"failed to get secret: {denied.message}") from None
     if key not in data:
         raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
     if not data[key].strip():

@@ -46,7 +46,12 @@ def _response_from(completion: dict[str, Any]) -> LLMResponse:
     is wrong."""
     choices = completion.get("choices")
     if not choices:
-        raise LLMError("LLM returned no completion choices", retryable=False)
+        # Retried (bounded by the attempts), as the original did: gateways answer 200 with no choices,
+        # often with an error object, during an upstream hiccup.
+        error = completion.get("error")
+        detail = error.get("message") if isinstance(error, dict) else error
+        suffix = f": {str(detail)[:300]}" if detail else ""
+        raise LLMError(f"LLM returned no completion choices{suffix}", retryable=True)
     message = choices[0]["message"]
     calls = [
         ToolCall(

@@ -319,7 +319,9 @@ def plan_llm_answer(
         window.append(Message(role="assistant", content=content))
         # The answer is stored twice (window and output): both must fit in one status write.
         if window_bytes(window) + len(content.encode()) > limits.max_context_window_bytes:
-            return _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now)
+            return _fail(
+                run, _too_large_message(window, limits, len(content.encode())), "ContextWindowTooLarge", now
+            )
         return Transition(
             status={
                 "phase": TaskRunPhase.FINAL_ANSWER.value,
@@ -362,9 +364,12 @@ def plan_llm_answer(
     )
 
 
-def _too_large_message(window: list[Message], limits: LoopLimits) -> str:
+def _too_large_message(window: list[Message], limits: LoopLimits, output_bytes: int = 0) -> str:
+    """``output_bytes``: a final answer is written twice (window and output); both count."""
+    written = window_bytes(window) + output_bytes
+    what = "the context window and the answer" if output_bytes else "the context window"
     return (
-        f"the context window would be {window_bytes(window)} bytes, over the "
+        f"{what} would be {written} bytes, over the "
         f"{limits.max_context_window_bytes}-byte limit that keeps TaskRun status under etcd's request size limit"
     )
 

@@ -130,9 +130,16 @@ UNREADABLE = "LLM returned an unreadable response: "
                 {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
             ).encode(),
             "LLM returned no completion choices",
-            False,  # the endpoint answered, with nothing: asking again is not expected to help
+            True,  # as the original: a gateway's hiccup; retried, bounded by the attempts
             None,
             id="empty-choices",
+        ),
+        pytest.param(
+            json.dumps({"error": {"message": "upstream overloaded", "type": "server_error"}}).encode(),
+            "LLM returned no completion choices: upstream overloaded",
+            True,
+            None,
+            id="error-object-with-200",
         ),
         pytest.param(
             b'{"choices": [{"message": {"role": "assistant", "content": "caf\xe9 \xff\xfe"}}]}',

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -147,6 +148,29 @@ def test_empty_answer_fails_instead_of_looping() -> None:
     transition = plan_llm_answer(ready_run(phase="SendContextWindowToLLM"), "", [], None, NOW, LIMITS)
     assert transition.status["phase"] == "Failed"
     assert "empty response" in transition.status["error"]
+
+
+def test_a_final_answer_over_the_window_limit_reports_what_would_be_written() -> None:
+    """The answer is written twice (window and output): the figure in the message counts both."""
+    from dataclasses import replace
+
+    answer = "x" * 600
+    limits = replace(LIMITS, max_context_window_bytes=1000)
+    transition = plan_llm_answer(ready_run(phase="SendContextWindowToLLM"), answer, [], None, NOW, limits)
+    assert transition.status["phase"] == "Failed"
+    window_with_answer = len(
+        json.dumps(
+            [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "u"},
+                {"role": "assistant", "content": answer},
+            ]
+        ).encode()
+    )
+    assert (
+        f"the context window and the answer would be {window_with_answer + 600} bytes, over the 1000-byte"
+        in transition.status["error"]
+    )
 
 
 def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from kubechain.kube.errors import Conflict
+from kubechain.kube.errors import Conflict, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
@@ -124,6 +124,33 @@ def test_missing_secret_is_a_clear_error() -> None:
     status = kube.get_raw("llms", "default", "gpt-4o")["status"]
     assert status["status"] == "Error" and 'secrets "nope" not found' in status["statusDetail"]
     assert "ValidationFailed" in kube.event_reasons("gpt-4o")
+
+
+class SecretsForbidden(FakeKubeClient):
+    """A worker whose Role does not grant the Secret (403 on GET)."""
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        raise error_for(403, {"reason": "Forbidden", "message": f'secrets "{name}" is forbidden: no grant'})
+
+
+def test_a_secret_the_worker_may_not_read_is_a_clear_error_not_a_crash() -> None:
+    kube = SecretsForbidden()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    ready_agent_setup(kube)
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    validate(ctx, message("LLM", "gpt-4o"))
+    status = kube.get_raw("llms", "default", "gpt-4o")["status"]
+    assert status["status"] == "Error" and 'secrets "openai" is forbidden' in status["statusDetail"]
+    assert "ValidationFailed" in kube.event_reasons("gpt-4o")
+    # a run whose LLM was validated before the grant was narrowed
+    kube.patch_status_raw("llms", "default", "gpt-4o", None, {"ready": True, "status": "Ready"})
+    validate(ctx, message("Agent", "a"))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    run = kube.get_raw("taskruns", "default", "r")["status"]
+    assert run["phase"] == "Failed" and "is forbidden" in run["statusDetail"]
+    assert "SecretFetchFailed" in kube.event_reasons("r") and not llm.requests
 
 
 def test_a_run_whose_api_key_was_emptied_says_so_with_the_originals_reason() -> None:
