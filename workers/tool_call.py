@@ -159,7 +159,12 @@ class Executor:
                 return self._run_external(arguments)
             return Outcome(error=f"unsupported tool type {kind!r} for tool {ref!r}")
         except ToolError as exc:
-            return Outcome(error=str(exc))
+            return Outcome(error=str(exc), detail=exc.detail)
+        except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
+            # A bug or a surprise (the Tool edited while the call waited, say): reported like a tool
+            # error instead of escaping with the claim held until it expires.
+            log.exception("tool %s of %s/%s raised", ref, self.toolcall.namespace, self.toolcall.name)
+            return Outcome(error=f"tool {ref!r} failed unexpectedly: {type(exc).__name__}: {exc}"[:1000])
 
     def _run_external(self, arguments: dict[str, Any]) -> Outcome:
         assert self.tool is not None and self.tool.spec.execute is not None
@@ -181,11 +186,19 @@ class Executor:
         assert self.server is not None
         if self.ctx.mcp is None:
             return Outcome(error="this worker has no MCP manager (run MCP tools on the tools queue)")
-        result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
+        try:
+            result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
+        except ToolError as exc:  # MCPError: unreachable server, unknown tool, timeout
+            return Outcome(error=str(exc), detail=f"MCP tool execution failed: {exc}")
         ref = self.toolcall.spec.tool_ref.name
         if result.is_error:
-            return Outcome(error=f"tool execution error: {result.text}", detail="MCP tool execution failed")
-        return Outcome(result=result.text, event_message=f'MCP tool "{ref}" executed successfully')
+            error = f"tool execution error: {result.text}"
+            return Outcome(error=error, detail=f"MCP tool execution failed: {error}")
+        return Outcome(
+            result=result.text,
+            detail="MCP tool executed successfully",
+            event_message=f'MCP tool "{ref}" executed successfully',
+        )
 
 
 def find_tool(ctx: WorkerContext, namespace: str, function_name: str) -> Tool | None:
@@ -300,7 +313,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
                 current, outcome.error, ctx.clock(), detail=outcome.detail, max_bytes=max_bytes
             )
         return plan_tool_success(
-            current, outcome.result or "", ctx.clock(), outcome.event_message, max_bytes=max_bytes
+            current,
+            outcome.result or "",
+            ctx.clock(),
+            outcome.event_message,
+            detail=outcome.detail or "Tool executed successfully",
+            max_bytes=max_bytes,
         )
 
     _record(ctx, claimed, claimed_at, plan)

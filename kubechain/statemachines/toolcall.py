@@ -103,13 +103,14 @@ def plan_tool_success(
     now: datetime,
     event_message: str,
     *,
+    detail: str = "Tool executed successfully",
     max_bytes: int = MAX_STATUS_TEXT_BYTES,
 ) -> Transition:
     return Transition(
         status={
             "phase": ToolCallPhase.SUCCEEDED.value,
             "status": "Succeeded",
-            "statusDetail": "Tool executed successfully",
+            "statusDetail": detail,
             "result": truncate(result, max_bytes),
             "error": None,
             "completionTime": timestamp(now),
@@ -152,7 +153,7 @@ def plan_tool_failure(
         status={
             "phase": ToolCallPhase.FAILED.value,
             "status": "Error",
-            "statusDetail": detail or error,
+            "statusDetail": truncate(detail, max_bytes) if detail else error,
             "error": error,
             "completionTime": timestamp(now),
             "claimedBy": None,

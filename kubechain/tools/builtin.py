@@ -8,7 +8,12 @@ from typing import Any
 
 
 class ToolError(Exception):
-    """A tool ran and failed; the message goes back to the LLM."""
+    """A tool ran and failed; the message goes back to the LLM. ``detail``: the status detail, where the
+    original shows one that differs from the error (``Division by zero``)."""
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 def go_format_float(value: float) -> str:
@@ -39,7 +44,7 @@ def _operand(arguments: dict[str, Any], key: str) -> float:
         raise ToolError(f"argument {key!r} must be a number, got a boolean")
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise ToolError(f"argument {key!r} must be a number, got {value!r}") from None
 
 
@@ -53,7 +58,7 @@ def run_builtin(name: str, arguments: dict[str, Any]) -> str:
         result = a * b
     elif name == "divide":
         if b == 0:
-            raise ToolError("division by zero")
+            raise ToolError("division by zero", detail="Division by zero")
         result = a / b
     else:
         raise ToolError(f'unsupported builtin function "{name}"')

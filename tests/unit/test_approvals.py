@@ -21,7 +21,7 @@ import pytest
 from kubechain.humanlayer.testserver import HumanLayerTestServer
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
-from kubechain.mcp.common import MCPToolResult
+from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.models import MCPServer, TaskRunToolCall, ToolCall, ToolCallFunction
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
@@ -643,6 +643,38 @@ def test_tools_without_approval_run_directly(world: World) -> None:
     add_toolcall(w)
     w.run()
     assert w.status()["phase"] == "Succeeded" and w.calls_to_humanlayer() == []
+    assert w.status()["statusDetail"] == "MCP tool executed successfully"  # the original's text
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (MCPToolResult(text="no such page", is_error=True), "tool execution error: no such page"),
+        (MCPError("timed out after 30s calling fetch"), "timed out after 30s calling fetch"),
+    ],
+    ids=["tool-error-result", "server-error"],
+)
+def test_a_failed_mcp_call_says_so_with_the_originals_detail(
+    world: World, monkeypatch: pytest.MonkeyPatch, failure: MCPToolResult | MCPError, error: str
+) -> None:
+    w = world
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
+        body={"spec": {"approvalContactChannel": None}},
+    )
+
+    def call_tool(server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
+        if isinstance(failure, Exception):
+            raise failure
+        return failure
+
+    monkeypatch.setattr(w.mcp, "call_tool", call_tool)
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed" and status["error"] == error
+    assert status["statusDetail"] == f"MCP tool execution failed: {error}"
 
 
 # -- humans as tools ---------------------------------------------------------------------------------

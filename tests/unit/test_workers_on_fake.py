@@ -299,6 +299,40 @@ def test_a_run_found_in_checking_tool_calls_is_fanned_in_like_tool_calls_pending
     assert status["phase"] == "FinalAnswer" and status["output"] == "3"
 
 
+def test_builtin_failures_read_as_the_originals_and_never_escape_the_claim(monkeypatch: Any) -> None:
+    """Division by zero has the original's two texts; an integer too large for a float is a tool error
+    (OverflowError, not ValueError); anything else a tool raises still ends the call with a status, not
+    with the claim held until it expires."""
+    import workers.tool_call
+
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}', '{"a": 1, "b": 0}', '{"a": 1' + "0" * 400 + ', "b": 1}'])
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()), config_cache_ttl_s=0)
+    names = toolcall_names(kube)
+
+    def broken(name: str, arguments: dict[str, Any]) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(workers.tool_call, "run_builtin", broken)
+    tool_call(ctx, message("TaskRunToolCall", names[0]))
+    monkeypatch.undo()
+    kube.request(  # the agent's "add" tool now divides
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/tools/add",
+        body={"spec": {"execute": {"builtin": {"name": "divide"}}}},
+    )
+    for name in names[1:]:
+        tool_call(ctx, message("TaskRunToolCall", name))
+    unexpected, by_zero, too_large = (kube.get_raw("taskruntoolcalls", "default", n)["status"] for n in names)
+    assert (
+        unexpected["phase"] == "Failed" and "failed unexpectedly: RuntimeError: a bug" in unexpected["error"]
+    )
+    assert unexpected.get("claimedBy") is None
+    assert by_zero["phase"] == "Failed" and by_zero["error"] == "division by zero"
+    assert by_zero["statusDetail"] == "Division by zero"
+    assert too_large["phase"] == "Failed" and "must be a number" in too_large["error"]
+
+
 def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
     kube = ReadGateKube()
     llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
