@@ -7,7 +7,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from kubechain.kube.errors import AlreadyExists, Conflict, Invalid, NotFound, Unavailable
+from kubechain.kube.errors import (
+    AlreadyExists,
+    Conflict,
+    Forbidden,
+    Invalid,
+    KubeAPIError,
+    NotFound,
+    Unavailable,
+)
 from kubechain.models import Resource, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import export_run_span
@@ -80,13 +88,15 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
     and the parent as written is returned (other parents get the Event and the log line). None: every
     child exists."""
 
-    def create(child: Resource[Any, Any]) -> Invalid | None:
+    def create(child: Resource[Any, Any]) -> KubeAPIError | None:
         try:
             created = ctx.kube.create(child)
         except AlreadyExists:
             return None
-        except Invalid as invalid:
-            return invalid
+        except KubeAPIError as refused:
+            if refused_for_good(refused):
+                return refused
+            raise
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
         # Keyed by the new object's uid: a child deleted and created again is a new Event. Deferred: a
         # fan-out creates dozens of children at once, and their tool calls should not wait on Events.
@@ -100,14 +110,21 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
     else:
         with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
             outcomes = [future.result() for future in [pool.submit(create, child) for child in children]]
-    for child, invalid in zip(children, outcomes, strict=True):
-        if invalid is not None:
-            return _child_rejected(ctx, parent, child, invalid)
+    for child, refused in zip(children, outcomes, strict=True):
+        if refused is not None:
+            return _child_rejected(ctx, parent, child, refused)
     return None
 
 
-def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], invalid: Invalid) -> R:
-    message = child_rejected_message(child.KIND, child.name, invalid.message)
+def refused_for_good(error: KubeAPIError) -> bool:
+    """A create the API server will refuse again on every retry: invalid (422), forbidden (403: RBAC, a
+    ResourceQuota, an admission policy, a namespace being deleted) or a bad request (400: what webhooks
+    deny with by default)."""
+    return isinstance(error, Invalid | Forbidden) or error.status == 400
+
+
+def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], refused: KubeAPIError) -> R:
+    message = child_rejected_message(child.KIND, child.name, refused.status, refused.reason, refused.message)
     log.error("%s %s/%s: %s", parent.KIND, parent.namespace, parent.name, message)
     now = ctx.clock()
     transition: Transition | None = None

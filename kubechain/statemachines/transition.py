@@ -70,11 +70,19 @@ def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -
     return max(0.0, timeout_s - (now - at).total_seconds())
 
 
-def child_rejected_message(kind: str, name: str, detail: str) -> str:
-    """Why a parent failed: the API server refused a child it needs as invalid (a 422 never passes)."""
+def child_rejected_message(kind: str, name: str, code: int, reason: str, detail: str) -> str:
+    """Why a parent failed: the API server refused a child it needs (HTTP ``code``) in a way no retry
+    changes."""
+    if code == 422:
+        return (
+            f"cannot create {kind} {name}: the API server rejected it as invalid ({detail}); "
+            "retrying cannot help: fix what it names (often a name or label that is too long) and run the "
+            "task again"
+        )
     return (
-        f"cannot create {kind} {name}: the API server rejected it as invalid ({detail}); retrying cannot "
-        "help: fix what it names (often a name or label that is too long) and run the task again"
+        f"cannot create {kind} {name}: the API server refused it ({code} {reason}: {detail}); "
+        "fix what it names (RBAC, a ResourceQuota, an admission policy) and run the "
+        "task again"
     )
 
 

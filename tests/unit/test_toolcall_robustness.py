@@ -431,15 +431,19 @@ def test_a_nested_delegation_with_a_long_tool_call_name_creates_its_sub_agent() 
 
 
 class RejectingKube(FakeKubeClient):
-    """Answers 422 to every create of ``plural`` once armed (as for an admission-policy violation)."""
+    """Answers 422 (or ``refusal``) to every create of ``plural`` once armed (as for an admission-policy
+    violation)."""
 
-    def __init__(self, plural: str, *, armed: bool = True) -> None:
+    def __init__(self, plural: str, *, armed: bool = True, refusal: KubeAPIError | None = None) -> None:
         super().__init__()
         self.plural, self.armed = plural, armed
+        self.refusal = refusal or Invalid(
+            422, "Invalid", "spec.arguments: Too long: may not be longer than 10"
+        )
 
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         if self.armed and method == "POST" and path.endswith(f"/{self.plural}"):
-            raise Invalid(422, "Invalid", "spec.arguments: Too long: may not be longer than 10")
+            raise self.refusal
         return super().request(method, path, **kwargs)
 
 
@@ -451,6 +455,30 @@ def test_a_tool_call_the_api_server_rejects_fails_its_run_instead_of_retrying_fo
     assert status["phase"] == "Failed" and status["status"] == "Error"
     assert "rejected it as invalid (spec.arguments: Too long" in status["error"]
     assert status["statusDetail"].startswith("Failed to process LLM response: cannot create TaskRunToolCall")
+    assert warnings(kube, "r") == ["LLMResponseProcessingFailed"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        error_for(403, {"reason": "Forbidden", "message": "exceeded quota: calls, requested: count/x=1"}),
+        error_for(400, {"reason": "BadRequest", "message": 'admission webhook "policy" denied the request'}),
+    ],
+    ids=["quota-403", "webhook-400"],
+)
+def test_a_tool_call_the_api_server_refuses_for_good_fails_its_run_with_the_reason(
+    refusal: KubeAPIError,
+) -> None:
+    """Not only 422: a ResourceQuota or an admission policy (403), or a webhook's default denial (400),
+    refuses every retry too; the run fails saying so instead of sitting in ToolCallsPending."""
+    kube = RejectingKube("taskruntoolcalls", refusal=refusal)
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    assert start_turn(ctx, kube) == []
+    status = run_status(kube)
+    assert status["phase"] == "Failed" and status["status"] == "Error"
+    assert (
+        f"the API server refused it ({refusal.status} {refusal.reason}: {refusal.message})" in status["error"]
+    )
     assert warnings(kube, "r") == ["LLMResponseProcessingFailed"]
 
 
