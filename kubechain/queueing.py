@@ -84,7 +84,15 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
         result_backend=None,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={"visibility_timeout": visibility},
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            # Without a timeout a synchronous command (a publish, an ack) on a half-open connection waits
+            # until TCP gives up: the watcher's single sender thread would stall for many minutes while
+            # its replica still holds the leader Lease. Failing fast puts it in the sender's back-off.
+            "socket_timeout": settings.redis_socket_timeout_s,
+            "socket_connect_timeout": settings.redis_socket_timeout_s,
+            "socket_keepalive": True,
+        },
         broker_transport=transport_for(settings.redis_url),
         broker_connection_retry_on_startup=True,
         worker_soft_shutdown_timeout=10.0,

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
 
     # Celery / Redis
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    # A Redis that vanished without closing the connection (failover, a NAT or firewall timeout) must make
+    # a publish or an ack fail, not wait for TCP to give up (~15 minutes).
+    redis_socket_timeout_s: float = 10.0
 
     # LLMs: where provider "openai" goes when an LLM has no spec.parameters.baseUrl (None: api.openai.com)
     openai_base_url: str | None = None

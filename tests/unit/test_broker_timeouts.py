@@ -1,0 +1,58 @@
+"""A Redis that stops answering without closing the connection makes a publish fail, not hang."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
+from kubechain.settings import Settings
+
+
+class SilentRedis:
+    """Accepts connections and never answers (a broker gone behind a NAT or a failover)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_a_publish_to_a_silent_broker_fails_within_the_socket_timeout() -> None:
+    broker = SilentRedis()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{broker.port}/0", redis_socket_timeout_s=0.2)
+    app = make_celery(settings)
+    app.conf.broker_connection_retry_on_startup = False
+    outcome: list[BaseException | None] = []
+
+    def publish() -> None:
+        try:
+            enqueue(app, TaskName.VALIDATE, ResourceMessage(kind="Agent", namespace="default", name="a"))
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - what the watcher's sender catches
+            outcome.append(exc)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    # a bound on a hang, not a speed target: Celery retries the publish a few times (0.2 s each)
+    thread.join(timeout=60)
+    broker.close()
+    assert not thread.is_alive(), "the publish hung on a broker that never answers"
+    (error,) = outcome
+    assert error is not None and "timeout" in f"{type(error).__name__} {error}".lower()
