@@ -80,6 +80,7 @@ class Watcher:
         self._send = send
         self._clock = clock
         self.stop_event = threading.Event()
+        self._forced_resync = threading.Event()  # a new leader's resync, run by the resync thread
         namespaces: list[str | None] = list(settings.namespaces) or [None]
         self.informers: list[Informer] = [
             Informer(kube, info.kind, info.plural, namespace, self._on_event, self.stop_event)
@@ -254,7 +255,9 @@ class Watcher:
                 del self._recent[key]
 
     def _on_started_leading(self) -> None:
-        self.resync(force=True)
+        # Not here, on the lease thread: a resync of thousands of objects would hold up the renewals that
+        # keep this replica the leader (and a late renewal starts yet another forced resync).
+        self._forced_resync.set()
 
     # -- threads -----------------------------------------------------------------------------------
 
@@ -298,9 +301,13 @@ class Watcher:
                     backoff = min(backoff * 2, 10.0)
 
     def _resync_loop(self) -> None:
-        while not self.stop_event.wait(self.settings.resync_interval_s):
+        while not self.stop_event.is_set():
+            forced = self._forced_resync.wait(self.settings.resync_interval_s)
+            if self.stop_event.is_set():
+                return
+            self._forced_resync.clear()
             try:
-                self.resync()
+                self.resync(force=forced)
             except Exception:  # noqa: BLE001
                 log.exception("resync failed")
 
@@ -345,6 +352,7 @@ class Watcher:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._forced_resync.set()  # wakes the resync thread to see the stop
         if self.elector is not None:
             self.elector.stop()
         # Watch threads block in reads; closing the client ends them. All threads are daemons: one

@@ -580,3 +580,24 @@ def test_start_waits_for_the_informers_to_sync_within_one_deadline(monkeypatch: 
     watcher.start()
     assert len(waited) == len(watcher.informers) > 1
     assert sum(waited) == main.INITIAL_SYNC_TIMEOUT_S
+
+
+def test_a_new_leaders_resync_runs_on_the_resync_thread_not_the_lease_thread(monkeypatch: Any) -> None:
+    """The lease thread only asks for it: a resync of thousands of objects must not hold up the renewals
+    that keep this replica the leader."""
+    watcher = Watcher(
+        Settings(resync_interval_s=3600), FakeKubeClient(), lambda *_: None, leader_election=False
+    )
+    ran: list[tuple[bool, str]] = []
+    monkeypatch.setattr(
+        watcher, "resync", lambda force=False: ran.append((force, threading.current_thread().name)) or 0
+    )
+    watcher._on_started_leading()  # as the lease thread calls it
+    assert ran == []
+    thread = threading.Thread(target=watcher._resync_loop, name="resync", daemon=True)
+    thread.start()
+    wait_for(lambda: ran == [(True, "resync")], timeout_s=10)
+    watcher.stop_event.set()
+    watcher._forced_resync.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and ran == [(True, "resync")]
