@@ -19,6 +19,7 @@ from kubechain.models import (
     TaskRun,
     TaskRunToolCall,
     Tool,
+    ToolCallPhase,
     label_value,
 )
 from kubechain.models.common import LocalObjectReference
@@ -228,11 +229,23 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return
     # The parent's spec does not change, and the "is it finished or deleted" check races with the
     # deletion however fresh the read: a read shared by the turn's sibling calls is good enough.
-    parent = get_or_none(ctx, TaskRun, toolcall.namespace, toolcall.spec.task_run_ref.name, cached=True)
-    if parent is None or parent.metadata.deletion_timestamp or parent.is_terminal():
-        log.info(
-            "skipping tool call %s/%s: its TaskRun is gone or finished", toolcall.namespace, toolcall.name
-        )
+    run_name = toolcall.spec.task_run_ref.name
+    parent = get_or_none(ctx, TaskRun, toolcall.namespace, run_name, cached=True)
+    if parent is not None and parent.metadata.deletion_timestamp:
+        log.info("skipping tool call %s/%s: its TaskRun is being deleted", toolcall.namespace, toolcall.name)
+        return
+    if parent is None or parent.is_terminal():
+        # Nothing will ever collect this call's result: end it (with a status, an Event and a log line)
+        # rather than have every resync queue it again. A Running call is left to its claim's holder,
+        # whose write ends it.
+        if toolcall.phase != ToolCallPhase.RUNNING:
+            why = (
+                f'TaskRun "{run_name}" not found'
+                if parent is None
+                else f'TaskRun "{run_name}" already finished ({parent.phase})'
+            )
+            log.warning("tool call %s/%s not run: %s", toolcall.namespace, toolcall.name, why)
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"{why}: not run", ctx.clock()))
         return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(

@@ -333,6 +333,28 @@ def test_builtin_failures_read_as_the_originals_and_never_escape_the_claim(monke
     assert too_large["phase"] == "Failed" and "must be a number" in too_large["error"]
 
 
+def test_a_tool_call_whose_run_is_missing_or_finished_ends_instead_of_waiting_forever() -> None:
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm)
+    create(
+        kube,
+        "TaskRunToolCall",
+        "taskruntoolcalls",
+        "orphan",
+        {"toolCallId": "c9", "taskRunRef": {"name": "nope"}, "toolRef": {"name": "add"}, "arguments": "{}"},
+    )
+    (sibling,) = [n for n in toolcall_names(kube) if n != "orphan"]
+    kube.patch_status_raw("taskruns", "default", "r", None, {"phase": "Failed", "status": "Error"})
+    for name in ("orphan", sibling):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    orphan = kube.get_raw("taskruntoolcalls", "default", "orphan")["status"]
+    assert orphan["phase"] == "Failed" and orphan["error"] == 'TaskRun "nope" not found: not run'
+    late = kube.get_raw("taskruntoolcalls", "default", sibling)["status"]
+    assert late["phase"] == "Failed" and late["error"] == 'TaskRun "r" already finished (Failed): not run'
+    assert "result" not in late and kube.event_reasons("orphan") == ["ExecutionFailed"]
+
+
 def test_concurrent_fan_in_produces_one_transition_and_one_llm_request() -> None:
     kube = ReadGateKube()
     llm = tool_turn(kube, ['{"a": 1, "b": 1}'] * 6)
@@ -368,7 +390,8 @@ def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
     (name,) = toolcall_names(kube)
     kube.objects.pop(("apis/kubechain.humanlayer.dev/v1alpha1", "taskruns", "default", "r"))
     tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
-    assert "status" not in kube.get_raw("taskruntoolcalls", "default", name)
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]  # ended, never run
+    assert status["phase"] == "Failed" and "result" not in status and "not found" in status["error"]
 
 
 def test_a_tool_the_agent_was_not_given_is_refused() -> None:
