@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    @property
+    def tool_execution_cap_s(self) -> float:
+        """The longest a tool call may run (a Tool's own timeoutSeconds, an MCP call with its reconnect):
+        it must end, and its outcome be written, before its claim expires and another worker starts it."""
+        return max(self.tool_timeout_s, self.claim_timeout_s - 30.0)
+
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:
         # A claim that expires while its LLM or tool call is still running lets resync hand the step to a

@@ -83,6 +83,7 @@ def build_context(settings: Settings, enqueue: Enqueue, *, continues_llm: bool =
         mcp=MCPManager(
             kube_secret_resolver(kube),
             call_timeout_s=settings.tool_timeout_s,
+            call_budget_s=settings.tool_execution_cap_s,
             command_allowlist=settings.mcp_command_allowlist,
         ),
     )

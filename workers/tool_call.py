@@ -179,7 +179,8 @@ class Executor:
                 )
             except SecretProblem as problem:
                 return Outcome(error=f"Failed to get API credentials: {problem}")
-        timeout = float(api.timeout_seconds or self.ctx.settings.tool_timeout_s)
+        settings = self.ctx.settings
+        timeout = min(float(api.timeout_seconds or settings.tool_timeout_s), settings.tool_execution_cap_s)
         body = call_external_api(api.url, api.method, arguments, token, timeout)
         return Outcome(result=body, event_message=f'Tool "{self.tool.name}" executed successfully')
 

@@ -59,6 +59,7 @@ class MCPManager:
         self,
         resolve_secret: SecretResolver,
         call_timeout_s: float = 120,
+        call_budget_s: float | None = None,
         connect_timeout_s: float = 30,
         command_allowlist: Sequence[str] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
@@ -66,6 +67,9 @@ class MCPManager:
         """Cheap: no thread, loop or process starts until the first request."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
+        # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
+        # call's claim, so the call ends before another worker may take it over.
+        self.call_budget_s = call_budget_s
         self.connect_timeout_s = float(connect_timeout_s)
         self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
         self.idle_timeout_s = float(idle_timeout_s)
@@ -103,6 +107,8 @@ class MCPManager:
         key = (server.namespace, server.name)
         idempotent = bool(server.spec.idempotent)
         budget = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
+        if self.call_budget_s is not None:
+            budget = min(budget, self.call_budget_s)
         return self._run(
             lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
             budget,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -37,23 +38,33 @@ def call_external_api(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     verb = (method or "POST").upper()
+    # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
+    # call (and its claim) for ever. The body is read in chunks against one deadline.
+    deadline = time.monotonic() + timeout_s
+    timed_out = ToolError(f"{verb} {url} timed out after {timeout_s:.0f}s")
+    options: dict[str, Any] = (
+        {"params": {k: str(v) for k, v in arguments.items()}}
+        if verb in ("GET", "DELETE")
+        else {"json": arguments}
+    )
     try:
         client = _shared_client()
-        if verb in ("GET", "DELETE"):
-            response = client.request(
-                verb,
-                url,
-                params={k: str(v) for k, v in arguments.items()},
-                headers=headers,
-                timeout=timeout_s,
-            )
-        else:
-            response = client.request(verb, url, json=arguments, headers=headers, timeout=timeout_s)
+        with client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise timed_out
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= MAX_RESPONSE_BYTES:
+                    break
+            encoding = response.encoding or "utf-8"
     except httpx.TimeoutException:
-        raise ToolError(f"{verb} {url} timed out after {timeout_s:.0f}s") from None
+        raise timed_out from None
     except httpx.HTTPError as exc:
         raise ToolError(f"{verb} {url} failed: {type(exc).__name__}") from None
-    body = response.text[:MAX_RESPONSE_BYTES]
+    body = b"".join(chunks)[:MAX_RESPONSE_BYTES].decode(encoding, "replace")
     if response.status_code >= 400:
         raise ToolError(f"{verb} {url} returned status {response.status_code}: {body[:500]}")
     return body

@@ -17,6 +17,7 @@ from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     LABEL_TOOLCALLREQUEST,
+    MCPServer,
     TaskRun,
     TaskRunToolCall,
     ToolCall,
@@ -646,3 +647,48 @@ def test_an_interrupted_idempotent_tool_runs_again_at_most_once() -> None:
     assert given_up.transition is not None and given_up.transition.phase() == "Failed"
     assert "interrupted 2 times (last worker dead-worker)" in given_up.transition.status["error"]
     assert [e.reason for e in given_up.transition.events] == ["ExecutionInterrupted"]
+
+
+# -- a tool call ends before its claim expires ---------------------------------------------------------
+
+
+def test_a_tools_own_timeout_is_capped_below_its_claim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Tool asking for more time than its claim lasts would be taken over (and run again) by another
+    worker while it still runs: its timeout is capped at the claim timeout minus a margin."""
+    timeouts: list[float] = []
+    monkeypatch.setattr(
+        tool_call_module,
+        "call_external_api",
+        lambda url, method, args, token, timeout: timeouts.append(timeout) or "ok",
+    )
+    kube = FakeKubeClient()
+    slow = {
+        **CHARGE,
+        "execute": {"externalAPI": {"url": "https://example.invalid/charge", "timeoutSeconds": 10_000}},
+    }
+    ctx = agent_with(kube, calling("charge"), {"charge": slow}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    settings = ctx.settings
+    assert (
+        timeouts == [settings.claim_timeout_s - 30]
+        and settings.tool_execution_cap_s < settings.claim_timeout_s
+    )
+
+
+def test_an_mcp_call_is_bounded_by_its_budget_not_only_each_step() -> None:
+    from kubechain.mcp.manager import MCPManager
+
+    manager = MCPManager(lambda *_: {}, call_timeout_s=120, call_budget_s=150)
+    budgets: list[float] = []
+    manager._run = lambda make, timeout, what: budgets.append(timeout)  # type: ignore[method-assign]
+    server = MCPServer.from_wire(
+        {
+            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+            "kind": "MCPServer",
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"transport": "http", "url": "http://127.0.0.1:1/mcp"},
+        }
+    )
+    manager.call_tool(server, "t", {})
+    assert budgets == [150]  # not 2 × (2 × 30 + 120) + 10 = 370

@@ -1,0 +1,72 @@
+"""externalAPI tools: one deadline for the whole request, body included."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kubechain.tools.builtin import ToolError
+from kubechain.tools.external_api import call_external_api
+
+
+class TricklingServer:
+    """Sends its headers at once, then one byte of body every 0.1 s, for as long as anyone reads."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                try:
+                    for _ in range(100_000):
+                        self.wfile.write(b".")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:
+                    return
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow"
+
+
+def test_a_body_that_trickles_in_times_out_at_the_deadline() -> None:
+    """httpx's timeout bounds each read; a trickle never trips it, so the deadline must."""
+    server = TricklingServer()
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(call_external_api(server.url, "POST", {}, None, timeout_s=1.0))
+        except ToolError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a bound on a hang, not a speed target
+    server.server.shutdown()
+    assert not thread.is_alive(), "the call outlived its timeout by a minute"
+    (error,) = outcome
+    assert isinstance(error, ToolError) and "timed out after 1s" in str(error)
+
+
+def test_a_response_is_cut_at_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubechain.tools.external_api as external_api
+
+    monkeypatch.setattr(external_api, "MAX_RESPONSE_BYTES", 5)
+    server = TricklingServer()
+    try:
+        assert call_external_api(server.url, "POST", {}, None, timeout_s=30.0) == "....."
+    finally:
+        server.server.shutdown()
