@@ -267,13 +267,38 @@ def test_no_wait_prints_the_taskrun(
 
 
 def test_approve_and_reject(kubeconfig: Path, kubectl: Kubectl, namespace: str) -> None:
+    # The calls belong to a run being deleted (a finalizer holds it): workers leave such calls alone, so
+    # they stay undecided for as long as the test needs (a call whose run is missing or finished is
+    # failed, and a failed call takes no decision).
+    held = resource("TaskRun", "held", {"agentRef": {"name": "nobody"}, "userMessage": "hi"})
+    held["metadata"]["finalizers"] = [HOLD_FINALIZER]
+    apply(kubectl, namespace, held)
+    kubectl("delete", "taskrun", "held", "--wait=false", namespace=namespace)
+    try:
+        decide_on_calls_of(kubeconfig, kubectl, namespace, "held")
+    finally:
+        kubectl(
+            "patch",
+            "taskrun",
+            "held",
+            "--type=merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            namespace=namespace,
+        )
+
+
+HOLD_FINALIZER = "kubechain.test/hold"
+
+
+def decide_on_calls_of(kubeconfig: Path, kubectl: Kubectl, namespace: str, run: str) -> None:
     for tc in ("tc-a", "tc-b"):
         body = resource(
             "TaskRunToolCall",
             tc,
             {
                 "toolCallId": f"call-{tc}",
-                "taskRunRef": {"name": "nowhere"},
+                "taskRunRef": {"name": run},
                 "toolRef": {"name": "add"},
                 "arguments": "{}",
             },
