@@ -69,12 +69,17 @@ class Informer:
         self.handler(self.kind, event_type, obj, previous)
 
     def relist(self) -> None:
-        items, resource_version = self.kube.list_raw(self.plural, self.namespace)
+        # In pages, each applied (and reduced to its cached form) before the next is fetched: a kind with
+        # years of finished runs must not have to fit in memory twice over, raw and parsed, at every
+        # start and after every 410.
         seen = set()
-        for item in items:
-            item.setdefault("kind", self.kind)
-            seen.add(object_key(item))
-            self._apply("ADDED", item)
+        resource_version = ""
+        for items, page_version in self.kube.list_pages(self.plural, self.namespace):
+            resource_version = page_version  # every page's: the snapshot the watch resumes from
+            for item in items:
+                item.setdefault("kind", self.kind)
+                seen.add(object_key(item))
+                self._apply("ADDED", item)
         with self.lock:
             vanished = [obj for key, obj in self.cache.items() if key not in seen]
         for obj in vanished:

@@ -200,6 +200,22 @@ class KubeClient:
         result = self.request("GET", custom_path(plural, namespace), params=params)
         return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
 
+    def list_pages(
+        self, plural: str, namespace: str | None = None, page_size: int = 500
+    ) -> Iterator[tuple[builtins.list[dict[str, Any]], str]]:
+        """A list in pages of ``page_size`` (limit/continue: one consistent snapshot), each with the
+        list's resourceVersion: a caller that consumes a page before asking for the next holds one page
+        in memory, not every object of the kind at once. Gone if the continue token expired."""
+        params: dict[str, Any] = {"limit": str(page_size)}
+        while True:
+            result = self.request("GET", custom_path(plural, namespace), params=params)
+            metadata = result.get("metadata") or {}
+            yield list(result.get("items") or []), str(metadata.get("resourceVersion", ""))
+            token = metadata.get("continue")
+            if not token:
+                return
+            params = {"limit": str(page_size), "continue": token}
+
     def list(
         self, model: type[R], namespace: str | None = None, label_selector: str | None = None
     ) -> builtins.list[R]:

@@ -149,7 +149,13 @@ class FakeKubeClient(KubeClient):
                     and (namespace is None or ns == namespace)
                     and _matches(obj["metadata"].get("labels") or {}, params.get("labelSelector"))
                 ]
-                return {"items": items, "metadata": {"resourceVersion": str(next(self._rv))}}
+                metadata: dict[str, Any] = {"resourceVersion": str(next(self._rv))}
+                if params.get("limit"):  # pages, as the API server serves them (offset as the token)
+                    start, limit = int(params.get("continue") or 0), int(params["limit"])
+                    if start + limit < len(items):
+                        metadata["continue"] = str(start + limit)
+                    items = items[start : start + limit]
+                return {"items": items, "metadata": metadata}
             key = (prefix, plural, namespace or "", name or "")
             if method == "POST":
                 return self._create(prefix, plural, namespace or "default", body)

@@ -64,3 +64,19 @@ def test_a_delete_with_a_resource_version_removes_only_the_object_in_that_state(
     kube.delete(TaskRun.PLURAL, namespace, run.name, resource_version=moved.resource_version)
     with pytest.raises(NotFound):
         kube.get_raw(TaskRun.PLURAL, namespace, run.name)
+
+
+def test_a_list_in_pages_is_one_snapshot_of_every_object(kube: KubeClient, namespace: str) -> None:
+    for index in range(7):
+        kube.create(
+            TaskRun(
+                metadata=ObjectMeta(name=f"paged-{index}", namespace=namespace),
+                spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+            )
+        )
+    pages = list(kube.list_pages(TaskRun.PLURAL, namespace, page_size=3))
+    assert [len(items) for items, _ in pages] == [3, 3, 1]
+    names = [item["metadata"]["name"] for items, _ in pages for item in items]
+    assert sorted(names) == [f"paged-{i}" for i in range(7)]
+    versions = {version for _, version in pages}
+    assert len(versions) == 1 and versions != {""}  # every page is of the first page's snapshot

@@ -601,3 +601,27 @@ def test_a_new_leaders_resync_runs_on_the_resync_thread_not_the_lease_thread(mon
     watcher._forced_resync.set()
     thread.join(timeout=10)
     assert not thread.is_alive() and ran == [(True, "resync")]
+
+
+def test_a_relist_reads_in_pages_and_still_sees_every_object_and_every_deletion() -> None:
+    kube = FakeKubeClient()
+    for index in range(7):
+        create(kube, "TaskRun", "taskruns", f"r{index}", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    events: list[tuple[str, str]] = []
+    informer = Informer(
+        kube,
+        "TaskRun",
+        "taskruns",
+        None,
+        lambda k, t, o, p: events.append((t, o["metadata"]["name"])),
+        threading.Event(),
+    )
+    informer.kube.list_pages = lambda plural, namespace: FakeKubeClient.list_pages(kube, plural, namespace, 3)  # type: ignore[method-assign]
+    informer.relist()
+    assert sorted(name for _, name in events) == [f"r{i}" for i in range(7)]
+    lists = [path for method, path in kube.requests if method == "GET" and path.endswith("/taskruns")]
+    assert len(lists) == 3  # 3 + 3 + 1
+    kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r5")
+    events.clear()
+    informer.relist()
+    assert ("DELETED", "r5") in events and len(informer.cache) == 6
