@@ -302,10 +302,13 @@ class Watcher:
 
     def _resync_loop(self) -> None:
         while not self.stop_event.is_set():
-            forced = self._forced_resync.wait(self.settings.resync_interval_s)
+            self._forced_resync.wait(self.settings.resync_interval_s)
             if self.stop_event.is_set():
                 return
-            self._forced_resync.clear()
+            # Cleared only once seen set: a request made after this check wakes the next wait at once.
+            forced = self._forced_resync.is_set()
+            if forced:
+                self._forced_resync.clear()
             try:
                 self.resync(force=forced)
             except Exception:  # noqa: BLE001
