@@ -237,6 +237,11 @@ def _check_request(
         with _client(ctx, api_key) as client:
             state = kind.fetch(client, external_id)
     except ChannelProblem as problem:
+        if problem.gone and kind is _CONTACT:
+            # A question whose channel was deleted can never be answered here, and unlike an approval
+            # there is no kubectl decision to end it: the call fails, and the LLM hears why.
+            apply_transition(ctx, toolcall, machine.plan_contact_channel_gone(toolcall, str(problem), now))
+            return
         _schedule(
             ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
         )
@@ -335,16 +340,19 @@ def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: 
 
 
 class ChannelProblem(Exception):
-    def __init__(self, message: str, reason: str) -> None:
+    """``gone``: the ContactChannel does not exist (deleted), rather than not ready or misconfigured."""
+
+    def __init__(self, message: str, reason: str, *, gone: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.gone = gone
 
 
 def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[ContactChannel, str]:
     """The ready ContactChannel and its HumanLayer API key, or ChannelProblem (never the key in a message)."""
     channel = get_or_none(ctx, ContactChannel, namespace, name)
     if channel is None:
-        raise ChannelProblem(f'ContactChannel "{name}" not found', "NoContactChannel")
+        raise ChannelProblem(f'ContactChannel "{name}" not found', "NoContactChannel", gone=True)
     if not channel.status.ready:
         detail = channel.status.status_detail or "not validated yet"
         raise ChannelProblem(f'ContactChannel "{name}" is not ready: {detail}', "NoContactChannel")

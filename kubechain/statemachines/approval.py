@@ -356,6 +356,12 @@ def plan_checked(
 # -- humans as tools ---------------------------------------------------------------------------------
 
 
+def plan_contact_channel_gone(toolcall: TaskRunToolCall, problem: str, now: datetime) -> Transition:
+    """A human contact request whose ContactChannel was deleted while it waited for the answer."""
+    message = f"the human contact request can no longer be answered: {problem}"
+    return plan_tool_failure(toolcall, message, now, reason="NoContactChannel")
+
+
 def input_detail(channel: str) -> str:
     return f"Waiting for human input via contact channel {channel}"
 

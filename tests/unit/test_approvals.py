@@ -712,6 +712,24 @@ def test_human_contact_round_trip(world: World) -> None:
     assert w.hl.posts == {call_id: 1} and w.gets("contact_requests") == 2
 
 
+def test_a_question_whose_channel_was_deleted_fails_instead_of_waiting_forever(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})
+    w.run()
+    assert w.status()["phase"] == "AwaitingHumanInput"
+    w.kube.request(
+        "DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/contactchannels/approvals"
+    )
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed"
+    assert status["error"] == (
+        'the human contact request can no longer be answered: ContactChannel "approvals" not found'
+    )
+    assert w.events()[-1] == "NoContactChannel"
+
+
 def test_human_contact_needs_a_message(world: World) -> None:
     w = world
     add_toolcall(w, "approvals__human_contact_email", {"question": "?"})
