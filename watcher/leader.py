@@ -18,6 +18,10 @@ from kubechain.statemachines.lease import lease_holder
 
 log = logging.getLogger(__name__)
 
+# A Lease last renewed this long (plus its duration) ago by our clock is taken at first sight: no
+# replica's clock is that far off, and a restarted watcher need not wait out a long-dead holder.
+STALE_AT_FIRST_SIGHT_S = 300.0
+
 
 def _micro(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -47,6 +51,9 @@ class LeaderElector:
         self._clock = clock
         self._leading = False
         self._last_renew: datetime | None = None
+        # Another holder's Lease as last seen (holder, renewTime, resourceVersion), and when, by our clock.
+        self._observed_record: tuple[Any, Any, Any] | None = None
+        self._observed_at: datetime | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,7 +88,7 @@ class LeaderElector:
         current: dict[str, Any] = lease.get("spec") or {}
         holder = current.get("holderIdentity")
         if holder != self.identity:
-            if lease_holder(current, now, self.lease_duration_s) is not None:
+            if holder and not self._expired_as_observed(lease, now):
                 return False  # another replica holds it and keeps renewing
             spec["acquireTime"] = _micro(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
@@ -94,6 +101,27 @@ class LeaderElector:
         except Conflict:
             return False
         return True
+
+    def _expired_as_observed(self, lease: dict[str, Any], now: datetime) -> bool:
+        """Whether another holder's Lease has expired, timed on this replica's clock from when it last saw
+        the Lease change (client-go's rule): the holder's renewTime comes from the holder's clock, and a
+        skew between the two would delay a takeover (standby behind) or start one while the holder still
+        renews (standby ahead)."""
+        spec: dict[str, Any] = lease.get("spec") or {}
+        record = (
+            spec.get("holderIdentity"),
+            spec.get("renewTime"),
+            (lease.get("metadata") or {}).get("resourceVersion"),
+        )
+        duration = timedelta(seconds=float(spec.get("leaseDurationSeconds") or self.lease_duration_s))
+        if record != self._observed_record:
+            first_sight = self._observed_record is None
+            self._observed_record, self._observed_at = record, now
+            # At first sight, a Lease whose holder stopped renewing longer ago than any plausible skew
+            # need not be watched for a whole duration more.
+            stale_since = now - timedelta(seconds=STALE_AT_FIRST_SIGHT_S)
+            return first_sight and lease_holder(spec, stale_since, self.lease_duration_s) is None
+        return self._observed_at is not None and now - self._observed_at >= duration
 
     def step(self) -> None:
         # The lease counts from the renewTime written, which is taken before the request; a slow

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.models import TaskRun, TaskRunToolCall
@@ -271,6 +273,36 @@ def test_lease_is_taken_over_only_after_it_expires() -> None:
     lease = kube.get_lease("default", "lease")
     assert lease["spec"]["holderIdentity"] == "two" and lease["spec"]["leaseTransitions"] == 1
     assert not first.is_leader, "a leader that cannot renew stops acting before the lease runs out"
+
+
+@pytest.mark.parametrize("skew_s", [-60, 60], ids=["standby-behind", "standby-ahead"])
+def test_lease_expiry_is_timed_on_the_standbys_clock_so_skew_neither_delays_nor_hastens_it(
+    skew_s: int,
+) -> None:
+    kube = FakeKubeClient()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    leader = LeaderElector(kube, "default", "lease", "one", lease_duration_s=15, clock=lambda: now[0])
+    standby = LeaderElector(
+        kube, "default", "lease", "two", lease_duration_s=15, clock=lambda: now[0] + timedelta(seconds=skew_s)
+    )
+    for _ in range(10):  # 20 s of the leader renewing every 2 s
+        leader.step()
+        standby.step()
+        assert leader.is_leader and not standby.is_leader, "taken over while still renewed"
+        now[0] += timedelta(seconds=2)
+    now[0] += timedelta(seconds=14)  # the leader died after its last renewal, 16 s ago
+    standby.step()
+    assert standby.is_leader, "not taken over a lease duration after the last renewal"
+
+
+def test_a_lease_renewed_long_ago_is_taken_at_first_sight() -> None:
+    kube = FakeKubeClient()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    LeaderElector(kube, "default", "lease", "dead", lease_duration_s=15, clock=lambda: now[0]).step()
+    now[0] += timedelta(minutes=10)
+    restarted = LeaderElector(kube, "default", "lease", "new", lease_duration_s=15, clock=lambda: now[0])
+    restarted.step()
+    assert restarted.is_leader
 
 
 def test_small_runs_travel_with_their_message_and_large_ones_are_read_by_the_worker() -> None:
