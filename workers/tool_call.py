@@ -406,6 +406,12 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             apply_transition(ctx, toolcall, outcome)
         return
     if toolcall.phase not in ("", "Pending"):
+        # E.g. waiting for an approval when its Tool was changed to delegate: nothing moves it on any more.
+        stranded = plan_stranded(
+            toolcall, f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent', now
+        )
+        if stranded is not None:
+            apply_transition(ctx, toolcall, stranded)
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import workers.tool_call as tool_call_module
-from kubechain.kube.errors import Invalid, KubeAPIError, Unavailable, error_for
+from kubechain.kube.errors import Invalid, KubeAPIError, NotFound, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import (
@@ -159,6 +159,20 @@ def test_a_sub_agent_call_whose_tool_no_longer_delegates_fails() -> None:
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed"
     assert 'tool "ask" no longer delegates to an agent' in status["error"]
+
+
+def test_a_call_waiting_for_approval_whose_tool_now_delegates_fails_instead_of_waiting_forever() -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": "AwaitingHumanApproval"})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed"
+    assert status["error"] == (
+        'this tool call cannot continue from phase AwaitingHumanApproval: tool "ask" now delegates to an agent'
+    )
+    with pytest.raises(NotFound):  # and no sub-agent run was started for it
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
 
 
 def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> None:
