@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from kubechain.kube.errors import Conflict, Forbidden, NotFound
@@ -278,16 +279,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if claim.transition is None:
         # No flow above owns this phase any more (e.g. AwaitingSubAgent whose Tool was deleted): fail
         # it rather than leave the run's fan-in waiting forever.
-        stranded = plan_stranded(toolcall, executor.problem, now)
-        if stranded is not None:
-            log.warning(
-                "tool call %s/%s stranded in phase %s: %s",
-                toolcall.namespace,
-                toolcall.name,
-                toolcall.phase,
-                stranded.status["error"],
-            )
-            apply_transition(ctx, toolcall, stranded)
+        if _fail_if_stranded(ctx, toolcall, executor.problem, now):
             return
         log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
         return
@@ -359,6 +351,24 @@ def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
     return ""
 
 
+def _fail_if_stranded(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, problem: str | None, now: datetime
+) -> bool:
+    """Fail a call waiting in a phase nothing moves it out of any more (plan_stranded); True if it did."""
+    stranded = plan_stranded(toolcall, problem, now)
+    if stranded is None:
+        return False
+    log.warning(
+        "tool call %s/%s stranded in phase %s: %s",
+        toolcall.namespace,
+        toolcall.name,
+        toolcall.phase,
+        stranded.status["error"],
+    )
+    apply_transition(ctx, toolcall, stranded)
+    return True
+
+
 def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, agent: str) -> None:
     """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
     now = ctx.clock()
@@ -407,11 +417,9 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
         return
     if toolcall.phase not in ("", "Pending"):
         # E.g. waiting for an approval when its Tool was changed to delegate: nothing moves it on any more.
-        stranded = plan_stranded(
-            toolcall, f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent', now
+        _fail_if_stranded(
+            ctx, toolcall, f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent', now
         )
-        if stranded is not None:
-            apply_transition(ctx, toolcall, stranded)
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))
