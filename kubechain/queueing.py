@@ -50,20 +50,19 @@ def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 class ResourceMessage(BaseModel):
-    """The payload of every task: which object to look at (and, for tracing, when and why)."""
+    """The payload of every task: which object to look at (and, for tracing, when and why). Only a hint:
+    the worker reads the object from the API server and decides from that, so a forged or stale message
+    can prompt work but never choose what is done."""
 
     kind: str
     namespace: str
     name: str
     uid: str = ""
+    # the version of the named object that prompted this message ("" when another object's change did)
     resource_version: str = ""
     reason: str = "event"
     enqueued_at: float = Field(default_factory=time.time)
     traceparent: str | None = None
-    # The object as the watcher saw it (small kinds only): lets a task skip its first GET. It is still
-    # only a hint — the claim is conditional on this snapshot's resourceVersion, so a stale one conflicts
-    # and the task re-reads.
-    snapshot: dict[str, Any] | None = None
 
     def key(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
@@ -113,7 +112,7 @@ def enqueue(app: Celery, task: TaskName, message: ResourceMessage, countdown_s: 
         args=[message.model_dump()],
         queue=TASK_QUEUES[task].value,
         countdown=countdown_s if countdown_s > 0 else None,
-        # Celery would saferepr() the whole payload (snapshot included) for its logs; the key says more.
+        # Celery would saferepr() the whole payload for its logs; the key says more.
         argsrepr=f"[{message.key()} ({message.reason})]",
         kwargsrepr="{}",
     )

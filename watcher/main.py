@@ -7,7 +7,6 @@ non-terminal state, so nothing is stranded by a lost message, a dead worker, a R
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -29,7 +28,6 @@ from kubechain.observability.tracing import run_context, setup_tracing, span, tr
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import (
-    SLIMMED,
     VALIDATED_KINDS,
     Work,
     dependents,
@@ -49,16 +47,7 @@ log = logging.getLogger(__name__)
 Send = Callable[[TaskName, ResourceMessage, float], None]
 
 
-# The object travels with its message (saving the worker a read) when it is small; the worker's first
-# step on it is a write conditional on its resourceVersion, so a stale snapshot only costs a conflict.
-MAX_SNAPSHOT_BYTES = 32 * 1024
 INITIAL_SYNC_TIMEOUT_S = 30.0
-
-
-def _carries_snapshot(work: Work, snapshot: dict[str, Any] | None) -> bool:
-    if snapshot is None or work.kind not in ("TaskRun", "TaskRunToolCall") or snapshot.get(SLIMMED):
-        return False
-    return len(json.dumps(snapshot, separators=(",", ":"))) <= MAX_SNAPSHOT_BYTES
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -97,7 +86,7 @@ class Watcher:
                 settings.lease_duration_s,
                 on_started_leading=self._on_started_leading,
             )
-        self._outbox: MergingQueue[tuple[Work, str, dict[str, Any] | None]] = MergingQueue()
+        self._outbox: MergingQueue[tuple[Work, str, bool]] = MergingQueue()
         # (task, kind, namespace, name) -> (resourceVersion enqueued, when, resync re-enqueues since)
         self._recent: dict[tuple[str, str, str, str], tuple[str, float, int]] = {}
         self._recent_lock = threading.Lock()
@@ -150,7 +139,7 @@ class Watcher:
                 works += dependents(kind, obj, self.cache())
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in works:
-            self._submit(work, rv, snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None)
+            self._submit(work, rv, own_version=(work.kind, work.name) == (kind, _name(obj)))
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -168,11 +157,10 @@ class Watcher:
                         return False
         return True
 
-    def _submit(
-        self, work: Work, rv: str, *, resync: bool = False, snapshot: dict[str, Any] | None = None
-    ) -> bool:
+    def _submit(self, work: Work, rv: str, *, resync: bool = False, own_version: bool = False) -> bool:
         """Queue ``work`` for the sender unless the same state was just queued; True if it added to the
-        outbox (work already waiting there is replaced by this newer state instead)."""
+        outbox (work already waiting there is replaced by this newer state instead). ``rv`` is the version
+        of the object whose change prompted the work; ``own_version`` says it is the worked-on object's."""
         key = (work.task.value, work.kind, work.namespace, work.name)
         now = time.monotonic()
         with self._recent_lock:
@@ -195,7 +183,7 @@ class Watcher:
                 else:
                     retries = 0
             self._recent[key] = (rv, now, retries)
-        return self._outbox.put(key, (work, rv, snapshot if _carries_snapshot(work, snapshot) else None))
+        return self._outbox.put(key, (work, rv, own_version))
 
     def resync(self, *, force: bool = False) -> int:
         """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
@@ -213,7 +201,7 @@ class Watcher:
                 work,
                 rv,
                 resync=True,
-                snapshot=obj if (work.kind, work.name) == (kind, _name(obj)) else None,
+                own_version=(work.kind, work.name) == (kind, _name(obj)),
             )
         if count:
             log.info("resync re-enqueued %d resources", count)
@@ -261,15 +249,16 @@ class Watcher:
 
     # -- threads -----------------------------------------------------------------------------------
 
-    def message_for(self, work: Work, rv: str, snapshot: dict[str, Any] | None = None) -> ResourceMessage:
-        """The task payload; work on a TaskRun (or its tool calls) carries a span of the run's trace."""
+    def message_for(self, work: Work, rv: str, own_version: bool = False) -> ResourceMessage:
+        """The task payload: which object, and the version seen of it when that version is the object's
+        own (the worker may read it from the API server's watch cache, no older than that). Work on a
+        TaskRun (or its tool calls) carries a span of the run's trace."""
         message = ResourceMessage(
             kind=work.kind,
             namespace=work.namespace,
             name=work.name,
-            resource_version=rv,
+            resource_version=rv if own_version else "",
             reason=work.reason,
-            snapshot=snapshot,
         )
         if work.trace_uid:
             with span(
@@ -284,10 +273,10 @@ class Watcher:
         backoff = 0.2
         while not self.stop_event.is_set():
             try:
-                work, rv, snapshot = self._outbox.get(timeout=0.5)
+                work, rv, own_version = self._outbox.get(timeout=0.5)
             except Empty:
                 continue
-            message = self.message_for(work, rv, snapshot)
+            message = self.message_for(work, rv, own_version)
             while not self.stop_event.is_set():
                 try:
                     self._send(work.task, message, work.countdown_s)

@@ -25,7 +25,6 @@ from workers.transitions import (
     apply_claim,
     apply_transition,
     decide_on_current,
-    message_object,
     record_while_claimed,
 )
 from workers.validators import EmptySecretValue, SecretProblem, get_or_none, read_api_key
@@ -48,7 +47,7 @@ def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         message.namespace,
         message.name,
         lambda run: _take_turn(ctx, run, None),
-        message_object(message, TaskRun),
+        seen_version=message.resource_version,
     )
 
 

@@ -20,7 +20,7 @@ from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
 from workers.llm_call import continue_turn
-from workers.transitions import apply_transition, create_children, decide_on_current, message_object
+from workers.transitions import apply_transition, create_children, decide_on_current
 from workers.validators import get_or_none
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
         message.namespace,
         message.name,
         lambda run: _prepare_once(ctx, run),
-        message_object(message, TaskRun),
+        seen_version=message.resource_version,
     )
 
 

@@ -57,7 +57,6 @@ from workers.transitions import (
     apply_transition,
     create_children,
     decide_on_current,
-    message_object,
     record_while_claimed,
 )
 from workers.validators import SecretProblem, get_or_none, read_api_key
@@ -222,7 +221,7 @@ def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         message.namespace,
         message.name,
         lambda toolcall: _tool_call_once(ctx, toolcall),
-        message_object(message, TaskRunToolCall),
+        seen_version=message.resource_version,
     )
 
 

@@ -11,6 +11,7 @@ from kubechain.kube.errors import (
     AlreadyExists,
     Conflict,
     Forbidden,
+    Gone,
     Invalid,
     KubeAPIError,
     NotFound,
@@ -19,8 +20,6 @@ from kubechain.kube.errors import (
 from kubechain.models import Resource, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import export_run_span
-from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.routing import SLIMMED
 from kubechain.statemachines.taskrun import plan_children_rejected
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
@@ -139,16 +138,6 @@ def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], re
     return apply_transition(ctx, parent, transition)
 
 
-def message_object(message: ResourceMessage, model: type[R]) -> R | None:
-    """The object the message carries (the watcher's snapshot), if it is the one the message names."""
-    snapshot = message.snapshot
-    if snapshot is None or snapshot.get("kind", model.KIND) != model.KIND or snapshot.get(SLIMMED):
-        return None
-    if (snapshot.get("metadata") or {}).get("name") != message.name:
-        return None
-    return model.from_wire(snapshot)
-
-
 def decide_on_current(
     ctx: WorkerContext,
     model: type[R],
@@ -156,15 +145,31 @@ def decide_on_current(
     name: str,
     step: Callable[[R], None],
     first: R | None = None,
+    *,
+    seen_version: str = "",
 ) -> None:
-    """Run ``step`` on the object — ``first`` (a snapshot from the message, or what this worker just
-    wrote) on the first attempt, a fresh read after each conflict — until it decides without losing a
-    race. An object deleted meanwhile ends it quietly."""
+    """Run ``step`` on the object until it decides without losing a race: on the first attempt ``first``
+    (what this worker itself just wrote) or a read from the API server no older than ``seen_version``
+    (the version the message was sent for, which the API server can answer from its watch cache); after
+    each conflict, a fresh read. Never from the message's content: a message is only a hint, and anyone
+    who can write to the broker could forge one. An object deleted meanwhile ends it quietly."""
     pending = [first] if first is not None else []
+    version = [seen_version]
+
+    def read() -> R:
+        if pending:
+            return pending.pop()
+        not_older_than, version[0] = version[0], ""  # a conflict means that copy was stale: read fresh
+        if not_older_than:
+            try:
+                return ctx.kube.get(model, namespace, name, not_older_than=not_older_than)
+            except (Gone, Unavailable):
+                pass  # the watch cache is behind that version (or unreachable for a moment): read fresh
+        return ctx.kube.get(model, namespace, name)
 
     def attempt() -> None:
         try:
-            step(pending.pop() if pending else ctx.kube.get(model, namespace, name))
+            step(read())
         except NotFound as gone:
             log.info("%s %s/%s: %s was deleted meanwhile; nothing to do", model.KIND, namespace, name, gone)
 

@@ -185,11 +185,14 @@ class KubeClient:
 
     # -- custom resources --------------------------------------------------------------------------
 
-    def get_raw(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
-        return self.request("GET", custom_path(plural, namespace, name))
+    def get_raw(self, plural: str, namespace: str, name: str, *, not_older_than: str = "") -> dict[str, Any]:
+        """The object; with ``not_older_than`` (a resourceVersion already seen), the API server may answer
+        from its watch cache with that version or a newer one, without a read from etcd."""
+        params = {"resourceVersion": not_older_than} if not_older_than else None
+        return self.request("GET", custom_path(plural, namespace, name), params=params)
 
-    def get(self, model: type[R], namespace: str, name: str) -> R:
-        return model.from_wire(self.get_raw(model.PLURAL, namespace, name))
+    def get(self, model: type[R], namespace: str, name: str, *, not_older_than: str = "") -> R:
+        return model.from_wire(self.get_raw(model.PLURAL, namespace, name, not_older_than=not_older_than))
 
     def list_raw(
         self, plural: str, namespace: str | None = None, label_selector: str | None = None

@@ -78,6 +78,7 @@ class FakeKubeClient(KubeClient):
         # (api prefix, plural, namespace, name) -> object
         self.objects: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.request_params: list[dict[str, Any]] = []  # each request's query parameters, in order
 
     # -- helpers for tests -------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class FakeKubeClient(KubeClient):
             )
         with self._lock:
             self.requests.append((method, path))
+            self.request_params.append(dict(params or {}))
             prefix, plural, namespace, name, sub = self._parse(path)
             params = params or {}
             if method == "GET" and name is None:

@@ -66,10 +66,6 @@ _FINISHED_BULK = {
 
 # In the watcher's cache, a Task's output (its run's whole answer) is replaced by whether it is shown.
 OUTPUT_SHOWN = "_outputShown"
-# Marks an object the watcher keeps in a reduced form (a finished run or tool call without its bulk, a
-# Task without its output): never a base to write from (a worker writes a whole status, merged into the
-# version it read), so never sent as a message's snapshot.
-SLIMMED = "_kubechainSlimmed"
 
 
 def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +79,7 @@ def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(status, dict) or "output" not in status:
             return obj
         kept = {key: value for key, value in status.items() if key != "output"}
-        return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}, SLIMMED: True}
+        return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}}
     if not is_terminal(kind, obj):
         return obj
     slim = dict(obj)
@@ -91,7 +87,6 @@ def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         section = obj.get(part)
         if isinstance(section, dict) and any(field in section for field in fields):
             slim[part] = {key: value for key, value in section.items() if key not in fields}
-            slim[SLIMMED] = True
     return slim
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import Conflict, NotFound
+from kubechain.kube.errors import Conflict, Gone, NotFound
 from kubechain.models import LocalObjectReference, ObjectMeta, TaskRun, TaskRunSpec
 from kubechain.testing.stack import DEPLOYED_LEASE, deployed_watcher
 
@@ -80,3 +80,21 @@ def test_a_list_in_pages_is_one_snapshot_of_every_object(kube: KubeClient, names
     assert sorted(names) == [f"paged-{i}" for i in range(7)]
     versions = {version for _, version in pages}
     assert len(versions) == 1 and versions != {""}  # every page is of the first page's snapshot
+
+
+def test_a_read_no_older_than_a_version_is_that_version_or_newer(kube: KubeClient, namespace: str) -> None:
+    """What a worker's first read asks for: the version the watcher saw, or newer (the watch cache may
+    answer); a later version than the server has seen is refused as Gone, which the worker reads past."""
+    run = kube.create(
+        TaskRun(
+            metadata=ObjectMeta(name="cached", namespace=namespace),
+            spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+        )
+    )
+    moved = kube.patch_status(run, {"phase": "Pending"})
+    for seen in (run.resource_version, moved.resource_version):
+        got = kube.get(TaskRun, namespace, run.name, not_older_than=seen)
+        assert int(got.resource_version) >= int(seen) and got.uid == run.uid
+    assert kube.get(TaskRun, namespace, run.name, not_older_than=moved.resource_version).phase == "Pending"
+    with pytest.raises(Gone):  # after the API server's few seconds of waiting for its cache to get there
+        kube.get(TaskRun, namespace, run.name, not_older_than=str(int(moved.resource_version) + 10**9))

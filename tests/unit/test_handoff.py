@@ -6,12 +6,14 @@ other worker takes it while the hand-off is fresh; a hand-off whose worker went 
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubechain.kube.cache import TTLReadCache
+from kubechain.kube.errors import error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMResponse
 from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
@@ -57,13 +59,15 @@ def run_status(kube: FakeKubeClient, name: str = "r") -> dict[str, Any]:
 def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
     kube = CountingKube()
     llm = new_run(kube)
-    snapshot = kube.get_raw("taskruns", "default", "r")
+    version = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
     kube.calls.clear()
+    kube.request_params.clear()
 
     ctx = context(kube, llm, continues_llm=True)
-    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": snapshot}))
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"resource_version": version}))
 
-    assert kube.gets("taskruns") == 0, "the message's snapshot and each write's answer were enough"
+    assert kube.gets("taskruns") == 1, "one read (from the watch cache), then each write's answer"
+    assert kube.request_params[0] == {"resourceVersion": version}
     assert run_status(kube)["phase"] == "FinalAnswer"
     assert kube.phases == ["ReadyForLLM", "SendContextWindowToLLM", "FinalAnswer"]
     assert len(llm.requests) == 1
@@ -164,30 +168,87 @@ def test_fan_in_hands_the_next_turn_to_the_worker_that_completed_it() -> None:
     assert kube.phases.count("ReadyForLLM") == 2 and len(llm.requests) == 2
 
 
-def test_stale_run_snapshots_conflict_and_are_reread() -> None:
-    """Messages redelivered after the run finished, each with the state that once called for it."""
+def test_redelivered_messages_never_rewind_a_run() -> None:
+    """Messages redelivered after the run finished, each naming the version that once called for it."""
     kube = FakeKubeClient()
     llm = new_run(kube)
-    created = kube.get_raw("taskruns", "default", "r")
+    created = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
     ctx = context(kube, llm)
     prepare(ctx, message("TaskRun", "r"))
-    ready = kube.get_raw("taskruns", "default", "r")
+    ready = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
     llm_call(ctx, message("TaskRun", "r"))
     assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
 
-    llm_call(ctx, message("TaskRun", "r").model_copy(update={"snapshot": ready}))
-    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": created}))
-    assert run_status(kube)["phase"] == "FinalAnswer", "a stale snapshot never rewinds a run"
+    llm_call(ctx, message("TaskRun", "r").model_copy(update={"resource_version": ready}))
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"resource_version": created}))
+    assert run_status(kube)["phase"] == "FinalAnswer", "an old message never rewinds a run"
     assert len(llm.requests) == 1
 
 
-def test_a_snapshot_of_a_deleted_run_ends_quietly() -> None:
+class StaleCacheKube(FakeKubeClient):
+    """Answers a read "no older than" a version with the copy it held at that version (a watch cache
+    that has not seen the later writes), or with 504 Too large resource version when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[str, dict[str, Any]] = {}
+        self.too_large = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        wanted = (kwargs.get("params") or {}).get("resourceVersion")
+        if method == "GET" and wanted and path.endswith("/taskruns/r"):
+            self.requests.append((method, path))
+            self.request_params.append(dict(kwargs["params"]))
+            if self.too_large:
+                raise error_for(504, {"reason": "Timeout", "message": "Too large resource version: 99"})
+            return copy.deepcopy(self.held[wanted])
+        return super().request(method, path, **kwargs)
+
+
+def test_a_stale_cached_read_conflicts_and_the_next_read_is_fresh() -> None:
+    kube = StaleCacheKube()
+    llm = new_run(kube)
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    ready = kube.get_raw("taskruns", "default", "r")
+    kube.held[ready["metadata"]["resourceVersion"]] = ready
+    llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+
+    kube.requests.clear()
+    kube.request_params.clear()
+    llm_call(
+        ctx,
+        message("TaskRun", "r").model_copy(update={"resource_version": ready["metadata"]["resourceVersion"]}),
+    )
+    assert len(llm.requests) == 1, "the stale copy's claim conflicted; the fresh read found the answer"
+    reads = [
+        params
+        for (method, path), params in zip(kube.requests, kube.request_params, strict=False)
+        if method == "GET" and path.endswith("/r")
+    ]
+    assert reads[-2:] == [{"resourceVersion": ready["metadata"]["resourceVersion"]}, {}]
+
+
+def test_a_watch_cache_behind_the_version_falls_back_to_a_fresh_read() -> None:
+    kube = StaleCacheKube()
+    llm = new_run(kube)
+    kube.too_large = True
+    version = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
+    prepare(
+        context(kube, llm, continues_llm=True),
+        message("TaskRun", "r").model_copy(update={"resource_version": version}),
+    )
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+
+
+def test_a_message_for_a_deleted_run_ends_quietly() -> None:
     kube = FakeKubeClient()
     llm = new_run(kube)
-    snapshot = kube.get_raw("taskruns", "default", "r")
+    version = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
     kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r")
     ctx = context(kube, llm, continues_llm=True)
-    prepare(ctx, message("TaskRun", "r").model_copy(update={"snapshot": snapshot}))
+    prepare(ctx, message("TaskRun", "r").model_copy(update={"resource_version": version}))
     assert llm.requests == []
 
 

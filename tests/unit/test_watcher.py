@@ -13,12 +13,9 @@ import pytest
 
 from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
-from kubechain.models import TaskRun, TaskRunToolCall
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import (
-    SLIMMED,
-    Work,
     cached_form,
     is_terminal,
     readiness,
@@ -29,8 +26,7 @@ from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import create
 from watcher.informer import Informer
 from watcher.leader import LeaderElector
-from watcher.main import Watcher, _carries_snapshot
-from workers.transitions import message_object
+from watcher.main import Watcher
 
 
 class ScriptedWatchKube(FakeKubeClient):
@@ -190,16 +186,6 @@ def test_finished_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_t
                 kind, whole, now, 60, resync=resync
             )
         assert readiness(kind, slim) == readiness(kind, whole) and is_terminal(kind, slim)
-        # A worker writes a whole status merged into the version it was given: a slimmed copy (what a
-        # resync finds in the cache) must never be that version, or the write would erase the bulk.
-        work = Work(TaskName.TOOL_CALL, kind, "default", whole["metadata"]["name"])
-        unmarked = {key: value for key, value in slim.items() if key != SLIMMED}
-        assert _carries_snapshot(work, unmarked) and not _carries_snapshot(work, slim)
-        message = ResourceMessage(
-            kind=kind, namespace="default", name=whole["metadata"]["name"], snapshot=slim
-        )
-        model = TaskRun if kind == "TaskRun" else TaskRunToolCall
-        assert message_object(message, model) is None, "a worker reads the object instead"
     whole_cache = {"TaskRun": {("default", "done"): finished}, "Task": {("default", "t"): ready("Task", "t")}}
     assert tasks_missing_their_run(caches | {"Task": whole_cache["Task"]}) == tasks_missing_their_run(
         whole_cache
@@ -305,22 +291,17 @@ def test_a_lease_renewed_long_ago_is_taken_at_first_sight() -> None:
     assert restarted.is_leader
 
 
-def test_small_runs_travel_with_their_message_and_large_ones_are_read_by_the_worker() -> None:
+def test_a_message_names_the_object_and_its_own_version_but_never_carries_it() -> None:
     kube = FakeKubeClient()
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
-
-    def queued_snapshot(obj: dict[str, Any]) -> dict[str, Any] | None:
-        watcher._on_event("TaskRun", "ADDED", obj, None)
-        (item,) = [watcher._outbox.get_nowait()]
-        work, rv, snapshot = item
-        message = watcher.message_for(work, rv, snapshot)
-        assert (work.task, message.resource_version) == (TaskName.PREPARE, obj["metadata"]["resourceVersion"])
-        return message.snapshot
-
-    small = run("TaskRun", {"name": "small"}, "5")
-    assert queued_snapshot(small) == small
-    large = run("TaskRun", {"name": "large", "status": {"userMsgPreview": "x" * 40_000}}, "6")
-    assert queued_snapshot(large) is None
+    obj = run("TaskRun", {"name": "r"}, "5")
+    watcher._on_event("TaskRun", "ADDED", obj, None)
+    work, rv, own_version = watcher._outbox.get_nowait()
+    message = watcher.message_for(work, rv, own_version)
+    assert (work.task, message.name, message.resource_version) == (TaskName.PREPARE, "r", "5")
+    assert "status" not in message.model_dump_json() and "snapshot" not in message.model_dump()
+    # A version of another object (a tool call prompting its run) is not the run's: the worker reads fresh.
+    assert watcher.message_for(work, "9", own_version=False).resource_version == ""
 
 
 def test_a_turn_handed_off_to_its_worker_is_not_queued_by_the_watcher() -> None:
@@ -334,8 +315,8 @@ def test_a_turn_handed_off_to_its_worker_is_not_queued_by_the_watcher() -> None:
     assert watcher._outbox.empty()
     free = run("TaskRun", {"name": "r", "status": {"phase": "ReadyForLLM"}}, "8")
     watcher._on_event("TaskRun", "MODIFIED", free, None)
-    work, _, snapshot = watcher._outbox.get_nowait()
-    assert work.task == TaskName.LLM_CALL and snapshot == free
+    work, rv, own_version = watcher._outbox.get_nowait()
+    assert work.task == TaskName.LLM_CALL and (rv, own_version) == ("8", True)
 
 
 def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
@@ -380,7 +361,7 @@ def test_resync_revalidates_a_ready_task_whose_run_is_missing() -> None:
     )
     shown = {**task, "status": {**task["status"], "output": "the answer " * 1000}}
     informers["Task"].cache[("default", "t")] = cached_form("Task", shown)
-    assert informers["Task"].cache[("default", "t")][SLIMMED], "a Task without its output: never a base"
+    assert "output" not in informers["Task"].cache[("default", "t")]["status"], "a Task without its output"
     assert "output" not in informers["Task"].cache[("default", "t")]["status"], "not kept in memory"
     assert watcher.resync(force=True) == 0, "its run exists and its answer is shown: nothing to do"
 
