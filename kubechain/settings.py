@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-from typing import Self
+from typing import Annotated, Any, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _names(value: Any) -> Any:
+    """A list from the environment as people write it: ``uvx,npx`` (or one name), or a JSON list."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# Comma-separated or a JSON list; pydantic-settings would otherwise accept only JSON and refuse to start.
+NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
 
 
 def _default_identity() -> str:
@@ -20,7 +35,7 @@ class Settings(BaseSettings):
     # Kubernetes
     kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
     kube_context: str | None = None
-    namespaces: list[str] = Field(default_factory=list, description="watched namespaces; empty = all")
+    namespaces: NameList = Field(default_factory=list, description="watched namespaces; empty = all")
     # A per-process budget; the API server's own priority and fairness protects it from many processes.
     kube_qps: float = 1000.0
     kube_burst: int = 2000
@@ -68,7 +83,7 @@ class Settings(BaseSettings):
     humanlayer_api_base: str = Field(
         default="https://api.humanlayer.dev", validation_alias="HUMANLAYER_API_BASE"
     )
-    mcp_command_allowlist: list[str] = Field(default_factory=list)
+    mcp_command_allowlist: NameList = Field(default_factory=list)
 
     # Observability
     metrics_port: int = 0

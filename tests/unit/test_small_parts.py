@@ -352,3 +352,22 @@ def test_a_status_write_merges_into_the_version_it_read() -> None:
     assert kube.get_raw("taskruns", "default", "r")["status"]["fromANewerVersion"] == 7
     with pytest.raises(Conflict):
         kube.patch_status(built, {"error": "stale"})
+
+
+@pytest.mark.parametrize(
+    ("written", "names"),
+    [
+        ("uvx,npx", ["uvx", "npx"]),
+        ("uvx", ["uvx"]),
+        (" uvx , npx ,", ["uvx", "npx"]),
+        ('["uvx","npx"]', ["uvx", "npx"]),
+        ("", []),
+    ],
+)
+def test_name_lists_from_the_environment_are_comma_separated_or_json(
+    monkeypatch: pytest.MonkeyPatch, written: str, names: list[str]
+) -> None:
+    monkeypatch.setenv("KUBECHAIN_MCP_COMMAND_ALLOWLIST", written)
+    monkeypatch.setenv("KUBECHAIN_NAMESPACES", written)
+    settings = Settings()
+    assert settings.mcp_command_allowlist == names and settings.namespaces == names
