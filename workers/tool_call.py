@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubechain.kube.errors import Conflict, Forbidden, NotFound
+from kubechain.kube.errors import Conflict, Forbidden, NotFound, Unavailable
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -85,6 +85,9 @@ class Executor:
         self.delegate_to: str | None = None  # the sub-agent a delegation goes to
         self.human_channel: str | None = None  # the ContactChannel a human-contact tool reaches
         self.problem: str | None = None
+        self._secret_problem: str | None = None  # a Secret the call needs cannot be read (after prepare)
+        self._token: str | None = None
+        self._resolved: Any = None  # the MCP server's spec with its Secrets read
         self._resolve()
         if self.problem is None and agent is not None:
             self.problem = self._not_granted(agent)
@@ -141,8 +144,37 @@ class Executor:
             return bool(self.server.spec.idempotent)
         return False
 
+    def read_secrets(self) -> None:
+        """Read the Secrets the call needs, before it is claimed: an API server that is briefly
+        unreachable raises Unavailable here and the task is retried with the call still unclaimed, instead
+        of failing it for good. A Secret that is missing or unreadable is reported when the call runs."""
+        if self.server is not None and self.ctx.mcp is not None:
+            try:
+                self._resolved = self.ctx.mcp.resolve(self.server)
+            except ToolError as exc:  # MCPError
+                if isinstance(exc.__cause__, Unavailable):
+                    raise exc.__cause__ from exc
+                self._secret_problem = str(exc)
+            return
+        api = self._external_api()
+        if api is not None and api.credentials_from is not None:
+            try:
+                self._token = read_api_key(
+                    self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key
+                )
+            except SecretProblem as problem:
+                self._secret_problem = f"Failed to get API credentials: {problem}"
+
+    def _external_api(self) -> Any:
+        if self.tool is None or tool_type(self.tool) != "externalAPI" or self.tool.spec.execute is None:
+            return None
+        return self.tool.spec.execute.external_api
+
     def run(self, arguments: dict[str, Any]) -> Outcome:
         ref = self.toolcall.spec.tool_ref.name
+        if self._secret_problem is not None:
+            mcp_detail = f"MCP tool execution failed: {self._secret_problem}" if self.server else None
+            return Outcome(error=self._secret_problem, detail=mcp_detail)
         try:
             if self.server is not None:
                 return self._run_mcp(arguments)
@@ -171,8 +203,8 @@ class Executor:
         assert self.tool is not None and self.tool.spec.execute is not None
         api = self.tool.spec.execute.external_api
         assert api is not None and api.url
-        token = None
-        if api.credentials_from is not None:
+        token = self._token
+        if api.credentials_from is not None and token is None:  # run without read_secrets first
             try:
                 token = read_api_key(
                     self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key
@@ -189,7 +221,11 @@ class Executor:
         if self.ctx.mcp is None:
             return Outcome(error="this worker has no MCP manager (run MCP tools on the tools queue)")
         try:
-            result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
+            result = (
+                self.ctx.mcp.call_tool(self.server, self.target.tool, arguments, resolved=self._resolved)
+                if self._resolved is not None
+                else self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
+            )
         except ToolError as exc:  # MCPError: unreachable server, unknown tool, timeout
             return Outcome(error=str(exc), detail=f"MCP tool execution failed: {exc}")
         ref = self.toolcall.spec.tool_ref.name
@@ -292,6 +328,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if invalid is not None:
         apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
         return
+    executor.read_secrets()
     claimed_at = str(claim.transition.status["claimedAt"])
     claimed = apply_claim(
         ctx, toolcall, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)

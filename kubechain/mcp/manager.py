@@ -98,12 +98,28 @@ class MCPManager:
         key = (server.namespace, server.name)
         budget = 4 * self.connect_timeout_s + 10
         tools = self._run(
-            lambda: self._alist_tools(key, resolved), budget, f"listing tools of MCP server {_label(key)}"
+            lambda: self._alist_tools(key, resolved),
+            budget,
+            f"listing tools of MCP server {_label(key)}",
+            resolved,
         )
         return [MCPTool(name=t.name, description=t.description, input_schema=t.input_schema) for t in tools]
 
-    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
-        resolved = self._resolve(server)
+    def resolve(self, server: MCPServer) -> ResolvedSpec:
+        """The server's spec with its Secrets read (MCPError if it is invalid, its command not allowed or
+        a Secret unreadable; an API-server hiccup is the error's ``__cause__``). Reading them before a
+        tool call is claimed lets a transient failure be retried instead of failing the call."""
+        return self._resolve(server)
+
+    def call_tool(
+        self,
+        server: MCPServer,
+        tool: str,
+        arguments: dict[str, Any],
+        resolved: ResolvedSpec | None = None,
+    ) -> MCPToolResult:
+        """Call ``tool``; ``resolved`` (from :meth:`resolve`) saves reading the Secrets again."""
+        resolved = resolved if resolved is not None else self._resolve(server)
         key = (server.namespace, server.name)
         idempotent = bool(server.spec.idempotent)
         budget = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
@@ -113,6 +129,7 @@ class MCPManager:
             lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
             budget,
             f'calling tool "{tool}" on MCP server {_label(key)}',
+            resolved,
         )
 
     def disconnect(self, namespace: str, name: str) -> None:
@@ -179,7 +196,13 @@ class MCPManager:
                 _live_managers.add(self)
             return self._loop
 
-    def _run(self, make: Callable[[], Awaitable[T]], timeout: float, what: str) -> T:
+    def _run(
+        self,
+        make: Callable[[], Awaitable[T]],
+        timeout: float,
+        what: str,
+        resolved: ResolvedSpec | None = None,
+    ) -> T:
         loop = self._ensure_loop()
 
         async def wrapped() -> T:
@@ -193,6 +216,13 @@ class MCPManager:
             raise MCPError(f"timed out after {timeout:g}s {what}") from None
         except concurrent.futures.CancelledError:
             raise MCPError(f"the MCP manager was closed while {what}") from None
+        except MCPError as exc:
+            # Errors become statuses, Events, log lines and tool results the LLM reads: a server's or a
+            # library's text may quote a header or env value, so the spec's secrets are cut out here.
+            text = resolved.scrub(str(exc)) if resolved is not None else str(exc)
+            if text != str(exc):
+                raise MCPError(text) from None
+            raise
 
     def _peek(self, namespace: str, name: str) -> Session | None:
         with self._lock:
@@ -254,7 +284,7 @@ class MCPManager:
         self._retiring.discard(session)
 
     async def _alist_tools(self, key: Key, resolved: ResolvedSpec) -> list[Any]:
-        from kubechain.mcp.session import ConnectionLost
+        from kubechain.mcp.session import ConnectionLost, describe_error
 
         for attempt in (1, 2):
             session, fresh = await self._session_for(key, resolved)
@@ -267,6 +297,12 @@ class MCPManager:
                 if attempt == 2:
                     raise MCPError(str(lost)) from lost
                 log.info("MCP server %s: %s; reconnecting to list tools", _label(key), lost)
+            except MCPError:
+                raise
+            except Exception as exc:  # e.g. a tools/list answer the SDK cannot parse
+                raise MCPError(
+                    f"invalid tools/list answer from MCP server {_label(key)}: {describe_error(exc)}"
+                ) from exc
         raise AssertionError("unreachable")
 
     async def _acall_tool(

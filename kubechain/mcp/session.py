@@ -33,7 +33,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError as SDKError
 from mcp.shared.message import SessionMessage
-from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST
+from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, REQUEST_TIMEOUT
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, redact_url
@@ -65,6 +65,8 @@ EXTRA_INHERITED_ENV = (
 )
 SSE_READ_TIMEOUT_S = 300.0
 MAX_TOOL_PAGES = 100
+# How long a server whose call timed out has to answer a probe before its session is restarted.
+PROBE_TIMEOUT_S = 5.0
 STDERR_TAIL_LINES = 20
 
 
@@ -563,6 +565,9 @@ class Session:
             with anyio.fail_after(self.connect_timeout_s):
                 self.tools = await self._list_all(client)
         except TimeoutError:
+            # No answer to tools/list for a whole connect timeout: hung, not slow. The next request
+            # starts a fresh session instead of waiting out this one again.
+            self.broken = True
             raise MCPError(f"listing tools timed out after {self.connect_timeout_s:g}s") from None
         except SDKError as exc:
             if exc.code == CONNECTION_CLOSED or self.dead:
@@ -592,6 +597,8 @@ class Session:
                 raise ConnectionLost(
                     "the server no longer knows this session (it restarted?)", maybe_executed=False
                 ) from exc
+            if exc.code == REQUEST_TIMEOUT:
+                await self._check_alive(client)
             raise
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.broken = True
@@ -599,6 +606,29 @@ class Session:
         finally:
             _ATTEMPT.reset(token)
             self._release()
+
+    async def _check_alive(self, client: Client) -> None:
+        """After a call timed out: a server that answers nothing to a small request either is hung (a
+        stopped or wedged stdio child, a proxy that swallows requests). The session is marked broken so
+        the next request starts a fresh one, rather than every request waiting out its timeout on it for
+        ever; a server that answers (even with an error) is only slow, and keeps its session. The probe is
+        tools/list: ping is gone from the protocol."""
+        try:
+            with anyio.fail_after(min(PROBE_TIMEOUT_S, self.connect_timeout_s)):
+                await client.list_tools()
+            return
+        except SDKError as exc:
+            if exc.code != CONNECTION_CLOSED and not self.dead:
+                return  # an error answer is an answer
+            problem = exc.message
+        except Exception as exc:  # noqa: BLE001 - any failure to answer means the same
+            problem = describe_error(exc) if str(exc) else type(exc).__name__
+        log.warning(
+            "MCP session %s: no answer to tools/list after a call timed out (%s); it will be restarted",
+            self.label,
+            problem,
+        )
+        self.broken = True
 
     def _release(self) -> None:
         self.inflight -= 1

@@ -30,6 +30,15 @@ class ResolvedSpec:
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     url: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # the values read from Secrets, to be cut out of any error text that might quote one
+    secret_values: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret value of this spec replaced by ``***``."""
+        for value in sorted(self.secret_values, key=len, reverse=True):
+            if value.strip():
+                text = text.replace(value, "***").replace(value.strip(), "***")
+        return text
 
     def fingerprint(self) -> str:
         """A digest of the whole spec: a different value means a different connection (reconnect)."""
@@ -104,9 +113,18 @@ def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None
     )
 
 
+def _control_characters(value: str) -> bool:
+    return any(ord(char) < 32 and char != "\t" or ord(char) == 127 for char in value)
+
+
 def _resolve_vars(
-    namespace: str, variables: list[EnvVar] | None, what: str, resolve_secret: SecretResolver
+    namespace: str,
+    variables: list[EnvVar] | None,
+    what: str,
+    resolve_secret: SecretResolver,
+    secrets: list[str],
 ) -> tuple[tuple[str, str], ...]:
+    """Name/value pairs with secret references read (their values also added to ``secrets``)."""
     resolved: list[tuple[str, str]] = []
     for var in variables or []:
         ref = var.value_from.secret_key_ref if var.value_from is not None else None
@@ -117,6 +135,16 @@ def _resolve_vars(
             value = resolve_secret(namespace, ref.name, ref.key)
         except Exception as exc:  # the resolver's message says what is missing, never a value
             raise MCPError(f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}') from exc
+        secrets.append(value)
+        if what == "header":
+            # A Secret made with `echo` or from a file ends in a newline, which no HTTP header may hold
+            # (the HTTP library's error would quote the whole value).
+            value = value.strip()
+            if _control_characters(value):
+                raise MCPError(
+                    f'header "{var.name}" from secret "{ref.name}" (key "{ref.key}") contains a line break '
+                    "or another control character; store the value without it"
+                )
         resolved.append((var.name, value))
     return tuple(resolved)
 
@@ -128,15 +156,15 @@ def resolve_spec(server: MCPServer, resolve_secret: SecretResolver) -> ResolvedS
     problem = validate_spec(spec)
     if problem is not None:
         raise MCPError(problem)
+    secrets: list[str] = []
     if spec.transport == "stdio":
+        env = _resolve_vars(server.namespace, spec.env, "env var", resolve_secret, secrets)
         return ResolvedSpec(
             transport="stdio",
             command=spec.command,
             args=tuple(spec.args or ()),
-            env=_resolve_vars(server.namespace, spec.env, "env var", resolve_secret),
+            env=env,
+            secret_values=tuple(secrets),
         )
-    return ResolvedSpec(
-        transport=spec.transport,
-        url=spec.url,
-        headers=_resolve_vars(server.namespace, spec.headers, "header", resolve_secret),
-    )
+    headers = _resolve_vars(server.namespace, spec.headers, "header", resolve_secret, secrets)
+    return ResolvedSpec(transport=spec.transport, url=spec.url, headers=headers, secret_values=tuple(secrets))

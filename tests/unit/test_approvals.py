@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from kubechain.humanlayer.testserver import HumanLayerTestServer
+from kubechain.kube.errors import Unavailable
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.mcp.common import MCPError, MCPToolResult
@@ -55,7 +56,12 @@ class FakeMCP:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
+    def resolve(self, server: MCPServer) -> Any:
+        return None
+
+    def call_tool(
+        self, server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None
+    ) -> MCPToolResult:
         self.calls.append((server.name, tool, arguments))
         return MCPToolResult(text=f"contents of {arguments.get('url')}")
 
@@ -912,3 +918,72 @@ def test_a_humanlayer_reply_without_a_call_id_is_asked_once_under_the_determinis
     w.run()
     w.run()
     assert w.status()["phase"] == "Succeeded" and len(w.mcp.calls) == 1
+
+
+# -- Secrets read before the claim ------------------------------------------------------------------
+
+
+def test_an_mcp_secret_read_failing_for_a_moment_leaves_the_call_unclaimed_for_a_retry(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
+        body={"spec": {"approvalContactChannel": None}},
+    )
+    reads: list[str] = []
+
+    def resolve(server: MCPServer) -> str:
+        reads.append(server.name)
+        if len(reads) == 1:
+            cause = Unavailable(503, "ServiceUnavailable", "etcdserver: leader changed")
+            raise MCPError(f'cannot resolve env var "TOKEN" from secret "fetch": {cause}') from cause
+        return "the resolved spec"
+
+    monkeypatch.setattr(w.mcp, "resolve", resolve)
+    add_toolcall(w)
+    with pytest.raises(Unavailable):  # the task's autoretry takes it from here
+        w.run()
+    assert w.status().get("phase") in (None, "", "Pending") and w.mcp.calls == []
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and len(w.mcp.calls) == 1
+
+
+def test_an_external_api_secret_read_failing_for_a_moment_leaves_the_call_unclaimed(
+    world: World, counting_api: CountingAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    w.kube.add_secret("default", "deploy-token", {"token": "t0ken"})
+    tool = {
+        "name": "deploy",
+        "toolType": "externalAPI",
+        "execute": {
+            "externalAPI": {
+                "url": counting_api.url,
+                "method": "POST",
+                "credentialsFrom": {"name": "deploy-token", "key": "token"},
+            }
+        },
+    }
+    create(w.kube, "Tool", "tools", "deploy", tool)
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/agents/a",
+        body={"spec": {"tools": [{"name": "deploy"}]}},
+    )
+    add_toolcall(w, "deploy", {"version": "1.2.3"})
+    real_read = w.kube.read_secret
+    failures = [Unavailable(503, "ServiceUnavailable", "etcdserver: leader changed")]
+
+    def read_secret(namespace: str, name: str) -> dict[str, str]:
+        if failures:
+            raise failures.pop()
+        return real_read(namespace, name)
+
+    monkeypatch.setattr(w.kube, "read_secret", read_secret)
+    with pytest.raises(Unavailable):
+        w.run()
+    assert w.status().get("phase") in (None, "", "Pending") and counting_api.bodies == []
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and counting_api.bodies == [{"version": "1.2.3"}]

@@ -571,3 +571,107 @@ def test_servers_of_the_same_name_in_two_namespaces_are_two_sessions(
     finally:
         manager.disconnect("team-a", "shared")
         manager.disconnect("team-b", "shared")
+
+
+# -- secrets in errors, hung servers, bad answers --------------------------------------------------
+
+
+def test_a_header_secret_ending_in_a_newline_is_used_without_it(
+    manager: MCPManager, http_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`echo token | kubectl create secret ... --from-file`: the value ends in a newline."""
+    caplog.set_level(logging.DEBUG)
+    SECRETS[("default", "tokens", "from-file")] = "Bearer s3cret-bearer-value\n"
+    SECRETS[("default", "tokens", "two-lines")] = "Bearer s3cret-bearer-value\r\nX-Injected: 1"
+    try:
+        header = {
+            "name": "Authorization",
+            "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "from-file"}},
+        }
+        server = mcp_server("http-newline", transport="http", url=http_url, headers=[header])
+        assert manager.call_tool(server, "whoami", {}).text.startswith("authorized")
+        manager.disconnect("default", "http-newline")
+
+        header["valueFrom"]["secretKeyRef"]["key"] = "two-lines"
+        broken = mcp_server("http-two-lines", transport="http", url=http_url, headers=[header])
+        with pytest.raises(
+            MCPError, match='header "Authorization" from secret "tokens" .* line break'
+        ) as error:
+            manager.call_tool(broken, "whoami", {})
+        assert "s3cret" not in str(error.value) and "s3cret" not in caplog.text
+    finally:
+        del SECRETS[("default", "tokens", "from-file")], SECRETS[("default", "tokens", "two-lines")]
+
+
+def test_a_secret_quoted_by_a_failing_server_is_cut_out_of_the_error(manager: MCPManager) -> None:
+    """A child that prints its environment and exits: its stderr, which the error quotes, holds the secret."""
+    server = mcp_server(
+        "chatty-failure",
+        transport="stdio",
+        command=sys.executable,
+        args=["-c", "import os, sys; sys.stderr.write('key=' + os.environ['API_KEY'] + '\\n'); sys.exit(2)"],
+        env=[{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "api-key"}}}],
+    )
+    with pytest.raises(MCPError) as error:
+        manager.list_tools(server)
+    assert "key=***" in str(error.value) and "s3cret-env-value" not in str(error.value)
+
+
+BAD_SECOND_LIST = textwrap.dedent(
+    """
+    import json, sys
+
+    listed = 0
+    for line in sys.stdin:
+        request = json.loads(line)
+        if "id" not in request:
+            continue
+        method, result = request["method"], {}
+        if method == "initialize":
+            result = {
+                "protocolVersion": request["params"]["protocolVersion"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "bad-second-list", "version": "1"},
+            }
+        elif method == "tools/list":
+            listed += 1
+            good = {"name": "t", "inputSchema": {"type": "object"}}
+            result = {"tools": [good] if listed == 1 else [{"name": 5, "inputSchema": "bad"}]}
+        print(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}), flush=True)
+    """
+)
+
+
+def test_a_malformed_tools_list_on_a_live_session_is_an_mcp_error(tmp_path: Path) -> None:
+    script = tmp_path / "bad_second_list.py"
+    script.write_text(BAD_SECOND_LIST)
+    m = MCPManager(resolve_secret, call_timeout_s=10, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        server = script_server("bad-list", str(script))
+        assert [tool.name for tool in m.list_tools(server)] == ["t"]
+        with pytest.raises(MCPError, match="invalid tools/list answer from MCP server default/bad-list"):
+            m.list_tools(server)
+    finally:
+        m.close()
+
+
+def test_a_hung_stdio_server_is_restarted_after_a_timed_out_call(stdio_script: str) -> None:
+    m = MCPManager(resolve_secret, call_timeout_s=1, connect_timeout_s=CONNECT_TIMEOUT_S)
+    server = script_server("hung-server", stdio_script)
+    pid = None
+    try:
+        assert m.call_tool(server, "env", {"name": "PLAIN"}).text == "<unset>"
+        pid = m.stdio_pid("default", "hung-server")
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # alive but answering nothing, as a wedged server
+        with pytest.raises(MCPError, match="timed out after 1s"):
+            m.call_tool(server, "env", {"name": "PLAIN"})
+        assert not m.connected("default", "hung-server"), "no answer to the ping: the session is given up"
+        assert m.call_tool(server, "env", {"name": "PLAIN"}).text == "<unset>"
+        assert m.stdio_pid("default", "hung-server") not in (None, pid)
+    finally:
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGCONT)
+        m.close()
+    assert pid is not None
+    wait_until(lambda: not alive(pid), what="the hung child to end")

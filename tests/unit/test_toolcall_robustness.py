@@ -695,7 +695,7 @@ def test_an_mcp_call_is_bounded_by_its_budget_not_only_each_step() -> None:
 
     manager = MCPManager(lambda *_: {}, call_timeout_s=120, call_budget_s=150)
     budgets: list[float] = []
-    manager._run = lambda make, timeout, what: budgets.append(timeout)  # type: ignore[method-assign]
+    manager._run = lambda make, timeout, what, resolved=None: budgets.append(timeout)  # type: ignore[method-assign]
     server = MCPServer.from_wire(
         {
             "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
