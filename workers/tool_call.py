@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -79,7 +79,10 @@ class Executor:
         self.ctx = ctx
         self.toolcall = toolcall
         self.agent = agent
-        self.target: ToolTarget = resolve_tool_name(toolcall.spec.tool_ref.name)
+        self.target: ToolTarget = resolve_tool_name(
+            toolcall.spec.tool_ref.name,
+            {ref.name for ref in agent.spec.mcp_servers} if agent is not None else None,
+        )
         self.tool: Tool | None = None
         self.server: MCPServer | None = None
         self.delegate_to: str | None = None  # the sub-agent a delegation goes to
@@ -122,7 +125,8 @@ class Executor:
                     f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
                 )
         elif self.target.kind == "tool":
-            self.tool = find_tool(self.ctx, ns, self.target.name)
+            granted = [ref.name for ref in self.agent.spec.tools] if self.agent is not None else []
+            self.tool = find_tool(self.ctx, ns, self.target.name, granted)
             if self.tool is None:
                 self.problem = (
                     f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
@@ -239,8 +243,16 @@ class Executor:
         )
 
 
-def find_tool(ctx: WorkerContext, namespace: str, function_name: str) -> Tool | None:
-    """A Tool by metadata.name, else by spec.name (the original only matched when both were equal)."""
+def find_tool(
+    ctx: WorkerContext, namespace: str, function_name: str, granted: Sequence[str] = ()
+) -> Tool | None:
+    """The Tool the LLM meant: first among the Agent's own Tools (``granted``) the one offered under
+    that function name, as tool_definitions named it; else a Tool by metadata.name, else by spec.name
+    (the original only matched when both were equal)."""
+    for name in granted:
+        candidate = get_or_none(ctx, Tool, namespace, name, cached=True)
+        if candidate is not None and candidate.spec.function_name(name) == function_name:
+            return candidate
     tool = get_or_none(ctx, Tool, namespace, function_name, cached=True)
     if tool is not None:
         return tool

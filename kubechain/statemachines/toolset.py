@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,15 +34,21 @@ class ToolTarget:
     tool: str = ""  # the MCP server's tool name
 
 
-def resolve_tool_name(function_name: str) -> ToolTarget:
+def resolve_tool_name(function_name: str, mcp_servers: Collection[str] | None = None) -> ToolTarget:
+    """What a function name the LLM called refers to. ``mcp_servers``: the Agent's MCP servers, when
+    known. A Kubernetes name has no ``_``, so an MCP server's name ends at the first ``__`` and the rest,
+    ``__`` included, is the server's tool (``proxy__github__create_issue``); a name starting with one of
+    the Agent's MCP servers is that server's tool even if it looks like a human contact."""
     if function_name.startswith(DELEGATE_PREFIX):
         return ToolTarget("subagent", function_name[len(DELEGATE_PREFIX) :])
+    server, separator, tool = function_name.partition(MCP_SEPARATOR)
+    if separator and server and tool and mcp_servers is not None and server in mcp_servers:
+        return ToolTarget("mcp", server, tool)
     human = HUMAN_CONTACT_NAME.fullmatch(function_name)
     if human:
         return ToolTarget("human", human.group(1))
-    parts = function_name.split(MCP_SEPARATOR)
-    if len(parts) == 2 and all(parts):
-        return ToolTarget("mcp", parts[0], parts[1])
+    if separator and server and tool and mcp_servers is None:
+        return ToolTarget("mcp", server, tool)
     return ToolTarget("tool", function_name)
 
 

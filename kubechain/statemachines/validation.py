@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from kubechain.models import (
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
+from kubechain.statemachines.toolset import DELEGATE_PREFIX, HUMAN_CONTACT_MARKER, MCP_SEPARATOR
 from kubechain.statemachines.transition import Transition, normal, status_differs, warning
 
 
@@ -102,6 +104,60 @@ class AgentDependencies:
     channels: dict[str, ContactChannel | None] = field(default_factory=dict)
 
 
+# What OpenAI and Anthropic accept as a function name; a name outside it fails every request of the run.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def function_name_problems(offered: list[tuple[str, str]]) -> list[str]:
+    """Why the function names an Agent would offer its LLM (name, what offers it) cannot all be used:
+    a name the LLM APIs refuse, or one name offered twice (a call to it could not be told apart)."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for name, source in offered:
+        if not FUNCTION_NAME.fullmatch(name):
+            problems.append(
+                f'{source} would be offered to the LLM as "{name}", which is not a valid function name '
+                "(letters, digits, _ and -, at most 64 characters): rename it"
+                + (" or set its spec.name" if source.startswith("Tool ") else "")
+            )
+        elif name in seen:
+            problems.append(f'{seen[name]} and {source} are both offered to the LLM as "{name}"')
+        else:
+            seen[name] = source
+    return problems
+
+
+def offered_names(deps: AgentDependencies, agent: Agent) -> list[tuple[str, str]]:
+    """The function names tool_definitions makes from the Agent's ready dependencies, with their source."""
+    spec = agent.spec
+    offered: list[tuple[str, str]] = []
+    for ref in spec.tools:
+        tool = deps.tools.get(ref.name)
+        if tool is not None and tool.status.ready:
+            offered.append((tool.spec.function_name(ref.name), f'Tool "{ref.name}"'))
+    for ref in spec.mcp_servers:
+        server = deps.mcp_servers.get(ref.name)
+        if server is None or not server.status.connected:
+            continue
+        for mcp_tool in server.status.tools or []:
+            offered.append(
+                (
+                    f"{ref.name}{MCP_SEPARATOR}{mcp_tool.name}",
+                    f'MCPServer "{ref.name}" tool "{mcp_tool.name}"',
+                )
+            )
+    for ref in spec.sub_agents:
+        if deps.sub_agents.get(ref.name) is not None:
+            offered.append((f"{DELEGATE_PREFIX}{ref.name}", f'sub-agent "{ref.name}"'))
+    for ref in spec.human_contact_channels:
+        channel = deps.channels.get(ref.name)
+        if channel is not None and channel.status.ready:
+            offered.append(
+                (f"{ref.name}{HUMAN_CONTACT_MARKER}_{channel.spec.type}", f'ContactChannel "{ref.name}"')
+            )
+    return offered
+
+
 def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
     spec = agent.spec
     problems: list[tuple[str, bool]] = []  # (message, is-waiting)
@@ -151,6 +207,7 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
         "validSubAgents": [a.to_wire() for a in valid_sub_agents],
         "validHumanContactChannels": [c.to_wire() for c in valid_channels],
     }
+    problems += [(text, False) for text in function_name_problems(offered_names(deps, agent))]
     if problems:
         message = "; ".join(text for text, _ in problems)
         waiting = all(is_waiting for _, is_waiting in problems)

@@ -101,7 +101,14 @@ def test_event_names_are_deterministic_per_transition() -> None:
 def test_tool_name_resolution() -> None:
     assert resolve_tool_name("fetch__fetch").kind == "mcp"
     assert resolve_tool_name("add").kind == "tool"
-    assert resolve_tool_name("a__b__c").kind == "tool"
+    # An MCP server's name ends at the first "__" (Kubernetes names have no "_"): the rest is its tool.
+    assert resolve_tool_name("proxy__github__create_issue") == ToolTarget("mcp", "proxy", "github__create_issue")
+    assert resolve_tool_name("docs__search__v2", {"docs"}) == ToolTarget("mcp", "docs", "search__v2")
+    # With the Agent's MCP servers known, a Tool's own function name with "__" in it stays a Tool ...
+    assert resolve_tool_name("get__weather", {"docs"}) == ToolTarget("tool", "get__weather")
+    # ... and a tool of one of its servers named like a human contact is that server's tool.
+    assert resolve_tool_name("crm__human_contact", {"crm"}) == ToolTarget("mcp", "crm", "human_contact")
+    assert resolve_tool_name("crm__human_contact_email", {"docs"}) == ToolTarget("human", "crm")
     assert resolve_tool_name("delegate_to_agent__helper").name == "helper"
     assert resolve_tool_name("approvers__human_contact_email").kind == "human"
     assert resolve_tool_name("approvers__human_contact_slack").name == "approvers"

@@ -658,3 +658,38 @@ def test_a_tool_whose_spec_name_differs_from_its_resource_name_is_offered_by_spe
     run = kube.get_raw("taskruns", "default", "r")["status"]
     assert run["contextWindow"][-2] == {"role": "tool", "content": "7", "toolCallId": "c1"}
     assert run["phase"] == "FinalAnswer" and run["output"] == "sum is 7"
+
+
+def test_a_call_runs_the_agents_own_tool_offered_under_that_name_not_a_namesake() -> None:
+    """The Agent has Tool "calc", offered as "add" (its spec.name); another Tool is named "add"."""
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content=request.messages[-1].content)
+        return LLMResponse(
+            tool_calls=[
+                ToolCall(id="c0", function=ToolCallFunction(name="add", arguments='{"a": 2, "b": 3}'))
+            ]
+        )
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(answer)
+    validated(kube, llm)
+    ctx = context(kube, llm)
+    create(kube, "Tool", "tools", "calc", ADD_TOOL)
+    create(kube, "Tool", "tools", "add", ADD_TOOL | {"name": "sum"})
+    for name in ("calc", "add"):
+        validate(ctx, message("Tool", name))
+    kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/agents/a",
+        body={"spec": {"tools": [{"name": "calc"}]}},
+    )
+    validate(ctx, message("Agent", "a"))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    (name,) = toolcall_names(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert (status["phase"], status.get("result")) == ("Succeeded", "5"), status

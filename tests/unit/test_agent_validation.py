@@ -1,0 +1,103 @@
+"""An Agent is Ready only if every function name it would offer its LLM can be used (pure planning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Tool
+from kubechain.statemachines.validation import AgentDependencies, plan_agent
+
+
+def agent(**spec: Any) -> Agent:
+    return Agent.model_validate(
+        {
+            "metadata": {"name": "a", "namespace": "default", "generation": 1},
+            "spec": {"llmRef": {"name": "m"}, "system": "be brief", **spec},
+        }
+    )
+
+
+def ready(model: Any, name: str, spec: dict[str, Any], status: dict[str, Any]) -> Any:
+    return model.model_validate(
+        {"metadata": {"name": name, "namespace": "default", "generation": 1}, "spec": spec, "status": status}
+    )
+
+
+LLM_READY = ready(LLM, "m", {"provider": "openai"}, {"status": "Ready", "ready": True})
+
+
+def tool(name: str, function: str | None = None) -> Tool:
+    spec = {"toolType": "function", "execute": {"builtin": {"name": "add"}}} | (
+        {"name": function} if function else {}
+    )
+    return ready(Tool, name, spec, {"ready": True, "status": "Ready"})
+
+
+def server(name: str, *tools: str) -> MCPServer:
+    return ready(
+        MCPServer,
+        name,
+        {"transport": "stdio", "command": "x"},
+        {
+            "connected": True,
+            "status": "Ready",
+            "tools": [{"name": t, "inputSchema": {"type": "object"}} for t in tools],
+        },
+    )
+
+
+def status_of(a: Agent, deps: AgentDependencies) -> dict[str, Any]:
+    transition = plan_agent(a, deps)
+    assert transition is not None
+    return transition.status
+
+
+def test_usable_names_make_a_ready_agent() -> None:
+    a = agent(tools=[{"name": "calc"}], mcpServers=[{"name": "fetch"}], subAgents=[{"name": "helper"}])
+    deps = AgentDependencies(
+        LLM_READY,
+        tools={"calc": tool("calc", "add")},
+        mcp_servers={"fetch": server("fetch", "fetch")},
+        sub_agents={"helper": agent()},
+    )
+    assert status_of(a, deps)["ready"] is True
+
+
+def test_a_name_the_llm_apis_refuse_is_an_error_naming_what_to_rename() -> None:
+    long_agent = "customer-support-escalation-specialist-agent-v2"  # delegate_to_agent__... is 66 long
+    a = agent(tools=[{"name": "web.search"}], subAgents=[{"name": long_agent}])
+    deps = AgentDependencies(
+        LLM_READY, tools={"web.search": tool("web.search")}, sub_agents={long_agent: agent()}
+    )
+    status = status_of(a, deps)
+    assert status["ready"] is False and status["status"] == "Error"
+    detail = status["statusDetail"]
+    assert 'Tool "web.search" would be offered to the LLM as "web.search"' in detail and "spec.name" in detail
+    assert f'sub-agent "{long_agent}"' in detail and "at most 64 characters" in detail
+
+
+def test_one_name_offered_twice_is_an_error() -> None:
+    a = agent(
+        tools=[{"name": "calc"}, {"name": "add"}],
+        mcpServers=[{"name": "crm"}],
+        humanContactChannels=[{"name": "crm"}],
+    )
+    channel = ready(
+        ContactChannel,
+        "crm",
+        {
+            "type": "email",
+            "apiKeyFrom": {"secretKeyRef": {"name": "s", "key": "k"}},
+            "email": {"address": "a@example.com"},
+        },
+        {"ready": True, "status": "Ready"},
+    )
+    deps = AgentDependencies(
+        LLM_READY,
+        tools={"calc": tool("calc", "add"), "add": tool("add")},
+        mcp_servers={"crm": server("crm", "human_contact_email")},
+        channels={"crm": channel},
+    )
+    detail = status_of(a, deps)["statusDetail"]
+    assert 'Tool "calc" and Tool "add" are both offered to the LLM as "add"' in detail
+    assert 'MCPServer "crm" tool "human_contact_email" and ContactChannel "crm"' in detail
