@@ -17,7 +17,7 @@ from kubechain.kube.errors import (
     NotFound,
     Unavailable,
 )
-from kubechain.models import Resource, TaskRun, TaskRunToolCall
+from kubechain.models import Resource, Task, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import export_run_span
 from kubechain.statemachines.taskrun import plan_children_rejected
@@ -28,6 +28,7 @@ from kubechain.statemachines.transition import (
     parse_timestamp,
     patch_landed,
 )
+from kubechain.statemachines.validation import plan_validation
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,9 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
     """Create children by their deterministic names (concurrently: a turn may ask for dozens of tool
     calls); AlreadyExists means a previous attempt did it.
 
-    A child the API server rejects as invalid (422) is rejected again on every retry, so it ends the
-    parent instead: a TaskRun or tool call is failed with the reason (status, Warning Event, log line),
-    and the parent as written is returned (other parents get the Event and the log line). None: every
-    child exists."""
+    A child the API server refuses for good (refused_for_good) is refused again on every retry, so it
+    ends the parent instead: a TaskRun or tool call is failed, a Task put in Error, with the reason
+    (status, Warning Event, log line), and the parent as written is returned. None: every child exists."""
 
     def create(child: Resource[Any, Any]) -> KubeAPIError | None:
         try:
@@ -131,6 +131,8 @@ def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], re
         transition = plan_children_rejected(parent, message, now)
     elif isinstance(parent, TaskRunToolCall):
         transition = plan_tool_failure(parent, message, now)
+    elif isinstance(parent, Task):
+        transition = plan_validation(parent, False, message)
     if transition is None:
         ctx.events.emit(parent, "Warning", "ChildCreationFailed", message, key=child.name)
         return parent

@@ -17,6 +17,7 @@ from kubechain.statemachines.validation import (
     plan_task,
     plan_task_output,
     plan_validation,
+    run_was_refused,
     taskrun_for_task,
     validate_tool_spec,
 )
@@ -66,7 +67,7 @@ def read_api_key(
     if key not in data:
         raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
     if not data[key].strip():
-        raise EmptySecretValue(f'API key is empty in secret "{secret_name}" (key "{key}")')
+        raise EmptySecretValue(f'empty API key provided: key "{key}" in secret "{secret_name}" is empty')
     return data[key].strip()
 
 
@@ -138,13 +139,19 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
     if task is None or task.metadata.deletion_timestamp:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
-    task = _write(ctx, task, plan_task(task, agent))
     run = taskrun_for_task(task)
+    if run_was_refused(task) and agent is not None and agent.status.ready:
+        # Its run was refused last time (a quota, a policy): try again before claiming Ready, so a refusal
+        # that persists leaves the Task in Error instead of flapping to Ready on every resync.
+        if create_children(ctx, task, [run]) is not None:
+            return
+    task = _write(ctx, task, plan_task(task, agent))
     if task.status.ready:
         # Ready first, run second: the run's first prepare then never finds its Task not yet Ready (a
         # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the
         # watcher's resync, which re-validates a Ready Task whose run is missing.
-        create_children(ctx, task, [run])
+        if create_children(ctx, task, [run]) is not None:
+            return  # refused: the Task is in Error now, saying why
     _write(ctx, task, plan_task_output(task, get_or_none(ctx, TaskRun, task.namespace, run.name)))
 
 

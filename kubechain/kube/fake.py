@@ -24,7 +24,8 @@ from kubechain.kube.errors import error_for
 from kubechain.models.base import merge_patch
 
 # apimachinery's validation: DNS-1123 subdomain names, and label values of at most 63 characters.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# DNS-1123 subdomain, as the API server checks it: dot-separated labels, each alphanumeric at both ends.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 

@@ -13,6 +13,17 @@ LABEL_AGENT = "kubechain.humanlayer.dev/agent"
 LABEL_DEPTH = "kubechain.humanlayer.dev/depth"
 
 MAX_LABEL_VALUE = 63
+MAX_OBJECT_NAME = 253
+
+
+def shortened(name: str, limit: int) -> str:
+    """``name`` when it fits in ``limit`` characters, else a prefix of it plus a hash of the whole (stable,
+    so a retried create makes the same object). Names start alphanumeric and so does the prefix; the hash
+    ends it alphanumeric, and no "-" or "." is left before it, so the result is still a valid name."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
 
 
 def label_value(name: str) -> str:
@@ -21,8 +32,4 @@ def label_value(name: str) -> str:
 
     Object names may be 253 characters long, label values only 63 (the API server rejects more). Write
     and select through this function, never with the bare name."""
-    if len(name) <= MAX_LABEL_VALUE:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    # A label value must end alphanumeric; the hash does. Names start alphanumeric, so does the prefix.
-    return f"{name[: MAX_LABEL_VALUE - 9].rstrip('-.')}-{digest}"
+    return shortened(name, MAX_LABEL_VALUE)

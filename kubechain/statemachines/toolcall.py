@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.models.labels import MAX_LABEL_VALUE, shortened
 from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
 from kubechain.statemachines.taskrun import LoopLimits, truncate
 from kubechain.statemachines.transition import (
@@ -170,13 +171,7 @@ DELEGATION_CHAIN_ANNOTATION = "kubechain.humanlayer.dev/delegation-chain"
 
 def child_run_name(toolcall_name: str, agent: str) -> str:
     """``delegate-<toolcall>-<agent>``, shortened with a hash when over 63 characters (stable per call)."""
-    import hashlib
-
-    name = f"delegate-{toolcall_name}-{agent}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:54].rstrip('-')}-{digest}"
+    return shortened(f"delegate-{toolcall_name}-{agent}", MAX_LABEL_VALUE)
 
 
 def delegation_problem(chain: list[str], target: str, max_depth: int) -> str | None:

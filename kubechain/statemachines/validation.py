@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubechain.models import (
+    GROUP,
     LABEL_TASK,
     LLM,
     Agent,
@@ -21,6 +22,7 @@ from kubechain.models import (
 )
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
+from kubechain.models.labels import MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.statemachines.toolset import DELEGATE_PREFIX, HUMAN_CONTACT_MARKER, MCP_SEPARATOR
 from kubechain.statemachines.transition import Transition, normal, status_differs, warning
@@ -158,18 +160,23 @@ def offered_names(deps: AgentDependencies, agent: Agent) -> list[tuple[str, str]
     return offered
 
 
+def _not_found(model: type[Resource[Any, Any]], name: str) -> str:
+    """The original's message: its client's error, in the API server's words for a missing object."""
+    return f'failed to get {model.KIND} "{name}": {model.PLURAL}.{GROUP} "{name}" not found'
+
+
 def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
     spec = agent.spec
     problems: list[tuple[str, bool]] = []  # (message, is-waiting)
     if deps.llm is None:
-        problems.append((f'failed to get LLM "{spec.llm_ref.name}": not found', False))
+        problems.append((_not_found(LLM, spec.llm_ref.name), False))
     elif deps.llm.status.status != "Ready":
         problems.append((f'LLM "{spec.llm_ref.name}" is not ready', True))
     valid_tools = []
     for ref in spec.tools:
         tool = deps.tools.get(ref.name)
         if tool is None:
-            problems.append((f'failed to get Tool "{ref.name}": not found', False))
+            problems.append((_not_found(Tool, ref.name), False))
         elif not tool.status.ready:
             problems.append((f'tool "{ref.name}" is not ready', True))
         else:
@@ -178,7 +185,7 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
     for ref in spec.mcp_servers:
         server = deps.mcp_servers.get(ref.name)
         if server is None:
-            problems.append((f'failed to get MCPServer "{ref.name}": not found', False))
+            problems.append((_not_found(MCPServer, ref.name), False))
         elif not server.status.connected:
             problems.append((f'MCPServer "{ref.name}" is not connected', True))
         else:
@@ -216,15 +223,24 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
 
 
 def taskrun_for_task(task: Task) -> TaskRun:
-    """The original's one run per Task: ``<task>-1``, labelled and owned by the Task."""
+    """The original's one run per Task: ``<task>-1`` (shortened with a hash if a long Task name makes it
+    too long to be a name), labelled and owned by the Task."""
     return TaskRun(
         metadata=ObjectMeta(
-            name=f"{task.name}-1",
+            name=shortened(f"{task.name}-1", MAX_OBJECT_NAME),
             namespace=task.namespace,
             labels={LABEL_TASK: label_value(task.name)},
             owner_references=[task.owner_reference()],
         ),
         spec=TaskRunSpec(task_ref=LocalObjectReference(name=task.name)),
+    )
+
+
+def run_was_refused(task: Task) -> bool:
+    """Whether the Task is in Error because the API server refused its run (see child_rejected_message)."""
+    run = taskrun_for_task(task)
+    return task.status.status == "Error" and (task.status.status_detail or "").startswith(
+        f"cannot create {run.KIND} {run.name}:"
     )
 
 
@@ -240,7 +256,7 @@ def plan_task_output(task: Task, run: TaskRun | None) -> Transition | None:
 def plan_task(task: Task, agent: Agent | None) -> Transition | None:
     name = task.spec.agent_ref.name
     if agent is None:
-        return plan_validation(task, False, f'failed to get Agent "{name}": not found')
+        return plan_validation(task, False, _not_found(Agent, name))
     if not agent.status.ready:
         return plan_validation(task, False, f'agent "{name}" is not ready', pending=True)
     return plan_validation(task, True, "Task Run Created", success_message="Task validation successful")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Tool
-from kubechain.statemachines.validation import AgentDependencies, plan_agent
+from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, Tool
+from kubechain.statemachines.validation import AgentDependencies, plan_agent, plan_task
 
 
 def agent(**spec: Any) -> Agent:
@@ -101,3 +101,24 @@ def test_one_name_offered_twice_is_an_error() -> None:
     detail = status_of(a, deps)["statusDetail"]
     assert 'Tool "calc" and Tool "add" are both offered to the LLM as "add"' in detail
     assert 'MCPServer "crm" tool "human_contact_email" and ContactChannel "crm"' in detail
+
+
+def test_missing_dependencies_are_named_as_the_original_names_them() -> None:
+    """The original's tests look for `"nonexistent-llm" not found` (its client's NotFound text)."""
+    a = agent(tools=[{"name": "nonexistent-tool"}])
+    a.spec.llm_ref.name = "nonexistent-llm"
+    detail = status_of(a, AgentDependencies(None))["statusDetail"]
+    assert (
+        'failed to get LLM "nonexistent-llm": llms.kubechain.humanlayer.dev "nonexistent-llm" not found'
+        in detail
+    )
+    assert '"nonexistent-tool" not found' in detail
+    task = Task.model_validate(
+        {
+            "metadata": {"name": "t", "namespace": "default", "generation": 1},
+            "spec": {"agentRef": {"name": "nonexistent-agent"}, "message": "hi"},
+        }
+    )
+    transition = plan_task(task, None)
+    assert transition is not None and '"nonexistent-agent" not found' in transition.status["statusDetail"]
+    assert transition.status["status"] == "Error"

@@ -283,7 +283,7 @@ def test_strict_email_check_rejects_double_dots(hl: HumanLayerTestServer) -> Non
         ),
         ({}, None, 'failed to get secret: secrets "humanlayer" not found'),
         ({}, {"OTHER": "x"}, 'key "HUMANLAYER_API_KEY" not found in secret "humanlayer"'),
-        ({}, {"HUMANLAYER_API_KEY": "  "}, "API key is empty"),
+        ({}, {"HUMANLAYER_API_KEY": "  "}, "empty API key provided"),
     ],
 )
 def test_configuration_problems(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.lease import lease_holder
 from kubechain.statemachines.routing import dependents, work_for
+from kubechain.statemachines.toolcall import child_run_name
 from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
 from kubechain.testing.waiting import wait_for
 from kubechain.tools.builtin import ToolError, go_format_float, run_builtin
@@ -102,7 +104,9 @@ def test_tool_name_resolution() -> None:
     assert resolve_tool_name("fetch__fetch").kind == "mcp"
     assert resolve_tool_name("add").kind == "tool"
     # An MCP server's name ends at the first "__" (Kubernetes names have no "_"): the rest is its tool.
-    assert resolve_tool_name("proxy__github__create_issue") == ToolTarget("mcp", "proxy", "github__create_issue")
+    assert resolve_tool_name("proxy__github__create_issue") == ToolTarget(
+        "mcp", "proxy", "github__create_issue"
+    )
     assert resolve_tool_name("docs__search__v2", {"docs"}) == ToolTarget("mcp", "docs", "search__v2")
     # With the Agent's MCP servers known, a Tool's own function name with "__" in it stays a Tool ...
     assert resolve_tool_name("get__weather", {"docs"}) == ToolTarget("tool", "get__weather")
@@ -180,7 +184,7 @@ def test_dependents_of_a_readiness_change() -> None:
 
 
 def test_delegation_rules() -> None:
-    from kubechain.statemachines.toolcall import child_run_name, delegation_problem
+    from kubechain.statemachines.toolcall import delegation_problem
 
     assert delegation_problem(["boss"], "helper", 5) is None
     assert delegation_problem(["a", "b"], "a", 5) == "delegation cycle: a → b → a"
@@ -378,3 +382,13 @@ def test_name_lists_from_the_environment_are_comma_separated_or_json(
     monkeypatch.setenv("KUBECHAIN_NAMESPACES", written)
     settings = Settings()
     assert settings.mcp_command_allowlist == names and settings.namespaces == names
+
+
+def test_a_shortened_child_run_name_is_still_a_valid_name() -> None:
+    dns_subdomain = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    # Valid Agent names with a "." or "-" wherever the cut may land.
+    agents = ["xxxxxxxxxxxxxxxx.research-team", "a" * 80] + [f"{'a' * k}.b-{'c' * 20}" for k in range(5, 30)]
+    for agent in agents:
+        name = child_run_name("hello-world-1-ab12cd3-tc-01", agent)
+        assert len(name) <= 63 and dns_subdomain.fullmatch(name), name
+        assert name == child_run_name("hello-world-1-ab12cd3-tc-01", agent), "stable"

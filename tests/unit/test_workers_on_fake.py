@@ -164,7 +164,7 @@ def test_a_run_whose_api_key_was_emptied_says_so_with_the_originals_reason() -> 
     prepare(ctx, message("TaskRun", "r"))
     llm_call(ctx, message("TaskRun", "r"))
     status = kube.get_raw("taskruns", "default", "r")["status"]
-    assert "API key is empty" in status["statusDetail"] and "sk-" not in str(status), status
+    assert "empty API key provided" in status["statusDetail"] and "sk-" not in str(status), status
     assert "EmptyAPIKey" in kube.event_reasons("r") and "SecretFetchFailed" not in kube.event_reasons("r")
     assert not llm.requests, "no request without a key"
 
@@ -693,3 +693,49 @@ def test_a_call_runs_the_agents_own_tool_offered_under_that_name_not_a_namesake(
     tool_call(ctx, message("TaskRunToolCall", name))
     status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
     assert (status["phase"], status.get("result")) == ("Succeeded", "5"), status
+
+
+def test_a_task_with_a_long_name_gets_a_run_with_a_valid_name() -> None:
+    kube = FakeKubeClient()
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    name = "t" * 252
+    create(kube, "Task", "tasks", name, {"agentRef": {"name": "a"}, "message": "hi"})
+    validate(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), message("Task", name))
+    ((run_name, run),) = [(n, o) for (_, plural, _, n), o in kube.objects.items() if plural == "taskruns"]
+    assert len(run_name) <= 253 and run["spec"] == {"taskRef": {"name": name}}
+    assert kube.get_raw("tasks", "default", name)["status"]["ready"] is True
+
+
+class QuotaKube(FakeKubeClient):
+    """Refuses to create TaskRuns (403, as a ResourceQuota does) while ``full``."""
+
+    full = True
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        if self.full and method == "POST" and path.endswith("/taskruns"):
+            raise error_for(
+                403, {"reason": "Forbidden", "message": 'taskruns "t-1" is forbidden: exceeded quota: runs'}
+            )
+        return super().request(method, path, **kwargs)
+
+
+def test_a_task_whose_run_is_refused_is_an_error_until_the_run_can_be_created() -> None:
+    kube = QuotaKube()
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    create(kube, "Task", "tasks", "t", {"agentRef": {"name": "a"}, "message": "hi"})
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    validate(ctx, message("Task", "t"))
+    status = kube.get_raw("tasks", "default", "t")["status"]
+    assert (status["ready"], status["status"]) == (False, "Error")
+    assert (
+        "cannot create TaskRun t-1" in status["statusDetail"] and "exceeded quota" in status["statusDetail"]
+    )
+
+    version = kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"]
+    validate(ctx, message("Task", "t"))  # a resync while the quota is still full: no flapping to Ready
+    assert kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"] == version
+
+    kube.full = False
+    validate(ctx, message("Task", "t"))
+    assert kube.get_raw("tasks", "default", "t")["status"]["ready"] is True
+    assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
