@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
                 f"local scripted LLM at {stack.llm_base_url}"
             )
         click.echo("\nKubeChain is running. In another terminal:\n")
-        click.echo(f"    export KUBECONFIG={stack.kubeconfig}\n")
+        click.echo(f"    {export_line(stack.kubeconfig, os.environ.get('PATH', ''), sys.executable)}\n")
         click.echo("Press Ctrl-C to stop.\n")
         while not stop.is_set():
             stop.wait(1.0)
@@ -96,3 +97,12 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         started = time.monotonic()
         stack.stop()
         say(f"stopped ({time.monotonic() - started:.1f}s)")
+
+
+def export_line(kubeconfig: str, path: str, python: str) -> str:
+    """What another terminal needs: the kubeconfig, and the virtualenv's bin directory (kubechain,
+    kubectl and honcho are installed there) on the PATH unless it is already."""
+    bin_dir = os.path.dirname(python)
+    if bin_dir in path.split(os.pathsep):
+        return f"export KUBECONFIG={kubeconfig}"
+    return f'export KUBECONFIG={kubeconfig} PATH="{bin_dir}:$PATH"'

@@ -7,6 +7,7 @@ the tests exercise is what users run.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -109,6 +110,9 @@ class LocalStack:
         self.watchers: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}
         self.metrics_ports: dict[str, int] = {}  # process name -> its /metrics port
+        # The watchers' leader-election identities are unique per stack: two stacks on one cluster (two
+        # `kubechain up --cluster current`) must not both believe they hold the Lease as "watcher-0".
+        self.instance = secrets.token_hex(3)
         self.restarts: dict[str, int] = {}
         self._restart_delays: dict[str, float] = {}  # name -> the delay before its last restart
         self._stopping = threading.Event()
@@ -246,7 +250,11 @@ class LocalStack:
 
     def _process_env(self, name: str) -> dict[str, str]:
         port = self.metrics_ports.setdefault(name, free_port())
-        return self.env() | {"POD_NAME": name, "KUBECHAIN_METRICS_PORT": str(port)}
+        return self.env() | {"POD_NAME": self.identity(name), "KUBECHAIN_METRICS_PORT": str(port)}
+
+    def identity(self, name: str) -> str:
+        """A process's identity (claims, the Lease): its name, and for watchers this stack's instance."""
+        return f"{name}-{self.instance}" if name.startswith("watcher") else name
 
     def start_watcher(self, name: str) -> ManagedProcess:
         env = self._process_env(name)

@@ -179,3 +179,23 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
 def test_a_kubeconfig_given_as_a_path_object_is_one_file(tmp_path: Path) -> None:
     one = tmp_path / "one.yaml"
     assert kc.kubeconfig_paths(one) == [str(one)]
+
+
+def test_two_stacks_on_one_cluster_never_share_a_watcher_identity(tmp_path: Path) -> None:
+    """The Lease tells its holder by identity: two `kubechain up --cluster current` must differ."""
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    first = LocalStack(StackOptions(workdir=tmp_path / "a", cluster="local"))
+    second = LocalStack(StackOptions(workdir=tmp_path / "b", cluster="local"))
+    assert first.identity("watcher-0") != second.identity("watcher-0")
+    assert first.identity("watcher-0").startswith("watcher-0-")
+    assert first.identity("worker-0") == "worker-0", "claims keep the worker's name"
+
+
+def test_up_tells_another_terminal_where_kubectl_and_kubechain_are() -> None:
+    from kubechain.cli.up import export_line
+
+    line = export_line("/w/.kubechain/kubeconfig", "/usr/bin:/bin", "/w/.venv/bin/python")
+    assert line == 'export KUBECONFIG=/w/.kubechain/kubeconfig PATH="/w/.venv/bin:$PATH"'
+    on_path = export_line("/w/.kubechain/kubeconfig", "/w/.venv/bin:/usr/bin", "/w/.venv/bin/python")
+    assert on_path == "export KUBECONFIG=/w/.kubechain/kubeconfig"
