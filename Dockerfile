@@ -29,8 +29,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p kubechain watcher workers \
  && touch kubechain/__init__.py watcher/__init__.py workers/__init__.py \
  && pip wheel --wheel-dir /wheels . \
- && rm -f /wheels/kubechain-*.whl \
- && pip wheel --wheel-dir /wheels "uv>=0.5"
+ && rm -f /wheels/kubechain-*.whl
 COPY kubechain ./kubechain
 COPY watcher ./watcher
 COPY workers ./workers
@@ -69,7 +68,7 @@ RUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/venv \
  && PIP_DISABLE_PIP_VERSION_CHECK=1 pip --python /opt/venv/bin/python install \
-      --no-cache-dir --no-index --find-links=/wheels kubechain uv \
+      --no-cache-dir --no-index --find-links=/wheels kubechain \
  && /opt/venv/bin/kubechain --help >/dev/null \
  && /opt/venv/bin/uvx --version
 

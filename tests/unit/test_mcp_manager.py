@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -675,3 +676,10 @@ def test_a_hung_stdio_server_is_restarted_after_a_timed_out_call(stdio_script: s
         m.close()
     assert pid is not None
     wait_until(lambda: not alive(pid), what="the hung child to end")
+
+
+def test_uvx_is_installed_beside_kubechain_for_stdio_servers() -> None:
+    """The original's MCP samples (and the README's) start their servers with `uvx`."""
+    uvx = BIN_DIR / "uvx"
+    assert uvx.exists(), "uv is a dependency: pip install installs uvx"
+    assert subprocess.run([str(uvx), "--version"], capture_output=True, timeout=60).returncode == 0
