@@ -101,6 +101,13 @@ KINDS: tuple[KindInfo, ...] = (
             PrinterColumn("Completed", ".status.completionTime", "date", 1),
             PrinterColumn("Error", ".status.error", priority=1),
         ),
+        spec_rules=(
+            (
+                "self == oldSelf",
+                "spec is immutable: a tool call records what the LLM asked for (approve or reject it with "
+                "the kubechain.humanlayer.dev/approval annotation)",
+            ),
+        ),
     ),
     KindInfo(
         MCPServer,

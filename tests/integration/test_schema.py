@@ -216,3 +216,36 @@ def test_status_writes_are_managed_under_the_component_name(kubeconfig: Path, na
         worker.close()
     by_subresource = {entry.get("subresource", ""): entry["manager"] for entry in managed}
     assert by_subresource == {"": "kubechain-worker", "status": "kubechain-worker"}
+
+
+def test_a_tool_calls_spec_cannot_be_edited_but_it_can_be_approved(kube: object, namespace: str) -> None:
+    """An approver may annotate a waiting call; what the LLM asked for (tool, arguments) stays as asked."""
+    body = {
+        "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+        "kind": "TaskRunToolCall",
+        "metadata": {"name": "waiting"},
+        "spec": {
+            "toolCallId": "call-1",
+            "taskRunRef": {"name": "r"},
+            "toolRef": {"name": "fetch__fetch"},
+            "arguments": '{"url": "https://example.com"}',
+        },
+    }
+    kube.create_raw("taskruntoolcalls", namespace, body)  # type: ignore[attr-defined]
+    path = f"/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/{namespace}/taskruntoolcalls/waiting"
+    with pytest.raises(Invalid, match="spec is immutable"):
+        kube.request(  # type: ignore[attr-defined]
+            "PATCH",
+            path,
+            body={"spec": {"arguments": '{"url": "https://attacker.example"}'}},
+            content_type="application/merge-patch+json",
+        )
+    kube.patch_metadata(  # type: ignore[attr-defined]
+        "taskruntoolcalls",
+        namespace,
+        "waiting",
+        {"annotations": {"kubechain.humanlayer.dev/approval": "approved"}},
+    )
+    got = kube.get_raw("taskruntoolcalls", namespace, "waiting")  # type: ignore[attr-defined]
+    assert got["spec"]["arguments"] == '{"url": "https://example.com"}'
+    assert got["metadata"]["annotations"]["kubechain.humanlayer.dev/approval"] == "approved"
