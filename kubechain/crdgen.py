@@ -142,6 +142,12 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
     }
 
 
+def all_crds() -> list[dict[str, Any]]:
+    """Every CRD, generated from the models (the same documents as deploy/crds, with no file to find:
+    an installed wheel has none)."""
+    return [crd_for(info) for info in KINDS]
+
+
 def crd_filename(info: KindInfo) -> str:
     return f"{GROUP}_{info.plural}.yaml"
 

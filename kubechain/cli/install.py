@@ -10,13 +10,14 @@ import yaml
 
 from kubechain.cli import main
 from kubechain.cli.resources import CLIError, Target, api_error, kube_options
+from kubechain.crdgen import all_crds
 from kubechain.kube.client import KubeClient
 from kubechain.kube.crds import apply_crds, load_crds
 from kubechain.kube.errors import KubeAPIError, NotFound
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO_ROOT / "deploy" / "crds"
-RELEASE_MANIFEST = REPO_ROOT / "deploy" / "release" / "kubechain.yaml"
+# The package's copy of deploy/release/kubechain.yaml (scripts/render-release writes both), so an installed
+# wheel can install itself; the CRDs are generated from the models.
+RELEASE_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "kubechain.yaml"
 FIELD_MANAGER = "kubechain-cli"
 APPLY_PATCH = "application/apply-patch+yaml"
 
@@ -112,16 +113,18 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
 @click.option(
     "--crds-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=CRD_DIR,
-    show_default=True,
-    help="the CRD YAML files",
+    default=None,
+    help="CRD YAML files to apply instead of the ones this version of KubeChain defines",
 )
 @kube_options
-def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path) -> None:
+def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path | None) -> None:
     """Install KubeChain into the cluster: CRDs, then the release manifest (server-side apply)."""
-    crds = load_crds(crds_dir) if crds_dir.is_dir() else []
-    if not crds:
-        raise CLIError(f"no CRDs found in {crds_dir}")
+    if crds_dir is None:
+        crds = all_crds()
+    else:
+        crds = load_crds(crds_dir) if crds_dir.is_dir() else []
+        if not crds:
+            raise CLIError(f"no CRDs found in {crds_dir}")
     if not crds_only and not manifest.is_file():
         # say so before touching the cluster
         raise CLIError(

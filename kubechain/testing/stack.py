@@ -19,16 +19,14 @@ from pathlib import Path
 
 import httpx
 
+from kubechain.crdgen import all_crds
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import kubeconfig_exists, kubeconfig_path, load_connection
-from kubechain.kube.crds import apply_crds, load_crds
+from kubechain.kube.crds import apply_crds
 from kubechain.kube.errors import KubeAPIError
 from kubechain.statemachines.lease import lease_holder
 from kubechain.testing.controlplane import LocalControlPlane, ManagedProcess, free_port
 from kubechain.testing.redis_server import LocalRedis
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = REPO_ROOT / "deploy" / "crds"
 
 Progress = Callable[[str], None]
 
@@ -135,7 +133,7 @@ class LocalStack:
         self.progress("installing the KubeChain CRDs")
         kube = self.kube()
         try:
-            apply_crds(kube, load_crds(CRD_DIR))
+            apply_crds(kube, all_crds())
         finally:
             kube.close()
         if self.control_plane is not None and self.control_plane.has_controller_manager:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -255,3 +257,17 @@ def test_approver_rbac(
     kubectl: Kubectl, rbac: None, verb: str, resource: str, extra: tuple[str, ...], allowed: bool
 ) -> None:
     assert can_i(kubectl, APPROVER_USER, verb, resource, *extra) is allowed
+
+
+def test_the_wheel_carries_the_release_manifest(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("kubechain-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "kubechain/manifests/kubechain.yaml" in archive.namelist()

@@ -480,3 +480,18 @@ def test_dockerfile_shape() -> None:
         assert tool in text
     ignore = (REPO / ".dockerignore").read_text()
     assert "!kubechain/" in ignore and "!pyproject.toml" in ignore
+
+
+def test_the_package_carries_its_release_manifest_and_crds() -> None:
+    """What `kubechain install` (and `up`) use, found inside the package so an installed wheel works."""
+    import kubechain
+    from kubechain.cli.install import RELEASE_MANIFEST
+    from kubechain.crdgen import all_crds
+    from kubechain.kube.crds import load_crds
+
+    assert RELEASE_MANIFEST.is_relative_to(Path(kubechain.__file__).parent)
+    assert RELEASE_MANIFEST.read_bytes() == (REPO / "deploy" / "release" / "kubechain.yaml").read_bytes(), (
+        "kubechain/manifests/kubechain.yaml is stale: run scripts/render-release"
+    )
+    by_name = {crd["metadata"]["name"]: crd for crd in load_crds(REPO / "deploy" / "crds")}
+    assert {crd["metadata"]["name"]: crd for crd in all_crds()} == by_name
