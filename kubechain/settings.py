@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     resync_interval_s: float = 30.0
     stale_after_s: float = 20.0
     lease_name: str = "kubechain-watcher"
-    lease_namespace: str = "default"
+    # The pod's own namespace in a cluster (POD_NAMESPACE, from the downward API), so an overlay that moves
+    # KubeChain to another namespace moves the Lease with it.
+    lease_namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
     lease_duration_s: float = 15.0
     identity: str = Field(default_factory=_default_identity)
 

@@ -303,7 +303,6 @@ def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch
         "KUBECHAIN_KUBE_BURST",
         "KUBECHAIN_LOG_LEVEL",
         "KUBECHAIN_LOG_JSON",
-        "KUBECHAIN_LEASE_NAMESPACE",
     ):
         assert key in data, key
     assert all(isinstance(v, str) for v in data.values())
@@ -312,9 +311,17 @@ def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch
             monkeypatch.delenv(key)
     for key, value in data.items():
         monkeypatch.setenv(key, value)
+    watcher_env = objects(release, "Deployment")["kubechain-watcher"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["env"]
+    pod_namespace = next(e for e in watcher_env if e["name"] == "POD_NAMESPACE")
+    assert pod_namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    monkeypatch.setenv("POD_NAMESPACE", NAMESPACE)
     settings = Settings()
     assert settings.redis_url == "redis://kubechain-redis:6379/0"
-    assert settings.lease_namespace == NAMESPACE
+    assert settings.lease_namespace == NAMESPACE, "the Lease is in the watcher's own namespace"
+    monkeypatch.setenv("POD_NAMESPACE", "moved-by-an-overlay")
+    assert Settings().lease_namespace == "moved-by-an-overlay"
     assert settings.log_json is True
     assert settings.kube_qps > 0 and settings.kube_burst > 0
     assert "kubechain-redis" in objects(release, "Service")
