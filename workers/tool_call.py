@@ -45,7 +45,7 @@ from kubechain.statemachines.toolcall import (
     plan_tool_success,
     sub_agent_start_expired,
 )
-from kubechain.statemachines.toolset import ToolTarget, resolve_tool_name
+from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
 from kubechain.statemachines.transition import Transition, parse_timestamp
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
@@ -82,6 +82,7 @@ class Executor:
         self.target: ToolTarget = resolve_tool_name(
             toolcall.spec.tool_ref.name,
             {ref.name for ref in agent.spec.mcp_servers} if agent is not None else None,
+            {ref.name for ref in agent.spec.human_contact_channels} if agent is not None else None,
         )
         self.tool: Tool | None = None
         self.server: MCPServer | None = None
@@ -127,6 +128,13 @@ class Executor:
         elif self.target.kind == "tool":
             granted = [ref.name for ref in self.agent.spec.tools] if self.agent is not None else []
             self.tool = find_tool(self.ctx, ns, self.target.name, granted)
+            server, separator, rest = self.target.name.partition(MCP_SEPARATOR)
+            if self.tool is None and separator and server and rest:
+                # No Tool by that name, and it reads as <server>__<tool>: an MCP server's tool after all
+                # (one the Agent was not given, or that does not exist), and the messages say so.
+                self.target = ToolTarget("mcp", server, rest)
+                self._resolve()
+                return
             if self.tool is None:
                 self.problem = (
                     f'unknown tool "{self.target.name}": no Tool resource with that name or function name'

@@ -321,7 +321,9 @@ class MCPManager:
                     await session.refresh_tools()  # the server may have added it since we listed
                 if tool not in {t.name for t in session.tools}:
                     raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"')
-                return flatten_result(await session.call_tool(tool, arguments))
+                result = flatten_result(await session.call_tool(tool, arguments))
+                # What the server answers goes to the status, an Event and the LLM: not its own secrets.
+                return MCPToolResult(text=resolved.scrub(result.text), is_error=result.is_error)
             except ConnectionLost as lost:
                 self._retire(key, session)
                 if attempt == 2:

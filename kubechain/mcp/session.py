@@ -199,8 +199,9 @@ class _StderrTail:
     """Reads a stdio child's stderr through a pipe: lines go to the debug log, the last few are kept for
     error messages (a server that exits at startup usually says why there)."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, scrub: Callable[[str], str] = lambda text: text) -> None:
         self.label = label
+        self._scrub = scrub  # a child that prints its environment must not put its secrets in our logs
         self.lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._read_fd: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -232,7 +233,7 @@ class _StderrTail:
             transport.close()
 
     def _add(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()
+        line = self._scrub(raw.decode("utf-8", "replace").rstrip())
         if line.strip():
             self.lines.append(" ".join(line.split())[:400])
             stderr_log.debug("[%s] %s", self.label, line)
@@ -351,7 +352,7 @@ class Session:
         self._wake = anyio.Event()
         self._stopping = False
         self._scope: anyio.CancelScope | None = None
-        self._stderr = _StderrTail(label) if spec.transport == "stdio" else None
+        self._stderr = _StderrTail(label, spec.scrub) if spec.transport == "stdio" else None
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -452,7 +453,7 @@ class Session:
             extra.append(f"exit code {returncode}")
         if self._stderr is not None and self._stderr.lines:
             extra.append(f"stderr: {self._stderr.tail()}")
-        return f"{message} ({'; '.join(extra)})" if extra else message
+        return self.spec.scrub(f"{message} ({'; '.join(extra)})" if extra else message)
 
     def stop(self) -> None:
         """Close gracefully (stdio: close stdin, then terminate the process group if it lingers)."""

@@ -19,6 +19,9 @@ SecretResolver = Callable[[str, str, str], str]
 ALLOWLIST_SETTING = "KUBECHAIN_MCP_COMMAND_ALLOWLIST"
 
 
+MIN_SCRUBBED_CHARS = 6
+
+
 @dataclass(frozen=True)
 class ResolvedSpec:
     """Everything that identifies one connection. ``env`` and ``headers`` may hold secret values: they are
@@ -34,10 +37,12 @@ class ResolvedSpec:
     secret_values: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret value of this spec replaced by ``***``."""
+        """``text`` with every secret value of this spec replaced by ``***`` (values shorter than
+        MIN_SCRUBBED_CHARS are left: replacing a "1" or a "true" everywhere would garble the text)."""
         for value in sorted(self.secret_values, key=len, reverse=True):
-            if value.strip():
-                text = text.replace(value, "***").replace(value.strip(), "***")
+            for form in {value, value.strip()}:
+                if len(form) >= MIN_SCRUBBED_CHARS:
+                    text = text.replace(form, "***")
         return text
 
     def fingerprint(self) -> str:

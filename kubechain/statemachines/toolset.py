@@ -34,17 +34,25 @@ class ToolTarget:
     tool: str = ""  # the MCP server's tool name
 
 
-def resolve_tool_name(function_name: str, mcp_servers: Collection[str] | None = None) -> ToolTarget:
-    """What a function name the LLM called refers to. ``mcp_servers``: the Agent's MCP servers, when
+def resolve_tool_name(
+    function_name: str,
+    mcp_servers: Collection[str] | None = None,
+    channels: Collection[str] | None = None,
+) -> ToolTarget:
+    """What a function name the LLM called refers to. ``mcp_servers`` and ``channels``: the Agent's, when
     known. A Kubernetes name has no ``_``, so an MCP server's name ends at the first ``__`` and the rest,
-    ``__`` included, is the server's tool (``proxy__github__create_issue``); a name starting with one of
-    the Agent's MCP servers is that server's tool even if it looks like a human contact."""
+    ``__`` included, is the server's tool (``proxy__github__create_issue``). A human-contact name of one
+    of the Agent's channels is that channel's (validation refuses an Agent whose MCP server offers the
+    same name); else a name starting with one of the Agent's MCP servers is that server's tool, even one
+    that looks like a human contact."""
     if function_name.startswith(DELEGATE_PREFIX):
         return ToolTarget("subagent", function_name[len(DELEGATE_PREFIX) :])
+    human = HUMAN_CONTACT_NAME.fullmatch(function_name)
+    if human and channels is not None and human.group(1) in channels:
+        return ToolTarget("human", human.group(1))
     server, separator, tool = function_name.partition(MCP_SEPARATOR)
     if separator and server and tool and mcp_servers is not None and server in mcp_servers:
         return ToolTarget("mcp", server, tool)
-    human = HUMAN_CONTACT_NAME.fullmatch(function_name)
     if human:
         return ToolTarget("human", human.group(1))
     if separator and server and tool and mcp_servers is None:

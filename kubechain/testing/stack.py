@@ -233,6 +233,9 @@ class LocalStack:
         }
         if self.options.llm == "scripted":
             env["KUBECHAIN_OPENAI_BASE_URL"] = self.llm_base_url
+        # These processes are not pods, even when `up` runs inside one (a dev container, a CI runner): a
+        # POD_NAMESPACE inherited from there would move the Lease to a namespace the local cluster lacks.
+        env.pop("POD_NAMESPACE", None)
         env.update(self.options.extra_env)
         return env
 

@@ -157,7 +157,7 @@ def test_leader_watcher_killed(
         return lease.get("spec", {}).get("holderIdentity")
 
     holder = wait_for(leader, 30, what="a leader")
-    kill(chaos_stack, holder)
+    kill(chaos_stack, next(name for name in chaos_stack.watchers if chaos_stack.identity(name) == holder))
     runs = [
         resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"})
         for i in range(10)

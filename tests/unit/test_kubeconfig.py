@@ -199,3 +199,20 @@ def test_up_tells_another_terminal_where_kubectl_and_kubechain_are() -> None:
     assert line == 'export KUBECONFIG=/w/.kubechain/kubeconfig PATH="/w/.venv/bin:$PATH"'
     on_path = export_line("/w/.kubechain/kubeconfig", "/w/.venv/bin:/usr/bin", "/w/.venv/bin/python")
     assert on_path == "export KUBECONFIG=/w/.kubechain/kubeconfig"
+
+
+def test_a_stack_started_inside_a_pod_keeps_its_lease_in_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.settings import Settings
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    monkeypatch.setenv("POD_NAMESPACE", "ci-runner")
+    stack = LocalStack(StackOptions(workdir=tmp_path, cluster="local"))
+    stack.redis = type("FakeRedis", (), {"url": "redis://127.0.0.1:1/0"})()  # type: ignore[assignment]
+    env = stack.env()
+    for key in list(os.environ):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings().lease_namespace == "default"

@@ -94,6 +94,11 @@ STDIO_SERVER = textwrap.dedent(
 
 
     @server.tool()
+    def env_reversed(name: str) -> str:
+        return os.environ.get(name, "<unset>")[::-1]
+
+
+    @server.tool()
     async def slow(seconds: float) -> str:
         import anyio
 
@@ -348,7 +353,9 @@ def test_env_from_secret_reaches_the_child_and_is_never_logged(
             {"name": "PLAIN", "value": "literal"},
         ],
     )
-    assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "s3cret-env-value"
+    # The child has the value; an answer that quotes it is cut, one that does not (reversed) shows it came.
+    assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "***"
+    assert manager.call_tool(server, "env_reversed", {"name": "API_KEY"}).text == "s3cret-env-value"[::-1]
     assert manager.call_tool(server, "env", {"name": "PLAIN"}).text == "literal"
     assert manager.call_tool(server, "env", {"name": "PATH"}).text != "<unset>"  # minimal inherited env
     assert manager.call_tool(server, "env", {"name": "KUBECHAIN_TEST_NOT_INHERITED"}).text == "<unset>"
@@ -360,9 +367,9 @@ def test_secret_rotation_reconnects(manager: MCPManager, stdio_script: str) -> N
     server = script_server("rotating-server", stdio_script, env=env)
     SECRETS[("default", "rotating", "k")] = "first"
     try:
-        assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "first"
+        assert manager.call_tool(server, "env_reversed", {"name": "API_KEY"}).text == "tsrif"
         SECRETS[("default", "rotating", "k")] = "second"
-        assert manager.call_tool(server, "env", {"name": "API_KEY"}).text == "second"
+        assert manager.call_tool(server, "env_reversed", {"name": "API_KEY"}).text == "dnoces"
     finally:
         del SECRETS[("default", "rotating", "k")]
 
@@ -683,3 +690,11 @@ def test_uvx_is_installed_beside_kubechain_for_stdio_servers() -> None:
     uvx = BIN_DIR / "uvx"
     assert uvx.exists(), "uv is a dependency: pip install installs uvx"
     assert subprocess.run([str(uvx), "--version"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_short_secret_values_are_not_cut_out_of_ordinary_text() -> None:
+    from kubechain.mcp.spec import ResolvedSpec
+
+    spec = ResolvedSpec(transport="stdio", secret_values=("1", "true", "s3cret-value\n"))
+    assert spec.scrub("timed out after 120s: true story") == "timed out after 120s: true story"
+    assert spec.scrub("token s3cret-value rejected") == "token *** rejected"

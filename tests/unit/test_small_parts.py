@@ -113,6 +113,13 @@ def test_tool_name_resolution() -> None:
     # ... and a tool of one of its servers named like a human contact is that server's tool.
     assert resolve_tool_name("crm__human_contact", {"crm"}) == ToolTarget("mcp", "crm", "human_contact")
     assert resolve_tool_name("crm__human_contact_email", {"docs"}) == ToolTarget("human", "crm")
+    # A ContactChannel of the Agent named like one of its MCP servers: its human contact is the channel's.
+    assert resolve_tool_name("slack__human_contact_slack", {"slack"}, {"slack"}) == ToolTarget(
+        "human", "slack"
+    )
+    assert resolve_tool_name("slack__post_message", {"slack"}, {"slack"}) == ToolTarget(
+        "mcp", "slack", "post_message"
+    )
     assert resolve_tool_name("delegate_to_agent__helper").name == "helper"
     assert resolve_tool_name("approvers__human_contact_email").kind == "human"
     assert resolve_tool_name("approvers__human_contact_slack").name == "approvers"

@@ -398,13 +398,17 @@ def test_finished_tool_calls_prompt_their_parent_on_events_but_not_on_every_resy
         informers["TaskRunToolCall"].cache[("default", f"r-abc-tc-0{index}")] = call
     assert watcher.resync(force=True) == 0, "a finished run's finished tool calls call for nothing"
     watcher._on_event("TaskRunToolCall", "MODIFIED", call, None)
-    work = watcher._outbox.get_nowait()[0]
+    work, rv, own_version = watcher._outbox.get_nowait()
     assert (work.task, work.kind, work.name, work.reason) == (
         TaskName.PREPARE,
         "TaskRun",
         "r",
         "toolcall-finished",
     )
+    # The tool call's version is not the run's: the worker must not read the run "no older than" it.
+    assert (rv, own_version) == ("5", False) and watcher.message_for(
+        work, rv, own_version
+    ).resource_version == ""
 
 
 def test_work_waiting_for_the_sender_is_replaced_by_newer_state_not_queued_again() -> None:
