@@ -96,6 +96,9 @@ class RawLLM:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A connection reset between select() and accept() would leave a blocking accept() waiting for
+        # ever, and shutdown() with it (seen once in the unit tier): a timeout hands control back.
+        self.server.socket.settimeout(1.0)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
