@@ -52,8 +52,8 @@ class Informer:
             return dict(self.cache)
 
     def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
-        # Nothing here reads managedFields; dropped, they cost neither the cache's memory nor the size
-        # of every message that carries the object (controller-runtime's TransformStripManagedFields).
+        # Nothing here reads managedFields; dropped, they cost no cache memory (controller-runtime's
+        # TransformStripManagedFields).
         (obj.get("metadata") or {}).pop("managedFields", None)
         key = object_key(obj)
         with self.lock:

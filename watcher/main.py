@@ -36,6 +36,7 @@ from kubechain.statemachines.routing import (
     ready_with_unready_dependencies,
     tasks_missing_their_output,
     tasks_missing_their_run,
+    trace_uid_of,
     work_for,
 )
 from watcher.informer import Informer, Key
@@ -104,6 +105,13 @@ class Watcher:
         for informer in self.informers:
             view.setdefault(informer.kind, {}).update(informer.snapshot())
         return view
+
+    def _cached(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        for informer in self.informers:
+            if informer.kind == kind:
+                with informer.lock:
+                    return informer.cache.get((namespace, name))
+        return None
 
     def taskrun_phases(self) -> list[str]:
         return [
@@ -260,10 +268,14 @@ class Watcher:
             resource_version=rv if own_version else "",
             reason=work.reason,
         )
-        if work.trace_uid:
+        # The trace is the one of the run the work is about: work that another object's change asked for
+        # (an Agent became Ready, a sub-agent's run finished) carries that object's, or none.
+        target = self._cached(work.kind, work.namespace, work.name)
+        trace_uid = (trace_uid_of(work.kind, target) if target is not None else "") or work.trace_uid
+        if trace_uid:
             with span(
                 f"enqueue {work.task.value}",
-                run_context(work.trace_uid),
+                run_context(trace_uid),
                 **{"kubechain.kind": work.kind, "kubechain.name": work.name, "kubechain.reason": work.reason},
             ) as current:
                 message.traceparent = traceparent_of(current)
@@ -304,19 +316,28 @@ class Watcher:
                 log.exception("resync failed")
 
     def _gauges_loop(self) -> None:
+        client: Any = None
+        while not self.stop_event.wait(2.0):
+            client = self.update_gauges(client)
+
+    def update_gauges(self, client: Any = None) -> Any:
+        """Set the leader and queue-depth gauges once; returns the Redis client to use next time."""
         import redis
 
         from kubechain.queueing import QueueName
 
-        client: redis.Redis | None = None
-        while not self.stop_event.wait(2.0):
-            IS_LEADER.set(1 if self.is_leader else 0)
-            try:
-                client = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
-                for queue in QueueName:
-                    QUEUE_DEPTH.labels(queue.value).set(client.llen(queue.value))
-            except Exception:  # noqa: BLE001 - the leader gauge must go on (a sentinel:// URL, Redis down)
-                log.debug("queue depth unavailable", exc_info=True)
+        IS_LEADER.set(1 if self.is_leader else 0)
+        try:
+            client = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
+            depths = {queue.value: client.llen(queue.value) for queue in QueueName}
+            for queue_name, depth in depths.items():
+                QUEUE_DEPTH.labels(queue_name).set(depth)
+        except Exception:  # noqa: BLE001 - the leader gauge must go on (a sentinel:// URL, Redis down)
+            # No depth rather than the last one: a dashboard must not show an empty (or a frozen) queue
+            # while Redis does not answer.
+            QUEUE_DEPTH.clear()
+            log.debug("queue depth unavailable", exc_info=True)
+        return client
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -25,7 +25,7 @@ from kubechain.observability.metrics import (
     registry_for,
     serve,
 )
-from kubechain.observability.tracing import context_from, setup_tracing, span
+from kubechain.observability.tracing import context_from, flush_tracing, setup_tracing, span
 from kubechain.queueing import (
     SENT_AT_HEADER,
     QueueName,
@@ -91,29 +91,41 @@ def _run(
     TASK_QUEUE_SECONDS.labels(name).observe(queue_wait_s(request, message, time.time()))
     started = time.perf_counter()
     outcome = "ok"
-    try:
-        with (
-            resource_context(message.kind, message.namespace, message.name, task.value),
-            span(
+    # The failure's log line is inside the resource's context, so it carries its kind, namespace and name.
+    with resource_context(message.kind, message.namespace, message.name, task.value):
+        try:
+            with span(
                 f"{name} {message.kind}/{message.name}",
                 context_from(message.traceparent, ""),
                 **{"kubechain.namespace": message.namespace, "kubechain.reason": message.reason},
-            ),
-        ):
-            handler(context(), message)
-    except Unavailable:
-        outcome = "retry"
-        raise
-    except Exception:
-        outcome = "error"
-        log.exception("task %s failed for %s", task.value, message.key())
-        raise
-    finally:
-        TASKS.labels(name, outcome).inc()
-        TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
+            ):
+                handler(context(), message)
+        except Unavailable as exc:
+            retries = int(getattr(request, "retries", 0) or 0)
+            if retries >= MAX_RETRIES:  # Celery gives up: this one is dropped, and counted as an error
+                outcome = "error"
+                log.error(
+                    "task %s gave up after %d retries for %s: %s", task.value, retries, message.key(), exc
+                )
+            else:
+                outcome = "retry"
+            raise
+        except Exception:
+            outcome = "error"
+            log.exception("task %s failed for %s", task.value, message.key())
+            raise
+        finally:
+            TASKS.labels(name, outcome).inc()
+            TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
 
 
-RETRY = {"autoretry_for": (Unavailable,), "retry_backoff": True, "retry_backoff_max": 30, "max_retries": 20}
+MAX_RETRIES = 20
+RETRY = {
+    "autoretry_for": (Unavailable,),
+    "retry_backoff": True,
+    "retry_backoff_max": 30,
+    "max_retries": MAX_RETRIES,
+}
 
 
 @app.task(name=TaskName.VALIDATE.value, bind=True, **RETRY)
@@ -190,6 +202,9 @@ def _child_tracing(**_: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _child_exited(pid: int | None = None, **_: Any) -> None:
     process_exited(pid or os.getpid(), settings.prometheus_multiproc_dir)
+    # billiard ends a child with os._exit: no exit handler runs, so the spans its batch processor still
+    # holds (a run's root span among them, written last) are sent now or never.
+    flush_tracing()
 
 
 @signals.worker_process_shutdown.connect

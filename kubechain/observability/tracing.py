@@ -162,16 +162,30 @@ def setup_tracing(service_name: str) -> None:
     trace.set_tracer_provider(provider)
 
 
+def flush_tracing(timeout_ms: int = 5000) -> None:
+    """Send the spans still buffered (a process about to end without running its exit handlers)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_ms)
+
+
 def run_context(run_uid: str) -> otel_context.Context:
-    """A context whose (remote) parent is the TaskRun's root span."""
+    """A context whose (remote) parent is the TaskRun's root span, sampled as the root itself will be:
+    the provider's sampler (OTEL_TRACES_SAMPLER) decides for the run's trace id, so a ratio keeps or
+    drops whole runs, their root span included."""
     ids = run_trace_ids(run_uid)
-    parent = SpanContext(
-        trace_id=int(ids["traceID"], 16),
-        span_id=int(ids["spanID"], 16),
-        is_remote=True,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
-    )
+    trace_id = int(ids["traceID"], 16)
+    flags = TraceFlags(TraceFlags.SAMPLED if _root_sampled(trace_id) else TraceFlags.DEFAULT)
+    parent = SpanContext(trace_id=trace_id, span_id=int(ids["spanID"], 16), is_remote=True, trace_flags=flags)
     return trace.set_span_in_context(NonRecordingSpan(parent))
+
+
+def _root_sampled(trace_id: int) -> bool:
+    """The sampler's verdict on the run's root span (``TaskRun/<name>``, no parent)."""
+    sampler = getattr(trace.get_tracer_provider(), "sampler", None)
+    if sampler is None:
+        return True  # no SDK provider: nothing records either way
+    return bool(sampler.should_sample(None, trace_id, "TaskRun").decision.is_sampled())
 
 
 def traceparent_of(span: Span) -> str:

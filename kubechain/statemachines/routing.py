@@ -111,12 +111,13 @@ def work_for(
     if _deleting(obj):
         return []
     return [
-        replace(work, trace_uid=_trace_uid(kind, obj))
+        replace(work, trace_uid=trace_uid_of(kind, obj))
         for work in _work_for(kind, obj, now, claim_timeout_s, resync, handoff_timeout_s)
     ]
 
 
-def _trace_uid(kind: str, obj: Mapping[str, Any]) -> str:
+def trace_uid_of(kind: str, obj: Mapping[str, Any]) -> str:
+    """The uid of the TaskRun whose trace work on this object belongs to ("" for other kinds)."""
     meta = obj.get("metadata") or {}
     if kind == "TaskRun":
         return str(meta.get("uid") or "")

@@ -207,3 +207,75 @@ def test_a_multiprocess_directory_loses_only_dead_processes_files(tmp_path: Path
         (tmp_path / name).write_bytes(b"")
     registry_for(True, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"counter_{live_pid}.db", "app.db"])
+
+
+class _Request:
+    """What _run reads of a Celery task request."""
+
+    eta = None
+
+    def __init__(self, retries: int) -> None:
+        self.retries = retries
+
+
+def _failing(exc: Exception) -> Any:
+    def handler(ctx: Any, message: ResourceMessage) -> None:
+        raise exc
+
+    return handler
+
+
+def test_a_task_that_fails_logs_in_its_resources_context_and_counts_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import workers.app as app
+    from kubechain.kube.errors import Unavailable
+    from kubechain.observability.logs import ResourceFilter
+
+    caplog.handler.addFilter(ResourceFilter())
+    caplog.set_level(logging.INFO, logger="workers.app")
+    app.set_context(context(FakeKubeClient(), FakeLLM(lambda r: LLMResponse())))
+    payload = ResourceMessage(kind="TaskRun", namespace="team-a", name="r").model_dump()
+
+    def count(outcome: str) -> float:
+        return (
+            REGISTRY.get_sample_value("kubechain_tasks_total", {"task": "prepare", "outcome": outcome}) or 0.0
+        )
+
+    try:
+        errors, retries = count("error"), count("retry")
+        with pytest.raises(RuntimeError):
+            app._run(TaskName.PREPARE, _failing(RuntimeError("boom")), payload, _Request(0))
+        (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert (getattr(record, "namespace", None), getattr(record, "resource", None)) == ("team-a", "r")
+        unavailable = Unavailable(503, "ServiceUnavailable", "etcd leader changed")
+        with pytest.raises(Unavailable):
+            app._run(TaskName.PREPARE, _failing(unavailable), payload, _Request(3))
+        assert (count("error") - errors, count("retry") - retries) == (1, 1)
+        with pytest.raises(Unavailable):  # the last retry: Celery drops the task after this
+            app._run(TaskName.PREPARE, _failing(unavailable), payload, _Request(app.MAX_RETRIES))
+        assert (count("error") - errors, count("retry") - retries) == (2, 1)
+        assert "gave up after 20 retries" in caplog.text
+    finally:
+        app.set_context(None)
+
+
+def test_a_prefork_child_sends_its_buffered_spans_before_it_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """billiard ends a child with os._exit, so nothing but this hook sends what the batch still holds."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import workers.app as app
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exported, schedule_delay_millis=60_000))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    monkeypatch.setattr(app, "process_exited", lambda pid, directory: None)
+    provider.get_tracer("test").start_span("TaskRun/r").end()
+    assert exported.get_finished_spans() == ()
+    app._child_exited(pid=os.getpid())
+    assert [span.name for span in exported.get_finished_spans()] == ["TaskRun/r"]
+    provider.shutdown()

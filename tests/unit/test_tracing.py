@@ -237,3 +237,39 @@ def test_grpc_uses_the_grpc_exporter_when_installed(
         setup_tracing("kubechain-worker")
     assert isinstance(installed[-1][1], GrpcExporter)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_a_sampling_ratio_keeps_or_drops_whole_runs(ratio: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the run's spans follow the verdict on its root."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exported = InMemorySpanExporter()
+    sampled_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    sampled_provider.add_span_processor(SimpleSpanProcessor(exported))
+    monkeypatch.setattr(tracing.trace, "get_tracer_provider", lambda: sampled_provider)
+    parent = tracing.run_context("4a7f0e36-0b51-4c43-a0a4-0d3f4f1c2b9e")
+    assert trace.get_current_span(parent).get_span_context().trace_flags.sampled is (ratio == 1.0)
+    with sampled_provider.get_tracer("test").start_as_current_span("LLMRequest", context=parent):
+        pass
+    root = sampled_provider.get_tracer("test").start_span("TaskRun/r", context=tracing.otel_context.Context())
+    root.end()
+    assert len(exported.get_finished_spans()) == (2 if ratio == 1.0 else 0)
+
+
+def test_work_one_object_asks_for_on_another_is_traced_in_the_others_run() -> None:
+    """An Agent became Ready: the runs waiting for it are prepared in their own traces, not a new one."""
+    from kubechain.statemachines.routing import Work
+    from watcher.main import Watcher
+
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    uid = "0b4c2a77-5d0e-4a43-9a58-58b61c3e2f10"
+    informers["TaskRun"].cache[("default", "r")] = {
+        "kind": "TaskRun",
+        "metadata": {"name": "r", "namespace": "default", "uid": uid, "resourceVersion": "3"},
+        "status": {"phase": "Pending"},
+    }
+    work = Work(TaskName.PREPARE, "TaskRun", "default", "r", reason="agent-changed")  # no trace uid
+    message = watcher.message_for(work, "9")
+    assert message.traceparent and message.traceparent.split("-")[1] == tracing.run_trace_ids(uid)["traceID"]

@@ -642,3 +642,24 @@ def test_a_relist_reads_in_pages_and_still_sees_every_object_and_every_deletion(
     events.clear()
     informer.relist()
     assert ("DELETED", "r5") in events and len(informer.cache) == 6
+
+
+def test_queue_depth_is_absent_not_stale_while_redis_does_not_answer() -> None:
+    from prometheus_client import REGISTRY
+
+    class Redis:
+        def __init__(self) -> None:
+            self.down = False
+
+        def llen(self, queue: str) -> int:
+            if self.down:
+                raise ConnectionError("Redis went away")
+            return 5
+
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    redis = Redis()
+    watcher.update_gauges(redis)
+    assert REGISTRY.get_sample_value("kubechain_queue_depth", {"queue": "llm"}) == 5
+    redis.down = True
+    watcher.update_gauges(redis)
+    assert REGISTRY.get_sample_value("kubechain_queue_depth", {"queue": "llm"}) is None
