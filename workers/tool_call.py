@@ -270,6 +270,13 @@ def find_tool(
     return None
 
 
+def _count_not_run(executor: Executor, outcome: str) -> None:
+    """Count a call failed before it ran: a tool that does not exist (an LLM may invent any name) is
+    labelled "unknown", so the label's values stay bounded by the tools that exist."""
+    known = executor.tool is not None or executor.server is not None
+    TOOL_CALLS.labels(tool_label(executor.toolcall.spec.tool_ref.name) if known else "unknown", outcome).inc()
+
+
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     decide_on_current(
         ctx,
@@ -321,6 +328,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         "ReadyToExecuteApprovedTool",
     ):
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
+        _count_not_run(executor, "rejected")
         return
     if executor.delegate_to is not None:
         _delegate(ctx, toolcall, parent, executor.delegate_to)
@@ -343,10 +351,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return
     if executor.problem is not None:
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
+        _count_not_run(executor, "rejected")
         return
     arguments, invalid = parse_arguments(toolcall)
     if invalid is not None:
         apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
+        _count_not_run(executor, "invalid_arguments")
         return
     executor.read_secrets()
     claimed_at = str(claim.transition.status["claimedAt"])

@@ -739,3 +739,37 @@ def test_a_task_whose_run_is_refused_is_an_error_until_the_run_can_be_created() 
     validate(ctx, message("Task", "t"))
     assert kube.get_raw("tasks", "default", "t")["status"]["ready"] is True
     assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
+
+
+def test_calls_failed_before_they_run_are_counted_with_a_bounded_tool_label() -> None:
+    from prometheus_client import REGISTRY
+
+    def count(tool: str, outcome: str) -> float:
+        return (
+            REGISTRY.get_sample_value("kubechain_tool_calls_total", {"tool": tool, "outcome": outcome}) or 0.0
+        )
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content="done")
+        calls = [("made_up_tool_4711", "{}"), ("add", "{not json")]
+        return LLMResponse(
+            tool_calls=[
+                ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments=a))
+                for i, (n, a) in enumerate(calls)
+            ]
+        )
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    before = count("unknown", "rejected"), count("add", "invalid_arguments")
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+        tool_call(ctx, message("TaskRunToolCall", name))  # redelivered: counted once
+    assert (count("unknown", "rejected") - before[0], count("add", "invalid_arguments") - before[1]) == (1, 1)
+    assert count("made_up_tool_4711", "rejected") == 0
