@@ -538,13 +538,18 @@ def counting_api() -> Iterator[CountingAPI]:
     api.server.shutdown()
 
 
-def kubectl_only(w: World, api: CountingAPI) -> None:
-    """A Tool with requiresApproval: no channel, decided with kubectl."""
-    tool = {
-        "name": "deploy",
-        "toolType": "externalAPI",
-        "execute": {"externalAPI": {"url": api.url, "method": "POST", "requiresApproval": True}},
-    }
+def without_approval(w: World) -> None:
+    """The fetch MCP server's tools run without asking anyone."""
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
+        body={"spec": {"approvalContactChannel": None}},
+    )
+
+
+def deploy_tool(w: World, external_api: dict[str, Any]) -> None:
+    """The Agent's only Tool, "deploy" (an externalAPI call), and a call of it with version 1.2.3."""
+    tool = {"name": "deploy", "toolType": "externalAPI", "execute": {"externalAPI": external_api}}
     create(w.kube, "Tool", "tools", "deploy", tool)
     w.kube.request(
         "PATCH",
@@ -552,6 +557,11 @@ def kubectl_only(w: World, api: CountingAPI) -> None:
         body={"spec": {"tools": [{"name": "deploy"}]}},
     )
     add_toolcall(w, "deploy", {"version": "1.2.3"})
+
+
+def kubectl_only(w: World, api: CountingAPI) -> None:
+    """A Tool with requiresApproval: no channel, decided with kubectl."""
+    deploy_tool(w, {"url": api.url, "method": "POST", "requiresApproval": True})
 
 
 def test_kubectl_approval_of_a_tool_without_channel(world: World, counting_api: CountingAPI) -> None:
@@ -657,11 +667,7 @@ def test_invalid_arguments_are_not_sent_for_approval(world: World) -> None:
 
 def test_tools_without_approval_run_directly(world: World) -> None:
     w = world
-    w.kube.request(
-        "PATCH",
-        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
-        body={"spec": {"approvalContactChannel": None}},
-    )
+    without_approval(w)
     add_toolcall(w)
     w.run()
     assert w.status()["phase"] == "Succeeded" and w.calls_to_humanlayer() == []
@@ -680,11 +686,7 @@ def test_a_failed_mcp_call_says_so_with_the_originals_detail(
     world: World, monkeypatch: pytest.MonkeyPatch, failure: MCPToolResult | MCPError, error: str
 ) -> None:
     w = world
-    w.kube.request(
-        "PATCH",
-        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
-        body={"spec": {"approvalContactChannel": None}},
-    )
+    without_approval(w)
 
     def call_tool(server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
         if isinstance(failure, Exception):
@@ -927,11 +929,7 @@ def test_an_mcp_secret_read_failing_for_a_moment_leaves_the_call_unclaimed_for_a
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = world
-    w.kube.request(
-        "PATCH",
-        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
-        body={"spec": {"approvalContactChannel": None}},
-    )
+    without_approval(w)
     reads: list[str] = []
 
     def resolve(server: MCPServer) -> str:
@@ -955,24 +953,8 @@ def test_an_external_api_secret_read_failing_for_a_moment_leaves_the_call_unclai
 ) -> None:
     w = world
     w.kube.add_secret("default", "deploy-token", {"token": "t0ken"})
-    tool = {
-        "name": "deploy",
-        "toolType": "externalAPI",
-        "execute": {
-            "externalAPI": {
-                "url": counting_api.url,
-                "method": "POST",
-                "credentialsFrom": {"name": "deploy-token", "key": "token"},
-            }
-        },
-    }
-    create(w.kube, "Tool", "tools", "deploy", tool)
-    w.kube.request(
-        "PATCH",
-        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/agents/a",
-        body={"spec": {"tools": [{"name": "deploy"}]}},
-    )
-    add_toolcall(w, "deploy", {"version": "1.2.3"})
+    credentials = {"name": "deploy-token", "key": "token"}
+    deploy_tool(w, {"url": counting_api.url, "method": "POST", "credentialsFrom": credentials})
     real_read = w.kube.read_secret
     failures = [Unavailable(503, "ServiceUnavailable", "etcdserver: leader changed")]
 

@@ -218,13 +218,17 @@ def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 
-def tool_turn(kube: FakeKubeClient, arguments: list[str]) -> FakeLLM:
+def tool_turn(kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str, str]]) -> FakeLLM:
+    """A run whose first turn calls "add" with each of ``arguments`` (or, for a (name, arguments) pair,
+    the tool of that name), and whose second turn answers with the results."""
+    named = [item if isinstance(item, tuple) else ("add", item) for item in arguments]
+
     def answer(request: LLMRequest) -> LLMResponse:
         if request.messages[-1].role == "tool":
             return LLMResponse(content="; ".join(m.content for m in request.messages if m.role == "tool"))
         calls = [
-            ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments=a))
-            for i, a in enumerate(arguments)
+            ToolCall(id=f"c{i}", function=ToolCallFunction(name=name, arguments=a))
+            for i, (name, a) in enumerate(named)
         ]
         return LLMResponse(tool_calls=calls)
 
@@ -749,24 +753,9 @@ def test_calls_failed_before_they_run_are_counted_with_a_bounded_tool_label() ->
             REGISTRY.get_sample_value("kubechain_tool_calls_total", {"tool": tool, "outcome": outcome}) or 0.0
         )
 
-    def answer(request: LLMRequest) -> LLMResponse:
-        if request.messages[-1].role == "tool":
-            return LLMResponse(content="done")
-        calls = [("made_up_tool_4711", "{}"), ("add", "{not json")]
-        return LLMResponse(
-            tool_calls=[
-                ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments=a))
-                for i, (n, a) in enumerate(calls)
-            ]
-        )
-
     kube = FakeKubeClient()
-    llm = FakeLLM(answer)
-    validated(kube, llm, ["add"])
-    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    llm = tool_turn(kube, [("made_up_tool_4711", "{}"), "{not json"])
     ctx = context(kube, llm)
-    prepare(ctx, message("TaskRun", "r"))
-    llm_call(ctx, message("TaskRun", "r"))
     before = count("unknown", "rejected"), count("add", "invalid_arguments")
     for name in toolcall_names(kube):
         tool_call(ctx, message("TaskRunToolCall", name))
