@@ -14,12 +14,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Gauge
+
 from kubechain.heap import freeze_startup_heap
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
 from kubechain.observability.metrics import (
     ENQUEUED,
-    IS_LEADER,
     QUEUE_DEPTH,
     WATCH_EVENTS,
     register_phase_collector,
@@ -49,6 +50,9 @@ Send = Callable[[TaskName, ResourceMessage, float], None]
 
 
 INITIAL_SYNC_TIMEOUT_S = 30.0
+
+# Defined here, not with the shared metrics: a worker that imported it would export a constant 0.
+IS_LEADER = Gauge("kubechain_watcher_leader", "1 when this watcher holds the leader Lease")
 
 
 def _name(obj: dict[str, Any]) -> str:

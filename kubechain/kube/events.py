@@ -75,7 +75,8 @@ class EventRecorder:
             pass
         except Exception as exc:  # noqa: BLE001 - best effort: a sender thread must not die, a task not fail
             reason = body.get("reason")
-            log.warning("could not record event %s on %s: %s", reason, body["involvedObject"]["name"], exc)
+            involved = body["involvedObject"]
+            log.warning("could not record event %s on %s/%s: %s", reason, namespace, involved["name"], exc)
 
     def emit(
         self,

@@ -66,9 +66,6 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
     multiprocess_mode="livemax",
 )
-IS_LEADER = Gauge(
-    "kubechain_watcher_leader", "1 when this watcher holds the leader Lease", multiprocess_mode="livemax"
-)
 
 
 def tool_label(name: str) -> str:

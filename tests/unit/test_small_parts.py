@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -313,7 +315,9 @@ def test_approve_refuses_a_call_that_is_not_waiting_for_a_decision(monkeypatch: 
     assert approval("typo") == "approved", "a value that is no decision is replaced"
 
 
-def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_raises() -> None:
+def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     kube = FakeKubeClient()
     recorder = EventRecorder(kube, "kubechain-worker", "w1")
     run = TaskRun.from_wire(
@@ -329,6 +333,20 @@ def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_
             raise ValueError("a 200 whose body is not JSON")
 
     EventRecorder(BrokenProxy(), "kubechain-worker", "w1").emit(run, "Normal", "X", "y", key="2")
+    assert "could not record event X on default/r: a 200 whose body is not JSON" in caplog.text
+
+
+def test_only_the_watcher_exports_its_leader_gauge() -> None:
+    """A worker would export a flat 0 for each of its pods beside the watchers' series."""
+    code = (
+        "import workers.app\n"
+        "from prometheus_client import REGISTRY, generate_latest\n"
+        "print(b'kubechain_watcher_leader' in generate_latest(REGISTRY))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert found.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
