@@ -59,6 +59,11 @@ def _name(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
 
+def _is_about(work: Work, kind: str, obj: dict[str, Any]) -> bool:
+    """Whether ``work`` is on ``obj`` itself (then obj's resourceVersion is the worked-on object's own)."""
+    return (work.kind, work.name) == (kind, _name(obj))
+
+
 class Watcher:
     def __init__(
         self,
@@ -151,7 +156,7 @@ class Watcher:
                 works += dependents(kind, obj, self.cache())
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in works:
-            self._submit(work, rv, own_version=(work.kind, work.name) == (kind, _name(obj)))
+            self._submit(work, rv, own_version=_is_about(work, kind, obj))
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
@@ -213,7 +218,7 @@ class Watcher:
                 work,
                 rv,
                 resync=True,
-                own_version=(work.kind, work.name) == (kind, _name(obj)),
+                own_version=_is_about(work, kind, obj),
             )
         if count:
             log.info("resync re-enqueued %d resources", count)

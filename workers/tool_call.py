@@ -91,7 +91,7 @@ class Executor:
         self.problem: str | None = None
         self._secret_problem: str | None = None  # a Secret the call needs cannot be read (after prepare)
         self._token: str | None = None
-        self._resolved: Any = None  # the MCP server's spec with its Secrets read
+        self._resolved: Any = None  # the MCP server's spec with its Secrets read (by read_secrets)
         self._resolve()
         if self.problem is None and agent is not None:
             self.problem = self._not_granted(agent)
@@ -212,17 +212,10 @@ class Executor:
             return Outcome(error=f"tool {ref!r} failed unexpectedly: {type(exc).__name__}: {exc}"[:1000])
 
     def _run_external(self, arguments: dict[str, Any]) -> Outcome:
-        assert self.tool is not None and self.tool.spec.execute is not None
-        api = self.tool.spec.execute.external_api
+        assert self.tool is not None
+        api = self._external_api()
         assert api is not None and api.url
-        token = self._token
-        if api.credentials_from is not None and token is None:  # run without read_secrets first
-            try:
-                token = read_api_key(
-                    self.ctx, self.toolcall.namespace, api.credentials_from.name, api.credentials_from.key
-                )
-            except SecretProblem as problem:
-                return Outcome(error=f"Failed to get API credentials: {problem}")
+        token = self._token  # read by read_secrets, before the claim
         settings = self.ctx.settings
         timeout = min(float(api.timeout_seconds or settings.tool_timeout_s), settings.tool_execution_cap_s)
         body = call_external_api(api.url, api.method, arguments, token, timeout)
@@ -233,11 +226,7 @@ class Executor:
         if self.ctx.mcp is None:
             return Outcome(error="this worker has no MCP manager (run MCP tools on the tools queue)")
         try:
-            result = (
-                self.ctx.mcp.call_tool(self.server, self.target.tool, arguments, resolved=self._resolved)
-                if self._resolved is not None
-                else self.ctx.mcp.call_tool(self.server, self.target.tool, arguments)
-            )
+            result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments, resolved=self._resolved)
         except ToolError as exc:  # MCPError: unreachable server, unknown tool, timeout
             return Outcome(error=str(exc), detail=f"MCP tool execution failed: {exc}")
         ref = self.toolcall.spec.tool_ref.name

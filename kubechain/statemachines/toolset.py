@@ -25,6 +25,19 @@ HUMAN_CONTACT_NAME = re.compile(rf"(.+?){HUMAN_CONTACT_MARKER}(?:_slack|_email)?
 ToolKind = Literal["tool", "mcp", "subagent", "human"]
 
 
+# The function names the LLM is offered (tool_definitions) and Agent validation checks: made in one place.
+def mcp_function_name(server: str, tool: str) -> str:
+    return f"{server}{MCP_SEPARATOR}{tool}"
+
+
+def delegate_function_name(agent: str) -> str:
+    return f"{DELEGATE_PREFIX}{agent}"
+
+
+def human_contact_function_name(channel: str, channel_type: str) -> str:
+    return f"{channel}{HUMAN_CONTACT_MARKER}_{channel_type}"
+
+
 @dataclass(frozen=True)
 class ToolTarget:
     """What an LLM function name refers to."""
@@ -82,7 +95,7 @@ def tool_definitions(
         for mcp_tool in server.status.tools or []:
             definitions.append(
                 ToolDefinition(
-                    name=f"{server.name}{MCP_SEPARATOR}{mcp_tool.name}",
+                    name=mcp_function_name(server.name, mcp_tool.name),
                     description=mcp_tool.description or "",
                     parameters=mcp_tool.input_schema or {"type": "object", "properties": {}},
                 )
@@ -90,7 +103,7 @@ def tool_definitions(
     for sub_agent in sub_agents:
         definitions.append(
             ToolDefinition(
-                name=f"{DELEGATE_PREFIX}{sub_agent.name}",
+                name=delegate_function_name(sub_agent.name),
                 description=sub_agent.spec.description or f"Delegate a task to the agent {sub_agent.name}",
                 parameters=MESSAGE_PARAMETERS,
             )
@@ -106,7 +119,7 @@ def tool_definitions(
             ) or "Contact a human via Slack"
         definitions.append(
             ToolDefinition(
-                name=f"{channel.name}{HUMAN_CONTACT_MARKER}_{channel.spec.type}",
+                name=human_contact_function_name(channel.name, channel.spec.type),
                 description=description,
                 parameters=MESSAGE_PARAMETERS,
             )

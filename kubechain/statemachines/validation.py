@@ -24,7 +24,11 @@ from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, Re
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
-from kubechain.statemachines.toolset import DELEGATE_PREFIX, HUMAN_CONTACT_MARKER, MCP_SEPARATOR
+from kubechain.statemachines.toolset import (
+    delegate_function_name,
+    human_contact_function_name,
+    mcp_function_name,
+)
 from kubechain.statemachines.transition import Transition, normal, status_differs, warning
 
 
@@ -142,21 +146,16 @@ def offered_names(deps: AgentDependencies, agent: Agent) -> list[tuple[str, str]
         if server is None or not server.status.connected:
             continue
         for mcp_tool in server.status.tools or []:
-            offered.append(
-                (
-                    f"{ref.name}{MCP_SEPARATOR}{mcp_tool.name}",
-                    f'MCPServer "{ref.name}" tool "{mcp_tool.name}"',
-                )
-            )
+            source = f'MCPServer "{ref.name}" tool "{mcp_tool.name}"'
+            offered.append((mcp_function_name(ref.name, mcp_tool.name), source))
     for ref in spec.sub_agents:
         if deps.sub_agents.get(ref.name) is not None:
-            offered.append((f"{DELEGATE_PREFIX}{ref.name}", f'sub-agent "{ref.name}"'))
+            offered.append((delegate_function_name(ref.name), f'sub-agent "{ref.name}"'))
     for ref in spec.human_contact_channels:
         channel = deps.channels.get(ref.name)
         if channel is not None and channel.status.ready:
-            offered.append(
-                (f"{ref.name}{HUMAN_CONTACT_MARKER}_{channel.spec.type}", f'ContactChannel "{ref.name}"')
-            )
+            name = human_contact_function_name(ref.name, channel.spec.type)
+            offered.append((name, f'ContactChannel "{ref.name}"'))
     return offered
 
 

@@ -688,7 +688,9 @@ def test_a_failed_mcp_call_says_so_with_the_originals_detail(
     w = world
     without_approval(w)
 
-    def call_tool(server: MCPServer, tool: str, arguments: dict[str, Any]) -> MCPToolResult:
+    def call_tool(
+        server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None
+    ) -> MCPToolResult:
         if isinstance(failure, Exception):
             raise failure
         return failure
