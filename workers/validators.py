@@ -66,9 +66,18 @@ def read_api_key(
         raise SecretProblem(f"failed to get secret: {denied.message}") from None
     if key not in data:
         raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
-    if not data[key].strip():
+    value = data[key].strip()
+    if not value:
         raise EmptySecretValue(f'empty API key provided: key "{key}" in secret "{secret_name}" is empty')
-    return data[key].strip()
+    unsendable = next((i for i, ch in enumerate(value) if not (ch.isascii() and ch.isprintable())), None)
+    if unsendable is not None:
+        # A pasted "…" or a zero-width space: the HTTP library would raise while building the header,
+        # outside any error a provider client reports. Say where, never what the value is.
+        raise SecretProblem(
+            f'key "{key}" in secret "{secret_name}" has a character an HTTP header cannot carry '
+            f"(character {unsendable + 1}): an API key is printable ASCII; set it again"
+        )
+    return value
 
 
 def validate(ctx: WorkerContext, message: ResourceMessage) -> None:

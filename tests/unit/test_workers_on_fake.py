@@ -762,3 +762,16 @@ def test_calls_failed_before_they_run_are_counted_with_a_bounded_tool_label() ->
         tool_call(ctx, message("TaskRunToolCall", name))  # redelivered: counted once
     assert (count("unknown", "rejected") - before[0], count("add", "invalid_arguments") - before[1]) == (1, 1)
     assert count("made_up_tool_4711", "rejected") == 0
+
+
+def test_an_api_key_with_a_character_no_header_can_carry_is_an_llm_error_not_a_crash() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    ready_agent_setup(kube)
+    kube.request("DELETE", "/api/v1/namespaces/default/secrets/openai")
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-abc\u2026def"})
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    validate(ctx, message("LLM", "gpt-4o"))
+    status = kube.get_raw("llms", "default", "gpt-4o")["status"]
+    assert status["status"] == "Error" and "character 7" in status["statusDetail"], status
+    assert "sk-abc" not in str(status) and "ValidationFailed" in kube.event_reasons("gpt-4o")
