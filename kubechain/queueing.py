@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 from kombu import Queue
@@ -15,6 +15,9 @@ from pydantic import BaseModel, Field
 
 from kubechain.redis_transport import transport_for
 from kubechain.settings import Settings
+
+if TYPE_CHECKING:
+    from kubechain.models import Resource
 
 
 class TaskName(StrEnum):
@@ -66,6 +69,19 @@ class ResourceMessage(BaseModel):
 
     def key(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
+
+    @classmethod
+    def recheck(cls, resource: Resource[Any, Any], reason: str, traceparent: str | None) -> ResourceMessage:
+        """A worker's own follow-up on an object it just read (a re-check when something falls due)."""
+        return cls(
+            kind=resource.KIND,
+            namespace=resource.namespace,
+            name=resource.name,
+            uid=resource.uid,
+            resource_version=resource.resource_version,
+            reason=reason,
+            traceparent=traceparent,
+        )
 
 
 def make_celery(settings: Settings, name: str = "kubechain") -> Celery:

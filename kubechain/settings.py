@@ -52,9 +52,11 @@ class Settings(BaseSettings):
 
     # Agent loop
     llm_timeout_s: float = 120.0
-    llm_max_attempts: int = 5
+    # A provider outage of a quarter of an hour (or a long Retry-After) is ridden out: 14 attempts with
+    # back-off doubling from 1 s to 5 min between them wait 14-28 min in all before a run fails.
+    llm_max_attempts: int = 14
     llm_backoff_base_s: float = 1.0
-    llm_backoff_max_s: float = 60.0
+    llm_backoff_max_s: float = 300.0
     tool_timeout_s: float = 120.0
     # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
     claim_timeout_s: float = 180.0

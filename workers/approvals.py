@@ -416,15 +416,7 @@ def _schedule(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     ):
         return
     delay = machine.seconds_until_due(toolcall, ctx.clock())
-    message = ResourceMessage(
-        kind=TaskRunToolCall.KIND,
-        namespace=toolcall.namespace,
-        name=toolcall.name,
-        uid=toolcall.uid,
-        resource_version=toolcall.resource_version,
-        reason=machine.RECHECK_REASON,
-        traceparent=current_traceparent(),
-    )
+    message = ResourceMessage.recheck(toolcall, machine.RECHECK_REASON, current_traceparent())
     try:
         ctx.enqueue(TaskName.TOOL_CALL, message, delay)
     except Exception as exc:  # noqa: BLE001 - the broker is down: the watcher's resync re-enqueues waiting calls

@@ -7,7 +7,7 @@ from typing import Any
 
 import anthropic
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -84,14 +84,11 @@ class AnthropicClient:
             return _response_from(self._client.messages.create(**kwargs))
         except anthropic.APIStatusError as exc:
             status = exc.status_code
-            retry_after = exc.response.headers.get("retry-after") if exc.response is not None else None
             raise LLMError(
                 f"LLM request failed with status {status}: {str(exc)[:500]}",
                 retryable=status in (408, 429) or status >= 500,
                 status_code=status,
-                retry_after_s=float(retry_after)
-                if retry_after and retry_after.replace(".", "").isdigit()
-                else None,
+                retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
             ) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc

@@ -8,17 +8,9 @@ from typing import Any
 import httpx2
 import openai
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
-
-
-def _retry_after(exc: openai.APIStatusError) -> float | None:
-    value = exc.response.headers.get("retry-after") if exc.response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def message_to_openai(message: Message) -> dict[str, Any]:
@@ -70,7 +62,26 @@ def _response_from(completion: dict[str, Any]) -> LLMResponse:
             completion_tokens=counts.get("completion_tokens") or 0,
             total_tokens=counts.get("total_tokens") or 0,
         )
-    return LLMResponse(content=message.get("content") or "", tool_calls=calls, usage=usage)
+    content = _text_of(message.get("content"))
+    refusal = message.get("refusal")
+    if not content and not calls and isinstance(refusal, str) and refusal:
+        # The model declined (OpenAI's refusal field): say so, rather than "an empty response".
+        raise LLMError(f"LLM refused to answer: {refusal[:500]}", retryable=False)
+    return LLMResponse(content=content, tool_calls=calls, usage=usage)
+
+
+def _text_of(content: Any) -> str:
+    """The answer's text: a string, or (some compatible servers, reasoning models) a list of parts, whose
+    text parts are joined and the rest (reasoning, images) left out."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    raise TypeError(f"message content is a {type(content).__name__}")
 
 
 class OpenAIClient:
@@ -108,7 +119,7 @@ class OpenAIClient:
                 f"LLM request failed with status {status}: {_short_body(exc)}",
                 retryable=retryable,
                 status_code=status,
-                retry_after_s=_retry_after(exc),
+                retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
             ) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc

@@ -63,9 +63,9 @@ class LoopLimits:
     handoff_timeout_s: float = HANDOFF_TIMEOUT_S
     # How long the fan-in check leaves missing tool calls to the worker that is creating them.
     child_creation_grace_s: float = 10.0
-    max_attempts: int = 5
+    max_attempts: int = 14
     backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
+    backoff_max_s: float = 300.0
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
 

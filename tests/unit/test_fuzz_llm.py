@@ -179,6 +179,29 @@ UNREADABLE = "LLM returned an unreadable response: "
         pytest.param(
             b"[" * 100_000 + b"]" * 100_000, UNREADABLE + "RecursionError: ", True, None, id="deeply-nested"
         ),
+        pytest.param(
+            completion(
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm"},
+                        {"type": "text", "text": "The answer "},
+                        {"type": "text", "text": "is 4."},
+                    ],
+                }
+            ),
+            None,
+            None,
+            LLMResponse(content="The answer is 4."),
+            id="content-as-parts",
+        ),
+        pytest.param(
+            completion({"role": "assistant", "content": None, "refusal": "I can't help with that."}),
+            "LLM refused to answer: I can't help with that.",
+            False,  # asking again gets the same answer
+            None,
+            id="refusal",
+        ),
     ],
 )
 def test_provider_client_turns_garbage_into_errors_or_answers(

@@ -417,3 +417,25 @@ def test_a_shortened_child_run_name_is_still_a_valid_name() -> None:
         name = child_run_name("hello-world-1-ab12cd3-tc-01", agent)
         assert len(name) <= 63 and dns_subdomain.fullmatch(name), name
         assert name == child_run_name("hello-world-1-ab12cd3-tc-01", agent), "stable"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),  # OpenAI's finer header first
+        ({"retry-after": "20"}, 20.0),
+        ({"retry-after": "Wed, 02 Dec 2026 08:02:00 GMT"}, 120.0),  # an HTTP date
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_retry_after_reads_every_form_providers_send(
+    headers: dict[str, str] | None, expected: float | None
+) -> None:
+    from email.utils import parsedate_to_datetime
+
+    from kubechain.llm.base import retry_after_s
+
+    now = parsedate_to_datetime("Wed, 02 Dec 2026 08:00:00 GMT").timestamp()
+    assert retry_after_s(headers, now) == expected

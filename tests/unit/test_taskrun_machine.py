@@ -181,8 +181,18 @@ def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:
     assert transition.status["phase"] == "ErrorBackoff"
     due = datetime.fromisoformat(transition.status["nextAttemptAt"].replace("Z", "+00:00"))
     assert due - NOW >= timedelta(seconds=7)
+    # a long Retry-After (a rate-limit window of minutes) is honoured, not cut to a minute
+    patient = plan_llm_error(claimed, "429", True, 240.0, NOW, LIMITS, random.Random(1))
+    assert datetime.fromisoformat(patient.status["nextAttemptAt"].replace("Z", "+00:00")) - NOW >= timedelta(
+        seconds=240
+    )
     exhausted = plan_llm_error(
-        ready_run(phase="SendContextWindowToLLM", llmAttempts=5), "boom", True, None, NOW, LIMITS
+        ready_run(phase="SendContextWindowToLLM", llmAttempts=LIMITS.max_attempts),
+        "boom",
+        True,
+        None,
+        NOW,
+        LIMITS,
     )
     assert exhausted.status["phase"] == "Failed"
     four_xx = plan_llm_error(
@@ -264,3 +274,17 @@ def test_fan_in_reports_rejections_and_recreates_missing_children() -> None:
 def test_truncate_marks_what_was_cut() -> None:
     text = truncate("é" * 100, 51)
     assert text.startswith("é" * 25) and "[truncated by KubeChain" in text
+
+
+def test_a_provider_outage_of_many_minutes_is_ridden_out_before_a_run_fails() -> None:
+    """Five attempts a second apart failed every run in flight during a 15-second 503."""
+    rng = random.Random(7)
+    waited = timedelta()
+    for attempt in range(1, LIMITS.max_attempts):
+        run = ready_run(phase="SendContextWindowToLLM", llmAttempts=attempt)
+        backoff = plan_llm_error(run, "LLM request failed with status 503", True, None, NOW, LIMITS, rng)
+        assert backoff.status["phase"] == "ErrorBackoff", attempt
+        waited += datetime.fromisoformat(backoff.status["nextAttemptAt"].replace("Z", "+00:00")) - NOW
+    assert waited >= timedelta(minutes=14), waited
+    last = ready_run(phase="SendContextWindowToLLM", llmAttempts=LIMITS.max_attempts)
+    assert plan_llm_error(last, "503", True, None, NOW, LIMITS, rng).status["phase"] == "Failed"

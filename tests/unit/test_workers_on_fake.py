@@ -7,13 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 from kubechain.kube.errors import Conflict, error_for
 from kubechain.kube.fake import FakeKubeClient
-from kubechain.llm.base import LLMRequest, LLMResponse
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
@@ -775,3 +775,34 @@ def test_an_api_key_with_a_character_no_header_can_carry_is_an_llm_error_not_a_c
     status = kube.get_raw("llms", "default", "gpt-4o")["status"]
     assert status["status"] == "Error" and "character 7" in status["statusDetail"], status
     assert "sk-abc" not in str(status) and "ValidationFailed" in kube.event_reasons("gpt-4o")
+
+
+def test_a_backoff_retry_that_arrives_early_comes_back_when_due_not_at_the_next_resync() -> None:
+    """The watcher schedules a retry by its clock; a worker whose clock is a little behind finds it early."""
+    kube = FakeKubeClient()
+    answers = iter([LLMError("upstream 503", retryable=True), LLMResponse(content="done")])
+
+    def flaky(request: LLMRequest) -> LLMResponse:
+        answer = next(answers)
+        if isinstance(answer, LLMError):
+            raise answer
+        return answer
+
+    llm = FakeLLM(flaky)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    scheduled: list[tuple[TaskName, str, float]] = []
+    ctx = context(kube, llm)
+    ctx.enqueue = lambda task, msg, delay=0.0: scheduled.append((task, msg.name, delay))
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "ErrorBackoff"
+    due = datetime.fromisoformat(status["nextAttemptAt"].replace("Z", "+00:00"))
+    ctx.clock = lambda: due - timedelta(seconds=0.2)  # this worker's clock: 200 ms behind the watcher's
+    llm_call(ctx, message("TaskRun", "r"))
+    assert len(llm.requests) == 1, "not due yet by this worker's clock"
+    assert scheduled == [(TaskName.LLM_CALL, "r", 0.5)], scheduled
+    ctx.clock = lambda: due + timedelta(seconds=0.4)
+    llm_call(ctx, message("TaskRun", "r"))
+    assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"
