@@ -8,6 +8,7 @@ from typing import Any
 import anthropic
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
+from kubechain.llm.deadline import deadline_client
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -53,8 +54,13 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
 
 class AnthropicClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
+        self._timeout_s = timeout_s
         self._client = anthropic.Anthropic(
-            api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s
+            api_key=api_key,
+            base_url=base_url or None,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=deadline_client(timeout_s),  # timeout_s bounds the whole call, not each read
         )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
@@ -90,7 +96,12 @@ class AnthropicClient:
                 status_code=status,
                 retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
             ) from exc
-        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
+        except anthropic.APITimeoutError as exc:
+            # the deadline transport's, or a phase's own timeout: either way, no whole answer in time
+            raise LLMError(
+                f"LLM request timed out: no complete answer within {self._timeout_s:g}s", retryable=True
+            ) from exc
+        except anthropic.APIConnectionError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except anthropic.AnthropicError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc

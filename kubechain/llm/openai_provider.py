@@ -9,6 +9,7 @@ import httpx2
 import openai
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
+from kubechain.llm.deadline import deadline_client
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -86,8 +87,13 @@ def _text_of(content: Any) -> str:
 
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
+        self._timeout_s = timeout_s
         self._client = openai.OpenAI(
-            api_key=api_key, base_url=base_url or None, max_retries=0, timeout=timeout_s
+            api_key=api_key,
+            base_url=base_url or None,
+            max_retries=0,
+            timeout=timeout_s,
+            http_client=deadline_client(timeout_s),  # timeout_s bounds the whole call, not each read
         )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
@@ -121,7 +127,12 @@ class OpenAIClient:
                 status_code=status,
                 retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
             ) from exc
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+        except openai.APITimeoutError as exc:
+            # the deadline transport's, or a phase's own timeout: either way, no whole answer in time
+            raise LLMError(
+                f"LLM request timed out: no complete answer within {self._timeout_s:g}s", retryable=True
+            ) from exc
+        except openai.APIConnectionError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
         except openai.OpenAIError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc

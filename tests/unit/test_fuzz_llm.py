@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubechain.kube.fake import FakeKubeClient
+from kubechain.llm.anthropic_provider import AnthropicClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message, ToolCall, ToolCallFunction
@@ -81,6 +83,8 @@ class RawLLM:
 
     def __init__(self) -> None:
         self.body = b""
+        self.trickle_s = 0.0  # > 0: send the body a byte at a time, this far apart
+        self.sent_in_full = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,7 +94,17 @@ class RawLLM:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(owner.body)))
                 self.end_headers()
-                self.wfile.write(owner.body)
+                if not owner.trickle_s:
+                    self.wfile.write(owner.body)
+                    return
+                try:
+                    for i in range(len(owner.body)):
+                        self.wfile.write(owner.body[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(owner.trickle_s)
+                except BrokenPipeError:
+                    return  # the client gave up
+                owner.sent_in_full += 1
 
             def log_message(self, *_: object) -> None:
                 pass
@@ -265,3 +279,21 @@ def test_provider_client_reads_answers_tool_calls_and_usage(raw_llm: RawLLM) -> 
     raw_llm.body = completion({"role": "assistant", "content": "The answer is 42."})
     response = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
     assert (response.content, response.tool_calls, response.usage) == ("The answer is 42.", [], None)
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+def test_an_answer_trickling_in_past_the_timeout_ends_the_call_at_the_timeout(
+    raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient]
+) -> None:
+    """httpx's timeouts bound each read: a byte every 50 ms never trips one, and the call would outlast its
+    claim (another worker would make it again)."""
+    raw_llm.body = completion({"role": "assistant", "content": "slow"})  # ~150 bytes: ~7 s at this pace
+    raw_llm.trickle_s = 0.05
+    try:
+        client = client_class("sk-test", 1, raw_llm.url if client_class is OpenAIClient else raw_llm.url[:-3])
+        with pytest.raises(LLMError) as raised:
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+        assert "no complete answer within 1s" in str(raised.value) and raised.value.retryable
+        assert raw_llm.sent_in_full == 0, "the call ended before the server finished its answer"
+    finally:
+        raw_llm.trickle_s = 0.0
