@@ -93,6 +93,9 @@ def _write(ctx: WorkerContext, obj: R, transition: Transition | None) -> R:
     return apply_transition(ctx, obj, transition) if transition is not None else obj
 
 
+PROVIDER_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic"}
+
+
 def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     llm = get_or_none(ctx, LLM, message.namespace, message.name)
     if llm is None:
@@ -103,15 +106,15 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     except SecretProblem as problem:
         _write(ctx, llm, plan_validation(llm, False, str(problem)))
         return
-    if llm.spec.provider != "openai":
-        _write(ctx, llm, plan_validation(llm, True, "Secret validated successfully"))
-        return
+    # The original checked an Anthropic key only for being there: a wrong one was Ready until every run
+    # failed. Both providers list their models with the key, which costs nothing.
+    provider = PROVIDER_NAMES.get(llm.spec.provider, llm.spec.provider)
     try:
         ctx.llms.for_llm(llm, api_key).validate_credentials()
     except LLMError as exc:
-        _write(ctx, llm, plan_validation(llm, False, f"OpenAI API key validation failed: {exc}"))
+        _write(ctx, llm, plan_validation(llm, False, f"{provider} API key validation failed: {exc}"))
         return
-    _write(ctx, llm, plan_validation(llm, True, "OpenAI API key validated successfully"))
+    _write(ctx, llm, plan_validation(llm, True, f"{provider} API key validated successfully"))
 
 
 def validate_tool(ctx: WorkerContext, message: ResourceMessage) -> None:

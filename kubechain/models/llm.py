@@ -48,7 +48,8 @@ class LLMSpec(KubeModel):
             return self.parameters.model
         if self.model:
             return self.model
-        return "gpt-4o" if self.provider == "openai" else "claude-3-5-sonnet-latest"
+        # The original's claude-3-5-sonnet-latest was retired in October 2025: every run would get a 404.
+        return "gpt-4o" if self.provider == "openai" else "claude-sonnet-4-5"
 
     def effective_temperature(self) -> float | None:
         raw = (self.parameters.temperature if self.parameters else None) or self.temperature

@@ -41,6 +41,25 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:  # noqa: N802 - GET /v1/models: the key check
+                key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix(
+                    "Bearer "
+                )
+                ok = key == "sk-ant-good"
+                body = json.dumps(
+                    {"data": [{"type": "model", "id": "claude-sonnet-4-5"}], "has_more": False}
+                    if ok
+                    else {
+                        "type": "error",
+                        "error": {"type": "authentication_error", "message": "invalid x-api-key"},
+                    }
+                ).encode()
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *_: object) -> None:
                 pass
 
@@ -158,3 +177,11 @@ def test_tool_arguments_it_cannot_parse_are_passed_raw() -> None:
         _, messages = to_anthropic_messages([Message(role="assistant", content="", tool_calls=[call])])
         (block,) = messages[0]["content"]
         assert block["input"] == {"_raw": raw}
+
+
+def test_an_anthropic_key_is_checked_by_listing_models(fake: FakeAnthropic) -> None:
+    """The original only checked that the Secret existed: a wrong key was Ready until every run failed."""
+    AnthropicClient("sk-ant-good", 5, fake.url).validate_credentials()
+    with pytest.raises(LLMError) as raised:
+        AnthropicClient("sk-ant-revoked", 5, fake.url).validate_credentials()
+    assert str(raised.value) == "invalid API key (status code: 401)" and not raised.value.retryable

@@ -806,3 +806,20 @@ def test_a_backoff_retry_that_arrives_early_comes_back_when_due_not_at_the_next_
     ctx.clock = lambda: due + timedelta(seconds=0.4)
     llm_call(ctx, message("TaskRun", "r"))
     assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"
+
+
+def test_an_anthropic_llm_with_a_key_the_provider_refuses_is_an_error_not_ready() -> None:
+    kube = FakeKubeClient()
+    refused = FakeLLM(lambda r: LLMResponse(content="x"))
+
+    def check() -> None:
+        raise LLMError("invalid API key (status code: 401)", retryable=False, status_code=401)
+
+    refused.validate_credentials = check  # type: ignore[method-assign]
+    kube.add_secret("default", "anthropic", {"ANTHROPIC_API_KEY": "sk-ant-revoked"})
+    create(kube, "LLM", "llms", "claude", {"provider": "anthropic"})
+    validate(context(kube, refused), message("LLM", "claude"))
+    status = kube.get_raw("llms", "default", "claude")["status"]
+    assert status["status"] == "Error", status
+    assert status["statusDetail"] == "Anthropic API key validation failed: invalid API key (status code: 401)"
+    assert "sk-ant" not in str(status)
