@@ -81,6 +81,8 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     phase = toolcall.phase
     if phase not in machine.UNDECIDED_PHASES:
         return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
+    if _rejected_by_annotation(ctx, toolcall):
+        return False
     requirement = approval_requirement(executor)
     if requirement is None:
         if phase not in machine.APPROVAL_WAITING_PHASES:
@@ -100,6 +102,16 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
         return False
     _humanlayer_approval(ctx, toolcall, requirement.channel)
     return False
+
+
+def _rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:
+    """A rejection (``kubechain reject``, or the annotation) stands whether or not the call needed an
+    approval: a call that was only pending, or a question to a human, must not go ahead against it."""
+    decision = machine.annotation_decision(toolcall)
+    if decision is None or decision.approved:
+        return False
+    apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, ctx.clock()))
+    return True
 
 
 def _humanlayer_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
@@ -290,6 +302,8 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
     now = ctx.clock()
     phase = toolcall.phase
     if phase in machine.PENDING_PHASES:
+        if _rejected_by_annotation(ctx, toolcall):
+            return
         arguments, invalid = parse_arguments(toolcall)
         if invalid is not None:
             apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))

@@ -144,7 +144,7 @@ class HumanLayerClient:
             raise HumanLayerError(f"HumanLayer rejected the request ({where}): HTTP {status}{suffix}", status)
         try:
             payload = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
             raise HumanLayerError(f"invalid response from HumanLayer ({where}): not JSON", status) from None
         if not isinstance(payload, dict):
             raise HumanLayerError(
@@ -157,7 +157,7 @@ def _detail(response: httpx.Response) -> str:
     """A short, printable reason from an error body (HumanLayer/FastAPI use ``{"detail": ...}``)."""
     try:
         payload = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return response.text.strip()[:200]
     if isinstance(payload, dict) and "detail" in payload:
         detail = payload["detail"]

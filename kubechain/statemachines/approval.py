@@ -38,6 +38,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.statemachines.taskrun import LoopLimits, truncate
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
@@ -62,6 +63,9 @@ UNDECIDED_PHASES = PENDING_PHASES + APPROVAL_WAITING_PHASES
 RECHECK_BASE_S = 2.0
 RECHECK_MAX_S = 60.0
 REQUEST_CLAIM_TIMEOUT_S = 30.0  # well above the HumanLayer client's 10 s request timeout
+# A human's words go into the status and the LLM's context like a tool's result, with its bound: a long
+# email reply must not make every status write too large.
+HUMAN_TEXT_MAX_BYTES = LoopLimits().max_tool_result_bytes
 HUMAN_CONTACT_MAX_ATTEMPTS = 8  # ~3 minutes of retrying before the LLM is told
 NO_FEEDBACK = "(no feedback given)"
 RECHECK_REASON = "humanlayer-recheck"
@@ -197,7 +201,7 @@ def plan_decision(toolcall: TaskRunToolCall, decision: Decision, now: datetime) 
             },
             events=[normal("ToolCallApproved", f"Tool call approved via {decision.via}{who}{note}")],
         )
-    feedback = decision.comment or NO_FEEDBACK
+    feedback = truncate(decision.comment or NO_FEEDBACK, HUMAN_TEXT_MAX_BYTES)
     return Transition(
         status=cleared
         | {
@@ -426,7 +430,7 @@ def plan_human_responded(
             "phase": ToolCallPhase.SUCCEEDED.value,
             "status": "Succeeded",
             "statusDetail": f"Human responded via contact channel {channel}",
-            "result": response,
+            "result": truncate(response, HUMAN_TEXT_MAX_BYTES),
             "error": None,
             "completionTime": timestamp(now),
             "claimedBy": None,

@@ -971,3 +971,35 @@ def test_an_external_api_secret_read_failing_for_a_moment_leaves_the_call_unclai
     assert w.status().get("phase") in (None, "", "Pending") and counting_api.bodies == []
     w.run()
     assert w.status()["phase"] == "Succeeded" and counting_api.bodies == [{"version": "1.2.3"}]
+
+
+def test_a_rejection_of_a_call_that_needed_no_approval_stops_it(world: World) -> None:
+    """`kubechain reject` on a still-Pending call printed "rejected", and the tool ran anyway."""
+    w = world
+    without_approval(w)
+    add_toolcall(w)
+    w.annotate("rejected", "do NOT fetch that")
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ToolCallRejected" and status["result"] == "do NOT fetch that"
+    assert w.mcp.calls == [] and w.calls_to_humanlayer() == []
+
+
+def test_a_rejected_question_is_not_asked(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})
+    w.annotate("rejected", "do not bother finance")
+    w.run()
+    assert w.status()["phase"] == "ToolCallRejected" and w.calls_to_humanlayer() == []
+
+
+def test_a_long_human_answer_is_bounded_like_a_tool_result(world: World) -> None:
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "Tell me everything"})
+    w.run()
+    w.hl.respond(w.status()["externalCallID"], "x" * 200_000, user="bob@example.com")
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Succeeded" and len(status["result"].encode()) < 70_000
+    assert status["result"].startswith("xxx")
