@@ -134,6 +134,9 @@ class KubeClient:
         self._bucket = TokenBucket(qps, burst)
         self._timeout = timeout_s
         self._http = _connection_pool(connection, timeout_s)
+        # A server behind a path (a Rancher or other proxy: https://rancher/k8s/clusters/c-x), as kubectl
+        # keeps it in front of every API path.
+        self._prefix = (urllib3.util.parse_url(connection.host).path or "").rstrip("/")
 
     @classmethod
     def from_settings(cls, settings: Settings, component: str = "kubechain") -> KubeClient:
@@ -167,7 +170,7 @@ class KubeClient:
         if body is not None:
             headers["Content-Type"] = content_type
             content = json.dumps(body).encode()
-        url = f"{path}?{urlencode(params)}" if params else path
+        url = f"{self._prefix}{path}?{urlencode(params)}" if params else f"{self._prefix}{path}"
         try:
             response = self._http.urlopen(method, url, body=content, headers=headers)
         except TransportError as exc:
@@ -177,6 +180,8 @@ class KubeClient:
         if response.status == 409 and path.endswith("/status"):
             STATUS_CONFLICTS.labels(path.rsplit("/", 3)[-3]).inc()
         if response.status >= 400:
+            if response.status == 401:
+                self.connection.forget_credentials()
             raise error_for(response.status, _error_payload(response.data), response.reason or "")
         if not response.data:
             return {}
@@ -324,7 +329,7 @@ class KubeClient:
             params["labelSelector"] = label_selector
         self._bucket.acquire()
         headers = self._headers()
-        url = f"{custom_path(plural, namespace)}?{urlencode(params)}"
+        url = f"{self._prefix}{custom_path(plural, namespace)}?{urlencode(params)}"
         response = None
         try:
             response = self._http.urlopen(
@@ -335,6 +340,8 @@ class KubeClient:
                 timeout=urllib3.Timeout(connect=5.0, read=timeout_s + 30),
             )
             if response.status >= 400:
+                if response.status == 401:
+                    self.connection.forget_credentials()
                 raise error_for(response.status, _error_payload(response.read()))
             for line in _lines(response):
                 event = json.loads(line)

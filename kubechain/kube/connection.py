@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client as k8s_client
@@ -19,8 +19,9 @@ class ClusterConnection:
     host: str
     verify: str | bool
     cert: tuple[str, str] | None
-    _configuration: Any = None
-    _cached: tuple[float, dict[str, str]] | None = None
+    # repr=False: the configuration and the cached header hold the bearer token
+    _configuration: Any = field(default=None, repr=False)
+    _cached: tuple[float, dict[str, str]] | None = field(default=None, repr=False)
 
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header, re-derived every 30 s so refreshed exec/OIDC/projected tokens are
@@ -31,6 +32,10 @@ class ClusterConnection:
         headers = self._derive_headers()
         self._cached = (now, headers)
         return headers
+
+    def forget_credentials(self) -> None:
+        """The API server refused them (401): derive them afresh on the next request."""
+        self._cached = None
 
     def _derive_headers(self) -> dict[str, str]:
         cfg = self._configuration

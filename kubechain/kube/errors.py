@@ -46,6 +46,12 @@ class Unavailable(KubeAPIError):
     """The API server could not be reached or answered 5xx / 429; retry later."""
 
 
+class Unauthorized(Unavailable):
+    """401: the credentials were not accepted. Usually a moment's trouble (a token being refreshed, an
+    authentication webhook down): retried like an outage, with the credentials read again, never taken as
+    a refusal for good as a 403 is."""
+
+
 def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> KubeAPIError:
     body = body or {}
     reason = str(body.get("reason") or "")
@@ -62,7 +68,9 @@ def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> K
         return Gone(status, reason or "Timeout", message, body)
     if status == 422:
         return Invalid(status, reason or "Invalid", message, body)
-    if status in (401, 403):
+    if status == 401:
+        return Unauthorized(status, reason or "Unauthorized", message, body)
+    if status == 403:
         return Forbidden(status, reason or "Forbidden", message, body)
     if status == 429 or status >= 500:
         return Unavailable(status, reason or "Unavailable", message, body)

@@ -216,3 +216,82 @@ def test_a_stack_started_inside_a_pod_keeps_its_lease_in_default(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert Settings().lease_namespace == "default"
+
+
+class RecordingAPIServer:
+    """Answers GETs with the statuses queued (then 200 {}), recording each request's path and token."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.statuses: list[int] = []
+        self.seen: list[tuple[str, str]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                owner.seen.append((self.path, self.headers.get("Authorization", "")))
+                status = owner.statuses.pop(0) if owner.statuses else 200
+                body = b"{}" if status == 200 else b'{"kind":"Status","reason":"Unauthorized","message":"no"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def apiserver() -> Any:
+    server = RecordingAPIServer()
+    yield server
+    server.server.shutdown()
+
+
+class RotatingToken:
+    """A kubernetes-client Configuration whose token a refresh hook replaces (an exec plugin's)."""
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+        self.refresh_api_key_hook = self._refresh
+        self.username = self.password = None
+
+    def _refresh(self, _cfg: Any) -> None:
+        self.refreshes += 1
+
+    def get_api_key_with_prefix(self, name: str) -> str | None:
+        return f"Bearer token-{self.refreshes}" if name == "authorization" else None
+
+
+def test_a_401_is_a_passing_outage_and_the_credentials_are_read_again(apiserver: RecordingAPIServer) -> None:
+    """A 401 was taken as a 403: a token being refreshed failed runs and tool calls for good."""
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.errors import Forbidden, Unavailable
+
+    connection = kc.ClusterConnection(apiserver.url, False, None, _configuration=RotatingToken())
+    kube = KubeClient(connection)
+    kube.request("GET", "/version")
+    apiserver.statuses = [401]
+    with pytest.raises(Unavailable) as refused:
+        kube.request("GET", "/version")
+    assert not isinstance(refused.value, Forbidden)
+    kube.request("GET", "/version")
+    assert [token for _, token in apiserver.seen] == ["Bearer token-1", "Bearer token-1", "Bearer token-2"]
+    assert "token" not in repr(connection), "the connection's repr shows no credentials"
+
+
+def test_a_server_url_with_a_path_keeps_it_in_front_of_every_api_path(apiserver: RecordingAPIServer) -> None:
+    from kubechain.kube.client import KubeClient
+
+    kube = KubeClient(kc.ClusterConnection(f"{apiserver.url}/k8s/clusters/c-x/", False, None))
+    kube.get_raw("taskruns", "default", "r")
+    assert apiserver.seen[0][0] == (
+        "/k8s/clusters/c-x/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r"
+    )
