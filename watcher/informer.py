@@ -66,7 +66,17 @@ class Informer:
                 ].get("resourceVersion"):
                     return  # a duplicate delivery of something we have already seen
                 self.cache[key] = cached_form(self.kind, obj)
-        self.handler(self.kind, event_type, obj, previous)
+        try:
+            self.handler(self.kind, event_type, obj, previous)
+        except BaseException:
+            # Not handled: the watch resumes before this event, and its redelivery must not be taken for
+            # a duplicate of something already seen.
+            with self.lock:
+                if previous is None:
+                    self.cache.pop(key, None)
+                else:
+                    self.cache[key] = previous
+            raise
 
     def relist(self) -> None:
         # In pages, each applied (and reduced to its cached form) before the next is fetched: a kind with

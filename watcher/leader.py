@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,8 +39,12 @@ class LeaderElector:
         retry_period_s: float = 2.0,
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` (wall time) only stamps the Lease; durations (the renew deadline, a holder's expiry)
+        are timed on ``monotonic``, so an NTP step cannot make two replicas lead at once. A test that gives
+        only ``clock`` times both on it."""
         self.kube = kube
         self.namespace = namespace
         self.name = name
@@ -48,12 +53,15 @@ class LeaderElector:
         self.retry_period_s = retry_period_s
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
-        self._clock = clock
+        self._clock = clock or (lambda: datetime.now(UTC))
+        if monotonic is None:
+            monotonic = time.monotonic if clock is None else (lambda: self._clock().timestamp())
+        self._monotonic = monotonic
         self._leading = False
-        self._last_renew: datetime | None = None
+        self._last_renew: float | None = None  # monotonic
         # Another holder's Lease as last seen (holder, renewTime, resourceVersion), and when, by our clock.
         self._observed_record: tuple[Any, Any, Any] | None = None
-        self._observed_at: datetime | None = None
+        self._observed_at: float | None = None  # monotonic
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,7 +70,7 @@ class LeaderElector:
         if not self._leading or self._last_renew is None:
             return False
         # Stop acting as leader before another replica may take over (renew deadline < duration).
-        return self._clock() - self._last_renew < timedelta(seconds=self.lease_duration_s * 0.66)
+        return self._monotonic() - self._last_renew < self.lease_duration_s * 0.66
 
     def try_acquire_or_renew(self) -> bool:
         now = self._clock()
@@ -113,20 +121,21 @@ class LeaderElector:
             spec.get("renewTime"),
             (lease.get("metadata") or {}).get("resourceVersion"),
         )
-        duration = timedelta(seconds=float(spec.get("leaseDurationSeconds") or self.lease_duration_s))
+        duration_s = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
+        observed_now = self._monotonic()
         if record != self._observed_record:
             first_sight = self._observed_record is None
-            self._observed_record, self._observed_at = record, now
+            self._observed_record, self._observed_at = record, observed_now
             # At first sight, a Lease whose holder stopped renewing longer ago than any plausible skew
             # need not be watched for a whole duration more.
             stale_since = now - timedelta(seconds=STALE_AT_FIRST_SIGHT_S)
             return first_sight and lease_holder(spec, stale_since, self.lease_duration_s) is None
-        return self._observed_at is not None and now - self._observed_at >= duration
+        return self._observed_at is not None and observed_now - self._observed_at >= duration_s
 
     def step(self) -> None:
         # The lease counts from the renewTime written, which is taken before the request; a slow
         # answer must not extend how long this replica believes it still leads.
-        attempted_at = self._clock()
+        attempted_at = self._monotonic()
         acting = self.is_leader
         try:
             acquired = self.try_acquire_or_renew()

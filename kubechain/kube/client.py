@@ -118,6 +118,11 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         yield pending
 
 
+# Objects per page of a relist. A finished TaskRun keeps its context window (up to 1 MiB): 500 of them were
+# a page of hundreds of MB, raw and parsed, in a watcher limited to 512 Mi. 50 bound it to ~100 MB.
+LIST_PAGE_SIZE = 50
+
+
 class KubeClient:
     """get / list / watch / create / delete / conditional status writes / Secrets / Events / Leases."""
 
@@ -209,7 +214,7 @@ class KubeClient:
         return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
 
     def list_pages(
-        self, plural: str, namespace: str | None = None, page_size: int = 500
+        self, plural: str, namespace: str | None = None, page_size: int = LIST_PAGE_SIZE
     ) -> Iterator[tuple[builtins.list[dict[str, Any]], str]]:
         """A list in pages of ``page_size`` (limit/continue: one consistent snapshot), each with the
         list's resourceVersion: a caller that consumes a page before asking for the next holds one page

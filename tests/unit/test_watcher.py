@@ -663,3 +663,64 @@ def test_queue_depth_is_absent_not_stale_while_redis_does_not_answer() -> None:
     redis.down = True
     watcher.update_gauges(redis)
     assert REGISTRY.get_sample_value("kubechain_queue_depth", {"queue": "llm"}) is None
+
+
+def test_a_wall_clock_step_neither_extends_a_lost_leadership_nor_hastens_a_takeover() -> None:
+    """Durations were timed on the wall clock: an NTP step back kept a cut-off holder acting for a minute
+    after its standby had taken over."""
+    kube = FakeKubeClient()
+    wall = [datetime(2026, 12, 1, tzinfo=UTC)]
+    ticks = [1000.0]
+    holder = LeaderElector(
+        kube,
+        "default",
+        "lease",
+        "one",
+        lease_duration_s=15,
+        clock=lambda: wall[0],
+        monotonic=lambda: ticks[0],
+    )
+    holder.step()
+    assert holder.is_leader
+    wall[0] -= timedelta(seconds=60)  # NTP steps the holder's clock back; it can no longer renew
+    ticks[0] += 11
+    assert not holder.is_leader, "stops acting at its renew deadline, whatever the wall clock says"
+
+    standby_wall = [datetime(2026, 12, 1, tzinfo=UTC)]
+    standby_ticks = [50.0]
+    standby = LeaderElector(
+        kube,
+        "default",
+        "lease",
+        "two",
+        lease_duration_s=15,
+        clock=lambda: standby_wall[0],
+        monotonic=lambda: standby_ticks[0],
+    )
+    holder.step()  # renews (wall clock behind; the Lease only records it)
+    standby.step()
+    standby_wall[0] += timedelta(minutes=10)  # the standby's clock jumps ahead; the holder still renews
+    standby_ticks[0] += 2
+    standby.step()
+    assert not standby.is_leader, "a jump of the standby's clock is not the holder's silence"
+
+
+def test_an_event_whose_handler_failed_is_handled_when_delivered_again() -> None:
+    """The cache took the new version before the handler ran: when the handler raised, the watch resumed
+    before the event, and its redelivery was dropped as a duplicate."""
+    kube = FakeKubeClient()
+    raw = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    handled: list[str] = []
+    failing = [True]
+
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+        if failing[0]:
+            raise RuntimeError("Redis went away")
+        handled.append(obj["metadata"]["resourceVersion"])
+
+    informer = Informer(kube, "TaskRun", "taskruns", None, handler, threading.Event())
+    with pytest.raises(RuntimeError):
+        informer._apply("ADDED", dict(raw))
+    failing[0] = False
+    informer._apply("ADDED", dict(raw))
+    assert handled == [raw["metadata"]["resourceVersion"]]
