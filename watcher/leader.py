@@ -62,6 +62,7 @@ class LeaderElector:
         # Another holder's Lease as last seen (holder, renewTime, resourceVersion), and when, by our clock.
         self._observed_record: tuple[Any, Any, Any] | None = None
         self._observed_at: float | None = None  # monotonic
+        self._ignored_while_leading = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,6 +72,12 @@ class LeaderElector:
             return False
         # Stop acting as leader before another replica may take over (renew deadline < duration).
         return self._monotonic() - self._last_renew < self.lease_duration_s * 0.66
+
+    def note_ignored(self) -> None:
+        """The caller dropped work because this replica was not acting; if it still holds the Lease, the
+        next renewal treats that as a gap (a forced resync) even if no step began inside it."""
+        if self._leading:
+            self._ignored_while_leading.set()
 
     def try_acquire_or_renew(self) -> bool:
         now = self._clock()
@@ -145,15 +152,19 @@ class LeaderElector:
         except Exception:  # noqa: BLE001 - e.g. a credential refresh failing: the thread must go on
             log.exception("lease %s/%s: unexpected error", self.namespace, self.name)
             acquired = False
+        gap_noticed = False
         if acquired:
             self._last_renew = attempted_at
+            gap_noticed = self._ignored_while_leading.is_set()
+            self._ignored_while_leading.clear()
         if acquired and not self._leading:
             self._leading = True
             log.info("became leader", extra={"lease": self.name, "identity": self.identity})
             self._notify(self._on_started)
-        elif acquired and not acting:
-            # Renewed after a gap in which this replica stopped acting: the events it ignored meanwhile
-            # are not replayed, so it starts over as a new leader does.
+        elif acquired and (not acting or gap_noticed):
+            # Renewed after a gap in which this replica stopped acting (sampled at this step's start, or
+            # noted by the watcher dropping an event mid-step): the events it ignored meanwhile are not
+            # replayed, so it starts over as a new leader does.
             log.info("leading again after a gap", extra={"lease": self.name, "identity": self.identity})
             self._notify(self._on_started)
         elif not acquired and self._leading and not self.is_leader:

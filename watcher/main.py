@@ -135,6 +135,8 @@ class Watcher:
     ) -> None:
         WATCH_EVENTS.labels(kind, event_type).inc()
         if not self.is_leader:
+            if self.elector is not None:
+                self.elector.note_ignored()  # if the Lease is still ours, the renewal resyncs
             return
         now = self._clock()
         works: list[Work] = []

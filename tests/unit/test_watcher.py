@@ -724,3 +724,47 @@ def test_an_event_whose_handler_failed_is_handled_when_delivered_again() -> None
     failing[0] = False
     informer._apply("ADDED", dict(raw))
     assert handled == [raw["metadata"]["resourceVersion"]]
+
+
+def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> None:
+    """Renewals at +2/+4/+6 s fail, the one at +8 s takes 2.5 s and succeeds: for 0.6 s the holder is
+    not acting and drops events, yet the steps either side see it acting, so no resync was started."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    failing = [False]
+    started: list[str] = []
+    dropped_mid_call: list[bool] = []
+
+    class FlakyKube(FakeKubeClient):
+        def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            if failing[0]:
+                raise error_for(503, {"message": "etcd leader changed"})
+            now[0] += timedelta(seconds=2.5)  # slow: the renew deadline passes while it is in flight
+            dropped_mid_call.append(not elector.is_leader)
+            watcher._on_event("TaskRun", "MODIFIED", run, None)  # an event arrives now: dropped
+            return super().replace_lease(namespace, name, body)
+
+    elector = LeaderElector(
+        FlakyKube(),
+        "default",
+        "lease",
+        "one",
+        lease_duration_s=15,
+        clock=lambda: now[0],
+        on_started_leading=lambda: started.append("resync"),
+    )
+    kube = elector.kube
+    run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    sent: list[Any] = []
+    watcher = Watcher(Settings(), kube, lambda *a: sent.append(a), leader_election=False)
+    watcher.elector = elector
+    elector.step()  # creates the Lease: leading
+    assert elector.is_leader and started == ["resync"]
+    failing[0] = True
+    for _ in range(3):
+        now[0] += timedelta(seconds=2)
+        elector.step()
+    failing[0] = False
+    now[0] += timedelta(seconds=2)
+    elector.step()  # begins while still acting (+8 s), ends at +10.5 s, past the deadline
+    assert dropped_mid_call == [True]
+    assert elector.is_leader and started == ["resync", "resync"], started
