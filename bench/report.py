@@ -90,6 +90,8 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
             continue
         rate = f.get("runs_per_s_incl_events") or f.get("runs_per_s")
         target = f.get("target_runs_per_s")
+        if f.get("n") is not None and (f.get("completed") != f.get("n") or f.get("failed")):
+            rate = 0.0  # a round in which runs failed or never finished delivered none of the target
         rounds.append(
             {
                 "round": row["round"],
@@ -97,7 +99,7 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
                 "runs_per_s": f.get("runs_per_s"),
                 "runs_per_s_incl_events": f.get("runs_per_s_incl_events"),
                 "target_runs_per_s": target,
-                "ratio": round(rate / target, 3) if rate and target else None,
+                "ratio": round(rate / target, 3) if rate is not None and target else None,
             }
         )
     if len(rounds) < 2:

@@ -617,3 +617,68 @@ def test_baseline_details_compare_an_events_cost_with_a_status_writes() -> None:
         },
     }
     assert "per status write 6.9 ms, per Event 2.1 ms (900 Events/s)" in details(row)
+
+
+def test_no_throughput_verdict_counts_only_the_runs_that_finished() -> None:
+    """Half the runs stuck for ever still gave "meets_target: True" on the half that finished."""
+    from bench.scenarios import with_event_drain
+
+    timelines = {
+        f"run-{i}": _timeline(f"run-{i}", (0.0, f"{i}a", ""), (0.1, f"{i}b", "FinalAnswer")) for i in range(5)
+    }
+    runs = {f"run-{i}": f"m{i}" for i in range(10)}  # five never finish
+    f = hello_figures(timelines, [], runs, 0.0, 0.05, 3.0, 30.0)
+    assert f["runs_per_s"] == 50.0 and f["target_runs_per_s"] == 5.0
+    assert f["meets_target"] is False
+    f["n"] = 10
+    assert with_event_drain(f, 0.1)["meets_target"] is False
+    incomplete = _hello_round(1, 600.0, 500.0)
+    incomplete["figures"] |= {"n": 1000, "completed": 500, "failed": 0}
+    summary = bench_run.round_summary([incomplete, _hello_round(2, 600.0, 500.0)], "hello")
+    assert summary is not None and summary["figures"]["rounds"][0]["ratio"] == 0.0
+
+
+def test_the_target_divides_by_the_three_writes_a_run_needs_not_by_what_it_wrote() -> None:
+    timelines = {
+        "r": _timeline(
+            "r",
+            (0.0, "1", ""),
+            (0.1, "2", "ReadyForLLM"),
+            (0.2, "3", "x"),
+            (0.3, "4", "y"),
+            (0.5, "5", "FinalAnswer"),
+        )
+    }
+    f = hello_figures(timelines, [], {"r": "m"}, 0.0, 0.05, 3.0, 600.0)
+    assert f["status_writes_per_run"] == 4.0, "measured, and reported"
+    assert f["target_runs_per_s"] == 100.0, "half of 600 writes/s over 3, not over the 4 it wrote"
+
+
+def test_the_go_operator_row_alternates_sides_starts_clean_and_cannot_lose_kubechains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from bench import scenarios
+
+    calls: list[str] = []
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: calls.append("clean"))
+    monkeypatch.setattr(
+        scenarios, "hello", lambda ctx, n, **_: calls.append("kubechain") or [{"label": "hello"}]
+    )
+
+    def operator(ctx: Any, n: int, **_: Any) -> list[dict[str, Any]]:
+        calls.append("operator")
+        raise RuntimeError("manager exited 127")
+
+    monkeypatch.setattr(scenarios, "hello_side_by_side", operator)
+    ctx = SimpleNamespace(operator_command="/no/such/manager")
+    first = bench_run.hello_pair(ctx, 10, 1)
+    assert calls == ["kubechain", "clean", "operator"]
+    assert first[0] == {"label": "hello"} and first[1]["label"] == "hello-operator" and first[1]["error"]
+    calls.clear()
+    bench_run.hello_pair(ctx, 10, 2)
+    assert calls == ["operator", "clean", "kubechain"]
+    calls.clear()
+    assert bench_run.hello_pair(SimpleNamespace(operator_command=None), 10, 1) == [{"label": "hello"}]
+    assert calls == ["kubechain"]
