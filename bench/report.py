@@ -233,6 +233,12 @@ def headline(row: dict[str, Any]) -> str:
     if scenario == "fanout":
         return f"{fmt(f.get('wall_s'), '.2f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s)"
     if scenario == "inflight":
+        if f.get("held_until_in_flight"):
+            verdict = {True: "met", False: "MISSED", None: "-"}[f.get("meets_memory_target")]
+            return (
+                f"peak RSS {fmt(f.get('rss_peak_mib'), '.0f')} MiB with {fmt(f.get('max_concurrent_llm'))} "
+                f"LLM calls held at once (target < 1 GiB with all {fmt(f.get('held_until_in_flight'))}: {verdict})"
+            )
         return (
             f"{fmt(f.get('wall_s'), '.1f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s); "
             f"peak RSS {fmt(f.get('rss_peak_mib'), '.0f')} MiB"

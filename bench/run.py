@@ -316,6 +316,26 @@ def hello_pair(ctx: Any, n: int, round_no: int) -> list[dict[str, Any]]:
     return rows
 
 
+def inflight_rows(ctx: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The in-flight row as runs arrive (completion time), then with every LLM answer held until all runs
+    are in flight together (the workers' memory with that many calls open), on a clean API server."""
+    from bench import scenarios
+
+    rows: list[dict[str, Any]] = []
+    for held in (False, True):
+        if held:
+            scenarios.remove_bench_namespaces(ctx)
+        rows += scenarios.inflight(
+            ctx,
+            args.inflight_runs,
+            workers=args.inflight_workers,
+            concurrency=args.inflight_concurrency,
+            timeout_s=TIMEOUTS["inflight"],
+            held=held,
+        )
+    return rows
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from bench import scenarios
     from kubechain.testing.controlplane import LocalControlPlane
@@ -381,13 +401,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             "hello": lambda: hello_pair(ctx, args.hello_runs, next(hello_rounds)),
             "light": lambda: scenarios.light(ctx, args.light_runs, timeout_s=TIMEOUTS["light"]),
             "fanout": lambda: scenarios.fanout(ctx, trials=args.fanout_trials, timeout_s=TIMEOUTS["fanout"]),
-            "inflight": lambda: scenarios.inflight(
-                ctx,
-                args.inflight_runs,
-                workers=args.inflight_workers,
-                concurrency=args.inflight_concurrency,
-                timeout_s=TIMEOUTS["inflight"],
-            ),
+            "inflight": lambda: inflight_rows(ctx, args),
             "scale": lambda: scenarios.scale(
                 ctx, args.hello_runs, args.scale_counts, TIMEOUTS["scale"], args.scale_threads
             ),

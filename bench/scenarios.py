@@ -1174,6 +1174,9 @@ def _fanout_summary(trials: list[dict[str, Any]], tool_calls: int, tool_s: float
 # --------------------------------------------------------------------------------------------------
 
 
+INFLIGHT_RSS_TARGET_KIB = 1024 * 1024  # 1 GiB of worker RSS for 1,000 runs in flight
+
+
 def inflight(
     ctx: BenchContext,
     n: int,
@@ -1181,20 +1184,29 @@ def inflight(
     workers: int = 2,
     concurrency: int | None = None,
     timeout_s: float = 900,
+    held: bool = False,
 ) -> list[dict[str, Any]]:
+    """``n`` runs at once with an ``llm_s`` LLM: completion time against the ideal, and the workers'
+    peak RSS. Runs reach the LLM only as fast as the API server takes their writes, so with a 2 s LLM
+    ~150 of them are in its hands at any moment; ``held``: every answer waits until all ``n`` requests
+    are in flight together, so the peak RSS is that of ``n`` calls held at once (the memory target)."""
     concurrency = concurrency or max(16, math.ceil(n / workers))
-    row = new_row("inflight", "inflight", workers, "threads", concurrency, n)
+    label = "inflight-held" if held else "inflight"
+    row = new_row("inflight", label, workers, "threads", concurrency, n)
     deadline = time.monotonic() + timeout_s * ctx.timeout_factor
     kube = ctx.kube()
     try:
-        namespace = create_namespace(kube, "inflight")
+        namespace = create_namespace(kube, label)
         row["figures"]["namespace"] = namespace
-        with row_stack(ctx, "inflight", namespace, workers, "threads", concurrency) as stack:
+        with row_stack(ctx, label, namespace, workers, "threads", concurrency) as stack:
             set_script(stack, {"default": {"content": "warm"}})
             create_agent(kube, namespace)
             wait_agent_ready(kube, namespace, "bench-agent", deadline)
             _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline)
-            set_script(stack, {"default": {"content": "Slow hello."}, "latency_s": llm_s})
+            script: dict[str, Any] = {"default": {"content": "Slow hello."}, "latency_s": llm_s}
+            if held:
+                script["hold_until_in_flight"] = n
+            set_script(stack, script)
             runs = {f"run-{i:05d}": f"inflight {namespace} #{i}" for i in range(n)}
             rss = RssSampler(worker_pids(stack), 0.2).start()
             recorder = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
@@ -1203,11 +1215,12 @@ def inflight(
                 api_before = api_request_totals(ctx.cp)
                 cpu = CpuMeter(cpu_groups(ctx, stack), shallow=["bench"]).start()
                 ctx.progress(
-                    f"inflight: creating {n} TaskRuns ({llm_s:g} s LLM; {workers} × {concurrency} threads)"
+                    f"{label}: creating {n} TaskRuns ({llm_s:g} s LLM{', held until all are in flight' if held else ''}; "
+                    f"{workers} × {concurrency} threads)"
                 )
                 started, created = create_runs(kube, namespace, runs, "bench-agent")
-                ctx.progress(f"inflight: {n} created in {created - started:.1f} s; waiting for FinalAnswer")
-                done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, "inflight: ")
+                ctx.progress(f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer")
+                done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
                 row["cpu_s"] = cpu.stop()
                 row["cpu_wall_s"] = round(cpu.wall_s, 2)
                 row["timed_out"] = not done
@@ -1229,6 +1242,7 @@ def inflight(
         )
         ok = [r for r in requests if r.get("status_code") == 200]
         idle = rss.first_kib
+        concurrent = max_overlap((r["received_at"], r["finished_at"]) for r in ok)
         row["figures"].update(
             {
                 "completed": base["completed"],
@@ -1246,13 +1260,18 @@ def inflight(
                 "answer_to_next_ms": base["answer_to_next_ms"],
                 "writes_per_run": writes_per_run,
                 "write_floor_s": round(floor, 2) if floor else None,
-                "max_concurrent_llm": max_overlap((r["received_at"], r["finished_at"]) for r in ok),
+                "held_until_in_flight": n if held else None,
+                "max_concurrent_llm": concurrent,
                 "last_llm_request_s": round(max(r["received_at"] for r in ok) - started, 2) if ok else None,
                 "llm_requests": len(requests),
                 "duplicate_llm_requests": base["duplicate_llm_requests"],
                 "rss_idle_mib": round(idle / 1024, 1),
                 "rss_peak_mib": round(rss.peak_kib / 1024, 1),
-                "rss_per_run_kib": round((rss.peak_kib - idle) / n, 1) if n else None,
+                # per call held at the peak: the runs whose calls were open then, not all n
+                "rss_per_run_kib": round((rss.peak_kib - idle) / concurrent, 1) if concurrent else None,
+                "meets_memory_target": (
+                    concurrent >= n and rss.peak_kib < INFLIGHT_RSS_TARGET_KIB if held else None
+                ),
                 "rss_peak_per_process_mib": {
                     str(pid): round(kib / 1024, 1) for pid, kib in rss.peak_per_pid.items()
                 },
@@ -1264,7 +1283,8 @@ def inflight(
         f = row["figures"]
         f["cpu_ms_per_run"] = cpu_per_run(row["cpu_s"], f["completed"])
         ctx.progress(
-            f"inflight: {f['completed']}/{n} in {f['wall_s']} s; peak worker RSS {f['rss_peak_mib']} MiB"
+            f"{label}: {f['completed']}/{n} in {f['wall_s']} s; {concurrent} LLM calls at once at most; "
+            f"peak worker RSS {f['rss_peak_mib']} MiB"
         )
     finally:
         kube.close()

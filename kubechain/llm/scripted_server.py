@@ -168,6 +168,11 @@ class Script(_Strict):
     """Answer when no rule matches (and the last message is not a tool result)."""
     latency_s: float | None = Field(default=None, ge=0.0)
     """Added to every answer; overrides the server's constructor ``latency_s`` when set."""
+    hold_until_in_flight: int | None = Field(default=None, ge=1)
+    """Answers (after their latency) wait until this many requests have been in flight at once, then all
+    go: a benchmark can hold that many runs in flight together, whatever rate they arrive at."""
+    hold_max_s: float = Field(default=300.0, ge=0.0)
+    """The longest an answer waits for ``hold_until_in_flight`` (then it goes anyway)."""
 
 
 class RequestRecord(BaseModel):
@@ -428,6 +433,10 @@ class _State:
         self.inflight: dict[int, dict[str, Any]] = {}
         self.error_counts: Counter[tuple[str, int, int]] = Counter()
         self.seq = 0
+        self.peak_in_flight = 0
+        # Set (in the event loop) once hold_until_in_flight requests were in flight together.
+        self._held: asyncio.Event | None = None
+        self._held_loop: asyncio.AbstractEventLoop | None = None
         # Set (in the event loop) when the server shuts down: pending delays end at once.
         self._stopping: asyncio.Event | None = None
         self._stopping_loop: asyncio.AbstractEventLoop | None = None
@@ -462,6 +471,8 @@ class _State:
         with self.lock:
             self.script = parsed
             self.error_counts.clear()
+            self.peak_in_flight = len(self.inflight)
+            self._held = None  # a new script holds afresh
 
     def get_script(self) -> Script:
         with self.lock:
@@ -478,6 +489,7 @@ class _State:
             self.inflight.pop(record.seq, None)
 
     def begin(self, seq: int, first_user: str | None, turn: int, received_at: float) -> None:
+        """(event loop thread)"""
         with self.lock:
             self.inflight[seq] = {
                 "seq": seq,
@@ -485,6 +497,34 @@ class _State:
                 "turn": turn,
                 "received_at": received_at,
             }
+            hold = self.script.hold_until_in_flight
+            reached = hold is not None and len(self.inflight) >= hold
+            self.peak_in_flight = max(self.peak_in_flight, len(self.inflight))
+        if reached:
+            self._held_event().set()
+
+    def _held_event(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._held is None or self._held_loop is not loop:
+            self._held = asyncio.Event()
+            self._held_loop = loop
+        return self._held
+
+    async def hold(self) -> bool:
+        """Waits, if the script says so, until enough requests were in flight at once; False if the
+        server shut down meanwhile (event loop thread)."""
+        script = self.get_script()
+        if script.hold_until_in_flight is None:
+            return True
+        held = self._held_event()
+        stopping = self._stopping_event()
+        waits = [asyncio.ensure_future(held.wait()), asyncio.ensure_future(stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=script.hold_max_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return not stopping.is_set()
 
     def in_flight(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -658,7 +698,7 @@ def build_app(state: _State) -> Starlette:
             turn = turn.then if turn.then is not None else turn.model_copy(update={"error": None})
             depth += 1
 
-        if not await state.pause(latency + turn.delay_s):
+        if not await state.pause(latency + turn.delay_s) or not await state.hold():
             log(503)
             return _error_response(503, SHUTTING_DOWN)
 
@@ -959,6 +999,10 @@ class ScriptedLLMServer:
     def requests(self) -> list[RequestRecord]:
         """The request log, ordered by arrival (``seq``)."""
         return self._state.requests()
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        """The requests being answered now (``/_admin/inflight``)."""
+        return self._state.in_flight()
 
     def duplicates(self, include_errors: bool = False) -> list[str]:
         """Conversation keys requested more than once. Only successful (200) requests count unless

@@ -682,3 +682,22 @@ def test_the_go_operator_row_alternates_sides_starts_clean_and_cannot_lose_kubec
     calls.clear()
     assert bench_run.hello_pair(SimpleNamespace(operator_command=None), 10, 1) == [{"label": "hello"}]
     assert calls == ["kubechain"]
+
+
+def test_the_held_inflight_row_judges_memory_only_with_every_call_open_at_once() -> None:
+    row = {
+        "scenario": "inflight",
+        "label": "inflight-held",
+        "workers": 2,
+        "pool": "threads",
+        "concurrency": 500,
+        "n": 1000,
+        "figures": {
+            "held_until_in_flight": 1000,
+            "max_concurrent_llm": 1000,
+            "rss_peak_mib": 612.0,
+            "meets_memory_target": True,
+        },
+    }
+    text = bench_run.render_table({"rows": [row]})
+    assert "peak RSS 612 MiB with 1000 LLM calls held at once (target < 1 GiB with all 1000: met)" in text

@@ -505,3 +505,26 @@ def test_connections_disable_nagle() -> None:
     finally:
         for sock in (accepted, client, listener):
             sock.close()
+
+
+def test_answers_can_be_held_until_enough_requests_are_in_flight_together(server: ScriptedLLMServer) -> None:
+    """The in-flight bench holds every run's LLM call open at once this way, whatever rate runs arrive at."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubechain.testing.waiting import wait_for
+
+    server.set_script({"default": {"content": "held"}, "hold_until_in_flight": 3})
+
+    def ask(i: int) -> str:
+        answer = client(server).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": f"q{i}"}]
+        )
+        return answer.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(3) as pool:
+        first = [pool.submit(ask, i) for i in range(2)]
+        wait_for(lambda: len(server.in_flight()) == 2, 10, what="two requests in flight")
+        assert not any(f.done() for f in first), "held: only two of three in flight"
+        third = pool.submit(ask, 2)
+        assert [f.result(timeout=10) for f in (*first, third)] == ["held"] * 3
+    assert max_overlap(server.requests()) == 3
