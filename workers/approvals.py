@@ -33,7 +33,7 @@ from kubechain.humanlayer import (
     channel_payload,
 )
 from kubechain.kube.errors import Conflict, NotFound
-from kubechain.models import ContactChannel, TaskRunToolCall, ToolCallPhase
+from kubechain.models import ContactChannel, MCPServer, TaskRunToolCall, Tool, ToolCallPhase
 from kubechain.observability.tracing import current_traceparent
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
@@ -84,6 +84,8 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     if _rejected_by_annotation(ctx, toolcall):
         return False
     requirement = approval_requirement(executor)
+    if requirement is None and phase not in machine.APPROVAL_WAITING_PHASES:
+        requirement = _requirement_read_fresh(ctx, executor)
     if requirement is None:
         if phase not in machine.APPROVAL_WAITING_PHASES:
             return True
@@ -102,6 +104,25 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
         return False
     _humanlayer_approval(ctx, toolcall, requirement.channel)
     return False
+
+
+def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requirement | None:
+    """Before a call runs unapproved: the approval setting as the API server has it now. The Executor read
+    its MCPServer or Tool through the short-lived cache, and an approval channel added a second ago must
+    already hold."""
+    if executor.server is not None:
+        fresh_server = get_or_none(ctx, MCPServer, executor.server.namespace, executor.server.name)
+        if fresh_server is not None:
+            executor.server = fresh_server
+    elif (
+        executor.tool is not None
+        and executor.tool.spec.execute is not None
+        and executor.tool.spec.execute.external_api is not None
+    ):
+        fresh_tool = get_or_none(ctx, Tool, executor.tool.namespace, executor.tool.name)
+        if fresh_tool is not None:
+            executor.tool = fresh_tool
+    return approval_requirement(executor)
 
 
 def _rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:

@@ -99,8 +99,10 @@ class World:
     mcp: FakeMCP
     scheduled: list[tuple[TaskName, ResourceMessage, float]] = field(default_factory=list)
 
-    def ctx(self, identity: str = "w1") -> WorkerContext:
-        ctx = context(self.kube, FakeLLM(lambda r: LLMResponse()), identity, humanlayer_api_base=self.hl.url)
+    def ctx(self, identity: str = "w1", **settings: Any) -> WorkerContext:
+        ctx = context(
+            self.kube, FakeLLM(lambda r: LLMResponse()), identity, humanlayer_api_base=self.hl.url, **settings
+        )
         ctx.clock = self.clock
         ctx.mcp = self.mcp
         ctx.enqueue = lambda task, msg, countdown: self.scheduled.append((task, msg, countdown))
@@ -1003,3 +1005,22 @@ def test_a_long_human_answer_is_bounded_like_a_tool_result(world: World) -> None
     status = w.status()
     assert status["phase"] == "Succeeded" and len(status["result"].encode()) < 70_000
     assert status["result"].startswith("xxx")
+
+
+def test_an_approval_channel_added_a_moment_ago_holds_for_the_next_call(world: World) -> None:
+    """The MCPServer came from a 2 s cache: a call right after approval was switched on ran unasked."""
+    w = world
+    ctx = w.ctx(config_cache_ttl_s=3600)  # however slow this test runs, the cached copy is still fresh
+    without_approval(w)
+    add_toolcall(w, name="tc-warm")
+    tool_call(ctx, message("TaskRunToolCall", "tc-warm"))  # caches the server without approval
+    assert w.status("tc-warm")["phase"] == "Succeeded"
+    w.kube.request(
+        "PATCH",
+        "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
+        body={"spec": {"approvalContactChannel": {"name": "approvals"}}},
+    )
+    add_toolcall(w)
+    tool_call(ctx, message("TaskRunToolCall", TC))
+    assert w.status()["phase"] == "AwaitingHumanApproval"
+    assert len(w.mcp.calls) == 1, "only the call made before approval was switched on ran"
