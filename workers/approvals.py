@@ -29,6 +29,7 @@ from kubechain.humanlayer import (
     HumanLayerClient,
     HumanLayerError,
     HumanLayerNotFound,
+    HumanLayerUnavailable,
     channel_config_problem,
     channel_payload,
 )
@@ -157,8 +158,8 @@ class _RequestKind:
     what: str
     ask: machine.HumanAsk
     failed: Callable[
-        [TaskRunToolCall, str, str, str, datetime], Transition
-    ]  # (call, channel, error, reason, now)
+        [TaskRunToolCall, str, str, str, datetime, bool], Transition
+    ]  # (call, channel, error, reason, now, whether HumanLayer was unavailable rather than refusing)
     send: Callable[
         [HumanLayerClient, str, str, dict[str, Any]], dict[str, Any]
     ]  # (client, run id, call id, spec)
@@ -168,14 +169,23 @@ class _RequestKind:
 _APPROVAL = _RequestKind(
     what="approval request",
     ask=machine.APPROVAL,
-    failed=lambda call, _channel, error, reason, now: machine.plan_request_failed(call, error, reason, now),
+    failed=lambda call, _channel, error, reason, now, _outage: machine.plan_request_failed(
+        call, error, reason, now
+    ),
     send=lambda client, run_id, call_id, spec: client.create_function_call(run_id, call_id, spec),
     fetch=lambda client, external_id: client.get_function_call(external_id),
 )
 _CONTACT = _RequestKind(
     what="human contact request",
     ask=machine.CONTACT,
-    failed=machine.plan_contact_failed,
+    failed=lambda call, channel, error, reason, now, outage: machine.plan_contact_failed(
+        call,
+        channel,
+        error,
+        reason,
+        now,
+        machine.HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE if outage else machine.HUMAN_CONTACT_MAX_ATTEMPTS,
+    ),
     send=lambda client, run_id, call_id, spec: client.create_contact_request(run_id, call_id, spec),
     fetch=lambda client, external_id: client.get_contact_request(external_id),
 )
@@ -195,7 +205,7 @@ def _send_request(
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
         failed = apply_transition(
-            ctx, toolcall, kind.failed(toolcall, channel_name, str(problem), problem.reason, now)
+            ctx, toolcall, kind.failed(toolcall, channel_name, str(problem), problem.reason, now, False)
         )
         _schedule(ctx, failed)
         return
@@ -206,6 +216,7 @@ def _send_request(
     external_id = machine.call_id(claimed)
     sent_id: str | None = None
     error = ""
+    outage = False
     try:
         with _client(ctx, api_key) as client:
             answer = kind.send(client, machine.run_id(claimed), external_id, spec)
@@ -213,11 +224,12 @@ def _send_request(
     except HumanLayerError as exc:
         log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"
+        outage = isinstance(exc, HumanLayerUnavailable)
 
     def plan(current: TaskRunToolCall) -> Transition:
         if sent_id is not None:
             return machine.plan_ask_sent(current, kind.ask, channel_name, sent_id, ctx.clock())
-        return kind.failed(current, channel_name, error, "HumanLayerRequestFailed", ctx.clock())
+        return kind.failed(current, channel_name, error, "HumanLayerRequestFailed", ctx.clock(), outage)
 
     written = _write_holding_claim(ctx, claimed, plan)
     if written is not None:

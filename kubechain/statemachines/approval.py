@@ -16,7 +16,8 @@ Humans as tools (``<channel>__human_contact_<type>``)::
 
     "" / Pending --claim--> AwaitingHumanInput --sent--> AwaitingHumanInput (externalCallID) --answer--> Succeeded
     request failures: AwaitingHumanInput with status Error, requested again with back-off; Failed after
-    HUMAN_CONTACT_MAX_ATTEMPTS (the LLM then sees the error; there is no ErrorRequestingHumanInput phase).
+    HUMAN_CONTACT_MAX_ATTEMPTS (HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE while HumanLayer is unavailable; the
+    LLM then sees the error; there is no ErrorRequestingHumanInput phase).
 
 Bookkeeping in the waiting phases uses existing status fields (everything survives restarts):
 
@@ -66,7 +67,12 @@ REQUEST_CLAIM_TIMEOUT_S = 30.0  # well above the HumanLayer client's 10 s reques
 # A human's words go into the status and the LLM's context like a tool's result, with its bound: a long
 # email reply must not make every status write too large.
 HUMAN_TEXT_MAX_BYTES = LoopLimits().max_tool_result_bytes
-HUMAN_CONTACT_MAX_ATTEMPTS = 8  # ~3 minutes of retrying before the LLM is told
+HUMAN_CONTACT_MAX_ATTEMPTS = (
+    8  # HumanLayer refusing the request: ~3 minutes of retrying, then the LLM is told
+)
+# HumanLayer unavailable (network, 429, 5xx): ~18 minutes of an outage are ridden out before the LLM is
+# told no human could be reached.
+HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE = 23
 NO_FEEDBACK = "(no feedback given)"
 RECHECK_REASON = "humanlayer-recheck"
 

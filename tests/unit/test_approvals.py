@@ -767,24 +767,42 @@ def test_human_contact_needs_a_message(world: World) -> None:
     assert w.calls_to_humanlayer() == []
 
 
-def test_human_contact_fails_after_repeated_outage(world: World) -> None:
+@pytest.mark.parametrize(
+    ("down", "limit", "at_least_s"),
+    [
+        ("503", machine.HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE, 15 * 60),
+        ("revoked", machine.HUMAN_CONTACT_MAX_ATTEMPTS, 0),
+    ],
+    ids=["outage-ridden-out", "refusal-fails-sooner"],
+)
+def test_human_contact_fails_after_repeated_failures(
+    world: World, down: str, limit: int, at_least_s: float
+) -> None:
+    """An outage of HumanLayer (5xx) is waited out far longer than a refusal (a revoked key)."""
     w = world
-    w.hl.set_down("503")
+    if down == "revoked":
+        w.hl.set_api_keys({"another-key"})  # 401 for ours
+    else:
+        w.hl.set_down(down)
     add_toolcall(w, "approvals__human_contact_email", {"message": "anyone there?"})
     w.run()
     status = w.status()
     assert status["phase"] == "AwaitingHumanInput" and status["status"] == "Error" and status["attempts"] == 1
     assert status["error"].startswith("HumanLayer request failed:")
-    for attempt in range(2, machine.HUMAN_CONTACT_MAX_ATTEMPTS):
+    waited = 0.0
+    for attempt in range(2, limit):
+        waited += w.last_countdown()
         w.clock.advance(w.last_countdown())
         w.run()
         assert w.status()["attempts"] == attempt and w.status()["phase"] == "AwaitingHumanInput"
+    waited += w.last_countdown()
     w.clock.advance(w.last_countdown())
     w.run()
+    assert waited >= at_least_s, waited
     status = w.status()
     assert status["phase"] == "Failed" and status["status"] == "Error"
     assert status["error"].startswith(
-        f"could not contact a human via contact channel approvals after {machine.HUMAN_CONTACT_MAX_ATTEMPTS} attempts"
+        f"could not contact a human via contact channel approvals after {limit} attempts"
     )
     assert w.events().count("HumanLayerRequestFailed") == 2, "first failure and the final one"
 
