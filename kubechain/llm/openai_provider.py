@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -85,9 +86,32 @@ def _text_of(content: Any) -> str:
     raise TypeError(f"message content is a {type(content).__name__}")
 
 
+OFFICIAL_HOST = "api.openai.com"
+
+
+def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
+    """The chat completion request. OpenAI itself takes the token limit as ``max_completion_tokens``
+    (its reasoning models refuse ``max_tokens``); compatible servers (vLLM, Ollama, LiteLLM) know
+    ``max_tokens``."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": [message_to_openai(message) for message in request.messages],
+    }
+    if request.tools:
+        body["tools"] = [tool.to_openai() for tool in request.tools]
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        body["max_completion_tokens" if official else "max_tokens"] = request.max_tokens
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    return body
+
+
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
+        self._official = not base_url or urlsplit(base_url).hostname == OFFICIAL_HOST
         self._client = openai.OpenAI(
             api_key=api_key,
             base_url=base_url or None,
@@ -97,18 +121,7 @@ class OpenAIClient:
         )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        kwargs: dict[str, Any] = {
-            "model": request.model,
-            "messages": [message_to_openai(message) for message in request.messages],
-        }
-        if request.tools:
-            kwargs["tools"] = [tool.to_openai() for tool in request.tools]
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.top_p is not None:
-            kwargs["top_p"] = request.top_p
+        kwargs = request_body(request, official=self._official)
         try:
             # The client's own POST (same transport, headers, errors) with the body as built here:
             # chat.completions.create would first re-walk it against the SDK's TypedDicts, which cost a

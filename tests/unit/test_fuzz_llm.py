@@ -297,3 +297,17 @@ def test_an_answer_trickling_in_past_the_timeout_ends_the_call_at_the_timeout(
         assert raw_llm.sent_in_full == 0, "the call ended before the server finished its answer"
     finally:
         raw_llm.trickle_s = 0.0
+
+
+def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tokens() -> None:
+    """OpenAI's reasoning models refuse max_tokens: every run of an LLM with maxTokens failed with a 400."""
+    from kubechain.llm.openai_provider import request_body
+
+    request = LLMRequest(model="o3", messages=[Message(role="user", content="hi")], max_tokens=64)
+    assert request_body(request, official=True)["max_completion_tokens"] == 64
+    assert "max_tokens" not in request_body(request, official=True)
+    assert request_body(request, official=False)["max_tokens"] == 64
+    assert (
+        OpenAIClient("sk", 5, None)._official and OpenAIClient("sk", 5, "https://api.openai.com/v1")._official
+    )
+    assert not OpenAIClient("sk", 5, "http://vllm.local:8000/v1")._official
