@@ -231,7 +231,11 @@ def headline(row: dict[str, Any]) -> str:
             f"/{fmt((f.get('answer_to_next_ms') or {}).get('p50'), '.0f')} ms"
         )
     if scenario == "fanout":
-        return f"{fmt(f.get('wall_s'), '.2f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s)"
+        verdict = {True: "met", False: "MISSED", None: "-"}[f.get("meets_target")]
+        return (
+            f"{fmt(f.get('wall_s'), '.2f')} s (ideal {fmt(f.get('ideal_s'), '.1f')} s); LLM answer → next "
+            f"request {fmt(f.get('turn_wall_s'), '.2f')} s (target < {fmt(f.get('target_s'), '.0f')} s: {verdict})"
+        )
     if scenario == "inflight":
         if f.get("held_until_in_flight"):
             verdict = {True: "met", False: "MISSED", None: "-"}[f.get("meets_memory_target")]

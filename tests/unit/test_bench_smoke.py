@@ -294,8 +294,16 @@ def test_render_table_tolerates_an_empty_result() -> None:
 def test_light_load_row_is_judged_on_both_overheads() -> None:
     from bench.scenarios import light_load_verdict
 
-    fast = {"ready_to_llm_ms": {"p50": 21.0, "p99": 60.0}, "answer_to_next_ms": {"p50": 30.0, "p99": 90.0}}
+    fast = {
+        "ready_to_llm_ms": {"p50": 21.0, "p99": 60.0},
+        "answer_to_next_ms": {"p50": 30.0, "p99": 90.0},
+        "completed": 30,
+        "n": 30,
+        "failed": 0,
+    }
     assert light_load_verdict(fast)["meets_overhead_target"] is True
+    stalled = {**fast, "completed": 12}  # a run never finished: the rest were never made
+    assert light_load_verdict(stalled)["meets_overhead_target"] is False
     slow_tail = {**fast, "answer_to_next_ms": {"p50": 30.0, "p99": 260.0}}
     assert light_load_verdict(slow_tail)["meets_overhead_target"] is False
     assert light_load_verdict({})["meets_overhead_target"] is False
@@ -701,3 +709,31 @@ def test_the_held_inflight_row_judges_memory_only_with_every_call_open_at_once()
     }
     text = bench_run.render_table({"rows": [row]})
     assert "peak RSS 612 MiB with 1000 LLM calls held at once (target < 1 GiB with all 1000: met)" in text
+
+
+def test_fanout_is_judged_on_the_whole_turn_from_llm_answer_to_next_request() -> None:
+    from bench.scenarios import FANOUT_TARGET_S, _fanout_summary, _fanout_trial
+
+    run = _timeline(
+        "r",
+        (0.0, "1", ""),
+        (0.1, "2", "ReadyForLLM"),
+        (0.4, "4", "ToolCallsPending"),
+        (1.9, "5", "ReadyForLLM"),
+        (2.6, "6", "FinalAnswer"),
+    )
+    calls = {
+        f"c{i}": _timeline(f"c{i}", (0.5, f"c{i}a", "Pending"), (1.6, f"c{i}b", "Succeeded"))
+        for i in range(2)
+    }
+    requests = [
+        {"turn": 0, "status_code": 200, "received_at": 0.2, "finished_at": 0.3},
+        {"turn": 1, "status_code": 200, "received_at": 2.45, "finished_at": 2.5},
+    ]
+    trial = _fanout_trial(run, calls, requests, [(0.6, 1.6), (0.6, 1.6)], 2, 0.0, 1.0)
+    assert trial["wall_s"] == 1.5, "ToolCallsPending → ReadyForLLM"
+    assert trial["turn_wall_s"] == 2.15, "answer sent at 0.3 s → results asked about at 2.45 s"
+    summary = _fanout_summary([trial], 2, 1.0)
+    assert summary["turn_wall_s"] > FANOUT_TARGET_S and summary["meets_target"] is False
+    text = bench_run.render_table({"rows": [{"scenario": "fanout", "label": "fanout", "figures": summary}]})
+    assert "LLM answer → next request 2.15 s (target < 2 s: MISSED)" in text
