@@ -248,12 +248,13 @@ def _in_rounds(chosen: Sequence[str], rounds: int) -> bool:
 
 
 def _schedule(chosen: Sequence[str], rounds: int) -> list[str]:
-    """The scenarios in order, with baseline → hello repeated ``rounds`` times (machine load drifts, so
-    each hello round is judged against a baseline measured just before it)."""
+    """The scenarios in order, with baseline → hello repeated ``rounds`` times and a baseline after the
+    last (machine load drifts, so each hello round is judged against the baselines either side of it)."""
     if not _in_rounds(chosen, rounds):
         return list(chosen)
     rest = [s for s in chosen if s not in ROUNDED]
-    return [*(s for _ in range(rounds) for s in ROUNDED), *rest]
+    # a closing baseline: the last round, like the others, is judged between the baselines either side
+    return [*(s for _ in range(rounds) for s in ROUNDED), "baseline", *rest]
 
 
 def _round_of(name: str, rounds: int, result: dict[str, Any]) -> int | None:

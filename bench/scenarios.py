@@ -36,7 +36,7 @@ from bench.observe import (
     bench_kube,
     requests_per_run,
 )
-from bench.report import max_overlap, percentile, summarize, write_target
+from bench.report import STATUS_WRITES_A_RUN_NEEDS, max_overlap, percentile, summarize, write_target
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
 from kubechain.kube.events import EventRecorder
@@ -750,9 +750,6 @@ def hello_figures(
 
 
 EVENTS_PER_HELLO_RUN = len(EVENT_REASONS_OF_A_RUN)
-# ReadyForLLM (the context window), the LLM claim, FinalAnswer; the Go original's are Initializing,
-# ReadyForLLM, FinalAnswer.
-STATUS_WRITES_A_RUN_NEEDS = 3
 HELLO_THREADS = 16  # threads of a hello worker
 
 

@@ -367,6 +367,7 @@ def test_baseline_and_hello_repeat_in_rounds_and_the_rest_runs_once() -> None:
     assert full.rounds == 5 and bench_run.parse_args(["--quick"]).rounds == 1
     assert bench_run._schedule(full.scenario_list, 3) == [
         *["baseline", "hello"] * 3,
+        "baseline",  # the last round is bracketed too
         "light",
         "fanout",
         "inflight",
@@ -737,3 +738,20 @@ def test_fanout_is_judged_on_the_whole_turn_from_llm_answer_to_next_request() ->
     assert summary["turn_wall_s"] > FANOUT_TARGET_S and summary["meets_target"] is False
     text = bench_run.render_table({"rows": [{"scenario": "fanout", "label": "fanout", "figures": summary}]})
     assert "LLM answer → next request 2.15 s (target < 2 s: MISSED)" in text
+
+
+def test_each_round_is_judged_between_the_baselines_either_side_of_it() -> None:
+    """The baseline drifted down within a run (307 → 252): judged against the one before alone, every
+    round's bar was set by the machine as it had been earlier."""
+    rows = [
+        {"scenario": "baseline", "label": "baseline", "round": 1, "figures": {"writes_per_s": 600.0}},
+        _hello_round(1, 600.0, 80.0),
+        {"scenario": "baseline", "label": "baseline", "round": 2, "figures": {"writes_per_s": 480.0}},
+        _hello_round(2, 480.0, 80.0),
+        {"scenario": "baseline", "label": "baseline", "round": 3, "figures": {"writes_per_s": 420.0}},
+    ]
+    summary = bench_run.round_summary(rows, "hello")
+    assert summary is not None
+    first, second = summary["figures"]["rounds"]
+    assert first["baseline_writes_per_s"] == 540.0 and first["target_runs_per_s"] == 90.0  # 0.5 × 540 / 3
+    assert second["baseline_before_after"] == [480.0, 420.0] and second["target_runs_per_s"] == 75.0
