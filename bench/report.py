@@ -330,7 +330,12 @@ def details(row: dict[str, Any]) -> str:
     elif scenario == "summary":
         rounds = f.get("rounds") or []
         parts.append(
-            f"median of {len(rounds)} rounds, each judged against the baseline just before it: "
+            f"median of {len(rounds)} rounds, each judged against "
+            + (
+                "the mean of the baselines before and after it: "
+                if all(r.get("baseline_before_after") for r in rounds)
+                else "the baseline just before it: "
+            )
             + ", ".join(
                 f"{fmt(r.get('runs_per_s_incl_events'), '.1f')} vs ≥ {fmt(r.get('target_runs_per_s'), '.1f')}"
                 for r in rounds
