@@ -217,7 +217,13 @@ def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> N
         claimed,
         claimed_at,
         lambda current: plan_llm_answer(
-            current, response.content, response.tool_calls, usage, ctx.clock(), ctx.limits
+            current,
+            response.content,
+            response.tool_calls,
+            usage,
+            ctx.clock(),
+            ctx.limits,
+            truncated=response.truncated,
         ),
     )
 

@@ -140,4 +140,5 @@ def _response_from(response: Any) -> LLMResponse:
         completion_tokens=response.usage.output_tokens,
         total_tokens=response.usage.input_tokens + response.usage.output_tokens,
     )
-    return LLMResponse(content="".join(text), tool_calls=calls, usage=usage)
+    truncated = getattr(response, "stop_reason", None) == "max_tokens"
+    return LLMResponse(content="".join(text), tool_calls=calls, usage=usage, truncated=truncated)

@@ -41,6 +41,7 @@ class LLMResponse(BaseModel):
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: TokenUsage | None = None
+    truncated: bool = False  # cut off at the token limit (finish_reason "length", stop_reason "max_tokens")
 
 
 class LLMError(Exception):

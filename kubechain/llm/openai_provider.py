@@ -69,7 +69,8 @@ def _response_from(completion: dict[str, Any]) -> LLMResponse:
     if not content and not calls and isinstance(refusal, str) and refusal:
         # The model declined (OpenAI's refusal field): say so, rather than "an empty response".
         raise LLMError(f"LLM refused to answer: {refusal[:500]}", retryable=False)
-    return LLMResponse(content=content, tool_calls=calls, usage=usage)
+    truncated = choices[0].get("finish_reason") == "length"
+    return LLMResponse(content=content, tool_calls=calls, usage=usage, truncated=truncated)
 
 
 def _text_of(content: Any) -> str:

@@ -272,6 +272,9 @@ def holds_claim(run: TaskRun, worker: str, claimed_at: str) -> bool:
     )
 
 
+TRUNCATED_ANSWER = "the LLM stopped at its token limit: the answer may be cut off (raise spec.parameters.maxTokens of the LLM)"
+
+
 def plan_llm_answer(
     run: TaskRun,
     content: str,
@@ -279,8 +282,12 @@ def plan_llm_answer(
     usage: dict[str, int] | None,
     now: datetime,
     limits: LoopLimits,
+    *,
+    truncated: bool = False,
 ) -> Transition:
-    """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create."""
+    """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create.
+    ``truncated``: the LLM stopped at its token limit; the answer is kept, with a Warning that says so."""
+    cut_off = [warning("LLMResponseTruncated", TRUNCATED_ANSWER)] if truncated else []
     content = clean_text(content)
     tool_calls = [
         call.model_copy(
@@ -327,7 +334,8 @@ def plan_llm_answer(
                 "phase": TaskRunPhase.FINAL_ANSWER.value,
                 "ready": True,
                 "status": "Ready",
-                "statusDetail": "LLM final response received",
+                "statusDetail": "LLM final response received"
+                + (" (cut off at the token limit)" if truncated else ""),
                 "output": content,
                 "error": None,
                 "contextWindow": _wire_window(window),
@@ -337,7 +345,7 @@ def plan_llm_answer(
                 "tokenUsage": token_usage,
                 **released,
             },
-            events=[normal("LLMFinalAnswer", "LLM response received successfully")],
+            events=[normal("LLMFinalAnswer", "LLM response received successfully"), *cut_off],
         )
     req_id = request_id(run, turn)
     window.append(Message(role="assistant", content=content, tool_calls=tool_calls))
@@ -359,7 +367,7 @@ def plan_llm_answer(
             "tokenUsage": token_usage,
             **released,
         },
-        events=[normal("ToolCallsPending", "LLM response received, tool calls pending")],
+        events=[normal("ToolCallsPending", "LLM response received, tool calls pending"), *cut_off],
         children=_toolcalls_for(run, window[-1], req_id),
     )
 

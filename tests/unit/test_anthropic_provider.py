@@ -185,3 +185,19 @@ def test_an_anthropic_key_is_checked_by_listing_models(fake: FakeAnthropic) -> N
     with pytest.raises(LLMError) as raised:
         AnthropicClient("sk-ant-revoked", 5, fake.url).validate_credentials()
     assert str(raised.value) == "invalid API key (status code: 401)" and not raised.value.retryable
+
+
+def test_an_answer_stopped_at_max_tokens_says_it_was_cut_off(fake: FakeAnthropic) -> None:
+    fake.reply = {
+        "id": "msg_2",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [{"type": "text", "text": "The answer is"}],
+        "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 11, "output_tokens": 4096},
+    }
+    answer = AnthropicClient("sk-ant-test", 5, fake.url).complete(
+        LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
+    )
+    assert answer.content == "The answer is" and answer.truncated

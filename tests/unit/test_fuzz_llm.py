@@ -210,6 +210,23 @@ UNREADABLE = "LLM returned an unreadable response: "
             id="content-as-parts",
         ),
         pytest.param(
+            json.dumps(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "The answer is"},
+                            "finish_reason": "length",
+                        }
+                    ]
+                }
+            ).encode(),
+            None,
+            None,
+            LLMResponse(content="The answer is", truncated=True),
+            id="cut-off-at-the-token-limit",
+        ),
+        pytest.param(
             completion({"role": "assistant", "content": None, "refusal": "I can't help with that."}),
             "LLM refused to answer: I can't help with that.",
             False,  # asking again gets the same answer

@@ -288,3 +288,13 @@ def test_a_provider_outage_of_many_minutes_is_ridden_out_before_a_run_fails() ->
     assert waited >= timedelta(minutes=14), waited
     last = ready_run(phase="SendContextWindowToLLM", llmAttempts=LIMITS.max_attempts)
     assert plan_llm_error(last, "503", True, None, NOW, LIMITS, rng).status["phase"] == "Failed"
+
+
+def test_an_answer_cut_off_at_the_token_limit_is_kept_with_a_warning() -> None:
+    claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
+    cut = plan_llm_answer(claimed, "The answer is", [], None, NOW, LIMITS, truncated=True)
+    assert cut.status["phase"] == "FinalAnswer" and cut.status["output"] == "The answer is"
+    assert cut.status["statusDetail"] == "LLM final response received (cut off at the token limit)"
+    assert [e.reason for e in cut.events] == ["LLMFinalAnswer", "LLMResponseTruncated"]
+    whole = plan_llm_answer(claimed, "The answer is 4.", [], None, NOW, LIMITS)
+    assert [e.reason for e in whole.events] == ["LLMFinalAnswer"]
