@@ -28,34 +28,34 @@ class FakeAnthropic:
                 owner.requests[-1]["_api_key"] = self.headers.get("x-api-key") or self.headers.get(
                     "authorization", ""
                 ).removeprefix("Bearer ")
-                body = json.dumps(
+                self._reply(
+                    owner.status,
                     owner.reply
                     if owner.status == 200
-                    else {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
-                ).encode()
-                self.send_response(owner.status)
-                self.send_header("Content-Type", "application/json")
-                if owner.status == 429:
-                    self.send_header("retry-after", "3")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                    else {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
+                )
 
             def do_GET(self) -> None:  # noqa: N802 - GET /v1/models: the key check
                 key = self.headers.get("x-api-key") or self.headers.get("authorization", "").removeprefix(
                     "Bearer "
                 )
                 ok = key == "sk-ant-good"
-                body = json.dumps(
+                self._reply(
+                    200 if ok else 401,
                     {"data": [{"type": "model", "id": "claude-sonnet-4-5"}], "has_more": False}
                     if ok
                     else {
                         "type": "error",
                         "error": {"type": "authentication_error", "message": "invalid x-api-key"},
-                    }
-                ).encode()
-                self.send_response(200 if ok else 401)
+                    },
+                )
+
+            def _reply(self, status: int, payload: dict[str, Any]) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if status == 429:
+                    self.send_header("retry-after", "3")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

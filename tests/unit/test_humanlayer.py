@@ -318,29 +318,12 @@ def test_humanlayer_outage_is_a_clear_error_and_heals(hl: HumanLayerTestServer, 
 @pytest.mark.parametrize("status", [200, 400])
 def test_an_answer_nested_deeper_than_json_parses_is_an_invalid_response(status: int) -> None:
     """RecursionError is not a ValueError: it escaped the client, after the request's claim."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
 
-    body = b"[" * 100_000 + b"]" * 100_000
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with (
-            HumanLayerClient(f"http://127.0.0.1:{server.server_address[1]}", KEY) as client,
-            pytest.raises(HumanLayerError),
-        ):
-            client.get_project()
-    finally:
-        server.shutdown()
+    nested = StubAnswer(status, b"[" * 100_000 + b"]" * 100_000)
+    with (
+        StubHTTPServer(lambda _: nested) as server,
+        HumanLayerClient(server.url, KEY) as client,
+        pytest.raises(HumanLayerError),
+    ):
+        client.get_project()

@@ -219,40 +219,29 @@ def test_a_stack_started_inside_a_pod_keeps_its_lease_in_default(
 
 
 class RecordingAPIServer:
-    """Answers GETs with the statuses queued (then 200 {}), recording each request's path and token."""
+    """Answers with the statuses queued (then 200 {}), recording each request's path and token."""
 
     def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from tests.unit.http_stub import StubAnswer, StubHTTPServer, StubRequest
 
         self.statuses: list[int] = []
         self.seen: list[tuple[str, str]] = []
-        owner = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                owner.seen.append((self.path, self.headers.get("Authorization", "")))
-                status = owner.statuses.pop(0) if owner.statuses else 200
-                body = b"{}" if status == 200 else b'{"kind":"Status","reason":"Unauthorized","message":"no"}'
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def answer(request: StubRequest) -> StubAnswer:
+            self.seen.append((request.path, request.headers.get("Authorization", "")))
+            status = self.statuses.pop(0) if self.statuses else 200
+            refused = b'{"kind":"Status","reason":"Unauthorized","message":"no"}'
+            return StubAnswer(status, b"{}" if status == 200 else refused)
 
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.stub = StubHTTPServer(answer)
+        self.url = self.stub.url
 
 
 @pytest.fixture
 def apiserver() -> Any:
     server = RecordingAPIServer()
-    yield server
-    server.server.shutdown()
+    with server.stub:
+        yield server
 
 
 class RotatingToken:
