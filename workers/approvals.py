@@ -58,10 +58,13 @@ class Requirement:
 
 
 def approval_requirement(executor: Executor) -> Requirement | None:
-    if executor.server is not None:
-        ref = executor.server.spec.approval_contact_channel
+    return _requirement_of(executor.server, executor.tool)
+
+
+def _requirement_of(server: MCPServer | None, tool: Tool | None) -> Requirement | None:
+    if server is not None:
+        ref = server.spec.approval_contact_channel
         return Requirement(ref.name) if ref is not None else None
-    tool = executor.tool
     if tool is not None and tool.spec.execute is not None and tool.spec.execute.external_api is not None:
         if tool.spec.execute.external_api.requires_approval:
             return Requirement(None)
@@ -110,20 +113,13 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
 def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requirement | None:
     """Before a call runs unapproved: the approval setting as the API server has it now. The Executor read
     its MCPServer or Tool through the short-lived cache, and an approval channel added a second ago must
-    already hold."""
-    if executor.server is not None:
-        fresh_server = get_or_none(ctx, MCPServer, executor.server.namespace, executor.server.name)
-        if fresh_server is not None:
-            executor.server = fresh_server
-    elif (
-        executor.tool is not None
-        and executor.tool.spec.execute is not None
-        and executor.tool.spec.execute.external_api is not None
-    ):
-        fresh_tool = get_or_none(ctx, Tool, executor.tool.namespace, executor.tool.name)
-        if fresh_tool is not None:
-            executor.tool = fresh_tool
-    return approval_requirement(executor)
+    already hold. Only the setting is taken from the fresh copy: the call itself runs as resolved."""
+    server, tool = executor.server, executor.tool
+    if server is not None:
+        server = get_or_none(ctx, MCPServer, server.namespace, server.name) or server
+    elif tool is not None and tool.spec.execute is not None and tool.spec.execute.external_api is not None:
+        tool = get_or_none(ctx, Tool, tool.namespace, tool.name) or tool
+    return _requirement_of(server, tool)
 
 
 def _rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:

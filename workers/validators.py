@@ -112,6 +112,16 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     try:
         ctx.llms.for_llm(llm, api_key).validate_credentials()
     except LLMError as exc:
+        if exc.status_code == 404:
+            # A compatible endpoint or gateway without a model list: nothing says the key is wrong.
+            detail = f"{provider} API key not checked: the endpoint has no model list (404)"
+            _write(ctx, llm, plan_validation(llm, True, detail))
+            return
+        if exc.retryable and llm.status.ready:
+            # An overloaded or unreachable provider for a moment does not take a working LLM (and every
+            # Agent on it) out of service; the next resync checks again.
+            log.warning("LLM %s/%s: key check failed for now: %s", llm.namespace, llm.name, exc)
+            return
         _write(ctx, llm, plan_validation(llm, False, f"{provider} API key validation failed: {exc}"))
         return
     _write(ctx, llm, plan_validation(llm, True, f"{provider} API key validated successfully"))

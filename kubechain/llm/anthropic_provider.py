@@ -8,7 +8,7 @@ from typing import Any
 import anthropic
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
-from kubechain.llm.deadline import deadline_client
+from kubechain.llm.deadline import with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -60,7 +60,8 @@ class AnthropicClient:
             base_url=base_url or None,
             max_retries=0,
             timeout=timeout_s,
-            http_client=deadline_client(timeout_s),  # timeout_s bounds the whole call, not each read
+            # timeout_s bounds the whole call, not each read
+            http_client=with_deadline(anthropic.DefaultHttpxClient(), timeout_s),
         )
 
     def complete(self, request: LLMRequest) -> LLMResponse:

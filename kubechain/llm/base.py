@@ -113,7 +113,10 @@ class LLMClientFactory:
                 builder = self._builders.get(llm.spec.provider)
                 if builder is None:
                     raise LLMError(f"unsupported LLM provider {llm.spec.provider!r}", retryable=False)
-                client = builder(llm, api_key, self._timeout_s, base_url or None)
+                try:
+                    client = builder(llm, api_key, self._timeout_s, base_url or None)
+                except Exception as exc:  # e.g. httpx2.InvalidURL for a baseUrl it cannot parse
+                    raise LLMError(f"invalid LLM endpoint {base_url!r}: {exc}", retryable=False) from exc
                 self._cache[key] = client
             return client
 

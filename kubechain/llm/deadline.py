@@ -1,10 +1,12 @@
 """One deadline for a whole LLM request, which the SDKs' timeouts are not.
 
 httpx's timeouts bound each phase and each read: a server that trickles its body (a gateway sending
-keep-alive whitespace before a slow non-streaming answer does) never trips a read timeout, and the call can
-outlast its claim; another worker then takes the turn and the same paid call is made twice. Both provider
-clients (``openai``, ``anthropic``) are given an HTTP client whose transport ends any request that runs
-past the deadline, with the read timeout they already report as a timeout."""
+keep-alive whitespace before a slow non-streaming answer does), or stalls just short of the read timeout
+before each chunk, never trips one, and the call can outlast its claim; another worker then takes the turn
+and the same paid call is made twice. Both provider clients (``openai``, ``anthropic``) send through their
+SDK's own default HTTP client (its connection limits, keep-alive socket options and proxies from the
+environment), with every transport of it wrapped so that a request ends at the deadline, with the read
+timeout the SDKs already report as a timeout."""
 
 from __future__ import annotations
 
@@ -12,9 +14,6 @@ import time
 from collections.abc import Iterator
 
 import httpx2
-
-# As the openai and anthropic SDKs' own clients (1000 / 100 / 5 s).
-CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=5.0)
 
 
 class _DeadlineStream(httpx2.SyncByteStream):
@@ -27,6 +26,13 @@ class _DeadlineStream(httpx2.SyncByteStream):
         self._request = request
 
     def __iter__(self) -> Iterator[bytes]:
+        # The body's reads wait at most what is left: httpcore takes the read timeout from this dict (the
+        # request's own) when it starts reading the body, so a stall before the first chunk ends in time.
+        timeouts = self._request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            left = max(0.001, self._deadline - time.monotonic())
+            read = timeouts.get("read")
+            timeouts["read"] = left if read is None else min(read, left)
         for chunk in self._inner:
             if time.monotonic() > self._deadline:
                 raise _overdue(self._total_s, self._request)
@@ -39,9 +45,9 @@ class _DeadlineStream(httpx2.SyncByteStream):
 class DeadlineTransport(httpx2.BaseTransport):
     """Ends a request whose answer has not been read in full ``total_s`` after it started."""
 
-    def __init__(self, total_s: float, inner: httpx2.BaseTransport | None = None) -> None:
+    def __init__(self, total_s: float, inner: httpx2.BaseTransport) -> None:
         self._total_s = total_s
-        self._inner = inner or httpx2.HTTPTransport(limits=CONNECTION_LIMITS)
+        self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         deadline = time.monotonic() + self._total_s
@@ -61,6 +67,13 @@ def _overdue(total_s: float, request: httpx2.Request) -> httpx2.ReadTimeout:
     return httpx2.ReadTimeout(f"no complete answer within {total_s:g}s", request=request)
 
 
-def deadline_client(total_s: float) -> httpx2.Client:
-    """An HTTP client for a provider SDK (``http_client=``): its requests end ``total_s`` after they start."""
-    return httpx2.Client(transport=DeadlineTransport(total_s), timeout=total_s, follow_redirects=True)
+def with_deadline(client: httpx2.Client, total_s: float) -> httpx2.Client:
+    """``client`` (an SDK's ``DefaultHttpxClient()``), its requests ending ``total_s`` after they start.
+    Its transports are wrapped in place: the default one and each proxy's (``HTTPS_PROXY``, ``NO_PROXY``),
+    which httpx builds only when no transport is given to it."""
+    client._transport = DeadlineTransport(total_s, client._transport)
+    client._mounts = {
+        pattern: None if transport is None else DeadlineTransport(total_s, transport)
+        for pattern, transport in client._mounts.items()
+    }
+    return client

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
-from kubechain.llm.deadline import deadline_client
+from kubechain.llm.deadline import with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 
@@ -112,14 +111,16 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
-        self._official = not base_url or urlsplit(base_url).hostname == OFFICIAL_HOST
         self._client = openai.OpenAI(
             api_key=api_key,
             base_url=base_url or None,
             max_retries=0,
             timeout=timeout_s,
-            http_client=deadline_client(timeout_s),  # timeout_s bounds the whole call, not each read
+            # timeout_s bounds the whole call, not each read
+            http_client=with_deadline(openai.DefaultHttpxClient(), timeout_s),
         )
+        # the URL the SDK settled on: the argument, else OPENAI_BASE_URL, else api.openai.com
+        self._official = self._client.base_url.host == OFFICIAL_HOST
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         kwargs = request_body(request, official=self._official)

@@ -314,11 +314,10 @@ def plan_llm_answer(
         "nextAttemptAt": None,
     }
     if not content and not tool_calls:
+        empty = "LLM returned an empty response (no content and no tool calls)"
+        # a reasoning model can spend its whole token limit before it says anything
         failed = _fail(
-            run,
-            "LLM returned an empty response (no content and no tool calls)",
-            "LLMResponseProcessingFailed",
-            now,
+            run, f"{empty}: {TRUNCATED_ANSWER}" if truncated else empty, "LLMResponseProcessingFailed", now
         )
         failed.status["tokenUsage"] = token_usage
         return failed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from kubechain.llm.anthropic_provider import AnthropicClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message, ToolCall, ToolCallFunction
+from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import validated
 from workers.llm_call import llm_call
@@ -84,12 +87,19 @@ class RawLLM:
     def __init__(self) -> None:
         self.body = b""
         self.trickle_s = 0.0  # > 0: send the body a byte at a time, this far apart
+        self.headers_after_s = 0.0  # a pause before the answer's headers
         self.sent_in_full = 0
+        self.left_before_first_byte = 0  # answers whose client had hung up before its body began
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _client_left(self) -> bool:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(owner.headers_after_s)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(owner.body)))
@@ -99,6 +109,11 @@ class RawLLM:
                     return
                 try:
                     for i in range(len(owner.body)):
+                        if i == 0:
+                            time.sleep(owner.trickle_s)
+                            if self._client_left():
+                                owner.left_before_first_byte += 1
+                                return
                         self.wfile.write(owner.body[i : i + 1])
                         self.wfile.flush()
                         time.sleep(owner.trickle_s)
@@ -328,3 +343,38 @@ def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tok
         OpenAIClient("sk", 5, None)._official and OpenAIClient("sk", 5, "https://api.openai.com/v1")._official
     )
     assert not OpenAIClient("sk", 5, "http://vllm.local:8000/v1")._official
+
+
+def test_a_stall_just_short_of_the_read_timeout_before_the_body_ends_at_the_deadline(raw_llm: RawLLM) -> None:
+    """Headers at 0.6 s, then 0.9 s before the first byte: each wait is under the 1 s read timeout, so
+    the call used to run until the first byte (1.5 s) and only then see its deadline had passed."""
+    raw_llm.body = completion({"role": "assistant", "content": "slow"})
+    raw_llm.headers_after_s, raw_llm.trickle_s = 0.6, 0.9
+    try:
+        with pytest.raises(LLMError, match="no complete answer within 1s"):
+            OpenAIClient("sk-test", 1, raw_llm.url).complete(
+                LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+            )
+        wait_for(lambda: raw_llm.left_before_first_byte == 1, 10, what="the server to find the client gone")
+    finally:
+        raw_llm.headers_after_s, raw_llm.trickle_s = 0.0, 0.0
+
+
+def test_the_deadline_client_keeps_the_sdks_proxies_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a transport of its own, httpx ignores HTTPS_PROXY: every call from behind a proxy failed."""
+    from kubechain.llm.deadline import DeadlineTransport
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    for client in (OpenAIClient("sk", 5, None), AnthropicClient("sk", 5, None)):
+        http = client._client._client
+        assert http._mounts, "a proxy mount, as the SDK's own client has"
+        assert all(isinstance(t, DeadlineTransport) for t in [http._transport, *http._mounts.values()])
+
+
+def test_openai_is_told_by_the_url_the_sdk_uses_which_may_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://vllm.local:8000/v1")
+    assert not OpenAIClient("sk", 5, None)._official

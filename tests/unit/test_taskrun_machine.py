@@ -298,3 +298,10 @@ def test_an_answer_cut_off_at_the_token_limit_is_kept_with_a_warning() -> None:
     assert [e.reason for e in cut.events] == ["LLMFinalAnswer", "LLMResponseTruncated"]
     whole = plan_llm_answer(claimed, "The answer is 4.", [], None, NOW, LIMITS)
     assert [e.reason for e in whole.events] == ["LLMFinalAnswer"]
+
+
+def test_an_empty_answer_cut_off_at_the_token_limit_says_which_limit_to_raise() -> None:
+    """A reasoning model that spends its whole max_completion_tokens thinking answers nothing at all."""
+    claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
+    failed = plan_llm_answer(claimed, "", [], None, NOW, LIMITS, truncated=True)
+    assert failed.status["phase"] == "Failed" and "maxTokens" in failed.status["error"]

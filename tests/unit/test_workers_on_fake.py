@@ -823,3 +823,45 @@ def test_an_anthropic_llm_with_a_key_the_provider_refuses_is_an_error_not_ready(
     assert status["status"] == "Error", status
     assert status["statusDetail"] == "Anthropic API key validation failed: invalid API key (status code: 401)"
     assert "sk-ant" not in str(status)
+
+
+def _llm_key_check(kube: FakeKubeClient, failure: LLMError | None, ready_before: bool) -> dict[str, Any]:
+    checker = FakeLLM(lambda r: LLMResponse(content="x"))
+
+    def check() -> None:
+        if failure is not None:
+            raise failure
+
+    checker.validate_credentials = check  # type: ignore[method-assign]
+    kube.add_secret("default", "anthropic", {"ANTHROPIC_API_KEY": "sk-ant-1"})
+    create(kube, "LLM", "llms", "claude", {"provider": "anthropic"})
+    if ready_before:
+        kube.patch_status_raw("llms", "default", "claude", None, {"ready": True, "status": "Ready"})
+    validate(context(kube, checker), message("LLM", "claude"))
+    return dict(kube.get_raw("llms", "default", "claude")["status"])
+
+
+def test_a_provider_overloaded_for_a_moment_leaves_a_working_llm_ready() -> None:
+    overloaded = LLMError("endpoint answered status 529", retryable=True, status_code=529)
+    assert _llm_key_check(FakeKubeClient(), overloaded, ready_before=True)["status"] == "Ready"
+    first_check = _llm_key_check(FakeKubeClient(), overloaded, ready_before=False)
+    assert first_check["status"] == "Error" and "529" in first_check["statusDetail"]
+
+
+def test_an_endpoint_without_a_model_list_is_ready_unchecked() -> None:
+    no_list = LLMError("endpoint answered status 404", retryable=False, status_code=404)
+    status = _llm_key_check(FakeKubeClient(), no_list, ready_before=False)
+    assert status["ready"] is True and "not checked" in status["statusDetail"]
+
+
+def test_a_base_url_the_http_library_cannot_parse_is_an_llm_error_not_a_crash() -> None:
+    from kubechain.llm.base import LLMClientFactory
+
+    kube = FakeKubeClient()
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-1"})
+    create(kube, "LLM", "llms", "local", {"provider": "openai", "parameters": {"baseUrl": "http://[::1"}})
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+    ctx.llms = LLMClientFactory(10)
+    validate(ctx, message("LLM", "local"))
+    status = kube.get_raw("llms", "default", "local")["status"]
+    assert status["status"] == "Error" and "invalid LLM endpoint 'http://[::1'" in status["statusDetail"]
