@@ -326,14 +326,28 @@ def inflight_rows(ctx: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     for held in (False, True):
         if held:
             scenarios.remove_bench_namespaces(ctx)
-        rows += scenarios.inflight(
-            ctx,
-            args.inflight_runs,
-            workers=args.inflight_workers,
-            concurrency=args.inflight_concurrency,
-            timeout_s=TIMEOUTS["inflight"],
-            held=held,
-        )
+        try:
+            rows += scenarios.inflight(
+                ctx,
+                args.inflight_runs,
+                workers=args.inflight_workers,
+                concurrency=args.inflight_concurrency,
+                timeout_s=TIMEOUTS["inflight"],
+                held=held,
+            )
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the other (the memory verdict)
+            traceback.print_exc()
+            label = "inflight-held" if held else "inflight"
+            rows.append(
+                {
+                    "scenario": "inflight",
+                    "label": label,
+                    "figures": {},
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
     return rows
 
 

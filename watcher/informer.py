@@ -23,6 +23,9 @@ def object_key(obj: dict[str, Any]) -> Key:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
+MAX_HANDLER_ATTEMPTS = 5
+
+
 class Informer:
     def __init__(
         self,
@@ -46,6 +49,7 @@ class Informer:
         self.synced = threading.Event()
         self.resource_version = ""
         self.relists = 0
+        self._failures: dict[tuple[Key, str], int] = {}  # handler failures per (object, version)
 
     def snapshot(self) -> dict[Key, dict[str, Any]]:
         with self.lock:
@@ -69,6 +73,14 @@ class Informer:
         try:
             self.handler(self.kind, event_type, obj, previous)
         except BaseException:
+            version = (key, str(obj["metadata"].get("resourceVersion")))
+            self._failures[version] = failures = self._failures.get(version, 0) + 1
+            if failures >= MAX_HANDLER_ATTEMPTS:
+                # Not for ever: every later event of this kind waits behind a redelivered one. The resync
+                # looks at the object again.
+                log.error("giving up on %s %s after %d failed attempts", event_type, key, failures)
+                self._failures.pop(version, None)
+                return
             # Not handled: the watch resumes before this event, and its redelivery must not be taken for
             # a duplicate of something already seen.
             with self.lock:
@@ -77,6 +89,8 @@ class Informer:
                 else:
                     self.cache[key] = previous
             raise
+        if self._failures:
+            self._failures.pop((key, str(obj["metadata"].get("resourceVersion"))), None)
 
     def relist(self) -> None:
         # In pages, each applied (and reduced to its cached form) before the next is fetched: a kind with

@@ -99,7 +99,9 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     now = ctx.clock()
     decision = machine.annotation_decision(toolcall)
     if decision is not None:
-        apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, now))
+        apply_transition(
+            ctx, toolcall, machine.plan_decision(toolcall, decision, now, ctx.limits.max_tool_result_bytes)
+        )
         return False
     if requirement.channel is None:
         transition = machine.plan_await_kubectl(toolcall, now)
@@ -128,7 +130,8 @@ def _rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bo
     decision = machine.annotation_decision(toolcall)
     if decision is None or decision.approved:
         return False
-    apply_transition(ctx, toolcall, machine.plan_decision(toolcall, decision, ctx.clock()))
+    transition = machine.plan_decision(toolcall, decision, ctx.clock(), ctx.limits.max_tool_result_bytes)
+    apply_transition(ctx, toolcall, transition)
     return True
 
 
@@ -246,7 +249,9 @@ def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_nam
 def _check_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
     def answered(call: dict[str, Any], now: datetime) -> Transition | None:
         decision = machine.humanlayer_decision(call)
-        return machine.plan_decision(toolcall, decision, now) if decision is not None else None
+        if decision is None:
+            return None
+        return machine.plan_decision(toolcall, decision, now, ctx.limits.max_tool_result_bytes)
 
     _check_request(
         ctx,
@@ -370,7 +375,9 @@ def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: 
         if answer is None:
             return None
         response, by = answer
-        return machine.plan_human_responded(toolcall, channel_name, response, by, now)
+        return machine.plan_human_responded(
+            toolcall, channel_name, response, by, now, ctx.limits.max_tool_result_bytes
+        )
 
     def request_again() -> None:
         message = _contact_message(parse_arguments(toolcall)[0]) or ""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,9 @@ from kubernetes import config as k8s_config
 from kubernetes.config.kube_config import KubeConfigMerger
 
 AUTH_REFRESH_S = 30.0
+RELOAD_MIN_INTERVAL_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +27,9 @@ class ClusterConnection:
     # repr=False: the configuration and the cached header hold the bearer token
     _configuration: Any = field(default=None, repr=False)
     _cached: tuple[float, dict[str, str]] | None = field(default=None, repr=False)
+    # Loads the configuration afresh (kubeconfig or in-cluster), for when the API server refuses it.
+    _reload: Callable[[], Any] | None = field(default=None, repr=False)
+    _reloaded_at: float = field(default=-RELOAD_MIN_INTERVAL_S, repr=False)
 
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header, re-derived every 30 s so refreshed exec/OIDC/projected tokens are
@@ -34,7 +42,16 @@ class ClusterConnection:
         return headers
 
     def forget_credentials(self) -> None:
-        """The API server refused them (401): derive them afresh on the next request."""
+        """The API server refused them (401): load the configuration again (the token file, the exec
+        plugin; the client library's own refresh waits for the token's expiry, which a revoked or rotated
+        token has not reached), at most every few seconds, and derive the header afresh."""
+        now = time.monotonic()
+        if self._reload is not None and now - self._reloaded_at >= RELOAD_MIN_INTERVAL_S:
+            self._reloaded_at = now
+            try:
+                self._configuration = self._reload()
+            except Exception as exc:  # noqa: BLE001 - keep what we have; the next 401 tries again
+                log.warning("could not reload the Kubernetes credentials: %s", exc)
         self._cached = None
 
     def _derive_headers(self) -> dict[str, str]:
@@ -103,15 +120,21 @@ def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = No
 def load_connection(kubeconfig: str | None = None, context: str | None = None) -> ClusterConnection:
     """Kubeconfig (explicit, $KUBECONFIG or ~/.kube/config; a file or a merged list of files, as kubectl
     reads it) when one exists, else in-cluster config."""
-    cfg = k8s_client.Configuration()
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig_exists(kubeconfig)
-    if in_cluster:
-        k8s_config.load_incluster_config(client_configuration=cfg)
-    else:
-        path = kubeconfig_path(kubeconfig)
-        k8s_config.load_kube_config(
-            config_file=path, context=context or current_context(path), client_configuration=cfg
-        )
+    path = kubeconfig_path(kubeconfig)
+    chosen = context or (None if in_cluster else current_context(path))
+
+    def configuration() -> Any:
+        cfg = k8s_client.Configuration()
+        if in_cluster:
+            k8s_config.load_incluster_config(client_configuration=cfg)
+        else:
+            k8s_config.load_kube_config(config_file=path, context=chosen, client_configuration=cfg)
+        return cfg
+
+    cfg = configuration()
     verify: str | bool = cfg.ssl_ca_cert if (cfg.verify_ssl and cfg.ssl_ca_cert) else bool(cfg.verify_ssl)
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
-    return ClusterConnection(host=cfg.host.rstrip("/"), verify=verify, cert=cert, _configuration=cfg)
+    return ClusterConnection(
+        host=cfg.host.rstrip("/"), verify=verify, cert=cert, _configuration=cfg, _reload=configuration
+    )

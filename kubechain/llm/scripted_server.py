@@ -433,7 +433,6 @@ class _State:
         self.inflight: dict[int, dict[str, Any]] = {}
         self.error_counts: Counter[tuple[str, int, int]] = Counter()
         self.seq = 0
-        self.peak_in_flight = 0
         # Set (in the event loop) once hold_until_in_flight requests were in flight together.
         self._held: asyncio.Event | None = None
         self._held_loop: asyncio.AbstractEventLoop | None = None
@@ -471,8 +470,16 @@ class _State:
         with self.lock:
             self.script = parsed
             self.error_counts.clear()
-            self.peak_in_flight = len(self.inflight)
-            self._held = None  # a new script holds afresh
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Answers held under the old script go now; a new script holds afresh (from any thread: the
+        Event belongs to the event loop)."""
+        with self.lock:
+            released, loop = self._held, self._held_loop
+            self._held = None
+        if released is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(released.set)
 
     def get_script(self) -> Script:
         with self.lock:
@@ -499,16 +506,17 @@ class _State:
             }
             hold = self.script.hold_until_in_flight
             reached = hold is not None and len(self.inflight) >= hold
-            self.peak_in_flight = max(self.peak_in_flight, len(self.inflight))
         if reached:
             self._held_event().set()
 
     def _held_event(self) -> asyncio.Event:
+        """(event loop thread)"""
         loop = asyncio.get_running_loop()
-        if self._held is None or self._held_loop is not loop:
-            self._held = asyncio.Event()
-            self._held_loop = loop
-        return self._held
+        with self.lock:
+            if self._held is None or self._held_loop is not loop:
+                self._held = asyncio.Event()
+                self._held_loop = loop
+            return self._held
 
     async def hold(self) -> bool:
         """Waits, if the script says so, until enough requests were in flight at once; False if the
@@ -548,6 +556,7 @@ class _State:
             self.script = Script()
             self.error_counts.clear()
             self.seq = 0
+        self._release_held()
 
     def effective_latency(self) -> float:
         with self.lock:

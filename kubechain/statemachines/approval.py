@@ -64,8 +64,8 @@ UNDECIDED_PHASES = PENDING_PHASES + APPROVAL_WAITING_PHASES
 RECHECK_BASE_S = 2.0
 RECHECK_MAX_S = 60.0
 REQUEST_CLAIM_TIMEOUT_S = 30.0  # well above the HumanLayer client's 10 s request timeout
-# A human's words go into the status and the LLM's context like a tool's result, with its bound: a long
-# email reply must not make every status write too large.
+# A human's words go into the status and the LLM's context like a tool's result, with its bound (the
+# worker passes its configured one): a long email reply must not make every status write too large.
 HUMAN_TEXT_MAX_BYTES = LoopLimits().max_tool_result_bytes
 HUMAN_CONTACT_MAX_ATTEMPTS = (
     8  # HumanLayer refusing the request: ~3 minutes of retrying, then the LLM is told
@@ -193,7 +193,10 @@ def _user(status: dict[str, Any]) -> str:
     return ""
 
 
-def plan_decision(toolcall: TaskRunToolCall, decision: Decision, now: datetime) -> Transition:
+def plan_decision(
+    toolcall: TaskRunToolCall, decision: Decision, now: datetime, max_bytes: int = HUMAN_TEXT_MAX_BYTES
+) -> Transition:
+    """``max_bytes``: the bound of a rejection's feedback, as of a tool result (the worker's limit)."""
     who = f" by {decision.by}" if decision.by else ""
     cleared: dict[str, Any] = {"error": None, "claimedBy": None, "claimedAt": None, "attempts": None}
     if decision.approved:
@@ -207,7 +210,7 @@ def plan_decision(toolcall: TaskRunToolCall, decision: Decision, now: datetime) 
             },
             events=[normal("ToolCallApproved", f"Tool call approved via {decision.via}{who}{note}")],
         )
-    feedback = truncate(decision.comment or NO_FEEDBACK, HUMAN_TEXT_MAX_BYTES)
+    feedback = truncate(decision.comment or NO_FEEDBACK, max_bytes)
     return Transition(
         status=cleared
         | {
@@ -428,7 +431,12 @@ def plan_contact_failed(
 
 
 def plan_human_responded(
-    toolcall: TaskRunToolCall, channel: str, response: str, by: str, now: datetime
+    toolcall: TaskRunToolCall,
+    channel: str,
+    response: str,
+    by: str,
+    now: datetime,
+    max_bytes: int = HUMAN_TEXT_MAX_BYTES,
 ) -> Transition:
     who = f" ({by})" if by else ""
     return Transition(
@@ -436,7 +444,7 @@ def plan_human_responded(
             "phase": ToolCallPhase.SUCCEEDED.value,
             "status": "Succeeded",
             "statusDetail": f"Human responded via contact channel {channel}",
-            "result": truncate(response, HUMAN_TEXT_MAX_BYTES),
+            "result": truncate(response, max_bytes),
             "error": None,
             "completionTime": timestamp(now),
             "claimedBy": None,

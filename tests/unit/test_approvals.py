@@ -1014,14 +1014,15 @@ def test_a_rejected_question_is_not_asked(world: World) -> None:
 
 
 def test_a_long_human_answer_is_bounded_like_a_tool_result(world: World) -> None:
+    """By the worker's configured limit (KUBECHAIN_MAX_TOOL_RESULT_BYTES), as tool results are."""
     w = world
     add_toolcall(w, "approvals__human_contact_email", {"message": "Tell me everything"})
     w.run()
     w.hl.respond(w.status()["externalCallID"], "x" * 200_000, user="bob@example.com")
     w.clock.advance(2)
-    w.run()
+    tool_call(w.ctx(max_tool_result_bytes=10_000), message("TaskRunToolCall", TC))
     status = w.status()
-    assert status["phase"] == "Succeeded" and len(status["result"].encode()) < 70_000
+    assert status["phase"] == "Succeeded" and 10_000 <= len(status["result"].encode()) < 10_200
     assert status["result"].startswith("xxx")
 
 

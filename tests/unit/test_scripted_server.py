@@ -528,3 +528,20 @@ def test_answers_can_be_held_until_enough_requests_are_in_flight_together(server
         third = pool.submit(ask, 2)
         assert [f.result(timeout=10) for f in (*first, third)] == ["held"] * 3
     assert max_overlap(server.requests()) == 3
+
+
+def test_a_new_script_releases_answers_the_old_one_was_holding(server: ScriptedLLMServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubechain.testing.waiting import wait_for
+
+    server.set_script({"default": {"content": "held"}, "hold_until_in_flight": 5})
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(
+            lambda: client(server).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "q"}]
+            )
+        )
+        wait_for(lambda: len(server.in_flight()) == 1, 10, what="one request held")
+        server.set_script({"default": {"content": "next"}})  # from this thread, not the server's loop
+        assert waiting.result(timeout=10).choices[0].message.content == "held"

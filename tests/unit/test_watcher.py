@@ -726,6 +726,24 @@ def test_an_event_whose_handler_failed_is_handled_when_delivered_again() -> None
     assert handled == [raw["metadata"]["resourceVersion"]]
 
 
+def test_an_event_whose_handler_always_fails_is_given_up_after_a_few_attempts() -> None:
+    """Redelivered for ever, it would hold up every later event of its kind."""
+    from watcher.informer import MAX_HANDLER_ATTEMPTS
+
+    kube = FakeKubeClient()
+    raw = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+        raise RuntimeError("a bug")
+
+    informer = Informer(kube, "TaskRun", "taskruns", None, handler, threading.Event())
+    for _ in range(MAX_HANDLER_ATTEMPTS - 1):
+        with pytest.raises(RuntimeError):
+            informer._apply("ADDED", dict(raw))
+    informer._apply("ADDED", dict(raw))  # the last attempt: logged, and the watch goes on
+    assert informer.snapshot(), "kept in the cache as seen"
+
+
 def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> None:
     """Renewals at +2/+4/+6 s fail, the one at +8 s takes 2.5 s and succeeds: for 0.6 s the holder is
     not acting and drops events, yet the steps either side see it acting, so no resync was started."""
