@@ -190,6 +190,16 @@ _CONTACT = _RequestKind(
 )
 
 
+def _already_sent(client: HumanLayerClient, kind: _RequestKind, external_id: str) -> dict[str, Any] | None:
+    """After a failed attempt, the request as HumanLayer has it, if the attempt landed (its answer lost):
+    sending the same call id again must not rely on how HumanLayer treats a duplicate. Best effort: if the
+    lookup fails too, the send that follows says why (one error, not two)."""
+    try:
+        return kind.fetch(client, external_id)
+    except HumanLayerError:
+        return None
+
+
 def _send_request(
     ctx: WorkerContext,
     toolcall: TaskRunToolCall,
@@ -218,7 +228,9 @@ def _send_request(
     outage = False
     try:
         with _client(ctx, api_key) as client:
-            answer = kind.send(client, machine.run_id(claimed), external_id, spec)
+            answer = _already_sent(client, kind, external_id) if toolcall.status.attempts else None
+            if answer is None:
+                answer = kind.send(client, machine.run_id(claimed), external_id, spec)
         sent_id = str(answer.get("call_id") or external_id)
     except HumanLayerError as exc:
         log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)

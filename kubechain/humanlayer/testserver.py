@@ -15,7 +15,7 @@ and an admin API (no auth) so tests can play the human and break things:
     GET  /_admin/state                                   every call, request counts
     POST /_admin/function_calls/{call_id}/respond        {approved, comment?, user?}
     POST /_admin/contact_requests/{call_id}/respond      {response, user?}
-    POST /_admin/down                                    {mode: "503" | "drop" | null}
+    POST /_admin/down                                    {mode: "503" | "drop" | "lose-answer" | null}
     POST /_admin/api_keys                                {keys: [...] | null}   (null: any key is valid)
 
 In-process use (a thread)::
@@ -100,7 +100,8 @@ class HumanLayerTestServer:
 
     def set_down(self, mode: str | bool | None) -> None:
         """``"503"`` (or True): answer every API request with 503; ``"drop"``: close the connection
-        without an answer; None/False: back to normal."""
+        without an answer; ``"lose-answer"``: carry out each POST, then close the connection without its
+        answer; None/False: back to normal."""
         with self._lock:
             self._down = "503" if mode is True else (str(mode) if mode else None)
 
@@ -181,6 +182,18 @@ class HumanLayerTestServer:
             return 200, {"status": "ok"}
         if path.startswith("/_admin/"):
             return self._admin(method, path, body)
+        with self._lock:
+            lose_answer = self._down == "lose-answer" and method == "POST"
+            if lose_answer:
+                self._down = None
+        if lose_answer:
+            # The request lands; its answer never reaches the client (a timeout, a proxy reset).
+            try:
+                self._handle(method, path, auth, body)
+            finally:
+                with self._lock:
+                    self._down = "lose-answer"
+            return 0, None
         with self._lock:
             self.requests.append((method, path))
             if self._down == "drop":

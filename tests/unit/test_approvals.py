@@ -1043,3 +1043,24 @@ def test_an_approval_channel_added_a_moment_ago_holds_for_the_next_call(world: W
     tool_call(ctx, message("TaskRunToolCall", TC))
     assert w.status()["phase"] == "AwaitingHumanApproval"
     assert len(w.mcp.calls) == 1, "only the call made before approval was switched on ran"
+
+
+@pytest.mark.parametrize(
+    "tool", ["fetch__fetch", "approvals__human_contact_email"], ids=["approval", "question"]
+)
+def test_a_request_whose_answer_was_lost_is_looked_up_before_it_is_sent_again(
+    world: World, tool: str
+) -> None:
+    """It landed; only its answer was lost. Sent again, it would rely on how HumanLayer treats a
+    duplicate call id (known only for the test server)."""
+    w = world
+    w.hl.set_down("lose-answer")
+    add_toolcall(w, tool, ARGS if tool == "fetch__fetch" else {"message": "budget?"})
+    w.run()
+    assert w.status()["status"] == "Error" and w.status()["attempts"] == 1
+    w.hl.set_down(None)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    status = w.status()
+    assert status["status"] == "Ready" and status["externalCallID"]
+    assert w.hl.posts == {status["externalCallID"]: 1}, "found, not sent a second time"
