@@ -89,6 +89,8 @@ class LeaderElector:
         try:
             lease = self.kube.get_lease(self.namespace, self.name)
         except NotFound:
+            if self._stop.is_set():
+                return False  # stopping: never take (or re-take) the Lease on the way out
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -111,6 +113,10 @@ class LeaderElector:
             spec["acquireTime"] = current.get("acquireTime") or _micro(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0)
         lease["spec"] = spec
+        if self._stop.is_set():
+            # A step that began before stop() and read the Lease after stop() released it would take it
+            # back for a process on its way out; the standby would wait out a whole duration.
+            return False
         try:
             self.kube.replace_lease(self.namespace, self.name, lease)
         except Conflict:

@@ -786,3 +786,18 @@ def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> Non
     elector.step()  # begins while still acting (+8 s), ends at +10.5 s, past the deadline
     assert dropped_mid_call == [True]
     assert elector.is_leader and started == ["resync", "resync"], started
+
+
+def test_a_renewal_still_in_flight_when_the_leader_stops_does_not_take_the_released_lease_back() -> None:
+    """stop() waits 5 s for the election thread; a step slower than that read the Lease after the release
+    and took it again for a process on its way out."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    kube = FakeKubeClient()
+    elector = LeaderElector(kube, "default", "lease", "one", lease_duration_s=15, clock=lambda: now[0])
+    elector.step()
+    assert elector.is_leader
+    elector.stop()  # releases: no holder
+    assert kube.get_lease("default", "lease")["spec"]["holderIdentity"] is None
+    now[0] += timedelta(seconds=2)
+    elector.step()  # the slow step of the election thread, reading the Lease only now
+    assert kube.get_lease("default", "lease")["spec"]["holderIdentity"] is None
