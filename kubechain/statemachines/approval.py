@@ -73,6 +73,9 @@ HUMAN_CONTACT_MAX_ATTEMPTS = (
 # HumanLayer unavailable (network, 429, 5xx): ~18 minutes of an outage are ridden out before the LLM is
 # told no human could be reached.
 HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE = 23
+# Status checks that find nothing (404) before the request is sent again: 2 + 4 + 8 + 16 s between them,
+# so a HumanLayer that never finds it gets it about twice a minute, not every 2 s.
+NOT_FOUND_CHECKS_BEFORE_RESEND = 5
 NO_FEEDBACK = "(no feedback given)"
 RECHECK_REASON = "humanlayer-recheck"
 

@@ -454,11 +454,28 @@ def test_humanlayer_losing_the_call_means_asking_again(world: World) -> None:
     w = world
     call_id = awaiting_approval(w)
     w.hl.function_calls.clear()
-    w.clock.advance(2)
+    for _ in range(machine.NOT_FOUND_CHECKS_BEFORE_RESEND - 1):  # not found (yet): counted, not resent
+        w.clock.advance(w.last_countdown())
+        w.run()
+        assert w.hl.posts[call_id] == 1
+    w.clock.advance(w.last_countdown())
     w.run()
     status = w.status()
     assert status["phase"] == "AwaitingHumanApproval" and status["externalCallID"] == call_id
     assert w.hl.function_call(call_id) is not None and w.hl.posts[call_id] == 2
+
+
+def test_a_humanlayer_that_never_finds_the_request_is_not_sent_it_every_two_seconds(world: World) -> None:
+    """Each 404 on a status check sent the request again, and the next check was due 2 s later: a POST
+    and an Event every 2 s for ever."""
+    w = world
+    call_id = awaiting_approval(w)
+    started = w.clock()
+    while w.clock() - started < timedelta(minutes=10):
+        w.hl.function_calls.clear()  # HumanLayer (or a proxy in front of it) never finds it
+        w.clock.advance(w.last_countdown())
+        w.run()
+    assert w.hl.posts[call_id] <= 25, w.hl.posts  # ~2 a minute, not 300
 
 
 def test_concurrent_deliveries_send_one_request(hl: HumanLayerTestServer) -> None:
