@@ -309,9 +309,9 @@ def _check_request(
             # A request just sent that HumanLayer does not find (yet): its store may lag behind its
             # writes, or the lookup go astray (a proxy). Sent again only after a few such checks, so a
             # HumanLayer that never finds it is not sent it (and the run an Event) every 2 s.
-            problem = f"HumanLayer does not know {kind.what} {external_id} (yet)"
+            unknown = f"HumanLayer does not know {kind.what} {external_id} (yet)"
             _schedule(
-                ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, problem))
+                ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, unknown))
             )
             return
         log.warning(
