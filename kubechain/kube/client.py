@@ -96,6 +96,8 @@ def _connection_pool(connection: ClusterConnection, timeout_s: float) -> urllib3
         return urllib3.HTTPConnectionPool(url.host or "", url.port or 80, **options)
     context = _ssl_context(connection)
     assert isinstance(context, ssl.SSLContext)
+    if connection.tls_server_name:
+        options["server_hostname"] = connection.tls_server_name  # SNI and the certificate's name
     return urllib3.HTTPSConnectionPool(url.host or "", url.port or 443, ssl_context=context, **options)
 
 

@@ -24,6 +24,9 @@ class ClusterConnection:
     host: str
     verify: str | bool
     cert: tuple[str, str] | None
+    # kubeconfig's tls-server-name: the name the server's certificate is checked against, when it differs
+    # from the host the URL names (an IP, a tunnel)
+    tls_server_name: str | None = None
     # repr=False: the configuration and the cached header hold the bearer token
     _configuration: Any = field(default=None, repr=False)
     _cached: tuple[float, dict[str, str]] | None = field(default=None, repr=False)
@@ -136,5 +139,10 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
     verify: str | bool = cfg.ssl_ca_cert if (cfg.verify_ssl and cfg.ssl_ca_cert) else bool(cfg.verify_ssl)
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
     return ClusterConnection(
-        host=cfg.host.rstrip("/"), verify=verify, cert=cert, _configuration=cfg, _reload=configuration
+        host=cfg.host.rstrip("/"),
+        verify=verify,
+        cert=cert,
+        tls_server_name=getattr(cfg, "tls_server_name", None) or None,
+        _configuration=cfg,
+        _reload=configuration,
     )

@@ -289,3 +289,20 @@ def test_a_server_url_with_a_path_keeps_it_in_front_of_every_api_path(apiserver:
     assert apiserver.seen[0][0] == (
         "/k8s/clusters/c-x/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r"
     )
+
+
+def test_a_clusters_tls_server_name_is_the_name_its_certificate_is_checked_against(tmp_path: Path) -> None:
+    """kubectl checks the server's certificate against tls-server-name when the URL names an IP or a tunnel."""
+    from kubechain.kube.client import KubeClient
+
+    path = kubeconfig(
+        tmp_path / "config", {"c": "https://10.0.0.1:6443"}, {"u": "t"}, {"x": ("c", "u", None)}, "x"
+    )
+    config = yaml.safe_load(path.read_text())
+    config["clusters"][0]["cluster"]["tls-server-name"] = "api.cluster.internal"
+    config["clusters"][0]["cluster"]["insecure-skip-tls-verify"] = False
+    path.write_text(yaml.safe_dump(config))
+    connection = kc.load_connection(str(path))
+    assert connection.tls_server_name == "api.cluster.internal"
+    pool = KubeClient(connection)._http
+    assert pool.conn_kw["server_hostname"] == "api.cluster.internal"
