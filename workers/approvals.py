@@ -35,12 +35,11 @@ from kubechain.humanlayer import (
 )
 from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, MCPServer, TaskRunToolCall, Tool, ToolCallPhase
-from kubechain.observability.tracing import current_traceparent
-from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.queueing import TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
 from kubechain.statemachines.transition import Transition
-from workers.transitions import apply_transition
+from workers.transitions import apply_transition, schedule_recheck
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 if TYPE_CHECKING:
@@ -487,8 +486,4 @@ def _schedule(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     ):
         return
     delay = machine.seconds_until_due(toolcall, ctx.clock())
-    message = ResourceMessage.recheck(toolcall, machine.RECHECK_REASON, current_traceparent())
-    try:
-        ctx.enqueue(TaskName.TOOL_CALL, message, delay)
-    except Exception as exc:  # noqa: BLE001 - the broker is down: the watcher's resync re-enqueues waiting calls
-        log.warning("could not schedule the re-check of %s/%s: %s", toolcall.namespace, toolcall.name, exc)
+    schedule_recheck(ctx, TaskName.TOOL_CALL, toolcall, machine.RECHECK_REASON, delay)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
-from kubechain.observability.tracing import current_traceparent, span
+from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.taskrun import (
     holds_claim,
@@ -26,6 +26,7 @@ from workers.transitions import (
     apply_transition,
     decide_on_current,
     record_while_claimed,
+    schedule_recheck,
 )
 from workers.validators import EmptySecretValue, SecretProblem, get_or_none, read_api_key
 
@@ -130,16 +131,6 @@ BACKOFF_RECHECK_REASON = "backoff-recheck"
 MIN_RECHECK_DELAY_S = 0.5
 
 
-def _recheck_when_due(ctx: WorkerContext, run: TaskRun, wait_s: float) -> None:
-    """The watcher scheduled this retry by its clock; this worker's says it is early (clocks differ by a
-    little). Come back when due, not at the next resync, which may be minutes away."""
-    message = ResourceMessage.recheck(run, BACKOFF_RECHECK_REASON, current_traceparent())
-    try:
-        ctx.enqueue(TaskName.LLM_CALL, message, max(wait_s, MIN_RECHECK_DELAY_S))
-    except Exception as exc:  # noqa: BLE001 - the broker is down: the watcher's resync re-enqueues the run
-        log.warning("could not schedule the retry of %s/%s: %s", run.namespace, run.name, exc)
-
-
 def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> None:
     """If the turn is ours to take (``handed_off_at``: we handed it to ourselves then), claim it, call
     the LLM once and record the answer."""
@@ -150,7 +141,10 @@ def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> N
     if claim.transition is None:
         log.debug("llm_call skipped for %s/%s: %s", run.namespace, run.name, claim.reason)
         if run.phase == TaskRunPhase.ERROR_BACKOFF and claim.wait_s > 0:
-            _recheck_when_due(ctx, run, claim.wait_s)
+            # The watcher scheduled this retry by its clock; this worker's says it is early (clocks differ
+            # by a little): come back when due, not at the next resync, which may be minutes away.
+            delay_s = max(claim.wait_s, MIN_RECHECK_DELAY_S)
+            schedule_recheck(ctx, TaskName.LLM_CALL, run, BACKOFF_RECHECK_REASON, delay_s)
         return
     if claim.transition.phase() == "Failed":
         apply_transition(ctx, run, claim.transition)

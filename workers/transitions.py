@@ -19,7 +19,8 @@ from kubechain.kube.errors import (
 )
 from kubechain.models import Resource, Task, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
-from kubechain.observability.tracing import export_run_span
+from kubechain.observability.tracing import current_traceparent, export_run_span
+from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.taskrun import plan_children_rejected
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
@@ -306,3 +307,15 @@ def record_while_claimed(
             )
             ctx.sleep(delay)
         current = None
+
+
+def schedule_recheck(
+    ctx: WorkerContext, task: TaskName, resource: Resource[Any, Any], reason: str, delay_s: float
+) -> None:
+    """Enqueue this worker's own follow-up on ``resource`` for ``delay_s`` from now, in the current trace.
+    Best effort: with the broker down, the watcher's resync finds the object (it is not terminal)."""
+    message = ResourceMessage.recheck(resource, reason, current_traceparent())
+    try:
+        ctx.enqueue(task, message, delay_s)
+    except Exception as exc:  # noqa: BLE001 - the resync is the safety net
+        log.warning("could not schedule %s of %s/%s: %s", reason, resource.namespace, resource.name, exc)
