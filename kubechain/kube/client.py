@@ -13,7 +13,8 @@ import builtins
 import json
 import logging
 import ssl
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -26,6 +27,7 @@ from kubechain.kube.errors import Gone, KubeAPIError, Unavailable, error_for
 from kubechain.kube.ratelimit import TokenBucket
 from kubechain.models import GROUP, VERSION, Resource
 from kubechain.observability.metrics import API_REQUESTS, STATUS_CONFLICTS
+from kubechain.retry_after import retry_after_s
 from kubechain.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,11 @@ def _connection_pool(connection: ClusterConnection, timeout_s: float) -> urllib3
         "timeout": urllib3.Timeout(connect=5.0, read=timeout_s),
         # Only a connection that was never made is retried: a write that may have reached the server
         # is not repeated blindly (the callers resolve such outcomes by reading back).
-        "retries": urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0),
+        # A Retry-After is honoured by request() (THROTTLE_RETRIES), which knows which verbs are safe to send
+        # again; left to urllib3, a 429 on a GET or PUT became a transport error without the answer's status.
+        "retries": urllib3.Retry(
+            total=2, connect=2, read=0, redirect=0, status=0, other=0, respect_retry_after_header=False
+        ),
     }
     if url.scheme == "http":
         return urllib3.HTTPConnectionPool(url.host or "", url.port or 80, **options)
@@ -109,6 +115,21 @@ def _error_payload(data: bytes) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"message": str(payload)[:500]}
 
 
+def _wait_before_retry(method: str, response: urllib3.BaseHTTPResponse, attempt: int) -> float | None:
+    """How long to wait before sending a refused request again (see THROTTLE_RETRIES); None: do not."""
+    if attempt >= THROTTLE_RETRIES:
+        return None
+    status = response.status
+    if status != 429 and not (status >= 500 and method == "GET"):
+        return None
+    wait_s = retry_after_s(response.headers)
+    if wait_s is None:
+        if status != 429:
+            return None
+        wait_s = THROTTLE_WAIT_DEFAULT_S
+    return min(wait_s, THROTTLE_WAIT_MAX_S)
+
+
 def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The non-empty lines of a streamed body (a watch sends one JSON event per line)."""
     pending = b""
@@ -124,6 +145,13 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
 # a page of hundreds of MB, raw and parsed, in a watcher limited to 512 Mi. 50 bound it to ~100 MB.
 LIST_PAGE_SIZE = 50
 
+# An API server shedding load (API Priority and Fairness, max-in-flight) answers 429 before it runs the
+# request, with a Retry-After: waiting that long and sending it again is safe for every verb, as client-go
+# does. A 5xx with a Retry-After is waited out only for a GET: a write may have been applied before it.
+THROTTLE_RETRIES = 5
+THROTTLE_WAIT_DEFAULT_S = 1.0
+THROTTLE_WAIT_MAX_S = 10.0
+
 
 class KubeClient:
     """get / list / watch / create / delete / conditional status writes / Secrets / Events / Leases."""
@@ -135,8 +163,11 @@ class KubeClient:
         burst: int = 200,
         timeout_s: float = 30.0,
         component: str = "kubechain",
+        *,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.connection = connection
+        self._sleep = sleep
         self._user_agent = user_agent(component)
         self._bucket = TokenBucket(qps, burst)
         self._timeout = timeout_s
@@ -178,18 +209,34 @@ class KubeClient:
             headers["Content-Type"] = content_type
             content = json.dumps(body).encode()
         url = f"{self._prefix}{path}?{urlencode(params)}" if params else f"{self._prefix}{path}"
-        try:
-            response = self._http.urlopen(method, url, body=content, headers=headers)
-        except TransportError as exc:
-            API_REQUESTS.labels(method, "error").inc()
-            raise Unavailable(0, "Unavailable", f"{method} {path}: {exc!r}") from exc
-        API_REQUESTS.labels(method, str(response.status)).inc()
-        if response.status == 409 and path.endswith("/status"):
-            STATUS_CONFLICTS.labels(path.rsplit("/", 3)[-3]).inc()
-        if response.status >= 400:
-            if response.status == 401:
-                self.connection.forget_credentials()
-            raise error_for(response.status, _error_payload(response.data), response.reason or "")
+        attempt = 0
+        while True:
+            try:
+                response = self._http.urlopen(method, url, body=content, headers=headers)
+            except TransportError as exc:
+                API_REQUESTS.labels(method, "error").inc()
+                raise Unavailable(0, "Unavailable", f"{method} {path}: {exc!r}") from exc
+            API_REQUESTS.labels(method, str(response.status)).inc()
+            if response.status < 400:
+                break
+            wait_s = _wait_before_retry(method, response, attempt)
+            if wait_s is None:
+                if response.status == 409 and path.endswith("/status"):
+                    STATUS_CONFLICTS.labels(path.rsplit("/", 3)[-3]).inc()
+                if response.status == 401:
+                    self.connection.forget_credentials()
+                raise error_for(response.status, _error_payload(response.data), response.reason or "")
+            attempt += 1
+            log.info(
+                "%s %s: the API server answered %d; sending it again in %.1f s (attempt %d of %d)",
+                method,
+                path,
+                response.status,
+                wait_s,
+                attempt + 1,
+                THROTTLE_RETRIES + 1,
+            )
+            self._sleep(wait_s)
         if not response.data:
             return {}
         result: dict[str, Any] = json.loads(response.data)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Mapping
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -143,28 +141,3 @@ def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]
         max_tokens=llm.spec.effective_max_tokens(),
         top_p=top_p,
     )
-
-
-def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """How long a provider asks us to wait: ``retry-after-ms`` (OpenAI), else ``retry-after`` as
-    seconds or as an HTTP date; None if it says nothing usable."""
-    if headers is None:
-        return None
-    milliseconds = headers.get("retry-after-ms")
-    if milliseconds is not None:
-        try:
-            return max(0.0, float(milliseconds) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))

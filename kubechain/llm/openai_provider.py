@@ -8,10 +8,11 @@ from typing import Any
 import httpx2
 import openai
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, retry_after_s
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
 from kubechain.llm.deadline import with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
+from kubechain.retry_after import retry_after_s
 
 
 def message_to_openai(message: Message) -> dict[str, Any]:

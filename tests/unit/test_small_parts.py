@@ -435,7 +435,7 @@ def test_retry_after_reads_every_form_providers_send(
 ) -> None:
     from email.utils import parsedate_to_datetime
 
-    from kubechain.llm.base import retry_after_s
+    from kubechain.retry_after import retry_after_s
 
     now = parsedate_to_datetime("Wed, 02 Dec 2026 08:00:00 GMT").timestamp()
     assert retry_after_s(headers, now) == expected
