@@ -151,6 +151,48 @@ class _WatchedWriteStream:
         return None
 
 
+class _UnsentCallTransport(httpx2.AsyncBaseTransport):
+    """The HTTP client's transport, unmarking the current call's Attempt when the POST carrying its
+    tools/call never left: the connection could not be made (refused, unreachable, connect or pool
+    timeout), so no byte of it reached the server. A tool behind a server that was down is then retried
+    on a fresh session, not reported as one that may have run."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        try:
+            return await self._inner.handle_async_request(request)
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout):
+            attempt = _ATTEMPT.get()
+            if attempt is not None and _carries_tools_call(request):
+                attempt.sent = False
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _carries_tools_call(request: httpx2.Request) -> bool:
+    if request.method != "POST":
+        return False
+    try:
+        body = json.loads(request.content)
+    except (ValueError, httpx2.RequestNotRead):
+        return False
+    return isinstance(body, dict) and body.get("method") == "tools/call"
+
+
+def _watching_unsent_calls(client: httpx2.AsyncClient) -> httpx2.AsyncClient:
+    """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
+    client._transport = _UnsentCallTransport(client._transport)
+    client._mounts = {
+        pattern: None if transport is None else _UnsentCallTransport(transport)
+        for pattern, transport in client._mounts.items()
+    }
+    return client
+
+
 class _WatchedReadStream:
     """The transport's read stream, calling ``on_eof`` when it ends (the server went away)."""
 
@@ -517,7 +559,9 @@ class Session:
                     self.connect_timeout_s, read=max(SSE_READ_TIMEOUT_S, self.call_timeout_s)
                 )
                 http = await stack.enter_async_context(
-                    create_mcp_http_client(headers=dict(spec.headers), timeout=timeout)
+                    _watching_unsent_calls(
+                        create_mcp_http_client(headers=dict(spec.headers), timeout=timeout)
+                    )
                 )
                 read, write = await stack.enter_async_context(
                     streamable_http_client(spec.url, http_client=http)

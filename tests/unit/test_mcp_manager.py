@@ -431,6 +431,21 @@ def test_unreachable_http_server(manager: MCPManager) -> None:
         manager.list_tools(mcp_server("http-down", transport="http", url=f"http://127.0.0.1:{port}/mcp"))
 
 
+def test_a_call_to_an_http_server_gone_since_its_session_opened_was_never_sent(manager: MCPManager) -> None:
+    """The POST could not connect, so the tool did not run: the call is retried on a fresh session (which
+    finds the server down) instead of being reported as one that may have run."""
+    app = _http_mcp_server()
+    with UvicornThread(app.streamable_http_app(host="127.0.0.1")) as gone:
+        url = f"http://127.0.0.1:{gone.port}/mcp"
+        server = mcp_server("http-gone", transport="http", url=url)  # not idempotent
+        assert [t.name for t in manager.list_tools(server)] == ["whoami"]
+    assert manager.connected("default", "http-gone")  # nothing told the session yet
+    with pytest.raises(MCPError) as failed:
+        manager.call_tool(server, "whoami", {})
+    assert f"cannot connect to http {url}" in str(failed.value)
+    assert "may have run" not in str(failed.value)
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
