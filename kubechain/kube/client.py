@@ -98,13 +98,27 @@ def _connection_pool(connection: ClusterConnection, timeout_s: float) -> urllib3
             total=2, connect=2, read=0, redirect=0, status=0, other=0, respect_retry_after_header=False
         ),
     }
+    if url.scheme != "http":
+        context = _ssl_context(connection)
+        assert isinstance(context, ssl.SSLContext)
+        options["ssl_context"] = context
+        if connection.tls_server_name:
+            options["server_hostname"] = connection.tls_server_name  # SNI and the certificate's name
+    port = url.port or (80 if url.scheme == "http" else 443)
+    proxy = connection.proxy_for_server()
+    if proxy is not None:
+        if urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
+            scheme = urllib3.util.parse_url(proxy).scheme
+            raise ValueError(
+                f"the API server's proxy (kubeconfig proxy-url or HTTPS_PROXY) is a {scheme}:// proxy; "
+                "KubeChain speaks only to http:// and https:// proxies (or set NO_PROXY for the server)"
+            )
+        # https: a CONNECT tunnel, TLS to the API server inside it; http: requests in absolute form
+        manager = urllib3.ProxyManager(proxy, **options)
+        return manager.connection_from_host(url.host or "", port, scheme=url.scheme or "https")
     if url.scheme == "http":
-        return urllib3.HTTPConnectionPool(url.host or "", url.port or 80, **options)
-    context = _ssl_context(connection)
-    assert isinstance(context, ssl.SSLContext)
-    if connection.tls_server_name:
-        options["server_hostname"] = connection.tls_server_name  # SNI and the certificate's name
-    return urllib3.HTTPSConnectionPool(url.host or "", url.port or 443, ssl_context=context, **options)
+        return urllib3.HTTPConnectionPool(url.host or "", port, **options)
+    return urllib3.HTTPSConnectionPool(url.host or "", port, **options)
 
 
 def _error_payload(data: bytes) -> dict[str, Any]:
@@ -174,7 +188,13 @@ class KubeClient:
         self._http = _connection_pool(connection, timeout_s)
         # A server behind a path (a Rancher or other proxy: https://rancher/k8s/clusters/c-x), as kubectl
         # keeps it in front of every API path.
-        self._prefix = (urllib3.util.parse_url(connection.host).path or "").rstrip("/")
+        server = urllib3.util.parse_url(connection.host)
+        self._prefix = (server.path or "").rstrip("/")
+        # A plain-http server through a (forwarding) proxy: the pool is the proxy's, asked for the server's
+        # absolute URLs.
+        self._forwarding = server.scheme == "http" and connection.proxy_for_server() is not None
+        if self._forwarding:
+            self._prefix = f"http://{server.netloc}{self._prefix}"
 
     @classmethod
     def from_settings(cls, settings: Settings, component: str = "kubechain") -> KubeClient:
@@ -212,7 +232,9 @@ class KubeClient:
         attempt = 0
         while True:
             try:
-                response = self._http.urlopen(method, url, body=content, headers=headers)
+                response = self._http.urlopen(
+                    method, url, body=content, headers=headers, assert_same_host=not self._forwarding
+                )
             except TransportError as exc:
                 API_REQUESTS.labels(method, "error").inc()
                 raise Unavailable(0, "Unavailable", f"{method} {path}: {exc!r}") from exc
@@ -392,6 +414,7 @@ class KubeClient:
                 headers=headers,
                 preload_content=False,
                 timeout=urllib3.Timeout(connect=5.0, read=timeout_s + 30),
+                assert_same_host=not self._forwarding,
             )
             if response.status >= 400:
                 if response.status == 401:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.client.rest import should_bypass_proxies
 from kubernetes.config.kube_config import KubeConfigMerger
 
 AUTH_REFRESH_S = 30.0
@@ -27,12 +31,25 @@ class ClusterConnection:
     # kubeconfig's tls-server-name: the name the server's certificate is checked against, when it differs
     # from the host the URL names (an IP, a tunnel)
     tls_server_name: str | None = None
+    # kubeconfig's proxy-url, else HTTPS_PROXY / HTTP_PROXY for the server's scheme (proxy_from_environment);
+    # NO_PROXY's hosts go direct, as kubectl and client-go do.
+    proxy: str | None = field(default=None, repr=False)  # may carry a password
+    no_proxy: str | None = None
+    proxy_from_environment: bool = False
     # repr=False: the configuration and the cached header hold the bearer token
     _configuration: Any = field(default=None, repr=False)
     _cached: tuple[float, dict[str, str]] | None = field(default=None, repr=False)
     # Loads the configuration afresh (kubeconfig or in-cluster), for when the API server refuses it.
     _reload: Callable[[], Any] | None = field(default=None, repr=False)
     _reloaded_at: float = field(default=-RELOAD_MIN_INTERVAL_S, repr=False)
+
+    def proxy_for_server(self) -> str | None:
+        """The proxy requests to the API server go through, or None to connect directly."""
+        if not self.proxy or should_bypass_proxies(self.host, self.no_proxy or ""):
+            return None
+        if self.proxy_from_environment and _is_loopback(self.host):
+            return None  # as Go's ProxyFromEnvironment (kubectl's): a local server is never proxied
+        return self.proxy
 
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header, re-derived every 30 s so refreshed exec/OIDC/projected tokens are
@@ -70,6 +87,21 @@ class ClusterConnection:
             basic = cfg.get_basic_auth_token()
             return {"Authorization": basic} if basic else {}
         return {}
+
+
+def _environment_proxy(host: str) -> str | None:
+    proxies = urllib.request.getproxies()
+    return proxies.get(urllib.parse.urlparse(host).scheme) or proxies.get("all")
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urllib.parse.urlparse(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def kubeconfig_paths(kubeconfig: str | os.PathLike[str] | None = None) -> list[str]:
@@ -136,6 +168,7 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
         return cfg
 
     cfg = configuration()
+    proxy = getattr(cfg, "proxy", None) or None
     verify: str | bool = cfg.ssl_ca_cert if (cfg.verify_ssl and cfg.ssl_ca_cert) else bool(cfg.verify_ssl)
     cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
     return ClusterConnection(
@@ -143,6 +176,9 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
         verify=verify,
         cert=cert,
         tls_server_name=getattr(cfg, "tls_server_name", None) or None,
+        proxy=proxy,
+        no_proxy=getattr(cfg, "no_proxy", None) or None,
+        proxy_from_environment=proxy is not None and proxy == _environment_proxy(cfg.host),
         _configuration=cfg,
         _reload=configuration,
     )

@@ -98,3 +98,54 @@ def test_a_read_no_older_than_a_version_is_that_version_or_newer(kube: KubeClien
     assert kube.get(TaskRun, namespace, run.name, not_older_than=moved.resource_version).phase == "Pending"
     with pytest.raises(Gone):  # after the API server's few seconds of waiting for its cache to get there
         kube.get(TaskRun, namespace, run.name, not_older_than=str(int(moved.resource_version) + 10**9))
+
+
+def _kubeconfig_with_proxy(kubeconfig: Path, proxy_url: str, tmp_path: Path) -> str:
+    import yaml
+
+    config = yaml.safe_load(kubeconfig.read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["proxy-url"] = proxy_url
+    path = tmp_path / "kubeconfig-with-proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_kubeconfig_proxy_url_carries_every_request_to_the_api_server(
+    kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.kube.connection import load_connection
+    from tests.unit.proxy_stub import ConnectProxy
+
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with ConnectProxy() as proxy:
+        connection = load_connection(_kubeconfig_with_proxy(kubeconfig, proxy.url, tmp_path))
+        kube = KubeClient(connection)
+        try:
+            names = [ns["metadata"]["name"] for ns in kube.request("GET", "/api/v1/namespaces")["items"]]
+        finally:
+            kube.close()
+    assert "default" in names  # TLS to the API server, inside the tunnel, checked as without a proxy
+    server = connection.host.removeprefix("https://")
+    assert proxy.targets == [server]
+
+
+def test_https_proxy_from_the_environment_leaves_a_server_on_this_machine_direct(
+    kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As kubectl (Go's ProxyFromEnvironment): a proxy set for the machine's egress is not used for a
+    loopback API server, which it could not reach."""
+    from kubechain.kube.connection import load_connection
+    from tests.unit.proxy_stub import ConnectProxy
+
+    for name in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with ConnectProxy() as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        kube = KubeClient(load_connection(str(kubeconfig)))
+        try:
+            assert kube.request("GET", "/api/v1/namespaces/default")["metadata"]["name"] == "default"
+        finally:
+            kube.close()
+    assert proxy.targets == []

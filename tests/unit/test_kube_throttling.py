@@ -94,3 +94,32 @@ def test_a_5xx_without_retry_after_is_the_callers_outage(
     with pytest.raises(Unavailable):
         kube.request("GET", "/api/v1/namespaces/default/events/e")
     assert len(server.requests) == 1
+
+
+def test_a_plain_http_server_through_a_proxy_is_asked_for_by_absolute_url() -> None:
+    seen: list[str] = []
+
+    def answer(request: StubRequest) -> StubAnswer:
+        seen.append(request.path)
+        return StubAnswer(200, b'{"kind": "NamespaceList", "items": []}')
+
+    with StubHTTPServer(answer) as proxy:
+        kube = KubeClient(
+            ClusterConnection("http://apiserver.internal:8080/k8s", False, None, proxy=proxy.url)
+        )
+        assert kube.request("GET", "/api/v1/namespaces")["items"] == []
+    assert seen == ["http://apiserver.internal:8080/k8s/api/v1/namespaces"]
+
+
+def test_a_socks_proxy_is_refused_with_what_to_do() -> None:
+    connection = ClusterConnection("https://127.0.0.1:6443", False, None, proxy="socks5://127.0.0.1:1080")
+    with pytest.raises(ValueError, match="only to http:// and https:// proxies"):
+        KubeClient(connection)
+
+
+def test_no_proxy_sends_the_server_direct() -> None:
+    connection = ClusterConnection(
+        "https://10.0.0.1:443", False, None, proxy="http://proxy:3128", no_proxy="10.0.0.0/8"
+    )
+    assert connection.proxy_for_server() is None
+    assert ClusterConnection("https://10.0.0.1", False, None, proxy="http://p:3128").proxy_for_server()

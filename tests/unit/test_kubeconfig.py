@@ -306,3 +306,35 @@ def test_a_clusters_tls_server_name_is_the_name_its_certificate_is_checked_again
     assert connection.tls_server_name == "api.cluster.internal"
     pool = KubeClient(connection)._http
     assert pool.conn_kw["server_hostname"] == "api.cluster.internal"
+
+
+@pytest.mark.parametrize(
+    ("server", "proxy_url", "no_proxy", "expected"),
+    [
+        ("https://api.example.com:6443", None, "", "http://egress:3128"),
+        ("https://api.example.com:6443", None, ".example.com", None),
+        ("https://10.0.0.1:6443", None, "10.0.0.0/8", None),
+        ("https://127.0.0.1:6443", None, "", None),  # loopback: never the environment's proxy
+        ("https://localhost:6443", None, "", None),
+        ("https://127.0.0.1:6443", "http://tunnel:8888", "", "http://tunnel:8888"),  # proxy-url: always
+        ("https://api.example.com:6443", "http://tunnel:8888", "", "http://tunnel:8888"),
+    ],
+)
+def test_the_api_servers_proxy_is_chosen_as_kubectl_chooses_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+    proxy_url: str | None,
+    no_proxy: str,
+    expected: str | None,
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ALL_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress:3128")
+    monkeypatch.setenv("NO_PROXY", no_proxy)
+    path = kubeconfig(tmp_path / "config", {"c": server}, {"u": "t"}, {"x": ("c", "u", None)}, "x")
+    if proxy_url:
+        config = yaml.safe_load(path.read_text())
+        config["clusters"][0]["cluster"]["proxy-url"] = proxy_url
+        path.write_text(yaml.safe_dump(config))
+    assert kc.load_connection(str(path)).proxy_for_server() == expected
