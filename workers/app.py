@@ -95,9 +95,13 @@ def _run(
     with resource_context(message.kind, message.namespace, message.name, task.value):
         try:
             with span(
-                f"{name} {message.kind}/{message.name}",
+                f"{name} {message.kind}",
                 context_from(message.traceparent, ""),
-                **{"kubechain.namespace": message.namespace, "kubechain.reason": message.reason},
+                **{
+                    "kubechain.namespace": message.namespace,
+                    "kubechain.name": message.name,
+                    "kubechain.reason": message.reason,
+                },
             ):
                 handler(context(), message)
         except Unavailable as exc:

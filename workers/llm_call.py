@@ -58,7 +58,15 @@ def continue_turn(ctx: WorkerContext, run: TaskRun) -> None:
     handed_off_at = run.status.claimed_at
     outcome = "ok"
     try:
-        with span(f"llm_call TaskRun/{run.name}", None, **{"kubechain.reason": "handoff"}):
+        with span(
+            "llm_call TaskRun",
+            None,
+            **{
+                "kubechain.namespace": run.namespace,
+                "kubechain.name": run.name,
+                "kubechain.reason": "handoff",
+            },
+        ):
             decide_on_current(
                 ctx,
                 TaskRun,

@@ -132,13 +132,13 @@ def tracer_provider(resource: Resource | None = None) -> TracerProvider:
 def export_run_span(
     run_uid: str, name: str, namespace: str, started: datetime, ended: datetime, error: str | None
 ) -> None:
-    """The run's root span, ``TaskRun/<name>``, from its creation to its end. Every span of the run names
+    """The run's root span, ``TaskRun`` (its name and namespace are attributes), from its creation to its end. Every span of the run names
     it as parent from the start, but it is only known whole once the run ended: it is made then, by the
     worker whose write ended the run, so trace backends show the run as one tree with a root."""
     root = run_trace_ids(run_uid)
     run_span = _start_span_with_ids(
         (root["traceID"], root["spanID"]),
-        f"TaskRun/{name}",
+        "TaskRun",  # span names stay few (a trace UI lists them); which run is in the attributes
         context=otel_context.Context(),  # a root: no parent, whatever span is current
         kind=SpanKind.SERVER,
         start_time=int(started.timestamp() * 1e9),

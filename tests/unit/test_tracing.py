@@ -86,11 +86,13 @@ def test_a_run_is_one_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     assert names.count("LLMRequest") == 2
     assert "ToolCall add" in names
     assert any(n.startswith("enqueue kubechain.llm_call") for n in names)
-    assert any(n.startswith("tool_call TaskRunToolCall/") for n in names)
+    assert "tool_call TaskRunToolCall" in names
+    assert all("/" not in n and " r" not in n for n in names), "span names carry no resource names"
     assert {s.context.trace_id for s in spans} == {trace_id}, "every span belongs to the run's trace"
     llm_span = next(s for s in spans if s.name == "LLMRequest")
     assert llm_span.attributes is not None and llm_span.attributes["llm.request.model"] == "gpt-4o"
-    (root,) = [s for s in spans if s.name == "TaskRun/r"]
+    (root,) = [s for s in spans if s.name == "TaskRun"]
+    assert root.attributes is not None and root.attributes["taskrun.name"] == "r"
     assert root.parent is None and root.context.span_id == int(run["status"]["spanContext"]["spanID"], 16)
     assert root.status.status_code == StatusCode.OK and root.end_time and root.start_time <= root.end_time
     (tool_call,) = [o for (_, plural, _, _), o in kube.objects.items() if plural == "taskruntoolcalls"]
