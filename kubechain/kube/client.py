@@ -13,13 +13,15 @@ import builtins
 import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
+from urllib3.exceptions import LocationParseError
 
 from kubechain import __version__
 from kubechain.kube.connection import ClusterConnection, load_connection
@@ -107,18 +109,31 @@ def _connection_pool(connection: ClusterConnection, timeout_s: float) -> urllib3
     port = url.port or (80 if url.scheme == "http" else 443)
     proxy = connection.proxy_for_server()
     if proxy is not None:
-        if urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
-            scheme = urllib3.util.parse_url(proxy).scheme
-            raise ValueError(
-                f"the API server's proxy (kubeconfig proxy-url or HTTPS_PROXY) is a {scheme}:// proxy; "
-                "KubeChain speaks only to http:// and https:// proxies (or set NO_PROXY for the server)"
-            )
         # https: a CONNECT tunnel, TLS to the API server inside it; http: requests in absolute form
-        manager = urllib3.ProxyManager(proxy, **options)
+        manager = urllib3.ProxyManager(proxy, proxy_headers=_proxy_auth(proxy), **options)
         return manager.connection_from_host(url.host or "", port, scheme=url.scheme or "https")
     if url.scheme == "http":
         return urllib3.HTTPConnectionPool(url.host or "", port, **options)
     return urllib3.HTTPSConnectionPool(url.host or "", port, **options)
+
+
+def _proxy_auth(proxy: str) -> dict[str, str] | None:
+    """The Proxy-Authorization a proxy URL's user:password asks for (urllib3 does not send it by itself).
+    Errors never quote the URL: it may hold a password."""
+    where = "the API server's proxy (kubeconfig proxy-url, else HTTPS_PROXY / HTTP_PROXY)"
+    try:
+        url = urllib3.util.parse_url(proxy)
+    except LocationParseError:
+        raise ValueError(f"{where} is not a valid URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(
+            f"{where} is not an http:// or https:// proxy (KubeChain does not speak SOCKS); set one, or "
+            "NO_PROXY for the server"
+        )
+    if not url.auth:
+        return None
+    user, _, password = url.auth.partition(":")
+    return urllib3.make_headers(proxy_basic_auth=f"{unquote(user)}:{unquote(password)}")
 
 
 def _error_payload(data: bytes) -> dict[str, Any]:
@@ -129,19 +144,12 @@ def _error_payload(data: bytes) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"message": str(payload)[:500]}
 
 
-def _wait_before_retry(method: str, response: urllib3.BaseHTTPResponse, attempt: int) -> float | None:
-    """How long to wait before sending a refused request again (see THROTTLE_RETRIES); None: do not."""
-    if attempt >= THROTTLE_RETRIES:
-        return None
-    status = response.status
-    if status != 429 and not (status >= 500 and method == "GET"):
+def _wait_before_retry(response: urllib3.BaseHTTPResponse, attempt: int) -> float | None:
+    """How long to wait before sending a throttled request again (see THROTTLE_RETRIES); None: do not."""
+    if attempt >= THROTTLE_RETRIES or response.status != 429:
         return None
     wait_s = retry_after_s(response.headers)
-    if wait_s is None:
-        if status != 429:
-            return None
-        wait_s = THROTTLE_WAIT_DEFAULT_S
-    return min(wait_s, THROTTLE_WAIT_MAX_S)
+    return min(THROTTLE_WAIT_DEFAULT_S if wait_s is None else wait_s, THROTTLE_WAIT_MAX_S)
 
 
 def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
@@ -161,7 +169,8 @@ LIST_PAGE_SIZE = 50
 
 # An API server shedding load (API Priority and Fairness, max-in-flight) answers 429 before it runs the
 # request, with a Retry-After: waiting that long and sending it again is safe for every verb, as client-go
-# does. A 5xx with a Retry-After is waited out only for a GET: a write may have been applied before it.
+# does. A 5xx is the caller's outage (Unavailable), even with a Retry-After: a write may have been applied,
+# and a read's 504 "Too large resource version" is answered by reading fresh at once, not by waiting.
 THROTTLE_RETRIES = 5
 THROTTLE_WAIT_DEFAULT_S = 1.0
 THROTTLE_WAIT_MAX_S = 10.0
@@ -186,6 +195,8 @@ class KubeClient:
         self._bucket = TokenBucket(qps, burst)
         self._timeout = timeout_s
         self._http = _connection_pool(connection, timeout_s)
+        self._pool_lock = threading.Lock()
+        self._pool_cert = connection.cert  # the client certificate self._http's connections show
         # A server behind a path (a Rancher or other proxy: https://rancher/k8s/clusters/c-x), as kubectl
         # keeps it in front of every API path.
         server = urllib3.util.parse_url(connection.host)
@@ -203,6 +214,26 @@ class KubeClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def _unauthorized(self) -> None:
+        """The API server refused our credentials (401): load them again; a new client certificate
+        (an exec plugin's, the old one expired) needs a new TLS context, so new connections. Threads that
+        got the 401 together build one new pool; the old one is left to requests still using it (closing
+        it would fail them) and is collected after them."""
+        self.connection.forget_credentials()
+        with self._pool_lock:
+            cert = self.connection.cert
+            if cert == self._pool_cert:
+                return
+            try:
+                pool = _connection_pool(self.connection, self._timeout)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.error(
+                    "cannot use the new Kubernetes client certificate (%s); the next 401 tries again", exc
+                )
+                return
+            log.info("the Kubernetes client certificate changed; new connections use the new one")
+            self._http, self._pool_cert = pool, cert
 
     def _headers(self) -> dict[str, str]:
         return {
@@ -241,12 +272,12 @@ class KubeClient:
             API_REQUESTS.labels(method, str(response.status)).inc()
             if response.status < 400:
                 break
-            wait_s = _wait_before_retry(method, response, attempt)
+            wait_s = _wait_before_retry(response, attempt)
             if wait_s is None:
                 if response.status == 409 and path.endswith("/status"):
                     STATUS_CONFLICTS.labels(path.rsplit("/", 3)[-3]).inc()
                 if response.status == 401:
-                    self.connection.forget_credentials()
+                    self._unauthorized()
                 raise error_for(response.status, _error_payload(response.data), response.reason or "")
             attempt += 1
             log.info(
@@ -259,6 +290,7 @@ class KubeClient:
                 THROTTLE_RETRIES + 1,
             )
             self._sleep(wait_s)
+            self._bucket.acquire()
         if not response.data:
             return {}
         result: dict[str, Any] = json.loads(response.data)
@@ -418,7 +450,7 @@ class KubeClient:
             )
             if response.status >= 400:
                 if response.status == 401:
-                    self.connection.forget_credentials()
+                    self._unauthorized()
                 raise error_for(response.status, _error_payload(response.read()))
             for line in _lines(response):
                 event = json.loads(line)

@@ -7,8 +7,7 @@ import logging
 import os
 import time
 import urllib.parse
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +30,9 @@ class ClusterConnection:
     # kubeconfig's tls-server-name: the name the server's certificate is checked against, when it differs
     # from the host the URL names (an IP, a tunnel)
     tls_server_name: str | None = None
-    # kubeconfig's proxy-url, else HTTPS_PROXY / HTTP_PROXY for the server's scheme (proxy_from_environment);
-    # NO_PROXY's hosts go direct, as kubectl and client-go do.
+    # The cluster's proxy-url (always used, as client-go's http.ProxyURL), else, with proxy_from_environment,
+    # HTTPS_PROXY / HTTP_PROXY for the server's scheme, which NO_PROXY's hosts and a loopback server bypass
+    # (client-go's ProxyFromEnvironment).
     proxy: str | None = field(default=None, repr=False)  # may carry a password
     no_proxy: str | None = None
     proxy_from_environment: bool = False
@@ -45,9 +45,11 @@ class ClusterConnection:
 
     def proxy_for_server(self) -> str | None:
         """The proxy requests to the API server go through, or None to connect directly."""
-        if not self.proxy or should_bypass_proxies(self.host, self.no_proxy or ""):
+        if not self.proxy:
             return None
-        if self.proxy_from_environment and _is_loopback(self.host):
+        if self.proxy_from_environment and (
+            _is_loopback(self.host) or should_bypass_proxies(self.host, self.no_proxy or "")
+        ):
             return None  # as Go's ProxyFromEnvironment (kubectl's): a local server is never proxied
         return self.proxy
 
@@ -72,6 +74,10 @@ class ClusterConnection:
                 self._configuration = self._reload()
             except Exception as exc:  # noqa: BLE001 - keep what we have; the next 401 tries again
                 log.warning("could not reload the Kubernetes credentials: %s", exc)
+            else:
+                # An exec plugin may answer with a new client certificate (the old one expired): the
+                # client layer builds a new TLS context when this changes.
+                self.cert = _client_cert(self._configuration) or self.cert
         self._cached = None
 
     def _derive_headers(self) -> dict[str, str]:
@@ -89,9 +95,24 @@ class ClusterConnection:
         return {}
 
 
-def _environment_proxy(host: str) -> str | None:
-    proxies = urllib.request.getproxies()
-    return proxies.get(urllib.parse.urlparse(host).scheme) or proxies.get("all")
+def _client_cert(cfg: Any) -> tuple[str, str] | None:
+    """The client certificate and key files of a loaded configuration (exec plugins' data as files)."""
+    cert, key = getattr(cfg, "cert_file", None), getattr(cfg, "key_file", None)
+    return (cert, key) if cert and key else None
+
+
+def _environment_proxy(host: str, environ: Mapping[str, str]) -> str | None:
+    """HTTPS_PROXY (https servers) or HTTP_PROXY (http), upper or lower case, ``http://`` when it names
+    no scheme: what Go's httpproxy.FromEnvironment reads (not ALL_PROXY, nor the OS's proxy settings)."""
+    name = "HTTPS_PROXY" if urllib.parse.urlparse(host).scheme == "https" else "HTTP_PROXY"
+    value = (environ.get(name) or environ.get(name.lower()) or "").strip()
+    if not value:
+        return None
+    return value if "://" in value else f"http://{value}"
+
+
+def _environment_no_proxy(environ: Mapping[str, str]) -> str | None:
+    return environ.get("NO_PROXY") or environ.get("no_proxy") or None
 
 
 def _is_loopback(url: str) -> bool:
@@ -160,7 +181,9 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
     chosen = context or (None if in_cluster else current_context(path))
 
     def configuration() -> Any:
-        cfg = k8s_client.Configuration()
+        # proxy="" and no_proxy="": only the kubeconfig's proxy-url sets a proxy here; the environment's is
+        # read below, by Go's rules rather than urllib's
+        cfg = k8s_client.Configuration(proxy="", no_proxy="")
         if in_cluster:
             k8s_config.load_incluster_config(client_configuration=cfg)
         else:
@@ -168,17 +191,18 @@ def load_connection(kubeconfig: str | None = None, context: str | None = None) -
         return cfg
 
     cfg = configuration()
-    proxy = getattr(cfg, "proxy", None) or None
+    explicit_proxy = getattr(cfg, "proxy", None) or None
+    proxy = explicit_proxy or _environment_proxy(cfg.host, os.environ)
     verify: str | bool = cfg.ssl_ca_cert if (cfg.verify_ssl and cfg.ssl_ca_cert) else bool(cfg.verify_ssl)
-    cert = (cfg.cert_file, cfg.key_file) if cfg.cert_file and cfg.key_file else None
+    cert = _client_cert(cfg)
     return ClusterConnection(
         host=cfg.host.rstrip("/"),
         verify=verify,
         cert=cert,
         tls_server_name=getattr(cfg, "tls_server_name", None) or None,
         proxy=proxy,
-        no_proxy=getattr(cfg, "no_proxy", None) or None,
-        proxy_from_environment=proxy is not None and proxy == _environment_proxy(cfg.host),
+        no_proxy=_environment_no_proxy(os.environ),
+        proxy_from_environment=explicit_proxy is None,
         _configuration=cfg,
         _reload=configuration,
     )

@@ -114,9 +114,17 @@ _install_spawn_hook()
 
 
 class Attempt:
-    """Per call: whether the tools/call request was handed to the transport (then it may have run)."""
+    """Per call: how many tools/call requests were handed to the transport, and how many of those never
+    left (their connection could not be made). One call may send several (a server answering "still
+    working" is asked again): it may have run if any one left."""
 
-    sent = False
+    def __init__(self) -> None:
+        self.sends = 0
+        self.unsent = 0
+
+    @property
+    def may_have_run(self) -> bool:
+        return self.sends > self.unsent
 
 
 _ATTEMPT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
@@ -135,7 +143,7 @@ class _WatchedWriteStream:
         if isinstance(message, types.JSONRPCRequest) and message.method == "tools/call":
             attempt = _ATTEMPT.get()
             if attempt is not None:
-                attempt.sent = True  # a started write counts: it may have been delivered
+                attempt.sends += 1  # a started write counts: it may have been delivered
         await self._inner.send(item)
 
     async def aclose(self) -> None:
@@ -166,7 +174,7 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout):
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
-                attempt.sent = False
+                attempt.unsent += 1
             raise
 
     async def aclose(self) -> None:
@@ -635,7 +643,7 @@ class Session:
         except SDKError as exc:
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True
-                raise ConnectionLost(self._lost_message(), maybe_executed=attempt.sent) from exc
+                raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
             if exc.code == INVALID_REQUEST and exc.message == "Session terminated":
                 # HTTP 404 for our session id: the server restarted and never ran this request.
                 self.broken = True
@@ -647,7 +655,7 @@ class Session:
             raise
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.broken = True
-            raise ConnectionLost(self._lost_message(), maybe_executed=attempt.sent) from exc
+            raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
         finally:
             _ATTEMPT.reset(token)
             self._release()

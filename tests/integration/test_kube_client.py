@@ -149,3 +149,121 @@ def test_https_proxy_from_the_environment_leaves_a_server_on_this_machine_direct
         finally:
             kube.close()
     assert proxy.targets == []
+
+
+EXEC_PLUGIN = """
+import json, pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+status = {"clientCertificateData": (folder / "tls.crt").read_text(), "clientKeyData": (folder / "tls.key").read_text()}
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "status": status}))
+"""
+
+
+def _client_certificate(issuer: tuple[bytes, bytes] | None) -> tuple[str, str]:
+    """A client certificate for an admin (group system:masters), signed by ``issuer`` (CA cert and key,
+    PEM), or by a CA of its own (one the API server does not trust) when None."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "exec-plugin-user"),
+        ]
+    )
+    if issuer is None:
+        issuer_name, signing_key = subject, key
+    else:
+        ca_cert = x509.load_pem_x509_certificate(issuer[0])
+        issuer_name = ca_cert.subject
+        signing_key = serialization.load_pem_private_key(issuer[1], password=None)  # type: ignore[assignment]
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(signing_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def test_a_new_client_certificate_from_an_exec_plugin_is_used_after_a_401(
+    control_plane: object, kubeconfig: Path, tmp_path: Path
+) -> None:
+    """An exec plugin's certificate expires (Teleport, some cloud logins): the API server answers 401, the
+    credentials are loaded again, and the plugin's new certificate is the one the next connection shows."""
+    import sys
+
+    import yaml
+
+    from kubechain.kube.connection import load_connection
+    from kubechain.kube.errors import Unauthorized
+
+    pki = Path(control_plane.ca_path).parent  # type: ignore[attr-defined]
+    issuer = ((pki / "ca.crt").read_bytes(), (pki / "ca.key").read_bytes())
+    folder = tmp_path / "credentials"
+    folder.mkdir()
+    (tmp_path / "plugin.py").write_text(EXEC_PLUGIN)
+
+    def plugin_answers(certificate: tuple[str, str]) -> None:
+        (folder / "tls.crt").write_text(certificate[0])
+        (folder / "tls.key").write_text(certificate[1])
+
+    config = yaml.safe_load(kubeconfig.read_text())
+    config["users"] = [
+        {
+            "name": "exec-user",
+            "user": {
+                "exec": {
+                    "apiVersion": "client.authentication.k8s.io/v1beta1",
+                    "command": sys.executable,
+                    "args": [str(tmp_path / "plugin.py"), str(folder)],
+                    "interactiveMode": "Never",
+                }
+            },
+        }
+    ]
+    config["contexts"][0]["context"]["user"] = "exec-user"
+    path = tmp_path / "kubeconfig-exec.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    plugin_answers(_client_certificate(None))  # what the plugin gave at start: no longer accepted
+    kube = KubeClient(load_connection(str(path)))
+    try:
+        plugin_answers(_client_certificate(issuer))  # a fresh one, as after the plugin's own renewal
+        with pytest.raises(Unauthorized):
+            kube.request("GET", "/api/v1/namespaces/default")
+        assert kube.request("GET", "/api/v1/namespaces/default")["metadata"]["name"] == "default"
+    finally:
+        kube.close()
+
+
+def test_a_proxy_urls_user_and_password_are_sent_to_the_proxy(
+    kubeconfig: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.kube.connection import load_connection
+    from tests.unit.proxy_stub import ConnectProxy
+
+    with ConnectProxy(credentials="kube user:p@ss") as proxy:
+        with_password = proxy.url.replace("http://", "http://kube%20user:p%40ss@")
+        kube = KubeClient(load_connection(_kubeconfig_with_proxy(kubeconfig, with_password, tmp_path)))
+        try:
+            assert kube.request("GET", "/api/v1/namespaces/default")["metadata"]["name"] == "default"
+        finally:
+            kube.close()
+    assert len(proxy.targets) == 1 and proxy.refused == 0

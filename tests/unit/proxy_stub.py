@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 from types import TracebackType
 
 
 class ConnectProxy:
-    """``targets``: the host:port of every CONNECT, in order. A context manager."""
+    """``targets``: the host:port of every CONNECT, in order. With ``credentials`` ("user:password") it
+    answers 407 to a CONNECT without them. A context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: str | None = None) -> None:
         self.targets: list[str] = []
+        self.refused = 0
+        self._authorization = (
+            "Basic " + base64.b64encode(credentials.encode()).decode() if credentials is not None else None
+        )
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -32,9 +38,15 @@ class ConnectProxy:
                 if not chunk:
                     return
                 head += chunk
-            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+            request_line, *header_lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+            method, target, _ = request_line.split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
             if method != "CONNECT":
                 client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            if self._authorization is not None and headers.get("proxy-authorization") != self._authorization:
+                self.refused += 1
+                client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
                 return
             self.targets.append(target)
             host, port = target.rsplit(":", 1)

@@ -9,7 +9,7 @@ import pytest
 
 from kubechain.kube.client import THROTTLE_RETRIES, THROTTLE_WAIT_MAX_S, KubeClient
 from kubechain.kube.connection import ClusterConnection
-from kubechain.kube.errors import Unavailable
+from kubechain.kube.errors import Gone, Unavailable
 from tests.unit.http_stub import StubAnswer, StubHTTPServer, StubRequest
 
 OK = StubAnswer(201, json.dumps({"kind": "Event", "metadata": {"name": "e"}}).encode())
@@ -31,7 +31,11 @@ def serving(answers: list[StubAnswer]) -> Iterator[tuple[StubHTTPServer, KubeCli
         return queue.pop(0) if len(queue) > 1 else queue[0]
 
     with StubHTTPServer(answer) as server:
-        yield server, KubeClient(ClusterConnection(server.url, False, None), sleep=waits.append), waits
+        kube = KubeClient(ClusterConnection(server.url, False, None), sleep=waits.append)
+        try:
+            yield server, kube, waits
+        finally:
+            kube.close()
 
 
 @pytest.fixture
@@ -65,35 +69,41 @@ def test_a_server_that_keeps_refusing_is_an_outage_after_a_bounded_wait(
     assert waits == [THROTTLE_WAIT_MAX_S] * THROTTLE_RETRIES
 
 
-@pytest.mark.parametrize("stub", [[refusal(503, "1"), OK]], indirect=True, ids=["503-retry-after"])
-def test_a_5xx_with_retry_after_is_waited_out_for_a_read(
-    stub: tuple[StubHTTPServer, KubeClient, list[float]],
-) -> None:
-    server, kube, waits = stub
-    assert kube.request("GET", "/api/v1/namespaces/default/events/e")["metadata"]["name"] == "e"
-    assert len(server.requests) == 2
-    assert waits == [1.0]
+TOO_LARGE = StubAnswer(
+    504,
+    json.dumps(
+        {
+            "kind": "Status",
+            "code": 504,
+            "reason": "Timeout",
+            "message": "Too large resource version: 99, current: 42",
+            "details": {"causes": [{"reason": "ResourceVersionTooLarge"}], "retryAfterSeconds": 1},
+        }
+    ).encode(),
+    {"Content-Type": "application/json", "Retry-After": "1"},
+)
 
 
-@pytest.mark.parametrize("stub", [[refusal(503, "1"), OK]], indirect=True, ids=["503-retry-after"])
-def test_a_write_answered_5xx_is_not_sent_again_it_may_have_been_applied(
-    stub: tuple[StubHTTPServer, KubeClient, list[float]],
+@pytest.mark.parametrize(
+    ("stub", "method", "error"),
+    [
+        ([refusal(503, "1"), OK], "PUT", Unavailable),  # a write may have been applied
+        ([refusal(503, "1"), OK], "GET", Unavailable),
+        ([refusal(500, None), OK], "GET", Unavailable),
+        ([TOO_LARGE, OK], "GET", Gone),  # the caller reads fresh at once; waiting would only cost time
+    ],
+    indirect=["stub"],
+    ids=["put-503-retry-after", "get-503-retry-after", "get-500", "get-504-too-large-version"],
+)
+def test_a_5xx_is_the_callers_to_answer_even_with_retry_after(
+    stub: tuple[StubHTTPServer, KubeClient, list[float]], method: str, error: type[Exception]
 ) -> None:
     server, kube, waits = stub
-    with pytest.raises(Unavailable):
-        kube.request("PUT", "/apis/x/v1/namespaces/default/taskruns/r/status", body={"status": {}})
+    body: dict[str, object] | None = {"status": {}} if method == "PUT" else None
+    with pytest.raises(error):
+        kube.request(method, "/apis/x/v1/namespaces/default/taskruns/r/status", body=body)
     assert len(server.requests) == 1
     assert waits == []
-
-
-@pytest.mark.parametrize("stub", [[refusal(500, None), OK]], indirect=True, ids=["500-bare"])
-def test_a_5xx_without_retry_after_is_the_callers_outage(
-    stub: tuple[StubHTTPServer, KubeClient, list[float]],
-) -> None:
-    server, kube, waits = stub
-    with pytest.raises(Unavailable):
-        kube.request("GET", "/api/v1/namespaces/default/events/e")
-    assert len(server.requests) == 1
 
 
 def test_a_plain_http_server_through_a_proxy_is_asked_for_by_absolute_url() -> None:
@@ -109,17 +119,3 @@ def test_a_plain_http_server_through_a_proxy_is_asked_for_by_absolute_url() -> N
         )
         assert kube.request("GET", "/api/v1/namespaces")["items"] == []
     assert seen == ["http://apiserver.internal:8080/k8s/api/v1/namespaces"]
-
-
-def test_a_socks_proxy_is_refused_with_what_to_do() -> None:
-    connection = ClusterConnection("https://127.0.0.1:6443", False, None, proxy="socks5://127.0.0.1:1080")
-    with pytest.raises(ValueError, match="only to http:// and https:// proxies"):
-        KubeClient(connection)
-
-
-def test_no_proxy_sends_the_server_direct() -> None:
-    connection = ClusterConnection(
-        "https://10.0.0.1:443", False, None, proxy="http://proxy:3128", no_proxy="10.0.0.0/8"
-    )
-    assert connection.proxy_for_server() is None
-    assert ClusterConnection("https://10.0.0.1", False, None, proxy="http://p:3128").proxy_for_server()

@@ -281,6 +281,62 @@ def test_a_401_is_a_passing_outage_and_the_credentials_are_read_again(apiserver:
     assert "token" not in repr(connection), "the connection's repr shows no credentials"
 
 
+def test_threads_refused_together_build_one_pool_for_a_new_client_certificate(
+    apiserver: RecordingAPIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exec plugin's new certificate needs new connections: threads that got the 401 at once build
+    one new pool between them, and a reload that gives the same certificate keeps the pool."""
+    import threading
+
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.errors import Unavailable
+
+    renewed = TokenConfiguration("token-2")
+    renewed.cert_file, renewed.key_file = "/run/new.crt", "/run/new.key"  # type: ignore[attr-defined]
+    connection = kc.ClusterConnection(
+        apiserver.url,
+        False,
+        ("/run/old.crt", "/run/old.key"),
+        _configuration=TokenConfiguration("token-1"),
+        _reload=lambda: renewed,
+    )
+    kube = KubeClient(connection)
+    first_pool = kube._http
+    import kubechain.kube.client as client_module
+
+    built: list[object] = []
+    build = client_module._connection_pool
+
+    def counted_build(*args: Any) -> Any:
+        built.append(build(*args))
+        return built[-1]
+
+    monkeypatch.setattr(client_module, "_connection_pool", counted_build)
+    apiserver.statuses = [401] * 8
+    start = threading.Barrier(8)
+
+    def refused_request() -> None:
+        start.wait()
+        with pytest.raises(Unavailable):
+            kube.request("GET", "/version")
+
+    threads = [threading.Thread(target=refused_request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert connection.cert == ("/run/new.crt", "/run/new.key")
+    new_pool = kube._http
+    assert built == [new_pool] and new_pool is not first_pool
+    assert kube.request("GET", "/version") == {}
+    connection._reloaded_at = -10.0  # let the next 401 reload at once: the plugin gives the same certificate
+    apiserver.statuses = [401]
+    with pytest.raises(Unavailable):
+        kube.request("GET", "/version")
+    assert kube._http is new_pool
+    kube.close()
+
+
 def test_a_server_url_with_a_path_keeps_it_in_front_of_every_api_path(apiserver: RecordingAPIServer) -> None:
     from kubechain.kube.client import KubeClient
 
@@ -308,16 +364,33 @@ def test_a_clusters_tls_server_name_is_the_name_its_certificate_is_checked_again
     assert pool.conn_kw["server_hostname"] == "api.cluster.internal"
 
 
+EGRESS = {"HTTPS_PROXY": "http://egress:3128"}
+
+
 @pytest.mark.parametrize(
-    ("server", "proxy_url", "no_proxy", "expected"),
+    ("server", "proxy_url", "env", "expected"),
     [
-        ("https://api.example.com:6443", None, "", "http://egress:3128"),
-        ("https://api.example.com:6443", None, ".example.com", None),
-        ("https://10.0.0.1:6443", None, "10.0.0.0/8", None),
-        ("https://127.0.0.1:6443", None, "", None),  # loopback: never the environment's proxy
-        ("https://localhost:6443", None, "", None),
-        ("https://127.0.0.1:6443", "http://tunnel:8888", "", "http://tunnel:8888"),  # proxy-url: always
-        ("https://api.example.com:6443", "http://tunnel:8888", "", "http://tunnel:8888"),
+        ("https://api.example.com:6443", None, EGRESS, "http://egress:3128"),
+        ("https://api.example.com:6443", None, {"https_proxy": "egress:3128"}, "http://egress:3128"),
+        (
+            "http://api.example.com:8080",
+            None,
+            {"HTTP_PROXY": "http://plain:3128", **EGRESS},
+            "http://plain:3128",
+        ),
+        ("https://api.example.com:6443", None, {**EGRESS, "NO_PROXY": ".example.com"}, None),
+        ("https://10.0.0.1:6443", None, {**EGRESS, "no_proxy": "10.0.0.0/8"}, None),
+        ("https://127.0.0.1:6443", None, EGRESS, None),  # loopback: never the environment's proxy
+        ("https://localhost:6443", None, EGRESS, None),
+        ("https://api.example.com:6443", None, {"ALL_PROXY": "socks5://127.0.0.1:1080"}, None),  # as Go
+        # the cluster's proxy-url: always, whatever NO_PROXY says (client-go's http.ProxyURL)
+        ("https://127.0.0.1:6443", "http://tunnel:8888", EGRESS, "http://tunnel:8888"),
+        (
+            "https://api.example.com:6443",
+            "http://tunnel:8888",
+            {**EGRESS, "NO_PROXY": "*"},
+            "http://tunnel:8888",
+        ),
     ],
 )
 def test_the_api_servers_proxy_is_chosen_as_kubectl_chooses_it(
@@ -325,16 +398,30 @@ def test_the_api_servers_proxy_is_chosen_as_kubectl_chooses_it(
     monkeypatch: pytest.MonkeyPatch,
     server: str,
     proxy_url: str | None,
-    no_proxy: str,
+    env: dict[str, str],
     expected: str | None,
 ) -> None:
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ALL_PROXY", "HTTP_PROXY"):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", "http://egress:3128")
-    monkeypatch.setenv("NO_PROXY", no_proxy)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     path = kubeconfig(tmp_path / "config", {"c": server}, {"u": "t"}, {"x": ("c", "u", None)}, "x")
     if proxy_url:
         config = yaml.safe_load(path.read_text())
         config["clusters"][0]["cluster"]["proxy-url"] = proxy_url
         path.write_text(yaml.safe_dump(config))
     assert kc.load_connection(str(path)).proxy_for_server() == expected
+
+
+@pytest.mark.parametrize(
+    "proxy", ["socks5://127.0.0.1:1080", "http://user:s3cret@proxy:99999"], ids=["socks", "bad-port"]
+)
+def test_a_proxy_kubechain_cannot_use_is_refused_with_what_to_do_and_no_password(proxy: str) -> None:
+    from kubechain.kube.client import KubeClient
+
+    with pytest.raises(ValueError, match="API server's proxy") as refused:
+        KubeClient(kc.ClusterConnection("https://api.example.com", False, None, proxy=proxy))
+    assert "s3cret" not in str(refused.value)
+    # nor does a chained parse error (its message quotes the URL)
+    assert refused.value.__context__ is None or refused.value.__suppress_context__

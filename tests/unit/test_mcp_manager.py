@@ -446,6 +446,47 @@ def test_a_call_to_an_http_server_gone_since_its_session_opened_was_never_sent(m
     assert "may have run" not in str(failed.value)
 
 
+def test_a_call_may_have_run_if_any_of_its_requests_left_though_a_repeat_could_not_connect() -> None:
+    """A call can send tools/call more than once (a server answering "still working" is asked again):
+    a repeat that never left does not make the first one unsent."""
+    import anyio
+    import httpx2
+
+    from kubechain.mcp.session import _ATTEMPT, Attempt, _UnsentCallTransport
+
+    class Refusing(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            raise httpx2.ConnectError("connection refused", request=request)
+
+    call = httpx2.Request(
+        "POST", "http://mcp.test/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    )
+    listing = httpx2.Request(
+        "POST", "http://mcp.test/mcp", json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    )
+
+    async def send(attempt: Attempt, request: httpx2.Request) -> None:
+        token = _ATTEMPT.set(attempt)
+        try:
+            with pytest.raises(httpx2.ConnectError):
+                await _UnsentCallTransport(Refusing()).handle_async_request(request)
+        finally:
+            _ATTEMPT.reset(token)
+
+    repeated = Attempt()
+    repeated.sends = 2  # the first went out; its repeat is the one refused
+    anyio.run(send, repeated, call)
+    assert repeated.unsent == 1 and repeated.may_have_run
+
+    only = Attempt()
+    only.sends = 1
+    anyio.run(send, only, call)
+    assert not only.may_have_run
+
+    anyio.run(send, only, listing)  # not a tools/call: says nothing about the call
+    assert only.unsent == 1
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
