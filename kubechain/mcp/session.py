@@ -26,6 +26,7 @@ import anyio
 import httpx2
 import mcp_types as types
 from mcp import Client
+from mcp.client import InputRequiredRoundsExceededError
 from mcp.client import stdio as sdk_stdio
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
@@ -111,6 +112,17 @@ _install_spawn_hook()
 
 
 # -- knowing whether a tools/call request left this process -----------------------------------------
+
+
+# A server answering "still working" (a state-only InputRequiredResult, 2026 protocol) is asked again after
+# 50 ms, doubling to at most 250 ms (the SDK's driver): as many rounds as a call timeout holds, not the
+# SDK's default 10 (~2 s), which failed every long-running tool.
+STILL_WORKING_MAX_DELAY_S = 0.25
+STILL_WORKING_MARGIN_S = 0.5
+
+
+def still_working_rounds(call_timeout_s: float) -> int:
+    return int(call_timeout_s / STILL_WORKING_MAX_DELAY_S) + 10
 
 
 class Attempt:
@@ -451,6 +463,7 @@ class Session:
                     cache=None,
                     client_info=CLIENT_INFO,
                     message_handler=self._on_message,
+                    input_required_max_rounds=still_working_rounds(self.call_timeout_s),
                 )
                 async with client:
                     self.client = client
@@ -609,6 +622,10 @@ class Session:
         client = self.client
         if client is None or self.dead or self.broken:
             raise ConnectionLost(self._lost_message(), maybe_executed=False)
+        if self.retired or self._stopping:
+            # Replaced (its MCPServer changed) while this caller held it, e.g. between listing tools and
+            # calling one: a request sent now could be cut off by the stop, so it goes to a fresh session.
+            raise ConnectionLost(self._explain("the session was replaced"), maybe_executed=False)
         return client
 
     async def refresh_tools(self) -> list[types.Tool]:
@@ -639,7 +656,15 @@ class Session:
         token = _ATTEMPT.set(attempt)
         self.inflight += 1
         try:
-            return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+            # The whole call, "still working" rounds included, within the call timeout (and a moment: a
+            # single request that times out is the SDK's to report, and is followed by a liveness probe).
+            with anyio.fail_after(self.call_timeout_s + STILL_WORKING_MARGIN_S):
+                return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+        except (TimeoutError, InputRequiredRoundsExceededError):
+            raise MCPError(
+                f"the server was still working after {self.call_timeout_s:g}s; the tool may have run "
+                "(and may still be running)"
+            ) from None
         except SDKError as exc:
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True

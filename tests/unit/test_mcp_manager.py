@@ -107,6 +107,20 @@ STDIO_SERVER = textwrap.dedent(
 
 
     @server.tool()
+    def still_working(marker: str, rounds: int) -> str:
+        # answers "still working" (a state-only InputRequiredResult, the 2026 protocol's way) until asked
+        # ``rounds`` times
+        from mcp_types import InputRequiredResult
+
+        path = Path(marker)
+        asked = int(path.read_text()) + 1 if path.exists() else 1
+        path.write_text(str(asked))
+        if asked <= rounds:
+            return InputRequiredResult(request_state=f"asked-{asked}")  # type: ignore[return-value]
+        return f"done after {asked} requests"
+
+
+    @server.tool()
     def die_once(marker: str) -> str:
         path = Path(marker)
         if not path.exists():
@@ -393,6 +407,43 @@ def test_crash_during_a_call_is_not_retried_unless_idempotent(
 
     retried = script_server("crashy-idempotent", stdio_script, idempotent=True)
     assert manager.call_tool(retried, "die_once", {"marker": str(tmp_path / "second")}).text == "survived"
+
+
+def test_a_server_still_working_is_asked_again_until_the_call_timeout(
+    stdio_script: str, tmp_path: Path
+) -> None:
+    """A long-running tool answers "still working" (2026 protocol) many times: the call waits for it, as
+    long as its timeout allows, instead of failing after the SDK's default ten rounds (~2 s)."""
+    patient = MCPManager(resolve_secret, call_timeout_s=60, connect_timeout_s=CONNECT_TIMEOUT_S)
+    impatient = MCPManager(resolve_secret, call_timeout_s=1.5, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        server = script_server("long-runner", stdio_script)
+        result = patient.call_tool(server, "still_working", {"marker": str(tmp_path / "a"), "rounds": 14})
+        assert result.text == "done after 15 requests"
+        with pytest.raises(MCPError, match="still working after 1.5s.*may have run"):
+            impatient.call_tool(server, "still_working", {"marker": str(tmp_path / "b"), "rounds": 1000})
+    finally:
+        patient.close()
+        impatient.close()
+
+
+def test_a_session_replaced_while_a_caller_holds_it_sends_it_nothing(
+    manager: MCPManager, stdio_script: str, tmp_path: Path
+) -> None:
+    """The caller got the session, then another thread replaced it (its MCPServer changed): the request
+    goes to a fresh session rather than to one being stopped, which could cut it off mid-call."""
+    from kubechain.mcp.session import ConnectionLost
+
+    server = script_server("replaced", stdio_script)
+    assert manager.call_tool(server, "env", {"name": "HOME"}).text
+    session = manager._peek("default", "replaced")
+    assert session is not None
+    session.retired = True  # what _retire does while the caller is between its steps
+    marker = tmp_path / "ran"
+    with pytest.raises(ConnectionLost) as lost:
+        manager._run(lambda: session.call_tool("die_once", {"marker": str(marker)}), 30, "calling")
+    assert not lost.value.maybe_executed
+    assert not marker.exists(), "the tool did not run"
 
 
 # -- HTTP transports ------------------------------------------------------------------------------
