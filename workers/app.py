@@ -57,6 +57,7 @@ def context() -> WorkerContext:
                 settings,
                 lambda task, message, countdown: enqueue(app, task, message, countdown),
                 continues_llm=QueueName.LLM.value in app.amqp.queues.consume_from,
+                runs_tools=QueueName.TOOLS.value in app.amqp.queues.consume_from,
             )
         return _context
 

@@ -36,7 +36,7 @@ class WorkerContext:
     enqueue: Enqueue
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep  # for in-task backoff (tests pass a recorder)
-    mcp: Any = None  # kubechain.mcp.MCPManager, set up by the tools worker
+    mcp: Any = None  # kubechain.mcp.MCPManager, kept by a worker that runs tool calls (the tools queue)
     # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.
     continues_llm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -64,7 +64,12 @@ class WorkerContext:
         )
 
 
-def build_context(settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False) -> WorkerContext:
+def build_context(
+    settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False, runs_tools: bool = True
+) -> WorkerContext:
+    """``runs_tools``: this process consumes the tools queue, so it keeps MCP sessions open for the tool
+    calls to come. Without it (a control worker), an MCPServer's validation connects, lists the tools and
+    closes: its stdio server does not keep running in a pod sized for no such children."""
     from kubechain.mcp import MCPManager, kube_secret_resolver
 
     kube = KubeClient.from_settings(settings, "kubechain-worker")
@@ -85,5 +90,7 @@ def build_context(settings: Settings, enqueue: Enqueue, *, continues_llm: bool =
             call_timeout_s=settings.tool_timeout_s,
             call_budget_s=settings.tool_execution_cap_s,
             command_allowlist=settings.mcp_command_allowlist,
-        ),
+        )
+        if runs_tools
+        else None,
     )

@@ -200,6 +200,23 @@ def test_every_queue_has_a_worker_deployment(release: list[dict[str, Any]]) -> N
     assert consumed == QUEUES
 
 
+def test_every_pod_carries_the_part_of_label(release: list[dict[str, Any]]) -> None:
+    """deploy/README.md's NetworkPolicy for Redis admits pods labelled part-of=kubechain: all of ours."""
+    workloads = [o for o in release if o["kind"] in ("Deployment", "StatefulSet")]
+    assert workloads
+    for workload in workloads:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/part-of") == "kubechain", workload["metadata"]["name"]
+
+
+def test_an_approver_can_read_the_run_a_call_belongs_to(release: list[dict[str, Any]]) -> None:
+    (approver,) = [
+        o for o in release if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "kubechain-approver"
+    ]
+    readable = {r for rule in approver["rules"] if "get" in rule["verbs"] for r in rule["resources"]}
+    assert {"taskruns", "taskruntoolcalls"} <= readable
+
+
 @pytest.mark.parametrize("name", sorted(WORKERS))
 def test_worker_deployment(release: list[dict[str, Any]], name: str) -> None:
     deployment = objects(release, "Deployment")[name]

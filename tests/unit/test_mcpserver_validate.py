@@ -195,3 +195,32 @@ def test_deleted_server_is_disconnected(kube: FakeKubeClient, manager: MCPManage
     kube.delete("mcpservers", "default", "time")
     validate(ctx, ResourceMessage(kind="MCPServer", namespace="default", name="time"))
     assert not manager.connected("default", "time")
+
+
+@pytest.mark.parametrize("runs_tools", [True, False], ids=["tools-worker", "control-worker"])
+def test_only_a_worker_that_runs_tool_calls_keeps_mcp_sessions(tmp_path: Path, runs_tools: bool) -> None:
+    """A control worker validates MCPServers with a manager it closes afterwards (its pods are not sized
+    for stdio servers left running); a tools worker keeps its sessions for the calls to come."""
+    import yaml
+
+    from workers.context import build_context
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    ctx = build_context(
+        Settings(kubeconfig=str(tmp_path / "kubeconfig")), lambda *_: None, runs_tools=runs_tools
+    )
+    try:
+        assert isinstance(ctx.mcp, MCPManager) if runs_tools else ctx.mcp is None
+    finally:
+        ctx.events.flush()
+        if ctx.mcp is not None:
+            ctx.mcp.close()
+        ctx.kube.close()
