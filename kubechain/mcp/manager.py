@@ -242,6 +242,7 @@ class MCPManager:
             current = self._sessions.get(key)
             if current is not None:
                 if current.fingerprint == resolved.fingerprint() and current.usable:
+                    self._last_used[key] = time.monotonic()
                     return current, False
                 reason = (
                     "its spec changed"
@@ -253,6 +254,8 @@ class MCPManager:
             session = Session(_label(key), resolved, self.connect_timeout_s, self.call_timeout_s)
             await session.start()
             self._sessions[key] = session
+            # used from now: a connect slower than the idle timeout must not leave it idle already
+            self._last_used[key] = time.monotonic()
             return session, True
 
     async def _close_idle_sessions(self) -> None:

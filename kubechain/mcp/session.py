@@ -552,7 +552,10 @@ class Session:
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, Exception):
-            log.debug("MCP session %s: transport error: %s", self.label, describe_error(message))
+            # a server's text may quote its own environment (secrets among it): scrubbed like every error
+            log.debug(
+                "MCP session %s: transport error: %s", self.label, self.spec.scrub(describe_error(message))
+            )
         await anyio.lowlevel.checkpoint()
 
     @asynccontextmanager

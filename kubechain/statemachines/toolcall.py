@@ -125,10 +125,15 @@ def plan_tool_success(
 INVALID_ARGUMENTS = "Invalid arguments JSON"
 
 
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON has not: sent on, they became null without a word
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def parse_arguments(toolcall: TaskRunToolCall) -> tuple[dict[str, Any], str | None]:
     """The call's arguments, or the error the LLM is told when they are not a JSON object."""
     try:
-        value = json.loads(toolcall.spec.arguments or "{}")
+        value = json.loads(toolcall.spec.arguments or "{}", parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can parse
         return {}, f"{INVALID_ARGUMENTS}: {exc}"
     if not isinstance(value, dict):
