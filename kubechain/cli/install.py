@@ -19,6 +19,7 @@ from kubechain.kube.errors import KubeAPIError, NotFound
 # wheel can install itself; the CRDs are generated from the models.
 RELEASE_MANIFEST = Path(__file__).resolve().parents[1] / "manifests" / "kubechain.yaml"
 FIELD_MANAGER = "kubechain-cli"
+RELEASE_IMAGE = "ghcr.io/kubechain/kubechain"
 APPLY_PATCH = "application/apply-patch+yaml"
 
 
@@ -101,6 +102,31 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     return flat
 
 
+def with_image(docs: list[dict[str, Any]], image: str) -> list[dict[str, Any]]:
+    """``docs`` with every container of KubeChain's image (the watcher, the workers) running ``image``
+    instead: one built from this checkout and pushed to a registry the cluster pulls from."""
+    out = []
+    for doc in docs:
+        pod = ((doc.get("spec") or {}).get("template") or {}).get("spec")
+        if isinstance(pod, dict):
+            pod = {
+                **pod,
+                **{
+                    key: [
+                        {**c, "image": image}
+                        if str(c.get("image", "")).split("@")[0].rsplit(":", 1)[0] == RELEASE_IMAGE
+                        else c
+                        for c in pod[key]
+                    ]
+                    for key in ("containers", "initContainers")
+                    if isinstance(pod.get(key), list)
+                },
+            }
+            doc = {**doc, "spec": {**doc["spec"], "template": {**doc["spec"]["template"], "spec": pod}}}
+        out.append(doc)
+    return out
+
+
 @main.command()
 @click.option("--crds-only", is_flag=True, help="install the CustomResourceDefinitions only")
 @click.option(
@@ -116,8 +142,17 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     default=None,
     help="CRD YAML files to apply instead of the ones this version of KubeChain defines",
 )
+@click.option(
+    "--image",
+    default=None,
+    metavar="IMAGE",
+    help=f"run the watcher and workers from IMAGE instead of the release's {RELEASE_IMAGE}:<version> "
+    "(e.g. one built from this checkout's Dockerfile and pushed where the cluster can pull it)",
+)
 @kube_options
-def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path | None) -> None:
+def install(
+    target: Target, crds_only: bool, manifest: Path, crds_dir: Path | None, image: str | None
+) -> None:
     """Install KubeChain into the cluster: CRDs, then the release manifest (server-side apply)."""
     if crds_dir is None:
         crds = all_crds()
@@ -143,6 +178,8 @@ def install(target: Target, crds_only: bool, manifest: Path, crds_dir: Path | No
         if crds_only:
             return
         docs = load_manifest(manifest)
+        if image:
+            docs = with_image(docs, image)
         # CRDs first (and Established) so the objects after them can use the new kinds; Namespaces next.
         # (those deploy/crds already defines were applied above, from the source of truth)
         applied = {crd["metadata"]["name"] for crd in crds}

@@ -419,3 +419,29 @@ def test_install(kubeconfig: Path, kubectl: Kubectl, namespace: str, tmp_path: P
         kubectl("get", "configmap", "kubechain-config", "-o", "json", namespace=namespace).stdout
     )
     assert config["data"] == {"a": "b"}
+
+    # --image: the watcher and workers from an image of one's own; other images stay as they are
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "kubechain-watcher", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "w"}},
+            "template": {
+                "metadata": {"labels": {"app": "w"}},
+                "spec": {
+                    "containers": [
+                        {"name": "watcher", "image": "ghcr.io/kubechain/kubechain:0.1.0"},
+                        {"name": "sidecar", "image": "redis:7-alpine"},
+                    ]
+                },
+            },
+        },
+    }
+    manifest.write_text(json.dumps(deployment))
+    ok(cli(kubeconfig, "install", "--manifest", str(manifest), "--image", "registry.local/kc:dev"))
+    pods = json.loads(
+        kubectl("get", "deployment", "kubechain-watcher", "-o", "json", namespace=namespace).stdout
+    )
+    images = [c["image"] for c in pods["spec"]["template"]["spec"]["containers"]]
+    assert images == ["registry.local/kc:dev", "redis:7-alpine"]
