@@ -34,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError as SDKError
 from mcp.shared.message import SessionMessage
-from mcp_types import CONNECTION_CLOSED, INVALID_REQUEST, REQUEST_TIMEOUT
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TIMEOUT
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, redact_url
@@ -125,6 +125,10 @@ def still_working_rounds(call_timeout_s: float) -> int:
     return int(call_timeout_s / STILL_WORKING_MAX_DELAY_S) + 10
 
 
+# Statuses with which an HTTP server refuses a request before running it.
+NOT_RUN_STATUSES = (429, 503)
+
+
 class Attempt:
     """Per call: how many tools/call requests were handed to the transport, and how many of those never
     left (their connection could not be made). One call may send several (a server answering "still
@@ -133,6 +137,7 @@ class Attempt:
     def __init__(self) -> None:
         self.sends = 0
         self.unsent = 0
+        self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
 
     @property
     def may_have_run(self) -> bool:
@@ -175,19 +180,25 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
     """The HTTP client's transport, unmarking the current call's Attempt when the POST carrying its
     tools/call never left: the connection could not be made (refused, unreachable, connect or pool
     timeout), so no byte of it reached the server. A tool behind a server that was down is then retried
-    on a fresh session, not reported as one that may have run."""
+    on a fresh session, not reported as one that may have run. It also notes an error status the POST
+    was answered with, which the SDK reports only as "Server returned an error response"."""
 
     def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
         self._inner = inner
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
-            return await self._inner.handle_async_request(request)
+            response = await self._inner.handle_async_request(request)
         except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout):
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
                 attempt.unsent += 1
             raise
+        if response.status_code >= 400:
+            attempt = _ATTEMPT.get()
+            if attempt is not None and _carries_tools_call(request):
+                attempt.http_status = response.status_code
+        return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -680,6 +691,17 @@ class Session:
                 ) from exc
             if exc.code == REQUEST_TIMEOUT:
                 await self._check_alive(client)
+            if exc.code == INTERNAL_ERROR and attempt.http_status:
+                status = attempt.http_status
+                if status in NOT_RUN_STATUSES:
+                    # refused before it ran (overloaded, rate-limited): one retry on a fresh session
+                    self.broken = True
+                    raise ConnectionLost(
+                        f"{self.spec.describe()} answered HTTP {status}", maybe_executed=False
+                    ) from exc
+                raise MCPError(
+                    f"error calling tool {tool}: {self.spec.describe()} answered HTTP {status}"
+                ) from exc
             raise
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             self.broken = True

@@ -538,6 +538,63 @@ def test_a_call_may_have_run_if_any_of_its_requests_left_though_a_repeat_could_n
     assert only.unsent == 1
 
 
+def refusing_tool_calls(app: Any, status: int, refuse: Callable[[], bool]) -> Any:
+    """``app`` (ASGI), answering a tools/call POST with a bare ``status`` (no JSON-RPC body, as a proxy
+    or gateway would) whenever ``refuse()`` says so."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await app(scope, receive, send)
+        received = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if not message.get("more_body"):
+                break
+        if b'"tools/call"' in b"".join(m.get("body", b"") for m in received) and refuse():
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"text/plain")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"refused"})
+            return None
+
+        async def replay() -> Any:
+            return received.pop(0) if received else await receive()
+
+        return await app(scope, replay, send)
+
+    return wrapped
+
+
+def test_an_http_error_status_on_a_tool_call_is_named(manager: MCPManager) -> None:
+    """The SDK says only "Server returned an error response": the status says what to fix."""
+    app = _http_mcp_server().streamable_http_app(host="127.0.0.1")
+    with UvicornThread(refusing_tool_calls(app, 401, lambda: True)) as refusing:
+        server = mcp_server("http-401", transport="http", url=f"http://127.0.0.1:{refusing.port}/mcp")
+        with pytest.raises(
+            MCPError, match=r"error calling tool whoami: http http://127.0.0.1:\d+/mcp answered HTTP 401"
+        ):
+            manager.call_tool(server, "whoami", {})
+        manager.disconnect("default", "http-401")
+
+
+def test_a_tool_call_refused_as_overloaded_is_sent_once_more(manager: MCPManager) -> None:
+    """503 and 429 mean the server did not run it: one more try, on a fresh session, even for a server
+    not marked idempotent."""
+    refusals = [True]
+    app = _http_mcp_server().streamable_http_app(host="127.0.0.1")
+    with UvicornThread(refusing_tool_calls(app, 503, lambda: bool(refusals and refusals.pop()))) as flaky:
+        server = mcp_server("http-503", transport="http", url=f"http://127.0.0.1:{flaky.port}/mcp")
+        result = manager.call_tool(server, "whoami", {})
+        assert "unauthorized" in result.text  # the tool ran (and answered as it does without the header)
+        assert refusals == []
+        manager.disconnect("default", "http-503")
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
