@@ -54,6 +54,11 @@ def _close_all_at_exit() -> None:
             log.exception("closing an MCP manager at exit failed")
 
 
+# A connect that just failed answers the callers queued behind it for a moment: each would otherwise wait a
+# whole connect timeout in turn, and the last of many find its budget spent on waiting.
+CONNECT_FAILURE_REUSE_S = 5.0
+
+
 class MCPManager:
     def __init__(
         self,
@@ -82,6 +87,7 @@ class MCPManager:
         self._retiring: set[Session] = set()
         self._key_locks: dict[Key, asyncio.Lock] = {}
         self._last_used: dict[Key, float] = {}
+        self._connect_failures: dict[Key, tuple[float, str, str]] = {}  # when, fingerprint, error
 
     # -- public sync API ---------------------------------------------------------------------------
 
@@ -251,8 +257,21 @@ class MCPManager:
                 )
                 log.info("MCP server %s: reconnecting (%s)", _label(key), reason)
                 self._retire(key, current)
+            fingerprint = resolved.fingerprint()
+            failed = self._connect_failures.get(key)
+            if (
+                failed is not None
+                and failed[1] == fingerprint
+                and time.monotonic() - failed[0] < CONNECT_FAILURE_REUSE_S
+            ):
+                raise MCPError(failed[2])
             session = Session(_label(key), resolved, self.connect_timeout_s, self.call_timeout_s)
-            await session.start()
+            try:
+                await session.start()
+            except MCPError as exc:
+                self._connect_failures[key] = (time.monotonic(), fingerprint, str(exc))
+                raise
+            self._connect_failures.pop(key, None)
             self._sessions[key] = session
             # used from now: a connect slower than the idle timeout must not leave it idle already
             self._last_used[key] = time.monotonic()

@@ -595,6 +595,40 @@ def test_a_tool_call_refused_as_overloaded_is_sent_once_more(manager: MCPManager
         manager.disconnect("default", "http-503")
 
 
+def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
+    """A server that accepts connections but never answers: four calls at once make one connect attempt
+    between them, and all four hear why, instead of each waiting a whole connect timeout in turn."""
+    import concurrent.futures
+
+    accepted: list[socket.socket] = []
+    black_hole = socket.create_server(("127.0.0.1", 0))
+    port = black_hole.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(black_hole.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    slow = MCPManager(resolve_secret, call_timeout_s=5, connect_timeout_s=1)
+    try:
+        server = mcp_server("black-hole", transport="http", url=f"http://127.0.0.1:{port}/mcp")
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(slow.call_tool, server, "whoami", {}) for _ in range(4)]
+            errors = [call.exception(timeout=60) for call in calls]
+        assert all(isinstance(e, MCPError) and "timed out after 1s connecting" in str(e) for e in errors), (
+            errors
+        )
+        assert len(accepted) == 1, "one connect attempt for the four calls"
+    finally:
+        slow.close()
+        black_hole.close()
+        for conn in accepted:
+            conn.close()
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
