@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -125,8 +126,10 @@ def still_working_rounds(call_timeout_s: float) -> int:
     return int(call_timeout_s / STILL_WORKING_MAX_DELAY_S) + 10
 
 
-# Statuses with which an HTTP server refuses a request before running it.
+# Statuses with which an HTTP server refuses a request before running it; and those of a gateway that may
+# have passed it on.
 NOT_RUN_STATUSES = (429, 503)
+MAYBE_RUN_STATUSES = (500, 502, 504)
 
 
 class Attempt:
@@ -138,6 +141,10 @@ class Attempt:
         self.sends = 0
         self.unsent = 0
         self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
+        # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
+        # the transport calls abandon() instead, saying why in ``failure``
+        self.abandon: Callable[[], None] | None = None
+        self.failure = ""
 
     @property
     def may_have_run(self) -> bool:
@@ -183,22 +190,32 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
     on a fresh session, not reported as one that may have run. It also notes an error status the POST
     was answered with, which the SDK reports only as "Server returned an error response"."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, *, abandon_on_failure: bool = False) -> None:
         self._inner = inner
+        self._abandon_on_failure = abandon_on_failure
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
             response = await self._inner.handle_async_request(request)
-        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout):
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
                 attempt.unsent += 1
+                self._abandon(attempt, f"{type(exc).__name__}: {exc}")
             raise
         if response.status_code >= 400:
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = response.status_code
+                if self._abandon_on_failure and response.status_code not in MAYBE_RUN_STATUSES:
+                    attempt.unsent += 1  # an SSE server refused the message: nothing ran
+                self._abandon(attempt, f"answered HTTP {response.status_code}")
         return response
+
+    def _abandon(self, attempt: Attempt, failure: str) -> None:
+        if self._abandon_on_failure and attempt.abandon is not None:
+            attempt.failure = failure
+            attempt.abandon()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -214,14 +231,25 @@ def _carries_tools_call(request: httpx2.Request) -> bool:
     return isinstance(body, dict) and body.get("method") == "tools/call"
 
 
-def _watching_unsent_calls(client: httpx2.AsyncClient) -> httpx2.AsyncClient:
+def _watching_unsent_calls(
+    client: httpx2.AsyncClient, *, abandon_on_failure: bool = False
+) -> httpx2.AsyncClient:
     """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
-    client._transport = _UnsentCallTransport(client._transport)
+    wrap = functools.partial(_UnsentCallTransport, abandon_on_failure=abandon_on_failure)
+    client._transport = wrap(client._transport)
     client._mounts = {
-        pattern: None if transport is None else _UnsentCallTransport(transport)
+        pattern: None if transport is None else wrap(transport)
         for pattern, transport in client._mounts.items()
     }
     return client
+
+
+def _sse_http_client(
+    headers: dict[str, str] | None = None,
+    timeout: httpx2.Timeout | None = None,
+    auth: httpx2.Auth | None = None,
+) -> httpx2.AsyncClient:
+    return _watching_unsent_calls(create_mcp_http_client(headers, timeout, auth), abandon_on_failure=True)
 
 
 class _WatchedReadStream:
@@ -609,6 +637,7 @@ class Session:
                         headers=dict(spec.headers),
                         timeout=self.connect_timeout_s,
                         sse_read_timeout=max(SSE_READ_TIMEOUT_S, self.call_timeout_s),
+                        httpx_client_factory=_sse_http_client,
                     )
                 )
             yield _WatchedReadStream(read, self._lost), _WatchedWriteStream(write)
@@ -673,7 +702,15 @@ class Session:
             # The whole call, "still working" rounds included, within the call timeout (and a moment: a
             # single request that times out is the SDK's to report, and is followed by a liveness probe).
             with anyio.fail_after(self.call_timeout_s + STILL_WORKING_MARGIN_S):
-                return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+                with anyio.CancelScope() as abandoned:
+                    attempt.abandon = abandoned.cancel
+                    return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+            # Abandoned: the POST carrying the call failed (SSE), and this session's POSTs have stopped.
+            self.broken = True
+            raise ConnectionLost(
+                self._explain(f"sending the call to {self.spec.describe()} failed ({attempt.failure})"),
+                maybe_executed=attempt.may_have_run,
+            )
         except (TimeoutError, InputRequiredRoundsExceededError):
             raise MCPError(
                 f"the server was still working after {self.call_timeout_s:g}s; the tool may have run "

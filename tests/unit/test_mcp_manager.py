@@ -629,6 +629,23 @@ def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
             conn.close()
 
 
+def test_an_sse_call_whose_post_is_refused_is_retried_at_once_not_after_its_timeout() -> None:
+    """Over SSE the SDK only logs a failed POST: the call waited out its whole timeout, then counted as
+    one that may have run. It is now given up at once and, refused before it ran, sent again."""
+    refusals = [True]
+    app = _http_mcp_server().sse_app(host="127.0.0.1")
+    impatient = MCPManager(
+        resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, call_budget_s=20
+    )
+    try:
+        with UvicornThread(refusing_tool_calls(app, 503, lambda: bool(refusals and refusals.pop()))) as flaky:
+            server = mcp_server("sse-503", transport="sse", url=f"http://127.0.0.1:{flaky.port}/sse")
+            assert "unauthorized" in impatient.call_tool(server, "whoami", {}).text  # the tool ran, once
+            assert refusals == []
+    finally:
+        impatient.close()
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
