@@ -75,6 +75,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     stack = LocalStack(options, progress=say)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    displaced_by: str | None = None
     try:
         stack.start()
         if real_llm:
@@ -87,8 +88,19 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         click.echo("\nKubeChain is running. In another terminal:\n")
         click.echo(f"    {export_line(stack.kubeconfig, os.environ.get('PATH', ''), sys.executable)}\n")
         click.echo("Press Ctrl-C to stop.\n")
+        next_check = time.monotonic() + DEPLOYED_CHECK_S
         while not stop.is_set():
             stop.wait(1.0)
+            if cluster == "current" and time.monotonic() >= next_check:
+                # KubeChain deployed into this cluster since we started: its watcher leads under its own
+                # Lease, so both would act on every resource. The local one makes way.
+                next_check = time.monotonic() + DEPLOYED_CHECK_S
+                try:
+                    displaced_by = deployed_watcher(kubeconfig)
+                except Exception:  # noqa: BLE001 - a check that cannot be made now is made at the next one
+                    displaced_by = None
+                if displaced_by is not None:
+                    break
     except KeyboardInterrupt:
         pass
     finally:
@@ -97,6 +109,15 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         started = time.monotonic()
         stack.stop()
         say(f"stopped ({time.monotonic() - started:.1f}s)")
+    if displaced_by is not None:
+        raise CLIError(
+            f"KubeChain was deployed in the current cluster meanwhile (its watcher {displaced_by} holds Lease "
+            f"{'/'.join(DEPLOYED_LEASE)}): the local processes stopped rather than race it for every resource"
+        )
+
+
+# How often `up --cluster current` checks that KubeChain has not been deployed into the cluster meanwhile.
+DEPLOYED_CHECK_S = 15.0
 
 
 def export_line(kubeconfig: str, path: str, python: str) -> str:

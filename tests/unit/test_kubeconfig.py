@@ -176,6 +176,45 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
     assert [options.kubeconfig for options in seen] == [listed(first, second)]
 
 
+def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_meanwhile(
+    two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refusing at start is not enough: the release applied later leads under its own Lease, and both
+    would act on every resource. The local processes stop, and `up` says why (exit 1)."""
+    from click.testing import CliRunner
+
+    import kubechain.cli.up as up_module
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    first, _ = two_files
+    monkeypatch.setenv("KUBECONFIG", str(first))
+    checks = iter([None, None, None, "kubechain-watcher-7d9f-abc"])  # at start, then twice, then deployed
+    events: list[str] = []
+
+    class FakeStack:
+        kubeconfig = str(first)
+        llm_base_url = "http://127.0.0.1:1/v1"
+
+        def __init__(self, options: Any, **_: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            events.append("start")
+
+        def stop(self) -> None:
+            events.append("stop")
+
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
+    monkeypatch.setattr(stack, "deployed_watcher", lambda _: next(checks))
+    monkeypatch.setattr(stack, "LocalStack", FakeStack)
+    monkeypatch.setattr(up_module, "DEPLOYED_CHECK_S", 0.0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current"])
+    assert events == ["start", "stop"]
+    assert result.exit_code == 1
+    assert "kubechain-watcher-7d9f-abc holds Lease kubechain-system/kubechain-watcher" in result.output
+
+
 def test_a_kubeconfig_given_as_a_path_object_is_one_file(tmp_path: Path) -> None:
     one = tmp_path / "one.yaml"
     assert kc.kubeconfig_paths(one) == [str(one)]
