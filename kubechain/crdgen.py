@@ -17,6 +17,13 @@ from kubechain.models import GROUP, KINDS, VERSION, KindInfo
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "crds"
 
+
+def default_output() -> Path:
+    """deploy/crds of this checkout; installed from a wheel (no checkout around the package), ./deploy/crds
+    of the current directory, not a directory inside site-packages."""
+    return DEFAULT_OUTPUT if DEFAULT_OUTPUT.parent.is_dir() else Path.cwd() / "deploy" / "crds"
+
+
 _KEPT_SCALAR_KEYS = ("enum", "pattern", "minLength", "maxLength", "minimum", "maximum", "format")
 
 

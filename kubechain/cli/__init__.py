@@ -19,14 +19,19 @@ def version() -> None:
 
 
 @main.command()
-@click.option("--output", type=click.Path(), default=None, help="directory (default: deploy/crds)")
+@click.option(
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="directory (default: deploy/crds of this checkout, or of the current directory)",
+)
 def crds(output: str | None) -> None:
     """Regenerate the CRD YAML from the resource models."""
     from pathlib import Path
 
-    from kubechain.crdgen import DEFAULT_OUTPUT, write_crds
+    from kubechain.crdgen import default_output, write_crds
 
-    for path in write_crds(Path(output) if output else DEFAULT_OUTPUT):
+    for path in write_crds(Path(output) if output else default_output()):
         click.echo(str(path))
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -68,3 +70,19 @@ def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
         {"metadata": {"name": "r"}, "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"}}
     )
     assert run.spec.task_ref is None and run.spec.agent_ref is not None and run.phase == ""
+
+
+def test_crds_from_an_installed_wheel_go_to_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed from a wheel there is no checkout around the package: `kubechain crds` must not write
+    into site-packages (the README then applies ./deploy/crds)."""
+    import kubechain.crdgen as crdgen
+
+    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", tmp_path / "site-packages" / "deploy" / "crds")
+    monkeypatch.chdir(tmp_path)
+    assert crdgen.default_output() == tmp_path / "deploy" / "crds"
+    checkout = tmp_path / "checkout" / "deploy"
+    checkout.mkdir(parents=True)
+    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", checkout / "crds")
+    assert crdgen.default_output() == checkout / "crds"
