@@ -61,14 +61,18 @@ class ResolvedSpec:
 
 
 def redact_url(url: str) -> str:
-    """The URL without userinfo (``https://user:token@host`` → ``https://host``)."""
+    """The URL without userinfo (``https://user:token@host`` → ``https://host``) and without the values of
+    its query (``?api_key=abc`` → ``?api_key=***``: hosted MCP servers often take their key there)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<invalid url>"
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{name}=***" if sep else name
+        for name, sep, _ in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _var_problem(var: EnvVar, what: str) -> str | None:
