@@ -179,7 +179,12 @@ def install(
             return
         docs = load_manifest(manifest)
         if image:
-            docs = with_image(docs, image)
+            replaced = with_image(docs, image)
+            if replaced == docs:
+                raise CLIError(
+                    f"--image: no container in {manifest} runs {RELEASE_IMAGE}; nothing would use {image}"
+                )
+            docs = replaced
         # CRDs first (and Established) so the objects after them can use the new kinds; Namespaces next.
         # (those deploy/crds already defines were applied above, from the source of truth)
         applied = {crd["metadata"]["name"] for crd in crds}

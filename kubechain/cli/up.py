@@ -29,7 +29,7 @@ from kubechain.cli import main
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
     from kubechain.cli.resources import CLIError
-    from kubechain.kube.connection import kubeconfig_path
+    from kubechain.kube.connection import current_context, kubeconfig_path
     from kubechain.testing.stack import (
         DEPLOYED_LEASE,
         LocalStack,
@@ -58,6 +58,8 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     # current: the kubeconfig as kubectl reads it ($KUBECONFIG may list several files, merged); local: the
     # stack writes its own <workdir>/kubeconfig
     kubeconfig = kubeconfig_path() if cluster == "current" else None
+    # the context the local processes use: later checks look there, whatever kubectl switches to meanwhile
+    context = current_context(kubeconfig) if cluster == "current" else None
     # The scripted server stands in for provider openai (the README's walkthrough); an Anthropic key
     # alone does not answer openai LLMs.
     real_llm = bool(os.environ.get("OPENAI_API_KEY"))
@@ -96,7 +98,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
                 # Lease, so both would act on every resource. The local one makes way.
                 next_check = time.monotonic() + DEPLOYED_CHECK_S
                 try:
-                    displaced_by = deployed_watcher(kubeconfig)
+                    displaced_by = deployed_watcher(kubeconfig, context=context)
                 except Exception:  # noqa: BLE001 - a check that cannot be made now is made at the next one
                     displaced_by = None
                 if displaced_by is not None:

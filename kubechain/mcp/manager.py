@@ -54,11 +54,6 @@ def _close_all_at_exit() -> None:
             log.exception("closing an MCP manager at exit failed")
 
 
-# A connect that just failed answers the callers queued behind it for a moment: each would otherwise wait a
-# whole connect timeout in turn, and the last of many find its budget spent on waiting.
-CONNECT_FAILURE_REUSE_S = 5.0
-
-
 class MCPManager:
     def __init__(
         self,
@@ -87,6 +82,8 @@ class MCPManager:
         self._retiring: set[Session] = set()
         self._key_locks: dict[Key, asyncio.Lock] = {}
         self._last_used: dict[Key, float] = {}
+        # A connect that failed answers the callers that were queued behind it (each would otherwise wait a
+        # whole connect timeout in turn, the last of many finding its budget spent); later callers try anew.
         self._connect_failures: dict[Key, tuple[float, str, str]] = {}  # when, fingerprint, error
 
     # -- public sync API ---------------------------------------------------------------------------
@@ -243,7 +240,7 @@ class MCPManager:
         from kubechain.mcp.session import Session
 
         lock = self._key_locks.setdefault(key, asyncio.Lock())
-        self._last_used[key] = time.monotonic()
+        arrived = self._last_used[key] = time.monotonic()
         async with lock:
             current = self._sessions.get(key)
             if current is not None:
@@ -259,12 +256,8 @@ class MCPManager:
                 self._retire(key, current)
             fingerprint = resolved.fingerprint()
             failed = self._connect_failures.get(key)
-            if (
-                failed is not None
-                and failed[1] == fingerprint
-                and time.monotonic() - failed[0] < CONNECT_FAILURE_REUSE_S
-            ):
-                raise MCPError(failed[2])
+            if failed is not None and failed[1] == fingerprint and failed[0] >= arrived:
+                raise MCPError(failed[2])  # it failed while this caller waited for the lock
             session = Session(_label(key), resolved, self.connect_timeout_s, self.call_timeout_s)
             try:
                 await session.start()

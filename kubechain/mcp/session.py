@@ -126,10 +126,8 @@ def still_working_rounds(call_timeout_s: float) -> int:
     return int(call_timeout_s / STILL_WORKING_MAX_DELAY_S) + 10
 
 
-# Statuses with which an HTTP server refuses a request before running it; and those of a gateway that may
-# have passed it on.
-NOT_RUN_STATUSES = (429, 503)
-MAYBE_RUN_STATUSES = (500, 502, 504)
+# What the SDK says of a non-2xx answer without a JSON-RPC error in it (the status is known only to us).
+SDK_STATUS_STAND_IN = "Server returned an error response"
 
 
 class Attempt:
@@ -168,6 +166,12 @@ class _WatchedWriteStream:
             attempt = _ATTEMPT.get()
             if attempt is not None:
                 attempt.sends += 1  # a started write counts: it may have been delivered
+                try:
+                    await self._inner.send(item)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    attempt.unsent += 1  # the transport's sender was gone: never handed over
+                    raise
+                return
         await self._inner.send(item)
 
     async def aclose(self) -> None:
@@ -197,19 +201,21 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
             response = await self._inner.handle_async_request(request)
-        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+        except Exception as exc:
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
-                attempt.unsent += 1
+                if isinstance(exc, httpx2.ConnectError | httpx2.ConnectTimeout | httpx2.PoolTimeout):
+                    attempt.unsent += 1
                 self._abandon(attempt, f"{type(exc).__name__}: {exc}")
             raise
-        if response.status_code >= 400:
+        status = response.status_code
+        if status >= 300:
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
-                attempt.http_status = response.status_code
-                if self._abandon_on_failure and response.status_code not in MAYBE_RUN_STATUSES:
-                    attempt.unsent += 1  # an SSE server refused the message: nothing ran
-                self._abandon(attempt, f"answered HTTP {response.status_code}")
+                attempt.http_status = status
+                if _refused_before_running(status, response.headers, sse=self._abandon_on_failure):
+                    attempt.unsent += 1
+                self._abandon(attempt, f"answered HTTP {status}")
         return response
 
     def _abandon(self, attempt: Attempt, failure: str) -> None:
@@ -219,6 +225,16 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _refused_before_running(status: int, headers: httpx2.Headers, *, sse: bool) -> bool:
+    """Whether an error status means the request was not run. An SSE server answers a message's POST
+    before handling it (202), so any 3xx/4xx, 429 or 503 is a refusal; a streamable-HTTP server answers
+    when done, so only a rate limit (429) or an overload that asks to come back (503 with Retry-After) is
+    sure not to have run it: a proxy's bare 503 may follow a request the server had received."""
+    if sse:
+        return status < 500 or status == 503
+    return status == 429 or (status == 503 and "retry-after" in headers)
 
 
 def _carries_tools_call(request: httpx2.Request) -> bool:
@@ -712,6 +728,10 @@ class Session:
                 maybe_executed=attempt.may_have_run,
             )
         except (TimeoutError, InputRequiredRoundsExceededError):
+            if attempt.failure:
+                self.broken = True  # its POSTs have stopped (SSE): nothing more will come of it
+            else:
+                await self._check_alive(client)  # a server still answering is slow, not hung
             raise MCPError(
                 f"the server was still working after {self.call_timeout_s:g}s; the tool may have run "
                 "(and may still be running)"
@@ -728,13 +748,14 @@ class Session:
                 ) from exc
             if exc.code == REQUEST_TIMEOUT:
                 await self._check_alive(client)
-            if exc.code == INTERNAL_ERROR and attempt.http_status:
+            if exc.code == INTERNAL_ERROR and exc.message == SDK_STATUS_STAND_IN and attempt.http_status:
                 status = attempt.http_status
-                if status in NOT_RUN_STATUSES:
-                    # refused before it ran (overloaded, rate-limited): one retry on a fresh session
+                if status in (429, 503):
+                    # overloaded or rate-limited: another try on a fresh session if the call cannot have
+                    # run (this was its first request, refused before running) or may run twice
                     self.broken = True
                     raise ConnectionLost(
-                        f"{self.spec.describe()} answered HTTP {status}", maybe_executed=False
+                        f"{self.spec.describe()} answered HTTP {status}", maybe_executed=attempt.may_have_run
                     ) from exc
                 raise MCPError(
                     f"error calling tool {tool}: {self.spec.describe()} answered HTTP {status}"

@@ -8,6 +8,7 @@ AwaitingSubAgent / AwaitingHumanInput that nothing can move on any more --> Fail
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -130,10 +131,17 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: a JSON number, but not one any tool can be given
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def parse_arguments(toolcall: TaskRunToolCall) -> tuple[dict[str, Any], str | None]:
     """The call's arguments, or the error the LLM is told when they are not a JSON object."""
     try:
-        value = json.loads(toolcall.spec.arguments or "{}", parse_constant=_not_json)
+        value = json.loads(toolcall.spec.arguments or "{}", parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can parse
         return {}, f"{INVALID_ARGUMENTS}: {exc}"
     if not isinstance(value, dict):

@@ -320,10 +320,13 @@ def cluster_reachable(kubeconfig: str | None) -> bool:
 DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 
-def deployed_watcher(kubeconfig: str | None, lease: tuple[str, str] = DEPLOYED_LEASE) -> str | None:
+def deployed_watcher(
+    kubeconfig: str | None, lease: tuple[str, str] = DEPLOYED_LEASE, context: str | None = None
+) -> str | None:
     """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
-    ``kubechain up`` must not start a second KubeChain that would race it for every resource."""
-    client = KubeClient(load_connection(kubeconfig), timeout_s=5)
+    ``kubechain up`` must not start a second KubeChain that would race it for every resource. ``context``:
+    that kube context rather than the current one."""
+    client = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
     try:
         return lease_holder(client.get_lease(*lease).get("spec") or {}, datetime.now(UTC))
     except KubeAPIError:

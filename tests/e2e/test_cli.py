@@ -445,3 +445,7 @@ def test_install(kubeconfig: Path, kubectl: Kubectl, namespace: str, tmp_path: P
     )
     images = [c["image"] for c in pods["spec"]["template"]["spec"]["containers"]]
     assert images == ["registry.local/kc:dev", "redis:7-alpine"]
+    deployment["spec"]["template"]["spec"]["containers"] = [{"name": "sidecar", "image": "redis:7-alpine"}]
+    manifest.write_text(json.dumps(deployment))
+    unused = cli(kubeconfig, "install", "--manifest", str(manifest), "--image", "registry.local/kc:dev")
+    assert unused.returncode == 1 and "nothing would use registry.local/kc:dev" in unused.stderr

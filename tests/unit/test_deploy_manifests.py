@@ -209,6 +209,19 @@ def test_every_pod_carries_the_part_of_label(release: list[dict[str, Any]]) -> N
         assert labels.get("app.kubernetes.io/part-of") == "kubechain", workload["metadata"]["name"]
 
 
+def test_redis_volume_claim_templates_are_as_existing_installs_have_them(
+    release: list[dict[str, Any]],
+) -> None:
+    """A StatefulSet's volumeClaimTemplates cannot change: a label added there (kustomize's
+    includeTemplates does) makes every upgrade of an existing install fail at Redis."""
+    (redis,) = [o for o in release if o["kind"] == "StatefulSet"]
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["labels"] == {
+        "app.kubernetes.io/component": "redis",
+        "app.kubernetes.io/name": "kubechain",
+    }
+
+
 def test_an_approver_can_read_the_run_a_call_belongs_to(release: list[dict[str, Any]]) -> None:
     (approver,) = [
         o for o in release if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "kubechain-approver"

@@ -189,7 +189,13 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
 
     first, _ = two_files
     monkeypatch.setenv("KUBECONFIG", str(first))
-    checks = iter([None, None, None, "kubechain-watcher-7d9f-abc"])  # at start, then twice, then deployed
+    checks: list[str | None] = []
+
+    def deployed_watcher(*_: Any, **__: Any) -> str | None:
+        # none at start nor at the next two checks, then one: KubeChain was deployed meanwhile
+        checks.append("kubechain-watcher-7d9f-abc" if len(checks) >= 3 else None)
+        return checks[-1]
+
     events: list[str] = []
 
     class FakeStack:
@@ -206,9 +212,10 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
             events.append("stop")
 
     monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
-    monkeypatch.setattr(stack, "deployed_watcher", lambda _: next(checks))
+    monkeypatch.setattr(stack, "deployed_watcher", deployed_watcher)
     monkeypatch.setattr(stack, "LocalStack", FakeStack)
     monkeypatch.setattr(up_module, "DEPLOYED_CHECK_S", 0.0)
+    monkeypatch.setattr(up_module.signal, "signal", lambda *_: None)  # leave pytest's handlers alone
     result = CliRunner().invoke(main, ["up", "--cluster", "current"])
     assert events == ["start", "stop"]
     assert result.exit_code == 1

@@ -538,7 +538,9 @@ def test_a_call_may_have_run_if_any_of_its_requests_left_though_a_repeat_could_n
     assert only.unsent == 1
 
 
-def refusing_tool_calls(app: Any, status: int, refuse: Callable[[], bool]) -> Any:
+def refusing_tool_calls(
+    app: Any, status: int, refuse: Callable[[], bool], headers: list[tuple[bytes, bytes]] | None = None
+) -> Any:
     """``app`` (ASGI), answering a tools/call POST with a bare ``status`` (no JSON-RPC body, as a proxy
     or gateway would) whenever ``refuse()`` says so."""
 
@@ -556,7 +558,7 @@ def refusing_tool_calls(app: Any, status: int, refuse: Callable[[], bool]) -> An
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": [(b"content-type", b"text/plain")],
+                    "headers": [(b"content-type", b"text/plain"), *(headers or [])],
                 }
             )
             await send({"type": "http.response.body", "body": b"refused"})
@@ -582,17 +584,33 @@ def test_an_http_error_status_on_a_tool_call_is_named(manager: MCPManager) -> No
         manager.disconnect("default", "http-401")
 
 
-def test_a_tool_call_refused_as_overloaded_is_sent_once_more(manager: MCPManager) -> None:
-    """503 and 429 mean the server did not run it: one more try, on a fresh session, even for a server
-    not marked idempotent."""
+@pytest.mark.parametrize(
+    ("status", "headers", "sent_again"),
+    [
+        (429, [], True),  # a rate limit: not run
+        (503, [(b"retry-after", b"1")], True),  # overloaded, asking to come back: not run
+        (503, [], False),  # a proxy's bare 503 may follow a request the server had received
+    ],
+    ids=["429", "503-retry-after", "503-bare"],
+)
+def test_a_tool_call_refused_before_it_ran_is_sent_once_more(
+    manager: MCPManager, status: int, headers: list[tuple[bytes, bytes]], sent_again: bool
+) -> None:
+    """Refused before it ran: one more try on a fresh session, even for a server not marked idempotent.
+    Otherwise the call may have run, and a server not marked idempotent is not sent it again."""
     refusals = [True]
     app = _http_mcp_server().streamable_http_app(host="127.0.0.1")
-    with UvicornThread(refusing_tool_calls(app, 503, lambda: bool(refusals and refusals.pop()))) as flaky:
-        server = mcp_server("http-503", transport="http", url=f"http://127.0.0.1:{flaky.port}/mcp")
-        result = manager.call_tool(server, "whoami", {})
-        assert "unauthorized" in result.text  # the tool ran (and answered as it does without the header)
+    refusing = refusing_tool_calls(app, status, lambda: bool(refusals and refusals.pop()), headers)
+    name = f"http-{status}-{len(headers)}"
+    with UvicornThread(refusing) as flaky:
+        server = mcp_server(name, transport="http", url=f"http://127.0.0.1:{flaky.port}/mcp")
+        if sent_again:
+            assert "unauthorized" in manager.call_tool(server, "whoami", {}).text  # it ran, once
+        else:
+            with pytest.raises(MCPError, match=f"answered HTTP {status}.*may have run"):
+                manager.call_tool(server, "whoami", {})
         assert refusals == []
-        manager.disconnect("default", "http-503")
+        manager.disconnect("default", name)
 
 
 def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
@@ -644,6 +662,33 @@ def test_an_sse_call_whose_post_is_refused_is_retried_at_once_not_after_its_time
             assert refusals == []
     finally:
         impatient.close()
+
+
+def test_a_call_its_transport_could_not_take_was_not_sent() -> None:
+    """Over SSE a failed POST ends the SDK's sender: a second call handed to it then fails to be handed
+    over at all, and so cannot have run (it is retried, even for a server not marked idempotent)."""
+    import anyio
+    import mcp_types as types
+    from mcp.shared.message import SessionMessage
+
+    from kubechain.mcp.session import _ATTEMPT, Attempt, _WatchedWriteStream
+
+    class Gone:
+        async def send(self, item: object) -> None:
+            raise anyio.BrokenResourceError
+
+    async def hand_over(attempt: Attempt) -> None:
+        token = _ATTEMPT.set(attempt)
+        try:
+            request = types.JSONRPCRequest(jsonrpc="2.0", id=7, method="tools/call", params={"name": "x"})
+            with pytest.raises(anyio.BrokenResourceError):
+                await _WatchedWriteStream(Gone()).send(SessionMessage(request))
+        finally:
+            _ATTEMPT.reset(token)
+
+    attempt = Attempt()
+    anyio.run(hand_over, attempt)
+    assert attempt.sends == 1 and not attempt.may_have_run
 
 
 # -- result flattening and lifecycle --------------------------------------------------------------
