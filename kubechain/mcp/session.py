@@ -694,10 +694,13 @@ class Session:
             with anyio.fail_after(self.connect_timeout_s):
                 self.tools = await self._list_all(client)
         except TimeoutError:
-            # No answer to tools/list for a whole connect timeout: hung, not slow. The next request
-            # starts a fresh session instead of waiting out this one again.
+            # No answer to tools/list for a whole connect timeout: hung, not slow. A fresh session is
+            # tried instead (nothing was called: a tool call waiting on this list goes on there).
             self.broken = True
-            raise MCPError(f"listing tools timed out after {self.connect_timeout_s:g}s") from None
+            raise ConnectionLost(
+                self._explain(f"listing tools timed out after {self.connect_timeout_s:g}s"),
+                maybe_executed=False,
+            ) from None
         except SDKError as exc:
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True

@@ -446,6 +446,64 @@ def test_a_session_replaced_while_a_caller_holds_it_sends_it_nothing(
     assert not marker.exists(), "the tool did not run"
 
 
+LISTER = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+
+    import anyio
+    from mcp.server.mcpserver import MCPServer
+
+    lists = Path(os.environ["LISTS_FILE"])
+
+
+    class Lister(MCPServer):
+        async def list_tools(self):  # 1st: without "late"; 2nd: never answers; then all of them
+            count = int(lists.read_text()) + 1 if lists.exists() else 1
+            lists.write_text(str(count))
+            tools = await super().list_tools()
+            if count == 1:
+                return [tool for tool in tools if tool.name != "late"]
+            if count == 2:
+                await anyio.sleep(3600)
+            return tools
+
+
+    server = Lister("lister")
+
+
+    @server.tool()
+    def late() -> str:
+        return "late ran"
+
+
+    server.run()
+    """
+)
+
+
+def test_a_tools_list_that_hangs_before_a_call_moves_the_call_to_a_fresh_session(tmp_path: Path) -> None:
+    """The call's tool was not in the first listing, so the session lists again, and that hangs: nothing
+    was called yet, so the call goes on, on a fresh session, instead of failing."""
+    script = tmp_path / "lister.py"
+    script.write_text(LISTER)
+    # the hung listing is given up after a connect timeout: short, but long enough to start a server
+    lister = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=10)
+    try:
+        server = mcp_server(
+            "lister",
+            transport="stdio",
+            command=sys.executable,
+            args=[str(script)],
+            env=[{"name": "LISTS_FILE", "value": str(tmp_path / "lists")}],
+        )
+        assert [t.name for t in lister.list_tools(server)] == []
+        assert lister.call_tool(server, "late", {}).text == "late ran"
+        assert (tmp_path / "lists").read_text() == "3"
+    finally:
+        lister.close()
+
+
 # -- HTTP transports ------------------------------------------------------------------------------
 
 
