@@ -93,8 +93,14 @@ class Executor:
         self._token: str | None = None
         self._resolved: Any = None  # the MCP server's spec with its Secrets read (by read_secrets)
         self._resolve()
-        if self.problem is None and agent is not None:
-            self.problem = self._not_granted(agent)
+        if self.problem is None:
+            # Without its Agent, what the LLM was granted cannot be checked: nothing runs unchecked.
+            self.problem = (
+                self._not_granted(agent)
+                if agent is not None
+                else f"the Agent of TaskRun {toolcall.spec.task_run_ref.name} was not found: "
+                "what it grants cannot be checked"
+            )
 
     def _not_granted(self, agent: Agent) -> str | None:
         """The LLM may only use what its Agent was given, not any tool that happens to exist."""
@@ -299,6 +305,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             )
             log.warning("tool call %s/%s not run: %s", toolcall.namespace, toolcall.name, why)
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"{why}: not run", ctx.clock()))
+            _stop_sub_agent_runs(ctx, toolcall)
         return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
@@ -421,7 +428,33 @@ def _fail_if_stranded(
         stranded.status["error"],
     )
     apply_transition(ctx, toolcall, stranded)
+    _stop_sub_agent_runs(ctx, toolcall)
     return True
+
+
+def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+    """A delegating call just failed for a reason of its own (its run ended, its Tool changed): its
+    sub-agent's run, which nothing will read any more, is deleted rather than left spending tokens (the
+    call, and so its child, is kept for good, so garbage collection never removes it)."""
+    if toolcall.phase != ToolCallPhase.AWAITING_SUB_AGENT:
+        return  # no child was started (the call was failed from the phase it was read in)
+    selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
+    for child in ctx.kube.list(TaskRun, toolcall.namespace, selector):
+        owned = any(ref.uid == toolcall.uid for ref in child.metadata.owner_references)
+        if not owned or child.is_terminal():
+            continue
+        try:
+            ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
+            log.info(
+                "deleted sub-agent run %s/%s: its tool call %s failed",
+                child.namespace,
+                child.name,
+                toolcall.name,
+            )
+        except NotFound:
+            pass
+        except Forbidden as exc:  # RBAC without delete on taskruns: it runs on, unread
+            log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
 
 
 def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, agent: str) -> None:

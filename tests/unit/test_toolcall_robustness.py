@@ -147,6 +147,56 @@ def test_a_sub_agent_call_whose_tool_was_deleted_fails_and_the_run_goes_on() -> 
     assert run_status(kube)["phase"] == "ReadyForLLM"
 
 
+def test_a_sub_agent_run_nothing_will_read_is_deleted_when_its_call_fails() -> None:
+    """Its call failed (here: its Tool was deleted) while the sub-agent still works: the child run,
+    kept for good with its call, would otherwise run on, spending tokens for no one."""
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.delete("tools", "default", "ask")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
+def test_a_sub_agent_run_is_deleted_when_its_parent_run_ended_without_it() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.patch_status(
+        kube.get(TaskRun, "default", "r"), {"phase": "Failed", "error": "a sibling was refused"}
+    )
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "already finished (Failed)" in status["error"]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
+def test_a_finished_sub_agent_run_is_kept_when_its_call_fails() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.delete("tools", "default", "ask")
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    assert kube.get_raw("taskruns", "default", child)["status"]["output"] == "42"  # its answer stays readable
+
+
+def test_a_call_whose_agent_is_gone_runs_nothing_it_cannot_check() -> None:
+    """The Agent was deleted between the LLM's turn and the call: what it granted cannot be checked, so
+    a delegation (to whatever agent the LLM named) is not started."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    kube.delete("agents", "default", "a")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert (
+        status["phase"] == "Failed" and "was not found: what it grants cannot be checked" in status["error"]
+    )
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
 def test_a_sub_agent_call_whose_tool_no_longer_delegates_fails() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
