@@ -29,7 +29,8 @@ from kubechain.cli import main
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
     from kubechain.cli.resources import CLIError
-    from kubechain.kube.connection import current_context, kubeconfig_path
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import current_context, kubeconfig_path, load_connection
     from kubechain.testing.stack import (
         DEPLOYED_LEASE,
         LocalStack,
@@ -78,6 +79,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     displaced_by: str | None = None
+    lease_reader: KubeClient | None = None  # asks, every DEPLOYED_CHECK_S, whether KubeChain was deployed
     try:
         stack.start()
         if real_llm:
@@ -91,6 +93,8 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         click.echo(f"    {export_line(stack.kubeconfig, os.environ.get('PATH', ''), sys.executable)}\n")
         click.echo("Press Ctrl-C to stop.\n")
         next_check = time.monotonic() + DEPLOYED_CHECK_S
+        if cluster == "current":
+            lease_reader = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
         while not stop.is_set():
             stop.wait(1.0)
             if cluster == "current" and time.monotonic() >= next_check:
@@ -98,7 +102,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
                 # Lease, so both would act on every resource. The local one makes way.
                 next_check = time.monotonic() + DEPLOYED_CHECK_S
                 try:
-                    displaced_by = deployed_watcher(kubeconfig, context=context)
+                    displaced_by = deployed_watcher(kubeconfig, context=context, client=lease_reader)
                 except Exception:  # noqa: BLE001 - a check that cannot be made now is made at the next one
                     displaced_by = None
                 if displaced_by is not None:
@@ -107,6 +111,8 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         pass
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean shutdown
+        if lease_reader is not None:
+            lease_reader.close()
         say("stopping")
         started = time.monotonic()
         stack.stop()

@@ -321,15 +321,21 @@ DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 
 def deployed_watcher(
-    kubeconfig: str | None, lease: tuple[str, str] = DEPLOYED_LEASE, context: str | None = None
+    kubeconfig: str | None,
+    lease: tuple[str, str] = DEPLOYED_LEASE,
+    context: str | None = None,
+    client: KubeClient | None = None,
 ) -> str | None:
     """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
     ``kubechain up`` must not start a second KubeChain that would race it for every resource. ``context``:
-    that kube context rather than the current one."""
-    client = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
+    that kube context rather than the current one; ``client``: one to ask with (a caller checking again
+    and again keeps one, rather than loading the kubeconfig, exec plugin and all, each time)."""
+    own = client is None
+    kube = client if client is not None else KubeClient(load_connection(kubeconfig, context), timeout_s=5)
     try:
-        return lease_holder(client.get_lease(*lease).get("spec") or {}, datetime.now(UTC))
+        return lease_holder(kube.get_lease(*lease).get("spec") or {}, datetime.now(UTC))
     except KubeAPIError:
         return None  # no such Lease (or not ours to read): nothing known to be running
     finally:
-        client.close()
+        if own:
+            kube.close()

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
 from kubechain.settings import Settings
-
-
-class SilentRedis:
-    """Accepts connections and never answers (a broker gone behind a NAT or a failover)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            self.held.append(connection)
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.held:
-            connection.close()
+from tests.unit.silent_server import SilentServer
 
 
 def test_a_publish_to_a_silent_broker_fails_within_the_socket_timeout() -> None:
-    broker = SilentRedis()
+    broker = SilentServer()  # a broker gone behind a NAT or a failover
     settings = Settings(redis_url=f"redis://127.0.0.1:{broker.port}/0", redis_socket_timeout_s=0.2)
     app = make_celery(settings)
     app.conf.broker_connection_retry_on_startup = False

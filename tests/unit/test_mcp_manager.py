@@ -676,18 +676,10 @@ def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
     between them, and all four hear why, instead of each waiting a whole connect timeout in turn."""
     import concurrent.futures
 
-    accepted: list[socket.socket] = []
-    black_hole = socket.create_server(("127.0.0.1", 0))
-    port = black_hole.getsockname()[1]
+    from tests.unit.silent_server import SilentServer
 
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(black_hole.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
+    black_hole = SilentServer()
+    port = black_hole.port
     slow = MCPManager(resolve_secret, call_timeout_s=5, connect_timeout_s=1)
     try:
         server = mcp_server("black-hole", transport="http", url=f"http://127.0.0.1:{port}/mcp")
@@ -697,12 +689,10 @@ def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
         assert all(isinstance(e, MCPError) and "timed out after 1s connecting" in str(e) for e in errors), (
             errors
         )
-        assert len(accepted) == 1, "one connect attempt for the four calls"
+        assert len(black_hole.held) == 1, "one connect attempt for the four calls"
     finally:
         slow.close()
         black_hole.close()
-        for conn in accepted:
-            conn.close()
 
 
 def test_an_sse_call_whose_post_is_refused_is_retried_at_once_not_after_its_timeout() -> None:
