@@ -450,8 +450,9 @@ def _merged(status: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_statuses(message: str, now: datetime) -> list[dict[str, Any]]:
-    """The three status writes of a hello run, as KubeChain's state machines produce them for one: the
-    first context window (handed off to a worker), the LLM-step claim, the final answer."""
+    """The three status writes of a hello run, as KubeChain's state machines produce them for one whose
+    turn goes through the queue: the first context window, the LLM-step claim, the final answer. (A
+    worker that takes the turn it made ready writes the first two as one.)"""
     system = "You are a benchmark agent. Answer briefly."
     agent = Agent.from_wire(
         resource("Agent", "bench-agent", {"llmRef": {"name": "gpt-4o"}, "system": system})
@@ -460,10 +461,10 @@ def run_statuses(message: str, now: datetime) -> list[dict[str, Any]]:
     wire = taskrun("baseline", "bench-agent", message)
     wire["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
     run = TaskRun.from_wire(wire)
-    first = plan_initial_context(run, None, False, agent, now, "worker-0")
+    first = plan_initial_context(run, None, False, agent, now)
     assert first is not None
     run = TaskRun.from_wire(wire | {"status": _merged({}, first.status)})
-    claim = plan_llm_claim(run, "worker-0", now, LoopLimits(), run.status.claimed_at).transition
+    claim = plan_llm_claim(run, "worker-0", now, LoopLimits()).transition
     assert claim is not None
     run = TaskRun.from_wire(wire | {"status": _merged(run.status.to_wire(), claim.status)})
     usage = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}
@@ -807,20 +808,16 @@ def hello_side_by_side(ctx: BenchContext, n: int, timeout_s: float = 300) -> lis
 
 
 def ready_time(timeline: Timeline) -> float | None:
-    """When the first turn became ready: first seen in the watch, or — for a turn a worker handed to
-    itself — the hand-off time it wrote (under load the watch lags by more than the few ms between the
-    hand-off and the LLM request, which would make ready→LLM negative)."""
-    seen = timeline.first("ReadyForLLM")
-    handed = next(
-        (
-            parse_ts(s.claimed_at)
-            for s in timeline.sightings
-            if s.phase == "ReadyForLLM" and s.claimed_at is not None
-        ),
-        None,
-    )
-    candidates = [t for t in (seen, handed) if t is not None]
-    return min(candidates) if candidates else None
+    """When the first turn became ready: first seen as ReadyForLLM in the watch or, for a turn the worker
+    that made it ready took itself (ReadyForLLM and the claim written as one), the claim time it wrote:
+    under load the watch lags by more than the few ms between that write and the LLM request, which
+    would make ready→LLM negative."""
+    for sighting in timeline.sightings:
+        if sighting.phase == "ReadyForLLM":
+            return sighting.t
+        if sighting.phase == "SendContextWindowToLLM":
+            return parse_ts(sighting.claimed_at) if sighting.claimed_at else sighting.t
+    return None
 
 
 def _stragglers(
@@ -1114,7 +1111,11 @@ def _fanout_trial(
     tool_s: float,
 ) -> dict[str, Any]:
     pending = run.first("ToolCallsPending")
-    ready2 = run.first("ReadyForLLM", after=pending) if pending is not None else None
+    # the next turn is ready when seen as ReadyForLLM, or already claimed by the worker that made it so
+    readied = (
+        [run.first(p, after=pending) for p in ("ReadyForLLM", "SendContextWindowToLLM")] if pending else []
+    )
+    ready2 = min((t for t in readied if t is not None), default=None)
     final = run.first("FinalAnswer")
 
     def rel(t: float | None) -> float | None:

@@ -60,9 +60,6 @@ class Settings(BaseSettings):
     tool_timeout_s: float = 120.0
     # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
     claim_timeout_s: float = 180.0
-    # A turn a worker handed to itself (ReadyForLLM written with its claim, the LLM call made right
-    # after) is given to the queue if it is still not taken after this long (that worker died).
-    handoff_timeout_s: float = 15.0
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
     max_delegation_depth: int = 5

@@ -141,13 +141,7 @@ class Watcher:
         now = self._clock()
         works: list[Work] = []
         if event_type != "DELETED":
-            works = work_for(
-                kind,
-                obj,
-                now,
-                self.settings.claim_timeout_s,
-                handoff_timeout_s=self.settings.handoff_timeout_s,
-            )
+            works = work_for(kind, obj, now, self.settings.claim_timeout_s)
             if kind == "TaskRunToolCall" and works and not self._all_siblings_finished(obj):
                 # Fan-in: only the last of a turn's tool calls to finish prompts the parent; resync
                 # covers a hint lost on the way.
@@ -235,14 +229,7 @@ class Watcher:
             (kind, obj, work)
             for kind, objects in cache.items()
             for obj in objects.values()
-            for work in work_for(
-                kind,
-                obj,
-                now,
-                self.settings.claim_timeout_s,
-                resync=True,
-                handoff_timeout_s=self.settings.handoff_timeout_s,
-            )
+            for work in work_for(kind, obj, now, self.settings.claim_timeout_s, resync=True)
         ]
         # (both skip objects being deleted, as work_for does)
         out += [

@@ -54,7 +54,6 @@ class WorkerContext:
         s = self.settings
         return LoopLimits(
             claim_timeout_s=s.claim_timeout_s,
-            handoff_timeout_s=s.handoff_timeout_s,
             child_creation_grace_s=min(10.0, s.claim_timeout_s / 2),
             max_attempts=s.llm_max_attempts,
             backoff_base_s=s.llm_backoff_base_s,

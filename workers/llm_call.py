@@ -17,6 +17,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_answer,
     plan_llm_claim,
     plan_llm_error,
+    with_llm_claim,
 )
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.statemachines.transition import Transition
@@ -47,15 +48,16 @@ def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         TaskRun,
         message.namespace,
         message.name,
-        lambda run: _take_turn(ctx, run, None),
+        lambda run: _take_turn(ctx, run),
         seen_version=message.resource_version,
     )
 
 
-def continue_turn(ctx: WorkerContext, run: TaskRun) -> None:
-    """Make the LLM call of a ReadyForLLM turn this worker just handed to itself (its write put our
-    claim on it), without the round trip through the watcher and the queue."""
-    handed_off_at = run.status.claimed_at
+def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
+    """Write ``ready`` (a transition of ``run`` to ReadyForLLM) together with the claim of the turn it
+    starts, then make that turn's LLM call: a worker that consumes the llm queue takes a turn it made
+    ready itself, without a round trip through the watcher and the queue or a claim write of its own.
+    A Conflict leaves ``run`` as it was, for the caller to re-read and re-decide."""
     outcome = "ok"
     try:
         with span(
@@ -67,14 +69,7 @@ def continue_turn(ctx: WorkerContext, run: TaskRun) -> None:
                 "kubechain.reason": "handoff",
             },
         ):
-            decide_on_current(
-                ctx,
-                TaskRun,
-                run.namespace,
-                run.name,
-                lambda current: _take_turn(ctx, current, handed_off_at),
-                run,
-            )
+            _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready)
     except Exception:
         outcome = "error"
         raise
@@ -139,13 +134,12 @@ BACKOFF_RECHECK_REASON = "backoff-recheck"
 MIN_RECHECK_DELAY_S = 0.5
 
 
-def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> None:
-    """If the turn is ours to take (``handed_off_at``: we handed it to ourselves then), claim it, call
-    the LLM once and record the answer."""
+def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
+    """If the turn is free to take, claim it, call the LLM once and record the answer."""
     if run.metadata.deletion_timestamp:
         return
     now = ctx.clock()
-    claim = plan_llm_claim(run, ctx.identity, now, ctx.limits, handed_off_at)
+    claim = plan_llm_claim(run, ctx.identity, now, ctx.limits)
     if claim.transition is None:
         log.debug("llm_call skipped for %s/%s: %s", run.namespace, run.name, claim.reason)
         if run.phase == TaskRunPhase.ERROR_BACKOFF and claim.wait_s > 0:
@@ -157,16 +151,23 @@ def _take_turn(ctx: WorkerContext, run: TaskRun, handed_off_at: str | None) -> N
     if claim.transition.phase() == "Failed":
         apply_transition(ctx, run, claim.transition)
         return
+    _claim_and_call(ctx, run, claim.transition)
+
+
+def _claim_and_call(
+    ctx: WorkerContext, run: TaskRun, claim: Transition, ready: Transition | None = None
+) -> None:
+    """Write ``claim`` and, if it lands, call the LLM once and record the answer. ``ready``: the part of
+    ``claim`` that made the turn ready, written without the claim when the run cannot call its LLM."""
     try:
         _agent, llm, api_key, tools = _resolve(ctx, run)
     except RunConfigError as problem:
-        apply_transition(ctx, run, plan_config_error(run, str(problem), problem.reason, now))
+        failure = plan_config_error(run, str(problem), problem.reason, ctx.clock())
+        apply_transition(ctx, run, failure if ready is None else ready.followed_by(failure))
         return
-    claimed_at = str(claim.transition.status["claimedAt"])
+    claimed_at = str(claim.status["claimedAt"])
     # Conflict: another worker claimed first.
-    claimed = apply_claim(
-        ctx, run, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
-    )
+    claimed = apply_claim(ctx, run, claim, lambda current: holds_claim(current, ctx.identity, claimed_at))
     request = build_request(llm, list(claimed.status.context_window or []), tools)
     started = time.perf_counter()
     try:

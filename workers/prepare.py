@@ -19,7 +19,7 @@ from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
-from workers.llm_call import continue_turn
+from workers.llm_call import take_turn_now
 from workers.transitions import apply_transition, create_children, decide_on_current
 from workers.validators import get_or_none
 
@@ -44,27 +44,15 @@ def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
         _fan_in(ctx, run)
     elif run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         _initial_context(ctx, run)
-    elif _handed_to_us(ctx, run):
-        # Our hand-off write landed but the call after it did not happen (e.g. this task is a retry).
-        continue_turn(ctx, run)
 
 
-def _handoff_to(ctx: WorkerContext) -> str | None:
-    return ctx.identity if ctx.continues_llm else None
-
-
-def _handed_to_us(ctx: WorkerContext, run: TaskRun) -> bool:
-    return (
-        ctx.continues_llm
-        and run.phase == TaskRunPhase.READY_FOR_LLM
-        and run.status.claimed_by == ctx.identity
-    )
-
-
-def _apply_and_continue(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
-    updated = apply_transition(ctx, run, transition)
-    if _handed_to_us(ctx, updated):
-        continue_turn(ctx, updated)
+def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
+    """A worker that consumes the llm queue takes a turn it makes ready (see ``take_turn_now``); others
+    leave it to the watcher and the queue."""
+    if ctx.continues_llm and transition.phase() == TaskRunPhase.READY_FOR_LLM.value:
+        take_turn_now(ctx, run, transition)
+    else:
+        apply_transition(ctx, run, transition)
 
 
 def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
@@ -84,9 +72,9 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
         agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
         if agent is None or not agent.status.ready:
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
-    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), _handoff_to(ctx))
+    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock())
     if transition is not None:
-        _apply_and_continue(ctx, run, transition)
+        _apply(ctx, run, transition)
 
 
 def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
@@ -95,10 +83,10 @@ def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
         f"{LABEL_TOOLCALLREQUEST}={run.status.tool_call_request_id}"
     )
     toolcalls = ctx.kube.list(TaskRunToolCall, run.namespace, selector)
-    decision = plan_fan_in(run, toolcalls, ctx.clock(), ctx.limits, _handoff_to(ctx))
+    decision = plan_fan_in(run, toolcalls, ctx.clock(), ctx.limits)
     if decision.missing:
         # The ToolCallsPending write won but its worker died before creating every child: finish the job.
         if create_children(ctx, run, list(decision.missing)) is not None:
             return  # the API server rejected one as invalid: the run was failed with the reason
     if decision.transition is not None:
-        _apply_and_continue(ctx, run, decision.transition)
+        _apply(ctx, run, decision.transition)

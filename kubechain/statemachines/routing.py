@@ -16,7 +16,7 @@ from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES, TERMINAL_TASKRUN_PHA
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
 from kubechain.queueing import TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
-from kubechain.statemachines.transition import HANDOFF_TIMEOUT_S, claim_remaining_s, parse_timestamp
+from kubechain.statemachines.transition import claim_remaining_s, parse_timestamp
 
 VALIDATED_KINDS = ("LLM", "Tool", "Agent", "Task", "MCPServer", "ContactChannel")
 TOOLCALL_EXECUTABLE = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
@@ -103,16 +103,15 @@ def work_for(
     claim_timeout_s: float,
     *,
     resync: bool = False,
-    handoff_timeout_s: float = HANDOFF_TIMEOUT_S,
 ) -> list[Work]:
     """The tasks this object's own state calls for. ``resync`` adds the periodic checks: re-validate
-    resources that are not Ready, and re-take claims (and hand-offs) whose holder stopped answering."""
+    resources that are not Ready, and re-take claims whose holder stopped answering."""
     namespace, name = _meta(obj)
     if _deleting(obj):
         return []
     return [
         replace(work, trace_uid=trace_uid_of(kind, obj))
-        for work in _work_for(kind, obj, now, claim_timeout_s, resync, handoff_timeout_s)
+        for work in _work_for(kind, obj, now, claim_timeout_s, resync)
     ]
 
 
@@ -134,7 +133,6 @@ def _work_for(
     now: datetime,
     claim_timeout_s: float,
     resync: bool,
-    handoff_timeout_s: float,
 ) -> list[Work]:
     namespace, name = _meta(obj)
     status = _status(obj)
@@ -173,12 +171,6 @@ def _work_for(
         if phase in TASKRUN_PREPARE:
             return [Work(TaskName.PREPARE, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.READY_FOR_LLM:
-            if status.get("claimedBy"):
-                # Handed off to the worker that wrote it, which makes the call itself; only a hand-off
-                # whose worker went quiet is sent to the queue.
-                if resync and _claim_expired(status, now, handoff_timeout_s):
-                    return [Work(TaskName.LLM_CALL, kind, namespace, name, reason="stale-handoff")]
-                return []
             return [Work(TaskName.LLM_CALL, kind, namespace, name, reason=reason)]
         if phase == TaskRunPhase.ERROR_BACKOFF:
             due = parse_timestamp(status.get("nextAttemptAt"))

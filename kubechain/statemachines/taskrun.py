@@ -1,6 +1,8 @@
 """The TaskRun state machine: pure decisions, no I/O.
 
     ""/Initializing/Pending --prepare--> ReadyForLLM --llm_call claims--> SendContextWindowToLLM
+    (a worker that makes the LLM call itself writes ReadyForLLM and its claim as one write: see
+    ``with_llm_claim``)
     SendContextWindowToLLM --content--> FinalAnswer
     SendContextWindowToLLM --tool calls--> ToolCallsPending (+ one TaskRunToolCall per call)
     ToolCallsPending --all tool calls terminal (prepare)--> ReadyForLLM
@@ -39,7 +41,6 @@ from kubechain.models.labels import LABEL_TASK
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
-    HANDOFF_TIMEOUT_S,
     Transition,
     claim_remaining_s,
     normal,
@@ -58,9 +59,6 @@ TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
 @dataclass(frozen=True)
 class LoopLimits:
     claim_timeout_s: float = 180.0
-    # A ReadyForLLM turn handed off to the worker that wrote it (it goes on to the LLM call itself,
-    # without a round trip through the watcher and the queue); older than this, anyone may take it.
-    handoff_timeout_s: float = HANDOFF_TIMEOUT_S
     # How long the fan-in check leaves missing tool calls to the worker that is creating them.
     child_creation_grace_s: float = 10.0
     max_attempts: int = 14
@@ -114,11 +112,7 @@ def needs_prepare(run: TaskRun) -> bool:
     )
 
 
-def handoff(worker: str | None, now: datetime) -> dict[str, Any]:
-    """Status fields that hand a ReadyForLLM turn to ``worker`` (None: to whoever the watcher sends)."""
-    if worker is None:
-        return {"claimedBy": None, "claimedAt": None}
-    return {"claimedBy": worker, "claimedAt": precise_timestamp(now)}
+UNCLAIMED = {"claimedBy": None, "claimedAt": None}
 
 
 def plan_initial_context(
@@ -127,10 +121,8 @@ def plan_initial_context(
     task_missing: bool,
     agent: Agent | None,
     now: datetime,
-    handoff_to: str | None = None,
 ) -> Transition | None:
-    """Decide the first context window, or why the run must wait (or fail). ``handoff_to``: the worker
-    that will make the LLM call right after this write (see ``LoopLimits.handoff_timeout_s``)."""
+    """Decide the first context window, or why the run must wait (or fail)."""
     if run.phase not in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         return None
     current = run.status.model_dump(by_alias=True)
@@ -170,7 +162,7 @@ def plan_initial_context(
             else trace_ids(run.uid),
             "turns": 0,
             "llmAttempts": 0,
-            **handoff(handoff_to, now),
+            **UNCLAIMED,
         },
         events=[normal("ValidationSucceeded", "Task validated successfully")],
     )
@@ -215,11 +207,8 @@ class ClaimDecision:
     reason: str = ""
 
 
-def plan_llm_claim(
-    run: TaskRun, worker: str, now: datetime, limits: LoopLimits, handed_off_at: str | None = None
-) -> ClaimDecision:
-    """Claim the LLM step with a conditional write, or say why not (someone holds it, or backoff).
-    ``handed_off_at``: the caller wrote this ReadyForLLM handing the turn to itself at that time."""
+def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits) -> ClaimDecision:
+    """Claim the LLM step with a conditional write, or say why not (someone holds it, or backoff)."""
     phase = run.phase
     attempts = run.status.llm_attempts or 0
     interrupted: dict[str, int] = {}
@@ -242,26 +231,35 @@ def plan_llm_claim(
         interrupted = {"llmInterruptions": 1}
     elif phase != TaskRunPhase.READY_FOR_LLM:
         return ClaimDecision(None, 0.0, f"phase {phase or '<none>'} does not call the LLM")
-    elif run.status.claimed_by and not (
-        run.status.claimed_by == worker and run.status.claimed_at == handed_off_at
-    ):
-        remaining = claim_remaining_s(run.status.claimed_at, now, limits.handoff_timeout_s)
-        if remaining > 0:
-            return ClaimDecision(None, remaining, f"handed off to {run.status.claimed_by}")
+    # (A ReadyForLLM with a claimedBy is an earlier version's hand-off: claimed like any other, since
+    # of two conditional claims only one lands.)
     return ClaimDecision(
-        Transition(
-            status={
-                "phase": TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM.value,
-                "statusDetail": "Sending context window to LLM",
-                "claimedBy": worker,
-                "claimedAt": precise_timestamp(now),
-                "llmAttempts": attempts + 1,
-                "nextAttemptAt": None,
-                **interrupted,
-            },
-            events=[normal("SendingContextWindowToLLM", "Sending context window to LLM")],
-        )
+        Transition(status=_claim(worker, now, attempts) | interrupted, events=[SENDING_CONTEXT_WINDOW])
     )
+
+
+SENDING_CONTEXT_WINDOW = normal("SendingContextWindowToLLM", "Sending context window to LLM")
+
+
+def _claim(worker: str, now: datetime, attempts: int) -> dict[str, Any]:
+    return {
+        "phase": TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM.value,
+        "statusDetail": "Sending context window to LLM",
+        "claimedBy": worker,
+        "claimedAt": precise_timestamp(now),
+        "llmAttempts": attempts + 1,
+        "nextAttemptAt": None,
+    }
+
+
+def with_llm_claim(ready: Transition, worker: str, now: datetime) -> Transition:
+    """``ready`` (a turn made ready: the first context window, or the tool results appended) and the
+    claim of that turn's LLM call as one conditional write, for a worker that goes on to make the call
+    itself: the turn then costs one status write, one watch event and one round trip through the
+    watcher and the queue less, and no other worker can take it in between."""
+    if ready.phase() != TaskRunPhase.READY_FOR_LLM.value:
+        raise ValueError(f"only a turn made ready can be claimed with it, not {ready.phase()}")
+    return ready.followed_by(Transition(status=_claim(worker, now, 0), events=[SENDING_CONTEXT_WINDOW]))
 
 
 def holds_claim(run: TaskRun, worker: str, claimed_at: str) -> bool:
@@ -507,10 +505,8 @@ def plan_fan_in(
     toolcalls: list[TaskRunToolCall],
     now: datetime,
     limits: LoopLimits,
-    handoff_to: str | None = None,
 ) -> FanIn:
-    """When every tool call of the current turn is terminal, append their results in the LLM's order
-    (``handoff_to``: as in ``plan_initial_context``)."""
+    """When every tool call of the current turn is terminal, append their results in the LLM's order."""
     if run.phase not in FAN_IN_TASKRUN_PHASES:
         return FanIn([], None)
     expected = expected_toolcalls(run)
@@ -559,7 +555,7 @@ def plan_fan_in(
                 "contextWindow": _wire_window(window),
                 "messageCount": len(window),
                 "llmAttempts": 0,
-                **handoff(handoff_to, now),
+                **UNCLAIMED,
             },
             events=[normal("AllToolCallsCompleted", detail)],
         ),

@@ -31,6 +31,14 @@ class Transition:
         value = self.status.get("phase")
         return str(value) if value is not None else None
 
+    def followed_by(self, later: Transition) -> Transition:
+        """This transition and ``later`` (decided for the object as this one leaves it) as one write."""
+        return Transition(
+            status=self.status | later.status,
+            events=[*self.events, *later.events],
+            children=[*self.children, *later.children],
+        )
+
 
 def normal(reason: str, message: str) -> EventSpec:
     return EventSpec("Normal", reason, message)
@@ -56,10 +64,6 @@ def parse_timestamp(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-# How long a worker that hands a ReadyForLLM turn to itself has to claim it before anyone may.
-HANDOFF_TIMEOUT_S = 15.0
 
 
 def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -> float:

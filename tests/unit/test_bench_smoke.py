@@ -349,15 +349,23 @@ def test_throughput_is_judged_with_the_events_posted() -> None:
     assert "(80.0 with Events)" in text and "target ≥ 90.0 runs/s (with Events): MISSED" in text
 
 
-def test_ready_time_of_a_handed_off_turn_is_its_hand_off() -> None:
+def test_ready_time_of_a_turn_claimed_as_it_was_made_ready_is_its_claim() -> None:
     from datetime import UTC, datetime
 
     from bench.scenarios import ready_time
 
-    handed = datetime.fromtimestamp(100.0, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    lagging = Timeline("r", [Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", handed)])
+    claimed = datetime.fromtimestamp(100.0, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    created = Sighting(99.0, "1", "", "ADDED", None)
+    lagging = Timeline("r", [created, Sighting(100.4, "2", "SendContextWindowToLLM", "MODIFIED", claimed)])
     assert ready_time(lagging) == pytest.approx(100.0)
-    queued = Timeline("r", [Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", None)])
+    queued = Timeline(
+        "r",
+        [
+            created,
+            Sighting(100.4, "2", "ReadyForLLM", "MODIFIED", None),
+            Sighting(100.5, "3", "SendContextWindowToLLM", "MODIFIED", claimed),
+        ],
+    )
     assert ready_time(queued) == pytest.approx(100.4)
     assert ready_time(Timeline("r", [])) is None
 
@@ -523,7 +531,7 @@ def test_baseline_writes_the_statuses_a_hello_run_writes() -> None:
 
     first, claim, answer = run_statuses("hello baseline", datetime(2026, 12, 1, tzinfo=UTC))
     assert first["phase"] == "ReadyForLLM" and len(first["contextWindow"]) == 2
-    assert first["claimedBy"] == "worker-0"  # handed off, as the worker's prepare writes it
+    assert first["claimedBy"] is None  # as a control worker's prepare writes it, for the queue
     assert claim["phase"] == "SendContextWindowToLLM" and claim["llmAttempts"] == 1
     assert answer["phase"] == "FinalAnswer" and answer["output"] == "Hello from the scripted LLM."
     assert [m["role"] for m in answer["contextWindow"]] == ["system", "user", "assistant"]

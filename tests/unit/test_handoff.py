@@ -1,7 +1,8 @@
 """Hand-off: a worker that makes a turn ready (and consumes the llm queue) makes its LLM call itself.
 
-The ReadyForLLM write carries that worker's claim, so the watcher does not also queue the turn and no
-other worker takes it while the hand-off is fresh; a hand-off whose worker went quiet is re-taken.
+Its ReadyForLLM write carries the claim of the turn's LLM call (phase SendContextWindowToLLM), so the
+turn costs one status write less, the watcher does not also queue it, and no other worker takes it
+unless that claim expires (its worker died).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kubechain.llm.base import LLMResponse
 from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
-from kubechain.statemachines.taskrun import plan_initial_context
+from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import validated
 from workers.llm_call import llm_call
@@ -56,7 +57,7 @@ def run_status(kube: FakeKubeClient, name: str = "r") -> dict[str, Any]:
     return kube.get_raw("taskruns", "default", name).get("status") or {}
 
 
-def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
+def test_prepare_claims_the_turn_it_makes_ready_and_makes_the_call() -> None:
     kube = CountingKube()
     llm = new_run(kube)
     version = kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"]
@@ -68,9 +69,12 @@ def test_prepare_hands_the_turn_to_itself_and_makes_the_call() -> None:
 
     assert kube.gets("taskruns") == 1, "one read (from the watch cache), then each write's answer"
     assert kube.request_params[0] == {"resourceVersion": version}
-    assert run_status(kube)["phase"] == "FinalAnswer"
-    assert kube.phases == ["ReadyForLLM", "SendContextWindowToLLM", "FinalAnswer"]
+    status = run_status(kube)
+    assert status["phase"] == "FinalAnswer" and status["llmAttempts"] == 0
+    assert kube.phases == ["SendContextWindowToLLM", "FinalAnswer"], "ready and claimed in one write"
     assert len(llm.requests) == 1
+    assert [m.role for m in llm.requests[0].messages] == ["system", "user"]
+    assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 
 def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
@@ -85,6 +89,18 @@ def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
     assert llm.requests == []
 
 
+def test_a_run_that_cannot_call_its_llm_fails_in_the_write_that_would_have_claimed_it() -> None:
+    kube = CountingKube()
+    llm = new_run(kube)
+    kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/llms/gpt-4o")
+    prepare(context(kube, llm, continues_llm=True), message("TaskRun", "r"))
+    status = run_status(kube)
+    assert kube.phases == ["Failed"] and llm.requests == []
+    assert status["error"] == 'Failed to get LLM: LLM "gpt-4o" not found'
+    assert len(status["contextWindow"]) == 2 and not status.get("claimedBy")
+    assert kube.event_reasons("r") == ["ValidationSucceeded", "LLMFetchFailed"]
+
+
 def new_run(kube: FakeKubeClient) -> FakeLLM:
     """Validated LLM and Agent, and a new direct TaskRun "r"; the LLM answers "done"."""
     llm = FakeLLM(lambda r: LLMResponse(content="done"))
@@ -93,54 +109,66 @@ def new_run(kube: FakeKubeClient) -> FakeLLM:
     return llm
 
 
-def handed_off_run(kube: FakeKubeClient, holder: str) -> tuple[FakeLLM, dict[str, Any]]:
-    """A run whose ReadyForLLM write handed the turn to ``holder``, which then did nothing (died)."""
+def claimed_run(kube: FakeKubeClient, holder: str) -> tuple[FakeLLM, dict[str, Any]]:
+    """A run whose ready-and-claimed write was made by ``holder``, which then died before its call."""
     llm = new_run(kube)
     ctx = context(kube, llm, identity=holder, continues_llm=True)
-    # Only the hand-off write: the holder dies before its claim.
     run = kube.get(TaskRun, "default", "r")
     agent = kube.get(Agent, "default", "a")
-    transition = plan_initial_context(run, None, False, agent, ctx.clock(), holder)
-    assert transition is not None
-    apply_transition(ctx, run, transition)
+    ready = plan_initial_context(run, None, False, agent, ctx.clock())
+    assert ready is not None
+    apply_transition(ctx, run, with_llm_claim(ready, holder, ctx.clock()))
     return llm, kube.get_raw("taskruns", "default", "r")
 
 
-def test_a_fresh_hand_off_is_not_queued_nor_taken_by_another_worker() -> None:
-    kube = FakeKubeClient()
-    llm, obj = handed_off_run(kube, "w1")
-    assert obj["status"]["claimedBy"] == "w1"
-    handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
+def claim_time(obj: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
 
-    assert work_for("TaskRun", obj, handed, 180) == []
-    assert work_for("TaskRun", obj, handed + timedelta(seconds=5), 180, resync=True) == []
+
+def test_a_fresh_claim_is_not_queued_nor_taken_nor_repeated_by_a_retried_prepare() -> None:
+    kube = FakeKubeClient()
+    llm, obj = claimed_run(kube, "w1")
+    assert (obj["status"]["phase"], obj["status"]["claimedBy"]) == ("SendContextWindowToLLM", "w1")
+    claimed = claim_time(obj)
+
+    assert work_for("TaskRun", obj, claimed, 180) == []
+    assert work_for("TaskRun", obj, claimed + timedelta(seconds=60), 180, resync=True) == []
     llm_call(context(kube, llm, identity="w2"), message("TaskRun", "r"))
-    assert llm.requests == [] and run_status(kube)["phase"] == "ReadyForLLM"
+    # The same worker's prepare, redelivered: its first delivery may be making the call right now.
+    prepare(context(kube, llm, identity="w1", continues_llm=True), message("TaskRun", "r"))
+    assert llm.requests == [] and run_status(kube)["phase"] == "SendContextWindowToLLM"
 
 
-def test_a_stale_hand_off_is_requeued_by_resync_and_taken_by_another_worker() -> None:
+def test_an_expired_claim_is_requeued_by_resync_and_its_turn_repeated_once() -> None:
     kube = FakeKubeClient()
-    llm, obj = handed_off_run(kube, "w1")
-    handed = datetime.fromisoformat(obj["status"]["claimedAt"].replace("Z", "+00:00"))
-    later = handed + timedelta(seconds=16)
+    llm, obj = claimed_run(kube, "w1")
+    later = claim_time(obj) + timedelta(seconds=181)
 
-    assert work_for("TaskRun", obj, later, 180) == [], "only resync re-takes a hand-off"
-    (work,) = work_for("TaskRun", obj, later, 180, resync=True, handoff_timeout_s=15)
-    assert (work.task, work.reason) == (TaskName.LLM_CALL, "stale-handoff")
+    assert work_for("TaskRun", obj, later, 180) == [], "only resync re-takes a claim"
+    (work,) = work_for("TaskRun", obj, later, 180, resync=True)
+    assert (work.task, work.reason) == (TaskName.LLM_CALL, "stale-claim")
 
-    other = context(kube, llm, identity="w2", handoff_timeout_s=15)
+    other = context(kube, llm, identity="w2")
     other.clock = lambda: later
     llm_call(other, message("TaskRun", "r"))
-    assert run_status(kube)["phase"] == "FinalAnswer"
-    assert len(llm.requests) == 1
+    status = run_status(kube)
+    assert status["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 2
 
 
-def test_a_retried_prepare_finishes_its_own_hand_off() -> None:
+def test_an_earlier_versions_hand_off_is_queued_and_taken_at_once() -> None:
+    """Until this version a worker wrote ReadyForLLM with its own claimedBy and claimed the turn in a
+    second write; a run left so by a worker of that version is taken like any ReadyForLLM."""
     kube = FakeKubeClient()
-    llm, _ = handed_off_run(kube, "w1")
-    prepare(context(kube, llm, identity="w1", continues_llm=True), message("TaskRun", "r"))
-    assert run_status(kube)["phase"] == "FinalAnswer"
-    assert len(llm.requests) == 1
+    llm = new_run(kube)
+    prepare(context(kube, llm), message("TaskRun", "r"))
+    now = datetime.now(UTC)
+    handed = {"claimedBy": "old-worker", "claimedAt": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    kube.patch_status(kube.get(TaskRun, "default", "r"), handed)
+    obj = kube.get_raw("taskruns", "default", "r")
+    assert [w.task for w in work_for("TaskRun", obj, now, 180)] == [TaskName.LLM_CALL]
+    llm_call(context(kube, llm, identity="w2"), message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
 
 
 def test_fan_in_hands_the_next_turn_to_the_worker_that_completed_it() -> None:
@@ -165,7 +193,9 @@ def test_fan_in_hands_the_next_turn_to_the_worker_that_completed_it() -> None:
     tool_call(ctx, message("TaskRunToolCall", name))
     prepare(ctx, message("TaskRun", "r"))  # the fan-in hint
     assert run_status(kube)["phase"] == "FinalAnswer"
-    assert kube.phases.count("ReadyForLLM") == 2 and len(llm.requests) == 2
+    assert "ReadyForLLM" not in kube.phases and kube.phases.count("SendContextWindowToLLM") == 2
+    assert [m.role for m in llm.requests[1].messages] == ["system", "user", "assistant", "tool"]
+    assert len(llm.requests) == 2
 
 
 def test_redelivered_messages_never_rewind_a_run() -> None:

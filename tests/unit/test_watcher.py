@@ -304,14 +304,12 @@ def test_a_message_names_the_object_and_its_own_version_but_never_carries_it() -
     assert watcher.message_for(work, "9", own_version=False).resource_version == ""
 
 
-def test_a_turn_handed_off_to_its_worker_is_not_queued_by_the_watcher() -> None:
+def test_a_turn_claimed_by_the_worker_that_made_it_ready_is_not_queued_by_the_watcher() -> None:
     kube = FakeKubeClient()
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    handed = run(
-        "TaskRun", {"name": "r", "status": {"phase": "ReadyForLLM", "claimedBy": "w1", "claimedAt": now}}, "7"
-    )
-    watcher._on_event("TaskRun", "MODIFIED", handed, None)
+    claimed = {"phase": "SendContextWindowToLLM", "claimedBy": "w1", "claimedAt": now}
+    watcher._on_event("TaskRun", "MODIFIED", run("TaskRun", {"name": "r", "status": claimed}, "7"), None)
     assert watcher._outbox.empty()
     free = run("TaskRun", {"name": "r", "status": {"phase": "ReadyForLLM"}}, "8")
     watcher._on_event("TaskRun", "MODIFIED", free, None)
