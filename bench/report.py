@@ -77,9 +77,10 @@ def write_target(
     return share * baseline_writes_per_s / writes_per_run
 
 
-# ReadyForLLM (the context window), the LLM claim, FinalAnswer; the Go original's are Initializing,
-# ReadyForLLM, FinalAnswer. The hello target divides by this, fixed: measured, a version that wrote more
-# would lower its own bar.
+# The Go original's three: Initializing, ReadyForLLM, FinalAnswer; KubeChain's, for a run whose turn goes
+# through the queue: ReadyForLLM (the context window), the LLM claim, FinalAnswer (with the hand-off, the
+# first two are one write). The hello target divides by this, fixed: measured, a version that wrote more
+# would lower its own bar, and one that writes less should gain by it.
 STATUS_WRITES_A_RUN_NEEDS = 3
 
 
