@@ -470,6 +470,17 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             )
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
+        if not any(ref.uid == toolcall.uid for ref in child.metadata.owner_references):
+            # A run of that name made by someone else (its create answered AlreadyExists): its answer
+            # would be taken as the sub-agent's.
+            foreign = (
+                f"TaskRun {child_name} was not started by this tool call (it is not one of its owners), "
+                "so its answer is not the sub-agent's; delete or rename that TaskRun and run the task again"
+            )
+            apply_transition(
+                ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed")
+            )
+            return
         timeout_s = ctx.settings.sub_agent_start_timeout_s
         created = parse_timestamp(child.metadata.creation_timestamp)
         if sub_agent_start_expired(child.phase, created, now, timeout_s):
