@@ -37,7 +37,7 @@ from kubechain.models import (
     ToolCallPhase,
     label_value,
 )
-from kubechain.models.labels import LABEL_TASK
+from kubechain.models.labels import LABEL_TASK, MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
@@ -87,7 +87,9 @@ def request_id(run: TaskRun, turn: int) -> str:
 
 
 def toolcall_name(run_name: str, req_id: str, index: int) -> str:
-    return f"{run_name}-{req_id}-tc-{index:02d}"
+    """``<run>-<request id>-tc-NN``, shortened with a hash when a long run name (a TaskRun's may be 253
+    characters) would take it over an object name's limit."""
+    return shortened(f"{run_name}-{req_id}-tc-{index:02d}", MAX_OBJECT_NAME)
 
 
 def _window(run: TaskRun) -> list[Message]:

@@ -456,6 +456,18 @@ def test_a_run_with_a_long_name_gets_its_tool_calls_and_fans_in() -> None:
     assert run_status(kube, run)["output"] == "tool said: 3"
 
 
+def test_a_run_with_a_name_as_long_as_names_go_gets_its_tool_calls_and_fans_in() -> None:
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    run = "r" * 253
+    (name,) = start_turn(ctx, kube, run)
+    assert len(name) == 253 and name.startswith("r" * 200)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    prepare(ctx, message("TaskRun", run))
+    llm_call(ctx, message("TaskRun", run))
+    assert run_status(kube, run)["output"] == "tool said: 3"
+
+
 ADD = {
     "toolType": "function",
     "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
