@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from kubechain.kube.errors import Conflict
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
@@ -58,7 +59,7 @@ def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
     starts, then make that turn's LLM call: a worker that consumes the llm queue takes a turn it made
     ready itself, without a round trip through the watcher and the queue or a claim write of its own.
     A Conflict leaves ``run`` as it was, for the caller to re-read and re-decide."""
-    outcome = "ok"
+    outcome: str | None = "ok"
     try:
         with span(
             "llm_call TaskRun",
@@ -70,11 +71,15 @@ def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
             },
         ):
             _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready)
+    except Conflict:
+        outcome = None  # the run moved first: nothing was made ready here, the caller re-decides
+        raise
     except Exception:
         outcome = "error"
         raise
     finally:
-        HANDOFFS.labels(outcome).inc()
+        if outcome is not None:
+            HANDOFFS.labels(outcome).inc()
 
 
 def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:

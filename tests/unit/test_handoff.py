@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from kubechain.kube.cache import TTLReadCache
 from kubechain.kube.errors import error_for
 from kubechain.kube.fake import FakeKubeClient
@@ -75,6 +77,30 @@ def test_prepare_claims_the_turn_it_makes_ready_and_makes_the_call() -> None:
     assert len(llm.requests) == 1
     assert [m.role for m in llm.requests[0].messages] == ["system", "user"]
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
+
+
+class MovedFirstKube(CountingKube):
+    """Another writer changes run "r" just before this worker's first status write of it."""
+
+    moved = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        if not self.moved and method in ("PUT", "PATCH") and path.endswith("/taskruns/r/status"):
+            self.moved = True
+            self.patch_status_raw("taskruns", "default", "r", None, {"statusDetail": "someone else"})
+        return super().request(method, path, **kwargs)
+
+
+def test_a_hand_off_whose_write_conflicts_is_decided_again_and_not_counted() -> None:
+    kube = MovedFirstKube()
+    llm = new_run(kube)
+    handoffs = ("kubechain_llm_handoffs_total", {"outcome": "error"})
+    errors_before = REGISTRY.get_sample_value(*handoffs) or 0.0
+    ok_before = REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": "ok"}) or 0.0
+    prepare(context(kube, llm, continues_llm=True), message("TaskRun", "r"))
+    assert kube.moved and run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert (REGISTRY.get_sample_value(*handoffs) or 0.0) == errors_before, "a lost race is not an error"
+    assert REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": "ok"}) == ok_before + 1
 
 
 def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
