@@ -67,7 +67,7 @@ def parse_timestamp(value: str | None) -> datetime | None:
 
 
 def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -> float:
-    """Seconds until a claim (or hand-off) written at ``claimed_at`` expires; 0 if it has or if none."""
+    """Seconds until a claim written at ``claimed_at`` expires; 0 if it has or if none."""
     at = parse_timestamp(claimed_at)
     if at is None:
         return 0.0
