@@ -24,7 +24,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.common import LocalObjectReference
-from kubechain.models.labels import LABEL_DEPTH
+from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
 from kubechain.observability.tracing import span_with_ids
@@ -43,6 +43,7 @@ from kubechain.statemachines.toolcall import (
     plan_tool_claim,
     plan_tool_failure,
     plan_tool_success,
+    sub_agent_runs_problem,
     sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
@@ -403,6 +404,19 @@ def _record(
     )
 
 
+def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str, own_child: str) -> int:
+    """Sub-agent runs started from the user's run ``root``, at every depth (counted up to the limit:
+    nothing needs more). 0 when an earlier attempt of this call created its child: it was let in then."""
+    limit = ctx.settings.max_sub_agent_runs
+    started = ctx.kube.count_raw(TaskRun.PLURAL, toolcall.namespace, f"{LABEL_ROOT_RUN}={root}", limit)
+    if started < limit:
+        return started
+    own = get_or_none(ctx, TaskRun, toolcall.namespace, own_child)
+    if own is not None and any(ref.uid == toolcall.uid for ref in own.metadata.owner_references):
+        return 0
+    return started
+
+
 def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
     if run.spec.agent_ref is not None:
         return run.spec.agent_ref.name
@@ -522,7 +536,10 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))
-    problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth)
+    root = parent.metadata.labels.get(LABEL_ROOT_RUN) or parent.uid
+    problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth) or sub_agent_runs_problem(
+        _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
+    )
     if problem is not None:
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused"))
         return
@@ -537,7 +554,11 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
         metadata=ObjectMeta(
             name=child_name,
             namespace=toolcall.namespace,
-            labels={LABEL_TASKRUNTOOLCALL: label_value(toolcall.name), LABEL_DEPTH: str(len(chain))},
+            labels={
+                LABEL_TASKRUNTOOLCALL: label_value(toolcall.name),
+                LABEL_DEPTH: str(len(chain)),
+                LABEL_ROOT_RUN: root,
+            },
             annotations={DELEGATION_CHAIN_ANNOTATION: ",".join(chain)},
             owner_references=[toolcall.owner_reference()],
         ),

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Resource[Any, Any])
 
 MERGE_PATCH = "application/merge-patch+json"
+# A list of the objects' metadata only (plain JSON from a server that cannot serve that)
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
 
 def user_agent(component: str) -> str:
@@ -252,9 +254,12 @@ class KubeClient:
         params: dict[str, Any] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str | None = None,
     ) -> dict[str, Any]:
         self._bucket.acquire()
         headers = self._headers()
+        if accept is not None:
+            headers["Accept"] = accept
         content = None
         if body is not None:
             headers["Content-Type"] = content_type
@@ -315,6 +320,13 @@ class KubeClient:
             params["labelSelector"] = label_selector
         result = self.request("GET", custom_path(plural, namespace), params=params)
         return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
+
+    def count_raw(self, plural: str, namespace: str, label_selector: str, up_to: int) -> int:
+        """How many objects match ``label_selector``, counted up to ``up_to``: one request for at most that
+        many objects' metadata (not their bodies, which may hold whole context windows)."""
+        params = {"labelSelector": label_selector, "limit": str(up_to)}
+        result = self.request("GET", custom_path(plural, namespace), params=params, accept=METADATA_LIST)
+        return min(len(result.get("items") or []), up_to)
 
     def list_pages(
         self, plural: str, namespace: str | None = None, page_size: int = LIST_PAGE_SIZE

@@ -130,6 +130,7 @@ class FakeKubeClient(KubeClient):
         params: dict[str, Any] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str | None = None,
     ) -> dict[str, Any]:
         if path == "/version":
             return {"major": "1", "minor": "33", "gitVersion": "v1.33.6-fake"}

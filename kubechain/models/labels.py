@@ -11,6 +11,8 @@ LABEL_TOOLCALLREQUEST = "kubechain.humanlayer.dev/toolcallrequest"
 LABEL_AGENT = "kubechain.humanlayer.dev/agent"
 # Delegation depth of a sub-agent TaskRun (0 for a run a user created).
 LABEL_DEPTH = "kubechain.humanlayer.dev/depth"
+# On a sub-agent TaskRun: the uid of the run a user created that its delegation chain started from.
+LABEL_ROOT_RUN = "kubechain.humanlayer.dev/root-run"
 
 MAX_LABEL_VALUE = 63
 MAX_OBJECT_NAME = 253

@@ -196,6 +196,17 @@ def delegation_problem(chain: list[str], target: str, max_depth: int) -> str | N
     return None
 
 
+def sub_agent_runs_problem(started: int, max_runs: int) -> str | None:
+    """Why one more sub-agent run is refused: the runs started from one user's run, at every depth,
+    are at the limit."""
+    if started >= max_runs:
+        return (
+            f"sub-agent run limit of {max_runs} reached: this task's delegations have started {started} "
+            "runs (KUBECHAIN_MAX_SUB_AGENT_RUNS)"
+        )
+    return None
+
+
 def plan_awaiting_sub_agent(toolcall: TaskRunToolCall, child: str, agent: str, now: datetime) -> Transition:
     return Transition(
         status={

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubechain.kube.client import KubeClient
+from kubechain.kube.client import METADATA_LIST, KubeClient
 from kubechain.kube.errors import Conflict, Gone, NotFound
 from kubechain.models import LocalObjectReference, ObjectMeta, TaskRun, TaskRunSpec
 from kubechain.testing.stack import DEPLOYED_LEASE, deployed_watcher
@@ -80,6 +80,33 @@ def test_a_list_in_pages_is_one_snapshot_of_every_object(kube: KubeClient, names
     assert sorted(names) == [f"paged-{i}" for i in range(7)]
     versions = {version for _, version in pages}
     assert len(versions) == 1 and versions != {""}  # every page is of the first page's snapshot
+
+
+def test_count_raw_counts_a_label_selector_s_objects_up_to_a_limit_from_their_metadata(
+    kube: KubeClient, namespace: str
+) -> None:
+    for index in range(5):
+        kube.create(
+            TaskRun(
+                metadata=ObjectMeta(
+                    name=f"counted-{index}", namespace=namespace, labels={"tree": "a" if index < 4 else "b"}
+                ),
+                spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+            )
+        )
+    assert kube.count_raw(TaskRun.PLURAL, namespace, "tree=a", 10) == 4
+    assert kube.count_raw(TaskRun.PLURAL, namespace, "tree=a", 3) == 3
+    assert kube.count_raw(TaskRun.PLURAL, namespace, "tree=c", 3) == 0
+    # what the API server sends for that count is the objects' metadata, not their specs
+    listed = kube.request(
+        "GET",
+        f"/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/{namespace}/taskruns",
+        params={"labelSelector": "tree=b"},
+        accept=METADATA_LIST,
+    )
+    assert listed["kind"] == "PartialObjectMetadataList"
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["counted-4"]
+    assert "spec" not in listed["items"][0]
 
 
 def test_a_read_no_older_than_a_version_is_that_version_or_newer(kube: KubeClient, namespace: str) -> None:

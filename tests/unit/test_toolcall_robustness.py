@@ -24,6 +24,7 @@ from kubechain.models import (
     ToolCallFunction,
     label_value,
 )
+from kubechain.models.labels import LABEL_ROOT_RUN
 from kubechain.statemachines.taskrun import toolcall_name
 from kubechain.statemachines.toolcall import (
     child_run_name,
@@ -251,6 +252,60 @@ def test_a_run_of_the_sub_agents_name_made_by_someone_else_is_not_taken_for_its_
     assert "wire the money" not in str(status)
     assert warnings(kube, name) == ["SubAgentFailed"]
     assert kube.get_raw("taskruns", "default", child)["status"]["output"] == "wire the money"  # not ours
+
+
+def started_from(kube: FakeKubeClient, root: str, names: list[str]) -> None:
+    """Sub-agent runs that delegations from the user's run ``root`` started earlier."""
+    for name in names:
+        kube.create_raw(
+            "taskruns",
+            "default",
+            {
+                "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+                "kind": "TaskRun",
+                "metadata": {"name": name, "labels": {LABEL_ROOT_RUN: root}},
+                "spec": {"agentRef": {"name": "helper"}, "userMessage": "m"},
+            },
+        )
+
+
+def test_delegations_past_the_sub_agent_run_limit_of_a_users_run_are_refused() -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.settings = ctx.settings.model_copy(update={"max_sub_agent_runs": 2})
+    root = kube.get_raw("taskruns", "default", "r")["metadata"]["uid"]
+    started_from(kube, root, ["earlier-1", "earlier-2"])
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "sub-agent run limit of 2 reached" in status["error"]
+    assert warnings(kube, name) == ["DelegationRefused"]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+def test_a_sub_agent_run_carries_the_users_run_it_was_started_from() -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.settings = ctx.settings.model_copy(update={"max_sub_agent_runs": 2})
+    root = kube.get_raw("taskruns", "default", "r")["metadata"]["uid"]
+    started_from(kube, root, ["earlier-1"])
+    started_from(kube, "another-users-run", ["other-1", "other-2"])  # counts against its own root only
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    child = kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+    assert child["metadata"]["labels"][LABEL_ROOT_RUN] == root
+
+
+def test_a_retried_delegation_whose_child_was_created_is_not_refused_by_the_limit() -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))  # creates the child
+    # as if that attempt died before its status write, and other delegations then reached the limit
+    kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": "Pending"})
+    ctx.settings = ctx.settings.model_copy(update={"max_sub_agent_runs": 2})
+    started_from(kube, kube.get_raw("taskruns", "default", "r")["metadata"]["uid"], ["later-1"])
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
 
 
 def waiting_for_its_agent(kube: FakeKubeClient, ctx: WorkerContext, child: str) -> None:
