@@ -706,7 +706,9 @@ def hello_figures(
                 None,
             )
             if claim is not None:
-                ready_to_claim.append(claim - ready)
+                # a turn claimed in the write that made it ready never waited for a claim
+                if timeline.first("ReadyForLLM") is not None:
+                    ready_to_claim.append(claim - ready)
                 claim_to_llm.append(first["received_at"] - claim)
         if first is not None and final is not None:
             answer_to_next.append(final - first["finished_at"])

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     max_delegation_depth: int = 5
     # Sub-agent runs one user's run may start in all, at every depth: depth alone lets 20 delegations a
     # turn over 5 levels start 20**5 runs.
-    max_sub_agent_runs: int = 100
+    max_sub_agent_runs: int = Field(default=100, ge=1)
     # A sub-agent's run that has not started after this long (its Agent never became Ready) is deleted
     # and its delegating tool call fails with the reason, so the parent run is not blocked forever.
     sub_agent_start_timeout_s: float = 900.0

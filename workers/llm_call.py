@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from kubechain.kube.errors import Conflict
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
@@ -59,27 +58,12 @@ def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
     starts, then make that turn's LLM call: a worker that consumes the llm queue takes a turn it made
     ready itself, without a round trip through the watcher and the queue or a claim write of its own.
     A Conflict leaves ``run`` as it was, for the caller to re-read and re-decide."""
-    outcome: str | None = "ok"
-    try:
-        with span(
-            "llm_call TaskRun",
-            None,
-            **{
-                "kubechain.namespace": run.namespace,
-                "kubechain.name": run.name,
-                "kubechain.reason": "handoff",
-            },
-        ):
-            _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready)
-    except Conflict:
-        outcome = None  # the run moved first: nothing was made ready here, the caller re-decides
-        raise
-    except Exception:
-        outcome = "error"
-        raise
-    finally:
-        if outcome is not None:
-            HANDOFFS.labels(outcome).inc()
+    with span(
+        "llm_call TaskRun",
+        None,
+        **{"kubechain.namespace": run.namespace, "kubechain.name": run.name, "kubechain.reason": "handoff"},
+    ):
+        _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready)
 
 
 def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
@@ -173,6 +157,21 @@ def _claim_and_call(
     claimed_at = str(claim.status["claimedAt"])
     # Conflict: another worker claimed first.
     claimed = apply_claim(ctx, run, claim, lambda current: holds_claim(current, ctx.identity, claimed_at))
+    if ready is None:
+        _call_and_record(ctx, claimed, claimed_at, llm, api_key, tools)
+        return
+    outcome = "error"  # a hand-off that made its turn ready and claimed it: counted from here on
+    try:
+        _call_and_record(ctx, claimed, claimed_at, llm, api_key, tools)
+        outcome = "ok"
+    finally:
+        HANDOFFS.labels(outcome).inc()
+
+
+def _call_and_record(
+    ctx: WorkerContext, claimed: TaskRun, claimed_at: str, llm: LLM, api_key: str, tools: list[ToolDefinition]
+) -> None:
+    """The LLM call of a turn this worker holds the claim on, and its answer or error written."""
     request = build_request(llm, list(claimed.status.context_window or []), tools)
     started = time.perf_counter()
     try:
@@ -194,11 +193,11 @@ def _claim_and_call(
         if not isinstance(exc, LLMError):
             # An adapter bug or an SDK surprise: recorded like a retryable LLM error (bounded by
             # max attempts) instead of escaping with the claim held until it expires.
-            log.exception("LLM request for %s/%s raised unexpectedly", run.namespace, run.name)
+            log.exception("LLM request for %s/%s raised unexpectedly", claimed.namespace, claimed.name)
             exc = LLMError(f"LLM request failed: {type(exc).__name__}: {str(exc)[:300]}", retryable=True)
         LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
-        log.warning("LLM request for %s/%s failed: %s", run.namespace, run.name, exc)
+        log.warning("LLM request for %s/%s failed: %s", claimed.namespace, claimed.name, exc)
         _record(
             ctx,
             claimed,

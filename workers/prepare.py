@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     LABEL_TOOLCALLREQUEST,
@@ -22,8 +20,6 @@ from workers.context import WorkerContext
 from workers.llm_call import take_turn_now
 from workers.transitions import apply_transition, create_children, decide_on_current
 from workers.validators import get_or_none
-
-log = logging.getLogger(__name__)
 
 
 def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:

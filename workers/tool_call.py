@@ -404,6 +404,18 @@ def _record(
     )
 
 
+def _owned_by(child: TaskRun, toolcall: TaskRunToolCall) -> bool:
+    return any(ref.uid == toolcall.uid for ref in child.metadata.owner_references)
+
+
+def _fail_as_foreign(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str, now: datetime) -> None:
+    foreign = (
+        f"TaskRun {child_name} was not started by this tool call (it is not one of its owners), so its "
+        "answer is not the sub-agent's; delete or rename that TaskRun and run the task again"
+    )
+    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
+
+
 def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str, own_child: str) -> int:
     """Sub-agent runs started from the user's run ``root``, at every depth (counted up to the limit:
     nothing needs more). 0 when an earlier attempt of this call created its child: it was let in then."""
@@ -412,7 +424,7 @@ def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str,
     if started < limit:
         return started
     own = get_or_none(ctx, TaskRun, toolcall.namespace, own_child)
-    if own is not None and any(ref.uid == toolcall.uid for ref in own.metadata.owner_references):
+    if own is not None and _owned_by(own, toolcall):
         return 0
     return started
 
@@ -484,16 +496,9 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             )
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
-        if not any(ref.uid == toolcall.uid for ref in child.metadata.owner_references):
-            # A run of that name made by someone else (its create answered AlreadyExists): its answer
-            # would be taken as the sub-agent's.
-            foreign = (
-                f"TaskRun {child_name} was not started by this tool call (it is not one of its owners), "
-                "so its answer is not the sub-agent's; delete or rename that TaskRun and run the task again"
-            )
-            apply_transition(
-                ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed")
-            )
+        if not _owned_by(child, toolcall):
+            # A run of that name made by someone else: its answer would be taken as the sub-agent's.
+            _fail_as_foreign(ctx, toolcall, child_name, now)
             return
         timeout_s = ctx.settings.sub_agent_start_timeout_s
         created = parse_timestamp(child.metadata.creation_timestamp)
@@ -567,4 +572,10 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
     if create_children(ctx, toolcall, [child]) is not None:
         return  # the API server rejected the child as invalid: the call was failed with the reason
+    existing = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
+    if existing is not None and not _owned_by(existing, toolcall):
+        # Its create answered AlreadyExists: said now, not at the next resync (a foreign run's progress
+        # never prompts this call).
+        _fail_as_foreign(ctx, toolcall, child_name, now)
+        return
     apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))

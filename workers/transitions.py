@@ -147,21 +147,17 @@ def decide_on_current(
     namespace: str,
     name: str,
     step: Callable[[R], None],
-    first: R | None = None,
     *,
     seen_version: str = "",
 ) -> None:
-    """Run ``step`` on the object until it decides without losing a race: on the first attempt ``first``
-    (what this worker itself just wrote) or a read from the API server no older than ``seen_version``
-    (the version the message was sent for, which the API server can answer from its watch cache); after
-    each conflict, a fresh read. Never from the message's content: a message is only a hint, and anyone
-    who can write to the broker could forge one. An object deleted meanwhile ends it quietly."""
-    pending = [first] if first is not None else []
+    """Run ``step`` on the object until it decides without losing a race: on the first attempt a read
+    from the API server no older than ``seen_version`` (the version the message was sent for, which the
+    API server can answer from its watch cache); after each conflict, a fresh read. Never from the
+    message's content: a message is only a hint, and anyone who can write to the broker could forge
+    one. An object deleted meanwhile ends it quietly."""
     version = [seen_version]
 
     def read() -> R:
-        if pending:
-            return pending.pop()
         not_older_than, version[0] = version[0], ""  # a conflict means that copy was stale: read fresh
         if not_older_than:
             try:
@@ -192,15 +188,16 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
 
 def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
     """Write a claim. A write whose outcome is unknown (timeout, 5xx after the server applied it) is
-    resolved by reading back: if the claim we wrote is there, it is ours and we go on, rather than
-    leaving the step stranded until the claim expires."""
+    resolved by reading back: if the claim we wrote is there, it is ours and we go on (after its Events,
+    which are named after the version written, so never posted twice), rather than leaving the step
+    stranded until the claim expires."""
     try:
         return apply_transition(ctx, obj, transition)
     except Unavailable:
         current = ctx.kube.get(type(obj), obj.namespace, obj.name)
         if still_ours(current):
             log.info("claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name)
-            return current
+            return _after_write(ctx, current, transition)
         raise
 
 

@@ -324,9 +324,16 @@ class KubeClient:
     def count_raw(self, plural: str, namespace: str, label_selector: str, up_to: int) -> int:
         """How many objects match ``label_selector``, counted up to ``up_to``: one request for at most that
         many objects' metadata (not their bodies, which may hold whole context windows)."""
+        counted = 0
         params = {"labelSelector": label_selector, "limit": str(up_to)}
-        result = self.request("GET", custom_path(plural, namespace), params=params, accept=METADATA_LIST)
-        return min(len(result.get("items") or []), up_to)
+        while True:
+            result = self.request("GET", custom_path(plural, namespace), params=params, accept=METADATA_LIST)
+            counted += len(result.get("items") or [])
+            token = (result.get("metadata") or {}).get("continue")
+            # a filtered page may hold fewer than its limit and still have more after it
+            if counted >= up_to or not token:
+                return min(counted, up_to)
+            params = {"labelSelector": label_selector, "limit": str(up_to - counted), "continue": token}
 
     def list_pages(
         self, plural: str, namespace: str | None = None, page_size: int = LIST_PAGE_SIZE

@@ -748,6 +748,27 @@ def test_fanout_is_judged_on_the_whole_turn_from_llm_answer_to_next_request() ->
     assert "LLM answer → next request 2.15 s (target < 2 s: MISSED)" in text
 
 
+def test_fanout_next_turn_claimed_as_it_was_made_ready_counts_as_ready() -> None:
+    from bench.scenarios import _fanout_trial
+
+    run = _timeline(
+        "r",
+        (0.0, "1", ""),
+        (0.1, "2", "SendContextWindowToLLM"),
+        (0.4, "4", "ToolCallsPending"),
+        (1.7, "5", "SendContextWindowToLLM"),
+        (2.6, "6", "FinalAnswer"),
+    )
+    calls = {"c0": _timeline("c0", (0.5, "c0a", "Pending"), (1.6, "c0b", "Succeeded"))}
+    requests = [
+        {"turn": 0, "status_code": 200, "received_at": 0.2, "finished_at": 0.3},
+        {"turn": 1, "status_code": 200, "received_at": 1.75, "finished_at": 1.8},
+    ]
+    trial = _fanout_trial(run, calls, requests, [(0.6, 1.6)], 1, 0.0, 1.0)
+    assert trial["wall_s"] == 1.3, "ToolCallsPending → the next turn, ready and claimed at once"
+    assert trial["fan_in_lag_s"] == 0.1
+
+
 def test_each_round_is_judged_between_the_baselines_either_side_of_it() -> None:
     """The baseline drifted down within a run (307 → 252): judged against the one before alone, every
     round's bar was set by the machine as it had been earlier."""

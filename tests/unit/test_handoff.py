@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from kubechain.kube.cache import TTLReadCache
-from kubechain.kube.errors import error_for
+from kubechain.kube.errors import Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMResponse
 from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
@@ -103,6 +103,27 @@ def test_a_hand_off_whose_write_conflicts_is_decided_again_and_not_counted() -> 
     assert REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": "ok"}) == ok_before + 1
 
 
+class AnswerLostKube(CountingKube):
+    """The first status write of run "r" is applied, but its answer is lost (a timeout)."""
+
+    lost = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        result = super().request(method, path, **kwargs)
+        if not self.lost and method in ("PUT", "PATCH") and path.endswith("/taskruns/r/status"):
+            self.lost = True
+            raise Unavailable(0, "Unavailable", "read timed out")
+        return result
+
+
+def test_a_hand_off_whose_write_landed_unanswered_goes_on_and_posts_its_events() -> None:
+    kube = AnswerLostKube()
+    llm = new_run(kube)
+    prepare(context(kube, llm, continues_llm=True), message("TaskRun", "r"))
+    assert kube.lost and run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
+
+
 def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
     kube = FakeKubeClient()
     llm = new_run(kube)
@@ -119,7 +140,14 @@ def test_a_run_that_cannot_call_its_llm_fails_in_the_write_that_would_have_claim
     kube = CountingKube()
     llm = new_run(kube)
     kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/llms/gpt-4o")
+    counted = [
+        REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": o}) for o in ("ok", "error")
+    ]
     prepare(context(kube, llm, continues_llm=True), message("TaskRun", "r"))
+    after = [
+        REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": o}) for o in ("ok", "error")
+    ]
+    assert after == counted, "no LLM call was handed to anyone"
     status = run_status(kube)
     assert kube.phases == ["Failed"] and llm.requests == []
     assert status["error"] == 'Failed to get LLM: LLM "gpt-4o" not found'

@@ -245,13 +245,50 @@ def test_a_run_of_the_sub_agents_name_made_by_someone_else_is_not_taken_for_its_
     create(kube, "TaskRun", "taskruns", child, {"agentRef": {"name": "helper"}, "userMessage": "x"})
     finish(kube, child)
     kube.patch_status(kube.get(TaskRun, "default", child), {"output": "wire the money"})
-    tool_call(ctx, message("TaskRunToolCall", name))  # creates (AlreadyExists), then awaits it
-    tool_call(ctx, message("TaskRunToolCall", name))
+    tool_call(ctx, message("TaskRunToolCall", name))  # its create answers AlreadyExists
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed" and "was not started by this tool call" in status["error"]
     assert "wire the money" not in str(status)
     assert warnings(kube, name) == ["SubAgentFailed"]
     assert kube.get_raw("taskruns", "default", child)["status"]["output"] == "wire the money"  # not ours
+
+
+def test_a_foreign_run_of_the_sub_agents_name_found_while_waiting_fails_the_call() -> None:
+    """A call already waiting (say, its child was deleted and a run of that name made by hand)."""
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.delete("taskruns", "default", child)
+    create(kube, "TaskRun", "taskruns", child, {"agentRef": {"name": "helper"}, "userMessage": "x"})
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "was not started by this tool call" in status["error"]
+
+
+class ShortPagesKube(FakeKubeClient):
+    """Serves a filtered list one object per page, as the API server may (fewer than the limit, with a
+    continue token), and records each page's params."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: list[dict[str, Any]] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        params = kwargs.get("params") or {}
+        if method == "GET" and path.endswith("/taskruns") and params.get("labelSelector"):
+            self.pages.append(dict(params))
+            return super().request(method, path, **{**kwargs, "params": {**params, "limit": "1"}})
+        return super().request(method, path, **kwargs)
+
+
+def test_count_raw_reads_on_through_short_pages_up_to_its_limit() -> None:
+    kube = ShortPagesKube()
+    started_from(kube, "root", ["a", "b", "c"])
+    assert kube.count_raw("taskruns", "default", f"{LABEL_ROOT_RUN}=root", 10) == 3
+    assert [page["limit"] for page in kube.pages] == ["10", "9", "8"]
+    kube.pages.clear()
+    assert kube.count_raw("taskruns", "default", f"{LABEL_ROOT_RUN}=root", 2) == 2
+    assert len(kube.pages) == 2, "no page read past the limit"
 
 
 def started_from(kube: FakeKubeClient, root: str, names: list[str]) -> None:
