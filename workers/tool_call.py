@@ -47,7 +47,7 @@ from kubechain.statemachines.toolcall import (
     sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
-from kubechain.statemachines.transition import Transition, parse_timestamp
+from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
@@ -409,10 +409,7 @@ def _owned_by(child: TaskRun, toolcall: TaskRunToolCall) -> bool:
 
 
 def _fail_as_foreign(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str, now: datetime) -> None:
-    foreign = (
-        f"TaskRun {child_name} was not started by this tool call (it is not one of its owners), so its "
-        "answer is not the sub-agent's; delete or rename that TaskRun and run the task again"
-    )
+    foreign = foreign_child_message(TaskRun.KIND, child_name, toolcall.KIND)
     apply_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
 
 
@@ -571,11 +568,5 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
     if create_children(ctx, toolcall, [child]) is not None:
-        return  # the API server rejected the child as invalid: the call was failed with the reason
-    existing = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
-    if existing is not None and not _owned_by(existing, toolcall):
-        # Its create answered AlreadyExists: said now, not at the next resync (a foreign run's progress
-        # never prompts this call).
-        _fail_as_foreign(ctx, toolcall, child_name, now)
-        return
+        return  # the API server refused the child for good (or one not ours has its name): call failed
     apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))

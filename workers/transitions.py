@@ -26,6 +26,7 @@ from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
     child_rejected_message,
+    foreign_child_message,
     parse_timestamp,
     patch_landed,
 )
@@ -82,7 +83,9 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
 
 def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[Any, Any]]) -> R | None:
     """Create children by their deterministic names (concurrently: a turn may ask for dozens of tool
-    calls); AlreadyExists means a previous attempt did it.
+    calls); AlreadyExists means a previous attempt did it, if the object there is owned by ``parent``.
+    One that is not (made by hand, or by anyone who may create such objects there) would be taken for
+    the child, its status for the child's outcome: it is refused, as below.
 
     A child the API server refuses for good (refused_for_good) is refused again on every retry, so it
     ends the parent instead: a TaskRun or tool call is failed, a Task put in Error, with the reason
@@ -91,8 +94,10 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
     def create(child: Resource[Any, Any]) -> KubeAPIError | None:
         try:
             created = ctx.kube.create(child)
-        except AlreadyExists:
-            return None
+        except AlreadyExists as exists:
+            current = ctx.kube.get_raw(child.PLURAL, child.namespace, child.name)
+            owners = (current.get("metadata") or {}).get("ownerReferences") or []
+            return None if any(owner.get("uid") == parent.uid for owner in owners) else exists
         except KubeAPIError as refused:
             if refused_for_good(refused):
                 return refused
@@ -124,14 +129,22 @@ def refused_for_good(error: KubeAPIError) -> bool:
 
 
 def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], refused: KubeAPIError) -> R:
-    message = child_rejected_message(child.KIND, child.name, refused.status, refused.reason, refused.message)
+    foreign = isinstance(refused, AlreadyExists)  # its name is held by an object not the parent's
+    message = (
+        foreign_child_message(child.KIND, child.name, parent.KIND)
+        if foreign
+        else child_rejected_message(child.KIND, child.name, refused.status, refused.reason, refused.message)
+    )
     log.error("%s %s/%s: %s", parent.KIND, parent.namespace, parent.name, message)
     now = ctx.clock()
     transition: Transition | None = None
     if isinstance(parent, TaskRun):
         transition = plan_children_rejected(parent, message, now)
     elif isinstance(parent, TaskRunToolCall):
-        transition = plan_tool_failure(parent, message, now)
+        # a tool call's only children are sub-agent runs
+        transition = plan_tool_failure(
+            parent, message, now, reason="SubAgentFailed" if foreign else "ExecutionFailed"
+        )
     elif isinstance(parent, Task):
         transition = plan_validation(parent, False, message)
     if transition is None:

@@ -74,6 +74,19 @@ def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -
     return max(0.0, timeout_s - (now - at).total_seconds())
 
 
+_PARENT_NAMES = {"TaskRunToolCall": "tool call", "TaskRun": "run", "Task": "Task"}
+
+
+def foreign_child_message(kind: str, name: str, parent_kind: str) -> str:
+    """Why a parent failed: an object holds its child's deterministic name but is not the parent's own,
+    so its status would be taken for the child's outcome."""
+    parent = _PARENT_NAMES.get(parent_kind, parent_kind)
+    return (
+        f"{kind} {name} was not started by this {parent} (it is not one of its owners), so its outcome is "
+        f"not this {parent}'s; delete or rename that {kind} and run the task again"
+    )
+
+
 def child_rejected_message(kind: str, name: str, code: int, reason: str, detail: str) -> str:
     """Why a parent failed: the API server refused a child it needs (HTTP ``code``) in a way no retry
     changes."""

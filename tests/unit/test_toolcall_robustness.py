@@ -25,7 +25,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_ROOT_RUN
-from kubechain.statemachines.taskrun import toolcall_name
+from kubechain.statemachines.taskrun import request_id, toolcall_name
 from kubechain.statemachines.toolcall import (
     child_run_name,
     plan_stranded,
@@ -251,6 +251,31 @@ def test_a_run_of_the_sub_agents_name_made_by_someone_else_is_not_taken_for_its_
     assert "wire the money" not in str(status)
     assert warnings(kube, name) == ["SubAgentFailed"]
     assert kube.get_raw("taskruns", "default", child)["status"]["output"] == "wire the money"  # not ours
+
+
+def test_a_tool_call_of_its_name_that_the_run_does_not_own_fails_the_run_instead_of_answering() -> None:
+    """The same for a run's tool calls: one made ahead under the name the turn will give it (the
+    names are deterministic) must not have its status taken for the tool's result."""
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    prepare(ctx, message("TaskRun", "r"))
+    run = kube.get(TaskRun, "default", "r")
+    planted = toolcall_name("r", request_id(run, 0), 1)
+    create(
+        kube,
+        "TaskRunToolCall",
+        "taskruntoolcalls",
+        planted,
+        {"taskRunRef": {"name": "r"}, "toolRef": {"name": "add"}},
+    )
+    kube.patch_status_raw(
+        "taskruntoolcalls", "default", planted, None, {"phase": "Succeeded", "result": "999"}
+    )
+    llm_call(ctx, message("TaskRun", "r"))
+    status = run_status(kube)
+    assert status["phase"] == "Failed" and "was not started by this run" in status["error"]
+    assert "999" not in str(status.get("contextWindow"))
 
 
 def test_a_foreign_run_of_the_sub_agents_name_found_while_waiting_fails_the_call() -> None:
