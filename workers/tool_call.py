@@ -463,8 +463,7 @@ def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return  # no child was started (the call was failed from the phase it was read in)
     selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
     for child in ctx.kube.list(TaskRun, toolcall.namespace, selector):
-        owned = any(ref.uid == toolcall.uid for ref in child.metadata.owner_references)
-        if not owned or child.is_terminal():
+        if not _owned_by(child, toolcall) or child.is_terminal():
             continue
         try:
             ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
