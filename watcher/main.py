@@ -116,10 +116,13 @@ class Watcher:
         return view
 
     def _cached(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        # one informer per (kind, namespace) when the watcher is limited to namespaces: look in each
         for informer in self.informers:
             if informer.kind == kind:
                 with informer.lock:
-                    return informer.cache.get((namespace, name))
+                    obj = informer.cache.get((namespace, name))
+                if obj is not None:
+                    return obj
         return None
 
     def taskrun_phases(self) -> list[str]:
@@ -206,6 +209,8 @@ class Watcher:
         count = 0
         cache = self.cache()
         for kind, obj, work in self._resync_work(cache, now):
+            if not self._may_send():
+                break  # lost the Lease during a long resync: the next leader's resync has the rest
             rv = str(obj["metadata"].get("resourceVersion", ""))
             if force:
                 with self._recent_lock:
@@ -268,16 +273,33 @@ class Watcher:
         )
         # The trace is the one of the run the work is about: work that another object's change asked for
         # (an Agent became Ready, a sub-agent's run finished) carries that object's, or none.
-        target = self._cached(work.kind, work.namespace, work.name)
-        trace_uid = (trace_uid_of(work.kind, target) if target is not None else "") or work.trace_uid
-        if trace_uid:
-            with span(
-                f"enqueue {work.task.value}",
-                run_context(trace_uid),
-                **{"kubechain.kind": work.kind, "kubechain.name": work.name, "kubechain.reason": work.reason},
-            ) as current:
-                message.traceparent = traceparent_of(current)
+        try:
+            target = self._cached(work.kind, work.namespace, work.name)
+            trace_uid = (trace_uid_of(work.kind, target) if target is not None else "") or work.trace_uid
+            if trace_uid:
+                with span(
+                    f"enqueue {work.task.value}",
+                    run_context(trace_uid),
+                    **{
+                        "kubechain.kind": work.kind,
+                        "kubechain.name": work.name,
+                        "kubechain.reason": work.reason,
+                    },
+                ) as current:
+                    message.traceparent = traceparent_of(current)
+        except Exception:  # noqa: BLE001 - tracing (a custom sampler, an exporter) must not stop the work
+            log.exception("could not trace the enqueue of %s; sending it without a trace", message.key())
         return message
+
+    def _may_send(self) -> bool:
+        """Whether this replica still leads. A replica that lost the Lease drops what it has not sent yet:
+        the new leader's resync covers it, and sending it too would only duplicate the new leader's work
+        (and flood Redis when a send that was failing goes through again)."""
+        if self.is_leader:
+            return True
+        if self.elector is not None:
+            self.elector.note_ignored()  # if the Lease is still ours, the renewal resyncs
+        return False
 
     def _sender(self) -> None:
         backoff = 0.2
@@ -287,7 +309,7 @@ class Watcher:
             except Empty:
                 continue
             message = self.message_for(work, rv, own_version)
-            while not self.stop_event.is_set():
+            while not self.stop_event.is_set() and self._may_send():
                 try:
                     self._send(work.task, message, work.countdown_s)
                     self.enqueued += 1

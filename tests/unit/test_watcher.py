@@ -799,3 +799,83 @@ def test_a_renewal_still_in_flight_when_the_leader_stops_does_not_take_the_relea
     now[0] += timedelta(seconds=2)
     elector.step()  # the slow step of the election thread, reading the Lease only now
     assert kube.get_lease("default", "lease")["spec"]["holderIdentity"] is None
+
+
+class SwitchableElector:
+    """Stands in for the LeaderElector: leadership is set by the test; drops are counted."""
+
+    def __init__(self, leading: bool = True) -> None:
+        self.is_leader = leading
+        self.ignored = 0
+
+    def note_ignored(self) -> None:
+        self.ignored += 1
+
+
+def test_a_replica_that_lost_the_lease_drops_what_it_has_not_sent_yet() -> None:
+    sent: list[str] = []
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda task, message, _: sent.append(message.name))
+    elector = SwitchableElector(leading=True)
+    watcher.elector = elector  # type: ignore[assignment]
+    watcher._on_event("TaskRun", "ADDED", run("TaskRun", {"name": "queued-while-leading"}, "5"), None)
+    elector.is_leader = False  # the Lease is lost before the sender got to it (Redis was slow)
+    watcher._spawn(watcher._sender, "enqueue")
+    try:
+        wait_for(watcher._outbox.empty, timeout_s=10, what="the sender to take the work")
+        wait_for(lambda: elector.ignored >= 1, timeout_s=10, what="the drop to be noted")
+        assert sent == [], "the new leader's resync covers it; sending it too would duplicate its work"
+        elector.is_leader = True
+        watcher._on_event("TaskRun", "ADDED", run("TaskRun", {"name": "after"}, "6"), None)
+        wait_for(lambda: sent == ["after"], timeout_s=10, what="a leader's work to be sent")
+    finally:
+        watcher.stop_event.set()
+
+
+def test_a_resync_stops_when_the_lease_is_lost_half_way() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None)
+    elector = SwitchableElector(leading=True)
+    watcher.elector = elector  # type: ignore[assignment]
+    informer = next(i for i in watcher.informers if i.kind == "TaskRun")
+    for index in range(10):
+        name = f"r{index}"
+        informer.cache[("default", name)] = run(
+            "TaskRun", {"name": name, "status": {"phase": "Pending"}}, "1"
+        )
+    queued: list[Any] = []
+    real_submit = watcher._submit
+
+    def submit(*args: Any, **kwargs: Any) -> bool:
+        queued.append(args[0])
+        if len(queued) == 3:
+            elector.is_leader = False
+        return real_submit(*args, **kwargs)
+
+    watcher._submit = submit  # type: ignore[method-assign]
+    assert watcher.resync(force=True) == 3
+    assert elector.ignored == 1
+
+
+def test_an_enqueue_whose_tracing_fails_is_sent_without_a_trace(monkeypatch: Any) -> None:
+    import watcher.main as watcher_main
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("a custom sampler failed")
+
+    monkeypatch.setattr(watcher_main, "run_context", broken)
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    watcher._on_event("TaskRun", "ADDED", run("TaskRun", {"name": "r"}, "5"), None)
+    work, rv, own_version = watcher._outbox.get_nowait()
+    message = watcher.message_for(work, rv, own_version)
+    assert (message.name, message.resource_version, message.traceparent) == ("r", "5", None)
+
+
+def test_the_cache_is_searched_in_every_watched_namespace() -> None:
+    watcher = Watcher(
+        Settings(namespaces=["a", "b"]), FakeKubeClient(), lambda *_: None, leader_election=False
+    )
+    second = [i for i in watcher.informers if i.kind == "TaskRun" and i.namespace == "b"][0]
+    obj = run("TaskRun", {"name": "r"}, "5")
+    obj["metadata"]["namespace"] = "b"
+    second.cache[("b", "r")] = obj
+    assert watcher._cached("TaskRun", "b", "r") is obj
+    assert watcher._cached("TaskRun", "a", "r") is None
