@@ -149,7 +149,6 @@ class LeaderElector:
         # The lease counts from the renewTime written, which is taken before the request; a slow
         # answer must not extend how long this replica believes it still leads.
         attempted_at = self._monotonic()
-        acting = self.is_leader
         try:
             acquired = self.try_acquire_or_renew()
         except KubeAPIError as exc:
@@ -167,10 +166,12 @@ class LeaderElector:
             self._leading = True
             log.info("became leader", extra={"lease": self.name, "identity": self.identity})
             self._notify(self._on_started)
-        elif acquired and (not acting or gap_noticed):
-            # Renewed after a gap in which this replica stopped acting (sampled at this step's start, or
-            # noted by the watcher dropping an event mid-step): the events it ignored meanwhile are not
-            # replayed, so it starts over as a new leader does.
+        elif acquired and gap_noticed:
+            # Renewed after a gap in which this replica stopped acting and dropped work (an event, a
+            # resync tick, an unsent message: each notes it): what it ignored is not replayed, so it starts
+            # over as a new leader does. A gap in which nothing was dropped (renewals slower than the
+            # renew deadline, on a busy API server) needs no resync: forcing one every step there re-sent
+            # everything unfinished every ~10 s, more load on the API server that was already slow.
             log.info("leading again after a gap", extra={"lease": self.name, "identity": self.identity})
             self._notify(self._on_started)
         elif not acquired and self._leading and not self.is_leader:

@@ -202,8 +202,9 @@ class Watcher:
         return self._outbox.put(key, (work, rv, own_version))
 
     def resync(self, *, force: bool = False) -> int:
-        """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (new leader)."""
-        if not self.is_leader:
+        """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (a new leader, or one
+        that dropped work in a gap). A replica that does not lead notes the skipped tick as dropped work."""
+        if not self._may_send():
             return 0
         now = self._clock()
         count = 0
@@ -213,6 +214,8 @@ class Watcher:
                 break  # lost the Lease during a long resync: the next leader's resync has the rest
             rv = str(obj["metadata"].get("resourceVersion", ""))
             if force:
+                # (the object whose state calls for the work may be unchanged while what it depends on
+                # changed: its version alone cannot tell what was already sent)
                 with self._recent_lock:
                     self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
             count += self._submit(

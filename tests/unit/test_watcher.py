@@ -879,3 +879,41 @@ def test_the_cache_is_searched_in_every_watched_namespace() -> None:
     second.cache[("b", "r")] = obj
     assert watcher._cached("TaskRun", "b", "r") is obj
     assert watcher._cached("TaskRun", "a", "r") is None
+
+
+def test_slow_renewals_start_over_only_when_work_was_dropped_in_the_gap() -> None:
+    """Each renewal takes 9 s, so each step begins past the renew deadline: the replica is not acting at
+    the start of the next step though it renewed every time. It used to force a full resync at every
+    step; now only a gap in which something was dropped (an event, a resync tick) brings one."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    started: list[datetime] = []
+
+    class SlowKube(FakeKubeClient):
+        def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            now[0] += timedelta(seconds=9)
+            return super().replace_lease(namespace, name, body)
+
+    kube = SlowKube()
+    elector = LeaderElector(
+        kube,
+        "default",
+        "lease",
+        "one",
+        lease_duration_s=15,
+        clock=lambda: now[0],
+        on_started_leading=lambda: started.append(now[0]),
+    )
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    watcher.elector = elector
+    elector.step()  # creates the Lease: a new leader
+    assert started == [now[0]]
+    for _ in range(3):
+        now[0] += timedelta(seconds=2)
+        elector.step()  # renews, answered 9 s later
+        now[0] += timedelta(seconds=1)
+        assert not elector.is_leader
+    assert len(started) == 1, "renewed each time and nothing was dropped: no resync"
+    assert watcher.resync() == 0, "a resync tick while not acting is skipped..."
+    now[0] += timedelta(seconds=1)
+    elector.step()
+    assert len(started) == 2, "...and the renewal after it starts over"
