@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ def object_key(obj: dict[str, Any]) -> Key:
 
 
 MAX_HANDLER_ATTEMPTS = 5
+SHORT_WATCH_S = 1.0  # a watch that ends sooner without a single event is treated as a failure
 
 
 class Informer:
@@ -115,14 +117,17 @@ class Informer:
     def run(self) -> None:
         backoff = 0.2
         while not self.stop.is_set():
+            received = 0
             try:
                 if not self.resource_version:
                     self.relist()
+                opened = time.monotonic()
                 for event in self.kube.watch_raw(
                     self.plural, self.namespace, self.resource_version, self.watch_timeout_s
                 ):
                     if self.stop.is_set():
                         return
+                    received += 1
                     obj = event.get("object") or {}
                     rv = (obj.get("metadata") or {}).get("resourceVersion")
                     if event.get("type") == "BOOKMARK":
@@ -131,9 +136,28 @@ class Informer:
                     self._apply(str(event.get("type")), obj)
                     self.resource_version = rv or self.resource_version
                     backoff = 0.2
+                if not received and time.monotonic() - opened < SHORT_WATCH_S:
+                    # client-go's "very short watch": something in the way (a proxy) answers and closes at
+                    # once; reopening at once would spin.
+                    log.warning(
+                        "watch of %s ended at once without an event; retrying in %.1fs", self.plural, backoff
+                    )
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
             except Gone:
-                log.info("watch of %s expired (410 Gone); relisting", self.plural)
                 self.resource_version = ""
+                if received:
+                    log.info("watch of %s expired (410 Gone); relisting", self.plural)
+                else:
+                    # Expired before a single event: the list took longer than the API server keeps a
+                    # kind's history, and relisting at once would only repeat that, back to back.
+                    log.warning(
+                        "watch of %s expired (410 Gone) before its first event; relisting in %.1fs",
+                        self.plural,
+                        backoff,
+                    )
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
             except KubeAPIError as exc:
                 log.warning("watch of %s failed: %s; retrying in %.1fs", self.plural, exc, backoff)
                 self.stop.wait(backoff)

@@ -917,3 +917,63 @@ def test_slow_renewals_start_over_only_when_work_was_dropped_in_the_gap() -> Non
     now[0] += timedelta(seconds=1)
     elector.step()
     assert len(started) == 2, "...and the renewal after it starts over"
+
+
+class TimedWaitEvent(threading.Event):
+    """A stop event that records each back-off wait instead of sleeping (and stops after a few)."""
+
+    def __init__(self, stop_after: int) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.stop_after = stop_after
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) >= self.stop_after:
+            self.set()
+        return self.is_set()
+
+
+@pytest.mark.parametrize("stream", [[], Gone(410, "Expired", "too old")], ids=["ends-at-once", "gone"])
+def test_a_watch_that_ends_at_once_or_expires_before_its_first_event_backs_off(stream: Any) -> None:
+    """A proxy that answers a watch and closes at once, and a 410 right after every relist (a list slower
+    than the API server's history), each made the informer reopen back to back, as fast as it could."""
+    kube = ScriptedWatchKube([stream] * 10)
+    stop = TimedWaitEvent(stop_after=4)
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop)
+    scripted = kube.watch_raw
+
+    def at_most_eight(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        if len(kube.watch_calls) >= 7:
+            stop.set()  # spinning: end the test (it fails below) rather than hang
+        yield from scripted(*args, **kwargs)
+
+    kube.watch_raw = at_most_eight  # type: ignore[method-assign]
+    informer.run()
+    assert stop.waits == [0.2, 0.4, 0.8, 1.6], "a doubling back-off"
+    assert len(kube.watch_calls) == 4
+
+
+def test_a_watch_that_expired_after_events_relists_at_once() -> None:
+    busy = ScriptedWatchKube([[{"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "901")}]])
+    stop = TimedWaitEvent(stop_after=10)
+    informer = Informer(busy, "TaskRun", "taskruns", None, lambda *_: None, stop)
+    real_watch = busy.watch_raw
+
+    def watch_then_expire(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        yield from real_watch(*args, **kwargs)
+        raise Gone(410, "Expired", "too old")
+
+    busy.watch_raw = watch_then_expire  # type: ignore[method-assign]
+    list_once = informer.relist
+    waits_before_relists: list[int] = []
+
+    def relist() -> None:
+        waits_before_relists.append(len(stop.waits))
+        if len(waits_before_relists) == 2:
+            stop.set()
+        list_once()
+
+    informer.relist = relist  # type: ignore[method-assign]
+    informer.run()
+    assert waits_before_relists == [0, 0], "a watch that expired after events relists at once"
