@@ -47,7 +47,12 @@ from kubechain.statemachines.toolcall import (
     sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
-from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
+from kubechain.statemachines.transition import (
+    Transition,
+    claim_remaining_s,
+    foreign_child_message,
+    parse_timestamp,
+)
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
@@ -297,16 +302,26 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if parent is None or parent.is_terminal():
         # Nothing will ever collect this call's result: end it (with a status, an Event and a log line)
         # rather than have every resync queue it again. A Running call is left to its claim's holder,
-        # whose write ends it.
+        # whose write ends it, unless that claim expired (its worker is gone and nobody else will).
+        why = (
+            f'TaskRun "{run_name}" not found'
+            if parent is None
+            else f'TaskRun "{run_name}" already finished ({parent.phase})'
+        )
+        now = ctx.clock()
         if toolcall.phase != ToolCallPhase.RUNNING:
-            why = (
-                f'TaskRun "{run_name}" not found'
-                if parent is None
-                else f'TaskRun "{run_name}" already finished ({parent.phase})'
-            )
             log.warning("tool call %s/%s not run: %s", toolcall.namespace, toolcall.name, why)
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"{why}: not run", ctx.clock()))
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"{why}: not run", now))
             _stop_sub_agent_runs(ctx, toolcall)
+        elif claim_remaining_s(toolcall.status.claimed_at, now, ctx.settings.claim_timeout_s) <= 0:
+            message = (
+                f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost "
+                f"mid-execution, and {why}: not run again"
+            )
+            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, message)
+            apply_transition(
+                ctx, toolcall, plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted")
+            )
         return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(

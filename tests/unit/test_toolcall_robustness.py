@@ -903,3 +903,36 @@ def test_an_mcp_call_is_bounded_by_its_budget_not_only_each_step() -> None:
     )
     manager.call_tool(server, "t", {})
     assert budgets == [150]  # not 2 × (2 × 30 + 120) + 10 = 370
+
+
+def test_a_running_call_of_a_finished_run_whose_worker_was_lost_is_ended() -> None:
+    """Its run ended without it (a sibling was refused) while it ran, and its worker then died: nobody
+    would ever write its outcome, and every resync queued it again, for good."""
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    toolcall = kube.get(TaskRunToolCall, "default", name)
+    claimed_at = ctx.clock() - timedelta(seconds=ctx.settings.claim_timeout_s - 5)
+    kube.patch_status(
+        toolcall,
+        {
+            "phase": "Running",
+            "claimedBy": "lost-worker",
+            "claimedAt": precise_timestamp(claimed_at),
+            "attempts": 1,
+        },
+    )
+    kube.patch_status(
+        kube.get(TaskRun, "default", "r"), {"phase": "Failed", "error": "a sibling was refused"}
+    )
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Running", "its claim may still be held: left to it"
+
+    toolcall = kube.get(TaskRunToolCall, "default", name)
+    expired = ctx.clock() - timedelta(seconds=ctx.settings.claim_timeout_s + 5)
+    kube.patch_status(toolcall, {"claimedAt": precise_timestamp(expired)})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert "lost-worker" in status["error"] and 'TaskRun "r" already finished (Failed)' in status["error"]
+    assert warnings(kube, name) == ["ExecutionInterrupted"]
