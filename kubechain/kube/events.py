@@ -110,7 +110,7 @@ class EventRecorder:
             },
             "reason": reason,
             # the API server's limit counts bytes: a cut by characters let long non-ASCII messages fail
-            "message": message.encode()[:MAX_MESSAGE].decode("utf-8", "ignore"),
+            "message": message.encode("utf-8", "replace")[:MAX_MESSAGE].decode("utf-8", "ignore"),
             "type": event_type,
             "source": {"component": component or self.controller},
             "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),

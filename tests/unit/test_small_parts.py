@@ -327,6 +327,10 @@ def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_
     recorder.emit(run, "Warning", "ToolCallRejected", feedback, key="1")
     (posted,) = [e["message"] for e in kube.events() if e["reason"] == "ToolCallRejected"]
     assert len(posted.encode()) <= 1024 and feedback.startswith(posted) and len(posted) == 341
+    # JSON may carry a lone surrogate ("\\ud800"): an MCP server's or an LLM's text reaches messages as is
+    recorder.emit(run, "Warning", "ExecutionFailed", 'tool said "\ud800"', key="3")
+    (lone,) = [e["message"] for e in kube.events() if e["reason"] == "ExecutionFailed"]
+    assert lone == 'tool said "?"'
 
     class BrokenProxy(FakeKubeClient):
         def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
