@@ -229,11 +229,13 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
     status = _status(obj)
     if kind == "TaskRun":
         return (status.get("phase"),)
+    tools = status.get("tools") or []
     return (
         status.get("ready"),
         status.get("status"),
         status.get("connected"),
-        len(status.get("tools") or []),
+        # the names, not their number: a tool renamed changes what an Agent offers (and its conflicts)
+        tuple(sorted(str(tool.get("name")) for tool in tools if isinstance(tool, Mapping))),
     )
 
 

@@ -977,3 +977,21 @@ def test_a_watch_that_expired_after_events_relists_at_once() -> None:
     informer.relist = relist  # type: ignore[method-assign]
     informer.run()
     assert waits_before_relists == [0, 0], "a watch that expired after events relists at once"
+
+
+def test_a_tool_renamed_on_an_mcp_server_revalidates_the_agents_that_use_it() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    informers["Agent"].cache[("default", "a")] = ready("Agent", "a", {"mcpServers": [{"name": "m"}]})
+    before = ready("MCPServer", "m", connected=True, tools=[{"name": "fetch"}])
+    after = ready("MCPServer", "m", connected=True, tools=[{"name": "fetch_url"}])
+    after["metadata"]["resourceVersion"] = "2"
+    watcher._on_event("MCPServer", "MODIFIED", after, before)
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert ("Agent", "a") in [(w.kind, w.name) for w in queued], "same number of tools, other names"
+    watcher._on_event(
+        "MCPServer", "MODIFIED", {**after, "metadata": {**after["metadata"], "resourceVersion": "3"}}, after
+    )
+    assert watcher._outbox.empty(), "an unchanged tool list prompts nothing"
