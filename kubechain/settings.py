@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     max_context_window_bytes: int = 1024 * 1024
     max_delegation_depth: int = 5
     # Sub-agent runs one user's run may start in all, at every depth: depth alone lets 20 delegations a
-    # turn over 5 levels start 20**5 runs.
+    # turn over 5 levels start 20**5 runs. A soft cap: it is counted, then each child created, so the
+    # delegations of one turn checked at once may pass it by at most that turn's fan-out.
     max_sub_agent_runs: int = Field(default=100, ge=1)
     # A sub-agent's run that has not started after this long (its Agent never became Ready) is deleted
     # and its delegating tool call fails with the reason, so the parent run is not blocked forever.
