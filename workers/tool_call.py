@@ -346,6 +346,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         _delegate(ctx, toolcall, parent, executor.delegate_to)
         return
     if executor.human_channel is not None:
+        if toolcall.phase not in ("", "Pending", ToolCallPhase.AWAITING_HUMAN_INPUT):
+            # Its Tool now asks a human, but the call waits in another kind's phase (for an approval or a
+            # sub-agent): nothing moves it on any more.
+            problem = f'tool "{toolcall.spec.tool_ref.name}" now asks a human'
+            _fail_if_stranded(ctx, toolcall, problem, now, approved_too=True)
+            return
         approvals.contact_human(ctx, toolcall, executor)
         return
     if executor.problem is None and not approvals.gate(ctx, toolcall, executor):
@@ -452,10 +458,15 @@ def _parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
 
 
 def _fail_if_stranded(
-    ctx: WorkerContext, toolcall: TaskRunToolCall, problem: str | None, now: datetime
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    problem: str | None,
+    now: datetime,
+    *,
+    approved_too: bool = False,
 ) -> bool:
     """Fail a call waiting in a phase nothing moves it out of any more (plan_stranded); True if it did."""
-    stranded = plan_stranded(toolcall, problem, now)
+    stranded = plan_stranded(toolcall, problem, now, approved_too=approved_too)
     if stranded is None:
         return False
     log.warning(
@@ -545,9 +556,14 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             apply_transition(ctx, toolcall, outcome)
         return
     if toolcall.phase not in ("", "Pending"):
-        # E.g. waiting for an approval when its Tool was changed to delegate: nothing moves it on any more.
+        # E.g. waiting for an approval (or approved) when its Tool was changed to delegate: nothing moves
+        # it on any more.
         _fail_if_stranded(
-            ctx, toolcall, f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent', now
+            ctx,
+            toolcall,
+            f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent',
+            now,
+            approved_too=True,
         )
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]

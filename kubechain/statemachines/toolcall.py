@@ -269,12 +269,18 @@ def plan_sub_agent_not_started(
     return plan_tool_failure(toolcall, message, now, reason="SubAgentFailed")
 
 
-def plan_stranded(toolcall: TaskRunToolCall, problem: str | None, now: datetime) -> Transition | None:
+def plan_stranded(
+    toolcall: TaskRunToolCall, problem: str | None, now: datetime, *, approved_too: bool = False
+) -> Transition | None:
     """A call waiting in a phase that nothing can move it out of any more — e.g. AwaitingSubAgent after
     its delegating Tool was deleted or changed — fails, so its run's fan-in is not blocked forever.
-    ``problem``: why its tool no longer resolves, if it does not."""
+    ``problem``: why its tool no longer resolves, if it does not. ``approved_too``: an approved call
+    (ReadyToExecuteApprovedTool) is stranded as well: the executor asking cannot run it."""
     phase = toolcall.phase
-    if toolcall.is_terminal() or phase in CLAIMABLE_PHASES or phase == ToolCallPhase.RUNNING:
+    approved = phase == ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL
+    if toolcall.is_terminal() or phase == ToolCallPhase.RUNNING:
+        return None
+    if phase in CLAIMABLE_PHASES and not (approved and approved_too):
         return None
     ref = toolcall.spec.tool_ref.name
     if phase == ToolCallPhase.AWAITING_SUB_AGENT:

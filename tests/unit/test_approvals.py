@@ -757,6 +757,22 @@ def test_human_contact_round_trip(world: World) -> None:
     assert w.hl.posts == {call_id: 1} and w.gets("contact_requests") == 2
 
 
+@pytest.mark.parametrize("phase", ["AwaitingHumanApproval", "ReadyToExecuteApprovedTool", "AwaitingSubAgent"])
+def test_a_call_whose_tool_now_asks_a_human_fails_instead_of_waiting_forever(
+    world: World, phase: str
+) -> None:
+    """The call waits in another kind's phase (its Tool was changed to a human contact meanwhile): the
+    contact flow ignored it, and so did everything else, at every resync, for good."""
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})
+    w.kube.patch_status_raw("taskruntoolcalls", "default", TC, None, {"phase": phase})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed", status
+    assert 'tool "approvals__human_contact_email" now asks a human' in status["error"]
+    assert w.hl.contact_requests == {}, "no human was asked"
+
+
 def test_a_question_whose_channel_was_deleted_fails_instead_of_waiting_forever(world: World) -> None:
     w = world
     add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})

@@ -212,15 +212,19 @@ def test_a_sub_agent_call_whose_tool_no_longer_delegates_fails() -> None:
     assert 'tool "ask" no longer delegates to an agent' in status["error"]
 
 
-def test_a_call_waiting_for_approval_whose_tool_now_delegates_fails_instead_of_waiting_forever() -> None:
+@pytest.mark.parametrize("phase", ["AwaitingHumanApproval", "ReadyToExecuteApprovedTool"])
+def test_a_call_waiting_for_approval_whose_tool_now_delegates_fails_instead_of_waiting_forever(
+    phase: str,
+) -> None:
+    """Approved, too: the approval was for the tool as it was, and nothing would ever run the call."""
     kube = FakeKubeClient()
     ctx, name = delegating(kube)
-    kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": "AwaitingHumanApproval"})
+    kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": phase})
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed"
     assert status["error"] == (
-        'this tool call cannot continue from phase AwaitingHumanApproval: tool "ask" now delegates to an agent'
+        f'this tool call cannot continue from phase {phase}: tool "ask" now delegates to an agent'
     )
     with pytest.raises(NotFound):  # and no sub-agent run was started for it
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
