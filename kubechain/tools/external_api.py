@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -30,6 +31,29 @@ def _shared_client() -> httpx.Client:
         return _client
 
 
+def cut_at(response: httpx.Response, deadline: float) -> threading.Timer | None:
+    """A timer that shuts the response's connection at ``deadline`` (monotonic). The check after each
+    chunk alone let a server that sends a little just before each read would time out hold the call up to
+    one more read timeout past its deadline, beyond its claim: another worker would then start it again.
+    Shut down (not closed): a read blocked on the socket returns at once, in whatever thread it waits."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if not isinstance(sock, socket.socket):
+        return None
+
+    def shut() -> None:
+        try:
+            # the plain socket's: an SSLSocket's own would drop its TLS object under the reading thread
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed: the request ended meanwhile
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def call_external_api(
     url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
 ) -> str:
@@ -50,19 +74,26 @@ def call_external_api(
     try:
         client = _shared_client()
         with client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response:
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in response.iter_bytes():
-                if time.monotonic() > deadline:
-                    raise timed_out
-                chunks.append(chunk)
-                size += len(chunk)
-                if size >= MAX_RESPONSE_BYTES:
-                    break
-            encoding = response.encoding or "utf-8"
+            watchdog = cut_at(response, deadline)
+            try:
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise timed_out
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= MAX_RESPONSE_BYTES:
+                        break
+                encoding = response.encoding or "utf-8"
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
     except httpx.TimeoutException:
         raise timed_out from None
     except httpx.HTTPError as exc:
+        if time.monotonic() >= deadline:
+            raise timed_out from None  # the watchdog shut the connection
         raise ToolError(f"{verb} {url} failed: {type(exc).__name__}") from None
     body = b"".join(chunks)[:MAX_RESPONSE_BYTES].decode(encoding, "replace")
     if response.status_code >= 400:

@@ -41,8 +41,19 @@ class TricklingServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow"
 
 
-def test_a_body_that_trickles_in_times_out_at_the_deadline() -> None:
+def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """httpx's timeout bounds each read; a trickle never trips it, so the deadline must."""
+    import kubechain.tools.external_api as external_api
+
+    watchdogs: list[object] = []
+    real_cut_at = external_api.cut_at
+
+    def spied(response: object, deadline: float) -> object:
+        watchdog = real_cut_at(response, deadline)  # type: ignore[arg-type]
+        watchdogs.append(watchdog)
+        return watchdog
+
+    monkeypatch.setattr(external_api, "cut_at", spied)
     server = TricklingServer()
     outcome: list[BaseException | str] = []
 
@@ -59,6 +70,7 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline() -> None:
     assert not thread.is_alive(), "the call outlived its timeout by a minute"
     (error,) = outcome
     assert isinstance(error, ToolError) and "timed out after 1s" in str(error)
+    assert len(watchdogs) == 1 and watchdogs[0] is not None, "the connection's socket was found"
 
 
 def test_a_response_is_cut_at_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,3 +82,31 @@ def test_a_response_is_cut_at_the_size_limit(monkeypatch: pytest.MonkeyPatch) ->
         assert call_external_api(server.url, "POST", {}, None, timeout_s=30.0) == "....."
     finally:
         server.server.shutdown()
+
+
+def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
+    """The check after each chunk cannot end a read that blocks: a server sending a byte just before each
+    read would time out held the call up to one more read timeout past its deadline, past its claim."""
+    import socket
+
+    from kubechain.testing.waiting import wait_for
+    from kubechain.tools.external_api import cut_at
+
+    ours, theirs = socket.socketpair()
+
+    class Stream:
+        def get_extra_info(self, name: str) -> object:
+            return ours if name == "socket" else None
+
+    class Response:
+        extensions = {"network_stream": Stream()}
+
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(ours.recv(10)), daemon=True)
+    reader.start()
+    watchdog = cut_at(Response(), time.monotonic() + 0.05)  # type: ignore[arg-type]
+    assert watchdog is not None
+    wait_for(lambda: not reader.is_alive(), timeout_s=30, what="the blocked read to end")
+    assert read == [b""], "shut down under the reader: it sees the end of the stream"
+    theirs.close()
+    ours.close()
