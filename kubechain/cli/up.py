@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -68,6 +70,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         workdir=workdir,
         cluster=cluster,
         kubeconfig=kubeconfig,
+        context=context,
         workers=workers,
         worker_concurrency=concurrency,
         llm="real" if real_llm else "scripted",
@@ -79,9 +82,15 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     displaced_by: str | None = None
+    failed: str | None = None
     lease_reader: KubeClient | None = None  # asks, every DEPLOYED_CHECK_S, whether KubeChain was deployed
+    lock = lock_workdir(workdir)  # released in the finally below (and by the kernel if this process dies)
     try:
-        stack.start()
+        try:
+            stack.start()
+        except START_FAILURES as exc:
+            failed = f"could not start KubeChain: {exc}"
+            return
         if real_llm:
             say("an API key is configured: LLM resources call their real provider")
         else:
@@ -117,6 +126,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         started = time.monotonic()
         stack.stop()
         say(f"stopped ({time.monotonic() - started:.1f}s)")
+        lock.close()
+        if failed is not None:
+            raise CLIError(f"{failed}\n(logs: {stack.logs})")
     if displaced_by is not None:
         raise CLIError(
             f"KubeChain was deployed in the current cluster meanwhile (its watcher {displaced_by} holds Lease "
@@ -126,6 +138,43 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
 
 # How often `up --cluster current` checks that KubeChain has not been deployed into the cluster meanwhile.
 DEPLOYED_CHECK_S = 15.0
+
+
+def _start_failures() -> tuple[type[BaseException], ...]:
+    from kubechain.kube.errors import KubeAPIError
+    from kubechain.testing.binaries import BinaryError
+    from kubechain.testing.controlplane import ControlPlaneError
+    from kubechain.testing.redis_server import RedisError
+
+    # each says what went wrong and what to do; OSError: a port, a file, a binary that would not start
+    return (BinaryError, ControlPlaneError, RedisError, KubeAPIError, TimeoutError, OSError)
+
+
+START_FAILURES = _start_failures()
+
+
+def lock_workdir(workdir: Path) -> IO[str]:
+    """Take ``workdir`` for this process, or say who has it: a second ``up`` on the same folder rewrote
+    the first one's token and kubeconfig, then waited 90 s on etcd's locked data file and blamed etcd."""
+    from kubechain.cli.resources import CLIError
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CLIError(
+            f"another `kubechain up` ({holder}) is using {workdir}: stop it, or give this one its own "
+            "folder with --workdir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def export_line(kubeconfig: str, path: str, python: str) -> str:

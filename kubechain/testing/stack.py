@@ -68,6 +68,9 @@ class StackOptions:
     # merges $KUBECONFIG); default $KUBECONFIG, else ~/.kube/config. A local control plane's kubeconfig is
     # always the stack's own file, <workdir>/kubeconfig.
     kubeconfig: str | Path | None = None
+    # cluster "current" only: the context (of that kubeconfig) every process uses, whatever kubectl
+    # switches to while they run; None: the kubeconfig's current context
+    context: str | None = None
     workers: int = 1
     worker_queues: str = "control,llm,tools"
     worker_pool: str = "threads"
@@ -209,7 +212,7 @@ class LocalStack:
     # -- components --------------------------------------------------------------------------------
 
     def kube(self) -> KubeClient:
-        return KubeClient(load_connection(self.kubeconfig))
+        return KubeClient(load_connection(self.kubeconfig, self.options.context))
 
     @property
     def llm_url(self) -> str:
@@ -236,6 +239,11 @@ class LocalStack:
         # These processes are not pods, even when `up` runs inside one (a dev container, a CI runner): a
         # POD_NAMESPACE inherited from there would move the Lease to a namespace the local cluster lacks.
         env.pop("POD_NAMESPACE", None)
+        # Pinned, so that a process restarted after `kubectl config use-context` still talks to the same
+        # cluster (and an inherited context name never points into the local control plane's kubeconfig).
+        env.pop("KUBECHAIN_KUBE_CONTEXT", None)
+        if self.options.context:
+            env["KUBECHAIN_KUBE_CONTEXT"] = self.options.context
         env.update(self.options.extra_env)
         return env
 

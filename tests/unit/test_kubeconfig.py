@@ -172,8 +172,25 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
         raise RuntimeError("not started in a unit test")
 
     monkeypatch.setattr(stack, "LocalStack", no_stack)
-    CliRunner().invoke(main, ["up", "--cluster", "current"])
+    CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(first.parent / "up")])
     assert [options.kubeconfig for options in seen] == [listed(first, second)]
+    assert seen[0].context == "ctx-one", "the processes are pinned to the context chosen at start"
+
+
+def test_stack_processes_use_the_pinned_context_and_never_an_inherited_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    monkeypatch.setenv("KUBECHAIN_KUBE_CONTEXT", "from-the-users-shell")
+    pinned = LocalStack(StackOptions(workdir=tmp_path / "a", cluster="current", context="ctx-one"))
+    pinned.redis = SimpleNamespace(url="redis://127.0.0.1:1/0")  # type: ignore[assignment]
+    assert pinned.env()["KUBECHAIN_KUBE_CONTEXT"] == "ctx-one"
+    local = LocalStack(StackOptions(workdir=tmp_path / "b", cluster="local"))
+    local.redis = SimpleNamespace(url="redis://127.0.0.1:1/0")  # type: ignore[assignment]
+    assert "KUBECHAIN_KUBE_CONTEXT" not in local.env(), "no context of the user's in the local kubeconfig"
 
 
 def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_meanwhile(
@@ -216,7 +233,7 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
     monkeypatch.setattr(stack, "LocalStack", FakeStack)
     monkeypatch.setattr(up_module, "DEPLOYED_CHECK_S", 0.0)
     monkeypatch.setattr(up_module.signal, "signal", lambda *_: None)  # leave pytest's handlers alone
-    result = CliRunner().invoke(main, ["up", "--cluster", "current"])
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(first.parent / "up")])
     assert events == ["start", "stop"]
     assert result.exit_code == 1
     assert "kubechain-watcher-7d9f-abc holds Lease kubechain-system/kubechain-watcher" in result.output

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -258,6 +260,49 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
     assert result.exit_code == 1 and not started
     assert "KubeChain already runs in the current cluster" in result.output
     assert "kubechain-system/kubechain-watcher" in result.output and "--cluster local" in result.output
+
+
+def test_a_second_up_on_the_same_folder_is_refused_at_once(tmp_path: Path) -> None:
+    """It used to rewrite the first one's token and kubeconfig, then wait 90 s on etcd's locked data file
+    and blame etcd."""
+    from kubechain.cli.resources import CLIError
+    from kubechain.cli.up import lock_workdir
+
+    first = lock_workdir(tmp_path)
+    with pytest.raises(CLIError, match=rf"another `kubechain up` \(pid {os.getpid()}\) is using"):
+        lock_workdir(tmp_path)
+    first.close()
+    lock_workdir(tmp_path).close()  # free again once the first one is gone
+
+
+def test_up_that_cannot_start_says_why_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.testing.binaries import BinaryError
+
+    stopped: list[bool] = []
+
+    class Failing:
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise BinaryError("no Go toolchain: install Go 1.24+ or set KUBEBUILDER_ASSETS")
+
+        def stop(self) -> None:
+            stopped.append(True)
+
+    monkeypatch.setattr(stack, "LocalStack", Failing)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
+    assert "could not start KubeChain: no Go toolchain: install Go 1.24+" in result.output
+    assert stopped == [True], "what did start is stopped"
 
 
 def test_an_invalid_llm_parameter_is_a_cli_error_not_a_traceback() -> None:
