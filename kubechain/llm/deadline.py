@@ -10,20 +10,31 @@ timeout the SDKs already report as a timeout."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import httpx2
 
+from kubechain.http_watchdog import shut_at
+
 
 class _DeadlineStream(httpx2.SyncByteStream):
     def __init__(
-        self, inner: httpx2.SyncByteStream, deadline: float, total_s: float, request: httpx2.Request
+        self,
+        inner: httpx2.SyncByteStream,
+        deadline: float,
+        total_s: float,
+        request: httpx2.Request,
+        watchdog: threading.Timer | None = None,
     ):
         self._inner = inner
         self._deadline = deadline
         self._total_s = total_s
         self._request = request
+        # The read timeout below is fixed when the body starts: a read after the first chunk could still
+        # wait that long again past the deadline. The watchdog shuts the connection at the deadline.
+        self._watchdog = watchdog
 
     def __iter__(self) -> Iterator[bytes]:
         # The body's reads wait at most what is left: httpcore takes the read timeout from this dict (the
@@ -33,12 +44,19 @@ class _DeadlineStream(httpx2.SyncByteStream):
             left = max(0.001, self._deadline - time.monotonic())
             read = timeouts.get("read")
             timeouts["read"] = left if read is None else min(read, left)
-        for chunk in self._inner:
-            if time.monotonic() > self._deadline:
-                raise _overdue(self._total_s, self._request)
-            yield chunk
+        try:
+            for chunk in self._inner:
+                if time.monotonic() > self._deadline:
+                    raise _overdue(self._total_s, self._request)
+                yield chunk
+        except httpx2.TransportError:
+            if time.monotonic() >= self._deadline:
+                raise _overdue(self._total_s, self._request) from None  # the watchdog shut it
+            raise
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._inner.close()
 
 
@@ -56,7 +74,8 @@ class DeadlineTransport(httpx2.BaseTransport):
             response.close()
             raise _overdue(self._total_s, request)
         assert isinstance(response.stream, httpx2.SyncByteStream)
-        response.stream = _DeadlineStream(response.stream, deadline, self._total_s, request)
+        watchdog = shut_at(response.extensions, deadline)
+        response.stream = _DeadlineStream(response.stream, deadline, self._total_s, request, watchdog)
         return response
 
     def close(self) -> None:

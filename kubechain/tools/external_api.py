@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
 
 import httpx
 
+from kubechain.http_watchdog import shut_at
 from kubechain.tools.builtin import ToolError
 
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -31,29 +31,6 @@ def _shared_client() -> httpx.Client:
         return _client
 
 
-def cut_at(response: httpx.Response, deadline: float) -> threading.Timer | None:
-    """A timer that shuts the response's connection at ``deadline`` (monotonic). The check after each
-    chunk alone let a server that sends a little just before each read would time out hold the call up to
-    one more read timeout past its deadline, beyond its claim: another worker would then start it again.
-    Shut down (not closed): a read blocked on the socket returns at once, in whatever thread it waits."""
-    stream = response.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    if not isinstance(sock, socket.socket):
-        return None
-
-    def shut() -> None:
-        try:
-            # the plain socket's: an SSLSocket's own would drop its TLS object under the reading thread
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed: the request ended meanwhile
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def call_external_api(
     url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
 ) -> str:
@@ -74,7 +51,7 @@ def call_external_api(
     try:
         client = _shared_client()
         with client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response:
-            watchdog = cut_at(response, deadline)
+            watchdog = shut_at(response.extensions, deadline)
             try:
                 chunks: list[bytes] = []
                 size = 0

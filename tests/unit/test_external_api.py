@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -46,14 +47,14 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.M
     import kubechain.tools.external_api as external_api
 
     watchdogs: list[object] = []
-    real_cut_at = external_api.cut_at
+    real_shut_at = external_api.shut_at
 
-    def spied(response: object, deadline: float) -> object:
-        watchdog = real_cut_at(response, deadline)  # type: ignore[arg-type]
+    def spied(extensions: Any, deadline: float) -> object:
+        watchdog = real_shut_at(extensions, deadline)
         watchdogs.append(watchdog)
         return watchdog
 
-    monkeypatch.setattr(external_api, "cut_at", spied)
+    monkeypatch.setattr(external_api, "shut_at", spied)
     server = TricklingServer()
     outcome: list[BaseException | str] = []
 
@@ -89,8 +90,8 @@ def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
     read would time out held the call up to one more read timeout past its deadline, past its claim."""
     import socket
 
+    from kubechain.http_watchdog import shut_at
     from kubechain.testing.waiting import wait_for
-    from kubechain.tools.external_api import cut_at
 
     ours, theirs = socket.socketpair()
 
@@ -98,13 +99,10 @@ def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
         def get_extra_info(self, name: str) -> object:
             return ours if name == "socket" else None
 
-    class Response:
-        extensions = {"network_stream": Stream()}
-
     read: list[bytes] = []
     reader = threading.Thread(target=lambda: read.append(ours.recv(10)), daemon=True)
     reader.start()
-    watchdog = cut_at(Response(), time.monotonic() + 0.05)  # type: ignore[arg-type]
+    watchdog = shut_at({"network_stream": Stream()}, time.monotonic() + 0.05)
     assert watchdog is not None
     wait_for(lambda: not reader.is_alive(), timeout_s=30, what="the blocked read to end")
     assert read == [b""], "shut down under the reader: it sees the end of the stream"

@@ -90,6 +90,7 @@ class RawLLM:
         self.headers_after_s = 0.0  # a pause before the answer's headers
         self.sent_in_full = 0
         self.left_before_first_byte = 0  # answers whose client had hung up before its body began
+        self.left_at_byte: dict[bytes, int] = {}  # per body: the byte before which its client was gone
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -98,23 +99,27 @@ class RawLLM:
                 return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
             def do_POST(self) -> None:  # noqa: N802
+                body = owner.body  # this answer's, whatever a later test sets meanwhile
                 self.rfile.read(int(self.headers["Content-Length"]))
                 time.sleep(owner.headers_after_s)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(owner.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if not owner.trickle_s:
-                    self.wfile.write(owner.body)
+                    self.wfile.write(body)
                     return
                 try:
-                    for i in range(len(owner.body)):
+                    for i in range(len(body)):
                         if i == 0:
                             time.sleep(owner.trickle_s)
                             if self._client_left():
                                 owner.left_before_first_byte += 1
                                 return
-                        self.wfile.write(owner.body[i : i + 1])
+                        elif self._client_left():
+                            owner.left_at_byte[body] = i
+                            return
+                        self.wfile.write(body[i : i + 1])
                         self.wfile.flush()
                         time.sleep(owner.trickle_s)
                 except BrokenPipeError:
@@ -358,6 +363,26 @@ def test_a_stall_just_short_of_the_read_timeout_before_the_body_ends_at_the_dead
         wait_for(lambda: raw_llm.left_before_first_byte == 1, 10, what="the server to find the client gone")
     finally:
         raw_llm.headers_after_s, raw_llm.trickle_s = 0.0, 0.0
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+def test_a_stall_after_the_first_byte_ends_at_the_deadline_not_a_read_timeout_later(
+    raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient]
+) -> None:
+    """A byte at 0.9 s, the next at 1.8 s: each wait is under the read timeout (fixed at ~1 s when the body
+    began), so the call used to wait for the second byte, past its deadline, before it could see it had
+    passed; a call may run past its claim that way, and another worker make it again. The connection is
+    now shut at the deadline: the server finds its client gone before the second byte."""
+    body = raw_llm.body = completion({"role": "assistant", "content": "stalls after its first byte"})
+    raw_llm.trickle_s = 0.9
+    try:
+        client = client_class("sk-test", 1, raw_llm.url if client_class is OpenAIClient else raw_llm.url[:-3])
+        with pytest.raises(LLMError, match="no complete answer within 1s"):
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+        wait_for(lambda: body in raw_llm.left_at_byte, 10, what="the server to find the client gone")
+        assert raw_llm.left_at_byte.pop(body) == 1
+    finally:
+        raw_llm.trickle_s = 0.0
 
 
 def test_the_deadline_client_keeps_the_sdks_proxies_from_the_environment(
