@@ -20,7 +20,7 @@ from kubechain.statemachines.taskrun import (
     with_llm_claim,
 )
 from kubechain.statemachines.toolset import tool_definitions
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.transition import Transition, precise_timestamp
 from workers.context import WorkerContext
 from workers.transitions import (
     apply_claim,
@@ -154,7 +154,9 @@ def _claim_and_call(
         failure = plan_config_error(run, str(problem), problem.reason, ctx.clock())
         apply_transition(ctx, run, failure if ready is None else ready.followed_by(failure))
         return
-    claimed_at = str(claim.status["claimedAt"])
+    # Stamped now, not when the turn was found free: reading the configuration may have waited out an API
+    # server shedding load (429s), and every second of that would come off the claim the call runs under.
+    claim.status["claimedAt"] = claimed_at = precise_timestamp(ctx.clock())
     # Conflict: another worker claimed first.
     claimed = apply_claim(ctx, run, claim, lambda current: holds_claim(current, ctx.identity, claimed_at))
     if ready is None:

@@ -369,3 +369,32 @@ def test_concurrent_cache_misses_make_one_read() -> None:
         results = [future.result(timeout=30) for future in futures]
     assert results == ["gpt-4o"] * 8
     assert len(loads) == 1, f"{len(loads)} reads of one key"
+
+
+def test_the_claim_is_stamped_after_the_configuration_was_read() -> None:
+    """Reading the Agent, LLM and Secret may wait out an API server shedding load (429s): a claim stamped
+    before that reached the LLM call already old, and could expire while the call still ran."""
+    now = [NOW]
+    seen: list[str] = []
+
+    class SlowLLMRead(FakeKubeClient):
+        def get_raw(self, plural: str, namespace: str, name: str, **kwargs: Any) -> dict[str, Any]:
+            if plural == "llms":
+                now[0] += timedelta(seconds=50)  # throttled
+            return super().get_raw(plural, namespace, name, **kwargs)
+
+    kube = SlowLLMRead()
+
+    def answer(request: Any) -> LLMResponse:
+        seen.append(str(run_status(kube)["claimedAt"]))
+        return LLMResponse(content="done")
+
+    llm = FakeLLM(answer)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, continues_llm=True, config_cache_ttl_s=0)
+    ctx.clock = lambda: now[0]
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer"
+    (claimed_at,) = seen
+    assert datetime.fromisoformat(claimed_at.replace("Z", "+00:00")) == now[0], "stamped after the reads"
