@@ -44,6 +44,10 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
                     arguments = json.loads(call.function.arguments or "{}")
                 except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
                     arguments = {"_raw": call.function.arguments}
+                if not isinstance(arguments, dict):
+                    # JSON but no object ("null", "[]", "42", from another provider's turn): Anthropic
+                    # takes only an object as a tool_use's input and would refuse the request with a 400
+                    arguments = {"_raw": call.function.arguments}
                 blocks.append(
                     {"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments}
                 )

@@ -169,10 +169,11 @@ def test_an_answer_of_the_wrong_shape_is_an_llm_error(fake: FakeAnthropic, reply
 
 
 def test_tool_arguments_it_cannot_parse_are_passed_raw() -> None:
-    """Not JSON, or nested deeper than json parses (RecursionError): the turn still goes out."""
+    """Not JSON, nested deeper than json parses (RecursionError), or JSON but no object (Anthropic takes
+    only an object, and refused the whole request with a 400): the turn still goes out."""
     from kubechain.llm.anthropic_provider import to_anthropic_messages
 
-    for raw in ("{oops", "[" * 100_000):
+    for raw in ("{oops", "[" * 100_000, "null", "[1, 2]", "42", '"text"'):
         call = ToolCall(id="c1", type="function", function=ToolCallFunction(name="add", arguments=raw))
         _, messages = to_anthropic_messages([Message(role="assistant", content="", tool_calls=[call])])
         (block,) = messages[0]["content"]
