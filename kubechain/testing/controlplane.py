@@ -684,8 +684,14 @@ class LocalControlPlane:
             logger.warning(
                 "kube-controller-manager binary not available: no garbage collection of owned objects"
             )
+            marker = self.binaries.kube_apiserver.parent / "kube-controller-manager.failed"
+            retry = (
+                f" (its build failed once: delete {marker} to build it again at the next start)"
+                if marker.exists()
+                else ""
+            )
             self._progress(
-                "kube-controller-manager not available; owned objects will not be garbage-collected"
+                f"kube-controller-manager not available; owned objects will not be garbage-collected{retry}"
             )
             return
         pki = self._workdir / "pki"

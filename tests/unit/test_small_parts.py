@@ -488,3 +488,20 @@ def test_retry_after_reads_every_form_providers_send(
 
     now = parsedate_to_datetime("Wed, 02 Dec 2026 08:00:00 GMT").timestamp()
     assert retry_after_s(headers, now) == expected
+
+
+def test_a_controller_manager_whose_build_failed_once_says_how_to_build_it_again(tmp_path: Path) -> None:
+    """The failure is remembered (a marker file) so that every start does not rebuild it for minutes; the
+    message used to say only that garbage collection was off, for good, without naming the marker."""
+    from kubechain.testing.binaries import ControlPlaneBinaries
+    from kubechain.testing.controlplane import LocalControlPlane
+
+    marker = tmp_path / "kube-controller-manager.failed"
+    marker.write_text("go build: signal: killed")
+    said: list[str] = []
+    binaries = ControlPlaneBinaries(tmp_path / "etcd", tmp_path / "kube-apiserver", None)
+    LocalControlPlane(tmp_path / "cp", binaries, progress=said.append)._start_kcm()
+    assert said == [
+        "kube-controller-manager not available; owned objects will not be garbage-collected (its build "
+        f"failed once: delete {marker} to build it again at the next start)"
+    ]
