@@ -88,7 +88,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     try:
         try:
             stack.start()
-        except START_FAILURES as exc:
+        except start_failures() as exc:
             failed = f"could not start KubeChain: {exc}"
             return
         if real_llm:
@@ -140,17 +140,16 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
 DEPLOYED_CHECK_S = 15.0
 
 
-def _start_failures() -> tuple[type[BaseException], ...]:
+def start_failures() -> tuple[type[BaseException], ...]:
+    """The errors of a start that say what went wrong and what to do (imported here: every ``kubechain``
+    command imports this module, and only ``up`` needs them)."""
     from kubechain.kube.errors import KubeAPIError
     from kubechain.testing.binaries import BinaryError
     from kubechain.testing.controlplane import ControlPlaneError
     from kubechain.testing.redis_server import RedisError
 
-    # each says what went wrong and what to do; OSError: a port, a file, a binary that would not start
+    # OSError: a port, a file, a binary that would not start
     return (BinaryError, ControlPlaneError, RedisError, KubeAPIError, TimeoutError, OSError)
-
-
-START_FAILURES = _start_failures()
 
 
 def lock_workdir(workdir: Path) -> IO[str]:
