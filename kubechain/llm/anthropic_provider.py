@@ -8,7 +8,7 @@ from typing import Any
 import anthropic
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
-from kubechain.llm.deadline import with_deadline
+from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.retry_after import retry_after_s
@@ -107,8 +107,11 @@ class AnthropicClient:
             raise LLMError(
                 f"LLM request timed out: no complete answer within {self._timeout_s:g}s", retryable=True
             ) from exc
+        except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
+            raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except anthropic.APIConnectionError as exc:
-            raise LLMError(f"LLM request failed: {exc}", retryable=True) from exc
+            too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
+            raise LLMError(f"LLM request failed: {too_large or exc}", retryable=too_large is None) from exc
         except anthropic.AnthropicError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:

@@ -18,6 +18,21 @@ import httpx2
 
 from kubechain.http_watchdog import shut_at
 
+# An answer is read into memory whole and parsed: one past this (hundreds of MB from whatever endpoint an
+# LLM resource names) would take the worker, and every call in flight on it, down. A real answer is some
+# hundred KB at most (its token limit); a context window is cut at 1 MiB.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    """The answer went past MAX_ANSWER_BYTES and was not read further (a retry would get the same)."""
+
+
+def answer_too_large(exc: BaseException) -> AnswerTooLarge | None:
+    """The AnswerTooLarge an SDK error was raised from (the SDKs wrap it as a connection error)."""
+    cause = exc.__cause__
+    return cause if isinstance(cause, AnswerTooLarge) else None
+
 
 class _DeadlineStream(httpx2.SyncByteStream):
     def __init__(
@@ -44,10 +59,16 @@ class _DeadlineStream(httpx2.SyncByteStream):
             left = max(0.001, self._deadline - time.monotonic())
             read = timeouts.get("read")
             timeouts["read"] = left if read is None else min(read, left)
+        received = 0
         try:
             for chunk in self._inner:
                 if time.monotonic() > self._deadline:
                     raise _overdue(self._total_s, self._request)
+                received += len(chunk)
+                if received > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(
+                        f"the answer is over {MAX_ANSWER_BYTES:,} bytes; it was not read further"
+                    )
                 yield chunk
         except httpx2.TransportError:
             if time.monotonic() >= self._deadline:

@@ -403,3 +403,20 @@ def test_openai_is_told_by_the_url_the_sdk_uses_which_may_come_from_the_environm
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", "http://vllm.local:8000/v1")
     assert not OpenAIClient("sk", 5, None)._official
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+def test_an_answer_over_the_size_limit_is_not_read_further_nor_retried(
+    raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer is read whole into memory: hundreds of MB from whatever endpoint an LLM resource names
+    would take the worker (and every call in flight on it) down, and a retry would get the same again."""
+    import kubechain.llm.deadline as deadline
+
+    monkeypatch.setattr(deadline, "MAX_ANSWER_BYTES", 64)
+    raw_llm.body = completion({"role": "assistant", "content": "x" * 200})
+    client = client_class("sk-test", 5, raw_llm.url if client_class is OpenAIClient else raw_llm.url[:-3])
+    with pytest.raises(LLMError) as raised:
+        client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert "the answer is over 64 bytes; it was not read further" in str(raised.value)
+    assert not raised.value.retryable
