@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -180,6 +181,9 @@ def export_line(kubeconfig: str, path: str, python: str) -> str:
     """What another terminal needs: the kubeconfig, and the virtualenv's bin directory (kubechain,
     kubectl and honcho are installed there) on the PATH unless it is already."""
     bin_dir = os.path.dirname(python)
+    exported = f"export KUBECONFIG={shlex.quote(kubeconfig)}"  # a checkout path may hold a space
     if bin_dir in path.split(os.pathsep):
-        return f"export KUBECONFIG={kubeconfig}"
-    return f'export KUBECONFIG={kubeconfig} PATH="{bin_dir}:$PATH"'
+        return exported
+    if shlex.quote(bin_dir) != bin_dir:
+        return f'{exported} PATH={shlex.quote(bin_dir)}:"$PATH"'
+    return f'{exported} PATH="{bin_dir}:$PATH"'

@@ -262,6 +262,17 @@ def test_up_tells_another_terminal_where_kubectl_and_kubechain_are() -> None:
     assert line == 'export KUBECONFIG=/w/.kubechain/kubeconfig PATH="/w/.venv/bin:$PATH"'
     on_path = export_line("/w/.kubechain/kubeconfig", "/w/.venv/bin:/usr/bin", "/w/.venv/bin/python")
     assert on_path == "export KUBECONFIG=/w/.kubechain/kubeconfig"
+    spaced = export_line("/my work/.kubechain/kubeconfig", "/usr/bin", "/my work/.venv/bin/python")
+    assert spaced == "export KUBECONFIG='/my work/.kubechain/kubeconfig' PATH='/my work/.venv/bin':\"$PATH\""
+    import subprocess
+
+    shell = subprocess.run(
+        ["bash", "-c", f'{spaced}; printf "%s|%s" "$KUBECONFIG" "${{PATH%%:*}}"'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shell.stdout == "/my work/.kubechain/kubeconfig|/my work/.venv/bin", "a shell reads it as meant"
 
 
 def test_a_stack_started_inside_a_pod_keeps_its_lease_in_default(
