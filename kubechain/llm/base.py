@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -83,6 +84,9 @@ class LLMClient(Protocol):
 ClientBuilder = Callable[[LLM, str, float, str | None], LLMClient]
 
 
+MAX_CACHED_CLIENTS = 64
+
+
 class LLMClientFactory:
     """Builds provider clients and reuses them per (provider, endpoint, key) so connections are pooled."""
 
@@ -97,7 +101,10 @@ class LLMClientFactory:
         # Where an LLM without spec.parameters.baseUrl goes (kubechain up points openai at the local
         # scripted server when no API key is configured).
         self._default_base_urls = default_base_urls or {}
-        self._cache: dict[tuple[str, str, str], LLMClient] = {}
+        # Least recently used first. Bounded: every rotated key or new baseUrl would otherwise leave its
+        # client (and its connection pool) behind for the worker's life. An evicted client is dropped, not
+        # closed: a call may still be using it, and its connections close when it is collected.
+        self._cache: OrderedDict[tuple[str, str, str], LLMClient] = OrderedDict()
         self._lock = threading.Lock()
 
     def for_llm(self, llm: LLM, api_key: str) -> LLMClient:
@@ -107,7 +114,9 @@ class LLMClientFactory:
         key = (llm.spec.provider, base_url, api_key)
         with self._lock:
             client = self._cache.get(key)
-            if client is None:
+            if client is not None:
+                self._cache.move_to_end(key)
+            else:
                 builder = self._builders.get(llm.spec.provider)
                 if builder is None:
                     raise LLMError(f"unsupported LLM provider {llm.spec.provider!r}", retryable=False)
@@ -116,6 +125,8 @@ class LLMClientFactory:
                 except Exception as exc:  # e.g. httpx2.InvalidURL for a baseUrl it cannot parse
                     raise LLMError(f"invalid LLM endpoint {base_url!r}: {exc}", retryable=False) from exc
                 self._cache[key] = client
+                while len(self._cache) > MAX_CACHED_CLIENTS:
+                    self._cache.popitem(last=False)
             return client
 
 

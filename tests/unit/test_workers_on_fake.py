@@ -877,3 +877,28 @@ def test_a_base_url_the_http_library_cannot_parse_is_an_llm_error_not_a_crash() 
     validate(ctx, message("LLM", "local"))
     status = kube.get_raw("llms", "default", "local")["status"]
     assert status["status"] == "Error" and "invalid LLM endpoint 'http://[::1'" in status["statusDetail"]
+
+
+def test_llm_clients_are_reused_per_endpoint_and_key_and_bounded_in_number() -> None:
+    """Every rotated key or new baseUrl used to leave its client, and its connection pool, behind for the
+    worker's life."""
+    from kubechain.llm.base import MAX_CACHED_CLIENTS, LLMClientFactory
+    from kubechain.models import LLM
+
+    built: list[str] = []
+
+    def build(_llm: Any, key: str, _timeout: float, _base: str | None) -> Any:
+        built.append(key)
+        return object()
+
+    factory = LLMClientFactory(10, builders={"openai": build})
+    llm = LLM.from_wire({"metadata": {"name": "l", "namespace": "default"}, "spec": {"provider": "openai"}})
+    first = factory.for_llm(llm, "key-0")
+    assert factory.for_llm(llm, "key-0") is first and built == ["key-0"], "reused"
+    for index in range(1, MAX_CACHED_CLIENTS + 10):
+        factory.for_llm(llm, f"key-{index}")
+        factory.for_llm(llm, "key-0")  # in use all along: never the one dropped
+    assert len(factory._cache) == MAX_CACHED_CLIENTS
+    assert factory.for_llm(llm, "key-0") is first
+    factory.for_llm(llm, "key-1")
+    assert built.count("key-1") == 2, "a client dropped long ago is built again when needed"
