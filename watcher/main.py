@@ -137,9 +137,7 @@ class Watcher:
         self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
     ) -> None:
         WATCH_EVENTS.labels(kind, event_type).inc()
-        if not self.is_leader:
-            if self.elector is not None:
-                self.elector.note_ignored()  # if the Lease is still ours, the renewal resyncs
+        if not self._may_send():
             return
         now = self._clock()
         works: list[Work] = []
@@ -295,9 +293,10 @@ class Watcher:
         return message
 
     def _may_send(self) -> bool:
-        """Whether this replica still leads. A replica that lost the Lease drops what it has not sent yet:
-        the new leader's resync covers it, and sending it too would only duplicate the new leader's work
-        (and flood Redis when a send that was failing goes through again)."""
+        """Whether this replica still leads; one that does not drops the work (an event, a resync tick,
+        what it has not sent yet) and notes it. The new leader's resync covers it, and sending it too would
+        only duplicate the new leader's work (and flood Redis when a send that was failing goes through
+        again)."""
         if self.is_leader:
             return True
         if self.elector is not None:

@@ -36,6 +36,7 @@ from kubechain.statemachines.toolcall import (
     holds_claim,
     parse_arguments,
     plan_awaiting_sub_agent,
+    plan_call_of_finished_run,
     plan_invalid_arguments,
     plan_stranded,
     plan_sub_agent_not_started,
@@ -47,12 +48,7 @@ from kubechain.statemachines.toolcall import (
     sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
-from kubechain.statemachines.transition import (
-    Transition,
-    claim_remaining_s,
-    foreign_child_message,
-    parse_timestamp,
-)
+from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
@@ -300,28 +296,16 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         log.info("skipping tool call %s/%s: its TaskRun is being deleted", toolcall.namespace, toolcall.name)
         return
     if parent is None or parent.is_terminal():
-        # Nothing will ever collect this call's result: end it (with a status, an Event and a log line)
-        # rather than have every resync queue it again. A Running call is left to its claim's holder,
-        # whose write ends it, unless that claim expired (its worker is gone and nobody else will).
         why = (
             f'TaskRun "{run_name}" not found'
             if parent is None
             else f'TaskRun "{run_name}" already finished ({parent.phase})'
         )
-        now = ctx.clock()
-        if toolcall.phase != ToolCallPhase.RUNNING:
-            log.warning("tool call %s/%s not run: %s", toolcall.namespace, toolcall.name, why)
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, f"{why}: not run", now))
+        ended = plan_call_of_finished_run(toolcall, why, ctx.clock(), ctx.settings.claim_timeout_s)
+        if ended is not None:
+            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
+            apply_transition(ctx, toolcall, ended)
             _stop_sub_agent_runs(ctx, toolcall)
-        elif claim_remaining_s(toolcall.status.claimed_at, now, ctx.settings.claim_timeout_s) <= 0:
-            message = (
-                f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost "
-                f"mid-execution, and {why}: not run again"
-            )
-            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, message)
-            apply_transition(
-                ctx, toolcall, plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted")
-            )
         return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
@@ -425,10 +409,6 @@ def _record(
     )
 
 
-def _owned_by(child: TaskRun, toolcall: TaskRunToolCall) -> bool:
-    return any(ref.uid == toolcall.uid for ref in child.metadata.owner_references)
-
-
 def _fail_as_foreign(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str, now: datetime) -> None:
     foreign = foreign_child_message(TaskRun.KIND, child_name, toolcall.KIND)
     apply_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
@@ -442,7 +422,7 @@ def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str,
     if started < limit:
         return started
     own = get_or_none(ctx, TaskRun, toolcall.namespace, own_child)
-    if own is not None and _owned_by(own, toolcall):
+    if own is not None and own.metadata.owned_by(toolcall.uid):
         return 0
     return started
 
@@ -489,7 +469,7 @@ def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return  # no child was started (the call was failed from the phase it was read in)
     selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
     for child in ctx.kube.list(TaskRun, toolcall.namespace, selector):
-        if not _owned_by(child, toolcall) or child.is_terminal():
+        if not child.metadata.owned_by(toolcall.uid) or child.is_terminal():
             continue
         try:
             ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
@@ -518,7 +498,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             )
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
-        if not _owned_by(child, toolcall):
+        if not child.metadata.owned_by(toolcall.uid):
             # A run of that name made by someone else: its answer would be taken as the sub-agent's.
             _fail_as_foreign(ctx, toolcall, child_name, now)
             return

@@ -17,7 +17,7 @@ from kubechain.kube.errors import (
     NotFound,
     Unavailable,
 )
-from kubechain.models import Resource, Task, TaskRun, TaskRunToolCall
+from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import current_traceparent, export_run_span
 from kubechain.queueing import ResourceMessage, TaskName
@@ -95,9 +95,10 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
         try:
             created = ctx.kube.create(child)
         except AlreadyExists as exists:
+            # only its metadata: an object made by someone else need not be a valid child at all
             current = ctx.kube.get_raw(child.PLURAL, child.namespace, child.name)
-            owners = (current.get("metadata") or {}).get("ownerReferences") or []
-            return None if any(owner.get("uid") == parent.uid for owner in owners) else exists
+            metadata = ObjectMeta.model_validate(current.get("metadata") or {})
+            return None if metadata.owned_by(parent.uid) else exists
         except KubeAPIError as refused:
             if refused_for_good(refused):
                 return refused

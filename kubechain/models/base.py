@@ -73,6 +73,11 @@ class ObjectMeta(KubeModel):
     annotations: dict[str, str] = Field(default_factory=dict)
     owner_references: list[OwnerReference] = Field(default_factory=list)
 
+    def owned_by(self, uid: str) -> bool:
+        """Whether the object with ``uid`` is among this object's owners (a child found under a
+        deterministic name is its parent's own only then)."""
+        return any(ref.uid == uid for ref in self.owner_references)
+
 
 SpecT = TypeVar("SpecT", bound=KubeModel)
 StatusT = TypeVar("StatusT", bound=KubeModel)

@@ -269,6 +269,23 @@ def plan_sub_agent_not_started(
     return plan_tool_failure(toolcall, message, now, reason="SubAgentFailed")
 
 
+def plan_call_of_finished_run(
+    toolcall: TaskRunToolCall, why: str, now: datetime, claim_timeout_s: float
+) -> Transition | None:
+    """A call whose run ended (or is gone) without it: nothing will ever collect its result, so it ends
+    rather than being queued again at every resync. Not yet running: failed, not run. Running: left to its
+    claim's holder, whose write ends it, unless that claim expired (its worker was lost)."""
+    if toolcall.phase != ToolCallPhase.RUNNING:
+        return plan_tool_failure(toolcall, f"{why}: not run", now)
+    if claim_remaining_s(toolcall.status.claimed_at, now, claim_timeout_s) > 0:
+        return None
+    message = (
+        f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost mid-execution, "
+        f"and {why}: not run again"
+    )
+    return plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted")
+
+
 def plan_stranded(
     toolcall: TaskRunToolCall, problem: str | None, now: datetime, *, approved_too: bool = False
 ) -> Transition | None:
