@@ -38,12 +38,26 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# shellcheck source=scripts/lib/venv.sh
+. scripts/lib/venv.sh
 PYTHON=${PYTHON:-python3}
+if problem=$(venv_problem .venv .); then
+  say "removing .venv: $problem"
+  rm -rf .venv
+fi
 if [ -x .venv/bin/python ] && [ ! -x .venv/bin/pip ]; then
   # e.g. left by a venv creation that failed half-way: give it pip, or start over
   .venv/bin/python -m ensurepip --upgrade --default-pip >/dev/null 2>&1 || { say "removing .venv: it has no pip"; rm -rf .venv; }
 fi
 if [ ! -x .venv/bin/python ]; then
+  python_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {
+    say "cannot run $PYTHON: install Python >= $KUBECHAIN_MIN_PYTHON, or name one with PYTHON=/path/to/python3"
+    exit 1
+  }
+  if ! python_at_least "$python_version" "$KUBECHAIN_MIN_PYTHON"; then
+    say "$PYTHON is Python $python_version; KubeChain needs >= $KUBECHAIN_MIN_PYTHON: install one and name it with PYTHON=/path/to/python3"
+    exit 1
+  fi
   say "creating .venv with $($PYTHON --version)"
   if ! "$PYTHON" -m venv .venv; then
     # Debian's python3 leaves venv's pip bootstrap to the python3-venv package
