@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     claim_timeout_s: float = 180.0
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
+    # Tool calls one LLM answer may ask for: each is an object, an execution and a message in every later
+    # request, and a 1 MiB context window holds ~10,000 tiny ones.
+    max_tool_calls_per_turn: int = Field(default=128, ge=1)
     max_delegation_depth: int = 5
     # Sub-agent runs one user's run may start in all, at every depth: depth alone lets 20 delegations a
     # turn over 5 levels start 20**5 runs. A soft cap: it is counted, then each child created, so the

@@ -60,6 +60,7 @@ class WorkerContext:
             backoff_max_s=s.llm_backoff_max_s,
             max_tool_result_bytes=s.max_tool_result_bytes,
             max_context_window_bytes=s.max_context_window_bytes,
+            max_tool_calls_per_turn=s.max_tool_calls_per_turn,
         )
 
 

@@ -66,6 +66,7 @@ class LoopLimits:
     backoff_max_s: float = 300.0
     max_tool_result_bytes: int = 64 * 1024
     max_context_window_bytes: int = 1024 * 1024
+    max_tool_calls_per_turn: int = 128
 
 
 def clean_text(text: str) -> str:
@@ -181,6 +182,13 @@ def _wait(current: dict[str, Any], detail: str, reason: str) -> Transition | Non
     if not status_differs(current, patch):
         return None
     return Transition(status=patch, events=[normal(reason, detail)])
+
+
+def too_many_tool_calls_message(asked: int, limits: LoopLimits) -> str:
+    return (
+        f"the LLM asked for {asked} tool calls in one answer; at most {limits.max_tool_calls_per_turn} are "
+        "allowed (KUBECHAIN_MAX_TOOL_CALLS_PER_TURN on the workers)"
+    )
 
 
 def _fail(run: TaskRun, message: str, reason: str, now: datetime, detail: str | None = None) -> Transition:
@@ -346,6 +354,10 @@ def plan_llm_answer(
             },
             events=[normal("LLMFinalAnswer", "LLM response received successfully"), *cut_off],
         )
+    if len(tool_calls) > limits.max_tool_calls_per_turn:
+        failed = _fail(run, too_many_tool_calls_message(len(tool_calls), limits), "TooManyToolCalls", now)
+        failed.status["tokenUsage"] = token_usage
+        return failed
     req_id = request_id(run, turn)
     window.append(Message(role="assistant", content=content, tool_calls=tool_calls))
     if window_bytes(window) > limits.max_context_window_bytes:

@@ -305,3 +305,24 @@ def test_an_empty_answer_cut_off_at_the_token_limit_says_which_limit_to_raise() 
     claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
     failed = plan_llm_answer(claimed, "", [], None, NOW, LIMITS, truncated=True)
     assert failed.status["phase"] == "Failed" and "maxTokens" in failed.status["error"]
+
+
+def test_an_answer_asking_for_more_tool_calls_than_allowed_fails_the_run_and_says_which_setting() -> None:
+    from dataclasses import replace
+
+    limits = replace(LIMITS, max_tool_calls_per_turn=3)
+    claimed = ready_run(phase="SendContextWindowToLLM")
+    calls = [ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments="{}")) for i in range(4)]
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    transition = plan_llm_answer(claimed, "", calls, usage, NOW, limits)
+    assert transition.status["phase"] == "Failed"
+    assert transition.children == []
+    assert transition.status["error"] == (
+        "the LLM asked for 4 tool calls in one answer; at most 3 are allowed "
+        "(KUBECHAIN_MAX_TOOL_CALLS_PER_TURN on the workers)"
+    )
+    assert [(e.type, e.reason) for e in transition.events] == [("Warning", "TooManyToolCalls")]
+    assert transition.status["tokenUsage"] == {"promptTokens": 3, "completionTokens": 2, "totalTokens": 5}
+    at_the_limit = plan_llm_answer(claimed, "", calls[:3], usage, NOW, limits)
+    assert at_the_limit.status["phase"] == "ToolCallsPending"
+    assert len(at_the_limit.children) == 3

@@ -902,3 +902,24 @@ def test_llm_clients_are_reused_per_endpoint_and_key_and_bounded_in_number() -> 
     assert factory.for_llm(llm, "key-0") is first
     factory.for_llm(llm, "key-1")
     assert built.count("key-1") == 2, "a client dropped long ago is built again when needed"
+
+
+def test_an_answer_over_the_tool_call_limit_fails_the_run_without_creating_a_tool_call() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(
+        lambda _: LLMResponse(
+            tool_calls=[
+                ToolCall(id=f"c{i}", function=ToolCallFunction(name="add", arguments="{}")) for i in range(3)
+            ]
+        )
+    )
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    ctx = context(kube, llm, max_tool_calls_per_turn=2)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "Failed"
+    assert status["error"].startswith("the LLM asked for 3 tool calls in one answer; at most 2 are allowed")
+    assert toolcall_names(kube) == []
+    assert "TooManyToolCalls" in kube.event_reasons("r")
