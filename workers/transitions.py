@@ -26,6 +26,7 @@ from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
     child_rejected_message,
+    claim_remaining_s,
     foreign_child_message,
     parse_timestamp,
     patch_landed,
@@ -216,7 +217,9 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
 
 
 # How long a worker holding an outcome (a tool result, an LLM answer) retries writing it through an
-# unreachable API server before it gives up and lets Celery retry the task.
+# unreachable API server before it gives up and lets Celery retry the task: at least this long, and in
+# any case until its claim expires (until then nobody else may act on the step, so giving up earlier
+# only loses the outcome).
 RECORD_RETRY_BUDGET_S = 60.0
 RECORD_RETRY_FIRST_S = 0.5
 RECORD_RETRY_MAX_S = 15.0
@@ -247,14 +250,18 @@ def record_while_claimed(
 
     The outcome exists only in this process (a tool that ran, an LLM answer that was paid for), so an
     unreachable API server (Unavailable: restarting, 5xx, timeout) is retried here with backoff for
-    ``retry_budget_s``, re-reading first each time: a write that timed out may have landed, and then
-    only its Events and children are still to do. When the budget is spent the Unavailable is raised
+    ``retry_budget_s`` or until the claim expires, whichever is later, re-reading first each time: a write
+    that timed out may have landed, and then only its Events and children are still to do. (Past the
+    claim's expiry the outcome still lands if nobody took the claim meanwhile: the re-read says.) When
+    the budget is spent the Unavailable is raised
     and Celery retries the task — as a last resort, because the outcome is lost then: the retry finds
     the call claimed and waits for the claim to expire, after which a non-idempotent tool is failed as
     interrupted and an idempotent tool or an LLM turn runs again (each a bounded number of times)."""
     current: R | None = claimed
     raw: dict[str, Any] = {}
     attempted: Transition | None = None
+    claim_left_s = claim_remaining_s(claimed.status.claimed_at, ctx.clock(), ctx.limits.claim_timeout_s)
+    retry_budget_s = max(retry_budget_s, claim_left_s)
     delays = _backoff(retry_budget_s)
     conflicts = 0
     while True:

@@ -783,8 +783,29 @@ def test_a_tool_result_that_cannot_be_written_in_time_raises_for_celery(
     ctx, sleeps, _calls, name = charged(kube, monkeypatch)
     with pytest.raises(Unavailable):
         tool_call(ctx, message("TaskRunToolCall", name))
-    assert sum(sleeps) == pytest.approx(RECORD_RETRY_BUDGET_S) and max(sleeps) <= 15
+    # a call that took no time: retried until its claim expires, since nobody else may act before that
+    assert sum(sleeps) == pytest.approx(ctx.limits.claim_timeout_s, abs=1) and max(sleeps) <= 15
     assert toolcall_status(kube, name)["phase"] == "Running"
+
+
+def test_a_tool_result_is_rewritten_for_at_least_a_minute_even_when_the_claim_is_about_to_expire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = FlakyKube("Succeeded", failures=10**6)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    now = [datetime.now(UTC)]
+    ctx.clock = lambda: now[0]
+
+    def slow_charge(*_args: Any, **_kwargs: Any) -> str:
+        now[0] += timedelta(seconds=ctx.limits.claim_timeout_s - 10)
+        calls.append("x")
+        return "charged card #1"
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", slow_charge)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert calls == ["x"]
+    assert sum(sleeps) == pytest.approx(RECORD_RETRY_BUDGET_S)
 
 
 def test_an_llm_answer_whose_write_landed_despite_the_error_still_creates_its_tool_calls() -> None:
