@@ -51,6 +51,9 @@ class Informer:
         self.synced = threading.Event()
         self.resource_version = ""
         self.relists = 0
+        # The last list took longer than the API server keeps this kind's history (its watch expired
+        # before a single event): the next one is served from the API server's watch cache instead.
+        self.list_from_watch_cache = False
         self._failures: dict[tuple[Key, str], int] = {}  # handler failures per (object, version)
 
     def snapshot(self) -> dict[Key, dict[str, Any]]:
@@ -100,7 +103,12 @@ class Informer:
         # start and after every 410.
         seen = set()
         resource_version = ""
-        for items, page_version in self.kube.list_pages(self.plural, self.namespace):
+        if self.list_from_watch_cache:
+            self.list_from_watch_cache = False
+            pages = self.kube.list_pages(self.plural, self.namespace, from_watch_cache=True)
+        else:
+            pages = self.kube.list_pages(self.plural, self.namespace)
+        for items, page_version in pages:
             resource_version = page_version  # every page's: the snapshot the watch resumes from
             for item in items:
                 item.setdefault("kind", self.kind)
@@ -118,8 +126,9 @@ class Informer:
         backoff = 0.2
         while not self.stop.is_set():
             received = 0
+            listed = not self.resource_version
             try:
-                if not self.resource_version:
+                if listed:
                     self.relist()
                 opened = time.monotonic()
                 for event in self.kube.watch_raw(
@@ -149,11 +158,17 @@ class Informer:
                 if received:
                     log.info("watch of %s expired (410 Gone); relisting", self.plural)
                 else:
-                    # Expired before a single event: the list took longer than the API server keeps a
-                    # kind's history, and relisting at once would only repeat that, back to back.
+                    # Expired before a single event. Right after a list, the list took longer than the API
+                    # server keeps a kind's history: listing the same way would only repeat that, so the
+                    # next list is one answer from its watch cache. Either way, not back to back.
+                    self.list_from_watch_cache = listed
                     log.warning(
-                        "watch of %s expired (410 Gone) before its first event; relisting in %.1fs",
+                        "watch of %s expired (410 Gone) before its first event%s; relisting in %.1fs",
                         self.plural,
+                        ": its list took longer than the API server keeps history, so the next is from "
+                        "the API server's watch cache"
+                        if listed
+                        else "",
                         backoff,
                     )
                     self.stop.wait(backoff)

@@ -336,18 +336,27 @@ class KubeClient:
             params = {"labelSelector": label_selector, "limit": str(up_to - counted), "continue": token}
 
     def list_pages(
-        self, plural: str, namespace: str | None = None, page_size: int = LIST_PAGE_SIZE
+        self,
+        plural: str,
+        namespace: str | None = None,
+        page_size: int = LIST_PAGE_SIZE,
+        *,
+        from_watch_cache: bool = False,
     ) -> Iterator[tuple[builtins.list[dict[str, Any]], str]]:
         """A list in pages of ``page_size`` (limit/continue: one consistent snapshot), each with the
         list's resourceVersion: a caller that consumes a page before asking for the next holds one page
-        in memory, not every object of the kind at once. Gone if the continue token expired."""
-        params: dict[str, Any] = {"limit": str(page_size)}
+        in memory, not every object of the kind at once. Gone if the continue token expired.
+
+        ``from_watch_cache``: one unpaged answer from the API server's watch cache (``resourceVersion=0``,
+        as client-go's reflector lists): quick however many objects there are, and never expired, but
+        possibly a little behind, and all of it in memory at once."""
+        params: dict[str, Any] = {"resourceVersion": "0"} if from_watch_cache else {"limit": str(page_size)}
         while True:
             result = self.request("GET", custom_path(plural, namespace), params=params)
             metadata = result.get("metadata") or {}
             yield list(result.get("items") or []), str(metadata.get("resourceVersion", ""))
             token = metadata.get("continue")
-            if not token:
+            if not token or from_watch_cache:
                 return
             params = {"limit": str(page_size), "continue": token}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from kubechain.kube.client import METADATA_LIST, KubeClient
 from kubechain.kube.errors import Conflict, Gone, NotFound
 from kubechain.models import LocalObjectReference, ObjectMeta, TaskRun, TaskRunSpec
 from kubechain.testing.stack import DEPLOYED_LEASE, deployed_watcher
+from kubechain.testing.waiting import wait_for
 
 
 def test_count_events_counts_beyond_the_one_item_it_lists(kube: KubeClient, namespace: str) -> None:
@@ -80,6 +82,33 @@ def test_a_list_in_pages_is_one_snapshot_of_every_object(kube: KubeClient, names
     assert sorted(names) == [f"paged-{i}" for i in range(7)]
     versions = {version for _, version in pages}
     assert len(versions) == 1 and versions != {""}  # every page is of the first page's snapshot
+
+
+def test_a_list_from_the_watch_cache_is_one_answer_a_watch_can_resume_from(
+    kube: KubeClient, namespace: str
+) -> None:
+    for index in range(7):
+        kube.create(
+            TaskRun(
+                metadata=ObjectMeta(name=f"cached-{index}", namespace=namespace),
+                spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+            )
+        )
+    newest = kube.get_raw(TaskRun.PLURAL, namespace, "cached-6")["metadata"]["resourceVersion"]
+    pages: list[tuple[list[dict[str, Any]], str]] = []
+
+    def everything_listed() -> bool:  # the watch cache may be a moment behind the last create
+        pages[:] = kube.list_pages(TaskRun.PLURAL, namespace, page_size=3, from_watch_cache=True)
+        return len(pages[0][0]) == 7
+
+    wait_for(everything_listed, timeout_s=10, what="the watch cache to hold every run")
+    assert len(pages) == 1, "unpaged, whatever the page size"
+    (items, version) = pages[0]
+    assert int(version) >= int(newest)
+    kube.patch_status(kube.get(TaskRun, namespace, "cached-3"), {"phase": "Pending"})
+    events = kube.watch_raw(TaskRun.PLURAL, namespace, version, 10)
+    first = next(e for e in events if e["type"] != "BOOKMARK")
+    assert (first["type"], first["object"]["metadata"]["name"]) == ("MODIFIED", "cached-3")
 
 
 def test_count_raw_counts_a_label_selector_s_objects_up_to_a_limit_from_their_metadata(

@@ -954,6 +954,32 @@ def test_a_watch_that_ends_at_once_or_expires_before_its_first_event_backs_off(s
     assert len(kube.watch_calls) == 4
 
 
+def test_a_list_too_slow_to_watch_from_is_followed_by_one_from_the_watch_cache() -> None:
+    """A list that takes longer than the API server keeps history expires its watch before the first
+    event; listing the same way again only repeats that (for ever, with many objects). client-go's
+    reflector lists from the watch cache (resourceVersion=0): so does the relist after such a 410."""
+    kube = ScriptedWatchKube(
+        [
+            Gone(410, "Expired", "too old"),
+            [{"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "901")}],
+            Gone(410, "Expired", "too old"),  # a resumed watch: its version aged, the list was not slow
+            [],
+        ]
+    )
+    create(kube, "TaskRun", "taskruns", "a", {"agentRef": {"name": "x"}, "userMessage": "m"})
+    stop = TimedWaitEvent(stop_after=10)
+    ScriptedWatchKube.stop = stop
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop)
+    informer.run()
+    lists = [
+        params
+        for (method, path), params in zip(kube.requests, kube.request_params, strict=True)
+        if method == "GET" and path.endswith("/taskruns")
+    ]
+    assert lists == [{"limit": "50"}, {"resourceVersion": "0"}, {"limit": "50"}]
+    assert informer.relists == 3
+
+
 def test_a_watch_that_expired_after_events_relists_at_once() -> None:
     busy = ScriptedWatchKube([[{"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "901")}]])
     stop = TimedWaitEvent(stop_after=10)
