@@ -49,6 +49,10 @@ class Settings(BaseSettings):
 
     # LLMs: where provider "openai" goes when an LLM has no spec.parameters.baseUrl (None: api.openai.com)
     openai_base_url: str | None = None
+    # kubechain up's scripted LLM: provider-openai LLMs without a baseUrl whose API key is exactly
+    # scripted_llm_key are answered there; any other key reaches the real provider (or openai_base_url).
+    scripted_llm_base_url: str | None = None
+    scripted_llm_key: str = "scripted"
 
     # Agent loop
     llm_timeout_s: float = 120.0

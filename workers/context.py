@@ -80,6 +80,8 @@ def build_context(
         llms=LLMClientFactory(
             settings.llm_timeout_s,
             default_base_urls={"openai": settings.openai_base_url} if settings.openai_base_url else None,
+            scripted_base_url=settings.scripted_llm_base_url,
+            scripted_key=settings.scripted_llm_key,
         ),
         identity=settings.identity,
         enqueue=enqueue,

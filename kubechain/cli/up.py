@@ -64,9 +64,6 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     kubeconfig = kubeconfig_path() if cluster == "current" else None
     # the context the local processes use: later checks look there, whatever kubectl switches to meanwhile
     context = current_context(kubeconfig) if cluster == "current" else None
-    # The scripted server stands in for provider openai (the README's walkthrough); an Anthropic key
-    # alone does not answer openai LLMs.
-    real_llm = bool(os.environ.get("OPENAI_API_KEY"))
     options = StackOptions(
         workdir=workdir,
         cluster=cluster,
@@ -74,7 +71,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         context=context,
         workers=workers,
         worker_concurrency=concurrency,
-        llm="real" if real_llm else "scripted",
+        # The Secret an LLM names decides (the README's walkthrough makes it "scripted" without a key),
+        # not whether OPENAI_API_KEY happens to be set in this terminal.
+        llm="by-key",
         resync_interval_s=15.0,
         stale_after_s=15.0,
         supervise=True,
@@ -92,13 +91,10 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         except start_failures() as exc:
             failed = f"could not start KubeChain: {exc}"
             return
-        if real_llm:
-            say("an API key is configured: LLM resources call their real provider")
-        else:
-            say(
-                "no OPENAI_API_KEY: LLMs of provider openai without spec.parameters.baseUrl are answered by the "
-                f"local scripted LLM at {stack.llm_base_url}"
-            )
+        say(
+            'LLMs of provider openai whose API key is "scripted" (and that set no spec.parameters.baseUrl) are '
+            f"answered by the local scripted LLM at {stack.llm_base_url}; any other key calls the real provider"
+        )
         click.echo("\nKubeChain is running. In another terminal:\n")
         click.echo(f"    {export_line(stack.kubeconfig, os.environ.get('PATH', ''), sys.executable)}\n")
         click.echo("Press Ctrl-C to stop.\n")

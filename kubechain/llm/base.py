@@ -95,12 +95,17 @@ class LLMClientFactory:
         timeout_s: float,
         builders: dict[str, ClientBuilder] | None = None,
         default_base_urls: dict[str, str] | None = None,
+        *,
+        scripted_base_url: str | None = None,
+        scripted_key: str = "scripted",
     ) -> None:
         self._timeout_s = timeout_s
         self._builders = builders or default_builders()
-        # Where an LLM without spec.parameters.baseUrl goes (kubechain up points openai at the local
-        # scripted server when no API key is configured).
+        # Where an LLM without spec.parameters.baseUrl goes (a proxy, a test server).
         self._default_base_urls = default_base_urls or {}
+        # kubechain up's scripted server answers provider-openai LLMs without a baseUrl whose key is
+        # ``scripted_key``: the Secret decides, not the environment `up` happened to be started in.
+        self._scripted = (scripted_key, scripted_base_url) if scripted_base_url else None
         # Least recently used first. Bounded: every rotated key or new baseUrl would otherwise leave its
         # client (and its connection pool) behind for the worker's life. An evicted client is dropped, not
         # closed: a call may still be using it, and its connections close when it is collected.
@@ -108,9 +113,11 @@ class LLMClientFactory:
         self._lock = threading.Lock()
 
     def for_llm(self, llm: LLM, api_key: str) -> LLMClient:
-        base_url = (
-            llm.spec.parameters.base_url if llm.spec.parameters else None
-        ) or self._default_base_urls.get(llm.spec.provider, "")
+        base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or ""
+        if not base_url and self._scripted is not None and llm.spec.provider == "openai":
+            scripted_key, scripted_url = self._scripted
+            base_url = scripted_url if api_key == scripted_key else ""
+        base_url = base_url or self._default_base_urls.get(llm.spec.provider, "")
         key = (llm.spec.provider, base_url, api_key)
         with self._lock:
             client = self._cache.get(key)

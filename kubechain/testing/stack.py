@@ -76,7 +76,9 @@ class StackOptions:
     worker_pool: str = "threads"
     worker_concurrency: int = 16
     watchers: int = 1
-    llm: str = "scripted"  # scripted | real
+    # scripted: every provider-openai LLM without a baseUrl is answered by the scripted server (tests,
+    # bench); by-key: only those whose API key is "scripted" (kubechain up); real: none
+    llm: str = "scripted"
     llm_port: int = 0
     llm_latency_s: float = 0.0
     resync_interval_s: float = 5.0
@@ -144,7 +146,7 @@ class LocalStack:
         self.redis = LocalRedis()
         self.redis.start()
         self.progress(f"redis at {self.redis.url}")
-        if self.options.llm == "scripted":
+        if self.options.llm in ("scripted", "by-key"):
             self.start_llm()
         for index in range(self.options.watchers):
             self.start_watcher(f"watcher-{index}")
@@ -236,6 +238,8 @@ class LocalStack:
         }
         if self.options.llm == "scripted":
             env["KUBECHAIN_OPENAI_BASE_URL"] = self.llm_base_url
+        elif self.options.llm == "by-key":
+            env["KUBECHAIN_SCRIPTED_LLM_BASE_URL"] = self.llm_base_url
         # These processes are not pods, even when `up` runs inside one (a dev container, a CI runner): a
         # POD_NAMESPACE inherited from there would move the Lease to a namespace the local cluster lacks.
         env.pop("POD_NAMESPACE", None)

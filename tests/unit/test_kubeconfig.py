@@ -499,3 +499,50 @@ def test_a_proxy_kubechain_cannot_use_is_refused_with_what_to_do_and_no_password
     assert "s3cret" not in str(refused.value)
     # nor does a chained parse error (its message quotes the URL)
     assert refused.value.__context__ is None or refused.value.__suppress_context__
+
+
+@pytest.mark.parametrize("key_in_ups_terminal", [None, "sk-real"])
+def test_up_leaves_scripted_or_real_to_each_llms_key_not_to_its_own_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_in_ups_terminal: str | None
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.cli.up as up_module
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    if key_in_ups_terminal:
+        monkeypatch.setenv("OPENAI_API_KEY", key_in_ups_terminal)
+    else:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    chosen: list[str] = []
+
+    class FakeStack:
+        kubeconfig = str(tmp_path / "kubeconfig")
+        llm_base_url = "http://127.0.0.1:1/v1"
+
+        def __init__(self, options: StackOptions, **_: Any) -> None:
+            chosen.append(options.llm)
+
+        def start(self) -> None:
+            raise KeyboardInterrupt  # Ctrl-C right after the start
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "LocalStack", FakeStack)
+    monkeypatch.setattr(up_module.signal, "signal", lambda *_: None)
+    CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "up")])
+    assert chosen == ["by-key"]
+
+    class Redis:
+        url = "redis://127.0.0.1:1/0"
+
+    by_key = LocalStack(StackOptions(workdir=tmp_path / "s", cluster="local", llm="by-key"))
+    by_key.redis, by_key.llm_port = Redis(), 1  # type: ignore[assignment]
+    env = by_key.env()
+    assert env["KUBECHAIN_SCRIPTED_LLM_BASE_URL"] == "http://127.0.0.1:1/v1"
+    assert "KUBECHAIN_OPENAI_BASE_URL" not in env or env["KUBECHAIN_OPENAI_BASE_URL"] == os.environ.get(
+        "KUBECHAIN_OPENAI_BASE_URL"
+    )

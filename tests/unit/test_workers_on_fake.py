@@ -904,6 +904,39 @@ def test_llm_clients_are_reused_per_endpoint_and_key_and_bounded_in_number() -> 
     assert built.count("key-1") == 2, "a client dropped long ago is built again when needed"
 
 
+def test_kubechain_ups_scripted_llm_answers_only_the_llms_whose_key_says_scripted() -> None:
+    """Whether `up` answered with its scripted server used to depend on OPENAI_API_KEY in up's own
+    terminal, not on the key in the Secret the user made (in another terminal)."""
+    from kubechain.llm.base import LLMClientFactory
+    from kubechain.models import LLM
+
+    endpoints: list[tuple[str, str | None]] = []
+
+    def build(_llm: Any, key: str, _timeout: float, base: str | None) -> Any:
+        endpoints.append((key, base))
+        return object()
+
+    def llm(provider: str = "openai", base_url: str | None = None) -> LLM:
+        spec: dict[str, Any] = {"provider": provider}
+        if base_url:
+            spec["parameters"] = {"baseUrl": base_url}
+        return LLM.from_wire({"metadata": {"name": "l", "namespace": "default"}, "spec": spec})
+
+    factory = LLMClientFactory(
+        10, builders={"openai": build, "anthropic": build}, scripted_base_url="http://127.0.0.1:9/v1"
+    )
+    factory.for_llm(llm(), "scripted")
+    factory.for_llm(llm(), "sk-real")
+    factory.for_llm(llm(base_url="https://proxy.example/v1"), "scripted")  # its own endpoint wins
+    factory.for_llm(llm("anthropic"), "scripted")  # the scripted server speaks OpenAI only
+    assert endpoints == [
+        ("scripted", "http://127.0.0.1:9/v1"),
+        ("sk-real", None),
+        ("scripted", "https://proxy.example/v1"),
+        ("scripted", None),
+    ]
+
+
 def test_an_answer_over_the_tool_call_limit_fails_the_run_without_creating_a_tool_call() -> None:
     kube = FakeKubeClient()
     llm = FakeLLM(
