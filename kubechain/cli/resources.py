@@ -84,11 +84,13 @@ class Target:
 
         try:
             connection = load_connection(self.kubeconfig, self.context)
+            # building the client reads the CA and client certificate and parses the proxy: a missing or
+            # garbled file, or a proxy scheme it cannot use (socks5), fails here
+            return KubeClient(connection, timeout_s=timeout_s, component="kubechain-cli")
         except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
             raise CLIError(
                 f"cannot load the cluster connection from {kubeconfig_path(self.kubeconfig)}: {exc}", 2
             ) from None
-        return KubeClient(connection, timeout_s=timeout_s, component="kubechain-cli")
 
     @contextmanager
     def connect(self, timeout_s: float = 30.0) -> Iterator[KubeClient]:

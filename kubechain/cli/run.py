@@ -2,9 +2,9 @@
 
 Following a run: two threads watch the TaskRun (field selector on its name) and its TaskRunToolCalls
 (label selector) and put every observed object on one queue; the main thread renders what is new. Each
-watch starts from the resourceVersion of a fresh get/list, and a watch that ends (its timeoutSeconds,
-a dropped connection) or answers 410 Gone starts over with a fresh get/list, so the terminal state is
-never missed.
+watch starts from the resourceVersion of a fresh list, and a watch that ends (its timeoutSeconds, a
+dropped connection) or answers 410 Gone starts over with a fresh list, so the terminal state is never
+missed. Following ends when the API server refuses us, does not know the kinds, or stays unreachable.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from kubechain.cli.render import (
 )
 from kubechain.cli.resources import CLIError, Target, api_error, dump, kube_options, resource_ref
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import Conflict, Gone, KubeAPIError, NotFound
+from kubechain.kube.errors import Conflict, Forbidden, Gone, KubeAPIError, NotFound, Unauthorized
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     Agent,
@@ -54,7 +54,9 @@ EXIT_FINAL_ANSWER = 0
 EXIT_FAILED = 1
 EXIT_OTHER = 2
 
-# Server-side timeoutSeconds of each watch; the watch then starts over from a fresh get.
+# Consecutive failed requests after which following a run gives up (~1 minute of retries).
+MAX_FAILURES = 15
+# Server-side timeoutSeconds of each watch; the watch then starts over from a fresh list.
 WATCH_TIMEOUT_S = int(os.environ.get("KUBECHAIN_CLI_WATCH_TIMEOUT_S") or 60)
 NAME_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -94,7 +96,7 @@ class WatchClient(KubeClient):
 class Observed:
     """What a watch thread saw: an object, its deletion, or a problem worth telling the user."""
 
-    kind: str  # "taskrun" | "toolcall" | "deleted" | "error"
+    kind: str  # "taskrun" | "toolcall" | "deleted" | "error" | "fatal" (following cannot go on)
     obj: dict[str, Any] | None = None
     message: str = ""
 
@@ -125,12 +127,12 @@ class Follower:
             try:
                 client = WatchClient(load_connection(self.target.kubeconfig, self.target.context))
             except Exception as exc:  # noqa: BLE001
-                self.events.put(Observed("error", message=f"cannot connect: {exc}"))
+                self.events.put(Observed("fatal", message=f"cannot connect: {exc}"))
                 return
             try:
                 loop(client)
-            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which decides
-                self.events.put(Observed("error", message=f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - reported to the main thread, which stops
+                self.events.put(Observed("fatal", message=f"{type(exc).__name__}: {exc}"))
             finally:
                 client.close()
 
@@ -139,26 +141,44 @@ class Follower:
     def _retry_pause(self, failures: int) -> None:
         self.stop.wait(min(5.0, 0.2 * (2**failures)))
 
+    def _failed(self, exc: KubeAPIError, failures: int) -> bool:
+        """Whether following must end on ``exc`` (reported as "fatal"): the API server refuses us
+        (401 after the credentials were read again, 403), does not know the kind (a list's 404: the CRDs
+        are not installed), or has not answered ``MAX_FAILURES`` times in a row. Otherwise it is retried,
+        and the user hears about it now and then."""
+        if isinstance(exc, Unauthorized | Forbidden):
+            message = f"the API server refuses: {exc}"
+        elif isinstance(exc, NotFound):
+            message = f"the API server does not know this kind (are KubeChain's CRDs installed?): {exc}"
+        elif failures >= MAX_FAILURES:
+            message = f"gave up after {failures} failed attempts: {exc}"
+        else:
+            if failures in (3, 10):
+                self.events.put(Observed("error", message=f"still retrying: {exc}"))
+            return False
+        self.events.put(Observed("fatal", message=message))
+        return True
+
     def _taskrun_loop(self, client: WatchClient) -> None:
+        """List the run by name (the list's resourceVersion is the collection's, current, where the run's own
+        may be older than the API server's watch history), then watch from there."""
         ns, failures = self.target.namespace, 0
+        by_name = f"metadata.name={self.name}"
         while not self.stop.is_set():
             try:
-                current = client.get_raw(TaskRun.PLURAL, ns, self.name)
-            except NotFound:
-                self.events.put(Observed("deleted"))
-                return
+                items, version = client.list_raw(TaskRun.PLURAL, ns, field_selector=by_name)
             except KubeAPIError as exc:
                 failures += 1
-                if failures in (3, 10):
-                    self.events.put(Observed("error", message=f"still retrying: {exc}"))
+                if self._failed(exc, failures):
+                    return
                 self._retry_pause(failures)
                 continue
-            self.events.put(Observed("taskrun", current))
-            version = str(current.get("metadata", {}).get("resourceVersion", ""))
+            if not items:
+                self.events.put(Observed("deleted"))
+                return
+            self.events.put(Observed("taskrun", items[0]))
             try:
-                for event in client.watch_selected(
-                    TaskRun.PLURAL, ns, version, field_selector=f"metadata.name={self.name}"
-                ):
+                for event in client.watch_selected(TaskRun.PLURAL, ns, version, field_selector=by_name):
                     if self.stop.is_set():
                         return
                     failures = 0
@@ -169,11 +189,14 @@ class Follower:
                         self.events.put(Observed("deleted"))
                         return
             except Gone:
-                pass  # re-get and re-watch
-            except (KubeAPIError, httpx.HTTPError):
-                failures += 1
+                failures += 1  # expired before any event: not back to back
                 self._retry_pause(failures)
-            # a watch that ended normally: loop, re-get (never miss the terminal state), re-watch
+            except (KubeAPIError, httpx.HTTPError) as exc:
+                failures += 1
+                if isinstance(exc, KubeAPIError) and self._failed(exc, failures):
+                    return
+                self._retry_pause(failures)
+            # a watch that ended normally: loop, list again (never miss the terminal state), re-watch
 
     def _toolcall_loop(self, client: WatchClient) -> None:
         ns, failures = self.target.namespace, 0
@@ -181,8 +204,10 @@ class Follower:
         while not self.stop.is_set():
             try:
                 items, version = client.list_raw(TaskRunToolCall.PLURAL, ns, selector)
-            except KubeAPIError:
+            except KubeAPIError as exc:
                 failures += 1
+                if self._failed(exc, failures):
+                    return
                 self._retry_pause(failures)
                 continue
             for item in items:
@@ -197,9 +222,12 @@ class Follower:
                     if event.get("type") in ("ADDED", "MODIFIED"):
                         self.events.put(Observed("toolcall", event.get("object") or {}))
             except Gone:
-                pass
-            except (KubeAPIError, httpx.HTTPError):
                 failures += 1
+                self._retry_pause(failures)
+            except (KubeAPIError, httpx.HTTPError) as exc:
+                failures += 1
+                if isinstance(exc, KubeAPIError) and self._failed(exc, failures):
+                    return
                 self._retry_pause(failures)
 
 
@@ -284,8 +312,9 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
                     return EXIT_OTHER, last
                 elif observed.kind == "error":
                     click.echo(f"warning: watching TaskRun {name}: {observed.message}", err=True)
-                    if last is None and "cannot connect" in observed.message:
-                        return EXIT_OTHER, last
+                elif observed.kind == "fatal":
+                    click.echo(f"error: cannot follow TaskRun {name}: {observed.message}", err=True)
+                    return EXIT_OTHER, last
                 if code is not None:
                     return code, last
     except KeyboardInterrupt:

@@ -313,11 +313,18 @@ class KubeClient:
         return model.from_wire(self.get_raw(model.PLURAL, namespace, name, not_older_than=not_older_than))
 
     def list_raw(
-        self, plural: str, namespace: str | None = None, label_selector: str | None = None
+        self,
+        plural: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        *,
+        field_selector: str | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
         params: dict[str, Any] = {}
         if label_selector:
             params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
         result = self.request("GET", custom_path(plural, namespace), params=params)
         return list(result.get("items") or []), str(result.get("metadata", {}).get("resourceVersion", ""))
 

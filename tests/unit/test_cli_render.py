@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
+
 from kubechain.cli.render import (
     ConversationTracker,
     Event,
@@ -14,6 +16,7 @@ from kubechain.cli.render import (
     make_renderer,
     plain_line,
 )
+from kubechain.kube.errors import Forbidden, NotFound, Unauthorized, Unavailable
 from kubechain.models import TaskRun, TaskRunToolCall
 
 CALL = {"id": "call_0_1_abc", "type": "function", "function": {"name": "add", "arguments": '{"a":2,"b":3}'}}
@@ -197,7 +200,9 @@ def test_renderers() -> None:
 
 
 class FakeWatchClient:
-    """Scripted get/list/watch answers for one TaskRun; records the resourceVersions watched from."""
+    """Scripted list/watch answers for one TaskRun (``gets``: the run each list by name finds, None when
+    there is none, or an exception; the list's version is the run's plus 100); records the
+    resourceVersions watched from."""
 
     def __init__(self, follower: Any, gets: list[Any], watches: list[Any]) -> None:
         self.follower = follower
@@ -205,14 +210,18 @@ class FakeWatchClient:
         self.watches = watches
         self.watched_from: list[str] = []
 
-    def get_raw(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+    def list_raw(
+        self, plural: str, namespace: str, selector: str | None = None, *, field_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        if plural != "taskruns":
+            return [], "1"
+        assert field_selector == "metadata.name=r"
         answer = self.gets.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return dict(answer)
-
-    def list_raw(self, plural: str, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str]:
-        return [], "1"
+        if answer is None:
+            return [], "1000"
+        return [dict(answer)], str(int(answer["metadata"]["resourceVersion"]) + 100)
 
     def watch_selected(self, plural: str, namespace: str, version: str, **_: Any) -> Any:
         self.watched_from.append(version)
@@ -256,13 +265,12 @@ def test_follower_rewatches_after_gone_and_after_a_watch_ends() -> None:
         ("taskrun", "ReadyForLLM"),
         ("taskrun", "FinalAnswer"),
     ]
-    assert client.watched_from == ["1", "5", "9"]
+    assert client.watched_from == ["101", "105", "109"], "from each list's version, not the run's"
 
 
 def test_follower_reports_deletion() -> None:
     from kubechain.cli.resources import Target
     from kubechain.cli.run import Follower
-    from kubechain.kube.errors import NotFound
 
     follower = Follower(Target("ns", None, None), "r")
     client = FakeWatchClient(
@@ -274,5 +282,107 @@ def test_follower_reports_deletion() -> None:
     assert [follower.events.get_nowait().kind for _ in range(2)] == ["taskrun", "deleted"]
 
     gone = Follower(Target("ns", None, None), "r")
-    gone._taskrun_loop(FakeWatchClient(gone, gets=[NotFound(404, "NotFound", "nope")], watches=[]))  # type: ignore[arg-type]
+    gone._taskrun_loop(FakeWatchClient(gone, gets=[None], watches=[]))  # type: ignore[arg-type]
     assert gone.events.get_nowait().kind == "deleted"
+
+
+def test_a_watch_that_keeps_expiring_before_any_event_is_retried_with_a_pause() -> None:
+    """A run idle for longer than the API server's watch history used to be got and watched again back to
+    back, as fast as the client's rate limit allowed, for as long as it stayed idle."""
+    from kubechain.cli.resources import Target
+    from kubechain.cli.run import Follower
+    from kubechain.kube.errors import Gone
+
+    follower = Follower(Target("ns", None, None), "r")
+    pauses: list[int] = []
+
+    def pause(failures: int) -> None:
+        pauses.append(failures)
+        if len(pauses) == 3:
+            follower.stop.set()
+
+    follower._retry_pause = pause  # type: ignore[method-assign]
+    expired = Gone(410, "Expired", "too old")
+    client = FakeWatchClient(
+        follower, gets=[wire_run("1", "AwaitingHumanApproval")] * 3, watches=[expired, expired, expired]
+    )
+    follower._taskrun_loop(client)  # type: ignore[arg-type]
+    assert pauses == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (Forbidden(403, "Forbidden", "taskruns is forbidden"), "the API server refuses: "),
+        (Unauthorized(401, "Unauthorized", "Unauthorized"), "the API server refuses: "),
+        (
+            NotFound(404, "NotFound", "the server could not find the requested resource"),
+            "the API server does not know this kind (are KubeChain's CRDs installed?)",
+        ),
+    ],
+)
+def test_following_ends_when_the_api_server_refuses_or_lacks_the_kinds(error: Exception, said: str) -> None:
+    """`logs -f` used to retry these for ever, saying only "still retrying" twice."""
+    from kubechain.cli.resources import Target
+    from kubechain.cli.run import Follower
+
+    for loop in ("_taskrun_loop", "_toolcall_loop"):
+        follower = Follower(Target("ns", None, None), "r")
+        client = FakeWatchClient(follower, gets=[error], watches=[])
+        client.list_raw = lambda *_a, **_k: (_ for _ in ()).throw(error)  # type: ignore[method-assign]
+        getattr(follower, loop)(client)
+        fatal = follower.events.get_nowait()
+        assert fatal.kind == "fatal" and fatal.message.startswith(said)
+
+
+def test_following_gives_up_on_an_api_server_that_stays_unreachable() -> None:
+    from kubechain.cli.resources import Target
+    from kubechain.cli.run import MAX_FAILURES, Follower
+
+    follower = Follower(Target("ns", None, None), "r")
+    follower._retry_pause = lambda _failures: None  # type: ignore[method-assign]
+    down = Unavailable(0, "Unavailable", "connection refused")
+    follower._taskrun_loop(FakeWatchClient(follower, gets=[down] * MAX_FAILURES, watches=[]))  # type: ignore[arg-type]
+    seen = [follower.events.get_nowait() for _ in range(follower.events.qsize())]
+    assert [o.kind for o in seen] == ["error", "error", "fatal"]  # "still retrying" at 3 and 10
+    assert (
+        seen[-1].message == f"gave up after {MAX_FAILURES} failed attempts: 0 Unavailable: connection refused"
+    )
+
+
+def test_follow_stops_with_exit_2_when_following_cannot_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubechain.cli import run as run_module
+    from kubechain.cli.resources import Target
+
+    class NoClient:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(Target, "client", lambda self, timeout_s=30.0: NoClient())
+    monkeypatch.setattr(
+        run_module.Follower,
+        "start",
+        lambda self: self.events.put(run_module.Observed("fatal", message="the API server refuses: 403")),
+    )
+    code, last = run_module.follow(Target("ns", None, None), "r", io.StringIO(), 0)
+    assert (code, last) == (run_module.EXIT_OTHER, None)
+
+
+def test_a_kubeconfig_whose_ca_file_is_garbage_is_a_cli_error_not_a_traceback(tmp_path: Any) -> None:
+    from kubechain.cli.resources import CLIError, Target
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not a certificate\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "https://127.0.0.1:1", certificate-authority: "{ca}"}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+"""
+    )
+    with pytest.raises(CLIError) as refused:
+        Target("ns", str(kubeconfig), None).client()
+    assert str(refused.value).startswith(f"cannot load the cluster connection from {kubeconfig}: ")
