@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Literal, Protocol
 
@@ -60,8 +60,32 @@ class Event:
     phase: str = ""
 
 
+# C0 controls but newline and tab, DEL, and C1 controls: from an LLM's answer or a tool's result (a web
+# page an MCP server fetched) an escape sequence would clear the screen, rewrite earlier lines, or set the
+# clipboard (OSC 52) of whoever follows the run.
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+_CONTROLS[0x0D] = "\n"  # a carriage return is a line break (as in \r\n)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters a terminal would act on written as ``\\xNN`` (a CR as a newline)."""
+    return text.replace("\r\n", "\n").translate(_CONTROLS)
+
+
+def safe_event(event: Event) -> Event:
+    """``event`` with every text field made :func:`terminal_safe`."""
+    return replace(
+        event,
+        text=terminal_safe(event.text),
+        name=terminal_safe(event.name),
+        ident=terminal_safe(event.ident),
+        arguments=terminal_safe(event.arguments),
+        phase=terminal_safe(event.phase),
+    )
+
+
 def one_line(text: str) -> str:
-    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\\n")
+    return terminal_safe(text).replace("\n", "\\n")
 
 
 def normalize_arguments(arguments: str) -> str:
@@ -78,6 +102,7 @@ def approve_hint(toolcall_name: str) -> str:
 
 def plain_line(event: Event) -> str:
     """The stable one-line form of an event."""
+    event = safe_event(event)
     kind = event.kind
     if kind in ("system", "user", "assistant"):
         return f"{kind}: {one_line(event.text)}"
@@ -288,6 +313,7 @@ class RichRenderer:
         from rich.text import Text
 
         console = self.console
+        event = safe_event(event)
         kind = event.kind
         if kind == "system":
             console.print(Text("system: ", style="bold dim") + Text(event.text, style="dim"))
@@ -335,7 +361,7 @@ class RichRenderer:
         if self._status is not None:
             from rich.text import Text
 
-            self._status.update(Text(text))
+            self._status.update(Text(terminal_safe(text)))
 
     def __enter__(self) -> RichRenderer:
         if self._spinner and self.console.is_terminal:

@@ -386,3 +386,24 @@ current-context: x
     with pytest.raises(CLIError) as refused:
         Target("ns", str(kubeconfig), None).client()
     assert str(refused.value).startswith(f"cannot load the cluster connection from {kubeconfig}: ")
+
+
+def test_escape_sequences_from_an_llm_or_a_tool_never_reach_the_terminal() -> None:
+    """A fetched page or an answer could clear the screen, rewrite lines or set the clipboard (OSC 52)."""
+    hostile = "ok\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07done\r\nnext\x9b31m\ttab"
+    window = [
+        {"role": "user", "content": "fetch it"},
+        {"role": "assistant", "content": hostile},
+    ]
+    events = list(conversation_events(taskrun(window, output=hostile), []))
+    assert lines(events)[1] == "assistant: ok\\x1b[2J\\x1b]52;c;cm0gLXJmIH4=\\x07done\\nnext\\x9b31m\ttab"
+    fancy = io.StringIO()
+    with make_renderer(fancy, rich=True) as renderer:
+        for event in events:
+            renderer.emit(event)
+        renderer.emit(Event("tool_call", name="add\x1b[8m", arguments="{}", ident="c\x1b]0;x\x07"))
+    text = fancy.getvalue()
+    # rich writes its own styling sequences (CSI ... m); none of the hostile ones get through
+    for sequence in ("\x1b[2J", "\x1b]52", "\x07", "\x9b", "\x1b[8m", "\x1b]0;"):
+        assert sequence not in text
+    assert "\\x1b[2J" in text
