@@ -45,7 +45,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_AGENT
-from kubechain.statemachines.approval import UNDECIDED_PHASES
+from kubechain.statemachines.approval import UNDECIDED_PHASES, annotation_decision
 
 ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
 ANNOTATION_APPROVAL_COMMENT = "kubechain.humanlayer.dev/approval-comment"
@@ -473,9 +473,11 @@ def decide(target: Target, name: str, decision: str, comment: str | None) -> Non
                 ) from None
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot read {ref}") from None
-            existing = toolcall.metadata.annotations.get(ANNOTATION_APPROVAL)
-            if existing in ("approved", "rejected"):
-                click.echo(f"{ref} already {existing}; ignoring")
+            existing = annotation_decision(toolcall)  # as the workers read it ("Approved " counts)
+            if existing is not None:
+                click.echo(
+                    f"{ref} already {'approved' if existing.approved else 'rejected'}; ignoring", err=True
+                )
                 sys.exit(1)
             # (any other value is not a decision: the workers ignore it, and this one replaces it)
             if toolcall.phase not in UNDECIDED_PHASES:

@@ -292,7 +292,7 @@ HOLD_FINALIZER = "kubechain.test/hold"
 
 
 def decide_on_calls_of(kubeconfig: Path, kubectl: Kubectl, namespace: str, run: str) -> None:
-    for tc in ("tc-a", "tc-b"):
+    for tc in ("tc-a", "tc-b", "tc-c"):
         body = resource(
             "TaskRunToolCall",
             tc,
@@ -318,7 +318,7 @@ def decide_on_calls_of(kubeconfig: Path, kubectl: Kubectl, namespace: str, run: 
     for second in (["reject", "tc-a", "--comment", "changed my mind"], ["approve", "tc-a"]):
         refused = cli(kubeconfig, *second, "-n", namespace)
         assert refused.returncode == 1
-        assert "already approved; ignoring" in refused.stdout
+        assert "already approved; ignoring" in refused.stderr
     assert annotations("tc-a")["kubechain.humanlayer.dev/approval-comment"] == "looks fine"
 
     ok(cli(kubeconfig, "reject", "tc-b", "--comment", "not this one", "-n", namespace))
@@ -327,7 +327,19 @@ def decide_on_calls_of(kubeconfig: Path, kubectl: Kubectl, namespace: str, run: 
         "kubechain.humanlayer.dev/approval-comment": "not this one",
     }
     refused = cli(kubeconfig, "approve", "tc-b", "-n", namespace)
-    assert refused.returncode == 1 and "already rejected; ignoring" in refused.stdout
+    assert refused.returncode == 1 and "already rejected; ignoring" in refused.stderr
+
+    # a decision made with kubectl, spelled as the workers still accept it, is not overwritten
+    kubectl(
+        "annotate",
+        "taskruntoolcall",
+        "tc-c",
+        "kubechain.humanlayer.dev/approval= Approved",
+        namespace=namespace,
+    )
+    refused = cli(kubeconfig, "reject", "tc-c", "--comment", "no", "-n", namespace)
+    assert refused.returncode == 1 and "already approved; ignoring" in refused.stderr
+    assert annotations("tc-c") == {"kubechain.humanlayer.dev/approval": " Approved"}
 
     assert cli(kubeconfig, "reject", "tc-b", "-n", namespace).returncode == 2, "reject needs --comment"
     missing = cli(kubeconfig, "approve", "no-such-call", "-n", namespace)
