@@ -130,6 +130,18 @@ def kube_options(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def not_found(exc: NotFound, missing: str, exit_code: int = 1) -> CLIError:
+    """``missing`` (e.g. 'taskrun "x" not found in namespace "y"'), or, when the API server does not know
+    the kind at all, that KubeChain's CRDs are not installed there."""
+    if exc.kind_unknown:
+        return CLIError(
+            "the API server does not know KubeChain's kinds: its CRDs are not installed in this cluster "
+            "(kubechain install --crds-only)",
+            exit_code,
+        )
+    return CLIError(missing, exit_code)
+
+
 def api_error(exc: KubeAPIError, what: str, exit_code: int = 1) -> CLIError:
     if exc.status == 0:
         return CLIError(f"cannot reach the API server ({what}): {exc.message}", exit_code)
@@ -250,8 +262,9 @@ def finish(
                 raise CLIError(
                     f'{ref} already exists in namespace "{resource.namespace}" (use --update to replace its spec)'
                 )
-            except NotFound:
-                pass
+            except NotFound as missing:
+                if missing.kind_unknown:
+                    raise not_found(missing, "") from None
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot read {ref}") from None
         for line in before(kube) if before else []:

@@ -31,7 +31,7 @@ from kubechain.cli.render import (
     conversation_events,
     make_renderer,
 )
-from kubechain.cli.resources import CLIError, Target, api_error, dump, kube_options, resource_ref
+from kubechain.cli.resources import CLIError, Target, api_error, dump, kube_options, not_found, resource_ref
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import Conflict, Forbidden, Gone, KubeAPIError, NotFound, Unauthorized
 from kubechain.models import (
@@ -373,7 +373,9 @@ def run(
     with target.connect() as kube:
         try:
             kube.get(Agent, target.namespace, agent_name)
-        except NotFound:
+        except NotFound as missing:
+            if missing.kind_unknown:
+                raise not_found(missing, "", EXIT_OTHER) from None
             click.echo(
                 f'warning: agent "{agent_name}" does not exist in namespace "{target.namespace}" (yet); '
                 "the run waits for it",
@@ -418,8 +420,10 @@ def logs(target: Target, taskrun: str, output: str | None, follow_: bool) -> Non
             run_ = kube.get(TaskRun, target.namespace, taskrun)
             selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(taskrun)}"
             toolcalls = kube.list(TaskRunToolCall, target.namespace, selector)
-        except NotFound:
-            raise CLIError(f'taskrun "{taskrun}" not found in namespace "{target.namespace}"') from None
+        except NotFound as missing:
+            raise not_found(
+                missing, f'taskrun "{taskrun}" not found in namespace "{target.namespace}"'
+            ) from None
         except KubeAPIError as exc:
             raise api_error(exc, f"cannot read taskrun {taskrun}") from None
     if output == "json":
@@ -467,9 +471,9 @@ def decide(target: Target, name: str, decision: str, comment: str | None) -> Non
         for _ in range(5):
             try:
                 toolcall = kube.get(TaskRunToolCall, target.namespace, name)
-            except NotFound:
-                raise CLIError(
-                    f'taskruntoolcall "{name}" not found in namespace "{target.namespace}"'
+            except NotFound as missing:
+                raise not_found(
+                    missing, f'taskruntoolcall "{name}" not found in namespace "{target.namespace}"'
                 ) from None
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot read {ref}") from None

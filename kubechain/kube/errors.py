@@ -17,7 +17,12 @@ class KubeAPIError(Exception):
 
 
 class NotFound(KubeAPIError):
-    pass
+    @property
+    def kind_unknown(self) -> bool:
+        """The API server does not serve the kind at all (its CRD is not installed), rather than lacking
+        the one object: its Status then names no object ("the server could not find the requested
+        resource")."""
+        return not (self.body.get("details") or {}).get("name")
 
 
 class Conflict(KubeAPIError):

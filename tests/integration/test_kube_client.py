@@ -323,3 +323,13 @@ def test_a_proxy_urls_user_and_password_are_sent_to_the_proxy(
         finally:
             kube.close()
     assert len(proxy.targets) == 1 and proxy.refused == 0
+
+
+def test_a_missing_kind_and_a_missing_object_are_told_apart(kube: KubeClient, namespace: str) -> None:
+    """The CLI says "CRDs not installed" for the first, "not found" for the second."""
+    with pytest.raises(NotFound) as missing_object:
+        kube.get_raw(TaskRun.PLURAL, namespace, "no-such-run")
+    assert not missing_object.value.kind_unknown
+    with pytest.raises(NotFound) as missing_kind:
+        kube.get_raw("nosuchkinds", namespace, "x")
+    assert missing_kind.value.kind_unknown

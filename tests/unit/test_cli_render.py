@@ -407,3 +407,47 @@ def test_escape_sequences_from_an_llm_or_a_tool_never_reach_the_terminal() -> No
     for sequence in ("\x1b[2J", "\x1b]52", "\x07", "\x9b", "\x1b[8m", "\x1b]0;"):
         assert sequence not in text
     assert "\\x1b[2J" in text
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (
+            {
+                "reason": "NotFound",
+                "message": "the server could not find the requested resource",
+                "details": {},
+            },
+            "the API server does not know KubeChain's kinds: its CRDs are not installed in this cluster "
+            "(kubechain install --crds-only)",
+        ),
+        (
+            {"reason": "NotFound", "message": 'taskruns "r" not found', "details": {"name": "r"}},
+            'taskrun "r" not found in namespace "ns"',
+        ),
+    ],
+)
+def test_logs_of_a_run_tells_missing_crds_from_a_missing_run(
+    monkeypatch: pytest.MonkeyPatch, body: dict[str, Any], said: str
+) -> None:
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+    from kubechain.cli.resources import Target
+    from kubechain.kube.errors import error_for
+
+    class Missing:
+        def get(self, *_: Any, **__: Any) -> Any:
+            raise error_for(404, body)
+
+    @contextmanager
+    def connect(self: Target, timeout_s: float = 30.0) -> Iterator[Missing]:
+        yield Missing()
+
+    monkeypatch.setattr(Target, "connect", connect)
+    result = CliRunner().invoke(main, ["logs", "r", "-n", "ns"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {said}"
