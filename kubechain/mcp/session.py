@@ -44,6 +44,26 @@ from kubechain.observability.logs import detached_context
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")
 
+
+class _WithoutServerOutput(logging.Filter):
+    """The SDK's client transports log what they could not parse with ``logger.exception``: the
+    traceback's validation error quotes the server's line, which may hold a secret (a stdio server that
+    prints "using API key sk-...") and, cut in the middle, is beyond scrubbing. The line is kept and the
+    traceback dropped: the session logs the same error scrubbed (``_on_message``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+            record.msg = f"{record.getMessage()} ({kind}; details at debug level, scrubbed)"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _sdk_transport in ("mcp.client.stdio", "mcp.client.streamable_http", "mcp.client.sse"):
+    logging.getLogger(_sdk_transport).addFilter(_WithoutServerOutput())
+
 CLIENT_INFO = types.Implementation(name="kubechain", version="0.1.0")
 
 # Inherited by stdio children on top of the SDK's minimal set (HOME, LOGNAME, PATH, SHELL, TERM, USER):
@@ -744,10 +764,12 @@ class Session:
                 self.broken = True
                 raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
             if exc.code == INVALID_REQUEST and exc.message == "Session terminated":
-                # HTTP 404 for our session id: the server restarted and never ran this request.
+                # HTTP 404 for our session id: the server restarted and never ran this request. An
+                # earlier request of the same call (before a "still working" answer) did start it.
                 self.broken = True
                 raise ConnectionLost(
-                    "the server no longer knows this session (it restarted?)", maybe_executed=False
+                    "the server no longer knows this session (it restarted?)",
+                    maybe_executed=attempt.sends - attempt.unsent > 1,
                 ) from exc
             if exc.code == REQUEST_TIMEOUT:
                 await self._check_alive(client)

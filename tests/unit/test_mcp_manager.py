@@ -1024,3 +1024,49 @@ def test_a_servers_url_is_shown_without_credentials_or_query_values(url: str, sh
     from kubechain.mcp.spec import redact_url
 
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(("rounds", "may_have_run"), [(1, False), (2, True)])
+def test_a_session_lost_after_a_still_working_answer_may_have_run_the_call(
+    rounds: int, may_have_run: bool
+) -> None:
+    """A 404 for the session ("Session terminated") means the server never ran *that* request; but an
+    earlier request of the same call, answered "still working", had started the tool, and a server not
+    marked idempotent must not be sent it again on a fresh session."""
+    import anyio
+    from mcp.shared.exceptions import MCPError as SDKError
+    from mcp_types import INVALID_REQUEST
+
+    from kubechain.mcp.session import _ATTEMPT, ConnectionLost, Session
+    from kubechain.mcp.spec import ResolvedSpec
+
+    class RestartedServer:
+        async def call_tool(self, *_: Any, **__: Any) -> Any:
+            attempt = _ATTEMPT.get()
+            assert attempt is not None
+            attempt.sends += rounds  # what the watched write stream counts, one per tools/call request
+            raise SDKError(INVALID_REQUEST, "Session terminated")
+
+    session = Session("http-restarting", ResolvedSpec(transport="http", url="http://mcp.test/mcp"), 1, 5)
+    session.client = RestartedServer()  # type: ignore[assignment]
+
+    async def call() -> None:
+        with pytest.raises(ConnectionLost) as lost:
+            await session.call_tool("charge", {})
+        assert lost.value.maybe_executed is may_have_run
+        assert session.broken
+
+    anyio.run(call)
+
+
+def test_a_line_the_sdk_cannot_parse_is_logged_without_quoting_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A stdio server that prints its key on stdout: the SDK logged the line (inside the validation
+    error of its traceback) at ERROR level, cut where no scrubbing could find the secret."""
+    from mcp.client.stdio import _parse_line
+
+    import kubechain.mcp.session  # noqa: F401  (installs the filter)
+
+    caplog.set_level(logging.DEBUG, logger="mcp.client.stdio")
+    assert isinstance(_parse_line("Using API key sk-live-ABCDEFGH0123456789 for requests"), ValueError)
+    assert "Failed to parse JSONRPC message from server" in caplog.text
+    assert "sk-live" not in caplog.text
