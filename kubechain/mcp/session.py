@@ -163,6 +163,9 @@ class Attempt:
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
         self.failure = ""
+        # the answer does not match the output schema the tool declares (the SDK would raise after the
+        # tool ran, and its answer would be lost)
+        self.schema_problem = ""
 
     @property
     def may_have_run(self) -> bool:
@@ -438,6 +441,26 @@ def _b64_size(data: str) -> int:
     return len(data.strip().rstrip("=")) * 3 // 4
 
 
+def _keep_answers_that_miss_their_schema(client: Client) -> None:
+    """The SDK checks a tool's answer against the output schema the tool declares and raises when it does
+    not match, after the tool ran: its answer was lost and the call reported failed, so the LLM would call
+    it again (a second issue filed, a second payment). The answer is kept instead, with a note saying
+    what did not match."""
+    session = client.session
+    check = session.validate_tool_result
+
+    async def noted(name: str, result: types.CallToolResult) -> None:
+        try:
+            await check(name, result)
+        except RuntimeError as mismatch:
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.schema_problem = f"its answer does not match its output schema: {str(mismatch)[:300]}"
+            log.warning("MCP tool %s answered off its declared output schema: %s", name, str(mismatch)[:300])
+
+    session.validate_tool_result = noted  # type: ignore[method-assign]
+
+
 def flatten_result(result: types.CallToolResult) -> MCPToolResult:
     """Text blocks joined by newlines; other content described in brackets."""
     parts: list[str] = []
@@ -541,6 +564,7 @@ class Session:
                     input_required_max_rounds=still_working_rounds(self.call_timeout_s),
                 )
                 async with client:
+                    _keep_answers_that_miss_their_schema(client)
                     self.client = client
                     with anyio.fail_after(self.connect_timeout_s):
                         self.tools = await self._list_all(client)
@@ -743,7 +767,11 @@ class Session:
             with anyio.fail_after(self.call_timeout_s + STILL_WORKING_MARGIN_S):
                 with anyio.CancelScope() as abandoned:
                     attempt.abandon = abandoned.cancel
-                    return await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+                    result = await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+                    if attempt.schema_problem:
+                        note = f"[note: the tool ran, but {attempt.schema_problem}]"
+                        result.content = [*result.content, types.TextContent(type="text", text=note)]
+                    return result
             # Abandoned: the POST carrying the call failed (SSE), and this session's POSTs have stopped.
             self.broken = True
             raise ConnectionLost(

@@ -1070,3 +1070,50 @@ def test_a_line_the_sdk_cannot_parse_is_logged_without_quoting_it(caplog: pytest
     assert isinstance(_parse_line("Using API key sk-live-ABCDEFGH0123456789 for requests"), ValueError)
     assert "Failed to parse JSONRPC message from server" in caplog.text
     assert "sk-live" not in caplog.text
+
+
+def test_an_answer_that_misses_its_output_schema_is_kept_with_a_note() -> None:
+    """The SDK checks a tool's answer against its declared output schema and raised after the tool ran:
+    the LLM heard "error calling tool" and would call it again (a second issue filed)."""
+    from types import SimpleNamespace
+
+    import anyio
+    from mcp_types import CallToolResult, TextContent
+
+    from kubechain.mcp.session import (
+        _ATTEMPT,
+        Session,
+        _keep_answers_that_miss_their_schema,
+        flatten_result,
+    )
+    from kubechain.mcp.spec import ResolvedSpec
+
+    answer = CallToolResult(
+        content=[TextContent(type="text", text="filed #7")], structured_content={"number": 7}
+    )
+
+    async def sdk_check(name: str, result: CallToolResult) -> None:  # what the SDK's check does here
+        raise RuntimeError(
+            f"Invalid structured content returned by tool {name}: 'issue' is a required property"
+        )
+
+    class DriftedServer:
+        session = SimpleNamespace(validate_tool_result=sdk_check)
+
+        async def call_tool(self, name: str, *_: Any, **__: Any) -> CallToolResult:
+            await self.session.validate_tool_result(name, answer)
+            return answer
+
+    client = DriftedServer()
+    _keep_answers_that_miss_their_schema(client)  # type: ignore[arg-type]
+    session = Session("http-drifted", ResolvedSpec(transport="http", url="http://mcp.test/mcp"), 1, 5)
+    session.client = client  # type: ignore[assignment]
+
+    result = anyio.run(session.call_tool, "file_issue", {"title": "crash"})
+    flat = flatten_result(result)
+    assert not flat.is_error
+    assert flat.text == (
+        "filed #7\n[note: the tool ran, but its answer does not match its output schema: Invalid structured "
+        "content returned by tool file_issue: 'issue' is a required property]"
+    )
+    assert _ATTEMPT.get() is None
