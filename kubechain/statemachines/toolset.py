@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from kubechain.llm.base import ToolDefinition
 from kubechain.models import Agent, ContactChannel, MCPServer, Tool
@@ -26,6 +26,21 @@ ToolKind = Literal["tool", "mcp", "subagent", "human"]
 
 
 # The function names the LLM is offered (tool_definitions) and Agent validation checks: made in one place.
+def object_parameters(schema: Any) -> dict[str, Any]:
+    """An MCP tool's input schema as the LLM providers take it: a JSON Schema of type "object" (OpenAI and
+    Anthropic refuse the whole request otherwise, so one such tool would fail every turn of every Agent
+    that uses its server). MCP arguments are always an object: a schema that omits the type says so
+    (it is added), one of another type cannot describe them (an empty object schema stands in)."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    kind = schema.get("type")
+    if kind == "object":
+        return schema
+    if kind is None or (isinstance(kind, list) and "object" in kind):
+        return {**schema, "type": "object"}
+    return {"type": "object", "properties": {}}
+
+
 def mcp_function_name(server: str, tool: str) -> str:
     return f"{server}{MCP_SEPARATOR}{tool}"
 
@@ -97,7 +112,7 @@ def tool_definitions(
                 ToolDefinition(
                     name=mcp_function_name(server.name, mcp_tool.name),
                     description=mcp_tool.description or "",
-                    parameters=mcp_tool.input_schema or {"type": "object", "properties": {}},
+                    parameters=object_parameters(mcp_tool.input_schema),
                 )
             )
     for sub_agent in sub_agents:

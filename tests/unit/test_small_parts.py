@@ -566,3 +566,39 @@ def test_a_go_recent_enough_on_path_is_used(tmp_path: Path, monkeypatch: pytest.
     said: list[str] = []
     assert binaries.find_go(said.append).go == current
     assert said == []
+
+
+@pytest.mark.parametrize(
+    ("schema", "offered"),
+    [
+        (None, {"type": "object", "properties": {}}),
+        (
+            {"properties": {"q": {"type": "string"}}},
+            {"properties": {"q": {"type": "string"}}, "type": "object"},
+        ),
+        ({"type": ["object", "null"], "properties": {}}, {"type": "object", "properties": {}}),
+        ({"type": "string"}, {"type": "object", "properties": {}}),
+        (
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+            {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        ),
+    ],
+)
+def test_an_mcp_tools_input_schema_is_offered_to_the_llm_as_an_object_schema(
+    schema: dict[str, Any] | None, offered: dict[str, Any]
+) -> None:
+    """OpenAI and Anthropic refuse a whole request whose tool parameters are not of type "object": one
+    MCP tool that leaves the type out failed every turn of every Agent using its server."""
+    from kubechain.models import Agent, MCPServer
+    from kubechain.statemachines.toolset import tool_definitions
+
+    server = MCPServer.from_wire(
+        {
+            "metadata": {"name": "s", "namespace": "default"},
+            "spec": {"transport": "stdio", "command": "x"},
+            "status": {"connected": True, "tools": [{"name": "t", "inputSchema": schema}]},
+        }
+    )
+    agent = Agent.from_wire({"metadata": {"name": "a"}, "spec": {"llmRef": {"name": "l"}, "system": "s"}})
+    (definition,) = tool_definitions(agent, [], [server], [], [])
+    assert definition.parameters == offered
