@@ -57,8 +57,8 @@ def is_terminal(kind: str, obj: Mapping[str, Any]) -> bool:
     return False
 
 
-# Of a finished run or tool call, the parts no decision reads again, and that make up most of its size.
-_FINISHED_BULK = {
+# Of a run or tool call, the parts no routing decision reads, and that make up most of its size.
+_BULK = {
     "spec": ("contextWindow", "userMessage", "arguments"),
     "status": ("contextWindow", "output", "result"),
 }
@@ -69,21 +69,22 @@ OUTPUT_SHOWN = "_outputShown"
 
 
 def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """What the watcher keeps of ``obj``. A finished TaskRun or tool call is kept without its context
-    window, message, arguments, output and result: every decision about it (and about its parent and its
-    Task) reads only metadata, references and phase, and finished runs are kept for good, so a watcher
-    holding them whole grew by their full size per run until it hit its memory limit. A Task keeps only
-    whether its output is shown. A later change arrives as a whole object again."""
+    """What the watcher keeps of ``obj``. A TaskRun or tool call is kept without its context window,
+    message, arguments, output and result: every decision about it (and about its parent and its Task)
+    reads only metadata, references, phase and claim. Finished runs are kept for good, and a run in
+    flight may carry a context window of up to 1 MiB: a watcher holding them whole grew with every run
+    (and with every run in flight) until it hit its memory limit. A Task keeps only whether its output is
+    shown. Each change arrives as a whole object again, for the event handler."""
     if kind == "Task":
         status = obj.get("status")
         if not isinstance(status, dict) or "output" not in status:
             return obj
         kept = {key: value for key, value in status.items() if key != "output"}
         return {**obj, "status": {**kept, OUTPUT_SHOWN: bool(status["output"])}}
-    if not is_terminal(kind, obj):
+    if kind not in ("TaskRun", "TaskRunToolCall"):
         return obj
     slim = dict(obj)
-    for part, fields in _FINISHED_BULK.items():
+    for part, fields in _BULK.items():
         section = obj.get(part)
         if isinstance(section, dict) and any(field in section for field in fields):
             slim[part] = {key: value for key, value in section.items() if key not in fields}
