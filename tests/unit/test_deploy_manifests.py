@@ -318,6 +318,11 @@ def test_redis_never_evicts_and_persists(release: list[dict[str, Any]]) -> None:
     assert arg_after(args, "--appendonly") == "yes"
     assert redis["spec"]["volumeClaimTemplates"], "no PVC"
     assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["memory"]
+    # an AOF rewrite forks: under writes, copy-on-write may duplicate the whole dataset, and client
+    # buffers come on top of maxmemory; a limit below twice it gets Redis OOM-killed, every queue stalled
+    maxmemory_mib = int(arg_after(args, "--maxmemory").removesuffix("mb"))
+    limit_mib = int(c["resources"]["limits"]["memory"].removesuffix("Mi"))
+    assert limit_mib >= 2 * maxmemory_mib + 256, (maxmemory_mib, limit_mib)
     services = objects(release, "Service")
     assert services["kubechain-redis"]["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert services[redis["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
