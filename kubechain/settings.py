@@ -99,6 +99,9 @@ class Settings(BaseSettings):
 
     # Observability
     metrics_port: int = 0
+    # Watcher: GET /scaling answers each worker queue's demand (backlog + steps in hand) as JSON, for
+    # KEDA's metrics-api scaler (0: not served)
+    scaling_port: int = 0
     # Where a prefork worker's processes keep their metrics for /metrics to add up (prometheus_client's
     # multiprocess mode, which reads it from the environment at import: set it before the process starts).
     prometheus_multiproc_dir: str | None = Field(default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR")

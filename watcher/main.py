@@ -28,6 +28,7 @@ from kubechain.observability.metrics import (
 from kubechain.observability.tracing import run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
+from kubechain.statemachines.demand import demand
 from kubechain.statemachines.routing import (
     VALIDATED_KINDS,
     Work,
@@ -43,6 +44,7 @@ from kubechain.statemachines.routing import (
 from watcher.informer import Informer, Key
 from watcher.leader import LeaderElector
 from watcher.outbox import Empty, MergingQueue
+from watcher.scaling import serve_scaling
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Watcher:
         self._clock = clock
         self.stop_event = threading.Event()
         self._forced_resync = threading.Event()  # a new leader's resync, run by the resync thread
+        # each worker queue's Redis list length, as last read (None: Redis did not answer)
+        self.queue_depths: dict[str, int] | None = None
         namespaces: list[str | None] = list(settings.namespaces) or [None]
         self.informers: list[Informer] = [
             Informer(kube, info.kind, info.plural, namespace, self._on_event, self.stop_event)
@@ -351,15 +355,22 @@ class Watcher:
         IS_LEADER.set(1 if self.is_leader else 0)
         try:
             client = client or redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
-            depths = {queue.value: client.llen(queue.value) for queue in QueueName}
+            depths = {queue.value: int(client.llen(queue.value)) for queue in QueueName}
             for queue_name, depth in depths.items():
                 QUEUE_DEPTH.labels(queue_name).set(depth)
+            self.queue_depths = depths
         except Exception:  # noqa: BLE001 - the leader gauge must go on (a sentinel:// URL, Redis down)
             # No depth rather than the last one: a dashboard must not show an empty (or a frozen) queue
             # while Redis does not answer.
             QUEUE_DEPTH.clear()
+            self.queue_depths = None
             log.debug("queue depth unavailable", exc_info=True)
         return client
+
+    def scaling(self) -> dict[str, dict[str, int]] | None:
+        """Each worker queue's demand (backlog + steps in hand), or None while the backlog is unknown."""
+        depths = self.queue_depths
+        return None if depths is None else demand(depths, self.cache())
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -434,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     register_phase_collector(watcher.taskrun_phases)
     setup_tracing("kubechain-watcher")
     serve(settings.metrics_port)
+    serve_scaling(settings.scaling_port, watcher.scaling)
     freeze_startup_heap()
     watcher.run_forever()
 

@@ -154,6 +154,41 @@ def test_scaled_object_watches_its_workers_queue(release: list[dict[str, Any]], 
     assert 1 <= int(spec["minReplicaCount"]) <= int(spec["maxReplicaCount"])
 
 
+@pytest.mark.parametrize("queue", ["llm", "tools"])
+def test_scaled_object_also_counts_the_steps_in_hand_from_the_watcher(
+    release: list[dict[str, Any]], queue: str
+) -> None:
+    """The list length alone is 0 while every thread is busy and nothing waits: the watcher's /scaling
+    adds the steps in hand (watcher/scaling.py)."""
+    from urllib.parse import urlparse
+
+    deployments = objects(release, "Deployment")
+    services = objects(release, "Service")
+    (so,) = [
+        so
+        for so in objects(keda_docs(), "ScaledObject").values()
+        if so["spec"]["scaleTargetRef"]["name"] == f"kubechain-worker-{queue}"
+    ]
+    (trigger,) = [t for t in so["spec"]["triggers"] if t["type"] == "metrics-api"]
+    meta = trigger["metadata"]
+    assert trigger.get("metricType") == "AverageValue"
+    assert meta["valueLocation"] == f"{queue}.demand"
+    url = urlparse(meta["url"])
+    service_name, namespace = str(url.hostname).split(".")[:2]
+    assert (namespace, url.path) == (NAMESPACE, "/scaling")
+    service = services[service_name]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    watcher = deployments["kubechain-watcher"]
+    labels = watcher["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    c = container(watcher)
+    (container_port,) = [p for p in c["ports"] if p["name"] == port["targetPort"]]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env["KUBECHAIN_SCALING_PORT"] == str(container_port["containerPort"])
+    threads = int(arg_after(container(deployments[f"kubechain-worker-{queue}"])["args"], "--concurrency"))
+    assert 0 < int(meta["targetValue"]) <= threads
+
+
 # ------------------------------------------------------------------------------------------ Prometheus Operator
 
 

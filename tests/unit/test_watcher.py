@@ -1024,3 +1024,55 @@ def test_a_tool_renamed_on_an_mcp_server_revalidates_the_agents_that_use_it() ->
         "MCPServer", "MODIFIED", {**after, "metadata": {**after["metadata"], "resourceVersion": "3"}}, after
     )
     assert watcher._outbox.empty(), "an unchanged tool list prompts nothing"
+
+
+def test_scaling_answers_each_queues_backlog_plus_the_steps_in_hand() -> None:
+    """KEDA's Redis scaler sees only messages no worker has taken: with every thread busy and none waiting
+    it read 0 and removed busy workers. /scaling adds the steps in hand, as the resources show them."""
+    import fakeredis
+    import httpx
+
+    from kubechain.testing.controlplane import free_port
+    from watcher.scaling import serve_scaling
+
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    for name, phase in [
+        ("a", "SendContextWindowToLLM"),
+        ("b", "SendContextWindowToLLM"),
+        ("c", "ReadyForLLM"),
+    ]:
+        informers["TaskRun"].cache[("default", name)] = run(
+            "TaskRun", {"name": name, "status": {"phase": phase}}, "1"
+        )
+    for name, phase in [("t1", "Running"), ("t2", "Succeeded")]:
+        informers["TaskRunToolCall"].cache[("default", name)] = run(
+            "TaskRunToolCall", {"name": name, "status": {"phase": phase}}, "1"
+        )
+    redis = fakeredis.FakeRedis()
+    redis.rpush("llm", "m1", "m2", "m3")
+    redis.rpush("control", "m4")
+    port = free_port()
+    server = serve_scaling(port, watcher.scaling)
+    assert server is not None
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/scaling").status_code == 503, "backlog unknown yet"
+        watcher.update_gauges(redis)
+        answer = httpx.get(f"http://127.0.0.1:{port}/scaling")
+        assert answer.status_code == 200
+        assert answer.json() == {
+            "control": {"backlog": 1, "inHand": 0, "demand": 1},
+            "llm": {"backlog": 3, "inHand": 2, "demand": 5},
+            "tools": {"backlog": 0, "inHand": 1, "demand": 1},
+        }
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
+
+        class Down:
+            def llen(self, _name: str) -> int:
+                raise ConnectionError("Redis does not answer")
+
+        watcher.update_gauges(Down())
+        assert httpx.get(f"http://127.0.0.1:{port}/scaling").status_code == 503, "not a backlog of 0"
+    finally:
+        server.shutdown()
+        server.server_close()
