@@ -48,7 +48,12 @@ from kubechain.statemachines.toolcall import (
     sub_agent_start_expired,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
-from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
+from kubechain.statemachines.transition import (
+    Transition,
+    foreign_child_message,
+    parse_timestamp,
+    precise_timestamp,
+)
 from kubechain.statemachines.validation import tool_type
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
@@ -361,7 +366,9 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         _count_not_run(executor, "invalid_arguments")
         return
     executor.read_secrets()
-    claimed_at = str(claim.transition.status["claimedAt"])
+    # Stamped now, not when the call was found free: the reads above may have waited out an API server
+    # shedding load (429s), and every second of that would come off the claim the call runs under.
+    claimed_at = claim.transition.status["claimedAt"] = precise_timestamp(ctx.clock())
     claimed = apply_claim(
         ctx, toolcall, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
     )

@@ -961,3 +961,43 @@ def test_a_running_call_of_a_finished_run_whose_worker_was_lost_is_ended() -> No
     assert status["phase"] == "Failed", status
     assert "lost-worker" in status["error"] and 'TaskRun "r" already finished (Failed)' in status["error"]
     assert warnings(kube, name) == ["ExecutionInterrupted"]
+
+
+def test_a_tool_calls_claim_is_stamped_after_its_secrets_were_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the call's Secrets may wait out an API server shedding load (429s): a claim stamped before
+    that reached the call already old, and could expire while the call still ran (then another worker
+    starts an idempotent call again, or reports a non-idempotent one interrupted)."""
+    now = [datetime.now(UTC)]
+
+    class SlowSecretRead(FakeKubeClient):
+        def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+            if name == "charge-token":
+                now[0] += timedelta(seconds=50)  # throttled
+            return super().read_secret(namespace, name)
+
+    kube = SlowSecretRead()
+    kube.add_secret("default", "charge-token", {"token": "t0k3n-value"})
+    seen: list[str] = []
+
+    def charge(*_args: Any, **_kwargs: Any) -> str:
+        (name,) = [n for (_, plural, _, n) in kube.objects if plural == "taskruntoolcalls"]
+        seen.append(str(toolcall_status(kube, name)["claimedAt"]))
+        return "charged"
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", charge)
+    with_token = {
+        **CHARGE,
+        "execute": {
+            "externalAPI": {
+                **CHARGE["execute"]["externalAPI"],
+                "credentialsFrom": {"name": "charge-token", "key": "token"},
+            }
+        },
+    }
+    ctx = agent_with(kube, calling("charge"), {"charge": with_token}, tools=[{"name": "charge"}])
+    ctx.clock = lambda: now[0]
+    (name,) = start_turn(ctx, kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Succeeded"
+    (claimed_at,) = seen
+    assert datetime.fromisoformat(claimed_at.replace("Z", "+00:00")) == now[0], "stamped after the read"
