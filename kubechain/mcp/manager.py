@@ -242,6 +242,10 @@ class MCPManager:
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         arrived = self._last_used[key] = time.monotonic()
         async with lock:
+            if self._closed:
+                # closing (a retry after its sessions were stopped): a new session, a new stdio child,
+                # would outlive the close and be cut off by the loop's stop
+                raise MCPError("the MCP manager is closed")
             current = self._sessions.get(key)
             if current is not None:
                 if current.fingerprint == resolved.fingerprint() and current.usable:

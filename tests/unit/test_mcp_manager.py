@@ -1117,3 +1117,24 @@ def test_an_answer_that_misses_its_output_schema_is_kept_with_a_note() -> None:
         "content returned by tool file_issue: 'issue' is a required property]"
     )
     assert _ATTEMPT.get() is None
+
+
+def test_no_session_is_started_once_the_manager_is_closing() -> None:
+    """A retry on a fresh session after close() stopped the sessions started a stdio child that the
+    loop's stop then cut off, possibly leaving it running."""
+    import asyncio
+
+    from kubechain.mcp.spec import ResolvedSpec
+
+    closing = MCPManager(resolve_secret, call_timeout_s=5, connect_timeout_s=CONNECT_TIMEOUT_S)
+    loop = closing._ensure_loop()
+    closing._closed = True  # as close() sets it before stopping the sessions
+    try:
+        started = asyncio.run_coroutine_threadsafe(
+            closing._session_for(("default", "late"), ResolvedSpec(transport="stdio", command="true")), loop
+        )
+        with pytest.raises(MCPError, match="the MCP manager is closed"):
+            started.result(10)
+    finally:
+        closing._closed = False
+        closing.close()
