@@ -56,6 +56,7 @@ EXIT_OTHER = 2
 
 # Consecutive failed requests after which following a run gives up (~1 minute of retries).
 MAX_FAILURES = 15
+UNAUTHORIZED_FAILURES = 3
 # Server-side timeoutSeconds of each watch; the watch then starts over from a fresh list.
 WATCH_TIMEOUT_S = int(os.environ.get("KUBECHAIN_CLI_WATCH_TIMEOUT_S") or 60)
 NAME_ALPHABET = string.ascii_lowercase + string.digits
@@ -142,11 +143,14 @@ class Follower:
         self.stop.wait(min(5.0, 0.2 * (2**failures)))
 
     def _failed(self, exc: KubeAPIError, failures: int) -> bool:
-        """Whether following must end on ``exc`` (reported as "fatal"): the API server refuses us
-        (401 after the credentials were read again, 403), does not know the kind (a list's 404: the CRDs
-        are not installed), or has not answered ``MAX_FAILURES`` times in a row. Otherwise it is retried,
-        and the user hears about it now and then."""
-        if isinstance(exc, Unauthorized | Forbidden):
+        """Whether following must end on ``exc`` (reported as "fatal"): the API server refuses us (403, or
+        401 three times in a row: the client reads the credentials again after each, and a token being
+        refreshed is refused once), does not know the kind (a list's 404: the CRDs are not installed), or
+        has not answered ``MAX_FAILURES`` times in a row. Otherwise it is retried, and the user hears about
+        it now and then."""
+        if isinstance(exc, Forbidden) or (
+            isinstance(exc, Unauthorized) and failures >= UNAUTHORIZED_FAILURES
+        ):
             message = f"the API server refuses: {exc}"
         elif isinstance(exc, NotFound):
             message = f"the API server does not know this kind (are KubeChain's CRDs installed?): {exc}"

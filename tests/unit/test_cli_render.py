@@ -328,11 +328,20 @@ def test_following_ends_when_the_api_server_refuses_or_lacks_the_kinds(error: Ex
 
     for loop in ("_taskrun_loop", "_toolcall_loop"):
         follower = Follower(Target("ns", None, None), "r")
+        follower._retry_pause = lambda _failures: None  # type: ignore[method-assign]
         client = FakeWatchClient(follower, gets=[error], watches=[])
-        client.list_raw = lambda *_a, **_k: (_ for _ in ()).throw(error)  # type: ignore[method-assign]
+        asked: list[int] = []
+
+        def refuse(*_a: Any, asked: list[int] = asked, **_k: Any) -> Any:
+            asked.append(1)
+            raise error
+
+        client.list_raw = refuse  # type: ignore[method-assign]
         getattr(follower, loop)(client)
-        fatal = follower.events.get_nowait()
-        assert fatal.kind == "fatal" and fatal.message.startswith(said)
+        seen = [follower.events.get_nowait() for _ in range(follower.events.qsize())]
+        assert [o.kind for o in seen] == ["fatal"] and seen[0].message.startswith(said)
+        # a 401 may be a token being refreshed (the client reads the credentials again): the third ends it
+        assert len(asked) == (3 if isinstance(error, Unauthorized) else 1)
 
 
 def test_following_gives_up_on_an_api_server_that_stays_unreachable() -> None:
