@@ -243,9 +243,12 @@ def finish(
     output: str | None,
     before: Callable[[KubeClient], list[str]] | None = None,
     after: Callable[[KubeClient, dict[str, Any]], None] | None = None,
+    undo_before: Callable[[KubeClient], list[str]] | None = None,
     extra_objects: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Print (dry run) or create the resource; ``before`` creates prerequisites (e.g. a Secret)."""
+    """Print (dry run) or create the resource; ``before`` creates prerequisites (e.g. a Secret), which
+    ``undo_before`` removes again when the resource itself cannot be made (so the same command, once its
+    problem is fixed, is not refused for what it left behind)."""
     ref = resource_ref(resource.KIND, resource.name)
     if dry_run:
         if output:
@@ -269,7 +272,12 @@ def finish(
                 raise api_error(exc, f"cannot read {ref}") from None
         for line in before(kube) if before else []:
             click.echo(line)
-        obj, outcome = create_or_update(kube, resource, update)
+        try:
+            obj, outcome = create_or_update(kube, resource, update)
+        except CLIError:
+            for line in undo_before(kube) if undo_before else []:
+                click.echo(line, err=True)
+            raise
         if after:
             after(kube, obj)
     if output:
@@ -365,11 +373,15 @@ def create_llm(
             "stringData": {key: api_key},
         }
 
+    created_secret = False
+
     def create_secret(kube: KubeClient) -> list[str]:
+        nonlocal created_secret
         if secret is None:
             return []
         try:
             kube.request("POST", core_path("secrets", target.namespace), body=secret)
+            created_secret = True
             return [f"secret/{secret_name} created"]
         except AlreadyExists:
             if not update:
@@ -405,6 +417,22 @@ def create_llm(
         except KubeAPIError:
             pass  # cosmetic: the Secret just outlives the LLM
 
+    def delete_created_secret(kube: KubeClient) -> list[str]:
+        """The LLM was refused: a Secret this command made would only hold the key with no owner, and
+        make the same command fail next time ("already exists")."""
+        if not created_secret or not secret_name:
+            return []
+        try:
+            kube.request("DELETE", core_path("secrets", target.namespace, secret_name))
+        except NotFound:
+            pass
+        except KubeAPIError as exc:
+            return [
+                f"secret/{secret_name} holds the API key and was left behind ({exc}): "
+                f"kubectl delete secret {secret_name} -n {target.namespace}"
+            ]
+        return [f"secret/{secret_name} deleted (it was made for this LLM)"]
+
     finish(
         target,
         resource,
@@ -413,6 +441,7 @@ def create_llm(
         output=output,
         before=create_secret,
         after=own_secret,
+        undo_before=delete_created_secret,
         extra_objects=[secret] if secret else None,
     )
     if not api_key_from and not dry_run and not output:
