@@ -136,7 +136,8 @@ class MCPManager:
         )
 
     def disconnect(self, namespace: str, name: str) -> None:
-        """Close the session of one MCPServer, if this process has one."""
+        """Close the session of one MCPServer, if this process has one: at once when idle, else once the
+        calls in flight are done (none starts on it meanwhile; the next call makes a new session)."""
         with self._lock:
             if self._loop is None or self._closed:
                 return
@@ -381,6 +382,11 @@ class MCPManager:
     async def _adisconnect(self, key: Key) -> None:
         session = self._sessions.pop(key, None)
         if session is None:
+            return
+        if session.inflight:
+            # A call already running on a deleted MCPServer still gets its answer (cutting the session
+            # would leave the tool call not knowing whether it ran); no new call starts on it.
+            self._retire(key, session)
             return
         session.stop()
         if not await session.wait_finished(CLOSE_TIMEOUT_S - 5):

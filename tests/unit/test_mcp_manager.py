@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -834,6 +835,33 @@ def test_call_timeout_keeps_the_session(stdio_script: str) -> None:
         assert m.stdio_pid("default", "slow-server") == pid
     finally:
         m.close()
+
+
+def test_a_call_in_flight_when_its_server_is_deleted_gets_its_answer_then_the_child_ends(
+    manager: MCPManager, stdio_script: str
+) -> None:
+    """Deleting the MCPServer cut the session under a running call (the tool call then could not tell
+    whether it ran); now the call finishes, and the session stops after it."""
+    server = script_server("deleted-mid-call", stdio_script)
+    assert manager.call_tool(server, "slow", {"seconds": 0}).text == "done"
+    pid = manager.stdio_pid("default", "deleted-mid-call")
+    assert pid is not None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(manager.call_tool, server, "slow", {"seconds": 1.5})
+        wait_until(lambda: _inflight(manager, "deleted-mid-call") == 1, what="the call to be in flight")
+        manager.disconnect("default", "deleted-mid-call")
+        assert not manager.connected("default", "deleted-mid-call"), "no new call goes to it"
+        assert alive(pid), "not cut under the running call"
+        assert running.result(timeout=30).text == "done"
+    wait_until(lambda: not alive(pid), what="the child to end after its last call")
+    assert manager.call_tool(server, "slow", {"seconds": 0}).text == "done", "the next call reconnects"
+    assert manager.stdio_pid("default", "deleted-mid-call") != pid
+    manager.disconnect("default", "deleted-mid-call")
+
+
+def _inflight(manager: MCPManager, name: str) -> int:
+    session = manager._peek("default", name)
+    return session.inflight if session is not None else 0
 
 
 def test_a_session_left_unused_is_closed_and_its_child_ends() -> None:
