@@ -9,6 +9,7 @@ and writes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -37,9 +38,23 @@ def _failure(server: MCPServer, detail: str, reason: str, *, pending: bool = Fal
     return transition
 
 
+# The tool list is recorded in the MCPServer's status, which etcd stores with the rest of the object
+# (1.5 MiB per object by default): past this, the status write itself is refused, again at every resync,
+# and the server stayed Pending with no word of why. It is also sent to the LLM on every turn.
+MAX_TOOL_LIST_BYTES = 512 * 1024
+
+
 def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None:
     """The success status; ``tools`` is only written when the list differs from the recorded one."""
     wire = [tool.to_wire() for tool in tools]
+    size = len(json.dumps(wire, ensure_ascii=False).encode())
+    if size > MAX_TOOL_LIST_BYTES:
+        detail = (
+            f"Validation failed: the server lists {len(tools)} tools taking {size:,} bytes (names, "
+            f"descriptions and input schemas), more than the {MAX_TOOL_LIST_BYTES:,} an MCPServer's status "
+            "holds; configure the server to offer fewer tools"
+        )
+        return _failure(server, detail, "ToolListTooLarge")
     recorded = [tool.to_wire() for tool in server.status.tools] if server.status.tools is not None else None
     extra: dict[str, Any] = {} if wire == recorded else {"tools": wire}
     detail = f"Connected successfully with {len(tools)} tools"

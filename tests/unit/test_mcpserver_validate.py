@@ -224,3 +224,37 @@ def test_only_a_worker_that_runs_tool_calls_keeps_mcp_sessions(tmp_path: Path, r
         if ctx.mcp is not None:
             ctx.mcp.close()
         ctx.kube.close()
+
+
+MANY_TOOLS_SERVER = """
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("many-tools")
+for i in range(300):
+    def tool(x: str) -> str:
+        return x
+    server.add_tool(tool, name=f"tool_{i:03}", description="long description " * 120)
+server.run()
+"""
+
+
+def test_a_tool_list_too_large_for_the_status_is_a_clear_failure(
+    kube: FakeKubeClient, manager: MCPManager, tmp_path: Path
+) -> None:
+    """300 tools of ~2 KB each: written into the status, it was refused by etcd again at every resync,
+    and the MCPServer stayed Pending with no word of why."""
+    script = tmp_path / "many_tools.py"
+    script.write_text(MANY_TOOLS_SERVER)
+    create(
+        kube,
+        "MCPServer",
+        "mcpservers",
+        "many",
+        {"transport": "stdio", "command": sys.executable, "args": [str(script)]},
+    )
+    status = run_validate(make_context(kube, manager), "many")["status"]
+    assert status["connected"] is False and status["status"] == "Error"
+    assert status["statusDetail"].startswith("Validation failed: the server lists 300 tools taking ")
+    assert "more than the 524,288 an MCPServer's status holds" in status["statusDetail"]
+    assert "tools" not in status, "the list is not recorded"
+    assert kube.event_reasons("many") == ["ToolListTooLarge"]
