@@ -192,6 +192,11 @@ class LeaderElector:
             self.step()
             self._stop.wait(self.retry_period_s)
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The renewal loop's thread once started (the watcher's /healthz checks it)."""
+        return self._thread
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="leader-election", daemon=True)
         self._thread.start()

@@ -372,6 +372,14 @@ class Watcher:
         depths = self.queue_depths
         return None if depths is None else demand(depths, self.cache())
 
+    def loop_threads(self) -> list[threading.Thread]:
+        """The threads the watcher's work depends on: if one ends (a bug), /healthz says so and the
+        kubelet restarts the process rather than leaving a kind unwatched or nothing sent."""
+        threads = list(self._threads)
+        if self.elector is not None and self.elector.thread is not None:
+            threads.append(self.elector.thread)
+        return threads
+
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -440,11 +448,12 @@ def main(argv: list[str] | None = None) -> None:
         leader_election=not args.no_leader_election,
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
+    from kubechain.observability.health import threads_health
     from kubechain.observability.metrics import serve
 
     register_phase_collector(watcher.taskrun_phases)
     setup_tracing("kubechain-watcher")
-    serve(settings.metrics_port)
+    serve(settings.metrics_port, health=threads_health(watcher.loop_threads))
     serve_scaling(settings.scaling_port, watcher.scaling)
     freeze_startup_heap()
     watcher.run_forever()

@@ -10,12 +10,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from celery.concurrency import get_implementation
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from kubechain.heap import freeze_startup_heap
 from kubechain.kube.errors import Unavailable
+from kubechain.observability.health import HEARTBEAT_INTERVAL_S, Heartbeat
 from kubechain.observability.logs import configure_logging, resource_context
 from kubechain.observability.metrics import (
     TASK_QUEUE_SECONDS,
@@ -46,6 +47,36 @@ _context: WorkerContext | None = None
 _context_lock = threading.Lock()
 _metrics_registry: CollectorRegistry = REGISTRY
 _prefork_parent = False
+# The consumer's event loop (which takes messages and acks them) beats this from its own timer: /healthz
+# fails when the loop is stuck, while /metrics, served by a thread of its own, would still answer.
+consumer_heartbeat = Heartbeat()
+
+
+class ConsumerHeartbeat(bootsteps.StartStopStep):
+    """Beats ``consumer_heartbeat`` from the consumer's timer while it is connected to the broker."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._timer: Any = None
+
+    def start(self, parent: Any) -> None:
+        consumer_heartbeat.beat()
+        self._timer = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL_S, consumer_heartbeat.beat)
+
+    def stop(self, parent: Any) -> None:
+        # Celery stops the consumer's steps to reconnect after losing the broker: a restart of the
+        # process would not bring Redis back, so that wait is no reason to fail the liveness probe.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        consumer_heartbeat.pause("reconnecting to the broker")
+
+    shutdown = stop
+
+
+app.steps["consumer"].add(ConsumerHeartbeat)
 
 
 def context() -> WorkerContext:
@@ -195,7 +226,7 @@ def _start_metrics(**_: Any) -> None:
     # exporter (a gRPC channel is not fork-safe): each child sets up its own (worker_process_init).
     if not _prefork_parent:
         setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
-    serve(settings.metrics_port, _metrics_registry)
+    serve(settings.metrics_port, _metrics_registry, consumer_heartbeat.health)
 
 
 @signals.worker_process_init.connect

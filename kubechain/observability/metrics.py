@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+
+from kubechain.observability.health import HealthCheck
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +144,41 @@ def process_exited(pid: int, multiproc_dir: str | None) -> None:
         mark_process_dead(pid, multiproc_dir)
 
 
-def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
-    """Start the /metrics endpoint (a no-op for port 0)."""
-    if port > 0:
-        start_http_server(port, registry=registry)
-        log.info("metrics on :%d/metrics", port)
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        pass  # a probe every few seconds is not worth a log line
+
+
+def metrics_app(registry: CollectorRegistry, health: HealthCheck | None) -> WSGIApplication:
+    """``/metrics`` (anything but ``/healthz``, as prometheus_client serves it) and ``/healthz``: 200 or
+    503 with a line saying why."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if health is None or environ.get("PATH_INFO") != "/healthz":
+            return metrics(environ, start_response)
+        try:
+            verdict = health()
+        except Exception as exc:  # noqa: BLE001 - the check itself failing is an answer, not a crash
+            alive, detail = False, f"the health check failed: {exc!r}"
+        else:
+            alive, detail = verdict.alive, verdict.detail
+        body = (detail + "\n").encode()
+        status = "200 OK" if alive else "503 Service Unavailable"
+        start_response(
+            status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return app
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY, health: HealthCheck | None = None) -> None:
+    """Start the /metrics (and, given ``health``, /healthz) endpoint from a daemon thread (port 0: none)."""
+    if port <= 0:
+        return
+    server = make_server(
+        "0.0.0.0", port, metrics_app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on :%d/metrics%s", port, " and /healthz" if health else "")

@@ -75,3 +75,16 @@ def test_metrics_after_a_run(stack: LocalStack, kubectl: Kubectl, namespace: str
     assert total(watcher, "kubechain_enqueued_total", task="prepare") >= 2
     assert total(watcher, "kubechain_watcher_leader") == 1
     assert any(n == "kubechain_queue_depth" for n, _ in watcher)
+
+
+def test_healthz_of_the_watcher_and_the_workers(stack: LocalStack) -> None:
+    """Liveness is a worker's consumer loop beating (it beats once connected to Redis) and the watcher's
+    loop threads living, served beside /metrics on the same port."""
+    for process, port in stack.metrics_ports.items():
+        answer = wait_for(
+            lambda port=port: (a := httpx.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200 and a,
+            30,
+            what=f"{process} healthy",
+        )
+        assert answer.text == "ok\n", (process, answer.text)
+    assert {"watcher-0", "worker-0"} <= set(stack.metrics_ports)

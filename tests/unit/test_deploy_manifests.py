@@ -305,10 +305,10 @@ def test_watcher_deployment(release: list[dict[str, Any]]) -> None:
 def assert_probes_on_metrics_port(c: dict[str, Any]) -> None:
     port = int(env_of(c)["KUBECHAIN_METRICS_PORT"]["value"])
     named = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in c, f"{c['name']}: no {probe}"
         http = c[probe]["httpGet"]
-        assert http["path"] == "/metrics"
+        assert http["path"] == "/healthz", "/metrics answers from its own thread while the work is stuck"
         assert (named[http["port"]] if isinstance(http["port"], str) else http["port"]) == port
 
 
