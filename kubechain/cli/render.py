@@ -127,6 +127,16 @@ def plain_line(event: Event) -> str:
 # -- tracking what was printed ---------------------------------------------------------------------
 
 
+SUB_AGENT_PHASES_SHOWN = frozenset(
+    {
+        ToolCallPhase.AWAITING_HUMAN_APPROVAL,
+        ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL,
+        ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL,
+        ToolCallPhase.TOOL_CALL_REJECTED,
+    }
+)
+
+
 class ConversationTracker:
     """Remembers what was reported, so each observation yields only what is new."""
 
@@ -222,6 +232,22 @@ class ConversationTracker:
         elif phase == ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL:
             detail = toolcall.status.error or toolcall.status.status_detail or ""
         name = self.tool_names.get(toolcall.spec.tool_call_id) or toolcall.spec.tool_ref.name
+        return [Event("tool_status", detail, name=name, ident=toolcall.name, phase=phase)]
+
+    def sub_agent_toolcall_events(self, toolcall: TaskRunToolCall) -> list[Event]:
+        """A tool call of a sub-agent's run (anywhere below the followed run): only what a person must act
+        on or wants to hear about, an approval asked for and its outcome; the rest is the sub-agent's own
+        business, and its answer comes back as the delegating tool call's result."""
+        phase = toolcall.phase
+        if phase not in SUB_AGENT_PHASES_SHOWN or self.toolcall_phases.get(toolcall.name) == phase:
+            return []
+        self.toolcall_phases[toolcall.name] = phase
+        detail = ""
+        if phase == ToolCallPhase.TOOL_CALL_REJECTED:
+            detail = toolcall.status.result or ""
+        elif phase == ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL:
+            detail = toolcall.status.error or toolcall.status.status_detail or ""
+        name = f"{toolcall.spec.tool_ref.name} (sub-agent run {toolcall.spec.task_run_ref.name})"
         return [Event("tool_status", detail, name=name, ident=toolcall.name, phase=phase)]
 
     # the end

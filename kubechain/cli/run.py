@@ -44,7 +44,7 @@ from kubechain.models import (
     TaskRunToolCall,
     label_value,
 )
-from kubechain.models.labels import LABEL_AGENT
+from kubechain.models.labels import LABEL_AGENT, LABEL_ROOT_RUN
 from kubechain.statemachines.approval import UNDECIDED_PHASES, annotation_decision
 
 ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
@@ -97,7 +97,7 @@ class WatchClient(KubeClient):
 class Observed:
     """What a watch thread saw: an object, its deletion, or a problem worth telling the user."""
 
-    kind: str  # "taskrun" | "toolcall" | "deleted" | "error" | "fatal" (following cannot go on)
+    kind: str  # "taskrun" | "toolcall" | "subtoolcall" | "deleted" | "error" | "fatal" (cannot go on)
     obj: dict[str, Any] | None = None
     message: str = ""
 
@@ -113,7 +113,7 @@ class Follower:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for loop in (self._taskrun_loop, self._toolcall_loop):
+        for loop in (self._taskrun_loop, self._toolcall_loop, self._sub_agent_loop):
             thread = threading.Thread(target=self._guard(loop), daemon=True, name=f"follow-{loop.__name__}")
             thread.start()
             self._threads.append(thread)
@@ -142,12 +142,13 @@ class Follower:
     def _retry_pause(self, failures: int) -> None:
         self.stop.wait(min(5.0, 0.2 * (2**failures)))
 
-    def _failed(self, exc: KubeAPIError, failures: int) -> bool:
+    def _failed(self, exc: KubeAPIError, failures: int, quiet: bool = False) -> bool:
         """Whether following must end on ``exc`` (reported as "fatal"): the API server refuses us (403, or
         401 three times in a row: the client reads the credentials again after each, and a token being
         refreshed is refused once), does not know the kind (a list's 404: the CRDs are not installed), or
         has not answered ``MAX_FAILURES`` times in a row. Otherwise it is retried, and the user hears about
-        it now and then."""
+        it now and then. ``quiet``: a loop following is not about (the sub-agents') only stops, silently;
+        the run's own loops meet the same errors and say so."""
         if isinstance(exc, Forbidden) or (
             isinstance(exc, Unauthorized) and failures >= UNAUTHORIZED_FAILURES
         ):
@@ -157,10 +158,11 @@ class Follower:
         elif failures >= MAX_FAILURES:
             message = f"gave up after {failures} failed attempts: {exc}"
         else:
-            if failures in (3, 10):
+            if failures in (3, 10) and not quiet:
                 self.events.put(Observed("error", message=f"still retrying: {exc}"))
             return False
-        self.events.put(Observed("fatal", message=message))
+        if not quiet:
+            self.events.put(Observed("fatal", message=message))
         return True
 
     def _taskrun_loop(self, client: WatchClient) -> None:
@@ -203,19 +205,48 @@ class Follower:
             # a watch that ended normally: loop, list again (never miss the terminal state), re-watch
 
     def _toolcall_loop(self, client: WatchClient) -> None:
+        self._watch_toolcalls(client, f"{LABEL_TASKRUNTOOLCALL}={label_value(self.name)}", "toolcall")
+
+    def _sub_agent_loop(self, client: WatchClient) -> None:
+        """The tool calls of the sub-agent runs below this one (they carry the root run's uid), for the
+        approvals they wait for: without them a run waiting on a sub-agent's approval just sat there."""
+        uid = self._uid(client)
+        if uid:
+            own = label_value(self.name)
+            selector = f"{LABEL_ROOT_RUN}={uid},{LABEL_TASKRUNTOOLCALL}!={own}"
+            self._watch_toolcalls(client, selector, "subtoolcall")
+
+    def _uid(self, client: WatchClient) -> str | None:
+        """The run's uid, once it exists (None when following ends first; the run's loop reports why)."""
+        failures = 0
+        by_name = f"metadata.name={self.name}"
+        while not self.stop.is_set():
+            try:
+                items, _ = client.list_raw(TaskRun.PLURAL, self.target.namespace, field_selector=by_name)
+            except KubeAPIError as exc:
+                failures += 1
+                if self._failed(exc, failures, quiet=True):
+                    return None
+                self._retry_pause(failures)
+                continue
+            if not items:
+                return None
+            return str((items[0].get("metadata") or {}).get("uid") or "") or None
+        return None
+
+    def _watch_toolcalls(self, client: WatchClient, selector: str, kind: str) -> None:
         ns, failures = self.target.namespace, 0
-        selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(self.name)}"
         while not self.stop.is_set():
             try:
                 items, version = client.list_raw(TaskRunToolCall.PLURAL, ns, selector)
             except KubeAPIError as exc:
                 failures += 1
-                if self._failed(exc, failures):
+                if self._failed(exc, failures, quiet=kind != "toolcall"):
                     return
                 self._retry_pause(failures)
                 continue
             for item in items:
-                self.events.put(Observed("toolcall", item))
+                self.events.put(Observed(kind, item))
             try:
                 for event in client.watch_selected(
                     TaskRunToolCall.PLURAL, ns, version, label_selector=selector
@@ -224,13 +255,13 @@ class Follower:
                         return
                     failures = 0
                     if event.get("type") in ("ADDED", "MODIFIED"):
-                        self.events.put(Observed("toolcall", event.get("object") or {}))
+                        self.events.put(Observed(kind, event.get("object") or {}))
             except Gone:
                 failures += 1
                 self._retry_pause(failures)
             except (KubeAPIError, httpx.HTTPError) as exc:
                 failures += 1
-                if isinstance(exc, KubeAPIError) and self._failed(exc, failures):
+                if isinstance(exc, KubeAPIError) and self._failed(exc, failures, quiet=kind != "toolcall"):
                     return
                 self._retry_pause(failures)
 
@@ -311,6 +342,8 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
                     code = on_taskrun(observed.obj)
                 elif observed.kind == "toolcall" and observed.obj is not None:
                     code = on_toolcall(observed.obj)
+                elif observed.kind == "subtoolcall" and observed.obj is not None:
+                    emit(tracker.sub_agent_toolcall_events(TaskRunToolCall.from_wire(observed.obj)))
                 elif observed.kind == "deleted":
                     click.echo(f"error: TaskRun {name} was deleted", err=True)
                     return EXIT_OTHER, last

@@ -37,7 +37,7 @@ from kubechain.models import (
     ToolCallPhase,
     label_value,
 )
-from kubechain.models.labels import LABEL_TASK, MAX_OBJECT_NAME, shortened
+from kubechain.models.labels import LABEL_ROOT_RUN, LABEL_TASK, MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
 from kubechain.statemachines.transition import (
@@ -468,6 +468,13 @@ def expected_toolcalls(run: TaskRun) -> list[TaskRunToolCall]:
     return _toolcalls_for(run, window[-1], run.status.tool_call_request_id or "")
 
 
+def _root_run_label(run: TaskRun) -> dict[str, str]:
+    """Every tool call of a delegation tree names the run a user created (its uid, as the sub-agent runs
+    do), so ``kubechain run`` can show the approvals a sub-agent's tool calls wait for."""
+    root = run.metadata.labels.get(LABEL_ROOT_RUN) or run.uid
+    return {LABEL_ROOT_RUN: root} if root else {}
+
+
 def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRunToolCall]:
     children = []
     for index, call in enumerate(assistant.tool_calls or [], start=1):
@@ -475,7 +482,8 @@ def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRu
             name=toolcall_name(run.name, req_id, index),
             namespace=run.namespace,
             labels={LABEL_TASKRUNTOOLCALL: label_value(run.name), LABEL_TOOLCALLREQUEST: req_id}
-            | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {}),
+            | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {})
+            | _root_run_label(run),
             owner_references=[run.owner_reference()],
         )
         spec = TaskRunToolCallSpec(

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,8 @@ import yaml
 from kubechain.testing.stack import LocalStack
 from kubechain.testing.waiting import wait_for
 from tests.conftest import Kubectl
-from tests.e2e.conftest import ADD_TOOL, ScriptedLLM, apply, get, resource
+from tests.e2e.conftest import ADD_TOOL, OPENAI_SECRET, ScriptedLLM, apply, get, llm_resource, resource
+from tests.e2e.test_tools import SlowAPI
 
 
 def cli(
@@ -240,6 +242,98 @@ def test_run_outlives_its_watches(
     lines = result.stdout.splitlines()
     in_order(lines, [f"user: {question}", "tool call add(", "tool result add: 5", "final answer: Slowly: 5."])
     assert len(lines) == len(set(lines)), "nothing printed twice across re-watches"
+
+
+def test_run_shows_the_approval_a_sub_agents_tool_call_waits_for(
+    stack: LocalStack, kubeconfig: Path, kubectl: Kubectl, namespace: str, llm: ScriptedLLM
+) -> None:
+    """A run whose sub-agent's tool call waited for approval printed nothing: the run waited on its
+    delegation and nobody learnt there was something to approve."""
+    api = SlowAPI(0.0)
+    question, sub_question = f"Have it deployed ({namespace})", f"Deploy version 3 ({namespace})"
+    llm.add_rule(
+        question,
+        [
+            {"tool_calls": [{"name": "delegate_to_agent__deployer", "arguments": {"message": sub_question}}]},
+            {"content_template": "Boss: {last_tool_results}"},
+        ],
+    )
+    llm.add_rule(
+        sub_question,
+        [{"tool_calls": [{"name": "deploy", "arguments": {"version": "3"}}]}, {"content": "deployed"}],
+    )
+    deploy = resource(
+        "Tool",
+        "deploy",
+        {
+            "name": "deploy",
+            "toolType": "externalAPI",
+            "parameters": {"type": "object", "properties": {"version": {"type": "string"}}},
+            "execute": {"externalAPI": {"url": api.url, "method": "POST", "requiresApproval": True}},
+        },
+    )
+    deployer = resource(
+        "Agent",
+        "deployer",
+        {
+            "llmRef": {"name": "gpt-4o"},
+            "system": "You deploy.",
+            "description": "Deploys",
+            "tools": [{"name": "deploy"}],
+        },
+    )
+    boss = resource(
+        "Agent",
+        "boss",
+        {"llmRef": {"name": "gpt-4o"}, "system": "You delegate.", "subAgents": [{"name": "deployer"}]},
+    )
+    apply(kubectl, namespace, OPENAI_SECRET, llm_resource(), deploy, deployer, boss)
+    wait_for(
+        lambda: get(kubectl, namespace, "agent", "boss").get("status", {}).get("ready"), 60, what="boss ready"
+    )
+
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "kubechain.cli", "run", "--agent", "boss", question, "-n", namespace]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            lines.append(line.rstrip("\n"))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        hint = wait_for(
+            lambda: next(
+                (line for line in list(lines) if "waiting for approval: kubechain approve" in line), None
+            ),
+            90,
+            what="the sub-agent's approval to be shown",
+        )
+        assert hint.startswith("tool deploy (sub-agent run delegate-"), hint
+        toolcall = hint.rsplit(" ", 1)[1]
+        assert api.intervals == [], "nothing ran before the approval"
+        ok(cli(kubeconfig, "approve", toolcall, "-n", namespace))
+        assert process.wait(timeout=90) == 0, process.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        api.server.shutdown()
+    reader.join(timeout=10)
+    in_order(
+        lines,
+        [
+            f"user: {question}",
+            "tool call delegate_to_agent__deployer(",
+            "tool deploy (sub-agent run delegate-",
+            "tool deploy (sub-agent run delegate-",
+            "tool result delegate_to_agent__deployer: deployed",
+            "final answer: Boss: deployed",
+        ],
+    )
+    assert any(line.endswith(f"[{toolcall}] ReadyToExecuteApprovedTool") for line in lines), lines
+    assert len(api.intervals) == 1, "the approved call ran once"
 
 
 def test_no_wait_prints_the_taskrun(

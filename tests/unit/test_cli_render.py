@@ -460,3 +460,25 @@ def test_logs_of_a_run_tells_missing_crds_from_a_missing_run(
     result = CliRunner().invoke(main, ["logs", "r", "-n", "ns"])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {said}"
+
+
+def test_a_sub_agents_tool_calls_show_only_approvals_and_their_outcome() -> None:
+    tracker = ConversationTracker()
+    seen = [
+        line
+        for phase, extra in [
+            ("Pending", {}),
+            ("AwaitingHumanApproval", {}),
+            ("AwaitingHumanApproval", {}),  # the same phase again: said once
+            ("ReadyToExecuteApprovedTool", {}),
+            ("Running", {}),
+            ("Succeeded", {"result": "5"}),
+        ]
+        for line in lines(tracker.sub_agent_toolcall_events(toolcall("sub-tc-01", phase, **extra)))
+    ]
+    assert seen == [
+        "tool add (sub-agent run calc-abc123) [sub-tc-01] waiting for approval: kubechain approve sub-tc-01",
+        "tool add (sub-agent run calc-abc123) [sub-tc-01] ReadyToExecuteApprovedTool",
+    ]
+    rejected = tracker.sub_agent_toolcall_events(toolcall("sub-tc-02", "ToolCallRejected", result="not now"))
+    assert lines(rejected) == ["tool add (sub-agent run calc-abc123) [sub-tc-02] ToolCallRejected: not now"]

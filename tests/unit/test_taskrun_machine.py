@@ -253,6 +253,27 @@ def test_fan_in_waits_for_all_then_appends_in_llm_order() -> None:
     assert done.transition.status["phase"] == "ReadyForLLM"
 
 
+def test_tool_calls_carry_the_uid_of_the_run_their_delegation_tree_started_from() -> None:
+    """So `kubechain run` can find the approvals a sub-agent's tool calls wait for."""
+    root = pending_run()
+    assert {c.metadata.labels["kubechain.humanlayer.dev/root-run"] for c in expected_toolcalls(root)} == {
+        "uid-1"
+    }
+    sub = TaskRun.from_wire(
+        {
+            **root.to_wire(),
+            "metadata": {
+                **root.to_wire()["metadata"],
+                "uid": "uid-sub",
+                "labels": {"kubechain.humanlayer.dev/root-run": "uid-1"},
+            },
+        }
+    )
+    assert {c.metadata.labels["kubechain.humanlayer.dev/root-run"] for c in expected_toolcalls(sub)} == {
+        "uid-1"
+    }
+
+
 def test_fan_in_reports_rejections_and_recreates_missing_children() -> None:
     r = pending_run()
     first, second = expected_toolcalls(r)
