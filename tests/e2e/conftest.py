@@ -117,3 +117,17 @@ def llm_resource(name: str = "gpt-4o") -> dict[str, Any]:
         name,
         {"provider": "openai", "apiKeyFrom": {"secretKeyRef": {"name": "openai", "key": "OPENAI_API_KEY"}}},
     )
+
+
+def deploy_tool(url: str) -> dict[str, Any]:
+    """An externalAPI Tool ``deploy(version)`` posting to ``url`` that needs a human's approval first."""
+    return resource(
+        "Tool",
+        "deploy",
+        {
+            "name": "deploy",
+            "toolType": "externalAPI",
+            "parameters": {"type": "object", "properties": {"version": {"type": "string"}}},
+            "execute": {"externalAPI": {"url": url, "method": "POST", "requiresApproval": True}},
+        },
+    )

@@ -16,7 +16,16 @@ import yaml
 from kubechain.testing.stack import LocalStack
 from kubechain.testing.waiting import wait_for
 from tests.conftest import Kubectl
-from tests.e2e.conftest import ADD_TOOL, OPENAI_SECRET, ScriptedLLM, apply, get, llm_resource, resource
+from tests.e2e.conftest import (
+    ADD_TOOL,
+    OPENAI_SECRET,
+    ScriptedLLM,
+    apply,
+    deploy_tool,
+    get,
+    llm_resource,
+    resource,
+)
 from tests.e2e.test_tools import SlowAPI
 
 
@@ -262,16 +271,7 @@ def test_run_shows_the_approval_a_sub_agents_tool_call_waits_for(
         sub_question,
         [{"tool_calls": [{"name": "deploy", "arguments": {"version": "3"}}]}, {"content": "deployed"}],
     )
-    deploy = resource(
-        "Tool",
-        "deploy",
-        {
-            "name": "deploy",
-            "toolType": "externalAPI",
-            "parameters": {"type": "object", "properties": {"version": {"type": "string"}}},
-            "execute": {"externalAPI": {"url": api.url, "method": "POST", "requiresApproval": True}},
-        },
-    )
+    deploy = deploy_tool(api.url)
     deployer = resource(
         "Agent",
         "deployer",

@@ -24,6 +24,7 @@ from tests.e2e.conftest import (
     OPENAI_SECRET,
     ScriptedLLM,
     apply,
+    deploy_tool,
     event_reasons,
     get,
     llm_resource,
@@ -258,16 +259,7 @@ def test_kubectl_annotate_approves_a_tool_without_channel(
                 {"content_template": "Deployed: {last_tool_results}"},
             ],
         )
-        tool = resource(
-            "Tool",
-            "deploy",
-            {
-                "name": "deploy",
-                "toolType": "externalAPI",
-                "parameters": {"type": "object", "properties": {"version": {"type": "string"}}},
-                "execute": {"externalAPI": {"url": api.url, "method": "POST", "requiresApproval": True}},
-            },
-        )
+        tool = deploy_tool(api.url)
         agent = resource(
             "Agent",
             "deployer",
