@@ -555,7 +555,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))
-    root = parent.metadata.labels.get(LABEL_ROOT_RUN) or parent.uid
+    root = parent.root_run_uid
     problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth) or sub_agent_runs_problem(
         _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
     )

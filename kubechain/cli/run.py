@@ -44,7 +44,7 @@ from kubechain.models import (
     TaskRunToolCall,
     label_value,
 )
-from kubechain.models.labels import LABEL_AGENT, LABEL_ROOT_RUN
+from kubechain.models.labels import LABEL_AGENT, LABEL_ROOT_RUN, root_run_of
 from kubechain.statemachines.approval import UNDECIDED_PHASES, annotation_decision
 
 ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
@@ -111,6 +111,8 @@ class Follower:
         self.events: queue.Queue[Observed] = queue.Queue()
         self.stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._uid = ""  # the run's root-run uid, read by its own loop for the sub-agents' loop
+        self._uid_known = threading.Event()
 
     def start(self) -> None:
         for loop in (self._taskrun_loop, self._toolcall_loop, self._sub_agent_loop):
@@ -182,6 +184,10 @@ class Follower:
             if not items:
                 self.events.put(Observed("deleted"))
                 return
+            if not self._uid_known.is_set():
+                metadata = items[0].get("metadata") or {}
+                self._uid = root_run_of(metadata.get("labels") or {}, metadata.get("uid"))
+                self._uid_known.set()
             self.events.put(Observed("taskrun", items[0]))
             try:
                 for event in client.watch_selected(TaskRun.PLURAL, ns, version, field_selector=by_name):
@@ -209,30 +215,14 @@ class Follower:
 
     def _sub_agent_loop(self, client: WatchClient) -> None:
         """The tool calls of the sub-agent runs below this one (they carry the root run's uid), for the
-        approvals they wait for: without them a run waiting on a sub-agent's approval just sat there."""
-        uid = self._uid(client)
-        if uid:
-            own = label_value(self.name)
-            selector = f"{LABEL_ROOT_RUN}={uid},{LABEL_TASKRUNTOOLCALL}!={own}"
-            self._watch_toolcalls(client, selector, "subtoolcall")
-
-    def _uid(self, client: WatchClient) -> str | None:
-        """The run's uid, once it exists (None when following ends first; the run's loop reports why)."""
-        failures = 0
-        by_name = f"metadata.name={self.name}"
-        while not self.stop.is_set():
-            try:
-                items, _ = client.list_raw(TaskRun.PLURAL, self.target.namespace, field_selector=by_name)
-            except KubeAPIError as exc:
-                failures += 1
-                if self._failed(exc, failures, quiet=True):
-                    return None
-                self._retry_pause(failures)
-                continue
-            if not items:
-                return None
-            return str((items[0].get("metadata") or {}).get("uid") or "") or None
-        return None
+        approvals they wait for: without them a run waiting on a sub-agent's approval just sat there.
+        Starts once the run's own loop has read the run (and so its uid)."""
+        while not self._uid_known.wait(0.5):
+            if self.stop.is_set():
+                return
+        own = label_value(self.name)
+        selector = f"{LABEL_ROOT_RUN}={self._uid},{LABEL_TASKRUNTOOLCALL}!={own}"
+        self._watch_toolcalls(client, selector, "subtoolcall")
 
     def _watch_toolcalls(self, client: WatchClient, selector: str, kind: str) -> None:
         ns, failures = self.target.namespace, 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 LABEL_TASK = "kubechain.humanlayer.dev/task"
 # On a TaskRunToolCall: the TaskRun's name. On a child TaskRun: the delegating tool call's name.
@@ -35,3 +36,10 @@ def label_value(name: str) -> str:
     Object names may be 253 characters long, label values only 63 (the API server rejects more). Write
     and select through this function, never with the bare name."""
     return shortened(name, MAX_LABEL_VALUE)
+
+
+def root_run_of(labels: Mapping[str, str], uid: str | None) -> str:
+    """The uid of the run a user created that a run's delegation chain started from (the run's own uid
+    for such a run), from the run's labels and uid: sub-agent runs and every tool call of the tree carry
+    it as the ``root-run`` label."""
+    return labels.get(LABEL_ROOT_RUN) or uid or ""

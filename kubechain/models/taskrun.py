@@ -9,6 +9,7 @@ from pydantic import Field
 
 from kubechain.models.base import KubeModel, Resource
 from kubechain.models.common import LocalObjectReference, Message, SpanContext, StatusValue
+from kubechain.models.labels import root_run_of
 
 
 class TaskRunPhase(StrEnum):
@@ -95,3 +96,7 @@ class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):
 
     def is_terminal(self) -> bool:
         return self.phase in TERMINAL_TASKRUN_PHASES
+
+    @property
+    def root_run_uid(self) -> str:
+        return root_run_of(self.metadata.labels, self.uid)

@@ -471,8 +471,7 @@ def expected_toolcalls(run: TaskRun) -> list[TaskRunToolCall]:
 def _root_run_label(run: TaskRun) -> dict[str, str]:
     """Every tool call of a delegation tree names the run a user created (its uid, as the sub-agent runs
     do), so ``kubechain run`` can show the approvals a sub-agent's tool calls wait for."""
-    root = run.metadata.labels.get(LABEL_ROOT_RUN) or run.uid
-    return {LABEL_ROOT_RUN: root} if root else {}
+    return {LABEL_ROOT_RUN: run.root_run_uid} if run.root_run_uid else {}
 
 
 def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRunToolCall]:
