@@ -78,12 +78,19 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         stale_after_s=15.0,
         supervise=True,
     )
+    lease_reader: KubeClient | None = None  # asks, every DEPLOYED_CHECK_S, whether KubeChain was deployed
+    if cluster == "current":
+        # a missing or garbled kubeconfig, or a context whose credential plugin fails, is said here, before
+        # anything starts (the stack's own start raised it as a traceback)
+        try:
+            lease_reader = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
+            raise CLIError(f"cannot load the cluster connection from {kubeconfig}: {exc}", 2) from None
     stack = LocalStack(options, progress=say)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     displaced_by: str | None = None
     failed: str | None = None
-    lease_reader: KubeClient | None = None  # asks, every DEPLOYED_CHECK_S, whether KubeChain was deployed
     lock = lock_workdir(workdir)  # released in the finally below (and by the kernel if this process dies)
     try:
         try:
@@ -99,8 +106,6 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         click.echo(f"    {export_line(stack.kubeconfig, os.environ.get('PATH', ''), sys.executable)}\n")
         click.echo("Press Ctrl-C to stop.\n")
         next_check = time.monotonic() + DEPLOYED_CHECK_S
-        if cluster == "current":
-            lease_reader = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
         while not stop.is_set():
             stop.wait(1.0)
             if cluster == "current" and time.monotonic() >= next_check:

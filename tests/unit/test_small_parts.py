@@ -262,6 +262,25 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
     assert "kubechain-system/kubechain-watcher" in result.output and "--cluster local" in result.output
 
 
+def test_up_on_the_current_cluster_without_a_usable_kubeconfig_says_so_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: False)
+    monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "up")])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert f"cannot load the cluster connection from {tmp_path / 'missing-kubeconfig'}" in result.output
+    assert not started, "nothing is started for a cluster that cannot be reached"
+
+
 def test_a_second_up_on_the_same_folder_is_refused_at_once(tmp_path: Path) -> None:
     """It used to rewrite the first one's token and kubeconfig, then wait 90 s on etcd's locked data file
     and blame etcd."""
