@@ -127,3 +127,28 @@ class Settings(BaseSettings):
                 "worker: raise the claim timeout or lower the call timeouts"
             )
         return self
+
+
+class SettingsInvalid(ValueError):
+    """The environment holds a setting a process cannot start with; the message names the variable."""
+
+
+def load_settings() -> Settings:
+    """``Settings()``, with what is wrong said as ``VARIABLE: problem`` lines instead of pydantic's report."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            info = Settings.model_fields.get(field)
+            alias = info.validation_alias if info is not None else None
+            variable = alias if isinstance(alias, str) else f"KUBECHAIN_{field.upper()}" if field else ""
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{variable}: {message}" if variable else message)
+        raise SettingsInvalid("invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as exc:  # a value that is not even parsed (JSON for a list field)
+        raise SettingsInvalid(f"invalid settings: {exc}") from None

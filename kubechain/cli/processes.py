@@ -24,6 +24,7 @@ from kubechain.cli import main
 @click.option("--loglevel", default=None)
 def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel: str | None) -> None:
     """Run a worker that executes validate / prepare / llm_call / tool_call tasks."""
+    check_startup("kubechain-worker")
     from workers.app import app, settings
 
     argv = [
@@ -48,6 +49,27 @@ def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel:
 @click.option("--no-leader-election", is_flag=True, help="run as the only watcher, without a Lease")
 def watcher(no_leader_election: bool) -> None:
     """Run the watcher: CRD events → Celery tasks."""
+    check_startup("kubechain-watcher")
     from watcher.main import main as watcher_main
 
     watcher_main(["--no-leader-election"] if no_leader_election else [])
+
+
+def check_startup(component: str) -> None:
+    """Refuses to start on a setting or kubeconfig the process cannot work with, in one line that names
+    it: the watcher ended in a traceback, and a worker started, answered its health checks and then failed
+    every task, because its cluster connection is made at its first task."""
+    from kubechain.cli.resources import CLIError
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import kubeconfig_path
+    from kubechain.settings import SettingsInvalid, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsInvalid as exc:
+        raise CLIError(f"{component}: {exc}", 2) from None
+    try:
+        KubeClient.from_settings(settings, component).close()
+    except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
+        where = kubeconfig_path(settings.kubeconfig)
+        raise CLIError(f"{component}: cannot load the cluster connection from {where}: {exc}", 2) from None

@@ -621,3 +621,44 @@ def test_an_mcp_tools_input_schema_is_offered_to_the_llm_as_an_object_schema(
     agent = Agent.from_wire({"metadata": {"name": "a"}, "spec": {"llmRef": {"name": "l"}, "system": "s"}})
     (definition,) = tool_definitions(agent, [], [server], [], [])
     assert definition.parameters == offered
+
+
+@pytest.mark.parametrize(
+    ("command", "environment", "said"),
+    [
+        (
+            "watcher",
+            {"KUBECHAIN_NAMESPACES": "[x"},
+            "kubechain-watcher: invalid settings: KUBECHAIN_NAMESPACES: ",
+        ),
+        (
+            "worker",
+            {"KUBECHAIN_LLM_TIMEOUT_S": "300"},
+            "kubechain-worker: invalid settings: KUBECHAIN_CLAIM_TIMEOUT_S (180 s) must be longer than "
+            "KUBECHAIN_LLM_TIMEOUT_S (300 s)",
+        ),
+        ("worker", {"KUBECHAIN_KUBE_QPS": "many"}, "KUBECHAIN_KUBE_QPS: Input should be a valid number"),
+        ("watcher", {}, "kubechain-watcher: cannot load the cluster connection from "),
+        ("worker", {}, "kubechain-worker: cannot load the cluster connection from "),
+    ],
+)
+def test_the_processes_refuse_to_start_on_a_bad_setting_or_kubeconfig_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, environment: dict[str, str], said: str
+) -> None:
+    """The watcher ended in a traceback; a worker started, answered its health checks, then failed every
+    task (its cluster connection is made at its first task)."""
+    from click.testing import CliRunner
+
+    import watcher.main
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(watcher.main, "main", lambda *args: started.append(args))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(main, [command])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert said in result.output
+    assert "Traceback" not in result.output and not started
