@@ -36,6 +36,8 @@ class Discovery:
             document = self.kube.request("GET", path)
         except NotFound:
             return {}
+        except KubeAPIError as exc:
+            raise api_error(exc, f"cannot discover the kinds of {api_version}") from None
         return {
             r["kind"]: (r["name"], bool(r.get("namespaced")))
             for r in document.get("resources") or []

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from kubechain.kube.errors import Forbidden, Unavailable
 from kubechain.kube.events import EventRecorder, event_name
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.kube.ratelimit import TokenBucket
@@ -662,3 +663,28 @@ def test_the_processes_refuse_to_start_on_a_bad_setting_or_kubeconfig_in_one_lin
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
     assert said in result.output
     assert "Traceback" not in result.output and not started
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            Unavailable(503, "ServiceUnavailable", "the server is currently unable to handle the request"),
+            "cannot discover the kinds of apps/v1: the server is currently unable to handle the request "
+            "(503 ServiceUnavailable)",
+        ),
+        (Forbidden(403, "Forbidden", "forbidden: discovery"), "cannot discover the kinds of apps/v1"),
+    ],
+)
+def test_install_says_a_failed_discovery_request_as_a_cli_error(error: Exception, said: str) -> None:
+    """Every other step of `kubechain install` said its failure; a discovery request's was a traceback."""
+    from kubechain.cli.install import Discovery
+    from kubechain.cli.resources import CLIError
+
+    class Refusing:
+        def request(self, method: str, path: str, **_: object) -> dict[str, object]:
+            assert (method, path) == ("GET", "/apis/apps/v1")
+            raise error
+
+    with pytest.raises(CLIError, match=re.escape(said)):
+        Discovery(Refusing()).resource("apps/v1", "Deployment")  # type: ignore[arg-type]
