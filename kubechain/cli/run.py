@@ -97,7 +97,9 @@ class WatchClient(KubeClient):
 class Observed:
     """What a watch thread saw: an object, its deletion, or a problem worth telling the user."""
 
-    kind: str  # "taskrun" | "toolcall" | "subtoolcall" | "deleted" | "error" | "fatal" (cannot go on)
+    kind: (
+        str  # "taskrun" | "toolcall" | "subtoolcall" | "deleted" | "missing" (never seen) | "error" | "fatal"
+    )
     obj: dict[str, Any] | None = None
     message: str = ""
 
@@ -182,7 +184,8 @@ class Follower:
                 self._retry_pause(failures)
                 continue
             if not items:
-                self.events.put(Observed("deleted"))
+                # never seen: a mistyped name or the wrong namespace, not a deletion
+                self.events.put(Observed("deleted" if self._uid_known.is_set() else "missing"))
                 return
             if not self._uid_known.is_set():
                 metadata = items[0].get("metadata") or {}
@@ -336,6 +339,11 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
                     emit(tracker.sub_agent_toolcall_events(TaskRunToolCall.from_wire(observed.obj)))
                 elif observed.kind == "deleted":
                     click.echo(f"error: TaskRun {name} was deleted", err=True)
+                    return EXIT_OTHER, last
+                elif observed.kind == "missing":
+                    click.echo(
+                        f'error: taskrun "{name}" not found in namespace "{target.namespace}"', err=True
+                    )
                     return EXIT_OTHER, last
                 elif observed.kind == "error":
                     click.echo(f"warning: watching TaskRun {name}: {observed.message}", err=True)

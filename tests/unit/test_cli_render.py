@@ -281,9 +281,36 @@ def test_follower_reports_deletion() -> None:
     follower._taskrun_loop(client)  # type: ignore[arg-type]
     assert [follower.events.get_nowait().kind for _ in range(2)] == ["taskrun", "deleted"]
 
+    # a name never seen is not found (a typo, the wrong namespace), not deleted
+    never = Follower(Target("ns", None, None), "r")
+    never._taskrun_loop(FakeWatchClient(never, gets=[None], watches=[]))  # type: ignore[arg-type]
+    assert never.events.get_nowait().kind == "missing"
+
+    # seen, then gone when the watch is made again
     gone = Follower(Target("ns", None, None), "r")
-    gone._taskrun_loop(FakeWatchClient(gone, gets=[None], watches=[]))  # type: ignore[arg-type]
-    assert gone.events.get_nowait().kind == "deleted"
+    gone._taskrun_loop(
+        FakeWatchClient(gone, gets=[wire_run("1", "ReadyForLLM"), None], watches=[[]])  # type: ignore[arg-type]
+    )
+    assert [gone.events.get_nowait().kind for _ in range(2)] == ["taskrun", "deleted"]
+
+
+def test_logs_follow_on_a_run_that_does_not_exist_says_not_found(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubechain.cli import run as run_module
+    from kubechain.cli.resources import Target
+
+    class NoClient:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(Target, "client", lambda self, timeout_s=30.0: NoClient())
+    monkeypatch.setattr(
+        run_module.Follower, "start", lambda self: self.events.put(run_module.Observed("missing"))
+    )
+    code, last = run_module.follow(Target("ns", None, None), "typo", io.StringIO(), 0)
+    assert (code, last) == (run_module.EXIT_OTHER, None)
+    assert 'error: taskrun "typo" not found in namespace "ns"' in capsys.readouterr().err
 
 
 def test_a_watch_that_keeps_expiring_before_any_event_is_retried_with_a_pause() -> None:
