@@ -68,7 +68,7 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
         agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
         if agent is None or not agent.status.ready:
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
-    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock())
+    transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), ctx.limits)
     if transition is not None:
         _apply(ctx, run, transition)
 

@@ -47,6 +47,12 @@ class Forbidden(KubeAPIError):
     pass
 
 
+class TooLarge(KubeAPIError):
+    """The object or request is over a size limit: the API server's 413 for a body over 3 MiB, or etcd's
+    refusal of an object over its request limit (1.5 MiB by default), which the API server answers with a
+    500. Retrying the same write cannot succeed."""
+
+
 class Unavailable(KubeAPIError):
     """The API server could not be reached or answered 5xx / 429; retry later."""
 
@@ -55,6 +61,9 @@ class Unauthorized(Unavailable):
     """401: the credentials were not accepted. Usually a moment's trouble (a token being refreshed, an
     authentication webhook down): retried like an outage, with the credentials read again, never taken as
     a refusal for good as a 403 is."""
+
+
+ETCD_TOO_LARGE = "etcdserver: request is too large"
 
 
 def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> KubeAPIError:
@@ -77,6 +86,8 @@ def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> K
         return Unauthorized(status, reason or "Unauthorized", message, body)
     if status == 403:
         return Forbidden(status, reason or "Forbidden", message, body)
+    if status == 413 or (status == 500 and ETCD_TOO_LARGE in message):
+        return TooLarge(status, reason or "RequestEntityTooLarge", message, body)
     if status == 429 or status >= 500:
         return Unavailable(status, reason or "Unavailable", message, body)
     return KubeAPIError(status, reason or "Error", message, body)

@@ -3,7 +3,8 @@
 It emulates what our correctness rests on: resourceVersion preconditions (409), the status subresource
 (a /status write cannot change spec and vice versa), AlreadyExists on create, label selectors, generation
 bumps on spec changes, owner-reference garbage collection on delete, the API server's 422 for an
-invalid object name or label value, and its 413 for a request body over 3 MiB.
+invalid object name or label value, its 413 for a request body over 3 MiB, and its 500 for an object
+over etcd's 1.5 MiB.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import ClusterConnection
-from kubechain.kube.errors import error_for
+from kubechain.kube.errors import ETCD_TOO_LARGE, error_for
 from kubechain.models.base import merge_patch
 
 # apimachinery's validation: DNS-1123 subdomain names, and label values of at most 63 characters.
@@ -31,6 +32,13 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 
 
 MAX_REQUEST_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit on a request body
+MAX_STORED_BYTES = 1536 * 1024  # etcd's default --max-request-bytes: the stored object must fit
+
+
+def _check_stored_size(obj: dict[str, Any]) -> None:
+    if len(json.dumps(obj).encode()) > MAX_STORED_BYTES:
+        # what kube-apiserver answers when etcd refuses the object (checked against v1.33)
+        raise error_for(500, {"reason": "InternalError", "message": ETCD_TOO_LARGE})
 
 
 def metadata_problems(meta: dict[str, Any]) -> list[str]:
@@ -201,6 +209,7 @@ class FakeKubeClient(KubeClient):
         )
         if prefix.startswith("apis/kubechain"):
             obj.pop("status", None)
+        _check_stored_size(obj)
         self.objects[key] = obj
         return copy.deepcopy(obj)
 
@@ -244,6 +253,7 @@ class FakeKubeClient(KubeClient):
             raise _invalid(str(current.get("kind") or key[1]), key[3], problems)
         if updated.get("status") is None:
             updated.pop("status", None)
+        _check_stored_size(updated)
         updated["metadata"]["resourceVersion"] = str(next(self._rv))
         self.objects[key] = updated
         return copy.deepcopy(updated)

@@ -124,6 +124,7 @@ def plan_initial_context(
     task_missing: bool,
     agent: Agent | None,
     now: datetime,
+    limits: LoopLimits = LoopLimits(),  # noqa: B008 - frozen, so one shared default is safe
 ) -> Transition | None:
     """Decide the first context window, or why the run must wait (or fail)."""
     if run.phase not in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
@@ -149,6 +150,10 @@ def plan_initial_context(
     if not user_message:
         return _fail(run, "no message found in TaskRun or Task", "ValidationFailed", now)
     window = [Message(role="system", content=agent.spec.system), Message(role="user", content=user_message)]
+    # a message this large never fits the object beside the spec that holds it once already
+    too_large = _too_large(run, window, limits)
+    if too_large is not None:
+        return _fail(run, too_large, "ContextWindowTooLarge", now)
     return Transition(
         status={
             "phase": TaskRunPhase.READY_FOR_LLM.value,
@@ -332,10 +337,9 @@ def plan_llm_answer(
     if not tool_calls:
         window.append(Message(role="assistant", content=content))
         # The answer is stored twice (window and output): both must fit in one status write.
-        if window_bytes(window) + len(content.encode()) > limits.max_context_window_bytes:
-            return _fail(
-                run, _too_large_message(window, limits, len(content.encode())), "ContextWindowTooLarge", now
-            )
+        too_large = _too_large(run, window, limits, len(content.encode()))
+        if too_large is not None:
+            return _fail(run, too_large, "ContextWindowTooLarge", now)
         return Transition(
             status={
                 "phase": TaskRunPhase.FINAL_ANSWER.value,
@@ -360,8 +364,9 @@ def plan_llm_answer(
         return failed
     req_id = request_id(run, turn)
     window.append(Message(role="assistant", content=content, tool_calls=tool_calls))
-    if window_bytes(window) > limits.max_context_window_bytes:
-        return _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now)
+    too_large = _too_large(run, window, limits)
+    if too_large is not None:
+        return _fail(run, too_large, "ContextWindowTooLarge", now)
     return Transition(
         status={
             "phase": TaskRunPhase.TOOL_CALLS_PENDING.value,
@@ -383,13 +388,25 @@ def plan_llm_answer(
     )
 
 
-def _too_large_message(window: list[Message], limits: LoopLimits, output_bytes: int = 0) -> str:
-    """``output_bytes``: a final answer is written twice (window and output); both count."""
+def stored_alongside_bytes(run: TaskRun) -> int:
+    """What the TaskRun holds besides its status: its spec (a direct run's userMessage, a sub-agent's task
+    from its parent LLM) and annotations (``kubectl apply`` keeps the whole manifest there once more)."""
+    return len(json.dumps({"spec": run.spec.to_wire(), "annotations": run.metadata.annotations}).encode())
+
+
+def _too_large(run: TaskRun, window: list[Message], limits: LoopLimits, output_bytes: int = 0) -> str | None:
+    """Why writing ``window`` would take the object past the limit, or None when it fits. The whole object
+    counts, not the window alone: etcd refuses the object, and a refused status write is retried, not
+    reported. ``output_bytes``: a final answer is written twice (window and output); both count."""
+    alongside = stored_alongside_bytes(run)
     written = window_bytes(window) + output_bytes
+    if written + alongside <= limits.max_context_window_bytes:
+        return None
     what = "the context window and the answer" if output_bytes else "the context window"
     return (
-        f"{what} would be {written} bytes, over the "
-        f"{limits.max_context_window_bytes}-byte limit that keeps TaskRun status under etcd's request size limit"
+        f"{what} would be {written} bytes, with the {alongside} bytes of the TaskRun's spec and annotations "
+        f"over the {limits.max_context_window_bytes}-byte limit that keeps a TaskRun under etcd's request "
+        "size limit"
     )
 
 
@@ -562,8 +579,9 @@ def plan_fan_in(
                 tool_call_id=toolcall.spec.tool_call_id,
             )
         )
-    if window_bytes(window) > limits.max_context_window_bytes:
-        return FanIn([], _fail(run, _too_large_message(window, limits), "ContextWindowTooLarge", now))
+    too_large = _too_large(run, window, limits)
+    if too_large is not None:
+        return FanIn([], _fail(run, too_large, "ContextWindowTooLarge", now))
     detail = "All tool calls completed, ready to send tool results to LLM"
     return FanIn(
         [],

@@ -14,6 +14,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_claim,
     plan_llm_error,
     request_id,
+    stored_alongside_bytes,
     truncate,
 )
 
@@ -167,10 +168,11 @@ def test_a_final_answer_over_the_window_limit_reports_what_would_be_written() ->
             ]
         ).encode()
     )
+    alongside = stored_alongside_bytes(ready_run(phase="SendContextWindowToLLM"))
     assert (
-        f"the context window and the answer would be {window_with_answer + 600} bytes, over the 1000-byte"
-        in transition.status["error"]
-    )
+        f"the context window and the answer would be {window_with_answer + 600} bytes, with the "
+        f"{alongside} bytes of the TaskRun's spec and annotations over the 1000-byte"
+    ) in transition.status["error"]
 
 
 def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:
@@ -347,3 +349,19 @@ def test_an_answer_asking_for_more_tool_calls_than_allowed_fails_the_run_and_say
     at_the_limit = plan_llm_answer(claimed, "", calls[:3], usage, NOW, limits)
     assert at_the_limit.status["phase"] == "ToolCallsPending"
     assert len(at_the_limit.children) == 3
+
+
+def test_the_first_window_counts_the_message_the_spec_already_holds() -> None:
+    from dataclasses import replace
+
+    limits = replace(LIMITS, max_context_window_bytes=1000)
+    fits = plan_initial_context(
+        run(spec={"agentRef": {"name": "a"}, "userMessage": "m" * 300}), None, False, agent(), NOW, limits
+    )
+    assert fits is not None and fits.status["phase"] == "ReadyForLLM"
+    # 600 bytes would fit a 1000-byte window, but not beside the spec's own copy of them
+    too_large = plan_initial_context(
+        run(spec={"agentRef": {"name": "a"}, "userMessage": "m" * 600}), None, False, agent(), NOW, limits
+    )
+    assert too_large is not None and too_large.status["phase"] == "Failed"
+    assert [event.reason for event in too_large.events] == ["ContextWindowTooLarge"]

@@ -956,3 +956,47 @@ def test_an_answer_over_the_tool_call_limit_fails_the_run_without_creating_a_too
     assert status["error"].startswith("the LLM asked for 3 tool calls in one answer; at most 2 are allowed")
     assert toolcall_names(kube) == []
     assert "TooManyToolCalls" in kube.event_reasons("r")
+
+
+def test_a_message_too_large_to_store_twice_fails_the_run_before_any_llm_request() -> None:
+    """The TaskRun holds a direct run's message in its spec and again in its window. The window check alone
+    let etcd refuse the object (the API server's 500, retried for ever): an 800 KB message left the run
+    with no status at all; a 600 KB one was refused only at a later turn, after a paid LLM request, whose
+    claim then expired so the LLM was paid again."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(
+        lambda _: LLMResponse(
+            tool_calls=[
+                ToolCall(
+                    id="c1",
+                    function=ToolCallFunction(
+                        name="add", arguments='{"a": 1, "b": 2, "c": "%s"}' % ("z" * 400_000)
+                    ),
+                )
+            ]
+        )
+    )
+    validated(kube, llm, ["add"])
+    ctx = context(kube, llm)
+    for name, size in (("huge", 800_000), ("big", 600_000)):
+        create(kube, "TaskRun", "taskruns", name, {"agentRef": {"name": "a"}, "userMessage": "x" * size})
+        prepare(ctx, message("TaskRun", name))
+        llm_call(ctx, message("TaskRun", name))
+        status = kube.get_raw("taskruns", "default", name)["status"]
+        assert status["phase"] == "Failed", (name, status.get("phase"))
+        assert (
+            "with the " in status["error"]
+            and "bytes of the TaskRun's spec and annotations" in status["error"]
+        )
+        assert "ContextWindowTooLarge" in kube.event_reasons(name)
+    assert llm.requests == [], "refused before any LLM request is paid for"
+
+
+def test_an_object_etcd_refuses_is_too_large_not_unavailable() -> None:
+    """kube-apiserver answers etcd's refusal with a 500 (checked against v1.33): retrying cannot help."""
+    from kubechain.kube.errors import TooLarge, Unavailable
+
+    refused = error_for(500, {"reason": "InternalError", "message": "etcdserver: request is too large"})
+    assert isinstance(refused, TooLarge) and not isinstance(refused, Unavailable)
+    assert isinstance(error_for(413, {"reason": "RequestEntityTooLarge"}), TooLarge)
+    assert isinstance(error_for(500, {"message": "etcdserver: leader changed"}), Unavailable)
