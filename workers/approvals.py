@@ -227,7 +227,10 @@ def _send_request(
     outage = False
     try:
         with _client(ctx, api_key) as client:
-            answer = _already_sent(client, kind, external_id) if toolcall.status.attempts else None
+            # a failed attempt, or a claim another worker held until it expired (it may have sent the
+            # request and died before recording it): look before sending
+            looked = bool(toolcall.status.attempts or toolcall.status.claimed_by)
+            answer = _already_sent(client, kind, external_id) if looked else None
             if answer is None:
                 answer = kind.send(client, machine.run_id(claimed), external_id, spec)
         sent_id = str(answer.get("call_id") or external_id)

@@ -545,6 +545,7 @@ def test_a_dead_requester_is_taken_over_after_the_claim_timeout(world: World) ->
         and "claimedBy" not in status
     )
     assert len(w.hl.function_calls) == 1, "the retried request is the same HumanLayer call"
+    assert w.hl.posts[call_id] == 1, "looked up, not sent again (nor left to HumanLayer to deduplicate)"
 
 
 # -- approval with kubectl ---------------------------------------------------------------------------
