@@ -16,6 +16,7 @@ from kubechain.statemachines.validation import (
     plan_agent,
     plan_task,
     plan_task_output,
+    plan_task_run_recorded,
     plan_validation,
     run_was_refused,
     taskrun_for_task,
@@ -168,12 +169,14 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         if create_children(ctx, task, [run]) is not None:
             return
     task = _write(ctx, task, plan_task(task, agent))
-    if task.status.ready:
+    if task.status.ready and task.status.task_run_name != run.name:
         # Ready first, run second: the run's first prepare then never finds its Task not yet Ready (a
         # spurious TaskNotReady). A crash in between is mended by the redelivered message, or else by the
-        # watcher's resync, which re-validates a Ready Task whose run is missing.
+        # watcher's resync, which re-validates a Ready Task whose run is missing. Once the run is recorded
+        # as created, a missing run was deleted, and is not created again.
         if create_children(ctx, task, [run]) is not None:
             return  # refused: the Task is in Error now, saying why
+        task = _write(ctx, task, plan_task_run_recorded(task, run))
     _write(ctx, task, plan_task_output(task, get_or_none(ctx, TaskRun, task.namespace, run.name)))
 
 

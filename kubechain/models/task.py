@@ -19,6 +19,10 @@ class TaskSpec(KubeModel):
 
 class TaskStatus(ReadyStatus):
     output: str | None = None
+    # The run this Task created, written once it exists. A run deleted after that is not created again
+    # (the original's one run per Task; a run's side effects are not repeated behind the user's back): to
+    # run it again, create the Task again. A Ready Task without it lost its run to a crash, and gets it.
+    task_run_name: str | None = None
 
 
 class Task(Resource[TaskSpec, TaskStatus]):

@@ -348,13 +348,17 @@ def _runs_by_task(
 def tasks_missing_their_run(
     cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
 ) -> list[Work]:
-    """Ready Tasks with no TaskRun labelled as theirs: the worker that wrote Ready died before it created
-    the run, and its message is gone too. Validating the Task again creates the run."""
+    """Ready Tasks with no TaskRun labelled as theirs and none recorded as created: the worker that wrote
+    Ready died before it created the run, and its message is gone too. Validating the Task again creates
+    the run. (A run recorded as created and now missing was deleted: it is not created again.)"""
     runs_of = _runs_by_task(cache)
     return [
         Work(TaskName.VALIDATE, "Task", ns, name, reason="resync")
         for (ns, name), task in (cache.get("Task") or {}).items()
-        if _status(task).get("ready") and not _deleting(task) and (ns, label_value(name)) not in runs_of
+        if _status(task).get("ready")
+        and not _status(task).get("taskRunName")
+        and not _deleting(task)
+        and (ns, label_value(name)) not in runs_of
     ]
 
 

@@ -243,10 +243,19 @@ def run_was_refused(task: Task) -> bool:
     )
 
 
+def plan_task_run_recorded(task: Task, run: TaskRun) -> Transition | None:
+    """Record on the Task that its run exists (see ``TaskStatus.task_run_name``)."""
+    if task.status.task_run_name == run.name:
+        return None
+    return Transition(status={"taskRunName": run.name})
+
+
 def plan_task_output(task: Task, run: TaskRun | None) -> Transition | None:
     """The Task's ``Output`` column: its run's final answer (the original declared it and never wrote it),
-    and nothing while its run has none (a run deleted and created again must not show the old answer)."""
-    wanted = (run.status.output or None) if run and run.phase == TaskRunPhase.FINAL_ANSWER else None
+    nothing while its run has none, and what it showed once its run is deleted (it is not run again)."""
+    if run is None:
+        return None
+    wanted = (run.status.output or None) if run.phase == TaskRunPhase.FINAL_ANSWER else None
     if (task.status.output or None) == wanted:
         return None
     return Transition(status={"output": wanted})  # None removes the field (merge patch)

@@ -16,7 +16,7 @@ from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
-from kubechain.statemachines.routing import work_for
+from kubechain.statemachines.routing import tasks_missing_their_run, work_for
 from kubechain.statemachines.taskrun import plan_initial_context
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
 from workers.llm_call import llm_call
@@ -535,16 +535,30 @@ def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again()
     assert kube.event_reasons("t-1") == ["ValidationSucceeded"], "never a spurious TaskNotReady"
     assert kube.event_reasons("t") == ["Initializing", "ValidationSucceeded", "TaskRunCreated"]
 
-    # A worker died between the Ready write and the create: validating the Ready Task again mends it.
+    assert kube.get_raw("tasks", "default", "t")["status"]["taskRunName"] == "t-1", "recorded once created"
+
+    # A worker died between the Ready write and the create (Ready, no run, none recorded): validating the
+    # Ready Task again mends it, and the watcher's resync asks for that.
     kube.delete("taskruns", "default", "t-1")
+    kube.patch_status_raw("tasks", "default", "t", None, {"taskRunName": None})
+    caches = {"Task": {("default", "t"): kube.get_raw("tasks", "default", "t")}}
+    assert [work.name for work in tasks_missing_their_run(caches)] == ["t"]
     validate(ctx, message("Task", "t"))
     assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
     assert task_ready_when_run_created == [True, True]
     validate(ctx, message("Task", "t"))  # a duplicate message: AlreadyExists, no second event
     assert kube.event_reasons("t").count("TaskRunCreated") == 2
 
-    # A Task being deleted (its run went first) is left alone.
+    # A run deleted once it was recorded was deleted by someone: it is not created (and run) again.
     kube.delete("taskruns", "default", "t-1")
+    caches = {"Task": {("default", "t"): kube.get_raw("tasks", "default", "t")}}
+    assert tasks_missing_their_run(caches) == [], "the resync does not ask"
+    validate(ctx, message("Task", "t"))
+    assert not kube.list_raw("taskruns", "default")[0]
+    assert kube.event_reasons("t").count("TaskRunCreated") == 2
+
+    # A Task being deleted (its run went first) is left alone, recorded or not.
+    kube.patch_status_raw("tasks", "default", "t", None, {"taskRunName": None})
     kube.patch_metadata("tasks", "default", "t", {"deletionTimestamp": "2026-12-01T00:00:00Z"})
     validate(ctx, message("Task", "t"))
     assert not kube.list_raw("taskruns", "default")[0]
@@ -571,11 +585,11 @@ def test_a_task_shows_the_answer_of_its_run_once_the_run_finishes() -> None:
     before = task["metadata"]["resourceVersion"]
     validate(ctx, message("Task", "t"))
     assert kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"] == before, "written once"
-    # Its run deleted and created again (the mend of a lost run): the old answer is not shown for the new run.
+    # Its run deleted: the Task keeps showing the answer, and is not run again.
     kube.delete("taskruns", "default", "t-1")
     validate(ctx, message("Task", "t"))
-    assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
-    assert "output" not in kube.get_raw("tasks", "default", "t")["status"]
+    assert not kube.list_raw("taskruns", "default")[0]
+    assert kube.get_raw("tasks", "default", "t")["status"]["output"] == "the answer"
 
 
 def test_an_llm_client_that_raises_unexpectedly_ends_in_a_status_not_a_held_claim() -> None:
