@@ -24,6 +24,12 @@ def object_key(obj: dict[str, Any]) -> Key:
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
+def _label(obj: dict[str, Any] | None, label: str) -> str:
+    if obj is None:
+        return ""
+    return str(((obj.get("metadata") or {}).get("labels") or {}).get(label) or "")
+
+
 MAX_HANDLER_ATTEMPTS = 5
 SHORT_WATCH_S = 1.0  # a watch that ends sooner without a single event is treated as a failure
 
@@ -38,6 +44,7 @@ class Informer:
         handler: Handler,
         stop: threading.Event,
         watch_timeout_s: int = 290,
+        index_label: str | None = None,
     ) -> None:
         self.kube = kube
         self.kind = kind
@@ -55,10 +62,38 @@ class Informer:
         # before a single event): the next one is served from the API server's watch cache instead.
         self.list_from_watch_cache = False
         self._failures: dict[tuple[Key, str], int] = {}  # handler failures per (object, version)
+        # (namespace, value of index_label) -> keys of the cached objects with it (client-go's Indexer):
+        # finding a turn's tool calls must not scan every tool call ever cached.
+        self.index_label = index_label
+        self._index: dict[tuple[str, str], set[Key]] = {}
 
     def snapshot(self) -> dict[Key, dict[str, Any]]:
         with self.lock:
             return dict(self.cache)
+
+    def indexed(self, namespace: str, value: str) -> list[dict[str, Any]]:
+        """The cached objects in ``namespace`` whose ``index_label`` is ``value``."""
+        with self.lock:
+            return [self.cache[key] for key in self._index.get((namespace, value), ()) if key in self.cache]
+
+    def _store(self, key: Key, obj: dict[str, Any] | None) -> None:
+        """Put ``obj`` (None: remove) in the cache under ``key``, keeping the index; the lock is held."""
+        previous = self.cache.pop(key, None) if obj is None else self.cache.get(key)
+        if obj is not None:
+            self.cache[key] = obj
+        if self.index_label is None:
+            return
+        before, after = _label(previous, self.index_label), _label(obj, self.index_label)
+        if before == after:
+            return
+        if before:
+            bucket = self._index.get((key[0], before))
+            if bucket is not None:
+                bucket.discard(key)
+                if not bucket:
+                    del self._index[(key[0], before)]
+        if after:
+            self._index.setdefault((key[0], after), set()).add(key)
 
     def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
         # Nothing here reads managedFields; dropped, they cost no cache memory (controller-runtime's
@@ -68,13 +103,13 @@ class Informer:
         with self.lock:
             previous = self.cache.get(key)
             if event_type == "DELETED":
-                self.cache.pop(key, None)
+                self._store(key, None)
             else:
                 if previous is not None and previous["metadata"].get("resourceVersion") == obj[
                     "metadata"
                 ].get("resourceVersion"):
                     return  # a duplicate delivery of something we have already seen
-                self.cache[key] = cached_form(self.kind, obj)
+                self._store(key, cached_form(self.kind, obj))
         try:
             self.handler(self.kind, event_type, obj, previous)
         except BaseException:
@@ -89,10 +124,7 @@ class Informer:
             # Not handled: the watch resumes before this event, and its redelivery must not be taken for
             # a duplicate of something already seen.
             with self.lock:
-                if previous is None:
-                    self.cache.pop(key, None)
-                else:
-                    self.cache[key] = previous
+                self._store(key, previous)
             raise
         if self._failures:
             self._failures.pop((key, str(obj["metadata"].get("resourceVersion"))), None)

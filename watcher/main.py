@@ -86,7 +86,15 @@ class Watcher:
         self.queue_depths: dict[str, int] | None = None
         namespaces: list[str | None] = list(settings.namespaces) or [None]
         self.informers: list[Informer] = [
-            Informer(kube, info.kind, info.plural, namespace, self._on_event, self.stop_event)
+            Informer(
+                kube,
+                info.kind,
+                info.plural,
+                namespace,
+                self._on_event,
+                self.stop_event,
+                index_label=LABEL_TOOLCALLREQUEST if info.kind == "TaskRunToolCall" else None,
+            )
             for info in KINDS
             for namespace in namespaces
         ]
@@ -165,15 +173,12 @@ class Watcher:
         namespace = (obj.get("metadata") or {}).get("namespace")
         if not request:
             return True
-        for informer in self.informers:
-            if informer.kind != "TaskRunToolCall":
-                continue
-            for (ns, _), sibling in informer.snapshot().items():
-                sibling_labels = (sibling.get("metadata") or {}).get("labels") or {}
-                if ns == namespace and sibling_labels.get(LABEL_TOOLCALLREQUEST) == request:
-                    if not is_terminal("TaskRunToolCall", sibling):
-                        return False
-        return True
+        return all(
+            is_terminal("TaskRunToolCall", sibling)
+            for informer in self.informers
+            if informer.kind == "TaskRunToolCall"
+            for sibling in informer.indexed(str(namespace or ""), str(request))
+        )
 
     def _submit(self, work: Work, rv: str, *, resync: bool = False, own_version: bool = False) -> bool:
         """Queue ``work`` for the sender unless the same state was just queued; True if it added to the

@@ -1076,3 +1076,78 @@ def test_scaling_answers_each_queues_backlog_plus_the_steps_in_hand() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def toolcall_event(
+    name: str, request: str, phase: str, rv: str, namespace: str = "default"
+) -> dict[str, Any]:
+    return {
+        "kind": "TaskRunToolCall",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "resourceVersion": rv,
+            "labels": {"kubechain.humanlayer.dev/toolcallrequest": request},
+        },
+        "spec": {"taskRunRef": {"name": "r"}},
+        "status": {"phase": phase},
+    }
+
+
+def test_the_tool_call_informer_indexes_a_turns_calls_through_changes_deletions_and_failed_handlers() -> None:
+    """Finding a turn's tool calls scanned every tool call ever cached, on every tool-call event: 42 ms an
+    event with 50,000 cached, and a relist of 40,000 took the leader 521 s."""
+    failing = {"on": False}
+
+    def handler(*_: Any) -> None:
+        if failing["on"]:
+            raise RuntimeError("handler failed")
+
+    label = "kubechain.humanlayer.dev/toolcallrequest"
+    informer = Informer(
+        FakeKubeClient(),
+        "TaskRunToolCall",
+        "taskruntoolcalls",
+        None,
+        handler,
+        threading.Event(),
+        index_label=label,
+    )
+    informer._apply("ADDED", toolcall_event("a1", "aaa", "Pending", "1"))
+    informer._apply("ADDED", toolcall_event("a2", "aaa", "Pending", "2"))
+    informer._apply("ADDED", toolcall_event("b1", "bbb", "Pending", "3"))
+    informer._apply("ADDED", toolcall_event("x1", "aaa", "Pending", "4", namespace="other"))
+
+    def names(namespace: str, request: str) -> list[str]:
+        return sorted(obj["metadata"]["name"] for obj in informer.indexed(namespace, request))
+
+    assert names("default", "aaa") == ["a1", "a2"] and names("other", "aaa") == ["x1"]
+    informer._apply("MODIFIED", toolcall_event("a2", "bbb", "Pending", "5"))  # relabelled
+    assert names("default", "aaa") == ["a1"] and names("default", "bbb") == ["a2", "b1"]
+    informer._apply("DELETED", toolcall_event("a1", "aaa", "Pending", "6"))
+    assert names("default", "aaa") == [] and ("default", "aaa") not in informer._index
+    failing["on"] = True
+    with pytest.raises(RuntimeError):
+        informer._apply("MODIFIED", toolcall_event("b1", "ccc", "Pending", "7"))
+    assert names("default", "bbb") == ["a2", "b1"] and names("default", "ccc") == [], "rolled back"
+
+
+def test_only_the_last_of_a_turns_tool_calls_to_finish_prompts_the_run() -> None:
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    (informer,) = [informer for informer in watcher.informers if informer.kind == "TaskRunToolCall"]
+    for name in ("a1", "a2"):
+        informer._apply("ADDED", toolcall_event(name, "aaa", "Pending", "1" + name[-1]))
+    informer._apply("ADDED", toolcall_event("b1", "bbb", "Pending", "20"))  # another turn's, still running
+    while not watcher._outbox.empty():
+        watcher._outbox.get_nowait()
+
+    def run_prompted() -> bool:
+        works = []
+        while not watcher._outbox.empty():
+            works.append(watcher._outbox.get_nowait()[0])
+        return any(work.kind == "TaskRun" for work in works)
+
+    informer._apply("MODIFIED", toolcall_event("a1", "aaa", "Succeeded", "30"))
+    assert not run_prompted(), "a2 is still running"
+    informer._apply("MODIFIED", toolcall_event("a2", "aaa", "Failed", "31"))
+    assert run_prompted(), "the last of its turn"
