@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -89,9 +90,28 @@ def lease_path(namespace: str, name: str | None = None) -> str:
     return f"{path}/{name}" if name else path
 
 
+# TCP keepalive (client-go's dialer keeps alive too): a watch whose connection went half-open (a load
+# balancer's idle drop, a lost API server node) is given up after ~60 s of unanswered probes, not at its
+# read timeout (the watch's own timeout + 30 s, ~5 min) during which its kind's cache stood still.
+KEEPALIVE_SOCKET_OPTIONS = [
+    *urllib3.connection.HTTPConnection.default_socket_options,
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    *(
+        [
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+        ]
+        if hasattr(socket, "TCP_KEEPIDLE")  # Linux; elsewhere the system's keepalive timing
+        else []
+    ),
+]
+
+
 def _connection_pool(connection: ClusterConnection, timeout_s: float) -> urllib3.HTTPConnectionPool:
     url = urllib3.util.parse_url(connection.host)
     options: dict[str, Any] = {
+        "socket_options": KEEPALIVE_SOCKET_OPTIONS,
         "maxsize": 50,  # kept-alive connections; more may open under load (block=False)
         "timeout": urllib3.Timeout(connect=5.0, read=timeout_s),
         # Only a connection that was never made is retried: a write that may have reached the server

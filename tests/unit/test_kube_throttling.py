@@ -119,3 +119,22 @@ def test_a_plain_http_server_through_a_proxy_is_asked_for_by_absolute_url() -> N
         )
         assert kube.request("GET", "/api/v1/namespaces")["items"] == []
     assert seen == ["http://apiserver.internal:8080/k8s/api/v1/namespaces"]
+
+
+def test_connections_to_the_api_server_keep_alive_so_a_half_open_watch_is_given_up() -> None:
+    """Without keepalive, a watch whose connection a load balancer dropped silently stood still until its
+    read timeout (~5 min), and its kind's cache with it."""
+    import socket
+
+    for _, kube, _ in serving([OK]):
+        kube.request("GET", "/api/v1/namespaces/default/events/e")
+        connection = kube._http._new_conn()  # as the pool makes each of its connections
+        connection.connect()
+        sock = connection.sock
+        assert sock is not None
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+            probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+            interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
+            assert idle + probes * interval <= 60
