@@ -312,6 +312,18 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             apply_transition(ctx, toolcall, ended)
             _stop_sub_agent_runs(ctx, toolcall)
         return
+    if not toolcall.metadata.owned_by(parent.uid):
+        # Made by hand, not by its run: it would run with the Agent's grants (an externalAPI tool's
+        # credentials) for whoever may create tool calls, and its run would never read its result.
+        problem = (
+            f'not made by TaskRun "{run_name}" (it has no owner reference to that run): KubeChain runs only '
+            "the tool calls its runs make"
+        )
+        log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, problem)
+        apply_transition(
+            ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
+        )
+        return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
         ctx,

@@ -23,7 +23,7 @@ from kubechain.kube.errors import Unavailable
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.mcp.common import MCPError, MCPToolResult
-from kubechain.models import MCPServer, TaskRunToolCall, ToolCall, ToolCallFunction
+from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, ToolCall, ToolCallFunction
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.routing import work_for
@@ -198,7 +198,17 @@ def add_toolcall(
         "toolRef": {"name": tool},
         "arguments": raw,
     }
-    create(w.kube, "TaskRunToolCall", "taskruntoolcalls", name, spec)
+    run = w.kube.get(TaskRun, "default", "r")  # made as the run makes its calls: owned by it
+    w.kube.create_raw(
+        "taskruntoolcalls",
+        "default",
+        {
+            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
+            "kind": "TaskRunToolCall",
+            "metadata": {"name": name, "ownerReferences": [run.owner_reference().to_wire()]},
+            "spec": spec,
+        },
+    )
 
 
 def awaiting_approval(w: World) -> str:

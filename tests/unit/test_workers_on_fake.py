@@ -1014,3 +1014,26 @@ def test_an_object_etcd_refuses_is_too_large_not_unavailable() -> None:
     assert isinstance(refused, TooLarge) and not isinstance(refused, Unavailable)
     assert isinstance(error_for(413, {"reason": "RequestEntityTooLarge"}), TooLarge)
     assert isinstance(error_for(500, {"message": "etcdserver: leader changed"}), Unavailable)
+
+
+def test_a_tool_call_made_by_hand_for_a_live_run_is_refused_not_run() -> None:
+    """It ran with the Agent's grants (an externalAPI tool's credentials, say) for whoever may create
+    tool calls; its run never reads its result."""
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm)
+    spec = {
+        "toolCallId": "x1",
+        "taskRunRef": {"name": "r"},
+        "toolRef": {"name": "add"},
+        "arguments": '{"a": 40, "b": 2}',
+    }
+    create(kube, "TaskRunToolCall", "taskruntoolcalls", "handmade", spec)
+    tool_call(ctx, message("TaskRunToolCall", "handmade"))
+    status = kube.get_raw("taskruntoolcalls", "default", "handmade")["status"]
+    assert status["phase"] == "Failed" and "result" not in status
+    assert 'not made by TaskRun "r" (it has no owner reference to that run)' in status["error"]
+    assert kube.event_reasons("handmade") == ["ValidationFailed"]
+    (made,) = [name for name in toolcall_names(kube) if name != "handmade"]
+    tool_call(ctx, message("TaskRunToolCall", made))  # the run's own call still runs
+    assert kube.get_raw("taskruntoolcalls", "default", made)["status"]["result"] == "3"
