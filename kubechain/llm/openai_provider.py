@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -35,6 +36,33 @@ def message_to_openai(message: Message) -> dict[str, Any]:
     return out
 
 
+def _tool_call(index: int, call: dict[str, Any], function: dict[str, Any]) -> ToolCall:
+    """A tool call as the answer gives it, with what some OpenAI-compatible servers leave out made up.
+    Gemini's endpoint, llama.cpp, LM Studio and others send no ``id`` (or an empty one), and some send the
+    arguments as an object: read strictly, such an answer was taken for garbage and paid for again on
+    every attempt, or (an empty id) its tools ran and the next request, whose tool messages named no call,
+    was refused for good."""
+    name = function["name"]
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = ""
+    elif not isinstance(arguments, str):
+        arguments = json.dumps(arguments)
+    given = call.get("id")
+    call_id = given if isinstance(given, str) and given else _made_up_id(index, name, arguments)
+    return ToolCall(
+        id=call_id,
+        type=call.get("type") or "function",
+        function=ToolCallFunction(name=name, arguments=arguments),
+    )
+
+
+def _made_up_id(index: int, name: str, arguments: str) -> str:
+    # unique within the answer (the index), the same for the same answer
+    digest = hashlib.sha256(f"{index}\0{name}\0{arguments}".encode()).hexdigest()[:24]
+    return f"call_{digest}"
+
+
 def _response_from(completion: dict[str, Any]) -> LLMResponse:
     """An OpenAI chat completion (its JSON) as our response; KeyError/TypeError/ValueError if the shape
     is wrong."""
@@ -48,12 +76,8 @@ def _response_from(completion: dict[str, Any]) -> LLMResponse:
         raise LLMError(f"LLM returned no completion choices{suffix}", retryable=True)
     message = choices[0]["message"]
     calls = [
-        ToolCall(
-            id=call["id"],
-            type=call.get("type") or "function",
-            function=ToolCallFunction(name=function["name"], arguments=function.get("arguments") or ""),
-        )
-        for call in (message.get("tool_calls") or [])
+        _tool_call(index, call, function)
+        for index, call in enumerate(message.get("tool_calls") or [])
         # custom (non-function) tool calls have no function: not ours to run
         if (function := call.get("function")) is not None
     ]

@@ -91,6 +91,7 @@ class RawLLM:
         self.sent_in_full = 0
         self.left_before_first_byte = 0  # answers whose client had hung up before its body began
         self.left_at_byte: dict[bytes, int] = {}  # per body: the byte before which its client was gone
+        self.requests: list[bytes] = []  # the request bodies, in order
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -100,7 +101,7 @@ class RawLLM:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = owner.body  # this answer's, whatever a later test sets meanwhile
-                self.rfile.read(int(self.headers["Content-Length"]))
+                owner.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(owner.headers_after_s)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -316,6 +317,37 @@ def test_provider_client_reads_answers_tool_calls_and_usage(raw_llm: RawLLM) -> 
     raw_llm.body = completion({"role": "assistant", "content": "The answer is 42."})
     response = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
     assert (response.content, response.tool_calls, response.usage) == ("The answer is 42.", [], None)
+
+
+def test_tool_calls_without_an_id_or_with_object_arguments_get_an_id_and_json_arguments(
+    raw_llm: RawLLM,
+) -> None:
+    """Gemini's OpenAI-compatible endpoint, llama.cpp and LM Studio send no id or an empty one, some send
+    the arguments as an object. Such an answer was taken for garbage (paid for again on every attempt) or,
+    with an empty id, its tools ran and the next request, naming no call in its tool messages, was refused."""
+    calls = [
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+        {"id": "", "type": "function", "function": {"name": "add", "arguments": {"a": 2}}},
+        {"id": None, "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+    ]
+    raw_llm.body = completion({"role": "assistant", "content": None, "tool_calls": calls})
+    client = OpenAIClient("sk-test", 5, raw_llm.url)
+    first = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    ids = [call.id for call in first.tool_calls]
+    assert all(ids) and len(set(ids)) == 3, "every call named, and told apart"
+    assert [call.function.arguments for call in first.tool_calls] == ['{"a": 1}', '{"a": 2}', '{"a": 1}']
+    again = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert [call.id for call in again.tool_calls] == ids, "the same answer, the same ids"
+    # the next request's tool messages name the calls they answer
+    window = [
+        Message(role="user", content="hi"),
+        Message(role="assistant", content="", tool_calls=first.tool_calls),
+        *[Message(role="tool", content="3", tool_call_id=call_id) for call_id in ids],
+    ]
+    client.complete(LLMRequest(model="m", messages=window))
+    sent = json.loads(raw_llm.requests[-1])["messages"]
+    assert [m["id"] for m in sent[1]["tool_calls"]] == ids
+    assert [m["tool_call_id"] for m in sent[2:]] == ids
 
 
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
