@@ -68,8 +68,12 @@ def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
         return LLMError(
             f"invalid API key (status code: {status_code})", retryable=False, status_code=status_code
         )
+    # 408 and 429 pass, as 5xx do (and as they do for a completion): a key check that met a rate limit
+    # must not take a working LLM, and every Agent on it, out of service
     return LLMError(
-        f"endpoint answered status {status_code}", retryable=status_code >= 500, status_code=status_code
+        f"endpoint answered status {status_code}",
+        retryable=status_code >= 500 or status_code in (408, 429),
+        status_code=status_code,
     )
 
 

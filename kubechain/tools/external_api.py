@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -44,9 +45,7 @@ def call_external_api(
     deadline = time.monotonic() + timeout_s
     timed_out = ToolError(f"{verb} {url} timed out after {timeout_s:.0f}s")
     options: dict[str, Any] = (
-        {"params": {k: str(v) for k, v in arguments.items()}}
-        if verb in ("GET", "DELETE")
-        else {"json": arguments}
+        {"params": query_parameters(arguments)} if verb in ("GET", "DELETE") else {"json": arguments}
     )
     try:
         client = _shared_client()
@@ -75,4 +74,21 @@ def call_external_api(
     body = b"".join(chunks)[:MAX_RESPONSE_BYTES].decode(encoding, "replace")
     if response.status_code >= 400:
         raise ToolError(f"{verb} {url} returned status {response.status_code}: {body[:500]}")
+    if response.status_code >= 300:
+        # not followed: the bearer token would go along to wherever it points
+        where = response.headers.get("location") or "nowhere"
+        raise ToolError(
+            f"{verb} {url} answered with a redirect ({response.status_code}) to {where[:300]}, which is not "
+            "followed: set the Tool's execute.externalAPI.url to the address that answers"
+        )
     return body
+
+
+def query_parameters(arguments: dict[str, Any]) -> dict[str, str]:
+    """GET/DELETE arguments as a query string: strings as they are, other values as JSON (``true``,
+    ``{"k": [1, 2]}``; Python's ``str()`` sent ``True`` and ``{'k': [1, 2]}``), nulls left out."""
+    return {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in arguments.items()
+        if value is not None
+    }

@@ -108,3 +108,62 @@ def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
     assert read == [b""], "shut down under the reader: it sees the end of the stream"
     theirs.close()
     ours.close()
+
+
+class RecordingServer:
+    """Answers every request with ``status`` (and ``headers``); records each request line."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                owner.lines.append(self.requestline)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            do_GET = do_POST = _answer  # noqa: N815
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/x"
+
+
+def test_a_redirect_is_a_tool_error_not_an_empty_success() -> None:
+    """Redirects are not followed (the bearer token would go along); a 302 read as a success told the LLM
+    the call had worked."""
+    server = RecordingServer(302, {"Location": "https://elsewhere.example/x"})
+    try:
+        with pytest.raises(
+            ToolError, match=r"answered with a redirect \(302\) to https://elsewhere.example/x"
+        ):
+            call_external_api(server.url, "POST", {"a": 1}, "secret-token", timeout_s=10.0)
+    finally:
+        server.server.shutdown()
+
+
+def test_get_arguments_go_in_the_query_as_json_not_as_python() -> None:
+    server = RecordingServer(200)
+    try:
+        arguments: dict[str, Any] = {"q": "a b", "flag": True, "n": 2, "obj": {"k": [1, 2]}, "none": None}
+        assert call_external_api(server.url, "GET", arguments, None, timeout_s=10.0) == "ok"
+    finally:
+        server.server.shutdown()
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(server.lines[0].split()[1]).query)
+    assert query == {"q": ["a b"], "flag": ["true"], "n": ["2"], "obj": ['{"k": [1, 2]}']}

@@ -874,6 +874,17 @@ def test_a_provider_overloaded_for_a_moment_leaves_a_working_llm_ready() -> None
     assert first_check["status"] == "Error" and "529" in first_check["statusDetail"]
 
 
+def test_a_key_check_that_meets_a_rate_limit_leaves_a_working_llm_ready() -> None:
+    """A 429 (or 408) from the model list took a working LLM, and every Agent on it, out of service."""
+    from kubechain.llm.base import credentials_error
+
+    for status in (429, 408):
+        limited = credentials_error(status, RuntimeError("slow down"))
+        assert limited.retryable
+        assert _llm_key_check(FakeKubeClient(), limited, ready_before=True)["status"] == "Ready"
+    assert not credentials_error(403, RuntimeError("forbidden")).retryable
+
+
 def test_an_endpoint_without_a_model_list_is_ready_unchecked() -> None:
     no_list = LLMError("endpoint answered status 404", retryable=False, status_code=404)
     status = _llm_key_check(FakeKubeClient(), no_list, ready_before=False)
