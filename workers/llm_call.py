@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
-from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS
+from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS, model_label
 from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.taskrun import (
@@ -197,8 +197,9 @@ def _call_and_record(
             # max attempts) instead of escaping with the claim held until it expires.
             log.exception("LLM request for %s/%s raised unexpectedly", claimed.namespace, claimed.name)
             exc = LLMError(f"LLM request failed: {type(exc).__name__}: {str(exc)[:300]}", retryable=True)
-        LLM_REQUESTS.labels(request.model, "retryable" if exc.retryable else "error").inc()
-        LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
+        model = model_label(request.model)
+        LLM_REQUESTS.labels(model, "retryable" if exc.retryable else "error").inc()
+        LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
         log.warning("LLM request for %s/%s failed: %s", claimed.namespace, claimed.name, exc)
         _record(
             ctx,
@@ -215,11 +216,12 @@ def _call_and_record(
             ),
         )
         return
-    LLM_REQUESTS.labels(request.model, "ok").inc()
-    LLM_SECONDS.labels(request.model).observe(time.perf_counter() - started)
+    model = model_label(request.model)
+    LLM_REQUESTS.labels(model, "ok").inc()
+    LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
     if response.usage is not None:
-        LLM_TOKENS.labels(request.model, "prompt").inc(response.usage.prompt_tokens)
-        LLM_TOKENS.labels(request.model, "completion").inc(response.usage.completion_tokens)
+        LLM_TOKENS.labels(model, "prompt").inc(response.usage.prompt_tokens)
+        LLM_TOKENS.labels(model, "completion").inc(response.usage.completion_tokens)
     usage = response.usage.model_dump() if response.usage else None
     _record(
         ctx,

@@ -82,6 +82,25 @@ def tool_label(name: str) -> str:
     return name.split("__", 1)[0] + "__*" if "__" in name else name[:64]
 
 
+# Models a process labels its LLM metrics with, before the rest are counted as "other": a model name is
+# any string an LLM resource gives (each new one ~25 series, kept for the process's life).
+MAX_MODEL_LABELS = 50
+_model_labels: set[str] = set()
+_model_labels_lock = threading.Lock()
+
+
+def model_label(model: str) -> str:
+    """Bound label cardinality: the first MAX_MODEL_LABELS models (cut to 64 characters), then "other"."""
+    label = model[:64]
+    with _model_labels_lock:
+        if label in _model_labels:
+            return label
+        if len(_model_labels) >= MAX_MODEL_LABELS:
+            return "other"
+        _model_labels.add(label)
+        return label
+
+
 class PhaseCollector(Collector):
     """``kubechain_runs{phase}`` computed at scrape time from the watcher's cache."""
 

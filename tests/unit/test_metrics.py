@@ -279,3 +279,20 @@ def test_a_prefork_child_sends_its_buffered_spans_before_it_exits(monkeypatch: p
     app._child_exited(pid=os.getpid())
     assert [span.name for span in exported.get_finished_spans()] == ["TaskRun/r"]
     provider.shutdown()
+
+
+def test_llm_metrics_are_labelled_by_a_bounded_set_of_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model name is any string an LLM resource gives: each new one was ~25 series for the process's life."""
+    from kubechain.observability import metrics
+
+    monkeypatch.setattr(metrics, "_model_labels", set())
+    monkeypatch.setattr(metrics, "MAX_MODEL_LABELS", 3)
+    assert [metrics.model_label(m) for m in ("gpt-4o", "m2", "m3", "gpt-4o")] == [
+        "gpt-4o",
+        "m2",
+        "m3",
+        "gpt-4o",
+    ]
+    assert metrics.model_label("m4") == "other" and metrics.model_label("m2") == "m2"
+    monkeypatch.setattr(metrics, "_model_labels", set())
+    assert metrics.model_label("x" * 500) == "x" * 64
