@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -42,6 +43,9 @@ class ClusterConnection:
     # Loads the configuration afresh (kubeconfig or in-cluster), for when the API server refuses it.
     _reload: Callable[[], Any] | None = field(default=None, repr=False)
     _reloaded_at: float = field(default=-RELOAD_MIN_INTERVAL_S, repr=False)
+    # One thread derives a stale header while the others wait for it: every thread at once ran the
+    # refresh (with a kubeconfig's exec plugin, e.g. `aws eks get-token`, one process per worker thread).
+    _derive_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def proxy_for_server(self) -> str | None:
         """The proxy requests to the API server go through, or None to connect directly."""
@@ -56,12 +60,17 @@ class ClusterConnection:
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header, re-derived every 30 s so refreshed exec/OIDC/projected tokens are
         picked up without paying for the refresh on every request."""
-        now = time.monotonic()
-        if self._cached is not None and now - self._cached[0] < AUTH_REFRESH_S:
-            return self._cached[1]
-        headers = self._derive_headers()
-        self._cached = (now, headers)
-        return headers
+        cached = self._cached
+        if cached is not None and time.monotonic() - cached[0] < AUTH_REFRESH_S:
+            return cached[1]
+        with self._derive_lock:
+            now = time.monotonic()
+            cached = self._cached
+            if cached is not None and now - cached[0] < AUTH_REFRESH_S:
+                return cached[1]  # derived by the thread this one waited for
+            headers = self._derive_headers()
+            self._cached = (now, headers)
+            return headers
 
     def forget_credentials(self) -> None:
         """The API server refused them (401): load the configuration again (the token file, the exec

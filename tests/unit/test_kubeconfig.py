@@ -546,3 +546,37 @@ def test_up_leaves_scripted_or_real_to_each_llms_key_not_to_its_own_terminal(
     assert "KUBECHAIN_OPENAI_BASE_URL" not in env or env["KUBECHAIN_OPENAI_BASE_URL"] == os.environ.get(
         "KUBECHAIN_OPENAI_BASE_URL"
     )
+
+
+def test_a_stale_header_is_derived_once_however_many_threads_need_it() -> None:
+    """Every worker thread ran the refresh at once (with an exec plugin: one process per thread)."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from kubechain.kube.connection import ClusterConnection
+
+    refreshes: list[int] = []
+
+    def refresh(cfg: object) -> None:
+        refreshes.append(1)
+        time.sleep(0.05)
+
+    configuration = SimpleNamespace(
+        refresh_api_key_hook=refresh,
+        get_api_key_with_prefix=lambda name: "Bearer t" if name == "authorization" else None,
+    )
+    connection = ClusterConnection("https://k", True, None, _configuration=configuration)
+    start = threading.Barrier(32)
+    headers: list[dict[str, str]] = []
+
+    def ask() -> None:
+        start.wait()
+        headers.append(connection.auth_headers())
+
+    threads = [threading.Thread(target=ask) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(refreshes) == 1 and headers == [{"Authorization": "Bearer t"}] * 32
