@@ -88,7 +88,8 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
     """The Celery app (producer and consumer share it). Settings follow the at-least-once playbook:
     acks_late + reject on worker loss (the state machines make redelivery harmless), prefetch 1 (KEDA only
     sees ready messages, and a busy worker must not hoard), a visibility timeout well above the longest
-    LLM call, and a soft shutdown that requeues in-flight work."""
+    LLM call. A pod's SIGTERM is Celery's warm shutdown (tasks in flight finish within the grace period);
+    the soft-shutdown settings apply only to SIGQUIT (or REMAP_SIGTERM=SIGQUIT)."""
     app = Celery(name, broker=settings.redis_url)
     visibility = max(3600.0, settings.llm_timeout_s * 4, settings.tool_timeout_s * 4)
     app.conf.update(
@@ -112,7 +113,10 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
         broker_connection_retry_on_startup=True,
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # False: a task in flight when Redis goes away finishes its LLM or tool call and writes its outcome
+        # (the API server is not Redis); its message, never acked, comes back and finds the work done.
+        # Cancelling is not possible in the thread pool anyway (Celery logged a traceback per task).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=QueueName.CONTROL.value,
         task_queues=[Queue(queue.value) for queue in QueueName],
         task_routes={task.value: {"queue": queue.value} for task, queue in TASK_QUEUES.items()},
