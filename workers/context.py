@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,12 +42,16 @@ class WorkerContext:
     continues_llm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     _config: TTLReadCache | None = None
+    _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def config_cache(self) -> TTLReadCache:
-        """Reads of Agents, LLMs, Secrets and Tools for building LLM requests (may be ~2 s old)."""
+        """Reads of Agents, LLMs, Secrets and Tools for building LLM requests (may be ~2 s old). One per
+        context: a worker's first burst of tasks, on many threads at once, made one each and read alike."""
         if self._config is None:
-            self._config = TTLReadCache(self.kube, self.settings.config_cache_ttl_s)
+            with self._config_lock:
+                if self._config is None:
+                    self._config = TTLReadCache(self.kube, self.settings.config_cache_ttl_s)
         return self._config
 
     @property

@@ -688,3 +688,36 @@ def test_install_says_a_failed_discovery_request_as_a_cli_error(error: Exception
 
     with pytest.raises(CLIError, match=re.escape(said)):
         Discovery(Refusing()).resource("apps/v1", "Deployment")  # type: ignore[arg-type]
+
+
+def test_a_workers_threads_share_one_config_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its first burst of tasks, on many threads at once, made one cache each (and read the API server
+    once per thread)."""
+    import time
+
+    import workers.context
+    from tests.unit.fakes import FakeLLM, context
+
+    made: list[object] = []
+    real = workers.context.TTLReadCache
+
+    def slow_cache(*args: Any) -> Any:
+        time.sleep(0.02)  # as long as it takes, other threads must wait for it, not make their own
+        made.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(workers.context, "TTLReadCache", slow_cache)
+    ctx = context(FakeKubeClient(), FakeLLM(lambda _: None))  # type: ignore[arg-type,return-value]
+    start = threading.Barrier(16)
+    caches: list[object] = []
+
+    def first_use() -> None:
+        start.wait()
+        caches.append(ctx.config_cache)
+
+    threads = [threading.Thread(target=first_use) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and len({id(cache) for cache in caches}) == 1
