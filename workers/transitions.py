@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -116,7 +117,10 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
         outcomes = [create(child) for child in children]
     else:
         with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:
-            outcomes = [future.result() for future in [pool.submit(create, child) for child in children]]
+            # each in a copy of this task's context: the log lines (and spans) of a create carry the
+            # run's kind, namespace and name as the task's own do
+            futures = [pool.submit(contextvars.copy_context().run, create, child) for child in children]
+            outcomes = [future.result() for future in futures]
     for child, refused in zip(children, outcomes, strict=True):
         if refused is not None:
             return _child_rejected(ctx, parent, child, refused)
