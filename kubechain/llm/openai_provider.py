@@ -161,6 +161,10 @@ class OpenAIClient:
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status == 429 or status >= 500 or status == 408
+            if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
+                # OpenAI's "You exceeded your current quota": a bill to pay, not a rate to wait out (it
+                # was retried for ~20 minutes before the run failed)
+                retryable = False
             raise LLMError(
                 f"LLM request failed with status {status}: {_short_body(exc)}",
                 retryable=retryable,

@@ -452,3 +452,26 @@ def test_an_answer_over_the_size_limit_is_not_read_further_nor_retried(
         client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
     assert "the answer is over 64 bytes; it was not read further" in str(raised.value)
     assert not raised.value.retryable
+
+
+def test_an_exhausted_quota_is_not_retried_but_a_rate_limit_is() -> None:
+    """OpenAI answers both with 429; "insufficient_quota" does not clear by waiting (it was retried for
+    ~20 minutes before the run failed)."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    def body(code: str, message: str) -> bytes:
+        return json.dumps({"error": {"message": message, "type": code, "code": code}}).encode()
+
+    answers = {
+        "quota": body("insufficient_quota", "You exceeded your current quota"),
+        "rate": body("rate_limit_exceeded", "Rate limit reached"),
+    }
+    for case, retryable in (("quota", False), ("rate", True)):
+        with StubHTTPServer(
+            lambda _, case=case: StubAnswer(429, answers[case], {"Content-Type": "application/json"})
+        ) as server:
+            client = OpenAIClient("sk-test", 5, f"{server.url}/v1")
+            with pytest.raises(LLMError) as failed:
+                client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+        assert failed.value.retryable is retryable, case
+        assert failed.value.status_code == 429
