@@ -174,10 +174,21 @@ def _wait_before_retry(response: urllib3.BaseHTTPResponse, attempt: int) -> floa
     return min(THROTTLE_WAIT_DEFAULT_S if wait_s is None else wait_s, THROTTLE_WAIT_MAX_S)
 
 
+def _arriving(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The body as it arrives. A chunked body (the API server's) comes chunk by chunk from ``stream``; a
+    body without chunked encoding (behind a proxy that drops it) must be read with at most one socket
+    read each time: ``stream`` waited for 64 KiB or the end of the watch, holding events back ~5 min."""
+    if getattr(response, "chunked", False):
+        yield from response.stream(64 * 1024, decode_content=True)
+        return
+    while chunk := response.read1(64 * 1024):
+        yield chunk
+
+
 def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """The non-empty lines of a streamed body (a watch sends one JSON event per line)."""
     pending = b""
-    for chunk in response.stream(64 * 1024, decode_content=True):
+    for chunk in _arriving(response):
         pending += chunk
         *lines, pending = pending.split(b"\n")
         yield from (line for line in lines if line.strip())

@@ -138,3 +138,47 @@ def test_connections_to_the_api_server_keep_alive_so_a_half_open_watch_is_given_
             probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
             interval = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL)
             assert idle + probes * interval <= 60
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_watch_event_is_handed_on_when_it_arrives_chunked_or_not(chunked: bool) -> None:
+    """Behind a proxy that drops chunked encoding, events were held until 64 KiB had come or the watch
+    ended (~5 min): the cache, and the resync that reads it, stood still meanwhile."""
+    import socket
+    import threading
+
+    first_seen = threading.Event()
+    server_saw: list[bool] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def event(name: str) -> bytes:
+        obj = {"metadata": {"name": name, "namespace": "d", "resourceVersion": "2"}}
+        return json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n"
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        encoding = b"Transfer-Encoding: chunked" if chunked else b"Connection: close"
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + encoding + b"\r\n\r\n")
+        for name in ("first", "second"):
+            line = event(name)
+            connection.sendall(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+            if name == "first":
+                server_saw.append(first_seen.wait(10))  # the client has it before anything more is sent
+        if chunked:
+            connection.sendall(b"0\r\n\r\n")
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    kube = KubeClient(ClusterConnection(f"http://127.0.0.1:{listener.getsockname()[1]}", False, None))
+    try:
+        names = []
+        for watched in kube.watch_raw("taskruns", None, "1", 30):
+            names.append(watched["object"]["metadata"]["name"])
+            first_seen.set()
+    finally:
+        kube.close()
+        listener.close()
+    assert names == ["first", "second"] and server_saw == [True]
