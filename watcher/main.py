@@ -155,9 +155,7 @@ class Watcher:
         works: list[Work] = []
         if event_type != "DELETED":
             works = work_for(kind, obj, now, self.settings.claim_timeout_s)
-            if kind == "TaskRunToolCall" and works and not self._all_siblings_finished(obj):
-                # Fan-in: only the last of a turn's tool calls to finish prompts the parent; resync
-                # covers a hint lost on the way.
+            if kind == "TaskRunToolCall" and works and not self._prompts_its_run(obj):
                 works = [work for work in works if work.kind != "TaskRun"]
         if kind in VALIDATED_KINDS:
             after = None if event_type == "DELETED" else obj
@@ -166,6 +164,19 @@ class Watcher:
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in works:
             self._submit(work, rv, own_version=_is_about(work, kind, obj))
+
+    def _prompts_its_run(self, obj: dict[str, Any]) -> bool:
+        """Fan-in: only the last of a turn's tool calls to finish prompts the parent (resync covers a hint
+        lost on the way), and none prompts a run that has ended: a relist after a restart delivers every
+        finished tool call ever made again, and each was a message for a worker to find nothing to do."""
+        metadata = obj.get("metadata") or {}
+        run_name = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
+        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
+        if run is not None and is_terminal("TaskRun", run):
+            owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
+            if (run.get("metadata") or {}).get("uid") in owners:
+                return False  # (a run of that name made again since is not this one)
+        return self._all_siblings_finished(obj)
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}

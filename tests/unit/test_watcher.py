@@ -387,7 +387,7 @@ def test_informer_relists_when_its_resource_version_is_newer_than_the_api_server
     assert informer.relists == 2, "listed at start and again instead of retrying the same resourceVersion"
 
 
-def test_finished_tool_calls_prompt_their_parent_on_events_but_not_on_every_resync() -> None:
+def test_finished_tool_calls_prompt_their_running_parent_on_events_but_not_on_every_resync() -> None:
     watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
     informers = {informer.kind: informer for informer in watcher.informers}
     informers["TaskRun"].cache[("default", "r")] = run(
@@ -396,8 +396,14 @@ def test_finished_tool_calls_prompt_their_parent_on_events_but_not_on_every_resy
     for index, rv in ((1, "4"), (2, "5")):
         call = run("TaskRunToolCall", {"name": f"r-abc-tc-0{index}", "status": {"phase": "Succeeded"}}, rv)
         call["spec"] = {"taskRunRef": {"name": "r"}}
+        call["metadata"]["ownerReferences"] = [{"kind": "TaskRun", "name": "r", "uid": "u"}]
         informers["TaskRunToolCall"].cache[("default", f"r-abc-tc-0{index}")] = call
     assert watcher.resync(force=True) == 0, "a finished run's finished tool calls call for nothing"
+    watcher._on_event("TaskRunToolCall", "ADDED", call, None)  # as a relist after a restart delivers it
+    assert watcher._outbox.empty(), "nor on events: a relist delivers every finished call ever made"
+    informers["TaskRun"].cache[("default", "r")] = run(
+        "TaskRun", {"name": "r", "status": {"phase": "ToolCallsPending"}}, "3"
+    )
     watcher._on_event("TaskRunToolCall", "MODIFIED", call, None)
     work, rv, own_version = watcher._outbox.get_nowait()
     assert (work.task, work.kind, work.name, work.reason) == (
