@@ -13,6 +13,14 @@ from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
 
 
+def serve(handler: type[BaseHTTPRequestHandler], path: str) -> tuple[ThreadingHTTPServer, str]:
+    """``handler`` on a local port, in the background; the server and the URL of ``path`` on it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
 class TricklingServer:
     """Sends its headers at once, then one byte of body every 0.1 s, for as long as anyone reads."""
 
@@ -34,12 +42,7 @@ class TricklingServer:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/slow"
+        self.server, self.url = serve(Handler, "/slow")
 
 
 def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,12 +138,7 @@ class RecordingServer:
             def log_message(self, *_: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/x"
+        self.server, self.url = serve(Handler, "/x")
 
 
 def test_a_redirect_is_a_tool_error_not_an_empty_success() -> None:
