@@ -59,17 +59,14 @@ def check_startup(component: str) -> None:
     """Refuses to start on a setting or kubeconfig the process cannot work with, in one line that names
     it: the watcher ended in a traceback, and a worker started, answered its health checks and then failed
     every task, because its cluster connection is made at its first task."""
-    from kubechain.cli.resources import CLIError
+    from kubechain.cli.resources import CLIError, client_or_refuse
     from kubechain.kube.client import KubeClient
-    from kubechain.kube.connection import kubeconfig_path
     from kubechain.settings import SettingsInvalid, load_settings
 
     try:
         settings = load_settings()
     except SettingsInvalid as exc:
         raise CLIError(f"{component}: {exc}", 2) from None
-    try:
-        KubeClient.from_settings(settings, component).close()
-    except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
-        where = kubeconfig_path(settings.kubeconfig)
-        raise CLIError(f"{component}: cannot load the cluster connection from {where}: {exc}", 2) from None
+    client_or_refuse(
+        lambda: KubeClient.from_settings(settings, component), settings.kubeconfig, f"{component}: "
+    ).close()

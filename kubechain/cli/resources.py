@@ -71,6 +71,17 @@ def context_namespace(kubeconfig: str | None, context: str | None) -> str:
         return "default"
 
 
+def client_or_refuse(make: Callable[[], KubeClient], kubeconfig: str | None, prefix: str = "") -> KubeClient:
+    """``make()``, or a CLI error (exit 2) naming the kubeconfig: loading the connection and building the
+    client read the kubeconfig, the CA and client certificate, and run a credential plugin, and a
+    missing or garbled file, or a proxy scheme the client cannot use (socks5), fails here."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
+        where = kubeconfig_path(kubeconfig)
+        raise CLIError(f"{prefix}cannot load the cluster connection from {where}: {exc}", 2) from None
+
+
 @dataclass
 class Target:
     """Where a command acts: the cluster (kubeconfig + context) and the namespace."""
@@ -82,15 +93,12 @@ class Target:
     def client(self, timeout_s: float = 30.0) -> KubeClient:
         from kubechain.kube.connection import load_connection
 
-        try:
-            connection = load_connection(self.kubeconfig, self.context)
-            # building the client reads the CA and client certificate and parses the proxy: a missing or
-            # garbled file, or a proxy scheme it cannot use (socks5), fails here
-            return KubeClient(connection, timeout_s=timeout_s, component="kubechain-cli")
-        except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
-            raise CLIError(
-                f"cannot load the cluster connection from {kubeconfig_path(self.kubeconfig)}: {exc}", 2
-            ) from None
+        return client_or_refuse(
+            lambda: KubeClient(
+                load_connection(self.kubeconfig, self.context), timeout_s=timeout_s, component="kubechain-cli"
+            ),
+            self.kubeconfig,
+        )
 
     @contextmanager
     def connect(self, timeout_s: float = 30.0) -> Iterator[KubeClient]:

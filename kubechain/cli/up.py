@@ -31,7 +31,7 @@ from kubechain.cli import main
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".kubechain"), show_default=True)
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
-    from kubechain.cli.resources import CLIError
+    from kubechain.cli.resources import CLIError, client_or_refuse
     from kubechain.kube.client import KubeClient
     from kubechain.kube.connection import current_context, kubeconfig_path, load_connection
     from kubechain.testing.stack import (
@@ -82,10 +82,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     if cluster == "current":
         # a missing or garbled kubeconfig, or a context whose credential plugin fails, is said here, before
         # anything starts (the stack's own start raised it as a traceback)
-        try:
-            lease_reader = KubeClient(load_connection(kubeconfig, context), timeout_s=5)
-        except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
-            raise CLIError(f"cannot load the cluster connection from {kubeconfig}: {exc}", 2) from None
+        lease_reader = client_or_refuse(
+            lambda: KubeClient(load_connection(kubeconfig, context), timeout_s=5), kubeconfig
+        )
     stack = LocalStack(options, progress=say)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
