@@ -428,35 +428,61 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
     assert "target (median ratio ≥ 1): met" in text
 
 
-def test_event_tally_waits_for_the_rows_events_counted_from_where_they_settled() -> None:
-    import time
+class _FakeTime:
+    """bench.observe's clock: sleeping moves it on, and nothing else does."""
 
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_event_tally_waits_for_the_rows_events_counted_from_where_they_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bench.observe
     from bench.observe import EventTally
+
+    clock = _FakeTime()
+    monkeypatch.setattr(bench.observe, "time", clock)
 
     counts = iter([5, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
     tally = EventTally(lambda: next(counts), poll_s=0.001)
     # warm-up Events still arriving (5 -> 7): the row counts from 7, once it stopped changing
-    assert tally.settle(time.monotonic() + 10, quiet_s=0.01) == 7
+    assert tally.settle(clock.monotonic() + 10, quiet_s=0.01) == 7
 
-    later = iter([7, 8, 10, 13])
-    tally._count = lambda: next(later)
-    before = time.time()
-    seen_at = tally.wait(6, time.monotonic() + 10)  # 7 + 6 = 13: returns when it sees 13
-    assert seen_at >= before
+    reads: list[int] = []
+
+    def later() -> int:
+        reads.append([7, 8, 10, 13, 13][len(reads)])
+        return reads[-1]
+
+    tally._count = later
+    # 7 + 6 = 13: the wait ends at the read that sees 13, and says when that was
+    seen_at = tally.wait(6, clock.monotonic() + 10, quiet_s=5)
+    assert reads == [7, 8, 10, 13]
+    assert seen_at == pytest.approx(clock.now)
 
     stuck = EventTally(lambda: 3, poll_s=0.001)
-    stuck.settle(time.monotonic() + 10, quiet_s=0.01)
-    started = time.monotonic()
-    # fewer than expected and none for quiet_s (an operator that posts none): not the deadline
+    stuck.settle(clock.monotonic() + 10, quiet_s=0.01)
+    started = clock.monotonic()
+    # fewer than expected and none for quiet_s (an operator that posts none): quiet_s ends it, not the deadline
     stuck.wait(3, started + 30, quiet_s=0.05)
-    assert time.monotonic() - started < 5
+    assert clock.monotonic() - started == pytest.approx(0.05, abs=0.002)
     # and the deadline ends a wait whose Events keep trickling in
     trickle = iter(range(100, 10_000))
     slow = EventTally(lambda: next(trickle), poll_s=0.001)
     slow.before = 100
-    started = time.monotonic()
+    started = clock.monotonic()
     slow.wait(1_000_000, started + 0.1, quiet_s=10)
-    assert time.monotonic() - started < 5
+    assert clock.monotonic() - started == pytest.approx(0.1, abs=0.002)
 
 
 def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_deadline() -> None:
@@ -518,9 +544,12 @@ def test_watch_recorder_wait_for_rechecks_only_changed_runs_and_honours_the_dead
     assert {name for name, _ in checked} == {"run-2", "run-3"}, timelines.checked
     assert {phase for name, phase in checked if name == "run-3"} == {"FinalAnswer"}, timelines.checked
     recorder.on_event("ADDED", taskrun("run-4", 8, "ReadyForLLM"), 5.0)
-    started = time.monotonic()
-    assert recorder.wait_for(["run-4"], ("FinalAnswer",), started + 0.2) is False
-    assert time.monotonic() - started < 5
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # a run that never finishes: the deadline ends the wait (one that ignored it would never return)
+        deadline = time.monotonic() + 0.2
+        assert (
+            pool.submit(recorder.wait_for, ["run-4"], ("FinalAnswer",), deadline).result(timeout=30) is False
+        )
     recorder.stop()  # never connected: nothing to close
 
 

@@ -323,13 +323,17 @@ def assert_hardened(pod: dict[str, Any], c: dict[str, Any]) -> None:
 
 def test_images_are_the_release_version(release: list[dict[str, Any]]) -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    for name, deployment in objects(release, "Deployment").items():
+    deployments = objects(release, "Deployment")
+    assert deployments
+    for name, deployment in deployments.items():
         assert container(deployment)["image"] == f"{IMAGE_REPO}:{version}", name
 
 
 def test_every_deployment_has_a_disruption_budget(release: list[dict[str, Any]]) -> None:
     budgets = objects(release, "PodDisruptionBudget").values()
-    for name, deployment in objects(release, "Deployment").items():
+    deployments = objects(release, "Deployment")
+    assert deployments
+    for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         matching = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert len(matching) == 1, f"{name}: {len(matching)} PodDisruptionBudgets"
@@ -337,6 +341,7 @@ def test_every_deployment_has_a_disruption_budget(release: list[dict[str, Any]])
 
 def test_everything_namespaced_is_in_kubechain_system(release: list[dict[str, Any]]) -> None:
     cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
+    assert any(doc["kind"] not in cluster_scoped for doc in release)
     for doc in release:
         if doc["kind"] not in cluster_scoped:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"

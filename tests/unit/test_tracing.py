@@ -241,22 +241,39 @@ def test_grpc_uses_the_grpc_exporter_when_installed(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0])
-def test_a_sampling_ratio_keeps_or_drops_whole_runs(ratio: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the run's spans follow the verdict on its root."""
+def test_a_sampling_ratio_keeps_or_drops_whole_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the run's spans follow the verdict on its root, run
+    by run (at ratio 0.5 some runs are kept and some dropped, each whole)."""
+    import uuid
+    from datetime import UTC, datetime
+
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     exported = InMemorySpanExporter()
-    sampled_provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
-    sampled_provider.add_span_processor(SimpleSpanProcessor(exported))
-    monkeypatch.setattr(tracing.trace, "get_tracer_provider", lambda: sampled_provider)
-    parent = tracing.run_context("4a7f0e36-0b51-4c43-a0a4-0d3f4f1c2b9e")
-    assert trace.get_current_span(parent).get_span_context().trace_flags.sampled is (ratio == 1.0)
-    with sampled_provider.get_tracer("test").start_as_current_span("LLMRequest", context=parent):
-        pass
-    root = sampled_provider.get_tracer("test").start_span("TaskRun/r", context=tracing.otel_context.Context())
-    root.end()
-    assert len(exported.get_finished_spans()) == (2 if ratio == 1.0 else 0)
+    sampler = TraceIdRatioBased(0.5)
+    provider = TracerProvider(sampler=ParentBased(sampler), id_generator=tracing.RunSpanIds())
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    monkeypatch.setattr(tracing.trace, "get_tracer_provider", lambda: provider)
+
+    kept: dict[bool, list[int]] = {True: [], False: []}
+    for i in range(40):
+        uid = str(uuid.UUID(int=i * 0x9E3779B97F4A7C15))
+        trace_id = int(tracing.run_trace_ids(uid)["traceID"], 16)
+        verdict = sampler.should_sample(None, trace_id, "TaskRun").decision.is_sampled()
+        parent = tracing.run_context(uid)
+        assert trace.get_current_span(parent).get_span_context().trace_flags.sampled is verdict
+        with provider.get_tracer("test").start_as_current_span("LLMRequest", context=parent):
+            pass
+        moment = datetime(2026, 1, 1, tzinfo=UTC)
+        tracing.export_run_span(uid, "r", "default", moment, moment, None)
+        kept[verdict].append(trace_id)
+    assert kept[True] and kept[False], "the uids should fall on both sides of the ratio"
+    by_trace: dict[int, list[str]] = {}
+    for finished in exported.get_finished_spans():
+        assert finished.context is not None
+        by_trace.setdefault(finished.context.trace_id, []).append(finished.name)
+    # every kept run whole (its root on the run's own trace id, with its child), no dropped run's spans
+    assert by_trace == {trace_id: ["LLMRequest", "TaskRun"] for trace_id in kept[True]}
 
 
 def test_work_one_object_asks_for_on_another_is_traced_in_the_others_run() -> None:

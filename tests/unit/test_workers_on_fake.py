@@ -290,7 +290,9 @@ def test_nan_and_infinity_in_arguments_are_errors_not_silent_nulls() -> None:
     kube = FakeKubeClient()
     tool_turn(kube, ['{"a": NaN, "b": 1}', '{"a": 1, "b": -Infinity}', '{"a": 1e999, "b": 1}'])
     ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
-    for name in toolcall_names(kube):
+    names = toolcall_names(kube)
+    assert len(names) == 3
+    for name in names:
         tool_call(ctx, message("TaskRunToolCall", name))
         status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
         assert status["phase"] == "Failed" and status["statusDetail"] == "Invalid arguments JSON"
