@@ -95,7 +95,8 @@ def run_id(toolcall: TaskRunToolCall) -> str:
 
 
 def recheck_delay(attempts: int) -> float:
-    return min(RECHECK_MAX_S, RECHECK_BASE_S * 2 ** max(0, attempts - 1))
+    # the exponent capped: checks go on for as long as the human takes, and 2.0 ** 1024 overflows
+    return min(RECHECK_MAX_S, RECHECK_BASE_S * 2 ** min(max(0, attempts - 1), 32))
 
 
 def next_due(toolcall: TaskRunToolCall) -> datetime | None:

@@ -871,6 +871,8 @@ def test_human_contact_recovers_after_an_outage(world: World) -> None:
 
 def test_recheck_delays_back_off_to_a_minute() -> None:
     assert [machine.recheck_delay(n) for n in range(8)] == [2, 2, 4, 8, 16, 32, 60, 60]
+    # a human who answers the next day: ~17 hours of checks a minute apart, and then some
+    assert machine.recheck_delay(1025) == machine.recheck_delay(100_000) == 60
 
 
 def test_call_ids_are_deterministic_and_short() -> None:
