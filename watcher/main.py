@@ -40,6 +40,7 @@ from kubechain.statemachines.routing import (
     tasks_missing_their_run,
     trace_uid_of,
     work_for,
+    work_for_deleted_toolcall,
 )
 from watcher.informer import Informer, Key
 from watcher.leader import LeaderElector
@@ -157,6 +158,8 @@ class Watcher:
             works = work_for(kind, obj, now, self.settings.claim_timeout_s)
             if kind == "TaskRunToolCall" and works and not self._prompts_its_run(obj):
                 works = [work for work in works if work.kind != "TaskRun"]
+        elif kind == "TaskRunToolCall" and self._cancels_a_call_of_a_live_run(obj):
+            works = [work_for_deleted_toolcall(obj)]
         if kind in VALIDATED_KINDS:
             after = None if event_type == "DELETED" else obj
             if readiness(kind, after) != readiness(kind, previous):
@@ -177,6 +180,17 @@ class Watcher:
             if (run.get("metadata") or {}).get("uid") in owners:
                 return False  # (a run of that name made again since is not this one)
         return self._all_siblings_finished(obj)
+
+    def _cancels_a_call_of_a_live_run(self, obj: dict[str, Any]) -> bool:
+        """A tool call deleted by hand while its run goes on (not with its run): the run's fan-in hears it
+        now, not at its next resync, if the deleted call was the last its turn waited for."""
+        metadata = obj.get("metadata") or {}
+        run_name = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
+        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
+        if run is None or is_terminal("TaskRun", run) or (run.get("metadata") or {}).get("deletionTimestamp"):
+            return False
+        owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
+        return (run.get("metadata") or {}).get("uid") in owners and self._all_siblings_finished(obj)
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}

@@ -18,7 +18,12 @@ from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
 from workers.llm_call import take_turn_now
-from workers.transitions import apply_transition, create_children, decide_on_current
+from workers.transitions import (
+    apply_transition,
+    create_children,
+    decide_on_current,
+    record_tool_calls_created,
+)
 from workers.validators import get_or_none
 
 
@@ -84,5 +89,6 @@ def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
         # The ToolCallsPending write won but its worker died before creating every child: finish the job.
         if create_children(ctx, run, list(decision.missing)) is not None:
             return  # the API server rejected one as invalid: the run was failed with the reason
+        record_tool_calls_created(ctx, run)
     if decision.transition is not None:
         _apply(ctx, run, decision.transition)

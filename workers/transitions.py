@@ -6,7 +6,7 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from kubechain.kube.errors import (
     AlreadyExists,
@@ -22,7 +22,7 @@ from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCal
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import current_traceparent, export_run_span
 from kubechain.queueing import ResourceMessage, TaskName
-from kubechain.statemachines.taskrun import plan_children_rejected
+from kubechain.statemachines.taskrun import plan_children_rejected, plan_tool_calls_created
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
@@ -80,7 +80,34 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
             (updated.status.error or "TaskRun failed") if updated.phase == TaskRunPhase.FAILED else None,
         )
     failed = create_children(ctx, updated, transition.children)
-    return failed if failed is not None else updated
+    if failed is not None:
+        return failed
+    if isinstance(updated, TaskRun) and any(isinstance(c, TaskRunToolCall) for c in transition.children):
+        return cast(R, record_tool_calls_created(ctx, updated))
+    return updated
+
+
+def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:
+    """Once every tool call of the run's turn exists, say so in its status: from then on a missing one
+    was deleted by someone (cancelled), and the fan-in does not create it again. On a conflict (a tool
+    call already finished and the fan-in moved the run on, say) the run is re-read and re-decided."""
+    latest = [run]
+
+    def attempt() -> None:
+        transition = plan_tool_calls_created(latest[0])
+        if transition is None:
+            return
+        try:
+            latest[0] = ctx.kube.patch_status(latest[0], transition.status)
+        except Conflict:
+            latest[0] = ctx.kube.get(TaskRun, run.namespace, run.name)
+            raise
+
+    try:
+        retry_on_conflict(attempt)
+    except NotFound:
+        pass  # the run was deleted meanwhile: nothing to record
+    return latest[0]
 
 
 def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[Any, Any]]) -> R | None:

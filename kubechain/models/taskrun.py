@@ -82,6 +82,9 @@ class TaskRunStatus(KubeModel):
     # When the current batch of tool calls was requested: children still missing after a grace period
     # (their creator died) are created by the fan-in check.
     tool_calls_pending_since: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    # The toolCallRequestId whose tool calls were all created: one of them missing after that was
+    # deleted (cancelled), not lost by a creator that died, and is not created again.
+    tool_calls_created_for: str | None = None
 
 
 class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):

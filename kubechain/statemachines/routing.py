@@ -116,6 +116,20 @@ def work_for(
     ]
 
 
+def work_for_deleted_toolcall(obj: Mapping[str, Any]) -> Work:
+    """A tool call was deleted (cancelled): its run's fan-in goes on without it."""
+    namespace, _ = _meta(obj)
+    parent = str(((obj.get("spec") or {}).get("taskRunRef") or {}).get("name") or "")
+    return Work(
+        TaskName.PREPARE,
+        "TaskRun",
+        namespace,
+        parent,
+        reason="toolcall-deleted",
+        trace_uid=trace_uid_of("TaskRunToolCall", obj),
+    )
+
+
 def trace_uid_of(kind: str, obj: Mapping[str, Any]) -> str:
     """The uid of the TaskRun whose trace work on this object belongs to ("" for other kinds)."""
     meta = obj.get("metadata") or {}

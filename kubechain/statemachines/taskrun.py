@@ -532,6 +532,24 @@ def truncate(text: str, max_bytes: int) -> str:
     return kept + TRUNCATION_MARKER.format(omitted=len(encoded) - len(kept.encode()))
 
 
+def tool_calls_created(run: TaskRun) -> bool:
+    """Whether every tool call of the run's current turn was created (recorded by their creator)."""
+    request = run.status.tool_call_request_id
+    return bool(request) and run.status.tool_calls_created_for == request
+
+
+def plan_tool_calls_created(run: TaskRun) -> Transition | None:
+    """Record that the current turn's tool calls all exist, so that one missing later is known to have
+    been deleted; None if there is nothing to record (recorded already, or the turn is over)."""
+    if run.phase not in FAN_IN_TASKRUN_PHASES or tool_calls_created(run):
+        return None
+    return Transition(status={"toolCallsCreatedFor": run.status.tool_call_request_id})
+
+
+def deleted_tool_call_message(toolcall: TaskRunToolCall) -> str:
+    return f"Tool call {toolcall.name} was deleted before it finished: it has no result"
+
+
 @dataclass(frozen=True)
 class FanIn:
     missing: list[TaskRunToolCall]
@@ -562,27 +580,31 @@ def plan_fan_in(
         )
     by_name = {toolcall.name: toolcall for toolcall in toolcalls}
     missing = [child for child in expected if child.name not in by_name]
-    if missing:
+    if missing and not tool_calls_created(run):
         since = parse_timestamp(run.status.tool_calls_pending_since)
         if since is not None and (now - since).total_seconds() < limits.child_creation_grace_s:
             return FanIn([], None)  # the worker that made the turn is still creating them
         return FanIn(missing, None)
-    done = [by_name[child.name] for child in expected]
-    if not all(toolcall.is_terminal() for toolcall in done):
+    # Every call was created: one missing now was deleted, which cancels it (it is not made again).
+    if not all(by_name[child.name].is_terminal() for child in expected if child.name in by_name):
         return FanIn([], None)
     window = _window(run)
-    for toolcall in done:
+    for child in expected:
+        toolcall = by_name.get(child.name)
         window.append(
             Message(
                 role="tool",
-                content=tool_message_content(toolcall, limits),
-                tool_call_id=toolcall.spec.tool_call_id,
+                content=tool_message_content(toolcall, limits)
+                if toolcall
+                else deleted_tool_call_message(child),
+                tool_call_id=child.spec.tool_call_id,
             )
         )
     too_large = _too_large(run, window, limits)
     if too_large is not None:
         return FanIn([], _fail(run, too_large, "ContextWindowTooLarge", now))
     detail = "All tool calls completed, ready to send tool results to LLM"
+    deleted = [warning("ToolCallDeleted", deleted_tool_call_message(child)) for child in missing]
     return FanIn(
         [],
         Transition(
@@ -596,6 +618,6 @@ def plan_fan_in(
                 "llmAttempts": 0,
                 **UNCLAIMED,
             },
-            events=[normal("AllToolCallsCompleted", detail)],
+            events=[*deleted, normal("AllToolCallsCompleted", detail)],
         ),
     )

@@ -1001,3 +1001,57 @@ def test_a_tool_calls_claim_is_stamped_after_its_secrets_were_read(monkeypatch: 
     assert toolcall_status(kube, name)["phase"] == "Succeeded"
     (claimed_at,) = seen
     assert datetime.fromisoformat(claimed_at.replace("Z", "+00:00")) == now[0], "stamped after the read"
+
+
+# -- a tool call deleted by hand ----------------------------------------------------------------------
+
+
+def test_deleting_a_tool_call_cancels_it_and_the_run_goes_on_without_running_it_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A running call deleted (to cancel it) was created again by the fan-in as if its creator had died,
+    and ran again: a non-idempotent tool twice. Once every call of the turn was created, a missing one
+    was deleted: the LLM hears it has no result."""
+    kube = FakeKubeClient()
+    charged: list[str] = []
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    assert run_status(kube)["toolCallsCreatedFor"] == run_status(kube)["toolCallRequestId"]
+
+    def charge(*args: Any, **kwargs: Any) -> str:
+        charged.append(name)
+        kube.delete("taskruntoolcalls", "default", name)  # the operator cancels it while it runs
+        return "charged"
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", charge)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    # a resync, long after the turn began: the fan-in finds the call missing
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(minutes=5)
+    prepare(ctx, message("TaskRun", "r"))
+    assert ("taskruntoolcalls", name) not in {(plural, n) for (_, plural, _, n) in kube.objects}
+    assert charged == [name]
+    llm_call(ctx, message("TaskRun", "r"))
+    status = run_status(kube)
+    assert status["phase"] == "FinalAnswer", status
+    tool_message = status["contextWindow"][-2]
+    assert tool_message["role"] == "tool" and tool_message["toolCallId"] == "c1"
+    assert tool_message["content"] == f"Tool call {name} was deleted before it finished: it has no result"
+    assert "ToolCallDeleted" in warnings(kube, "r")
+
+
+def test_a_tool_call_whose_creator_died_before_creating_it_is_still_created() -> None:
+    """What the fan-in's re-creation is for: the turn was written, its tool calls never made."""
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    kube.delete("taskruntoolcalls", "default", name)
+    run = kube.get(TaskRun, "default", "r")
+    kube.patch_status(run, {"toolCallsCreatedFor": None})  # as if the creator died before recording it
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(minutes=5)
+    prepare(ctx, message("TaskRun", "r"))
+    assert toolcall_status(kube, name) == {} or toolcall_status(kube, name).get("phase") in (
+        None,
+        "",
+        "Pending",
+    )
+    assert run_status(kube)["toolCallsCreatedFor"] == run_status(kube)["toolCallRequestId"]

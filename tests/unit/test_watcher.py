@@ -418,6 +418,36 @@ def test_finished_tool_calls_prompt_their_running_parent_on_events_but_not_on_ev
     ).resource_version == ""
 
 
+def test_a_tool_call_deleted_while_its_run_goes_on_prompts_the_run_but_not_one_deleted_with_it() -> None:
+    """Deleting a tool call cancels it; if it was the last its turn waited for, the run goes on now."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    pending = run("TaskRun", {"name": "r", "status": {"phase": "ToolCallsPending"}}, "3")
+    informers["TaskRun"].cache[("default", "r")] = pending
+    calls = []
+    for index, phase in ((1, "Succeeded"), (2, "Running")):
+        call = toolcall_event(f"r-abc-tc-0{index}", "abc", phase, str(3 + index))
+        call["metadata"]["ownerReferences"] = [{"kind": "TaskRun", "name": "r", "uid": "u"}]
+        informers["TaskRunToolCall"]._apply("ADDED", call)
+        calls.append(call)
+    while not watcher._outbox.empty():
+        watcher._outbox.get_nowait()
+    informers["TaskRunToolCall"]._apply("DELETED", calls[1])  # the running one, cancelled by hand
+    work, _, _ = watcher._outbox.get_nowait()
+    assert (work.task, work.kind, work.name, work.reason) == (
+        TaskName.PREPARE,
+        "TaskRun",
+        "r",
+        "toolcall-deleted",
+    )
+    # deleted with its run (being deleted, gone from the cache, or ended): nothing to go on with
+    pending["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    informers["TaskRunToolCall"]._apply("DELETED", calls[0])
+    del informers["TaskRun"].cache[("default", "r")]
+    informers["TaskRunToolCall"]._apply("DELETED", calls[0])
+    assert watcher._outbox.empty()
+
+
 def test_work_waiting_for_the_sender_is_replaced_by_newer_state_not_queued_again() -> None:
     # No sender thread runs here: Redis is down and nothing leaves the outbox.
     watcher = Watcher(Settings(stale_after_s=1.0), FakeKubeClient(), lambda *_: None, leader_election=False)
