@@ -112,7 +112,8 @@ class EventRecorder:
             # the API server's limit counts bytes: a cut by characters let long non-ASCII messages fail
             "message": message.encode("utf-8", "replace")[:MAX_MESSAGE].decode("utf-8", "ignore"),
             "type": event_type,
-            "source": {"component": component or self.controller},
+            # kubectl describe's "From": the original's recorder for the kind (taskrun-controller, ...)
+            "source": {"component": component or f"{obj.KIND.lower()}-controller"},
             "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "eventTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),

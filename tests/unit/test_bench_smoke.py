@@ -647,7 +647,9 @@ def test_event_posts_are_the_three_events_of_a_run_posted_as_workers_post_them()
     assert wall > 0 and len(events) == 12, "each post is a new Event (distinct names)"
     assert {e["reason"] for e in events} == set(EVENT_REASONS_OF_A_RUN)
     assert {e["involvedObject"]["name"] for e in events} == {"a", "b"}
-    assert all(e["source"]["component"] == "kubechain-bench" for e in events)
+    assert {(e["source"]["component"], e["reportingComponent"]) for e in events} == {
+        ("taskrun-controller", "kubechain-bench")
+    }
 
 
 def test_baseline_details_compare_an_events_cost_with_a_status_writes() -> None:

@@ -109,6 +109,10 @@ def test_validation_chain_and_events() -> None:
     agent = kube.get_raw("agents", "default", "a")["status"]
     assert agent["ready"] is True and agent["statusDetail"] == "All dependencies validated successfully"
     assert kube.event_reasons("a") == ["Initializing", "ValidationSucceeded"]
+    # "From" in kubectl describe, as the original's recorders named it (one per kind)
+    sources = {(e["involvedObject"]["kind"], e["source"]["component"]) for e in kube.events()}
+    assert sources >= {("Agent", "agent-controller"), ("LLM", "llm-controller")}, sources
+    assert {e["reportingComponent"] for e in kube.events()} == {"kubechain-worker"}
 
 
 def test_missing_secret_is_a_clear_error() -> None:
