@@ -134,7 +134,7 @@ def plan_initial_context(
     if not direct:
         if run.spec.task_ref is None:
             message = "taskRef is required when agentRef and userMessage are not provided"
-            return _fail(run, message, "ValidationFailed", now)
+            return _fail(run, message, "TaskValidationFailed", now)  # the seed PR's getTask error
         if task_missing:
             message = f'Task "{run.spec.task_ref.name}" not found'
             return _fail(run, message, "TaskValidationFailed", now)
