@@ -86,7 +86,7 @@ class CountingAPI:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         ).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/deploy"
 
@@ -475,6 +475,7 @@ def test_humanlayer_losing_the_call_means_asking_again(world: World) -> None:
     assert w.hl.function_call(call_id) is not None and w.hl.posts[call_id] == 2
 
 
+@pytest.mark.slow
 def test_a_humanlayer_that_never_finds_the_request_is_not_sent_it_every_two_seconds(world: World) -> None:
     """Each 404 on a status check sent the request again, and the next check was due 2 s later: a POST
     and an Event every 2 s for ever."""
@@ -819,6 +820,7 @@ def test_human_contact_needs_a_message(world: World) -> None:
     ],
     ids=["outage-ridden-out", "refusal-fails-sooner"],
 )
+@pytest.mark.slow
 def test_human_contact_fails_after_repeated_failures(
     world: World, down: str, limit: int, at_least_s: float
 ) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from kubechain.queueing import ResourceMessage, TaskName, enqueue, make_celery
 from kubechain.settings import Settings
 from tests.unit.silent_server import SilentServer
 
 
+@pytest.mark.slow
 def test_a_publish_to_a_silent_broker_fails_within_the_socket_timeout() -> None:
     broker = SilentServer()  # a broker gone behind a NAT or a failover
     settings = Settings(redis_url=f"redis://127.0.0.1:{broker.port}/0", redis_socket_timeout_s=0.2)

@@ -17,7 +17,7 @@ def serve(handler: type[BaseHTTPRequestHandler], path: str) -> tuple[ThreadingHT
     """``handler`` on a local port, in the background; the server and the URL of ``path`` on it."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}{path}"
 
 
@@ -45,6 +45,7 @@ class TricklingServer:
         self.server, self.url = serve(Handler, "/slow")
 
 
+@pytest.mark.slow
 def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """httpx's timeout bounds each read; a trickle never trips it, so the deadline must."""
     import kubechain.tools.external_api as external_api

@@ -134,7 +134,9 @@ class RawLLM:
         # A connection reset between select() and accept() would leave a blocking accept() waiting for
         # ever, and shutdown() with it (seen once in the unit tier): a timeout hands control back.
         self.server.socket.settimeout(1.0)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        ).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
 
@@ -350,6 +352,7 @@ def test_tool_calls_without_an_id_or_with_object_arguments_get_an_id_and_json_ar
     assert [m["tool_call_id"] for m in sent[2:]] == ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
 def test_an_answer_trickling_in_past_the_timeout_ends_the_call_at_the_timeout(
     raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient]
@@ -382,6 +385,7 @@ def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tok
     assert not OpenAIClient("sk", 5, "http://vllm.local:8000/v1")._official
 
 
+@pytest.mark.slow
 def test_a_stall_just_short_of_the_read_timeout_before_the_body_ends_at_the_deadline(raw_llm: RawLLM) -> None:
     """Headers at 0.6 s, then 0.9 s before the first byte: each wait is under the 1 s read timeout, so
     the call used to run until the first byte (1.5 s) and only then see its deadline had passed."""
@@ -397,6 +401,7 @@ def test_a_stall_just_short_of_the_read_timeout_before_the_body_ends_at_the_dead
         raw_llm.headers_after_s, raw_llm.trickle_s = 0.0, 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
 def test_a_stall_after_the_first_byte_ends_at_the_deadline_not_a_read_timeout_later(
     raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient]
@@ -454,6 +459,7 @@ def test_an_answer_over_the_size_limit_is_not_read_further_nor_retried(
     assert not raised.value.retryable
 
 
+@pytest.mark.slow
 def test_an_exhausted_quota_is_not_retried_but_a_rate_limit_is() -> None:
     """OpenAI answers both with 429; "insufficient_quota" does not clear by waiting (it was retried for
     ~20 minutes before the run failed)."""

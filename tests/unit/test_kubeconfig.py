@@ -193,6 +193,7 @@ def test_stack_processes_use_the_pinned_context_and_never_an_inherited_one(
     assert "KUBECHAIN_KUBE_CONTEXT" not in local.env(), "no context of the user's in the local kubeconfig"
 
 
+@pytest.mark.slow
 def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_meanwhile(
     two_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

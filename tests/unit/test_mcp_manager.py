@@ -27,6 +27,9 @@ from kubechain.mcp import MCPError, MCPManager, command_problem, validate_spec
 from kubechain.models import MCPServer
 from kubechain.observability.logs import ResourceFilter, resource_context
 
+# Real MCP servers (stdio children, uvicorn, uvx) and real timeouts: seconds per test.
+pytestmark = pytest.mark.slow
+
 BIN_DIR = Path(sys.executable).parent
 TIME_SERVER = str(BIN_DIR / "mcp-server-time")
 # Generous: the machine running the suite may be busy, and a stdio server is a fresh Python process.

@@ -18,6 +18,9 @@ from kubechain.settings import Settings
 from workers.context import WorkerContext
 from workers.validators import validate
 
+# Real MCP servers (stdio children) behind the validation: about a second per test.
+pytestmark = pytest.mark.slow
+
 API = "kubechain.humanlayer.dev/v1alpha1"
 TIME_SERVER = str(Path(sys.executable).parent / "mcp-server-time")
 

@@ -128,6 +128,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_a_prefork_worker_exports_its_child_processes_metrics(tmp_path: Path) -> None:
     """Tasks run (and count) in the pool's child processes; the parent serves /metrics."""
     env = {

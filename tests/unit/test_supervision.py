@@ -50,6 +50,7 @@ def test_exits_are_described() -> None:
     assert stack_module.describe_exit(None) == "no exit code"
 
 
+@pytest.mark.slow
 def test_the_supervisor_backs_off_and_says_what_exited_and_when_it_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -241,7 +241,9 @@ def test_grpc_uses_the_grpc_exporter_when_installed(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_sampling_ratio_keeps_or_drops_whole_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sampling_ratio_keeps_or_drops_whole_runs(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the run's spans follow the verdict on its root, run
     by run (at ratio 0.5 some runs are kept and some dropped, each whole)."""
     import uuid
@@ -254,6 +256,8 @@ def test_a_sampling_ratio_keeps_or_drops_whole_runs(monkeypatch: pytest.MonkeyPa
     provider = TracerProvider(sampler=ParentBased(sampler), id_generator=tracing.RunSpanIds())
     provider.add_span_processor(SimpleSpanProcessor(exported))
     monkeypatch.setattr(tracing.trace, "get_tracer_provider", lambda: provider)
+    tracing._tracer.cache_clear()  # the process's one tracer, taken from this provider for this test
+    request.addfinalizer(tracing._tracer.cache_clear)
 
     kept: dict[bool, list[int]] = {True: [], False: []}
     for i in range(40):
