@@ -38,6 +38,7 @@ from kubechain.statemachines.toolcall import (
     plan_awaiting_sub_agent,
     plan_call_of_finished_run,
     plan_invalid_arguments,
+    plan_running_retyped,
     plan_stranded,
     plan_sub_agent_not_started,
     plan_sub_agent_outcome,
@@ -343,6 +344,25 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
         _count_not_run(executor, "rejected")
         return
+    retyped_to = (
+        "delegates to an agent"
+        if executor.delegate_to is not None
+        else "asks a human"
+        if executor.human_channel is not None
+        else None
+    )
+    if toolcall.phase == ToolCallPhase.RUNNING and retyped_to is not None:
+        # Its tool was edited while it ran. The flows below take no execution claim and ignore a Running
+        # call: a lost worker's claim is resolved here, or the call and its run's fan-in wait forever.
+        claim = plan_running_retyped(
+            toolcall, now, ctx.settings.claim_timeout_s, executor.idempotent, retyped_to
+        )
+        if claim.transition is None:
+            log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
+            return
+        toolcall = apply_transition(ctx, toolcall, claim.transition)
+        if toolcall.is_terminal():
+            return
     if executor.delegate_to is not None:
         _delegate(ctx, toolcall, parent, executor.delegate_to)
         return

@@ -2,6 +2,7 @@
 
 "" / Pending / ReadyToExecuteApprovedTool --claim--> Running --> Succeeded | Failed
 Running with a stale claim (the worker died) --> Running again if the tool is idempotent (once), else Failed
+  (its tool now delegates or asks a human: Pending again, for that flow, if idempotent (once), else Failed)
 AwaitingSubAgent / AwaitingHumanInput that nothing can move on any more --> Failed
 """
 
@@ -43,28 +44,40 @@ class ToolClaim:
     reason: str = ""
 
 
+def _running_claim(
+    toolcall: TaskRunToolCall, now: datetime, claim_timeout_s: float, idempotent: bool
+) -> ToolClaim | None:
+    """Of a Running call: wait for its live claim, or fail it (its worker was lost, and the tool may not
+    run again); None: the claim expired and the tool may run once more."""
+    attempts = toolcall.status.attempts or 0
+    remaining = claim_remaining_s(toolcall.status.claimed_at, now, claim_timeout_s)
+    if remaining > 0:
+        return ToolClaim(None, remaining, f"running on {toolcall.status.claimed_by}")
+    if not idempotent:
+        message = (
+            f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost mid-execution; "
+            "the tool is not declared idempotent, so it was not run again"
+        )
+        return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
+    if attempts >= MAX_TOOL_EXECUTIONS:
+        message = (
+            f"the execution of this tool call was interrupted {attempts} times (last worker "
+            f"{toolcall.status.claimed_by}); not running it again. Check that worker's logs (was it "
+            "killed, or could it not store the result?) and run the task again"
+        )
+        return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
+    return None
+
+
 def plan_tool_claim(
     toolcall: TaskRunToolCall, worker: str, now: datetime, claim_timeout_s: float, idempotent: bool
 ) -> ToolClaim:
     phase = toolcall.phase
     attempts = toolcall.status.attempts or 0
     if phase == ToolCallPhase.RUNNING:
-        remaining = claim_remaining_s(toolcall.status.claimed_at, now, claim_timeout_s)
-        if remaining > 0:
-            return ToolClaim(None, remaining, f"running on {toolcall.status.claimed_by}")
-        if not idempotent:
-            message = (
-                f"the worker executing this tool call ({toolcall.status.claimed_by}) was lost mid-execution; "
-                "the tool is not declared idempotent, so it was not run again"
-            )
-            return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
-        if attempts >= MAX_TOOL_EXECUTIONS:
-            message = (
-                f"the execution of this tool call was interrupted {attempts} times (last worker "
-                f"{toolcall.status.claimed_by}); not running it again. Check that worker's logs (was it "
-                "killed, or could it not store the result?) and run the task again"
-            )
-            return ToolClaim(plan_tool_failure(toolcall, message, now, reason="ExecutionInterrupted"))
+        decided = _running_claim(toolcall, now, claim_timeout_s, idempotent)
+        if decided is not None:
+            return decided
     elif phase not in CLAIMABLE_PHASES:
         return ToolClaim(None, 0.0, f"phase {phase} is not executable")
     status: dict[str, Any] = {
@@ -80,6 +93,37 @@ def plan_tool_claim(
     if span_context is not None:
         status["spanContext"] = span_context
     return ToolClaim(Transition(status=status))
+
+
+def plan_running_retyped(
+    toolcall: TaskRunToolCall, now: datetime, claim_timeout_s: float, idempotent: bool, flow: str
+) -> ToolClaim:
+    """A Running call whose tool now ``flow``s (delegates to an agent, asks a human): flows that take no
+    execution claim, and would never look at this one. A live claim is left to its holder; once it
+    expired, the call fails as an interrupted execution does, or (an idempotent tool, not yet run
+    MAX_TOOL_EXECUTIONS times) is released to Pending, for the flow its tool has now."""
+    decided = _running_claim(toolcall, now, claim_timeout_s, idempotent)
+    if decided is not None:
+        return decided
+    lost = toolcall.status.claimed_by
+    return ToolClaim(
+        Transition(
+            status={
+                "phase": ToolCallPhase.PENDING.value,
+                "status": "Pending",
+                "statusDetail": f"Interrupted; its tool now {flow}: starting again that way",
+                "claimedBy": None,
+                "claimedAt": None,
+            },
+            events=[
+                warning(
+                    "ExecutionInterrupted",
+                    f"the worker executing this tool call ({lost}) was lost mid-execution; its tool, "
+                    f"idempotent, now {flow}: starting again that way",
+                )
+            ],
+        )
+    )
 
 
 def toolcall_span_context(toolcall: TaskRunToolCall) -> dict[str, str] | None:

@@ -27,6 +27,7 @@ from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, ToolCall, Tool
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.routing import work_for
+from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import ReadGateKube, run_concurrently
 from workers.context import WorkerContext
@@ -783,6 +784,25 @@ def test_a_call_whose_tool_now_asks_a_human_fails_instead_of_waiting_forever(
     assert status["phase"] == "Failed", status
     assert 'tool "approvals__human_contact_email" now asks a human' in status["error"]
     assert w.hl.contact_requests == {}, "no human was asked"
+
+
+@pytest.mark.parametrize("claim_age_s, phase", [(5, "Running"), (3600, "Failed")], ids=["live", "lost"])
+def test_a_running_call_whose_tool_now_asks_a_human_is_ended_once_its_worker_is_lost(
+    world: World, claim_age_s: float, phase: str
+) -> None:
+    """It ran as another kind of tool (an MCP server's, renamed into a channel since); the contact flow
+    ignored a Running call, so one whose worker died stayed Running for good. A live claim is left alone."""
+    w = world
+    add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget for Q3?"})
+    claimed_at = w.clock.now - timedelta(seconds=claim_age_s)
+    running = {"phase": "Running", "claimedBy": "lost-worker", "claimedAt": precise_timestamp(claimed_at)}
+    w.kube.patch_status_raw("taskruntoolcalls", "default", TC, None, running | {"attempts": 1})
+    w.run()
+    status = w.status()
+    assert status["phase"] == phase, status
+    if phase == "Failed":
+        assert "(lost-worker) was lost mid-execution" in status["error"] and status.get("claimedBy") is None
+    assert w.calls_to_humanlayer() == [], "no human was asked"
 
 
 def test_a_question_whose_channel_was_deleted_fails_instead_of_waiting_forever(world: World) -> None:

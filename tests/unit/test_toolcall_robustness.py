@@ -230,6 +230,87 @@ def test_a_call_waiting_for_approval_whose_tool_now_delegates_fails_instead_of_w
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
 
 
+def running_since(kube: FakeKubeClient, name: str, claimed_at: datetime, attempts: int = 1) -> None:
+    """The call as a worker left it while executing the tool as it was then (an externalAPI tool, say)."""
+    kube.patch_status_raw(
+        "taskruntoolcalls",
+        "default",
+        name,
+        None,
+        {
+            "phase": "Running",
+            "status": "Ready",
+            "claimedBy": "lost-worker",
+            "claimedAt": precise_timestamp(claimed_at),
+            "attempts": attempts,
+        },
+    )
+
+
+def made_idempotent(kube: FakeKubeClient) -> None:
+    tool = kube.get_raw("tools", "default", "ask")
+    tool["spec"] = {**tool["spec"], "idempotent": True}
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "tools", "default", "ask")] = tool
+
+
+def test_a_running_call_whose_worker_was_lost_and_whose_tool_now_delegates_fails_instead_of_hanging() -> None:
+    """The delegation flow took no execution claim and ignored the dead worker's: the call stayed Running,
+    the run's fan-in waited for it for good, and every resync queued it again for nothing."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=ctx.settings.claim_timeout_s + 1))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert "(lost-worker) was lost mid-execution" in status["error"] and "not run again" in status["error"]
+    assert status.get("claimedBy") is None and warnings(kube, name) == ["ExecutionInterrupted"]
+    with pytest.raises(NotFound):  # and no sub-agent run was started for it
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM", "the run goes on with the error as the result"
+
+
+def test_a_running_call_whose_tool_now_delegates_is_left_to_its_live_claim() -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=5))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Running" and status["claimedBy"] == "lost-worker"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+def test_an_interrupted_idempotent_call_whose_tool_now_delegates_is_delegated_at_most_once_more() -> None:
+    """An idempotent tool may run again after its worker was lost: its Tool now delegates, so it is
+    started as a delegation, and the dead worker's claim is released."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    made_idempotent(kube)
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=ctx.settings.claim_timeout_s + 1))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "AwaitingSubAgent", status
+    assert status.get("claimedBy") is None and status.get("claimedAt") is None
+    assert kube.get(TaskRun, "default", child_run_name(name, "helper")).metadata.owned_by(
+        kube.get(TaskRunToolCall, "default", name).uid
+    )
+
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    made_idempotent(kube)
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=ctx.settings.claim_timeout_s + 1), attempts=2)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "interrupted 2 times" in status["error"]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
 def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
