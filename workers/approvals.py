@@ -84,7 +84,7 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     phase = toolcall.phase
     if phase not in machine.UNDECIDED_PHASES:
         return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
-    if _rejected_by_annotation(ctx, toolcall):
+    if rejected_by_annotation(ctx, toolcall):
         return False
     requirement = approval_requirement(executor)
     if requirement is None and phase not in machine.APPROVAL_WAITING_PHASES:
@@ -123,9 +123,10 @@ def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requireme
     return _requirement_of(server, tool)
 
 
-def _rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:
+def rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:
     """A rejection (``kubechain reject``, or the annotation) stands whether or not the call needed an
-    approval: a call that was only pending, or a question to a human, must not go ahead against it."""
+    approval: a call that was only pending (to run, ask a human or delegate) must not go ahead against
+    it. Recorded as an approval's rejection is; True if it was."""
     decision = machine.annotation_decision(toolcall)
     if decision is None or decision.approved:
         return False
@@ -359,7 +360,7 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
     now = ctx.clock()
     phase = toolcall.phase
     if phase in machine.PENDING_PHASES:
-        if _rejected_by_annotation(ctx, toolcall):
+        if rejected_by_annotation(ctx, toolcall):
             return
         arguments, invalid = parse_arguments(toolcall)
         if invalid is not None:

@@ -585,6 +585,9 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             approved_too=True,
         )
         return
+    # `kubechain reject` accepts a Pending call: the sub-agent is not started against that decision.
+    if approvals.rejected_by_annotation(ctx, toolcall):
+        return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))
     root = parent.root_run_uid

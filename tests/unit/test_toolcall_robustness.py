@@ -25,6 +25,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_ROOT_RUN
+from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
 from kubechain.statemachines.taskrun import request_id, toolcall_name
 from kubechain.statemachines.toolcall import (
     child_run_name,
@@ -309,6 +310,26 @@ def test_an_interrupted_idempotent_call_whose_tool_now_delegates_is_delegated_at
     assert status["phase"] == "Failed" and "interrupted 2 times" in status["error"]
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+@pytest.mark.parametrize("phase", ["", "Pending"])
+def test_a_rejected_pending_delegation_starts_no_sub_agent(phase: str) -> None:
+    """`kubechain reject` accepts a Pending call (it waits for no one, but is undecided) and said
+    "rejected"; the delegation went ahead anyway and started the sub-agent's run."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    if phase:
+        kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": phase})
+    annotations = {APPROVAL_ANNOTATION: "rejected", APPROVAL_COMMENT_ANNOTATION: "ask nobody"}
+    kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "ToolCallRejected" and status["status"] == "Succeeded", status
+    assert status["result"] == "ask nobody"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM", "the LLM hears the rejection"
 
 
 def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> None:
