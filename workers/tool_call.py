@@ -310,8 +310,8 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         ended = plan_call_of_finished_run(toolcall, why, ctx.clock(), ctx.settings.claim_timeout_s)
         if ended is not None:
             log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
-            apply_transition(ctx, toolcall, ended)
             _stop_sub_agent_runs(ctx, toolcall)
+            apply_transition(ctx, toolcall, ended)
         return
     if not toolcall.metadata.owned_by(parent.uid):
         # Made by hand, not by its run: it would run with the Agent's grants (an externalAPI tool's
@@ -495,17 +495,21 @@ def _fail_if_stranded(
         toolcall.phase,
         stranded.status["error"],
     )
-    apply_transition(ctx, toolcall, stranded)
     _stop_sub_agent_runs(ctx, toolcall)
+    apply_transition(ctx, toolcall, stranded)
     return True
 
 
 def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
-    """A delegating call just failed for a reason of its own (its run ended, its Tool changed): its
+    """A delegating call is about to fail for a reason of its own (its run ended, its Tool changed): its
     sub-agent's run, which nothing will read any more, is deleted rather than left spending tokens (the
-    call, and so its child, is kept for good, so garbage collection never removes it)."""
+    call, and so its child, is kept for good, so garbage collection never removes it).
+
+    Called before the call's terminal write: a delete that fails for a moment (Unavailable) raises with the
+    call still waiting, so the retry, or the resync, decides again and deletes again. After that write,
+    nothing would ever look at the call again. Each step is idempotent (a deleted run is NotFound)."""
     if toolcall.phase != ToolCallPhase.AWAITING_SUB_AGENT:
-        return  # no child was started (the call was failed from the phase it was read in)
+        return  # no child was started (the call is failed from the phase it was read in)
     selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
     for child in ctx.kube.list(TaskRun, toolcall.namespace, selector):
         if not child.metadata.owned_by(toolcall.uid) or child.is_terminal():

@@ -25,7 +25,9 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_ROOT_RUN
+from kubechain.queueing import TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
+from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import request_id, toolcall_name
 from kubechain.statemachines.toolcall import (
     child_run_name,
@@ -555,6 +557,48 @@ def test_an_api_server_hiccup_while_deleting_a_sub_agent_run_is_retried_not_fina
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert status["phase"] == "Failed" and "was deleted" in status["error"]
+
+
+class DeleteHiccupKube(FakeKubeClient):
+    """Answers 503 to the next delete of a TaskRun once armed (an etcd leader election, say)."""
+
+    armed = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.armed and method == "DELETE" and "/taskruns/" in path:
+            self.armed = False
+            raise Unavailable(503, "ServiceUnavailable", "etcd leader changed")
+        return super().request(method, path, **kwargs)
+
+
+def tool_deleted(kube: FakeKubeClient) -> None:
+    kube.delete("tools", "default", "ask")
+
+
+def run_ended(kube: FakeKubeClient) -> None:
+    kube.patch_status(
+        kube.get(TaskRun, "default", "r"), {"phase": "Failed", "error": "a sibling was refused"}
+    )
+
+
+@pytest.mark.parametrize("cause", [tool_deleted, run_ended], ids=["tool-deleted", "run-ended"])
+def test_a_sub_agent_run_whose_delete_hiccups_is_deleted_on_the_retry(cause: Callable[..., None]) -> None:
+    """The delete came after the call's terminal write: a 503 on it raised, and the retry (or any
+    later message) found the call finished and did nothing; the run it owns spent tokens for no one."""
+    kube = DeleteHiccupKube()
+    ctx, name, child = delegated(kube)
+    cause(kube)
+    kube.armed = True
+    with pytest.raises(Unavailable):  # Celery's autoretry delivers it again
+        tool_call(ctx, message("TaskRunToolCall", name))
+    waiting = kube.get_raw("taskruntoolcalls", "default", name)
+    assert [w.task for w in work_for("TaskRunToolCall", waiting, ctx.clock(), 180, resync=True)] == [
+        TaskName.TOOL_CALL
+    ], "and the resync, when the retries ran out"
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
 
 
 def test_a_sub_agent_run_only_waiting_in_a_queue_is_not_given_up_on() -> None:
