@@ -500,6 +500,13 @@ def _fail_if_stranded(
     return True
 
 
+def _sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> list[TaskRun]:
+    """The sub-agent runs this call started: found by its label, and owned by it (anyone may set a label)."""
+    selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
+    runs = ctx.kube.list(TaskRun, toolcall.namespace, selector)
+    return sorted((run for run in runs if run.metadata.owned_by(toolcall.uid)), key=lambda run: run.name)
+
+
 def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     """A delegating call is about to fail for a reason of its own (its run ended, its Tool changed): its
     sub-agent's run, which nothing will read any more, is deleted rather than left spending tokens (the
@@ -510,10 +517,9 @@ def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     nothing would ever look at the call again. Each step is idempotent (a deleted run is NotFound)."""
     if toolcall.phase != ToolCallPhase.AWAITING_SUB_AGENT:
         return  # no child was started (the call is failed from the phase it was read in)
-    selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
-    for child in ctx.kube.list(TaskRun, toolcall.namespace, selector):
-        if not child.metadata.owned_by(toolcall.uid) or child.is_terminal():
-            continue
+    for child in _sub_agent_runs(ctx, toolcall):
+        if child.is_terminal():
+            continue  # finished: its answer stays readable
         try:
             ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
             log.info(
@@ -535,9 +541,21 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
     if toolcall.phase == "AwaitingSubAgent":
         child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
         if child is None:
+            # Looked up by owner, not by the name computed now: the Tool may delegate to another agent
+            # since, and the run this call waited for must be named, and stopped.
+            waited = _sub_agent_runs(ctx, toolcall)
+            if waited:
+                was = ", ".join(f'"{c.spec.agent_ref.name if c.spec.agent_ref else ""}"' for c in waited)
+                runs = ", ".join(c.name for c in waited)
+                retargeted = (
+                    f'tool "{toolcall.spec.tool_ref.name}" now delegates to agent "{agent}", not to {was} '
+                    f"(TaskRun {runs}, which this call waited for)"
+                )
+                _fail_if_stranded(ctx, toolcall, retargeted, now)
+                return
             gone = (
-                f"sub-agent TaskRun {child_name} not found: it was deleted, or the Tool now delegates to "
-                f'another agent than "{agent}"; run the task again'
+                f"no sub-agent TaskRun this call started is left (TaskRun {child_name} not found): it was "
+                "deleted; run the task again"
             )
             apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return

@@ -215,6 +215,49 @@ def test_a_sub_agent_call_whose_tool_no_longer_delegates_fails() -> None:
     assert 'tool "ask" no longer delegates to an agent' in status["error"]
 
 
+def retargeted(kube: FakeKubeClient, ctx: WorkerContext) -> None:
+    """The delegating Tool "ask" now delegates to the agent "other"."""
+    create(kube, "Agent", "agents", "other", {"llmRef": {"name": "gpt-4o"}, "system": "x"})
+    validate(ctx, message("Agent", "other"))
+    tool = kube.get_raw("tools", "default", "ask")
+    tool["spec"] = {**tool["spec"], "agentRef": {"name": "other"}}
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "tools", "default", "ask")] = tool
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["running", "finished"])
+def test_a_sub_agent_run_whose_tool_was_retargeted_is_stopped_and_named(finished: bool) -> None:
+    """The check looked for the run of the new agent's name, failed the call, and left the run it had
+    waited for working on (owned by a call kept for good, never collected); the error named the new
+    agent. A run that has finished is kept, its answer readable."""
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    if finished:
+        finish(kube, child)
+    retargeted(kube, ctx)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert f'now delegates to agent "other", not to "helper" (TaskRun {child},' in status["error"]
+    assert warnings(kube, name) == ["DelegationLost"]
+    if finished:
+        assert kube.get_raw("taskruns", "default", child)["status"]["output"] == "42"
+    else:
+        with pytest.raises(NotFound):
+            kube.get_raw("taskruns", "default", child)
+    with pytest.raises(NotFound):  # and the new agent was not started either
+        kube.get_raw("taskruns", "default", child_run_name(name, "other"))
+
+
+def test_a_sub_agent_call_whose_run_was_deleted_fails_and_says_so() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    kube.delete("taskruns", "default", child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and f"TaskRun {child} not found" in status["error"]
+    assert "it was deleted" in status["error"]
+
+
 @pytest.mark.parametrize("phase", ["AwaitingHumanApproval", "ReadyToExecuteApprovedTool"])
 def test_a_call_waiting_for_approval_whose_tool_now_delegates_fails_instead_of_waiting_forever(
     phase: str,
