@@ -148,6 +148,7 @@ def still_working_rounds(call_timeout_s: float) -> int:
 
 # What the SDK says of a non-2xx answer without a JSON-RPC error in it (the status is known only to us).
 SDK_STATUS_STAND_IN = "Server returned an error response"
+MCP_SESSION_ID = "mcp-session-id"
 
 
 class Attempt:
@@ -159,6 +160,7 @@ class Attempt:
         self.sends = 0
         self.unsent = 0
         self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
+        self.session_gone = False  # a tools/call POST was answered 404 for our session id
         # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
@@ -215,11 +217,21 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
     tools/call never left: the connection could not be made (refused, unreachable, connect or pool
     timeout), so no byte of it reached the server. A tool behind a server that was down is then retried
     on a fresh session, not reported as one that may have run. It also notes an error status the POST
-    was answered with, which the SDK reports only as "Server returned an error response"."""
+    was answered with, which the SDK reports only as "Server returned an error response", and tells
+    ``on_session_gone`` when a request carrying a session id is answered 404: the server no longer knows
+    the session (it restarted) and ran nothing sent on it. The SDK turns that 404 into "Session terminated"
+    only when its body is not a JSON-RPC error; the SDK's own server sends one ("Session not found")."""
 
-    def __init__(self, inner: httpx2.AsyncBaseTransport, *, abandon_on_failure: bool = False) -> None:
+    def __init__(
+        self,
+        inner: httpx2.AsyncBaseTransport,
+        *,
+        abandon_on_failure: bool = False,
+        on_session_gone: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._abandon_on_failure = abandon_on_failure
+        self._on_session_gone = on_session_gone
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -232,10 +244,14 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
                 self._abandon(attempt, f"{type(exc).__name__}: {exc}")
             raise
         status = response.status_code
+        session_gone = status == 404 and MCP_SESSION_ID in request.headers
+        if session_gone and self._on_session_gone is not None:
+            self._on_session_gone()
         if status >= 300:
             attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
+                attempt.session_gone = attempt.session_gone or session_gone
                 if _refused_before_running(status, response.headers, sse=self._abandon_on_failure):
                     attempt.unsent += 1
                 self._abandon(attempt, f"answered HTTP {status}")
@@ -271,10 +287,15 @@ def _carries_tools_call(request: httpx2.Request) -> bool:
 
 
 def _watching_unsent_calls(
-    client: httpx2.AsyncClient, *, abandon_on_failure: bool = False
+    client: httpx2.AsyncClient,
+    *,
+    abandon_on_failure: bool = False,
+    on_session_gone: Callable[[], None] | None = None,
 ) -> httpx2.AsyncClient:
     """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
-    wrap = functools.partial(_UnsentCallTransport, abandon_on_failure=abandon_on_failure)
+    wrap = functools.partial(
+        _UnsentCallTransport, abandon_on_failure=abandon_on_failure, on_session_gone=on_session_gone
+    )
     client._transport = wrap(client._transport)
     client._mounts = {
         pattern: None if transport is None else wrap(transport)
@@ -506,6 +527,7 @@ class Session:
         self.process: Any = None  # the stdio child (anyio Process) when the spawn hook is in place
         self.dead = False  # the connection ended (or never came up)
         self.broken = False  # a request saw the connection fail: no new requests
+        self.forgotten = False  # the server answered our session id with 404 (it restarted)
         self.retired = False  # replaced or discarded: stop once in-flight calls are done
         self.inflight = 0
         self.finished = asyncio.Event()
@@ -643,6 +665,12 @@ class Session:
             return False
         return True
 
+    def _session_gone(self) -> None:
+        if not self.forgotten:
+            log.info("MCP session %s: the server no longer knows this session (it restarted?)", self.label)
+        self.forgotten = True
+        self.broken = True
+
     def _lost(self) -> None:
         if not self._stopping and not self.dead:
             log.info("MCP session %s: the server closed the connection", self.label)
@@ -683,7 +711,8 @@ class Session:
                 )
                 http = await stack.enter_async_context(
                     _watching_unsent_calls(
-                        create_mcp_http_client(headers=dict(spec.headers), timeout=timeout)
+                        create_mcp_http_client(headers=dict(spec.headers), timeout=timeout),
+                        on_session_gone=self._session_gone,
                     )
                 )
                 read, write = await stack.enter_async_context(
@@ -717,6 +746,8 @@ class Session:
         return tools
 
     def _lost_message(self) -> str:
+        if self.forgotten:
+            return "the server no longer knows this session (it restarted?)"
         if self.process is not None and getattr(self.process, "returncode", None) is not None:
             return self._explain("the MCP server process exited")
         return self._explain(f"the connection to {self.spec.describe()} was lost")
@@ -746,7 +777,7 @@ class Session:
                 maybe_executed=False,
             ) from None
         except SDKError as exc:
-            if exc.code == CONNECTION_CLOSED or self.dead:
+            if exc.code == CONNECTION_CLOSED or self.dead or self.forgotten:
                 self.broken = True
                 raise ConnectionLost(self._lost_message(), maybe_executed=False) from exc
             raise MCPError(f"failed to list tools: {exc.message}") from exc
@@ -791,9 +822,9 @@ class Session:
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True
                 raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
-            if exc.code == INVALID_REQUEST and exc.message == "Session terminated":
-                # HTTP 404 for our session id: the server restarted and never ran this request. An
-                # earlier request of the same call (before a "still working" answer) did start it.
+            if attempt.session_gone or (exc.code == INVALID_REQUEST and exc.message == "Session terminated"):
+                # HTTP 404 for our session id, whatever its body: the server restarted and never ran this
+                # request. An earlier request of the same call (before a "still working" answer) did start it.
                 self.broken = True
                 raise ConnectionLost(
                     "the server no longer knows this session (it restarted?)",
@@ -832,8 +863,8 @@ class Session:
                 await client.list_tools()
             return
         except SDKError as exc:
-            if exc.code != CONNECTION_CLOSED and not self.dead:
-                return  # an error answer is an answer
+            if exc.code != CONNECTION_CLOSED and not self.dead and not self.forgotten:
+                return  # an error answer is an answer (but not a 404 for our session: see _session_gone)
             problem = exc.message
         except Exception as exc:  # noqa: BLE001 - any failure to answer means the same
             problem = describe_error(exc) if str(exc) else type(exc).__name__

@@ -675,6 +675,110 @@ def test_a_tool_call_refused_before_it_ran_is_sent_once_more(
         manager.disconnect("default", name)
 
 
+class ForgetfulLegacyServer:
+    """A streamable-HTTP server of the 2025 protocol (it refuses server/discover, so the client makes the
+    handshake and holds an Mcp-Session-Id) that can "restart": the session ids it was sent before then get
+    the SDK server's own answer to an unknown one, HTTP 404 with a JSON-RPC error in the body."""
+
+    def __init__(self, app: Any, restart_on_call: str | None = None) -> None:
+        self.app = app
+        self.restart_on_call = restart_on_call  # restart when this tool is called (mid-call)
+        self.seen: set[bytes] = set()
+        self.forgotten: set[bytes] = set()
+        self.refused: list[str] = []  # the requests answered 404, by JSON-RPC method or HTTP method
+
+    def restart(self) -> None:
+        self.forgotten |= self.seen
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        session_id = dict(scope["headers"]).get(b"mcp-session-id")
+        received = []
+        while scope["method"] == "POST":
+            message = await receive()
+            received.append(message)
+            if not message.get("more_body"):
+                break
+        body = b"".join(m.get("body", b"") for m in received)
+        request = json.loads(body) if body else {}
+        if request.get("method") == "server/discover":
+            error, status, request_id = {"code": -32601, "message": "Method not found"}, 200, request["id"]
+        elif session_id in self.forgotten:
+            self.refused.append(request.get("method") or scope["method"])
+            error, status, request_id = {"code": -32600, "message": "Session not found"}, 404, None
+        else:
+            if session_id is not None:
+                self.seen.add(session_id)
+            if request.get("method") == "tools/call" and request["params"]["name"] == self.restart_on_call:
+                self.restart()
+
+            async def replay() -> Any:
+                return received.pop(0) if received else await receive()
+
+            return await self.app(scope, replay, send)
+        answer = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+        return None
+
+
+def test_a_legacy_http_session_its_restarted_server_forgot_is_replaced() -> None:
+    """A 2025-protocol server that restarted answers the old session id with 404 and a JSON-RPC error
+    ("Session not found"), not the SDK client's "Session terminated": every later request of the worker
+    failed so, on a session still taken for connected. The request did not run: it goes to a new session."""
+    restarting = ForgetfulLegacyServer(_http_mcp_server().streamable_http_app(host="127.0.0.1"))
+    m = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S)
+    with UvicornThread(restarting) as up:
+        try:
+            server = mcp_server("http-legacy", transport="http", url=f"http://127.0.0.1:{up.port}/mcp")
+            assert "unauthorized" in m.call_tool(server, "whoami", {}).text  # not idempotent: ran once
+            first = m._peek("default", "http-legacy")
+            assert first is not None and first.client is not None
+            assert first.client.protocol_version == "2025-11-25", "the legacy handshake"
+
+            restarting.restart()
+            assert "unauthorized" in m.call_tool(server, "whoami", {}).text
+            assert restarting.refused[0] == "tools/call" and m._peek("default", "http-legacy") is not first
+
+            restarting.restart()
+            assert [t.name for t in m.list_tools(server)] == ["whoami"]
+            assert restarting.refused.count("tools/list") == 1 and m.connected("default", "http-legacy")
+        finally:
+            m.close()
+
+
+def test_a_probe_its_restarted_server_refuses_gives_the_session_up() -> None:
+    """A call timed out and the server restarted meanwhile: the liveness probe's 404 ("Session not found")
+    is no answer from a live session, and the next call starts a new one."""
+    app = SDKServer("slow-http")
+
+    @app.tool()
+    async def slow(seconds: float) -> str:
+        import anyio
+
+        await anyio.sleep(seconds)
+        return "done"
+
+    restarting = ForgetfulLegacyServer(app.streamable_http_app(host="127.0.0.1"), restart_on_call="slow")
+    m = MCPManager(resolve_secret, call_timeout_s=0.5, connect_timeout_s=CONNECT_TIMEOUT_S)
+    with UvicornThread(restarting) as up:
+        try:
+            server = mcp_server("http-probed", transport="http", url=f"http://127.0.0.1:{up.port}/mcp")
+            with pytest.raises(MCPError, match="timed out"):
+                m.call_tool(server, "slow", {"seconds": 30})
+            assert "tools/list" in restarting.refused, "the probe"
+            assert not m.connected("default", "http-probed")
+        finally:
+            m.close()
+
+
 def test_callers_queued_behind_a_failing_connect_share_its_failure() -> None:
     """A server that accepts connections but never answers: four calls at once make one connect attempt
     between them, and all four hear why, instead of each waiting a whole connect timeout in turn."""
