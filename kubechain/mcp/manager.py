@@ -365,8 +365,11 @@ class MCPManager:
                 )
             except SDKError as exc:
                 if exc.code == REQUEST_TIMEOUT:
+                    # The SDK's read timeout (the call timeout, so it fires before the session's own) starts
+                    # once the request is written: the LLM must not take the tool for one that did not run.
                     raise MCPError(
-                        f"error calling tool {tool} on server {key[1]}: timed out after {self.call_timeout_s:g}s"
+                        f"error calling tool {tool} on server {key[1]}: timed out after {self.call_timeout_s:g}s; "
+                        "the tool may have run (and may still be running)"
                     ) from exc
                 if exc.code == INVALID_PARAMS and "unknown tool" in exc.message.lower():
                     raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"') from exc

@@ -928,14 +928,18 @@ def _ppid(proc: Path) -> int:
         return -1
 
 
-def test_call_timeout_keeps_the_session(stdio_script: str) -> None:
+def test_a_call_timeout_says_the_tool_may_have_run_and_keeps_the_session(stdio_script: str) -> None:
+    """The SDK's read timeout (the call timeout) ends a slow call: the request was sent, so the LLM must
+    hear that the tool may have run, or it may call a non-idempotent tool again."""
     m = MCPManager(resolve_secret, call_timeout_s=1, connect_timeout_s=CONNECT_TIMEOUT_S)
     try:
         server = script_server("slow-server", stdio_script)
         assert m.call_tool(server, "slow", {"seconds": 0}).text == "done"
         pid = m.stdio_pid("default", "slow-server")
         with pytest.raises(
-            MCPError, match="error calling tool slow on server slow-server: timed out after 1s"
+            MCPError,
+            match=r"error calling tool slow on server slow-server: timed out after 1s; the tool may have run "
+            r"\(and may still be running\)",
         ):
             m.call_tool(server, "slow", {"seconds": 30})
         assert m.call_tool(server, "env", {"name": "PLAIN"}).text == "<unset>"
