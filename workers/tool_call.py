@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -48,7 +49,7 @@ from kubechain.statemachines.toolcall import (
     sub_agent_runs_problem,
     sub_agent_start_expired,
 )
-from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, resolve_tool_name
+from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, mcp_tool_name, resolve_tool_name
 from kubechain.statemachines.transition import (
     Transition,
     foreign_child_message,
@@ -139,6 +140,11 @@ class Executor:
                 self.problem = (
                     f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
                 )
+            else:
+                # A tool whose own name the LLM APIs refuse was offered under another (mcp_function_name).
+                listed = [tool.name for tool in self.server.status.tools or []]
+                real = mcp_tool_name(self.target.name, self.target.tool, listed)
+                self.target = dataclasses.replace(self.target, tool=real)
         elif self.target.kind == "tool":
             granted = [ref.name for ref in self.agent.spec.tools] if self.agent is not None else []
             self.tool = find_tool(self.ctx, ns, self.target.name, granted)

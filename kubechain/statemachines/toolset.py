@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ MESSAGE_PARAMETERS = {
     "required": ["message"],
 }
 MCP_SEPARATOR = "__"
+# What OpenAI and Anthropic accept as a function name; a name outside it fails every request of the run.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+MAX_FUNCTION_NAME = 64
+NOT_IN_FUNCTION_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 DELEGATE_PREFIX = "delegate_to_agent__"
 HUMAN_CONTACT_MARKER = "__human_contact"
 # Exactly what tool_definitions offers for a channel (the ContactChannel types are slack and email), so an
@@ -42,7 +47,28 @@ def object_parameters(schema: Any) -> dict[str, Any]:
 
 
 def mcp_function_name(server: str, tool: str) -> str:
-    return f"{server}{MCP_SEPARATOR}{tool}"
+    """``<server>__<tool>``, or for a tool name the MCP spec allows but the LLM APIs refuse ("." in it, up
+    to 128 characters), the name with those characters made "_", cut to fit, and a hash of the real name
+    appended: valid, stable, and unlike any other tool's ("files.write" beside "files_write") whatever
+    else the server lists, so adding a tool never renames another. mcp_tool_name maps a call back. A
+    server name the APIs refuse, or too long to leave room for a tool's, is the user's to change: such a
+    name is kept as it is, for validation to report."""
+    name = f"{server}{MCP_SEPARATOR}{tool}"
+    digest = hashlib.sha256(tool.encode()).hexdigest()[:8]
+    room = MAX_FUNCTION_NAME - len(server) - len(MCP_SEPARATOR) - len(digest) - 1
+    if FUNCTION_NAME.fullmatch(name) or not FUNCTION_NAME.fullmatch(server) or room < 1:
+        return name
+    return f"{server}{MCP_SEPARATOR}{NOT_IN_FUNCTION_NAME.sub('_', tool)[:room]}_{digest}"
+
+
+def mcp_tool_name(server: str, called: str, tools: Collection[str]) -> str:
+    """The tool of MCP server ``server`` that the LLM called as ``<server>__<called>``: the one of that
+    name, else the one of ``tools`` (the server's listed tools) mcp_function_name offered under it, else
+    ``called`` (for the server to say it has no such tool)."""
+    if called in tools:
+        return called
+    function_name = f"{server}{MCP_SEPARATOR}{called}"
+    return next((tool for tool in tools if mcp_function_name(server, tool) == function_name), called)
 
 
 def delegate_function_name(agent: str) -> str:

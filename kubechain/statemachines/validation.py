@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.statemachines.toolset import (
+    FUNCTION_NAME,
     delegate_function_name,
     human_contact_function_name,
     mcp_function_name,
@@ -108,10 +108,6 @@ class AgentDependencies:
     mcp_servers: dict[str, MCPServer | None] = field(default_factory=dict)
     sub_agents: dict[str, Agent | None] = field(default_factory=dict)
     channels: dict[str, ContactChannel | None] = field(default_factory=dict)
-
-
-# What OpenAI and Anthropic accept as a function name; a name outside it fails every request of the run.
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def function_name_problems(offered: list[tuple[str, str]]) -> list[str]:

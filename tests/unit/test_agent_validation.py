@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, Tool
-from kubechain.statemachines.validation import AgentDependencies, plan_agent, plan_task
+from kubechain.statemachines.toolset import mcp_tool_name, resolve_tool_name, tool_definitions
+from kubechain.statemachines.validation import FUNCTION_NAME, AgentDependencies, plan_agent, plan_task
 
 
 def agent(**spec: Any) -> Agent:
@@ -101,6 +102,40 @@ def test_one_name_offered_twice_is_an_error() -> None:
     detail = status_of(a, deps)["statusDetail"]
     assert 'Tool "calc" and Tool "add" are both offered to the LLM as "add"' in detail
     assert 'MCPServer "crm" tool "human_contact_email" and ContactChannel "crm"' in detail
+
+
+def test_an_mcp_tool_name_the_llm_apis_refuse_is_offered_under_a_valid_name() -> None:
+    """The MCP spec allows "." and 128 characters in a tool name, an LLM function name neither: one such
+    tool put the whole Agent in Error (none of its tools usable) while its MCPServer was Ready. It is
+    offered under a valid name of its own, stable, and a call of that name finds the tool again."""
+    dotted, long = "files.write", "workspace.documents." + "x" * 100
+    tools = ["read_file", dotted, "files_write", long, long + "y"]
+    fs = server("fs", *tools)
+    a = agent(mcpServers=[{"name": "fs"}])
+    assert status_of(a, AgentDependencies(LLM_READY, mcp_servers={"fs": fs}))["ready"] is True
+
+    offered = [d.name for d in tool_definitions(a, [], [fs], [], [])]
+    assert offered[:3] == ["fs__read_file", offered[1], "fs__files_write"], "valid names stay as they are"
+    assert offered[1].startswith("fs__files_write_") and offered[3].startswith("fs__workspace_documents_xxx")
+    assert all(FUNCTION_NAME.fullmatch(name) for name in offered) and len(set(offered)) == len(tools)
+    assert (
+        offered == [d.name for d in tool_definitions(a, [], [server("fs", *reversed(tools))], [], [])][::-1]
+    )
+    for name, tool_name in zip(offered, tools, strict=True):
+        target = resolve_tool_name(name, {"fs"})
+        assert (target.kind, target.name) == ("mcp", "fs")
+        assert mcp_tool_name("fs", target.tool, tools) == tool_name
+
+    # The server's own name is not changed: one the LLM APIs refuse is still the user's to fix.
+    renamed = ready(MCPServer, "file.store", {"transport": "stdio", "command": "x"}, fs.status.to_wire())
+    detail = status_of(
+        agent(mcpServers=[{"name": "file.store"}]),
+        AgentDependencies(LLM_READY, mcp_servers={"file.store": renamed}),
+    )["statusDetail"]
+    assert (
+        'MCPServer "file.store" tool "read_file" would be offered to the LLM as "file.store__read_file"'
+        in detail
+    )
 
 
 def test_missing_dependencies_are_named_as_the_original_names_them() -> None:

@@ -1119,6 +1119,46 @@ def test_an_mcp_call_is_bounded_by_its_budget_not_only_each_step() -> None:
     assert budgets == [150]  # not 2 × (2 × 30 + 120) + 10 = 370
 
 
+class RecordingMCP:
+    """An MCP manager that records which server's tool it was asked to call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def resolve(self, server: MCPServer) -> None:
+        return None
+
+    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None) -> Any:
+        from kubechain.mcp import MCPToolResult
+
+        self.calls.append((server.name, tool))
+        return MCPToolResult(text=f"{tool} ran")
+
+
+def test_an_mcp_tool_offered_under_another_name_is_called_by_its_own() -> None:
+    """A tool name the MCP spec allows but the LLM APIs do not ("files.write") is offered as a valid
+    function name; the LLM's call of that name runs the server's tool by its real name."""
+    from kubechain.statemachines.toolset import mcp_function_name
+
+    kube = FakeKubeClient()
+    create(kube, "MCPServer", "mcpservers", "fs", {"transport": "stdio", "command": "x"})
+    tools = [{"name": "files.write", "inputSchema": {"type": "object"}}, {"name": "files_write"}]
+    kube.patch_status(
+        kube.get(MCPServer, "default", "fs"), {"connected": True, "status": "Ready", "tools": tools}
+    )
+    offered = mcp_function_name("fs", "files.write")
+    llm = calling(offered)
+    ctx = agent_with(kube, llm, {}, mcpServers=[{"name": "fs"}])
+    mcp = RecordingMCP()
+    ctx.mcp = mcp  # type: ignore[assignment]
+    (name,) = start_turn(ctx, kube)
+    assert [t.name for t in llm.requests[0].tools] == [offered, "fs__files_write"]
+    assert kube.get(TaskRunToolCall, "default", name).spec.tool_ref.name == offered  # as the LLM called it
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert mcp.calls == [("fs", "files.write")]
+    assert toolcall_status(kube, name)["result"] == "files.write ran"
+
+
 def test_a_running_call_of_a_finished_run_whose_worker_was_lost_is_ended() -> None:
     """Its run ended without it (a sibling was refused) while it ran, and its worker then died: nobody
     would ever write its outcome, and every resync queued it again, for good."""
