@@ -644,7 +644,11 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             annotations={DELEGATION_CHAIN_ANNOTATION: ",".join(chain)},
             owner_references=[toolcall.owner_reference()],
         ),
-        spec=TaskRunSpec(agent_ref=LocalObjectReference(name=agent), user_message=message),
+        spec=TaskRunSpec(
+            agent_ref=LocalObjectReference(name=agent),
+            user_message=message,
+            task_run_tool_call_ref=LocalObjectReference(name=toolcall.name),  # the original's field for it
+        ),
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
     if create_children(ctx, toolcall, [child]) is not None:

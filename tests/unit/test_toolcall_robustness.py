@@ -133,6 +133,15 @@ def delegated(kube: FakeKubeClient) -> tuple[WorkerContext, str, str]:
     return ctx, name, child
 
 
+def test_a_sub_agent_run_names_the_tool_call_it_answers_in_its_spec() -> None:
+    """The original's TaskRun field for a delegation's run, taskRunToolCallRef, is filled in."""
+    kube = FakeKubeClient()
+    _, name, child = delegated(kube)
+    spec = kube.get_raw("taskruns", "default", child)["spec"]
+    assert spec["taskRunToolCallRef"] == {"name": name}
+    assert spec["agentRef"] == {"name": "helper"} and spec["userMessage"] == "hi"
+
+
 def finish(kube: FakeKubeClient, child: str) -> None:
     kube.patch_status(kube.get(TaskRun, "default", child), {"phase": "FinalAnswer", "output": "42"})
 
