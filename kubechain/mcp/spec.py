@@ -12,14 +12,12 @@ from urllib.parse import urlsplit, urlunsplit
 from kubechain.mcp.common import MCPError
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
+from kubechain.redaction import redact
 
 # resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
 SecretResolver = Callable[[str, str, str], str]
 
 ALLOWLIST_SETTING = "KUBECHAIN_MCP_COMMAND_ALLOWLIST"
-
-
-MIN_SCRUBBED_CHARS = 6
 
 
 @dataclass(frozen=True)
@@ -37,13 +35,8 @@ class ResolvedSpec:
     secret_values: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret value of this spec replaced by ``***`` (values shorter than
-        MIN_SCRUBBED_CHARS are left: replacing a "1" or a "true" everywhere would garble the text)."""
-        for value in sorted(self.secret_values, key=len, reverse=True):
-            for form in {value, value.strip()}:
-                if len(form) >= MIN_SCRUBBED_CHARS:
-                    text = text.replace(form, "***")
-        return text
+        """``text`` with every secret value of this spec replaced by ``***`` (see ``redact``)."""
+        return redact(text, self.secret_values)
 
     def fingerprint(self) -> str:
         """A digest of the whole spec: a different value means a different connection (reconnect)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
 from kubechain.http_watchdog import shut_at
+from kubechain.redaction import redact
 from kubechain.tools.builtin import ToolError
 
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -28,6 +30,9 @@ def _shared_client() -> httpx.Client:
                 verify=True,
                 follow_redirects=False,
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                # A jar that keeps nothing: the client serves every namespace's tools, and a session
+                # cookie one tenant's API set would go with every other tenant's calls to that host.
+                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             )
         return _client
 
@@ -35,7 +40,22 @@ def _shared_client() -> httpx.Client:
 def call_external_api(
     url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
 ) -> str:
-    """The response body is the tool result; TLS is verified; non-2xx is a tool error."""
+    """The response body is the tool result; TLS is verified; non-2xx is a tool error. The bearer token
+    is cut out of both: an API that echoes the request (a debug endpoint, an error page) would put it in
+    the tool call's status, its Events and the LLM's context."""
+    try:
+        return _without(token, _call(url, method, arguments, token, timeout_s))
+    except ToolError as error:
+        raise ToolError(_without(token, str(error))) from None
+
+
+def _without(token: str | None, text: str) -> str:
+    return redact(text, [token]) if token else text
+
+
+def _call(
+    url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
+) -> str:
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/plain, */*"}
     if token:
         headers["Authorization"] = f"Bearer {token}"

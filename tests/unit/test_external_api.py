@@ -119,11 +119,13 @@ class RecordingServer:
 
     def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
+        self.cookies: list[str | None] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 owner.lines.append(self.requestline)
+                owner.cookies.append(self.headers.get("Cookie"))
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
@@ -166,3 +168,50 @@ def test_get_arguments_go_in_the_query_as_json_not_as_python() -> None:
 
     query = parse_qs(urlsplit(server.lines[0].split()[1]).query)
     assert query == {"q": ["a b"], "flag": ["true"], "n": ["2"], "obj": ['{"k": [1, 2]}']}
+
+
+def test_a_cookie_one_tools_api_sets_is_not_sent_with_anyone_elses_calls() -> None:
+    """One HTTP client serves every namespace's externalAPI tools: a cookie jar would hand a session one
+    tenant's API set to every other tenant's calls to that host."""
+    server = RecordingServer(200, {"Set-Cookie": "session=A-SESSION-SECRET; Path=/"})
+    try:
+        call_external_api(server.url, "POST", {}, "token-of-a", timeout_s=10.0)
+        call_external_api(server.url, "POST", {}, "token-of-b", timeout_s=10.0)
+    finally:
+        server.server.shutdown()
+    assert server.cookies == [None, None]
+
+
+class EchoServer:
+    """Answers with the request's Authorization header in the body (a debug endpoint, an error page)."""
+
+    def __init__(self, status: int) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = f"you sent: {self.headers.get('Authorization')}".encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server, self.url = serve(Handler, "/echo")
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_the_bearer_token_an_api_echoes_is_not_kept_in_the_result_or_the_error(status: int) -> None:
+    """The result goes to the tool call's status, its Events and the LLM; the error too."""
+    server = EchoServer(status)
+    try:
+        if status == 200:
+            said = call_external_api(server.url, "POST", {}, "s3cr3t-t0ken", timeout_s=10.0)
+        else:
+            with pytest.raises(ToolError) as raised:
+                call_external_api(server.url, "POST", {}, "s3cr3t-t0ken", timeout_s=10.0)
+            said = str(raised.value)
+    finally:
+        server.server.shutdown()
+    assert "s3cr3t-t0ken" not in said and "you sent: Bearer ***" in said
