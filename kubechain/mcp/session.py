@@ -244,7 +244,7 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
                 self._abandon(attempt, f"{type(exc).__name__}: {exc}")
             raise
         status = response.status_code
-        session_gone = status == 404 and MCP_SESSION_ID in request.headers
+        session_gone = await _session_forgotten(request, response)
         if session_gone and self._on_session_gone is not None:
             self._on_session_gone()
         if status >= 300:
@@ -264,6 +264,21 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+async def _session_forgotten(request: httpx2.Request, response: httpx2.Response) -> bool:
+    """Whether the server answered a message we sent on our session with 404, the spec's answer to a
+    session id it does not know (it restarted). Only a POST says so: a server that routes only POST
+    answers the client's GET stream 404 too. And not a JSON-RPC error about something else in the body."""
+    if response.status_code != 404 or request.method != "POST" or MCP_SESSION_ID not in request.headers:
+        return False
+    await response.aread()  # a 404's body is small; the SDK reads it again from memory
+    try:
+        error = json.loads(response.content).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return True  # no JSON-RPC answer: the bare 404 the spec describes
+    message = str(error.get("message") or "") if isinstance(error, dict) else ""
+    return not message or "session" in message.lower()
 
 
 def _refused_before_running(status: int, headers: httpx2.Headers, *, sse: bool) -> bool:

@@ -754,6 +754,79 @@ def test_a_legacy_http_session_its_restarted_server_forgot_is_replaced() -> None
             m.close()
 
 
+class NoGetRoute(ForgetfulLegacyServer):
+    """A stateful server that routes only POST (an Express app with just ``app.post``): the SDK client's
+    GET stream, opened with the session id after the handshake, is answered 404 (the spec says 405)."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.gets = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            self.gets += 1
+            await send(
+                {"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/html")]}
+            )
+            await send({"type": "http.response.body", "body": b"Cannot GET /mcp"})
+            return None
+        return await super().__call__(scope, receive, send)
+
+
+def test_a_404_to_the_get_stream_is_not_a_forgotten_session() -> None:
+    """Only a POST answered 404 for our session id says the server forgot it: a 404 to the GET stream
+    marked every new session broken, and every call to such a server failed."""
+    from kubechain.testing.waiting import wait_for
+
+    no_get = NoGetRoute(_http_mcp_server().streamable_http_app(host="127.0.0.1"))
+    m = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S)
+    with UvicornThread(no_get) as up:
+        try:
+            server = mcp_server("http-no-get", transport="http", url=f"http://127.0.0.1:{up.port}/mcp")
+            assert "unauthorized" in m.call_tool(server, "whoami", {}).text
+            first = m._peek("default", "http-no-get")
+            wait_for(lambda: no_get.gets, what="the client's GET stream to be refused")
+            assert "unauthorized" in m.call_tool(server, "whoami", {}).text
+            assert m._peek("default", "http-no-get") is first and m.connected("default", "http-no-get")
+        finally:
+            m.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "session", "body", "forgotten"),
+    [
+        (
+            "POST",
+            True,
+            b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}',
+            True,
+        ),
+        ("POST", True, b"Not Found", True),  # the bare 404 the spec describes
+        (
+            "POST",
+            True,
+            b'{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"Method not found"}}',
+            False,
+        ),
+        ("GET", True, b"Cannot GET /mcp", False),
+        ("POST", False, b"Not Found", False),  # no session to forget (the handshake itself)
+    ],
+)
+def test_only_a_post_on_our_session_answered_404_about_it_is_a_forgotten_session(
+    method: str, session: bool, body: bytes, forgotten: bool
+) -> None:
+    import asyncio
+
+    import httpx2
+
+    from kubechain.mcp.session import _session_forgotten
+
+    headers = {"mcp-session-id": "abc"} if session else {}
+    request = httpx2.Request(method, "http://mcp.example/mcp", headers=headers)
+    response = httpx2.Response(404, content=body, request=request)
+    assert asyncio.run(_session_forgotten(request, response)) is forgotten
+
+
 def test_a_probe_its_restarted_server_refuses_gives_the_session_up() -> None:
     """A call timed out and the server restarted meanwhile: the liveness probe's 404 ("Session not found")
     is no answer from a live session, and the next call starts a new one."""
