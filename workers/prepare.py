@@ -14,7 +14,12 @@ from kubechain.models import (
 )
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.taskrun import plan_fan_in, plan_initial_context
+from kubechain.statemachines.taskrun import (
+    expected_toolcalls,
+    plan_fan_in,
+    plan_initial_context,
+    tool_calls_created,
+)
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
 from workers.llm_call import take_turn_now
@@ -90,5 +95,11 @@ def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
         if create_children(ctx, run, list(decision.missing)) is not None:
             return  # the API server rejected one as invalid: the run was failed with the reason
         record_tool_calls_created(ctx, run)
+    elif decision.transition is None and not tool_calls_created(run):
+        # Every call is there and some still run: record it if their creator could not (it died, or
+        # its write failed), so that one deleted from now on is not made again.
+        existing = {toolcall.name for toolcall in toolcalls}
+        if all(child.name in existing for child in expected_toolcalls(run)):
+            record_tool_calls_created(ctx, run)
     if decision.transition is not None:
         _apply(ctx, run, decision.transition)

@@ -22,7 +22,11 @@ from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCal
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import current_traceparent, export_run_span
 from kubechain.queueing import ResourceMessage, TaskName
-from kubechain.statemachines.taskrun import plan_children_rejected, plan_tool_calls_created
+from kubechain.statemachines.taskrun import (
+    plan_children_rejected,
+    plan_tool_calls_created,
+    tool_calls_created,
+)
 from kubechain.statemachines.toolcall import plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
@@ -79,11 +83,17 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
             now,
             (updated.status.error or "TaskRun failed") if updated.phase == TaskRunPhase.FAILED else None,
         )
-    failed = create_children(ctx, updated, transition.children)
+    children = transition.children
+    makes_tool_calls = isinstance(updated, TaskRun) and any(isinstance(c, TaskRunToolCall) for c in children)
+    if makes_tool_calls and tool_calls_created(cast(TaskRun, updated)):
+        # A write that landed unanswered, done again: its tool calls were all made and recorded, and one
+        # missing now was deleted since (cancelled), not to be made again.
+        children = [child for child in children if not isinstance(child, TaskRunToolCall)]
+    failed = create_children(ctx, updated, children)
     if failed is not None:
         return failed
-    if isinstance(updated, TaskRun) and any(isinstance(c, TaskRunToolCall) for c in transition.children):
-        return cast(R, record_tool_calls_created(ctx, updated))
+    if makes_tool_calls:
+        return cast(R, record_tool_calls_created(ctx, cast(TaskRun, updated)))
     return updated
 
 
@@ -92,8 +102,11 @@ def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:
     was deleted by someone (cancelled), and the fan-in does not create it again. On a conflict (a tool
     call already finished and the fan-in moved the run on, say) the run is re-read and re-decided."""
     latest = [run]
+    turn = run.status.tool_call_request_id
 
     def attempt() -> None:
+        if latest[0].status.tool_call_request_id != turn:
+            return  # the run moved on to another turn, whose calls its own creator records
         transition = plan_tool_calls_created(latest[0])
         if transition is None:
             return
@@ -107,6 +120,10 @@ def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:
         retry_on_conflict(attempt)
     except NotFound:
         pass  # the run was deleted meanwhile: nothing to record
+    except Unavailable as exc:
+        # Not worth a retry of the whole task: unrecorded, a call deleted from this turn is made again,
+        # as it was before the record existed; the fan-in records the turn when it next finds it whole.
+        log.warning("could not record that %s/%s's tool calls exist: %s", run.namespace, run.name, exc)
     return latest[0]
 
 

@@ -1277,6 +1277,76 @@ def test_deleting_a_tool_call_cancels_it_and_the_run_goes_on_without_running_it_
     assert "ToolCallDeleted" in warnings(kube, "r")
 
 
+def test_a_late_record_of_one_turn_does_not_mark_the_next_turn_created(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker A created turn 1's calls; before its record landed they finished and worker B wrote turn 2,
+    whose calls B is still creating. A's record, re-read after its conflict, must not claim turn 2's
+    calls exist: the fan-in would take them for deleted."""
+    from workers.transitions import record_tool_calls_created
+
+    def twice(request: LLMRequest) -> LLMResponse:
+        turn = sum(1 for m in request.messages if m.role == "tool")
+        if turn < 2:
+            return LLMResponse(
+                tool_calls=[ToolCall(id=f"c{turn}", function=ToolCallFunction(name="charge", arguments="{}"))]
+            )
+        return LLMResponse(content="done")
+
+    kube = FakeKubeClient()
+    monkeypatch.setattr(tool_call_module, "call_external_api", lambda *args, **kwargs: "charged")
+    ctx = agent_with(kube, FakeLLM(twice), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (first,) = start_turn(ctx, kube)
+    stale = kube.get(TaskRun, "default", "r")  # A's copy, as its ToolCallsPending write returned it
+    stale.status.tool_calls_created_for = None
+    tool_call(ctx, message("TaskRunToolCall", first))
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    second_turn = run_status(kube)["toolCallRequestId"]
+    assert second_turn != stale.status.tool_call_request_id
+    # B has written turn 2 and not created its calls yet
+    for _, plural, _, name in list(kube.objects):
+        if plural == "taskruntoolcalls" and name != first:
+            kube.delete("taskruntoolcalls", "default", name)
+    kube.patch_status(kube.get(TaskRun, "default", "r"), {"toolCallsCreatedFor": None})
+    record_tool_calls_created(ctx, stale)
+    assert run_status(kube).get("toolCallsCreatedFor") is None
+    prepare(ctx, message("TaskRun", "r"))  # within the grace period: B is still creating them
+    assert run_status(kube)["phase"] == "ToolCallsPending" and "ToolCallDeleted" not in warnings(kube, "r")
+
+
+def test_a_turn_its_creator_could_not_record_is_recorded_by_the_fan_in() -> None:
+    """The creator's record write failed (API server unreachable): the fan-in records the turn once it
+    finds every call there, so a call deleted after that is not made again."""
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    kube.patch_status(kube.get(TaskRun, "default", "r"), {"toolCallsCreatedFor": None})
+    prepare(ctx, message("TaskRun", "r"))  # e.g. at a resync, the call still pending
+    assert run_status(kube)["toolCallsCreatedFor"] == run_status(kube)["toolCallRequestId"]
+    kube.delete("taskruntoolcalls", "default", name)
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(minutes=5)
+    prepare(ctx, message("TaskRun", "r"))
+    assert ("taskruntoolcalls", name) not in {(plural, n) for (_, plural, _, n) in kube.objects}
+    assert "ToolCallDeleted" in warnings(kube, "r")
+
+
+def test_a_turn_written_again_after_its_record_does_not_make_a_deleted_call_again() -> None:
+    """A write that landed unanswered is finished again (its Events and children): a call deleted after
+    the turn was recorded is not made again then either."""
+    from kubechain.statemachines.taskrun import expected_toolcalls
+    from kubechain.statemachines.transition import Transition
+    from workers.transitions import _after_write
+
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("charge"), {"charge": CHARGE}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    kube.delete("taskruntoolcalls", "default", name)
+    run = kube.get(TaskRun, "default", "r")
+    _after_write(ctx, run, Transition(status={}, children=list(expected_toolcalls(run))))
+    assert ("taskruntoolcalls", name) not in {(plural, n) for (_, plural, _, n) in kube.objects}
+
+
 def test_a_tool_call_whose_creator_died_before_creating_it_is_still_created() -> None:
     """What the fan-in's re-creation is for: the turn was written, its tool calls never made."""
     kube = FakeKubeClient()
