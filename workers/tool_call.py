@@ -366,6 +366,11 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         if claim.transition is None:
             log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
             return
+        if executor.problem is not None and claim.transition.phase() == ToolCallPhase.PENDING:
+            # released to start again, it would skip the check above (not granted any more, say)
+            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
+            _count_not_run(executor, "rejected")
+            return
         toolcall = apply_transition(ctx, toolcall, claim.transition)
         if toolcall.is_terminal():
             return

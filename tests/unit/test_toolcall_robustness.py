@@ -1363,3 +1363,20 @@ def test_a_tool_call_whose_creator_died_before_creating_it_is_still_created() ->
         "Pending",
     )
     assert run_status(kube)["toolCallsCreatedFor"] == run_status(kube)["toolCallRequestId"]
+
+
+def test_an_interrupted_call_whose_tool_now_delegates_but_is_not_granted_any_more_starts_nothing() -> None:
+    """Released to start again the way its Tool now works, it skipped the check that the Agent grants the
+    tool: a sub-agent run started for a tool the Agent no longer has."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    made_idempotent(kube)
+    agent = kube.get_raw("agents", "default", "a")
+    agent["spec"] = {**agent["spec"], "tools": []}  # the Agent no longer grants "ask"
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "agents", "default", "a")] = agent
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=ctx.settings.claim_timeout_s + 1))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
