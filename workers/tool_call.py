@@ -30,6 +30,7 @@ from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
 from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import ResourceMessage
+from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
     child_run_name,
@@ -331,6 +332,21 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
         )
         return
+    if not asked_for(parent, toolcall):
+        # An owner reference is no proof: whoever may create tool calls can copy the run's uid into one.
+        # The run's own record of its turn is: a call it did not ask for, or not as it asked (other
+        # arguments, another tool), runs nothing. The cached read may predate the turn: read it fresh.
+        parent = get_or_none(ctx, TaskRun, toolcall.namespace, run_name)
+        if parent is None or not asked_for(parent, toolcall):
+            problem = (
+                f'not one TaskRun "{run_name}" asked for in its current turn (no such call, or another '
+                "tool or other arguments): KubeChain runs only the tool calls its runs make"
+            )
+            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, problem)
+            apply_transition(
+                ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
+            )
+            return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
         ctx,

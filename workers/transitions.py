@@ -18,10 +18,11 @@ from kubechain.kube.errors import (
     NotFound,
     Unavailable,
 )
-from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall
+from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall, TaskRunToolCallSpec
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.observability.tracing import current_traceparent, export_run_span
 from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.statemachines.approval import APPROVAL_ANNOTATION
 from kubechain.statemachines.taskrun import (
     plan_children_rejected,
     plan_tool_calls_created,
@@ -144,7 +145,13 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
             # only its metadata: an object made by someone else need not be a valid child at all
             current = ctx.kube.get_raw(child.PLURAL, child.namespace, child.name)
             metadata = ObjectMeta.model_validate(current.get("metadata") or {})
-            return None if metadata.owned_by(parent.uid) else exists
+            if not metadata.owned_by(parent.uid):
+                return exists
+            if isinstance(child, TaskRunToolCall) and not _as_created(child, current, metadata):
+                # Anyone who may create tool calls can copy the run's uid into an owner reference: one
+                # made ahead of ours must be exactly ours, and not already approved.
+                return exists
+            return None
         except KubeAPIError as refused:
             if refused_for_good(refused):
                 return refused
@@ -169,6 +176,16 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
         if refused is not None:
             return _child_rejected(ctx, parent, child, refused)
     return None
+
+
+def _as_created(child: TaskRunToolCall, found: dict[str, Any], metadata: ObjectMeta) -> bool:
+    """Whether the tool call found under ``child``'s name is as KubeChain creates it: the same spec, and
+    no decision yet (one would be a human's, made after the create: rare within a retry)."""
+    try:
+        spec = TaskRunToolCallSpec.model_validate(found.get("spec") or {})
+    except ValueError:
+        return False
+    return spec == child.spec and APPROVAL_ANNOTATION not in metadata.annotations
 
 
 def refused_for_good(error: KubeAPIError) -> bool:

@@ -485,6 +485,14 @@ def expected_toolcalls(run: TaskRun) -> list[TaskRunToolCall]:
     return _toolcalls_for(run, window[-1], run.status.tool_call_request_id or "")
 
 
+def asked_for(run: TaskRun, toolcall: TaskRunToolCall) -> bool:
+    """Whether ``toolcall`` is one of the calls the run's current turn asked for, exactly as it asked:
+    the same name, tool, arguments and tool call id (only KubeChain's own creates make such a call)."""
+    return any(
+        child.name == toolcall.name and child.spec == toolcall.spec for child in expected_toolcalls(run)
+    )
+
+
 def _root_run_label(run: TaskRun) -> dict[str, str]:
     """Every tool call of a delegation tree names the run a user created (its uid, as the sub-agent runs
     do), so ``kubechain run`` can show the approvals a sub-agent's tool calls wait for."""

@@ -27,6 +27,7 @@ from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, ToolCall, Tool
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.routing import work_for
+from kubechain.statemachines.taskrun import expected_toolcalls, toolcall_name
 from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import ReadGateKube, run_concurrently
@@ -38,7 +39,8 @@ from workers.transitions import apply_transition
 from workers.validators import validate
 
 KEY = "hl-approvals-secret-key"
-TC = "r-tc-01"
+REQ = "abc1234"  # the turn add_toolcall's calls belong to
+TC = toolcall_name("r", REQ, 1)
 ARGS = {"url": "https://example.com/page"}
 
 
@@ -189,27 +191,34 @@ def new_world(hl: HumanLayerTestServer, kube: FakeKubeClient) -> World:
     return w
 
 
-def add_toolcall(
-    w: World, tool: str = "fetch__fetch", arguments: dict[str, Any] | str = ARGS, name: str = TC
-) -> None:
+def add_toolcall(w: World, tool: str = "fetch__fetch", arguments: dict[str, Any] | str = ARGS) -> str:
+    """A tool call made as the run makes its calls: the run's turn (ToolCallsPending) asks for it, and
+    it is created as the run creates it. The first is TC; each adds the next call of the same turn."""
     raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    spec = {
-        "toolCallId": f"call-{name}",
-        "taskRunRef": {"name": "r"},
-        "toolRef": {"name": tool},
-        "arguments": raw,
-    }
-    run = w.kube.get(TaskRun, "default", "r")  # made as the run makes its calls: owned by it
-    w.kube.create_raw(
-        "taskruntoolcalls",
-        "default",
+    run = w.kube.get(TaskRun, "default", "r")
+    window = [m.to_wire() for m in run.status.context_window or []]
+    if run.status.tool_call_request_id != REQ or not window:
+        window = [
+            {"role": "system", "content": "be careful"},
+            {"role": "user", "content": "fetch it"},
+            {"role": "assistant", "content": "", "toolCalls": []},
+        ]
+    index = len(window[-1]["toolCalls"]) + 1
+    window[-1]["toolCalls"].append(
+        {"id": f"call-{index}", "type": "function", "function": {"name": tool, "arguments": raw}}
+    )
+    run = w.kube.patch_status(
+        run,
         {
-            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
-            "kind": "TaskRunToolCall",
-            "metadata": {"name": name, "ownerReferences": [run.owner_reference().to_wire()]},
-            "spec": spec,
+            "phase": "ToolCallsPending",
+            "toolCallRequestId": REQ,
+            "contextWindow": window,
+            "toolCallsCreatedFor": REQ,
         },
     )
+    child = expected_toolcalls(run)[index - 1]
+    w.kube.create(child)
+    return child.name
 
 
 def awaiting_approval(w: World) -> str:
@@ -1099,17 +1108,17 @@ def test_an_approval_channel_added_a_moment_ago_holds_for_the_next_call(world: W
     w = world
     ctx = w.ctx(config_cache_ttl_s=3600)  # however slow this test runs, the cached copy is still fresh
     without_approval(w)
-    add_toolcall(w, name="tc-warm")
-    tool_call(ctx, message("TaskRunToolCall", "tc-warm"))  # caches the server without approval
-    assert w.status("tc-warm")["phase"] == "Succeeded"
+    warm = add_toolcall(w)
+    tool_call(ctx, message("TaskRunToolCall", warm))  # caches the server without approval
+    assert w.status(warm)["phase"] == "Succeeded"
     w.kube.request(
         "PATCH",
         "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/mcpservers/fetch",
         body={"spec": {"approvalContactChannel": {"name": "approvals"}}},
     )
-    add_toolcall(w)
-    tool_call(ctx, message("TaskRunToolCall", TC))
-    assert w.status()["phase"] == "AwaitingHumanApproval"
+    second = add_toolcall(w)
+    tool_call(ctx, message("TaskRunToolCall", second))
+    assert w.status(second)["phase"] == "AwaitingHumanApproval"
     assert len(w.mcp.calls) == 1, "only the call made before approval was switched on ran"
 
 

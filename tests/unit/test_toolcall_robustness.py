@@ -16,7 +16,6 @@ from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
-    LABEL_TOOLCALLREQUEST,
     MCPServer,
     TaskRun,
     TaskRunToolCall,
@@ -28,7 +27,7 @@ from kubechain.models.labels import LABEL_ROOT_RUN
 from kubechain.queueing import TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
 from kubechain.statemachines.routing import work_for
-from kubechain.statemachines.taskrun import request_id, toolcall_name
+from kubechain.statemachines.taskrun import expected_toolcalls, request_id, toolcall_name
 from kubechain.statemachines.toolcall import (
     child_run_name,
     plan_stranded,
@@ -812,28 +811,24 @@ def test_a_nested_delegation_with_a_long_tool_call_name_creates_its_sub_agent() 
         kube, "TaskRun", "taskruns", parent_name, {"agentRef": {"name": "web-researcher"}, "userMessage": "q"}
     )
     parent = kube.get(TaskRun, "default", parent_name)
-    kube.patch_status(parent, {"phase": "ToolCallsPending"})
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "delegate_to_agent__fact-checker", "arguments": '{"message": "check"}'},
+    }
+    window = [
+        {"role": "system", "content": "x"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "", "toolCalls": [call]},
+    ]
+    parent = kube.patch_status(
+        parent, {"phase": "ToolCallsPending", "toolCallRequestId": "1234567", "contextWindow": window}
+    )
     name = toolcall_name(parent_name, "1234567", 1)
     assert len(name) > 63
-    kube.create_raw(
-        "taskruntoolcalls",
-        "default",
-        {
-            "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
-            "kind": "TaskRunToolCall",
-            "metadata": {
-                "name": name,
-                "labels": {LABEL_TASKRUNTOOLCALL: label_value(parent_name), LABEL_TOOLCALLREQUEST: "1234567"},
-                "ownerReferences": [parent.owner_reference().to_wire()],
-            },
-            "spec": {
-                "toolCallId": "c1",
-                "taskRunRef": {"name": parent_name},
-                "toolRef": {"name": "delegate_to_agent__fact-checker"},
-                "arguments": '{"message": "check"}',
-            },
-        },
-    )
+    (asked,) = expected_toolcalls(parent)
+    assert asked.name == name
+    kube.create(asked)  # as the run creates it
     ctx = context(kube, FakeLLM(lambda r: LLMResponse()), config_cache_ttl_s=0)
     tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"

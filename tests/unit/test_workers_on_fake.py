@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+import pytest
+
 from kubechain.kube.errors import Conflict, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
@@ -418,7 +420,6 @@ def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
 
 def test_a_tool_the_agent_was_not_given_is_refused() -> None:
     kube = FakeKubeClient()
-    tool_turn(kube, ['{"a": 1, "b": 2}'])
     create(
         kube,
         "Tool",
@@ -426,10 +427,8 @@ def test_a_tool_the_agent_was_not_given_is_refused() -> None:
         "multiply",
         {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}},
     )
+    tool_turn(kube, [("multiply", '{"a": 1, "b": 2}')])  # the LLM calls a tool the Agent was not given
     (name,) = toolcall_names(kube)
-    spec = kube.get_raw("taskruntoolcalls", "default", name)
-    spec["spec"]["toolRef"]["name"] = "multiply"
-    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "taskruntoolcalls", "default", name)] = spec
     tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
     status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
     assert status["phase"] == "Failed"
@@ -1031,6 +1030,84 @@ def test_an_object_etcd_refuses_is_too_large_not_unavailable() -> None:
     assert isinstance(refused, TooLarge) and not isinstance(refused, Unavailable)
     assert isinstance(error_for(413, {"reason": "RequestEntityTooLarge"}), TooLarge)
     assert isinstance(error_for(500, {"message": "etcdserver: leader changed"}), Unavailable)
+
+
+@pytest.mark.parametrize("forged", ["another-name", "other-arguments", "another-tool"])
+def test_a_tool_call_made_by_hand_with_the_runs_owner_reference_is_refused_not_run(forged: str) -> None:
+    """An owner reference is no proof: whoever may create tool calls and read the run can copy its uid.
+    A call the run's turn did not ask for (name, tool, arguments) ran with the Agent's grants, approval
+    annotation and all, and one made ahead under the next turn's name was taken for the run's own."""
+    from kubechain.models import TaskRun
+    from kubechain.statemachines.approval import APPROVAL_ANNOTATION
+
+    kube = FakeKubeClient()
+    create(
+        kube,
+        "Tool",
+        "tools",
+        "multiply",
+        {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}},
+    )
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm)
+    (made,) = toolcall_names(kube)
+    original = kube.get_raw("taskruntoolcalls", "default", made)
+    run = kube.get(TaskRun, "default", "r")
+    body = {
+        "apiVersion": original["apiVersion"],
+        "kind": "TaskRunToolCall",
+        "metadata": {
+            "name": made,
+            "ownerReferences": [run.owner_reference().to_wire()],
+            "annotations": {APPROVAL_ANNOTATION: "approved"},
+        },
+        "spec": dict(original["spec"]),
+    }
+    if forged == "another-name":
+        body["metadata"]["name"] = "forged"
+    else:
+        kube.delete("taskruntoolcalls", "default", made)  # made ahead of the run's own create, say
+        if forged == "other-arguments":
+            body["spec"]["arguments"] = '{"a": 1000, "b": 337}'
+        else:
+            body["spec"]["toolRef"] = {"name": "multiply"}
+    kube.create_raw("taskruntoolcalls", "default", body)
+    name = body["metadata"]["name"]
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Failed" and "result" not in status
+    assert 'not one TaskRun "r" asked for in its current turn' in status["error"]
+    assert kube.event_reasons(name) == ["ValidationFailed"]
+
+
+def test_a_tool_call_made_ahead_as_the_run_would_make_it_but_approved_is_not_taken_for_the_runs() -> None:
+    """Made by hand under the name the run's create is about to use, as the run would make it (owner,
+    tool, arguments), and already carrying an approval: taken for the run's own, it ran without anyone
+    approving it. A call a KubeChain create finds already there is the run's only as created: no
+    decision on it yet."""
+    from kubechain.statemachines.approval import APPROVAL_ANNOTATION
+    from kubechain.statemachines.taskrun import expected_toolcalls
+    from workers.transitions import create_children
+
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    ctx = context(kube, llm)
+    (made,) = toolcall_names(kube)
+    run = kube.get(TaskRun, "default", "r")
+    kube.delete("taskruntoolcalls", "default", made)
+    (ahead,) = expected_toolcalls(run)
+    ahead.metadata.annotations = {APPROVAL_ANNOTATION: "approved"}
+    kube.create(ahead)
+    # the run's own create of its turn's calls (a retry, or the fan-in finishing a dead creator's job)
+    assert create_children(ctx, run, expected_toolcalls(run)) is not None
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (
+        status["phase"] == "Failed" and f"TaskRunToolCall {made} was not started by this" in status["error"]
+    )
+    (ahead,) = expected_toolcalls(run)
+    kube.delete("taskruntoolcalls", "default", made)
+    kube.create(ahead)  # exactly as the run makes it: a retried create of its own is harmless
+    assert create_children(ctx, kube.get(TaskRun, "default", "r"), [ahead]) is None
 
 
 def test_a_tool_call_made_by_hand_for_a_live_run_is_refused_not_run() -> None:
