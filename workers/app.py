@@ -121,6 +121,15 @@ def _run(
     message = ResourceMessage.model_validate(payload)
     name = task.value.removeprefix("kubechain.")
     TASK_QUEUE_SECONDS.labels(name).observe(queue_wait_s(request, message, time.time()))
+    ctx = context()
+    served = ctx.settings.namespaces
+    if served and message.namespace not in served:
+        # The watcher sends nothing about other namespaces: this came from someone else on the broker.
+        log.warning(
+            "ignoring task %s for %s: namespace not in KUBECHAIN_NAMESPACES", task.value, message.key()
+        )
+        TASKS.labels(name, "ignored").inc()
+        return
     started = time.perf_counter()
     outcome = "ok"
     # The failure's log line is inside the resource's context, so it carries its kind, namespace and name.
@@ -135,7 +144,7 @@ def _run(
                     "kubechain.reason": message.reason,
                 },
             ):
-                handler(context(), message)
+                handler(ctx, message)
         except Unavailable as exc:
             retries = int(getattr(request, "retries", 0) or 0)
             if retries >= MAX_RETRIES:  # Celery gives up: this one is dropped, and counted as an error

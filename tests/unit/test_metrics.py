@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ PREFORK_WORKER = textwrap.dedent(
     import workers.app as app, workers.validators
 
     workers.validators.validate = lambda ctx, message: None
-    app.set_context(object())
+    app.set_context(type("Context", (), {"settings": app.settings})())
     signals.worker_init.send(sender=type("WorkController", (), {"pool_cls": "prefork"})())
 
     def child():  # a prefork pool process: runs a task, then exits the way billiard's do
@@ -310,3 +311,23 @@ def test_llm_metrics_are_labelled_by_a_bounded_set_of_models(monkeypatch: pytest
     assert metrics.model_label("m4") == "other" and metrics.model_label("m2") == "m2"
     monkeypatch.setattr(metrics, "_model_labels", set())
     assert metrics.model_label("x" * 500) == "x" * 64
+
+
+def test_a_message_about_a_namespace_the_install_does_not_serve_is_ignored() -> None:
+    """Anyone who can write to Redis can send a message naming any namespace: a worker of an install
+    limited by KUBECHAIN_NAMESPACES acted on it all the same (only the watcher honoured the setting)."""
+    import workers.app as app
+
+    handled: list[str] = []
+    app.set_context(context(FakeKubeClient(), FakeLLM(lambda r: LLMResponse()), namespaces=["agents"]))
+    try:
+        for namespace in ("agents", "elsewhere"):
+            payload = ResourceMessage(kind="Agent", namespace=namespace, name="a").model_dump()
+            request = types.SimpleNamespace(eta=None, headers={}, retries=0)
+            app._run(
+                TaskName.VALIDATE, lambda ctx, message: handled.append(message.namespace), payload, request
+            )
+    finally:
+        app.set_context(None)
+    assert handled == ["agents"]
+    assert REGISTRY.get_sample_value("kubechain_tasks_total", {"task": "validate", "outcome": "ignored"}) == 1
