@@ -157,8 +157,9 @@ def lock_workdir(workdir: Path) -> IO[str]:
     """Take ``workdir`` for this process, or say who has it: a second ``up`` on the same folder rewrote
     the first one's token and kubeconfig, then waited 90 s on etcd's locked data file and blamed etcd."""
     from kubechain.cli.resources import CLIError
+    from kubechain.testing.controlplane import private_dir
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    private_dir(workdir)  # it holds the local cluster's admin token and kubeconfig
     handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

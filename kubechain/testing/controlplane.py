@@ -266,9 +266,16 @@ def _stop_all_at_exit() -> None:
 # --------------------------------------------------------------------------- PKI
 
 
+def private_dir(path: Path) -> None:
+    """``path``, made if need be, open to this user alone: what is written in it (keys, the admin token,
+    the kubeconfig) is never readable by others, not even between a write and a chmod."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 def _write_pki(pki: Path) -> None:
     """CA, kube-apiserver serving cert (localhost/127.0.0.1) and service-account RSA key pair."""
-    pki.mkdir(parents=True, exist_ok=True)
+    private_dir(pki)
     try:
         _write_pki_cryptography(pki)
     except ImportError:
@@ -491,7 +498,7 @@ class LocalControlPlane:
             try:
                 if self._binaries is None:
                     self._binaries = ensure_binaries(self._progress)
-                self._workdir.mkdir(parents=True, exist_ok=True)
+                private_dir(self._workdir)
                 (self._workdir / "logs").mkdir(exist_ok=True)
                 if not (self._workdir / "pki" / "sa.key").exists():
                     _write_pki(self._workdir / "pki")

@@ -764,3 +764,18 @@ def test_children_created_in_parallel_log_with_their_parents_fields() -> None:
         assert create_children(context(kube, FakeLLM(lambda _: None)), run, children) is None  # type: ignore[arg-type,return-value]
     assert len(seen) == 4
     assert all(isinstance(fields, dict) and fields["resource"] == "r" for fields in seen), seen
+
+
+def test_the_local_stacks_folders_are_private(tmp_path: Path) -> None:
+    """They hold the local cluster's admin token, kubeconfig and keys: made with the default mode (0755),
+    every user of the machine could read each file in the moment between its write and its chmod."""
+    import stat
+
+    from kubechain.cli.up import lock_workdir
+    from kubechain.testing.controlplane import _write_pki
+
+    workdir = tmp_path / "kc"
+    lock_workdir(workdir).close()
+    _write_pki(workdir / "pki")
+    for folder in (workdir, workdir / "pki"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
