@@ -148,8 +148,13 @@ def test_sub_agent_answers_through_a_child_taskrun(
     assert get(kubectl, namespace, "taskrun", "boss-run")["status"]["output"] == "The helper says: 42"
     runs = json.loads(kubectl("get", "taskrun", "-o", "json", namespace=namespace).stdout)["items"]
     (child,) = [r for r in runs if r["metadata"]["name"] != "boss-run"]
-    assert child["spec"] == {"agentRef": {"name": "helper"}, "userMessage": sub_question}
     assert child["metadata"]["ownerReferences"][0]["kind"] == "TaskRunToolCall"
+    call = child["metadata"]["ownerReferences"][0]["name"]
+    assert child["spec"] == {
+        "agentRef": {"name": "helper"},
+        "userMessage": sub_question,
+        "taskRunToolCallRef": {"name": call},
+    }
     assert (
         child["metadata"]["labels"]["kubechain.humanlayer.dev/taskruntoolcall"]
         == child["metadata"]["ownerReferences"][0]["name"]
