@@ -758,6 +758,14 @@ class Session:
             cursor = page.next_cursor
             if not cursor:
                 break
+        else:
+            # a server whose cursors never end (or that lists more than anyone could offer an LLM)
+            log.warning(
+                "MCP server listed more than %d pages of tools; using the %d tools of the first %d",
+                MAX_TOOL_PAGES,
+                len(tools),
+                MAX_TOOL_PAGES,
+            )
         return tools
 
     def _lost_message(self) -> str:

@@ -1350,3 +1350,21 @@ def test_no_session_is_started_once_the_manager_is_closing() -> None:
     finally:
         closing._closed = False
         closing.close()
+
+
+def test_a_tool_list_that_never_ends_is_cut_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A server whose cursor never runs out: listed up to the cap, and the log says the list was cut."""
+    import asyncio
+    import logging
+    import types as pytypes
+
+    from kubechain.mcp.session import MAX_TOOL_PAGES, Session
+
+    class Endless:
+        async def list_tools(self, cursor: str | None = None) -> Any:
+            return pytypes.SimpleNamespace(tools=[pytypes.SimpleNamespace(name="t")], next_cursor="more")
+
+    with caplog.at_level(logging.WARNING, logger="kubechain.mcp"):
+        tools = asyncio.run(Session._list_all(Endless()))  # type: ignore[arg-type]
+    assert len(tools) == MAX_TOOL_PAGES
+    assert any(f"more than {MAX_TOOL_PAGES} pages of tools" in r.getMessage() for r in caplog.records)
