@@ -298,6 +298,34 @@ def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     )
 
 
+def _not_its_runs(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun
+) -> tuple[str | None, TaskRun]:
+    """Why ``toolcall`` is not one its run made (None if it is), and the run as last read. A call made by
+    hand would run with the Agent's grants (an externalAPI tool's credentials) for whoever may create tool
+    calls, its approval annotation set at create, and its run would never read its result (or read it for
+    its own, if made ahead under the run's next name)."""
+    run_name = parent.name
+    if not toolcall.metadata.owned_by(parent.uid):
+        return (
+            f'not made by TaskRun "{run_name}" (it has no owner reference to that run): KubeChain runs only '
+            "the tool calls its runs make",
+            parent,
+        )
+    if asked_for(parent, toolcall):
+        return None, parent
+    # An owner reference is no proof (anyone who may create tool calls can copy the run's uid into one);
+    # the run's record of its turn is. The cached read may predate the turn: read it fresh.
+    fresh = get_or_none(ctx, TaskRun, toolcall.namespace, run_name)
+    if fresh is not None and asked_for(fresh, toolcall):
+        return None, fresh
+    return (
+        f'not one TaskRun "{run_name}" asked for in its current turn (no such call, or another tool or other '
+        "arguments): KubeChain runs only the tool calls its runs make",
+        fresh or parent,
+    )
+
+
 def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
@@ -320,33 +348,13 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             _stop_sub_agent_runs(ctx, toolcall)
             apply_transition(ctx, toolcall, ended)
         return
-    if not toolcall.metadata.owned_by(parent.uid):
-        # Made by hand, not by its run: it would run with the Agent's grants (an externalAPI tool's
-        # credentials) for whoever may create tool calls, and its run would never read its result.
-        problem = (
-            f'not made by TaskRun "{run_name}" (it has no owner reference to that run): KubeChain runs only '
-            "the tool calls its runs make"
-        )
+    problem, parent = _not_its_runs(ctx, toolcall, parent)
+    if problem is not None:
         log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, problem)
         apply_transition(
             ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
         )
         return
-    if not asked_for(parent, toolcall):
-        # An owner reference is no proof: whoever may create tool calls can copy the run's uid into one.
-        # The run's own record of its turn is: a call it did not ask for, or not as it asked (other
-        # arguments, another tool), runs nothing. The cached read may predate the turn: read it fresh.
-        parent = get_or_none(ctx, TaskRun, toolcall.namespace, run_name)
-        if parent is None or not asked_for(parent, toolcall):
-            problem = (
-                f'not one TaskRun "{run_name}" asked for in its current turn (no such call, or another '
-                "tool or other arguments): KubeChain runs only the tool calls its runs make"
-            )
-            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, problem)
-            apply_transition(
-                ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
-            )
-            return
     agent_name = _parent_agent(ctx, parent)
     executor = Executor(
         ctx,

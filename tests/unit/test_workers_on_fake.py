@@ -418,8 +418,8 @@ def test_tool_call_of_a_deleted_run_does_not_execute() -> None:
     assert status["phase"] == "Failed" and "result" not in status and "not found" in status["error"]
 
 
-def test_a_tool_the_agent_was_not_given_is_refused() -> None:
-    kube = FakeKubeClient()
+def create_multiply(kube: FakeKubeClient) -> None:
+    """The builtin "multiply" as a Tool (not one the usual test Agent is given)."""
     create(
         kube,
         "Tool",
@@ -427,6 +427,11 @@ def test_a_tool_the_agent_was_not_given_is_refused() -> None:
         "multiply",
         {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}},
     )
+
+
+def test_a_tool_the_agent_was_not_given_is_refused() -> None:
+    kube = FakeKubeClient()
+    create_multiply(kube)
     tool_turn(kube, [("multiply", '{"a": 1, "b": 2}')])  # the LLM calls a tool the Agent was not given
     (name,) = toolcall_names(kube)
     tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
@@ -1037,17 +1042,10 @@ def test_a_tool_call_made_by_hand_with_the_runs_owner_reference_is_refused_not_r
     """An owner reference is no proof: whoever may create tool calls and read the run can copy its uid.
     A call the run's turn did not ask for (name, tool, arguments) ran with the Agent's grants, approval
     annotation and all, and one made ahead under the next turn's name was taken for the run's own."""
-    from kubechain.models import TaskRun
     from kubechain.statemachines.approval import APPROVAL_ANNOTATION
 
     kube = FakeKubeClient()
-    create(
-        kube,
-        "Tool",
-        "tools",
-        "multiply",
-        {**ADD_TOOL, "name": "multiply", "execute": {"builtin": {"name": "multiply"}}},
-    )
+    create_multiply(kube)
     llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
     ctx = context(kube, llm)
     (made,) = toolcall_names(kube)
