@@ -236,6 +236,12 @@ class LocalStack:
             "KUBECHAIN_LOG_LEVEL": self.options.log_level,
             "PYTHONUNBUFFERED": "1",
         }
+        # The commands installed beside KubeChain (uvx, npx wrappers: how stdio MCP servers start) are
+        # found even from a terminal whose PATH lacks the virtualenv's bin directory.
+        bin_dir = os.path.dirname(sys.executable)
+        path = env.get("PATH", "")
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
         if self.options.llm == "scripted":
             env["KUBECHAIN_OPENAI_BASE_URL"] = self.llm_base_url
         elif self.options.llm == "by-key":

@@ -581,3 +581,21 @@ def test_a_stale_header_is_derived_once_however_many_threads_need_it() -> None:
     for thread in threads:
         thread.join()
     assert len(refreshes) == 1 and headers == [{"Authorization": "Bearer t"}] * 32
+
+
+def test_stack_processes_find_the_commands_installed_beside_kubechain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`uvx` (how most stdio MCP servers start) is installed in the virtualenv: from a terminal whose PATH
+    lacks the virtualenv's bin directory, the README's MCP example failed with "No such file: 'uvx'"."""
+    import sys
+
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    stack = LocalStack(StackOptions(workdir=tmp_path, cluster="local"))
+    stack.redis = type("FakeRedis", (), {"url": "redis://127.0.0.1:1/0"})()  # type: ignore[assignment]
+    bin_dir = os.path.dirname(sys.executable)
+    assert stack.env()["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}{bin_dir}")
+    assert stack.env()["PATH"] == f"/usr/bin{os.pathsep}{bin_dir}", "already there: left as it is"
