@@ -52,6 +52,7 @@ from kubechain.statemachines.transition import (
 )
 
 PREVIEW_LENGTH = 50
+AGENT_DETAIL_BYTES = 300  # of an Agent's statusDetail, quoted in a run waiting for it
 UNNAMED_TOOL = "(unnamed tool)"
 TRUNCATION_MARKER = "\n...[truncated by KubeChain: {omitted} bytes omitted]"
 
@@ -145,7 +146,12 @@ def plan_initial_context(
     if agent is None:
         return _wait(current, "Waiting for Agent to exist", "Waiting")
     if not agent.status.ready:
-        return _wait(current, f'Waiting for agent "{agent_name}" to become ready', "Waiting")
+        detail = f'Waiting for agent "{agent_name}" to become ready'
+        if agent.status.status_detail:
+            # what the Agent itself waits for (an MCP server that cannot start, say): the run's watchers
+            # (`kubechain run`, kubectl) see why without looking at the Agent
+            detail += f": {truncate(agent.status.status_detail, AGENT_DETAIL_BYTES)}"
+        return _wait(current, detail, "Waiting")
     user_message = run.spec.user_message or (task.spec.message if task else "")
     if not user_message:
         return _fail(run, "no message found in TaskRun or Task", "ValidationFailed", now)

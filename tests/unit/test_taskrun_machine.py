@@ -82,6 +82,21 @@ def test_waiting_for_agent_is_written_once() -> None:
     assert again is None, "no rewrite (and no duplicate Event) while nothing changed"
 
 
+def test_a_run_waiting_for_its_agent_says_what_the_agent_waits_for() -> None:
+    """`kubechain run` showed only "Waiting for agent ... to become ready" for as long as it waited, never
+    that the Agent's MCP server could not start; the run's detail now carries the Agent's."""
+    waiting = agent(ready=False)
+    waiting.status.status_detail = 'MCPServer "fetch" is not connected'
+    transition = plan_initial_context(run(), None, False, waiting, NOW)
+    assert transition is not None
+    detail = 'Waiting for agent "a" to become ready: MCPServer "fetch" is not connected'
+    assert transition.status["statusDetail"] == detail
+    assert [(e.reason, e.message) for e in transition.events] == [("Waiting", detail)]
+    waiting.status.status_detail = "x" * 1000
+    long = plan_initial_context(run(), None, False, waiting, NOW)
+    assert long is not None and len(long.status["statusDetail"]) < 400
+
+
 def test_long_message_preview_is_truncated() -> None:
     transition = plan_initial_context(
         run(spec={"agentRef": {"name": "a"}, "userMessage": "x" * 80}), None, False, agent(), NOW
