@@ -86,3 +86,27 @@ def test_crds_from_an_installed_wheel_go_to_the_current_directory(
     checkout.mkdir(parents=True)
     monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", checkout / "crds")
     assert crdgen.default_output() == checkout / "crds"
+
+
+def test_the_readmes_offline_tool_example_is_a_valid_tool_and_script() -> None:
+    """The README's "Tools, offline" block: its Tool manifest passes the Tool model (the CRD is generated
+    from it) and its script the scripted LLM's, so a reader who copies them gets no validation error."""
+    import json
+    import re
+
+    import yaml
+
+    from kubechain.llm.scripted_server import Script
+    from kubechain.models import Tool
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index("**Tools, offline.**") :]
+    manifest = re.search(r"<<'YAML'\n(.*?)\nYAML\n", block, re.S)
+    script = re.search(r"-d '(\{.*?\})'\n", block, re.S)
+    assert manifest is not None and script is not None
+    tool = Tool.from_wire(yaml.safe_load(manifest.group(1)))
+    assert tool.spec.execute is not None and tool.spec.execute.builtin is not None
+    parsed = Script.model_validate(json.loads(script.group(1)))
+    assert (
+        parsed.rules[0].turns[0].tool_calls and parsed.rules[0].turns[0].tool_calls[0].name == tool.spec.name
+    )
