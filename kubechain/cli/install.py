@@ -208,4 +208,22 @@ def install(
         discovery = Discovery(kube)
         for doc in rest:
             click.echo(server_side_apply(kube, discovery, doc, target.namespace))
+        nodeless = nodeless_warning(kube)
     click.echo(f"KubeChain installed from {manifest}")
+    if nodeless:
+        click.echo(f"warning: {nodeless}", err=True)
+
+
+def nodeless_warning(kube: KubeClient) -> str | None:
+    """Why the Deployments just applied will never run, if the cluster has no node to run them on (a
+    `kubechain up` control plane, say); None if it has one, or if we may not list nodes (RBAC)."""
+    try:
+        nodes = kube.request("GET", "/api/v1/nodes", params={"limit": "1"})
+    except KubeAPIError:
+        return None
+    if nodes.get("items"):
+        return None
+    return (
+        "this cluster has no nodes: the watcher and worker Deployments will never start. A `kubechain up` "
+        "control plane runs them itself (as processes); install into a cluster with nodes"
+    )

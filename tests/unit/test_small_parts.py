@@ -779,3 +779,27 @@ def test_the_local_stacks_folders_are_private(tmp_path: Path) -> None:
     _write_pki(workdir / "pki")
     for folder in (workdir, workdir / "pki"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+@pytest.mark.parametrize(
+    ("answer", "warned"),
+    [
+        ({"items": []}, True),
+        ({"items": [{"metadata": {"name": "n1"}}]}, False),
+        (Forbidden(403, "Forbidden", "nodes"), False),
+    ],
+)
+def test_install_warns_when_the_cluster_has_no_node_to_run_kubechain_on(answer: object, warned: bool) -> None:
+    """Into a `kubechain up` control plane (no nodes), install said "installed" and its Deployments sat at
+    0/2 for ever without a word."""
+    from kubechain.cli.install import nodeless_warning
+
+    class Nodes:
+        def request(self, method: str, path: str, **_: object) -> object:
+            assert (method, path) == ("GET", "/api/v1/nodes")
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    said = nodeless_warning(Nodes())  # type: ignore[arg-type]
+    assert (said is not None and "no nodes" in said) if warned else said is None
