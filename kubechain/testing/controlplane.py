@@ -685,7 +685,7 @@ class LocalControlPlane:
 
     # ----------------------------------------------------------------- kube-controller-manager
 
-    def _start_kcm(self) -> None:
+    def _start_kcm(self, why: str = "") -> None:
         kcm = self.binaries.kube_controller_manager
         if kcm is None:
             logger.warning(
@@ -718,7 +718,11 @@ class LocalControlPlane:
         ]
         self._kcm = ManagedProcess("kube-controller-manager", argv, self.log_paths["kcm"])
         t0 = time.monotonic()
-        self._progress("starting kube-controller-manager (garbage collector, namespace, serviceaccount)")
+        self._progress(
+            f"restarting kube-controller-manager ({why})"
+            if why
+            else "starting kube-controller-manager (garbage collector, namespace, serviceaccount)"
+        )
         self._kcm.start()
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
@@ -858,4 +862,4 @@ class LocalControlPlane:
             if self._kcm is not None:
                 self._kcm.stop(timeout=5.0)
                 self._kcm = None
-            self._start_kcm()
+            self._start_kcm("so that its garbage collector knows the new CRDs")
