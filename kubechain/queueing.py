@@ -14,7 +14,7 @@ from kombu import Queue
 from pydantic import BaseModel, Field
 
 from kubechain.redis_transport import transport_for
-from kubechain.settings import Settings
+from kubechain.settings import BROKER_MAX_CONNECTIONS, Settings
 
 if TYPE_CHECKING:
     from kubechain.models import Resource
@@ -108,6 +108,11 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
             "socket_timeout": settings.redis_socket_timeout_s,
             "socket_connect_timeout": settings.redis_socket_timeout_s,
             "socket_keepalive": True,
+            # kombu's default is 10 per channel, and its pool refuses (MaxConnectionsError) rather than
+            # waits: with acks_late each task thread acks on its own, and when Redis stalls for a moment
+            # the acks of dozens of threads at once failed, each leaving its message unacked and a
+            # prefetch slot taken. Connections are made only as needed.
+            "max_connections": BROKER_MAX_CONNECTIONS,
         },
         broker_transport=transport_for(settings.redis_url),
         broker_connection_retry_on_startup=True,

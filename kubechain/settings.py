@@ -29,6 +29,11 @@ def _default_identity() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
+# Redis connections per broker channel (kombu's default is 10); a worker's --concurrency stays within
+# half of it, since each thread acks on its own connection when Redis is slow.
+BROKER_MAX_CONNECTIONS = 512
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kubechain.cli import main
+from kubechain.settings import BROKER_MAX_CONNECTIONS
 
 
 @main.command()
@@ -19,7 +20,14 @@ from kubechain.cli import main
     show_default=True,
     help="I/O-bound work (LLM and tool calls) wants threads",
 )
-@click.option("--concurrency", "-c", default=16, show_default=True)
+@click.option(
+    "--concurrency",
+    "-c",
+    default=16,
+    show_default=True,
+    # each thread acks on its own broker connection when Redis is slow: kept within the pool's size
+    type=click.IntRange(1, BROKER_MAX_CONNECTIONS // 2),
+)
 @click.option("--name", "-n", default=None, help="worker node name")
 @click.option("--loglevel", default=None)
 def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel: str | None) -> None:

@@ -58,3 +58,46 @@ def test_publish_consume_ack_reuse_one_client(redis_url: str, monkeypatch: pytes
     # With the transport, each channel (a few pooled producers, one consumer) makes its client once.
     assert sync_clients_by_channel
     assert len(sync_clients_by_channel) == len(set(sync_clients_by_channel)), sync_clients_by_channel
+
+
+def test_acks_from_more_threads_than_kombus_default_pool_all_land(redis_url: str) -> None:
+    """Each task thread acks its own message (acks_late), through the consumer channel's connection pool,
+    which kombu caps at 10 and which refuses (MaxConnectionsError) rather than waits. When Redis stalls
+    for a moment (an fsync, CLIENT PAUSE here), 64 threads acking at once each hold a connection: 54
+    acks failed, and each left its message in ``unacked`` (redelivered an hour later) and one of the
+    worker's prefetch slots in use for good."""
+    import threading
+
+    db_url = redis_url.rsplit("/", 1)[0] + "/8"
+    client = redis.Redis.from_url(db_url)
+    client.flushdb()
+    app = make_celery(Settings(redis_url=db_url), name="ack-pool-test")
+    app.conf.worker_prefetch_multiplier = 64
+    threads = 64
+    for i in range(threads):
+        enqueue(app, TaskName.PREPARE, ResourceMessage(kind="TaskRun", namespace="ns", name=f"run-{i}"))
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(QueueName.CONTROL.value)
+        queue.consumer.qos(prefetch_count=threads)
+        messages = [queue.get(timeout=10) for _ in range(threads)]
+        assert client.hlen("unacked") == threads
+        failures: list[BaseException] = []
+        start = threading.Barrier(threads + 1)
+
+        def ack(message: Any) -> None:
+            start.wait()
+            try:
+                message.ack()
+            except Exception as exc:  # noqa: BLE001 - what Celery logs as "Couldn't ack" and goes on
+                failures.append(exc)
+
+        workers = [threading.Thread(target=ack, args=(m,)) for m in messages]
+        for worker in workers:
+            worker.start()
+        client.execute_command("CLIENT", "PAUSE", "300", "WRITE")  # every ack waits, holding its connection
+        start.wait()
+        for worker in workers:
+            worker.join(timeout=30)
+        queue.close()
+    assert failures == []
+    assert client.hlen("unacked") == 0

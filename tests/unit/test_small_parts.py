@@ -803,3 +803,15 @@ def test_install_warns_when_the_cluster_has_no_node_to_run_kubechain_on(answer: 
 
     said = nodeless_warning(Nodes())  # type: ignore[arg-type]
     assert (said is not None and "no nodes" in said) if warned else said is None
+
+
+def test_a_worker_runs_no_more_threads_than_its_broker_connections_serve() -> None:
+    """Each task thread acks on a broker connection of its own when Redis is slow: more threads than
+    the pool has connections is refused at start, with the bound."""
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+    from kubechain.settings import BROKER_MAX_CONNECTIONS
+
+    result = CliRunner().invoke(main, ["worker", "--concurrency", str(BROKER_MAX_CONNECTIONS)])
+    assert result.exit_code == 2 and f"1<=x<={BROKER_MAX_CONNECTIONS // 2}" in result.output
