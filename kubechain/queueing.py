@@ -91,7 +91,16 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
     LLM call. A pod's SIGTERM is Celery's warm shutdown (tasks in flight finish within the grace period);
     the soft-shutdown settings apply only to SIGQUIT (or REMAP_SIGTERM=SIGQUIT)."""
     app = Celery(name, broker=settings.redis_url)
-    visibility = max(3600.0, settings.llm_timeout_s * 4, settings.tool_timeout_s * 4)
+    # Above the longest a task runs (an LLM call, a tool up to its execution cap, a write retried until
+    # its claim expires) and the longest countdown (an LLM back-off): Redis redelivers an unacked
+    # message, a running task's or one waiting out its countdown, after this long.
+    visibility = max(
+        3600.0,
+        settings.llm_timeout_s * 4,
+        settings.tool_timeout_s * 4,
+        settings.claim_timeout_s * 4,
+        settings.llm_backoff_max_s * 4,
+    )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -815,3 +815,14 @@ def test_a_worker_runs_no_more_threads_than_its_broker_connections_serve() -> No
 
     result = CliRunner().invoke(main, ["worker", "--concurrency", str(BROKER_MAX_CONNECTIONS)])
     assert result.exit_code == 2 and f"1<=x<={BROKER_MAX_CONNECTIONS // 2}" in result.output
+
+
+def test_the_broker_redelivers_nothing_before_the_longest_task_or_countdown_is_over() -> None:
+    """A claim timeout (a tool's execution cap follows it) or an LLM back-off above an hour had Redis
+    redeliver running tasks and waiting countdowns once an hour, the copies piling up."""
+    from kubechain.queueing import make_celery
+    from kubechain.settings import Settings
+
+    for settings in (Settings(claim_timeout_s=7200.0), Settings(llm_backoff_max_s=7200.0)):
+        app = make_celery(settings)
+        assert app.conf.broker_transport_options["visibility_timeout"] >= 2 * 7200.0
