@@ -60,8 +60,11 @@ def is_terminal(kind: str, obj: Mapping[str, Any]) -> bool:
 # Of a run or tool call, the parts no routing decision reads, and that make up most of its size.
 _BULK = {
     "spec": ("contextWindow", "userMessage", "arguments"),
-    "status": ("contextWindow", "output", "result"),
+    # a failed tool call's error (up to 64 KiB) is in both error and statusDetail
+    "status": ("contextWindow", "output", "result", "error", "statusDetail"),
 }
+# kubectl apply's copy of the whole object as applied (a run's userMessage again)
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 # In the watcher's cache, a Task's output (its run's whole answer) is replaced by whether it is shown.
@@ -70,7 +73,7 @@ OUTPUT_SHOWN = "_outputShown"
 
 def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     """What the watcher keeps of ``obj``. A TaskRun or tool call is kept without its context window,
-    message, arguments, output and result: every decision about it (and about its parent and its Task)
+    message, arguments, output, result, error texts and kubectl's last-applied copy: every decision about it (and about its parent and its Task)
     reads only metadata, references, phase and claim. Finished runs are kept for good, and a run in
     flight may carry a context window of up to 1 MiB: a watcher holding them whole grew with every run
     (and with every run in flight) until it hit its memory limit. A Task keeps only whether its output is
@@ -88,6 +91,10 @@ def cached_form(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         section = obj.get(part)
         if isinstance(section, dict) and any(field in section for field in fields):
             slim[part] = {key: value for key, value in section.items() if key not in fields}
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and LAST_APPLIED in (metadata.get("annotations") or {}):
+        annotations = {key: value for key, value in metadata["annotations"].items() if key != LAST_APPLIED}
+        slim["metadata"] = {**metadata, "annotations": annotations}
     return slim
 
 

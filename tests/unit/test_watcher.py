@@ -149,10 +149,16 @@ def test_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_the_same()
     going = run(
         "TaskRun", {"name": "going", "status": {"phase": "ToolCallsPending", "contextWindow": window}}, "8"
     )
+    # kubectl apply's copy of the whole object, userMessage and all
+    finished["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(finished["spec"])
+    }
     tool_call = run(
         "TaskRunToolCall", {"name": "tc", "status": {"phase": "Succeeded", "result": "r" * 50_000}}, "9"
     )
     tool_call["spec"] = {"taskRunRef": {"name": "going"}, "arguments": "{" + " " * 50_000 + "}"}
+    # a failed call's error, up to 64 KiB, is in its statusDetail too
+    tool_call["status"] |= {"error": "e" * 50_000, "statusDetail": "e" * 50_000}
     handled: list[dict[str, Any]] = []
     caches = {}
     for kind, plural, obj in [
@@ -177,9 +183,8 @@ def test_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_the_same()
     kept = {key[1]: obj for objects in caches.values() for key, obj in objects.items()}
     assert all(len(json.dumps(kept[name])) < 1_000 for name in ("done", "going", "tc")), kept
     assert kept["going"]["status"] == {"phase": "ToolCallsPending"}
-    assert (
-        kept["done"]["status"]["phase"] == "FinalAnswer" and kept["done"]["metadata"] == finished["metadata"]
-    )
+    assert kept["done"]["status"]["phase"] == "FinalAnswer"
+    assert kept["done"]["metadata"] == {**finished["metadata"], "annotations": {}}
     now = datetime.now(UTC)
     for kind, whole in [("TaskRun", finished), ("TaskRun", going), ("TaskRunToolCall", tool_call)]:
         slim = kept[whole["metadata"]["name"]]
