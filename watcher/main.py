@@ -40,6 +40,7 @@ from kubechain.statemachines.routing import (
     tasks_missing_their_run,
     trace_uid_of,
     work_for,
+    work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
 from watcher.informer import Informer, Key
@@ -160,6 +161,8 @@ class Watcher:
                 works = [work for work in works if work.kind != "TaskRun"]
         elif kind == "TaskRunToolCall" and self._cancels_a_call_of_a_live_run(obj):
             works = [work_for_deleted_toolcall(obj)]
+        elif kind == "TaskRun":
+            works = work_for_deleted_sub_agent_run(obj)
         if kind in VALIDATED_KINDS:
             after = None if event_type == "DELETED" else obj
             if readiness(kind, after) != readiness(kind, previous):

@@ -137,6 +137,23 @@ def work_for_deleted_toolcall(obj: Mapping[str, Any]) -> Work:
     )
 
 
+def work_for_deleted_sub_agent_run(obj: Mapping[str, Any]) -> list[Work]:
+    """A sub-agent's run was deleted: the tool call that waited for it fails now, not at its resync."""
+    namespace, _ = _meta(obj)
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return [
+        Work(
+            TaskName.TOOL_CALL,
+            "TaskRunToolCall",
+            namespace,
+            str(owner.get("name")),
+            reason="sub-agent-deleted",
+        )
+        for owner in owners
+        if owner.get("kind") == "TaskRunToolCall" and owner.get("name")
+    ]
+
+
 def trace_uid_of(kind: str, obj: Mapping[str, Any]) -> str:
     """The uid of the TaskRun whose trace work on this object belongs to ("" for other kinds)."""
     meta = obj.get("metadata") or {}

@@ -453,6 +453,24 @@ def test_a_tool_call_deleted_while_its_run_goes_on_prompts_the_run_but_not_one_d
     assert watcher._outbox.empty()
 
 
+def test_a_deleted_sub_agent_run_prompts_the_tool_call_that_waited_for_it() -> None:
+    """Its call waited in AwaitingSubAgent until its own resync, by then backed off to minutes."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    child = run("TaskRun", {"name": "delegate-x", "status": {"phase": "ReadyForLLM"}}, "9")
+    child["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "r-abc-tc-01", "uid": "p"}]
+    watcher._on_event("TaskRun", "DELETED", child, child)
+    work, _, _ = watcher._outbox.get_nowait()
+    assert (work.task, work.kind, work.name, work.reason) == (
+        TaskName.TOOL_CALL,
+        "TaskRunToolCall",
+        "r-abc-tc-01",
+        "sub-agent-deleted",
+    )
+    mine = run("TaskRun", {"name": "mine", "status": {"phase": "ReadyForLLM"}}, "10")  # no owner: nothing
+    watcher._on_event("TaskRun", "DELETED", mine, mine)
+    assert watcher._outbox.empty()
+
+
 def test_work_waiting_for_the_sender_is_replaced_by_newer_state_not_queued_again() -> None:
     # No sender thread runs here: Redis is down and nothing leaves the outbox.
     watcher = Watcher(Settings(stale_after_s=1.0), FakeKubeClient(), lambda *_: None, leader_election=False)
