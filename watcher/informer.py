@@ -155,13 +155,15 @@ class Informer:
         self.synced.set()
 
     def run(self) -> None:
-        backoff = 0.2
+        backoff = 0.2  # errors and watches that end at once
+        slow_list_backoff = 0.2  # 410s right after a list: kept across relists, which are their cause
         while not self.stop.is_set():
             received = 0
             listed = not self.resource_version
             try:
                 if listed:
                     self.relist()
+                    backoff = 0.2  # the API server answers: whatever grew during an outage starts over
                 opened = time.monotonic()
                 for event in self.kube.watch_raw(
                     self.plural, self.namespace, self.resource_version, self.watch_timeout_s
@@ -176,7 +178,7 @@ class Informer:
                         continue
                     self._apply(str(event.get("type")), obj)
                     self.resource_version = rv or self.resource_version
-                    backoff = 0.2
+                    backoff = slow_list_backoff = 0.2
                 if not received and time.monotonic() - opened < SHORT_WATCH_S:
                     # client-go's "very short watch": something in the way (a proxy) answers and closes at
                     # once; reopening at once would spin.
@@ -194,17 +196,20 @@ class Informer:
                     # server keeps a kind's history: listing the same way would only repeat that, so the
                     # next list is one answer from its watch cache. Either way, not back to back.
                     self.list_from_watch_cache = listed
+                    if not listed:
+                        # Resumed from a version the API server no longer keeps (e.g. after an outage):
+                        # it answered, and a list is the way on, at once.
+                        log.info("watch of %s expired (410 Gone) on resuming; relisting", self.plural)
+                        continue
                     log.warning(
-                        "watch of %s expired (410 Gone) before its first event%s; relisting in %.1fs",
+                        "watch of %s expired (410 Gone) before its first event: its list took longer than "
+                        "the API server keeps history, so the next is from the API server's watch cache; "
+                        "relisting in %.1fs",
                         self.plural,
-                        ": its list took longer than the API server keeps history, so the next is from "
-                        "the API server's watch cache"
-                        if listed
-                        else "",
-                        backoff,
+                        slow_list_backoff,
                     )
-                    self.stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    self.stop.wait(slow_list_backoff)
+                    slow_list_backoff = min(slow_list_backoff * 2, 30.0)
             except KubeAPIError as exc:
                 log.warning("watch of %s failed: %s; retrying in %.1fs", self.plural, exc, backoff)
                 self.stop.wait(backoff)

@@ -77,6 +77,29 @@ def ready(kind: str, name: str, spec: dict[str, Any] | None = None, **status: An
     }
 
 
+def test_after_an_outage_a_410_on_resume_relists_at_once_and_the_backoff_starts_over() -> None:
+    """The back-off grown during an API-server outage was kept: the 410 that follows the outage (its
+    history moved on) waited 12.8 s before the relist, and the next hiccup 25.6 s, the cache stale."""
+
+    class RecordingStop(threading.Event):
+        waits: list[float] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waits.append(round(timeout or 0, 1))
+            return self.is_set()
+
+    outage = [Unavailable(0, "Unavailable", "connection refused") for _ in range(6)]
+    after = [Unavailable(0, "Unavailable", "connection reset")]
+    event = {"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "950")}
+    kube = ScriptedWatchKube([*outage, Gone(410, "Expired", "too old"), *after, [event]])
+    ScriptedWatchKube.stop = stop = RecordingStop()
+    stop.waits = []
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop)
+    informer.run()
+    assert informer.relists == 2
+    assert stop.waits == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 0.2], "no wait before the relist; then from 0.2 again"
+
+
 def test_informer_relists_on_gone_and_resumes_after_errors() -> None:
     seen: list[tuple[str, str]] = []
     kube = ScriptedWatchKube(
