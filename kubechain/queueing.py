@@ -128,7 +128,8 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
         worker_soft_shutdown_timeout=10.0,
         worker_enable_soft_shutdown_on_idle=True,
         # False: a task in flight when Redis goes away finishes its LLM or tool call and writes its outcome
-        # (the API server is not Redis); its message, never acked, comes back and finds the work done.
+        # (the API server is not Redis). kombu puts its message back on the queue as the connection
+        # closes, so another worker may take it meanwhile: it finds the step claimed (and later done).
         # Cancelling is not possible in the thread pool anyway (Celery logged a traceback per task).
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_default_queue=QueueName.CONTROL.value,
