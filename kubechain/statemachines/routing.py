@@ -139,16 +139,15 @@ def work_for_deleted_toolcall(obj: Mapping[str, Any]) -> Work:
 
 def work_for_deleted_sub_agent_run(obj: Mapping[str, Any]) -> list[Work]:
     """A sub-agent's run was deleted: the tool call that waited for it fails now, not at its resync."""
-    namespace, _ = _meta(obj)
-    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return _prompt_delegating_call(obj, "sub-agent-deleted")
+
+
+def _prompt_delegating_call(run: Mapping[str, Any], reason: str) -> list[Work]:
+    """A tool_call task for the tool call that started this (sub-agent) run, if one did."""
+    namespace, _ = _meta(run)
+    owners = (run.get("metadata") or {}).get("ownerReferences") or []
     return [
-        Work(
-            TaskName.TOOL_CALL,
-            "TaskRunToolCall",
-            namespace,
-            str(owner.get("name")),
-            reason="sub-agent-deleted",
-        )
+        Work(TaskName.TOOL_CALL, "TaskRunToolCall", namespace, str(owner.get("name")), reason=reason)
         for owner in owners
         if owner.get("kind") == "TaskRunToolCall" and owner.get("name")
     ]
@@ -191,20 +190,9 @@ def _work_for(
             # A sub-agent's run finished: its delegating tool call collects the outcome.
             if resync:
                 return []  # the tool call's own resync (AwaitingSubAgent) covers a lost message
-            owners = (obj.get("metadata") or {}).get("ownerReferences") or []
             # A Task's run finished: the Task shows its answer (its Output column).
             task = ((obj.get("spec") or {}).get("taskRef") or {}).get("name")
-            return [
-                Work(
-                    TaskName.TOOL_CALL,
-                    "TaskRunToolCall",
-                    namespace,
-                    str(owner.get("name")),
-                    reason="sub-agent-finished",
-                )
-                for owner in owners
-                if owner.get("kind") == "TaskRunToolCall"
-            ] + (
+            return _prompt_delegating_call(obj, "sub-agent-finished") + (
                 [Work(TaskName.VALIDATE, "Task", namespace, str(task), reason="run-finished")] if task else []
             )
         if phase in TASKRUN_PREPARE:
