@@ -446,6 +446,12 @@ def test_finished_tool_calls_prompt_their_running_parent_on_events_but_not_on_ev
     ).resource_version == ""
 
 
+def next_work(watcher: Watcher) -> tuple[TaskName, str, str, str]:
+    """The next work the watcher queued for the sender: task, kind, name and why."""
+    work, _, _ = watcher._outbox.get_nowait()
+    return work.task, work.kind, work.name, work.reason
+
+
 def test_a_tool_call_deleted_while_its_run_goes_on_prompts_the_run_but_not_one_deleted_with_it() -> None:
     """Deleting a tool call cancels it; if it was the last its turn waited for, the run goes on now."""
     watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
@@ -461,13 +467,7 @@ def test_a_tool_call_deleted_while_its_run_goes_on_prompts_the_run_but_not_one_d
     while not watcher._outbox.empty():
         watcher._outbox.get_nowait()
     informers["TaskRunToolCall"]._apply("DELETED", calls[1])  # the running one, cancelled by hand
-    work, _, _ = watcher._outbox.get_nowait()
-    assert (work.task, work.kind, work.name, work.reason) == (
-        TaskName.PREPARE,
-        "TaskRun",
-        "r",
-        "toolcall-deleted",
-    )
+    assert next_work(watcher) == (TaskName.PREPARE, "TaskRun", "r", "toolcall-deleted")
     # deleted with its run (being deleted, gone from the cache, or ended): nothing to go on with
     pending["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
     informers["TaskRunToolCall"]._apply("DELETED", calls[0])
@@ -482,13 +482,7 @@ def test_a_deleted_sub_agent_run_prompts_the_tool_call_that_waited_for_it() -> N
     child = run("TaskRun", {"name": "delegate-x", "status": {"phase": "ReadyForLLM"}}, "9")
     child["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "r-abc-tc-01", "uid": "p"}]
     watcher._on_event("TaskRun", "DELETED", child, child)
-    work, _, _ = watcher._outbox.get_nowait()
-    assert (work.task, work.kind, work.name, work.reason) == (
-        TaskName.TOOL_CALL,
-        "TaskRunToolCall",
-        "r-abc-tc-01",
-        "sub-agent-deleted",
-    )
+    assert next_work(watcher) == (TaskName.TOOL_CALL, "TaskRunToolCall", "r-abc-tc-01", "sub-agent-deleted")
     mine = run("TaskRun", {"name": "mine", "status": {"phase": "ReadyForLLM"}}, "10")  # no owner: nothing
     watcher._on_event("TaskRun", "DELETED", mine, mine)
     assert watcher._outbox.empty()
