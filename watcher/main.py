@@ -175,25 +175,27 @@ class Watcher:
         """Fan-in: only the last of a turn's tool calls to finish prompts the parent (resync covers a hint
         lost on the way), and none prompts a run that has ended: a relist after a restart delivers every
         finished tool call ever made again, and each was a message for a worker to find nothing to do."""
-        metadata = obj.get("metadata") or {}
-        run_name = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
-        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
+        run = self._owning_run(obj)
         if run is not None and is_terminal("TaskRun", run):
-            owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
-            if (run.get("metadata") or {}).get("uid") in owners:
-                return False  # (a run of that name made again since is not this one)
+            return False
         return self._all_siblings_finished(obj)
 
     def _cancels_a_call_of_a_live_run(self, obj: dict[str, Any]) -> bool:
         """A tool call deleted by hand while its run goes on (not with its run): the run's fan-in hears it
         now, not at its next resync, if the deleted call was the last its turn waited for."""
-        metadata = obj.get("metadata") or {}
-        run_name = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
-        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
+        run = self._owning_run(obj)
         if run is None or is_terminal("TaskRun", run) or (run.get("metadata") or {}).get("deletionTimestamp"):
             return False
+        return self._all_siblings_finished(obj)
+
+    def _owning_run(self, toolcall: dict[str, Any]) -> dict[str, Any] | None:
+        """The cached TaskRun the tool call names, if it is the one that owns it (a run of that name made
+        again since is not)."""
+        metadata = toolcall.get("metadata") or {}
+        run_name = ((toolcall.get("spec") or {}).get("taskRunRef") or {}).get("name")
+        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
         owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
-        return (run.get("metadata") or {}).get("uid") in owners and self._all_siblings_finished(obj)
+        return run if run is not None and (run.get("metadata") or {}).get("uid") in owners else None
 
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
