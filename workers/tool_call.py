@@ -53,6 +53,7 @@ from kubechain.statemachines.toolcall import (
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, mcp_tool_name, resolve_tool_name
 from kubechain.statemachines.transition import (
     Transition,
+    claim_remaining_s,
     foreign_child_message,
     parse_timestamp,
     precise_timestamp,
@@ -363,13 +364,21 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     )
     now = ctx.clock()
     # A call that cannot run (unknown tool, not granted, its MCP server deleted while it waited for a
-    # human) fails now instead of waiting forever.
-    if executor.problem is not None and toolcall.phase in (
-        "",
-        "Pending",
-        "AwaitingHumanApproval",
-        "ErrorRequestingHumanApproval",
-        "ReadyToExecuteApprovedTool",
+    # human) fails now instead of waiting forever; so does one whose worker was lost mid-run, rather
+    # than run again (or, its Tool changed meanwhile, start again another way) without its grant.
+    stale_run = toolcall.phase == ToolCallPhase.RUNNING and (
+        claim_remaining_s(toolcall.status.claimed_at, now, ctx.settings.claim_timeout_s) <= 0
+    )
+    if executor.problem is not None and (
+        stale_run
+        or toolcall.phase
+        in (
+            "",
+            "Pending",
+            "AwaitingHumanApproval",
+            "ErrorRequestingHumanApproval",
+            "ReadyToExecuteApprovedTool",
+        )
     ):
         apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
         _count_not_run(executor, "rejected")
@@ -389,11 +398,6 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         )
         if claim.transition is None:
             log.debug("tool_call skipped for %s/%s: %s", toolcall.namespace, toolcall.name, claim.reason)
-            return
-        if executor.problem is not None and claim.transition.phase() == ToolCallPhase.PENDING:
-            # released to start again, it would skip the check above (not granted any more, say)
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
-            _count_not_run(executor, "rejected")
             return
         toolcall = apply_transition(ctx, toolcall, claim.transition)
         if toolcall.is_terminal():
