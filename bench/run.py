@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -40,6 +41,7 @@ from bench.report import (
     summarize,
     write_target,
 )
+from kubechain.settings import MAX_WORKER_CONCURRENCY
 
 __all__ = [
     "SCENARIOS",
@@ -166,6 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.hello_runs = args.hello_runs or SIZES["hello_runs"][size]
     args.light_runs = args.light_runs or SIZES["light_runs"][size]
     args.inflight_runs = args.inflight_runs or SIZES["inflight_runs"][size]
+    args.inflight_concurrency = args.inflight_concurrency or max(
+        16, math.ceil(args.inflight_runs / max(1, args.inflight_workers))
+    )
+    if args.inflight_concurrency > MAX_WORKER_CONCURRENCY:
+        parser.error(
+            f"the in-flight rows would need {args.inflight_concurrency} threads per worker; a worker runs "
+            f"at most {MAX_WORKER_CONCURRENCY}: raise --inflight-workers"
+        )
     args.baseline_writes = args.baseline_writes or SIZES["baseline_writes"][size]
     args.fanout_trials = args.fanout_trials or SIZES["fanout_trials"][size]
     args.rounds = max(1, args.rounds or SIZES["rounds"][size])

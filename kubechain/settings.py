@@ -30,8 +30,10 @@ def _default_identity() -> str:
 
 
 # Redis connections per broker channel (kombu's default is 10); a worker's --concurrency stays within
-# half of it, since each thread acks on its own connection when Redis is slow.
-BROKER_MAX_CONNECTIONS = 512
+# half of it, since each thread acks on its own connection when Redis is slow. Connections are opened only
+# as needed; the bound must still let one worker hold 500 LLM calls open (the in-flight bench's 2 × 500).
+BROKER_MAX_CONNECTIONS = 1024
+MAX_WORKER_CONCURRENCY = BROKER_MAX_CONNECTIONS // 2
 
 
 class Settings(BaseSettings):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from kubechain.cli import main
-from kubechain.settings import BROKER_MAX_CONNECTIONS
+from kubechain.settings import MAX_WORKER_CONCURRENCY
 
 
 @main.command()
@@ -26,7 +26,7 @@ from kubechain.settings import BROKER_MAX_CONNECTIONS
     default=16,
     show_default=True,
     # each thread acks on its own broker connection when Redis is slow: kept within the pool's size
-    type=click.IntRange(1, BROKER_MAX_CONNECTIONS // 2),
+    type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
 )
 @click.option("--name", "-n", default=None, help="worker node name")
 @click.option("--loglevel", default=None)

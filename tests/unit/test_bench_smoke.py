@@ -54,6 +54,22 @@ def test_parse_args_sizes_and_validation() -> None:
         bench_run.parse_args(["--scenarios", "nope"])
 
 
+def test_the_inflight_rows_threads_are_a_number_the_worker_accepts() -> None:
+    """The in-flight rows hold 1,000 LLM calls open on two workers: 500 threads each. When the worker's
+    --concurrency bound fell below that, both rows (the memory target's) failed at start."""
+    from kubechain.cli import main
+    from kubechain.settings import MAX_WORKER_CONCURRENCY
+
+    full = bench_run.parse_args([])
+    assert (full.inflight_workers, full.inflight_concurrency) == (2, 500)
+    worker = main.commands["worker"]  # type: ignore[attr-defined]
+    (concurrency,) = [p for p in worker.params if p.name == "concurrency"]
+    assert concurrency.type(full.inflight_concurrency) == 500  # raises click.BadParameter when refused
+    assert bench_run.parse_args(["--inflight-runs", "100"]).inflight_concurrency == 50
+    with pytest.raises(SystemExit):  # said before anything starts, not after the control plane is up
+        bench_run.parse_args(["--inflight-concurrency", str(MAX_WORKER_CONCURRENCY + 1)])
+
+
 def _timeline(name: str, *points: tuple[float, str, str], claimed_at: str | None = None) -> Timeline:
     sightings = [Sighting(t, rv, phase, "MODIFIED") for t, rv, phase in points]
     for s in sightings:
