@@ -1,4 +1,5 @@
-"""A Redis that stops answering without closing the connection makes a publish fail, not hang."""
+"""The broker's timeouts: a Redis that stops answering without closing the connection makes a publish fail,
+not hang; and nothing is redelivered while a task or countdown may still be running."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def test_a_publish_to_a_silent_broker_fails_within_the_socket_timeout() -> None:
     assert not thread.is_alive(), "the publish hung on a broker that never answers"
     (error,) = outcome
     assert error is not None and "timeout" in f"{type(error).__name__} {error}".lower()
+
+
+def test_the_broker_redelivers_nothing_before_the_longest_task_or_countdown_is_over() -> None:
+    """A claim timeout (a tool's execution cap follows it) or an LLM back-off above an hour had Redis
+    redeliver running tasks and waiting countdowns once an hour, the copies piling up."""
+    from kubechain.queueing import make_celery
+    from kubechain.settings import Settings
+
+    for settings in (Settings(claim_timeout_s=7200.0), Settings(llm_backoff_max_s=7200.0)):
+        app = make_celery(settings)
+        assert app.conf.broker_transport_options["visibility_timeout"] >= 2 * 7200.0

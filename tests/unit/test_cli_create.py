@@ -1,4 +1,5 @@
-"""`kubechain create` against a stub API server: what the command leaves behind when the API server refuses."""
+"""`kubechain create`: an invalid parameter, and against a stub API server what the command leaves behind
+when the API server refuses."""
 
 from __future__ import annotations
 
@@ -119,3 +120,15 @@ def test_a_secret_that_was_there_before_is_never_deleted(kubeconfig_of: Callable
     assert result.exit_code == 1
     assert "gpt-api-key" in server.secrets, "--update reused the user's Secret: it stays"
     assert not [r for r in server.stub.requests if r.method == "DELETE"]
+
+
+def test_an_invalid_llm_parameter_is_a_cli_error_not_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+
+    result = CliRunner().invoke(
+        main, ["create", "llm", "x", "--provider", "openai", "--temperature", "abc", "--dry-run"]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
+    assert "invalid resource: temperature" in result.output

@@ -1,4 +1,5 @@
-"""The Kubernetes client waits out an API server that sheds load (429 + Retry-After), as client-go does."""
+"""The Kubernetes client paces its own requests (a token bucket) and waits out an API server that sheds
+load (429 + Retry-After), as client-go does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from kubechain.kube.client import THROTTLE_RETRIES, THROTTLE_WAIT_MAX_S, KubeClient
 from kubechain.kube.connection import ClusterConnection
 from kubechain.kube.errors import Gone, Unavailable
+from kubechain.kube.ratelimit import TokenBucket
 from tests.unit.http_stub import StubAnswer, StubHTTPServer, StubRequest
 
 OK = StubAnswer(201, json.dumps({"kind": "Event", "metadata": {"name": "e"}}).encode())
@@ -182,3 +184,14 @@ def test_a_watch_event_is_handed_on_when_it_arrives_chunked_or_not(chunked: bool
         kube.close()
         listener.close()
     assert names == ["first", "second"] and server_saw == [True]
+
+
+def test_token_bucket_allows_burst_then_paces() -> None:
+    clock = [0.0]
+    slept: list[float] = []
+    bucket = TokenBucket(10, 5, clock=lambda: clock[0], sleep=lambda s: slept.append(s))
+    for _ in range(5):
+        assert bucket.acquire() == 0
+    assert bucket.acquire() == pytest.approx(0.1)
+    clock[0] += 1.0
+    assert bucket.acquire() == 0

@@ -331,3 +331,16 @@ def test_a_message_about_a_namespace_the_install_does_not_serve_is_ignored() -> 
         app.set_context(None)
     assert handled == ["agents"]
     assert REGISTRY.get_sample_value("kubechain_tasks_total", {"task": "validate", "outcome": "ignored"}) == 1
+
+
+def test_only_the_watcher_exports_its_leader_gauge() -> None:
+    """A worker would export a flat 0 for each of its pods beside the watchers' series."""
+    code = (
+        "import workers.app\n"
+        "from prometheus_client import REGISTRY, generate_latest\n"
+        "print(b'kubechain_watcher_leader' in generate_latest(REGISTRY))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert found.stdout.strip() == "False"

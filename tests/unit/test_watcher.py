@@ -15,6 +15,7 @@ from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
+from kubechain.statemachines.lease import lease_holder
 from kubechain.statemachines.routing import (
     cached_form,
     is_terminal,
@@ -320,6 +321,14 @@ def test_a_lease_renewed_long_ago_is_taken_at_first_sight() -> None:
     restarted = LeaderElector(kube, "default", "lease", "new", lease_duration_s=15, clock=lambda: now[0])
     restarted.step()
     assert restarted.is_leader
+
+
+def test_a_lease_is_held_only_while_its_holder_renews_it() -> None:
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    lease = {"holderIdentity": "w-1", "leaseDurationSeconds": 15, "renewTime": "2026-12-01T11:59:50.000000Z"}
+    assert lease_holder(lease, now) == "w-1"
+    assert lease_holder(lease, now + timedelta(seconds=6)) is None, "expired"
+    assert lease_holder({"holderIdentity": None, "renewTime": None}, now) is None, "released"
 
 
 def test_a_message_names_the_object_and_its_own_version_but_never_carries_it() -> None:

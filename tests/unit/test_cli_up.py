@@ -1,0 +1,101 @@
+"""``kubechain up``: what it refuses, what it says when it cannot start, and its private working folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
+    monkeypatch.setattr(stack, "deployed_watcher", lambda _: "kubechain-watcher-7d9f-abcde")
+    monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current"])
+    assert result.exit_code == 1 and not started
+    assert "KubeChain already runs in the current cluster" in result.output
+    assert "kubechain-system/kubechain-watcher" in result.output and "--cluster local" in result.output
+
+
+def test_up_on_the_current_cluster_without_a_usable_kubeconfig_says_so_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.setattr(stack, "cluster_reachable", lambda _: False)
+    monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "up")])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert f"cannot load the cluster connection from {tmp_path / 'missing-kubeconfig'}" in result.output
+    assert not started, "nothing is started for a cluster that cannot be reached"
+
+
+def test_a_second_up_on_the_same_folder_is_refused_at_once(tmp_path: Path) -> None:
+    """It used to rewrite the first one's token and kubeconfig, then wait 90 s on etcd's locked data file
+    and blame etcd."""
+    from kubechain.cli.resources import CLIError
+    from kubechain.cli.up import lock_workdir
+
+    first = lock_workdir(tmp_path)
+    with pytest.raises(CLIError, match=rf"another `kubechain up` \(pid {os.getpid()}\) is using"):
+        lock_workdir(tmp_path)
+    first.close()
+    lock_workdir(tmp_path).close()  # free again once the first one is gone
+
+
+def test_up_that_cannot_start_says_why_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.testing.binaries import BinaryError
+
+    stopped: list[bool] = []
+
+    class Failing:
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise BinaryError("no Go toolchain: install Go 1.24+ or set KUBEBUILDER_ASSETS")
+
+        def stop(self) -> None:
+            stopped.append(True)
+
+    monkeypatch.setattr(stack, "LocalStack", Failing)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
+    assert "could not start KubeChain: no Go toolchain: install Go 1.24+" in result.output
+    assert stopped == [True], "what did start is stopped"
+
+
+def test_the_local_stacks_folders_are_private(tmp_path: Path) -> None:
+    """They hold the local cluster's admin token, kubeconfig and keys: made with the default mode (0755),
+    every user of the machine could read each file in the moment between its write and its chmod."""
+    import stat
+
+    from kubechain.cli.up import lock_workdir
+    from kubechain.testing.controlplane import _write_pki
+
+    workdir = tmp_path / "kc"
+    lock_workdir(workdir).close()
+    _write_pki(workdir / "pki")
+    for folder in (workdir, workdir / "pki"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder

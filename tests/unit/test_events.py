@@ -1,0 +1,76 @@
+"""Kubernetes Events: when they are posted, their deterministic names, and messages the API server takes."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from kubechain.kube.events import EventRecorder, event_name
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.models import TaskRun
+from kubechain.testing.waiting import wait_for
+from tests.unit.fakes import create
+
+
+class GatedEvents(FakeKubeClient):
+    """Holds every Event post until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.gate.wait(timeout=10), "the test never opened the gate"
+        return super().create_event(namespace, body)
+
+
+def test_events_are_posted_before_emit_returns_unless_deferred_to_the_senders() -> None:
+    kube = GatedEvents()
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "r", "namespace": "default", "uid": "u1", "resourceVersion": "7"}}
+    )
+    recorder = EventRecorder(kube, "kubechain-worker", "w1", background=True, senders=1)
+    # Deferred: emit returns while the post waits in a sender thread.
+    recorder.emit(run, "Normal", "TaskRunCreated", "Created TaskRun c", key="child-uid", deferred=True)
+    assert kube.event_reasons("r") == []
+    kube.gate.set()
+    wait_for(lambda: kube.event_reasons("r") == ["TaskRunCreated"], what="the deferred Event")
+    # Not deferred: posted by the time emit returns, although the recorder has senders.
+    recorder.emit(run, "Normal", "LLMFinalAnswer", "LLM response received successfully", key="8")
+    assert kube.event_reasons("r") == ["TaskRunCreated", "LLMFinalAnswer"]
+    # A recorder without senders posts deferred Events itself.
+    inline = EventRecorder(kube, "kubechain-worker", "w1")
+    inline.emit(run, "Normal", "ToolCallCreated", "Created TaskRunToolCall t", key="t-uid", deferred=True)
+    assert kube.event_reasons("r") == ["TaskRunCreated", "LLMFinalAnswer", "ToolCallCreated"]
+
+
+def test_event_names_are_deterministic_per_transition() -> None:
+    assert event_name("r", "u", "LLMFinalAnswer", "42") == event_name("r", "u", "LLMFinalAnswer", "42")
+    assert event_name("r", "u", "LLMFinalAnswer", "42") != event_name("r", "u", "LLMFinalAnswer", "43")
+
+
+def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kube = FakeKubeClient()
+    recorder = EventRecorder(kube, "kubechain-worker", "w1")
+    run = TaskRun.from_wire(
+        create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "m"})
+    )
+    feedback = "この変更は承認できません。" * 40  # 520 characters, 1,560 bytes
+    recorder.emit(run, "Warning", "ToolCallRejected", feedback, key="1")
+    (posted,) = [e["message"] for e in kube.events() if e["reason"] == "ToolCallRejected"]
+    assert len(posted.encode()) <= 1024 and feedback.startswith(posted) and len(posted) == 341
+    # JSON may carry a lone surrogate ("\\ud800"): an MCP server's or an LLM's text reaches messages as is
+    recorder.emit(run, "Warning", "ExecutionFailed", 'tool said "\ud800"', key="3")
+    (lone,) = [e["message"] for e in kube.events() if e["reason"] == "ExecutionFailed"]
+    assert lone == 'tool said "?"'
+
+    class BrokenProxy(FakeKubeClient):
+        def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+            raise ValueError("a 200 whose body is not JSON")
+
+    EventRecorder(BrokenProxy(), "kubechain-worker", "w1").emit(run, "Normal", "X", "y", key="2")
+    assert "could not record event X on default/r: a 200 whose body is not JSON" in caplog.text

@@ -1,0 +1,74 @@
+"""What work an object's state calls for, and which objects a readiness change affects (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kubechain.queueing import TaskName
+from kubechain.statemachines.routing import dependents, work_for
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def obj(kind: str, name: str, spec: dict, status: dict | None = None, generation: int = 1) -> dict:
+    return {
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "ns", "generation": generation, "resourceVersion": "1"},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+def test_routing_by_phase() -> None:
+    assert [w.task for w in work_for("TaskRun", obj("TaskRun", "r", {}), NOW, 180)] == [TaskName.PREPARE]
+    assert [
+        w.task for w in work_for("TaskRun", obj("TaskRun", "r", {}, {"phase": "ReadyForLLM"}), NOW, 180)
+    ] == [TaskName.LLM_CALL]
+    assert work_for("TaskRun", obj("TaskRun", "r", {}, {"phase": "FinalAnswer"}), NOW, 180) == []
+    backoff = obj(
+        "TaskRun",
+        "r",
+        {},
+        {"phase": "ErrorBackoff", "nextAttemptAt": (NOW + timedelta(seconds=3)).isoformat()},
+    )
+    assert work_for("TaskRun", backoff, NOW, 180)[0].countdown_s == pytest.approx(3)
+    claimed = obj("TaskRun", "r", {}, {"phase": "SendContextWindowToLLM", "claimedAt": NOW.isoformat()})
+    assert work_for("TaskRun", claimed, NOW + timedelta(seconds=10), 180, resync=True) == []
+    assert (
+        work_for("TaskRun", claimed, NOW + timedelta(seconds=200), 180, resync=True)[0].reason
+        == "stale-claim"
+    )
+    done_call = obj("TaskRunToolCall", "c", {"taskRunRef": {"name": "r"}}, {"phase": "Failed"})
+    (hint,) = work_for("TaskRunToolCall", done_call, NOW, 180)
+    assert (hint.task, hint.kind, hint.name) == (TaskName.PREPARE, "TaskRun", "r")
+    validated = obj("Agent", "a", {}, {"status": "Ready", "observedGeneration": 1})
+    assert work_for("Agent", validated, NOW, 180) == []
+    assert (
+        work_for("Agent", {**validated, "metadata": {**validated["metadata"], "generation": 2}}, NOW, 180)[
+            0
+        ].task
+        == TaskName.VALIDATE
+    )
+
+
+def test_dependents_of_a_readiness_change() -> None:
+    cache = {
+        "Agent": {("ns", "a"): obj("Agent", "a", {"llmRef": {"name": "l"}, "tools": [{"name": "t"}]})},
+        "Task": {("ns", "task"): obj("Task", "task", {"agentRef": {"name": "a"}})},
+        "TaskRun": {
+            ("ns", "direct"): obj("TaskRun", "direct", {"agentRef": {"name": "a"}}, {"phase": "Pending"}),
+            ("ns", "via-task"): obj(
+                "TaskRun", "via-task", {"taskRef": {"name": "task"}}, {"phase": "Pending"}
+            ),
+            ("ns", "done"): obj("TaskRun", "done", {"agentRef": {"name": "a"}}, {"phase": "FinalAnswer"}),
+        },
+    }
+    assert [(w.kind, w.name) for w in dependents("LLM", obj("LLM", "l", {}), cache)] == [("Agent", "a")]
+    assert [(w.kind, w.name) for w in dependents("Tool", obj("Tool", "t", {}), cache)] == [("Agent", "a")]
+    assert sorted((w.kind, w.name) for w in dependents("Agent", obj("Agent", "a", {}), cache)) == [
+        ("Task", "task"),
+        ("TaskRun", "direct"),
+        ("TaskRun", "via-task"),
+    ]
