@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from kubechain.redaction import redact
+
 DEFAULT_TIMEOUT_S = 10.0
 API_PREFIX = "/humanlayer/v1"
 
@@ -61,6 +63,7 @@ class HumanLayerClient:
                 "control character such as a newline): check the value in its Secret"
             )
         self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
@@ -125,7 +128,7 @@ class HumanLayerClient:
             ) from None
         status = response.status_code
         if status >= 400:
-            detail = _detail(response)
+            detail = _detail(response, self._api_key)
             suffix = f": {detail}" if detail else ""
             if status == 401:
                 raise HumanLayerAuthError("invalid HumanLayer API key", status)
@@ -153,13 +156,14 @@ class HumanLayerClient:
         return payload
 
 
-def _detail(response: httpx.Response) -> str:
-    """A short, printable reason from an error body (HumanLayer/FastAPI use ``{"detail": ...}``)."""
+def _detail(response: httpx.Response, api_key: str) -> str:
+    """A short, printable reason from an error body (HumanLayer/FastAPI use ``{"detail": ...}``), without
+    the key a proxy may have echoed: cut out before the text is shortened, which could leave its start."""
     try:
         payload = response.json()
     except (ValueError, RecursionError):
-        return response.text.strip()[:200]
-    if isinstance(payload, dict) and "detail" in payload:
-        detail = payload["detail"]
-        return (detail if isinstance(detail, str) else json.dumps(detail))[:200]
-    return json.dumps(payload)[:200]
+        text = response.text.strip()
+    else:
+        detail = payload.get("detail") if isinstance(payload, dict) and "detail" in payload else payload
+        text = detail if isinstance(detail, str) else json.dumps(detail)
+    return redact(text, [api_key])[:200]

@@ -11,6 +11,7 @@ from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_er
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
+from kubechain.redaction import redact
 from kubechain.retry_after import retry_after_s
 
 DEFAULT_MAX_TOKENS = 4096
@@ -60,6 +61,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
 class AnthropicClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
+        self._api_key = api_key
         self._client = anthropic.Anthropic(
             api_key=api_key,
             base_url=base_url or None,
@@ -97,7 +99,8 @@ class AnthropicClient:
         except anthropic.APIStatusError as exc:
             status = exc.status_code
             raise LLMError(
-                f"LLM request failed with status {status}: {str(exc)[:500]}",
+                # redacted before the cut, which could leave the start of an echoed key
+                f"LLM request failed with status {status}: {redact(str(exc), [self._api_key])[:500]}",
                 retryable=status in (408, 429) or status >= 500,
                 status_code=status,
                 retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),

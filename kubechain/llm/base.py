@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from kubechain.models import LLM, Message, ToolCall
 from kubechain.models.taskrun import TokenUsage
+from kubechain.redaction import redact
 
 
 class ToolDefinition(BaseModel):
@@ -88,6 +89,40 @@ class LLMClient(Protocol):
 ClientBuilder = Callable[[LLM, str, float, str | None], LLMClient]
 
 
+def without_key(error: LLMError, api_key: str) -> LLMError:
+    """``error`` as it may leave the worker (a status, an Event, a log line): the key cut out of its
+    message, and without the SDK's exception chained to it, which repeats the endpoint's whole answer.
+    Gateways and debug proxies echo the request's headers into their error bodies."""
+    clean = LLMError(
+        redact(str(error), [api_key]),
+        retryable=error.retryable,
+        status_code=error.status_code,
+        retry_after_s=error.retry_after_s,
+    )
+    clean.__suppress_context__ = True
+    return clean
+
+
+class _KeyScrubbing:
+    """A provider client whose errors never carry its key (see ``without_key``)."""
+
+    def __init__(self, client: LLMClient, api_key: str) -> None:
+        self._client = client
+        self._api_key = api_key
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        try:
+            return self._client.complete(request)
+        except LLMError as exc:
+            raise without_key(exc, self._api_key) from None
+
+    def validate_credentials(self) -> None:
+        try:
+            self._client.validate_credentials()
+        except LLMError as exc:
+            raise without_key(exc, self._api_key) from None
+
+
 MAX_CACHED_CLIENTS = 64
 
 
@@ -132,7 +167,7 @@ class LLMClientFactory:
                 if builder is None:
                     raise LLMError(f"unsupported LLM provider {llm.spec.provider!r}", retryable=False)
                 try:
-                    client = builder(llm, api_key, self._timeout_s, base_url or None)
+                    client = _KeyScrubbing(builder(llm, api_key, self._timeout_s, base_url or None), api_key)
                 except Exception as exc:  # e.g. httpx2.InvalidURL for a baseUrl it cannot parse
                     raise LLMError(f"invalid LLM endpoint {base_url!r}: {exc}", retryable=False) from exc
                 self._cache[key] = client

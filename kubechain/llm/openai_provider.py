@@ -13,6 +13,7 @@ from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_er
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
+from kubechain.redaction import redact
 from kubechain.retry_after import retry_after_s
 
 
@@ -136,6 +137,7 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
+        self._api_key = api_key
         self._client = openai.OpenAI(
             api_key=api_key,
             base_url=base_url or None,
@@ -166,7 +168,7 @@ class OpenAIClient:
                 # was retried for ~20 minutes before the run failed)
                 retryable = False
             raise LLMError(
-                f"LLM request failed with status {status}: {_short_body(exc)}",
+                f"LLM request failed with status {status}: {_short_body(exc, self._api_key)}",
                 retryable=retryable,
                 status_code=status,
                 retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
@@ -199,9 +201,10 @@ class OpenAIClient:
             raise credentials_error(None, exc) from exc
 
 
-def _short_body(exc: openai.APIStatusError) -> str:
+def _short_body(exc: openai.APIStatusError, api_key: str) -> str:
     try:
         text = exc.response.text
     except Exception:  # noqa: BLE001 - the body is only decoration for the message
         text = str(exc)
-    return text[:500]
+    # before the cut, which could leave the start of an echoed key that no later redaction recognises
+    return redact(text, [api_key])[:500]

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +17,9 @@ from hypothesis import strategies as st
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.anthropic_provider import AnthropicClient
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.llm.base import LLMClientFactory, LLMError, LLMRequest, LLMResponse
 from kubechain.llm.openai_provider import OpenAIClient
-from kubechain.models import Message, ToolCall, ToolCallFunction
+from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
 from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_workers_on_fake import validated
@@ -481,3 +482,50 @@ def test_an_exhausted_quota_is_not_retried_but_a_rate_limit_is() -> None:
                 client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
         assert failed.value.retryable is retryable, case
         assert failed.value.status_code == 429
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+@pytest.mark.parametrize("status", [400, 401, 500])
+def test_an_endpoint_that_echoes_the_api_key_does_not_put_it_in_the_error(
+    client_class: type[OpenAIClient] | type[AnthropicClient], status: int
+) -> None:
+    """The error text becomes the run's status.error, a Warning Event and a log line. Gateways and debug
+    proxies echo the request's headers into error bodies; the key must not ride along, not even the part
+    of it before the 500-character cut."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    key = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
+
+    def echo(request: Any) -> StubAnswer:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        sent = headers.get("authorization") or headers.get("x-api-key") or ""
+        # the key straddles the cut at 500 characters, and comes again in full after it
+        message = "x" * 440 + f" you sent {sent}; again: {sent}"
+        body = {"error": {"message": message, "type": "invalid_request_error"}}
+        return StubAnswer(status, json.dumps(body).encode())
+
+    with StubHTTPServer(echo) as server:
+        base = f"{server.url}/v1" if client_class is OpenAIClient else server.url
+        provider = "openai" if client_class is OpenAIClient else "anthropic"
+        llm = LLM.model_validate(
+            {
+                "metadata": {"name": "echo", "namespace": "default"},
+                "spec": {
+                    "provider": provider,
+                    "apiKeyFrom": {"secretKeyRef": {"name": "k", "key": "k"}},
+                    "parameters": {"model": "m", "baseUrl": base},
+                },
+            }
+        )
+        client = LLMClientFactory(5).for_llm(llm, key)  # as the workers get their clients
+        with pytest.raises(LLMError) as failed:
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert server.requests, "the stub was never asked"
+    texts = []
+    error: BaseException | None = failed.value
+    while error is not None:  # the chained exceptions too: a logged traceback prints them
+        texts.append(str(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    leaked = [key[i : i + 8] for i in range(len(key) - 7) if any(key[i : i + 8] in t for t in texts)]
+    assert "you sent" in texts[0] and not leaked, texts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -327,3 +328,25 @@ def test_an_answer_nested_deeper_than_json_parses_is_an_invalid_response(status:
         pytest.raises(HumanLayerError),
     ):
         client.get_project()
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 500])
+def test_an_error_body_that_echoes_the_api_key_does_not_carry_it_into_the_error(status: int) -> None:
+    """The error text becomes a tool call's status, an Event and a log line; a proxy that echoes the
+    request's headers must not put the key there, not even the start of it before the 200-character cut."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    def echo(request: Any) -> StubAnswer:
+        sent = {name.lower(): value for name, value in request.headers.items()}.get("authorization", "")
+        detail = "y" * 170 + f" you sent {sent}; again: {sent}"
+        return StubAnswer(status, json.dumps({"detail": detail}).encode())
+
+    with (
+        StubHTTPServer(echo) as server,
+        HumanLayerClient(server.url, KEY) as client,
+        pytest.raises(HumanLayerError) as failed,
+    ):
+        client.get_project()
+    text = str(failed.value)
+    assert "you sent" in text
+    assert not [KEY[i : i + 6] for i in range(len(KEY) - 5) if KEY[i : i + 6] in text], text
