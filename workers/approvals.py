@@ -123,13 +123,18 @@ def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requireme
     return _requirement_of(server, tool)
 
 
-def rejected_by_annotation(ctx: WorkerContext, toolcall: TaskRunToolCall) -> bool:
+def rejected_by_annotation(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, *, before_write: Callable[[], object] | None = None
+) -> bool:
     """A rejection (``kubechain reject``, or the annotation) stands whether or not the call needed an
     approval: a call that was only pending (to run, ask a human or delegate) must not go ahead against
-    it. Recorded as an approval's rejection is; True if it was."""
+    it. Recorded as an approval's rejection is; True if it was. ``before_write``: called first, to stop
+    what the call may have started already (a sub-agent's run)."""
     decision = machine.annotation_decision(toolcall)
     if decision is None or decision.approved:
         return False
+    if before_write is not None:
+        before_write()
     transition = machine.plan_decision(toolcall, decision, ctx.clock(), ctx.limits.max_tool_result_bytes)
     apply_transition(ctx, toolcall, transition)
     return True

@@ -343,10 +343,19 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             if parent is None
             else f'TaskRun "{run_name}" already finished ({parent.phase})'
         )
-        ended = plan_call_of_finished_run(toolcall, why, ctx.clock(), ctx.settings.claim_timeout_s)
+        now = ctx.clock()
+        timeout_s = ctx.settings.claim_timeout_s
+        ended = plan_call_of_finished_run(toolcall, why, now, timeout_s)
         if ended is not None:
+            # Not yet waiting for a sub-agent, it may have started one all the same (_stop_sub_agent_runs):
+            # what it delegates to is resolved, from the configuration cache, only for such a call.
+            pending = toolcall.phase in NOT_STARTED_PHASES
+            sub_agents = _stop_sub_agent_runs(
+                ctx, toolcall, _executor_for(ctx, toolcall, parent) if pending else None
+            )
+            if sub_agents:  # not "not run": the run of the sub-agent it started is named
+                ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
             log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
-            _stop_sub_agent_runs(ctx, toolcall)
             apply_transition(ctx, toolcall, ended)
         return
     problem, parent = _not_its_runs(ctx, toolcall, parent)
@@ -356,12 +365,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
         )
         return
-    agent_name = _parent_agent(ctx, parent)
-    executor = Executor(
-        ctx,
-        toolcall,
-        get_or_none(ctx, Agent, parent.namespace, agent_name, cached=True) if agent_name else None,
-    )
+    executor = _executor_for(ctx, toolcall, parent)
     now = ctx.clock()
     # A call that cannot run (unknown tool, not granted, its MCP server deleted while it waited for a
     # human) fails now instead of waiting forever; so does one whose worker was lost mid-run, rather
@@ -380,8 +384,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             "ReadyToExecuteApprovedTool",
         )
     ):
-        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
-        _count_not_run(executor, "rejected")
+        _fail_not_run(ctx, toolcall, executor, executor.problem, now)
         return
     retyped_to = (
         "delegates to an agent"
@@ -403,7 +406,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         if toolcall.is_terminal():
             return
     if executor.delegate_to is not None:
-        _delegate(ctx, toolcall, parent, executor.delegate_to)
+        _delegate(ctx, toolcall, parent, executor)
         return
     if executor.human_channel is not None:
         if toolcall.phase not in ("", "Pending", ToolCallPhase.AWAITING_HUMAN_INPUT):
@@ -428,8 +431,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         apply_transition(ctx, toolcall, claim.transition)
         return
     if executor.problem is not None:
-        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, executor.problem, now))
-        _count_not_run(executor, "rejected")
+        _fail_not_run(ctx, toolcall, executor, executor.problem, now)
         return
     arguments, invalid = parse_arguments(toolcall)
     if invalid is not None:
@@ -474,6 +476,26 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         )
 
     _record(ctx, claimed, claimed_at, plan)
+
+
+def _executor_for(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun | None) -> Executor:
+    """The call's target resolved with its run's Agent (None if the run or the Agent is gone: then what
+    it grants cannot be checked, and the Executor says so)."""
+    agent_name = _parent_agent(ctx, parent) if parent is not None else ""
+    namespace = toolcall.namespace
+    return Executor(
+        ctx, toolcall, get_or_none(ctx, Agent, namespace, agent_name, cached=True) if agent_name else None
+    )
+
+
+def _fail_not_run(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor, problem: str, now: datetime
+) -> None:
+    """A call that cannot run (unknown tool, not granted) fails; a sub-agent it may have started is stopped
+    first."""
+    _stop_sub_agent_runs(ctx, toolcall, executor)
+    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
+    _count_not_run(executor, "rejected")
 
 
 def _record(
@@ -546,35 +568,60 @@ def _sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> list[TaskR
     return sorted((run for run in runs if run.metadata.owned_by(toolcall.uid)), key=lambda run: run.name)
 
 
-def _stop_sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
-    """A delegating call is about to fail for a reason of its own (its run ended, its Tool changed): its
-    sub-agent's run, which nothing will read any more, is deleted rather than left spending tokens (the
-    call, and so its child, is kept for good, so garbage collection never removes it).
+NOT_STARTED_PHASES = ("", ToolCallPhase.PENDING)
+
+
+def _may_have_started_a_sub_agent(toolcall: TaskRunToolCall, executor: Executor | None) -> bool:
+    """Whether the call may own a sub-agent run, judged without a request. One waiting for it does; so may
+    one still ""/Pending that delegates, or whose Tool is gone (it may have delegated): _delegate creates
+    the child first, and its AwaitingSubAgent write may never have landed (the worker killed in between,
+    the write refused). Any other call never started one, and is not made to pay a LIST for it."""
+    if toolcall.phase == ToolCallPhase.AWAITING_SUB_AGENT:
+        return True
+    if toolcall.phase not in NOT_STARTED_PHASES or executor is None:
+        return False
+    return executor.delegate_to is not None or (executor.target.kind == "tool" and executor.tool is None)
+
+
+def _stop_sub_agent_runs(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None = None
+) -> list[str]:
+    """A call that may have delegated is about to end for a reason of its own (its run ended, its Tool
+    changed, it was rejected): its sub-agent's run, which nothing will read any more, is deleted rather
+    than left spending tokens (the call, and so its child, is kept for good, so garbage collection never
+    removes it). ``executor``: the call's target, for a call still ""/Pending (see
+    _may_have_started_a_sub_agent). Returns the names of the sub-agent runs the call started (finished
+    ones are kept, their answers readable).
 
     Called before the call's terminal write: a delete that fails for a moment (Unavailable) raises with the
     call still waiting, so the retry, or the resync, decides again and deletes again. After that write,
     nothing would ever look at the call again. Each step is idempotent (a deleted run is NotFound)."""
-    if toolcall.phase != ToolCallPhase.AWAITING_SUB_AGENT:
-        return  # no child was started (the call is failed from the phase it was read in)
-    for child in _sub_agent_runs(ctx, toolcall):
+    if not _may_have_started_a_sub_agent(toolcall, executor):
+        return []
+    children = _sub_agent_runs(ctx, toolcall)
+    for child in children:
         if child.is_terminal():
             continue  # finished: its answer stays readable
         try:
             ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
             log.info(
-                "deleted sub-agent run %s/%s: its tool call %s failed",
+                "deleted sub-agent run %s/%s: its tool call %s (phase %s) ends without waiting for it",
                 child.namespace,
                 child.name,
                 toolcall.name,
+                toolcall.phase or "Pending",
             )
         except NotFound:
             pass
         except Forbidden as exc:  # RBAC without delete on taskruns: it runs on, unread
             log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
+    return [child.name for child in children]
 
 
-def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, agent: str) -> None:
+def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
     """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
+    agent = executor.delegate_to
+    assert agent is not None
     now = ctx.clock()
     child_name = child_run_name(toolcall.name, agent)
     if toolcall.phase == "AwaitingSubAgent":
@@ -646,8 +693,11 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ag
             approved_too=True,
         )
         return
-    # `kubechain reject` accepts a Pending call: the sub-agent is not started against that decision.
-    if approvals.rejected_by_annotation(ctx, toolcall):
+    # `kubechain reject` accepts a Pending call: the sub-agent is not started against that decision, and
+    # one an earlier attempt started (its AwaitingSubAgent write lost) is stopped before it is recorded.
+    if approvals.rejected_by_annotation(
+        ctx, toolcall, before_write=lambda: _stop_sub_agent_runs(ctx, toolcall, executor)
+    ):
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -314,12 +315,24 @@ def plan_sub_agent_not_started(
 
 
 def plan_call_of_finished_run(
-    toolcall: TaskRunToolCall, why: str, now: datetime, claim_timeout_s: float
+    toolcall: TaskRunToolCall,
+    why: str,
+    now: datetime,
+    claim_timeout_s: float,
+    sub_agent_runs: Sequence[str] = (),
 ) -> Transition | None:
     """A call whose run ended (or is gone) without it: nothing will ever collect its result, so it ends
-    rather than being queued again at every resync. Not yet running: failed, not run. Running: left to its
-    claim's holder, whose write ends it, unless that claim expired (its worker was lost)."""
+    rather than being queued again at every resync. Not yet running: failed, not run (or, if it started
+    ``sub_agent_runs``, failed no longer waiting for them). Running: left to its claim's holder, whose write
+    ends it, unless that claim expired (its worker was lost)."""
     if toolcall.phase != ToolCallPhase.RUNNING:
+        if sub_agent_runs:
+            runs = ", ".join(sub_agent_runs)
+            return plan_tool_failure(
+                toolcall,
+                f"{why}: its sub-agent (TaskRun {runs}) was started, and is no longer waited for",
+                now,
+            )
         return plan_tool_failure(toolcall, f"{why}: not run", now)
     if claim_remaining_s(toolcall.status.claimed_at, now, claim_timeout_s) > 0:
         return None

@@ -154,7 +154,7 @@ def rbac(kubectl: Kubectl, system_namespace: str) -> Iterator[None]:
         ("create", f"taskruntoolcalls.{GROUP}", (), True),
         ("create", "events", (), True),
         ("get", "secrets", (), True),
-        # a sub-agent's run that never started (and nothing else) may be deleted
+        # a sub-agent's run nothing will read any more (and nothing else) may be deleted
         ("delete", f"taskruns.{GROUP}", (), True),
         # never: other deletes, spec writes, Secret enumeration, other kinds' creation
         ("delete", f"taskruntoolcalls.{GROUP}", (), False),

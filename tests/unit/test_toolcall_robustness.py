@@ -385,6 +385,145 @@ def test_a_rejected_pending_delegation_starts_no_sub_agent(phase: str) -> None:
     assert run_status(kube)["phase"] == "ReadyForLLM", "the LLM hears the rejection"
 
 
+def tool_deleted(kube: FakeKubeClient) -> None:
+    kube.delete("tools", "default", "ask")
+
+
+def run_ended(kube: FakeKubeClient) -> None:
+    kube.patch_status(
+        kube.get(TaskRun, "default", "r"), {"phase": "Failed", "error": "a sibling was refused"}
+    )
+
+
+class DelegationWriteFails(FakeKubeClient):
+    """The AwaitingSubAgent write fails unapplied (connection refused) once: the child run was created,
+    and the call still shows the phase it had (a worker SIGKILLed between the two writes looks the same)."""
+
+    failed = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        if (
+            not self.failed
+            and method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == "AwaitingSubAgent"
+        ):
+            self.failed = True
+            raise Unavailable(0, "Unavailable", "connection refused")
+        return super().request(method, path, **kwargs)
+
+
+def started_but_not_recorded(phase: str = "") -> tuple[DelegationWriteFails, WorkerContext, str, str]:
+    """A delegating call whose sub-agent run was created, its AwaitingSubAgent write lost."""
+    kube = DelegationWriteFails()
+    ctx, name = delegating(kube)
+    if phase:
+        kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"phase": phase})
+    with pytest.raises(Unavailable):  # Celery retries the task
+        tool_call(ctx, message("TaskRunToolCall", name))
+    child = child_run_name(name, "helper")
+    assert kube.get_raw("taskruns", "default", child)
+    assert toolcall_status(kube, name).get("phase", "") == phase
+    return kube, ctx, name, child
+
+
+@pytest.mark.parametrize("phase", ["", "Pending"])
+def test_a_delegation_rejected_before_its_awaiting_write_landed_stops_its_sub_agent(
+    phase: str,
+) -> None:
+    """The call still showed as pending, so `kubechain reject` was accepted: the rejection was written and
+    the sub-agent's run, started against that decision, went on working (LLM calls, tools, tokens), read
+    by no one and never collected (the call is kept for good)."""
+    kube, ctx, name, child = started_but_not_recorded(phase)
+    annotations = {APPROVAL_ANNOTATION: "rejected", APPROVAL_COMMENT_ANNOTATION: "ask nobody"}
+    kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+    tool_call(ctx, message("TaskRunToolCall", name))  # the Celery retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "ToolCallRejected" and status["result"] == "ask nobody", status
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM", "the LLM hears the rejection"
+
+
+def test_a_delegation_whose_run_ended_before_its_awaiting_write_landed_stops_its_sub_agent_and_says_so() -> (
+    None
+):
+    """Its run ended (a sibling was refused) before the retry: the call was failed as "not run", and the
+    sub-agent's run it had started worked on unread."""
+    kube, ctx, name, child = started_but_not_recorded()
+    run_ended(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "already finished (Failed)" in status["error"], status
+    assert "not run" not in status["error"] and f"TaskRun {child}" in status["error"]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
+def test_a_call_waiting_for_its_sub_agent_whose_run_ended_does_not_say_it_was_not_run() -> None:
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    run_ended(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    error = toolcall_status(kube, name)["error"]
+    assert "not run" not in error and f"TaskRun {child}" in error, error
+
+
+def not_granted(kube: FakeKubeClient) -> None:
+    agent = kube.get_raw("agents", "default", "a")
+    agent["spec"] = {**agent["spec"], "tools": []}
+    kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "agents", "default", "a")] = agent
+
+
+@pytest.mark.parametrize("cause", [tool_deleted, not_granted], ids=["tool-deleted", "not-granted"])
+def test_a_delegation_whose_tool_went_before_its_awaiting_write_landed_stops_its_sub_agent(
+    cause: Callable[..., None],
+) -> None:
+    kube, ctx, name, child = started_but_not_recorded()
+    cause(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
+def sub_agent_lookups(kube: FakeKubeClient) -> int:
+    """The LISTs of TaskRuns by the tool-call label: looking for a call's sub-agent runs."""
+    return sum(
+        1
+        for (method, path), params in zip(kube.requests, kube.request_params, strict=True)
+        if method == "GET"
+        and path.endswith("/taskruns")
+        and LABEL_TASKRUNTOOLCALL in str(params.get("labelSelector"))
+    )
+
+
+def ended_without_running(kube: FakeKubeClient, ctx: WorkerContext, name: str, how: str) -> None:
+    if how == "rejected":
+        kube.patch_metadata(
+            "taskruntoolcalls", "default", name, {"annotations": {APPROVAL_ANNOTATION: "rejected"}}
+        )
+    elif how == "run-ended":
+        run_ended(kube)
+    else:
+        not_granted(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+
+
+@pytest.mark.parametrize("how", ["rejected", "run-ended", "not-granted"])
+def test_a_call_that_never_delegates_is_ended_without_looking_for_sub_agent_runs(how: str) -> None:
+    """Looking for a sub-agent run the call may have started costs a LIST: only a call that delegates
+    (or whose Tool is gone, and may have) pays it."""
+    kube = FakeKubeClient()
+    ctx = agent_with(kube, calling("add", '{"a": 1, "b": 2}'), {"add": ADD}, tools=[{"name": "add"}])
+    (name,) = start_turn(ctx, kube)
+    ended_without_running(kube, ctx, name, how)
+    assert toolcall_status(kube, name)["phase"] in ("Failed", "ToolCallRejected")
+    assert sub_agent_lookups(kube) == 0
+
+
 def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
@@ -620,16 +759,6 @@ class DeleteHiccupKube(FakeKubeClient):
             self.armed = False
             raise Unavailable(503, "ServiceUnavailable", "etcd leader changed")
         return super().request(method, path, **kwargs)
-
-
-def tool_deleted(kube: FakeKubeClient) -> None:
-    kube.delete("tools", "default", "ask")
-
-
-def run_ended(kube: FakeKubeClient) -> None:
-    kube.patch_status(
-        kube.get(TaskRun, "default", "r"), {"phase": "Failed", "error": "a sibling was refused"}
-    )
 
 
 @pytest.mark.parametrize("cause", [tool_deleted, run_ended], ids=["tool-deleted", "run-ended"])
