@@ -214,15 +214,20 @@ def _send_request(
 ) -> None:
     """Claim the call, send the request (with a deterministic call id, so a retry is the same call),
     record sent or failed while the claim is ours, and schedule the next re-check."""
-    now = ctx.clock()
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
         failed = apply_transition(
-            ctx, toolcall, kind.failed(toolcall, channel_name, str(problem), problem.reason, now, False)
+            ctx,
+            toolcall,
+            kind.failed(toolcall, channel_name, str(problem), problem.reason, ctx.clock(), False),
         )
         _schedule(ctx, failed)
         return
+    # Stamped now, not before the reads above (the ContactChannel and its Secret, uncached): they may have
+    # waited out an API server shedding load (429s), and the claim would be written already expired, for
+    # a second worker to take over and send the request too.
+    now = ctx.clock()
     spec = spec_for(channel_payload(channel))
     claimed = apply_transition(
         ctx, toolcall, machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, now)

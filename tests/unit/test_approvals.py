@@ -569,6 +569,44 @@ def test_a_dead_requester_is_taken_over_after_the_claim_timeout(world: World) ->
     assert w.hl.posts[call_id] == 1, "looked up, not sent again (nor left to HumanLayer to deduplicate)"
 
 
+class ThrottledSecretReads(FakeKubeClient):
+    """Once armed, reading the HumanLayer Secret takes longer than a request claim lasts (an API server
+    shedding load: each 429 may be waited out up to 5 x 10 s); records the request claims written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock: Clock | None = None
+        self.claims: list[dict[str, Any]] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.clock is not None and method == "GET" and path.endswith("/secrets/humanlayer"):
+            self.clock.advance(machine.REQUEST_CLAIM_TIMEOUT_S + 1)
+        status = (kwargs.get("body") or {}).get("status") or {}
+        if method in ("PATCH", "PUT") and status.get("claimedBy"):
+            self.claims.append(dict(status))
+        return super().request(method, path, **kwargs)
+
+
+def test_a_request_claim_is_stamped_after_the_channel_and_its_secret_were_read(
+    hl: HumanLayerTestServer,
+) -> None:
+    """The claim's time was taken before the ContactChannel and its Secret were read (uncached): after a
+    slow read it was already expired when written, and a second worker (a resync) could take it over and
+    send the request concurrently."""
+    kube = ThrottledSecretReads()
+    w = new_world(hl, kube)
+    add_toolcall(w)
+    kube.clock = w.clock
+    w.run()
+    (claim,) = kube.claims
+    assert claim["claimedAt"] == precise_timestamp(w.clock()), "stamped when written, after the reads"
+    claimed = TaskRunToolCall.model_validate(
+        {**kube.get_raw("taskruntoolcalls", "default", TC), "status": claim}
+    )
+    assert machine.request_in_flight(claimed, w.clock()), "another worker leaves it to its holder"
+    assert w.status()["phase"] == "AwaitingHumanApproval" and w.hl.posts == {w.status()["externalCallID"]: 1}
+
+
 # -- approval with kubectl ---------------------------------------------------------------------------
 
 
