@@ -324,7 +324,9 @@ def record_while_claimed(
     interrupted and an idempotent tool or an LLM turn runs again (each a bounded number of times)."""
     current: R | None = claimed
     raw: dict[str, Any] = {}
-    attempted: Transition | None = None
+    # Every write answered with Unavailable: any of them may still land, even after a later write was
+    # refused because of it (it committed meanwhile), so each re-read is compared with all of them.
+    unanswered: list[Transition] = []
     claim_left_s = claim_remaining_s(claimed.status.claimed_at, ctx.clock(), ctx.limits.claim_timeout_s)
     retry_budget_s = max(retry_budget_s, claim_left_s)
     delays = _backoff(retry_budget_s)
@@ -334,11 +336,12 @@ def record_while_claimed(
             if current is None:
                 raw = ctx.kube.get_raw(claimed.PLURAL, claimed.namespace, claimed.name)
                 current = type(claimed).from_wire(raw)
-            if attempted is not None and patch_landed(raw.get("status") or {}, attempted.status):
+            landed = next((t for t in unanswered if patch_landed(raw.get("status") or {}, t.status)), None)
+            if landed is not None:
                 log.info(
                     "%s of %s %s/%s was written before", what, claimed.KIND, claimed.namespace, claimed.name
                 )
-                _after_write(ctx, current, attempted)
+                _after_write(ctx, current, landed)
                 return
             if not still_ours(current):
                 log.warning(
@@ -350,11 +353,14 @@ def record_while_claimed(
                 )
                 return
             attempted = plan(current)
-            apply_transition(ctx, current, attempted)
+            try:
+                apply_transition(ctx, current, attempted)
+            except Unavailable:
+                unanswered.append(attempted)
+                raise
             return
         except Conflict:
-            attempted = None  # refused: it cannot have landed, so the re-read need not be compared
-            conflicts += 1
+            conflicts += 1  # this write was refused, but an earlier unanswered one may be why
             if conflicts >= 8:
                 log.warning(
                     "gave up writing the %s of %s/%s after 8 conflicts", what, claimed.namespace, claimed.name

@@ -3,6 +3,7 @@ that is briefly unreachable, and results too large to store."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -1155,6 +1156,52 @@ def test_an_llm_answer_is_rewritten_until_the_api_server_is_back() -> None:
     llm_call(ctx, message("TaskRun", "r"))
     assert run_status(kube)["output"] == "paid for" and len(llm.requests) == 1
     assert kube.event_reasons("r").count("LLMFinalAnswer") == 1
+
+
+class LandsLate(FakeKubeClient):
+    """The status write that sets ``phase`` times out unapplied; the API server commits it just after
+    answering the worker's next read (a slow etcd), so the worker's next write conflicts with it."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+        self.pending: tuple[str, str, dict[str, Any]] | None = None
+        self.done = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        if (
+            not self.done
+            and method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        ):
+            self.done = True
+            self.pending = (method, path, kwargs)
+            raise Unavailable(0, "Unavailable", "read timed out")
+        result = super().request(method, path, **kwargs)
+        if self.pending is not None and method == "GET":
+            late, self.pending = self.pending, None
+            super().request(late[0], late[1], **late[2])
+        return result
+
+
+def test_an_llm_answer_that_lands_while_its_rewrite_conflicts_still_posts_its_events_and_makes_its_calls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kube = LandsLate("ToolCallsPending")
+    llm = calling("add", '{"a": 1, "b": 2}')
+    ctx = agent_with(kube, llm, {"add": ADD}, tools=[{"name": "add"}])
+    ctx.sleep = lambda _s: None
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    prepare(ctx, message("TaskRun", "r"))
+    with caplog.at_level(logging.INFO):
+        llm_call(ctx, message("TaskRun", "r"))
+    assert kube.done and kube.pending is None and len(llm.requests) == 1
+    assert run_status(kube)["phase"] == "ToolCallsPending"
+    assert kube.event_reasons("r").count("ToolCallsPending") == 1
+    assert len([n for (_, plural, _, n) in kube.objects if plural == "taskruntoolcalls"]) == 1
+    assert not any("lost the claim" in r.getMessage() for r in caplog.records)
 
 
 # -- 4. oversized results, and idempotent tools whose worker keeps dying -----------------------------
