@@ -121,6 +121,13 @@ class Settings(BaseSettings):
         it must end, and its outcome be written, before its claim expires and another worker starts it."""
         return max(self.tool_timeout_s, self.claim_timeout_s - 30.0)
 
+    @property
+    def claim_confirm_budget_s(self) -> float:
+        """How old a claim whose write went unanswered may be when its worker confirms it by reading it
+        back and still makes the call: a third of the margin a claim leaves past the longest LLM or tool
+        call (10 s by default), the rest being for writing the outcome."""
+        return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) / 3
+
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:
         # A claim that expires while its LLM or tool call is still running lets resync hand the step to a

@@ -14,9 +14,11 @@ from kubechain.kube.cache import TTLReadCache
 from kubechain.kube.client import KubeClient
 from kubechain.kube.events import EventRecorder
 from kubechain.llm.base import LLMClientFactory
+from kubechain.models import Resource
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.taskrun import LoopLimits
+from kubechain.statemachines.transition import Transition
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,64 @@ Enqueue = Callable[[TaskName, ResourceMessage, float], None]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Long after a task's retries (20, backing off to 30 s apiece) and the watcher's resyncs would have come
+# back to a claim in doubt: one still remembered then is for an object this process will not see again.
+CLAIM_IN_DOUBT_KEPT_S = 3600.0
+
+
+class ClaimsInDoubt:
+    """Claims this process wrote but could not confirm (the write's answer and its read-backs were lost;
+    see workers.transitions.apply_claim), so it never made the call they were for. Only the writer can
+    tell: the claim names the pod, which all its threads and processes share. A later task of this
+    process that finds one of them on its object claims it afresh (a conditional write, so of several
+    tasks finding it one wins) instead of leaving it to expire as another worker's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (kind, namespace, name) -> claimedAt -> (when remembered, the claim's transition)
+        self._claims: dict[tuple[str, str, str], dict[str, tuple[float, Transition]]] = {}
+
+    @staticmethod
+    def _key(obj: Resource[Any, Any]) -> tuple[str, str, str]:
+        return obj.KIND, obj.namespace, obj.name
+
+    def add(self, obj: Resource[Any, Any], claimed_at: str, transition: Transition) -> None:
+        """Remember the claim ``transition`` wrote (stamped ``claimed_at``) on ``obj``. Every one is kept
+        until a claim of this process there is confirmed: a re-claim in doubt may not land, its
+        predecessor then still being the one on the object."""
+        now = time.monotonic()
+        with self._lock:
+            for key, claims in list(self._claims.items()):
+                for at, (since, _) in list(claims.items()):
+                    if now - since > CLAIM_IN_DOUBT_KEPT_S:
+                        del claims[at]
+                if not claims:
+                    del self._claims[key]
+            self._claims.setdefault(self._key(obj), {})[claimed_at] = (now, transition)
+
+    def held(self, obj: Resource[Any, Any], holds: Callable[[str], bool]) -> Transition | None:
+        """The transition (a copy, to stamp anew) of the claim in doubt that ``obj`` holds, if any:
+        ``holds(claimed_at)`` says whether the object holds this process's claim stamped so."""
+        with self._lock:
+            claims = dict(self._claims.get(self._key(obj), {}))
+        for claimed_at, (_, transition) in claims.items():
+            if holds(claimed_at):
+                log.info(
+                    "%s %s/%s holds a claim this worker wrote but could not confirm, so never acted on: "
+                    "claiming it again",
+                    obj.KIND,
+                    obj.namespace,
+                    obj.name,
+                )
+                return Transition(dict(transition.status), list(transition.events), list(transition.children))
+        return None
+
+    def forget(self, obj: Resource[Any, Any]) -> None:
+        """A claim of this process on ``obj`` was confirmed: any it had in doubt there is superseded."""
+        with self._lock:
+            self._claims.pop(self._key(obj), None)
 
 
 @dataclass
@@ -38,6 +98,7 @@ class WorkerContext:
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep  # for in-task backoff (tests pass a recorder)
     mcp: Any = None  # kubechain.mcp.MCPManager, kept by a worker that runs tool calls (the tools queue)
+    claims_in_doubt: ClaimsInDoubt = field(default_factory=ClaimsInDoubt, repr=False)
     # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.
     continues_llm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

@@ -123,9 +123,20 @@ BACKOFF_RECHECK_REASON = "backoff-recheck"
 MIN_RECHECK_DELAY_S = 0.5
 
 
+def resume_turn(ctx: WorkerContext, run: TaskRun) -> bool:
+    """Whether ``run`` holds a claim of this process that was left in doubt (see apply_claim): then its
+    LLM call was never made, and is made now under a fresh claim. The retry of a hand-off is a prepare
+    task, which calls this too."""
+    claim = ctx.claims_in_doubt.held(run, lambda claimed_at: holds_claim(run, ctx.identity, claimed_at))
+    if claim is None:
+        return False
+    _claim_and_call(ctx, run, claim)
+    return True
+
+
 def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
     """If the turn is free to take, claim it, call the LLM once and record the answer."""
-    if run.metadata.deletion_timestamp:
+    if run.metadata.deletion_timestamp or resume_turn(ctx, run):
         return
     now = ctx.clock()
     claim = plan_llm_claim(run, ctx.identity, now, ctx.limits)

@@ -22,7 +22,7 @@ from kubechain.statemachines.taskrun import (
 )
 from kubechain.statemachines.transition import Transition
 from workers.context import WorkerContext
-from workers.llm_call import take_turn_now
+from workers.llm_call import resume_turn, take_turn_now
 from workers.transitions import (
     apply_transition,
     create_children,
@@ -50,6 +50,8 @@ def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
         _fan_in(ctx, run)
     elif run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
         _initial_context(ctx, run)
+    elif run.phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM:
+        resume_turn(ctx, run)  # this process's hand-off, if its claim was left in doubt
 
 
 def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:

@@ -33,6 +33,7 @@ from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
+    ToolClaim,
     child_run_name,
     delegation_problem,
     holds_claim,
@@ -419,7 +420,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return
     if executor.problem is None and not approvals.gate(ctx, toolcall, executor):
         return  # approval requested, pending or rejected: the approval flow wrote the status
-    claim = plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
+    in_doubt = ctx.claims_in_doubt.held(toolcall, lambda at: holds_claim(toolcall, ctx.identity, at))
+    claim = (
+        ToolClaim(in_doubt)  # its tool never ran: claimed afresh, not waited for nor failed as lost
+        if in_doubt is not None
+        else plan_tool_claim(toolcall, ctx.identity, now, ctx.settings.claim_timeout_s, executor.idempotent)
+    )
     if claim.transition is None:
         # No flow above owns this phase any more (e.g. AwaitingSubAgent whose Tool was deleted): fail
         # it rather than leave the run's fan-in waiting forever.

@@ -268,17 +268,61 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
 
 def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
     """Write a claim. A write whose outcome is unknown (timeout, 5xx after the server applied it) is
-    resolved by reading back: if the claim we wrote is there, it is ours and we go on (after its Events,
-    which are named after the version written, so never posted twice), rather than leaving the step
-    stranded until the claim expires."""
+    resolved by reading back, retried with the backoff outcomes are written with while the claim is young
+    enough to act on (Settings.claim_confirm_budget_s): if the claim we wrote is there, it is ours and we
+    go on (after its Events, which are named after the version written, so never posted twice), rather
+    than leaving the step stranded until the claim expires. If the object moved on without it, the write
+    can no longer land: Conflict, for the caller to re-read and re-decide. Still unknown, the claim is
+    remembered in ctx.claims_in_doubt and the Unavailable raised: Celery's retry (or any later task) in
+    this process finds it on the object, knows it was never acted on, and claims it afresh."""
     try:
-        return apply_transition(ctx, obj, transition)
-    except Unavailable:
-        current = ctx.kube.get(type(obj), obj.namespace, obj.name)
-        if still_ours(current):
-            log.info("claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name)
-            return _after_write(ctx, current, transition)
-        raise
+        claimed = apply_transition(ctx, obj, transition)
+    except Unavailable as exc:
+        claimed = _confirm_claim(ctx, obj, transition, still_ours, exc)
+    ctx.claims_in_doubt.forget(obj)
+    return claimed
+
+
+def _confirm_claim(
+    ctx: WorkerContext,
+    obj: R,
+    transition: Transition,
+    still_ours: Callable[[R], bool],
+    unanswered: Unavailable,
+) -> R:
+    claimed_at = str(transition.status.get("claimedAt") or "")
+    stamped = parse_timestamp(claimed_at) or ctx.clock()
+    budget_s = ctx.settings.claim_confirm_budget_s
+    delays = _backoff(budget_s)
+    while True:
+        try:
+            current = ctx.kube.get(type(obj), obj.namespace, obj.name)
+        except Unavailable as exc:
+            unanswered = exc
+        else:
+            if still_ours(current):
+                if (ctx.clock() - stamped).total_seconds() > budget_s:
+                    break  # too old now for the call to end within the claim: the retry claims it afresh
+                log.info(
+                    "claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name
+                )
+                return _after_write(ctx, current, transition)
+            if current.resource_version != obj.resource_version:
+                raise Conflict(409, "Conflict", f"{obj.KIND} {obj.name} moved on without this claim")
+        delay = next(delays, None)
+        if delay is None or (ctx.clock() - stamped).total_seconds() + delay > budget_s:
+            break
+        ctx.sleep(delay)
+    ctx.claims_in_doubt.add(obj, claimed_at, transition)
+    log.warning(
+        "claim on %s %s/%s not confirmed within %.0f s (%s); a retry in this process takes it over if it landed",
+        obj.KIND,
+        obj.namespace,
+        obj.name,
+        budget_s,
+        unanswered,
+    )
+    raise unanswered
 
 
 # How long a worker holding an outcome (a tool result, an LLM answer) retries writing it through an

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from kubechain.kube.cache import TTLReadCache
@@ -24,6 +25,7 @@ from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
 from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.test_toolcall_robustness import ClaimAnswerLost
 from tests.unit.test_workers_on_fake import validated
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -121,6 +123,57 @@ def test_a_hand_off_whose_write_landed_unanswered_goes_on_and_posts_its_events()
     llm = new_run(kube)
     prepare(context(kube, llm, continues_llm=True), message("TaskRun", "r"))
     assert kube.lost and run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
+
+
+def interruptions_seen(kube: FakeKubeClient) -> tuple[FakeLLM, list[Any]]:
+    """An LLM answering "done" that notes the run's llmInterruptions as each request is made."""
+    seen: list[Any] = []
+
+    def answer(_request: Any) -> LLMResponse:
+        seen.append(run_status(kube).get("llmInterruptions"))
+        return LLMResponse(content="done")
+
+    return FakeLLM(answer), seen
+
+
+@pytest.mark.parametrize("retried_after_s", [1, 181], ids=["claim-live", "claim-expired"])
+def test_an_llm_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_and_called_once(
+    retried_after_s: int,
+) -> None:
+    """The claim landed, its answer and every read-back within the budget were lost: the retry in this
+    process knows it never called the LLM, so the turn is neither left until the claim expires nor
+    counted as interrupted."""
+    kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
+    llm, seen = interruptions_seen(kube)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    ctx.sleep = lambda _s: None
+    prepare(ctx, message("TaskRun", "r"))
+    with pytest.raises(Unavailable):
+        llm_call(ctx, message("TaskRun", "r"))
+    kube.down = 0
+    assert run_status(kube)["claimedBy"] == "w1" and llm.requests == []
+    later = datetime.now(UTC) + timedelta(seconds=retried_after_s)
+    ctx.clock = lambda: later
+    llm_call(ctx, message("TaskRun", "r"))  # Celery's retry
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert seen == [None], "not counted as an interrupted call"
+    assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+
+
+def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_prepare() -> None:
+    kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
+    llm = new_run(kube)
+    ctx = context(kube, llm, continues_llm=True)
+    ctx.sleep = lambda _s: None
+    with pytest.raises(Unavailable):
+        prepare(ctx, message("TaskRun", "r"))
+    kube.down = 0
+    assert run_status(kube)["phase"] == "SendContextWindowToLLM" and llm.requests == []
+    prepare(ctx, message("TaskRun", "r"))  # Celery's retry
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 

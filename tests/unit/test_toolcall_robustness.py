@@ -1063,7 +1063,7 @@ class FlakyKube(FakeKubeClient):
 
 
 def charged(
-    kube: FlakyKube, monkeypatch: pytest.MonkeyPatch
+    kube: FakeKubeClient, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[WorkerContext, list[float], list[str], str]:
     calls: list[str] = []
     monkeypatch.setattr(
@@ -1202,6 +1202,169 @@ def test_an_llm_answer_that_lands_while_its_rewrite_conflicts_still_posts_its_ev
     assert kube.event_reasons("r").count("ToolCallsPending") == 1
     assert len([n for (_, plural, _, n) in kube.objects if plural == "taskruntoolcalls"]) == 1
     assert not any("lost the claim" in r.getMessage() for r in caplog.records)
+
+
+# -- 3b. a claim written while the API server is briefly unreachable ---------------------------------
+
+
+class ClaimAnswerLost(FakeKubeClient):
+    """The status write that sets ``phase`` is committed but its answer is lost, and the API server then
+    refuses the next ``down`` requests (it is restarting: the read-backs fail too)."""
+
+    def __init__(self, phase: str, down: int) -> None:
+        super().__init__()
+        self.phase, self.down, self.tripped = phase, down, False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.tripped and self.down > 0:
+            self.down -= 1
+            raise Unavailable(0, "Unavailable", "connection refused")
+        body = kwargs.get("body")
+        hit = (
+            not self.tripped
+            and method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        )
+        result = super().request(method, path, **kwargs)
+        if hit:
+            self.tripped = True
+            raise Unavailable(0, "Unavailable", "read timed out")
+        return result
+
+
+def test_a_tool_claim_whose_answer_was_lost_is_read_back_until_the_api_server_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = ClaimAnswerLost("Running", down=3)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1 and calls == ["x"]
+    assert sleeps == [0.5, 1.0, 2.0], "read back with the outcome's backoff until it answered"
+
+
+@pytest.mark.parametrize("retried_after_s", [1, 181], ids=["claim-live", "claim-expired"])
+def test_a_tool_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_and_run_once(
+    monkeypatch: pytest.MonkeyPatch, retried_after_s: int
+) -> None:
+    """The API server stays down longer than a claim may wait to be confirmed: the task is retried, and
+    the retry in this process knows the claim it finds is the one it never acted on, even once expired
+    (a non-idempotent tool is not failed as lost mid-execution: it never ran)."""
+    kube = ClaimAnswerLost("Running", down=10**6)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    kube.down = 0
+    assert toolcall_status(kube, name)["claimedBy"] == "w1" and calls == []
+    later = datetime.now(UTC) + timedelta(seconds=retried_after_s)
+    ctx.clock = lambda: later
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and calls == ["x"], status.get("error")
+    assert status["attempts"] == 1, "the claim it never acted on is not counted as an execution"
+    assert 0 < sum(sleeps) <= ctx.settings.claim_timeout_s - ctx.settings.tool_execution_cap_s
+
+
+def test_a_claim_in_doubt_is_kept_from_siblings_while_read_back_and_from_other_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pod's identity is every thread's and process's: only the task that wrote the claim, once it
+    gave up confirming it, can tell it was never acted on."""
+    kube = ClaimAnswerLost("Running", down=10**6)
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+
+    def sibling_meanwhile(delay: float) -> None:
+        sleeps.append(delay)
+        down, kube.down = kube.down, 0
+        tool_call(ctx, message("TaskRunToolCall", name))  # redelivered to another thread meanwhile
+        kube.down = down
+
+    ctx.sleep = sibling_meanwhile
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    kube.down = 0
+    tool_call(context(kube, calling("charge")), message("TaskRunToolCall", name))  # same pod, other process
+    assert calls == [] and toolcall_status(kube, name)["phase"] == "Running"
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert calls == ["x"] and toolcall_status(kube, name)["phase"] == "Succeeded"
+    assert sleeps, "the sibling was given the message while the claim was read back"
+
+
+class HeldWrite(FakeKubeClient):
+    """The status write that sets ``phase`` times out unapplied; ``commit()`` applies it later (an etcd
+    slower than the worker's patience)."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+        self.held: tuple[str, str, dict[str, Any]] | None = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        if (
+            self.held is None
+            and method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        ):
+            self.held = (method, path, kwargs)
+            raise Unavailable(0, "Unavailable", "read timed out")
+        return super().request(method, path, **kwargs)
+
+    def commit(self) -> None:
+        assert self.held is not None
+        method, path, kwargs = self.held
+        super().request(method, path, **kwargs)
+
+
+def test_a_claim_that_lands_after_its_worker_stopped_reading_it_back_is_taken_over_by_the_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = HeldWrite("Running")
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name).get("claimedBy") is None
+    kube.commit()
+    assert toolcall_status(kube, name)["claimedBy"] == "w1"
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
+    assert calls == ["x"] and toolcall_status(kube, name)["phase"] == "Succeeded"
+    assert sleeps, "it was read back (not there yet) before the task was retried"
+
+
+class ClaimedFirstAnswerLost(FakeKubeClient):
+    """Another worker claims the call just before this worker's claim write, which is refused (409), but
+    the refusal is lost (a timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raced = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        if (
+            not self.raced
+            and method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == "Running"
+        ):
+            self.raced = True
+            name = path.split("/")[-2]
+            other = {"phase": "Running", "claimedBy": "w2", "claimedAt": precise_timestamp(datetime.now(UTC))}
+            self.patch_status_raw("taskruntoolcalls", "default", name, None, other)
+            raise Unavailable(0, "Unavailable", "read timed out")
+        return super().request(method, path, **kwargs)
+
+
+def test_a_claim_whose_refusal_was_lost_is_decided_again_at_once_when_another_worker_holds_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = ClaimedFirstAnswerLost()
+    ctx, sleeps, calls, name = charged(kube, monkeypatch)
+    tool_call(ctx, message("TaskRunToolCall", name))  # no retry needed: the read-back says it all
+    status = toolcall_status(kube, name)
+    assert kube.raced and status["claimedBy"] == "w2" and calls == [] and sleeps == []
 
 
 # -- 4. oversized results, and idempotent tools whose worker keeps dying -----------------------------
