@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from kubechain.kube.client import METADATA_LIST, KubeClient
 from kubechain.kube.errors import Conflict, Gone, NotFound
@@ -66,6 +67,40 @@ def test_a_delete_with_a_resource_version_removes_only_the_object_in_that_state(
     kube.delete(TaskRun.PLURAL, namespace, run.name, resource_version=moved.resource_version)
     with pytest.raises(NotFound):
         kube.get_raw(TaskRun.PLURAL, namespace, run.name)
+
+
+def test_a_status_write_that_loses_to_another_writer_is_counted_as_a_conflict_of_its_kind(
+    kube: KubeClient, namespace: str
+) -> None:
+    """kubechain_status_write_conflicts_total: the API server's 409 to a status write made from a stale
+    resourceVersion, both ways a status is written (a PUT of the whole status, a merge patch); a 409
+    to a write that is not a status write is not one."""
+
+    def conflicts(kind: str) -> float:
+        return REGISTRY.get_sample_value("kubechain_status_write_conflicts_total", {"kind": kind}) or 0.0
+
+    run = kube.create(
+        TaskRun(
+            metadata=ObjectMeta(name="contested", namespace=namespace),
+            spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+        )
+    )
+    moved = kube.patch_status(run, {"phase": "Pending"})  # another writer, first
+    before, other_kind = conflicts(TaskRun.PLURAL), conflicts("toolcalls")
+
+    with pytest.raises(Conflict):
+        kube.patch_status(run, {"phase": "Failed"})
+    assert conflicts(TaskRun.PLURAL) == before + 1
+    with pytest.raises(Conflict):
+        kube.patch_status_raw(TaskRun.PLURAL, namespace, run.name, run.resource_version, {"phase": "Failed"})
+    assert conflicts(TaskRun.PLURAL) == before + 2
+
+    with pytest.raises(Conflict):
+        kube.delete(TaskRun.PLURAL, namespace, run.name, resource_version=run.resource_version)
+    assert conflicts(TaskRun.PLURAL) == before + 2
+    assert conflicts("toolcalls") == other_kind
+    assert kube.get(TaskRun, namespace, run.name).phase == "Pending"
+    assert kube.get(TaskRun, namespace, run.name).resource_version == moved.resource_version
 
 
 def test_a_list_in_pages_is_one_snapshot_of_every_object(kube: KubeClient, namespace: str) -> None:
