@@ -92,6 +92,7 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
         "httpx",
         "httpx2",
         "httpcore",
+        "httpcore2",  # what httpx2 (the openai and anthropic SDKs' client) sends through
         "urllib3",
         "kubernetes",
         "openai",
