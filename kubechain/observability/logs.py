@@ -7,9 +7,13 @@ import contextvars
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _resource: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
     "kubechain_resource", default=None
@@ -81,7 +85,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)  # Ctrl-C at a terminal: Python's own short report, as before
+        return
+    log.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, SystemExit):
+        return  # as Python's own hook: a thread may end itself so
+    name = args.thread.name if args.thread is not None else "?"
+    # (exc_value may be None; the hook runs in the except block that caught it, where True finds it)
+    log.error("uncaught exception in thread %s", name, exc_info=args.exc_value or True)
+
+
 def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
+    """The one place logging is set up: a process's own lines, a library's, Python's warnings and the
+    tracebacks of uncaught exceptions all go through it, so a JSON log holds nothing but JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if json_output else KeyValueFormatter())
     handler.addFilter(ResourceFilter())
@@ -102,3 +123,6 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
         "mcp",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread

@@ -53,3 +53,81 @@ def test_the_llm_sdks_http_libraries_stay_quiet_at_debug(restore_logging: None, 
     configure_logging("DEBUG")
 
     assert logging.getLogger(logger).getEffectiveLevel() == logging.WARNING
+
+
+def _json_lines(err: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in err.splitlines()]
+
+
+def test_an_uncaught_exception_in_a_thread_is_one_json_line(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watcher thread that died printed Python's raw multi-line traceback, which a JSON log pipeline
+    takes for as many lines of garbage; logged, it is one line with the traceback inside it."""
+    configure_logging("INFO", json_output=True)
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    thread = threading.Thread(target=fail, name="watch-taskruns")
+    thread.start()
+    thread.join()
+
+    (line,) = _json_lines(capsys.readouterr().err)
+    assert line["level"] == "ERROR"
+    assert "watch-taskruns" in str(line["message"])
+    assert 'raise RuntimeError("boom")' in str(line["exception"])
+
+
+def test_a_thread_that_exits_says_nothing_as_by_default(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", json_output=True)
+
+    thread = threading.Thread(target=sys.exit)
+    thread.start()
+    thread.join()
+
+    assert capsys.readouterr().err == ""
+
+
+def test_an_uncaught_exception_in_the_main_thread_is_one_json_line(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", json_output=True)
+
+    try:
+        raise ValueError("bad setting")
+    except ValueError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # what Python calls as the process ends
+
+    (line,) = _json_lines(capsys.readouterr().err)
+    assert line["level"] == "CRITICAL"
+    assert "ValueError: bad setting" in str(line["exception"])
+
+
+def test_ctrl_c_keeps_pythons_own_report(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", json_output=True)
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.rstrip().endswith("KeyboardInterrupt")
+
+
+def test_warnings_are_logged(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's DeprecationWarning (or a ResourceWarning) otherwise goes to stderr as two raw lines."""
+    import warnings
+
+    configure_logging("INFO", json_output=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("this option goes away", UserWarning, stacklevel=1)
+
+    (line,) = _json_lines(capsys.readouterr().err)
+    assert (line["level"], line["logger"]) == ("WARNING", "py.warnings")
+    assert "this option goes away" in str(line["message"])
