@@ -27,6 +27,7 @@ from kubechain.models import (
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.models.taskrun import TaskRunSpec
+from kubechain.observability.logs import bind_to_context
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
 from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import ResourceMessage
@@ -290,13 +291,14 @@ def _count_not_run(executor: Executor, outcome: str) -> None:
 
 
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
+    def step(toolcall: TaskRunToolCall) -> None:
+        # The call's run is known once it is read (not from its name: a long run name is hashed in it),
+        # and names the task's lines from here to its end (its failure line too).
+        bind_to_context(run=toolcall.spec.task_run_ref.name)
+        _tool_call_once(ctx, toolcall)
+
     decide_on_current(
-        ctx,
-        TaskRunToolCall,
-        message.namespace,
-        message.name,
-        lambda toolcall: _tool_call_once(ctx, toolcall),
-        seen_version=message.resource_version,
+        ctx, TaskRunToolCall, message.namespace, message.name, step, seen_version=message.resource_version
     )
 
 

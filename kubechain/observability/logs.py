@@ -22,20 +22,41 @@ _resource: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVa
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+def resource_fields(kind: str, namespace: str, name: str, run: str = "") -> dict[str, str]:
+    """The fields that name a resource on a log line: ``kind``, ``namespace`` and ``resource`` (its name),
+    plus the ``run`` and ``toolcall`` it is part of, so one query finds every line of a run. A TaskRun is
+    its own run; a tool call's run is given (a long run name is cut and hashed in the call's name)."""
+    fields = {"kind": kind, "namespace": namespace, "resource": name}
+    if kind == "TaskRun":
+        fields["run"] = name
+    elif kind == "TaskRunToolCall":
+        fields["toolcall"] = name
+        fields["run"] = run
+    return {key: value for key, value in fields.items() if value}
+
+
 @contextlib.contextmanager
 def resource_context(kind: str, namespace: str, name: str, task: str = "") -> Iterator[None]:
-    token = _resource.set({"kind": kind, "namespace": namespace, "resource": name, "task": task})
+    token = _resource.set({**resource_fields(kind, namespace, name), "task": task})
     try:
         yield
     finally:
         _resource.reset(token)
 
 
+def bind_to_context(**fields: str) -> None:
+    """Add ``fields`` to the enclosing resource_context's lines, once they are known (a tool call's run,
+    from the call as read), until that context ends: its reset undoes this too. Outside one, nothing."""
+    current = _resource.get()
+    if current is not None:
+        _resource.set({**current, **fields})
+
+
 def detached_context(kind: str = "", namespace: str = "", name: str = "") -> contextvars.Context:
     """A fresh context for long-lived background work (an MCP connection's task), naming only its own
     resource. Started from a caller's context, such work would name that first caller on every line."""
     context = contextvars.Context()
-    fields = {"kind": kind, "namespace": namespace, "resource": name, "task": ""} if kind else None
+    fields = {**resource_fields(kind, namespace, name), "task": ""} if kind else None
     context.run(_resource.set, fields)
     return context
 
