@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -132,36 +133,72 @@ def _run(
         return
     started = time.perf_counter()
     outcome = "ok"
-    # The failure's log line is inside the resource's context, so it carries its kind, namespace and name.
-    with resource_context(message.kind, message.namespace, message.name, task.value):
-        try:
-            with span(
-                f"{name} {message.kind}",
-                context_from(message.traceparent, ""),
-                **{
-                    "kubechain.namespace": message.namespace,
-                    "kubechain.name": message.name,
-                    "kubechain.reason": message.reason,
-                },
-            ):
-                handler(ctx, message)
-        except Unavailable as exc:
-            retries = int(getattr(request, "retries", 0) or 0)
-            if retries >= MAX_RETRIES:  # Celery gives up: this one is dropped, and counted as an error
-                outcome = "error"
-                log.error(
-                    "task %s gave up after %d retries for %s: %s", task.value, retries, message.key(), exc
-                )
-            else:
-                outcome = "retry"
-            raise
-        except Exception:
+    # (every line here names the message's resource: see _name_the_resource)
+    try:
+        with span(
+            f"{name} {message.kind}",
+            context_from(message.traceparent, ""),
+            **{
+                "kubechain.namespace": message.namespace,
+                "kubechain.name": message.name,
+                "kubechain.reason": message.reason,
+            },
+        ):
+            handler(ctx, message)
+    except Unavailable as exc:
+        retries = int(getattr(request, "retries", 0) or 0)
+        if retries >= MAX_RETRIES:  # Celery gives up: this one is dropped, and counted as an error
             outcome = "error"
-            log.exception("task %s failed for %s", task.value, message.key())
-            raise
-        finally:
-            TASKS.labels(name, outcome).inc()
-            TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
+            log.error("task %s gave up after %d retries for %s: %s", task.value, retries, message.key(), exc)
+        else:
+            outcome = "retry"
+        raise
+    except Exception as exc:
+        outcome = "error"
+        log.exception("task %s failed for %s", task.value, message.key())
+        setattr(exc, _TRACEBACK_LOGGED, True)
+        raise
+    finally:
+        TASKS.labels(name, outcome).inc()
+        TASK_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+
+# Set on an exception whose traceback _run logged: Celery's own line for the failure then leaves it out.
+# (One Celery has to wrap to pickle loses the mark: its traceback is logged twice, never not at all.)
+_TRACEBACK_LOGGED = "_kubechain_traceback_logged"
+
+
+class _CeleryFailureLine(logging.Filter):
+    """Celery's line for a failed task stays (it has Celery's task id), without what it repeats: the whole
+    line once more as text in a ``data`` field, and the traceback when _run has logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("data", None)
+        if record.exc_info and getattr(record.exc_info[1], _TRACEBACK_LOGGED, False):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("celery.app.trace").addFilter(_CeleryFailureLine())
+
+
+@signals.task_prerun.connect
+def _name_the_resource(task: Any = None, args: Any = (), **_: Any) -> None:
+    """Every line of a task names the message's resource, from here to task_postrun: Celery logs a
+    failure after the task function has returned, and before task_postrun."""
+    payload = args[0] if args and isinstance(args[0], dict) else {}  # (parsed and checked in _run)
+    kind, namespace, name = (str(payload.get(key) or "") for key in ("kind", "namespace", "name"))
+    log_context = contextlib.ExitStack()
+    log_context.enter_context(resource_context(kind, namespace, name, task.name))
+    # (kept on the request, which is this run's own: one kept by task id could be another delivery's)
+    task.request.kubechain_log_context = log_context
+
+
+@signals.task_postrun.connect
+def _stop_naming_it(task: Any = None, **_: Any) -> None:
+    log_context = getattr(task.request, "kubechain_log_context", None)
+    if log_context is not None:
+        log_context.close()
 
 
 MAX_RETRIES = 20

@@ -293,7 +293,7 @@ def _count_not_run(executor: Executor, outcome: str) -> None:
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     def step(toolcall: TaskRunToolCall) -> None:
         # The call's run is known once it is read (not from its name: a long run name is hashed in it),
-        # and names the task's lines from here to its end (its failure line too).
+        # and names the task's lines from here to its end (its failure lines too, Celery's included).
         bind_to_context(run=toolcall.spec.task_run_ref.name)
         _tool_call_once(ctx, toolcall)
 

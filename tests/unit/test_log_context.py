@@ -56,14 +56,19 @@ def test_children_created_in_parallel_log_with_their_parents_fields() -> None:
     assert all(isinstance(fields, dict) and fields["resource"] == "r" for fields in seen), seen
 
 
-def _run_task(task: Any, message: ResourceMessage) -> None:
+def _run_task(task: Any, payload: ResourceMessage | dict[str, Any]) -> None:
     """Run a task as a worker does with a message that came in, Celery's signals and error handling too."""
     from celery.app.trace import build_tracer
 
     import workers.app as app
 
     tracer = build_tracer(task.name, task, app=app.app, eager=True, propagate=False)
-    tracer("task-id", [message.model_dump()], {}, {"eta": None})
+    tracer(
+        "task-id",
+        [payload.model_dump() if isinstance(payload, ResourceMessage) else payload],
+        {},
+        {"eta": None},
+    )
 
 
 @pytest.fixture
@@ -115,3 +120,59 @@ def test_a_tool_calls_lines_name_it_and_its_run(logged: pytest.LogCaptureFixture
         "toolcall": name,
         "run": run,
     }
+
+
+def _failing_tool_call(kube: FakeKubeClient, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """A tool call whose task fails after reading it; its run's name and its own."""
+    import workers.tool_call
+
+    def fail(ctx: Any, toolcall: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(workers.tool_call, "_tool_call_once", fail)
+    spec = {"toolCallId": "c0", "taskRunRef": {"name": "r"}, "toolRef": {"name": "add"}, "arguments": "{}"}
+    create(kube, "TaskRunToolCall", "taskruntoolcalls", "r-abc1234-tc-00", spec, namespace="team-a")
+    return "r", "r-abc1234-tc-00"
+
+
+def test_celerys_failure_line_names_the_resource_and_leaves_the_traceback_to_the_tasks_own(
+    logged: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery logs a failed task after the task function has returned: that line named no resource, and
+    repeated the traceback the task had just logged, twice (once more as text in a ``data`` field)."""
+    import workers.app as app
+    from tests.unit.fakes import FakeLLM, context
+
+    kube = FakeKubeClient()
+    run, name = _failing_tool_call(kube, monkeypatch)
+    app.set_context(context(kube, FakeLLM(lambda _: None)))  # type: ignore[arg-type,return-value]
+    try:
+        _run_task(app.tool_call, ResourceMessage(kind="TaskRunToolCall", namespace="team-a", name=name))
+    finally:
+        app.set_context(None)
+
+    ours, celerys = (
+        next(r for r in logged.records if r.name == logger) for logger in ("workers.app", "celery.app.trace")
+    )
+    for record in (ours, celerys):
+        fields = [getattr(record, key, None) for key in ("namespace", "resource", "toolcall", "run", "task")]
+        assert fields == ["team-a", name, name, run, "kubechain.tool_call"], record.name
+    assert ours.exc_info is not None and "boom" in logged.text
+    assert "raised unexpected: RuntimeError('boom')" in celerys.getMessage()  # with Celery's task id
+    assert celerys.exc_info is None and not hasattr(celerys, "data")
+    assert logged.text.count('raise RuntimeError("boom")') == 1
+
+
+def test_celerys_failure_line_keeps_a_traceback_no_one_else_logged(logged: pytest.LogCaptureFixture) -> None:
+    """A payload the task cannot even parse fails before the task's own error handling: Celery's line is
+    the only one with the traceback."""
+    import workers.app as app
+
+    _run_task(
+        app.prepare, {"kind": "TaskRun", "namespace": "team-a", "name": "r", "enqueued_at": "not a time"}
+    )
+
+    (record,) = [r for r in logged.records if r.name == "celery.app.trace"]
+    assert (getattr(record, "namespace", None), getattr(record, "resource", None)) == ("team-a", "r")
+    assert record.exc_info is not None and "ValidationError" in logged.text
+    assert not hasattr(record, "data")
