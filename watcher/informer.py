@@ -10,6 +10,7 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import Gone, KubeAPIError
+from kubechain.observability.logs import resource_fields
 from kubechain.statemachines.routing import cached_form
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,13 @@ Handler = Callable[[str, str, dict[str, Any], dict[str, Any] | None], None]
 def object_key(obj: dict[str, Any]) -> Key:
     meta = obj.get("metadata") or {}
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def log_fields(kind: str, obj: dict[str, Any]) -> dict[str, str]:
+    """The fields that name ``obj`` on a log line (a tool call's run is in its spec, not its name)."""
+    namespace, name = object_key(obj)
+    run = ((obj.get("spec") or {}).get("taskRunRef") or {}).get("name")
+    return resource_fields(kind, namespace, name, run=str(run or ""))
 
 
 def _label(obj: dict[str, Any] | None, label: str) -> str:
@@ -118,7 +126,13 @@ class Informer:
             if failures >= MAX_HANDLER_ATTEMPTS:
                 # Not for ever: every later event of this kind waits behind a redelivered one. The resync
                 # looks at the object again.
-                log.error("giving up on %s %s after %d failed attempts", event_type, key, failures)
+                log.error(
+                    "giving up on %s %s after %d failed attempts",
+                    event_type,
+                    key,
+                    failures,
+                    extra=log_fields(self.kind, obj),
+                )
                 self._failures.pop(version, None)
                 return
             # Not handled: the watch resumes before this event, and its redelivery must not be taken for

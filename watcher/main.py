@@ -19,6 +19,7 @@ from prometheus_client import Gauge
 from kubechain.heap import freeze_startup_heap
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
+from kubechain.observability.logs import resource_fields
 from kubechain.observability.metrics import (
     ENQUEUED,
     QUEUE_DEPTH,
@@ -43,7 +44,7 @@ from kubechain.statemachines.routing import (
     work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
-from watcher.informer import Informer, Key
+from watcher.informer import Informer, Key, log_fields
 from watcher.leader import LeaderElector
 from watcher.outbox import Empty, MergingQueue
 from watcher.scaling import serve_scaling
@@ -328,8 +329,19 @@ class Watcher:
                 ) as current:
                     message.traceparent = traceparent_of(current)
         except Exception:  # noqa: BLE001 - tracing (a custom sampler, an exporter) must not stop the work
-            log.exception("could not trace the enqueue of %s; sending it without a trace", message.key())
+            log.exception(
+                "could not trace the enqueue of %s; sending it without a trace",
+                message.key(),
+                extra=self._log_fields(work),
+            )
         return message
+
+    def _log_fields(self, work: Work) -> dict[str, str]:
+        """The fields that name the work's object on a log line (a tool call's run from the cache)."""
+        cached = self._cached(work.kind, work.namespace, work.name)
+        if cached is None:
+            return resource_fields(work.kind, work.namespace, work.name)
+        return log_fields(work.kind, cached)
 
     def _may_send(self) -> bool:
         """Whether this replica still leads; one that does not drops the work (an event, a resync tick,
@@ -358,7 +370,13 @@ class Watcher:
                     backoff = 0.2
                     break
                 except Exception as exc:  # noqa: BLE001 - Redis down: keep trying, resync covers the rest
-                    log.warning("could not enqueue %s for %s: %s", work.task.value, message.key(), exc)
+                    log.warning(
+                        "could not enqueue %s for %s: %s",
+                        work.task.value,
+                        message.key(),
+                        exc,
+                        extra=self._log_fields(work),
+                    )
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
 

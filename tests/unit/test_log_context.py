@@ -176,3 +176,86 @@ def test_celerys_failure_line_keeps_a_traceback_no_one_else_logged(logged: pytes
     assert (getattr(record, "namespace", None), getattr(record, "resource", None)) == ("team-a", "r")
     assert record.exc_info is not None and "ValidationError" in logged.text
     assert not hasattr(record, "data")
+
+
+def _toolcall(name: str, run: str) -> dict[str, Any]:
+    return {
+        "kind": "TaskRunToolCall",
+        "metadata": {"name": name, "namespace": "team-a", "resourceVersion": "7", "uid": "u"},
+        "spec": {"toolCallId": "c0", "taskRunRef": {"name": run}, "toolRef": {"name": "add"}},
+        "status": {"phase": "Pending"},
+    }
+
+
+TOOLCALL_FIELDS = {
+    "kind": "TaskRunToolCall",
+    "namespace": "team-a",
+    "resource": "r-abc1234-tc-00",
+    "toolcall": "r-abc1234-tc-00",
+    "run": "r",
+}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {key: getattr(record, key, None) for key in TOOLCALL_FIELDS}
+
+
+def test_the_watchers_line_for_an_event_it_gave_up_on_names_the_resource(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """The watcher's lines named the resource only inside their text: no query on a field found them."""
+    import threading
+
+    from watcher.informer import MAX_HANDLER_ATTEMPTS, Informer
+
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+        raise RuntimeError("a bug")
+
+    informer = Informer(
+        FakeKubeClient(), "TaskRunToolCall", "taskruntoolcalls", None, handler, threading.Event()
+    )
+    for _ in range(MAX_HANDLER_ATTEMPTS - 1):
+        with pytest.raises(RuntimeError):
+            informer._apply("ADDED", _toolcall("r-abc1234-tc-00", "r"))
+    informer._apply("ADDED", _toolcall("r-abc1234-tc-00", "r"))
+
+    (record,) = [r for r in logged.records if "giving up" in r.getMessage()]
+    assert _fields(record) == TOOLCALL_FIELDS
+
+
+def test_the_watchers_lines_for_work_it_could_not_trace_or_send_name_the_resource(
+    logged: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import watcher.main as watcher_main
+    from kubechain.queueing import TaskName
+    from kubechain.settings import Settings
+    from kubechain.statemachines.routing import Work
+    from kubechain.testing.waiting import wait_for
+    from watcher.main import Watcher
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a custom sampler failed")
+
+    monkeypatch.setattr(watcher_main, "run_context", broken)
+    sent: list[str] = []
+
+    def send(task: TaskName, message: ResourceMessage, countdown: float) -> None:
+        if not sent:
+            sent.append("refused")
+            raise ConnectionError("Redis went away")
+        sent.append(message.name)
+
+    watcher = Watcher(Settings(), FakeKubeClient(), send, leader_election=False)
+    (informer,) = [i for i in watcher.informers if i.kind == "TaskRunToolCall"]
+    informer.cache[("team-a", "r-abc1234-tc-00")] = _toolcall("r-abc1234-tc-00", "r")
+    work = Work(TaskName.TOOL_CALL, "TaskRunToolCall", "team-a", "r-abc1234-tc-00", trace_uid="t")
+    watcher._submit(work, "7")
+    watcher._spawn(watcher._sender, "enqueue")
+    try:
+        wait_for(lambda: sent == ["refused", "r-abc1234-tc-00"], timeout_s=10, what="the send to go through")
+    finally:
+        watcher.stop_event.set()
+
+    for text in ("could not trace the enqueue", "could not enqueue"):
+        (record,) = [r for r in logged.records if text in r.getMessage()]
+        assert _fields(record) == TOOLCALL_FIELDS, text
