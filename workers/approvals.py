@@ -39,7 +39,8 @@ from kubechain.queueing import TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
 from kubechain.statemachines.transition import Transition
-from workers.transitions import apply_transition, schedule_recheck
+from workers.tool_outcomes import apply_call_transition
+from workers.transitions import schedule_recheck
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 if TYPE_CHECKING:
@@ -98,14 +99,14 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     now = ctx.clock()
     decision = machine.annotation_decision(toolcall)
     if decision is not None:
-        apply_transition(
+        apply_call_transition(
             ctx, toolcall, machine.plan_decision(toolcall, decision, now, ctx.limits.max_tool_result_bytes)
         )
         return False
     if requirement.channel is None:
         transition = machine.plan_await_kubectl(toolcall, now)
         if transition is not None:
-            apply_transition(ctx, toolcall, transition)
+            apply_call_transition(ctx, toolcall, transition)
         return False
     _humanlayer_approval(ctx, toolcall, requirement.channel)
     return False
@@ -136,7 +137,7 @@ def rejected_by_annotation(
     if before_write is not None:
         before_write()
     transition = machine.plan_decision(toolcall, decision, ctx.clock(), ctx.limits.max_tool_result_bytes)
-    apply_transition(ctx, toolcall, transition)
+    apply_call_transition(ctx, toolcall, transition)
     return True
 
 
@@ -217,7 +218,7 @@ def _send_request(
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
-        failed = apply_transition(
+        failed = apply_call_transition(
             ctx,
             toolcall,
             kind.failed(toolcall, channel_name, str(problem), problem.reason, ctx.clock(), False),
@@ -229,7 +230,7 @@ def _send_request(
     # a second worker to take over and send the request too.
     now = ctx.clock()
     spec = spec_for(channel_payload(channel))
-    claimed = apply_transition(
+    claimed = apply_call_transition(
         ctx, toolcall, machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, now)
     )
     external_id = machine.call_id(claimed)
@@ -311,10 +312,13 @@ def _check_request(
         if problem.gone and kind is _CONTACT:
             # A question whose channel was deleted can never be answered here, and unlike an approval
             # there is no kubectl decision to end it: the call fails, and the LLM hears why.
-            apply_transition(ctx, toolcall, machine.plan_contact_channel_gone(toolcall, str(problem), now))
+            apply_call_transition(
+                ctx, toolcall, machine.plan_contact_channel_gone(toolcall, str(problem), now)
+            )
             return
         _schedule(
-            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem)))
+            ctx,
+            apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem))),
         )
         return
     except HumanLayerNotFound:
@@ -324,7 +328,8 @@ def _check_request(
             # HumanLayer that never finds it is not sent it (and the run an Event) every 2 s.
             unknown = f"HumanLayer does not know {kind.what} {external_id} (yet)"
             _schedule(
-                ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, unknown))
+                ctx,
+                apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, unknown)),
             )
             return
         log.warning(
@@ -337,7 +342,9 @@ def _check_request(
         request_again()
         return
     except HumanLayerError as exc:
-        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc))))
+        _schedule(
+            ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc)))
+        )
         return
     try:
         transition = answered(state, now)
@@ -346,13 +353,14 @@ def _check_request(
             "%s %s of %s/%s: %s", kind.what, external_id, toolcall.namespace, toolcall.name, malformed
         )
         _schedule(
-            ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(malformed)))
+            ctx,
+            apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(malformed))),
         )
         return
     if transition is None:
-        _schedule(ctx, apply_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
+        _schedule(ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now)))
         return
-    apply_transition(ctx, toolcall, transition)
+    apply_call_transition(ctx, toolcall, transition)
 
 
 # -- humans as tools ---------------------------------------------------------------------------------
@@ -374,12 +382,12 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
             return
         arguments, invalid = parse_arguments(toolcall)
         if invalid is not None:
-            apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
+            apply_call_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
             return
         message = _contact_message(arguments)
         if message is None:
             problem = 'human contact tools need a non-empty "message" argument'
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
+            apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
             return
         _request_contact(ctx, toolcall, channel_name, message)
         return
@@ -472,7 +480,7 @@ def _write_holding_claim(
     current = claimed
     for _ in range(8):
         try:
-            return apply_transition(ctx, current, plan(current))
+            return apply_call_transition(ctx, current, plan(current))
         except Conflict:
             pass
         except NotFound:

@@ -29,10 +29,11 @@ from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.logs import bind_to_context
 from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
-from kubechain.observability.tracing import span_with_ids
+from kubechain.observability.tracing import span_with_ids, toolcall_traceparent
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
+    DELEGATED_FROM_ANNOTATION,
     DELEGATION_CHAIN_ANNOTATION,
     ToolClaim,
     child_run_name,
@@ -65,6 +66,7 @@ from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
 from workers import approvals
 from workers.context import WorkerContext
+from workers.tool_outcomes import apply_call_transition, call_ended
 from workers.transitions import (
     apply_claim,
     apply_transition,
@@ -359,7 +361,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             if sub_agents:  # not "not run": the run of the sub-agent it started is named
                 ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
             log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
-            apply_transition(ctx, toolcall, ended)
+            apply_call_transition(ctx, toolcall, ended)
         return
     problem, parent = _not_its_runs(ctx, toolcall, parent)
     if problem is not None:
@@ -519,7 +521,7 @@ def _record(
 
 def _fail_as_foreign(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str, now: datetime) -> None:
     foreign = foreign_child_message(TaskRun.KIND, child_name, toolcall.KIND)
-    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
+    apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
 
 
 def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str, own_child: str) -> int:
@@ -565,7 +567,7 @@ def _fail_if_stranded(
         stranded.status["error"],
     )
     _stop_sub_agent_runs(ctx, toolcall)
-    apply_transition(ctx, toolcall, stranded)
+    apply_call_transition(ctx, toolcall, stranded)
     return True
 
 
@@ -651,7 +653,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
                 f"no sub-agent TaskRun this call started is left (TaskRun {child_name} not found): it was "
                 "deleted; run the task again"
             )
-            apply_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
+            apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
         if not child.metadata.owned_by(toolcall.uid):
             # A run of that name made by someone else: its answer would be taken as the sub-agent's.
@@ -677,7 +679,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
             failed = plan_sub_agent_not_started(
                 toolcall, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
             )
-            apply_transition(ctx, toolcall, failed)
+            apply_call_transition(ctx, toolcall, failed, sub_agent=child)
             return
         outcome = plan_sub_agent_outcome(
             toolcall,
@@ -688,7 +690,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
             max_bytes=ctx.limits.max_tool_result_bytes,
         )
         if outcome is not None:
-            apply_transition(ctx, toolcall, outcome)
+            apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
         return
     if toolcall.phase not in ("", "Pending"):
         # E.g. waiting for an approval (or approved) when its Tool was changed to delegate: nothing moves
@@ -714,11 +716,13 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
         _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
     )
     if problem is not None:
-        apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused"))
+        apply_call_transition(
+            ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
+        )
         return
     arguments, invalid = parse_arguments(toolcall)
     if invalid is not None:
-        apply_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
+        apply_call_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
         return
     message = arguments.get("message")
     if not isinstance(message, str) or not message.strip():
@@ -732,7 +736,12 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
                 LABEL_DEPTH: str(len(chain)),
                 LABEL_ROOT_RUN: root,
             },
-            annotations={DELEGATION_CHAIN_ANNOTATION: ",".join(chain)},
+            annotations={
+                DELEGATION_CHAIN_ANNOTATION: ",".join(chain),
+                # its root span links to this call's span, in the parent's trace (the run's own trace
+                # stays its own: one per TaskRun)
+                DELEGATED_FROM_ANNOTATION: toolcall_traceparent(parent.uid, toolcall.uid),
+            },
             owner_references=[toolcall.owner_reference()],
         ),
         spec=TaskRunSpec(
@@ -742,6 +751,8 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
         ),
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
-    if create_children(ctx, toolcall, [child]) is not None:
+    refused = create_children(ctx, toolcall, [child])
+    if refused is not None:
+        call_ended(toolcall, refused)
         return  # the API server refused the child for good (or one not ours has its name): call failed
     apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))

@@ -28,7 +28,7 @@ from kubechain.statemachines.taskrun import (
     plan_tool_calls_created,
     tool_calls_created,
 )
-from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION, plan_tool_failure
 from kubechain.statemachines.transition import (
     Transition,
     child_rejected_message,
@@ -83,6 +83,7 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
             parse_timestamp(updated.metadata.creation_timestamp) or now,
             now,
             (updated.status.error or "TaskRun failed") if updated.phase == TaskRunPhase.FAILED else None,
+            linked_from=updated.metadata.annotations.get(DELEGATED_FROM_ANNOTATION),
         )
     children = transition.children
     makes_tool_calls = isinstance(updated, TaskRun) and any(isinstance(c, TaskRunToolCall) for c in children)

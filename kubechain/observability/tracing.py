@@ -26,7 +26,16 @@ from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Reso
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger(__name__)
@@ -130,12 +139,22 @@ def tracer_provider(resource: Resource | None = None) -> TracerProvider:
 
 
 def export_run_span(
-    run_uid: str, name: str, namespace: str, started: datetime, ended: datetime, error: str | None
+    run_uid: str,
+    name: str,
+    namespace: str,
+    started: datetime,
+    ended: datetime,
+    error: str | None,
+    *,
+    linked_from: str | None = None,
 ) -> None:
     """The run's root span, ``TaskRun`` (its name and namespace are attributes), from its creation to its end. Every span of the run names
     it as parent from the start, but it is only known whole once the run ended: it is made then, by the
-    worker whose write ended the run, so trace backends show the run as one tree with a root."""
+    worker whose write ended the run, so trace backends show the run as one tree with a root.
+    ``linked_from``: the traceparent of the span that started the run (a sub-agent's run: its delegating
+    tool call's, in the parent run's trace), linked to, as the run stays a trace of its own."""
     root = run_trace_ids(run_uid)
+    origin = _span_context_of(linked_from)
     run_span = _start_span_with_ids(
         (root["traceID"], root["spanID"]),
         "TaskRun",  # span names stay few (a trace UI lists them); which run is in the attributes
@@ -143,6 +162,7 @@ def export_run_span(
         kind=SpanKind.SERVER,
         start_time=int(started.timestamp() * 1e9),
         attributes={"taskrun.name": name, "taskrun.namespace": namespace, "taskrun.uid": run_uid},
+        links=[Link(origin)] if origin is not None else None,
     )
     if run_span is None:
         return  # not recording (no OTLP endpoint), or a provider that cannot take the run's ids
@@ -217,6 +237,58 @@ def _tracer() -> trace.Tracer:
 def toolcall_span_id(toolcall_uid: str) -> str:
     """The span id (hex) of a tool call's execution span, as stored in its status.spanContext."""
     return hashlib.sha256(f"toolcall/{toolcall_uid}".encode()).hexdigest()[:16]
+
+
+def toolcall_traceparent(run_uid: str, toolcall_uid: str) -> str:
+    """The traceparent of a tool call's span (its spanContext), sampled as its run's trace is."""
+    trace_id = int(run_trace_ids(run_uid)["traceID"], 16)
+    flags = TraceFlags(TraceFlags.SAMPLED if _root_sampled(trace_id) else TraceFlags.DEFAULT)
+    ids = SpanContext(trace_id, int(toolcall_span_id(toolcall_uid), 16), is_remote=True, trace_flags=flags)
+    return traceparent_of(NonRecordingSpan(ids))
+
+
+def _span_context_of(traceparent: str | None) -> SpanContext | None:
+    """The span a traceparent names; None when there is none or it is malformed (an annotation anyone who
+    may edit the object can set: it must not break the export)."""
+    if not traceparent:
+        return None
+    found = trace.get_current_span(_propagator.extract({"traceparent": traceparent})).get_span_context()
+    return found if found.is_valid else None
+
+
+def export_toolcall_span(
+    run_uid: str,
+    toolcall_uid: str,
+    tool: str,
+    started: datetime,
+    ended: datetime,
+    error: str | None,
+    *,
+    linked_run_uid: str | None = None,
+    **attributes: Any,
+) -> None:
+    """The ``ToolCall`` span of a call that no worker executes (delegated to a sub-agent, a question to a
+    human): it lasts from its start to its end, across tasks and worker restarts, so it is made once the
+    call ended, by the worker whose write ended it, with the ids its spanContext names, under its run's
+    root. ``linked_run_uid``: the sub-agent's run it waited for, whose root span it links to."""
+    root = run_trace_ids(linked_run_uid) if linked_run_uid else None
+    linked = (
+        SpanContext(int(root["traceID"], 16), int(root["spanID"], 16), is_remote=True)
+        if root is not None
+        else None
+    )
+    call_span = _start_span_with_ids(
+        (run_trace_ids(run_uid)["traceID"], toolcall_span_id(toolcall_uid)),
+        f"ToolCall {tool}",  # as an executed call's span is named
+        context=run_context(run_uid),
+        start_time=int(started.timestamp() * 1e9),
+        attributes=_present(attributes),
+        links=[Link(linked)] if linked is not None else None,
+    )
+    if call_span is None:
+        return  # not recording (no OTLP endpoint), or a provider that cannot take the call's ids
+    call_span.set_status(Status(StatusCode.ERROR, error) if error else Status(StatusCode.OK))
+    call_span.end(end_time=int(max(ended, started).timestamp() * 1e9))
 
 
 def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
 from kubechain.statemachines.taskrun import LoopLimits, truncate
-from kubechain.statemachines.toolcall import plan_tool_failure
+from kubechain.statemachines.toolcall import plan_tool_failure, toolcall_span_context
 from kubechain.statemachines.transition import (
     Transition,
     normal,
@@ -241,6 +241,9 @@ class HumanAsk:
     event_reason: str  # the Event when the human is first asked
     event_message: Callable[[str], str]
     refresh_detail: bool  # a repeated request shows the waiting detail again
+    # The wait is the call's work (a question), not a gate before its execution (an approval, whose
+    # execution has its span): its span, named in spanContext from the first request, spans the wait.
+    spanned: bool = False
 
 
 def plan_ask_claim(
@@ -253,6 +256,9 @@ def plan_ask_claim(
         "externalCallID": None,
         "startTime": toolcall.status.start_time or timestamp(now),
     }
+    span_context = toolcall_span_context(toolcall) if ask.spanned else None
+    if span_context is not None:
+        status["spanContext"] = span_context
     events = []
     if toolcall.phase in PENDING_PHASES:
         status |= {
@@ -398,6 +404,7 @@ CONTACT = HumanAsk(
     event_reason="AwaitingHumanContact",
     event_message=lambda channel: f"Asking a human via contact channel {channel}",
     refresh_detail=False,
+    spanned=True,
 )
 
 

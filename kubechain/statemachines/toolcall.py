@@ -29,6 +29,9 @@ from kubechain.statemachines.transition import (
 )
 
 CLAIMABLE_PHASES = ("", ToolCallPhase.PENDING, ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL)
+# A call in these phases waits for work done elsewhere (a sub-agent's run, a human's answer) and no worker
+# executes it: its ToolCall span, named in its spanContext, is made by the write that ends it.
+WAITING_ELSEWHERE_PHASES = (ToolCallPhase.AWAITING_SUB_AGENT, ToolCallPhase.AWAITING_HUMAN_INPUT)
 # A result or error stored in the status is cut to this many UTF-8 bytes (the worker passes the
 # configured max_tool_result_bytes): the LLM never sees more, and a multi-MB tool output would make the
 # status write fail — over and over, for an idempotent tool.
@@ -225,6 +228,9 @@ def plan_tool_failure(
 # -- delegation to a sub-agent ---------------------------------------------------------------------------
 
 DELEGATION_CHAIN_ANNOTATION = "kubechain.humanlayer.dev/delegation-chain"
+# On a sub-agent's run: the traceparent of its delegating call's span (in the parent run's trace), set when
+# the run is created, so the worker that ends it links its root span there without reading anything else.
+DELEGATED_FROM_ANNOTATION = "kubechain.humanlayer.dev/delegated-from"
 
 
 def child_run_name(toolcall_name: str, agent: str) -> str:
@@ -253,13 +259,18 @@ def sub_agent_runs_problem(started: int, max_runs: int) -> str | None:
 
 
 def plan_awaiting_sub_agent(toolcall: TaskRunToolCall, child: str, agent: str, now: datetime) -> Transition:
+    status: dict[str, Any] = {
+        "phase": ToolCallPhase.AWAITING_SUB_AGENT.value,
+        "status": "Ready",
+        "statusDetail": f'Waiting for sub-agent "{agent}" (TaskRun {child})',
+        "startTime": toolcall.status.start_time or timestamp(now),
+    }
+    # its span is made when it ends (WAITING_ELSEWHERE_PHASES)
+    span_context = toolcall_span_context(toolcall)
+    if span_context is not None:
+        status["spanContext"] = span_context
     return Transition(
-        status={
-            "phase": ToolCallPhase.AWAITING_SUB_AGENT.value,
-            "status": "Ready",
-            "statusDetail": f'Waiting for sub-agent "{agent}" (TaskRun {child})',
-            "startTime": toolcall.status.start_time or timestamp(now),
-        },
+        status=status,
         events=[normal("DelegatingToSubAgent", f'Delegated to agent "{agent}" as TaskRun {child}')],
     )
 

@@ -296,3 +296,153 @@ def test_work_one_object_asks_for_on_another_is_traced_in_the_others_run() -> No
     work = Work(TaskName.PREPARE, "TaskRun", "default", "r", reason="agent-changed")  # no trace uid
     message = watcher.message_for(work, "9")
     assert message.traceparent and message.traceparent.split("-")[1] == tracing.run_trace_ids(uid)["traceID"]
+
+
+def deliver_until_quiet(kube: FakeKubeClient, llm: FakeLLM, rounds: int = 40) -> None:
+    """Run the work the objects' states call for, as the watcher and the workers would, until no object
+    changes any more: only objects whose version changed are looked at (the watch's events), and the
+    watcher's cache holds what the API server does, so work one object asks for on another (a sub-agent's
+    run that finished prompts its delegating call) is traced in the other's run, as in a cluster."""
+    import workers.app as app
+    from watcher.main import Watcher
+
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    handlers = {
+        TaskName.PREPARE: app.prepare,
+        TaskName.LLM_CALL: app.llm_call,
+        TaskName.TOOL_CALL: app.tool_call,
+    }
+    seen: dict[tuple[str, str, str], str] = {}
+    app.set_context(context(kube, llm))
+    try:
+        for _ in range(rounds):
+            changed = []
+            for (_, plural, namespace, name), obj in list(kube.objects.items()):
+                version = obj["metadata"]["resourceVersion"]
+                if obj["kind"] in informers:
+                    informers[obj["kind"]].cache[(namespace, name)] = obj
+                if (
+                    plural in ("taskruns", "taskruntoolcalls")
+                    and seen.get((plural, namespace, name)) != version
+                ):
+                    seen[(plural, namespace, name)] = version
+                    changed.append(obj)
+            if not changed:
+                return
+            for obj in changed:
+                for work in work_for(obj["kind"], obj, datetime.now(UTC), 180):
+                    message = watcher.message_for(work, obj["metadata"]["resourceVersion"])
+                    handlers[work.task](message.model_dump())
+        raise AssertionError(f"still changing after {rounds} rounds")
+    finally:
+        app.set_context(None)
+
+
+def test_a_sub_agents_run_is_its_own_trace_linked_both_ways_to_the_delegating_call() -> None:
+    """The sub-agent's run is a TaskRun: its own trace, whose root links to the delegating call's span;
+    that call has a ToolCall span in the parent's trace (named by its spanContext) naming the sub-agent's
+    run and trace, and linking to its root."""
+    from tests.unit.fakes import message
+    from workers.validators import validate
+
+    kube = FakeKubeClient()
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
+    create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "helper"})
+    parent_agent = {"llmRef": {"name": "gpt-4o"}, "system": "parent", "subAgents": [{"name": "helper"}]}
+    create(kube, "Agent", "agents", "a", parent_agent)
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        if request.messages[0].content == "helper":
+            return LLMResponse(content="42")
+        if request.messages[-1].role == "tool":
+            return LLMResponse(content="the helper says 42")
+        delegate = ToolCallFunction(name="delegate_to_agent__helper", arguments='{"message": "6 * 7?"}')
+        return LLMResponse(tool_calls=[ToolCall(id="c1", function=delegate)])
+
+    llm = FakeLLM(answer)
+    for kind, name in (("LLM", "gpt-4o"), ("Agent", "helper"), ("Agent", "a")):
+        validate(context(kube, llm), message(kind, name))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "ask the helper"})
+    EXPORTER.clear()
+    deliver_until_quiet(kube, llm)
+
+    runs = {o["metadata"]["name"]: o for (_, plural, _, _), o in kube.objects.items() if plural == "taskruns"}
+    parent = runs.pop("r")
+    ((child_name, child),) = runs.items()
+    assert parent["status"]["phase"] == child["status"]["phase"] == "FinalAnswer"
+    parent_ids, child_ids = parent["status"]["spanContext"], child["status"]["spanContext"]
+    parent_trace, child_trace = int(parent_ids["traceID"], 16), int(child_ids["traceID"], 16)
+    assert parent_trace != child_trace, "one trace per TaskRun"
+    spans = EXPORTER.get_finished_spans()
+    assert {s.context.trace_id for s in spans} == {parent_trace, child_trace}
+
+    (call,) = [o for (_, plural, _, _), o in kube.objects.items() if plural == "taskruntoolcalls"]
+    (call_span,) = [s for s in spans if s.name == "ToolCall delegate_to_agent__helper"]
+    assert call["status"]["spanContext"] == {
+        "traceID": parent_ids["traceID"],
+        "spanID": f"{call_span.context.span_id:016x}",
+    }, "the delegated call's spanContext names its span, in its run's trace"
+    assert call_span.parent is not None and call_span.parent.span_id == int(parent_ids["spanID"], 16)
+    assert call_span.attributes is not None
+    assert call_span.attributes["kubechain.subagent.taskrun"] == child_name
+    assert call_span.attributes["kubechain.subagent.trace_id"] == child_ids["traceID"]
+    assert call_span.status.status_code == StatusCode.OK
+    assert [(link.context.trace_id, link.context.span_id) for link in call_span.links] == [
+        (child_trace, int(child_ids["spanID"], 16))
+    ], "the call's span links to the sub-agent's root"
+
+    roots = {s.context.trace_id: s for s in spans if s.name == "TaskRun"}
+    child_root = roots[child_trace]
+    assert child_root.parent is None and child_root.context.span_id == int(child_ids["spanID"], 16)
+    assert [(link.context.trace_id, link.context.span_id) for link in child_root.links] == [
+        (parent_trace, call_span.context.span_id)
+    ], "the sub-agent's root links to the delegating call's span"
+    by_id = {s.context.span_id: s for s in spans}
+    for s in spans:  # each trace is one tree under its run's root
+        root = roots[s.context.trace_id]
+        while s.parent is not None:
+            s = by_id[s.parent.span_id]
+        assert s is root, s.name
+
+
+@pytest.fixture
+def humanlayer() -> Iterator[object]:
+    from kubechain.humanlayer.testserver import HumanLayerTestServer
+    from tests.unit.test_approvals import KEY
+
+    with HumanLayerTestServer(api_keys={KEY}) as server:
+        yield server
+
+
+def test_a_question_to_a_human_is_a_toolcall_span_named_by_its_spancontext(humanlayer: object) -> None:
+    """A human-contact call runs nowhere: its span, from the question to the answer, is made when the
+    answer is recorded, under its run's root, with the ids its spanContext names."""
+    from kubechain.humanlayer.testserver import HumanLayerTestServer
+    from tests.unit.test_approvals import add_toolcall, new_world
+
+    assert isinstance(humanlayer, HumanLayerTestServer)
+    w = new_world(humanlayer, FakeKubeClient())
+    name = add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget?"})
+    EXPORTER.clear()
+    w.run(name)
+    asked = w.status(name)
+    assert asked["phase"] == "AwaitingHumanInput"
+    humanlayer.respond(asked["externalCallID"], "42k")
+    w.clock.advance(5)
+    w.run(name)
+    w.run(name)  # redelivered: one span
+    status = w.status(name)
+    assert status["phase"] == "Succeeded"
+    run_ids = tracing.run_trace_ids(w.kube.get_raw("taskruns", "default", "r")["metadata"]["uid"])
+    (call_span,) = [s for s in EXPORTER.get_finished_spans() if s.name.startswith("ToolCall ")]
+    assert call_span.name == "ToolCall approvals__human_contact_email"
+    assert status["spanContext"] == {
+        "traceID": run_ids["traceID"],
+        "spanID": f"{call_span.context.span_id:016x}",
+    }
+    assert call_span.context.trace_id == int(run_ids["traceID"], 16)
+    assert call_span.parent is not None and call_span.parent.span_id == int(run_ids["spanID"], 16)
+    assert call_span.start_time is not None and call_span.end_time is not None
+    assert call_span.end_time - call_span.start_time == 5 * 10**9, "from the question to the answer"
