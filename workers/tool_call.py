@@ -35,6 +35,7 @@ from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
     DELEGATED_FROM_ANNOTATION,
     DELEGATION_CHAIN_ANNOTATION,
+    WAITING_ELSEWHERE_PHASES,
     ToolClaim,
     child_run_name,
     delegation_problem,
@@ -361,7 +362,12 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             if sub_agents:  # not "not run": the run of the sub-agent it started is named
                 ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
             log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
-            apply_call_transition(ctx, toolcall, ended)
+            if toolcall.phase in WAITING_ELSEWHERE_PHASES:
+                apply_call_transition(ctx, toolcall, ended)  # delegated, or asking a human: it ends here
+            else:
+                # not counted, as an interrupted execution is not: it never ran, or its worker was lost;
+                # and a call not yet run may name any tool the LLM made up, not a metrics label
+                apply_transition(ctx, toolcall, ended)
         return
     problem, parent = _not_its_runs(ctx, toolcall, parent)
     if problem is not None:
@@ -716,9 +722,8 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
         _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
     )
     if problem is not None:
-        apply_call_transition(
-            ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
-        )
+        refusal = plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
+        apply_call_transition(ctx, toolcall, refusal, outcome="rejected")  # as a tool not granted is
         return
     arguments, invalid = parse_arguments(toolcall)
     if invalid is not None:

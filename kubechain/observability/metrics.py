@@ -51,10 +51,16 @@ LLM_TOKENS = Counter(
     "kubechain_llm_tokens_total", "LLM tokens, by model and kind (prompt, completion)", ["model", "kind"]
 )
 TOOL_CALLS = Counter(
-    "kubechain_tool_calls_total", "Tool calls executed, by tool and outcome", ["tool", "outcome"]
+    "kubechain_tool_calls_total",
+    "Tool calls ended, by tool and outcome (ok, error, invalid_arguments, rejected), each counted once",
+    ["tool", "outcome"],
 )
 TOOL_SECONDS = Histogram(
-    "kubechain_tool_call_duration_seconds", "Tool call latency", ["tool"], buckets=LATENCY_BUCKETS
+    "kubechain_tool_call_duration_seconds",
+    "Tool call latency: an executed call's execution; a delegated, human-contact or human-decided call's "
+    "time from its start to its end",
+    ["tool"],
+    buckets=LATENCY_BUCKETS,
 )
 STATUS_CONFLICTS = Counter(
     "kubechain_status_write_conflicts_total",
@@ -80,6 +86,15 @@ QUEUE_DEPTH = Gauge(
 def tool_label(name: str) -> str:
     """Bound label cardinality: MCP tools are labelled by server, others by name (LLM-chosen names vary)."""
     return name.split("__", 1)[0] + "__*" if "__" in name else name[:64]
+
+
+def count_tool_call(tool: str, outcome: str, seconds: float | None) -> None:
+    """One tool call ended (``tool``: a name that resolved, not any the LLM made up), with its latency when
+    it started at all."""
+    label = tool_label(tool)
+    TOOL_CALLS.labels(label, outcome).inc()
+    if seconds is not None:
+        TOOL_SECONDS.labels(label).observe(seconds)
 
 
 # Models a process labels its LLM metrics with, before the rest are counted as "other": a model name is

@@ -23,6 +23,7 @@ from kubechain.statemachines.transition import (
     Transition,
     claim_remaining_s,
     normal,
+    parse_timestamp,
     precise_timestamp,
     timestamp,
     warning,
@@ -137,6 +138,25 @@ def toolcall_span_context(toolcall: TaskRunToolCall) -> dict[str, str] | None:
     if not run_uid or not toolcall.uid:
         return None
     return {"traceID": run_trace_ids(run_uid)["traceID"], "spanID": toolcall_span_id(toolcall.uid)}
+
+
+def outcome_label(toolcall: TaskRunToolCall) -> str:
+    """An ended call's outcome as the tool call metrics count it: "ok", "error", "invalid_arguments"
+    (as an executed call's are), or "rejected" (by a human, or refused before it ran)."""
+    if toolcall.phase == ToolCallPhase.TOOL_CALL_REJECTED:
+        return "rejected"
+    if toolcall.phase == ToolCallPhase.SUCCEEDED:
+        return "ok"
+    return "invalid_arguments" if toolcall.status.status_detail == INVALID_ARGUMENTS else "error"
+
+
+def seconds_taken(toolcall: TaskRunToolCall) -> float | None:
+    """From the call's start to its end as its status has them (None: it never started)."""
+    started = parse_timestamp(toolcall.status.start_time)
+    ended = parse_timestamp(toolcall.status.completion_time)
+    if started is None or ended is None:
+        return None
+    return max(0.0, (ended - started).total_seconds())
 
 
 def holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str) -> bool:

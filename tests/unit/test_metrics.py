@@ -9,7 +9,8 @@ import sys
 import textwrap
 import time
 import types
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -341,3 +342,136 @@ def test_only_the_watcher_exports_its_leader_gauge() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert found.stdout.strip() == "False"
+
+
+# -- tool calls no worker executes: counted once, when they end ---------------------------------------
+
+
+def tool_samples(tool: str, outcome: str) -> tuple[float, float, float]:
+    """(calls counted with ``outcome``, latencies observed, their sum) of the ``tool`` label."""
+    return (
+        REGISTRY.get_sample_value("kubechain_tool_calls_total", {"tool": tool, "outcome": outcome}) or 0.0,
+        REGISTRY.get_sample_value("kubechain_tool_call_duration_seconds_count", {"tool": tool}) or 0.0,
+        REGISTRY.get_sample_value("kubechain_tool_call_duration_seconds_sum", {"tool": tool}) or 0.0,
+    )
+
+
+def counted_since(before: tuple[float, float, float], tool: str, outcome: str) -> tuple[float, ...]:
+    return tuple(after - earlier for after, earlier in zip(tool_samples(tool, outcome), before, strict=True))
+
+
+class FirstEndConflicts(FakeKubeClient):
+    """The first status write that ends a tool call loses to another writer (409), unapplied."""
+
+    conflicted = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        from kubechain.kube.errors import Conflict
+
+        body = kwargs.get("body")
+        ends = isinstance(body, dict) and (body.get("status") or {}).get("phase") == "Succeeded"
+        if ends and "taskruntoolcalls" in path and not self.conflicted:
+            self.conflicted = True
+            raise Conflict(409, "Conflict", "the object has been modified")
+        return super().request(method, path, **kwargs)
+
+
+def test_a_delegated_call_is_counted_once_when_its_sub_agent_answered() -> None:
+    """Latency: from the delegation to the answer recorded, as the call's status has them. A write that
+    lost a conflict and was made again, and a redelivered message, count nothing more."""
+    from kubechain.statemachines.toolcall import child_run_name
+    from tests.unit.fakes import message
+    from tests.unit.test_toolcall_robustness import delegating, finish, toolcall_status
+    from workers.tool_call import tool_call
+
+    kube = FirstEndConflicts()
+    ctx, name = delegating(kube)  # the Tool "ask" delegates to the agent "helper"
+    now = [datetime(2026, 1, 1, 12, 0, tzinfo=UTC)]
+    ctx.clock = lambda: now[0]
+    before = tool_samples("ask", "ok")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    finish(kube, child_run_name(name, "helper"))
+    now[0] += timedelta(seconds=7)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    tool_call(ctx, message("TaskRunToolCall", name))  # redelivered
+    assert kube.conflicted and toolcall_status(kube, name)["phase"] == "Succeeded"
+    assert counted_since(before, "ask", "ok") == (1, 1, 7.0)
+
+
+@pytest.mark.parametrize("how", ["sub-agent failed", "delegation refused"])
+def test_a_delegated_call_that_did_not_succeed_is_counted_with_its_outcome(how: str) -> None:
+    """A refused delegation counts as a tool not granted does ("rejected"), without a latency: it never
+    started."""
+    import dataclasses
+
+    from kubechain.models import TaskRun
+    from kubechain.statemachines.toolcall import child_run_name
+    from tests.unit.fakes import message
+    from tests.unit.test_toolcall_robustness import delegating, toolcall_status
+    from workers.tool_call import tool_call
+
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    now = [datetime(2026, 1, 1, 12, 0, tzinfo=UTC)]
+    ctx.clock = lambda: now[0]
+    outcome, expected = ("error", (1, 1, 4.0)) if how == "sub-agent failed" else ("rejected", (1, 0, 0.0))
+    before = tool_samples("ask", outcome)
+    if how == "delegation refused":
+        ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"max_delegation_depth": 1}))
+    tool_call(ctx, message("TaskRunToolCall", name))
+    if how == "sub-agent failed":
+        child = kube.get(TaskRun, "default", child_run_name(name, "helper"))
+        kube.patch_status(child, {"phase": "Failed", "error": "no LLM"})
+        now[0] += timedelta(seconds=4)
+        tool_call(ctx, message("TaskRunToolCall", name))
+    tool_call(ctx, message("TaskRunToolCall", name))  # redelivered
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed"
+    assert ("sub-agent failed: no LLM" if how == "sub-agent failed" else "depth limit") in status["error"]
+    assert counted_since(before, "ask", outcome) == expected
+
+
+@pytest.fixture
+def humanlayer() -> Iterator[Any]:
+    from kubechain.humanlayer.testserver import HumanLayerTestServer
+    from tests.unit.test_approvals import KEY
+
+    with HumanLayerTestServer(api_keys={KEY}) as server:
+        yield server
+
+
+def test_a_question_to_a_human_is_counted_once_when_answered(humanlayer: Any) -> None:
+    from tests.unit.test_approvals import add_toolcall, new_world
+
+    w = new_world(humanlayer, FakeKubeClient())
+    name = add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget?"})
+    before = tool_samples("approvals__*", "ok")  # labelled by channel, as MCP tools by server
+    w.run(name)
+    humanlayer.respond(w.status(name)["externalCallID"], "42k")
+    w.clock.advance(5)
+    w.run(name)
+    w.run(name)  # redelivered
+    assert w.status(name)["phase"] == "Succeeded"
+    assert counted_since(before, "approvals__*", "ok") == (1, 1, 5.0)
+
+
+@pytest.mark.parametrize("via", ["kubectl", "HumanLayer"])
+def test_a_call_a_human_rejected_is_counted_once_as_rejected(humanlayer: Any, via: str) -> None:
+    """Latency: from the approval asked for to the rejection recorded."""
+    from tests.unit.test_approvals import add_toolcall, new_world
+
+    w = new_world(humanlayer, FakeKubeClient())
+    name = add_toolcall(w)  # fetch__fetch: its MCP server wants an approval via HumanLayer
+    before = tool_samples("fetch__*", "rejected")
+    w.run(name)
+    assert w.status(name)["phase"] == "AwaitingHumanApproval"
+    if via == "kubectl":
+        w.annotate("rejected", "not that page", name=name)
+    else:
+        humanlayer.respond_to_function_call(w.status(name)["externalCallID"], False, "not that page")
+    w.clock.advance(3)
+    w.run(name)
+    w.run(name)  # redelivered
+    assert w.status(name)["phase"] == "ToolCallRejected"
+    assert counted_since(before, "fetch__*", "rejected") == (1, 1, 3.0)
