@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import anthropic
+from anthropic.types import StopReason
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
@@ -133,18 +134,30 @@ class AnthropicClient:
             raise credentials_error(None, exc) from exc
 
 
+# The answer stopped at a limit: its last block may have been cut short.
+CUT_OFF_AT: frozenset[StopReason] = frozenset({"max_tokens", "model_context_window_exceeded"})
+
+
 def _response_from(response: Any) -> LLMResponse:
     text: list[str] = []
     calls: list[ToolCall] = []
-    for block in response.content:
+    stop_reason = getattr(response, "stop_reason", None)
+    blocks = response.content
+    for index, block in enumerate(blocks):
         if block.type == "text":
             text.append(block.text)
         elif block.type == "tool_use":
+            arguments = json.dumps(block.input)
+            if stop_reason in CUT_OFF_AT and index == len(blocks) - 1:
+                # Its input may lack its end, yet comes as a whole object: left open, as OpenAI's cut-off
+                # arguments come, so that the tool call step refuses it (invalid JSON, the LLM is told)
+                # instead of running it.
+                arguments = arguments[:-1]
             calls.append(
                 ToolCall(
                     id=block.id,
                     type="function",
-                    function=ToolCallFunction(name=block.name, arguments=json.dumps(block.input)),
+                    function=ToolCallFunction(name=block.name, arguments=arguments),
                 )
             )
     usage = TokenUsage(
@@ -152,5 +165,5 @@ def _response_from(response: Any) -> LLMResponse:
         completion_tokens=response.usage.output_tokens,
         total_tokens=response.usage.input_tokens + response.usage.output_tokens,
     )
-    truncated = getattr(response, "stop_reason", None) == "max_tokens"
+    truncated = stop_reason == "max_tokens"
     return LLMResponse(content="".join(text), tool_calls=calls, usage=usage, truncated=truncated)

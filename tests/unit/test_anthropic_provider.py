@@ -204,3 +204,71 @@ def test_an_answer_stopped_at_max_tokens_says_it_was_cut_off(fake: FakeAnthropic
         LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
     )
     assert answer.content == "The answer is" and answer.truncated
+
+
+def _tool_call_step_refuses(call: ToolCall) -> bool:
+    """Whether the tool call step would refuse ``call`` before running anything (invalid arguments)."""
+    from kubechain.models import LocalObjectReference, TaskRunToolCall
+    from kubechain.models.base import ObjectMeta
+    from kubechain.models.toolcall import TaskRunToolCallSpec
+    from kubechain.statemachines.toolcall import parse_arguments
+
+    toolcall = TaskRunToolCall(
+        metadata=ObjectMeta(name="tc"),
+        spec=TaskRunToolCallSpec(
+            tool_call_id=call.id,
+            task_run_ref=LocalObjectReference(name="r"),
+            tool_ref=LocalObjectReference(name=call.function.name),
+            arguments=call.function.arguments,
+        ),
+    )
+    return parse_arguments(toolcall)[1] is not None
+
+
+@pytest.mark.parametrize("stop_reason", ["max_tokens", "model_context_window_exceeded"])
+def test_a_tool_call_cut_off_at_the_limit_is_never_run(fake: FakeAnthropic, stop_reason: str) -> None:
+    """The last block of an answer stopped at a limit may be a tool_use whose input was cut short: like
+    OpenAI's cut-off arguments, the tool call step must refuse it (and tell the LLM) rather than run it.
+    The calls before it are whole and run."""
+    fake.reply = {
+        "id": "msg_3",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [
+            {"type": "text", "text": "Writing both files."},
+            {"type": "tool_use", "id": "toolu_1", "name": "write", "input": {"path": "a", "text": "x"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "write", "input": {"path": "b"}},
+        ],
+        "stop_reason": stop_reason,
+        "usage": {"input_tokens": 11, "output_tokens": 4096},
+    }
+    answer = AnthropicClient("sk-ant-test", 5, fake.url).complete(
+        LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
+    )
+    whole, cut = answer.tool_calls
+    assert json.loads(whole.function.arguments) == {"path": "a", "text": "x"}
+    assert not _tool_call_step_refuses(whole)
+    assert (cut.id, cut.function.name) == ("toolu_2", "write")
+    assert _tool_call_step_refuses(cut)
+    assert cut.function.arguments.startswith('{"path": "b"'), "what the LLM sent is kept, left open"
+
+
+def test_a_tool_call_before_text_at_the_limit_is_whole(fake: FakeAnthropic) -> None:
+    """Only the last block can have been cut: a tool_use followed by more output ended on its own."""
+    fake.reply = {
+        "id": "msg_4",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1}},
+            {"type": "text", "text": "And then"},
+        ],
+        "stop_reason": "max_tokens",
+        "usage": {"input_tokens": 11, "output_tokens": 4096},
+    }
+    answer = AnthropicClient("sk-ant-test", 5, fake.url).complete(
+        LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
+    )
+    assert answer.truncated and not _tool_call_step_refuses(answer.tool_calls[0])
