@@ -143,6 +143,8 @@ def _response_from(response: Any) -> LLMResponse:
     calls: list[ToolCall] = []
     stop_reason = getattr(response, "stop_reason", None)
     blocks = response.content
+    if stop_reason == "refusal":
+        raise _refusal(blocks, getattr(response, "stop_details", None))
     for index, block in enumerate(blocks):
         if block.type == "text":
             text.append(block.text)
@@ -167,3 +169,16 @@ def _response_from(response: Any) -> LLMResponse:
     )
     truncated = stop_reason == "max_tokens"
     return LLMResponse(content="".join(text), tool_calls=calls, usage=usage, truncated=truncated)
+
+
+def _refusal(blocks: Any, details: Any) -> LLMError:
+    """A refused answer as OpenAI's is: not retried (the same context is refused again). Its text is what
+    came before the model was stopped, not an answer; ``stop_details`` (when sent) says why."""
+    said = "".join(block.text for block in blocks if block.type == "text").strip()
+    why = ": ".join(
+        str(part)
+        for part in (getattr(details, "category", None), getattr(details, "explanation", None))
+        if part
+    )
+    reason = f" ({why[:300]})" if why else ""
+    return LLMError(f"LLM refused to answer: {said[:500] or 'no text'}{reason}", retryable=False)

@@ -272,3 +272,54 @@ def test_a_tool_call_before_text_at_the_limit_is_whole(fake: FakeAnthropic) -> N
         LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
     )
     assert answer.truncated and not _tool_call_step_refuses(answer.tool_calls[0])
+
+
+def _refused(fake: FakeAnthropic, content: list[dict[str, Any]], **extra: Any) -> LLMError:
+    fake.reply = {
+        "id": "msg_5",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": content,
+        "stop_reason": "refusal",
+        "usage": {"input_tokens": 11, "output_tokens": 3},
+        **extra,
+    }
+    with pytest.raises(LLMError) as raised:
+        AnthropicClient("sk-ant-test", 5, fake.url).complete(
+            LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
+        )
+    return raised.value
+
+
+def test_a_refusal_fails_as_openais_does_not_as_an_answer(fake: FakeAnthropic) -> None:
+    """stop_reason "refusal": the text is what came before the model was stopped, not an answer."""
+    refused = _refused(
+        fake,
+        [{"type": "text", "text": "Hello.."}],
+        stop_details={
+            "type": "refusal",
+            "category": "cyber",
+            "explanation": "This request was declined because it could enable cyber harm.",
+        },
+    )
+    assert not refused.retryable and refused.status_code is None
+    assert str(refused) == (
+        "LLM refused to answer: Hello.. (cyber: This request was declined because it could enable cyber harm.)"
+    )
+
+
+def test_a_refusal_without_text_or_details_still_says_it_refused(fake: FakeAnthropic) -> None:
+    refused = _refused(fake, [])
+    assert str(refused) == "LLM refused to answer: no text" and not refused.retryable
+
+
+def test_a_refusal_with_a_tool_call_runs_nothing_and_its_text_is_cut(fake: FakeAnthropic) -> None:
+    refused = _refused(
+        fake,
+        [
+            {"type": "text", "text": "x" * 5000},
+            {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1}},
+        ],
+    )
+    assert str(refused) == "LLM refused to answer: " + "x" * 500 and not refused.retryable
