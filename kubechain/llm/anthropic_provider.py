@@ -27,11 +27,13 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
             system_parts.append(message.content)
             continue
         if message.role == "tool":
-            block = {
+            block: dict[str, Any] = {
                 "type": "tool_result",
                 "tool_use_id": message.tool_call_id or "",
                 "content": message.content,
             }
+            if message.is_error:
+                block["is_error"] = True  # else the model reads "Error: ..." as what the tool returned
             if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
                 out[-1]["content"].append(block)
             else:

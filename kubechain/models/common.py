@@ -56,6 +56,9 @@ class Message(KubeModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    # Ours: a tool message whose call failed (or was deleted unfinished) says so, for providers that take
+    # it apart from the text (Anthropic's tool_result is_error). Unset otherwise; OpenAI has no such field.
+    is_error: bool | None = None
 
 
 class ReadyStatus(KubeModel):

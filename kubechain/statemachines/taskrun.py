@@ -612,6 +612,8 @@ def plan_fan_in(
                 if toolcall
                 else deleted_tool_call_message(child),
                 tool_call_id=child.spec.tool_call_id,
+                # a denial is the human's answer, not a failure: only a call that failed or never ended
+                is_error=True if toolcall is None or toolcall.phase == ToolCallPhase.FAILED else None,
             )
         )
     too_large = _too_large(run, window, limits)

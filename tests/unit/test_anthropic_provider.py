@@ -323,3 +323,23 @@ def test_a_refusal_with_a_tool_call_runs_nothing_and_its_text_is_cut(fake: FakeA
         ],
     )
     assert str(refused) == "LLM refused to answer: " + "x" * 500 and not refused.retryable
+
+
+def test_a_failed_tool_calls_result_is_sent_as_an_error() -> None:
+    """So the model knows the call failed, rather than reading "Error: ..." as what the tool returned."""
+    from kubechain.llm.anthropic_provider import to_anthropic_messages
+
+    call = ToolCall(id="toolu_1", function=ToolCallFunction(name="add", arguments="{}"))
+    _, messages = to_anthropic_messages(
+        [
+            Message(
+                role="assistant", content="", tool_calls=[call, call.model_copy(update={"id": "toolu_2"})]
+            ),
+            Message(role="tool", content="Error: boom", tool_call_id="toolu_1", is_error=True),
+            Message(role="tool", content="3", tool_call_id="toolu_2"),
+        ]
+    )
+    assert messages[1]["content"] == [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Error: boom", "is_error": True},
+        {"type": "tool_result", "tool_use_id": "toolu_2", "content": "3"},
+    ]

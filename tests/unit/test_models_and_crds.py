@@ -110,3 +110,15 @@ def test_the_readmes_offline_tool_example_is_a_valid_tool_and_script() -> None:
     assert (
         parsed.rules[0].turns[0].tool_calls and parsed.rules[0].turns[0].tool_calls[0].name == tool.spec.name
     )
+
+
+def test_the_crd_keeps_a_tool_messages_error_mark() -> None:
+    """The schema is structural: a contextWindow key it does not list is pruned by the API server, and the
+    Anthropic provider would never learn that a tool call failed."""
+    import yaml
+
+    crd = yaml.safe_load(render_all()["kubechain.humanlayer.dev_taskruns.yaml"])
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    message = status["properties"]["contextWindow"]["items"]
+    assert message["properties"]["isError"] == {"type": "boolean"}
+    assert "isError" not in message.get("required", [])

@@ -387,3 +387,26 @@ def test_the_first_window_counts_the_message_the_spec_already_holds() -> None:
     )
     assert too_large is not None and too_large.status["phase"] == "Failed"
     assert [event.reason for event in too_large.events] == ["ContextWindowTooLarge"]
+
+
+def test_tool_messages_of_calls_that_did_not_succeed_say_so() -> None:
+    """Anthropic takes a failed call's result with is_error; the window is where the provider reads it
+    from, so a failed or deleted call's tool message is marked, and only those."""
+    r = pending_run()
+    first, second = expected_toolcalls(r)
+    done = plan_fan_in(
+        r, [finished(first, "Failed", error="boom"), finished(second, "Succeeded", result="two")], NOW, LIMITS
+    )
+    assert done.transition is not None
+    assert [(m["content"], m.get("isError")) for m in done.transition.status["contextWindow"][-2:]] == [
+        ("Error: boom", True),
+        ("two", None),
+    ], "no isError key at all on a result that is not an error"
+    created = run(status={**r.to_wire()["status"], "toolCallsCreatedFor": "abc1234"})
+    gone = plan_fan_in(created, [finished(first, "ToolCallRejected", result="no")], NOW, LIMITS)
+    assert gone.transition is not None
+    assert [m.get("isError") for m in gone.transition.status["contextWindow"][-2:]] == [None, True], (
+        "a denial is the human's answer, not a failure; a call deleted before it finished has no result"
+    )
+    window = TaskRun.from_wire({**created.to_wire(), "status": gone.transition.status}).status.context_window
+    assert window is not None and [m.is_error for m in window[-2:]] == [None, True], "read back from the wire"
