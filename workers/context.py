@@ -35,8 +35,9 @@ CLAIM_IN_DOUBT_KEPT_S = 3600.0
 
 
 class ClaimsInDoubt:
-    """Claims this process wrote but could not confirm (the write's answer and its read-backs were lost;
-    see workers.transitions.apply_claim), so it never made the call they were for. Only the writer can
+    """Claims this process wrote but could not confirm (the write's answer and its read-backs were lost,
+    or its fresh stamp's answer was, or refused; see workers.transitions.apply_claim), so it never made
+    the call they were for. Only the writer can
     tell: the claim names the pod, which all its threads and processes share. A later task of this
     process that finds one of them on its object claims it afresh (a conditional write, so of several
     tasks finding it one wins) instead of leaving it to expire as another worker's."""

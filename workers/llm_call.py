@@ -170,6 +170,9 @@ def _claim_and_call(
     claim.status["claimedAt"] = claimed_at = precise_timestamp(ctx.clock())
     # Conflict: another worker claimed first.
     claimed = apply_claim(ctx, run, claim, lambda current: holds_claim(current, ctx.identity, claimed_at))
+    # The claim may have been stamped afresh (confirmed too late to act on): the answer is written under
+    # the one the call is made under.
+    claimed_at = claimed.status.claimed_at or claimed_at
     if ready is None:
         _call_and_record(ctx, claimed, claimed_at, llm, api_key, tools)
         return

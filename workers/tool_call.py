@@ -461,6 +461,9 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     claimed = apply_claim(
         ctx, toolcall, claim.transition, lambda current: holds_claim(current, ctx.identity, claimed_at)
     )
+    # The claim may have been stamped afresh (confirmed too late to act on): the result is written under
+    # the one the tool runs under.
+    claimed_at = claimed.status.claimed_at or claimed_at
     started = time.perf_counter()
     ids = claimed.status.span_context
     with span_with_ids(

@@ -36,6 +36,7 @@ from kubechain.statemachines.transition import (
     foreign_child_message,
     parse_timestamp,
     patch_landed,
+    precise_timestamp,
 )
 from kubechain.statemachines.validation import plan_validation
 from workers.context import WorkerContext
@@ -268,14 +269,19 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
 
 
 def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
-    """Write a claim. A write whose outcome is unknown (timeout, 5xx after the server applied it) is
-    resolved by reading back, retried with the backoff outcomes are written with while the claim is young
-    enough to act on (Settings.claim_confirm_budget_s): if the claim we wrote is there, it is ours and we
-    go on (after its Events, which are named after the version written, so never posted twice), rather
-    than leaving the step stranded until the claim expires. If the object moved on without it, the write
-    can no longer land: Conflict, for the caller to re-read and re-decide. Still unknown, the claim is
-    remembered in ctx.claims_in_doubt and the Unavailable raised: Celery's retry (or any later task) in
-    this process finds it on the object, knows it was never acted on, and claims it afresh."""
+    """Write a claim and return the object as claimed; the caller acts under the claimedAt it carries,
+    which is not always ``transition``'s (below).
+
+    A write whose outcome is unknown (timeout, 5xx after the server applied it) is resolved by reading
+    back, retried with the backoff outcomes are written with while the claim is young enough to act on
+    (Settings.claim_confirm_budget_s). If the claim we wrote is there, it is ours: young enough, we go on
+    (after its Events, which are named after the version written, so never posted twice); older (the
+    write's answer timed out only after the API client's read timeout, 30 s), it is stamped afresh, a
+    conditional write, and we go on under the fresh stamp. If the object moved on without it, the write
+    can no longer land: Conflict, for the caller to re-read and re-decide. Still unknown (the reads, or
+    the fresh stamp, went unanswered), the claim is remembered in ctx.claims_in_doubt and the Unavailable
+    raised: Celery's retry (or any later task) in this process finds it on the object, knows it was never
+    acted on, and claims it afresh."""
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
@@ -291,6 +297,8 @@ def _confirm_claim(
     still_ours: Callable[[R], bool],
     unanswered: Unavailable,
 ) -> R:
+    """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours to act
+    on; Conflict if the object moved on without it; else the Unavailable, the claim left in doubt."""
     claimed_at = str(transition.status.get("claimedAt") or "")
     stamped = parse_timestamp(claimed_at) or ctx.clock()
     budget_s = ctx.settings.claim_confirm_budget_s
@@ -303,7 +311,9 @@ def _confirm_claim(
         else:
             if still_ours(current):
                 if (ctx.clock() - stamped).total_seconds() > budget_s:
-                    break  # too old now for the call to end within the claim: the retry claims it afresh
+                    # Too old for the call to end within it. Left to a retry, it may be another pod's,
+                    # which would take the claim for a live one and wait for it to expire.
+                    return _restamp_claim(ctx, current, transition, claimed_at)
                 log.info(
                     "claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name
                 )
@@ -316,7 +326,8 @@ def _confirm_claim(
         ctx.sleep(delay)
     ctx.claims_in_doubt.add(obj, claimed_at, transition)
     log.warning(
-        "claim on %s %s/%s not confirmed within %.0f s (%s); a retry in this process takes it over if it landed",
+        "claim on %s %s/%s could not be read back within %.0f s (%s): left in doubt; a retry of this task "
+        "in this process claims it afresh if it landed (one in another process waits for it to expire)",
         obj.KIND,
         obj.namespace,
         obj.name,
@@ -324,6 +335,40 @@ def _confirm_claim(
         unanswered,
     )
     raise unanswered
+
+
+def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, claimed_at: str) -> R:
+    """Stamp this process's claim ``transition`` (stamped ``claimed_at``, read back on ``current``, never
+    acted on) afresh, as the in-doubt retry does: the same values, so nothing is counted twice, and its
+    Events, not posted yet, posted now."""
+    fresh = Transition(dict(transition.status), list(transition.events), list(transition.children))
+    fresh.status["claimedAt"] = restamped_at = precise_timestamp(ctx.clock())
+    log.info(
+        "claim write on %s %s/%s was applied but confirmed too late to act on: stamping it afresh",
+        current.KIND,
+        current.namespace,
+        current.name,
+    )
+    try:
+        return apply_transition(ctx, current, fresh)
+    except Conflict:
+        # Moved since the read-back (a metadata write, say): the caller re-decides, and still finds the
+        # claim ours and never acted on.
+        ctx.claims_in_doubt.add(current, claimed_at, transition)
+        raise
+    except Unavailable as unanswered:
+        # Either stamp may be the one on the object now.
+        ctx.claims_in_doubt.add(current, claimed_at, transition)
+        ctx.claims_in_doubt.add(current, restamped_at, fresh)
+        log.warning(
+            "claim on %s %s/%s, stamped afresh, went unanswered (%s): left in doubt; a retry of this task in "
+            "this process claims it afresh (one in another process waits for it to expire)",
+            current.KIND,
+            current.namespace,
+            current.name,
+            unanswered,
+        )
+        raise
 
 
 # How long a worker holding an outcome (a tool result, an LLM answer) retries writing it through an

@@ -24,8 +24,9 @@ from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
+from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
-from tests.unit.test_toolcall_robustness import ClaimAnswerLost
+from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost
 from tests.unit.test_workers_on_fake import validated
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -160,6 +161,36 @@ def test_an_llm_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_an
     llm_call(ctx, message("TaskRun", "r"))  # Celery's retry
     assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
     assert seen == [None], "not counted as an interrupted call"
+    assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+
+
+@pytest.mark.parametrize("handed_off", [False, True], ids=["llm_call", "hand-off"])
+def test_an_llm_claim_confirmed_too_late_to_act_on_is_stamped_afresh_and_called_once(
+    handed_off: bool,
+) -> None:
+    """The claim's answer was lost at the API client's read timeout, when the claim was already too old to
+    call the LLM under: read back as ours, it is stamped afresh and the LLM called now. It was left to
+    Celery's retry, which another pod may get: the turn then stalled until the claim expired (~3.5 min)
+    and was counted as interrupted."""
+    now = [datetime.now(UTC)]
+    kube = ClaimAnsweredLate("SendContextWindowToLLM", now)
+    seen: list[tuple[Any, Any]] = []  # (llmInterruptions, claimedAt) as the LLM is called
+
+    def answer(_request: Any) -> LLMResponse:
+        status = run_status(kube)
+        seen.append((status.get("llmInterruptions"), status.get("claimedAt")))
+        return LLMResponse(content="done")
+
+    llm = FakeLLM(answer)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, continues_llm=handed_off)
+    ctx.clock = lambda: now[0]
+    prepare(ctx, message("TaskRun", "r"))
+    if not handed_off:
+        llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer" and kube.writes == 2
+    assert seen == [(None, precise_timestamp(now[0]))], "called once, under the fresh stamp, not interrupted"
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
 
 

@@ -26,6 +26,7 @@ from kubechain.models import (
 )
 from kubechain.models.labels import LABEL_ROOT_RUN
 from kubechain.queueing import TaskName
+from kubechain.settings import Settings
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import expected_toolcalls, request_id, toolcall_name
@@ -1365,6 +1366,118 @@ def test_a_claim_whose_refusal_was_lost_is_decided_again_at_once_when_another_wo
     tool_call(ctx, message("TaskRunToolCall", name))  # no retry needed: the read-back says it all
     status = toolcall_status(kube, name)
     assert kube.raced and status["claimedBy"] == "w2" and calls == [] and sleeps == []
+
+
+class ClaimAnsweredLate(FakeKubeClient):
+    """The status write that sets ``phase`` (a claim) is committed, but its answer is lost only when the API
+    client's read timeout runs out (Settings.kube_timeout_s, longer than Settings.claim_confirm_budget_s):
+    ``clock[0]`` moves on by that much. The read-back right after is answered.
+
+    ``restamp``: what becomes of the next such write (the claim stamped afresh): "answered", "lost"
+    (committed, its answer lost the same way) or "unapplied" (timed out, never committed).
+    ``moved_after_read_back``: another writer changes the object's metadata right after the read-back."""
+
+    def __init__(
+        self,
+        phase: str,
+        clock: list[datetime],
+        restamp: str = "answered",
+        moved_after_read_back: bool = False,
+    ) -> None:
+        super().__init__()
+        self.phase, self.clock, self.restamp, self.moving = phase, clock, restamp, moved_after_read_back
+        self.writes = 0  # status writes setting ``phase``
+        self.claimed = ""  # the first one's object path
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        if not (
+            method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        ):
+            result = super().request(method, path, **kwargs)
+            if self.moving and method == "GET" and path == self.claimed:
+                self.moving = False
+                _, _, plural, name = path.rsplit("/", 3)
+                self.patch_metadata(plural, "default", name, {"annotations": {"example.com/note": "touched"}})
+            return result
+        self.writes += 1
+        if self.writes == 1:
+            self.claimed = path.removesuffix("/status")
+        how = "lost" if self.writes == 1 else self.restamp if self.writes == 2 else "answered"
+        if how == "answered":
+            return super().request(method, path, **kwargs)
+        if how == "lost":
+            super().request(method, path, **kwargs)
+        self.clock[0] += timedelta(seconds=Settings().kube_timeout_s)
+        raise Unavailable(0, "Unavailable", "read timed out")
+
+
+def charged_on(
+    kube: FakeKubeClient, monkeypatch: pytest.MonkeyPatch, now: list[datetime]
+) -> tuple[WorkerContext, list[float], list[str], str]:
+    """``charged``, on the clock ``now[0]``; its list: the claimedAt each execution of the tool ran under."""
+    ctx, sleeps, _calls, name = charged(kube, monkeypatch)
+    ctx.clock = lambda: now[0]
+    claims: list[str] = []
+
+    def charge(*_args: Any, **_kwargs: Any) -> str:
+        claims.append(toolcall_status(kube, name)["claimedAt"])
+        return "charged card #1"
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", charge)
+    return ctx, sleeps, claims, name
+
+
+def test_a_tool_claim_confirmed_too_late_to_act_on_is_stamped_afresh_and_run_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim's answer was lost at the API client's read timeout, when the claim was already too old to
+    run the tool under: read back as ours, it is stamped afresh and the tool run now. It was left to
+    Celery's retry, which may be delivered to another pod: that one waited for the claim to expire, then
+    failed the tool, never run, as lost mid-execution."""
+    now = [datetime.now(UTC)]
+    kube = ClaimAnsweredLate("Running", now)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])], "run once, under the claim stamped after the read-back"
+    assert kube.writes == 2 and sleeps == []
+
+
+def test_a_tool_claim_confirmed_too_late_on_a_call_that_moved_since_is_decided_again_and_run_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fresh stamp is conditional on the version read back: another write since (here an annotation)
+    refuses it, and the call is decided again at once, still knowing the claim on it is one
+    this process never acted on."""
+    now = [datetime.now(UTC)]
+    kube = ClaimAnsweredLate("Running", now, moved_after_read_back=True)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert not kube.moving and kube.writes == 3, "claim, its refused fresh stamp, the claim decided again"
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])]
+
+
+@pytest.mark.parametrize("restamp", ["lost", "unapplied"])
+def test_a_tool_claim_whose_fresh_stamp_went_unanswered_is_taken_over_by_the_retry_and_run_once(
+    monkeypatch: pytest.MonkeyPatch, restamp: str
+) -> None:
+    """Either stamp may be the one on the call: the retry in this process knows neither was acted on."""
+    now = [datetime.now(UTC)]
+    kube = ClaimAnsweredLate("Running", now, restamp=restamp)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert claims == [] and toolcall_status(kube, name)["claimedBy"] == "w1"
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])]
 
 
 # -- 4. oversized results, and idempotent tools whose worker keeps dying -----------------------------
