@@ -619,22 +619,68 @@ def _stop_sub_agent_runs(
         return []
     children = _sub_agent_runs(ctx, toolcall)
     for child in children:
-        if child.is_terminal():
-            continue  # finished: its answer stays readable
-        try:
-            ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
-            log.info(
-                "deleted sub-agent run %s/%s: its tool call %s (phase %s) ends without waiting for it",
-                child.namespace,
-                child.name,
-                toolcall.name,
-                toolcall.phase or "Pending",
-            )
-        except NotFound:
-            pass
-        except Forbidden as exc:  # RBAC without delete on taskruns: it runs on, unread
-            log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
+        _delete_unfinished(ctx, toolcall, child)
     return [child.name for child in children]
+
+
+def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: TaskRun) -> None:
+    """Delete ``toolcall``'s sub-agent run ``child``, which nothing will read; a finished one is kept, its
+    answer readable."""
+    if child.is_terminal():
+        return
+    try:
+        ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
+        log.info(
+            "deleted sub-agent run %s/%s: its tool call %s (phase %s) ends without waiting for it",
+            child.namespace,
+            child.name,
+            toolcall.name,
+            toolcall.phase or "Pending",
+        )
+    except NotFound:
+        pass
+    except Forbidden as exc:  # RBAC without delete on taskruns: it runs on, unread
+        log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
+
+
+# Waits between attempts of _stop_if_not_waited_for through an unreachable API server (15.5 s in all).
+STOP_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
+    """The call's AwaitingSubAgent write conflicted after its sub-agent run ``child_name`` was created: the
+    call may have ended meanwhile (rejected, its run ended), recorded after a LIST too early to find that
+    run, which would then run on unread for good. A call still not started, or waiting for a sub-agent,
+    is left to the retry (it waits for the run, or stops it before it ends the call).
+
+    This is the only chance to stop it (a retry of the task finds the call ended and does nothing): an
+    API server unreachable for a moment is waited out here."""
+    for delay in (*STOP_RETRY_DELAYS_S, None):
+        try:
+            _stop_if_not_waited_for_once(ctx, toolcall, child_name)
+            return
+        except Unavailable as exc:
+            if delay is None:
+                log.warning(
+                    "could not stop sub-agent run %s/%s of tool call %s: %s",
+                    toolcall.namespace,
+                    child_name,
+                    toolcall.name,
+                    exc,
+                )
+                raise
+            ctx.sleep(delay)
+
+
+def _stop_if_not_waited_for_once(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
+    current = get_or_none(ctx, TaskRunToolCall, toolcall.namespace, toolcall.name)
+    if current is None or current.uid != toolcall.uid:
+        return  # deleted: garbage collection removes the run it owns
+    if not current.is_terminal() and current.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT):
+        return
+    child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
+    if child is not None and child.metadata.owned_by(toolcall.uid):
+        _delete_unfinished(ctx, current, child)
 
 
 def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
@@ -763,4 +809,8 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
     if refused is not None:
         call_ended(toolcall, refused)
         return  # the API server refused the child for good (or one not ours has its name): call failed
-    apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
+    try:
+        apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
+    except Conflict:
+        _stop_if_not_waited_for(ctx, toolcall, child_name)
+        raise  # the retry re-reads the call and decides again

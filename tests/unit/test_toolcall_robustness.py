@@ -491,6 +491,97 @@ def test_a_delegation_whose_tool_went_before_its_awaiting_write_landed_stops_its
         kube.get_raw("taskruns", "default", child)
 
 
+class CreateRacedKube(FakeKubeClient):
+    """``race`` (another worker's step) runs just before this worker's create of a sub-agent run lands;
+    ``delete_hiccups`` deletes of a TaskRun are answered 503."""
+
+    race: Callable[[], None] | None = None
+    delete_hiccups = 0
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.race is not None and method == "POST" and path.endswith("/taskruns"):
+            race, self.race = self.race, None
+            race()
+        if self.delete_hiccups and method == "DELETE" and "/taskruns/" in path:
+            self.delete_hiccups -= 1
+            raise Unavailable(503, "ServiceUnavailable", "etcd leader changed")
+        return super().request(method, path, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["rejected", "run-ended"])
+def test_a_delegation_ended_while_its_sub_agent_run_was_created_stops_that_run(how: str) -> None:
+    """Worker A read the Pending call and was creating its sub-agent's run; worker B ended the call (a
+    rejection, the run's end) after a LIST that did not find that run yet. A's AwaitingSubAgent write then
+    conflicted, the call it re-read had ended, and the run went on working, read by no one."""
+    kube = CreateRacedKube()
+    ctx, name = delegating(kube)
+
+    def worker_b() -> None:
+        if how == "rejected":
+            annotations = {APPROVAL_ANNOTATION: "rejected", APPROVAL_COMMENT_ANNOTATION: "no"}
+            kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+        else:
+            run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+
+    kube.race = worker_b
+    tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    assert kube.race is None, "worker B ran"
+    expected = "ToolCallRejected" if how == "rejected" else "Failed"
+    assert toolcall_status(kube, name)["phase"] == expected
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+def test_a_delegation_whose_awaiting_write_lost_to_a_label_change_waits_for_its_sub_agent() -> None:
+    kube = CreateRacedKube()
+    ctx, name = delegating(kube)
+    kube.race = lambda: kube.patch_metadata("taskruntoolcalls", "default", name, {"labels": {"team": "a"}})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    assert kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+def test_a_delegation_another_worker_saw_through_while_it_created_the_run_keeps_that_runs_answer() -> None:
+    """Worker B delegated the same call, and collected its sub-agent's answer, while A's create was on its
+    way (AlreadyExists): the finished run is the call's answer, kept readable."""
+    kube = CreateRacedKube()
+    ctx, name = delegating(kube)
+    child = child_run_name(name, "helper")
+
+    def worker_b() -> None:
+        tool_call(ctx, message("TaskRunToolCall", name))
+        finish(kube, child)
+        tool_call(ctx, message("TaskRunToolCall", name))
+
+    kube.race = worker_b
+    tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["result"] == "42", status
+    assert kube.get_raw("taskruns", "default", child)["status"]["phase"] == "FinalAnswer"
+
+
+def test_a_sub_agent_run_left_by_a_raced_delegation_is_stopped_through_an_api_server_hiccup() -> None:
+    """Nothing looks for that run once the call has ended: a retry of the task would find the call ended
+    and return, so the delete is retried in place."""
+    kube = CreateRacedKube()
+    ctx, name = delegating(kube)
+    sleeps: list[float] = []
+    ctx.sleep = sleeps.append
+    child = child_run_name(name, "helper")
+
+    def worker_b() -> None:
+        run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+        kube.delete_hiccups = 1
+
+    kube.race = worker_b
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert sleeps == [0.5]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
 def sub_agent_lookups(kube: FakeKubeClient) -> int:
     """The LISTs of TaskRuns by the tool-call label: looking for a call's sub-agent runs."""
     return sum(
