@@ -249,6 +249,7 @@ def _call_and_record(
             ctx.clock(),
             ctx.limits,
             truncated=response.truncated,
+            context_window_full=response.context_window_full,
         ),
     )
 

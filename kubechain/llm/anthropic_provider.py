@@ -169,8 +169,13 @@ def _response_from(response: Any) -> LLMResponse:
         completion_tokens=response.usage.output_tokens,
         total_tokens=response.usage.input_tokens + response.usage.output_tokens,
     )
-    truncated = stop_reason == "max_tokens"
-    return LLMResponse(content="".join(text), tool_calls=calls, usage=usage, truncated=truncated)
+    return LLMResponse(
+        content="".join(text),
+        tool_calls=calls,
+        usage=usage,
+        truncated=stop_reason in CUT_OFF_AT,
+        context_window_full=stop_reason == "model_context_window_exceeded",
+    )
 
 
 def _refusal(blocks: Any, details: Any) -> LLMError:

@@ -41,7 +41,9 @@ class LLMResponse(BaseModel):
     content: str = ""
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: TokenUsage | None = None
-    truncated: bool = False  # cut off at the token limit (finish_reason "length", stop_reason "max_tokens")
+    truncated: bool = False  # cut off at a limit (finish_reason "length", stop_reason "max_tokens", ...)
+    # that limit was the model's context window, not maxTokens (which raised would not help)
+    context_window_full: bool = False
 
 
 class LLMError(Exception):

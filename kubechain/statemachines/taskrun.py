@@ -292,6 +292,10 @@ def holds_claim(run: TaskRun, worker: str, claimed_at: str) -> bool:
 
 
 TRUNCATED_ANSWER = "the LLM stopped at its token limit: the answer may be cut off (raise spec.parameters.maxTokens of the LLM)"
+CONTEXT_WINDOW_FULL = (
+    "the LLM stopped at the end of the model's context window: the answer may be cut off (the conversation "
+    "so far leaves it too little room: use a model with a larger context window, or split the task)"
+)
 
 
 def plan_llm_answer(
@@ -303,10 +307,13 @@ def plan_llm_answer(
     limits: LoopLimits,
     *,
     truncated: bool = False,
+    context_window_full: bool = False,
 ) -> Transition:
     """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create.
-    ``truncated``: the LLM stopped at its token limit; the answer is kept, with a Warning that says so."""
-    cut_off = [warning("LLMResponseTruncated", TRUNCATED_ANSWER)] if truncated else []
+    ``truncated``: the LLM stopped at a limit, its token limit or (``context_window_full``) the model's
+    context window; the answer is kept, with a Warning that says so."""
+    why_cut = CONTEXT_WINDOW_FULL if context_window_full else TRUNCATED_ANSWER
+    cut_off = [warning("LLMResponseTruncated", why_cut)] if truncated else []
     content = clean_text(content)
     tool_calls = [
         call.model_copy(
@@ -335,9 +342,7 @@ def plan_llm_answer(
     if not content and not tool_calls:
         empty = "LLM returned an empty response (no content and no tool calls)"
         # a reasoning model can spend its whole token limit before it says anything
-        failed = _fail(
-            run, f"{empty}: {TRUNCATED_ANSWER}" if truncated else empty, "LLMResponseProcessingFailed", now
-        )
+        failed = _fail(run, f"{empty}: {why_cut}" if truncated else empty, "LLMResponseProcessingFailed", now)
         failed.status["tokenUsage"] = token_usage
         return failed
     if not tool_calls:
@@ -352,7 +357,11 @@ def plan_llm_answer(
                 "ready": True,
                 "status": "Ready",
                 "statusDetail": "LLM final response received"
-                + (" (cut off at the token limit)" if truncated else ""),
+                + (
+                    f" (cut off at the {'context window' if context_window_full else 'token limit'})"
+                    if truncated
+                    else ""
+                ),
                 "output": content,
                 "error": None,
                 "contextWindow": _wire_window(window),

@@ -190,20 +190,25 @@ def test_an_anthropic_key_is_checked_by_listing_models(fake: FakeAnthropic) -> N
     assert str(raised.value) == "invalid API key (status code: 401)" and not raised.value.retryable
 
 
-def test_an_answer_stopped_at_max_tokens_says_it_was_cut_off(fake: FakeAnthropic) -> None:
+@pytest.mark.parametrize("stop_reason", ["max_tokens", "model_context_window_exceeded"])
+def test_an_answer_stopped_at_a_limit_says_it_was_cut_off_and_which(
+    fake: FakeAnthropic, stop_reason: str
+) -> None:
+    """One stopped at the model's context window was taken for whole: a FinalAnswer with no Warning."""
     fake.reply = {
         "id": "msg_2",
         "type": "message",
         "role": "assistant",
         "model": "claude-x",
         "content": [{"type": "text", "text": "The answer is"}],
-        "stop_reason": "max_tokens",
+        "stop_reason": stop_reason,
         "usage": {"input_tokens": 11, "output_tokens": 4096},
     }
     answer = AnthropicClient("sk-ant-test", 5, fake.url).complete(
         LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
     )
     assert answer.content == "The answer is" and answer.truncated
+    assert answer.context_window_full == (stop_reason == "model_context_window_exceeded")
 
 
 def _tool_call_step_refuses(call: ToolCall) -> bool:

@@ -345,6 +345,19 @@ def test_an_answer_cut_off_at_the_token_limit_is_kept_with_a_warning() -> None:
     assert [e.reason for e in whole.events] == ["LLMFinalAnswer"]
 
 
+def test_an_answer_cut_off_at_the_context_window_is_not_blamed_on_max_tokens() -> None:
+    """Raising maxTokens does not help an answer the model's context window cut off."""
+    claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
+    cut = plan_llm_answer(
+        claimed, "The answer is", [], None, NOW, LIMITS, truncated=True, context_window_full=True
+    )
+    assert cut.status["statusDetail"] == "LLM final response received (cut off at the context window)"
+    (truncated,) = [e for e in cut.events if e.reason == "LLMResponseTruncated"]
+    assert "context window" in truncated.message and "maxTokens" not in truncated.message
+    failed = plan_llm_answer(claimed, "", [], None, NOW, LIMITS, truncated=True, context_window_full=True)
+    assert "context window" in failed.status["error"] and "maxTokens" not in failed.status["error"]
+
+
 def test_an_empty_answer_cut_off_at_the_token_limit_says_which_limit_to_raise() -> None:
     """A reasoning model that spends its whole max_completion_tokens thinking answers nothing at all."""
     claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)

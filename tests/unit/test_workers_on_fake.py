@@ -211,6 +211,22 @@ def test_concurrent_llm_calls_make_one_request() -> None:
     assert kube.conflicts >= 3
 
 
+def test_an_answer_cut_off_at_the_context_window_is_kept_with_a_warning_that_says_so() -> None:
+    """Anthropic's "model_context_window_exceeded": the Warning is posted, and does not advise raising
+    maxTokens."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="The answer is", truncated=True, context_window_full=True))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert kube.get_raw("taskruns", "default", "r")["status"]["phase"] == "FinalAnswer"
+    (cut,) = [e for e in kube.events() if e["reason"] == "LLMResponseTruncated"]
+    assert cut["type"] == "Warning" and "context window" in cut["message"]
+    assert "maxTokens" not in cut["message"]
+
+
 def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
     kube = FakeKubeClient()
     llm = FakeLLM(lambda r: LLMResponse(content="done"))
