@@ -57,8 +57,8 @@ TOOL_CALLS = Counter(
 )
 TOOL_SECONDS = Histogram(
     "kubechain_tool_call_duration_seconds",
-    "Tool call latency: an executed call's execution; a delegated, human-contact or human-decided call's "
-    "time from its start to its end",
+    "Tool call latency: an executed call's execution; a delegated or human-contact call's time from its "
+    "start to its end (a rejected call's is not observed)",
     ["tool"],
     buckets=LATENCY_BUCKETS,
 )
@@ -90,10 +90,12 @@ def tool_label(name: str) -> str:
 
 def count_tool_call(tool: str, outcome: str, seconds: float | None) -> None:
     """One tool call ended (``tool``: a name that resolved, not any the LLM made up), with its latency when
-    it started at all."""
+    it started at all. A rejected call's is not observed: it never ran, and its time is a human's wait
+    (up to the approval's expiry), which among the tool's executions would pin their p99 at the top
+    bucket."""
     label = tool_label(tool)
     TOOL_CALLS.labels(label, outcome).inc()
-    if seconds is not None:
+    if seconds is not None and outcome != "rejected":
         TOOL_SECONDS.labels(label).observe(seconds)
 
 
