@@ -395,7 +395,8 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             "ReadyToExecuteApprovedTool",
         )
     ):
-        _fail_not_run(ctx, toolcall, executor, executor.problem, now)
+        # not counted when its worker was lost mid-execution: it did start, and how it ended is unknown
+        _fail_not_run(ctx, toolcall, executor, executor.problem, now, counted=not stale_run)
         return
     retyped_to = (
         "delegates to an agent"
@@ -508,13 +509,20 @@ def _executor_for(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun
 
 
 def _fail_not_run(
-    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor, problem: str, now: datetime
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    executor: Executor,
+    problem: str,
+    now: datetime,
+    *,
+    counted: bool = True,
 ) -> None:
-    """A call that cannot run (unknown tool, not granted) fails; a sub-agent it may have started is stopped
-    first."""
+    """A call that cannot run (unknown tool, not granted) fails, counted as "rejected" if ``counted``; a
+    sub-agent it may have started is stopped first."""
     _stop_sub_agent_runs(ctx, toolcall, executor)
     apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
-    _count_not_run(executor, "rejected")
+    if counted:
+        _count_not_run(executor, "rejected")
 
 
 def _record(

@@ -476,3 +476,33 @@ def test_a_call_a_human_rejected_is_counted_once_as_rejected(humanlayer: Any, vi
     w.run(name)  # redelivered
     assert w.status(name)["phase"] == "ToolCallRejected"
     assert counted_since(before, "fetch__*", "rejected") == (1, 0, 0.0)
+
+
+@pytest.mark.parametrize("how", ["not-granted", "tool-deleted"])
+def test_a_call_whose_worker_was_lost_is_not_counted_though_its_tool_went_meanwhile(how: str) -> None:
+    """Like any call whose worker was lost mid-execution: it did start, so it is no "rejected" one (refused
+    before it ran), and how its execution ended is unknown."""
+    from tests.unit.fakes import message
+    from tests.unit.test_toolcall_robustness import (
+        NOW,
+        delegating,
+        not_granted,
+        running_since,
+        tool_deleted,
+        toolcall_status,
+    )
+    from workers.tool_call import tool_call
+
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.clock = lambda: NOW
+    running_since(kube, name, NOW - timedelta(seconds=ctx.settings.claim_timeout_s + 1))
+    (not_granted if how == "not-granted" else tool_deleted)(kube)
+    outcomes = ("ok", "error", "invalid_arguments", "rejected")
+    before = {
+        (tool, outcome): tool_samples(tool, outcome) for tool in ("ask", "unknown") for outcome in outcomes
+    }
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    for (tool, outcome), earlier in before.items():
+        assert counted_since(earlier, tool, outcome) == (0, 0, 0), (tool, outcome)
