@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
@@ -11,6 +12,7 @@ from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRu
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS, model_label
 from kubechain.observability.tracing import span
 from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.redaction import redact
 from kubechain.statemachines.taskrun import (
     holds_claim,
     plan_config_error,
@@ -184,6 +186,17 @@ def _claim_and_call(
         HANDOFFS.labels(outcome).inc()
 
 
+def _unexpected(exc: Exception, api_key: str, run: TaskRun) -> LLMError:
+    """An adapter bug or an SDK surprise, as a retryable LLM error (bounded by max attempts) rather than
+    escaping with the claim held until it expires. Not an LLMError, so the client wrapper did not scrub
+    the key from it: it is redacted here (its logged traceback too), before the cut, which could leave the
+    start of an echoed key that no later redaction recognises."""
+    trace = redact("".join(traceback.format_exception(exc)), [api_key])
+    log.error("LLM request for %s/%s raised unexpectedly\n%s", run.namespace, run.name, trace)
+    said = redact(str(exc), [api_key])[:300]
+    return LLMError(f"LLM request failed: {type(exc).__name__}: {said}", retryable=True)
+
+
 def _call_and_record(
     ctx: WorkerContext, claimed: TaskRun, claimed_at: str, llm: LLM, api_key: str, tools: list[ToolDefinition]
 ) -> None:
@@ -201,16 +214,18 @@ def _call_and_record(
                 "kubechain.taskrun": claimed.name,
             },
         ) as current:
-            response = ctx.llms.for_llm(llm, api_key).complete(request)
+            try:
+                response = ctx.llms.for_llm(llm, api_key).complete(request)
+            except LLMError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - converted in the span, which records what ends it
+                raise _unexpected(exc, api_key, claimed) from None
             current.set_attribute("llm.response.tool_calls.count", len(response.tool_calls))
             if response.usage is not None:
                 current.set_attribute("llm.usage.total_tokens", response.usage.total_tokens)
     except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
         if not isinstance(exc, LLMError):
-            # An adapter bug or an SDK surprise: recorded like a retryable LLM error (bounded by
-            # max attempts) instead of escaping with the claim held until it expires.
-            log.exception("LLM request for %s/%s raised unexpectedly", claimed.namespace, claimed.name)
-            exc = LLMError(f"LLM request failed: {type(exc).__name__}: {str(exc)[:300]}", retryable=True)
+            exc = _unexpected(exc, api_key, claimed)
         model = model_label(request.model)
         LLM_REQUESTS.labels(model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(model).observe(time.perf_counter() - started)

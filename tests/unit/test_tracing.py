@@ -446,3 +446,31 @@ def test_a_question_to_a_human_is_a_toolcall_span_named_by_its_spancontext(human
     assert call_span.parent is not None and call_span.parent.span_id == int(run_ids["spanID"], 16)
     assert call_span.start_time is not None and call_span.end_time is not None
     assert call_span.end_time - call_span.start_time == 5 * 10**9, "from the question to the answer"
+
+
+def test_an_unexpected_provider_error_that_echoes_the_api_key_leaves_it_out_of_the_llm_span() -> None:
+    """The LLMRequest span records the exception that ends it (its message, its traceback): one no client
+    wrapper scrubbed (not an LLMError) is redacted before it leaves the span. The key is "sk-test"."""
+    from tests.unit.fakes import message
+    from workers.llm_call import llm_call
+    from workers.prepare import prepare
+
+    def echoing(request: LLMRequest) -> LLMResponse:
+        raise RuntimeError("x" * 290 + " key=sk-test and sk-test again")
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(echoing)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    EXPORTER.clear()
+    llm_call(ctx, message("TaskRun", "r"))
+    (llm_span,) = [s for s in EXPORTER.get_finished_spans() if s.name == "LLMRequest"]
+    assert llm_span.status.status_code == StatusCode.ERROR
+    recorded = [str(llm_span.status.description)] + [
+        str(value) for event in llm_span.events for value in (event.attributes or {}).values()
+    ]
+    assert any("RuntimeError" in text for text in recorded), recorded
+    for text in recorded:
+        assert "sk-te" not in text, text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -225,6 +226,31 @@ def test_an_answer_cut_off_at_the_context_window_is_kept_with_a_warning_that_say
     (cut,) = [e for e in kube.events() if e["reason"] == "LLMResponseTruncated"]
     assert cut["type"] == "Warning" and "context window" in cut["message"]
     assert "maxTokens" not in cut["message"]
+
+
+def test_an_unexpected_provider_error_that_echoes_the_api_key_does_not_carry_it_anywhere(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An adapter bug or SDK surprise (not an LLMError, so not scrubbed by the client wrapper) went into the
+    run's status and Event cut at 300 characters, unredacted: the cut could even leave the key's start,
+    which no later redaction recognises. The key is "sk-test" (ready_agent_setup)."""
+
+    def echoing(request: LLMRequest) -> LLMResponse:
+        raise RuntimeError("x" * 290 + " key=sk-test and sk-test again")  # the key straddles the cut
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(echoing)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    with caplog.at_level(logging.DEBUG):
+        llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "ErrorBackoff" and "RuntimeError: xxx" in status["error"], status
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "r"]
+    for where in (status["error"], *events, caplog.text):
+        assert "sk-te" not in where, where
 
 
 def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
