@@ -28,7 +28,7 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.logs import bind_to_context
-from kubechain.observability.metrics import TOOL_CALLS, TOOL_SECONDS, tool_label
+from kubechain.observability.metrics import TOOL_CALLS, count_tool_call, tool_label
 from kubechain.observability.tracing import span_with_ids, toolcall_traceparent
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import asked_for
@@ -475,9 +475,8 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     ) as current:
         outcome = executor.run(arguments)
         current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")
-    label = tool_label(toolcall.spec.tool_ref.name)
-    TOOL_CALLS.labels(label, "error" if outcome.error is not None else "ok").inc()
-    TOOL_SECONDS.labels(label).observe(time.perf_counter() - started)
+    result = "error" if outcome.error is not None else "ok"
+    count_tool_call(toolcall.spec.tool_ref.name, result, time.perf_counter() - started)
 
     max_bytes = ctx.limits.max_tool_result_bytes
 
@@ -755,7 +754,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
         if outcome is not None:
             apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
         return
-    if toolcall.phase not in ("", "Pending"):
+    if toolcall.phase not in NOT_STARTED_PHASES:
         # E.g. waiting for an approval (or approved) when its Tool was changed to delegate: nothing moves
         # it on any more.
         _fail_if_stranded(

@@ -360,6 +360,22 @@ def counted_since(before: tuple[float, float, float], tool: str, outcome: str) -
     return tuple(after - earlier for after, earlier in zip(tool_samples(tool, outcome), before, strict=True))
 
 
+def test_an_executed_call_is_counted_once_with_its_execution_as_latency() -> None:
+    from tests.unit.fakes import message
+    from tests.unit.test_workers_on_fake import tool_turn, toolcall_names
+    from workers.tool_call import tool_call
+
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}', '{"a": 1, "b": "x"}'])
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+    before = tool_samples("add", "ok"), tool_samples("add", "error")
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+        tool_call(ctx, message("TaskRunToolCall", name))  # redelivered: counted once
+    ok, error = counted_since(before[0], "add", "ok"), counted_since(before[1], "add", "error")
+    assert (ok[0], error[0]) == (1, 1) and ok[1] == error[1] == 2, (ok, error)
+
+
 class FirstEndConflicts(FakeKubeClient):
     """The first status write that ends a tool call loses to another writer (409), unapplied."""
 
