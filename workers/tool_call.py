@@ -356,9 +356,8 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             # Not yet waiting for a sub-agent, it may have started one all the same (_stop_sub_agent_runs):
             # what it delegates to is resolved, from the configuration cache, only for such a call.
             pending = toolcall.phase in NOT_STARTED_PHASES
-            sub_agents = _stop_sub_agent_runs(
-                ctx, toolcall, _executor_for(ctx, toolcall, parent) if pending else None
-            )
+            executor = _executor_for(ctx, toolcall, parent) if pending else None
+            sub_agents = _stop_sub_agent_runs(ctx, toolcall, executor)
             if sub_agents:  # not "not run": the run of the sub-agent it started is named
                 ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
             log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
@@ -368,6 +367,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
                 # not counted, as an interrupted execution is not: it never ran, or its worker was lost;
                 # and a call not yet run may name any tool the LLM made up, not a metrics label
                 apply_transition(ctx, toolcall, ended)
+                _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
         return
     problem, parent = _not_its_runs(ctx, toolcall, parent)
     if problem is not None:
@@ -520,6 +520,7 @@ def _fail_not_run(
     sub-agent it may have started is stopped first."""
     _stop_sub_agent_runs(ctx, toolcall, executor)
     apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
+    _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
     if counted:
         _count_not_run(executor, "rejected")
 
@@ -621,7 +622,8 @@ def _stop_sub_agent_runs(
 
     Called before the call's terminal write: a delete that fails for a moment (Unavailable) raises with the
     call still waiting, so the retry, or the resync, decides again and deletes again. After that write,
-    nothing would ever look at the call again. Each step is idempotent (a deleted run is NotFound)."""
+    nothing would ever look at the call again (but _stop_sub_agent_runs_created_meanwhile, once). Each step
+    is idempotent (a deleted run is NotFound)."""
     if not _may_have_started_a_sub_agent(toolcall, executor):
         return []
     children = _sub_agent_runs(ctx, toolcall)
@@ -650,28 +652,22 @@ def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: Tas
         log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
 
 
-# Waits between attempts of _stop_if_not_waited_for through an unreachable API server (15.5 s in all).
+# Waits between attempts of _stop_through_hiccups through an unreachable API server (15.5 s in all).
 STOP_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
-    """The call's AwaitingSubAgent write conflicted after its sub-agent run ``child_name`` was created: the
-    call may have ended meanwhile (rejected, its run ended), recorded after a LIST too early to find that
-    run, which would then run on unread for good. A call still not started, or waiting for a sub-agent,
-    is left to the retry (it waits for the run, or stops it before it ends the call).
-
-    This is the only chance to stop it (a retry of the task finds the call ended and does nothing): an
-    API server unreachable for a moment is waited out here."""
+def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: Callable[[], object]) -> None:
+    """Run ``stop``, a last chance to stop ``toolcall``'s sub-agent run (a retry of the task finds the call
+    ended and does nothing): an API server unreachable for a moment is waited out here."""
     for delay in (*STOP_RETRY_DELAYS_S, None):
         try:
-            _stop_if_not_waited_for_once(ctx, toolcall, child_name)
+            stop()
             return
         except Unavailable as exc:
             if delay is None:
                 log.warning(
-                    "could not stop sub-agent run %s/%s of tool call %s: %s",
+                    "could not stop the sub-agent run of tool call %s/%s: %s",
                     toolcall.namespace,
-                    child_name,
                     toolcall.name,
                     exc,
                 )
@@ -679,11 +675,40 @@ def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child
             ctx.sleep(delay)
 
 
+def _stop_sub_agent_runs_created_meanwhile(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None
+) -> None:
+    """After the write that ended ``toolcall`` (as read: ""/Pending, maybe delegating): another worker may
+    have been creating its sub-agent run, after the LIST before that write. Its AwaitingSubAgent write then
+    conflicts, and its check of the call (_stop_if_not_waited_for) may have come before this write landed,
+    and left the run; its create landed before that check, so this LIST finds it. Only a call that may
+    delegate pays the LIST (_may_have_started_a_sub_agent)."""
+    if toolcall.phase in NOT_STARTED_PHASES and _may_have_started_a_sub_agent(toolcall, executor):
+        _stop_through_hiccups(ctx, toolcall, lambda: _stop_sub_agent_runs(ctx, toolcall, executor))
+
+
+def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
+    """The call's AwaitingSubAgent write conflicted after its sub-agent run ``child_name`` was created: the
+    call may have ended meanwhile (rejected, its run ended), recorded after a LIST too early to find that
+    run, which would then run on unread for good. A call still not started, or waiting for a sub-agent,
+    is left to the retry (it waits for the run, or stops it before it ends the call), unless rejected; one
+    ended after this check is left to the worker that ended it (_stop_sub_agent_runs_created_meanwhile)."""
+    _stop_through_hiccups(ctx, toolcall, lambda: _stop_if_not_waited_for_once(ctx, toolcall, child_name))
+
+
 def _stop_if_not_waited_for_once(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
     current = get_or_none(ctx, TaskRunToolCall, toolcall.namespace, toolcall.name)
     if current is None or current.uid != toolcall.uid:
         return  # deleted: garbage collection removes the run it owns
-    if not current.is_terminal() and current.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT):
+    # A call not started that carries a rejection will never wait for the run (rejected_by_annotation):
+    # stopped now, not left to whoever records the rejection, who may have looked for it too early.
+    decision = approvals.machine.annotation_decision(current)
+    rejected = current.phase in NOT_STARTED_PHASES and decision is not None and not decision.approved
+    if (
+        not rejected
+        and not current.is_terminal()
+        and current.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT)
+    ):
         return
     child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
     if child is not None and child.metadata.owned_by(toolcall.uid):
@@ -770,6 +795,7 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
     if approvals.rejected_by_annotation(
         ctx, toolcall, before_write=lambda: _stop_sub_agent_runs(ctx, toolcall, executor)
     ):
+        _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
         return
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(_parent_agent(ctx, parent))
@@ -780,6 +806,8 @@ def _delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, ex
     if problem is not None:
         refusal = plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
         apply_call_transition(ctx, toolcall, refusal, outcome="rejected")  # as a tool not granted is
+        # Another worker, let in by a count before this one, may have created the run meanwhile.
+        _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
         return
     arguments, invalid = parse_arguments(toolcall)
     if invalid is not None:

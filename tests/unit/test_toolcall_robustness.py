@@ -533,6 +533,108 @@ def test_a_delegation_ended_while_its_sub_agent_run_was_created_stops_that_run(h
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
 
 
+class EndedAfterItsCheck(CreateRacedKube):
+    """Worker A's AwaitingSubAgent write conflicts (``race`` changes the call as A's create of its
+    sub-agent run lands), and ``ended`` runs right after A's check of the call (its first read of the call
+    after that create): the call ends after that check. While ``stale`` (set by ``ended``), TaskRuns are
+    read without A's run, as reads answered before its create landed, until the next write on the call."""
+
+    call = ""
+    ended: Callable[[], None] | None = None
+    stale = False
+    created = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        child = child_run_name(self.call, "helper")
+        if method in ("PATCH", "PUT") and f"/taskruntoolcalls/{self.call}" in path:
+            self.stale = False
+        if self.stale and method == "GET" and path.endswith(f"/taskruns/{child}"):
+            raise error_for(404, {"reason": "NotFound", "message": f'taskruns "{child}" not found'})
+        result = super().request(method, path, **kwargs)
+        if self.stale and method == "GET" and path.endswith("/taskruns"):
+            result["items"] = [item for item in result["items"] if item["metadata"]["name"] != child]
+        if method == "POST" and ((kwargs.get("body") or {}).get("metadata") or {}).get("name") == child:
+            self.created = True
+        elif (
+            self.created
+            and self.ended
+            and method == "GET"
+            and path.endswith(f"/taskruntoolcalls/{self.call}")
+        ):
+            ended, self.ended = self.ended, None
+            ended()
+        return result
+
+
+def test_a_delegation_rejected_after_its_creators_check_stops_that_run() -> None:
+    """The rejection (an annotation) alone makes A's AwaitingSubAgent write conflict. A re-read the call,
+    still Pending, and left the run to the retry; B, whose LIST came before A's create, then wrote the
+    rejection, and A's retry found the call ended: the run worked on, read by no one. A rejected call that
+    has not started never waits for its sub-agent, whoever records the rejection: A stops the run itself."""
+    kube = EndedAfterItsCheck()
+    ctx, name = delegating(kube)
+    kube.call = name
+    annotations = {APPROVAL_ANNOTATION: "rejected", APPROVAL_COMMENT_ANNOTATION: "no"}
+    kube.race = lambda: kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+    rejected = {"phase": "ToolCallRejected", "status": "Error", "error": "rejected"}
+    kube.ended = lambda: kube.patch_status(kube.get(TaskRunToolCall, "default", name), rejected)  # B's write
+    tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    assert kube.ended is None, "B wrote after A's check"
+    assert toolcall_status(kube, name)["phase"] == "ToolCallRejected"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+@pytest.mark.parametrize("how", ["rejected", "run-ended", "not-granted", "refused"])
+def test_a_delegation_ended_after_its_creators_check_is_stopped_by_the_worker_that_ended_it(
+    how: str,
+) -> None:
+    """A's AwaitingSubAgent write lost to a label edit; A's check found the call still Pending and left the
+    run to the retry. B, whose reads came before A's create (its LIST found no run, the limit's count not
+    A's), then ended the call, and A's retry found it ended: the run worked on, read by no one. B looks for
+    the call's runs again once its write landed, after A's check, so after A's create; through an API
+    server hiccup, as nothing looks for them after that."""
+    kube = EndedAfterItsCheck()
+    ctx, name = delegating(kube)
+    sleeps: list[float] = []
+    ctx.sleep = sleeps.append
+    ctx.settings = ctx.settings.model_copy(update={"max_sub_agent_runs": 2})
+    root = kube.get_raw("taskruns", "default", "r")["metadata"]["uid"]
+    started_from(kube, root, ["earlier-1"])  # A is let in: one run of two
+    kube.call = name
+    kube.race = lambda: kube.patch_metadata("taskruntoolcalls", "default", name, {"labels": {"team": "a"}})
+
+    def worker_b() -> None:
+        if how == "rejected":
+            annotations = {APPROVAL_ANNOTATION: "rejected", APPROVAL_COMMENT_ANNOTATION: "no"}
+            kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+        elif how == "run-ended":
+            run_ended(kube)
+        elif how == "not-granted":
+            not_granted(kube)
+        else:
+            started_from(kube, root, ["later-1"])  # B, not seeing A's run, finds the limit reached
+        kube.stale = True
+        kube.delete_hiccups = 1
+        tool_call(ctx, message("TaskRunToolCall", name))
+
+    kube.ended = worker_b
+    tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    assert kube.ended is None, "B ended the call after A's check"
+    status = toolcall_status(kube, name)
+    assert status["phase"] == ("ToolCallRejected" if how == "rejected" else "Failed")
+    why = {
+        "rejected": "no",
+        "run-ended": "already finished",
+        "not-granted": "not available",
+        "refused": "limit",
+    }
+    assert why[how] in (status.get("error") or status.get("result") or ""), status
+    assert sleeps == [0.5]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
 def test_a_delegation_whose_awaiting_write_lost_to_a_label_change_waits_for_its_sub_agent() -> None:
     kube = CreateRacedKube()
     ctx, name = delegating(kube)
