@@ -652,27 +652,36 @@ def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: Tas
         log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
 
 
-# Waits between attempts of _stop_through_hiccups through an unreachable API server (15.5 s in all).
-STOP_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# How long _stop_through_hiccups tries through an unreachable API server, on ctx.clock: the time spent,
+# not only the waits between attempts (0.5 s, then doubling), as an attempt makes up to three requests,
+# each of which may wait out the client's read timeout. No attempt starts past it, so the worker is held
+# for at most this plus one attempt.
+STOP_RETRY_BUDGET_S = 16.0
+STOP_RETRY_FIRST_S = 0.5
 
 
 def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: Callable[[], object]) -> None:
     """Run ``stop``, a last chance to stop ``toolcall``'s sub-agent run (a retry of the task finds the call
     ended and does nothing): an API server unreachable for a moment is waited out here."""
-    for delay in (*STOP_RETRY_DELAYS_S, None):
+    started = ctx.clock()
+    delay = STOP_RETRY_FIRST_S
+    while True:
         try:
             stop()
             return
         except Unavailable as exc:
-            if delay is None:
+            elapsed_s = (ctx.clock() - started).total_seconds()
+            if elapsed_s + delay > STOP_RETRY_BUDGET_S:
                 log.warning(
-                    "could not stop the sub-agent run of tool call %s/%s: %s",
+                    "could not stop the sub-agent run of tool call %s/%s (tried for %.0f s): %s",
                     toolcall.namespace,
                     toolcall.name,
+                    elapsed_s,
                     exc,
                 )
                 raise
             ctx.sleep(delay)
+            delay *= 2
 
 
 def _stop_sub_agent_runs_created_meanwhile(

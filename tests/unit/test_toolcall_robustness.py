@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import workers.tool_call as tool_call_module
-from kubechain.kube.errors import Invalid, KubeAPIError, NotFound, Unavailable, error_for
+from kubechain.kube.errors import Conflict, Invalid, KubeAPIError, NotFound, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import (
@@ -682,6 +682,56 @@ def test_a_sub_agent_run_left_by_a_raced_delegation_is_stopped_through_an_api_se
     assert sleeps == [0.5]
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child)
+
+
+class DownKube(CreateRacedKube):
+    """Once a write conflicted (if ``down_after_conflict``), every request fails: at once (``hangs_s`` 0:
+    connection refused), or after waiting out the client's read timeout (``now`` advanced by ``hangs_s``:
+    an API server that accepts the connection and never answers)."""
+
+    down_after_conflict = False
+    down = False
+    hangs_s = 0.0
+    now = NOW
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.down:
+            self.now += timedelta(seconds=self.hangs_s)
+            raise Unavailable(0, "Unavailable", "read timed out" if self.hangs_s else "connection refused")
+        try:
+            return super().request(method, path, **kwargs)
+        except Conflict:
+            self.down = self.down_after_conflict
+            raise
+
+
+@pytest.mark.parametrize(("hangs_s", "sleeps_then"), [(0.0, [0.5, 1.0, 2.0, 4.0, 8.0]), (30.0, [])])
+def test_a_sub_agent_run_left_by_a_raced_delegation_is_given_up_on_within_a_bounded_time(
+    hangs_s: float, sleeps_then: list[float]
+) -> None:
+    """An attempt makes up to three requests, each of which may wait out the client's 30 s read timeout:
+    counting only the waits between attempts, an API server that never answers held the worker for
+    minutes. The time spent is what is bounded: at most one attempt starts past the budget's end."""
+    kube = DownKube()
+    ctx, name = delegating(kube)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        kube.now += timedelta(seconds=seconds)
+
+    ctx.clock, ctx.sleep = lambda: kube.now, sleep
+
+    def worker_b() -> None:
+        run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+        kube.down_after_conflict, kube.hangs_s = True, hangs_s  # from A's AwaitingSubAgent write on
+
+    kube.race = worker_b
+    with pytest.raises(Unavailable):  # for Celery, and logged: the run could not be stopped
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert sleeps == sleeps_then
+    assert (kube.now - NOW).total_seconds() <= tool_call_module.STOP_RETRY_BUDGET_S + hangs_s
 
 
 def sub_agent_lookups(kube: FakeKubeClient) -> int:
