@@ -32,6 +32,20 @@ def utcnow() -> datetime:
 # Long after a task's retries (20, backing off to 30 s apiece) and the watcher's resyncs would have come
 # back to a claim in doubt: one still remembered then is for an object this process will not see again.
 CLAIM_IN_DOUBT_KEPT_S = 3600.0
+# So many claims in doubt at once: the API server has been unreachable for long. The oldest is dropped
+# past it (a retry in this process then waits for that claim to expire, as one in another process does).
+CLAIMS_IN_DOUBT_MAX = 1000
+# The fields of a claim's status that say whose it is; see claim_only.
+CLAIM_FIELDS = ("phase", "claimedBy", "claimedAt")
+
+
+def claim_only(claim: Transition) -> Transition:
+    """``claim`` as re-applied (stamped afresh) to an object that holds it: its fields that say whose claim
+    it is, and its Events and children, still due (the write's answer was lost, or came too late). The
+    rest of its status landed in the same write as those fields, so it is on the object already (a hand-off
+    wrote the whole context window): written again, it could only undo what changed since."""
+    status = {key: value for key, value in claim.status.items() if key in CLAIM_FIELDS}
+    return Transition(status, list(claim.events), list(claim.children))
 
 
 class ClaimsInDoubt:
@@ -44,8 +58,11 @@ class ClaimsInDoubt:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (kind, namespace, name) -> claimedAt -> (when remembered, the claim's transition)
-        self._claims: dict[tuple[str, str, str], dict[str, tuple[float, Transition]]] = {}
+        # (kind, namespace, name) -> claimedAt -> the claim, as claim_only keeps it
+        self._claims: dict[tuple[str, str, str], dict[str, Transition]] = {}
+        # (object, claimedAt) -> when remembered; the oldest first
+        self._since: dict[tuple[tuple[str, str, str], str], float] = {}
+        self._dropped = False  # the cap was reached once: logged then
 
     @staticmethod
     def _key(obj: Resource[Any, Any]) -> tuple[str, str, str]:
@@ -54,23 +71,37 @@ class ClaimsInDoubt:
     def add(self, obj: Resource[Any, Any], claimed_at: str, transition: Transition) -> None:
         """Remember the claim ``transition`` wrote (stamped ``claimed_at``) on ``obj``. Every one is kept
         until a claim of this process there is confirmed: a re-claim in doubt may not land, its
-        predecessor then still being the one on the object."""
+        predecessor then still being the one on the object. Expired ones, and the oldest past
+        CLAIMS_IN_DOUBT_MAX, are dropped."""
         now = time.monotonic()
+        key = self._key(obj)
         with self._lock:
-            for key, claims in list(self._claims.items()):
-                for at, (since, _) in list(claims.items()):
-                    if now - since > CLAIM_IN_DOUBT_KEPT_S:
-                        del claims[at]
+            self._since.pop((key, claimed_at), None)  # remembered again: the newest
+            self._since[(key, claimed_at)] = now
+            self._claims.setdefault(key, {})[claimed_at] = claim_only(transition)
+            while True:  # from the oldest: the just added one is never dropped
+                (old_key, old_at), since = next(iter(self._since.items()))
+                if now - since <= CLAIM_IN_DOUBT_KEPT_S and len(self._since) <= CLAIMS_IN_DOUBT_MAX:
+                    break
+                if now - since <= CLAIM_IN_DOUBT_KEPT_S and not self._dropped:
+                    self._dropped = True
+                    log.warning(
+                        "more than %d claims in doubt: dropping the oldest (a retry finding one waits for it "
+                        "to expire)",
+                        CLAIMS_IN_DOUBT_MAX,
+                    )
+                del self._since[(old_key, old_at)]
+                claims = self._claims[old_key]
+                del claims[old_at]
                 if not claims:
-                    del self._claims[key]
-            self._claims.setdefault(self._key(obj), {})[claimed_at] = (now, transition)
+                    del self._claims[old_key]
 
     def held(self, obj: Resource[Any, Any], holds: Callable[[str], bool]) -> Transition | None:
-        """The transition (a copy, to stamp anew) of the claim in doubt that ``obj`` holds, if any:
+        """The claim in doubt that ``obj`` holds, if any (a copy, to stamp anew; see claim_only):
         ``holds(claimed_at)`` says whether the object holds this process's claim stamped so."""
         with self._lock:
             claims = dict(self._claims.get(self._key(obj), {}))
-        for claimed_at, (_, transition) in claims.items():
+        for claimed_at, transition in claims.items():
             if holds(claimed_at):
                 log.info(
                     "%s %s/%s holds a claim this worker wrote but could not confirm, so never acted on: "
@@ -84,8 +115,10 @@ class ClaimsInDoubt:
 
     def forget(self, obj: Resource[Any, Any]) -> None:
         """A claim of this process on ``obj`` was confirmed: any it had in doubt there is superseded."""
+        key = self._key(obj)
         with self._lock:
-            self._claims.pop(self._key(obj), None)
+            for claimed_at in self._claims.pop(key, {}):
+                self._since.pop((key, claimed_at), None)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from kubechain.statemachines.transition import (
     precise_timestamp,
 )
 from kubechain.statemachines.validation import plan_validation
-from workers.context import WorkerContext
+from workers.context import WorkerContext, claim_only
 
 log = logging.getLogger(__name__)
 
@@ -339,9 +339,10 @@ def _confirm_claim(
 
 def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, claimed_at: str) -> R:
     """Stamp this process's claim ``transition`` (stamped ``claimed_at``, read back on ``current``, never
-    acted on) afresh, as the in-doubt retry does: the same values, so nothing is counted twice, and its
-    Events, not posted yet, posted now."""
-    fresh = Transition(dict(transition.status), list(transition.events), list(transition.children))
+    acted on) afresh, as the in-doubt retry does: only the stamp is written anew on the status read back,
+    which holds the rest of the claim (claim_only), so nothing is counted twice; and its Events, not
+    posted yet, posted now."""
+    fresh = claim_only(transition)
     fresh.status["claimedAt"] = restamped_at = precise_timestamp(ctx.clock())
     log.info(
         "claim write on %s %s/%s was applied but confirmed too late to act on: stamping it afresh",

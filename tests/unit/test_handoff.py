@@ -208,6 +208,26 @@ def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_pr
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 
+def test_a_hand_off_left_in_doubt_is_remembered_without_its_context_window() -> None:
+    """Its claim wrote the whole context window (up to 1 MiB), and a claim in doubt is kept for up to an
+    hour (for good, if the retry went to another pod). A re-claim, found only on a run that holds the
+    claim and so all it wrote, needs only to stamp it afresh and post its Events."""
+    kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
+    llm = new_run(kube)
+    ctx = context(kube, llm, continues_llm=True)
+    ctx.sleep = lambda _s: None
+    with pytest.raises(Unavailable):
+        prepare(ctx, message("TaskRun", "r"))
+    kube.down = 0
+    held = ctx.claims_in_doubt.held(kube.get(TaskRun, "default", "r"), lambda _claimed_at: True)
+    assert held is not None and sorted(held.status) == ["claimedAt", "claimedBy", "phase"], sorted(
+        held.status
+    )
+    assert [event.reason for event in held.events] == ["ValidationSucceeded", "SendingContextWindowToLLM"]
+    prepare(ctx, message("TaskRun", "r"))  # Celery's retry
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+
+
 def test_without_the_llm_queue_the_turn_is_left_to_the_queue() -> None:
     kube = FakeKubeClient()
     llm = new_run(kube)

@@ -37,9 +37,9 @@ from kubechain.statemachines.toolcall import (
     plan_tool_failure,
     plan_tool_success,
 )
-from kubechain.statemachines.transition import precise_timestamp
+from kubechain.statemachines.transition import Transition, precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
-from workers.context import WorkerContext
+from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
@@ -1560,6 +1560,27 @@ class HeldWrite(FakeKubeClient):
         assert self.held is not None
         method, path, kwargs = self.held
         super().request(method, path, **kwargs)
+
+
+def test_claims_in_doubt_are_kept_up_to_a_thousand_the_oldest_dropped_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each is kept for up to an hour (for good, if the retry went to another pod): an API server
+    unreachable for long must not grow them without bound. One dropped is waited for until it expires,
+    as a claim of another process is."""
+    claims = ClaimsInDoubt()
+    spec = {"toolCallId": "c", "taskRunRef": {"name": "r"}, "toolRef": {"name": "t"}, "arguments": "{}"}
+    calls = [
+        TaskRunToolCall.from_wire({"metadata": {"name": f"tc-{i}", "namespace": "default"}, "spec": spec})
+        for i in range(1002)
+    ]
+    claim = Transition({"phase": "Running", "claimedBy": "w1", "claimedAt": "t"})
+    with caplog.at_level(logging.WARNING):
+        for call in calls:
+            claims.add(call, "t", claim)
+    assert [claims.held(call, lambda _at: True) is not None for call in calls[:3]] == [False, False, True]
+    assert claims.held(calls[-1], lambda _at: True) is not None
+    assert len([r for r in caplog.records if "claims in doubt" in r.getMessage()]) == 1, "logged once"
 
 
 def test_a_claim_that_lands_after_its_worker_stopped_reading_it_back_is_taken_over_by_the_retry(
