@@ -278,10 +278,13 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
     (after its Events, which are named after the version written, so never posted twice); older (the
     write's answer timed out only after the API client's read timeout, 30 s), it is stamped afresh, a
     conditional write, and we go on under the fresh stamp. If the object moved on without it, the write
-    can no longer land: Conflict, for the caller to re-read and re-decide. Still unknown (the reads, or
-    the fresh stamp, went unanswered), the claim is remembered in ctx.claims_in_doubt and the Unavailable
-    raised: Celery's retry (or any later task) in this process finds it on the object, knows it was never
-    acted on, and claims it afresh."""
+    can no longer land: Conflict, for the caller to re-read and re-decide. A Conflict also comes from the
+    fresh stamp when the object moved with the claim still on it (a metadata write, say): the claim is
+    then left in doubt, as below, and the caller's re-decision claims it afresh. Still unknown (the reads
+    went unanswered, or showed the object as it was before the write, which may yet land; or the fresh
+    stamp went unanswered), the claim is remembered in ctx.claims_in_doubt and the Unavailable raised:
+    Celery's retry (or any later task) in this process finds it on the object, knows it was never acted
+    on, and claims it afresh."""
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
@@ -298,7 +301,9 @@ def _confirm_claim(
     unanswered: Unavailable,
 ) -> R:
     """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours to act
-    on; Conflict if the object moved on without it; else the Unavailable, the claim left in doubt."""
+    on; Conflict if the object moved on without it, or if it moved with the claim on it before the claim,
+    too old, was stamped afresh (the claim then left in doubt); else the Unavailable, the claim left in
+    doubt."""
     claimed_at = str(transition.status.get("claimedAt") or "")
     stamped = parse_timestamp(claimed_at) or ctx.clock()
     budget_s = ctx.settings.claim_confirm_budget_s
@@ -326,8 +331,9 @@ def _confirm_claim(
         ctx.sleep(delay)
     ctx.claims_in_doubt.add(obj, claimed_at, transition)
     log.warning(
-        "claim on %s %s/%s could not be read back within %.0f s (%s): left in doubt; a retry of this task "
-        "in this process claims it afresh if it landed (one in another process waits for it to expire)",
+        "claim on %s %s/%s not confirmed within %.0f s (read back unanswered, or as it was before the write; "
+        "last error: %s): left in doubt; a retry of this task in this process claims it afresh if it "
+        "landed (one in another process waits for it to expire)",
         obj.KIND,
         obj.namespace,
         obj.name,
