@@ -73,9 +73,9 @@ class ClaimsInDoubt:
         until a claim of this process there is confirmed: a re-claim in doubt may not land, its
         predecessor then still being the one on the object. Expired ones, and the oldest past
         CLAIMS_IN_DOUBT_MAX, are dropped."""
-        now = time.monotonic()
         key = self._key(obj)
         with self._lock:
+            now = time.monotonic()  # under the lock: the order kept is the order of these times
             self._since.pop((key, claimed_at), None)  # remembered again: the newest
             self._since[(key, claimed_at)] = now
             self._claims.setdefault(key, {})[claimed_at] = claim_only(transition)

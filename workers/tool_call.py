@@ -520,9 +520,9 @@ def _fail_not_run(
     sub-agent it may have started is stopped first."""
     _stop_sub_agent_runs(ctx, toolcall, executor)
     apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
-    _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
-    if counted:
+    if counted:  # before the look below, which may raise: the retry finds the call ended, counts nothing
         _count_not_run(executor, "rejected")
+    _stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
 
 
 def _record(
@@ -655,7 +655,8 @@ def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: Tas
 # How long _stop_through_hiccups tries through an unreachable API server, on ctx.clock: the time spent,
 # not only the waits between attempts (0.5 s, then doubling), as an attempt makes up to three requests,
 # each of which may wait out the client's read timeout. No attempt starts past it, so the worker is held
-# for at most this plus one attempt.
+# for at most this plus one attempt. The waits alone are bounded too (their schedule within the budget),
+# since the wall clock may be stepped back meanwhile.
 STOP_RETRY_BUDGET_S = 16.0
 STOP_RETRY_FIRST_S = 0.5
 
@@ -665,12 +666,13 @@ def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: C
     ended and does nothing): an API server unreachable for a moment is waited out here."""
     started = ctx.clock()
     delay = STOP_RETRY_FIRST_S
+    waited_s = 0.0
     while True:
         try:
             stop()
             return
         except Unavailable as exc:
-            elapsed_s = (ctx.clock() - started).total_seconds()
+            elapsed_s = max((ctx.clock() - started).total_seconds(), waited_s)
             if elapsed_s + delay > STOP_RETRY_BUDGET_S:
                 log.warning(
                     "could not stop the sub-agent run of tool call %s/%s (tried for %.0f s): %s",
@@ -681,6 +683,7 @@ def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: C
                 )
                 raise
             ctx.sleep(delay)
+            waited_s += delay
             delay *= 2
 
 

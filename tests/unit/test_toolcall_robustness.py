@@ -25,6 +25,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.labels import LABEL_ROOT_RUN
+from kubechain.observability.metrics import TOOL_CALLS
 from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
@@ -732,6 +733,70 @@ def test_a_sub_agent_run_left_by_a_raced_delegation_is_given_up_on_within_a_boun
         tool_call(ctx, message("TaskRunToolCall", name))
     assert sleeps == sleeps_then
     assert (kube.now - NOW).total_seconds() <= tool_call_module.STOP_RETRY_BUDGET_S + hangs_s
+
+
+def test_a_wall_clock_stepped_back_does_not_stretch_the_last_chance_stop() -> None:
+    """The budget is measured on the wall clock: stepped back an hour (NTP, say) while the API server is
+    down, the doubling waits alone would have held the worker for about another hour."""
+    kube = DownKube()
+    ctx, name = delegating(kube)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        kube.now -= timedelta(hours=1) if len(sleeps) == 1 else timedelta(0)
+
+    ctx.clock, ctx.sleep = lambda: kube.now, sleep
+
+    def worker_b() -> None:
+        run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+        kube.down_after_conflict = True
+
+    kube.race = worker_b
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert sum(sleeps) <= tool_call_module.STOP_RETRY_BUDGET_S, sleeps
+
+
+class TaskRunListsDownAfterTheCallEnded(FakeKubeClient):
+    """Lists of TaskRuns fail once the call's Failed write landed: the second look for its sub-agent runs."""
+
+    ended = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.ended and method == "GET" and path.endswith("/taskruns"):
+            raise Unavailable(0, "Unavailable", "connection refused")
+        result = super().request(method, path, **kwargs)
+        body = kwargs.get("body")
+        if method in ("PATCH", "PUT") and isinstance(body, dict):
+            self.ended = self.ended or (body.get("status") or {}).get("phase") == "Failed"
+        return result
+
+
+def test_a_refused_call_is_counted_even_when_the_look_for_its_sub_agent_runs_fails_after_it_ended() -> None:
+    """The count came after the second look for sub-agent runs: when that failed, Celery's retry found the
+    call ended and returned, and the call was never counted."""
+    kube = TaskRunListsDownAfterTheCallEnded()
+    ctx, name = delegating(kube)
+    ctx.sleep = lambda _seconds: None
+    not_granted(kube)
+
+    def rejected() -> float:
+        return sum(
+            sample.value
+            for metric in TOOL_CALLS.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total") and sample.labels.get("outcome") == "rejected"
+        )
+
+    before = rejected()
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    kube.ended = False
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry: finds the call ended
+    assert rejected() - before == 1
 
 
 def sub_agent_lookups(kube: FakeKubeClient) -> int:
