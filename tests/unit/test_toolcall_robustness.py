@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import workers.delegation as delegation_module
 import workers.tool_call as tool_call_module
 from kubechain.kube.errors import Conflict, Invalid, KubeAPIError, NotFound, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
@@ -732,7 +733,7 @@ def test_a_sub_agent_run_left_by_a_raced_delegation_is_given_up_on_within_a_boun
     with pytest.raises(Unavailable):  # for Celery, and logged: the run could not be stopped
         tool_call(ctx, message("TaskRunToolCall", name))
     assert sleeps == sleeps_then
-    assert (kube.now - NOW).total_seconds() <= tool_call_module.STOP_RETRY_BUDGET_S + hangs_s
+    assert (kube.now - NOW).total_seconds() <= delegation_module.STOP_RETRY_BUDGET_S + hangs_s
 
 
 def test_a_wall_clock_stepped_back_does_not_stretch_the_last_chance_stop() -> None:
@@ -756,7 +757,7 @@ def test_a_wall_clock_stepped_back_does_not_stretch_the_last_chance_stop() -> No
     kube.race = worker_b
     with pytest.raises(Unavailable):
         tool_call(ctx, message("TaskRunToolCall", name))
-    assert sum(sleeps) <= tool_call_module.STOP_RETRY_BUDGET_S, sleeps
+    assert sum(sleeps) <= delegation_module.STOP_RETRY_BUDGET_S, sleeps
 
 
 class TaskRunListsDownAfterTheCallEnded(FakeKubeClient):

@@ -1,0 +1,378 @@
+"""Delegation to sub-agents: a tool call that delegates starts a child TaskRun and waits for its answer;
+one that ends for a reason of its own stops the sub-agent run it may have started."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from kubechain.kube.errors import Conflict, Forbidden, NotFound, Unavailable
+from kubechain.models import (
+    LABEL_TASKRUNTOOLCALL,
+    ObjectMeta,
+    Task,
+    TaskRun,
+    TaskRunToolCall,
+    ToolCallPhase,
+    label_value,
+)
+from kubechain.models.common import LocalObjectReference
+from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
+from kubechain.models.taskrun import TaskRunSpec
+from kubechain.observability.tracing import toolcall_traceparent
+from kubechain.statemachines.toolcall import (
+    DELEGATED_FROM_ANNOTATION,
+    DELEGATION_CHAIN_ANNOTATION,
+    child_run_name,
+    delegation_problem,
+    parse_arguments,
+    plan_awaiting_sub_agent,
+    plan_invalid_arguments,
+    plan_stranded,
+    plan_sub_agent_not_started,
+    plan_sub_agent_outcome,
+    plan_tool_failure,
+    sub_agent_runs_problem,
+    sub_agent_start_expired,
+)
+from kubechain.statemachines.transition import foreign_child_message, parse_timestamp
+from workers import approvals
+from workers.context import WorkerContext
+from workers.tool_outcomes import apply_call_transition, call_ended
+from workers.transitions import apply_transition, create_children
+from workers.validators import get_or_none
+
+if TYPE_CHECKING:
+    from workers.tool_call import Executor
+
+log = logging.getLogger(__name__)
+
+
+def _fail_as_foreign(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str, now: datetime) -> None:
+    foreign = foreign_child_message(TaskRun.KIND, child_name, toolcall.KIND)
+    apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, foreign, now, reason="SubAgentFailed"))
+
+
+def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str, own_child: str) -> int:
+    """Sub-agent runs started from the user's run ``root``, at every depth (counted up to the limit:
+    nothing needs more). 0 when an earlier attempt of this call created its child: it was let in then."""
+    limit = ctx.settings.max_sub_agent_runs
+    started = ctx.kube.count_raw(TaskRun.PLURAL, toolcall.namespace, f"{LABEL_ROOT_RUN}={root}", limit)
+    if started < limit:
+        return started
+    own = get_or_none(ctx, TaskRun, toolcall.namespace, own_child)
+    if own is not None and own.metadata.owned_by(toolcall.uid):
+        return 0
+    return started
+
+
+def parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
+    if run.spec.agent_ref is not None:
+        return run.spec.agent_ref.name
+    if run.spec.task_ref is not None:
+        task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
+        if task is not None:
+            return task.spec.agent_ref.name
+    return ""
+
+
+def fail_if_stranded(
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    problem: str | None,
+    now: datetime,
+    *,
+    approved_too: bool = False,
+) -> bool:
+    """Fail a call waiting in a phase nothing moves it out of any more (plan_stranded); True if it did."""
+    stranded = plan_stranded(toolcall, problem, now, approved_too=approved_too)
+    if stranded is None:
+        return False
+    log.warning(
+        "tool call %s/%s stranded in phase %s: %s",
+        toolcall.namespace,
+        toolcall.name,
+        toolcall.phase,
+        stranded.status["error"],
+    )
+    stop_sub_agent_runs(ctx, toolcall)
+    apply_call_transition(ctx, toolcall, stranded)
+    return True
+
+
+def _sub_agent_runs(ctx: WorkerContext, toolcall: TaskRunToolCall) -> list[TaskRun]:
+    """The sub-agent runs this call started: found by its label, and owned by it (anyone may set a label)."""
+    selector = f"{LABEL_TASKRUNTOOLCALL}={label_value(toolcall.name)}"
+    runs = ctx.kube.list(TaskRun, toolcall.namespace, selector)
+    return sorted((run for run in runs if run.metadata.owned_by(toolcall.uid)), key=lambda run: run.name)
+
+
+NOT_STARTED_PHASES = ("", ToolCallPhase.PENDING)
+
+
+def _may_have_started_a_sub_agent(toolcall: TaskRunToolCall, executor: Executor | None) -> bool:
+    """Whether the call may own a sub-agent run, judged without a request. One waiting for it does; so may
+    one still ""/Pending that delegates, or whose Tool is gone (it may have delegated): delegate creates
+    the child first, and its AwaitingSubAgent write may never have landed (the worker killed in between,
+    the write refused). Any other call never started one, and is not made to pay a LIST for it."""
+    if toolcall.phase == ToolCallPhase.AWAITING_SUB_AGENT:
+        return True
+    if toolcall.phase not in NOT_STARTED_PHASES or executor is None:
+        return False
+    return executor.delegate_to is not None or (executor.target.kind == "tool" and executor.tool is None)
+
+
+def stop_sub_agent_runs(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None = None
+) -> list[str]:
+    """A call that may have delegated is about to end for a reason of its own (its run ended, its Tool
+    changed, it was rejected): its sub-agent's run, which nothing will read any more, is deleted rather
+    than left spending tokens (the call, and so its child, is kept for good, so garbage collection never
+    removes it). ``executor``: the call's target, for a call still ""/Pending (see
+    _may_have_started_a_sub_agent). Returns the names of the sub-agent runs the call started (finished
+    ones are kept, their answers readable).
+
+    Called before the call's terminal write: a delete that fails for a moment (Unavailable) raises with the
+    call still waiting, so the retry, or the resync, decides again and deletes again. After that write,
+    nothing would ever look at the call again (but stop_sub_agent_runs_created_meanwhile, once). Each step
+    is idempotent (a deleted run is NotFound)."""
+    if not _may_have_started_a_sub_agent(toolcall, executor):
+        return []
+    children = _sub_agent_runs(ctx, toolcall)
+    for child in children:
+        _delete_unfinished(ctx, toolcall, child)
+    return [child.name for child in children]
+
+
+def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: TaskRun) -> None:
+    """Delete ``toolcall``'s sub-agent run ``child``, which nothing will read; a finished one is kept, its
+    answer readable."""
+    if child.is_terminal():
+        return
+    try:
+        ctx.kube.delete(TaskRun.PLURAL, child.namespace, child.name)
+        log.info(
+            "deleted sub-agent run %s/%s: its tool call %s (phase %s) ends without waiting for it",
+            child.namespace,
+            child.name,
+            toolcall.name,
+            toolcall.phase or "Pending",
+        )
+    except NotFound:
+        pass
+    except Forbidden as exc:  # RBAC without delete on taskruns: it runs on, unread
+        log.warning("could not delete sub-agent run %s/%s: %s", child.namespace, child.name, exc)
+
+
+# How long _stop_through_hiccups tries through an unreachable API server, on ctx.clock: the time spent,
+# not only the waits between attempts (0.5 s, then doubling), as an attempt makes up to three requests,
+# each of which may wait out the client's read timeout. No attempt starts past it, so the worker is held
+# for at most this plus one attempt. The waits alone are bounded too (their schedule within the budget),
+# since the wall clock may be stepped back meanwhile.
+STOP_RETRY_BUDGET_S = 16.0
+STOP_RETRY_FIRST_S = 0.5
+
+
+def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: Callable[[], object]) -> None:
+    """Run ``stop``, a last chance to stop ``toolcall``'s sub-agent run (a retry of the task finds the call
+    ended and does nothing): an API server unreachable for a moment is waited out here."""
+    started = ctx.clock()
+    delay = STOP_RETRY_FIRST_S
+    waited_s = 0.0
+    while True:
+        try:
+            stop()
+            return
+        except Unavailable as exc:
+            elapsed_s = max((ctx.clock() - started).total_seconds(), waited_s)
+            if elapsed_s + delay > STOP_RETRY_BUDGET_S:
+                log.warning(
+                    "could not stop the sub-agent run of tool call %s/%s (tried for %.0f s): %s",
+                    toolcall.namespace,
+                    toolcall.name,
+                    elapsed_s,
+                    exc,
+                )
+                raise
+            ctx.sleep(delay)
+            waited_s += delay
+            delay *= 2
+
+
+def stop_sub_agent_runs_created_meanwhile(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None
+) -> None:
+    """After the write that ended ``toolcall`` (as read: ""/Pending, maybe delegating): another worker may
+    have been creating its sub-agent run, after the LIST before that write. Its AwaitingSubAgent write then
+    conflicts, and its check of the call (_stop_if_not_waited_for) may have come before this write landed,
+    and left the run; its create landed before that check, so this LIST finds it. Only a call that may
+    delegate pays the LIST (_may_have_started_a_sub_agent)."""
+    if toolcall.phase in NOT_STARTED_PHASES and _may_have_started_a_sub_agent(toolcall, executor):
+        _stop_through_hiccups(ctx, toolcall, lambda: stop_sub_agent_runs(ctx, toolcall, executor))
+
+
+def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
+    """The call's AwaitingSubAgent write conflicted after its sub-agent run ``child_name`` was created: the
+    call may have ended meanwhile (rejected, its run ended), recorded after a LIST too early to find that
+    run, which would then run on unread for good. A call still not started, or waiting for a sub-agent,
+    is left to the retry (it waits for the run, or stops it before it ends the call), unless rejected; one
+    ended after this check is left to the worker that ended it (stop_sub_agent_runs_created_meanwhile)."""
+    _stop_through_hiccups(ctx, toolcall, lambda: _stop_if_not_waited_for_once(ctx, toolcall, child_name))
+
+
+def _stop_if_not_waited_for_once(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
+    current = get_or_none(ctx, TaskRunToolCall, toolcall.namespace, toolcall.name)
+    if current is None or current.uid != toolcall.uid:
+        return  # deleted: garbage collection removes the run it owns
+    # A call not started that carries a rejection will never wait for the run (rejected_by_annotation):
+    # stopped now, not left to whoever records the rejection, who may have looked for it too early.
+    decision = approvals.machine.annotation_decision(current)
+    rejected = current.phase in NOT_STARTED_PHASES and decision is not None and not decision.approved
+    if (
+        not rejected
+        and not current.is_terminal()
+        and current.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT)
+    ):
+        return
+    child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
+    if child is not None and child.metadata.owned_by(toolcall.uid):
+        _delete_unfinished(ctx, current, child)
+
+
+def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
+    """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
+    agent = executor.delegate_to
+    assert agent is not None
+    now = ctx.clock()
+    child_name = child_run_name(toolcall.name, agent)
+    if toolcall.phase == "AwaitingSubAgent":
+        child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
+        if child is None:
+            # Looked up by owner, not by the name computed now: the Tool may delegate to another agent
+            # since, and the run this call waited for must be named, and stopped.
+            waited = _sub_agent_runs(ctx, toolcall)
+            if waited:
+                was = ", ".join(f'"{c.spec.agent_ref.name if c.spec.agent_ref else ""}"' for c in waited)
+                runs = ", ".join(c.name for c in waited)
+                retargeted = (
+                    f'tool "{toolcall.spec.tool_ref.name}" now delegates to agent "{agent}", not to {was} '
+                    f"(TaskRun {runs}, which this call waited for)"
+                )
+                fail_if_stranded(ctx, toolcall, retargeted, now)
+                return
+            gone = (
+                f"no sub-agent TaskRun this call started is left (TaskRun {child_name} not found): it was "
+                "deleted; run the task again"
+            )
+            apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
+            return
+        if not child.metadata.owned_by(toolcall.uid):
+            # A run of that name made by someone else: its answer would be taken as the sub-agent's.
+            _fail_as_foreign(ctx, toolcall, child_name, now)
+            return
+        timeout_s = ctx.settings.sub_agent_start_timeout_s
+        created = parse_timestamp(child.metadata.creation_timestamp)
+        if sub_agent_start_expired(child.phase, created, now, timeout_s):
+            # Only the run in the state just read: one that started meanwhile is left to finish.
+            deleted = True
+            try:
+                ctx.kube.delete(
+                    TaskRun.PLURAL, child.namespace, child.name, resource_version=child.resource_version
+                )
+            except Conflict:
+                return  # it moved: the next message re-decides on its new state
+            except NotFound:
+                pass
+            except Forbidden as exc:  # RBAC without delete on taskruns: still free the parent
+                log.warning("could not delete sub-agent run %s: %s", child.name, exc)
+                deleted = False
+            waiting_for = child.status.status_detail or ""
+            failed = plan_sub_agent_not_started(
+                toolcall, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
+            )
+            apply_call_transition(ctx, toolcall, failed, sub_agent=child)
+            return
+        outcome = plan_sub_agent_outcome(
+            toolcall,
+            child.phase,
+            child.status.output or "",
+            child.status.error or "",
+            now,
+            max_bytes=ctx.limits.max_tool_result_bytes,
+        )
+        if outcome is not None:
+            apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
+        return
+    if toolcall.phase not in NOT_STARTED_PHASES:
+        # E.g. waiting for an approval (or approved) when its Tool was changed to delegate: nothing moves
+        # it on any more.
+        fail_if_stranded(
+            ctx,
+            toolcall,
+            f'tool "{toolcall.spec.tool_ref.name}" now delegates to an agent',
+            now,
+            approved_too=True,
+        )
+        return
+    # `kubechain reject` accepts a Pending call: the sub-agent is not started against that decision, and
+    # one an earlier attempt started (its AwaitingSubAgent write lost) is stopped before it is recorded.
+    if approvals.rejected_by_annotation(
+        ctx, toolcall, before_write=lambda: stop_sub_agent_runs(ctx, toolcall, executor)
+    ):
+        stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
+        return
+    chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
+    chain.append(parent_agent(ctx, parent))
+    root = parent.root_run_uid
+    problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth) or sub_agent_runs_problem(
+        _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
+    )
+    if problem is not None:
+        refusal = plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
+        apply_call_transition(ctx, toolcall, refusal, outcome="rejected")  # as a tool not granted is
+        # Another worker, let in by a count before this one, may have created the run meanwhile.
+        stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)
+        return
+    arguments, invalid = parse_arguments(toolcall)
+    if invalid is not None:
+        apply_call_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
+        return
+    message = arguments.get("message")
+    if not isinstance(message, str) or not message.strip():
+        message = json.dumps(arguments)
+    child = TaskRun(
+        metadata=ObjectMeta(
+            name=child_name,
+            namespace=toolcall.namespace,
+            labels={
+                LABEL_TASKRUNTOOLCALL: label_value(toolcall.name),
+                LABEL_DEPTH: str(len(chain)),
+                LABEL_ROOT_RUN: root,
+            },
+            annotations={
+                DELEGATION_CHAIN_ANNOTATION: ",".join(chain),
+                # its root span links to this call's span, in the parent's trace (the run's own trace
+                # stays its own: one per TaskRun)
+                DELEGATED_FROM_ANNOTATION: toolcall_traceparent(parent.uid, toolcall.uid),
+            },
+            owner_references=[toolcall.owner_reference()],
+        ),
+        spec=TaskRunSpec(
+            agent_ref=LocalObjectReference(name=agent),
+            user_message=message,
+            task_run_tool_call_ref=LocalObjectReference(name=toolcall.name),  # the original's field for it
+        ),
+    )
+    # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
+    refused = create_children(ctx, toolcall, [child])
+    if refused is not None:
+        call_ended(toolcall, refused)
+        return  # the API server refused the child for good (or one not ours has its name): call failed
+    try:
+        apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
+    except Conflict:
+        _stop_if_not_waited_for(ctx, toolcall, child_name)
+        raise  # the retry re-reads the call and decides again
