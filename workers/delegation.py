@@ -42,7 +42,7 @@ from kubechain.statemachines.transition import foreign_child_message, parse_time
 from workers import approvals
 from workers.context import WorkerContext
 from workers.tool_outcomes import apply_call_transition, call_ended
-from workers.transitions import apply_transition, create_children
+from workers.transitions import apply_transition, backoff_delays, create_children
 from workers.validators import get_or_none
 
 if TYPE_CHECKING:
@@ -168,27 +168,26 @@ def _delete_unfinished(ctx: WorkerContext, toolcall: TaskRunToolCall, child: Tas
 
 
 # How long _stop_through_hiccups tries through an unreachable API server, on ctx.clock: the time spent,
-# not only the waits between attempts (0.5 s, then doubling), as an attempt makes up to three requests,
+# not only the waits between attempts (backoff_delays: 0.5 s, then doubling), as an attempt makes up to three requests,
 # each of which may wait out the client's read timeout. No attempt starts past it, so the worker is held
 # for at most this plus one attempt. The waits alone are bounded too (their schedule within the budget),
 # since the wall clock may be stepped back meanwhile.
 STOP_RETRY_BUDGET_S = 16.0
-STOP_RETRY_FIRST_S = 0.5
 
 
 def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: Callable[[], object]) -> None:
     """Run ``stop``, a last chance to stop ``toolcall``'s sub-agent run (a retry of the task finds the call
     ended and does nothing): an API server unreachable for a moment is waited out here."""
     started = ctx.clock()
-    delay = STOP_RETRY_FIRST_S
-    waited_s = 0.0
+    delays = backoff_delays(STOP_RETRY_BUDGET_S)  # their sum bounds the waits even if the clock steps back
     while True:
         try:
             stop()
             return
         except Unavailable as exc:
-            elapsed_s = max((ctx.clock() - started).total_seconds(), waited_s)
-            if elapsed_s + delay > STOP_RETRY_BUDGET_S:
+            elapsed_s = (ctx.clock() - started).total_seconds()
+            delay = next(delays, None)
+            if delay is None or elapsed_s + delay >= STOP_RETRY_BUDGET_S:
                 log.warning(
                     "could not stop the sub-agent run of tool call %s/%s (tried for %.0f s): %s",
                     toolcall.namespace,
@@ -198,8 +197,6 @@ def _stop_through_hiccups(ctx: WorkerContext, toolcall: TaskRunToolCall, stop: C
                 )
                 raise
             ctx.sleep(delay)
-            waited_s += delay
-            delay *= 2
 
 
 def stop_sub_agent_runs_created_meanwhile(

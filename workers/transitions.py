@@ -307,7 +307,7 @@ def _confirm_claim(
     claimed_at = str(transition.status.get("claimedAt") or "")
     stamped = parse_timestamp(claimed_at) or ctx.clock()
     budget_s = ctx.settings.claim_confirm_budget_s
-    delays = _backoff(budget_s)
+    delays = backoff_delays(budget_s)
     while True:
         try:
             current = ctx.kube.get(type(obj), obj.namespace, obj.name)
@@ -387,7 +387,7 @@ RECORD_RETRY_FIRST_S = 0.5
 RECORD_RETRY_MAX_S = 15.0
 
 
-def _backoff(budget_s: float) -> Iterator[float]:
+def backoff_delays(budget_s: float) -> Iterator[float]:
     """Exponential delays (0.5 s, 1 s, 2 s ... at most 15 s) adding up to ``budget_s``."""
     delay, left = RECORD_RETRY_FIRST_S, budget_s
     while left > 0:
@@ -426,7 +426,7 @@ def record_while_claimed(
     unanswered: list[Transition] = []
     claim_left_s = claim_remaining_s(claimed.status.claimed_at, ctx.clock(), ctx.limits.claim_timeout_s)
     retry_budget_s = max(retry_budget_s, claim_left_s)
-    delays = _backoff(retry_budget_s)
+    delays = backoff_delays(retry_budget_s)
     conflicts = 0
     while True:
         try:
