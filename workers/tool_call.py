@@ -20,7 +20,7 @@ from kubechain.models import (
     ToolCallPhase,
 )
 from kubechain.observability.logs import bind_to_context
-from kubechain.observability.metrics import TOOL_CALLS, count_tool_call, tool_label
+from kubechain.observability.metrics import count_tool_call
 from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.taskrun import asked_for
@@ -269,7 +269,7 @@ def _count_not_run(executor: Executor, outcome: str) -> None:
     """Count a call failed before it ran: a tool that does not exist (an LLM may invent any name) is
     labelled "unknown", so the label's values stay bounded by the tools that exist."""
     known = executor.tool is not None or executor.server is not None
-    TOOL_CALLS.labels(tool_label(executor.toolcall.spec.tool_ref.name) if known else "unknown", outcome).inc()
+    count_tool_call(executor.toolcall.spec.tool_ref.name if known else "unknown", outcome, None)
 
 
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
