@@ -28,6 +28,7 @@ from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
 from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost
 from tests.unit.test_workers_on_fake import validated
+from workers.context import WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
@@ -194,7 +195,9 @@ def test_an_llm_claim_confirmed_too_late_to_act_on_is_stamped_afresh_and_called_
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
 
 
-def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_prepare() -> None:
+def hand_off_left_in_doubt() -> tuple[ClaimAnswerLost, FakeLLM, WorkerContext]:
+    """A hand-off whose claim write landed but whose answer, and every read-back, was lost: its prepare
+    raised for Celery to retry, with the API server back."""
     kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
     llm = new_run(kube)
     ctx = context(kube, llm, continues_llm=True)
@@ -202,6 +205,11 @@ def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_pr
     with pytest.raises(Unavailable):
         prepare(ctx, message("TaskRun", "r"))
     kube.down = 0
+    return kube, llm, ctx
+
+
+def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_prepare() -> None:
+    kube, llm, ctx = hand_off_left_in_doubt()
     assert run_status(kube)["phase"] == "SendContextWindowToLLM" and llm.requests == []
     prepare(ctx, message("TaskRun", "r"))  # Celery's retry
     assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
@@ -212,13 +220,7 @@ def test_a_hand_off_left_in_doubt_is_remembered_without_its_context_window() -> 
     """Its claim wrote the whole context window (up to 1 MiB), and a claim in doubt is kept for up to an
     hour (for good, if the retry went to another pod). A re-claim, found only on a run that holds the
     claim and so all it wrote, needs only to stamp it afresh and post its Events."""
-    kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
-    llm = new_run(kube)
-    ctx = context(kube, llm, continues_llm=True)
-    ctx.sleep = lambda _s: None
-    with pytest.raises(Unavailable):
-        prepare(ctx, message("TaskRun", "r"))
-    kube.down = 0
+    kube, llm, ctx = hand_off_left_in_doubt()
     held = ctx.claims_in_doubt.held(kube.get(TaskRun, "default", "r"), lambda _claimed_at: True)
     assert held is not None and sorted(held.status) == ["claimedAt", "claimedBy", "phase"], sorted(
         held.status
