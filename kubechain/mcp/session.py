@@ -38,8 +38,9 @@ from mcp.shared.message import SessionMessage
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TIMEOUT
 
 from kubechain.mcp.common import MCPError, MCPToolResult
-from kubechain.mcp.spec import ResolvedSpec, redact_url
+from kubechain.mcp.spec import ResolvedSpec
 from kubechain.observability.logs import detached_context
+from kubechain.redaction import redact_url
 
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")

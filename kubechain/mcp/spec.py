@@ -7,12 +7,12 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kubechain.mcp.common import MCPError
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
-from kubechain.redaction import redact
+from kubechain.redaction import redact, redact_url
 
 # resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
 SecretResolver = Callable[[str, str, str], str]
@@ -51,21 +51,6 @@ class ResolvedSpec:
         if self.transport == "stdio":
             return f"stdio command {self.command!r}"
         return f"{self.transport} {redact_url(self.url or '')}"
-
-
-def redact_url(url: str) -> str:
-    """The URL without userinfo (``https://user:token@host`` → ``https://host``) and without the values of
-    its query (``?api_key=abc`` → ``?api_key=***``: hosted MCP servers often take their key there)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    netloc = parts.netloc.rpartition("@")[2]
-    query = "&".join(
-        f"{name}=***" if sep else name
-        for name, sep, _ in (p.partition("=") for p in parts.query.split("&") if p)
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _var_problem(var: EnvVar, what: str) -> str | None:

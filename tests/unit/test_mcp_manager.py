@@ -1220,24 +1220,6 @@ def test_short_secret_values_are_not_cut_out_of_ordinary_text() -> None:
     assert spec.scrub("token s3cret-value rejected") == "token *** rejected"
 
 
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("https://mcp.example.com/mcp", "https://mcp.example.com/mcp"),
-        ("https://user:tok3n@mcp.example.com/mcp", "https://mcp.example.com/mcp"),
-        (
-            "https://server.example.ai/x/mcp?api_key=s3cret&profile=p1",
-            "https://server.example.ai/x/mcp?api_key=***&profile=***",
-        ),
-        ("http://127.0.0.1:8000/mcp?debug", "http://127.0.0.1:8000/mcp?debug"),
-    ],
-)
-def test_a_servers_url_is_shown_without_credentials_or_query_values(url: str, shown: str) -> None:
-    from kubechain.mcp.spec import redact_url
-
-    assert redact_url(url) == shown
-
-
 @pytest.mark.parametrize(("rounds", "may_have_run"), [(1, False), (2, True)])
 def test_a_session_lost_after_a_still_working_answer_may_have_run_the_call(
     rounds: int, may_have_run: bool
