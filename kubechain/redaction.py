@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 # Values shorter than this are left: replacing a "1" or a "true" everywhere would garble the text.
@@ -10,13 +11,43 @@ MIN_SCRUBBED_CHARS = 6
 REDACTED = "***"
 
 
+def secret_forms(secrets: Iterable[str]) -> list[str]:
+    """The ways the secret values may show in text, longest first: as they are and stripped; escaped
+    inside a JSON or Python string literal (an error quoting a body or a dict); and, for a multi-line
+    value (a PEM key, a service-account JSON), each of its lines, since text is often scrubbed a line at
+    a time (a child's stderr). Forms shorter than MIN_SCRUBBED_CHARS are left out."""
+    forms: set[str] = set()
+    for value in secrets:
+        for whole in (value, value.strip()):
+            forms.update(
+                (
+                    whole,
+                    json.dumps(whole)[1:-1],
+                    json.dumps(whole, ensure_ascii=False)[1:-1],
+                    repr(whole)[1:-1],
+                )
+            )
+        forms.update(line.strip() for line in value.splitlines())
+    return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret value (and its stripped form) replaced by ``***``, longest first."""
-    for value in sorted(secrets, key=len, reverse=True):
-        for form in {value, value.strip()}:
-            if len(form) >= MIN_SCRUBBED_CHARS:
-                text = text.replace(form, REDACTED)
+    """``text`` with every form of every secret value (see ``secret_forms``) replaced by ``***``."""
+    for form in secret_forms(secrets):
+        text = text.replace(form, REDACTED)
     return text
+
+
+def scrub_then_cut(text: str, scrub: Callable[[str], str], limit: int, *, margin: int = 0) -> str:
+    """At most ``limit`` characters of ``scrub(text)``: scrubbed before the cut, which could leave the start
+    of a secret that no later scrubbing recognises.
+
+    ``margin``: ``text`` was read only in part (a body or a line up to a limit), so it may end inside a
+    secret, which ``scrub`` leaves; pass the length of the longest secret form. What could come from its
+    last ``margin`` characters is left out as well. ``scrub`` only shortens text (``***`` for six characters
+    or more), so ``scrubbed[:len(scrubbed) - margin]`` comes from before them, where any secret is whole."""
+    scrubbed = scrub(text)
+    return scrubbed[: max(0, min(limit, len(scrubbed) - margin))]
 
 
 def redact_url(url: str) -> str:

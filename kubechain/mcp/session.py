@@ -40,7 +40,7 @@ from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, REQUES
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec
 from kubechain.observability.logs import detached_context
-from kubechain.redaction import redact_url
+from kubechain.redaction import redact_url, scrub_then_cut
 
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")
@@ -91,6 +91,11 @@ MAX_TOOL_PAGES = 100
 # How long a server whose call timed out has to answer a probe before its session is restarted.
 PROBE_TIMEOUT_S = 5.0
 STDERR_TAIL_LINES = 20
+# A stderr line is scrubbed whole, up to this length; of a longer one, only the start is shown, leaving out
+# what may be the start of a secret cut at the limit (any shorter than the margin: a PEM key is ~3 KiB).
+STDERR_LINE_KEPT = 64 * 1024
+STDERR_SECRET_MARGIN = 16 * 1024
+STDERR_LINE_SHOWN = 4096
 
 
 def child_environment(spec_env: dict[str, str]) -> dict[str, str]:
@@ -395,22 +400,30 @@ class _StderrTail:
         pipe = os.fdopen(read_fd, "rb", buffering=0)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         buffer = b""
+        skipping = False  # through the rest of a line too long to keep
         try:
             while chunk := await reader.read(4096):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self._add(line)
-                if len(buffer) > 4096:
-                    self._add(buffer)
-                    buffer = b""
+                *ends, start = chunk.split(b"\n")
+                for end in ends:
+                    if not skipping:
+                        self._add(buffer + end)
+                    buffer, skipping = b"", False
+                if not skipping:
+                    buffer += start
+                    if len(buffer) > STDERR_LINE_KEPT:
+                        # Its start only, never in pieces: a secret across the cut between two pieces
+                        # would be recognised in neither.
+                        self._add(buffer, cut_short=True)
+                        buffer, skipping = b"", True
             if buffer:
                 self._add(buffer)
         finally:
             transport.close()
 
-    def _add(self, raw: bytes) -> None:
-        line = self._scrub(raw.decode("utf-8", "replace").rstrip())
+    def _add(self, raw: bytes, cut_short: bool = False) -> None:
+        margin = STDERR_SECRET_MARGIN if cut_short else 0
+        text = raw.decode("utf-8", "replace").rstrip()
+        line = scrub_then_cut(text, self._scrub, STDERR_LINE_SHOWN, margin=margin)
         if line.strip():
             self.lines.append(" ".join(line.split())[:400])
             stderr_log.debug("[%s] %s", self.label, line)

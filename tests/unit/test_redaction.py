@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import pytest
 
-from kubechain.redaction import redact_url
+from kubechain.redaction import redact, redact_url, scrub_then_cut
 
 
 @pytest.mark.parametrize(
@@ -21,3 +24,65 @@ from kubechain.redaction import redact_url
 )
 def test_a_servers_url_is_shown_without_credentials_or_query_values(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def pieces(secret: str, text: str, size: int = 8) -> list[str]:
+    """The ``size``-character pieces of ``secret`` that ``text`` holds."""
+    return [secret[i : i + size] for i in range(len(secret) - size + 1) if secret[i : i + size] in text]
+
+
+PEM_KEY = (
+    "-----BEGIN PRIVATE KEY-----\n"
+    "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKj\n"
+    "MzEfYyjiWA4R4/M2bS1GB4t7NXp98C3SC6dVMvDuictGeurT8jNbvJZHtCSuYEvu\n"
+    "-----END PRIVATE KEY-----\n"
+)
+SERVICE_ACCOUNT = json.dumps(
+    {
+        "type": "service_account",
+        "private_key_id": "5f1c0ffee0ddba11c0de5eed",
+        "private_key": PEM_KEY,
+        "client_email": "runner@example-project.iam.gserviceaccount.com",
+    },
+    indent=2,
+)
+
+
+@pytest.mark.parametrize("secret", [PEM_KEY, SERVICE_ACCOUNT], ids=["pem", "service-account"])
+def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(secret: str) -> None:
+    """A child's stderr is scrubbed a line at a time: a PEM key or a JSON service account never shows
+    there whole."""
+    for line in secret.splitlines():
+        said = redact(f"[server] {line}", [secret])
+        assert not pieces(secret, said), said
+
+
+@pytest.mark.parametrize(
+    "secret", ['pa"ss-s3cret-value', "it's\\s3cret-value", "two\nline-s3cret-value"], ids=str.encode
+)
+@pytest.mark.parametrize("quote", [json.dumps, repr])
+def test_a_secret_quoted_escaped_in_a_json_or_python_literal_is_cut_out(
+    secret: str, quote: Callable[[object], str]
+) -> None:
+    """Errors quote structures: a JSON body, a dict's repr, where the value's quotes, backslashes and
+    line breaks come escaped."""
+    said = redact(f"invalid config: {quote({'key': secret})}", [secret])
+    assert not pieces(secret, said) and "***" in said, said
+
+
+def test_scrubbing_comes_before_the_cut() -> None:
+    secret = "s3cret-0123456789abcdef"
+    text = "x" * 90 + secret
+    assert scrub_then_cut(text, lambda t: redact(t, [secret]), 100) == "x" * 90 + "***"
+
+
+def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() -> None:
+    """A body or a line read up to a limit may end inside a secret, which scrubbing cannot recognise:
+    what could come from its last ``margin`` characters is left out, however much scrubbing shortened
+    what came before."""
+    secret = "s3cret-0123456789abcdef"
+    text = "x" * 50 + (secret + " ") * 20
+    for end in range(len(text) + 1):
+        said = scrub_then_cut(text[:end], lambda t: redact(t, [secret]), 60, margin=len(secret))
+        assert not pieces(secret, said), (end, said)
+        assert len(said) == min(60, max(0, len(redact(text[:end], [secret])) - len(secret)))

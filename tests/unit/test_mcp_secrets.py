@@ -1,0 +1,58 @@
+"""An MCPServer's secrets (env and header values from Kubernetes Secrets) never leave the worker: not
+through a stdio child's stderr, its tool list, a header's parts or a note on an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from kubechain.mcp.spec import ResolvedSpec
+from tests.unit.test_redaction import PEM_KEY, pieces
+
+SECRET = "s3cret-0123456789abcdefghij"
+
+
+def stderr_seen(written: str, secret: str, caplog: pytest.LogCaptureFixture) -> str:
+    """What a stdio child's stderr ``written`` leaves behind: the tail kept for errors, the debug log."""
+    from kubechain.mcp.session import _StderrTail
+
+    caplog.set_level(logging.DEBUG, logger="kubechain.mcp.stderr")
+    tail = _StderrTail("default/chatty", ResolvedSpec(transport="stdio", secret_values=(secret,)).scrub)
+
+    async def child_writes() -> None:
+        pipe = tail.open_writer()
+
+        def write() -> None:  # in a thread: a full pipe blocks until the reader on this loop drains it
+            with pipe:
+                pipe.write(written)
+
+        await asyncio.to_thread(write)
+        await tail.drain(30)
+
+    asyncio.run(child_writes())
+    return "\n".join([*tail.lines, *(record.getMessage() for record in caplog.records)])
+
+
+def test_a_multi_line_secret_on_stderr_is_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
+    seen = stderr_seen(f"loaded key:\n{PEM_KEY}ready\n", PEM_KEY, caplog)
+    assert "ready" in seen and not pieces(PEM_KEY, seen), seen
+
+
+@pytest.mark.parametrize(
+    ("filler", "repeats"),
+    [("", 600), ("x" * 200, 600), ("", 5000)],
+    ids=["16-KiB-line", "136-KiB-line", "135-KiB-line-of-secrets"],
+)
+def test_a_secret_in_a_long_stderr_line_is_scrubbed_whole(
+    filler: str, repeats: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line longer than a read was flushed in pieces, each scrubbed alone: a secret across the cut
+    between two pieces was not recognised in either. A line too long to keep whole shows only its start,
+    and nothing of what might be a secret cut where it stopped being kept."""
+    seen = stderr_seen("env: " + f"{filler}{SECRET}," * repeats + "\nnext line\n", SECRET, caplog)
+    assert "next line" in seen
+    assert not pieces(SECRET, seen), pieces(SECRET, seen)
+    # scrubbed to a seventh, the kept 64 KiB of the last are all within the margin left out
+    assert (f"env: {filler}***," in seen) is (repeats < 5000), seen[:200]
