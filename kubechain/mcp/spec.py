@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -31,7 +32,8 @@ class ResolvedSpec:
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     url: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    # the values read from Secrets, to be cut out of any error text that might quote one
+    # the values read from Secrets (and a header's credential alone), to be cut out of any text that might
+    # quote one
     secret_values: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def scrub(self, text: str) -> str:
@@ -104,6 +106,24 @@ def _control_characters(value: str) -> bool:
     return any(ord(char) < 32 and char != "\t" or ord(char) == 127 for char in value)
 
 
+def _credential_parts(header_value: str) -> list[str]:
+    """What an error may quote of an ``Authorization``-style value on its own: the credential without its
+    scheme ("Bearer <token>" → the token) and, for Basic, the decoded "user:password" and the password.
+    (``redact`` leaves any part shorter than MIN_SCRUBBED_CHARS.)"""
+    scheme, _, credential = header_value.strip().partition(" ")
+    credential = credential.strip()
+    if not credential or not scheme.replace("-", "").isalnum():
+        return []
+    parts = [credential]
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credential, validate=True).decode()
+        except ValueError:  # binascii.Error, UnicodeDecodeError
+            return parts  # not base64 of text: not Basic credentials after all
+        parts += [decoded, decoded.partition(":")[2]]
+    return parts
+
+
 def _resolve_vars(
     namespace: str,
     variables: list[EnvVar] | None,
@@ -124,6 +144,7 @@ def _resolve_vars(
             raise MCPError(f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}') from exc
         secrets.append(value)
         if what == "header":
+            secrets.extend(_credential_parts(value))
             # A Secret made with `echo` or from a file ends in a newline, which no HTTP header may hold
             # (the HTTP library's error would quote the whole value).
             value = value.strip()

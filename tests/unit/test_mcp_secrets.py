@@ -56,3 +56,47 @@ def test_a_secret_in_a_long_stderr_line_is_scrubbed_whole(
     assert not pieces(SECRET, seen), pieces(SECRET, seen)
     # scrubbed to a seventh, the kept 64 KiB of the last are all within the margin left out
     assert (f"env: {filler}***," in seen) is (repeats < 5000), seen[:200]
+
+
+def http_server_with_authorization(value: str) -> ResolvedSpec:
+    from kubechain.mcp.spec import resolve_spec
+    from kubechain.models import MCPServer
+
+    server = MCPServer.model_validate(
+        {
+            "metadata": {"name": "hosted", "namespace": "default"},
+            "spec": {
+                "transport": "http",
+                "url": "https://mcp.example.com/mcp",
+                "headers": [
+                    {
+                        "name": "Authorization",
+                        "valueFrom": {"secretKeyRef": {"name": "auth", "key": "header"}},
+                    }
+                ],
+            },
+        }
+    )
+    return resolve_spec(server, lambda namespace, name, key: value)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "token", "ApiKey"])
+def test_the_credential_of_a_header_secret_is_cut_out_without_its_scheme(scheme: str) -> None:
+    """headers[].valueFrom holds the whole value ("Bearer <token>"); an error quotes the token alone."""
+    spec = http_server_with_authorization(f"{scheme} {SECRET}\n")
+    said = spec.scrub(f"401 Unauthorized: token {SECRET!r} is revoked")
+    assert not pieces(SECRET, said) and "token '***' is revoked" in said, said
+
+
+def test_the_parts_of_a_basic_auth_header_secret_are_cut_out() -> None:
+    import base64
+
+    credentials = "svc-reporting:p4ssw0rd-of-svc"
+    encoded = base64.b64encode(credentials.encode()).decode()
+    spec = http_server_with_authorization(f"Basic {encoded}")
+    for quoted in (encoded, credentials, "p4ssw0rd-of-svc"):
+        said = spec.scrub(f"auth failed for {quoted}: locked")
+        assert said == "auth failed for ***: locked", (quoted, said)
+    # a password too short to match safely is left (it would garble ordinary text), as any short value is
+    short = http_server_with_authorization("Basic " + base64.b64encode(b"admin:12345").decode())
+    assert short.scrub("retry 12345 of admin") == "retry 12345 of admin"
