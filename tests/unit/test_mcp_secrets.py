@@ -4,7 +4,11 @@ through a stdio child's stderr, its tool list, a header's parts or a note on an 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +104,91 @@ def test_the_parts_of_a_basic_auth_header_secret_are_cut_out() -> None:
     # a password too short to match safely is left (it would garble ordinary text), as any short value is
     short = http_server_with_authorization("Basic " + base64.b64encode(b"admin:12345").decode())
     assert short.scrub("retry 12345 of admin") == "retry 12345 of admin"
+
+
+DB_URL = "postgres://app:pa55w0rd-9f8e7d@db.internal:5432/orders"
+PIN = "73914628"
+LEAKY_TOOLS_SERVER = textwrap.dedent(
+    """
+    import os
+    from typing import Annotated
+
+    from pydantic import Field
+
+    from mcp.server.mcpserver import MCPServer
+
+    DB_URL = os.environ["DB_URL"]
+    server = MCPServer("leaky-tools")
+
+
+    @server.tool(description=f"Runs SQL against {DB_URL}")
+    def query(sql: Annotated[str, Field(description=f"SQL for {DB_URL}")] = f"select 1 -- {DB_URL}") -> str:
+        return "ok"
+
+
+    @server.tool()
+    def unlock(pin: int = int(os.environ["PIN"])) -> str:
+        return "unlocked"
+
+
+    if __name__ == "__main__":
+        server.run()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_tool_list_that_quotes_the_servers_secrets_is_scrubbed(tmp_path: Path) -> None:
+    """The tools go to the MCPServer's status and into every LLM request: a server that describes itself
+    with a value from its environment must not put it there."""
+    from kubechain.mcp import MCPManager
+    from kubechain.models import MCPServer
+
+    script = tmp_path / "leaky_tools.py"
+    script.write_text(LEAKY_TOOLS_SERVER)
+    secrets = {"db-url": DB_URL, "pin": PIN}
+    server = MCPServer.model_validate(
+        {
+            "metadata": {"name": "leaky-tools", "namespace": "default"},
+            "spec": {
+                "transport": "stdio",
+                "command": sys.executable,
+                "args": [str(script)],
+                "env": [
+                    {"name": name, "valueFrom": {"secretKeyRef": {"name": "db", "key": key}}}
+                    for name, key in (("DB_URL", "db-url"), ("PIN", "pin"))
+                ],
+            },
+        }
+    )
+    manager = MCPManager(lambda namespace, name, key: secrets[key], connect_timeout_s=60)
+    try:
+        tools = {tool.name: tool for tool in manager.list_tools(server)}
+    finally:
+        manager.close()
+    listed = json.dumps([tool.model_dump(by_alias=True) for tool in tools.values()])
+    assert not pieces(DB_URL, listed) and not pieces(PIN, listed), listed
+    assert tools["query"].description == "Runs SQL against ***"
+    schema = tools["query"].input_schema
+    assert schema is not None and schema["properties"]["sql"]["description"] == "SQL for ***"
+    # "default": *** is no JSON: a schema that takes any arguments stands in for it
+    assert tools["unlock"].input_schema == {"type": "object"}
+
+
+def test_a_tool_schema_a_secret_leaves_invalid_is_replaced_by_one_that_takes_any_arguments() -> None:
+    from types import SimpleNamespace
+
+    from kubechain.mcp.manager import _scrubbed_tool
+
+    scrub = ResolvedSpec(transport="stdio", secret_values=(SECRET,)).scrub
+    checked = {"type": "object", "properties": {"token": {"type": "string", "pattern": f"^{SECRET}$"}}}
+    tool = _scrubbed_tool(
+        SimpleNamespace(name=f"use_{SECRET}", description=None, input_schema=checked), scrub
+    )
+    assert tool.name == "use_***" and tool.description is None
+    assert tool.input_schema == {"type": "object"}, "^***$ is no regular expression"
+    plain = {"type": "object", "properties": {"q": {"type": "string"}}}
+    assert (
+        _scrubbed_tool(SimpleNamespace(name="q", description="", input_schema=plain), scrub).input_schema
+        == plain
+    )
