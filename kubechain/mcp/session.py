@@ -171,8 +171,8 @@ class Attempt:
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
         self.failure = ""
-        # the answer does not match the output schema the tool declares (the SDK would raise after the
-        # tool ran, and its answer would be lost)
+        # why the answer does not match the output schema the tool declares (the SDK would raise after the
+        # tool ran, and its answer would be lost), as the validator said it: unscrubbed
         self.schema_problem = ""
 
     @property
@@ -505,8 +505,9 @@ def _keep_answers_that_miss_their_schema(client: Client) -> None:
         except RuntimeError as mismatch:
             attempt = _ATTEMPT.get()
             if attempt is not None:
-                attempt.schema_problem = f"its answer does not match its output schema: {str(mismatch)[:300]}"
-            log.warning("MCP tool %s answered off its declared output schema: %s", name, str(mismatch)[:300])
+                attempt.schema_problem = str(mismatch)  # noted and logged by the call, which can scrub it
+            else:
+                log.warning("MCP tool %s answered off its declared output schema", name)
 
     session.validate_tool_result = noted  # type: ignore[method-assign]
 
@@ -837,7 +838,10 @@ class Session:
                     attempt.abandon = abandoned.cancel
                     result = await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
                     if attempt.schema_problem:
-                        note = f"[note: the tool ran, but {attempt.schema_problem}]"
+                        # the validator's message quotes the offending value, which may be a secret
+                        problem = scrub_then_cut(attempt.schema_problem, self.spec.scrub, 300)
+                        log.warning("MCP tool %s answered off its declared output schema: %s", tool, problem)
+                        note = f"[note: the tool ran, but its answer does not match its output schema: {problem}]"
                         result.content = [*result.content, types.TextContent(type="text", text=note)]
                     return result
             # Abandoned: the POST carrying the call failed (SSE), and this session's POSTs have stopped.

@@ -9,6 +9,7 @@ import logging
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,3 +193,44 @@ def test_a_tool_schema_a_secret_leaves_invalid_is_replaced_by_one_that_takes_any
         _scrubbed_tool(SimpleNamespace(name="q", description="", input_schema=plain), scrub).input_schema
         == plain
     )
+
+
+def test_an_answer_off_its_schema_is_noted_and_logged_without_the_secret_it_quotes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """jsonschema's message quotes the offending value ("'s3cret...' is not of type 'integer'"): it was
+    logged unscrubbed, and the note on the answer was cut before the manager scrubbed it, which left the
+    start of a secret across the cut."""
+    from types import SimpleNamespace
+
+    import anyio
+    from mcp_types import CallToolResult, TextContent
+
+    from kubechain.mcp.session import Session, _keep_answers_that_miss_their_schema, flatten_result
+
+    answer = CallToolResult(content=[TextContent(type="text", text="done")], structured_content={"n": SECRET})
+
+    async def sdk_check(name: str, result: CallToolResult) -> None:  # what the SDK's check does here
+        raise RuntimeError(
+            f"Invalid structured content returned by tool {name}: {'x' * 230} '{SECRET}' is not of type 'integer'"
+        )
+
+    class DriftedServer:
+        session = SimpleNamespace(validate_tool_result=sdk_check)
+
+        async def call_tool(self, name: str, *_: Any, **__: Any) -> CallToolResult:
+            await self.session.validate_tool_result(name, answer)
+            return answer
+
+    client = DriftedServer()
+    _keep_answers_that_miss_their_schema(client)  # type: ignore[arg-type]
+    spec = ResolvedSpec(transport="http", url="http://mcp.test/mcp", secret_values=(SECRET,))
+    session = Session("default/drifted", spec, 1, 5)
+    session.client = client  # type: ignore[assignment]
+    caplog.set_level(logging.DEBUG, logger="kubechain.mcp")
+
+    result = anyio.run(session.call_tool, "count", {})
+    noted = spec.scrub(flatten_result(result).text)  # as the manager hands it on
+    assert "does not match its output schema" in noted and "output schema" in caplog.text
+    assert not pieces(SECRET, noted), noted
+    assert not pieces(SECRET, caplog.text), caplog.text
