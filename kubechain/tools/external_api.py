@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -11,10 +12,10 @@ from typing import Any
 import httpx
 
 from kubechain.http_watchdog import shut_at
-from kubechain.redaction import redact
+from kubechain.redaction import redact, scrub_then_cut, secret_forms
 from kubechain.tools.builtin import ToolError
 
-MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_RESPONSE_BYTES = 1024 * 1024  # read as bytes, kept as characters
 
 _client: httpx.Client | None = None
 _client_lock = threading.Lock()
@@ -60,6 +61,10 @@ def _call(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     verb = (method or "POST").upper()
+    scrub = functools.partial(_without, token)
+    # Read past the size limit by the token's longest form: one the body holds across the limit is then
+    # read whole and cut out (see scrub_then_cut).
+    margin = max(map(len, secret_forms([token])), default=0) if token else 0
     # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
     # call (and its claim) for ever. The body is read in chunks against one deadline.
     deadline = time.monotonic() + timeout_s
@@ -74,12 +79,14 @@ def _call(
             try:
                 chunks: list[bytes] = []
                 size = 0
+                cut_short = False
                 for chunk in response.iter_bytes():
                     if time.monotonic() > deadline:
                         raise timed_out
                     chunks.append(chunk)
                     size += len(chunk)
-                    if size >= MAX_RESPONSE_BYTES:
+                    if size >= MAX_RESPONSE_BYTES + margin:
+                        cut_short = True
                         break
                 encoding = response.encoding or "utf-8"
             finally:
@@ -91,17 +98,20 @@ def _call(
         if time.monotonic() >= deadline:
             raise timed_out from None  # the watchdog shut the connection
         raise ToolError(f"{verb} {url} failed: {type(exc).__name__}") from None
-    body = b"".join(chunks)[:MAX_RESPONSE_BYTES].decode(encoding, "replace")
+    # The token is cut out before any cut, which could leave its start where no later redaction finds it.
+    body = b"".join(chunks).decode(encoding, "replace")
+    unread = margin if cut_short else 0
     if response.status_code >= 400:
-        raise ToolError(f"{verb} {url} returned status {response.status_code}: {body[:500]}")
+        shown = scrub_then_cut(body, scrub, 500, margin=unread)
+        raise ToolError(f"{verb} {url} returned status {response.status_code}: {shown}")
     if response.status_code >= 300:
         # not followed: the bearer token would go along to wherever it points
-        where = response.headers.get("location") or "nowhere"
+        where = scrub_then_cut(response.headers.get("location") or "nowhere", scrub, 300)
         raise ToolError(
-            f"{verb} {url} answered with a redirect ({response.status_code}) to {where[:300]}, which is not "
+            f"{verb} {url} answered with a redirect ({response.status_code}) to {where}, which is not "
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
-    return body
+    return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)
 
 
 def query_parameters(arguments: dict[str, Any]) -> dict[str, str]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 
 from kubechain.tools.builtin import ToolError
@@ -215,3 +217,69 @@ def test_the_bearer_token_an_api_echoes_is_not_kept_in_the_result_or_the_error(s
     finally:
         server.server.shutdown()
     assert "s3cr3t-t0ken" not in said and "you sent: Bearer ***" in said
+
+
+TOKEN = "tok-0123456789abcdefghijklmnop"
+
+
+def pieces(text: str, secret: str = TOKEN) -> list[str]:
+    return [secret[i : i + 8] for i in range(len(secret) - 7) if secret[i : i + 8] in text]
+
+
+def answering(monkeypatch: pytest.MonkeyPatch, respond: Callable[[httpx.Request], httpx.Response]) -> None:
+    """The shared client, answering every request with ``respond``."""
+    import kubechain.tools.external_api as external_api
+
+    monkeypatch.setattr(external_api, "_client", httpx.Client(transport=httpx.MockTransport(respond)))
+
+
+def echoed_token(request: httpx.Request) -> str:
+    return request.headers["Authorization"].removeprefix("Bearer ")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [
+        # an error page echoing the request's headers, the token across the 500-character cut
+        pytest.param(500, {}, lambda token: "x" * 470 + f"you sent: Bearer {token}", id="error-body"),
+        # a redirect to where the token goes along, the token across the 300-character cut
+        pytest.param(
+            302,
+            {"Location": lambda token: "https://elsewhere.example/" + "p" * 260 + f"/{token}/next"},
+            lambda token: "",
+            id="redirect-location",
+        ),
+    ],
+)
+def test_an_error_quoting_the_token_across_its_cut_keeps_no_piece_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    headers: dict[str, Callable[[str], str]],
+    body: Callable[[str], str],
+) -> None:
+    """The error is the tool call's status, its Events and what the LLM reads: cut before the token was
+    cut out, it kept the token's start."""
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        token = echoed_token(request)
+        answer = {name: value(token) for name, value in headers.items()}
+        return httpx.Response(status, headers=answer, text=body(token))
+
+    answering(monkeypatch, respond)
+    with pytest.raises(ToolError) as raised:
+        call_external_api("https://api.example/x", "POST", {}, TOKEN, timeout_s=10.0)
+    assert "***" in str(raised.value) and not pieces(str(raised.value)), str(raised.value)
+
+
+def test_a_body_echoing_the_token_across_the_size_limit_keeps_no_piece_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubechain.tools.external_api as external_api
+
+    monkeypatch.setattr(external_api, "MAX_RESPONSE_BYTES", 100)
+    answering(
+        monkeypatch,
+        lambda request: httpx.Response(200, text="z" * 90 + echoed_token(request) * 3 + "w" * 500),
+    )
+    said = call_external_api("https://api.example/x", "POST", {}, TOKEN, timeout_s=10.0)
+    assert said.startswith("z" * 90 + "***") and not pieces(said), said
