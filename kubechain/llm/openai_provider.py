@@ -64,16 +64,17 @@ def _made_up_id(index: int, name: str, arguments: str) -> str:
     return f"call_{digest}"
 
 
-def _response_from(completion: dict[str, Any]) -> LLMResponse:
+def _response_from(completion: dict[str, Any], api_key: str) -> LLMResponse:
     """An OpenAI chat completion (its JSON) as our response; KeyError/TypeError/ValueError if the shape
-    is wrong."""
+    is wrong. ``api_key`` is cut out of the text an error quotes before it is shortened (a gateway may
+    echo the request's headers), which could leave the key's start where no later redaction finds it."""
     choices = completion.get("choices")
     if not choices:
         # Retried (bounded by the attempts), as the original did: gateways answer 200 with no choices,
         # often with an error object, during an upstream hiccup.
         error = completion.get("error")
         detail = error.get("message") if isinstance(error, dict) else error
-        suffix = f": {str(detail)[:300]}" if detail else ""
+        suffix = f": {redact(str(detail), [api_key])[:300]}" if detail else ""
         raise LLMError(f"LLM returned no completion choices{suffix}", retryable=True)
     message = choices[0]["message"]
     calls = [
@@ -93,7 +94,7 @@ def _response_from(completion: dict[str, Any]) -> LLMResponse:
     refusal = message.get("refusal")
     if not content and not calls and isinstance(refusal, str) and refusal:
         # The model declined (OpenAI's refusal field): say so, rather than "an empty response".
-        raise LLMError(f"LLM refused to answer: {refusal[:500]}", retryable=False)
+        raise LLMError(f"LLM refused to answer: {redact(refusal, [api_key])[:500]}", retryable=False)
     truncated = choices[0].get("finish_reason") == "length"
     return LLMResponse(content=content, tool_calls=calls, usage=usage, truncated=truncated)
 
@@ -159,7 +160,7 @@ class OpenAIClient:
             http_response = self._client.post(
                 "/chat/completions", body=kwargs, cast_to=httpx2.Response, options={}
             )
-            return _response_from(json.loads(http_response.content))
+            return _response_from(json.loads(http_response.content), self._api_key)
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status == 429 or status >= 500 or status == 408
@@ -189,7 +190,9 @@ class OpenAIClient:
             # Garbage from the endpoint (invalid UTF-8, not JSON, wrong shape, a body cut short):
             # retry, bounded by max attempts.
             raise LLMError(
-                f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True
+                f"LLM returned an unreadable response: {type(exc).__name__}: "
+                f"{redact(str(exc), [self._api_key])[:200]}",
+                retryable=True,
             ) from exc
 
     def validate_credentials(self) -> None:

@@ -529,3 +529,35 @@ def test_an_endpoint_that_echoes_the_api_key_does_not_put_it_in_the_error(
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     leaked = [key[i : i + 8] for i in range(len(key) - 7) if any(key[i : i + 8] in t for t in texts)]
     assert "you sent" in texts[0] and not leaked, texts
+
+
+def test_a_200_answer_without_choices_whose_error_echoes_the_api_key_does_not_put_it_in_the_error() -> None:
+    """Gateways answer 200 with no choices and an error object during an upstream hiccup; one that echoes
+    the request's headers there put the key's start in the error: it was cut to 300 characters before
+    the client's wrapper cut the key out."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    key = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
+
+    def echo(request: Any) -> StubAnswer:
+        sent = {name.lower(): value for name, value in request.headers.items()}.get("authorization", "")
+        message = "x" * 250 + f" upstream refused {sent}"  # the key straddles the cut at 300 characters
+        return StubAnswer(200, json.dumps({"error": {"message": message}}).encode())
+
+    with StubHTTPServer(echo) as server:
+        llm = LLM.model_validate(
+            {
+                "metadata": {"name": "echo", "namespace": "default"},
+                "spec": {
+                    "provider": "openai",
+                    "apiKeyFrom": {"secretKeyRef": {"name": "k", "key": "k"}},
+                    "parameters": {"model": "m", "baseUrl": f"{server.url}/v1"},
+                },
+            }
+        )
+        client = LLMClientFactory(5).for_llm(llm, key)
+        with pytest.raises(LLMError) as failed:
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    text = str(failed.value)
+    leaked = [key[i : i + 8] for i in range(len(key) - 7) if key[i : i + 8] in text]
+    assert "no completion choices" in text and failed.value.retryable and not leaked, text
