@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -52,11 +53,14 @@ def scrub_then_cut(text: str, scrub: Callable[[str], str], limit: int, *, margin
 
 def redact_url(url: str) -> str:
     """The URL without userinfo (``https://user:token@host`` → ``https://host``) and without the values of
-    its query (``?api_key=abc`` → ``?api_key=***``: hosted MCP servers often take their key there)."""
+    its query (``?api_key=abc`` → ``?api_key=***``, whatever the names: APIs take keys, tokens and signatures
+    there)."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
+    except ValueError:  # e.g. an unclosed IPv6 bracket: up to the host only, which is what is wrong
+        scheme, slashes, rest = url.partition("//")
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        return scheme + slashes + authority.rpartition("@")[2]
     netloc = parts.netloc.rpartition("@")[2]
     query = "&".join(
         f"{name}=***" if sep else name

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from kubechain.redaction import redact
+from kubechain.redaction import redact, redact_url
 
 DEFAULT_TIMEOUT_S = 10.0
 API_PREFIX = "/humanlayer/v1"
@@ -83,7 +83,7 @@ class HumanLayerClient:
         self.close()
 
     def __repr__(self) -> str:  # never show the key
-        return f"HumanLayerClient({self.base_url!r})"
+        return f"HumanLayerClient({redact_url(self.base_url)!r})"
 
     # -- endpoints -----------------------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ class HumanLayerClient:
     # -- transport -----------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        where = f"{method} {self.base_url}{path}"
+        where = f"{method} {redact_url(self.base_url + path)}"
         try:
             response = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from kubechain.models import LLM, Message, ToolCall
 from kubechain.models.taskrun import TokenUsage
-from kubechain.redaction import redact
+from kubechain.redaction import redact, redact_url
 
 
 class ToolDefinition(BaseModel):
@@ -171,7 +171,9 @@ class LLMClientFactory:
                 try:
                     client = _KeyScrubbing(builder(llm, api_key, self._timeout_s, base_url or None), api_key)
                 except Exception as exc:  # e.g. httpx2.InvalidURL for a baseUrl it cannot parse
-                    raise LLMError(f"invalid LLM endpoint {base_url!r}: {exc}", retryable=False) from exc
+                    raise LLMError(
+                        f"invalid LLM endpoint {redact_url(base_url)!r}: {exc}", retryable=False
+                    ) from exc
                 self._cache[key] = client
                 while len(self._cache) > MAX_CACHED_CLIENTS:
                     self._cache.popitem(last=False)

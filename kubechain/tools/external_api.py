@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from kubechain.http_watchdog import shut_at
-from kubechain.redaction import redact, scrub_then_cut, secret_forms
+from kubechain.redaction import redact, redact_url, scrub_then_cut, secret_forms
 from kubechain.tools.builtin import ToolError
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # read as bytes, kept as characters
@@ -61,6 +61,8 @@ def _call(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     verb = (method or "POST").upper()
+    # how the errors name the request: a URL may carry a password or a key in its query
+    request = f"{verb} {redact_url(url)}"
     scrub = functools.partial(_without, token)
     # Read past the size limit by the token's longest form: one the body holds across the limit is then
     # read whole and cut out (see scrub_then_cut).
@@ -68,7 +70,7 @@ def _call(
     # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
     # call (and its claim) for ever. The body is read in chunks against one deadline.
     deadline = time.monotonic() + timeout_s
-    timed_out = ToolError(f"{verb} {url} timed out after {timeout_s:.0f}s")
+    timed_out = ToolError(f"{request} timed out after {timeout_s:.0f}s")
     options: dict[str, Any] = (
         {"params": query_parameters(arguments)} if verb in ("GET", "DELETE") else {"json": arguments}
     )
@@ -97,18 +99,18 @@ def _call(
     except httpx.HTTPError as exc:
         if time.monotonic() >= deadline:
             raise timed_out from None  # the watchdog shut the connection
-        raise ToolError(f"{verb} {url} failed: {type(exc).__name__}") from None
+        raise ToolError(f"{request} failed: {type(exc).__name__}") from None
     # The token is cut out before any cut, which could leave its start where no later redaction finds it.
     body = b"".join(chunks).decode(encoding, "replace")
     unread = margin if cut_short else 0
     if response.status_code >= 400:
         shown = scrub_then_cut(body, scrub, 500, margin=unread)
-        raise ToolError(f"{verb} {url} returned status {response.status_code}: {shown}")
+        raise ToolError(f"{request} returned status {response.status_code}: {shown}")
     if response.status_code >= 300:
         # not followed: the bearer token would go along to wherever it points
-        where = scrub_then_cut(response.headers.get("location") or "nowhere", scrub, 300)
+        where = scrub_then_cut(redact_url(response.headers.get("location") or "nowhere"), scrub, 300)
         raise ToolError(
-            f"{verb} {url} answered with a redirect ({response.status_code}) to {where}, which is not "
+            f"{request} answered with a redirect ({response.status_code}) to {where}, which is not "
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
     return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)

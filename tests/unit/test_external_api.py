@@ -283,3 +283,34 @@ def test_a_body_echoing_the_token_across_the_size_limit_keeps_no_piece_of_it(
     )
     said = call_external_api("https://api.example/x", "POST", {}, TOKEN, timeout_s=10.0)
     assert said.startswith("z" * 90 + "***") and not pieces(said), said
+
+
+CREDENTIALED_URL = "https://svc:pa55word-0123456789@api.example/x?api_key=qk-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "respond",
+    [
+        pytest.param(lambda request: httpx.Response(500, text="down"), id="error-status"),
+        pytest.param(
+            lambda request: httpx.Response(
+                302, headers={"Location": "https://elsewhere.example/cb?access_token=at-0123456789abcdef"}
+            ),
+            id="redirect",
+        ),
+        pytest.param(lambda request: (_ for _ in ()).throw(httpx.ConnectError("refused")), id="unreachable"),
+        pytest.param(lambda request: (_ for _ in ()).throw(httpx.ReadTimeout("slow")), id="timed-out"),
+    ],
+)
+def test_an_error_shows_the_apis_url_without_its_credentials(
+    monkeypatch: pytest.MonkeyPatch, respond: Callable[[httpx.Request], httpx.Response]
+) -> None:
+    """A Tool's URL may carry a password or a key in its query; the error goes to a status, Events and
+    the LLM."""
+    answering(monkeypatch, respond)
+    with pytest.raises(ToolError) as raised:
+        call_external_api(CREDENTIALED_URL, "POST", {}, None, timeout_s=10.0)
+    said = str(raised.value)
+    assert "https://api.example/x?api_key=***" in said, said
+    for secret in ("pa55word-0123456789", "qk-0123456789abcdef", "at-0123456789abcdef"):
+        assert not pieces(said, secret), said

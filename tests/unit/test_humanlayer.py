@@ -350,3 +350,16 @@ def test_an_error_body_that_echoes_the_api_key_does_not_carry_it_into_the_error(
     text = str(failed.value)
     assert "you sent" in text
     assert not [KEY[i : i + 6] for i in range(len(KEY) - 5) if KEY[i : i + 6] in text], text
+
+
+def test_an_api_url_with_credentials_is_shown_without_them() -> None:
+    """A base URL may carry a proxy's user and password; errors and the client's repr name the URL."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    with StubHTTPServer(lambda _: StubAnswer(404, b'{"detail": "no such call"}')) as server:
+        url = server.url.replace("://", "://proxy-user:pa55word-0123456789@")
+        with HumanLayerClient(url, KEY) as client, pytest.raises(HumanLayerNotFound) as failed:
+            client.get_function_call("c1")
+        shown = repr(client)
+    assert f"GET {server.url}/humanlayer/v1/function_calls/c1" in str(failed.value)
+    assert "pa55word" not in str(failed.value) and "pa55word" not in shown, (str(failed.value), shown)

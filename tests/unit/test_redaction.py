@@ -20,6 +20,10 @@ from kubechain.redaction import redact, redact_url, scrub_then_cut
             "https://server.example.ai/x/mcp?api_key=***&profile=***",
         ),
         ("http://127.0.0.1:8000/mcp?debug", "http://127.0.0.1:8000/mcp?debug"),
+        ("https://api.example/v1?api_key=k3y-123&sig=abc", "https://api.example/v1?api_key=***&sig=***"),
+        # what cannot be parsed is shown up to its host, which is what is wrong
+        ("http://svc:pa55word@[::1/v1?token=t0k3n", "http://[::1"),
+        ("//svc:pa55word@[::1", "//[::1"),
     ],
 )
 def test_a_servers_url_is_shown_without_credentials_or_query_values(url: str, shown: str) -> None:

@@ -956,6 +956,37 @@ def test_a_base_url_the_http_library_cannot_parse_is_an_llm_error_not_a_crash() 
     assert status["status"] == "Error" and "invalid LLM endpoint 'http://[::1'" in status["statusDetail"]
 
 
+@pytest.mark.parametrize(
+    ("base_url", "shown"),
+    [
+        (
+            "https://svc:pa55word-0123456789@llm.example:port/v1?api_key=qk-0123456789abcdef",
+            "invalid LLM endpoint 'https://llm.example:port/v1?api_key=***': Invalid port: 'port'",
+        ),
+        (
+            "http://svc:pa55word-0123456789@[::1/v1?api_key=qk-0123456789abcdef",
+            "invalid LLM endpoint 'http://[::1'",
+        ),
+    ],
+)
+def test_a_base_url_that_cannot_be_used_is_named_without_its_credentials(base_url: str, shown: str) -> None:
+    """The error becomes the LLM's status and a Warning Event."""
+    from kubechain.llm.base import LLMClientFactory
+    from kubechain.models import LLM
+
+    llm = LLM.from_wire(
+        {
+            "metadata": {"name": "l", "namespace": "default"},
+            "spec": {"provider": "openai", "parameters": {"baseUrl": base_url}},
+        }
+    )
+    with pytest.raises(LLMError) as failed:
+        LLMClientFactory(10).for_llm(llm, "sk-1")
+    said = str(failed.value)
+    assert said.startswith(shown), said
+    assert "pa55word" not in said and "qk-0123" not in said, said
+
+
 def test_llm_clients_are_reused_per_endpoint_and_key_and_bounded_in_number() -> None:
     """Every rotated key or new baseUrl used to leave its client, and its connection pool, behind for the
     worker's life."""
