@@ -212,11 +212,12 @@ def stop_sub_agent_runs_created_meanwhile(
 
 
 def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
-    """The call's AwaitingSubAgent write conflicted after its sub-agent run ``child_name`` was created: the
-    call may have ended meanwhile (rejected, its run ended), recorded after a LIST too early to find that
-    run, which would then run on unread for good. A call still not started, or waiting for a sub-agent,
-    is left to the retry (it waits for the run, or stops it before it ends the call), unless rejected; one
-    ended after this check is left to the worker that ended it (stop_sub_agent_runs_created_meanwhile)."""
+    """The call's AwaitingSubAgent write conflicted (or went unanswered) after its sub-agent run
+    ``child_name`` was created: the call may have ended meanwhile (rejected, its run ended), recorded after
+    a LIST too early to find that run, which would then run on unread for good. A call still not started,
+    or waiting for a sub-agent, is left to the retry (it waits for the run, or stops it before it ends the
+    call), unless rejected; one ended after this check is left to the worker that ended it
+    (stop_sub_agent_runs_created_meanwhile)."""
     _stop_through_hiccups(ctx, toolcall, lambda: _stop_if_not_waited_for_once(ctx, toolcall, child_name))
 
 
@@ -370,6 +371,8 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
         return  # the API server refused the child for good (or one not ours has its name): call failed
     try:
         apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
-    except Conflict:
+    except (Conflict, Unavailable):
+        # Unavailable too: the write may have been refused (the call ended meanwhile) with the answer
+        # lost, and the retry would find the call ended and return. Not landed, the call reads Pending.
         _stop_if_not_waited_for(ctx, toolcall, child_name)
         raise  # the retry re-reads the call and decides again

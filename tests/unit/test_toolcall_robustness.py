@@ -399,11 +399,30 @@ def run_ended(kube: FakeKubeClient) -> None:
     )
 
 
-class DelegationWriteFails(FakeKubeClient):
+class CreateRacedKube(FakeKubeClient):
+    """``race`` (another worker's step) runs just before this worker's create of a sub-agent run lands;
+    ``delete_hiccups`` deletes of a TaskRun are answered 503."""
+
+    race: Callable[[], None] | None = None
+    delete_hiccups = 0
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.race is not None and method == "POST" and path.endswith("/taskruns"):
+            race, self.race = self.race, None
+            race()
+        if self.delete_hiccups and method == "DELETE" and "/taskruns/" in path:
+            self.delete_hiccups -= 1
+            raise Unavailable(503, "ServiceUnavailable", "etcd leader changed")
+        return super().request(method, path, **kwargs)
+
+
+class DelegationWriteFails(CreateRacedKube):
     """The AwaitingSubAgent write fails unapplied (connection refused) once: the child run was created,
-    and the call still shows the phase it had (a worker SIGKILLed between the two writes looks the same)."""
+    and the call still shows the phase it had (a worker SIGKILLed between the two writes looks the same).
+    If ``lands``, the write is applied and only its answer lost (a connection reset)."""
 
     failed = False
+    lands = False
 
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body = kwargs.get("body")
@@ -414,6 +433,8 @@ class DelegationWriteFails(FakeKubeClient):
             and (body.get("status") or {}).get("phase") == "AwaitingSubAgent"
         ):
             self.failed = True
+            if self.lands:
+                super().request(method, path, **kwargs)
             raise Unavailable(0, "Unavailable", "connection refused")
         return super().request(method, path, **kwargs)
 
@@ -493,23 +514,6 @@ def test_a_delegation_whose_tool_went_before_its_awaiting_write_landed_stops_its
         kube.get_raw("taskruns", "default", child)
 
 
-class CreateRacedKube(FakeKubeClient):
-    """``race`` (another worker's step) runs just before this worker's create of a sub-agent run lands;
-    ``delete_hiccups`` deletes of a TaskRun are answered 503."""
-
-    race: Callable[[], None] | None = None
-    delete_hiccups = 0
-
-    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        if self.race is not None and method == "POST" and path.endswith("/taskruns"):
-            race, self.race = self.race, None
-            race()
-        if self.delete_hiccups and method == "DELETE" and "/taskruns/" in path:
-            self.delete_hiccups -= 1
-            raise Unavailable(503, "ServiceUnavailable", "etcd leader changed")
-        return super().request(method, path, **kwargs)
-
-
 @pytest.mark.parametrize("how", ["rejected", "run-ended"])
 def test_a_delegation_ended_while_its_sub_agent_run_was_created_stops_that_run(how: str) -> None:
     """Worker A read the Pending call and was creating its sub-agent's run; worker B ended the call (a
@@ -533,6 +537,37 @@ def test_a_delegation_ended_while_its_sub_agent_run_was_created_stops_that_run(h
     assert toolcall_status(kube, name)["phase"] == expected
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+@pytest.mark.parametrize("lands", [False, True], ids=["ended-meanwhile", "landed"])
+def test_a_delegation_whose_awaiting_write_went_unanswered_stops_its_run_only_if_the_call_ended(
+    lands: bool,
+) -> None:
+    """As above, but A's AwaitingSubAgent write went unanswered (a connection reset; or the 409 refusing
+    it lost on the way): Unavailable, not Conflict, so A never checked the call, and Celery's retry found
+    it ended and returned: the run worked on, read by no one. A write that did land waits for the run."""
+    kube = DelegationWriteFails()
+    kube.lands = lands
+    ctx, name = delegating(kube)
+    child = child_run_name(name, "helper")
+
+    def worker_b() -> None:
+        run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+
+    if not lands:
+        kube.race = worker_b
+    with pytest.raises(Unavailable):  # Celery retries the task
+        tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry of A
+    if lands:
+        assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+        assert kube.get_raw("taskruns", "default", child)
+        return
+    assert kube.race is None, "worker B ran"
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
 
 
 class EndedAfterItsCheck(CreateRacedKube):
