@@ -221,23 +221,63 @@ def _stop_if_not_waited_for(ctx: WorkerContext, toolcall: TaskRunToolCall, child
     _stop_through_hiccups(ctx, toolcall, lambda: _stop_if_not_waited_for_once(ctx, toolcall, child_name))
 
 
+def _rejected_before_it_started(toolcall: TaskRunToolCall) -> bool:
+    """A call not started that carries a rejection: it will never wait for a sub-agent run
+    (rejected_by_annotation)."""
+    decision = approvals.machine.annotation_decision(toolcall)
+    return toolcall.phase in NOT_STARTED_PHASES and decision is not None and not decision.approved
+
+
+def _may_wait_for_sub_agent(toolcall: TaskRunToolCall) -> bool:
+    """Whether ``toolcall`` waits for a sub-agent run, or may yet (not started, not rejected)."""
+    return (
+        not _rejected_before_it_started(toolcall)
+        and not toolcall.is_terminal()
+        and toolcall.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT)
+    )
+
+
 def _stop_if_not_waited_for_once(ctx: WorkerContext, toolcall: TaskRunToolCall, child_name: str) -> None:
     current = get_or_none(ctx, TaskRunToolCall, toolcall.namespace, toolcall.name)
     if current is None or current.uid != toolcall.uid:
         return  # deleted: garbage collection removes the run it owns
-    # A call not started that carries a rejection will never wait for the run (rejected_by_annotation):
-    # stopped now, not left to whoever records the rejection, who may have looked for it too early.
-    decision = approvals.machine.annotation_decision(current)
-    rejected = current.phase in NOT_STARTED_PHASES and decision is not None and not decision.approved
-    if (
-        not rejected
-        and not current.is_terminal()
-        and current.phase in (*NOT_STARTED_PHASES, ToolCallPhase.AWAITING_SUB_AGENT)
-    ):
+    # A rejected call is stopped now, not left to whoever records the rejection, who may have looked for
+    # the run too early.
+    if _may_wait_for_sub_agent(current):
         return
     child = get_or_none(ctx, TaskRun, toolcall.namespace, child_name)
     if child is not None and child.metadata.owned_by(toolcall.uid):
         _delete_unfinished(ctx, current, child)
+
+
+def not_waited_for(ctx: WorkerContext, run: TaskRun) -> str | None:
+    """Why the sub-agent run ``run`` will never be read by the tool call that started it (None if the
+    call waits for it, or may yet; and for any run a delegation did not start, without a request).
+
+    Asked before the run's first turn, to close the race no LIST of the call's runs can: the call ended
+    by a worker whose LISTs (before and after its write) both came before the create of this run, whose
+    creator then died, or found the call ended. The read is fresh (not from a cache) and comes after the
+    create: a call it finds still waiting that ends later does so by a write after it, and the LIST that
+    follows that write finds this run."""
+    ref = run.spec.task_run_tool_call_ref
+    owner = next(
+        (
+            o
+            for o in run.metadata.owner_references
+            if ref is not None and o.kind == TaskRunToolCall.KIND and o.name == ref.name
+        ),
+        None,
+    )
+    if owner is None:
+        return None
+    call = get_or_none(ctx, TaskRunToolCall, run.namespace, owner.name)
+    if call is None or call.uid != owner.uid:
+        return f'its tool call "{owner.name}" was deleted'
+    if _may_wait_for_sub_agent(call):
+        return None
+    if _rejected_before_it_started(call):
+        return f'its tool call "{owner.name}" was rejected'
+    return f'its tool call "{owner.name}" ended ({call.phase}) without waiting for it'
 
 
 def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:

@@ -18,9 +18,11 @@ from kubechain.statemachines.taskrun import (
     expected_toolcalls,
     plan_fan_in,
     plan_initial_context,
+    plan_sub_agent_not_waited_for,
     tool_calls_created,
 )
 from kubechain.statemachines.transition import Transition
+from workers import delegation
 from workers.context import WorkerContext
 from workers.llm_call import resume_turn, take_turn_now
 from workers.transitions import (
@@ -64,6 +66,10 @@ def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
 
 
 def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
+    not_waited_for = delegation.not_waited_for(ctx, run)
+    if not_waited_for is not None:
+        apply_transition(ctx, run, plan_sub_agent_not_waited_for(run, not_waited_for, ctx.clock()))
+        return
     task = None
     task_missing = False
     direct = run.spec.agent_ref is not None and bool(run.spec.user_message)

@@ -484,6 +484,13 @@ def plan_children_rejected(run: TaskRun, message: str, now: datetime) -> Transit
     )
 
 
+def plan_sub_agent_not_waited_for(run: TaskRun, why: str, now: datetime) -> Transition:
+    """A sub-agent's run whose tool call will never read it (``why``) fails before its first turn rather
+    than spend tokens for no one."""
+    message = f"{why}: nothing would read this sub-agent run's answer"
+    return _fail(run, message, "SubAgentNotWaitedFor", now)
+
+
 def plan_config_error(run: TaskRun, message: str, reason: str, now: datetime) -> Transition:
     """The run cannot call its LLM (missing LLM, secret, key): a clear terminal error."""
     return _fail(run, message, reason, now)

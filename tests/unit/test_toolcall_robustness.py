@@ -423,6 +423,7 @@ class DelegationWriteFails(CreateRacedKube):
 
     failed = False
     lands = False
+    killed = False  # the worker dies instead (WorkerKilled): nothing after the create runs
 
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body = kwargs.get("body")
@@ -433,10 +434,16 @@ class DelegationWriteFails(CreateRacedKube):
             and (body.get("status") or {}).get("phase") == "AwaitingSubAgent"
         ):
             self.failed = True
+            if self.killed:
+                raise WorkerKilled
             if self.lands:
                 super().request(method, path, **kwargs)
             raise Unavailable(0, "Unavailable", "connection refused")
         return super().request(method, path, **kwargs)
+
+
+class WorkerKilled(BaseException):
+    """The worker process killed (SIGKILL, OOM) at that point: no handler runs."""
 
 
 def started_but_not_recorded(phase: str = "") -> tuple[DelegationWriteFails, WorkerContext, str, str]:
@@ -568,6 +575,93 @@ def test_a_delegation_whose_awaiting_write_went_unanswered_stops_its_run_only_if
     assert toolcall_status(kube, name)["phase"] == "Failed"
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child)
+
+
+def test_a_sub_agent_run_whose_call_ended_before_it_was_waited_for_fails_before_its_first_turn() -> None:
+    """Worker A was killed between its create of the run and its AwaitingSubAgent write; worker B had ended
+    the call meanwhile, its LISTs (before and after its write) both before A's create landed. Nothing looks
+    for that run again: it worked for no one. Before its first turn it reads its call, and finds it ended."""
+    kube = DelegationWriteFails()
+    kube.killed = True
+    ctx, name = delegating(kube)
+    child = child_run_name(name, "helper")
+
+    def worker_b() -> None:
+        run_ended(kube)
+        tool_call(ctx, message("TaskRunToolCall", name))
+
+    kube.race = worker_b
+    with pytest.raises(WorkerKilled):
+        tool_call(ctx, message("TaskRunToolCall", name))  # worker A
+    tool_call(ctx, message("TaskRunToolCall", name))  # redelivered: the call has ended
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    prepare(ctx, message("TaskRun", child))
+    status = run_status(kube, child)
+    assert status["phase"] == "Failed" and "contextWindow" not in status, status
+    assert f'its tool call "{name}" ended (Failed)' in status["error"]
+    assert "nothing would read" in status["error"]
+    assert warnings(kube, child) == ["SubAgentNotWaitedFor"]
+
+
+TOOLCALLS = "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruntoolcalls"
+
+
+def drop_call(kube: FakeKubeClient, name: str) -> None:
+    """The call deleted, its sub-agent run not yet collected by garbage collection (which is not instant)."""
+    del kube.objects[("apis/kubechain.humanlayer.dev/v1alpha1", "taskruntoolcalls", "default", name)]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "rejected"])
+def test_a_sub_agent_run_its_call_will_never_wait_for_fails_before_its_first_turn(how: str) -> None:
+    kube, ctx, name, child = started_but_not_recorded()
+    if how == "rejected":  # a call not started that carries a rejection never waits (rejected_by_annotation)
+        annotations = {APPROVAL_ANNOTATION: "rejected"}
+        kube.patch_metadata("taskruntoolcalls", "default", name, {"annotations": annotations})
+    else:
+        drop_call(kube, name)
+    if how == "replaced":  # another call of that name: not the one that owns the run
+        spec = {
+            "taskRunRef": {"name": "r"},
+            "toolRef": {"name": "ask"},
+            "toolCallId": "c1",
+            "arguments": "{}",
+        }
+        create(kube, "TaskRunToolCall", "taskruntoolcalls", name, spec)
+    prepare(ctx, message("TaskRun", child))
+    status = run_status(kube, child)
+    assert status["phase"] == "Failed", status
+    why = {"deleted": "was deleted", "replaced": "was deleted", "rejected": "was rejected"}
+    assert f'its tool call "{name}" {why[how]}' in status["error"], status
+    assert warnings(kube, child) == ["SubAgentNotWaitedFor"]
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["pending", "awaiting"])
+def test_a_sub_agent_run_whose_call_waits_or_may_yet_wait_for_it_starts(recorded: bool) -> None:
+    """A call still Pending (its AwaitingSubAgent write lost) waits for the run once retried; one that ends
+    instead looks for its runs after its write, after this read (and so after the run's create)."""
+    kube, ctx, name, child = started_but_not_recorded()
+    if recorded:
+        tool_call(ctx, message("TaskRunToolCall", name))
+        assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    prepare(ctx, message("TaskRun", child))
+    assert run_status(kube, child)["phase"] == "ReadyForLLM"
+
+
+def test_only_a_sub_agent_run_reads_its_call_before_its_first_turn() -> None:
+    """The read is made once per look at a run not yet started, and only for a sub-agent's run: the
+    requests of any other run's first turn are unchanged."""
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+
+    def call_reads(run: str) -> list[tuple[str, str]]:
+        kube.requests.clear()
+        prepare(ctx, message("TaskRun", run))
+        assert run_status(kube, run)["phase"] == "ReadyForLLM"
+        return [(m, p) for (m, p) in kube.requests if "/taskruntoolcalls" in p]
+
+    assert call_reads(child) == [("GET", f"{TOOLCALLS}/{name}")]
+    create(kube, "TaskRun", "taskruns", "plain", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    assert call_reads("plain") == []
 
 
 class EndedAfterItsCheck(CreateRacedKube):
