@@ -126,14 +126,15 @@ def _may_have_started_a_sub_agent(toolcall: TaskRunToolCall, executor: Executor 
 
 
 def stop_sub_agent_runs(
-    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None = None
+    ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor | None = None, *, keep: str = ""
 ) -> list[str]:
     """A call that may have delegated is about to end for a reason of its own (its run ended, its Tool
     changed, it was rejected): its sub-agent's run, which nothing will read any more, is deleted rather
     than left spending tokens (the call, and so its child, is kept for good, so garbage collection never
     removes it). ``executor``: the call's target, for a call still ""/Pending (see
-    _may_have_started_a_sub_agent). Returns the names of the sub-agent runs the call started (finished
-    ones are kept, their answers readable).
+    _may_have_started_a_sub_agent). ``keep``: the run whose outcome the call records, left as it is.
+    Returns the names of the sub-agent runs the call started (finished ones are kept, their answers
+    readable).
 
     Called before the call's terminal write: a delete that fails for a moment (Unavailable) raises with the
     call still waiting, so the retry, or the resync, decides again and deletes again. After that write,
@@ -143,7 +144,8 @@ def stop_sub_agent_runs(
         return []
     children = _sub_agent_runs(ctx, toolcall)
     for child in children:
-        _delete_unfinished(ctx, toolcall, child)
+        if child.name != keep:
+            _delete_unfinished(ctx, toolcall, child)
     return [child.name for child in children]
 
 
@@ -331,6 +333,7 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
             failed = plan_sub_agent_not_started(
                 toolcall, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
             )
+            stop_sub_agent_runs(ctx, toolcall, keep=child.name)  # see below
             apply_call_transition(ctx, toolcall, failed, sub_agent=child)
             return
         outcome = plan_sub_agent_outcome(
@@ -342,6 +345,9 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
             max_bytes=ctx.limits.max_tool_result_bytes,
         )
         if outcome is not None:
+            # Another run it owns was started by an earlier attempt, for the agent its Tool named then
+            # (retargeted before the retry, that attempt's AwaitingSubAgent write lost): nothing reads it.
+            stop_sub_agent_runs(ctx, toolcall, keep=child.name)
             apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
         return
     if toolcall.phase not in NOT_STARTED_PHASES:

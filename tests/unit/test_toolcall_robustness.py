@@ -260,6 +260,28 @@ def test_a_sub_agent_run_whose_tool_was_retargeted_is_stopped_and_named(finished
         kube.get_raw("taskruns", "default", child_run_name(name, "other"))
 
 
+@pytest.mark.parametrize("ends", ["answered", "not-started"])
+def test_a_delegation_retargeted_before_its_retry_stops_the_run_it_started_first(ends: str) -> None:
+    """Its AwaitingSubAgent write lost, the call was retried after its Tool was retargeted: it started the
+    new agent's run too, waited for that one, and left the first working, read by no one."""
+    kube, ctx, name, first = started_but_not_recorded()
+    retargeted(kube, ctx)
+    tool_call(ctx, message("TaskRunToolCall", name))  # the retry
+    second = child_run_name(name, "other")
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    if ends == "answered":
+        finish(kube, second)
+    else:
+        kube.patch_status_raw("agents", "default", "other", None, {"ready": False, "status": "Error"})
+        prepare(ctx, message("TaskRun", second))
+        ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == ("Succeeded" if ends == "answered" else "Failed"), status
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", first)
+
+
 def test_a_sub_agent_call_whose_run_was_deleted_fails_and_says_so() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
