@@ -38,11 +38,11 @@ from kubechain.statemachines.toolcall import (
     sub_agent_runs_problem,
     sub_agent_start_expired,
 )
-from kubechain.statemachines.transition import foreign_child_message, parse_timestamp
+from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
 from workers import approvals
 from workers.context import WorkerContext
 from workers.tool_outcomes import apply_call_transition, call_ended
-from workers.transitions import apply_transition, backoff_delays, create_children
+from workers.transitions import apply_transition, backoff_delays, create_children, retry_on_conflict
 from workers.validators import get_or_none
 
 if TYPE_CHECKING:
@@ -282,6 +282,31 @@ def not_waited_for(ctx: WorkerContext, run: TaskRun) -> str | None:
     return f'its tool call "{owner.name}" ended ({call.phase}) without waiting for it'
 
 
+def _record_not_started(
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    child: TaskRun,
+    plan: Callable[[TaskRunToolCall], Transition],
+) -> None:
+    """Fail ``toolcall`` as ``plan`` says, its sub-agent run ``child`` given up on for not starting (and
+    deleted). A conflict is retried here while the call still waits: a retry of the whole step would find
+    the run gone, and say only that it was deleted, not why. A call ended meanwhile was decided by its
+    writer."""
+    latest = [toolcall]
+
+    def attempt() -> None:
+        try:
+            apply_call_transition(ctx, latest[0], plan(latest[0]), sub_agent=child)
+        except Conflict:
+            fresh = get_or_none(ctx, TaskRunToolCall, toolcall.namespace, toolcall.name)
+            if fresh is None or fresh.uid != toolcall.uid or fresh.phase != ToolCallPhase.AWAITING_SUB_AGENT:
+                return
+            latest[0] = fresh
+            raise
+
+    retry_on_conflict(attempt)
+
+
 def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
     """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
     agent = executor.delegate_to
@@ -330,11 +355,15 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
                 log.warning("could not delete sub-agent run %s: %s", child.name, exc)
                 deleted = False
             waiting_for = child.status.status_detail or ""
-            failed = plan_sub_agent_not_started(
-                toolcall, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
-            )
             stop_sub_agent_runs(ctx, toolcall, keep=child.name)  # see below
-            apply_call_transition(ctx, toolcall, failed, sub_agent=child)
+            _record_not_started(
+                ctx,
+                toolcall,
+                child,
+                lambda current: plan_sub_agent_not_started(
+                    current, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
+                ),
+            )
             return
         outcome = plan_sub_agent_outcome(
             toolcall,

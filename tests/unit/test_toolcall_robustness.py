@@ -1166,6 +1166,36 @@ def test_a_sub_agent_that_never_starts_fails_its_call_after_the_timeout_and_its_
     )
 
 
+class DeletionThen(FakeKubeClient):
+    """Runs ``then`` (another writer) right after a TaskRun is deleted."""
+
+    then: Callable[[], None] | None = None
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        result = super().request(method, path, **kwargs)
+        if self.then is not None and method == "DELETE" and "/taskruns/" in path:
+            then, self.then = self.then, None
+            then()
+        return result
+
+
+def test_a_sub_agent_timeout_whose_failure_write_conflicts_still_says_why() -> None:
+    """Its run deleted, the call's Failed write conflicted (a metadata edit; another worker prompted by the
+    deletion): the retry found no run, and said only that it "was deleted; run the task again"."""
+    kube = DeletionThen()
+    ctx, name, child = delegated(kube)
+    waiting_for_its_agent(kube, ctx, child)
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    kube.then = lambda: kube.patch_metadata("taskruntoolcalls", "default", name, {"labels": {"team": "a"}})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert kube.then is None, "the write conflicted"
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and 'sub-agent "helper" did not start within' in status["error"], (
+        status
+    )
+    assert warnings(kube, name) == ["SubAgentFailed"]
+
+
 def failing(status: int, reason: str, text: str) -> Callable[..., None]:
     """A client call that the API server answers with ``status``."""
 
