@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubechain.kube.errors import Conflict, Forbidden, NotFound, Unavailable
 from kubechain.models import (
@@ -307,6 +307,54 @@ def _record_not_started(
     retry_on_conflict(attempt)
 
 
+def _decide_on_sub_agent(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, child: TaskRun, agent: str, now: datetime
+) -> None:
+    """``toolcall`` waits for its own sub-agent run ``child``: record its outcome once it has finished,
+    or give it up (deleted) if it has not started in time."""
+    child_name = child.name
+    timeout_s = ctx.settings.sub_agent_start_timeout_s
+    created = parse_timestamp(child.metadata.creation_timestamp)
+    if sub_agent_start_expired(child.phase, created, now, timeout_s):
+        # Only the run in the state just read: one that started meanwhile is left to finish.
+        deleted = True
+        try:
+            ctx.kube.delete(
+                TaskRun.PLURAL, child.namespace, child.name, resource_version=child.resource_version
+            )
+        except Conflict:
+            return  # it moved: the next message re-decides on its new state
+        except NotFound:
+            pass
+        except Forbidden as exc:  # RBAC without delete on taskruns: still free the parent
+            log.warning("could not delete sub-agent run %s: %s", child.name, exc)
+            deleted = False
+        waiting_for = child.status.status_detail or ""
+        stop_sub_agent_runs(ctx, toolcall, keep=child.name)  # see below
+        _record_not_started(
+            ctx,
+            toolcall,
+            child,
+            lambda current: plan_sub_agent_not_started(
+                current, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
+            ),
+        )
+        return
+    outcome = plan_sub_agent_outcome(
+        toolcall,
+        child.phase,
+        child.status.output or "",
+        child.status.error or "",
+        now,
+        max_bytes=ctx.limits.max_tool_result_bytes,
+    )
+    if outcome is not None:
+        # Another run it owns was started by an earlier attempt, for the agent its Tool named then
+        # (retargeted before the retry, that attempt's AwaitingSubAgent write lost): nothing reads it.
+        stop_sub_agent_runs(ctx, toolcall, keep=child.name)
+        apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
+
+
 def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
     """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
     agent = executor.delegate_to
@@ -338,46 +386,7 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
             # A run of that name made by someone else: its answer would be taken as the sub-agent's.
             _fail_as_foreign(ctx, toolcall, child_name, now)
             return
-        timeout_s = ctx.settings.sub_agent_start_timeout_s
-        created = parse_timestamp(child.metadata.creation_timestamp)
-        if sub_agent_start_expired(child.phase, created, now, timeout_s):
-            # Only the run in the state just read: one that started meanwhile is left to finish.
-            deleted = True
-            try:
-                ctx.kube.delete(
-                    TaskRun.PLURAL, child.namespace, child.name, resource_version=child.resource_version
-                )
-            except Conflict:
-                return  # it moved: the next message re-decides on its new state
-            except NotFound:
-                pass
-            except Forbidden as exc:  # RBAC without delete on taskruns: still free the parent
-                log.warning("could not delete sub-agent run %s: %s", child.name, exc)
-                deleted = False
-            waiting_for = child.status.status_detail or ""
-            stop_sub_agent_runs(ctx, toolcall, keep=child.name)  # see below
-            _record_not_started(
-                ctx,
-                toolcall,
-                child,
-                lambda current: plan_sub_agent_not_started(
-                    current, agent, child_name, waiting_for, timeout_s, now, deleted=deleted
-                ),
-            )
-            return
-        outcome = plan_sub_agent_outcome(
-            toolcall,
-            child.phase,
-            child.status.output or "",
-            child.status.error or "",
-            now,
-            max_bytes=ctx.limits.max_tool_result_bytes,
-        )
-        if outcome is not None:
-            # Another run it owns was started by an earlier attempt, for the agent its Tool named then
-            # (retargeted before the retry, that attempt's AwaitingSubAgent write lost): nothing reads it.
-            stop_sub_agent_runs(ctx, toolcall, keep=child.name)
-            apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
+        _decide_on_sub_agent(ctx, toolcall, child, agent, now)
         return
     if toolcall.phase not in NOT_STARTED_PHASES:
         # E.g. waiting for an approval (or approved) when its Tool was changed to delegate: nothing moves
@@ -440,14 +449,20 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
         ),
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
-    refused = create_children(ctx, toolcall, [child])
+    found: dict[str, dict[str, Any]] = {}
+    refused = create_children(ctx, toolcall, [child], found=found)
     if refused is not None:
         call_ended(toolcall, refused)
         return  # the API server refused the child for good (or one not ours has its name): call failed
     try:
-        apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
+        waiting = apply_transition(ctx, toolcall, plan_awaiting_sub_agent(toolcall, child_name, agent, now))
     except (Conflict, Unavailable):
         # Unavailable too: the write may have been refused (the call ended meanwhile) with the answer
         # lost, and the retry would find the call ended and return. Not landed, the call reads Pending.
         _stop_if_not_waited_for(ctx, toolcall, child_name)
         raise  # the retry re-reads the call and decides again
+    earlier = found.get(child_name)
+    if earlier is not None:
+        # Started by an earlier attempt, it may have finished already: its end prompted the call before
+        # it waited, and nothing else will until the resync.
+        _decide_on_sub_agent(ctx, waiting, TaskRun.from_wire(earlier), agent, now)

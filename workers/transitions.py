@@ -130,7 +130,13 @@ def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:
     return latest[0]
 
 
-def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[Any, Any]]) -> R | None:
+def create_children(
+    ctx: WorkerContext,
+    parent: R,
+    children: Sequence[Resource[Any, Any]],
+    *,
+    found: dict[str, dict[str, Any]] | None = None,
+) -> R | None:
     """Create children by their deterministic names (concurrently: a turn may ask for dozens of tool
     calls); AlreadyExists means a previous attempt did it, if the object there is owned by ``parent``.
     One that is not (made by hand, or by anyone who may create such objects there) would be taken for
@@ -138,7 +144,8 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
 
     A child the API server refuses for good (refused_for_good) is refused again on every retry, so it
     ends the parent instead: a TaskRun or tool call is failed, a Task put in Error, with the reason
-    (status, Warning Event, log line), and the parent as written is returned. None: every child exists."""
+    (status, Warning Event, log line), and the parent as written is returned. None: every child exists.
+    ``found``, if given, receives each child that was there already (ours), by name, as read."""
 
     def create(child: Resource[Any, Any]) -> KubeAPIError | None:
         try:
@@ -153,6 +160,8 @@ def create_children(ctx: WorkerContext, parent: R, children: Sequence[Resource[A
                 # Anyone who may create tool calls can copy the run's uid into an owner reference: one
                 # made ahead of ours must be exactly ours, and not already approved.
                 return exists
+            if found is not None:
+                found[child.name] = current
             return None
         except KubeAPIError as refused:
             if refused_for_good(refused):

@@ -996,6 +996,20 @@ def test_a_sub_agent_call_still_collects_its_result_when_nothing_changed() -> No
     assert toolcall_status(kube, name)["result"] == "42"
 
 
+def test_a_delegation_whose_sub_agent_finished_before_it_waited_collects_the_answer_at_once() -> None:
+    """An earlier attempt created the run and lost its AwaitingSubAgent write; the run finished before the
+    retry. The retry found it (AlreadyExists) and recorded AwaitingSubAgent, and nothing looked at the call
+    again until its resync: the run's end came before, and a call's own AwaitingSubAgent write prompts
+    nothing."""
+    kube, ctx, name, child = started_but_not_recorded()
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))  # the retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["result"] == "42", status
+    waiting = {**kube.get_raw("taskruntoolcalls", "default", name), "status": {"phase": "AwaitingSubAgent"}}
+    assert work_for("TaskRunToolCall", waiting, ctx.clock(), 180, resync=False) == []
+
+
 def test_a_run_of_the_sub_agents_name_made_by_someone_else_is_not_taken_for_its_answer() -> None:
     """Its create answered AlreadyExists: a TaskRun of that name that the call does not own (made by
     hand, or by anyone who may create TaskRuns there) must not answer for the sub-agent."""
