@@ -16,6 +16,7 @@ from kubechain.kube.errors import (
     Invalid,
     KubeAPIError,
     NotFound,
+    TooLarge,
     Unavailable,
 )
 from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall, TaskRunToolCallSpec
@@ -201,9 +202,9 @@ def _as_created(child: TaskRunToolCall, found: dict[str, Any], metadata: ObjectM
 
 def refused_for_good(error: KubeAPIError) -> bool:
     """A create the API server will refuse again on every retry: invalid (422), forbidden (403: RBAC, a
-    ResourceQuota, an admission policy, a namespace being deleted) or a bad request (400: what webhooks
-    deny with by default)."""
-    return isinstance(error, Invalid | Forbidden) or error.status == 400
+    ResourceQuota, an admission policy, a namespace being deleted), a bad request (400: what webhooks
+    deny with by default) or too large (413, or etcd's refusal)."""
+    return isinstance(error, Invalid | Forbidden | TooLarge) or error.status == 400
 
 
 def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], refused: KubeAPIError) -> R:
@@ -211,7 +212,14 @@ def _child_rejected(ctx: WorkerContext, parent: R, child: Resource[Any, Any], re
     message = (
         foreign_child_message(child.KIND, child.name, parent.KIND)
         if foreign
-        else child_rejected_message(child.KIND, child.name, refused.status, refused.reason, refused.message)
+        else child_rejected_message(
+            child.KIND,
+            child.name,
+            refused.status,
+            refused.reason,
+            refused.message,
+            too_large=isinstance(refused, TooLarge),
+        )
     )
     log.error("%s %s/%s: %s", parent.KIND, parent.namespace, parent.name, message)
     now = ctx.clock()

@@ -87,9 +87,17 @@ def foreign_child_message(kind: str, name: str, parent_kind: str) -> str:
     )
 
 
-def child_rejected_message(kind: str, name: str, code: int, reason: str, detail: str) -> str:
+def child_rejected_message(
+    kind: str, name: str, code: int, reason: str, detail: str, *, too_large: bool = False
+) -> str:
     """Why a parent failed: the API server refused a child it needs (HTTP ``code``) in a way no retry
-    changes."""
+    changes; ``too_large``: over a size limit (a 413, or etcd's 500)."""
+    if too_large:
+        return (
+            f"cannot create {kind} {name}: the API server refused it as too large ({code} {reason}: "
+            f"{detail}); retrying cannot help: what it carries from the LLM's answer (a message, "
+            "arguments) is over the size one object may have"
+        )
     if code == 422:
         return (
             f"cannot create {kind} {name}: the API server rejected it as invalid ({detail}); "

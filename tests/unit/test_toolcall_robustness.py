@@ -1526,8 +1526,18 @@ def test_a_tool_call_the_api_server_refuses_for_good_fails_its_run_with_the_reas
     assert warnings(kube, "r") == ["LLMResponseProcessingFailed"]
 
 
-def test_a_sub_agent_run_the_api_server_rejects_fails_the_tool_call() -> None:
-    kube = RejectingKube("taskruns", armed=False)
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        None,
+        error_for(413, {"reason": "RequestEntityTooLarge", "message": "limit is 3145728"}),
+        error_for(500, {"reason": "InternalError", "message": "etcdserver: request is too large"}),
+    ],
+    ids=["invalid-422", "too-large-413", "too-large-etcd"],
+)
+def test_a_sub_agent_run_the_api_server_rejects_fails_the_tool_call(refusal: KubeAPIError | None) -> None:
+    """A run too large to store (its message, from the LLM's arguments) is refused on every retry too."""
+    kube = RejectingKube("taskruns", armed=False, refusal=refusal)
     ctx, name = delegating(kube)
     kube.armed = True
     tool_call(ctx, message("TaskRunToolCall", name))
@@ -1536,6 +1546,9 @@ def test_a_sub_agent_run_the_api_server_rejects_fails_the_tool_call() -> None:
     assert status["error"].startswith(
         f"cannot create TaskRun {child_run_name(name, 'helper')}: the API server"
     )
+    if refusal is not None:
+        assert f"refused it as too large ({refusal.status}" in status["error"], status
+        assert refusal.message in status["error"]
     assert warnings(kube, name) == ["ExecutionFailed"]
     assert "DelegatingToSubAgent" not in kube.event_reasons(name)
 
