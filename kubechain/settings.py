@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     # request, and a 1 MiB context window holds ~10,000 tiny ones.
     max_tool_calls_per_turn: int = Field(default=128, ge=1)
     max_delegation_depth: int = 5
-    # Sub-agent runs one user's run may start in all, at every depth: depth alone lets 20 delegations a
-    # turn over 5 levels start 20**5 runs. A soft cap: it is counted, then each child created, so the
-    # delegations of one turn checked at once may pass it by at most that turn's fan-out.
+    # Sub-agent runs of one user's run, at every depth: depth alone lets 20 delegations a turn over 5
+    # levels start 20**5 runs. Those that exist are counted (a deleted one frees its place). A soft cap:
+    # it is counted, then each child created, so delegations anywhere in the run's tree checked at once
+    # may each pass it by one.
     max_sub_agent_runs: int = Field(default=100, ge=1)
     # A sub-agent's run that has not started after this long (its Agent never became Ready) is deleted
     # and its delegating tool call fails with the reason, so the parent run is not blocked forever.
