@@ -13,6 +13,9 @@ or if the server is declared idempotent (``spec.idempotent``); otherwise MCPErro
 Idle sessions close: every process that used an MCPServer holds a session (a stdio child with the
 server's secrets in its environment), and no message reaches every process when the MCPServer is deleted
 or stops being used. A session unused for ``idle_timeout_s`` is closed; the next call reconnects.
+
+Tool-list changes: a session that hears its server's tool list changed tells ``on_tools_changed``
+(namespace, name), on a thread of its own: the callback may block, the loop is every session's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import functools
 import json
 import logging
 import threading
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
 from kubechain.models import MCPServer, MCPTool
-from kubechain.observability.logs import detached_context
+from kubechain.observability.logs import detached_context, resource_context
 
 if TYPE_CHECKING:
     from kubechain.mcp.session import Session
@@ -64,8 +68,11 @@ class MCPManager:
         connect_timeout_s: float = 30,
         command_allowlist: Sequence[str] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        on_tools_changed: Callable[[str, str], None] | None = None,
     ) -> None:
-        """Cheap: no thread, loop or process starts until the first request."""
+        """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
+        name)``: a session heard that its server's tool list changed (called once per notice, in order,
+        on a thread of its own; what it raises is logged). Without it sessions do not listen for that."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
@@ -74,6 +81,9 @@ class MCPManager:
         self.connect_timeout_s = float(connect_timeout_s)
         self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
         self.idle_timeout_s = float(idle_timeout_s)
+        self._on_tools_changed = on_tools_changed
+        # One thread, started with the loop: notices are passed on in the order they came.
+        self._tools_changed_calls: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -174,6 +184,9 @@ class MCPManager:
             log.warning("closing MCP sessions failed: %s", exc)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
+        if self._tools_changed_calls is not None:
+            # not waiting: a callback stuck on a broker that is down must not hold up the close
+            self._tools_changed_calls.shutdown(wait=False, cancel_futures=True)
         _live_managers.discard(self)
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -191,6 +204,10 @@ class MCPManager:
             if self._loop is None:
                 import kubechain.mcp.session  # noqa: F401  (imports the SDK; installs the spawn hook)
 
+                if self._on_tools_changed is not None:
+                    self._tools_changed_calls = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="kubechain-mcp-tools-changed"
+                    )
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=_run_loop, args=(loop,), name="kubechain-mcp", daemon=True)
                 thread.start()
@@ -264,7 +281,14 @@ class MCPManager:
             failed = self._connect_failures.get(key)
             if failed is not None and failed[1] == fingerprint and failed[0] >= arrived:
                 raise MCPError(failed[2])  # it failed while this caller waited for the lock
-            session = Session(_label(key), resolved, self.connect_timeout_s, self.call_timeout_s)
+            tools_changed = functools.partial(self._tools_changed, key) if self._on_tools_changed else None
+            session = Session(
+                _label(key),
+                resolved,
+                self.connect_timeout_s,
+                self.call_timeout_s,
+                on_tools_changed=tools_changed,
+            )
             try:
                 await session.start()
             except MCPError as exc:
@@ -275,6 +299,17 @@ class MCPManager:
             # used from now: a connect slower than the idle timeout must not leave it idle already
             self._last_used[key] = time.monotonic()
             return session, True
+
+    def _tools_changed(self, key: Key) -> None:
+        """A session of ``key`` heard that its server's tool list changed: the callback runs on its own
+        thread, never on the loop (a worker's publishes to Redis; a broker that is down blocks it)."""
+        callback, calls = self._on_tools_changed, self._tools_changed_calls
+        if callback is None or calls is None or self._closed:
+            return
+        try:
+            calls.submit(_call_tools_changed, callback, key)
+        except RuntimeError:  # shut down: the manager is closing
+            pass
 
     async def _close_idle_sessions(self) -> None:
         interval = min(60.0, max(0.05, self.idle_timeout_s / 4))
@@ -413,6 +448,15 @@ class MCPManager:
 async def _wait_all(sessions: list[Session], timeout: float) -> None:
     if sessions:
         await asyncio.wait([asyncio.ensure_future(s.finished.wait()) for s in sessions], timeout=timeout)
+
+
+def _call_tools_changed(callback: Callable[[str, str], None], key: Key) -> None:
+    namespace, name = key
+    with resource_context("MCPServer", namespace, name):
+        try:
+            callback(namespace, name)
+        except Exception as exc:  # noqa: BLE001 - best effort: the watcher's resync checks the server too
+            log.warning("MCP server %s: passing on its tool-list change failed: %s", _label(key), exc)
 
 
 def _label(key: Key) -> str:

@@ -36,6 +36,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError as SDKError
 from mcp.shared.message import SessionMessage
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TIMEOUT
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec
@@ -96,6 +97,17 @@ STDERR_TAIL_LINES = 20
 STDERR_LINE_KEPT = 64 * 1024
 STDERR_SECRET_MARGIN = 16 * 1024
 STDERR_LINE_SHOWN = 4096
+
+# A server's tool list changed: the 2025 protocol sends this unasked; at 2026-07-28 it comes on a
+# subscriptions/listen stream the client opened. Each era has its own class: the method tells them apart.
+TOOLS_LIST_CHANGED = "notifications/tools/list_changed"
+# How long a connect waits for the listen stream's acknowledgment before listing the tools anyway (a
+# server slow to acknowledge must not slow every connect; a late acknowledgment refetches the list).
+LISTEN_ACK_WAIT_S = 5.0
+# A listen stream that ended (a proxy's idle timeout, a server restart) is opened again after this,
+# doubling up to the maximum while streams keep ending sooner than that.
+LISTEN_RETRY_MIN_S = 1.0
+LISTEN_RETRY_MAX_S = 60.0
 
 
 def child_environment(spec_env: dict[str, str]) -> dict[str, str]:
@@ -538,6 +550,18 @@ def flatten_result(result: types.CallToolResult) -> MCPToolResult:
     return MCPToolResult(text="\n".join(parts), is_error=bool(result.is_error))
 
 
+# -- hearing that the tool list changed --------------------------------------------------------------
+
+
+def listens_for_tool_changes(client: Client) -> bool:
+    """Whether to open a subscriptions/listen stream for tool-list changes: only the 2026-07-28 protocol
+    has it (a 2025 server sends its notifications unasked), and only a server that advertises them."""
+    if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return False
+    tools = client.server_capabilities.tools
+    return tools is not None and bool(tools.list_changed)
+
+
 # -- the session --------------------------------------------------------------------------------------
 
 
@@ -545,8 +569,15 @@ class Session:
     """One connection to one MCPServer spec (identified by ``fingerprint``). Loop-thread only."""
 
     def __init__(
-        self, label: str, spec: ResolvedSpec, connect_timeout_s: float, call_timeout_s: float
+        self,
+        label: str,
+        spec: ResolvedSpec,
+        connect_timeout_s: float,
+        call_timeout_s: float,
+        on_tools_changed: Callable[[], None] | None = None,
     ) -> None:
+        """``on_tools_changed``: called (on the loop, so it must not block) when the server says its tool
+        list changed; without it the session does not listen for that."""
         self.label = label
         self.spec = spec
         self.fingerprint = spec.fingerprint()
@@ -566,6 +597,10 @@ class Session:
         self._scope: anyio.CancelScope | None = None
         self._stderr = _StderrTail(label, spec.scrub) if spec.transport == "stdio" else None
         self._task: asyncio.Task[None] | None = None
+        self._on_tools_changed = on_tools_changed
+        # The connect has asked for the tool list: a change heard before that is in the list; one heard
+        # from then on (or missed by a listen stream opened since) may not be.
+        self._tools_list_asked = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -615,9 +650,16 @@ class Session:
                     message_handler=self._on_message,
                     input_required_max_rounds=still_working_rounds(self.call_timeout_s),
                 )
-                async with client:
+                async with client, anyio.create_task_group() as background:
                     _keep_answers_that_miss_their_schema(client)
                     self.client = client
+                    if self._on_tools_changed is not None and listens_for_tool_changes(client):
+                        # Listening before listing: a change made between the two is not missed.
+                        first_attempt = anyio.Event()
+                        background.start_soon(self._follow_tool_list_changes, client, first_attempt)
+                        with anyio.move_on_after(min(LISTEN_ACK_WAIT_S, self.connect_timeout_s / 4)):
+                            await first_attempt.wait()
+                    self._tools_list_asked = True
                     with anyio.fail_after(self.connect_timeout_s):
                         self.tools = await self._list_all(client)
                     log.info(
@@ -632,6 +674,7 @@ class Session:
                         ready.set_result(None)
                     if not self._stopping:
                         await self._wake.wait()
+                    background.cancel_scope.cancel()
         except Exception as exc:
             error = exc
         finally:
@@ -713,7 +756,70 @@ class Session:
             log.debug(
                 "MCP session %s: transport error: %s", self.label, self.spec.scrub(describe_error(message))
             )
+        elif getattr(message, "method", None) == TOOLS_LIST_CHANGED:
+            # Either era: the SDK hands the frames of a listen stream to this handler too.
+            self._signal_tools_changed()
         await anyio.lowlevel.checkpoint()
+
+    def _signal_tools_changed(self) -> None:
+        if self._on_tools_changed is None or self._stopping or not self._tools_list_asked:
+            return
+        log.debug("MCP session %s: the server's tool list changed", self.label)
+        try:
+            self._on_tools_changed()
+        except Exception as exc:  # noqa: BLE001 - hearing of a change must never break the session
+            log.warning("MCP session %s: passing on a tool-list change failed: %s", self.label, exc)
+
+    async def _follow_tool_list_changes(self, client: Client, first_attempt: anyio.Event) -> None:
+        """Hold a subscriptions/listen stream for tool-list changes open (2026-07-28), opening it again when
+        it ends. Its events reach ``_on_message`` (which passes them on): here they are only consumed.
+        Never fails the session: a server that refuses the stream is only not listened to."""
+        delay = LISTEN_RETRY_MIN_S
+        while not (self.dead or self.broken or self._stopping):
+            opened_at: float | None = None
+            try:
+                async with AsyncExitStack() as stack:
+                    with anyio.fail_after(self.connect_timeout_s):
+                        subscription = await stack.enter_async_context(client.listen(tools_list_changed=True))
+                    if not subscription.honored.tools_list_changed:
+                        log.info(
+                            "MCP session %s: the server does not send tool-list changes on subscriptions/listen",
+                            self.label,
+                        )
+                        return
+                    opened_at = anyio.current_time()
+                    first_attempt.set()
+                    # No replay: a change made since the tools were listed, while no stream was open,
+                    # went unheard (nothing is signalled before the list is asked for).
+                    self._signal_tools_changed()
+                    async for _event in subscription:
+                        pass
+                ended = "the server closed it"
+            except SDKError as exc:
+                if exc.code != CONNECTION_CLOSED and not self.dead:
+                    log.info(
+                        "MCP session %s: subscriptions/listen refused (%s); tool-list changes are not followed",
+                        self.label,
+                        self.spec.scrub(exc.message),
+                    )
+                return
+            except Exception as exc:  # noqa: BLE001 - lost, unacknowledged, a transport error: tried again
+                ended = self.spec.scrub(describe_error(exc))
+            finally:
+                first_attempt.set()
+            if self.dead or self.broken or self._stopping:
+                return
+            # A stream that stayed open a good while: not a server that drops it at once.
+            if opened_at is not None and anyio.current_time() - opened_at >= LISTEN_RETRY_MAX_S:
+                delay = LISTEN_RETRY_MIN_S
+            log.info(
+                "MCP session %s: its subscriptions/listen stream ended (%s); listening again in %gs",
+                self.label,
+                ended,
+                delay,
+            )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX_S)
 
     @asynccontextmanager
     async def _transport(self) -> AsyncIterator[tuple[_WatchedReadStream, _WatchedWriteStream]]:
