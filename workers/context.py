@@ -171,6 +171,7 @@ def build_context(
     calls to come. Without it (a control worker), an MCPServer's validation connects, lists the tools and
     closes: its stdio server does not keep running in a pod sized for no such children."""
     from kubechain.mcp import MCPManager, kube_secret_resolver
+    from workers.mcpservers import ToolsChangedRevalidator  # it imports this module
 
     kube = KubeClient.from_settings(settings, "kubechain-worker")
     return WorkerContext(
@@ -192,6 +193,8 @@ def build_context(
             call_timeout_s=settings.tool_timeout_s,
             call_budget_s=settings.tool_execution_cap_s,
             command_allowlist=settings.mcp_command_allowlist,
+            # its sessions stay open: a server's tool list changing under one is validated again
+            on_tools_changed=ToolsChangedRevalidator(enqueue),
         )
         if runs_tools
         else None,

@@ -5,21 +5,27 @@ The original's controller (§2.7): ContactChannelNotFound / ContactChannelNotRea
 ``Connected`` event. The watcher re-validates servers that are not connected on every resync, so failures
 need no retry scheduling here. A re-validation that finds nothing changed reuses this process's session
 and writes nothing.
+
+A tools worker's session that hears its server's tool list changed has the server validated again
+(:class:`ToolsChangedRevalidator`): the new list reaches ``status.tools``, and from there the Agents.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kubechain.kube.errors import Unavailable
 from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_spec
 from kubechain.models import ContactChannel, MCPServer, MCPTool
-from kubechain.queueing import ResourceMessage
+from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.transition import Transition, normal, warning
 from kubechain.statemachines.validation import plan_validation
-from workers.context import WorkerContext
+from workers.context import Enqueue, WorkerContext
 from workers.transitions import apply_transition
 from workers.validators import get_or_none
 
@@ -70,6 +76,57 @@ def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None
             [] if was_connected else [normal("Connected", "MCP server connected successfully")]
         )
     return transition
+
+
+# A server that says its tool list changed many times in a row is validated once now and once more when
+# this window ends, not once a notice.
+TOOLS_CHANGED_WINDOW_S = 2.0
+
+
+class ToolsChangedRevalidator:
+    """``MCPManager``'s ``on_tools_changed`` in a tools worker: enqueues a validate of the MCPServer, at
+    most one per server per window. A change within the window of the last validate enqueued gets one
+    more, due when the window ends (a countdown), so the last change is never lost; changes until then
+    are covered by it, since it lists the tools after them. Best effort: an enqueue that fails is logged,
+    and the watcher's resync, which checks connected servers too, is the safety net."""
+
+    def __init__(
+        self,
+        enqueue: Enqueue,
+        window_s: float = TOOLS_CHANGED_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._enqueue = enqueue
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (namespace, name) -> when the last validate enqueued is due; one entry per server heard from
+        self._due: dict[tuple[str, str], float] = {}
+
+    def __call__(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        with self._lock:  # the enqueue too: two changes at once must not both take the same slot
+            now = self._clock()
+            due = self._due.get(key)
+            if due is not None and now < due:
+                log.debug("MCPServer %s/%s: tool-list change covered by the validate due", namespace, name)
+                return
+            run_at = now if due is None else max(now, due + self.window_s)
+            message = ResourceMessage(
+                kind=MCPServer.KIND, namespace=namespace, name=name, reason="tools-changed"
+            )
+            try:
+                self._enqueue(TaskName.VALIDATE, message, run_at - now)
+            except Exception as exc:  # noqa: BLE001 - the resync is the safety net
+                log.warning("could not enqueue tools-changed of %s/%s: %s", namespace, name, exc)
+                return
+            self._due[key] = run_at
+        log.info(
+            "MCPServer %s/%s: its tool list changed; validating it%s",
+            namespace,
+            name,
+            f" in {run_at - now:.1f}s" if run_at > now else "",
+        )
 
 
 def _temporary_manager(ctx: WorkerContext) -> MCPManager:

@@ -1,0 +1,144 @@
+"""A worker told that an MCP server's tool list changed enqueues a validate of the MCPServer: at most one
+per server per window, and never losing the last change (a trailing validate, by countdown)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.settings import Settings
+from kubechain.testing.waiting import wait_for
+from workers.mcpservers import TOOLS_CHANGED_WINDOW_S, ToolsChangedRevalidator
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Sent = list[tuple[TaskName, ResourceMessage, float]]
+
+
+def recorder() -> tuple[Sent, ToolsChangedRevalidator, Clock]:
+    sent: Sent = []
+    clock = Clock()
+    revalidator = ToolsChangedRevalidator(
+        lambda task, message, countdown: sent.append((task, message, countdown)), window_s=2.0, clock=clock
+    )
+    return sent, revalidator, clock
+
+
+def countdowns(sent: Sent) -> list[float]:
+    return [round(countdown, 3) for _, _, countdown in sent]
+
+
+def test_a_change_after_a_quiet_spell_is_validated_at_once() -> None:
+    sent, changed, _ = recorder()
+    changed("team-a", "fetch")
+    [(task, message, countdown)] = sent
+    assert task == TaskName.VALIDATE and countdown == 0
+    assert (message.kind, message.namespace, message.name) == ("MCPServer", "team-a", "fetch")
+    assert message.reason == "tools-changed"
+
+
+def test_a_burst_is_one_validate_now_and_one_at_the_end_of_the_window() -> None:
+    """The first validate may have listed the tools before the later changes: the last change is
+    validated once more, when the window ends; changes until then are covered by that one."""
+    sent, changed, clock = recorder()
+    changed("default", "fetch")
+    for step in range(1, 20):
+        clock.now = 1000.0 + step * 0.1  # a change every 100 ms
+        changed("default", "fetch")
+    assert countdowns(sent) == [0, 1.9], "one now, one trailing when the window ends (at 1002.0)"
+
+    clock.now = 1002.5  # after the trailing validate was due: the next may come a window after it
+    changed("default", "fetch")
+    clock.now = 1003.0
+    changed("default", "fetch")
+    assert countdowns(sent) == [0, 1.9, 1.5]
+
+    clock.now = 1010.0  # quiet since: at once again
+    changed("default", "fetch")
+    assert countdowns(sent) == [0, 1.9, 1.5, 0]
+
+
+def test_servers_are_coalesced_apart() -> None:
+    sent, changed, clock = recorder()
+    changed("default", "fetch")
+    changed("default", "search")
+    changed("other", "fetch")
+    clock.now += 0.5
+    changed("default", "search")
+    assert [(m.namespace, m.name, round(c, 3)) for _, m, c in sent] == [
+        ("default", "fetch", 0),
+        ("default", "search", 0),
+        ("other", "fetch", 0),
+        ("default", "search", 1.5),
+    ]
+
+
+def test_a_failing_enqueue_is_logged_not_raised_and_the_next_change_tries_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts: list[float] = []
+
+    def broker_down(task: TaskName, message: ResourceMessage, countdown: float) -> None:
+        attempts.append(countdown)
+        raise ConnectionError("Redis does not answer")
+
+    clock = Clock()
+    changed = ToolsChangedRevalidator(broker_down, window_s=2.0, clock=clock)
+    caplog.set_level(logging.WARNING)
+    changed("default", "fetch")  # no exception: the watcher's resync is the safety net
+    assert "Redis does not answer" in caplog.text and "default/fetch" in caplog.text
+    clock.now += 0.1
+    changed("default", "fetch")
+    assert attempts == [0, 0], "nothing was enqueued: the next change is not taken for covered"
+
+
+def test_the_window_is_short() -> None:
+    assert 0 < TOOLS_CHANGED_WINDOW_S <= 5
+
+
+def test_a_tools_workers_manager_passes_tool_list_changes_to_the_queue(tmp_path: Path) -> None:
+    """build_context gives the tools worker's MCPManager a revalidator on the worker's own enqueue."""
+    from workers.context import build_context
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    sent: Sent = []
+    ctx = build_context(
+        Settings(kubeconfig=str(tmp_path / "kubeconfig")),
+        lambda task, message, countdown: sent.append((task, message, countdown)),
+        runs_tools=True,
+    )
+    try:
+        loop = ctx.mcp._ensure_loop()
+        loop.call_soon_threadsafe(ctx.mcp._tools_changed, ("default", "fetch"))
+        wait_for(lambda: sent, 10, what="the validate to be enqueued")
+        [(task, message, countdown)] = sent
+        assert (task, message.kind, message.name, message.reason, countdown) == (
+            TaskName.VALIDATE,
+            "MCPServer",
+            "fetch",
+            "tools-changed",
+            0,
+        )
+    finally:
+        ctx.events.flush()
+        ctx.mcp.close()
+        ctx.kube.close()
