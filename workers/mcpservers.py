@@ -178,4 +178,21 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
     finally:
         if manager is not ctx.mcp:
             manager.close()
-    _write(ctx, server, plan_connected(server, tools))
+    transition = plan_connected(server, tools)
+    _write(ctx, server, transition)
+    recorded = server.status.tools
+    if transition is not None and "tools" in transition.status and recorded is not None:
+        log.info(
+            "MCPServer %s/%s: its tools changed (%d before, %d now)",
+            server.namespace,
+            server.name,
+            len(recorded),
+            len(tools),
+            extra={
+                "kind": MCPServer.KIND,
+                "namespace": server.namespace,
+                "resource": server.name,
+                "old_tool_count": len(recorded),
+                "new_tool_count": len(tools),
+            },
+        )

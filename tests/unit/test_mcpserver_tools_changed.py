@@ -4,15 +4,24 @@ per server per window, and never losing the last change (a trailing validate, by
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kubechain.kube.fake import FakeKubeClient
+from kubechain.mcp import MCPManager, kube_secret_resolver
+from kubechain.models import Agent, MCPServer
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
+from kubechain.statemachines.routing import dependents, readiness
+from kubechain.statemachines.toolset import tool_definitions
 from kubechain.testing.waiting import wait_for
+from tests.unit.test_mcp_tools_changed import LIST_CHANGING_SERVER
+from tests.unit.test_mcpserver_validate import create, make_context, run_validate
 from workers.mcpservers import TOOLS_CHANGED_WINDOW_S, ToolsChangedRevalidator
+from workers.validators import validate
 
 
 class Clock:
@@ -142,3 +151,64 @@ def test_a_tools_workers_manager_passes_tool_list_changes_to_the_queue(tmp_path:
         ctx.events.flush()
         ctx.mcp.close()
         ctx.kube.close()
+
+
+@pytest.mark.slow
+def test_a_tool_added_at_runtime_reaches_the_status_and_the_agents_that_use_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """End to end but for the broker: the session hears the change, the validate it enqueues writes the
+    new list (and logs the change), the watcher re-validates the Agent, whose LLM is offered the tool."""
+    kube = FakeKubeClient()
+    sent: Sent = []
+    manager = MCPManager(
+        kube_secret_resolver(kube),
+        connect_timeout_s=60,
+        on_tools_changed=ToolsChangedRevalidator(
+            lambda task, message, countdown: sent.append((task, message, countdown))
+        ),
+    )
+    ctx = make_context(kube, manager)
+    try:
+        spec = {"transport": "stdio", "command": sys.executable, "args": [LIST_CHANGING_SERVER]}
+        create(kube, "MCPServer", "mcpservers", "changing", spec)
+        create(
+            kube,
+            "Agent",
+            "agents",
+            "helper",
+            {"llmRef": {"name": "gpt"}, "system": "Help.", "mcpServers": [{"name": "changing"}]},
+        )
+        before = run_validate(ctx, "changing")
+        assert [tool["name"] for tool in before["status"]["tools"]] == ["add_tool"]
+
+        server = MCPServer.model_validate(before)
+        assert manager.call_tool(server, "add_tool", {"name": "extra"}).text == "adding extra"
+        wait_for(lambda: sent, 30, what="a validate to be enqueued")
+        [(task, message, countdown)] = sent
+        assert (task, message.name, message.reason, countdown) == (
+            TaskName.VALIDATE,
+            "changing",
+            "tools-changed",
+            0,
+        )
+
+        caplog.set_level(logging.INFO, logger="workers.mcpservers")
+        validate(ctx, message)  # this worker's session lists the tools again (a control worker connects)
+        after = kube.get_raw("mcpservers", "default", "changing")
+        assert [tool["name"] for tool in after["status"]["tools"]] == ["add_tool", "extra"]
+        assert after["status"]["statusDetail"] == "Connected successfully with 2 tools"
+        [line] = [r.__dict__ for r in caplog.records if "tools changed" in r.getMessage()]
+        assert (line["resource"], line["old_tool_count"], line["new_tool_count"]) == ("changing", 1, 2)
+
+        agent_raw = kube.get_raw("agents", "default", "helper")
+        assert readiness("MCPServer", after) != readiness("MCPServer", before)
+        works = dependents("MCPServer", after, {"Agent": {("default", "helper"): agent_raw}})
+        assert [(w.kind, w.name) for w in works] == [("Agent", "helper")]
+        validate(ctx, ResourceMessage(kind="Agent", namespace="default", name="helper"))
+        agent = Agent.model_validate(kube.get_raw("agents", "default", "helper"))
+        assert [s.tools for s in agent.status.valid_mcp_servers or []] == [["add_tool", "extra"]]
+        offered = tool_definitions(agent, [], [MCPServer.model_validate(after)], [], [])
+        assert [d.name for d in offered] == ["changing__add_tool", "changing__extra"]
+    finally:
+        manager.close()
