@@ -10,7 +10,7 @@ import logging
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +22,7 @@ from mcp_types.methods import parse_server_notification
 from kubechain.mcp import MCPManager, resolve_spec
 from kubechain.mcp import session as session_module
 from kubechain.mcp.session import Session
+from kubechain.models import MCPServer
 from kubechain.testing.waiting import wait_for
 from tests.unit import list_changing_server
 from tests.unit.test_mcp_manager import UvicornThread, mcp_server, resolve_secret
@@ -218,49 +219,60 @@ def changes() -> Iterator[tuple[MCPManager, list[tuple[str, str]]]]:
     manager.close()
 
 
-@pytest.fixture
-def http_servers() -> Iterator[dict[str, str]]:
-    """A fresh list-changing server per era (adding a tool changes the server for every session)."""
-    modern = list_changing_server.make_server().streamable_http_app(host="127.0.0.1")
-    legacy = list_changing_server.refusing_discover(
-        list_changing_server.make_server().streamable_http_app(host="127.0.0.1")
+@contextmanager
+def list_changing(transport: str, version: str) -> Iterator[MCPServer]:
+    """A fresh list-changing server (adding a tool changes it for every session) of the protocol
+    ``version``, and the MCPServer for it."""
+    if transport == "stdio":
+        args = [LIST_CHANGING_SERVER, *(["--legacy"] if version == "2025-11-25" else [])]
+        yield mcp_server("changing", transport="stdio", command=sys.executable, args=args)
+        return
+    sdk_server = list_changing_server.make_server()
+    app = (
+        sdk_server.sse_app(host="127.0.0.1")
+        if transport == "sse"
+        else sdk_server.streamable_http_app(host="127.0.0.1")
     )
-    with UvicornThread(modern) as up_modern, UvicornThread(legacy) as up_legacy:
-        yield {
-            "2026-07-28": f"http://127.0.0.1:{up_modern.port}/mcp",
-            "2025-11-25": f"http://127.0.0.1:{up_legacy.port}/mcp",
-        }
+    if version == "2025-11-25":
+        app = list_changing_server.refusing_discover(app)
+    with UvicornThread(app) as up:
+        path = "sse" if transport == "sse" else "mcp"
+        yield mcp_server("changing", transport=transport, url=f"http://127.0.0.1:{up.port}/{path}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["stdio", "http"])
-@pytest.mark.parametrize("version", ["2025-11-25", "2026-07-28"])
+@pytest.mark.parametrize(
+    ("transport", "version"),
+    [
+        ("stdio", "2025-11-25"),
+        ("stdio", "2026-07-28"),
+        ("http", "2025-11-25"),
+        ("http", "2026-07-28"),
+        ("sse", "2026-07-28"),  # an SSE server of the 2025 protocol would answer its discover on the stream
+    ],
+)
 def test_a_tool_added_at_runtime_reaches_the_callback_and_the_next_listing(
-    http_servers: dict[str, str],  # first: the servers outlive the manager's sessions
-    changes: tuple[MCPManager, list[tuple[str, str]]],
-    transport: str,
-    version: str,
+    changes: tuple[MCPManager, list[tuple[str, str]]], transport: str, version: str
 ) -> None:
     """The server adds a tool after the call that asked for it has answered, outside any request: over
     stdio on the pipe, over streamable HTTP on the standalone GET stream (2025) or the listen stream
     (2026-07-28). The session's next listing has it, on the same connection."""
     manager, heard = changes
-    if transport == "stdio":
-        args = [LIST_CHANGING_SERVER, *(["--legacy"] if version == "2025-11-25" else [])]
-        server = mcp_server("changing", transport="stdio", command=sys.executable, args=args)
-    else:
-        server = mcp_server("changing", transport="http", url=http_servers[version])
-    assert [tool.name for tool in manager.list_tools(server)] == ["add_tool"]
-    session = manager._peek("default", "changing")
-    assert session is not None and session.client is not None
-    assert session.client.protocol_version == version
+    with list_changing(transport, version) as server:
+        try:
+            assert [tool.name for tool in manager.list_tools(server)] == ["add_tool"]
+            session = manager._peek("default", "changing")
+            assert session is not None and session.client is not None
+            assert session.client.protocol_version == version
 
-    assert manager.call_tool(server, "add_tool", {"name": "extra"}).text == "adding extra"
-    wait_for(lambda: heard, 30, what="the tool-list change to reach the callback")
-    assert heard[0] == ("default", "changing")
-    assert [tool.name for tool in manager.list_tools(server)] == ["add_tool", "extra"]
-    assert manager._peek("default", "changing") is session, "listed again on the same session"
-    assert manager.call_tool(server, "extra", {}).text == "extra ran"
+            assert manager.call_tool(server, "add_tool", {"name": "extra"}).text == "adding extra"
+            wait_for(lambda: heard, 30, what="the tool-list change to reach the callback")
+            assert heard[0] == ("default", "changing")
+            assert [tool.name for tool in manager.list_tools(server)] == ["add_tool", "extra"]
+            assert manager._peek("default", "changing") is session, "listed again on the same session"
+            assert manager.call_tool(server, "extra", {}).text == "extra ran"
+        finally:
+            manager.disconnect("default", "changing")  # while its server still answers
 
 
 @pytest.mark.slow
@@ -287,3 +299,4 @@ def test_a_refused_listen_leaves_the_session_working(
             what="the added tool to be listed",
         )
         assert manager.connected("default", "refusing") and heard == []
+        manager.disconnect("default", "refusing")
