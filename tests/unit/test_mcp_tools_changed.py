@@ -1,7 +1,7 @@
 """A server's tool list changing under an open session: the session hears it (``notifications/tools/list_changed``
 of the 2025 protocol, a ``subscriptions/listen`` stream of the 2026-07-28 one) and the manager tells its
 ``on_tools_changed`` callback, off its event loop. Fakes first; then real servers (``list_changing_server``)
-over stdio and streamable HTTP, in both protocol eras."""
+over stdio and streamable HTTP in both protocol eras, and SSE."""
 
 from __future__ import annotations
 
