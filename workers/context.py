@@ -131,6 +131,9 @@ class WorkerContext:
     enqueue: Enqueue
     clock: Callable[[], datetime] = utcnow
     sleep: Callable[[float], None] = time.sleep  # for in-task backoff (tests pass a recorder)
+    # A claim's age is this process's elapsed time: the wall clock may be stepped (its claimedAt, which
+    # other processes read, is still stamped from ``clock``).
+    monotonic: Callable[[], float] = time.monotonic
     mcp: Any = None  # kubechain.mcp.MCPManager, kept by a worker that runs tool calls (the tools queue)
     claims_in_doubt: ClaimsInDoubt = field(default_factory=ClaimsInDoubt, repr=False)
     # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.

@@ -301,11 +301,15 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
     went unanswered, or showed the object as it was before the write, which may yet land; or the fresh
     stamp went unanswered), the claim is remembered in ctx.claims_in_doubt and the Unavailable raised:
     Celery's retry (or any later task) in this process finds it on the object, knows it was never acted
-    on, and claims it afresh."""
+    on, and claims it afresh.
+
+    ``transition``'s claimedAt is stamped by the caller just before: the claim's age is measured from
+    here, on ctx.monotonic."""
+    since = ctx.monotonic()
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
-        claimed = _confirm_claim(ctx, obj, transition, still_ours, exc)
+        claimed = _confirm_claim(ctx, obj, transition, still_ours, exc, since)
     ctx.claims_in_doubt.forget(obj)
     return claimed
 
@@ -316,13 +320,13 @@ def _confirm_claim(
     transition: Transition,
     still_ours: Callable[[R], bool],
     unanswered: Unavailable,
+    since: float,
 ) -> R:
     """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours to act
     on; Conflict if the object moved on without it, or if it moved with the claim on it before the claim,
     too old, was stamped afresh (the claim then left in doubt); else the Unavailable, the claim left in
     doubt."""
     claimed_at = str(transition.status.get("claimedAt") or "")
-    stamped = parse_timestamp(claimed_at) or ctx.clock()
     budget_s = ctx.settings.claim_confirm_budget_s
     delays = backoff_delays(budget_s)
     while True:
@@ -332,7 +336,7 @@ def _confirm_claim(
             unanswered = exc
         else:
             if still_ours(current):
-                if (ctx.clock() - stamped).total_seconds() > budget_s:
+                if ctx.monotonic() - since > budget_s:
                     # Too old for the call to end within it. Left to a retry, it may be another pod's,
                     # which would take the claim for a live one and wait for it to expire.
                     return _restamp_claim(ctx, current, transition, claimed_at)
@@ -343,7 +347,7 @@ def _confirm_claim(
             if current.resource_version != obj.resource_version:
                 raise Conflict(409, "Conflict", f"{obj.KIND} {obj.name} moved on without this claim")
         delay = next(delays, None)
-        if delay is None or (ctx.clock() - stamped).total_seconds() + delay > budget_s:
+        if delay is None or ctx.monotonic() - since + delay > budget_s:
             break
         ctx.sleep(delay)
     ctx.claims_in_doubt.add(obj, claimed_at, transition)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from kubechain.kube.events import EventRecorder
@@ -52,6 +53,14 @@ def context(
         enqueue=lambda *_: None,
         continues_llm=continues_llm,
     )
+
+
+def on_clock(ctx: WorkerContext, now: list[datetime]) -> None:
+    """Drive ``ctx``'s wall clock and its monotonic clock (a claim's age) from ``now[0]``, which the test
+    moves on."""
+    start = now[0]
+    ctx.clock = lambda: now[0]
+    ctx.monotonic = lambda: (now[0] - start).total_seconds()
 
 
 def create(

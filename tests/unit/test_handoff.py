@@ -25,7 +25,7 @@ from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
 from kubechain.statemachines.transition import precise_timestamp
-from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.fakes import FakeLLM, context, create, message, on_clock
 from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost
 from tests.unit.test_workers_on_fake import validated
 from workers.context import WorkerContext
@@ -186,7 +186,7 @@ def test_an_llm_claim_confirmed_too_late_to_act_on_is_stamped_afresh_and_called_
     validated(kube, llm)
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
     ctx = context(kube, llm, continues_llm=handed_off)
-    ctx.clock = lambda: now[0]
+    on_clock(ctx, now)
     prepare(ctx, message("TaskRun", "r"))
     if not handed_off:
         llm_call(ctx, message("TaskRun", "r"))

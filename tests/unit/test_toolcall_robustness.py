@@ -40,7 +40,7 @@ from kubechain.statemachines.toolcall import (
     plan_tool_success,
 )
 from kubechain.statemachines.transition import Transition, precise_timestamp
-from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.fakes import FakeLLM, context, create, message, on_clock
 from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -1957,7 +1957,7 @@ def charged_on(
 ) -> tuple[WorkerContext, list[float], list[str], str]:
     """``charged``, on the clock ``now[0]``; its list: the claimedAt each execution of the tool ran under."""
     ctx, sleeps, _calls, name = charged(kube, monkeypatch)
-    ctx.clock = lambda: now[0]
+    on_clock(ctx, now)
     claims: list[str] = []
 
     def charge(*_args: Any, **_kwargs: Any) -> str:
@@ -1999,6 +1999,20 @@ def test_a_tool_claim_confirmed_too_late_on_a_call_that_moved_since_is_decided_a
     assert not kube.moving and kube.writes == 3, "claim, its refused fresh stamp, the claim decided again"
     assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
     assert claims == [precise_timestamp(now[0])]
+
+
+def test_a_claims_age_is_measured_on_a_monotonic_clock_not_the_wall_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wall clock was stepped back a minute (an NTP correction) while the claim write waited 30 s for
+    its lost answer: by the wall clock the claim looked young, and the tool ran under it."""
+    now = [datetime.now(UTC)]
+    kube = ClaimAnsweredLate("Running", now)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    ctx.clock = lambda: now[0] - timedelta(seconds=60 if kube.writes else 0)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Succeeded"
+    assert kube.writes == 2 and claims == [precise_timestamp(ctx.clock())], "run under a fresh stamp"
 
 
 @pytest.mark.parametrize("restamp", ["lost", "unapplied"])
