@@ -41,9 +41,9 @@ CLAIM_FIELDS = ("phase", "claimedBy", "claimedAt")
 
 def claim_only(claim: Transition) -> Transition:
     """``claim`` as re-applied (stamped afresh) to an object that holds it: its fields that say whose claim
-    it is, and its Events and children, still due (the write's answer was lost, or came too late). The
-    rest of its status landed in the same write as those fields, so it is on the object already (a hand-off
-    wrote the whole context window): written again, it could only undo what changed since."""
+    it is, and its Events and children, still due (the write's answer was lost). The rest of its status
+    landed in the same write as those fields, so it is on the object already (a hand-off wrote the whole
+    context window): written again, it could only undo what changed since."""
     status = {key: value for key, value in claim.status.items() if key in CLAIM_FIELDS}
     return Transition(status, list(claim.events), list(claim.children))
 

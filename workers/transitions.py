@@ -285,23 +285,32 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
     return None
 
 
+# How often a landed claim too old to act on is stamped afresh, each fresh stamp answered too late again,
+# before it is left in doubt for the task's retry: an API server that slow leaves no claim time enough.
+CLAIM_RESTAMPS_MAX = 2
+
+
 def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
     """Write a claim and return the object as claimed; the caller acts under the claimedAt it carries,
     which is not always ``transition``'s (below).
 
     A write whose outcome is unknown (timeout, 5xx after the server applied it) is resolved by reading
-    back, retried with the backoff outcomes are written with while the claim is young enough to act on
-    (Settings.claim_confirm_budget_s). If the claim we wrote is there, it is ours: young enough, we go on
-    (after its Events, which are named after the version written, so never posted twice); older (the
-    write's answer timed out only after the API client's read timeout, 30 s), it is stamped afresh, a
-    conditional write, and we go on under the fresh stamp. If the object moved on without it, the write
-    can no longer land: Conflict, for the caller to re-read and re-decide. A Conflict also comes from the
-    fresh stamp when the object moved with the claim still on it (a metadata write, say): the claim is
-    then left in doubt, as below, and the caller's re-decision claims it afresh. Still unknown (the reads
-    went unanswered, or showed the object as it was before the write, which may yet land; or the fresh
-    stamp went unanswered), the claim is remembered in ctx.claims_in_doubt and the Unavailable raised:
-    Celery's retry (or any later task) in this process finds it on the object, knows it was never acted
-    on, and claims it afresh.
+    back, retried with the backoff outcomes are written with for as long as the claim is young enough to
+    act on (Settings.claim_confirm_budget_s). If the claim we wrote is there, it is ours: its Events are
+    posted (named after the version written, so never twice). If the object moved on without it, the
+    write can no longer land: Conflict, for the caller to re-read and re-decide.
+
+    A claim that landed is then acted on only if it is still young enough: its write may have been
+    answered late (429s waited out, a slow etcd, an answer lost at the API client's read timeout), and
+    its Events, posted inline, may each have waited out that timeout too. An older one is stamped afresh
+    (its claim fields only: the rest of the claim and its Events are done), a conditional write: a
+    Conflict (the object moved with the claim on it, a metadata write, say) leaves the claim in doubt, as
+    below, and the caller's re-decision claims it afresh.
+
+    Still unknown (the reads went unanswered, or showed the object as it was before the write, which may
+    yet land; or a fresh stamp went unanswered, or every one was answered too late), the claim is
+    remembered in ctx.claims_in_doubt and Unavailable raised: Celery's retry (or any later task) in this
+    process finds it on the object, knows it was never acted on, and claims it afresh.
 
     ``transition``'s claimedAt is stamped by the caller just before: the claim's age is measured from
     here, on ctx.monotonic."""
@@ -309,9 +318,28 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
-        claimed = _confirm_claim(ctx, obj, transition, still_ours, exc, since)
-    ctx.claims_in_doubt.forget(obj)
-    return claimed
+        claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc, since), transition)
+    budget_s = ctx.settings.claim_confirm_budget_s
+    for restamps in range(CLAIM_RESTAMPS_MAX + 1):
+        age_s = ctx.monotonic() - since
+        if age_s <= budget_s:
+            ctx.claims_in_doubt.forget(obj)
+            return claimed
+        if restamps == CLAIM_RESTAMPS_MAX:
+            break
+        since = ctx.monotonic()
+        claimed = _restamp_claim(ctx, claimed, transition, age_s)
+    ctx.claims_in_doubt.add(claimed, claimed.status.claimed_at, _stamp_only(transition))
+    log.warning(
+        "claim on %s %s/%s, stamped afresh %d times, was each time older than %.0f s once written: left in "
+        "doubt; a retry of this task in this process claims it afresh",
+        obj.KIND,
+        obj.namespace,
+        obj.name,
+        CLAIM_RESTAMPS_MAX,
+        budget_s,
+    )
+    raise Unavailable(0, "Unavailable", f"the API server answered {obj.KIND} {obj.name}'s claim too late")
 
 
 def _confirm_claim(
@@ -322,10 +350,9 @@ def _confirm_claim(
     unanswered: Unavailable,
     since: float,
 ) -> R:
-    """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours to act
-    on; Conflict if the object moved on without it, or if it moved with the claim on it before the claim,
-    too old, was stamped afresh (the claim then left in doubt); else the Unavailable, the claim left in
-    doubt."""
+    """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours (its
+    Events not posted yet); Conflict if the object moved on without it; else the Unavailable, the claim
+    left in doubt."""
     claimed_at = str(transition.status.get("claimedAt") or "")
     budget_s = ctx.settings.claim_confirm_budget_s
     delays = backoff_delays(budget_s)
@@ -336,14 +363,10 @@ def _confirm_claim(
             unanswered = exc
         else:
             if still_ours(current):
-                if ctx.monotonic() - since > budget_s:
-                    # Too old for the call to end within it. Left to a retry, it may be another pod's,
-                    # which would take the claim for a live one and wait for it to expire.
-                    return _restamp_claim(ctx, current, transition, claimed_at)
                 log.info(
                     "claim write on %s %s/%s timed out but was applied", obj.KIND, obj.namespace, obj.name
                 )
-                return _after_write(ctx, current, transition)
+                return current
             if current.resource_version != obj.resource_version:
                 raise Conflict(409, "Conflict", f"{obj.KIND} {obj.name} moved on without this claim")
         delay = next(delays, None)
@@ -364,29 +387,36 @@ def _confirm_claim(
     raise unanswered
 
 
-def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, claimed_at: str) -> R:
-    """Stamp this process's claim ``transition`` (stamped ``claimed_at``, read back on ``current``, never
-    acted on) afresh, as the in-doubt retry does: only the stamp is written anew on the status read back,
-    which holds the rest of the claim (claim_only), so nothing is counted twice; and its Events, not
-    posted yet, posted now."""
-    fresh = claim_only(transition)
+def _stamp_only(claim: Transition) -> Transition:
+    """``claim`` as stamped afresh once it landed: its fields that say whose claim it is (claim_only),
+    without its Events and children, which were posted and made after it landed."""
+    return Transition(claim_only(claim).status)
+
+
+def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, age_s: float) -> R:
+    """Stamp this process's claim ``transition`` (landed on ``current``, ``age_s`` old, never acted on)
+    afresh: only its claim fields, on the status read back, which holds the rest of the claim, so nothing
+    is counted twice; no Events."""
+    claimed_at = current.status.claimed_at
+    fresh = _stamp_only(transition)
     fresh.status["claimedAt"] = restamped_at = precise_timestamp(ctx.clock())
     log.info(
-        "claim write on %s %s/%s was applied but confirmed too late to act on: stamping it afresh",
+        "claim on %s %s/%s was %.0f s old once written, too old to act on: stamping it afresh",
         current.KIND,
         current.namespace,
         current.name,
+        age_s,
     )
     try:
         return apply_transition(ctx, current, fresh)
     except Conflict:
-        # Moved since the read-back (a metadata write, say): the caller re-decides, and still finds the
-        # claim ours and never acted on.
-        ctx.claims_in_doubt.add(current, claimed_at, transition)
+        # Moved since (a metadata write, say): the caller re-decides, and still finds the claim ours and
+        # never acted on.
+        ctx.claims_in_doubt.add(current, claimed_at, fresh)
         raise
     except Unavailable as unanswered:
         # Either stamp may be the one on the object now.
-        ctx.claims_in_doubt.add(current, claimed_at, transition)
+        ctx.claims_in_doubt.add(current, claimed_at, fresh)
         ctx.claims_in_doubt.add(current, restamped_at, fresh)
         log.warning(
             "claim on %s %s/%s, stamped afresh, went unanswered (%s): left in doubt; a retry of this task in "

@@ -22,6 +22,7 @@ from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMResponse
 from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
+from kubechain.settings import Settings
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
 from kubechain.statemachines.transition import precise_timestamp
@@ -193,6 +194,46 @@ def test_an_llm_claim_confirmed_too_late_to_act_on_is_stamped_afresh_and_called_
     assert run_status(kube)["phase"] == "FinalAnswer" and kube.writes == 2
     assert seen == [(None, precise_timestamp(now[0]))], "called once, under the fresh stamp, not interrupted"
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+
+
+class SlowEvents(FakeKubeClient):
+    """Every Event POST takes the API client's whole read timeout (the recorder swallows its error, after
+    the wait); ``moved``: the run's metadata is written after the first one (a label, say)."""
+
+    def __init__(self, clock: list[datetime], moved: bool = False) -> None:
+        super().__init__()
+        self.clock, self.moving = clock, moved
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if method == "POST" and path.endswith("/events"):
+            self.clock[0] += timedelta(seconds=Settings().kube_timeout_s)
+            if self.moving:
+                self.moving = False
+                self.patch_metadata("taskruns", "default", "r", {"labels": {"example.com/team": "a"}})
+        return super().request(method, path, **kwargs)
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["fresh-stamp-lands", "run-moved-meanwhile"])
+def test_a_hand_off_whose_events_took_long_calls_its_llm_under_a_fresh_claim(moved: bool) -> None:
+    """The hand-off's Events are posted inline, after its claim: each may wait out the API client's read
+    timeout, and the LLM was called under a claim a minute old. It is stamped afresh (the Events not
+    posted again), or, the run having moved since, decided again and claimed anew."""
+    now = [datetime.now(UTC)]
+    kube = SlowEvents(now, moved)
+    ages: list[float] = []
+    llm = FakeLLM(lambda _r: ages.append(claim_age(kube, now[0])) or LLMResponse(content="done"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, continues_llm=True)
+    on_clock(ctx, now)
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(ages) == 1
+    assert ages[0] <= ctx.settings.claim_confirm_budget_s, f"LLM called under a claim {ages[0]} s old"
+    assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+
+
+def claim_age(kube: FakeKubeClient, now: datetime) -> float:
+    return (now - claim_time(kube.get_raw("taskruns", "default", "r"))).total_seconds()
 
 
 def hand_off_left_in_doubt() -> tuple[ClaimAnswerLost, FakeLLM, WorkerContext]:

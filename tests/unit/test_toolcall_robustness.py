@@ -45,7 +45,7 @@ from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
-from workers.transitions import RECORD_RETRY_BUDGET_S
+from workers.transitions import CLAIM_RESTAMPS_MAX, RECORD_RETRY_BUDGET_S
 from workers.validators import validate
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -1997,6 +1997,64 @@ def test_a_tool_claim_confirmed_too_late_on_a_call_that_moved_since_is_decided_a
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert not kube.moving and kube.writes == 3, "claim, its refused fresh stamp, the claim decided again"
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])]
+
+
+class ClaimLandsLate(FakeKubeClient):
+    """The status writes that set ``phase`` land, but each of the first ``late`` is answered ``late_s``
+    after it was sent (429s waited out, or an etcd slow within the API client's read timeout):
+    ``clock[0]`` moves on meanwhile."""
+
+    def __init__(self, phase: str, clock: list[datetime], late_s: float, late: int = 1) -> None:
+        super().__init__()
+        self.phase, self.clock, self.late_s, self.late = phase, clock, late_s, late
+        self.writes = 0
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = kwargs.get("body")
+        result = super().request(method, path, **kwargs)
+        if (
+            method in ("PATCH", "PUT")
+            and isinstance(body, dict)
+            and (body.get("status") or {}).get("phase") == self.phase
+        ):
+            self.writes += 1
+            if self.writes <= self.late:
+                self.clock[0] += timedelta(seconds=self.late_s)
+        return result
+
+
+def test_a_tool_claim_answered_late_is_stamped_afresh_before_the_tool_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its write landed, answered 45 s later: the tool (up to 150 s) ran with 135 s of claim left, and the
+    resync handed it to another worker while it still ran."""
+    now = [datetime.now(UTC)]
+    kube = ClaimLandsLate("Running", now, 45.0)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])], "run once, under the claim stamped after the late answer"
+    assert kube.writes == 2 and sleeps == []
+
+
+def test_a_tool_claim_whose_every_stamp_is_answered_late_is_left_to_the_retry_and_run_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An API server that answers every write too late for the claim to be acted on: after a few fresh
+    stamps the claim is left in doubt (ours, never acted on) for Celery's retry in this process."""
+    now = [datetime.now(UTC)]
+    kube = ClaimLandsLate("Running", now, 30.0, late=10**6)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert claims == [] and kube.writes == 1 + CLAIM_RESTAMPS_MAX
+    assert toolcall_status(kube, name)["claimedBy"] == "w1"
+    kube.late = 0
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
+    status = toolcall_status(kube, name)
     assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
     assert claims == [precise_timestamp(now[0])]
 
