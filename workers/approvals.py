@@ -33,6 +33,7 @@ from kubechain.humanlayer import (
     channel_config_problem,
     channel_payload,
 )
+from kubechain.humanlayer.client import DEFAULT_TIMEOUT_S as HUMANLAYER_TIMEOUT_S
 from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, MCPServer, TaskRunToolCall, Tool, ToolCallPhase
 from kubechain.queueing import TaskName
@@ -40,7 +41,7 @@ from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
 from kubechain.statemachines.transition import Transition
 from workers.tool_outcomes import apply_call_transition
-from workers.transitions import schedule_recheck
+from workers.transitions import apply_claim, schedule_recheck
 from workers.validators import SecretProblem, get_or_none, read_api_key
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ if TYPE_CHECKING:
     from workers.tool_call import Executor
 
 log = logging.getLogger(__name__)
+
+# The oldest a request claim may be when its HumanLayer calls start (a look-up, then the request, each up
+# to the client's timeout): an older one is stamped afresh first, or the calls could outlast it and a
+# second worker, taking it over, send the request too.
+REQUEST_CLAIM_YOUNG_S = machine.REQUEST_CLAIM_TIMEOUT_S - 2 * HUMANLAYER_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -213,8 +219,9 @@ def _send_request(
     kind: _RequestKind,
     spec_for: Callable[[dict[str, Any]], dict[str, Any]],
 ) -> None:
-    """Claim the call, send the request (with a deterministic call id, so a retry is the same call),
-    record sent or failed while the claim is ours, and schedule the next re-check."""
+    """Claim the call (apply_claim: a claim too old to send under is stamped afresh first), send the
+    request (with a deterministic call id, so a retry is the same call), record sent or failed while the
+    claim is ours, and schedule the next re-check."""
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
@@ -228,10 +235,15 @@ def _send_request(
     # Stamped now, not before the reads above (the ContactChannel and its Secret, uncached): they may have
     # waited out an API server shedding load (429s), and the claim would be written already expired, for
     # a second worker to take over and send the request too.
-    now = ctx.clock()
     spec = spec_for(channel_payload(channel))
-    claimed = apply_call_transition(
-        ctx, toolcall, machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, now)
+    claim = machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, ctx.clock())
+    claimed_at = claim.status["claimedAt"]
+    claimed = apply_claim(
+        ctx,
+        toolcall,
+        claim,
+        lambda current: _holds_claim(current, ctx.identity, claimed_at),
+        young_s=REQUEST_CLAIM_YOUNG_S,
     )
     external_id = machine.call_id(claimed)
     sent_id: str | None = None

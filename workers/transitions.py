@@ -290,7 +290,14 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
 CLAIM_RESTAMPS_MAX = 2
 
 
-def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: Callable[[R], bool]) -> R:
+def apply_claim(
+    ctx: WorkerContext,
+    obj: R,
+    transition: Transition,
+    still_ours: Callable[[R], bool],
+    *,
+    young_s: float | None = None,
+) -> R:
     """Write a claim and return the object as claimed; the caller acts under the claimedAt it carries,
     which is not always ``transition``'s (below).
 
@@ -313,13 +320,13 @@ def apply_claim(ctx: WorkerContext, obj: R, transition: Transition, still_ours: 
     process finds it on the object, knows it was never acted on, and claims it afresh.
 
     ``transition``'s claimedAt is stamped by the caller just before: the claim's age is measured from
-    here, on ctx.monotonic."""
+    here, on ctx.monotonic. ``young_s``: the oldest it may be to act on, if not claim_confirm_budget_s."""
     since = ctx.monotonic()
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
         claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc, since), transition)
-    budget_s = ctx.settings.claim_confirm_budget_s
+    budget_s = ctx.settings.claim_confirm_budget_s if young_s is None else young_s
     for restamps in range(CLAIM_RESTAMPS_MAX + 1):
         age_s = ctx.monotonic() - since
         if age_s <= budget_s:

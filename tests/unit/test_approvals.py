@@ -25,6 +25,7 @@ from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.models import MCPServer, TaskRun, TaskRunToolCall, ToolCall, ToolCallFunction
 from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.settings import Settings
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import expected_toolcalls, toolcall_name
@@ -45,14 +46,21 @@ ARGS = {"url": "https://example.com/page"}
 
 
 class Clock:
+    """The wall clock (called) and a monotonic one, moved on together."""
+
     def __init__(self) -> None:
         self.now = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+        self.elapsed = 0.0
 
     def __call__(self) -> datetime:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.elapsed
+
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
+        self.elapsed += seconds
 
 
 class FakeMCP:
@@ -106,7 +114,7 @@ class World:
         ctx = context(
             self.kube, FakeLLM(lambda r: LLMResponse()), identity, humanlayer_api_base=self.hl.url, **settings
         )
-        ctx.clock = self.clock
+        ctx.clock, ctx.monotonic = self.clock, self.clock.monotonic
         ctx.mcp = self.mcp
         ctx.enqueue = lambda task, msg, countdown: self.scheduled.append((task, msg, countdown))
         return ctx
@@ -605,6 +613,50 @@ def test_a_request_claim_is_stamped_after_the_channel_and_its_secret_were_read(
     )
     assert machine.request_in_flight(claimed, w.clock()), "another worker leaves it to its holder"
     assert w.status()["phase"] == "AwaitingHumanApproval" and w.hl.posts == {w.status()["externalCallID"]: 1}
+
+
+class SlowFirstEvent(FakeKubeClient):
+    """Once armed, the next Event POST takes the API client's whole read timeout; records the request
+    claims written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock: Clock | None = None
+        self.claims: list[dict[str, Any]] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.clock is not None and method == "POST" and path.endswith("/events"):
+            self.clock.advance(Settings().kube_timeout_s)
+            self.clock = None
+        status = (kwargs.get("body") or {}).get("status") or {}
+        if method in ("PATCH", "PUT") and status.get("claimedBy"):
+            self.claims.append(dict(status))
+        return super().request(method, path, **kwargs)
+
+
+def test_a_request_claim_whose_event_took_long_is_stamped_afresh_before_the_request_is_sent(
+    hl: HumanLayerTestServer,
+) -> None:
+    """The claim's Event, posted inline, waited out the API client's read timeout (30 s): the request was
+    sent under a claim as old as REQUEST_CLAIM_TIMEOUT_S, one a second worker (a resync) could take over
+    and send the request too."""
+    kube = SlowFirstEvent()
+    w = new_world(hl, kube)
+    add_toolcall(w)
+    kube.clock = w.clock
+    w.run()
+    assert kube.clock is None, "the claim's Event was posted"
+    first, fresh = kube.claims
+    assert (
+        fresh["claimedBy"] == "w1"
+        and fresh["claimedAt"] == precise_timestamp(w.clock()) != first["claimedAt"]
+    )
+    claimed = TaskRunToolCall.model_validate(
+        {**kube.get_raw("taskruntoolcalls", "default", TC), "status": fresh}
+    )
+    assert machine.request_in_flight(claimed, w.clock()), "another worker leaves it to its holder"
+    assert w.status()["phase"] == "AwaitingHumanApproval" and w.hl.posts == {w.status()["externalCallID"]: 1}
+    assert w.events().count("AwaitingHumanApproval") == 1, "the claim's Event is not posted again"
 
 
 # -- approval with kubectl ---------------------------------------------------------------------------
