@@ -124,10 +124,10 @@ class Settings(BaseSettings):
 
     @property
     def claim_confirm_budget_s(self) -> float:
-        """How old a claim whose write went unanswered may be when its worker confirms it by reading it
-        back and still makes the call under it (one older is stamped afresh first), and how long it reads
-        back: a third of the margin a claim leaves past the longest LLM or tool call (10 s by default),
-        the rest being for writing the outcome."""
+        """How old a claim may be when its worker makes the call under it (one older, its write answered
+        late or confirmed by reading it back, is stamped afresh first): a third of the margin a claim
+        leaves past the longest LLM or tool call (10 s by default), the rest being for writing the
+        outcome."""
         return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) / 3
 
     @model_validator(mode="after")

@@ -302,8 +302,8 @@ def apply_claim(
     which is not always ``transition``'s (below).
 
     A write whose outcome is unknown (timeout, 5xx after the server applied it) is resolved by reading
-    back, retried with the backoff outcomes are written with for as long as the claim is young enough to
-    act on (Settings.claim_confirm_budget_s). If the claim we wrote is there, it is ours: its Events are
+    back, retried as outcomes are written (RECORD_RETRY_BUDGET_S, whatever the claim's age: one read back
+    too old to act on is stamped afresh, below). If the claim we wrote is there, it is ours: its Events are
     posted (named after the version written, so never twice). If the object moved on without it, the
     write can no longer land: Conflict, for the caller to re-read and re-decide.
 
@@ -325,7 +325,7 @@ def apply_claim(
     try:
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
-        claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc, since), transition)
+        claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc), transition)
     budget_s = ctx.settings.claim_confirm_budget_s if young_s is None else young_s
     for restamps in range(CLAIM_RESTAMPS_MAX + 1):
         age_s = ctx.monotonic() - since
@@ -355,14 +355,14 @@ def _confirm_claim(
     transition: Transition,
     still_ours: Callable[[R], bool],
     unanswered: Unavailable,
-    since: float,
 ) -> R:
     """Read back a claim whose write went unanswered (see apply_claim): the object as claimed, ours (its
     Events not posted yet); Conflict if the object moved on without it; else the Unavailable, the claim
     left in doubt."""
     claimed_at = str(transition.status.get("claimedAt") or "")
-    budget_s = ctx.settings.claim_confirm_budget_s
-    delays = backoff_delays(budget_s)
+    # Only this process can tell the claim was never acted on: given up early, it is left to a retry that
+    # another pod may get, which would wait for it to expire and then take the step for one interrupted.
+    delays = backoff_delays(RECORD_RETRY_BUDGET_S)
     while True:
         try:
             current = ctx.kube.get(type(obj), obj.namespace, obj.name)
@@ -377,7 +377,7 @@ def _confirm_claim(
             if current.resource_version != obj.resource_version:
                 raise Conflict(409, "Conflict", f"{obj.KIND} {obj.name} moved on without this claim")
         delay = next(delays, None)
-        if delay is None or ctx.monotonic() - since + delay > budget_s:
+        if delay is None:
             break
         ctx.sleep(delay)
     ctx.claims_in_doubt.add(obj, claimed_at, transition)
@@ -388,7 +388,7 @@ def _confirm_claim(
         obj.KIND,
         obj.namespace,
         obj.name,
-        budget_s,
+        RECORD_RETRY_BUDGET_S,
         unanswered,
     )
     raise unanswered
@@ -439,7 +439,7 @@ def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, age_s
 # How long a worker holding an outcome (a tool result, an LLM answer) retries writing it through an
 # unreachable API server before it gives up and lets Celery retry the task: at least this long, and in
 # any case until its claim expires (until then nobody else may act on the step, so giving up earlier
-# only loses the outcome).
+# only loses the outcome). A claim whose write went unanswered is read back this long (apply_claim).
 RECORD_RETRY_BUDGET_S = 60.0
 RECORD_RETRY_FIRST_S = 0.5
 RECORD_RETRY_MAX_S = 15.0
