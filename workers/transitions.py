@@ -31,6 +31,7 @@ from kubechain.statemachines.taskrun import (
 )
 from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION, plan_tool_failure
 from kubechain.statemachines.transition import (
+    StatusFingerprint,
     Transition,
     child_rejected_message,
     claim_remaining_s,
@@ -38,6 +39,7 @@ from kubechain.statemachines.transition import (
     parse_timestamp,
     patch_landed,
     precise_timestamp,
+    status_fingerprint,
 )
 from kubechain.statemachines.validation import plan_validation
 from workers.context import WorkerContext, claim_only
@@ -480,8 +482,9 @@ def record_while_claimed(
     current: R | None = claimed
     raw: dict[str, Any] = {}
     # Every write answered with Unavailable: any of them may still land, even after a later write was
-    # refused because of it (it committed meanwhile), so each re-read is compared with all of them.
-    unanswered: list[Transition] = []
+    # refused because of it (it committed meanwhile), so each re-read is compared with all of them. Each is
+    # kept as its status's fingerprint and its effects: a status may hold a 1 MiB context window.
+    unanswered: list[tuple[StatusFingerprint, Transition]] = []
     claim_left_s = claim_remaining_s(claimed.status.claimed_at, ctx.clock(), ctx.limits.claim_timeout_s)
     retry_budget_s = max(retry_budget_s, claim_left_s)
     delays = backoff_delays(retry_budget_s)
@@ -491,7 +494,8 @@ def record_while_claimed(
             if current is None:
                 raw = ctx.kube.get_raw(claimed.PLURAL, claimed.namespace, claimed.name)
                 current = type(claimed).from_wire(raw)
-            landed = next((t for t in unanswered if patch_landed(raw.get("status") or {}, t.status)), None)
+            status = raw.get("status") or {}
+            landed = next((effects for written, effects in unanswered if patch_landed(status, written)), None)
             if landed is not None:
                 log.info(
                     "%s of %s %s/%s was written before", what, claimed.KIND, claimed.namespace, claimed.name
@@ -511,7 +515,8 @@ def record_while_claimed(
             try:
                 apply_transition(ctx, current, attempted)
             except Unavailable:
-                unanswered.append(attempted)
+                effects = Transition({"phase": attempted.phase()}, attempted.events, attempted.children)
+                unanswered.append((status_fingerprint(attempted.status), effects))
                 raise
             return
         except Conflict:

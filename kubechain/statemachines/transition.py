@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NewType
 
 from kubechain.models import Resource
 
@@ -116,6 +117,36 @@ def status_differs(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     return any(current.get(key) != value for key, value in patch.items())
 
 
+# A status as written, as patch_landed compares it: its long strings (a context window's messages, a tool's
+# result) kept as digests, for a write remembered until a read-back tells whether it landed.
+StatusFingerprint = NewType("StatusFingerprint", dict[str, Any])
+_KEPT_CHARS = 64  # a string no longer than this is kept as it is: its digest would save nothing
+
+
+@dataclass(frozen=True)
+class _Digest:
+    sha256: bytes
+
+    @classmethod
+    def of(cls, text: str) -> _Digest:
+        return cls(hashlib.sha256(text.encode()).digest())
+
+
+def status_fingerprint(patch: dict[str, Any]) -> StatusFingerprint:
+    """``patch`` (a status as written) as patch_landed needs it, in a small fraction of its memory."""
+    return StatusFingerprint(_fingerprint(json.loads(json.dumps(patch))))
+
+
+def _fingerprint(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _fingerprint(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fingerprint(item) for item in value]
+    if isinstance(value, str) and len(value) > _KEPT_CHARS:
+        return _Digest.of(value)
+    return value
+
+
 def _reflects(current: Any, patch: Any) -> bool:
     if isinstance(patch, dict):
         return isinstance(current, dict) and all(
@@ -128,11 +159,13 @@ def _reflects(current: Any, patch: Any) -> bool:
             and len(current) == len(patch)
             and all(_reflects(c, p) for c, p in zip(current, patch, strict=True))
         )
+    if isinstance(patch, _Digest):
+        return isinstance(current, str) and _Digest.of(current) == patch
     return bool(current == patch)
 
 
-def patch_landed(current: dict[str, Any], patch: dict[str, Any]) -> bool:
-    """Whether the merge patch ``patch`` (a status as written) is reflected in ``current`` (as read back):
-    a write answered with an error may have landed. Fields the API server may add (schema defaults) are
-    allowed; unlike status_differs, nested objects are compared field by field."""
-    return _reflects(current, json.loads(json.dumps(patch)))
+def patch_landed(current: dict[str, Any], patch: StatusFingerprint) -> bool:
+    """Whether the merge patch ``patch`` (a status as written, see status_fingerprint) is reflected in
+    ``current`` (as read back): a write answered with an error may have landed. Fields the API server may
+    add (schema defaults) are allowed; unlike status_differs, nested objects are compared field by field."""
+    return _reflects(current, patch)

@@ -3,11 +3,14 @@ that is briefly unreachable, and results too large to store."""
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import re
+import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -39,7 +42,7 @@ from kubechain.statemachines.toolcall import (
     plan_tool_failure,
     plan_tool_success,
 )
-from kubechain.statemachines.transition import Transition, precise_timestamp
+from kubechain.statemachines.transition import Transition, patch_landed, precise_timestamp, status_fingerprint
 from tests.unit.fakes import FakeLLM, context, create, message, on_clock
 from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
@@ -1674,6 +1677,60 @@ def test_an_llm_answer_is_rewritten_until_the_api_server_is_back() -> None:
     llm_call(ctx, message("TaskRun", "r"))
     assert run_status(kube)["output"] == "paid for" and len(llm.requests) == 1
     assert kube.event_reasons("r").count("LLMFinalAnswer") == 1
+
+
+class HeldAtEachFailure(FlakyKube):
+    """FlakyKube that notes the memory this process holds (tracemalloc, if tracing) at each failed write.
+    Its answers are parsed afresh, as the API client's are: no string in them is shared with another."""
+
+    def __init__(self, phase: str, failures: int) -> None:
+        super().__init__(phase, failures)
+        self.held: list[int] = []
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            result = super().request(method, path, **kwargs)
+        except Unavailable:
+            gc.collect()
+            self.held.append(tracemalloc.get_traced_memory()[0])
+            raise
+        return cast(dict[str, Any], json.loads(json.dumps(result)))
+
+
+def test_an_llm_answer_rewritten_through_an_outage_is_not_held_once_per_unanswered_write(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each unanswered write may yet land, so the re-reads are compared with every one of them: each was
+    held whole, with the context window (up to 1 MiB), up to ~15 per task, across hundreds of threads."""
+    # The log lines captured for the test keep their errors, and so the frames those were raised in.
+    caplog.set_level(logging.ERROR, logger="workers.transitions")
+    kube = HeldAtEachFailure("FinalAnswer", failures=12)
+    llm = FakeLLM(lambda r: LLMResponse(content="paid for"))
+    ctx = agent_with(kube, llm, {})
+    ctx.sleep = lambda _s: None
+    long_message = "x" * 300_000
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": long_message})
+    prepare(ctx, message("TaskRun", "r"))
+    tracemalloc.start()
+    try:
+        llm_call(ctx, message("TaskRun", "r"))
+    finally:
+        tracemalloc.stop()
+    assert run_status(kube)["output"] == "paid for" and len(kube.held) == 12
+    grown = kube.held[-1] - kube.held[1]
+    assert grown < len(long_message), f"{grown} bytes more held after 10 more unanswered writes"
+
+
+def test_a_write_is_known_to_have_landed_by_its_fingerprint_long_strings_and_all() -> None:
+    long = "y" * 1000
+    written = {"phase": "FinalAnswer", "output": long, "contextWindow": [{"content": long}], "error": None}
+    fingerprint = status_fingerprint({**written, "usage": {"totalTokens": 3}})
+    stored = {**written, "usage": {"totalTokens": 3, "promptTokens": 1}}  # merged into what was there
+    del stored["error"]  # None: deleted
+    assert patch_landed(stored, fingerprint)
+    assert not patch_landed({**stored, "output": long + "!"}, fingerprint)
+    assert not patch_landed({**stored, "contextWindow": [{"content": long[:-1] + "z"}]}, fingerprint)
+    assert not patch_landed({**stored, "contextWindow": [{"content": long}] * 2}, fingerprint)
 
 
 class LandsLate(FakeKubeClient):
