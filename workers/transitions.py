@@ -309,12 +309,14 @@ def apply_claim(
     posted (named after the version written, so never twice). If the object moved on without it, the
     write can no longer land: Conflict, for the caller to re-read and re-decide.
 
-    A claim that landed is then acted on only if it is still young enough: its write may have been
-    answered late (429s waited out, a slow etcd, an answer lost at the API client's read timeout), and
-    its Events, posted inline, may each have waited out that timeout too. An older one is stamped afresh
-    (its claim fields only: the rest of the claim and its Events are done), a conditional write: a
-    Conflict (the object moved with the claim on it, a metadata write, say) leaves the claim in doubt, as
-    below, and the caller's re-decision claims it afresh.
+    A claim confirmed by reading it back is then acted on only if it is still young enough (the read-back
+    may have taken a minute). An older one is stamped afresh (its claim fields only: the rest of the claim
+    and its Events are done), a conditional write: a Conflict (the object moved with the claim on it, a
+    metadata write, say) leaves the claim in doubt, as below, and the caller's re-decision claims it
+    afresh. A claim whose write was answered is acted on whatever its age: the answer is late only when
+    the API server is at its slowest, and stamping afresh then adds writes where they cost most (1,000
+    runs at once under a 6 s claim timeout restamped most claims and stalled). Known gap: a write answered
+    later than the claim's margin (claim_timeout_s less the longest call) may leave its call to outlive it.
 
     Still unknown (the reads went unanswered, or showed the object as it was before the write, which may
     yet land; or a fresh stamp went unanswered, or every one was answered too late), the claim is
@@ -328,6 +330,9 @@ def apply_claim(
         claimed = apply_transition(ctx, obj, transition)
     except Unavailable as exc:
         claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc), transition)
+    else:
+        ctx.claims_in_doubt.forget(obj)
+        return claimed
     budget_s = ctx.settings.claim_confirm_budget_s if young_s is None else young_s
     for restamps in range(CLAIM_RESTAMPS_MAX + 1):
         age_s = ctx.monotonic() - since

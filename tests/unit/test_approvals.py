@@ -634,29 +634,21 @@ class SlowFirstEvent(FakeKubeClient):
         return super().request(method, path, **kwargs)
 
 
-def test_a_request_claim_whose_event_took_long_is_stamped_afresh_before_the_request_is_sent(
+def test_a_request_claim_whose_event_took_long_is_acted_on_without_another_write(
     hl: HumanLayerTestServer,
 ) -> None:
-    """The claim's Event, posted inline, waited out the API client's read timeout (30 s): the request was
-    sent under a claim as old as REQUEST_CLAIM_TIMEOUT_S, one a second worker (a resync) could take over
-    and send the request too."""
+    """The claim's Event, posted inline, waited out the API client's read timeout (30 s): the request is
+    sent once under that claim, without a fresh stamp (which would add writes where they cost most). A
+    second worker that took the claim over would look the request up before sending (it is found)."""
     kube = SlowFirstEvent()
     w = new_world(hl, kube)
     add_toolcall(w)
     kube.clock = w.clock
     w.run()
     assert kube.clock is None, "the claim's Event was posted"
-    first, fresh = kube.claims
-    assert (
-        fresh["claimedBy"] == "w1"
-        and fresh["claimedAt"] == precise_timestamp(w.clock()) != first["claimedAt"]
-    )
-    claimed = TaskRunToolCall.model_validate(
-        {**kube.get_raw("taskruntoolcalls", "default", TC), "status": fresh}
-    )
-    assert machine.request_in_flight(claimed, w.clock()), "another worker leaves it to its holder"
+    assert len(kube.claims) == 1, "one claim write"
     assert w.status()["phase"] == "AwaitingHumanApproval" and w.hl.posts == {w.status()["externalCallID"]: 1}
-    assert w.events().count("AwaitingHumanApproval") == 1, "the claim's Event is not posted again"
+    assert w.events().count("AwaitingHumanApproval") == 1, "the claim's Event is posted once"
 
 
 # -- approval with kubectl ---------------------------------------------------------------------------

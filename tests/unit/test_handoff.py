@@ -213,11 +213,14 @@ class SlowEvents(FakeKubeClient):
         return super().request(method, path, **kwargs)
 
 
-@pytest.mark.parametrize("moved", [False, True], ids=["fresh-stamp-lands", "run-moved-meanwhile"])
-def test_a_hand_off_whose_events_took_long_calls_its_llm_under_a_fresh_claim(moved: bool) -> None:
+@pytest.mark.parametrize("moved", [False, True], ids=["run-unchanged", "run-moved-meanwhile"])
+def test_a_hand_off_whose_events_took_long_calls_its_llm_once_without_another_claim_write(
+    moved: bool,
+) -> None:
     """The hand-off's Events are posted inline, after its claim: each may wait out the API client's read
-    timeout, and the LLM was called under a claim a minute old. It is stamped afresh (the Events not
-    posted again), or, the run having moved since, decided again and claimed anew."""
+    timeout (an API server at its slowest). The LLM is called once, under the claim as written (a fresh
+    stamp would add writes where they cost most), and the Events are posted once; a metadata write
+    meanwhile does not stop the answer being recorded."""
     now = [datetime.now(UTC)]
     kube = SlowEvents(now, moved)
     ages: list[float] = []
@@ -228,7 +231,7 @@ def test_a_hand_off_whose_events_took_long_calls_its_llm_under_a_fresh_claim(mov
     on_clock(ctx, now)
     prepare(ctx, message("TaskRun", "r"))
     assert run_status(kube)["phase"] == "FinalAnswer" and len(ages) == 1
-    assert ages[0] <= ctx.settings.claim_confirm_budget_s, f"LLM called under a claim {ages[0]} s old"
+    assert ages[0] >= 2 * Settings().kube_timeout_s, "called under the claim as written, not a fresh stamp"
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
 
 

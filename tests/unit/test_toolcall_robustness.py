@@ -48,7 +48,7 @@ from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
-from workers.transitions import CLAIM_RESTAMPS_MAX, RECORD_RETRY_BUDGET_S
+from workers.transitions import RECORD_RETRY_BUDGET_S
 from workers.validators import validate
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -2105,38 +2105,21 @@ class ClaimLandsLate(FakeKubeClient):
         return result
 
 
-def test_a_tool_claim_answered_late_is_stamped_afresh_before_the_tool_runs(
+def test_a_tool_claim_answered_late_is_acted_on_without_another_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Its write landed, answered 45 s later: the tool (up to 150 s) ran with 135 s of claim left, and the
-    resync handed it to another worker while it still ran."""
+    """Its write landed, answered 45 s later (an API server at its slowest): the tool runs once, under
+    that claim, and no fresh stamp is written. Stamping afresh here added writes exactly when they cost
+    most: 1,000 runs at once under a 6 s claim timeout restamped most claims and stalled."""
     now = [datetime.now(UTC)]
+    stamped = precise_timestamp(now[0])
     kube = ClaimLandsLate("Running", now, 45.0)
     ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
     tool_call(ctx, message("TaskRunToolCall", name))
     status = toolcall_status(kube, name)
     assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
-    assert claims == [precise_timestamp(now[0])], "run once, under the claim stamped after the late answer"
-    assert kube.writes == 2 and sleeps == []
-
-
-def test_a_tool_claim_whose_every_stamp_is_answered_late_is_left_to_the_retry_and_run_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An API server that answers every write too late for the claim to be acted on: after a few fresh
-    stamps the claim is left in doubt (ours, never acted on) for Celery's retry in this process."""
-    now = [datetime.now(UTC)]
-    kube = ClaimLandsLate("Running", now, 30.0, late=10**6)
-    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
-    with pytest.raises(Unavailable):
-        tool_call(ctx, message("TaskRunToolCall", name))
-    assert claims == [] and kube.writes == 1 + CLAIM_RESTAMPS_MAX
-    assert toolcall_status(kube, name)["claimedBy"] == "w1"
-    kube.late = 0
-    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
-    status = toolcall_status(kube, name)
-    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
-    assert claims == [precise_timestamp(now[0])]
+    assert claims == [stamped], "run once, under the claim as written"
+    assert kube.writes == 1 and sleeps == []
 
 
 def test_a_claims_age_is_measured_on_a_monotonic_clock_not_the_wall_clock(
