@@ -12,11 +12,52 @@ MIN_SCRUBBED_CHARS = 6
 REDACTED = "***"
 
 
+# A run of the characters keys and tokens are written in (base64, base64url, hex), and one of letters and
+# digits only; see looks_like_credential.
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_-]{16,}")
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
+# a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...")
+_SECRET_SETTING = re.compile(r"(?i)(passw(or)?d|secret|token|api[-_]?key|private[-_]?key)[\"']?\s*[:=]\s*\S")
+_PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
+
+
+def looks_like_credential(text: str) -> bool:
+    """Whether ``text`` holds what looks like a key, a token or a password rather than words: a run of 16
+    base64 or base64url characters with capitals, small letters and digits (a key, a certificate, a JWT: a
+    camelCase name has no digits, "v1beta1" no capitals); 16 letters and digits unbroken, both present
+    (hex, an access key id: a name's words come apart at "-", "_" or "/"); or a setting named as a
+    secret. A random run without digits (1 in 15 of 16 characters, 1 in 60 of 24) is taken for a name."""
+    return (
+        any(_mixes_cases_and_digits(run) for run in _TOKEN_RUN.findall(text))
+        or any(not run.isdigit() and not run.isalpha() for run in _ALNUM_RUN.findall(text))
+        or _SECRET_SETTING.search(text) is not None
+    )
+
+
+def _mixes_cases_and_digits(run: str) -> bool:
+    return any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
+
+
+def _credential_lines(value: str) -> set[str]:
+    """The lines of a multi-line value (a kubeconfig, a PEM key, a service-account JSON) that are
+    credentials on their own: the body of a PEM block, and lines that look like one. Its other lines
+    ("apiVersion: v1", "name: default", a PEM marker) are in every YAML, JSON or PEM text."""
+    lines: set[str] = set()
+    in_pem = False
+    for line in (line.strip() for line in value.splitlines()):
+        if _PEM_MARKER.fullmatch(line):
+            in_pem = line.startswith("-----BEGIN")
+        elif in_pem or looks_like_credential(line):
+            lines.add(line)
+    return lines
+
+
 def secret_forms(secrets: Iterable[str]) -> list[str]:
     """The ways the secret values may show in text, longest first: as they are and stripped; escaped
     inside a JSON or Python string literal (an error quoting a body or a dict); and, for a multi-line
-    value (a PEM key, a service-account JSON), each of its lines, since text is often scrubbed a line at
-    a time (a child's stderr). Forms shorter than MIN_SCRUBBED_CHARS are left out."""
+    value (a PEM key, a service-account JSON, a kubeconfig), each of its lines that carries a credential
+    (see ``_credential_lines``), since text is often scrubbed a line at a time (a child's stderr). Forms
+    shorter than MIN_SCRUBBED_CHARS are left out."""
     forms: set[str] = set()
     for value in secrets:
         for whole in (value, value.strip()):
@@ -28,7 +69,7 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
                     repr(whole)[1:-1],
                 )
             )
-        forms.update(line.strip() for line in value.splitlines())
+        forms.update(_credential_lines(value))
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 
 import pytest
 
-from kubechain.redaction import redact, redact_url, scrub_then_cut
+from kubechain.redaction import looks_like_credential, redact, redact_url, scrub_then_cut
 
 
 @pytest.mark.parametrize(
@@ -52,13 +53,67 @@ SERVICE_ACCOUNT = json.dumps(
 )
 
 
-@pytest.mark.parametrize("secret", [PEM_KEY, SERVICE_ACCOUNT], ids=["pem", "service-account"])
-def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(secret: str) -> None:
-    """A child's stderr is scrubbed a line at a time: a PEM key or a JSON service account never shows
-    there whole."""
+CA_DATA = base64.b64encode(
+    b"-----BEGIN CERTIFICATE-----\nMIIBdzCCAR2gAwIBAgIBADAKBggqhkjOPQQDAjAjMSEwHwYDVQQDDBhrM3Mtc2VydmVy\n"
+    b"-----END CERTIFICATE-----\n"
+).decode()
+CLIENT_KEY_DATA = base64.b64encode(PEM_KEY.encode()).decode()
+TOKEN = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkRlbW8ifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2lnbmF0dXJl"
+KUBECONFIG = f"""apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: {CA_DATA}
+    server: https://kubernetes.default.svc:443
+  name: default
+contexts:
+- context:
+    cluster: default
+    user: default
+  name: default
+current-context: default
+kind: Config
+preferences: {{}}
+users:
+- name: default
+  user:
+    client-key-data: {CLIENT_KEY_DATA}
+    token: {TOKEN}
+    password: correcthorsebattery
+"""
+# What each multi-line secret holds that is a credential: what no line of text may show a piece of.
+CREDENTIALS = {
+    "pem": (PEM_KEY, PEM_KEY.splitlines()[1:-1]),
+    "service-account": (SERVICE_ACCOUNT, ["5f1c0ffee0ddba11c0de5eed", *PEM_KEY.splitlines()[1:-1]]),
+    "kubeconfig": (KUBECONFIG, [CA_DATA, CLIENT_KEY_DATA, TOKEN, "correcthorsebattery"]),
+}
+
+
+@pytest.mark.parametrize(("secret", "credentials"), CREDENTIALS.values(), ids=CREDENTIALS.keys())
+def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(
+    secret: str, credentials: list[str]
+) -> None:
+    """A child's stderr is scrubbed a line at a time: the key, certificate or token of a PEM key, a JSON
+    service account or a kubeconfig never shows there, in whole or in part."""
     for line in secret.splitlines():
         said = redact(f"[server] {line}", [secret])
-        assert not pieces(secret, said), said
+        for credential in credentials:
+            assert not pieces(credential, said), said
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        (KUBECONFIG, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: default\nusers:\n"),
+        (KUBECONFIG, "kind: Config\ncurrent-context: default\nclusters:\n"),
+        (SERVICE_ACCOUNT, '{\n  "type": "service_account",\n  "project_id": "p"\n}'),
+        (PEM_KEY, "-----BEGIN PRIVATE KEY-----\n(redacted)\n-----END PRIVATE KEY-----"),
+    ],
+    ids=["pod-yaml", "kubeconfig-yaml", "json", "pem-markers"],
+)
+def test_the_ordinary_lines_of_a_multi_line_secret_are_left_in_other_text(secret: str, text: str) -> None:
+    """A kubeconfig is a natural secret for a Kubernetes MCP server, whose every answer is YAML: its lines
+    that carry no credential ("apiVersion: v1", "name: default", a PEM marker) are not cut out of it."""
+    assert redact(text, [secret]) == text
 
 
 @pytest.mark.parametrize(
@@ -90,3 +145,37 @@ def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() ->
         said = scrub_then_cut(text[:end], lambda t: redact(t, [secret]), 60, margin=len(secret))
         assert not pieces(secret, said), (end, said)
         assert len(said) == min(60, max(0, len(redact(text[:end], [secret])) - len(secret)))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CA_DATA[:24],
+        TOKEN.split(".")[1],
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "AKIAIOSFODNN7EXAMPLE",
+        '"private_key_id": "5f1c0ffee0ddba11c0de5eed",',
+        "DB_PASSWORD=correcthorsebattery",
+        '"client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty"',
+    ],
+)
+def test_a_line_with_a_key_token_or_password_looks_like_a_credential(text: str) -> None:
+    assert looks_like_credential(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "insecure-skip-tls-verify: true",
+        "certificateAuthorityData: ''",
+        '"auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",',
+        '"token_uri": "https://oauth2.googleapis.com/token",',
+        "apiVersion: client.authentication.k8s.io/v1beta1",
+        "command: /usr/local/bin/gke-gcloud-auth-plugin",
+        "interactiveMode: IfAvailable",
+        "- arn:aws:eks:us-west-2:123456789012:cluster/my-cluster",
+        "secretName: tls-cert",
+    ],
+)
+def test_a_line_of_names_paths_and_numbers_does_not_look_like_a_credential(text: str) -> None:
+    assert not looks_like_credential(text)
