@@ -73,11 +73,26 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
 
 
+class Scrubber:
+    """Cuts a fixed set of secret values out of text, as ``redact`` does, with their forms worked out once:
+    that costs more than scrubbing a short line, and an MCP server's every answer and stderr line is
+    scrubbed."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.forms: tuple[str, ...] = tuple(secret_forms(secrets))
+        # how much of a text read only in part may be the start of a secret (see scrub_then_cut)
+        self.longest = len(self.forms[0]) if self.forms else 0
+
+    def __call__(self, text: str) -> str:
+        for form in self.forms:
+            text = text.replace(form, REDACTED)
+        return text
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every form of every secret value (see ``secret_forms``) replaced by ``***``."""
-    for form in secret_forms(secrets):
-        text = text.replace(form, REDACTED)
-    return text
+    """``text`` with every form of every secret value (see ``secret_forms``) replaced by ``***``. For a
+    one-off text (an error); texts scrubbed of the same secrets again and again take a ``Scrubber``."""
+    return Scrubber(secrets)(text)
 
 
 def scrub_then_cut(text: str, scrub: Callable[[str], str], limit: int, *, margin: int = 0) -> str:

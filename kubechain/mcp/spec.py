@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 from kubechain.mcp.common import MCPError
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
-from kubechain.redaction import redact, redact_url
+from kubechain.redaction import Scrubber, redact_url
 
 # resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
 SecretResolver = Callable[[str, str, str], str]
@@ -36,9 +37,14 @@ class ResolvedSpec:
     # quote one
     secret_values: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
+    @functools.cached_property
+    def scrubber(self) -> Scrubber:
+        """Cuts this spec's secret values out of text: made once, used for every answer and stderr line."""
+        return Scrubber(self.secret_values)
+
     def scrub(self, text: str) -> str:
         """``text`` with every secret value of this spec replaced by ``***`` (see ``redact``)."""
-        return redact(text, self.secret_values)
+        return self.scrubber(text)
 
     def fingerprint(self) -> str:
         """A digest of the whole spec: a different value means a different connection (reconnect)."""

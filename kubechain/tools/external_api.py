@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import time
@@ -12,7 +11,7 @@ from typing import Any
 import httpx
 
 from kubechain.http_watchdog import shut_at
-from kubechain.redaction import redact, redact_url, scrub_then_cut, secret_forms
+from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 from kubechain.tools.builtin import ToolError
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # read as bytes, kept as characters
@@ -43,30 +42,18 @@ def call_external_api(
 ) -> str:
     """The response body is the tool result; TLS is verified; non-2xx is a tool error. The bearer token
     is cut out of both: an API that echoes the request (a debug endpoint, an error page) would put it in
-    the tool call's status, its Events and the LLM's context."""
-    try:
-        return _without(token, _call(url, method, arguments, token, timeout_s))
-    except ToolError as error:
-        raise ToolError(_without(token, str(error))) from None
-
-
-def _without(token: str | None, text: str) -> str:
-    return redact(text, [token]) if token else text
-
-
-def _call(
-    url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
-) -> str:
+    the tool call's status, its Events and the LLM's context. Each text is scrubbed once, the token's
+    forms worked out once (the body may be 1 MiB)."""
+    scrub = Scrubber([token] if token else [])
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/plain, */*"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     verb = (method or "POST").upper()
     # how the errors name the request: a URL may carry a password or a key in its query
-    request = f"{verb} {redact_url(url)}"
-    scrub = functools.partial(_without, token)
+    request = scrub(f"{verb} {redact_url(url)}")
     # Read past the size limit by the token's longest form: one the body holds across the limit is then
     # read whole and cut out (see scrub_then_cut).
-    margin = max(map(len, secret_forms([token])), default=0) if token else 0
+    margin = scrub.longest
     # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
     # call (and its claim) for ever. The body is read in chunks against one deadline.
     deadline = time.monotonic() + timeout_s

@@ -13,6 +13,7 @@ import pytest
 
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
+from tests.unit.test_redaction import counting_secret_forms
 
 
 def serve(handler: type[BaseHTTPRequestHandler], path: str) -> tuple[ThreadingHTTPServer, str]:
@@ -283,6 +284,19 @@ def test_a_body_echoing_the_token_across_the_size_limit_keeps_no_piece_of_it(
     )
     said = call_external_api("https://api.example/x", "POST", {}, TOKEN, timeout_s=10.0)
     assert said.startswith("z" * 90 + "***") and not pieces(said), said
+
+
+def test_an_answer_is_scrubbed_with_the_tokens_forms_worked_out_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They were worked out three times a call (the read margin, then each of two scrubs of the same
+    body, up to 1 MiB)."""
+    import kubechain.redaction as redaction
+    import kubechain.tools.external_api as external_api
+
+    answering(monkeypatch, lambda request: httpx.Response(200, text=f"saw {echoed_token(request)}"))
+    calls = counting_secret_forms(monkeypatch)
+    monkeypatch.setattr(external_api, "secret_forms", redaction.secret_forms, raising=False)
+    assert call_external_api("https://api.example/x", "POST", {}, TOKEN, timeout_s=10.0) == "saw ***"
+    assert len(calls) == 1
 
 
 CREDENTIALED_URL = "https://svc:pa55word-0123456789@api.example/x?api_key=qk-0123456789abcdef"

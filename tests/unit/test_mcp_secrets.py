@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kubechain.mcp.spec import ResolvedSpec
-from tests.unit.test_redaction import PEM_KEY, pieces
+from tests.unit.test_redaction import PEM_KEY, counting_secret_forms, pieces
 
 SECRET = "s3cret-0123456789abcdefghij"
 
@@ -64,6 +64,18 @@ def test_a_secret_in_a_long_stderr_line_is_scrubbed_whole(
     assert not pieces(SECRET, seen), pieces(SECRET, seen)
     # scrubbed to a seventh, the kept 64 KiB of the last are all within the margin left out
     assert (f"env: {filler}***," in seen) is (repeats < 5000), seen[:200]
+
+
+def test_a_servers_secret_forms_are_worked_out_once_not_for_every_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every answer and stderr line of a server is scrubbed; working out the forms of its secrets cost
+    more than scrubbing a short line."""
+    calls = counting_secret_forms(monkeypatch)
+    spec = ResolvedSpec(transport="stdio", secret_values=(SECRET, PEM_KEY))
+    for n in range(100):
+        assert spec.scrub(f"line {n}: {SECRET}") == f"line {n}: ***"
+    assert len(calls) == 1
 
 
 def http_server_with_authorization(value: str) -> ResolvedSpec:

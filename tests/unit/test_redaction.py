@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 
@@ -179,3 +179,18 @@ def test_a_line_with_a_key_token_or_password_looks_like_a_credential(text: str) 
 )
 def test_a_line_of_names_paths_and_numbers_does_not_look_like_a_credential(text: str) -> None:
     assert not looks_like_credential(text)
+
+
+def counting_secret_forms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often the forms of secrets are worked out from here on (one count per call)."""
+    import kubechain.redaction as redaction
+
+    real = redaction.secret_forms
+    calls: list[int] = []
+
+    def counted(secrets: Iterable[str]) -> list[str]:
+        calls.append(1)
+        return real(secrets)
+
+    monkeypatch.setattr(redaction, "secret_forms", counted)
+    return calls
