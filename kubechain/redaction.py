@@ -19,6 +19,8 @@ _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 # a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...")
 _SECRET_SETTING = re.compile(r"(?i)(passw(or)?d|secret|token|api[-_]?key|private[-_]?key)[\"']?\s*[:=]\s*\S")
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
+# one word or identifier ("postgres", "orders-db", "v1.2")
+_PLAIN_WORD = re.compile(r"[\w.-]+")
 
 
 def looks_like_credential(text: str) -> bool:
@@ -82,11 +84,25 @@ class Scrubber:
         self.forms: tuple[str, ...] = tuple(secret_forms(secrets))
         # how much of a text read only in part may be the start of a secret (see scrub_then_cut)
         self.longest = len(self.forms[0]) if self.forms else 0
+        self._unnamable = tuple(form for form in self.forms if _unnamable(form))
 
     def __call__(self, text: str) -> str:
         for form in self.forms:
             text = text.replace(form, REDACTED)
         return text
+
+    def in_name(self, name: str) -> bool:
+        """Whether ``name`` holds a secret that rules it out as a name (a tool's, a property's: what the
+        LLM sends back, and which, cut, would name nothing on the server; two cut alike would be one): see
+        ``_unnamable``."""
+        return any(form in name for form in self._unnamable)
+
+
+def _unnamable(form: str) -> bool:
+    """A secret's form that no name may hold: one that looks like a credential (see
+    ``looks_like_credential``) or is more than a word ("postgres://app:pw@db", "pa55!"). A name that holds
+    a single word or identifier ("postgres", a database user) holds it by coincidence: it is kept whole."""
+    return looks_like_credential(form) or _PLAIN_WORD.fullmatch(form) is None
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:

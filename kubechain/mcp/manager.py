@@ -24,7 +24,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import functools
-import json
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
+from kubechain.mcp.tool_list import scrubbed_tools
 from kubechain.models import MCPServer, MCPTool
 from kubechain.observability.logs import detached_context, resource_context
 
@@ -117,7 +117,7 @@ class MCPManager:
             f"listing tools of MCP server {_label(key)}",
             resolved,
         )
-        return [_scrubbed_tool(t, resolved.scrub) for t in tools]
+        return scrubbed_tools(tools, resolved.scrubber, _label(key))
 
     def resolve(self, server: MCPServer) -> ResolvedSpec:
         """The server's spec with its Secrets read (MCPError if it is invalid, its command not allowed or
@@ -461,39 +461,6 @@ def _call_tools_changed(callback: Callable[[str, str], None], key: Key) -> None:
 
 def _label(key: Key) -> str:
     return f"{key[0]}/{key[1]}"
-
-
-def _scrubbed_tool(tool: Any, scrub: Callable[[str], str]) -> MCPTool:
-    """A listed tool as it leaves the worker (the MCPServer's status, every LLM request): a server may
-    describe its tools with values from its environment, secrets among them."""
-    return MCPTool(
-        name=scrub(tool.name),
-        description=scrub(tool.description) if tool.description else tool.description,
-        input_schema=_scrubbed_schema(tool.input_schema, scrub),
-    )
-
-
-def _scrubbed_schema(schema: dict[str, Any] | None, scrub: Callable[[str], str]) -> dict[str, Any] | None:
-    """The schema scrubbed as JSON text (keys, defaults, examples, numbers alike). A secret may have stood
-    where JSON or JSON Schema needs something else (a number, a type, a pattern): then a schema that takes
-    any arguments stands in, so the tool can still be offered (its server checks what it is sent)."""
-    if schema is None:
-        return None
-    text = json.dumps(schema, ensure_ascii=False)
-    scrubbed = scrub(text)
-    if scrubbed == text:
-        return schema
-    from jsonschema.exceptions import SchemaError
-    from jsonschema.validators import validator_for
-
-    try:
-        cleaned = json.loads(scrubbed)
-        if isinstance(cleaned, dict):
-            validator_for(cleaned).check_schema(cleaned)
-            return cleaned
-    except (ValueError, RecursionError, SchemaError):
-        pass
-    return {"type": "object"}
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

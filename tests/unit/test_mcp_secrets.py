@@ -191,23 +191,99 @@ def test_a_tool_list_that_quotes_the_servers_secrets_is_scrubbed(tmp_path: Path)
     assert tools["unlock"].input_schema == {"type": "object"}
 
 
+DB_TOOLS_SERVER = textwrap.dedent(
+    """
+    import os
+
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("db-tools")
+
+
+    @server.tool(description=f"Runs SQL as {os.environ['POSTGRES_USER']}")
+    def postgres_query(sql: str) -> str:
+        return f"ran {sql}"
+
+
+    @server.tool(name=f"rotate_{os.environ['API_TOKEN']}")
+    def rotate() -> str:
+        return "rotated"
+
+
+    if __name__ == "__main__":
+        server.run()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_tool_whose_name_holds_a_low_entropy_secret_keeps_its_name_and_can_be_called(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database user name ("postgres") is a secret value too: cut out of "postgres_query", the LLM
+    called "***_query", which the server does not know. A name that holds a credential is no name to
+    offer: that tool is left out, and the log says so without it."""
+    from kubechain.mcp import MCPManager
+    from kubechain.models import MCPServer
+
+    script = tmp_path / "db_tools.py"
+    script.write_text(DB_TOOLS_SERVER)
+    secrets = {"user": "postgres", "token": SECRET.replace("-", "")}
+    server = MCPServer.model_validate(
+        {
+            "metadata": {"name": "db-tools", "namespace": "default"},
+            "spec": {
+                "transport": "stdio",
+                "command": sys.executable,
+                "args": [str(script)],
+                "env": [
+                    {"name": name, "valueFrom": {"secretKeyRef": {"name": "db", "key": key}}}
+                    for name, key in (("POSTGRES_USER", "user"), ("API_TOKEN", "token"))
+                ],
+            },
+        }
+    )
+    caplog.set_level(logging.WARNING, logger="kubechain.mcp")
+    manager = MCPManager(lambda namespace, name, key: secrets[key], connect_timeout_s=60)
+    try:
+        tools = manager.list_tools(server)
+        assert [tool.name for tool in tools] == ["postgres_query"]
+        assert tools[0].description == "Runs SQL as ***", "a description is prose: scrubbed"
+        assert manager.call_tool(server, "postgres_query", {"sql": "select 1"}).text == "ran select 1"
+    finally:
+        manager.close()
+    assert "rotate_***" in caplog.text and not pieces(secrets["token"], caplog.text), caplog.text
+
+
 def test_a_tool_schema_a_secret_leaves_invalid_is_replaced_by_one_that_takes_any_arguments() -> None:
     from types import SimpleNamespace
 
-    from kubechain.mcp.manager import _scrubbed_tool
+    from kubechain.mcp.tool_list import scrubbed_tools
 
-    scrub = ResolvedSpec(transport="stdio", secret_values=(SECRET,)).scrub
+    scrub = ResolvedSpec(transport="stdio", secret_values=(SECRET,)).scrubber
     checked = {"type": "object", "properties": {"token": {"type": "string", "pattern": f"^{SECRET}$"}}}
-    tool = _scrubbed_tool(
-        SimpleNamespace(name=f"use_{SECRET}", description=None, input_schema=checked), scrub
+    (tool,) = scrubbed_tools(
+        [SimpleNamespace(name="use", description=None, input_schema=checked)], scrub, "s"
     )
-    assert tool.name == "use_***" and tool.description is None
+    assert tool.name == "use" and tool.description is None
     assert tool.input_schema == {"type": "object"}, "^***$ is no regular expression"
     plain = {"type": "object", "properties": {"q": {"type": "string"}}}
-    assert (
-        _scrubbed_tool(SimpleNamespace(name="q", description="", input_schema=plain), scrub).input_schema
-        == plain
-    )
+    (tool,) = scrubbed_tools([SimpleNamespace(name="q", description="", input_schema=plain)], scrub, "s")
+    assert tool.input_schema == plain
+
+
+def test_a_tool_is_left_out_only_if_its_name_holds_more_of_a_secret_than_a_word() -> None:
+    """A credential, or a value with more than a word's characters; a database user is a word."""
+    from types import SimpleNamespace
+
+    from kubechain.mcp.tool_list import scrubbed_tools
+
+    scrub = ResolvedSpec(transport="stdio", secret_values=(SECRET, "postgres", "pa55!word")).scrubber
+    listed = [
+        SimpleNamespace(name=name, description=None, input_schema=None)
+        for name in ("postgres_query", f"use_{SECRET}", "login_pa55!word", "postgres_tables")
+    ]
+    assert [tool.name for tool in scrubbed_tools(listed, scrub, "s")] == ["postgres_query", "postgres_tables"]
 
 
 def test_an_answer_off_its_schema_is_noted_and_logged_without_the_secret_it_quotes(
