@@ -187,8 +187,9 @@ def test_a_tool_list_that_quotes_the_servers_secrets_is_scrubbed(tmp_path: Path)
     assert tools["query"].description == "Runs SQL against ***"
     schema = tools["query"].input_schema
     assert schema is not None and schema["properties"]["sql"]["description"] == "SQL for ***"
-    # "default": *** is no JSON: a schema that takes any arguments stands in for it
-    assert tools["unlock"].input_schema == {"type": "object"}
+    # the PIN as a number ("default": 73914628) is left out, the parameter kept
+    schema = tools["unlock"].input_schema
+    assert schema is not None and schema["properties"]["pin"] == {"title": "Pin", "type": "integer"}, schema
 
 
 DB_TOOLS_SERVER = textwrap.dedent(
@@ -255,21 +256,71 @@ def test_a_tool_whose_name_holds_a_low_entropy_secret_keeps_its_name_and_can_be_
     assert "rotate_***" in caplog.text and not pieces(secrets["token"], caplog.text), caplog.text
 
 
-def test_a_tool_schema_a_secret_leaves_invalid_is_replaced_by_one_that_takes_any_arguments() -> None:
+def schema_scrubbed(schema: dict[str, Any], *secrets: str) -> dict[str, Any] | None:
+    """``schema`` as a tool's input schema leaves the worker, the server's secrets being ``secrets``."""
     from types import SimpleNamespace
 
     from kubechain.mcp.tool_list import scrubbed_tools
 
-    scrub = ResolvedSpec(transport="stdio", secret_values=(SECRET,)).scrubber
-    checked = {"type": "object", "properties": {"token": {"type": "string", "pattern": f"^{SECRET}$"}}}
-    (tool,) = scrubbed_tools(
-        [SimpleNamespace(name="use", description=None, input_schema=checked)], scrub, "s"
-    )
-    assert tool.name == "use" and tool.description is None
-    assert tool.input_schema == {"type": "object"}, "^***$ is no regular expression"
+    scrub = ResolvedSpec(transport="stdio", secret_values=secrets).scrubber
+    (tool,) = scrubbed_tools([SimpleNamespace(name="t", description=None, input_schema=schema)], scrub, "s")
+    return tool.input_schema
+
+
+def test_a_secret_in_a_schemas_number_costs_that_keyword_alone() -> None:
+    """Scrubbed as JSON text, "maximum": 1234567 became "maximum": ***7, no JSON: the tool lost every
+    parameter to a schema that takes any arguments."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 1, "maximum": 1234567},
+            "q": {"type": "string", "description": "rows of 123456"},
+        },
+        "required": ["q"],
+    }
+    assert schema_scrubbed(schema, "123456") == {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 1},
+            "q": {"type": "string", "description": "rows of ***"},
+        },
+        "required": ["q"],
+    }
+
+
+def test_a_pattern_a_secret_leaves_no_regular_expression_is_dropped_alone() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"token": {"type": "string", "pattern": f"^{SECRET}$"}, "q": {"type": "string"}},
+    }
+    assert schema_scrubbed(schema, SECRET) == {
+        "type": "object",
+        "properties": {"token": {"type": "string"}, "q": {"type": "string"}},
+    }, "^***$ is no regular expression"
     plain = {"type": "object", "properties": {"q": {"type": "string"}}}
-    (tool,) = scrubbed_tools([SimpleNamespace(name="q", description="", input_schema=plain)], scrub, "s")
-    assert tool.input_schema == plain
+    assert schema_scrubbed(plain, SECRET) == plain
+
+
+def test_the_names_in_a_schema_are_kept_whole_as_a_tools_name_is() -> None:
+    """A property, a required one, a value to choose: the LLM sends them back, cut they name nothing.
+    One that holds more of a secret than a word is left out; a property named like a keyword is a name."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "postgres_db": {"type": "string", "enum": ["postgres", DB_URL], "description": "as postgres"},
+            f"key_{SECRET}": {"type": "string"},
+            "type": {"type": "string", "description": f"see {DB_URL}"},
+        },
+        "required": ["postgres_db", f"key_{SECRET}"],
+    }
+    assert schema_scrubbed(schema, "postgres", SECRET, DB_URL) == {
+        "type": "object",
+        "properties": {
+            "postgres_db": {"type": "string", "enum": ["postgres"], "description": "as ***"},
+            "type": {"type": "string", "description": "see ***"},
+        },
+        "required": ["postgres_db"],
+    }
 
 
 def test_a_tool_is_left_out_only_if_its_name_holds_more_of_a_secret_than_a_word() -> None:
