@@ -41,7 +41,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec
 from kubechain.observability.logs import detached_context
-from kubechain.redaction import redact_url, scrub_then_cut
+from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")
@@ -93,7 +93,8 @@ MAX_TOOL_PAGES = 100
 PROBE_TIMEOUT_S = 5.0
 STDERR_TAIL_LINES = 20
 # A stderr line is scrubbed whole, up to this length; of a longer one, only the start is shown, leaving out
-# what may be the start of a secret cut at the limit (any shorter than the margin: a PEM key is ~3 KiB).
+# what may be the start of a secret cut at the limit: the margin, or the longest secret's length if more (a
+# kubeconfig with its certificates, JSON-escaped, may be longer).
 STDERR_LINE_KEPT = 64 * 1024
 STDERR_SECRET_MARGIN = 16 * 1024
 STDERR_LINE_SHOWN = 4096
@@ -393,9 +394,10 @@ class _StderrTail:
     """Reads a stdio child's stderr through a pipe: lines go to the debug log, the last few are kept for
     error messages (a server that exits at startup usually says why there)."""
 
-    def __init__(self, label: str, scrub: Callable[[str], str] = lambda text: text) -> None:
+    def __init__(self, label: str, scrub: Scrubber | None = None) -> None:
         self.label = label
-        self._scrub = scrub  # a child that prints its environment must not put its secrets in our logs
+        # a child that prints its environment must not put its secrets in our logs
+        self._scrub = scrub if scrub is not None else Scrubber(())
         self.lines: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._read_fd: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -433,7 +435,7 @@ class _StderrTail:
             transport.close()
 
     def _add(self, raw: bytes, cut_short: bool = False) -> None:
-        margin = STDERR_SECRET_MARGIN if cut_short else 0
+        margin = max(STDERR_SECRET_MARGIN, self._scrub.longest) if cut_short else 0
         text = raw.decode("utf-8", "replace").rstrip()
         line = scrub_then_cut(text, self._scrub, STDERR_LINE_SHOWN, margin=margin)
         if line.strip():
@@ -595,7 +597,7 @@ class Session:
         self._wake = anyio.Event()
         self._stopping = False
         self._scope: anyio.CancelScope | None = None
-        self._stderr = _StderrTail(label, spec.scrub) if spec.transport == "stdio" else None
+        self._stderr = _StderrTail(label, spec.scrubber) if spec.transport == "stdio" else None
         self._task: asyncio.Task[None] | None = None
         self._on_tools_changed = on_tools_changed
         # The connect has asked for the tool list: a change heard before that is in the list; one heard

@@ -24,7 +24,7 @@ def stderr_seen(written: str, secret: str, caplog: pytest.LogCaptureFixture) -> 
     from kubechain.mcp.session import _StderrTail
 
     caplog.set_level(logging.DEBUG, logger="kubechain.mcp.stderr")
-    tail = _StderrTail("default/chatty", ResolvedSpec(transport="stdio", secret_values=(secret,)).scrub)
+    tail = _StderrTail("default/chatty", ResolvedSpec(transport="stdio", secret_values=(secret,)).scrubber)
 
     async def child_writes() -> None:
         pipe = tail.open_writer()
@@ -76,6 +76,20 @@ def test_a_servers_secret_forms_are_worked_out_once_not_for_every_text(
     for n in range(100):
         assert spec.scrub(f"line {n}: {SECRET}") == f"line {n}: ***"
     assert len(calls) == 1
+
+
+def test_a_secret_longer_than_the_stderr_margin_leaves_no_piece_of_it_where_a_long_line_is_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A kubeconfig with its certificates, JSON-escaped, is longer than the fixed 16 KiB left out before a
+    long line's cut: a copy of it across the cut showed its first 4 KiB."""
+    import base64
+    import random
+
+    secret = base64.b64encode(random.Random(7).randbytes(30_000)).decode()  # 40,000 characters
+    seen = stderr_seen(f"env: {secret},{secret}\nnext line\n", secret, caplog)  # cut inside the second
+    assert "next line" in seen
+    assert not pieces(secret, seen), seen[:200]
 
 
 def http_server_with_authorization(value: str) -> ResolvedSpec:
