@@ -12,7 +12,7 @@ from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_er
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
-from kubechain.redaction import redact
+from kubechain.redaction import Scrubber, redact
 from kubechain.retry_after import retry_after_s
 
 DEFAULT_MAX_TOKENS = 4096
@@ -98,7 +98,7 @@ class AnthropicClient:
         if sampling:
             kwargs["extra_body"] = sampling
         try:
-            return _response_from(self._client.messages.create(**kwargs))
+            return _response_from(self._client.messages.create(**kwargs), self._api_key)
         except anthropic.APIStatusError as exc:
             status = exc.status_code
             raise LLMError(
@@ -123,8 +123,9 @@ class AnthropicClient:
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             # The SDK does not check the answer's shape: a body of the wrong shape (from a proxy, say)
             # fails here, when it is read.
+            said = redact(str(exc), [self._api_key])[:200]  # before the cut, as above
             raise LLMError(
-                f"LLM returned an unreadable response: {type(exc).__name__}: {str(exc)[:200]}", retryable=True
+                f"LLM returned an unreadable response: {type(exc).__name__}: {said}", retryable=True
             ) from exc
 
     def validate_credentials(self) -> None:
@@ -140,13 +141,16 @@ class AnthropicClient:
 CUT_OFF_AT: frozenset[StopReason] = frozenset({"max_tokens", "model_context_window_exceeded"})
 
 
-def _response_from(response: Any) -> LLMResponse:
+def _response_from(response: Any, api_key: str) -> LLMResponse:
+    """An Anthropic message as our response; ``api_key`` is cut out of the text a refusal quotes before
+    it is shortened (a gateway may echo the request's headers), which could leave the key's start where
+    no later redaction finds it."""
     text: list[str] = []
     calls: list[ToolCall] = []
     stop_reason = getattr(response, "stop_reason", None)
     blocks = response.content
     if stop_reason == "refusal":
-        raise _refusal(blocks, getattr(response, "stop_details", None))
+        raise _refusal(blocks, getattr(response, "stop_details", None), api_key)
     for index, block in enumerate(blocks):
         if block.type == "text":
             text.append(block.text)
@@ -178,7 +182,7 @@ def _response_from(response: Any) -> LLMResponse:
     )
 
 
-def _refusal(blocks: Any, details: Any) -> LLMError:
+def _refusal(blocks: Any, details: Any, api_key: str) -> LLMError:
     """A refused answer as OpenAI's is: not retried (the same context is refused again). Its text is what
     came before the model was stopped, not an answer; ``stop_details`` (when sent) says why."""
     said = "".join(block.text for block in blocks if block.type == "text").strip()
@@ -187,5 +191,8 @@ def _refusal(blocks: Any, details: Any) -> LLMError:
         for part in (getattr(details, "category", None), getattr(details, "explanation", None))
         if part
     )
+    # the key cut out before the cuts, which could leave its start where no later redaction finds it
+    scrub = Scrubber([api_key])
+    said, why = scrub(said), scrub(why)
     reason = f" ({why[:300]})" if why else ""
     return LLMError(f"LLM refused to answer: {said[:500] or 'no text'}{reason}", retryable=False)

@@ -348,3 +348,52 @@ def test_a_failed_tool_calls_result_is_sent_as_an_error() -> None:
         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Error: boom", "is_error": True},
         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "3"},
     ]
+
+
+KEY = "sk-ant-api03-0123456789abcdefghijklmnop"
+
+
+def pieces(text: str, secret: str = KEY) -> list[str]:
+    return [secret[i : i + 8] for i in range(len(secret) - 7) if secret[i : i + 8] in text]
+
+
+def test_a_refusal_quoting_the_key_across_its_cut_keeps_no_piece_of_it(fake: FakeAnthropic) -> None:
+    """Its text and its reason were cut before the key was cut out (as the client wrapper does, too
+    late): the key's start stayed, in the call's status, an Event and the log."""
+    from kubechain.llm.base import without_key
+
+    fake.reply = {
+        "id": "msg_6",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [{"type": "text", "text": "x" * 480 + KEY}],
+        "stop_reason": "refusal",
+        "stop_details": {"type": "refusal", "category": "cyber", "explanation": "y" * 280 + KEY},
+        "usage": {"input_tokens": 11, "output_tokens": 3},
+    }
+    with pytest.raises(LLMError) as raised:
+        AnthropicClient(KEY, 5, fake.url).complete(
+            LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")])
+        )
+    said = str(without_key(raised.value, KEY))
+    assert said.startswith("LLM refused to answer: xxx") and not pieces(said), said
+
+
+def test_an_unreadable_answer_quoting_the_key_across_its_cut_keeps_no_piece_of_it(
+    fake: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kubechain.llm.anthropic_provider as provider
+    from kubechain.llm.base import without_key
+
+    def unreadable(*_: Any) -> Any:
+        raise ValueError("z" * 175 + f"'x-api-key': '{KEY}'")
+
+    monkeypatch.setattr(provider, "_response_from", unreadable)
+    fake.reply = {"id": "msg_7", "type": "message", "role": "assistant", "model": "m", "content": []}
+    with pytest.raises(LLMError) as raised:
+        AnthropicClient(KEY, 5, fake.url).complete(
+            LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+        )
+    said = str(without_key(raised.value, KEY))
+    assert "unreadable response" in said and not pieces(said), said
