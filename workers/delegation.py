@@ -316,6 +316,9 @@ def _decide_on_sub_agent(
     timeout_s = ctx.settings.sub_agent_start_timeout_s
     created = parse_timestamp(child.metadata.creation_timestamp)
     if sub_agent_start_expired(child.phase, created, now, timeout_s):
+        # The other runs first (see below): were that LIST to fail after the delete, the retry would find
+        # this run gone and could only say it was deleted, not that it never started.
+        stop_sub_agent_runs(ctx, toolcall, keep=child.name)
         # Only the run in the state just read: one that started meanwhile is left to finish.
         deleted = True
         try:
@@ -330,7 +333,6 @@ def _decide_on_sub_agent(
             log.warning("could not delete sub-agent run %s: %s", child.name, exc)
             deleted = False
         waiting_for = child.status.status_detail or ""
-        stop_sub_agent_runs(ctx, toolcall, keep=child.name)  # see below
         _record_not_started(
             ctx,
             toolcall,

@@ -1290,6 +1290,38 @@ def test_a_sub_agent_run_whose_delete_hiccups_is_deleted_on_the_retry(cause: Cal
         kube.get_raw("taskruns", "default", child)
 
 
+class TaskRunListHiccupKube(FakeKubeClient):
+    """Answers the next LIST of TaskRuns with Unavailable once armed (a connection refused, say)."""
+
+    armed = False
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.armed and method == "GET" and path.endswith("/taskruns"):
+            self.armed = False
+            raise Unavailable(0, "Unavailable", "connection refused")
+        return super().request(method, path, **kwargs)
+
+
+def test_a_sub_agent_timeout_whose_look_for_other_runs_hiccups_still_says_why_on_the_retry() -> None:
+    """The run was deleted before the call's other runs were looked for: that LIST failing, the retry found
+    the run gone and said only that it "was deleted; run the task again", not that it never started."""
+    kube = TaskRunListHiccupKube()
+    ctx, name, child = delegated(kube)
+    waiting_for_its_agent(kube, ctx, child)
+    ctx.clock = lambda: datetime.now(UTC) + timedelta(days=1)
+    kube.armed = True
+    with pytest.raises(Unavailable):  # Celery's autoretry delivers it again
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert not kube.armed and toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and 'sub-agent "helper" did not start within' in status["error"], (
+        status
+    )
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
 def test_a_sub_agent_run_only_waiting_in_a_queue_is_not_given_up_on() -> None:
     kube = FakeKubeClient()
     ctx, name, child = delegated(kube)
