@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, TextIO
@@ -32,10 +32,18 @@ from mcp.client import stdio as sdk_stdio
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError as SDKError
 from mcp.shared.message import SessionMessage
-from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TIMEOUT
+from mcp_types import (
+    CONNECTION_CLOSED,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    REQUEST_TIMEOUT,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from kubechain.mcp.common import MCPError, MCPToolResult
@@ -109,6 +117,11 @@ LISTEN_ACK_WAIT_S = 5.0
 # doubling up to the maximum while streams keep ending sooner than that.
 LISTEN_RETRY_MIN_S = 1.0
 LISTEN_RETRY_MAX_S = 60.0
+# The answers to subscriptions/listen that say the server will not have it: not asked again on this session.
+# Any other failure (a proxy's 502/503 while the server restarts, a stream that ended before its ack, no
+# ack in time) is passing, and retried with the back-off: given up on, the session, which at 2026-07-28
+# has no id to lose and stays usable, would never hear of a change again.
+LISTEN_REFUSALS = frozenset({METHOD_NOT_FOUND, INVALID_REQUEST, INVALID_PARAMS})
 
 
 def child_environment(spec_env: dict[str, str]) -> dict[str, str]:
@@ -603,6 +616,8 @@ class Session:
         # The connect has asked for the tool list: a change heard before that is in the list; one heard
         # from then on (or missed by a listen stream opened since) may not be.
         self._tools_list_asked = False
+        # Waits out the listen stream's back-off (replaceable: tests make it instant).
+        self._listen_backoff: Callable[[float], Awaitable[None]] = anyio.sleep
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -797,14 +812,16 @@ class Session:
                     async for _event in subscription:
                         pass
                 ended = "the server closed it"
-            except SDKError as exc:
-                if exc.code != CONNECTION_CLOSED and not self.dead:
+            except (SDKError, ListenNotSupportedError) as exc:
+                refused = isinstance(exc, ListenNotSupportedError) or exc.code in LISTEN_REFUSALS
+                if refused and not (self.dead or self.broken or self._stopping):
                     log.info(
                         "MCP session %s: subscriptions/listen refused (%s); tool-list changes are not followed",
                         self.label,
-                        self.spec.scrub(exc.message),
+                        self.spec.scrub(describe_error(exc)),
                     )
-                return
+                    return
+                ended = self.spec.scrub(describe_error(exc))
             except Exception as exc:  # noqa: BLE001 - lost, unacknowledged, a transport error: tried again
                 ended = self.spec.scrub(describe_error(exc))
             finally:
@@ -815,12 +832,13 @@ class Session:
             if opened_at is not None and anyio.current_time() - opened_at >= LISTEN_RETRY_MAX_S:
                 delay = LISTEN_RETRY_MIN_S
             log.info(
-                "MCP session %s: its subscriptions/listen stream ended (%s); listening again in %gs",
+                "MCP session %s: its subscriptions/listen stream %s (%s); listening again in %gs",
                 self.label,
+                "ended" if opened_at is not None else "could not be opened",
                 ended,
                 delay,
             )
-            await anyio.sleep(delay)
+            await self._listen_backoff(delay)
             delay = min(delay * 2, LISTEN_RETRY_MAX_S)
 
     @asynccontextmanager

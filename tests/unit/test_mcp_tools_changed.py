@@ -17,6 +17,9 @@ from typing import Any
 
 import anyio
 import pytest
+from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
+from mcp.shared.exceptions import MCPError as SDKError
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND
 from mcp_types.methods import parse_server_notification
 
 from kubechain.mcp import MCPManager, resolve_spec
@@ -102,6 +105,17 @@ def test_listen_is_opened_only_at_2026_and_only_if_the_server_advertises_tool_li
     assert not listens(fake_client("2025-11-25", True))  # notifications come unasked at 2025
 
 
+class Backoffs:
+    """The session's back-off sleep, made instant: the delays asked for are recorded."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await anyio.lowlevel.checkpoint()
+
+
 class EndingThenHeldListens:
     """A client whose first subscriptions/listen stream ends at once (its server closed it) and whose
     second stays open until cancelled; ``opened`` counts the streams acknowledged."""
@@ -134,14 +148,12 @@ class EndingThenHeldListens:
         return Subscription()
 
 
-def test_a_listen_stream_that_ends_is_opened_again_and_what_it_missed_refetched(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_listen_stream_that_ends_is_opened_again_and_what_it_missed_refetched() -> None:
     """No replay: a change made while no stream was open went unheard, so a stream opened again (after the
     tools were listed) counts as a change. The first one, opened before the listing, does not."""
-    monkeypatch.setattr(session_module, "LISTEN_RETRY_MIN_S", 0.01)
     heard: list[str] = []
     session = a_session(lambda: heard.append("changed"), tools_list_asked=False)
+    session._listen_backoff = Backoffs()
     client = EndingThenHeldListens()
 
     async def scenario() -> None:
@@ -157,6 +169,112 @@ def test_a_listen_stream_that_ends_is_opened_again_and_what_it_missed_refetched(
     anyio.run(scenario)
     assert client.opened == 2
     assert heard == ["changed"], "the stream opened again: what changed meanwhile is looked up"
+
+
+class ScriptedListens:
+    """A client whose subscriptions/listen opens follow ``script``, one entry an attempt: "drops"
+    (acknowledged, then lost), "holds" (acknowledged, open until cancelled) or an exception raised before
+    the ack. Past the script, every open holds. ``attempts`` counts the opens tried; ``held`` is set when
+    one holds."""
+
+    def __init__(self, *script: str | BaseException) -> None:
+        self.script = list(script)
+        self.attempts = 0
+        self.held = anyio.Event()
+
+    @asynccontextmanager
+    async def listen(self, *, tools_list_changed: bool) -> AsyncIterator[Any]:
+        step = self.script[self.attempts] if self.attempts < len(self.script) else "holds"
+        self.attempts += 1
+        if isinstance(step, BaseException):
+            raise step
+        yield self._subscription(drops=step == "drops")
+
+    def _subscription(self, *, drops: bool) -> Any:
+        parent = self
+
+        class Subscription:
+            honored = SimpleNamespace(tools_list_changed=True)
+
+            def __aiter__(self) -> Subscription:
+                return self
+
+            async def __anext__(self) -> Any:
+                if drops:
+                    raise SubscriptionLost(
+                        "subscription 'listen-1' ended without the server's graceful close"
+                    )
+                parent.held.set()
+                await anyio.sleep_forever()
+
+        return Subscription()
+
+
+@pytest.mark.parametrize(
+    "failed_open",
+    [
+        SDKError(
+            INTERNAL_ERROR, "Server returned an error response"
+        ),  # a proxy's 502/503 as the server restarts
+        SDKError(CONNECTION_CLOSED, "Connection closed"),  # its stream ended before the ack
+        SubscriptionLost("subscription 'listen-2' ended before it was acknowledged"),
+        TimeoutError(),
+    ],
+    ids=["http-5xx", "closed-before-ack", "lost-before-ack", "no-ack"],
+)
+def test_a_reopen_that_fails_on_the_way_is_tried_again_with_the_back_off(failed_open: BaseException) -> None:
+    """The stream drops, and opening it again fails while the server restarts: at 2026-07-28 there is no
+    session id, so the session stays usable, and it must go on listening once the server is back."""
+    session = a_session(lambda: None)
+    backoffs = Backoffs()
+    session._listen_backoff = backoffs
+    client = ScriptedListens("drops", failed_open, "holds")
+
+    async def scenario() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(session._follow_tool_list_changes, client, anyio.Event())
+            with anyio.fail_after(10):
+                await client.held.wait()
+            tasks.cancel_scope.cancel()
+
+    anyio.run(scenario)
+    assert client.attempts >= 3
+    assert backoffs.delays == [1.0, 2.0], "the back-off doubles while opens keep failing"
+
+
+class RetriedAnyway(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        SDKError(METHOD_NOT_FOUND, "Method not found"),
+        SDKError(INVALID_REQUEST, "subscriptions/listen is not supported"),
+        SDKError(INVALID_PARAMS, "unknown notification filter"),
+        ListenNotSupportedError("2025-11-25"),
+    ],
+    ids=["method-not-found", "invalid-request", "invalid-params", "not-supported"],
+)
+def test_a_server_that_refuses_the_listen_is_not_asked_again(
+    refusal: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = a_session(lambda: None)
+
+    async def no_retry(delay: float) -> None:
+        raise RetriedAnyway(delay)
+
+    session._listen_backoff = no_retry
+    client = ScriptedListens(refusal)
+    caplog.set_level(logging.INFO, logger="kubechain.mcp")
+
+    async def scenario() -> None:
+        with anyio.fail_after(10):
+            await session._follow_tool_list_changes(client, anyio.Event())
+
+    anyio.run(scenario)
+    assert client.attempts == 1
+    assert any("refused" in record.getMessage() for record in caplog.records), caplog.text
 
 
 # -- the manager ------------------------------------------------------------------------------------
