@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubechain.kube.errors import Unavailable
 from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_spec
@@ -83,12 +83,20 @@ def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None
 TOOLS_CHANGED_WINDOW_S = 2.0
 
 
+class _Slot(NamedTuple):
+    """A server's last validate: when it is due, or, when its enqueue failed, when to try again."""
+
+    at: float
+    enqueued: bool
+
+
 class ToolsChangedRevalidator:
     """``MCPManager``'s ``on_tools_changed`` in a tools worker: enqueues a validate of the MCPServer, at
     most one per server per window. A change within the window of the last validate enqueued gets one
     more, due when the window ends (a countdown), so the last change is never lost; changes until then
-    are covered by it, since it lists the tools after them. Best effort: an enqueue that fails is logged,
-    and the watcher's resync, which checks connected servers too, is the safety net."""
+    are covered by it, since it lists the tools after them. Best effort: an enqueue that fails is logged
+    and not tried again for a window (a broker that is down blocks each try for ~40 s), then at the next
+    change; the watcher's resync, which checks connected servers too, is the safety net."""
 
     def __init__(
         self,
@@ -100,18 +108,26 @@ class ToolsChangedRevalidator:
         self.window_s = window_s
         self._clock = clock
         self._lock = threading.Lock()
-        # (namespace, name) -> when the last validate enqueued is due; one entry per server heard from
-        self._due: dict[tuple[str, str], float] = {}
+        # (namespace, name) -> its last validate; one entry per server heard from within about a window
+        self._due: dict[tuple[str, str], _Slot] = {}
+        self._pruned_at = float("-inf")
 
     def __call__(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         with self._lock:  # the enqueue too: two changes at once must not both take the same slot
             now = self._clock()
-            due = self._due.get(key)
-            if due is not None and now < due:
-                log.debug("MCPServer %s/%s: tool-list change covered by the validate due", namespace, name)
+            self._prune(now)
+            slot = self._due.get(key)
+            if slot is not None and now < slot.at:
+                log.debug(
+                    "MCPServer %s/%s: tool-list change %s",
+                    namespace,
+                    name,
+                    "covered by the validate due" if slot.enqueued else "not enqueued: backing off",
+                )
                 return
-            run_at = now if due is None else max(now, due + self.window_s)
+            # After a failed enqueue nothing is due, and its back-off kept the validates a window apart.
+            run_at = now if slot is None or not slot.enqueued else max(now, slot.at + self.window_s)
             message = ResourceMessage(
                 kind=MCPServer.KIND, namespace=namespace, name=name, reason="tools-changed"
             )
@@ -119,14 +135,24 @@ class ToolsChangedRevalidator:
                 self._enqueue(TaskName.VALIDATE, message, run_at - now)
             except Exception as exc:  # noqa: BLE001 - the resync is the safety net
                 log.warning("could not enqueue tools-changed of %s/%s: %s", namespace, name, exc)
+                self._due[key] = _Slot(now + self.window_s, enqueued=False)
                 return
-            self._due[key] = run_at
+            self._due[key] = _Slot(run_at, enqueued=True)
         log.info(
             "MCPServer %s/%s: its tool list changed; validating it%s",
             namespace,
             name,
             f" in {run_at - now:.1f}s" if run_at > now else "",
         )
+
+    def _prune(self, now: float) -> None:
+        """Forgets the servers whose slot is past by more than a window (a deleted server's would stay for
+        ever): their next change is validated at once either way. At most once a window, under the lock."""
+        if now - self._pruned_at < self.window_s:
+            return
+        self._pruned_at = now
+        for key in [key for key, slot in self._due.items() if now - slot.at > self.window_s]:
+            del self._due[key]
 
 
 def _temporary_manager(ctx: WorkerContext) -> MCPManager:

@@ -71,8 +71,9 @@ class MCPManager:
         on_tools_changed: Callable[[str, str], None] | None = None,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
-        name)``: a session heard that its server's tool list changed (called once per notice, in order,
-        on a thread of its own; what it raises is logged). Without it sessions do not listen for that."""
+        name)``: a session heard that its server's tool list changed (called on a thread of its own, in
+        order; notices for a server whose call has not started yet are merged into it; what it raises is
+        logged). Without it sessions do not listen for that."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
@@ -84,6 +85,10 @@ class MCPManager:
         self._on_tools_changed = on_tools_changed
         # One thread, started with the loop: notices are passed on in the order they came.
         self._tools_changed_calls: concurrent.futures.ThreadPoolExecutor | None = None
+        # The servers with a call queued and not started: a chatty server whose callback is blocked (a
+        # broker that is down) must not queue one call a notice, without limit. Loop and callback threads.
+        self._tools_changed_queued: set[Key] = set()
+        self._tools_changed_lock = threading.Lock()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -306,10 +311,22 @@ class MCPManager:
         callback, calls = self._on_tools_changed, self._tools_changed_calls
         if callback is None or calls is None or self._closed:
             return
+        with self._tools_changed_lock:
+            if key in self._tools_changed_queued:
+                return  # the call queued has not started: it is told of the list as it is after this change
+            self._tools_changed_queued.add(key)
         try:
-            calls.submit(_call_tools_changed, callback, key)
+            calls.submit(self._call_tools_changed, callback, key)
         except RuntimeError:  # shut down: the manager is closing
-            pass
+            with self._tools_changed_lock:
+                self._tools_changed_queued.discard(key)
+
+    def _call_tools_changed(self, callback: Callable[[str, str], None], key: Key) -> None:
+        """On the callback's thread. No longer queued once started: a notice heard from now on may be of a
+        change the callback has already looked past, so it queues one more call."""
+        with self._tools_changed_lock:
+            self._tools_changed_queued.discard(key)
+        _call_tools_changed(callback, key)
 
     async def _close_idle_sessions(self) -> None:
         interval = min(60.0, max(0.05, self.idle_timeout_s / 4))

@@ -321,6 +321,40 @@ def test_a_callback_that_raises_is_logged_and_the_next_change_still_reaches_it(
         manager.close()
 
 
+def test_notices_for_a_server_whose_callback_is_still_queued_or_running_queue_at_most_one_more() -> None:
+    """A chatty server, and a callback blocked (Redis does not answer): the notices are merged into the one
+    call still queued, not queued one each (memory without limit). One heard while its call runs queues
+    exactly one more, which looks at the list after it."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, str]] = []
+
+    def blocked(namespace: str, name: str) -> None:
+        calls.append((namespace, name))
+        entered.set()
+        release.wait(30)
+
+    manager = MCPManager(resolve_secret, on_tools_changed=blocked)
+    try:
+        loop = manager._ensure_loop()
+        executor = manager._tools_changed_calls
+        assert executor is not None
+        loop.call_soon_threadsafe(manager._tools_changed, ("default", "chatty"))
+        assert entered.wait(10), "the first call started"
+        for _ in range(10_000):
+            loop.call_soon_threadsafe(manager._tools_changed, ("default", "chatty"))
+        heard = threading.Event()
+        loop.call_soon_threadsafe(heard.set)  # after every notice (the loop runs them in order)
+        assert heard.wait(10)
+        assert executor._work_queue.qsize() <= 1, "one call queued behind the running one, not one a notice"
+        release.set()
+        done = executor.submit(lambda: None)  # the single thread runs it after every queued call
+        done.result(10)
+        assert calls == [("default", "chatty")] * 2
+    finally:
+        release.set()
+        manager.close()
+
+
 # -- real servers -----------------------------------------------------------------------------------
 
 

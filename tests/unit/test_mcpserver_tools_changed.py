@@ -93,23 +93,53 @@ def test_servers_are_coalesced_apart() -> None:
     ]
 
 
-def test_a_failing_enqueue_is_logged_not_raised_and_the_next_change_tries_again(
+def test_a_failing_enqueue_is_logged_not_raised_and_backs_off_for_a_window(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """A broker that is down blocks each enqueue (~40 s): a chatty server's notices must not try it one
+    each. The change is not lost: the next notice after the back-off enqueues at once."""
     attempts: list[float] = []
+    down = True
 
-    def broker_down(task: TaskName, message: ResourceMessage, countdown: float) -> None:
+    def broker(task: TaskName, message: ResourceMessage, countdown: float) -> None:
         attempts.append(countdown)
-        raise ConnectionError("Redis does not answer")
+        if down:
+            raise ConnectionError("Redis does not answer")
 
     clock = Clock()
-    changed = ToolsChangedRevalidator(broker_down, window_s=2.0, clock=clock)
+    changed = ToolsChangedRevalidator(broker, window_s=2.0, clock=clock)
     caplog.set_level(logging.WARNING)
     changed("default", "fetch")  # no exception: the watcher's resync is the safety net
     assert "Redis does not answer" in caplog.text and "default/fetch" in caplog.text
-    clock.now += 0.1
+    for step in range(1, 20):
+        clock.now = 1000.0 + step * 0.1
+        changed("default", "fetch")
+    assert attempts == [0], "within the back-off: not tried again at once"
+
+    down = False
+    clock.now = 1002.0
     changed("default", "fetch")
-    assert attempts == [0, 0], "nothing was enqueued: the next change is not taken for covered"
+    assert attempts == [0, 0], "after the back-off: enqueued at once (nothing was validated meanwhile)"
+    clock.now = 1002.5
+    changed("default", "fetch")
+    assert [round(c, 3) for c in attempts] == [0, 0, 1.5], "then coalesced as usual"
+
+
+def test_servers_not_heard_from_for_a_while_are_forgotten() -> None:
+    """One entry per server heard from, not for ever: a deleted server's would stay otherwise."""
+    sent, changed, clock = recorder()
+    for name in ("gone", "quiet", "chatty"):
+        changed("default", name)
+    clock.now = 1001.5  # "gone" and "quiet" were due at 1000.0: within a window, still kept
+    changed("default", "chatty")
+    assert set(changed._due) == {("default", "gone"), ("default", "quiet"), ("default", "chatty")}
+    clock.now = 1004.5  # past by more than a window: forgotten
+    changed("default", "chatty")
+    assert set(changed._due) == {("default", "chatty")}
+    clock.now = 1014.5
+    changed("default", "other")
+    assert set(changed._due) == {("default", "other")}
+    assert countdowns(sent) == [0, 0, 0, 0.5, 0, 0], "forgetting changes no countdown"
 
 
 def test_the_window_is_short() -> None:
