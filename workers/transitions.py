@@ -369,6 +369,10 @@ def _confirm_claim(
     claimed_at = str(transition.status.get("claimedAt") or "")
     # Only this process can tell the claim was never acted on: given up early, it is left to a retry that
     # another pod may get, which would wait for it to expire and then take the step for one interrupted.
+    # Bounded by a deadline, reads included: each may wait out the API client's timeouts (a connect, then
+    # a 30 s read), so with the backoff's sleeps alone bounded, nine reads held this thread for minutes.
+    # A read under way at the deadline is the last: at most one timeout past it.
+    deadline = ctx.monotonic() + RECORD_RETRY_BUDGET_S
     delays = backoff_delays(RECORD_RETRY_BUDGET_S)
     while True:
         try:
@@ -383,10 +387,11 @@ def _confirm_claim(
                 return current
             if current.resource_version != obj.resource_version:
                 raise Conflict(409, "Conflict", f"{obj.KIND} {obj.name} moved on without this claim")
+        left_s = deadline - ctx.monotonic()
         delay = next(delays, None)
-        if delay is None:
+        if delay is None or left_s <= 0:
             break
-        ctx.sleep(delay)
+        ctx.sleep(min(delay, left_s))
     ctx.claims_in_doubt.add(obj, claimed_at, transition)
     log.warning(
         "claim on %s %s/%s not confirmed within %.0f s (read back unanswered, or as it was before the write; "

@@ -1874,6 +1874,52 @@ def test_a_landed_claim_is_read_back_through_an_api_server_restart_not_left_to_a
     assert sum(sleeps) <= RECORD_RETRY_BUDGET_S
 
 
+class ReadBacksTimeOut(ClaimAnswerLost):
+    """The claim write's answer is lost, and then every read waits out the API client's read timeout
+    (``clock[0]`` moves on by it) before it fails."""
+
+    def __init__(self, phase: str, clock: list[datetime]) -> None:
+        super().__init__(phase, down=0)
+        self.clock, self.reads = clock, 0
+        self.lost_at: datetime | None = None  # when the claim write's answer was lost
+
+    def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        if self.tripped and method == "GET":
+            self.reads += 1
+            self.clock[0] += timedelta(seconds=Settings().kube_timeout_s)
+            raise Unavailable(0, "Unavailable", "read timed out")
+        try:
+            return super().request(method, path, **kwargs)
+        except Unavailable:
+            self.lost_at = self.clock[0]
+            raise
+
+
+def test_a_claim_is_read_back_for_a_bounded_time_however_long_each_read_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read-backs were bounded by their sleeps alone: nine reads, each up to the API client's 30 s read
+    timeout, held the worker's thread for five and a half minutes. RECORD_RETRY_BUDGET_S bounds them all,
+    reads included, but for the last read under way."""
+    now = [datetime.now(UTC)]
+    kube = ReadBacksTimeOut("Running", now)
+    ctx, sleeps, claims, name = charged_on(kube, monkeypatch, now)
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        now[0] += timedelta(seconds=seconds)
+
+    ctx.sleep = sleep
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert kube.lost_at is not None and claims == [] and kube.reads >= 2
+    took_s, bound_s = (
+        (now[0] - kube.lost_at).total_seconds(),
+        RECORD_RETRY_BUDGET_S + Settings().kube_timeout_s,
+    )
+    assert took_s <= bound_s, f"read back for {took_s} s"
+
+
 @pytest.mark.parametrize("retried_after_s", [1, 181], ids=["claim-live", "claim-expired"])
 def test_a_tool_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_and_run_once(
     monkeypatch: pytest.MonkeyPatch, retried_after_s: int
