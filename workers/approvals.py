@@ -33,13 +33,14 @@ from kubechain.humanlayer import (
     channel_config_problem,
     channel_payload,
 )
+from kubechain.humanlayer.client import CONNECT_TIMEOUT_S as HUMANLAYER_CONNECT_S
 from kubechain.humanlayer.client import DEFAULT_TIMEOUT_S as HUMANLAYER_TIMEOUT_S
 from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, MCPServer, TaskRunToolCall, Tool, ToolCallPhase
 from kubechain.queueing import TaskName
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.transition import Transition, claim_remaining_s, precise_timestamp
 from workers.tool_outcomes import apply_call_transition
 from workers.transitions import apply_claim, schedule_recheck
 from workers.validators import SecretProblem, get_or_none, read_api_key
@@ -50,10 +51,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The oldest a request claim may be when its HumanLayer calls start (a look-up, then the request, each up
-# to the client's timeout): an older one is stamped afresh first, or the calls could outlast it and a
-# second worker, taking it over, send the request too.
-REQUEST_CLAIM_YOUNG_S = machine.REQUEST_CLAIM_TIMEOUT_S - 2 * HUMANLAYER_TIMEOUT_S
+# The longest a HumanLayer call answered within the client's timeouts takes: they are per phase, a connect
+# then a read (a small body's write is immediate). A server that trickles its answer, each read in time,
+# takes longer still: nothing but the claim's expiry bounds that.
+HUMANLAYER_CALL_S = HUMANLAYER_CONNECT_S + HUMANLAYER_TIMEOUT_S  # 15 s
+# Slack for the clock of the worker that judges the claim expired differing from the holder's.
+CLOCK_SLACK_S = 5.0
+# The oldest a request claim may be when its HumanLayer calls start: an older one is stamped afresh first.
+# The request alone (a first one) then ends within the claim: 30 - 15 - 5 = 10 s. One sent again after a
+# failed attempt or a takeover is looked up first, and the two calls (three, if the send meets a 409) can
+# outlast the claim, for a second worker to take over and send too. That is harmless: it looks up first as
+# well, the call id is the same, and HumanLayer answers a duplicate with 409, which the client turns into
+# the call it has. The claim bounds how often that happens, not whether.
+REQUEST_CLAIM_YOUNG_S = machine.REQUEST_CLAIM_TIMEOUT_S - HUMANLAYER_CALL_S - CLOCK_SLACK_S
 
 
 @dataclass(frozen=True)
@@ -154,8 +164,12 @@ def _humanlayer_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_
         _check_approval(ctx, toolcall, channel_name)
         return
     if phase not in machine.PENDING_PHASES:
+        in_doubt = _claim_in_doubt(ctx, toolcall)
+        if in_doubt is not None:
+            _request_approval(ctx, toolcall, channel_name, in_doubt)
+            return
         # Requested before (maybe by a worker that died) or failed before: send again when due.
-        if machine.request_in_flight(toolcall, now):
+        if _left_to_its_holder(ctx, toolcall, now):
             return
         if phase == ToolCallPhase.ERROR_REQUESTING_HUMAN_APPROVAL and not machine.is_due(toolcall, now):
             return
@@ -218,10 +232,12 @@ def _send_request(
     channel_name: str,
     kind: _RequestKind,
     spec_for: Callable[[dict[str, Any]], dict[str, Any]],
+    in_doubt: Transition | None = None,
 ) -> None:
     """Claim the call (apply_claim: a claim too old to send under is stamped afresh first), send the
     request (with a deterministic call id, so a retry is the same call), record sent or failed while the
-    claim is ours, and schedule the next re-check."""
+    claim is ours, and schedule the next re-check. ``in_doubt``: this process's claim the call holds, never
+    sent under (_claim_in_doubt), claimed afresh instead."""
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
@@ -236,8 +252,8 @@ def _send_request(
     # waited out an API server shedding load (429s), and the claim would be written already expired, for
     # a second worker to take over and send the request too.
     spec = spec_for(channel_payload(channel))
-    claim = machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, ctx.clock())
-    claimed_at = claim.status["claimedAt"]
+    claim = in_doubt or machine.plan_ask_claim(toolcall, kind.ask, channel_name, ctx.identity, ctx.clock())
+    claim.status["claimedAt"] = claimed_at = precise_timestamp(ctx.clock())
     claimed = apply_claim(
         ctx,
         toolcall,
@@ -273,7 +289,9 @@ def _send_request(
         _schedule(ctx, written)
 
 
-def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
+def _request_approval(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str, in_doubt: Transition | None = None
+) -> None:
     kwargs, _ = parse_arguments(toolcall)
     _send_request(
         ctx,
@@ -281,6 +299,7 @@ def _request_approval(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_nam
         channel_name,
         _APPROVAL,
         lambda channel: {"fn": toolcall.spec.tool_ref.name, "kwargs": kwargs, "channel": channel},
+        in_doubt,
     )
 
 
@@ -408,10 +427,11 @@ def _contact_human(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Exec
     if toolcall.status.external_call_id:
         _check_contact(ctx, toolcall, channel_name)
         return
-    if machine.request_in_flight(toolcall, now) or not machine.is_due(toolcall, now):
+    in_doubt = _claim_in_doubt(ctx, toolcall)
+    if in_doubt is None and (_left_to_its_holder(ctx, toolcall, now) or not machine.is_due(toolcall, now)):
         return
     message = _contact_message(parse_arguments(toolcall)[0]) or ""
-    _request_contact(ctx, toolcall, channel_name, message)
+    _request_contact(ctx, toolcall, channel_name, message, in_doubt)
 
 
 def _contact_message(arguments: dict[str, Any]) -> str | None:
@@ -419,8 +439,16 @@ def _contact_message(arguments: dict[str, Any]) -> str | None:
     return message if isinstance(message, str) and message.strip() else None
 
 
-def _request_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str, message: str) -> None:
-    _send_request(ctx, toolcall, channel_name, _CONTACT, lambda channel: {"msg": message, "channel": channel})
+def _request_contact(
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    channel_name: str,
+    message: str,
+    in_doubt: Transition | None = None,
+) -> None:
+    _send_request(
+        ctx, toolcall, channel_name, _CONTACT, lambda channel: {"msg": message, "channel": channel}, in_doubt
+    )
 
 
 def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: str) -> None:
@@ -479,6 +507,24 @@ def _client(ctx: WorkerContext, api_key: str) -> HumanLayerClient:
 
 def _holds_claim(toolcall: TaskRunToolCall, worker: str, claimed_at: str | None) -> bool:
     return toolcall.status.claimed_by == worker and toolcall.status.claimed_at == claimed_at
+
+
+def _claim_in_doubt(ctx: WorkerContext, toolcall: TaskRunToolCall) -> Transition | None:
+    """The request claim of this process that ``toolcall`` holds, left in doubt (see apply_claim): no
+    request was sent under it, so it is claimed afresh and sent now, not waited out as another's."""
+    return ctx.claims_in_doubt.held(toolcall, lambda at: _holds_claim(toolcall, ctx.identity, at))
+
+
+def _left_to_its_holder(ctx: WorkerContext, toolcall: TaskRunToolCall, now: datetime) -> bool:
+    """Whether another worker's request claim is in flight: then the call is checked again when it
+    expires (its holder, if alive, has recorded the request by then), not only at the next resync (one
+    left in doubt by a worker that could not confirm it is never recorded)."""
+    if not machine.request_in_flight(toolcall, now):
+        return False
+    left_s = claim_remaining_s(toolcall.status.claimed_at, now, machine.REQUEST_CLAIM_TIMEOUT_S)
+    # not at once: by the clock of the worker the re-check reaches, it may not have expired yet
+    schedule_recheck(ctx, TaskName.TOOL_CALL, toolcall, machine.RECHECK_REASON, max(left_s, 1.0))
+    return True
 
 
 def _write_holding_claim(

@@ -19,7 +19,8 @@ import httpx
 
 from kubechain.redaction import redact, redact_url
 
-DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_S = 10.0  # each read and write; the connect has its own, at most CONNECT_TIMEOUT_S
+CONNECT_TIMEOUT_S = 5.0
 API_PREFIX = "/humanlayer/v1"
 
 
@@ -67,7 +68,7 @@ class HumanLayerClient:
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
             verify=True,
             follow_redirects=False,
             transport=transport,

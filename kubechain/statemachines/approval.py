@@ -63,7 +63,9 @@ UNDECIDED_PHASES = PENDING_PHASES + APPROVAL_WAITING_PHASES
 
 RECHECK_BASE_S = 2.0
 RECHECK_MAX_S = 60.0
-REQUEST_CLAIM_TIMEOUT_S = 30.0  # well above the HumanLayer client's 10 s request timeout
+# A HumanLayer call answered within the client's timeouts takes up to 15 s (5 s to connect, then 10 s to
+# read: httpx times each phase on its own): see REQUEST_CLAIM_YOUNG_S in workers/approvals.py.
+REQUEST_CLAIM_TIMEOUT_S = 30.0
 # A human's words go into the status and the LLM's context like a tool's result, with its bound (the
 # worker passes its configured one): a long email reply must not make every status write too large.
 HUMAN_TEXT_MAX_BYTES = LoopLimits().max_tool_result_bytes

@@ -31,6 +31,7 @@ from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import expected_toolcalls, toolcall_name
 from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
+from tests.unit.test_toolcall_robustness import ClaimAnswerLost
 from tests.unit.test_workers_on_fake import ReadGateKube, run_concurrently
 from workers.context import WorkerContext
 from workers.llm_call import llm_call
@@ -649,6 +650,52 @@ def test_a_request_claim_whose_event_took_long_is_acted_on_without_another_write
     assert len(kube.claims) == 1, "one claim write"
     assert w.status()["phase"] == "AwaitingHumanApproval" and w.hl.posts == {w.status()["externalCallID"]: 1}
     assert w.events().count("AwaitingHumanApproval") == 1, "the claim's Event is posted once"
+
+
+@pytest.mark.parametrize("contact", [False, True], ids=["approval", "human-contact"])
+def test_a_request_claim_left_in_doubt_is_sent_under_at_once_by_the_retry_in_this_process(
+    hl: HumanLayerTestServer, contact: bool
+) -> None:
+    """The claim landed, its answer and every read-back lost: Celery's retry in this process found its own
+    claim in flight and left it (and the call) until it expired and the next resync came."""
+    phase = "AwaitingHumanInput" if contact else "AwaitingHumanApproval"
+    kube = ClaimAnswerLost(phase, down=10**6)
+    w = new_world(hl, kube)
+    if contact:
+        add_toolcall(w, "approvals__human_contact_email", {"message": "ok?"})
+    else:
+        add_toolcall(w)
+    ctx = w.ctx()
+    ctx.sleep = lambda _s: None
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", TC))
+    kube.down = 0
+    assert w.status()["claimedBy"] == "w1" and w.hl.posts == {}
+    tool_call(ctx, message("TaskRunToolCall", TC))  # Celery's retry, at once
+    assert w.status()["phase"] == phase and w.hl.posts == {w.status()["externalCallID"]: 1}
+    assert w.events().count("AwaitingHumanContact" if contact else "AwaitingHumanApproval") == 1
+
+
+@pytest.mark.parametrize("contact", [False, True], ids=["approval", "human-contact"])
+def test_a_request_claim_in_flight_elsewhere_is_checked_again_when_it_expires(
+    hl: HumanLayerTestServer, contact: bool
+) -> None:
+    """A worker that finds another's request claim (maybe one left in doubt by a worker that could not
+    confirm it) came back only with the next resync, up to a minute after the claim expired."""
+    w = new_world(hl, FakeKubeClient())
+    if contact:
+        add_toolcall(w, "approvals__human_contact_email", {"message": "ok?"})
+    else:
+        add_toolcall(w)
+    call = w.kube.get(TaskRunToolCall, "default", TC)
+    phase = "AwaitingHumanInput" if contact else "AwaitingHumanApproval"
+    claimed_at = w.clock.now - timedelta(seconds=10)
+    w.kube.patch_status(call, {"phase": phase, "claimedBy": "w9", "claimedAt": precise_timestamp(claimed_at)})
+    w.run(identity="w2")
+    assert w.hl.posts == {} and w.last_countdown() == pytest.approx(machine.REQUEST_CLAIM_TIMEOUT_S - 10)
+    w.clock.advance(w.last_countdown())
+    w.run(identity="w2")  # the re-check
+    assert w.hl.posts == {w.status()["externalCallID"]: 1}
 
 
 # -- approval with kubectl ---------------------------------------------------------------------------
