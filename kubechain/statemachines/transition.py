@@ -129,7 +129,9 @@ class _Digest:
 
     @classmethod
     def of(cls, text: str) -> _Digest:
-        return cls(hashlib.sha256(text.encode()).digest())
+        # surrogatepass: a lone surrogate (an LLM provider's error read with json.loads, say) is not UTF-8,
+        # and raising here lost an outcome whose write had gone unanswered
+        return cls(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest())
 
 
 def status_fingerprint(patch: dict[str, Any]) -> StatusFingerprint:

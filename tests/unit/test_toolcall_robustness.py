@@ -1765,6 +1765,16 @@ def test_a_write_is_known_to_have_landed_by_its_fingerprint_long_strings_and_all
     assert not patch_landed({**stored, "contextWindow": [{"content": long}] * 2}, fingerprint)
 
 
+def test_a_long_string_with_a_lone_surrogate_has_a_fingerprint() -> None:
+    """An LLM provider's error parsed with json.loads may hold a lone surrogate, which UTF-8 cannot encode:
+    its fingerprint raised inside record_while_claimed's handling of an unanswered write, and the task
+    failed without a retry, its outcome lost."""
+    error = "x" * 70 + "\ud800"
+    fingerprint = status_fingerprint({"error": error})
+    assert patch_landed({"error": error}, fingerprint)
+    assert not patch_landed({"error": "x" * 70 + "\ud801"}, fingerprint)
+
+
 class LandsLate(FakeKubeClient):
     """The status write that sets ``phase`` times out unapplied; the API server commits it just after
     answering the worker's next read (a slow etcd), so the worker's next write conflicts with it."""
