@@ -124,10 +124,10 @@ class Settings(BaseSettings):
 
     @property
     def claim_confirm_budget_s(self) -> float:
-        """How old a claim may be when its worker makes the call under it (one older, its write answered
-        late or confirmed by reading it back, is stamped afresh first): a third of the margin a claim
-        leaves past the longest LLM or tool call (10 s by default), the rest being for writing the
-        outcome."""
+        """How old a claim confirmed by reading it back may be when its worker makes the call under it (an
+        older one is stamped afresh first; one whose write was answered is acted on whatever its age): a
+        third of the margin a claim leaves past the longest LLM or tool call (10 s by default), the rest
+        being for writing the outcome."""
         return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) / 3
 
     @model_validator(mode="after")

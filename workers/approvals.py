@@ -57,8 +57,10 @@ log = logging.getLogger(__name__)
 HUMANLAYER_CALL_S = HUMANLAYER_CONNECT_S + HUMANLAYER_TIMEOUT_S  # 15 s
 # Slack for the clock of the worker that judges the claim expired differing from the holder's.
 CLOCK_SLACK_S = 5.0
-# The oldest a request claim may be when its HumanLayer calls start: an older one is stamped afresh first.
-# The request alone (a first one) then ends within the claim: 30 - 15 - 5 = 10 s. One sent again after a
+# The oldest a request claim confirmed by reading it back may be when its HumanLayer calls start (an older
+# one is stamped afresh first). One whose write was answered late (429s waited out, its Event posted inline)
+# is sent under at any age and may outlast its claim (harmless, below). Otherwise a first request ends
+# within the claim: 30 - 15 - 5 = 10 s. One sent again after a
 # failed attempt or a takeover is looked up first, and the two calls (three, if the send meets a 409) can
 # outlast the claim, for a second worker to take over and send too. That is harmless: it looks up first as
 # well, the call id is the same, and HumanLayer answers a duplicate with 409, which the client turns into
@@ -234,7 +236,7 @@ def _send_request(
     spec_for: Callable[[dict[str, Any]], dict[str, Any]],
     in_doubt: Transition | None = None,
 ) -> None:
-    """Claim the call (apply_claim: a claim too old to send under is stamped afresh first), send the
+    """Claim the call (apply_claim: one confirmed by reading it back and too old to send under is stamped afresh first), send the
     request (with a deterministic call id, so a retry is the same call), record sent or failed while the
     claim is ours, and schedule the next re-check. ``in_doubt``: this process's claim the call holds, never
     sent under (_claim_in_doubt), claimed afresh instead."""

@@ -287,8 +287,9 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
     return None
 
 
-# How often a landed claim too old to act on is stamped afresh, each fresh stamp answered too late again,
-# before it is left in doubt for the task's retry: an API server that slow leaves no claim time enough.
+# How often a claim confirmed by reading it back, too old to act on, is stamped afresh, each fresh stamp
+# answered too late again, before it is left in doubt for the task's retry: an API server that slow leaves
+# no claim time enough.
 CLAIM_RESTAMPS_MAX = 2
 
 
@@ -324,7 +325,8 @@ def apply_claim(
     process finds it on the object, knows it was never acted on, and claims it afresh.
 
     ``transition``'s claimedAt is stamped by the caller just before: the claim's age is measured from
-    here, on ctx.monotonic. ``young_s``: the oldest it may be to act on, if not claim_confirm_budget_s."""
+    here, on ctx.monotonic. ``young_s``: the oldest a claim confirmed by reading it back may be to act on,
+    if not claim_confirm_budget_s (one whose write was answered is acted on whatever its age)."""
     since = ctx.monotonic()
     try:
         claimed = apply_transition(ctx, obj, transition)
@@ -371,7 +373,7 @@ def _confirm_claim(
     # another pod may get, which would wait for it to expire and then take the step for one interrupted.
     # Bounded by a deadline, reads included: each may wait out the API client's timeouts (a connect, then
     # a 30 s read), so with the backoff's sleeps alone bounded, nine reads held this thread for minutes.
-    # A read under way at the deadline is the last: at most one timeout past it.
+    # A read under way at the deadline is the last: at most one read (its 429 waits included) past it.
     deadline = ctx.monotonic() + RECORD_RETRY_BUDGET_S
     delays = backoff_delays(RECORD_RETRY_BUDGET_S)
     while True:
