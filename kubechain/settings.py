@@ -130,6 +130,13 @@ class Settings(BaseSettings):
         being for writing the outcome."""
         return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) / 3
 
+    @property
+    def claim_outcome_margin_s(self) -> float:
+        """What a claim keeps past its call for writing the call's outcome: the rest of that margin (20 s
+        by default). A call under a claim older than claim_confirm_budget_s (its write answered late) is
+        cut short by what it is over, so that it still ends in time."""
+        return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) * 2 / 3
+
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:
         # A claim that expires while its LLM or tool call is still running lets resync hand the step to a

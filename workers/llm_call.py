@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable
 
 from kubechain.llm.base import LLMError, ToolDefinition, build_request
+from kubechain.llm.deadline import ending_by
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS, model_label
 from kubechain.observability.tracing import span
@@ -27,6 +28,7 @@ from workers.context import WorkerContext
 from workers.transitions import (
     apply_claim,
     apply_transition,
+    call_time_left_s,
     decide_on_current,
     record_while_claimed,
     schedule_recheck,
@@ -215,7 +217,9 @@ def _call_and_record(
             },
         ) as current:
             try:
-                response = ctx.llms.for_llm(llm, api_key).complete(request)
+                # under a claim answered late, the call ends in time for its answer to be written
+                with ending_by(time.monotonic() + call_time_left_s(ctx, claimed_at)):
+                    response = ctx.llms.for_llm(llm, api_key).complete(request)
             except LLMError:
                 raise
             except Exception as exc:  # noqa: BLE001 - converted in the span, which records what ends it

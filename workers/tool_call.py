@@ -51,6 +51,7 @@ from workers.tool_outcomes import apply_call_transition
 from workers.transitions import (
     apply_claim,
     apply_transition,
+    call_time_left_s,
     decide_on_current,
     record_while_claimed,
 )
@@ -188,14 +189,16 @@ class Executor:
             return None
         return self.tool.spec.execute.external_api
 
-    def run(self, arguments: dict[str, Any]) -> Outcome:
+    def run(self, arguments: dict[str, Any], within_s: float | None = None) -> Outcome:
+        """The call's outcome. ``within_s``: the longest it may take (its claim's time left), if shorter
+        than its own timeout."""
         ref = self.toolcall.spec.tool_ref.name
         if self._secret_problem is not None:
             mcp_detail = f"MCP tool execution failed: {self._secret_problem}" if self.server else None
             return Outcome(error=self._secret_problem, detail=mcp_detail)
         try:
             if self.server is not None:
-                return self._run_mcp(arguments)
+                return self._run_mcp(arguments, within_s)
             assert self.tool is not None
             kind = tool_type(self.tool)
             if kind == "function":
@@ -207,7 +210,7 @@ class Executor:
                 result = run_builtin(builtin or "", arguments)
                 return Outcome(result=result, event_message=f'Tool "{self.tool.name}" executed successfully')
             if kind == "externalAPI":
-                return self._run_external(arguments)
+                return self._run_external(arguments, within_s)
             return Outcome(error=f"unsupported tool type {kind!r} for tool {ref!r}")
         except ToolError as exc:
             return Outcome(error=str(exc), detail=exc.detail)
@@ -217,22 +220,26 @@ class Executor:
             log.exception("tool %s of %s/%s raised", ref, self.toolcall.namespace, self.toolcall.name)
             return Outcome(error=f"tool {ref!r} failed unexpectedly: {type(exc).__name__}: {exc}"[:1000])
 
-    def _run_external(self, arguments: dict[str, Any]) -> Outcome:
+    def _run_external(self, arguments: dict[str, Any], within_s: float | None) -> Outcome:
         assert self.tool is not None
         api = self._external_api()
         assert api is not None and api.url
         token = self._token  # read by read_secrets, before the claim
         settings = self.ctx.settings
         timeout = min(float(api.timeout_seconds or settings.tool_timeout_s), settings.tool_execution_cap_s)
+        if within_s is not None:
+            timeout = max(0.001, min(timeout, within_s))
         body = call_external_api(api.url, api.method, arguments, token, timeout)
         return Outcome(result=body, event_message=f'Tool "{self.tool.name}" executed successfully')
 
-    def _run_mcp(self, arguments: dict[str, Any]) -> Outcome:
+    def _run_mcp(self, arguments: dict[str, Any], within_s: float | None) -> Outcome:
         assert self.server is not None
         if self.ctx.mcp is None:
             return Outcome(error="this worker has no MCP manager (run MCP tools on the tools queue)")
         try:
-            result = self.ctx.mcp.call_tool(self.server, self.target.tool, arguments, resolved=self._resolved)
+            result = self.ctx.mcp.call_tool(
+                self.server, self.target.tool, arguments, resolved=self._resolved, within_s=within_s
+            )
         except ToolError as exc:  # MCPError: unreachable server, unknown tool, timeout
             return Outcome(error=str(exc), detail=f"MCP tool execution failed: {exc}")
         ref = self.toolcall.spec.tool_ref.name
@@ -453,7 +460,8 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         (ids.trace_id, ids.span_id) if ids and ids.trace_id and ids.span_id else None,
         **{"kubechain.toolcall": toolcall.name},
     ) as current:
-        outcome = executor.run(arguments)
+        # under a claim answered late, the call ends in time for its outcome to be written
+        outcome = executor.run(arguments, within_s=call_time_left_s(ctx, claimed_at))
         current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")
     result = "error" if outcome.error is not None else "ok"
     count_tool_call(toolcall.spec.tool_ref.name, result, time.perf_counter() - started)

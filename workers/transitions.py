@@ -287,6 +287,15 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
     return None
 
 
+def call_time_left_s(ctx: WorkerContext, claimed_at: str) -> float:
+    """How long the side effect under this worker's claim stamped ``claimed_at`` may take: until the claim
+    expires (judged, as other workers judge it, by the wall clock against the stamp), less the time kept
+    for writing its outcome. Longer than any call under a young claim; a claim whose write was answered
+    late (it is acted on whatever its age) cuts its call short by what it is over."""
+    left = claim_remaining_s(claimed_at, ctx.clock(), ctx.settings.claim_timeout_s)
+    return max(0.0, left - ctx.settings.claim_outcome_margin_s)
+
+
 # How often a claim confirmed by reading it back, too old to act on, is stamped afresh, each fresh stamp
 # answered too late again, before it is left in doubt for the task's retry: an API server that slow leaves
 # no claim time enough.
@@ -316,8 +325,8 @@ def apply_claim(
     metadata write, say) leaves the claim in doubt, as below, and the caller's re-decision claims it
     afresh. A claim whose write was answered is acted on whatever its age: the answer is late only when
     the API server is at its slowest, and stamping afresh then adds writes where they cost most (1,000
-    runs at once under a 6 s claim timeout restamped most claims and stalled). Known gap: a write answered
-    later than the claim's margin (claim_timeout_s less the longest call) may leave its call to outlive it.
+    runs at once under a 6 s claim timeout restamped most claims and stalled). Its call is cut short
+    instead, to end in time (call_time_left_s).
 
     Still unknown (the reads went unanswered, or showed the object as it was before the write, which may
     yet land; or a fresh stamp went unanswered, or every one was answered too late), the claim is

@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import httpx2
 
@@ -22,6 +24,39 @@ from kubechain.http_watchdog import shut_at
 # LLM resource names) would take the worker, and every call in flight on it, down. A real answer is some
 # hundred KB at most (its token limit); a context window is cut at 1 MiB.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+# The latest (time.monotonic()) the requests of the current call may end, if sooner than their client's
+# timeout: set by the worker from its claim's time left (ending_by).
+_ENDS_BY: ContextVar[float | None] = ContextVar("kubechain_llm_request_ends_by", default=None)
+
+
+@contextmanager
+def ending_by(monotonic_deadline: float) -> Iterator[None]:
+    """Requests made in this context (this thread's) end by ``monotonic_deadline`` at the latest, even
+    when their client's own timeout is longer: the claim the worker calls under runs out then."""
+    token = _ENDS_BY.set(monotonic_deadline)
+    try:
+        yield
+    finally:
+        _ENDS_BY.reset(token)
+
+
+def call_deadline() -> float | None:
+    """The current call's deadline (time.monotonic()), if ``ending_by`` set one."""
+    return _ENDS_BY.get()
+
+
+def timeout_message(timeout_s: float) -> str:
+    """What an LLM request that timed out is reported as: the client's timeout, or, when the call's own
+    deadline (``ending_by``) has passed, the claim's time that ended it."""
+    ends_by = call_deadline()
+    if ends_by is not None and time.monotonic() >= ends_by:
+        return (
+            "LLM request timed out: no complete answer before the worker's claim on the call ran out (its "
+            "claim was written late: an API server slow to answer)"
+        )
+    return f"LLM request timed out: no complete answer within {timeout_s:g}s"
 
 
 class AnswerTooLarge(Exception):
@@ -82,21 +117,27 @@ class _DeadlineStream(httpx2.SyncByteStream):
 
 
 class DeadlineTransport(httpx2.BaseTransport):
-    """Ends a request whose answer has not been read in full ``total_s`` after it started."""
+    """Ends a request whose answer has not been read in full ``total_s`` after it started, or by the
+    deadline of the call it is made in (``ending_by``), if that is sooner."""
 
     def __init__(self, total_s: float, inner: httpx2.BaseTransport) -> None:
         self._total_s = total_s
         self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        deadline = time.monotonic() + self._total_s
+        started = time.monotonic()
+        deadline = started + self._total_s
+        ends_by = call_deadline()
+        if ends_by is not None and ends_by < deadline:
+            deadline = max(started, ends_by)
+        total_s = deadline - started
         response = self._inner.handle_request(request)
         if time.monotonic() > deadline:
             response.close()
-            raise _overdue(self._total_s, request)
+            raise _overdue(total_s, request)
         assert isinstance(response.stream, httpx2.SyncByteStream)
         watchdog = shut_at(response.extensions, deadline)
-        response.stream = _DeadlineStream(response.stream, deadline, self._total_s, request, watchdog)
+        response.stream = _DeadlineStream(response.stream, deadline, total_s, request, watchdog)
         return response
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import httpx2
 import openai
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
-from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, with_deadline
+from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_message, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import redact
@@ -176,9 +176,7 @@ class OpenAIClient:
             ) from exc
         except openai.APITimeoutError as exc:
             # the deadline transport's, or a phase's own timeout: either way, no whole answer in time
-            raise LLMError(
-                f"LLM request timed out: no complete answer within {self._timeout_s:g}s", retryable=True
-            ) from exc
+            raise LLMError(timeout_message(self._timeout_s), retryable=True) from exc
         except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except openai.APIConnectionError as exc:

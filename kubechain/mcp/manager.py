@@ -136,14 +136,18 @@ class MCPManager:
         tool: str,
         arguments: dict[str, Any],
         resolved: ResolvedSpec | None = None,
+        within_s: float | None = None,
     ) -> MCPToolResult:
-        """Call ``tool``; ``resolved`` (from :meth:`resolve`) saves reading the Secrets again."""
+        """Call ``tool``; ``resolved`` (from :meth:`resolve`) saves reading the Secrets again; ``within_s``:
+        the longest the whole call may take, if shorter than this manager's budget (its claim's time left)."""
         resolved = resolved if resolved is not None else self._resolve(server)
         key = (server.namespace, server.name)
         idempotent = bool(server.spec.idempotent)
         budget = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
         if self.call_budget_s is not None:
             budget = min(budget, self.call_budget_s)
+        if within_s is not None:
+            budget = max(0.001, min(budget, within_s))
         return self._run(
             lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
             budget,

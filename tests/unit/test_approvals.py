@@ -72,7 +72,12 @@ class FakeMCP:
         return None
 
     def call_tool(
-        self, server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None
+        self,
+        server: MCPServer,
+        tool: str,
+        arguments: dict[str, Any],
+        resolved: Any = None,
+        within_s: Any = None,
     ) -> MCPToolResult:
         self.calls.append((server.name, tool, arguments))
         return MCPToolResult(text=f"contents of {arguments.get('url')}")
@@ -859,7 +864,7 @@ def test_a_failed_mcp_call_says_so_with_the_originals_detail(
     without_approval(w)
 
     def call_tool(
-        server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None
+        server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None, within_s: Any = None
     ) -> MCPToolResult:
         if isinstance(failure, Exception):
             raise failure

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.anthropic_provider import AnthropicClient
 from kubechain.llm.base import LLMClientFactory, LLMError, LLMRequest, LLMResponse
+from kubechain.llm.deadline import ending_by
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
 from kubechain.testing.waiting import wait_for
@@ -561,3 +562,23 @@ def test_a_200_answer_without_choices_whose_error_echoes_the_api_key_does_not_pu
     text = str(failed.value)
     leaked = [key[i : i + 8] for i in range(len(key) - 7) if key[i : i + 8] in text]
     assert "no completion choices" in text and failed.value.retryable and not leaked, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer(
+    raw_llm: RawLLM, client_class: type[OpenAIClient] | type[AnthropicClient]
+) -> None:
+    """A worker acts on a claim whose write was answered late; the call under it must end while the claim
+    holds (ending_by), though the client's own timeout (30 s) would wait for this answer (headers at 2 s)."""
+    raw_llm.body = completion({"role": "assistant", "content": "too late"})
+    raw_llm.headers_after_s = 2.0
+    try:
+        client = client_class(
+            "sk-test", 30, raw_llm.url if client_class is OpenAIClient else raw_llm.url[:-3]
+        )
+        request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+        with ending_by(time.monotonic() + 0.3), pytest.raises(LLMError, match="claim on the call ran out"):
+            client.complete(request)
+    finally:
+        raw_llm.headers_after_s = 0.0

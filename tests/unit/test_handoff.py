@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,7 @@ from kubechain.kube.cache import TTLReadCache
 from kubechain.kube.errors import Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMResponse
+from kubechain.llm.deadline import call_deadline
 from kubechain.models import LLM, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.settings import Settings
@@ -224,7 +226,14 @@ def test_a_hand_off_whose_events_took_long_calls_its_llm_once_without_another_cl
     now = [datetime.now(UTC)]
     kube = SlowEvents(now, moved)
     ages: list[float] = []
-    llm = FakeLLM(lambda _r: ages.append(claim_age(kube, now[0])) or LLMResponse(content="done"))
+    lefts: list[float] = []
+
+    def answer(_request: Any) -> LLMResponse:
+        ages.append(claim_age(kube, now[0]))
+        lefts.append((call_deadline() or float("inf")) - time.monotonic())
+        return LLMResponse(content="done")
+
+    llm = FakeLLM(answer)
     validated(kube, llm)
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
     ctx = context(kube, llm, continues_llm=True)
@@ -232,6 +241,11 @@ def test_a_hand_off_whose_events_took_long_calls_its_llm_once_without_another_cl
     prepare(ctx, message("TaskRun", "r"))
     assert run_status(kube)["phase"] == "FinalAnswer" and len(ages) == 1
     assert ages[0] >= 2 * Settings().kube_timeout_s, "called under the claim as written, not a fresh stamp"
+    # ... but cut short to end while that claim holds, with time left to record the answer
+    settings = ctx.settings
+    assert lefts[0] == pytest.approx(
+        settings.claim_timeout_s - ages[0] - settings.claim_outcome_margin_s, abs=1
+    )
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
 
 

@@ -2355,7 +2355,14 @@ class RecordingMCP:
     def resolve(self, server: MCPServer) -> None:
         return None
 
-    def call_tool(self, server: MCPServer, tool: str, arguments: dict[str, Any], resolved: Any = None) -> Any:
+    def call_tool(
+        self,
+        server: MCPServer,
+        tool: str,
+        arguments: dict[str, Any],
+        resolved: Any = None,
+        within_s: Any = None,
+    ) -> Any:
         from kubechain.mcp import MCPToolResult
 
         self.calls.append((server.name, tool))
@@ -2598,3 +2605,26 @@ def test_an_interrupted_call_whose_tool_now_delegates_but_is_not_granted_any_mor
     assert toolcall_status(kube, name)["phase"] == "Failed"
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+@pytest.mark.parametrize("late_s", [0.0, 150.0], ids=["answered-at-once", "answered-150s-late"])
+def test_a_tool_under_a_claim_answered_late_is_cut_short_to_end_within_it(
+    monkeypatch: pytest.MonkeyPatch, late_s: float
+) -> None:
+    """A claim whose write was answered late is acted on (no fresh stamp, see above), but its tool must
+    still end while the claim holds, with time left to write the outcome: a call that outlived it could be
+    taken over by the resync and made twice. Under a young claim the tool keeps its own timeout."""
+    now = [datetime.now(UTC)]
+    kube = ClaimLandsLate("Running", now, late_s)
+    ctx, _sleeps, _claims, name = charged_on(kube, monkeypatch, now)
+    timeouts: list[float] = []
+    monkeypatch.setattr(
+        tool_call_module, "call_external_api", lambda *args: timeouts.append(args[4]) or "charged card #1"
+    )
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Succeeded"
+    settings = ctx.settings
+    own = min(settings.tool_timeout_s, settings.tool_execution_cap_s)
+    left = settings.claim_timeout_s - late_s - settings.claim_outcome_margin_s
+    assert timeouts == [pytest.approx(min(own, left), abs=0.01)]
+    assert late_s == 0 or timeouts[0] < own
