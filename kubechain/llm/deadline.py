@@ -130,6 +130,15 @@ class DeadlineTransport(httpx2.BaseTransport):
         ends_by = call_deadline()
         if ends_by is not None and ends_by < deadline:
             deadline = max(started, ends_by)
+            # The call's deadline is sooner than the client's timeout, which bounds each phase: a
+            # non-streaming answer's headers come only once it is whole, so the wait for them must end at
+            # the deadline too (the body's reads and the watchdog take it from there).
+            timeouts = request.extensions.get("timeout")
+            if isinstance(timeouts, dict):
+                left = max(0.001, deadline - started)
+                request.extensions["timeout"] = {
+                    phase: left if value is None else min(value, left) for phase, value in timeouts.items()
+                }
         total_s = deadline - started
         response = self._inner.handle_request(request)
         if time.monotonic() > deadline:

@@ -92,6 +92,7 @@ class RawLLM:
         self.headers_after_s = 0.0  # a pause before the answer's headers
         self.sent_in_full = 0
         self.left_before_first_byte = 0  # answers whose client had hung up before its body began
+        self.left_before_headers = 0  # answers (delayed by headers_after_s) whose client had hung up first
         self.left_at_byte: dict[bytes, int] = {}  # per body: the byte before which its client was gone
         self.requests: list[bytes] = []  # the request bodies, in order
         owner = self
@@ -105,6 +106,9 @@ class RawLLM:
                 body = owner.body  # this answer's, whatever a later test sets meanwhile
                 owner.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
                 time.sleep(owner.headers_after_s)
+                if owner.headers_after_s and self._client_left():
+                    owner.left_before_headers += 1
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -580,5 +584,7 @@ def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer
         request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
         with ending_by(time.monotonic() + 0.3), pytest.raises(LLMError, match="claim on the call ran out"):
             client.complete(request)
+        # ended at the deadline, not when the headers came: the server finds its client gone before then
+        wait_for(lambda: raw_llm.left_before_headers == 1, 10, what="the server to find the client gone")
     finally:
         raw_llm.headers_after_s = 0.0
