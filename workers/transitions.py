@@ -287,6 +287,10 @@ def retry_on_conflict(step: Callable[[], T], attempts: int = 8) -> T | None:
     return None
 
 
+# The least time left for a call under a claim whose write was answered late for it to be made at all.
+MIN_CALL_TIME_S = 1.0
+
+
 def call_time_left_s(ctx: WorkerContext, claimed_at: str) -> float:
     """How long the side effect under this worker's claim stamped ``claimed_at`` may take: until the claim
     expires (judged, as other workers judge it, by the wall clock against the stamp), less the time kept
@@ -342,6 +346,19 @@ def apply_claim(
     except Unavailable as exc:
         claimed = _after_write(ctx, _confirm_claim(ctx, obj, transition, still_ours, exc), transition)
     else:
+        if young_s is None and call_time_left_s(ctx, claimed.status.claimed_at or "") < MIN_CALL_TIME_S:
+            # Answered so late that its call, cut short to end in time, could hardly start: a paid request
+            # whose answer would be thrown away. Not acted on: this process's retry claims it afresh.
+            ctx.claims_in_doubt.add(claimed, claimed.status.claimed_at, _stamp_only(transition))
+            log.warning(
+                "claim on %s %s/%s was answered too late to act on (under %.0f s of it left for the call): "
+                "left in doubt; a retry of this task in this process claims it afresh",
+                obj.KIND,
+                obj.namespace,
+                obj.name,
+                MIN_CALL_TIME_S,
+            )
+            raise Unavailable(0, "Unavailable", f"{obj.KIND} {obj.name}'s claim was answered too late")
         ctx.claims_in_doubt.forget(obj)
         return claimed
     budget_s = ctx.settings.claim_confirm_budget_s if young_s is None else young_s

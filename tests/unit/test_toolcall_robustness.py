@@ -2628,3 +2628,21 @@ def test_a_tool_under_a_claim_answered_late_is_cut_short_to_end_within_it(
     left = settings.claim_timeout_s - late_s - settings.claim_outcome_margin_s
     assert timeouts == [pytest.approx(min(own, left), abs=0.01)]
     assert late_s == 0 or timeouts[0] < own
+
+
+def test_a_tool_claim_answered_too_late_for_any_call_is_left_to_the_retry_and_run_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answered 175 s late: cut short to end in time, the call would have had no time at all (and a paid
+    LLM request's answer would be thrown away). Not acted on: the claim is left in doubt, and this
+    process's retry claims it afresh and runs the tool once."""
+    now = [datetime.now(UTC)]
+    kube = ClaimLandsLate("Running", now, 175.0)
+    ctx, _sleeps, claims, name = charged_on(kube, monkeypatch, now)
+    with pytest.raises(Unavailable):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert claims == [] and toolcall_status(kube, name)["claimedBy"] == "w1"
+    tool_call(ctx, message("TaskRunToolCall", name))  # Celery's retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
+    assert claims == [precise_timestamp(now[0])], "run once, under a fresh stamp"
