@@ -167,29 +167,38 @@ LEAKY_TOOLS_SERVER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_a_tool_list_that_quotes_the_servers_secrets_is_scrubbed(tmp_path: Path) -> None:
-    """The tools go to the MCPServer's status and into every LLM request: a server that describes itself
-    with a value from its environment must not put it there."""
-    from kubechain.mcp import MCPManager
+def stdio_server_with_secrets(tmp_path: Path, name: str, source: str, **env_keys: str) -> Any:
+    """An MCPServer running ``source`` (a Python script) over stdio, each environment variable named in
+    ``env_keys`` from that key of the Secret "db"."""
     from kubechain.models import MCPServer
 
-    script = tmp_path / "leaky_tools.py"
-    script.write_text(LEAKY_TOOLS_SERVER)
-    secrets = {"db-url": DB_URL, "pin": PIN}
-    server = MCPServer.model_validate(
+    script = tmp_path / f"{name}.py"
+    script.write_text(source)
+    return MCPServer.model_validate(
         {
-            "metadata": {"name": "leaky-tools", "namespace": "default"},
+            "metadata": {"name": name, "namespace": "default"},
             "spec": {
                 "transport": "stdio",
                 "command": sys.executable,
                 "args": [str(script)],
                 "env": [
-                    {"name": name, "valueFrom": {"secretKeyRef": {"name": "db", "key": key}}}
-                    for name, key in (("DB_URL", "db-url"), ("PIN", "pin"))
+                    {"name": var, "valueFrom": {"secretKeyRef": {"name": "db", "key": key}}}
+                    for var, key in env_keys.items()
                 ],
             },
         }
+    )
+
+
+@pytest.mark.slow
+def test_a_tool_list_that_quotes_the_servers_secrets_is_scrubbed(tmp_path: Path) -> None:
+    """The tools go to the MCPServer's status and into every LLM request: a server that describes itself
+    with a value from its environment must not put it there."""
+    from kubechain.mcp import MCPManager
+
+    secrets = {"db-url": DB_URL, "pin": PIN}
+    server = stdio_server_with_secrets(
+        tmp_path, "leaky-tools", LEAKY_TOOLS_SERVER, DB_URL="db-url", PIN="pin"
     )
     manager = MCPManager(lambda namespace, name, key: secrets[key], connect_timeout_s=60)
     try:
@@ -239,24 +248,10 @@ def test_a_tool_whose_name_holds_a_low_entropy_secret_keeps_its_name_and_can_be_
     called "***_query", which the server does not know. A name that holds a credential is no name to
     offer: that tool is left out, and the log says so without it."""
     from kubechain.mcp import MCPManager
-    from kubechain.models import MCPServer
 
-    script = tmp_path / "db_tools.py"
-    script.write_text(DB_TOOLS_SERVER)
     secrets = {"user": "postgres", "token": SECRET.replace("-", "")}
-    server = MCPServer.model_validate(
-        {
-            "metadata": {"name": "db-tools", "namespace": "default"},
-            "spec": {
-                "transport": "stdio",
-                "command": sys.executable,
-                "args": [str(script)],
-                "env": [
-                    {"name": name, "valueFrom": {"secretKeyRef": {"name": "db", "key": key}}}
-                    for name, key in (("POSTGRES_USER", "user"), ("API_TOKEN", "token"))
-                ],
-            },
-        }
+    server = stdio_server_with_secrets(
+        tmp_path, "db-tools", DB_TOOLS_SERVER, POSTGRES_USER="user", API_TOKEN="token"
     )
     caplog.set_level(logging.WARNING, logger="kubechain.mcp")
     manager = MCPManager(lambda namespace, name, key: secrets[key], connect_timeout_s=60)
