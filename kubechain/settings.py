@@ -123,19 +123,25 @@ class Settings(BaseSettings):
         return max(self.tool_timeout_s, self.claim_timeout_s - 30.0)
 
     @property
+    def claim_margin_s(self) -> float:
+        """What a claim leaves past the longest LLM or tool call (30 s by default): a third of it for the
+        claim's own write and Events (claim_confirm_budget_s), the rest for writing the call's outcome
+        (claim_outcome_margin_s)."""
+        return self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)
+
+    @property
     def claim_confirm_budget_s(self) -> float:
         """How old a claim confirmed by reading it back may be when its worker makes the call under it (an
         older one is stamped afresh first; one whose write was answered is acted on whatever its age): a
-        third of the margin a claim leaves past the longest LLM or tool call (10 s by default), the rest
-        being for writing the outcome."""
-        return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) / 3
+        third of claim_margin_s (10 s by default)."""
+        return self.claim_margin_s / 3
 
     @property
     def claim_outcome_margin_s(self) -> float:
-        """What a claim keeps past its call for writing the call's outcome: the rest of that margin (20 s
+        """What a claim keeps past its call for writing the call's outcome: the rest of claim_margin_s (20 s
         by default). A call under a claim older than claim_confirm_budget_s (its write answered late) is
         cut short by what it is over, so that it still ends in time."""
-        return (self.claim_timeout_s - max(self.llm_timeout_s, self.tool_execution_cap_s)) * 2 / 3
+        return self.claim_margin_s - self.claim_confirm_budget_s
 
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:
