@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.mcp import MCPManager, kube_secret_resolver
@@ -19,7 +18,7 @@ from kubechain.statemachines.routing import dependents, readiness
 from kubechain.statemachines.toolset import tool_definitions
 from kubechain.testing.waiting import wait_for
 from tests.unit.test_mcp_tools_changed import LIST_CHANGING_SERVER
-from tests.unit.test_mcpserver_validate import create, make_context, run_validate
+from tests.unit.test_mcpserver_validate import create, make_context, run_validate, unreachable_kubeconfig
 from workers.mcpservers import TOOLS_CHANGED_WINDOW_S, ToolsChangedRevalidator
 from workers.validators import validate
 
@@ -150,18 +149,9 @@ def test_a_tools_workers_manager_passes_tool_list_changes_to_the_queue(tmp_path:
     """build_context gives the tools worker's MCPManager a revalidator on the worker's own enqueue."""
     from workers.context import build_context
 
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
-        "current-context": "x",
-    }
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
     sent: Sent = []
     ctx = build_context(
-        Settings(kubeconfig=str(tmp_path / "kubeconfig")),
+        Settings(kubeconfig=unreachable_kubeconfig(tmp_path)),
         lambda task, message, countdown: sent.append((task, message, countdown)),
         runs_tools=True,
     )

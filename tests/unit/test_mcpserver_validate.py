@@ -200,13 +200,9 @@ def test_deleted_server_is_disconnected(kube: FakeKubeClient, manager: MCPManage
     assert not manager.connected("default", "time")
 
 
-@pytest.mark.parametrize("runs_tools", [True, False], ids=["tools-worker", "control-worker"])
-def test_only_a_worker_that_runs_tool_calls_keeps_mcp_sessions(tmp_path: Path, runs_tools: bool) -> None:
-    """A control worker validates MCPServers with a manager it closes afterwards (its pods are not sized
-    for stdio servers left running); a tools worker keeps its sessions for the calls to come."""
+def unreachable_kubeconfig(tmp_path: Path) -> str:
+    """A kubeconfig naming an API server nobody answers at (for building a worker's context)."""
     import yaml
-
-    from workers.context import build_context
 
     config = {
         "apiVersion": "v1",
@@ -216,9 +212,19 @@ def test_only_a_worker_that_runs_tool_calls_keeps_mcp_sessions(tmp_path: Path, r
         "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "x",
     }
-    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("runs_tools", [True, False], ids=["tools-worker", "control-worker"])
+def test_only_a_worker_that_runs_tool_calls_keeps_mcp_sessions(tmp_path: Path, runs_tools: bool) -> None:
+    """A control worker validates MCPServers with a manager it closes afterwards (its pods are not sized
+    for stdio servers left running); a tools worker keeps its sessions for the calls to come."""
+    from workers.context import build_context
+
     ctx = build_context(
-        Settings(kubeconfig=str(tmp_path / "kubeconfig")), lambda *_: None, runs_tools=runs_tools
+        Settings(kubeconfig=unreachable_kubeconfig(tmp_path)), lambda *_: None, runs_tools=runs_tools
     )
     try:
         assert isinstance(ctx.mcp, MCPManager) if runs_tools else ctx.mcp is None
