@@ -45,7 +45,7 @@ def claim_only(claim: Transition) -> Transition:
     landed in the same write as those fields, so it is on the object already (a hand-off wrote the whole
     context window): written again, it could only undo what changed since."""
     status = {key: value for key, value in claim.status.items() if key in CLAIM_FIELDS}
-    return Transition(status, list(claim.events), list(claim.children))
+    return Transition(status, list(claim.events), list(claim.children), handoff=claim.handoff)
 
 
 class ClaimsInDoubt:
@@ -110,7 +110,12 @@ class ClaimsInDoubt:
                     obj.namespace,
                     obj.name,
                 )
-                return Transition(dict(transition.status), list(transition.events), list(transition.children))
+                return Transition(
+                    dict(transition.status),
+                    list(transition.events),
+                    list(transition.children),
+                    handoff=transition.handoff,
+                )
         return None
 
     def forget(self, obj: Resource[Any, Any]) -> None:

@@ -161,8 +161,9 @@ def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
 def _claim_and_call(
     ctx: WorkerContext, run: TaskRun, claim: Transition, ready: Transition | None = None
 ) -> None:
-    """Write ``claim`` and, if it lands, call the LLM once and record the answer. ``ready``: the part of
-    ``claim`` that made the turn ready, written without the claim when the run cannot call its LLM."""
+    """Write ``claim`` and, if it lands, call the LLM once and record the answer (counted as a hand-off
+    if ``claim`` is one's). ``ready``: the part of ``claim`` that made the turn ready, written without the
+    claim when the run cannot call its LLM."""
     try:
         _agent, llm, api_key, tools = _resolve(ctx, run)
     except RunConfigError as problem:
@@ -177,10 +178,12 @@ def _claim_and_call(
     # The claim may have been stamped afresh (confirmed too late to act on): the answer is written under
     # the one the call is made under.
     claimed_at = claimed.status.claimed_at or claimed_at
-    if ready is None:
+    if not claim.handoff:
         _call_and_record(ctx, claimed, claimed_at, llm, api_key, tools)
         return
-    outcome = "error"  # a hand-off that made its turn ready and claimed it: counted from here on
+    # A hand-off that made its turn ready and claimed it (or its claim left in doubt, taken afresh by this
+    # process's retry): counted from here on, once, as a claim that did not land raised above.
+    outcome = "error"
     try:
         _call_and_record(ctx, claimed, claimed_at, llm, api_key, tools)
         outcome = "ok"

@@ -437,7 +437,7 @@ def _confirm_claim(
 def _stamp_only(claim: Transition) -> Transition:
     """``claim`` as stamped afresh once it landed: its fields that say whose claim it is (claim_only),
     without its Events and children, which were posted and made after it landed."""
-    return Transition(claim_only(claim).status)
+    return Transition(claim_only(claim).status, handoff=claim.handoff)
 
 
 def _restamp_claim(ctx: WorkerContext, current: R, transition: Transition, age_s: float) -> R:

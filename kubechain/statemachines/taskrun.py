@@ -280,7 +280,9 @@ def with_llm_claim(ready: Transition, worker: str, now: datetime) -> Transition:
     watcher and the queue less, and no other worker can take it in between."""
     if ready.phase() != TaskRunPhase.READY_FOR_LLM.value:
         raise ValueError(f"only a turn made ready can be claimed with it, not {ready.phase()}")
-    return ready.followed_by(Transition(status=_claim(worker, now, 0), events=[SENDING_CONTEXT_WINDOW]))
+    claim = ready.followed_by(Transition(status=_claim(worker, now, 0), events=[SENDING_CONTEXT_WINDOW]))
+    claim.handoff = True
+    return claim
 
 
 def holds_claim(run: TaskRun, worker: str, claimed_at: str) -> bool:

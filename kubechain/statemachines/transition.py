@@ -27,6 +27,9 @@ class Transition:
     status: dict[str, Any]
     events: list[EventSpec] = field(default_factory=list)
     children: Sequence[Resource[Any, Any]] = field(default_factory=list)
+    # A hand-off's claim (taskrun.with_llm_claim): its LLM call is counted as a hand-off, also when made
+    # under the claim taken afresh after it was left in doubt. Kept by every copy of a claim.
+    handoff: bool = False
 
     def phase(self) -> str | None:
         value = self.status.get("phase")

@@ -29,7 +29,7 @@ from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
 from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message, on_clock
-from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost
+from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost, ClaimLandsLate
 from tests.unit.test_workers_on_fake import validated
 from workers.context import WorkerContext
 from workers.llm_call import llm_call
@@ -148,7 +148,8 @@ def test_an_llm_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_an
 ) -> None:
     """The claim landed, its answer and every read-back within the budget were lost: the retry in this
     process knows it never called the LLM, so the turn is neither left until the claim expires nor
-    counted as interrupted."""
+    counted as interrupted (nor as a hand-off: the llm_call task claimed it)."""
+    before = handoffs()
     kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
     llm, seen = interruptions_seen(kube)
     validated(kube, llm)
@@ -166,6 +167,7 @@ def test_an_llm_claim_its_worker_could_not_confirm_is_taken_over_by_its_retry_an
     assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
     assert seen == [None], "not counted as an interrupted call"
     assert kube.event_reasons("r").count("SendingContextWindowToLLM") == 1
+    assert handoffs_since(before) == (0, 0)
 
 
 @pytest.mark.parametrize("handed_off", [False, True], ids=["llm_call", "hand-off"])
@@ -272,6 +274,57 @@ def test_a_hand_off_its_worker_could_not_confirm_is_taken_over_by_the_retried_pr
     prepare(ctx, message("TaskRun", "r"))  # Celery's retry
     assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
+
+
+def handoffs() -> tuple[float, float]:
+    """kubechain_llm_handoffs_total as counted so far: (ok, error)."""
+    return (
+        REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": "ok"}) or 0.0,
+        REGISTRY.get_sample_value("kubechain_llm_handoffs_total", {"outcome": "error"}) or 0.0,
+    )
+
+
+def handoffs_since(before: tuple[float, float]) -> tuple[float, float]:
+    return (handoffs()[0] - before[0], handoffs()[1] - before[1])
+
+
+@pytest.mark.parametrize("how", ["read-backs unanswered", "answered too late"])
+def test_a_hand_off_left_in_doubt_is_counted_once_when_its_retry_makes_the_call(how: str) -> None:
+    """Counted as the hand-off it is, as one whose claim was confirmed at once is: once, when its call is
+    made (by the retried prepare, under the claim taken afresh), not when it was left in doubt."""
+    before = handoffs()
+    if how == "read-backs unanswered":
+        kube, llm, ctx = hand_off_left_in_doubt()
+    else:  # answered with under a second of the claim left for its call
+        now = [datetime.now(UTC)]
+        kube = ClaimLandsLate("SendContextWindowToLLM", now, Settings().claim_timeout_s - 5)
+        llm = new_run(kube)
+        ctx = context(kube, llm, continues_llm=True)
+        on_clock(ctx, now)
+        with pytest.raises(Unavailable):
+            prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["claimedBy"] == "w1" and llm.requests == []
+    assert handoffs_since(before) == (0, 0), "no call was made under the claim in doubt"
+    prepare(ctx, message("TaskRun", "r"))  # Celery's retry
+    prepare(ctx, message("TaskRun", "r"))  # redelivered
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert handoffs_since(before) == (1, 0)
+
+
+@pytest.mark.parametrize("how", ["answer lost", "confirmed too late"])
+def test_a_hand_off_whose_claim_was_confirmed_by_reading_it_back_is_counted_once(how: str) -> None:
+    """Its write landed, its answer lost: read back as ours (and stamped afresh, if by then too old to call
+    under), the call is made at once and counted once; a redelivered prepare counts nothing."""
+    before = handoffs()
+    now = [datetime.now(UTC)]
+    kube = AnswerLostKube() if how == "answer lost" else ClaimAnsweredLate("SendContextWindowToLLM", now)
+    llm = new_run(kube)
+    ctx = context(kube, llm, continues_llm=True)
+    on_clock(ctx, now)
+    prepare(ctx, message("TaskRun", "r"))
+    prepare(ctx, message("TaskRun", "r"))  # redelivered
+    assert run_status(kube)["phase"] == "FinalAnswer" and len(llm.requests) == 1
+    assert handoffs_since(before) == (1, 0)
 
 
 def test_a_hand_off_left_in_doubt_is_remembered_without_its_context_window() -> None:
