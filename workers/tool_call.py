@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -452,7 +451,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     # The claim may have been stamped afresh (confirmed too late to act on): the result is written under
     # the one the tool runs under.
     claimed_at = claimed.status.claimed_at or claimed_at
-    started = time.perf_counter()
+    started = ctx.monotonic()  # the execution alone: not an approval waited for before the claim
     ids = claimed.status.span_context
     with span_with_ids(
         f"ToolCall {toolcall.spec.tool_ref.name}",
@@ -464,7 +463,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         outcome = executor.run(arguments, within_s=call_time_left_s(ctx, claimed_at))
         current.set_attribute("kubechain.tool.outcome", "error" if outcome.error is not None else "ok")
     result = "error" if outcome.error is not None else "ok"
-    count_tool_call(toolcall.spec.tool_ref.name, result, time.perf_counter() - started)
+    count_tool_call(toolcall.spec.tool_ref.name, result, ctx.monotonic() - started)
 
     max_bytes = ctx.limits.max_tool_result_bytes
 

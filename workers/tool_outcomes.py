@@ -1,17 +1,22 @@
 """The end of a tool call that no worker executes (delegated to a sub-agent, a question to a human, decided
 by a human): counted in the tool call metrics, and its ``ToolCall`` span made, by the worker whose write
-ended the call.
+ended the call; and a person's answer (an approval's decision, a question's answer), observed as the
+human's wait by the worker whose write recorded it.
 
 An executed call is counted, and its span made, around its execution (workers/tool_call.py). These calls
 wait across many tasks and restarts for work done elsewhere, so they are known whole only at their end, as
-a run's root span is: every write that may end one goes through ``apply_call_transition``.
+a run's root span is: every write that may end one, or record a person's answer, goes through
+``apply_call_transition``.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from kubechain.models import TaskRun, TaskRunToolCall, ToolCallPhase
-from kubechain.observability.metrics import count_tool_call
+from kubechain.observability.metrics import count_tool_call, observe_human_wait
 from kubechain.observability.tracing import export_toolcall_span, run_trace_ids
+from kubechain.statemachines.approval import APPROVAL_WAITING_PHASES
 from kubechain.statemachines.toolcall import WAITING_ELSEWHERE_PHASES, outcome_label, seconds_taken
 from kubechain.statemachines.transition import Transition, parse_timestamp
 from workers.context import WorkerContext
@@ -26,12 +31,31 @@ def apply_call_transition(
     sub_agent: TaskRun | None = None,
     outcome: str | None = None,
 ) -> TaskRunToolCall:
-    """``apply_transition`` for a tool call; a write that ended it is recorded (``call_ended``) once it
-    landed: a write refused with a conflict raises first, and the retry finds the call ended, so a call
-    is counted once."""
+    """``apply_transition`` for a tool call; a write that ended it (``call_ended``) or recorded a person's
+    answer (``human_answered``) is recorded once it landed: a write refused with a conflict raises first,
+    and the retry finds the call ended or decided, so each is counted once."""
     written = apply_transition(ctx, toolcall, transition)
+    human_answered(toolcall, written, ctx.clock())
     call_ended(toolcall, written, sub_agent=sub_agent, outcome=outcome)
     return written
+
+
+def human_answered(before: TaskRunToolCall, written: TaskRunToolCall, now: datetime) -> None:
+    """Observe the human's wait if the write from ``before`` recorded a person's answer at ``now``: an
+    approval's decision (approved or rejected), or the answer to a human-contact tool's question; the wait
+    counts from the call's startTime, when the person was first asked."""
+    if before.phase in APPROVAL_WAITING_PHASES and written.phase in (
+        ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL,
+        ToolCallPhase.TOOL_CALL_REJECTED,
+    ):
+        kind = "approval"
+    elif before.phase == ToolCallPhase.AWAITING_HUMAN_INPUT and written.phase == ToolCallPhase.SUCCEEDED:
+        kind = "contact"
+    else:
+        return
+    asked = parse_timestamp(before.status.start_time)
+    if asked is not None:
+        observe_human_wait(kind, max(0.0, (now - asked).total_seconds()))
 
 
 def call_ended(
@@ -42,13 +66,18 @@ def call_ended(
     outcome: str | None = None,
 ) -> None:
     """Record ``written`` if the write from ``before`` ended the call: count it (``outcome``: its label,
-    when its status alone does not tell it, see outcome_label; latency from its start to its end), and
-    make the span of a call that waited elsewhere (``sub_agent``: the run it waited for, named and linked
-    to)."""
+    when its status alone does not tell it, see outcome_label), and make the span of a call that waited
+    elsewhere (``sub_agent``: the run it waited for, named and linked to).
+
+    Its latency is observed only for a call that waited for a sub-agent, whose run was its execution:
+    from its start to its end. Any other that ends here never executed (refused, failed before it ran,
+    or while it waited for an approval), or its time was a person's (a human-contact tool's question):
+    such a time is a human's wait (human_answered), not a tool's."""
     if before.is_terminal() or not written.is_terminal():
         return
     label = outcome or outcome_label(written)
-    count_tool_call(written.spec.tool_ref.name, label, seconds_taken(written))
+    executed = before.phase == ToolCallPhase.AWAITING_SUB_AGENT
+    count_tool_call(written.spec.tool_ref.name, label, seconds_taken(written) if executed else None)
     if before.phase in WAITING_ELSEWHERE_PHASES and written.status.span_context is not None:
         _export_span(written, label, sub_agent)
 

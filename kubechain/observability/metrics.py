@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A person's answer: seconds (a kubectl decision at hand) to a day (one left overnight).
+HUMAN_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
 
 TASKS = Counter("kubechain_tasks_total", "Celery tasks run, by task and outcome", ["task", "outcome"])
 TASK_SECONDS = Histogram(
@@ -57,10 +59,18 @@ TOOL_CALLS = Counter(
 )
 TOOL_SECONDS = Histogram(
     "kubechain_tool_call_duration_seconds",
-    "Tool call latency: an executed call's execution; a delegated or human-contact call's time from its "
-    "start to its end (a rejected call's is not observed)",
+    "Tool call latency: an executed call's execution (not its wait for an approval); a delegated call's "
+    "time from its start to its end (a call that asked a human, or that never ran, is not observed)",
     ["tool"],
     buckets=LATENCY_BUCKETS,
+)
+HUMAN_WAIT_SECONDS = Histogram(
+    "kubechain_human_wait_seconds",
+    "Time a tool call waited for a person, by kind: approval (from its request to the decision recorded, "
+    "approved or rejected), contact (a human-contact tool's question, from its request to the answer "
+    "recorded)",
+    ["kind"],
+    buckets=HUMAN_WAIT_BUCKETS,
 )
 STATUS_CONFLICTS = Counter(
     "kubechain_status_write_conflicts_total",
@@ -90,13 +100,18 @@ def tool_label(name: str) -> str:
 
 def count_tool_call(tool: str, outcome: str, seconds: float | None) -> None:
     """One tool call ended (``tool``: a name that resolved, not any the LLM made up), with its latency when
-    it started at all. A rejected call's is not observed: it never ran, and its time is a human's wait
-    (up to the approval's expiry), which among the tool's executions would pin their p99 at the top
-    bucket."""
+    it ran at all (None: it did not, or its time was a person's). A rejected call's is not observed: it
+    never ran, and its time is a human's wait, which among the tool's executions would pin their p99 at
+    the top bucket (it is observed by observe_human_wait)."""
     label = tool_label(tool)
     TOOL_CALLS.labels(label, outcome).inc()
     if seconds is not None and outcome != "rejected":
         TOOL_SECONDS.labels(label).observe(seconds)
+
+
+def observe_human_wait(kind: str, seconds: float) -> None:
+    """A person answered a tool call (``kind``: "approval" or "contact") ``seconds`` after being asked."""
+    HUMAN_WAIT_SECONDS.labels(kind).observe(seconds)
 
 
 # Models a process labels its LLM metrics with, before the rest are counted as "other": a model name is

@@ -457,25 +457,111 @@ def humanlayer() -> Iterator[Any]:
         yield server
 
 
-def test_a_question_to_a_human_is_counted_once_when_answered(humanlayer: Any) -> None:
+def human_waits(kind: str) -> tuple[float, float]:
+    """(waits observed, their sum) of kubechain_human_wait_seconds for ``kind``."""
+    return (
+        REGISTRY.get_sample_value("kubechain_human_wait_seconds_count", {"kind": kind}) or 0.0,
+        REGISTRY.get_sample_value("kubechain_human_wait_seconds_sum", {"kind": kind}) or 0.0,
+    )
+
+
+def waited_since(before: tuple[float, float], kind: str) -> tuple[float, float]:
+    return (human_waits(kind)[0] - before[0], human_waits(kind)[1] - before[1])
+
+
+def test_a_question_to_a_human_is_counted_once_when_answered_its_wait_as_a_humans(humanlayer: Any) -> None:
+    """Its time is a person's, not a tool's execution: observed as the human's wait, not as tool latency
+    (among the tools' executions it would pin their p99 at the top bucket)."""
     from tests.unit.test_approvals import add_toolcall, new_world
 
     w = new_world(humanlayer, FakeKubeClient())
     name = add_toolcall(w, "approvals__human_contact_email", {"message": "What is the budget?"})
     before = tool_samples("approvals__*", "ok")  # labelled by channel, as MCP tools by server
+    waits = human_waits("contact")
     w.run(name)
     humanlayer.respond(w.status(name)["externalCallID"], "42k")
-    w.clock.advance(5)
+    w.clock.advance(5400)
     w.run(name)
     w.run(name)  # redelivered
     assert w.status(name)["phase"] == "Succeeded"
-    assert counted_since(before, "approvals__*", "ok") == (1, 1, 5.0)
+    assert counted_since(before, "approvals__*", "ok") == (1, 0, 0.0)
+    assert waited_since(waits, "contact") == (1, 5400.0)
+
+
+class SlowMCP:
+    """The FakeMCP of test_approvals, whose every tool takes ``seconds`` on the world's clock."""
+
+    def __init__(self, mcp: Any, clock: Any, seconds: float) -> None:
+        self.mcp, self.clock, self.seconds = mcp, clock, seconds
+
+    def resolve(self, server: Any) -> Any:
+        return self.mcp.resolve(server)
+
+    def call_tool(self, *args: Any, **kwargs: Any) -> Any:
+        self.clock.advance(self.seconds)
+        return self.mcp.call_tool(*args, **kwargs)
+
+
+@pytest.mark.parametrize("via", ["kubectl", "HumanLayer"])
+def test_a_call_that_waited_for_approval_is_observed_with_its_execution_only(
+    humanlayer: Any, via: str
+) -> None:
+    """Approved after an hour, the tool then runs 2 s: its latency is the 2 s (as this worker's clock
+    measured its execution), and the hour, from the approval's request to the decision recorded, is the
+    human's wait."""
+    from tests.unit.test_approvals import add_toolcall, new_world
+
+    w = new_world(humanlayer, FakeKubeClient())
+    w.mcp = SlowMCP(w.mcp, w.clock, 2.0)  # type: ignore[assignment]
+    name = add_toolcall(w)  # fetch__fetch: its MCP server wants an approval via HumanLayer
+    before = tool_samples("fetch__*", "ok")
+    waits = human_waits("approval")
+    w.run(name)
+    assert w.status(name)["phase"] == "AwaitingHumanApproval"
+    w.clock.advance(3600)
+    if via == "kubectl":
+        w.annotate("approved", name=name)
+    else:
+        humanlayer.respond_to_function_call(w.status(name)["externalCallID"], True, "ok")
+    w.run(name)  # the decision
+    assert w.status(name)["phase"] == "ReadyToExecuteApprovedTool"
+    w.run(name)  # the execution
+    w.run(name)  # redelivered
+    assert w.status(name)["phase"] == "Succeeded"
+    assert counted_since(before, "fetch__*", "ok") == (1, 1, 2.0)
+    assert waited_since(waits, "approval") == (1, 3600.0)
+
+
+@pytest.mark.parametrize("phase", ["AwaitingHumanApproval", "ReadyToExecuteApprovedTool"])
+def test_a_call_failed_while_it_waited_for_approval_has_no_latency(phase: str) -> None:
+    """Its Tool now delegates, so nothing will run it: it fails, counted as an error, but its time (an
+    hour since the approval was asked for) was a human's wait, not an execution of the tool; and no human
+    decided, so it is no human's wait either."""
+    from kubechain.statemachines.transition import timestamp
+    from tests.unit.fakes import message
+    from tests.unit.test_toolcall_robustness import delegating, toolcall_status
+    from workers.tool_call import tool_call
+
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    asked = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    kube.patch_status_raw(
+        "taskruntoolcalls", "default", name, None, {"phase": phase, "startTime": timestamp(asked)}
+    )
+    ctx.clock = lambda: asked + timedelta(hours=1)
+    before = tool_samples("ask", "error")
+    waits = human_waits("approval")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    tool_call(ctx, message("TaskRunToolCall", name))  # redelivered
+    assert toolcall_status(kube, name)["phase"] == "Failed"
+    assert counted_since(before, "ask", "error") == (1, 0, 0.0)
+    assert waited_since(waits, "approval") == (0, 0)
 
 
 @pytest.mark.parametrize("via", ["kubectl", "HumanLayer"])
 def test_a_call_a_human_rejected_is_counted_once_as_rejected(humanlayer: Any, via: str) -> None:
-    """Without a latency: its time is a human's wait (up to the approval's expiry), not the tool's, and
-    observed with the tool's executions it pinned their p99 at the top bucket (300 s)."""
+    """Without a latency: its time is a human's wait (observed as such), not the tool's, and observed with
+    the tool's executions it pinned their p99 at the top bucket (300 s)."""
     from tests.unit.test_approvals import add_toolcall, new_world
 
     w = new_world(humanlayer, FakeKubeClient())
@@ -487,11 +573,13 @@ def test_a_call_a_human_rejected_is_counted_once_as_rejected(humanlayer: Any, vi
         w.annotate("rejected", "not that page", name=name)
     else:
         humanlayer.respond_to_function_call(w.status(name)["externalCallID"], False, "not that page")
+    waits = human_waits("approval")
     w.clock.advance(3)
     w.run(name)
     w.run(name)  # redelivered
     assert w.status(name)["phase"] == "ToolCallRejected"
     assert counted_since(before, "fetch__*", "rejected") == (1, 0, 0.0)
+    assert waited_since(waits, "approval") == (1, 3.0), "a rejection is a human's decision too"
 
 
 @pytest.mark.parametrize("how", ["not-granted", "tool-deleted"])
