@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A tool call's: an execution (milliseconds to KUBECHAIN_TOOL_TIMEOUT_S), or a delegation, whose sub-agent's
+# whole run takes minutes (one that never starts fails after KUBECHAIN_SUB_AGENT_START_TIMEOUT_S, 15 min).
+TOOL_LATENCY_BUCKETS = (*LATENCY_BUCKETS, 600, 1200, 1800, 3600)
 # A person's answer: seconds (a kubectl decision at hand) to a day (one left overnight).
 HUMAN_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
 
@@ -62,7 +65,7 @@ TOOL_SECONDS = Histogram(
     "Tool call latency: an executed call's execution (not its wait for an approval); a delegated call's "
     "time from its start to its end (a call that asked a human, or that never ran, is not observed)",
     ["tool"],
-    buckets=LATENCY_BUCKETS,
+    buckets=TOOL_LATENCY_BUCKETS,
 )
 HUMAN_WAIT_SECONDS = Histogram(
     "kubechain_human_wait_seconds",

@@ -415,6 +415,36 @@ def test_a_delegated_call_is_counted_once_when_its_sub_agent_answered() -> None:
     assert counted_since(before, "ask", "ok") == (1, 1, 7.0)
 
 
+def tool_latencies_up_to(tool: str, le: str) -> float:
+    return (
+        REGISTRY.get_sample_value("kubechain_tool_call_duration_seconds_bucket", {"tool": tool, "le": le})
+        or 0.0
+    )
+
+
+def test_a_delegated_call_that_waited_long_for_its_sub_agent_is_told_from_one_that_waited_longer() -> None:
+    """A delegated call's latency is its sub-agent's whole run: many LLM turns and tools, often minutes
+    (one whose sub-agent never starts fails after KUBECHAIN_SUB_AGENT_START_TIMEOUT_S, 15 min). Buckets that
+    ended at 300 s put every such call in +Inf, its quantiles unreadable."""
+    from kubechain.statemachines.toolcall import child_run_name
+    from tests.unit.fakes import message
+    from tests.unit.test_toolcall_robustness import delegating, finish, toolcall_status
+    from workers.tool_call import tool_call
+
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    now = [datetime(2026, 1, 1, 12, 0, tzinfo=UTC)]
+    ctx.clock = lambda: now[0]
+    before = {le: tool_latencies_up_to("ask", le) for le in ("300.0", "1800.0", "3600.0", "+Inf")}
+    tool_call(ctx, message("TaskRunToolCall", name))
+    finish(kube, child_run_name(name, "helper"))
+    now[0] += timedelta(minutes=20)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "Succeeded"
+    counted = {le: tool_latencies_up_to("ask", le) - earlier for le, earlier in before.items()}
+    assert counted == {"300.0": 0, "1800.0": 1, "3600.0": 1, "+Inf": 1}
+
+
 @pytest.mark.parametrize("how", ["sub-agent failed", "delegation refused"])
 def test_a_delegated_call_that_did_not_succeed_is_counted_with_its_outcome(how: str) -> None:
     """A refused delegation counts as a tool not granted does ("rejected"), without a latency: it never
