@@ -298,6 +298,11 @@ CONTEXT_WINDOW_FULL = (
     "the LLM stopped at the end of the model's context window: the answer may be cut off (the conversation "
     "so far leaves it too little room: use a model with a larger context window, or split the task)"
 )
+# On the last tool call of an answer the LLM stopped at a limit: which limit. Only that call can have been
+# cut off (the LLM writes its calls in order), and its arguments' JSON error then says why.
+CUT_OFF_ANNOTATION = "kubechain.humanlayer.dev/cut-off-at"
+CUT_OFF_AT_TOKEN_LIMIT = "token-limit"
+CUT_OFF_AT_CONTEXT_WINDOW = "context-window"
 
 
 def plan_llm_answer(
@@ -315,6 +320,9 @@ def plan_llm_answer(
     ``truncated``: the LLM stopped at a limit, its token limit or (``context_window_full``) the model's
     context window; the answer is kept, with a Warning that says so."""
     why_cut = CONTEXT_WINDOW_FULL if context_window_full else TRUNCATED_ANSWER
+    cut_off_at = (
+        (CUT_OFF_AT_CONTEXT_WINDOW if context_window_full else CUT_OFF_AT_TOKEN_LIMIT) if truncated else None
+    )
     cut_off = [warning("LLMResponseTruncated", why_cut)] if truncated else []
     content = clean_text(content)
     tool_calls = [
@@ -401,7 +409,7 @@ def plan_llm_answer(
             **released,
         },
         events=[normal("ToolCallsPending", "LLM response received, tool calls pending"), *cut_off],
-        children=_toolcalls_for(run, window[-1], req_id),
+        children=_toolcalls_for(run, window[-1], req_id, cut_off_at),
     )
 
 
@@ -523,15 +531,22 @@ def _root_run_label(run: TaskRun) -> dict[str, str]:
     return {LABEL_ROOT_RUN: run.root_run_uid} if run.root_run_uid else {}
 
 
-def _toolcalls_for(run: TaskRun, assistant: Message, req_id: str) -> list[TaskRunToolCall]:
+def _toolcalls_for(
+    run: TaskRun, assistant: Message, req_id: str, cut_off_at: str | None = None
+) -> list[TaskRunToolCall]:
+    """The turn's TaskRunToolCalls. ``cut_off_at``: the limit the answer stopped at, noted on its last call
+    (CUT_OFF_ANNOTATION). Not part of the spec: a call made again for one missing (``expected_toolcalls``,
+    which cannot know it) is the same call, only its JSON error says less."""
+    calls = assistant.tool_calls or []
     children = []
-    for index, call in enumerate(assistant.tool_calls or [], start=1):
+    for index, call in enumerate(calls, start=1):
         meta = ObjectMeta(
             name=toolcall_name(run.name, req_id, index),
             namespace=run.namespace,
             labels={LABEL_TASKRUNTOOLCALL: label_value(run.name), LABEL_TOOLCALLREQUEST: req_id}
             | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {})
             | _root_run_label(run),
+            annotations={CUT_OFF_ANNOTATION: cut_off_at} if cut_off_at and index == len(calls) else {},
             owner_references=[run.owner_reference()],
         )
         spec = TaskRunToolCallSpec(

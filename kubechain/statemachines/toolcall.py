@@ -18,7 +18,13 @@ from typing import Any
 from kubechain.models import TaskRunToolCall, ToolCallPhase
 from kubechain.models.labels import MAX_LABEL_VALUE, shortened
 from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
-from kubechain.statemachines.taskrun import LoopLimits, truncate
+from kubechain.statemachines.taskrun import (
+    CUT_OFF_ANNOTATION,
+    CUT_OFF_AT_CONTEXT_WINDOW,
+    CUT_OFF_AT_TOKEN_LIMIT,
+    LoopLimits,
+    truncate,
+)
 from kubechain.statemachines.transition import (
     Transition,
     claim_remaining_s,
@@ -192,6 +198,19 @@ def plan_tool_success(
 
 
 INVALID_ARGUMENTS = "Invalid arguments JSON"
+# Why the arguments of a call its answer's limit cut off (CUT_OFF_ANNOTATION) are not JSON, and what to
+# change: told to the user (the call's error) and to the LLM (its tool message), which can send less.
+CUT_OFF_ARGUMENTS = {
+    CUT_OFF_AT_TOKEN_LIMIT: (
+        "the LLM's answer was cut off at its token limit while it wrote these arguments: raise "
+        "spec.parameters.maxTokens of the LLM, or send less in one tool call"
+    ),
+    CUT_OFF_AT_CONTEXT_WINDOW: (
+        "the LLM's answer was cut off at the end of the model's context window while it wrote these "
+        "arguments, the conversation so far leaving it too little room: use a model with a larger context "
+        "window, or split the task"
+    ),
+}
 
 
 def _not_json(constant: str) -> Any:
@@ -207,13 +226,16 @@ def _finite(text: str) -> float:
 
 
 def parse_arguments(toolcall: TaskRunToolCall) -> tuple[dict[str, Any], str | None]:
-    """The call's arguments, or the error the LLM is told when they are not a JSON object."""
+    """The call's arguments, or the error the LLM is told when they are not a JSON object (and, when its
+    answer stopped at a limit as it wrote them, why)."""
+    cut_off = CUT_OFF_ARGUMENTS.get(toolcall.metadata.annotations.get(CUT_OFF_ANNOTATION, ""))
+    why = f" ({cut_off})" if cut_off else ""
     try:
         value = json.loads(toolcall.spec.arguments or "{}", parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can parse
-        return {}, f"{INVALID_ARGUMENTS}: {exc}"
+        return {}, f"{INVALID_ARGUMENTS}: {exc}{why}"
     if not isinstance(value, dict):
-        return {}, f"{INVALID_ARGUMENTS}: arguments must be a JSON object, got {type(value).__name__}"
+        return {}, f"{INVALID_ARGUMENTS}: arguments must be a JSON object, got {type(value).__name__}{why}"
     return value, None
 
 

@@ -4,6 +4,8 @@ import json
 import random
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from kubechain.models import Agent, Message, Task, TaskRun, TaskRunToolCall, ToolCall, ToolCallFunction
 from kubechain.statemachines.taskrun import (
     LoopLimits,
@@ -17,6 +19,7 @@ from kubechain.statemachines.taskrun import (
     stored_alongside_bytes,
     truncate,
 )
+from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 LIMITS = LoopLimits()
@@ -356,6 +359,39 @@ def test_an_answer_cut_off_at_the_context_window_is_not_blamed_on_max_tokens() -
     assert "context window" in truncated.message and "maxTokens" not in truncated.message
     failed = plan_llm_answer(claimed, "", [], None, NOW, LIMITS, truncated=True, context_window_full=True)
     assert "context window" in failed.status["error"] and "maxTokens" not in failed.status["error"]
+
+
+@pytest.mark.parametrize(
+    ("context_window_full", "remedy"),
+    [(False, "raise spec.parameters.maxTokens"), (True, "larger context window")],
+    ids=["token-limit", "context-window"],
+)
+def test_a_tool_call_cut_off_with_its_answer_says_so_and_what_to_change(
+    context_window_full: bool, remedy: str
+) -> None:
+    """Only the last call of an answer stopped at a limit can have been cut off: its arguments' JSON error
+    says why (still "Invalid arguments JSON" in statusDetail), so the user and the LLM know what to change;
+    an earlier call's bad JSON, and a whole answer's, are not blamed on the cut."""
+    claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
+    calls = [
+        ToolCall(id="c1", function=ToolCallFunction(name="add", arguments="{not json")),
+        ToolCall(id="c2", function=ToolCallFunction(name="write", arguments='{"path": "a", "text": "lo')),
+    ]
+    cut = plan_llm_answer(
+        claimed, "", calls, None, NOW, LIMITS, truncated=True, context_window_full=context_window_full
+    )
+    earlier, last = cut.children
+    earlier_error, last_error = parse_arguments(earlier)[1], parse_arguments(last)[1]
+    assert earlier_error is not None and "cut off" not in earlier_error
+    assert last_error is not None and last_error.startswith("Invalid arguments JSON: Unterminated string")
+    assert "cut off" in last_error and remedy in last_error, last_error
+    assert ("maxTokens" in last_error) != context_window_full
+    failed = plan_invalid_arguments(last, last_error, NOW)
+    assert failed.status["statusDetail"] == "Invalid arguments JSON" and failed.status["error"] == last_error
+    whole = plan_llm_answer(claimed, "", calls, None, NOW, LIMITS)
+    assert all("cut off" not in (parse_arguments(child)[1] or "") for child in whole.children)
+    # the children of the turn, as the fan-in expects them, are the ones created
+    assert [c.spec for c in cut.children] == [c.spec for c in whole.children]
 
 
 def test_an_empty_answer_cut_off_at_the_token_limit_says_which_limit_to_raise() -> None:

@@ -266,9 +266,12 @@ def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 
-def tool_turn(kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str, str]]) -> FakeLLM:
+def tool_turn(
+    kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str, str]], *, truncated: bool = False
+) -> FakeLLM:
     """A run whose first turn calls "add" with each of ``arguments`` (or, for a (name, arguments) pair,
-    the tool of that name), and whose second turn answers with the results."""
+    the tool of that name), and whose second turn answers with the results. ``truncated``: the first turn's
+    answer stopped at the token limit."""
     named = [item if isinstance(item, tuple) else ("add", item) for item in arguments]
 
     def answer(request: LLMRequest) -> LLMResponse:
@@ -278,7 +281,7 @@ def tool_turn(kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str,
             ToolCall(id=f"c{i}", function=ToolCallFunction(name=name, arguments=a))
             for i, (name, a) in enumerate(named)
         ]
-        return LLMResponse(tool_calls=calls)
+        return LLMResponse(tool_calls=calls, truncated=truncated)
 
     llm = FakeLLM(answer)
     validated(kube, llm, ["add"])
@@ -320,6 +323,27 @@ def test_bad_arguments_and_unknown_tools_are_tool_errors_the_llm_sees() -> None:
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert status["phase"] == "FinalAnswer"
     assert status["output"].startswith("Error: Invalid arguments JSON")
+
+
+def test_a_tool_call_cut_off_at_the_token_limit_tells_the_user_and_the_llm_why_its_json_is_invalid() -> None:
+    """An answer stopped at maxTokens while it wrote its last call's arguments: that call fails as invalid
+    JSON (statusDetail unchanged), its error saying the answer was cut off and what to change; the LLM
+    reads the same. The calls before it are whole, and run."""
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}', '{"a": 1, "b'], truncated=True)
+    ctx = context(kube, llm)
+    whole, cut = toolcall_names(kube)
+    for name in (whole, cut):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    assert kube.get_raw("taskruntoolcalls", "default", whole)["status"]["result"] == "3"
+    status = kube.get_raw("taskruntoolcalls", "default", cut)["status"]
+    assert status["phase"] == "Failed" and status["statusDetail"] == "Invalid arguments JSON"
+    assert status["error"].startswith("Invalid arguments JSON: Unterminated string")
+    assert "cut off at its token limit" in status["error"] and "maxTokens" in status["error"]
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    told = [m.content for m in llm.requests[-1].messages if m.role == "tool"]
+    assert told == ["3", f"Error: {status['error']}"]
 
 
 def test_arguments_nested_deeper_than_json_parses_fail_the_call_not_the_worker() -> None:
