@@ -236,7 +236,16 @@ def _call_and_record(
         model = model_label(request.model)
         LLM_REQUESTS.labels(model, "retryable" if exc.retryable else "error").inc()
         LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
-        log.warning("LLM request for %s/%s failed: %s", claimed.namespace, claimed.name, exc)
+        if exc.cut_short:
+            log.warning(
+                "LLM call for %s/%s was cut short to end within its claim (written late); retried, not "
+                "counted as an attempt: %s",
+                claimed.namespace,
+                claimed.name,
+                exc,
+            )
+        else:
+            log.warning("LLM request for %s/%s failed: %s", claimed.namespace, claimed.name, exc)
         _record(
             ctx,
             claimed,
@@ -249,6 +258,7 @@ def _call_and_record(
                 ctx.clock(),
                 ctx.limits,
                 status_code=error.status_code,
+                cut_short=error.cut_short,
             ),
         )
         return

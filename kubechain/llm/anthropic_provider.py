@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
 from anthropic.types import StopReason
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
-from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_message, with_deadline
+from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import Scrubber, redact
@@ -97,6 +98,7 @@ class AnthropicClient:
         }
         if sampling:
             kwargs["extra_body"] = sampling
+        started = time.monotonic()  # the client's timeout runs from here (timeout_error)
         try:
             return _response_from(self._client.messages.create(**kwargs), self._api_key)
         except anthropic.APIStatusError as exc:
@@ -110,7 +112,7 @@ class AnthropicClient:
             ) from exc
         except anthropic.APITimeoutError as exc:
             # the deadline transport's, or a phase's own timeout: either way, no whole answer in time
-            raise LLMError(timeout_message(self._timeout_s), retryable=True) from exc
+            raise timeout_error(started, self._timeout_s) from exc
         except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except anthropic.APIConnectionError as exc:

@@ -47,7 +47,9 @@ class LLMResponse(BaseModel):
 
 
 class LLMError(Exception):
-    """A failed LLM request. ``retryable`` errors (429, 5xx, timeouts) back off and retry; others fail."""
+    """A failed LLM request. ``retryable`` errors (429, 5xx, timeouts) back off and retry; others fail.
+    ``cut_short``: a timeout its call's deadline caused (its worker's claim running out, see
+    ``kubechain.llm.deadline``), not the LLM's slowness: retried without counting as an attempt."""
 
     def __init__(
         self,
@@ -56,11 +58,13 @@ class LLMError(Exception):
         retryable: bool,
         status_code: int | None = None,
         retry_after_s: float | None = None,
+        cut_short: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status_code = status_code
         self.retry_after_s = retry_after_s
+        self.cut_short = cut_short
 
 
 def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
@@ -100,6 +104,7 @@ def without_key(error: LLMError, api_key: str) -> LLMError:
         retryable=error.retryable,
         status_code=error.status_code,
         retry_after_s=error.retry_after_s,
+        cut_short=error.cut_short,
     )
     clean.__suppress_context__ = True
     return clean

@@ -19,6 +19,7 @@ from contextvars import ContextVar
 import httpx2
 
 from kubechain.http_watchdog import shut_at
+from kubechain.llm.base import LLMError
 
 # An answer is read into memory whole and parsed: one past this (hundreds of MB from whatever endpoint an
 # LLM resource names) would take the worker, and every call in flight on it, down. A real answer is some
@@ -47,16 +48,19 @@ def call_deadline() -> float | None:
     return _ENDS_BY.get()
 
 
-def timeout_message(timeout_s: float) -> str:
-    """What an LLM request that timed out is reported as: the client's timeout, or, when the call's own
-    deadline (``ending_by``) has passed, the claim's time that ended it."""
+def timeout_error(started: float, timeout_s: float) -> LLMError:
+    """What an LLM request started at ``started`` (time.monotonic()) that timed out is reported as: the
+    client's ``timeout_s``, or, when the call's own deadline (``ending_by``) came first and has passed, the
+    claim's time that ended it (``cut_short``: the LLM did not fail, and the attempt does not count)."""
     ends_by = call_deadline()
-    if ends_by is not None and time.monotonic() >= ends_by:
-        return (
+    if ends_by is not None and ends_by < started + timeout_s and time.monotonic() >= ends_by:
+        return LLMError(
             "LLM request timed out: no complete answer before the worker's claim on the call ran out (its "
-            "claim was written late: an API server slow to answer)"
+            "claim was written late: an API server slow to answer)",
+            retryable=True,
+            cut_short=True,
         )
-    return f"LLM request timed out: no complete answer within {timeout_s:g}s"
+    return LLMError(f"LLM request timed out: no complete answer within {timeout_s:g}s", retryable=True)
 
 
 class AnswerTooLarge(Exception):

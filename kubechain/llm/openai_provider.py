@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import httpx2
 import openai
 
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
-from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_message, with_deadline
+from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import redact
@@ -152,6 +153,7 @@ class OpenAIClient:
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         kwargs = request_body(request, official=self._official)
+        started = time.monotonic()  # the client's timeout runs from here (timeout_error)
         try:
             # The client's own POST (same transport, headers, errors) with the body as built here:
             # chat.completions.create would first re-walk it against the SDK's TypedDicts, which cost a
@@ -176,7 +178,7 @@ class OpenAIClient:
             ) from exc
         except openai.APITimeoutError as exc:
             # the deadline transport's, or a phase's own timeout: either way, no whole answer in time
-            raise LLMError(timeout_message(self._timeout_s), retryable=True) from exc
+            raise timeout_error(started, self._timeout_s) from exc
         except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except openai.APIConnectionError as exc:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.anthropic_provider import AnthropicClient
 from kubechain.llm.base import LLMClientFactory, LLMError, LLMRequest, LLMResponse
-from kubechain.llm.deadline import ending_by
+from kubechain.llm.deadline import ending_by, timeout_error
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
 from kubechain.testing.waiting import wait_for
@@ -372,6 +372,7 @@ def test_an_answer_trickling_in_past_the_timeout_ends_the_call_at_the_timeout(
         with pytest.raises(LLMError) as raised:
             client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
         assert "no complete answer within 1s" in str(raised.value) and raised.value.retryable
+        assert not raised.value.cut_short, "the LLM's own timeout: an attempt that counts"
         assert raw_llm.sent_in_full == 0, "the call ended before the server finished its answer"
     finally:
         raw_llm.trickle_s = 0.0
@@ -568,6 +569,22 @@ def test_a_200_answer_without_choices_whose_error_echoes_the_api_key_does_not_pu
     assert "no completion choices" in text and failed.value.retryable and not leaked, text
 
 
+def test_a_timeout_is_put_down_to_the_claim_only_when_its_deadline_came_before_the_clients_own() -> None:
+    """Only a call its claim's deadline (ending_by) ended, sooner than the LLM client's own timeout would
+    have, is cut short: its attempt is not counted. One the client's timeout ended first is the LLM's."""
+    started = time.monotonic()
+    assert not timeout_error(started, 30).cut_short, "no deadline: the client's own timeout"
+    with ending_by(started):
+        cut = timeout_error(started, 30)
+    assert cut.cut_short and cut.retryable and "claim on the call ran out" in str(cut)
+    long_ago = time.monotonic() - 31
+    with ending_by(long_ago + 30.5):  # passed, but after the client's 30 s had ended the request
+        own = timeout_error(long_ago, 30)
+    assert not own.cut_short and "no complete answer within 30s" in str(own)
+    with ending_by(time.monotonic() + 60):
+        assert not timeout_error(time.monotonic(), 30).cut_short, "the deadline is still to come"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
 def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer(
@@ -582,8 +599,12 @@ def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer
             "sk-test", 30, raw_llm.url if client_class is OpenAIClient else raw_llm.url[:-3]
         )
         request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
-        with ending_by(time.monotonic() + 0.3), pytest.raises(LLMError, match="claim on the call ran out"):
+        with (
+            ending_by(time.monotonic() + 0.3),
+            pytest.raises(LLMError, match="claim on the call ran out") as failed,
+        ):
             client.complete(request)
+        assert failed.value.cut_short, "the claim's time ended it, not the LLM's: not counted as an attempt"
         # ended at the deadline, not when the headers came: the server finds its client gone before then
         wait_for(lambda: raw_llm.left_before_headers == 1, 10, what="the server to find the client gone")
     finally:

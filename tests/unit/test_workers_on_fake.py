@@ -879,6 +879,32 @@ def test_an_api_key_with_a_character_no_header_can_carry_is_an_llm_error_not_a_c
     assert "sk-abc" not in str(status) and "ValidationFailed" in kube.event_reasons("gpt-4o")
 
 
+@pytest.mark.parametrize("cut_short", [True, False], ids=["cut-short-by-its-claim", "the-llms-own-timeout"])
+def test_only_a_call_its_claim_cut_short_is_retried_without_counting_as_an_llm_attempt(
+    cut_short: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The providers mark a timeout their call's deadline (its claim's time left) caused: the run backs off
+    and retries with the attempt given back, and says why; the LLM's own timeout counts as before."""
+    kube = FakeKubeClient()
+
+    def times_out(request: LLMRequest) -> LLMResponse:
+        raise LLMError("LLM request timed out", retryable=True, cut_short=cut_short)
+
+    llm = FakeLLM(times_out)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    with caplog.at_level(logging.WARNING, logger="workers.llm_call"):
+        llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "ErrorBackoff" and status["error"] == "LLM request timed out"
+    assert status["llmAttempts"] == (0 if cut_short else 1)
+    said_so = "cut short to end within its claim"
+    assert (said_so in status["statusDetail"]) == cut_short, status["statusDetail"]
+    assert any(said_so in r.getMessage() for r in caplog.records) == cut_short
+
+
 def test_a_backoff_retry_that_arrives_early_comes_back_when_due_not_at_the_next_resync() -> None:
     """The watcher schedules a retry by its clock; a worker whose clock is a little behind finds it early."""
     kube = FakeKubeClient()
