@@ -225,10 +225,9 @@ class Executor:
         assert api is not None and api.url
         token = self._token  # read by read_secrets, before the claim
         settings = self.ctx.settings
-        timeout = min(float(api.timeout_seconds or settings.tool_timeout_s), settings.tool_execution_cap_s)
-        if within_s is not None:
-            timeout = max(0.001, min(timeout, within_s))
-        body = call_external_api(api.url, api.method, arguments, token, timeout)
+        own = min(float(api.timeout_seconds or settings.tool_timeout_s), settings.tool_execution_cap_s)
+        timeout = own if within_s is None else max(0.001, min(own, within_s))
+        body = call_external_api(api.url, api.method, arguments, token, timeout, own_timeout_s=own)
         return Outcome(result=body, event_message=f'Tool "{self.tool.name}" executed successfully')
 
     def _run_mcp(self, arguments: dict[str, Any], within_s: float | None) -> Outcome:

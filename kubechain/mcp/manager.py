@@ -36,6 +36,7 @@ from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, re
 from kubechain.mcp.tool_list import scrubbed_tools
 from kubechain.models import MCPServer, MCPTool
 from kubechain.observability.logs import detached_context, resource_context
+from kubechain.tools.deadline import cut_short_note
 
 if TYPE_CHECKING:
     from kubechain.mcp.session import Session
@@ -143,16 +144,16 @@ class MCPManager:
         resolved = resolved if resolved is not None else self._resolve(server)
         key = (server.namespace, server.name)
         idempotent = bool(server.spec.idempotent)
-        budget = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
+        own = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
         if self.call_budget_s is not None:
-            budget = min(budget, self.call_budget_s)
-        if within_s is not None:
-            budget = max(0.001, min(budget, within_s))
+            own = min(own, self.call_budget_s)
+        budget = own if within_s is None else max(0.001, min(own, within_s))
         return self._run(
             lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
             budget,
             f'calling tool "{tool}" on MCP server {_label(key)}',
             resolved,
+            timed_out_note=cut_short_note(budget, own, "the call's own budget"),
         )
 
     def disconnect(self, namespace: str, name: str) -> None:
@@ -233,6 +234,8 @@ class MCPManager:
         timeout: float,
         what: str,
         resolved: ResolvedSpec | None = None,
+        *,
+        timed_out_note: str = "",
     ) -> T:
         loop = self._ensure_loop()
 
@@ -244,7 +247,7 @@ class MCPManager:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise MCPError(f"timed out after {timeout:g}s {what}") from None
+            raise MCPError(f"timed out after {timeout:g}s {what}{timed_out_note}") from None
         except concurrent.futures.CancelledError:
             raise MCPError(f"the MCP manager was closed while {what}") from None
         except MCPError as exc:

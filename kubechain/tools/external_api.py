@@ -13,6 +13,7 @@ import httpx
 from kubechain.http_watchdog import shut_at
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 from kubechain.tools.builtin import ToolError
+from kubechain.tools.deadline import cut_short_note
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # read as bytes, kept as characters
 
@@ -38,12 +39,19 @@ def _shared_client() -> httpx.Client:
 
 
 def call_external_api(
-    url: str, method: str | None, arguments: dict[str, Any], token: str | None, timeout_s: float
+    url: str,
+    method: str | None,
+    arguments: dict[str, Any],
+    token: str | None,
+    timeout_s: float,
+    *,
+    own_timeout_s: float | None = None,
 ) -> str:
     """The response body is the tool result; TLS is verified; non-2xx is a tool error. The bearer token
     is cut out of both: an API that echoes the request (a debug endpoint, an error page) would put it in
     the tool call's status, its Events and the LLM's context. Each text is scrubbed once, the token's
-    forms worked out once (the body may be 1 MiB)."""
+    forms worked out once (the body may be 1 MiB). ``own_timeout_s``: the tool's own timeout, when
+    ``timeout_s`` may be its claim's time left instead (a timeout then says which ended the call)."""
     scrub = Scrubber([token] if token else [])
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/plain, */*"}
     if token:
@@ -57,7 +65,8 @@ def call_external_api(
     # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
     # call (and its claim) for ever. The body is read in chunks against one deadline.
     deadline = time.monotonic() + timeout_s
-    timed_out = ToolError(f"{request} timed out after {timeout_s:.0f}s")
+    by_claim = "" if own_timeout_s is None else cut_short_note(timeout_s, own_timeout_s)
+    timed_out = ToolError(f"{request} timed out after {timeout_s:.0f}s{by_claim}")
     options: dict[str, Any] = (
         {"params": query_parameters(arguments)} if verb in ("GET", "DELETE") else {"json": arguments}
     )

@@ -81,6 +81,27 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.M
     assert len(watchdogs) == 1 and watchdogs[0] is not None, "the connection's socket was found"
 
 
+@pytest.mark.parametrize("own_timeout_s", [60.0, None], ids=["cut-short-by-its-claim", "its-own-timeout"])
+def test_a_call_its_claim_cut_short_says_so_and_names_the_tools_own_timeout(
+    own_timeout_s: float | None,
+) -> None:
+    """A call under a claim written late gets only the claim's time left (here 0.2 s of the tool's 60 s):
+    its timeout must not read as the API's slowness, nor as the tool's own timeout."""
+    from tests.unit.silent_server import SilentServer
+
+    silent = SilentServer()
+    try:
+        with pytest.raises(ToolError) as timed_out:
+            call_external_api(
+                f"http://127.0.0.1:{silent.port}/hook", "POST", {}, None, 0.2, own_timeout_s=own_timeout_s
+            )
+    finally:
+        silent.close()
+    cut = "(cut short to end within its claim; the tool's own timeout is 60s)"
+    assert "timed out after 0s" in str(timed_out.value)
+    assert (cut in str(timed_out.value)) == (own_timeout_s is not None), str(timed_out.value)
+
+
 def test_a_response_is_cut_at_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     import kubechain.tools.external_api as external_api
 

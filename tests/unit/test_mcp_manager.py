@@ -1021,6 +1021,23 @@ def test_a_call_timeout_says_the_tool_may_have_run_and_keeps_the_session(stdio_s
         m.close()
 
 
+def test_a_call_its_claim_cut_short_says_so_and_names_the_calls_own_budget(stdio_script: str) -> None:
+    """A call under a claim written late gets only the claim's time left (``within_s``), less than its own
+    budget: its timeout says the claim cut it short, and what the call would have had."""
+    m = MCPManager(resolve_secret, call_timeout_s=10, call_budget_s=50, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        server = script_server("cut-short-server", stdio_script)
+        assert m.call_tool(server, "slow", {"seconds": 0}, within_s=30).text == "done"
+        with pytest.raises(MCPError) as timed_out:
+            m.call_tool(server, "slow", {"seconds": 30}, within_s=0.5)
+        assert str(timed_out.value) == (
+            'timed out after 0.5s calling tool "slow" on MCP server default/cut-short-server (cut short to end '
+            "within its claim; the call's own budget is 50s)"
+        )
+    finally:
+        m.close()
+
+
 def test_a_call_in_flight_when_its_server_is_deleted_gets_its_answer_then_the_child_ends(
     manager: MCPManager, stdio_script: str
 ) -> None:

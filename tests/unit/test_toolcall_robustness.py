@@ -2311,7 +2311,7 @@ def test_a_tools_own_timeout_is_capped_below_its_claim(monkeypatch: pytest.Monke
     monkeypatch.setattr(
         tool_call_module,
         "call_external_api",
-        lambda url, method, args, token, timeout: timeouts.append(timeout) or "ok",
+        lambda url, method, args, token, timeout, own_timeout_s=None: timeouts.append(timeout) or "ok",
     )
     kube = FakeKubeClient()
     slow = {
@@ -2333,7 +2333,7 @@ def test_an_mcp_call_is_bounded_by_its_budget_not_only_each_step() -> None:
 
     manager = MCPManager(lambda *_: {}, call_timeout_s=120, call_budget_s=150)
     budgets: list[float] = []
-    manager._run = lambda make, timeout, what, resolved=None: budgets.append(timeout)  # type: ignore[method-assign]
+    manager._run = lambda make, timeout, what, resolved=None, **_: budgets.append(timeout)  # type: ignore[method-assign]
     server = MCPServer.from_wire(
         {
             "apiVersion": "kubechain.humanlayer.dev/v1alpha1",
@@ -2618,9 +2618,14 @@ def test_a_tool_under_a_claim_answered_late_is_cut_short_to_end_within_it(
     kube = ClaimLandsLate("Running", now, late_s)
     ctx, _sleeps, _claims, name = charged_on(kube, monkeypatch, now)
     timeouts: list[float] = []
-    monkeypatch.setattr(
-        tool_call_module, "call_external_api", lambda *args: timeouts.append(args[4]) or "charged card #1"
-    )
+    owns: list[float | None] = []
+
+    def call(*args: Any, own_timeout_s: float | None = None) -> str:
+        timeouts.append(args[4])
+        owns.append(own_timeout_s)
+        return "charged card #1"
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", call)
     tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["phase"] == "Succeeded"
     settings = ctx.settings
@@ -2628,6 +2633,8 @@ def test_a_tool_under_a_claim_answered_late_is_cut_short_to_end_within_it(
     left = settings.claim_timeout_s - late_s - settings.claim_outcome_margin_s
     assert timeouts == [pytest.approx(min(own, left), abs=0.01)]
     assert late_s == 0 or timeouts[0] < own
+    # its timeout error, if it had one, would name the tool's own timeout when the claim's was shorter
+    assert owns == [own]
 
 
 def test_a_tool_claim_answered_too_late_for_any_call_is_left_to_the_retry_and_run_once(
