@@ -238,8 +238,7 @@ def _call_and_record(
         LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
         if exc.cut_short:
             log.warning(
-                "LLM call for %s/%s was cut short to end within its claim (written late); retried, not "
-                "counted as an attempt: %s",
+                "LLM call for %s/%s was cut short to end within its claim (written late): %s",
                 claimed.namespace,
                 claimed.name,
                 exc,

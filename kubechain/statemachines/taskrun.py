@@ -462,26 +462,26 @@ def plan_llm_error(
     """Retryable errors back off exponentially with jitter (Retry-After honoured); others fail the run.
     ``status_code``: the provider's HTTP status, if it answered (a 4xx is the original's own reason).
     ``cut_short``: a call its claim's deadline ended (the claim was written late), not the LLM's failure:
-    backed off and retried the same, but its attempt is given back: such calls never use up max_attempts."""
+    backed off and retried the same, and counted, since each retry is a paid call (a claim written late
+    every time must not retry for ever); the statusDetail and the final error say why."""
     attempts = run.status.llm_attempts or 1
     if not retryable:
         client_error = status_code is not None and 400 <= status_code < 500
         return _fail(run, message, "LLMRequestFailed4xx" if client_error else "LLMRequestFailed", now)
-    if attempts >= limits.max_attempts and not cut_short:
-        return _fail(run, f"{message} (gave up after {attempts} attempts)", "LLMRequestFailed", now)
+    if attempts >= limits.max_attempts:
+        why = "; the last cut short to end within its claim" if cut_short else ""
+        return _fail(run, f"{message} (gave up after {attempts} attempts{why})", "LLMRequestFailed", now)
     rng = rng or random.Random()
     delay = min(limits.backoff_max_s, limits.backoff_base_s * (2 ** (attempts - 1)))
     delay = delay / 2 + rng.uniform(0, delay / 2)
     if retry_after_s is not None:
         delay = max(delay, min(retry_after_s, limits.backoff_max_s))
     detail = f"LLM request failed, retrying in {delay:.1f}s (attempt {attempts} of {limits.max_attempts})"
-    given_back: dict[str, int] = {}
     if cut_short:
         detail = (
-            f"LLM call cut short to end within its claim, retrying in {delay:.1f}s (not counted as an "
-            f"attempt: {attempts - 1} of {limits.max_attempts} used)"
+            f"LLM call cut short to end within its claim, retrying in {delay:.1f}s (attempt {attempts} of "
+            f"{limits.max_attempts})"
         )
-        given_back = {"llmAttempts": attempts - 1}
     return Transition(
         status={
             "phase": TaskRunPhase.ERROR_BACKOFF.value,
@@ -492,7 +492,6 @@ def plan_llm_error(
             "nextAttemptAt": precise_timestamp(now + timedelta(seconds=delay)),
             "claimedBy": None,
             "claimedAt": None,
-            **given_back,
         },
         events=[warning("LLMRequestFailed", message)],
     )
