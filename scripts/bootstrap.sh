@@ -75,7 +75,9 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+# redis-server: the tests always start their own, whatever REDIS_URL says (they flush it and pause its
+# clients); only `kubechain up` (--control-plane=on-demand) can use the Redis REDIS_URL names instead.
+if ! command -v redis-server >/dev/null 2>&1 && { [ "$control_plane" = always ] || [ -z "${REDIS_URL:-}" ]; }; then
   apt_install redis-server
 fi
 if ! command -v npx >/dev/null 2>&1; then

@@ -161,7 +161,7 @@ def kubectl(kubeconfig: Path) -> Kubectl:
 def redis_url() -> Iterator[str]:
     from kubechain.testing.redis_server import LocalRedis
 
-    redis = LocalRedis()
+    redis = LocalRedis(use_env=False)  # never a $REDIS_URL of the shell's: tests flush and pause it
     redis.start()
     yield redis.url
     redis.stop()

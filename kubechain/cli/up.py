@@ -77,6 +77,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         resync_interval_s=15.0,
         stale_after_s=15.0,
         supervise=True,
+        redis_from_env=True,  # a Redis of the user's own ($REDIS_URL), if named; else a redis-server here
     )
     lease_reader: KubeClient | None = None  # asks, every DEPLOYED_CHECK_S, whether KubeChain was deployed
     if cluster == "current":

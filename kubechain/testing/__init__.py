@@ -2,7 +2,7 @@
 
 * :func:`ensure_binaries` - etcd / kube-apiserver / kube-controller-manager (cached, built from source once)
 * :class:`LocalControlPlane` - etcd + kube-apiserver (+ kube-controller-manager) on loopback
-* :class:`LocalRedis` - a throw-away ``redis-server`` (or ``$REDIS_URL``)
+* :class:`LocalRedis` - a throw-away ``redis-server`` (or, for ``kubechain up``, ``$REDIS_URL``)
 """
 
 from kubechain.testing.binaries import (

@@ -1,4 +1,4 @@
-"""A real ``redis-server`` on a free loopback port (or an external one via ``$REDIS_URL``)."""
+"""A real ``redis-server`` on a free loopback port (or, for ``kubechain up``, an external one via ``$REDIS_URL``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from kubechain.testing.controlplane import ManagedProcess, _register_for_exit, _
 
 logger = logging.getLogger(__name__)
 
-_INSTALL_HINT = "install redis-server (Debian: apt-get install redis-server) or set REDIS_URL"
+_INSTALL_HINT = (
+    "install redis-server (Debian: apt-get install redis-server); `kubechain up` can use a Redis named by "
+    "REDIS_URL instead"
+)
 _apt_lock = threading.Lock()
 
 
@@ -75,14 +78,18 @@ def ensure_redis_server(progress: Progress | None = None) -> Path:
 
 
 class LocalRedis:
-    """A throw-away Redis (no persistence, ``noeviction``), or ``$REDIS_URL`` if set."""
+    """A throw-away Redis (no persistence, ``noeviction``); with ``use_env``, ``$REDIS_URL`` if set.
+
+    Tests start their own (the default): they flush databases and pause clients, which must never reach a
+    Redis that a developer's shell names for the Procfile. ``kubechain up`` adopts ``$REDIS_URL``.
+    """
 
     def __init__(
         self,
         port: int | None = None,
         workdir: Path | None = None,
         progress: Progress | None = None,
-        use_env: bool = True,
+        use_env: bool = False,
         start_timeout: float = 20.0,
     ) -> None:
         env_url = os.environ.get("REDIS_URL") if use_env else None

@@ -87,6 +87,9 @@ class StackOptions:
     log_level: str = "INFO"
     # Restart watcher/worker processes that exit, as a Deployment's restart policy would.
     supervise: bool = False
+    # Use the Redis that $REDIS_URL names, when set, instead of starting a redis-server (kubechain up).
+    # Tests and benchmarks start their own: they flush it and pause its clients.
+    redis_from_env: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -143,9 +146,7 @@ class LocalStack:
             kube.close()
         if self.control_plane is not None and self.control_plane.has_controller_manager:
             self.control_plane.restart_controller_manager()  # so GC knows the new kinds at once
-        self.redis = LocalRedis()
-        self.redis.start()
-        self.progress(f"redis at {self.redis.url}")
+        self.start_redis()
         if self.options.llm in ("scripted", "by-key"):
             self.start_llm()
         for index in range(self.options.watchers):
@@ -155,6 +156,11 @@ class LocalStack:
         if self.options.supervise:
             threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
+
+    def start_redis(self) -> None:
+        self.redis = LocalRedis(use_env=self.options.redis_from_env)
+        self.redis.start()
+        self.progress(f"redis at {self.redis.url}")
 
     def _supervise(self) -> None:
         """Restart watcher and worker processes that exit, with an exponential back-off (:func:`restart_delay`)."""

@@ -1,0 +1,65 @@
+"""The test harness never uses a developer's Redis: it flushes databases and pauses clients of the Redis it
+runs, so a ``$REDIS_URL`` left in the shell (the README sets one for the Procfile) must not reach it.
+``kubechain up`` alone adopts ``$REDIS_URL``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FOREIGN = "redis://127.0.0.1:1/5"
+
+
+def test_local_redis_starts_its_own_server_whatever_redis_url_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubechain.testing.redis_server import LocalRedis
+
+    monkeypatch.setenv("REDIS_URL", FOREIGN)
+    with LocalRedis() as server:
+        assert server.managed
+        assert server.url != FOREIGN and server.url.startswith("redis://127.0.0.1:")
+    with LocalRedis(use_env=True) as adopted:
+        assert not adopted.managed and adopted.url == FOREIGN
+
+
+def test_a_stack_starts_its_own_redis_unless_told_to_adopt_redis_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    monkeypatch.setenv("REDIS_URL", FOREIGN)
+    stack = LocalStack(StackOptions(workdir=tmp_path / "tests", cluster="local"))
+    stack.start_redis()
+    try:
+        assert stack.redis is not None and stack.redis.managed and stack.redis.url != FOREIGN
+    finally:
+        stack.redis.stop()
+    adopting = LocalStack(StackOptions(workdir=tmp_path / "up", cluster="local", redis_from_env=True))
+    adopting.start_redis()
+    assert adopting.redis is not None and adopting.redis.url == FOREIGN
+
+
+def test_up_adopts_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    seen: list[stack.StackOptions] = []
+
+    class Recording:
+        logs = tmp_path / "logs"
+
+        def __init__(self, options: stack.StackOptions, **_: object) -> None:
+            seen.append(options)
+
+        def start(self) -> None:
+            raise OSError("not starting anything here")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "LocalStack", Recording)
+    CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "up")])
+    (options,) = seen
+    assert options.redis_from_env is True
