@@ -368,6 +368,14 @@ def test_redis_never_evicts_and_persists(release: list[dict[str, Any]]) -> None:
     assert services[redis["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
 
 
+def test_redis_is_ready_only_when_it_answers_pong(release: list[dict[str, Any]]) -> None:
+    """redis-cli exits 0 on an error reply: a bare `redis-cli ping` passes while Redis answers -LOADING."""
+    c = container(objects(release, "StatefulSet")["kubechain-redis"])
+    command = c["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["sh", "-c"], command
+    assert re.fullmatch(r"redis-cli -p 6379 ping \| grep -q PONG", command[2]), command
+
+
 def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     data = objects(release, "ConfigMap")["kubechain-config"]["data"]
     for key in (
