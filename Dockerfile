@@ -46,7 +46,8 @@ LABEL org.opencontainers.image.title="kubechain" \
       org.opencontainers.image.source="https://github.com/kubechain/kubechain" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# tini: PID 1 that forwards SIGTERM (Celery's soft shutdown) and reaps MCP server subprocesses.
+# tini: PID 1 that forwards SIGTERM (Celery's warm shutdown: running tasks finish) and reaps MCP server
+# subprocesses.
 # libstdc++6: needed by node.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini ca-certificates libstdc++6 \
