@@ -120,7 +120,8 @@ def crd_for(info: KindInfo) -> dict[str, Any]:
             "status": status_schema,
         },
     }
-    if "spec" in full.get("required", []):
+    # The CEL rules on spec run only when there is a spec: an object without one would skip them all.
+    if "spec" in full.get("required", []) or info.spec_rules:
         open_api["required"] = ["spec"]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -90,6 +90,7 @@ class TaskRunStatus(KubeModel):
 class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):
     KIND: ClassVar[str] = "TaskRun"
     PLURAL: ClassVar[str] = "taskruns"
+    # Required by the CRD (its CEL rule needs a spec); the default only reads a TaskRun stored before that.
     spec: TaskRunSpec = Field(default_factory=TaskRunSpec)
     status: TaskRunStatus = Field(default_factory=TaskRunStatus)
 

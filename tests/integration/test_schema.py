@@ -79,6 +79,11 @@ kind: TaskRun
 metadata: {name: bad-run}
 spec: {userMessage: "hello"}
 """,
+    "taskrun-without-spec": """
+apiVersion: kubechain.humanlayer.dev/v1alpha1
+kind: TaskRun
+metadata: {name: no-spec}
+""",
     "stdio-mcpserver-without-command": """
 apiVersion: kubechain.humanlayer.dev/v1alpha1
 kind: MCPServer
@@ -100,6 +105,7 @@ EXPECTED_ERROR = {
     "contactchannel-slack-id-x123": "spec.slack.channelOrUserID",
     "llm-temperature-1.5": "spec.temperature",
     "taskrun-without-task-or-agent": "set spec.taskRef, or spec.agentRef together with a non-empty spec.userMessage",
+    "taskrun-without-spec": "spec: Required value",
     "stdio-mcpserver-without-command": "command is required for stdio transport",
     "mcpserver-quantity-lots": "spec.resources.limits.memory",
 }

@@ -72,6 +72,21 @@ def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
     assert run.spec.task_ref is None and run.spec.agent_ref is not None and run.phase == ""
 
 
+def test_a_spec_with_validation_rules_is_required() -> None:
+    """CEL rules on spec run only when there is a spec: a TaskRun with none at all would be accepted at
+    apply, though it names neither a Task nor an Agent."""
+    import yaml
+
+    for info in KINDS:
+        schema = yaml.safe_load(render_all()[f"kubechain.humanlayer.dev_{info.plural}.yaml"])["spec"][
+            "versions"
+        ][0]["schema"]["openAPIV3Schema"]
+        if info.spec_rules:
+            assert schema.get("required") == ["spec"], info.kind
+    taskruns = yaml.safe_load(render_all()["kubechain.humanlayer.dev_taskruns.yaml"])
+    assert taskruns["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["required"] == ["spec"]
+
+
 def test_crds_from_an_installed_wheel_go_to_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

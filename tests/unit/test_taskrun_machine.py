@@ -70,8 +70,8 @@ def test_task_run_uses_task_message_and_missing_task_fails() -> None:
     assert failed is not None and failed.status["phase"] == "Failed"
     assert failed.status["error"] == 'Task "t" not found'
     assert [e.reason for e in failed.events] == ["TaskValidationFailed"]
-    # neither a Task nor agentRef + userMessage (the CRD lets a run with no spec through): the seed PR's
-    # getTask error, with its Event reason
+    # neither a Task nor agentRef + userMessage (the CRD refuses it at apply; one stored before the CRD
+    # required a spec may still exist): the seed PR's getTask error, with its Event reason
     nothing = plan_initial_context(run(spec={"agentRef": {"name": "a"}}), None, False, agent(), NOW)
     assert nothing is not None and nothing.status["phase"] == "Failed"
     assert nothing.status["error"] == "taskRef is required when agentRef and userMessage are not provided"
