@@ -149,11 +149,16 @@ def rbac(kubectl: Kubectl, system_namespace: str) -> Iterator[None]:
         ("update", f"agents.{GROUP}", ("--subresource=status",), True),
         ("patch", f"taskruntoolcalls.{GROUP}", ("--subresource=status",), True),
         ("patch", f"llms.{GROUP}", ("--subresource=status",), True),
-        ("watch", f"agents.{GROUP}", (), True),
+        ("get", f"agents.{GROUP}", (), True),
+        ("list", f"taskruns.{GROUP}", (), True),
         ("create", f"taskruns.{GROUP}", (), True),
         ("create", f"taskruntoolcalls.{GROUP}", (), True),
         ("create", "events", (), True),
         ("get", "secrets", (), True),
+        # nothing the workers do: watching (the watcher's job), reading /status alone, patching Events
+        ("watch", f"agents.{GROUP}", (), False),
+        ("get", f"taskruns.{GROUP}", ("--subresource=status",), False),
+        ("patch", "events", (), False),
         # a sub-agent's run nothing will read any more (and nothing else) may be deleted
         ("delete", f"taskruns.{GROUP}", (), True),
         # never: other deletes, spec writes, Secret enumeration, other kinds' creation
