@@ -340,7 +340,7 @@ def cluster_reachable(kubeconfig: str | None) -> bool:
         return False
 
 
-# Where deploy/ runs the watcher's leader election (deploy/base/config.yaml).
+# Where deploy/ runs the watcher's leader election (deploy/base/config.env, rbac.yaml).
 DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 

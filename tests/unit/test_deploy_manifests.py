@@ -92,6 +92,16 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+def config_map(release: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shared settings (envFrom): kubechain-config-<hash of its data>, from base/'s configMapGenerator."""
+    (found,) = [
+        d
+        for d in release
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kubechain-config")
+    ]
+    return found
+
+
 def crd_plurals() -> set[str]:
     plurals = set()
     for path in (DEPLOY / "crds").glob("*.yaml"):
@@ -283,7 +293,7 @@ def test_worker_deployment(release: list[dict[str, Any]], name: str) -> None:
     for path in ("/home/kubechain", "/tmp"):
         assert path in mounts, f"{name}: nothing mounted at {path}"
         assert "emptyDir" in volumes[mounts[path]]
-    assert {"configMapRef": {"name": "kubechain-config"}} in c["envFrom"]
+    assert {"configMapRef": {"name": config_map(release)["metadata"]["name"]}} in c["envFrom"]
 
 
 def test_watcher_deployment(release: list[dict[str, Any]]) -> None:
@@ -299,7 +309,7 @@ def test_watcher_deployment(release: list[dict[str, Any]]) -> None:
     assert env["POD_NAME"].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
     assert_probes_on_metrics_port(c)
     assert_hardened(pod, c)
-    assert {"configMapRef": {"name": "kubechain-config"}} in c["envFrom"]
+    assert {"configMapRef": {"name": config_map(release)["metadata"]["name"]}} in c["envFrom"]
 
 
 def assert_probes_on_metrics_port(c: dict[str, Any]) -> None:
@@ -377,7 +387,7 @@ def test_redis_is_ready_only_when_it_answers_pong(release: list[dict[str, Any]])
 
 
 def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
-    data = objects(release, "ConfigMap")["kubechain-config"]["data"]
+    data = config_map(release)["data"]
     for key in (
         "REDIS_URL",
         "HUMANLAYER_API_BASE",
@@ -407,12 +417,29 @@ def test_config_map_is_valid_settings(release: list[dict[str, Any]], monkeypatch
     assert "kubechain-redis" in objects(release, "Service")
 
 
+def test_a_config_change_rolls_the_deployments(release: list[dict[str, Any]]) -> None:
+    """The ConfigMap's name carries a hash of its data (a kustomize configMapGenerator), and every pod
+    template names it: a changed setting is a new name, so the Deployments roll out with it (a ConfigMap
+    edited in place reaches no running process)."""
+    name = config_map(release)["metadata"]["name"]
+    assert re.fullmatch(r"kubechain-config-[a-z0-9]{10}", name), name
+    deployments = objects(release, "Deployment")
+    assert deployments
+    for deployment_name, deployment in deployments.items():
+        refs = [
+            e["configMapRef"]["name"]
+            for e in container(deployment).get("envFrom") or []
+            if "configMapRef" in e
+        ]
+        assert refs == [name], deployment_name
+
+
 def test_config_map_does_not_throttle_the_kubernetes_client(
     release: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every in-cluster process loads the ConfigMap (envFrom): a client-side rate limit there below the
     settings' defaults caps each worker (a hello run costs ~6 requests) far under what it can do."""
-    data = objects(release, "ConfigMap")["kubechain-config"]["data"]
+    data = config_map(release)["data"]
     for key in list(os.environ):
         if key.startswith("KUBECHAIN_"):
             monkeypatch.delenv(key)
