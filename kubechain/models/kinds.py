@@ -78,6 +78,9 @@ KINDS: tuple[KindInfo, ...] = (
             DETAIL,
             PrinterColumn("Phase", ".status.phase"),
             PrinterColumn("Task", ".spec.taskRef.name"),
+            # ours, in -o wide only: a run made from agentRef + userMessage has no Task (the seed PR's
+            # README shows the column there)
+            PrinterColumn("Agent", ".spec.agentRef.name", priority=1),
             PrinterColumn("Preview", ".status.userMsgPreview"),
             PrinterColumn("Output", ".status.output"),
             PrinterColumn("Error", ".status.error", priority=1),

@@ -198,6 +198,7 @@ def test_printer_columns_match_the_original(kubectl: Kubectl, namespace: str) ->
         "DETAIL",
         "PHASE",
         "TASK",
+        "AGENT",  # ours: a run made from agentRef + userMessage has no Task
         "PREVIEW",
         "OUTPUT",
         "ERROR",

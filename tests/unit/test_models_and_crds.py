@@ -72,6 +72,31 @@ def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
     assert run.spec.task_ref is None and run.spec.agent_ref is not None and run.phase == ""
 
 
+def test_taskrun_columns_are_the_originals_plus_its_agent_in_wide_output() -> None:
+    """A run made from agentRef + userMessage has no Task: `kubectl get taskrun -o wide` shows its Agent,
+    before the preview, as the seed PR's README shows it (NAME READY STATUS DETAIL AGENT PREVIEW ...)."""
+    import yaml
+
+    crd = yaml.safe_load(render_all()["kubechain.humanlayer.dev_taskruns.yaml"])
+    columns = [
+        (c["name"], c["jsonPath"], c.get("priority", 0))
+        for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    ]
+    assert columns == [
+        ("Ready", ".status.ready", 0),
+        ("Status", ".status.status", 0),
+        ("Detail", ".status.statusDetail", 1),
+        ("Phase", ".status.phase", 0),
+        ("Task", ".spec.taskRef.name", 0),
+        ("Agent", ".spec.agentRef.name", 1),
+        ("Preview", ".status.userMsgPreview", 0),
+        ("Output", ".status.output", 0),
+        ("Error", ".status.error", 1),
+        ("Started", ".status.startTime", 1),
+        ("Completed", ".status.completionTime", 1),
+    ]
+
+
 def test_a_spec_with_validation_rules_is_required() -> None:
     """CEL rules on spec run only when there is a spec: a TaskRun with none at all would be accepted at
     apply, though it names neither a Task nor an Agent."""
