@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # Values shorter than this are left: replacing a "1" or a "true" everywhere would garble the text.
 MIN_SCRUBBED_CHARS = 6
@@ -56,23 +57,42 @@ def _credential_lines(value: str) -> set[str]:
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:
     """The ways the secret values may show in text, longest first: as they are and stripped; escaped
-    inside a JSON or Python string literal (an error quoting a body or a dict); and, for a multi-line
+    inside a JSON or Python string literal (an error quoting a body or a dict); percent-encoded (see
+    ``_percent_encoded``: a URL or a form body echoed in an error); and, for a multi-line
     value (a PEM key, a service-account JSON, a kubeconfig), each of its lines that carries a credential
     (see ``_credential_lines``), since text is often scrubbed a line at a time (a child's stderr). Forms
     shorter than MIN_SCRUBBED_CHARS are left out."""
     forms: set[str] = set()
     for value in secrets:
-        for whole in (value, value.strip()):
+        for whole in dict.fromkeys((value, value.strip())):
             forms.update(
                 (
                     whole,
                     json.dumps(whole)[1:-1],
                     json.dumps(whole, ensure_ascii=False)[1:-1],
                     repr(whole)[1:-1],
+                    *_percent_encoded(whole),
                 )
             )
         forms.update(_credential_lines(value))
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
+
+
+def _percent_encoded(value: str) -> set[str]:
+    """``value`` as it shows in a URL or a form body: every character but letters, digits and "_.-~"
+    escaped (a query's value; a space as ``%20``, or as ``+``, as httpx and urlencode write it), or every
+    one but "/" too (a path: Python's ``quote``); the escapes' hex in capitals, as Python and httpx write
+    it, or in small letters, as other encoders do. Only ``value`` itself when nothing needs escaping."""
+    query = quote(value, safe="")
+    # the others from it: each "%" of it starts an escape, "%20" a space's, "%2F" a slash's
+    encoded = {query, query.replace("%20", "+"), query.replace("%2F", "/")}
+    return encoded | {_small_hex(form) for form in encoded if "%" in form}
+
+
+def _small_hex(encoded: str) -> str:
+    """``encoded`` with the hex of its escapes in small letters (``%2F`` → ``%2f``): each "%" starts one."""
+    first, *escaped = encoded.split("%")
+    return "%".join([first, *(rest[:2].lower() + rest[2:] for rest in escaped)])
 
 
 class Scrubber:
@@ -84,18 +104,25 @@ class Scrubber:
         self.forms: tuple[str, ...] = tuple(secret_forms(secrets))
         # how much of a text read only in part may be the start of a secret (see scrub_then_cut)
         self.longest = len(self.forms[0]) if self.forms else 0
-        self._unnamable = tuple(form for form in self.forms if _unnamable(form))
+        # Most text has no "%", and so none of the percent-encoded forms: they are not looked for in it.
+        # (Longest first still: a longer form may hold a shorter one.)
+        self._forms_without_percent = tuple(form for form in self.forms if "%" not in form)
 
     def __call__(self, text: str) -> str:
-        for form in self.forms:
+        for form in self.forms if "%" in text else self._forms_without_percent:
             text = text.replace(form, REDACTED)
         return text
+
+    @functools.cached_property
+    def _unnamable_forms(self) -> tuple[str, ...]:
+        # only tool lists ask (in_name); a one-off redact() or an externalAPI call would pay for nothing
+        return tuple(form for form in self.forms if _unnamable(form))
 
     def in_name(self, name: str) -> bool:
         """Whether ``name`` holds a secret that rules it out as a name (a tool's, a property's: what the
         LLM sends back, and which, cut, would name nothing on the server; two cut alike would be one): see
         ``_unnamable``."""
-        return any(form in name for form in self._unnamable)
+        return any(form in name for form in self._unnamable_forms)
 
 
 def _unnamable(form: str) -> bool:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Callable, Iterable
+from urllib.parse import quote, quote_plus
 
 import pytest
 
-from kubechain.redaction import looks_like_credential, redact, redact_url, scrub_then_cut
+from kubechain.redaction import Scrubber, looks_like_credential, redact, redact_url, scrub_then_cut
 
 
 @pytest.mark.parametrize(
@@ -127,6 +129,42 @@ def test_a_secret_quoted_escaped_in_a_json_or_python_literal_is_cut_out(
     line breaks come escaped."""
     said = redact(f"invalid config: {quote({'key': secret})}", [secret])
     assert not pieces(secret, said) and "***" in said, said
+
+
+def small_hex(encoded: str) -> str:
+    """``encoded`` with its escapes in small letters, as some encoders write them (``%2f``)."""
+    return re.sub(r"%[0-9A-F]{2}", lambda escape: escape.group().lower(), encoded)
+
+
+PERCENT_ENCODINGS: dict[str, Callable[[str], str]] = {
+    "query": lambda secret: quote(secret, safe=""),
+    "form": quote_plus,
+    "path": quote,
+    "query-small-hex": lambda secret: small_hex(quote(secret, safe="")),
+    "form-small-hex": lambda secret: small_hex(quote_plus(secret)),
+}
+
+
+@pytest.mark.parametrize("encode", PERCENT_ENCODINGS.values(), ids=PERCENT_ENCODINGS.keys())
+@pytest.mark.parametrize(
+    "secret",
+    ["sk/Ab+c=d:e f-0123456789", PEM_KEY, "s3cret-0123456789abcdef"],
+    ids=["escaped", "pem", "plain"],
+)
+def test_a_percent_encoded_secret_is_cut_out(secret: str, encode: Callable[[str], str]) -> None:
+    """An API echoes the URL or the form body it was sent in its error: the key comes percent-encoded."""
+    said = redact(f"400 Bad Request: GET https://api.example/v1?key={encode(secret)}&page=2", [secret])
+    assert said == "400 Bad Request: GET https://api.example/v1?key=***&page=2", said
+
+
+def test_a_secret_that_nothing_escapes_has_no_percent_encoded_forms() -> None:
+    """Each form is looked for in every line scrubbed: one equal to the secret would cost for nothing."""
+    assert Scrubber(["s3cret-0123456789abcdef"]).forms == ("s3cret-0123456789abcdef",)
+
+
+def test_percent_escapes_that_are_no_secret_are_left() -> None:
+    scrub = Scrubber(["sk/Ab+c=d:e f-0123456789"])
+    assert scrub("GET /search?q=caf%C3%A9+au+lait&sk=%2F") == "GET /search?q=caf%C3%A9+au+lait&sk=%2F"
 
 
 def test_scrubbing_comes_before_the_cut() -> None:
