@@ -20,25 +20,42 @@ _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 # a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...")
 _SECRET_SETTING = re.compile(r"(?i)(passw(or)?d|secret|token|api[-_]?key|private[-_]?key)[\"']?\s*[:=]\s*\S")
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
+# the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
+# capitals (an acronym: "TLS" of "TLSConfig")
+_NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
+_VOWELS = frozenset("aeiouyAEIOUY")
 # one word or identifier ("postgres", "orders-db", "v1.2")
 _PLAIN_WORD = re.compile(r"[\w.-]+")
 
 
 def looks_like_credential(text: str) -> bool:
     """Whether ``text`` holds what looks like a key, a token or a password rather than words: a run of 16
-    base64 or base64url characters with capitals, small letters and digits (a key, a certificate, a JWT: a
-    camelCase name has no digits, "v1beta1" no capitals); 16 letters and digits unbroken, both present
-    (hex, an access key id: a name's words come apart at "-", "_" or "/"); or a setting named as a
-    secret. A random run without digits (1 in 15 of 16 characters, 1 in 60 of 24) is taken for a name."""
+    base64 or base64url characters with capitals and small letters, and digits (a key, a certificate, a
+    JWT: a camelCase name has no digits, "v1beta1" no capitals) or letters that do not come apart into
+    words (see ``_not_words``); 16 letters and digits unbroken, both present (hex, an access key id: a
+    name's words come apart at "-", "_" or "/"); or a setting named as a secret. A random run of 16 is
+    taken for a name 1 time in 50 (no digit, and in words by chance), of 24 1 in 450."""
     return (
-        any(_mixes_cases_and_digits(run) for run in _TOKEN_RUN.findall(text))
+        any(_mixes_cases(run) and (_has_digits(run) or _not_words(run)) for run in _TOKEN_RUN.findall(text))
         or any(not run.isdigit() and not run.isalpha() for run in _ALNUM_RUN.findall(text))
         or _SECRET_SETTING.search(text) is not None
     )
 
 
-def _mixes_cases_and_digits(run: str) -> bool:
-    return any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)
+def _mixes_cases(run: str) -> bool:
+    return any(c.isupper() for c in run) and any(c.islower() for c in run)
+
+
+def _has_digits(run: str) -> bool:
+    return any(c.isdigit() for c in run)
+
+
+def _not_words(run: str) -> bool:
+    """Whether two of the pieces ``run`` comes apart into as a camelCase name would ("Kcd", "Qw" of
+    "xKcdQwEr") have no vowel and are not acronyms: a name's pieces are words ("ClusterFirstWithHostNet")
+    or acronyms ("TLSConfig"). A name of abbreviations ("httpHeaderNameFmt") is taken for a key."""
+    words = _NAME_WORD.findall(run)
+    return sum(1 for word in words if not word.isupper() and _VOWELS.isdisjoint(word)) >= 2
 
 
 def _credential_lines(value: str) -> set[str]:

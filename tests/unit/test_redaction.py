@@ -82,11 +82,14 @@ users:
     token: {TOKEN}
     password: correcthorsebattery
 """
+# a random key that happens to have no digit (1 in 15 of 16 characters), under a name that says nothing
+SESSION = "endpoint: https://api.example.com/v2\nsession: eUvfJIssDjPTTKtbTxxD\n"
 # What each multi-line secret holds that is a credential: what no line of text may show a piece of.
 CREDENTIALS = {
     "pem": (PEM_KEY, PEM_KEY.splitlines()[1:-1]),
     "service-account": (SERVICE_ACCOUNT, ["5f1c0ffee0ddba11c0de5eed", *PEM_KEY.splitlines()[1:-1]]),
     "kubeconfig": (KUBECONFIG, [CA_DATA, CLIENT_KEY_DATA, TOKEN, "correcthorsebattery"]),
+    "key-without-digits": (SESSION, ["eUvfJIssDjPTTKtbTxxD"]),
 }
 
 
@@ -109,8 +112,9 @@ def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(
         (KUBECONFIG, "kind: Config\ncurrent-context: default\nclusters:\n"),
         (SERVICE_ACCOUNT, '{\n  "type": "service_account",\n  "project_id": "p"\n}'),
         (PEM_KEY, "-----BEGIN PRIVATE KEY-----\n(redacted)\n-----END PRIVATE KEY-----"),
+        (SESSION, "endpoint: https://api.example.com/v2\n"),
     ],
-    ids=["pod-yaml", "kubeconfig-yaml", "json", "pem-markers"],
+    ids=["pod-yaml", "kubeconfig-yaml", "json", "pem-markers", "url"],
 )
 def test_the_ordinary_lines_of_a_multi_line_secret_are_left_in_other_text(secret: str, text: str) -> None:
     """A kubeconfig is a natural secret for a Kubernetes MCP server, whose every answer is YAML: its lines
@@ -195,6 +199,11 @@ def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() ->
         '"private_key_id": "5f1c0ffee0ddba11c0de5eed",',
         "DB_PASSWORD=correcthorsebattery",
         '"client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty"',
+        # random, without a digit: letters that come apart into no words
+        "XXFWXLCpaNfhs+gC",
+        "session: eUvfJIssDjPTTKtbTxxD",
+        '"cookie": "HZbKoXi-dTHQgTNBEjEo",',
+        "suDZgCSTYGqClBUEePrFxgmV",
     ],
 )
 def test_a_line_with_a_key_token_or_password_looks_like_a_credential(text: str) -> None:
@@ -213,6 +222,19 @@ def test_a_line_with_a_key_token_or_password_looks_like_a_credential(text: str) 
         "interactiveMode: IfAvailable",
         "- arn:aws:eks:us-west-2:123456789012:cluster/my-cluster",
         "secretName: tls-cert",
+        # camelCase and PascalCase names, with acronyms: no digit, capitals and small letters
+        "kind: CustomResourceDefinition",
+        "kind: MutatingWebhookConfiguration",
+        "dnsPolicy: ClusterFirstWithHostNet",
+        "provideClusterInfo: true",
+        "persistentVolumeReclaimPolicy: Retain",
+        "type: kubernetes.io/dockerconfigjson",
+        '"x-kubernetes-preserve-unknown-fields": true,',
+        "tlsConfig: {insecureSkipVerify: false}",
+        "authProvider: {name: OIDCTokenProvider}",
+        "- HTTPSProxyFromEnvironment",
+        '"$ref": "#/definitions/io.k8s.api.core.v1.PersistentVolumeClaimSpec"',
+        "Internationalization and Characterization Strengths",
     ],
 )
 def test_a_line_of_names_paths_and_numbers_does_not_look_like_a_credential(text: str) -> None:
