@@ -124,8 +124,11 @@ class HumanLayerClient:
                 f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}"
             ) from None
         except httpx.HTTPError as exc:
+            # its text may quote the answer (a header line HTTP does not allow), which an echoing proxy
+            # filled with the request's headers
+            said = redact(str(exc), [self._api_key])
             raise HumanLayerUnavailable(
-                f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {exc}"
+                f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {said}"
             ) from None
         status = response.status_code
         if status >= 400:

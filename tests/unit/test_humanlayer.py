@@ -352,6 +352,37 @@ def test_an_error_body_that_echoes_the_api_key_does_not_carry_it_into_the_error(
     assert not [KEY[i : i + 6] for i in range(len(KEY) - 5) if KEY[i : i + 6] in text], text
 
 
+def test_a_malformed_answer_that_echoes_the_api_key_does_not_carry_it_into_the_error() -> None:
+    """A proxy that echoes the request's headers into a header line HTTP does not allow: the HTTP library's
+    error quotes the line, and its text went into the error (a ContactChannel's status, a tool call's,
+    their Events and log lines) with the key in it."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def echo_into_a_bad_header_line() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += connection.recv(4096)
+            (sent,) = [line for line in received.split(b"\r\n") if line.lower().startswith(b"authorization:")]
+            connection.sendall(
+                b"HTTP/1.1 502 Bad Gateway\r\nX-Echo " + sent + b"\r\nContent-Length: 0\r\n\r\n"
+            )
+
+    server = threading.Thread(target=echo_into_a_bad_header_line, daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with listener, HumanLayerClient(url, KEY) as client, pytest.raises(HumanLayerUnavailable) as failed:
+        client.get_project()
+    server.join(10)
+    text = str(failed.value)
+    assert "illegal header line" in text and "Bearer ***" in text, text
+    assert not [KEY[i : i + 6] for i in range(len(KEY) - 5) if KEY[i : i + 6] in text], text
+
+
 def test_an_api_url_with_credentials_is_shown_without_them() -> None:
     """A base URL may carry a proxy's user and password; errors and the client's repr name the URL."""
     from tests.unit.http_stub import StubAnswer, StubHTTPServer
