@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from kubechain.kube.errors import Unavailable
+from kubechain.mcp.spec import ResolvedSpec
 from kubechain.models import (
     Agent,
     MCPServer,
@@ -22,6 +24,7 @@ from kubechain.observability.logs import bind_to_context
 from kubechain.observability.metrics import count_tool_call
 from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import ResourceMessage
+from kubechain.redaction import Scrubber, scrub_then_cut
 from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
     WAITING_ELSEWHERE_PHASES,
@@ -86,7 +89,8 @@ class Executor:
         self.problem: str | None = None
         self._secret_problem: str | None = None  # a Secret the call needs cannot be read (after prepare)
         self._token: str | None = None
-        self._resolved: Any = None  # the MCP server's spec with its Secrets read (by read_secrets)
+        # the MCP server's spec with its Secrets read (by read_secrets)
+        self._resolved: ResolvedSpec | None = None
         self._resolve()
         if self.problem is None:
             # Without its Agent, what the LLM was granted cannot be checked: nothing runs unchecked.
@@ -215,9 +219,20 @@ class Executor:
             return Outcome(error=str(exc), detail=exc.detail)
         except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
             # A bug or a surprise (the Tool edited while the call waited, say): reported like a tool
-            # error instead of escaping with the claim held until it expires.
-            log.exception("tool %s of %s/%s raised", ref, self.toolcall.namespace, self.toolcall.name)
-            return Outcome(error=f"tool {ref!r} failed unexpectedly: {type(exc).__name__}: {exc}"[:1000])
+            # error instead of escaping with the claim held until it expires. Not a ToolError, which
+            # says only what its tool scrubbed: it may quote a Secret the call read (an API echoing its
+            # token, a server its environment), cut out before the cut, and of its logged traceback too.
+            scrub = self._scrubber()
+            trace = scrub("".join(traceback.format_exception(exc)))
+            log.error("tool %s of %s/%s raised\n%s", ref, self.toolcall.namespace, self.toolcall.name, trace)
+            said = f"tool {ref!r} failed unexpectedly: {type(exc).__name__}: {exc}"
+            return Outcome(error=scrub_then_cut(said, scrub, 1000))
+
+    def _scrubber(self) -> Scrubber:
+        """Cuts the Secrets this call read (by read_secrets) out of text."""
+        if self._resolved is not None:
+            return self._resolved.scrubber
+        return Scrubber([self._token] if self._token else [])
 
     def _run_external(self, arguments: dict[str, Any], within_s: float | None) -> Outcome:
         assert self.tool is not None

@@ -2466,6 +2466,81 @@ def test_a_tool_calls_claim_is_stamped_after_its_secrets_were_read(monkeypatch: 
     assert datetime.fromisoformat(claimed_at.replace("Z", "+00:00")) == now[0], "stamped after the read"
 
 
+TOKEN = "t0k3n-value-of-the-charge-api"
+
+
+def seen_anywhere(kube: FakeKubeClient, name: str, logged: str) -> list[str]:
+    """What a tool call's outcome left where a secret must never be: its status, its Events, the log."""
+    status = toolcall_status(kube, name)
+    events = [e["message"] for e in kube.events()]
+    return [str(status.get("error")), str(status.get("statusDetail")), *events, logged]
+
+
+def test_a_tool_that_raises_unexpectedly_quoting_its_token_does_not_carry_it_anywhere(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a ToolError, which says only what the tool scrubbed: the exception's text went into the status
+    (and the LLM's context) cut at 1,000 characters, unscrubbed, and its traceback to the log. The cut
+    could even leave the token's start, which no later scrubbing recognises."""
+    kube = FakeKubeClient()
+    kube.add_secret("default", "charge-token", {"token": TOKEN})
+
+    def echoing(*_args: Any, **_kwargs: Any) -> str:
+        raise RuntimeError("x" * 980 + f" Authorization: Bearer {TOKEN}; again {TOKEN}")  # across the cut
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", echoing)
+    with_token = {
+        **CHARGE,
+        "execute": {
+            "externalAPI": {
+                **CHARGE["execute"]["externalAPI"],
+                "credentialsFrom": {"name": "charge-token", "key": "token"},
+            }
+        },
+    }
+    ctx = agent_with(kube, calling("charge"), {"charge": with_token}, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    with caplog.at_level(logging.DEBUG):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "failed unexpectedly: RuntimeError: xxx" in status["error"], status
+    for where in seen_anywhere(kube, name, caplog.text):
+        assert "t0k3n-v" not in where, where
+
+
+def test_an_mcp_call_that_raises_unexpectedly_quoting_the_servers_secret_does_not_carry_it_anywhere(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kubechain.mcp.spec import ResolvedSpec
+
+    class RaisingMCP(RecordingMCP):
+        def resolve(self, server: MCPServer) -> Any:
+            return ResolvedSpec(transport="stdio", command="x", secret_values=(TOKEN,))
+
+        def call_tool(self, *_args: Any, **_kwargs: Any) -> Any:
+            raise RuntimeError(f"the server's environment: DB_TOKEN={TOKEN}")
+
+    kube = FakeKubeClient()
+    create(kube, "MCPServer", "mcpservers", "db", {"transport": "stdio", "command": "x"})
+    kube.patch_status(
+        kube.get(MCPServer, "default", "db"),
+        {
+            "connected": True,
+            "status": "Ready",
+            "tools": [{"name": "query", "inputSchema": {"type": "object"}}],
+        },
+    )
+    ctx = agent_with(kube, calling("db__query"), {}, mcpServers=[{"name": "db"}])
+    ctx.mcp = RaisingMCP()  # type: ignore[assignment]
+    (name,) = start_turn(ctx, kube)
+    with caplog.at_level(logging.DEBUG):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and "DB_TOKEN=***" in status["error"], status
+    for where in seen_anywhere(kube, name, caplog.text):
+        assert "t0k3n-v" not in where, where
+
+
 # -- a tool call deleted by hand ----------------------------------------------------------------------
 
 
