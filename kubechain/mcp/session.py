@@ -1038,7 +1038,7 @@ class Session:
         log.warning(
             "MCP session %s: no answer to tools/list after a call timed out (%s); it will be restarted",
             self.label,
-            problem,
+            self.spec.scrub(problem),  # the server's text, which may quote its environment
         )
         self.broken = True
 

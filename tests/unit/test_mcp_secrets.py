@@ -385,3 +385,21 @@ def test_an_answer_off_its_schema_is_noted_and_logged_without_the_secret_it_quot
     assert "does not match its output schema" in noted and "output schema" in caplog.text
     assert not pieces(SECRET, noted), noted
     assert not pieces(SECRET, caplog.text), caplog.text
+
+
+def test_a_probe_that_fails_quoting_the_servers_secret_is_logged_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After a call timed out, tools/list probes the server: what its failure says (a tools/list answer
+    the SDK cannot read, quoted by the validation error) was logged as it was."""
+    from kubechain.mcp.session import Session
+
+    class Garbled:
+        async def list_tools(self) -> None:
+            raise ValueError(f"invalid tools/list answer: {{'env': {{'DB_TOKEN': '{SECRET}'}}}}")
+
+    session = Session("default/db", ResolvedSpec(transport="stdio", secret_values=(SECRET,)), 5, 5)
+    with caplog.at_level(logging.DEBUG, logger="kubechain.mcp"):
+        asyncio.run(session._check_alive(Garbled()))  # type: ignore[arg-type]
+    assert "no answer to tools/list" in caplog.text and "'DB_TOKEN': '***'" in caplog.text, caplog.text
+    assert not pieces(SECRET, caplog.text), caplog.text
