@@ -60,16 +60,43 @@ def _not_words(run: str) -> bool:
 
 def _credential_lines(value: str) -> set[str]:
     """The lines of a multi-line value (a kubeconfig, a PEM key, a service-account JSON) that are
-    credentials on their own: the body of a PEM block, and lines that look like one. Its other lines
-    ("apiVersion: v1", "name: default", a PEM marker) are in every YAML, JSON or PEM text."""
+    credentials on their own: the body of a PEM block, and lines that look like one, with the value
+    each sets (see ``_set_credential``). Its other lines ("apiVersion: v1", "name: default", a PEM
+    marker) are in every YAML, JSON or PEM text."""
     lines: set[str] = set()
     in_pem = False
     for line in (line.strip() for line in value.splitlines()):
         if _PEM_MARKER.fullmatch(line):
             in_pem = line.startswith("-----BEGIN")
-        elif in_pem or looks_like_credential(line):
+        elif in_pem:
             lines.add(line)
+        elif looks_like_credential(line):
+            lines.add(line)
+            lines.update(_set_credential(line))
     return lines
+
+
+# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON)
+_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+?)\s*,?""")
+
+
+def _set_credential(line: str) -> set[str]:
+    """The credential a setting line sets, as text quotes it alone (a server says which token, which key
+    it uses, not where it read it): its value, unquoted, if it looks like a credential or the setting is
+    named as a secret ("password: correcthorsebattery"); and of a value that spans lines once unescaped
+    (a PEM key in a JSON string), its lines that are credentials too."""
+    setting = _SETTING_LINE.fullmatch(line)
+    if setting is None:
+        return set()
+    value = setting["value"]
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        try:
+            value = json.loads(value) if value[0] == '"' else value[1:-1]
+        except ValueError:
+            value = value[1:-1]
+    if not isinstance(value, str) or not (looks_like_credential(value) or _SECRET_SETTING.search(line)):
+        return set()
+    return {value, *_credential_lines(value)} if "\n" in value else {value}
 
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:

@@ -106,6 +106,39 @@ def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(
 
 
 @pytest.mark.parametrize(
+    ("secret", "credential"),
+    [
+        (KUBECONFIG, TOKEN),
+        (KUBECONFIG, CLIENT_KEY_DATA),
+        (KUBECONFIG, "correcthorsebattery"),
+        (SERVICE_ACCOUNT, "5f1c0ffee0ddba11c0de5eed"),
+        (SERVICE_ACCOUNT, PEM_KEY),  # a JSON string in the secret, its line breaks escaped
+        (SESSION, "eUvfJIssDjPTTKtbTxxD"),
+    ],
+    ids=[
+        "kubeconfig-token",
+        "kubeconfig-client-key",
+        "kubeconfig-password",
+        "key-id",
+        "private-key",
+        "session",
+    ],
+)
+def test_a_credential_of_a_multi_line_secret_is_cut_out_where_text_quotes_it_alone(
+    secret: str, credential: str
+) -> None:
+    """A server given a kubeconfig or a service account says what it uses, not the line it read it from:
+    a token in the Authorization header an API echoes, the key it loaded."""
+    for text in (
+        f"401: Authorization: Bearer {credential} expired",
+        f"loaded {credential} ({len(credential)})",
+    ):
+        said = "\n".join(redact(line, [secret]) for line in text.splitlines())
+        for line in credential.splitlines()[1:-1] if "PRIVATE KEY" in credential else [credential]:
+            assert not pieces(line, said), said
+
+
+@pytest.mark.parametrize(
     ("secret", "text"),
     [
         (KUBECONFIG, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: default\nusers:\n"),
