@@ -17,8 +17,10 @@ REDACTED = "***"
 # digits only; see looks_like_credential.
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_-]{16,}")
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
-# a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...")
-_SECRET_SETTING = re.compile(r"(?i)(passw(or)?d|secret|token|api[-_]?key|private[-_]?key)[\"']?\s*[:=]\s*\S")
+# a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...", "secretKey: ...")
+_SECRET_SETTING = re.compile(
+    r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)[\"']?\s*[:=]\s*\S"
+)
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
 # capitals (an acronym: "TLS" of "TLSConfig")

@@ -232,6 +232,11 @@ def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() ->
         '"private_key_id": "5f1c0ffee0ddba11c0de5eed",',
         "DB_PASSWORD=correcthorsebattery",
         '"client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty"',
+        # settings named as secrets, whatever their values
+        "aws_secret_access_key = hunter-secret-Abcdefgh",
+        "secretKey: minio-secret-pass",
+        '"secret_key": "correct horse"',
+        "passphrase: correct horse battery staple",
         # random, without a digit: letters that come apart into no words
         "XXFWXLCpaNfhs+gC",
         "session: eUvfJIssDjPTTKtbTxxD",
