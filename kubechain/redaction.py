@@ -22,6 +22,8 @@ _SECRET_SETTING = re.compile(
     r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)[\"']?\s*[:=]\s*\S"
 )
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
+# a URL with a password ("postgres://app:pa55@db/orders"; not "https://git@github.com")
+_URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
 # capitals (an acronym: "TLS" of "TLSConfig")
 _NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
@@ -35,12 +37,14 @@ def looks_like_credential(text: str) -> bool:
     base64 or base64url characters with capitals and small letters, and digits (a key, a certificate, a
     JWT: a camelCase name has no digits, "v1beta1" no capitals) or letters that do not come apart into
     words (see ``_not_words``); 16 letters and digits unbroken, both present (hex, an access key id: a
-    name's words come apart at "-", "_" or "/"); or a setting named as a secret. A random run of 16 is
-    taken for a name 1 time in 50 (no digit, and in words by chance), of 24 1 in 450."""
+    name's words come apart at "-", "_" or "/"); a setting named as a secret; or a URL with a password.
+    A random run of 16 is taken for a name 1 time in 50 (no digit, and in words by chance), of 24 1 in
+    450."""
     return (
         any(_mixes_cases(run) and (_has_digits(run) or _not_words(run)) for run in _TOKEN_RUN.findall(text))
         or any(not run.isdigit() and not run.isalpha() for run in _ALNUM_RUN.findall(text))
         or _SECRET_SETTING.search(text) is not None
+        or _URL_PASSWORD.search(text) is not None
     )
 
 

@@ -84,12 +84,15 @@ users:
 """
 # a random key that happens to have no digit (1 in 15 of 16 characters), under a name that says nothing
 SESSION = "endpoint: https://api.example.com/v2\nsession: eUvfJIssDjPTTKtbTxxD\n"
+# a .env file: a password in a URL, and a setting that is none
+DOTENV = "DATABASE_URL=postgres://app:hunter-pass@db.internal:5432/orders\nLOG_LEVEL=info\n"
 # What each multi-line secret holds that is a credential: what no line of text may show a piece of.
 CREDENTIALS = {
     "pem": (PEM_KEY, PEM_KEY.splitlines()[1:-1]),
     "service-account": (SERVICE_ACCOUNT, ["5f1c0ffee0ddba11c0de5eed", *PEM_KEY.splitlines()[1:-1]]),
     "kubeconfig": (KUBECONFIG, [CA_DATA, CLIENT_KEY_DATA, TOKEN, "correcthorsebattery"]),
     "key-without-digits": (SESSION, ["eUvfJIssDjPTTKtbTxxD"]),
+    "dotenv": (DOTENV, ["hunter-pass"]),
 }
 
 
@@ -114,6 +117,7 @@ def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(
         (SERVICE_ACCOUNT, "5f1c0ffee0ddba11c0de5eed"),
         (SERVICE_ACCOUNT, PEM_KEY),  # a JSON string in the secret, its line breaks escaped
         (SESSION, "eUvfJIssDjPTTKtbTxxD"),
+        (DOTENV, "postgres://app:hunter-pass@db.internal:5432/orders"),
     ],
     ids=[
         "kubeconfig-token",
@@ -122,6 +126,7 @@ def test_a_multi_line_secret_is_cut_out_of_text_that_quotes_it_a_line_at_a_time(
         "key-id",
         "private-key",
         "session",
+        "database-url",
     ],
 )
 def test_a_credential_of_a_multi_line_secret_is_cut_out_where_text_quotes_it_alone(
@@ -146,8 +151,9 @@ def test_a_credential_of_a_multi_line_secret_is_cut_out_where_text_quotes_it_alo
         (SERVICE_ACCOUNT, '{\n  "type": "service_account",\n  "project_id": "p"\n}'),
         (PEM_KEY, "-----BEGIN PRIVATE KEY-----\n(redacted)\n-----END PRIVATE KEY-----"),
         (SESSION, "endpoint: https://api.example.com/v2\n"),
+        (DOTENV, "LOG_LEVEL=info\n"),
     ],
-    ids=["pod-yaml", "kubeconfig-yaml", "json", "pem-markers", "url"],
+    ids=["pod-yaml", "kubeconfig-yaml", "json", "pem-markers", "url", "dotenv"],
 )
 def test_the_ordinary_lines_of_a_multi_line_secret_are_left_in_other_text(secret: str, text: str) -> None:
     """A kubeconfig is a natural secret for a Kubernetes MCP server, whose every answer is YAML: its lines
@@ -232,6 +238,7 @@ def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() ->
         '"private_key_id": "5f1c0ffee0ddba11c0de5eed",',
         "DB_PASSWORD=correcthorsebattery",
         '"client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty"',
+        "DATABASE_URL=postgres://app:hunter-pass@db.internal:5432/orders",
         # settings named as secrets, whatever their values
         "aws_secret_access_key = hunter-secret-Abcdefgh",
         "secretKey: minio-secret-pass",
@@ -260,6 +267,8 @@ def test_a_line_with_a_key_token_or_password_looks_like_a_credential(text: str) 
         "interactiveMode: IfAvailable",
         "- arn:aws:eks:us-west-2:123456789012:cluster/my-cluster",
         "secretName: tls-cert",
+        "server: https://kubernetes.default.svc:443",
+        "url: https://git@github.com/org/repo.git",
         # camelCase and PascalCase names, with acronyms: no digit, capitals and small letters
         "kind: CustomResourceDefinition",
         "kind: MutatingWebhookConfiguration",
