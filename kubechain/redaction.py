@@ -22,6 +22,8 @@ _SECRET_SETTING = re.compile(
     r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)[\"']?\s*[:=]\s*\S"
 )
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
+# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON)
+_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+?)\s*,?""")
 # a URL with a password ("postgres://app:pa55@db/orders"; not "https://git@github.com")
 _URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
@@ -80,10 +82,6 @@ def _credential_lines(value: str) -> set[str]:
             lines.add(line)
             lines.update(_set_credential(line))
     return lines
-
-
-# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON)
-_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+?)\s*,?""")
 
 
 def _set_credential(line: str) -> set[str]:
