@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO / "deploy" / "crds"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# kubectl (1.37) takes aliases and default flags from ~/.kube/kuberc: the kubectl of the tests, which
+# run the README's commands and read their output, must not take a developer's.
+os.environ["KUBECTL_KUBERC"] = "false"
+
 
 TIER_ORDER = ("unit", "integration", "e2e", "chaos")
 

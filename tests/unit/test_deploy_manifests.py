@@ -631,6 +631,30 @@ def test_kubectl_is_pinned() -> None:
     )
 
 
+def test_the_tests_kubectl_ignores_a_developers_kuberc(tmp_path: Path) -> None:
+    """kubectl 1.37 reads ~/.kube/kuberc (aliases, default flags) unless KUBECTL_KUBERC=false: the
+    tests' kubectl, which runs the README's commands and compares their output, must not take a
+    developer's defaults (tests/conftest.py turns it off for every process the tests start)."""
+    import subprocess
+
+    from tests.conftest import kubectl_binary
+
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "kuberc").write_text(
+        "apiVersion: kubectl.config.k8s.io/v1beta1\nkind: Preference\n"
+        "defaults:\n- command: version\n  options:\n  - name: output\n    default: json\n"
+    )
+    shown = subprocess.run(
+        [kubectl_binary(), "version", "--client"],
+        env={**os.environ, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert shown.startswith("Client Version:"), shown
+
+
 def test_the_package_carries_its_release_manifest_and_crds() -> None:
     """What `kubechain install` (and `up`) use, found inside the package so an installed wheel works."""
     import kubechain
