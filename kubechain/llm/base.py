@@ -49,7 +49,8 @@ class LLMResponse(BaseModel):
 class LLMError(Exception):
     """A failed LLM request. ``retryable`` errors (429, 5xx, timeouts) back off and retry; others fail.
     ``cut_short``: a timeout its call's deadline caused (its worker's claim running out, see
-    ``kubechain.llm.deadline``), not the LLM's slowness: retried without counting as an attempt."""
+    ``kubechain.llm.deadline``), not the LLM's slowness: retried, and still counted as an attempt (each
+    retry is a paid call), its statusDetail and final error saying why."""
 
     def __init__(
         self,

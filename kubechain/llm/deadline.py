@@ -51,7 +51,8 @@ def call_deadline() -> float | None:
 def timeout_error(started: float, timeout_s: float) -> LLMError:
     """What an LLM request started at ``started`` (time.monotonic()) that timed out is reported as: the
     client's ``timeout_s``, or, when the call's own deadline (``ending_by``) came first and has passed, the
-    claim's time that ended it (``cut_short``: the LLM did not fail, and the attempt does not count)."""
+    claim's time that ended it (``cut_short``: the LLM did not fail; the run says so, and the attempt still
+    counts, since each retry is a paid call)."""
     ends_by = call_deadline()
     if ends_by is not None and ends_by < started + timeout_s and time.monotonic() >= ends_by:
         return LLMError(

@@ -41,6 +41,7 @@ class Transition:
             status=self.status | later.status,
             events=[*self.events, *later.events],
             children=[*self.children, *later.children],
+            handoff=self.handoff or later.handoff,
         )
 
 

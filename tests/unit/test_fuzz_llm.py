@@ -604,7 +604,9 @@ def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer
             pytest.raises(LLMError, match="claim on the call ran out") as failed,
         ):
             client.complete(request)
-        assert failed.value.cut_short, "the claim's time ended it, not the LLM's: not counted as an attempt"
+        assert failed.value.cut_short, (
+            "the claim's time ended it, not the LLM's: the run's statusDetail says so"
+        )
         # ended at the deadline, not when the headers came: the server finds its client gone before then
         wait_for(lambda: raw_llm.left_before_headers == 1, 10, what="the server to find the client gone")
     finally:

@@ -27,7 +27,7 @@ from kubechain.queueing import TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import plan_initial_context, with_llm_claim
-from kubechain.statemachines.transition import precise_timestamp
+from kubechain.statemachines.transition import Transition, precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message, on_clock
 from tests.unit.test_toolcall_robustness import ClaimAnsweredLate, ClaimAnswerLost, ClaimLandsLate
 from tests.unit.test_workers_on_fake import validated
@@ -615,3 +615,12 @@ def test_the_claim_is_stamped_after_the_configuration_was_read() -> None:
     assert run_status(kube)["phase"] == "FinalAnswer"
     (claimed_at,) = seen
     assert datetime.fromisoformat(claimed_at.replace("Z", "+00:00")) == now[0], "stamped after the reads"
+
+
+def test_a_hand_off_claim_stays_one_when_written_with_more() -> None:
+    """Transition.handoff is kept by every way a claim is copied or joined: a hand-off's claim followed by
+    (or following) another transition is still counted as a hand-off."""
+    claim = Transition(status={"claimedBy": "w"}, handoff=True)
+    assert claim.followed_by(Transition(status={"x": 1})).handoff
+    assert Transition(status={"x": 1}).followed_by(claim).handoff
+    assert not Transition(status={"x": 1}).followed_by(Transition(status={"y": 2})).handoff
