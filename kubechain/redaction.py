@@ -131,7 +131,8 @@ def _percent_encoded(value: str) -> set[str]:
     escaped (a query's value; a space as ``%20``, or as ``+``, as httpx and urlencode write it), or every
     one but "/" too (a path: Python's ``quote``); the escapes' hex in capitals, as Python and httpx write
     it, or in small letters, as other encoders do. Only ``value`` itself when nothing needs escaping."""
-    query = quote(value, safe="")
+    # surrogatepass: a lone surrogate is no UTF-8 (a JSON string may escape one); strict would raise
+    query = quote(value, safe="", errors="surrogatepass")
     # the others from it: each "%" of it starts an escape, "%20" a space's, "%2F" a slash's
     encoded = {query, query.replace("%20", "+"), query.replace("%2F", "/")}
     return encoded | {_small_hex(form) for form in encoded if "%" in form}

@@ -301,3 +301,12 @@ def counting_secret_forms(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(redaction, "secret_forms", counted)
     return calls
+
+
+def test_a_secret_with_a_lone_surrogate_has_its_forms_worked_out() -> None:
+    """A lone surrogate is no UTF-8 (a JSON string can escape one, "\\udcff"): percent-encoding the secret
+    raised, and the server or the call holding it failed. Its escape is taken as Python's "surrogatepass"
+    writes it."""
+    secret = "\udcff-s3cret-0123456789"
+    text = f"read {secret} and {quote(secret, errors='surrogatepass')}"
+    assert redact(text, [secret]) == "read *** and ***"
