@@ -22,8 +22,9 @@ _SECRET_SETTING = re.compile(
     r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)[\"']?\s*[:=]\s*\S"
 )
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
-# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON)
-_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+?)\s*,?""")
+# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON); the
+# value taken greedily, a JSON line's "," cut off after (a lazy value before "\s*,?" is quadratic in spaces)
+_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+)""")
 # a URL with a password ("postgres://app:pa55@db/orders"; not "https://git@github.com")
 _URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
@@ -92,7 +93,7 @@ def _set_credential(line: str) -> set[str]:
     setting = _SETTING_LINE.fullmatch(line)
     if setting is None:
         return set()
-    value = setting["value"]
+    value = setting["value"].removesuffix(",").rstrip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         try:
             value = json.loads(value) if value[0] == '"' else value[1:-1]
