@@ -105,25 +105,25 @@ def _set_credential(line: str) -> set[str]:
 
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:
-    """The ways the secret values may show in text, longest first: as they are and stripped; escaped
-    inside a JSON or Python string literal (an error quoting a body or a dict); percent-encoded (see
-    ``_percent_encoded``: a URL or a form body echoed in an error); and, for a multi-line
-    value (a PEM key, a service-account JSON, a kubeconfig), each of its lines that carries a credential
-    (see ``_credential_lines``), since text is often scrubbed a line at a time (a child's stderr). Forms
-    shorter than MIN_SCRUBBED_CHARS are left out."""
+    """The ways the secret values may show in text, longest first: each value as it is and stripped and,
+    for a multi-line value (a PEM key, a service-account JSON, a kubeconfig), each of its lines that
+    carries a credential and the credential it sets (see ``_credential_lines``), since text is often
+    scrubbed a line at a time (a child's stderr) and quotes a credential alone; each of these as it is,
+    escaped inside a JSON or Python string literal (an error quoting a body or a dict), and
+    percent-encoded (see ``_percent_encoded``: a URL or a form body echoed in an error). Forms shorter
+    than MIN_SCRUBBED_CHARS are left out."""
     forms: set[str] = set()
     for value in secrets:
-        for whole in dict.fromkeys((value, value.strip())):
+        for text in {value, value.strip(), *_credential_lines(value)}:
             forms.update(
                 (
-                    whole,
-                    json.dumps(whole)[1:-1],
-                    json.dumps(whole, ensure_ascii=False)[1:-1],
-                    repr(whole)[1:-1],
-                    *_percent_encoded(whole),
+                    text,
+                    json.dumps(text)[1:-1],
+                    json.dumps(text, ensure_ascii=False)[1:-1],
+                    repr(text)[1:-1],
+                    *_percent_encoded(text),
                 )
             )
-        forms.update(_credential_lines(value))
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
 
 

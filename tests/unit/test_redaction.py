@@ -201,6 +201,39 @@ def test_a_percent_encoded_secret_is_cut_out(secret: str, encode: Callable[[str]
     assert said == "400 Bad Request: GET https://api.example/v1?key=***&page=2", said
 
 
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        (
+            "SMTP_HOST=mail\nSMTP_PASSWORD=p@ss w0rd!\n",
+            "connecting to smtp://user:p%40ss%20w0rd%21@mail failed",
+        ),
+        (
+            KUBECONFIG.replace(TOKEN, "Ab+cD/eF0gHiJ+kLmN/oPq="),
+            "GET /watch?token=Ab%2BcD%2FeF0gHiJ%2BkLmN%2FoPq%3D",
+        ),
+        (
+            KUBECONFIG.replace(TOKEN, "Ab+cD/eF0gHiJ+kLmN/oPq="),
+            "GET /watch?token=Ab%2bcD%2feF0gHiJ%2bkLmN%2foPq%3d",
+        ),
+        (
+            "LOG_LEVEL=info\nAPI_KEY='sk\"9f-0123456789abcdef'\n",
+            'bad request: {"key": "sk\\"9f-0123456789abcdef"}',
+        ),
+        (
+            "LOG_LEVEL=info\nAPI_KEY=sk\\9f-0123456789abcdef\n",
+            "bad request: {'key': 'sk\\\\9f-0123456789abcdef'}",
+        ),
+    ],
+    ids=["dotenv-password-in-url", "kubeconfig-token-in-query", "small-hex", "json", "repr"],
+)
+def test_a_credential_of_a_multi_line_secret_is_cut_out_encoded(secret: str, text: str) -> None:
+    """A credential taken out of a multi-line secret shows encoded as the whole secret does: percent-encoded
+    in a URL an API echoes, escaped in a JSON body or a dict's repr."""
+    said = redact(text, [secret])
+    assert "***" in said and not re.search(r"p%40ss|kLmN|9f-0123", said), said
+
+
 def test_a_secret_that_nothing_escapes_has_no_percent_encoded_forms() -> None:
     """Each form is looked for in every line scrubbed: one equal to the secret would cost for nothing."""
     assert Scrubber(["s3cret-0123456789abcdef"]).forms == ("s3cret-0123456789abcdef",)
