@@ -109,9 +109,9 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     for a multi-line value (a PEM key, a service-account JSON, a kubeconfig), each of its lines that
     carries a credential and the credential it sets (see ``_credential_lines``), since text is often
     scrubbed a line at a time (a child's stderr) and quotes a credential alone; each of these as it is,
-    escaped inside a JSON or Python string literal (an error quoting a body or a dict), and
-    percent-encoded (see ``_percent_encoded``: a URL or a form body echoed in an error). Forms shorter
-    than MIN_SCRUBBED_CHARS are left out."""
+    escaped inside a JSON or Python string literal (an error quoting a body or a dict), and, if on one
+    line, percent-encoded (see ``_percent_encoded``: a URL or a form body echoed in an error). Forms
+    shorter than MIN_SCRUBBED_CHARS are left out."""
     forms: set[str] = set()
     for value in secrets:
         for text in {value, value.strip(), *_credential_lines(value)}:
@@ -121,9 +121,13 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
                     json.dumps(text)[1:-1],
                     json.dumps(text, ensure_ascii=False)[1:-1],
                     repr(text)[1:-1],
-                    *_percent_encoded(text),
                 )
             )
+            # Not a multi-line value whole: its credential lines are, and what is left out before a
+            # long text's cut is the longest form (see scrub_then_cut), which percent-encoding makes
+            # up to three times as long (a 40 KB JSON config: 75 KB, more than a long stderr line keeps).
+            if len(text.splitlines()) <= 1:
+                forms.update(_percent_encoded(text))
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
 
 

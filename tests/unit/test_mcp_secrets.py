@@ -92,6 +92,20 @@ def test_a_secret_longer_than_the_stderr_margin_leaves_no_piece_of_it_where_a_lo
     assert not pieces(secret, seen), seen[:200]
 
 
+def test_a_long_multi_line_secret_leaves_the_start_of_a_long_line_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What is left out before a long line's cut is the secret's longest form: a multi-line secret (a JSON
+    config of 40 KB) percent-encoded is two to three times as long, which left out all of the 64 KiB kept.
+    Its credentials are looked for percent-encoded, not its whole."""
+    config = {
+        f"service_{i}": {"url": f"http://svc-{i}.internal:8080/v1", "enabled": True} for i in range(450)
+    }
+    secret = json.dumps(config, indent=2)
+    seen = stderr_seen("starting " + "x" * 70_000 + "\nnext line\n", secret, caplog)
+    assert "next line" in seen and "starting xxxxxxxx" in seen, seen[:200]
+
+
 def http_server_with_authorization(value: str) -> ResolvedSpec:
     from kubechain.mcp.spec import resolve_spec
     from kubechain.models import MCPServer
