@@ -33,6 +33,11 @@ _NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 _VOWELS = frozenset("aeiouyAEIOUY")
 # one word or identifier ("postgres", "orders-db", "v1.2")
 _PLAIN_WORD = re.compile(r"[\w.-]+")
+# a word, or a name of words ("default", "minioadmin", "my-secret", "change_me"): letters only, "-" or "_"
+# between them; up to _WORD_CHARS long (the defaults of charts and docs, "kubernetes", "supersecret", are
+# up to 11; "correcthorsebattery" is a passphrase)
+_WORD = re.compile(r"[^\W\d_]+([-_][^\W\d_]+)*")
+_WORD_CHARS = 12
 
 
 def looks_like_credential(text: str) -> bool:
@@ -87,9 +92,11 @@ def _credential_lines(value: str) -> set[str]:
 
 def _set_credential(line: str) -> set[str]:
     """The credential a setting line sets, as text quotes it alone (a server says which token, which key
-    it uses, not where it read it): its value, unquoted, if it looks like a credential or the setting is
-    named as a secret ("password: correcthorsebattery"); and of a value that spans lines once unescaped
-    (a PEM key in a JSON string), its lines that are credentials too."""
+    it uses, not where it read it): its value, unquoted, if it looks like a credential, or if the setting
+    is named as a secret ("password: correcthorsebattery") and the value is no word (see ``_is_word``:
+    "POSTGRES_PASSWORD=postgres", "REDIS_PASSWORD=default": cut out of every text, they garble it; the line
+    is cut out, whatever its value); and of a value that spans lines once unescaped (a PEM key in a JSON
+    string), its lines that are credentials too."""
     setting = _SETTING_LINE.fullmatch(line)
     if setting is None:
         return set()
@@ -99,9 +106,18 @@ def _set_credential(line: str) -> set[str]:
             value = json.loads(value) if value[0] == '"' else value[1:-1]
         except ValueError:
             value = value[1:-1]
-    if not isinstance(value, str) or not (looks_like_credential(value) or _SECRET_SETTING.search(line)):
+    if not isinstance(value, str) or not (
+        looks_like_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value))
+    ):
         return set()
     return {value, *_credential_lines(value)} if "\n" in value else {value}
+
+
+def _is_word(value: str) -> bool:
+    """Whether ``value`` is a word or a name of words, which any text may hold ("postgres", "default",
+    "my-secret"): see ``_WORD``. A digit or a sign in it ("hunter2", "p@ssword"), or more than
+    ``_WORD_CHARS``, and it is a password."""
+    return len(value) <= _WORD_CHARS and _WORD.fullmatch(value) is not None
 
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:

@@ -144,6 +144,36 @@ def test_a_credential_of_a_multi_line_secret_is_cut_out_where_text_quotes_it_alo
             assert not pieces(line, said), said
 
 
+# settings named as secrets whose values are words or names: in every other text
+WORD_PASSWORDS = {
+    "dotenv": "POSTGRES_PASSWORD=postgres\nREDIS_PASSWORD=default\nADMIN_PASSWORD=kubernetes\nLOG=info\n",
+    "yaml": "password: password\nsecret: secret\ntoken: enabled\nsecretKey: minioadmin\napiKey: my-api-key\n",
+}
+
+
+@pytest.mark.parametrize("secret", WORD_PASSWORDS.values(), ids=WORD_PASSWORDS.keys())
+def test_a_word_a_setting_named_as_a_secret_sets_is_left_in_other_text(secret: str) -> None:
+    """A password that is a word or a name ("postgres", "default": letters, "-" or "_" between them, 12
+    characters at most) is in any text: cut out of it ("kubectl get pods -n ***") it would garble it. The
+    line that sets it is cut out."""
+    text = "kubectl get pods -n default: postgres on kubernetes; minioadmin console; my-api-key; enabled"
+    assert redact(text, [secret]) == text
+    for line in secret.splitlines()[:-1]:
+        assert redact(f"read {line}", [secret]) == "read ***"
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["hunter2", "48291734", "correcthorsebattery", "correct-horse-battery", "p@ssword", "Tr0ub4dor&3"],
+)
+@pytest.mark.parametrize("setting", ["DB_PASSWORD={}", "password: {}", '"client_secret": "{}",'])
+def test_a_password_more_than_a_word_is_cut_out_alone(setting: str, password: str) -> None:
+    """A digit, a sign, or more than 12 characters (a passphrase): no word or name, it is cut out where text
+    quotes it alone."""
+    secret = f"LOG_LEVEL=info\n{setting.format(password)}\n"
+    assert redact(f"login with {password} failed", [secret]) == "login with *** failed"
+
+
 @pytest.mark.parametrize(
     ("secret", "text"),
     [
