@@ -6,7 +6,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # Values shorter than this are left: replacing a "1" or a "true" everywhere would garble the text.
 MIN_SCRUBBED_CHARS = 6
@@ -25,8 +25,8 @@ _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
 # a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON); the
 # value taken greedily, a JSON line's "," cut off after (a lazy value before "\s*,?" is quadratic in spaces)
 _SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+)""")
-# a URL with a password ("postgres://app:pa55@db/orders"; not "https://git@github.com")
-_URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+# a URL with a password ("postgres://app:pa55@db/orders", "redis://:pa55@redis"; not "https://git@github.com")
+_URL_PASSWORD = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
 # capitals (an acronym: "TLS" of "TLSConfig")
 _NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
@@ -95,7 +95,8 @@ def _set_credential(line: str) -> set[str]:
     it uses, not where it read it): its value, unquoted, if it looks like a credential, or if the setting
     is named as a secret ("password: correcthorsebattery") and the value is no word (see ``_is_word``:
     "POSTGRES_PASSWORD=postgres", "REDIS_PASSWORD=default": cut out of every text, they garble it; the line
-    is cut out, whatever its value); and of a value that spans lines once unescaped (a PEM key in a JSON
+    is cut out, whatever its value); the password of a URL it sets, unescaped, if no word either (a
+    failed login quotes it); and of a value that spans lines once unescaped (a PEM key in a JSON
     string), its lines that are credentials too."""
     setting = _SETTING_LINE.fullmatch(line)
     if setting is None:
@@ -106,11 +107,26 @@ def _set_credential(line: str) -> set[str]:
             value = json.loads(value) if value[0] == '"' else value[1:-1]
         except ValueError:
             value = value[1:-1]
-    if not isinstance(value, str) or not (
-        looks_like_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value))
-    ):
+    if not isinstance(value, str):
         return set()
-    return {value, *_credential_lines(value)} if "\n" in value else {value}
+    taken: set[str] = set()
+    if looks_like_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value)):
+        taken.update({value, *_credential_lines(value)} if "\n" in value else {value})
+    password = _url_password(value)
+    if password and (looks_like_credential(password) or not _is_word(password)):
+        taken.add(password)
+    return taken
+
+
+def _url_password(value: str) -> str | None:
+    """The password of the URL ``value`` is, unescaped ("p%40ss" of "redis://:p%40ss@redis" is "p@ss")."""
+    if _URL_PASSWORD.search(value) is None:
+        return None
+    try:
+        password = urlsplit(value).password
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+    return unquote(password) if password else None
 
 
 def _is_word(value: str) -> bool:

@@ -144,6 +144,29 @@ def test_a_credential_of_a_multi_line_secret_is_cut_out_where_text_quotes_it_alo
             assert not pieces(line, said), said
 
 
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("redis://:Hunter2-pass@redis:6379/0", "Hunter2-pass"),
+        ("postgres://app:p%40ss-w0rd%21@db.internal/orders", "p@ss-w0rd!"),
+        ("amqp://guest:Gu3st-pass@rabbitmq:5672/", "Gu3st-pass"),
+    ],
+)
+def test_the_password_of_a_url_a_multi_line_secret_sets_is_cut_out_alone(url: str, password: str) -> None:
+    """A server says where it connects (the URL, cut out whole), and a failed login may quote the password
+    alone (as the URL sets it, unescaped)."""
+    secret = f"LOG_LEVEL=info\nBROKER_URL={url}\n"
+    assert redact(f"connecting to {url}", [secret]) == "connecting to ***"
+    assert redact(f"AUTH {password} failed", [secret]) == "AUTH *** failed"
+
+
+def test_a_urls_password_that_is_a_word_is_left_in_other_text() -> None:
+    """As a setting named as a secret's (see ``_is_word``): the URL is cut out, not the word."""
+    secret = "LOG_LEVEL=info\nDATABASE_URL=postgres://postgres:postgres@db:5432/orders\n"
+    said = redact("user postgres at postgres://postgres:postgres@db:5432/orders", [secret])
+    assert said == "user postgres at ***"
+
+
 # settings named as secrets whose values are words or names: in every other text
 WORD_PASSWORDS = {
     "dotenv": "POSTGRES_PASSWORD=postgres\nREDIS_PASSWORD=default\nADMIN_PASSWORD=kubernetes\nLOG=info\n",
@@ -315,6 +338,7 @@ def test_a_text_read_only_in_part_keeps_no_piece_of_a_secret_it_ends_inside() ->
         "DB_PASSWORD=correcthorsebattery",
         '"client_secret": "d-FL95Q19q7MQmFpd7hHD0Ty"',
         "DATABASE_URL=postgres://app:hunter-pass@db.internal:5432/orders",
+        "REDIS_URL=redis://:hunter-pass@redis:6379/0",  # a password and no user name
         # settings named as secrets, whatever their values
         "aws_secret_access_key = hunter-secret-Abcdefgh",
         "secretKey: minio-secret-pass",
