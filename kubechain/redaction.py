@@ -6,7 +6,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterable
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 # Values shorter than this are left: replacing a "1" or a "true" everywhere would garble the text.
 MIN_SCRUBBED_CHARS = 6
@@ -27,6 +27,8 @@ _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
 _SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+)""")
 # a URL with a password ("postgres://app:pa55@db/orders", "redis://:pa55@redis"; not "https://git@github.com")
 _URL_PASSWORD = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
+# a value that is a URL ("https://...", "postgres://...")
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # the words a camelCase or PascalCase name comes apart into: capitalised or small ("Cluster", "first"), or
 # capitals (an acronym: "TLS" of "TLSConfig")
 _NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
@@ -92,7 +94,8 @@ def _credential_lines(value: str) -> set[str]:
 
 def _set_credential(line: str) -> set[str]:
     """The credential a setting line sets, as text quotes it alone (a server says which token, which key
-    it uses, not where it read it): its value, unquoted, if it looks like a credential, or if the setting
+    it uses, not where it read it): its value, unquoted, if it holds a credential (see
+    ``_holds_credential``), or if the setting
     is named as a secret ("password: correcthorsebattery") and the value is no word (see ``_is_word``:
     "POSTGRES_PASSWORD=postgres", "REDIS_PASSWORD=default": cut out of every text, they garble it; the line
     is cut out, whatever its value); the password of a URL it sets, unescaped, if no word either (a
@@ -110,12 +113,39 @@ def _set_credential(line: str) -> set[str]:
     if not isinstance(value, str):
         return set()
     taken: set[str] = set()
-    if looks_like_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value)):
+    if _holds_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value)):
         taken.update({value, *_credential_lines(value)} if "\n" in value else {value})
     password = _url_password(value)
     if password and (looks_like_credential(password) or not _is_word(password)):
         taken.add(password)
     return taken
+
+
+def _holds_credential(value: str) -> bool:
+    """Whether the value a setting sets looks like a credential (see ``looks_like_credential``) where it
+    may hold one: of a URL, its user and password, its path's segments, its query and its fragment, not
+    its host (an EKS cluster's is 32 hex digits, and "kubectl cluster-info" says it); of a path
+    ("/api/v1/usrMgmt/pwdRst"), its segments one at a time (a key in a webhook's path is one)."""
+    if _URL_START.match(value):
+        try:
+            url = urlsplit(value)
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            return looks_like_credential(value)
+        # "+" is a space in a query only; a setting named as a secret there: "?token=", "#access_token="
+        after_path = unquote_plus(f"{url.query}#{url.fragment}")
+        # the names and values of a query apart ("resourceVersion=12345678" is no key)
+        pieces = [
+            *(unquote(piece) for piece in (url.username or "", *url.path.split("/"))),
+            *re.split(r"[&=;#]", after_path),
+        ]
+        return (
+            _URL_PASSWORD.search(value) is not None
+            or _SECRET_SETTING.search(after_path) is not None
+            or any(looks_like_credential(piece) for piece in pieces if piece)
+        )
+    if value.startswith("/"):
+        return any(looks_like_credential(segment) for segment in value.split("/") if segment)
+    return looks_like_credential(value)
 
 
 def _url_password(value: str) -> str | None:

@@ -167,6 +167,54 @@ def test_a_urls_password_that_is_a_word_is_left_in_other_text() -> None:
     assert said == "user postgres at ***"
 
 
+EKS_SERVER = "https://9F3A0C1B2D4E5F60718293A4B5C6D7E8.gr7.us-west-2.eks.amazonaws.com"
+
+
+@pytest.mark.parametrize(
+    ("secret", "text"),
+    [
+        (
+            KUBECONFIG.replace("https://kubernetes.default.svc:443", EKS_SERVER),
+            f"control plane at {EKS_SERVER}",
+        ),
+        (
+            f"LOG_LEVEL=info\nAPI_URL={EKS_SERVER}/api/v1?resourceVersion=12345678\n",
+            f"GET {EKS_SERVER}/api/v1?resourceVersion=12345678",
+        ),
+        ("LOG_LEVEL=info\nhttpRoute: /api/v1/usrMgmt/pwdRst\n", "GET /api/v1/usrMgmt/pwdRst 200"),
+        (
+            "LOG_LEVEL=info\nHOOK=https://hooks.example/api/v1/usrMgmt/pwdRst\n",
+            "POST https://hooks.example/api/v1/usrMgmt/pwdRst 200",
+        ),
+    ],
+    ids=["eks-server", "eks-api-url", "route", "url-path"],
+)
+def test_a_url_or_a_path_a_multi_line_secret_sets_is_left_in_other_text_without_a_credential(
+    secret: str, text: str
+) -> None:
+    """A URL is judged by where it may hold a credential (its user, password, path segments, query and
+    fragment), not its host: an EKS cluster's is 32 hex digits, and every "kubectl cluster-info" says it. A
+    path's segments are judged one at a time: "/api/v1/usrMgmt/pwdRst" is a path of names."""
+    assert redact(text, [secret]) == text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://hooks.slack.com/services/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",
+        "https://api.example.com/hook?sig=aB3dE5fG7hI9jK1lM3nO5pQ7&ts=1700000000",
+        "https://api.example.com/hook?token=hunter2-pass",
+        "https://app.example.com/callback#access_token=hunter2-pass",
+        "https://ghp_aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU@github.com/org/repo.git",
+        "/keys/aB3dE5fG7hI9jK1lM3nO5pQ7.pem",
+    ],
+    ids=["key-in-path", "signature", "token-named", "fragment", "token-as-user", "path"],
+)
+def test_a_url_or_a_path_with_a_credential_a_multi_line_secret_sets_is_cut_out_alone(value: str) -> None:
+    secret = f"LOG_LEVEL=info\nWEBHOOK={value}\n"
+    assert redact(f"posting to {value}", [secret]) == "posting to ***"
+
+
 # settings named as secrets whose values are words or names: in every other text
 WORD_PASSWORDS = {
     "dotenv": "POSTGRES_PASSWORD=postgres\nREDIS_PASSWORD=default\nADMIN_PASSWORD=kubernetes\nLOG=info\n",
