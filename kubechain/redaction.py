@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 # Values shorter than this are left: replacing a "1" or a "true" everywhere would garble the text.
@@ -18,13 +18,15 @@ REDACTED = "***"
 _TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_-]{16,}")
 _ALNUM_RUN = re.compile(r"[A-Za-z0-9]{16,}")
 # a setting named as a secret, its value on the same line ("password: ...", "API_KEY=...", "secretKey: ...")
-_SECRET_SETTING = re.compile(
-    r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)[\"']?\s*[:=]\s*\S"
-)
+_SECRET_NAME = r"(?i)(passw(or)?d|passphrase|secret([-_]?(access[-_]?)?key)?|token|(api|private)[-_]?key)"
+_SECRET_SETTING = re.compile(_SECRET_NAME + r"[\"']?\s*[:=]\s*\S")
+# a JSON key naming a secret ("password", "client_secret")
+_SECRET_KEY = re.compile(_SECRET_NAME + "$")
 _PEM_MARKER = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]*-----")
-# a line that sets a value: "name: value", "NAME=value", '"name": "value",' (YAML, a .env file, JSON); the
-# value taken greedily, a JSON line's "," cut off after (a lazy value before "\s*,?" is quadratic in spaces)
-_SETTING_LINE = re.compile(r"""-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+)""")
+# a line that sets a value: "name: value", "NAME=value", "export NAME=value", '"name": "value",' (YAML, a
+# .env file, a shell's, JSON); the value taken greedily, a JSON line's "," cut off after (a lazy value
+# before "\s*,?" is quadratic in spaces)
+_SETTING_LINE = re.compile(r"""(export\s+)?-?\s*["']?[\w.-]+["']?\s*[:=]\s*(?P<value>.+)""")
 # a URL with a password ("postgres://app:pa55@db/orders", "redis://:pa55@redis"; not "https://git@github.com")
 _URL_PASSWORD = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
 # a value that is a URL ("https://...", "postgres://...")
@@ -93,32 +95,58 @@ def _credential_lines(value: str) -> set[str]:
 
 
 def _set_credential(line: str) -> set[str]:
-    """The credential a setting line sets, as text quotes it alone (a server says which token, which key
-    it uses, not where it read it): its value, unquoted, if it holds a credential (see
-    ``_holds_credential``), or if the setting
-    is named as a secret ("password: correcthorsebattery") and the value is no word (see ``_is_word``:
-    "POSTGRES_PASSWORD=postgres", "REDIS_PASSWORD=default": cut out of every text, they garble it; the line
-    is cut out, whatever its value); the password of a URL it sets, unescaped, if no word either (a
-    failed login quotes it); and of a value that spans lines once unescaped (a PEM key in a JSON
-    string), its lines that are credentials too."""
+    """The credentials a setting line sets (see ``_settings``), as text quotes them alone (a server says
+    which token, which key it uses, not where it read it): each value, unquoted, if it holds a
+    credential (see ``_holds_credential``), or if its setting is named as a secret ("password:
+    correcthorsebattery") and the value is no word (see ``_is_word``: "POSTGRES_PASSWORD=postgres",
+    "REDIS_PASSWORD=default": cut out of every text, they garble it; the line is cut out, whatever its
+    value); the password of a URL it sets, unescaped, if no word either (a failed login quotes it); and
+    of a value that spans lines once unescaped (a PEM key in a JSON string), its lines that are
+    credentials too."""
+    taken: set[str] = set()
+    for value, named_as_secret in _settings(line):
+        if _holds_credential(value) or (named_as_secret and not _is_word(value)):
+            taken.update({value, *_credential_lines(value)} if "\n" in value else {value})
+        password = _url_password(value)
+        if password and (looks_like_credential(password) or not _is_word(password)):
+            taken.add(password)
+    return taken
+
+
+def _settings(line: str) -> list[tuple[str, bool]]:
+    """The values a line sets, unquoted, each with whether its setting is named as a secret: of a JSON
+    line, whole ('{"auths": {...}}', a docker config) or a piece of an object ('"user": "bot", "password":
+    "..."'), each string, under the key that holds it; otherwise the value of a "name: value" line."""
+    if line.startswith(("{", '"')):
+        members = line.removesuffix(",")  # "," after all members of an object but its last
+        try:
+            parsed = json.loads(members if line.startswith("{") else f"{{{members}}}")
+            return list(_json_strings(parsed, named_as_secret=False))
+        except (ValueError, RecursionError):  # a line of an object spread over lines ('"key": {'), no JSON
+            pass
     setting = _SETTING_LINE.fullmatch(line)
     if setting is None:
-        return set()
+        return []
     value = setting["value"].removesuffix(",").rstrip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         try:
             value = json.loads(value) if value[0] == '"' else value[1:-1]
         except ValueError:
             value = value[1:-1]
-    if not isinstance(value, str):
-        return set()
-    taken: set[str] = set()
-    if _holds_credential(value) or (_SECRET_SETTING.search(line) and not _is_word(value)):
-        taken.update({value, *_credential_lines(value)} if "\n" in value else {value})
-    password = _url_password(value)
-    if password and (looks_like_credential(password) or not _is_word(password)):
-        taken.add(password)
-    return taken
+    return [(value, _SECRET_SETTING.search(line) is not None)] if isinstance(value, str) else []
+
+
+def _json_strings(node: object, named_as_secret: bool) -> Iterator[tuple[str, bool]]:
+    """The strings of a JSON value, each with whether the key that holds it (an item of a list: the
+    list's) is named as a secret."""
+    if isinstance(node, dict):
+        for key, item in node.items():
+            yield from _json_strings(item, _SECRET_KEY.search(key) is not None)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _json_strings(item, named_as_secret)
+    elif isinstance(node, str):
+        yield node, named_as_secret
 
 
 def _holds_credential(value: str) -> bool:

@@ -167,6 +167,30 @@ def test_a_urls_password_that_is_a_word_is_left_in_other_text() -> None:
     assert said == "user postgres at ***"
 
 
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "# sourced by the server's entrypoint\nexport API_TOKEN=Hunter2Pass!\nexport LOG_LEVEL=info\n",
+        '{\n  "user": "botuser1", "password": "Hunter2Pass!",\n  "port": 5432\n}\n',
+        '{"users": [{"user": "botuser1", "password": "Hunter2Pass!"}]}\n{"port": 5432}\n',
+        '{"auths": {"registry.example.com": {"username": "botuser1", "password": "Hunter2Pass!"}}}',
+    ],
+    ids=["export", "json-pairs-on-a-line", "json-line", "dockerconfigjson"],
+)
+def test_a_credential_a_shell_or_json_setting_sets_is_cut_out_alone(secret: str) -> None:
+    """A .env file sourced by a shell sets with "export"; compact JSON sets several values a line, or
+    all of them (a docker config): the value of each setting named as a secret is taken, not the line
+    from its first value on."""
+    assert redact("login Hunter2Pass! failed", [secret]) == "login *** failed"
+    assert redact("user botuser1", [secret]) == "user botuser1"
+
+
+def test_a_json_line_nested_too_deep_to_read_is_cut_out_as_a_line() -> None:
+    """json.loads raises RecursionError, no ValueError, past about a thousand levels."""
+    line = '{"password": "Hunter2Pass!", "a": ' + '{"a": ' * 5000 + "1" + "}" * 5001
+    assert redact(f"read {line}", [f"{line}\nport: 5432\n"]) == "read ***"
+
+
 EKS_SERVER = "https://9F3A0C1B2D4E5F60718293A4B5C6D7E8.gr7.us-west-2.eks.amazonaws.com"
 
 
