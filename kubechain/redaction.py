@@ -223,14 +223,20 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
 
 def _percent_encoded(value: str) -> set[str]:
     """``value`` as it shows in a URL or a form body: every character but letters, digits and "_.-~"
-    escaped (a query's value; a space as ``%20``, or as ``+``, as httpx and urlencode write it), or every
-    one but "/" too (a path: Python's ``quote``); the escapes' hex in capitals, as Python and httpx write
-    it, or in small letters, as other encoders do. Only ``value`` itself when nothing needs escaping."""
+    escaped, a space as ``%20`` or as ``+`` (a query's value, as httpx and urlencode write it), or but
+    those that encoders leave too (see ``_LEFT_BY_ENCODERS``); the escapes' hex in capitals, as Python,
+    httpx, Go and JavaScript write it, or in small letters, as others do. Only ``value`` itself when
+    nothing needs escaping."""
     # surrogatepass: a lone surrogate is no UTF-8 (a JSON string may escape one); strict would raise
-    query = quote(value, safe="", errors="surrogatepass")
-    # the others from it: each "%" of it starts an escape, "%20" a space's, "%2F" a slash's
-    encoded = {query, query.replace("%20", "+"), query.replace("%2F", "/")}
+    encoded = {quote(value, safe=left, errors="surrogatepass") for left in _LEFT_BY_ENCODERS}
+    encoded.add(quote(value, safe="", errors="surrogatepass").replace("%20", "+"))
     return encoded | {_small_hex(form) for form in encoded if "%" in form}
+
+
+# What encoders leave unescaped besides letters, digits and "_.-~": a query's value (Python's quote with
+# safe="", httpx), a path (Python's quote), JavaScript's encodeURIComponent and encodeURI (a whole URL), Go's
+# url.PathEscape (a path's segment) and a Go URL's path.
+_LEFT_BY_ENCODERS = ("", "/", "!'()*", "!#$&'()*+,/:;=?@", "$&+:=@", "$&+,/:;=@")
 
 
 def _small_hex(encoded: str) -> str:

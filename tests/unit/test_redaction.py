@@ -311,14 +311,19 @@ PERCENT_ENCODINGS: dict[str, Callable[[str], str]] = {
     "path": quote,
     "query-small-hex": lambda secret: small_hex(quote(secret, safe="")),
     "form-small-hex": lambda secret: small_hex(quote_plus(secret)),
+    # what encoders of other languages leave unescaped
+    "js-encodeURIComponent": lambda secret: quote(secret, safe="!'()*"),
+    "js-encodeURI": lambda secret: quote(secret, safe="!#$&'()*+,/:;=?@"),
+    "go-PathEscape": lambda secret: quote(secret, safe="$&+:=@"),
+    "go-URL-path": lambda secret: quote(secret, safe="$&+,/:;=@"),
 }
 
 
 @pytest.mark.parametrize("encode", PERCENT_ENCODINGS.values(), ids=PERCENT_ENCODINGS.keys())
 @pytest.mark.parametrize(
     "secret",
-    ["sk/Ab+c=d:e f-0123456789", "s3cret-0123456789abcdef"],
-    ids=["escaped", "plain"],
+    ["sk/Ab+c=d:e f-0123456789", "Pa$$:w0rd!(x)*'@a;b,c&d=e+f g/h", "s3cret-0123456789abcdef"],
+    ids=["escaped", "signs", "plain"],
 )
 def test_a_percent_encoded_secret_is_cut_out(secret: str, encode: Callable[[str], str]) -> None:
     """An API echoes the URL or the form body it was sent in its error: the key comes percent-encoded."""
