@@ -200,11 +200,12 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     carries a credential and the credential it sets (see ``_credential_lines``), since text is often
     scrubbed a line at a time (a child's stderr) and quotes a credential alone; each of these as it is,
     escaped inside a JSON or Python string literal (an error quoting a body or a dict), and, if on one
-    line, percent-encoded (see ``_percent_encoded``: a URL or a form body echoed in an error). Forms
-    shorter than MIN_SCRUBBED_CHARS are left out."""
+    line and holding none of the others, percent-encoded (see ``_percent_encoded``: a URL or a form body
+    echoed in an error). Forms shorter than MIN_SCRUBBED_CHARS are left out."""
     forms: set[str] = set()
     for value in secrets:
-        for text in {value, value.strip(), *_credential_lines(value)}:
+        texts = {value, value.strip(), *_credential_lines(value)}
+        for text in texts:
             forms.update(
                 (
                     text,
@@ -216,7 +217,12 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
             # Not a multi-line value whole: its credential lines are, and what is left out before a
             # long text's cut is the longest form (see scrub_then_cut), which percent-encoding makes
             # up to three times as long (a 40 KB JSON config: 75 KB, more than a long stderr line keeps).
-            if len(text.splitlines()) <= 1:
+            # Nor a text that holds another (a line, the credential it sets): percent-encoding escapes a
+            # character at a time, so that one's forms cut it out of this one's, and each form holding
+            # a "%" is looked for in every text that has one.
+            if len(text.splitlines()) <= 1 and not any(
+                len(other) >= MIN_SCRUBBED_CHARS and other != text and other in text for other in texts
+            ):
                 forms.update(_percent_encoded(text))
     return sorted((form for form in forms if len(form) >= MIN_SCRUBBED_CHARS), key=len, reverse=True)
 

@@ -381,6 +381,17 @@ def test_a_secret_that_nothing_escapes_has_no_percent_encoded_forms() -> None:
     assert Scrubber(["s3cret-0123456789abcdef"]).forms == ("s3cret-0123456789abcdef",)
 
 
+def test_a_line_is_not_looked_for_percent_encoded_where_the_credential_it_sets_is() -> None:
+    """Each percent-encoded form is looked for in every text holding a "%"; a line's would cut out only
+    what its credential's does, and its name: percent-encoding escapes a character at a time."""
+    secret = "LOG_LEVEL=info\nAPI_KEY=sk/Ab+c=d:e f-0123456789\n"
+    forms = Scrubber([secret]).forms
+    assert not [form for form in forms if "%" in form and form.startswith("API_KEY")], forms
+    assert (
+        redact("POST /login?API_KEY=sk%2FAb%2Bc%3Dd%3Ae+f-0123456789", [secret]) == "POST /login?API_KEY=***"
+    )
+
+
 def test_percent_escapes_that_are_no_secret_are_left() -> None:
     scrub = Scrubber(["sk/Ab+c=d:e f-0123456789"])
     assert scrub("GET /search?q=caf%C3%A9+au+lait&sk=%2F") == "GET /search?q=caf%C3%A9+au+lait&sk=%2F"
