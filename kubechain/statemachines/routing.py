@@ -202,6 +202,11 @@ def _work_for(
         if phase == TaskRunPhase.ERROR_BACKOFF:
             due = parse_timestamp(status.get("nextAttemptAt"))
             countdown = max(0.0, (due - now).total_seconds()) if due else 0.0
+            if resync and countdown > 0:
+                # The event's delayed message (and a worker's re-check when it came early) covers the
+                # wait; the run's version does not change meanwhile, so each resync would queue one
+                # more message due at the same moment. One lost is sent by the first resync after due.
+                return []
             return [Work(TaskName.LLM_CALL, kind, namespace, name, countdown, reason)]
         if (
             phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM

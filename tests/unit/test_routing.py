@@ -72,3 +72,20 @@ def test_dependents_of_a_readiness_change() -> None:
         ("TaskRun", "direct"),
         ("TaskRun", "via-task"),
     ]
+
+
+def test_resync_leaves_a_retry_that_is_not_due_yet_to_its_delayed_message() -> None:
+    """The run's version does not change while it waits, so each resync that found it (backed off to
+    30, 90, 180 s) queued one more delayed message, all due at the same moment."""
+    due = NOW + timedelta(seconds=300)
+    backoff = obj("TaskRun", "r", {}, {"phase": "ErrorBackoff", "nextAttemptAt": due.isoformat()})
+    (event,) = work_for("TaskRun", backoff, NOW, 180)
+    assert (event.task, event.countdown_s) == (TaskName.LLM_CALL, pytest.approx(300))
+    for waited_s in (30, 90, 180, 299):
+        assert work_for("TaskRun", backoff, NOW + timedelta(seconds=waited_s), 180, resync=True) == []
+    (late,) = work_for("TaskRun", backoff, NOW + timedelta(seconds=301), 180, resync=True)
+    assert (late.task, late.countdown_s, late.reason) == (TaskName.LLM_CALL, 0.0, "resync"), (
+        "the event's message was lost: the first resync after it was due sends the retry at once"
+    )
+    no_time = obj("TaskRun", "r", {}, {"phase": "ErrorBackoff"})
+    assert [w.countdown_s for w in work_for("TaskRun", no_time, NOW, 180, resync=True)] == [0.0]
