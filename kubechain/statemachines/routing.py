@@ -419,19 +419,43 @@ def _agent_dependencies_ok(
     )
 
 
+def _tool_names(tools: Any) -> list[str]:
+    return sorted(str(tool.get("name") if isinstance(tool, Mapping) else tool) for tool in tools or [])
+
+
+def _mcp_tools_changed(
+    namespace: str, agent: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
+) -> bool:
+    """Whether a server's tool names differ from those the Agent recorded when it was validated (the
+    names, in any order, as readiness() compares them)."""
+    servers = cache.get("MCPServer") or {}
+    for recorded in _status(agent).get("validMCPServers") or []:
+        if not isinstance(recorded, Mapping):
+            continue
+        server = servers.get((namespace, str(recorded.get("name") or "")))
+        if server is not None and _tool_names(_status(server).get("tools")) != _tool_names(
+            recorded.get("tools")
+        ):
+            return True
+    return False
+
+
 def ready_with_unready_dependencies(
     cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]],
 ) -> list[Work]:
-    """Ready Agents and Tasks whose dependencies are gone or no longer ready. The change that should have
-    re-validated them is normally a watch event; one that came while no watcher was leading (a restart,
-    a lost lease) is not replayed, so resync compares the cached states instead."""
+    """Ready Agents and Tasks whose dependencies are gone or no longer ready, and Ready Agents whose MCP
+    servers' tools changed since. The change that should have re-validated them is normally a watch
+    event; one that came while no watcher was leading (a restart, a lost lease) is not replayed, so
+    resync compares the cached states instead."""
     out: list[Work] = []
     agents = cache.get("Agent") or {}
     for (namespace, name), agent in agents.items():
-        if _deleting(agent):
+        if _deleting(agent) or not _ready(agent):
             continue
-        if _ready(agent) and not _agent_dependencies_ok(namespace, agent.get("spec") or {}, cache):
+        if not _agent_dependencies_ok(namespace, agent.get("spec") or {}, cache):
             out.append(Work(TaskName.VALIDATE, "Agent", namespace, name, reason="dependency-not-ready"))
+        elif _mcp_tools_changed(namespace, agent, cache):
+            out.append(Work(TaskName.VALIDATE, "Agent", namespace, name, reason="mcp-tools-changed"))
     for (namespace, name), task in (cache.get("Task") or {}).items():
         agent_name = str(((task.get("spec") or {}).get("agentRef") or {}).get("name") or "")
         if not _deleting(task) and _ready(task) and not _ready(agents.get((namespace, agent_name))):

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kubechain.queueing import TaskName
-from kubechain.statemachines.routing import dependents, work_for
+from kubechain.statemachines.routing import dependents, ready_with_unready_dependencies, work_for
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -89,3 +89,38 @@ def test_resync_leaves_a_retry_that_is_not_due_yet_to_its_delayed_message() -> N
     )
     no_time = obj("TaskRun", "r", {}, {"phase": "ErrorBackoff"})
     assert [w.countdown_s for w in work_for("TaskRun", no_time, NOW, 180, resync=True)] == [0.0]
+
+
+def test_resync_revalidates_a_ready_agent_whose_mcp_server_tools_changed_unseen() -> None:
+    """The event path re-validates an Agent when its server's tool names change; one missed (no watcher
+    leading) left the Agent offering tools the server no longer has, as the safety net compared only
+    whether the server was connected."""
+
+    def server(*tools: str) -> dict:
+        status = {"status": "Ready", "ready": True, "connected": True, "observedGeneration": 1}
+        return obj("MCPServer", "m", {}, {**status, "tools": [{"name": tool} for tool in tools]})
+
+    agent = obj(
+        "Agent",
+        "a",
+        {"llmRef": {"name": "l"}, "mcpServers": [{"name": "m"}]},
+        {
+            "status": "Ready",
+            "ready": True,
+            "observedGeneration": 1,
+            "validMCPServers": [{"name": "m", "tools": ["fetch", "search"]}],
+        },
+    )
+    llm = obj("LLM", "l", {}, {"status": "Ready", "ready": True, "observedGeneration": 1})
+
+    def revalidated(mcp_server: dict) -> list[tuple[str, str, str]]:
+        cache = {
+            "Agent": {("ns", "a"): agent},
+            "LLM": {("ns", "l"): llm},
+            "MCPServer": {("ns", "m"): mcp_server},
+        }
+        return [(w.kind, w.name, w.reason) for w in ready_with_unready_dependencies(cache)]
+
+    assert revalidated(server("search", "fetch")) == [], "the same names, in another order"
+    assert revalidated(server("fetch_url", "search")) == [("Agent", "a", "mcp-tools-changed")]
+    assert revalidated(server("fetch")) == [("Agent", "a", "mcp-tools-changed")], "one gone"
