@@ -44,7 +44,7 @@ from kubechain.statemachines.routing import (
     work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
-from watcher.informer import Informer, Key, log_fields
+from watcher.informer import Informer, Key, log_fields, object_key
 from watcher.leader import LeaderElector
 from watcher.outbox import Empty, MergingQueue
 from watcher.scaling import serve_scaling
@@ -247,45 +247,54 @@ class Watcher:
         now = self._clock()
         count = 0
         cache = self.cache()
-        for kind, obj, work in self._resync_work(cache, now):
-            if not self._may_send():
-                break  # lost the Lease during a long resync: the next leader's resync has the rest
-            rv = str(obj["metadata"].get("resourceVersion", ""))
-            if force:
-                # (the object whose state calls for the work may be unchanged while what it depends on
-                # changed: its version alone cannot tell what was already sent)
-                with self._recent_lock:
-                    self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
-            count += self._submit(
-                work,
-                rv,
-                resync=True,
-                own_version=_is_about(work, kind, obj),
-            )
+        try:
+            for kind, obj, work in self._resync_work(cache, now):
+                if not self._may_send():
+                    break  # lost the Lease during a long resync: the next leader's resync has the rest
+                rv = str(obj["metadata"].get("resourceVersion", ""))
+                if force:
+                    # (the object whose state calls for the work may be unchanged while what it depends
+                    # on changed: its version alone cannot tell what was already sent)
+                    with self._recent_lock:
+                        self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
+                count += self._submit(
+                    work,
+                    rv,
+                    resync=True,
+                    own_version=_is_about(work, kind, obj),
+                )
+        finally:
+            self._forget_finished()  # else what it remembers only grows while resyncs fail
         if count:
             log.info("resync re-enqueued %d resources", count)
-        self._forget_finished()
         return count
 
     def _resync_work(
         self, cache: dict[str, dict[Key, dict[str, Any]]], now: datetime
     ) -> list[tuple[str, dict[str, Any], Work]]:
-        """Each piece of work a resync calls for, with the object (and its kind) whose state calls for it."""
-        out = [
-            (kind, obj, work)
-            for kind, objects in cache.items()
-            for obj in objects.values()
-            for work in work_for(kind, obj, now, self.settings.claim_timeout_s, resync=True)
-        ]
-        # (both skip objects being deleted, as work_for does)
-        out += [
-            (work.kind, cache[work.kind][(work.namespace, work.name)], work)
-            for work in [
-                *tasks_missing_their_run(cache),
-                *tasks_missing_their_output(cache),
-                *ready_with_unready_dependencies(cache),
-            ]
-        ]
+        """Each piece of work a resync calls for, with the object (and its kind) whose state calls for it.
+        An object routing cannot handle (a bug, a hand-written status) is logged and passed over: it must
+        not stop the resync of every other object at every tick."""
+        out = []
+        for kind, objects in cache.items():
+            for obj in objects.values():
+                try:
+                    works = work_for(kind, obj, now, self.settings.claim_timeout_s, resync=True)
+                except Exception:  # noqa: BLE001
+                    namespace, name = object_key(obj)
+                    log.exception(
+                        "resync passed over %s %s/%s", kind, namespace, name, extra=log_fields(kind, obj)
+                    )
+                    continue
+                out += [(kind, obj, work) for work in works]
+        # (these skip objects being deleted, as work_for does)
+        for check in (tasks_missing_their_run, tasks_missing_their_output, ready_with_unready_dependencies):
+            try:
+                works = check(cache)
+            except Exception:  # noqa: BLE001
+                log.exception("resync passed over its check %s", check.__name__)
+                continue
+            out += [(work.kind, cache[work.kind][(work.namespace, work.name)], work) for work in works]
         return out
 
     def _forget_finished(self) -> None:

@@ -1236,3 +1236,27 @@ def test_only_the_last_of_a_turns_tool_calls_to_finish_prompts_the_run() -> None
     assert not run_prompted(), "a2 is still running"
     informer._apply("MODIFIED", toolcall_event("a2", "aaa", "Failed", "31"))
     assert run_prompted(), "the last of its turn"
+
+
+def test_one_object_routing_cannot_handle_does_not_stop_the_resync_of_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A claim stamped without a time zone (written by hand) made the resync raise: every tick ended
+    there, nothing after it in the cache was looked at, and what it remembered was never forgotten."""
+    import time as real_time
+
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informer = next(i for i in watcher.informers if i.kind == "TaskRun")
+    claimed = {"phase": "SendContextWindowToLLM", "claimedAt": "2026-12-01T12:00:00"}
+    informer.cache[("default", "bad")] = run("TaskRun", {"name": "bad", "status": claimed}, "1")
+    informer.cache[("default", "good")] = run(
+        "TaskRun", {"name": "good", "status": {"phase": "Pending"}}, "2"
+    )
+    long_ago = ("prepare", "TaskRun", "default", "finished-long-ago")
+    watcher._recent[long_ago] = ("1", real_time.monotonic() - 3600, 0)
+    with caplog.at_level("ERROR", logger="watcher.main"):
+        assert watcher.resync() == 1
+    assert watcher._outbox.get_nowait()[0].name == "good"
+    assert long_ago not in watcher._recent
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "default/bad" in record.getMessage() and record.exc_info is not None
