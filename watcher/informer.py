@@ -69,7 +69,9 @@ class Informer:
         # The last list took longer than the API server keeps this kind's history (its watch expired
         # before a single event): the next one is served from the API server's watch cache instead.
         self.list_from_watch_cache = False
-        self._failures: dict[tuple[Key, str], int] = {}  # handler failures per (object, version)
+        # object -> (the version whose handler failed, how many times): one entry per object, dropped
+        # once the object is handled (a newer version, its deletion), so none outlives what it counts
+        self._failures: dict[Key, tuple[str, int]] = {}
         # (namespace, value of index_label) -> keys of the cached objects with it (client-go's Indexer):
         # finding a turn's tool calls must not scan every tool call ever cached.
         self.index_label = index_label
@@ -121,8 +123,10 @@ class Informer:
         try:
             self.handler(self.kind, event_type, obj, previous)
         except BaseException:
-            version = (key, str(obj["metadata"].get("resourceVersion")))
-            self._failures[version] = failures = self._failures.get(version, 0) + 1
+            version = str(obj["metadata"].get("resourceVersion"))
+            failed_version, failures = self._failures.get(key, (version, 0))
+            failures = failures + 1 if failed_version == version else 1
+            self._failures[key] = (version, failures)
             if failures >= MAX_HANDLER_ATTEMPTS:
                 # Not for ever: every later event of this kind waits behind a redelivered one. The resync
                 # looks at the object again.
@@ -133,7 +137,7 @@ class Informer:
                     failures,
                     extra=log_fields(self.kind, obj),
                 )
-                self._failures.pop(version, None)
+                self._failures.pop(key, None)
                 return
             # Not handled: the watch resumes before this event, and its redelivery must not be taken for
             # a duplicate of something already seen.
@@ -141,7 +145,7 @@ class Informer:
                 self._store(key, previous)
             raise
         if self._failures:
-            self._failures.pop((key, str(obj["metadata"].get("resourceVersion"))), None)
+            self._failures.pop(key, None)
 
     def relist(self) -> None:
         # In pages, each applied (and reduced to its cached form) before the next is fetched: a kind with
@@ -164,6 +168,9 @@ class Informer:
             vanished = [obj for key, obj in self.cache.items() if key not in seen]
         for obj in vanished:
             self._apply("DELETED", obj)
+        # Every object listed was handled (or given up on): a failure still counted is of one that was
+        # gone before the list (its version was never cached), and no event of it will come again.
+        self._failures.clear()
         self.resource_version = resource_version
         self.relists += 1
         self.synced.set()

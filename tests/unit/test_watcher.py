@@ -1260,3 +1260,25 @@ def test_one_object_routing_cannot_handle_does_not_stop_the_resync_of_the_others
     assert long_ago not in watcher._recent
     (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "default/bad" in record.getMessage() and record.exc_info is not None
+
+
+def test_handler_failures_are_forgotten_once_their_object_moves_on_or_goes() -> None:
+    """Counted per (object, version), a version that failed fewer times than the limit and was then
+    replaced (a newer version, a deletion) stayed counted for good."""
+    kube = FakeKubeClient()
+    failing = [True]
+
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+        if failing[0]:
+            raise RuntimeError("Redis went away")
+
+    informer = Informer(kube, "TaskRun", "taskruns", None, handler, threading.Event())
+    for name in ("replaced", "deleted", "relisted-away"):
+        with pytest.raises(RuntimeError):
+            informer._apply("ADDED", run("TaskRun", {"name": name}, "5"))
+    failing[0] = False
+    informer._apply("MODIFIED", run("TaskRun", {"name": "replaced"}, "6"))
+    informer._apply("DELETED", run("TaskRun", {"name": "deleted"}, "7"))
+    assert [key for key in informer._failures] == [("default", "relisted-away")]
+    informer.relist()  # the API server has none of them
+    assert informer._failures == {}
