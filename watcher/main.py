@@ -85,6 +85,10 @@ class Watcher:
         self._clock = clock
         self.stop_event = threading.Event()
         self._forced_resync = threading.Event()  # a new leader's resync, run by the resync thread
+        # While start() waits for the first lists, their objects are not routed as events (each finished
+        # run would prompt its Task and its delegating tool call again at every restart): the resync
+        # after the wait decides what they need, as a new leader's does.
+        self._awaiting_first_lists = False
         # each worker queue's Redis list length, as last read (None: Redis did not answer)
         self.queue_depths: dict[str, int] | None = None
         namespaces: list[str | None] = list(settings.namespaces) or [None]
@@ -122,6 +126,8 @@ class Watcher:
 
     @property
     def is_leader(self) -> bool:
+        if self._awaiting_first_lists:
+            return False
         return self.elector is None or self.elector.is_leader
 
     def cache(self) -> dict[str, dict[Key, dict[str, Any]]]:
@@ -448,6 +454,7 @@ class Watcher:
         self._threads.append(thread)
 
     def start(self) -> None:
+        self._awaiting_first_lists = True
         for informer in self.informers:
             self._spawn(informer.run, f"watch-{informer.plural}")
         self._spawn(self._sender, "enqueue")
@@ -458,6 +465,7 @@ class Watcher:
         deadline = time.monotonic() + INITIAL_SYNC_TIMEOUT_S
         for informer in self.informers:
             informer.synced.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self._awaiting_first_lists = False
         if self.elector is not None:
             self.elector.start()
         else:

@@ -1282,3 +1282,40 @@ def test_handler_failures_are_forgotten_once_their_object_moves_on_or_goes() -> 
     assert [key for key in informer._failures] == [("default", "relisted-away")]
     informer.relist()  # the API server has none of them
     assert informer._failures == {}
+
+
+def test_without_leader_election_the_first_lists_are_not_routed_as_events(monkeypatch: Any) -> None:
+    """With no Lease the watcher acted at once: each object of the first lists went through the event
+    path, so every restart prompted every finished run's Task and delegating tool call again. Like a
+    leader, it now acts once the first lists are in, by its start-up resync."""
+    finished = run("TaskRun", {"name": "done", "status": {"phase": "FinalAnswer"}}, "3")
+    finished["spec"] = {"taskRef": {"name": "t"}}
+    finished["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "delegating", "uid": "c"}]
+    pending = run("TaskRun", {"name": "pending", "status": {"phase": "Pending"}}, "4")
+    kube = FakeKubeClient()
+    listed = {"taskruns": [finished, pending]}
+    monkeypatch.setattr(
+        kube, "list_pages", lambda plural, *_, **__: iter([(copy.deepcopy(listed.get(plural, [])), "9")])
+    )
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+
+    def spawn(target: Any, name: str) -> None:
+        informer = getattr(target, "__self__", None)
+        if isinstance(informer, Informer):
+            informer.relist()  # its first list, here rather than on its thread
+
+    monkeypatch.setattr(watcher, "_spawn", spawn)
+    watcher.start()
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert [(w.task, w.kind, w.name, w.reason) for w in queued] == [
+        (TaskName.PREPARE, "TaskRun", "pending", "resync")
+    ]
+    watcher._on_event(
+        "TaskRun",
+        "MODIFIED",
+        {**pending, "metadata": {**pending["metadata"], "resourceVersion": "10"}},
+        pending,
+    )
+    assert watcher._outbox.get_nowait()[0].reason == "event", "events after the start are routed"
