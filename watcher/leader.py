@@ -1,7 +1,8 @@
 """Leader election over a coordination.k8s.io/v1 Lease (controller-runtime's defaults: 15 s / 2 s).
 
 Replicas all watch and keep their caches warm; only the holder of the Lease enqueues work. A standby takes
-over once the holder has not renewed for the lease duration.
+over once the holder has not renewed for the lease duration. A holder that stopped acting for a while
+(renewals late or failing) and renews its own Lease again resumes: no other replica led meanwhile.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ class LeaderElector:
         retry_period_s: float = 2.0,
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
+        on_resumed_leading: Callable[[], None] | None = None,
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
         """``clock`` (wall time) only stamps the Lease; durations (the renew deadline, a holder's expiry)
         are timed on ``monotonic``, so an NTP step cannot make two replicas lead at once. A test that gives
-        only ``clock`` times both on it."""
+        only ``clock`` times both on it.
+
+        ``on_started_leading``: this process leads for the first time, or took the Lease over (created it,
+        or it named another holder or none): what was sent before is unknown to it. ``on_resumed_leading``:
+        it renewed its own Lease after a lapse in which it stopped acting (and dropped work): the Lease
+        named it throughout, so no other replica led meanwhile."""
         self.kube = kube
         self.namespace = namespace
         self.name = name
@@ -53,16 +60,20 @@ class LeaderElector:
         self.retry_period_s = retry_period_s
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
+        self._on_resumed = on_resumed_leading
         self._clock = clock or (lambda: datetime.now(UTC))
         if monotonic is None:
             monotonic = time.monotonic if clock is None else (lambda: self._clock().timestamp())
         self._monotonic = monotonic
         self._leading = False
         self._last_renew: float | None = None  # monotonic
+        # The Lease named this replica when it last read or wrote it: not acting meanwhile is a lapse (it
+        # may renew and resume), not a loss to another replica.
+        self._lease_ours = False
         # Another holder's Lease as last seen (holder, renewTime, resourceVersion), and when, by our clock.
         self._observed_record: tuple[Any, Any, Any] | None = None
         self._observed_at: float | None = None  # monotonic
-        self._ignored_while_leading = threading.Event()
+        self._ignored_in_lapse = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -73,13 +84,18 @@ class LeaderElector:
         # Stop acting as leader before another replica may take over (renew deadline < duration).
         return self._monotonic() - self._last_renew < self.lease_duration_s * 0.66
 
-    def note_ignored(self) -> None:
-        """The caller dropped work because this replica was not acting; if it still holds the Lease, the
-        next renewal treats that as a gap (a forced resync) even if no step began inside it."""
-        if self._leading:
-            self._ignored_while_leading.set()
+    def note_ignored(self) -> bool:
+        """The caller dropped work because this replica was not acting. True if the Lease is still its
+        own (a lapse): then its next renewal resumes even if no step began inside the lapse, and what it
+        dropped must not count as sent."""
+        if not self._lease_ours:
+            return False
+        self._ignored_in_lapse.set()
+        return True
 
-    def try_acquire_or_renew(self) -> bool:
+    def try_acquire_or_renew(self) -> str | None:
+        """None if this replica does not hold the Lease; else the holder it named before this write (""
+        if none, or the Lease was created)."""
         now = self._clock()
         spec = {
             "holderIdentity": self.identity,
@@ -90,7 +106,7 @@ class LeaderElector:
             lease = self.kube.get_lease(self.namespace, self.name)
         except NotFound:
             if self._stop.is_set():
-                return False  # stopping: never take (or re-take) the Lease on the way out
+                return None  # stopping: never take (or re-take) the Lease on the way out
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
@@ -100,13 +116,15 @@ class LeaderElector:
             try:
                 self.kube.create_lease(self.namespace, body)
             except AlreadyExists:
-                return False
-            return True
+                self._lease_ours = False
+                return None
+            return ""
         current: dict[str, Any] = lease.get("spec") or {}
         holder = current.get("holderIdentity")
         if holder != self.identity:
+            self._lease_ours = False
             if holder and not self._expired_as_observed(lease, now):
-                return False  # another replica holds it and keeps renewing
+                return None  # another replica holds it and keeps renewing
             spec["acquireTime"] = _micro(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
         else:
@@ -116,12 +134,12 @@ class LeaderElector:
         if self._stop.is_set():
             # A step that began before stop() and read the Lease after stop() released it would take it
             # back for a process on its way out; the standby would wait out a whole duration.
-            return False
+            return None
         try:
             self.kube.replace_lease(self.namespace, self.name, lease)
         except Conflict:
-            return False
-        return True
+            return None
+        return str(holder or "")
 
     def _expired_as_observed(self, lease: dict[str, Any], now: datetime) -> bool:
         """Whether another holder's Lease has expired, timed on this replica's clock from when it last saw
@@ -149,31 +167,35 @@ class LeaderElector:
         # The lease counts from the renewTime written, which is taken before the request; a slow
         # answer must not extend how long this replica believes it still leads.
         attempted_at = self._monotonic()
+        previous_holder: str | None = None
         try:
-            acquired = self.try_acquire_or_renew()
+            previous_holder = self.try_acquire_or_renew()
         except KubeAPIError as exc:
             log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
-            acquired = False
         except Exception:  # noqa: BLE001 - e.g. a credential refresh failing: the thread must go on
             log.exception("lease %s/%s: unexpected error", self.namespace, self.name)
-            acquired = False
-        gap_noticed = False
+        acquired = previous_holder is not None
+        new_leader = lapse_noticed = False
         if acquired:
+            new_leader = self._last_renew is None or previous_holder != self.identity
             self._last_renew = attempted_at
-            gap_noticed = self._ignored_while_leading.is_set()
-            self._ignored_while_leading.clear()
-        if acquired and not self._leading:
+            self._lease_ours = True
+            lapse_noticed = self._ignored_in_lapse.is_set()
+            self._ignored_in_lapse.clear()
+        if new_leader:
             self._leading = True
             log.info("became leader", extra={"lease": self.name, "identity": self.identity})
             self._notify(self._on_started)
-        elif acquired and gap_noticed:
-            # Renewed after a gap in which this replica stopped acting and dropped work (an event, a
-            # resync tick, an unsent message: each notes it): what it ignored is not replayed, so it starts
-            # over as a new leader does. A gap in which nothing was dropped (renewals slower than the
-            # renew deadline, on a busy API server) needs no resync: forcing one every step there re-sent
-            # everything unfinished every ~10 s, more load on the API server that was already slow.
-            log.info("leading again after a gap", extra={"lease": self.name, "identity": self.identity})
-            self._notify(self._on_started)
+        elif acquired and (lapse_noticed or not self._leading):
+            # Renewed its own Lease after a lapse in which it stopped acting and dropped work (an event, a
+            # resync tick, an unsent message: each notes it and is left to the resync). No other replica
+            # led meanwhile, so what it sent before is still known: an ordinary resync, not a new
+            # leader's, which re-sent everything unfinished at every lapse, more load on an API server
+            # that was already slow. A lapse in which nothing was dropped (renewals slower than the renew
+            # deadline) needs none.
+            self._leading = True
+            log.info("leading again after a lapse", extra={"lease": self.name, "identity": self.identity})
+            self._notify(self._on_resumed)
         elif not acquired and self._leading and not self.is_leader:
             self._leading = False
             log.warning("lost leadership", extra={"lease": self.name, "identity": self.identity})
@@ -215,3 +237,4 @@ class LeaderElector:
             except KubeAPIError:
                 pass
         self._leading = False
+        self._lease_ours = False

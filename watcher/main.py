@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,7 +84,10 @@ class Watcher:
         self._send = send
         self._clock = clock
         self.stop_event = threading.Event()
-        self._forced_resync = threading.Event()  # a new leader's resync, run by the resync thread
+        # A resync asked for now (by the lease thread, run by the resync thread), and whether it is a new
+        # leader's, which does not know what was sent before it
+        self._resync_requested = threading.Event()
+        self._force_next_resync = threading.Event()
         # While start() waits for the first lists, their objects are not routed as events (each finished
         # run would prompt its Task and its delegating tool call again at every restart): the resync
         # after the wait decides what they need, as a new leader's does.
@@ -114,6 +117,7 @@ class Watcher:
                 settings.identity,
                 settings.lease_duration_s,
                 on_started_leading=self._on_started_leading,
+                on_resumed_leading=self._on_resumed_leading,
             )
         self._outbox: MergingQueue[tuple[Work, str, bool]] = MergingQueue()
         # (task, kind, namespace, name) -> (resourceVersion enqueued, when, resync re-enqueues since)
@@ -158,8 +162,16 @@ class Watcher:
         self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
     ) -> None:
         WATCH_EVENTS.labels(kind, event_type).inc()
-        if not self._may_send():
+        if not self._may_send(dropping=lambda: self._event_work(kind, event_type, obj, previous)):
             return
+        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        for work in self._event_work(kind, event_type, obj, previous):
+            self._submit(work, rv, own_version=_is_about(work, kind, obj))
+
+    def _event_work(
+        self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
+    ) -> list[Work]:
+        """The work an event calls for: the object's own, and that of the objects that depend on it."""
         now = self._clock()
         works: list[Work] = []
         if event_type != "DELETED":
@@ -174,9 +186,7 @@ class Watcher:
             after = None if event_type == "DELETED" else obj
             if readiness(kind, after) != readiness(kind, previous):
                 works += dependents(kind, obj, self.cache())
-        rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-        for work in works:
-            self._submit(work, rv, own_version=_is_about(work, kind, obj))
+        return works
 
     def _prompts_its_run(self, obj: dict[str, Any]) -> bool:
         """Fan-in: only the last of a turn's tool calls to finish prompts the parent (resync covers a hint
@@ -245,9 +255,16 @@ class Watcher:
             self._recent[key] = (rv, now, retries)
         return self._outbox.put(key, (work, rv, own_version))
 
+    def _forget(self, works: Iterable[Work]) -> None:
+        """Forget having sent ``works`` (dropped unsent in a lapse): the resync sends them again at once."""
+        with self._recent_lock:
+            for work in works:
+                self._recent.pop((work.task.value, work.kind, work.namespace, work.name), None)
+
     def resync(self, *, force: bool = False) -> int:
-        """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (a new leader, or one
-        that dropped work in a gap). A replica that does not lead notes the skipped tick as dropped work."""
+        """Re-enqueue whatever is not finished. ``force`` ignores the staleness window (a new leader, which
+        does not know what was sent before it). A replica that does not lead notes the skipped tick as
+        dropped work."""
         if not self._may_send():
             return 0
         now = self._clock()
@@ -311,8 +328,14 @@ class Watcher:
 
     def _on_started_leading(self) -> None:
         # Not here, on the lease thread: a resync of thousands of objects would hold up the renewals that
-        # keep this replica the leader (and a late renewal starts yet another forced resync).
-        self._forced_resync.set()
+        # keep this replica the leader (and a late renewal starts a lapse).
+        self._force_next_resync.set()
+        self._resync_requested.set()
+
+    def _on_resumed_leading(self) -> None:
+        # What was dropped in the lapse was forgotten as sent (see _may_send), so an ordinary resync sends
+        # it; the rest keeps its staleness window and back-off.
+        self._resync_requested.set()
 
     # -- threads -----------------------------------------------------------------------------------
 
@@ -358,15 +381,16 @@ class Watcher:
             return resource_fields(work.kind, work.namespace, work.name)
         return log_fields(work.kind, cached)
 
-    def _may_send(self) -> bool:
+    def _may_send(self, dropping: Callable[[], Iterable[Work]] = tuple) -> bool:
         """Whether this replica still leads; one that does not drops the work (an event, a resync tick,
         what it has not sent yet) and notes it. The new leader's resync covers it, and sending it too would
         only duplicate the new leader's work (and flood Redis when a send that was failing goes through
-        again)."""
+        again). In a lapse of its own Lease, ``dropping()`` is the work dropped: forgotten as sent, the
+        resync when it resumes sends it (an ordinary one would hold back what it last sent recently)."""
         if self.is_leader:
             return True
-        if self.elector is not None:
-            self.elector.note_ignored()  # if the Lease is still ours, the renewal resyncs
+        if self.elector is not None and self.elector.note_ignored():
+            self._forget(dropping())
         return False
 
     def _sender(self) -> None:
@@ -377,7 +401,8 @@ class Watcher:
             except Empty:
                 continue
             message = self.message_for(work, rv, own_version)
-            while not self.stop_event.is_set() and self._may_send():
+            unsent = [work]
+            while not self.stop_event.is_set() and self._may_send(dropping=unsent.copy):
                 try:
                     self._send(work.task, message, work.countdown_s)
                     self.enqueued += 1
@@ -397,17 +422,24 @@ class Watcher:
 
     def _resync_loop(self) -> None:
         while not self.stop_event.is_set():
-            self._forced_resync.wait(self.settings.resync_interval_s)
+            self._resync_requested.wait(self.settings.resync_interval_s)
             if self.stop_event.is_set():
                 return
-            # Cleared only once seen set: a request made after this check wakes the next wait at once.
-            forced = self._forced_resync.is_set()
-            if forced:
-                self._forced_resync.clear()
             try:
-                self.resync(force=forced)
+                self.resync(force=self._take_resync_request())
             except Exception:  # noqa: BLE001
                 log.exception("resync failed")
+
+    def _take_resync_request(self) -> bool:
+        """Take the request for a resync, if one was made; whether it is a new leader's (forced)."""
+        # Each cleared only once seen set, the request before its kind (set in the other order): one made
+        # after these checks wakes the next wait at once.
+        if self._resync_requested.is_set():
+            self._resync_requested.clear()
+        forced = self._force_next_resync.is_set()
+        if forced:
+            self._force_next_resync.clear()
+        return forced
 
     def _gauges_loop(self) -> None:
         client: Any = None
@@ -476,7 +508,7 @@ class Watcher:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self._forced_resync.set()  # wakes the resync thread to see the stop
+        self._resync_requested.set()  # wakes the resync thread to see the stop
         if self.elector is not None:
             self.elector.stop()
         # Watch threads block in reads; closing the client ends them. All threads are daemons: one

@@ -600,10 +600,11 @@ class FlakyLeaseKube(FakeKubeClient):
         return super().get_lease(namespace, name)
 
 
-def test_leader_election_survives_unexpected_errors_and_starts_over_after_a_gap() -> None:
+def test_leader_election_survives_unexpected_errors_and_resumes_after_a_lapse() -> None:
     kube = FlakyLeaseKube()
     now = [datetime(2026, 12, 1, tzinfo=UTC)]
     started: list[datetime] = []
+    resumed: list[datetime] = []
 
     def on_started() -> None:
         started.append(now[0])
@@ -618,6 +619,7 @@ def test_leader_election_survives_unexpected_errors_and_starts_over_after_a_gap(
         lease_duration_s=15,
         clock=lambda: now[0],
         on_started_leading=on_started,
+        on_resumed_leading=lambda: resumed.append(now[0]),
     )
     elector.step()
     assert elector.is_leader and len(started) == 1, "a failing callback does not undo leadership"
@@ -629,8 +631,8 @@ def test_leader_election_survives_unexpected_errors_and_starts_over_after_a_gap(
     kube.failure = None
     now[0] += timedelta(seconds=2)
     elector.step()
-    assert elector.is_leader and started == [started[0], now[0]], (
-        "leading again, it starts over as a new leader does (events it ignored are not replayed)"
+    assert elector.is_leader and len(started) == 1 and resumed == [now[0]], (
+        "leading again on its own Lease, it resumes (events it ignored are left to a resync)"
     )
 
     thread_kube = FlakyLeaseKube()
@@ -700,10 +702,12 @@ def test_a_new_leaders_resync_runs_on_the_resync_thread_not_the_lease_thread(mon
     thread = threading.Thread(target=watcher._resync_loop, name="resync", daemon=True)
     thread.start()
     wait_for(lambda: ran == [(True, "resync")], timeout_s=10)
+    watcher._on_resumed_leading()  # after a lapse: an ordinary resync, at once
+    wait_for(lambda: ran == [(True, "resync"), (False, "resync")], timeout_s=10)
     watcher.stop_event.set()
-    watcher._forced_resync.set()
+    watcher._resync_requested.set()
     thread.join(timeout=10)
-    assert not thread.is_alive() and ran == [(True, "resync")]
+    assert not thread.is_alive() and ran == [(True, "resync"), (False, "resync")]
 
 
 def test_a_relist_reads_in_pages_and_still_sees_every_object_and_every_deletion() -> None:
@@ -830,7 +834,7 @@ def test_an_event_whose_handler_always_fails_is_given_up_after_a_few_attempts() 
     assert informer.snapshot(), "kept in the cache as seen"
 
 
-def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> None:
+def test_events_dropped_in_a_lapse_inside_one_slow_renewal_bring_a_resync() -> None:
     """Renewals at +2/+4/+6 s fail, the one at +8 s takes 2.5 s and succeeds: for 0.6 s the holder is
     not acting and drops events, yet the steps either side see it acting, so no resync was started."""
     now = [datetime(2026, 12, 1, tzinfo=UTC)]
@@ -854,7 +858,8 @@ def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> Non
         "one",
         lease_duration_s=15,
         clock=lambda: now[0],
-        on_started_leading=lambda: started.append("resync"),
+        on_started_leading=lambda: started.append("new leader"),
+        on_resumed_leading=lambda: started.append("resumed"),
     )
     kube = elector.kube
     run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
@@ -862,7 +867,7 @@ def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> Non
     watcher = Watcher(Settings(), kube, lambda *a: sent.append(a), leader_election=False)
     watcher.elector = elector
     elector.step()  # creates the Lease: leading
-    assert elector.is_leader and started == ["resync"]
+    assert elector.is_leader and started == ["new leader"]
     failing[0] = True
     for _ in range(3):
         now[0] += timedelta(seconds=2)
@@ -871,7 +876,7 @@ def test_events_dropped_in_a_gap_inside_one_slow_renewal_bring_a_resync() -> Non
     now[0] += timedelta(seconds=2)
     elector.step()  # begins while still acting (+8 s), ends at +10.5 s, past the deadline
     assert dropped_mid_call == [True]
-    assert elector.is_leader and started == ["resync", "resync"], started
+    assert elector.is_leader and started == ["new leader", "resumed"], started
 
 
 def test_a_renewal_still_in_flight_when_the_leader_stops_does_not_take_the_released_lease_back() -> None:
@@ -890,14 +895,16 @@ def test_a_renewal_still_in_flight_when_the_leader_stops_does_not_take_the_relea
 
 
 class SwitchableElector:
-    """Stands in for the LeaderElector: leadership is set by the test; drops are counted."""
+    """Stands in for the LeaderElector: leadership is set by the test; drops are counted. The Lease stays
+    its own (not acting is a lapse)."""
 
     def __init__(self, leading: bool = True) -> None:
         self.is_leader = leading
         self.ignored = 0
 
-    def note_ignored(self) -> None:
+    def note_ignored(self) -> bool:
         self.ignored += 1
+        return True
 
 
 def test_a_replica_that_lost_the_lease_drops_what_it_has_not_sent_yet() -> None:
@@ -969,12 +976,13 @@ def test_the_cache_is_searched_in_every_watched_namespace() -> None:
     assert watcher._cached("TaskRun", "a", "r") is None
 
 
-def test_slow_renewals_start_over_only_when_work_was_dropped_in_the_gap() -> None:
+def test_slow_renewals_resync_only_when_work_was_dropped_in_the_lapse() -> None:
     """Each renewal takes 9 s, so each step begins past the renew deadline: the replica is not acting at
     the start of the next step though it renewed every time. It used to force a full resync at every
-    step; now only a gap in which something was dropped (an event, a resync tick) brings one."""
+    step; now only a lapse in which something was dropped (an event, a resync tick) brings one."""
     now = [datetime(2026, 12, 1, tzinfo=UTC)]
     started: list[datetime] = []
+    resumed: list[datetime] = []
 
     class SlowKube(FakeKubeClient):
         def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -990,6 +998,7 @@ def test_slow_renewals_start_over_only_when_work_was_dropped_in_the_gap() -> Non
         lease_duration_s=15,
         clock=lambda: now[0],
         on_started_leading=lambda: started.append(now[0]),
+        on_resumed_leading=lambda: resumed.append(now[0]),
     )
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
     watcher.elector = elector
@@ -1000,11 +1009,11 @@ def test_slow_renewals_start_over_only_when_work_was_dropped_in_the_gap() -> Non
         elector.step()  # renews, answered 9 s later
         now[0] += timedelta(seconds=1)
         assert not elector.is_leader
-    assert len(started) == 1, "renewed each time and nothing was dropped: no resync"
+    assert len(started) == 1 and not resumed, "renewed each time and nothing was dropped: no resync"
     assert watcher.resync() == 0, "a resync tick while not acting is skipped..."
     now[0] += timedelta(seconds=1)
     elector.step()
-    assert len(started) == 2, "...and the renewal after it starts over"
+    assert len(started) == 1 and len(resumed) == 1, "...and the renewal after it resyncs"
 
 
 class TimedWaitEvent(threading.Event):
@@ -1319,3 +1328,120 @@ def test_without_leader_election_the_first_lists_are_not_routed_as_events(monkey
         pending,
     )
     assert watcher._outbox.get_nowait()[0].reason == "event", "events after the start are routed"
+
+
+def test_a_lapse_of_its_own_lease_resumes_and_only_a_new_leader_starts_over() -> None:
+    """Renewing its own Lease after a lapse, a replica ran a new leader's resync, which re-sent
+    everything unfinished: no other replica led in the lapse, so it resumes. Leading for the first time,
+    or taking the Lease from another holder, still starts over."""
+    kube = FlakyLeaseKube()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    calls: list[tuple[str, str]] = []
+
+    def elector(identity: str) -> LeaderElector:
+        return LeaderElector(
+            kube,
+            "default",
+            "lease",
+            identity,
+            lease_duration_s=15,
+            clock=lambda: now[0],
+            on_started_leading=lambda: calls.append((identity, "new leader")),
+            on_resumed_leading=lambda: calls.append((identity, "resumed")),
+        )
+
+    def every_2s_for(seconds: int, *electors: LeaderElector) -> None:
+        for _ in range(seconds // 2):
+            now[0] += timedelta(seconds=2)
+            for each in electors:
+                each.step()
+
+    one, two = elector("one"), elector("two")
+    one.step()
+    kube.failure = error_for(503, {"message": "etcd leader changed"})
+    every_2s_for(12, one)
+    assert not one.is_leader
+    kube.failure = None
+    every_2s_for(2, one)
+    assert one.is_leader and calls == [("one", "new leader"), ("one", "resumed")]
+
+    calls.clear()
+    two.step()  # a standby: sees one's Lease
+    every_2s_for(18, two)  # one stopped renewing: two takes over once the Lease expired
+    assert two.is_leader and calls == [("two", "new leader")]
+    every_2s_for(18, one)  # two died: one takes the Lease back from another holder
+    assert one.is_leader and calls == [("two", "new leader"), ("one", "new leader")]
+
+    calls.clear()
+    restarted = elector("one")  # the same identity after a restart: it knows nothing it sent
+    restarted.step()
+    assert restarted.is_leader and calls == [("one", "new leader")]
+
+
+def test_after_a_lapse_only_what_was_dropped_in_it_is_sent_again() -> None:
+    """The resync after a lapse was a new leader's: it forgot what it had sent of everything unfinished
+    and re-sent it all, at every lapse, to an API server that was already slow. Now it sends what the
+    lapse dropped (an event's work, a dependent's), and the rest keeps its staleness window."""
+    kube = FlakyLeaseKube()
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    watcher = Watcher(Settings(), kube, lambda *_: None)
+    elector = watcher.elector
+    assert elector is not None
+    elector._clock, elector._monotonic = (lambda: now[0]), (lambda: now[0].timestamp())
+    informers = {informer.kind: informer for informer in watcher.informers}
+    for name in [f"r{index}" for index in range(8)]:
+        informers["TaskRun"].cache[("default", name)] = run(
+            "TaskRun", {"name": name, "status": {"phase": "Pending"}}, "1"
+        )
+    waiting = run("TaskRun", {"name": "waiting", "status": {"phase": "Pending"}}, "1")
+    waiting["spec"] = {"agentRef": {"name": "a"}}
+    informers["TaskRun"].cache[("default", "waiting")] = waiting
+    agent = ready("Agent", "a", {"llmRef": {"name": "l"}})
+    informers["Agent"].cache[("default", "a")] = {**agent, "status": {"status": "Pending"}}
+    agent["metadata"]["resourceVersion"] = "2"  # it becomes Ready in the lapse
+
+    def sent_by_the_requested_resync() -> list[str]:
+        watcher.resync(force=watcher._take_resync_request())
+        queued = []
+        while not watcher._outbox.empty():
+            queued.append(watcher._outbox.get_nowait()[0].name)
+        return sorted(queued)
+
+    elector.step()  # a new leader
+    assert len(sent_by_the_requested_resync()) == 10, "every run, and the Agent to validate"
+    kube.failure = error_for(503, {"message": "etcd leader changed"})
+    for _ in range(6):
+        now[0] += timedelta(seconds=2)
+        elector.step()
+    assert not watcher.is_leader
+    changed = run("TaskRun", {"name": "r1", "status": {"phase": "Pending"}}, "2")
+    informers["TaskRun"].cache[("default", "r1")] = changed
+    watcher._on_event("TaskRun", "MODIFIED", changed, None)  # dropped
+    informers["Agent"].cache[("default", "a")] = agent
+    watcher._on_event("Agent", "MODIFIED", agent, {**agent, "status": {"status": "Pending"}})  # dropped
+    assert watcher._outbox.empty()
+    kube.failure = None
+    now[0] += timedelta(seconds=2)
+    elector.step()
+    assert watcher.is_leader
+    assert sent_by_the_requested_resync() == ["r1", "waiting"]
+
+
+def test_what_the_sender_drops_in_a_lapse_is_sent_by_the_resync_when_it_resumes() -> None:
+    """Queued while leading and dropped unsent in a lapse, it counted as sent: the resync after the lapse
+    held it back for the staleness window."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None)
+    elector = SwitchableElector(leading=True)
+    watcher.elector = elector  # type: ignore[assignment]
+    pending = run("TaskRun", {"name": "r", "status": {"phase": "Pending"}}, "5")
+    next(i for i in watcher.informers if i.kind == "TaskRun").cache[("default", "r")] = pending
+    watcher._on_event("TaskRun", "ADDED", pending, None)
+    elector.is_leader = False  # a lapse: the Lease is still its own
+    watcher._spawn(watcher._sender, "enqueue")
+    try:
+        wait_for(lambda: not watcher._recent, timeout_s=10, what="the drop to be forgotten as sent")
+    finally:
+        watcher.stop_event.set()
+    assert watcher._outbox.empty() and elector.ignored >= 1
+    elector.is_leader = True
+    assert watcher.resync() == 1
