@@ -53,6 +53,7 @@ class Informer:
         stop: threading.Event,
         watch_timeout_s: int = 290,
         index_label: str | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
         self.kind = kind
@@ -61,6 +62,7 @@ class Informer:
         self.handler = handler
         self.stop = stop
         self.watch_timeout_s = watch_timeout_s
+        self._monotonic = monotonic
         self.cache: dict[Key, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
@@ -185,7 +187,7 @@ class Informer:
                 if listed:
                     self.relist()
                     backoff = 0.2  # the API server answers: whatever grew during an outage starts over
-                opened = time.monotonic()
+                opened = self._monotonic()
                 for event in self.kube.watch_raw(
                     self.plural, self.namespace, self.resource_version, self.watch_timeout_s
                 ):
@@ -196,11 +198,16 @@ class Informer:
                     rv = (obj.get("metadata") or {}).get("resourceVersion")
                     if event.get("type") == "BOOKMARK":
                         self.resource_version = rv or self.resource_version
+                        backoff = 0.2  # the watch is open and the API server answers
                         continue
                     self._apply(str(event.get("type")), obj)
                     self.resource_version = rv or self.resource_version
                     backoff = slow_list_backoff = 0.2
-                if not received and time.monotonic() - opened < SHORT_WATCH_S:
+                if self._monotonic() - opened >= SHORT_WATCH_S:
+                    # Held open (a quiet kind's watch ends at its timeout without an event): the API server
+                    # answers, and what grew during an outage must not delay the next hiccup.
+                    backoff = 0.2
+                elif not received:
                     # client-go's "very short watch": something in the way (a proxy) answers and closes at
                     # once; reopening at once would spin.
                     log.warning(

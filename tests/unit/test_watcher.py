@@ -1445,3 +1445,28 @@ def test_what_the_sender_drops_in_a_lapse_is_sent_by_the_resync_when_it_resumes(
     assert watcher._outbox.empty() and elector.ignored >= 1
     elector.is_leader = True
     assert watcher.resync() == 1
+
+
+@pytest.mark.parametrize("quiet_watch", ["held-open", "bookmark"])
+def test_a_watch_open_after_an_outage_starts_the_back_off_over(quiet_watch: str) -> None:
+    """Only an event or a relist reset the back-off: after an outage, a quiet kind's watches (no event
+    for minutes) kept it, and its next hiccup waited 6.4 s, the one after 12.8 s, with a stale cache."""
+    clock = [1000.0]
+    outage = [Unavailable(0, "Unavailable", "connection refused") for _ in range(5)]
+    hiccup = Unavailable(0, "Unavailable", "connection reset")
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "940"}}}
+    event = {"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "950")}
+    kube = ScriptedWatchKube([*outage, [bookmark] if quiet_watch == "bookmark" else [], hiccup, [event]])
+    ScriptedWatchKube.stop = stop = TimedWaitEvent(stop_after=10)
+    scripted = kube.watch_raw
+
+    def watch(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        held_open = len(kube.watch_calls) == len(outage) and quiet_watch == "held-open"
+        yield from scripted(*args, **kwargs)
+        if held_open:
+            clock[0] += 290  # the API server held it open until its timeout, without an event
+
+    kube.watch_raw = watch  # type: ignore[method-assign]
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop, monotonic=lambda: clock[0])
+    informer.run()
+    assert stop.waits == [0.2, 0.4, 0.8, 1.6, 3.2, 0.2], "the hiccup after it waits 0.2 s again"
