@@ -63,12 +63,16 @@ def precise_timestamp(now: datetime) -> str:
 
 
 def parse_timestamp(value: str | None) -> datetime | None:
+    """A status timestamp, time-zone aware; None if absent or unreadable. One without a time zone (written
+    by hand: the CRD's date-time format accepts "2026-01-01T10:00:00") is taken as UTC, as Kubernetes
+    writes them: compared with an aware time it raised TypeError in the watcher and the workers."""
     if not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def claim_remaining_s(claimed_at: str | None, now: datetime, timeout_s: float) -> float:

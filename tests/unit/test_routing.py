@@ -124,3 +124,20 @@ def test_resync_revalidates_a_ready_agent_whose_mcp_server_tools_changed_unseen(
     assert revalidated(server("search", "fetch")) == [], "the same names, in another order"
     assert revalidated(server("fetch_url", "search")) == [("Agent", "a", "mcp-tools-changed")]
     assert revalidated(server("fetch")) == [("Agent", "a", "mcp-tools-changed")], "one gone"
+
+
+def test_times_written_by_hand_without_a_time_zone_are_taken_as_utc() -> None:
+    """The CRD's date-time format accepts "2026-12-01T00:00:03" (no zone); compared with an aware time it
+    raised TypeError at every event and every resync of that object, and in the workers that parse it."""
+    naive = (NOW + timedelta(seconds=3)).replace(tzinfo=None).isoformat()
+    backoff = obj("TaskRun", "r", {}, {"phase": "ErrorBackoff", "nextAttemptAt": naive})
+    assert work_for("TaskRun", backoff, NOW, 180)[0].countdown_s == pytest.approx(3)
+    claimed = obj(
+        "TaskRun",
+        "r",
+        {},
+        {"phase": "SendContextWindowToLLM", "claimedAt": NOW.replace(tzinfo=None).isoformat()},
+    )
+    assert work_for("TaskRun", claimed, NOW + timedelta(seconds=10), 180, resync=True) == []
+    (stale,) = work_for("TaskRun", claimed, NOW + timedelta(seconds=200), 180, resync=True)
+    assert stale.reason == "stale-claim"

@@ -1248,12 +1248,19 @@ def test_only_the_last_of_a_turns_tool_calls_to_finish_prompts_the_run() -> None
 
 
 def test_one_object_routing_cannot_handle_does_not_stop_the_resync_of_the_others(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A claim stamped without a time zone (written by hand) made the resync raise: every tick ended
-    there, nothing after it in the cache was looked at, and what it remembered was never forgotten."""
+    """An object routing raised on (a claim stamped without a time zone did, before such times were taken
+    as UTC) made the resync raise: every tick ended there, nothing after it in the cache was looked at,
+    and what it remembered was never forgotten."""
     import time as real_time
 
+    def routing_raising_on_bad(kind: str, obj: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if obj["metadata"]["name"] == "bad":
+            raise TypeError("can't compare offset-naive and offset-aware datetimes")
+        return work_for(kind, obj, *args, **kwargs)
+
+    monkeypatch.setattr("watcher.main.work_for", routing_raising_on_bad)
     watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
     informer = next(i for i in watcher.informers if i.kind == "TaskRun")
     claimed = {"phase": "SendContextWindowToLLM", "claimedAt": "2026-12-01T12:00:00"}
