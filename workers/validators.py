@@ -7,7 +7,7 @@ import logging
 from typing import Any, TypeVar
 
 from kubechain.kube.errors import Forbidden, NotFound
-from kubechain.llm.base import LLMError
+from kubechain.llm.base import LLMError, parameter_notes
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.transition import Transition
@@ -116,7 +116,7 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
         if exc.status_code == 404:
             # A compatible endpoint or gateway without a model list: nothing says the key is wrong.
             detail = f"{provider} API key not checked: the endpoint has no model list (404)"
-            _write(ctx, llm, plan_validation(llm, True, detail))
+            _write(ctx, llm, plan_validation(llm, True, _noted(detail, llm)))
             return
         if exc.retryable and llm.status.ready:
             # An overloaded or unreachable provider for a moment does not take a working LLM (and every
@@ -125,7 +125,12 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
             return
         _write(ctx, llm, plan_validation(llm, False, f"{provider} API key validation failed: {exc}"))
         return
-    _write(ctx, llm, plan_validation(llm, True, f"{provider} API key validated successfully"))
+    _write(ctx, llm, plan_validation(llm, True, _noted(f"{provider} API key validated successfully", llm)))
+
+
+def _noted(detail: str, llm: LLM) -> str:
+    """A Ready LLM's statusDetail, with what of its parameters is not sent (``parameter_notes``)."""
+    return "; ".join([detail, *parameter_notes(llm)])
 
 
 def validate_tool(ctx: WorkerContext, message: ResourceMessage) -> None:

@@ -90,10 +90,14 @@ class AnthropicClient:
                 for tool in request.tools
             ]
         # Recent SDKs no longer take sampling parameters as arguments; send them only when the LLM
-        # resource sets them, for endpoints that still accept them.
+        # resource sets them, for endpoints that still accept them. Not temperature and top_p together:
+        # Claude's current models refuse the request ("temperature and top_p cannot both be specified
+        # for this model"), which failed every run; temperature is sent (validation says so, see
+        # ``kubechain.llm.base.parameter_notes``).
+        top_p = request.top_p if request.temperature is None else None
         sampling = {
             key: value
-            for key, value in (("temperature", request.temperature), ("top_p", request.top_p))
+            for key, value in (("temperature", request.temperature), ("top_p", top_p))
             if value is not None
         }
         if sampling:

@@ -208,3 +208,17 @@ def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]
         max_tokens=llm.spec.effective_max_tokens(),
         top_p=top_p,
     )
+
+
+def parameter_notes(llm: LLM) -> list[str]:
+    """What of the LLM resource's parameters its provider is not sent, and why: for its validation to say
+    (the LLM is Ready; its runs work without them)."""
+    request = build_request(llm, [], [])
+    notes: list[str] = []
+    if llm.spec.provider == "anthropic":
+        if request.temperature is not None and request.top_p is not None:
+            notes.append(
+                "topP is not sent: Claude's current models refuse temperature and top_p together "
+                "(temperature is sent)"
+            )
+    return notes

@@ -397,3 +397,29 @@ def test_an_unreadable_answer_quoting_the_key_across_its_cut_keeps_no_piece_of_i
         )
     said = str(without_key(raised.value, KEY))
     assert "unreadable response" in said and not pieces(said), said
+
+
+def _sent_sampling(fake: FakeAnthropic, **sampling: Any) -> dict[str, Any]:
+    fake.reply = {
+        "id": "msg_s",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 1},
+    }
+    AnthropicClient("sk-ant-test", 5, fake.url).complete(
+        LLMRequest(model="claude-x", messages=[Message(role="user", content="hi")], **sampling)
+    )
+    sent = fake.requests[-1]
+    return {key: sent[key] for key in ("temperature", "top_p", "top_k") if key in sent}
+
+
+def test_temperature_and_top_p_together_send_temperature_only(fake: FakeAnthropic) -> None:
+    """Claude's current models (Sonnet 4.5, Opus 4.1, ...) answer 400 "temperature and top_p cannot both
+    be specified for this model": every run of an LLM setting both failed for good, the LLM Ready."""
+    assert _sent_sampling(fake, temperature=0.2, top_p=0.9) == {"temperature": 0.2}
+    assert _sent_sampling(fake, top_p=0.9) == {"top_p": 0.9}
+    assert _sent_sampling(fake, temperature=0.0) == {"temperature": 0.0}
+    assert _sent_sampling(fake) == {}

@@ -1252,3 +1252,21 @@ def test_a_tool_call_made_by_hand_for_a_live_run_is_refused_not_run() -> None:
     (made,) = [name for name in toolcall_names(kube) if name != "handmade"]
     tool_call(ctx, message("TaskRunToolCall", made))  # the run's own call still runs
     assert kube.get_raw("taskruntoolcalls", "default", made)["status"]["result"] == "3"
+
+
+def _validated_llm_detail(kube: FakeKubeClient, provider: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    kube.add_secret("default", provider, {f"{provider.upper()}_API_KEY": "sk-1"})
+    create(kube, "LLM", "llms", "l", {"provider": provider, "parameters": parameters})
+    validate(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), message("LLM", "l"))
+    return dict(kube.get_raw("llms", "default", "l")["status"])
+
+
+def test_an_anthropic_llm_setting_temperature_and_top_p_is_ready_and_says_top_p_is_not_sent() -> None:
+    status = _validated_llm_detail(FakeKubeClient(), "anthropic", {"temperature": "0.2", "topP": "0.9"})
+    assert status["status"] == "Ready", status
+    assert status["statusDetail"].startswith("Anthropic API key validated successfully; ")
+    assert "topP is not sent" in status["statusDetail"], status["statusDetail"]
+    alone = _validated_llm_detail(FakeKubeClient(), "anthropic", {"topP": "0.9"})
+    assert alone["statusDetail"] == "Anthropic API key validated successfully"
+    openai = _validated_llm_detail(FakeKubeClient(), "openai", {"temperature": "0.2", "topP": "0.9"})
+    assert openai["statusDetail"] == "OpenAI API key validated successfully"
