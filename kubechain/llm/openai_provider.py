@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from typing import Any
 
@@ -115,12 +116,23 @@ def _text_of(content: Any) -> str:
 
 
 OFFICIAL_HOST = "api.openai.com"
+# OpenAI's regional (data residency) hosts, eu.api.openai.com and the like, and Azure OpenAI's
+OFFICIAL_HOST_SUFFIXES = (".api.openai.com", ".openai.azure.com")
+# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, gpt-5.1, ...), a gateway's "openai/" prefix or not
+REASONING_MODEL = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:[-.:]|$)")
+
+
+def is_official_host(host: str) -> bool:
+    """Whether ``host`` is OpenAI's (or Azure OpenAI's), which take the token limit as
+    ``max_completion_tokens``."""
+    host = host.lower().rstrip(".")
+    return host == OFFICIAL_HOST or host.endswith(OFFICIAL_HOST_SUFFIXES)
 
 
 def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
     """The chat completion request. OpenAI itself takes the token limit as ``max_completion_tokens``
-    (its reasoning models refuse ``max_tokens``); compatible servers (vLLM, Ollama, LiteLLM) know
-    ``max_tokens``."""
+    (its reasoning models refuse ``max_tokens``), and so does a reasoning model behind a gateway, which
+    passes the body on; compatible servers (vLLM, Ollama, LiteLLM) know ``max_tokens``."""
     body: dict[str, Any] = {
         "model": request.model,
         "messages": [message_to_openai(message) for message in request.messages],
@@ -130,7 +142,8 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
     if request.temperature is not None:
         body["temperature"] = request.temperature
     if request.max_tokens is not None:
-        body["max_completion_tokens" if official else "max_tokens"] = request.max_tokens
+        takes_completion_tokens = official or REASONING_MODEL.search(request.model) is not None
+        body["max_completion_tokens" if takes_completion_tokens else "max_tokens"] = request.max_tokens
     if request.top_p is not None:
         body["top_p"] = request.top_p
     return body
@@ -149,7 +162,7 @@ class OpenAIClient:
             http_client=with_deadline(openai.DefaultHttpxClient(), timeout_s),
         )
         # the URL the SDK settled on: the argument, else OPENAI_BASE_URL, else api.openai.com
-        self._official = self._client.base_url.host == OFFICIAL_HOST
+        self._official = is_official_host(self._client.base_url.host)
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         kwargs = request_body(request, official=self._official)

@@ -382,7 +382,7 @@ def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tok
     """OpenAI's reasoning models refuse max_tokens: every run of an LLM with maxTokens failed with a 400."""
     from kubechain.llm.openai_provider import request_body
 
-    request = LLMRequest(model="o3", messages=[Message(role="user", content="hi")], max_tokens=64)
+    request = LLMRequest(model="gpt-4o", messages=[Message(role="user", content="hi")], max_tokens=64)
     assert request_body(request, official=True)["max_completion_tokens"] == 64
     assert "max_tokens" not in request_body(request, official=True)
     assert request_body(request, official=False)["max_tokens"] == 64
@@ -390,6 +390,50 @@ def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tok
         OpenAIClient("sk", 5, None)._official and OpenAIClient("sk", 5, "https://api.openai.com/v1")._official
     )
     assert not OpenAIClient("sk", 5, "http://vllm.local:8000/v1")._official
+
+
+def _sent_through_the_sdk(base_url: str, model: str) -> dict[str, Any]:
+    """The body OpenAIClient's SDK posts to ``base_url`` (a MockTransport answers it)."""
+    import httpx2
+
+    sent: list[dict[str, Any]] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(json.loads(request.content))
+        return httpx2.Response(200, content=completion({"role": "assistant", "content": "ok"}))
+
+    client = OpenAIClient("sk", 5, base_url)
+    client._client._client = httpx2.Client(transport=httpx2.MockTransport(answer))
+    client.complete(LLMRequest(model=model, messages=[Message(role="user", content="hi")], max_tokens=64))
+    return sent[0]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "model", "field"),
+    [
+        ("https://api.openai.com/v1", "gpt-4o", "max_completion_tokens"),
+        # OpenAI's regional data residency hosts, and Azure OpenAI (its v1 API): o-series and gpt-5 models
+        # there refused max_tokens, failing every run of an LLM with maxTokens
+        ("https://eu.api.openai.com/v1", "o3", "max_completion_tokens"),
+        ("https://us.api.openai.com/v1", "gpt-5", "max_completion_tokens"),
+        ("https://my-resource.openai.azure.com/openai/v1", "o4-mini", "max_completion_tokens"),
+        # a gateway in front of OpenAI passes the body on: a reasoning model's name says what it takes
+        ("https://gateway.corp/v1", "o3-mini", "max_completion_tokens"),
+        ("https://gateway.corp/v1", "openai/gpt-5.1", "max_completion_tokens"),
+        ("https://gateway.corp/v1", "o1", "max_completion_tokens"),
+        ("http://vllm.local:8000/v1", "meta-llama/Llama-3.1-8B-Instruct", "max_tokens"),
+        ("http://vllm.local:8000/v1", "gpt-oss-20b", "max_tokens"),
+        ("http://vllm.local:8000/v1", "gpt-4o", "max_tokens"),
+        ("https://notapi.openai.com.evil.example/v1", "gpt-4o", "max_tokens"),
+        ("https://openai.azure.com.example/v1", "gpt-4o", "max_tokens"),
+    ],
+)
+def test_openai_hosts_and_reasoning_models_get_max_completion_tokens(
+    base_url: str, model: str, field: str
+) -> None:
+    body = _sent_through_the_sdk(base_url, model)
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    assert body[field] == 64 and other not in body, body
 
 
 @pytest.mark.slow
