@@ -118,6 +118,12 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
             detail = f"{provider} API key not checked: the endpoint has no model list (404)"
             _write(ctx, llm, plan_validation(llm, True, _noted(detail, llm)))
             return
+        if exc.unchecked:
+            # e.g. an OpenAI restricted key without "Models: Read": it may chat all the same
+            _write(
+                ctx, llm, plan_validation(llm, True, _noted(f"{provider} API key not checked: {exc}", llm))
+            )
+            return
         if exc.retryable and llm.status.ready:
             # An overloaded or unreachable provider for a moment does not take a working LLM (and every
             # Agent on it) out of service; the next resync checks again.

@@ -60,18 +60,44 @@ class LLMError(Exception):
         status_code: int | None = None,
         retry_after_s: float | None = None,
         cut_short: bool = False,
+        unchecked: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status_code = status_code
         self.retry_after_s = retry_after_s
         self.cut_short = cut_short
+        # a credentials check that could not be made, which says nothing against the key (see
+        # ``credentials_error``)
+        self.unchecked = unchecked
+
+
+# What OpenAI answers (401, or 403) a restricted or project key without the "Models: Read" permission,
+# which may still chat: "You have insufficient permissions for this operation. Missing scopes: ..."
+MISSING_PERMISSION = ("missing scope", "insufficient permission")
+
+
+def endpoint_said(cause: Exception) -> str:
+    """The message of an SDK's status error (its body's error message), else the error as text."""
+    body = getattr(cause, "body", None)
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    said = inner.get("message") if isinstance(inner, dict) else None
+    return said if isinstance(said, str) and said else str(cause)
 
 
 def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
     """What a failed credentials check (listing models) means: an HTTP status, or no answer at all."""
     if status_code is None:
         return LLMError(f"could not reach the LLM endpoint: {cause}", retryable=True)
+    said = endpoint_said(cause)
+    if status_code in (401, 403) and any(words in said.lower() for words in MISSING_PERMISSION):
+        # The key is good but may not list models: not the key's fault, and its runs may well work.
+        return LLMError(
+            f"the key may not list models (status code: {status_code}): {said[:300]}",
+            retryable=False,
+            status_code=status_code,
+            unchecked=True,
+        )
     if status_code == 401:
         return LLMError(
             f"invalid API key (status code: {status_code})", retryable=False, status_code=status_code
@@ -106,6 +132,7 @@ def without_key(error: LLMError, api_key: str) -> LLMError:
         status_code=error.status_code,
         retry_after_s=error.retry_after_s,
         cut_short=error.cut_short,
+        unchecked=error.unchecked,
     )
     clean.__suppress_context__ = True
     return clean

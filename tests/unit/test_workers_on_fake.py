@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -1270,3 +1271,45 @@ def test_an_anthropic_llm_setting_temperature_and_top_p_is_ready_and_says_top_p_
     assert alone["statusDetail"] == "Anthropic API key validated successfully"
     openai = _validated_llm_detail(FakeKubeClient(), "openai", {"temperature": "0.2", "topP": "0.9"})
     assert openai["statusDetail"] == "OpenAI API key validated successfully"
+
+
+def _validated_against(
+    answer: Callable[[Any], Any], provider: str = "openai", base: str = "/v1"
+) -> dict[str, Any]:
+    """The status of an LLM validated by the real provider client against a local server ``answer``ing."""
+    from kubechain.llm.base import LLMClientFactory
+    from tests.unit.http_stub import StubHTTPServer
+
+    kube = FakeKubeClient()
+    kube.add_secret("default", provider, {f"{provider.upper()}_API_KEY": "sk-1"})
+    with StubHTTPServer(answer) as server:
+        create(kube, "LLM", "llms", "l", {"provider": provider, "parameters": {"baseUrl": server.url + base}})
+        ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+        ctx.llms = LLMClientFactory(10)
+        validate(ctx, message("LLM", "l"))
+    return dict(kube.get_raw("llms", "default", "l")["status"])
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_restricted_openai_key_that_may_not_list_models_is_ready_unchecked(status: int) -> None:
+    """An OpenAI restricted or project key without "Models: Read" is refused the model list (chat works):
+    it was taken for an invalid key, and every Agent on the LLM blocked."""
+    from tests.unit.http_stub import StubAnswer
+
+    refusal = {
+        "error": {
+            "message": "You have insufficient permissions for this operation. Missing scopes: api.model.read. "
+            "Check that you have the correct role in your organization (Reader, Writer, Owner) and project "
+            "(Member, Owner), and if you're using a restricted API key, that it has the necessary scopes.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    result = _validated_against(lambda _: StubAnswer(status, json.dumps(refusal).encode()))
+    assert result["status"] == "Ready", result
+    assert result["statusDetail"].startswith("OpenAI API key not checked: "), result["statusDetail"]
+    assert "api.model.read" in result["statusDetail"]
+    invalid = {"error": {"message": "Incorrect API key provided: sk-1.", "type": "invalid_request_error"}}
+    refused = _validated_against(lambda _: StubAnswer(status, json.dumps(invalid).encode()))
+    assert refused["status"] == "Error", refused
