@@ -9,7 +9,7 @@ from typing import Any
 import anthropic
 from anthropic.types import StopReason
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, model_list_error
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
@@ -134,11 +134,24 @@ class AnthropicClient:
 
     def validate_credentials(self) -> None:
         try:
-            self._client.models.list(limit=1)
+            answer = self._client.models.with_raw_response.list(limit=1)
         except anthropic.APIStatusError as exc:
             raise credentials_error(exc.status_code, exc) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise credentials_error(None, exc) from exc
+        except anthropic.AnthropicError as exc:
+            raise model_list_error(None, exc) from exc
+        try:
+            answer.parse()  # the SDK reads the answer only here, without checking its shape
+        except (
+            anthropic.AnthropicError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
+            raise model_list_error(answer.headers.get("content-type"), exc) from exc
 
 
 # The answer stopped at a limit: its last block may have been cut short.

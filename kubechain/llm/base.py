@@ -111,6 +111,19 @@ def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
     )
 
 
+def model_list_error(content_type: str | None, cause: Exception) -> LLMError:
+    """A credentials check answered 200 with something that is no model list (a web page: a baseUrl that
+    is a site, or a proxy's login page; JSON of another shape). Not retried: the endpoint is wrong."""
+    if content_type is not None and "json" not in content_type.lower():
+        hint = f"it answered {content_type.split(';')[0].strip() or 'no content type'}, not JSON"
+    else:
+        hint = f"{type(cause).__name__}: {str(cause)[:200]}"
+    return LLMError(
+        f"the base URL did not answer with a model list: {hint} (is baseUrl the API's own URL?)",
+        retryable=False,
+    )
+
+
 class LLMClient(Protocol):
     def complete(self, request: LLMRequest) -> LLMResponse: ...
 

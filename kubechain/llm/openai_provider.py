@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 import openai
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, model_list_error
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
@@ -210,11 +210,24 @@ class OpenAIClient:
 
     def validate_credentials(self) -> None:
         try:
-            self._client.models.list()
+            answer = self._client.models.with_raw_response.list()
         except openai.APIStatusError as exc:
             raise credentials_error(exc.status_code, exc) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise credentials_error(None, exc) from exc
+        except openai.OpenAIError as exc:
+            raise model_list_error(None, exc) from exc
+        try:
+            answer.parse()  # the SDK reads the answer only here, without checking its shape
+        except (
+            openai.OpenAIError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            RecursionError,
+        ) as exc:
+            raise model_list_error(answer.headers.get("content-type"), exc) from exc
 
 
 def _short_body(exc: openai.APIStatusError, api_key: str) -> str:

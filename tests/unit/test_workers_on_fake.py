@@ -1313,3 +1313,29 @@ def test_a_restricted_openai_key_that_may_not_list_models_is_ready_unchecked(sta
     invalid = {"error": {"message": "Incorrect API key provided: sk-1.", "type": "invalid_request_error"}}
     refused = _validated_against(lambda _: StubAnswer(status, json.dumps(invalid).encode()))
     assert refused["status"] == "Error", refused
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize(
+    ("content_type", "body", "said"),
+    [
+        ("text/html", b"<html><body>Welcome to nginx!</body></html>", "text/html, not JSON"),
+        ("application/json", b"not json", "JSONDecodeError"),
+        ("application/json", b"[1, 2]", "AttributeError"),
+    ],
+)
+def test_a_base_url_answering_something_else_than_a_model_list_is_an_error_not_a_crash(
+    provider: str, content_type: str, body: bytes, said: str
+) -> None:
+    """A 200 with a web page (a baseUrl that is a site, not the API) or JSON of another shape raised out of
+    the validation task: the LLM got no status at all."""
+    from tests.unit.http_stub import StubAnswer
+
+    answer = StubAnswer(200, body, {"Content-Type": content_type})
+    result = _validated_against(lambda _: answer, provider, "/v1" if provider == "openai" else "")
+    name = "OpenAI" if provider == "openai" else "Anthropic"
+    assert result["status"] == "Error", result
+    assert result["statusDetail"].startswith(
+        f"{name} API key validation failed: the base URL did not answer with a model list: "
+    ), result["statusDetail"]
+    assert said in result["statusDetail"]
