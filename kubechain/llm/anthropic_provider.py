@@ -137,7 +137,12 @@ class AnthropicClient:
             answer = self._client.models.with_raw_response.list(limit=1)
         except anthropic.APIStatusError as exc:
             raise credentials_error(exc.status_code, exc) from exc
+        except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
+            raise model_list_error(None, exc) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
+            too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
+            if too_large is not None:
+                raise model_list_error(None, too_large) from exc
             raise credentials_error(None, exc) from exc
         except anthropic.AnthropicError as exc:
             raise model_list_error(None, exc) from exc

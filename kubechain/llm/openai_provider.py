@@ -213,7 +213,12 @@ class OpenAIClient:
             answer = self._client.models.with_raw_response.list()
         except openai.APIStatusError as exc:
             raise credentials_error(exc.status_code, exc) from exc
+        except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
+            raise model_list_error(None, exc) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+            too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
+            if too_large is not None:
+                raise model_list_error(None, too_large) from exc
             raise credentials_error(None, exc) from exc
         except openai.OpenAIError as exc:
             raise model_list_error(None, exc) from exc

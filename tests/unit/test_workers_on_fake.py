@@ -1339,3 +1339,20 @@ def test_a_base_url_answering_something_else_than_a_model_list_is_an_error_not_a
         f"{name} API key validation failed: the base URL did not answer with a model list: "
     ), result["statusDetail"]
     assert said in result["statusDetail"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_model_list_over_the_size_limit_is_an_error_not_a_crash(
+    provider: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kubechain.llm.deadline as deadline
+    from tests.unit.http_stub import StubAnswer
+
+    monkeypatch.setattr(deadline, "MAX_ANSWER_BYTES", 16)
+    answer = StubAnswer(200, json.dumps({"data": [{"id": "m" * 64}], "has_more": False}).encode())
+    result = _validated_against(lambda _: answer, provider, "/v1" if provider == "openai" else "")
+    assert result["status"] == "Error", result
+    assert (
+        "did not answer with a model list: AnswerTooLarge: the answer is over 16 bytes"
+        in result["statusDetail"]
+    )
