@@ -113,16 +113,13 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     try:
         ctx.llms.for_llm(llm, api_key).validate_credentials()
     except LLMError as exc:
-        if exc.status_code == 404:
-            # A compatible endpoint or gateway without a model list: nothing says the key is wrong.
-            detail = f"{provider} API key not checked: the endpoint has no model list (404)"
-            _write(ctx, llm, plan_validation(llm, True, _noted(detail, llm)))
-            return
-        if exc.unchecked:
-            # e.g. an OpenAI restricted key without "Models: Read": it may chat all the same
-            _write(
-                ctx, llm, plan_validation(llm, True, _noted(f"{provider} API key not checked: {exc}", llm))
-            )
+        if exc.unchecked or exc.status_code == 404:
+            # A compatible endpoint or gateway without a model list, or a key that may not read it (an
+            # OpenAI restricted key without "Models: Read", which may chat all the same): nothing says
+            # the key is wrong.
+            said = str(exc) if exc.unchecked else "the endpoint has no model list (404)"
+            detail = _noted(f"{provider} API key not checked: {said}", llm)
+            _write(ctx, llm, plan_validation(llm, True, detail))
             return
         if exc.retryable and llm.status.ready:
             # An overloaded or unreachable provider for a moment does not take a working LLM (and every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -62,13 +63,19 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
     return "\n\n".join(system_parts), out
 
 
+def without_v1(base_url: str | None) -> str | None:
+    """``base_url`` without a trailing /v1: the SDK adds it to every path (/v1/messages), so a baseUrl
+    written as OpenAI-compatible ones are (ending in /v1) asked /v1/v1/messages, a 404 on every run."""
+    return re.sub(r"/v1/*$", "", base_url) if base_url else base_url
+
+
 class AnthropicClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
         self._api_key = api_key
         self._client = anthropic.Anthropic(
             api_key=api_key,
-            base_url=base_url or None,
+            base_url=without_v1(base_url) or None,
             max_retries=0,
             timeout=timeout_s,
             # timeout_s bounds the whole call, not each read

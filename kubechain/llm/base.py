@@ -85,10 +85,22 @@ def endpoint_said(cause: Exception) -> str:
     return said if isinstance(said, str) and said else str(cause)
 
 
-def credentials_error(status_code: int | None, cause: Exception) -> LLMError:
-    """What a failed credentials check (listing models) means: an HTTP status, or no answer at all."""
+def credentials_error(status_code: int | None, cause: Exception, *, not_found_hint: str = "") -> LLMError:
+    """What a failed credentials check (listing models) means: an HTTP status, or no answer at all.
+    ``not_found_hint``: what to say of a 404 (where the provider's API usually is)."""
     if status_code is None:
         return LLMError(f"could not reach the LLM endpoint: {cause}", retryable=True)
+    if status_code == 404:
+        # A compatible endpoint or gateway without a model list, which says nothing against the key; or a
+        # wrong baseUrl, whose runs will fail with a 404 too: the URL asked says which.
+        request = getattr(getattr(cause, "response", None), "request", None)
+        where = f" at {redact_url(str(request.url))}" if request is not None else ""
+        return LLMError(
+            f"the endpoint has no model list{where} (404){not_found_hint}",
+            retryable=False,
+            status_code=404,
+            unchecked=True,
+        )
     said = endpoint_said(cause)
     if status_code in (401, 403) and any(words in said.lower() for words in MISSING_PERMISSION):
         # The key is good but may not list models: not the key's fault, and its runs may well work.

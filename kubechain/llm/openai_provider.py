@@ -149,6 +149,9 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
     return body
 
 
+NOT_UNDER_V1 = "; OpenAI-compatible servers usually serve their API under /v1: does baseUrl lack it?"
+
+
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
@@ -212,7 +215,8 @@ class OpenAIClient:
         try:
             answer = self._client.models.with_raw_response.list()
         except openai.APIStatusError as exc:
-            raise credentials_error(exc.status_code, exc) from exc
+            hint = "" if "v1" in self._client.base_url.path.split("/") else NOT_UNDER_V1
+            raise credentials_error(exc.status_code, exc, not_found_hint=hint) from exc
         except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
             raise model_list_error(None, exc) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:

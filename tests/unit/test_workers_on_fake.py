@@ -1356,3 +1356,31 @@ def test_a_model_list_over_the_size_limit_is_an_error_not_a_crash(
         "did not answer with a model list: AnswerTooLarge: the answer is over 16 bytes"
         in result["statusDetail"]
     )
+
+
+def _api_at_v1(request: Any) -> Any:
+    """An API under /v1 (as OpenAI's, vLLM's, Anthropic's): anything else is 404."""
+    from tests.unit.http_stub import StubAnswer
+
+    if request.path.split("?")[0] == "/v1/models":
+        return StubAnswer(200, json.dumps({"data": [], "has_more": False, "object": "list"}).encode())
+    return StubAnswer(404, b'{"detail": "Not Found"}')
+
+
+def test_an_openai_compatible_base_url_without_v1_is_ready_unchecked_naming_the_url_tried() -> None:
+    """The 404 was read as "no model list" and the LLM Ready: every run then failed with a 404 too, the
+    note not saying which URL was asked nor that such servers usually serve under /v1."""
+    result = _validated_against(_api_at_v1, "openai", "")
+    assert result["status"] == "Ready", result
+    detail = result["statusDetail"]
+    assert detail.startswith("OpenAI API key not checked: "), detail
+    assert "/models (404)" in detail and "http://127.0.0.1:" in detail and "/v1" in detail, detail
+    assert "under /v1" not in _validated_against(_api_at_v1, "openai", "/v1/other")["statusDetail"]
+
+
+def test_an_anthropic_base_url_ending_in_v1_is_asked_without_it_twice() -> None:
+    """The SDK adds /v1 itself: a baseUrl ending in /v1 (as OpenAI-compatible ones do) asked /v1/v1/models,
+    whose 404 left the LLM Ready unchecked and every run failing with a 404."""
+    for base in ("/v1", "/v1/"):
+        result = _validated_against(_api_at_v1, "anthropic", base)
+        assert result["statusDetail"] == "Anthropic API key validated successfully", result
