@@ -32,9 +32,9 @@ ToolKind = Literal["tool", "mcp", "subagent", "human"]
 
 # The function names the LLM is offered (tool_definitions) and Agent validation checks: made in one place.
 def object_parameters(schema: Any) -> dict[str, Any]:
-    """An MCP tool's input schema as the LLM providers take it: a JSON Schema of type "object" (OpenAI and
-    Anthropic refuse the whole request otherwise, so one such tool would fail every turn of every Agent
-    that uses its server). MCP arguments are always an object: a schema that omits the type says so
+    """An MCP tool's input schema (or a Tool's parameters) as the LLM providers take it: a JSON Schema of
+    type "object" (OpenAI and Anthropic refuse the whole request otherwise, so one such tool would fail
+    every turn of every Agent that uses it). Arguments are always an object: a schema that omits the type says so
     (it is added), one of another type cannot describe them (an empty object schema stands in)."""
     if not isinstance(schema, dict):
         return {"type": "object", "properties": {}}
@@ -124,7 +124,9 @@ def tool_definitions(
     """Every function the agent's LLM may call, JSON schemas passed through whole."""
     definitions: list[ToolDefinition] = []
     for tool in tools:
-        parameters = tool.spec.parameters or {"type": "object", "properties": {}}
+        # validation takes parameters without a type for an object schema; the providers refuse them
+        # unless they say so
+        parameters = object_parameters(tool.spec.parameters or None)
         definitions.append(
             ToolDefinition(
                 name=tool.spec.function_name(tool.name),

@@ -71,3 +71,38 @@ def test_an_mcp_tools_input_schema_is_offered_to_the_llm_as_an_object_schema(
     agent = Agent.from_wire({"metadata": {"name": "a"}, "spec": {"llmRef": {"name": "l"}, "system": "s"}})
     (definition,) = tool_definitions(agent, [], [server], [], [])
     assert definition.parameters == offered
+
+
+@pytest.mark.parametrize(
+    ("parameters", "offered"),
+    [
+        (None, {"type": "object", "properties": {}}),
+        (
+            {"properties": {"a": {"type": "number"}}, "required": ["a"]},
+            {"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]},
+        ),
+        ({}, {"type": "object", "properties": {}}),
+        (
+            {"type": "object", "properties": {"a": {"type": "number"}}},
+            {"type": "object", "properties": {"a": {"type": "number"}}},
+        ),
+    ],
+)
+def test_a_tools_parameters_without_a_type_are_offered_as_an_object_schema(
+    parameters: dict[str, Any] | None, offered: dict[str, Any]
+) -> None:
+    """Validation accepts a Tool whose parameters leave the type out (an object, then), but they were sent
+    as they are: OpenAI refuses function parameters not of type "object", Anthropic an input_schema without
+    a type, and every turn of every Agent offering the Tool failed."""
+    from kubechain.models import Agent, Tool
+    from kubechain.statemachines.toolset import tool_definitions
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    spec: dict[str, Any] = {"name": "add", "description": "Add", "execute": {"builtin": {"name": "add"}}}
+    if parameters is not None:
+        spec["parameters"] = parameters
+    tool = Tool.from_wire({"metadata": {"name": "add", "namespace": "default"}, "spec": spec})
+    assert validate_tool_spec(tool) is None
+    agent = Agent.from_wire({"metadata": {"name": "a"}, "spec": {"llmRef": {"name": "l"}, "system": "s"}})
+    (definition,) = tool_definitions(agent, [tool], [], [], [])
+    assert definition.parameters == offered
