@@ -104,7 +104,11 @@ class AnthropicClient:
         top_p = request.top_p if request.temperature is None else None
         sampling = {
             key: value
-            for key, value in (("temperature", request.temperature), ("top_p", top_p))
+            for key, value in (
+                ("temperature", request.temperature),
+                ("top_p", top_p),
+                ("top_k", request.top_k),
+            )
             if value is not None
         }
         if sampling:

@@ -35,6 +35,9 @@ class LLMRequest(BaseModel):
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
+    top_k: int | None = None  # Anthropic's; OpenAI's API has none
+    frequency_penalty: float | None = None  # OpenAI's; Anthropic's API has none
+    presence_penalty: float | None = None  # OpenAI's
 
 
 class LLMResponse(BaseModel):
@@ -249,16 +252,23 @@ def default_builders() -> dict[str, ClientBuilder]:
 
 
 def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]) -> LLMRequest:
-    """Honour the LLM resource's model, temperature, maxTokens and topP (the original ignored them)."""
+    """Honour the LLM resource's model, temperature, maxTokens, topP, topK and penalties (the original
+    ignored them); each provider sends those its API takes (``parameter_notes`` says which are not)."""
     params = llm.spec.parameters
-    top_p = float(params.top_p) if params and params.top_p else None
+
+    def number(raw: str | None) -> float | None:
+        return float(raw) if raw else None
+
     return LLMRequest(
         model=llm.spec.effective_model(),
         messages=messages,
         tools=tools,
         temperature=llm.spec.effective_temperature(),
         max_tokens=llm.spec.effective_max_tokens(),
-        top_p=top_p,
+        top_p=number(params.top_p) if params else None,
+        top_k=params.top_k if params else None,
+        frequency_penalty=number(params.frequency_penalty) if params else None,
+        presence_penalty=number(params.presence_penalty) if params else None,
     )
 
 
@@ -273,4 +283,17 @@ def parameter_notes(llm: LLM) -> list[str]:
                 "topP is not sent: Claude's current models refuse temperature and top_p together "
                 "(temperature is sent)"
             )
+        penalties = [
+            name
+            for name, value in (
+                ("frequencyPenalty", request.frequency_penalty),
+                ("presencePenalty", request.presence_penalty),
+            )
+            if value is not None
+        ]
+        if penalties:
+            verb = "are" if len(penalties) > 1 else "is"
+            notes.append(f"{' and '.join(penalties)} {verb} not sent: Anthropic's API has no penalties")
+    elif request.top_k is not None:
+        notes.append("topK is not sent: OpenAI's API has no top_k")
     return notes

@@ -146,6 +146,10 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
         body["max_completion_tokens" if takes_completion_tokens else "max_tokens"] = request.max_tokens
     if request.top_p is not None:
         body["top_p"] = request.top_p
+    if request.frequency_penalty is not None:
+        body["frequency_penalty"] = request.frequency_penalty
+    if request.presence_penalty is not None:
+        body["presence_penalty"] = request.presence_penalty
     return body
 
 

@@ -423,3 +423,31 @@ def test_temperature_and_top_p_together_send_temperature_only(fake: FakeAnthropi
     assert _sent_sampling(fake, top_p=0.9) == {"top_p": 0.9}
     assert _sent_sampling(fake, temperature=0.0) == {"temperature": 0.0}
     assert _sent_sampling(fake) == {}
+
+
+def test_an_anthropic_llms_top_k_is_sent(fake: FakeAnthropic) -> None:
+    """topK was in the CRD (and the README) but never sent. With temperature, as Claude takes them."""
+    from kubechain.llm.base import build_request
+    from kubechain.models import LLM
+
+    parameters = {
+        "model": "claude-x",
+        "temperature": "0.2",
+        "topP": "0.9",
+        "topK": 40,
+        "frequencyPenalty": "0.5",
+        "presencePenalty": "0.5",
+    }
+    llm = LLM.model_validate(
+        {
+            "metadata": {"name": "l", "namespace": "default"},
+            "spec": {"provider": "anthropic", "parameters": parameters},
+        }
+    )
+    request = build_request(llm, [Message(role="user", content="hi")], [])
+    assert _sent_sampling(fake, **request.model_dump(exclude={"model", "messages", "tools"})) == {
+        "temperature": 0.2,
+        "top_k": 40,
+    }
+    sent = fake.requests[-1]
+    assert not {"frequency_penalty", "presence_penalty"} & set(sent), "Anthropic has no penalties"

@@ -392,8 +392,9 @@ def test_openai_itself_gets_max_completion_tokens_and_compatible_servers_max_tok
     assert not OpenAIClient("sk", 5, "http://vllm.local:8000/v1")._official
 
 
-def _sent_through_the_sdk(base_url: str, model: str) -> dict[str, Any]:
-    """The body OpenAIClient's SDK posts to ``base_url`` (a MockTransport answers it)."""
+def _sent_through_the_sdk(base_url: str, model: str, request: LLMRequest | None = None) -> dict[str, Any]:
+    """The body OpenAIClient's SDK posts to ``base_url`` (a MockTransport answers it) for ``request``, by
+    default one for ``model`` with a token limit."""
     import httpx2
 
     sent: list[dict[str, Any]] = []
@@ -404,7 +405,9 @@ def _sent_through_the_sdk(base_url: str, model: str) -> dict[str, Any]:
 
     client = OpenAIClient("sk", 5, base_url)
     client._client._client = httpx2.Client(transport=httpx2.MockTransport(answer))
-    client.complete(LLMRequest(model=model, messages=[Message(role="user", content="hi")], max_tokens=64))
+    client.complete(
+        request or LLMRequest(model=model, messages=[Message(role="user", content="hi")], max_tokens=64)
+    )
     return sent[0]
 
 
@@ -655,3 +658,45 @@ def test_a_call_ends_when_its_claim_runs_out_though_its_client_would_wait_longer
         wait_for(lambda: raw_llm.left_before_headers == 1, 10, what="the server to find the client gone")
     finally:
         raw_llm.headers_after_s = 0.0
+
+
+ALL_PARAMETERS = {
+    "model": "m",
+    "temperature": "0.2",
+    "maxTokens": 64,
+    "topP": "0.9",
+    "topK": 40,
+    "frequencyPenalty": "0.5",
+    "presencePenalty": "-1.5",
+}
+
+
+def _llm(provider: str, parameters: dict[str, Any]) -> LLM:
+    return LLM.model_validate(
+        {
+            "metadata": {"name": "l", "namespace": "default"},
+            "spec": {"provider": provider, "parameters": parameters},
+        }
+    )
+
+
+def test_an_openai_llms_penalties_are_sent() -> None:
+    """frequencyPenalty and presencePenalty were in the CRD (and the README) but never sent."""
+    from kubechain.llm.base import build_request
+
+    request = build_request(_llm("openai", ALL_PARAMETERS), [Message(role="user", content="hi")], [])
+    body = _sent_through_the_sdk("http://vllm.local:8000/v1", "m", request)
+    sent = {
+        key: body.get(key)
+        for key in ("temperature", "max_tokens", "top_p", "frequency_penalty", "presence_penalty")
+    }
+    assert sent == {
+        "temperature": 0.2,
+        "max_tokens": 64,
+        "top_p": 0.9,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -1.5,
+    }
+    assert "top_k" not in body, "OpenAI's API has no top_k: validation says it is not sent"
+    plain = _sent_through_the_sdk("http://vllm.local:8000/v1", "m", build_request(_llm("openai", {}), [], []))
+    assert not {"frequency_penalty", "presence_penalty", "top_k"} & set(plain)

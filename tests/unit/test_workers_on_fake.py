@@ -1384,3 +1384,16 @@ def test_an_anthropic_base_url_ending_in_v1_is_asked_without_it_twice() -> None:
     for base in ("/v1", "/v1/"):
         result = _validated_against(_api_at_v1, "anthropic", base)
         assert result["statusDetail"] == "Anthropic API key validated successfully", result
+
+
+def test_parameters_a_provider_is_not_sent_are_named_at_validation() -> None:
+    claude = _validated_llm_detail(
+        FakeKubeClient(), "anthropic", {"topK": 40, "frequencyPenalty": "0.5", "presencePenalty": "0.1"}
+    )
+    assert claude["status"] == "Ready", claude
+    assert "frequencyPenalty and presencePenalty are not sent" in claude["statusDetail"], claude
+    gpt = _validated_llm_detail(FakeKubeClient(), "openai", {"topK": 40, "frequencyPenalty": "0.5"})
+    assert (
+        gpt["statusDetail"]
+        == "OpenAI API key validated successfully; topK is not sent: OpenAI's API has no top_k"
+    ), gpt
