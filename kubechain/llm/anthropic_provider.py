@@ -10,7 +10,15 @@ from typing import Any
 import anthropic
 from anthropic.types import StopReason
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, model_list_error
+from kubechain.llm.base import (
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    credentials_error,
+    model_list_error,
+    retryable_status,
+    status_headers,
+)
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
@@ -118,12 +126,13 @@ class AnthropicClient:
             return _response_from(self._client.messages.create(**kwargs), self._api_key)
         except anthropic.APIStatusError as exc:
             status = exc.status_code
+            headers = status_headers(exc)
             raise LLMError(
                 # redacted before the cut, which could leave the start of an echoed key
                 f"LLM request failed with status {status}: {redact(str(exc), [self._api_key])[:500]}",
-                retryable=status in (408, 429) or status >= 500,
+                retryable=retryable_status(status, headers),
                 status_code=status,
-                retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
+                retry_after_s=retry_after_s(headers),
             ) from exc
         except anthropic.APITimeoutError as exc:
             # the deadline transport's, or a phase's own timeout: either way, no whole answer in time

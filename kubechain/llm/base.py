@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
@@ -75,6 +75,24 @@ class LLMError(Exception):
         self.unchecked = unchecked
 
 
+def retryable_status(status_code: int, headers: Mapping[str, str] | None) -> bool:
+    """Whether a call answered ``status_code`` may succeed again, as both SDKs decide it: an
+    ``x-should-retry: true`` or ``false`` header says so when it is there (the provider's own word), else
+    408, 409 (a lock timeout), 429 and 5xx are retried."""
+    said = headers.get("x-should-retry") if headers is not None else None
+    if said == "true":
+        return True
+    if said == "false":
+        return False
+    return status_code in (408, 409, 429) or status_code >= 500
+
+
+def status_headers(exc: Exception) -> Mapping[str, str] | None:
+    """The headers of the answer an SDK's status error carries, if any."""
+    response = getattr(exc, "response", None)
+    return response.headers if response is not None else None
+
+
 # What OpenAI answers (401, or 403) a restricted or project key without the "Models: Read" permission,
 # which may still chat: "You have insufficient permissions for this operation. Missing scopes: ..."
 MISSING_PERMISSION = ("missing scope", "insufficient permission")
@@ -117,11 +135,11 @@ def credentials_error(status_code: int | None, cause: Exception, *, not_found_hi
         return LLMError(
             f"invalid API key (status code: {status_code})", retryable=False, status_code=status_code
         )
-    # 408 and 429 pass, as 5xx do (and as they do for a completion): a key check that met a rate limit
-    # must not take a working LLM, and every Agent on it, out of service
+    # 408, 409 and 429 pass, as 5xx do (and as they do for a completion): a key check that met a rate
+    # limit must not take a working LLM, and every Agent on it, out of service
     return LLMError(
         f"endpoint answered status {status_code}",
-        retryable=status_code >= 500 or status_code in (408, 429),
+        retryable=retryable_status(status_code, status_headers(cause)),
         status_code=status_code,
     )
 

@@ -11,7 +11,15 @@ from typing import Any
 import httpx2
 import openai
 
-from kubechain.llm.base import LLMError, LLMRequest, LLMResponse, credentials_error, model_list_error
+from kubechain.llm.base import (
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    credentials_error,
+    model_list_error,
+    retryable_status,
+    status_headers,
+)
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
@@ -185,7 +193,8 @@ class OpenAIClient:
             return _response_from(json.loads(http_response.content), self._api_key)
         except openai.APIStatusError as exc:
             status = exc.status_code
-            retryable = status == 429 or status >= 500 or status == 408
+            headers = status_headers(exc)
+            retryable = retryable_status(status, headers)
             if status == 429 and getattr(exc, "code", None) == "insufficient_quota":
                 # OpenAI's "You exceeded your current quota": a bill to pay, not a rate to wait out (it
                 # was retried for ~20 minutes before the run failed)
@@ -194,7 +203,7 @@ class OpenAIClient:
                 f"LLM request failed with status {status}: {_short_body(exc, self._api_key)}",
                 retryable=retryable,
                 status_code=status,
-                retry_after_s=retry_after_s(exc.response.headers if exc.response is not None else None),
+                retry_after_s=retry_after_s(headers),
             ) from exc
         except openai.APITimeoutError as exc:
             # the deadline transport's, or a phase's own timeout: either way, no whole answer in time

@@ -700,3 +700,37 @@ def test_an_openai_llms_penalties_are_sent() -> None:
     assert "top_k" not in body, "OpenAI's API has no top_k: validation says it is not sent"
     plain = _sent_through_the_sdk("http://vllm.local:8000/v1", "m", build_request(_llm("openai", {}), [], []))
     assert not {"frequency_penalty", "presence_penalty", "top_k"} & set(plain)
+
+
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+@pytest.mark.parametrize(
+    ("status", "should_retry", "retryable"),
+    [
+        (409, None, True),  # a lock timeout, as both SDKs retry it
+        (408, None, True),
+        (400, None, False),
+        (400, "true", True),  # the provider's own word, as both SDKs honour it
+        (500, "false", False),
+        (429, "false", False),
+        (409, "false", False),
+        (503, "maybe", True),
+    ],
+)
+def test_a_failed_call_is_retried_as_the_sdks_would_retry_it(
+    client_class: type[OpenAIClient] | type[AnthropicClient],
+    status: int,
+    should_retry: str | None,
+    retryable: bool,
+) -> None:
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    headers = {"Content-Type": "application/json"}
+    if should_retry is not None:
+        headers["x-should-retry"] = should_retry
+    body = json.dumps({"type": "error", "error": {"type": "conflict", "message": "try again"}}).encode()
+    with StubHTTPServer(lambda _: StubAnswer(status, body, headers)) as server:
+        client = client_class("sk-test", 5, f"{server.url}/v1")
+        with pytest.raises(LLMError) as failed:
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert failed.value.status_code == status
+    assert failed.value.retryable is retryable
