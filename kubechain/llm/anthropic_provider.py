@@ -51,7 +51,7 @@ def to_anthropic_messages(messages: list[Message]) -> tuple[str, list[dict[str, 
             continue
         if message.role == "assistant" and message.tool_calls:
             blocks: list[dict[str, Any]] = []
-            if message.content:
+            if message.content.strip():  # Anthropic refuses a text block of whitespace only
                 blocks.append({"type": "text", "text": message.content})
             for call in message.tool_calls:
                 try:

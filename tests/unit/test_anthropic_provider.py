@@ -451,3 +451,16 @@ def test_an_anthropic_llms_top_k_is_sent(fake: FakeAnthropic) -> None:
     }
     sent = fake.requests[-1]
     assert not {"frequency_penalty", "presence_penalty"} & set(sent), "Anthropic has no penalties"
+
+
+def test_whitespace_only_text_beside_a_tool_call_is_not_replayed() -> None:
+    """Anthropic refuses a text block of whitespace only ("text content blocks must contain non-whitespace
+    text"): a turn whose tool calls came after "\\n\\n" failed every later request of the run."""
+    from kubechain.llm.anthropic_provider import to_anthropic_messages
+
+    call = ToolCall(id="c1", type="function", function=ToolCallFunction(name="add", arguments="{}"))
+    for text in ("\n\n", " ", "\t\n "):
+        _, messages = to_anthropic_messages([Message(role="assistant", content=text, tool_calls=[call])])
+        assert [block["type"] for block in messages[0]["content"]] == ["tool_use"], text
+    _, messages = to_anthropic_messages([Message(role="assistant", content=" I'll add.", tool_calls=[call])])
+    assert messages[0]["content"][0] == {"type": "text", "text": " I'll add."}
