@@ -95,10 +95,13 @@ def _response_from(completion: dict[str, Any], api_key: str) -> LLMResponse:
     ]
     usage = None
     if (counts := completion.get("usage")) is not None:
+        prompt_tokens = counts.get("prompt_tokens") or 0
+        completion_tokens = counts.get("completion_tokens") or 0
         usage = TokenUsage(
-            prompt_tokens=counts.get("prompt_tokens") or 0,
-            completion_tokens=counts.get("completion_tokens") or 0,
-            total_tokens=counts.get("total_tokens") or 0,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            # some compatible servers leave the total out
+            total_tokens=counts.get("total_tokens") or prompt_tokens + completion_tokens,
         )
     content = _text_of(message.get("content"))
     refusal = message.get("refusal")

@@ -734,3 +734,17 @@ def test_a_failed_call_is_retried_as_the_sdks_would_retry_it(
             client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
     assert failed.value.status_code == status
     assert failed.value.retryable is retryable
+
+
+def test_a_usage_without_a_total_counts_prompt_and_completion(raw_llm: RawLLM) -> None:
+    """Some OpenAI-compatible servers leave total_tokens out: the run's tokenUsage.totalTokens was 0."""
+    answer = json.loads(completion({"role": "assistant", "content": "ok"}))
+    answer["usage"] = {"prompt_tokens": 7, "completion_tokens": 3}
+    raw_llm.body = json.dumps(answer).encode()
+    client = OpenAIClient("sk-test", 5, raw_llm.url)
+    usage = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")])).usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        7,
+        3,
+        10,
+    )
