@@ -281,6 +281,7 @@ def _call_and_record(
             ctx.limits,
             truncated=response.truncated,
             context_window_full=response.context_window_full,
+            content_filtered=response.content_filtered,
         ),
     )
 

@@ -47,6 +47,8 @@ class LLMResponse(BaseModel):
     truncated: bool = False  # cut off at a limit (finish_reason "length", stop_reason "max_tokens", ...)
     # that limit was the model's context window, not maxTokens (which raised would not help)
     context_window_full: bool = False
+    # stopped by the provider's content filter (OpenAI's finish_reason "content_filter"), not at a limit
+    content_filtered: bool = False
 
 
 class LLMError(Exception):

@@ -108,8 +108,16 @@ def _response_from(completion: dict[str, Any], api_key: str) -> LLMResponse:
     if not content and not calls and isinstance(refusal, str) and refusal:
         # The model declined (OpenAI's refusal field): say so, rather than "an empty response".
         raise LLMError(f"LLM refused to answer: {redact(refusal, [api_key])[:500]}", retryable=False)
-    truncated = choices[0].get("finish_reason") == "length"
-    return LLMResponse(content=content, tool_calls=calls, usage=usage, truncated=truncated)
+    finish_reason = choices[0].get("finish_reason")
+    # the content filter (OpenAI's, Azure's) stops an answer as a limit does: what came may be cut off
+    content_filtered = finish_reason == "content_filter"
+    return LLMResponse(
+        content=content,
+        tool_calls=calls,
+        usage=usage,
+        truncated=finish_reason == "length" or content_filtered,
+        content_filtered=content_filtered,
+    )
 
 
 def _text_of(content: Any) -> str:

@@ -298,11 +298,16 @@ CONTEXT_WINDOW_FULL = (
     "the LLM stopped at the end of the model's context window: the answer may be cut off (the conversation "
     "so far leaves it too little room: use a model with a larger context window, or split the task)"
 )
+CONTENT_FILTERED = (
+    "the provider's content filter stopped the LLM's answer: the answer may be cut off (what the task, the "
+    "system prompt or a tool result says was flagged: see the provider's content filtering)"
+)
 # On the last tool call of an answer the LLM stopped at a limit: which limit. Only that call can have been
 # cut off (the LLM writes its calls in order), and its arguments' JSON error then says why.
 CUT_OFF_ANNOTATION = "kubechain.humanlayer.dev/cut-off-at"
 CUT_OFF_AT_TOKEN_LIMIT = "token-limit"
 CUT_OFF_AT_CONTEXT_WINDOW = "context-window"
+CUT_OFF_AT_CONTENT_FILTER = "content-filter"
 
 
 def plan_llm_answer(
@@ -315,14 +320,23 @@ def plan_llm_answer(
     *,
     truncated: bool = False,
     context_window_full: bool = False,
+    content_filtered: bool = False,
 ) -> Transition:
     """Turn an LLM answer into FinalAnswer, or ToolCallsPending plus the TaskRunToolCalls to create.
     ``truncated``: the LLM stopped at a limit, its token limit or (``context_window_full``) the model's
-    context window; the answer is kept, with a Warning that says so."""
-    why_cut = CONTEXT_WINDOW_FULL if context_window_full else TRUNCATED_ANSWER
-    cut_off_at = (
-        (CUT_OFF_AT_CONTEXT_WINDOW if context_window_full else CUT_OFF_AT_TOKEN_LIMIT) if truncated else None
-    )
+    context window, or (``content_filtered``) the provider's content filter stopped it; the answer is
+    kept, with a Warning that says so."""
+    if content_filtered:
+        why_cut, where, cut_at = CONTENT_FILTERED, "stopped by the content filter", CUT_OFF_AT_CONTENT_FILTER
+    elif context_window_full:
+        why_cut, where, cut_at = (
+            CONTEXT_WINDOW_FULL,
+            "cut off at the context window",
+            CUT_OFF_AT_CONTEXT_WINDOW,
+        )
+    else:
+        why_cut, where, cut_at = TRUNCATED_ANSWER, "cut off at the token limit", CUT_OFF_AT_TOKEN_LIMIT
+    cut_off_at = cut_at if truncated else None
     cut_off = [warning("LLMResponseTruncated", why_cut)] if truncated else []
     content = clean_text(content)
     tool_calls = [
@@ -366,12 +380,7 @@ def plan_llm_answer(
                 "phase": TaskRunPhase.FINAL_ANSWER.value,
                 "ready": True,
                 "status": "Ready",
-                "statusDetail": "LLM final response received"
-                + (
-                    f" (cut off at the {'context window' if context_window_full else 'token limit'})"
-                    if truncated
-                    else ""
-                ),
+                "statusDetail": "LLM final response received" + (f" ({where})" if truncated else ""),
                 "output": content,
                 "error": None,
                 "contextWindow": _wire_window(window),

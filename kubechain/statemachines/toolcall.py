@@ -20,6 +20,7 @@ from kubechain.models.labels import MAX_LABEL_VALUE, shortened
 from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
 from kubechain.statemachines.taskrun import (
     CUT_OFF_ANNOTATION,
+    CUT_OFF_AT_CONTENT_FILTER,
     CUT_OFF_AT_CONTEXT_WINDOW,
     CUT_OFF_AT_TOKEN_LIMIT,
     LoopLimits,
@@ -209,6 +210,9 @@ CUT_OFF_ARGUMENTS = {
         "the LLM's answer was cut off at the end of the model's context window while it wrote these "
         "arguments, the conversation so far leaving it too little room: use a model with a larger context "
         "window, or split the task"
+    ),
+    CUT_OFF_AT_CONTENT_FILTER: (
+        "the provider's content filter stopped the LLM's answer while it wrote these arguments"
     ),
 }
 

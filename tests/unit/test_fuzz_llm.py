@@ -256,6 +256,24 @@ UNREADABLE = "LLM returned an unreadable response: "
             id="cut-off-at-the-token-limit",
         ),
         pytest.param(
+            json.dumps(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "The answer is"},
+                            "finish_reason": "content_filter",
+                        }
+                    ]
+                }
+            ).encode(),
+            None,
+            None,
+            # stopped by OpenAI's (or Azure's) content filter: what came may be cut off, as at a limit
+            LLMResponse(content="The answer is", truncated=True, content_filtered=True),
+            id="stopped-by-the-content-filter",
+        ),
+        pytest.param(
             completion({"role": "assistant", "content": None, "refusal": "I can't help with that."}),
             "LLM refused to answer: I can't help with that.",
             False,  # asking again gets the same answer

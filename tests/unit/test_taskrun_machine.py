@@ -383,6 +383,27 @@ def test_an_answer_cut_off_at_the_context_window_is_not_blamed_on_max_tokens() -
     assert "context window" in failed.status["error"] and "maxTokens" not in failed.status["error"]
 
 
+def test_an_answer_the_content_filter_stopped_is_kept_with_a_warning_that_says_so() -> None:
+    """OpenAI's finish_reason "content_filter" with part of an answer became a FinalAnswer with no Warning,
+    as though it were whole."""
+    claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
+    cut = plan_llm_answer(
+        claimed, "The answer is", [], None, NOW, LIMITS, truncated=True, content_filtered=True
+    )
+    assert cut.status["phase"] == "FinalAnswer" and cut.status["output"] == "The answer is"
+    assert cut.status["statusDetail"] == "LLM final response received (stopped by the content filter)"
+    (warned,) = [e for e in cut.events if e.reason == "LLMResponseTruncated"]
+    assert "content filter" in warned.message and "maxTokens" not in warned.message
+    failed = plan_llm_answer(claimed, "", [], None, NOW, LIMITS, truncated=True, content_filtered=True)
+    assert failed.status["phase"] == "Failed" and "content filter" in failed.status["error"]
+    calls = [ToolCall(id="c1", function=ToolCallFunction(name="write", arguments='{"path": "a", "te'))]
+    (last,) = plan_llm_answer(
+        claimed, "", calls, None, NOW, LIMITS, truncated=True, content_filtered=True
+    ).children
+    error = parse_arguments(last)[1]
+    assert error is not None and "content filter" in error and "maxTokens" not in error, error
+
+
 @pytest.mark.parametrize(
     ("context_window_full", "remedy"),
     [(False, "raise spec.parameters.maxTokens"), (True, "larger context window")],

@@ -229,6 +229,20 @@ def test_an_answer_cut_off_at_the_context_window_is_kept_with_a_warning_that_say
     assert "maxTokens" not in cut["message"]
 
 
+def test_an_answer_the_content_filter_stopped_is_kept_with_a_warning_that_says_so() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="The answer is", truncated=True, content_filtered=True))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer" and "content filter" in status["statusDetail"], status
+    (cut,) = [e for e in kube.events() if e["reason"] == "LLMResponseTruncated"]
+    assert cut["type"] == "Warning" and "content filter" in cut["message"]
+
+
 def test_an_unexpected_provider_error_that_echoes_the_api_key_does_not_carry_it_anywhere(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
