@@ -78,15 +78,12 @@ class LLMError(Exception):
 
 
 def retryable_status(status_code: int, headers: Mapping[str, str] | None) -> bool:
-    """Whether a call answered ``status_code`` may succeed again, as both SDKs decide it: an
-    ``x-should-retry: true`` or ``false`` header says so when it is there (the provider's own word), else
-    408, 409 (a lock timeout), 429 and 5xx are retried."""
+    """Whether a call answered ``status_code`` may succeed again: 408, 409 (a lock timeout), 429 and 5xx,
+    and any status the provider marks ``x-should-retry: true``. A ``false`` is not taken as final: in the
+    SDKs it only stops their own immediate retries, and proxies send it on a 429 or 5xx once their own
+    retries are spent; final here would fail runs (and a Ready LLM) for good in a short outage."""
     said = headers.get("x-should-retry") if headers is not None else None
-    if said == "true":
-        return True
-    if said == "false":
-        return False
-    return status_code in (408, 409, 429) or status_code >= 500
+    return said == "true" or status_code in (408, 409, 429) or status_code >= 500
 
 
 def status_headers(exc: Exception) -> Mapping[str, str] | None:

@@ -135,10 +135,18 @@ def _text_of(content: Any) -> str:
 
 
 OFFICIAL_HOST = "api.openai.com"
-# OpenAI's regional (data residency) hosts, eu.api.openai.com and the like, and Azure OpenAI's
-OFFICIAL_HOST_SUFFIXES = (".api.openai.com", ".openai.azure.com")
-# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, gpt-5.1, ...), a gateway's "openai/" prefix or not
-REASONING_MODEL = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:[-.:]|$)")
+# OpenAI's regional (data residency) hosts, eu.api.openai.com and the like, and Azure OpenAI's (its
+# deployments have names of their own, so the model's name cannot tell): public, Foundry, US Gov, China
+OFFICIAL_HOST_SUFFIXES = (
+    ".api.openai.com",
+    ".openai.azure.com",
+    ".cognitiveservices.azure.com",
+    ".openai.azure.us",
+    ".openai.azure.cn",
+)
+# OpenAI's reasoning models (o1, o3-mini, o4-mini, gpt-5, gpt-5.1, ...), a gateway's "openai/" prefix or
+# not, or a fine-tune's "ft:"; any case
+REASONING_MODEL = re.compile(r"(?:^|[/:])(?:o[1-9]|gpt-5)(?:[-.:]|$)", re.IGNORECASE)
 
 
 def is_official_host(host: str) -> bool:

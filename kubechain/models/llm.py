@@ -11,7 +11,8 @@ from kubechain.models.common import APIKeySource, ReadyStatus, SecretKeyRef
 
 # Anchored versions of the original's patterns (its temperature pattern was an unanchored alternation).
 UNIT_INTERVAL_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"
-PENALTY_PATTERN = r"^-?[0-2](\.[0-9]+)?$"
+# -2.0 to 2.0, OpenAI's range (the original's pattern let 2.5 through, which OpenAI refuses at every run)
+PENALTY_PATTERN = r"^-?(2(\.0+)?|[01](\.[0-9]+)?)$"
 
 
 class LLMParameters(KubeModel):

@@ -438,6 +438,14 @@ def _sent_through_the_sdk(base_url: str, model: str, request: LLMRequest | None 
         ("https://eu.api.openai.com/v1", "o3", "max_completion_tokens"),
         ("https://us.api.openai.com/v1", "gpt-5", "max_completion_tokens"),
         ("https://my-resource.openai.azure.com/openai/v1", "o4-mini", "max_completion_tokens"),
+        # Azure's deployments have names of their own: the host must tell (Foundry, US Gov, China)
+        ("https://my-resource.cognitiveservices.azure.com/openai/v1", "prod-chat", "max_completion_tokens"),
+        ("https://my-resource.openai.azure.us/openai/v1", "prod-chat", "max_completion_tokens"),
+        ("https://my-resource.openai.azure.cn/openai/v1", "prod-chat", "max_completion_tokens"),
+        # a fine-tune of a reasoning model, and names in capitals
+        ("https://gateway.corp/v1", "ft:o4-mini-2025-04-16:org::abc123", "max_completion_tokens"),
+        ("https://gateway.corp/v1", "GPT-5", "max_completion_tokens"),
+        ("https://gateway.corp/v1", "ft:gpt-4o-2024-08-06:org::abc123", "max_tokens"),
         # a gateway in front of OpenAI passes the body on: a reasoning model's name says what it takes
         ("https://gateway.corp/v1", "o3-mini", "max_completion_tokens"),
         ("https://gateway.corp/v1", "openai/gpt-5.1", "max_completion_tokens"),
@@ -728,9 +736,12 @@ def test_an_openai_llms_penalties_are_sent() -> None:
         (408, None, True),
         (400, None, False),
         (400, "true", True),  # the provider's own word, as both SDKs honour it
-        (500, "false", False),
-        (429, "false", False),
-        (409, "false", False),
+        # a "false" only stops the SDK's immediate retries, and proxies send it on a 429 or 5xx once their
+        # own retries are spent: taken as final, a short outage failed runs (and a Ready LLM) for good
+        (500, "false", True),
+        (429, "false", True),
+        (409, "false", True),
+        (400, "false", False),
         (503, "maybe", True),
     ],
 )

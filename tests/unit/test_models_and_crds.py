@@ -65,6 +65,28 @@ def test_llm_parameters_and_defaults() -> None:
         LLM.from_wire({"metadata": {"name": "m"}, "spec": {"provider": "foo"}})
 
 
+@pytest.mark.parametrize(
+    ("penalty", "accepted"),
+    [("0", True), ("0.5", True), ("-1.25", True), ("2", True), ("2.0", True), ("-2.00", True)]
+    + [("2.5", False), ("-2.9", False), ("2.01", False), ("3", False)],
+)
+def test_penalties_are_refused_outside_openais_range(penalty: str, accepted: bool) -> None:
+    """OpenAI takes -2.0 to 2.0: the original's pattern let 2.5 through, an LLM Ready whose every run
+    failed with a 400 once the penalties were sent."""
+    wire = {
+        "metadata": {"name": "m"},
+        "spec": {
+            "provider": "openai",
+            "parameters": {"frequencyPenalty": penalty, "presencePenalty": penalty},
+        },
+    }
+    if accepted:
+        assert LLM.from_wire(wire).spec.parameters.frequency_penalty == penalty
+    else:
+        with pytest.raises(ValidationError):
+            LLM.from_wire(wire)
+
+
 def test_taskrun_spec_accepts_agent_ref_and_user_message_without_task() -> None:
     run = TaskRun.from_wire(
         {"metadata": {"name": "r"}, "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"}}
