@@ -266,6 +266,7 @@ class Watcher:
         does not know what was sent before it). A replica that does not lead notes the skipped tick as
         dropped work."""
         if not self._may_send():
+            self._keep_forced(force)
             return 0
         now = self._clock()
         count = 0
@@ -273,7 +274,10 @@ class Watcher:
         try:
             for kind, obj, work in self._resync_work(cache, now):
                 if not self._may_send():
-                    break  # lost the Lease during a long resync: the next leader's resync has the rest
+                    # Stopped acting during a long resync: the next leader's resync has the rest, or this
+                    # replica's when it acts again (still a new leader's, if this one was).
+                    self._keep_forced(force)
+                    break
                 rv = str(obj["metadata"].get("resourceVersion", ""))
                 if force:
                     # (the object whose state calls for the work may be unchanged while what it depends
@@ -291,6 +295,13 @@ class Watcher:
         if count:
             log.info("resync re-enqueued %d resources", count)
         return count
+
+    def _keep_forced(self, force: bool) -> None:
+        """A new leader's resync that could not run (the replica was not acting yet, or stopped half way)
+        is asked for again as a new leader's: its request was taken, and an ordinary one would hold back
+        what this replica sent when it last led (remembered for minutes) though another led since."""
+        if force:
+            self._force_next_resync.set()
 
     def _resync_work(
         self, cache: dict[str, dict[Key, dict[str, Any]]], now: datetime

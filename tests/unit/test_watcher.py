@@ -1477,3 +1477,37 @@ def test_a_watch_open_after_an_outage_starts_the_back_off_over(quiet_watch: str)
     informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop, monotonic=lambda: clock[0])
     informer.run()
     assert stop.waits == [0.2, 0.4, 0.8, 1.6, 3.2, 0.2], "the hiccup after it waits 0.2 s again"
+
+
+def test_a_new_leaders_forced_resync_is_kept_when_it_stops_acting_before_or_during_it() -> None:
+    """The resync thread took the new leader's request (clearing its force), then found the replica not
+    acting (a slow renewal) or stopped half way: the force was gone, and the resync when it resumed was an
+    ordinary one, holding back what it sent when it last led (remembered 600 s) for up to 300 s."""
+    watcher = Watcher(Settings(resync_interval_s=3600), FakeKubeClient(), lambda *_: None)
+    elector = SwitchableElector(leading=False)
+    watcher.elector = elector  # type: ignore[assignment]
+    informer = next(i for i in watcher.informers if i.kind == "TaskRun")
+    for index in range(10):
+        name = f"r{index}"
+        informer.cache[("default", name)] = run(
+            "TaskRun", {"name": name, "status": {"phase": "Pending"}}, "1"
+        )
+    watcher._on_started_leading()
+    assert watcher.resync(force=watcher._take_resync_request()) == 0, "not acting (yet): skipped"
+    elector.is_leader = True
+    assert watcher._take_resync_request(), "the next resync is still a new leader's"
+
+    queued: list[Any] = []
+    real_submit = watcher._submit
+
+    def submit(*args: Any, **kwargs: Any) -> bool:
+        queued.append(args[0])
+        if len(queued) == 3:
+            elector.is_leader = False
+        return real_submit(*args, **kwargs)
+
+    watcher._submit = submit  # type: ignore[method-assign]
+    assert watcher.resync(force=True) == 3, "stops acting half way"
+    elector.is_leader = True
+    assert watcher._take_resync_request(), "the rest is still a new leader's to send"
+    assert not watcher._take_resync_request(), "taken once"
