@@ -49,7 +49,8 @@ class LeaderElector:
         only ``clock`` times both on it.
 
         ``on_started_leading``: this process leads for the first time, or took the Lease over (created it,
-        or it named another holder or none): what was sent before is unknown to it. ``on_resumed_leading``:
+        or it named another holder or none, even if the answer to that write was lost): what was sent
+        before is unknown to it. ``on_resumed_leading``:
         it renewed its own Lease after a lapse in which it stopped acting (and dropped work): the Lease
         named it throughout, so no other replica led meanwhile."""
         self.kube = kube
@@ -113,15 +114,18 @@ class LeaderElector:
                 "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": {**spec, "acquireTime": _micro(now), "leaseTransitions": 0},
             }
+            # Not ours until the create is answered: if its answer is lost, the next step reads this
+            # replica as holder and must still count it as new (see step()).
+            self._lease_ours = False
             try:
                 self.kube.create_lease(self.namespace, body)
             except AlreadyExists:
-                self._lease_ours = False
                 return None
             return ""
         current: dict[str, Any] = lease.get("spec") or {}
         holder = current.get("holderIdentity")
         if holder != self.identity:
+            # (before the takeover's write: if its answer is lost, the Lease was not ours before it)
             self._lease_ours = False
             if holder and not self._expired_as_observed(lease, now):
                 return None  # another replica holds it and keeps renewing
@@ -167,6 +171,10 @@ class LeaderElector:
         # The lease counts from the renewTime written, which is taken before the request; a slow
         # answer must not extend how long this replica believes it still leads.
         attempted_at = self._monotonic()
+        # Whether the Lease named this replica before this step: a write whose answer was lost (a
+        # takeover, a create) leaves it named as holder, and the next step must not take that for its own
+        # Lease renewed after a lapse (another replica may have led in between).
+        was_ours = self._lease_ours
         previous_holder: str | None = None
         try:
             previous_holder = self.try_acquire_or_renew()
@@ -177,7 +185,7 @@ class LeaderElector:
         acquired = previous_holder is not None
         new_leader = lapse_noticed = False
         if acquired:
-            new_leader = self._last_renew is None or previous_holder != self.identity
+            new_leader = self._last_renew is None or previous_holder != self.identity or not was_ours
             self._last_renew = attempted_at
             self._lease_ours = True
             lapse_noticed = self._ignored_in_lapse.is_set()

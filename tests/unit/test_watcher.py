@@ -1511,3 +1511,57 @@ def test_a_new_leaders_forced_resync_is_kept_when_it_stops_acting_before_or_duri
     elector.is_leader = True
     assert watcher._take_resync_request(), "the rest is still a new leader's to send"
     assert not watcher._take_resync_request(), "taken once"
+
+
+def test_taking_the_lease_over_counts_as_new_even_when_the_answer_to_the_takeover_is_lost() -> None:
+    """one took another holder's expired Lease; the API server applied the write but its answer timed out.
+    The next step read one as holder and took that for its own Lease renewed after a lapse: it resumed
+    (an ordinary resync) though two had led in between."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    lose_answer = [False]
+    calls: list[tuple[str, str]] = []
+
+    class LostAnswerKube(FakeKubeClient):
+        def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            result = super().replace_lease(namespace, name, body)
+            if lose_answer[0]:
+                lose_answer[0] = False
+                raise Unavailable(0, "Unavailable", "read timed out")
+            return result
+
+    kube = LostAnswerKube()
+
+    def elector(identity: str) -> LeaderElector:
+        return LeaderElector(
+            kube,
+            "default",
+            "lease",
+            identity,
+            lease_duration_s=15,
+            clock=lambda: now[0],
+            on_started_leading=lambda: calls.append((identity, "new leader")),
+            on_stopped_leading=lambda: calls.append((identity, "stopped")),
+            on_resumed_leading=lambda: calls.append((identity, "resumed")),
+        )
+
+    one, two = elector("one"), elector("two")
+    one.step()
+    two.step()  # a standby: sees one's Lease
+    for _ in range(9):  # one stops renewing (partitioned): two takes over once the Lease expired
+        now[0] += timedelta(seconds=2)
+        two.step()
+    assert two.is_leader and not one.is_leader
+    one.step()  # one sees two's Lease
+    assert calls == [("one", "new leader"), ("two", "new leader"), ("one", "stopped")], calls
+    lose_answer[0] = True
+    for _ in range(9):  # two stops renewing; one takes the Lease over, and the answer is lost
+        now[0] += timedelta(seconds=2)
+        one.step()
+        if not lose_answer[0]:
+            break
+    assert kube.get_lease("default", "lease")["spec"]["holderIdentity"] == "one"
+    assert not one.is_leader and calls[-1] == ("one", "stopped"), "the takeover's answer was lost"
+    now[0] += timedelta(seconds=2)
+    one.step()  # reads itself as holder
+    assert one.is_leader
+    assert calls[-1] == ("one", "new leader"), calls
