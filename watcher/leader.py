@@ -85,12 +85,15 @@ class LeaderElector:
         # Stop acting as leader before another replica may take over (renew deadline < duration).
         return self._monotonic() - self._last_renew < self.lease_duration_s * 0.66
 
-    def note_ignored(self) -> bool:
+    def note_ignored(self, forget: Callable[[], None] | None = None) -> bool:
         """The caller dropped work because this replica was not acting. True if the Lease is still its
         own (a lapse): then its next renewal resumes even if no step began inside the lapse, and what it
-        dropped must not count as sent."""
+        dropped must not count as sent: ``forget`` forgets it, before the lapse is noted (noted first, a
+        renewal and the resync it brings could run before the forgetting, and hold the work back)."""
         if not self._lease_ours:
             return False
+        if forget is not None:
+            forget()
         self._ignored_in_lapse.set()
         return True
 
@@ -188,8 +191,10 @@ class LeaderElector:
             new_leader = self._last_renew is None or previous_holder != self.identity or not was_ours
             self._last_renew = attempted_at
             self._lease_ours = True
+            # Cleared only if seen set: a drop noted between the two is left for the next step.
             lapse_noticed = self._ignored_in_lapse.is_set()
-            self._ignored_in_lapse.clear()
+            if lapse_noticed:
+                self._ignored_in_lapse.clear()
         if new_leader:
             self._leading = True
             log.info("became leader", extra={"lease": self.name, "identity": self.identity})

@@ -400,8 +400,8 @@ class Watcher:
         resync when it resumes sends it (an ordinary one would hold back what it last sent recently)."""
         if self.is_leader:
             return True
-        if self.elector is not None and self.elector.note_ignored():
-            self._forget(dropping())
+        if self.elector is not None:
+            self.elector.note_ignored(forget=lambda: self._forget(dropping()))
         return False
 
     def _sender(self) -> None:

@@ -902,7 +902,9 @@ class SwitchableElector:
         self.is_leader = leading
         self.ignored = 0
 
-    def note_ignored(self) -> bool:
+    def note_ignored(self, forget: Any = None) -> bool:
+        if forget is not None:
+            forget()
         self.ignored += 1
         return True
 
@@ -1565,3 +1567,78 @@ def test_taking_the_lease_over_counts_as_new_even_when_the_answer_to_the_takeove
     one.step()  # reads itself as holder
     assert one.is_leader
     assert calls[-1] == ("one", "new leader"), calls
+
+
+def test_work_dropped_while_the_lease_thread_notes_the_lapse_is_not_lost() -> None:
+    """The lease thread read "nothing dropped" and cleared the flag; an event thread that set it in
+    between lost its note, and what it dropped waited for the next periodic resync."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    calls: list[str] = []
+    elector = LeaderElector(
+        FakeKubeClient(),
+        "default",
+        "lease",
+        "one",
+        lease_duration_s=15,
+        clock=lambda: now[0],
+        on_started_leading=lambda: calls.append("new leader"),
+        on_resumed_leading=lambda: calls.append("resumed"),
+    )
+    elector.step()
+
+    class NotedWhileRead(threading.Event):
+        """The event thread notes its drop just after the lease thread read the flag."""
+
+        armed = True
+
+        def is_set(self) -> bool:
+            seen = super().is_set()
+            if self.armed:
+                self.armed = False
+                assert elector.note_ignored()
+            return seen
+
+    elector._ignored_in_lapse = NotedWhileRead()
+    now[0] += timedelta(seconds=2)
+    elector.step()
+    now[0] += timedelta(seconds=2)
+    elector.step()
+    assert calls == ["new leader", "resumed"], "the drop noted during the renewal brings a resync"
+
+
+def test_work_dropped_in_a_lapse_is_forgotten_as_sent_before_the_lapse_is_noted() -> None:
+    """The lapse was noted before the dropped work was forgotten: a renewal and the resync it brought
+    could run in between, holding it back as sent; then it was forgotten, and waited for the next
+    periodic resync."""
+    now = [datetime(2026, 12, 1, tzinfo=UTC)]
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None)
+    elector = watcher.elector
+    assert elector is not None
+    elector._clock, elector._monotonic = (lambda: now[0]), (lambda: now[0].timestamp())
+    pending = run("TaskRun", {"name": "r", "status": {"phase": "Pending"}}, "1")
+    next(i for i in watcher.informers if i.kind == "TaskRun").cache[("default", "r")] = pending
+
+    def sent_by_the_requested_resync() -> list[str]:
+        if watcher._resync_requested.is_set():
+            watcher.resync(force=watcher._take_resync_request())
+        queued = []
+        while not watcher._outbox.empty():
+            queued.append(watcher._outbox.get_nowait()[0].name)
+        return queued
+
+    elector.step()  # a new leader
+    assert sent_by_the_requested_resync() == ["r"]
+    now[0] += timedelta(seconds=10)  # a renewal slower than the renew deadline: not acting
+    assert not watcher.is_leader
+    resynced_meanwhile: list[list[str]] = []
+
+    def dropping() -> list[Any]:
+        elector.step()  # the slow renewal is answered, and the lease thread goes on meanwhile...
+        resynced_meanwhile.append(sent_by_the_requested_resync())  # ...and the resync thread
+        return watcher._event_work("TaskRun", "MODIFIED", pending, None)
+
+    assert not watcher._may_send(dropping=dropping)
+    assert resynced_meanwhile == [[]]
+    now[0] += timedelta(seconds=2)
+    elector.step()
+    assert sent_by_the_requested_resync() == ["r"], "the next renewal's resync sends what was dropped"
