@@ -177,12 +177,21 @@ class Informer:
         self.relists += 1
         self.synced.set()
 
+    def _held_open(self, opened: float | None) -> bool:
+        """Whether a watch opened at ``opened`` was held open (SHORT_WATCH_S or longer): the API server
+        answered it, so what the back-off grew during an outage must not delay the next hiccup, whether
+        the watch ended normally or in an error."""
+        return opened is not None and self._monotonic() - opened >= SHORT_WATCH_S
+
     def run(self) -> None:
         backoff = 0.2  # errors and watches that end at once
         slow_list_backoff = 0.2  # 410s right after a list: kept across relists, which are their cause
         while not self.stop.is_set():
             received = 0
             listed = not self.resource_version
+            # When the watch was opened (the request is sent on the first read, which returns only with
+            # the first event: when it connected is not seen here). None: it never got that far.
+            opened: float | None = None
             try:
                 if listed:
                     self.relist()
@@ -203,7 +212,7 @@ class Informer:
                     self._apply(str(event.get("type")), obj)
                     self.resource_version = rv or self.resource_version
                     backoff = slow_list_backoff = 0.2
-                if self._monotonic() - opened >= SHORT_WATCH_S:
+                if self._held_open(opened):
                     # Held open (a quiet kind's watch ends at its timeout without an event): the API server
                     # answers, and what grew during an outage must not delay the next hiccup.
                     backoff = 0.2
@@ -239,10 +248,14 @@ class Informer:
                     self.stop.wait(slow_list_backoff)
                     slow_list_backoff = min(slow_list_backoff * 2, 30.0)
             except KubeAPIError as exc:
+                if self._held_open(opened):
+                    backoff = 0.2  # held open, then reset (a load balancer ending idle connections)
                 log.warning("watch of %s failed: %s; retrying in %.1fs", self.plural, exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
             except Exception:  # noqa: BLE001 - a watcher thread must never die
+                if self._held_open(opened):
+                    backoff = 0.2
                 log.exception("unexpected error watching %s; retrying in %.1fs", self.plural, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -1642,3 +1642,30 @@ def test_work_dropped_in_a_lapse_is_forgotten_as_sent_before_the_lapse_is_noted(
     now[0] += timedelta(seconds=2)
     elector.step()
     assert sent_by_the_requested_resync() == ["r"], "the next renewal's resync sends what was dropped"
+
+
+@pytest.mark.parametrize(
+    "reset", [Unavailable(0, "Unavailable", "connection reset"), ValueError("bad chunk")]
+)
+def test_a_watch_held_open_that_ends_in_an_error_starts_the_back_off_over(reset: Exception) -> None:
+    """A load balancer that resets idle connections ends a quiet kind's watch with an error before its
+    first bookmark: the watch was open a long while, yet the back-off kept what it grew in an outage."""
+    clock = [1000.0]
+    outage = [Unavailable(0, "Unavailable", "connection refused") for _ in range(5)]
+    hiccup = Unavailable(0, "Unavailable", "connection refused")
+    event = {"type": "MODIFIED", "object": run("TaskRun", {"name": "a"}, "950")}
+    kube = ScriptedWatchKube([*outage, [], hiccup, [event]])
+    ScriptedWatchKube.stop = stop = TimedWaitEvent(stop_after=10)
+    scripted = kube.watch_raw
+
+    def watch(*args: Any, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        reset_by_the_load_balancer = len(kube.watch_calls) == len(outage)
+        yield from scripted(*args, **kwargs)
+        if reset_by_the_load_balancer:
+            clock[0] += 290  # open, without an event or a bookmark, until the connection was reset
+            raise reset
+
+    kube.watch_raw = watch  # type: ignore[method-assign]
+    informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop, monotonic=lambda: clock[0])
+    informer.run()
+    assert stop.waits == [0.2, 0.4, 0.8, 1.6, 3.2, 0.2, 0.4], "after the long watch, it starts over"
