@@ -14,12 +14,11 @@ from kubechain.llm.base import (
     LLMError,
     LLMRequest,
     LLMResponse,
-    credentials_error,
-    model_list_error,
     retryable_status,
     status_headers,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
+from kubechain.llm.model_list import SDKErrors, check_model_list
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import Scrubber, redact
@@ -75,6 +74,13 @@ def without_v1(base_url: str | None) -> str | None:
     """``base_url`` without a trailing /v1: the SDK adds it to every path (/v1/messages), so a baseUrl
     written as OpenAI-compatible ones are (ending in /v1) asked /v1/v1/messages, a 404 on every run."""
     return re.sub(r"/v1/*$", "", base_url) if base_url else base_url
+
+
+SDK_ERRORS = SDKErrors(
+    anthropic.APIStatusError,
+    (anthropic.APITimeoutError, anthropic.APIConnectionError),
+    anthropic.AnthropicError,
+)
 
 
 class AnthropicClient:
@@ -153,30 +159,7 @@ class AnthropicClient:
             ) from exc
 
     def validate_credentials(self) -> None:
-        try:
-            answer = self._client.models.with_raw_response.list(limit=1)
-        except anthropic.APIStatusError as exc:
-            raise credentials_error(exc.status_code, exc) from exc
-        except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
-            raise model_list_error(None, exc) from exc
-        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
-            too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
-            if too_large is not None:
-                raise model_list_error(None, too_large) from exc
-            raise credentials_error(None, exc) from exc
-        except anthropic.AnthropicError as exc:
-            raise model_list_error(None, exc) from exc
-        try:
-            answer.parse()  # the SDK reads the answer only here, without checking its shape
-        except (
-            anthropic.AnthropicError,
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            RecursionError,
-        ) as exc:
-            raise model_list_error(answer.headers.get("content-type"), exc) from exc
+        check_model_list(lambda: self._client.models.with_raw_response.list(limit=1), SDK_ERRORS)
 
 
 # The answer stopped at a limit: its last block may have been cut short.

@@ -15,12 +15,11 @@ from kubechain.llm.base import (
     LLMError,
     LLMRequest,
     LLMResponse,
-    credentials_error,
-    model_list_error,
     retryable_status,
     status_headers,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
+from kubechain.llm.model_list import SDKErrors, check_model_list
 from kubechain.models import Message, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import redact
@@ -183,6 +182,11 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
 NOT_UNDER_V1 = "; OpenAI-compatible servers usually serve their API under /v1: does baseUrl lack it?"
 
 
+SDK_ERRORS = SDKErrors(
+    openai.APIStatusError, (openai.APITimeoutError, openai.APIConnectionError), openai.OpenAIError
+)
+
+
 class OpenAIClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
@@ -244,31 +248,8 @@ class OpenAIClient:
             ) from exc
 
     def validate_credentials(self) -> None:
-        try:
-            answer = self._client.models.with_raw_response.list()
-        except openai.APIStatusError as exc:
-            hint = "" if "v1" in self._client.base_url.path.split("/") else NOT_UNDER_V1
-            raise credentials_error(exc.status_code, exc, not_found_hint=hint) from exc
-        except AnswerTooLarge as exc:  # raised through the SDK as it is (openai) ...
-            raise model_list_error(None, exc) from exc
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
-            if too_large is not None:
-                raise model_list_error(None, too_large) from exc
-            raise credentials_error(None, exc) from exc
-        except openai.OpenAIError as exc:
-            raise model_list_error(None, exc) from exc
-        try:
-            answer.parse()  # the SDK reads the answer only here, without checking its shape
-        except (
-            openai.OpenAIError,
-            ValueError,
-            TypeError,
-            KeyError,
-            AttributeError,
-            RecursionError,
-        ) as exc:
-            raise model_list_error(answer.headers.get("content-type"), exc) from exc
+        hint = "" if "v1" in self._client.base_url.path.split("/") else NOT_UNDER_V1
+        check_model_list(self._client.models.with_raw_response.list, SDK_ERRORS, not_found_hint=hint)
 
 
 def _short_body(exc: openai.APIStatusError, api_key: str) -> str:
