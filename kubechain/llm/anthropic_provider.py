@@ -15,6 +15,7 @@ from kubechain.llm.base import (
     LLMRequest,
     LLMResponse,
     retryable_status,
+    sampling_set,
     status_headers,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
@@ -83,6 +84,24 @@ SDK_ERRORS = SDKErrors(
 )
 
 
+# Why a parameter the LLM resource sets is not sent (see sampling_sent; kubechain.llm.base.parameter_notes)
+NOT_SENT_BECAUSE = {
+    "top_p": "Claude's current models refuse temperature and top_p together (temperature is sent)",
+    "frequency_penalty": "Anthropic's API has no penalties",
+    "presence_penalty": "Anthropic's API has no penalties",
+}
+
+
+def sampling_sent(request: LLMRequest) -> dict[str, float | int]:
+    """The sampling parameters sent, of those the LLM resource sets: not temperature and top_p together
+    (Claude's current models refuse the request, "temperature and top_p cannot both be specified for
+    this model", which failed every run: temperature is sent), and no penalties (none in the API)."""
+    sent = {key: value for key, value in sampling_set(request).items() if key not in NOT_SENT_BECAUSE}
+    if request.top_p is not None and request.temperature is None:
+        sent["top_p"] = request.top_p
+    return sent
+
+
 class AnthropicClient:
     def __init__(self, api_key: str, timeout_s: float, base_url: str | None = None) -> None:
         self._timeout_s = timeout_s
@@ -110,21 +129,8 @@ class AnthropicClient:
                 {"name": tool.name, "description": tool.description, "input_schema": tool.parameters}
                 for tool in request.tools
             ]
-        # Recent SDKs no longer take sampling parameters as arguments; send them only when the LLM
-        # resource sets them, for endpoints that still accept them. Not temperature and top_p together:
-        # Claude's current models refuse the request ("temperature and top_p cannot both be specified
-        # for this model"), which failed every run; temperature is sent (validation says so, see
-        # ``kubechain.llm.base.parameter_notes``).
-        top_p = request.top_p if request.temperature is None else None
-        sampling = {
-            key: value
-            for key, value in (
-                ("temperature", request.temperature),
-                ("top_p", top_p),
-                ("top_k", request.top_k),
-            )
-            if value is not None
-        }
+        # Recent SDKs no longer take sampling parameters as arguments: sent in the body, only those set.
+        sampling = sampling_sent(request)
         if sampling:
             kwargs["extra_body"] = sampling
         started = time.monotonic()  # the client's timeout runs from here (timeout_error)

@@ -289,28 +289,52 @@ def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]
     )
 
 
+# The LLM resource's sampling parameters: the LLMRequest field (and wire name) of each, and its CRD name
+SAMPLING_PARAMETERS = {
+    "temperature": "temperature",
+    "top_p": "topP",
+    "top_k": "topK",
+    "frequency_penalty": "frequencyPenalty",
+    "presence_penalty": "presencePenalty",
+}
+
+
+def sampling_set(request: LLMRequest) -> dict[str, float | int]:
+    """The sampling parameters the LLM resource sets, by LLMRequest field."""
+    values = {field: getattr(request, field) for field in SAMPLING_PARAMETERS}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+class SamplingPolicy(Protocol):
+    """A provider's rule for sampling parameters (each provider module is one)."""
+
+    NOT_SENT_BECAUSE: dict[str, str]
+
+    def sampling_sent(self, request: LLMRequest) -> dict[str, float | int]: ...
+
+
+def _sampling_policy(provider: str) -> SamplingPolicy | None:
+    from kubechain.llm import anthropic_provider, openai_provider
+
+    policies: dict[str, Any] = {"openai": openai_provider, "anthropic": anthropic_provider}
+    return policies.get(provider)
+
+
 def parameter_notes(llm: LLM) -> list[str]:
     """What of the LLM resource's parameters its provider is not sent, and why: for its validation to say
-    (the LLM is Ready; its runs work without them)."""
+    (the LLM is Ready; its runs work without them). Derived from what the provider's request sends
+    (``sampling_sent``), so the rule is written once."""
+    policy = _sampling_policy(llm.spec.provider)
+    if policy is None:
+        return []
     request = build_request(llm, [], [])
-    notes: list[str] = []
-    if llm.spec.provider == "anthropic":
-        if request.temperature is not None and request.top_p is not None:
-            notes.append(
-                "topP is not sent: Claude's current models refuse temperature and top_p together "
-                "(temperature is sent)"
-            )
-        penalties = [
-            name
-            for name, value in (
-                ("frequencyPenalty", request.frequency_penalty),
-                ("presencePenalty", request.presence_penalty),
-            )
-            if value is not None
-        ]
-        if penalties:
-            verb = "are" if len(penalties) > 1 else "is"
-            notes.append(f"{' and '.join(penalties)} {verb} not sent: Anthropic's API has no penalties")
-    elif request.top_k is not None:
-        notes.append("topK is not sent: OpenAI's API has no top_k")
-    return notes
+    sent = policy.sampling_sent(request)
+    unsent_by_reason: dict[str, list[str]] = {}
+    for field in sampling_set(request):
+        if field not in sent:
+            reason = policy.NOT_SENT_BECAUSE[field]
+            unsent_by_reason.setdefault(reason, []).append(SAMPLING_PARAMETERS[field])
+    return [
+        f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} not sent: {reason}"
+        for reason, names in unsent_by_reason.items()
+    ]

@@ -16,6 +16,7 @@ from kubechain.llm.base import (
     LLMRequest,
     LLMResponse,
     retryable_status,
+    sampling_set,
     status_headers,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
@@ -155,6 +156,15 @@ def is_official_host(host: str) -> bool:
     return host == OFFICIAL_HOST or host.endswith(OFFICIAL_HOST_SUFFIXES)
 
 
+# Why a parameter the LLM resource sets is not sent (see sampling_sent; kubechain.llm.base.parameter_notes)
+NOT_SENT_BECAUSE = {"top_k": "OpenAI's API has no top_k"}
+
+
+def sampling_sent(request: LLMRequest) -> dict[str, float | int]:
+    """The sampling parameters sent, of those the LLM resource sets: all but top_k (none in the API)."""
+    return {key: value for key, value in sampling_set(request).items() if key not in NOT_SENT_BECAUSE}
+
+
 def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
     """The chat completion request. OpenAI itself takes the token limit as ``max_completion_tokens``
     (its reasoning models refuse ``max_tokens``), and so does a reasoning model behind a gateway, which
@@ -165,17 +175,10 @@ def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:
     }
     if request.tools:
         body["tools"] = [tool.to_openai() for tool in request.tools]
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
+    body.update(sampling_sent(request))
     if request.max_tokens is not None:
         takes_completion_tokens = official or REASONING_MODEL.search(request.model) is not None
         body["max_completion_tokens" if takes_completion_tokens else "max_tokens"] = request.max_tokens
-    if request.top_p is not None:
-        body["top_p"] = request.top_p
-    if request.frequency_penalty is not None:
-        body["frequency_penalty"] = request.frequency_penalty
-    if request.presence_penalty is not None:
-        body["presence_penalty"] = request.presence_penalty
     return body
 
 
