@@ -65,14 +65,21 @@ class HumanLayerClient:
             )
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-            timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
-            verify=True,
-            follow_redirects=False,
-            transport=transport,
-        )
+        try:
+            self._http = httpx.Client(
+                base_url=self.base_url,
+                headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+                timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
+                verify=True,
+                follow_redirects=False,
+                transport=transport,
+            )
+        except (httpx.InvalidURL, ValueError) as exc:  # e.g. "http://[::1": no httpx.HTTPError
+            said = redact(str(exc), [api_key])[:200]
+            raise HumanLayerError(
+                f"invalid HumanLayer API URL {redact_url(self.base_url)!r} ({type(exc).__name__}: {said}): "
+                "set HUMANLAYER_API_BASE to an http:// or https:// URL, e.g. https://api.humanlayer.dev"
+            ) from None
 
     def close(self) -> None:
         self._http.close()
@@ -117,8 +124,20 @@ class HumanLayerClient:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         where = f"{method} {redact_url(self.base_url + path)}"
+        content: bytes | None = None
+        headers: dict[str, str] | None = None
+        if body is not None:
+            try:
+                # ASCII JSON, encoded here: a lone surrogate (an LLM's "\ud83d", half an emoji) goes as its
+                # escape, where httpx's UTF-8 encoding raised UnicodeEncodeError.
+                content = json.dumps(body, ensure_ascii=True, allow_nan=False).encode("ascii")
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise HumanLayerError(
+                    f"cannot encode the request to HumanLayer as JSON ({where}): {type(exc).__name__}: {exc}"
+                ) from None
+            headers = {"Content-Type": "application/json"}
         try:
-            response = self._http.request(method, path, json=body)
+            response = self._http.request(method, path, content=content, headers=headers)
         except httpx.TimeoutException as exc:
             raise HumanLayerUnavailable(
                 f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}"
@@ -129,6 +148,12 @@ class HumanLayerClient:
             said = redact(str(exc), [self._api_key])
             raise HumanLayerUnavailable(
                 f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {said}"
+            ) from None
+        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError; neither an HTTPError
+            # raised building the request: nothing was sent, and sending it again will not help
+            said = redact(str(exc), [self._api_key])[:200]
+            raise HumanLayerError(
+                f"cannot send the request to HumanLayer ({where}): {type(exc).__name__}: {said}"
             ) from None
         status = response.status_code
         if status >= 400:

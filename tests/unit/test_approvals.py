@@ -1275,3 +1275,28 @@ def test_a_request_whose_answer_was_lost_is_looked_up_before_it_is_sent_again(
     status = w.status()
     assert status["status"] == "Ready" and status["externalCallID"]
     assert w.hl.posts == {status["externalCallID"]: 1}, "found, not sent a second time"
+
+
+# -- what HumanLayer requests meet after their claim ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "phase"),
+    [
+        ("fetch__fetch", '{"url": "https://example.com/\\ud83d"}', "AwaitingHumanApproval"),
+        ("approvals__human_contact_email", '{"message": "ok? \\ud83d"}', "AwaitingHumanInput"),
+    ],
+    ids=["approval", "question"],
+)
+def test_a_lone_surrogate_in_the_arguments_is_sent_to_humanlayer(
+    world: World, tool: str, arguments: str, phase: str
+) -> None:
+    """Half an emoji from the LLM ("\\ud83d" in its JSON): httpx raised UnicodeEncodeError encoding the
+    body, after the claim; every delivery claimed again and crashed again, and nothing was recorded."""
+    w = world
+    add_toolcall(w, tool, arguments)
+    w.run()
+    status = w.status()
+    assert status["phase"] == phase and status["status"] == "Ready" and status["externalCallID"], status
+    sent = (w.hl.function_calls or w.hl.contact_requests)[status["externalCallID"]]["spec"]
+    assert "\ud83d" in json.dumps(sent, ensure_ascii=False), "sent as its JSON escape, read back the same"

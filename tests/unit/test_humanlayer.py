@@ -394,3 +394,61 @@ def test_an_api_url_with_credentials_is_shown_without_them() -> None:
         shown = repr(client)
     assert f"GET {server.url}/humanlayer/v1/function_calls/c1" in str(failed.value)
     assert "pa55word" not in str(failed.value) and "pa55word" not in shown, (str(failed.value), shown)
+
+
+def recording_client(base: str = "https://hl.example") -> tuple[HumanLayerClient, list[httpx.Request]]:
+    """A client whose requests are kept (and answered with the posted body, or {}), never sent."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=request.content or b"{}")
+
+    return HumanLayerClient(base, KEY, transport=httpx.MockTransport(answer)), seen
+
+
+def test_a_lone_surrogate_in_a_request_is_sent_as_its_json_escape() -> None:
+    """An LLM writing "\\ud83d" (half an emoji) in a tool's arguments: httpx encodes its JSON body as UTF-8,
+    which has no lone surrogates, and raised UnicodeEncodeError after the request's claim."""
+    client, seen = recording_client()
+    spec = {"fn": "fetch", "kwargs": {"url": "https://example.com/\ud83d"}}
+    answer = client.create_function_call("r", "kc-1", spec)
+    (request,) = seen
+    assert request.headers["content-type"] == "application/json"
+    assert b'"https://example.com/\\ud83d"' in request.content and request.content.isascii()
+    assert json.loads(request.content) == {"run_id": "r", "call_id": "kc-1", "spec": spec} == answer
+
+
+@pytest.mark.parametrize("base", ["http://[::1", "http://[::1]:port"])
+def test_a_malformed_api_base_is_a_humanlayer_error(base: str) -> None:
+    """httpx.InvalidURL is no httpx.HTTPError: it escaped the client (a ContactChannel's validation crashed,
+    and a tool call's request after its claim)."""
+    with pytest.raises(HumanLayerError, match="HUMANLAYER_API_BASE") as failed:
+        HumanLayerClient(base, KEY)
+    assert not isinstance(failed.value, HumanLayerUnavailable), "a setting to fix, not an outage"
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        httpx.InvalidURL(f"Invalid non-printable ASCII character in URL {KEY}"),
+        UnicodeEncodeError("utf-8", "\ud83d", 0, 1, "surrogates not allowed"),
+        ValueError(f"something else {KEY}"),
+    ],
+    ids=["InvalidURL", "UnicodeEncodeError", "ValueError"],
+)
+def test_what_else_httpx_raises_building_a_request_is_a_humanlayer_error(
+    monkeypatch: pytest.MonkeyPatch, raised: Exception
+) -> None:
+    """Only httpx.HTTPError was mapped: anything else httpx raised while building the request escaped the
+    client, after the request's claim."""
+    client, _ = recording_client()
+
+    def refuse(*_: Any, **__: Any) -> httpx.Response:
+        raise raised
+
+    monkeypatch.setattr(client._http, "request", refuse)
+    with pytest.raises(HumanLayerError, match=type(raised).__name__) as failed:
+        client.get_function_call("kc-1")
+    assert not isinstance(failed.value, HumanLayerUnavailable)
+    assert KEY not in str(failed.value)
