@@ -20,6 +20,7 @@ Which channel asks for approval:
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,7 @@ from kubechain.humanlayer.client import DEFAULT_TIMEOUT_S as HUMANLAYER_TIMEOUT_
 from kubechain.kube.errors import Conflict, NotFound
 from kubechain.models import ContactChannel, MCPServer, TaskRunToolCall, Tool, ToolCallPhase
 from kubechain.queueing import TaskName
+from kubechain.redaction import redact
 from kubechain.statemachines import approval as machine
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments, plan_tool_failure
 from kubechain.statemachines.transition import Transition, claim_remaining_s, precise_timestamp
@@ -280,6 +282,8 @@ def _send_request(
         log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"
         outage = isinstance(exc, HumanLayerUnavailable)
+    except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
+        error = f"HumanLayer request failed unexpectedly: {_unexpected(exc, kind, toolcall, api_key)}"
 
     def plan(current: TaskRunToolCall) -> Transition:
         if sent_id is not None:
@@ -339,8 +343,6 @@ def _check_request(
     external_id = toolcall.status.external_call_id or ""
     try:
         _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
-        with _client(ctx, api_key) as client:
-            state = kind.fetch(client, external_id)
     except ChannelProblem as problem:
         if problem.gone and kind is _CONTACT:
             # A question whose channel was deleted can never be answered here, and unlike an approval
@@ -354,6 +356,9 @@ def _check_request(
             apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(problem))),
         )
         return
+    try:
+        with _client(ctx, api_key) as client:
+            state = kind.fetch(client, external_id)
     except HumanLayerNotFound:
         if (toolcall.status.attempts or 0) < machine.NOT_FOUND_CHECKS_BEFORE_RESEND - 1:
             # A request just sent that HumanLayer does not find (yet): its store may lag behind its
@@ -379,6 +384,12 @@ def _check_request(
             ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc)))
         )
         return
+    except Exception as exc:  # noqa: BLE001 - a crash would repeat at every delivery: a failed check
+        said = _unexpected(exc, kind, toolcall, api_key)
+        _schedule(
+            ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, said))
+        )
+        return
     try:
         transition = answered(state, now)
     except machine.MalformedAnswer as malformed:
@@ -388,6 +399,12 @@ def _check_request(
         _schedule(
             ctx,
             apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(malformed))),
+        )
+        return
+    except Exception as exc:  # noqa: BLE001 - as above
+        said = _unexpected(exc, kind, toolcall, api_key)
+        _schedule(
+            ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, said))
         )
         return
     if transition is None:
@@ -501,6 +518,16 @@ def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[Cont
             f'failed to get the HumanLayer API key of ContactChannel "{name}": {exc}', "NoAPIKey"
         ) from None
     return channel, api_key
+
+
+def _unexpected(exc: Exception, kind: _RequestKind, toolcall: TaskRunToolCall, api_key: str) -> str:
+    """A bug or a surprise (an exception the HumanLayer client did not map), logged with its traceback
+    and told as ``Type: message``: both without the API key (cut out before the message is shortened,
+    which could leave the start of it), and with a lone surrogate escaped (a status must be UTF-8)."""
+    trace = redact("".join(traceback.format_exception(exc)), [api_key])
+    log.error("%s for %s/%s raised unexpectedly\n%s", kind.what, toolcall.namespace, toolcall.name, trace)
+    said = redact(str(exc), [api_key])[:300]
+    return f"{type(exc).__name__}: {said}".encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _client(ctx: WorkerContext, api_key: str) -> HumanLayerClient:

@@ -1300,3 +1300,87 @@ def test_a_lone_surrogate_in_the_arguments_is_sent_to_humanlayer(
     assert status["phase"] == phase and status["status"] == "Ready" and status["externalCallID"], status
     sent = (w.hl.function_calls or w.hl.contact_requests)[status["externalCallID"]]["spec"]
     assert "\ud83d" in json.dumps(sent, ensure_ascii=False), "sent as its JSON escape, read back the same"
+
+
+def boom(*_: Any, **__: Any) -> Any:
+    """A surprise from the HumanLayer client (a bug, a library's exception no one mapped), quoting the key."""
+    raise RuntimeError(f"unexpected: sent with {KEY}")
+
+
+@pytest.mark.parametrize(
+    ("tool", "send"),
+    [("fetch__fetch", "create_function_call"), ("approvals__human_contact_email", "create_contact_request")],
+    ids=["approval", "question"],
+)
+def test_an_unexpected_exception_after_the_request_claim_is_a_failed_attempt(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tool: str, send: str
+) -> None:
+    """Only HumanLayerError was caught: anything else left the claim written and the task crashed, with
+    attempts still 0; the claim expired, the next delivery crashed again, for good (a question never used
+    up HUMAN_CONTACT_MAX_ATTEMPTS, so the LLM was never told)."""
+    from kubechain.humanlayer import HumanLayerClient
+
+    w = world
+    monkeypatch.setattr(HumanLayerClient, send, boom)
+    add_toolcall(w, tool, ARGS if tool == "fetch__fetch" else {"message": "budget?"})
+    w.run()
+    status = w.status()
+    assert status["status"] == "Error" and status["attempts"] == 1 and not status.get("claimedBy"), status
+    assert "RuntimeError: unexpected" in status["error"]
+    assert w.events()[-1] == "HumanLayerRequestFailed"
+    assert "Traceback" in caplog.text and "RuntimeError" in caplog.text
+    texts = [json.dumps(status), *w.event_messages(), caplog.text]
+    assert not [text for text in texts if KEY in text], "the key is redacted everywhere"
+    if tool == "fetch__fetch":
+        assert status["phase"] == "ErrorRequestingHumanApproval"
+        assert f"kubechain approve {TC}" in status["statusDetail"], "how to decide without HumanLayer"
+        return
+    for _ in range(machine.HUMAN_CONTACT_MAX_ATTEMPTS - 1):  # the refusal budget ends it
+        w.clock.advance(w.last_countdown())
+        w.run()
+    status = w.status()
+    assert status["phase"] == "Failed" and "RuntimeError: unexpected" in status["error"], status
+
+
+@pytest.mark.parametrize(
+    ("tool", "fetch"),
+    [("fetch__fetch", "get_function_call"), ("approvals__human_contact_email", "get_contact_request")],
+    ids=["approval", "question"],
+)
+def test_an_unexpected_exception_in_a_status_check_is_a_failed_check(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tool: str, fetch: str
+) -> None:
+    from kubechain.humanlayer import HumanLayerClient
+
+    w = world
+    add_toolcall(w, tool, ARGS if tool == "fetch__fetch" else {"message": "budget?"})
+    w.run()
+    sent = w.status()
+    assert sent["externalCallID"]
+    monkeypatch.setattr(HumanLayerClient, fetch, boom)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    status = w.status()
+    assert status["phase"] == sent["phase"] and status["externalCallID"] == sent["externalCallID"]
+    assert status["attempts"] == 1 and "last check failed: RuntimeError: unexpected" in status["statusDetail"]
+    assert w.events()[-1] == "HumanLayerCheckFailed" and "Traceback" in caplog.text
+    texts = [json.dumps(status), *w.event_messages(), caplog.text]
+    assert not [text for text in texts if KEY in text], "the key is redacted everywhere"
+    assert w.last_countdown() > 0, "checked again later"
+
+
+def test_an_unexpected_exception_reading_the_answer_is_a_failed_check(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    w.hl.approve(call_id)
+    monkeypatch.setattr(machine, "humanlayer_decision", boom)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and "RuntimeError" in status["statusDetail"]
+    monkeypatch.undo()
+    w.clock.advance(w.last_countdown())
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
