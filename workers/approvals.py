@@ -277,7 +277,19 @@ def _send_request(
             answer = _already_sent(client, kind, external_id) if looked else None
             if answer is None:
                 answer = kind.send(client, machine.run_id(claimed), external_id, spec)
-        sent_id = str(answer.get("call_id") or external_id)
+        answered_id = answer.get("call_id")
+        if answered_id and answered_id != external_id:
+            # The id sent is deterministic, and the one checked from now on: trusting the answer's
+            # would check another call (and take its decision), or one a URL cannot carry.
+            log.warning(
+                "HumanLayer answered %s %s of %s/%s with call id %r; keeping the id sent",
+                kind.what,
+                external_id,
+                toolcall.namespace,
+                toolcall.name,
+                str(answered_id)[:80],
+            )
+        sent_id = external_id
     except HumanLayerError as exc:
         log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)
         error = f"HumanLayer request failed: {exc}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -107,7 +108,7 @@ class HumanLayerClient:
             return self.get_function_call(call_id)
 
     def get_function_call(self, call_id: str) -> dict[str, Any]:
-        return self._request("GET", f"{API_PREFIX}/function_calls/{call_id}")
+        return self._request("GET", f"{API_PREFIX}/function_calls/{_segment(call_id)}")
 
     def create_contact_request(self, run_id: str, call_id: str, spec: dict[str, Any]) -> dict[str, Any]:
         """Ask a human. Idempotent by ``call_id`` like :meth:`create_function_call`."""
@@ -118,7 +119,7 @@ class HumanLayerClient:
             return self.get_contact_request(call_id)
 
     def get_contact_request(self, call_id: str) -> dict[str, Any]:
-        return self._request("GET", f"{API_PREFIX}/contact_requests/{call_id}")
+        return self._request("GET", f"{API_PREFIX}/contact_requests/{_segment(call_id)}")
 
     # -- transport -----------------------------------------------------------------------------------
 
@@ -183,6 +184,12 @@ class HumanLayerClient:
                 f"invalid response from HumanLayer ({where}): expected a JSON object", status
             )
         return payload
+
+
+def _segment(call_id: str) -> str:
+    """A call id as one path segment: percent-encoded whole ("/", "?", "#", a control character), so it
+    names a call and nothing else, and builds a URL httpx accepts."""
+    return quote(call_id, safe="", errors="surrogatepass")
 
 
 def _detail(response: httpx.Response, api_key: str) -> str:

@@ -1384,3 +1384,47 @@ def test_an_unexpected_exception_reading_the_answer_is_a_failed_check(
     w.clock.advance(w.last_countdown())
     w.run()
     assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
+
+
+@pytest.mark.parametrize("answered_id", ["bad\nid", "kc-0123456789"], ids=["control-char", "another-call"])
+@pytest.mark.parametrize(
+    "tool", ["fetch__fetch", "approvals__human_contact_email"], ids=["approval", "question"]
+)
+def test_the_call_id_humanlayer_answers_with_is_not_trusted(
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    answered_id: str,
+    tool: str,
+) -> None:
+    """The id in HumanLayer's answer became externalCallID and went unescaped into the check's URL: one
+    with a control character made every check raise httpx.InvalidURL (stuck), one of another call read
+    that call's decision. The id sent is ours and deterministic: it is the one kept."""
+    from kubechain.humanlayer import HumanLayerClient
+
+    w = world
+    send = "create_function_call" if tool == "fetch__fetch" else "create_contact_request"
+    real = getattr(HumanLayerClient, send)
+
+    def answer_with_another_id(self: Any, run_id: str, call_id: str, spec: dict[str, Any]) -> Any:
+        return real(self, run_id, call_id, spec) | {"call_id": answered_id}
+
+    monkeypatch.setattr(HumanLayerClient, send, answer_with_another_id)
+    w.hl.function_calls["kc-0123456789"] = {"call_id": "kc-0123456789", "status": {"approved": True}}
+    add_toolcall(w, tool, ARGS if tool == "fetch__fetch" else {"message": "budget?"})
+    ours = machine.call_id(TaskRunToolCall.from_wire(w.kube.get_raw("taskruntoolcalls", "default", TC)))
+    w.run()
+    assert w.status()["externalCallID"] == ours
+    assert f"with call id {answered_id!r}; keeping the id sent" in caplog.text
+    w.clock.advance(w.last_countdown())
+    w.run()  # checks our call: not approved by another's decision, and no crash
+    status = w.status()
+    assert status["phase"] in ("AwaitingHumanApproval", "AwaitingHumanInput") and status["attempts"] == 1
+    assert "last check failed" not in status["statusDetail"]
+    if tool == "fetch__fetch":
+        w.hl.approve(ours)
+    else:
+        w.hl.respond(ours, "42k")
+    w.clock.advance(w.last_countdown())
+    w.run()
+    assert w.status()["phase"] in ("ReadyToExecuteApprovedTool", "Succeeded")

@@ -452,3 +452,15 @@ def test_what_else_httpx_raises_building_a_request_is_a_humanlayer_error(
         client.get_function_call("kc-1")
     assert not isinstance(failed.value, HumanLayerUnavailable)
     assert KEY not in str(failed.value)
+
+
+def test_call_ids_are_quoted_in_url_paths() -> None:
+    """A call id is one path segment: a "/" or "?" must not reach another endpoint, and a control
+    character must not make every request raise httpx.InvalidURL."""
+    client, seen = recording_client()
+    client.get_function_call("kc-1/../../project?x=\n")
+    client.get_contact_request("kc-2 #")
+    assert [request.url.raw_path for request in seen] == [
+        b"/humanlayer/v1/function_calls/kc-1%2F..%2F..%2Fproject%3Fx%3D%0A",
+        b"/humanlayer/v1/contact_requests/kc-2%20%23",
+    ]
