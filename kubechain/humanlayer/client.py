@@ -157,6 +157,20 @@ class HumanLayerClient:
                 f"cannot send the request to HumanLayer ({where}): {type(exc).__name__}: {said}"
             ) from None
         status = response.status_code
+        if 300 <= status < 400:
+            # Not followed (the key would go wherever it leads): an http:// base for an https-only API, or
+            # a base URL that moved, is the setting's to fix.
+            location = response.headers.get("Location")
+            leads = (
+                f"to {redact(redact_url(location), [self._api_key])[:200]}"
+                if location
+                else "without a Location"
+            )
+            raise HumanLayerError(
+                f"HumanLayer API answered {where} with a redirect (HTTP {status}) {leads}, which is not "
+                "followed: check HUMANLAYER_API_BASE (e.g. https:// rather than http://)",
+                status,
+            )
         if status >= 400:
             detail = _detail(response, self._api_key)
             suffix = f": {detail}" if detail else ""

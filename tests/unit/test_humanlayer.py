@@ -464,3 +464,31 @@ def test_call_ids_are_quoted_in_url_paths() -> None:
         b"/humanlayer/v1/function_calls/kc-1%2F..%2F..%2Fproject%3Fx%3D%0A",
         b"/humanlayer/v1/contact_requests/kc-2%20%23",
     ]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_reported_as_one_naming_where_it_leads(status: int) -> None:
+    """The client follows no redirects (the key would go wherever one leads): a 3xx was reported as "not
+    JSON". An http:// base for an https-only API is the usual cause."""
+
+    def redirect(request: httpx.Request) -> httpx.Response:
+        location = f"https://user:pw-{KEY}@api.humanlayer.dev{request.url.path}?token={KEY}"
+        return httpx.Response(status, headers={"Location": location})
+
+    with HumanLayerClient(
+        "http://api.humanlayer.dev", KEY, transport=httpx.MockTransport(redirect)
+    ) as client:
+        with pytest.raises(HumanLayerError) as failed:
+            client.get_project()
+    text = str(failed.value)
+    assert f"redirect (HTTP {status})" in text and "HUMANLAYER_API_BASE" in text, text
+    assert "https://api.humanlayer.dev/humanlayer/v1/project?token=***" in text, text
+    assert KEY not in text and "pw-" not in text
+    assert not isinstance(failed.value, HumanLayerUnavailable) and failed.value.status == status
+
+
+def test_a_redirect_without_a_location_says_so() -> None:
+    transport = httpx.MockTransport(lambda _: httpx.Response(302))
+    with HumanLayerClient("https://hl.example", KEY, transport=transport) as client:
+        with pytest.raises(HumanLayerError, match=r"redirect \(HTTP 302\) without a Location"):
+            client.get_project()
