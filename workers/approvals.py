@@ -27,10 +27,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from kubechain.humanlayer import (
+    HumanLayerAuthError,
     HumanLayerClient,
     HumanLayerError,
     HumanLayerNotFound,
     HumanLayerUnavailable,
+    api_key_source,
     channel_config_problem,
     channel_payload,
 )
@@ -291,8 +293,9 @@ def _send_request(
             )
         sent_id = external_id
     except HumanLayerError as exc:
-        log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, exc)
-        error = f"HumanLayer request failed: {exc}"
+        said = _refused_key(ctx, channel, exc)
+        log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, said)
+        error = f"HumanLayer request failed: {said}"
         outage = isinstance(exc, HumanLayerUnavailable)
     except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
         error = f"HumanLayer request failed unexpectedly: {_unexpected(exc, kind, toolcall, api_key)}"
@@ -354,7 +357,7 @@ def _check_request(
     detail = kind.ask.waiting_detail(channel_name)
     external_id = toolcall.status.external_call_id or ""
     try:
-        _, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
+        channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
         if problem.gone and kind is _CONTACT:
             # A question whose channel was deleted can never be answered here, and unlike an approval
@@ -392,8 +395,9 @@ def _check_request(
         request_again()
         return
     except HumanLayerError as exc:
+        said = _refused_key(ctx, channel, exc)
         _schedule(
-            ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, str(exc)))
+            ctx, apply_call_transition(ctx, toolcall, machine.plan_checked(toolcall, detail, now, said))
         )
         return
     except Exception as exc:  # noqa: BLE001 - a crash would repeat at every delivery: a failed check
@@ -530,6 +534,16 @@ def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[Cont
             f'failed to get the HumanLayer API key of ContactChannel "{name}": {exc}', "NoAPIKey"
         ) from None
     return channel, api_key
+
+
+def _refused_key(ctx: WorkerContext, channel: ContactChannel, exc: HumanLayerError) -> str:
+    """The error as told, naming the channel and the Secret to fix when HumanLayer refused the API key
+    (401/403). The channel is validated again then, so its own status says so (and, no longer Ready,
+    it is not asked again until the key is fixed and the watcher's resync finds it valid)."""
+    if not isinstance(exc, HumanLayerAuthError):
+        return str(exc)
+    schedule_recheck(ctx, TaskName.VALIDATE, channel, "humanlayer-key-refused", 0.0)
+    return f'ContactChannel "{channel.name}" (API key from {api_key_source(channel)}): {exc}'
 
 
 def _unexpected(exc: Exception, kind: _RequestKind, toolcall: TaskRunToolCall, api_key: str) -> str:

@@ -1,8 +1,8 @@
 """``validate`` for ContactChannel: the channel configuration, the API key Secret, then HumanLayer itself.
 
 The original's controller (§2.8) with its strings ("slackConfig is required for slack channel type",
-"invalid email address: ...", "invalid HumanLayer API key", "HumanLayer <type> channel validated
-successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
+"invalid email address: ...", "invalid HumanLayer API key" (followed by the Secret to fix), "HumanLayer
+<type> channel validated successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
 and network failures reported as such. The watcher re-validates channels that are not Ready on every
 resync, so a HumanLayer outage heals by itself.
 """
@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from kubechain.humanlayer import HumanLayerClient, HumanLayerError, channel_config_problem
+from kubechain.humanlayer import (
+    HumanLayerAuthError,
+    HumanLayerClient,
+    HumanLayerError,
+    api_key_source,
+    channel_config_problem,
+)
 from kubechain.kube.errors import NotFound
 from kubechain.models import ContactChannel
 from kubechain.queueing import ResourceMessage
@@ -52,7 +58,10 @@ def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> Non
             project = client.get_project()
     except HumanLayerError as exc:
         log.info("ContactChannel %s/%s: HumanLayer check failed: %s", channel.namespace, channel.name, exc)
-        _write(ctx, channel, plan_validation(channel, False, str(exc)))
+        said = str(exc)
+        if isinstance(exc, HumanLayerAuthError):
+            said += f" (from {api_key_source(channel)}): put a valid HumanLayer API key there"
+        _write(ctx, channel, plan_validation(channel, False, said))
         return
     project_id = project.get("id")
     extra = {"humanLayerProject": str(project_id)} if project_id else {}

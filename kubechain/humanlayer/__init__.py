@@ -1,6 +1,11 @@
 """HumanLayer: the API that reaches humans over Slack or email (approvals and humans as tools)."""
 
-from kubechain.humanlayer.channels import channel_config_problem, channel_payload, email_address_problem
+from kubechain.humanlayer.channels import (
+    api_key_source,
+    channel_config_problem,
+    channel_payload,
+    email_address_problem,
+)
 from kubechain.humanlayer.client import (
     HumanLayerAuthError,
     HumanLayerClient,
@@ -17,6 +22,7 @@ __all__ = [
     "HumanLayerError",
     "HumanLayerNotFound",
     "HumanLayerUnavailable",
+    "api_key_source",
     "channel_config_problem",
     "channel_payload",
     "email_address_problem",

@@ -68,6 +68,12 @@ def channel_config_problem(channel: ContactChannel) -> str | None:
     return f"unsupported channel type: {spec.type}"
 
 
+def api_key_source(channel: ContactChannel) -> str:
+    """Where the channel's HumanLayer API key comes from, as an error names it for fixing."""
+    ref = channel.spec.api_key_from.secret_key_ref
+    return f'key "{ref.key}" of Secret "{ref.name}"'
+
+
 def channel_payload(channel: ContactChannel) -> dict[str, Any]:
     """The ``channel`` object of a HumanLayer function call or contact request."""
     spec = channel.spec

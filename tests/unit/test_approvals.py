@@ -1428,3 +1428,34 @@ def test_the_call_id_humanlayer_answers_with_is_not_trusted(
     w.clock.advance(w.last_countdown())
     w.run()
     assert w.status()["phase"] in ("ReadyToExecuteApprovedTool", "Succeeded")
+
+
+@pytest.mark.parametrize("stage", ["request", "check"])
+def test_a_refused_api_key_names_the_channel_and_its_secret_and_the_channel_is_validated_again(
+    world: World, stage: str
+) -> None:
+    """A refused key ("invalid HumanLayer API key") on a tool call said neither which ContactChannel nor which Secret to
+    fix, and the channel, validated when it was created, stayed Ready."""
+    w = world
+    if stage == "request":
+        w.hl.set_api_keys({"another-key"})  # ours was revoked
+        add_toolcall(w)
+        w.run()
+        shown = w.status()["error"]
+    else:
+        awaiting_approval(w)
+        w.hl.set_api_keys({"another-key"})
+        w.clock.advance(w.last_countdown())
+        w.run()
+        shown = w.status()["statusDetail"]
+    assert (
+        'ContactChannel "approvals" (API key from key "HUMANLAYER_API_KEY" of Secret "humanlayer"): '
+        "invalid HumanLayer API key" in shown
+    ), shown
+    assert any('Secret "humanlayer"' in m for m in w.event_messages())
+    validates = [(task, msg) for task, msg, _ in w.scheduled if task == TaskName.VALIDATE]
+    assert [(msg.kind, msg.name) for _, msg in validates] == [("ContactChannel", "approvals")]
+    validate(w.ctx(), validates[0][1])
+    channel = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
+    assert channel["ready"] is False and channel["statusDetail"].startswith("invalid HumanLayer API key")
+    assert 'key "HUMANLAYER_API_KEY" of Secret "humanlayer"' in channel["statusDetail"]

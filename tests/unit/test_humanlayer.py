@@ -248,7 +248,10 @@ def test_invalid_api_key(hl: HumanLayerTestServer, caplog: pytest.LogCaptureFixt
     create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
     status = validated_status(kube, hl.url)
     assert status["ready"] is False and status["status"] == "Error"
-    assert status["statusDetail"] == "invalid HumanLayer API key"
+    assert status["statusDetail"] == (
+        'invalid HumanLayer API key (from key "HUMANLAYER_API_KEY" of Secret "humanlayer"): '
+        "put a valid HumanLayer API key there"
+    ), "the original's words, then which Secret to fix"
     assert "ValidationFailed" in kube.event_reasons("cc")
     assert "hl-wrong-key" not in caplog.text
     # Fixing the Secret and re-validating (the watcher's resync does that) makes it Ready.
