@@ -6,9 +6,12 @@ import json
 import os
 import socket
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from kubechain.redaction import redact_url
 
 
 def _names(value: Any) -> Any:
@@ -23,6 +26,20 @@ def _names(value: Any) -> Any:
 
 # Comma-separated or a JSON list; pydantic-settings would otherwise accept only JSON and refuse to start.
 NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an http(s) URL with a host that a client can send requests to, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+    except ValueError as exc:  # "http://[::1": an unclosed bracket
+        return f"is not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "has no http:// or https:// scheme"
+    if not parts.hostname:
+        return "has no host"
+    return None
 
 
 def _default_identity() -> str:
@@ -143,6 +160,19 @@ class Settings(BaseSettings):
         cut short by what it is over, so that it still ends in time."""
         return self.claim_margin_s - self.claim_confirm_budget_s
 
+    @field_validator("humanlayer_api_base")
+    @classmethod
+    def _humanlayer_api_base_is_an_http_url(cls, value: str) -> str:
+        # Found at start, not as a ContactChannel's validation error (a malformed URL) or as what looks
+        # like a HumanLayer outage (no scheme) on every request.
+        problem = http_url_problem(value)
+        if problem is not None:
+            raise ValueError(
+                f"{redact_url(value)!r} {problem}: set it to the HumanLayer API's URL, e.g. "
+                "https://api.humanlayer.dev"
+            )
+        return value
+
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:
         # A claim that expires while its LLM or tool call is still running lets resync hand the step to a
@@ -156,6 +186,11 @@ class Settings(BaseSettings):
                 "worker: raise the claim timeout or lower the call timeouts"
             )
         return self
+
+
+_ALIASES = {
+    info.validation_alias for info in Settings.model_fields.values() if isinstance(info.validation_alias, str)
+}
 
 
 class SettingsInvalid(ValueError):
@@ -176,6 +211,8 @@ def load_settings() -> Settings:
             info = Settings.model_fields.get(field)
             alias = info.validation_alias if info is not None else None
             variable = alias if isinstance(alias, str) else f"KUBECHAIN_{field.upper()}" if field else ""
+            if field in _ALIASES:  # a field read under its own name (REDIS_URL) is located by that name
+                variable = field
             message = str(error["msg"]).removeprefix("Value error, ")
             problems.append(f"{variable}: {message}" if variable else message)
         raise SettingsInvalid("invalid settings: " + "; ".join(problems)) from None

@@ -495,3 +495,16 @@ def test_a_redirect_without_a_location_says_so() -> None:
     with HumanLayerClient("https://hl.example", KEY, transport=transport) as client:
         with pytest.raises(HumanLayerError, match=r"redirect \(HTTP 302\) without a Location"):
             client.get_project()
+
+
+def test_a_malformed_api_base_is_a_validation_error_not_a_crash() -> None:
+    """Settings refuse one at start (test_settings); a worker that has one anyway (settings built by hand)
+    records it in the channel's status: httpx.InvalidURL escaped ContactChannel validation."""
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+    ctx.settings = ctx.settings.model_copy(update={"humanlayer_api_base": "http://[::1"})
+    validate(ctx, message("ContactChannel", "cc"))
+    status = kube.get_raw("contactchannels", "default", "cc")["status"]
+    assert status["ready"] is False and "HUMANLAYER_API_BASE" in status["statusDetail"], status

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kubechain.settings import Settings
+from kubechain.settings import Settings, SettingsInvalid, load_settings
 
 
 def test_settings_refuse_a_claim_that_could_expire_during_a_call() -> None:
@@ -32,3 +32,37 @@ def test_name_lists_from_the_environment_are_comma_separated_or_json(
     monkeypatch.setenv("KUBECHAIN_NAMESPACES", written)
     settings = Settings()
     assert settings.mcp_command_allowlist == names and settings.namespaces == names
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["https://api.humanlayer.dev", "http://127.0.0.1:8765", "http://[::1]:8765/", "https://proxy.example/hl"],
+)
+def test_a_humanlayer_api_base_is_an_http_or_https_url(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    monkeypatch.setenv("HUMANLAYER_API_BASE", base)
+    assert load_settings().humanlayer_api_base == base
+
+
+@pytest.mark.parametrize(
+    ("base", "problem"),
+    [
+        ("http://[::1", "is not a URL (Invalid IPv6 URL)"),
+        ("api.humanlayer.dev", "has no http:// or https:// scheme"),
+        ("localhost:8765", "has no http:// or https:// scheme"),
+        ("ftp://hl.example", "has no http:// or https:// scheme"),
+        ("https://", "has no host"),
+        ("https://user:pa55word-123@hl.example:port/", "is not a URL (Port could not be cast"),
+    ],
+)
+def test_a_malformed_humanlayer_api_base_is_refused_saying_what_to_fix(
+    monkeypatch: pytest.MonkeyPatch, base: str, problem: str
+) -> None:
+    """A malformed one crashed ContactChannel validation (httpx.InvalidURL); one without a scheme made
+    every HumanLayer request fail as if HumanLayer were down."""
+    monkeypatch.setenv("HUMANLAYER_API_BASE", base)
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    text = str(refused.value)
+    assert text.startswith("invalid settings: HUMANLAYER_API_BASE: ") and problem in text, text
+    assert "set it to the HumanLayer API's URL, e.g. https://api.humanlayer.dev" in text
+    assert "pa55word" not in text
