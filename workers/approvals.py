@@ -247,6 +247,14 @@ def _send_request(
     try:
         channel, api_key = _channel_access(ctx, toolcall.namespace, channel_name)
     except ChannelProblem as problem:
+        if problem.gone and kind is _CONTACT:
+            # as when it is gone at a status check (_check_request): retrying cannot bring it back
+            apply_call_transition(
+                ctx,
+                toolcall,
+                machine.plan_contact_channel_gone(toolcall, str(problem), ctx.clock(), sent=False),
+            )
+            return
         failed = apply_call_transition(
             ctx,
             toolcall,

@@ -381,9 +381,15 @@ def plan_checked(
 # -- humans as tools ---------------------------------------------------------------------------------
 
 
-def plan_contact_channel_gone(toolcall: TaskRunToolCall, problem: str, now: datetime) -> Transition:
-    """A human contact request whose ContactChannel was deleted while it waited for the answer."""
-    message = f"the human contact request can no longer be answered: {problem}"
+def plan_contact_channel_gone(
+    toolcall: TaskRunToolCall, problem: str, now: datetime, *, sent: bool = True
+) -> Transition:
+    """A human contact request whose ContactChannel was deleted: while it waited for the answer
+    (``sent``), or before it could be sent. Either way no retry brings the channel back."""
+    if sent:
+        message = f"the human contact request can no longer be answered: {problem}"
+    else:
+        message = f"no human can be contacted: {problem}"
     return plan_tool_failure(toolcall, message, now, reason="NoContactChannel")
 
 

@@ -1459,3 +1459,27 @@ def test_a_refused_api_key_names_the_channel_and_its_secret_and_the_channel_is_v
     channel = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
     assert channel["ready"] is False and channel["statusDetail"].startswith("invalid HumanLayer API key")
     assert 'key "HUMANLAYER_API_KEY" of Secret "humanlayer"' in channel["statusDetail"]
+
+
+@pytest.mark.parametrize("before", ["first-request", "after-a-failed-request"])
+def test_a_question_whose_channel_is_gone_when_it_is_sent_fails_at_once(world: World, before: str) -> None:
+    """Gone when the request is checked, a question failed at once; gone when it was (first or again)
+    sent, it was retried HUMAN_CONTACT_MAX_ATTEMPTS times (about 2 minutes) for the same end."""
+    w = world
+    if before == "after-a-failed-request":
+        w.hl.set_down("503")
+        add_toolcall(w, "approvals__human_contact_email", {"message": "budget?"})
+        w.run()
+        assert w.status()["status"] == "Error" and w.status()["attempts"] == 1
+        w.clock.advance(w.last_countdown())
+    w.kube.request(
+        "DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/contactchannels/approvals"
+    )
+    if before == "first-request":
+        add_toolcall(w, "approvals__human_contact_email", {"message": "budget?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "Failed", status
+    assert status["error"] == 'no human can be contacted: ContactChannel "approvals" not found'
+    assert w.events()[-1] == "NoContactChannel"
+    assert w.hl.request_count("POST", "/humanlayer/v1/contact_requests") == (before != "first-request")
