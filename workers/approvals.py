@@ -258,7 +258,7 @@ def _send_request(
         failed = apply_call_transition(
             ctx,
             toolcall,
-            kind.failed(toolcall, channel_name, str(problem), problem.reason, ctx.clock(), False),
+            kind.failed(toolcall, channel_name, str(problem), problem.reason, ctx.clock(), problem.outage),
         )
         _schedule(ctx, failed)
         return
@@ -515,12 +515,15 @@ def _check_contact(ctx: WorkerContext, toolcall: TaskRunToolCall, channel_name: 
 
 
 class ChannelProblem(Exception):
-    """``gone``: the ContactChannel does not exist (deleted), rather than not ready or misconfigured."""
+    """``gone``: the ContactChannel does not exist (deleted), rather than not ready or misconfigured.
+    ``outage``: it is not Ready only because its validation found HumanLayer unavailable (status
+    Pending), which counts as HumanLayer being unavailable for the request."""
 
-    def __init__(self, message: str, reason: str, *, gone: bool = False) -> None:
+    def __init__(self, message: str, reason: str, *, gone: bool = False, outage: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
         self.gone = gone
+        self.outage = outage
 
 
 def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[ContactChannel, str]:
@@ -530,7 +533,10 @@ def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[Cont
         raise ChannelProblem(f'ContactChannel "{name}" not found', "NoContactChannel", gone=True)
     if not channel.status.ready:
         detail = channel.status.status_detail or "not validated yet"
-        raise ChannelProblem(f'ContactChannel "{name}" is not ready: {detail}', "NoContactChannel")
+        outage = channel.status.status == "Pending"  # see workers/contactchannels.py
+        raise ChannelProblem(
+            f'ContactChannel "{name}" is not ready: {detail}', "NoContactChannel", outage=outage
+        )
     problem = channel_config_problem(channel)
     if problem is not None:
         raise ChannelProblem(f'ContactChannel "{name}": {problem}', "NoContactChannel")

@@ -3,8 +3,8 @@
 The original's controller (§2.8) with its strings ("slackConfig is required for slack channel type",
 "invalid email address: ...", "invalid HumanLayer API key" (followed by the Secret to fix), "HumanLayer
 <type> channel validated successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
-and network failures reported as such. The watcher re-validates channels that are not Ready on every
-resync, so a HumanLayer outage heals by itself.
+and network failures reported as such (status Pending rather than Error: nothing to fix). The watcher
+re-validates channels that are not Ready on every resync, so a HumanLayer outage heals by itself.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from kubechain.humanlayer import (
     HumanLayerAuthError,
     HumanLayerClient,
     HumanLayerError,
+    HumanLayerUnavailable,
     api_key_source,
     channel_config_problem,
 )
@@ -61,7 +62,10 @@ def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> Non
         said = str(exc)
         if isinstance(exc, HumanLayerAuthError):
             said += f" (from {api_key_source(channel)}): put a valid HumanLayer API key there"
-        _write(ctx, channel, plan_validation(channel, False, said))
+        # Pending, not Error, while HumanLayer is unavailable: nothing to fix here, and a question
+        # asked via the channel meanwhile waits it out as one whose own request met the outage.
+        outage = isinstance(exc, HumanLayerUnavailable)
+        _write(ctx, channel, plan_validation(channel, False, said, pending=outage))
         return
     project_id = project.get("id")
     extra = {"humanLayerProject": str(project_id)} if project_id else {}

@@ -1483,3 +1483,29 @@ def test_a_question_whose_channel_is_gone_when_it_is_sent_fails_at_once(world: W
     assert status["error"] == 'no human can be contacted: ContactChannel "approvals" not found'
     assert w.events()[-1] == "NoContactChannel"
     assert w.hl.request_count("POST", "/humanlayer/v1/contact_requests") == (before != "first-request")
+
+
+@pytest.mark.parametrize(
+    ("breakage", "limit"),
+    [("503", machine.HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE), ("revoked", machine.HUMAN_CONTACT_MAX_ATTEMPTS)],
+    ids=["humanlayer-down", "key-refused"],
+)
+def test_a_question_whose_channel_is_not_ready_because_humanlayer_is_down_rides_the_outage_out(
+    world: World, breakage: str, limit: int
+) -> None:
+    """The channel's validation met a HumanLayer outage (its status Pending, not Error): the question
+    waits as long as one whose own request meets the outage, not as briefly as one HumanLayer refuses."""
+    w = world
+    if breakage == "503":
+        w.hl.set_down("503")
+    else:
+        w.hl.set_api_keys({"another-key"})
+    validate(w.ctx(), message("ContactChannel", "approvals"))
+    channel = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
+    assert channel["ready"] is False and channel["status"] == ("Pending" if breakage == "503" else "Error")
+    add_toolcall(w, "approvals__human_contact_email", {"message": "budget?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanInput" and status["status"] == "Error", status
+    assert status["error"].startswith('ContactChannel "approvals" is not ready: ')
+    assert f"(attempt 1 of {limit};" in status["statusDetail"], status["statusDetail"]
