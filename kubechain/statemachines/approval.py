@@ -27,7 +27,9 @@ Bookkeeping in the waiting phases uses existing status fields (everything surviv
     attempts    HumanLayer calls of the current stage: failed requests until externalCallID is known,
                 status checks after that; reset when a decision is recorded, so that afterwards it counts
                 executions as usual
-    The next HumanLayer call is due at claimedAt + recheck_delay(attempts) (2 s, 2 s, 4 s, ... 60 s).
+    The next HumanLayer call is due at claimedAt + recheck_delay(attempts) (2 s, 2 s, 4 s, ... 60 s; after
+    about an hour of them 2 min, 4 min, then 5 min). claimedBy stays unset between checks: the checks
+    take no claim (each one's conditional write makes a concurrent one stale), only a request does.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ UNDECIDED_PHASES = PENDING_PHASES + APPROVAL_WAITING_PHASES
 
 RECHECK_BASE_S = 2.0
 RECHECK_MAX_S = 60.0
+# Each check writes the status (attempts, claimedAt): a minute apart for ever, 1,000 calls waiting for
+# people would be ~17 status writes a second for as long as they wait. After about an hour (64 s of
+# back-off, then 59 checks a minute apart) the delay doubles again, up to 5 minutes: ~3 writes a second
+# for 1,000 calls, and an answer given after the first hour is seen within 5 minutes.
+LONG_WAIT_CHECKS = 65
+LONG_WAIT_RECHECK_MAX_S = 300.0
 # A HumanLayer call answered within the client's timeouts takes up to 15 s (5 s to connect, then 10 s to
 # read: httpx times each phase on its own): see REQUEST_CLAIM_YOUNG_S in workers/approvals.py.
 REQUEST_CLAIM_TIMEOUT_S = 30.0
@@ -97,7 +105,10 @@ def run_id(toolcall: TaskRunToolCall) -> str:
 
 
 def recheck_delay(attempts: int) -> float:
-    # the exponent capped: checks go on for as long as the human takes, and 2.0 ** 1024 overflows
+    # the exponents capped: checks go on for as long as the human takes, and 2.0 ** 1024 overflows
+    if attempts >= LONG_WAIT_CHECKS:
+        grown = RECHECK_MAX_S * 2 ** min(attempts - LONG_WAIT_CHECKS + 1, 32)
+        return min(LONG_WAIT_RECHECK_MAX_S, grown)
     return min(RECHECK_MAX_S, RECHECK_BASE_S * 2 ** min(max(0, attempts - 1), 32))
 
 

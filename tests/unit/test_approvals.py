@@ -1034,10 +1034,34 @@ def test_human_contact_recovers_after_an_outage(world: World) -> None:
 # -- pure pieces -------------------------------------------------------------------------------------
 
 
-def test_recheck_delays_back_off_to_a_minute() -> None:
+def test_recheck_delays_back_off_to_a_minute_then_after_an_hour_to_five() -> None:
+    """Each check writes the status (attempts, claimedAt): a minute apart for ever, 1,000 calls waiting
+    for people were ~17 status writes a second for as long as they waited."""
     assert [machine.recheck_delay(n) for n in range(8)] == [2, 2, 4, 8, 16, 32, 60, 60]
-    # a human who answers the next day: ~17 hours of checks a minute apart, and then some
-    assert machine.recheck_delay(1025) == machine.recheck_delay(100_000) == 60
+    first_long = next(n for n in range(1000) if machine.recheck_delay(n) > 60)
+    waited = sum(machine.recheck_delay(n) for n in range(first_long))
+    assert 3600 <= waited < 3600 + 60, "a minute apart for the first hour"
+    long_ones = [machine.recheck_delay(n) for n in range(first_long, first_long + 4)]
+    assert long_ones == [120, 240, 300, 300]
+    # a human who answers the next day (the exponent capped: 2.0 ** 1024 overflows)
+    assert machine.recheck_delay(1025) == machine.recheck_delay(100_000) == 300
+
+
+@pytest.mark.slow
+def test_a_call_waiting_for_hours_is_checked_every_five_minutes_after_the_first_hour(world: World) -> None:
+    w = world
+    call_id = awaiting_approval(w)
+    started = w.clock()
+    while w.clock() - started < timedelta(hours=3):
+        w.clock.advance(w.last_countdown())
+        w.run()
+    checks = w.gets()
+    assert checks <= 65 + 2 * 12 + 2, checks  # ~65 in the first hour, then 12 an hour (180 a minute apart)
+    assert w.last_countdown() == pytest.approx(300)
+    w.hl.approve(call_id)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
 
 
 def test_call_ids_are_deterministic_and_short() -> None:
