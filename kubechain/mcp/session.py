@@ -33,7 +33,7 @@ from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client, next_request_within_origin
 from mcp.shared.exceptions import MCPError as SDKError
 from mcp.shared.message import SessionMessage
 from mcp_types import (
@@ -193,6 +193,7 @@ class Attempt:
         self.unsent = 0
         self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
         self.session_gone = False  # a tools/call POST was answered 404 for our session id
+        self.redirects = 0  # redirects in a row of a tools/call POST that the SDK followed
         # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
@@ -260,10 +261,12 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         *,
         abandon_on_failure: bool = False,
         on_session_gone: Callable[[], None] | None = None,
+        redirects: httpx2.AsyncClient | None = None,
     ) -> None:
         self._inner = inner
         self._abandon_on_failure = abandon_on_failure
         self._on_session_gone = on_session_gone
+        self._redirects = redirects  # the client whose redirects the SDK follows (within its origin)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -276,11 +279,19 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
                 self._abandon(attempt, f"{type(exc).__name__}: {exc}")
             raise
         status = response.status_code
+        attempt = _ATTEMPT.get()
+        if attempt is not None and 300 <= status < 400:
+            if _carries_tools_call(request) and self._followed(attempt, request, response):
+                # The SDK sends the call on to where it was redirected (a proxy adding a slash, an
+                # http-to-https upgrade): the call goes on there. Taken for a refusal, the call was
+                # abandoned while the redirected POST ran the tool, and then sent again on a new session.
+                return response
+        elif attempt is not None:
+            attempt.redirects = 0  # the end of a chain of redirects
         session_gone = await _session_forgotten(request, response)
         if session_gone and self._on_session_gone is not None:
             self._on_session_gone()
         if status >= 300:
-            attempt = _ATTEMPT.get()
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
                 attempt.session_gone = attempt.session_gone or session_gone
@@ -288,6 +299,24 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
                     attempt.unsent += 1
                 self._abandon(attempt, f"answered HTTP {status}")
         return response
+
+    def _followed(self, attempt: Attempt, request: httpx2.Request, response: httpx2.Response) -> bool:
+        """Whether the SDK follows this redirect: one within the server's origin that keeps the method
+        (``next_request_within_origin``), up to the client's ``max_redirects`` in a row. The client sets
+        the response's ``request`` and ``next_request`` only once the transport has answered: they are set
+        here on a stand-in, as the client sets them."""
+        client = self._redirects
+        if client is None or not response.has_redirect_location:
+            return False
+        stand_in = httpx2.Response(response.status_code, headers=response.headers, request=request)
+        try:
+            stand_in.next_request = client._build_redirect_request(request, stand_in)
+        except httpx2.RemoteProtocolError:  # an invalid Location: the client does not follow it either
+            return False
+        if next_request_within_origin(stand_in) is None:
+            return False
+        attempt.redirects += 1
+        return attempt.redirects <= client.max_redirects
 
     def _abandon(self, attempt: Attempt, failure: str) -> None:
         if self._abandon_on_failure and attempt.abandon is not None:
@@ -315,7 +344,8 @@ async def _session_forgotten(request: httpx2.Request, response: httpx2.Response)
 
 def _refused_before_running(status: int, headers: httpx2.Headers, *, sse: bool) -> bool:
     """Whether an error status means the request was not run. An SSE server answers a message's POST
-    before handling it (202), so any 3xx/4xx, 429 or 503 is a refusal; a streamable-HTTP server answers
+    before handling it (202), so any 4xx, 429, 503 or redirect the SDK did not follow (those it follows
+    never get here) is a refusal; a streamable-HTTP server answers
     when done, so only a rate limit (429) or an overload that asks to come back (503 with Retry-After) is
     sure not to have run it: a proxy's bare 503 may follow a request the server had received."""
     if sse:
@@ -341,7 +371,10 @@ def _watching_unsent_calls(
 ) -> httpx2.AsyncClient:
     """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
     wrap = functools.partial(
-        _UnsentCallTransport, abandon_on_failure=abandon_on_failure, on_session_gone=on_session_gone
+        _UnsentCallTransport,
+        abandon_on_failure=abandon_on_failure,
+        on_session_gone=on_session_gone,
+        redirects=client,
     )
     client._transport = wrap(client._transport)
     client._mounts = {

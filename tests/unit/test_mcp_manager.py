@@ -893,6 +893,138 @@ def test_an_sse_call_whose_post_is_refused_is_retried_at_once_not_after_its_time
         impatient.close()
 
 
+def redirecting_posts(app: Any, path: str, location: Callable[[str], str] | None = None) -> Any:
+    """``app`` (ASGI), answering each POST to ``path`` not yet redirected with 307 to the same path (a
+    proxy adding a slash, an http-to-https upgrade); with ``location(query)``, only tools/call POSTs, to it."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        query = scope.get("query_string", b"").decode()
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path or "hop=1" in query:
+            return await app(scope, receive, send)
+        received = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if not message.get("more_body"):
+                break
+        if location is None or b'"tools/call"' in b"".join(m.get("body", b"") for m in received):
+            target = location(query) if location else f"{path}?{query}&hop=1" if query else f"{path}?hop=1"
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 307,
+                    "headers": [(b"location", target.encode()), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return None
+
+        async def replay() -> Any:
+            return received.pop(0) if received else await receive()
+
+        return await app(scope, replay, send)
+
+    return wrapped
+
+
+def _counting_server(runs: list[str]) -> Any:
+    server = SDKServer("counting")
+
+    @server.tool()
+    def charge() -> str:
+        runs.append("charged")
+        return "charged"
+
+    return server
+
+
+@pytest.mark.parametrize("transport", ["sse", "http"])
+def test_a_tool_call_redirected_within_its_origin_runs_once_and_succeeds(transport: str) -> None:
+    """The SDK follows a 307/308 that stays within the server's origin: over SSE the call was taken for
+    refused at the 307 hop and abandoned while the SDK delivered the redirected POST, so the tool ran,
+    the call was sent again on a fresh session (it ran twice) and the LLM heard it failed."""
+    runs: list[str] = []
+    counting = _counting_server(runs)
+    if transport == "sse":
+        app, path, endpoint = counting.sse_app(host="127.0.0.1"), "/messages/", "/sse"
+    else:
+        app, path, endpoint = counting.streamable_http_app(host="127.0.0.1"), "/mcp", "/mcp"
+    m = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, call_budget_s=40)
+    try:
+        with UvicornThread(redirecting_posts(app, path)) as up:
+            name = f"redirected-{transport}"  # not idempotent
+            server = mcp_server(name, transport=transport, url=f"http://127.0.0.1:{up.port}{endpoint}")
+            assert m.call_tool(server, "charge", {}).text == "charged"
+            assert runs == ["charged"], "the tool ran once"
+            assert m.connected("default", name), "the session was kept"
+    finally:
+        m.close()
+
+
+def test_an_sse_tool_call_redirected_out_of_its_origin_was_not_run() -> None:
+    """A redirect the SDK does not follow (another origin) is a refusal: the tool did not run, and the
+    call says so rather than that it may have run."""
+    runs: list[str] = []
+    app = _counting_server(runs).sse_app(host="127.0.0.1")
+    m = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, call_budget_s=40)
+    try:
+        elsewhere = redirecting_posts(app, "/messages/", lambda query: f"http://elsewhere.invalid/m?{query}")
+        with UvicornThread(elsewhere) as up:
+            server = mcp_server("redirected-away", transport="sse", url=f"http://127.0.0.1:{up.port}/sse")
+            with pytest.raises(MCPError) as failed:
+                m.call_tool(server, "charge", {})
+            assert "answered HTTP 307" in str(failed.value) and "may have run" not in str(failed.value)
+            assert runs == []
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "in_a_row", "refused"),
+    [
+        (307, "/messages/?hop=1", 1, False),  # followed: the call goes on there
+        (308, "https://mcp.test/messages/", 1, False),  # the https upgrade on default ports: followed
+        (307, "http://elsewhere.test/messages/", 1, True),  # another origin: not followed
+        (302, "/messages/?hop=1", 1, True),  # the POST would become a GET: not followed
+        (307, "/messages/?hop=1", 3, True),  # past the client's max_redirects (2 here): not followed
+    ],
+    ids=["same-origin", "https-upgrade", "other-origin", "302", "too-many"],
+)
+def test_only_a_redirect_of_a_tool_call_the_sdk_does_not_follow_is_a_refusal(
+    status: int, location: str, in_a_row: int, refused: bool
+) -> None:
+    import anyio
+    import httpx2
+
+    from kubechain.mcp.session import _ATTEMPT, Attempt, _watching_unsent_calls
+
+    class Redirecting(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(status, headers={"location": location})
+
+    abandoned: list[bool] = []
+    client = httpx2.AsyncClient(transport=Redirecting(), max_redirects=2)
+    transport = _watching_unsent_calls(client, abandon_on_failure=True)._transport
+    call = httpx2.Request(
+        "POST", "http://mcp.test/messages/", json={"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    )
+
+    async def send(attempt: Attempt) -> None:
+        token = _ATTEMPT.set(attempt)
+        try:
+            for _ in range(in_a_row):
+                await transport.handle_async_request(call)
+        finally:
+            _ATTEMPT.reset(token)
+
+    attempt = Attempt()
+    attempt.sends = 1
+    attempt.abandon = lambda: abandoned.append(True)
+    anyio.run(send, attempt)
+    assert (bool(abandoned), attempt.may_have_run) == (refused, not refused)
+    assert attempt.http_status == (status if refused else 0)
+
+
 def test_a_call_its_transport_could_not_take_was_not_sent() -> None:
     """Over SSE a failed POST ends the SDK's sender: a second call handed to it then fails to be handed
     over at all, and so cannot have run (it is retried, even for a server not marked idempotent)."""
