@@ -48,31 +48,26 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from kubechain.mcp.common import MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec
-from kubechain.observability.logs import detached_context
+from kubechain.observability.logs import WithoutMCPServerData, detached_context
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 
 log = logging.getLogger("kubechain.mcp")
 stderr_log = logging.getLogger("kubechain.mcp.stderr")
 
 
-class _WithoutServerOutput(logging.Filter):
-    """The SDK's client transports log what they could not parse with ``logger.exception``: the
-    traceback's validation error quotes the server's line, which may hold a secret (a stdio server that
-    prints "using API key sk-...") and, cut in the middle, is beyond scrubbing. The line is kept and the
-    traceback dropped: the session logs the same error scrubbed (``_on_message``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
-            record.msg = f"{record.getMessage()} ({kind}; details at debug level, scrubbed)"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
+def _keep_server_data_out_of_sdk_logs() -> None:
+    """WithoutMCPServerData on each of the SDK's loggers (its client session's is "client"), for handlers
+    other than the one configure_logging installs it on (a test's, an embedding application's). A logger
+    the SDK makes later (a module imported lazily) is covered by that handler's only."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name in ("mcp", "client") or name.startswith("mcp."):
+            if isinstance(logger, logging.Logger) and not any(
+                isinstance(f, WithoutMCPServerData) for f in logger.filters
+            ):
+                logger.addFilter(WithoutMCPServerData())
 
 
-for _sdk_transport in ("mcp.client.stdio", "mcp.client.streamable_http", "mcp.client.sse"):
-    logging.getLogger(_sdk_transport).addFilter(_WithoutServerOutput())
+_keep_server_data_out_of_sdk_logs()
 
 CLIENT_INFO = types.Implementation(name="kubechain", version="0.1.0")
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -69,6 +72,38 @@ class ResourceFilter(logging.Filter):
         return True
 
 
+class WithoutMCPServerData(logging.Filter):
+    """The MCP SDK logs what a server sent that it could not use (a line it could not parse, a notification
+    it could not validate) with the exception's traceback, whose validation error quotes the server's data:
+    a secret among it (a server that prints "using API key sk-..."), cut in the middle, is beyond
+    scrubbing. Of a line logged by the SDK's code, whatever its logger is named (its client session logs
+    as "client"), the message is kept and the traceback dropped; the session logs such errors scrubbed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _from_mcp_sdk(record):
+            kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
+            record.msg = f"{record.getMessage()} ({kind}; its details may quote the server's data: left out)"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@functools.cache
+def _mcp_sdk_dir() -> str | None:
+    spec = importlib.util.find_spec("mcp")
+    if spec is None or spec.origin is None:
+        return None
+    return os.path.join(os.path.dirname(os.path.realpath(spec.origin)), "")
+
+
+def _from_mcp_sdk(record: logging.LogRecord) -> bool:
+    if record.name == "mcp" or record.name.startswith("mcp."):
+        return True
+    sdk_dir = _mcp_sdk_dir()
+    return sdk_dir is not None and os.path.realpath(record.pathname).startswith(sdk_dir)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {
         key: value
@@ -127,6 +162,7 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if json_output else KeyValueFormatter())
     handler.addFilter(ResourceFilter())
+    handler.addFilter(WithoutMCPServerData())  # on the handler: whatever logger the SDK's code logs to
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

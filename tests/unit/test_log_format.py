@@ -131,3 +131,33 @@ def test_warnings_are_logged(restore_logging: None, capsys: pytest.CaptureFixtur
     (line,) = _json_lines(capsys.readouterr().err)
     assert (line["level"], line["logger"]) == ("WARNING", "py.warnings")
     assert "this option goes away" in str(line["message"])
+
+
+def test_the_mcp_sdks_tracebacks_are_left_out_whatever_its_logger_is_named(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The MCP SDK logs what a server sent that it could not use with the traceback of the validation
+    error, which quotes the server's data (a secret among it, beyond scrubbing). Its client session logs
+    as "client", not under "mcp": every line from the SDK's code keeps its message and loses the traceback;
+    a line of our own keeps it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("mcp")
+    assert spec is not None and spec.origin is not None
+    sdk_file = str(Path(spec.origin).parent / "client" / "session.py")
+    configure_logging("INFO", json_output=True)
+    for name, path in [("client", sdk_file), ("mcp.shared.session", __file__), ("kubechain.mcp", __file__)]:
+        try:
+            raise ValueError("1 validation error: input_value='key=s3cret-env-value'")
+        except ValueError:
+            record = logging.getLogger(name).makeRecord(
+                name, logging.WARNING, path, 1, "Failed to validate notification: %s", ("x",), sys.exc_info()
+            )
+        logging.getLogger(name).handle(record)
+
+    sdk_client, sdk_shared, ours = _json_lines(capsys.readouterr().err)
+    for line in (sdk_client, sdk_shared):
+        assert "exception" not in line and "s3cret" not in json.dumps(line)
+        assert str(line["message"]).startswith("Failed to validate notification: x (ValueError;")
+    assert "s3cret-env-value" in str(ours["exception"])

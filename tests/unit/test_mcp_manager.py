@@ -1415,6 +1415,53 @@ def test_a_line_the_sdk_cannot_parse_is_logged_without_quoting_it(caplog: pytest
     assert "sk-live" not in caplog.text
 
 
+MALFORMED_NOTIFICATIONS = textwrap.dedent(
+    """
+    import json, os, sys
+
+    def send(message):
+        print(json.dumps({"jsonrpc": "2.0", **message}), flush=True)
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("method") == "initialize":
+            send({"id": request["id"], "result": {
+                "protocolVersion": request["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "malformed-notifications", "version": "1"}}})
+        elif request.get("method") == "tools/list":
+            key = os.environ["API_KEY"]
+            send({"method": "notifications/progress",
+                  "params": {"progressToken": {"bad": True}, "progress": "using key " + key}})
+            send({"method": "notifications/message", "params": {"level": "nonsense", "data": "key=" + key}})
+            send({"id": request["id"], "result": {"tools": [{"name": "t", "inputSchema": {"type": "object"}}]}})
+        elif "id" in request:
+            send({"id": request["id"], "error": {"code": -32601, "message": "nope"}})
+    """
+)
+
+
+def test_a_notification_the_sdk_cannot_read_is_logged_without_quoting_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK's client session (its logger is "client", not under "mcp") logged a notification it could
+    not validate with the traceback of the validation error, which quotes the server's data: its secret."""
+    caplog.set_level(logging.DEBUG)
+    script = tmp_path / "malformed_notifications.py"
+    script.write_text(MALFORMED_NOTIFICATIONS)
+    m = MCPManager(resolve_secret, call_timeout_s=10, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        server = script_server(
+            "malformed-notifications",
+            str(script),
+            env=[{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "api-key"}}}],
+        )
+        assert [tool.name for tool in m.list_tools(server)] == ["t"]
+    finally:
+        m.close()
+    assert "Failed to validate notification: notifications/progress" in caplog.text
+    assert "s3cret-env-value" not in caplog.text
+
+
 def test_an_answer_that_misses_its_output_schema_is_kept_with_a_note() -> None:
     """The SDK checks a tool's answer against its declared output schema and raised after the tool ran:
     the LLM heard "error calling tool" and would call it again (a second issue filed)."""
