@@ -121,6 +121,10 @@ class Settings(BaseSettings):
         default="https://api.humanlayer.dev", validation_alias="HUMANLAYER_API_BASE"
     )
     mcp_command_allowlist: NameList = Field(default_factory=list)
+    # The largest message read from an MCP server (a tool's result): a longer one fails its call, saying
+    # so, instead of being read whole (a few hundred MB would take the worker down). The default is
+    # kubechain.mcp.common.DEFAULT_MAX_MESSAGE_BYTES (not imported: settings import nothing of the app).
+    mcp_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
     # Observability
     metrics_port: int = 0

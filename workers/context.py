@@ -201,6 +201,7 @@ def build_context(
             call_timeout_s=settings.tool_timeout_s,
             call_budget_s=settings.tool_execution_cap_s,
             command_allowlist=settings.mcp_command_allowlist,
+            max_message_bytes=settings.mcp_max_message_bytes,
             # its sessions stay open: a server's tool list changing under one is validated again
             on_tools_changed=ToolsChangedRevalidator(enqueue),
         )

@@ -161,6 +161,7 @@ def _temporary_manager(ctx: WorkerContext) -> MCPManager:
         kube_secret_resolver(ctx.kube),
         call_timeout_s=settings.tool_timeout_s,
         command_allowlist=settings.mcp_command_allowlist,
+        max_message_bytes=settings.mcp_max_message_bytes,
     )
 
 

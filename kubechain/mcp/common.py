@@ -6,6 +6,19 @@ from dataclasses import dataclass
 
 from kubechain.tools.builtin import ToolError
 
+# The largest message read from an MCP server (a tool's result, a tool list): the SDK reads one whole
+# however large (a stdio line quadratically), and a few hundred MB would take the worker down.
+MAX_MESSAGE_SETTING = "KUBECHAIN_MCP_MAX_MESSAGE_BYTES"
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def describe_size(size: int) -> str:
+    """``size`` bytes as people say it: 4 MiB, 256 KiB, 100 bytes."""
+    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.4g} {unit}"
+    return f"{size} bytes"
+
 
 class MCPError(ToolError):
     """An MCP server could not be reached, or a request to it failed.

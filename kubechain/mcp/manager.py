@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kubechain.mcp.common import MCPError, MCPToolResult
+from kubechain.mcp.common import DEFAULT_MAX_MESSAGE_BYTES, MCPError, MCPToolResult
 from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
 from kubechain.mcp.tool_list import scrubbed_tools
 from kubechain.models import MCPServer, MCPTool
@@ -70,11 +70,13 @@ class MCPManager:
         command_allowlist: Sequence[str] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         on_tools_changed: Callable[[str, str], None] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
         name)``: a session heard that its server's tool list changed (called on a thread of its own, in
         order; notices for a server whose call has not started yet are merged into it; what it raises is
-        logged). Without it sessions do not listen for that."""
+        logged). Without it sessions do not listen for that. ``max_message_bytes``: the longest message
+        read from a server (a tool's result): a call whose answer is longer fails saying so."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
@@ -83,6 +85,7 @@ class MCPManager:
         self.connect_timeout_s = float(connect_timeout_s)
         self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
         self.idle_timeout_s = float(idle_timeout_s)
+        self.max_message_bytes = max_message_bytes
         self._on_tools_changed = on_tools_changed
         # One thread, started with the loop: notices are passed on in the order they came.
         self._tools_changed_calls: concurrent.futures.ThreadPoolExecutor | None = None
@@ -300,6 +303,7 @@ class MCPManager:
                 self.connect_timeout_s,
                 self.call_timeout_s,
                 on_tools_changed=tools_changed,
+                max_message_bytes=self.max_message_bytes,
             )
             try:
                 await session.start()

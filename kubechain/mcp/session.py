@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 import anyio
+import anyio.abc
 import httpx2
 import mcp_types as types
 from mcp import Client
@@ -46,7 +47,13 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from kubechain.mcp.common import MCPError, MCPToolResult
+from kubechain.mcp.common import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_SETTING,
+    MCPError,
+    MCPToolResult,
+    describe_size,
+)
 from kubechain.mcp.spec import ResolvedSpec
 from kubechain.observability.logs import WithoutMCPServerData, detached_context
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
@@ -132,28 +139,69 @@ def child_environment(spec_env: dict[str, str]) -> dict[str, str]:
 
 # -- knowing the stdio child process ----------------------------------------------------------------
 # stdio_client does not expose the process it spawns. We wrap the SDK's spawn helper once so the task
-# that opens a session can learn the process (pid, exit code) through a context variable; other callers
-# of the SDK are unaffected. If a future SDK renames the helper, sessions simply have no process handle.
+# that opens a session can learn the process (pid, exit code) through a context variable, and bound what
+# is read of its stdout, before the SDK's reader starts; other callers of the SDK are unaffected. If a
+# future SDK renames the helper, sessions have no process handle and their lines are not bounded (said
+# once in the log).
 
-_SPAWNED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+_SPAWNED: contextvars.ContextVar[Callable[[Any], None] | None] = contextvars.ContextVar(
     "kubechain_mcp_spawned", default=None
 )
 
 
 def _install_spawn_hook() -> None:
     original = getattr(sdk_stdio, "_create_platform_compatible_process", None)
-    if original is None or getattr(original, "_kubechain_hook", False):
+    if original is None:
+        log.warning("the MCP SDK's stdio spawn helper is gone: stdio messages are read without a size limit")
+        return
+    if getattr(original, "_kubechain_hook", False):
         return
 
     async def spawn(*args: Any, **kwargs: Any) -> Any:
         process = await original(*args, **kwargs)
         sink = _SPAWNED.get()
         if sink is not None:
-            sink.append(process)
+            sink(process)
         return process
 
     spawn._kubechain_hook = True  # type: ignore[attr-defined]
     sdk_stdio._create_platform_compatible_process = spawn
+
+
+class _BoundedLines(anyio.abc.ByteReceiveStream):
+    """A stdio child's stdout, read up to ``limit`` bytes a line. The SDK's reader keeps a line until its
+    end comes, however long (adding each chunk to what it holds: quadratic), so a server answering a few
+    hundred MB took the worker, and every call in flight, down. Past the limit ``on_too_large`` is told,
+    the complete lines before the long one are still passed on, and then the stream ends: the session
+    sees the server gone and is restarted."""
+
+    def __init__(
+        self, inner: anyio.abc.ByteReceiveStream, limit: int, on_too_large: Callable[[], None]
+    ) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._on_too_large = on_too_large
+        self._pending = 0  # bytes of the line not ended yet
+        self._over = False
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._over:
+            raise anyio.EndOfStream
+        data = await self._inner.receive(max_bytes)
+        start, pending = 0, self._pending
+        while (end := data.find(b"\n", start)) >= 0 and pending + end - start <= self._limit:
+            start, pending = end + 1, 0
+        if end < 0 and pending + len(data) - start <= self._limit:
+            self._pending = pending + len(data) - start
+            return data
+        self._over = True
+        self._on_too_large()
+        if start:
+            return data[:start]  # the lines before the long one
+        raise anyio.EndOfStream
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 _install_spawn_hook()
@@ -189,6 +237,7 @@ class Attempt:
         self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
         self.session_gone = False  # a tools/call POST was answered 404 for our session id
         self.redirects = 0  # redirects in a row of a tools/call POST that the SDK followed
+        self.too_large = False  # the answer to a tools/call POST was longer than the limit: not read
         # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
@@ -257,8 +306,10 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         abandon_on_failure: bool = False,
         on_session_gone: Callable[[], None] | None = None,
         redirects: httpx2.AsyncClient | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         self._inner = inner
+        self._max_body_bytes = max_body_bytes
         self._abandon_on_failure = abandon_on_failure
         self._on_session_gone = on_session_gone
         self._redirects = redirects  # the client whose redirects the SDK follows (within its origin)
@@ -286,6 +337,15 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         session_gone = await _session_forgotten(request, response)
         if session_gone and self._on_session_gone is not None:
             self._on_session_gone()
+        content_type = response.headers.get("content-type", "").lower()
+        if (
+            self._max_body_bytes is not None
+            and request.method == "POST"
+            and "event-stream" not in content_type
+        ):
+            # An answer the SDK reads whole (a JSON body), bounded; an event stream's events are bounded
+            # by the SDK (max_sse_event_size).
+            response.stream = _BoundedBody(response.stream, self._max_body_bytes, attempt)
         if status >= 300:
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
@@ -317,6 +377,36 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         if self._abandon_on_failure and attempt.abandon is not None:
             attempt.failure = failure
             attempt.abandon()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class ResultTooLarge(httpx2.StreamError):
+    """An HTTP answer longer than the limit: no more of it is read. (A StreamError: the SDK answers the
+    request it was for with a JSON-RPC error quoting this message, and the session goes on.)"""
+
+
+class _BoundedBody(httpx2.AsyncByteStream):
+    """A response body, raising ResultTooLarge once more than ``limit`` bytes came (the call's Attempt,
+    if any, notes it)."""
+
+    def __init__(self, inner: Any, limit: int, attempt: Attempt | None) -> None:
+        self._inner = inner
+        self._limit = limit
+        self._attempt = attempt
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        async for chunk in self._inner:
+            read += len(chunk)
+            if read > self._limit:
+                if self._attempt is not None:
+                    self._attempt.too_large = True
+                raise ResultTooLarge(
+                    f"the answer is larger than {describe_size(self._limit)} ({MAX_MESSAGE_SETTING}): not read"
+                )
+            yield chunk
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -363,6 +453,7 @@ def _watching_unsent_calls(
     *,
     abandon_on_failure: bool = False,
     on_session_gone: Callable[[], None] | None = None,
+    max_body_bytes: int | None = None,
 ) -> httpx2.AsyncClient:
     """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
     wrap = functools.partial(
@@ -370,6 +461,7 @@ def _watching_unsent_calls(
         abandon_on_failure=abandon_on_failure,
         on_session_gone=on_session_gone,
         redirects=client,
+        max_body_bytes=max_body_bytes,
     )
     client._transport = wrap(client._transport)
     client._mounts = {
@@ -618,9 +710,11 @@ class Session:
         connect_timeout_s: float,
         call_timeout_s: float,
         on_tools_changed: Callable[[], None] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         """``on_tools_changed``: called (on the loop, so it must not block) when the server says its tool
-        list changed; without it the session does not listen for that."""
+        list changed; without it the session does not listen for that. ``max_message_bytes``: the longest
+        message read from the server (a longer stdio line ends the session)."""
         self.label = label
         self.spec = spec
         self.fingerprint = spec.fingerprint()
@@ -632,6 +726,10 @@ class Session:
         self.dead = False  # the connection ended (or never came up)
         self.broken = False  # a request saw the connection fail: no new requests
         self.forgotten = False  # the server answered our session id with 404 (it restarted)
+        self.max_message_bytes = max_message_bytes
+        # (stdio) the server wrote a line longer than max_message_bytes: the session ended, and how many
+        # requests were in flight then (the one a call waited for, or maybe another's)
+        self.too_large_inflight: int | None = None
         self.retired = False  # replaced or discarded: stop once in-flight calls are done
         self.inflight = 0
         self.finished = asyncio.Event()
@@ -729,6 +827,8 @@ class Session:
                 await self._stderr.drain(1.0 if error is not None or not ready.done() else 0.2)
             if not ready.done():
                 what = describe_error(error) if error is not None else "the connection closed during setup"
+                if self.too_large_inflight is not None:
+                    what = self._lost_message()
                 ready.set_exception(MCPError(self._explain(self._connect_failure(what, error))))
             elif error is not None and not self._stopping:
                 log.warning("MCP session %s ended: %s", self.label, self._explain(describe_error(error)))
@@ -782,6 +882,39 @@ class Session:
         except TimeoutError:
             return False
         return True
+
+    def _spawned(self, process: Any) -> None:
+        """The stdio child is started (the SDK's reader has not started yet): its stdout is bounded."""
+        self.process = process
+        stdout = getattr(process, "_stdout", None)
+        if isinstance(stdout, anyio.abc.ByteReceiveStream):
+            process._stdout = _BoundedLines(stdout, self.max_message_bytes, self._line_too_large)
+        else:
+            log.warning("MCP session %s: its server's stdout cannot be bounded (anyio changed?)", self.label)
+
+    def _line_too_large(self) -> None:
+        log.warning(
+            "MCP session %s: the server wrote a message larger than %s (%s); the session is closed",
+            self.label,
+            describe_size(self.max_message_bytes),
+            MAX_MESSAGE_SETTING,
+        )
+        self.too_large_inflight = self.inflight
+        self.broken = True
+
+    def _too_large(self, tool: str, *, ran: bool) -> MCPError:
+        """The error for a call whose answer was longer than the limit (ran: it surely came from the tool)."""
+        shared = self.too_large_inflight is not None and self.too_large_inflight > 1
+        what = f"the result of tool {tool}" + (
+            " (or of another call in flight on its session)" if shared else ""
+        )
+        restarted = "; the session was restarted" if self.too_large_inflight is not None else ""
+        outcome = "the tool ran" if ran else "the tool may have run"
+        return MCPError(
+            f"{what} is larger than {describe_size(self.max_message_bytes)} ({MAX_MESSAGE_SETTING}) and was "
+            f"not read{restarted}. {outcome[0].upper()}{outcome[1:]}: ask it for less (a narrower query, a "
+            "smaller page)"
+        )
 
     def _session_gone(self) -> None:
         if not self.forgotten:
@@ -879,15 +1012,12 @@ class Session:
                     command=spec.command, args=list(spec.args), env=child_environment(dict(spec.env))
                 )
                 errlog = self._stderr.open_writer()
-                spawned: list[Any] = []
-                token = _SPAWNED.set(spawned)
+                token = _SPAWNED.set(self._spawned)
                 try:
                     read, write = await stack.enter_async_context(stdio_client(params, errlog=errlog))
                 finally:
                     _SPAWNED.reset(token)
                     errlog.close()  # the child holds its own copy
-                    if spawned:
-                        self.process = spawned[0]
             elif spec.transport == "http":
                 assert spec.url is not None
                 timeout = httpx2.Timeout(
@@ -897,10 +1027,13 @@ class Session:
                     _watching_unsent_calls(
                         create_mcp_http_client(headers=dict(spec.headers), timeout=timeout),
                         on_session_gone=self._session_gone,
+                        max_body_bytes=self.max_message_bytes,
                     )
                 )
                 read, write = await stack.enter_async_context(
-                    streamable_http_client(spec.url, http_client=http)
+                    streamable_http_client(
+                        spec.url, http_client=http, max_sse_event_size=self.max_message_bytes
+                    )
                 )
             else:
                 assert spec.url is not None
@@ -938,6 +1071,11 @@ class Session:
         return tools
 
     def _lost_message(self) -> str:
+        if self.too_large_inflight is not None:
+            return (
+                f"the server sent a message larger than {describe_size(self.max_message_bytes)} "
+                f"({MAX_MESSAGE_SETTING}); the session was closed"
+            )
         if self.forgotten:
             return "the server no longer knows this session (it restarted?)"
         if self.process is not None and getattr(self.process, "returncode", None) is not None:
@@ -1014,6 +1152,10 @@ class Session:
                 "(and may still be running)"
             ) from None
         except SDKError as exc:
+            if self.too_large_inflight is not None:
+                raise self._too_large(tool, ran=False) from exc  # not retried: it would run and fail again
+            if attempt.too_large or (exc.code == CONNECTION_CLOSED and self._event_too_large(exc.message)):
+                raise self._too_large(tool, ran=True) from exc  # an HTTP answer: the session goes on
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True
                 raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
@@ -1041,11 +1183,18 @@ class Session:
                 ) from exc
             raise
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            if self.too_large_inflight is not None:
+                raise self._too_large(tool, ran=False) from exc
             self.broken = True
             raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
         finally:
             _ATTEMPT.reset(token)
             self._release()
+
+    def _event_too_large(self, message: str) -> bool:
+        """Whether the SDK gave up an answer's event stream for an event longer than the limit (httpx2's
+        "Server-sent event exceeded the N byte limit")."""
+        return f"exceeded the {self.max_message_bytes} byte limit" in message
 
     async def _check_alive(self, client: Client) -> None:
         """After a call timed out: a server that answers nothing to a small request either is hung (a

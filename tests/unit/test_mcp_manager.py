@@ -1052,6 +1052,142 @@ def test_a_call_its_transport_could_not_take_was_not_sent() -> None:
     assert attempt.sends == 1 and not attempt.may_have_run
 
 
+# -- results too large to read ----------------------------------------------------------------------
+
+BIG_RESULTS = textwrap.dedent(
+    """
+    from pathlib import Path
+
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("big-results")
+
+
+    @server.tool()
+    def big(kib: int, marker: str) -> str:
+        path = Path(marker)
+        path.write_text(path.read_text() + "ran\\n" if path.exists() else "ran\\n")
+        return "x" * (kib * 1024)
+
+
+    @server.tool()
+    def small() -> str:
+        return "small"
+
+
+    if __name__ == "__main__":
+        server.run()
+    """
+)
+
+
+def test_a_stdio_result_larger_than_the_limit_fails_the_call_clearly_and_restarts_the_session(
+    tmp_path: Path,
+) -> None:
+    """The SDK read a stdio server's answer whole, however large (quadratically: 32 MB took 36 s, a few
+    hundred MB killed the worker and every call in flight). Past the limit the line is no longer read:
+    the call fails saying so (not retried, even for an idempotent server: it would run and fail again)."""
+    script = tmp_path / "big_results.py"
+    script.write_text(BIG_RESULTS)
+    marker = tmp_path / "runs"
+    m = MCPManager(
+        resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, max_message_bytes=256 * 1024
+    )
+    try:
+        server = script_server("big-stdio", str(script), idempotent=True)
+        # (an SDK server sends its result twice: as text and as structured content)
+        assert len(m.call_tool(server, "big", {"kib": 100, "marker": str(marker)}).text) == 100 * 1024
+        pid = m.stdio_pid("default", "big-stdio")
+        with pytest.raises(MCPError) as too_large:
+            m.call_tool(server, "big", {"kib": 2048, "marker": str(marker)})
+        assert str(too_large.value) == (
+            "the result of tool big is larger than 256 KiB (KUBECHAIN_MCP_MAX_MESSAGE_BYTES) and was not read; "
+            "the session was restarted. The tool may have run: ask it for less (a narrower query, a smaller page)"
+        )
+        assert marker.read_text() == "ran\nran\n", "run once, not retried"
+        assert m.call_tool(server, "small", {}).text == "small"
+        assert m.stdio_pid("default", "big-stdio") not in (None, pid), "the session was restarted"
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("json_response", [True, False], ids=["json", "sse"])
+def test_an_http_result_larger_than_the_limit_fails_the_call_clearly(json_response: bool) -> None:
+    """A streamable-HTTP server's JSON answer was read whole, however large; one sent as a server-sent
+    event (2025 protocol) was cut at the SDK's 1 MiB and reported as a lost connection (and retried on an
+    idempotent server)."""
+    runs: list[int] = []
+    app = SDKServer("big-http")
+
+    @app.tool()
+    def big(kib: int) -> str:
+        runs.append(kib)
+        return "x" * (kib * 1024)
+
+    m = MCPManager(
+        resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, max_message_bytes=256 * 1024
+    )
+    try:
+        served = app.streamable_http_app(host="127.0.0.1", json_response=json_response)
+        with UvicornThread(served if json_response else ForgetfulLegacyServer(served)) as up:
+            name = f"big-http-{'json' if json_response else 'sse'}"
+            server = mcp_server(
+                name, transport="http", url=f"http://127.0.0.1:{up.port}/mcp", idempotent=True
+            )
+            # (an SDK server sends its result twice: as text and as structured content)
+            assert len(m.call_tool(server, "big", {"kib": 100}).text) == 100 * 1024
+            with pytest.raises(MCPError) as too_large:
+                m.call_tool(server, "big", {"kib": 2048})
+            assert str(too_large.value) == (
+                "the result of tool big is larger than 256 KiB (KUBECHAIN_MCP_MAX_MESSAGE_BYTES) and was not "
+                "read. The tool ran: ask it for less (a narrower query, a smaller page)"
+            )
+            assert m.connected("default", name), "the session goes on"
+            assert runs == [100, 2048], "not retried"
+            assert len(m.call_tool(server, "big", {"kib": 1}).text) == 1024
+    finally:
+        m.close()
+
+
+def test_a_stdio_line_is_read_up_to_the_limit_however_it_is_cut_into_chunks() -> None:
+    import anyio
+    import anyio.abc
+
+    from kubechain.mcp.session import _BoundedLines
+
+    class Chunks(anyio.abc.ByteReceiveStream):
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            if not self.chunks:
+                raise anyio.EndOfStream
+            return self.chunks.pop(0)
+
+        async def aclose(self) -> None:
+            pass
+
+    def read(chunks: list[bytes], limit: int = 4) -> tuple[bytes, int]:
+        too_large: list[bool] = []
+        bounded = _BoundedLines(Chunks(chunks), limit, lambda: too_large.append(True))
+
+        async def all_of_it() -> bytes:
+            out = b""
+            while True:
+                try:
+                    out += await bounded.receive()
+                except anyio.EndOfStream:
+                    return out
+
+        return anyio.run(all_of_it), len(too_large)
+
+    assert read([b"ab", b"cd\n", b"abcd\nab", b"cd"]) == (b"abcd\nabcd\nabcd", 0)
+    assert read([b"ab", b"cde\n", b"ab\n"]) == (b"ab", 1)  # over in the chunk that ends the line
+    assert read([b"a\nb\nabcde\nc\n"]) == (b"a\nb\n", 1)  # the lines before it are read
+    assert read([b"abc", b"de"]) == (b"abc", 1)  # no newline yet, already over
+    assert read([b"abcd\n\nab"]) == (b"abcd\n\nab", 0)
+
+
 # -- result flattening and lifecycle --------------------------------------------------------------
 
 
