@@ -39,13 +39,14 @@ from kubechain.observability.logs import detached_context, resource_context
 from kubechain.tools.deadline import cut_short_note
 
 if TYPE_CHECKING:
-    from kubechain.mcp.session import Session
+    from kubechain.mcp.session import Attempt, Session
 
 log = logging.getLogger("kubechain.mcp")
 
 T = TypeVar("T")
 Key = tuple[str, str]
 
+MAY_HAVE_RUN = "the tool may have run (and may still be running)"
 CLOSE_TIMEOUT_S = 20.0
 IDLE_TIMEOUT_S = 15 * 60.0  # longer than the watcher's longest gap between checks of a connected server
 _live_managers: weakref.WeakSet[MCPManager] = weakref.WeakSet()
@@ -151,12 +152,15 @@ class MCPManager:
         if self.call_budget_s is not None:
             own = min(own, self.call_budget_s)
         budget = own if within_s is None else max(0.001, min(own, within_s))
+        deadline = time.monotonic() + budget
+        attempts: list[Attempt] = []  # one a tools/call handed to a session, to tell if one may have run
         return self._run(
-            lambda: self._acall_tool(key, resolved, idempotent, tool, arguments),
+            lambda: self._acall_tool(key, resolved, idempotent, tool, arguments, deadline, attempts),
             budget,
             f'calling tool "{tool}" on MCP server {_label(key)}',
             resolved,
             timed_out_note=cut_short_note(budget, own, "the call's own budget"),
+            may_have_run=lambda: any(attempt.may_have_run for attempt in attempts),
         )
 
     def disconnect(self, namespace: str, name: str) -> None:
@@ -239,7 +243,10 @@ class MCPManager:
         resolved: ResolvedSpec | None = None,
         *,
         timed_out_note: str = "",
+        may_have_run: Callable[[], bool] | None = None,
     ) -> T:
+        """``make()`` on the loop within ``timeout``; ``may_have_run``: whether a tool call ended by the
+        timeout may have run (the LLM is told so)."""
         loop = self._ensure_loop()
 
         async def wrapped() -> T:
@@ -250,6 +257,8 @@ class MCPManager:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
+            if may_have_run is not None and may_have_run():
+                timed_out_note += f"; {MAY_HAVE_RUN}"
             raise MCPError(f"timed out after {timeout:g}s {what}{timed_out_note}") from None
         except concurrent.futures.CancelledError:
             raise MCPError(f"the MCP manager was closed while {what}") from None
@@ -390,22 +399,39 @@ class MCPManager:
         raise AssertionError("unreachable")
 
     async def _acall_tool(
-        self, key: Key, resolved: ResolvedSpec, idempotent: bool, tool: str, arguments: dict[str, Any]
+        self,
+        key: Key,
+        resolved: ResolvedSpec,
+        idempotent: bool,
+        tool: str,
+        arguments: dict[str, Any],
+        deadline: float,
+        attempts: list[Attempt],
     ) -> MCPToolResult:
+        """``deadline`` (time.monotonic): when the caller's budget ends; ``attempts`` gets each call's."""
         from mcp.shared.exceptions import MCPError as SDKError
         from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
 
-        from kubechain.mcp.session import ConnectionLost, describe_error, flatten_result
+        from kubechain.mcp.session import Attempt, ConnectionLost, describe_error, flatten_result
 
         label = _label(key)
         for attempt in (1, 2):
             session, fresh = await self._session_for(key, resolved)
+            timeout = self.call_timeout_s
             try:
                 if tool not in {t.name for t in session.tools} and not fresh:
                     await session.refresh_tools()  # the server may have added it since we listed
                 if tool not in {t.name for t in session.tools}:
                     raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"')
-                result = flatten_result(await session.call_tool(tool, arguments))
+                # The call's own timeout, and the probe after it, end within the budget where they can: its
+                # message says more than the budget's (what timed out, whether the server still answers).
+                timeout = _call_timeout(
+                    self.call_timeout_s, deadline - time.monotonic(), session.time_after_a_call()
+                )
+                attempts.append(sent := Attempt())
+                result = flatten_result(
+                    await session.call_tool(tool, arguments, timeout_s=timeout, attempt=sent)
+                )
                 # What the server answers goes to the status, an Event and the LLM: not its own secrets.
                 return MCPToolResult(text=resolved.scrub(result.text), is_error=result.is_error)
             except ConnectionLost as lost:
@@ -431,9 +457,10 @@ class MCPManager:
                 if exc.code == REQUEST_TIMEOUT:
                     # The SDK's read timeout (the call timeout, so it fires before the session's own) starts
                     # once the request is written: the LLM must not take the tool for one that did not run.
+                    cut_short = cut_short_note(timeout, self.call_timeout_s)
                     raise MCPError(
-                        f"error calling tool {tool} on server {key[1]}: timed out after {self.call_timeout_s:g}s; "
-                        "the tool may have run (and may still be running)"
+                        f"error calling tool {tool} on server {key[1]}: timed out after {timeout:g}s{cut_short}; "
+                        f"{MAY_HAVE_RUN}"
                     ) from exc
                 if exc.code == INVALID_PARAMS and "unknown tool" in exc.message.lower():
                     raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"') from exc
@@ -485,6 +512,15 @@ def _call_tools_changed(callback: Callable[[str, str], None], key: Key) -> None:
             callback(namespace, name)
         except Exception as exc:  # noqa: BLE001 - best effort: the watcher's resync checks the server too
             log.warning("MCP server %s: passing on its tool-list change failed: %s", _label(key), exc)
+
+
+def _call_timeout(own_s: float, left_s: float, after_s: float) -> float:
+    """A call's timeout: its own, or what its budget leaves once ``after_s`` (the session's margin and probe
+    after a timeout, and a second for the answer to come back) is kept; all that is left if that is all."""
+    room = round(left_s - after_s - 1.0, 1)
+    if room >= own_s:
+        return own_s
+    return room if room > 0 else max(round(left_s, 1), 0.001)
 
 
 def _label(key: Key) -> str:

@@ -1115,20 +1115,33 @@ class Session:
             self._release()
         return self.tools
 
-    async def call_tool(self, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
+    def time_after_a_call(self) -> float:
+        """What a call needs past its timeout: the margin of its "still working" rounds and a liveness probe."""
+        return STILL_WORKING_MARGIN_S + min(PROBE_TIMEOUT_S, self.connect_timeout_s)
+
+    async def call_tool(
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        attempt: Attempt | None = None,
+    ) -> types.CallToolResult:
         """The raw result. ConnectionLost if the session died (saying whether the request may have run);
-        SDK errors (JSON-RPC error responses, timeouts) propagate."""
+        SDK errors (JSON-RPC error responses, timeouts) propagate. ``timeout_s``: shorter than the call
+        timeout when the caller's budget is; ``attempt``: the caller's, to see whether the request left."""
         client = self._check_usable()
-        attempt = Attempt()
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        attempt = attempt if attempt is not None else Attempt()
         token = _ATTEMPT.set(attempt)
         self.inflight += 1
         try:
             # The whole call, "still working" rounds included, within the call timeout (and a moment: a
             # single request that times out is the SDK's to report, and is followed by a liveness probe).
-            with anyio.fail_after(self.call_timeout_s + STILL_WORKING_MARGIN_S):
+            with anyio.fail_after(timeout + STILL_WORKING_MARGIN_S):
                 with anyio.CancelScope() as abandoned:
                     attempt.abandon = abandoned.cancel
-                    result = await client.call_tool(tool, arguments, read_timeout_seconds=self.call_timeout_s)
+                    result = await client.call_tool(tool, arguments, read_timeout_seconds=timeout)
                     if attempt.schema_problem:
                         # the validator's message quotes the offending value, which may be a secret
                         problem = scrub_then_cut(attempt.schema_problem, self.spec.scrub, 300)
@@ -1148,7 +1161,7 @@ class Session:
             else:
                 await self._check_alive(client)  # a server still answering is slow, not hung
             raise MCPError(
-                f"the server was still working after {self.call_timeout_s:g}s; the tool may have run "
+                f"the server was still working after {timeout:g}s; the tool may have run "
                 "(and may still be running)"
             ) from None
         except SDKError as exc:

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1300,8 +1301,54 @@ def test_a_call_its_claim_cut_short_says_so_and_names_the_calls_own_budget(stdio
             m.call_tool(server, "slow", {"seconds": 30}, within_s=0.5)
         assert str(timed_out.value) == (
             'timed out after 0.5s calling tool "slow" on MCP server default/cut-short-server (cut short to end '
+            "within its claim; the call's own budget is 50s); the tool may have run (and may still be running)"
+        )
+    finally:
+        m.close()
+
+
+def test_a_call_its_budget_ends_before_it_was_sent_does_not_say_it_may_have_run(tmp_path: Path) -> None:
+    """The budget ran out while the server was still starting: nothing was sent, and the LLM hears so."""
+    script = tmp_path / "slow_start.py"
+    script.write_text("import time\ntime.sleep(3600)\n")  # never answers the handshake
+    m = MCPManager(resolve_secret, call_timeout_s=10, call_budget_s=50, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        with pytest.raises(MCPError) as timed_out:
+            m.call_tool(script_server("slow-start", str(script)), "slow", {}, within_s=0.5)
+        assert str(timed_out.value) == (
+            'timed out after 0.5s calling tool "slow" on MCP server default/slow-start (cut short to end '
             "within its claim; the call's own budget is 50s)"
         )
+    finally:
+        m.close()
+
+
+def test_a_calls_own_timeout_and_probe_end_within_its_budget() -> None:
+    """A call whose budget (its claim's time left) is shorter than its timeout had it cut by the budget,
+    which said less (not even that the tool may have run): the call's own timeout, and the liveness probe
+    after it, now fit in the budget, and its message says the tool may have run."""
+    app = SDKServer("slow-http")
+
+    @app.tool()
+    async def slow(seconds: float) -> str:
+        import anyio
+
+        await anyio.sleep(seconds)
+        return "done"
+
+    m = MCPManager(resolve_secret, call_timeout_s=60, call_budget_s=6, connect_timeout_s=2)
+    try:
+        with UvicornThread(app.streamable_http_app(host="127.0.0.1")) as up:
+            server = mcp_server("slow-budget", transport="http", url=f"http://127.0.0.1:{up.port}/mcp")
+            with pytest.raises(MCPError) as timed_out:
+                m.call_tool(server, "slow", {"seconds": 30})
+            assert re.fullmatch(
+                r"error calling tool slow on server slow-budget: timed out after [\d.]+s \(cut short to end "
+                r"within its claim; the tool's own timeout is 60s\); the tool may have run \(and may still be "
+                r"running\)",
+                str(timed_out.value),
+            ), timed_out.value
+            assert m.connected("default", "slow-budget"), "the probe had its answer: the session is kept"
     finally:
         m.close()
 
