@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubechain.mcp.common import DEFAULT_MAX_MESSAGE_BYTES, MCPError, MCPToolResult
-from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, resolve_spec
+from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, env_problem, resolve_spec
 from kubechain.mcp.tool_list import scrubbed_tools
 from kubechain.models import MCPServer, MCPTool
 from kubechain.observability.logs import detached_context, resource_context
@@ -110,9 +110,12 @@ class MCPManager:
     # -- public sync API ---------------------------------------------------------------------------
 
     def check_command(self, server: MCPServer) -> None:
-        """MCPError if ``server`` is a stdio server whose command the allowlist forbids."""
+        """MCPError if ``server`` is a stdio server whose command the allowlist forbids, or whose env would
+        change what an allowed command runs (LD_PRELOAD, PATH, NODE_OPTIONS...)."""
         if server.spec.transport == "stdio" and server.spec.command:
-            problem = command_problem(server.spec.command, self.command_allowlist)
+            problem = command_problem(server.spec.command, self.command_allowlist) or env_problem(
+                [var.name for var in server.spec.env or []], self.command_allowlist
+            )
             if problem is not None:
                 raise MCPError(problem)
 

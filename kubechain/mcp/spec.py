@@ -108,6 +108,62 @@ def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None
     )
 
 
+# With a command allowlist, the variables a spec may not set, since they change what an allowed command
+# runs: (names, or prefixes ending in "_", upper-cased) -> why. Without an allowlist any command may run.
+_COMMAND_CHANGING_ENV: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("LD_", "DYLD_"), "it makes the dynamic loader load other code into the command"),
+    (("PATH",), "it changes which program a command name runs"),
+    (("NODE_OPTIONS", "NODE_PATH"), "it makes Node load other code"),
+    (("NPM_CONFIG_", "NPX_"), "it changes where npx or npm fetch packages from"),
+    (
+        (
+            "PYTHONPATH",
+            "PYTHONHOME",
+            "PYTHONSTARTUP",
+            "PYTHONUSERBASE",
+            "PYTHONPLATLIBDIR",
+            "PYTHONEXECUTABLE",
+            "PYTHONWARNINGS",  # a warning category names a module, which is imported
+            "PYTHONBREAKPOINT",
+            "PYTHONPYCACHEPREFIX",
+            "PYTHONINSPECT",
+        ),
+        "it makes Python load other code",
+    ),
+    (("UV_",), "it changes where uvx fetches packages from, or which Python it runs"),
+    (("PIP_",), "it changes where pip fetches packages from"),
+    (("BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS"), "it makes a shell run other code"),
+    (
+        ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH"),
+        "it makes Java load other code",
+    ),
+    (("RUBYOPT", "RUBYLIB"), "it makes Ruby load other code"),
+    (("PERL5OPT", "PERL5LIB", "PERLLIB"), "it makes Perl load other code"),
+    (("GIT_",), "it changes what git runs or where it fetches from"),
+    (
+        ("HOME", "XDG_CONFIG_HOME"),
+        "it changes where the command reads its configuration (a package registry among it)",
+    ),
+)
+
+
+def env_problem(names: Sequence[str], allowlist: Sequence[str] | None) -> str | None:
+    """Why a stdio spec may not set one of the environment variables ``names``, or None. Only with an
+    allowlist: the variables that would make an allowed command run something else (preload a library,
+    find another program, load other code, fetch its package elsewhere) are refused."""
+    if not allowlist:
+        return None
+    for name in names:
+        upper = name.upper()
+        for variables, why in _COMMAND_CHANGING_ENV:
+            if any(upper == v or (v.endswith("_") and upper.startswith(v)) for v in variables):
+                return (
+                    f'env var "{name}" may not be set while stdio commands are restricted '
+                    f"({ALLOWLIST_SETTING}): {why}"
+                )
+    return None
+
+
 def _control_characters(value: str) -> bool:
     return any(ord(char) < 32 and char != "\t" or ord(char) == 127 for char in value)
 

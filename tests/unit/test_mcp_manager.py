@@ -337,6 +337,43 @@ def test_allowlist(manager: MCPManager) -> None:
     assert command_problem(TIME_SERVER, []) is None
 
 
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("LD_PRELOAD", "it makes the dynamic loader load other code into the command"),
+        ("ld_library_path", "it makes the dynamic loader load other code into the command"),
+        ("PATH", "it changes which program a command name runs"),
+        ("NODE_OPTIONS", "it makes Node load other code"),
+        ("npm_config_registry", "it changes where npx or npm fetch packages from"),
+        ("PYTHONPATH", "it makes Python load other code"),
+        ("PYTHONSTARTUP", "it makes Python load other code"),
+        ("UV_INDEX_URL", "it changes where uvx fetches packages from, or which Python it runs"),
+        ("PIP_INDEX_URL", "it changes where pip fetches packages from"),
+        ("BASH_ENV", "it makes a shell run other code"),
+        ("JAVA_TOOL_OPTIONS", "it makes Java load other code"),
+        ("RUBYOPT", "it makes Ruby load other code"),
+        ("PERL5OPT", "it makes Perl load other code"),
+        ("GIT_SSH_COMMAND", "it changes what git runs or where it fetches from"),
+        ("HOME", "it changes where the command reads its configuration (a package registry among it)"),
+    ],
+)
+def test_with_an_allowlist_the_env_may_not_change_what_an_allowed_command_runs(name: str, why: str) -> None:
+    from kubechain.mcp.spec import env_problem
+
+    assert env_problem(["TZ", name], ["npx"]) == (
+        f'env var "{name}" may not be set while stdio commands are restricted '
+        f"(KUBECHAIN_MCP_COMMAND_ALLOWLIST): {why}"
+    )
+    assert env_problem([name], []) is None, "without an allowlist anything goes"
+
+
+def test_with_an_allowlist_ordinary_env_is_allowed() -> None:
+    from kubechain.mcp.spec import env_problem
+
+    names = ["API_KEY", "TZ", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "NODE_ENV", "LOG_LEVEL", "GITHUB_TOKEN"]
+    assert env_problem(names, ["npx"]) is None
+
+
 def test_spec_validation_messages() -> None:
     assert validate_spec(mcp_server("x", transport="stdio").spec) == "command is required for stdio servers"
     assert validate_spec(mcp_server("x", transport="http").spec) == "url is required for http servers"

@@ -172,6 +172,24 @@ def test_invalid_spec_and_allowlist_are_validation_failures(kube: FakeKubeClient
     assert kube.event_reasons("forbidden") == ["ValidationFailed"]
 
 
+def test_with_an_allowlist_env_that_changes_what_the_command_runs_is_a_validation_failure(
+    kube: FakeKubeClient,
+) -> None:
+    """An allowed command with LD_PRELOAD, NODE_OPTIONS or PATH set by the spec runs whatever they say:
+    with an allowlist the spec may not set them (the status names the variable and why)."""
+    env = [{"name": "TZ_HINT", "value": "UTC"}, {"name": "LD_PRELOAD", "value": "/tmp/evil.so"}]
+    spec = {"transport": "stdio", "command": TIME_SERVER, "env": env}
+    create(kube, "MCPServer", "mcpservers", "preloaded", spec)
+    ctx = make_context(kube, None, mcp_command_allowlist=["mcp-server-time"])
+    status = run_validate(ctx, "preloaded")["status"]
+    assert status["status"] == "Error" and status["connected"] is False
+    assert status["statusDetail"] == (
+        'Validation failed: env var "LD_PRELOAD" may not be set while stdio commands are restricted '
+        "(KUBECHAIN_MCP_COMMAND_ALLOWLIST): it makes the dynamic loader load other code into the command"
+    )
+    assert kube.event_reasons("preloaded") == ["ValidationFailed"]
+
+
 def test_env_secret_from_the_cluster(kube: FakeKubeClient) -> None:
     env = [{"name": "TZ_HINT", "valueFrom": {"secretKeyRef": {"name": "time-secrets", "key": "hint"}}}]
     create(
