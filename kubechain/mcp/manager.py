@@ -102,6 +102,7 @@ class MCPManager:
         self._sessions: dict[Key, Session] = {}
         self._retiring: set[Session] = set()
         self._key_locks: dict[Key, asyncio.Lock] = {}
+        self._key_users: dict[Key, int] = {}  # the callers holding or waiting for a key's lock
         self._last_used: dict[Key, float] = {}
         # A connect that failed answers the callers that were queued behind it (each would otherwise wait a
         # whole connect timeout in turn, the last of many finding its budget spent); later callers try anew.
@@ -283,50 +284,62 @@ class MCPManager:
 
     async def _session_for(self, key: Key, resolved: ResolvedSpec) -> tuple[Session, bool]:
         """The live session for this spec, connecting one if needed; (session, freshly connected)."""
-        from kubechain.mcp.session import Session
-
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         arrived = self._last_used[key] = time.monotonic()
-        async with lock:
-            if self._closed:
-                # closing (a retry after its sessions were stopped): a new session, a new stdio child,
-                # would outlive the close and be cut off by the loop's stop
-                raise MCPError("the MCP manager is closed")
-            current = self._sessions.get(key)
-            if current is not None:
-                if current.fingerprint == resolved.fingerprint() and current.usable:
-                    self._last_used[key] = time.monotonic()
-                    return current, False
-                reason = (
-                    "its spec changed"
-                    if current.fingerprint != resolved.fingerprint()
-                    else "the connection was lost"
-                )
-                log.info("MCP server %s: reconnecting (%s)", _label(key), reason)
-                self._retire(key, current)
-            fingerprint = resolved.fingerprint()
-            failed = self._connect_failures.get(key)
-            if failed is not None and failed[1] == fingerprint and failed[0] >= arrived:
-                raise MCPError(failed[2])  # it failed while this caller waited for the lock
-            tools_changed = functools.partial(self._tools_changed, key) if self._on_tools_changed else None
-            session = Session(
-                _label(key),
-                resolved,
-                self.connect_timeout_s,
-                self.call_timeout_s,
-                on_tools_changed=tools_changed,
-                max_message_bytes=self.max_message_bytes,
+        self._key_users[key] = self._key_users.get(key, 0) + 1  # its lock is not forgotten meanwhile
+        try:
+            async with lock:
+                return await self._locked_session_for(key, resolved, arrived)
+        finally:
+            self._key_users[key] -= 1
+            if not self._key_users[key]:
+                del self._key_users[key]
+
+    async def _locked_session_for(
+        self, key: Key, resolved: ResolvedSpec, arrived: float
+    ) -> tuple[Session, bool]:
+        """_session_for, under the key's lock (``arrived``: when the caller asked)."""
+        from kubechain.mcp.session import Session
+
+        if self._closed:
+            # closing (a retry after its sessions were stopped): a new session, a new stdio child,
+            # would outlive the close and be cut off by the loop's stop
+            raise MCPError("the MCP manager is closed")
+        current = self._sessions.get(key)
+        if current is not None:
+            if current.fingerprint == resolved.fingerprint() and current.usable:
+                self._last_used[key] = time.monotonic()
+                return current, False
+            reason = (
+                "its spec changed"
+                if current.fingerprint != resolved.fingerprint()
+                else "the connection was lost"
             )
-            try:
-                await session.start()
-            except MCPError as exc:
-                self._connect_failures[key] = (time.monotonic(), fingerprint, str(exc))
-                raise
-            self._connect_failures.pop(key, None)
-            self._sessions[key] = session
-            # used from now: a connect slower than the idle timeout must not leave it idle already
-            self._last_used[key] = time.monotonic()
-            return session, True
+            log.info("MCP server %s: reconnecting (%s)", _label(key), reason)
+            self._retire(key, current)
+        fingerprint = resolved.fingerprint()
+        failed = self._connect_failures.get(key)
+        if failed is not None and failed[1] == fingerprint and failed[0] >= arrived:
+            raise MCPError(failed[2])  # it failed while this caller waited for the lock
+        tools_changed = functools.partial(self._tools_changed, key) if self._on_tools_changed else None
+        session = Session(
+            _label(key),
+            resolved,
+            self.connect_timeout_s,
+            self.call_timeout_s,
+            on_tools_changed=tools_changed,
+            max_message_bytes=self.max_message_bytes,
+        )
+        try:
+            await session.start()
+        except MCPError as exc:
+            self._connect_failures[key] = (time.monotonic(), fingerprint, str(exc))
+            raise
+        self._connect_failures.pop(key, None)
+        self._sessions[key] = session
+        # used from now: a connect slower than the idle timeout must not leave it idle already
+        self._last_used[key] = time.monotonic()
+        return session, True
 
     def _tools_changed(self, key: Key) -> None:
         """A session of ``key`` heard that its server's tool list changed: the callback runs on its own
@@ -365,6 +378,19 @@ class MCPManager:
                     )
                     self._retire(key, session)
                     self._last_used.pop(key, None)
+            self._forget_unused_keys()
+
+    def _forget_unused_keys(self) -> None:
+        """Forget the lock, last use and connect failure of each server with no session and no caller (one
+        that never connected, was deleted or went idle): kept, they grew with every server ever asked for.
+        A lock some caller holds or waits for is kept: a new one for a later caller would let two connects
+        of the same server run at once."""
+        for key in [
+            key for key in self._key_locks if key not in self._sessions and key not in self._key_users
+        ]:
+            del self._key_locks[key]
+            self._last_used.pop(key, None)
+            self._connect_failures.pop(key, None)
 
     def _retire(self, key: Key, session: Session) -> None:
         if self._sessions.get(key) is session:

@@ -1435,6 +1435,40 @@ def test_a_session_left_unused_is_closed_and_its_child_ends() -> None:
         m.close()
 
 
+def test_what_the_manager_keeps_of_a_server_without_a_session_is_forgotten() -> None:
+    """Each MCPServer ever asked for kept a lock, a last-use time and its last connect failure, for as long
+    as the worker lived: servers that never connected (or were deleted) are forgotten on the next idle pass."""
+    m = MCPManager(resolve_secret, connect_timeout_s=CONNECT_TIMEOUT_S, idle_timeout_s=0.2)
+    try:
+        for name in ("gone-a", "gone-b"):
+            with pytest.raises(MCPError, match="cannot start stdio command"):
+                m.list_tools(mcp_server(name, transport="stdio", command="/nonexistent/mcp-server"))
+        m.list_tools(time_server("idles-out"))
+        wait_until(
+            lambda: not (m._key_locks or m._last_used or m._connect_failures or m._sessions),
+            timeout=20,
+            what="the manager to forget the servers it holds no session for",
+        )
+        assert not m._key_users
+    finally:
+        m.close()
+
+
+def test_a_server_someone_is_connecting_to_is_not_forgotten() -> None:
+    """A caller holding (or waiting for) a server's lock keeps it: another lock made for a later caller
+    would let two connects run at once."""
+    import asyncio
+
+    m = MCPManager(resolve_secret)
+    busy, idle = ("default", "busy"), ("default", "idle")
+    m._key_locks = {busy: asyncio.Lock(), idle: asyncio.Lock()}
+    m._key_users = {busy: 1}
+    m._last_used = {busy: 0.0, idle: 0.0}
+    m._connect_failures = {busy: (0.0, "f", "e"), idle: (0.0, "f", "e")}
+    m._forget_unused_keys()
+    assert (set(m._key_locks), set(m._last_used), set(m._connect_failures)) == ({busy}, {busy}, {busy})
+
+
 def test_servers_of_the_same_name_in_two_namespaces_are_two_sessions(
     manager: MCPManager, stdio_script: str
 ) -> None:
