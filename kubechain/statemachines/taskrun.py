@@ -83,6 +83,14 @@ def trace_ids(uid: str) -> dict[str, str]:
     return run_trace_ids(uid)
 
 
+def span_context(run: TaskRun) -> dict[str, str]:
+    """The run's status.spanContext: the one it has, or its root span's ids. Every status write that
+    may be a run's first (ReadyForLLM, a wait, a failure in preparation) carries it, so a run whose
+    root span is exported always names the trace it is in."""
+    kept = run.status.span_context
+    return kept.to_wire() if kept is not None else trace_ids(run.uid)
+
+
 def request_id(run: TaskRun, turn: int) -> str:
     """Deterministic per (run, turn): a retried turn names the same tool calls, so creates are idempotent."""
     return hashlib.sha256(f"{run.uid}:{turn}".encode()).hexdigest()[:7]
@@ -141,17 +149,17 @@ def plan_initial_context(
             return _fail(run, message, "TaskValidationFailed", now)
         if task is None or not task.status.ready:
             detail = f'Waiting for task "{run.spec.task_ref.name}" to become ready'
-            return _wait(current, detail, "TaskNotReady")
+            return _wait(run, current, detail, "TaskNotReady")
     agent_name = run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else "")
     if agent is None:
-        return _wait(current, "Waiting for Agent to exist", "Waiting")
+        return _wait(run, current, "Waiting for Agent to exist", "Waiting")
     if not agent.status.ready:
         detail = f'Waiting for agent "{agent_name}" to become ready'
         if agent.status.status_detail:
             # what the Agent itself waits for (an MCP server that cannot start, say): the run's watchers
             # (`kubechain run`, kubectl) see why without looking at the Agent
             detail += f": {truncate(agent.status.status_detail, AGENT_DETAIL_BYTES)}"
-        return _wait(current, detail, "Waiting")
+        return _wait(run, current, detail, "Waiting")
     user_message = run.spec.user_message or (task.spec.message if task else "")
     if not user_message:
         return _fail(run, "no message found in TaskRun or Task", "ValidationFailed", now)
@@ -171,9 +179,7 @@ def plan_initial_context(
             "messageCount": len(window),
             "userMsgPreview": preview(user_message),
             "startTime": run.status.start_time or timestamp(now),
-            "spanContext": run.status.span_context.to_wire()
-            if run.status.span_context
-            else trace_ids(run.uid),
+            "spanContext": span_context(run),
             "turns": 0,
             "llmAttempts": 0,
             **UNCLAIMED,
@@ -182,13 +188,14 @@ def plan_initial_context(
     )
 
 
-def _wait(current: dict[str, Any], detail: str, reason: str) -> Transition | None:
+def _wait(run: TaskRun, current: dict[str, Any], detail: str, reason: str) -> Transition | None:
     patch = {
         "phase": TaskRunPhase.PENDING.value,
         "ready": False,
         "status": "Pending",
         "statusDetail": detail,
         "error": None,
+        "spanContext": span_context(run),
     }
     if not status_differs(current, patch):
         return None
@@ -213,6 +220,7 @@ def _fail(run: TaskRun, message: str, reason: str, now: datetime, detail: str | 
             "completionTime": timestamp(now),
             "claimedBy": None,
             "claimedAt": None,
+            "spanContext": span_context(run),  # a run failed in preparation has none yet
         },
         events=[warning(reason, message)],
     )

@@ -17,6 +17,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_error,
     request_id,
     stored_alongside_bytes,
+    trace_ids,
     truncate,
 )
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments
@@ -83,6 +84,36 @@ def test_waiting_for_agent_is_written_once() -> None:
     assert first is not None and first.status["statusDetail"] == "Waiting for Agent to exist"
     again = plan_initial_context(run(status=first.status), None, False, None, NOW)
     assert again is None, "no rewrite (and no duplicate Event) while nothing changed"
+
+
+@pytest.mark.parametrize(
+    ("spec", "task_missing", "with_agent", "phase"),
+    [
+        ({"taskRef": {"name": "t"}}, True, False, "Failed"),  # its Task does not exist
+        ({"agentRef": {"name": "a"}}, False, True, "Failed"),  # neither a Task nor a message
+        ({"agentRef": {"name": "a"}, "userMessage": "hi"}, False, False, "Pending"),  # no Agent yet
+    ],
+)
+def test_a_run_that_fails_or_waits_in_preparation_names_its_trace(
+    spec: dict, task_missing: bool, with_agent: bool, phase: str
+) -> None:
+    """Its root span is exported (when it ends), so status.spanContext names the trace to look it up in,
+    as a run that reached ReadyForLLM's does."""
+    transition = plan_initial_context(
+        run(spec=spec), None, task_missing, agent() if with_agent else None, NOW
+    )
+    assert transition is not None and transition.status["phase"] == phase
+    assert transition.status["spanContext"] == trace_ids("uid-1")
+    again = plan_initial_context(run(status=transition.status, spec=spec), None, task_missing, None, NOW)
+    assert phase == "Failed" or again is None, "a wait already written (its spanContext too) is not rewritten"
+
+
+def test_a_run_failed_after_preparation_keeps_the_spancontext_it_has() -> None:
+    kept = {"traceID": "1" * 32, "spanID": "2" * 16}
+    claimed = ready_run(phase="SendContextWindowToLLM", spanContext=kept, llmInterruptions=1)
+    decision = plan_llm_claim(claimed, "w", NOW, LIMITS)  # its claim expired, interrupted before: fails
+    assert decision.transition is not None and decision.transition.status["phase"] == "Failed"
+    assert decision.transition.status["spanContext"] == kept
 
 
 def test_a_run_waiting_for_its_agent_says_what_the_agent_waits_for() -> None:

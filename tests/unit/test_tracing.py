@@ -474,3 +474,24 @@ def test_an_unexpected_provider_error_that_echoes_the_api_key_leaves_it_out_of_t
     assert any("RuntimeError" in text for text in recorded), recorded
     for text in recorded:
         assert "sk-te" not in text, text
+
+
+def test_a_run_failed_in_preparation_names_the_trace_of_its_exported_root_span() -> None:
+    import workers.app as app
+    from tests.unit.fakes import message
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+    create(kube, "TaskRun", "taskruns", "r", {"taskRef": {"name": "missing"}})
+    app.set_context(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))))
+    try:
+        app.prepare(message("TaskRun", "r").model_dump())
+    finally:
+        app.set_context(None)
+    run = kube.get_raw("taskruns", "default", "r")
+    assert run["status"]["phase"] == "Failed"
+    (root,) = [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
+    assert root.context is not None and run["status"]["spanContext"] == {
+        "traceID": f"{root.context.trace_id:032x}",
+        "spanID": f"{root.context.span_id:016x}",
+    }
