@@ -7,7 +7,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from kubechain.llm.base import LLMError, ToolDefinition, build_request
+from kubechain.llm.base import LLMError, LLMResponse, ToolDefinition, build_request
 from kubechain.llm.deadline import ending_by
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS, model_label
@@ -261,12 +261,7 @@ def _call_and_record(
             ),
         )
         return
-    model = model_label(request.model)
-    LLM_REQUESTS.labels(model, "ok").inc()
-    LLM_SECONDS.labels(model).observe(time.perf_counter() - started)
-    if response.usage is not None:
-        LLM_TOKENS.labels(model, "prompt").inc(response.usage.prompt_tokens)
-        LLM_TOKENS.labels(model, "completion").inc(response.usage.completion_tokens)
+    _count_answer(claimed, request.model, response, time.perf_counter() - started)
     usage = response.usage.model_dump() if response.usage else None
     _record(
         ctx,
@@ -284,6 +279,23 @@ def _call_and_record(
             content_filtered=response.content_filtered,
         ),
     )
+
+
+def _count_answer(run: TaskRun, model_name: str, response: LLMResponse, seconds: float) -> None:
+    """The answer's metrics. They come before it is written, and must not keep it from being written: it
+    is paid for, and lost it is paid again once the claim expires (a negative token count made the
+    counter raise). What cannot be counted is logged instead."""
+    try:
+        model = model_label(model_name)
+        LLM_REQUESTS.labels(model, "ok").inc()
+        LLM_SECONDS.labels(model).observe(seconds)
+        if response.usage is not None:
+            LLM_TOKENS.labels(model, "prompt").inc(response.usage.prompt_tokens)
+            LLM_TOKENS.labels(model, "completion").inc(response.usage.completion_tokens)
+    except Exception as exc:  # noqa: BLE001 - a metric never costs the answer
+        log.warning(
+            "could not count the LLM answer of %s/%s in its metrics: %s", run.namespace, run.name, exc
+        )
 
 
 def _record(ctx: WorkerContext, claimed: TaskRun, claimed_at: str, plan: PlanFn) -> None:

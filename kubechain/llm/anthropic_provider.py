@@ -17,11 +17,11 @@ from kubechain.llm.base import (
     retryable_status,
     sampling_set,
     status_headers,
+    token_usage,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.llm.model_list import SDKErrors, check_model_list
 from kubechain.models import Message, ToolCall, ToolCallFunction
-from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import Scrubber, redact
 from kubechain.retry_after import retry_after_s
 
@@ -199,10 +199,13 @@ def _response_from(response: Any, api_key: str) -> LLMResponse:
                     function=ToolCallFunction(name=block.name, arguments=arguments),
                 )
             )
-    usage = TokenUsage(
-        prompt_tokens=response.usage.input_tokens,
-        completion_tokens=response.usage.output_tokens,
-        total_tokens=response.usage.input_tokens + response.usage.output_tokens,
+    # a proxy's counts may be missing or wrong: each is made a non-negative int (token_usage), not
+    # taken for an unreadable answer (paid again on every attempt)
+    counts = getattr(response, "usage", None)
+    usage = (
+        token_usage(getattr(counts, "input_tokens", None), getattr(counts, "output_tokens", None))
+        if counts is not None
+        else None
     )
     return LLMResponse(
         content="".join(text),

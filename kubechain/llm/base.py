@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -38,6 +39,33 @@ class LLMRequest(BaseModel):
     top_k: int | None = None  # Anthropic's; OpenAI's API has none
     frequency_penalty: float | None = None  # OpenAI's; Anthropic's API has none
     presence_penalty: float | None = None  # OpenAI's
+
+
+MAX_TOKEN_COUNT = 2**53 - 1  # beyond this a count is no count (and loses precision in JSON readers)
+
+
+def token_count(value: object) -> int:
+    """A token count as an answer gives it, as a non-negative int: 0 when it is missing, negative or no
+    number (an OpenAI-compatible server's, a proxy's). The answer it comes with is paid for: a count
+    must never be why it is lost (a negative one made the token counter raise before it was written)."""
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return min(max(int(value), 0), MAX_TOKEN_COUNT)
+
+
+def token_usage(prompt: object, completion: object, total: object = None) -> TokenUsage:
+    """Usage from an answer's counts, each made sane (``token_count``); a total left out (some compatible
+    servers do) or unusable is the sum."""
+    prompt_tokens, completion_tokens = token_count(prompt), token_count(completion)
+    return TokenUsage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=token_count(total) or min(prompt_tokens + completion_tokens, MAX_TOKEN_COUNT),
+    )
 
 
 class LLMResponse(BaseModel):

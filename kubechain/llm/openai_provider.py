@@ -18,11 +18,11 @@ from kubechain.llm.base import (
     retryable_status,
     sampling_set,
     status_headers,
+    token_usage,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.llm.model_list import SDKErrors, check_model_list
 from kubechain.models import Message, ToolCall, ToolCallFunction
-from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import redact
 from kubechain.retry_after import retry_after_s
 
@@ -94,14 +94,10 @@ def _response_from(completion: dict[str, Any], api_key: str) -> LLMResponse:
         if (function := call.get("function")) is not None
     ]
     usage = None
-    if (counts := completion.get("usage")) is not None:
-        prompt_tokens = counts.get("prompt_tokens") or 0
-        completion_tokens = counts.get("completion_tokens") or 0
-        usage = TokenUsage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            # some compatible servers leave the total out
-            total_tokens=counts.get("total_tokens") or prompt_tokens + completion_tokens,
+    if isinstance(counts := completion.get("usage"), dict):
+        # counts as compatible servers give them: any missing, negative or no number is 0 (token_usage)
+        usage = token_usage(
+            counts.get("prompt_tokens"), counts.get("completion_tokens"), counts.get("total_tokens")
         )
     content = _text_of(message.get("content"))
     refusal = message.get("refusal")

@@ -154,10 +154,8 @@ def test_rate_limits_are_retryable_with_retry_after(fake: FakeAnthropic) -> None
         {},
         {"content": None, "usage": {"input_tokens": 1, "output_tokens": 1}},
         {"content": "text", "usage": {"input_tokens": 1, "output_tokens": 1}},
-        {"content": [{"type": "text", "text": "hi"}], "usage": None},
-        {"content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": None, "output_tokens": 1}},
     ],
-    ids=["empty", "null-content", "string-content", "null-usage", "null-token-count"],
+    ids=["empty", "null-content", "string-content"],
 )
 def test_an_answer_of_the_wrong_shape_is_an_llm_error(fake: FakeAnthropic, reply: dict[str, Any]) -> None:
     """The SDK does not check the answer's shape (a proxy's, say): it must fail as an LLMError, which the
@@ -168,6 +166,39 @@ def test_an_answer_of_the_wrong_shape_is_an_llm_error(fake: FakeAnthropic, reply
             LLMRequest(model="m", messages=[Message(role="user", content="hi")])
         )
     assert "unreadable response" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        (None, None),
+        ({"input_tokens": None, "output_tokens": 1}, (0, 1, 1)),
+        ({"input_tokens": -5, "output_tokens": 2}, (0, 2, 2)),
+        ({"input_tokens": "7", "output_tokens": 2.5}, (7, 2, 9)),
+    ],
+    ids=["null-usage", "null-token-count", "negative-token-count", "token-counts-not-ints"],
+)
+def test_token_counts_a_proxy_gets_wrong_are_made_sane_and_the_answer_kept(
+    fake: FakeAnthropic, usage: dict[str, Any] | None, expected: tuple[int, int, int] | None
+) -> None:
+    """The answer is paid for: counts missing or wrong (a proxy's) were an unreadable answer (paid again
+    on every attempt), and a negative one broke its recording. A count is a non-negative int, 0 when
+    it is not one."""
+    fake.reply = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    response = AnthropicClient("k", 5, fake.url).complete(
+        LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+    )
+    assert response.content == "hi"
+    got = response.usage
+    assert (got and (got.prompt_tokens, got.completion_tokens, got.total_tokens)) == expected
 
 
 def test_tool_arguments_it_cannot_parse_are_passed_raw() -> None:

@@ -345,6 +345,32 @@ def test_provider_client_reads_answers_tool_calls_and_usage(raw_llm: RawLLM) -> 
     assert (response.content, response.tool_calls, response.usage) == ("The answer is 42.", [], None)
 
 
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ({"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2}, (0, 3, 2)),
+        ({"prompt_tokens": "12", "completion_tokens": None}, (12, 0, 12)),
+        ({"prompt_tokens": 4.0, "completion_tokens": True, "total_tokens": float("nan")}, (4, 0, 4)),
+        ({"prompt_tokens": 10**400, "completion_tokens": 1}, (2**53 - 1, 1, 2**53 - 1)),
+        ("lots", None),
+    ],
+    ids=["negative", "string-and-null", "float-bool-nan", "huge", "not-an-object"],
+)
+def test_token_counts_an_openai_compatible_server_gets_wrong_are_made_sane_and_the_answer_kept(
+    counts: object, expected: tuple[int, int, int] | None
+) -> None:
+    """A count below 0 reached a Prometheus counter, which raised after the answer was paid for: the
+    answer was lost and the LLM paid again once the claim expired. A count is a non-negative int (0
+    when it is not one), and usage that is no object at all is no usage."""
+    from kubechain.llm.openai_provider import _response_from
+
+    body = json.loads(completion({"role": "assistant", "content": "hi"})) | {"usage": counts}
+    response = _response_from(body, "sk-test")
+    assert response.content == "hi"
+    got = response.usage
+    assert (got and (got.prompt_tokens, got.completion_tokens, got.total_tokens)) == expected
+
+
 def test_tool_calls_without_an_id_or_with_object_arguments_get_an_id_and_json_arguments(
     raw_llm: RawLLM,
 ) -> None:

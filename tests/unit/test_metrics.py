@@ -311,6 +311,33 @@ def test_llm_metrics_are_labelled_by_a_bounded_set_of_models(monkeypatch: pytest
     assert metrics.model_label("x" * 500) == "x" * 64
 
 
+def test_a_metric_that_cannot_be_updated_does_not_lose_the_paid_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A negative token count (a provider's that slipped through) made the token counter raise after
+    the LLM answered and before the answer was written: the answer was lost, and paid again once the
+    claim expired. Metrics only log when they cannot count."""
+    from kubechain.models.taskrun import TokenUsage
+    from tests.unit.fakes import create, message
+    from tests.unit.test_workers_on_fake import validated
+    from workers.llm_call import llm_call
+    from workers.prepare import prepare
+
+    kube = FakeKubeClient()
+    usage = TokenUsage(prompt_tokens=-1, completion_tokens=3, total_tokens=2)
+    llm = FakeLLM(lambda r: LLMResponse(content="hi", usage=usage))
+    validated(kube, llm, [])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "x"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    with caplog.at_level(logging.WARNING):
+        llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (status["phase"], status["output"]) == ("FinalAnswer", "hi")
+    assert len(llm.requests) == 1
+    assert any("could not count" in r.getMessage() for r in caplog.records)
+
+
 def test_a_message_about_a_namespace_the_install_does_not_serve_is_ignored() -> None:
     """Anyone who can write to Redis can send a message naming any namespace: a worker of an install
     limited by KUBECHAIN_NAMESPACES acted on it all the same (only the watcher honoured the setting)."""
