@@ -4,7 +4,8 @@ and tool call.
 The trace id is derived from the TaskRun's uid (and stored in ``status.spanContext``), so every process
 computes the same trace without coordination; a tool call belongs to its TaskRun's trace. The exporter is
 OTLP when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``..._TRACES_ENDPOINT`` is set: over HTTP, or gRPC
-when ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=grpc`` and its exporter is installed. ``OTEL_SERVICE_NAME`` and
+when ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=grpc`` and its exporter is installed; ``OTEL_TRACES_EXPORTER``
+picks ``otlp`` (its default), ``console`` or ``none`` as the SDK specification says. ``OTEL_SERVICE_NAME`` and
 ``OTEL_RESOURCE_ATTRIBUTES`` describe the process as the SDK defines them.
 """
 
@@ -24,7 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import (
     Link,
@@ -50,13 +51,37 @@ def run_trace_ids(run_uid: str) -> dict[str, str]:
     return {"traceID": digest[:32], "spanID": digest[32:48]}
 
 
-def exporting(environ: Mapping[str, str]) -> bool:
-    """Whether spans go anywhere: an OTLP endpoint is configured and the SDK is not disabled."""
+TRACES_EXPORTERS = ("otlp", "console", "none")  # OTEL_TRACES_EXPORTER's values this SDK setup knows
+
+
+def _traces_exporter_setting(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """``OTEL_TRACES_EXPORTER`` as the SDK environment specification reads it: a comma-separated list,
+    ``otlp`` when unset or empty, enum values in any case. Returns the exporters it names (``none``: no
+    exporter) and the values not known, which the specification says to warn about and ignore: a list
+    of only unknown values is the default, ``otlp``."""
+    given = [v.strip().lower() for v in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if v.strip()]
+    known = [value for value in given if value in TRACES_EXPORTERS]
+    unknown = [value for value in given if value not in TRACES_EXPORTERS]
+    if not known:
+        known = ["otlp"]
+    return [value for value in dict.fromkeys(known) if value != "none"], unknown
+
+
+def _exporter_names(environ: Mapping[str, str]) -> list[str]:
+    """The exporters that take spans: none when the SDK is disabled; OTLP only with an endpoint set."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        return []
+    names, _ = _traces_exporter_setting(environ)
+    otlp_endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     )
+    return [name for name in names if name != "otlp" or otlp_endpoint]
+
+
+def exporting(environ: Mapping[str, str]) -> bool:
+    """Whether spans go anywhere: the SDK is not disabled, and ``OTEL_TRACES_EXPORTER`` names the console
+    or OTLP (its default) with an OTLP endpoint configured."""
+    return bool(_exporter_names(environ))
 
 
 def resource(default_service_name: str) -> Resource:
@@ -66,14 +91,36 @@ def resource(default_service_name: str) -> Resource:
     return Resource.create({} if named else {SERVICE_NAME: default_service_name})
 
 
-def span_exporter(environ: Mapping[str, str]) -> SpanExporter:
+def span_exporters(environ: Mapping[str, str]) -> list[SpanExporter]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (see ``exporting``): ``console`` writes each span to
+    stdout, ``otlp`` sends it (``otlp_span_exporter``). A value not known is warned about and ignored, as
+    the SDK environment specification says (so a typo keeps the default, OTLP, rather than losing traces)."""
+    _, unknown = _traces_exporter_setting(environ)
+    if unknown:
+        log.warning(
+            "OTEL_TRACES_EXPORTER=%s: %s not supported (otlp, console or none), ignored",
+            environ.get("OTEL_TRACES_EXPORTER", ""),
+            ", ".join(unknown),
+            extra={"exporter": ", ".join(unknown)},
+        )
+    return [
+        ConsoleSpanExporter() if name == "console" else otlp_span_exporter(environ)
+        for name in _exporter_names(environ)
+    ]
+
+
+def otlp_span_exporter(environ: Mapping[str, str]) -> SpanExporter:
     """OTLP/HTTP (protobuf), or gRPC when asked for and installed. grpcio is heavy and not a dependency, so
     without it gRPC is not exported silently over HTTP: one warning says what to install or set."""
     protocol = (
-        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
+        (
+            environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        )
+        .strip()
+        .lower()
+    )
     if protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
@@ -171,14 +218,19 @@ def export_run_span(
 
 
 def setup_tracing(service_name: str) -> None:
-    """Install a tracer provider exporting with OTLP, when an endpoint is configured. Without one, spans
+    """Install a tracer provider exporting with the exporters ``OTEL_TRACES_EXPORTER`` names (OTLP by
+    default, when an endpoint is configured; ``console``; ``none``). Without one, spans
     stay the API's no-op spans: nothing would see them, and recording them cost a worker ~2 % of its CPU. A
     no-op span carries its parent's context, so messages and logs still name the run's trace.
     ``service_name`` is the default of ``OTEL_SERVICE_NAME``."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider) or not exporting(os.environ):
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    exporters = span_exporters(os.environ)
+    if not exporters:
         return
     provider = tracer_provider(resource(service_name))
-    provider.add_span_processor(BatchSpanProcessor(span_exporter(os.environ)))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
 
 

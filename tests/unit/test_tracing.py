@@ -241,6 +241,63 @@ def test_grpc_uses_the_grpc_exporter_when_installed(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_otel_traces_exporter_none_switches_exporting_off(
+    installed: list[tuple[TracerProvider, SpanExporter]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubechain.observability.tracing import exporting, setup_tracing
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not exporting(os.environ)
+    setup_tracing("kubechain-worker")
+    assert installed == [], "no provider: spans stay the API's no-op spans"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected", "warned"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, ["OTLPSpanExporter"], False),
+        ({"OTEL_TRACES_EXPORTER": " OTLP "}, ["OTLPSpanExporter"], False),  # enum values: any case
+        ({"OTEL_TRACES_EXPORTER": ""}, ["OTLPSpanExporter"], False),  # empty: as unset, the default
+        ({"OTEL_TRACES_EXPORTER": "console"}, ["ConsoleSpanExporter"], False),
+        ({"OTEL_TRACES_EXPORTER": "console,otlp"}, ["ConsoleSpanExporter", "OTLPSpanExporter"], False),
+        ({"OTEL_TRACES_EXPORTER": "jaeger"}, ["OTLPSpanExporter"], True),  # unknown: warned, ignored
+        ({"OTEL_TRACES_EXPORTER": "console,zipkin"}, ["ConsoleSpanExporter"], True),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "HTTP/PROTOBUF"}, ["OTLPSpanExporter"], False),
+    ],
+)
+def test_otel_traces_exporter_picks_the_exporters(
+    installed: list[tuple[TracerProvider, SpanExporter]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+    expected: list[str],
+    warned: bool,
+) -> None:
+    """As the SDK environment specification says: ``otlp`` (the default), ``console``, ``none``, a list;
+    a value not known is warned about and ignored."""
+    from kubechain.observability.tracing import exporting, span_exporters
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert exporting(os.environ)
+    with caplog.at_level(logging.WARNING):
+        exporters = span_exporters(os.environ)
+    assert [type(exporter).__name__ for exporter in exporters] == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert bool(warnings) is warned, warnings
+    assert not warnings or (
+        "OTEL_TRACES_EXPORTER" in warnings[0] and env["OTEL_TRACES_EXPORTER"] in warnings[0]
+    )
+
+
+def test_otel_traces_exporter_console_needs_no_otlp_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubechain.observability.tracing import exporting
+
+    assert exporting({"OTEL_TRACES_EXPORTER": "console"})
+    assert not exporting({"OTEL_TRACES_EXPORTER": "otlp"}), "OTLP still needs its endpoint set"
+    assert not exporting({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"})
+
+
 def test_a_sampling_ratio_keeps_or_drops_whole_runs(
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
