@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from kubechain.cli import main
@@ -50,7 +52,28 @@ def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel:
     ]
     if name:
         argv += ["--hostname", f"{name}@%h"]
+    if settings.log_json:
+        # no banner (raw text; kept in text mode, where it says what is consumed): celery's own option
+        argv.insert(0, "--quiet")
+        _only_log_lines(settings.log_level)
     app.worker_main(argv)
+
+
+def _only_log_lines(level: str) -> None:
+    """A JSON log holds nothing but JSON lines: logging is set up now, before Celery warns of anything
+    at start (running as root, say), and the lines Celery writes raw at shutdown ("worker: Warm shutdown
+    (MainProcess)") are log lines. Celery sets logging up again once started, the same way."""
+    import celery.apps.worker
+
+    from kubechain.observability.logs import configure_logging
+
+    configure_logging(level, json_output=True)
+    said = logging.getLogger("celery.apps.worker")
+
+    def say(message: str, f: object = None) -> None:  # celery's safe_say, as a log line
+        said.info(message.strip())
+
+    celery.apps.worker.safe_say = say
 
 
 @main.command()

@@ -70,3 +70,99 @@ def test_a_worker_runs_no_more_threads_than_its_broker_connections_serve() -> No
 
     result = CliRunner().invoke(main, ["worker", "--concurrency", str(BROKER_MAX_CONNECTIONS)])
     assert result.exit_code == 2 and f"1<=x<={BROKER_MAX_CONNECTIONS // 2}" in result.output
+
+
+@pytest.mark.parametrize("json_logs", [True, False])
+def test_a_worker_logging_json_starts_without_celerys_banner(
+    monkeypatch: pytest.MonkeyPatch, json_logs: bool
+) -> None:
+    """The banner is raw text on stdout: in a JSON log, where every line is an object, it is noise a log
+    pipeline cannot parse. Read as text, at a terminal, it says what the worker consumes: kept there."""
+    from click.testing import CliRunner
+
+    import workers.app
+    from kubechain.cli import main, processes
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(processes, "check_startup", lambda component: None)
+    monkeypatch.setattr(processes, "_only_log_lines", lambda level: None)  # this process's logging stays
+    monkeypatch.setattr(workers.app.settings, "log_json", json_logs)
+    monkeypatch.setattr(workers.app.app, "worker_main", started.append)
+    result = CliRunner().invoke(main, ["worker"])
+    assert result.exit_code == 0, result.output
+    (argv,) = started
+    assert ("--quiet" in argv[: argv.index("worker")]) is json_logs  # celery's option, not its worker's
+
+
+@pytest.mark.slow
+def test_a_worker_logging_json_writes_nothing_but_json_lines(tmp_path: Path) -> None:
+    """Started, then stopped as Kubernetes stops it (SIGTERM): everything it wrote on stdout and stderr
+    (Celery's banner and shutdown lines among what it wrote raw) is one JSON object a line."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from kubechain.testing.waiting import wait_for
+
+    with socket.socket() as s:  # a port nothing listens on: the broker is never reached
+        s.bind(("127.0.0.1", 0))
+        broker_port = s.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: x, context: {cluster: c, user: u, namespace: default}}]\n"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "KUBECONFIG": str(kubeconfig),
+        "KUBECHAIN_LOG_JSON": "true",
+        "REDIS_URL": f"redis://127.0.0.1:{broker_port}/0",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-c", "from kubechain.cli import main; main(['worker', '-c', '2'])"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out: list[str] = []
+    err: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: out.extend(worker.stdout or []), daemon=True),
+        threading.Thread(target=lambda: err.extend(worker.stderr or []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        # started: its consumer tries the broker (after the banner would have been written)
+        wait_for(
+            lambda: worker.poll() is not None or any("Cannot connect" in line for line in err),
+            timeout_s=60,
+            what="a connection error",
+        )
+        assert worker.poll() is None, "".join(err)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    for reader in readers:
+        reader.join(timeout=10)
+    lines = [line for line in out + err if line.strip()]
+    not_json = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not not_json, "".join(not_json)
+    assert any("shutdown" in json.loads(line)["message"].lower() for line in lines), "".join(lines)
