@@ -161,9 +161,10 @@ class Watcher:
     def _on_event(
         self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
     ) -> None:
-        WATCH_EVENTS.labels(kind, event_type).inc()
         if not self._may_send(dropping=lambda: self._event_work(kind, event_type, obj, previous)):
             return
+        # only while leading: a standby sees every event too, and a sum over both replicas counted it twice
+        WATCH_EVENTS.labels(kind, event_type).inc()
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in self._event_work(kind, event_type, obj, previous):
             self._submit(work, rv, own_version=_is_about(work, kind, obj))

@@ -83,7 +83,11 @@ STATUS_CONFLICTS = Counter(
 API_REQUESTS = Counter(
     "kubechain_kube_requests_total", "Kubernetes API requests, by verb and code", ["verb", "code"]
 )
-WATCH_EVENTS = Counter("kubechain_watch_events_total", "Watch events seen by the watcher", ["kind", "type"])
+WATCH_EVENTS = Counter(
+    "kubechain_watch_events_total",
+    "Watch events the leading watcher acted on (a standby's are not counted)",
+    ["kind", "type"],
+)
 ENQUEUED = Counter(
     "kubechain_enqueued_total", "Tasks enqueued by the watcher, by task and reason", ["task", "reason"]
 )

@@ -88,3 +88,22 @@ def test_every_panel_follows_the_namespace_variable() -> None:
     for expr in exprs():
         for name, selector in SERIES.findall(expr):
             assert 'namespace=~"$namespace"' in selector, (name, expr)
+
+
+def test_gauges_every_replica_exports_are_taken_once_per_installation_then_added_up() -> None:
+    """Both watcher replicas export the runs by phase and the queue depths (the same numbers): taken
+    once (max) per installation, then added up over the installations the namespace variable picks.
+    A max over all of them showed only the largest installation's."""
+    for expr in exprs():
+        for group in re.findall(r"\bmax by \(([^)]*)\)", expr):
+            labels = {label.strip() for label in group.split(",")}
+            assert labels & {"namespace", "pod"}, expr
+            if "namespace" in labels:
+                outer = re.match(r"sum by \(([^)]*)\) \(max by", expr)
+                assert outer is not None and "namespace" not in outer.group(1), expr
+
+
+def test_watch_events_are_added_up_over_the_watchers() -> None:
+    """Only the leading watcher counts them (a standby acts on none): a sum counts each event once."""
+    (events,) = [expr for expr in exprs() if "kubechain_watch_events_total" in expr]
+    assert events.startswith("sum by (kind) ("), events

@@ -1669,3 +1669,28 @@ def test_a_watch_held_open_that_ends_in_an_error_starts_the_back_off_over(reset:
     informer = Informer(kube, "TaskRun", "taskruns", None, lambda *_: None, stop, monotonic=lambda: clock[0])
     informer.run()
     assert stop.waits == [0.2, 0.4, 0.8, 1.6, 3.2, 0.2, 0.4], "after the long watch, it starts over"
+
+
+def test_only_the_leading_watcher_counts_watch_events() -> None:
+    """Two watchers run (one leads, one stands by), both watching: counted by both, the dashboard's sum
+    showed every event twice. The events counted are those the leader acts on."""
+    from prometheus_client import REGISTRY
+
+    def counted() -> float:
+        sample = ("kubechain_watch_events_total", {"kind": "TaskRun", "type": "ADDED"})
+        return REGISTRY.get_sample_value(*sample) or 0.0
+
+    obj = {
+        "kind": "TaskRun",
+        "metadata": {"name": "r", "namespace": "default", "uid": "u", "resourceVersion": "1"},
+        "spec": {},
+        "status": {},
+    }
+    standby = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=True)
+    assert not standby.is_leader
+    before = counted()
+    standby._on_event("TaskRun", "ADDED", obj, None)
+    assert counted() == before
+    leader = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    leader._on_event("TaskRun", "ADDED", obj, None)
+    assert counted() == before + 1
