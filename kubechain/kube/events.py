@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import queue
@@ -45,7 +46,8 @@ class EventRecorder:
         self._client = client
         self.controller = controller
         self.instance = instance
-        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] | None = None
+        # each deferred post with its caller's context: the sender's log lines name what the caller's do
+        self._queue: queue.Queue[tuple[contextvars.Context, str, dict[str, Any]] | None] | None = None
         if background:
             self._queue = queue.Queue(maxsize=10_000)
             for index in range(senders):
@@ -58,7 +60,8 @@ class EventRecorder:
             try:
                 if item is None:
                     return
-                self._post(*item)
+                context, namespace, body = item
+                context.run(self._post, namespace, body)
             finally:
                 self._queue.task_done()
 
@@ -124,7 +127,7 @@ class EventRecorder:
         }
         if deferred and self._queue is not None:
             try:
-                self._queue.put_nowait((obj.namespace, body))
+                self._queue.put_nowait((contextvars.copy_context(), obj.namespace, body))
                 return
             except queue.Full:
                 pass  # overloaded: post inline rather than drop

@@ -74,3 +74,45 @@ def test_event_messages_are_cut_to_the_api_servers_byte_limit_and_posting_never_
 
     EventRecorder(BrokenProxy(), "kubechain-worker", "w1").emit(run, "Normal", "X", "y", key="2")
     assert "could not record event X on default/r: a 200 whose body is not JSON" in caplog.text
+
+
+class RefusedEvents(FakeKubeClient):
+    def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("api down")
+
+
+def test_a_deferred_event_that_fails_is_logged_naming_the_resource_its_caller_works_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Posted by a sender thread, its failure's log line named no run: the sender runs in the caller's
+    log context (a fan-out's children's Events, posted for the run that made them)."""
+    import logging
+
+    from kubechain.observability.logs import ResourceFilter, resource_context
+
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "child", "namespace": "ns1", "uid": "u1", "resourceVersion": "7"}}
+    )
+    recorder = EventRecorder(RefusedEvents(), "kubechain-worker", "w1", background=True, senders=1)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(ResourceFilter())
+    logger = logging.getLogger("kubechain.kube.events")
+    logger.addHandler(handler)
+    try:
+        with resource_context("TaskRun", "ns1", "r1", "kubechain.llm_call"):
+            recorder.emit(run, "Normal", "TaskRunCreated", "Created", key="k", deferred=True)
+        recorder.flush()  # returns once the sender is done with it (its line written)
+    finally:
+        logger.removeHandler(handler)
+    (line,) = [r for r in records if "could not record event" in r.getMessage()]
+    assert line.threadName.startswith("events-"), "posted by a sender thread"
+    fields = {key: getattr(line, key, None) for key in ("kind", "namespace", "resource", "run", "task")}
+    assert fields == {
+        "kind": "TaskRun",
+        "namespace": "ns1",
+        "resource": "r1",
+        "run": "r1",
+        "task": "kubechain.llm_call",
+    }
