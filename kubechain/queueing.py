@@ -66,12 +66,16 @@ class ResourceMessage(BaseModel):
     reason: str = "event"
     enqueued_at: float = Field(default_factory=time.time)
     traceparent: str | None = None
+    # a re-check's: the traceparent of the task that scheduled it, linked to (its parent is that task's)
+    linked: str | None = None
 
     def key(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"
 
     @classmethod
-    def recheck(cls, resource: Resource[Any, Any], reason: str, traceparent: str | None) -> ResourceMessage:
+    def recheck(
+        cls, resource: Resource[Any, Any], reason: str, traceparent: str | None, linked: str | None = None
+    ) -> ResourceMessage:
         """A worker's own follow-up on an object it just read (a re-check when something falls due)."""
         return cls(
             kind=resource.KIND,
@@ -81,6 +85,7 @@ class ResourceMessage(BaseModel):
             resource_version=resource.resource_version,
             reason=reason,
             traceparent=traceparent,
+            linked=linked,
         )
 
 

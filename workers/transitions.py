@@ -21,7 +21,7 @@ from kubechain.kube.errors import (
 )
 from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall, TaskRunToolCallSpec
 from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
-from kubechain.observability.tracing import current_traceparent, export_run_span
+from kubechain.observability.tracing import export_run_span, recheck_trace
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
 from kubechain.statemachines.taskrun import (
@@ -599,9 +599,10 @@ def record_while_claimed(
 def schedule_recheck(
     ctx: WorkerContext, task: TaskName, resource: Resource[Any, Any], reason: str, delay_s: float
 ) -> None:
-    """Enqueue this worker's own follow-up on ``resource`` for ``delay_s`` from now, in the current trace.
-    Best effort: with the broker down, the watcher's resync finds the object (it is not terminal)."""
-    message = ResourceMessage.recheck(resource, reason, current_traceparent())
+    """Enqueue this worker's own follow-up on ``resource`` for ``delay_s`` from now, in the current trace
+    (beside the current task, linked to it: see ``recheck_trace``). Best effort: with the broker down,
+    the watcher's resync finds the object (it is not terminal)."""
+    message = ResourceMessage.recheck(resource, reason, *recheck_trace())
     try:
         ctx.enqueue(task, message, delay_s)
     except Exception as exc:  # noqa: BLE001 - the resync is the safety net

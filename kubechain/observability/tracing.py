@@ -273,6 +273,21 @@ def current_traceparent() -> str | None:
     return traceparent_of(span) if span.get_span_context().is_valid else None
 
 
+def recheck_trace() -> tuple[str | None, str | None]:
+    """The traceparent (and the span to link to) of work the current task schedules for itself, a
+    re-check: its parent is the current task's parent, so that the re-checks of an approval polled every
+    minute are siblings under the span that started the first, not each the child of the one before (a day
+    of them nested ~1,440 levels deep); each links to the task that scheduled it. A no-op span (no
+    recording provider) already carries its parent's context."""
+    current = trace.get_current_span()
+    if not current.get_span_context().is_valid:
+        return None, None
+    parent = getattr(current, "parent", None)  # an SDK span's parent (None for a root)
+    if isinstance(parent, SpanContext) and parent.is_valid:
+        return traceparent_of(NonRecordingSpan(parent)), traceparent_of(current)
+    return traceparent_of(current), None
+
+
 def context_from(traceparent: str | None, run_uid: str) -> otel_context.Context | None:
     if traceparent:
         return _propagator.extract({"traceparent": traceparent})
@@ -348,8 +363,18 @@ def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[Span]:
-    with _tracer().start_as_current_span(name, context=parent, attributes=_present(attributes)) as current:
+def span(
+    name: str, parent: otel_context.Context | None, *, linked: str | None = None, **attributes: Any
+) -> Iterator[Span]:
+    """A span, the current one while it lasts. ``linked``: the traceparent of a span to link to (the
+    task that scheduled this one, see ``recheck_trace``)."""
+    link_to = _span_context_of(linked) if linked else None
+    with _tracer().start_as_current_span(
+        name,
+        context=parent,
+        attributes=_present(attributes),
+        links=[Link(link_to)] if link_to is not None else None,
+    ) as current:
         yield current
 
 

@@ -552,3 +552,42 @@ def test_a_run_failed_in_preparation_names_the_trace_of_its_exported_root_span()
         "traceID": f"{root.context.trace_id:032x}",
         "spanID": f"{root.context.span_id:016x}",
     }
+
+
+def test_a_recheck_after_a_recheck_is_a_sibling_of_the_task_before_linked_to_it() -> None:
+    """A task that schedules its own re-check (a back-off not yet over; an approval polled every minute)
+    made it a child of its span: a day of polling nested ~1,440 levels deep. Each re-check now has the
+    first task's parent, and a link to the task that scheduled it."""
+    import dataclasses
+
+    import workers.app as app
+    from kubechain.queueing import ResourceMessage
+    from tests.unit.fakes import message
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm, [])
+    run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    # a back-off never over: every llm_call re-checks later
+    run["status"] = {"phase": "ErrorBackoff", "nextAttemptAt": "2999-01-01T00:00:00Z", "llmAttempts": 1}
+    kube.objects[next(key for key in kube.objects if key[1:] == ("taskruns", "default", "r"))] = run
+    sent: list[ResourceMessage] = []
+    ctx = dataclasses.replace(context(kube, llm), enqueue=lambda task, m, delay: sent.append(m))
+    app.set_context(ctx)
+    run_uid = kube.get_raw("taskruns", "default", "r")["metadata"]["uid"]
+    as_the_watcher_sends = tracing.traceparent_of(trace.get_current_span(tracing.run_context(run_uid)))
+    first = message("TaskRun", "r").model_copy(update={"traceparent": as_the_watcher_sends})
+    try:
+        app.llm_call(first.model_dump())
+        for _ in range(3):
+            app.llm_call(sent[-1].model_dump())
+    finally:
+        app.set_context(None)
+    tasks = [s for s in EXPORTER.get_finished_spans() if s.name == "llm_call TaskRun"]
+    assert len(tasks) == 4 and len(sent) == 4
+    assert len({s.parent.span_id for s in tasks if s.parent is not None}) == 1, "all siblings"
+    root_span_id = int(tracing.run_trace_ids(run_uid)["spanID"], 16)
+    assert tasks[0].parent is not None and tasks[0].parent.span_id == root_span_id
+    for before, after in zip(tasks, tasks[1:], strict=False):
+        assert [link.context.span_id for link in after.links] == [before.context.span_id]
