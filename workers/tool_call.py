@@ -467,11 +467,14 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     claimed_at = claimed.status.claimed_at or claimed_at
     started = ctx.monotonic()  # the execution alone: not an approval waited for before the claim
     ids = claimed.status.span_context
+    # The span its spanContext names is its first execution's: an idempotent tool run again (its worker
+    # lost before the result was written) gets a span id of its own, not a second span with that id.
+    first_execution = (claimed.status.attempts or 0) <= 1
     with span_with_ids(
         f"ToolCall {toolcall.spec.tool_ref.name}",
         None,
-        (ids.trace_id, ids.span_id) if ids and ids.trace_id and ids.span_id else None,
-        **{"kubechain.toolcall": toolcall.name},
+        (ids.trace_id, ids.span_id) if first_execution and ids and ids.trace_id and ids.span_id else None,
+        **{"kubechain.toolcall": toolcall.name, "kubechain.tool.execution": claimed.status.attempts},
     ) as current:
         # under a claim answered late, the call ends in time for its outcome to be written
         outcome = executor.run(arguments, within_s=call_time_left_s(ctx, claimed_at))

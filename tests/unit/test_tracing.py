@@ -591,3 +591,49 @@ def test_a_recheck_after_a_recheck_is_a_sibling_of_the_task_before_linked_to_it(
     assert tasks[0].parent is not None and tasks[0].parent.span_id == root_span_id
     for before, after in zip(tasks, tasks[1:], strict=False):
         assert [link.context.span_id for link in after.links] == [before.context.span_id]
+
+
+def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own() -> None:
+    """The ToolCall span's id is fixed per call (its spanContext names it): a second execution (its first
+    worker lost before the result was written) exported a second span with the same id. The first
+    execution keeps the id the status names; another gets a random one."""
+    import workers.app as app
+    from tests.unit.fakes import message
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        call = ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
+        return LLMResponse(tool_calls=[call])
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    tool_key = next(key for key in kube.objects if key[1:] == ("tools", "default", "add"))
+    kube.objects[tool_key]["spec"]["idempotent"] = True
+    run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    in_its_trace = tracing.traceparent_of(trace.get_current_span(tracing.run_context(run["metadata"]["uid"])))
+
+    def sent(kind: str, name: str) -> dict[str, object]:  # as the watcher sends it: in the run's trace
+        return message(kind, name).model_copy(update={"traceparent": in_its_trace}).model_dump()
+
+    app.set_context(context(kube, llm))
+    try:
+        app.prepare(sent("TaskRun", "r"))
+        app.llm_call(sent("TaskRun", "r"))
+        (key,) = [key for key in kube.objects if key[1] == "taskruntoolcalls"]
+        app.tool_call(sent("TaskRunToolCall", key[3]))
+        # as if its worker had been lost before the result was written: claimed long ago, still Running
+        status = kube.objects[key]["status"]
+        status |= {"phase": "Running", "claimedBy": "lost", "claimedAt": "2000-01-01T00:00:00.000000Z"}
+        status.pop("result", None)
+        app.tool_call(sent("TaskRunToolCall", key[3]))
+    finally:
+        app.set_context(None)
+    toolcall = kube.objects[key]
+    assert toolcall["status"]["phase"] == "Succeeded" and toolcall["status"]["attempts"] == 2
+    first, second = [s for s in EXPORTER.get_finished_spans() if s.name == "ToolCall add"]
+    assert first.context is not None and second.context is not None
+    assert f"{first.context.span_id:016x}" == toolcall["status"]["spanContext"]["spanID"]
+    assert second.context.span_id != first.context.span_id
+    assert second.context.trace_id == first.context.trace_id, "in the run's trace all the same"
