@@ -26,7 +26,7 @@ from kubechain.observability.metrics import (
     WATCH_EVENTS,
     register_phase_collector,
 )
-from kubechain.observability.tracing import run_context, setup_tracing, span, traceparent_of
+from kubechain.observability.tracing import export_run_span, run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.demand import demand
@@ -44,6 +44,8 @@ from kubechain.statemachines.routing import (
     work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
+from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION
+from kubechain.statemachines.transition import parse_timestamp
 from watcher.informer import Informer, Key, log_fields, object_key
 from watcher.leader import LeaderElector
 from watcher.outbox import Empty, MergingQueue
@@ -165,9 +167,34 @@ class Watcher:
             return
         # only while leading: a standby sees every event too, and a sum over both replicas counted it twice
         WATCH_EVENTS.labels(kind, event_type).inc()
+        if kind == "TaskRun" and event_type == "DELETED" and not is_terminal(kind, obj):
+            self._end_deleted_run(obj)
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in self._event_work(kind, event_type, obj, previous):
             self._submit(work, rv, own_version=_is_about(work, kind, obj))
+
+    def _end_deleted_run(self, obj: dict[str, Any]) -> None:
+        """The root span of a run deleted before it ended: the worker whose write ends a run makes it, and
+        this run has no such write. Made from the deleted object as the event carries it (no request),
+        from its creation to its deletion, as an error. Best effort, as the workers' is."""
+        metadata = obj.get("metadata") or {}
+        uid = str(metadata.get("uid") or "")
+        if not uid:
+            return
+        try:
+            now = self._clock()
+            phase = str((obj.get("status") or {}).get("phase") or "") or "not started"
+            export_run_span(
+                uid,
+                str(metadata.get("name") or ""),
+                str(metadata.get("namespace") or ""),
+                parse_timestamp(metadata.get("creationTimestamp")) or now,
+                parse_timestamp(metadata.get("deletionTimestamp")) or now,
+                f"TaskRun deleted before it ended (phase {phase})",
+                linked_from=(metadata.get("annotations") or {}).get(DELEGATED_FROM_ANNOTATION),
+            )
+        except Exception:  # noqa: BLE001 - tracing (a custom sampler, an exporter) must not stop the watch
+            log.exception("could not export the root span of deleted run %s", uid)
 
     def _event_work(
         self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None

@@ -637,3 +637,55 @@ def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own
     assert f"{first.context.span_id:016x}" == toolcall["status"]["spanContext"]["spanID"]
     assert second.context.span_id != first.context.span_id
     assert second.context.trace_id == first.context.trace_id, "in the run's trace all the same"
+
+
+def deleted_run(phase: str, uid: str = "0b4c2a77-5d0e-4a43-9a58-58b61c3e2f11") -> dict[str, object]:
+    return {
+        "kind": "TaskRun",
+        "metadata": {
+            "name": "r",
+            "namespace": "default",
+            "uid": uid,
+            "resourceVersion": "9",
+            "creationTimestamp": "2026-12-01T12:00:00Z",
+            "deletionTimestamp": "2026-12-01T12:05:00Z",
+        },
+        "spec": {"agentRef": {"name": "a"}, "userMessage": "go"},
+        "status": {"phase": phase} if phase else {},
+    }
+
+
+@pytest.mark.parametrize("phase", ["", "Pending", "SendContextWindowToLLM", "ToolCallsPending"])
+def test_a_run_deleted_before_it_ended_has_a_root_span_made_by_the_leading_watcher(phase: str) -> None:
+    """Its root span was made by the write that ended it, which a run deleted first never has: its
+    spans had no root. The leading watcher, which sees the deletion, makes it (no API request)."""
+    from watcher.main import Watcher
+
+    EXPORTER.clear()
+    obj = deleted_run(phase)
+    standby = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=True)
+    standby._on_event("TaskRun", "DELETED", obj, None)
+    assert not [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"], "the leader's to make"
+    leader = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    leader._on_event("TaskRun", "DELETED", obj, None)
+    (root,) = [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
+    ids = tracing.run_trace_ids(str(obj["metadata"]["uid"]))  # type: ignore[index]
+    assert root.context is not None and root.parent is None
+    assert (f"{root.context.trace_id:032x}", f"{root.context.span_id:016x}") == (
+        ids["traceID"],
+        ids["spanID"],
+    )
+    assert root.status.status_code == StatusCode.ERROR
+    assert root.status.description and "deleted" in root.status.description
+    assert root.end_time is not None and root.start_time is not None
+    assert (root.end_time - root.start_time) / 1e9 == 300.0, "from its creation to its deletion"
+
+
+@pytest.mark.parametrize("phase", ["FinalAnswer", "Failed"])
+def test_a_run_deleted_after_it_ended_gets_no_second_root_span(phase: str) -> None:
+    from watcher.main import Watcher
+
+    EXPORTER.clear()
+    leader = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    leader._on_event("TaskRun", "DELETED", deleted_run(phase), None)
+    assert not [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
