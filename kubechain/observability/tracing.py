@@ -257,7 +257,10 @@ def _root_sampled(trace_id: int) -> bool:
     sampler = getattr(trace.get_tracer_provider(), "sampler", None)
     if sampler is None:
         return True  # no SDK provider: nothing records either way
-    return bool(sampler.should_sample(None, trace_id, "TaskRun").decision.is_sampled())
+    # an empty context: no parent (None would be the current context, whose span a ParentBased sampler,
+    # the default, would follow: an unsampled task of another run would decide for this run's root)
+    verdict = sampler.should_sample(otel_context.Context(), trace_id, "TaskRun")
+    return bool(verdict.decision.is_sampled())
 
 
 def traceparent_of(span: Span) -> str:

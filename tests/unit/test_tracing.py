@@ -689,3 +689,23 @@ def test_a_run_deleted_after_it_ended_gets_no_second_root_span(phase: str) -> No
     leader = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
     leader._on_event("TaskRun", "DELETED", deleted_run(phase), None)
     assert not [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
+
+
+def test_the_verdict_on_a_runs_root_ignores_the_span_current_where_it_is_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ParentBased sampler (the default) given no parent context reads the current span's: asked
+    inside an unsampled span (another run's task), a run's root was judged as that span's child."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON), id_generator=tracing.RunSpanIds())
+    monkeypatch.setattr(tracing.trace, "get_tracer_provider", lambda: provider)
+    unsampled = NonRecordingSpan(
+        SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+    )
+    with trace.use_span(unsampled):
+        parent = tracing.run_context("uid-1")
+        call = tracing.toolcall_traceparent("uid-1", "tc-uid")
+    assert trace.get_current_span(parent).get_span_context().trace_flags.sampled
+    assert call.endswith("-01"), call
