@@ -138,7 +138,7 @@ def _run(
         with span(
             f"{name} {message.kind}",
             context_from(message.traceparent, ""),
-            linked=message.linked,
+            message.linked,
             **{
                 "kubechain.namespace": message.namespace,
                 "kubechain.name": message.name,

@@ -367,7 +367,7 @@ def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def span(
-    name: str, parent: otel_context.Context | None, *, linked: str | None = None, **attributes: Any
+    name: str, parent: otel_context.Context | None, linked: str | None = None, /, **attributes: Any
 ) -> Iterator[Span]:
     """A span, the current one while it lasts. ``linked``: the traceparent of a span to link to (the
     task that scheduled this one, see ``recheck_trace``)."""
