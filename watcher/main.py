@@ -590,11 +590,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     signal.signal(signal.SIGTERM, lambda *_: watcher.stop_event.set())
     from kubechain.observability.health import threads_health
-    from kubechain.observability.metrics import serve
+    from kubechain.observability.metrics import MetricsPortUnavailable, serve
 
     register_phase_collector(watcher.taskrun_phases)
     setup_tracing("kubechain-watcher")
-    serve(settings.metrics_port, health=threads_health(watcher.loop_threads))
+    try:
+        serve(settings.metrics_port, health=threads_health(watcher.loop_threads))
+    except MetricsPortUnavailable as exc:
+        log.error("%s; the watcher stops", exc)
+        raise SystemExit(1) from None
     serve_scaling(settings.scaling_port, watcher.scaling)
     freeze_startup_heap()
     watcher.run_forever()

@@ -23,6 +23,7 @@ from kubechain.observability.metrics import (
     TASK_QUEUE_SECONDS,
     TASK_SECONDS,
     TASKS,
+    MetricsPortUnavailable,
     process_exited,
     registry_for,
     serve,
@@ -272,8 +273,15 @@ def _start_metrics(**_: Any) -> None:
     # A prefork parent runs no tasks, and children forked after it set up tracing would inherit its
     # exporter (a gRPC channel is not fork-safe): each child sets up its own (worker_process_init).
     if not _prefork_parent:
-        setup_tracing("kubechain-worker")  # first: a /metrics port already taken must not also cost traces
-    serve(settings.metrics_port, _metrics_registry, consumer_heartbeat.health)
+        setup_tracing("kubechain-worker")
+    try:
+        serve(settings.metrics_port, _metrics_registry, consumer_heartbeat.health)
+    except MetricsPortUnavailable as exc:
+        # Raised here, it was swallowed by Celery's signal dispatch: the worker ran on with neither /metrics
+        # nor /healthz, until its liveness probe killed it (tasks in flight). It stops before it takes any
+        # task instead (a SystemExit passes Celery's dispatch: the worker stops with this exit code).
+        log.error("%s; the worker stops", exc)
+        raise SystemExit(1) from None
 
 
 @signals.worker_process_init.connect

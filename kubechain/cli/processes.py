@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -56,7 +57,22 @@ def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel:
         # no banner (raw text; kept in text mode, where it says what is consumed): celery's own option
         argv.insert(0, "--quiet")
         _only_log_lines(settings.log_level)
-    app.worker_main(argv)
+    exit_code = _run_celery(app, argv)
+    if exit_code:
+        raise SystemExit(exit_code)
+
+
+def _run_celery(app: Any, argv: list[str]) -> int:
+    """``app.worker_main(argv)``, with the exit code it drops (Celery's ``app.start`` does not return
+    its command's): a worker that stopped on an error (its /metrics port taken, an unrecoverable error)
+    exited 0, as if asked to stop."""
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # as app.start does
+    try:
+        return int(celery_command.main(args=argv, standalone_mode=False) or 0)
+    finally:
+        celery_command.params[0].default = None
 
 
 def _only_log_lines(level: str) -> None:

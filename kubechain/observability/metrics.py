@@ -231,12 +231,24 @@ def metrics_app(registry: CollectorRegistry, health: HealthCheck | None) -> WSGI
     return app
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The /metrics port cannot be listened on (taken by another process, say)."""
+
+
 def serve(port: int, registry: CollectorRegistry = REGISTRY, health: HealthCheck | None = None) -> None:
-    """Start the /metrics (and, given ``health``, /healthz) endpoint from a daemon thread (port 0: none)."""
+    """Start the /metrics (and, given ``health``, /healthz) endpoint from a daemon thread (port 0: none).
+    MetricsPortUnavailable, saying which port and which setting, when the port cannot be listened on."""
     if port <= 0:
         return
-    server = make_server(
-        "0.0.0.0", port, metrics_app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler
-    )
+    try:
+        server = make_server(
+            "0.0.0.0", port, metrics_app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        served = "/metrics and /healthz" if health else "/metrics"
+        raise MetricsPortUnavailable(
+            f"cannot serve {served} on port {port}: {exc.strerror or exc}; set KUBECHAIN_METRICS_PORT "
+            "to a free port (each process on a host needs its own), or 0 for none"
+        ) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on :%d/metrics%s", port, " and /healthz" if health else "")

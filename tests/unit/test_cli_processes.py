@@ -87,7 +87,7 @@ def test_a_worker_logging_json_starts_without_celerys_banner(
     monkeypatch.setattr(processes, "check_startup", lambda component: None)
     monkeypatch.setattr(processes, "_only_log_lines", lambda level: None)  # this process's logging stays
     monkeypatch.setattr(workers.app.settings, "log_json", json_logs)
-    monkeypatch.setattr(workers.app.app, "worker_main", started.append)
+    monkeypatch.setattr(processes, "_run_celery", lambda app, argv: started.append(argv) or 0)
     result = CliRunner().invoke(main, ["worker"])
     assert result.exit_code == 0, result.output
     (argv,) = started
@@ -166,3 +166,28 @@ def test_a_worker_logging_json_writes_nothing_but_json_lines(tmp_path: Path) -> 
             not_json.append(line)
     assert not not_json, "".join(not_json)
     assert any("shutdown" in json.loads(line)["message"].lower() for line in lines), "".join(lines)
+
+
+def test_a_worker_that_stops_on_an_error_exits_with_its_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's worker_main drops the worker's exit code: one stopped by an error (its /metrics port
+    taken, an unrecoverable error) exited 0, as if it had been asked to stop."""
+    from click.testing import CliRunner
+
+    import workers.app
+    from kubechain.cli import main, processes
+
+    monkeypatch.setattr(processes, "check_startup", lambda component: None)
+    for code in (1, 0):
+
+        class Stopped:  # Celery's worker, stopped with this exit code
+            exitcode = code
+
+            def __init__(self, **_: object) -> None:
+                pass
+
+            def start(self) -> None:
+                pass
+
+        monkeypatch.setattr(workers.app.app, "Worker", Stopped)
+        result = CliRunner().invoke(main, ["worker"])
+        assert result.exit_code == code, result.output

@@ -667,3 +667,52 @@ def test_a_call_whose_worker_was_lost_is_not_counted_though_its_tool_went_meanwh
     assert toolcall_status(kube, name)["phase"] == "Failed"
     for (tool, outcome), earlier in before.items():
         assert counted_since(earlier, tool, outcome) == (0, 0, 0), (tool, outcome)
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        yield int(held.getsockname()[1])
+
+
+def test_a_worker_whose_metrics_port_is_taken_says_which_and_stops(
+    taken_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OSError was raised in a Celery signal receiver, which swallows it: the worker ran on without
+    /metrics and /healthz (and its liveness probe would kill it later, tasks in flight). It stops at
+    start, in one line naming the port and the setting."""
+    import workers.app as app
+
+    monkeypatch.setattr(app.settings, "metrics_port", taken_port)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stopped:
+        app._start_metrics()
+    assert stopped.value.code == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"port {taken_port}" in line and "KUBECHAIN_METRICS_PORT" in line, line
+
+
+def test_the_watcher_whose_metrics_port_is_taken_says_which_in_one_line(
+    taken_port: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It stopped with a traceback of an OSError: now the same one line as a worker's."""
+    import signal
+
+    import watcher.main
+    from kubechain.observability import logs
+
+    monkeypatch.setenv("KUBECHAIN_METRICS_PORT", str(taken_port))
+    monkeypatch.setattr(logs, "configure_logging", lambda *args: None)  # this process's logging stays
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(watcher.main.KubeClient, "from_settings", lambda *args: FakeKubeClient())
+    monkeypatch.setattr(watcher.main, "register_phase_collector", lambda phases: None)
+    monkeypatch.setattr(watcher.main, "setup_tracing", lambda name: None)
+    monkeypatch.setattr(watcher.main.Watcher, "run_forever", lambda self: pytest.fail("it ran"))
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stopped:
+        watcher.main.main(["--no-leader-election"])
+    assert stopped.value.code == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"port {taken_port}" in line and "KUBECHAIN_METRICS_PORT" in line, line
