@@ -7,6 +7,8 @@ import time
 import traceback
 from collections.abc import Callable
 
+from opentelemetry.trace import SpanKind
+
 from kubechain.llm.base import LLMError, LLMResponse, ToolDefinition, build_request
 from kubechain.llm.deadline import ending_by
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
@@ -212,11 +214,15 @@ def _call_and_record(
         with span(
             "LLMRequest",
             None,
+            None,
+            SpanKind.CLIENT,  # a call to a remote service, as the Go original's
             **{
                 "llm.request.model": request.model,
-                "kubechain.context_window.messages": len(request.messages),
-                "kubechain.tools.count": len(request.tools),
-                "kubechain.taskrun": claimed.name,
+                # the Go original's names
+                "context_window_size": len(request.messages),
+                "tools_count": len(request.tools),
+                "taskrun.name": claimed.name,
+                "taskrun.namespace": claimed.namespace,
             },
         ) as current:
             try:

@@ -367,14 +367,21 @@ def _present(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def span(
-    name: str, parent: otel_context.Context | None, linked: str | None = None, /, **attributes: Any
+    name: str,
+    parent: otel_context.Context | None,
+    linked: str | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    /,
+    **attributes: Any,
 ) -> Iterator[Span]:
     """A span, the current one while it lasts. ``linked``: the traceparent of a span to link to (the
-    task that scheduled this one, see ``recheck_trace``)."""
+    task that scheduled this one, see ``recheck_trace``); ``kind``: CLIENT for a call to a remote
+    service (the LLM)."""
     link_to = _span_context_of(linked) if linked else None
     with _tracer().start_as_current_span(
         name,
         context=parent,
+        kind=kind,
         attributes=_present(attributes),
         links=[Link(link_to)] if link_to is not None else None,
     ) as current:

@@ -709,3 +709,32 @@ def test_the_verdict_on_a_runs_root_ignores_the_span_current_where_it_is_asked(
         call = tracing.toolcall_traceparent("uid-1", "tc-uid")
     assert trace.get_current_span(parent).get_span_context().trace_flags.sampled
     assert call.endswith("-01"), call
+
+
+def test_the_llm_request_span_is_a_client_span_with_the_originals_attributes() -> None:
+    """As the Go original's (a call to a remote service: CLIENT), with its attribute names."""
+    from opentelemetry.trace import SpanKind
+
+    import workers.app as app
+    from tests.unit.fakes import message
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="hi"))
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    app.set_context(context(kube, llm))
+    try:
+        app.prepare(message("TaskRun", "r").model_dump())
+        app.llm_call(message("TaskRun", "r").model_dump())
+    finally:
+        app.set_context(None)
+    (request,) = [s for s in EXPORTER.get_finished_spans() if s.name == "LLMRequest"]
+    assert request.kind == SpanKind.CLIENT
+    attributes = dict(request.attributes or {})
+    assert {key: attributes.get(key) for key in ("context_window_size", "tools_count")} == {
+        "context_window_size": 2,
+        "tools_count": 1,
+    }
+    assert (attributes.get("taskrun.name"), attributes.get("taskrun.namespace")) == ("r", "default")
+    assert attributes["llm.request.model"] == "gpt-4o"
