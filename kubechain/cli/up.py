@@ -15,6 +15,7 @@ from typing import IO
 import click
 
 from kubechain.cli import main
+from kubechain.settings import MAX_WORKER_CONCURRENCY
 
 
 @main.command()
@@ -26,8 +27,16 @@ from kubechain.cli import main
     help="local: start etcd + kube-apiserver here; current: the kubeconfig's current context; "
     "auto: current if it answers and runs no KubeChain of its own, else local",
 )
-@click.option("--workers", default=1, show_default=True, help="worker processes")
-@click.option("--concurrency", default=16, show_default=True, help="threads per worker process")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="worker processes")
+@click.option(
+    "--concurrency",
+    default=16,
+    show_default=True,
+    # the bound `kubechain worker` itself checks: a larger one made every worker exit at once, restarted
+    # again and again with a back-off
+    type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
+    help="threads per worker process",
+)
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path(".kubechain"), show_default=True)
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""

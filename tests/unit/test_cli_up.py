@@ -99,3 +99,28 @@ def test_the_local_stacks_folders_are_private(tmp_path: Path) -> None:
     _write_pki(workdir / "pki")
     for folder in (workdir, workdir / "pki"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--concurrency", "1000"], "'--concurrency': 1000 is not in the range 1<=x<="),
+        (["--concurrency", "0"], "'--concurrency': 0 is not in the range 1<=x<="),
+        (["--workers", "0"], "'--workers': 0 is not in the range x>=1"),
+    ],
+)
+def test_up_refuses_worker_counts_its_workers_would_refuse_or_that_run_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], said: str
+) -> None:
+    """--concurrency 1000 started workers that `kubechain worker` refused (exit 2), restarted in a silent
+    crash loop; --workers 0 ran no worker at all."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    started: list[object] = []
+    monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "kc"), *args])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert not started
