@@ -95,12 +95,22 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         lease_reader = client_or_refuse(
             lambda: KubeClient(load_connection(kubeconfig, context), timeout_s=5), kubeconfig
         )
-    stack = LocalStack(options, progress=say)
+    lock: IO[str] | None = None
+    try:
+        # before the stack, which makes the folder if need be: made here, it is private from the start.
+        # Released in the finally below (and by the kernel if this process dies).
+        lock = lock_workdir(workdir)
+        stack = LocalStack(options, progress=say)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        if lease_reader is not None:
+            lease_reader.close()
+        raise
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     displaced_by: str | None = None
     failed: str | None = None
-    lock = lock_workdir(workdir)  # released in the finally below (and by the kernel if this process dies)
     try:
         try:
             stack.start()
@@ -163,13 +173,38 @@ def start_failures() -> tuple[type[BaseException], ...]:
     return (BinaryError, ControlPlaneError, RedisError, KubeAPIError, TimeoutError, OSError)
 
 
+# What an earlier `up` leaves in its working folder (.lock: every `up`; controlplane: a local cluster's).
+WORKDIR_MARKS = (".lock", "controlplane")
+
+
 def lock_workdir(workdir: Path) -> IO[str]:
     """Take ``workdir`` for this process, or say who has it: a second ``up`` on the same folder rewrote
-    the first one's token and kubeconfig, then waited 90 s on etcd's locked data file and blamed etcd."""
-    from kubechain.cli.resources import CLIError
-    from kubechain.testing.controlplane import private_dir
+    the first one's token and kubeconfig, then waited 90 s on etcd's locked data file and blamed etcd.
 
-    private_dir(workdir)  # it holds the local cluster's admin token and kubeconfig
+    A new folder is made open to this user alone. A folder that exists keeps its mode (``up`` once made
+    a shared 1777 folder private, even when its start then failed): the secrets in it are private files
+    and folders of their own (the kubeconfig, ``controlplane/``). It must be empty or an earlier ``up``'s:
+    ``--workdir .`` in a checkout, or ``~``, would be filled with a control plane, keys and logs, and
+    deleting the folder is how the README starts from nothing."""
+    from kubechain.cli.resources import CLIError
+
+    try:
+        workdir.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not workdir.is_dir():
+            raise CLIError(f"--workdir {workdir} is not a folder", 2) from None
+        if workdir.stat().st_uid != os.geteuid():
+            raise CLIError(
+                f"{workdir} belongs to another user: give `kubechain up` a folder of your own with --workdir",
+                2,
+            ) from None
+        if any(workdir.iterdir()) and not any((workdir / mark).exists() for mark in WORKDIR_MARKS):
+            raise CLIError(
+                f"{workdir} is not empty and is not a KubeChain working folder (it has no "
+                f"{' or '.join(WORKDIR_MARKS)}): `kubechain up` keeps a control plane, its keys and logs "
+                "there; give it a new or empty folder with --workdir",
+                2,
+            ) from None
     handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -268,9 +268,19 @@ def _stop_all_at_exit() -> None:
 
 def private_dir(path: Path) -> None:
     """``path``, made if need be, open to this user alone: what is written in it (keys, the admin token,
-    the kubeconfig) is never readable by others, not even between a write and a chmod."""
+    the kubeconfig) is never readable by others, not even between a write and a chmod. Only for folders
+    KubeChain makes for itself (a control plane's, under a stack's working folder): never a user's own."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by this user alone from its first byte (created with mode
+    0600, not chmodded after the write), even in a folder others can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # a file that was there keeps its mode through O_CREAT
+        handle.write(text)
 
 
 def _write_pki(pki: Path) -> None:
@@ -536,8 +546,7 @@ class LocalControlPlane:
 
     def _write_token_file(self) -> None:
         path = self._workdir / "pki" / "tokens.csv"
-        path.write_text(f'{self._token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
-        path.chmod(0o600)
+        write_private(path, f'{self._token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
 
     def _write_kubeconfig(self) -> None:
         ca_data = base64.b64encode(self.ca_path.read_bytes()).decode()
@@ -555,8 +564,7 @@ class LocalControlPlane:
             "current-context": CLUSTER_NAME,
             "preferences": {},
         }
-        self.kubeconfig_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig_path.chmod(0o600)
+        write_private(self.kubeconfig_path, yaml.safe_dump(config, sort_keys=False))
 
     # ----------------------------------------------------------------- etcd
 

@@ -25,7 +25,13 @@ from kubechain.kube.connection import kubeconfig_exists, kubeconfig_path, load_c
 from kubechain.kube.crds import apply_crds
 from kubechain.kube.errors import KubeAPIError
 from kubechain.statemachines.lease import lease_holder
-from kubechain.testing.controlplane import LocalControlPlane, ManagedProcess, free_port
+from kubechain.testing.controlplane import (
+    LocalControlPlane,
+    ManagedProcess,
+    free_port,
+    private_dir,
+    write_private,
+)
 from kubechain.testing.redis_server import LocalRedis
 
 Progress = Callable[[str], None]
@@ -127,15 +133,17 @@ class LocalStack:
 
     def start(self) -> None:
         started = time.monotonic()
+        private_dir(
+            self.logs
+        )  # what the processes say may quote what they were sent; the workdir may be shared
         if self.options.cluster == "local":
             self.progress("starting a local control plane (etcd + kube-apiserver)")
             self.control_plane = LocalControlPlane(
                 workdir=self.workdir / "controlplane", progress=self.progress
             )
             self.control_plane.start()
-            own = Path(self.kubeconfig)
-            own.write_text(self.control_plane.kubeconfig_path.read_text())
-            own.chmod(0o600)  # it carries the control plane's admin token
+            # it carries the control plane's admin token, and the working folder may be one others can read
+            write_private(Path(self.kubeconfig), self.control_plane.kubeconfig_path.read_text())
         else:
             self.progress(f"using the cluster of kubeconfig {self.kubeconfig}")
         self.progress("installing the KubeChain CRDs")

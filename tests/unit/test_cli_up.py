@@ -124,3 +124,111 @@ def test_up_refuses_worker_counts_its_workers_would_refuse_or_that_run_nothing(
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "kc"), *args])
     assert result.exit_code == 2 and said in result.output, result.output
     assert not started
+
+
+def test_up_never_changes_the_mode_of_a_folder_it_did_not_make(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`up --workdir shared` made a shared (1777) folder private to its user, even when the start then
+    failed. What `up` makes itself (the folder when new, the kubeconfig, the control plane's keys) is
+    private; a folder that was there keeps its mode."""
+    import stat
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.cli.up import lock_workdir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    lock_workdir(shared).close()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+    class Failing:
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise OSError("cannot start here")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "LocalStack", Failing)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(shared)])
+    assert result.exit_code == 1 and "cannot start here" in result.output, result.output
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    new = tmp_path / "new"
+    lock_workdir(new).close()
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700, "made by `up`: private"
+
+
+def test_up_refuses_a_folder_of_other_things_as_its_workdir(tmp_path: Path) -> None:
+    """`--workdir .` in a checkout, or `--workdir ~`, would fill it with a control plane, keys and logs
+    (and the README's way to start from nothing is to delete the folder). An empty folder, or one an
+    earlier `up` used, is taken."""
+    from kubechain.cli.resources import CLIError
+    from kubechain.cli.up import lock_workdir
+
+    busy = tmp_path / "project"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine\n")
+    with pytest.raises(CLIError, match=r"is not empty and is not a KubeChain working folder") as refused:
+        lock_workdir(busy)
+    assert refused.value.exit_code == 2
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"], "nothing written there"
+    earlier = tmp_path / "earlier"
+    lock_workdir(earlier).close()
+    (earlier / "logs").mkdir()
+    lock_workdir(earlier).close()  # an earlier `up`'s folder: taken again
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lock_workdir(empty).close()
+
+
+def test_secrets_are_written_private_from_the_first_byte(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The kubeconfig `up` writes beside the user's files carries the admin token: it was written with the
+    default mode, then chmodded."""
+    import stat
+
+    from kubechain.testing.controlplane import write_private
+
+    path = tmp_path / "kubeconfig"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    seen: list[int] = []
+    real_open = os.open
+
+    def spying_open(file: str, flags: int, mode: int = 0o777, *args: object, **kwargs: object) -> int:
+        seen.append(mode)
+        return real_open(file, flags, mode)
+
+    monkeypatch.setattr(os, "open", spying_open)
+    write_private(path, "token: secret\n")
+    monkeypatch.undo()
+    assert seen == [0o600]
+    assert path.read_text() == "token: secret\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_new_workdir_is_private_from_the_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import stat
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    def fail(self: object) -> None:
+        raise OSError("not starting anything here")
+
+    monkeypatch.setattr(stack.LocalStack, "start", fail)
+    new = tmp_path / "new" / ".kubechain"
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(new)])
+    assert result.exit_code == 1 and "not starting anything here" in result.output, result.output
+    assert stat.S_IMODE(new.stat().st_mode) == 0o700
