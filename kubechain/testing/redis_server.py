@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from kubechain.redaction import redact_url
 from kubechain.testing.binaries import Progress, default_progress
 from kubechain.testing.controlplane import ManagedProcess, _register_for_exit, _unregister_for_exit, free_port
 
@@ -135,7 +136,8 @@ class LocalRedis:
     def start(self) -> None:
         with self._lock:
             if self._external_url:
-                logger.info("using external Redis from REDIS_URL")
+                self._check_external(self._external_url)
+                self._progress(f"using the Redis of REDIS_URL, {redact_url(self._external_url)}")
                 return
             if self._proc is not None and self._proc.running():
                 return
@@ -168,6 +170,22 @@ class LocalRedis:
                 self.stop()
                 raise
             self._progress(f"redis-server ready at {self.url} in {time.monotonic() - t0:.2f}s")
+
+    def _check_external(self, url: str, timeout_s: float = 3.0) -> None:
+        """One PING, so that a Redis that is not there stops the start with its reason, rather than every
+        process failing in its own log. The URL is said without its password."""
+        import redis
+
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        except ValueError as exc:  # no redis://, rediss:// or unix:// scheme, a port that is no number
+            raise RedisError(f"REDIS_URL {redact_url(url)} is not a Redis URL: {exc}") from None
+        try:
+            client.ping()
+        except redis.exceptions.RedisError as exc:
+            raise RedisError(f"REDIS_URL {redact_url(url)} does not answer: {exc}") from None
+        finally:
+            client.close()
 
     def _wait_ping(self) -> None:
         import redis

@@ -166,9 +166,9 @@ class LocalStack:
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
 
     def start_redis(self) -> None:
-        self.redis = LocalRedis(use_env=self.options.redis_from_env)
+        # it says where it is (a REDIS_URL without its password)
+        self.redis = LocalRedis(use_env=self.options.redis_from_env, progress=self.progress)
         self.redis.start()
-        self.progress(f"redis at {self.redis.url}")
 
     def _supervise(self) -> None:
         """Restart watcher and worker processes that exit, with an exponential back-off (:func:`restart_delay`)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
 FOREIGN = "redis://127.0.0.1:1/5"
 
@@ -18,8 +19,9 @@ def test_local_redis_starts_its_own_server_whatever_redis_url_says(monkeypatch: 
     with LocalRedis() as server:
         assert server.managed
         assert server.url != FOREIGN and server.url.startswith("redis://127.0.0.1:")
-    with LocalRedis(use_env=True) as adopted:
-        assert not adopted.managed and adopted.url == FOREIGN
+        monkeypatch.setenv("REDIS_URL", server.url)  # one that answers, as a user's own would
+        with LocalRedis(use_env=True) as adopted:
+            assert not adopted.managed and adopted.url == server.url
 
 
 def test_a_stack_starts_its_own_redis_unless_told_to_adopt_redis_url(
@@ -35,6 +37,7 @@ def test_a_stack_starts_its_own_redis_unless_told_to_adopt_redis_url(
     finally:
         stack.redis.stop()
     adopting = LocalStack(StackOptions(workdir=tmp_path / "up", cluster="local", redis_from_env=True))
+    monkeypatch.setattr(redis.Redis, "ping", lambda self: True)  # FOREIGN answers, here
     adopting.start_redis()
     assert adopting.redis is not None and adopting.redis.url == FOREIGN
 
@@ -63,3 +66,41 @@ def test_up_adopts_redis_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "up")])
     (options,) = seen
     assert options.redis_from_env is True
+
+
+def test_a_redis_url_that_does_not_answer_stops_the_start_without_showing_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`up` took $REDIS_URL on trust: the watcher and workers then failed in their logs, and the URL was
+    printed with its password."""
+    import time
+
+    from kubechain.testing.redis_server import LocalRedis, RedisError
+
+    said: list[str] = []
+    monkeypatch.setenv("REDIS_URL", "redis://:s3cret-pa55@127.0.0.1:1/0")
+    adopted = LocalRedis(use_env=True, progress=said.append)
+    started = time.monotonic()
+    with pytest.raises(RedisError) as refused:
+        adopted.start()
+    assert time.monotonic() - started < 10
+    message = str(refused.value)
+    assert message.startswith("REDIS_URL redis://127.0.0.1:1/0 does not answer: "), message
+    assert "s3cret" not in message + "".join(said)
+
+
+def test_an_adopted_redis_url_is_said_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    said: list[str] = []
+    monkeypatch.setenv("REDIS_URL", "redis://kc:s3cret-pa55@redis.example:6379/2")
+    monkeypatch.setattr(redis.Redis, "ping", lambda self: True)
+    stack = LocalStack(
+        StackOptions(workdir=tmp_path, cluster="local", redis_from_env=True), progress=said.append
+    )
+    stack.start_redis()
+    assert stack.redis is not None and stack.redis.url == "redis://kc:s3cret-pa55@redis.example:6379/2"
+    assert any("redis://redis.example:6379/2" in line for line in said), said
+    assert not any("s3cret" in line for line in said), said
