@@ -92,12 +92,14 @@ class LocalRedis:
         progress: Progress | None = None,
         use_env: bool = False,
         start_timeout: float = 20.0,
+        log_path: Path | None = None,
     ) -> None:
         env_url = os.environ.get("REDIS_URL") if use_env else None
         self._external_url = env_url or None
         self._port = port or 0
         self._owns_workdir = workdir is None
         self._workdir = workdir
+        self._log_path = log_path  # None: redis.log in its folder
         self._progress = progress or default_progress
         self._start_timeout = start_timeout
         self._proc: ManagedProcess | None = None
@@ -121,7 +123,14 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self._port}/0"
 
     @property
+    def data_dir(self) -> Path | None:
+        """The server's folder (its --dir): the one given, or a temporary one made at start."""
+        return self._workdir
+
+    @property
     def log_path(self) -> Path | None:
+        if self._log_path is not None:
+            return self._log_path
         return self._workdir / "redis.log" if self._workdir else None
 
     def __enter__(self) -> LocalRedis:
@@ -145,6 +154,8 @@ class LocalRedis:
             if self._workdir is None:
                 self._workdir = Path(tempfile.mkdtemp(prefix="kubechain-redis-"))
             self._workdir.mkdir(parents=True, exist_ok=True)
+            # a throw-away Redis starts empty: never from a dump an earlier run's restart(flush=False) left
+            (self._workdir / "dump.rdb").unlink(missing_ok=True)
             if not self._port:
                 self._port = free_port()
             _register_for_exit(self)

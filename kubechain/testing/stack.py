@@ -167,7 +167,14 @@ class LocalStack:
 
     def start_redis(self) -> None:
         # it says where it is (a REDIS_URL without its password)
-        self.redis = LocalRedis(use_env=self.options.redis_from_env, progress=self.progress)
+        # Its folder and log are the stack's (a temporary folder was left behind when `up` was killed, and
+        # its log went with it at every stop)
+        self.redis = LocalRedis(
+            workdir=self.workdir / "redis",
+            log_path=self.logs / "redis.log",
+            use_env=self.options.redis_from_env,
+            progress=self.progress,
+        )
         self.redis.start()
 
     def _supervise(self) -> None:

@@ -104,3 +104,19 @@ def test_an_adopted_redis_url_is_said_without_its_password(
     assert stack.redis is not None and stack.redis.url == "redis://kc:s3cret-pa55@redis.example:6379/2"
     assert any("redis://redis.example:6379/2" in line for line in said), said
     assert not any("s3cret" in line for line in said), said
+
+
+def test_the_stacks_redis_keeps_its_folder_and_log_in_the_workdir(tmp_path: Path) -> None:
+    """It ran in a /tmp/kubechain-redis-* folder, left behind when `up` was killed (SIGKILL), and its log
+    went with the folder at every stop: a Redis that would not start left nothing to read."""
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    stack = LocalStack(StackOptions(workdir=tmp_path / "kc", cluster="local"), progress=lambda _: None)
+    stack.start_redis()
+    assert stack.redis is not None
+    try:
+        assert stack.redis.log_path == tmp_path / "kc" / "logs" / "redis.log"
+        assert stack.redis.data_dir is not None and stack.redis.data_dir.is_relative_to(tmp_path / "kc")
+    finally:
+        stack.redis.stop()
+    assert "Ready to accept connections" in (tmp_path / "kc" / "logs" / "redis.log").read_text()
