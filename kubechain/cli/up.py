@@ -43,12 +43,15 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     from kubechain.cli.resources import CLIError, client_or_refuse
     from kubechain.kube.client import KubeClient
     from kubechain.kube.connection import current_context, kubeconfig_path, load_connection
+    from kubechain.testing.controlplane import ControlPlaneError
     from kubechain.testing.stack import (
         DEPLOYED_LEASE,
         LocalStack,
         StackOptions,
         cluster_reachable,
         deployed_watcher,
+        has_cluster_data,
+        log_dirs,
     )
 
     def say(message: str) -> None:
@@ -111,11 +114,19 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     displaced_by: str | None = None
     failed: str | None = None
+    had_data = cluster == "local" and has_cluster_data(workdir)
     try:
         try:
             stack.start()
         except start_failures() as exc:
-            failed = f"could not start KubeChain: {exc}"
+            failed = f"could not start KubeChain: {exc}\n(logs: {', '.join(map(str, log_dirs(options)))})"
+            if had_data and isinstance(exc, ControlPlaneError):
+                # the README's way out, said where it helps: an earlier run's data the control plane
+                # cannot start on (a data file damaged by a kill mid-write, a full disk)
+                failed += (
+                    f"\nIf the local cluster's data is damaged, delete {workdir} to start from nothing "
+                    "(what was created in the local cluster is lost)"
+                )
             return
         say(
             'LLMs of provider openai whose API key is "scripted" (and that set no spec.parameters.baseUrl) are '
@@ -149,7 +160,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         say(f"stopped ({time.monotonic() - started:.1f}s)")
         lock.close()
         if failed is not None:
-            raise CLIError(f"{failed}\n(logs: {stack.logs})")
+            raise CLIError(failed)
     if displaced_by is not None:
         raise CLIError(
             f"KubeChain was deployed in the current cluster meanwhile (its watcher {displaced_by} holds Lease "

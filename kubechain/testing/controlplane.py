@@ -164,11 +164,12 @@ def spawn(fork: Callable[[], T]) -> T:
     return _spawner.run(fork)
 
 
-def tail_file(path: Path, lines: int = 30) -> str:
+def tail_file(path: Path, lines: int = 30, since: int = 0) -> str:
+    """The last ``lines`` lines of ``path``, from byte ``since`` on (what one run of a process wrote)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 64 * 1024))
+            fh.seek(max(since, fh.tell() - 64 * 1024))
             data = fh.read().decode("utf-8", "replace")
     except OSError as exc:
         return f"<cannot read {path}: {exc}>"
@@ -187,6 +188,7 @@ class ManagedProcess:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0  # time.monotonic() of the last start
+        self._log_offset = 0  # where the last start's output begins in the log (appended to across runs)
 
     def start(self) -> None:
         """Start the process; on Linux it dies (SIGTERM) with this Python process, even killed by SIGKILL."""
@@ -196,6 +198,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== {dt.datetime.now().isoformat()} starting: {' '.join(self.argv)}\n".encode())
             log.flush()
+            self._log_offset = log.tell()
             self.proc = spawn(
                 lambda: subprocess.Popen(
                     self.argv,
@@ -242,7 +245,8 @@ class ManagedProcess:
             os.killpg(proc.pid, sig)
 
     def tail(self, lines: int = 30) -> str:
-        return tail_file(self.log_path, lines)
+        """The last lines of the last start's output (not an earlier run's, which the log also holds)."""
+        return tail_file(self.log_path, lines, since=self._log_offset)
 
 
 _live: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -210,7 +210,8 @@ class LocalRedis:
                 assert self._proc is not None
                 if not self._proc.running():
                     raise RedisError(
-                        f"redis-server exited with {self._proc.returncode()}:\n{self._proc.tail()}"
+                        f"redis-server exited with {self._proc.returncode()}; last lines of "
+                        f"{self._proc.log_path}:\n{self._proc.tail()}"
                     )
                 try:
                     if client.ping():
@@ -220,8 +221,8 @@ class LocalRedis:
                 except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RedisError(f"redis-server did not answer PING within {self._start_timeout:.0f}s:\n"
-                                     f"{self._proc.tail()}")  # fmt: skip
+                    raise RedisError(f"redis-server did not answer PING within {self._start_timeout:.0f}s; "
+                                     f"last lines of {self._proc.log_path}:\n{self._proc.tail()}")  # fmt: skip
                 time.sleep(0.02)
         finally:
             client.close()

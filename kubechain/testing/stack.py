@@ -139,7 +139,7 @@ class LocalStack:
         if self.options.cluster == "local":
             self.progress("starting a local control plane (etcd + kube-apiserver)")
             self.control_plane = LocalControlPlane(
-                workdir=self.workdir / "controlplane", progress=self.progress
+                workdir=control_plane_dir(self.workdir), progress=self.progress
             )
             self.control_plane.start()
             # it carries the control plane's admin token, and the working folder may be one others can read
@@ -325,6 +325,25 @@ class LocalStack:
         self.workers[name] = process
         self.progress(f"{name} started (pid {process.pid}, queues {queues or self.options.worker_queues})")
         return process
+
+
+def log_dirs(options: StackOptions) -> list[Path]:
+    """Where a stack's processes log: its own (watchers, workers, the scripted LLM, Redis) and, with a
+    local control plane, etcd's, kube-apiserver's and kube-controller-manager's."""
+    dirs = [options.workdir / "logs"]
+    if options.cluster == "local":
+        dirs.append(control_plane_dir(options.workdir) / "logs")
+    return dirs
+
+
+def control_plane_dir(workdir: Path) -> Path:
+    """A stack's local control plane: its keys, token, kubeconfig, etcd data and logs."""
+    return workdir / "controlplane"
+
+
+def has_cluster_data(workdir: Path) -> bool:
+    """Whether an earlier start left the local cluster's etcd data in ``workdir``."""
+    return (control_plane_dir(workdir) / "etcd").exists()
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:

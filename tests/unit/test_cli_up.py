@@ -232,3 +232,39 @@ def test_a_new_workdir_is_private_from_the_start(monkeypatch: pytest.MonkeyPatch
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(new)])
     assert result.exit_code == 1 and "not starting anything here" in result.output, result.output
     assert stat.S_IMODE(new.stat().st_mode) == 0o700
+
+
+def test_a_control_plane_that_cannot_start_on_its_old_data_names_its_logs_and_how_to_start_over(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A damaged etcd data file said "etcd exited with code 2" and "(logs: <workdir>/logs)", where the
+    control plane's logs are not, and nothing of the README's way out (delete the folder)."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.testing.controlplane import ControlPlaneError
+
+    class Failing:
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise ControlPlaneError("etcd exited with code 2 while waiting for etcd")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "LocalStack", Failing)
+    workdir = tmp_path / "kc"
+    (workdir / "controlplane" / "etcd").mkdir(parents=True)  # an earlier run's data
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(workdir)])
+    assert result.exit_code == 1, result.output
+    assert f"(logs: {workdir / 'logs'}, {workdir / 'controlplane' / 'logs'})" in result.output
+    assert f"delete {workdir} to start from nothing" in result.output
+    fresh = tmp_path / "fresh"
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(fresh)])
+    assert result.exit_code == 1 and "etcd exited with code 2" in result.output
+    assert "to start from nothing" not in result.output, "no earlier data: deleting it would change nothing"

@@ -120,3 +120,21 @@ def test_the_stacks_redis_keeps_its_folder_and_log_in_the_workdir(tmp_path: Path
     finally:
         stack.redis.stop()
     assert "Ready to accept connections" in (tmp_path / "kc" / "logs" / "redis.log").read_text()
+
+
+def test_a_redis_server_that_exits_at_start_names_its_log(tmp_path: Path) -> None:
+    import socket
+
+    from kubechain.testing.redis_server import LocalRedis, RedisError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))  # bound, not listening: redis-server cannot have it, a PING is refused
+    try:
+        server = LocalRedis(port=taken.getsockname()[1], workdir=tmp_path / "redis", progress=lambda _: None)
+        with pytest.raises(RedisError) as failed:
+            server.start()
+    finally:
+        taken.close()
+    message = str(failed.value)
+    assert f"last lines of {tmp_path / 'redis' / 'redis.log'}:" in message, message
+    assert "==== " not in message, "its own run's lines only"

@@ -176,3 +176,20 @@ def test_children_die_with_a_supervisor_killed_by_sigkill(tmp_path: Path, mode: 
             parent.wait(30)
         if child_pid and not gone(child_pid):
             os.killpg(child_pid, signal.SIGKILL)  # the failure case: do not leave it behind
+
+
+def test_a_process_tail_is_its_own_run_only(tmp_path: Path) -> None:
+    """Logs are appended to across runs: a failure quoted the previous run's last lines (an etcd that
+    could not start showed the lines of the etcd that had stopped cleanly before)."""
+    log = tmp_path / "etcd.log"
+    log.write_text("an earlier run: all well\nan earlier run: stopped\n")
+    process = ManagedProcess("etcd", [sys.executable, "-c", "print('now: the data is damaged')"], log)
+    process.start()
+    assert process.proc is not None
+    process.proc.wait(timeout=30)
+    assert process.tail() == "now: the data is damaged"
+    process.start()  # a restart: its own output only, again
+    assert process.proc is not None
+    process.proc.wait(timeout=30)
+    assert process.tail() == "now: the data is damaged"
+    assert log.read_text().splitlines().count("now: the data is damaged") == 2, "the whole log is kept"
