@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -105,6 +106,8 @@ class Target:
         kube = self.client(timeout_s)
         try:
             yield kube
+        except Unreachable as exc:
+            raise exc.at(kube.connection.host, kubeconfig_path(self.kubeconfig)) from None
         finally:
             kube.close()
 
@@ -150,9 +153,59 @@ def not_found(exc: NotFound, missing: str, exit_code: int = 1) -> CLIError:
     return CLIError(missing, exit_code)
 
 
+class Unreachable(CLIError):
+    """No request reached the API server: :meth:`Target.connect` says where it was looked for (:meth:`at`)."""
+
+    def __init__(self, what: str, reason: str, exit_code: int = 1) -> None:
+        super().__init__(f"cannot reach the API server ({what}): {reason}", exit_code)
+        self.what = what
+        self.reason = reason
+
+    def at(self, server: str, kubeconfig: str) -> CLIError:
+        """The same failure, with the server's URL and what to check: a server on this machine is most
+        likely a `kubechain up` that is not running (any more)."""
+        check = (
+            "is `kubechain up` running?"
+            if _is_loopback(server)
+            else "is the cluster up, and are this kubeconfig and context the right ones?"
+        )
+        return CLIError(
+            f"cannot reach the API server at {server} ({self.what}): {self.reason}: {check} "
+            f"(KUBECONFIG={kubeconfig})",
+            self.exit_code,
+        )
+
+
+def _is_loopback(server: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(server).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# urllib3's "HTTPSConnection(host='127.0.0.1', port=1): " before the reason (the URL is said once, by at())
+_CONNECTION_PREFIX = re.compile(r"^\w+\(host=[^)]*\):\s*")
+
+
+def _transport_reason(exc: KubeAPIError) -> str:
+    """Why a request never got an answer, in the transport's words without urllib3's wrapping
+    (MaxRetryError('HTTPSConnectionPool(...): Max retries exceeded with url: ... (Caused by ...'))."""
+    cause = exc.__cause__
+    reason = getattr(cause, "reason", None) or cause
+    if reason is None:
+        return exc.message
+    return _CONNECTION_PREFIX.sub("", str(reason)) or exc.message
+
+
 def api_error(exc: KubeAPIError, what: str, exit_code: int = 1) -> CLIError:
     if exc.status == 0:
-        return CLIError(f"cannot reach the API server ({what}): {exc.message}", exit_code)
+        return Unreachable(what, _transport_reason(exc), exit_code)
     return CLIError(f"{what}: {exc.message or exc.reason} ({exc.status} {exc.reason})", exit_code)
 
 

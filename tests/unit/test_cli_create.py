@@ -132,3 +132,36 @@ def test_an_invalid_llm_parameter_is_a_cli_error_not_a_traceback() -> None:
     )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
     assert "invalid resource: temperature" in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "--agent", "my-agent", "hello"],
+        ["logs", "my-run"],
+        ["create", "agent", "a", "--llm", "gpt", "--system", "hi"],
+        ["approve", "my-call"],
+    ],
+)
+def test_an_api_server_that_is_not_there_is_named_with_what_to_check(
+    kubeconfig_of: Callable[[str], None], tmp_path: Path, command: list[str]
+) -> None:
+    """It said "cannot reach the API server (...): GET /apis/...: MaxRetryError('HTTPSConnectionPool(...'",
+    and neither where the server was nor that `kubechain up` may simply not be running."""
+    kubeconfig_of("https://127.0.0.1:1")
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code in (1, 2), result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("Error: cannot reach the API server at https://127.0.0.1:1 ("), message
+    assert "Connection refused" in message and "MaxRetryError" not in message, message
+    assert message.endswith(f"is `kubechain up` running? (KUBECONFIG={tmp_path / 'kubeconfig'})"), message
+
+
+def test_a_remote_api_server_that_is_not_there_is_not_blamed_on_kubechain_up() -> None:
+    from kubechain.cli.resources import Unreachable
+
+    said = str(Unreachable("cannot read agent a", "timed out").at("https://10.0.0.7:6443", "/k/config"))
+    assert said == (
+        "cannot reach the API server at https://10.0.0.7:6443 (cannot read agent a): timed out: is the "
+        "cluster up, and are this kubeconfig and context the right ones? (KUBECONFIG=/k/config)"
+    )
