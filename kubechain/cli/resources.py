@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from pydantic import ValidationError
 from kubechain.cli import main
 from kubechain.kube.client import MERGE_PATCH, KubeClient, core_path, custom_path
 from kubechain.kube.connection import kubeconfig_exists, kubeconfig_namespace, kubeconfig_path
-from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
+from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound, transport_reason
 from kubechain.models import (
     API_VERSION,
     LLM,
@@ -189,23 +188,9 @@ def _is_loopback(server: str) -> bool:
         return False
 
 
-# urllib3's "HTTPSConnection(host='127.0.0.1', port=1): " before the reason (the URL is said once, by at())
-_CONNECTION_PREFIX = re.compile(r"^\w+\(host=[^)]*\):\s*")
-
-
-def _transport_reason(exc: KubeAPIError) -> str:
-    """Why a request never got an answer, in the transport's words without urllib3's wrapping
-    (MaxRetryError('HTTPSConnectionPool(...): Max retries exceeded with url: ... (Caused by ...'))."""
-    cause = exc.__cause__
-    reason = getattr(cause, "reason", None) or cause
-    if reason is None:
-        return exc.message
-    return _CONNECTION_PREFIX.sub("", str(reason)) or exc.message
-
-
 def api_error(exc: KubeAPIError, what: str, exit_code: int = 1) -> CLIError:
     if exc.status == 0:
-        return Unreachable(what, _transport_reason(exc), exit_code)
+        return Unreachable(what, transport_reason(exc), exit_code)
     return CLIError(f"{what}: {exc.message or exc.reason} ({exc.status} {exc.reason})", exit_code)
 
 

@@ -48,26 +48,34 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         DEPLOYED_LEASE,
         LocalStack,
         StackOptions,
-        cluster_reachable,
         deployed_watcher,
         has_cluster_data,
         log_dirs,
+        why_unusable,
     )
 
     def say(message: str) -> None:
         click.echo(click.style("[kubechain] ", fg="cyan") + message, err=True)
 
-    reachable = cluster != "local" and cluster_reachable(None)
-    holder = deployed_watcher(None) if reachable else None
+    unusable = why_unusable(None) if cluster != "local" else None
+    holder = deployed_watcher(None) if cluster != "local" and unusable is None else None
     running = (
         f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease "
         f"{'/'.join(DEPLOYED_LEASE)})"
     )
     if cluster == "auto":
-        cluster = "current" if reachable and holder is None else "local"
-        if holder is not None:
+        cluster = "current" if unusable is None and holder is None else "local"
+        if unusable is not None:
+            say(f"not using the current kube context: {unusable.reason}")
+        elif holder is not None:
             say(f"{running}: using a local control plane instead of racing it")
         say(f"cluster: {'the current kube context' if cluster == 'current' else 'a local control plane'}")
+    elif cluster == "current" and unusable is not None:
+        # one line, before anything starts: a garbled kubeconfig was a YAML parser's traceback, and a
+        # cluster that does not answer failed the start's CRD install in urllib3's words
+        if unusable.kubeconfig:
+            raise CLIError(unusable.reason, 2)
+        raise CLIError(f"cannot use the current kube context: {unusable.reason}")
     elif cluster == "current" and holder is not None:
         raise CLIError(f"{running}; a second one would race it for every resource: use --cluster local")
     workdir = workdir.resolve()
@@ -75,7 +83,13 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     # stack writes its own <workdir>/kubeconfig
     kubeconfig = kubeconfig_path() if cluster == "current" else None
     # the context the local processes use: later checks look there, whatever kubectl switches to meanwhile
-    context = current_context(kubeconfig) if cluster == "current" else None
+    context = None
+    if cluster == "current":
+        try:
+            context = current_context(kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - the kubeconfig changed since it was read just above
+            reason = " ".join(str(exc).split())
+            raise CLIError(f"cannot load the cluster connection from {kubeconfig}: {reason}", 2) from None
     options = StackOptions(
         workdir=workdir,
         cluster=cluster,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -99,3 +100,18 @@ def _too_large_resource_version(body: dict[str, Any]) -> bool:
     return any(
         isinstance(cause, dict) and cause.get("reason") == "ResourceVersionTooLarge" for cause in causes
     ) or "Too large resource version" in str(body.get("message") or "")
+
+
+# urllib3's "HTTPSConnection(host='127.0.0.1', port=1): " before its reason
+_CONNECTION_PREFIX = re.compile(r"^\w+\(host=[^)]*\):\s*")
+
+
+def transport_reason(exc: KubeAPIError) -> str:
+    """Why a request got no answer (status 0), in the transport's words without urllib3's wrapping
+    (MaxRetryError('HTTPSConnectionPool(...): Max retries exceeded with url: ... (Caused by ...')):
+    "Failed to establish a new connection: [Errno 111] Connection refused", say."""
+    cause = exc.__cause__
+    reason = getattr(cause, "reason", None) or cause
+    if reason is None:
+        return exc.message
+    return _CONNECTION_PREFIX.sub("", str(reason)) or exc.message

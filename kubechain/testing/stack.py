@@ -23,7 +23,7 @@ from kubechain.crdgen import all_crds
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import kubeconfig_exists, kubeconfig_path, load_connection
 from kubechain.kube.crds import apply_crds
-from kubechain.kube.errors import KubeAPIError
+from kubechain.kube.errors import KubeAPIError, transport_reason
 from kubechain.statemachines.lease import lease_holder
 from kubechain.testing.controlplane import (
     LocalControlPlane,
@@ -359,19 +359,40 @@ def wait_for_http(url: str, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def cluster_reachable(kubeconfig: str | None) -> bool:
-    """Whether the current kube context answers (used by ``kubechain up --cluster auto``)."""
+@dataclass(frozen=True)
+class Unusable:
+    """Why the current kube context cannot be used: its kubeconfig cannot be read (``kubeconfig``), or its
+    API server does not answer."""
+
+    reason: str
+    kubeconfig: bool
+
+
+def why_unusable(kubeconfig: str | None) -> Unusable | None:
+    """None when the current kube context answers, else why not (``kubechain up`` says it, rather than
+    falling back to a local control plane, or failing, without a word)."""
+    where = kubeconfig_path(kubeconfig)
     if not kubeconfig_exists(kubeconfig):
-        return False
+        return Unusable(f"cannot load the cluster connection from {where}: no such file", kubeconfig=True)
     try:
         client = KubeClient(load_connection(kubeconfig), timeout_s=3)
-        try:
-            client.version()
-        finally:
-            client.close()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not usable"
-        return False
+    except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig
+        reason = " ".join(str(exc).split())  # a YAML error's lines, on one
+        return Unusable(f"cannot load the cluster connection from {where}: {reason}", kubeconfig=True)
+    try:
+        client.version()
+    except KubeAPIError as exc:
+        server = client.connection.host
+        if exc.status == 0:
+            return Unusable(f"its API server at {server} does not answer: {transport_reason(exc)}", False)
+        return Unusable(
+            f"its API server at {server} answered {exc.status} {exc.reason}: {exc.message}", False
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
+        return Unusable(f"its API server at {client.connection.host} cannot be asked: {exc}", False)
+    finally:
+        client.close()
+    return None
 
 
 # Where deploy/ runs the watcher's leader election (deploy/base/config.env, rbac.yaml).

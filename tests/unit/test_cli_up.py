@@ -15,7 +15,7 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
     from kubechain.cli import main
 
     started: list[object] = []
-    monkeypatch.setattr(stack, "cluster_reachable", lambda _: True)
+    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
     monkeypatch.setattr(stack, "deployed_watcher", lambda _: "kubechain-watcher-7d9f-abcde")
     monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
     result = CliRunner().invoke(main, ["up", "--cluster", "current"])
@@ -35,7 +35,6 @@ def test_up_on_the_current_cluster_without_a_usable_kubeconfig_says_so_without_a
     started: list[object] = []
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
-    monkeypatch.setattr(stack, "cluster_reachable", lambda _: False)
     monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
     result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "up")])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
@@ -268,3 +267,71 @@ def test_a_control_plane_that_cannot_start_on_its_old_data_names_its_logs_and_ho
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(fresh)])
     assert result.exit_code == 1 and "etcd exited with code 2" in result.output
     assert "to start from nothing" not in result.output, "no earlier data: deleting it would change nothing"
+
+
+class StopsAtStart:
+    """A stack that says it cannot start (nothing is started in a unit test)."""
+
+    logs = Path("/nonexistent/logs")
+    options: list[object] = []
+
+    def __init__(self, options: object, **_: object) -> None:
+        StopsAtStart.options.append(options)
+
+    def start(self) -> None:
+        raise OSError("not starting anything here")
+
+    def stop(self) -> None:
+        pass
+
+
+GARBLED = "garbage: [\n"
+
+
+def test_up_on_the_current_cluster_with_a_garbled_kubeconfig_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It printed a 60-line YAML parser traceback: the context was read before the guarded load."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GARBLED)
+    monkeypatch.setenv("KUBECONFIG", str(bad))
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "kc")])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert f"cannot load the cluster connection from {bad}: " in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize(
+    ("kubeconfig", "said"),
+    [
+        (GARBLED, "not using the current kube context: cannot load the cluster connection from "),
+        (
+            "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+            "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+            "users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n",
+            "not using the current kube context: its API server at https://127.0.0.1:1 does not answer: ",
+        ),
+    ],
+)
+def test_up_auto_says_why_it_did_not_use_the_current_context(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kubeconfig: str, said: str
+) -> None:
+    """It said only "cluster: a local control plane", however the kubeconfig had failed."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(kubeconfig)
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    result = CliRunner().invoke(main, ["up", "--workdir", str(tmp_path / "kc")])
+    assert said in result.output, result.output
+    assert "cluster: a local control plane" in result.output
