@@ -51,6 +51,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         deployed_watcher,
         has_cluster_data,
         log_dirs,
+        running_watcher,
         why_unusable,
     )
 
@@ -58,11 +59,21 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         click.echo(click.style("[kubechain] ", fg="cyan") + message, err=True)
 
     unusable = why_unusable(None) if cluster != "local" else None
-    holder = deployed_watcher(None) if cluster != "local" and unusable is None else None
-    running = (
-        f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease "
-        f"{'/'.join(DEPLOYED_LEASE)})"
-    )
+    leading = running_watcher(None) if cluster != "local" and unusable is None else None
+    holder = leading[0] if leading is not None else None
+    running = ""
+    if leading is not None:
+        lease = leading[1]
+        running = (
+            f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease {'/'.join(lease)}"
+            + (
+                ")"
+                if lease == DEPLOYED_LEASE
+                # its leaseDurationSeconds, 15 s (settings.lease_duration_s)
+                else ": another `kubechain up`, or the Procfile's watcher; one that was killed frees it "
+                "within 15 s)"
+            )
+        )
     if cluster == "auto":
         cluster = "current" if unusable is None and holder is None else "local"
         if unusable is not None:

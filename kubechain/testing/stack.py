@@ -399,6 +399,29 @@ def why_unusable(kubeconfig: str | None) -> Unusable | None:
 DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 
+def local_lease() -> tuple[str, str]:
+    """Where the watcher of a ``kubechain up`` (or of the Procfile) leads: the settings' Lease, in
+    "default" unless KUBECHAIN_LEASE_NAMESPACE says otherwise (the stack drops POD_NAMESPACE)."""
+    from kubechain.settings import Settings
+
+    return (
+        os.environ.get("KUBECHAIN_LEASE_NAMESPACE") or "default",
+        os.environ.get("KUBECHAIN_LEASE_NAME") or str(Settings.model_fields["lease_name"].default),
+    )
+
+
+def running_watcher(kubeconfig: str | None) -> tuple[str, tuple[str, str]] | None:
+    """A KubeChain watcher leading in the current context's cluster, and the Lease it holds, if any: a
+    deployed one (:data:`DEPLOYED_LEASE`), or another ``up``'s (:func:`local_lease`). A second one there
+    would act on every resource beside it (deployed), or stand by with workers that get nothing while
+    its scripted LLM is not the one answering (another ``up``)."""
+    for lease in (DEPLOYED_LEASE, local_lease()):
+        holder = deployed_watcher(kubeconfig, lease=lease)
+        if holder is not None:
+            return holder, lease
+    return None
+
+
 def deployed_watcher(
     kubeconfig: str | None,
     lease: tuple[str, str] = DEPLOYED_LEASE,

@@ -16,7 +16,7 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
 
     started: list[object] = []
     monkeypatch.setattr(stack, "why_unusable", lambda _: None)
-    monkeypatch.setattr(stack, "deployed_watcher", lambda _: "kubechain-watcher-7d9f-abcde")
+    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: "kubechain-watcher-7d9f-abcde")
     monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
     result = CliRunner().invoke(main, ["up", "--cluster", "current"])
     assert result.exit_code == 1 and not started
@@ -335,3 +335,45 @@ def test_up_auto_says_why_it_did_not_use_the_current_context(
     result = CliRunner().invoke(main, ["up", "--workdir", str(tmp_path / "kc")])
     assert said in result.output, result.output
     assert "cluster: a local control plane" in result.output
+
+
+def test_up_sees_a_cluster_already_served_by_another_up(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the deployed watcher's Lease (kubechain-system/kubechain-watcher) was looked at, while the
+    watcher of a local `up` (or of the Procfile) leads under default/kubechain-watcher: a second `up` on
+    the cluster of the first (its KUBECONFIG exported, as `up` says to) started a second KubeChain there."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    asked: list[tuple[str, str]] = []
+
+    def watcher_of(
+        _kubeconfig: object, lease: tuple[str, str] = stack.DEPLOYED_LEASE, **__: object
+    ) -> str | None:
+        asked.append(lease)
+        return "watcher-0-1a2b3c" if lease == ("default", "kubechain-watcher") else None
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAMESPACE", raising=False)
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAME", raising=False)
+    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
+    monkeypatch.setattr(stack, "deployed_watcher", watcher_of)
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    refused = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
+    assert refused.exit_code == 1, refused.output
+    assert "its watcher watcher-0-1a2b3c holds Lease default/kubechain-watcher" in refused.output
+    assert "another `kubechain up`" in refused.output and "--cluster local" in refused.output
+    StopsAtStart.options.clear()
+    auto = CliRunner().invoke(main, ["up", "--workdir", str(tmp_path / "b")])
+    assert "watcher-0-1a2b3c holds Lease default/kubechain-watcher" in auto.output
+    assert "cluster: a local control plane" in auto.output
+    assert [getattr(options, "cluster", None) for options in StopsAtStart.options] == ["local"]

@@ -165,7 +165,7 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
     monkeypatch.setenv("KUBECONFIG", listed(first, second))
     seen: list[Any] = []
     monkeypatch.setattr(stack, "why_unusable", lambda _: None)
-    monkeypatch.setattr(stack, "deployed_watcher", lambda _: None)
+    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: None)
 
     def no_stack(options: Any, **_: Any) -> None:
         seen.append(options)
