@@ -136,13 +136,28 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             lease_reader.close()
         raise
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    starting = True
+    terminated = False
+
+    def on_sigterm(*_: object) -> None:
+        nonlocal terminated
+        stop.set()
+        if starting and not terminated:
+            # as Ctrl-C does: the start (a 6-minute cold build of the control plane, say) ends now, and
+            # what it started is stopped below; only once, so that the stopping itself is not cut short
+            terminated = True
+            raise Terminated
+        terminated = True
+
+    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_sigint = signal.getsignal(signal.SIGINT)
     displaced_by: str | None = None
     failed: str | None = None
     had_data = cluster == "local" and has_cluster_data(workdir)
     try:
         try:
             stack.start()
+            starting = False
         except start_failures() as exc:
             failed = f"could not start KubeChain: {exc}\n(logs: {', '.join(map(str, log_dirs(options)))})"
             if had_data and isinstance(exc, ControlPlaneError):
@@ -173,9 +188,12 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
                     displaced_by = None
                 if displaced_by is not None:
                     break
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM while starting (Terminated)
+        interrupted = True
+    else:
+        interrupted = False
     finally:
+        starting = False
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the clean shutdown
         if lease_reader is not None:
             lease_reader.close()
@@ -184,6 +202,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         stack.stop()
         say(f"stopped ({time.monotonic() - started:.1f}s)")
         lock.close()
+        # as they were (when `up` runs in a process that goes on: a test's)
+        signal.signal(signal.SIGINT, previous_sigint)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if failed is not None:
             raise CLIError(failed)
     if displaced_by is not None:
@@ -191,6 +212,20 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             f"KubeChain was deployed in the current cluster meanwhile (its watcher {displaced_by} holds Lease "
             f"{'/'.join(DEPLOYED_LEASE)}): the local processes stopped rather than race it for every resource"
         )
+    # as a shell reports a process ended by SIGTERM or SIGINT: a supervisor, or a script, tells a stop it
+    # asked for from a failure (1, 2) and from an end of its own (none: `up` runs until stopped)
+    if terminated:
+        sys.exit(EXIT_SIGTERM)
+    if interrupted:
+        sys.exit(EXIT_SIGINT)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while ``up`` starts: ends the start as Ctrl-C does."""
+
+
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 
 # How often `up --cluster current` checks that KubeChain has not been deployed into the cluster meanwhile.

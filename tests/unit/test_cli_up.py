@@ -377,3 +377,101 @@ def test_up_sees_a_cluster_already_served_by_another_up(
     assert "watcher-0-1a2b3c holds Lease default/kubechain-watcher" in auto.output
     assert "cluster: a local control plane" in auto.output
     assert [getattr(options, "cluster", None) for options in StopsAtStart.options] == ["local"]
+
+
+@pytest.fixture
+def own_signal_handlers() -> object:
+    """`up` installs its own SIGTERM and SIGINT handlers: pytest's are put back after the test."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_sigterm_while_starting_stops_the_start_and_what_it_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, own_signal_handlers: object
+) -> None:
+    """SIGTERM only set an event that was looked at once everything had started (a cold build of the
+    control plane takes 6 minutes); Ctrl-C stopped the start at once. Both do now, and what started is
+    stopped; `up` exits 143 (and 130 after Ctrl-C), not 0."""
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    events: list[str] = []
+
+    class SlowStart:
+        kubeconfig = str(tmp_path / "kubeconfig")
+        llm_base_url = "http://127.0.0.1:1/v1"
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            events.append("start")
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # building kube-apiserver, say
+                time.sleep(0.01)
+            events.append("started")
+
+        def stop(self) -> None:
+            events.append("stop")
+
+    monkeypatch.setattr(stack, "LocalStack", SlowStart)
+    began = time.monotonic()
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "a")])
+    assert events == ["start", "stop"], result.output
+    assert time.monotonic() - began < 4
+    assert result.exit_code == 143, result.output
+
+    class CtrlC(SlowStart):
+        def start(self) -> None:
+            raise KeyboardInterrupt
+
+    events.clear()
+    monkeypatch.setattr(stack, "LocalStack", CtrlC)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "b")])
+    assert result.exit_code == 130 and events == ["stop"], result.output
+
+
+def test_sigterm_once_running_stops_everything_and_exits_143(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, own_signal_handlers: object
+) -> None:
+    import signal
+    import threading
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    events: list[str] = []
+
+    class Running:
+        kubeconfig = str(tmp_path / "kubeconfig")
+        llm_base_url = "http://127.0.0.1:1/v1"
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            events.append("start")
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+        def stop(self) -> None:
+            events.append("stop")
+
+    monkeypatch.setattr(stack, "LocalStack", Running)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "a")])
+    assert events == ["start", "stop"], result.output
+    assert result.exit_code == 143, result.output
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, "Ctrl-C works again after `up` returns"
