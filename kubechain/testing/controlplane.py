@@ -528,10 +528,9 @@ class LocalControlPlane:
             except BaseException:
                 self.stop()
                 raise
-            self._progress(
-                f"control plane ready at {self.server_url} in {time.monotonic() - started:.1f}s "
-                f"(kubeconfig {self.kubeconfig_path})"
-            )
+            # its kubeconfig is logged, not said: `kubechain up` says the one to use, its own copy
+            logger.info("control plane kubeconfig: %s", self.kubeconfig_path)
+            self._progress(f"control plane ready at {self.server_url} in {time.monotonic() - started:.1f}s")
 
     def stop(self) -> None:
         with self._lock:

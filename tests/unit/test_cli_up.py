@@ -475,3 +475,24 @@ def test_sigterm_once_running_stops_everything_and_exits_143(
     assert events == ["start", "stop"], result.output
     assert result.exit_code == 143, result.output
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, "Ctrl-C works again after `up` returns"
+
+
+def test_the_start_names_one_kubeconfig_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`up` printed the control plane's own kubeconfig (controlplane/kubeconfig.yaml) as it became ready,
+    then the one to export (<workdir>/kubeconfig): two paths for one cluster."""
+    from kubechain.testing.binaries import ControlPlaneBinaries
+    from kubechain.testing.controlplane import LocalControlPlane
+
+    said: list[str] = []
+    plane = LocalControlPlane(
+        workdir=tmp_path / "controlplane",
+        binaries=ControlPlaneBinaries(Path("/bin/true"), Path("/bin/true"), None),
+        progress=said.append,
+        with_controller_manager=False,
+    )
+    monkeypatch.setattr(plane, "_start_etcd", lambda: None)
+    monkeypatch.setattr(plane, "start_apiserver", lambda: setattr(plane, "_apiserver", object()))
+    monkeypatch.setattr(plane, "stop", lambda: None)
+    plane.start()
+    assert any(line.startswith("control plane ready at https://127.0.0.1:") for line in said), said
+    assert not any("kubeconfig" in line for line in said), said
