@@ -36,10 +36,14 @@ from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import Conflict, Forbidden, Gone, KubeAPIError, NotFound, Unauthorized
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
+    LLM,
     Agent,
+    ContactChannel,
     LocalObjectReference,
+    MCPServer,
     ObjectMeta,
     TaskRun,
+    TaskRunPhase,
     TaskRunSpec,
     TaskRunToolCall,
     label_value,
@@ -259,6 +263,54 @@ class Follower:
                 self._retry_pause(failures)
 
 
+# How often a run that waits for its Agent has what the Agent waits for looked at.
+BLOCKER_CHECK_S = 3.0
+
+
+class Blockers:
+    """What a Pending run's Agent waits for that is in Error: its LLM, MCP servers and contact channels
+    (and the Agent itself). The run says only 'LLM "x" is not ready', and waited the whole timeout while
+    the LLM's own status said why. Each is said once, and again when its statusDetail changes (or once
+    out of Error, it falls into Error again)."""
+
+    def __init__(self, kube: KubeClient, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.said: dict[str, str] = {}  # 'LLM "x"' -> the statusDetail said
+
+    def check(self, run: TaskRun) -> list[Event]:
+        if run.phase != TaskRunPhase.PENDING or run.spec.agent_ref is None:
+            return []
+        current = dict(self._in_error(run.spec.agent_ref.name, run.status.status_detail or ""))
+        events = [
+            Event("pending", f"{what} is in Error: {detail}")
+            for what, detail in current.items()
+            if self.said.get(what) != detail
+        ]
+        self.said = current
+        return events
+
+    def _in_error(self, agent_name: str, run_detail: str) -> Iterator[tuple[str, str]]:
+        try:
+            agent = self.kube.get(Agent, self.namespace, agent_name)
+        except KubeAPIError:
+            return  # missing: the run says it waits for it to exist; unreadable now: asked again later
+        detail = agent.status.status_detail or "(no detail)"
+        if agent.status.status == "Error" and detail not in run_detail:  # the run quotes its Agent's
+            yield f'agent "{agent_name}"', detail
+        spec = agent.spec
+        wanted: list[tuple[Any, str]] = [(LLM, spec.llm_ref.name)]
+        wanted += [(MCPServer, ref.name) for ref in spec.mcp_servers]
+        wanted += [(ContactChannel, ref.name) for ref in spec.human_contact_channels]
+        for model, name in wanted:
+            try:
+                obj = self.kube.get(model, self.namespace, name)
+            except KubeAPIError:
+                continue  # a missing one is in the Agent's own detail, which the run quotes
+            if obj.status.status == "Error":
+                yield f'{model.KIND} "{name}"', obj.status.status_detail or "(no detail)"
+
+
 def _phase_text(run: TaskRun) -> str:
     detail = run.status.status_detail
     return f"{run.name}: {run.phase or 'Initializing'}" + (f" ({detail})" if detail else "")
@@ -272,6 +324,14 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     kube = target.client()
     renderer = make_renderer(stream)
+    blockers = Blockers(kube, target.namespace)
+    next_blocker_check = 0.0
+
+    def check_blockers() -> None:
+        nonlocal next_blocker_check
+        next_blocker_check = time.monotonic() + BLOCKER_CHECK_S
+        if last is not None:
+            emit(blockers.check(TaskRun.from_wire(last)))
 
     def emit(events: list[Event]) -> None:
         for event in events:
@@ -292,6 +352,8 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
         renderer.status(_phase_text(run))
         toolcalls = list_toolcalls() if tracker.needs_toolcalls(run) or run.is_terminal() else []
         emit(tracker.taskrun_events(run, toolcalls))
+        if run.phase == TaskRunPhase.PENDING:
+            check_blockers()
         if not run.is_terminal():
             return None
         for toolcall in toolcalls:
@@ -329,6 +391,8 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
                         timeout=min(remaining, 1.0) if remaining is not None else 1.0
                     )
                 except queue.Empty:
+                    if time.monotonic() >= next_blocker_check:
+                        check_blockers()  # a run that waits sees no event of its own meanwhile
                     continue
                 code: int | None = None
                 if observed.kind == "taskrun" and observed.obj is not None:
@@ -382,6 +446,11 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
     show_default=True,
     help="seconds to wait for the end (0: no limit)",
 )
+@click.option(
+    "--wait-for-agent",
+    is_flag=True,
+    help="start the run even if the agent does not exist yet (it waits for it); else that is an error",
+)
 @kube_options
 def run(
     target: Target,
@@ -391,6 +460,7 @@ def run(
     no_wait: bool,
     output: str | None,
     timeout: float,
+    wait_for_agent: bool,
 ) -> None:
     """Ask an agent something: create a TaskRun and stream the conversation until its final answer.
 
@@ -411,6 +481,14 @@ def run(
         except NotFound as missing:
             if missing.kind_unknown:
                 raise not_found(missing, "", EXIT_OTHER) from None
+            if not wait_for_agent:
+                # a mistyped name made a run that waited the whole timeout and was left Pending
+                raise CLIError(
+                    f'agent "{agent_name}" not found in namespace "{target.namespace}"'
+                    f"{agents_there(kube, target.namespace)}: create it first, or pass --wait-for-agent to "
+                    "start the run and have it wait for the agent",
+                    EXIT_OTHER,
+                ) from None
             click.echo(
                 f'warning: agent "{agent_name}" does not exist in namespace "{target.namespace}" (yet); '
                 "the run waits for it",
@@ -434,6 +512,19 @@ def run(
     if output and last is not None:
         click.echo(dump(last, output))
     sys.exit(code)
+
+
+def agents_there(kube: KubeClient, namespace: str, shown: int = 10) -> str:
+    """The Agents of ``namespace``, as " (agents there: a, b, ...)" (a mistyped name is seen beside the right
+    one), or "" when there are none or they cannot be listed."""
+    try:
+        names = sorted(agent.name for agent in kube.list(Agent, namespace))
+    except KubeAPIError:
+        return ""
+    if not names:
+        return " (it has no agents)"
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return f" (agents there: {', '.join(names[:shown])}{more})"
 
 
 @main.command()

@@ -342,7 +342,19 @@ def test_no_wait_prints_the_taskrun(
     question = f"No waiting ({namespace})"
     llm.add_rule(question, [{"content": "done"}])
     result = ok(
-        cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-o", "json", "-n", namespace)
+        cli(
+            kubeconfig,
+            "run",
+            "--agent",
+            "calc",
+            question,
+            "--no-wait",
+            "--wait-for-agent",
+            "-o",
+            "json",
+            "-n",
+            namespace,
+        )
     )
     run: dict[str, Any] = json.loads(result.stdout)
     assert run["kind"] == "TaskRun" and run["metadata"]["namespace"] == namespace
@@ -350,11 +362,12 @@ def test_no_wait_prints_the_taskrun(
     assert run["metadata"]["name"].startswith("calc-")
 
     name = ok(
-        cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "-n", namespace)
+        cli(kubeconfig, "run", "--agent", "calc", question, "--no-wait", "--wait-for-agent", "-n", namespace)
     ).stdout.strip()
     assert get(kubectl, namespace, "taskrun", name)["spec"]["userMessage"] == question
 
-    # the agent is created after the runs: they wait for it, and `logs -f` follows one to its end
+    # the agent is created after the runs (--wait-for-agent: without it a missing agent is refused): they
+    # wait for it, and `logs -f` follows one to its end
     setup_calculator(kubeconfig, kubectl, namespace)
     followed = ok(cli(kubeconfig, "logs", "-f", name, "-n", namespace))
     assert followed.stdout.splitlines()[-1] == "final answer: done"
