@@ -61,25 +61,23 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     unusable = why_unusable(None) if cluster != "local" else None
     leading = running_watcher(None) if cluster != "local" and unusable is None else None
     holder = leading[0] if leading is not None else None
-    running = ""
+    running = second = ""
     if leading is not None:
         lease = leading[1]
-        running = (
-            f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease {'/'.join(lease)}"
-            + (
-                ")"
-                if lease == DEPLOYED_LEASE
-                # its leaseDurationSeconds, 15 s (settings.lease_duration_s)
-                else ": another `kubechain up`, or the Procfile's watcher; one that was killed frees it "
-                "within 15 s)"
-            )
-        )
+        running = f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease {'/'.join(lease)}"
+        if lease == DEPLOYED_LEASE:  # under its own Lease: both would lead
+            running += ")"
+            second = "a second one would race it for every resource"
+        else:  # the Lease a local watcher would take: it would stand by
+            # its leaseDurationSeconds, 15 s (settings.lease_duration_s)
+            running += ": another `kubechain up`, or the Procfile's watcher; one that was killed frees it within 15 s)"
+            second = "a second one would stand by, its workers and scripted LLM unused"
     if cluster == "auto":
         cluster = "current" if unusable is None and holder is None else "local"
         if unusable is not None:
             say(f"not using the current kube context: {unusable.reason}")
         elif holder is not None:
-            say(f"{running}: using a local control plane instead of racing it")
+            say(f"{running}: using a local control plane instead")
         say(f"cluster: {'the current kube context' if cluster == 'current' else 'a local control plane'}")
     elif cluster == "current" and unusable is not None:
         # one line, before anything starts: a garbled kubeconfig was a YAML parser's traceback, and a
@@ -88,7 +86,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             raise CLIError(unusable.reason, 2)
         raise CLIError(f"cannot use the current kube context: {unusable.reason}")
     elif cluster == "current" and holder is not None:
-        raise CLIError(f"{running}; a second one would race it for every resource: use --cluster local")
+        raise CLIError(f"{running}; {second}: use --cluster local")
     workdir = workdir.resolve()
     # current: the kubeconfig as kubectl reads it ($KUBECONFIG may list several files, merged); local: the
     # stack writes its own <workdir>/kubeconfig
