@@ -133,9 +133,10 @@ class LocalStack:
 
     def start(self) -> None:
         started = time.monotonic()
-        private_dir(
-            self.logs
-        )  # what the processes say may quote what they were sent; the workdir may be shared
+        # what the processes say may quote what they were sent, and the workdir may be one others can read
+        private_dir(self.logs)
+        # first: a REDIS_URL that does not answer is said before a control plane is built and started
+        self.start_redis()
         if self.options.cluster == "local":
             self.progress("starting a local control plane (etcd + kube-apiserver)")
             self.control_plane = LocalControlPlane(
@@ -154,7 +155,6 @@ class LocalStack:
             kube.close()
         if self.control_plane is not None and self.control_plane.has_controller_manager:
             self.control_plane.restart_controller_manager()  # so GC knows the new kinds at once
-        self.start_redis()
         if self.options.llm in ("scripted", "by-key"):
             self.start_llm()
         for index in range(self.options.watchers):

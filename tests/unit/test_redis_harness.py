@@ -138,3 +138,25 @@ def test_a_redis_server_that_exits_at_start_names_its_log(tmp_path: Path) -> Non
     message = str(failed.value)
     assert f"last lines of {tmp_path / 'redis' / 'redis.log'}:" in message, message
     assert "==== " not in message, "its own run's lines only"
+
+
+def test_a_redis_url_that_does_not_answer_is_found_before_the_control_plane_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The control plane (a 6-minute build on a fresh machine) was started, and the CRDs installed, before
+    the Redis was looked at."""
+    import kubechain.testing.stack as stack_module
+    from kubechain.testing.redis_server import RedisError
+    from kubechain.testing.stack import LocalStack, StackOptions
+
+    started: list[str] = []
+    monkeypatch.setattr(
+        stack_module, "LocalControlPlane", lambda **_: started.append("control plane") or 1 / 0
+    )
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    stack = LocalStack(
+        StackOptions(workdir=tmp_path, cluster="local", redis_from_env=True), progress=lambda _: None
+    )
+    with pytest.raises(RedisError, match="does not answer"):
+        stack.start()
+    assert started == []
