@@ -202,8 +202,17 @@ class LocalRedis:
         import redis
 
         deadline = time.monotonic() + self._start_timeout
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # one attempt per PING: this loop is the retry, and it looks at the process between attempts
+        # (redis-py's own retries, with back-off, took 4 s to see a server that had exited at once)
         client = redis.Redis(
-            host="127.0.0.1", port=self._port, socket_timeout=1.0, socket_connect_timeout=1.0
+            host="127.0.0.1",
+            port=self._port,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             while True:
