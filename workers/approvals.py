@@ -20,6 +20,7 @@ Which channel asks for approval:
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -550,13 +551,53 @@ def _channel_access(ctx: WorkerContext, namespace: str, name: str) -> tuple[Cont
     return channel, api_key
 
 
+class _Revalidations:
+    """Which ContactChannels (uid, resourceVersion) this process enqueued a validate of in the last
+    ``window_s`` (monotonic seconds): the oldest first, at most ``max_kept``."""
+
+    def __init__(self, window_s: float, max_kept: int) -> None:
+        self.window_s = window_s
+        self.max_kept = max_kept
+        self._lock = threading.Lock()
+        self._at: dict[tuple[str, str], float] = {}
+
+    def first(self, key: tuple[str, str], now: float) -> bool:
+        """Whether none was enqueued for ``key`` within the window; if so, one is (taken) now."""
+        with self._lock:
+            at = self._at.get(key)
+            if at is not None and 0 <= now - at < self.window_s:
+                return False
+            self._at.pop(key, None)
+            self._at[key] = now
+            while self._at:
+                oldest, since = next(iter(self._at.items()))
+                if len(self._at) <= self.max_kept and 0 <= now - since < self.window_s:
+                    break
+                del self._at[oldest]
+            return True
+
+
+# A channel HumanLayer refused the key of is validated again at most once a window by a process: each
+# failed request or check of each call waiting via the channel would otherwise enqueue one (and a
+# GET /project), for as long as a refused key the validation still finds good stays Ready.
+KEY_REVALIDATE_WINDOW_S = 60.0
+_KEY_REVALIDATIONS = _Revalidations(KEY_REVALIDATE_WINDOW_S, 1000)
+
+
 def _refused_key(ctx: WorkerContext, channel: ContactChannel, exc: HumanLayerError) -> str:
     """The error as told, naming the channel and the Secret to fix when HumanLayer refused the API key
-    (401/403). The channel is validated again then, so its own status says so (and, no longer Ready,
-    it is not asked again until the key is fixed and the watcher's resync finds it valid)."""
+    (401/403). An invalid key (401, or one no HTTP header can carry) validates the Ready channel again,
+    at most once a window, so its own status says so (and, no longer Ready, it is not asked again until
+    the key is fixed and the watcher's resync finds it valid). A 403 does not: the key is valid, only not
+    permitted for this request, and the validation (GET /project) would find it good every time."""
     if not isinstance(exc, HumanLayerAuthError):
         return str(exc)
-    schedule_recheck(ctx, TaskName.VALIDATE, channel, "humanlayer-key-refused", 0.0)
+    if (
+        exc.status != 403
+        and channel.status.ready
+        and _KEY_REVALIDATIONS.first((channel.uid, channel.resource_version), ctx.monotonic())
+    ):
+        schedule_recheck(ctx, TaskName.VALIDATE, channel, "humanlayer-key-refused", 0.0)
     return f'ContactChannel "{channel.name}" (API key from {api_key_source(channel)}): {exc}'
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kubechain.humanlayer.client import HumanLayerAuthError, HumanLayerClient
 from kubechain.humanlayer.testserver import HumanLayerTestServer
 from kubechain.kube.errors import Unavailable
 from kubechain.kube.fake import FakeKubeClient
@@ -1483,6 +1484,83 @@ def test_a_refused_api_key_names_the_channel_and_its_secret_and_the_channel_is_v
     channel = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
     assert channel["ready"] is False and channel["statusDetail"].startswith("invalid HumanLayer API key")
     assert 'key "HUMANLAYER_API_KEY" of Secret "humanlayer"' in channel["statusDetail"]
+
+
+def _deliver_validates(w: World, delivered: set[int]) -> int:
+    """Runs the ContactChannel validates the worker enqueued and not yet run, as Celery would; how many."""
+    todo = [
+        (i, msg)
+        for i, (task, msg, _) in enumerate(w.scheduled)
+        if task == TaskName.VALIDATE and i not in delivered
+    ]
+    for i, msg in todo:
+        validate(w.ctx(), msg)
+        delivered.add(i)
+    return len(todo)
+
+
+@pytest.mark.parametrize("where", ["request", "check"])
+def test_a_403_does_not_validate_the_channel_again(
+    world: World, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A 403 (a key HumanLayer knows, not permitted for this request) passes the channel's validation
+    (GET /project): every failed request or check of every waiting call enqueued one more validate and
+    GET /project, for as long as they waited (1,000 waiting calls: ~17 validates a second)."""
+    w = world
+
+    def refused(*_: Any) -> dict[str, Any]:
+        raise HumanLayerAuthError("HumanLayer API key not permitted for POST /function_calls (HTTP 403)", 403)
+
+    names = [add_toolcall(w) for _ in range(3)]
+    if where == "check":
+        for name in names:
+            w.run(name)
+        monkeypatch.setattr(HumanLayerClient, "get_function_call", refused)
+    else:
+        monkeypatch.setattr(HumanLayerClient, "create_function_call", refused)
+    projects = w.hl.request_count("GET", "/humanlayer/v1/project")
+    for _round in range(4):
+        w.clock.advance(120)
+        for name in names:
+            w.run(name)
+        assert 'ContactChannel "approvals" (API key from' in w.event_messages(names[0])[-1]
+    assert [msg.name for task, msg, _ in w.scheduled if task == TaskName.VALIDATE] == []
+    assert w.hl.request_count("GET", "/humanlayer/v1/project") == projects
+    assert w.kube.get_raw("contactchannels", "default", "approvals")["status"]["ready"] is True
+
+
+def test_a_401_validates_the_channel_again_at_most_once_a_window(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 401 from requests while GET /project still passes (a proxy, a key HumanLayer refuses for one
+    endpoint): the channel stays Ready, and each failed request enqueued a validate of its own."""
+    w = world
+
+    def refused(*_: Any) -> dict[str, Any]:
+        raise HumanLayerAuthError("invalid HumanLayer API key", 401)
+
+    monkeypatch.setattr(HumanLayerClient, "create_function_call", refused)
+    names = [add_toolcall(w) for _ in range(3)]
+    delivered: set[int] = set()
+    per_round = []
+    for _round in range(4):
+        for name in names:
+            w.run(name)
+        per_round.append(_deliver_validates(w, delivered))
+        w.clock.advance(120)
+    assert w.kube.get_raw("contactchannels", "default", "approvals")["status"]["ready"] is True
+    assert per_round == [1, 1, 1, 1]  # one per window (60 s), not one per failed request
+
+
+def test_the_channels_validated_again_are_remembered_for_a_window_and_at_most_so_many() -> None:
+    from workers.approvals import _Revalidations
+
+    seen = _Revalidations(60.0, 2)
+    assert seen.first(("a", "1"), 0.0) and not seen.first(("a", "1"), 59.0)
+    assert seen.first(("a", "2"), 1.0)  # a new version of the channel: validated again
+    assert seen.first(("a", "1"), 60.0)  # the window is over
+    assert seen.first(("b", "1"), 61.0) and seen.first(("c", "1"), 61.0)
+    assert len(seen._at) == 2 and seen.first(("a", "1"), 62.0)  # past the bound, the oldest went
 
 
 @pytest.mark.parametrize("before", ["first-request", "after-a-failed-request"])
