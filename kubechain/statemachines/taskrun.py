@@ -83,12 +83,20 @@ def trace_ids(uid: str) -> dict[str, str]:
     return run_trace_ids(uid)
 
 
+def stored_span_context(run: TaskRun) -> dict[str, str] | None:
+    """The run's status.spanContext as written, if it names a span (both ids); an incomplete one
+    (hand-written, another controller's: ``{}``, a trace id alone) counts as none."""
+    kept = run.status.span_context
+    if kept is None or not kept.trace_id or not kept.span_id:
+        return None
+    return {"traceID": kept.trace_id, "spanID": kept.span_id}
+
+
 def span_context(run: TaskRun) -> dict[str, str]:
     """The run's status.spanContext: the one it has, or its root span's ids. Every status write that
     may be a run's first (ReadyForLLM, a wait, a failure in preparation) carries it, so a run whose
     root span is exported always names the trace it is in."""
-    kept = run.status.span_context
-    return kept.to_wire() if kept is not None else trace_ids(run.uid)
+    return stored_span_context(run) or trace_ids(run.uid)
 
 
 def request_id(run: TaskRun, turn: int) -> str:
@@ -195,11 +203,16 @@ def _wait(run: TaskRun, current: dict[str, Any], detail: str, reason: str) -> Tr
         "status": "Pending",
         "statusDetail": detail,
         "error": None,
-        "spanContext": span_context(run),
     }
-    if not status_differs(current, patch):
+    waiting = status_differs(current, patch)
+    # compared as span_context reads it: an incomplete one, written back as the root's ids (a merge
+    # patch), is complete from then on; compared as stored, it differed at every prepare
+    if not waiting and stored_span_context(run) is not None:
         return None
-    return Transition(status=patch, events=[normal(reason, detail)])
+    patch["spanContext"] = span_context(run)
+    # only spanContext to add (a wait written before waits carried it, or an incomplete one): no Event,
+    # the wait's was posted when it began
+    return Transition(status=patch, events=[normal(reason, detail)] if waiting else [])
 
 
 def too_many_tool_calls_message(asked: int, limits: LoopLimits) -> str:

@@ -108,6 +108,53 @@ def test_a_run_that_fails_or_waits_in_preparation_names_its_trace(
     assert phase == "Failed" or again is None, "a wait already written (its spanContext too) is not rewritten"
 
 
+INCOMPLETE_SPAN_CONTEXTS = [
+    {},
+    {"traceID": "0123456789abcdef0123456789abcdef"},
+    {"spanID": "0123456789abcdef"},
+    {"traceID": "", "spanID": ""},
+]
+
+
+@pytest.mark.parametrize("kept", INCOMPLETE_SPAN_CONTEXTS)
+def test_a_wait_with_an_incomplete_span_context_is_written_once(kept: dict[str, str]) -> None:
+    """A stored spanContext missing a field (hand-written, another controller's) was written back as it
+    was (to_wire drops None fields) while the comparison (model_dump keeps them) found it different: each
+    prepare wrote the status and posted an Event, and each write made another prepare."""
+    waiting = plan_initial_context(run(), None, False, None, NOW)
+    assert waiting is not None
+    stored = {**waiting.status, "spanContext": kept}
+    fixed = plan_initial_context(run(status=stored), None, False, None, NOW)
+    assert fixed is not None and fixed.status["spanContext"] == trace_ids("uid-1")
+    assert fixed.events == [], "only spanContext changed: the wait's Event is not posted again"
+    merged = {**stored, "spanContext": {**kept, **fixed.status["spanContext"]}}  # a merge patch
+    assert plan_initial_context(run(status=merged), None, False, None, NOW) is None
+
+
+@pytest.mark.parametrize("kept", INCOMPLETE_SPAN_CONTEXTS)
+def test_an_incomplete_span_context_is_replaced_by_the_roots_when_a_run_is_ready_or_fails(
+    kept: dict[str, str],
+) -> None:
+    ready = plan_initial_context(run(status={"spanContext": kept}), None, False, agent(), NOW)
+    assert ready is not None and ready.status["phase"] == "ReadyForLLM"
+    assert ready.status["spanContext"] == trace_ids("uid-1")
+    claimed = ready_run(phase="SendContextWindowToLLM", spanContext=kept, llmInterruptions=1)
+    decision = plan_llm_claim(claimed, "w", NOW, LIMITS)
+    assert decision.transition is not None and decision.transition.status["phase"] == "Failed"
+    assert decision.transition.status["spanContext"] == trace_ids(claimed.uid)
+
+
+def test_a_wait_written_without_a_span_context_gets_it_once_without_another_event() -> None:
+    """A run waiting since before the wait carried spanContext: its next prepare adds it, quietly."""
+    waiting = plan_initial_context(run(), None, False, None, NOW)
+    assert waiting is not None
+    before = {key: value for key, value in waiting.status.items() if key != "spanContext"}
+    added = plan_initial_context(run(status=before), None, False, None, NOW)
+    assert added is not None and added.status["spanContext"] == trace_ids("uid-1") and added.events == []
+    changed = plan_initial_context(run(status=before), None, False, agent(ready=False), NOW)
+    assert changed is not None and [e.reason for e in changed.events] == ["Waiting"]
+
+
 def test_a_run_failed_after_preparation_keeps_the_spancontext_it_has() -> None:
     kept = {"traceID": "1" * 32, "spanID": "2" * 16}
     claimed = ready_run(phase="SendContextWindowToLLM", spanContext=kept, llmInterruptions=1)

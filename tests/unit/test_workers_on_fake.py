@@ -21,7 +21,7 @@ from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import tasks_missing_their_run, work_for
-from kubechain.statemachines.taskrun import plan_initial_context
+from kubechain.statemachines.taskrun import plan_initial_context, trace_ids
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -1411,3 +1411,31 @@ def test_parameters_a_provider_is_not_sent_are_named_at_validation() -> None:
         gpt["statusDetail"]
         == "OpenAI API key validated successfully; topK is not sent: OpenAI's API has no top_k"
     ), gpt
+
+
+@pytest.mark.parametrize("kept", [None, {}, {"traceID": "0123456789abcdef0123456789abcdef"}])
+def test_a_waiting_run_with_no_or_an_incomplete_span_context_is_written_once_then_left(
+    kept: dict[str, str] | None,
+) -> None:
+    """Each prepare of a waiting run whose spanContext lacked a field wrote its status and posted an Event,
+    and each write, a watch event, made another prepare: a loop. One written before the wait carried a
+    spanContext (None) gets it once, without the wait's Event again."""
+    kube = FakeKubeClient()
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "missing"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    key = next(k for k in kube.objects if k[1:] == ("taskruns", "default", "r"))
+    assert kube.objects[key]["status"]["phase"] == "Pending"
+    if kept is None:
+        del kube.objects[key]["status"]["spanContext"]
+    else:
+        kube.objects[key]["status"]["spanContext"] = dict(kept)
+    events = len(kube.events())
+    versions = []
+    for _ in range(3):  # each write is a watch event: one more prepare
+        prepare(ctx, message("TaskRun", "r"))
+        versions.append(kube.get_raw("taskruns", "default", "r")["metadata"]["resourceVersion"])
+    assert versions[0] == versions[1] == versions[2]
+    run = kube.get_raw("taskruns", "default", "r")
+    assert run["status"]["spanContext"] == trace_ids(run["metadata"]["uid"])
+    assert len(kube.events()) == events
