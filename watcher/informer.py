@@ -16,8 +16,10 @@ from kubechain.statemachines.routing import cached_form
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-# (kind, event type, new object, previous object or None)
-Handler = Callable[[str, str, dict[str, Any], dict[str, Any] | None], None]
+# (kind, event type, new object, previous object or None, synthesized): synthesized is True for a DELETED
+# the informer made itself, for a cached object a relist no longer finds (deleted while the watch was
+# down, or missed): the object is the cached copy, possibly stale, and when it went is not known
+Handler = Callable[[str, str, dict[str, Any], dict[str, Any] | None, bool], None]
 
 
 def object_key(obj: dict[str, Any]) -> Key:
@@ -107,7 +109,7 @@ class Informer:
         if after:
             self._index.setdefault((key[0], after), set()).add(key)
 
-    def _apply(self, event_type: str, obj: dict[str, Any]) -> None:
+    def _apply(self, event_type: str, obj: dict[str, Any], synthesized: bool = False) -> None:
         # Nothing here reads managedFields; dropped, they cost no cache memory (controller-runtime's
         # TransformStripManagedFields).
         (obj.get("metadata") or {}).pop("managedFields", None)
@@ -123,7 +125,7 @@ class Informer:
                     return  # a duplicate delivery of something we have already seen
                 self._store(key, cached_form(self.kind, obj))
         try:
-            self.handler(self.kind, event_type, obj, previous)
+            self.handler(self.kind, event_type, obj, previous, synthesized)
         except BaseException:
             version = str(obj["metadata"].get("resourceVersion"))
             failed_version, failures = self._failures.get(key, (version, 0))
@@ -169,7 +171,7 @@ class Informer:
         with self.lock:
             vanished = [obj for key, obj in self.cache.items() if key not in seen]
         for obj in vanished:
-            self._apply("DELETED", obj)
+            self._apply("DELETED", obj, synthesized=True)
         # Every object listed was handled (or given up on): a failure still counted is of one that was
         # gone before the list (its version was never cached), and no event of it will come again.
         self._failures.clear()

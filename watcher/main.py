@@ -161,13 +161,20 @@ class Watcher:
         ]
 
     def _on_event(
-        self, kind: str, event_type: str, obj: dict[str, Any], previous: dict[str, Any] | None
+        self,
+        kind: str,
+        event_type: str,
+        obj: dict[str, Any],
+        previous: dict[str, Any] | None,
+        synthesized: bool = False,
     ) -> None:
         if not self._may_send(dropping=lambda: self._event_work(kind, event_type, obj, previous)):
             return
         # only while leading: a standby sees every event too, and a sum over both replicas counted it twice
         WATCH_EVENTS.labels(kind, event_type).inc()
-        if kind == "TaskRun" and event_type == "DELETED" and not is_terminal(kind, obj):
+        # Not for a deletion a relist found (synthesized): its object is the cached copy, which may be
+        # from before a worker's write ended the run (and exported its root) while the watch was down.
+        if kind == "TaskRun" and event_type == "DELETED" and not synthesized and not is_terminal(kind, obj):
             self._end_deleted_run(obj)
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         for work in self._event_work(kind, event_type, obj, previous):

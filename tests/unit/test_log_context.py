@@ -208,7 +208,7 @@ def test_the_watchers_line_for_an_event_it_gave_up_on_names_the_resource(
 
     from watcher.informer import MAX_HANDLER_ATTEMPTS, Informer
 
-    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any, synthesized: bool) -> None:
         raise RuntimeError("a bug")
 
     informer = Informer(

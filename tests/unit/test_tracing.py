@@ -691,6 +691,30 @@ def test_a_run_deleted_after_it_ended_gets_no_second_root_span(phase: str) -> No
     assert not [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
 
 
+def test_a_run_deleted_while_the_watch_was_down_gets_no_root_span_from_the_relist() -> None:
+    """A run a worker ended (its root span exported, OK) and then deleted while the leader's watch was
+    down: the relist after the 410 synthesized DELETED from the stale cached copy (not terminal), and the
+    leading watcher exported a second root span with the same ids, an ERROR. It knows neither how nor
+    when such a run ended; only a deletion the watch itself delivers makes a root."""
+    from watcher.main import Watcher
+
+    kube = FakeKubeClient()
+    leader = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    informer = next(i for i in leader.informers if i.kind == "TaskRun")
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "go"})
+    informer.relist()
+    (key,) = informer.cache
+    informer.cache[key] = {**informer.cache[key], "status": {"phase": "SendContextWindowToLLM"}}
+    EXPORTER.clear()
+    kube.request("DELETE", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/taskruns/r")
+    informer.relist()  # after a 410: the run is gone from the list
+    assert key not in informer.cache
+    assert not [s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]
+    # the watch's own DELETED event still makes it
+    informer._apply("DELETED", deleted_run("SendContextWindowToLLM"))
+    assert len([s for s in EXPORTER.get_finished_spans() if s.name == "TaskRun"]) == 1
+
+
 def test_the_verdict_on_a_runs_root_ignores_the_span_current_where_it_is_asked(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -121,7 +121,7 @@ def test_informer_relists_on_gone_and_resumes_after_errors() -> None:
         "TaskRun",
         "taskruns",
         None,
-        lambda k, t, o, p: seen.append((t, o["metadata"]["resourceVersion"])),
+        lambda k, t, o, p, s: seen.append((t, o["metadata"]["resourceVersion"])),
         ScriptedWatchKube.stop,
     )
     informer.run()
@@ -151,7 +151,7 @@ def test_informer_caches_objects_without_their_managed_fields() -> None:
     stored["metadata"]["managedFields"] = managed
     handled: list[dict[str, Any]] = []
     informer = Informer(
-        kube, "TaskRun", "taskruns", None, lambda k, t, o, p: handled.append(o), ScriptedWatchKube.stop
+        kube, "TaskRun", "taskruns", None, lambda k, t, o, p, s: handled.append(o), ScriptedWatchKube.stop
     )
     informer.run()
     assert [o["metadata"]["name"] for o in handled] == ["a", "b"]
@@ -198,7 +198,7 @@ def test_runs_and_tool_calls_are_cached_without_their_bulk_and_decide_the_same()
             kind,
             plural,
             None,
-            lambda k, t, o, p: handled.append(copy.deepcopy(o)),
+            lambda k, t, o, p, s: handled.append(copy.deepcopy(o)),
             ScriptedWatchKube.stop,
         )
         informer.run()
@@ -720,7 +720,7 @@ def test_a_relist_reads_in_pages_and_still_sees_every_object_and_every_deletion(
         "TaskRun",
         "taskruns",
         None,
-        lambda k, t, o, p: events.append((t, o["metadata"]["name"])),
+        lambda k, t, o, p, s: events.append((t, o["metadata"]["name"])),
         threading.Event(),
     )
     informer.kube.list_pages = lambda plural, namespace: FakeKubeClient.list_pages(kube, plural, namespace, 3)  # type: ignore[method-assign]
@@ -803,7 +803,7 @@ def test_an_event_whose_handler_failed_is_handled_when_delivered_again() -> None
     handled: list[str] = []
     failing = [True]
 
-    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any, synthesized: bool) -> None:
         if failing[0]:
             raise RuntimeError("Redis went away")
         handled.append(obj["metadata"]["resourceVersion"])
@@ -823,7 +823,7 @@ def test_an_event_whose_handler_always_fails_is_given_up_after_a_few_attempts() 
     kube = FakeKubeClient()
     raw = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
 
-    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any, synthesized: bool) -> None:
         raise RuntimeError("a bug")
 
     informer = Informer(kube, "TaskRun", "taskruns", None, handler, threading.Event())
@@ -1286,7 +1286,7 @@ def test_handler_failures_are_forgotten_once_their_object_moves_on_or_goes() -> 
     kube = FakeKubeClient()
     failing = [True]
 
-    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any) -> None:
+    def handler(kind: str, event_type: str, obj: dict[str, Any], previous: Any, synthesized: bool) -> None:
         if failing[0]:
             raise RuntimeError("Redis went away")
 
