@@ -37,6 +37,7 @@ from kubechain.statemachines.toolcall import (
     plan_tool_claim,
     plan_tool_failure,
     plan_tool_success,
+    toolcall_span_context,
 )
 from kubechain.statemachines.toolset import MCP_SEPARATOR, ToolTarget, mcp_tool_name, resolve_tool_name
 from kubechain.statemachines.transition import (
@@ -466,14 +467,14 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     # the one the tool runs under.
     claimed_at = claimed.status.claimed_at or claimed_at
     started = ctx.monotonic()  # the execution alone: not an approval waited for before the claim
-    ids = claimed.status.span_context
-    # The span its spanContext names is its first execution's: an idempotent tool run again (its worker
-    # lost before the result was written) gets a span id of its own, not a second span with that id.
-    first_execution = (claimed.status.attempts or 0) <= 1
+    # The span the claim named in spanContext: each execution's id is its own (an idempotent tool run
+    # again, its worker lost before the result was written, is not a second span with the first's id),
+    # and derived from the call and the execution, so the one the status names is the one exported.
+    ids = toolcall_span_context(claimed, claimed.status.attempts or 1)
     with span_with_ids(
         f"ToolCall {toolcall.spec.tool_ref.name}",
         None,
-        (ids.trace_id, ids.span_id) if first_execution and ids and ids.trace_id and ids.span_id else None,
+        (ids["traceID"], ids["spanID"]) if ids is not None else None,
         **{"kubechain.toolcall": toolcall.name, "kubechain.tool.execution": claimed.status.attempts},
     ) as current:
         # under a claim answered late, the call ends in time for its outcome to be written

@@ -304,9 +304,12 @@ def _tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-def toolcall_span_id(toolcall_uid: str) -> str:
-    """The span id (hex) of a tool call's execution span, as stored in its status.spanContext."""
-    return hashlib.sha256(f"toolcall/{toolcall_uid}".encode()).hexdigest()[:16]
+def toolcall_span_id(toolcall_uid: str, execution: int = 1) -> str:
+    """The span id (hex) of a tool call's span, as stored in its status.spanContext: of its first (or
+    only) execution, or of a later one (an idempotent tool run again after its worker was lost), each
+    of its own."""
+    suffix = f"/{execution}" if execution > 1 else ""
+    return hashlib.sha256(f"toolcall/{toolcall_uid}{suffix}".encode()).hexdigest()[:16]
 
 
 def toolcall_traceparent(run_uid: str, toolcall_uid: str) -> str:

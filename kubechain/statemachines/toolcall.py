@@ -101,7 +101,8 @@ def plan_tool_claim(
         "claimedAt": precise_timestamp(now),
         "attempts": attempts + 1,
     }
-    span_context = toolcall_span_context(toolcall)
+    # this execution's span, named by the claim that starts it (a call run again names the new one)
+    span_context = toolcall_span_context(toolcall, attempts + 1)
     if span_context is not None:
         status["spanContext"] = span_context
     return ToolClaim(Transition(status=status))
@@ -138,13 +139,13 @@ def plan_running_retyped(
     )
 
 
-def toolcall_span_context(toolcall: TaskRunToolCall) -> dict[str, str] | None:
-    """Its run's trace id and the span id of its execution span (the original declared the field and never
-    wrote it); None for a call without a TaskRun owner."""
+def toolcall_span_context(toolcall: TaskRunToolCall, execution: int = 1) -> dict[str, str] | None:
+    """Its run's trace id and the span id of its ``execution``th execution's span (the original declared
+    the field and never wrote it); None for a call without a TaskRun owner."""
     run_uid = next((o.uid for o in toolcall.metadata.owner_references if o.kind == "TaskRun"), None)
     if not run_uid or not toolcall.uid:
         return None
-    return {"traceID": run_trace_ids(run_uid)["traceID"], "spanID": toolcall_span_id(toolcall.uid)}
+    return {"traceID": run_trace_ids(run_uid)["traceID"], "spanID": toolcall_span_id(toolcall.uid, execution)}
 
 
 def outcome_label(toolcall: TaskRunToolCall) -> str:

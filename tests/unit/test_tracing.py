@@ -595,8 +595,8 @@ def test_a_recheck_after_a_recheck_is_a_sibling_of_the_task_before_linked_to_it(
 
 def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own() -> None:
     """The ToolCall span's id is fixed per call (its spanContext names it): a second execution (its first
-    worker lost before the result was written) exported a second span with the same id. The first
-    execution keeps the id the status names; another gets a random one."""
+    worker lost before the result was written) exported a second span with the same id. Each execution
+    has an id of its own, and the status names the last one's (its claim wrote it)."""
     import workers.app as app
     from tests.unit.fakes import message
 
@@ -634,9 +634,67 @@ def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own
     assert toolcall["status"]["phase"] == "Succeeded" and toolcall["status"]["attempts"] == 2
     first, second = [s for s in EXPORTER.get_finished_spans() if s.name == "ToolCall add"]
     assert first.context is not None and second.context is not None
-    assert f"{first.context.span_id:016x}" == toolcall["status"]["spanContext"]["spanID"]
+    assert f"{second.context.span_id:016x}" == toolcall["status"]["spanContext"]["spanID"]
     assert second.context.span_id != first.context.span_id
     assert second.context.trace_id == first.context.trace_id, "in the run's trace all the same"
+
+
+def test_a_tool_run_again_after_its_worker_was_lost_mid_call_is_the_span_its_status_names() -> None:
+    """The first execution's worker was lost mid-call (its span never ended, never exported); the
+    second (attempts 2) had a random span id, so status.spanContext named a span that never existed.
+    Each execution's span id is derived from the call and its execution, and the claim that starts it
+    writes it in spanContext."""
+    import workers.app as app
+    from kubechain.models import TaskRunToolCall
+    from kubechain.statemachines.toolcall import toolcall_span_context
+    from tests.unit.fakes import message
+
+    kube = FakeKubeClient()
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        call = ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
+        return LLMResponse(tool_calls=[call])
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    tool_key = next(key for key in kube.objects if key[1:] == ("tools", "default", "add"))
+    kube.objects[tool_key]["spec"]["idempotent"] = True
+    run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    in_its_trace = tracing.traceparent_of(trace.get_current_span(tracing.run_context(run["metadata"]["uid"])))
+
+    def sent(kind: str, name: str) -> dict[str, object]:
+        return message(kind, name).model_copy(update={"traceparent": in_its_trace}).model_dump()
+
+    app.set_context(context(kube, llm))
+    try:
+        app.prepare(sent("TaskRun", "r"))
+        app.llm_call(sent("TaskRun", "r"))
+        (key,) = [key for key in kube.objects if key[1] == "taskruntoolcalls"]
+        # as a worker that claimed it (attempts 1) and was lost mid-call leaves it: no span exported
+        first = toolcall_span_context(TaskRunToolCall.model_validate(kube.objects[key]))
+        kube.objects[key].setdefault("status", {}).update(
+            spanContext=first,
+            phase="Running",
+            claimedBy="lost",
+            claimedAt="2000-01-01T00:00:00.000000Z",
+            attempts=1,
+        )
+        EXPORTER.clear()
+        before = len(kube.requests)
+        app.tool_call(sent("TaskRunToolCall", key[3]))
+    finally:
+        app.set_context(None)
+    toolcall = kube.objects[key]
+    assert toolcall["status"]["phase"] == "Succeeded" and toolcall["status"]["attempts"] == 2
+    (span,) = [s for s in EXPORTER.get_finished_spans() if s.name == "ToolCall add"]
+    assert span.context is not None and first is not None
+    assert toolcall["status"]["spanContext"] == {
+        "traceID": f"{span.context.trace_id:032x}",
+        "spanID": f"{span.context.span_id:016x}",
+    }
+    assert toolcall["status"]["spanContext"]["spanID"] != first["spanID"]
+    writes = [r for r in kube.requests[before:] if r[0] != "GET" and "/taskruntoolcalls/" in r[1]]
+    assert len(writes) == 2, f"the claim and the result, no other write: {writes}"
 
 
 def deleted_run(phase: str, uid: str = "0b4c2a77-5d0e-4a43-9a58-58b61c3e2f11") -> dict[str, object]:
