@@ -4,7 +4,9 @@ The original's controller (§2.8) with its strings ("slackConfig is required for
 "invalid email address: ...", "invalid HumanLayer API key" (followed by the Secret to fix), "HumanLayer
 <type> channel validated successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
 and network failures reported as such (status Pending rather than Error: nothing to fix). The watcher
-re-validates channels that are not Ready on every resync, so a HumanLayer outage heals by itself.
+re-validates channels that are not Ready on every resync, so a HumanLayer outage heals by itself. A
+host of HUMANLAYER_API_BASE that does not resolve, or a TLS certificate not trusted, is no outage but
+a setting to fix (HumanLayerMisconfigured): Error, saying what to check.
 """
 
 from __future__ import annotations

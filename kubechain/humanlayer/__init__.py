@@ -11,6 +11,7 @@ from kubechain.humanlayer.client import (
     HumanLayerClient,
     HumanLayerConflict,
     HumanLayerError,
+    HumanLayerMisconfigured,
     HumanLayerNotFound,
     HumanLayerUnavailable,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "HumanLayerClient",
     "HumanLayerConflict",
     "HumanLayerError",
+    "HumanLayerMisconfigured",
     "HumanLayerNotFound",
     "HumanLayerUnavailable",
     "api_key_source",

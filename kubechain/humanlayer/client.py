@@ -13,6 +13,8 @@ every request has a timeout. Errors say what went wrong without ever containing 
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from typing import Any
 from urllib.parse import quote
 
@@ -35,6 +37,11 @@ class HumanLayerError(Exception):
 
 class HumanLayerUnavailable(HumanLayerError):
     """Network failure, timeout, 429 or 5xx: try again later."""
+
+
+class HumanLayerMisconfigured(HumanLayerError):
+    """The API cannot be reached as configured: the host of HUMANLAYER_API_BASE does not resolve (a
+    typo), or its TLS certificate is not trusted here. Not an outage: waiting does not fix it."""
 
 
 class HumanLayerAuthError(HumanLayerError):
@@ -147,6 +154,11 @@ class HumanLayerClient:
             # its text may quote the answer (a header line HTTP does not allow), which an echoing proxy
             # filled with the request's headers
             said = redact(str(exc), [self._api_key])
+            to_check = _setting_to_check(exc)
+            if to_check is not None:
+                raise HumanLayerMisconfigured(
+                    f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {said}: {to_check}"
+                ) from None
             raise HumanLayerUnavailable(
                 f"cannot reach the HumanLayer API ({where}): {type(exc).__name__}: {said}"
             ) from None
@@ -198,6 +210,35 @@ class HumanLayerClient:
                 f"invalid response from HumanLayer ({where}): expected a JSON object", status
             )
         return payload
+
+
+# getaddrinfo's answers that a name does not exist (or has no address): a typo, unlike EAI_AGAIN (the
+# resolver did not answer) or EAI_FAIL, which may pass
+_NAME_NOT_FOUND = {
+    code
+    for code in (getattr(socket, name, None) for name in ("EAI_NONAME", "EAI_NODATA"))
+    if code is not None
+}
+
+
+def _setting_to_check(exc: BaseException) -> str | None:
+    """What to check when a connection failed because of how the API is set, not an outage: its host
+    does not resolve, or its TLS certificate is not trusted. None for what may pass (a timeout, a
+    refused or reset connection, a resolver that did not answer)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, socket.gaierror) and cause.errno in _NAME_NOT_FOUND:
+            return "its host is not found: check the host in HUMANLAYER_API_BASE"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                "its TLS certificate is not trusted: check the host in HUMANLAYER_API_BASE, and the CA "
+                "certificates this process trusts (SSL_CERT_FILE or SSL_CERT_DIR, e.g. for a proxy that "
+                "inspects TLS)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _segment(call_id: str) -> str:

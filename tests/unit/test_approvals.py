@@ -1017,6 +1017,30 @@ def test_human_contact_fails_after_repeated_failures(
     assert w.events().count("HumanLayerRequestFailed") == 2, "first failure and the final one"
 
 
+def test_a_question_sent_to_an_api_base_whose_host_does_not_resolve_fails_as_a_refusal_does(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mistyped HUMANLAYER_API_BASE host was an outage: the question waited its long budget (~18 min)
+    for a typo that no waiting fixes."""
+    import socket
+
+    import httpx
+
+    w = world
+    cause = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def fail(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(cause), request=request) from cause
+
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", fail)
+    add_toolcall(w, "approvals__human_contact_email", {"message": "anyone there?"})
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanInput" and status["status"] == "Error", status
+    assert "HUMANLAYER_API_BASE" in status["error"], status["error"]
+    assert f"(attempt 1 of {machine.HUMAN_CONTACT_MAX_ATTEMPTS};" in status["statusDetail"], status
+
+
 def test_human_contact_recovers_after_an_outage(world: World) -> None:
     w = world
     w.hl.set_down("drop")

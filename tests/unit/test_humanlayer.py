@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -508,3 +510,81 @@ def test_a_malformed_api_base_is_a_validation_error_not_a_crash() -> None:
     validate(ctx, message("ContactChannel", "cc"))
     status = kube.get_raw("contactchannels", "default", "cc")["status"]
     assert status["ready"] is False and "HUMANLAYER_API_BASE" in status["statusDetail"], status
+
+
+def failing_transport(cause: BaseException) -> httpx.MockTransport:
+    """A transport whose every request fails as httpx fails it: a ConnectError caused by ``cause``."""
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(cause), request=request) from cause
+
+    return httpx.MockTransport(fail)
+
+
+NOT_RESOLVED = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+NOT_TRUSTED = ssl.SSLCertVerificationError(
+    1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate (_ssl.c:1006)"
+)
+
+
+@pytest.mark.parametrize(
+    ("cause", "check"),
+    [
+        (NOT_RESOLVED, "check the host in HUMANLAYER_API_BASE"),
+        (NOT_TRUSTED, "CA certificates"),
+    ],
+    ids=["host-not-found", "certificate-not-trusted"],
+)
+def test_a_host_that_does_not_resolve_or_a_certificate_not_trusted_is_a_setting_to_fix(
+    cause: BaseException, check: str
+) -> None:
+    """A mistyped HUMANLAYER_API_BASE host, or a certificate this process does not trust (a TLS-inspecting
+    proxy's), was HumanLayerUnavailable, an outage to wait out: the channel stayed Pending for ever."""
+    with (
+        HumanLayerClient("https://api.humanlayr.dev", KEY, transport=failing_transport(cause)) as client,
+        pytest.raises(HumanLayerError) as raised,
+    ):
+        client.get_project()
+    assert not isinstance(raised.value, HumanLayerUnavailable), raised.value
+    said = str(raised.value)
+    assert "https://api.humanlayr.dev/humanlayer/v1/project" in said and check in said, said
+    assert "HUMANLAYER_API_BASE" in said
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        ssl.SSLError(1, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation of protocol"),
+    ],
+    ids=["dns-server-unavailable", "refused", "reset", "tls-handshake-cut"],
+)
+def test_what_may_pass_is_still_an_outage(cause: BaseException) -> None:
+    with (
+        HumanLayerClient("https://api.humanlayer.dev", KEY, transport=failing_transport(cause)) as client,
+        pytest.raises(HumanLayerUnavailable),
+    ):
+        client.get_project()
+
+
+@pytest.mark.parametrize(
+    "cause", [NOT_RESOLVED, NOT_TRUSTED], ids=["host-not-found", "certificate-not-trusted"]
+)
+def test_a_channel_whose_api_base_cannot_be_used_as_set_is_in_error_not_pending(
+    monkeypatch: pytest.MonkeyPatch, cause: BaseException
+) -> None:
+    """Pending says "nothing to fix, HumanLayer is unavailable", and a question asked via a Pending channel
+    waits the long outage budget: a typo in HUMANLAYER_API_BASE kept both for ever."""
+
+    def fail(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(cause), request=request) from cause
+
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", fail)
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
+    status = validated_status(kube, "https://api.humanlayr.dev")
+    assert status["ready"] is False and status["status"] == "Error", status
+    assert "HUMANLAYER_API_BASE" in status["statusDetail"], status
