@@ -42,6 +42,9 @@ def http_url_problem(url: str) -> str | None:
     return None
 
 
+DEFAULT_HUMANLAYER_API_BASE = "https://api.humanlayer.dev"
+
+
 def _default_identity() -> str:
     return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
@@ -118,7 +121,7 @@ class Settings(BaseSettings):
 
     # Integrations
     humanlayer_api_base: str = Field(
-        default="https://api.humanlayer.dev", validation_alias="HUMANLAYER_API_BASE"
+        default=DEFAULT_HUMANLAYER_API_BASE, validation_alias="HUMANLAYER_API_BASE"
     )
     mcp_command_allowlist: NameList = Field(default_factory=list)
     # The largest message read from an MCP server (a tool's result): a longer one fails its call, saying
@@ -167,13 +170,17 @@ class Settings(BaseSettings):
     @field_validator("humanlayer_api_base")
     @classmethod
     def _humanlayer_api_base_is_an_http_url(cls, value: str) -> str:
+        if not value.strip():
+            # empty is unset (a template's empty default): an installation that uses no HumanLayer
+            # must not be stopped by it
+            return DEFAULT_HUMANLAYER_API_BASE
         # Found at start, not as a ContactChannel's validation error (a malformed URL) or as what looks
         # like a HumanLayer outage (no scheme) on every request.
         problem = http_url_problem(value)
         if problem is not None:
             raise ValueError(
                 f"{redact_url(value)!r} {problem}: set it to the HumanLayer API's URL, e.g. "
-                "https://api.humanlayer.dev"
+                f"{DEFAULT_HUMANLAYER_API_BASE}"
             )
         return value
 

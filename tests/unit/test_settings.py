@@ -43,6 +43,14 @@ def test_a_humanlayer_api_base_is_an_http_or_https_url(monkeypatch: pytest.Monke
     assert load_settings().humanlayer_api_base == base
 
 
+@pytest.mark.parametrize("base", ["", "  "])
+def test_an_empty_humanlayer_api_base_is_unset(monkeypatch: pytest.MonkeyPatch, base: str) -> None:
+    """HUMANLAYER_API_BASE= (a template's empty default) stopped every process at start, even where no
+    HumanLayer is used: it is unset, as an empty OTEL_TRACES_EXPORTER is."""
+    monkeypatch.setenv("HUMANLAYER_API_BASE", base)
+    assert load_settings().humanlayer_api_base == "https://api.humanlayer.dev"
+
+
 @pytest.mark.parametrize(
     ("base", "problem"),
     [
