@@ -109,12 +109,16 @@ def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None
 
 
 # With a command allowlist, the variables a spec may not set, since they change what an allowed command
-# runs: (names, or prefixes ending in "_", upper-cased) -> why. Without an allowlist any command may run.
+# runs, where it fetches it from or whom it trusts: (names, or prefixes ending in "_") -> why. Names are
+# matched in their own case, as Linux and the programs reading them do (ld_preload, path or home are other
+# variables); npm and yarn read their settings in any case. Without an allowlist any command may run.
 _COMMAND_CHANGING_ENV: tuple[tuple[tuple[str, ...], str], ...] = (
     (("LD_", "DYLD_"), "it makes the dynamic loader load other code into the command"),
+    (("GCONV_PATH", "LOCPATH"), "it makes the C library load other code or data"),
     (("PATH",), "it changes which program a command name runs"),
     (("NODE_OPTIONS", "NODE_PATH"), "it makes Node load other code"),
-    (("NPM_CONFIG_", "NPX_"), "it changes where npx or npm fetch packages from"),
+    (("npm_config_", "NPX_"), "it changes where npx or npm fetch packages from"),
+    (("yarn_", "BUN_", "COREPACK_"), "it changes where yarn, bun or corepack fetch packages from"),
     (
         (
             "PYTHONPATH",
@@ -132,7 +136,7 @@ _COMMAND_CHANGING_ENV: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
     (("UV_",), "it changes where uvx fetches packages from, or which Python it runs"),
     (("PIP_",), "it changes where pip fetches packages from"),
-    (("BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS"), "it makes a shell run other code"),
+    (("BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "BASH_FUNC_"), "it makes a shell run other code"),
     (
         ("JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH"),
         "it makes Java load other code",
@@ -141,22 +145,54 @@ _COMMAND_CHANGING_ENV: tuple[tuple[tuple[str, ...], str], ...] = (
     (("PERL5OPT", "PERL5LIB", "PERLLIB"), "it makes Perl load other code"),
     (("GIT_",), "it changes what git runs or where it fetches from"),
     (
-        ("HOME", "XDG_CONFIG_HOME"),
-        "it changes where the command reads its configuration (a package registry among it)",
+        ("HOME", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS", "XDG_DATA_HOME", "XDG_CACHE_HOME"),
+        "it changes where the command reads its configuration and cached packages from",
+    ),
+    (
+        (
+            *("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"),
+            *("http_proxy", "https_proxy", "all_proxy", "no_proxy"),
+            "HOSTALIASES",
+        ),
+        "it changes where the command's network requests go",
+    ),
+    (
+        (
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+            "NODE_EXTRA_CA_CERTS",
+            "NODE_TLS_REJECT_UNAUTHORIZED",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+        ),
+        "it changes which servers the command trusts",
     ),
 )
+# Read by their programs in any case (npm's config loader, yarn's): matched lower-cased.
+_ANY_CASE_PREFIXES = ("npm_config_", "yarn_")
+# Settings people put in MCP specs that change neither what runs nor where it comes from (npm's in any case).
+_HARMLESS_ENV = frozenset({"npm_config_loglevel", "npm_config_yes", "UV_NO_PROGRESS", "GIT_TERMINAL_PROMPT"})
+
+
+def _matches(name: str, variable: str) -> bool:
+    if variable in _ANY_CASE_PREFIXES:
+        return name.lower().startswith(variable)
+    return name == variable or (variable.endswith("_") and name.startswith(variable))
 
 
 def env_problem(names: Sequence[str], allowlist: Sequence[str] | None) -> str | None:
     """Why a stdio spec may not set one of the environment variables ``names``, or None. Only with an
     allowlist: the variables that would make an allowed command run something else (preload a library,
-    find another program, load other code, fetch its package elsewhere) are refused."""
+    find another program, load other code, fetch its package elsewhere or trust another server) are
+    refused. This limits which programs start, not what they fetch: their arguments (``npx -c``, ``uvx
+    --index-url``) are not looked at."""
     if not allowlist:
         return None
     for name in names:
-        upper = name.upper()
+        if name in _HARMLESS_ENV or name.lower() in _HARMLESS_ENV:
+            continue
         for variables, why in _COMMAND_CHANGING_ENV:
-            if any(upper == v or (v.endswith("_") and upper.startswith(v)) for v in variables):
+            if any(_matches(name, variable) for variable in variables):
                 return (
                     f'env var "{name}" may not be set while stdio commands are restricted '
                     f"({ALLOWLIST_SETTING}): {why}"

@@ -341,7 +341,7 @@ def test_allowlist(manager: MCPManager) -> None:
     ("name", "why"),
     [
         ("LD_PRELOAD", "it makes the dynamic loader load other code into the command"),
-        ("ld_library_path", "it makes the dynamic loader load other code into the command"),
+        ("LD_LIBRARY_PATH", "it makes the dynamic loader load other code into the command"),
         ("PATH", "it changes which program a command name runs"),
         ("NODE_OPTIONS", "it makes Node load other code"),
         ("npm_config_registry", "it changes where npx or npm fetch packages from"),
@@ -354,7 +354,7 @@ def test_allowlist(manager: MCPManager) -> None:
         ("RUBYOPT", "it makes Ruby load other code"),
         ("PERL5OPT", "it makes Perl load other code"),
         ("GIT_SSH_COMMAND", "it changes what git runs or where it fetches from"),
-        ("HOME", "it changes where the command reads its configuration (a package registry among it)"),
+        ("HOME", "it changes where the command reads its configuration and cached packages from"),
     ],
 )
 def test_with_an_allowlist_the_env_may_not_change_what_an_allowed_command_runs(name: str, why: str) -> None:
@@ -372,6 +372,70 @@ def test_with_an_allowlist_ordinary_env_is_allowed() -> None:
 
     names = ["API_KEY", "TZ", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "NODE_ENV", "LOG_LEVEL", "GITHUB_TOKEN"]
     assert env_problem(names, ["npx"]) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("GCONV_PATH", "it makes the C library load other code or data"),
+        ("LOCPATH", "it makes the C library load other code or data"),
+        ("HOSTALIASES", "it changes where the command's network requests go"),
+        ("HTTPS_PROXY", "it changes where the command's network requests go"),
+        ("https_proxy", "it changes where the command's network requests go"),
+        ("HTTP_PROXY", "it changes where the command's network requests go"),
+        ("http_proxy", "it changes where the command's network requests go"),
+        ("ALL_PROXY", "it changes where the command's network requests go"),
+        ("all_proxy", "it changes where the command's network requests go"),
+        ("NO_PROXY", "it changes where the command's network requests go"),
+        ("no_proxy", "it changes where the command's network requests go"),
+        ("SSL_CERT_FILE", "it changes which servers the command trusts"),
+        ("SSL_CERT_DIR", "it changes which servers the command trusts"),
+        ("NODE_EXTRA_CA_CERTS", "it changes which servers the command trusts"),
+        ("REQUESTS_CA_BUNDLE", "it changes which servers the command trusts"),
+        ("NODE_TLS_REJECT_UNAUTHORIZED", "it changes which servers the command trusts"),
+        ("BASH_FUNC_uvx%%", "it makes a shell run other code"),
+        ("YARN_REGISTRY", "it changes where yarn, bun or corepack fetch packages from"),
+        ("yarn_registry", "it changes where yarn, bun or corepack fetch packages from"),
+        ("BUN_CONFIG_REGISTRY", "it changes where yarn, bun or corepack fetch packages from"),
+        ("COREPACK_NPM_REGISTRY", "it changes where yarn, bun or corepack fetch packages from"),
+        ("NPM_CONFIG_REGISTRY", "it changes where npx or npm fetch packages from"),
+        ("Npm_Config_Registry", "it changes where npx or npm fetch packages from"),
+        ("XDG_DATA_HOME", "it changes where the command reads its configuration and cached packages from"),
+        ("XDG_CACHE_HOME", "it changes where the command reads its configuration and cached packages from"),
+        ("XDG_CONFIG_DIRS", "it changes where the command reads its configuration and cached packages from"),
+        ("UV_CACHE_DIR", "it changes where uvx fetches packages from, or which Python it runs"),
+    ],
+)
+def test_with_an_allowlist_the_env_may_not_redirect_what_an_allowed_command_fetches_or_trusts(
+    name: str, why: str
+) -> None:
+    """Each of these was allowed: a C library loading other code, a proxy or a CA bundle of the spec's
+    between the command and its package registry, an exported bash function, yarn's, bun's or corepack's
+    registry; npm reads its settings in any case, so every spelling of npm_config_* is refused."""
+    from kubechain.mcp.spec import env_problem
+
+    assert env_problem([name], ["npx", "uvx"]) == (
+        f'env var "{name}" may not be set while stdio commands are restricted '
+        f"(KUBECHAIN_MCP_COMMAND_ALLOWLIST): {why}"
+    )
+
+
+def test_with_an_allowlist_env_names_are_matched_in_their_own_case() -> None:
+    """Linux environment names are case-sensitive: ld.so reads LD_PRELOAD, execvp PATH, git GIT_*, not
+    ld_preload, path or git_dir, which are other variables (a server's own settings). They were refused."""
+    from kubechain.mcp.spec import env_problem
+
+    names = ["env", "home", "path", "Path", "ld_preload", "pythonpath", "git_dir", "uv_index_url"]
+    assert env_problem(names, ["npx", "uvx"]) is None
+
+
+def test_with_an_allowlist_a_few_harmless_package_manager_settings_are_allowed() -> None:
+    """Settings people put in MCP specs that change neither what runs nor where it comes from (log level,
+    answering npx's install prompt, uv's progress bar, git not prompting for a password)."""
+    from kubechain.mcp.spec import env_problem
+
+    names = ["npm_config_loglevel", "NPM_CONFIG_LOGLEVEL", "NPM_CONFIG_YES", "npm_config_yes"]
+    assert env_problem([*names, "UV_NO_PROGRESS", "GIT_TERMINAL_PROMPT"], ["npx", "uvx"]) is None
 
 
 def test_spec_validation_messages() -> None:
