@@ -77,10 +77,12 @@ class WithoutMCPServerData(logging.Filter):
     it could not validate) with the exception's traceback, whose validation error quotes the server's data:
     a secret among it (a server that prints "using API key sk-..."), cut in the middle, is beyond
     scrubbing. Of a line logged by the SDK's code, whatever its logger is named (its client session logs
-    as "client"), the message is kept and the traceback dropped; the session logs such errors scrubbed."""
+    as "client"), the message is kept and the traceback dropped; the session logs such errors scrubbed.
+    A bug of ours the SDK logs (an exception raised in kubechain's code it called: a message handler, a
+    transport wrapper) keeps its traceback: see _our_own_bug."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and _from_mcp_sdk(record):
+        if record.exc_info and _from_mcp_sdk(record) and not _our_own_bug(record.exc_info[1]):
             kind = record.exc_info[0].__name__ if record.exc_info[0] else "error"
             record.msg = f"{record.getMessage()} ({kind}; its details may quote the server's data: left out)"
             record.args = None
@@ -95,6 +97,65 @@ def _mcp_sdk_dir() -> str | None:
     if spec is None or spec.origin is None:
         return None
     return os.path.join(os.path.dirname(os.path.realpath(spec.origin)), "")
+
+
+@functools.cache
+def _kubechain_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "")
+
+
+def _server_data_errors() -> tuple[type[BaseException], ...]:
+    """The errors raised on what a server sent, whose text may quote it, even when raised in our code (of
+    the modules imported: one that is not raised none)."""
+    kinds: list[type[BaseException]] = [json.JSONDecodeError, UnicodeDecodeError]
+    for module, name in (
+        ("pydantic", "ValidationError"),
+        ("pydantic_core", "ValidationError"),
+        ("httpx2", "StreamError"),
+    ):
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def _printed(exc: BaseException, seen: set[int]) -> Iterator[BaseException]:
+    """``exc`` and what a traceback of it prints too: its cause or context, the members of a group."""
+    if id(exc) in seen:
+        return
+    seen.add(id(exc))
+    yield exc
+    chained = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if chained is not None:
+        yield from _printed(chained, seen)
+    if isinstance(exc, BaseExceptionGroup):
+        for member in exc.exceptions:
+            yield from _printed(member, seen)
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback (where it was raised) is kubechain's code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.realpath(tb.tb_frame.f_code.co_filename).startswith(_kubechain_dir())
+
+
+def _our_own_bug(exc: BaseException | None) -> bool:
+    """Whether every exception a traceback of ``exc`` would print was raised in kubechain's own code and is
+    not an error about a server's data (a validation or decoding error, an answer too large). Such a
+    traceback is ours to read; any other may quote the server's data."""
+    if exc is None:
+        return False
+    kinds = _server_data_errors()
+    for printed in _printed(exc, set()):
+        if isinstance(printed, BaseExceptionGroup):
+            continue  # its members are looked at
+        if isinstance(printed, kinds) or not _raised_by_us(printed):
+            return False
+    return True
 
 
 def _from_mcp_sdk(record: logging.LogRecord) -> bool:

@@ -1733,6 +1733,71 @@ def test_a_line_the_sdk_cannot_parse_is_logged_without_quoting_it(caplog: pytest
     assert "sk-live" not in caplog.text
 
 
+def _sdk_logged(exc: BaseException | None = None, *, bug_of_ours: bool = False) -> logging.LogRecord:
+    """What the SDK logs when the message_handler it calls raises (its "client" logger, a traceback): our
+    Session._on_message with a bug of ours (a session without its spec), or ``exc`` raised by the SDK."""
+    import anyio
+    from mcp.client.session import ClientSession
+
+    from kubechain.mcp.session import Session
+    from kubechain.observability.logs import WithoutMCPServerData
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    session = Session.__new__(Session)
+    session.label, session.spec = "default/buggy", None  # type: ignore[assignment]
+
+    async def handler(message: object) -> None:
+        if bug_of_ours:
+            await session._on_message(message)
+        else:
+            assert exc is not None
+            raise exc
+
+    class SDKSide:
+        _message_handler = staticmethod(handler)
+
+    keep = Keep()
+    keep.addFilter(WithoutMCPServerData())
+    sdk_logger = logging.getLogger("client")
+    sdk_logger.addHandler(keep)
+    try:
+        anyio.run(ClientSession._deliver_stream_exception, SDKSide(), ValueError("transport broke"))
+    finally:
+        sdk_logger.removeHandler(keep)
+    assert len(records) == 1
+    return records[0]
+
+
+def test_the_traceback_of_our_own_bug_logged_by_the_sdk_is_kept() -> None:
+    """An exception raised in our code that the SDK called (a message_handler, a transport wrapper) and
+    logged lost its traceback to the filter meant for the server's data: a bug of ours left only its
+    type. Raised in kubechain's own code, it keeps its traceback."""
+    record = _sdk_logged(bug_of_ours=True)
+    assert record.exc_info is not None and record.exc_info[0] is AttributeError
+    text = logging.Formatter().format(record)
+    assert "_on_message" in text and "kubechain/mcp/session.py" in text
+
+
+def test_the_traceback_of_what_the_sdk_raised_on_a_servers_data_is_still_dropped() -> None:
+    import pydantic
+
+    class Model(pydantic.BaseModel):
+        level: int
+
+    try:
+        Model.model_validate({"level": "key=s3cret-env-value"})
+    except pydantic.ValidationError as exc:
+        invalid = exc
+    for exc in (invalid, KeyError("s3cret-env-value")):
+        record = _sdk_logged(exc)
+        assert record.exc_info is None and "s3cret" not in logging.Formatter().format(record)
+
+
 MALFORMED_NOTIFICATIONS = textwrap.dedent(
     """
     import json, os, sys
