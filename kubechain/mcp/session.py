@@ -326,6 +326,7 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
             raise
         status = response.status_code
         attempt = _ATTEMPT.get()
+        self._bound_body(request, response, attempt)
         if attempt is not None and 300 <= status < 400:
             if _carries_tools_call(request) and self._followed(attempt, request, response):
                 # The SDK sends the call on to where it was redirected (a proxy adding a slash, an
@@ -337,15 +338,6 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         session_gone = await _session_forgotten(request, response)
         if session_gone and self._on_session_gone is not None:
             self._on_session_gone()
-        content_type = response.headers.get("content-type", "").lower()
-        if (
-            self._max_body_bytes is not None
-            and request.method == "POST"
-            and "event-stream" not in content_type
-        ):
-            # An answer the SDK reads whole (a JSON body), bounded; an event stream's events are bounded
-            # by the SDK (max_sse_event_size).
-            response.stream = _BoundedBody(response.stream, self._max_body_bytes, attempt)
         if status >= 300:
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
@@ -354,6 +346,26 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
                     attempt.unsent += 1
                 self._abandon(attempt, f"answered HTTP {status}")
         return response
+
+    def _bound_body(
+        self, request: httpx2.Request, response: httpx2.Response, attempt: Attempt | None
+    ) -> None:
+        """Bounds what is read of the answer to a POST, before anyone reads it (the SDK drains a followed
+        redirect's body, and _session_forgotten reads a 404's). An event stream's events are bounded by
+        the SDK (max_sse_event_size). Only a 2xx answer of streamable HTTP is a result too large to read
+        (an error, then, that notes it on the call's Attempt): any other body (an error status's, a
+        redirect's, an SSE message POST's, which the SDK does not use) is cut at the bound."""
+        content_type = response.headers.get("content-type", "").lower()
+        if self._max_body_bytes is None or request.method != "POST" or "event-stream" in content_type:
+            return
+        result = 200 <= response.status_code < 300 and not self._abandon_on_failure
+        response.stream = _BoundedBody(
+            response.stream,
+            self._max_body_bytes,
+            attempt if result else None,
+            response.headers,
+            cut=not result,
+        )
 
     def _followed(self, attempt: Attempt, request: httpx2.Request, response: httpx2.Response) -> bool:
         """Whether the SDK follows this redirect: one within the server's origin that keeps the method
@@ -388,25 +400,55 @@ class ResultTooLarge(httpx2.StreamError):
 
 
 class _BoundedBody(httpx2.AsyncByteStream):
-    """A response body, raising ResultTooLarge once more than ``limit`` bytes came (the call's Attempt,
-    if any, notes it)."""
+    """A response body read up to ``limit`` bytes as decoded: past it, ResultTooLarge (the call's Attempt,
+    if any, notes it) or, with ``cut``, the end of the body. A compressed body is decoded here, where it is
+    counted (its Content-Encoding is taken off the headers, so the client does not decode it again): a
+    few KiB of gzip may decode to GiBs."""
 
-    def __init__(self, inner: Any, limit: int, attempt: Attempt | None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        limit: int,
+        attempt: Attempt | None,
+        headers: httpx2.Headers | None = None,
+        *,
+        cut: bool = False,
+    ) -> None:
         self._inner = inner
         self._limit = limit
         self._attempt = attempt
+        self._cut = cut
+        self._encoded: httpx2.Headers | None = None
+        if headers is not None and any(
+            value.strip().lower() not in ("", "identity")
+            for value in headers.get_list("content-encoding", split_commas=True)
+        ):
+            self._encoded = httpx2.Headers({"content-encoding": headers["content-encoding"]})
+            del headers["content-encoding"]
+            headers.pop("content-length", None)  # the encoded length
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         read = 0
-        async for chunk in self._inner:
-            read += len(chunk)
-            if read > self._limit:
+        async for chunk in self._chunks():
+            if read + len(chunk) > self._limit:
+                if self._cut:
+                    if read < self._limit:
+                        yield chunk[: self._limit - read]
+                    return
                 if self._attempt is not None:
                     self._attempt.too_large = True
                 raise ResultTooLarge(
                     f"the answer is larger than {describe_size(self._limit)} ({MAX_MESSAGE_SETTING}): not read"
                 )
+            read += len(chunk)
             yield chunk
+
+    def _chunks(self) -> AsyncIterator[bytes]:
+        if self._encoded is None:
+            chunks: AsyncIterator[bytes] = self._inner.__aiter__()
+            return chunks
+        # decoded as the client would (httpx2 decodes in bounded pieces), through its public API
+        return httpx2.Response(200, headers=self._encoded, stream=self._inner).aiter_bytes()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -418,7 +460,10 @@ async def _session_forgotten(request: httpx2.Request, response: httpx2.Response)
     answers the client's GET stream 404 too. And not a JSON-RPC error about something else in the body."""
     if response.status_code != 404 or request.method != "POST" or MCP_SESSION_ID not in request.headers:
         return False
-    await response.aread()  # a 404's body is small; the SDK reads it again from memory
+    try:
+        await response.aread()  # bounded (cut at the message limit); the SDK reads it again from memory
+    except httpx2.HTTPError:
+        return True  # no JSON-RPC answer to read
     try:
         error = json.loads(response.content).get("error")
     except (ValueError, AttributeError, RecursionError):

@@ -1251,6 +1251,135 @@ def test_an_http_result_larger_than_the_limit_fails_the_call_clearly(json_respon
         m.close()
 
 
+class _Body:
+    """A response body served in chunks, counting what was read of it."""
+
+    def __init__(self, data: bytes, chunk: int = 64 * 1024) -> None:
+        self.data, self.chunk, self.read = data, chunk, 0
+
+    def stream(self) -> Any:
+        import httpx2
+
+        body = self
+
+        class Stream(httpx2.AsyncByteStream):
+            async def __aiter__(self) -> Any:
+                for start in range(0, len(body.data), body.chunk):
+                    body.read += min(body.chunk, len(body.data) - start)
+                    yield body.data[start : start + body.chunk]
+
+        return Stream()
+
+
+def _bounded_client(answer: Callable[[Any], Any], **kwargs: Any) -> Any:
+    import httpx2
+
+    from kubechain.mcp.session import _watching_unsent_calls
+
+    return _watching_unsent_calls(
+        httpx2.AsyncClient(transport=httpx2.MockTransport(answer)), max_body_bytes=256 * 1024, **kwargs
+    )
+
+
+def _with_attempt(attempt: Any, work: Callable[[], Any]) -> Any:
+    import anyio
+
+    from kubechain.mcp.session import _ATTEMPT
+
+    async def run() -> Any:
+        token = _ATTEMPT.set(attempt)
+        try:
+            return await work()
+        finally:
+            _ATTEMPT.reset(token)
+
+    return anyio.run(run)
+
+
+TOOLS_CALL = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "big"}}
+
+
+def test_a_compressed_answer_is_bounded_by_its_decoded_size() -> None:
+    """The bound counted the bytes on the wire: a gzip answer of 40 KiB that decodes to 40 MiB passed it
+    and was decoded whole by the SDK's read."""
+    import gzip
+
+    import httpx2
+
+    from kubechain.mcp.session import Attempt, ResultTooLarge
+
+    decoded = (
+        b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"' + b"x" * (40 << 20) + b'"}]}}'
+    )
+    body = _Body(gzip.compress(decoded, 9))
+    assert body.data.__len__() < 256 * 1024
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        return httpx2.Response(200, headers=headers, stream=body.stream())
+
+    client = _bounded_client(answer)
+    attempt = Attempt()
+
+    async def read() -> None:
+        with pytest.raises(ResultTooLarge):
+            await client.post("http://mcp.test/mcp", json=TOOLS_CALL)
+
+    _with_attempt(attempt, read)
+    assert attempt.too_large
+
+    # an answer within the bound is decoded as before
+    decoded = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+    body = _Body(gzip.compress(decoded))
+    response = _with_attempt(Attempt(), lambda: client.post("http://mcp.test/mcp", json=TOOLS_CALL))
+    assert response.content == decoded
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (307, {"location": "/mcp?hop=1"}),  # followed: the SDK drains its body
+        (404, {"content-type": "application/json"}),  # our session unknown: read to see why
+        (400, {"content-type": "application/json"}),
+    ],
+    ids=["followed-redirect", "404", "400"],
+)
+def test_an_answer_that_is_not_a_result_is_read_only_up_to_the_bound(
+    status: int, headers: dict[str, str]
+) -> None:
+    """A followed redirect's body (drained by the SDK) and a 404's (read to tell a forgotten session) were
+    read before the bound was put on, whatever their size; a large error body was taken for a result too
+    large, and the LLM told "the tool ran" of a call its server refused. Now each is read up to the bound
+    only (the rest not at all), and only a 2xx answer is a result too large to read."""
+    import httpx2
+    from mcp.shared._httpx_utils import request_within_origin
+
+    from kubechain.mcp.session import Attempt
+
+    body = _Body(b"{" + b" " * (20 << 20) + b"}")
+    gone: list[bool] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        if "hop=1" in str(request.url):
+            return httpx2.Response(202)
+        return httpx2.Response(status, headers=headers, stream=body.stream())
+
+    client = _bounded_client(answer, on_session_gone=lambda: gone.append(True))
+    attempt = Attempt()
+    attempt.sends = 1
+    response = _with_attempt(
+        attempt,
+        lambda: request_within_origin(
+            client, "POST", "http://mcp.test/mcp", json=TOOLS_CALL, headers={"mcp-session-id": "s1"}
+        ),
+    )
+    assert response.status_code == (202 if status == 307 else status)
+    assert body.read <= 256 * 1024 + body.chunk, f"{body.read} bytes read"
+    assert not attempt.too_large
+    assert gone == ([True] if status == 404 else [])
+    assert attempt.http_status == (0 if status == 307 else status)
+
+
 def test_a_stdio_line_is_read_up_to_the_limit_however_it_is_cut_into_chunks() -> None:
     import anyio
     import anyio.abc
