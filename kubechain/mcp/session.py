@@ -237,6 +237,7 @@ class Attempt:
         self.http_status = 0  # the last error status an HTTP server answered a tools/call POST with
         self.session_gone = False  # a tools/call POST was answered 404 for our session id
         self.redirects = 0  # redirects in a row of a tools/call POST that the SDK followed
+        self.unjudged = False  # a redirect it got could not be judged: not known to be refused
         self.too_large = False  # the answer to a tools/call POST was longer than the limit: not read
         # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
         # the transport calls abandon() instead, saying why in ``failure``
@@ -328,11 +329,14 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         attempt = _ATTEMPT.get()
         self._bound_body(request, response, attempt)
         if attempt is not None and 300 <= status < 400:
-            if _carries_tools_call(request) and self._followed(attempt, request, response):
+            followed = _carries_tools_call(request) and self._followed(attempt, request, response)
+            if followed:
                 # The SDK sends the call on to where it was redirected (a proxy adding a slash, an
                 # http-to-https upgrade): the call goes on there. Taken for a refusal, the call was
                 # abandoned while the redirected POST ran the tool, and then sent again on a new session.
                 return response
+            if followed is None:
+                attempt.unjudged = True
         elif attempt is not None:
             attempt.redirects = 0  # the end of a chain of redirects
         session_gone = await _session_forgotten(request, response)
@@ -342,7 +346,8 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
                 attempt.session_gone = attempt.session_gone or session_gone
-                if _refused_before_running(status, response.headers, sse=self._abandon_on_failure):
+                refused = _refused_before_running(status, response.headers, sse=self._abandon_on_failure)
+                if refused and not attempt.unjudged:
                     attempt.unsent += 1
                 self._abandon(attempt, f"answered HTTP {status}")
         return response
@@ -367,21 +372,27 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
             cut=not result,
         )
 
-    def _followed(self, attempt: Attempt, request: httpx2.Request, response: httpx2.Response) -> bool:
+    def _followed(self, attempt: Attempt, request: httpx2.Request, response: httpx2.Response) -> bool | None:
         """Whether the SDK follows this redirect: one within the server's origin that keeps the method
-        (``next_request_within_origin``), up to the client's ``max_redirects`` in a row. The client sets
-        the response's ``request`` and ``next_request`` only once the transport has answered: they are set
-        here on a stand-in, as the client sets them."""
+        (``next_request_within_origin``), up to the client's ``max_redirects`` in a row. None: it cannot
+        be told (a bug, said in the log), which is taken as not followed but not as refused either."""
         client = self._redirects
         if client is None or not response.has_redirect_location:
             return False
-        stand_in = httpx2.Response(response.status_code, headers=response.headers, request=request)
         try:
-            stand_in.next_request = client._build_redirect_request(request, stand_in)
-        except httpx2.RemoteProtocolError:  # an invalid Location: the client does not follow it either
-            return False
-        if next_request_within_origin(stand_in) is None:
-            return False
+            # The client sets the response's ``request`` and ``next_request`` only once the transport has
+            # answered: they are set here on a stand-in, as the client sets them.
+            stand_in = httpx2.Response(response.status_code, headers=response.headers, request=request)
+            stand_in.next_request = _redirect_request(client, request, stand_in)
+            if stand_in.next_request is None or next_request_within_origin(stand_in) is None:
+                return False
+        except Exception as exc:  # noqa: BLE001 - the transport must answer, whatever this finds
+            log.warning(
+                "cannot tell whether the MCP SDK follows a redirect of a tool call (%s); the call is given "
+                "up and may have run",
+                describe_error(exc),
+            )
+            return None
         attempt.redirects += 1
         return attempt.redirects <= client.max_redirects
 
@@ -452,6 +463,46 @@ class _BoundedBody(httpx2.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+# What was said once in the log (a helper of httpx2's gone).
+_WARNED: set[str] = set()
+
+
+def _redirect_request(
+    client: httpx2.AsyncClient, request: httpx2.Request, response: httpx2.Response
+) -> httpx2.Request | None:
+    """The request that follows ``response``'s redirect, as the client builds it (its ``next_request``);
+    None for an invalid Location, which the client does not follow either. Built with httpx2's private
+    helper while it has one, else worked out here: the Location joined to the request's URL, the method
+    kept by 307/308 (301/302 turn a POST into a GET, 303 anything but HEAD), the headers kept."""
+    build = getattr(client, "_build_redirect_request", None)
+    if build is not None:
+        try:
+            built: httpx2.Request = build(request, response)
+        except httpx2.RemoteProtocolError:
+            return None
+        return built
+    if "_build_redirect_request" not in _WARNED:
+        _WARNED.add("_build_redirect_request")
+        log.warning(
+            "httpx2 has no AsyncClient._build_redirect_request any more: the redirects of MCP tool calls "
+            "are judged by KubeChain's own reading of them"
+        )
+    try:
+        url = httpx2.URL(response.headers["location"])
+        if url.scheme and not url.host:
+            url = url.copy_with(host=request.url.host)
+        if url.is_relative_url:
+            url = request.url.join(url)
+    except httpx2.InvalidURL:
+        return None
+    method = request.method
+    if (response.status_code in (302, 303) and method != "HEAD") or (
+        response.status_code == 301 and method == "POST"
+    ):
+        method = "GET"
+    return httpx2.Request(method, url, headers=request.headers)
 
 
 async def _session_forgotten(request: httpx2.Request, response: httpx2.Response) -> bool:

@@ -1127,6 +1127,106 @@ def test_only_a_redirect_of_a_tool_call_the_sdk_does_not_follow_is_a_refusal(
     assert attempt.http_status == (status if refused else 0)
 
 
+def _redirected_call(status: int, location: str, in_a_row: int = 1) -> tuple[bool, bool, int]:
+    """A tools/call POST answered ``status`` to ``location`` (``in_a_row`` times) through the SSE client's
+    transport: (abandoned, may have run, the status noted)."""
+    import anyio
+    import httpx2
+
+    from kubechain.mcp.session import _ATTEMPT, Attempt, _watching_unsent_calls
+
+    class Redirecting(httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(status, headers={"location": location})
+
+    abandoned: list[bool] = []
+    client = httpx2.AsyncClient(transport=Redirecting(), max_redirects=2)
+    transport = _watching_unsent_calls(client, abandon_on_failure=True)._transport
+    call = httpx2.Request(
+        "POST", "http://mcp.test/messages/", json={"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    )
+
+    async def send(attempt: Attempt) -> None:
+        token = _ATTEMPT.set(attempt)
+        try:
+            for _ in range(in_a_row):
+                await transport.handle_async_request(call)
+        finally:
+            _ATTEMPT.reset(token)
+
+    attempt = Attempt()
+    attempt.sends = 1
+    attempt.abandon = lambda: abandoned.append(True)
+    anyio.run(send, attempt)
+    return bool(abandoned), attempt.may_have_run, attempt.http_status
+
+
+@pytest.mark.parametrize(
+    ("status", "location", "in_a_row", "refused"),
+    [
+        (307, "/messages/?hop=1", 1, False),
+        (308, "https://mcp.test/messages/", 1, False),
+        (307, "//mcp.test:80/messages/", 1, False),
+        (307, "http://elsewhere.test/messages/", 1, True),
+        (307, "http://user:pw@mcp.test/messages/", 1, True),  # userinfo of its own: not followed
+        (307, "http://mcp.test:8080/messages/", 1, True),
+        (307, "/messages/?hop=1", 3, True),
+        (307, "http://[bad", 1, True),  # an invalid Location: not followed
+    ],
+    ids=[
+        "same-origin",
+        "https-upgrade",
+        "scheme-relative",
+        "other-origin",
+        "userinfo",
+        "other-port",
+        "too-many",
+        "bad",
+    ],
+)
+@pytest.mark.parametrize("helper", [True, False], ids=["httpx2-helper", "helper-gone"])
+def test_a_redirect_is_judged_without_httpx2s_private_helper(
+    status: int,
+    location: str,
+    in_a_row: int,
+    refused: bool,
+    helper: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The redirect a tools/call POST got was judged with httpx2's private _build_redirect_request: gone
+    (renamed by a later httpx2), the transport raised AttributeError, and the call failed as a lost
+    connection (streamable HTTP) or waited out its whole timeout (SSE). Its target is now worked out
+    here when it is gone (said once in the log)."""
+    import httpx2
+
+    import kubechain.mcp.session as session
+
+    if not helper:
+        monkeypatch.delattr(httpx2._client.BaseClient, "_build_redirect_request")
+    monkeypatch.setattr(session, "_WARNED", set(), raising=False)
+    caplog.set_level(logging.WARNING, logger="kubechain.mcp")
+    assert _redirected_call(status, location, in_a_row) == (refused, not refused, status if refused else 0)
+    _redirected_call(status, location, in_a_row)
+    assert caplog.text.count("_build_redirect_request") == (0 if helper else 1), caplog.text
+
+
+def test_a_redirect_that_cannot_be_judged_is_taken_as_not_followed_and_may_have_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong judging a redirect, the transport answers: the call is given up (never left to
+    wait out its timeout) and, not known to be refused, told it may have run."""
+    import kubechain.mcp.session as session
+
+    def broken(response: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(session, "next_request_within_origin", broken)
+    caplog.set_level(logging.WARNING, logger="kubechain.mcp")
+    assert _redirected_call(307, "/messages/?hop=1") == (True, True, 307)
+    assert "cannot tell whether the MCP SDK follows" in caplog.text and "RuntimeError: a bug" in caplog.text
+
+
 def test_a_call_its_transport_could_not_take_was_not_sent() -> None:
     """Over SSE a failed POST ends the SDK's sender: a second call handed to it then fails to be handed
     over at all, and so cannot have run (it is retried, even for a server not marked idempotent)."""
