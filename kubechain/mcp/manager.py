@@ -47,6 +47,8 @@ T = TypeVar("T")
 Key = tuple[str, str]
 
 MAY_HAVE_RUN = "the tool may have run (and may still be running)"
+# A call with less than this left of its budget is not sent.
+MIN_TIME_TO_SEND_S = 1.0
 CLOSE_TIMEOUT_S = 20.0
 IDLE_TIMEOUT_S = 15 * 60.0  # longer than the watcher's longest gap between checks of a connected server
 _live_managers: weakref.WeakSet[MCPManager] = weakref.WeakSet()
@@ -452,11 +454,19 @@ class MCPManager:
                     await session.refresh_tools()  # the server may have added it since we listed
                 if tool not in {t.name for t in session.tools}:
                     raise MCPError(f'tool "{tool}" not found on MCP server "{key[1]}"')
+                left = deadline - time.monotonic()
+                if left < MIN_TIME_TO_SEND_S:
+                    # Sent, it would be given up before any answer could come, and taken for one that
+                    # may have run.
+                    ran = any(earlier.may_have_run for earlier in attempts)
+                    raise MCPError(
+                        f"error calling tool {tool} on server {key[1]}: not sent{' again' if ran else ''}, as "
+                        f"only {max(left, 0):.1f}s of its budget (its claim's time) was left; "
+                        + (f"its first attempt: {MAY_HAVE_RUN}" if ran else "the tool did not run")
+                    )
                 # The call's own timeout, and the probe after it, end within the budget where they can: its
                 # message says more than the budget's (what timed out, whether the server still answers).
-                timeout = _call_timeout(
-                    self.call_timeout_s, deadline - time.monotonic(), session.time_after_a_call()
-                )
+                timeout = _call_timeout(self.call_timeout_s, left, session.time_after_a_call())
                 attempts.append(sent := Attempt())
                 result = flatten_result(
                     await session.call_tool(tool, arguments, timeout_s=timeout, attempt=sent)

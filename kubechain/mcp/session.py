@@ -525,12 +525,13 @@ async def _session_forgotten(request: httpx2.Request, response: httpx2.Response)
 
 def _refused_before_running(status: int, headers: httpx2.Headers, *, sse: bool) -> bool:
     """Whether an error status means the request was not run. An SSE server answers a message's POST
-    before handling it (202), so any 4xx, 429, 503 or redirect the SDK did not follow (those it follows
-    never get here) is a refusal; a streamable-HTTP server answers
+    before handling it (202), so any 4xx, 429, 503 or 307/308 the SDK did not follow (those it follows
+    never get here) is a refusal, but not a 303 See Other, the answer to a POST that was handled (nor a
+    301/302, which a POST-redirect-GET answers with too); a streamable-HTTP server answers
     when done, so only a rate limit (429) or an overload that asks to come back (503 with Retry-After) is
     sure not to have run it: a proxy's bare 503 may follow a request the server had received."""
     if sse:
-        return status < 500 or status == 503
+        return (status < 500 and status not in (301, 302, 303)) or status == 503
     return status == 429 or (status == 503 and "retry-after" in headers)
 
 

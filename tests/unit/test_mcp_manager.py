@@ -1082,49 +1082,31 @@ def test_an_sse_tool_call_redirected_out_of_its_origin_was_not_run() -> None:
 
 
 @pytest.mark.parametrize(
-    ("status", "location", "in_a_row", "refused"),
+    ("status", "location", "in_a_row", "abandoned", "may_have_run"),
     [
-        (307, "/messages/?hop=1", 1, False),  # followed: the call goes on there
-        (308, "https://mcp.test/messages/", 1, False),  # the https upgrade on default ports: followed
-        (307, "http://elsewhere.test/messages/", 1, True),  # another origin: not followed
-        (302, "/messages/?hop=1", 1, True),  # the POST would become a GET: not followed
-        (307, "/messages/?hop=1", 3, True),  # past the client's max_redirects (2 here): not followed
+        (307, "/messages/?hop=1", 1, False, True),  # followed: the call goes on there
+        (308, "https://mcp.test/messages/", 1, False, True),  # the https upgrade on default ports: followed
+        (307, "http://elsewhere.test/messages/", 1, True, False),  # another origin: not followed, not run
+        (307, "/messages/?hop=1", 3, True, False),  # past the client's max_redirects (2 here): not followed
+        # the POST would become a GET, not followed; but "see other" is the answer of a POST the server
+        # ran (and 301/302 are often used so)
+        (303, "/messages/?hop=1", 1, True, True),
+        (302, "/messages/?hop=1", 1, True, True),
+        (301, "/messages/?hop=1", 1, True, True),
     ],
-    ids=["same-origin", "https-upgrade", "other-origin", "302", "too-many"],
+    ids=["same-origin", "https-upgrade", "other-origin", "too-many", "303", "302", "301"],
 )
 def test_only_a_redirect_of_a_tool_call_the_sdk_does_not_follow_is_a_refusal(
-    status: int, location: str, in_a_row: int, refused: bool
+    status: int, location: str, in_a_row: int, abandoned: bool, may_have_run: bool
 ) -> None:
-    import anyio
-    import httpx2
-
-    from kubechain.mcp.session import _ATTEMPT, Attempt, _watching_unsent_calls
-
-    class Redirecting(httpx2.AsyncBaseTransport):
-        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-            return httpx2.Response(status, headers={"location": location})
-
-    abandoned: list[bool] = []
-    client = httpx2.AsyncClient(transport=Redirecting(), max_redirects=2)
-    transport = _watching_unsent_calls(client, abandon_on_failure=True)._transport
-    call = httpx2.Request(
-        "POST", "http://mcp.test/messages/", json={"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+    """An SSE message POST answered 303 See Other was taken for refused before it ran (and sent again on
+    a new session, not idempotent or not): 303, and the 301/302 a POST-redirect-GET answers with, may
+    follow a POST the server ran. Only 307/308, which ask for the same request elsewhere, are refusals."""
+    assert _redirected_call(status, location, in_a_row) == (
+        abandoned,
+        may_have_run,
+        status if abandoned else 0,
     )
-
-    async def send(attempt: Attempt) -> None:
-        token = _ATTEMPT.set(attempt)
-        try:
-            for _ in range(in_a_row):
-                await transport.handle_async_request(call)
-        finally:
-            _ATTEMPT.reset(token)
-
-    attempt = Attempt()
-    attempt.sends = 1
-    attempt.abandon = lambda: abandoned.append(True)
-    anyio.run(send, attempt)
-    assert (bool(abandoned), attempt.may_have_run) == (refused, not refused)
-    assert attempt.http_status == (status if refused else 0)
 
 
 def _redirected_call(status: int, location: str, in_a_row: int = 1) -> tuple[bool, bool, int]:
@@ -1628,11 +1610,32 @@ def test_a_call_its_claim_cut_short_says_so_and_names_the_calls_own_budget(stdio
         server = script_server("cut-short-server", stdio_script)
         assert m.call_tool(server, "slow", {"seconds": 0}, within_s=30).text == "done"
         with pytest.raises(MCPError) as timed_out:
-            m.call_tool(server, "slow", {"seconds": 30}, within_s=0.5)
+            m.call_tool(server, "slow", {"seconds": 30}, within_s=2)
         assert str(timed_out.value) == (
-            'timed out after 0.5s calling tool "slow" on MCP server default/cut-short-server (cut short to end '
+            'timed out after 2s calling tool "slow" on MCP server default/cut-short-server (cut short to end '
             "within its claim; the call's own budget is 50s); the tool may have run (and may still be running)"
         )
+    finally:
+        m.close()
+
+
+def test_a_call_its_budget_leaves_no_time_for_is_not_sent(stdio_script: str, tmp_path: Path) -> None:
+    """With (almost) nothing left of its budget, a call was sent anyway, with a timeout of a few ms, and
+    the LLM told it may have run: it is not sent now, and the LLM hears that it did not run."""
+    m = MCPManager(resolve_secret, call_timeout_s=10, call_budget_s=50, connect_timeout_s=CONNECT_TIMEOUT_S)
+    marker = tmp_path / "asked"
+    try:
+        server = script_server("no-time-left", stdio_script)
+        assert m.call_tool(server, "slow", {"seconds": 0}, within_s=30).text == "done"  # connected
+        with pytest.raises(MCPError) as not_sent:
+            m.call_tool(server, "still_working", {"marker": str(marker), "rounds": 0}, within_s=0.5)
+        assert re.fullmatch(
+            r"error calling tool still_working on server no-time-left: not sent, as only 0\.\ds of its "
+            r"budget \(its claim's time\) was left; the tool did not run",
+            str(not_sent.value),
+        ), not_sent.value
+        assert not marker.exists(), "the tool did not run"
+        assert m.connected("default", "no-time-left"), "the session is kept"
     finally:
         m.close()
 
