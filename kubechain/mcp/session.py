@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -171,37 +172,83 @@ def _install_spawn_hook() -> None:
 class _BoundedLines(anyio.abc.ByteReceiveStream):
     """A stdio child's stdout, read up to ``limit`` bytes a line. The SDK's reader keeps a line until its
     end comes, however long (adding each chunk to what it holds: quadratic), so a server answering a few
-    hundred MB took the worker, and every call in flight, down. Past the limit ``on_too_large`` is told,
-    the complete lines before the long one are still passed on, and then the stream ends: the session
-    sees the server gone and is restarted."""
+    hundred MB took the worker, and every call in flight, down. Past the limit ``on_too_large`` is told
+    the start of the long line (HEAD_BYTES, to tell whose answer it is), the complete lines before it are
+    still passed on, and then the stream ends: the session sees the server gone and is restarted."""
+
+    HEAD_BYTES = 4096
 
     def __init__(
-        self, inner: anyio.abc.ByteReceiveStream, limit: int, on_too_large: Callable[[], None]
+        self, inner: anyio.abc.ByteReceiveStream, limit: int, on_too_large: Callable[[bytes], None]
     ) -> None:
         self._inner = inner
         self._limit = limit
         self._on_too_large = on_too_large
         self._pending = 0  # bytes of the line not ended yet
+        self._head = b""  # the first of them
         self._over = False
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         if self._over:
             raise anyio.EndOfStream
         data = await self._inner.receive(max_bytes)
-        start, pending = 0, self._pending
+        start, pending, head = 0, self._pending, self._head
         while (end := data.find(b"\n", start)) >= 0 and pending + end - start <= self._limit:
-            start, pending = end + 1, 0
+            start, pending, head = end + 1, 0, b""
         if end < 0 and pending + len(data) - start <= self._limit:
             self._pending = pending + len(data) - start
+            self._head = head + data[start : start + self.HEAD_BYTES - len(head)]
             return data
         self._over = True
-        self._on_too_large()
+        self._on_too_large(
+            (head + data[start : start + self.HEAD_BYTES]).split(b"\n", 1)[0][: self.HEAD_BYTES]
+        )
         if start:
             return data[:start]  # the lines before the long one
         raise anyio.EndOfStream
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _after_space(text: str, at: int) -> int:
+    match = _JSON_SPACE.match(text, at)
+    return match.end() if match is not None else at
+
+
+def _top_level_id(head: bytes) -> int | str | None:
+    """The JSON-RPC id of a message from its first bytes, if it is there: before any value too long to be
+    in them (an SDK server writes "jsonrpc", then "id", then the result). None if it is not."""
+    text = head.decode("utf-8", "ignore")  # a character cut at the end is dropped
+    decoder = json.JSONDecoder()
+    at = _after_space(text, 0)
+    if not text.startswith("{", at):
+        return None
+    at += 1
+    try:
+        while True:
+            at = _after_space(text, at)
+            if not text.startswith('"', at):
+                return None
+            key, at = decoder.raw_decode(text, at)
+            at = _after_space(text, at)
+            if not text.startswith(":", at):
+                return None
+            at = _after_space(text, at + 1)
+            value, at = decoder.raw_decode(text, at)
+            at = _after_space(text, at)
+            if at >= len(text):
+                return None  # the value may go on past what was seen (a number cut short)
+            if key == "id":
+                return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+            if not text.startswith(",", at):
+                return None
+            at += 1
+    except (ValueError, RecursionError):  # cut short inside a value, not JSON, nested too deep
+        return None
 
 
 _install_spawn_hook()
@@ -239,6 +286,7 @@ class Attempt:
         self.redirects = 0  # redirects in a row of a tools/call POST that the SDK followed
         self.unjudged = False  # a redirect it got could not be judged: not known to be refused
         self.too_large = False  # the answer to a tools/call POST was longer than the limit: not read
+        self.request_ids: list[Any] = []  # the JSON-RPC ids of its tools/call requests
         # SSE only: a failed POST is only logged by the SDK, and the call would wait out its timeout;
         # the transport calls abandon() instead, saying why in ``failure``
         self.abandon: Callable[[], None] | None = None
@@ -269,6 +317,7 @@ class _WatchedWriteStream:
             attempt = _ATTEMPT.get()
             if attempt is not None:
                 attempt.sends += 1  # a started write counts: it may have been delivered
+                attempt.request_ids.append(message.id)
                 try:
                     await self._inner.send(item)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -825,8 +874,10 @@ class Session:
         self.forgotten = False  # the server answered our session id with 404 (it restarted)
         self.max_message_bytes = max_message_bytes
         # (stdio) the server wrote a line longer than max_message_bytes: the session ended, and how many
-        # requests were in flight then (the one a call waited for, or maybe another's)
+        # requests were in flight then (the one a call waited for, or maybe another's), and the id of the
+        # request it answered, when its start says (None: not known)
         self.too_large_inflight: int | None = None
+        self.too_large_id: int | str | None = None
         self.retired = False  # replaced or discarded: stop once in-flight calls are done
         self.inflight = 0
         self.finished = asyncio.Event()
@@ -989,7 +1040,8 @@ class Session:
         else:
             log.warning("MCP session %s: its server's stdout cannot be bounded (anyio changed?)", self.label)
 
-    def _line_too_large(self) -> None:
+    def _line_too_large(self, head: bytes = b"") -> None:
+        """The server wrote a message too large to read (``head``: its start, when known): the session ends."""
         log.warning(
             "MCP session %s: the server wrote a message larger than %s (%s); the session is closed",
             self.label,
@@ -997,14 +1049,36 @@ class Session:
             MAX_MESSAGE_SETTING,
         )
         self.too_large_inflight = self.inflight
+        self.too_large_id = _top_level_id(head) if head else None
         self.broken = True
+
+    def _too_large_answered(self, attempt: Attempt) -> bool | None:
+        """Whether the message too large to read answered this call: its id says, or else it was the only
+        request in flight. None: it cannot be told."""
+        if self.too_large_id is not None:
+            return self.too_large_id in attempt.request_ids
+        return True if self.too_large_inflight == 1 else None
+
+    def _ended_by_too_large(self, tool: str, attempt: Attempt) -> Exception | None:
+        """What a call whose session a message too large ended fails with, if one did: the call it answered
+        is told its result was too large (not retried: it would run and fail again); any other lost its
+        connection, as with any end of a session (retried if it cannot have run, or may run twice)."""
+        if self.too_large_inflight is None:
+            return None
+        answered = self._too_large_answered(attempt)
+        if answered:
+            return self._too_large(tool, ran=False)
+        self.broken = True
+        whose = (
+            "not this call's answer"
+            if answered is False
+            else "the answer of this call or of another in flight"
+        )
+        return ConnectionLost(self._lost_message(whose), maybe_executed=attempt.may_have_run)
 
     def _too_large(self, tool: str, *, ran: bool) -> MCPError:
         """The error for a call whose answer was longer than the limit (ran: it surely came from the tool)."""
-        shared = self.too_large_inflight is not None and self.too_large_inflight > 1
-        what = f"the result of tool {tool}" + (
-            " (or of another call in flight on its session)" if shared else ""
-        )
+        what = f"the result of tool {tool}"
         restarted = "; the session was restarted" if self.too_large_inflight is not None else ""
         outcome = "the tool ran" if ran else "the tool may have run"
         return MCPError(
@@ -1167,11 +1241,11 @@ class Session:
             )
         return tools
 
-    def _lost_message(self) -> str:
+    def _lost_message(self, whose: str = "") -> str:
         if self.too_large_inflight is not None:
             return (
                 f"the server sent a message larger than {describe_size(self.max_message_bytes)} "
-                f"({MAX_MESSAGE_SETTING}); the session was closed"
+                f"({MAX_MESSAGE_SETTING}){', ' + whose if whose else ''}; the session was closed"
             )
         if self.forgotten:
             return "the server no longer knows this session (it restarted?)"
@@ -1262,8 +1336,8 @@ class Session:
                 "(and may still be running)"
             ) from None
         except SDKError as exc:
-            if self.too_large_inflight is not None:
-                raise self._too_large(tool, ran=False) from exc  # not retried: it would run and fail again
+            if (ended := self._ended_by_too_large(tool, attempt)) is not None:
+                raise ended from exc
             if attempt.too_large or (exc.code == CONNECTION_CLOSED and self._event_too_large(exc.message)):
                 raise self._too_large(tool, ran=True) from exc  # an HTTP answer: the session goes on
             if exc.code == CONNECTION_CLOSED or self.dead:
@@ -1293,8 +1367,8 @@ class Session:
                 ) from exc
             raise
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            if self.too_large_inflight is not None:
-                raise self._too_large(tool, ran=False) from exc
+            if (ended := self._ended_by_too_large(tool, attempt)) is not None:
+                raise ended from exc
             self.broken = True
             raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
         finally:

@@ -24,7 +24,7 @@ from mcp.server.mcpserver import Context
 from mcp.server.mcpserver import MCPServer as SDKServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from kubechain.mcp import MCPError, MCPManager, command_problem, validate_spec
+from kubechain.mcp import MCPError, MCPManager, MCPToolResult, command_problem, validate_spec
 from kubechain.models import MCPServer
 from kubechain.observability.logs import ResourceFilter, resource_context
 
@@ -1480,9 +1480,9 @@ def test_a_stdio_line_is_read_up_to_the_limit_however_it_is_cut_into_chunks() ->
         async def aclose(self) -> None:
             pass
 
-    def read(chunks: list[bytes], limit: int = 4) -> tuple[bytes, int]:
-        too_large: list[bool] = []
-        bounded = _BoundedLines(Chunks(chunks), limit, lambda: too_large.append(True))
+    def read(chunks: list[bytes], limit: int = 4) -> tuple[bytes, list[bytes]]:
+        too_large: list[bytes] = []  # the start of each line too long, as the reader was told it
+        bounded = _BoundedLines(Chunks(chunks), limit, too_large.append)
 
         async def all_of_it() -> bytes:
             out = b""
@@ -1492,13 +1492,138 @@ def test_a_stdio_line_is_read_up_to_the_limit_however_it_is_cut_into_chunks() ->
                 except anyio.EndOfStream:
                     return out
 
-        return anyio.run(all_of_it), len(too_large)
+        return anyio.run(all_of_it), too_large
 
-    assert read([b"ab", b"cd\n", b"abcd\nab", b"cd"]) == (b"abcd\nabcd\nabcd", 0)
-    assert read([b"ab", b"cde\n", b"ab\n"]) == (b"ab", 1)  # over in the chunk that ends the line
-    assert read([b"a\nb\nabcde\nc\n"]) == (b"a\nb\n", 1)  # the lines before it are read
-    assert read([b"abc", b"de"]) == (b"abc", 1)  # no newline yet, already over
-    assert read([b"abcd\n\nab"]) == (b"abcd\n\nab", 0)
+    assert read([b"ab", b"cd\n", b"abcd\nab", b"cd"]) == (b"abcd\nabcd\nabcd", [])
+    assert read([b"ab", b"cde\n", b"ab\n"]) == (b"ab", [b"abcde"])  # over in the chunk that ends the line
+    assert read([b"a\nb\nabcde\nc\n"]) == (b"a\nb\n", [b"abcde"])  # the lines before it are read
+    assert read([b"abc", b"de"]) == (b"abc", [b"abcde"])  # no newline yet, already over
+    assert read([b"ab\nc", b"d", b"efgh"]) == (b"ab\ncd", [b"cdefgh"])  # its start, from earlier chunks
+    assert read([b"abcd\n\nab"]) == (b"abcd\n\nab", [])
+
+
+@pytest.mark.parametrize(
+    ("head", "found"),
+    [
+        (b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"xxxx', 7),
+        (b'{ "id" : "call-7" , "jsonrpc": "2.0", "result": {"content": "xx', "call-7"),
+        (b'{"jsonrpc":"2.0","id":12', None),  # the id may go on past what was seen
+        (b'{"result":{"content":[{"type":"text","text":"xxxx', None),  # the id after the result
+        (b'{"result":{"id":3},"id":4,"jsonrpc":"2.0"', 4),  # an id inside the result is not its id
+        (b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"xxx', None),
+        (b'{"jsonrpc":"2.0","id":true,"result":', None),
+        (b"not json at all", None),
+    ],
+)
+def test_the_id_of_a_message_too_large_is_read_from_its_start(head: bytes, found: object) -> None:
+    from kubechain.mcp.session import _top_level_id
+
+    assert _top_level_id(head) == found
+
+
+MIXED_ANSWERS = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from pathlib import Path
+
+    ID_FIRST = sys.argv[1] == "id-first"
+    MARKER = Path(sys.argv[2])
+    lock = threading.Lock()
+
+    def send(line):
+        with lock:
+            sys.stdout.write(line + "\\n")
+            sys.stdout.flush()
+
+    def answer(id, result):
+        if ID_FIRST:
+            send(json.dumps({"jsonrpc": "2.0", "id": id, "result": result}))
+        else:
+            send(json.dumps({"result": result, "jsonrpc": "2.0", "id": id}))
+
+    def innocent(id):
+        time.sleep(2)
+        answer(id, {"content": [{"type": "text", "text": "small"}]})
+
+    TOOLS = [{"name": name, "inputSchema": {"type": "object"}} for name in ("big", "innocent")]
+    for line in sys.stdin:
+        request = json.loads(line)
+        method = request.get("method")
+        if method == "initialize":
+            answer(request["id"], {
+                "protocolVersion": request["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "mixed-answers", "version": "1"}})
+        elif method == "tools/list":
+            answer(request["id"], {"tools": TOOLS})
+        elif method == "tools/call" and request["params"]["name"] == "innocent":
+            with MARKER.open("a") as runs:
+                runs.write("ran\\n")
+            threading.Thread(target=innocent, args=(request["id"],), daemon=True).start()
+        elif method == "tools/call":
+            answer(request["id"], {"content": [{"type": "text", "text": "x" * (1 << 20)}]})
+        elif "id" in request:
+            send(json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": {"code": -32601, "message": "nope"}}))
+    """
+)
+
+
+def _big_beside_innocent(tmp_path: Path, order: str, idempotent: bool) -> tuple[Any, Any, int]:
+    """Tool innocent called, then tool big, whose answer is too large, while innocent is in flight on the
+    same stdio session: (what big ended with, what innocent did, how many times innocent ran)."""
+    script = tmp_path / "mixed_answers.py"
+    script.write_text(MIXED_ANSWERS)
+    marker = tmp_path / "runs"
+    m = MCPManager(
+        resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, max_message_bytes=256 * 1024
+    )
+    try:
+        server = mcp_server(
+            f"mixed-{order}",
+            transport="stdio",
+            command=sys.executable,
+            args=[str(script), order, str(marker)],
+            idempotent=idempotent,
+        )
+        m.list_tools(server)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            innocent = pool.submit(m.call_tool, server, "innocent", {})
+            wait_until(lambda: marker.exists(), what="innocent to be called")
+            big = pool.submit(m.call_tool, server, "big", {})
+            big_outcome = big.exception(timeout=60)
+            innocent_outcome = innocent.exception(timeout=60) or innocent.result()
+        return big_outcome, innocent_outcome, marker.read_text().count("ran")
+    finally:
+        m.close()
+
+
+def test_a_stdio_answer_too_large_fails_its_own_call_and_not_the_others_in_flight(tmp_path: Path) -> None:
+    """A line too large to read ended the session, and every call in flight on it was told its result was
+    too large and not retried: an unrelated call on an idempotent server failed with "ask it for less".
+    The call the line answers (its id read from the line's start) is told so; the others lost their
+    connection, as for any other end of the session: retried here (the server is idempotent)."""
+    big, innocent, runs = _big_beside_innocent(tmp_path, "id-first", idempotent=True)
+    assert str(big) == (
+        "the result of tool big is larger than 256 KiB (KUBECHAIN_MCP_MAX_MESSAGE_BYTES) and was not read; "
+        "the session was restarted. The tool may have run: ask it for less (a narrower query, a smaller page)"
+    )
+    assert innocent == MCPToolResult(text="small"), innocent
+    assert runs == 2, "retried on a fresh session"
+
+
+def test_a_stdio_message_too_large_of_no_known_call_fails_the_calls_in_flight_as_a_lost_connection(
+    tmp_path: Path,
+) -> None:
+    """Whose the line is cannot be read from its start (its id comes after the result): no call in flight
+    is told its result was too large; each lost its connection, saying a message was too large."""
+    big, innocent, runs = _big_beside_innocent(tmp_path, "result-first", idempotent=False)
+    for tool, outcome in (("big", big), ("innocent", innocent)):
+        assert str(outcome) == (
+            f"error calling tool {tool} on server mixed-result-first: the server sent a message larger than "
+            "256 KiB (KUBECHAIN_MCP_MAX_MESSAGE_BYTES), the answer of this call or of another in flight; the "
+            "session was closed while the call was in flight; not retried because the MCPServer is not marked "
+            "idempotent (spec.idempotent) and the tool may have run"
+        ), outcome
+    assert runs == 1
 
 
 # -- result flattening and lifecycle --------------------------------------------------------------
