@@ -30,6 +30,7 @@ import httpx2
 import mcp_types as types
 from mcp import Client
 from mcp.client import InputRequiredRoundsExceededError
+from mcp.client import sse as sdk_sse
 from mcp.client import stdio as sdk_stdio
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, get_default_environment, stdio_client
@@ -252,6 +253,76 @@ def _top_level_id(head: bytes) -> int | str | None:
 
 
 _install_spawn_hook()
+
+
+# -- bounding a legacy SSE stream's events ---------------------------------------------------------
+# sse_client reads its event stream with the SDK's default event size (1 MiB) and has no option for it:
+# a longer result ended the session as a lost connection (and was run again on an idempotent server). We
+# wrap the SDK's helper that opens the stream once, so a session can set its own limit, and hear of an
+# event over it, through a context variable (other callers of the SDK are unaffected). If a future SDK
+# renames the helper, events are read up to the SDK's 1 MiB, and one longer is a lost connection (said
+# once in the log).
+
+# (the limit, what to call when an event is longer)
+_SSE_EVENTS: contextvars.ContextVar[tuple[int, Callable[[], None]] | None] = contextvars.ContextVar(
+    "kubechain_mcp_sse_events", default=None
+)
+_SSE_EVENT_TOO_LARGE = re.compile(r"exceeded the (\d+) byte limit")
+
+
+def sse_event_limit(message: str) -> int | None:
+    """The limit an event was longer than, if ``message`` is httpx2's for that ("Server-sent event exceeded
+    the N byte limit")."""
+    match = _SSE_EVENT_TOO_LARGE.search(message)
+    return int(match.group(1)) if match else None
+
+
+class _WatchedEvents:
+    """The SDK's event source for a legacy SSE stream, telling ``on_too_large`` when an event is longer
+    than its limit (which ends the stream)."""
+
+    def __init__(self, inner: Any, on_too_large: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_too_large = on_too_large
+
+    @property
+    def response(self) -> httpx2.Response:
+        response: httpx2.Response = self._inner.response
+        return response
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            async for event in self._inner:
+                yield event
+        except httpx2.SSEError as exc:
+            if sse_event_limit(str(exc)) is not None:
+                self._on_too_large()
+            raise
+
+
+def _install_sse_hook() -> None:
+    original = getattr(sdk_sse, "sse_within_origin", None)
+    if original is None:
+        log.warning(
+            "the MCP SDK's SSE stream helper is gone: legacy SSE messages are read up to the SDK's own 1 MiB"
+        )
+        return
+    if getattr(original, "_kubechain_hook", False):
+        return
+
+    @asynccontextmanager
+    async def sse_within_origin(client: Any, url: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        bounds = _SSE_EVENTS.get()
+        if bounds is not None:
+            kwargs["max_event_size"] = bounds[0]
+        async with original(client, url, *args, **kwargs) as events:
+            yield events if bounds is None else _WatchedEvents(events, bounds[1])
+
+    sse_within_origin._kubechain_hook = True  # type: ignore[attr-defined]
+    sdk_sse.sse_within_origin = sse_within_origin  # type: ignore[assignment]
+
+
+_install_sse_hook()
 
 
 # -- knowing whether a tools/call request left this process -----------------------------------------
@@ -1076,13 +1147,17 @@ class Session:
         )
         return ConnectionLost(self._lost_message(whose), maybe_executed=attempt.may_have_run)
 
-    def _too_large(self, tool: str, *, ran: bool) -> MCPError:
-        """The error for a call whose answer was longer than the limit (ran: it surely came from the tool)."""
+    def _too_large(self, tool: str, *, ran: bool, limit: int | None = None) -> MCPError:
+        """The error for a call whose answer was longer than the limit (ran: it surely came from the tool;
+        ``limit``: the one it was read with, if not ours)."""
         what = f"the result of tool {tool}"
         restarted = "; the session was restarted" if self.too_large_inflight is not None else ""
         outcome = "the tool ran" if ran else "the tool may have run"
+        bound = f"{describe_size(self.max_message_bytes)} ({MAX_MESSAGE_SETTING})"
+        if limit is not None and limit != self.max_message_bytes:
+            bound = f"{describe_size(limit)} (the MCP SDK's limit for this stream)"
         return MCPError(
-            f"{what} is larger than {describe_size(self.max_message_bytes)} ({MAX_MESSAGE_SETTING}) and was "
+            f"{what} is larger than {bound} and was "
             f"not read{restarted}. {outcome[0].upper()}{outcome[1:]}: ask it for less (a narrower query, a "
             "smaller page)"
         )
@@ -1208,15 +1283,19 @@ class Session:
                 )
             else:
                 assert spec.url is not None
-                read, write = await stack.enter_async_context(
-                    sse_client(
-                        spec.url,
-                        headers=dict(spec.headers),
-                        timeout=self.connect_timeout_s,
-                        sse_read_timeout=max(SSE_READ_TIMEOUT_S, self.call_timeout_s),
-                        httpx_client_factory=_sse_http_client,
+                bounded = _SSE_EVENTS.set((self.max_message_bytes, self._line_too_large))
+                try:
+                    read, write = await stack.enter_async_context(
+                        sse_client(
+                            spec.url,
+                            headers=dict(spec.headers),
+                            timeout=self.connect_timeout_s,
+                            sse_read_timeout=max(SSE_READ_TIMEOUT_S, self.call_timeout_s),
+                            httpx_client_factory=_sse_http_client,
+                        )
                     )
-                )
+                finally:
+                    _SSE_EVENTS.reset(bounded)
             yield _WatchedReadStream(read, self._lost), _WatchedWriteStream(write)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -1338,8 +1417,10 @@ class Session:
         except SDKError as exc:
             if (ended := self._ended_by_too_large(tool, attempt)) is not None:
                 raise ended from exc
-            if attempt.too_large or (exc.code == CONNECTION_CLOSED and self._event_too_large(exc.message)):
-                raise self._too_large(tool, ran=True) from exc  # an HTTP answer: the session goes on
+            limit = sse_event_limit(exc.message) if exc.code == CONNECTION_CLOSED else None
+            if attempt.too_large or limit is not None:
+                # an HTTP answer (its own event stream's or body): the session goes on
+                raise self._too_large(tool, ran=True, limit=limit) from exc
             if exc.code == CONNECTION_CLOSED or self.dead:
                 self.broken = True
                 raise ConnectionLost(self._lost_message(), maybe_executed=attempt.may_have_run) from exc
@@ -1374,11 +1455,6 @@ class Session:
         finally:
             _ATTEMPT.reset(token)
             self._release()
-
-    def _event_too_large(self, message: str) -> bool:
-        """Whether the SDK gave up an answer's event stream for an event longer than the limit (httpx2's
-        "Server-sent event exceeded the N byte limit")."""
-        return f"exceeded the {self.max_message_bytes} byte limit" in message
 
     async def _check_alive(self, client: Client) -> None:
         """After a call timed out: a server that answers nothing to a small request either is hung (a

@@ -1333,6 +1333,61 @@ def test_an_http_result_larger_than_the_limit_fails_the_call_clearly(json_respon
         m.close()
 
 
+def test_a_legacy_sse_result_is_read_up_to_the_limit_and_one_over_it_is_not_run_again() -> None:
+    """The legacy SSE transport read events up to the SDK's own 1 MiB, whatever the limit: a result of
+    1.4 MiB ended the session as a lost connection, and was run again on an idempotent server (and told
+    so on the second loss). Its events are now read up to the limit; one over it fails its call saying so,
+    not retried, and the session is restarted."""
+    runs: list[int] = []
+    app = SDKServer("big-sse")
+
+    @app.tool()
+    def big(kib: int) -> str:
+        runs.append(kib)
+        return "x" * (kib * 1024)
+
+    m = MCPManager(
+        resolve_secret, call_timeout_s=30, connect_timeout_s=CONNECT_TIMEOUT_S, max_message_bytes=2 << 20
+    )
+    try:
+        with UvicornThread(app.sse_app(host="127.0.0.1")) as up:
+            url = f"http://127.0.0.1:{up.port}/sse"
+            server = mcp_server("big-sse", transport="sse", url=url, idempotent=True)
+            # (an SDK server sends its result twice: as text and as structured content)
+            assert len(m.call_tool(server, "big", {"kib": 700}).text) == 700 * 1024
+            with pytest.raises(MCPError) as too_large:
+                m.call_tool(server, "big", {"kib": 1500})
+            assert str(too_large.value) == (
+                "the result of tool big is larger than 2 MiB (KUBECHAIN_MCP_MAX_MESSAGE_BYTES) and was not read; "
+                "the session was restarted. The tool may have run: ask it for less (a narrower query, a smaller page)"
+            )
+            assert runs == [700, 1500], "not run again"
+            assert len(m.call_tool(server, "big", {"kib": 1}).text) == 1024
+    finally:
+        m.close()
+
+
+def test_an_event_too_large_is_recognised_whatever_limit_the_sdk_read_it_with() -> None:
+    from kubechain.mcp.session import sse_event_limit
+
+    assert sse_event_limit("Server-sent event exceeded the 1048576 byte limit.") == 1 << 20
+    assert sse_event_limit("Server-sent event exceeded the 4194304 byte limit.") == 4 << 20
+    assert sse_event_limit("Connection closed") is None
+
+
+def test_without_the_sdks_sse_helper_the_lower_limit_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mcp.client import sse as sdk_sse
+
+    from kubechain.mcp import session
+
+    monkeypatch.delattr(sdk_sse, "sse_within_origin")
+    caplog.set_level(logging.WARNING, logger="kubechain.mcp")
+    session._install_sse_hook()
+    assert "legacy SSE messages are read up to the SDK's own 1 MiB" in caplog.text
+
+
 class _Body:
     """A response body served in chunks, counting what was read of it."""
 
