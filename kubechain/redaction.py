@@ -309,16 +309,54 @@ def scrub_then_cut(text: str, scrub: Callable[[str], str], limit: int, *, margin
 def redact_url(url: str) -> str:
     """The URL without userinfo (``https://user:token@host`` → ``https://host``) and without the values of
     its query (``?api_key=abc`` → ``?api_key=***``, whatever the names: APIs take keys, tokens and signatures
-    there)."""
+    there). A password written with "/", "?" or "#" unescaped is cut out whole: see ``_without_userinfo``."""
+    url = _without_userinfo(url)
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed IPv6 bracket: up to the host only, which is what is wrong
         scheme, slashes, rest = url.partition("//")
-        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-        return scheme + slashes + authority.rpartition("@")[2]
-    netloc = parts.netloc.rpartition("@")[2]
+        return scheme + slashes + re.split(r"[/?#]", rest, maxsplit=1)[0]
     query = "&".join(
         f"{name}=***" if sep else name
         for name, sep, _ in (p.partition("=") for p in parts.query.split("&") if p)
     )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return urlunsplit(parts._replace(query=query))
+
+
+# "scheme://" (or "//" alone): what starts a URL with an authority ([userinfo@]host[:port])
+_AUTHORITY_START = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?//")
+# Schemes whose URLs may hold an "@" after the host, in a path ("/models/claude@20241022", "/@user"), a
+# query ("?email=a@b.example") or a fragment. Of the others (redis://, postgres://, amqp://) an "@" is
+# the userinfo's end wherever it is.
+_AT_AFTER_HOST = frozenset({"http", "https", "ws", "wss"})
+# a host no userinfo is taken for: a name with a dot (an IPv4 address too), localhost or an IP literal,
+# with a port of digits if any
+_NAMED_HOST = re.compile(
+    r"(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+\.?|localhost|\[[0-9A-Fa-f:.]+(?:%25[\w.~-]+)?\])(?::[0-9]+)?",
+    re.IGNORECASE,
+)
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without its userinfo: all that comes before the host and its "@".
+
+    A password (or a token given as the user) written with "/", "?" or "#" unescaped ends the host's part
+    for urlsplit, which reads ``redis://:s3cr/et@127.0.0.1:1/0`` as host "", port "s3cr", path
+    "/et@127.0.0.1:1/0": the userinfo ends at the *last* "@" then. Except that an http(s) URL's path, query
+    or fragment may hold an "@" of its own ("/models/claude@20241022", "?email=a@b.example"): of such a URL,
+    when the part up to its first "/", "?" or "#" (after an "@" there) is a host no userinfo is taken for
+    (see ``_NAMED_HOST``), the "@" after it are the URL's. A one-label host ("https://host/x?e=a@b") is
+    read as a user with a "/" in its password instead ("https://b"), which shows less, never a password.
+    What this still shows is the start of a password with "/", "?" or "#" whose user has a dot in it and
+    whose start is a port of digits ("https://first.last:1234/x@host"): read either way."""
+    start = _AUTHORITY_START.match(url)
+    if start is None:
+        return url  # no authority: no userinfo either ("mailto:a@b", "unix:///run/redis.sock")
+    prefix, rest = url[: start.end()], url[start.end() :]
+    if "@" not in rest:
+        return url
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    scheme = prefix[: -len("://")].lower()
+    if scheme in _AT_AFTER_HOST and _NAMED_HOST.fullmatch(authority.rpartition("@")[2]):
+        return prefix + rest[len(authority.rpartition("@")[0]) + 1 :] if "@" in authority else url
+    return prefix + rest.rpartition("@")[2]

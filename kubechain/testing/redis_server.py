@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -76,6 +77,22 @@ def ensure_redis_server(progress: Progress | None = None) -> Path:
     if found is None:
         raise RedisError(f"redis-server still missing after apt-get install; {_INSTALL_HINT}")
     return found
+
+
+def _unreadable(url: str, exc: Exception) -> str:
+    """Why redis-py cannot read ``url``: in its words, unless they may quote a piece of the URL's userinfo.
+    A password with "/", "?" or "#" unescaped ends the host's part there, and redis-py takes its start for
+    the port ("Port could not be cast to integer value as 's3cr'") or its end for the query's options."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):  # as redis-py checks it, small letters
+        return "it must start with redis://, rediss:// or unix://"
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    said = str(exc)
+    if any(piece in said for piece in re.split(r"[:/?#&=;]", userinfo) if piece):
+        return (
+            "it cannot be read (a password with /, ? or # in it is written percent-encoded there: "
+            "%2F, %3F, %23)"
+        )
+    return said
 
 
 class LocalRedis:
@@ -190,11 +207,17 @@ class LocalRedis:
         try:
             client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as exc:  # no redis://, rediss:// or unix:// scheme, a port that is no number
-            raise RedisError(f"REDIS_URL {redact_url(url)} is not a Redis URL: {exc}") from None
+            raise RedisError(
+                f"REDIS_URL {redact_url(url)} is not a Redis URL: {_unreadable(url, exc)}"
+            ) from None
         try:
             client.ping()
         except redis.exceptions.RedisError as exc:
             raise RedisError(f"REDIS_URL {redact_url(url)} does not answer: {exc}") from None
+        except TypeError as exc:  # an option of its query that redis-py passes on to the connection ("?a=1")
+            raise RedisError(
+                f"REDIS_URL {redact_url(url)} is not a Redis URL: {_unreadable(url, exc)}"
+            ) from None
         finally:
             client.close()
 

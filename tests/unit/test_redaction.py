@@ -34,6 +34,58 @@ def test_a_servers_url_is_shown_without_credentials_or_query_values(url: str, sh
     assert redact_url(url) == shown
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # a password (or a token for a user) with "/", "?" or "#" unescaped: the host is after the last "@"
+        ("redis://:s3cr/et@127.0.0.1:1/0", "redis://127.0.0.1:1/0"),
+        ("redis://:sec#ret@127.0.0.1:1/0", "redis://127.0.0.1:1/0"),
+        ("redis://:sec?ret@127.0.0.1:1/0", "redis://127.0.0.1:1/0"),
+        ("redis://user:pa/ss@127.0.0.1:1/0", "redis://127.0.0.1:1/0"),
+        ("REDIS://user:1234/5678@redis.example.com:6379/0", "redis://redis.example.com:6379/0"),
+        (
+            "rediss://:p@ss/w#rd?@redis.example.com:6380/0?ssl_cert_reqs=none",
+            "rediss://redis.example.com:6380/0?ssl_cert_reqs=***",
+        ),
+        ("https://user:pa/ss@api.example.com/v1", "https://api.example.com/v1"),
+        ("https://AbC9x/Yz+q#w@github.com/org/repo.git", "https://github.com/org/repo.git"),
+        ("https://user:1234/5678@host/v1?key=k", "https://host/v1?key=***"),
+        ("https://user:p@ss/w@api.example.com/v1", "https://api.example.com/v1"),
+        ("http://svc:pa55/word@[::1/v1?token=t0k3n", "http://[::1"),
+    ],
+)
+def test_a_password_with_reserved_characters_is_cut_out_whole(url: str, shown: str) -> None:
+    """urlsplit ends the host's part at the first "/", "?" or "#", so such a password was shown (in part:
+    "redis://:s3cr/et@127.0.0.1:1/0" as itself, its host taken for "" and its port for "s3cr")."""
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.example.com/path?email=a@b.example",
+        "https://medium.com/@user",
+        "https://registry.npmjs.org/@scope/pkg",
+        (
+            "https://us-east5-aiplatform.googleapis.com/v1/projects/p/locations/us-east5/publishers/"
+            "anthropic/models/claude-3-5-sonnet-v2@20241022:rawPredict"
+        ),
+        "http://localhost:8080/users/a@b#c@d",
+        "http://127.0.0.1:8080/a@b",
+        "http://[::1]:8080/a@b",
+        "https://svc.ns.svc.cluster.local/a@b",
+    ],
+)
+def test_an_at_sign_after_a_named_host_is_part_of_the_url(url: str) -> None:
+    """Of an http(s) URL whose host is a name with a dot, localhost or an IP address: a path, a query or a
+    fragment may hold an "@" (a Vertex AI model, a profile, an e-mail address), which is no password's."""
+    shown = redact_url(url)
+    assert shown == url.replace("email=a@b.example", "email=***"), shown
+    assert (
+        redact_url("https://user:pw@api.example.com/models/m@2024") == "https://api.example.com/models/m@2024"
+    )
+
+
 def pieces(secret: str, text: str, size: int = 8) -> list[str]:
     """The ``size``-character pieces of ``secret`` that ``text`` holds."""
     return [secret[i : i + size] for i in range(len(secret) - size + 1) if secret[i : i + size] in text]

@@ -4,6 +4,7 @@ runs, so a ``$REDIS_URL`` left in the shell (the README sets one for the Procfil
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,47 @@ def test_a_redis_url_that_does_not_answer_stops_the_start_without_showing_its_pa
     message = str(refused.value)
     assert message.startswith("REDIS_URL redis://127.0.0.1:1/0 does not answer: "), message
     assert "s3cret" not in message + "".join(said)
+
+
+@pytest.mark.parametrize(
+    ("url", "password", "said"),
+    [
+        ("redis://:s3cr/et@127.0.0.1:1/0", "s3cr/et", "a password with"),
+        ("redis://:sec#ret@127.0.0.1:1/0", "sec#ret", "a password with"),
+        ("redis://:sec?ret@127.0.0.1:1/0", "sec?ret", "a password with"),
+        ("redis://user:qx/zw@127.0.0.1:1/0", "qx/zw", "a password with"),
+        ("http://:s3cr/et@127.0.0.1:1/0", "s3cr/et", "redis://, rediss:// or unix://"),
+        # an option redis-py does not know, which it passed on to the connection: a TypeError at PING
+        ("redis://k8s-user?wrap=now@127.0.0.1:1/0", "k8s-user?wrap=now", "a password with"),
+    ],
+)
+def test_a_redis_url_that_cannot_be_read_is_refused_without_any_of_its_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, password: str, said: str
+) -> None:
+    """A password with "/", "#" or "?" unescaped was printed: whole by redact_url, which took the host's
+    part to end there, and its start by redis-py's error ("Port could not be cast to integer value as
+    's3cr'")."""
+    from kubechain.testing.redis_server import LocalRedis, RedisError
+
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(RedisError) as refused:
+        LocalRedis(workdir=tmp_path, use_env=True, progress=lambda _: None).start()
+    message = str(refused.value)
+    assert message.startswith(f"REDIS_URL {url.partition('//')[0]}//127.0.0.1:1/0 is not a Redis URL"), (
+        message
+    )
+    assert said in message, message
+    assert not any(piece in message for piece in re.split(r"[/#?]", password)), message
+
+
+def test_a_redis_url_without_userinfo_that_cannot_be_read_is_refused_in_redis_pys_words(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kubechain.testing.redis_server import LocalRedis, RedisError
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0?socket_timeout=soon")
+    with pytest.raises(RedisError, match="not a Redis URL: Invalid value for 'socket_timeout'"):
+        LocalRedis(workdir=tmp_path, use_env=True, progress=lambda _: None).start()
 
 
 def test_an_adopted_redis_url_is_said_without_its_password(
