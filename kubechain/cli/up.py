@@ -58,7 +58,8 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     def say(message: str) -> None:
         click.echo(click.style("[kubechain] ", fg="cyan") + message, err=True)
 
-    unusable = why_unusable(None) if cluster != "local" else None
+    # a pod's in-cluster configuration (no kubeconfig) is the current context when asked for by name only
+    unusable = why_unusable(None, in_cluster=cluster == "current") if cluster != "local" else None
     leading = running_watcher(None) if cluster != "local" and unusable is None else None
     holder = leading[0] if leading is not None else None
     running = second = ""

@@ -182,10 +182,16 @@ def kubeconfig_namespace(kubeconfig: str | None = None, context: str | None = No
     return str(namespace) if namespace else None
 
 
+def uses_in_cluster_config(kubeconfig: str | None = None) -> bool:
+    """Whether :func:`load_connection` loads the in-cluster configuration (a pod's service account): in a
+    pod (KUBERNETES_SERVICE_HOST is set) where none of the kubeconfig files exists."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig_exists(kubeconfig)
+
+
 def load_connection(kubeconfig: str | None = None, context: str | None = None) -> ClusterConnection:
     """Kubeconfig (explicit, $KUBECONFIG or ~/.kube/config; a file or a merged list of files, as kubectl
     reads it) when one exists, else in-cluster config."""
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not kubeconfig_exists(kubeconfig)
+    in_cluster = uses_in_cluster_config(kubeconfig)
     path = kubeconfig_path(kubeconfig)
     chosen = context or (None if in_cluster else current_context(path))
 

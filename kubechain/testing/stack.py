@@ -21,7 +21,12 @@ import httpx
 
 from kubechain.crdgen import all_crds
 from kubechain.kube.client import KubeClient
-from kubechain.kube.connection import kubeconfig_exists, kubeconfig_path, load_connection
+from kubechain.kube.connection import (
+    kubeconfig_exists,
+    kubeconfig_path,
+    load_connection,
+    uses_in_cluster_config,
+)
 from kubechain.kube.crds import apply_crds
 from kubechain.kube.errors import KubeAPIError, transport_reason
 from kubechain.statemachines.lease import lease_holder
@@ -145,6 +150,8 @@ class LocalStack:
             self.control_plane.start()
             # it carries the control plane's admin token, and the working folder may be one others can read
             write_private(Path(self.kubeconfig), self.control_plane.kubeconfig_path.read_text())
+        elif uses_in_cluster_config(self.kubeconfig):  # a pod's (--cluster current): no kubeconfig
+            self.progress("using the cluster of the in-cluster configuration (this pod's service account)")
         else:
             self.progress(f"using the cluster of kubeconfig {self.kubeconfig}")
         self.progress("installing the KubeChain CRDs")
@@ -368,12 +375,23 @@ class Unusable:
     kubeconfig: bool
 
 
-def why_unusable(kubeconfig: str | None) -> Unusable | None:
+def why_unusable(kubeconfig: str | None, *, in_cluster: bool = True) -> Unusable | None:
     """None when the current kube context answers, else why not (``kubechain up`` says it, rather than
-    falling back to a local control plane, or failing, without a word)."""
+    falling back to a local control plane, or failing, without a word). In a pod with no kubeconfig, the
+    current context is the pod's in-cluster configuration, as for every process ``up`` starts
+    (:func:`load_connection`); ``in_cluster=False``: it is not looked at (``up --cluster auto`` starts a
+    local control plane there, as it did, rather than take the cluster a CI runner's pod runs in)."""
     where = kubeconfig_path(kubeconfig)
     if not kubeconfig_exists(kubeconfig):
-        return Unusable(f"cannot load the cluster connection from {where}: no such file", kubeconfig=True)
+        if not uses_in_cluster_config(kubeconfig):
+            return Unusable(f"cannot load the cluster connection from {where}: no such file", kubeconfig=True)
+        if not in_cluster:
+            return Unusable(
+                f"there is no kubeconfig at {where}, and the in-cluster configuration is used with "
+                "--cluster current only",
+                kubeconfig=True,
+            )
+        where = "the in-cluster configuration"
     try:
         client = KubeClient(load_connection(kubeconfig), timeout_s=3)
     except Exception as exc:  # noqa: BLE001 - kubernetes raises many kinds for a bad kubeconfig

@@ -15,7 +15,7 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
     from kubechain.cli import main
 
     started: list[object] = []
-    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
     monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: "kubechain-watcher-7d9f-abcde")
     monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
     result = CliRunner().invoke(main, ["up", "--cluster", "current"])
@@ -365,7 +365,7 @@ def test_up_sees_a_cluster_already_served_by_another_up(
     monkeypatch.setenv("KUBECONFIG", str(config))
     monkeypatch.delenv("KUBECHAIN_LEASE_NAMESPACE", raising=False)
     monkeypatch.delenv("KUBECHAIN_LEASE_NAME", raising=False)
-    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
     monkeypatch.setattr(stack, "deployed_watcher", watcher_of)
     monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
     refused = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
@@ -496,3 +496,92 @@ def test_the_start_names_one_kubeconfig_only(monkeypatch: pytest.MonkeyPatch, tm
     plane.start()
     assert any(line.startswith("control plane ready at https://127.0.0.1:") for line in said), said
     assert not any("kubeconfig" in line for line in said), said
+
+
+def self_signed_ca() -> bytes:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pod-ca")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def in_a_pod(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """A pod's environment: its service account's token and CA, KUBERNETES_SERVICE_HOST, no kubeconfig. The
+    API server's /version answers (the hosts it is asked of are listed)."""
+    import kubernetes.config.incluster_config as incluster
+
+    from kubechain.kube.client import KubeClient
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("tok")
+    ca.write_bytes(self_signed_ca())
+    monkeypatch.setattr(incluster, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    asked: list[str] = []
+
+    def version(self: KubeClient) -> dict[str, str]:
+        asked.append(self.connection.host)
+        return {"gitVersion": "v1.31.0"}
+
+    monkeypatch.setattr(KubeClient, "version", version)
+    return asked
+
+
+def test_up_on_the_current_cluster_in_a_pod_uses_its_in_cluster_configuration(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_a_pod: list[str]
+) -> None:
+    """It was refused ("cannot load the cluster connection from ~/.kube/config: no such file") while every
+    process it starts loads the in-cluster configuration when there is no kubeconfig."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    StopsAtStart.options.clear()
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "up")])
+    assert "could not start KubeChain: not starting anything here" in result.output, result.output
+    assert in_a_pod == ["https://10.0.0.1:443"], "its API server is asked, as a kubeconfig's is"
+    assert [options.cluster for options in StopsAtStart.options] == ["current"]  # type: ignore[attr-defined]
+
+
+def test_up_auto_in_a_pod_without_a_kubeconfig_starts_a_local_control_plane(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_a_pod: list[str]
+) -> None:
+    """As it did: a CI job in a Kubernetes runner gets a cluster of its own, not its runner's cluster, which
+    its service account may reach (with --cluster current, it does)."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    StopsAtStart.options.clear()
+    result = CliRunner().invoke(main, ["up", "--workdir", str(tmp_path / "up")])
+    assert "cluster: a local control plane" in result.output, result.output
+    assert "the in-cluster configuration is used with --cluster current only" in result.output, result.output
+    assert not in_a_pod

@@ -164,7 +164,7 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
     first, second = two_files
     monkeypatch.setenv("KUBECONFIG", listed(first, second))
     seen: list[Any] = []
-    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
     monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: None)
 
     def no_stack(options: Any, **_: Any) -> None:
@@ -229,7 +229,7 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
         def stop(self) -> None:
             events.append("stop")
 
-    monkeypatch.setattr(stack, "why_unusable", lambda _: None)
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
     monkeypatch.setattr(stack, "deployed_watcher", deployed_watcher)
     monkeypatch.setattr(stack, "LocalStack", FakeStack)
     monkeypatch.setattr(up_module, "DEPLOYED_CHECK_S", 0.0)
