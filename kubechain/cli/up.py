@@ -17,6 +17,9 @@ import click
 from kubechain.cli import main
 from kubechain.settings import MAX_WORKER_CONCURRENCY
 
+# `up`'s working folder, by default: what is in a folder of that name is an earlier `up`'s (lock_workdir)
+DEFAULT_WORKDIR = ".kubechain"
+
 
 @main.command()
 @click.option(
@@ -37,7 +40,7 @@ from kubechain.settings import MAX_WORKER_CONCURRENCY
     type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
     help="threads per worker process",
 )
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(".kubechain"), show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path(DEFAULT_WORKDIR), show_default=True)
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
     from kubechain.cli.resources import CLIError, client_or_refuse
@@ -243,8 +246,10 @@ def start_failures() -> tuple[type[BaseException], ...]:
     return (BinaryError, ControlPlaneError, RedisError, KubeAPIError, TimeoutError, OSError)
 
 
-# What an earlier `up` leaves in its working folder (.lock: every `up`; controlplane: a local cluster's).
-WORKDIR_MARKS = (".lock", "controlplane")
+# What an earlier `up` leaves in its working folder: .lock (every `up` since it is taken), logs (every one,
+# an `up --cluster current` from before the .lock nothing else), controlplane and kubeconfig (a local
+# cluster's), redis (the Redis it ran).
+WORKDIR_MARKS = (".lock", "logs", "controlplane", "kubeconfig", "redis")
 
 
 def lock_workdir(workdir: Path) -> IO[str]:
@@ -268,10 +273,14 @@ def lock_workdir(workdir: Path) -> IO[str]:
                 f"{workdir} belongs to another user: give `kubechain up` a folder of your own with --workdir",
                 2,
             ) from None
-        if any(workdir.iterdir()) and not any((workdir / mark).exists() for mark in WORKDIR_MARKS):
+        if (
+            workdir.name != DEFAULT_WORKDIR
+            and any(workdir.iterdir())
+            and not any((workdir / mark).exists() for mark in WORKDIR_MARKS)
+        ):
             raise CLIError(
-                f"{workdir} is not empty and is not a KubeChain working folder (it has no "
-                f"{' or '.join(WORKDIR_MARKS)}): `kubechain up` keeps a control plane, its keys and logs "
+                f"{workdir} is not empty and is not a KubeChain working folder (it has none of "
+                f"{', '.join(WORKDIR_MARKS)}): `kubechain up` keeps a control plane, its keys and logs "
                 "there; give it a new or empty folder with --workdir",
                 2,
             ) from None

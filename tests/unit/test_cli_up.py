@@ -189,6 +189,31 @@ def test_up_refuses_a_folder_of_other_things_as_its_workdir(tmp_path: Path) -> N
     lock_workdir(empty).close()
 
 
+@pytest.mark.parametrize("left", ["logs", "kubeconfig", "redis", "controlplane", ".lock"])
+def test_up_takes_the_folder_an_earlier_up_left_whatever_it_left(tmp_path: Path, left: str) -> None:
+    """An `up --cluster current` from before the .lock (only logs/ in it) was refused as "not a KubeChain
+    working folder"."""
+    from kubechain.cli.up import lock_workdir
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    if left in ("kubeconfig", ".lock"):
+        (earlier / left).write_text("")
+    else:
+        (earlier / left).mkdir()
+    lock_workdir(earlier).close()
+
+
+def test_up_takes_a_folder_of_the_default_name_whatever_it_holds(tmp_path: Path) -> None:
+    """.kubechain is `up`'s own name (its default --workdir): what is in it is an earlier up's."""
+    from kubechain.cli.up import lock_workdir
+
+    default = tmp_path / ".kubechain"
+    default.mkdir()
+    (default / "something-older.log").write_text("\n")
+    lock_workdir(default).close()
+
+
 def test_secrets_are_written_private_from_the_first_byte(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
