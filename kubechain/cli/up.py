@@ -46,6 +46,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     from kubechain.cli.resources import CLIError, client_or_refuse
     from kubechain.kube.client import KubeClient
     from kubechain.kube.connection import current_context, kubeconfig_path, load_connection
+    from kubechain.settings import SettingsInvalid
     from kubechain.testing.controlplane import ControlPlaneError
     from kubechain.testing.stack import (
         DEPLOYED_LEASE,
@@ -63,18 +64,23 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
 
     # a pod's in-cluster configuration (no kubeconfig) is the current context when asked for by name only
     unusable = why_unusable(None, in_cluster=cluster == "current") if cluster != "local" else None
-    leading = running_watcher(None) if cluster != "local" and unusable is None else None
-    holder = leading[0] if leading is not None else None
+    try:
+        leading = running_watcher(None) if cluster != "local" and unusable is None else None
+    except SettingsInvalid as exc:  # the Lease a local watcher takes is one of its settings
+        raise CLIError(f"{exc} (the watcher and workers `up` starts read them too)", 2) from None
+    holder = leading.holder if leading is not None else None
     running = second = ""
     if leading is not None:
-        lease = leading[1]
-        running = f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease {'/'.join(lease)}"
-        if lease == DEPLOYED_LEASE:  # under its own Lease: both would lead
+        lease = "/".join(leading.lease)
+        running = f"KubeChain already runs in the current cluster (its watcher {holder} holds Lease {lease}"
+        if leading.lease == DEPLOYED_LEASE:  # under its own Lease: both would lead
             running += ")"
             second = "a second one would race it for every resource"
         else:  # the Lease a local watcher would take: it would stand by
-            # its leaseDurationSeconds, 15 s (settings.lease_duration_s)
-            running += ": another `kubechain up`, or the Procfile's watcher; one that was killed frees it within 15 s)"
+            running += (
+                ": another `kubechain up`, or the Procfile's watcher; one that was killed frees it within "
+                f"{leading.duration_s:g} s)"
+            )
             second = "a second one would stand by, its workers and scripted LLM unused"
     if cluster == "auto":
         cluster = "current" if unusable is None and holder is None else "local"

@@ -418,25 +418,36 @@ DEPLOYED_LEASE = ("kubechain-system", "kubechain-watcher")
 
 
 def local_lease() -> tuple[str, str]:
-    """Where the watcher of a ``kubechain up`` (or of the Procfile) leads: the settings' Lease, in
-    "default" unless KUBECHAIN_LEASE_NAMESPACE says otherwise (the stack drops POD_NAMESPACE)."""
-    from kubechain.settings import Settings
+    """Where the watcher of a ``kubechain up`` (or of the Procfile) leads: the settings' Lease, as the
+    watcher reads it (a variable's name in any case), in "default" unless KUBECHAIN_LEASE_NAMESPACE says
+    otherwise: the stack drops POD_NAMESPACE (see ``LocalStack.env``), which the settings would take.
+    Raises SettingsInvalid for settings the watcher could not start with."""
+    from kubechain.settings import load_settings
 
-    return (
-        os.environ.get("KUBECHAIN_LEASE_NAMESPACE") or "default",
-        os.environ.get("KUBECHAIN_LEASE_NAME") or str(Settings.model_fields["lease_name"].default),
-    )
+    settings = load_settings()
+    set_here = "lease_namespace" in settings.model_fields_set  # else POD_NAMESPACE's, or "default"
+    return (settings.lease_namespace if set_here else "default", settings.lease_name)
 
 
-def running_watcher(kubeconfig: str | None) -> tuple[str, tuple[str, str]] | None:
+@dataclass(frozen=True)
+class HeldLease:
+    """A Lease a KubeChain watcher holds: its holder, the Lease (namespace, name), and how long it stays
+    held once its holder stops renewing it (its leaseDurationSeconds: a watcher killed frees it then)."""
+
+    holder: str
+    lease: tuple[str, str]
+    duration_s: float
+
+
+def running_watcher(kubeconfig: str | None) -> HeldLease | None:
     """A KubeChain watcher leading in the current context's cluster, and the Lease it holds, if any: a
     deployed one (:data:`DEPLOYED_LEASE`), or another ``up``'s (:func:`local_lease`). A second one there
     would act on every resource beside it (deployed), or stand by with workers that get nothing while
     its scripted LLM is not the one answering (another ``up``)."""
     for lease in (DEPLOYED_LEASE, local_lease()):
-        holder = deployed_watcher(kubeconfig, lease=lease)
-        if holder is not None:
-            return holder, lease
+        held = held_lease(kubeconfig, lease=lease)
+        if held is not None:
+            return held
     return None
 
 
@@ -447,15 +458,35 @@ def deployed_watcher(
     client: KubeClient | None = None,
 ) -> str | None:
     """The identity of a KubeChain watcher already leading in the kubeconfig's cluster (deploy/), if any:
-    ``kubechain up`` must not start a second KubeChain that would race it for every resource. ``context``:
+    ``kubechain up`` must not start a second KubeChain that would race it for every resource. See
+    :func:`held_lease`."""
+    held = held_lease(kubeconfig, lease, context, client)
+    return held.holder if held is not None else None
+
+
+def held_lease(
+    kubeconfig: str | None,
+    lease: tuple[str, str] = DEPLOYED_LEASE,
+    context: str | None = None,
+    client: KubeClient | None = None,
+) -> HeldLease | None:
+    """The watcher leading under ``lease`` in the kubeconfig's cluster, if it renewed the Lease within
+    the Lease's own duration (default: the settings' lease_duration_s, as the watcher's). ``context``:
     that kube context rather than the current one; ``client``: one to ask with (a caller checking again
     and again keeps one, rather than loading the kubeconfig, exec plugin and all, each time)."""
+    from kubechain.settings import Settings
+
     own = client is None
     kube = client if client is not None else KubeClient(load_connection(kubeconfig, context), timeout_s=5)
     try:
-        return lease_holder(kube.get_lease(*lease).get("spec") or {}, datetime.now(UTC))
+        spec = kube.get_lease(*lease).get("spec") or {}
     except KubeAPIError:
         return None  # no such Lease (or not ours to read): nothing known to be running
     finally:
         if own:
             kube.close()
+    default_s = float(Settings.model_fields["lease_duration_s"].default)
+    holder = lease_holder(spec, datetime.now(UTC), default_s)
+    if holder is None:
+        return None
+    return HeldLease(holder, lease, float(spec.get("leaseDurationSeconds") or default_s))

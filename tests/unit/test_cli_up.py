@@ -16,7 +16,13 @@ def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.M
 
     started: list[object] = []
     monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
-    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: "kubechain-watcher-7d9f-abcde")
+    monkeypatch.setattr(
+        stack,
+        "held_lease",
+        lambda *_, lease=stack.DEPLOYED_LEASE, **__: stack.HeldLease(
+            "kubechain-watcher-7d9f-abcde", lease, 15.0
+        ),
+    )
     monkeypatch.setattr(stack, "LocalStack", lambda *args, **kwargs: started.append(args) or 1 / 0)
     result = CliRunner().invoke(main, ["up", "--cluster", "current"])
     assert result.exit_code == 1 and not started
@@ -377,9 +383,13 @@ def test_up_sees_a_cluster_already_served_by_another_up(
 
     def watcher_of(
         _kubeconfig: object, lease: tuple[str, str] = stack.DEPLOYED_LEASE, **__: object
-    ) -> str | None:
+    ) -> stack.HeldLease | None:
         asked.append(lease)
-        return "watcher-0-1a2b3c" if lease == ("default", "kubechain-watcher") else None
+        return (
+            stack.HeldLease("watcher-0-1a2b3c", lease, 15.0)
+            if lease == ("default", "kubechain-watcher")
+            else None
+        )
 
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -391,7 +401,7 @@ def test_up_sees_a_cluster_already_served_by_another_up(
     monkeypatch.delenv("KUBECHAIN_LEASE_NAMESPACE", raising=False)
     monkeypatch.delenv("KUBECHAIN_LEASE_NAME", raising=False)
     monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
-    monkeypatch.setattr(stack, "deployed_watcher", watcher_of)
+    monkeypatch.setattr(stack, "held_lease", watcher_of)
     monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
     refused = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
     assert refused.exit_code == 1, refused.output
@@ -585,7 +595,7 @@ def test_up_on_the_current_cluster_in_a_pod_uses_its_in_cluster_configuration(
     import kubechain.testing.stack as stack
     from kubechain.cli import main
 
-    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "held_lease", lambda *_, **__: None)
     monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
     StopsAtStart.options.clear()
     result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "up")])
@@ -610,3 +620,78 @@ def test_up_auto_in_a_pod_without_a_kubeconfig_starts_a_local_control_plane(
     assert "cluster: a local control plane" in result.output, result.output
     assert "the in-cluster configuration is used with --cluster current only" in result.output, result.output
     assert not in_a_pod
+
+
+def test_refusing_a_cluster_another_up_serves_says_when_its_lease_frees_by_the_leases_own_duration(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """It said "frees it within 15 s" whatever the Lease's leaseDurationSeconds (which lease_holder honours)."""
+    from datetime import UTC, datetime
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    renewed = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    class Kube:
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def get_lease(self, namespace: str, name: str) -> dict[str, object]:
+            if (namespace, name) != ("default", "kubechain-watcher"):
+                from kubechain.kube.errors import KubeAPIError
+
+                raise KubeAPIError(404, "Not Found", "no such Lease")
+            spec = {"holderIdentity": "watcher-0-1a2b3c", "renewTime": renewed, "leaseDurationSeconds": 40}
+            return {"spec": spec}
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAMESPACE", raising=False)
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAME", raising=False)
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "load_connection", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "KubeClient", Kube)
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    refused = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
+    assert refused.exit_code == 1, refused.output
+    assert "watcher-0-1a2b3c holds Lease default/kubechain-watcher" in refused.output, refused.output
+    assert "frees it within 40 s" in refused.output and "15 s" not in refused.output, refused.output
+
+
+def test_the_lease_a_local_watcher_takes_is_read_as_the_watcher_reads_its_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """local_lease read os.environ by exact name, while the watcher's settings take a variable's name in
+    any case (kubechain_lease_name); the stack drops POD_NAMESPACE, so the Lease stays in "default"."""
+    from kubechain.testing.stack import local_lease
+
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAME", raising=False)
+    monkeypatch.delenv("KUBECHAIN_LEASE_NAMESPACE", raising=False)
+    monkeypatch.setenv("kubechain_lease_name", "mine")
+    monkeypatch.setenv("POD_NAMESPACE", "ci-runners")
+    assert local_lease() == ("default", "mine")
+    monkeypatch.setenv("Kubechain_Lease_Namespace", "team-a")
+    assert local_lease() == ("team-a", "mine")
+
+
+def test_up_on_the_current_cluster_with_settings_its_watcher_cannot_start_with_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The Lease a local watcher takes is read from the settings: settings it could not start with are
+    said in one line (exit 2), not as a traceback."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    monkeypatch.setenv("KUBECHAIN_LEASE_DURATION_S", "a while")
+    monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "held_lease", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
+    assert result.exit_code == 2, result.output
+    assert "KUBECHAIN_LEASE_DURATION_S" in result.output and "Traceback" not in result.output, result.output

@@ -165,7 +165,7 @@ def test_up_passes_the_whole_list_for_the_current_cluster(
     monkeypatch.setenv("KUBECONFIG", listed(first, second))
     seen: list[Any] = []
     monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
-    monkeypatch.setattr(stack, "deployed_watcher", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "held_lease", lambda *_, **__: None)
 
     def no_stack(options: Any, **_: Any) -> None:
         seen.append(options)
@@ -210,8 +210,9 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
     checks: list[str | None] = []
 
     def deployed_watcher(*_: Any, **__: Any) -> str | None:
-        # none at start nor at the next two checks, then one: KubeChain was deployed meanwhile
-        checks.append("kubechain-watcher-7d9f-abc" if len(checks) >= 3 else None)
+        # none at the first two checks (none at start either: held_lease), then one: KubeChain was
+        # deployed meanwhile
+        checks.append("kubechain-watcher-7d9f-abc" if len(checks) >= 2 else None)
         return checks[-1]
 
     events: list[str] = []
@@ -230,6 +231,7 @@ def test_up_on_the_current_cluster_makes_way_for_a_kubechain_deployed_there_mean
             events.append("stop")
 
     monkeypatch.setattr(stack, "why_unusable", lambda *_, **__: None)
+    monkeypatch.setattr(stack, "held_lease", lambda *_, **__: None)
     monkeypatch.setattr(stack, "deployed_watcher", deployed_watcher)
     monkeypatch.setattr(stack, "LocalStack", FakeStack)
     monkeypatch.setattr(up_module, "DEPLOYED_CHECK_S", 0.0)
