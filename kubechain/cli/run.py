@@ -10,6 +10,7 @@ missed. Following ends when the API server refuses us, does not know the kinds, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import secrets
@@ -50,6 +51,8 @@ from kubechain.models import (
 )
 from kubechain.models.labels import LABEL_AGENT, LABEL_ROOT_RUN, root_run_of
 from kubechain.statemachines.approval import UNDECIDED_PHASES, annotation_decision
+
+log = logging.getLogger(__name__)
 
 ANNOTATION_APPROVAL = "kubechain.humanlayer.dev/approval"
 ANNOTATION_APPROVAL_COMMENT = "kubechain.humanlayer.dev/approval-comment"
@@ -291,10 +294,10 @@ class Blockers:
         return events
 
     def _in_error(self, agent_name: str, run_detail: str) -> Iterator[tuple[str, str]]:
-        try:
-            agent = self.kube.get(Agent, self.namespace, agent_name)
-        except KubeAPIError:
-            return  # missing: the run says it waits for it to exist; unreadable now: asked again later
+        # missing: the run says it waits for it to exist; unreadable now: asked again later
+        agent = self._get(Agent, agent_name)
+        if agent is None:
+            return
         detail = agent.status.status_detail or "(no detail)"
         if agent.status.status == "Error" and detail not in run_detail:  # the run quotes its Agent's
             yield f'agent "{agent_name}"', detail
@@ -303,12 +306,21 @@ class Blockers:
         wanted += [(MCPServer, ref.name) for ref in spec.mcp_servers]
         wanted += [(ContactChannel, ref.name) for ref in spec.human_contact_channels]
         for model, name in wanted:
-            try:
-                obj = self.kube.get(model, self.namespace, name)
-            except KubeAPIError:
-                continue  # a missing one is in the Agent's own detail, which the run quotes
-            if obj.status.status == "Error":
+            obj = self._get(model, name)  # a missing one is in the Agent's own detail, which the run quotes
+            if obj is not None and obj.status.status == "Error":
                 yield f'{model.KIND} "{name}"', obj.status.status_detail or "(no detail)"
+
+    def _get(self, model: Any, name: str) -> Any:
+        """The object, or None when it cannot be had: missing, the API server not answering, or an object
+        the model cannot read (an LLM of a provider it does not know, written under the Go original's
+        CRD): what the run waits for is said as a help, and never ends `kubechain run`."""
+        try:
+            return self.kube.get(model, self.namespace, name)
+        except KubeAPIError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError, or anything unexpected
+            log.debug('not looking into %s "%s": %s', model.KIND, name, exc, exc_info=True)
+            return None
 
 
 def _phase_text(run: TaskRun) -> str:

@@ -130,6 +130,33 @@ def test_a_pending_run_says_what_its_agent_waits_for_is_in_error_once_and_when_i
     assert blockers.check(running) == [], "only a run that waits is looked into"
 
 
+def test_a_pending_runs_blockers_skip_what_cannot_be_read(caplog: pytest.LogCaptureFixture) -> None:
+    """An object the model cannot read (an LLM of a provider it does not know, written under the Go
+    original's CRD) raised pydantic's ValidationError out of `kubechain run`, a traceback; so did any
+    other failure but the API server's. Looking into a run's blockers is a help only: such an object is
+    skipped (logged at debug), and the others are still said."""
+    import logging
+
+    from kubechain.cli.run import Blockers
+
+    kube = blocked_objects("unused")
+    kube.objects[("LLM", "fake")]["spec"] = {"provider": "mistral"}
+    real_get = kube.get
+
+    def get(model: Any, namespace: str, name: str) -> Any:
+        if model.KIND == "MCPServer":
+            raise RuntimeError("something unexpected")
+        return real_get(model, namespace, name)
+
+    kube.get = get  # type: ignore[method-assign]
+    with caplog.at_level(logging.DEBUG, logger="kubechain.cli.run"):
+        said = [event.text for event in Blockers(kube, "default").check(TaskRun.from_wire(PENDING_RUN))]  # type: ignore[arg-type]
+    assert said == ['ContactChannel "ops" is in Error: secret s not found']
+    assert 'LLM "fake"' in caplog.text and 'MCPServer "fetch"' in caplog.text, caplog.text
+    kube.objects[("Agent", "a")]["spec"] = {"llmRef": {"name": "fake"}, "system": 7}
+    assert Blockers(kube, "default").check(TaskRun.from_wire(PENDING_RUN)) == []  # type: ignore[arg-type]
+
+
 def test_following_a_run_that_waits_on_an_llm_in_error_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     """It showed `pending: Waiting for agent "a" to become ready: LLM "fake" is not ready` for the whole
     timeout, while the LLM's status said why."""
