@@ -167,7 +167,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             stack.start()
             starting = False
         except start_failures() as exc:
-            failed = f"could not start KubeChain: {exc}\n(logs: {', '.join(map(str, log_dirs(options)))})"
+            failed = f"could not start KubeChain: {exc}"
+            if logs := log_dirs(options):
+                failed += f"\n(logs: {', '.join(map(str, logs))})"
             if had_data and isinstance(exc, ControlPlaneError):
                 # the README's way out, said where it helps: an earlier run's data the control plane
                 # cannot start on (a data file damaged by a kill mid-write, a full disk)

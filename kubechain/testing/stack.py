@@ -335,12 +335,13 @@ class LocalStack:
 
 
 def log_dirs(options: StackOptions) -> list[Path]:
-    """Where a stack's processes log: its own (watchers, workers, the scripted LLM, Redis) and, with a
-    local control plane, etcd's, kube-apiserver's and kube-controller-manager's."""
+    """Where a stack's processes log, of the folders that exist: its own (watchers, workers, the scripted
+    LLM, Redis) and, with a local control plane, etcd's, kube-apiserver's and kube-controller-manager's
+    (not made when the start stopped before the control plane: a REDIS_URL that does not answer)."""
     dirs = [options.workdir / "logs"]
     if options.cluster == "local":
         dirs.append(control_plane_dir(options.workdir) / "logs")
-    return dirs
+    return [folder for folder in dirs if folder.is_dir()]
 
 
 def control_plane_dir(workdir: Path) -> Path:

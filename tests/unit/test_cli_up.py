@@ -290,6 +290,8 @@ def test_a_control_plane_that_cannot_start_on_its_old_data_names_its_logs_and_ho
     monkeypatch.setattr(stack, "LocalStack", Failing)
     workdir = tmp_path / "kc"
     (workdir / "controlplane" / "etcd").mkdir(parents=True)  # an earlier run's data
+    (workdir / "logs").mkdir()  # and its logs
+    (workdir / "controlplane" / "logs").mkdir()
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(workdir)])
     assert result.exit_code == 1, result.output
     assert f"(logs: {workdir / 'logs'}, {workdir / 'controlplane' / 'logs'})" in result.output
@@ -298,6 +300,44 @@ def test_a_control_plane_that_cannot_start_on_its_old_data_names_its_logs_and_ho
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(fresh)])
     assert result.exit_code == 1 and "etcd exited with code 2" in result.output
     assert "to start from nothing" not in result.output, "no earlier data: deleting it would change nothing"
+
+
+@pytest.mark.parametrize("made", [[], ["logs"], ["logs", "controlplane/logs"]])
+def test_a_start_that_fails_names_only_the_log_folders_it_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, made: list[str]
+) -> None:
+    """A REDIS_URL that does not answer stops the start before the control plane is made: the failure
+    named <workdir>/controlplane/logs all the same, a folder that did not exist."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+    from kubechain.testing.redis_server import RedisError
+
+    workdir = tmp_path / "kc"
+
+    class Failing:
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            for folder in made:
+                (workdir / folder).mkdir(parents=True)
+            raise RedisError("REDIS_URL redis://127.0.0.1:1/0 does not answer: connection refused")
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack, "LocalStack", Failing)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(workdir)])
+    assert result.exit_code == 1, result.output
+    assert "does not answer: connection refused" in result.output
+    if made:
+        assert f"(logs: {', '.join(str(workdir / folder) for folder in made)})" in result.output, (
+            result.output
+        )
+    else:
+        assert "logs" not in result.output, result.output
 
 
 class StopsAtStart:
