@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -228,18 +230,20 @@ def ensure_binaries(progress: Progress | None = None) -> ControlPlaneBinaries:
         build_root = cache_root() / "build"
         go_version = _go_version(go, env)
 
-        _build_target(go, env, build_root, _etcd_target(), bindir, report)
-        _build_target(go, env, build_root, _kube_target("kube-apiserver"), bindir, report)
-        kcm_failed = bindir / "kube-controller-manager.failed"
-        try:
-            _build_target(go, env, build_root, _kube_target("kube-controller-manager"), bindir, report)
-            kcm_failed.unlink(missing_ok=True)
-        except BinaryError as exc:
-            logger.warning("kube-controller-manager build failed; continuing without it: %s", exc)
-            report(
-                f"kube-controller-manager build failed, continuing without it (no garbage collection): {exc}"
-            )
-            kcm_failed.write_text(str(exc))
+        with _go_work_folder(build_root, env):
+            _build_target(go, env, build_root, _etcd_target(), bindir, report)
+            _build_target(go, env, build_root, _kube_target("kube-apiserver"), bindir, report)
+            kcm_failed = bindir / "kube-controller-manager.failed"
+            try:
+                _build_target(go, env, build_root, _kube_target("kube-controller-manager"), bindir, report)
+                kcm_failed.unlink(missing_ok=True)
+            except BinaryError as exc:
+                logger.warning("kube-controller-manager build failed; continuing without it: %s", exc)
+                report(
+                    "kube-controller-manager build failed, continuing without it (no garbage collection): "
+                    f"{exc}"
+                )
+                kcm_failed.write_text(str(exc))
         versions = {"kubernetes": K8S_VERSION, "etcd": ETCD_VERSION, "go": go_version}
         (bindir / "versions.json").write_text(json.dumps(versions, indent=2) + "\n")
         report(f"control-plane binaries ready in {time.monotonic() - started:.0f}s")
@@ -432,22 +436,67 @@ def _go_version(go: GoToolchain, env: Mapping[str, str]) -> str:
 # --------------------------------------------------------------------------- building
 
 
+# How long a process group stopped with SIGTERM has before what is left of it is sent SIGKILL.
+_STOP_GRACE_S = 5.0
+
+
+def stop_process_group(proc: subprocess.Popen[Any], grace_s: float | None = None) -> None:
+    """Stop ``proc``, started in a session of its own (``start_new_session``), and what it started: its
+    process group is sent SIGTERM, and what is left of it ``grace_s`` (``_STOP_GRACE_S``) later, or at once
+    once ``proc`` has ended, SIGKILL. Killing ``proc`` alone left go's compile and link children running,
+    orphaned."""
+    grace_s = _STOP_GRACE_S if grace_s is None else grace_s
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    # the group outlives its leader while a member runs (a child that ignores SIGTERM, or is slow to end)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def _go_work_folder(build_root: Path, env: dict[str, str]) -> Iterator[Path]:
+    """GOTMPDIR (``env``'s), where go keeps its work folders (go-build*): a folder of the build's own, made
+    empty and removed after. go removes its work folder on no signal (SIGINT, SIGTERM: it dies at once),
+    and an interrupted build left one in /tmp each time; one a build killed with SIGKILL left in this
+    folder is removed at the next build (which holds the build lock, so no other uses it)."""
+    folder = build_root / ".gotmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env["GOTMPDIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _run_streaming(
     cmd: Sequence[str], *, cwd: Path, env: Mapping[str, str], step: str, report: Progress
 ) -> tuple[int, list[str]]:
     """Run ``cmd``; report a heartbeat every few seconds; return (rc, output tail)."""
+    from kubechain.testing.controlplane import pdeathsig_preexec, spawn  # it imports this module
+
     logger.info("%s: %s (cwd=%s)", step, " ".join(cmd), cwd)
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
     counts = {"downloads": 0}
-    proc = subprocess.Popen(
-        list(cmd),
-        cwd=cwd,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        errors="replace",
+    preexec = pdeathsig_preexec()
+    # A session of its own: go's compile and link children are stopped with it, as a group (see
+    # stop_process_group); and on Linux go dies with this process, even one killed by SIGKILL.
+    proc = spawn(
+        lambda: subprocess.Popen(
+            list(cmd),
+            cwd=cwd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+            preexec_fn=preexec,  # noqa: PLW1509 - only a prctl looked up before the fork
+        )
     )
 
     def pump() -> None:
@@ -471,17 +520,14 @@ def _run_streaming(
             except subprocess.TimeoutExpired:
                 now = time.monotonic()
                 if now - started > _BUILD_TIMEOUT_S:
-                    proc.kill()
-                    proc.wait()
+                    stop_process_group(proc)
                     raise BinaryError(f"{step}: timed out after {_BUILD_TIMEOUT_S:.0f}s") from None
                 if now >= next_beat:
                     extra = f", {counts['downloads']} modules downloaded" if counts["downloads"] else ""
                     report(f"{step}: still running ({now - started:.0f}s elapsed{extra})")
                     next_beat = now + _HEARTBEAT_S
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    except BaseException:  # Ctrl-C, `up`'s SIGTERM (Terminated), or an error of ours
+        stop_process_group(proc)
         raise
     reader.join(timeout=5)
     report(f"{step}: {'done' if rc == 0 else f'FAILED (exit {rc})'} in {time.monotonic() - started:.0f}s")
