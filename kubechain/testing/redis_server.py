@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kubechain.redaction import redact_url
-from kubechain.testing.binaries import Progress, default_progress
+from kubechain.testing.binaries import Progress, default_progress, stop_process_group
 from kubechain.testing.controlplane import ManagedProcess, _register_for_exit, _unregister_for_exit, free_port
 
 logger = logging.getLogger(__name__)
@@ -40,22 +40,67 @@ def find_redis_server() -> Path | None:
     return None
 
 
+# How long an apt-get install interrupted (Ctrl-C, `up`'s SIGTERM) is let run to its end before it is stopped.
+APT_FINISH_S = 120.0
+
+
 def _apt(args: list[str], report: Progress, attempts: int = 5) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Wait for (rather than fail on) a dpkg/apt lock held by a concurrent apt run.
     cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-o", "Dpkg::Use-Pty=0", *args]
+    # an install runs dpkg, which cut short leaves packages half-installed; an update only fetches lists
+    finish_s = APT_FINISH_S if args[:1] == ["install"] else 0.0
     last = ""
     for attempt in range(1, attempts + 1):
         report(f"running {' '.join(cmd)} (attempt {attempt})")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if proc.returncode == 0:
+        returncode, output = _run_apt(cmd, env, report, finish_s=finish_s)
+        if returncode == 0:
             return
-        last = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        logger.warning("apt-get %s failed (rc=%d): %s", " ".join(args), proc.returncode, last)
+        last = "\n".join(output.strip().splitlines()[-15:])
+        logger.warning("apt-get %s failed (rc=%d): %s", " ".join(args), returncode, last)
         if "lock" not in last.lower() or attempt == attempts:
             break
         time.sleep(min(5.0 * attempt, 20.0))
     raise RedisError(f"apt-get {' '.join(args)} failed; {_INSTALL_HINT}\n{last}")
+
+
+def _run_apt(cmd: list[str], env: dict[str, str], report: Progress, *, finish_s: float) -> tuple[int, str]:
+    """Run ``cmd`` (apt-get) to its end: its exit code and output (stdout and stderr).
+
+    In a session of its own, so that what interrupts the start (Ctrl-C, `up`'s SIGTERM) is decided here,
+    not by the terminal's signals reaching apt-get and dpkg, and so that what it started is stopped with
+    it (subprocess.run killed apt-get alone, 0.25 s after a Ctrl-C). Interrupted, it is let run to its
+    end for up to ``finish_s`` (an install: dpkg cut short leaves packages half-installed, and every
+    later apt-get refuses until ``dpkg --configure -a``: the machine's package manager broken, not only
+    KubeChain's start), saying so; past that, or interrupted again, or at once for ``finish_s`` 0 (an
+    update, which writes its lists whole or not at all), it is stopped as a group (SIGTERM, then SIGKILL
+    for what is left). The interruption is raised then."""
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            try:
+                if finish_s > 0:
+                    report(
+                        f"waiting up to {finish_s:.0f} s for apt-get to finish: cut short, dpkg would leave "
+                        "packages half-installed"
+                    )
+                    proc.wait(timeout=finish_s)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                pass
+            finally:
+                stop_process_group(proc)
+            raise
+        output.seek(0)
+        return returncode, output.read().decode("utf-8", "replace")
 
 
 def ensure_redis_server(progress: Progress | None = None) -> Path:

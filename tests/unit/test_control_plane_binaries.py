@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.unit.interrupting import Interrupted, a_child_and_grandchild, interrupted_once, survivors
 
 
 def test_a_controller_manager_whose_build_failed_once_says_how_to_build_it_again(tmp_path: Path) -> None:
@@ -87,52 +88,8 @@ def test_a_go_recent_enough_on_path_is_used(tmp_path: Path, monkeypatch: pytest.
     assert said == []
 
 
-# A go that runs a compiler (a grandchild, which ignores SIGTERM as a busy one may not answer it at once)
-# and keeps its work in $GOTMPDIR/go-build*, as go does: "$1" is where it writes the pids.
-FAKE_BUILD = """
-echo $$ > "$1/go.pid"
-mkdir -p "${GOTMPDIR:-/tmp}/go-build-fake-$$" && touch "${GOTMPDIR:-/tmp}/go-build-fake-$$/_pkg_.a"
-(trap '' TERM; exec sleep 60) &
-echo $! > "$1/compile.pid"
-wait
-"""
-
-
-def alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, left for an init that does not reap, has ended)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-class Interrupted(KeyboardInterrupt):
-    """What `up`'s SIGTERM handler raises while it starts (Terminated), or Ctrl-C."""
-
-
-@pytest.fixture
-def interrupt_at() -> Iterator[Callable[[Path], None]]:
-    """interrupt_at(file): a signal handler raises Interrupted in the main thread (where `up` starts the
-    stack) once ``file`` exists, as `up`'s SIGTERM handler raises Terminated."""
-    import signal
-
-    armed: list[Path] = []
-
-    def handler(*_: object) -> None:
-        if armed and armed[0].exists():
-            armed.clear()
-            raise Interrupted
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
-    yield armed.append
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def test_a_build_interrupted_leaves_no_process_nor_work_folder_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_at: Callable[[Path], None]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGTERM (or Ctrl-C) during a cold build killed `go` alone: its compile and link children ran on,
     orphaned, and its /tmp/go-build* work folder stayed (go removes it on no signal). go now runs in a
@@ -145,18 +102,21 @@ def test_a_build_interrupted_leaves_no_process_nor_work_folder_behind(
     monkeypatch.setattr(binaries, "_STOP_GRACE_S", 0.5)
     env = dict(os.environ)
     build_root = tmp_path / "build"
-    interrupt_at(tmp_path / "compile.pid")
+    # a go that keeps its work in $GOTMPDIR/go-build*, as go does, and runs a compiler
+    script = a_child_and_grandchild(
+        tmp_path,
+        then='mkdir -p "${GOTMPDIR:-/tmp}/go-build-fake-$$" && touch "${GOTMPDIR:-/tmp}/go-build-fake-$$/_pkg_.a"; wait',
+    )
     started = time.monotonic()
-    with pytest.raises(Interrupted), binaries._go_work_folder(build_root, env):
+    with (
+        pytest.raises(Interrupted),
+        interrupted_once(tmp_path / "grandchild.pid"),
+        binaries._go_work_folder(build_root, env),
+    ):
         binaries._run_streaming(
-            ["sh", "-c", FAKE_BUILD, "go", str(tmp_path)],
-            cwd=tmp_path,
-            env=env,
-            step="go build kube-apiserver",
-            report=lambda _: None,
+            ["sh", "-c", script], cwd=tmp_path, env=env, step="go build kube-apiserver", report=lambda _: None
         )
     assert time.monotonic() - started < 10
-    pids = [int((tmp_path / f"{name}.pid").read_text()) for name in ("go", "compile")]
-    assert not [pid for pid in pids if alive(pid)], "go and what it started are stopped"
+    assert not survivors(tmp_path), "go and what it started are stopped"
     assert env["GOTMPDIR"].startswith(str(build_root)), env["GOTMPDIR"]
     assert not Path(env["GOTMPDIR"]).exists(), "its work folder is removed"

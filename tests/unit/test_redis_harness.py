@@ -4,11 +4,14 @@ runs, so a ``$REDIS_URL`` left in the shell (the README sets one for the Procfil
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 import redis
+
+from tests.unit.interrupting import Interrupted, a_child_and_grandchild, interrupted_once, survivors
 
 FOREIGN = "redis://127.0.0.1:1/5"
 
@@ -206,3 +209,55 @@ def test_a_redis_url_that_does_not_answer_is_found_before_the_control_plane_star
     with pytest.raises(RedisError, match="does not answer"):
         stack.start()
     assert started == []
+
+
+def test_an_apt_get_update_interrupted_is_stopped_with_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (which ends `up`'s start) or Ctrl-C killed apt-get alone, 0.25 s later (subprocess.run's
+    way), leaving its children; apt-get update writes nothing dpkg needs whole: it is stopped at once, as
+    a group (SIGTERM, then SIGKILL for what is left)."""
+    import time
+
+    import kubechain.testing.binaries as binaries
+    from kubechain.testing.redis_server import _run_apt
+
+    monkeypatch.setattr(binaries, "_STOP_GRACE_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(Interrupted), interrupted_once(tmp_path / "grandchild.pid"):
+        _run_apt(["sh", "-c", a_child_and_grandchild(tmp_path)], dict(os.environ), lambda _: None, finish_s=0)
+    assert time.monotonic() - started < 10
+    assert not survivors(tmp_path)
+
+
+def test_an_apt_get_install_interrupted_is_let_finish(tmp_path: Path) -> None:
+    """Cut short, dpkg leaves packages half-installed, and every later apt-get refuses until `dpkg
+    --configure -a`: the machine's package manager broken for more than KubeChain. An install is let
+    finish (within finish_s), saying so, and then the start ends."""
+    from kubechain.testing.redis_server import _run_apt
+
+    said: list[str] = []
+    script = a_child_and_grandchild(tmp_path, then=f'sleep 1; touch "{tmp_path}/installed"; kill -9 $!')
+    with pytest.raises(Interrupted), interrupted_once(tmp_path / "grandchild.pid"):
+        _run_apt(["sh", "-c", script], dict(os.environ), said.append, finish_s=30)
+    assert (tmp_path / "installed").exists(), "it ran to its end"
+    assert not survivors(tmp_path)
+    assert any("waiting up to 30 s for apt-get to finish" in line for line in said), said
+
+
+def test_an_apt_get_install_that_does_not_finish_in_time_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import kubechain.testing.binaries as binaries
+    from kubechain.testing.redis_server import _run_apt
+
+    monkeypatch.setattr(binaries, "_STOP_GRACE_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(Interrupted), interrupted_once(tmp_path / "grandchild.pid"):
+        _run_apt(
+            ["sh", "-c", a_child_and_grandchild(tmp_path)], dict(os.environ), lambda _: None, finish_s=0.5
+        )
+    assert time.monotonic() - started < 10
+    assert not survivors(tmp_path)
