@@ -274,25 +274,16 @@ def lock_workdir(workdir: Path) -> IO[str]:
     try:
         workdir.mkdir(mode=0o700, parents=True)
     except FileExistsError:
-        if not workdir.is_dir():
-            raise CLIError(f"--workdir {workdir} is not a folder", 2) from None
-        if workdir.stat().st_uid != os.geteuid():
-            raise CLIError(
-                f"{workdir} belongs to another user: give `kubechain up` a folder of your own with --workdir",
-                2,
-            ) from None
-        if (
-            workdir.name != DEFAULT_WORKDIR
-            and any(workdir.iterdir())
-            and not any((workdir / mark).exists() for mark in WORKDIR_MARKS)
-        ):
-            raise CLIError(
-                f"{workdir} is not empty and is not a KubeChain working folder (it has none of "
-                f"{', '.join(WORKDIR_MARKS)}): `kubechain up` keeps a control plane, its keys and logs "
-                "there; give it a new or empty folder with --workdir",
-                2,
-            ) from None
-    handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
+        _check_existing_workdir(workdir)
+    except NotADirectoryError:
+        above = next((parent for parent in reversed(workdir.parents) if parent.is_file()), workdir.parent)
+        raise CLIError(f"cannot make --workdir {workdir}: {above} is not a folder", 2) from None
+    except OSError as exc:  # in a folder this user cannot write in, on a read-only disk
+        raise CLIError(f"cannot make --workdir {workdir}: {exc.strerror or exc}", 2) from None
+    try:
+        handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open for the process's lifetime
+    except OSError as exc:  # a folder of ours this user may not write in (made read-only), a full disk
+        raise CLIError(f"cannot write in --workdir {workdir}: {exc.strerror or exc}", 2) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -308,6 +299,34 @@ def lock_workdir(workdir: Path) -> IO[str]:
     handle.write(f"pid {os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def _check_existing_workdir(workdir: Path) -> None:
+    """An existing --workdir must be a folder of this user's, empty or an earlier ``up``'s (see
+    :func:`lock_workdir`)."""
+    from kubechain.cli.resources import CLIError
+
+    try:
+        if not workdir.is_dir():
+            raise CLIError(f"--workdir {workdir} is not a folder", 2)
+        if workdir.stat().st_uid != os.geteuid():
+            raise CLIError(
+                f"{workdir} belongs to another user: give `kubechain up` a folder of your own with --workdir",
+                2,
+            )
+        if (
+            workdir.name != DEFAULT_WORKDIR
+            and any(workdir.iterdir())
+            and not any((workdir / mark).exists() for mark in WORKDIR_MARKS)
+        ):
+            raise CLIError(
+                f"{workdir} is not empty and is not a KubeChain working folder (it has none of "
+                f"{', '.join(WORKDIR_MARKS)}): `kubechain up` keeps a control plane, its keys and logs "
+                "there; give it a new or empty folder with --workdir",
+                2,
+            )
+    except OSError as exc:  # a folder this user cannot read
+        raise CLIError(f"cannot read --workdir {workdir}: {exc.strerror or exc}", 2) from None
 
 
 def export_line(kubeconfig: str, path: str, python: str) -> str:

@@ -735,3 +735,49 @@ def test_up_on_the_current_cluster_with_settings_its_watcher_cannot_start_with_s
     result = CliRunner().invoke(main, ["up", "--cluster", "current", "--workdir", str(tmp_path / "a")])
     assert result.exit_code == 2, result.output
     assert "KUBECHAIN_LEASE_DURATION_S" in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_workdir_that_cannot_be_made_is_said_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A --workdir under a file, or under a folder this user cannot write in, printed NotADirectoryError's
+    or PermissionError's traceback."""
+    from click.testing import CliRunner
+
+    import kubechain.cli.up as up_module
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    under_a_file = CliRunner().invoke(
+        main, ["up", "--cluster", "local", "--workdir", str(a_file / "kc" / "up")]
+    )
+    assert under_a_file.exit_code == 2, under_a_file.output
+    assert f"cannot make --workdir {a_file / 'kc' / 'up'}: {a_file} is not a folder" in under_a_file.output
+    assert "Traceback" not in under_a_file.output and len(under_a_file.output.strip().splitlines()) == 1
+
+    def refused(*_: object, **__: object) -> None:  # what a folder of another's says (root is never told)
+        raise PermissionError(13, "Permission denied", str(tmp_path / "theirs"))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    unwritable = CliRunner().invoke(
+        main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "theirs" / "kc")]
+    )
+    assert unwritable.exit_code == 2, unwritable.output
+    assert f"cannot make --workdir {tmp_path / 'theirs' / 'kc'}: Permission denied" in unwritable.output
+    monkeypatch.undo()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+
+    def no_lock(path: object, *_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    monkeypatch.setattr(up_module, "open", no_lock, raising=False)
+    read_only = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(mine)])
+    assert read_only.exit_code == 2, read_only.output
+    assert f"cannot write in --workdir {mine}: Permission denied" in read_only.output
+    assert "Traceback" not in read_only.output
