@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import functools
 import json
 import logging
@@ -220,36 +221,55 @@ def _after_space(text: str, at: int) -> int:
     return match.end() if match is not None else at
 
 
-def _top_level_id(head: bytes) -> int | str | None:
+class _NotAnAnswer(enum.Enum):
+    NOT_AN_ANSWER = "not an answer"
+
+
+# A message of the server's that is no answer: a request (sampling, elicitation, roots/list, ping), whose
+# ids are numbered as ours are, or a notification.
+NOT_AN_ANSWER = _NotAnAnswer.NOT_AN_ANSWER
+
+
+def _top_level_id(head: bytes) -> int | str | _NotAnAnswer | None:
     """The JSON-RPC id of a message from its first bytes, if it is there: before any value too long to be
-    in them (an SDK server writes "jsonrpc", then "id", then the result). None if it is not."""
+    in them (an SDK server writes "jsonrpc", then "id", then the result). NOT_AN_ANSWER if a top-level
+    "method" (or "params") is seen, before or after the id: a request or notification of the server's.
+    None if it cannot be told."""
     text = head.decode("utf-8", "ignore")  # a character cut at the end is dropped
     decoder = json.JSONDecoder()
     at = _after_space(text, 0)
     if not text.startswith("{", at):
         return None
     at += 1
+    found: int | str | None = None
+    seen_id = False
     try:
         while True:
             at = _after_space(text, at)
             if not text.startswith('"', at):
-                return None
+                return found
             key, at = decoder.raw_decode(text, at)
+            if key in ("method", "params"):
+                return NOT_AN_ANSWER
+            if seen_id and key in ("result", "error"):
+                return found  # an answer: its value may be too long to be seen
             at = _after_space(text, at)
             if not text.startswith(":", at):
-                return None
+                return found
             at = _after_space(text, at + 1)
             value, at = decoder.raw_decode(text, at)
             at = _after_space(text, at)
             if at >= len(text):
-                return None  # the value may go on past what was seen (a number cut short)
+                return found  # the value may go on past what was seen (a number cut short)
             if key == "id":
-                return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+                seen_id = True
+                if isinstance(value, int | str) and not isinstance(value, bool):
+                    found = value
             if not text.startswith(",", at):
-                return None
+                return found
             at += 1
     except (ValueError, RecursionError):  # cut short inside a value, not JSON, nested too deep
-        return None
+        return found
 
 
 _install_spawn_hook()
@@ -946,9 +966,9 @@ class Session:
         self.max_message_bytes = max_message_bytes
         # (stdio) the server wrote a line longer than max_message_bytes: the session ended, and how many
         # requests were in flight then (the one a call waited for, or maybe another's), and the id of the
-        # request it answered, when its start says (None: not known)
+        # request it answered, when its start says (None: not known; NOT_AN_ANSWER: a request or notification)
         self.too_large_inflight: int | None = None
-        self.too_large_id: int | str | None = None
+        self.too_large_id: int | str | _NotAnAnswer | None = None
         self.retired = False  # replaced or discarded: stop once in-flight calls are done
         self.inflight = 0
         self.finished = asyncio.Event()
@@ -1125,7 +1145,10 @@ class Session:
 
     def _too_large_answered(self, attempt: Attempt) -> bool | None:
         """Whether the message too large to read answered this call: its id says, or else it was the only
-        request in flight. None: it cannot be told."""
+        request in flight. None: it cannot be told. A request or notification of the server's answers none,
+        even the only call in flight (a request's id is numbered as ours are: it is not our call's)."""
+        if self.too_large_id is NOT_AN_ANSWER:
+            return False
         if self.too_large_id is not None:
             return self.too_large_id in attempt.request_ids
         return True if self.too_large_inflight == 1 else None
@@ -1140,11 +1163,12 @@ class Session:
         if answered:
             return self._too_large(tool, ran=False)
         self.broken = True
-        whose = (
-            "not this call's answer"
-            if answered is False
-            else "the answer of this call or of another in flight"
-        )
+        if self.too_large_id is NOT_AN_ANSWER:
+            whose = "a request or notification of the server's, not an answer"
+        elif answered is False:
+            whose = "not this call's answer"
+        else:
+            whose = "the answer of this call or of another in flight"
         return ConnectionLost(self._lost_message(whose), maybe_executed=attempt.may_have_run)
 
     def _too_large(self, tool: str, *, ran: bool, limit: int | None = None) -> MCPError:

@@ -1565,15 +1565,54 @@ def test_a_stdio_line_is_read_up_to_the_limit_however_it_is_cut_into_chunks() ->
         (b'{"jsonrpc":"2.0","id":12', None),  # the id may go on past what was seen
         (b'{"result":{"content":[{"type":"text","text":"xxxx', None),  # the id after the result
         (b'{"result":{"id":3},"id":4,"jsonrpc":"2.0"', 4),  # an id inside the result is not its id
-        (b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"xxx', None),
         (b'{"jsonrpc":"2.0","id":true,"result":', None),
         (b"not json at all", None),
+        # a request or notification of the server's (its ids are numbered as ours are): no call's answer
+        (b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"xxx', "not an answer"),
+        (b'{"jsonrpc":"2.0","id":2,"method":"sampling/createMessage","params":{"m":"xx', "not an answer"),
+        (b'{"jsonrpc":"2.0","method":"elicitation/create","id":0,"params":{"message":"xx', "not an answer"),
+        (b'{"id":1,"jsonrpc":"2.0","params":{"x":"xx', "not an answer"),  # only a request has params
+        (b'{"jsonrpc":"2.0","id":5,"error":{"code":-32603,"message":"xxx', 5),
     ],
 )
 def test_the_id_of_a_message_too_large_is_read_from_its_start(head: bytes, found: object) -> None:
-    from kubechain.mcp.session import _top_level_id
+    from kubechain.mcp.session import NOT_AN_ANSWER, _top_level_id
 
-    assert _top_level_id(head) == found
+    assert _top_level_id(head) == (NOT_AN_ANSWER if found == "not an answer" else found)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b'{"jsonrpc":"2.0","id":2,"method":"sampling/createMessage","params":{"m":"' + b"x" * 5000,
+        b'{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"' + b"x" * 5000,
+    ],
+    ids=["a-request-with-the-calls-id", "a-notification"],
+)
+def test_a_server_request_or_notification_too_large_is_blamed_on_no_call_in_flight(head: bytes) -> None:
+    """A request of the server's (sampling, elicitation, roots/list, ping: ids 0, 1, 2... like ours) too
+    large to read was taken for the answer to our call with the same id, and a notification (no id) for the
+    answer of the only call in flight: that call was told its result was too large ("ask it for less", not
+    retried). The call lost its connection, as with any end of the session (retried where it cannot have
+    run or the server is idempotent)."""
+    from kubechain.mcp.session import Attempt, ConnectionLost, Session, _BoundedLines
+    from kubechain.mcp.spec import ResolvedSpec
+
+    session = Session("stdio-asking", ResolvedSpec(transport="stdio", command="true"), 1, 5)
+    session.inflight = 1
+    attempt = Attempt()
+    attempt.sends = 1
+    attempt.request_ids.append(2)
+    session._line_too_large(head[: _BoundedLines.HEAD_BYTES])
+    ended = session._ended_by_too_large("search", attempt)
+    assert isinstance(ended, ConnectionLost), ended
+    assert ended.maybe_executed
+    assert "larger than" in str(ended) and "ask it for less" not in str(ended), ended
+    # an answer to it still is the call's result too large
+    answer = Session("stdio-answering", ResolvedSpec(transport="stdio", command="true"), 1, 5)
+    answer.inflight = 1
+    answer._line_too_large(b'{"jsonrpc":"2.0","id":2,"result":{"content":[{"type":"text","text":"xx')
+    assert "ask it for less" in str(answer._ended_by_too_large("search", attempt))
 
 
 MIXED_ANSWERS = textwrap.dedent(
