@@ -20,8 +20,8 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -580,26 +580,36 @@ class _BoundedBody(httpx2.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         read = 0
-        async for chunk in self._chunks():
-            if read + len(chunk) > self._limit:
-                if self._cut:
-                    if read < self._limit:
-                        yield chunk[: self._limit - read]
-                    return
-                if self._attempt is not None:
-                    self._attempt.too_large = True
-                raise ResultTooLarge(
-                    f"the answer is larger than {describe_size(self._limit)} ({MAX_MESSAGE_SETTING}): not read"
-                )
-            read += len(chunk)
-            yield chunk
+        # closed when the read ends (cut, too large), not left suspended until the garbage collector comes
+        async with aclosing(self._chunks()) as chunks:
+            async for chunk in chunks:
+                if read + len(chunk) > self._limit:
+                    if self._cut:
+                        if read < self._limit:
+                            yield chunk[: self._limit - read]
+                        return
+                    if self._attempt is not None:
+                        self._attempt.too_large = True
+                    raise ResultTooLarge(
+                        f"the answer is larger than {describe_size(self._limit)} ({MAX_MESSAGE_SETTING}): "
+                        "not read"
+                    )
+                read += len(chunk)
+                yield chunk
 
-    def _chunks(self) -> AsyncIterator[bytes]:
+    async def _chunks(self) -> AsyncGenerator[bytes]:
         if self._encoded is None:
-            chunks: AsyncIterator[bytes] = self._inner.__aiter__()
-            return chunks
-        # decoded as the client would (httpx2 decodes in bounded pieces), through its public API
-        return httpx2.Response(200, headers=self._encoded, stream=self._inner).aiter_bytes()
+            source: AsyncIterator[bytes] = self._inner.__aiter__()
+        else:
+            # decoded as the client would (httpx2 decodes in bounded pieces), through its public API
+            source = httpx2.Response(200, headers=self._encoded, stream=self._inner).aiter_bytes()
+        try:
+            async for chunk in source:
+                yield chunk
+        finally:
+            aclose = getattr(source, "aclose", None)  # an async generator's (the stream's, the decoder's)
+            if aclose is not None:
+                await aclose()
 
     async def aclose(self) -> None:
         await self._inner.aclose()

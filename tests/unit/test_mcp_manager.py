@@ -1472,6 +1472,50 @@ def test_a_compressed_answer_is_bounded_by_its_decoded_size() -> None:
     assert response.content == decoded
 
 
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "too-large"])
+def test_a_body_read_up_to_the_bound_closes_the_stream_it_reads_then_and_there(
+    encoding: str, cut: bool
+) -> None:
+    """Past the bound (a body cut, or ResultTooLarge), the iterator the body was read with (the stream's,
+    or the decoder's over it) was left suspended until the garbage collector came by (an "asyncgen not
+    finalized" warning, a connection held meanwhile). It is closed before the read ends."""
+    import gzip
+
+    import anyio
+    import httpx2
+
+    from kubechain.mcp.session import ResultTooLarge, _BoundedBody
+
+    closed: list[str] = []
+    data = b"x" * (64 * 1024)
+    wire = gzip.compress(data) if encoding == "gzip" else data
+
+    class Stream(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            try:
+                for at in range(0, len(wire), 1024):
+                    yield wire[at : at + 1024]
+            finally:
+                closed.append("closed")
+
+    async def read() -> None:
+        headers = httpx2.Headers({"content-encoding": encoding})
+        body = _BoundedBody(Stream(), 4096, None, headers, cut=cut)
+        got = b""
+        try:
+            async for chunk in body:
+                got += chunk
+        except ResultTooLarge:
+            assert not cut
+            assert closed == ["closed"], "closed before the error is raised"
+            return
+        assert cut and got == data[:4096]
+        assert closed == ["closed"], "closed before the read ends"
+
+    anyio.run(read)
+
+
 @pytest.mark.parametrize(
     ("status", "headers"),
     [
