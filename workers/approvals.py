@@ -31,6 +31,7 @@ from kubechain.humanlayer import (
     HumanLayerAuthError,
     HumanLayerClient,
     HumanLayerError,
+    HumanLayerMisconfigured,
     HumanLayerNotFound,
     HumanLayerUnavailable,
     api_key_source,
@@ -305,7 +306,10 @@ def _send_request(
         said = _refused_key(ctx, channel, exc)
         log.warning("%s for %s/%s failed: %s", kind.what, toolcall.namespace, toolcall.name, said)
         error = f"HumanLayer request failed: {said}"
-        outage = isinstance(exc, HumanLayerUnavailable)
+        # The channel is Ready (_channel_access): HumanLayer was reached under these settings until now,
+        # so a setting to fix met now (a host that no longer resolves: more likely a DNS blip than a
+        # typo) is waited out as an outage; the channel's validation, Error if it goes on, tells a typo
+        outage = isinstance(exc, HumanLayerUnavailable | HumanLayerMisconfigured)
     except Exception as exc:  # noqa: BLE001 - after the claim, every failure must end in a status
         error = f"HumanLayer request failed unexpectedly: {_unexpected(exc, kind, toolcall, api_key)}"
 

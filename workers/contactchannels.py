@@ -5,8 +5,11 @@ The original's controller (§2.8) with its strings ("slackConfig is required for
 <type> channel validated successfully"), but a strict email check, the project id actually persisted in ``status.humanLayerProject``,
 and network failures reported as such (status Pending rather than Error: nothing to fix). The watcher
 re-validates channels that are not Ready on every resync, so a HumanLayer outage heals by itself. A
-host of HUMANLAYER_API_BASE that does not resolve, or a TLS certificate not trusted, is no outage but
-a setting to fix (HumanLayerMisconfigured): Error, saying what to check.
+host of HUMANLAYER_API_BASE that does not resolve, or a TLS certificate not trusted, is a setting to fix
+(HumanLayerMisconfigured): Error, saying what to check; but a channel Ready until now (it worked under
+these settings) that meets one is Pending first, as in an outage (CoreDNS can answer NXDOMAIN for a while:
+an in-cluster Service whose pods restart), and Error only if the next validation, the channel no longer
+Ready, meets it again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from kubechain.humanlayer import (
     HumanLayerAuthError,
     HumanLayerClient,
     HumanLayerError,
+    HumanLayerMisconfigured,
     HumanLayerUnavailable,
     api_key_source,
     channel_config_problem,
@@ -65,8 +69,12 @@ def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> Non
         if isinstance(exc, HumanLayerAuthError):
             said += f" (from {api_key_source(channel)}): put a valid HumanLayer API key there"
         # Pending, not Error, while HumanLayer is unavailable: nothing to fix here, and a question
-        # asked via the channel meanwhile waits it out as one whose own request met the outage.
-        outage = isinstance(exc, HumanLayerUnavailable)
+        # asked via the channel meanwhile waits it out as one whose own request met the outage. A setting
+        # to fix met by a channel that worked until now is taken for an outage once: Error only if the
+        # next validation (the channel Pending, no longer Ready) meets it again.
+        outage = isinstance(exc, HumanLayerUnavailable) or (
+            isinstance(exc, HumanLayerMisconfigured) and channel.status.ready is True
+        )
         _write(ctx, channel, plan_validation(channel, False, said, pending=outage))
         return
     project_id = project.get("id")

@@ -576,7 +576,8 @@ def test_a_channel_whose_api_base_cannot_be_used_as_set_is_in_error_not_pending(
     monkeypatch: pytest.MonkeyPatch, cause: BaseException
 ) -> None:
     """Pending says "nothing to fix, HumanLayer is unavailable", and a question asked via a Pending channel
-    waits the long outage budget: a typo in HUMANLAYER_API_BASE kept both for ever."""
+    waits the long outage budget: a typo in HUMANLAYER_API_BASE kept both for ever. (A channel not Ready:
+    one that was Ready meets it as an outage first, see below.)"""
 
     def fail(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError(str(cause), request=request) from cause
@@ -588,3 +589,33 @@ def test_a_channel_whose_api_base_cannot_be_used_as_set_is_in_error_not_pending(
     status = validated_status(kube, "https://api.humanlayr.dev")
     assert status["ready"] is False and status["status"] == "Error", status
     assert "HUMANLAYER_API_BASE" in status["statusDetail"], status
+
+
+@pytest.mark.parametrize(
+    "cause", [NOT_RESOLVED, NOT_TRUSTED], ids=["host-not-found", "certificate-not-trusted"]
+)
+def test_a_ready_channel_meeting_an_api_base_it_cannot_use_is_pending_and_in_error_only_if_it_goes_on(
+    hl: HumanLayerTestServer, monkeypatch: pytest.MonkeyPatch, cause: BaseException
+) -> None:
+    """A channel that worked under these settings until now and meets a host that does not resolve (CoreDNS
+    can answer NXDOMAIN for a while, an in-cluster Service whose pods restart) was written Error at once, as
+    for a typo. It is Pending (an outage, saying what to check); Error only if the next validation, the
+    channel no longer Ready, still meets it."""
+    kube = FakeKubeClient()
+    kube.add_secret("default", "humanlayer", {"HUMANLAYER_API_KEY": KEY})
+    create(kube, "ContactChannel", "contactchannels", "cc", channel_spec())
+    assert validated_status(kube, hl.url)["status"] == "Ready"
+
+    def fail(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(cause), request=request) from cause
+
+    with monkeypatch.context() as patched:
+        patched.setattr(httpx.HTTPTransport, "handle_request", fail)
+        status = validated_status(kube, hl.url)
+        assert status["ready"] is False and status["status"] == "Pending", status
+        assert "HUMANLAYER_API_BASE" in status["statusDetail"], status
+        status = validated_status(kube, hl.url)
+        assert status["ready"] is False and status["status"] == "Error", status
+        assert "HUMANLAYER_API_BASE" in status["statusDetail"], status
+    # it heals: a resync validates it again
+    assert validated_status(kube, hl.url)["status"] == "Ready"
