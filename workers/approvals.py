@@ -581,27 +581,38 @@ class _Revalidations:
             return True
 
 
-# A channel HumanLayer refused the key of is validated again at most once a window by a process: each
-# failed request or check of each call waiting via the channel would otherwise enqueue one (and a
-# GET /project), for as long as a refused key the validation still finds good stays Ready.
+# A channel whose requests meet a refused key, or an API base they cannot use, is validated again at most
+# once a window by a process: each failed request or check of each call waiting via the channel would
+# otherwise enqueue one (and a GET /project), for as long as the channel stays Ready.
 KEY_REVALIDATE_WINDOW_S = 60.0
 _KEY_REVALIDATIONS = _Revalidations(KEY_REVALIDATE_WINDOW_S, 1000)
+
+
+def _validate_again(ctx: WorkerContext, channel: ContactChannel, reason: str) -> None:
+    """A validate of the Ready channel, at most once a window (only channels not Ready are validated
+    again by the watcher's resync), so that its own status says what its requests met."""
+    if channel.status.ready and _KEY_REVALIDATIONS.first(
+        (channel.uid, channel.resource_version), ctx.monotonic()
+    ):
+        schedule_recheck(ctx, TaskName.VALIDATE, channel, reason, 0.0)
 
 
 def _refused_key(ctx: WorkerContext, channel: ContactChannel, exc: HumanLayerError) -> str:
     """The error as told, naming the channel and the Secret to fix when HumanLayer refused the API key
     (401/403). An invalid key (401, or one no HTTP header can carry) validates the Ready channel again,
-    at most once a window, so its own status says so (and, no longer Ready, it is not asked again until
-    the key is fixed and the watcher's resync finds it valid). A 403 does not: the key is valid, only not
-    permitted for this request, and the validation (GET /project) would find it good every time."""
+    so its own status says so (and, no longer Ready, it is not asked again until the key is fixed and
+    the watcher's resync finds it valid). A 403 does not: the key is valid, only not permitted for this
+    request, and the validation (GET /project) would find it good every time. An API base that cannot be
+    used (a host that does not resolve, a certificate not trusted) validates it again too: met by a
+    Ready channel's request it is taken for an outage first (a DNS blip), and the validation, Pending
+    then Error if it goes on, tells a mistyped HUMANLAYER_API_BASE from a blip."""
+    if isinstance(exc, HumanLayerMisconfigured):
+        _validate_again(ctx, channel, "humanlayer-api-base-unusable")
+        return str(exc)
     if not isinstance(exc, HumanLayerAuthError):
         return str(exc)
-    if (
-        exc.status != 403
-        and channel.status.ready
-        and _KEY_REVALIDATIONS.first((channel.uid, channel.resource_version), ctx.monotonic())
-    ):
-        schedule_recheck(ctx, TaskName.VALIDATE, channel, "humanlayer-key-refused", 0.0)
+    if exc.status != 403:
+        _validate_again(ctx, channel, "humanlayer-key-refused")
     return f'ContactChannel "{channel.name}" (API key from {api_key_source(channel)}): {exc}'
 
 

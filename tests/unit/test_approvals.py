@@ -1044,6 +1044,33 @@ def test_a_question_whose_ready_channel_meets_a_host_that_does_not_resolve_waits
     assert f"(attempt 1 of {machine.HUMAN_CONTACT_MAX_ATTEMPTS_IN_OUTAGE};" in status["statusDetail"], status
 
 
+def test_a_ready_channel_whose_api_base_cannot_be_used_is_validated_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HUMANLAYER_API_BASE mistyped after the channel was Ready: its questions waited the outage budget
+    (~18 minutes) each and the channel stayed Ready, since only channels not Ready are validated again by
+    the resync. The request that meets it validates the channel again (at most once a window), which
+    writes it Pending, then Error at the resync's next validation if it goes on."""
+    import socket
+
+    import httpx
+
+    w = world
+    cause = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def fail(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(str(cause), request=request) from cause
+
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", fail)
+    names = [add_toolcall(w, "approvals__human_contact_email", {"message": f"q{i}"}) for i in range(3)]
+    for name in names:
+        w.run(name)
+    assert _deliver_validates(w, set()) == 1  # one for the three requests, not one each
+    channel = w.kube.get_raw("contactchannels", "default", "approvals")["status"]
+    assert channel["ready"] is False and channel["status"] == "Pending", channel
+    assert "check the host in HUMANLAYER_API_BASE" in channel["statusDetail"], channel
+
+
 def test_human_contact_recovers_after_an_outage(world: World) -> None:
     w = world
     w.hl.set_down("drop")
