@@ -103,6 +103,7 @@ class MCPManager:
         # Owned by the loop thread:
         self._sessions: dict[Key, Session] = {}
         self._retiring: set[Session] = set()
+        self._starting: set[Session] = set()  # sessions connecting, or left to stop by a cancelled start
         self._key_locks: dict[Key, asyncio.Lock] = {}
         self._key_users: dict[Key, int] = {}  # the callers holding or waiting for a key's lock
         self._last_used: dict[Key, float] = {}
@@ -332,11 +333,20 @@ class MCPManager:
             on_tools_changed=tools_changed,
             max_message_bytes=self.max_message_bytes,
         )
+        # Known to close() while it starts: a caller whose budget ends mid-start leaves the session to stop
+        # (its stdio child too) on its own, and a close meanwhile (a worker's shutdown) must wait for that
+        # rather than stop the loop under it and leave the child orphaned.
+        self._starting.add(session)
         try:
             await session.start()
         except MCPError as exc:
             self._connect_failures[key] = (time.monotonic(), fingerprint, str(exc))
             raise
+        finally:
+            if session.finished.is_set() or session.usable:
+                self._starting.discard(session)
+            else:  # cancelled mid-start: forgotten once it has stopped
+                asyncio.get_running_loop().create_task(self._forget_when_finished(session))
         self._connect_failures.pop(key, None)
         self._sessions[key] = session
         # used from now: a connect slower than the idle timeout must not leave it idle already
@@ -406,6 +416,7 @@ class MCPManager:
     async def _forget_when_finished(self, session: Session) -> None:
         await session.finished.wait()
         self._retiring.discard(session)
+        self._starting.discard(session)
 
     async def _alist_tools(self, key: Key, resolved: ResolvedSpec) -> list[Any]:
         from kubechain.mcp.session import ConnectionLost, describe_error
@@ -527,7 +538,7 @@ class MCPManager:
             await session.wait_finished(5)
 
     async def _aclose_all(self) -> None:
-        sessions = [*self._sessions.values(), *self._retiring]
+        sessions = [*self._sessions.values(), *self._retiring, *self._starting]
         self._sessions.clear()
         for session in sessions:
             session.stop()

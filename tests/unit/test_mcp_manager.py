@@ -1919,6 +1919,25 @@ def test_a_call_its_budget_ends_before_it_was_sent_does_not_say_it_may_have_run(
         m.close()
 
 
+def test_a_server_whose_start_a_budget_cut_short_is_stopped_by_a_close_right_after(tmp_path: Path) -> None:
+    """A call's budget ended while its stdio server was still starting: the session's start was cancelled
+    and its child left to the session's own clean-up, which close() did not know of (the session was not
+    yet the server's), so a close right after (a worker's shutdown, a test's end) stopped the loop with
+    the clean-up still under way and the child lived on, orphaned."""
+    script = tmp_path / "slow_start.py"
+    script.write_text("import time\ntime.sleep(3600)\n")  # never answers the handshake
+    m = MCPManager(resolve_secret, call_timeout_s=10, call_budget_s=50, connect_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        with pytest.raises(MCPError):
+            m.call_tool(script_server("slow-start", str(script)), "slow", {}, within_s=0.5)
+    finally:
+        m.close()
+    survivors = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+    for pid in survivors:
+        os.kill(int(pid), signal.SIGKILL)
+    assert len(survivors) == 0
+
+
 def test_a_calls_own_timeout_and_probe_end_within_its_budget() -> None:
     """A call whose budget (its claim's time left) is shorter than its timeout had it cut by the budget,
     which said less (not even that the tool may have run): the call's own timeout, and the liveness probe
