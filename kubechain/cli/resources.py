@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from kubechain.cli import main
 from kubechain.kube.client import MERGE_PATCH, KubeClient, core_path, custom_path
-from kubechain.kube.connection import kubeconfig_exists, kubeconfig_namespace, kubeconfig_path
+from kubechain.kube.connection import is_loopback, kubeconfig_exists, kubeconfig_namespace, kubeconfig_path
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound, transport_reason
 from kubechain.models import (
     API_VERSION,
@@ -165,7 +165,7 @@ class Unreachable(CLIError):
         likely a `kubechain up` that is not running (any more)."""
         check = (
             "is `kubechain up` running?"
-            if _is_loopback(server)
+            if is_loopback(server)
             else "is the cluster up, and are this kubeconfig and context the right ones?"
         )
         return CLIError(
@@ -173,19 +173,6 @@ class Unreachable(CLIError):
             f"(KUBECONFIG={kubeconfig})",
             self.exit_code,
         )
-
-
-def _is_loopback(server: str) -> bool:
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = urlsplit(server).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def api_error(exc: KubeAPIError, what: str, exit_code: int = 1) -> CLIError:

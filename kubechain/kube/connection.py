@@ -52,7 +52,7 @@ class ClusterConnection:
         if not self.proxy:
             return None
         if self.proxy_from_environment and (
-            _is_loopback(self.host) or should_bypass_proxies(self.host, self.no_proxy or "")
+            is_loopback(self.host) or should_bypass_proxies(self.host, self.no_proxy or "")
         ):
             return None  # as Go's ProxyFromEnvironment (kubectl's): a local server is never proxied
         return self.proxy
@@ -124,7 +124,8 @@ def _environment_no_proxy(environ: Mapping[str, str]) -> str | None:
     return environ.get("NO_PROXY") or environ.get("no_proxy") or None
 
 
-def _is_loopback(url: str) -> bool:
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is this machine (localhost or a loopback address)."""
     host = (urllib.parse.urlparse(url).hostname or "").lower()
     if host == "localhost":
         return True
