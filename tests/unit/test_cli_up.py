@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+
+def failing_stack(
+    error: BaseException, *, before: Callable[[], None] | None = None, stopped: list[bool] | None = None
+) -> type:
+    """A LocalStack whose start raises ``error`` (after ``before``, if given); its stop is noted in
+    ``stopped``."""
+
+    class Failing:
+        logs = Path("/nonexistent/logs")
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            if before is not None:
+                before()
+            raise error
+
+        def stop(self) -> None:
+            if stopped is not None:
+                stopped.append(True)
+
+    return Failing
 
 
 def test_up_refuses_a_cluster_where_kubechain_already_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,19 +97,8 @@ def test_up_that_cannot_start_says_why_without_a_traceback(
 
     stopped: list[bool] = []
 
-    class Failing:
-        logs = tmp_path / "logs"
-
-        def __init__(self, *_: object, **__: object) -> None:
-            pass
-
-        def start(self) -> None:
-            raise BinaryError("no Go toolchain: install Go 1.24+ or set KUBEBUILDER_ASSETS")
-
-        def stop(self) -> None:
-            stopped.append(True)
-
-    monkeypatch.setattr(stack, "LocalStack", Failing)
+    no_go = BinaryError("no Go toolchain: install Go 1.24+ or set KUBEBUILDER_ASSETS")
+    monkeypatch.setattr(stack, "LocalStack", failing_stack(no_go, stopped=stopped))
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), "a CLI error, not a crash"
     assert "could not start KubeChain: no Go toolchain: install Go 1.24+" in result.output
@@ -151,19 +165,7 @@ def test_up_never_changes_the_mode_of_a_folder_it_did_not_make(
     lock_workdir(shared).close()
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
 
-    class Failing:
-        logs = tmp_path / "logs"
-
-        def __init__(self, *_: object, **__: object) -> None:
-            pass
-
-        def start(self) -> None:
-            raise OSError("cannot start here")
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr(stack, "LocalStack", Failing)
+    monkeypatch.setattr(stack, "LocalStack", failing_stack(OSError("cannot start here")))
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(shared)])
     assert result.exit_code == 1 and "cannot start here" in result.output, result.output
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
@@ -275,19 +277,8 @@ def test_a_control_plane_that_cannot_start_on_its_old_data_names_its_logs_and_ho
     from kubechain.cli import main
     from kubechain.testing.controlplane import ControlPlaneError
 
-    class Failing:
-        logs = tmp_path / "logs"
-
-        def __init__(self, *_: object, **__: object) -> None:
-            pass
-
-        def start(self) -> None:
-            raise ControlPlaneError("etcd exited with code 2 while waiting for etcd")
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr(stack, "LocalStack", Failing)
+    etcd_exited = ControlPlaneError("etcd exited with code 2 while waiting for etcd")
+    monkeypatch.setattr(stack, "LocalStack", failing_stack(etcd_exited))
     workdir = tmp_path / "kc"
     (workdir / "controlplane" / "etcd").mkdir(parents=True)  # an earlier run's data
     (workdir / "logs").mkdir()  # and its logs
@@ -316,19 +307,12 @@ def test_a_start_that_fails_names_only_the_log_folders_it_made(
 
     workdir = tmp_path / "kc"
 
-    class Failing:
-        def __init__(self, *_: object, **__: object) -> None:
-            pass
+    def make_folders() -> None:
+        for folder in made:
+            (workdir / folder).mkdir(parents=True)
 
-        def start(self) -> None:
-            for folder in made:
-                (workdir / folder).mkdir(parents=True)
-            raise RedisError("REDIS_URL redis://127.0.0.1:1/0 does not answer: connection refused")
-
-        def stop(self) -> None:
-            pass
-
-    monkeypatch.setattr(stack, "LocalStack", Failing)
+    no_answer = RedisError("REDIS_URL redis://127.0.0.1:1/0 does not answer: connection refused")
+    monkeypatch.setattr(stack, "LocalStack", failing_stack(no_answer, before=make_folders))
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(workdir)])
     assert result.exit_code == 1, result.output
     assert "does not answer: connection refused" in result.output
