@@ -702,6 +702,25 @@ def test_a_call_may_have_run_if_any_of_its_requests_left_though_a_repeat_could_n
     assert only.unsent == 1
 
 
+async def _request_messages(receive: Any) -> list[dict[str, Any]]:
+    """An ASGI request's body messages, all of them (read to look into the JSON-RPC request)."""
+    received = []
+    while True:
+        message = await receive()
+        received.append(message)
+        if not message.get("more_body"):
+            return received
+
+
+def _replaying(received: list[dict[str, Any]], receive: Any) -> Any:
+    """An ASGI ``receive`` that gives the app the messages already read first, then the rest."""
+
+    async def replay() -> Any:
+        return received.pop(0) if received else await receive()
+
+    return replay
+
+
 def refusing_tool_calls(
     app: Any, status: int, refuse: Callable[[], bool], headers: list[tuple[bytes, bytes]] | None = None
 ) -> Any:
@@ -711,12 +730,7 @@ def refusing_tool_calls(
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await app(scope, receive, send)
-        received = []
-        while True:
-            message = await receive()
-            received.append(message)
-            if not message.get("more_body"):
-                break
+        received = await _request_messages(receive)
         if b'"tools/call"' in b"".join(m.get("body", b"") for m in received) and refuse():
             await send(
                 {
@@ -728,10 +742,7 @@ def refusing_tool_calls(
             await send({"type": "http.response.body", "body": b"refused"})
             return None
 
-        async def replay() -> Any:
-            return received.pop(0) if received else await receive()
-
-        return await app(scope, replay, send)
+        return await app(scope, _replaying(received, receive), send)
 
     return wrapped
 
@@ -796,12 +807,7 @@ class ForgetfulLegacyServer:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         session_id = dict(scope["headers"]).get(b"mcp-session-id")
-        received = []
-        while scope["method"] == "POST":
-            message = await receive()
-            received.append(message)
-            if not message.get("more_body"):
-                break
+        received = await _request_messages(receive) if scope["method"] == "POST" else []
         body = b"".join(m.get("body", b"") for m in received)
         request = json.loads(body) if body else {}
         if request.get("method") == "server/discover":
@@ -814,11 +820,7 @@ class ForgetfulLegacyServer:
                 self.seen.add(session_id)
             if request.get("method") == "tools/call" and request["params"]["name"] == self.restart_on_call:
                 self.restart()
-
-            async def replay() -> Any:
-                return received.pop(0) if received else await receive()
-
-            return await self.app(scope, replay, send)
+            return await self.app(scope, _replaying(received, receive), send)
         answer = json.dumps({"jsonrpc": "2.0", "id": request_id, "error": error}).encode()
         await send(
             {
@@ -1003,12 +1005,7 @@ def redirecting_posts(app: Any, path: str, location: Callable[[str], str] | None
         query = scope.get("query_string", b"").decode()
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path or "hop=1" in query:
             return await app(scope, receive, send)
-        received = []
-        while True:
-            message = await receive()
-            received.append(message)
-            if not message.get("more_body"):
-                break
+        received = await _request_messages(receive)
         if location is None or b'"tools/call"' in b"".join(m.get("body", b"") for m in received):
             target = location(query) if location else f"{path}?{query}&hop=1" if query else f"{path}?hop=1"
             await send(
@@ -1021,10 +1018,7 @@ def redirecting_posts(app: Any, path: str, location: Callable[[str], str] | None
             await send({"type": "http.response.body", "body": b""})
             return None
 
-        async def replay() -> Any:
-            return received.pop(0) if received else await receive()
-
-        return await app(scope, replay, send)
+        return await app(scope, _replaying(received, receive), send)
 
     return wrapped
 
