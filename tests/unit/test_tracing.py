@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -593,15 +593,12 @@ def test_a_recheck_after_a_recheck_is_a_sibling_of_the_task_before_linked_to_it(
         assert [link.context.span_id for link in after.links] == [before.context.span_id]
 
 
-def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own() -> None:
-    """The ToolCall span's id is fixed per call (its spanContext names it): a second execution (its first
-    worker lost before the result was written) exported a second span with the same id. Each execution
-    has an id of its own, and the status names the last one's (its claim wrote it)."""
-    import workers.app as app
+def _a_run_calling_an_idempotent_add(
+    kube: FakeKubeClient,
+) -> tuple[FakeLLM, Callable[[str, str], dict[str, object]]]:
+    """Run "r" of agent "a", whose LLM asks for the tool "add" (marked idempotent, so it may run again);
+    the LLM, and the messages as the watcher sends them: in the run's trace."""
     from tests.unit.fakes import message
-
-    EXPORTER.clear()
-    kube = FakeKubeClient()
 
     def answer(request: LLMRequest) -> LLMResponse:
         call = ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
@@ -614,8 +611,21 @@ def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own
     run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
     in_its_trace = tracing.traceparent_of(trace.get_current_span(tracing.run_context(run["metadata"]["uid"])))
 
-    def sent(kind: str, name: str) -> dict[str, object]:  # as the watcher sends it: in the run's trace
+    def sent(kind: str, name: str) -> dict[str, object]:
         return message(kind, name).model_copy(update={"traceparent": in_its_trace}).model_dump()
+
+    return llm, sent
+
+
+def test_an_idempotent_tool_run_again_after_a_lost_record_gets_a_span_of_its_own() -> None:
+    """The ToolCall span's id is fixed per call (its spanContext names it): a second execution (its first
+    worker lost before the result was written) exported a second span with the same id. Each execution
+    has an id of its own, and the status names the last one's (its claim wrote it)."""
+    import workers.app as app
+
+    EXPORTER.clear()
+    kube = FakeKubeClient()
+    llm, sent = _a_run_calling_an_idempotent_add(kube)
 
     app.set_context(context(kube, llm))
     try:
@@ -647,23 +657,9 @@ def test_a_tool_run_again_after_its_worker_was_lost_mid_call_is_the_span_its_sta
     import workers.app as app
     from kubechain.models import TaskRunToolCall
     from kubechain.statemachines.toolcall import toolcall_span_context
-    from tests.unit.fakes import message
 
     kube = FakeKubeClient()
-
-    def answer(request: LLMRequest) -> LLMResponse:
-        call = ToolCall(id="c1", function=ToolCallFunction(name="add", arguments='{"a": 1, "b": 2}'))
-        return LLMResponse(tool_calls=[call])
-
-    llm = FakeLLM(answer)
-    validated(kube, llm, ["add"])
-    tool_key = next(key for key in kube.objects if key[1:] == ("tools", "default", "add"))
-    kube.objects[tool_key]["spec"]["idempotent"] = True
-    run = create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
-    in_its_trace = tracing.traceparent_of(trace.get_current_span(tracing.run_context(run["metadata"]["uid"])))
-
-    def sent(kind: str, name: str) -> dict[str, object]:
-        return message(kind, name).model_copy(update={"traceparent": in_its_trace}).model_dump()
+    llm, sent = _a_run_calling_an_idempotent_add(kube)
 
     app.set_context(context(kube, llm))
     try:
