@@ -2,13 +2,19 @@
 
 Workers build every LLM request from the Agent, LLM, Secret and Tools; reading them for every turn of
 every run costs several API calls per turn, while a change to them may take a couple of seconds to apply.
-The TaskRun and TaskRunToolCall being decided on are never read through this cache.
+The TaskRun and TaskRunToolCall being decided on are never read through this cache (a tool call's parent
+run is, shared by the turn's sibling calls: what is read of it does not change, or is checked again).
+
+An entry is let go of once its TTL is over, at the next read of any key: the cache holds what was read in
+the last TTL (at most ``max_entries`` of it), not everything ever read (a parent run's context window is
+up to 1 MiB).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,15 +26,33 @@ T = TypeVar("T")
 
 
 class TTLReadCache:
-    def __init__(self, kube: KubeClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 10_000,
+    ) -> None:
         self.kube = kube
         self.ttl_s = ttl_s
+        self.max_entries = max_entries
         self._clock = clock
-        self._entries: dict[tuple[str, ...], tuple[float, Any]] = {}
+        # key -> (when its read started, the object), oldest first: what has expired is at the front
+        self._entries: OrderedDict[tuple[str, ...], tuple[float, Any]] = OrderedDict()
         self._loading: dict[tuple[str, ...], threading.Lock] = {}
         self._lock = threading.Lock()
 
+    def _drop_expired(self, now: float) -> None:
+        """Let go of the entries whose TTL is over (the lock is held). Amortized O(1) a read: each entry is
+        dropped once. One whose read was slow may sit behind a younger one, for at most as long as it took."""
+        while self._entries:
+            stored_at, _ = next(iter(self._entries.values()))
+            if now - stored_at < self.ttl_s:
+                return
+            self._entries.popitem(last=False)
+
     def _fresh(self, key: tuple[str, ...], now: float) -> tuple[bool, Any]:
+        self._drop_expired(now)
         entry = self._entries.get(key)
         if entry is not None and now - entry[0] < self.ttl_s:
             return True, entry[1]
@@ -56,10 +80,11 @@ class TTLReadCache:
                     self._loading.pop(key, None)
                 raise
             with self._lock:
+                self._entries.pop(key, None)  # (stored again at the back, in the order of its read)
                 self._entries[key] = (started, value)
                 self._loading.pop(key, None)
-                if len(self._entries) > 10_000:
-                    self._entries = {k: v for k, v in self._entries.items() if started - v[0] < self.ttl_s}
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
             return value
 
     def get(self, model: type[R], namespace: str, name: str) -> R:
