@@ -56,6 +56,7 @@ class Informer:
         watch_timeout_s: int = 290,
         index_label: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        after_first_list: Callable[[], None] | None = None,
     ) -> None:
         self.kube = kube
         self.kind = kind
@@ -80,6 +81,10 @@ class Informer:
         # finding a turn's tool calls must not scan every tool call ever cached.
         self.index_label = index_label
         self._index: dict[tuple[str, str], set[Key]] = {}
+        # Given, the first list only fills the cache (the handler does not hear of its objects) and this is
+        # called once it is in: its owner decides what they need from the whole cache (a resync). Routed as
+        # events, they would prompt again at every start what finished long ago.
+        self.after_first_list = after_first_list
 
     def snapshot(self) -> dict[Key, dict[str, Any]]:
         with self.lock:
@@ -109,7 +114,10 @@ class Informer:
         if after:
             self._index.setdefault((key[0], after), set()).add(key)
 
-    def _apply(self, event_type: str, obj: dict[str, Any], synthesized: bool = False) -> None:
+    def _apply(
+        self, event_type: str, obj: dict[str, Any], synthesized: bool = False, quiet: bool = False
+    ) -> None:
+        """Cache what the event says and tell the handler, unless ``quiet`` (into the cache only)."""
         # Nothing here reads managedFields; dropped, they cost no cache memory (controller-runtime's
         # TransformStripManagedFields).
         (obj.get("metadata") or {}).pop("managedFields", None)
@@ -124,6 +132,8 @@ class Informer:
                 ].get("resourceVersion"):
                     return  # a duplicate delivery of something we have already seen
                 self._store(key, cached_form(self.kind, obj))
+        if quiet:
+            return
         try:
             self.handler(self.kind, event_type, obj, previous, synthesized)
         except BaseException:
@@ -157,6 +167,8 @@ class Informer:
         # start and after every 410.
         seen = set()
         resource_version = ""
+        first = not self.synced.is_set()
+        quiet = first and self.after_first_list is not None
         if self.list_from_watch_cache:
             self.list_from_watch_cache = False
             pages = self.kube.list_pages(self.plural, self.namespace, from_watch_cache=True)
@@ -167,17 +179,19 @@ class Informer:
             for item in items:
                 item.setdefault("kind", self.kind)
                 seen.add(object_key(item))
-                self._apply("ADDED", item)
+                self._apply("ADDED", item, quiet=quiet)
         with self.lock:
             vanished = [obj for key, obj in self.cache.items() if key not in seen]
         for obj in vanished:
-            self._apply("DELETED", obj, synthesized=True)
+            self._apply("DELETED", obj, synthesized=True, quiet=quiet)
         # Every object listed was handled (or given up on): a failure still counted is of one that was
         # gone before the list (its version was never cached), and no event of it will come again.
         self._failures.clear()
         self.resource_version = resource_version
         self.relists += 1
         self.synced.set()
+        if first and self.after_first_list is not None:
+            self.after_first_list()
 
     def _held_open(self, opened: float | None) -> bool:
         """Whether a watch opened at ``opened`` was held open (SHORT_WATCH_S or longer): the API server

@@ -90,9 +90,10 @@ class Watcher:
         # leader's, which does not know what was sent before it
         self._resync_requested = threading.Event()
         self._force_next_resync = threading.Event()
-        # While start() waits for the first lists, their objects are not routed as events (each finished
-        # run would prompt its Task and its delegating tool call again at every restart): the resync
-        # after the wait decides what they need, as a new leader's does.
+        # While start() waits for the first lists, nothing is sent: the resync after the wait decides what
+        # their objects need, as a new leader's does. (No first list's objects are routed as events, each
+        # finished run would prompt its Task and its delegating tool call again at every restart; a list
+        # still going when the wait ends asks for a resync once it is in: _on_first_list.)
         self._awaiting_first_lists = False
         # each worker queue's Redis list length, as last read (None: Redis did not answer)
         self.queue_depths: dict[str, int] | None = None
@@ -106,6 +107,7 @@ class Watcher:
                 self._on_event,
                 self.stop_event,
                 index_label=LABEL_TOOLCALLREQUEST if info.kind == "TaskRunToolCall" else None,
+                after_first_list=self._on_first_list,
             )
             for info in KINDS
             for namespace in namespaces
@@ -159,6 +161,12 @@ class Watcher:
             if informer.kind == "TaskRun"
             for obj in informer.snapshot().values()
         ]
+
+    def _on_first_list(self) -> None:
+        """An informer's first list is in. One in before start()'s wait ended is in the start-up resync (or
+        a new leader's); a later one's objects were in neither, and an ordinary resync decides for them."""
+        if not self._awaiting_first_lists:
+            self._resync_requested.set()
 
     def _on_event(
         self,

@@ -1694,3 +1694,48 @@ def test_only_the_leading_watcher_counts_watch_events() -> None:
     leader = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
     leader._on_event("TaskRun", "ADDED", obj, None)
     assert counted() == before + 1
+
+
+def test_a_first_list_in_after_the_start_up_deadline_is_not_routed_as_events(monkeypatch: Any) -> None:
+    """The first lists' objects were held back only until start()'s one deadline (30 s): a list slower
+    than that (a namespace of many runs, a busy API server) routed the rest as events, and every finished
+    run in it validated its Task again at each restart. No first list is routed; once a late one is in,
+    an ordinary resync decides what its objects need."""
+    import watcher.main as main
+
+    finished = run("TaskRun", {"name": "done", "status": {"phase": "FinalAnswer"}}, "3")
+    finished["spec"] = {"taskRef": {"name": "t"}}
+    finished["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "delegating", "uid": "c"}]
+    pending = run("TaskRun", {"name": "pending", "status": {"phase": "Pending"}}, "4")
+    kube = FakeKubeClient()
+    listed = {"taskruns": [finished, pending]}
+    monkeypatch.setattr(
+        kube, "list_pages", lambda plural, *_, **__: iter([(copy.deepcopy(listed.get(plural, [])), "9")])
+    )
+    monkeypatch.setattr(main, "INITIAL_SYNC_TIMEOUT_S", 0.0)
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    late: list[Informer] = []
+
+    def spawn(target: Any, name: str) -> None:
+        informer = getattr(target, "__self__", None)
+        if isinstance(informer, Informer):
+            if informer.kind == "TaskRun":
+                late.append(informer)  # its first list is still going when the deadline passes
+            else:
+                informer.relist()
+
+    monkeypatch.setattr(watcher, "_spawn", spawn)
+    watcher.start()
+    assert watcher._outbox.empty(), "nothing to do in what was listed in time"
+    assert not watcher._resync_requested.is_set()
+    (runs,) = late
+    runs.relist()
+    assert watcher._outbox.empty(), "the late list's objects are not routed as events"
+    assert watcher._resync_requested.is_set(), "a resync is asked for instead"
+    watcher.resync(force=watcher._take_resync_request())
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert [(w.task, w.kind, w.name, w.reason) for w in queued] == [
+        (TaskName.PREPARE, "TaskRun", "pending", "resync")
+    ]
