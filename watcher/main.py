@@ -185,8 +185,14 @@ class Watcher:
         if kind == "TaskRun" and event_type == "DELETED" and not synthesized and not is_terminal(kind, obj):
             self._end_deleted_run(obj)
         rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        deleted = event_type == "DELETED"
+        if deleted:
+            # Never the same state as a version sent before: a relist's DELETED carries the cached copy's
+            # version, which may have prompted the same work already (the object becoming Ready). (Nor a
+            # version for a worker to read.)
+            rv = f"deleted:{rv}"
         for work in self._event_work(kind, event_type, obj, previous):
-            self._submit(work, rv, own_version=_is_about(work, kind, obj))
+            self._submit(work, rv, own_version=not deleted and _is_about(work, kind, obj))
 
     def _end_deleted_run(self, obj: dict[str, Any]) -> None:
         """The root span of a run deleted before it ended: the worker whose write ends a run makes it, and

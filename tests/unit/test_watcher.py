@@ -1739,3 +1739,31 @@ def test_a_first_list_in_after_the_start_up_deadline_is_not_routed_as_events(mon
     assert [(w.task, w.kind, w.name, w.reason) for w in queued] == [
         (TaskName.PREPARE, "TaskRun", "pending", "resync")
     ]
+
+
+def test_a_deletion_a_relist_finds_prompts_dependents_the_version_it_carries_already_prompted() -> None:
+    """A DELETED a relist makes carries the cached copy's version: when that version had already
+    prompted the dependents (the LLM became Ready at 7, its Agent validated with "7"), the deletion's
+    prompt was dropped as the same state sent again, and the Agent stayed Ready without its LLM until a
+    resync 20-50 s later."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    informers["Agent"]._store(("default", "a"), ready("Agent", "a", {"llmRef": {"name": "l"}}))
+    pending = {"status": "Pending", "observedGeneration": 1}
+    llm = {**ready("LLM", "l"), "status": pending}
+    informers["LLM"]._store(("default", "l"), llm)
+
+    def queued() -> list[tuple[TaskName, str, str]]:
+        works = []
+        while not watcher._outbox.empty():
+            works.append(watcher._outbox.get_nowait()[0])
+        return [(work.task, work.kind, work.name) for work in works]
+
+    now_ready = ready("LLM", "l")
+    now_ready["metadata"]["resourceVersion"] = "7"
+    informers["LLM"]._apply("MODIFIED", now_ready)
+    assert queued() == [(TaskName.VALIDATE, "Agent", "a")]
+    informers["LLM"].synced.set()  # (listed long ago)
+    informers["LLM"].kube.list_pages = lambda *_, **__: iter([([], "20")])  # type: ignore[method-assign]
+    informers["LLM"].relist()  # the LLM was deleted while the watch was down
+    assert queued() == [(TaskName.VALIDATE, "Agent", "a")]
