@@ -66,6 +66,11 @@ def _name(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
 
+def _run_name(toolcall: dict[str, Any]) -> str:
+    """The name of the TaskRun a tool call is of."""
+    return str(((toolcall.get("spec") or {}).get("taskRunRef") or {}).get("name") or "")
+
+
 def _is_about(work: Work, kind: str, obj: dict[str, Any]) -> bool:
     """Whether ``work`` is on ``obj`` itself (then obj's resourceVersion is the worked-on object's own)."""
     return (work.kind, work.name) == (kind, _name(obj))
@@ -258,8 +263,7 @@ class Watcher:
         """The cached TaskRun the tool call names, if it is the one that owns it (a run of that name made
         again since is not)."""
         metadata = toolcall.get("metadata") or {}
-        run_name = ((toolcall.get("spec") or {}).get("taskRunRef") or {}).get("name")
-        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), str(run_name or ""))
+        run = self._cached("TaskRun", str(metadata.get("namespace") or ""), _run_name(toolcall))
         owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
         return run if run is not None and (run.get("metadata") or {}).get("uid") in owners else None
 
@@ -269,11 +273,15 @@ class Watcher:
         namespace = (obj.get("metadata") or {}).get("namespace")
         if not request:
             return True
+        # Of its own run only: a request id is 7 hex digits of a hash, and another run's open turn may
+        # have the same.
+        run = _run_name(obj)
         return all(
             is_terminal("TaskRunToolCall", sibling)
             for informer in self.informers
             if informer.kind == "TaskRunToolCall"
             for sibling in informer.indexed(str(namespace or ""), str(request))
+            if _run_name(sibling) == run
         )
 
     def _submit(self, work: Work, rv: str, *, resync: bool = False, own_version: bool = False) -> bool:

@@ -1767,3 +1767,27 @@ def test_a_deletion_a_relist_finds_prompts_dependents_the_version_it_carries_alr
     informers["LLM"].kube.list_pages = lambda *_, **__: iter([([], "20")])  # type: ignore[method-assign]
     informers["LLM"].relist()  # the LLM was deleted while the watch was down
     assert queued() == [(TaskName.VALIDATE, "Agent", "a")]
+
+
+def test_a_turn_of_another_run_with_the_same_request_id_does_not_hold_back_the_fan_in() -> None:
+    """A turn's tool calls were found by namespace and request label alone: two runs whose open turns'
+    ids collided (7 hex digits of a hash) held each other's fan-in, run a's last call finishing did not
+    prompt a while b's was running, and a waited for a resync."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    (informer,) = [informer for informer in watcher.informers if informer.kind == "TaskRunToolCall"]
+    of_a = toolcall_event("a-abc1234-tc-01", "abc1234", "Running", "5")
+    of_a["spec"] = {"taskRunRef": {"name": "a"}}
+    of_b = toolcall_event("b-abc1234-tc-01", "abc1234", "Running", "6")
+    of_b["spec"] = {"taskRunRef": {"name": "b"}}
+    informer._apply("ADDED", of_a)
+    informer._apply("ADDED", of_b)
+    while not watcher._outbox.empty():
+        watcher._outbox.get_nowait()
+    informer._apply(
+        "MODIFIED",
+        {**of_a, "metadata": {**of_a["metadata"], "resourceVersion": "9"}, "status": {"phase": "Succeeded"}},
+    )
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert [(work.kind, work.name) for work in queued if work.kind == "TaskRun"] == [("TaskRun", "a")]
