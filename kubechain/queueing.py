@@ -128,6 +128,12 @@ def make_celery(settings: Settings, name: str = "kubechain") -> Celery:
             # prefetch slot taken. Connections are made only as needed.
             "max_connections": BROKER_MAX_CONNECTIONS,
         },
+        # Each publish is tried once: Celery's default policy tried again 3 times, each waiting out the
+        # socket timeout on a Redis that stopped answering (~50 s for one publish, the watcher's sender
+        # not checking meanwhile whether it still leads). Every caller backs off or leaves it to the
+        # resync; a connection Redis closed (a restart) is made again by the publish itself. (Not
+        # task_publish_retry=False: without kombu's ensure(), making the channel is retried instead.)
+        task_publish_retry_policy={"max_retries": 0},
         broker_transport=transport_for(settings.redis_url),
         broker_connection_retry_on_startup=True,
         worker_soft_shutdown_timeout=10.0,
