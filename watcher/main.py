@@ -293,6 +293,7 @@ class Watcher:
         with self._recent_lock:
             last = self._recent.get(key)
             retries = 0
+            resent = False
             if last is not None:
                 last_rv, at, retries = last
                 if resync:
@@ -304,13 +305,21 @@ class Watcher:
                     )
                     if now - at < wait:
                         return False
-                    retries = retries + 1 if last_rv == rv else 0
+                    resent = last_rv == rv
+                    if not resent:
+                        retries = 0
                 elif last_rv == rv and work.countdown_s == 0:
                     return False  # the same state was already enqueued
                 else:
                     retries = 0
+            added = self._outbox.put(key, (work, rv, own_version))
+            # Not counted when merged into the same work still waiting (Redis down): no more messages
+            # than before, and each tick of a long outage doubling the wait held back the one sent on
+            # recovery, if lost, for 300 s.
+            if resent and added:
+                retries += 1
             self._recent[key] = (rv, now, retries)
-        return self._outbox.put(key, (work, rv, own_version))
+        return added
 
     def _forget(self, works: Iterable[Work]) -> None:
         """Forget having sent ``works`` (dropped unsent in a lapse): the resync sends them again at once."""

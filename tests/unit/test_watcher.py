@@ -1791,3 +1791,28 @@ def test_a_turn_of_another_run_with_the_same_request_id_does_not_hold_back_the_f
     while not watcher._outbox.empty():
         queued.append(watcher._outbox.get_nowait()[0])
     assert [(work.kind, work.name) for work in queued if work.kind == "TaskRun"] == [("TaskRun", "a")]
+
+
+def test_resyncs_while_its_work_waits_unsent_do_not_lengthen_an_objects_back_off(monkeypatch: Any) -> None:
+    """While Redis is down an object's work waits in the outbox, merged: each resync tick still counted as
+    one more message sent and doubled its back-off, so after a 6-minute outage the message sent on
+    recovery, if lost (its worker killed), was sent again only 300 s later, not 40 s (two were sent)."""
+    import watcher.main as main
+
+    clock = [1000.0]
+    monkeypatch.setattr(main.time, "monotonic", lambda: clock[0])
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    (informer,) = [informer for informer in watcher.informers if informer.kind == "TaskRun"]
+    informer._store(("default", "r"), run("TaskRun", {"name": "r", "status": {"phase": "Pending"}}, "4"))
+    assert watcher.resync() == 1
+    watcher._outbox.get_nowait()  # the sender's, failing to send it: Redis is down
+    for _ in range(12):  # six minutes of resync ticks
+        clock[0] += 30.0
+        watcher.resync()
+    sent = 1
+    while not watcher._outbox.empty():  # Redis is back: what waited is sent
+        watcher._outbox.get_nowait()
+        sent += 1
+    assert sent == 2
+    clock[0] += 40.0
+    assert watcher.resync() == 1, "sent again as after two messages, not after twelve ticks"
