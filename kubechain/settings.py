@@ -55,6 +55,10 @@ def _default_identity() -> str:
 BROKER_MAX_CONNECTIONS = 1024
 MAX_WORKER_CONCURRENCY = BROKER_MAX_CONNECTIONS // 2
 
+# The largest KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: under etcd's default request limit (1.5 MiB) by what the
+# rest of a TaskRun may take.
+MAX_CONTEXT_WINDOW_BYTES = 1258291  # 1.2 MiB
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore")
@@ -92,6 +96,8 @@ class Settings(BaseSettings):
     # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
     claim_timeout_s: float = 180.0
     max_tool_result_bytes: int = 64 * 1024
+    # Measured as etcd stores the TaskRun (Go's JSON), with its spec and annotations; what the object also
+    # holds (metadata, managedFields, the rest of its status) takes the rest of etcd's 1.5 MiB.
     max_context_window_bytes: int = 1024 * 1024
     # Tool calls one LLM answer may ask for: each is an object, an execution and a message in every later
     # request, and a 1 MiB context window holds ~10,000 tiny ones.
@@ -181,6 +187,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{redact_url(value)!r} {problem}: set it to the HumanLayer API's URL, e.g. "
                 f"{DEFAULT_HUMANLAYER_API_BASE}"
+            )
+        return value
+
+    @field_validator("max_context_window_bytes")
+    @classmethod
+    def _context_window_fits_in_etcd(cls, value: int) -> int:
+        # Past this the API server, not the limit, refuses a large window: a run's answer is paid for and
+        # then cannot be stored.
+        if not 0 < value <= MAX_CONTEXT_WINDOW_BYTES:
+            raise ValueError(
+                f"{value} is not between 1 and {MAX_CONTEXT_WINDOW_BYTES} (1.2 MiB): a TaskRun, its window "
+                "included, must fit etcd's 1.5 MiB request limit (its --max-request-bytes default) with "
+                "room for its metadata and the rest of its status"
             )
         return value
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
 
+from kubechain.kube.errors import TooLarge
 from kubechain.llm.base import LLMError, LLMResponse, ToolDefinition, build_request
 from kubechain.llm.deadline import ending_by
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
@@ -22,6 +23,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_answer,
     plan_llm_claim,
     plan_llm_error,
+    plan_refused_as_too_large,
     with_llm_claim,
 )
 from kubechain.statemachines.toolset import tool_definitions
@@ -284,6 +286,11 @@ def _call_and_record(
             context_window_full=response.context_window_full,
             content_filtered=response.content_filtered,
         ),
+        # Our measure of the window fell short of the API server's (see _too_large): the answer cannot be
+        # stored, and left unwritten it would be paid for again once the claim expired.
+        lambda current, refused: plan_refused_as_too_large(
+            current, "the LLM's answer", str(refused), ctx.clock(), usage
+        ),
     )
 
 
@@ -304,7 +311,18 @@ def _count_answer(run: TaskRun, model_name: str, response: LLMResponse, seconds:
         )
 
 
-def _record(ctx: WorkerContext, claimed: TaskRun, claimed_at: str, plan: PlanFn) -> None:
+def _record(
+    ctx: WorkerContext,
+    claimed: TaskRun,
+    claimed_at: str,
+    plan: PlanFn,
+    refused_as_too_large: Callable[[TaskRun, TooLarge], Transition] | None = None,
+) -> None:
     record_while_claimed(
-        ctx, claimed, lambda current: holds_claim(current, ctx.identity, claimed_at), plan, "LLM answer"
+        ctx,
+        claimed,
+        lambda current: holds_claim(current, ctx.identity, claimed_at),
+        plan,
+        "LLM answer",
+        refused_as_too_large=refused_as_too_large,
     )

@@ -12,7 +12,6 @@ A tools worker's session that hears its server's tool list changed has the serve
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any, NamedTuple
 from kubechain.kube.errors import Unavailable
 from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_spec
 from kubechain.models import ContactChannel, MCPServer, MCPTool
+from kubechain.models.base import stored_json_bytes
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.transition import Transition, normal, warning
 from kubechain.statemachines.validation import plan_validation
@@ -53,7 +53,7 @@ MAX_TOOL_LIST_BYTES = 512 * 1024
 def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None:
     """The success status; ``tools`` is only written when the list differs from the recorded one."""
     wire = [tool.to_wire() for tool in tools]
-    size = len(json.dumps(wire, ensure_ascii=False).encode())
+    size = stored_json_bytes(wire)  # as etcd stores it: a description's "<" is 6 bytes there
     if size > MAX_TOOL_LIST_BYTES:
         detail = (
             f"Validation failed: the server lists {len(tools)} tools taking {size:,} bytes (names, "

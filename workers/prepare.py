@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+from kubechain.kube.errors import TooLarge
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
     LABEL_TOOLCALLREQUEST,
@@ -18,6 +21,7 @@ from kubechain.statemachines.taskrun import (
     expected_toolcalls,
     plan_fan_in,
     plan_initial_context,
+    plan_refused_as_too_large,
     plan_sub_agent_not_waited_for,
     tool_calls_created,
 )
@@ -32,6 +36,8 @@ from workers.transitions import (
     record_tool_calls_created,
 )
 from workers.validators import get_or_none
+
+log = logging.getLogger(__name__)
 
 
 def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
@@ -58,11 +64,28 @@ def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
 
 def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
     """A worker that consumes the llm queue takes a turn it makes ready (see ``take_turn_now``); others
-    leave it to the watcher and the queue."""
-    if ctx.continues_llm and transition.phase() == TaskRunPhase.READY_FOR_LLM.value:
-        take_turn_now(ctx, run, transition)
-    else:
-        apply_transition(ctx, run, transition)
+    leave it to the watcher and the queue.
+
+    A window the API server refuses as too large (TooLarge: over etcd's limit by a measure ours missed)
+    fails the run: it would be refused again at every resync, the run left waiting with no word of why."""
+    ready = transition.phase() == TaskRunPhase.READY_FOR_LLM.value
+    try:
+        if ctx.continues_llm and ready:
+            take_turn_now(ctx, run, transition)
+        else:
+            apply_transition(ctx, run, transition)
+    except TooLarge as refused:
+        if not ready:
+            raise
+        what = "the tool results" if run.phase in FAN_IN_TASKRUN_PHASES else "the first context window"
+        log.error(
+            "TaskRun %s/%s: the API server refused %s as too large: %s",
+            run.namespace,
+            run.name,
+            what,
+            refused,
+        )
+        apply_transition(ctx, run, plan_refused_as_too_large(run, what, str(refused), ctx.clock()))
 
 
 def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:

@@ -503,6 +503,7 @@ def record_while_claimed(
     what: str,
     *,
     retry_budget_s: float = RECORD_RETRY_BUDGET_S,
+    refused_as_too_large: Callable[[R, TooLarge], Transition] | None = None,
 ) -> None:
     """Write the outcome of a claimed side effect. On a conflict, re-read: if the claim is still ours
     (someone touched metadata) plan again from the fresh object; if it was re-taken or the object was
@@ -516,7 +517,10 @@ def record_while_claimed(
     the budget is spent the Unavailable is raised
     and Celery retries the task — as a last resort, because the outcome is lost then: the retry finds
     the call claimed and waits for the claim to expire, after which a non-idempotent tool is failed as
-    interrupted and an idempotent tool or an LLM turn runs again (each a bounded number of times)."""
+    interrupted and an idempotent tool or an LLM turn runs again (each a bounded number of times).
+
+    ``refused_as_too_large``: what to write instead when the API server refuses the outcome as too large
+    (TooLarge: etcd's limit), which no retry changes; without it the TooLarge is raised."""
     current: R | None = claimed
     raw: dict[str, Any] = {}
     # Every write answered with Unavailable: any of them may still land, even after a later write was
@@ -556,6 +560,20 @@ def record_while_claimed(
                 effects = Transition({"phase": attempted.phase()}, attempted.events, attempted.children)
                 unanswered.append((status_fingerprint(attempted.status), effects))
                 raise
+            except TooLarge as refused:
+                if refused_as_too_large is None:
+                    raise
+                log.error(
+                    "the API server refused the %s of %s %s/%s as too large (%s); writing that instead",
+                    what,
+                    claimed.KIND,
+                    claimed.namespace,
+                    claimed.name,
+                    refused,
+                )
+                plan = _planned_once_refused(refused_as_too_large, refused)
+                refused_as_too_large = None  # a refusal of that too is raised
+                continue  # the object is as it was: planned again from it
             return
         except Conflict:
             conflicts += 1  # this write was refused, but an earlier unanswered one may be why
@@ -594,6 +612,12 @@ def record_while_claimed(
             )
             ctx.sleep(delay)
         current = None
+
+
+def _planned_once_refused(
+    refused_as_too_large: Callable[[R, TooLarge], Transition], refused: TooLarge
+) -> Callable[[R], Transition]:
+    return lambda current: refused_as_too_large(current, refused)
 
 
 def schedule_recheck(

@@ -22,7 +22,7 @@ from typing import Any
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import ClusterConnection
 from kubechain.kube.errors import ETCD_TOO_LARGE, error_for
-from kubechain.models.base import merge_patch
+from kubechain.models.base import merge_patch, stored_json_bytes
 
 # apimachinery's validation: DNS-1123 subdomain names, and label values of at most 63 characters.
 # DNS-1123 subdomain, as the API server checks it: dot-separated labels, each alphanumeric at both ends.
@@ -36,7 +36,7 @@ MAX_STORED_BYTES = 1536 * 1024  # etcd's default --max-request-bytes: the stored
 
 
 def _check_stored_size(obj: dict[str, Any]) -> None:
-    if len(json.dumps(obj).encode()) > MAX_STORED_BYTES:
+    if stored_json_bytes(obj) > MAX_STORED_BYTES:  # measured as kube-apiserver writes it (Go's JSON)
         # what kube-apiserver answers when etcd refuses the object (checked against v1.33)
         raise error_for(500, {"reason": "InternalError", "message": ETCD_TOO_LARGE})
 

@@ -16,7 +16,6 @@ from, so of two workers deciding the same transition exactly one wins.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -37,6 +36,7 @@ from kubechain.models import (
     ToolCallPhase,
     label_value,
 )
+from kubechain.models.base import stored_json_bytes
 from kubechain.models.labels import LABEL_ROOT_RUN, LABEL_TASK, MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
@@ -119,7 +119,9 @@ def _wire_window(messages: list[Message]) -> list[dict[str, Any]]:
 
 
 def window_bytes(messages: list[Message]) -> int:
-    return len(json.dumps(_wire_window(messages)).encode())
+    """The window's size as the API server stores it (Go's JSON: ``<`` is 6 bytes there, see
+    stored_json_bytes)."""
+    return stored_json_bytes(_wire_window(messages))
 
 
 # -- prepare: Initializing/Pending -> ReadyForLLM ---------------------------------------------------
@@ -393,7 +395,7 @@ def plan_llm_answer(
     if not tool_calls:
         window.append(Message(role="assistant", content=content))
         # The answer is stored twice (window and output): both must fit in one status write.
-        too_large = _too_large(run, window, limits, len(content.encode()))
+        too_large = _too_large(run, window, limits, stored_json_bytes(content))
         if too_large is not None:
             return _fail(run, too_large, "ContextWindowTooLarge", now)
         return Transition(
@@ -446,13 +448,14 @@ def plan_llm_answer(
 def stored_alongside_bytes(run: TaskRun) -> int:
     """What the TaskRun holds besides its status: its spec (a direct run's userMessage, a sub-agent's task
     from its parent LLM) and annotations (``kubectl apply`` keeps the whole manifest there once more)."""
-    return len(json.dumps({"spec": run.spec.to_wire(), "annotations": run.metadata.annotations}).encode())
+    return stored_json_bytes({"spec": run.spec.to_wire(), "annotations": run.metadata.annotations})
 
 
 def _too_large(run: TaskRun, window: list[Message], limits: LoopLimits, output_bytes: int = 0) -> str | None:
     """Why writing ``window`` would take the object past the limit, or None when it fits. The whole object
-    counts, not the window alone: etcd refuses the object, and a refused status write is retried, not
-    reported. ``output_bytes``: a final answer is written twice (window and output); both count."""
+    counts, not the window alone, measured as the API server stores it: etcd refuses the object, and a
+    run whose write is refused fails only after the attempt (plan_refused_as_too_large), an answer paid
+    for. ``output_bytes``: a final answer is written twice (window and output); both count."""
     alongside = stored_alongside_bytes(run)
     written = window_bytes(window) + output_bytes
     if written + alongside <= limits.max_context_window_bytes:
@@ -463,6 +466,23 @@ def _too_large(run: TaskRun, window: list[Message], limits: LoopLimits, output_b
         f"over the {limits.max_context_window_bytes}-byte limit that keeps a TaskRun under etcd's request "
         "size limit"
     )
+
+
+def plan_refused_as_too_large(
+    run: TaskRun, what: str, refusal: str, now: datetime, usage: dict[str, int] | None = None
+) -> Transition:
+    """The API server refused to store ``what`` (the LLM's answer, the tool results) as too large
+    (``refusal``: its answer) although ``_too_large`` let it through: the object is over etcd's limit by
+    a measure ours missed, and writing it again cannot help. ``usage``: the tokens of an answer that was
+    paid for, kept."""
+    message = (
+        f"the API server refused to store {what} as too large ({refusal}): the TaskRun would be over "
+        "etcd's request size limit, and retrying cannot help"
+    )
+    failed = _fail(run, message, "ContextWindowTooLarge", now)
+    if usage is not None:
+        failed.status["tokenUsage"] = _add_usage(run, usage)
+    return failed
 
 
 def _add_usage(run: TaskRun, usage: dict[str, int] | None) -> dict[str, int]:

@@ -368,3 +368,38 @@ def test_a_missing_kind_and_a_missing_object_are_told_apart(kube: KubeClient, na
     with pytest.raises(NotFound) as missing_kind:
         kube.get_raw("nosuchkinds", namespace, "x")
     assert missing_kind.value.kind_unknown
+
+
+def test_a_context_window_the_limit_lets_through_is_one_etcd_stores(kube: KubeClient, namespace: str) -> None:
+    """kube-apiserver stores a custom resource as Go's JSON writes it, "<", ">" and "&" in 6 bytes each.
+    Ten HTML tool results of 60 KiB passed the 1 MiB limit as Python measures them (~630 KB) and the API
+    server refused the write (etcd: "request is too large", 1.7 MB as stored). Measured as stored, the
+    limit refuses them, and as many results as it lets through are stored."""
+    from kubechain.kube.errors import TooLarge
+    from kubechain.models import Message
+    from kubechain.statemachines.taskrun import LoopLimits, _too_large, _wire_window
+
+    row = "<tr><td>12</td><td>34</td><td>a&amp;b</td></tr>\n"
+    table = row * (60 * 1024 // len(row))
+
+    def window(results: int) -> list[Message]:
+        messages = [Message(role="system", content="s"), Message(role="user", content="scrape the tables")]
+        for i in range(results):
+            call = {"id": f"c{i}", "function": {"name": "fetch", "arguments": "{}"}}
+            messages.append(Message(role="assistant", content="", tool_calls=[call]))
+            messages.append(Message(role="tool", content=table, tool_call_id=f"c{i}"))
+        return messages
+
+    run = kube.create(
+        TaskRun(
+            metadata=ObjectMeta(name="html", namespace=namespace),
+            spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="scrape the tables"),
+        )
+    )
+    assert _too_large(run, window(10), LoopLimits()) is not None
+    with pytest.raises(TooLarge):
+        kube.patch_status(run, {"contextWindow": _wire_window(window(10))})
+    fitting = max(n for n in range(11) if _too_large(run, window(n), LoopLimits()) is None)
+    assert fitting >= 5
+    stored = kube.patch_status(run, {"contextWindow": _wire_window(window(fitting))})
+    assert len(stored.status.context_window or []) == 2 + 2 * fitting

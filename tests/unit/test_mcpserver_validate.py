@@ -285,3 +285,20 @@ def test_a_tool_list_too_large_for_the_status_is_a_clear_failure(
     assert "more than the 524,288 an MCPServer's status holds" in status["statusDetail"]
     assert "tools" not in status, "the list is not recorded"
     assert kube.event_reasons("many") == ["ToolListTooLarge"]
+
+
+def test_a_tool_list_is_measured_as_etcd_stores_it() -> None:
+    """Go's JSON, which the API server stores with, writes "<", ">" and "&" in 6 bytes each: 100 tools
+    whose descriptions hold 1,000 of them were 100 KB as measured, 600 KB as stored."""
+    from kubechain.models import MCPServer, MCPTool
+    from workers.mcpservers import plan_connected
+
+    server = MCPServer.from_wire(
+        {"metadata": {"name": "s", "namespace": "default"}, "spec": {"transport": "stdio", "command": "x"}}
+    )
+    tools = [MCPTool(name=f"tool_{i:03}", description="<" * 1000) for i in range(100)]
+    refused = plan_connected(server, tools)
+    assert refused is not None and refused.status["status"] == "Error"
+    assert "the server lists 100 tools taking 603,701 bytes" in refused.status["statusDetail"]
+    fits = plan_connected(server, tools[:80])
+    assert fits is not None and fits.status["status"] == "Ready"

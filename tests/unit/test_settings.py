@@ -74,3 +74,21 @@ def test_a_malformed_humanlayer_api_base_is_refused_saying_what_to_fix(
     assert text.startswith("invalid settings: HUMANLAYER_API_BASE: ") and problem in text, text
     assert "set it to the HumanLayer API's URL, e.g. https://api.humanlayer.dev" in text
     assert "pa55word" not in text
+
+
+@pytest.mark.parametrize("limit", ["2097152", "0"])
+def test_a_context_window_limit_etcd_cannot_store_is_refused(
+    monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """Over ~1.2 MiB the API server refuses the window before the limit does (etcd stores at most 1.5 MiB
+    an object): an answer was paid for and then could not be stored."""
+    monkeypatch.setenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES", limit)
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid settings: KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: {limit} is not between 1 and 1258291 "
+        "(1.2 MiB): a TaskRun, its window included, must fit etcd's 1.5 MiB request limit (its "
+        "--max-request-bytes default) with room for its metadata and the rest of its status"
+    )
+    monkeypatch.setenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES", "1258291")
+    assert load_settings().max_context_window_bytes == 1258291

@@ -19,6 +19,7 @@ from kubechain.statemachines.taskrun import (
     stored_alongside_bytes,
     trace_ids,
     truncate,
+    window_bytes,
 )
 from kubechain.statemachines.toolcall import parse_arguments, plan_invalid_arguments
 
@@ -268,14 +269,43 @@ def test_a_final_answer_over_the_window_limit_reports_what_would_be_written() ->
                 {"role": "system", "content": "s"},
                 {"role": "user", "content": "u"},
                 {"role": "assistant", "content": answer},
-            ]
+            ],
+            separators=(",", ":"),  # as the API server stores it
         ).encode()
     )
     alongside = stored_alongside_bytes(ready_run(phase="SendContextWindowToLLM"))
-    assert (
-        f"the context window and the answer would be {window_with_answer + 600} bytes, with the "
+    assert (  # the output as a JSON string: its quotes too
+        f"the context window and the answer would be {window_with_answer + 602} bytes, with the "
         f"{alongside} bytes of the TaskRun's spec and annotations over the 1000-byte"
     ) in transition.status["error"]
+
+
+def test_the_window_is_measured_as_the_api_server_stores_it() -> None:
+    """kube-apiserver writes a custom resource with Go's encoding/json: compact, UTF-8 as is, but "<", ">"
+    and "&" (and U+2028/U+2029) as 6-byte escapes. Measured as Python writes them (1 byte each), HTML tool
+    results passed the guard and etcd refused the write ("request is too large")."""
+    window = [Message(role="tool", content="<td>a&amp;b</td> é \u2028", tool_call_id="c1")]
+    stored = (
+        '[{"role":"tool","content":"\\u003ctd\\u003ea\\u0026amp;b\\u003c/td\\u003e é \\u2028",'
+        '"toolCallId":"c1"}]'
+    )
+    assert window_bytes(window) == len(stored.encode())
+
+
+def test_a_window_that_fits_only_as_python_measures_it_fails_the_run() -> None:
+    """Two results of 3,000 "<" each are 6,000 bytes as Python writes them, 36,000 as etcd stores them."""
+    from dataclasses import replace
+
+    limits = replace(LIMITS, max_context_window_bytes=10_000)
+    r = pending_run()
+    results = [finished(child, "Succeeded", result="<" * 300) for child in expected_toolcalls(r)]
+    fits = plan_fan_in(r, results, NOW, limits).transition
+    assert fits is not None and fits.status["phase"] == "ReadyForLLM"
+    r = pending_run()
+    results = [finished(child, "Succeeded", result="<" * 3000) for child in expected_toolcalls(r)]
+    failed = plan_fan_in(r, results, NOW, limits).transition
+    assert failed is not None and failed.status["phase"] == "Failed"
+    assert [event.reason for event in failed.events] == ["ContextWindowTooLarge"]
 
 
 def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:

@@ -19,6 +19,7 @@ from kubechain.kube.errors import Conflict, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
+from kubechain.models.taskrun import TokenUsage
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import tasks_missing_their_run, work_for
 from kubechain.statemachines.taskrun import plan_initial_context, trace_ids
@@ -1175,6 +1176,71 @@ def test_an_object_etcd_refuses_is_too_large_not_unavailable() -> None:
     assert isinstance(error_for(500, {"message": "etcdserver: leader changed"}), Unavailable)
 
 
+ETCD_REFUSAL = "500 InternalError: etcdserver: request is too large"
+
+
+def test_an_answer_the_api_server_refuses_as_too_large_fails_the_run_once_paid(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our measure of a window can fall short of what the API server stores (it did: Go's JSON writes
+    "<" in 6 bytes). The answer's write, refused (etcd's "request is too large": TooLarge), escaped the
+    worker with the claim held and the answer lost; once the claim expired the turn was paid again, lost
+    again, and the run failed as "interrupted twice". It fails now, saying why, with the tokens it cost."""
+    import kubechain.kube.fake as fake_api
+
+    monkeypatch.setattr(fake_api, "MAX_STORED_BYTES", 100_000)  # etcd's limit, under the window's (1 MiB)
+    kube = FakeKubeClient()
+    usage = TokenUsage(prompt_tokens=10, completion_tokens=30_000, total_tokens=30_010)
+    llm = FakeLLM(lambda _: LLMResponse(content="y" * 120_000, usage=usage))
+    validated(kube, llm)
+    ctx = context(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    with caplog.at_level(logging.ERROR, logger="workers.transitions"):
+        llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "Failed" and "claimedBy" not in status
+    assert status["error"] == (
+        f"the API server refused to store the LLM's answer as too large ({ETCD_REFUSAL}): the TaskRun would "
+        "be over etcd's request size limit, and retrying cannot help"
+    )
+    assert status["tokenUsage"] == {"promptTokens": 10, "completionTokens": 30_000, "totalTokens": 30_010}
+    assert kube.event_reasons("r")[-1] == "ContextWindowTooLarge"
+    assert any(
+        "refused the LLM answer of TaskRun default/r as too large" in r.message for r in caplog.records
+    )
+    llm_call(ctx, message("TaskRun", "r"))
+    assert len(llm.requests) == 1, "paid once"
+
+
+@pytest.mark.parametrize("continues_llm", [False, True])
+def test_tool_results_the_api_server_refuses_as_too_large_fail_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, continues_llm: bool
+) -> None:
+    """The fan-in's write, refused as too large, raised out of prepare at every resync: the run stayed in
+    ToolCallsPending for good with no status or Event saying why. ``continues_llm``: the write that also
+    claims the next turn (take_turn_now) is refused the same."""
+    import kubechain.kube.fake as fake_api
+
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'] * 2)
+    ctx = context(kube, llm, continues_llm=continues_llm)
+    for name in toolcall_names(kube):
+        tool_call(ctx, message("TaskRunToolCall", name))
+        kube.patch_status_raw("taskruntoolcalls", "default", name, None, {"result": "r" * 60_000})
+    monkeypatch.setattr(fake_api, "MAX_STORED_BYTES", 100_000)  # etcd's limit, under the window's (1 MiB)
+    with caplog.at_level(logging.ERROR, logger="workers.prepare"):
+        prepare(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "Failed"
+    assert status["error"].startswith(
+        f"the API server refused to store the tool results as too large ({ETCD_REFUSAL})"
+    )
+    assert kube.event_reasons("r")[-1] == "ContextWindowTooLarge"
+    assert any("refused the tool results as too large" in r.message for r in caplog.records)
+    assert len(llm.requests) == 1, "the next turn is not paid for"
+
+
 @pytest.mark.parametrize("forged", ["another-name", "other-arguments", "another-tool"])
 def test_a_tool_call_made_by_hand_with_the_runs_owner_reference_is_refused_not_run(forged: str) -> None:
     """An owner reference is no proof: whoever may create tool calls and read the run can copy its uid.
@@ -1439,3 +1505,14 @@ def test_a_waiting_run_with_no_or_an_incomplete_span_context_is_written_once_the
     run = kube.get_raw("taskruns", "default", "r")
     assert run["status"]["spanContext"] == trace_ids(run["metadata"]["uid"])
     assert len(kube.events()) == events
+
+
+def test_the_fake_api_server_measures_an_object_as_kube_apiserver_stores_it() -> None:
+    """kube-apiserver writes a custom resource with Go's JSON, "<" as 6 bytes: an object of 300,000 of
+    them is 1.8 MB in etcd, over its 1.5 MiB limit, though 300 KB as Python writes it."""
+    from kubechain.kube.errors import TooLarge
+
+    kube = FakeKubeClient()
+    with pytest.raises(TooLarge):
+        create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "<" * 300_000})
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "x" * 300_000})
