@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -13,6 +14,14 @@ from pydantic import BaseModel, Field
 from kubechain.models import LLM, Message, ToolCall
 from kubechain.models.taskrun import TokenUsage
 from kubechain.redaction import redact, redact_url
+
+# What OpenAI and Anthropic accept as a function name: a tool's, and a call's in a request's messages.
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+MAX_FUNCTION_NAME = 64
+NOT_IN_FUNCTION_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+# What a call the LLM made with no name is named in the messages sent back (an empty name fails the
+# request for good: OpenAI's 400 "function.name: empty string").
+UNNAMED_CALL = "unnamed_tool"
 
 
 class ToolDefinition(BaseModel):
@@ -306,7 +315,7 @@ def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]
 
     return LLMRequest(
         model=llm.spec.effective_model(),
-        messages=messages,
+        messages=[_as_sent(message) for message in messages],
         tools=tools,
         temperature=llm.spec.effective_temperature(),
         max_tokens=llm.spec.effective_max_tokens(),
@@ -315,6 +324,31 @@ def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]
         frequency_penalty=number(params.frequency_penalty) if params else None,
         presence_penalty=number(params.presence_penalty) if params else None,
     )
+
+
+def _as_sent(message: Message) -> Message:
+    """``message`` as the providers take it: a call whose name the LLM left empty, or made of characters
+    no function name has (a compatible server's), is named in their stead (its TaskRunToolCall failed as
+    an unknown tool, which its result says). The window keeps the name as the LLM gave it."""
+    calls = message.tool_calls or []
+    if all(FUNCTION_NAME.fullmatch(call.function.name) for call in calls):
+        return message
+    sent = [
+        call
+        if FUNCTION_NAME.fullmatch(call.function.name)
+        else call.model_copy(
+            update={
+                "function": call.function.model_copy(
+                    update={
+                        "name": NOT_IN_FUNCTION_NAME.sub("_", call.function.name)[:MAX_FUNCTION_NAME]
+                        or UNNAMED_CALL
+                    }
+                )
+            }
+        )
+        for call in calls
+    ]
+    return message.model_copy(update={"tool_calls": sent})
 
 
 # The LLM resource's sampling parameters: the LLMRequest field (and wire name) of each, and its CRD name

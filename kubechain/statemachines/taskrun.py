@@ -378,6 +378,7 @@ def plan_llm_answer(
     ]
     window = _window(run)
     turn = run.status.turns or 0
+    tool_calls = _with_unique_ids(run, turn, window, tool_calls)
     token_usage = _add_usage(run, usage)
     released = {
         "claimedBy": None,
@@ -443,6 +444,24 @@ def plan_llm_answer(
         events=[normal("ToolCallsPending", "LLM response received, tool calls pending"), *cut_off],
         children=_toolcalls_for(run, window[-1], req_id, cut_off_at),
     )
+
+
+def _with_unique_ids(run: TaskRun, turn: int, window: list[Message], tool_calls: list[Any]) -> list[Any]:
+    """``tool_calls`` with an id each that no other call of the answer or the window has: the providers
+    refuse a request whose messages name one twice (OpenAI's 400 "Duplicate value for 'tool_call_id'"),
+    and a server may give two calls one id, or (an id-less server's made-up ids) the id of a call of an
+    earlier turn. The first keeps it; another is given one made from the run, turn and place, the same
+    for the same answer, which its TaskRunToolCall carries too, so that its result pairs up."""
+    taken = {call.id for message in window for call in message.tool_calls or []}
+    unique = []
+    for index, call in enumerate(tool_calls):
+        call_id, tries = call.id, 0
+        while not call_id or call_id in taken:
+            seed = f"{run.uid}:{turn}:{index}:{tries}"
+            call_id, tries = f"call_{hashlib.sha256(seed.encode()).hexdigest()[:24]}", tries + 1
+        taken.add(call_id)
+        unique.append(call if call_id == call.id else call.model_copy(update={"id": call_id}))
+    return unique
 
 
 def stored_alongside_bytes(run: TaskRun) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubechain.llm.base import ToolDefinition
+from kubechain.llm.base import FUNCTION_NAME, MAX_FUNCTION_NAME, NOT_IN_FUNCTION_NAME, ToolDefinition
 from kubechain.models import Agent, ContactChannel, MCPServer, Tool
 
 MESSAGE_PARAMETERS = {
@@ -17,10 +17,6 @@ MESSAGE_PARAMETERS = {
     "required": ["message"],
 }
 MCP_SEPARATOR = "__"
-# What OpenAI and Anthropic accept as a function name; a name outside it fails every request of the run.
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-MAX_FUNCTION_NAME = 64
-NOT_IN_FUNCTION_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 DELEGATE_PREFIX = "delegate_to_agent__"
 HUMAN_CONTACT_MARKER = "__human_contact"
 # Exactly what tool_definitions offers for a channel (the ContactChannel types are slack and email), so an

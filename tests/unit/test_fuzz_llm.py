@@ -754,6 +754,28 @@ def test_an_openai_llms_penalties_are_sent() -> None:
     assert not {"frequency_penalty", "presence_penalty", "top_k"} & set(plain)
 
 
+def test_a_call_named_as_no_provider_takes_is_sent_back_under_a_name_it_takes() -> None:
+    """OpenAI refuses a request whose messages hold a call with no name ("function.name: empty string") or
+    one outside its pattern (a compatible server's "functions.add"), and Anthropic alike: the run failed
+    at its next turn. The window keeps the LLM's name; the request carries one the provider takes."""
+    from kubechain.llm.base import build_request
+    from kubechain.models import ToolCall, ToolCallFunction
+
+    names = ["add", "", "functions.add", "x" * 70]
+    calls = [
+        ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments="{}")) for i, n in enumerate(names)
+    ]
+    window = [Message(role="user", content="hi"), Message(role="assistant", content="", tool_calls=calls)]
+    request = build_request(_llm("openai", {}), window, [])
+    assert [call.function.name for call in request.messages[1].tool_calls or []] == [
+        "add",
+        "unnamed_tool",
+        "functions_add",
+        "x" * 64,
+    ]
+    assert [call.function.name for call in window[1].tool_calls or []] == names
+
+
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
 @pytest.mark.parametrize(
     ("status", "should_retry", "retryable"),

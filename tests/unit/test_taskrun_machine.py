@@ -308,6 +308,34 @@ def test_a_window_that_fits_only_as_python_measures_it_fails_the_run() -> None:
     assert [event.reason for event in failed.events] == ["ContextWindowTooLarge"]
 
 
+def test_a_tool_call_id_the_window_or_the_answer_holds_already_is_made_unique() -> None:
+    """The provider refuses a request whose messages name one tool call id twice. The first call keeps its
+    id; one repeated (in the answer, or from an earlier turn: an id-less server's made-up ids repeat) is
+    given another, the same for the same answer, and its tool call resource carries it."""
+    earlier = ToolCall(id="call_1", function=ToolCallFunction(name="t", arguments="{}"))
+    claimed = ready_run(
+        phase="SendContextWindowToLLM",
+        turns=1,
+        contextWindow=[
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            Message(role="assistant", content="", tool_calls=[earlier]).to_wire(),
+            {"role": "tool", "content": "done", "toolCallId": "call_1"},
+        ],
+    )
+    calls = [
+        ToolCall(id=call_id, function=ToolCallFunction(name="t", arguments=f'{{"n": {n}}}'))
+        for n, call_id in enumerate(["call_2", "call_2", "call_1", "call_3"])
+    ]
+    transition = plan_llm_answer(claimed, "", calls, None, NOW, LIMITS)
+    ids = [call["id"] for call in transition.status["contextWindow"][-1]["toolCalls"]]
+    assert ids[0] == "call_2" and ids[3] == "call_3"
+    assert len(set(ids) | {"call_1"}) == 5, ids
+    assert [child.spec.tool_call_id for child in transition.children] == ids
+    again = plan_llm_answer(claimed, "", calls, None, NOW, LIMITS)
+    assert [call["id"] for call in again.status["contextWindow"][-1]["toolCalls"]] == ids
+
+
 def test_retryable_errors_back_off_with_jitter_and_retry_after() -> None:
     claimed = ready_run(phase="SendContextWindowToLLM", llmAttempts=1)
     transition = plan_llm_error(

@@ -18,7 +18,7 @@ import pytest
 from kubechain.kube.errors import Conflict, error_for
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
-from kubechain.models import Agent, TaskRun, ToolCall, ToolCallFunction
+from kubechain.models import LABEL_TOOLCALLREQUEST, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
 from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import tasks_missing_their_run, work_for
@@ -1174,6 +1174,77 @@ def test_an_object_etcd_refuses_is_too_large_not_unavailable() -> None:
     assert isinstance(refused, TooLarge) and not isinstance(refused, Unavailable)
     assert isinstance(error_for(413, {"reason": "RequestEntityTooLarge"}), TooLarge)
     assert isinstance(error_for(500, {"message": "etcdserver: leader changed"}), Unavailable)
+
+
+def _as_openai_checks_it(request: LLMRequest) -> None:
+    """What OpenAI refuses (400) in a request's messages: a tool call id twice, a function name it does
+    not take, a tool message answering no call."""
+    import re
+
+    from kubechain.llm.openai_provider import request_body
+
+    calls: set[str] = set()
+    answered: set[str] = set()
+    for sent in request_body(request, official=True)["messages"]:
+        for call in sent.get("tool_calls") or []:
+            assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", call["function"]["name"]), call
+            assert call["id"] not in calls, f"Duplicate value for 'tool_call_id' of '{call['id']}'"
+            calls.add(call["id"])
+        if sent["role"] == "tool":
+            assert sent["tool_call_id"] in calls and sent["tool_call_id"] not in answered, sent
+            answered.add(sent["tool_call_id"])
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [[("call_1", "add", '{"a": 1, "b": 2}'), ("call_1", "add", '{"a": 3, "b": 4}')]],
+        [[("call_1", "", "{}")]],
+        # an id-less server's made-up ids are the same for the same call in every turn
+        [[("call_1", "add", '{"a": 1, "b": 2}')], [("call_1", "add", '{"a": 1, "b": 2}')]],
+    ],
+    ids=["one id twice in an answer", "no name", "one id in two turns"],
+)
+def test_tool_call_ids_and_names_are_sent_back_as_the_provider_takes_them(
+    turns: list[list[tuple[str, str, str]]],
+) -> None:
+    """An answer's calls sharing an id, or one with no name, were sent back as given: OpenAI refused the
+    next turn for good (400 "Duplicate value for 'tool_call_id'", "function.name: empty string"). A
+    repeated id is made unique (the tool call resource carries the same, so its result pairs up), a call
+    with no name is sent under a placeholder, and the run ends with the LLM's answer."""
+    kube = FakeKubeClient()
+
+    def answer(request: LLMRequest) -> LLMResponse:
+        _as_openai_checks_it(request)
+        turn = sum(1 for m in request.messages if m.role == "assistant")
+        if turn == len(turns):
+            return LLMResponse(content="done")
+        calls = [ToolCall(id=i, function=ToolCallFunction(name=n, arguments=a)) for i, n, a in turns[turn]]
+        return LLMResponse(tool_calls=calls)
+
+    llm = FakeLLM(answer)
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    ctx = context(kube, llm)
+    prepare(ctx, message("TaskRun", "r"))
+    for _ in turns:
+        llm_call(ctx, message("TaskRun", "r"))
+        run = kube.get_raw("taskruns", "default", "r")
+        asked = [call["id"] for call in run["status"]["contextWindow"][-1]["toolCalls"]]
+        made = [kube.get_raw("taskruntoolcalls", "default", n) for n in toolcall_names(kube)]
+        mine = [
+            t
+            for t in made
+            if t["metadata"]["labels"][LABEL_TOOLCALLREQUEST] == run["status"]["toolCallRequestId"]
+        ]
+        assert sorted(t["spec"]["toolCallId"] for t in mine) == sorted(asked)
+        for toolcall in mine:
+            tool_call(ctx, message("TaskRunToolCall", toolcall["metadata"]["name"]))
+        prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "FinalAnswer", status.get("error")
+    assert status["output"] == "done"
 
 
 ETCD_REFUSAL = "500 InternalError: etcdserver: request is too large"
