@@ -152,13 +152,25 @@ def is_official_host(host: str) -> bool:
     return host == OFFICIAL_HOST or host.endswith(OFFICIAL_HOST_SUFFIXES)
 
 
+# gpt-5-chat-latest and the like are no reasoning models, though named like one: they take temperature
+CHAT_MODEL = re.compile(r"gpt-5[^/:]*-chat(?:[-.:]|$)", re.IGNORECASE)
+REASONING_REFUSES = "OpenAI's reasoning models (o1, o3, o4-mini, gpt-5, ...) refuse sampling parameters"
+SAMPLING_REFUSED_BY_REASONING = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 # Why a parameter the LLM resource sets is not sent (see sampling_sent; kubechain.llm.base.parameter_notes)
-NOT_SENT_BECAUSE = {"top_k": "OpenAI's API has no top_k"}
+NOT_SENT_BECAUSE = {
+    "top_k": "OpenAI's API has no top_k",
+    **dict.fromkeys(SAMPLING_REFUSED_BY_REASONING, REASONING_REFUSES),
+}
 
 
 def sampling_sent(request: LLMRequest) -> dict[str, float | int]:
-    """The sampling parameters sent, of those the LLM resource sets: all but top_k (none in the API)."""
-    return {key: value for key, value in sampling_set(request).items() if key not in NOT_SENT_BECAUSE}
+    """The sampling parameters sent, of those the LLM resource sets: not top_k (none in the API), and none
+    to a reasoning model, which refuses them ("Unsupported value: 'temperature' does not support 0.2 with
+    this model", 400, failed every run), behind any endpoint (a gateway passes them on)."""
+    model = request.model
+    reasoning = REASONING_MODEL.search(model) is not None and CHAT_MODEL.search(model) is None
+    refused = {"top_k", *SAMPLING_REFUSED_BY_REASONING} if reasoning else {"top_k"}
+    return {key: value for key, value in sampling_set(request).items() if key not in refused}
 
 
 def request_body(request: LLMRequest, *, official: bool) -> dict[str, Any]:

@@ -754,6 +754,37 @@ def test_an_openai_llms_penalties_are_sent() -> None:
     assert not {"frequency_penalty", "presence_penalty", "top_k"} & set(plain)
 
 
+@pytest.mark.parametrize(
+    "model", ["gpt-5-mini", "gpt-5.1", "o1", "o3-mini", "o4-mini", "openai/o3", "ft:gpt-5:acme::x"]
+)
+def test_an_openai_reasoning_model_is_sent_no_sampling_parameters_and_validation_says_so(model: str) -> None:
+    """OpenAI's reasoning models refuse temperature (other than 1), top_p and the penalties ("Unsupported
+    value: 'temperature' does not support 0.2 with this model", 400): every run of such an LLM failed,
+    and its validation had said nothing."""
+    from kubechain.llm.base import build_request, parameter_notes
+
+    llm = _llm("openai", ALL_PARAMETERS | {"model": model})
+    body = _sent_through_the_sdk("https://api.openai.com/v1", model, build_request(llm, [], []))
+    assert not {"temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty"} & set(body)
+    assert body["max_completion_tokens"] == 64
+    assert parameter_notes(llm) == [
+        "temperature and topP and frequencyPenalty and presencePenalty are not sent: OpenAI's reasoning models "
+        "(o1, o3, o4-mini, gpt-5, ...) refuse sampling parameters",
+        "topK is not sent: OpenAI's API has no top_k",
+    ]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-5-chat-latest", "gpt-4.1-mini"])
+def test_an_openai_model_that_samples_is_sent_its_sampling_parameters(model: str) -> None:
+    """gpt-5-chat-latest is no reasoning model, though named like one: it takes temperature."""
+    from kubechain.llm.base import build_request, parameter_notes
+
+    llm = _llm("openai", ALL_PARAMETERS | {"model": model})
+    body = _sent_through_the_sdk("https://api.openai.com/v1", model, build_request(llm, [], []))
+    assert {"temperature", "top_p", "frequency_penalty", "presence_penalty"} <= set(body)
+    assert parameter_notes(llm) == ["topK is not sent: OpenAI's API has no top_k"]
+
+
 def test_a_call_named_as_no_provider_takes_is_sent_back_under_a_name_it_takes() -> None:
     """OpenAI refuses a request whose messages hold a call with no name ("function.name: empty string") or
     one outside its pattern (a compatible server's "functions.add"), and Anthropic alike: the run failed
