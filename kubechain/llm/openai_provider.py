@@ -69,8 +69,9 @@ def _tool_call(index: int, call: dict[str, Any], function: dict[str, Any]) -> To
 
 
 def _made_up_id(index: int, name: str, arguments: str) -> str:
-    # unique within the answer (the index), the same for the same answer
-    digest = hashlib.sha256(f"{index}\0{name}\0{arguments}".encode()).hexdigest()[:24]
+    # unique within the answer (the index), the same for the same answer; a lone surrogate (a broken
+    # emoji) is cleaned only where the answer is recorded, and must not make this raise before
+    digest = hashlib.sha256(f"{index}\0{name}\0{arguments}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
     return f"call_{digest}"
 
 

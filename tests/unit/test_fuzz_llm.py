@@ -402,6 +402,21 @@ def test_tool_calls_without_an_id_or_with_object_arguments_get_an_id_and_json_ar
     assert [m["tool_call_id"] for m in sent[2:]] == ids
 
 
+def test_a_tool_call_without_an_id_whose_arguments_hold_a_lone_surrogate_is_read(raw_llm: RawLLM) -> None:
+    """A broken emoji ("\\ud83d" escaped in the JSON) in an id-less call's arguments: making up its id
+    raised UnicodeEncodeError, taken for an unreadable answer and paid for again up to llmMaxAttempts
+    times, though the surrogate is cleaned where the answer is recorded (as for a call with an id)."""
+    raw_llm.body = (
+        b'{"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", '
+        b'"content": null, "tool_calls": [{"type": "function", "function": {"name": "note", '
+        b'"arguments": "{\\"text\\": \\"hi \\ud83d\\"}"}}]}}]}'
+    )
+    client = OpenAIClient("sk-test", 5, raw_llm.url)
+    (call,) = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")])).tool_calls
+    assert call.function.arguments == '{"text": "hi \ud83d"}'  # cleaned where the answer is recorded
+    assert call.id.startswith("call_") and call.id.isascii()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
 def test_an_answer_trickling_in_past_the_timeout_ends_the_call_at_the_timeout(
