@@ -165,7 +165,9 @@ class AnthropicClient:
             ) from exc
 
     def validate_credentials(self) -> None:
-        check_model_list(lambda: self._client.models.with_raw_response.list(limit=1), SDK_ERRORS)
+        check_model_list(
+            lambda: self._client.models.with_raw_response.list(limit=1), SDK_ERRORS, api_key=self._api_key
+        )
 
 
 # The answer stopped at a limit: its last block may have been cut short.

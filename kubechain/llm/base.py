@@ -142,8 +142,12 @@ def endpoint_said(cause: Exception) -> str:
     return said if isinstance(said, str) and said else str(cause)
 
 
-def credentials_error(status_code: int | None, cause: Exception, *, not_found_hint: str = "") -> LLMError:
+def credentials_error(
+    status_code: int | None, cause: Exception, *, api_key: str, not_found_hint: str = ""
+) -> LLMError:
     """What a failed credentials check (listing models) means: an HTTP status, or no answer at all.
+    ``api_key`` is cut out of what the endpoint said before that is shortened (a gateway may echo the
+    request's headers), which could leave the key's start where no later redaction finds it.
     ``not_found_hint``: what to say of a 404 (where the provider's API usually is)."""
     if status_code is None:
         return LLMError(f"could not reach the LLM endpoint: {cause}", retryable=True)
@@ -158,7 +162,7 @@ def credentials_error(status_code: int | None, cause: Exception, *, not_found_hi
             status_code=404,
             unchecked=True,
         )
-    said = endpoint_said(cause)
+    said = redact(endpoint_said(cause), [api_key])
     if status_code in (401, 403) and any(words in said.lower() for words in MISSING_PERMISSION):
         # The key is good but may not list models: not the key's fault, and its runs may well work.
         return LLMError(
@@ -180,13 +184,14 @@ def credentials_error(status_code: int | None, cause: Exception, *, not_found_hi
     )
 
 
-def model_list_error(content_type: str | None, cause: Exception) -> LLMError:
+def model_list_error(content_type: str | None, cause: Exception, *, api_key: str) -> LLMError:
     """A credentials check answered 200 with something that is no model list (a web page: a baseUrl that
-    is a site, or a proxy's login page; JSON of another shape). Not retried: the endpoint is wrong."""
+    is a site, or a proxy's login page; JSON of another shape). Not retried: the endpoint is wrong.
+    ``api_key``: cut out before the cut (see credentials_error)."""
     if content_type is not None and "json" not in content_type.lower():
         hint = f"it answered {content_type.split(';')[0].strip() or 'no content type'}, not JSON"
     else:
-        hint = f"{type(cause).__name__}: {str(cause)[:200]}"
+        hint = f"{type(cause).__name__}: {redact(str(cause), [api_key])[:200]}"
     return LLMError(
         f"the base URL did not answer with a model list: {hint} (is baseUrl the API's own URL?)",
         retryable=False,

@@ -261,7 +261,9 @@ class OpenAIClient:
 
     def validate_credentials(self) -> None:
         hint = "" if "v1" in self._client.base_url.path.split("/") else NOT_UNDER_V1
-        check_model_list(self._client.models.with_raw_response.list, SDK_ERRORS, not_found_hint=hint)
+        check_model_list(
+            self._client.models.with_raw_response.list, SDK_ERRORS, api_key=self._api_key, not_found_hint=hint
+        )
 
 
 def _short_body(exc: openai.APIStatusError, api_key: str) -> str:

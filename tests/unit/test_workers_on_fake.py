@@ -997,10 +997,43 @@ def test_a_key_check_that_meets_a_rate_limit_leaves_a_working_llm_ready() -> Non
     from kubechain.llm.base import credentials_error
 
     for status in (429, 408):
-        limited = credentials_error(status, RuntimeError("slow down"))
+        limited = credentials_error(status, RuntimeError("slow down"), api_key="sk-test")
         assert limited.retryable
         assert _llm_key_check(FakeKubeClient(), limited, ready_before=True)["status"] == "Ready"
-    assert not credentials_error(403, RuntimeError("forbidden")).retryable
+    assert not credentials_error(403, RuntimeError("forbidden"), api_key="sk-test").retryable
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_key_echoed_past_the_cut_of_a_key_checks_answer_leaves_none_of_it(provider: str) -> None:
+    """A gateway echoing the Authorization header in a 403 "insufficient permissions" body: the message was
+    cut at 300 characters before the key was cut out, so the key's first characters, no longer the key,
+    were left in the LLM's statusDetail and its Event."""
+    from kubechain.llm.base import LLMClientFactory
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    key = "sk-proj-AbCdEf0123456789XyZ"
+    said = (
+        "You have insufficient permissions for this operation. "
+        + "x" * 210  # the 300-character cut falls inside the key
+        + f" (Authorization: Bearer {key})"
+    )
+    body = json.dumps({"error": {"message": said, "type": "invalid_request_error"}}).encode()
+    with StubHTTPServer(lambda _: StubAnswer(403, body, {"Content-Type": "application/json"})) as server:
+        kube = FakeKubeClient()
+        kube.add_secret("default", "llm-key", {"key": key})
+        spec = {
+            "provider": provider,
+            "parameters": {"baseUrl": server.url + ("/v1" if provider == "openai" else "")},
+            "apiKeyFrom": {"secretKeyRef": {"name": "llm-key", "key": "key"}},
+        }
+        create(kube, "LLM", "llms", "l", spec)
+        ctx = context(kube, FakeLLM(lambda _: LLMResponse()))
+        ctx.llms = LLMClientFactory(10)
+        validate(ctx, message("LLM", "l"))
+    status = kube.get_raw("llms", "default", "l")["status"]
+    assert "insufficient permissions" in status["statusDetail"], status
+    written = [status["statusDetail"], *(event["message"] for event in kube.events())]
+    assert not any(key[:7] in text for text in written), written
 
 
 def test_an_endpoint_without_a_model_list_is_ready_unchecked() -> None:
