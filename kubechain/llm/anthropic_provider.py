@@ -18,6 +18,7 @@ from kubechain.llm.base import (
     sampling_set,
     status_headers,
     token_usage,
+    unanswered_because,
 )
 from kubechain.llm.deadline import AnswerTooLarge, answer_too_large, timeout_error, with_deadline
 from kubechain.llm.model_list import SDKErrors, check_model_list
@@ -153,7 +154,8 @@ class AnthropicClient:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except anthropic.APIConnectionError as exc:
             too_large = answer_too_large(exc)  # ... or as the cause of a connection error (anthropic)
-            raise LLMError(f"LLM request failed: {too_large or exc}", retryable=too_large is None) from exc
+            said = str(too_large) if too_large is not None else unanswered_because(exc)
+            raise LLMError(f"LLM request failed: {said}", retryable=too_large is None) from exc
         except anthropic.AnthropicError as exc:
             raise LLMError(f"LLM request failed: {exc}", retryable=False) from exc
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:

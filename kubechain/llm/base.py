@@ -142,6 +142,18 @@ def endpoint_said(cause: Exception) -> str:
     return said if isinstance(said, str) and said else str(cause)
 
 
+def unanswered_because(exc: Exception) -> str:
+    """Why an SDK's request got no answer (its connection error), in the transport's words, and the URL
+    asked (redacted): the SDKs say only "Connection error.", their cause what failed, "[Errno 111]
+    Connection refused", a name that does not resolve, "[SSL: CERTIFICATE_VERIFY_FAILED] ...", so that
+    whoever reads it knows what to fix."""
+    cause = exc.__cause__ or exc.__context__
+    said = (str(cause) or type(cause).__name__) if cause is not None else str(exc)
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None)
+    return f"{said} ({redact_url(str(url))})" if url is not None else said
+
+
 def credentials_error(
     status_code: int | None, cause: Exception, *, api_key: str, not_found_hint: str = ""
 ) -> LLMError:
@@ -150,7 +162,8 @@ def credentials_error(
     request's headers), which could leave the key's start where no later redaction finds it.
     ``not_found_hint``: what to say of a 404 (where the provider's API usually is)."""
     if status_code is None:
-        return LLMError(f"could not reach the LLM endpoint: {cause}", retryable=True)
+        said = redact(unanswered_because(cause), [api_key])
+        return LLMError(f"could not reach the LLM endpoint: {said}", retryable=True)
     if status_code == 404:
         # A compatible endpoint or gateway without a model list, which says nothing against the key; or a
         # wrong baseUrl, whose runs will fail with a 404 too: the URL asked says which.

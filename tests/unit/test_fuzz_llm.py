@@ -402,6 +402,26 @@ def test_tool_calls_without_an_id_or_with_object_arguments_get_an_id_and_json_ar
     assert [m["tool_call_id"] for m in sent[2:]] == ids
 
 
+@pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
+def test_an_endpoint_that_cannot_be_reached_is_named_with_why(
+    client_class: type[OpenAIClient] | type[AnthropicClient],
+) -> None:
+    """The SDKs say only "Connection error.": a run's error and an LLM's validation said no more, neither
+    which URL nor what failed (refused, a name that does not resolve, a certificate not trusted)."""
+    base_url = "http://user:pa55word@127.0.0.1:1/v1"  # nothing listens on port 1
+    client = client_class("sk-test", 5, base_url)
+    with pytest.raises(LLMError) as call:
+        client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    with pytest.raises(LLMError) as check:
+        client.validate_credentials()
+    for error, path in ((call.value, "/v1/chat/completions"), (check.value, "/v1/models")):
+        if client_class is AnthropicClient:
+            path = path.replace("chat/completions", "messages")
+        assert "Connection refused" in str(error) and f"http://127.0.0.1:1{path}" in str(error), str(error)
+        assert "pa55word" not in str(error)
+    assert call.value.retryable and check.value.retryable
+
+
 def test_a_tool_call_without_an_id_whose_arguments_hold_a_lone_surrogate_is_read(raw_llm: RawLLM) -> None:
     """A broken emoji ("\\ud83d" escaped in the JSON) in an id-less call's arguments: making up its id
     raised UnicodeEncodeError, taken for an unreadable answer and paid for again up to llmMaxAttempts
