@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kubechain.kube.errors import Conflict, Forbidden, NotFound, Unavailable
 from kubechain.models import (
     LABEL_TASKRUNTOOLCALL,
+    Agent,
     ObjectMeta,
     Task,
     TaskRun,
@@ -20,7 +21,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.common import LocalObjectReference
-from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
+from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN, is_object_name
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.tracing import toolcall_traceparent
 from kubechain.statemachines.toolcall import (
@@ -28,6 +29,7 @@ from kubechain.statemachines.toolcall import (
     DELEGATION_CHAIN_ANNOTATION,
     child_run_name,
     delegation_problem,
+    missing_agent_problem,
     parse_arguments,
     plan_awaiting_sub_agent,
     plan_invalid_arguments,
@@ -67,6 +69,13 @@ def _runs_started_from(ctx: WorkerContext, toolcall: TaskRunToolCall, root: str,
     if own is not None and own.metadata.owned_by(toolcall.uid):
         return 0
     return started
+
+
+def _missing_agent(ctx: WorkerContext, namespace: str, agent: str) -> str | None:
+    """Why ``agent`` cannot be delegated to for not existing, or None. A cached read: a "not found" is
+    never cached, and one deleted moments ago leaves its run to the start timeout, as before."""
+    exists = is_object_name(agent) and get_or_none(ctx, Agent, namespace, agent, cached=True) is not None
+    return missing_agent_problem(agent, exists=exists)
 
 
 def parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
@@ -411,10 +420,17 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
     chain = [a for a in parent.metadata.annotations.get(DELEGATION_CHAIN_ANNOTATION, "").split(",") if a]
     chain.append(parent_agent(ctx, parent))
     root = parent.root_run_uid
-    problem = delegation_problem(chain, agent, ctx.settings.max_delegation_depth) or sub_agent_runs_problem(
-        _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
+    problem = (
+        delegation_problem(chain, agent, ctx.settings.max_delegation_depth)
+        or _missing_agent(ctx, toolcall.namespace, agent)
+        or sub_agent_runs_problem(
+            _runs_started_from(ctx, toolcall, root, child_name), ctx.settings.max_sub_agent_runs
+        )
     )
     if problem is not None:
+        # A run an earlier attempt started (its AwaitingSubAgent write lost) before its Agent was deleted,
+        # say, is read by no one now.
+        stop_sub_agent_runs(ctx, toolcall, executor)
         refusal = plan_tool_failure(toolcall, problem, now, reason="DelegationRefused")
         apply_call_transition(ctx, toolcall, refusal, outcome="rejected")  # as a tool not granted is
         # Another worker, let in by a count before this one, may have created the run meanwhile.

@@ -9,10 +9,12 @@ from typing import Any, TypeVar
 from kubechain.kube.errors import Forbidden, NotFound
 from kubechain.llm.base import LLMError, parameter_notes
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
+from kubechain.models.labels import is_object_name
 from kubechain.queueing import ResourceMessage
 from kubechain.statemachines.transition import Transition
 from kubechain.statemachines.validation import (
     AgentDependencies,
+    delegates_to,
     plan_agent,
     plan_task,
     plan_task_output,
@@ -147,11 +149,17 @@ def validate_tool(ctx: WorkerContext, message: ResourceMessage) -> None:
 def agent_dependencies(ctx: WorkerContext, agent: Agent) -> AgentDependencies:
     ns = agent.namespace
     spec = agent.spec
+    tools = {ref.name: get_or_none(ctx, Tool, ns, ref.name) for ref in spec.tools}
+    # A Tool whose agentRef no Agent may have is not Ready (validate_tool_spec): that name is not read.
+    targets = (delegates_to(tool) for tool in tools.values() if tool is not None)
+    delegated_to = {ref.name for ref in spec.sub_agents} | {
+        target for target in targets if target is not None and is_object_name(target)
+    }
     return AgentDependencies(
         llm=get_or_none(ctx, LLM, ns, spec.llm_ref.name),
-        tools={ref.name: get_or_none(ctx, Tool, ns, ref.name) for ref in spec.tools},
+        tools=tools,
         mcp_servers={ref.name: get_or_none(ctx, MCPServer, ns, ref.name) for ref in spec.mcp_servers},
-        sub_agents={ref.name: get_or_none(ctx, Agent, ns, ref.name) for ref in spec.sub_agents},
+        sub_agents={name: get_or_none(ctx, Agent, ns, name) for name in sorted(delegated_to)},
         channels={
             ref.name: get_or_none(ctx, ContactChannel, ns, ref.name) for ref in spec.human_contact_channels
         },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 
 LABEL_TASK = "kubechain.humanlayer.dev/task"
@@ -17,6 +18,14 @@ LABEL_ROOT_RUN = "kubechain.humanlayer.dev/root-run"
 
 MAX_LABEL_VALUE = 63
 MAX_OBJECT_NAME = 253
+# A DNS-1123 subdomain, as the API server requires of an object's name: dot-separated labels of lower-case
+# letters, digits and "-", each alphanumeric at both ends.
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def is_object_name(name: str) -> bool:
+    """Whether an object (an Agent, say) may have ``name``: a reference to anything else names nothing."""
+    return len(name) <= MAX_OBJECT_NAME and _OBJECT_NAME.fullmatch(name) is not None
 
 
 def shortened(name: str, limit: int) -> str:

@@ -268,7 +268,28 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
         status.get("connected"),
         # the names, not their number: a tool renamed changes what an Agent offers (and its conflicts)
         tuple(sorted(str(tool.get("name")) for tool in tools if isinstance(tool, Mapping))),
+        # a delegating Tool retargeted: its Agents require the new target to exist
+        _delegation_target(obj) if kind == "Tool" else None,
     )
+
+
+def _delegation_target(tool: Mapping[str, Any] | None) -> str | None:
+    """The Agent a delegating Tool delegates to (validation.delegates_to, on the wire form), else None."""
+    spec = (tool or {}).get("spec") or {}
+    if ((spec.get("execute") or {}).get("builtin")) is not None:
+        return None  # a builtin wins over agentRef (validation.tool_type)
+    name = (spec.get("agentRef") or {}).get("name")
+    return str(name) if name else None
+
+
+def _tools_delegate_to(
+    namespace: str, spec: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
+) -> set[str]:
+    """The Agents the delegating Tools an Agent's spec grants delegate to (they, like its spec.subAgents,
+    need only exist)."""
+    tools = cache.get("Tool") or {}
+    targets = (_delegation_target(tools.get((namespace, name))) for name in _refs(spec, "tools"))
+    return {target for target in targets if target is not None}
 
 
 def _refs(spec: Mapping[str, Any], field: str) -> list[str]:
@@ -297,7 +318,8 @@ def _exists(obj: Mapping[str, Any] | None) -> bool:
 
 # What an Agent's spec refers to, and what its validator (plan_agent) requires of each: a change of such
 # an object re-validates the Agents that use it, and resync re-validates Ready Agents it no longer holds
-# for. Sub-agents need only exist (readiness would deadlock agents that delegate to each other).
+# for. Sub-agents need only exist (readiness would deadlock agents that delegate to each other), as do the
+# Agents its delegating Tools delegate to (_tools_delegate_to).
 AGENT_DEPENDENCIES: tuple[tuple[str, str, Callable[[Mapping[str, Any] | None], bool]], ...] = (
     ("LLM", "llmRef", _llm_ready),
     ("Tool", "tools", _ready),
@@ -329,7 +351,9 @@ def dependents(
     if fields:
         for agent_name, agent in objects("Agent"):
             spec = agent.get("spec") or {}
-            if any(name in _agent_refs(spec, field) for field in fields):
+            if any(name in _agent_refs(spec, field) for field in fields) or (
+                kind == "Agent" and name in _tools_delegate_to(namespace, spec, cache)
+            ):
                 out.append(
                     Work(TaskName.VALIDATE, "Agent", namespace, agent_name, reason=f"{kind.lower()}-changed")
                 )
@@ -412,11 +436,12 @@ def _agent_dependencies_ok(
     namespace: str, spec: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
 ) -> bool:
     """What the Agent validator requires of its dependencies (plan_agent), read from the cache."""
+    agents = cache.get("Agent") or {}
     return all(
         holds((cache.get(kind) or {}).get((namespace, name)))
         for kind, field, holds in AGENT_DEPENDENCIES
         for name in _agent_refs(spec, field)
-    )
+    ) and all(_exists(agents.get((namespace, name))) for name in _tools_delegate_to(namespace, spec, cache))
 
 
 def _tool_names(tools: Any) -> list[str]:

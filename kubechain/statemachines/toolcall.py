@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from kubechain.models import TaskRunToolCall, ToolCallPhase
-from kubechain.models.labels import MAX_LABEL_VALUE, shortened
+from kubechain.models.labels import MAX_LABEL_VALUE, is_object_name, shortened
 from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
 from kubechain.statemachines.taskrun import (
     CUT_OFF_ANNOTATION,
@@ -291,6 +291,22 @@ def delegation_problem(chain: list[str], target: str, max_depth: int) -> str | N
         return f"delegation cycle: {' → '.join([*chain, target])}"
     if len(chain) >= max_depth:
         return f"delegation depth limit of {max_depth} reached ({' → '.join([*chain, target])})"
+    return None
+
+
+def missing_agent_problem(agent: str, *, exists: bool) -> str | None:
+    """Why delegating to ``agent`` is refused because there is no such Agent (``exists``: one was read),
+    or None. Its run would wait "for Agent to exist" until the start timeout, and its caller with it."""
+    if not is_object_name(agent):
+        return (
+            f'cannot delegate to agent "{agent}": not a valid Agent name (lower-case letters, digits, "-" '
+            'and "."); no sub-agent was started: fix the delegating Tool\'s agentRef'
+        )
+    if not exists:
+        return (
+            f'cannot delegate to agent "{agent}": that agent does not exist (deleted, or its name mistyped '
+            "in the delegating Tool's agentRef or the Agent's spec.subAgents); no sub-agent was started"
+        )
     return None
 
 

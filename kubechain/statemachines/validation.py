@@ -21,7 +21,7 @@ from kubechain.models import (
 )
 from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, ResolvedSubAgent, ResolvedTool
 from kubechain.models.common import LocalObjectReference
-from kubechain.models.labels import MAX_OBJECT_NAME, shortened
+from kubechain.models.labels import MAX_OBJECT_NAME, is_object_name, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.statemachines.toolset import (
     FUNCTION_NAME,
@@ -84,6 +84,19 @@ def validate_tool_spec(tool: Tool) -> str | None:
         return "toolType externalAPI needs execute.externalAPI.url"
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
+    if kind == "delegateToAgent" and spec.agent_ref is not None and not is_object_name(spec.agent_ref.name):
+        # Checked here, not in the CRD: manifests the original accepted still apply, and say why here.
+        return (
+            f'agentRef.name "{spec.agent_ref.name}" is not a valid Agent name (lower-case letters, digits, '
+            '"-" and ".", at most 253 characters)'
+        )
+    return None
+
+
+def delegates_to(tool: Tool) -> str | None:
+    """The Agent a delegating Tool starts a sub-agent run of, or None for a Tool of another type."""
+    if tool_type(tool) == "delegateToAgent" and tool.spec.agent_ref is not None:
+        return tool.spec.agent_ref.name
     return None
 
 
@@ -106,6 +119,7 @@ class AgentDependencies:
     llm: LLM | None
     tools: dict[str, Tool | None] = field(default_factory=dict)
     mcp_servers: dict[str, MCPServer | None] = field(default_factory=dict)
+    # by name: those of spec.subAgents, and those its granted Tools delegate to
     sub_agents: dict[str, Agent | None] = field(default_factory=dict)
     channels: dict[str, ContactChannel | None] = field(default_factory=dict)
 
@@ -174,6 +188,11 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
             problems.append((_not_found(Tool, ref.name), False))
         elif not tool.status.ready:
             problems.append((f'tool "{ref.name}" is not ready', True))
+        elif (target := delegates_to(tool)) is not None and deps.sub_agents.get(target) is None:
+            # As a sub-agent of spec.subAgents: each call would start a run waiting for it to exist.
+            problems.append(
+                (f'waiting for sub-agent "{target}" (not found), which tool "{ref.name}" delegates to', True)
+            )
         else:
             valid_tools.append(ResolvedTool(kind="Tool", name=ref.name))
     valid_servers = []

@@ -157,3 +157,35 @@ def test_missing_dependencies_are_named_as_the_original_names_them() -> None:
     transition = plan_task(task, None)
     assert transition is not None and '"nonexistent-agent" not found' in transition.status["statusDetail"]
     assert transition.status["status"] == "Error"
+
+
+def delegating_tool(name: str, agent_name: str) -> Tool:
+    spec = {"toolType": "delegateToAgent", "agentRef": {"name": agent_name}}
+    return ready(Tool, name, spec, {"ready": True, "status": "Ready"})
+
+
+def test_a_delegating_tool_whose_agent_does_not_exist_keeps_its_agent_pending() -> None:
+    """As for spec.subAgents: the Agent was Ready, and each call of the Tool started a run that waited
+    "for Agent to exist" until the start timeout (15 min), its parent run with it."""
+    a = agent(tools=[{"name": "ask"}])
+    missing = status_of(a, AgentDependencies(LLM_READY, tools={"ask": delegating_tool("ask", "helpr")}))
+    assert missing["ready"] is False and missing["status"] == "Pending", missing
+    assert (
+        'waiting for sub-agent "helpr" (not found), which tool "ask" delegates to' in missing["statusDetail"]
+    )
+    assert missing["validTools"] == []
+    there = AgentDependencies(
+        LLM_READY, tools={"ask": delegating_tool("ask", "helpr")}, sub_agents={"helpr": agent()}
+    )
+    assert status_of(a, there)["ready"] is True
+
+
+def test_a_delegating_tool_whose_agent_ref_is_not_an_agent_name_is_an_error() -> None:
+    """It was Ready, and a call of it was refused by the API server (422) as its run's name."""
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    for bad in ("Research_Bot", "research bot", "-helper", "a" * 254):
+        problem = validate_tool_spec(delegating_tool("ask", bad))
+        assert problem is not None and "agentRef.name" in problem and "not a valid Agent name" in problem
+    for good in ("helper", "research.bot-2", "a" * 253):
+        assert validate_tool_spec(delegating_tool("ask", good)) is None

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kubechain.queueing import TaskName
-from kubechain.statemachines.routing import dependents, ready_with_unready_dependencies, work_for
+from kubechain.statemachines.routing import dependents, readiness, ready_with_unready_dependencies, work_for
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -141,3 +141,43 @@ def test_times_written_by_hand_without_a_time_zone_are_taken_as_utc() -> None:
     assert work_for("TaskRun", claimed, NOW + timedelta(seconds=10), 180, resync=True) == []
     (stale,) = work_for("TaskRun", claimed, NOW + timedelta(seconds=200), 180, resync=True)
     assert stale.reason == "stale-claim"
+
+
+def test_an_agent_whose_tool_delegates_to_an_agent_is_revalidated_when_that_agent_comes_or_goes() -> None:
+    """As for spec.subAgents: an Agent Pending for a delegating Tool's agent that does not exist yet was
+    left Pending once it was created (and Ready once it was deleted) until something else changed."""
+    delegating = {"toolType": "delegateToAgent", "agentRef": {"name": "helper"}}
+    cache = {
+        "Agent": {
+            ("ns", "a"): obj("Agent", "a", {"llmRef": {"name": "l"}, "tools": [{"name": "ask"}]}),
+            ("ns", "b"): obj("Agent", "b", {"llmRef": {"name": "l"}, "tools": [{"name": "calc"}]}),
+        },
+        "Tool": {
+            ("ns", "ask"): obj("Tool", "ask", delegating),
+            ("ns", "calc"): obj("Tool", "calc", {"toolType": "function", "agentRef": None}),
+        },
+    }
+    works = dependents("Agent", obj("Agent", "helper", {}), cache)
+    assert [(w.kind, w.name, w.reason) for w in works] == [("Agent", "a", "agent-changed")]
+    # A Tool retargeted (its readiness otherwise the same) re-validates the Agents that grant it.
+    assert readiness("Tool", obj("Tool", "ask", delegating)) != readiness(
+        "Tool", obj("Tool", "ask", {**delegating, "agentRef": {"name": "helpr"}})
+    )
+
+
+def test_resync_revalidates_a_ready_agent_whose_tool_delegates_to_an_agent_that_is_gone() -> None:
+    ready = {"status": "Ready", "ready": True}
+    cache = {
+        "LLM": {("ns", "l"): obj("LLM", "l", {}, ready)},
+        "Agent": {
+            ("ns", "a"): obj("Agent", "a", {"llmRef": {"name": "l"}, "tools": [{"name": "ask"}]}, ready)
+        },
+        "Tool": {
+            ("ns", "ask"): obj(
+                "Tool", "ask", {"toolType": "delegateToAgent", "agentRef": {"name": "helper"}}, ready
+            )
+        },
+    }
+    assert [(w.kind, w.name) for w in ready_with_unready_dependencies(cache)] == [("Agent", "a")]
+    cache["Agent"][("ns", "helper")] = obj("Agent", "helper", {"llmRef": {"name": "l"}})
+    assert ready_with_unready_dependencies(cache) == []

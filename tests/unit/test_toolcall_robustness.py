@@ -1067,6 +1067,96 @@ def test_a_foreign_run_of_the_sub_agents_name_found_while_waiting_fails_the_call
     assert status["phase"] == "Failed" and "was not started by this tool call" in status["error"]
 
 
+# -- a delegation to an Agent that does not exist ------------------------------------------------------
+
+
+def test_an_agent_whose_tool_delegates_to_an_agent_that_does_not_exist_waits_for_it() -> None:
+    kube = FakeKubeClient()
+    ghost = {**ASK, "agentRef": {"name": "helpr"}}  # mistyped
+    ctx = agent_with(kube, calling("ask"), {"ask": ghost}, tools=[{"name": "ask"}])
+    status = kube.get_raw("agents", "default", "a")["status"]
+    assert status["status"] == "Pending", status
+    assert (
+        'waiting for sub-agent "helpr" (not found), which tool "ask" delegates to' in status["statusDetail"]
+    )
+    create(kube, "Agent", "agents", "helpr", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+    validate(ctx, message("Agent", "a"))  # the watcher's, prompted by the Agent created
+    assert kube.get_raw("agents", "default", "a")["status"]["status"] == "Ready"
+
+
+def test_a_tool_delegating_to_a_name_no_agent_may_have_is_an_error() -> None:
+    """It was Ready (and so was its Agent), and each call failed as the API server refused its run's name."""
+    kube = FakeKubeClient()
+    bad = {**ASK, "agentRef": {"name": "Research_Bot"}}
+    agent_with(kube, calling("ask"), {"ask": bad}, tools=[{"name": "ask"}])
+    tool = kube.get_raw("tools", "default", "ask")["status"]
+    assert (
+        tool["status"] == "Error"
+        and 'agentRef.name "Research_Bot" is not a valid Agent name' in tool["statusDetail"]
+    )
+    assert warnings(kube, "ask") == ["ValidationFailed"]
+    assert kube.get_raw("agents", "default", "a")["status"]["ready"] is False
+
+
+def to_a_missing_agent(kube: FakeKubeClient, how: str) -> tuple[WorkerContext, str]:
+    """A run whose one tool call delegates to the agent "helper", through a delegating Tool or the Agent's
+    spec.subAgents (``how``), deleted after the LLM's turn asked for it (a Tool's agentRef mistyped is
+    refused the same way, once its Agent is Ready: see test_agent_validation)."""
+    if how == "tool":
+        ctx, name = delegating(kube)
+    else:
+        create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+        llm = calling("delegate_to_agent__helper", '{"message": "hi"}')
+        ctx = agent_with(kube, llm, {}, subAgents=[{"name": "helper"}])
+        (name,) = start_turn(ctx, kube)
+    kube.delete("agents", "default", "helper")
+    return ctx, name
+
+
+@pytest.mark.parametrize("how", ["tool", "subAgents"])
+def test_a_delegation_to_an_agent_that_does_not_exist_fails_at_once_and_starts_nothing(how: str) -> None:
+    """It started a run that waited "for Agent to exist", and its parent run waited with it for
+    KUBECHAIN_SUB_AGENT_START_TIMEOUT_S (15 min) before the LLM heard anything."""
+    kube = FakeKubeClient()
+    ctx, name = to_a_missing_agent(kube, how)
+    agent = "helper"
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert f'delegate to agent "{agent}": that agent does not exist' in status["error"], status["error"]
+    assert warnings(kube, name) == ["DelegationRefused"]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child_run_name(name, agent))
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM", "the LLM hears it"
+    tool_message = kube.get(TaskRun, "default", "r").status.context_window or []
+    assert f'delegate to agent "{agent}": that agent does not exist' in tool_message[-1].content
+
+
+def test_a_delegation_whose_agent_went_before_its_retry_stops_the_run_it_started() -> None:
+    """Its AwaitingSubAgent write lost, then the sub-agent's Agent deleted: the retry fails the call, and
+    the run the first attempt started (waiting for its Agent, read by no one) is deleted."""
+    kube, ctx, name, child = started_but_not_recorded()
+    kube.delete("agents", "default", "helper")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and 'agent "helper": that agent does not exist' in status["error"], (
+        status
+    )
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
+def test_a_delegation_to_an_agent_that_is_not_ready_still_starts_its_run() -> None:
+    """Only a missing Agent is refused: one not Ready yet may become so (its run waits, up to the start
+    timeout), and agents that delegate to each other are never Ready at the same moment."""
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    kube.patch_status_raw("agents", "default", "helper", None, {"ready": False, "status": "Pending"})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+
+
 class ShortPagesKube(FakeKubeClient):
     """Serves a filtered list one object per page, as the API server may (fewer than the limit, with a
     continue token), and records each page's params."""
