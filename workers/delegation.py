@@ -366,6 +366,19 @@ def _decide_on_sub_agent(
         apply_call_transition(ctx, toolcall, outcome, sub_agent=child)
 
 
+def sub_agent_run_spec(toolcall: TaskRunToolCall, agent: str, arguments: dict[str, Any]) -> TaskRunSpec:
+    """The spec of the run ``toolcall`` starts of ``agent``: the same for every attempt of the call, so a
+    run found under its name that is not exactly this is not the one it started."""
+    message = arguments.get("message")
+    if not isinstance(message, str) or not message.strip():
+        message = json.dumps(arguments)
+    return TaskRunSpec(
+        agent_ref=LocalObjectReference(name=agent),
+        user_message=message,
+        task_run_tool_call_ref=LocalObjectReference(name=toolcall.name),  # the original's field for it
+    )
+
+
 def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, executor: Executor) -> None:
     """Delegation needs no claim: its only side effect is a child TaskRun with a deterministic name."""
     agent = executor.delegate_to
@@ -393,8 +406,12 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
             )
             apply_call_transition(ctx, toolcall, plan_tool_failure(toolcall, gone, now))
             return
-        if not child.metadata.owned_by(toolcall.uid):
-            # A run of that name made by someone else: its answer would be taken as the sub-agent's.
+        arguments, invalid = parse_arguments(toolcall)
+        if not child.metadata.owned_by(toolcall.uid) or (
+            invalid is None and child.spec != sub_agent_run_spec(toolcall, agent, arguments)
+        ):
+            # A run of that name made by someone else (an owner reference can be copied: the spec must be
+            # the one this call gave): its answer would be taken as the sub-agent's.
             _fail_as_foreign(ctx, toolcall, child_name, now)
             return
         _decide_on_sub_agent(ctx, toolcall, child, agent, now)
@@ -440,9 +457,6 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
     if invalid is not None:
         apply_call_transition(ctx, toolcall, plan_invalid_arguments(toolcall, invalid, now))
         return
-    message = arguments.get("message")
-    if not isinstance(message, str) or not message.strip():
-        message = json.dumps(arguments)
     child = TaskRun(
         metadata=ObjectMeta(
             name=child_name,
@@ -460,11 +474,7 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
             },
             owner_references=[toolcall.owner_reference()],
         ),
-        spec=TaskRunSpec(
-            agent_ref=LocalObjectReference(name=agent),
-            user_message=message,
-            task_run_tool_call_ref=LocalObjectReference(name=toolcall.name),  # the original's field for it
-        ),
+        spec=sub_agent_run_spec(toolcall, agent, arguments),
     )
     # Child first (idempotent by name), then the status write: a crash in between is finished by a retry.
     found: dict[str, dict[str, Any]] = {}

@@ -20,7 +20,7 @@ from kubechain.kube.errors import (
     Unavailable,
 )
 from kubechain.models import ObjectMeta, Resource, Task, TaskRun, TaskRunToolCall, TaskRunToolCallSpec
-from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase
+from kubechain.models.taskrun import TERMINAL_TASKRUN_PHASES, TaskRunPhase, TaskRunSpec
 from kubechain.observability.tracing import export_run_span, recheck_trace
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
@@ -163,6 +163,10 @@ def create_children(
                 # Anyone who may create tool calls can copy the run's uid into an owner reference: one
                 # made ahead of ours must be exactly ours, and not already approved.
                 return exists
+            if isinstance(child, TaskRun) and not _as_delegated(child, current):
+                # The same for a delegation's run (another agent's, another message): its answer would
+                # be the tool's result.
+                return exists
             if found is not None:
                 found[child.name] = current
             return None
@@ -200,6 +204,17 @@ def _as_created(child: TaskRunToolCall, found: dict[str, Any], metadata: ObjectM
     except ValueError:
         return False
     return spec == child.spec and APPROVAL_ANNOTATION not in metadata.annotations
+
+
+def _as_delegated(child: TaskRun, found: dict[str, Any]) -> bool:
+    """Whether the TaskRun found under ``child``'s name has its spec (agent, message, tool call), if
+    ``child`` is a delegation's run; a Task's run is taken on its owner reference alone."""
+    if child.spec.task_run_tool_call_ref is None:
+        return True
+    try:
+        return TaskRunSpec.model_validate(found.get("spec") or {}) == child.spec
+    except ValueError:
+        return False
 
 
 def refused_for_good(error: KubeAPIError) -> bool:

@@ -91,8 +91,8 @@ def foreign_child_message(kind: str, name: str, parent_kind: str) -> str:
     so its status would be taken for the child's outcome."""
     parent = _PARENT_NAMES.get(parent_kind, parent_kind)
     return (
-        f"{kind} {name} was not started by this {parent} (it is not one of its owners), so its outcome is "
-        f"not this {parent}'s; delete or rename that {kind} and run the task again"
+        f"{kind} {name} was not started by this {parent} (it is not one of its owners, or not as it makes "
+        f"it), so its outcome is not this {parent}'s; delete or rename that {kind} and run the task again"
     )
 
 
