@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     # Tool calls one LLM answer may ask for: each is an object, an execution and a message in every later
     # request, and a 1 MiB context window holds ~10,000 tiny ones.
     max_tool_calls_per_turn: int = Field(default=128, ge=1)
+    # The deepest a sub-agent's run may be: a user's run is at depth 0, its sub-agents' at 1 (LABEL_DEPTH).
     max_delegation_depth: int = 5
     # Sub-agent runs of one user's run, at every depth: depth alone lets 20 delegations a turn over 5
     # levels start 20**5 runs. Those that exist are counted (a deleted one frees its place). A soft cap:

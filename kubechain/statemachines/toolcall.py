@@ -286,11 +286,17 @@ def child_run_name(toolcall_name: str, agent: str) -> str:
 
 
 def delegation_problem(chain: list[str], target: str, max_depth: int) -> str | None:
-    """Why delegating from the agents in ``chain`` (outermost first) to ``target`` is refused, or None."""
+    """Why delegating from the agents in ``chain`` (outermost first: the user's run's agent, down to the
+    delegating run's) to ``target`` is refused, or None. The new run's depth is ``len(chain)`` (a user's
+    run is at 0, LABEL_DEPTH): ``max_depth`` is the deepest allowed."""
+    path = " → ".join([*chain, target])
     if target in chain:
-        return f"delegation cycle: {' → '.join([*chain, target])}"
-    if len(chain) >= max_depth:
-        return f"delegation depth limit of {max_depth} reached ({' → '.join([*chain, target])})"
+        return f"delegation cycle: {path}"
+    if len(chain) > max_depth:
+        return (
+            f"delegation depth limit of {max_depth} reached: a sub-agent run at depth {len(chain)} would "
+            f"pass it (a user's run is at depth 0; KUBECHAIN_MAX_DELEGATION_DEPTH): {path}"
+        )
     return None
 
 

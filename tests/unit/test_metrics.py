@@ -491,7 +491,7 @@ def test_a_delegated_call_that_did_not_succeed_is_counted_with_its_outcome(how: 
     outcome, expected = ("error", (1, 1, 4.0)) if how == "sub-agent failed" else ("rejected", (1, 0, 0.0))
     before = tool_samples("ask", outcome)
     if how == "delegation refused":
-        ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"max_delegation_depth": 1}))
+        ctx = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"max_delegation_depth": 0}))
     tool_call(ctx, message("TaskRunToolCall", name))
     if how == "sub-agent failed":
         child = kube.get(TaskRun, "default", child_run_name(name, "helper"))

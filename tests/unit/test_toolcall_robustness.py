@@ -28,7 +28,7 @@ from kubechain.models import (
     ToolCallFunction,
     label_value,
 )
-from kubechain.models.labels import LABEL_ROOT_RUN
+from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.observability.metrics import TOOL_CALLS
 from kubechain.queueing import TaskName
 from kubechain.settings import Settings
@@ -1278,6 +1278,21 @@ def test_delegations_past_the_sub_agent_run_limit_of_a_users_run_are_refused() -
     assert warnings(kube, name) == ["DelegationRefused"]
     with pytest.raises(NotFound):
         kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_a_delegation_depth_limit_of_one_lets_the_users_run_start_one_level_of_sub_agents(limit: int) -> None:
+    kube = FakeKubeClient()
+    ctx, name = delegating(kube)
+    ctx.settings = ctx.settings.model_copy(update={"max_delegation_depth": limit})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    if limit == 0:
+        assert status["phase"] == "Failed" and "delegation depth limit of 0 reached" in status["error"]
+        return
+    assert status["phase"] == "AwaitingSubAgent", status
+    child = kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
+    assert child["metadata"]["labels"][LABEL_DEPTH] == "1"
 
 
 def test_a_sub_agent_run_carries_the_users_run_it_was_started_from() -> None:
