@@ -131,7 +131,7 @@ def _may_have_started_a_sub_agent(toolcall: TaskRunToolCall, executor: Executor 
         return True
     if toolcall.phase not in NOT_STARTED_PHASES or executor is None:
         return False
-    return executor.delegate_to is not None or (executor.target.kind == "tool" and executor.tool is None)
+    return executor.delegate_to is not None or executor.tool_not_found
 
 
 def stop_sub_agent_runs(

@@ -84,6 +84,9 @@ class Executor:
             {ref.name for ref in agent.spec.human_contact_channels} if agent is not None else None,
         )
         self.tool: Tool | None = None
+        # The name was looked up as a Tool's and none was found: it may have been a delegating Tool's,
+        # deleted since (even one read as an MCP server's tool then, offered as "<x>__<y>").
+        self.tool_not_found = False
         self.server: MCPServer | None = None
         self.delegate_to: str | None = None  # the sub-agent a delegation goes to
         self.human_channel: str | None = None  # the ContactChannel a human-contact tool reaches
@@ -139,6 +142,7 @@ class Executor:
         elif self.target.kind == "tool":
             granted = [ref.name for ref in self.agent.spec.tools] if self.agent is not None else []
             self.tool = find_tool(self.ctx, ns, self.target.name, granted)
+            self.tool_not_found = self.tool is None
             server, separator, rest = self.target.name.partition(MCP_SEPARATOR)
             if self.tool is None and separator and server and rest:
                 # No Tool by that name, and it reads as <server>__<tool>: an MCP server's tool after all

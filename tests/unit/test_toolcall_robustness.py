@@ -546,6 +546,33 @@ def test_a_delegation_whose_tool_went_before_its_awaiting_write_landed_stops_its
         kube.get_raw("taskruns", "default", child)
 
 
+def test_a_delegation_offered_under_a_name_with_a_double_underscore_whose_tool_went_stops_its_sub_agent() -> (
+    None
+):
+    """A delegating Tool offered as "ask__helper" (its spec.name): once the Tool was deleted, the name
+    read as MCP server "ask"'s tool "helper", and a call whose AwaitingSubAgent write was lost was failed
+    without looking for the sub-agent run it had started, which ran on, read by no one."""
+    kube = DelegationWriteFails()
+    create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+    named = {**ASK, "name": "ask__helper"}
+    ctx = agent_with(
+        kube, calling("ask__helper", '{"message": "hi"}'), {"ask": named}, tools=[{"name": "ask"}]
+    )
+    validate(ctx, message("Agent", "helper"))
+    (name,) = start_turn(ctx, kube)
+    with pytest.raises(Unavailable):  # the child created, the AwaitingSubAgent write lost
+        tool_call(ctx, message("TaskRunToolCall", name))
+    child = child_run_name(name, "helper")
+    prepare(ctx, message("TaskRun", child))  # its first turn came before: it no longer checks its call
+    assert run_status(kube, child)["phase"] == "ReadyForLLM"
+    tool_deleted(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))  # the retry
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+
+
 @pytest.mark.parametrize("how", ["rejected", "run-ended"])
 def test_a_delegation_ended_while_its_sub_agent_run_was_created_stops_that_run(how: str) -> None:
     """Worker A read the Pending call and was creating its sub-agent's run; worker B ended the call (a
