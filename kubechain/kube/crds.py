@@ -21,10 +21,16 @@ def load_crds(directory: Path) -> list[dict[str, Any]]:
     return docs
 
 
+# Updates of one CRD tried, each after a fresh read: a conflict means another writer updated it meanwhile.
+UPDATE_ATTEMPTS = 5
+
+
 def apply_crds(kube: KubeClient, crds: list[dict[str, Any]], timeout_s: float = 60.0) -> None:
+    """Create or update each CRD, then wait until all are Established. An update that still conflicts
+    after UPDATE_ATTEMPTS raises Conflict: the CRD there is not the one given, however Established."""
     for crd in crds:
         name = crd["metadata"]["name"]
-        for _ in range(5):
+        for attempt in range(1, UPDATE_ATTEMPTS + 1):
             try:
                 kube.request("POST", CRD_PATH, body=crd)
                 break
@@ -41,6 +47,8 @@ def apply_crds(kube: KubeClient, crds: list[dict[str, Any]], timeout_s: float = 
                     kube.request("PUT", f"{CRD_PATH}/{name}", body=body)
                     break
                 except Conflict:
+                    if attempt == UPDATE_ATTEMPTS:
+                        raise
                     continue
     deadline = time.monotonic() + timeout_s
     for crd in crds:

@@ -56,3 +56,49 @@ def test_install_warns_when_the_cluster_has_no_node_to_run_kubechain_on(answer: 
 
     said = nodeless_warning(Nodes())  # type: ignore[arg-type]
     assert (said is not None and "no nodes" in said) if warned else said is None
+
+
+class ConflictingCRDs:
+    """An API server where every CRD exists already (Established, the old schema) and every PUT of a new
+    one conflicts: another writer updates it between each GET and PUT."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def request(self, method: str, path: str, **_: object) -> dict[str, object]:
+        from kubechain.kube.errors import AlreadyExists, Conflict
+
+        if method == "POST":
+            raise AlreadyExists(409, "AlreadyExists", "exists")
+        if method == "PUT":
+            self.puts += 1
+            raise Conflict(409, "Conflict", "the object has been modified; please apply your changes again")
+        return {
+            "metadata": {"resourceVersion": str(self.puts)},
+            "status": {"conditions": [{"type": "Established", "status": "True"}]},
+        }
+
+
+def test_install_says_a_crd_it_could_not_update_instead_of_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_crds gave up after five conflicting PUTs without a word, found the old CRD Established, and
+    install printed "... applied" over a schema never written."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+    from kubechain.cli.resources import Target
+    from kubechain.kube.crds import apply_crds
+    from kubechain.kube.errors import Conflict
+
+    kube = ConflictingCRDs()
+    crd = {"metadata": {"name": "llms.kubechain.humanlayer.dev"}, "spec": {}}
+    with pytest.raises(Conflict):
+        apply_crds(kube, [crd])  # type: ignore[arg-type]
+    assert kube.puts == 5
+
+    monkeypatch.setattr(Target, "connect", lambda self, timeout_s=30.0: contextlib.nullcontext(kube))
+    result = CliRunner().invoke(main, ["install", "--crds-only"])
+    assert result.exit_code != 0, result.output
+    assert "cannot apply the CRDs" in result.output and "the object has been modified" in result.output
+    assert not [line for line in result.output.splitlines() if line.endswith(" applied")]
