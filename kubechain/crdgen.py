@@ -20,8 +20,11 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "deploy" / "crds"
 
 def default_output() -> Path:
     """deploy/crds of this checkout; installed from a wheel (no checkout around the package), ./deploy/crds
-    of the current directory, not a directory inside site-packages."""
-    return DEFAULT_OUTPUT if DEFAULT_OUTPUT.parent.is_dir() else Path.cwd() / "deploy" / "crds"
+    of the current directory, not a directory inside site-packages. A checkout is told by its
+    pyproject.toml beside the package, which no install puts there (a deploy/ folder may be: an earlier
+    version wrote the CRDs into site-packages)."""
+    checkout = DEFAULT_OUTPUT.parent.parent
+    return DEFAULT_OUTPUT if (checkout / "pyproject.toml").is_file() else Path.cwd() / "deploy" / "crds"
 
 
 _KEPT_SCALAR_KEYS = ("enum", "pattern", "minLength", "maxLength", "minimum", "maximum", "format")
@@ -170,7 +173,9 @@ def render_all() -> dict[str, str]:
     return {crd_filename(info): render_crd(info) for info in KINDS}
 
 
-def write_crds(output: Path = DEFAULT_OUTPUT) -> list[Path]:
+def write_crds(output: Path | None = None) -> list[Path]:
+    """Write every CRD into ``output`` (default_output() if None); the paths written."""
+    output = output or default_output()
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, text in render_all().items():
@@ -182,7 +187,12 @@ def write_crds(output: Path = DEFAULT_OUTPUT) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="directory (default: deploy/crds of this checkout, or of the current directory)",
+    )
     args = parser.parse_args(argv)
     for path in write_crds(args.output):
         print(path)

@@ -141,13 +141,24 @@ def test_crds_from_an_installed_wheel_go_to_the_current_directory(
     into site-packages (the README then applies ./deploy/crds)."""
     import kubechain.crdgen as crdgen
 
-    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", tmp_path / "site-packages" / "deploy" / "crds")
+    site_packages = tmp_path / "site-packages"
+    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", site_packages / "deploy" / "crds")
     monkeypatch.chdir(tmp_path)
     assert crdgen.default_output() == tmp_path / "deploy" / "crds"
-    checkout = tmp_path / "checkout" / "deploy"
-    checkout.mkdir(parents=True)
-    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", checkout / "crds")
-    assert crdgen.default_output() == checkout / "crds"
+    # `python -m kubechain.crdgen` wrote into site-packages, and made deploy/ there: from then on
+    # `kubechain crds` took site-packages for a checkout and wrote there too.
+    crdgen.main([])
+    assert not (site_packages / "deploy").exists()
+    assert sorted(path.name for path in (tmp_path / "deploy" / "crds").iterdir()) == sorted(
+        crdgen.render_all()
+    )
+    (site_packages / "deploy").mkdir(parents=True)  # left by an earlier version
+    assert crdgen.default_output() == tmp_path / "deploy" / "crds"
+    checkout = tmp_path / "checkout"
+    (checkout / "deploy").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\nname = 'kubechain'\n")
+    monkeypatch.setattr(crdgen, "DEFAULT_OUTPUT", checkout / "deploy" / "crds")
+    assert crdgen.default_output() == checkout / "deploy" / "crds"
 
 
 def test_the_readmes_offline_tool_example_is_a_valid_tool_and_script() -> None:
