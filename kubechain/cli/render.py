@@ -328,7 +328,8 @@ class RichRenderer:
     def __init__(self, stream: IO[str], spinner: bool = True) -> None:
         from rich.console import Console
 
-        self.console = Console(file=stream, highlight=False)
+        # emoji=False: ":warning:" in a tool's result is text to show as it is, as markup is (escape)
+        self.console = Console(file=stream, highlight=False, emoji=False)
         self._spinner = spinner
         self._status: Status | None = None
         self._last_assistant: str | None = None

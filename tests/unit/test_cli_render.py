@@ -445,6 +445,22 @@ def test_escape_sequences_from_an_llm_or_a_tool_never_reach_the_terminal() -> No
     assert "\\x1b[2J" in text
 
 
+def test_emoji_codes_in_what_a_tool_or_an_llm_said_are_shown_as_they_are() -> None:
+    """Rich rewrote ":warning:" or ":100:" in a tool's result or arguments (and any text) as emoji: what
+    the terminal showed was not what the tool returned."""
+    fancy = io.StringIO()
+    with make_renderer(fancy, rich=True) as renderer:
+        renderer.emit(
+            Event("tool_call", name="fs__write", ident="c1", arguments='{"text": "run :rocket: now"}')
+        )
+        renderer.emit(Event("tool_result", ":warning: disk :100: full", name="fs__write", ident="c1"))
+        renderer.emit(Event("assistant", "done :smile:"))
+    text = fancy.getvalue()
+    for code in (":rocket:", ":warning:", ":100:", ":smile:"):
+        assert code in text, text
+    assert not any(emoji in text for emoji in ("\U0001f680", "\u26a0", "\U0001f4af", "\U0001f604"))
+
+
 @pytest.mark.parametrize(
     ("body", "said"),
     [
