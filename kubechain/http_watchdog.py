@@ -3,15 +3,26 @@
 httpx (and the SDKs' httpx) time each read, not the whole answer: a server that sends a little just before
 each read would time out holds the caller up to one more read timeout past its deadline. For a call made
 under a claim (an LLM turn, a tool call) that is past the claim, and another worker makes the call again.
+The same holds before the answer: a server that trickles its status line and headers, or a slow TLS
+handshake, is read one timed read after another.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
+
+import httpcore
+import httpx
+
+log = logging.getLogger(__name__)
 
 
 def shut_at(extensions: Mapping[str, Any], deadline: float) -> threading.Timer | None:
@@ -34,3 +45,108 @@ def shut_at(extensions: Mapping[str, Any], deadline: float) -> threading.Timer |
     timer.daemon = True
     timer.start()
     return timer
+
+
+# The latest (time.monotonic()) the network I/O of the current request may end: set around a request by
+# ``io_ending_by``, read by the streams of a client ``end_io_by_deadline`` was applied to.
+_IO_ENDS_BY: ContextVar[float | None] = ContextVar("kubechain_http_io_ends_by", default=None)
+
+
+@contextmanager
+def io_ending_by(monotonic_deadline: float) -> Iterator[None]:
+    """Requests made in this context (this thread's), on a client ``end_io_by_deadline`` was applied to,
+    end by ``monotonic_deadline``: from the connection on, headers included, each wait on the network is cut
+    to the time left, and one that starts past it is a timeout (httpx's ConnectTimeout, ReadTimeout,
+    WriteTimeout). The connection is then closed by httpcore, not returned to the pool."""
+    token = _IO_ENDS_BY.set(monotonic_deadline)
+    try:
+        yield
+    finally:
+        _IO_ENDS_BY.reset(token)
+
+
+def _time_left(timeout: float | None, overdue: type[httpcore.TimeoutException]) -> float | None:
+    deadline = _IO_ENDS_BY.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise overdue("the request's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every wait ends by the deadline of the request using it (a pooled connection
+    serves one request after another, each with its own deadline)."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        left = _time_left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _time_left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, left, local_address, socket_options))
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        left = _time_left(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, left, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def end_io_by_deadline(client: httpx.Client) -> httpx.Client:
+    """``client``, its connections (direct and through each proxy from the environment) made and read
+    under ``io_ending_by``'s deadline. httpx exposes no network backend: it is set on each transport's
+    httpcore pool, which keeps it for the connections it makes. A pool without one (an httpx that
+    changed) is said once in the log; its requests keep httpx's per-read timeouts."""
+    transports: list[Any] = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        if transport is None:
+            continue  # a NO_PROXY pattern: the default transport serves it
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if pool is not None and isinstance(backend, httpcore.NetworkBackend):
+            pool._network_backend = _DeadlineBackend(backend)
+        else:
+            log.warning(
+                "cannot bound the whole of a request on %s (httpx %s has no httpcore pool with a network "
+                "backend): a server that trickles its headers is timed per read",
+                type(transport).__name__,
+                httpx.__version__,
+            )
+    return client

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from kubechain.http_watchdog import shut_at
+from kubechain.http_watchdog import end_io_by_deadline, io_ending_by, shut_at
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.deadline import cut_short_note
@@ -27,13 +27,15 @@ def _shared_client() -> httpx.Client:
     global _client
     with _client_lock:
         if _client is None:
-            _client = httpx.Client(
-                verify=True,
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-                # A jar that keeps nothing: the client serves every namespace's tools, and a session
-                # cookie one tenant's API set would go with every other tenant's calls to that host.
-                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            _client = end_io_by_deadline(
+                httpx.Client(
+                    verify=True,
+                    follow_redirects=False,
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                    # A jar that keeps nothing: the client serves every namespace's tools, and a session
+                    # cookie one tenant's API set would go with every other tenant's calls to that host.
+                    cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+                )
             )
         return _client
 
@@ -62,8 +64,10 @@ def call_external_api(
     # Read past the size limit by the token's longest form: one the body holds across the limit is then
     # read whole and cut out (see scrub_then_cut).
     margin = scrub.longest
-    # httpx's timeout bounds each read, not the request: a server that trickles its body would hold the
-    # call (and its claim) for ever. The body is read in chunks against one deadline.
+    # httpx's timeout bounds each read, not the request: a server that trickles its headers or its body
+    # would hold the call (and its claim) for ever. Every wait on the network, from the connection on,
+    # ends by one deadline (io_ending_by); the body's chunks are checked against it too, and the watchdog
+    # shuts the connection at it.
     deadline = time.monotonic() + timeout_s
     by_claim = "" if own_timeout_s is None else cut_short_note(timeout_s, own_timeout_s)
     timed_out = ToolError(f"{request} timed out after {timeout_s:.0f}s{by_claim}")
@@ -72,7 +76,10 @@ def call_external_api(
     )
     try:
         client = _shared_client()
-        with client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response:
+        with (
+            io_ending_by(deadline),
+            client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response,
+        ):
             watchdog = shut_at(response.extensions, deadline)
             try:
                 chunks: list[bytes] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -79,6 +80,76 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.M
     (error,) = outcome
     assert isinstance(error, ToolError) and "timed out after 1s" in str(error)
     assert len(watchdogs) == 1 and watchdogs[0] is not None, "the connection's socket was found"
+
+
+class HeaderTricklingServer:
+    """Sends a status line, then one byte of a header every 0.1 s (up to a minute); ``hung_up`` is set when
+    the client closed the connection."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow"
+        self.hung_up = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        connection.recv(65536)
+        try:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            for _ in range(600):
+                connection.sendall(b"a")
+                time.sleep(0.1)
+        except OSError:
+            self.hung_up.set()
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_headers_that_trickle_in_time_out_at_the_deadline_and_the_connection_is_closed() -> None:
+    """httpx's timeout bounds each read of the headers too: a server sending one byte of them before each
+    read would time out held the call past its claim (another worker then calls the API again)."""
+    from kubechain.testing.waiting import wait_for
+
+    server = HeaderTricklingServer()
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(call_external_api(server.url, "POST", {}, None, timeout_s=1.0))
+        except ToolError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: not thread.is_alive(), timeout_s=30, what="the call to end")
+        (error,) = outcome
+        assert isinstance(error, ToolError) and "timed out after 1s" in str(error), error
+        wait_for(server.hung_up.is_set, timeout_s=30, what="the server to see the connection closed")
+    finally:
+        server.close()
+
+
+def test_the_deadline_covers_the_connections_made_through_a_proxy_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx builds a transport of its own for each proxy the environment names: each must make its
+    connections under the request's deadline, as the default one does."""
+    from kubechain.http_watchdog import _DeadlineBackend, end_io_by_deadline
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    client = end_io_by_deadline(httpx.Client())
+    transports = [client._transport, *(t for t in client._mounts.values() if t is not None)]
+    assert len(transports) == 2
+    for transport in transports:
+        assert isinstance(transport._pool._network_backend, _DeadlineBackend)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("own_timeout_s", [60.0, None], ids=["cut-short-by-its-claim", "its-own-timeout"])
