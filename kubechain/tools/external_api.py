@@ -71,14 +71,16 @@ def call_external_api(
     deadline = time.monotonic() + timeout_s
     by_claim = "" if own_timeout_s is None else cut_short_note(timeout_s, own_timeout_s)
     timed_out = ToolError(f"{request} timed out after {timeout_s:.0f}s{by_claim}")
-    options: dict[str, Any] = (
-        {"params": query_parameters(arguments)} if verb in ("GET", "DELETE") else {"json": arguments}
-    )
+    options: dict[str, Any] = {}
+    if verb in ("GET", "DELETE"):
+        target = with_query(url, query_parameters(arguments), request)
+    else:
+        target, options["json"] = httpx.URL(url), arguments
     try:
         client = _shared_client()
         with (
             io_ending_by(deadline),
-            client.stream(verb, url, headers=headers, timeout=timeout_s, **options) as response,
+            client.stream(verb, target, headers=headers, timeout=timeout_s, **options) as response,
         ):
             watchdog = shut_at(response.extensions, deadline)
             try:
@@ -117,6 +119,20 @@ def call_external_api(
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
     return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)
+
+
+def with_query(url: str, parameters: dict[str, str], request: str) -> httpx.URL:
+    """``url`` with ``parameters`` added to the query it has (``params=`` would replace it, httpx 0.28 on:
+    a Tool's ``?api_key=...`` or ``?api-version=...`` was dropped). A parameter the URL sets is the
+    Tool author's (a tenant, a key): an argument may not replace it."""
+    target = httpx.URL(url)
+    taken = sorted(name for name in parameters if name in target.params)
+    if taken:
+        raise ToolError(
+            f"{request}: {', '.join(taken)}: set by the Tool's URL (its query), which an argument may "
+            "not replace"
+        )
+    return target.copy_merge_params(parameters)
 
 
 def query_parameters(arguments: dict[str, Any]) -> dict[str, str]:

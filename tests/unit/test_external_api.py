@@ -231,7 +231,7 @@ class RecordingServer:
                 self.end_headers()
                 self.wfile.write(b"ok")
 
-            do_GET = do_POST = _answer  # noqa: N815
+            do_GET = do_POST = do_DELETE = _answer  # noqa: N815
 
             def log_message(self, *_: object) -> None:
                 pass
@@ -263,6 +263,37 @@ def test_get_arguments_go_in_the_query_as_json_not_as_python() -> None:
 
     query = parse_qs(urlsplit(server.lines[0].split()[1]).query)
     assert query == {"q": ["a b"], "flag": ["true"], "n": ["2"], "obj": ['{"k": [1, 2]}']}
+
+
+@pytest.mark.parametrize("verb", ["GET", "DELETE"])
+def test_get_arguments_are_added_to_the_query_the_tools_url_already_has(verb: str) -> None:
+    """A Tool's URL may carry a key or an API version in its query (``?api_key=...&api-version=...``):
+    httpx (0.28 on) replaces a URL's query with ``params=``, and every call was refused by the API."""
+    server = RecordingServer(200)
+    try:
+        url = server.url + "?api_key=K&api-version=2024-01-01"
+        assert call_external_api(url, verb, {"q": "cats"}, None, timeout_s=10.0) == "ok"
+        assert call_external_api(url, verb, {}, None, timeout_s=10.0) == "ok"
+    finally:
+        server.server.shutdown()
+    from urllib.parse import parse_qs, urlsplit
+
+    queries = [parse_qs(urlsplit(line.split()[1]).query) for line in server.lines]
+    assert queries == [
+        {"api_key": ["K"], "api-version": ["2024-01-01"], "q": ["cats"]},
+        {"api_key": ["K"], "api-version": ["2024-01-01"]},
+    ]
+
+
+def test_an_argument_may_not_replace_a_query_parameter_the_tools_url_sets() -> None:
+    """What the Tool's URL sets (a tenant, a key) is its author's, not the LLM's to change."""
+    server = RecordingServer(200)
+    try:
+        with pytest.raises(ToolError, match=r"tenant.* set by the Tool's URL"):
+            call_external_api(server.url + "?tenant=acme", "GET", {"tenant": "other"}, None, timeout_s=10.0)
+    finally:
+        server.server.shutdown()
+    assert server.lines == []
 
 
 def test_a_cookie_one_tools_api_sets_is_not_sent_with_anyone_elses_calls() -> None:
