@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zlib
+from collections.abc import Iterable, Iterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -16,6 +18,10 @@ from kubechain.tools.builtin import ToolError
 from kubechain.tools.deadline import cut_short_note
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # read as bytes, kept as characters
+# A compressed body is decoded in pieces of at most this, each counted against MAX_RESPONSE_BYTES.
+DECODED_PIECE_BYTES = 64 * 1024
+# What the API is asked for: the encodings decoded here (in pieces), which httpx would decode whole.
+ACCEPTED_ENCODINGS = "gzip, deflate"
 
 _client: httpx.Client | None = None
 _client_lock = threading.Lock()
@@ -55,7 +61,11 @@ def call_external_api(
     forms worked out once (the body may be 1 MiB). ``own_timeout_s``: the tool's own timeout, when
     ``timeout_s`` may be its claim's time left instead (a timeout then says which ended the call)."""
     scrub = Scrubber([token] if token else [])
-    headers = {"Content-Type": "application/json", "Accept": "application/json, text/plain, */*"}
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/plain, */*",
+        "Accept-Encoding": ACCEPTED_ENCODINGS,
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     verb = (method or "POST").upper()
@@ -87,7 +97,10 @@ def call_external_api(
                 chunks: list[bytes] = []
                 size = 0
                 cut_short = False
-                for chunk in response.iter_bytes():
+                # httpx decodes each chunk read whole: a few KiB of gzip may decode to GiBs before the
+                # size limit is checked
+                body_pieces = decoded(response.iter_raw(), response.headers.get("content-encoding", ""))
+                for chunk in body_pieces:
                     if time.monotonic() > deadline:
                         raise timed_out
                     chunks.append(chunk)
@@ -99,6 +112,8 @@ def call_external_api(
             finally:
                 if watchdog is not None:
                     watchdog.cancel()
+    except UndecodableBody as exc:
+        raise ToolError(f"{request} answered {exc}") from None
     except httpx.TimeoutException:
         raise timed_out from None
     except httpx.HTTPError as exc:
@@ -119,6 +134,55 @@ def call_external_api(
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
     return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)
+
+
+class UndecodableBody(Exception):
+    """A body in an encoding not decoded here, or one its decoder refuses."""
+
+
+def decoded(raw: Iterable[bytes], content_encoding: str) -> Iterator[bytes]:
+    """The body ``raw`` (as sent, in ``content_encoding``) decoded, in pieces of at most
+    DECODED_PIECE_BYTES: each piece is counted before the next is decoded."""
+    codings = [
+        coding.strip().lower()
+        for coding in content_encoding.split(",")
+        if coding.strip().lower() not in ("", "identity")
+    ]
+    if any(coding not in ("gzip", "x-gzip", "deflate") for coding in codings):
+        raise UndecodableBody(f"in Content-Encoding {content_encoding}, which is not decoded")
+    pieces: Iterable[bytes] = raw
+    for coding in reversed(codings):  # listed in the order they were applied
+        pieces = _inflated(pieces, "deflate" if coding == "deflate" else "gzip")
+    return iter(pieces)
+
+
+def _inflated(compressed: Iterable[bytes], coding: str) -> Iterator[bytes]:
+    # gzip; deflate is a zlib stream, or raw deflate from some servers (httpx tries both, as here)
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS)
+    started = False
+    try:
+        for data in compressed:
+            while True:
+                try:
+                    piece = inflate.decompress(data, DECODED_PIECE_BYTES)
+                except zlib.error:
+                    if started or coding != "deflate":
+                        raise
+                    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                    started = True
+                    continue
+                started = True
+                if piece:
+                    yield piece
+                data = inflate.unconsumed_tail
+                # a full piece may have left output in the decoder with all the input taken
+                if not data and len(piece) < DECODED_PIECE_BYTES:
+                    break
+        rest = inflate.flush()
+    except zlib.error as exc:
+        raise UndecodableBody(f"a body that does not decode as {coding}: {exc}") from None
+    if rest:
+        yield rest
 
 
 def with_query(url: str, parameters: dict[str, str], request: str) -> httpx.URL:

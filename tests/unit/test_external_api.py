@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -354,7 +355,13 @@ def answering(monkeypatch: pytest.MonkeyPatch, respond: Callable[[httpx.Request]
     """The shared client, answering every request with ``respond``."""
     import kubechain.tools.external_api as external_api
 
-    monkeypatch.setattr(external_api, "_client", httpx.Client(transport=httpx.MockTransport(respond)))
+    def streamed(request: httpx.Request) -> httpx.Response:
+        # as from the network: a Response made with content= is read (and decoded) already; its stream
+        # (a ByteStream, which may be read again) is the body as sent
+        answer = respond(request)
+        return httpx.Response(answer.status_code, headers=answer.headers, stream=answer.stream)
+
+    monkeypatch.setattr(external_api, "_client", httpx.Client(transport=httpx.MockTransport(streamed)))
 
 
 def echoed_token(request: httpx.Request) -> str:
@@ -451,3 +458,107 @@ def test_an_error_shows_the_apis_url_without_its_credentials(
     assert "https://api.example/x?api_key=***" in said, said
     for secret in ("pa55word-0123456789", "qk-0123456789abcdef", "at-0123456789abcdef"):
         assert not pieces(said, secret), said
+
+
+def gzipped(data: bytes, wbits: int = 31) -> bytes:
+    """``data`` compressed (gzip by default; 15: a zlib stream, -15: raw deflate)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return compressor.compress(data) + compressor.flush()
+
+
+class CompressedServer:
+    """Answers every POST with ``body`` as it is, saying ``Content-Encoding: gzip``."""
+
+    def __init__(self, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server, self.url = serve(Handler, "/packed")
+
+
+def test_a_compressed_answer_is_decoded_no_further_than_the_size_limit() -> None:
+    """httpx decodes each chunk it reads whole, before the 1 MiB limit is checked: 32 KiB of gzip (one
+    read) decoded to 32 MiB in memory at once, per call in flight."""
+    import tracemalloc
+
+    server = CompressedServer(gzipped(b"\0" * (32 * 1024 * 1024)))
+    tracemalloc.start()
+    try:
+        said = call_external_api(server.url, "POST", {}, None, timeout_s=30.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        server.server.shutdown()
+    assert said == "\0" * (1024 * 1024)
+    assert peak < 12 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held at the peak"
+
+
+TEXT = "the answer, " * 10_000
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("gzip", gzipped(TEXT.encode())),
+        ("x-gzip", gzipped(TEXT.encode())),
+        ("deflate", gzipped(TEXT.encode(), 15)),
+        ("deflate", gzipped(TEXT.encode(), -15)),
+        ("identity, gzip", gzipped(TEXT.encode())),
+        ("deflate, gzip", gzipped(gzipped(TEXT.encode(), 15))),
+    ],
+    ids=["gzip", "x-gzip", "deflate-zlib", "deflate-raw", "identity-then-gzip", "deflate-then-gzip"],
+)
+def test_a_compressed_answer_reads_as_its_text(
+    monkeypatch: pytest.MonkeyPatch, encoding: str, body: bytes
+) -> None:
+    answering(
+        monkeypatch,
+        lambda request: httpx.Response(
+            200, headers={"Content-Encoding": encoding}, stream=httpx.ByteStream(body)
+        ),
+    )
+    assert call_external_api("https://api.example/x", "POST", {}, None, timeout_s=10.0) == TEXT
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "said"),
+    [
+        ("br", b"\x1b\x00", "in Content-Encoding br, which is not decoded"),
+        ("gzip, zstd", b"\x28\xb5", "in Content-Encoding gzip, zstd, which is not decoded"),
+        ("gzip", b"not gzip at all", "a body that does not decode as gzip"),
+    ],
+    ids=["unknown", "one-unknown", "corrupt"],
+)
+def test_an_answer_that_cannot_be_decoded_is_a_tool_error(
+    monkeypatch: pytest.MonkeyPatch, encoding: str, body: bytes, said: str
+) -> None:
+    """httpx passed a body in an encoding it does not know on as it was: bytes read as text."""
+    answering(
+        monkeypatch,
+        lambda request: httpx.Response(
+            200, headers={"Content-Encoding": encoding}, stream=httpx.ByteStream(body)
+        ),
+    )
+    with pytest.raises(ToolError, match=said):
+        call_external_api("https://api.example/x", "POST", {}, None, timeout_s=10.0)
+
+
+def test_the_api_is_asked_only_for_the_encodings_that_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        asked.append(request.headers["Accept-Encoding"])
+        return httpx.Response(200, text="ok")
+
+    answering(monkeypatch, respond)
+    call_external_api("https://api.example/x", "POST", {}, None, timeout_s=10.0)
+    assert asked == ["gzip, deflate"]
