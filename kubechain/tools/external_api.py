@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import zlib
@@ -119,7 +120,7 @@ def call_external_api(
     except httpx.HTTPError as exc:
         if time.monotonic() >= deadline:
             raise timed_out from None  # the watchdog shut the connection
-        raise ToolError(f"{request} failed: {type(exc).__name__}") from None
+        raise ToolError(f"{request} failed: {why_failed(exc, scrub)}") from None
     # The token is cut out before any cut, which could leave its start where no later redaction finds it.
     body = b"".join(chunks).decode(encoding, "replace")
     unread = margin if cut_short else 0
@@ -134,6 +135,19 @@ def call_external_api(
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
     return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)
+
+
+# a URL in an error's text ("scheme://" and what follows up to a space or a quote)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def why_failed(exc: httpx.HTTPError, scrub: Scrubber) -> str:
+    """The error's type and text (a host not found, a connection refused, a certificate not trusted each
+    say which), without the token or the credentials of a URL it quotes."""
+    text = _URL_IN_TEXT.sub(lambda url: redact_url(url.group()), str(exc)).strip()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {scrub_then_cut(text, scrub, 300)}"
 
 
 class UndecodableBody(Exception):

@@ -562,3 +562,35 @@ def test_the_api_is_asked_only_for_the_encodings_that_are_decoded(monkeypatch: p
     answering(monkeypatch, respond)
     call_external_api("https://api.example/x", "POST", {}, None, timeout_s=10.0)
     assert asked == ["gzip, deflate"]
+
+
+def test_a_connection_that_fails_says_why() -> None:
+    """A refused connection, a host not found and a certificate not trusted all read "failed:
+    ConnectError": the Tool's author could not tell which to fix."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: refused
+    with pytest.raises(ToolError) as raised:
+        call_external_api(f"http://127.0.0.1:{port}/x", "POST", {}, None, timeout_s=10.0)
+    assert f"POST http://127.0.0.1:{port}/x failed: ConnectError: " in str(raised.value)
+    assert "refused" in str(raised.value).lower(), str(raised.value)
+
+
+def test_why_a_connection_failed_is_said_without_the_token_or_the_urls_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "https://api.example/x?api_key=qk-0123456789abcdef"
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"proxy refused {url} (sent Bearer {echoed_token(request)})")
+
+    answering(monkeypatch, respond)
+    with pytest.raises(ToolError) as raised:
+        call_external_api(url, "POST", {}, TOKEN, timeout_s=10.0)
+    said = str(raised.value)
+    assert said.endswith(
+        "failed: ConnectError: proxy refused https://api.example/x?api_key=*** (sent Bearer ***)"
+    )
+    for secret in (TOKEN, "qk-0123456789abcdef"):
+        assert not pieces(said, secret), said
