@@ -24,7 +24,10 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, is_object_name, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.statemachines.toolset import (
+    DELEGATE_PREFIX,
     FUNCTION_NAME,
+    HUMAN_CONTACT_NAME,
+    MCP_SEPARATOR,
     delegate_function_name,
     human_contact_function_name,
     mcp_function_name,
@@ -71,6 +74,14 @@ def validate_tool_spec(tool: Tool) -> str | None:
             return f"Invalid Parameters JSON: parameters must be a JSON schema of type object, got {spec.parameters.get('type')!r}"
         if "properties" in spec.parameters and not isinstance(spec.parameters["properties"], dict):
             return "Invalid Parameters JSON: properties must be an object"
+    function = spec.function_name(tool.name)
+    if function.startswith(DELEGATE_PREFIX) or HUMAN_CONTACT_NAME.fullmatch(function):
+        # a call of such a name goes to a sub-agent or a contact channel, never to this Tool
+        return (
+            f'function name "{function}" is reserved: one starting with "{DELEGATE_PREFIX}" delegates to a '
+            'sub-agent, one ending in "__human_contact", "__human_contact_slack" or "__human_contact_email" '
+            "contacts a human: set a spec.name without it"
+        )
     kind = tool_type(tool)
     if kind is None:
         return "unknown tool type: tool doesn't have valid execution configuration"
@@ -169,6 +180,26 @@ def offered_names(deps: AgentDependencies, agent: Agent) -> list[tuple[str, str]
     return offered
 
 
+def mcp_name_problems(deps: AgentDependencies, agent: Agent) -> list[str]:
+    """A Tool of the Agent offered under a name that starts with "<one of its MCP servers>__": a call of it
+    goes to that server (the rest of the name as its tool), never to the Tool."""
+    servers = {ref.name for ref in agent.spec.mcp_servers}
+    problems: list[str] = []
+    for ref in agent.spec.tools:
+        tool = deps.tools.get(ref.name)
+        if tool is None or not tool.status.ready:
+            continue
+        name = tool.spec.function_name(ref.name)
+        server, separator, rest = name.partition(MCP_SEPARATOR)
+        if separator and rest and server in servers:
+            problems.append(
+                f'Tool "{ref.name}" would be offered to the LLM as "{name}", which names a tool of the '
+                f'Agent\'s MCPServer "{server}" (a call of it would go to the server): set its spec.name '
+                f'to one not starting with "{server}{MCP_SEPARATOR}"'
+            )
+    return problems
+
+
 def _not_found(model: type[Resource[Any, Any]], name: str) -> str:
     """The original's message: its client's error, in the API server's words for a missing object."""
     return f'failed to get {model.KIND} "{name}": {model.PLURAL}.{GROUP} "{name}" not found'
@@ -229,6 +260,7 @@ def plan_agent(agent: Agent, deps: AgentDependencies) -> Transition | None:
         "validHumanContactChannels": [c.to_wire() for c in valid_channels],
     }
     problems += [(text, False) for text in function_name_problems(offered_names(deps, agent))]
+    problems += [(text, False) for text in mcp_name_problems(deps, agent)]
     if problems:
         message = "; ".join(text for text, _ in problems)
         waiting = all(is_waiting for _, is_waiting in problems)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, Tool
 from kubechain.statemachines.toolset import mcp_tool_name, resolve_tool_name, tool_definitions
 from kubechain.statemachines.validation import FUNCTION_NAME, AgentDependencies, plan_agent, plan_task
@@ -189,3 +191,40 @@ def test_a_delegating_tool_whose_agent_ref_is_not_an_agent_name_is_an_error() ->
         assert problem is not None and "agentRef.name" in problem and "not a valid Agent name" in problem
     for good in ("helper", "research.bot-2", "a" * 253):
         assert validate_tool_spec(delegating_tool("ask", good)) is None
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        "delegate_to_agent__billing",
+        "ops__human_contact",
+        "ops__human_contact_email",
+        "ops__human_contact_slack",
+    ],
+)
+def test_a_tool_named_as_a_delegation_or_a_human_contact_is_refused(function: str) -> None:
+    """A call of it went to a sub-agent or a contact channel, never to the Tool: offered to the LLM (its
+    Agent Ready), it failed every time."""
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    problem = validate_tool_spec(tool("t", function))
+    assert problem is not None and f'"{function}"' in problem and "is reserved" in problem, problem
+    assert validate_tool_spec(tool("t", "ops__human_contacts")) is None, "only the exact forms are reserved"
+
+
+def test_a_tool_named_as_a_tool_of_the_agents_mcp_server_is_an_error() -> None:
+    """A call of "gh__create" went to MCP server "gh" (as its tool "create"), never to the Tool."""
+    a = agent(tools=[{"name": "create-issue"}, {"name": "other"}], mcpServers=[{"name": "gh"}])
+    deps = AgentDependencies(
+        LLM_READY,
+        tools={"create-issue": tool("create-issue", "gh__create"), "other": tool("other", "jira__create")},
+        mcp_servers={"gh": server("gh", "list")},
+    )
+    status = status_of(a, deps)
+    assert status["ready"] is False and status["status"] == "Error"
+    detail = status["statusDetail"]
+    assert 'Tool "create-issue" would be offered to the LLM as "gh__create"' in detail, detail
+    assert 'MCPServer "gh"' in detail and "jira__create" not in detail, detail
+    # and so whatever the server lists, connected or not
+    deps.mcp_servers["gh"] = None
+    assert 'Tool "create-issue" would be offered' in status_of(a, deps)["statusDetail"]
