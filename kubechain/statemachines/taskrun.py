@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -652,11 +653,25 @@ def tool_message_content(toolcall: TaskRunToolCall, limits: LoopLimits) -> str:
 
 
 def truncate(text: str, max_bytes: int) -> str:
+    """``text`` in at most ``max_bytes`` of UTF-8, the marker included. A text cut before (a tool's result
+    when stored, then in the LLM's context after "Error: ") is cut from what it kept, its marker then
+    counting what both cuts left out: a second cut of its own said ~50 bytes were omitted of megabytes."""
     encoded = text.encode("utf-8", "replace")
     if len(encoded) <= max_bytes:
         return text
-    kept = encoded[:max_bytes].decode("utf-8", "ignore")
-    return kept + TRUNCATION_MARKER.format(omitted=len(encoded) - len(kept.encode()))
+    omitted_before = 0
+    cut_before = _CUT_BEFORE.search(text)
+    if cut_before is not None:
+        omitted_before = int(cut_before.group(1))
+        encoded = text[: cut_before.start()].encode("utf-8", "replace")
+    whole = len(encoded) + omitted_before
+    # the marker's room for the largest count it may say
+    room = max(0, max_bytes - len(TRUNCATION_MARKER.format(omitted=whole).encode()))
+    kept = encoded[:room].decode("utf-8", "ignore")
+    return kept + TRUNCATION_MARKER.format(omitted=whole - len(kept.encode()))
+
+
+_CUT_BEFORE = re.compile(re.escape(TRUNCATION_MARKER).replace(re.escape("{omitted}"), r"(\d+)") + r"\Z")
 
 
 def tool_calls_created(run: TaskRun) -> bool:

@@ -477,9 +477,48 @@ def test_fan_in_reports_rejections_and_recreates_missing_children() -> None:
     )
 
 
-def test_truncate_marks_what_was_cut() -> None:
-    text = truncate("é" * 100, 51)
-    assert text.startswith("é" * 25) and "[truncated by KubeChain" in text
+def test_truncate_marks_what_was_cut_within_its_limit() -> None:
+    text = truncate("é" * 100, 151)
+    kept, marker, omitted = text.partition("\n...[truncated by KubeChain: ")
+    assert set(kept) == {"é"} and marker and len(text.encode()) <= 151
+    assert omitted == f"{200 - len(kept.encode())} bytes omitted]"
+    assert truncate(text, 151) == text, "cut once: the second cut has nothing to do"
+
+
+@pytest.mark.parametrize(
+    ("phase", "field", "prefix"),
+    [
+        ("Succeeded", "result", ""),
+        ("Failed", "error", "Error: "),
+        ("ToolCallRejected", "result", "User denied"),
+    ],
+)
+def test_a_result_cut_when_stored_says_to_the_llm_how_much_of_it_was_cut(
+    phase: str, field: str, prefix: str
+) -> None:
+    """The call's result was cut to max_tool_result_bytes when stored, the marker after it; cut again by
+    the same limit in the LLM's context, it lost that marker and said some fifty bytes were omitted of a
+    result of a megabyte."""
+    from kubechain.statemachines.toolcall import plan_tool_failure, plan_tool_success
+
+    r = pending_run()
+    first, second = expected_toolcalls(r)
+    big = "x" * 1_000_000
+    if field == "result":
+        stored = plan_tool_success(first, big, NOW, "ok", max_bytes=LIMITS.max_tool_result_bytes)
+    else:
+        stored = plan_tool_failure(first, big, NOW, max_bytes=LIMITS.max_tool_result_bytes)
+    fanned = plan_fan_in(
+        r,
+        [finished(first, phase, **{field: stored.status[field]}), finished(second, "Succeeded", result="y")],
+        NOW,
+        LIMITS,
+    )
+    assert fanned.transition is not None
+    content = fanned.transition.status["contextWindow"][-2]["content"]
+    assert content.startswith(prefix) and len(content.encode()) <= LIMITS.max_tool_result_bytes
+    kept, _, marker = content.partition("\n...[truncated by KubeChain: ")
+    assert marker == f"{1_000_000 - kept.count('x')} bytes omitted]", marker
 
 
 def test_a_provider_outage_of_many_minutes_is_ridden_out_before_a_run_fails() -> None:

@@ -2475,9 +2475,8 @@ def test_tool_errors_and_results_in_status_are_bounded() -> None:
     )
     assert failed.status["statusDetail"] == failed.status["error"]
     succeeded = plan_tool_success(call, "y" * 1000, NOW, "ok", max_bytes=100)
-    assert succeeded.status["result"].startswith(
-        "y" * 100 + "\n...[truncated by KubeChain: 900 bytes omitted]"
-    )
+    # the marker within the limit: 52 + 48 bytes
+    assert succeeded.status["result"] == "y" * 52 + "\n...[truncated by KubeChain: 948 bytes omitted]"
 
 
 def stale_running(attempts: int) -> TaskRunToolCall:
