@@ -45,7 +45,7 @@ from kubechain.statemachines.transition import (
     claim_remaining_s,
     precise_timestamp,
 )
-from kubechain.statemachines.validation import tool_type
+from kubechain.statemachines.validation import tool_type, validate_tool_spec
 from kubechain.tools.builtin import ToolError, run_builtin
 from kubechain.tools.external_api import call_external_api
 from workers import approvals, delegation
@@ -154,6 +154,9 @@ class Executor:
                 self.problem = (
                     f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
                 )
+            elif (invalid := validate_tool_spec(self.tool)) is not None:
+                # edited while the call waited: its spec, not its status (which may not say so yet)
+                self.problem = f'tool "{self.target.name}" cannot be used: {invalid}'
             elif tool_type(self.tool) == "delegateToAgent" and self.tool.spec.agent_ref is not None:
                 self.delegate_to = self.tool.spec.agent_ref.name
         elif self.target.kind == "subagent":

@@ -522,6 +522,25 @@ def test_a_tool_the_agent_was_not_given_is_refused() -> None:
     assert status["error"] == 'tool "multiply" is not available to agent "a" (not in spec.tools)'
 
 
+def test_a_tool_edited_to_be_invalid_while_its_call_waited_fails_it_with_the_tools_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An externalAPI Tool whose url was removed ran and failed on an AssertionError, its traceback logged
+    at ERROR as a bug of ours ("tool 'add' failed unexpectedly: AssertionError: ")."""
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}'])
+    (name,) = toolcall_names(kube)
+    raw = kube.get_raw("tools", "default", "add")
+    raw["spec"] = {**raw["spec"], "execute": {"externalAPI": {"method": "POST"}}}
+    kube.request("PUT", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/tools/add", body=raw)
+    with caplog.at_level(logging.INFO):
+        tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Failed" and "attempts" not in status, status
+    assert status["error"] == 'tool "add" cannot be used: toolType externalAPI needs execute.externalAPI.url'
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly() -> None:
     kube = FakeKubeClient()
     big = "y" * 300_000
