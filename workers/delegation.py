@@ -100,14 +100,7 @@ def fail_if_stranded(
     stranded = plan_stranded(toolcall, problem, now, approved_too=approved_too)
     if stranded is None:
         return False
-    log.warning(
-        "tool call %s/%s stranded in phase %s: %s",
-        toolcall.namespace,
-        toolcall.name,
-        toolcall.phase,
-        stranded.status["error"],
-    )
-    stop_sub_agent_runs(ctx, toolcall)
+    stop_sub_agent_runs(ctx, toolcall)  # its failure is logged once written (apply_transition)
     apply_call_transition(ctx, toolcall, stranded)
     return True
 

@@ -368,7 +368,6 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             sub_agents = delegation.stop_sub_agent_runs(ctx, toolcall, executor)
             if sub_agents:  # not "not run": the run of the sub-agent it started is named
                 ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
-            log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, ended.status["error"])
             if toolcall.phase in WAITING_ELSEWHERE_PHASES:
                 apply_call_transition(ctx, toolcall, ended)  # delegated, or asking a human: it ends here
             else:
@@ -379,7 +378,6 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
         return
     problem, parent = _not_its_runs(ctx, toolcall, parent)
     if problem is not None:
-        log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, problem)
         apply_transition(
             ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
         )

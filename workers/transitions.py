@@ -69,15 +69,17 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
     """The effects of a status write that landed: its Events and children (each idempotent)."""
     for event in transition.events:
         ctx.events.emit(updated, event.type, event.reason, event.message, key=updated.resource_version)
-    log.info(
-        "transition",
-        extra={
-            "kind": updated.KIND,
-            "namespace": updated.namespace,
-            "resource": updated.name,
-            "phase": transition.phase(),
-        },
-    )
+    where = {
+        "kind": updated.KIND,
+        "namespace": updated.namespace,
+        "resource": updated.name,
+        "phase": transition.phase(),
+    }
+    why = failure_reason(transition)
+    if why is None:
+        log.info("transition", extra=where)
+    else:
+        log.warning("%s %s/%s failed: %s", updated.KIND, updated.namespace, updated.name, why, extra=where)
     if isinstance(updated, TaskRun) and transition.phase() in TERMINAL_TASKRUN_PHASES:
         now = ctx.clock()
         export_run_span(
@@ -101,6 +103,16 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
     if makes_tool_calls:
         return cast(R, record_tool_calls_created(ctx, cast(TaskRun, updated)))
     return updated
+
+
+def failure_reason(transition: Transition) -> str | None:
+    """Why a transition to Failed failed, as its Warning Event (or its error) says it: text already
+    shown in the object's status and Events, its secrets cut out there. None for any other transition."""
+    if transition.phase() != "Failed":
+        return None
+    warning = next((event.message for event in transition.events if event.type == "Warning"), None)
+    said = warning or transition.status.get("error") or transition.status.get("statusDetail")
+    return str(said)[:1000] if said else "no reason given"
 
 
 def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:

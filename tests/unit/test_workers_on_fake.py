@@ -541,6 +541,33 @@ def test_a_tool_edited_to_be_invalid_while_its_call_waited_fails_it_with_the_too
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+@pytest.mark.parametrize(
+    ("call", "why"),
+    [
+        (("nope", "{}"), 'unknown tool "nope"'),
+        (("add", '{"a": '), "Invalid arguments JSON"),
+        (("add", '{"a": "x", "b": 1}'), "must be a number"),
+    ],
+    ids=["unknown-tool", "malformed-arguments", "tool-error"],
+)
+def test_a_tool_call_that_fails_says_why_in_one_log_line(
+    caplog: pytest.LogCaptureFixture, call: tuple[str, str], why: str
+) -> None:
+    """Bad input is a status, an Event and a log line saying why: the log said only "transition"."""
+    kube = FakeKubeClient()
+    tool_turn(kube, [call])
+    (name,) = toolcall_names(kube)
+    with caplog.at_level(logging.INFO):
+        tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    status = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert status["phase"] == "Failed" and why in status["error"], status
+    saying_why = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and status["error"] in r.getMessage()
+    ]
+    assert len(saying_why) == 1, caplog.text
+    assert name in saying_why[0].getMessage() or getattr(saying_why[0], "resource", None) == name
+
+
 def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly() -> None:
     kube = FakeKubeClient()
     big = "y" * 300_000
