@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import urllib3
 from urllib3.exceptions import HTTPError as TransportError
@@ -26,7 +26,7 @@ from urllib3.exceptions import LocationParseError
 
 from kubechain import __version__
 from kubechain.kube.connection import ClusterConnection, load_connection
-from kubechain.kube.errors import Gone, KubeAPIError, Unavailable, error_for
+from kubechain.kube.errors import Gone, KubeAPIError, NotFound, Unavailable, error_for
 from kubechain.kube.ratelimit import TokenBucket
 from kubechain.models import GROUP, VERSION, Resource
 from kubechain.observability.metrics import API_REQUESTS, STATUS_CONFLICTS
@@ -65,13 +65,26 @@ def _ssl_context(connection: ClusterConnection) -> ssl.SSLContext | bool:
     return context
 
 
+def path_segment(name: str) -> str:
+    """An object's name (or namespace) as one segment of a path. Names come from elsewhere (a Tool's from
+    the function an LLM called, a Secret's from a Tool's spec): percent-encoded whole, "x?watch=true" is
+    no query; and one the API server allows no object (".", "..", one with "/" or "%") is not sent, as
+    "../../otherns/tools/x" would read another namespace's object through anything on the way that
+    resolves dot segments (the API server itself splits the path at an encoded "/" too): NotFound."""
+    if name in (".", "..") or "/" in name or "%" in name:
+        raise NotFound(
+            404, "NotFound", f'no object may be named "{name}"', {"details": {"name": name}, "code": 404}
+        )
+    return quote(name, safe="", errors="surrogatepass")
+
+
 def custom_path(plural: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
     path = f"/apis/{GROUP}/{VERSION}"
     if namespace:
-        path += f"/namespaces/{namespace}"
+        path += f"/namespaces/{path_segment(namespace)}"
     path += f"/{plural}"
     if name:
-        path += f"/{name}"
+        path += f"/{path_segment(name)}"
     if sub:
         path += f"/{sub}"
     return path
@@ -80,14 +93,14 @@ def custom_path(plural: str, namespace: str | None, name: str | None = None, sub
 def core_path(plural: str, namespace: str | None, name: str | None = None) -> str:
     path = "/api/v1"
     if namespace:
-        path += f"/namespaces/{namespace}"
+        path += f"/namespaces/{path_segment(namespace)}"
     path += f"/{plural}"
-    return f"{path}/{name}" if name else path
+    return f"{path}/{path_segment(name)}" if name else path
 
 
 def lease_path(namespace: str, name: str | None = None) -> str:
-    path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
-    return f"{path}/{name}" if name else path
+    path = f"/apis/coordination.k8s.io/v1/namespaces/{path_segment(namespace)}/leases"
+    return f"{path}/{path_segment(name)}" if name else path
 
 
 # TCP keepalive (client-go's dialer keeps alive too): a watch whose connection went half-open (a load

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.connection import ClusterConnection
@@ -117,7 +118,8 @@ class FakeKubeClient(KubeClient):
 
     @staticmethod
     def _parse(path: str) -> tuple[str, str, str | None, str | None, str | None]:
-        parts = path.strip("/").split("/")
+        # split, then decoded: a name is one segment, percent-encoded (path_segment)
+        parts = [unquote(part) for part in path.strip("/").split("/")]
         if parts[0] == "api":
             prefix, rest = "/".join(parts[:2]), parts[2:]
         else:

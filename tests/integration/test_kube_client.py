@@ -403,3 +403,18 @@ def test_a_context_window_the_limit_lets_through_is_one_etcd_stores(kube: KubeCl
     assert fitting >= 5
     stored = kube.patch_status(run, {"contextWindow": _wire_window(window(fitting))})
     assert len(stored.status.context_window or []) == 2 + 2 * fitting
+
+
+@pytest.mark.parametrize("name", ["x?watch=true", "x#y", "x?"])
+def test_a_name_with_characters_of_a_url_names_no_object_on_the_api_server(
+    kube: KubeClient, namespace: str, name: str
+) -> None:
+    """Sent as it was, a name from elsewhere (a function an LLM called) with a "?" or "#" in it read the
+    object named by what came before ("x#y" read the Tool "x"), or set a query: percent-encoded, it is one
+    name, which no object has."""
+    from kubechain.models import Tool, ToolSpec
+
+    kube.create(Tool(metadata=ObjectMeta(name="x", namespace=namespace), spec=ToolSpec(description="d")))
+    with pytest.raises(NotFound):
+        kube.get(Tool, namespace, name)
+    assert kube.get(Tool, namespace, "x").name == "x"

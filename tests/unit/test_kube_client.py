@@ -3,6 +3,9 @@ tests/integration/test_kube_client.py)."""
 
 from __future__ import annotations
 
+import json
+from urllib.parse import quote
+
 import pytest
 
 from kubechain.kube.fake import FakeKubeClient
@@ -37,3 +40,49 @@ def test_a_status_write_merges_into_the_version_it_read() -> None:
     assert kube.get_raw("taskruns", "default", "r")["status"]["fromANewerVersion"] == 7
     with pytest.raises(Conflict):
         kube.patch_status(built, {"error": "stale"})
+
+
+@pytest.mark.parametrize("name", ["x?watch=true", "x#y", "x y"])
+def test_a_name_from_elsewhere_is_one_path_segment(name: str) -> None:
+    """A Tool's name comes from the LLM (the function it called), a Secret's from a Tool's spec: sent as
+    it was, "x?watch=true" set a query."""
+    from kubechain.kube.client import KubeClient
+    from kubechain.kube.connection import ClusterConnection
+    from kubechain.kube.errors import NotFound
+    from kubechain.models import Tool
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer, StubRequest
+
+    def answer(request: StubRequest) -> StubAnswer:
+        return StubAnswer(404, json.dumps({"kind": "Status", "code": 404, "reason": "NotFound"}).encode())
+
+    with StubHTTPServer(answer) as server:
+        kube = KubeClient(ClusterConnection(server.url, False, None))
+        with pytest.raises(NotFound):
+            kube.get(Tool, "default", name)
+        with pytest.raises(NotFound):
+            kube.read_secret("default", name)
+    tool_path, secret_path = [request.path for request in server.requests]
+    assert (
+        tool_path
+        == f"/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/tools/{quote(name, safe='')}"
+    )
+    assert secret_path == f"/api/v1/namespaces/default/secrets/{quote(name, safe='')}"
+
+
+@pytest.mark.parametrize("name", [".", "..", "../../otherns/tools/x", "a/b", "a%2Fb"])
+def test_a_name_no_object_may_have_is_not_sent(name: str) -> None:
+    """ "../../otherns/tools/x" read another namespace's object through anything between the worker and
+    the API server that resolves dot segments; percent-encoded, the API server splits it at its "/" all
+    the same, and leaves "." and ".." as they are. No object may be named so: NotFound, and no request."""
+    from kubechain.kube.errors import NotFound
+    from kubechain.models import Tool
+
+    kube = FakeKubeClient()
+    create(kube, "Tool", "tools", "x", {"description": "d"}, namespace="otherns")
+    with pytest.raises(NotFound) as missing:
+        kube.get(Tool, "default", name)
+    assert not missing.value.kind_unknown
+    with pytest.raises(NotFound):
+        kube.read_secret("default", name)
+    assert [request for request in kube.requests if request[0] == "GET"] == []
+    assert kube.get(Tool, "otherns", "x").name == "x"
