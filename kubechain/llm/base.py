@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import threading
@@ -355,18 +356,21 @@ def _as_sent(message: Message) -> Message:
         call
         if FUNCTION_NAME.fullmatch(call.function.name)
         else call.model_copy(
-            update={
-                "function": call.function.model_copy(
-                    update={
-                        "name": NOT_IN_FUNCTION_NAME.sub("_", call.function.name)[:MAX_FUNCTION_NAME]
-                        or UNNAMED_CALL
-                    }
-                )
-            }
+            update={"function": call.function.model_copy(update={"name": _renamed(call.function.name)})}
         )
         for call in calls
     ]
     return message.model_copy(update={"tool_calls": sent})
+
+
+def _renamed(name: str) -> str:
+    """A name no provider takes, as sent instead: suffixed with a hash of it, so it is never the name of
+    a tool the LLM may really call ("get weather" sent as "get_weather" showed that tool called and
+    answered "unknown tool"), nor the same as another renamed one."""
+    if not name:
+        return UNNAMED_CALL
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{NOT_IN_FUNCTION_NAME.sub('_', name)[: MAX_FUNCTION_NAME - len(digest) - 1]}_{digest}"
 
 
 # The LLM resource's sampling parameters: the LLMRequest field (and wire name) of each, and its CRD name

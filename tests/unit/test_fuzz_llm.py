@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.anthropic_provider import AnthropicClient
-from kubechain.llm.base import LLMClientFactory, LLMError, LLMRequest, LLMResponse
+from kubechain.llm.base import FUNCTION_NAME, LLMClientFactory, LLMError, LLMRequest, LLMResponse
 from kubechain.llm.deadline import ending_by, timeout_error
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import LLM, Message, ToolCall, ToolCallFunction
@@ -833,13 +833,30 @@ def test_a_call_named_as_no_provider_takes_is_sent_back_under_a_name_it_takes() 
     ]
     window = [Message(role="user", content="hi"), Message(role="assistant", content="", tool_calls=calls)]
     request = build_request(_llm("openai", {}), window, [])
-    assert [call.function.name for call in request.messages[1].tool_calls or []] == [
-        "add",
-        "unnamed_tool",
-        "functions_add",
-        "x" * 64,
-    ]
+    sent = [call.function.name for call in request.messages[1].tool_calls or []]
+    assert sent[:2] == ["add", "unnamed_tool"]
+    assert all(FUNCTION_NAME.fullmatch(name) for name in sent), sent
+    # a renamed call is never sent under the name of a tool the LLM may really call ("functions_add",
+    # the first 64 x's): its history would show that tool called and answered "unknown tool"
+    assert sent[2].startswith("functions_add_") and sent[3].startswith("x" * 50) and sent[3] != "x" * 64
     assert [call.function.name for call in window[1].tool_calls or []] == names
+
+
+def test_names_renamed_to_be_sent_stay_apart() -> None:
+    """ "get weather" and "get.weather" were both sent as "get_weather", the name of the tool offered."""
+    from kubechain.llm.base import build_request
+    from kubechain.models import ToolCall, ToolCallFunction
+
+    names = ["get_weather", "get weather", "get.weather"]
+    calls = [
+        ToolCall(id=f"c{i}", function=ToolCallFunction(name=n, arguments="{}")) for i, n in enumerate(names)
+    ]
+    window = [Message(role="user", content="hi"), Message(role="assistant", content="", tool_calls=calls)]
+    sent = [
+        call.function.name
+        for call in build_request(_llm("openai", {}), window, []).messages[1].tool_calls or []
+    ]
+    assert len(set(sent)) == 3 and sent[0] == "get_weather", sent
 
 
 @pytest.mark.parametrize("client_class", [OpenAIClient, AnthropicClient])
