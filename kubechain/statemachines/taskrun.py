@@ -671,7 +671,9 @@ def truncate(text: str, max_bytes: int) -> str:
     return kept + TRUNCATION_MARKER.format(omitted=whole - len(kept.encode()))
 
 
-_CUT_BEFORE = re.compile(re.escape(TRUNCATION_MARKER).replace(re.escape("{omitted}"), r"(\d+)") + r"\Z")
+# At most 18 digits (a count ours can be): the text is a tool's or a person's, and int() of thousands of
+# digits raises (after the tool ran).
+_CUT_BEFORE = re.compile(re.escape(TRUNCATION_MARKER).replace(re.escape("{omitted}"), r"(\d{1,18})") + r"\Z")
 
 
 def tool_calls_created(run: TaskRun) -> bool:

@@ -677,3 +677,13 @@ def test_tool_messages_of_calls_that_did_not_succeed_say_so() -> None:
     )
     window = TaskRun.from_wire({**created.to_wire(), "status": gone.transition.status}).status.context_window
     assert window is not None and [m.is_error for m in window[-2:]] == [None, True], "read back from the wire"
+
+
+def test_a_text_ending_in_a_marker_with_a_count_too_long_for_int_is_cut_like_any_other() -> None:
+    """A tool's result (or a person's comment) is outside text: one ending in a made-up marker with 5,000
+    digits made int() raise after the tool had run, the call left Running under its claim."""
+    from kubechain.statemachines.taskrun import truncate
+
+    text = "x" * 5000 + "\n...[truncated by KubeChain: " + "9" * 5000 + " bytes omitted]"
+    cut = truncate(text, 1000)
+    assert len(cut.encode()) <= 1000 and cut.startswith("x" * 100)
