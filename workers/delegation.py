@@ -40,7 +40,12 @@ from kubechain.statemachines.toolcall import (
     sub_agent_runs_problem,
     sub_agent_start_expired,
 )
-from kubechain.statemachines.transition import Transition, foreign_child_message, parse_timestamp
+from kubechain.statemachines.transition import (
+    Transition,
+    foreign_child_message,
+    parse_timestamp,
+    text_as_stored,
+)
 from workers import approvals
 from workers.context import WorkerContext
 from workers.tool_outcomes import apply_call_transition, call_ended
@@ -367,7 +372,9 @@ def sub_agent_run_spec(toolcall: TaskRunToolCall, agent: str, arguments: dict[st
         message = json.dumps(arguments)
     return TaskRunSpec(
         agent_ref=LocalObjectReference(name=agent),
-        user_message=message,
+        # as the API server stores it: a lone surrogate (half an emoji the LLM escaped) is read back as
+        # U+FFFD, and the run read back must equal this one
+        user_message=text_as_stored(message),
         task_run_tool_call_ref=LocalObjectReference(name=toolcall.name),  # the original's field for it
     )
 

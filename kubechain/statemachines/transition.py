@@ -147,7 +147,7 @@ def status_fingerprint(patch: dict[str, Any]) -> StatusFingerprint:
     return StatusFingerprint(_fingerprint(json.loads(json.dumps(patch))))
 
 
-def _as_stored(text: str) -> str:
+def text_as_stored(text: str) -> str:
     """``text`` as the API server stores it: its JSON decoder turns a lone surrogate ("\\ud800" on the wire)
     into U+FFFD, and a pair sent as two escapes into the one character it encodes."""
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
@@ -159,7 +159,7 @@ def _fingerprint(value: Any) -> Any:
     if isinstance(value, list):
         return [_fingerprint(item) for item in value]
     if isinstance(value, str):
-        value = _as_stored(value)
+        value = text_as_stored(value)
         return _Digest.of(value) if len(value) > _KEPT_CHARS else value
     return value
 
@@ -177,9 +177,9 @@ def _reflects(current: Any, patch: Any) -> bool:
             and all(_reflects(c, p) for c, p in zip(current, patch, strict=True))
         )
     if isinstance(patch, _Digest):
-        return isinstance(current, str) and _Digest.of(_as_stored(current)) == patch
+        return isinstance(current, str) and _Digest.of(text_as_stored(current)) == patch
     if isinstance(patch, str):
-        return isinstance(current, str) and _as_stored(current) == patch
+        return isinstance(current, str) and text_as_stored(current) == patch
     return bool(current == patch)
 
 

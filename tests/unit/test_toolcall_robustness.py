@@ -2927,3 +2927,40 @@ def test_a_tool_claim_answered_too_late_for_any_call_is_left_to_the_retry_and_ru
     status = toolcall_status(kube, name)
     assert status["phase"] == "Succeeded" and status["attempts"] == 1, status.get("error")
     assert claims == [precise_timestamp(now[0])], "run once, under a fresh stamp"
+
+
+class GoJSONKube(FakeKubeClient):
+    """A fake API server that decodes request bodies as Go's JSON does: a lone surrogate is U+FFFD."""
+
+    def request(self, method: str, path: str, *, body: Any = None, **options: Any) -> dict[str, Any]:
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = _go_decoded(body)
+        return super().request(method, path, body=body, **options)
+
+
+def _go_decoded(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_go_decoded(key): _go_decoded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_go_decoded(item) for item in value]
+    return value
+
+
+def test_a_delegation_whose_message_holds_half_an_emoji_gets_its_sub_agents_answer() -> None:
+    """The run is stored with U+FFFD where the LLM's arguments escaped a lone surrogate: compared with the
+    spec as computed, it was taken for a run the call never started, and the sub-agent's answer lost."""
+    kube = GoJSONKube()
+    create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+    ctx = agent_with(kube, calling("ask", '{"message": "hi \\ud83d"}'), {"ask": ASK}, tools=[{"name": "ask"}])
+    validate(ctx, message("Agent", "helper"))
+    validate(ctx, message("Agent", "a"))
+    (name,) = start_turn(ctx, kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    child = child_run_name(name, "helper")
+    assert kube.get_raw("taskruns", "default", child)["spec"]["userMessage"] == "hi \ufffd"
+    finish(kube, child)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Succeeded", status
