@@ -91,7 +91,9 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
     mean, when the round has both: the baseline drifts within a run, mostly downwards, and the one before
     alone would set every round's bar by the machine as it was earlier), so a machine that is busier in one
     round than another moves both figures together; the verdict is on the median of those per-round
-    ratios."""
+    ratios. A round whose row of ``label`` is an error (the row raised: a worker or operator exited, the
+    Agent was never Ready, a time limit) or in which runs failed or never finished delivered none of the
+    target: it counts as a ratio of 0 (``counted_as_0`` says why), never left out of the median."""
     baselines = {
         row["round"]: (row.get("figures") or {}).get("writes_per_s")
         for row in rows
@@ -100,7 +102,7 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
     rounds = []
     for row in rows:
         f = row.get("figures") or {}
-        if row.get("label") != label or row.get("error") or row.get("round") is None:
+        if row.get("label") != label or row.get("round") is None:
             continue
         rate = f.get("runs_per_s_incl_events") or f.get("runs_per_s")
         target = f.get("target_runs_per_s")
@@ -108,19 +110,25 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
         bracket = (before + after) / 2 if before and after else None
         if bracket is not None:
             target = write_target(bracket, STATUS_WRITES_A_RUN_NEEDS)
-        if f.get("n") is not None and (f.get("completed") != f.get("n") or f.get("failed")):
-            rate = 0.0  # a round in which runs failed or never finished delivered none of the target
-        rounds.append(
-            {
-                "round": row["round"],
-                "baseline_writes_per_s": round(bracket, 1) if bracket else f.get("baseline_writes_per_s"),
-                "baseline_before_after": [before, after] if bracket else None,
-                "runs_per_s": f.get("runs_per_s"),
-                "runs_per_s_incl_events": f.get("runs_per_s_incl_events"),
-                "target_runs_per_s": round(target, 2) if target else target,
-                "ratio": round(rate / target, 3) if rate is not None and target else None,
-            }
-        )
+        counted_as_0 = None
+        if row.get("error"):
+            counted_as_0 = "error"
+        elif f.get("n") is not None and (f.get("completed") != f.get("n") or f.get("failed")):
+            counted_as_0 = "unfinished runs"
+        ratio = round(rate / target, 3) if rate is not None and target else None
+        entry = {
+            "round": row["round"],
+            "baseline_writes_per_s": round(bracket, 1) if bracket else f.get("baseline_writes_per_s"),
+            "baseline_before_after": [before, after] if bracket else None,
+            "runs_per_s": f.get("runs_per_s"),
+            "runs_per_s_incl_events": f.get("runs_per_s_incl_events"),
+            "target_runs_per_s": round(target, 2) if target else target,
+            # a round that delivered none of the target counts as 0, whatever the baseline was
+            "ratio": 0.0 if counted_as_0 else ratio,
+        }
+        if counted_as_0:
+            entry["counted_as_0"] = counted_as_0
+        rounds.append(entry)
     if len(rounds) < 2:
         return None
 
@@ -280,6 +288,14 @@ def apiserver_profile_summary(f: dict[str, Any]) -> str | None:
     return "API server CPU: " + ", ".join(f"{name} {pct:.0f} %" for name, pct in shares.items())
 
 
+def _round_cell(r: dict[str, Any]) -> str:
+    """One round of a median row: its throughput against its target, or why it counted as 0."""
+    if r.get("counted_as_0") == "error":
+        return f"round {fmt(r.get('round'))} error (0)"
+    cell = f"{fmt(r.get('runs_per_s_incl_events'), '.1f')} vs ≥ {fmt(r.get('target_runs_per_s'), '.1f')}"
+    return f"{cell} ({r['counted_as_0']}: 0)" if r.get("counted_as_0") else cell
+
+
 def details(row: dict[str, Any]) -> str:
     f = row.get("figures") or {}
     scenario = row.get("scenario")
@@ -337,10 +353,7 @@ def details(row: dict[str, Any]) -> str:
                 if all(r.get("baseline_before_after") for r in rounds)
                 else "the baseline just before it: "
             )
-            + ", ".join(
-                f"{fmt(r.get('runs_per_s_incl_events'), '.1f')} vs ≥ {fmt(r.get('target_runs_per_s'), '.1f')}"
-                for r in rounds
-            )
+            + ", ".join(_round_cell(r) for r in rounds)
         )
         if f.get("meets_target") is not None:
             parts.append(f"target (median ratio ≥ 1): {'met' if f['meets_target'] else 'MISSED'}")

@@ -427,7 +427,6 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
         _hello_round(1, 600.0, 80.0),  # 80 / 75 = 1.067
         _hello_round(2, 700.0, 80.0),  # 80 / 87.5 = 0.914
         _hello_round(3, 640.0, 84.0),  # 84 / 80 = 1.05
-        _hello_round(4, 640.0, 1.0, error="worker exited"),  # an error row is not a round
     ]
     summary = bench_run.round_summary(rows, "hello")
     assert summary is not None
@@ -442,6 +441,47 @@ def test_round_summary_judges_the_median_ratio_against_each_rounds_own_baseline(
     assert "| hello #2 " in text and "| hello (median) " in text
     assert "= 1.05 × target" in text and "80.0 vs ≥ 75.0, 80.0 vs ≥ 87.5, 84.0 vs ≥ 80.0" in text
     assert "target (median ratio ≥ 1): met" in text
+
+
+def test_a_round_whose_hello_row_is_an_error_counts_as_a_ratio_of_0() -> None:
+    """Three of five rounds raised (the worker exited, the Agent was never Ready): they were dropped from
+    the median, and the two that finished made the verdict "met"."""
+    rows: list[dict[str, Any]] = []
+    for round_no in range(1, 6):
+        rows.append(
+            {
+                "scenario": "baseline",
+                "label": "baseline",
+                "round": round_no,
+                "figures": {"writes_per_s": 300.0},
+            }
+        )
+        if round_no in (1, 4):
+            rows.append(_hello_round(round_no, 300.0, 52.0))  # 52 / 50 = 1.04
+        else:
+            rows.append(
+                {
+                    "scenario": "hello",
+                    "label": "hello",
+                    "round": round_no,
+                    "figures": {},
+                    "error": "ScenarioTimeout: warm-up runs did not finish",
+                }
+            )
+    rows.append({"scenario": "baseline", "label": "baseline", "round": 6, "figures": {"writes_per_s": 300.0}})
+    summary = bench_run.round_summary(rows, "hello")
+    assert summary is not None
+    f = summary["figures"]
+    assert [r["round"] for r in f["rounds"]] == [1, 2, 3, 4, 5]
+    assert [r["ratio"] for r in f["rounds"]] == [1.04, 0.0, 0.0, 1.04, 0.0]
+    assert [r.get("counted_as_0") for r in f["rounds"]] == [None, "error", "error", None, "error"]
+    assert f["ratio"] == 0.0 and f["meets_target"] is False
+    text = bench_run.render_table({"rows": [summary]})
+    assert "target (median ratio ≥ 1): MISSED" in text
+    assert "round 2 error (0)" in text and "52.0 vs ≥ 50.0" in text
+    # one errored round of two still gives a summary (and its verdict)
+    two = bench_run.round_summary(rows[:4], "hello")
+    assert two is not None and [r["ratio"] for r in two["figures"]["rounds"]] == [1.04, 0.0]
 
 
 class _FakeTime:
