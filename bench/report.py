@@ -84,6 +84,40 @@ def write_target(
 STATUS_WRITES_A_RUN_NEEDS = 3
 
 
+def new_row(
+    scenario: str, label: str, workers: int | None, pool: str | None, concurrency: int | None, n: int | None
+) -> dict[str, Any]:
+    """A result row with every key the JSON and the table read (an error row too)."""
+    return {
+        "scenario": scenario,
+        "label": label,
+        "workers": workers,
+        "pool": pool,
+        "concurrency": concurrency,
+        "n": n,
+        "figures": {},
+        "cpu_s": {},
+        "cpu_wall_s": None,
+        "timed_out": False,
+        "error": None,
+    }
+
+
+def error_row(
+    scenario: str,
+    label: str,
+    error: BaseException,
+    workers: int | None = None,
+    pool: str | None = None,
+    concurrency: int | None = None,
+    n: int | None = None,
+) -> dict[str, Any]:
+    """The row of a configuration whose measurement raised."""
+    row = new_row(scenario, label, workers, pool, concurrency, n)
+    row["error"] = f"{type(error).__name__}: {error}"
+    return row
+
+
 def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] | None:
     """The median over repeated rounds of one throughput row (``label``, e.g. "hello").
 
@@ -236,10 +270,14 @@ def _pcts(stats: dict[str, Any] | None, unit: str = "ms", spec: str = ".0f") -> 
     return f"{fmt(stats.get('p50'), spec)}/{fmt(stats.get('p95'), spec)}/{fmt(stats.get('p99'), spec)} {unit}"
 
 
+# Figures a row holds before it measured anything.
+_SET_UP_FIGURES = frozenset({"namespace", "operator_command", "apiserver_profile"})
+
+
 def headline(row: dict[str, Any]) -> str:
     f = row.get("figures") or {}
     scenario = row.get("scenario")
-    if row.get("error") and not f:
+    if row.get("error") and not set(f) - _SET_UP_FIGURES:
         return "ERROR"
     if scenario == "baseline":
         return f"{fmt(f.get('writes_per_s'), '.0f')} writes/s"
@@ -296,9 +334,18 @@ def _round_cell(r: dict[str, Any]) -> str:
     return f"{cell} ({r['counted_as_0']}: 0)" if r.get("counted_as_0") else cell
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line of the table (an error's log tail has several), cut at ``limit``."""
+    flat = " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def details(row: dict[str, Any]) -> str:
     f = row.get("figures") or {}
     scenario = row.get("scenario")
+    if row.get("error") and not set(f) - _SET_UP_FIGURES:
+        # nothing was measured: the scenario's figures would all be "-"
+        return f"error: {one_line(row['error'])}"
     parts: list[str] = []
     if scenario == "baseline":
         parts.append(
@@ -418,7 +465,7 @@ def details(row: dict[str, Any]) -> str:
     if row.get("timed_out"):
         parts.append("TIMED OUT")
     if row.get("error"):
-        parts.append(f"error: {str(row['error'])[:120]}")
+        parts.append(f"error: {one_line(row['error'])}")
     return "; ".join(parts)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from bench.apiserver_profile import PROFILING_FLAG
 from bench.report import (
     details,
+    error_row,
     fmt,
     headline,
     machine_info,
@@ -287,7 +288,7 @@ def _run_guarded(
         raise
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
-        rows = [{"scenario": name, "label": name, "figures": {}, "error": f"{type(exc).__name__}: {exc}"}]
+        rows = [error_row(name, name, exc)]
     for row in rows:
         row.setdefault("elapsed_s", round(time.monotonic() - started, 1))
         if round_no:
@@ -302,17 +303,23 @@ def hello_pair(ctx: Any, n: int, round_no: int) -> list[dict[str, Any]]:
     the first has warmed); one failing does not lose the other's row."""
     from bench import scenarios
 
-    sides: list[tuple[str, Callable[[], list[dict[str, Any]]]]] = [
-        ("hello", lambda: scenarios.hello(ctx, n, timeout_s=TIMEOUTS["hello"]))
+    # (label, measure, the row's workers/pool/concurrency should it fail)
+    sides: list[tuple[str, Callable[[], list[dict[str, Any]]], tuple[int | None, str, int | None]]] = [
+        (
+            "hello",
+            lambda: scenarios.hello(ctx, n, timeout_s=TIMEOUTS["hello"]),
+            (1, "threads", scenarios.HELLO_THREADS),
+        )
     ]
     if ctx.operator_command:
         operator = (
             "hello-operator",
             lambda: scenarios.hello_side_by_side(ctx, n, timeout_s=TIMEOUTS["hello"]),
+            (None, "external", None),
         )
         sides = [*sides, operator] if round_no % 2 else [operator, *sides]
     rows: list[dict[str, Any]] = []
-    for index, (label, measure) in enumerate(sides):
+    for index, (label, measure, (workers, pool, concurrency)) in enumerate(sides):
         if index:
             scenarios.remove_bench_namespaces(ctx)
         try:
@@ -321,9 +328,10 @@ def hello_pair(ctx: Any, n: int, round_no: int) -> list[dict[str, Any]]:
             raise
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            rows.append(
-                {"scenario": "hello", "label": label, "figures": {}, "error": f"{type(exc).__name__}: {exc}"}
-            )
+            row = error_row("hello", label, exc, workers, pool, concurrency, n)
+            if label == "hello-operator":
+                row["figures"]["operator_command"] = ctx.operator_command
+            rows.append(row)
     return rows
 
 
@@ -351,12 +359,15 @@ def inflight_rows(ctx: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             traceback.print_exc()
             label = "inflight-held" if held else "inflight"
             rows.append(
-                {
-                    "scenario": "inflight",
-                    "label": label,
-                    "figures": {},
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
+                error_row(
+                    "inflight",
+                    label,
+                    exc,
+                    args.inflight_workers,
+                    "threads",
+                    args.inflight_concurrency,
+                    args.inflight_runs,
+                )
             )
     return rows
 

@@ -36,7 +36,14 @@ from bench.observe import (
     bench_kube,
     requests_per_run,
 )
-from bench.report import STATUS_WRITES_A_RUN_NEEDS, max_overlap, percentile, summarize, write_target
+from bench.report import (
+    STATUS_WRITES_A_RUN_NEEDS,
+    max_overlap,
+    new_row,
+    percentile,
+    summarize,
+    write_target,
+)
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
 from kubechain.kube.events import EventRecorder
@@ -48,7 +55,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_claim,
 )
 from kubechain.testing.binaries import find_go
-from kubechain.testing.controlplane import LocalControlPlane
+from kubechain.testing.controlplane import LocalControlPlane, tail_file
 from kubechain.testing.stack import LocalStack, StackOptions
 
 GROUP_VERSION = "kubechain.humanlayer.dev/v1alpha1"
@@ -58,6 +65,14 @@ Progress = Callable[[str], None]
 
 class ScenarioTimeout(Exception):
     pass
+
+
+class OperatorExited(RuntimeError):
+    """The ``--operator`` command ended while its row needed it (it should run until stopped)."""
+
+
+# Called while a row waits, to fail it at once when what it waits for can no longer happen.
+Check = Callable[[], None]
 
 
 @dataclass
@@ -110,24 +125,6 @@ def apiserver_profiled(ctx: BenchContext, name: str, figures: dict[str, Any]) ->
                 )
             except Exception as exc:  # noqa: BLE001
                 figures["apiserver_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def new_row(
-    scenario: str, label: str, workers: int | None, pool: str | None, concurrency: int | None, n: int | None
-) -> dict[str, Any]:
-    return {
-        "scenario": scenario,
-        "label": label,
-        "workers": workers,
-        "pool": pool,
-        "concurrency": concurrency,
-        "n": n,
-        "figures": {},
-        "cpu_s": {},
-        "cpu_wall_s": None,
-        "timed_out": False,
-        "error": None,
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,11 +210,20 @@ def create_agent(
     kube.create_raw("agents", namespace, resource("Agent", agent, spec))
 
 
-def wait_agent_ready(kube: KubeClient, namespace: str, agent: str, deadline: float, tools: int = 0) -> None:
+def wait_agent_ready(
+    kube: KubeClient,
+    namespace: str,
+    agent: str,
+    deadline: float,
+    tools: int = 0,
+    check: Check | None = None,
+) -> None:
     while True:
         status = kube.get_raw("agents", namespace, agent).get("status") or {}
         if status.get("ready") and len(status.get("validTools") or []) >= tools:
             return
+        if check is not None:
+            check()
         if time.monotonic() > deadline:
             raise ScenarioTimeout(f"agent {namespace}/{agent} not ready: {status}")
         time.sleep(0.1)
@@ -377,6 +383,13 @@ def row_stack(
 _EXTERNAL: dict[int, ExternalOperator] = {}  # id(stack) -> the operator running in its place
 
 
+def operator_check(stack: LocalStack) -> Check | None:
+    """What a row's waits call to notice that the operator running in place of KubeChain's processes
+    ended (None: KubeChain's own, which the stack restarts)."""
+    external = _EXTERNAL.get(id(stack))
+    return external.check if external is not None else None
+
+
 class ExternalOperator:
     """A command run in place of KubeChain's processes. It gets ``KUBECONFIG``, ``OPENAI_BASE_URL``
     (the scripted LLM server) and ``KUBECHAIN_BENCH_NAMESPACE``; its CPU is charged to ``workers``."""
@@ -408,6 +421,13 @@ class ExternalOperator:
                 start_new_session=True,
             )
         return self
+
+    def check(self) -> None:
+        """Raise :class:`OperatorExited`, with the end of its log, when the command has ended."""
+        process = self.process
+        code = process.poll() if process is not None else None
+        if code is not None:
+            raise OperatorExited(f"operator exited with {code}: {tail_file(self.log_path, 10)}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
         process = self.process
@@ -874,16 +894,21 @@ def _events_per_run(kube: KubeClient, namespace: str, names: set[str]) -> float 
     return len(mine) / len(names) if names else None
 
 
-def _warm_up(kube: KubeClient, namespace: str, agent: str, count: int, deadline: float) -> None:
+def _warm_up(
+    kube: KubeClient, namespace: str, agent: str, count: int, deadline: float, check: Check | None = None
+) -> None:
     """A few runs through the whole loop first (connections, imports, first-request costs)."""
     warm = {f"warmup-{i}": f"warm-up {namespace} #{i}" for i in range(count)}
     create_runs(kube, namespace, warm, agent, threads=count)
     end = min(deadline, time.monotonic() + 90)
+    phases: list[Any] = []
     while time.monotonic() < end:
         items, _ = kube.list_raw("taskruns", namespace)
         phases = [(i.get("status") or {}).get("phase") for i in items if i["metadata"]["name"] in warm]
         if len(phases) == count and all(p in TERMINAL for p in phases):
             return
+        if check is not None:
+            check()
         time.sleep(0.2)
     raise ScenarioTimeout(f"warm-up runs did not finish: {phases}")
 
@@ -910,10 +935,11 @@ def hello(
         namespace = create_namespace(kube, label)
         row["figures"]["namespace"] = namespace
         with row_stack(ctx, label, namespace, workers, pool, concurrency, operator=operator) as stack:
+            check = operator_check(stack)
             set_script(stack, {"default": {"content": "Hello from the scripted LLM."}})
             create_agent(kube, namespace)
-            wait_agent_ready(kube, namespace, "bench-agent", deadline)
-            _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline)
+            wait_agent_ready(kube, namespace, "bench-agent", deadline, check=check)
+            _warm_up(kube, namespace, "bench-agent", max(2, 2 * workers), deadline, check=check)
             runs = {f"run-{i:05d}": f"hello {label} {namespace} #{i}" for i in range(n)}
             recorder = WatchRecorder(ctx.kubeconfig, "taskruns", namespace).start()
             event_tally = EventTally.of(kube, namespace)
@@ -928,7 +954,9 @@ def hello(
                         for name, message in runs.items():
                             create_runs(kube, namespace, {name: message}, "bench-agent", threads=1)
                             created = time.time()
-                            if not recorder.wait_for([name], TERMINAL, deadline, ctx.progress, label):
+                            if not recorder.wait_for(
+                                [name], TERMINAL, deadline, ctx.progress, label, check=check
+                            ):
                                 # the rest would be created back to back: no longer light load
                                 done = False
                                 break
@@ -940,7 +968,9 @@ def hello(
                         ctx.progress(
                             f"{label}: {n} created in {created - started:.1f} s; waiting for FinalAnswer"
                         )
-                        done = recorder.wait_for(list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ")
+                        done = recorder.wait_for(
+                            list(runs), TERMINAL, deadline, ctx.progress, f"{label}: ", check=check
+                        )
                     # The window (and its CPU) ends when every Event exists, so none of the work a run
                     # causes falls outside it (workers post a transition's Events before going on, but
                     # another operator, or an older KubeChain, may post them later).

@@ -871,3 +871,118 @@ def test_each_round_is_judged_between_the_baselines_either_side_of_it() -> None:
     first, second = summary["figures"]["rounds"]
     assert first["baseline_writes_per_s"] == 540.0 and first["target_runs_per_s"] == 90.0  # 0.5 × 540 / 3
     assert second["baseline_before_after"] == [480.0, 420.0] and second["target_runs_per_s"] == 75.0
+
+
+def _dead_operator(tmp_path: Path) -> Any:
+    """An --operator that printed a line and exited with 3, as one whose flags are wrong does."""
+    from types import SimpleNamespace
+
+    from bench.scenarios import ExternalOperator
+
+    stack = SimpleNamespace(
+        logs=tmp_path / "logs",
+        llm_base_url="http://127.0.0.1:9999/v1",
+        env=lambda: {"PATH": os.environ["PATH"]},
+    )
+    operator = ExternalOperator("echo 'flag provided but not defined: -x'; exit 3", stack, "ns").start()  # type: ignore[arg-type]
+    assert operator.process is not None
+    operator.process.wait(timeout=10)
+    return operator
+
+
+def test_an_operator_that_exits_fails_the_waits_at_once_with_its_log(tmp_path: Path) -> None:
+    """The bench waited out the whole time limit, then said "agent … not ready: {}"."""
+    import time
+
+    from bench.observe import WatchRecorder
+    from bench.scenarios import OperatorExited, _warm_up, create_agent, wait_agent_ready
+    from kubechain.kube.fake import FakeKubeClient
+
+    operator = _dead_operator(tmp_path)
+    kube = FakeKubeClient()
+    create_agent(kube, "ns")
+    far = time.monotonic() + 120
+    started = time.monotonic()
+    with pytest.raises(OperatorExited, match="operator exited with 3") as exited:
+        wait_agent_ready(kube, "ns", "bench-agent", far, check=operator.check)
+    assert "flag provided but not defined" in str(exited.value)
+    with pytest.raises(OperatorExited):
+        _warm_up(kube, "ns", "bench-agent", 2, far, check=operator.check)
+    recorder = WatchRecorder("unused-kubeconfig", "taskruns", "ns")
+    with pytest.raises(OperatorExited):
+        recorder.wait_for(["run-1"], ("FinalAnswer",), far, check=operator.check)
+    assert time.monotonic() - started < 30
+
+
+def test_a_hello_row_checks_its_operator_while_it_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+    import time
+    from types import SimpleNamespace
+
+    from bench import scenarios
+    from kubechain.kube.fake import FakeKubeClient
+
+    operator = _dead_operator(tmp_path)
+    stack = SimpleNamespace()
+
+    @contextlib.contextmanager
+    def fake_row_stack(*_: Any, **__: Any) -> Any:
+        scenarios._EXTERNAL[id(stack)] = operator
+        try:
+            yield stack
+        finally:
+            scenarios._EXTERNAL.pop(id(stack), None)
+
+    kube = FakeKubeClient()
+    kube.close = lambda: None  # type: ignore[method-assign]
+    monkeypatch.setattr(scenarios, "row_stack", fake_row_stack)
+    monkeypatch.setattr(scenarios, "set_script", lambda stack, script: None)
+    ctx = SimpleNamespace(kube=lambda: kube, timeout_factor=1.0, progress=lambda m: None)
+    started = time.monotonic()
+    with pytest.raises(scenarios.OperatorExited, match="operator exited with 3"):
+        scenarios.hello(ctx, 5, label="hello-operator", timeout_s=120, operator="x")  # type: ignore[arg-type]
+    assert time.monotonic() - started < 30
+
+
+def test_an_error_row_keeps_its_configuration_and_shows_only_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from bench import scenarios
+
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: None)
+
+    def fail(*_: Any, **__: Any) -> Any:
+        raise scenarios.OperatorExited("operator exited with 3: flag provided but not defined: -x")
+
+    monkeypatch.setattr(scenarios, "hello", fail)
+    monkeypatch.setattr(scenarios, "hello_side_by_side", fail)
+    rows = bench_run.hello_pair(SimpleNamespace(operator_command="/no/manager"), 30, 1)
+    kubechain, operator = rows
+    keys = {"workers", "pool", "concurrency", "n", "cpu_s", "cpu_wall_s", "timed_out", "figures", "error"}
+    assert keys <= kubechain.keys() and keys <= operator.keys()
+    assert (kubechain["workers"], kubechain["pool"], kubechain["concurrency"], kubechain["n"]) == (
+        1,
+        "threads",
+        16,
+        30,
+    )
+    assert (operator["label"], operator["pool"], operator["n"]) == ("hello-operator", "external", 30)
+    monkeypatch.setattr(scenarios, "inflight", fail)
+    args = bench_run.parse_args(["--quick"])
+    held = bench_run.inflight_rows(SimpleNamespace(), args)[1]
+    assert keys <= held.keys() and (held["label"], held["workers"], held["n"]) == ("inflight-held", 2, 100)
+
+    def boom() -> list[dict[str, Any]]:
+        raise RuntimeError("control plane went away")
+
+    result: dict[str, Any] = {"rows": []}
+    bench_run._run_guarded("fanout", boom, result)
+    assert keys <= result["rows"][0].keys()
+    text = bench_run.render_table({"rows": [*rows, held, *result["rows"]]})
+    assert "-/- done" not in text and "ready→LLM -" not in text and "0/- runs" not in text
+    line = next(line for line in text.splitlines() if line.startswith("| hello-operator "))
+    assert "ERROR" in line and "error: OperatorExited: operator exited with 3: flag provided" in line
