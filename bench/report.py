@@ -84,6 +84,16 @@ def write_target(
 STATUS_WRITES_A_RUN_NEEDS = 3
 
 
+def keep_rows_on_interrupt(exc: BaseException, rows: Sequence[dict[str, Any]]) -> None:
+    """Put ``rows``, measured before ``exc`` (a Ctrl-C) stopped the scenario measuring them, on the
+    exception, for :func:`rows_kept_on` to report: an interrupted run still saves what it measured."""
+    setattr(exc, "bench_rows", [*rows, *rows_kept_on(exc)])  # noqa: B010 - an attribute of our own
+
+
+def rows_kept_on(exc: BaseException) -> list[dict[str, Any]]:
+    return list(getattr(exc, "bench_rows", []))
+
+
 def new_row(
     scenario: str, label: str, workers: int | None, pool: str | None, concurrency: int | None, n: int | None
 ) -> dict[str, Any]:
@@ -525,6 +535,12 @@ def render_table(result: dict[str, Any]) -> str:
     """The human-readable report: machine line, command, the results table and a CPU table."""
     rows = result.get("rows") or []
     lines = [machine_line(result), f"command: {result.get('command') or '?'}", ""]
+    if result.get("interrupted"):
+        lines[-1:] = [
+            f"INTERRUPTED ({result['interrupted']}): the rows below are those measured before it; "
+            "the rest of the run was not measured",
+            "",
+        ]
     body = []
     ncpu = (result.get("machine") or {}).get("nproc")
     for row in rows:

@@ -32,6 +32,7 @@ from bench.report import (
     error_row,
     fmt,
     headline,
+    keep_rows_on_interrupt,
     machine_info,
     machine_line,
     max_overlap,
@@ -39,6 +40,7 @@ from bench.report import (
     redis_server_version,
     render_table,
     round_summary,
+    rows_kept_on,
     summarize,
     write_target,
 )
@@ -282,18 +284,24 @@ def _run_guarded(
     """Run one scenario; an exception becomes an error row (the other scenarios still run)."""
     started = time.monotonic()
     progress(f"=== {name}{f' (round {round_no})' if round_no else ''} ===")
+
+    def add(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            row.setdefault("elapsed_s", round(time.monotonic() - started, 1))
+            if round_no:
+                row["round"] = round_no
+        result["rows"].extend(rows)
+
     try:
         rows = fn()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # the rows the scenario finished before the interrupt are reported; the one it was measuring is not
+        add(rows_kept_on(exc))
         raise
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         rows = [error_row(name, name, exc)]
-    for row in rows:
-        row.setdefault("elapsed_s", round(time.monotonic() - started, 1))
-        if round_no:
-            row["round"] = round_no
-    result["rows"].extend(rows)
+    add(rows)
     progress(f"=== {name} done in {time.monotonic() - started:.0f}s ===")
 
 
@@ -324,7 +332,8 @@ def hello_pair(ctx: Any, n: int, round_no: int) -> list[dict[str, Any]]:
             scenarios.remove_bench_namespaces(ctx)
         try:
             rows += measure()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            keep_rows_on_interrupt(exc, rows)
             raise
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
@@ -353,7 +362,8 @@ def inflight_rows(ctx: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
                 timeout_s=TIMEOUTS["inflight"],
                 held=held,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            keep_rows_on_interrupt(exc, rows)
             raise
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the other (the memory verdict)
             traceback.print_exc()
@@ -453,7 +463,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                     result["rows"].append(summary)
         except KeyboardInterrupt:
             progress("interrupted: reporting what was measured")
-            result["interrupted"] = True
+            result["interrupted"] = "Ctrl-C"
     finally:
         progress("stopping the control plane")
         cp.stop()

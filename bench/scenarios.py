@@ -38,6 +38,7 @@ from bench.observe import (
 )
 from bench.report import (
     STATUS_WRITES_A_RUN_NEEDS,
+    keep_rows_on_interrupt,
     max_overlap,
     new_row,
     percentile,
@@ -1014,6 +1015,22 @@ def scale(
     throughput growing with workers until the shared cores are the limit. Small workers get half of the
     runs (each row takes ~10-25 s: long enough to average over this machine's drift)."""
     rows: list[dict[str, Any]] = []
+    try:
+        _scale_rows(ctx, n, worker_counts, timeout_s, thread_counts, rows)
+    except KeyboardInterrupt as exc:
+        keep_rows_on_interrupt(exc, rows)
+        raise
+    return rows
+
+
+def _scale_rows(
+    ctx: BenchContext,
+    n: int,
+    worker_counts: tuple[int, ...],
+    timeout_s: float,
+    thread_counts: tuple[int, ...],
+    rows: list[dict[str, Any]],
+) -> None:
     for threads in thread_counts:
         runs = n if threads >= HELLO_THREADS else max(10, n // 2)
         for count in worker_counts:
@@ -1034,7 +1051,6 @@ def scale(
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 rows.append(row)
                 ctx.progress(f"{label} failed: {row['error']}")
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -986,3 +986,55 @@ def test_an_error_row_keeps_its_configuration_and_shows_only_its_error(
     assert "-/- done" not in text and "ready→LLM -" not in text and "0/- runs" not in text
     line = next(line for line in text.splitlines() if line.startswith("| hello-operator "))
     assert "ERROR" in line and "error: OperatorExited: operator exited with 3: flag provided" in line
+
+
+def test_ctrl_c_keeps_the_rows_a_scenario_had_already_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the third scale row (the second side of a hello pair, inflight-held) lost the rows
+    that scenario had measured: README says Ctrl-C still prints and saves what was measured."""
+    from types import SimpleNamespace
+
+    from bench import scenarios
+
+    calls: list[str] = []
+
+    def fake_hello(ctx: Any, n: int, **kw: Any) -> list[dict[str, Any]]:
+        label = kw.get("label") or "hello"
+        calls.append(label)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return [{"scenario": kw.get("scenario", "hello"), "label": label, "figures": {"runs_per_s": 50}}]
+
+    monkeypatch.setattr(scenarios, "hello", fake_hello)
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: None)
+    ctx = SimpleNamespace(operator_command="x", progress=lambda m: None)
+    result: dict[str, Any] = {"rows": [], "options": {"scenarios": ["scale"]}}
+    with pytest.raises(KeyboardInterrupt):
+        bench_run._run_guarded("scale", lambda: scenarios.scale(ctx, 10, (1, 2, 4), 300, (16,)), result)
+    assert [row["label"] for row in result["rows"]] == ["scale-1w", "scale-2w"]
+
+    calls[:] = ["before"]  # the pair's second side is the third call
+    monkeypatch.setattr(
+        scenarios, "hello_side_by_side", lambda ctx, n, timeout_s: fake_hello(ctx, n, label="hello-operator")
+    )
+    result = {"rows": [], "options": {"scenarios": ["hello"]}}
+    with pytest.raises(KeyboardInterrupt):
+        bench_run._run_guarded("hello", lambda: bench_run.hello_pair(ctx, 10, 1), result, 1)
+    assert [(row["label"], row["round"]) for row in result["rows"]] == [("hello", 1)]
+
+    def inflight(ctx: Any, n: int, held: bool, **_: Any) -> list[dict[str, Any]]:
+        if held:
+            raise KeyboardInterrupt
+        return [{"scenario": "inflight", "label": "inflight", "figures": {}}]
+
+    monkeypatch.setattr(scenarios, "inflight", inflight)
+    result = {"rows": [], "options": {"scenarios": ["inflight"]}}
+    args = bench_run.parse_args(["--quick"])
+    with pytest.raises(KeyboardInterrupt):
+        bench_run._run_guarded("inflight", lambda: bench_run.inflight_rows(ctx, args), result)
+    assert [row["label"] for row in result["rows"]] == ["inflight"]
+
+
+def test_the_table_of_an_interrupted_run_says_so() -> None:
+    text = bench_run.render_table({"rows": [], "interrupted": "Ctrl-C"})
+    assert "INTERRUPTED (Ctrl-C)" in text
+    assert "INTERRUPTED" not in bench_run.render_table({"rows": []})
