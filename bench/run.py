@@ -11,17 +11,19 @@ namespace, so rows are comparable. Prints a table and writes a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -382,6 +384,49 @@ def inflight_rows(ctx: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the bench is, so that it stops as on Ctrl-C: every ``finally``
+    runs (stacks, the operator and the control plane stopped, the temporary workdir removed) and what
+    was measured is reported."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGTERM and SIGHUP raise :class:`Signalled`. Only the
+    first: one more while the bench is cleaning up would cut the clean-up short."""
+    received: list[int] = []
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        if received:
+            progress(f"{signal.Signals(signum).name} again: still stopping")
+            return
+        received.append(signum)
+        raise Signalled(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupt_cause(exc: KeyboardInterrupt) -> str:
+    return signal.Signals(exc.signum).name if isinstance(exc, Signalled) else "Ctrl-C"
+
+
+def interrupt_exit_status(cause: str) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended (Ctrl-C: SIGINT)."""
+    return 128 + (signal.SIGINT if cause == "Ctrl-C" else signal.Signals[cause]).value
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str, Any]:
     from bench import scenarios
     from kubechain.testing.controlplane import LocalControlPlane
@@ -461,9 +506,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
                 summary = round_summary(result["rows"], label)
                 if summary:
                     result["rows"].append(summary)
-        except KeyboardInterrupt:
-            progress("interrupted: reporting what was measured")
-            result["interrupted"] = "Ctrl-C"
+        except KeyboardInterrupt as exc:
+            result["interrupted"] = interrupt_cause(exc)
+            progress(f"interrupted ({result['interrupted']}): reporting what was measured")
     finally:
         progress("stopping the control plane")
         cp.stop()
@@ -482,13 +527,21 @@ def save(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args, argv)
-    table = render_table(result)
-    print(table, flush=True)
-    save(result, args.json)
-    progress(f"results written to {args.json}")
+    with stop_signals_interrupt():
+        try:
+            result = run(args, argv)
+        except KeyboardInterrupt as exc:  # before any scenario started (the control plane's start-up)
+            cause = interrupt_cause(exc)
+            progress(f"interrupted ({cause}) before anything was measured")
+            return interrupt_exit_status(cause)
+        table = render_table(result)
+        print(table, flush=True)
+        save(result, args.json)
+        progress(f"results written to {args.json}")
+    if result.get("interrupted"):
+        return interrupt_exit_status(str(result["interrupted"]))
     failed = [r for r in result["rows"] if r.get("error")]
-    return 1 if failed or result.get("interrupted") else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

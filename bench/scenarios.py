@@ -56,7 +56,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_claim,
 )
 from kubechain.testing.binaries import find_go
-from kubechain.testing.controlplane import LocalControlPlane, tail_file
+from kubechain.testing.controlplane import LocalControlPlane, pdeathsig_preexec, spawn, tail_file
 from kubechain.testing.stack import LocalStack, StackOptions
 
 GROUP_VERSION = "kubechain.humanlayer.dev/v1alpha1"
@@ -411,15 +411,22 @@ class ExternalOperator:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> ExternalOperator:
+        """Start the command in a process group of its own; on Linux it gets SIGTERM when the bench dies,
+        however it dies (as KubeChain's own processes do)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        preexec = pdeathsig_preexec()
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S602 - the user's own command line
-                self.command,
-                shell=True,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            self.process = spawn(
+                lambda: subprocess.Popen(  # noqa: S602 - the user's own command line
+                    self.command,
+                    shell=True,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=preexec,  # noqa: PLW1509 - only a prctl looked up before the fork
+                )
             )
         return self
 
@@ -431,15 +438,24 @@ class ExternalOperator:
             raise OperatorExited(f"operator exited with {code}: {tail_file(self.log_path, 10)}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to the command's process group, SIGKILL after ``timeout_s``; then SIGKILL to what is
+        left of the group (children of a shell that ended, one that ignores SIGTERM)."""
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        _signal_group(process.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def stop_stack(stack: LocalStack, progress: Progress, label: str) -> None:

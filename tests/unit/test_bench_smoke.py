@@ -1038,3 +1038,112 @@ def test_the_table_of_an_interrupted_run_says_so() -> None:
     text = bench_run.render_table({"rows": [], "interrupted": "Ctrl-C"})
     assert "INTERRUPTED (Ctrl-C)" in text
     assert "INTERRUPTED" not in bench_run.render_table({"rows": []})
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie still waiting for its parent counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_stop_the_bench_as_ctrl_c_does(
+    sig: str, code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (or the terminal closing) left the control plane's clean-up, the operator and the temporary
+    workdir behind: only a KeyboardInterrupt ran the finally blocks."""
+    import signal
+    import time
+
+    import kubechain.testing.controlplane
+    from bench import scenarios
+
+    stopped: list[str] = []
+
+    class FakeControlPlane:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def install_crds(self, _: Path) -> None:
+            pass
+
+        def stop(self) -> None:
+            stopped.append("control plane")
+
+    def baseline(*_: Any) -> list[dict[str, Any]]:
+        os.kill(os.getpid(), getattr(signal, sig))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the signal interrupts this
+            time.sleep(0.01)
+        raise AssertionError(f"{sig} did not interrupt the scenario")
+
+    monkeypatch.setattr(kubechain.testing.controlplane, "LocalControlPlane", FakeControlPlane)
+    monkeypatch.setattr(bench_run, "versions", lambda cp: {})
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: None)
+    monkeypatch.setattr(scenarios, "baseline", baseline)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    out = tmp_path / "result.json"
+    assert bench_run.main(["--scenarios", "baseline", "--json", str(out)]) == code
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
+    assert stopped == ["control plane"]
+    result = json.loads(out.read_text())
+    assert result["interrupted"] == sig
+    assert not Path(result["options"]["workdir"]).exists(), "the temporary workdir is removed"
+
+
+def test_the_operator_dies_with_the_bench_and_its_process_group_with_its_stop(tmp_path: Path) -> None:
+    """The operator ran in a session of its own without a death signal: a bench killed outright left it
+    running, and stop() ended its leader only."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from bench.scenarios import ExternalOperator
+
+    script = f"""
+import os, sys, time
+from types import SimpleNamespace
+from bench.scenarios import ExternalOperator
+stack = SimpleNamespace(logs={str(tmp_path / "a")!r}, llm_base_url="http://x/v1", env=lambda: dict(os.environ))
+stack.logs = __import__("pathlib").Path(stack.logs)
+operator = ExternalOperator("exec sleep 300", stack, "ns").start()
+print(operator.pid, flush=True)
+time.sleep(300)
+"""
+    bench = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": "."},
+    )
+    try:
+        assert bench.stdout is not None
+        operator_pid = int(bench.stdout.readline())
+        assert not _gone(operator_pid)
+        bench.kill()  # SIGKILL: no clean-up of its own runs
+        bench.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not _gone(operator_pid):
+            assert time.monotonic() < deadline, "the operator outlived the bench killed by SIGKILL"
+            time.sleep(0.05)
+    finally:
+        bench.kill()
+        bench.wait(timeout=10)
+
+    stack = SimpleNamespace(logs=tmp_path / "b", llm_base_url="http://x/v1", env=lambda: dict(os.environ))
+    # the command's shell ends at once, leaving a child of its own in its process group
+    operator = ExternalOperator("sleep 300 & echo $!", stack, "ns").start()  # type: ignore[arg-type]
+    assert operator.process is not None
+    operator.process.wait(timeout=10)
+    wait_for(lambda: operator.log_path.read_text().strip() != "", 10, what="the child's pid")
+    child = int(operator.log_path.read_text().split()[-1])
+    assert not _gone(child)
+    operator.stop()
+    wait_for(lambda: _gone(child), 10, what="the operator's child ended by stop()")
