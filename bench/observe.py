@@ -254,20 +254,37 @@ class EventTally:
         self.before, _ = self._poll(None, deadline, quiet_s)
         return self.before
 
-    def wait(self, expected: int, deadline: float, quiet_s: float = 2.0) -> float:
+    def wait(
+        self,
+        expected: int,
+        deadline: float,
+        quiet_s: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> float:
         """Until ``expected`` Events were added since ``settle``, none were added for ``quiet_s`` or
         ``deadline`` (monotonic) passes: the time (``time.time()``) the last addition was seen, late by
-        at most ``poll_s`` plus one request."""
-        _, seen_at = self._poll(self.before + expected, deadline, quiet_s)
+        at most ``poll_s`` plus one request. ``on_change`` is called at the first count and at each one
+        that added Events (e.g. :meth:`CpuMeter.mark`: the window ends at the last, not ``quiet_s`` later)."""
+        _, seen_at = self._poll(self.before + expected, deadline, quiet_s, on_change)
         return seen_at
 
-    def _poll(self, target: int | None, deadline: float, quiet_s: float) -> tuple[int, float]:
+    def _poll(
+        self,
+        target: int | None,
+        deadline: float,
+        quiet_s: float,
+        on_change: Callable[[], None] | None = None,
+    ) -> tuple[int, float]:
         count, seen_at = self._count(), time.time()
+        if on_change is not None:
+            on_change()
         while (target is None or count < target) and time.monotonic() < deadline:
             time.sleep(self.poll_s)
             latest = self._count()
             if latest != count:
                 count, seen_at = latest, time.time()
+                if on_change is not None:
+                    on_change()
             elif time.time() - seen_at >= quiet_s:
                 break
         return count, seen_at
@@ -396,6 +413,14 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, (values[5] + values[6]) / CLK_TCK
 
 
+@dataclass
+class _CpuReading:
+    t: float  # time.monotonic()
+    cpu: dict[str, float]  # CPU seconds of each group so far
+    busy: float  # the machine's busy and interrupt seconds so far
+    irq: float
+
+
 class CpuMeter:
     """CPU seconds used by named groups of processes (with descendants) between start() and stop(),
     plus ``irq`` (interrupt handling, charged to no process) and ``others``: what the rest of the
@@ -406,6 +431,7 @@ class CpuMeter:
         self.shallow = set(shallow)  # groups measured without descendants (e.g. the bench itself)
         self._start: dict[str, float] = {}
         self._t0 = 0.0
+        self._mark: _CpuReading | None = None
         self.result: dict[str, float] = {}
         self.wall_s = 0.0
 
@@ -417,17 +443,28 @@ class CpuMeter:
             out[name] = sum(cpu_seconds(p) for p in members)
         return out
 
+    def _read(self) -> _CpuReading:
+        busy, irq = machine_busy_seconds()
+        return _CpuReading(time.monotonic(), self._measure(), busy, irq)
+
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
         self._start = self._measure()
         self._busy0, self._irq0 = machine_busy_seconds()
+        self._mark = None
         return self
 
-    def stop(self) -> dict[str, float]:
-        end = self._measure()
-        busy1, irq1 = machine_busy_seconds()
-        busy, irq = busy1 - self._busy0, irq1 - self._irq0
-        self.wall_s = time.monotonic() - self._t0
+    def mark(self) -> None:
+        """Read the counters now, for ``stop(at_mark=True)`` to end the window here: when what the
+        window waits for was last seen to happen, not when the bench stopped waiting for more."""
+        self._mark = self._read()
+
+    def stop(self, at_mark: bool = False) -> dict[str, float]:
+        """The CPU seconds of the window, ending now or (``at_mark``) at the last :meth:`mark`."""
+        reading = self._mark if (at_mark and self._mark is not None) else self._read()
+        end = reading.cpu
+        busy, irq = reading.busy - self._busy0, reading.irq - self._irq0
+        self.wall_s = reading.t - self._t0
         self.result = {name: round(max(0.0, end[name] - self._start.get(name, 0.0)), 2) for name in end}
         self.result["others"] = round(max(0.0, busy - irq - sum(self.result.values())), 2)
         self.result["irq"] = round(irq, 2)

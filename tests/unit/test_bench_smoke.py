@@ -1147,3 +1147,36 @@ time.sleep(300)
     assert not _gone(child)
     operator.stop()
     wait_for(lambda: _gone(child), 10, what="the operator's child ended by stop()")
+
+
+def test_the_cpu_window_ends_at_the_last_event_seen_not_after_the_quiet_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator posting fewer Events than 3 per run (the Go original posts ~1.2) had ~2 idle seconds
+    (the quiet wait) added to its CPU window: a lower "machine % busy", more CPU per run."""
+    import bench.observe
+    from bench.observe import CpuMeter, EventTally
+
+    clock = _FakeTime()
+    monkeypatch.setattr(bench.observe, "time", clock)
+    used = {"t": clock.now}
+
+    def cpu_so_far() -> float:  # every component busy for half of every second
+        return 0.5 * (clock.now - used["t"])
+
+    monkeypatch.setattr(CpuMeter, "_measure", lambda self: {"workers": cpu_so_far()})
+    monkeypatch.setattr(bench.observe, "machine_busy_seconds", lambda: (2 * cpu_so_far(), 0.0))
+    meter = CpuMeter({"workers": [1]}).start()
+    clock.sleep(4.0)  # the runs
+    # the row's Events: 10 expected, 4 come (at +0.1 s, +0.3 s), then none
+    counts = iter([2, 3, 3, 4] + [4] * 1000)
+    tally = EventTally(lambda: next(counts), poll_s=0.1)
+    seen_at = tally.wait(10, clock.monotonic() + 60, quiet_s=2.0, on_change=meter.mark)
+    assert seen_at == pytest.approx(1004.3)
+    assert clock.now == pytest.approx(1006.3), "the wait still lasted until 2 s without a change"
+    cpu = meter.stop(at_mark=True)
+    assert meter.wall_s == pytest.approx(4.3), "the window ends when the last Event was seen"
+    assert cpu["workers"] == pytest.approx(2.15) and cpu["machine"] == pytest.approx(4.3)
+    # without a mark (or not asked to use it) the window ends at stop()
+    assert CpuMeter({"workers": [1]}).start().stop(at_mark=True) is not None
+    assert meter.stop()["workers"] == pytest.approx(3.15) and meter.wall_s == pytest.approx(6.3)
