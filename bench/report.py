@@ -336,6 +336,17 @@ def apiserver_profile_summary(f: dict[str, Any]) -> str | None:
     return "API server CPU: " + ", ".join(f"{name} {pct:.0f} %" for name, pct in shares.items())
 
 
+def _ready_to_llm(f: dict[str, Any], label: str = "") -> str:
+    """ready→LLM, saying what "ready" was (it differs between operators, see bench/README) and how many
+    were negative (the watch saw ReadyForLLM after the request)."""
+    sources = f.get("ready_from") or {}
+    ready = f" (ready = {' / '.join(sources)})" if sources else ""
+    negative = f.get("ready_to_llm_negative") or 0
+    spec = ".1f" if negative else ".0f"  # -0.2 ms would round to "-0"
+    text = f"ready→LLM{ready} {label}{_pcts(f.get('ready_to_llm_ms'), spec=spec)}"
+    return f"{text}, {negative} negative (watch lag)" if negative else text
+
+
 def _round_cell(r: dict[str, Any]) -> str:
     """One round of a median row: its throughput against its target, or why it counted as 0."""
     if r.get("counted_as_0") == "error":
@@ -376,7 +387,9 @@ def details(row: dict[str, Any]) -> str:
             parts.append(f"earlier method (minimal status, 1 object/thread): {earlier} writes/s")
     elif scenario in ("hello", "scale"):
         parts.append(f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} done in {fmt(f.get('wall_s'), '.1f')} s")
-        parts.append(f"ready→LLM {_pcts(f.get('ready_to_llm_ms'))}")
+        if f.get("create_to_llm_ms") is not None:  # (not in results from before it was measured)
+            parts.append(f"create→LLM {_pcts(f.get('create_to_llm_ms'))}")
+        parts.append(_ready_to_llm(f))
         parts.append(f"answer→next phase {_pcts(f.get('answer_to_next_ms'))}")
         parts.append(
             f"writes/run {fmt(f.get('writes_per_run'), '.1f')} (1 create + {fmt(f.get('status_writes_per_run'), '.1f')}"
@@ -416,7 +429,9 @@ def details(row: dict[str, Any]) -> str:
             parts.append(f"target (median ratio ≥ 1): {'met' if f['meets_target'] else 'MISSED'}")
     elif scenario == "light":
         parts.append(f"{fmt(f.get('completed'))}/{fmt(row.get('n'))} runs one at a time")
-        parts.append(f"ready→LLM p50/p95/p99 {_pcts(f.get('ready_to_llm_ms'))}")
+        if f.get("create_to_llm_ms") is not None:
+            parts.append(f"create→LLM {_pcts(f.get('create_to_llm_ms'))}")
+        parts.append(_ready_to_llm(f, "p50/p95/p99 "))
         parts.append(f"answer→next phase {_pcts(f.get('answer_to_next_ms'))}")
         if f.get("meets_overhead_target") is not None:
             verdict = "met" if f["meets_overhead_target"] else "MISSED"
@@ -503,6 +518,16 @@ def machine_line(result: dict[str, Any]) -> str:
     )
 
 
+OVERHEAD_LEGEND = (
+    "create→LLM: the run's create seen by the bench's watch → its first LLM request received (the same "
+    "events whatever the operator: compare rows with it);",
+    'ready→LLM: the turn ready → its LLM request; ready = "ReadyForLLM seen": when the bench\'s watch saw '
+    'ReadyForLLM (late by the watch\'s lag, so it can be negative), "claimedAt": the claim time a worker '
+    "wrote for a turn it claimed in the write that made it ready (KubeChain's hello runs: never ReadyForLLM);",
+    "answer→next phase: the LLM's answer sent → the next phase seen by the bench's watch (p50/p95/p99).",
+)
+
+
 CPU_COLUMNS = (
     "kube-apiserver",
     "etcd",
@@ -557,6 +582,8 @@ def render_table(result: dict[str, Any]) -> str:
             ]
         )
     lines += _table(["scenario", "workers", "pool", "conc", "n", "result", "details"], body)
+    if any(row.get("scenario") in ("hello", "scale", "light") for row in rows):
+        lines += ["", *OVERHEAD_LEGEND]
     cpu_rows = []
     for row in rows:
         cpu = row.get("cpu_s") or {}

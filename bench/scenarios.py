@@ -701,6 +701,8 @@ def hello_figures(
         by_user.setdefault(str(request.get("first_user")), []).append(request)
     finals: list[float] = []
     ready_to_llm: list[float] = []
+    ready_from: dict[str, int] = {}
+    create_to_llm: list[float] = []
     answer_to_next: list[float] = []
     ready_to_claim: list[float] = []
     claim_to_llm: list[float] = []
@@ -718,7 +720,8 @@ def hello_figures(
             failed += 1
         final = timeline.first("FinalAnswer")
         added = timeline.sightings[0].t if timeline.sightings else None
-        ready = ready_time(timeline)
+        moment = ready_moment(timeline)
+        ready = moment[0] if moment is not None else None
         if final is not None:
             finals.append(final)
             rv_counts.append(timeline.distinct_rvs())
@@ -732,8 +735,12 @@ def hello_figures(
         first_turn = [r for r in ok if r.get("turn") == 0]
         duplicates += max(0, len(first_turn) - 1)
         first = min(first_turn, key=lambda r: r["received_at"]) if first_turn else None
-        if first is not None and ready is not None:
+        if first is not None and added is not None:
+            # the same two events whatever the operator: its create and its LLM request
+            create_to_llm.append(first["received_at"] - added)
+        if first is not None and moment is not None and ready is not None:
             ready_to_llm.append(first["received_at"] - ready)
+            ready_from[moment[1]] = ready_from.get(moment[1], 0) + 1
             claim = next(
                 (
                     parse_ts(s.claimed_at)
@@ -772,6 +779,10 @@ def hello_figures(
         "runs_per_s": round(runs_per_s, 2) if runs_per_s else None,
         "stragglers": stragglers,
         "ready_to_llm_ms": summarize(ready_to_llm, 1000.0),
+        "ready_from": ready_from,
+        # ready seen by the watch after the LLM request: the watch's lag, not a time travel
+        "ready_to_llm_negative": sum(1 for d in ready_to_llm if d < 0),
+        "create_to_llm_ms": summarize(create_to_llm, 1000.0),
         "answer_to_next_ms": summarize(answer_to_next, 1000.0),
         "ready_to_claim_ms": summarize(ready_to_claim, 1000.0),
         "claim_to_llm_ms": summarize(claim_to_llm, 1000.0),
@@ -846,17 +857,31 @@ def hello_side_by_side(ctx: BenchContext, n: int, timeout_s: float = 300) -> lis
     return rows
 
 
-def ready_time(timeline: Timeline) -> float | None:
-    """When the first turn became ready: first seen as ReadyForLLM in the watch or, for a turn the worker
-    that made it ready took itself (ReadyForLLM and the claim written as one), the claim time it wrote:
-    under load the watch lags by more than the few ms between that write and the LLM request, which
-    would make ready→LLM negative."""
+# What "ready" was for a run's first turn (``ready_from`` counts them): each is a different clock, so
+# ready→LLM compares like with like only between rows whose runs have the same.
+READY_SEEN = "ReadyForLLM seen"  # the bench's watch saw ReadyForLLM (late by the watch's lag)
+READY_CLAIMED = "claimedAt"  # never ReadyForLLM: the claim time the worker wrote with the turn
+READY_CLAIM_SEEN = "SendContextWindowToLLM seen"  # never ReadyForLLM, no claimedAt: when the watch saw it
+
+
+def ready_moment(timeline: Timeline) -> tuple[float, str] | None:
+    """When the first turn became ready, and which clock says so (``READY_*``): first seen as ReadyForLLM
+    in the watch (KubeChain's turns that went through the queue, the Go operator's) or, for a turn the
+    worker that made it ready took itself (ReadyForLLM and the claim written as one: KubeChain's hello
+    runs), the claim time it wrote: under load the watch lags by more than the few ms between that write
+    and the LLM request, which would make ready→LLM negative."""
     for sighting in timeline.sightings:
         if sighting.phase == "ReadyForLLM":
-            return sighting.t
+            return sighting.t, READY_SEEN
         if sighting.phase == "SendContextWindowToLLM":
-            return parse_ts(sighting.claimed_at) if sighting.claimed_at else sighting.t
+            claimed = parse_ts(sighting.claimed_at) if sighting.claimed_at else None
+            return (claimed, READY_CLAIMED) if claimed is not None else (sighting.t, READY_CLAIM_SEEN)
     return None
+
+
+def ready_time(timeline: Timeline) -> float | None:
+    moment = ready_moment(timeline)
+    return moment[0] if moment is not None else None
 
 
 def _stragglers(

@@ -1180,3 +1180,50 @@ def test_the_cpu_window_ends_at_the_last_event_seen_not_after_the_quiet_wait(
     # without a mark (or not asked to use it) the window ends at stop()
     assert CpuMeter({"workers": [1]}).start().stop(at_mark=True) is not None
     assert meter.stop()["workers"] == pytest.approx(3.15) and meter.wall_s == pytest.approx(6.3)
+
+
+def test_side_by_side_overheads_compare_like_with_like_and_say_what_ready_was() -> None:
+    """KubeChain's runs are never ReadyForLLM (the worker claims the turn it makes ready), so their
+    "ready" was the claimedAt the worker wrote; the other operator's was when the bench's watch saw
+    ReadyForLLM, late by the watch's lag, even after the LLM request (−0.2 ms): two different things
+    under one name. Every row now also has create→LLM, from the same events whatever the operator."""
+    at = 100.25
+    claimed = "1970-01-01T00:01:40.250000Z"  # = 100.25 s
+    kubechain = {
+        "run-0": _timeline(
+            "run-0",
+            (100.0, "1", ""),
+            (100.4, "2", "SendContextWindowToLLM"),
+            (100.7, "3", "FinalAnswer"),
+            claimed_at=claimed,
+        )
+    }
+    requests = [
+        {"first_user": "m0", "turn": 0, "status_code": 200, "received_at": at + 0.05, "finished_at": 100.6}
+    ]
+    f = hello_figures(kubechain, requests, {"run-0": "m0"}, 100.0, 100.0, 3.0, 300.0)
+    assert f["ready_from"] == {"claimedAt": 1}
+    assert f["ready_to_llm_ms"]["p50"] == pytest.approx(50.0)
+    assert f["create_to_llm_ms"]["p50"] == pytest.approx(300.0), "ADDED seen at 100.0 → request at 100.3"
+    assert f["ready_to_llm_negative"] == 0
+
+    operator = {
+        "run-0": _timeline(
+            "run-0", (100.0, "1", ""), (100.3002, "2", "ReadyForLLM"), (100.7, "3", "FinalAnswer")
+        )
+    }
+    g = hello_figures(operator, requests, {"run-0": "m0"}, 100.0, 100.0, 3.0, 300.0)
+    assert g["ready_from"] == {"ReadyForLLM seen": 1}
+    assert g["ready_to_llm_negative"] == 1 and g["ready_to_llm_ms"]["p50"] == pytest.approx(-0.2)
+    assert g["create_to_llm_ms"]["p50"] == pytest.approx(300.0)
+
+    rows = [
+        {"scenario": "hello", "label": "hello", "n": 1, "figures": {**f, "n": 1}},
+        {"scenario": "hello", "label": "hello-operator", "n": 1, "figures": {**g, "n": 1}},
+    ]
+    text = bench_run.render_table({"rows": rows})
+    mine, theirs = (line for line in text.splitlines() if line.startswith("| hello"))
+    assert "create→LLM 300/300/300 ms" in mine and "create→LLM 300/300/300 ms" in theirs
+    assert "ready→LLM (ready = claimedAt) 50/50/50 ms" in mine
+    assert "ready→LLM (ready = ReadyForLLM seen) -0.2/-0.2/-0.2 ms, 1 negative (watch lag)" in theirs
+    assert "create→LLM: the run's create seen by the bench's watch" in text  # the legend
