@@ -717,10 +717,34 @@ def test_baseline_details_compare_an_events_cost_with_a_status_writes() -> None:
             "writes": 3000,
             "cpu_ms_per_write": 6.9,
             "cpu_ms_per_event": 2.1,
+            "machine_cpu_ms_per_write": 7.8,
+            "machine_cpu_ms_per_event": 3.0,
             "event_posts_per_s": 900.0,
         },
     }
-    assert "per status write 6.9 ms, per Event 2.1 ms (900 Events/s)" in details(row)
+    text = details(row)
+    assert (
+        "CPU (API server, etcd, kcm, bench) per status write 6.9 ms, per Event 2.1 ms (900 Events/s)" in text
+    )
+    assert "whole machine 7.8 / 3.0 ms" in text
+
+
+def test_cpu_per_status_write_counts_the_benchs_processes_not_the_rest_of_the_machine() -> None:
+    """ "machine CPU per status write" divided the whole machine's busy time, other people's processes
+    (``others``) included, by the writes."""
+    from bench.scenarios import cpu_ms_per
+
+    cpu_s = {
+        "kube-apiserver": 1.0,
+        "etcd": 0.2,
+        "kcm": 0.1,
+        "bench": 0.5,
+        "others": 2.0,
+        "irq": 0.1,
+        "machine": 3.9,
+    }
+    assert cpu_ms_per(cpu_s, 100) == {"own": 18.0, "machine": 39.0}
+    assert cpu_ms_per({}, 100) == {"own": None, "machine": None}
 
 
 def test_no_throughput_verdict_counts_only_the_runs_that_finished() -> None:
