@@ -46,7 +46,6 @@ from bench.report import (
     summarize,
     write_target,
 )
-from kubechain.settings import MAX_WORKER_CONCURRENCY
 
 __all__ = [
     "SCENARIOS",
@@ -88,6 +87,45 @@ def progress(message: str) -> None:
     print(f"[bench {time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def positive_int(text: str) -> int:
+    """A count or a size: a whole number of at least 1 (0 is refused, never taken for "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated counts, at least one."""
+    values = tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"no number in {text!r}")
+    return values
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _max_worker_concurrency() -> int | None:
+    """The workers' --concurrency bound; None where the project's packages are not installed (scripts/bench
+    checks the arguments with the machine's Python before its bootstrap: the run checks them again)."""
+    try:
+        from kubechain.settings import MAX_WORKER_CONCURRENCY
+    except ImportError:
+        return None
+    return MAX_WORKER_CONCURRENCY
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -100,7 +138,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})"
     )
     parser.add_argument(
-        "--hello-runs", type=int, default=None, help="TaskRuns of hello and of each scale row"
+        "--hello-runs", type=positive_int, default=None, help="TaskRuns of hello and of each scale row"
     )
     parser.add_argument(
         "--operator",
@@ -110,27 +148,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(e.g. the Go KubeChain manager); it gets KUBECONFIG and OPENAI_BASE_URL",
     )
     parser.add_argument(
-        "--light-runs", type=int, default=None, help="TaskRuns of the light-load row (one at a time)"
+        "--light-runs", type=positive_int, default=None, help="TaskRuns of the light-load row (one at a time)"
     )
-    parser.add_argument("--inflight-runs", type=int, default=None)
+    parser.add_argument("--inflight-runs", type=positive_int, default=None)
     parser.add_argument(
-        "--inflight-workers", type=int, default=2, help="worker processes of the inflight row"
+        "--inflight-workers", type=positive_int, default=2, help="worker processes of the inflight row"
     )
     parser.add_argument(
-        "--inflight-concurrency", type=int, default=None, help="threads per worker (default: runs / workers)"
+        "--inflight-concurrency",
+        type=positive_int,
+        default=None,
+        help="threads per worker (default: runs / workers)",
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=None,
         help="repeat baseline → hello this many times and judge hello on the median (default 5; --quick 1)",
     )
-    parser.add_argument("--baseline-threads", type=int, default=16)
-    parser.add_argument("--baseline-writes", type=int, default=None)
-    parser.add_argument("--fanout-trials", type=int, default=None)
-    parser.add_argument("--scale-workers", default="1,2,4", help="worker process counts of the scale rows")
+    parser.add_argument("--baseline-threads", type=positive_int, default=16)
+    parser.add_argument("--baseline-writes", type=positive_int, default=None)
+    parser.add_argument("--fanout-trials", type=positive_int, default=None)
+    parser.add_argument(
+        "--scale-workers", type=positive_ints, default="1,2,4", help="worker process counts of the scale rows"
+    )
     parser.add_argument(
         "--scale-threads",
+        type=positive_ints,
         default="16,1",
         help="threads per worker of each scale series (1: workers too small to fill the machine alone)",
     )
@@ -149,7 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra environment of every watcher and worker (repeatable), e.g. KUBECHAIN_KUBE_QPS=1000",
     )
     parser.add_argument(
-        "--timeout-factor", type=float, default=1.0, help="multiply every scenario time limit"
+        "--timeout-factor", type=positive_float, default=1.0, help="multiply every scenario time limit"
     )
     parser.add_argument(
         "--workdir", type=Path, default=None, help="logs and data (default: a temporary directory)"
@@ -170,22 +214,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     args.scenario_list = [s for s in SCENARIOS if s in chosen]
     size = 1 if args.quick else 0
-    args.hello_runs = args.hello_runs or SIZES["hello_runs"][size]
-    args.light_runs = args.light_runs or SIZES["light_runs"][size]
-    args.inflight_runs = args.inflight_runs or SIZES["inflight_runs"][size]
-    args.inflight_concurrency = args.inflight_concurrency or max(
-        16, math.ceil(args.inflight_runs / max(1, args.inflight_workers))
-    )
-    if args.inflight_concurrency > MAX_WORKER_CONCURRENCY:
+    for name in ("hello_runs", "light_runs", "inflight_runs", "baseline_writes", "fanout_trials", "rounds"):
+        if getattr(args, name) is None:
+            setattr(args, name, SIZES[name][size])
+    if args.inflight_concurrency is None:
+        args.inflight_concurrency = max(16, math.ceil(args.inflight_runs / args.inflight_workers))
+    limit = _max_worker_concurrency()
+    if limit is not None and args.inflight_concurrency > limit:
         parser.error(
             f"the in-flight rows would need {args.inflight_concurrency} threads per worker; a worker runs "
-            f"at most {MAX_WORKER_CONCURRENCY}: raise --inflight-workers"
+            f"at most {limit}: raise --inflight-workers"
         )
-    args.baseline_writes = args.baseline_writes or SIZES["baseline_writes"][size]
-    args.fanout_trials = args.fanout_trials or SIZES["fanout_trials"][size]
-    args.rounds = max(1, args.rounds or SIZES["rounds"][size])
-    args.scale_counts = tuple(int(x) for x in args.scale_workers.split(",") if x.strip())
-    args.scale_threads = tuple(int(x) for x in args.scale_threads.split(",") if x.strip())
+    args.scale_counts = args.scale_workers
     bad = [e for e in args.env if "=" not in e]
     if bad:
         parser.error(f"--env wants KEY=VALUE, got {', '.join(bad)}")

@@ -1251,3 +1251,105 @@ def test_side_by_side_overheads_compare_like_with_like_and_say_what_ready_was() 
     assert "ready→LLM (ready = claimedAt) 50/50/50 ms" in mine
     assert "ready→LLM (ready = ReadyForLLM seen) -0.2/-0.2/-0.2 ms, 1 negative (watch lag)" in theirs
     assert "create→LLM: the run's create seen by the bench's watch" in text  # the legend
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--rounds", "0"],
+        ["--hello-runs", "0"],
+        ["--light-runs", "-1"],
+        ["--inflight-runs", "0"],
+        ["--inflight-workers", "0"],
+        ["--inflight-concurrency", "0"],
+        ["--baseline-threads", "0"],
+        ["--baseline-writes", "0"],
+        ["--fanout-trials", "0"],
+        ["--scale-workers", "1,0,4"],
+        ["--scale-threads", "16,-1"],
+        ["--scale-workers", ","],
+        ["--timeout-factor", "0"],
+    ],
+)
+def test_zero_or_negative_sizes_are_refused_not_made_defaults(argv: list[str]) -> None:
+    """``--rounds 0`` or ``--hello-runs 0`` silently became the defaults (5 rounds, 1,000 runs)."""
+    with pytest.raises(SystemExit) as refused:
+        bench_run.parse_args(argv)
+    assert refused.value.code == 2
+
+
+def test_sizes_given_are_kept() -> None:
+    args = bench_run.parse_args(["--rounds", "1", "--hello-runs", "1", "--scale-workers", "1,3"])
+    assert (args.rounds, args.hello_runs, args.scale_counts) == (1, 1, (1, 3))
+
+
+def _bench_script_tree(tmp_path: Path) -> Path:
+    """scripts/bench in a tree of its own whose bootstrap only leaves a mark and a .venv/bin/python that
+    records how it was run (the real ones install packages and build binaries for minutes)."""
+    import shutil
+
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copy(repo / "scripts" / "bench", root / "scripts" / "bench")
+    (root / "bench").symlink_to(repo / "bench")
+    (root / "kubechain").symlink_to(repo / "kubechain")
+    (root / "scripts" / "bootstrap.sh").write_text(
+        "touch bootstrapped\nmkdir -p .venv/bin\n"
+        "printf '#!/bin/sh\\necho \"$@\" > ran\\n' > .venv/bin/python\nchmod +x .venv/bin/python\n"
+    )
+    return root
+
+
+def test_scripts_bench_checks_its_arguments_before_the_bootstrap(tmp_path: Path) -> None:
+    """--help or a typo cost the whole bootstrap (apt, a ~6-minute build) on a fresh machine first."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = _bench_script_tree(tmp_path)
+
+    def bench(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHON": python}
+        return subprocess.run(
+            ["bash", str(root / "scripts" / "bench"), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    shown = bench("--help")
+    assert shown.returncode == 0 and "--hello-runs" in shown.stdout
+    refused = bench("--rounds", "0")
+    assert refused.returncode == 2 and "--rounds" in refused.stderr
+    assert bench("--scenarios", "nope").returncode == 2
+    assert not (root / "bootstrapped").exists()
+
+    ran = bench("--quick", "--rounds", "2")
+    assert ran.returncode == 0, ran.stderr
+    assert (root / "bootstrapped").exists() and (root / "ran").read_text().split() == [
+        "-m",
+        "bench.run",
+        "--quick",
+        "--rounds",
+        "2",
+    ]
+    # a Python that cannot check them (none yet, too old) leaves the check to bench.run after the bootstrap
+    (root / "bootstrapped").unlink()
+    shutil.rmtree(root / ".venv")
+    assert bench("--quick", python="/bin/false").returncode == 0
+    assert (root / "bootstrapped").exists()
+
+
+def test_bench_run_arguments_need_only_the_standard_library() -> None:
+    """scripts/bench checks them with the machine's Python, before the bootstrap installed anything."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = "import sys; sys.path.insert(0, '.'); from bench.run import parse_args; print(parse_args(['--quick']).hello_runs)"
+    # -S: no site-packages (no pydantic, no celery), -E: no PYTHONPATH
+    out = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "30"
