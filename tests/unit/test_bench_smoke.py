@@ -410,13 +410,16 @@ def test_baseline_and_hello_repeat_in_rounds_and_the_rest_runs_once() -> None:
     assert bench_run._round_of("hello", 3, {"options": {"scenarios": ["hello"]}, "rows": []}) is None
 
 
-def _hello_round(round_no: int, baseline: float, rate: float, **extra: Any) -> dict[str, Any]:
+def _hello_round(
+    round_no: int, baseline: float, rate: float, status_writes_per_run: float | None = None, **extra: Any
+) -> dict[str, Any]:
     target = bench_run.write_target(baseline, 4.0)
     figures = {
         "baseline_writes_per_s": baseline,
         "runs_per_s": rate + 10,
         "runs_per_s_incl_events": rate,
         "target_runs_per_s": target,
+        "status_writes_per_run": status_writes_per_run,
     }
     return {"scenario": "hello", "label": "hello", "round": round_no, "n": 1000, "figures": figures, **extra}
 
@@ -1353,3 +1356,43 @@ def test_bench_run_arguments_need_only_the_standard_library() -> None:
     out = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=repo, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "30"
+
+
+def test_the_hello_verdict_shows_its_ratio_against_the_measured_writes_too() -> None:
+    """The target divides the baseline by a fixed 3 status writes, KubeChain's runs wrote 2.0: the reader
+    had to recompute the ratio against what was measured."""
+    from bench.scenarios import with_event_drain
+
+    timelines = {
+        f"run-{i}": _timeline(
+            f"run-{i}", (0.0, f"{i}a", ""), (0.1, f"{i}b", "X"), (0.2, f"{i}c", "FinalAnswer")
+        )
+        for i in range(6)
+    }
+    runs = {name: name for name in timelines}
+    f = hello_figures(timelines, [], runs, 0.0, 0.01, 3.0, 300.0)
+    assert f["status_writes_per_run"] == 2.0
+    assert f["target_runs_per_s"] == 50.0  # 0.5 × 300 / 3
+    assert f["target_runs_per_s_by_measured_writes"] == 75.0  # 0.5 × 300 / 2
+    f["n"] = 6
+    f.update(with_event_drain(f, 0.1))  # 6 runs in 0.2 s = 30 runs/s
+    assert f["ratio"] == 0.6 and f["ratio_by_measured_writes"] == 0.4
+    text = bench_run.render_table({"rows": [{"scenario": "hello", "label": "hello", "n": 6, "figures": f}]})
+    assert "target ≥ 50.0 runs/s (with Events): MISSED (0.60 × (÷3 writes); 0.40 × (÷ measured 2.0))" in text
+
+    rows = [
+        {"scenario": "baseline", "label": "baseline", "round": 1, "figures": {"writes_per_s": 600.0}},
+        _hello_round(1, 600.0, 119.0, status_writes_per_run=2.0),
+        {"scenario": "baseline", "label": "baseline", "round": 2, "figures": {"writes_per_s": 600.0}},
+        _hello_round(2, 600.0, 119.0, status_writes_per_run=2.0),
+        {"scenario": "baseline", "label": "baseline", "round": 3, "figures": {"writes_per_s": 600.0}},
+    ]
+    summary = bench_run.round_summary(rows, "hello")
+    assert summary is not None
+    s = summary["figures"]
+    assert s["ratio"] == 1.19 and s["meets_target"] is True  # 119 / (0.5 × 600 / 3)
+    assert s["ratio_by_measured_writes"] == pytest.approx(0.793)  # 119 / (0.5 × 600 / 2)
+    assert s["status_writes_per_run"] == 2.0
+    assert [r["ratio_by_measured_writes"] for r in s["rounds"]] == [0.793, 0.793]
+    text = bench_run.render_table({"rows": [summary]})
+    assert "= 1.19 × target (÷3 writes); 0.79 × (÷ measured 2.0)" in text
