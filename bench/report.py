@@ -128,6 +128,78 @@ def error_row(
     return row
 
 
+# The scale target: throughput grows with workers until the API server is the limit. A step (a row with
+# more workers than the one before it in its series) met it when its throughput grew by the margin, or
+# when it could not: the machine was already saturated — its CPU (all cores; the API server shares them
+# with everything else) at least SATURATED_BUSY_PCT busy in the previous row's window.
+SCALE_GROWTH_MARGIN = 0.10
+SATURATED_BUSY_PCT = 90.0
+# The hello verdict's figures, which do not apply to a scale row (judged by judge_scale instead).
+HELLO_VERDICT_FIGURES = (
+    "target_runs_per_s",
+    "target_runs_per_s_by_measured_writes",
+    "meets_target",
+    "ratio",
+    "ratio_by_measured_writes",
+)
+
+
+def _judged_rate(row: dict[str, Any]) -> float | None:
+    """A row's throughput (with Events), or None when it has none to compare: an error, or runs that
+    failed or never finished."""
+    f = row.get("figures") or {}
+    if row.get("error") or f.get("failed") or (f.get("n") is not None and f.get("completed") != f.get("n")):
+        return None
+    rate = f.get("runs_per_s_incl_events") or f.get("runs_per_s")
+    return float(rate) if rate else None
+
+
+def judge_scale(rows: Sequence[dict[str, Any]], ncpu: int | None) -> None:
+    """Judge the scale rows on the scale target, in place: each row of a series (one thread count) gets
+    ``scale_step`` against the row with the next fewer workers, the last of a series ``scale_series``
+    (met when every step judged met it), and the hello verdict's figures are dropped from them."""
+    series: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault(row.get("concurrency"), []).append(row)
+    for threads, members in series.items():
+        members = sorted(members, key=lambda r: r.get("workers") or 0)
+        verdicts: list[bool] = []
+        for index, row in enumerate(members):
+            f = row.setdefault("figures", {})
+            for key in HELLO_VERDICT_FIGURES:
+                f.pop(key, None)
+            if index == 0:
+                f["scale_step"] = {"reference": True}
+                continue
+            before = members[index - 1]
+            rate, rate_before = _judged_rate(row), _judged_rate(before)
+            busy = _busy_pct(before, ncpu)
+            step: dict[str, Any] = {
+                "vs_workers": before.get("workers"),
+                "vs_runs_per_s": rate_before,
+                "busy_pct_before": round(busy, 1) if busy is not None else None,
+                "growth": round(rate / rate_before - 1, 3) if rate is not None and rate_before else None,
+            }
+            if rate_before is None:
+                step["verdict"], step["meets_target"] = None, None  # nothing to compare with
+            elif rate is None:
+                step["verdict"], step["meets_target"] = "MISSED", False
+            elif step["growth"] >= SCALE_GROWTH_MARGIN:
+                step["verdict"], step["meets_target"] = "grew", True
+            elif busy is not None and busy >= SATURATED_BUSY_PCT:
+                step["verdict"], step["meets_target"] = "saturated", True
+            else:
+                step["verdict"], step["meets_target"] = "MISSED", False
+            if step["meets_target"] is not None:
+                verdicts.append(step["meets_target"])
+            f["scale_step"] = step
+        if len(members) > 1:
+            members[-1]["figures"]["scale_series"] = {
+                "threads": threads,
+                "meets_target": bool(verdicts) and all(verdicts),
+            }
+
+
 def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] | None:
     """The median over repeated rounds of one throughput row (``label``, e.g. "hello").
 
@@ -228,6 +300,14 @@ def _read(path: str) -> str:
         return ""
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (``nproc``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 0
+
+
 def machine_info() -> dict[str, Any]:
     cpuinfo = _read("/proc/cpuinfo")
     model = next(
@@ -244,12 +324,8 @@ def machine_info() -> dict[str, Any]:
         ),
         "",
     )
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count() or 0
     return {
-        "nproc": usable,
+        "nproc": usable_cpus(),
         "cpu_count": os.cpu_count(),
         "cpu_model": model or platform.processor(),
         "ram_gib": round(mem_kib / 1024 / 1024, 1),
@@ -289,8 +365,10 @@ def _pcts(stats: dict[str, Any] | None, unit: str = "ms", spec: str = ".0f") -> 
     return f"{fmt(stats.get('p50'), spec)}/{fmt(stats.get('p95'), spec)}/{fmt(stats.get('p99'), spec)} {unit}"
 
 
-# Figures a row holds before it measured anything.
-_SET_UP_FIGURES = frozenset({"namespace", "operator_command", "apiserver_profile"})
+# Figures that are not measurements: a row (an error's) holding only these measured nothing.
+_SET_UP_FIGURES = frozenset(
+    {"namespace", "operator_command", "apiserver_profile", "scale_step", "scale_series"}
+)
 
 
 def headline(row: dict[str, Any]) -> str:
@@ -345,6 +423,30 @@ def apiserver_profile_summary(f: dict[str, Any]) -> str | None:
     return "API server CPU: " + ", ".join(f"{name} {pct:.0f} %" for name, pct in shares.items())
 
 
+def _scale_verdict(f: dict[str, Any]) -> list[str]:
+    """A scale row's step against the one with fewer workers, and its series' verdict."""
+    parts: list[str] = []
+    step = f.get("scale_step") or {}
+    if step.get("reference"):
+        parts.append("first of its series: the reference")
+    elif step:
+        growth = step.get("growth")
+        text = f"vs {fmt(step.get('vs_workers'))} worker(s): " + (
+            f"{100 * growth:+.0f} %" if growth is not None else "no throughput"
+        )
+        if step.get("verdict") in ("saturated", "MISSED") and step.get("busy_pct_before") is not None:
+            text += f", machine {step['busy_pct_before']:.0f} % busy with {fmt(step.get('vs_workers'))}"
+        verdict = {"grew": "grew: met", "saturated": "saturated: met", "MISSED": "MISSED"}.get(
+            step.get("verdict") or "", "not judged"
+        )
+        parts.append(f"{text} ({verdict})")
+    series = f.get("scale_series")
+    if series:
+        verdict = "met" if series.get("meets_target") else "MISSED"
+        parts.append(f"scale target (threads × {fmt(series.get('threads'))}): {verdict}")
+    return parts
+
+
 def _ratios_by_writes(f: dict[str, Any], with_fixed: bool = True) -> str:
     """The ratio judged (the baseline ÷ the 3 status writes a run needs) and beside it the ratio against
     the status writes measured, e.g. "; 1.19 × (÷3 writes); 0.79 × (÷ measured 2.0)"."""
@@ -391,7 +493,7 @@ def details(row: dict[str, Any]) -> str:
     scenario = row.get("scenario")
     if row.get("error") and not set(f) - _SET_UP_FIGURES:
         # nothing was measured: the scenario's figures would all be "-"
-        return f"error: {one_line(row['error'])}"
+        return "; ".join([f"error: {one_line(row['error'])}", *_scale_verdict(f)])
     parts: list[str] = []
     if scenario == "baseline":
         parts.append(
@@ -440,7 +542,8 @@ def details(row: dict[str, Any]) -> str:
             parts.append(
                 f"CPU/run workers {fmt(cpu.get('workers'), '.0f')} ms, apiserver {fmt(cpu.get('kube-apiserver'), '.0f')} ms"
             )
-        target = f.get("target_runs_per_s")
+        parts += _scale_verdict(f)
+        target = f.get("target_runs_per_s") if scenario == "hello" else None  # scale: judge_scale's
         if target is not None:
             verdict = "met" if f.get("meets_target") else "MISSED"
             judged = " (with Events)" if f.get("runs_per_s_incl_events") is not None else ""

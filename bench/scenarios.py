@@ -38,11 +38,13 @@ from bench.observe import (
 )
 from bench.report import (
     STATUS_WRITES_A_RUN_NEEDS,
+    judge_scale,
     keep_rows_on_interrupt,
     max_overlap,
     new_row,
     percentile,
     summarize,
+    usable_cpus,
     write_target,
 )
 from kubechain.kube.client import KubeClient
@@ -1084,13 +1086,15 @@ def scale(
     """hello with each worker count, for each size of worker (threads per process). With 16 threads one
     worker already keeps this machine's cores busy; with 1 thread a worker cannot, so that series shows
     throughput growing with workers until the shared cores are the limit. Small workers get half of the
-    runs (each row takes ~10-25 s: long enough to average over this machine's drift)."""
+    runs (each row takes ~10-25 s: long enough to average over this machine's drift). The rows are judged
+    on that, not on the hello target (:func:`judge_scale`)."""
     rows: list[dict[str, Any]] = []
     try:
         _scale_rows(ctx, n, worker_counts, timeout_s, thread_counts, rows)
     except KeyboardInterrupt as exc:
         keep_rows_on_interrupt(exc, rows)
         raise
+    judge_scale(rows, usable_cpus())
     return rows
 
 

@@ -293,7 +293,7 @@ def test_render_table_from_a_fixed_result() -> None:
     assert "peak RSS 315 MiB" in body and "TIMED OUT" in body and "1 FAILED" in body
     assert "1 straggler(s), worst 200 s (waited 190 s in SendContextWindowToLLM)" in body
     assert "API errors PATCH taskruns/status 504 ×1" in body and "POST taskruns 409" not in body
-    assert "target ≥ 5.0 runs/s: met" in body
+    assert "target ≥ 5.0" not in body, "the hello verdict does not apply to a scale row"
     assert "ERROR" in body and "worker exited" in body
     # the CPU table only lists rows that measured CPU
     cpu_header = next(i for i, line in enumerate(lines) if line.startswith("CPU seconds"))
@@ -1396,3 +1396,78 @@ def test_the_hello_verdict_shows_its_ratio_against_the_measured_writes_too() -> 
     assert [r["ratio_by_measured_writes"] for r in s["rounds"]] == [0.793, 0.793]
     text = bench_run.render_table({"rows": [summary]})
     assert "= 1.19 × target (÷3 writes); 0.79 × (÷ measured 2.0)" in text
+
+
+def _scale_row(label: str, workers: int, threads: int, rate: float | None, busy: float) -> dict[str, Any]:
+    """A scale row of ``rate`` runs/s whose window kept ``busy`` of 2 cores busy (1.0 = both)."""
+    figures: dict[str, Any] = {"n": 100, "completed": 100, "failed": 0}
+    if rate is not None:
+        figures |= {
+            "runs_per_s": rate + 1,
+            "runs_per_s_incl_events": rate,
+            "target_runs_per_s": 5.0,
+            "meets_target": True,
+            "ratio": rate / 5.0,
+        }
+    return {
+        "scenario": "scale",
+        "label": label,
+        "workers": workers,
+        "pool": "threads",
+        "concurrency": threads,
+        "n": 100,
+        "figures": figures,
+        "cpu_s": {"machine": 2 * busy * 10.0},
+        "cpu_wall_s": 10.0,
+        "timed_out": False,
+        "error": None if rate is not None else "RuntimeError: stack did not start",
+    }
+
+
+def test_scale_is_judged_on_throughput_growing_with_workers_until_the_machine_is_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scale rows showed the hello verdict (runs/s against the write rate) and none for the issue's
+    scale target: throughput growing with workers until the API server is the limit."""
+    from bench import scenarios
+
+    made = {
+        "scale-1w": _scale_row("scale-1w", 1, 16, 20.0, 0.99),
+        "scale-2w": _scale_row("scale-2w", 2, 16, 19.0, 0.99),  # flat, but the cores were full: met
+        "scale-4w": _scale_row("scale-4w", 4, 16, 19.5, 0.99),
+        "scale-1w-1t": _scale_row("scale-1w-1t", 1, 1, 10.0, 0.50),
+        "scale-2w-1t": _scale_row("scale-2w-1t", 2, 1, 18.0, 0.70),  # +80 %: met
+        "scale-4w-1t": _scale_row("scale-4w-1t", 4, 1, 18.5, 0.95),  # +3 % with cores 70 % busy: MISSED
+    }
+    monkeypatch.setattr(scenarios, "hello", lambda ctx, n, label, **_: [dict(made[label])])
+    monkeypatch.setattr(scenarios, "remove_bench_namespaces", lambda ctx: None)
+    monkeypatch.setattr(scenarios, "usable_cpus", lambda: 2)
+    ctx = type("Ctx", (), {"progress": staticmethod(lambda m: None)})()
+    rows = scenarios.scale(ctx, 100, (1, 2, 4), 300, (16, 1))
+    steps = {row["label"]: row["figures"].get("scale_step") for row in rows}
+    assert steps["scale-1w"] == {"reference": True}
+    assert steps["scale-2w"]["verdict"] == "saturated" and steps["scale-2w"]["meets_target"] is True
+    assert steps["scale-2w"]["busy_pct_before"] == 99.0 and steps["scale-2w"]["growth"] == -0.05
+    assert steps["scale-2w-1t"]["verdict"] == "grew" and steps["scale-2w-1t"]["growth"] == 0.8
+    assert steps["scale-4w-1t"]["verdict"] == "MISSED" and steps["scale-4w-1t"]["meets_target"] is False
+    series = {row["label"]: row["figures"].get("scale_series") for row in rows}
+    assert series["scale-4w"] == {"threads": 16, "meets_target": True}
+    assert series["scale-4w-1t"] == {"threads": 1, "meets_target": False}
+    for row in rows:  # the hello verdict does not apply to a scale row
+        assert row["figures"].get("target_runs_per_s") is None and row["figures"].get("meets_target") is None
+    text = bench_run.render_table({"machine": {"nproc": 2}, "rows": rows})
+    assert "target ≥" not in text
+    line = {label: next(x for x in text.splitlines() if x.startswith(f"| {label} ")) for label in made}
+    assert "first of its series: the reference" in line["scale-1w"]
+    assert "vs 1 worker(s): -5 %, machine 99 % busy with 1 (saturated: met)" in line["scale-2w"]
+    assert "vs 1 worker(s): +80 % (grew: met)" in line["scale-2w-1t"]
+    assert "vs 2 worker(s): +3 %, machine 70 % busy with 2 (MISSED)" in line["scale-4w-1t"]
+    assert "scale target (threads × 1): MISSED" in line["scale-4w-1t"]
+    assert "scale target (threads × 16): met" in line["scale-4w"]
+
+    made["scale-2w-1t"] = _scale_row("scale-2w-1t", 2, 1, None, 0.0)  # a row that failed
+    rows = scenarios.scale(ctx, 100, (1, 2, 4), 300, (1,))
+    steps = {row["label"]: row["figures"].get("scale_step") for row in rows}
+    assert steps["scale-2w-1t"]["verdict"] == "MISSED"
+    assert steps["scale-4w-1t"]["verdict"] is None, "nothing to compare with"
+    assert rows[-1]["figures"]["scale_series"]["meets_target"] is False
