@@ -82,9 +82,15 @@ class Timeline:
         return self.sightings[-1].phase if self.sightings else ""
 
 
+class WatchFailed(RuntimeError):
+    """The thread of a watch the bench records with ended on an error: what it waited for cannot be seen."""
+
+
 class NamespaceWatch:
     """Watch one plural in one namespace on a thread, handing each event to ``on_event``. Resumes after
-    the watch's server-side timeout; after 410 Gone, ``resync`` starts it over."""
+    the watch's server-side timeout; after 410 Gone, ``resync`` starts it over (tried again, like a
+    watch, when it fails). An unexpected error ends the thread: ``failure`` holds it, and
+    ``_failed`` tells whoever waits on the watch."""
 
     def __init__(self, kubeconfig: str, plural: str, namespace: str, watch_timeout_s: int = 60) -> None:
         self.kubeconfig = kubeconfig
@@ -95,6 +101,7 @@ class NamespaceWatch:
         self._rv = ""
         self._thread: threading.Thread | None = None
         self.errors = 0
+        self.failure: BaseException | None = None
 
     @cached_property
     def kube(self) -> KubeClient:
@@ -107,10 +114,27 @@ class NamespaceWatch:
         """Where a watch starts without a resourceVersion: here, with the current objects as ADDED."""
         self._rv = ""
 
+    def _failed(self) -> None:
+        """The thread ended on ``failure``."""
+
     def _run(self) -> None:
+        try:
+            self._watch_until_stopped()
+        except Exception as exc:  # noqa: BLE001 - kept for the waiter, which raises it
+            if self._stop.is_set():
+                return
+            log.warning("watch %s in %s stopped: %r", self.plural, self.namespace, exc)
+            self.failure = exc
+            self._failed()
+
+    def _watch_until_stopped(self) -> None:
         backoff = 0.1
+        relist = False
         while not self._stop.is_set():
             try:
+                if relist:
+                    self.resync()
+                    relist = False
                 for event in self.kube.watch_raw(self.plural, self.namespace, self._rv, self.watch_timeout_s):
                     t = time.time()
                     if self._stop.is_set():
@@ -121,7 +145,7 @@ class NamespaceWatch:
                     self._rv = str((obj.get("metadata") or {}).get("resourceVersion") or "") or self._rv
                     backoff = 0.1
             except Gone:
-                self.resync()
+                relist = True  # (in the try above: a list that fails is tried again, after a back-off)
             except (KubeAPIError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     return
@@ -179,6 +203,10 @@ class WatchRecorder(NamespaceWatch):
                 # events of every run cost the benchmark a fifth of its CPU.
                 self.changed.notify_all()
 
+    def _failed(self) -> None:
+        with self.changed:
+            self.changed.notify_all()  # wait_for raises it at once, not at its deadline
+
     def resync(self) -> None:
         # A list, synchronously from start(), so that everything created after start() is seen as an event.
         items, rv = self.kube.list_raw(self.plural, self.namespace)
@@ -217,6 +245,11 @@ class WatchRecorder(NamespaceWatch):
         while True:
             if not pending:
                 return True
+            if self.failure is not None:
+                raise WatchFailed(
+                    f"the bench's watch of {self.plural} in {self.namespace} stopped: "
+                    f"{type(self.failure).__name__}: {self.failure}"
+                ) from self.failure
             if check is not None:
                 check()
             now = time.monotonic()

@@ -1471,3 +1471,86 @@ def test_scale_is_judged_on_throughput_growing_with_workers_until_the_machine_is
     assert steps["scale-2w-1t"]["verdict"] == "MISSED"
     assert steps["scale-4w-1t"]["verdict"] is None, "nothing to compare with"
     assert rows[-1]["figures"]["scale_series"]["meets_target"] is False
+
+
+class _ScriptedWatchKube:
+    """A KubeClient's watch_raw and list_raw for a WatchRecorder, each answering from a script: an item
+    that is an exception is raised, a list of events is streamed."""
+
+    def __init__(self, watches: list[Any], lists: list[Any]) -> None:
+        import threading
+
+        self.watches, self.lists = watches, lists
+        self.idle = threading.Event()  # set when the watch script is used up
+
+    def watch_raw(self, *_: Any) -> Any:
+        if not self.watches:
+            self.idle.set()
+            self.idle.wait(0.05)
+            return
+        item = self.watches.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        yield from item
+
+    def list_raw(self, *_: Any) -> tuple[list[dict[str, Any]], str]:
+        item = self.lists.pop(0) if self.lists else ([], "1")
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        pass
+
+
+def _taskrun_event(kind: str, name: str, rv: int, phase: str) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "object": {"metadata": {"name": name, "resourceVersion": str(rv)}, "status": {"phase": phase}},
+    }
+
+
+def test_a_watch_whose_relist_fails_once_relists_again() -> None:
+    """After 410 Gone the recorder relisted from inside its except clause: a LIST failing then ended the
+    recorder's thread, silently, and its row could only time out."""
+    import time
+
+    from bench.observe import WatchRecorder
+    from kubechain.kube.errors import Gone, Unavailable
+
+    kube = _ScriptedWatchKube(
+        watches=[Gone(410, "Expired", "too old"), [_taskrun_event("MODIFIED", "run-1", 7, "FinalAnswer")]],
+        lists=[([], "1"), Unavailable(0, "Unavailable", "connection refused"), ([], "5")],
+    )
+    recorder = WatchRecorder("unused", "taskruns", "ns")
+    recorder.__dict__["kube"] = kube
+    recorder.start()
+    try:
+        assert recorder.wait_for(["run-1"], ("FinalAnswer",), time.monotonic() + 10) is True
+        assert recorder.errors == 1 and recorder.failure is None
+    finally:
+        kube.idle.set()
+        recorder.stop()
+
+
+def test_a_recorder_whose_thread_died_fails_its_wait_at_once_with_the_error() -> None:
+    import time
+
+    from bench.observe import WatchFailed, WatchRecorder
+    from kubechain.kube.errors import Gone
+
+    kube = _ScriptedWatchKube(
+        watches=[Gone(410, "Expired", "too old")],
+        lists=[([], "1"), RuntimeError("the list's answer was not JSON")],
+    )
+    recorder = WatchRecorder("unused", "taskruns", "ns")
+    recorder.__dict__["kube"] = kube
+    recorder.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(WatchFailed, match="the list's answer was not JSON"):
+            recorder.wait_for(["run-1"], ("FinalAnswer",), time.monotonic() + 60)
+        assert time.monotonic() - started < 10
+    finally:
+        kube.idle.set()
+        recorder.stop()
