@@ -52,6 +52,21 @@ class TricklingServer:
 
 
 @pytest.mark.slow
+def calling_in_a_thread(url: str) -> tuple[threading.Thread, list[BaseException | str]]:
+    """A POST to ``url`` with a 1 s timeout, on a thread of its own: its result or ToolError, once ended."""
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(call_external_api(url, "POST", {}, None, timeout_s=1.0))
+        except ToolError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """httpx's timeout bounds each read; a trickle never trips it, so the deadline must."""
     import kubechain.tools.external_api as external_api
@@ -66,16 +81,7 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.M
 
     monkeypatch.setattr(external_api, "shut_at", spied)
     server = TricklingServer()
-    outcome: list[BaseException | str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(call_external_api(server.url, "POST", {}, None, timeout_s=1.0))
-        except ToolError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
+    thread, outcome = calling_in_a_thread(server.url)
     thread.join(timeout=60)  # a bound on a hang, not a speed target
     server.server.shutdown()
     assert not thread.is_alive(), "the call outlived its timeout by a minute"
@@ -120,16 +126,7 @@ def test_headers_that_trickle_in_time_out_at_the_deadline_and_the_connection_is_
     from kubechain.testing.waiting import wait_for
 
     server = HeaderTricklingServer()
-    outcome: list[BaseException | str] = []
-
-    def call() -> None:
-        try:
-            outcome.append(call_external_api(server.url, "POST", {}, None, timeout_s=1.0))
-        except ToolError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
+    thread, outcome = calling_in_a_thread(server.url)
     try:
         wait_for(lambda: not thread.is_alive(), timeout_s=30, what="the call to end")
         (error,) = outcome

@@ -1302,10 +1302,9 @@ def test_handler_failures_are_forgotten_once_their_object_moves_on_or_goes() -> 
     assert informer._failures == {}
 
 
-def test_without_leader_election_the_first_lists_are_not_routed_as_events(monkeypatch: Any) -> None:
-    """With no Lease the watcher acted at once: each object of the first lists went through the event
-    path, so every restart prompted every finished run's Task and delegating tool call again. Like a
-    leader, it now acts once the first lists are in, by its start-up resync."""
+def listing_a_finished_and_a_pending_run(monkeypatch: Any) -> tuple[FakeKubeClient, dict[str, Any]]:
+    """An API server whose lists hold a finished run (of a Task, started by a delegating call: an event
+    for it would prompt both) and a pending one (which a resync prepares)."""
     finished = run("TaskRun", {"name": "done", "status": {"phase": "FinalAnswer"}}, "3")
     finished["spec"] = {"taskRef": {"name": "t"}}
     finished["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "delegating", "uid": "c"}]
@@ -1315,6 +1314,14 @@ def test_without_leader_election_the_first_lists_are_not_routed_as_events(monkey
     monkeypatch.setattr(
         kube, "list_pages", lambda plural, *_, **__: iter([(copy.deepcopy(listed.get(plural, [])), "9")])
     )
+    return kube, pending
+
+
+def test_without_leader_election_the_first_lists_are_not_routed_as_events(monkeypatch: Any) -> None:
+    """With no Lease the watcher acted at once: each object of the first lists went through the event
+    path, so every restart prompted every finished run's Task and delegating tool call again. Like a
+    leader, it now acts once the first lists are in, by its start-up resync."""
+    kube, pending = listing_a_finished_and_a_pending_run(monkeypatch)
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
 
     def spawn(target: Any, name: str) -> None:
@@ -1703,15 +1710,7 @@ def test_a_first_list_in_after_the_start_up_deadline_is_not_routed_as_events(mon
     an ordinary resync decides what its objects need."""
     import watcher.main as main
 
-    finished = run("TaskRun", {"name": "done", "status": {"phase": "FinalAnswer"}}, "3")
-    finished["spec"] = {"taskRef": {"name": "t"}}
-    finished["metadata"]["ownerReferences"] = [{"kind": "TaskRunToolCall", "name": "delegating", "uid": "c"}]
-    pending = run("TaskRun", {"name": "pending", "status": {"phase": "Pending"}}, "4")
-    kube = FakeKubeClient()
-    listed = {"taskruns": [finished, pending]}
-    monkeypatch.setattr(
-        kube, "list_pages", lambda plural, *_, **__: iter([(copy.deepcopy(listed.get(plural, [])), "9")])
-    )
+    kube, pending = listing_a_finished_and_a_pending_run(monkeypatch)
     monkeypatch.setattr(main, "INITIAL_SYNC_TIMEOUT_S", 0.0)
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
     late: list[Informer] = []
