@@ -287,6 +287,27 @@ def round_summary(rows: Sequence[dict[str, Any]], label: str) -> dict[str, Any] 
     }
 
 
+def judge_rounds_as_summarised(rows: Sequence[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Each round's row, judged as the median judged it: between the baselines either side of it. A row
+    is judged when it is measured, before the baseline after it exists; left so, its verdict and ratio
+    disagreed with the same round's in the median's list."""
+    label = summary["figures"]["of"]
+    by_round = {entry["round"]: entry for entry in summary["figures"]["rounds"]}
+    for row in rows:
+        entry = by_round.get(row.get("round")) if row.get("label") == label else None
+        if entry is None or not entry.get("baseline_before_after") or row.get("error"):
+            continue
+        f = row.setdefault("figures", {})
+        f["baseline_writes_per_s"] = entry["baseline_writes_per_s"]
+        f["baseline_before_after"] = entry["baseline_before_after"]
+        f["target_runs_per_s"] = entry["target_runs_per_s"]
+        f["ratio"] = entry["ratio"]
+        f["ratio_by_measured_writes"] = entry["ratio_by_measured_writes"]
+        f["meets_target"] = (
+            not entry.get("counted_as_0") and entry["ratio"] is not None and entry["ratio"] >= 1.0
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Machine and versions
 # --------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from bench.report import (
     error_row,
     fmt,
     headline,
+    judge_rounds_as_summarised,
     keep_rows_on_interrupt,
     machine_info,
     machine_line,
@@ -52,6 +53,7 @@ __all__ = [
     "details",
     "fmt",
     "headline",
+    "judge_rounds_as_summarised",
     "machine_info",
     "machine_line",
     "main",
@@ -545,6 +547,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
             for label in ("hello", "hello-operator"):
                 summary = round_summary(result["rows"], label)
                 if summary:
+                    judge_rounds_as_summarised(result["rows"], summary)
                     result["rows"].append(summary)
         except KeyboardInterrupt as exc:
             result["interrupted"] = interrupt_cause(exc)

@@ -900,6 +900,34 @@ def test_each_round_is_judged_between_the_baselines_either_side_of_it() -> None:
     assert second["baseline_before_after"] == [480.0, 420.0] and second["target_runs_per_s"] == 75.0
 
 
+def test_each_rounds_row_shows_the_verdict_the_median_used_not_the_one_before_the_next_baseline() -> None:
+    """A round's row was judged when it was measured, against the baseline before it alone; the median
+    then judged the same round between both baselines, and the table showed the two disagreeing
+    ("met (1.39 ×)" in the row, 1.24 × in the median's list)."""
+    rows = [
+        {"scenario": "baseline", "label": "baseline", "round": 1, "figures": {"writes_per_s": 300.0}},
+        _hello_round(1, 300.0, 70.0),
+        {"scenario": "baseline", "label": "baseline", "round": 2, "figures": {"writes_per_s": 500.0}},
+        _hello_round(2, 500.0, 70.0),
+        {"scenario": "baseline", "label": "baseline", "round": 3, "figures": {"writes_per_s": 500.0}},
+    ]
+    rows[1]["figures"].update(ratio=1.4, meets_target=True, ratio_by_measured_writes=0.93)
+    summary = bench_run.round_summary(rows, "hello")
+    assert summary is not None
+    bench_run.judge_rounds_as_summarised(rows, summary)
+    first = rows[1]["figures"]
+    assert first["target_runs_per_s"] == 66.67  # 0.5 × (300 + 500) / 2 / 3
+    assert first["ratio"] == 1.05 and first["meets_target"] is True
+    assert first["baseline_before_after"] == [300.0, 500.0]
+    second = rows[3]["figures"]
+    assert (
+        second["target_runs_per_s"] == 83.33 and second["ratio"] == 0.84 and second["meets_target"] is False
+    )
+    table = bench_run.render_table({"machine": {}, "rows": [*rows, summary]})
+    assert "target ≥ 66.7 runs/s (with Events): met (1.05 × (÷3 writes)" in table
+    assert "1.40 ×" not in table
+
+
 def _dead_operator(tmp_path: Path) -> Any:
     """An --operator that printed a line and exited with 3, as one whose flags are wrong does."""
     from types import SimpleNamespace
