@@ -51,7 +51,8 @@ class Forbidden(KubeAPIError):
 class TooLarge(KubeAPIError):
     """The object or request is over a size limit: the API server's 413 for a body over 3 MiB, or etcd's
     refusal of an object over its request limit (1.5 MiB by default), which the API server answers with a
-    500. Retrying the same write cannot succeed."""
+    500, and gRPC's ResourceExhausted for a request over the API server's etcd client limit (2 MiB), also
+    a 500. Retrying the same write cannot succeed."""
 
 
 class Unavailable(KubeAPIError):
@@ -65,6 +66,9 @@ class Unauthorized(Unavailable):
 
 
 ETCD_TOO_LARGE = "etcdserver: request is too large"
+# the API server's etcd client refusing to send (or etcd to receive) a message over gRPC's size limit:
+# "rpc error: code = ResourceExhausted desc = trying to send message larger than max (2500513 vs. 2097152)"
+_GRPC_TOO_LARGE = re.compile(r"code = ResourceExhausted desc = .*message larger than max")
 
 
 def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> KubeAPIError:
@@ -87,7 +91,7 @@ def error_for(status: int, body: dict[str, Any] | None, fallback: str = "") -> K
         return Unauthorized(status, reason or "Unauthorized", message, body)
     if status == 403:
         return Forbidden(status, reason or "Forbidden", message, body)
-    if status == 413 or (status == 500 and ETCD_TOO_LARGE in message):
+    if status == 413 or (status == 500 and (ETCD_TOO_LARGE in message or _GRPC_TOO_LARGE.search(message))):
         return TooLarge(status, reason or "RequestEntityTooLarge", message, body)
     if status == 429 or status >= 500:
         return Unavailable(status, reason or "Unavailable", message, body)

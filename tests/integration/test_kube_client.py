@@ -405,6 +405,25 @@ def test_a_context_window_the_limit_lets_through_is_one_etcd_stores(kube: KubeCl
     assert len(stored.status.context_window or []) == 2 + 2 * fitting
 
 
+def test_a_write_over_the_etcd_clients_limit_is_too_large_not_an_outage(
+    kube: KubeClient, namespace: str
+) -> None:
+    """Between etcd's 1.5 MiB and the API server's 3 MiB body limit, a write past the API server's etcd
+    client limit (2 MiB) is refused with a 500 naming gRPC's ResourceExhausted, not etcd's "request is
+    too large": taken for an outage, it was retried as if it could succeed."""
+    from kubechain.kube.errors import TooLarge
+
+    run = kube.create(
+        TaskRun(
+            metadata=ObjectMeta(name="huge", namespace=namespace),
+            spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="m"),
+        )
+    )
+    with pytest.raises(TooLarge) as refused:
+        kube.patch_status(run, {"error": "x" * (2_500_000)})
+    assert refused.value.status == 500
+
+
 @pytest.mark.parametrize("name", ["x?watch=true", "x#y", "x?"])
 def test_a_name_with_characters_of_a_url_names_no_object_on_the_api_server(
     kube: KubeClient, namespace: str, name: str

@@ -86,3 +86,25 @@ def test_a_name_no_object_may_have_is_not_sent(name: str) -> None:
         kube.read_secret("default", name)
     assert [request for request in kube.requests if request[0] == "GET"] == []
     assert kube.get(Tool, "otherns", "x").name == "x"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "etcdserver: request is too large",
+        # the API server's etcd client, over its 2 MiB send limit, and etcd, over its receive limit
+        "rpc error: code = ResourceExhausted desc = trying to send message larger than max (2500513 vs. 2097152)",
+        "rpc error: code = ResourceExhausted desc = grpc: received message larger than max (3000000 vs. 2097152)",
+    ],
+)
+def test_a_500_for_a_request_over_etcds_limits_is_too_large_not_an_outage(message: str) -> None:
+    from kubechain.kube.errors import TooLarge, error_for
+
+    assert type(error_for(500, {"reason": "InternalError", "message": message})) is TooLarge
+
+
+def test_a_500_for_other_resource_exhaustion_is_an_outage() -> None:
+    from kubechain.kube.errors import Unavailable, error_for
+
+    refused = error_for(500, {"message": "rpc error: code = ResourceExhausted desc = too many requests"})
+    assert type(refused) is Unavailable

@@ -1767,8 +1767,15 @@ def test_a_tool_call_the_api_server_refuses_for_good_fails_its_run_with_the_reas
         None,
         error_for(413, {"reason": "RequestEntityTooLarge", "message": "limit is 3145728"}),
         error_for(500, {"reason": "InternalError", "message": "etcdserver: request is too large"}),
+        error_for(
+            500,
+            {
+                "message": "rpc error: code = ResourceExhausted desc = trying to send message larger than max"
+                " (2500513 vs. 2097152)"
+            },
+        ),
     ],
-    ids=["invalid-422", "too-large-413", "too-large-etcd"],
+    ids=["invalid-422", "too-large-413", "too-large-etcd", "too-large-etcd-client"],
 )
 def test_a_sub_agent_run_the_api_server_rejects_fails_the_tool_call(refusal: KubeAPIError | None) -> None:
     """A run too large to store (its message, from the LLM's arguments) is refused on every retry too."""
