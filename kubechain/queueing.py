@@ -28,7 +28,10 @@ class TaskName(StrEnum):
 
 
 class QueueName(StrEnum):
-    CONTROL = "control"  # validation and bookkeeping: fast, never behind slow LLM calls
+    CONTROL = "control"  # validation and bookkeeping: fast, never behind slow LLM calls or outside checks
+    # validations that call out (an MCP server's tool list, an LLM provider's model list, HumanLayer): an
+    # endpoint that hangs holds a thread here until its timeout, never one that prepares runs
+    CHECKS = "checks"
     LLM = "llm"
     TOOLS = "tools"
 
@@ -39,6 +42,17 @@ TASK_QUEUES: dict[TaskName, QueueName] = {
     TaskName.LLM_CALL: QueueName.LLM,
     TaskName.TOOL_CALL: QueueName.TOOLS,
 }
+
+# The kinds whose validation talks to the outside world (workers.validators): their validate goes to the
+# checks queue. The others read only the API server.
+EXTERNAL_CHECK_KINDS = frozenset({"LLM", "MCPServer", "ContactChannel"})
+
+
+def queue_for(task: TaskName, kind: str) -> QueueName:
+    """The queue a message of ``task`` about an object of ``kind`` goes to."""
+    if task is TaskName.VALIDATE and kind in EXTERNAL_CHECK_KINDS:
+        return QueueName.CHECKS
+    return TASK_QUEUES[task]
 
 
 # The time a message was published, stamped on every publish (a retry too: Celery re-sends the first payload,
@@ -156,7 +170,7 @@ def enqueue(app: Celery, task: TaskName, message: ResourceMessage, countdown_s: 
     app.send_task(
         task.value,
         args=[message.model_dump()],
-        queue=TASK_QUEUES[task].value,
+        queue=queue_for(task, message.kind).value,
         countdown=countdown_s if countdown_s > 0 else None,
         # Celery would saferepr() the whole payload for its logs; the key says more.
         argsrepr=f"[{message.key()} ({message.reason})]",

@@ -176,7 +176,7 @@ def build_context(
     settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False, runs_tools: bool = True
 ) -> WorkerContext:
     """``runs_tools``: this process consumes the tools queue, so it keeps MCP sessions open for the tool
-    calls to come. Without it (a control worker), an MCPServer's validation connects, lists the tools and
+    calls to come. Without it (a checks worker), an MCPServer's validation connects, lists the tools and
     closes: its stdio server does not keep running in a pod sized for no such children."""
     from kubechain.mcp import MCPManager, kube_secret_resolver
     from workers.mcpservers import ToolsChangedRevalidator  # it imports this module

@@ -13,7 +13,7 @@ from kubechain.settings import MAX_WORKER_CONCURRENCY
 
 @main.command()
 @click.option(
-    "--queues", "-Q", default="control,llm,tools", show_default=True, help="Celery queues to consume"
+    "--queues", "-Q", default="control,checks,llm,tools", show_default=True, help="Celery queues to consume"
 )
 @click.option(
     "--pool",

@@ -116,6 +116,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         context=context,
         workers=workers,
         worker_concurrency=concurrency,
+        # validations that call out run in a process of their own, as deployed: an MCP server or LLM
+        # endpoint that hangs holds none of the threads that prepare runs
+        checks_workers=1,
         # The Secret an LLM names decides (the README's walkthrough makes it "scripted" without a key),
         # not whether OPENAI_API_KEY happens to be set in this terminal.
         llm="by-key",

@@ -25,7 +25,7 @@ _IN_HAND: dict[str, tuple[str, str]] = {
 
 
 def in_hand(cache: Cache) -> dict[str, int]:
-    """Steps workers are executing now, by queue (the control queue's short tasks show nowhere: 0)."""
+    """Steps workers are executing now, by queue (the control and checks queues' tasks show nowhere: 0)."""
     counts = {queue.value: 0 for queue in QueueName}
     for queue, (kind, phase) in _IN_HAND.items():
         counts[queue] = sum(

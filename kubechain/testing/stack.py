@@ -29,6 +29,7 @@ from kubechain.kube.connection import (
 )
 from kubechain.kube.crds import apply_crds
 from kubechain.kube.errors import KubeAPIError, transport_reason
+from kubechain.queueing import QueueName
 from kubechain.statemachines.lease import lease_holder
 from kubechain.testing.controlplane import (
     LocalControlPlane,
@@ -83,7 +84,11 @@ class StackOptions:
     # switches to while they run; None: the kubeconfig's current context
     context: str | None = None
     workers: int = 1
-    worker_queues: str = "control,llm,tools"
+    worker_queues: str = "control,checks,llm,tools"
+    # Processes of their own for the checks queue (validations that call out: MCP servers, LLM providers,
+    # HumanLayer), as deploy/ and the Procfile run them; the other workers then leave it to them, so a
+    # check that hangs never holds a thread a run's prepare needs. 0: the workers take it too.
+    checks_workers: int = 0
     worker_pool: str = "threads"
     worker_concurrency: int = 16
     watchers: int = 1
@@ -126,6 +131,7 @@ class LocalStack:
         self.llm_process: ManagedProcess | None = None
         self.watchers: dict[str, ManagedProcess] = {}
         self.workers: dict[str, ManagedProcess] = {}
+        self._queues: dict[str, str] = {}  # worker name -> the queues it consumes (a restart keeps them)
         self.metrics_ports: dict[str, int] = {}  # process name -> its /metrics port
         # The watchers' leader-election identities are unique per stack: two stacks on one cluster (two
         # `kubechain up --cluster current`) must not both believe they hold the Lease as "watcher-0".
@@ -167,7 +173,9 @@ class LocalStack:
         for index in range(self.options.watchers):
             self.start_watcher(f"watcher-{index}")
         for index in range(self.options.workers):
-            self.start_worker(f"worker-{index}")
+            self.start_worker(f"worker-{index}", self.queues_of_workers())
+        for index in range(self.options.checks_workers):
+            self.start_worker(f"checks-{index}", QueueName.CHECKS.value)
         if self.options.supervise:
             threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
@@ -311,14 +319,25 @@ class LocalStack:
         self.progress(f"{name} started (pid {process.pid})")
         return process
 
+    def queues_of_workers(self) -> str:
+        """The queues of the workers (``worker-N``): ``worker_queues``, less checks when checks workers
+        take it."""
+        queues = [queue for queue in self.options.worker_queues.split(",") if queue]
+        if self.options.checks_workers:
+            queues = [queue for queue in queues if queue != QueueName.CHECKS.value]
+        return ",".join(queues)
+
     def start_worker(self, name: str, queues: str | None = None) -> ManagedProcess:
+        """Start worker ``name`` on ``queues``; by default those it consumed when it last ran, or the
+        workers' (:meth:`queues_of_workers`)."""
+        queues = queues or self._queues.get(name) or self.queues_of_workers()
         argv = [
             sys.executable,
             "-m",
             "kubechain.cli",
             "worker",
             "--queues",
-            queues or self.options.worker_queues,
+            queues,
             "--pool",
             self.options.worker_pool,
             "--concurrency",
@@ -330,7 +349,8 @@ class LocalStack:
         process = ManagedProcess(name, argv, self.logs / f"{name}.log", env=env)
         process.start()
         self.workers[name] = process
-        self.progress(f"{name} started (pid {process.pid}, queues {queues or self.options.worker_queues})")
+        self._queues[name] = queues
+        self.progress(f"{name} started (pid {process.pid}, queues {queues})")
         return process
 
 

@@ -1158,6 +1158,7 @@ def test_scaling_answers_each_queues_backlog_plus_the_steps_in_hand() -> None:
         assert answer.status_code == 200
         assert answer.json() == {
             "control": {"backlog": 1, "inHand": 0, "demand": 1},
+            "checks": {"backlog": 0, "inHand": 0, "demand": 0},
             "llm": {"backlog": 3, "inHand": 2, "demand": 5},
             "tools": {"backlog": 0, "inHand": 1, "demand": 1},
         }
