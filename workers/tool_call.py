@@ -134,6 +134,7 @@ class Executor:
                 self.problem = (
                     f'MCP server "{self.target.name}" not found for tool "{self.toolcall.spec.tool_ref.name}"'
                 )
+                self._disconnect_deleted(ns, self.target.name)
             else:
                 # A tool whose own name the LLM APIs refuse was offered under another (mcp_function_name).
                 listed = [tool.name for tool in self.server.status.tools or []]
@@ -165,6 +166,17 @@ class Executor:
             self.human_channel = self.target.name
         else:
             self.problem = f"{self.target.kind} tools are not supported by this worker yet"
+
+    def _disconnect_deleted(self, namespace: str, name: str) -> None:
+        """This process's session of an MCPServer found deleted ends here: nothing else tells a tools
+        worker (validations run elsewhere), and it would keep its stdio child, with the server's secrets
+        in its environment, until its idle timeout. A call in flight on it still gets its answer."""
+        if self.ctx.mcp is None:
+            return
+        try:
+            self.ctx.mcp.disconnect(namespace, name)
+        except ToolError as exc:  # MCPError: the idle timeout closes it in the end
+            log.warning("MCP server %s/%s was deleted; closing its session failed: %s", namespace, name, exc)
 
     @property
     def idempotent(self) -> bool:

@@ -12,7 +12,8 @@ or if the server is declared idempotent (``spec.idempotent``); otherwise MCPErro
 
 Idle sessions close: every process that used an MCPServer holds a session (a stdio child with the
 server's secrets in its environment), and no message reaches every process when the MCPServer is deleted
-or stops being used. A session unused for ``idle_timeout_s`` is closed; the next call reconnects.
+or stops being used (a tool call that finds it deleted disconnects it; nothing else may name it again). A
+session unused for ``idle_timeout_s`` is closed; the next call reconnects.
 
 Tool-list changes: a session that hears its server's tool list changed tells ``on_tools_changed``
 (namespace, name), on a thread of its own: the callback may block, the loop is every session's.

@@ -218,6 +218,35 @@ def test_deleted_server_is_disconnected(kube: FakeKubeClient, manager: MCPManage
     assert not manager.connected("default", "time")
 
 
+def test_a_deleted_servers_session_closes_when_a_tool_call_names_it(
+    kube: FakeKubeClient, manager: MCPManager
+) -> None:
+    """A tools worker's session (its stdio child, with the server's secrets in its environment) of an
+    MCPServer since deleted: the next tool call that names the server, and finds it gone, closes it. It
+    stayed open until the session's idle timeout (15 minutes): validations run in other processes."""
+    from tests.unit.fakes import message
+    from tests.unit.test_mcp_manager import alive
+    from tests.unit.test_toolcall_robustness import agent_with, calling, start_turn, toolcall_status
+    from workers.tool_call import tool_call
+
+    create(kube, "MCPServer", "mcpservers", "time", {"transport": "stdio", "command": TIME_SERVER})
+    ctx = agent_with(
+        kube, calling("time__get_current_time", '{"timezone": "UTC"}'), {}, mcpServers=[{"name": "time"}]
+    )
+    ctx.mcp = manager  # a worker that runs tool calls: its sessions stay open
+    run_validate(ctx, "time")
+    validate(ctx, message("Agent", "a"))
+    (name,) = start_turn(ctx, kube)
+    pid = manager.stdio_pid("default", "time")
+    assert pid is not None and manager.connected("default", "time")
+
+    kube.delete("mcpservers", "default", "time")
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert 'MCP server "time" not found' in toolcall_status(kube, name)["error"]
+    assert not manager.connected("default", "time"), "the session of a deleted server is still open"
+    assert not alive(pid), "its stdio child still runs"
+
+
 def unreachable_kubeconfig(tmp_path: Path) -> str:
     """A kubeconfig naming an API server nobody answers at (for building a worker's context)."""
     import yaml
