@@ -270,6 +270,9 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
         tuple(sorted(str(tool.get("name")) for tool in tools if isinstance(tool, Mapping))),
         # a delegating Tool retargeted: its Agents require the new target to exist
         _delegation_target(obj) if kind == "Tool" else None,
+        # a Tool's spec.name is the function name its Agents offer: a rename may clash with another of
+        # theirs (or with an MCP server's prefix), which only their validation sees
+        ((obj.get("spec") or {}).get("name") or None) if kind == "Tool" else None,
     )
 
 

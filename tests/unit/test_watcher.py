@@ -1122,6 +1122,24 @@ def test_a_tool_renamed_on_an_mcp_server_revalidates_the_agents_that_use_it() ->
     assert watcher._outbox.empty(), "an unchanged tool list prompts nothing"
 
 
+def test_a_tool_whose_spec_name_is_changed_revalidates_the_agents_that_grant_it() -> None:
+    """The name an Agent offers its LLM for a Tool is its spec.name: a rename can make two of an Agent's
+    functions one name (or one that names an MCP server's tool), which only the Agent's validation sees.
+    The Tool's readiness stayed the same, so its Agents were not re-validated and stayed Ready."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    informers["Agent"].cache[("default", "a")] = ready("Agent", "a", {"tools": [{"name": "t"}]})
+    before = ready("Tool", "t", {"name": "add", "execute": {"builtin": {"name": "add"}}})
+    after = copy.deepcopy(before)
+    after["spec"]["name"] = "plus"
+    after["metadata"]["resourceVersion"] = "2"
+    watcher._on_event("Tool", "MODIFIED", after, before)
+    queued = []
+    while not watcher._outbox.empty():
+        queued.append(watcher._outbox.get_nowait()[0])
+    assert ("Agent", "a") in [(w.kind, w.name) for w in queued], "the Tool's function name changed"
+
+
 def test_scaling_answers_each_queues_backlog_plus_the_steps_in_hand() -> None:
     """KEDA's Redis scaler sees only messages no worker has taken: with every thread busy and none waiting
     it read 0 and removed busy workers. /scaling adds the steps in hand, as the resources show them."""
