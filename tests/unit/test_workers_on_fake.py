@@ -1026,7 +1026,9 @@ def _llm_key_check(kube: FakeKubeClient, failure: LLMError | None, ready_before:
     kube.add_secret("default", "anthropic", {"ANTHROPIC_API_KEY": "sk-ant-1"})
     create(kube, "LLM", "llms", "claude", {"provider": "anthropic"})
     if ready_before:
-        kube.patch_status_raw("llms", "default", "claude", None, {"ready": True, "status": "Ready"})
+        # as its validation leaves it: Ready for the generation it checked
+        ready = {"ready": True, "status": "Ready", "observedGeneration": 1}
+        kube.patch_status_raw("llms", "default", "claude", None, ready)
     validate(context(kube, checker), message("LLM", "claude"))
     return dict(kube.get_raw("llms", "default", "claude")["status"])
 
@@ -1036,6 +1038,30 @@ def test_a_provider_overloaded_for_a_moment_leaves_a_working_llm_ready() -> None
     assert _llm_key_check(FakeKubeClient(), overloaded, ready_before=True)["status"] == "Ready"
     first_check = _llm_key_check(FakeKubeClient(), overloaded, ready_before=False)
     assert first_check["status"] == "Error" and "529" in first_check["statusDetail"]
+
+
+def test_a_ready_llm_edited_to_an_endpoint_that_does_not_answer_is_not_ready() -> None:
+    """Only the spec that was checked is known to work: a Ready LLM whose spec was edited (a baseUrl
+    nothing listens on) kept its Ready status, for the old spec, as if the new one met an outage."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    _llm_key_check(kube, None, ready_before=False)
+    edited = {"spec": {"parameters": {"baseUrl": "http://127.0.0.1:9/v1"}}}
+    kube.request("PATCH", custom_path("llms", "default", "claude"), body=edited)
+    unreachable = LLMError(
+        "LLM request failed: Connection refused (http://127.0.0.1:9/v1/models)", retryable=True
+    )
+    checker = FakeLLM(lambda r: LLMResponse(content="x"))
+
+    def check() -> None:
+        raise unreachable
+
+    checker.validate_credentials = check  # type: ignore[method-assign]
+    validate(context(kube, checker), message("LLM", "claude"))
+    status = kube.get_raw("llms", "default", "claude")["status"]
+    assert (status["status"], status["ready"], status["observedGeneration"]) == ("Error", False, 2), status
+    assert status["statusDetail"] == f"Anthropic API key validation failed: {unreachable}"
 
 
 def test_a_key_check_that_meets_a_rate_limit_leaves_a_working_llm_ready() -> None:
