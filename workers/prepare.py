@@ -25,7 +25,7 @@ from kubechain.statemachines.taskrun import (
     plan_sub_agent_not_waited_for,
     tool_calls_created,
 )
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.transition import Transition, validated_as_it_stands
 from workers import delegation
 from workers.context import WorkerContext
 from workers.llm_call import resume_turn, take_turn_now
@@ -104,10 +104,10 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
     )
     agent = None
     if agent_name:
-        # A Ready agent read a moment ago is good enough; anything else is read fresh, so a run never
-        # waits on a stale "not ready".
+        # A Ready agent read a moment ago, validated as its spec stands, is good enough; anything else is
+        # read fresh, so a run never waits on a stale "not ready".
         agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
-        if agent is None or not agent.status.ready:
+        if agent is None or not agent.status.ready or not validated_as_it_stands(agent):
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), ctx.limits)
     if transition is not None:

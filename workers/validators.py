@@ -11,7 +11,7 @@ from kubechain.llm.base import LLMError, parameter_notes
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
 from kubechain.models.labels import is_object_name
 from kubechain.queueing import ResourceMessage
-from kubechain.statemachines.transition import Transition
+from kubechain.statemachines.transition import Transition, validated_as_it_stands
 from kubechain.statemachines.validation import (
     AgentDependencies,
     delegates_to,
@@ -180,7 +180,7 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
     run = taskrun_for_task(task)
-    if run_was_refused(task) and agent is not None and agent.status.ready:
+    if run_was_refused(task) and agent is not None and agent.status.ready and validated_as_it_stands(agent):
         # Its run was refused last time (a quota, a policy): try again before claiming Ready, so a refusal
         # that persists leaves the Task in Error instead of flapping to Ready on every resync.
         if create_children(ctx, task, [run]) is not None:

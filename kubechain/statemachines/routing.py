@@ -264,6 +264,9 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
     tools = status.get("tools") or []
     return (
         status.get("ready"),
+        # whether the status is about the spec as it stands: a run or a Task does not start on an Agent
+        # edited since it was validated, and waits for the validation that follows, Ready as before
+        status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation"),
         status.get("status"),
         status.get("connected"),
         # the names, not their number: a tool renamed changes what an Agent offers (and its conflicts)

@@ -49,6 +49,7 @@ from kubechain.statemachines.transition import (
     precise_timestamp,
     status_differs,
     timestamp,
+    validated_as_it_stands,
     warning,
 )
 
@@ -170,6 +171,11 @@ def plan_initial_context(
             # what the Agent itself waits for (an MCP server that cannot start, say): the run's watchers
             # (`kubechain run`, kubectl) see why without looking at the Agent
             detail += f": {truncate(agent.status.status_detail, AGENT_DETAIL_BYTES)}"
+        return _wait(run, current, detail, "Waiting")
+    if not validated_as_it_stands(agent):
+        # Ready for a spec it no longer has (a new llmRef, a Tool taken away): its validation, which the
+        # edit prompted, decides; the run is prompted again when the Agent's status catches up.
+        detail = f'Waiting for agent "{agent_name}" to be validated again: its spec changed since it was'
         return _wait(run, current, detail, "Waiting")
     user_message = run.spec.user_message or (task.spec.message if task else "")
     if not user_message:

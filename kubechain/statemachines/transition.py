@@ -45,6 +45,12 @@ class Transition:
         )
 
 
+def validated_as_it_stands(obj: Resource[Any, Any]) -> bool:
+    """Whether ``obj``'s status (Ready or not) is about its spec as it is now: a spec edited since was not
+    checked, and its old Ready says nothing about it."""
+    return bool(getattr(obj.status, "observed_generation", None) == obj.metadata.generation)
+
+
 def normal(reason: str, message: str) -> EventSpec:
     return EventSpec("Normal", reason, message)
 

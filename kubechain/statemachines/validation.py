@@ -32,7 +32,13 @@ from kubechain.statemachines.toolset import (
     human_contact_function_name,
     mcp_function_name,
 )
-from kubechain.statemachines.transition import Transition, normal, status_differs, warning
+from kubechain.statemachines.transition import (
+    Transition,
+    normal,
+    status_differs,
+    validated_as_it_stands,
+    warning,
+)
 
 
 def plan_validation(
@@ -314,4 +320,9 @@ def plan_task(task: Task, agent: Agent | None) -> Transition | None:
         return plan_validation(task, False, _not_found(Agent, name))
     if not agent.status.ready:
         return plan_validation(task, False, f'agent "{name}" is not ready', pending=True)
+    if not task.status.task_run_name and not validated_as_it_stands(agent):
+        # Its run is not started on a spec the Agent's Ready is not about. (Once the run exists, an
+        # Agent edit does not flip the Task to Pending and back.)
+        detail = f'agent "{name}" is not ready: its spec changed since it was validated'
+        return plan_validation(task, False, detail, pending=True)
     return plan_validation(task, True, "Task Run Created", success_message="Task validation successful")

@@ -161,6 +161,23 @@ def test_missing_dependencies_are_named_as_the_original_names_them() -> None:
     assert transition.status["status"] == "Error"
 
 
+def test_a_task_does_not_start_its_run_on_an_agent_edited_since_it_was_validated() -> None:
+    task = Task.model_validate(
+        {
+            "metadata": {"name": "t", "namespace": "default", "generation": 1},
+            "spec": {"agentRef": {"name": "a"}, "message": "hi"},
+        }
+    )
+    edited = ready(Agent, "a", {"llmRef": {"name": "m"}, "system": "s"}, {"ready": True, "status": "Ready"})
+    edited.metadata.generation, edited.status.observed_generation = 2, 1
+    waiting = plan_task(task, edited)
+    assert waiting is not None and (waiting.status["status"], waiting.status["ready"]) == ("Pending", False)
+    assert waiting.status["statusDetail"] == 'agent "a" is not ready: its spec changed since it was validated'
+    edited.status.observed_generation = 2
+    validated = plan_task(task, edited)
+    assert validated is not None and validated.status["status"] == "Ready"
+
+
 def delegating_tool(name: str, agent_name: str) -> Tool:
     spec = {"toolType": "delegateToAgent", "agentRef": {"name": agent_name}}
     return ready(Tool, name, spec, {"ready": True, "status": "Ready"})

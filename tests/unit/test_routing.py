@@ -74,6 +74,18 @@ def test_dependents_of_a_readiness_change() -> None:
     ]
 
 
+def test_an_agent_validated_again_after_an_edit_prompts_the_runs_that_wait_for_it() -> None:
+    """A run waits for an Agent edited since it was validated; when it is validated again (Ready as
+    before) nothing else about it changes, so the run waited for its own resync, backed off to minutes."""
+    validated = {"status": "Ready", "ready": True, "observedGeneration": 1}
+    before = obj("Agent", "a", {"llmRef": {"name": "l"}}, validated)
+    edited = obj("Agent", "a", {"llmRef": {"name": "m"}}, validated, generation=2)
+    again = obj("Agent", "a", {"llmRef": {"name": "m"}}, {**validated, "observedGeneration": 2}, generation=2)
+    assert readiness("Agent", edited) != readiness("Agent", before)
+    assert readiness("Agent", again) != readiness("Agent", edited)
+    assert readiness("Agent", again) == readiness("Agent", before)
+
+
 def test_resync_leaves_a_retry_that_is_not_due_yet_to_its_delayed_message() -> None:
     """The run's version does not change while it waits, so each resync that found it (backed off to
     30, 90, 180 s) queued one more delayed message, all due at the same moment."""

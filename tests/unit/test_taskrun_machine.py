@@ -179,6 +179,26 @@ def test_a_run_waiting_for_its_agent_says_what_the_agent_waits_for() -> None:
     assert long is not None and len(long.status["statusDetail"]) < 400
 
 
+def test_a_run_waits_for_an_agent_edited_since_it_was_validated() -> None:
+    """An Agent's Ready is about the spec it validated: one edited since (a new llmRef, a Tool taken
+    away) was used as it stood, its run started on a spec nobody had checked."""
+    edited = Agent.from_wire(
+        {
+            "metadata": {"name": "a", "generation": 2},
+            "spec": {"llmRef": {"name": "l"}, "system": "be brief"},
+            "status": {"ready": True, "status": "Ready", "observedGeneration": 1},
+        }
+    )
+    transition = plan_initial_context(run(), None, False, edited, NOW)
+    assert transition is not None and transition.status["phase"] == "Pending", transition
+    detail = 'Waiting for agent "a" to be validated again: its spec changed since it was'
+    assert transition.status["statusDetail"] == detail
+    assert [(e.reason, e.message) for e in transition.events] == [("Waiting", detail)]
+    edited.status.observed_generation = 2
+    ready = plan_initial_context(run(status=transition.status), None, False, edited, NOW)
+    assert ready is not None and ready.status["phase"] == "ReadyForLLM"
+
+
 def test_long_message_preview_is_truncated() -> None:
     transition = plan_initial_context(
         run(spec={"agentRef": {"name": "a"}, "userMessage": "x" * 80}), None, False, agent(), NOW

@@ -106,6 +106,28 @@ def validated(kube: FakeKubeClient, llm: FakeLLM, tools: list[str] | None = None
     validate(ctx, message("Agent", "a"))
 
 
+def test_a_run_does_not_start_on_an_agent_edited_since_it_was_validated() -> None:
+    """The Agent's Ready was about its spec before the edit, and the run started on the new spec, which
+    its own validation, not yet done, might refuse."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "be verbose"}})
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (status["phase"], status["statusDetail"]) == (
+        "Pending",
+        'Waiting for agent "a" to be validated again: its spec changed since it was',
+    )
+    validate(ctx, message("Agent", "a"))
+    prepare(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "ReadyForLLM" and status["contextWindow"][0]["content"] == "be verbose"
+
+
 def test_validation_chain_and_events() -> None:
     kube = FakeKubeClient()
     validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
