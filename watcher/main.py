@@ -299,7 +299,7 @@ class Watcher:
                 if resync:
                     # Back off per object: a backlog of queued work must not be re-enqueued every tick.
                     wait = (
-                        min(300.0, self.settings.stale_after_s * (2 ** min(retries, 8)))
+                        min(work.max_recheck_s, self.settings.stale_after_s * (2 ** min(retries, 8)))
                         if last_rv == rv
                         else self.settings.stale_after_s
                     )

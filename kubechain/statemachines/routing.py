@@ -6,6 +6,7 @@ lost message or a dead worker never strands a resource.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -28,6 +29,21 @@ TOOLCALL_AWAITING_DECISION = (
 )
 
 
+# How far apart the watcher's resync re-sends work whose object has not changed, at most: it backs off
+# (doubling from its staleness window) so that work nobody can advance does not flood the workers.
+MAX_RECHECK_S = 300.0
+# ... but a validation stopped by a Secret that is missing (or a key of it, or RBAC that does not grant it)
+# is checked again at least this often: Secrets are not watched (the watcher may not list them, see
+# deploy/base/rbac.yaml), so only a re-check sees the one created, and such a check reads one Secret.
+SECRET_RECHECK_S = 30.0
+# The statusDetail such a validation writes: workers.validators.read_api_key (LLM, ContactChannel) and
+# kubechain.mcp.spec.resolve_spec (MCPServer env and headers) say so in these words.
+_SECRET_MISSING = re.compile(
+    r'failed to get secret: |key "[^"]*" not found in secret "|empty API key provided: key "[^"]*" in secret "'
+    r'|cannot resolve (env var|header) "[^"]*" from secret "'
+)
+
+
 @dataclass(frozen=True)
 class Work:
     task: TaskName
@@ -37,6 +53,7 @@ class Work:
     countdown_s: float = 0.0
     reason: str = "event"
     trace_uid: str = ""  # the TaskRun whose trace this work belongs to
+    max_recheck_s: float = MAX_RECHECK_S  # the resync's back-off for it, at most
 
 
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str]:
@@ -102,6 +119,11 @@ def needs_validation(obj: Mapping[str, Any]) -> bool:
     status = _status(obj)
     generation = (obj.get("metadata") or {}).get("generation")
     return not status.get("status") or status.get("observedGeneration") != generation
+
+
+def waits_for_a_secret(obj: Mapping[str, Any]) -> bool:
+    """Whether the object's validation stopped at a Secret it could not read (see SECRET_RECHECK_S)."""
+    return _SECRET_MISSING.search(str(_status(obj).get("statusDetail") or "")) is not None
 
 
 def work_for(
@@ -182,7 +204,8 @@ def _work_for(
         # Resync also re-checks connected MCP servers, so one that went away is noticed (the watcher's
         # per-object backoff spaces these checks out to minutes while nothing changes).
         if needs_validation(obj) or (resync and (not_ready or kind == "MCPServer")):
-            return [Work(TaskName.VALIDATE, kind, namespace, name, reason=reason)]
+            recheck = SECRET_RECHECK_S if not_ready and waits_for_a_secret(obj) else MAX_RECHECK_S
+            return [Work(TaskName.VALIDATE, kind, namespace, name, reason=reason, max_recheck_s=recheck)]
         return []
     phase = status.get("phase") or ""
     if kind == "TaskRun":

@@ -193,3 +193,48 @@ def test_resync_revalidates_a_ready_agent_whose_tool_delegates_to_an_agent_that_
     assert [(w.kind, w.name) for w in ready_with_unready_dependencies(cache)] == [("Agent", "a")]
     cache["Agent"][("ns", "helper")] = obj("Agent", "helper", {"llmRef": {"name": "l"}})
     assert ready_with_unready_dependencies(cache) == []
+
+
+def test_every_way_a_validation_stops_at_a_secret_is_told_apart_for_its_short_recheck() -> None:
+    """The statusDetail the workers write, recognised by the watcher (see SECRET_RECHECK_S)."""
+    from kubechain.kube.fake import FakeKubeClient
+    from kubechain.llm.base import LLMResponse
+    from kubechain.mcp import MCPError, kube_secret_resolver, resolve_spec
+    from kubechain.models import MCPServer
+    from kubechain.statemachines.routing import SECRET_RECHECK_S, waits_for_a_secret
+    from tests.unit.fakes import FakeLLM, context
+    from tests.unit.test_workers_on_fake import SecretsForbidden
+    from workers.validators import SecretProblem, read_api_key
+
+    kube = FakeKubeClient()
+    kube.add_secret("ns", "keys", {"EMPTY": " ", "SET": "sk-1"})
+    said = []
+    for client, secret, key in ((kube, "gone", "K"), (kube, "keys", "K"), (kube, "keys", "EMPTY")) + (
+        (SecretsForbidden(), "keys", "SET"),
+    ):
+        ctx = context(client, FakeLLM(lambda r: LLMResponse(content="x")))
+        with pytest.raises(SecretProblem) as problem:
+            read_api_key(ctx, "ns", secret, key)
+        said.append(str(problem.value))
+    for client, secret, key in (
+        (kube, "gone", "K"),
+        (kube, "keys", "K"),
+        (SecretsForbidden(), "keys", "SET"),
+    ):
+        env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]
+        server = MCPServer.model_validate(
+            {
+                "metadata": {"name": "m", "namespace": "ns"},
+                "spec": {"transport": "stdio", "command": "x", "env": env},
+            }
+        )
+        with pytest.raises(MCPError) as unresolved:
+            resolve_spec(server, kube_secret_resolver(client))
+        said.append(f"Connection failed: {unresolved.value}")  # as workers.mcpservers writes it
+    for detail in said:
+        waiting = obj("LLM", "l", {}, {"status": "Error", "statusDetail": detail, "observedGeneration": 1})
+        assert waits_for_a_secret(waiting), detail
+        (work,) = work_for("LLM", waiting, NOW, 180, resync=True)
+        assert work.max_recheck_s == SECRET_RECHECK_S
+    refused = "OpenAI API key validation failed: invalid API key (status code: 401)"
+    assert not waits_for_a_secret(obj("LLM", "l", {}, {"status": "Error", "statusDetail": refused}))

@@ -1122,6 +1122,37 @@ def test_a_tool_renamed_on_an_mcp_server_revalidates_the_agents_that_use_it() ->
     assert watcher._outbox.empty(), "an unchanged tool list prompts nothing"
 
 
+def test_an_object_in_error_for_a_missing_secret_is_checked_again_within_30s(monkeypatch: Any) -> None:
+    """Secrets are not watched (the watcher may not list them): an LLM in Error for a Secret created
+    later noticed it at its next re-check only, backed off to 300 s. Reading a Secret costs nothing, so
+    such an object is checked again every resync, at most 30 s apart; any other Error still backs off."""
+    import watcher.main as main
+
+    clock = [1000.0]
+    monkeypatch.setattr(main.time, "monotonic", lambda: clock[0])
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    (informer,) = [informer for informer in watcher.informers if informer.kind == "LLM"]
+    details = {
+        "waits": 'failed to get secret: secrets "openai" not found',
+        "refused": "OpenAI API key validation failed: invalid API key (status code: 401)",
+    }
+    for name, detail in details.items():
+        llm = ready("LLM", name, {"provider": "openai"}, ready=False, status="Error", statusDetail=detail)
+        informer._store(("default", name), llm)
+    sent_at: dict[str, list[float]] = {name: [] for name in details}
+    for _ in range(20):  # ten minutes of resync ticks
+        watcher.resync()
+        while not watcher._outbox.empty():
+            sent_at[watcher._outbox.get_nowait()[0].name].append(clock[0])
+        clock[0] += 30.0
+
+    def longest_gap(times: list[float]) -> float:
+        return max(later - earlier for earlier, later in zip(times, times[1:], strict=False))
+
+    assert longest_gap(sent_at["waits"]) <= 30.0, sent_at["waits"]
+    assert longest_gap(sent_at["refused"]) > 120.0, sent_at["refused"]
+
+
 def test_a_tool_whose_spec_name_is_changed_revalidates_the_agents_that_grant_it() -> None:
     """The name an Agent offers its LLM for a Tool is its spec.name: a rename can make two of an Agent's
     functions one name (or one that names an MCP server's tool), which only the Agent's validation sees.
