@@ -55,6 +55,12 @@ class KindInfo:
         return self.model.KIND.lower()
 
 
+def _unchanged(field: str, why: str) -> tuple[str, str]:
+    """A CEL transition rule on spec: ``field`` is neither changed, added nor removed after creation."""
+    rule = f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})"
+    return rule, f"spec.{field} is immutable: {why}"
+
+
 KINDS: tuple[KindInfo, ...] = (
     KindInfo(LLM, (PrinterColumn("Provider", ".spec.provider"), READY, STATUS, DETAIL)),
     KindInfo(Tool, (READY, STATUS, DETAIL)),
@@ -91,6 +97,13 @@ KINDS: tuple[KindInfo, ...] = (
             (
                 "has(self.taskRef) || (has(self.agentRef) && has(self.userMessage) && size(self.userMessage) > 0)",
                 "set spec.taskRef, or spec.agentRef together with a non-empty spec.userMessage",
+            ),
+            # What a run runs: each turn reads its Agent again (from agentRef, else its Task's), so one
+            # edited mid-way took later turns with another Agent on the same context window.
+            _unchanged("agentRef", "a TaskRun keeps the Agent it started with: create another TaskRun"),
+            _unchanged("taskRef", "a TaskRun keeps the Task it started from: create another TaskRun"),
+            _unchanged(
+                "userMessage", "a TaskRun's message is in its context window already: create another TaskRun"
             ),
         ),
     ),

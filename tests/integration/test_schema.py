@@ -256,3 +256,31 @@ def test_a_tool_calls_spec_cannot_be_edited_but_it_can_be_approved(kube: object,
     got = kube.get_raw("taskruntoolcalls", namespace, "waiting")  # type: ignore[attr-defined]
     assert got["spec"]["arguments"] == '{"url": "https://example.com"}'
     assert got["metadata"]["annotations"]["kubechain.humanlayer.dev/approval"] == "approved"
+
+
+@pytest.mark.parametrize(
+    ("spec", "edit", "refused"),
+    [
+        ({"agentRef": {"name": "a"}, "userMessage": "hi"}, {"agentRef": {"name": "b"}}, "spec.agentRef"),
+        ({"agentRef": {"name": "a"}, "userMessage": "hi"}, {"userMessage": "bye"}, "spec.userMessage"),
+        ({"taskRef": {"name": "t"}}, {"agentRef": {"name": "b"}}, "spec.agentRef"),
+        ({"taskRef": {"name": "t"}}, {"taskRef": {"name": "u"}}, "spec.taskRef"),
+    ],
+    ids=["agentRef-changed", "userMessage-changed", "agentRef-added", "taskRef-changed"],
+)
+def test_what_a_taskrun_runs_cannot_be_edited_once_it_exists(
+    spec: dict[str, object], edit: dict[str, object], refused: str, kube: object, namespace: str
+) -> None:
+    """A run edited mid-way took its later turns with another Agent (agentRef, or taskRef naming a Task of
+    another Agent) than its first, on the same context window; its spec said one thing, its window another
+    (userMessage). Labels and annotations may still change."""
+    body = {"apiVersion": "kubechain.humanlayer.dev/v1alpha1", "kind": "TaskRun", "metadata": {"name": "r"}}
+    kube.create_raw("taskruns", namespace, {**body, "spec": spec})  # type: ignore[attr-defined]
+    path = f"/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/{namespace}/taskruns/r"
+    with pytest.raises(Invalid, match=f"{refused} is immutable"):
+        kube.request(  # type: ignore[attr-defined]
+            "PATCH", path, body={"spec": edit}, content_type="application/merge-patch+json"
+        )
+    kube.patch_metadata("taskruns", namespace, "r", {"labels": {"team": "a"}})  # type: ignore[attr-defined]
+    got = kube.get_raw("taskruns", namespace, "r")  # type: ignore[attr-defined]
+    assert got["spec"] == spec and got["metadata"]["labels"] == {"team": "a"}
