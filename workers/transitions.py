@@ -76,10 +76,20 @@ def _after_write(ctx: WorkerContext, updated: R, transition: Transition) -> R:
         "phase": transition.phase(),
     }
     why = failure_reason(transition)
-    if why is None:
-        log.info("transition", extra=where)
-    else:
+    invalid = validation_failure(transition)
+    if why is not None:
         log.warning("%s %s/%s failed: %s", updated.KIND, updated.namespace, updated.name, why, extra=where)
+    elif invalid is not None:
+        log.warning(
+            "%s %s/%s failed validation: %s",
+            updated.KIND,
+            updated.namespace,
+            updated.name,
+            invalid,
+            extra=where,
+        )
+    else:
+        log.info("transition", extra=where)
     if isinstance(updated, TaskRun) and transition.phase() in TERMINAL_TASKRUN_PHASES:
         now = ctx.clock()
         export_run_span(
@@ -113,6 +123,16 @@ def failure_reason(transition: Transition) -> str | None:
     warning = next((event.message for event in transition.events if event.type == "Warning"), None)
     said = warning or transition.status.get("error") or transition.status.get("statusDetail")
     return str(said)[:1000] if said else "no reason given"
+
+
+def validation_failure(transition: Transition) -> str | None:
+    """Why a validation put its resource (LLM, Tool, Agent, ...) in Error: its statusDetail, the text its
+    status and Warning Event show already (a Secret's name and key, never its value). None for any other
+    transition, a wait (Pending) included."""
+    status = transition.status
+    if transition.phase() is not None or status.get("status") != "Error":
+        return None
+    return str(status.get("statusDetail") or "no reason given")[:1000]
 
 
 def record_tool_calls_created(ctx: WorkerContext, run: TaskRun) -> TaskRun:

@@ -590,6 +590,42 @@ def test_a_tool_call_that_fails_says_why_in_one_log_line(
     assert name in saying_why[0].getMessage() or getattr(saying_why[0], "resource", None) == name
 
 
+@pytest.mark.parametrize(
+    ("kind", "name", "why"),
+    [
+        ("Tool", "bad", "unknown tool type"),
+        ("LLM", "gpt-4o", "invalid API key"),
+        ("Agent", "a", 'failed to get Tool "missing"'),
+    ],
+)
+def test_a_validation_that_fails_says_why_in_one_log_line_without_the_secret(
+    caplog: pytest.LogCaptureFixture, kind: str, name: str, why: str
+) -> None:
+    """An LLM, Tool or Agent in Error had its status and an Event saying why; the log said "transition"."""
+    kube = FakeKubeClient()
+    refusing = FakeLLM(lambda r: LLMResponse(content="x"))
+
+    def check() -> None:
+        raise LLMError("invalid API key (status code: 401)", retryable=False, status_code=401)
+
+    refusing.validate_credentials = check  # type: ignore[method-assign]
+    ready_agent_setup(kube, ["missing"])
+    create(kube, "Tool", "tools", "bad", {"description": "does nothing"})
+    with caplog.at_level(logging.INFO):
+        validate(context(kube, refusing), message(kind, name))
+    status = kube.get_raw(f"{kind.lower()}s", "default", name)["status"]
+    assert status["status"] == "Error" and why in status["statusDetail"], status
+    saying_why = [
+        r for r in caplog.records if r.levelno == logging.WARNING and status["statusDetail"] in r.getMessage()
+    ]
+    assert len(saying_why) == 1, caplog.text
+    assert (getattr(saying_why[0], "namespace", None), getattr(saying_why[0], "resource", None)) == (
+        "default",
+        name,
+    )
+    assert "sk-test" not in caplog.text
+
+
 def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly() -> None:
     kube = FakeKubeClient()
     big = "y" * 300_000
