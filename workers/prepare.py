@@ -26,6 +26,7 @@ from kubechain.statemachines.taskrun import (
     tool_calls_created,
 )
 from kubechain.statemachines.transition import Transition, validated_as_it_stands
+from kubechain.statemachines.validation import agent_ref_problem
 from workers import delegation
 from workers.context import WorkerContext
 from workers.llm_call import resume_turn, take_turn_now
@@ -103,7 +104,7 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
         run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else None)
     )
     agent = None
-    if agent_name:
+    if agent_name and agent_ref_problem(agent_name) is None:  # (one no Agent can have fails the run)
         # A Ready agent read a moment ago, validated as its spec stands, is good enough; anything else is
         # read fresh, so a run never waits on a stale "not ready".
         agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)

@@ -52,6 +52,7 @@ from kubechain.statemachines.transition import (
     validated_as_it_stands,
     warning,
 )
+from kubechain.statemachines.validation import agent_ref_problem
 
 PREVIEW_LENGTH = 50
 AGENT_DETAIL_BYTES = 300  # of an Agent's statusDetail, quoted in a run waiting for it
@@ -163,6 +164,9 @@ def plan_initial_context(
             detail = f'Waiting for task "{run.spec.task_ref.name}" to become ready'
             return _wait(run, current, detail, "TaskNotReady")
     agent_name = run.spec.agent_ref.name if run.spec.agent_ref else (task.spec.agent_ref.name if task else "")
+    problem = agent_ref_problem(agent_name) if run.spec.agent_ref else None
+    if problem is not None:
+        return _fail(run, problem, "ValidationFailed", now)  # no Agent can have that name: none is waited for
     if agent is None:
         return _wait(run, current, "Waiting for Agent to exist", "Waiting")
     if not agent.status.ready:

@@ -101,13 +101,20 @@ def validate_tool_spec(tool: Tool) -> str | None:
         return "toolType externalAPI needs execute.externalAPI.url"
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
-    if kind == "delegateToAgent" and spec.agent_ref is not None and not is_object_name(spec.agent_ref.name):
+    if kind == "delegateToAgent" and spec.agent_ref is not None:
         # Checked here, not in the CRD: manifests the original accepted still apply, and say why here.
-        return (
-            f'agentRef.name "{spec.agent_ref.name}" is not a valid Agent name (lower-case letters, digits, '
-            '"-" and ".", at most 253 characters)'
-        )
+        return agent_ref_problem(spec.agent_ref.name)
     return None
+
+
+def agent_ref_problem(name: str) -> str | None:
+    """Why ``name`` (an agentRef's) can name no Agent, or None: one that cannot exist is not waited for."""
+    if is_object_name(name):
+        return None
+    return (
+        f'agentRef.name "{name}" is not a valid Agent name (lower-case letters, digits, "-" and ".", at most '
+        "253 characters)"
+    )
 
 
 def delegates_to(tool: Tool) -> str | None:

@@ -199,6 +199,21 @@ def test_a_run_waits_for_an_agent_edited_since_it_was_validated() -> None:
     assert ready is not None and ready.status["phase"] == "ReadyForLLM"
 
 
+def test_a_run_whose_agent_ref_cannot_name_an_agent_fails_saying_so() -> None:
+    """No Agent can have such a name, so the run waited "for Agent to exist" for ever."""
+    r = run(spec={"agentRef": {"name": "Helper_Agent"}, "userMessage": "hi"})
+    transition = plan_initial_context(r, None, False, None, NOW)
+    assert transition is not None and transition.status["phase"] == "Failed", transition
+    error = (
+        'agentRef.name "Helper_Agent" is not a valid Agent name (lower-case letters, digits, "-" and ".", '
+        "at most 253 characters)"
+    )
+    assert transition.status["error"] == error
+    assert [(e.type, e.reason, e.message) for e in transition.events] == [
+        ("Warning", "ValidationFailed", error)
+    ]
+
+
 def test_long_message_preview_is_truncated() -> None:
     transition = plan_initial_context(
         run(spec={"agentRef": {"name": "a"}, "userMessage": "x" * 80}), None, False, agent(), NOW

@@ -128,6 +128,15 @@ def test_a_run_does_not_start_on_an_agent_edited_since_it_was_validated() -> Non
     assert status["phase"] == "ReadyForLLM" and status["contextWindow"][0]["content"] == "be verbose"
 
 
+def test_a_run_whose_agent_ref_no_agent_can_have_fails_instead_of_waiting() -> None:
+    kube = FakeKubeClient()
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "Helper_Agent"}, "userMessage": "hi"})
+    prepare(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert status["phase"] == "Failed" and "is not a valid Agent name" in status["error"], status
+    assert not [path for method, path in kube.requests if method == "GET" and "/agents/" in path]
+
+
 def test_validation_chain_and_events() -> None:
     kube = FakeKubeClient()
     validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
