@@ -1,6 +1,6 @@
 """A hard deadline for an HTTP answer being read, which httpx's timeouts are not.
 
-httpx (and the SDKs' httpx) time each read, not the whole answer: a server that sends a little just before
+httpx (and httpx2, the LLM SDKs' fork of it, over httpcore2) time each read, not the whole answer: a server that sends a little just before
 each read would time out holds the caller up to one more read timeout past its deadline. For a call made
 under a claim (an LLM turn, a tool call) that is past the claim, and another worker makes the call again.
 The same holds before the answer: a server that trickles its status line and headers, or a slow TLS
@@ -17,10 +17,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import httpcore
+import httpcore2
 import httpx
+import httpx2
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +58,33 @@ _IO_ENDS_BY: ContextVar[float | None] = ContextVar("kubechain_http_io_ends_by", 
 @contextmanager
 def io_ending_by(monotonic_deadline: float) -> Iterator[None]:
     """Requests made in this context (this thread's), on a client ``end_io_by_deadline`` was applied to,
-    end by ``monotonic_deadline``: from the connection on, headers included, each wait on the network is cut
-    to the time left, and one that starts past it is a timeout (httpx's ConnectTimeout, ReadTimeout,
-    WriteTimeout). The connection is then closed by httpcore, not returned to the pool."""
-    token = _IO_ENDS_BY.set(monotonic_deadline)
+    end by ``monotonic_deadline`` (or by the deadline of an enclosing ``io_ending_by``, if sooner): from
+    the connection on, headers included, each wait on the network is cut to the time left, and one that
+    starts past it is a timeout (httpx's ConnectTimeout, ReadTimeout, WriteTimeout). The connection is
+    then closed by httpcore, not returned to the pool."""
+    enclosing = _IO_ENDS_BY.get()
+    token = _IO_ENDS_BY.set(monotonic_deadline if enclosing is None else min(enclosing, monotonic_deadline))
     try:
         yield
     finally:
         _IO_ENDS_BY.reset(token)
 
 
-def _time_left(timeout: float | None, overdue: type[httpcore.TimeoutException]) -> float | None:
+@dataclass(frozen=True)
+class _CoreErrors:
+    """The exceptions of one httpcore (httpcore, or httpcore2 under httpx2): its httpx maps only its own
+    to httpx's (an SDK's APITimeoutError comes from httpx2's timeouts)."""
+
+    connect_timeout: type[Exception]
+    read_timeout: type[Exception]
+    write_timeout: type[Exception]
+
+
+_HTTPCORE_ERRORS = _CoreErrors(httpcore.ConnectTimeout, httpcore.ReadTimeout, httpcore.WriteTimeout)
+_HTTPCORE2_ERRORS = _CoreErrors(httpcore2.ConnectTimeout, httpcore2.ReadTimeout, httpcore2.WriteTimeout)
+
+
+def _time_left(timeout: float | None, overdue: type[Exception]) -> float | None:
     deadline = _IO_ENDS_BY.get()
     if deadline is None:
         return timeout
@@ -75,35 +94,52 @@ def _time_left(timeout: float | None, overdue: type[httpcore.TimeoutException]) 
     return left if timeout is None else min(timeout, left)
 
 
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose every wait ends by the deadline of the request using it (a pooled connection
-    serves one request after another, each with its own deadline)."""
+class _NetworkStream(Protocol):
+    """What httpcore and httpcore2 both ask of a connection (their NetworkStream)."""
 
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes: ...
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any: ...
+
+    def get_extra_info(self, info: str) -> Any: ...
+
+
+class _DeadlineStream:
+    """A connection whose every wait ends by the deadline of the request using it (a pooled connection
+    serves one request after another, each with its own deadline). An httpcore NetworkStream by its
+    methods, for httpcore's pools and httpcore2's alike."""
+
+    def __init__(self, inner: _NetworkStream, errors: _CoreErrors) -> None:
         self._inner = inner
+        self._errors = errors
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _time_left(timeout, httpcore.ReadTimeout))
+        return self._inner.read(max_bytes, _time_left(timeout, self._errors.read_timeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _time_left(timeout, httpcore.WriteTimeout))
+        self._inner.write(buffer, _time_left(timeout, self._errors.write_timeout))
 
     def close(self) -> None:
         self._inner.close()
 
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        left = _time_left(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left))
+    ) -> _DeadlineStream:
+        left = _time_left(timeout, self._errors.connect_timeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left), self._errors)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
-class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self, inner: httpcore.NetworkBackend) -> None:
-        self._inner = inner
+class _NetworkBackend(Protocol):
+    """What httpcore and httpcore2 both ask of a network backend."""
 
     def connect_tcp(
         self,
@@ -111,42 +147,71 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         port: int,
         timeout: float | None = None,
         local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        left = _time_left(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(self._inner.connect_tcp(host, port, left, local_address, socket_options))
+        socket_options: Iterable[Any] | None = None,
+    ) -> _NetworkStream: ...
 
     def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> _NetworkStream: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class _DeadlineBackend:
+    """Makes connections (``_DeadlineStream``) under the current request's deadline. An httpcore
+    NetworkBackend by its methods."""
+
+    def __init__(self, inner: _NetworkBackend, errors: _CoreErrors) -> None:
+        self._inner = inner
+        self._errors = errors
+
+    def connect_tcp(
         self,
-        path: str,
+        host: str,
+        port: int,
         timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        left = _time_left(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(self._inner.connect_unix_socket(path, left, socket_options))
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> _DeadlineStream:
+        left = _time_left(timeout, self._errors.connect_timeout)
+        stream = self._inner.connect_tcp(host, port, left, local_address, socket_options)
+        return _DeadlineStream(stream, self._errors)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> _DeadlineStream:
+        left = _time_left(timeout, self._errors.connect_timeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, left, socket_options), self._errors)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
 
 
-def end_io_by_deadline(client: httpx.Client) -> httpx.Client:
-    """``client``, its connections (direct and through each proxy from the environment) made and read
-    under ``io_ending_by``'s deadline. httpx exposes no network backend: it is set on each transport's
-    httpcore pool, which keeps it for the connections it makes. A pool without one (an httpx that
-    changed) is said once in the log; its requests keep httpx's per-read timeouts."""
+Client = TypeVar("Client", httpx.Client, httpx2.Client)
+
+
+def end_io_by_deadline(client: Client) -> Client:
+    """``client`` (an httpx or an httpx2 client), its connections (direct and through each proxy from the
+    environment) made and read under ``io_ending_by``'s deadline. httpx exposes no network backend: it is
+    set on each transport's httpcore pool, which keeps it for the connections it makes. A pool without
+    one (an httpx that changed) is said once in the log; its requests keep httpx's per-read timeouts."""
     transports: list[Any] = [client._transport, *client._mounts.values()]
     for transport in transports:
         if transport is None:
             continue  # a NO_PROXY pattern: the default transport serves it
         pool = getattr(transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
-        if pool is not None and isinstance(backend, httpcore.NetworkBackend):
-            pool._network_backend = _DeadlineBackend(backend)
+        if isinstance(backend, _DeadlineBackend):
+            continue  # applied before
+        if isinstance(backend, httpcore.NetworkBackend):
+            pool._network_backend = _DeadlineBackend(backend, _HTTPCORE_ERRORS)  # type: ignore[union-attr]
+        elif isinstance(backend, httpcore2.NetworkBackend):
+            pool._network_backend = _DeadlineBackend(backend, _HTTPCORE2_ERRORS)  # type: ignore[union-attr]
         else:
             log.warning(
-                "cannot bound the whole of a request on %s (httpx %s has no httpcore pool with a network "
+                "cannot bound the whole of a request on %s (%s has no httpcore pool with a network "
                 "backend): a server that trickles its headers is timed per read",
                 type(transport).__name__,
-                httpx.__version__,
+                type(client).__module__,
             )
     return client

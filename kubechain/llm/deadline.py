@@ -6,7 +6,10 @@ before each chunk, never trips one, and the call can outlast its claim; another 
 and the same paid call is made twice. Both provider clients (``openai``, ``anthropic``) send through their
 SDK's own default HTTP client (its connection limits, keep-alive socket options and proxies from the
 environment), with every transport of it wrapped so that a request ends at the deadline, with the read
-timeout the SDKs already report as a timeout."""
+timeout the SDKs already report as a timeout. The whole exchange is bounded, not only the body: every
+connection of the client's pools (the default one's and each proxy's) is made and read under
+http_watchdog's ``io_ending_by``, so a server that trickles its headers, a slow TLS handshake or a
+connection that does not open ends at the deadline too."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from contextvars import ContextVar
 
 import httpx2
 
-from kubechain.http_watchdog import shut_at
+from kubechain.http_watchdog import end_io_by_deadline, io_ending_by, shut_at
 from kubechain.llm.base import LLMError
 
 # An answer is read into memory whole and parsed: one past this (hundreds of MB from whatever endpoint an
@@ -93,15 +96,23 @@ class _DeadlineStream(httpx2.SyncByteStream):
 
     def __iter__(self) -> Iterator[bytes]:
         # The body's reads wait at most what is left: httpcore takes the read timeout from this dict (the
-        # request's own) when it starts reading the body, so a stall before the first chunk ends in time.
+        # request's own) when it starts reading the body (for a pool end_io_by_deadline could not reach;
+        # io_ending_by below cuts each read for the others).
         timeouts = self._request.extensions.get("timeout")
         if isinstance(timeouts, dict):
             left = max(0.001, self._deadline - time.monotonic())
             read = timeouts.get("read")
             timeouts["read"] = left if read is None else min(read, left)
         received = 0
+        chunks = iter(self._inner)
         try:
-            for chunk in self._inner:
+            while True:
+                # each read of the connection under the deadline (its waits cut to the time left): the
+                # SDK reads the body after handle_request has returned, outside its io_ending_by
+                with io_ending_by(self._deadline):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    break
                 if time.monotonic() > self._deadline:
                     raise _overdue(self._total_s, self._request)
                 received += len(chunk)
@@ -135,9 +146,9 @@ class DeadlineTransport(httpx2.BaseTransport):
         ends_by = call_deadline()
         if ends_by is not None and ends_by < deadline:
             deadline = max(started, ends_by)
-            # The call's deadline is sooner than the client's timeout, which bounds each phase: a
-            # non-streaming answer's headers come only once it is whole, so the wait for them must end at
-            # the deadline too (the body's reads and the watchdog take it from there).
+            # The call's deadline is sooner than the client's timeout, which bounds each phase: the wait
+            # for a free connection of the pool (no network I/O, which io_ending_by bounds) must end at
+            # the deadline too.
             timeouts = request.extensions.get("timeout")
             if isinstance(timeouts, dict):
                 left = max(0.001, deadline - started)
@@ -145,7 +156,10 @@ class DeadlineTransport(httpx2.BaseTransport):
                     phase: left if value is None else min(value, left) for phase, value in timeouts.items()
                 }
         total_s = deadline - started
-        response = self._inner.handle_request(request)
+        # connect, TLS, the request and the headers: each wait cut to the time left (a server sending
+        # its headers a byte at a time never trips a per-read timeout)
+        with io_ending_by(deadline):
+            response = self._inner.handle_request(request)
         if time.monotonic() > deadline:
             response.close()
             raise _overdue(total_s, request)
@@ -164,8 +178,10 @@ def _overdue(total_s: float, request: httpx2.Request) -> httpx2.ReadTimeout:
 
 def with_deadline(client: httpx2.Client, total_s: float) -> httpx2.Client:
     """``client`` (an SDK's ``DefaultHttpxClient()``), its requests ending ``total_s`` after they start.
-    Its transports are wrapped in place: the default one and each proxy's (``HTTPS_PROXY``, ``NO_PROXY``),
-    which httpx builds only when no transport is given to it."""
+    Its transports are wrapped in place: the default one and each proxy's (``HTTPS_PROXY``, ``ALL_PROXY``,
+    ``NO_PROXY``), which httpx builds only when no transport is given to it; and the connection pool of
+    each makes and reads its connections under the request's deadline (end_io_by_deadline)."""
+    end_io_by_deadline(client)  # on the pools, before the transports holding them are wrapped
     client._transport = DeadlineTransport(total_s, client._transport)
     client._mounts = {
         pattern: None if transport is None else DeadlineTransport(total_s, transport)

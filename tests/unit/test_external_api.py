@@ -16,6 +16,7 @@ import pytest
 
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
+from tests.unit.slow_peers import HeaderTricklingServer
 from tests.unit.test_redaction import counting_secret_forms
 
 
@@ -90,50 +91,18 @@ def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.M
     assert len(watchdogs) == 1 and watchdogs[0] is not None, "the connection's socket was found"
 
 
-class HeaderTricklingServer:
-    """Sends a status line, then one byte of a header every 0.1 s (up to a minute); ``hung_up`` is set when
-    the client closed the connection."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(4)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/slow"
-        self.hung_up = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        connection, _ = self.listener.accept()
-        connection.recv(65536)
-        try:
-            connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
-            for _ in range(600):
-                connection.sendall(b"a")
-                time.sleep(0.1)
-        except OSError:
-            self.hung_up.set()
-        finally:
-            connection.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.mark.slow
 def test_headers_that_trickle_in_time_out_at_the_deadline_and_the_connection_is_closed() -> None:
     """httpx's timeout bounds each read of the headers too: a server sending one byte of them before each
     read would time out held the call past its claim (another worker then calls the API again)."""
     from kubechain.testing.waiting import wait_for
 
-    server = HeaderTricklingServer()
-    thread, outcome = calling_in_a_thread(server.url)
-    try:
+    with HeaderTricklingServer() as server:
+        thread, outcome = calling_in_a_thread(f"{server.url}/slow")
         wait_for(lambda: not thread.is_alive(), timeout_s=30, what="the call to end")
         (error,) = outcome
         assert isinstance(error, ToolError) and "timed out after 1s" in str(error), error
         wait_for(server.hung_up.is_set, timeout_s=30, what="the server to see the connection closed")
-    finally:
-        server.close()
 
 
 def test_the_deadline_covers_the_connections_made_through_a_proxy_too(

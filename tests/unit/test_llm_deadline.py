@@ -1,0 +1,141 @@
+"""An LLM request ends by its call's deadline, from the very start of its connection on: the llm_call's
+claim runs out then, and another worker may take the turn and pay for the same call again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kubechain.llm.anthropic_provider import AnthropicClient
+from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
+from kubechain.llm.deadline import ending_by
+from kubechain.llm.openai_provider import OpenAIClient
+from kubechain.models import Message
+from kubechain.testing.waiting import wait_for
+from tests.unit.slow_peers import HeaderTricklingServer
+
+ClientClass = type[OpenAIClient] | type[AnthropicClient]
+CLIENTS = [pytest.param(OpenAIClient, id="openai"), pytest.param(AnthropicClient, id="anthropic")]
+# How long past its deadline a call may be seen to end: a bound on a hang, with room for a busy machine,
+# not a speed target (the trickles below go on for a minute).
+SLACK_S = 10.0
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def base_url(client_class: ClientClass, origin: str) -> str:
+    # the Anthropic SDK adds /v1 to its paths itself
+    return f"{origin}/v1" if client_class is OpenAIClient else origin
+
+
+class CallInAThread:
+    """``client.complete`` of a one-message request on a thread of its own, under ``ending_by(ends_by)``
+    if given: ``outcome`` holds its answer or LLMError, ``ended`` when (time.monotonic()) it returned."""
+
+    def __init__(self, client: OpenAIClient | AnthropicClient, ends_by: float | None = None) -> None:
+        self.outcome: list[LLMResponse | LLMError] = []
+        self.ended: float | None = None
+        self._thread = threading.Thread(target=self._call, args=(client, ends_by), daemon=True)
+        self._thread.start()
+
+    def _call(self, client: OpenAIClient | AnthropicClient, ends_by: float | None) -> None:
+        request = LLMRequest(model="m", messages=[Message(role="user", content="hi")])
+        try:
+            if ends_by is None:
+                self.outcome.append(client.complete(request))
+            else:
+                with ending_by(ends_by):
+                    self.outcome.append(client.complete(request))
+        except LLMError as exc:
+            self.outcome.append(exc)
+        finally:
+            self.ended = time.monotonic()
+
+    def error_by(self, deadline: float) -> LLMError:
+        """The call's LLMError, once it ended (failing if it is still running ``SLACK_S`` after
+        ``deadline``): it must have ended by ``deadline`` plus that slack."""
+        self._thread.join(timeout=max(0.0, deadline + SLACK_S - time.monotonic()))
+        assert not self._thread.is_alive(), f"the call was still running {SLACK_S:g}s past its deadline"
+        assert self.ended is not None and self.ended <= deadline + SLACK_S
+        (error,) = self.outcome
+        assert isinstance(error, LLMError), error
+        return error
+
+
+@pytest.fixture
+def no_proxies(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """No proxy from the environment the tests run in, in either case."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    yield monkeypatch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_headers_trickling_in_end_the_call_when_its_claim_runs_out(
+    client_class: ClientClass, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """A server that sends one byte of its headers every 0.1 s, each well under the read timeout, and never
+    ends them: the claim's deadline bounded each read of them, not their whole, and the call ran on past
+    the claim (another worker then calls the LLM again)."""
+    with HeaderTricklingServer() as server:
+        client = client_class("sk-test", 30, base_url(client_class, server.url))
+        deadline = time.monotonic() + 1.0
+        call = CallInAThread(client, ends_by=deadline)
+        error = call.error_by(deadline)
+        assert error.cut_short and "claim on the call ran out" in str(error), error
+        assert error.retryable
+        wait_for(server.hung_up.is_set, 30, what="the server to find the connection closed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", CLIENTS)
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+def test_a_proxy_that_trickles_its_headers_ends_the_call_at_the_clients_timeout(
+    client_class: ClientClass, variable: str, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """httpx builds a transport of its own for each proxy the environment names: its connections must end
+    by the deadline too. The proxy here is the trickling server; the LLM's host is only a name the proxy
+    would resolve."""
+    with HeaderTricklingServer() as proxy:
+        no_proxies.setenv(variable, proxy.url)
+        client = client_class("sk-test", 1, base_url(client_class, "http://llm.test"))
+        deadline = time.monotonic() + 1.0
+        call = CallInAThread(client)
+        error = call.error_by(deadline)
+        assert "no complete answer within 1s" in str(error) and not error.cut_short, error
+        assert proxy.heads and proxy.heads[0].startswith(b"POST http://llm.test/v1/"), proxy.heads
+
+
+def test_every_pool_of_the_sdks_clients_makes_its_connections_under_the_deadline(
+    no_proxies: pytest.MonkeyPatch,
+) -> None:
+    """The default transport and each proxy's (HTTPS_PROXY, ALL_PROXY) have a connection pool of their
+    own: each must make and read its connections under the call's deadline."""
+    from kubechain.http_watchdog import _DeadlineBackend
+
+    no_proxies.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    no_proxies.setenv("ALL_PROXY", "http://other-proxy.corp:3128")
+    for client in (OpenAIClient("sk", 5, None), AnthropicClient("sk", 5, None)):
+        http = client._client._client
+        transports = [http._transport, *(t for t in http._mounts.values() if t is not None)]
+        assert len(transports) == 3, transports
+        for transport in transports:
+            pool = transport._inner._pool  # type: ignore[attr-defined]
+            assert isinstance(pool._network_backend, _DeadlineBackend), type(pool)
+
+
+def test_a_deadline_set_inside_another_never_extends_it() -> None:
+    """The transport sets the request's deadline inside whatever deadline its caller set: the sooner holds."""
+    from kubechain.http_watchdog import _IO_ENDS_BY, io_ending_by
+
+    with io_ending_by(100.0):
+        with io_ending_by(200.0):
+            assert _IO_ENDS_BY.get() == 100.0
+        with io_ending_by(50.0):
+            assert _IO_ENDS_BY.get() == 50.0
+        assert _IO_ENDS_BY.get() == 100.0
+    assert _IO_ENDS_BY.get() is None
