@@ -1,10 +1,11 @@
 """A hard deadline for an HTTP answer being read, which httpx's timeouts are not.
 
-httpx (and httpx2, the LLM SDKs' fork of it, over httpcore2) time each read, not the whole answer: a server that sends a little just before
-each read would time out holds the caller up to one more read timeout past its deadline. For a call made
-under a claim (an LLM turn, a tool call) that is past the claim, and another worker makes the call again.
-The same holds before the answer: a server that trickles its status line and headers, or a slow TLS
-handshake, is read one timed read after another.
+httpx (and httpx2, the LLM SDKs' fork of it, over httpcore2) time each read, not the whole answer: a
+server that sends a little just before each read would time out holds the caller up to one more read
+timeout past its deadline. For a call made under a claim (an LLM turn, a tool call) that is past the
+claim, and another worker makes the call again. The same holds before the answer: a server that
+trickles its status line and headers, or a slow TLS handshake, is read one timed read after another; and
+resolving the host's name (getaddrinfo, which no socket timeout reaches) is not timed at all.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import httpcore
 import httpcore2
 import httpx
 import httpx2
+
+from kubechain.name_resolution import ResolutionTimedOut, addresses_by, is_address
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,15 @@ class _CoreErrors:
     connect_timeout: type[Exception]
     read_timeout: type[Exception]
     write_timeout: type[Exception]
+    connect_error: type[Exception]
 
 
-_HTTPCORE_ERRORS = _CoreErrors(httpcore.ConnectTimeout, httpcore.ReadTimeout, httpcore.WriteTimeout)
-_HTTPCORE2_ERRORS = _CoreErrors(httpcore2.ConnectTimeout, httpcore2.ReadTimeout, httpcore2.WriteTimeout)
+_HTTPCORE_ERRORS = _CoreErrors(
+    httpcore.ConnectTimeout, httpcore.ReadTimeout, httpcore.WriteTimeout, httpcore.ConnectError
+)
+_HTTPCORE2_ERRORS = _CoreErrors(
+    httpcore2.ConnectTimeout, httpcore2.ReadTimeout, httpcore2.WriteTimeout, httpcore2.ConnectError
+)
 
 
 def _time_left(timeout: float | None, overdue: type[Exception]) -> float | None:
@@ -158,8 +166,8 @@ class _NetworkBackend(Protocol):
 
 
 class _DeadlineBackend:
-    """Makes connections (``_DeadlineStream``) under the current request's deadline. An httpcore
-    NetworkBackend by its methods."""
+    """Makes connections (``_DeadlineStream``) under the current request's deadline, the host's name
+    resolved by it too. An httpcore NetworkBackend by its methods."""
 
     def __init__(self, inner: _NetworkBackend, errors: _CoreErrors) -> None:
         self._inner = inner
@@ -173,9 +181,32 @@ class _DeadlineBackend:
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> _DeadlineStream:
-        left = _time_left(timeout, self._errors.connect_timeout)
-        stream = self._inner.connect_tcp(host, port, left, local_address, socket_options)
-        return _DeadlineStream(stream, self._errors)
+        deadline = _IO_ENDS_BY.get()
+        if deadline is None or is_address(host):
+            left = _time_left(timeout, self._errors.connect_timeout)
+            stream = self._inner.connect_tcp(host, port, left, local_address, socket_options)
+            return _DeadlineStream(stream, self._errors)
+        # The inner backend would resolve the name with getaddrinfo, which no timeout bounds: resolved
+        # here by the deadline, each address is connected to in turn, as socket.create_connection tries
+        # them. The host's name stays the request's: TLS asks for it (SNI) and the Host header names it.
+        try:
+            addresses = addresses_by(host, port, deadline)
+        except ResolutionTimedOut as exc:
+            raise self._errors.connect_timeout(str(exc)) from None
+        except OSError as exc:  # the name does not resolve: said as the inner backend says it
+            raise self._errors.connect_error(str(exc)) from exc
+        options = None if socket_options is None else list(socket_options)  # used once per address
+        failed: Exception | None = None
+        for address in addresses:
+            left = _time_left(timeout, self._errors.connect_timeout)  # none left: a timeout, as it is
+            try:
+                stream = self._inner.connect_tcp(address, port, left, local_address, options)
+            except (self._errors.connect_error, self._errors.connect_timeout) as exc:
+                failed = exc  # refused, or no answer within the connect timeout: the next address
+                continue
+            return _DeadlineStream(stream, self._errors)
+        assert failed is not None, "getaddrinfo answers at least one address or raises"
+        raise failed
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

@@ -1,12 +1,19 @@
 """Peers that hold an HTTP client up, for deadline tests: a server that trickles its headers and never ends
-them."""
+them, a resolver that does not answer for one name, and a TLS server that records the name a client asks
+for (SNI)."""
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import pytest
 
 
 class HeaderTricklingServer:
@@ -59,3 +66,94 @@ class HeaderTricklingServer:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class HangingResolver:
+    """``socket.getaddrinfo`` patched: ``hanging`` (a name) blocks until ``release()`` (then fails as a
+    resolver that gave up does), each name of ``addresses`` resolves to its addresses, in order, anything
+    else as before. ``asked``: the names asked for, in order; ``unanswered``: how many resolutions of
+    ``hanging`` are blocked now. A context manager that releases the hang on exit, so that no resolution
+    is left blocked after its test."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, hanging: str, addresses: dict[str, list[str]] | None = None
+    ) -> None:
+        self.asked: list[str] = []
+        self.unanswered = 0
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        real: Callable[..., Any] = socket.getaddrinfo
+
+        def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+            name = host.decode() if isinstance(host, bytes) else host
+            if name == hanging:
+                with self._lock:
+                    self.asked.append(name)
+                    self.unanswered += 1
+                try:
+                    self._released.wait()
+                finally:
+                    with self._lock:
+                        self.unanswered -= 1
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            if addresses and name in addresses:
+                self.asked.append(name)
+                return [info for address in addresses[name] for info in real(address, port, *args, **kwargs)]
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __enter__(self) -> HangingResolver:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class SNIRecordingServer:
+    """A TLS server (a certificate of a CA no client trusts) that records the server name each client asks
+    for in its handshake (``names``) and then ends the connection. A context manager."""
+
+    def __init__(self, pki: Path) -> None:
+        from kubechain.testing.controlplane import _write_pki
+
+        _write_pki(pki)
+        self.names: list[str | None] = []
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(pki / "apiserver.crt", pki / "apiserver.key")
+        self._context.sni_callback = self._record_name  # type: ignore[assignment]
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _record_name(self, _sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        self.names.append(name)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._handshake, args=(connection,), daemon=True).start()
+
+    def _handshake(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(30)
+            try:
+                self._context.wrap_socket(connection, server_side=True).close()
+            except OSError:
+                pass  # the client refused the certificate: the name was recorded before
+
+    def __enter__(self) -> SNIRecordingServer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._listener.close()

@@ -105,6 +105,47 @@ def test_headers_that_trickle_in_time_out_at_the_deadline_and_the_connection_is_
         wait_for(server.hung_up.is_set, timeout_s=30, what="the server to see the connection closed")
 
 
+@pytest.mark.slow
+def test_a_resolver_that_does_not_answer_times_the_call_out_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo blocks in C, deaf to socket timeouts: a resolver that hangs held the tool call past its
+    claim (another worker then calls the API again). The resolution left behind ends when the resolver
+    answers at last."""
+    from kubechain.testing.waiting import wait_for
+    from tests.unit.slow_peers import HangingResolver
+
+    with HangingResolver(monkeypatch, "api.hangs.test") as resolver:
+        deadline = time.monotonic() + 1.0
+        thread, outcome = calling_in_a_thread("http://api.hangs.test/hook")
+        thread.join(timeout=max(0.0, deadline + 10 - time.monotonic()))  # a bound on a hang, not a target
+        assert not thread.is_alive(), "the call was still running 10s past its deadline"
+        (error,) = outcome
+        assert isinstance(error, ToolError) and "timed out after 1s" in str(error), error
+        resolver.release()
+        wait_for(lambda: resolver.unanswered == 0, timeout_s=30, what="the resolution left behind to end")
+
+
+def test_the_host_header_and_tls_keep_the_apis_name_though_its_address_is_resolved_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The connection is made to the address the name resolved to; the request and the TLS handshake
+    (SNI) still name the host."""
+    from tests.unit.slow_peers import HangingResolver, SNIRecordingServer
+
+    server = RecordingServer(200)
+    port = server.server.server_address[1]
+    try:
+        with HangingResolver(monkeypatch, "unused.test", {"api.local.test": ["127.0.0.1"]}):
+            assert call_external_api(f"http://api.local.test:{port}/x", "GET", {}, None, 10.0) == "ok"
+            with SNIRecordingServer(tmp_path) as tls, pytest.raises(ToolError, match="CERTIFICATE_VERIFY"):
+                call_external_api(f"https://api.local.test:{tls.port}/x", "GET", {}, None, 10.0)
+    finally:
+        server.server.shutdown()
+    assert server.hosts == [f"api.local.test:{port}"]
+    assert tls.names == ["api.local.test"]
+
+
 def test_the_deadline_covers_the_connections_made_through_a_proxy_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -183,11 +224,13 @@ class RecordingServer:
     def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.cookies: list[str | None] = []
+        self.hosts: list[str | None] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 owner.lines.append(self.requestline)
+                owner.hosts.append(self.headers.get("Host"))
                 owner.cookies.append(self.headers.get("Cookie"))
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:

@@ -15,7 +15,7 @@ from kubechain.llm.deadline import ending_by
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message
 from kubechain.testing.waiting import wait_for
-from tests.unit.slow_peers import HeaderTricklingServer
+from tests.unit.slow_peers import HangingResolver, HeaderTricklingServer, SNIRecordingServer
 
 ClientClass = type[OpenAIClient] | type[AnthropicClient]
 CLIENTS = [pytest.param(OpenAIClient, id="openai"), pytest.param(AnthropicClient, id="anthropic")]
@@ -126,6 +126,87 @@ def test_every_pool_of_the_sdks_clients_makes_its_connections_under_the_deadline
         for transport in transports:
             pool = transport._inner._pool  # type: ignore[attr-defined]
             assert isinstance(pool._network_backend, _DeadlineBackend), type(pool)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_a_resolver_that_does_not_answer_ends_the_call_when_its_claim_runs_out(
+    client_class: ClientClass, monkeypatch: pytest.MonkeyPatch, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """getaddrinfo blocks in C, deaf to socket timeouts: a resolver that hangs (a DNS server that drops
+    queries, a stuck NSS module) held the call past its claim. The resolution left behind ends when the
+    resolver answers at last."""
+    with HangingResolver(monkeypatch, "llm.hangs.test") as resolver:
+        client = client_class("sk-test", 30, base_url(client_class, "http://llm.hangs.test:8000"))
+        deadline = time.monotonic() + 1.0
+        error = CallInAThread(client, ends_by=deadline).error_by(deadline)
+        assert error.cut_short and "claim on the call ran out" in str(error), error
+        assert resolver.asked == ["llm.hangs.test"]
+        resolver.release()
+        wait_for(lambda: resolver.unanswered == 0, 30, what="the resolution left behind to end")
+
+
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_a_name_that_does_not_resolve_is_said_as_the_resolver_says_it(
+    client_class: ClientClass, monkeypatch: pytest.MonkeyPatch, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """Resolved apart from the connection, a name that does not resolve still fails as a connection error
+    (retried) that says so, with the URL asked."""
+    with HangingResolver(monkeypatch, "llm.gone.test") as resolver:
+        resolver.release()  # it answers at once: no such name (for now)
+        client = client_class("sk-test", 30, base_url(client_class, "http://llm.gone.test:8000"))
+        with ending_by(time.monotonic() + 30), pytest.raises(LLMError) as failed:
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    said = str(failed.value)
+    assert "Temporary failure in name resolution" in said and "http://llm.gone.test:8000/" in said, said
+    assert failed.value.retryable and not failed.value.cut_short
+
+
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_the_host_header_keeps_the_llms_name_though_its_address_is_resolved_apart(
+    client_class: ClientClass, monkeypatch: pytest.MonkeyPatch, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """The connection is made to the address the name resolved to; the request still names the host
+    (a virtual host, a gateway routing by name). The first address refusing, the next is tried, as
+    socket.create_connection does (here 127.0.0.2, where nothing listens)."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+    from tests.unit.test_fuzz_llm import completion
+
+    answer = completion({"role": "assistant", "content": "hello"})
+    with (
+        HangingResolver(monkeypatch, "unused.test", {"llm.local.test": ["127.0.0.2", "127.0.0.1"]}),
+        StubHTTPServer(lambda _: StubAnswer(body=answer)) as server,
+    ):
+        port = server.url.rsplit(":", 1)[1]
+        client = client_class("sk-test", 30, base_url(client_class, f"http://llm.local.test:{port}"))
+        with ending_by(time.monotonic() + 30):
+            if client_class is OpenAIClient:
+                said = client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+                assert said.content == "hello"
+            else:  # the stub's answer is OpenAI's: only the request matters here
+                with pytest.raises(LLMError):
+                    client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    (request,) = server.requests
+    assert {k.lower(): v for k, v in request.headers.items()}["host"] == f"llm.local.test:{port}"
+
+
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_tls_asks_for_the_llms_name_though_its_address_is_resolved_apart(
+    client_class: ClientClass,
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxies: pytest.MonkeyPatch,
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    """The TLS handshake names the host (SNI), which the server picks its certificate by and the client
+    verifies it against, not the address connected to."""
+    with (
+        HangingResolver(monkeypatch, "unused.test", {"llm.local.test": ["127.0.0.1"]}),
+        SNIRecordingServer(tmp_path) as server,  # type: ignore[arg-type]
+    ):
+        client = client_class("sk-test", 30, base_url(client_class, f"https://llm.local.test:{server.port}"))
+        with ending_by(time.monotonic() + 30), pytest.raises(LLMError, match="CERTIFICATE_VERIFY_FAILED"):
+            client.complete(LLMRequest(model="m", messages=[Message(role="user", content="hi")]))
+    assert server.names == ["llm.local.test"]
 
 
 def test_a_deadline_set_inside_another_never_extends_it() -> None:

@@ -1,0 +1,42 @@
+"""Resolving a host name by a deadline (getaddrinfo on a helper thread, waited for until then)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from kubechain.name_resolution import ResolutionTimedOut, _under_way, addresses_by, is_address
+from kubechain.testing.waiting import wait_for
+from tests.unit.slow_peers import HangingResolver
+
+
+def test_requests_for_a_name_being_resolved_wait_for_that_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each call timing out on a hung resolver must not leave a thread of its own behind (fifty tool calls
+    of a turn, each retried): the second waits for the first's resolution. Once the resolver answers, the
+    thread ends and the name is resolved afresh next time."""
+    with HangingResolver(monkeypatch, "hangs.test") as resolver:
+        for _ in range(2):
+            with pytest.raises(ResolutionTimedOut, match="hangs.test was not resolved by the request's"):
+                addresses_by("hangs.test", 443, time.monotonic() + 0.05)
+        assert resolver.asked == ["hangs.test"], "one resolution, waited for twice"
+        resolver.release()
+        wait_for(lambda: ("hangs.test", 443) not in _under_way, 30, what="the resolution to end")
+        assert resolver.unanswered == 0
+        with pytest.raises(socket.gaierror, match="Temporary failure in name resolution"):
+            addresses_by("hangs.test", 443, time.monotonic() + 30)  # afresh: released, it fails at once
+        assert resolver.asked == ["hangs.test", "hangs.test"]
+
+
+def test_a_name_resolves_to_its_addresses_in_order_each_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    with HangingResolver(monkeypatch, "unused.test", {"two.test": ["127.0.0.2", "127.0.0.1", "127.0.0.2"]}):
+        assert addresses_by("two.test", 80, time.monotonic() + 30) == ["127.0.0.2", "127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("127.0.0.1", True), ("::1", True), ("fe80::1%eth0", True), ("llm.test", False), ("1.2.3", False)],
+)
+def test_an_address_is_not_resolved(host: str, address: bool) -> None:
+    assert is_address(host) is address
