@@ -52,7 +52,6 @@ class TricklingServer:
         self.server, self.url = serve(Handler, "/slow")
 
 
-@pytest.mark.slow
 def calling_in_a_thread(url: str) -> tuple[threading.Thread, list[BaseException | str]]:
     """A POST to ``url`` with a 1 s timeout, on a thread of its own: its result or ToolError, once ended."""
     outcome: list[BaseException | str] = []
@@ -68,6 +67,7 @@ def calling_in_a_thread(url: str) -> tuple[threading.Thread, list[BaseException 
     return thread, outcome
 
 
+@pytest.mark.slow
 def test_a_body_that_trickles_in_times_out_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """httpx's timeout bounds each read; a trickle never trips it, so the deadline must."""
     import kubechain.tools.external_api as external_api

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from kubechain.heap import YOUNG_THRESHOLD
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +45,7 @@ def test_freezing_takes_the_start_up_heap_out_of_the_collectors_sight() -> None:
     assert answer["threshold"] == [YOUNG_THRESHOLD, 10, 10]
 
 
+@pytest.mark.slow  # a fresh interpreter importing Celery, the SDKs and the task handlers: ~2 s
 def test_a_worker_settles_its_heap_with_the_task_handlers_imported() -> None:
     """At worker_init, before a prefork pool forks: the handlers (and the SDKs they import) are loaded,
     so they are frozen too instead of being imported by the first task."""

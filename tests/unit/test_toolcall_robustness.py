@@ -1936,6 +1936,7 @@ class HeldAtEachFailure(FlakyKube):
         return cast(dict[str, Any], json.loads(json.dumps(result)))
 
 
+@pytest.mark.slow  # every allocation traced through a dozen writes of a 300 KB context: ~4 s
 def test_an_llm_answer_rewritten_through_an_outage_is_not_held_once_per_unanswered_write(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
