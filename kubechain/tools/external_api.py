@@ -203,9 +203,11 @@ def _inflated(compressed: Iterable[bytes], coding: str) -> Iterator[bytes]:
 
 
 def with_query(url: str, parameters: dict[str, str], request: str) -> httpx.URL:
-    """``url`` with ``parameters`` added to the query it has (``params=`` would replace it, httpx 0.28 on:
-    a Tool's ``?api_key=...`` or ``?api-version=...`` was dropped). A parameter the URL sets is the
-    Tool author's (a tenant, a key): an argument may not replace it."""
+    """``url`` with ``parameters`` encoded after the query it has, which is sent as written: ``params=``
+    would replace it (httpx 0.28 on: a Tool's ``?api_key=...`` was dropped), and merging parses it and
+    encodes it again (``flag`` as ``flag=``, ``%20`` as ``+``, ``;`` as ``%3B``, ``%e9`` as U+FFFD),
+    which an API that checks a signature of it refuses. A parameter the URL sets is the Tool author's (a
+    tenant, a key): an argument may not replace it."""
     target = httpx.URL(url)
     taken = sorted(name for name in parameters if name in target.params)
     if taken:
@@ -213,7 +215,12 @@ def with_query(url: str, parameters: dict[str, str], request: str) -> httpx.URL:
             f"{request}: {', '.join(taken)}: set by the Tool's URL (its query), which an argument may "
             "not replace"
         )
-    return target.copy_merge_params(parameters)
+    if not parameters:
+        return target
+    written = target.query  # the raw query, its escapes as the Tool's author wrote them
+    added = str(httpx.QueryParams(parameters)).encode("ascii")
+    joined = written + (b"&" if written and not written.endswith(b"&") else b"") + added
+    return target.copy_with(query=joined)
 
 
 def query_parameters(arguments: dict[str, Any]) -> dict[str, str]:

@@ -296,6 +296,28 @@ def test_get_arguments_are_added_to_the_query_the_tools_url_already_has(verb: st
     ]
 
 
+# A query as an API may need it byte for byte (a signed URL's signature covers it): a bare flag, "%20"
+# and "+", lower-case and needless escapes ("%2f", "%7E"), ";" and a byte that is not UTF-8 ("%e9").
+QUERY_AS_WRITTEN = "format=json&key=a%2Fb&flag&q=a%20b+c&sig=%2fx%3d&t=%7E&s=a;b&l=%e9"
+
+
+@pytest.mark.parametrize("verb", ["GET", "DELETE"])
+def test_the_query_the_tools_url_has_is_sent_as_written_the_arguments_after_it(verb: str) -> None:
+    """It was parsed and encoded again with the arguments: "flag" went as "flag=", "%20" as "+", "%7E" as
+    "~", ";" as "%3B" and "%e9" as "%EF%BF%BD", and an API that checks a signature of it refused them."""
+    server = RecordingServer(200)
+    try:
+        url = f"{server.url}?{QUERY_AS_WRITTEN}"
+        assert call_external_api(url, verb, {"page": 2, "term": "cats & dogs"}, None, timeout_s=10.0) == "ok"
+        assert call_external_api(url, verb, {}, None, timeout_s=10.0) == "ok"
+    finally:
+        server.server.shutdown()
+    assert [line.split()[1] for line in server.lines] == [
+        f"/x?{QUERY_AS_WRITTEN}&page=2&term=cats+%26+dogs",
+        f"/x?{QUERY_AS_WRITTEN}",
+    ]
+
+
 def test_an_argument_may_not_replace_a_query_parameter_the_tools_url_sets() -> None:
     """What the Tool's URL sets (a tenant, a key) is its author's, not the LLM's to change."""
     server = RecordingServer(200)
