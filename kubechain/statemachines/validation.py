@@ -23,6 +23,7 @@ from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, Re
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, is_object_name, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
+from kubechain.models.tool import CREDENTIALS_IN_URL, url_has_userinfo
 from kubechain.statemachines.toolset import (
     DELEGATE_PREFIX,
     FUNCTION_NAME,
@@ -99,6 +100,9 @@ def validate_tool_spec(tool: Tool) -> str | None:
         spec.execute is None or spec.execute.external_api is None or not spec.execute.external_api.url
     ):
         return "toolType externalAPI needs execute.externalAPI.url"
+    if kind == "externalAPI" and spec.execute and spec.execute.external_api:
+        if url_has_userinfo(spec.execute.external_api.url or ""):
+            return CREDENTIALS_IN_URL
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
     if kind == "delegateToAgent" and spec.agent_ref is not None:

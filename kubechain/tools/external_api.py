@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from kubechain.http_watchdog import end_io_by_deadline, io_ending_by, shut_at
+from kubechain.models.tool import CREDENTIALS_IN_URL
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.deadline import cut_short_note
@@ -87,11 +88,16 @@ def call_external_api(
         target = with_query(url, query_parameters(arguments), request)
     else:
         target, options["json"] = httpx.URL(url), arguments
+    if target.userinfo:  # as httpx reads the URL; a Tool's validation refuses it too
+        raise ToolError(f"{request}: {CREDENTIALS_IN_URL}")
     try:
         client = _shared_client()
         with (
             io_ending_by(deadline),
-            client.stream(verb, target, headers=headers, timeout=timeout_s, **options) as response,
+            # auth: no Basic auth httpx would make of a URL's userinfo, whatever it takes for one
+            client.stream(
+                verb, target, headers=headers, timeout=timeout_s, auth=httpx.Auth(), **options
+            ) as response,
         ):
             watchdog = shut_at(response.extensions, deadline)
             try:

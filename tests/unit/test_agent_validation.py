@@ -211,6 +211,28 @@ def test_a_delegating_tool_whose_agent_ref_is_not_an_agent_name_is_an_error() ->
 
 
 @pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("https://user:secret@api.example/v1/x", True),
+        ("https://ghp_0123456789abcdef@api.example/v1/x", True),  # a token as the user
+        ("http://:secret@svc:8080/x", True),
+        ("https://api.example/v1/models/claude@20241022?email=a@b.example#c@d", False),
+        ("http://svc/x?e=a@b", False),
+    ],
+)
+def test_an_external_api_tool_with_credentials_in_its_url_is_refused(url: str, refused: bool) -> None:
+    """What comes before "@" in the URL's authority is sent as HTTP Basic auth; an "@" after it is not."""
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    problem = validate_tool_spec(ready(Tool, "t", {"execute": {"externalAPI": {"url": url}}}, {}))
+    if refused:
+        assert problem is not None and "put them in a Secret" in problem, problem
+        assert "secret@" not in problem and "ghp_" not in problem, problem
+    else:
+        assert problem is None, problem
+
+
+@pytest.mark.parametrize(
     "function",
     [
         "delegate_to_agent__billing",

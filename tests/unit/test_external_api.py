@@ -17,6 +17,7 @@ import pytest
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
 from tests.unit.slow_peers import HeaderTricklingServer
+from tests.unit.http_stub import StubAnswer, StubHTTPServer
 from tests.unit.test_redaction import counting_secret_forms
 
 
@@ -327,6 +328,24 @@ def test_an_argument_may_not_replace_a_query_parameter_the_tools_url_sets() -> N
     finally:
         server.server.shutdown()
     assert server.lines == []
+
+
+@pytest.mark.parametrize("verb", ["GET", "POST"])
+def test_credentials_in_the_tools_url_are_never_sent_as_basic_auth(verb: str) -> None:
+    """httpx sends a URL's ``user:password@`` as HTTP Basic auth: a Tool that validation would refuse (one
+    read before its re-validation, a caller of this function) must not send them either, nor quote them."""
+    password = "s3cret-Pa55word-0123"
+    with StubHTTPServer(lambda request: StubAnswer(body=b"ok")) as server:
+        url = server.url.replace("http://", f"http://apiuser:{password}@") + "/x"
+        try:
+            said = call_external_api(url, verb, {"q": "cats"}, None, timeout_s=10.0)
+        except ToolError as exc:
+            said = str(exc)
+    sent = [request.headers.get("Authorization") for request in server.requests]
+    assert not [auth for auth in sent if auth and auth.startswith("Basic ")], sent
+    assert server.requests == [], "refused before anything is sent"
+    assert "put them in a Secret" in said and "credentialsFrom" in said, said
+    assert password not in said and "apiuser" not in said, said
 
 
 def test_a_cookie_one_tools_api_sets_is_not_sent_with_anyone_elses_calls() -> None:

@@ -300,6 +300,26 @@ def test_an_unexpected_provider_error_that_echoes_the_api_key_does_not_carry_it_
         assert "sk-te" not in where, where
 
 
+def test_a_tool_whose_url_holds_credentials_is_an_error_that_does_not_show_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``https://user:secret@host/path`` was Ready, and each call sent HTTP Basic auth built from the URL;
+    the credentials belong in a Secret named by credentialsFrom, and are not repeated where the error goes."""
+    kube = FakeKubeClient()
+    api = {"url": "https://apiuser:s3cret-Pa55word@api.example/v1/search?format=json", "method": "GET"}
+    create(kube, "Tool", "tools", "search", {"name": "search", "execute": {"externalAPI": api}})
+    with caplog.at_level(logging.DEBUG):
+        validate(context(kube, FakeLLM(lambda r: LLMResponse())), message("Tool", "search"))
+    status = kube.get_raw("tools", "default", "search")["status"]
+    assert (status["ready"], status["status"]) == (False, "Error"), status
+    detail = status["statusDetail"]
+    assert "put them in a Secret" in detail and "execute.externalAPI.credentialsFrom" in detail, detail
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "search"]
+    assert kube.event_reasons("search")[-1] == "ValidationFailed"
+    for where in (json.dumps(status), *events, caplog.text):
+        assert "s3cret" not in where and "apiuser" not in where, where
+
+
 def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
     kube = FakeKubeClient()
     llm = FakeLLM(lambda r: LLMResponse(content="done"))
