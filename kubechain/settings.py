@@ -58,6 +58,14 @@ MAX_WORKER_CONCURRENCY = BROKER_MAX_CONNECTIONS // 2
 # The largest KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: under etcd's default request limit (1.5 MiB) by what the
 # rest of a TaskRun may take.
 MAX_CONTEXT_WINDOW_BYTES = 1258291  # 1.2 MiB
+# The largest KUBECHAIN_MAX_TOOL_RESULT_BYTES (102 KiB): a limit is of UTF-8 bytes, but Go's JSON, as etcd
+# stores the objects, writes "<", ">", "&", control characters, U+2028 and U+2029 in 6 bytes each, so one
+# result may take 6 times its limit stored; and a failed call writes its error twice (error and
+# statusDetail of its TaskRunToolCall). 6 x 2: such a call still fits its own object, and one result so
+# escaped takes at most half of the largest window, the rest left for the conversation. A turn's results
+# are not all bounded by it (128 calls of even 10 KB each are over the largest window): a window they take
+# past its limit fails its run as ContextWindowTooLarge, saying so.
+MAX_TOOL_RESULT_BYTES = MAX_CONTEXT_WINDOW_BYTES // 12
 
 
 class Settings(BaseSettings):
@@ -201,6 +209,19 @@ class Settings(BaseSettings):
                 f"{value} is not between 1 and {MAX_CONTEXT_WINDOW_BYTES} (1.2 MiB): a TaskRun, its window "
                 "included, must fit etcd's 1.5 MiB request limit (its --max-request-bytes default) with "
                 "room for its metadata and the rest of its status"
+            )
+        return value
+
+    @field_validator("max_tool_result_bytes")
+    @classmethod
+    def _tool_result_fits_in_a_context_window(cls, value: int) -> int:
+        # Past this a result is let through that a run cannot store: it fails later, after the call.
+        if not 0 < value <= MAX_TOOL_RESULT_BYTES:
+            raise ValueError(
+                f"{value} is not between 1 and {MAX_TOOL_RESULT_BYTES} (a twelfth of the largest context "
+                f"window, {MAX_CONTEXT_WINDOW_BYTES} bytes): a result may take 6 times its size as etcd "
+                "stores it, and a failed call's is stored twice; a larger one could not be stored in its "
+                "TaskRunToolCall or its run's context window"
             )
         return value
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kubechain.settings import Settings, SettingsInvalid, load_settings
+from kubechain.settings import MAX_CONTEXT_WINDOW_BYTES, Settings, SettingsInvalid, load_settings
 
 
 def test_settings_refuse_a_claim_that_could_expire_during_a_call() -> None:
@@ -92,3 +92,20 @@ def test_a_context_window_limit_etcd_cannot_store_is_refused(
     )
     monkeypatch.setenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES", "1258291")
     assert load_settings().max_context_window_bytes == 1258291
+
+
+@pytest.mark.parametrize("limit", ["104858", "1048576", "0"])
+def test_a_tool_result_limit_a_context_window_cannot_hold_is_refused(
+    monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """A limit past what a TaskRun's window can hold let results through that failed their run later, as
+    too large to store (an API's 1 MiB answer, after the call was made)."""
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", limit)
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    text = str(refused.value)
+    assert text.startswith(
+        f"invalid settings: KUBECHAIN_MAX_TOOL_RESULT_BYTES: {limit} is not between 1 and 104857 "
+    ), text
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "104857")
+    assert load_settings().max_tool_result_bytes == 104857 == MAX_CONTEXT_WINDOW_BYTES // 12
