@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubechain.models.labels import is_namespace_name, is_object_name
 from kubechain.redaction import redact_url
 
 
@@ -43,6 +44,9 @@ def http_url_problem(url: str) -> str | None:
 
 
 DEFAULT_HUMANLAYER_API_BASE = "https://api.humanlayer.dev"
+NOT_A_NAMESPACE_NAME = (
+    "is not a namespace name: a DNS-1123 label (lower-case letters, digits and '-', at most 63)"
+)
 
 
 def _default_identity() -> str:
@@ -54,6 +58,17 @@ def _default_identity() -> str:
 # as needed; the bound must still let one worker hold 500 LLM calls open (the in-flight bench's 2 × 500).
 BROKER_MAX_CONNECTIONS = 1024
 MAX_WORKER_CONCURRENCY = BROKER_MAX_CONNECTIONS // 2
+
+# How often the watcher's leader renews its Lease; it stops acting at two thirds of the Lease's duration
+# since its last renewal (before another replica may take over), so the duration must leave that more than
+# one renewal: at 2 s the leader acted for 1.3 s of every 2.
+LEASE_RETRY_PERIOD_S = 2.0
+MIN_LEASE_DURATION_S = 4
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What kombu and redis-py connect to Redis with (sentinel: kombu's; anything else kombu takes for another
+# broker, AMQP on port 5672 for a URL without a scheme, and retries for ever)
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
 # The largest KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: under etcd's default request limit (1.5 MiB) by what the
 # rest of a TaskRun may take.
@@ -69,22 +84,24 @@ MAX_TOOL_RESULT_BYTES = MAX_CONTEXT_WINDOW_BYTES // 12
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore")
+    # No float setting is nan or infinite: nan compares false with everything, so no bound refused it (a
+    # claim timeout of nan made every claim expire at once).
+    model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore", allow_inf_nan=False)
 
     # Kubernetes
     kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
     kube_context: str | None = None
     namespaces: NameList = Field(default_factory=list, description="watched namespaces; empty = all")
     # A per-process budget; the API server's own priority and fairness protects it from many processes.
-    kube_qps: float = 1000.0
-    kube_burst: int = 2000
-    kube_timeout_s: float = 30.0
+    kube_qps: float = Field(default=1000.0, gt=0)
+    kube_burst: int = Field(default=2000, ge=1)
+    kube_timeout_s: float = Field(default=30.0, gt=0)
 
     # Celery / Redis
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
     # A Redis that vanished without closing the connection (failover, a NAT or firewall timeout) must make
     # a publish or an ack fail, not wait for TCP to give up (~15 minutes).
-    redis_socket_timeout_s: float = 10.0
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
 
     # LLMs: where provider "openai" goes when an LLM has no spec.parameters.baseUrl (None: api.openai.com)
     openai_base_url: str | None = None
@@ -94,16 +111,16 @@ class Settings(BaseSettings):
     scripted_llm_key: str = "scripted"
 
     # Agent loop
-    llm_timeout_s: float = 120.0
+    llm_timeout_s: float = Field(default=120.0, gt=0)
     # A provider outage of a quarter of an hour (or a long Retry-After) is ridden out: 14 attempts with
     # back-off doubling from 1 s to 5 min between them wait 14-28 min in all before a run fails.
-    llm_max_attempts: int = 14
-    llm_backoff_base_s: float = 1.0
-    llm_backoff_max_s: float = 300.0
-    tool_timeout_s: float = 120.0
+    llm_max_attempts: int = Field(default=14, ge=1)
+    llm_backoff_base_s: float = Field(default=1.0, gt=0)
+    llm_backoff_max_s: float = Field(default=300.0, gt=0)
+    tool_timeout_s: float = Field(default=120.0, gt=0)
     # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
-    claim_timeout_s: float = 180.0
-    max_tool_result_bytes: int = 64 * 1024
+    claim_timeout_s: float = Field(default=180.0, gt=0)
+    max_tool_result_bytes: int = 64 * 1024  # bounded by _tool_result_fits_in_a_context_window
     # Measured as etcd stores the TaskRun (Go's JSON), with its spec and annotations; what the object also
     # holds (metadata, managedFields, the rest of its status) takes the rest of etcd's 1.5 MiB.
     max_context_window_bytes: int = 1024 * 1024
@@ -111,7 +128,7 @@ class Settings(BaseSettings):
     # request, and a 1 MiB context window holds ~10,000 tiny ones.
     max_tool_calls_per_turn: int = Field(default=128, ge=1)
     # The deepest a sub-agent's run may be: a user's run is at depth 0, its sub-agents' at 1 (LABEL_DEPTH).
-    max_delegation_depth: int = 5
+    max_delegation_depth: int = Field(default=5, ge=0)
     # Sub-agent runs of one user's run, at every depth: depth alone lets 20 delegations a turn over 5
     # levels start 20**5 runs. Those that exist are counted (a deleted one frees its place). A soft cap:
     # it is counted, then each child created, so delegations anywhere in the run's tree checked at once
@@ -119,18 +136,20 @@ class Settings(BaseSettings):
     max_sub_agent_runs: int = Field(default=100, ge=1)
     # A sub-agent's run that has not started after this long (its Agent never became Ready) is deleted
     # and its delegating tool call fails with the reason, so the parent run is not blocked forever.
-    sub_agent_start_timeout_s: float = 900.0
+    sub_agent_start_timeout_s: float = Field(default=900.0, gt=0)
     # How long a worker may reuse what it read of an Agent, LLM, Secret, Tool or MCPServer to build an
     # LLM request (the run itself is always read fresh).
-    config_cache_ttl_s: float = 2.0
+    config_cache_ttl_s: float = Field(default=2.0, ge=0)
 
     # Watcher
-    resync_interval_s: float = 30.0
-    stale_after_s: float = 20.0
+    # Each resync goes over every cached object: at less than a second apart the watcher does little else.
+    resync_interval_s: float = Field(default=30.0, ge=1)
+    stale_after_s: float = Field(default=20.0, gt=0)
     lease_name: str = "kubechain-watcher"
     # The pod's own namespace in a cluster (POD_NAMESPACE, from the downward API), so an overlay that moves
     # KubeChain to another namespace moves the Lease with it.
     lease_namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "default")
+    # Whole seconds, as the Lease stores it; see _lease_outlasts_its_renewals for the least.
     lease_duration_s: float = 15.0
     identity: str = Field(default_factory=_default_identity)
 
@@ -145,10 +164,10 @@ class Settings(BaseSettings):
     mcp_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
     # Observability
-    metrics_port: int = 0
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     # Watcher: GET /scaling answers each worker queue's demand (backlog + steps in hand) as JSON, for
     # KEDA's metrics-api scaler (0: not served)
-    scaling_port: int = 0
+    scaling_port: int = Field(default=0, ge=0, le=65535)
     # Where a prefork worker's processes keep their metrics for /metrics to add up (prometheus_client's
     # multiprocess mode, which reads it from the environment at import: set it before the process starts).
     prometheus_multiproc_dir: str | None = Field(default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR")
@@ -197,6 +216,68 @@ class Settings(BaseSettings):
                 f"{redact_url(value)!r} {problem}: set it to the HumanLayer API's URL, e.g. "
                 f"{DEFAULT_HUMANLAYER_API_BASE}"
             )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_a_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_names_redis(cls, value: str) -> str:
+        try:
+            scheme = urlsplit(value).scheme
+        except ValueError as exc:
+            raise ValueError(f"{redact_url(value)!r} is not a URL ({exc})") from None
+        if scheme not in REDIS_URL_SCHEMES:
+            schemes = ", ".join(f"{name}://" for name in REDIS_URL_SCHEMES[:-1])
+            raise ValueError(
+                f"{redact_url(value)!r} has no {schemes} or {REDIS_URL_SCHEMES[-1]}:// scheme, e.g. "
+                "redis://127.0.0.1:6379/0"
+            )
+        return value
+
+    @field_validator("lease_duration_s")
+    @classmethod
+    def _lease_outlasts_its_renewals(cls, value: float) -> float:
+        # The Lease holds whole seconds (int() made 0.5 a Lease of 0 s), and its leader stops acting at
+        # two thirds of it: that must be more than one renewal (LEASE_RETRY_PERIOD_S) apart.
+        if value != int(value) or value < MIN_LEASE_DURATION_S:
+            raise ValueError(
+                f"{value:g} is not a whole number of seconds, at least {MIN_LEASE_DURATION_S}: the leader "
+                f"renews its Lease every {LEASE_RETRY_PERIOD_S:g} s and stops acting at two thirds of its "
+                "duration since the last renewal"
+            )
+        return value
+
+    @field_validator("lease_name")
+    @classmethod
+    def _lease_name_is_an_object_name(cls, value: str) -> str:
+        if not is_object_name(value):
+            raise ValueError(
+                f"{value!r} is not a DNS-1123 subdomain (lower-case letters, digits, '-' and '.', at most 253 "
+                "characters), as the API server requires of a Lease's name"
+            )
+        return value
+
+    @field_validator("lease_namespace")
+    @classmethod
+    def _lease_namespace_is_a_namespace_name(cls, value: str) -> str:
+        if not is_namespace_name(value):
+            raise ValueError(f"{value!r} {NOT_A_NAMESPACE_NAME}")
+        return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces_are_namespace_names(cls, value: list[str]) -> list[str]:
+        # Each is watched: an informer of a namespace that cannot exist lists nothing, for ever.
+        wrong = [name for name in value if not is_namespace_name(name)]
+        if wrong:
+            raise ValueError(f"{', '.join(map(repr, wrong))} {NOT_A_NAMESPACE_NAME}")
         return value
 
     @field_validator("max_context_window_bytes")
@@ -265,7 +346,10 @@ def load_settings() -> Settings:
             variable = alias if isinstance(alias, str) else f"KUBECHAIN_{field.upper()}" if field else ""
             if field in _ALIASES:  # a field read under its own name (REDIS_URL) is located by that name
                 variable = field
-            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["type"] == "value_error":  # our own validators' words, which name the value (redacted)
+                message = str(error["msg"]).removeprefix("Value error, ")
+            else:  # pydantic's bound ("Input should be greater than 0"): the value it was said of first
+                message = f"{error.get('input')!r}: {error['msg']}"
             problems.append(f"{variable}: {message}" if variable else message)
         raise SettingsInvalid("invalid settings: " + "; ".join(problems)) from None
     except SettingsError as exc:  # a value that is not even parsed (JSON for a list field)

@@ -16,6 +16,7 @@ from typing import Any
 
 from kubechain.kube.client import KubeClient
 from kubechain.kube.errors import AlreadyExists, Conflict, KubeAPIError, NotFound
+from kubechain.settings import LEASE_RETRY_PERIOD_S
 from kubechain.statemachines.lease import lease_holder
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class LeaderElector:
         name: str,
         identity: str,
         lease_duration_s: float = 15.0,
-        retry_period_s: float = 2.0,
+        retry_period_s: float = LEASE_RETRY_PERIOD_S,
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
         on_resumed_leading: Callable[[], None] | None = None,

@@ -8,6 +8,7 @@ non-terminal state, so nothing is stranded by a lost message, a dead worker, a R
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from kubechain.observability.metrics import (
 )
 from kubechain.observability.tracing import export_run_span, run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
-from kubechain.settings import Settings
+from kubechain.settings import Settings, SettingsInvalid, load_settings
 from kubechain.statemachines.demand import demand
 from kubechain.statemachines.routing import (
     VALIDATED_KINDS,
@@ -616,7 +617,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="KubeChain watcher: CRD events → Celery tasks")
     parser.add_argument("--no-leader-election", action="store_true")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = load_settings()
+    except SettingsInvalid as exc:  # one line, as `kubechain watcher` says it, not a traceback
+        print(f"kubechain-watcher: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_json)
     app = make_celery(settings)
     kube = KubeClient.from_settings(settings, "kubechain-watcher")

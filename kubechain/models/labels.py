@@ -28,6 +28,11 @@ def is_object_name(name: str) -> bool:
     return len(name) <= MAX_OBJECT_NAME and _OBJECT_NAME.fullmatch(name) is not None
 
 
+def is_namespace_name(name: str) -> bool:
+    """Whether a namespace may have ``name``: a DNS-1123 label (a subdomain without dots, 63 at most)."""
+    return len(name) <= MAX_LABEL_VALUE and "." not in name and is_object_name(name)
+
+
 def shortened(name: str, limit: int) -> str:
     """``name`` when it fits in ``limit`` characters, else a prefix of it plus a hash of the whole (stable,
     so a retried create makes the same object). Names start alphanumeric and so does the prefix; the hash

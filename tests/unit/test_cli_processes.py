@@ -33,7 +33,26 @@ def test_worker_refuses_pools_it_cannot_run(pool: str) -> None:
             "kubechain-worker: invalid settings: KUBECHAIN_CLAIM_TIMEOUT_S (180 s) must be longer than "
             "KUBECHAIN_LLM_TIMEOUT_S (300 s)",
         ),
-        ("worker", {"KUBECHAIN_KUBE_QPS": "many"}, "KUBECHAIN_KUBE_QPS: Input should be a valid number"),
+        (
+            "worker",
+            {"KUBECHAIN_KUBE_QPS": "many"},
+            "KUBECHAIN_KUBE_QPS: 'many': Input should be a valid number",
+        ),
+        # OverflowError in Celery's worker_ready, which swallowed it: the worker ran without /metrics
+        # and /healthz
+        (
+            "worker",
+            {"KUBECHAIN_METRICS_PORT": "70000"},
+            "kubechain-worker: invalid settings: KUBECHAIN_METRICS_PORT: '70000': Input should be less than "
+            "or equal to 65535",
+        ),
+        # logging's traceback
+        (
+            "watcher",
+            {"KUBECHAIN_LOG_LEVEL": "LOUD"},
+            "kubechain-watcher: invalid settings: KUBECHAIN_LOG_LEVEL: 'LOUD' is not a log level: one of "
+            "DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
         ("watcher", {}, "kubechain-watcher: cannot load the cluster connection from "),
         ("worker", {}, "kubechain-worker: cannot load the cluster connection from "),
     ],
@@ -58,6 +77,22 @@ def test_the_processes_refuse_to_start_on_a_bad_setting_or_kubeconfig_in_one_lin
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
     assert said in result.output
     assert "Traceback" not in result.output and not started
+
+
+def test_the_watcher_run_as_a_module_refuses_a_bad_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m watcher`` (not through the CLI's checks) ended in logging's traceback."""
+    import watcher.main
+
+    monkeypatch.setenv("KUBECHAIN_LOG_LEVEL", "LOUD")
+    with pytest.raises(SystemExit) as exited:
+        watcher.main.main([])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "kubechain-watcher: invalid settings: KUBECHAIN_LOG_LEVEL: 'LOUD' is not a log level: one of "
+        "DEBUG, INFO, WARNING, ERROR, CRITICAL\n"
+    )
 
 
 def test_a_worker_runs_no_more_threads_than_its_broker_connections_serve() -> None:

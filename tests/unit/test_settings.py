@@ -109,3 +109,97 @@ def test_a_tool_result_limit_a_context_window_cannot_hold_is_refused(
     ), text
     monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "104857")
     assert load_settings().max_tool_result_bytes == 104857 == MAX_CONTEXT_WINDOW_BYTES // 12
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        # logging.setLevel's traceback at the watcher's start; a worker's --loglevel error named no setting
+        ("KUBECHAIN_LOG_LEVEL", "LOUD", "one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+        # OverflowError from the socket: a worker ran on without /metrics and /healthz
+        ("KUBECHAIN_METRICS_PORT", "70000", "less than or equal to 65535"),
+        ("KUBECHAIN_METRICS_PORT", "-1", "greater than or equal to 0"),
+        ("KUBECHAIN_SCALING_PORT", "65536", "less than or equal to 65535"),
+        ("KUBECHAIN_REDIS_SOCKET_TIMEOUT_S", "0", "greater than 0"),
+        # kombu took a URL without a scheme for AMQP on port 5672 and retried it for ever
+        ("REDIS_URL", "localhost:6379", "redis://, rediss://, unix:// or sentinel://"),
+        ("REDIS_URL", "http://localhost:6379/0", "redis://, rediss://, unix:// or sentinel://"),
+        # the client's own check, said as a kubeconfig that could not be loaded
+        ("KUBECHAIN_KUBE_QPS", "0", "greater than 0"),
+        ("KUBECHAIN_KUBE_BURST", "0", "greater than or equal to 1"),
+        # int() made 0.5 a Lease of 0 s and 2 one renewed every 2 s that its holder stops acting on at 1.3 s
+        ("KUBECHAIN_LEASE_DURATION_S", "0.5", "a whole number of seconds, at least 4"),
+        ("KUBECHAIN_LEASE_DURATION_S", "-15", "a whole number of seconds, at least 4"),
+        ("KUBECHAIN_LEASE_DURATION_S", "2", "a whole number of seconds, at least 4"),
+        ("KUBECHAIN_LEASE_DURATION_S", "inf", "finite number"),
+        # the API server refuses every write of the Lease: no watcher ever leads
+        ("KUBECHAIN_LEASE_NAME", "Kubechain_Watcher", "a DNS-1123 subdomain"),
+        ("KUBECHAIN_LEASE_NAMESPACE", "kube.system", "a DNS-1123 label"),
+        # a busy loop of full resyncs
+        ("KUBECHAIN_RESYNC_INTERVAL_S", "0", "greater than or equal to 1"),
+        ("KUBECHAIN_NAMESPACES", "default,Team_A", "a DNS-1123 label"),
+        # every claim expired at once (nan compares false with everything: no check refused it)
+        ("KUBECHAIN_CLAIM_TIMEOUT_S", "nan", "finite number"),
+        ("KUBECHAIN_LLM_TIMEOUT_S", "0", "greater than 0"),
+        ("KUBECHAIN_TOOL_TIMEOUT_S", "-1", "greater than 0"),
+        ("KUBECHAIN_KUBE_TIMEOUT_S", "0", "greater than 0"),
+        ("KUBECHAIN_STALE_AFTER_S", "0", "greater than 0"),
+        ("KUBECHAIN_LLM_MAX_ATTEMPTS", "0", "greater than or equal to 1"),
+        ("KUBECHAIN_LLM_BACKOFF_BASE_S", "nan", "finite number"),
+        ("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "0", "is not between 1 and 104857"),
+        ("KUBECHAIN_MAX_DELEGATION_DEPTH", "-1", "greater than or equal to 0"),
+        ("KUBECHAIN_SUB_AGENT_START_TIMEOUT_S", "0", "greater than 0"),
+        ("KUBECHAIN_CONFIG_CACHE_TTL_S", "-1", "greater than or equal to 0"),
+    ],
+)
+def test_a_setting_out_of_its_bounds_is_refused_naming_the_variable_its_value_and_what_is_allowed(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, allowed: str
+) -> None:
+    """Each was taken as it came: a traceback at start (a log level, a port past 65535), or a process that
+    ran and misbehaved (a busy loop, a part-time leader, every claim expired at once)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    text = str(refused.value)
+    named = value.rpartition(",")[2]  # (of a list, the name that is wrong)
+    assert text.startswith(f"invalid settings: {variable}: ") and named in text and allowed in text, text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "taken"),
+    [
+        ("KUBECHAIN_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("KUBECHAIN_METRICS_PORT", "65535", "metrics_port", 65535),
+        ("KUBECHAIN_METRICS_PORT", "0", "metrics_port", 0),
+        (
+            "REDIS_URL",
+            "rediss://:secret@redis.example:6380/1",
+            "redis_url",
+            "rediss://:secret@redis.example:6380/1",
+        ),
+        ("REDIS_URL", "unix:///run/redis.sock?db=0", "redis_url", "unix:///run/redis.sock?db=0"),
+        ("KUBECHAIN_LEASE_DURATION_S", "4", "lease_duration_s", 4),
+        ("KUBECHAIN_LEASE_DURATION_S", "15.0", "lease_duration_s", 15),
+        ("KUBECHAIN_LEASE_NAME", "kubechain.watcher-2", "lease_name", "kubechain.watcher-2"),
+        ("KUBECHAIN_RESYNC_INTERVAL_S", "1", "resync_interval_s", 1.0),
+        ("KUBECHAIN_NAMESPACES", "default,team-a", "namespaces", ["default", "team-a"]),
+        ("KUBECHAIN_CONFIG_CACHE_TTL_S", "0", "config_cache_ttl_s", 0.0),
+    ],
+)
+def test_a_setting_within_its_bounds_is_taken(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str, taken: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(load_settings(), field) == taken
+
+
+def test_a_refused_redis_url_is_said_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis.example:6379/0?password=pa55word")
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    monkeypatch.setenv("REDIS_URL", "http://user:pa55word@redis.example:6379/0")
+    with pytest.raises(SettingsInvalid) as refused_too:
+        load_settings()
+    for text in (str(refused.value), str(refused_too.value)):
+        assert text.startswith("invalid settings: REDIS_URL: ") and "pa55word" not in text, text
