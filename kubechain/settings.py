@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
+import re
 import socket
+from collections.abc import Mapping
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
@@ -43,6 +47,7 @@ def http_url_problem(url: str) -> str | None:
     return None
 
 
+ENV_PREFIX = "KUBECHAIN_"
 DEFAULT_HUMANLAYER_API_BASE = "https://api.humanlayer.dev"
 NOT_A_NAMESPACE_NAME = (
     "is not a namespace name: a DNS-1123 label (lower-case letters, digits and '-', at most 63)"
@@ -86,7 +91,7 @@ MAX_TOOL_RESULT_BYTES = MAX_CONTEXT_WINDOW_BYTES // 12
 class Settings(BaseSettings):
     # No float setting is nan or infinite: nan compares false with everything, so no bound refused it (a
     # claim timeout of nan made every claim expire at once).
-    model_config = SettingsConfigDict(env_prefix="KUBECHAIN_", extra="ignore", allow_inf_nan=False)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", allow_inf_nan=False)
 
     # Kubernetes
     kubeconfig: str | None = Field(default=None, validation_alias="KUBECONFIG")
@@ -328,6 +333,52 @@ _ALIASES = {
 
 class SettingsInvalid(ValueError):
     """The environment holds a setting a process cannot start with; the message names the variable."""
+
+
+# KUBECHAIN_* variables read elsewhere than here: the CLI's watch timeout; what the bench gives its command
+OTHER_VARIABLES = frozenset({"KUBECHAIN_CLI_WATCH_TIMEOUT_S", "KUBECHAIN_BENCH_NAMESPACE"})
+# What Kubernetes sets for a Service named kubechain-* in a pod that keeps its service links
+# (KUBECHAIN_REDIS_SERVICE_HOST, KUBECHAIN_REDIS_PORT_6379_TCP_ADDR, KUBECHAIN_WATCHER_PORT)
+_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
+
+log = logging.getLogger(__name__)
+_unknown_variables_said = False
+
+
+def setting_variables() -> list[str]:
+    """The KUBECHAIN_* variables the settings read."""
+    return sorted(
+        f"{ENV_PREFIX}{field.upper()}"
+        for field, info in Settings.model_fields.items()
+        if not isinstance(info.validation_alias, str)
+    )
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each KUBECHAIN_* variable in ``environ`` that nothing reads, naming the setting it is
+    closest to: a mistyped one (KUBECHAIN_MAX_TOOL_RESULT_BYTE) was ignored without a word."""
+    known = setting_variables()
+    read = {*known, *OTHER_VARIABLES}
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper()  # pydantic-settings reads names in any case
+        if not name.startswith(ENV_PREFIX) or name in read or _SERVICE_LINK.search(name):
+            continue
+        line = f"{variable} is not a KubeChain setting: it is ignored"
+        closest = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        lines.append(f"{line} (did you mean {closest[0]}?)" if closest else line)
+    return lines
+
+
+def warn_of_unknown_variables() -> None:
+    """Logs :func:`unknown_variables` of this process's environment, once a process (the worker's logging
+    is set up again by Celery, and in each prefork child)."""
+    global _unknown_variables_said
+    if _unknown_variables_said:
+        return
+    _unknown_variables_said = True
+    for line in unknown_variables(os.environ):
+        log.warning(line)
 
 
 def load_settings() -> Settings:

@@ -29,7 +29,7 @@ from kubechain.observability.metrics import (
 )
 from kubechain.observability.tracing import export_run_span, run_context, setup_tracing, span, traceparent_of
 from kubechain.queueing import ResourceMessage, TaskName
-from kubechain.settings import Settings, SettingsInvalid, load_settings
+from kubechain.settings import Settings, SettingsInvalid, load_settings, warn_of_unknown_variables
 from kubechain.statemachines.demand import demand
 from kubechain.statemachines.routing import (
     VALIDATED_KINDS,
@@ -623,6 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kubechain-watcher: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_json)
+    warn_of_unknown_variables()
     app = make_celery(settings)
     kube = KubeClient.from_settings(settings, "kubechain-watcher")
     watcher = Watcher(

@@ -37,7 +37,7 @@ from kubechain.queueing import (
     enqueue,
     make_celery,
 )
-from kubechain.settings import Settings
+from kubechain.settings import Settings, warn_of_unknown_variables
 from workers.context import WorkerContext, build_context
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,7 @@ def tool_call(self: Any, payload: dict[str, Any]) -> None:
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
+    warn_of_unknown_variables()
 
 
 @signals.worker_init.connect

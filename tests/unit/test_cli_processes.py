@@ -159,6 +159,7 @@ def test_a_worker_logging_json_writes_nothing_but_json_lines(tmp_path: Path) -> 
         "KUBECHAIN_LOG_JSON": "true",
         "REDIS_URL": f"redis://127.0.0.1:{broker_port}/0",
         "OTEL_SDK_DISABLED": "true",
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTE": "1",  # mistyped: warned of once, in a line of JSON too
     }
     worker = subprocess.Popen(
         [sys.executable, "-c", "from kubechain.cli import main; main(['worker', '-c', '2'])"],
@@ -201,6 +202,11 @@ def test_a_worker_logging_json_writes_nothing_but_json_lines(tmp_path: Path) -> 
             not_json.append(line)
     assert not not_json, "".join(not_json)
     assert any("shutdown" in json.loads(line)["message"].lower() for line in lines), "".join(lines)
+    warned = [line for line in lines if "KUBECHAIN_MAX_TOOL_RESULT_BYTE " in line]
+    assert len(warned) == 1 and json.loads(warned[0])["message"] == (
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTE is not a KubeChain setting: it is ignored (did you mean "
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTES?)"
+    ), "".join(lines)
 
 
 def test_a_worker_that_stops_on_an_error_exits_with_its_code(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -203,3 +203,45 @@ def test_a_refused_redis_url_is_said_without_its_password(monkeypatch: pytest.Mo
         load_settings()
     for text in (str(refused.value), str(refused_too.value)):
         assert text.startswith("invalid settings: REDIS_URL: ") and "pa55word" not in text, text
+
+
+def test_a_mistyped_kubechain_variable_is_named_with_the_setting_it_is_closest_to() -> None:
+    """KUBECHAIN_MAX_TOOL_RESULT_BYTE=1 was ignored without a word: the limit stayed 64 KiB."""
+    from kubechain.settings import unknown_variables
+
+    environ = {
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTE": "1",
+        "kubechain_log_levl": "DEBUG",  # pydantic-settings reads names in any case
+        "KUBECHAIN_FROBNICATE": "yes",
+        # read: by a setting (in any case), by the CLI, under another name, or a Service's link
+        "KUBECHAIN_METRICS_PORT": "9090",
+        "Kubechain_Lease_Namespace": "team-a",
+        "KUBECHAIN_CLI_WATCH_TIMEOUT_S": "5",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "KUBECHAIN_REDIS_SERVICE_HOST": "10.0.0.1",
+        "KUBECHAIN_REDIS_PORT_6379_TCP_ADDR": "10.0.0.1",
+        "KUBECHAIN_WATCHER_PORT": "tcp://10.0.0.2:9090",
+    }
+    assert unknown_variables(environ) == [
+        "KUBECHAIN_FROBNICATE is not a KubeChain setting: it is ignored",
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTE is not a KubeChain setting: it is ignored (did you mean "
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTES?)",
+        "kubechain_log_levl is not a KubeChain setting: it is ignored (did you mean KUBECHAIN_LOG_LEVEL?)",
+    ]
+
+
+def test_mistyped_variables_are_warned_of_once_a_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import kubechain.settings
+    from kubechain.settings import warn_of_unknown_variables
+
+    monkeypatch.setattr(kubechain.settings, "_unknown_variables_said", False)
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTE", "1")
+    with caplog.at_level("WARNING", logger="kubechain.settings"):
+        warn_of_unknown_variables()
+        warn_of_unknown_variables()  # Celery sets logging up again, in each prefork child too
+    assert [record.getMessage() for record in caplog.records] == [
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTE is not a KubeChain setting: it is ignored (did you mean "
+        "KUBECHAIN_MAX_TOOL_RESULT_BYTES?)"
+    ]
