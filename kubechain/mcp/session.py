@@ -101,6 +101,8 @@ EXTRA_INHERITED_ENV = (
     "NODE_EXTRA_CA_CERTS",
 )
 SSE_READ_TIMEOUT_S = 300.0
+# How long a failed connect to an http server waits for the GET that tells whether it speaks SSE instead.
+SSE_PROBE_TIMEOUT_S = 5.0
 MAX_TOOL_PAGES = 100
 # How long a server whose call timed out has to answer a probe before its session is restarted.
 PROBE_TIMEOUT_S = 5.0
@@ -438,7 +440,8 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
     was answered with, which the SDK reports only as "Server returned an error response", and tells
     ``on_session_gone`` when a request carrying a session id is answered 404: the server no longer knows
     the session (it restarted) and ran nothing sent on it. The SDK turns that 404 into "Session terminated"
-    only when its body is not a JSON-RPC error; the SDK's own server sends one ("Session not found")."""
+    only when its body is not a JSON-RPC error; the SDK's own server sends one ("Session not found").
+    ``on_refused_post`` is told the error status (4xx, 5xx) any POST is answered with."""
 
     def __init__(
         self,
@@ -446,6 +449,7 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         *,
         abandon_on_failure: bool = False,
         on_session_gone: Callable[[], None] | None = None,
+        on_refused_post: Callable[[int], None] | None = None,
         redirects: httpx2.AsyncClient | None = None,
         max_body_bytes: int | None = None,
     ) -> None:
@@ -453,6 +457,7 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         self._max_body_bytes = max_body_bytes
         self._abandon_on_failure = abandon_on_failure
         self._on_session_gone = on_session_gone
+        self._on_refused_post = on_refused_post
         self._redirects = redirects  # the client whose redirects the SDK follows (within its origin)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -482,6 +487,8 @@ class _UnsentCallTransport(httpx2.AsyncBaseTransport):
         session_gone = await _session_forgotten(request, response)
         if session_gone and self._on_session_gone is not None:
             self._on_session_gone()
+        if status >= 400 and request.method == "POST" and self._on_refused_post is not None:
+            self._on_refused_post(status)
         if status >= 300:
             if attempt is not None and _carries_tools_call(request):
                 attempt.http_status = status
@@ -700,6 +707,7 @@ def _watching_unsent_calls(
     *,
     abandon_on_failure: bool = False,
     on_session_gone: Callable[[], None] | None = None,
+    on_refused_post: Callable[[int], None] | None = None,
     max_body_bytes: int | None = None,
 ) -> httpx2.AsyncClient:
     """``client`` with every transport (its own and its proxy mounts) wrapped by _UnsentCallTransport."""
@@ -707,6 +715,7 @@ def _watching_unsent_calls(
         _UnsentCallTransport,
         abandon_on_failure=abandon_on_failure,
         on_session_gone=on_session_gone,
+        on_refused_post=on_refused_post,
         redirects=client,
         max_body_bytes=max_body_bytes,
     )
@@ -993,6 +1002,8 @@ class Session:
         self._tools_list_asked = False
         # Waits out the listen stream's back-off (replaceable: tests make it instant).
         self._listen_backoff: Callable[[float], Awaitable[None]] = anyio.sleep
+        # (http) the error status the last POST was answered with, which the SDK does not say
+        self._refused_post_status: int | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -1078,12 +1089,44 @@ class Session:
                 what = describe_error(error) if error is not None else "the connection closed during setup"
                 if self.too_large_inflight is not None:
                     what = self._lost_message()
+                elif self._refused_post_status is not None:
+                    what = await self._refused_post(what, self._refused_post_status)
                 ready.set_exception(MCPError(self._explain(self._connect_failure(what, error))))
             elif error is not None and not self._stopping:
                 log.warning("MCP session %s ended: %s", self.label, self._explain(describe_error(error)))
             else:
                 log.info("MCP session %s closed", self.label)
             self.finished.set()
+
+    def _post_refused(self, status: int) -> None:
+        self._refused_post_status = status
+
+    async def _refused_post(self, what: str, status: int) -> str:
+        """``what`` with the SDK's stand-in replaced by the status the server answered the POST with, and,
+        when the server does not take POSTs at this URL (404, 405) but streams events from it, what to do:
+        ``transport: http`` at a legacy SSE endpoint failed as "Server returned an error response"."""
+        what = what.replace(SDK_STATUS_STAND_IN, f"answered HTTP {status} to POST")
+        if status in (404, 405) and await self._streams_events():
+            what += "; this server speaks SSE: set transport: sse"
+        return what
+
+    async def _streams_events(self) -> bool:
+        """Whether a GET of the server's URL (with its headers) is answered with an event stream, as an SSE
+        server's is. Only its headers are read, within a few seconds."""
+        assert self.spec.url is not None
+        timeout = min(SSE_PROBE_TIMEOUT_S, self.connect_timeout_s)
+        try:
+            with anyio.fail_after(timeout):
+                async with (
+                    create_mcp_http_client(
+                        headers=dict(self.spec.headers), timeout=httpx2.Timeout(timeout)
+                    ) as http,
+                    http.stream("GET", self.spec.url, headers={"Accept": "text/event-stream"}) as response,
+                ):
+                    content_type = response.headers.get("content-type", "").lower()
+                    return response.status_code == 200 and content_type.startswith("text/event-stream")
+        except Exception:  # noqa: BLE001 - no answer is no hint: the failure is said without one
+            return False
 
     def _connect_failure(self, what: str, error: BaseException | None) -> str:
         if self.spec.transport == "stdio":
@@ -1307,6 +1350,7 @@ class Session:
                     _watching_unsent_calls(
                         create_mcp_http_client(headers=dict(spec.headers), timeout=timeout),
                         on_session_gone=self._session_gone,
+                        on_refused_post=self._post_refused,
                         max_body_bytes=self.max_message_bytes,
                     )
                 )

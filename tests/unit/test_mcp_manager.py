@@ -638,6 +638,29 @@ def test_sse_with_secret_header(manager: MCPManager, sse_url: str) -> None:
     manager.disconnect("default", "sse-server")
 
 
+def test_an_http_server_that_speaks_sse_is_said_to_need_transport_sse(
+    manager: MCPManager, sse_url: str
+) -> None:
+    """``transport: http`` at an SSE endpoint failed with the SDK's "Server returned an error response":
+    nothing said that the server answered the POST 405 and speaks SSE."""
+    server = mcp_server("sse-as-http", transport="http", url=sse_url, headers=BEARER_HEADERS)
+    with pytest.raises(MCPError) as failed:
+        manager.list_tools(server)
+    assert str(failed.value) == (
+        f"cannot connect to http {sse_url}: answered HTTP 405 to POST; this server speaks SSE: set transport: sse"
+    )
+
+
+def test_an_http_server_refusing_the_post_that_is_no_sse_server_is_not_said_to_be_one(
+    manager: MCPManager, http_url: str
+) -> None:
+    url = http_url.removesuffix("/mcp") + "/nothing-here"
+    with pytest.raises(MCPError) as failed:
+        manager.list_tools(mcp_server("http-404", transport="http", url=url))
+    text = str(failed.value)
+    assert text.startswith(f"cannot connect to http {url}: ") and "SSE" not in text, text
+
+
 def test_unreachable_http_server(manager: MCPManager) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
