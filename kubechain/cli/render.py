@@ -144,6 +144,8 @@ class ConversationTracker:
         self.messages_seen = 0
         self.tool_names: dict[str, str] = {}  # tool call id -> function name (from assistant messages)
         self.toolcall_phases: dict[str, str] = {}  # TaskRunToolCall name -> last reported phase
+        # TaskRunToolCall name -> the resourceVersion its reported phase was read at
+        self.toolcall_versions: dict[str, str] = {}
         self.terminal_tool_call_ids: set[str] = set()  # tool call ids whose outcome was reported
         self.last_notice: tuple[str, str] | None = None
         self.finished = False
@@ -217,11 +219,27 @@ class ConversationTracker:
     def knows_tool_call(self, toolcall: TaskRunToolCall) -> bool:
         return toolcall.spec.tool_call_id in self.tool_names
 
+    def _is_news(self, toolcall: TaskRunToolCall) -> bool:
+        """Whether ``toolcall`` may move its shown phase: not once that phase is terminal, and not when
+        it is older than what was shown. A watch's relist, or a re-get after a watch ended, may hand back
+        an older object: "waiting for approval" was printed again after the call was rejected."""
+        shown = self.toolcall_phases.get(toolcall.name)
+        if shown == toolcall.phase or shown in TERMINAL_TOOLCALL_PHASES:
+            return False
+        # resourceVersions are opaque to clients, but the API server's (etcd's revisions) are integers
+        # that grow: compared only when both are
+        seen, version = self.toolcall_versions.get(toolcall.name, ""), toolcall.resource_version
+        return not (seen.isdigit() and version.isdigit() and int(version) <= int(seen))
+
+    def _shown(self, toolcall: TaskRunToolCall) -> None:
+        self.toolcall_phases[toolcall.name] = toolcall.phase
+        self.toolcall_versions[toolcall.name] = toolcall.resource_version
+
     def toolcall_events(self, toolcall: TaskRunToolCall) -> list[Event]:
         phase = toolcall.phase
-        if phase in ("", ToolCallPhase.PENDING) or self.toolcall_phases.get(toolcall.name) == phase:
+        if phase in ("", ToolCallPhase.PENDING) or not self._is_news(toolcall):
             return []
-        self.toolcall_phases[toolcall.name] = phase
+        self._shown(toolcall)
         if phase in TERMINAL_TOOLCALL_PHASES:
             self.terminal_tool_call_ids.add(toolcall.spec.tool_call_id)
         detail = ""
@@ -239,9 +257,9 @@ class ConversationTracker:
         on or wants to hear about, an approval asked for and its outcome; the rest is the sub-agent's own
         business, and its answer comes back as the delegating tool call's result."""
         phase = toolcall.phase
-        if phase not in SUB_AGENT_PHASES_SHOWN or self.toolcall_phases.get(toolcall.name) == phase:
+        if phase not in SUB_AGENT_PHASES_SHOWN or not self._is_news(toolcall):
             return []
-        self.toolcall_phases[toolcall.name] = phase
+        self._shown(toolcall)
         detail = ""
         if phase == ToolCallPhase.TOOL_CALL_REJECTED:
             detail = toolcall.status.result or ""

@@ -50,10 +50,15 @@ def taskrun(window: list[dict[str, Any]], phase: str = "FinalAnswer", **status: 
     )
 
 
-def toolcall(name: str, phase: str, call_id: str = "call_0_1_abc", **status: Any) -> TaskRunToolCall:
+def toolcall(
+    name: str, phase: str, call_id: str = "call_0_1_abc", version: str | None = None, **status: Any
+) -> TaskRunToolCall:
+    metadata = {"name": name, "namespace": "ns", "creationTimestamp": "2025-01-01T00:00:00Z"}
+    if version is not None:
+        metadata["resourceVersion"] = version
     return TaskRunToolCall.from_wire(
         {
-            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "metadata": metadata,
             "spec": {
                 "toolCallId": call_id,
                 "taskRunRef": {"name": "calc-abc123"},
@@ -111,6 +116,39 @@ def test_tool_call_phase_changes_are_reported_once() -> None:
     assert lines(
         tracker.toolcall_events(toolcall("calc-tc-02", "ToolCallRejected", "call_x", result="no"))
     ) == ["tool add [calc-tc-02] ToolCallRejected: no"]
+
+
+def test_a_stale_observation_of_a_tool_call_never_moves_its_shown_phase_back() -> None:
+    """``kubechain run`` printed "waiting for approval" again after "ToolCallRejected", from a stale watch
+    event (a relist, or a re-get after a watch ended, may hand back an older object)."""
+    tracker = ConversationTracker()
+    tracker.taskrun_events(taskrun(WINDOW[:3], "ToolCallsPending"))
+    shown = []
+    for phase, version in [
+        ("AwaitingHumanApproval", "5"),
+        ("ToolCallRejected", "7"),
+        ("AwaitingHumanApproval", "5"),  # stale
+        ("AwaitingHumanApproval", None),  # stale, and without a resourceVersion to tell
+    ]:
+        shown += lines(tracker.toolcall_events(toolcall("calc-tc-01", phase, version=version, result="no")))
+    assert shown == [
+        "tool add [calc-tc-01] waiting for approval: kubechain approve calc-tc-01",
+        "tool add [calc-tc-01] ToolCallRejected: no",
+    ]
+    # before its end too: an older phase is not shown again, a newer one (a retried request) is
+    phases = []
+    for phase, version in [
+        ("ErrorRequestingHumanApproval", "10"),
+        ("AwaitingHumanApproval", "12"),
+        ("ErrorRequestingHumanApproval", "10"),  # stale
+        ("ReadyToExecuteApprovedTool", "13"),
+        ("AwaitingHumanApproval", "12"),  # stale
+    ]:
+        phases += [
+            event.phase
+            for event in tracker.sub_agent_toolcall_events(toolcall("sub-tc-01", phase, version=version))
+        ]
+    assert phases == ["ErrorRequestingHumanApproval", "AwaitingHumanApproval", "ReadyToExecuteApprovedTool"]
 
 
 def test_tool_outcome_is_printed_before_its_result_when_known() -> None:
