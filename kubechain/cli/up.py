@@ -161,7 +161,9 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         terminated = True
 
     previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_sigint = signal.getsignal(signal.SIGINT)
+    # Set, not assumed: a shell without job control starts a background job (`kubechain up &` in a script)
+    # with SIGINT ignored, and Python then leaves it ignored: `kill -INT` and Ctrl-C did nothing.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     displaced_by: str | None = None
     failed: str | None = None
     had_data = cluster == "local" and has_cluster_data(workdir)

@@ -536,6 +536,48 @@ def test_sigterm_once_running_stops_everything_and_exits_143(
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, "Ctrl-C works again after `up` returns"
 
 
+def test_sigint_stops_an_up_started_with_sigint_ignored(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, own_signal_handlers: object
+) -> None:
+    """A shell without job control starts a background job (`kubechain up &` in a script) with SIGINT
+    ignored, and Python keeps it so: `kill -INT` (or Ctrl-C) did nothing, and `up` ran on."""
+    import signal
+    import threading
+
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    events: list[str] = []
+    # if SIGINT is still ignored, `up` would run for ever: SIGTERM ends it (143, not 130) instead
+    fallback = threading.Timer(30, os.kill, (os.getpid(), signal.SIGTERM))
+
+    class Running:
+        kubeconfig = str(tmp_path / "kubeconfig")
+        llm_base_url = "http://127.0.0.1:1/v1"
+        logs = tmp_path / "logs"
+
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def start(self) -> None:
+            events.append("start")
+            fallback.start()
+            os.kill(os.getpid(), signal.SIGINT)
+
+        def stop(self) -> None:
+            fallback.cancel()
+            events.append("stop")
+
+    monkeypatch.setattr(stack, "LocalStack", Running)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as bash leaves it for a background job
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "a")])
+    assert events == ["start", "stop"], result.output
+    assert result.exit_code == 130, result.output
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN, "as it was before `up`"
+
+
 def test_the_start_names_one_kubeconfig_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`up` printed the control plane's own kubeconfig (controlplane/kubeconfig.yaml) as it became ready,
     then the one to export (<workdir>/kubeconfig): two paths for one cluster."""
