@@ -185,9 +185,23 @@ def api_error(exc: KubeAPIError, what: str, exit_code: int = 1) -> CLIError:
 
 
 def dump(obj: Any, output: str) -> str:
+    obj = without_managed_fields(obj)
     if output == "json":
         return json.dumps(obj, indent=2, ensure_ascii=False)
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True).rstrip("\n")
+
+
+def without_managed_fields(obj: Any) -> Any:
+    """``obj`` (or each item of a List) without metadata.managedFields, the API server's field-ownership
+    bookkeeping, as kubectl prints objects unless asked for it (--show-managed-fields)."""
+    if not isinstance(obj, dict):
+        return obj
+    if isinstance(obj.get("items"), list):
+        obj = obj | {"items": [without_managed_fields(item) for item in obj["items"]]}
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        obj = obj | {"metadata": {key: value for key, value in metadata.items() if key != "managedFields"}}
+    return obj
 
 
 def echo_objects(objects: list[dict[str, Any]], output: str) -> None:

@@ -62,6 +62,33 @@ def test_run_refuses_an_agent_that_does_not_exist(monkeypatch: pytest.MonkeyPatc
     assert [body["spec"]["agentRef"]["name"] for body in kube.created] == ["later"]
 
 
+@pytest.mark.parametrize("output", ["json", "yaml"])
+def test_run_no_wait_prints_the_created_run_without_its_managed_fields(
+    monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    """The API server's field-ownership bookkeeping, which kubectl leaves out unless asked
+    (--show-managed-fields), was most of what ``run --no-wait -o json`` printed."""
+    import yaml
+
+    from kubechain.cli.resources import Target
+
+    class Created(Objects):
+        def create_raw(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+            created = super().create_raw(plural, namespace, body)
+            managed = [{"manager": "kubechain-cli", "operation": "Update", "fieldsV1": {"f:spec": {}}}]
+            return created | {"metadata": created["metadata"] | {"uid": "u-1", "managedFields": managed}}
+
+    kube = Created({("Agent", "a"): {"spec": {"llmRef": {"name": "gpt"}, "system": "s"}}})
+    monkeypatch.setattr(Target, "connect", lambda self, timeout_s=30.0: contextlib.nullcontext(kube))
+    result = CliRunner().invoke(
+        main, ["run", "--agent", "a", "hello", "-n", "default", "--no-wait", "-o", output]
+    )
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)  # (JSON is YAML)
+    assert printed["metadata"]["uid"] == "u-1" and "managedFields" not in printed["metadata"], result.output
+    assert printed["spec"]["agentRef"] == {"name": "a"}
+
+
 PENDING_RUN = {
     "metadata": {"name": "r", "namespace": "default"},
     "spec": {"agentRef": {"name": "a"}, "userMessage": "hi"},
