@@ -16,8 +16,8 @@ import pytest
 
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
-from tests.unit.slow_peers import HeaderTricklingServer
 from tests.unit.http_stub import StubAnswer, StubHTTPServer
+from tests.unit.slow_peers import HeaderTricklingServer
 from tests.unit.test_redaction import counting_secret_forms
 
 
