@@ -23,7 +23,7 @@ from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_s
 from kubechain.models import ContactChannel, MCPServer, MCPTool
 from kubechain.models.base import stored_json_bytes
 from kubechain.queueing import ResourceMessage, TaskName
-from kubechain.statemachines.transition import Transition, normal, warning
+from kubechain.statemachines.transition import Transition, normal, validated_as_it_stands, warning
 from kubechain.statemachines.validation import plan_validation
 from workers.context import Enqueue, WorkerContext
 from workers.transitions import apply_transition
@@ -67,11 +67,7 @@ def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None
     transition = plan_validation(server, True, detail, extra=extra, ready_field="connected")
     if transition is not None:
         status = server.status
-        was_connected = (
-            status.connected
-            and status.status == "Ready"
-            and status.observed_generation == server.metadata.generation
-        )
+        was_connected = status.connected and status.status == "Ready" and validated_as_it_stands(server)
         transition.events = (
             [] if was_connected else [normal("Connected", "MCP server connected successfully")]
         )

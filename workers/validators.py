@@ -123,7 +123,7 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
             detail = _noted(f"{provider} API key not checked: {said}", llm)
             _write(ctx, llm, plan_validation(llm, True, detail))
             return
-        if exc.retryable and llm.status.ready and llm.status.observed_generation == llm.metadata.generation:
+        if exc.retryable and llm.status.ready and validated_as_it_stands(llm):
             # An overloaded or unreachable provider for a moment does not take a working LLM (and every
             # Agent on it) out of service; the next resync checks again. Only the spec that was checked is
             # known to work: one edited since (a baseUrl nothing answers at) is not Ready on the old check.
