@@ -2,6 +2,8 @@
 
 Models hold no I/O. Field names are snake_case in Python and camelCase on the wire (the Kubernetes JSON
 convention); irregular wire names (``externalCallID``, ``channelOrUserID``...) carry explicit aliases.
+Every field of a kind's spec and status (nested ones too) has a ``Field(description=...)`` written for users:
+the generated CRDs carry it, and ``kubectl explain`` shows it (a test fails on a field without one).
 """
 
 from __future__ import annotations

@@ -28,31 +28,82 @@ def url_has_userinfo(url: str) -> bool:
 
 
 class BuiltinToolSpec(KubeModel):
-    name: Literal["add", "subtract", "multiply", "divide"] | None = None
+    name: Literal["add", "subtract", "multiply", "divide"] | None = Field(
+        default=None,
+        description="The function: add, subtract, multiply or divide, of the number arguments a and b.",
+    )
 
 
 class ExternalAPISpec(KubeModel):
-    url: str | None = None
-    method: str | None = None
-    requires_approval: bool | None = None
-    credentials_from: SecretKeyRef | None = None
-    timeout_seconds: int | None = Field(default=None, ge=1)
+    url: str | None = Field(
+        default=None,
+        description="The URL called; the Tool is in Error without it. Credentials in it "
+        "(user:password@host) make the Tool Error too: name a Secret in credentialsFrom instead.",
+    )
+    method: str | None = Field(
+        default=None,
+        description="The HTTP method, default POST. GET and DELETE send the arguments in the query, others "
+        "as a JSON body; the response body is the call's result.",
+    )
+    requires_approval: bool | None = Field(
+        default=None,
+        description="true: each call waits in AwaitingHumanApproval until a person approves or rejects it "
+        "with kubectl (the kubechain.humanlayer.dev/approval annotation).",
+    )
+    credentials_from: SecretKeyRef | None = Field(
+        default=None,
+        description='A Secret key whose value is sent as the header "Authorization: Bearer <value>".',
+    )
+    timeout_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description="How long the whole request may take, headers and body included. Default: the workers' "
+        "KUBECHAIN_TOOL_TIMEOUT_S (120); at most KUBECHAIN_CLAIM_TIMEOUT_S less 30 s (150).",
+    )
 
 
 class ToolExecute(KubeModel):
-    builtin: BuiltinToolSpec | None = None
-    external_api: ExternalAPISpec | None = Field(default=None, alias="externalAPI")
+    builtin: BuiltinToolSpec | None = Field(default=None, description="A builtin arithmetic function.")
+    external_api: ExternalAPISpec | None = Field(
+        default=None, alias="externalAPI", description="An HTTP request to an external API."
+    )
 
 
 class ToolSpec(KubeModel):
-    name: str | None = None
-    description: str | None = None
-    parameters: dict[str, Any] | None = Field(default=None, json_schema_extra=PRESERVE_UNKNOWN)
-    arguments: dict[str, Any] | None = Field(default=None, json_schema_extra=PRESERVE_UNKNOWN)
-    tool_type: Literal["function", "delegateToAgent", "externalAPI"] | None = None
-    execute: ToolExecute | None = None
-    agent_ref: LocalObjectReference | None = None
-    idempotent: bool | None = None
+    name: str | None = Field(
+        default=None,
+        description="The function name the LLM calls the tool by; default the Tool's metadata.name. Letters, "
+        "digits, _ and -, at most 64 characters; names starting with delegate_to_agent__ or ending in "
+        "__human_contact (_slack, _email) are reserved.",
+    )
+    description: str | None = Field(default=None, description="What the tool does, as the LLM is told.")
+    parameters: dict[str, Any] | None = Field(
+        default=None,
+        json_schema_extra=PRESERVE_UNKNOWN,
+        description="The JSON schema (type object) of the arguments, passed to the LLM whole; one without a "
+        "type is sent as type object.",
+    )
+    arguments: dict[str, Any] | None = Field(
+        default=None,
+        json_schema_extra=PRESERVE_UNKNOWN,
+        description="Kept from the original API and not used.",
+    )
+    tool_type: Literal["function", "delegateToAgent", "externalAPI"] | None = Field(
+        default=None,
+        description="function (a builtin), delegateToAgent or externalAPI. Only read when none of "
+        "execute.builtin, agentRef and execute.externalAPI is set: otherwise the first of them set decides.",
+    )
+    execute: ToolExecute | None = Field(default=None, description="What a call runs: set one of its fields.")
+    agent_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="Delegation: each call starts a run of this Agent (a sub-agent) with the call's message "
+        "argument, and its final answer is the call's result.",
+    )
+    idempotent: bool | None = Field(
+        default=None,
+        description="true: a call whose worker was lost mid-execution is run again (once). Default false: "
+        "such a call fails, and the LLM is told so. Builtins are always run again.",
+    )
 
     def function_name(self, metadata_name: str) -> str:
         return self.name or metadata_name

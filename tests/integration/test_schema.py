@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 
+from kubechain.crdgen import all_crds
 from kubechain.kube.errors import Conflict, Invalid
 from kubechain.models import LLM
+from kubechain.testing.waiting import wait_for
 from tests.conftest import FIXTURES, Kubectl
 
 SAMPLES = sorted((FIXTURES / "original").glob("*.yaml"))
@@ -284,3 +287,33 @@ def test_what_a_taskrun_runs_cannot_be_edited_once_it_exists(
     kube.patch_metadata("taskruns", namespace, "r", {"labels": {"team": "a"}})  # type: ignore[attr-defined]
     got = kube.get_raw("taskruns", namespace, "r")  # type: ignore[attr-defined]
     assert got["spec"] == spec and got["metadata"]["labels"] == {"team": "a"}
+
+
+def _crd_description(plural: str, field_path: str) -> str:
+    """The description the generated CRD gives ``field_path`` (``spec.userMessage``) of kind ``plural``."""
+    crd = next(c for c in all_crds() if c["spec"]["names"]["plural"] == plural)
+    node = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for name in field_path.split("."):
+        node = node["properties"][name]
+    return str(node.get("description", ""))
+
+
+@pytest.mark.parametrize("field_path", ["spec.userMessage", "status.phase"])
+def test_kubectl_explain_shows_a_fields_description(
+    field_path: str, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """`kubectl explain` reads the API server's OpenAPI document, published from the CRDs: each field says
+    what it is there, as its model describes it."""
+    target = f"taskrun.{field_path}"
+    attempts = itertools.count()
+
+    def explained() -> str | None:
+        # a fresh cache each time: a discovery document cached before the CRD was published lacks it
+        cache = tmp_path / f"cache-{next(attempts)}"
+        result = kubectl("explain", target, f"--cache-dir={cache}", check=False)
+        return result.stdout if result.returncode == 0 and "FIELD:" in result.stdout else None
+
+    output = wait_for(explained, timeout_s=60, interval_s=0.5, what=f"kubectl explain {target}")
+    described = " ".join(output.split())  # kubectl wraps a description over several lines
+    description = " ".join(_crd_description("taskruns", field_path).split())
+    assert "DESCRIPTION:" in output and description and description in described, output

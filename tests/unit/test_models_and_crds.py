@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from kubechain.crdgen import DEFAULT_OUTPUT, render_all
+from kubechain.crdgen import DEFAULT_OUTPUT, all_crds, render_all
 from kubechain.models import KINDS, LLM, TaskRun, TaskRunToolCall
 
 
@@ -193,5 +194,33 @@ def test_the_crd_keeps_a_tool_messages_error_mark() -> None:
     crd = yaml.safe_load(render_all()["kubechain.humanlayer.dev_taskruns.yaml"])
     status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     message = status["properties"]["contextWindow"]["items"]
-    assert message["properties"]["isError"] == {"type": "boolean"}
+    assert message["properties"]["isError"]["type"] == "boolean"
     assert "isError" not in message.get("required", [])
+
+
+def _undescribed(schema: dict[str, Any], path: str) -> list[str]:
+    """The properties under ``schema`` (at ``path``), at any depth, that have no description."""
+    missing = []
+    for name, prop in schema.get("properties", {}).items():
+        where = f"{path}.{name}"
+        if not str(prop.get("description", "")).strip():
+            missing.append(where)
+        missing += _undescribed(prop, where)
+    if isinstance(schema.get("items"), dict):
+        missing += _undescribed(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        missing += _undescribed(schema["additionalProperties"], f"{path}{{}}")
+    return missing
+
+
+def test_every_spec_and_status_field_has_a_description() -> None:
+    """`kubectl explain taskrun.spec` shows what each field is only when the CRD says it: every field of
+    a spec or status, nested ones included, is described in its model (Field(description=...)), so a
+    new field must be documented to pass."""
+    missing = []
+    for crd in all_crds():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        kind = crd["spec"]["names"]["kind"]
+        for part in ("spec", "status"):
+            missing += _undescribed(schema["properties"][part], f"{kind}.{part}")
+    assert not missing, f"{len(missing)} fields without a description:\n" + "\n".join(missing)
