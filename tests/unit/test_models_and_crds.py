@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,40 @@ def test_every_spec_and_status_field_has_a_description() -> None:
         for part in ("spec", "status"):
             missing += _undescribed(schema["properties"][part], f"{kind}.{part}")
     assert not missing, f"{len(missing)} fields without a description:\n" + "\n".join(missing)
+
+
+def _descriptions(schema: dict[str, Any]) -> list[str]:
+    found = [schema["description"]] if "description" in schema else []
+    for child in (schema.get("properties") or {}).values():
+        found += _descriptions(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            found += _descriptions(schema[key])
+    return found
+
+
+def test_setting_defaults_quoted_in_field_descriptions_are_the_settings_defaults() -> None:
+    """A description that quotes a setting's default ("KUBECHAIN_TOOL_TIMEOUT_S (120)") says what the
+    worker does only while that default stands: a changed default must change the description too."""
+    from kubechain.settings import Settings
+
+    quoted = []
+    for crd in all_crds():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for text in _descriptions(schema):
+            quoted += re.findall(r"KUBECHAIN_([A-Z_]+) \((\d+)(?: s)?\)", text)
+    assert quoted, "no description quotes a setting's default any more: drop this test"
+    defaults = Settings.model_fields
+    wrong = [
+        f"KUBECHAIN_{name} ({value}) but the default is {defaults[name.lower()].default}"
+        for name, value in quoted
+        if defaults[name.lower()].default != float(value)
+    ]
+    assert not wrong, wrong
+    cap = Settings.model_fields["claim_timeout_s"].default - 30
+    texts = [
+        t
+        for crd in all_crds()
+        for t in _descriptions(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    ]
+    assert any(f"KUBECHAIN_CLAIM_TIMEOUT_S less 30 s ({cap:g})" in t for t in texts)
