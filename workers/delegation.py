@@ -84,8 +84,9 @@ def _missing_agent(ctx: WorkerContext, namespace: str, agent: str) -> str | None
 
 
 def parent_agent(ctx: WorkerContext, run: TaskRun) -> str:
-    if run.spec.agent_ref is not None:
-        return run.spec.agent_ref.name
+    """The Agent of ``run``: the one it started with, else the one its Task names ("" if none)."""
+    if run.own_agent_name is not None:
+        return run.own_agent_name
     if run.spec.task_ref is not None:
         task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is not None:

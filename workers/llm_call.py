@@ -76,7 +76,7 @@ def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
 
 def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
     """The agent, its LLM, the API key and the tool definitions; RunConfigError says what is missing."""
-    agent_name = run.spec.agent_ref.name if run.spec.agent_ref else None
+    agent_name = run.own_agent_name  # the one it started with: an edit of its Task's agentRef is not followed
     if agent_name is None and run.spec.task_ref is not None:
         task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is None:

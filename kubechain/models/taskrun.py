@@ -175,6 +175,12 @@ class TaskRunStatus(KubeModel):
         description="The toolCallRequestId whose TaskRunToolCalls all exist: one deleted after that is "
         "cancelled, not created again, and the run goes on without it.",
     )
+    agent_name: str | None = Field(
+        default=None,
+        description="The Agent the run started with (its first context window was built from it): every "
+        "later turn and every tool call's grant check uses it, so editing the Task's agentRef does not "
+        "switch a run in flight to another Agent. Absent on a run started before it was recorded.",
+    )
 
 
 class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):
@@ -190,6 +196,15 @@ class TaskRun(Resource[TaskRunSpec, TaskRunStatus]):
 
     def is_terminal(self) -> bool:
         return self.phase in TERMINAL_TASKRUN_PHASES
+
+    @property
+    def own_agent_name(self) -> str | None:
+        """The Agent the run itself names: the one it started with (status.agentName), else its
+        spec.agentRef's; None when only its Task names one (a run not started yet, or started before
+        runs recorded it)."""
+        if self.status.agent_name:
+            return self.status.agent_name
+        return self.spec.agent_ref.name if self.spec.agent_ref else None
 
     @property
     def root_run_uid(self) -> str:

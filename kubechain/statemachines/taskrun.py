@@ -203,6 +203,7 @@ def plan_initial_context(
             "spanContext": span_context(run),
             "turns": 0,
             "llmAttempts": 0,
+            "agentName": agent.name,
             **UNCLAIMED,
         },
         events=[normal("ValidationSucceeded", "Task validated successfully")],

@@ -333,12 +333,11 @@ def test_redelivered_messages_after_the_final_answer_do_nothing() -> None:
     assert kube.event_reasons("r") == ["ValidationSucceeded", "SendingContextWindowToLLM", "LLMFinalAnswer"]
 
 
-def tool_turn(
-    kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str, str]], *, truncated: bool = False
+def tool_calling_llm(
+    arguments: list[str] | list[str | tuple[str, str]], *, truncated: bool = False
 ) -> FakeLLM:
-    """A run whose first turn calls "add" with each of ``arguments`` (or, for a (name, arguments) pair,
-    the tool of that name), and whose second turn answers with the results. ``truncated``: the first turn's
-    answer stopped at the token limit."""
+    """An LLM that calls "add" with each of ``arguments`` (or, for a (name, arguments) pair, the tool of
+    that name), and answers with the results once it has them."""
     named = [item if isinstance(item, tuple) else ("add", item) for item in arguments]
 
     def answer(request: LLMRequest) -> LLMResponse:
@@ -350,7 +349,16 @@ def tool_turn(
         ]
         return LLMResponse(tool_calls=calls, truncated=truncated)
 
-    llm = FakeLLM(answer)
+    return FakeLLM(answer)
+
+
+def tool_turn(
+    kube: FakeKubeClient, arguments: list[str] | list[str | tuple[str, str]], *, truncated: bool = False
+) -> FakeLLM:
+    """A run whose first turn calls "add" with each of ``arguments`` (or, for a (name, arguments) pair,
+    the tool of that name), and whose second turn answers with the results. ``truncated``: the first turn's
+    answer stopped at the token limit."""
+    llm = tool_calling_llm(arguments, truncated=truncated)
     validated(kube, llm, ["add"])
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
     ctx = context(kube, llm)
@@ -787,6 +795,38 @@ def test_a_task_is_ready_before_its_run_exists_and_a_lost_run_is_created_again()
     kube.patch_metadata("tasks", "default", "t", {"deletionTimestamp": "2026-12-01T00:00:00Z"})
     validate(ctx, message("Task", "t"))
     assert not kube.list_raw("taskruns", "default")[0]
+
+
+def test_a_tasks_run_keeps_the_agent_it_started_with_when_the_tasks_agent_ref_is_edited() -> None:
+    """Each turn (and each tool call's grant check) read the Task's agentRef again: a Task edited mid-run
+    took the run's later turns to another Agent, with its LLM, tools and grants, on a context window begun
+    with the first one's system prompt. The run records the Agent it started with and keeps it."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    llm = tool_calling_llm(['{"a": 1, "b": 2}'])
+    validated(kube, llm, ["add"])
+    create(kube, "Agent", "agents", "b", {"llmRef": {"name": "gpt-4o"}, "system": "another agent"})
+    ctx = context(kube, llm, config_cache_ttl_s=0)  # every read fresh: nothing stale hides the switch
+    validate(ctx, message("Agent", "b"))
+    create(kube, "Task", "tasks", "t", {"agentRef": {"name": "a"}, "message": "add"})
+    validate(ctx, message("Task", "t"))
+    prepare(ctx, message("TaskRun", "t-1"))
+    assert kube.get_raw("taskruns", "default", "t-1")["status"]["agentName"] == "a"
+    llm_call(ctx, message("TaskRun", "t-1"))
+    assert [tool.name for tool in llm.requests[0].tools] == ["add"]
+
+    kube.request("PATCH", custom_path("tasks", "default", "t"), body={"spec": {"agentRef": {"name": "b"}}})
+    validate(ctx, message("Task", "t"))
+    (name,) = toolcall_names(kube)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    call = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert (call["phase"], call.get("result")) == ("Succeeded", "3"), call
+    prepare(ctx, message("TaskRun", "t-1"))
+    llm_call(ctx, message("TaskRun", "t-1"))
+    assert [tool.name for tool in llm.requests[1].tools] == ["add"], "agent a's tools still"
+    status = kube.get_raw("taskruns", "default", "t-1")["status"]
+    assert (status["phase"], status["output"], status["agentName"]) == ("FinalAnswer", "3", "a")
 
 
 def test_a_task_shows_the_answer_of_its_run_once_the_run_finishes() -> None:
