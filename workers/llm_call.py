@@ -24,10 +24,11 @@ from kubechain.statemachines.taskrun import (
     plan_llm_claim,
     plan_llm_error,
     plan_refused_as_too_large,
+    plan_turn_waits_for_agent,
     with_llm_claim,
 )
 from kubechain.statemachines.toolset import tool_definitions
-from kubechain.statemachines.transition import Transition, precise_timestamp
+from kubechain.statemachines.transition import Transition, precise_timestamp, validated_as_it_stands
 from workers.context import WorkerContext
 from workers.transitions import (
     apply_claim,
@@ -50,6 +51,14 @@ class RunConfigError(Exception):
         self.reason = reason
 
 
+class AgentNotValidated(Exception):
+    """The run's Agent was edited and its validation has not caught up: no turn is built from it."""
+
+    def __init__(self, agent_name: str) -> None:
+        super().__init__(agent_name)
+        self.agent_name = agent_name
+
+
 def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     decide_on_current(
         ctx,
@@ -61,30 +70,55 @@ def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     )
 
 
-def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition) -> None:
+def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition, agent: Agent | None = None) -> None:
     """Write ``ready`` (a transition of ``run`` to ReadyForLLM) together with the claim of the turn it
     starts, then make that turn's LLM call: a worker that consumes the llm queue takes a turn it made
     ready itself, without a round trip through the watcher and the queue or a claim write of its own.
-    A Conflict leaves ``run`` as it was, for the caller to re-read and re-decide."""
+    ``agent``: the run's Agent as ``ready`` was decided on (its first context window built from it), which
+    the turn is built from too. A Conflict leaves ``run`` as it was, for the caller to re-read and
+    re-decide."""
     with span(
         "llm_call TaskRun",
         None,
         **{"kubechain.namespace": run.namespace, "kubechain.name": run.name, "kubechain.reason": "handoff"},
     ):
-        _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready)
+        _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready, agent)
 
 
-def _resolve(ctx: WorkerContext, run: TaskRun) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
-    """The agent, its LLM, the API key and the tool definitions; RunConfigError says what is missing."""
+def _agent_for_turn(ctx: WorkerContext, namespace: str, name: str) -> Agent | None:
+    """The Agent a turn is built from: one whose status (what its validation found of its tools, MCP
+    servers, sub-agents and channels) is about its spec as it stands. A copy read a moment ago (the config
+    cache) that is so will do: it is a generation that was validated, the turn taken as if just before a
+    later edit. One that is not (read between an edit and its validation) is read again, so a validation
+    done since is not waited out."""
+    agent = get_or_none(ctx, Agent, namespace, name, cached=True)
+    if agent is not None and not validated_as_it_stands(agent):
+        agent = get_or_none(ctx, Agent, namespace, name)
+    return agent
+
+
+def _read_agent(ctx: WorkerContext, run: TaskRun) -> Agent:
     agent_name = run.own_agent_name  # the one it started with: an edit of its Task's agentRef is not followed
     if agent_name is None and run.spec.task_ref is not None:
         task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is None:
             raise RunConfigError(f'Task "{run.spec.task_ref.name}" not found', "TaskValidationFailed")
         agent_name = task.spec.agent_ref.name
-    agent = get_or_none(ctx, Agent, run.namespace, agent_name or "", cached=True)
+    agent = _agent_for_turn(ctx, run.namespace, agent_name or "")
     if agent is None:
         raise RunConfigError(f'Agent "{agent_name}" not found', "AgentFetchFailed")
+    if not validated_as_it_stands(agent):
+        raise AgentNotValidated(agent.name)
+    return agent
+
+
+def _resolve(
+    ctx: WorkerContext, run: TaskRun, agent: Agent | None = None
+) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
+    """The agent (``agent`` if given), its LLM, the API key and the tool definitions; RunConfigError says
+    what is missing, AgentNotValidated that the Agent's edit is not validated yet."""
+    if agent is None:
+        agent = _read_agent(ctx, run)
     llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name, cached=True)
     if llm is None:
         raise RunConfigError(
@@ -163,13 +197,25 @@ def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
 
 
 def _claim_and_call(
-    ctx: WorkerContext, run: TaskRun, claim: Transition, ready: Transition | None = None
+    ctx: WorkerContext,
+    run: TaskRun,
+    claim: Transition,
+    ready: Transition | None = None,
+    agent: Agent | None = None,
 ) -> None:
     """Write ``claim`` and, if it lands, call the LLM once and record the answer (counted as a hand-off
     if ``claim`` is one's). ``ready``: the part of ``claim`` that made the turn ready, written without the
-    claim when the run cannot call its LLM."""
+    claim when the run cannot call its LLM (or must wait for its Agent); ``agent``: the run's Agent as
+    ``ready`` was decided on."""
     try:
-        _agent, llm, api_key, tools = _resolve(ctx, run)
+        _agent, llm, api_key, tools = _resolve(ctx, run, agent)
+    except AgentNotValidated as waiting:
+        wait = plan_turn_waits_for_agent(run, waiting.agent_name, claim)
+        if ready is not None:
+            wait = ready.followed_by(wait) if wait is not None else ready
+        if wait is not None:
+            apply_transition(ctx, run, wait)
+        return
     except RunConfigError as problem:
         failure = plan_config_error(run, str(problem), problem.reason, ctx.clock())
         apply_transition(ctx, run, failure if ready is None else ready.followed_by(failure))

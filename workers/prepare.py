@@ -63,16 +63,16 @@ def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
         resume_turn(ctx, run)  # this process's hand-off, if its claim was left in doubt
 
 
-def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition) -> None:
-    """A worker that consumes the llm queue takes a turn it makes ready (see ``take_turn_now``); others
-    leave it to the watcher and the queue.
+def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition, agent: Agent | None = None) -> None:
+    """A worker that consumes the llm queue takes a turn it makes ready (see ``take_turn_now``; ``agent``:
+    the one its first context window was built from); others leave it to the watcher and the queue.
 
     A window the API server refuses as too large (TooLarge: over etcd's limit by a measure ours missed)
     fails the run: it would be refused again at every resync, the run left waiting with no word of why."""
     ready = transition.phase() == TaskRunPhase.READY_FOR_LLM.value
     try:
         if ctx.continues_llm and ready:
-            take_turn_now(ctx, run, transition)
+            take_turn_now(ctx, run, transition, agent)
         else:
             apply_transition(ctx, run, transition)
     except TooLarge as refused:
@@ -112,7 +112,8 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), ctx.limits)
     if transition is not None:
-        _apply(ctx, run, transition)
+        # the first turn is built from the Agent its window is: both of one validated generation
+        _apply(ctx, run, transition, agent)
 
 
 def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:

@@ -398,24 +398,41 @@ def dependents(
                 out.append(Work(TaskName.VALIDATE, "Task", namespace, task_name, reason="agent-changed"))
     if kind in ("Agent", "Task"):
         for run_name, run in objects("TaskRun"):
-            if (_status(run).get("phase") or "") not in TASKRUN_WAITING:
+            phase = _status(run).get("phase") or ""
+            if phase == TaskRunPhase.READY_FOR_LLM and kind == "Agent" and _run_agent(run, cache) == name:
+                # A turn waits (unclaimed) for its Agent's edit to be validated (plan_turn_waits_for_agent);
+                # any other ReadyForLLM run is about to be claimed, and one more message changes nothing.
+                out.append(Work(TaskName.LLM_CALL, "TaskRun", namespace, run_name, reason="agent-changed"))
+            if phase not in TASKRUN_WAITING:
                 continue
             spec = run.get("spec") or {}
             if kind == "Task":
                 hit = (spec.get("taskRef") or {}).get("name") == name
             else:
-                agent_ref = (spec.get("agentRef") or {}).get("name")
-                task_ref = (spec.get("taskRef") or {}).get("name")
-                run_task = (cache.get("Task") or {}).get((namespace, task_ref or ""))
-                task_agent = (
-                    ((run_task or {}).get("spec") or {}).get("agentRef", {}).get("name") if run_task else None
-                )
-                hit = agent_ref == name or (agent_ref is None and task_agent == name)
+                hit = _run_agent(run, cache) == name
             if hit:
                 out.append(
                     Work(TaskName.PREPARE, "TaskRun", namespace, run_name, reason=f"{kind.lower()}-changed")
                 )
     return out
+
+
+def _run_agent(
+    run: Mapping[str, Any], cache: Mapping[str, Mapping[tuple[str, str], Mapping[str, Any]]]
+) -> str | None:
+    """The Agent of a cached run, as the workers find it: the one it started with (status.agentName), else
+    its spec.agentRef's, else its Task's."""
+    recorded = _status(run).get("agentName")
+    if recorded:
+        return str(recorded)
+    spec = run.get("spec") or {}
+    agent_ref = (spec.get("agentRef") or {}).get("name")
+    if agent_ref is not None:
+        return str(agent_ref)
+    namespace, _ = _meta(run)
+    run_task = (cache.get("Task") or {}).get((namespace, (spec.get("taskRef") or {}).get("name") or ""))
+    name = ((run_task or {}).get("spec") or {}).get("agentRef", {}).get("name") if run_task else None
+    return str(name) if name is not None else None
 
 
 def _runs_by_task(

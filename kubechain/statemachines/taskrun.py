@@ -179,8 +179,7 @@ def plan_initial_context(
     if not validated_as_it_stands(agent):
         # Ready for a spec it no longer has (a new llmRef, a Tool taken away): its validation, which the
         # edit prompted, decides; the run is prompted again when the Agent's status catches up.
-        detail = f'Waiting for agent "{agent_name}" to be validated again: its spec changed since it was'
-        return _wait(run, current, detail, "Waiting")
+        return _wait(run, current, agent_not_validated_detail(agent_name), "Waiting")
     user_message = run.spec.user_message or (task.spec.message if task else "")
     if not user_message:
         return _fail(run, "no message found in TaskRun or Task", "ValidationFailed", now)
@@ -208,6 +207,10 @@ def plan_initial_context(
         },
         events=[normal("ValidationSucceeded", "Task validated successfully")],
     )
+
+
+def agent_not_validated_detail(agent_name: str) -> str:
+    return f'Waiting for agent "{agent_name}" to be validated again: its spec changed since it was'
 
 
 def _wait(run: TaskRun, current: dict[str, Any], detail: str, reason: str) -> Transition | None:
@@ -591,6 +594,29 @@ def plan_sub_agent_not_waited_for(run: TaskRun, why: str, now: datetime) -> Tran
     than spend tokens for no one."""
     message = f"{why}: nothing would read this sub-agent run's answer"
     return _fail(run, message, "SubAgentNotWaitedFor", now)
+
+
+def plan_turn_waits_for_agent(run: TaskRun, agent_name: str, claim: Transition) -> Transition | None:
+    """The turn ``claim`` would take is not taken while the run's Agent waits for the validation of an
+    edit: its spec and its status (the tools, MCP servers, sub-agents and channels validated) are then of
+    two generations, and the edit may be refused. The run waits ReadyForLLM, unclaimed (a retry that fell
+    due too: its attempts are counted as before, and a claim re-taken from a holder that died still counts
+    as that turn's interruption), saying what for; the watcher prompts it when the Agent's validation is
+    written. None when it says so already."""
+    detail = agent_not_validated_detail(agent_name)
+    patch: dict[str, Any] = {
+        "phase": TaskRunPhase.READY_FOR_LLM.value,
+        "statusDetail": detail,
+        "nextAttemptAt": None,
+        **UNCLAIMED,
+    }
+    if "llmInterruptions" in claim.status:
+        patch["llmInterruptions"] = claim.status["llmInterruptions"]
+    if not status_differs(run.status.model_dump(by_alias=True), patch):
+        return None
+    return Transition(
+        status=patch, events=[normal("Waiting", detail)] if run.status.status_detail != detail else []
+    )
 
 
 def plan_config_error(run: TaskRun, message: str, reason: str, now: datetime) -> Transition:

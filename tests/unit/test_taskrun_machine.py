@@ -15,6 +15,7 @@ from kubechain.statemachines.taskrun import (
     plan_llm_answer,
     plan_llm_claim,
     plan_llm_error,
+    plan_turn_waits_for_agent,
     request_id,
     stored_alongside_bytes,
     trace_ids,
@@ -197,6 +198,29 @@ def test_a_run_waits_for_an_agent_edited_since_it_was_validated() -> None:
     edited.status.observed_generation = 2
     ready = plan_initial_context(run(status=transition.status), None, False, edited, NOW)
     assert ready is not None and ready.status["phase"] == "ReadyForLLM"
+
+
+def test_a_claim_re_taken_from_a_dead_holder_still_counts_its_interruption_while_the_turn_waits() -> None:
+    """A turn whose holder died waits for its Agent's validation unclaimed, as ReadyForLLM: the claim it
+    would have re-taken counted the interruption, and so does the wait, so a second death still ends the
+    run rather than paying for the turn a third time."""
+    stale = (NOW - timedelta(seconds=LIMITS.claim_timeout_s + 1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    held = run(
+        status={"phase": "SendContextWindowToLLM", "claimedBy": "w0", "claimedAt": stale, "llmAttempts": 1}
+    )
+    claim = plan_llm_claim(held, "w1", NOW, LIMITS).transition
+    assert claim is not None and claim.status["llmInterruptions"] == 1
+    wait = plan_turn_waits_for_agent(held, "a", claim)
+    assert wait is not None
+    assert {key: wait.status[key] for key in ("phase", "claimedBy", "claimedAt", "llmInterruptions")} == {
+        "phase": "ReadyForLLM",
+        "claimedBy": None,
+        "claimedAt": None,
+        "llmInterruptions": 1,
+    }
+    waiting = run(status={**held.status.model_dump(by_alias=True, exclude_none=True), **wait.status})
+    again = plan_llm_claim(waiting, "w1", NOW, LIMITS).transition
+    assert again is not None and plan_turn_waits_for_agent(waiting, "a", again) is None, "said once"
 
 
 def test_a_run_whose_agent_ref_cannot_name_an_agent_fails_saying_so() -> None:

@@ -371,6 +371,94 @@ def toolcall_names(kube: FakeKubeClient) -> list[str]:
     return sorted(name for (_, plural, _, name) in kube.objects if plural == "taskruntoolcalls")
 
 
+def test_a_turn_is_not_built_from_an_agent_edited_since_its_validation() -> None:
+    """A turn took the Agent's spec (its llmRef) and its status (the tools validated) as they stood: after an
+    edit not yet validated the status was the old spec's, and a Tool the edit took away was still offered.
+    The turn waits, unclaimed, for the validation; a copy of that edit the worker read a moment ago (its
+    config cache) is read again, so the turn does not wait out the cache once the validation is done."""
+    from kubechain.kube.client import custom_path
+    from kubechain.statemachines.routing import dependents
+
+    kube = FakeKubeClient()
+    llm = tool_turn(kube, ['{"a": 1, "b": 2}'])
+    (name,) = toolcall_names(kube)
+    tool_call(context(kube, llm), message("TaskRunToolCall", name))
+    prepare(context(kube, llm), message("TaskRun", "r"))  # fans in: ready for the second turn
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"tools": []}})
+    # a worker whose config cache reads the Agent as edited, before its validation (and keeps it: however
+    # slow this test runs, its copies are fresh)
+    ctx = context(kube, llm, config_cache_ttl_s=3600)
+    llm_call(ctx, message("TaskRun", "r"))
+    assert len(llm.requests) == 1, [tool.name for tool in llm.requests[-1].tools]
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    detail = 'Waiting for agent "a" to be validated again: its spec changed since it was'
+    assert (status["phase"], status["statusDetail"], status.get("claimedBy")) == ("ReadyForLLM", detail, None)
+    assert kube.event_reasons("r")[-1] == "Waiting"
+    llm_call(ctx, message("TaskRun", "r"))  # redelivered: nothing more to say
+    assert kube.event_reasons("r").count("Waiting") == 1
+
+    validate(ctx, message("Agent", "a"))
+    agent = kube.get_raw("agents", "default", "a")
+    cache = {"TaskRun": {("default", "r"): kube.get_raw("taskruns", "default", "r")}}
+    assert [(w.task, w.name) for w in dependents("Agent", agent, cache)] == [(TaskName.LLM_CALL, "r")]
+    llm_call(ctx, message("TaskRun", "r"))
+    assert [tool.name for tool in llm.requests[1].tools] == [], "the Agent as edited, validated"
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (status["phase"], status["output"]) == ("FinalAnswer", "3")
+
+
+def test_a_run_waiting_for_its_agents_validation_in_backoff_waits_unclaimed_and_ready() -> None:
+    """A retry that falls due while the Agent waits for its validation is not made on the edit either; the
+    run waits as ReadyForLLM, which the Agent's validation prompts, its attempts counted as before."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    prepare(ctx, message("TaskRun", "r"))
+    due = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    backoff = {"phase": "ErrorBackoff", "llmAttempts": 1, "nextAttemptAt": due, "error": "503"}
+    kube.patch_status_raw("taskruns", "default", "r", None, backoff)
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "be verbose"}})
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert not llm.requests
+    assert (status["phase"], status["llmAttempts"], status.get("nextAttemptAt")) == ("ReadyForLLM", 1, None)
+    validate(ctx, message("Agent", "a"))
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert len(llm.requests) == 1 and status["phase"] == "FinalAnswer"
+
+
+def test_the_first_turn_is_built_from_the_agent_its_context_window_was_built_from() -> None:
+    """A worker that takes the turn it made ready read the Agent twice: fresh for the window (its cached
+    copy was not Ready) and from its cache for the turn, an older generation: the window had the edited
+    system prompt and the turn the tools of the spec before the edit."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm, ["add"])
+    ctx = context(kube, llm, continues_llm=True, config_cache_ttl_s=3600)
+    # Its LLM away for a moment: the Agent is Pending, and a run waiting for it leaves it in the cache.
+    ready = kube.get_raw("agents", "default", "a")["status"]
+    kube.patch_status_raw("agents", "default", "a", None, {"ready": False, "status": "Pending"})
+    create(kube, "TaskRun", "taskruns", "early", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "early"))
+    assert kube.get_raw("taskruns", "default", "early")["status"]["phase"] == "Pending"
+    kube.patch_status_raw("agents", "default", "a", None, ready)
+    edit = {"spec": {"system": "be verbose", "tools": []}}
+    kube.request("PATCH", custom_path("agents", "default", "a"), body=edit)
+    validate(ctx, message("Agent", "a"))
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(ctx, message("TaskRun", "r"))
+    (request,) = llm.requests
+    assert request.messages[0].content == "be verbose"
+    assert [tool.name for tool in request.tools] == [], "the tools of the Agent the window was built from"
+
+
 def test_duplicate_tool_call_delivery_executes_once() -> None:
     kube = FakeKubeClient()
     tool_turn(kube, ['{"a": 1, "b": 2}'])
