@@ -338,8 +338,9 @@ class SettingsInvalid(ValueError):
 # KUBECHAIN_* variables read elsewhere than here: the CLI's watch timeout; what the bench gives its command
 OTHER_VARIABLES = frozenset({"KUBECHAIN_CLI_WATCH_TIMEOUT_S", "KUBECHAIN_BENCH_NAMESPACE"})
 # What Kubernetes sets for a Service named kubechain-* in a pod that keeps its service links
-# (KUBECHAIN_REDIS_SERVICE_HOST, KUBECHAIN_REDIS_PORT_6379_TCP_ADDR, KUBECHAIN_WATCHER_PORT)
-_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
+# (KUBECHAIN_REDIS_SERVICE_HOST, KUBECHAIN_REDIS_PORT_6379_TCP_ADDR, KUBECHAIN_REDIS_PORT), after the
+# service's name; always with its <SERVICE>_SERVICE_HOST
+_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)")
 
 log = logging.getLogger(__name__)
 _unknown_variables_said = False
@@ -359,15 +360,28 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     closest to: a mistyped one (KUBECHAIN_MAX_TOOL_RESULT_BYTE) was ignored without a word."""
     known = setting_variables()
     read = {*known, *OTHER_VARIABLES}
+    services = {
+        name[: -len("_SERVICE_HOST")] for name in map(str.upper, environ) if name.endswith("_SERVICE_HOST")
+    }
     lines = []
     for variable in sorted(environ):
         name = variable.upper()  # pydantic-settings reads names in any case
-        if not name.startswith(ENV_PREFIX) or name in read or _SERVICE_LINK.search(name):
+        if not name.startswith(ENV_PREFIX) or name in read or _is_service_link(name, services):
             continue
         line = f"{variable} is not a KubeChain setting: it is ignored"
         closest = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         lines.append(f"{line} (did you mean {closest[0]}?)" if closest else line)
     return lines
+
+
+def _is_service_link(name: str, services: set[str]) -> bool:
+    """Whether ``name`` is a link Kubernetes set for one of ``services`` (each named by its
+    <SERVICE>_SERVICE_HOST): the form alone does not say, a mistyped KUBECHAIN_METRIC_PORT has it."""
+    return any(
+        name[:at] in services and _SERVICE_LINK.fullmatch(name, at) is not None
+        for at, character in enumerate(name)
+        if character == "_"
+    )
 
 
 def warn_of_unknown_variables() -> None:

@@ -220,6 +220,7 @@ def test_a_mistyped_kubechain_variable_is_named_with_the_setting_it_is_closest_t
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "KUBECHAIN_REDIS_SERVICE_HOST": "10.0.0.1",
         "KUBECHAIN_REDIS_PORT_6379_TCP_ADDR": "10.0.0.1",
+        "KUBECHAIN_WATCHER_SERVICE_HOST": "10.0.0.2",
         "KUBECHAIN_WATCHER_PORT": "tcp://10.0.0.2:9090",
     }
     assert unknown_variables(environ) == [
@@ -228,6 +229,37 @@ def test_a_mistyped_kubechain_variable_is_named_with_the_setting_it_is_closest_t
         "KUBECHAIN_MAX_TOOL_RESULT_BYTES?)",
         "kubechain_log_levl is not a KubeChain setting: it is ignored (did you mean KUBECHAIN_LOG_LEVEL?)",
     ]
+
+
+def test_a_mistyped_port_variable_is_warned_of_unless_a_service_of_its_name_is_linked() -> None:
+    """Every name ending in _PORT was taken for a Kubernetes service link: KUBECHAIN_METRIC_PORT=9090 (for
+    KUBECHAIN_METRICS_PORT) was ignored without a word, and the worker served no /metrics and /healthz.
+    Kubernetes sets a service's links together with its <SERVICE>_SERVICE_HOST."""
+    from kubechain.settings import unknown_variables
+
+    mistyped = {
+        "KUBECHAIN_METRIC_PORT": "9090",
+        "KUBECHAIN_SCALING_PORT_8081_TCP": "8081",
+        "KUBECHAIN_METRICS_SERVICE_PORT": "9090",
+    }
+    assert unknown_variables(mistyped) == [
+        f"{variable} is not a KubeChain setting: it is ignored (did you mean {closest}?)"
+        for variable, closest in [
+            ("KUBECHAIN_METRICS_SERVICE_PORT", "KUBECHAIN_METRICS_PORT"),
+            ("KUBECHAIN_METRIC_PORT", "KUBECHAIN_METRICS_PORT"),
+            ("KUBECHAIN_SCALING_PORT_8081_TCP", "KUBECHAIN_SCALING_PORT"),
+        ]
+    ]
+    linked = {  # what a pod gets for a Service named kubechain-metrics, with its service links kept
+        "KUBECHAIN_METRICS_SERVICE_HOST": "10.0.0.3",
+        "KUBECHAIN_METRICS_SERVICE_PORT": "9090",
+        "KUBECHAIN_METRICS_SERVICE_PORT_HTTP": "9090",
+        "KUBECHAIN_METRICS_PORT_9090_TCP": "tcp://10.0.0.3:9090",
+        "KUBECHAIN_METRICS_PORT_9090_TCP_PROTO": "tcp",
+        "KUBECHAIN_METRICS_PORT_9090_TCP_PORT": "9090",
+        "KUBECHAIN_METRICS_PORT_9090_TCP_ADDR": "10.0.0.3",
+    }
+    assert unknown_variables(linked) == []
 
 
 def test_mistyped_variables_are_warned_of_once_a_process(
