@@ -65,8 +65,24 @@ EXIT_OTHER = 2
 MAX_FAILURES = 15
 UNAUTHORIZED_FAILURES = 3
 # Server-side timeoutSeconds of each watch; the watch then starts over from a fresh list.
-WATCH_TIMEOUT_S = int(os.environ.get("KUBECHAIN_CLI_WATCH_TIMEOUT_S") or 60)
+DEFAULT_WATCH_TIMEOUT_S = 60
+WATCH_TIMEOUT_VARIABLE = "KUBECHAIN_CLI_WATCH_TIMEOUT_S"  # (tests shorten it to see re-watches)
 NAME_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def watch_timeout_s() -> int:
+    """Each watch's timeoutSeconds, from KUBECHAIN_CLI_WATCH_TIMEOUT_S (unset or empty: 60). Read when a
+    run is followed, not as the CLI is imported: a value that was no whole number was a traceback from
+    every command, ``kubechain worker`` and ``watcher`` among them."""
+    written = os.environ.get(WATCH_TIMEOUT_VARIABLE, "").strip()
+    if not written:
+        return DEFAULT_WATCH_TIMEOUT_S
+    # (0 asks the API server for no timeout of ours, and it refuses one below 0)
+    if not written.isdecimal() or int(written) < 1:
+        raise CLIError(
+            f"{WATCH_TIMEOUT_VARIABLE}: {written!r} is not a whole number of seconds, at least 1", EXIT_OTHER
+        )
+    return int(written)
 
 
 def random_suffix(length: int = 6) -> str:
@@ -87,14 +103,15 @@ class WatchClient(KubeClient):
         *,
         field_selector: str | None = None,
         label_selector: str | None = None,
-        timeout_s: int = WATCH_TIMEOUT_S,
+        timeout_s: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Watch events ({"type", "object"}) from ``resource_version``; Gone on 410."""
+        """Watch events ({"type", "object"}) from ``resource_version``; Gone on 410. ``timeout_s``: the
+        server's, by default :func:`watch_timeout_s` (checked when the command started)."""
         return self.watch_raw(
             plural,
             namespace,
             resource_version,
-            timeout_s,
+            watch_timeout_s() if timeout_s is None else timeout_s,
             field_selector=field_selector,
             label_selector=label_selector,
         )
@@ -330,6 +347,7 @@ def _phase_text(run: TaskRun) -> str:
 
 def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tuple[int, dict[str, Any] | None]:
     """Print the run's conversation as it happens until it ends. Returns (exit code, last TaskRun)."""
+    watch_timeout_s()  # refused here, in one line, not by each watch thread
     tracker = ConversationTracker()
     follower = Follower(target, name)
     last: dict[str, Any] | None = None
@@ -480,6 +498,8 @@ def run(
     """
     if not message.strip():
         raise CLIError("the message is empty", EXIT_OTHER)
+    if not no_wait:
+        watch_timeout_s()  # before the run is created: it could not be followed
     name = name or f"{agent_name}-{random_suffix()}"[:253]
     taskrun = TaskRun(
         metadata=ObjectMeta(

@@ -203,3 +203,37 @@ def test_following_a_run_that_waits_on_an_llm_in_error_says_why(monkeypatch: pyt
     lines = out.getvalue().splitlines()
     assert 'pending: LLM "fake" is in Error: the API key was refused' in lines, lines
     assert lines.count('pending: LLM "fake" is in Error: the API key was refused') == 1
+
+
+@pytest.mark.parametrize("value", ["1.5", "soon", "0", "-5"])
+def test_a_bad_cli_watch_timeout_stops_only_what_follows_a_run_and_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """KUBECHAIN_CLI_WATCH_TIMEOUT_S was read with int() as the CLI was imported: a value that is no whole
+    number was a ValueError's traceback from every command (``kubechain worker`` and ``watcher`` among
+    them), and 0 or less a watch without its timeout or one the API server refused. It is now read by what
+    follows a run, before it creates one, and refused in one line."""
+    import os
+    import subprocess
+    import sys
+
+    from kubechain.cli.resources import Target
+
+    started = subprocess.run(
+        [sys.executable, "-c", "from kubechain.cli import main; main(['version'])"],
+        env={**os.environ, "KUBECHAIN_CLI_WATCH_TIMEOUT_S": value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0 and started.stdout.startswith("kubechain "), started.stderr
+    kube = Objects({("Agent", "a"): {"spec": {"llmRef": {"name": "gpt"}, "system": "s"}}})
+    monkeypatch.setattr(Target, "connect", lambda self, timeout_s=30.0: contextlib.nullcontext(kube))
+    monkeypatch.setenv("KUBECHAIN_CLI_WATCH_TIMEOUT_S", value)
+    for command in (["run", "--agent", "a", "hello"], ["logs", "-f", "a-run"]):
+        refused = CliRunner().invoke(main, command)
+        assert refused.exit_code == 2, refused.output
+        assert refused.output == (
+            f"Error: KUBECHAIN_CLI_WATCH_TIMEOUT_S: {value!r} is not a whole number of seconds, at least 1\n"
+        )
+    assert kube.created == [], "no run is left behind"
