@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,12 +38,25 @@ from kubechain.queueing import (
     enqueue,
     make_celery,
 )
-from kubechain.settings import Settings, warn_of_unknown_variables
+from kubechain.settings import Settings, SettingsInvalid, load_settings, warn_of_unknown_variables
 from workers.context import WorkerContext, build_context
 
 log = logging.getLogger(__name__)
 
-settings = Settings()
+
+def _settings_or_exit() -> Settings:
+    """The settings, or the process stops in one line naming what is wrong, as ``kubechain worker`` says
+    it: started by ``celery -A workers.app worker`` (without the CLI's checks), it was Celery's "Unable to
+    load celery application" and pydantic's traceback. (A SystemExit is no Exception: Celery's loading of
+    the app lets it through, with its code.)"""
+    try:
+        return load_settings()
+    except SettingsInvalid as exc:
+        print(f"kubechain-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = _settings_or_exit()
 app: Celery = make_celery(settings)
 
 _context: WorkerContext | None = None

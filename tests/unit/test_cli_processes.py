@@ -95,6 +95,41 @@ def test_the_watcher_run_as_a_module_refuses_a_bad_setting_in_one_line(
     )
 
 
+@pytest.mark.slow  # starts Celery, ~5 s each
+@pytest.mark.parametrize(
+    ("environment", "said"),
+    [
+        (
+            {"KUBECHAIN_LOG_LEVEL": "LOUD"},
+            "KUBECHAIN_LOG_LEVEL: 'LOUD' is not a log level: one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        ({"KUBECHAIN_NAMESPACES": "[x"}, "KUBECHAIN_NAMESPACES: "),
+    ],
+)
+def test_a_worker_started_by_celery_itself_refuses_a_bad_setting_in_one_line(
+    environment: dict[str, str], said: str
+) -> None:
+    """``celery -A workers.app worker`` (as a user or a Procfile of their own may start it, without
+    ``kubechain worker``'s checks) said it in Celery's "Unable to load celery application" and pydantic's
+    traceback, some 40 lines."""
+    import os
+    import subprocess
+    import sys
+
+    started = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 2, started.stderr
+    assert started.stdout == ""
+    assert started.stderr.startswith(f"kubechain-worker: invalid settings: {said}"), started.stderr
+    assert started.stderr.count("\n") == 1, started.stderr
+
+
 def test_a_worker_runs_no_more_threads_than_its_broker_connections_serve() -> None:
     """Each task thread acks on a broker connection of its own when Redis is slow: more threads than
     the pool has connections is refused at start, with the bound."""
