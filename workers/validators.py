@@ -15,6 +15,7 @@ from kubechain.statemachines.transition import Transition, validated_as_it_stand
 from kubechain.statemachines.validation import (
     AgentDependencies,
     delegates_to,
+    llm_spec_problem,
     plan_agent,
     plan_task,
     plan_task_output,
@@ -102,6 +103,10 @@ PROVIDER_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic"}
 def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     llm = get_or_none(ctx, LLM, message.namespace, message.name)
     if llm is None:
+        return
+    problem = llm_spec_problem(llm)
+    if problem is not None:  # before the key is read: no request is made to such a URL
+        _write(ctx, llm, plan_validation(llm, False, problem))
         return
     ref = llm.spec.api_key_ref()
     try:

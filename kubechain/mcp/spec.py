@@ -9,17 +9,23 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from kubechain.mcp.common import MCPError
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
+from kubechain.models.urls import credentials_in_url, http_url_problem, url_has_userinfo
 from kubechain.redaction import Scrubber, redact_url
 
 # resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
 SecretResolver = Callable[[str, str, str], str]
 
 ALLOWLIST_SETTING = "KUBECHAIN_MCP_COMMAND_ALLOWLIST"
+# Why a server whose url has userinfo is not connected to: a client makes Basic auth of it, and whoever may
+# read MCPServers reads the password.
+CREDENTIALS_IN_URL = credentials_in_url(
+    "url",
+    "put them in a header (spec.headers), its value read from a Secret with valueFrom.secretKeyRef",
+)
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,10 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
     else:
         if not spec.url:
             return f"url is required for {transport} servers"
-        scheme = urlsplit(spec.url).scheme.lower()
-        if scheme not in ("http", "https"):
-            return f"url must start with http:// or https:// (got scheme {scheme!r})"
+        if url_has_userinfo(spec.url):
+            return CREDENTIALS_IN_URL
+        if (problem := http_url_problem(spec.url)) is not None:
+            return f"url {problem}"
     for var in spec.env or []:
         if problem := _var_problem(var, "env var"):
             return problem

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from kubechain.models.base import PRESERVE_UNKNOWN, KubeModel, Resource
 from kubechain.models.common import LocalObjectReference, ReadyStatus, SecretKeyRef
+from kubechain.models.urls import credentials_in_url
 
 # Why an externalAPI Tool with userinfo in its URL is not used: an HTTP client sends it as Basic auth, and
 # the spec (password and all) is read by whoever may read Tools. Said without the URL, which holds them.
-CREDENTIALS_IN_URL = (
-    'execute.externalAPI.url holds credentials ("user:password@" before its host), which are never sent: '
+CREDENTIALS_IN_URL = credentials_in_url(
+    "execute.externalAPI.url",
     "put them in a Secret and name it in execute.externalAPI.credentialsFrom (its value is sent as "
-    '"Authorization: Bearer <value>"), or in the query if the API takes a key there'
+    '"Authorization: Bearer <value>"), or in the query if the API takes a key there',
 )
-# a URL's authority: after "scheme://", up to the first "/", "?" or "#" (as httpx and urlsplit read it)
-_AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://(?P<authority>[^/?#]*)")
-
-
-def url_has_userinfo(url: str) -> bool:
-    """Whether ``url`` has userinfo (``user:password@``, or a token as the user) before its host."""
-    found = _AUTHORITY.match(url)
-    return found is not None and "@" in found.group("authority")
 
 
 class BuiltinToolSpec(KubeModel):

@@ -23,7 +23,8 @@ from kubechain.models.agent import ResolvedContactChannel, ResolvedMCPServer, Re
 from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, is_object_name, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
-from kubechain.models.tool import CREDENTIALS_IN_URL, url_has_userinfo
+from kubechain.models.tool import CREDENTIALS_IN_URL
+from kubechain.models.urls import credentials_in_url, http_url_problem, url_has_userinfo
 from kubechain.statemachines.toolset import (
     DELEGATE_PREFIX,
     FUNCTION_NAME,
@@ -101,14 +102,36 @@ def validate_tool_spec(tool: Tool) -> str | None:
     ):
         return "toolType externalAPI needs execute.externalAPI.url"
     if kind == "externalAPI" and spec.execute and spec.execute.external_api:
-        if url_has_userinfo(spec.execute.external_api.url or ""):
+        url = spec.execute.external_api.url or ""
+        if url_has_userinfo(url):
             return CREDENTIALS_IN_URL
+        if (problem := http_url_problem(url)) is not None:
+            return f"execute.externalAPI.url {problem}"
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
     if kind == "delegateToAgent" and spec.agent_ref is not None:
         # Checked here, not in the CRD: manifests the original accepted still apply, and say why here.
         return agent_ref_problem(spec.agent_ref.name)
     return None
+
+
+# Why an LLM whose baseUrl has userinfo is not used: a client makes Basic auth of it (over the API key's
+# Bearer), and whoever may read LLMs reads the password.
+LLM_CREDENTIALS_IN_URL = credentials_in_url(
+    "spec.parameters.baseUrl",
+    "remove them; the API key goes in the Secret named by spec.apiKeyFrom",
+)
+
+
+def llm_spec_problem(llm: LLM) -> str | None:
+    """Why the LLM cannot be used as its spec stands (before its key is read and checked), or None."""
+    base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or ""
+    if not base_url:  # the provider's own (or KUBECHAIN_OPENAI_BASE_URL, checked as a setting)
+        return None
+    if url_has_userinfo(base_url):
+        return LLM_CREDENTIALS_IN_URL
+    problem = http_url_problem(base_url)
+    return None if problem is None else f"spec.parameters.baseUrl {problem}"
 
 
 def agent_ref_problem(name: str) -> str | None:

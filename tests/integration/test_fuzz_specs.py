@@ -117,3 +117,40 @@ def test_fuzzed_specs_are_rejected_or_get_a_clear_status(
     status = kube.get_raw(PLURAL[kind], namespace, name).get("status") or {}
     assert status.get("status") in ("Ready", "Error", "Pending"), status
     assert status.get("statusDetail"), status
+
+
+def test_urls_no_client_can_send_to_are_errors_with_an_event_on_the_api_server(
+    kube: Any, namespace: str
+) -> None:
+    """An LLM's baseUrl, an externalAPI Tool's url and an MCPServer's url, stored by the real API server
+    (its schema takes any string), are refused by their validation: Error, saying what to fix without
+    quoting the credentials, and a ValidationFailed Event."""
+    specs = {
+        ("LLM", "llms", "llm"): {
+            "provider": "openai",
+            "parameters": {"model": "m", "baseUrl": "https://bot:s3cret@llm.example/v1"},
+        },
+        ("Tool", "tools", "tool"): {"execute": {"externalAPI": {"url": "api.example.com/v1/search"}}},
+        ("MCPServer", "mcpservers", "mcp"): {"transport": "http", "url": "http://[::1/mcp"},
+    }
+    said = {
+        "llm": 'spec.parameters.baseUrl holds credentials ("user:password@" before its host)',
+        "tool": "execute.externalAPI.url has no scheme: start it with https:// or http://",
+        "mcp": 'Validation failed: url has an IPv6 host without its closing "]"',
+    }
+    ctx = context(kube, FakeLLM(lambda request: LLMResponse(content="ok")))
+    for (kind, plural, name), spec in specs.items():
+        body = {"apiVersion": "kubechain.humanlayer.dev/v1alpha1", "kind": kind, "metadata": {"name": name}}
+        kube.create_raw(plural, namespace, body | {"spec": spec})
+        validate(ctx, ResourceMessage(kind=kind, namespace=namespace, name=name))
+        status = kube.get_raw(plural, namespace, name)["status"]
+        assert status["status"] == "Error" and status["statusDetail"].startswith(said[name]), status
+        assert "s3cret" not in str(status)
+    ctx.events.flush()
+    failed = {
+        event["involvedObject"]["name"]: event["message"]
+        for event in kube.list_events(namespace)
+        if event["reason"] == "ValidationFailed"
+    }
+    assert sorted(failed) == ["llm", "mcp", "tool"], failed
+    assert all("s3cret" not in text for text in failed.values()), failed

@@ -232,6 +232,48 @@ def test_an_external_api_tool_with_credentials_in_its_url_is_refused(url: str, r
         assert problem is None, problem
 
 
+# URLs an HTTP client cannot send requests to, each with what its refusal says (shared with the LLM and
+# MCPServer validations' tests). They were found only when called, in the client's words (httpx's
+# "Request URL is missing an 'http://' or 'https://' protocol", a DNS error for a host with a space).
+MALFORMED_URLS = [
+    ("api.example.com/v1/search", "has no scheme: start it with https:// or http://"),
+    ("localhost:8080/search", "has no scheme: start it with https:// or http://"),
+    ("ftp://files.example.com/search", "has scheme ftp://, not http:// or https://"),
+    ("https:///search", "has no host"),
+    ("http://:8080/search", "has no host"),
+    (" https://api.example.com/search", "starts or ends with a space: remove it"),
+    ("https://api.example.com/search\n", "has a character that is not printable (a line break or a tab?) at"),
+    ("https://api.exa mple.com/search", "has a space in its host"),
+    ("https://api.example.com:99999/search", "has a port that is no number from 1 to 65535"),
+    ("https://api.example.com:8o8o/search", "has a port that is no number from 1 to 65535"),
+    ("http://[::1/search", 'has an IPv6 host without its closing "]"'),
+]
+WELL_FORMED_URLS = [
+    "https://api.example.com/v1/search",
+    "http://svc:8080/x?e=a@b",
+    "HTTPS://API.EXAMPLE.COM/v1",
+    "http://[::1]:8080/v1",
+    "https://bücher.example/v1",
+    "https://api.example.com/my search?q=a b",  # a space in a path or query is sent as %20
+]
+
+
+@pytest.mark.parametrize(("url", "said"), MALFORMED_URLS)
+def test_an_external_api_tool_with_a_malformed_url_is_refused_saying_what_to_fix(url: str, said: str) -> None:
+    """It was Ready, and every call of it failed in the HTTP client's words."""
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    problem = validate_tool_spec(ready(Tool, "t", {"execute": {"externalAPI": {"url": url}}}, {}))
+    assert problem is not None and problem.startswith(f"execute.externalAPI.url {said}"), problem
+
+
+@pytest.mark.parametrize("url", WELL_FORMED_URLS)
+def test_an_external_api_tool_with_a_url_a_client_can_send_to_is_taken(url: str) -> None:
+    from kubechain.statemachines.validation import validate_tool_spec
+
+    assert validate_tool_spec(ready(Tool, "t", {"execute": {"externalAPI": {"url": url}}}, {})) is None
+
+
 @pytest.mark.parametrize(
     "function",
     [

@@ -27,6 +27,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from kubechain.mcp import MCPError, MCPManager, MCPToolResult, command_problem, validate_spec
 from kubechain.models import MCPServer
 from kubechain.observability.logs import ResourceFilter, resource_context
+from tests.unit.test_agent_validation import MALFORMED_URLS, WELL_FORMED_URLS
 
 # Real MCP servers (stdio children, uvicorn, uvx) and real timeouts: seconds per test.
 pytestmark = pytest.mark.slow
@@ -436,6 +437,33 @@ def test_with_an_allowlist_a_few_harmless_package_manager_settings_are_allowed()
 
     names = ["npm_config_loglevel", "NPM_CONFIG_LOGLEVEL", "NPM_CONFIG_YES", "npm_config_yes"]
     assert env_problem([*names, "UV_NO_PROGRESS", "GIT_TERMINAL_PROMPT"], ["npx", "uvx"]) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        *MALFORMED_URLS,
+        (
+            "https://apiuser:s3cret@mcp.example/mcp",
+            'url holds credentials ("user:password@" before its host)',
+        ),
+    ],
+)
+@pytest.mark.parametrize("transport", ["http", "sse"])
+def test_an_mcp_server_url_no_client_can_send_to_is_refused_saying_what_to_fix(
+    transport: str, url: str, said: str
+) -> None:
+    """Only the scheme was checked: the rest failed as "Connection failed" in the SDK's words (a DNS error
+    for a host with a space), an unclosed IPv6 bracket raised out of the validation (the task retried
+    it), and userinfo was sent as Basic auth. Said without quoting the URL."""
+    problem = validate_spec(mcp_server("x", transport=transport, url=url).spec)
+    assert problem is not None and problem.startswith(said if said.startswith("url ") else f"url {said}")
+    assert "s3cret" not in problem and "apiuser" not in problem, problem
+
+
+@pytest.mark.parametrize("url", WELL_FORMED_URLS)
+def test_an_mcp_server_url_a_client_can_send_to_is_taken(url: str) -> None:
+    assert validate_spec(mcp_server("x", transport="http", url=url).spec) is None
 
 
 def test_spec_validation_messages() -> None:

@@ -157,6 +157,33 @@ def test_approval_channel_not_ready_is_pending(kube: FakeKubeClient, manager: MC
     assert kube.event_reasons("guarded") == ["ContactChannelNotReady", "Connected"]
 
 
+def test_an_mcp_server_whose_url_holds_credentials_is_an_error_with_an_event_and_a_log_line(
+    kube: FakeKubeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was connected to, its userinfo sent as HTTP Basic auth, the password in a spec whoever reads
+    MCPServers reads; now refused before any connection, without quoting it."""
+    import json
+    import logging
+
+    create(
+        kube,
+        "MCPServer",
+        "mcpservers",
+        "remote",
+        {"transport": "http", "url": "https://bot:s3cret@mcp.example/mcp"},
+    )
+    with caplog.at_level(logging.WARNING):
+        status = run_validate(make_context(kube, None), "remote")["status"]
+    assert (status["status"], status["connected"]) == ("Error", False), status
+    assert status["statusDetail"].startswith('Validation failed: url holds credentials ("user:password@"')
+    assert "spec.headers" in status["statusDetail"]
+    assert kube.event_reasons("remote") == ["ValidationFailed"]
+    assert status["statusDetail"] in caplog.text
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "remote"]
+    for where in (json.dumps(status), *events, caplog.text):
+        assert "s3cret" not in where and "bot:" not in where, where
+
+
 def test_invalid_spec_and_allowlist_are_validation_failures(kube: FakeKubeClient) -> None:
     create(kube, "MCPServer", "mcpservers", "no-url", {"transport": "http"})
     create(kube, "MCPServer", "mcpservers", "forbidden", {"transport": "stdio", "command": TIME_SERVER})

@@ -24,6 +24,7 @@ from kubechain.queueing import TaskName
 from kubechain.statemachines.routing import tasks_missing_their_run, work_for
 from kubechain.statemachines.taskrun import plan_initial_context, trace_ids
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
+from tests.unit.test_agent_validation import MALFORMED_URLS, WELL_FORMED_URLS
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
@@ -1230,6 +1231,53 @@ def test_an_anthropic_llm_with_a_key_the_provider_refuses_is_an_error_not_ready(
     assert "sk-ant" not in str(status)
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        *MALFORMED_URLS,
+        (
+            "https://apiuser:s3cret-Pa55@llm.example/v1",
+            'holds credentials ("user:password@" before its host)',
+        ),
+        ("http://sk-proj-0123456789@llm.example/v1", 'holds credentials ("user:password@" before its host)'),
+    ],
+)
+def test_an_llm_whose_base_url_is_malformed_is_an_error_saying_what_to_fix(
+    caplog: pytest.LogCaptureFixture, url: str, said: str
+) -> None:
+    """A baseUrl no client can send to failed its key check as "API key validation failed: could not
+    reach the LLM endpoint: Request URL is missing an 'http://' or 'https://' protocol" (blaming the key),
+    or as a DNS error; one with userinfo was Ready (a client makes Basic auth of it, over the API key's
+    Bearer, and whoever reads LLMs reads the password). Said without quoting the URL; the key is not
+    checked against it."""
+    kube = FakeKubeClient()
+    checker = FakeLLM(lambda r: LLMResponse(content="x"))
+    checked: list[str] = []
+    checker.validate_credentials = lambda: checked.append("checked")  # type: ignore[method-assign]
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(kube, "LLM", "llms", "gpt", {"provider": "openai", "parameters": {"model": "m", "baseUrl": url}})
+    with caplog.at_level(logging.WARNING):
+        validate(context(kube, checker), message("LLM", "gpt"))
+    status = kube.get_raw("llms", "default", "gpt")["status"]
+    assert (status["ready"], status["status"]) == (False, "Error"), status
+    assert status["statusDetail"].startswith(f"spec.parameters.baseUrl {said}"), status
+    assert kube.event_reasons("gpt")[-1] == "ValidationFailed"
+    assert status["statusDetail"] in caplog.text
+    assert checked == []
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "gpt"]
+    for where in (json.dumps(status), *events, caplog.text):
+        assert "s3cret" not in where and "apiuser" not in where and "sk-proj" not in where, where
+
+
+@pytest.mark.parametrize("url", [*WELL_FORMED_URLS, ""])
+def test_an_llm_whose_base_url_a_client_can_send_to_is_checked_and_ready(url: str) -> None:
+    kube = FakeKubeClient()
+    kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
+    create(kube, "LLM", "llms", "gpt", {"provider": "openai", "parameters": {"model": "m", "baseUrl": url}})
+    validate(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), message("LLM", "gpt"))
+    assert kube.get_raw("llms", "default", "gpt")["status"]["status"] == "Ready"
+
+
 def _llm_key_check(kube: FakeKubeClient, failure: LLMError | None, ready_before: bool) -> dict[str, Any]:
     checker = FakeLLM(lambda r: LLMResponse(content="x"))
 
@@ -1339,7 +1387,10 @@ def test_a_base_url_the_http_library_cannot_parse_is_an_llm_error_not_a_crash() 
     ctx.llms = LLMClientFactory(10)
     validate(ctx, message("LLM", "local"))
     status = kube.get_raw("llms", "default", "local")["status"]
-    assert status["status"] == "Error" and "invalid LLM endpoint 'http://[::1'" in status["statusDetail"]
+    assert (status["status"], status["statusDetail"]) == (
+        "Error",
+        'spec.parameters.baseUrl has an IPv6 host without its closing "]"',
+    )
 
 
 @pytest.mark.parametrize(
