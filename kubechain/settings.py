@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubechain.models.labels import is_namespace_name, is_object_name
+from kubechain.models.urls import http_url_problem
 from kubechain.redaction import redact_url
 
 
@@ -31,20 +32,6 @@ def _names(value: Any) -> Any:
 
 # Comma-separated or a JSON list; pydantic-settings would otherwise accept only JSON and refuse to start.
 NameList = Annotated[list[str], NoDecode, BeforeValidator(_names)]
-
-
-def http_url_problem(url: str) -> str | None:
-    """Why ``url`` is not an http(s) URL with a host that a client can send requests to, or None."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is no number
-    except ValueError as exc:  # "http://[::1": an unclosed bracket
-        return f"is not a URL ({exc})"
-    if parts.scheme not in ("http", "https"):
-        return "has no http:// or https:// scheme"
-    if not parts.hostname:
-        return "has no host"
-    return None
 
 
 ENV_PREFIX = "KUBECHAIN_"

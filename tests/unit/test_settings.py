@@ -54,12 +54,12 @@ def test_an_empty_humanlayer_api_base_is_unset(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.parametrize(
     ("base", "problem"),
     [
-        ("http://[::1", "is not a URL (Invalid IPv6 URL)"),
-        ("api.humanlayer.dev", "has no http:// or https:// scheme"),
-        ("localhost:8765", "has no http:// or https:// scheme"),
-        ("ftp://hl.example", "has no http:// or https:// scheme"),
+        ("http://[::1", 'has an IPv6 host without its closing "]"'),
+        ("api.humanlayer.dev", "has no scheme: start it with https:// or http://"),
+        ("localhost:8765", "has no scheme: start it with https:// or http://"),
+        ("ftp://hl.example", "has scheme ftp://, not http:// or https://"),
         ("https://", "has no host"),
-        ("https://user:pa55word-123@hl.example:port/", "is not a URL (Port could not be cast"),
+        ("https://user:pa55word-123@hl.example:port/", "has a port that is no number from 1 to 65535"),
     ],
 )
 def test_a_malformed_humanlayer_api_base_is_refused_saying_what_to_fix(
