@@ -195,18 +195,28 @@ class _DeadlineBackend:
             raise self._errors.connect_timeout(str(exc)) from None
         except OSError as exc:  # the name does not resolve: said as the inner backend says it
             raise self._errors.connect_error(str(exc)) from exc
+        if not addresses:  # getaddrinfo raises rather than answer none, but an NSS module may not
+            raise self._errors.connect_error(f"{host} resolved to no address")
         options = None if socket_options is None else list(socket_options)  # used once per address
-        failed: Exception | None = None
-        for address in addresses:
-            left = _time_left(timeout, self._errors.connect_timeout)  # none left: a timeout, as it is
+        *earlier, last = addresses
+        for address in earlier:
             try:
-                stream = self._inner.connect_tcp(address, port, left, local_address, options)
-            except (self._errors.connect_error, self._errors.connect_timeout) as exc:
-                failed = exc  # refused, or no answer within the connect timeout: the next address
-                continue
-            return _DeadlineStream(stream, self._errors)
-        assert failed is not None, "getaddrinfo answers at least one address or raises"
-        raise failed
+                return self._connect_to(address, port, timeout, local_address, options)
+            except (self._errors.connect_error, self._errors.connect_timeout):
+                continue  # refused, or no answer within the connect timeout: the next address
+        return self._connect_to(last, port, timeout, local_address, options)  # its failure is said
+
+    def _connect_to(
+        self,
+        address: str,
+        port: int,
+        timeout: float | None,
+        local_address: str | None,
+        socket_options: list[Any] | None,
+    ) -> _DeadlineStream:
+        left = _time_left(timeout, self._errors.connect_timeout)  # none left: a timeout, as it is
+        stream = self._inner.connect_tcp(address, port, left, local_address, socket_options)
+        return _DeadlineStream(stream, self._errors)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

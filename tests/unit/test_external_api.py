@@ -147,6 +147,24 @@ def test_the_host_header_and_tls_keep_the_apis_name_though_its_address_is_resolv
     assert tls.names == ["api.local.test"]
 
 
+def test_a_name_that_resolves_to_no_address_is_a_tool_error_that_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A resolver answering no address at all (getaddrinfo's contract says it raises instead, but an NSS
+    module may not keep it) failed on an assert: an AssertionError (under python -O, a TypeError for
+    raising None) instead of a tool error saying what happened."""
+    from tests.unit.slow_peers import HangingResolver
+
+    with (
+        HangingResolver(monkeypatch, "unused.test", {"api.nowhere.test": []}),
+        pytest.raises(ToolError) as raised,
+    ):
+        call_external_api("http://api.nowhere.test/x", "POST", {}, None, timeout_s=10.0)
+    assert str(raised.value) == (
+        "POST http://api.nowhere.test/x failed: ConnectError: api.nowhere.test resolved to no address"
+    )
+
+
 def test_the_deadline_covers_the_connections_made_through_a_proxy_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
