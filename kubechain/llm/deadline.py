@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import httpx2
 
@@ -132,9 +133,23 @@ class _DeadlineStream(httpx2.SyncByteStream):
         self._inner.close()
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """When (time.monotonic()) a request and the redirects it is answered with must have been answered by,
+    and the time that was (``total_s``). httpx hands a request's extensions on to each redirect it follows,
+    a request to the transport of its own, as this under ``_EXCHANGE``: the SDKs follow up to 20."""
+
+    deadline: float
+    total_s: float
+
+
+_EXCHANGE = "kubechain_exchange"
+
+
 class DeadlineTransport(httpx2.BaseTransport):
     """Ends a request whose answer has not been read in full ``total_s`` after it started, or by the
-    deadline of the call it is made in (``ending_by``), if that is sooner."""
+    deadline of the call it is made in (``ending_by``), if that is sooner; the redirects it is answered
+    with (which the SDKs follow) by the same deadline."""
 
     def __init__(self, total_s: float, inner: httpx2.BaseTransport) -> None:
         self._total_s = total_s
@@ -142,20 +157,24 @@ class DeadlineTransport(httpx2.BaseTransport):
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         started = time.monotonic()
-        deadline = started + self._total_s
-        ends_by = call_deadline()
-        if ends_by is not None and ends_by < deadline:
-            deadline = max(started, ends_by)
-            # The call's deadline is sooner than the client's timeout, which bounds each phase: the wait
-            # for a free connection of the pool (no network I/O, which io_ending_by bounds) must end at
-            # the deadline too.
-            timeouts = request.extensions.get("timeout")
-            if isinstance(timeouts, dict):
-                left = max(0.001, deadline - started)
-                request.extensions["timeout"] = {
-                    phase: left if value is None else min(value, left) for phase, value in timeouts.items()
-                }
-        total_s = deadline - started
+        exchange = request.extensions.get(_EXCHANGE)
+        if not isinstance(exchange, _Exchange):
+            deadline = started + self._total_s
+            ends_by = call_deadline()
+            if ends_by is not None and ends_by < deadline:
+                deadline = max(started, ends_by)
+            exchange = request.extensions[_EXCHANGE] = _Exchange(deadline, deadline - started)
+        # else a redirect followed: it ends by the deadline of the request that was redirected
+        deadline, total_s = exchange.deadline, exchange.total_s
+        # The client's timeout bounds each phase: the wait for a free connection of the pool (no network
+        # I/O, which io_ending_by bounds) must end at the deadline too, when that is sooner (the call's,
+        # or a redirect's, which comes after the time the request redirected took).
+        timeouts = request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            left = max(0.001, deadline - started)
+            request.extensions["timeout"] = {
+                phase: left if value is None else min(value, left) for phase, value in timeouts.items()
+            }
         # connect, TLS, the request and the headers: each wait cut to the time left (a server sending
         # its headers a byte at a time never trips a per-read timeout)
         with io_ending_by(deadline):

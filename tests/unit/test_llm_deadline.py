@@ -15,6 +15,7 @@ from kubechain.llm.deadline import ending_by
 from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message
 from kubechain.testing.waiting import wait_for
+from tests.unit.http_stub import StubRequest
 from tests.unit.slow_peers import HangingResolver, HeaderTricklingServer, SNIRecordingServer
 
 ClientClass = type[OpenAIClient] | type[AnthropicClient]
@@ -108,6 +109,28 @@ def test_a_proxy_that_trickles_its_headers_ends_the_call_at_the_clients_timeout(
         error = call.error_by(deadline)
         assert "no complete answer within 1s" in str(error) and not error.cut_short, error
         assert proxy.heads and proxy.heads[0].startswith(b"POST http://llm.test/v1/"), proxy.heads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_redirects_followed_end_the_call_at_the_clients_timeout_not_each_hop(
+    client_class: ClientClass, no_proxies: pytest.MonkeyPatch
+) -> None:
+    """The SDKs follow redirects (up to 20), each hop a request of its own to the transport: each was
+    given the whole timeout afresh, and an endpoint redirecting to itself, a little under half the timeout
+    each time, held the call for all twenty hops (nine times its timeout)."""
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer
+
+    def redirect_slowly(request: StubRequest) -> StubAnswer:
+        threading.Event().wait(0.45)  # the slow endpoint, not a wait of the test's
+        return StubAnswer(status=307, headers={"Location": request.path})
+
+    with StubHTTPServer(redirect_slowly) as server:
+        client = client_class("sk-test", 1, base_url(client_class, server.url))
+        deadline = time.monotonic() + 1.0
+        error = CallInAThread(client).error_by(deadline)
+        assert "no complete answer within 1s" in str(error) and not error.cut_short, error
+        assert len(server.requests) <= 3, [request.path for request in server.requests]
 
 
 def test_every_pool_of_the_sdks_clients_makes_its_connections_under_the_deadline(
