@@ -195,6 +195,8 @@ class _DeadlineBackend:
             raise self._errors.connect_timeout(str(exc)) from None
         except OSError as exc:  # the name does not resolve: said as the inner backend says it
             raise self._errors.connect_error(str(exc)) from exc
+        except UnicodeError as exc:  # a label over 63 characters, or empty: getaddrinfo's IDNA encoding
+            raise self._errors.connect_error(f"{host} is not a valid host name: {exc}") from exc
         if not addresses:  # getaddrinfo raises rather than answer none, but an NSS module may not
             raise self._errors.connect_error(f"{host} resolved to no address")
         options = None if socket_options is None else list(socket_options)  # used once per address

@@ -165,6 +165,22 @@ def test_a_name_that_resolves_to_no_address_is_a_tool_error_that_says_so(
     )
 
 
+@pytest.mark.parametrize(
+    "host", ["a" * 64 + ".example", "api..example"], ids=["label-too-long", "empty-label"]
+)
+def test_a_host_name_that_cannot_be_resolved_as_written_is_a_tool_error_that_says_so(host: str) -> None:
+    """getaddrinfo refuses a name with a label over 63 characters or an empty one with a UnicodeError (its
+    IDNA encoding), no OSError: it escaped the call as a surprise, logged with its traceback, and the
+    tool call said "failed unexpectedly"."""
+    with pytest.raises(ToolError) as raised:
+        call_external_api(f"http://{host}/x", "POST", {}, None, timeout_s=10.0)
+    said = str(raised.value)
+    assert said.startswith(f"POST http://{host}/x failed: ConnectError: {host} is not a valid host name: "), (
+        said
+    )
+    assert "label empty or too long" in said, said
+
+
 def test_the_deadline_covers_the_connections_made_through_a_proxy_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
