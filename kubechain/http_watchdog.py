@@ -139,7 +139,13 @@ class _DeadlineStream:
     def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> _DeadlineStream:
-        left = _time_left(timeout, self._errors.connect_timeout)
+        try:
+            left = _time_left(timeout, self._errors.connect_timeout)
+        except self._errors.connect_timeout:
+            # closed here, as the inner stream closes itself when its handshake fails: httpcore does not
+            # close a connection whose start_tls raised
+            self._inner.close()
+            raise
         return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left), self._errors)
 
     def get_extra_info(self, info: str) -> Any:
