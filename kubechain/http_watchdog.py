@@ -5,17 +5,22 @@ server that sends a little just before each read would time out holds the caller
 timeout past its deadline. For a call made under a claim (an LLM turn, a tool call) that is past the
 claim, and another worker makes the call again. The same holds before the answer: a server that
 trickles its status line and headers, or a slow TLS handshake, is read one timed read after another; and
-resolving the host's name (getaddrinfo, which no socket timeout reaches) is not timed at all.
+resolving the host's name (getaddrinfo, which no socket timeout reaches) is not timed at all. Every wait is
+given the time left, and the socket waited on is shut down at the deadline (by one thread for all,
+``_Shutter``), which ends a call made of many waits (TLS inside an https:// proxy's) too.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,26 +36,93 @@ from kubechain.name_resolution import ResolutionTimedOut, addresses_by, is_addre
 log = logging.getLogger(__name__)
 
 
-def shut_at(extensions: Mapping[str, Any], deadline: float) -> threading.Timer | None:
-    """A timer that shuts down, at ``deadline`` (monotonic), the connection an httpx response (given by
-    its ``extensions``) is read from: a read blocked on it returns at once, in whatever thread it waits.
+class ShutAtDeadline:
+    """A socket to be shut down at a deadline, unless cancelled first (``cancel``)."""
+
+    __slots__ = ("deadline", "sock", "cancelled", "fired")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.deadline = deadline
+        self.sock = sock
+        self.cancelled = False
+        self.fired = False  # shut down at its deadline
+
+    def cancel(self) -> bool:
+        """Not to be shut down (any more); whether it was, at its deadline."""
+        return _shutter.cancel(self)
+
+
+class _Shutter:
+    """One thread that shuts sockets down at their deadlines (a heap of them): a wait blocked on one, in
+    whatever thread, returns at once. Cheap enough for every wait of a request (a lock and a heap push),
+    where a timer would be a thread each."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._changed = threading.Condition()
+        self._due: list[tuple[float, int, ShutAtDeadline]] = []
+        self._order = itertools.count()  # ties broken in order, never by comparing the watches
+        self._cancelled = 0  # cancelled watches still in the heap
+        self._started_in: int | None = None  # the process the thread runs in (none in a fork's child)
+
+    def watch(self, sock: socket.socket, deadline: float) -> ShutAtDeadline:
+        watch = ShutAtDeadline(sock, deadline)
+        with self._changed:
+            if self._started_in != os.getpid():
+                self._started_in = os.getpid()
+                threading.Thread(target=self._shut_when_due, name="shut at deadline", daemon=True).start()
+            heapq.heappush(self._due, (deadline, next(self._order), watch))
+            if self._due[0][2] is watch:
+                self._changed.notify()  # sooner than what the thread waits for
+        return watch
+
+    def cancel(self, watch: ShutAtDeadline) -> bool:
+        with self._changed:
+            if not watch.cancelled and not watch.fired:
+                watch.cancelled = True
+                self._cancelled += 1
+                # most watches are cancelled long before they are due: dropped once they are most of the
+                # heap, which would otherwise hold every request's until its deadline
+                if self._cancelled > 64 and self._cancelled * 2 > len(self._due):
+                    self._due = [due for due in self._due if not due[2].cancelled]
+                    heapq.heapify(self._due)
+                    self._cancelled = 0
+            return watch.fired
+
+    def _shut_when_due(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._due and self._due[0][0] <= now:
+                    _, _, watch = heapq.heappop(self._due)
+                    if watch.cancelled:
+                        self._cancelled -= 1
+                        continue
+                    watch.fired = True
+                    try:
+                        # the plain socket's: an SSLSocket's own would drop its TLS object under the
+                        # reading thread
+                        socket.socket.shutdown(watch.sock, socket.SHUT_RDWR)
+                    except OSError:
+                        pass  # already closed: the request ended meanwhile
+                self._changed.wait(self._due[0][0] - now if self._due else None)
+
+
+_shutter = _Shutter()
+os.register_at_fork(after_in_child=_shutter._reset)  # a fork's child has no thread, and maybe a held lock
+
+
+def shut_at(extensions: Mapping[str, Any], deadline: float) -> ShutAtDeadline | None:
+    """Shuts down, at ``deadline`` (monotonic), the connection an httpx response (given by its
+    ``extensions``) is read from: a read blocked on it returns at once, in whatever thread it waits.
     Cancel it when the answer was read. None if the connection's socket is not known."""
     stream = extensions.get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
     if not isinstance(sock, socket.socket):
         return None
-
-    def shut() -> None:
-        try:
-            # the plain socket's: an SSLSocket's own would drop its TLS object under the reading thread
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed: the request ended meanwhile
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
-    timer.daemon = True
-    timer.start()
-    return timer
+    return _shutter.watch(sock, deadline)
 
 
 # The latest (time.monotonic()) the network I/O of the current request may end: set around a request by
@@ -118,17 +190,32 @@ class _NetworkStream(Protocol):
     def get_extra_info(self, info: str) -> Any: ...
 
 
+_Done = TypeVar("_Done")
+
+
 class _DeadlineStream:
     """A connection whose every wait ends by the deadline of the request using it (a pooled connection
     serves one request after another, each with its own deadline). An httpcore NetworkStream by its
-    methods, for httpcore's pools and httpcore2's alike."""
+    methods, for httpcore's pools and httpcore2's alike.
+
+    Each call is given the time left as its timeout, and its socket is shut down at the deadline if the
+    call still waits then: httpcore's calls may wait many times, each for the whole timeout. A TLS
+    connection inside another (to an https:// origin through an https:// proxy) is httpcore's own, over
+    the outer TLS socket: its handshake, and each read of it, is one timed recv after another, where
+    Python's TLS has one deadline for a whole handshake or read."""
 
     def __init__(self, inner: _NetworkStream, errors: _CoreErrors) -> None:
         self._inner = inner
         self._errors = errors
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _time_left(timeout, self._errors.read_timeout))
+        left = _time_left(timeout, self._errors.read_timeout)
+        data, shut = self._ending_by_deadline(
+            lambda: self._inner.read(max_bytes, left), self._errors.read_timeout
+        )
+        if shut and not data:  # the end of the stream the shutdown made, not the server's
+            raise self._errors.read_timeout("the request's deadline has passed")
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, _time_left(timeout, self._errors.write_timeout))
@@ -146,10 +233,33 @@ class _DeadlineStream:
             # close a connection whose start_tls raised
             self._inner.close()
             raise
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, left), self._errors)
+        # shut as the handshake ended: the next call is past the deadline, a timeout, and httpcore closes
+        # the connection then
+        secured, _ = self._ending_by_deadline(
+            lambda: self._inner.start_tls(ssl_context, server_hostname, left), self._errors.connect_timeout
+        )
+        return _DeadlineStream(secured, self._errors)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+    def _ending_by_deadline(self, wait: Callable[[], _Done], overdue: type[Exception]) -> tuple[_Done, bool]:
+        """``wait()``, a call of the inner stream, with its socket shut down at the deadline if it still
+        waits then: what it returned, and whether the socket was shut (as it returned). ``overdue`` if it
+        raised after the shutdown: what the call met then, a closed connection, is said as the timeout
+        it is."""
+        deadline = _IO_ENDS_BY.get()
+        sock = self._inner.get_extra_info("socket") if deadline is not None else None
+        if deadline is None or not isinstance(sock, socket.socket):
+            return wait(), False
+        watch = _shutter.watch(sock, deadline)
+        try:
+            done = wait()
+        except Exception as exc:
+            if watch.cancel():
+                raise overdue("the request's deadline has passed") from exc
+            raise
+        return done, watch.cancel()
 
 
 class _NetworkBackend(Protocol):

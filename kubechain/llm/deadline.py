@@ -13,7 +13,6 @@ connection that does not open ends at the deadline too."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import httpx2
 
-from kubechain.http_watchdog import end_io_by_deadline, io_ending_by, shut_at
+from kubechain.http_watchdog import ShutAtDeadline, end_io_by_deadline, io_ending_by, shut_at
 from kubechain.llm.base import LLMError
 
 # An answer is read into memory whole and parsed: one past this (hundreds of MB from whatever endpoint an
@@ -85,7 +84,7 @@ class _DeadlineStream(httpx2.SyncByteStream):
         deadline: float,
         total_s: float,
         request: httpx2.Request,
-        watchdog: threading.Timer | None = None,
+        watchdog: ShutAtDeadline | None = None,
     ):
         self._inner = inner
         self._deadline = deadline

@@ -1,6 +1,6 @@
 """Peers that hold an HTTP client up, for deadline tests: a server that trickles its headers and never ends
-them, a resolver that does not answer for one name, and a TLS server that records the name a client asks
-for (SNI)."""
+them, a resolver that does not answer for one name, a TLS server that records the name a client asks
+for (SNI), and an https:// proxy that trickles the TLS handshake of the tunnel it opens."""
 
 from __future__ import annotations
 
@@ -151,6 +151,64 @@ class SNIRecordingServer:
                 pass  # the client refused the certificate: the name was recorded before
 
     def __enter__(self) -> SNIRecordingServer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._listener.close()
+
+
+class TLSTricklingProxy:
+    """An https:// proxy (TLS with its client, under a certificate of the CA written to ``pki`` as
+    ``ca.crt``, for 127.0.0.1) that opens the tunnel a CONNECT asks for, and then plays the tunnelled
+    server's part of the TLS handshake a byte every ``interval_s``, for up to a minute: the header of a
+    16 KiB handshake record, then its content, which never ends. ``targets``: each CONNECT's host:port;
+    ``hung_up`` is set once a client closed its connection mid-trickle. A context manager."""
+
+    def __init__(self, pki: Path, interval_s: float = 0.1) -> None:
+        from kubechain.testing.controlplane import _write_pki
+
+        _write_pki(pki)
+        self.ca = pki / "ca.crt"
+        self.interval_s = interval_s
+        self.targets: list[str] = []
+        self.hung_up = threading.Event()
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(pki / "apiserver.crt", pki / "apiserver.key")
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._tunnel, args=(connection,), daemon=True).start()
+
+    def _tunnel(self, connection: socket.socket) -> None:
+        try:
+            connection.settimeout(30)
+            with self._context.wrap_socket(connection, server_side=True) as client:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                self.targets.append(head.split(b" ", 2)[1].decode())
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                client.recv(65536)  # the tunnelled ClientHello
+                record = b"\x16\x03\x03\x40\x00" + bytes(16384)  # a handshake record, 16 KiB
+                for offset in range(min(len(record), int(60 / self.interval_s))):
+                    client.sendall(record[offset : offset + 1])
+                    time.sleep(self.interval_s)
+        except OSError:
+            self.hung_up.set()
+
+    def __enter__(self) -> TLSTricklingProxy:
         return self
 
     def __exit__(

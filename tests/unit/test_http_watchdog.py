@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from typing import Any
@@ -48,3 +49,16 @@ def test_a_connection_whose_deadline_passed_before_its_tls_handshake_is_closed()
         stream.start_tls(ssl.create_default_context(), "llm.test", 30)
     assert not inner.tls_started
     assert inner.closed
+
+
+def test_watches_cancelled_before_their_deadline_are_not_kept_until_it() -> None:
+    """Every wait of every request is watched, most for far less than their deadline (a claim's minutes):
+    the cancelled ones must not pile up in the shutter's heap until they are due."""
+    from kubechain.http_watchdog import _shutter
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        far = time.monotonic() + 3600
+        for _ in range(10_000):
+            assert _shutter.watch(ours, far).cancel() is False
+        assert len(_shutter._due) <= 200, len(_shutter._due)

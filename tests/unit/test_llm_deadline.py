@@ -16,7 +16,12 @@ from kubechain.llm.openai_provider import OpenAIClient
 from kubechain.models import Message
 from kubechain.testing.waiting import wait_for
 from tests.unit.http_stub import StubRequest
-from tests.unit.slow_peers import HangingResolver, HeaderTricklingServer, SNIRecordingServer
+from tests.unit.slow_peers import (
+    HangingResolver,
+    HeaderTricklingServer,
+    SNIRecordingServer,
+    TLSTricklingProxy,
+)
 
 ClientClass = type[OpenAIClient] | type[AnthropicClient]
 CLIENTS = [pytest.param(OpenAIClient, id="openai"), pytest.param(AnthropicClient, id="anthropic")]
@@ -131,6 +136,26 @@ def test_redirects_followed_end_the_call_at_the_clients_timeout_not_each_hop(
         error = CallInAThread(client).error_by(deadline)
         assert "no complete answer within 1s" in str(error) and not error.cut_short, error
         assert len(server.requests) <= 3, [request.path for request in server.requests]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client_class", CLIENTS)
+def test_an_https_proxy_trickling_the_tunnelled_tls_handshake_ends_the_call_when_its_claim_runs_out(
+    client_class: ClientClass, no_proxies: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
+) -> None:
+    """Through an https:// proxy, the LLM's TLS runs inside the proxy's: httpcore does that handshake (and
+    each read after it) over the outer TLS socket, one timed recv after another, where Python's own
+    handshake has one deadline for the whole. A proxy passing the handshake on a byte at a time, each well
+    under the read timeout, held the call past its claim."""
+    with TLSTricklingProxy(tmp_path) as proxy:  # type: ignore[arg-type]
+        no_proxies.setenv("HTTPS_PROXY", proxy.url)
+        no_proxies.setenv("SSL_CERT_FILE", str(proxy.ca))  # the proxy's certificate trusted
+        client = client_class("sk-test", 30, base_url(client_class, "https://llm.test"))
+        deadline = time.monotonic() + 1.0
+        error = CallInAThread(client, ends_by=deadline).error_by(deadline)
+        assert error.cut_short and "claim on the call ran out" in str(error), error
+        assert proxy.targets == ["llm.test:443"], proxy.targets
+        wait_for(proxy.hung_up.is_set, 30, what="the proxy to find the connection closed")
 
 
 def test_every_pool_of_the_sdks_clients_makes_its_connections_under_the_deadline(
