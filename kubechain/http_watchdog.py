@@ -202,7 +202,8 @@ class _DeadlineStream:
     call still waits then: httpcore's calls may wait many times, each for the whole timeout. A TLS
     connection inside another (to an https:// origin through an https:// proxy) is httpcore's own, over
     the outer TLS socket: its handshake, and each read of it, is one timed recv after another, where
-    Python's TLS has one deadline for a whole handshake or read."""
+    Python's TLS has one deadline for a whole handshake or read; and a write is one timed send after
+    another, on any connection."""
 
     def __init__(self, inner: _NetworkStream, errors: _CoreErrors) -> None:
         self._inner = inner
@@ -218,7 +219,10 @@ class _DeadlineStream:
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _time_left(timeout, self._errors.write_timeout))
+        # httpcore sends the buffer piece by piece, each send given the whole timeout: a peer reading a
+        # little before each would time out holds the write for as long as the buffer lasts
+        left = _time_left(timeout, self._errors.write_timeout)
+        self._ending_by_deadline(lambda: self._inner.write(buffer, left), self._errors.write_timeout)
 
     def close(self) -> None:
         self._inner.close()

@@ -1,6 +1,7 @@
 """Peers that hold an HTTP client up, for deadline tests: a server that trickles its headers and never ends
 them, a resolver that does not answer for one name, a TLS server that records the name a client asks
-for (SNI), and an https:// proxy that trickles the TLS handshake of the tunnel it opens."""
+for (SNI), an https:// proxy that trickles the TLS handshake of the tunnel it opens, and a server that
+reads what it is sent a little at a time."""
 
 from __future__ import annotations
 
@@ -209,6 +210,52 @@ class TLSTricklingProxy:
             self.hung_up.set()
 
     def __enter__(self) -> TLSTricklingProxy:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._listener.close()
+
+
+class SlowReadingServer:
+    """Accepts connections with a receive buffer of a few KiB and reads from each ``piece`` bytes every
+    ``interval_s`` (each read well under any write timeout), for up to a minute: a client writing more
+    than its buffers hold waits on it send after send. ``received``: the bytes read in all. A context
+    manager."""
+
+    def __init__(self, piece: int = 4096, interval_s: float = 0.2) -> None:
+        self.piece = piece
+        self.interval_s = interval_s
+        self.received = 0
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # taken on by each connection
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._read_slowly, args=(connection,), daemon=True).start()
+
+    def _read_slowly(self, connection: socket.socket) -> None:
+        with connection:
+            for _ in range(int(60 / self.interval_s)):
+                try:
+                    data = connection.recv(self.piece)
+                except OSError:
+                    return
+                if not data:
+                    return
+                self.received += len(data)
+                time.sleep(self.interval_s)
+
+    def __enter__(self) -> SlowReadingServer:
         return self
 
     def __exit__(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
 import httpcore
 import pytest
 
-from kubechain.http_watchdog import _HTTPCORE_ERRORS, _DeadlineStream, io_ending_by
+from kubechain.http_watchdog import _HTTPCORE_ERRORS, _DeadlineBackend, _DeadlineStream, io_ending_by
 
 
 class RecordingStream:
@@ -62,3 +63,36 @@ def test_watches_cancelled_before_their_deadline_are_not_kept_until_it() -> None
         for _ in range(10_000):
             assert _shutter.watch(ours, far).cancel() is False
         assert len(_shutter._due) <= 200, len(_shutter._due)
+
+
+@pytest.mark.slow
+def test_a_write_to_a_peer_that_reads_slowly_ends_at_the_deadline() -> None:
+    """httpcore writes a buffer send after send, each given the whole timeout: a peer reading a few KiB
+    before each would time out (an API, an LLM endpoint or a proxy taking a large request slowly) held
+    the write, and the call, past its deadline."""
+    from tests.unit.slow_peers import SlowReadingServer
+
+    backend = _DeadlineBackend(httpcore.SyncBackend(), _HTTPCORE_ERRORS)
+    small_send_buffer = [(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)]  # a buffer the peer fills at once
+    outcome: list[BaseException | None] = []
+    with SlowReadingServer() as server:
+        deadline = time.monotonic() + 1.0
+
+        def write() -> None:
+            with io_ending_by(deadline):
+                stream = backend.connect_tcp("127.0.0.1", server.port, 30, socket_options=small_send_buffer)
+                try:
+                    stream.write(bytes(1024 * 1024), 30)  # some fifty seconds' reading
+                    outcome.append(None)
+                except httpcore.WriteTimeout as exc:
+                    outcome.append(exc)
+                finally:
+                    stream.close()
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(timeout=max(0.0, deadline + 10 - time.monotonic()))  # a bound on a hang, not a target
+        assert not writer.is_alive(), "the write was still running 10s past its deadline"
+    (error,) = outcome
+    assert isinstance(error, httpcore.WriteTimeout), error
+    assert 0 < server.received < 1024 * 1024
