@@ -89,7 +89,28 @@ def validate(ctx: WorkerContext, message: ResourceMessage) -> None:
     if handler is None:
         log.warning("no validator for kind %s", message.kind)
         return
-    retry_on_conflict(lambda: handler(ctx, message))
+    try:
+        retry_on_conflict(lambda: handler(ctx, message))
+    except NotFound:
+        # An object deleted while it was checked (an MCP server or LLM provider slow to answer): its status
+        # write is answered 404. Nothing to record and nobody's fault, so no traceback; any other 404
+        # (the object is still there) is one.
+        if not _deleted(ctx, message):
+            raise
+        log.info(
+            "%s %s/%s was deleted while it was validated: nothing to record",
+            message.kind,
+            message.namespace,
+            message.name,
+        )
+
+
+def _deleted(ctx: WorkerContext, message: ResourceMessage) -> bool:
+    try:
+        ctx.kube.get(VALIDATED_KINDS[message.kind], message.namespace, message.name)
+    except NotFound:
+        return True
+    return False
 
 
 def _write(ctx: WorkerContext, obj: R, transition: Transition | None) -> R:
@@ -213,6 +234,10 @@ def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> Non
 
     handler(ctx, message)
 
+
+VALIDATED_KINDS: dict[str, type[Resource[Any, Any]]] = {
+    model.KIND: model for model in (LLM, Tool, Agent, Task, MCPServer, ContactChannel)
+}
 
 VALIDATORS = {
     "LLM": validate_llm,

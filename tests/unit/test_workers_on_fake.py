@@ -28,7 +28,7 @@ from tests.unit.test_agent_validation import MALFORMED_URLS, WELL_FORMED_URLS
 from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
-from workers.validators import validate
+from workers.validators import VALIDATED_KINDS, VALIDATORS, validate
 
 ADD_TOOL = {
     "name": "add",
@@ -750,6 +750,41 @@ def test_a_validation_that_fails_says_why_in_one_log_line_without_the_secret(
         name,
     )
     assert "sk-test" not in caplog.text
+
+
+class ToolListAfterADeletion:
+    """An MCP manager (what validate_mcpserver uses of one) whose server's tool list comes back after the
+    MCPServer was deleted, as from a server slow to list its tools."""
+
+    def __init__(self, kube: FakeKubeClient) -> None:
+        self.kube = kube
+
+    def check_command(self, server: Any) -> None:
+        pass
+
+    def list_tools(self, server: Any) -> list[Any]:
+        self.kube.delete("mcpservers", server.namespace, server.name)
+        return []
+
+
+@pytest.mark.parametrize("kind", ["LLM", "MCPServer"])
+def test_an_object_deleted_while_its_check_runs_ends_its_validation_quietly(
+    caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """The status write of an object deleted meanwhile is answered 404: that ended the task in a
+    traceback in the worker's log (and a task counted as an error) for what is nobody's fault."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    llm.validate_credentials = lambda: kube.delete("llms", "default", "gpt-4o")  # type: ignore[method-assign]
+    ready_agent_setup(kube)
+    create(kube, "MCPServer", "mcpservers", "slow", {"transport": "http", "url": "http://mcp.invalid/mcp"})
+    ctx = context(kube, llm)
+    ctx.mcp = ToolListAfterADeletion(kube)
+    with caplog.at_level(logging.INFO):
+        validate(ctx, message(kind, "gpt-4o" if kind == "LLM" else "slow"))
+    assert not kube.events(), "nothing recorded of a deleted object"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert set(VALIDATED_KINDS) == set(VALIDATORS), "each validated kind is looked for when a 404 ends it"
 
 
 def test_huge_tool_results_are_truncated_and_an_oversized_window_fails_clearly() -> None:
