@@ -179,6 +179,7 @@ def build_context(
     calls to come. Without it (a checks worker), an MCPServer's validation connects, lists the tools and
     closes: its stdio server does not keep running in a pod sized for no such children."""
     from kubechain.mcp import MCPManager, kube_secret_resolver
+    from kubechain.mcp.presence import kube_server_lister
     from workers.mcpservers import ToolsChangedRevalidator  # it imports this module
 
     kube = KubeClient.from_settings(settings, "kubechain-worker")
@@ -202,8 +203,10 @@ def build_context(
             call_budget_s=settings.tool_execution_cap_s,
             command_allowlist=settings.mcp_command_allowlist,
             max_message_bytes=settings.mcp_max_message_bytes,
-            # its sessions stay open: a server's tool list changing under one is validated again
+            # its sessions stay open: a server's tool list changing under one is validated again, and one
+            # deleted or edited is closed (no message reaches every worker that used it)
             on_tools_changed=ToolsChangedRevalidator(enqueue),
+            list_servers=kube_server_lister(kube, settings.namespaces),
         )
         if runs_tools
         else None,

@@ -13,7 +13,9 @@ or if the server is declared idempotent (``spec.idempotent``); otherwise MCPErro
 Idle sessions close: every process that used an MCPServer holds a session (a stdio child with the
 server's secrets in its environment), and no message reaches every process when the MCPServer is deleted
 or stops being used (a tool call that finds it deleted disconnects it; nothing else may name it again). A
-session unused for ``idle_timeout_s`` is closed; the next call reconnects.
+session unused for ``idle_timeout_s`` is closed; the next call reconnects. Given ``list_servers``, the
+manager also asks every ``sweep_interval_s`` whether the MCPServers of its sessions are still there as they
+were, and closes the session of one deleted, replaced or edited (kubechain.mcp.presence).
 
 Tool-list changes: a session that hears its server's tool list changed tells ``on_tools_changed``
 (namespace, name), on a thread of its own: the callback may block, the loop is every session's.
@@ -33,6 +35,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubechain.mcp.common import DEFAULT_MAX_MESSAGE_BYTES, MCPError, MCPToolResult
+from kubechain.mcp.presence import (
+    SWEEP_INTERVAL_S,
+    ServedServer,
+    ServerLister,
+    served,
+    sessions_to_close,
+    still_served,
+)
 from kubechain.mcp.spec import ResolvedSpec, SecretResolver, command_problem, env_problem, resolve_spec
 from kubechain.mcp.tool_list import scrubbed_tools
 from kubechain.models import MCPServer, MCPTool
@@ -75,12 +85,17 @@ class MCPManager:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         on_tools_changed: Callable[[str, str], None] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        list_servers: ServerLister | None = None,
+        sweep_interval_s: float | None = None,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
         name)``: a session heard that its server's tool list changed (called on a thread of its own, in
         order; notices for a server whose call has not started yet are merged into it; what it raises is
         logged). Without it sessions do not listen for that. ``max_message_bytes``: the longest message
-        read from a server (a tool's result): a call whose answer is longer fails saying so."""
+        read from a server (a tool's result): a call whose answer is longer fails saying so.
+        ``list_servers``: the MCPServers there are (kubechain.mcp.presence.kube_server_lister), asked on a
+        thread of its own every ``sweep_interval_s`` (default SWEEP_INTERVAL_S) while sessions are open;
+        without it only a deletion a call or a validation finds closes a session before its idle timeout."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
@@ -91,6 +106,9 @@ class MCPManager:
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_message_bytes = max_message_bytes
         self._on_tools_changed = on_tools_changed
+        self._list_servers = list_servers
+        self.sweep_interval_s = float(SWEEP_INTERVAL_S if sweep_interval_s is None else sweep_interval_s)
+        self._sweeps: concurrent.futures.ThreadPoolExecutor | None = None  # the list's thread (blocking I/O)
         # One thread, started with the loop: notices are passed on in the order they came.
         self._tools_changed_calls: concurrent.futures.ThreadPoolExecutor | None = None
         # The servers with a call queued and not started: a chatty server whose callback is blocked (a
@@ -128,9 +146,10 @@ class MCPManager:
         """The server's tools (connecting if needed), with their full input schemas."""
         resolved = self._resolve(server)
         key = (server.namespace, server.name)
+        serves = served(server, time.monotonic())
         budget = 4 * self.connect_timeout_s + 10
         tools = self._run(
-            lambda: self._alist_tools(key, resolved),
+            lambda: self._alist_tools(key, resolved, serves),
             budget,
             f"listing tools of MCP server {_label(key)}",
             resolved,
@@ -155,6 +174,7 @@ class MCPManager:
         the longest the whole call may take, if shorter than this manager's budget (its claim's time left)."""
         resolved = resolved if resolved is not None else self._resolve(server)
         key = (server.namespace, server.name)
+        serves = served(server, time.monotonic())
         idempotent = bool(server.spec.idempotent)
         own = 2 * (2 * self.connect_timeout_s + self.call_timeout_s) + 10
         if self.call_budget_s is not None:
@@ -163,7 +183,7 @@ class MCPManager:
         deadline = time.monotonic() + budget
         attempts: list[Attempt] = []  # one a tools/call handed to a session, to tell if one may have run
         return self._run(
-            lambda: self._acall_tool(key, resolved, idempotent, tool, arguments, deadline, attempts),
+            lambda: self._acall_tool(key, resolved, serves, idempotent, tool, arguments, deadline, attempts),
             budget,
             f'calling tool "{tool}" on MCP server {_label(key)}',
             resolved,
@@ -212,6 +232,8 @@ class MCPManager:
         if self._tools_changed_calls is not None:
             # not waiting: a callback stuck on a broker that is down must not hold up the close
             self._tools_changed_calls.shutdown(wait=False, cancel_futures=True)
+        if self._sweeps is not None:
+            self._sweeps.shutdown(wait=False, cancel_futures=True)  # a list in flight ends by its timeout
         _live_managers.discard(self)
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -239,6 +261,14 @@ class MCPManager:
                 loop.call_soon_threadsafe(
                     lambda: loop.create_task(self._close_idle_sessions()), context=detached_context()
                 )
+                if self._list_servers is not None:
+                    self._sweeps = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="kubechain-mcp-sweep"
+                    )
+                    loop.call_soon_threadsafe(
+                        lambda: loop.create_task(self._close_sessions_of_changed_servers()),
+                        context=detached_context(),
+                    )
                 self._loop, self._thread = loop, thread
                 _live_managers.add(self)
             return self._loop
@@ -286,14 +316,19 @@ class MCPManager:
 
     # -- on the loop -------------------------------------------------------------------------------
 
-    async def _session_for(self, key: Key, resolved: ResolvedSpec) -> tuple[Session, bool]:
-        """The live session for this spec, connecting one if needed; (session, freshly connected)."""
+    async def _session_for(
+        self, key: Key, resolved: ResolvedSpec, serves: ServedServer
+    ) -> tuple[Session, bool]:
+        """The live session for this spec, connecting one if needed; (session, freshly connected).
+        ``serves``: the MCPServer as the caller read it, which the session is kept for."""
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         arrived = self._last_used[key] = time.monotonic()
         self._key_users[key] = self._key_users.get(key, 0) + 1  # its lock is not forgotten meanwhile
         try:
             async with lock:
-                return await self._locked_session_for(key, resolved, arrived)
+                session, fresh = await self._locked_session_for(key, resolved, arrived)
+                session.serves = still_served(session.serves, serves)
+                return session, fresh
         finally:
             self._key_users[key] -= 1
             if not self._key_users[key]:
@@ -393,6 +428,35 @@ class MCPManager:
                     self._last_used.pop(key, None)
             self._forget_unused_keys()
 
+    async def _close_sessions_of_changed_servers(self) -> None:
+        """Every ``sweep_interval_s`` while sessions are open: one list of their MCPServers (on its own
+        thread), then each session whose server is gone, replaced or edited is retired (it stops once the
+        calls in flight on it are done; the next call makes a new one). A list that fails closes nothing:
+        the idle timeout is left."""
+        assert self._list_servers is not None and self._sweeps is not None
+        lister, thread = self._list_servers, self._sweeps
+        failing = False
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            namespaces = frozenset(key[0] for key in self._sessions)
+            if not namespaces:
+                continue  # no session: no request
+            listed_from = time.monotonic()
+            try:
+                listed = await asyncio.get_running_loop().run_in_executor(thread, lister, namespaces)
+            except Exception as exc:  # noqa: BLE001 - the API server down, a namespace not granted
+                (log.debug if failing else log.warning)(
+                    "cannot tell whether the MCPServers of this worker's sessions still exist: %s", exc
+                )
+                failing = True
+                continue
+            failing = False
+            # The sessions as they are now (some may have been replaced while the list was made).
+            sessions = {key: s.serves for key, s in self._sessions.items() if s.serves is not None}
+            for key, why in sessions_to_close(sessions, listed, listed_from):
+                log.info("MCP server %s: closing its session: %s", _label(key), why)
+                self._retire(key, self._sessions[key])
+
     def _forget_unused_keys(self) -> None:
         """Forget the lock, last use and connect failure of each server with no session and no caller (one
         that never connected, was deleted or went idle): kept, they grew with every server ever asked for.
@@ -419,11 +483,11 @@ class MCPManager:
         self._retiring.discard(session)
         self._starting.discard(session)
 
-    async def _alist_tools(self, key: Key, resolved: ResolvedSpec) -> list[Any]:
+    async def _alist_tools(self, key: Key, resolved: ResolvedSpec, serves: ServedServer) -> list[Any]:
         from kubechain.mcp.session import ConnectionLost, describe_error
 
         for attempt in (1, 2):
-            session, fresh = await self._session_for(key, resolved)
+            session, fresh = await self._session_for(key, resolved, serves)
             if fresh:
                 return list(session.tools)
             try:
@@ -445,6 +509,7 @@ class MCPManager:
         self,
         key: Key,
         resolved: ResolvedSpec,
+        serves: ServedServer,
         idempotent: bool,
         tool: str,
         arguments: dict[str, Any],
@@ -459,7 +524,7 @@ class MCPManager:
 
         label = _label(key)
         for attempt in (1, 2):
-            session, fresh = await self._session_for(key, resolved)
+            session, fresh = await self._session_for(key, resolved, serves)
             timeout = self.call_timeout_s
             try:
                 if tool not in {t.name for t in session.tools} and not fresh:

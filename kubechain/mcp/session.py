@@ -57,6 +57,7 @@ from kubechain.mcp.common import (
     MCPToolResult,
     describe_size,
 )
+from kubechain.mcp.presence import ServedServer
 from kubechain.mcp.spec import ResolvedSpec
 from kubechain.observability.logs import WithoutMCPServerData, detached_context
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
@@ -978,6 +979,8 @@ class Session:
         self.call_timeout_s = call_timeout_s
         self.client: Client | None = None
         self.tools: list[types.Tool] = []
+        # The MCPServer the session was last used for (the manager's): kept while it is there as it was.
+        self.serves: ServedServer | None = None
         self.process: Any = None  # the stdio child (anyio Process) when the spawn hook is in place
         self.dead = False  # the connection ended (or never came up)
         self.broken = False  # a request saw the connection fail: no new requests

@@ -437,3 +437,20 @@ def test_a_name_with_characters_of_a_url_names_no_object_on_the_api_server(
     with pytest.raises(NotFound):
         kube.get(Tool, namespace, name)
     assert kube.get(Tool, namespace, "x").name == "x"
+
+
+def test_list_metadata_gives_each_objects_name_uid_and_generation_over_pages(
+    kube: KubeClient, namespace: str
+) -> None:
+    for index in range(3):
+        kube.create(
+            TaskRun(
+                metadata=ObjectMeta(name=f"meta-{index}", namespace=namespace),
+                spec=TaskRunSpec(agent_ref=LocalObjectReference(name="a"), user_message="hi"),
+            )
+        )
+    first = kube.get_raw(TaskRun.PLURAL, namespace, "meta-0")["metadata"]
+    listed = kube.list_metadata(TaskRun.PLURAL, namespace, page_size=2)
+    assert sorted(meta["name"] for meta in listed) == ["meta-0", "meta-1", "meta-2"]
+    (meta,) = [meta for meta in listed if meta["name"] == "meta-0"]
+    assert (meta["namespace"], meta["uid"], meta["generation"]) == (namespace, first["uid"], 1)

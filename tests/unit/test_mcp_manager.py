@@ -2456,6 +2456,7 @@ def test_no_session_is_started_once_the_manager_is_closing() -> None:
     loop's stop then cut off, possibly leaving it running."""
     import asyncio
 
+    from kubechain.mcp.presence import ServedServer
     from kubechain.mcp.spec import ResolvedSpec
 
     closing = MCPManager(resolve_secret, call_timeout_s=5, connect_timeout_s=CONNECT_TIMEOUT_S)
@@ -2463,7 +2464,10 @@ def test_no_session_is_started_once_the_manager_is_closing() -> None:
     closing._closed = True  # as close() sets it before stopping the sessions
     try:
         started = asyncio.run_coroutine_threadsafe(
-            closing._session_for(("default", "late"), ResolvedSpec(transport="stdio", command="true")), loop
+            closing._session_for(
+                ("default", "late"), ResolvedSpec(transport="stdio", command="true"), ServedServer("", 1, 0.0)
+            ),
+            loop,
         )
         with pytest.raises(MCPError, match="the MCP manager is closed"):
             started.result(10)

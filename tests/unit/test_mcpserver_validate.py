@@ -274,6 +274,51 @@ def test_a_deleted_servers_session_closes_when_a_tool_call_names_it(
     assert not alive(pid), "its stdio child still runs"
 
 
+def test_a_tools_workers_sessions_of_servers_deleted_or_edited_close_within_a_sweep(
+    kube: FakeKubeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tools worker's session of an MCPServer deleted (its stdio child, with the server's secrets in
+    its environment) stayed open until its 15-minute idle timeout when no tool call named the server
+    again. The worker now lists its sessions' MCPServers (metadata, one list a sweep) and closes those of
+    servers gone or edited; the others are kept."""
+    import kubechain.mcp.manager as manager_module
+    from kubechain.kube.client import KubeClient, custom_path
+    from kubechain.models import MCPServer
+    from tests.unit.test_mcp_manager import alive, wait_until
+    from workers.context import build_context
+
+    monkeypatch.setattr(manager_module, "SWEEP_INTERVAL_S", 0.2, raising=False)
+    monkeypatch.setattr(KubeClient, "from_settings", classmethod(lambda cls, settings, component: kube))
+    ctx = build_context(Settings(), lambda *_: None, runs_tools=True)
+    names = ("deleted", "edited", "kept")
+    try:
+        for name in names:
+            create(kube, "MCPServer", "mcpservers", name, {"transport": "stdio", "command": TIME_SERVER})
+            ctx.mcp.list_tools(kube.get(MCPServer, "default", name))
+        pids = {name: ctx.mcp.stdio_pid("default", name) for name in names}
+        assert all(pids.values()), pids
+        before = len(kube.requests)
+
+        kube.delete("mcpservers", "default", "deleted")
+        edit = {"spec": {"args": ["--local-timezone", "UTC"]}}
+        kube.request("PATCH", custom_path("mcpservers", "default", "edited"), body=edit)
+        wait_until(
+            lambda: not alive(pids["deleted"]) and not alive(pids["edited"]),
+            15,
+            what="the sessions of the deleted and the edited server to close",
+        )
+        assert not ctx.mcp.connected("default", "deleted") and not ctx.mcp.connected("default", "edited")
+        assert ctx.mcp.connected("default", "kept") and ctx.mcp.stdio_pid("default", "kept") == pids["kept"]
+        asked = {(method, path) for method, path in kube.requests[before:]} - {
+            ("DELETE", custom_path("mcpservers", "default", "deleted")),
+            ("PATCH", custom_path("mcpservers", "default", "edited")),
+        }
+        assert asked == {("GET", custom_path("mcpservers", None))}, "one list of the cluster a sweep"
+    finally:
+        ctx.events.flush()
+        ctx.mcp.close()
+
+
 def unreachable_kubeconfig(tmp_path: Path) -> str:
     """A kubeconfig naming an API server nobody answers at (for building a worker's context)."""
     import yaml
