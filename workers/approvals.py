@@ -57,9 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The longest a HumanLayer call answered within the client's timeouts takes: they are per phase, a connect
-# then a read (a small body's write is immediate). A server that trickles its answer, each read in time,
-# takes longer still: nothing but the claim's expiry bounds that.
+# The longest a HumanLayer call takes: the client ends each request by its connect timeout plus its
+# timeout, however the server trickles its answer (HumanLayerClient.request_timeout_s).
 HUMANLAYER_CALL_S = HUMANLAYER_CONNECT_S + HUMANLAYER_TIMEOUT_S  # 15 s
 # Slack for the clock of the worker that judges the claim expired differing from the holder's.
 CLOCK_SLACK_S = 5.0

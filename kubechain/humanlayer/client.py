@@ -7,7 +7,10 @@
     GET  {base}/humanlayer/v1/contact_requests/{call_id}   ... and read the answer
 
 Every request carries ``Authorization: Bearer <ContactChannel API key>``. TLS certificates are verified and
-every request has a timeout. Errors say what went wrong without ever containing the key.
+every request ends by a deadline: its connect timeout plus its timeout, the host's name resolution, the
+headers and the body included (httpx times each read alone, and the resolution not at all: an API or a
+proxy trickling its answer, or a resolver that does not answer, held a ContactChannel's check, or an
+approval's request, without bound). Errors say what went wrong without ever containing the key.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from kubechain.http_watchdog import end_io_by_deadline, io_ending_by
 from kubechain.redaction import redact, redact_url
 
 DEFAULT_TIMEOUT_S = 10.0  # each read and write; the connect has its own, at most CONNECT_TIMEOUT_S
@@ -73,15 +78,19 @@ class HumanLayerClient:
             )
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        connect_timeout_s = min(CONNECT_TIMEOUT_S, timeout_s)
+        self.request_timeout_s = connect_timeout_s + timeout_s  # the whole of one request
         try:
-            self._http = httpx.Client(
+            http = httpx.Client(
                 base_url=self.base_url,
                 headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
-                timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
                 verify=True,
                 follow_redirects=False,
                 transport=transport,
             )
+            # (a transport given, a test's, makes no connections to bound)
+            self._http = end_io_by_deadline(http) if transport is None else http
         except (httpx.InvalidURL, ValueError) as exc:  # e.g. "http://[::1": no httpx.HTTPError
             said = redact(str(exc), [api_key])[:200]
             raise HumanLayerError(
@@ -145,10 +154,14 @@ class HumanLayerClient:
                 ) from None
             headers = {"Content-Type": "application/json"}
         try:
-            response = self._http.request(method, path, content=content, headers=headers)
+            # the headers and the body (read by request()) by the deadline, every wait on the network cut to
+            # the time left
+            with io_ending_by(time.monotonic() + self.request_timeout_s):
+                response = self._http.request(method, path, content=content, headers=headers)
         except httpx.TimeoutException as exc:
             raise HumanLayerUnavailable(
-                f"HumanLayer API did not answer in time ({where}): {type(exc).__name__}"
+                f"HumanLayer API did not answer in time ({where}, within {self.request_timeout_s:g}s): "
+                f"{type(exc).__name__}"
             ) from None
         except httpx.HTTPError as exc:
             # its text may quote the answer (a header line HTTP does not allow), which an echoing proxy

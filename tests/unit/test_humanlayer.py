@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -25,6 +29,7 @@ from kubechain.humanlayer.testserver import HumanLayerTestServer
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMResponse
 from kubechain.models import ContactChannel
+from kubechain.testing.waiting import wait_for
 from tests.unit.fakes import FakeLLM, context, create, message
 from workers.validators import validate
 
@@ -158,6 +163,89 @@ def test_unreachable_server_is_unavailable() -> None:
         pytest.raises(HumanLayerUnavailable, match="cannot reach"),
     ):
         client.get_project()
+
+
+class BodyTricklingServer:
+    """Answers with its headers at once, then one byte of a JSON body every 0.1 s for a minute."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                try:
+                    for _ in range(600):
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:
+                    pass
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peer", ["headers-trickle", "body-trickles", "resolver-hangs"])
+def test_a_request_ends_by_its_timeout_however_the_peer_holds_it_up(
+    monkeypatch: pytest.MonkeyPatch, peer: str
+) -> None:
+    """httpx times each read, and resolving the host's name not at all: a HumanLayer API (or a proxy)
+    trickling its answer, or a resolver that does not answer, held a ContactChannel's check (a thread of
+    the checks pool) or an approval's request without bound. The whole request now ends by its timeouts
+    (the connect's and the answer's, 2 s here), as an outage: the channel is Pending, and checked again."""
+    from tests.unit.slow_peers import HangingResolver, HeaderTricklingServer
+
+    with contextlib.ExitStack() as peers:
+        if peer == "headers-trickle":
+            url = peers.enter_context(HeaderTricklingServer()).url
+        elif peer == "body-trickles":
+            body = BodyTricklingServer()
+            peers.callback(body.close)
+            url = body.url
+        else:
+            resolver = peers.enter_context(HangingResolver(monkeypatch, "api.hangs.test"))
+            peers.callback(
+                lambda: wait_for(lambda: resolver.unanswered == 0, 30, what="the resolution to end")
+            )
+            peers.callback(resolver.release)
+            url = "http://api.hangs.test"
+        outcome: list[BaseException | dict[str, Any]] = []
+
+        def ask() -> None:
+            try:
+                with HumanLayerClient(url, KEY, timeout_s=1) as client:
+                    outcome.append(client.get_project())
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                outcome.append(exc)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        started = time.monotonic()
+        asking.start()
+        asking.join(timeout=12)  # a bound on a hang, not a speed target
+        assert not asking.is_alive(), f"the request ran for {time.monotonic() - started:.0f}s (timeout 1 s)"
+    (error,) = outcome
+    assert isinstance(error, HumanLayerUnavailable) and "did not answer in time" in str(error), error
+
+
+def test_an_approvals_humanlayer_call_is_bounded_as_its_claim_reckons() -> None:
+    from workers.approvals import HUMANLAYER_CALL_S
+
+    with HumanLayerClient("https://api.humanlayer.dev", KEY) as client:
+        assert client.request_timeout_s == HUMANLAYER_CALL_S
 
 
 def test_slack_and_email_payloads() -> None:
