@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Self
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubechain.models.labels import is_namespace_name, is_object_name
@@ -65,14 +65,16 @@ REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 # The largest KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: under etcd's default request limit (1.5 MiB) by what the
 # rest of a TaskRun may take.
 MAX_CONTEXT_WINDOW_BYTES = 1258291  # 1.2 MiB
-# The largest KUBECHAIN_MAX_TOOL_RESULT_BYTES (102 KiB): a limit is of UTF-8 bytes, but Go's JSON, as etcd
+# KUBECHAIN_MAX_TOOL_RESULT_BYTES is at most KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES (the configured one: each
+# result is added to its run's window) divided by this: a limit is of UTF-8 bytes, but Go's JSON, as etcd
 # stores the objects, writes "<", ">", "&", control characters, U+2028 and U+2029 in 6 bytes each, so one
 # result may take 6 times its limit stored; and a failed call writes its error twice (error and
 # statusDetail of its TaskRunToolCall). 6 x 2: such a call still fits its own object, and one result so
-# escaped takes at most half of the largest window, the rest left for the conversation. A turn's results
-# are not all bounded by it (128 calls of even 10 KB each are over the largest window): a window they take
-# past its limit fails its run as ContextWindowTooLarge, saying so.
-MAX_TOOL_RESULT_BYTES = MAX_CONTEXT_WINDOW_BYTES // 12
+# escaped takes at most half of the window, the rest left for the conversation. A turn's results are not
+# all bounded by it (128 calls of even 10 KB each are over the largest window): a window they take past
+# its limit fails its run as ContextWindowTooLarge, saying so.
+WINDOW_BYTES_PER_TOOL_RESULT_BYTE = 12
+DEFAULT_MAX_TOOL_RESULT_BYTES = 64 * 1024
 
 
 class Settings(BaseSettings):
@@ -112,10 +114,13 @@ class Settings(BaseSettings):
     tool_timeout_s: float = Field(default=120.0, gt=0)
     # A claim older than this is presumed dead (its worker crashed) and may be re-taken.
     claim_timeout_s: float = Field(default=180.0, gt=0)
-    max_tool_result_bytes: int = 64 * 1024  # bounded by _tool_result_fits_in_a_context_window
     # Measured as etcd stores the TaskRun (Go's JSON), with its spec and annotations; what the object also
-    # holds (metadata, managedFields, the rest of its status) takes the rest of etcd's 1.5 MiB.
+    # holds (metadata, managedFields, the rest of its status) takes the rest of etcd's 1.5 MiB. (Before
+    # max_tool_result_bytes, whose check reads it.)
     max_context_window_bytes: int = 1024 * 1024
+    # Bounded by the window (_tool_result_fits_in_a_context_window); unset, the default or what the window
+    # allows, whichever is smaller (_tool_result_limit_the_window_allows), not refused
+    max_tool_result_bytes: int = Field(default=DEFAULT_MAX_TOOL_RESULT_BYTES, validate_default=False)
     # Tool calls one LLM answer may ask for: each is an object, an execution and a message in every later
     # request, and a 1 MiB context window holds ~10,000 tiny ones.
     max_tool_calls_per_turn: int = Field(default=128, ge=1)
@@ -287,16 +292,30 @@ class Settings(BaseSettings):
 
     @field_validator("max_tool_result_bytes")
     @classmethod
-    def _tool_result_fits_in_a_context_window(cls, value: int) -> int:
+    def _tool_result_fits_in_a_context_window(cls, value: int, info: ValidationInfo) -> int:
         # Past this a result is let through that a run cannot store: it fails later, after the call.
-        if not 0 < value <= MAX_TOOL_RESULT_BYTES:
+        # (A window out of its own bounds is not in info.data, and is said of itself: the largest is used.)
+        window = info.data.get("max_context_window_bytes")
+        of = "" if window is not None else "the largest "
+        window = MAX_CONTEXT_WINDOW_BYTES if window is None else window
+        largest = max(1, window // WINDOW_BYTES_PER_TOOL_RESULT_BYTE)
+        if not 0 < value <= largest:
             raise ValueError(
-                f"{value} is not between 1 and {MAX_TOOL_RESULT_BYTES} (a twelfth of the largest context "
-                f"window, {MAX_CONTEXT_WINDOW_BYTES} bytes): a result may take 6 times its size as etcd "
-                "stores it, and a failed call's is stored twice; a larger one could not be stored in its "
-                "TaskRunToolCall or its run's context window"
+                f"{value} is not between 1 and {largest}, a twelfth of {of}KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES "
+                f"({window}): a result may take 6 times its size as etcd stores it, and a failed call's is "
+                "stored twice; a larger one could not be stored in its TaskRunToolCall or its run's context "
+                "window"
             )
         return value
+
+    @model_validator(mode="after")
+    def _tool_result_limit_the_window_allows(self) -> Self:
+        # A smaller window alone must not stop a process that never set the result limit: the default
+        # gives way to it instead.
+        if "max_tool_result_bytes" not in self.model_fields_set:
+            allowed = max(1, self.max_context_window_bytes // WINDOW_BYTES_PER_TOOL_RESULT_BYTE)
+            self.max_tool_result_bytes = min(DEFAULT_MAX_TOOL_RESULT_BYTES, allowed)
+        return self
 
     @model_validator(mode="after")
     def _claims_outlive_calls(self) -> Self:

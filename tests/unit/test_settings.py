@@ -94,19 +94,24 @@ def test_a_context_window_limit_etcd_cannot_store_is_refused(
     assert load_settings().max_context_window_bytes == 1258291
 
 
-@pytest.mark.parametrize("limit", ["104858", "1048576", "0"])
+@pytest.mark.parametrize("limit", ["87382", "1048576", "0"])
 def test_a_tool_result_limit_a_context_window_cannot_hold_is_refused(
     monkeypatch: pytest.MonkeyPatch, limit: str
 ) -> None:
     """A limit past what a TaskRun's window can hold let results through that failed their run later, as
-    too large to store (an API's 1 MiB answer, after the call was made)."""
+    too large to store (an API's 1 MiB answer, after the call was made). The default window (1 MiB) holds
+    results of up to 87381 bytes, the largest one (1.2 MiB) 104857."""
     monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", limit)
     with pytest.raises(SettingsInvalid) as refused:
         load_settings()
     text = str(refused.value)
     assert text.startswith(
-        f"invalid settings: KUBECHAIN_MAX_TOOL_RESULT_BYTES: {limit} is not between 1 and 104857 "
+        f"invalid settings: KUBECHAIN_MAX_TOOL_RESULT_BYTES: {limit} is not between 1 and 87381, a twelfth of "
+        "KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES (1048576): "
     ), text
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "87381")
+    assert load_settings().max_tool_result_bytes == 87381
+    monkeypatch.setenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES", str(MAX_CONTEXT_WINDOW_BYTES))
     monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "104857")
     assert load_settings().max_tool_result_bytes == 104857 == MAX_CONTEXT_WINDOW_BYTES // 12
 
@@ -146,7 +151,7 @@ def test_a_tool_result_limit_a_context_window_cannot_hold_is_refused(
         ("KUBECHAIN_STALE_AFTER_S", "0", "greater than 0"),
         ("KUBECHAIN_LLM_MAX_ATTEMPTS", "0", "greater than or equal to 1"),
         ("KUBECHAIN_LLM_BACKOFF_BASE_S", "nan", "finite number"),
-        ("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "0", "is not between 1 and 104857"),
+        ("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "0", "is not between 1 and 87381"),
         ("KUBECHAIN_MAX_DELEGATION_DEPTH", "-1", "greater than or equal to 0"),
         ("KUBECHAIN_SUB_AGENT_START_TIMEOUT_S", "0", "greater than 0"),
         ("KUBECHAIN_CONFIG_CACHE_TTL_S", "-1", "greater than or equal to 0"),
@@ -277,3 +282,28 @@ def test_mistyped_variables_are_warned_of_once_a_process(
         "KUBECHAIN_MAX_TOOL_RESULT_BYTE is not a KubeChain setting: it is ignored (did you mean "
         "KUBECHAIN_MAX_TOOL_RESULT_BYTES?)"
     ]
+
+
+def test_a_tool_result_limit_is_bounded_by_the_configured_context_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result is added to its run's window, which is KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES: a result limit
+    the largest window allows, but not the configured one, let results through that failed their run as
+    ContextWindowTooLarge after the call (a window of 64 KiB and the default 64 KiB results)."""
+    monkeypatch.setenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES", "120000")
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "60000")
+    with pytest.raises(SettingsInvalid) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        "invalid settings: KUBECHAIN_MAX_TOOL_RESULT_BYTES: 60000 is not between 1 and 10000, a twelfth of "
+        "KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES (120000): a result may take 6 times its size as etcd stores it, "
+        "and a failed call's is stored twice; a larger one could not be stored in its TaskRunToolCall or "
+        "its run's context window"
+    )
+    monkeypatch.setenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES", "10000")
+    assert load_settings().max_tool_result_bytes == 10000
+    # left unset, the limit is the default's 64 KiB or what the window allows, whichever is smaller
+    monkeypatch.delenv("KUBECHAIN_MAX_TOOL_RESULT_BYTES")
+    assert load_settings().max_tool_result_bytes == 10000
+    monkeypatch.delenv("KUBECHAIN_MAX_CONTEXT_WINDOW_BYTES")
+    assert load_settings().max_tool_result_bytes == 64 * 1024
