@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from kubechain.cli import main
-from kubechain.settings import MAX_WORKER_CONCURRENCY
+from kubechain.settings import LOG_LEVELS, MAX_WORKER_CONCURRENCY
 
 
 @main.command()
@@ -32,12 +32,21 @@ from kubechain.settings import MAX_WORKER_CONCURRENCY
     type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
 )
 @click.option("--name", "-n", default=None, help="worker node name")
-@click.option("--loglevel", default=None)
+@click.option(
+    "--loglevel",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="log level (default: KUBECHAIN_LOG_LEVEL, else INFO)",
+)
 def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel: str | None) -> None:
     """Run a worker that executes validate / prepare / llm_call / tool_call tasks."""
     check_startup("kubechain-worker")
     from workers.app import app, settings
 
+    if loglevel:
+        # the setting the worker's logging is set up from (on Celery's setup_logging signal, and here for
+        # JSON logs): given to Celery alone, the option changed nothing
+        settings.log_level = loglevel.upper()
     argv = [
         "worker",
         "--queues",
@@ -47,7 +56,7 @@ def worker(queues: str, pool: str, concurrency: int, name: str | None, loglevel:
         "--concurrency",
         str(concurrency),
         "--loglevel",
-        loglevel or settings.log_level,
+        settings.log_level,
         "--without-gossip",
         "--without-mingle",
     ]

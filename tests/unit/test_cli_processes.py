@@ -267,3 +267,35 @@ def test_a_worker_that_stops_on_an_error_exits_with_its_code(monkeypatch: pytest
         monkeypatch.setattr(workers.app.app, "Worker", Stopped)
         result = CliRunner().invoke(main, ["worker"])
         assert result.exit_code == code, result.output
+
+
+@pytest.mark.parametrize("json_logs", [True, False])
+def test_a_workers_loglevel_option_sets_its_log_level(
+    monkeypatch: pytest.MonkeyPatch, json_logs: bool
+) -> None:
+    """`kubechain worker --loglevel DEBUG` logged at KUBECHAIN_LOG_LEVEL (INFO) all the same: Celery was
+    given the level, but the worker's logging, set up on Celery's setup_logging signal, read the setting."""
+    from celery import signals
+    from click.testing import CliRunner
+
+    import workers.app
+    from kubechain.cli import main, processes
+
+    configured: list[str] = []
+    monkeypatch.setattr(workers.app.settings, "log_level", "INFO")
+    monkeypatch.setattr(workers.app.settings, "log_json", json_logs)
+    monkeypatch.setattr(workers.app, "configure_logging", lambda level, json_output: configured.append(level))
+    monkeypatch.setattr(processes, "_only_log_lines", lambda level: configured.append(level))
+    monkeypatch.setattr(processes, "check_startup", lambda component: None)
+
+    def run_celery(app: object, argv: list[str]) -> int:
+        # as Celery's worker sets its logging up: the signal, with the level it was given
+        signals.setup_logging.send(sender=None, loglevel=10, logfile=None, format="", colorize=False)
+        return 0
+
+    monkeypatch.setattr(processes, "_run_celery", run_celery)
+    result = CliRunner().invoke(main, ["worker", "--loglevel", "debug"])
+    assert result.exit_code == 0, result.output
+    assert configured and set(configured) == {"DEBUG"}, configured
+    refused = CliRunner().invoke(main, ["worker", "--loglevel", "LOUD"])
+    assert refused.exit_code == 2 and "'LOUD' is not one of" in refused.output, refused.output
