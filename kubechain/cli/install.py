@@ -104,6 +104,21 @@ def load_manifest(path: Path) -> list[dict[str, Any]]:
     return flat
 
 
+def refuse_other_namespaces(docs: list[dict[str, Any]], namespace: str, manifest: Path) -> None:
+    """As ``kubectl apply -n`` does: -n places the objects that name no namespace, and one that names
+    another is refused. The release's objects all name kubechain-system (its RBAC binds the
+    ServiceAccounts there): ``install -n team-a`` installed there without a word."""
+    for doc in docs:
+        named = (doc.get("metadata") or {}).get("namespace")
+        if named and named != namespace:
+            what = "the release manifest" if manifest == RELEASE_MANIFEST else str(manifest)
+            raise CLIError(
+                f'-n {namespace}: {what} installs into namespace "{named}" (its {doc.get("kind")} '
+                f"{doc['metadata'].get('name')} names it), which -n does not change: leave -n out, or give "
+                "a manifest for that namespace with --manifest"
+            )
+
+
 def with_image(docs: list[dict[str, Any]], image: str) -> list[dict[str, Any]]:
     """``docs`` with every container of KubeChain's image (the watcher, the workers) running ``image``
     instead: one built from this checkout and pushed to a registry the cluster pulls from."""
@@ -162,12 +177,24 @@ def install(
         crds = load_crds(crds_dir) if crds_dir.is_dir() else []
         if not crds:
             raise CLIError(f"no CRDs found in {crds_dir}")
-    if not crds_only and not manifest.is_file():
-        # say so before touching the cluster
-        raise CLIError(
-            f"release manifest {manifest} not found: nothing to deploy besides the CRDs "
-            "(use --crds-only, or --manifest PATH)"
-        )
+    docs: list[dict[str, Any]] = []
+    if not crds_only:
+        # read and checked before touching the cluster
+        if not manifest.is_file():
+            raise CLIError(
+                f"release manifest {manifest} not found: nothing to deploy besides the CRDs "
+                "(use --crds-only, or --manifest PATH)"
+            )
+        docs = load_manifest(manifest)
+        if target.namespace_given:
+            refuse_other_namespaces(docs, target.namespace, manifest)
+        if image:
+            replaced = with_image(docs, image)
+            if replaced == docs:
+                raise CLIError(
+                    f"--image: no container in {manifest} runs {RELEASE_IMAGE}; nothing would use {image}"
+                )
+            docs = replaced
     with target.connect() as kube:
         try:
             apply_crds(kube, crds)
@@ -179,14 +206,6 @@ def install(
             click.echo(f"customresourcedefinition.apiextensions.k8s.io/{crd['metadata']['name']} applied")
         if crds_only:
             return
-        docs = load_manifest(manifest)
-        if image:
-            replaced = with_image(docs, image)
-            if replaced == docs:
-                raise CLIError(
-                    f"--image: no container in {manifest} runs {RELEASE_IMAGE}; nothing would use {image}"
-                )
-            docs = replaced
         # CRDs first (and Established) so the objects after them can use the new kinds; Namespaces next.
         # (those deploy/crds already defines were applied above, from the source of truth)
         applied = {crd["metadata"]["name"] for crd in crds}

@@ -89,6 +89,8 @@ class Target:
     namespace: str
     kubeconfig: str | None
     context: str | None
+    # whether the namespace was asked for (-n), not the kubeconfig context's or default
+    namespace_given: bool = False
 
     def client(self, timeout_s: float = 30.0) -> KubeClient:
         from kubechain.kube.connection import load_connection
@@ -134,7 +136,12 @@ def kube_options(function: F) -> F:
         *args: Any, namespace: str | None, kubeconfig: str | None, context: str | None, **kwargs: Any
     ) -> Any:
         kubeconfig = kubeconfig or None
-        target = Target(namespace or context_namespace(kubeconfig, context), kubeconfig, context)
+        target = Target(
+            namespace or context_namespace(kubeconfig, context),
+            kubeconfig,
+            context,
+            namespace_given=bool(namespace),
+        )
         return function(*args, target=target, **kwargs)
 
     return wrapper  # type: ignore[return-value]

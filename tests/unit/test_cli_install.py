@@ -102,3 +102,33 @@ def test_install_says_a_crd_it_could_not_update_instead_of_applied(monkeypatch: 
     assert result.exit_code != 0, result.output
     assert "cannot apply the CRDs" in result.output and "the object has been modified" in result.output
     assert not [line for line in result.output.splitlines() if line.endswith(" applied")]
+
+
+def test_install_refuses_a_namespace_the_manifest_does_not_install_into(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kubechain install -n team-a` installed into kubechain-system, where the release's objects are, and
+    said nothing: -n only placed objects that name no namespace. As kubectl apply -n does, a namespace an
+    object names that is not -n's is refused, before the cluster is touched."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    from kubechain.cli import main
+    from kubechain.cli.resources import Target
+
+    touched: list[str] = []
+
+    class Untouched:
+        def request(self, method: str, path: str, **_: object) -> dict[str, object]:
+            touched.append(f"{method} {path}")
+            raise AssertionError("the cluster was touched")
+
+    monkeypatch.setattr(Target, "connect", lambda self, timeout_s=30.0: contextlib.nullcontext(Untouched()))
+    result = CliRunner().invoke(main, ["install", "-n", "team-a"])
+    assert result.exit_code == 1, result.output
+    assert (
+        'Error: -n team-a: the release manifest installs into namespace "kubechain-system" (its ServiceAccount '
+        "kubechain-watcher"
+    ) in result.output, result.output
+    assert touched == []
