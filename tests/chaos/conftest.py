@@ -29,7 +29,7 @@ def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
         watchers=overrides.pop("watchers", 1),
         resync_interval_s=1.0,
         stale_after_s=1.0,
-        claim_timeout_s=CLAIM_TIMEOUT_S,
+        claim_timeout_s=overrides.pop("claim_timeout_s", CLAIM_TIMEOUT_S),
         supervise=overrides.pop("supervise", False),
         extra_env={
             "KUBECHAIN_LEASE_DURATION_S": "4",
