@@ -69,8 +69,10 @@ MAX_CONTEXT_WINDOW_BYTES = 1258291  # 1.2 MiB
 # result is added to its run's window) divided by this: a limit is of UTF-8 bytes, but Go's JSON, as etcd
 # stores the objects, writes "<", ">", "&", control characters, U+2028 and U+2029 in 6 bytes each, so one
 # result may take 6 times its limit stored; and a failed call writes its error twice (error and
-# statusDetail of its TaskRunToolCall). 6 x 2: such a call still fits its own object, and one result so
-# escaped takes at most half of the window, the rest left for the conversation. A turn's results are not
+# statusDetail of its TaskRunToolCall). 6 x 2: such a call still fits its own object (its arguments aside:
+# they may be as large as the window, and a result refused beside them ends the call saying so, see
+# plan_outcome_too_large), and one result so escaped takes at most half of the window, the rest left for
+# the conversation. A turn's results are not
 # all bounded by it (128 calls of even 10 KB each are over the largest window): a window they take past
 # its limit fails its run as ContextWindowTooLarge, saying so.
 WINDOW_BYTES_PER_TOOL_RESULT_BYTE = 12

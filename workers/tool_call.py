@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubechain.kube.errors import Unavailable
+from kubechain.kube.errors import TooLarge, Unavailable
 from kubechain.mcp.spec import ResolvedSpec
 from kubechain.models import (
     Agent,
@@ -33,6 +33,7 @@ from kubechain.statemachines.toolcall import (
     parse_arguments,
     plan_call_of_finished_run,
     plan_invalid_arguments,
+    plan_outcome_too_large,
     plan_running_retyped,
     plan_tool_claim,
     plan_tool_failure,
@@ -516,7 +517,11 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             max_bytes=max_bytes,
         )
 
-    _record(ctx, claimed, claimed_at, plan)
+    def refused_as_too_large(current: TaskRunToolCall, refused: TooLarge) -> Transition:
+        # the outcome with the call's arguments is over etcd's limit: the call ends at once, saying so
+        return plan_outcome_too_large(current, plan(current), str(refused), ctx.clock())
+
+    _record(ctx, claimed, claimed_at, plan, refused_as_too_large)
 
 
 def _executor_for(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun | None) -> Executor:
@@ -552,7 +557,13 @@ def _record(
     claimed: TaskRunToolCall,
     claimed_at: str,
     plan: Callable[[TaskRunToolCall], Transition],
+    refused_as_too_large: Callable[[TaskRunToolCall, TooLarge], Transition],
 ) -> None:
     record_while_claimed(
-        ctx, claimed, lambda current: holds_claim(current, ctx.identity, claimed_at), plan, "tool result"
+        ctx,
+        claimed,
+        lambda current: holds_claim(current, ctx.identity, claimed_at),
+        plan,
+        "tool result",
+        refused_as_too_large=refused_as_too_large,
     )

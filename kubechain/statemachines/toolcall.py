@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubechain.models import TaskRunToolCall, ToolCallPhase
+from kubechain.models import TERMINAL_TOOLCALL_PHASES, TaskRunToolCall, ToolCallPhase
+from kubechain.models.base import stored_json_bytes
 from kubechain.models.labels import MAX_LABEL_VALUE, is_object_name, shortened
 from kubechain.observability.tracing import run_trace_ids, toolcall_span_id
 from kubechain.statemachines.taskrun import (
@@ -27,6 +28,7 @@ from kubechain.statemachines.taskrun import (
     truncate,
 )
 from kubechain.statemachines.transition import (
+    EventSpec,
     Transition,
     claim_remaining_s,
     normal,
@@ -270,6 +272,65 @@ def plan_tool_failure(
         },
         events=[warning(reason, error)],
     )
+
+
+# -- an outcome the API server refuses to store ----------------------------------------------------------
+
+RESULT_TOO_LARGE = "ResultTooLarge"
+
+
+def ends_the_call(transition: Transition) -> bool:
+    return transition.phase() in TERMINAL_TOOLCALL_PHASES
+
+
+def plan_outcome_too_large(
+    toolcall: TaskRunToolCall, refused: Transition, refusal: str, now: datetime, *, sub_agent: str = ""
+) -> Transition:
+    """``refused``, a write that ended ``toolcall`` (ends_the_call) with a text (a tool's result or error,
+    a sub-agent's answer, a person's answer or feedback), was refused by the API server as too large
+    (``refusal``: its answer), and no retry can change that. KUBECHAIN_MAX_TOOL_RESULT_BYTES bounds the
+    text alone, for the run's window; the call also holds its arguments, as large as that window lets
+    them be, and Go's JSON writes "<", ">" and "&" in 6 bytes each (a failed call's error twice), so the
+    object can be over etcd's limit. Written instead: the call Failed, its error saying why and what to
+    change, so the run's fan-in reads that as its answer and goes on; nothing runs again, the tool having
+    run. A rejection stands (a person's decision), its feedback replaced by that note. ``sub_agent``: the
+    run whose answer it was, which keeps it."""
+    phase = refused.phase()
+    field = "error" if phase == ToolCallPhase.FAILED else "result"
+    text = str(refused.status.get(field) or "")
+    waited = toolcall.phase
+    rejected = phase == ToolCallPhase.TOOL_CALL_REJECTED
+    if rejected:
+        what, kept = "the rejection's feedback", ""
+    elif waited == ToolCallPhase.AWAITING_SUB_AGENT:
+        what = "the sub-agent's answer" if phase == ToolCallPhase.SUCCEEDED else "the sub-agent's error"
+        kept = f"; it stays in the sub-agent's TaskRun {sub_agent}" if sub_agent else ""
+    elif waited == ToolCallPhase.AWAITING_HUMAN_INPUT:
+        what = "the human's answer"
+        kept = f"; it stays in HumanLayer (contact request {toolcall.status.external_call_id})"
+    elif waited == ToolCallPhase.RUNNING:
+        what, kept = f"the tool's {field}", "; the tool ran, and is not run again"
+    else:
+        what, kept = f"the tool call's {field}", ""
+    size = len(text.encode("utf-8", "replace"))
+    arguments = stored_json_bytes(toolcall.spec.arguments)
+    why = (
+        f"{what} ({size} bytes, {stored_json_bytes(text)} as the API server stores it) is too large to store: "
+        f"the API server refused it ({refusal}): with its arguments ({arguments} bytes as stored) the "
+        f"TaskRunToolCall would be over etcd's request size limit{kept}"
+    )
+    if rejected:
+        note = f"({why}; reject with a shorter comment)"
+        # the decision's own Event quoted the feedback: it quotes the note instead
+        events = [EventSpec(e.type, e.reason, e.message.replace(text, note)) for e in refused.events]
+        return Transition(
+            status={**refused.status, field: note}, events=[*events, warning(RESULT_TOO_LARGE, why)]
+        )
+    advice = (
+        ". Lower KUBECHAIN_MAX_TOOL_RESULT_BYTES (results are cut to it; Go's JSON, as the API server "
+        'stores them, writes "<", ">" and "&" in 6 bytes each), or have the LLM send smaller arguments'
+    )
+    return plan_tool_failure(toolcall, why + advice, now, reason=RESULT_TOO_LARGE)
 
 
 # -- delegation to a sub-agent ---------------------------------------------------------------------------

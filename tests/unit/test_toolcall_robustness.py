@@ -31,7 +31,7 @@ from kubechain.models import (
 from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
 from kubechain.observability.metrics import TOOL_CALLS
 from kubechain.queueing import TaskName
-from kubechain.settings import Settings
+from kubechain.settings import MAX_CONTEXT_WINDOW_BYTES, Settings
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION, APPROVAL_COMMENT_ANNOTATION
 from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import expected_toolcalls, request_id, toolcall_name
@@ -70,11 +70,17 @@ def calling(tool: str, arguments: str = "{}") -> FakeLLM:
 
 
 def agent_with(
-    kube: FakeKubeClient, llm: FakeLLM, tool_specs: dict[str, dict[str, Any]], **spec: Any
+    kube: FakeKubeClient,
+    llm: FakeLLM,
+    tool_specs: dict[str, dict[str, Any]],
+    *,
+    settings: dict[str, Any] | None = None,
+    **spec: Any,
 ) -> WorkerContext:
+    """``settings``: the worker's, besides config_cache_ttl_s=0; ``spec``: the Agent's."""
     kube.add_secret("default", "openai", {"OPENAI_API_KEY": "sk-test"})
     create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"})
-    ctx = context(kube, llm, config_cache_ttl_s=0)
+    ctx = context(kube, llm, config_cache_ttl_s=0, **(settings or {}))
     for name, tool in tool_specs.items():
         create(kube, "Tool", "tools", name, {"name": name, "description": "d", **tool})
         validate(ctx, message("Tool", name))
@@ -120,19 +126,25 @@ CHARGE = {
 # -- 1. a sub-agent call whose delegating Tool went away --------------------------------------------
 
 
-def delegating(kube: FakeKubeClient) -> tuple[WorkerContext, str]:
-    """A run whose one tool call delegates to the agent "helper"."""
+def delegating(
+    kube: FakeKubeClient, arguments: str = '{"message": "hi"}', **settings: Any
+) -> tuple[WorkerContext, str]:
+    """A run whose one tool call delegates to the agent "helper"; ``settings``: the worker's."""
     create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
-    ctx = agent_with(kube, calling("ask", '{"message": "hi"}'), {"ask": ASK}, tools=[{"name": "ask"}])
+    ctx = agent_with(
+        kube, calling("ask", arguments), {"ask": ASK}, settings=settings, tools=[{"name": "ask"}]
+    )
     validate(ctx, message("Agent", "helper"))
     validate(ctx, message("Agent", "a"))
     (name,) = start_turn(ctx, kube)
     return ctx, name
 
 
-def delegated(kube: FakeKubeClient) -> tuple[WorkerContext, str, str]:
+def delegated(
+    kube: FakeKubeClient, arguments: str = '{"message": "hi"}', **settings: Any
+) -> tuple[WorkerContext, str, str]:
     """A run whose one tool call waits (AwaitingSubAgent) on a sub-agent TaskRun."""
-    ctx, name = delegating(kube)
+    ctx, name = delegating(kube, arguments, **settings)
     tool_call(ctx, message("TaskRunToolCall", name))
     assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
     child = child_run_name(name, "helper")
@@ -2485,6 +2497,72 @@ def test_tool_errors_and_results_in_status_are_bounded() -> None:
     succeeded = plan_tool_success(call, "y" * 1000, NOW, "ok", max_bytes=100)
     # the marker within the limit: 52 + 48 bytes
     assert succeeded.status["result"] == "y" * 52 + "\n...[truncated by KubeChain: 948 bytes omitted]"
+
+
+# The largest window (1.2 MiB) and the largest result limit it allows (a twelfth of it): arguments the window
+# lets through, in a tool call beside a result Go's JSON writes in 6 bytes a character ("<", ">", "&"), are
+# over etcd's 1.5 MiB, which the result limit alone does not see.
+LARGEST_WINDOW = {
+    "max_context_window_bytes": MAX_CONTEXT_WINDOW_BYTES,
+    "max_tool_result_bytes": MAX_CONTEXT_WINDOW_BYTES // 12,
+}
+HTML = "<>&" * 40_000  # 120 KB, each character 6 bytes as stored
+NEAR_A_WINDOW = "n" * 1_100_000
+
+
+def etcd_refused(error: str) -> bool:
+    return "(500 InternalError: etcdserver: request is too large)" in error
+
+
+@pytest.mark.parametrize("outcome", ["result", "error"])
+def test_a_tool_outcome_too_large_to_store_beside_its_arguments_fails_the_call_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, outcome: str
+) -> None:
+    """Its write refused (etcd's "request is too large": TooLarge), the outcome escaped the worker with
+    the claim held: the call stayed Running until its claim expired, then failed as "interrupted" with no
+    word of why. It fails at once now, saying why and what to change, the tool not run again, and its run
+    goes on with that error as the call's answer."""
+    from kubechain.tools.builtin import ToolError
+
+    calls: list[str] = []
+
+    def charge(*_args: Any, **_kwargs: Any) -> str:
+        calls.append("x")
+        if outcome == "error":
+            raise ToolError(HTML)
+        return HTML
+
+    monkeypatch.setattr(tool_call_module, "call_external_api", charge)
+    kube = FakeKubeClient()
+    arguments = json.dumps({"note": NEAR_A_WINDOW})
+    llm = calling("charge", arguments)
+    ctx = agent_with(kube, llm, {"charge": CHARGE}, settings=LARGEST_WINDOW, tools=[{"name": "charge"}])
+    (name,) = start_turn(ctx, kube)
+    with caplog.at_level(logging.WARNING):
+        tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and status["status"] == "Error", status.get("error")
+    assert "claimedBy" not in status and "result" not in status
+    error = status["error"]
+    # cut to the limit, the marker included; the arguments as stored: their 4 quotes escaped, and 2 more
+    assert error.startswith(
+        f"the tool's {outcome} (104856 bytes, 628894 as the API server stores it) is too large to store: "
+        "the API server refused it (500 InternalError: etcdserver: request is too large): with its "
+        f"arguments ({len(arguments) + 6} bytes as stored) the TaskRunToolCall would be over etcd's request "
+        "size limit"
+    )
+    assert "KUBECHAIN_MAX_TOOL_RESULT_BYTES" in error and "smaller arguments" in error
+    assert "the tool ran, and is not run again" in error
+    assert warnings(kube, name)[-1] == "ResultTooLarge"
+    assert any("as too large" in r.message and name in r.message for r in caplog.records)
+    assert any(r.levelno == logging.WARNING and error[:60] in r.getMessage() for r in caplog.records)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert calls == ["x"], "run once"
+    prepare(ctx, message("TaskRun", "r"))
+    window = run_status(kube)["contextWindow"]
+    assert run_status(kube)["phase"] == "ReadyForLLM" and window[-1]["content"] == f"Error: {error}"
+    llm_call(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "FinalAnswer"
 
 
 def stale_running(attempts: int) -> TaskRunToolCall:
