@@ -11,16 +11,26 @@ a run's root span is: every write that may end one, or record a person's answer,
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 
+from kubechain.kube.errors import TooLarge
 from kubechain.models import TaskRun, TaskRunToolCall, ToolCallPhase
 from kubechain.observability.metrics import count_tool_call, observe_human_wait
 from kubechain.observability.tracing import export_toolcall_span, run_trace_ids
 from kubechain.statemachines.approval import APPROVAL_WAITING_PHASES
-from kubechain.statemachines.toolcall import WAITING_ELSEWHERE_PHASES, outcome_label, seconds_taken
+from kubechain.statemachines.toolcall import (
+    WAITING_ELSEWHERE_PHASES,
+    ends_the_call,
+    outcome_label,
+    plan_outcome_too_large,
+    seconds_taken,
+)
 from kubechain.statemachines.transition import Transition, parse_timestamp
 from workers.context import WorkerContext
 from workers.transitions import apply_transition
+
+log = logging.getLogger(__name__)
 
 
 def apply_call_transition(
@@ -33,8 +43,27 @@ def apply_call_transition(
 ) -> TaskRunToolCall:
     """``apply_transition`` for a tool call; a write that ended it (``call_ended``) or recorded a person's
     answer (``human_answered``) is recorded once it landed: a write refused with a conflict raises first,
-    and the retry finds the call ended or decided, so each is counted once."""
-    written = apply_transition(ctx, toolcall, transition)
+    and the retry finds the call ended or decided, so each is counted once.
+
+    A write that ends the call refused as too large (its result, with the call's arguments, over etcd's
+    limit) is refused again at every retry, and the call would wait for good: it ends at once instead,
+    saying why (plan_outcome_too_large)."""
+    try:
+        written = apply_transition(ctx, toolcall, transition)
+    except TooLarge as refused:
+        if not ends_the_call(transition):
+            raise
+        log.error(
+            "the API server refused the outcome of TaskRunToolCall %s/%s as too large (%s); ending it saying so",
+            toolcall.namespace,
+            toolcall.name,
+            refused,
+        )
+        sub_agent_name = sub_agent.name if sub_agent is not None else ""
+        transition = plan_outcome_too_large(
+            toolcall, transition, str(refused), ctx.clock(), sub_agent=sub_agent_name
+        )
+        written = apply_transition(ctx, toolcall, transition)  # the object is as it was: same version
     human_answered(toolcall, written, ctx.clock())
     call_ended(toolcall, written, sub_agent=sub_agent, outcome=outcome)
     return written

@@ -32,7 +32,13 @@ from kubechain.statemachines.routing import work_for
 from kubechain.statemachines.taskrun import expected_toolcalls, toolcall_name
 from kubechain.statemachines.transition import precise_timestamp
 from tests.unit.fakes import FakeLLM, context, create, message
-from tests.unit.test_toolcall_robustness import ClaimAnswerLost
+from tests.unit.test_toolcall_robustness import (
+    HTML,
+    LARGEST_WINDOW,
+    NEAR_A_WINDOW,
+    ClaimAnswerLost,
+    etcd_refused,
+)
 from tests.unit.test_workers_on_fake import ReadGateKube, run_concurrently
 from workers.context import WorkerContext
 from workers.llm_call import llm_call
@@ -1314,6 +1320,51 @@ def test_a_long_human_answer_is_bounded_like_a_tool_result(world: World) -> None
     status = w.status()
     assert status["phase"] == "Succeeded" and 10_000 <= len(status["result"].encode()) < 10_200
     assert status["result"].startswith("xxx")
+
+
+def test_a_human_answer_too_large_to_store_beside_the_calls_arguments_fails_the_call_at_once(
+    world: World,
+) -> None:
+    """The answer's write, refused as too large (the question's arguments near the largest window, the
+    answer as long as the limit lets it be and written 6 bytes a character), was raised at every check:
+    the call waited for good, asking HumanLayer again and again, and its run with it."""
+    w = world
+    add_toolcall(
+        w, "approvals__human_contact_email", {"message": "Tell me everything", "background": NEAR_A_WINDOW}
+    )
+    tool_call(w.ctx(**LARGEST_WINDOW), message("TaskRunToolCall", TC))
+    call_id = w.status()["externalCallID"]
+    w.hl.respond(call_id, HTML, user="bob@example.com")
+    w.clock.advance(2)
+    tool_call(w.ctx(**LARGEST_WINDOW), message("TaskRunToolCall", TC))
+    status = w.status()
+    assert status["phase"] == "Failed" and status["status"] == "Error", status.get("error")
+    assert status["error"].startswith("the human's answer (104856 bytes, ") and etcd_refused(status["error"])
+    assert f"it stays in HumanLayer (contact request {call_id})" in status["error"]
+    assert w.events()[-1] == "ResultTooLarge"
+    checks = w.gets("contact_requests")
+    w.clock.advance(60)
+    w.run()
+    assert w.gets("contact_requests") == checks, "not asked again"
+
+
+def test_a_rejection_whose_feedback_is_too_large_to_store_beside_the_calls_arguments_stands_without_it(
+    world: World,
+) -> None:
+    """The rejection's write, refused as too large (the feedback is stored twice: in its annotation and as
+    the result), was raised at every delivery: the call was neither rejected nor run. The decision stands,
+    its result saying the feedback could not be stored."""
+    w = world
+    without_approval(w)
+    add_toolcall(w, arguments={**ARGS, "background": "n" * 900_000})
+    w.annotate("rejected", "<>&" * 21_000)  # 63 KB: an annotation may be 256 KiB
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ToolCallRejected" and status["status"] == "Succeeded", status
+    assert status["result"].startswith("(the rejection's feedback (63000 bytes, ")
+    assert etcd_refused(status["result"]) and "reject with a shorter comment" in status["result"]
+    assert w.events()[-2:] == ["ToolCallRejected", "ResultTooLarge"]
+    assert w.mcp.calls == []
 
 
 def test_an_approval_channel_added_a_moment_ago_holds_for_the_next_call(world: World) -> None:

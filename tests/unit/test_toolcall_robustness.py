@@ -2565,6 +2565,29 @@ def test_a_tool_outcome_too_large_to_store_beside_its_arguments_fails_the_call_a
     assert run_status(kube)["phase"] == "FinalAnswer"
 
 
+@pytest.mark.parametrize("ended", ["FinalAnswer", "Failed"])
+def test_a_sub_agents_answer_too_large_to_store_beside_the_calls_arguments_fails_the_call_at_once(
+    ended: str,
+) -> None:
+    """The sub-agent's answer (or error), written into its caller's tool call, refused as too large, was
+    raised at every delivery and resync: the call waited for its sub-agent for good, and its run too."""
+    kube = FakeKubeClient()
+    arguments = json.dumps({"message": "hi", "background": NEAR_A_WINDOW})
+    ctx, name, child = delegated(kube, arguments, **LARGEST_WINDOW)
+    answer = {"output": HTML} if ended == "FinalAnswer" else {"error": HTML}
+    kube.patch_status(kube.get(TaskRun, "default", child), {"phase": ended, **answer})
+    tool_call(ctx, message("TaskRunToolCall", name))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed" and status["status"] == "Error", status.get("error")
+    what = "answer" if ended == "FinalAnswer" else "error"
+    assert status["error"].startswith(f"the sub-agent's {what} (") and etcd_refused(status["error"])
+    assert f"it stays in the sub-agent's TaskRun {child}" in status["error"]
+    assert warnings(kube, name)[-1] == "ResultTooLarge"
+    assert kube.get(TaskRun, "default", child).phase == ended, "the sub-agent's run is kept"
+    prepare(ctx, message("TaskRun", "r"))
+    assert run_status(kube)["phase"] == "ReadyForLLM"
+
+
 def stale_running(attempts: int) -> TaskRunToolCall:
     return a_toolcall(
         {
