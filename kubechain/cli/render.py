@@ -29,6 +29,7 @@ from kubechain.models import TaskRun, TaskRunToolCall
 from kubechain.models.common import Message
 from kubechain.models.taskrun import TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
+from kubechain.statemachines.taskrun import turn_waits_for_agent
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -204,8 +205,8 @@ class ConversationTracker:
     def _notice(self, run: TaskRun) -> list[Event]:
         status = run.status
         notice: tuple[str, str] | None = None
-        if run.phase == TaskRunPhase.PENDING and status.status_detail:
-            notice = ("pending", status.status_detail)
+        if (run.phase == TaskRunPhase.PENDING and status.status_detail) or turn_waits_for_agent(run):
+            notice = ("pending", status.status_detail or "")
         elif run.phase == TaskRunPhase.ERROR_BACKOFF:
             detail = status.status_detail or "LLM request failed"
             notice = ("retrying", f"{detail}: {status.error}" if status.error else detail)

@@ -209,8 +209,22 @@ def plan_initial_context(
     )
 
 
+# The statusDetail of a run waiting for its Agent's edit to be validated, around the Agent's name.
+_AGENT_NOT_VALIDATED = ('Waiting for agent "', '" to be validated again: its spec changed since it was')
+
+
 def agent_not_validated_detail(agent_name: str) -> str:
-    return f'Waiting for agent "{agent_name}" to be validated again: its spec changed since it was'
+    before, after = _AGENT_NOT_VALIDATED
+    return f"{before}{agent_name}{after}"
+
+
+def turn_waits_for_agent(run: TaskRun) -> bool:
+    """Whether ``run`` is ReadyForLLM only to wait, unclaimed, for its Agent's edit to be validated
+    (plan_turn_waits_for_agent), not about to be claimed: `kubechain run` says so, as it says a Pending
+    run's wait."""
+    before, after = _AGENT_NOT_VALIDATED
+    detail = run.status.status_detail or ""
+    return run.phase == TaskRunPhase.READY_FOR_LLM and detail.startswith(before) and detail.endswith(after)
 
 
 def _wait(run: TaskRun, current: dict[str, Any], detail: str, reason: str) -> Transition | None:

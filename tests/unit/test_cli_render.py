@@ -179,6 +179,21 @@ def test_failed_pending_and_retrying() -> None:
     assert lines(tracker.final_events(failed)) == ["failed: LLM request failed: status 400"]
 
 
+def test_a_turn_waiting_for_its_agents_validation_is_said_once() -> None:
+    """A run in flight whose Agent was edited waits ReadyForLLM, unclaimed, for the edit's validation
+    (plan_turn_waits_for_agent). Only a Pending run's wait was said: `kubechain run` and `logs -f` printed
+    nothing of this one in plain output, a run that did not move with no word of why."""
+    from kubechain.statemachines.taskrun import agent_not_validated_detail
+
+    tracker = ConversationTracker()
+    detail = agent_not_validated_detail("calc")
+    waiting = taskrun(WINDOW[:4], "ReadyForLLM", statusDetail=detail, agentName="calc")
+    assert lines(tracker.taskrun_events(waiting)) == EXPECTED[:4] + [f"pending: {detail}"]
+    assert tracker.taskrun_events(waiting) == [], "said once"
+    fan_in = "All tool calls completed, ready to send tool results to LLM"
+    assert ConversationTracker().taskrun_events(taskrun([], "ReadyForLLM", statusDetail=fan_in)) == []
+
+
 def test_multiline_content_stays_on_one_line_and_odd_arguments_verbatim() -> None:
     window: list[dict[str, Any]] = [
         {"role": "user", "content": "line one\nline two"},
