@@ -117,7 +117,8 @@ os.register_at_fork(after_in_child=_shutter._reset)  # a fork's child has no thr
 def shut_at(extensions: Mapping[str, Any], deadline: float) -> ShutAtDeadline | None:
     """Shuts down, at ``deadline`` (monotonic), the connection an httpx response (given by its
     ``extensions``) is read from: a read blocked on it returns at once, in whatever thread it waits.
-    Cancel it when the answer was read. None if the connection's socket is not known."""
+    Cancel it when the answer was read, before the response is closed: its connection then goes back to
+    the pool, and may be another request's by the deadline. None if the connection's socket is not known."""
     stream = extensions.get("network_stream")
     sock = stream.get_extra_info("socket") if stream is not None else None
     if not isinstance(sock, socket.socket):

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from kubechain.http_watchdog import end_io_by_deadline, io_ending_by, shut_at
+from kubechain.http_watchdog import ShutAtDeadline, end_io_by_deadline, io_ending_by, shut_at
 from kubechain.models.tool import CREDENTIALS_IN_URL
 from kubechain.redaction import Scrubber, redact_url, scrub_then_cut
 from kubechain.tools.builtin import ToolError
@@ -100,25 +100,23 @@ def call_external_api(
             ) as response,
         ):
             watchdog = shut_at(response.extensions, deadline)
-            try:
-                chunks: list[bytes] = []
-                size = 0
-                cut_short = False
-                # httpx decodes each chunk read whole: a few KiB of gzip may decode to GiBs before the
-                # size limit is checked
-                body_pieces = decoded(response.iter_raw(), response.headers.get("content-encoding", ""))
-                for chunk in body_pieces:
-                    if time.monotonic() > deadline:
-                        raise timed_out
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size >= MAX_RESPONSE_BYTES + margin:
-                        cut_short = True
-                        break
-                encoding = response.encoding or "utf-8"
-            finally:
-                if watchdog is not None:
-                    watchdog.cancel()
+            if watchdog is not None and isinstance(response.stream, httpx.SyncByteStream):  # a sync client's
+                response.stream = _WatchedBody(response.stream, watchdog)
+            chunks: list[bytes] = []
+            size = 0
+            cut_short = False
+            # httpx decodes each chunk read whole: a few KiB of gzip may decode to GiBs before the
+            # size limit is checked
+            body_pieces = decoded(response.iter_raw(), response.headers.get("content-encoding", ""))
+            for chunk in body_pieces:
+                if time.monotonic() > deadline:
+                    raise timed_out
+                chunks.append(chunk)
+                size += len(chunk)
+                if size >= MAX_RESPONSE_BYTES + margin:
+                    cut_short = True
+                    break
+            encoding = response.encoding or "utf-8"
     except UndecodableBody as exc:
         raise ToolError(f"{request} answered {exc}") from None
     except httpx.TimeoutException:
@@ -141,6 +139,23 @@ def call_external_api(
             "followed: set the Tool's execute.externalAPI.url to the address that answers"
         )
     return scrub_then_cut(body, scrub, MAX_RESPONSE_BYTES, margin=unread)
+
+
+class _WatchedBody(httpx.SyncByteStream):
+    """A response's body whose watchdog is cancelled as the response is closed, before httpcore gives its
+    connection back to the pool the tool calls share (iter_raw closes it once the body is read): cancelled
+    after, it shut the connection down at this call's deadline under whichever call had it by then."""
+
+    def __init__(self, inner: httpx.SyncByteStream, watchdog: ShutAtDeadline) -> None:
+        self._inner = inner
+        self._watchdog = watchdog
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._inner
+
+    def close(self) -> None:
+        self._watchdog.cancel()
+        self._inner.close()
 
 
 # a URL in an error's text ("scheme://" and what follows up to a space or a quote)

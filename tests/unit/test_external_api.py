@@ -253,6 +253,115 @@ def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
     ours.close()
 
 
+class SecondAnswerHeldServer:
+    """HTTP/1.1, connections kept alive: the first request is answered at once (its head and body in one
+    send), each later one once ``release`` is set. ``peers``: each request's client address (which
+    connection it came on)."""
+
+    def __init__(self) -> None:
+        self.peers: list[tuple[str, int]] = []
+        self.release = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/x"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(connection, peer), daemon=True).start()
+
+    def _serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        with connection:
+            pending = b""
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    pending += chunk
+                head, pending = pending.split(b"\r\n\r\n", 1)
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                while len(pending) < length:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    pending += chunk
+                pending = pending[length:]
+                self.peers.append(peer)
+                if len(self.peers) > 1:
+                    self.release.wait(timeout=60)
+                try:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.release.set()
+        self._listener.close()
+
+
+def test_a_calls_watchdog_does_not_shut_the_connection_the_next_call_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watchdog of a call's connection was cancelled after its response was closed: reading the body
+    to its end closes it, and its connection goes back to the pool the tool calls share. A call taking it
+    from there before the first call's deadline had it shut down under it at that deadline, and failed
+    (the server 'disconnected without sending a response')."""
+    import kubechain.tools.external_api as external_api
+    from kubechain import http_watchdog
+    from kubechain.testing.waiting import wait_for
+
+    monkeypatch.setattr(external_api, "_client", None)  # a pool of this test's own
+    server = SecondAnswerHeldServer()
+    second: list[str | ToolError] = []
+
+    def second_call() -> None:
+        try:
+            second.append(call_external_api(server.url, "POST", {}, None, timeout_s=30.0))
+        except ToolError as exc:
+            second.append(exc)
+
+    real_decoded = external_api.decoded
+
+    def decoded_then_the_next_call(raw: Any, content_encoding: str) -> Any:
+        yield from real_decoded(raw, content_encoding)
+        if server.peers[1:]:
+            return  # the second call's own body
+        # the body read to its end: the next call is given its connection, and the first call's deadline
+        # passes while the server holds the second answer
+        deadline = http_watchdog._IO_ENDS_BY.get()
+        assert deadline is not None
+        threading.Thread(target=second_call, daemon=True).start()
+        wait_for(lambda: len(server.peers) == 2, timeout_s=30, what="the second request")
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            # due with the first call's watchdog, after it: fired, every watch due by then has been
+            passed = http_watchdog._shutter.watch(ours, deadline)
+            wait_for(lambda: passed.fired, timeout_s=30, what="the first call's deadline to pass")
+
+    monkeypatch.setattr(external_api, "decoded", decoded_then_the_next_call)
+    try:
+        assert call_external_api(server.url, "POST", {}, None, timeout_s=2.0) == "ok"
+        server.release.set()
+        wait_for(lambda: second, timeout_s=30, what="the second call to end")
+        assert server.peers[0] == server.peers[1], "the second call was given the first one's connection"
+        assert second == ["ok"]
+    finally:
+        server.close()
+        if external_api._client is not None:
+            external_api._client.close()
+
+
 class RecordingServer:
     """Answers every request with ``status`` (and ``headers``); records each request line."""
 
