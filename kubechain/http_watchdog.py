@@ -52,6 +52,10 @@ class ShutAtDeadline:
         return _shutter.cancel(self)
 
 
+# The longest the shutter's thread waits at once before it looks at its heap again.
+_LONGEST_WAIT_S = 3600.0
+
+
 class _Shutter:
     """One thread that shuts sockets down at their deadlines (a heap of them): a wait blocked on one, in
     whatever thread, returns at once. Cheap enough for every wait of a request (a lock and a heap push),
@@ -107,7 +111,9 @@ class _Shutter:
                         socket.socket.shutdown(watch.sock, socket.SHUT_RDWR)
                     except OSError:
                         pass  # already closed: the request ended meanwhile
-                self._changed.wait(self._due[0][0] - now if self._due else None)
+                # at most an hour at a time: a wait past threading.TIMEOUT_MAX (a deadline some 292 years
+                # off) raises, which would end this thread and every deadline of the process with it
+                self._changed.wait(min(self._due[0][0] - now, _LONGEST_WAIT_S) if self._due else None)
 
 
 _shutter = _Shutter()

@@ -96,3 +96,25 @@ def test_a_write_to_a_peer_that_reads_slowly_ends_at_the_deadline() -> None:
     (error,) = outcome
     assert isinstance(error, httpcore.WriteTimeout), error
     assert 0 < server.received < 1024 * 1024
+
+
+def test_a_deadline_too_far_for_a_timed_wait_leaves_the_shutter_working() -> None:
+    """A deadline past what a lock can wait for (threading.TIMEOUT_MAX, some 292 years: a timeout setting
+    of 1e10 s) was an OverflowError in the shutter's thread once it was the next one due: the thread
+    ended, and no socket was shut down at its deadline after that, in the whole process."""
+    from kubechain.http_watchdog import _Shutter
+    from kubechain.testing.waiting import wait_for
+
+    shutter = _Shutter()  # its own thread: the process's may wait for another test's watch
+    far_ours, far_theirs = socket.socketpair()
+    first_ours, first_theirs = socket.socketpair()
+    then_ours, then_theirs = socket.socketpair()
+    with far_ours, far_theirs, first_ours, first_theirs, then_ours, then_theirs:
+        shutter.watch(far_ours, time.monotonic() + 1e10)
+        first = shutter.watch(first_ours, time.monotonic() + 0.05)
+        wait_for(lambda: first.fired, timeout_s=30, what="the first deadline")
+        # the far one is the next due now
+        then = shutter.watch(then_ours, time.monotonic() + 0.05)
+        wait_for(lambda: then.fired, timeout_s=10, what="a deadline after the far one was the next due")
+        then_ours.settimeout(10)
+        assert then_ours.recv(10) == b"", "shut down"
