@@ -13,6 +13,7 @@ hangs leaves at most one thread per (name, port) behind, however many calls time
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
 import time
@@ -73,3 +74,14 @@ def _resolve(key: tuple[str, int], resolution: Future[list[str]]) -> None:
         resolution.set_exception(outcome)
     else:
         resolution.set_result(outcome)
+
+
+def _forget_resolutions_under_way() -> None:
+    """In a fork's child: the threads resolving the parent's names are not in it, so a request waiting for
+    one of their answers would wait until its deadline, every time; and the lock may have been held."""
+    global _under_way_lock
+    _under_way_lock = threading.Lock()
+    _under_way.clear()
+
+
+os.register_at_fork(after_in_child=_forget_resolutions_under_way)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -40,3 +41,35 @@ def test_a_name_resolves_to_its_addresses_in_order_each_once(monkeypatch: pytest
 )
 def test_an_address_is_not_resolved(host: str, address: bool) -> None:
     assert is_address(host) is address
+
+
+def test_a_forked_child_resolves_a_name_its_parent_was_resolving_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prefork worker forks its pool's children while a resolution may be under way: the child has no
+    thread to answer it, so it must not wait for that one (every call to the host would time out in it, for
+    ever) but resolve the name itself."""
+    with HangingResolver(monkeypatch, "hangs.test") as resolver:
+        with pytest.raises(ResolutionTimedOut):
+            addresses_by("hangs.test", 443, time.monotonic() + 0.05)  # under way, on a thread, when forked
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:  # the child: reports what a call to the host came to, then leaves at once
+            outcome = "nothing"
+            try:
+                resolver.release()  # the child's resolver answers (fails at once) once asked
+                addresses_by("hangs.test", 443, time.monotonic() + 10)
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                outcome = f"{type(exc).__name__}: {exc}"
+            finally:
+                os.write(writing, outcome.encode())
+                os._exit(0)
+        os.close(writing)
+        with os.fdopen(reading, "rb") as report:
+            outcome = report.read().decode()
+        os.waitpid(child, 0)
+        assert outcome == "gaierror: [Errno -3] Temporary failure in name resolution", (
+            "the child resolved the name itself"
+        )
+        assert resolver.asked == ["hangs.test"], "the parent's resolution is still the one under way"
+    wait_for(lambda: ("hangs.test", 443) not in _under_way, 30, what="the parent's resolution to end")
