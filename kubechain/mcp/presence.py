@@ -2,9 +2,10 @@
 
 A tools worker's session (a stdio child with the server's secrets in its environment) outlives its
 MCPServer's deletion: no message reaches every process that used it. So the manager asks, every
-``SWEEP_INTERVAL_S``, for the metadata of the MCPServers of its sessions (one list of the cluster; one per
-namespace of a session for a worker limited to namespaces, which may be granted those alone), and closes
-each session whose server is gone, was replaced (same name, another uid) or edited (a newer generation).
+``SWEEP_INTERVAL_S``, for the metadata of the MCPServers of its sessions (one list per namespace of a
+session; one of the cluster instead for sessions in many namespaces, unless the worker is limited to
+namespaces, which it may be granted alone), and closes each session whose server is gone, was replaced
+(same name, another uid) or edited (a newer generation).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ Key = tuple[str, str]  # (namespace, name)
 
 # How long a deleted MCPServer's session may outlive it (plus a call still running on it).
 SWEEP_INTERVAL_S = 30.0
+
+# Sessions in at most this many namespaces: their MCPServers are listed one namespace at a time (a request
+# each), rather than every MCPServer of the cluster at once (one request, but as large as the cluster's).
+MOST_NAMESPACES_LISTED_APART = 3
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,14 @@ class MetadataLister(Protocol):
 
 
 def kube_server_lister(kube: MetadataLister, served_namespaces: Sequence[str]) -> ServerLister:
-    """A ServerLister over the API server (metadata only). ``served_namespaces``: KUBECHAIN_NAMESPACES
-    (empty: all, listed at once)."""
+    """A ServerLister over the API server (metadata only): one list per namespace of the sessions, or, for
+    a worker of every namespace with sessions in more than MOST_NAMESPACES_LISTED_APART, one of the
+    cluster. ``served_namespaces``: KUBECHAIN_NAMESPACES (empty: all); a worker limited to namespaces may
+    be granted those alone (a Role in each), so it never lists the cluster."""
 
     def listed(namespaces: frozenset[str]) -> dict[Key, ListedServer]:
-        scopes: list[str | None] = list(sorted(namespaces)) if served_namespaces else [None]
+        apart = served_namespaces or len(namespaces) <= MOST_NAMESPACES_LISTED_APART
+        scopes: list[str | None] = list(sorted(namespaces)) if apart else [None]
         found: dict[Key, ListedServer] = {}
         for scope in scopes:
             for meta in kube.list_metadata(MCPServer.PLURAL, scope):

@@ -8,6 +8,7 @@ import pytest
 from kubechain.kube.client import custom_path
 from kubechain.kube.fake import FakeKubeClient
 from kubechain.mcp.presence import (
+    MOST_NAMESPACES_LISTED_APART,
     ListedServer,
     ServedServer,
     kube_server_lister,
@@ -66,15 +67,36 @@ def test_a_session_serves_the_latest_generation_any_caller_read_and_a_new_uid_ou
     assert still_served(None, current) == current
 
 
-def test_a_worker_of_every_namespace_lists_the_cluster_once() -> None:
+def test_a_worker_of_every_namespace_lists_the_namespaces_of_its_sessions_only() -> None:
+    """One session must not cost a list of every MCPServer of the cluster, every 30 s, from each tools
+    worker process: a few namespaces are listed each on its own (a ClusterRole grants those too)."""
     kube = FakeKubeClient()
     create(kube, "MCPServer", "mcpservers", "fs", {"transport": "stdio", "command": "x"})
     create(kube, "MCPServer", "mcpservers", "git", {"transport": "stdio", "command": "x"}, namespace="b")
+    create(kube, "MCPServer", "mcpservers", "web", {"transport": "stdio", "command": "x"}, namespace="c")
     fs = kube.get_raw("mcpservers", "default", "fs")["metadata"]
     asked_before = len(kube.requests)
     listed = kube_server_lister(kube, [])(frozenset({"default", "b"}))
     assert set(listed) == {("default", "fs"), ("b", "git")}
     assert listed[("default", "fs")] == ListedServer(fs["uid"], 1, deleting=False)
+    assert kube.requests[asked_before:] == [
+        ("GET", custom_path("mcpservers", "b")),
+        ("GET", custom_path("mcpservers", "default")),
+    ]
+
+
+def test_a_worker_of_every_namespace_lists_the_cluster_once_for_sessions_in_many_namespaces() -> None:
+    """More namespaces than MOST_NAMESPACES_LISTED_APART: one list of the cluster is fewer requests."""
+    kube = FakeKubeClient()
+    for namespace in ("a", "b", "c", "d"):
+        create(
+            kube, "MCPServer", "mcpservers", "fs", {"transport": "stdio", "command": "x"}, namespace=namespace
+        )
+    namespaces = frozenset({"a", "b", "c", "d"})
+    assert len(namespaces) > MOST_NAMESPACES_LISTED_APART
+    asked_before = len(kube.requests)
+    listed = kube_server_lister(kube, [])(namespaces)
+    assert set(listed) == {(namespace, "fs") for namespace in namespaces}
     assert kube.requests[asked_before:] == [("GET", custom_path("mcpservers", None))]
 
 

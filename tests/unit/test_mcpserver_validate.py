@@ -313,7 +313,7 @@ def test_a_tools_workers_sessions_of_servers_deleted_or_edited_close_within_a_sw
             ("DELETE", custom_path("mcpservers", "default", "deleted")),
             ("PATCH", custom_path("mcpservers", "default", "edited")),
         }
-        assert asked == {("GET", custom_path("mcpservers", None))}, "one list of the cluster a sweep"
+        assert asked == {("GET", custom_path("mcpservers", "default"))}, "one list of their namespace a sweep"
     finally:
         ctx.events.flush()
         ctx.mcp.close()
