@@ -238,3 +238,38 @@ def test_every_way_a_validation_stops_at_a_secret_is_told_apart_for_its_short_re
         assert work.max_recheck_s == SECRET_RECHECK_S
     refused = "OpenAI API key validation failed: invalid API key (status code: 401)"
     assert not waits_for_a_secret(obj("LLM", "l", {}, {"status": "Error", "statusDetail": refused}))
+
+
+def test_a_validation_stopped_by_a_secret_value_no_header_can_carry_is_checked_again_soon() -> None:
+    """A Secret's value with a pasted "…" (an LLM's or ContactChannel's API key) or a line break inside (an
+    MCPServer's header) is fixed by editing the Secret, which the watcher does not see: like a missing
+    Secret, the object must be checked again within SECRET_RECHECK_S, not at a back-off of minutes."""
+    from kubechain.kube.fake import FakeKubeClient
+    from kubechain.llm.base import LLMResponse
+    from kubechain.mcp import MCPError, kube_secret_resolver, resolve_spec
+    from kubechain.models import MCPServer
+    from kubechain.statemachines.routing import SECRET_RECHECK_S, waits_for_a_secret
+    from tests.unit.fakes import FakeLLM, context
+    from workers.validators import SecretProblem, read_api_key
+
+    kube = FakeKubeClient()
+    kube.add_secret("ns", "keys", {"PASTED": "sk-1…", "TOKEN": "Bearer a\nb"})
+    said = []
+    with pytest.raises(SecretProblem) as problem:
+        read_api_key(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), "ns", "keys", "PASTED")
+    said.append(str(problem.value))
+    headers = [{"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "TOKEN"}}}]
+    server = MCPServer.model_validate(
+        {
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"transport": "http", "url": "https://mcp.example/mcp", "headers": headers},
+        }
+    )
+    with pytest.raises(MCPError) as unsendable:
+        resolve_spec(server, kube_secret_resolver(kube))
+    said.append(f"Connection failed: {unsendable.value}")  # as workers.mcpservers writes it
+    for detail in said:
+        waiting = obj("LLM", "l", {}, {"status": "Error", "statusDetail": detail, "observedGeneration": 1})
+        assert waits_for_a_secret(waiting), detail
+        (work,) = work_for("LLM", waiting, NOW, 180, resync=True)
+        assert work.max_recheck_s == SECRET_RECHECK_S
