@@ -87,6 +87,7 @@ class MCPManager:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         list_servers: ServerLister | None = None,
         sweep_interval_s: float | None = None,
+        list_timeout_s: float | None = None,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
         name)``: a session heard that its server's tool list changed (called on a thread of its own, in
@@ -95,13 +96,17 @@ class MCPManager:
         read from a server (a tool's result): a call whose answer is longer fails saying so.
         ``list_servers``: the MCPServers there are (kubechain.mcp.presence.kube_server_lister), asked on a
         thread of its own every ``sweep_interval_s`` (default SWEEP_INTERVAL_S) while sessions are open;
-        without it only a deletion a call or a validation finds closes a session before its idle timeout."""
+        without it only a deletion a call or a validation finds closes a session before its idle timeout.
+        ``list_timeout_s``: how long a tools/list on an open session (a call's tool not in its listing) may
+        go unanswered before the session is taken for hung and the call moves to a fresh one; at most, and
+        by default, ``connect_timeout_s``."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
         # call's claim, so the call ends before another worker may take it over.
         self.call_budget_s = call_budget_s
         self.connect_timeout_s = float(connect_timeout_s)
+        self.list_timeout_s = list_timeout_s
         self.command_allowlist = [entry for entry in (command_allowlist or []) if entry]
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_message_bytes = max_message_bytes
@@ -368,6 +373,7 @@ class MCPManager:
             self.call_timeout_s,
             on_tools_changed=tools_changed,
             max_message_bytes=self.max_message_bytes,
+            list_timeout_s=self.list_timeout_s,
         )
         # Known to close() while it starts: a caller whose budget ends mid-start leaves the session to stop
         # (its stdio child too) on its own, and a close meanwhile (a worker's shutdown) must wait for that

@@ -968,14 +968,18 @@ class Session:
         call_timeout_s: float,
         on_tools_changed: Callable[[], None] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        list_timeout_s: float | None = None,
     ) -> None:
         """``on_tools_changed``: called (on the loop, so it must not block) when the server says its tool
         list changed; without it the session does not listen for that. ``max_message_bytes``: the longest
-        message read from the server (a longer stdio line ends the session)."""
+        message read from the server (a longer stdio line ends the session). ``list_timeout_s``: how long
+        a tools/list on the open session (refresh_tools) may go unanswered before the session is taken for
+        hung; at most, and by default, ``connect_timeout_s``, which covers starting the server too."""
         self.label = label
         self.spec = spec
         self.fingerprint = spec.fingerprint()
         self.connect_timeout_s = connect_timeout_s
+        self.list_timeout_s = min(connect_timeout_s, list_timeout_s or connect_timeout_s)
         self.call_timeout_s = call_timeout_s
         self.client: Client | None = None
         self.tools: list[types.Tool] = []
@@ -1427,14 +1431,14 @@ class Session:
         client = self._check_usable()
         self.inflight += 1
         try:
-            with anyio.fail_after(self.connect_timeout_s):
+            with anyio.fail_after(self.list_timeout_s):
                 self.tools = await self._list_all(client)
         except TimeoutError:
-            # No answer to tools/list for a whole connect timeout: hung, not slow. A fresh session is
+            # No answer to tools/list for a whole list timeout: hung, not slow. A fresh session is
             # tried instead (nothing was called: a tool call waiting on this list goes on there).
             self.broken = True
             raise ConnectionLost(
-                self._explain(f"listing tools timed out after {self.connect_timeout_s:g}s"),
+                self._explain(f"listing tools timed out after {self.list_timeout_s:g}s"),
                 maybe_executed=False,
             ) from None
         except SDKError as exc:

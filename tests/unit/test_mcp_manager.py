@@ -616,13 +616,17 @@ LISTER = textwrap.dedent(
 )
 
 
-def test_a_tools_list_that_hangs_before_a_call_moves_the_call_to_a_fresh_session(tmp_path: Path) -> None:
+def test_a_tools_list_that_hangs_before_a_call_moves_the_call_to_a_fresh_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The call's tool was not in the first listing, so the session lists again, and that hangs: nothing
     was called yet, so the call goes on, on a fresh session, instead of failing."""
+    caplog.set_level(logging.INFO, logger="kubechain")
     script = tmp_path / "lister.py"
     script.write_text(LISTER)
-    # the hung listing is given up after a connect timeout: short, but long enough to start a server
-    lister = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=10)
+    # The hung listing is given up after the list timeout, short: the connect timeout (starting a python
+    # server, twice) is generous, as a loaded machine may take more than 10 s to start one.
+    lister = MCPManager(resolve_secret, call_timeout_s=30, connect_timeout_s=120, list_timeout_s=2)
     try:
         server = mcp_server(
             "lister",
@@ -634,6 +638,7 @@ def test_a_tools_list_that_hangs_before_a_call_moves_the_call_to_a_fresh_session
         assert [t.name for t in lister.list_tools(server)] == []
         assert lister.call_tool(server, "late", {}).text == "late ran"
         assert (tmp_path / "lists").read_text() == "3"
+        assert "listing tools timed out after 2s" in caplog.text, "given up at the list timeout"
     finally:
         lister.close()
 
