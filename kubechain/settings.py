@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     # so, instead of being read whole (a few hundred MB would take the worker down). The default is
     # kubechain.mcp.common.DEFAULT_MAX_MESSAGE_BYTES (not imported: settings import nothing of the app).
     mcp_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    # Stdio MCP servers (child processes: 70 MiB for a small Python one, 160 MiB for an npx one with npm's
+    # own process) one worker process runs at once. A checks worker starts the one it validates and stops
+    # it after: 4 fit its 1 GiB (deploy/base/workers.yaml) beside the worker; the others wait their turn.
+    mcp_max_stdio_checks: int = Field(default=4, ge=1, le=64)
 
     # Observability
     metrics_port: int = Field(default=0, ge=0, le=65535)

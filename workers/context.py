@@ -14,6 +14,7 @@ from kubechain.kube.cache import TTLReadCache
 from kubechain.kube.client import KubeClient
 from kubechain.kube.events import EventRecorder
 from kubechain.llm.base import LLMClientFactory
+from kubechain.mcp.turns import Turns
 from kubechain.models import Resource
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
@@ -146,6 +147,7 @@ class WorkerContext:
     extra: dict[str, Any] = field(default_factory=dict)
     _config: TTLReadCache | None = None
     _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stdio_checks: Turns | None = field(default=None, repr=False)
 
     @property
     def config_cache(self) -> TTLReadCache:
@@ -156,6 +158,16 @@ class WorkerContext:
                 if self._config is None:
                     self._config = TTLReadCache(self.kube, self.settings.config_cache_ttl_s)
         return self._config
+
+    @property
+    def stdio_check_turns(self) -> Turns:
+        """Turns of the validations that start a stdio MCP server and stop it after (a checks worker's):
+        at most KUBECHAIN_MCP_MAX_STDIO_CHECKS such servers run at once in this process."""
+        if self._stdio_checks is None:
+            with self._config_lock:
+                if self._stdio_checks is None:
+                    self._stdio_checks = Turns(self.settings.mcp_max_stdio_checks)
+        return self._stdio_checks
 
     @property
     def limits(self) -> LoopLimits:

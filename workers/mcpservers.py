@@ -12,6 +12,7 @@ A tools worker's session that hears its server's tool list changed has the serve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,6 +72,27 @@ def plan_connected(server: MCPServer, tools: list[MCPTool]) -> Transition | None
         transition.events = (
             [] if was_connected else [normal("Connected", "MCP server connected successfully")]
         )
+    return transition
+
+
+# A validation that waits longer than this for its turn to start its stdio server says so in the status.
+TURN_NOTICE_S = 2.0
+
+
+def plan_waiting_for_a_turn(server: MCPServer, limit: int) -> Transition | None:
+    """The status of a server whose check waits for a turn to start it: Pending, saying so, for one not
+    yet checked as it stands (new, or edited since). One that was keeps what its last check found (Ready
+    included) until this one says otherwise."""
+    if validated_as_it_stands(server):
+        return None
+    detail = (
+        f"Waiting to be checked: this worker is checking {limit} stdio MCP servers, as many as it runs at "
+        "once (KUBECHAIN_MCP_MAX_STDIO_CHECKS)"
+    )
+    transition = plan_validation(server, False, detail, pending=True, ready_field="connected")
+    if transition is not None:
+        # waiting is no failure: no ValidationFailed warning
+        transition.events = [event for event in transition.events if event.reason == "Initializing"]
     return transition
 
 
@@ -185,11 +207,29 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
 
     manager: MCPManager = ctx.mcp if ctx.mcp is not None else _temporary_manager(ctx)
     try:
-        try:
-            manager.check_command(server)
-        except MCPError as exc:
-            _write(ctx, server, _failure(server, f"Validation failed: {exc}", "ValidationFailed"))
-            return
+        manager.check_command(server)  # before any wait for a turn: it starts nothing
+    except MCPError as exc:
+        if manager is not ctx.mcp:
+            manager.close()
+        _write(ctx, server, _failure(server, f"Validation failed: {exc}", "ValidationFailed"))
+        return
+    waited: list[MCPServer] = []  # the server as the status saying it waits left it
+    read = server
+
+    def say_waiting() -> None:
+        transition = plan_waiting_for_a_turn(read, ctx.settings.mcp_max_stdio_checks)
+        if transition is not None:
+            waited.append(apply_transition(ctx, read, transition))
+
+    # A checks worker starts the stdio server it validates and stops it after: in a turn, so that its
+    # threads do not run more such children at once than its pod holds.
+    in_turn = (
+        ctx.stdio_check_turns.turn(say_waiting, TURN_NOTICE_S)
+        if manager is not ctx.mcp and server.spec.transport == "stdio"
+        else contextlib.nullcontext()
+    )
+    with in_turn:
+        server = waited[-1] if waited else server
         try:
             tools = manager.list_tools(server)
         except MCPError as exc:
@@ -198,9 +238,9 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
             log.info("MCPServer %s/%s: connection failed: %s", server.namespace, server.name, exc)
             _write(ctx, server, _failure(server, f"Connection failed: {exc}", "ConnectionFailed"))
             return
-    finally:
-        if manager is not ctx.mcp:
-            manager.close()
+        finally:
+            if manager is not ctx.mcp:
+                manager.close()  # its stdio child has exited before the turn is given up
     transition = plan_connected(server, tools)
     _write(ctx, server, transition)
     recorded = server.status.tools

@@ -403,3 +403,74 @@ def test_a_tool_list_is_measured_as_etcd_stores_it() -> None:
     assert "the server lists 100 tools taking 603,701 bytes" in refused.status["statusDetail"]
     fits = plan_connected(server, tools[:80])
     assert fits is not None and fits.status["status"] == "Ready"
+
+
+GATED_SERVER = """
+import os
+import sys
+import time
+from pathlib import Path
+
+gate = Path(sys.argv[1])
+(gate.parent / f"started-{os.getpid()}").touch()
+while not gate.exists():  # the test says when it may answer
+    time.sleep(0.02)
+
+from mcp.server.mcpserver import MCPServer
+
+server = MCPServer("gated")
+
+
+@server.tool()
+def now() -> str:
+    return "now"
+
+
+server.run()
+"""
+
+
+def test_a_checks_worker_runs_at_most_its_setting_of_stdio_servers_at_once(
+    kube: FakeKubeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real stdio children: with KUBECHAIN_MCP_MAX_STDIO_CHECKS=2, three MCPServers validated at once by a
+    checks worker (no MCPManager kept) run two servers; the third says it waits, and starts once one of
+    them has been checked and stopped. None is left running."""
+    import threading
+
+    import workers.mcpservers as mcpservers
+    from tests.unit.test_mcp_manager import alive, wait_until
+
+    monkeypatch.setattr(mcpservers, "TURN_NOTICE_S", 0.0, raising=False)
+    script = tmp_path / "gated.py"
+    script.write_text(GATED_SERVER)
+    gate = tmp_path / "gate"
+    ctx = make_context(kube, None, mcp_max_stdio_checks=2)
+    names = ["one", "two", "three"]
+    for name in names:
+        spec = {"transport": "stdio", "command": sys.executable, "args": [str(script), str(gate)]}
+        create(kube, "MCPServer", "mcpservers", name, spec)
+
+    def started() -> list[int]:
+        return [int(path.name.removeprefix("started-")) for path in tmp_path.glob("started-*")]
+
+    def status_of(name: str) -> dict[str, Any]:
+        return kube.get_raw("mcpservers", "default", name).get("status") or {}
+
+    def waiting() -> list[str]:
+        return [name for name in names if status_of(name).get("statusDetail", "").startswith("Waiting")]
+
+    checks = [threading.Thread(target=run_validate, args=(ctx, name)) for name in names]
+    for check in checks:
+        check.start()
+    try:
+        wait_until(lambda: len(started()) == 2 and len(waiting()) == 1, what="two started, one waiting")
+        assert all(alive(pid) for pid in started())
+    finally:
+        gate.touch()
+        for check in checks:
+            check.join(60)
+    assert len(started()) == 3
+    for name in names:
+        assert status_of(name)["statusDetail"] == "Connected successfully with 1 tools"
+    wait_until(lambda: not any(alive(pid) for pid in started()), 15, what="every server to have stopped")
