@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     # own process) one worker process runs at once. A checks worker starts the one it validates and stops
     # it after: 4 fit its 1 GiB (deploy/base/workers.yaml) beside the worker; the others wait their turn.
     mcp_max_stdio_checks: int = Field(default=4, ge=1, le=64)
+    # A tools worker keeps a session (its child) per stdio server its calls use, until unused for 15 min:
+    # at most this many, the one unused for longest closed to start another. 16 fit its 4 GiB.
+    mcp_max_stdio_sessions: int = Field(default=16, ge=1, le=256)
 
     # Observability
     metrics_port: int = Field(default=0, ge=0, le=65535)

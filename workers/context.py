@@ -219,6 +219,7 @@ def build_context(
             # deleted or edited is closed (no message reaches every worker that used it)
             on_tools_changed=ToolsChangedRevalidator(enqueue),
             list_servers=kube_server_lister(kube, settings.namespaces),
+            max_stdio_sessions=settings.mcp_max_stdio_sessions,
         )
         if runs_tools
         else None,

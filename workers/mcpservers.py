@@ -222,7 +222,8 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
             waited.append(apply_transition(ctx, read, transition))
 
     # A checks worker starts the stdio server it validates and stops it after: in a turn, so that its
-    # threads do not run more such children at once than its pod holds.
+    # threads do not run more such children at once than its pod holds. (A worker that keeps its
+    # sessions for tool calls bounds them in its MCPManager: KUBECHAIN_MCP_MAX_STDIO_SESSIONS.)
     in_turn = (
         ctx.stdio_check_turns.turn(say_waiting, TURN_NOTICE_S)
         if manager is not ctx.mcp and server.spec.transport == "stdio"

@@ -17,6 +17,13 @@ session unused for ``idle_timeout_s`` is closed; the next call reconnects. Given
 manager also asks every ``sweep_interval_s`` whether the MCPServers of its sessions are still there as they
 were, and closes the session of one deleted, replaced or edited (kubechain.mcp.presence).
 
+Stdio sessions at once: each is a child process (70 MiB for a small Python server, 160 MiB for an npx one
+with npm's own process), and a tools worker kept one for every MCPServer a call used within the idle
+timeout, however many. Given ``max_stdio_sessions``, a new one is started only when fewer run (starting and
+closing ones counted until their child is gone): the one unused for longest, with no call in flight or
+waiting, is closed to make room, and with every one busy the caller waits for one to be free, within its
+budget (nothing is sent to a server it could not start).
+
 Tool-list changes: a session that hears its server's tool list changed tells ``on_tools_changed``
 (namespace, name), on a thread of its own: the callback may block, the loop is every session's.
 """
@@ -26,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubechain.mcp.common import DEFAULT_MAX_MESSAGE_BYTES, MCPError, MCPToolResult
@@ -88,6 +96,7 @@ class MCPManager:
         list_servers: ServerLister | None = None,
         sweep_interval_s: float | None = None,
         list_timeout_s: float | None = None,
+        max_stdio_sessions: int | None = None,
     ) -> None:
         """Cheap: no thread, loop or process starts until the first request. ``on_tools_changed(namespace,
         name)``: a session heard that its server's tool list changed (called on a thread of its own, in
@@ -99,7 +108,8 @@ class MCPManager:
         without it only a deletion a call or a validation finds closes a session before its idle timeout.
         ``list_timeout_s``: how long a tools/list on an open session (a call's tool not in its listing) may
         go unanswered before the session is taken for hung and the call moves to a fresh one; at most, and
-        by default, ``connect_timeout_s``."""
+        by default, ``connect_timeout_s``.
+        ``max_stdio_sessions``: the most stdio sessions (children) open at once (None: no bound)."""
         self._resolve_secret = resolve_secret
         self.call_timeout_s = float(call_timeout_s)
         # The whole of one call_tool (connecting, a reconnect and its retry included): under the tool
@@ -113,6 +123,7 @@ class MCPManager:
         self._on_tools_changed = on_tools_changed
         self._list_servers = list_servers
         self.sweep_interval_s = float(SWEEP_INTERVAL_S if sweep_interval_s is None else sweep_interval_s)
+        self.max_stdio_sessions = max_stdio_sessions
         self._sweeps: concurrent.futures.ThreadPoolExecutor | None = None  # the list's thread (blocking I/O)
         # One thread, started with the loop: notices are passed on in the order they came.
         self._tools_changed_calls: concurrent.futures.ThreadPoolExecutor | None = None
@@ -129,7 +140,11 @@ class MCPManager:
         self._retiring: set[Session] = set()
         self._starting: set[Session] = set()  # sessions connecting, or left to stop by a cancelled start
         self._key_locks: dict[Key, asyncio.Lock] = {}
-        self._key_users: dict[Key, int] = {}  # the callers holding or waiting for a key's lock
+        # the callers using a key: holding or waiting for its lock, or with a request on its session to come
+        self._key_users: dict[Key, int] = {}
+        # Set (and replaced) when a stdio session may have made room: a request on one ended, one ended,
+        # or a key's last caller left.
+        self._room_changed = asyncio.Event()
         self._last_used: dict[Key, float] = {}
         # A connect that failed answers the callers that were queued behind it (each would otherwise wait a
         # whole connect timeout in turn, the last of many finding its budget spent); later callers try anew.
@@ -153,8 +168,9 @@ class MCPManager:
         key = (server.namespace, server.name)
         serves = served(server, time.monotonic())
         budget = 4 * self.connect_timeout_s + 10
+        deadline = time.monotonic() + budget
         tools = self._run(
-            lambda: self._alist_tools(key, resolved, serves),
+            lambda: self._alist_tools(key, resolved, serves, deadline),
             budget,
             f"listing tools of MCP server {_label(key)}",
             resolved,
@@ -322,25 +338,96 @@ class MCPManager:
     # -- on the loop -------------------------------------------------------------------------------
 
     async def _session_for(
-        self, key: Key, resolved: ResolvedSpec, serves: ServedServer
+        self, key: Key, resolved: ResolvedSpec, serves: ServedServer, deadline: float | None = None
     ) -> tuple[Session, bool]:
         """The live session for this spec, connecting one if needed; (session, freshly connected).
-        ``serves``: the MCPServer as the caller read it, which the session is kept for."""
+        ``serves``: the MCPServer as the caller read it, which the session is kept for; ``deadline``
+        (time.monotonic): when the caller's budget ends (for waiting for room for a stdio session)."""
         lock = self._key_locks.setdefault(key, asyncio.Lock())
         arrived = self._last_used[key] = time.monotonic()
-        self._key_users[key] = self._key_users.get(key, 0) + 1  # its lock is not forgotten meanwhile
-        try:
+        with self._used(key):  # its lock is not forgotten meanwhile
             async with lock:
-                session, fresh = await self._locked_session_for(key, resolved, arrived)
+                session, fresh = await self._locked_session_for(key, resolved, arrived, deadline)
                 session.serves = still_served(session.serves, serves)
                 return session, fresh
+
+    @contextlib.contextmanager
+    def _used(self, key: Key) -> Iterator[None]:
+        """A caller uses ``key`` (its lock, or its session for a request to come): its session is not
+        closed to make room, nor its lock forgotten."""
+        self._key_users[key] = self._key_users.get(key, 0) + 1
+        try:
+            yield
         finally:
             self._key_users[key] -= 1
             if not self._key_users[key]:
                 del self._key_users[key]
+                self._room_may_have_changed()
+
+    def _room_may_have_changed(self) -> None:
+        changed, self._room_changed = self._room_changed, asyncio.Event()
+        changed.set()
+
+    def _live_stdio_sessions(self) -> list[Session]:
+        """The stdio sessions whose child may still run: open, starting, or closing."""
+        every = {*self._sessions.values(), *self._retiring, *self._starting}
+        return [s for s in every if s.spec.transport == "stdio" and not s.finished.is_set()]
+
+    async def _room_for_a_stdio_session(self, key: Key, deadline: float | None) -> None:
+        """Returns once fewer than ``max_stdio_sessions`` stdio sessions run, closing the one unused for
+        longest that no caller uses; MCPError if none is free by ``deadline`` (less the time to send)."""
+        limit = self.max_stdio_sessions
+        assert limit is not None
+        said = False
+        while True:
+            if self._closed:
+                raise MCPError("the MCP manager is closed")
+            live = self._live_stdio_sessions()
+            if len(live) < limit:
+                return
+            changed = self._room_changed
+            if len([s for s in live if not s.leaving]) >= limit:
+                idle = [
+                    (self._last_used.get(k, 0.0), k, s)
+                    for k, s in self._sessions.items()
+                    if s.spec.transport == "stdio"
+                    and not (s.inflight or s.leaving or s.finished.is_set())
+                    and k not in self._key_users
+                ]
+                if idle:
+                    _, lru, session = min(idle, key=lambda entry: entry[0])
+                    log.info(
+                        "MCP server %s: closing its session, unused for longest, to start %s "
+                        "(KUBECHAIN_MCP_MAX_STDIO_SESSIONS: %d)",
+                        _label(lru),
+                        _label(key),
+                        limit,
+                    )
+                    self._retire(lru, session)
+                    continue  # it stops: waited for below, until its child is gone
+            if not said:
+                said = True
+                log.info(
+                    "MCP server %s: waiting for one of its %d stdio sessions to be free "
+                    "(KUBECHAIN_MCP_MAX_STDIO_SESSIONS)",
+                    _label(key),
+                    limit,
+                )
+            left = None if deadline is None else deadline - MIN_TIME_TO_SEND_S - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                raise MCPError(
+                    f"MCP server {_label(key)} not started: this worker runs {limit} stdio MCP "
+                    f"server{'' if limit == 1 else 's'}, as many as it may at once "
+                    "(KUBECHAIN_MCP_MAX_STDIO_SESSIONS), each busy with a call, and none was free in time; "
+                    "nothing was sent to it"
+                ) from None
 
     async def _locked_session_for(
-        self, key: Key, resolved: ResolvedSpec, arrived: float
+        self, key: Key, resolved: ResolvedSpec, arrived: float, deadline: float | None = None
     ) -> tuple[Session, bool]:
         """_session_for, under the key's lock (``arrived``: when the caller asked)."""
         from kubechain.mcp.session import Session
@@ -365,6 +452,9 @@ class MCPManager:
         failed = self._connect_failures.get(key)
         if failed is not None and failed[1] == fingerprint and failed[0] >= arrived:
             raise MCPError(failed[2])  # it failed while this caller waited for the lock
+        if resolved.transport == "stdio" and self.max_stdio_sessions is not None:
+            await self._room_for_a_stdio_session(key, deadline)
+        # From here to _starting.add() nothing awaits: another caller given the same room counts this one.
         tools_changed = functools.partial(self._tools_changed, key) if self._on_tools_changed else None
         session = Session(
             _label(key),
@@ -374,6 +464,7 @@ class MCPManager:
             on_tools_changed=tools_changed,
             max_message_bytes=self.max_message_bytes,
             list_timeout_s=self.list_timeout_s,
+            on_released=self._room_may_have_changed,
         )
         # Known to close() while it starts: a caller whose budget ends mid-start leaves the session to stop
         # (its stdio child too) on its own, and a close meanwhile (a worker's shutdown) must wait for that
@@ -489,11 +580,19 @@ class MCPManager:
         self._retiring.discard(session)
         self._starting.discard(session)
 
-    async def _alist_tools(self, key: Key, resolved: ResolvedSpec, serves: ServedServer) -> list[Any]:
+    async def _alist_tools(
+        self, key: Key, resolved: ResolvedSpec, serves: ServedServer, deadline: float | None = None
+    ) -> list[Any]:
+        with self._used(key):  # from its session's start to its request: not closed to make room
+            return await self._alist_tools_used(key, resolved, serves, deadline)
+
+    async def _alist_tools_used(
+        self, key: Key, resolved: ResolvedSpec, serves: ServedServer, deadline: float | None
+    ) -> list[Any]:
         from kubechain.mcp.session import ConnectionLost, describe_error
 
         for attempt in (1, 2):
-            session, fresh = await self._session_for(key, resolved, serves)
+            session, fresh = await self._session_for(key, resolved, serves, deadline)
             if fresh:
                 return list(session.tools)
             try:
@@ -523,6 +622,22 @@ class MCPManager:
         attempts: list[Attempt],
     ) -> MCPToolResult:
         """``deadline`` (time.monotonic): when the caller's budget ends; ``attempts`` gets each call's."""
+        with self._used(key):  # from its session's start to its request: not closed to make room
+            return await self._acall_tool_used(
+                key, resolved, serves, idempotent, tool, arguments, deadline, attempts
+            )
+
+    async def _acall_tool_used(
+        self,
+        key: Key,
+        resolved: ResolvedSpec,
+        serves: ServedServer,
+        idempotent: bool,
+        tool: str,
+        arguments: dict[str, Any],
+        deadline: float,
+        attempts: list[Attempt],
+    ) -> MCPToolResult:
         from mcp.shared.exceptions import MCPError as SDKError
         from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
 
@@ -530,7 +645,7 @@ class MCPManager:
 
         label = _label(key)
         for attempt in (1, 2):
-            session, fresh = await self._session_for(key, resolved, serves)
+            session, fresh = await self._session_for(key, resolved, serves, deadline)
             timeout = self.call_timeout_s
             try:
                 if tool not in {t.name for t in session.tools} and not fresh:

@@ -969,12 +969,15 @@ class Session:
         on_tools_changed: Callable[[], None] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         list_timeout_s: float | None = None,
+        on_released: Callable[[], None] | None = None,
     ) -> None:
         """``on_tools_changed``: called (on the loop, so it must not block) when the server says its tool
         list changed; without it the session does not listen for that. ``max_message_bytes``: the longest
         message read from the server (a longer stdio line ends the session). ``list_timeout_s``: how long
         a tools/list on the open session (refresh_tools) may go unanswered before the session is taken for
-        hung; at most, and by default, ``connect_timeout_s``, which covers starting the server too."""
+        hung; at most, and by default, ``connect_timeout_s``, which covers starting the server too.
+        ``on_released``: called (on the loop) when a request on it ends and when it has ended, its stdio
+        child gone."""
         self.label = label
         self.spec = spec
         self.fingerprint = spec.fingerprint()
@@ -1011,12 +1014,18 @@ class Session:
         self._listen_backoff: Callable[[float], Awaitable[None]] = anyio.sleep
         # (http) the error status the last POST was answered with, which the SDK does not say
         self._refused_post_status: int | None = None
+        self._on_released = on_released
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     @property
     def usable(self) -> bool:
         return self.client is not None and not (self.dead or self.broken or self.retired)
+
+    @property
+    def leaving(self) -> bool:
+        """Retired or told to stop: it ends without being told again."""
+        return self.retired or self._stopping
 
     @property
     def pid(self) -> int | None:
@@ -1104,6 +1113,8 @@ class Session:
             else:
                 log.info("MCP session %s closed", self.label)
             self.finished.set()
+            if self._on_released is not None:
+                self._on_released()
 
     def _post_refused(self, status: int) -> None:
         self._refused_post_status = status
@@ -1568,3 +1579,5 @@ class Session:
         self.inflight -= 1
         if self.retired and self.inflight == 0:
             self.stop()
+        if self._on_released is not None:
+            self._on_released()

@@ -320,6 +320,30 @@ def test_changed_spec_reconnects_and_closes_the_old_child(manager: MCPManager) -
     wait_until(lambda: not alive(old_pid), what="the old child to exit")
 
 
+def test_at_most_max_stdio_sessions_children_run_and_the_least_recently_used_is_closed_first() -> None:
+    """Real stdio children: with max_stdio_sessions=2 (KUBECHAIN_MCP_MAX_STDIO_SESSIONS), a third server
+    starts once the child of the one unused for longest is gone; the two others keep theirs."""
+    bounded = MCPManager(resolve_secret, connect_timeout_s=CONNECT_TIMEOUT_S, max_stdio_sessions=2)
+    try:
+        pids: dict[str, int] = {}
+        for name in ("lru-a", "lru-b", "lru-c"):
+            result = bounded.call_tool(time_server(name), "get_current_time", {"timezone": "UTC"})
+            assert not result.is_error, result.text
+            pid = bounded.stdio_pid("default", name)
+            assert pid is not None
+            pids[name] = pid
+            assert sum(alive(pid) for pid in pids.values()) <= 2
+        assert not alive(pids["lru-a"]), "the least recently used child was gone before the third started"
+        assert alive(pids["lru-b"]) and alive(pids["lru-c"])
+        bounded.list_tools(time_server("lru-b"))  # b used again: c is now the one unused for longest
+        bounded.list_tools(time_server("lru-a"))
+        assert not alive(pids["lru-c"]) and alive(pids["lru-b"])
+        assert not bounded.connected("default", "lru-c")
+    finally:
+        bounded.close()
+    assert not any(alive(pid) for pid in pids.values())
+
+
 def test_allowlist(manager: MCPManager) -> None:
     strict = MCPManager(resolve_secret, command_allowlist=["npx", "/usr/bin/uvx"])
     try:
