@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import socket
 import threading
-from types import TracebackType
+
+from tests.unit.loopback import LoopbackServer
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """``targets``: the host:port of every CONNECT, in order. With ``credentials`` ("user:password") it
     answers 407 to a CONNECT without them. A context manager."""
 
@@ -18,19 +19,10 @@ class ConnectProxy:
         self._authorization = (
             "Basic " + base64.b64encode(credentials.encode()).decode() if credentials is not None else None
         )
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
-
-    def _tunnel(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket) -> None:
         with client:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -54,14 +46,6 @@ class ConnectProxy:
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
                 _pipe(client, upstream)
-
-    def __enter__(self) -> ConnectProxy:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
 
 
 def _pipe(source: socket.socket, sink: socket.socket) -> None:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from tests.unit.loopback import LoopbackServer
 
-class HeaderTricklingServer:
+
+class HeaderTricklingServer(LoopbackServer):
     """Answers each request with a status line, then one byte of a header every ``interval_s`` (each well
     under any read timeout), for up to a minute: the headers never end. ``heads``: each request's head (its
     request line and headers) as received; ``hung_up`` is set once a client closed its connection
@@ -27,20 +29,10 @@ class HeaderTricklingServer:
         self.interval_s = interval_s
         self.heads: list[bytes] = []
         self.hung_up = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
+        super().__init__()
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
-
-    def _trickle(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket) -> None:
         with connection:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -56,17 +48,6 @@ class HeaderTricklingServer:
                     time.sleep(self.interval_s)
             except OSError:
                 self.hung_up.set()
-
-    def close(self) -> None:
-        self._listener.close()
-
-    def __enter__(self) -> HeaderTricklingServer:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class HangingResolver:
@@ -116,7 +97,7 @@ class HangingResolver:
         self.release()
 
 
-class SNIRecordingServer:
+class SNIRecordingServer(LoopbackServer):
     """A TLS server (a certificate of a CA no client trusts) that records the server name each client asks
     for in its handshake (``names``) and then ends the connection. A context manager."""
 
@@ -128,22 +109,12 @@ class SNIRecordingServer:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(pki / "apiserver.crt", pki / "apiserver.key")
         self._context.sni_callback = self._record_name  # type: ignore[assignment]
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
     def _record_name(self, _sock: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
         self.names.append(name)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._handshake, args=(connection,), daemon=True).start()
-
-    def _handshake(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket) -> None:
         with connection:
             connection.settimeout(30)
             try:
@@ -151,16 +122,8 @@ class SNIRecordingServer:
             except OSError:
                 pass  # the client refused the certificate: the name was recorded before
 
-    def __enter__(self) -> SNIRecordingServer:
-        return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
-
-
-class TLSTricklingProxy:
+class TLSTricklingProxy(LoopbackServer):
     """An https:// proxy (TLS with its client, under a certificate of the CA written to ``pki`` as
     ``ca.crt``, for 127.0.0.1) that opens the tunnel a CONNECT asks for, and then plays the tunnelled
     server's part of the TLS handshake a byte every ``interval_s``, for up to a minute: the header of a
@@ -177,19 +140,10 @@ class TLSTricklingProxy:
         self.hung_up = threading.Event()
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(pki / "apiserver.crt", pki / "apiserver.key")
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"https://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.url = f"https://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._tunnel, args=(connection,), daemon=True).start()
-
-    def _tunnel(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket) -> None:
         try:
             connection.settimeout(30)
             with self._context.wrap_socket(connection, server_side=True) as client:
@@ -209,16 +163,8 @@ class TLSTricklingProxy:
         except OSError:
             self.hung_up.set()
 
-    def __enter__(self) -> TLSTricklingProxy:
-        return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()
-
-
-class SlowReadingServer:
+class SlowReadingServer(LoopbackServer):
     """Accepts connections with a receive buffer of a few KiB and reads from each ``piece`` bytes every
     ``interval_s`` (each read well under any write timeout), for up to a minute: a client writing more
     than its buffers hold waits on it send after send. ``received``: the bytes read in all. A context
@@ -228,22 +174,13 @@ class SlowReadingServer:
         self.piece = piece
         self.interval_s = interval_s
         self.received = 0
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # taken on by each connection
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen()
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # taken on by each connection
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        super().__init__(listener)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._read_slowly, args=(connection,), daemon=True).start()
-
-    def _read_slowly(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket) -> None:
         with connection:
             for _ in range(int(60 / self.interval_s)):
                 try:
@@ -254,11 +191,3 @@ class SlowReadingServer:
                     return
                 self.received += len(data)
                 time.sleep(self.interval_s)
-
-    def __enter__(self) -> SlowReadingServer:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._listener.close()

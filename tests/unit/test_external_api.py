@@ -17,6 +17,7 @@ import pytest
 from kubechain.tools.builtin import ToolError
 from kubechain.tools.external_api import call_external_api
 from tests.unit.http_stub import StubAnswer, StubHTTPServer
+from tests.unit.loopback import LoopbackServer
 from tests.unit.slow_peers import HeaderTricklingServer
 from tests.unit.test_redaction import counting_secret_forms
 
@@ -253,7 +254,7 @@ def test_the_watchdog_ends_a_read_blocked_past_the_deadline() -> None:
     ours.close()
 
 
-class SecondAnswerHeldServer:
+class SecondAnswerHeldServer(LoopbackServer):
     """HTTP/1.1, connections kept alive: the first request is answered at once (its head and body in one
     send), each later one once ``release`` is set. ``peers``: each request's client address (which
     connection it came on)."""
@@ -261,19 +262,11 @@ class SecondAnswerHeldServer:
     def __init__(self) -> None:
         self.peers: list[tuple[str, int]] = []
         self.release = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/x"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
+        self.url = f"http://127.0.0.1:{self.port}/x"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, peer = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(connection, peer), daemon=True).start()
-
-    def _serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve(self, connection: socket.socket) -> None:
+        peer = connection.getpeername()
         with connection:
             pending = b""
             while True:
@@ -307,7 +300,7 @@ class SecondAnswerHeldServer:
 
     def close(self) -> None:
         self.release.set()
-        self._listener.close()
+        super().close()
 
 
 def test_a_calls_watchdog_does_not_shut_the_connection_the_next_call_was_given(
