@@ -40,3 +40,15 @@ class LoopbackServer:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def read_head(connection: socket.socket) -> bytes | None:
+    """A request's head (its request line and headers, without the blank line that ends them) read from
+    ``connection``; None if the client closed it first. What came after the head is dropped."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        head += chunk
+    return head.split(b"\r\n\r\n", 1)[0]

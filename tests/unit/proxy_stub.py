@@ -6,7 +6,7 @@ import base64
 import socket
 import threading
 
-from tests.unit.loopback import LoopbackServer
+from tests.unit.loopback import LoopbackServer, read_head
 
 
 class ConnectProxy(LoopbackServer):
@@ -24,13 +24,10 @@ class ConnectProxy(LoopbackServer):
 
     def _serve(self, client: socket.socket) -> None:
         with client:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = client.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            request_line, *header_lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+            head = read_head(client)
+            if head is None:
+                return
+            request_line, *header_lines = head.decode().split("\r\n")
             method, target, _ = request_line.split(" ", 2)
             headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
             if method != "CONNECT":

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.loopback import LoopbackServer
+from tests.unit.loopback import LoopbackServer, read_head
 
 
 class HeaderTricklingServer(LoopbackServer):
@@ -34,13 +34,10 @@ class HeaderTricklingServer(LoopbackServer):
 
     def _serve(self, connection: socket.socket) -> None:
         with connection:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
-            self.heads.append(head.split(b"\r\n\r\n", 1)[0])
+            head = read_head(connection)
+            if head is None:
+                return
+            self.heads.append(head)
             try:
                 connection.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
                 for _ in range(int(60 / self.interval_s)):
@@ -147,12 +144,9 @@ class TLSTricklingProxy(LoopbackServer):
         try:
             connection.settimeout(30)
             with self._context.wrap_socket(connection, server_side=True) as client:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    chunk = client.recv(65536)
-                    if not chunk:
-                        return
-                    head += chunk
+                head = read_head(client)
+                if head is None:
+                    return
                 self.targets.append(head.split(b" ", 2)[1].decode())
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 client.recv(65536)  # the tunnelled ClientHello
