@@ -170,7 +170,7 @@ class MCPManager:
         budget = 4 * self.connect_timeout_s + 10
         deadline = time.monotonic() + budget
         tools = self._run(
-            lambda: self._alist_tools(key, resolved, serves, deadline),
+            lambda: self._while_used(key, self._alist_tools(key, resolved, serves, deadline)),
             budget,
             f"listing tools of MCP server {_label(key)}",
             resolved,
@@ -204,7 +204,9 @@ class MCPManager:
         deadline = time.monotonic() + budget
         attempts: list[Attempt] = []  # one a tools/call handed to a session, to tell if one may have run
         return self._run(
-            lambda: self._acall_tool(key, resolved, serves, idempotent, tool, arguments, deadline, attempts),
+            lambda: self._while_used(
+                key, self._acall_tool(key, resolved, serves, idempotent, tool, arguments, deadline, attempts)
+            ),
             budget,
             f'calling tool "{tool}" on MCP server {_label(key)}',
             resolved,
@@ -580,14 +582,14 @@ class MCPManager:
         self._retiring.discard(session)
         self._starting.discard(session)
 
+    async def _while_used(self, key: Key, request: Awaitable[T]) -> T:
+        """``request`` (a coroutine of this manager's, not started yet) run with ``key`` in use, from its
+        session's start to its request: the session is not closed to make room meanwhile."""
+        with self._used(key):
+            return await request
+
     async def _alist_tools(
         self, key: Key, resolved: ResolvedSpec, serves: ServedServer, deadline: float | None = None
-    ) -> list[Any]:
-        with self._used(key):  # from its session's start to its request: not closed to make room
-            return await self._alist_tools_used(key, resolved, serves, deadline)
-
-    async def _alist_tools_used(
-        self, key: Key, resolved: ResolvedSpec, serves: ServedServer, deadline: float | None
     ) -> list[Any]:
         from kubechain.mcp.session import ConnectionLost, describe_error
 
@@ -622,22 +624,6 @@ class MCPManager:
         attempts: list[Attempt],
     ) -> MCPToolResult:
         """``deadline`` (time.monotonic): when the caller's budget ends; ``attempts`` gets each call's."""
-        with self._used(key):  # from its session's start to its request: not closed to make room
-            return await self._acall_tool_used(
-                key, resolved, serves, idempotent, tool, arguments, deadline, attempts
-            )
-
-    async def _acall_tool_used(
-        self,
-        key: Key,
-        resolved: ResolvedSpec,
-        serves: ServedServer,
-        idempotent: bool,
-        tool: str,
-        arguments: dict[str, Any],
-        deadline: float,
-        attempts: list[Attempt],
-    ) -> MCPToolResult:
         from mcp.shared.exceptions import MCPError as SDKError
         from mcp_types import INVALID_PARAMS, REQUEST_TIMEOUT
 
