@@ -293,6 +293,10 @@ def readiness(kind: str, obj: Mapping[str, Any] | None) -> tuple[Any, ...]:
         # whether the status is about the spec as it stands: a run or a Task does not start on an Agent
         # edited since it was validated, and waits for the validation that follows, Ready as before
         status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation"),
+        # and which generation it is about: a watch that missed the edit (a relist, a reconnect) sees an
+        # Agent go from one validated generation to the next at once, and the turns that waited for it
+        # meanwhile (plan_turn_waits_for_agent) must hear of it then, not at their resync minutes later
+        status.get("observedGeneration") if kind == "Agent" else None,
         status.get("status"),
         status.get("connected"),
         # the names, not their number: a tool renamed changes what an Agent offers (and its conflicts)
