@@ -149,10 +149,13 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     stop = threading.Event()
     starting = True
     terminated = False
+    stopped_by: list[int] = []  # the signal that asked for the stop: the exit status says which
 
-    def on_sigterm(*_: object) -> None:
+    def on_termination(signum: int, _frame: object) -> None:
         nonlocal terminated
         stop.set()
+        if not stopped_by:
+            stopped_by.append(signum)
         if starting and not terminated:
             # as Ctrl-C does: the start (a 6-minute cold build of the control plane, say) ends now, and
             # what it started is stopped below; only once, so that the stopping itself is not cut short
@@ -160,7 +163,10 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             raise Terminated
         terminated = True
 
-    previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_sigterm = signal.signal(signal.SIGTERM, on_termination)
+    # the terminal `up` runs in was closed: by default the process ended at once, without stopping what
+    # it started in order (the control plane's etcd mid-write among them)
+    previous_sighup = signal.signal(signal.SIGHUP, on_termination)
     # Set, not assumed: a shell without job control starts a background job (`kubechain up &` in a script)
     # with SIGINT ignored, and Python then leaves it ignored: `kill -INT` and Ctrl-C did nothing.
     previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -203,7 +209,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
                     displaced_by = None
                 if displaced_by is not None:
                     break
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM while starting (Terminated)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM or SIGHUP while starting (Terminated)
         interrupted = True
     else:
         interrupted = False
@@ -220,6 +226,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         # as they were (when `up` runs in a process that goes on: a test's)
         signal.signal(signal.SIGINT, previous_sigint)
         signal.signal(signal.SIGTERM, previous_sigterm)
+        signal.signal(signal.SIGHUP, previous_sighup)
         if failed is not None:
             raise CLIError(failed)
     if displaced_by is not None:
@@ -227,20 +234,19 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
             f"KubeChain was deployed in the current cluster meanwhile (its watcher {displaced_by} holds Lease "
             f"{'/'.join(DEPLOYED_LEASE)}): the local processes stopped rather than race it for every resource"
         )
-    # as a shell reports a process ended by SIGTERM or SIGINT: a supervisor, or a script, tells a stop it
+    # as a shell reports a process ended by SIGTERM, SIGHUP or SIGINT: a supervisor, or a script, tells a stop it
     # asked for from a failure (1, 2) and from an end of its own (none: `up` runs until stopped)
     if terminated:
-        sys.exit(EXIT_SIGTERM)
+        sys.exit(128 + (stopped_by[0] if stopped_by else signal.SIGTERM))  # 143 for SIGTERM, 129 for SIGHUP
     if interrupted:
         sys.exit(EXIT_SIGINT)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM while ``up`` starts: ends the start as Ctrl-C does."""
+    """SIGTERM or SIGHUP while ``up`` starts: ends the start as Ctrl-C does."""
 
 
 EXIT_SIGINT = 128 + signal.SIGINT  # 130
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 
 # How often `up --cluster current` checks that KubeChain has not been deployed into the cluster meanwhile.

@@ -440,10 +440,10 @@ def test_up_sees_a_cluster_already_served_by_another_up(
 
 @pytest.fixture
 def own_signal_handlers() -> object:
-    """`up` installs its own SIGTERM and SIGINT handlers: pytest's are put back after the test."""
+    """`up` installs its own SIGTERM, SIGINT and SIGHUP handlers: pytest's are put back after the test."""
     import signal
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
@@ -501,9 +501,16 @@ def test_sigterm_while_starting_stops_the_start_and_what_it_started(
     assert result.exit_code == 130 and events == ["stop"], result.output
 
 
-def test_sigterm_once_running_stops_everything_and_exits_143(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, own_signal_handlers: object
+@pytest.mark.parametrize(("signal_name", "exit_code"), [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_once_running_stops_everything_and_exits_as_killed_by_it(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    own_signal_handlers: object,
+    signal_name: str,
+    exit_code: int,
 ) -> None:
+    """SIGHUP (the terminal `up` ran in was closed) ended `up` at once, by the signal's default action,
+    without its clean shutdown; it is a stop asked for, as SIGTERM is."""
     import signal
     import threading
 
@@ -524,7 +531,7 @@ def test_sigterm_once_running_stops_everything_and_exits_143(
 
         def start(self) -> None:
             events.append("start")
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            threading.Timer(0.3, os.kill, (os.getpid(), getattr(signal, signal_name))).start()
 
         def stop(self) -> None:
             events.append("stop")
@@ -532,7 +539,7 @@ def test_sigterm_once_running_stops_everything_and_exits_143(
     monkeypatch.setattr(stack, "LocalStack", Running)
     result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "a")])
     assert events == ["start", "stop"], result.output
-    assert result.exit_code == 143, result.output
+    assert result.exit_code == exit_code, result.output
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, "Ctrl-C works again after `up` returns"
 
 
