@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from kubechain.mcp.common import MCPError
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
-from kubechain.models.urls import credentials_in_url, http_url_problem, url_has_userinfo
+from kubechain.models.urls import credentials_in_url, spec_url_problem
 from kubechain.redaction import Scrubber, redact_url
 
 # resolve_secret(namespace, secret_name, key) -> value; raises with a message naming what is missing.
@@ -89,10 +89,8 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
     else:
         if not spec.url:
             return f"url is required for {transport} servers"
-        if url_has_userinfo(spec.url):
-            return CREDENTIALS_IN_URL
-        if (problem := http_url_problem(spec.url)) is not None:
-            return f"url {problem}"
+        if (problem := spec_url_problem("url", spec.url, CREDENTIALS_IN_URL)) is not None:
+            return problem
     for var in spec.env or []:
         if problem := _var_problem(var, "env var"):
             return problem

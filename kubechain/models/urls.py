@@ -63,3 +63,13 @@ def http_url_problem(url: str) -> str | None:
     if port == 0:
         return "has a port that is no number from 1 to 65535"
     return None
+
+
+def spec_url_problem(field: str, url: str, credentials_refused: str) -> str | None:
+    """Why ``url``, the spec's ``field``, is not used, or None: ``credentials_refused`` (what the kind says
+    of userinfo, and where credentials go instead) if it has userinfo, else what ``http_url_problem``
+    finds, named by its field."""
+    if url_has_userinfo(url):
+        return credentials_refused
+    problem = http_url_problem(url)
+    return None if problem is None else f"{field} {problem}"

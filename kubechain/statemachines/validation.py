@@ -24,7 +24,7 @@ from kubechain.models.common import LocalObjectReference
 from kubechain.models.labels import MAX_OBJECT_NAME, is_object_name, shortened
 from kubechain.models.taskrun import TaskRunPhase, TaskRunSpec
 from kubechain.models.tool import CREDENTIALS_IN_URL
-from kubechain.models.urls import credentials_in_url, http_url_problem, url_has_userinfo
+from kubechain.models.urls import credentials_in_url, spec_url_problem
 from kubechain.statemachines.toolset import (
     DELEGATE_PREFIX,
     FUNCTION_NAME,
@@ -103,10 +103,8 @@ def validate_tool_spec(tool: Tool) -> str | None:
         return "toolType externalAPI needs execute.externalAPI.url"
     if kind == "externalAPI" and spec.execute and spec.execute.external_api:
         url = spec.execute.external_api.url or ""
-        if url_has_userinfo(url):
-            return CREDENTIALS_IN_URL
-        if (problem := http_url_problem(url)) is not None:
-            return f"execute.externalAPI.url {problem}"
+        if (problem := spec_url_problem("execute.externalAPI.url", url, CREDENTIALS_IN_URL)) is not None:
+            return problem
     if kind == "delegateToAgent" and spec.agent_ref is None:
         return "toolType delegateToAgent needs agentRef"
     if kind == "delegateToAgent" and spec.agent_ref is not None:
@@ -128,10 +126,7 @@ def llm_spec_problem(llm: LLM) -> str | None:
     base_url = (llm.spec.parameters.base_url if llm.spec.parameters else None) or ""
     if not base_url:  # the provider's own (or KUBECHAIN_OPENAI_BASE_URL, checked as a setting)
         return None
-    if url_has_userinfo(base_url):
-        return LLM_CREDENTIALS_IN_URL
-    problem = http_url_problem(base_url)
-    return None if problem is None else f"spec.parameters.baseUrl {problem}"
+    return spec_url_problem("spec.parameters.baseUrl", base_url, LLM_CREDENTIALS_IN_URL)
 
 
 def agent_ref_problem(name: str) -> str | None:
