@@ -273,8 +273,12 @@ def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _settle_heap(**_: Any) -> None:
-    """Import the task handlers (and the SDKs they pull in) now rather than on the first task, then
-    freeze the start-up heap (before prefork children are forked, so its pages stay shared)."""
+    """Import the task handlers and the LLM SDKs now rather than on the first task, then freeze the
+    start-up heap (before prefork children are forked, so its pages stay shared)."""
+    # The SDKs are imported by the LLM clients' builders, which the first task's worker context makes:
+    # imported there, they held that task (the first run after `kubechain up`) for seconds.
+    import kubechain.llm.anthropic_provider  # noqa: F401
+    import kubechain.llm.openai_provider  # noqa: F401
     import workers.llm_call
     import workers.prepare
     import workers.tool_call

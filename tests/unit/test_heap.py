@@ -73,3 +73,28 @@ def test_a_worker_settles_its_heap_with_the_task_handlers_imported() -> None:
         "young": YOUNG_THRESHOLD,
     }
     assert isinstance(answer["frozen"], int) and answer["frozen"] > 10_000
+
+
+@pytest.mark.slow  # a fresh interpreter importing Celery, the SDKs and the task handlers: ~5 s
+def test_a_worker_imports_the_llm_sdks_before_its_first_task() -> None:
+    """The OpenAI and Anthropic SDKs are imported by the worker context's LLM clients, which the first task
+    builds: imported then, they held that task (the first run after `kubechain up`) for ~4.5 s on 2 cores,
+    and were left out of the frozen start-up heap."""
+    answer = run_python(
+        """
+        import json, sys
+        from celery.concurrency.thread import TaskPool
+        from celery.signals import worker_init
+        import workers.app
+        worker_init.send(sender=type("WorkController", (), {"pool_cls": TaskPool})())
+        print(json.dumps({m: m in sys.modules for m in (
+            "openai", "anthropic", "kubechain.llm.openai_provider", "kubechain.llm.anthropic_provider"
+        )}))
+        """
+    )
+    assert answer == {
+        "openai": True,
+        "anthropic": True,
+        "kubechain.llm.openai_provider": True,
+        "kubechain.llm.anthropic_provider": True,
+    }
