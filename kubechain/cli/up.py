@@ -260,9 +260,18 @@ def start_failures() -> tuple[type[BaseException], ...]:
     from kubechain.testing.binaries import BinaryError
     from kubechain.testing.controlplane import ControlPlaneError
     from kubechain.testing.redis_server import RedisError
+    from kubechain.testing.stack import ProcessStartError
 
     # OSError: a port, a file, a binary that would not start
-    return (BinaryError, ControlPlaneError, RedisError, KubeAPIError, TimeoutError, OSError)
+    return (
+        BinaryError,
+        ControlPlaneError,
+        RedisError,
+        KubeAPIError,
+        ProcessStartError,
+        TimeoutError,
+        OSError,
+    )
 
 
 # What an earlier `up` leaves in its working folder: .lock (every `up` since it is taken), logs (every one,

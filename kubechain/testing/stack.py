@@ -44,6 +44,14 @@ Progress = Callable[[str], None]
 
 # Restarts of a process that keeps exiting wait 1 s, 2 s, 4 s, ... up to 30 s (a crash loop's back-off, like
 # a kubelet's), and start again from 1 s once a process had run for a minute.
+# How long a watcher or worker may take to answer on its /healthz at start (imports, Celery, Redis).
+PROCESS_START_TIMEOUT_S = 120.0
+
+
+class ProcessStartError(RuntimeError):
+    """A watcher or worker exited before it was ready."""
+
+
 RESTART_BACKOFF_INITIAL_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 60.0
@@ -176,9 +184,34 @@ class LocalStack:
             self.start_worker(f"worker-{index}", self.queues_of_workers())
         for index in range(self.options.checks_workers):
             self.start_worker(f"checks-{index}", QueueName.CHECKS.value)
+        self.wait_until_serving()
         if self.options.supervise:
             threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
+
+    def wait_until_serving(self, timeout_s: float = PROCESS_START_TIMEOUT_S) -> None:
+        """Wait until every watcher and worker answers on its /healthz: a worker serves it once its
+        Celery consumer takes tasks. "KubeChain is up" was said as they were spawned, seconds before they
+        could act (on 2 cores, the README's first run sat with empty columns meanwhile). One that exits
+        first fails the start, naming it and with the last lines it wrote."""
+        deadline = time.monotonic() + timeout_s
+        for name, process in [*self.watchers.items(), *self.workers.items()]:
+            url = f"http://127.0.0.1:{self.metrics_ports[name]}/healthz"
+            while True:
+                if not process.running():
+                    raise ProcessStartError(
+                        f"{name} exited with {describe_exit(process.returncode())} before it was ready. "
+                        f"Last lines:\n{process.tail(8)}"
+                    )
+                try:
+                    # (a process of this machine: never through a proxy of the environment's)
+                    if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not answer on /healthz within {timeout_s:.0f}s")
+                time.sleep(0.1)
 
     def start_redis(self) -> None:
         # it says where it is (a REDIS_URL without its password)

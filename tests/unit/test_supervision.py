@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 import kubechain.testing.stack as stack_module
@@ -193,3 +195,109 @@ def test_a_process_tail_is_its_own_run_only(tmp_path: Path) -> None:
     process.proc.wait(timeout=30)
     assert process.tail() == "now: the data is damaged"
     assert log.read_text().splitlines().count("now: the data is damaged") == 2, "the whole log is kept"
+
+
+# ------------------------------------------------------------------------------------------- ready
+
+# A watcher or worker as `up` sees it: it answers on /healthz (its metrics port) once the marker file
+# exists, as a worker does once its Celery consumer takes tasks (or exits at once with "exit").
+FAKE_PROCESS = """
+import http.server, pathlib, sys, time
+port, marker = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+print("starting", flush=True)
+if sys.argv[3] == "exit":
+    raise SystemExit(3)
+while not marker.exists():
+    time.sleep(0.02)
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+def stack_of_fake_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages: list[str], worker_does: str = "serve"
+) -> tuple[LocalStack, Path]:
+    """A stack on a "current" cluster (no control plane, no Redis, no scripted LLM, CRDs not installed)
+    whose watcher and worker are :data:`FAKE_PROCESS`; the marker file lets them serve."""
+    marker = tmp_path / "serve"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")
+    options = StackOptions(workdir=tmp_path / "kc", cluster="current", kubeconfig=kubeconfig, llm="real")
+    stack = LocalStack(options, progress=messages.append)
+    monkeypatch.setattr(stack, "start_redis", lambda: None)
+    monkeypatch.setattr(stack, "kube", lambda: type("Kube", (), {"close": lambda self: None})())
+    monkeypatch.setattr(stack_module, "apply_crds", lambda *_: None)
+
+    def start_fake(group: dict[str, ManagedProcess], does: str) -> Callable[..., ManagedProcess]:
+        def start(name: str, queues: str | None = None) -> ManagedProcess:
+            port = stack.metrics_ports.setdefault(name, stack_module.free_port())
+            argv = [sys.executable, "-c", FAKE_PROCESS, str(port), str(marker), does]
+            process = ManagedProcess(name, argv, tmp_path / "logs" / f"{name}.log")
+            process.start()
+            group[name] = process
+            return process
+
+        return start
+
+    monkeypatch.setattr(stack, "start_watcher", start_fake(stack.watchers, "serve"))
+    monkeypatch.setattr(stack, "start_worker", start_fake(stack.workers, worker_does))
+    return stack, marker
+
+
+def answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.slow  # two fake processes, each a fresh interpreter
+def test_the_stack_is_up_only_once_its_watcher_and_workers_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up` said "KubeChain is up" as it spawned them: a worker then still took seconds (imports, Celery,
+    Redis) before it took a task, and the README's first run sat with empty columns meanwhile."""
+    messages: list[str] = []
+    stack, marker = stack_of_fake_processes(tmp_path, monkeypatch, messages)
+    serving_when_up: dict[str, bool] = {}
+
+    def progress(message: str) -> None:
+        messages.append(message)
+        if message.startswith("KubeChain is up"):
+            serving_when_up["allowed to serve"] = marker.exists()
+            serving_when_up.update({name: answers(port) for name, port in stack.metrics_ports.items()})
+
+    stack.progress = progress
+    # they serve a while after they are spawned, as a worker does
+    threading.Timer(1.0, marker.touch).start()
+    try:
+        stack.start()
+    finally:
+        stack.stop()
+    assert serving_when_up == {"allowed to serve": True, "watcher-0": True, "worker-0": True}
+
+
+@pytest.mark.slow
+def test_a_worker_that_exits_before_it_is_ready_fails_the_start_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages: list[str] = []
+    stack, marker = stack_of_fake_processes(tmp_path, monkeypatch, messages, worker_does="exit")
+    marker.touch()
+    try:
+        with pytest.raises(stack_module.ProcessStartError) as failed:
+            stack.start()
+    finally:
+        stack.stop()
+    assert str(failed.value).startswith("worker-0 exited with exit code 3 before it was ready")
+    assert "starting" in str(failed.value), "the last lines it wrote"
+    assert not any(message.startswith("KubeChain is up") for message in messages)
