@@ -461,7 +461,9 @@ def follow(target: Target, name: str, stream: IO[str], timeout_s: float) -> tupl
 @click.argument("message")
 @click.option("--agent", "-a", "agent_name", required=True, help="the Agent that answers")
 @click.option("--name", default=None, help="TaskRun name (default: <agent>-<6 random characters>)")
-@click.option("--no-wait", is_flag=True, help="create the TaskRun, print its name and exit")
+@click.option(
+    "--no-wait", is_flag=True, help="create the TaskRun, print its name (with -o: the object) and exit"
+)
 @click.option(
     "--output",
     "-o",
@@ -494,7 +496,7 @@ def run(
 ) -> None:
     """Ask an agent something: create a TaskRun and stream the conversation until its final answer.
 
-    Exit code: 0 final answer, 1 failed, 2 timeout or another error.
+    Exit code: 0 final answer, 1 failed, 2 timeout or another error, 130 after Ctrl-C (the run goes on).
     """
     if not message.strip():
         raise CLIError("the message is empty", EXIT_OTHER)

@@ -40,7 +40,13 @@ DEFAULT_WORKDIR = ".kubechain"
     type=click.IntRange(1, MAX_WORKER_CONCURRENCY),
     help="threads per worker process",
 )
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path(DEFAULT_WORKDIR), show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path(DEFAULT_WORKDIR),
+    show_default=True,
+    help="the folder of the local cluster's data, keys, kubeconfig and the logs (one `up` at a time)",
+)
 def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     """Run KubeChain locally: control plane (if needed), Redis, scripted LLM, watcher and workers."""
     from kubechain.cli.resources import CLIError, client_or_refuse
