@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -97,6 +98,27 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
     for header in spec.headers or []:
         if problem := _var_problem(header, "header"):
             return problem
+        if transport != "stdio" and (problem := _header_problem(header)):
+            return problem
+    return None
+
+
+# What the HTTP client (h11, under httpx) sends as a header name: an RFC 9110 token. Anything else it
+# refuses at every request, in words that quote it ("Illegal header name b'...'"), or fails to encode.
+_HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+
+def _header_problem(header: EnvVar) -> str | None:
+    """Why no HTTP request can carry ``header`` (its name, or its value when written in the spec), or
+    None. Said without quoting the value: it may be a credential."""
+    if not _HEADER_NAME.fullmatch(header.name):
+        at = next(i for i, char in enumerate(header.name) if not _HEADER_NAME.fullmatch(char))
+        return (
+            f'header name "{header.name}" has a character no header name may hold (character {at + 1}): '
+            "a name is letters, digits and any of !#$%&'*+-.^_`|~, without spaces or a colon"
+        )
+    if header.value and (problem := _header_value_problem(header.value)):
+        return f'header "{header.name}": its value contains {problem}; remove it'
     return None
 
 
@@ -205,8 +227,19 @@ def env_problem(names: Sequence[str], allowlist: Sequence[str] | None) -> str | 
     return None
 
 
-def _control_characters(value: str) -> bool:
-    return any(ord(char) < 32 and char != "\t" or ord(char) == 127 for char in value)
+def _header_value_problem(value: str) -> str | None:
+    """What in a header value no HTTP request can carry, or None: a line break or another control
+    character (h11 refuses some, servers the rest: HTTP 400), or a non-ASCII character (httpx encodes
+    header values as ASCII; its UnicodeEncodeError names neither the header nor where the value came
+    from), said by its position, never quoting the value. The spaces and line breaks around the value are
+    not sent (see ``_resolve_vars``) and are not looked at."""
+    start = len(value) - len(value.lstrip())
+    for at, char in enumerate(value.strip(), start):
+        if ord(char) < 32 and char != "\t" or ord(char) == 127:
+            return "a line break or another control character"
+        if not char.isascii():
+            return f"a character an HTTP header cannot carry (character {at + 1}, not ASCII)"
+    return None
 
 
 def _credential_parts(header_value: str) -> list[str]:
@@ -239,7 +272,9 @@ def _resolve_vars(
     for var in variables or []:
         ref = var.value_from.secret_key_ref if var.value_from is not None else None
         if var.value or ref is None:
-            resolved.append((var.name, var.value or ""))
+            # a header written as a YAML block scalar ends in a line break, which no header may hold
+            value = var.value or ""
+            resolved.append((var.name, value.strip() if what == "header" else value))
             continue
         try:
             value = resolve_secret(namespace, ref.name, ref.key)
@@ -250,12 +285,12 @@ def _resolve_vars(
             secrets.extend(_credential_parts(value))
             # A Secret made with `echo` or from a file ends in a newline, which no HTTP header may hold
             # (the HTTP library's error would quote the whole value).
-            value = value.strip()
-            if _control_characters(value):
+            if problem := _header_value_problem(value):
                 raise MCPError(
-                    f'header "{var.name}" from secret "{ref.name}" (key "{ref.key}") contains a line break '
-                    "or another control character; store the value without it"
+                    f'header "{var.name}" from secret "{ref.name}" (key "{ref.key}") contains {problem}; '
+                    "store the value without it"
                 )
+            value = value.strip()
         resolved.append((var.name, value))
     return tuple(resolved)
 

@@ -43,7 +43,8 @@ _SECRET_MISSING = re.compile(
     r'failed to get secret: |key "[^"]*" not found in secret "|empty API key provided: key "[^"]*" in secret "'
     r'|cannot resolve (env var|header) "[^"]*" from secret "'
     r'|key "[^"]*" in secret "[^"]*" has a character an HTTP header cannot carry '
-    r'|header "[^"]*" from secret "[^"]*" \(key "[^"]*"\) contains a line break or another control character'
+    r'|header "[^"]*" from secret "[^"]*" \(key "[^"]*"\) contains a (line break or another control '
+    r"character|character an HTTP header cannot carry)"
 )
 
 

@@ -474,3 +474,127 @@ def test_a_checks_worker_runs_at_most_its_setting_of_stdio_servers_at_once(
     for name in names:
         assert status_of(name)["statusDetail"] == "Connected successfully with 1 tools"
     wait_until(lambda: not any(alive(pid) for pid in started()), 15, what="every server to have stopped")
+
+
+@pytest.fixture(scope="module")
+def served_urls() -> Iterator[dict[str, str]]:
+    """transport -> the URL of an MCP server (the SDK's, under uvicorn in a thread) listing one tool."""
+    from tests.unit.test_mcp_manager import UvicornThread, _http_mcp_server
+
+    with (
+        UvicornThread(_http_mcp_server().streamable_http_app(host="127.0.0.1")) as http,
+        UvicornThread(_http_mcp_server().sse_app(host="127.0.0.1")) as sse,
+    ):
+        yield {"http": f"http://127.0.0.1:{http.port}/mcp", "sse": f"http://127.0.0.1:{sse.port}/sse"}
+
+
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        (
+            {"name": "X-Api-Key", "value": "sk-s3cret…"},
+            'header "X-Api-Key": its value contains a character an HTTP header cannot carry '
+            "(character 10, not ASCII); remove it",
+        ),
+        (
+            {"name": "X-Api-Key", "value": "sk-s3cret\u00a0tail"},
+            'header "X-Api-Key": its value contains a character an HTTP header cannot carry '
+            "(character 10, not ASCII); remove it",
+        ),
+        (
+            {"name": "X-Api-Key", "value": "sk-s3cret\r\nX-Injected: 1"},
+            'header "X-Api-Key": its value contains a line break or another control character; remove it',
+        ),
+        (
+            {"name": "X-Api-Key", "value": "sk-s3cret\x01"},
+            'header "X-Api-Key": its value contains a line break or another control character; remove it',
+        ),
+        (
+            {"name": "X Api Key", "value": "sk-s3cret"},
+            'header name "X Api Key" has a character no header name may hold (character 2): a name is '
+            "letters, digits and any of !#$%&'*+-.^_`|~, without spaces or a colon",
+        ),
+        (
+            {"name": "Authorization:", "value": "Bearer sk-s3cret"},
+            'header name "Authorization:" has a character no header name may hold (character 14): a name '
+            "is letters, digits and any of !#$%&'*+-.^_`|~, without spaces or a colon",
+        ),
+        (
+            {"name": "X-Schlüssel", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "bearer"}}},
+            'header name "X-Schlüssel" has a character no header name may hold (character 7): a name is '
+            "letters, digits and any of !#$%&'*+-.^_`|~, without spaces or a colon",
+        ),
+    ],
+    ids=["ellipsis", "no-break-space", "line-break", "control-character", "space-in-name", "colon", "umlaut"],
+)
+@pytest.mark.parametrize("transport", ["http", "sse"])
+def test_a_header_no_http_request_can_carry_is_a_validation_failure_naming_it(
+    kube: FakeKubeClient, served_urls: dict[str, str], transport: str, header: dict[str, Any], said: str
+) -> None:
+    """A header whose name is no HTTP token, or whose value holds a non-ASCII or control character, passed
+    validation and failed at every connect, in the HTTP library's words (a UnicodeEncodeError,
+    "LocalProtocolError: Illegal header value b'...'" quoting the value, or the server's HTTP 400). Now a
+    validation failure that names the header and says what to fix, without quoting its value."""
+    import json
+
+    kube.add_secret("default", "tokens", {"bearer": "Bearer sk-s3cret"})
+    spec = {"transport": transport, "url": served_urls[transport], "headers": [header]}
+    create(kube, "MCPServer", "mcpservers", "remote", spec)
+    status = run_validate(make_context(kube, None), "remote")["status"]
+    assert (status["status"], status["connected"]) == ("Error", False), status
+    assert status["statusDetail"] == f"Validation failed: {said}"
+    assert kube.event_reasons("remote") == ["ValidationFailed"]
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "remote"]
+    for where in (json.dumps(status), *events):
+        assert "s3cret" not in where, where
+
+
+def test_a_header_value_written_with_a_line_break_at_its_end_is_sent_without_it(
+    kube: FakeKubeClient, served_urls: dict[str, str]
+) -> None:
+    """A YAML block scalar (``value: |``) ends in a line break, which no header may hold: as a Secret's
+    value is, the literal value is sent without the spaces and line breaks around it."""
+    headers = [{"name": "X-Team", "value": " platform\n"}]
+    create(
+        kube,
+        "MCPServer",
+        "mcpservers",
+        "remote",
+        {"transport": "http", "url": served_urls["http"], "headers": headers},
+    )
+    status = run_validate(make_context(kube, None), "remote")["status"]
+    assert status["statusDetail"] == "Connected successfully with 1 tools", status
+
+
+@pytest.mark.parametrize("transport", ["http", "sse"])
+def test_a_header_secret_no_http_request_can_carry_is_said_without_its_value_and_checked_again_soon(
+    kube: FakeKubeClient, served_urls: dict[str, str], transport: str
+) -> None:
+    """A Secret's header value with a pasted "…" failed at every connect with httpx's UnicodeEncodeError,
+    which names neither the header nor the Secret, and, not being a Secret problem to the watcher, was
+    checked again at its slow back-off. Now it names the header, Secret and key (never the value), and the
+    watcher checks it again within SECRET_RECHECK_S; the fixed Secret connects."""
+    from kubechain.statemachines.routing import SECRET_RECHECK_S, waits_for_a_secret, work_for
+
+    kube.add_secret("default", "tokens", {"bearer": "Bearer sk-s3cret…"})
+    header = {"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "tokens", "key": "bearer"}}}
+    spec = {"transport": transport, "url": served_urls[transport], "headers": [header]}
+    create(kube, "MCPServer", "mcpservers", "remote", spec)
+    ctx = make_context(kube, None)
+    obj = run_validate(ctx, "remote")
+    status = obj["status"]
+    assert (status["status"], status["connected"]) == ("Error", False), status
+    assert status["statusDetail"] == (
+        'Connection failed: header "Authorization" from secret "tokens" (key "bearer") contains a '
+        "character an HTTP header cannot carry (character 17, not ASCII); store the value without it"
+    )
+    assert waits_for_a_secret(obj)
+    from datetime import UTC, datetime
+
+    (work,) = work_for("MCPServer", obj, datetime.now(UTC), 180, resync=True)
+    assert work.max_recheck_s == SECRET_RECHECK_S
+
+    kube.request("DELETE", "/api/v1/namespaces/default/secrets/tokens")  # the Secret, fixed
+    kube.add_secret("default", "tokens", {"bearer": "Bearer sk-s3cret"})
+    status = run_validate(ctx, "remote")["status"]  # what the watcher's re-check does
+    assert status["statusDetail"] == "Connected successfully with 1 tools", status
