@@ -98,7 +98,7 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
     for header in spec.headers or []:
         if problem := _var_problem(header, "header"):
             return problem
-        if transport != "stdio" and (problem := _header_problem(header)):
+        if transport != "stdio" and (problem := _header_problem(header, transport)):
             return problem
     return None
 
@@ -108,7 +108,28 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
 _HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 
 
-def _header_problem(header: EnvVar) -> str | None:
+def _body_header_problem(header: EnvVar, transport: str) -> str | None:
+    """Why ``header`` contradicts the body the client sends, or None. The client frames each request's body
+    itself: h11 refuses a Content-Length of the spec's (the body is longer or shorter) and any
+    Transfer-Encoding but chunked. An SSE server refuses a message posted as anything but JSON, which the
+    SDK only logs; the streamable-HTTP client sets its own Content-Type for each message."""
+    name = header.name.lower()
+    literal = (header.value or "").strip().lower()
+    if name == "content-length" or (name == "transfer-encoding" and literal != "chunked"):
+        return f'header "{header.name}" is set by the HTTP client for each request, from its body: remove it'
+    if (
+        name == "content-type"
+        and transport == "sse"
+        and literal.partition(";")[0].strip() != "application/json"
+    ):
+        return (
+            f'header "{header.name}" is not application/json: the client posts every MCP message as JSON, '
+            "and an SSE server refuses one said to be anything else; remove it"
+        )
+    return None
+
+
+def _header_problem(header: EnvVar, transport: str) -> str | None:
     """Why no HTTP request can carry ``header`` (its name, or its value when written in the spec), or
     None. Said without quoting the value: it may be a credential."""
     if not _HEADER_NAME.fullmatch(header.name):
@@ -119,7 +140,7 @@ def _header_problem(header: EnvVar) -> str | None:
         )
     if header.value and (problem := _header_value_problem(header.value)):
         return f'header "{header.name}": its value contains {problem}; remove it'
-    return None
+    return _body_header_problem(header, transport)
 
 
 def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None:

@@ -598,3 +598,50 @@ def test_a_header_secret_no_http_request_can_carry_is_said_without_its_value_and
     kube.add_secret("default", "tokens", {"bearer": "Bearer sk-s3cret"})
     status = run_validate(ctx, "remote")["status"]  # what the watcher's re-check does
     assert status["statusDetail"] == "Connected successfully with 1 tools", status
+
+
+SET_BY_THE_CLIENT = "is set by the HTTP client for each request, from its body: remove it"
+
+
+@pytest.mark.parametrize(
+    ("transport", "name", "value", "said"),
+    [
+        *(
+            (transport, name, value, SET_BY_THE_CLIENT)
+            for transport in ("http", "sse")
+            for name, value in (
+                ("Content-Length", "0"),
+                ("content-length", "100000"),
+                ("Transfer-Encoding", "gzip"),
+            )
+        ),
+        (
+            "sse",
+            "Content-Type",
+            "text/plain",
+            "is not application/json: the client posts every MCP message as JSON, and an SSE server refuses "
+            "one said to be anything else; remove it",
+        ),
+        ("http", "Content-Type", "text/plain", None),  # the SDK sets its own for each message
+        ("http", "Transfer-Encoding", "chunked", None),
+        ("sse", "Transfer-Encoding", "chunked", None),
+        ("sse", "Content-Type", "application/json; charset=utf-8", None),
+    ],
+)
+def test_a_header_that_contradicts_the_body_the_client_sends_is_a_validation_failure(
+    kube: FakeKubeClient, served_urls: dict[str, str], transport: str, name: str, value: str, said: str | None
+) -> None:
+    """The HTTP client frames each request's body itself: a Content-Length in the spec failed every connect
+    ("LocalProtocolError: Too much data for declared Content-Length", or "Connection closed" over SSE), a
+    Transfer-Encoding other than chunked too ("Only Transfer-Encoding: chunked is supported"), and over SSE
+    a Content-Type other than JSON made the server refuse each message, which the SDK only logs ("Connection
+    closed"). Now a validation failure naming the header; the values that work still connect."""
+    headers = [{"name": name, "value": value}]
+    spec = {"transport": transport, "url": served_urls[transport], "headers": headers}
+    create(kube, "MCPServer", "mcpservers", "remote", spec)
+    status = run_validate(make_context(kube, None), "remote")["status"]
+    if said is None:
+        assert status["statusDetail"] == "Connected successfully with 1 tools", status
+    else:
+        assert status["statusDetail"] == f'Validation failed: header "{name}" {said}', status
+        assert kube.event_reasons("remote") == ["ValidationFailed"]
