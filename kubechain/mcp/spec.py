@@ -87,6 +87,8 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
     if transport == "stdio":
         if not spec.command:
             return "command is required for stdio servers"
+        if problem := _process_problem(spec):
+            return problem
     else:
         if not spec.url:
             return f"url is required for {transport} servers"
@@ -100,6 +102,36 @@ def validate_spec(spec: MCPServerSpec) -> str | None:
             return problem
         if transport != "stdio" and (problem := _header_problem(header, transport)):
             return problem
+    return None
+
+
+# The OS takes each string of a new process (its program, arguments, environment) NUL-terminated, and an
+# environment entry's name ends at its first "=": subprocess raises ValueError, which read as a failed
+# handshake, naming neither the field nor the value.
+NUL_IN_ENV_VALUE = "contains a NUL character, which no environment variable can hold"
+
+
+def _process_problem(spec: MCPServerSpec) -> str | None:
+    """Why the stdio command cannot be started with its args and env (values written in the spec), or
+    None. A Secret's value is looked at when it is read (``_resolve_vars``)."""
+    if "\0" in (spec.command or ""):
+        return "command contains a NUL character, which no program's name can hold; remove it"
+    for at, arg in enumerate(spec.args or []):
+        if "\0" in arg:
+            return f"args[{at}] contains a NUL character, which no command-line argument can hold; remove it"
+    for var in spec.env or []:
+        name = var.name.replace("\0", "\\0")
+        if "\0" in var.name:
+            return (
+                f'env var name "{name}" contains a NUL character, which no variable\'s name can hold; '
+                "remove it"
+            )
+        if "=" in var.name:
+            return (
+                f'env var name "{name}" contains "=", which ends a variable\'s name: write its value in value'
+            )
+        if "\0" in (var.value or ""):
+            return f'env var "{name}": its value {NUL_IN_ENV_VALUE}; remove it'
     return None
 
 
@@ -302,6 +334,11 @@ def _resolve_vars(
         except Exception as exc:  # the resolver's message says what is missing, never a value
             raise MCPError(f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}') from exc
         secrets.append(value)
+        if what == "env var" and "\0" in value:
+            raise MCPError(
+                f'env var "{var.name}" from secret "{ref.name}" (key "{ref.key}") {NUL_IN_ENV_VALUE}; '
+                "store the value without it"
+            )
         if what == "header":
             secrets.extend(_credential_parts(value))
             # A Secret made with `echo` or from a file ends in a newline, which no HTTP header may hold

@@ -33,9 +33,9 @@ TOOLCALL_AWAITING_DECISION = (
 # (doubling from its staleness window) so that work nobody can advance does not flood the workers.
 MAX_RECHECK_S = 300.0
 # ... but a validation stopped by a Secret that is missing (or a key of it, or RBAC that does not grant it),
-# or whose value no HTTP header can carry (a pasted "…", a line break), is checked again at least this
-# often: Secrets are not watched (the watcher may not list them, see deploy/base/rbac.yaml), so only a
-# re-check sees the one created or fixed, and such a check reads one Secret.
+# or whose value no HTTP header (a pasted "…", a line break) or environment variable (a NUL) can carry, is
+# checked again at least this often: Secrets are not watched (the watcher may not list them, see
+# deploy/base/rbac.yaml), so only a re-check sees the one created or fixed, and such a check reads one Secret.
 SECRET_RECHECK_S = 30.0
 # The statusDetail such a validation writes: workers.validators.read_api_key (LLM, ContactChannel) and
 # kubechain.mcp.spec.resolve_spec (MCPServer env and headers) say so in these words.
@@ -43,8 +43,8 @@ _SECRET_MISSING = re.compile(
     r'failed to get secret: |key "[^"]*" not found in secret "|empty API key provided: key "[^"]*" in secret "'
     r'|cannot resolve (env var|header) "[^"]*" from secret "'
     r'|key "[^"]*" in secret "[^"]*" has a character an HTTP header cannot carry '
-    r'|header "[^"]*" from secret "[^"]*" \(key "[^"]*"\) contains a (line break or another control '
-    r"character|character an HTTP header cannot carry)"
+    r'|(env var|header) "[^"]*" from secret "[^"]*" \(key "[^"]*"\) contains a (line break or another '
+    r"control character|character an HTTP header cannot carry|NUL character)"
 )
 
 

@@ -645,3 +645,67 @@ def test_a_header_that_contradicts_the_body_the_client_sends_is_a_validation_fai
     else:
         assert status["statusDetail"] == f'Validation failed: header "{name}" {said}', status
         assert kube.event_reasons("remote") == ["ValidationFailed"]
+
+
+NUL_IN_ENV = "contains a NUL character, which no environment variable can hold"
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        (
+            {"command": TIME_SERVER + "\x00"},
+            "Validation failed: command contains a NUL character, which no program's name can hold; remove it",
+        ),
+        (
+            {"command": TIME_SERVER, "args": ["--local-timezone", "UTC\x00"]},
+            "Validation failed: args[1] contains a NUL character, which no command-line argument can hold; "
+            "remove it",
+        ),
+        (
+            {"command": TIME_SERVER, "env": [{"name": "TZ=UTC", "value": "1"}]},
+            'Validation failed: env var name "TZ=UTC" contains "=", which ends a variable\'s name: '
+            "write its value in value",
+        ),
+        (
+            {"command": TIME_SERVER, "env": [{"name": "TZ\x00", "value": "UTC"}]},
+            'Validation failed: env var name "TZ\\0" contains a NUL character, which no variable\'s name '
+            "can hold; remove it",
+        ),
+        (
+            {"command": TIME_SERVER, "env": [{"name": "API_KEY", "value": "s3cret\x00"}]},
+            f'Validation failed: env var "API_KEY": its value {NUL_IN_ENV}; remove it',
+        ),
+        (
+            {
+                "command": TIME_SERVER,
+                "env": [
+                    {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "binary"}}}
+                ],
+            },
+            f'Connection failed: env var "API_KEY" from secret "keys" (key "binary") {NUL_IN_ENV}; '
+            "store the value without it",
+        ),
+    ],
+    ids=["command", "arg", "equals-in-name", "nul-in-name", "nul-in-value", "nul-in-secret"],
+)
+def test_a_stdio_command_args_or_env_no_process_can_be_started_with_is_refused_naming_it(
+    kube: FakeKubeClient, spec: dict[str, Any], said: str
+) -> None:
+    """A NUL character in the command, an argument or an env var, or a "=" in an env var's name, passed
+    validation and failed at every start as "MCP handshake with stdio command ... failed: ValueError:
+    embedded null byte" (or "illegal environment variable name"), naming neither the field nor that no
+    handshake was tried. Now refused naming it; a Secret's value, which the watcher re-checks within
+    SECRET_RECHECK_S, never quoted."""
+    import json
+
+    from kubechain.statemachines.routing import waits_for_a_secret
+
+    kube.add_secret("default", "keys", {"binary": "s3cret\x00tail"})
+    create(kube, "MCPServer", "mcpservers", "local", {"transport": "stdio", **spec})
+    obj = run_validate(make_context(kube, None), "local")
+    status = obj["status"]
+    assert (status["status"], status["connected"]) == ("Error", False), status
+    assert status["statusDetail"] == said
+    assert waits_for_a_secret(obj) == said.startswith("Connection failed: ")
+    assert "s3cret" not in json.dumps(status)
