@@ -1148,12 +1148,13 @@ class Session:
 
     def _connect_failure(self, what: str, error: BaseException | None) -> str:
         if self.spec.transport == "stdio":
-            if (
-                error is not None
-                and any(isinstance(leaf, OSError) for leaf in _leaves(error))
-                and self.process is None
-            ):
-                return f"cannot start stdio command '{self.spec.command}': {what}"
+            leaves = _leaves(error) if error is not None else []
+            if any(isinstance(leaf, OSError) for leaf in leaves) and self.process is None:
+                command = self.spec.command or ""
+                if any(isinstance(leaf, FileNotFoundError) for leaf in leaves) and len(command.split()) > 1:
+                    # "npx -y some-server" in command: the whole line is taken for a program's name
+                    what += "; command is a program alone: write its arguments in args"
+                return f"cannot start stdio command '{command}': {what}"
             return f"MCP handshake with stdio command '{self.spec.command}' failed: {what}"
         return f"cannot connect to {self.spec.describe()}: {what}"
 

@@ -114,7 +114,10 @@ NUL_IN_ENV_VALUE = "contains a NUL character, which no environment variable can 
 def _process_problem(spec: MCPServerSpec) -> str | None:
     """Why the stdio command cannot be started with its args and env (values written in the spec), or
     None. A Secret's value is looked at when it is read (``_resolve_vars``)."""
-    if "\0" in (spec.command or ""):
+    command = spec.command or ""
+    if command != command.strip():  # a YAML block scalar ends in a line break; no such program is found
+        return "command starts or ends with a space or a line break: remove it"
+    if "\0" in command:
         return "command contains a NUL character, which no program's name can hold; remove it"
     for at, arg in enumerate(spec.args or []):
         if "\0" in arg:

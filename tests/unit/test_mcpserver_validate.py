@@ -709,3 +709,28 @@ def test_a_stdio_command_args_or_env_no_process_can_be_started_with_is_refused_n
     assert status["statusDetail"] == said
     assert waits_for_a_secret(obj) == said.startswith("Connection failed: ")
     assert "s3cret" not in json.dumps(status)
+
+
+def test_a_stdio_command_written_with_its_arguments_or_a_line_break_says_what_to_fix(
+    kube: FakeKubeClient,
+) -> None:
+    """A command line in ``command`` ("mcp-server-time --local-timezone UTC") failed as "No such file or
+    directory", leaving the reader to see why; one with a line break at its end (``command: |``) put the
+    break in the status too. Now the one says arguments go in args, the other fails validation."""
+    spec = {"transport": "stdio", "command": f"{TIME_SERVER} --local-timezone UTC"}
+    create(kube, "MCPServer", "mcpservers", "command-line", spec)
+    ctx = make_context(kube, None)
+    status = run_validate(ctx, "command-line")["status"]
+    assert status["statusDetail"] == (
+        f"Connection failed: cannot start stdio command '{TIME_SERVER} --local-timezone UTC': [Errno 2] No such "
+        f"file or directory: '{TIME_SERVER} --local-timezone UTC'; command is a program alone: write its "
+        "arguments in args"
+    ), status
+    create(
+        kube, "MCPServer", "mcpservers", "block-scalar", {"transport": "stdio", "command": f"{TIME_SERVER}\n"}
+    )
+    status = run_validate(ctx, "block-scalar")["status"]
+    assert status["statusDetail"] == (
+        "Validation failed: command starts or ends with a space or a line break: remove it"
+    ), status
+    assert kube.event_reasons("block-scalar") == ["ValidationFailed"]
