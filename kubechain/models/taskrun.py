@@ -115,7 +115,8 @@ class TaskRunStatus(KubeModel):
     )
     error: str | None = Field(
         default=None,
-        description="Why the run failed, or the LLM error being retried (ErrorBackoff); cleared on success.",
+        description="Why the run failed, or the LLM error being retried (ErrorBackoff); cleared on success "
+        "and while the run waits for its Task or Agent.",
     )
     span_context: SpanContext | None = Field(
         default=None,

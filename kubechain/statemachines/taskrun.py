@@ -306,8 +306,14 @@ def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits)
         return ClaimDecision(None, 0.0, f"phase {phase or '<none>'} does not call the LLM")
     # (A ReadyForLLM with a claimedBy is an earlier version's hand-off: claimed like any other, since
     # of two conditional claims only one lands.)
+    resumed: dict[str, Any] = {}
+    if phase == TaskRunPhase.READY_FOR_LLM and run.status.status == "Pending":
+        # the turn waited for its Agent (plan_turn_waits_for_agent): under way now, as a turn made ready is
+        resumed = {"ready": True, "status": "Ready"}
     return ClaimDecision(
-        Transition(status=_claim(worker, now, attempts) | interrupted, events=[SENDING_CONTEXT_WINDOW])
+        Transition(
+            status=_claim(worker, now, attempts) | interrupted | resumed, events=[SENDING_CONTEXT_WINDOW]
+        )
     )
 
 
@@ -616,11 +622,18 @@ def plan_turn_waits_for_agent(run: TaskRun, agent_name: str, claim: Transition) 
     two generations, and the edit may be refused. The run waits ReadyForLLM, unclaimed (a retry that fell
     due too: its attempts are counted as before, and a claim re-taken from a holder that died still counts
     as that turn's interruption), saying what for; the watcher prompts it when the Agent's validation is
-    written. None when it says so already."""
+    written. None when it says so already.
+
+    It says it waits as a Pending run does (ready false, status Pending, the error cleared: the original's
+    waits), whatever it came from: a retry that fell due kept its failed attempt's Error and error while
+    it only waited."""
     detail = agent_not_validated_detail(agent_name)
     patch: dict[str, Any] = {
         "phase": TaskRunPhase.READY_FOR_LLM.value,
+        "ready": False,
+        "status": "Pending",
         "statusDetail": detail,
+        "error": None,
         "nextAttemptAt": None,
         **UNCLAIMED,
     }

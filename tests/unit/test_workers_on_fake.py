@@ -394,6 +394,7 @@ def test_a_turn_is_not_built_from_an_agent_edited_since_its_validation() -> None
     status = kube.get_raw("taskruns", "default", "r")["status"]
     detail = 'Waiting for agent "a" to be validated again: its spec changed since it was'
     assert (status["phase"], status["statusDetail"], status.get("claimedBy")) == ("ReadyForLLM", detail, None)
+    assert (status["ready"], status["status"]) == (False, "Pending"), "it waits, as a Pending run does"
     assert kube.event_reasons("r")[-1] == "Waiting"
     llm_call(ctx, message("TaskRun", "r"))  # redelivered: nothing more to say
     assert kube.event_reasons("r").count("Waiting") == 1
@@ -431,6 +432,55 @@ def test_a_run_waiting_for_its_agents_validation_in_backoff_waits_unclaimed_and_
     llm_call(ctx, message("TaskRun", "r"))
     status = kube.get_raw("taskruns", "default", "r")["status"]
     assert len(llm.requests) == 1 and status["phase"] == "FinalAnswer"
+
+
+def test_a_turn_waiting_for_its_agents_validation_says_it_waits_whether_or_not_it_was_backing_off() -> None:
+    """A retry that fell due while the Agent's edit waited for its validation kept the failed attempt's
+    status: Error, with that attempt's error, while it only waited (as a Pending run's wait does, the error
+    cleared). A turn entered clean waits alike; the claim that ends the wait says the turn is under way."""
+    from kubechain.kube.client import custom_path
+
+    kube = FakeKubeClient()
+    seen: list[dict[str, Any]] = []  # the run's status as each LLM request was made
+
+    def answer(_request: LLMRequest) -> LLMResponse:
+        seen.append(kube.get_raw("taskruns", "default", "r")["status"])
+        if len(seen) == 1:
+            raise LLMError("LLM request failed: 503", retryable=True)
+        return LLMResponse(content="y")
+
+    llm = FakeLLM(answer)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, config_cache_ttl_s=0)
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    backing_off = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (backing_off["phase"], backing_off["status"], backing_off["error"]) == (
+        "ErrorBackoff",
+        "Error",
+        "LLM request failed: 503",
+    )
+    due = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    kube.patch_status_raw("taskruns", "default", "r", None, {"nextAttemptAt": due})
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "be verbose"}})
+    llm_call(ctx, message("TaskRun", "r"))
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    detail = 'Waiting for agent "a" to be validated again: its spec changed since it was'
+    waiting = ("ReadyForLLM", False, "Pending", detail, None)
+    said = (status["phase"], status["ready"], status["status"], status["statusDetail"], status.get("error"))
+    assert said == waiting
+    assert status["llmAttempts"] == 1, "the failed attempt still counts"
+    validate(ctx, message("Agent", "a"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert len(seen) == 2
+    assert (seen[1]["phase"], seen[1]["ready"], seen[1]["status"]) == (
+        "SendContextWindowToLLM",
+        True,
+        "Ready",
+    )
+    status = kube.get_raw("taskruns", "default", "r")["status"]
+    assert (status["phase"], status["output"]) == ("FinalAnswer", "y")
 
 
 def test_the_first_turn_is_built_from_the_agent_its_context_window_was_built_from() -> None:
