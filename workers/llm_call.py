@@ -172,7 +172,7 @@ def resume_turn(ctx: WorkerContext, run: TaskRun) -> bool:
     claim = ctx.claims_in_doubt.held(run, lambda claimed_at: holds_claim(run, ctx.identity, claimed_at))
     if claim is None:
         return False
-    _claim_and_call(ctx, run, claim)
+    _claim_and_call(ctx, run, claim, claim_written=True)
     return True
 
 
@@ -202,15 +202,18 @@ def _claim_and_call(
     claim: Transition,
     ready: Transition | None = None,
     agent: Agent | None = None,
+    *,
+    claim_written: bool = False,
 ) -> None:
     """Write ``claim`` and, if it lands, call the LLM once and record the answer (counted as a hand-off
     if ``claim`` is one's). ``ready``: the part of ``claim`` that made the turn ready, written without the
     claim when the run cannot call its LLM (or must wait for its Agent); ``agent``: the run's Agent as
-    ``ready`` was decided on."""
+    ``ready`` was decided on; ``claim_written``: ``run`` holds ``claim`` already (one left in doubt,
+    stamped afresh here)."""
     try:
         _agent, llm, api_key, tools = _resolve(ctx, run, agent)
     except AgentNotValidated as waiting:
-        wait = plan_turn_waits_for_agent(run, waiting.agent_name, claim)
+        wait = plan_turn_waits_for_agent(run, waiting.agent_name, claim, claim_written=claim_written)
         if ready is not None:
             wait = ready.followed_by(wait) if wait is not None else ready
         if wait is not None:

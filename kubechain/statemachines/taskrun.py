@@ -616,7 +616,9 @@ def plan_sub_agent_not_waited_for(run: TaskRun, why: str, now: datetime) -> Tran
     return _fail(run, message, "SubAgentNotWaitedFor", now)
 
 
-def plan_turn_waits_for_agent(run: TaskRun, agent_name: str, claim: Transition) -> Transition | None:
+def plan_turn_waits_for_agent(
+    run: TaskRun, agent_name: str, claim: Transition, *, claim_written: bool = False
+) -> Transition | None:
     """The turn ``claim`` would take is not taken while the run's Agent waits for the validation of an
     edit: its spec and its status (the tools, MCP servers, sub-agents and channels validated) are then of
     two generations, and the edit may be refused. The run waits ReadyForLLM, unclaimed (a retry that fell
@@ -626,7 +628,11 @@ def plan_turn_waits_for_agent(run: TaskRun, agent_name: str, claim: Transition) 
 
     It says it waits as a Pending run does (ready false, status Pending, the error cleared: the original's
     waits), whatever it came from: a retry that fell due kept its failed attempt's Error and error while
-    it only waited."""
+    it only waited.
+
+    ``claim_written``: ``claim`` is on ``run`` already (this process's claim left in doubt, never acted
+    on, see resume_turn): the attempt it counted when written is taken back, since no LLM request was made
+    under it; kept, the turn's first request was counted as its second."""
     detail = agent_not_validated_detail(agent_name)
     patch: dict[str, Any] = {
         "phase": TaskRunPhase.READY_FOR_LLM.value,
@@ -639,6 +645,8 @@ def plan_turn_waits_for_agent(run: TaskRun, agent_name: str, claim: Transition) 
     }
     if "llmInterruptions" in claim.status:
         patch["llmInterruptions"] = claim.status["llmInterruptions"]
+    if claim_written:
+        patch["llmAttempts"] = max(0, (run.status.llm_attempts or 0) - 1)
     if not status_differs(run.status.model_dump(by_alias=True), patch):
         return None
     return Transition(

@@ -36,6 +36,7 @@ from workers.llm_call import llm_call
 from workers.prepare import prepare
 from workers.tool_call import tool_call
 from workers.transitions import apply_transition
+from workers.validators import validate
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -624,3 +625,40 @@ def test_a_hand_off_claim_stays_one_when_written_with_more() -> None:
     assert claim.followed_by(Transition(status={"x": 1})).handoff
     assert Transition(status={"x": 1}).followed_by(claim).handoff
     assert not Transition(status={"x": 1}).followed_by(Transition(status={"y": 2})).handoff
+
+
+@pytest.mark.parametrize("handoff", [True, False], ids=["hand-off", "llm_call"])
+def test_a_claim_left_in_doubt_whose_turn_then_waits_for_its_agent_counts_no_attempt(handoff: bool) -> None:
+    """A claim counts the attempt it is for (llmAttempts) when it is written. One left in doubt, never
+    acted on, whose turn then waited for its Agent's edit to be validated kept that count: the turn's
+    first LLM request was counted as its second (of KUBECHAIN_LLM_MAX_ATTEMPTS), though no request had
+    been made."""
+    from kubechain.kube.client import custom_path
+
+    kube = ClaimAnswerLost("SendContextWindowToLLM", down=10**6)
+    counted: list[int] = []  # llmAttempts as each LLM request was made
+
+    def answer(_request: object) -> LLMResponse:
+        counted.append(run_status(kube)["llmAttempts"])
+        return LLMResponse(content="done")
+
+    llm = FakeLLM(answer)
+    validated(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    ctx = context(kube, llm, continues_llm=handoff, config_cache_ttl_s=0)
+    ctx.sleep = lambda _s: None
+    if not handoff:
+        prepare(ctx, message("TaskRun", "r"))
+        assert run_status(kube)["phase"] == "ReadyForLLM"
+    with pytest.raises(Unavailable):
+        (prepare if handoff else llm_call)(ctx, message("TaskRun", "r"))
+    kube.down = 0
+    assert (run_status(kube)["claimedBy"], run_status(kube)["llmAttempts"]) == ("w1", 1)
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "be verbose"}})
+    (prepare if handoff else llm_call)(ctx, message("TaskRun", "r"))  # Celery's retry: the turn waits
+    status = run_status(kube)
+    assert (status["phase"], status.get("claimedBy"), status["llmAttempts"]) == ("ReadyForLLM", None, 0)
+    validate(ctx, message("Agent", "a"))
+    llm_call(ctx, message("TaskRun", "r"))
+    assert counted == [1], "the turn's first request is its first attempt"
+    assert run_status(kube)["phase"] == "FinalAnswer"
