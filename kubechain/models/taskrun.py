@@ -74,7 +74,8 @@ class TaskRunStatus(KubeModel):
     phase: TaskRunPhaseValue | None = Field(
         default=None,
         description="Where the run is: Pending (waiting for its Task or Agent to be Ready), ReadyForLLM (a "
-        "turn waits for a worker), SendContextWindowToLLM (a worker is calling the LLM), ToolCallsPending "
+        "turn waits for a worker; with status Pending, for its Agent's edit to be validated), "
+        "SendContextWindowToLLM (a worker is calling the LLM), ToolCallsPending "
         "(waiting for this turn's TaskRunToolCalls), ErrorBackoff (an LLM error, retried at nextAttemptAt), "
         "FinalAnswer (done: see output) or Failed (see error). Initializing and CheckingToolCalls are the "
         "original's: KubeChain does not write them (a run found in one is handled as Pending or "

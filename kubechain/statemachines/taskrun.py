@@ -209,22 +209,18 @@ def plan_initial_context(
     )
 
 
-# The statusDetail of a run waiting for its Agent's edit to be validated, around the Agent's name.
-_AGENT_NOT_VALIDATED = ('Waiting for agent "', '" to be validated again: its spec changed since it was')
-
-
 def agent_not_validated_detail(agent_name: str) -> str:
-    before, after = _AGENT_NOT_VALIDATED
-    return f"{before}{agent_name}{after}"
+    """The statusDetail of a run waiting for its Agent's edit to be validated (words for people: nothing
+    reads them back, see turn_waits_for_agent)."""
+    return f'Waiting for agent "{agent_name}" to be validated again: its spec changed since it was'
 
 
 def turn_waits_for_agent(run: TaskRun) -> bool:
     """Whether ``run`` is ReadyForLLM only to wait, unclaimed, for its Agent's edit to be validated
     (plan_turn_waits_for_agent), not about to be claimed: `kubechain run` says so, as it says a Pending
-    run's wait."""
-    before, after = _AGENT_NOT_VALIDATED
-    detail = run.status.status_detail or ""
-    return run.phase == TaskRunPhase.READY_FOR_LLM and detail.startswith(before) and detail.endswith(after)
+    run's wait. Its status says so (Pending, which a turn about to be claimed never is), not the words of
+    its statusDetail, which may be reworded."""
+    return run.phase == TaskRunPhase.READY_FOR_LLM and run.status.status == "Pending"
 
 
 def _wait(run: TaskRun, current: dict[str, Any], detail: str, reason: str) -> Transition | None:
@@ -307,8 +303,8 @@ def plan_llm_claim(run: TaskRun, worker: str, now: datetime, limits: LoopLimits)
     # (A ReadyForLLM with a claimedBy is an earlier version's hand-off: claimed like any other, since
     # of two conditional claims only one lands.)
     resumed: dict[str, Any] = {}
-    if phase == TaskRunPhase.READY_FOR_LLM and run.status.status == "Pending":
-        # the turn waited for its Agent (plan_turn_waits_for_agent): under way now, as a turn made ready is
+    if turn_waits_for_agent(run):
+        # under way now, as a turn made ready is
         resumed = {"ready": True, "status": "Ready"}
     return ClaimDecision(
         Transition(
@@ -637,7 +633,7 @@ def plan_turn_waits_for_agent(
     patch: dict[str, Any] = {
         "phase": TaskRunPhase.READY_FOR_LLM.value,
         "ready": False,
-        "status": "Pending",
+        "status": "Pending",  # what tells this wait (turn_waits_for_agent)
         "statusDetail": detail,
         "error": None,
         "nextAttemptAt": None,

@@ -187,11 +187,29 @@ def test_a_turn_waiting_for_its_agents_validation_is_said_once() -> None:
 
     tracker = ConversationTracker()
     detail = agent_not_validated_detail("calc")
-    waiting = taskrun(WINDOW[:4], "ReadyForLLM", statusDetail=detail, agentName="calc")
+    waiting = taskrun(
+        WINDOW[:4], "ReadyForLLM", ready=False, status="Pending", statusDetail=detail, agentName="calc"
+    )
     assert lines(tracker.taskrun_events(waiting)) == EXPECTED[:4] + [f"pending: {detail}"]
     assert tracker.taskrun_events(waiting) == [], "said once"
     fan_in = "All tool calls completed, ready to send tool results to LLM"
     assert ConversationTracker().taskrun_events(taskrun([], "ReadyForLLM", statusDetail=fan_in)) == []
+
+
+def test_a_turn_waiting_for_its_agent_is_told_by_its_status_not_by_its_words() -> None:
+    """`kubechain run` told a turn's wait for its Agent by the words of its statusDetail: reworded, the
+    wait went unsaid. The run's status says it waits (ReadyForLLM with status Pending, as the workers write
+    it: plan_turn_waits_for_agent), whatever the words; a turn about to be claimed (status Ready) does not."""
+    from kubechain.statemachines.taskrun import plan_turn_waits_for_agent
+    from kubechain.statemachines.transition import Transition
+
+    ready = {"ready": True, "status": "Ready", "statusDetail": "Ready to send to LLM", "agentName": "calc"}
+    wait = plan_turn_waits_for_agent(taskrun(WINDOW[:2], "ReadyForLLM", **ready), "calc", Transition({}))
+    assert wait is not None
+    reworded = 'Agent "calc" was edited; its validation is awaited'
+    waiting = taskrun(WINDOW[:2], **{**ready, **wait.status, "statusDetail": reworded})
+    assert lines(ConversationTracker().taskrun_events(waiting)) == EXPECTED[:2] + [f"pending: {reworded}"]
+    assert ConversationTracker().taskrun_events(taskrun([], "ReadyForLLM", **ready)) == []
 
 
 def test_multiline_content_stays_on_one_line_and_odd_arguments_verbatim() -> None:
