@@ -58,7 +58,7 @@ def validate_contactchannel(ctx: WorkerContext, message: ResourceMessage) -> Non
     try:
         api_key = read_api_key(ctx, channel.namespace, ref.name, ref.key)
     except SecretProblem as exc:
-        _write(ctx, channel, plan_validation(channel, False, str(exc)))
+        _write(ctx, channel, plan_validation(channel, False, str(exc), unusable_secret=exc.secret_name))
         return
     try:
         with HumanLayerClient(ctx.settings.humanlayer_api_base, api_key) as client:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from kubechain.kube.errors import Unavailable
-from kubechain.mcp import MCPError, MCPManager, kube_secret_resolver, validate_spec
+from kubechain.mcp import MCPError, MCPManager, UnusableSecret, kube_secret_resolver, validate_spec
 from kubechain.models import ContactChannel, MCPServer, MCPTool
 from kubechain.models.base import stored_json_bytes
 from kubechain.queueing import ResourceMessage, TaskName
@@ -38,8 +38,12 @@ def _write(ctx: WorkerContext, server: MCPServer, transition: Transition | None)
         apply_transition(ctx, server, transition)
 
 
-def _failure(server: MCPServer, detail: str, reason: str, *, pending: bool = False) -> Transition | None:
-    transition = plan_validation(server, False, detail, pending=pending, ready_field="connected")
+def _failure(
+    server: MCPServer, detail: str, reason: str, *, pending: bool = False, unusable_secret: str | None = None
+) -> Transition | None:
+    transition = plan_validation(
+        server, False, detail, pending=pending, ready_field="connected", unusable_secret=unusable_secret
+    )
     if transition is not None:
         transition.events = [warning(reason, detail)]
     return transition
@@ -237,7 +241,11 @@ def validate_mcpserver(ctx: WorkerContext, message: ResourceMessage) -> None:
             if isinstance(exc.__cause__, Unavailable):
                 raise exc.__cause__ from exc  # reading a secret failed transiently: let the task retry
             log.info("MCPServer %s/%s: connection failed: %s", server.namespace, server.name, exc)
-            _write(ctx, server, _failure(server, f"Connection failed: {exc}", "ConnectionFailed"))
+            unusable = exc.secret_name if isinstance(exc, UnusableSecret) else None
+            failure = _failure(
+                server, f"Connection failed: {exc}", "ConnectionFailed", unusable_secret=unusable
+            )
+            _write(ctx, server, failure)
             return
         finally:
             if manager is not ctx.mcp:

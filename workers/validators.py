@@ -45,7 +45,11 @@ def get_or_none(
 
 
 class SecretProblem(Exception):
-    pass
+    """A Secret that cannot be used; the message says why and what to fix (never a value)."""
+
+    def __init__(self, message: str, secret_name: str = "") -> None:
+        super().__init__(message)
+        self.secret_name = secret_name  # recorded in the validated object's status.unusableSecret
 
 
 class EmptySecretValue(SecretProblem):
@@ -63,23 +67,26 @@ def read_api_key(
             else ctx.kube.read_secret(namespace, secret_name)
         )
     except NotFound:
-        raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found') from None
+        raise SecretProblem(f'failed to get secret: secrets "{secret_name}" not found', secret_name) from None
     except Forbidden as denied:
         # RBAC that does not grant this Secret (e.g. a Role narrowed to some names): the user's to fix,
         # and retrying will not change it.
-        raise SecretProblem(f"failed to get secret: {denied.message}") from None
+        raise SecretProblem(f"failed to get secret: {denied.message}", secret_name) from None
     if key not in data:
-        raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"')
+        raise SecretProblem(f'key "{key}" not found in secret "{secret_name}"', secret_name)
     value = data[key].strip()
     if not value:
-        raise EmptySecretValue(f'empty API key provided: key "{key}" in secret "{secret_name}" is empty')
+        raise EmptySecretValue(
+            f'empty API key provided: key "{key}" in secret "{secret_name}" is empty', secret_name
+        )
     unsendable = next((i for i, ch in enumerate(value) if not (ch.isascii() and ch.isprintable())), None)
     if unsendable is not None:
         # A pasted "…" or a zero-width space: the HTTP library would raise while building the header,
         # outside any error a provider client reports. Say where, never what the value is.
         raise SecretProblem(
             f'key "{key}" in secret "{secret_name}" has a character an HTTP header cannot carry '
-            f"(character {unsendable + 1}): an API key is printable ASCII; set it again"
+            f"(character {unsendable + 1}): an API key is printable ASCII; set it again",
+            secret_name,
         )
     return value
 
@@ -132,8 +139,8 @@ def validate_llm(ctx: WorkerContext, message: ResourceMessage) -> None:
     ref = llm.spec.api_key_ref()
     try:
         api_key = read_api_key(ctx, llm.namespace, ref.name, ref.key)
-    except SecretProblem as problem:
-        _write(ctx, llm, plan_validation(llm, False, str(problem)))
+    except SecretProblem as unusable:
+        _write(ctx, llm, plan_validation(llm, False, str(unusable), unusable_secret=unusable.secret_name))
         return
     # The original checked an Anthropic key only for being there: a wrong one was Ready until every run
     # failed. Both providers list their models with the key, which costs nothing.

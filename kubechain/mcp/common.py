@@ -28,6 +28,16 @@ class MCPError(ToolError):
     """
 
 
+class UnusableSecret(MCPError):
+    """A Secret the server's spec takes a value from (an env var, a header) could not be used: missing, a
+    key missing, not readable, or a value no header can carry. ``secret_name``: that Secret, recorded in the
+    MCPServer's status.unusableSecret when its validation meets this."""
+
+    def __init__(self, message: str, secret_name: str = "") -> None:
+        super().__init__(message)
+        self.secret_name = secret_name
+
+
 @dataclass(frozen=True)
 class MCPToolResult:
     """A tools/call result flattened to text; ``is_error`` mirrors the result's ``isError``."""

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kubechain.mcp.common import MCPError
+from kubechain.mcp.common import MCPError, UnusableSecret
 from kubechain.models import MCPServer, MCPServerSpec
 from kubechain.models.mcpserver import EnvVar
 from kubechain.models.urls import credentials_in_url, spec_url_problem
@@ -335,21 +335,25 @@ def _resolve_vars(
         try:
             value = resolve_secret(namespace, ref.name, ref.key)
         except Exception as exc:  # the resolver's message says what is missing, never a value
-            raise MCPError(f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}') from exc
+            raise UnusableSecret(
+                f'cannot resolve {what} "{var.name}" from secret "{ref.name}": {exc}', ref.name
+            ) from exc
         secrets.append(value)
         if what == "env var" and "\0" in value:
-            raise MCPError(
+            raise UnusableSecret(
                 f'env var "{var.name}" from secret "{ref.name}" (key "{ref.key}") {NUL_IN_ENV_VALUE}; '
-                "store the value without it"
+                "store the value without it",
+                ref.name,
             )
         if what == "header":
             secrets.extend(_credential_parts(value))
             # A Secret made with `echo` or from a file ends in a newline, which no HTTP header may hold
             # (the HTTP library's error would quote the whole value).
             if problem := _header_value_problem(value):
-                raise MCPError(
+                raise UnusableSecret(
                     f'header "{var.name}" from secret "{ref.name}" (key "{ref.key}") contains {problem}; '
-                    "store the value without it"
+                    "store the value without it",
+                    ref.name,
                 )
             value = value.strip()
         resolved.append((var.name, value))

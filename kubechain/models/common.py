@@ -94,6 +94,16 @@ class Message(KubeModel):
     )
 
 
+# status.unusableSecret of the kinds whose validation reads a Secret (LLM, ContactChannel, MCPServer): what
+# the watcher goes by to check them again soon (routing.waits_for_a_secret), not the statusDetail's words.
+UNUSABLE_SECRET_DESCRIPTION = (
+    "The Secret the last validation stopped at: missing, without the key named (or that key empty), not "
+    "readable by the workers, or holding a value no HTTP header can carry; statusDetail says which and what "
+    "to fix. Secrets are not watched: while this is set, the resource is validated again at least every "
+    "30 s, so it turns Ready soon after the Secret is created or fixed. Unset otherwise."
+)
+
+
 class ReadyStatus(KubeModel):
     """The status triple most kinds carry, plus the generation it describes."""
 

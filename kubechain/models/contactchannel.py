@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from kubechain.models.base import KubeModel, Resource
-from kubechain.models.common import APIKeySource, ReadyStatus
+from kubechain.models.common import UNUSABLE_SECRET_DESCRIPTION, APIKeySource, ReadyStatus
 
 
 class SlackChannelConfig(KubeModel):
@@ -57,6 +57,7 @@ class ContactChannelStatus(ReadyStatus):
     human_layer_project: str | None = Field(
         default=None, description="The id of the HumanLayer project the API key belongs to."
     )
+    unusable_secret: str | None = Field(default=None, description=UNUSABLE_SECRET_DESCRIPTION)
 
 
 class ContactChannel(Resource[ContactChannelSpec, ContactChannelStatus]):

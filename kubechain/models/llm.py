@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from kubechain.models.base import KubeModel, Resource
-from kubechain.models.common import APIKeySource, ReadyStatus, SecretKeyRef
+from kubechain.models.common import UNUSABLE_SECRET_DESCRIPTION, APIKeySource, ReadyStatus, SecretKeyRef
 
 # Anchored versions of the original's patterns (its temperature pattern was an unanchored alternation).
 UNIT_INTERVAL_PATTERN = r"^(0(\.[0-9]+)?|1(\.0+)?)$"
@@ -121,7 +121,7 @@ class LLMSpec(KubeModel):
 
 
 class LLMStatus(ReadyStatus):
-    pass
+    unusable_secret: str | None = Field(default=None, description=UNUSABLE_SECRET_DESCRIPTION)
 
 
 class LLM(Resource[LLMSpec, LLMStatus]):

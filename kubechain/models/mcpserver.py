@@ -7,7 +7,12 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from kubechain.models.base import PRESERVE_UNKNOWN, KubeModel, Resource
-from kubechain.models.common import LocalObjectReference, SecretKeyRef, StatusValue
+from kubechain.models.common import (
+    UNUSABLE_SECRET_DESCRIPTION,
+    LocalObjectReference,
+    SecretKeyRef,
+    StatusValue,
+)
 
 
 class EnvVarSource(KubeModel):
@@ -123,6 +128,7 @@ class MCPServerStatus(KubeModel):
         description="The metadata.generation the status describes; behind it, the spec was edited since "
         "and is being validated again.",
     )
+    unusable_secret: str | None = Field(default=None, description=UNUSABLE_SECRET_DESCRIPTION)
 
 
 class MCPServer(Resource[MCPServerSpec, MCPServerStatus]):

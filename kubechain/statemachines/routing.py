@@ -6,7 +6,6 @@ lost message or a dead worker never strands a resource.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -36,16 +35,8 @@ MAX_RECHECK_S = 300.0
 # or whose value no HTTP header (a pasted "…", a line break) or environment variable (a NUL) can carry, is
 # checked again at least this often: Secrets are not watched (the watcher may not list them, see
 # deploy/base/rbac.yaml), so only a re-check sees the one created or fixed, and such a check reads one Secret.
+# Such a validation names the Secret in status.unusableSecret (LLM, ContactChannel, MCPServer).
 SECRET_RECHECK_S = 30.0
-# The statusDetail such a validation writes: workers.validators.read_api_key (LLM, ContactChannel) and
-# kubechain.mcp.spec.resolve_spec (MCPServer env and headers) say so in these words.
-_SECRET_MISSING = re.compile(
-    r'failed to get secret: |key "[^"]*" not found in secret "|empty API key provided: key "[^"]*" in secret "'
-    r'|cannot resolve (env var|header) "[^"]*" from secret "'
-    r'|key "[^"]*" in secret "[^"]*" has a character an HTTP header cannot carry '
-    r'|(env var|header) "[^"]*" from secret "[^"]*" \(key "[^"]*"\) contains a (line break or another '
-    r"control character|character an HTTP header cannot carry|NUL character)"
-)
 
 
 @dataclass(frozen=True)
@@ -126,8 +117,9 @@ def needs_validation(obj: Mapping[str, Any]) -> bool:
 
 
 def waits_for_a_secret(obj: Mapping[str, Any]) -> bool:
-    """Whether the object's validation stopped at a Secret it could not read (see SECRET_RECHECK_S)."""
-    return _SECRET_MISSING.search(str(_status(obj).get("statusDetail") or "")) is not None
+    """Whether the object's validation stopped at a Secret it could not use (see SECRET_RECHECK_S): its
+    status says so in unusableSecret, whatever the words of its statusDetail."""
+    return bool(_status(obj).get("unusableSecret"))
 
 
 def work_for(

@@ -52,8 +52,11 @@ def plan_validation(
     extra: dict[str, Any] | None = None,
     success_message: str | None = None,
     ready_field: str = "ready",
+    unusable_secret: str | None = None,
 ) -> Transition | None:
-    """The status triple for a validation outcome; None when nothing would change."""
+    """The status triple for a validation outcome; None when nothing would change. ``unusable_secret``:
+    the Secret the validation stopped at, recorded (and cleared by any other outcome) on the kinds whose
+    status has unusableSecret (those that read one: LLM, ContactChannel, MCPServer)."""
     current = obj.status.model_dump(by_alias=True)
     patch: dict[str, Any] = {
         ready_field: ok,
@@ -62,6 +65,10 @@ def plan_validation(
         "observedGeneration": obj.metadata.generation,
         **(extra or {}),
     }
+    if "unusable_secret" in type(obj.status).model_fields:
+        patch["unusableSecret"] = unusable_secret or None
+    elif unusable_secret is not None:
+        raise ValueError(f"a {obj.KIND}'s status does not record an unusable Secret")
     if not status_differs(current, patch):
         return None
     events = []

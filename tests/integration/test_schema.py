@@ -317,3 +317,38 @@ def test_kubectl_explain_shows_a_fields_description(
     described = " ".join(output.split())  # kubectl wraps a description over several lines
     description = " ".join(_crd_description("taskruns", field_path).split())
     assert "DESCRIPTION:" in output and description and description in described, output
+
+
+def test_a_validation_stopped_at_a_secret_names_it_in_a_status_the_api_server_keeps(
+    kube: object, namespace: str
+) -> None:
+    """status.unusableSecret (what the watcher's short re-check goes by) is stored by the real API server
+    as the worker writes it, and removed by the validation after the Secret is created (a merge patch's
+    null), not pruned as a field the schema does not know."""
+    import base64
+
+    from kubechain.llm.base import LLMResponse
+    from kubechain.statemachines.routing import waits_for_a_secret
+    from tests.unit.fakes import FakeLLM, context, create, message
+    from workers.validators import validate
+
+    ctx = context(kube, FakeLLM(lambda request: LLMResponse(content="ok")), config_cache_ttl_s=0)  # type: ignore[arg-type]
+    create(kube, "LLM", "llms", "gpt-4o", LLM_BODY["spec"], namespace)  # type: ignore[arg-type]
+    validate(ctx, message("LLM", "gpt-4o", namespace))
+    stopped = kube.get_raw("llms", namespace, "gpt-4o")  # type: ignore[attr-defined]
+    assert (stopped["status"]["status"], stopped["status"].get("unusableSecret")) == ("Error", "openai")
+    assert waits_for_a_secret(stopped)
+    kube.request(  # type: ignore[attr-defined]
+        "POST",
+        f"/api/v1/namespaces/{namespace}/secrets",
+        body={
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "openai"},
+            "data": {"k": base64.b64encode(b"sk-test").decode()},
+        },
+    )
+    validate(ctx, message("LLM", "gpt-4o", namespace))
+    fixed = kube.get_raw("llms", namespace, "gpt-4o")  # type: ignore[attr-defined]
+    assert fixed["status"]["status"] == "Ready" and "unusableSecret" not in fixed["status"]
+    assert not waits_for_a_secret(fixed)

@@ -197,81 +197,102 @@ def test_resync_revalidates_a_ready_agent_whose_tool_delegates_to_an_agent_that_
     assert ready_with_unready_dependencies(cache) == []
 
 
-def test_every_way_a_validation_stops_at_a_secret_is_told_apart_for_its_short_recheck() -> None:
-    """The statusDetail the workers write, recognised by the watcher (see SECRET_RECHECK_S)."""
+def test_every_way_a_validation_stops_at_a_secret_names_it_for_its_short_recheck() -> None:
+    """An LLM's, a ContactChannel's or an MCPServer's validation stopped at a Secret (missing, a key of it
+    missing or empty, not readable by the workers, a value no HTTP header can carry: a pasted "…", a line
+    break) names the Secret in status.unusableSecret, which the watcher checks again within
+    SECRET_RECHECK_S; once the Secret is fixed, the next validation clears it."""
     from kubechain.kube.fake import FakeKubeClient
     from kubechain.llm.base import LLMResponse
-    from kubechain.mcp import MCPError, kube_secret_resolver, resolve_spec
-    from kubechain.models import MCPServer
     from kubechain.statemachines.routing import SECRET_RECHECK_S, waits_for_a_secret
-    from tests.unit.fakes import FakeLLM, context
+    from tests.unit.fakes import FakeLLM, context, create, message
     from tests.unit.test_workers_on_fake import SecretsForbidden
-    from workers.validators import SecretProblem, read_api_key
+    from workers.validators import validate
 
-    kube = FakeKubeClient()
-    kube.add_secret("ns", "keys", {"EMPTY": " ", "SET": "sk-1"})
-    said = []
-    for client, secret, key in ((kube, "gone", "K"), (kube, "keys", "K"), (kube, "keys", "EMPTY")) + (
-        (SecretsForbidden(), "keys", "SET"),
-    ):
-        ctx = context(client, FakeLLM(lambda r: LLMResponse(content="x")))
-        with pytest.raises(SecretProblem) as problem:
-            read_api_key(ctx, "ns", secret, key)
-        said.append(str(problem.value))
-    for client, secret, key in (
-        (kube, "gone", "K"),
-        (kube, "keys", "K"),
-        (SecretsForbidden(), "keys", "SET"),
-    ):
-        env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}]
-        server = MCPServer.model_validate(
-            {
-                "metadata": {"name": "m", "namespace": "ns"},
-                "spec": {"transport": "stdio", "command": "x", "env": env},
-            }
-        )
-        with pytest.raises(MCPError) as unresolved:
-            resolve_spec(server, kube_secret_resolver(client))
-        said.append(f"Connection failed: {unresolved.value}")  # as workers.mcpservers writes it
-    for detail in said:
-        waiting = obj("LLM", "l", {}, {"status": "Error", "statusDetail": detail, "observedGeneration": 1})
-        assert waits_for_a_secret(waiting), detail
-        (work,) = work_for("LLM", waiting, NOW, 180, resync=True)
-        assert work.max_recheck_s == SECRET_RECHECK_S
-    refused = "OpenAI API key validation failed: invalid API key (status code: 401)"
-    assert not waits_for_a_secret(obj("LLM", "l", {}, {"status": "Error", "statusDetail": refused}))
-
-
-def test_a_validation_stopped_by_a_secret_value_no_header_can_carry_is_checked_again_soon() -> None:
-    """A Secret's value with a pasted "…" (an LLM's or ContactChannel's API key) or a line break inside (an
-    MCPServer's header) is fixed by editing the Secret, which the watcher does not see: like a missing
-    Secret, the object must be checked again within SECRET_RECHECK_S, not at a back-off of minutes."""
-    from kubechain.kube.fake import FakeKubeClient
-    from kubechain.llm.base import LLMResponse
-    from kubechain.mcp import MCPError, kube_secret_resolver, resolve_spec
-    from kubechain.models import MCPServer
-    from kubechain.statemachines.routing import SECRET_RECHECK_S, waits_for_a_secret
-    from tests.unit.fakes import FakeLLM, context
-    from workers.validators import SecretProblem, read_api_key
-
-    kube = FakeKubeClient()
-    kube.add_secret("ns", "keys", {"PASTED": "sk-1…", "TOKEN": "Bearer a\nb"})
-    said = []
-    with pytest.raises(SecretProblem) as problem:
-        read_api_key(context(kube, FakeLLM(lambda r: LLMResponse(content="x"))), "ns", "keys", "PASTED")
-    said.append(str(problem.value))
-    headers = [{"name": "Authorization", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "TOKEN"}}}]
-    server = MCPServer.model_validate(
-        {
-            "metadata": {"name": "m", "namespace": "ns"},
-            "spec": {"transport": "http", "url": "https://mcp.example/mcp", "headers": headers},
+    def specs(secret: str, key: str) -> dict[str, tuple[str, dict[str, object]]]:
+        """By kind: its plural and a spec taking a value from the Secret's key."""
+        ref = {"secretKeyRef": {"name": secret, "key": key}}
+        var = [{"name": "Authorization", "valueFrom": ref}]
+        return {
+            "LLM": ("llms", {"provider": "openai", "apiKeyFrom": ref}),
+            "ContactChannel": (
+                "contactchannels",
+                {"type": "slack", "apiKeyFrom": ref, "slack": {"channelOrUserID": "C1"}},
+            ),
+            "MCPServer": (
+                "mcpservers",
+                {"transport": "http", "url": "http://127.0.0.1:9/mcp", "headers": var},
+            ),
         }
-    )
-    with pytest.raises(MCPError) as unsendable:
-        resolve_spec(server, kube_secret_resolver(kube))
-    said.append(f"Connection failed: {unsendable.value}")  # as workers.mcpservers writes it
-    for detail in said:
-        waiting = obj("LLM", "l", {}, {"status": "Error", "statusDetail": detail, "observedGeneration": 1})
-        assert waits_for_a_secret(waiting), detail
-        (work,) = work_for("LLM", waiting, NOW, 180, resync=True)
-        assert work.max_recheck_s == SECRET_RECHECK_S
+
+    kube, forbidden = FakeKubeClient(), SecretsForbidden()
+    kube.add_secret("default", "keys", {"EMPTY": " ", "PASTED": "sk-1…", "TOKEN": "Bearer a\nb"})
+    ways = {
+        "missing": (kube, "gone", "K"),
+        "key missing": (kube, "keys", "K"),
+        "not readable": (forbidden, "keys", "K"),
+        "unsendable": (kube, "keys", "PASTED"),
+        "line break": (kube, "keys", "TOKEN"),
+        "empty": (kube, "keys", "EMPTY"),
+    }
+    # an MCPServer's header is sent stripped, and only a control character is refused in it
+    not_for_headers = ("unsendable", "empty")
+    found, expected = {}, {}
+    for way, (client, secret, key) in ways.items():
+        ctx = context(client, FakeLLM(lambda r: LLMResponse(content="x")))
+        for kind, (plural, spec) in specs(secret, key).items():
+            if kind == "MCPServer" and way in not_for_headers:
+                continue
+            name = f"{kind.lower()}-{way.replace(' ', '-')}"
+            create(client, kind, plural, name, spec)
+            validate(ctx, message(kind, name))
+            stored = client.get_raw(plural, "default", name)
+            (work,) = work_for(kind, stored, NOW, 180, resync=True)
+            found[(way, kind)] = (stored["status"].get("unusableSecret"), work.max_recheck_s)
+            expected[(way, kind)] = (secret, SECRET_RECHECK_S)
+    assert found == expected
+
+    kube.add_secret("default", "gone", {"K": "sk-1"})
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    validate(ctx, message("LLM", "llm-missing"))
+    fixed = kube.get_raw("llms", "default", "llm-missing")
+    assert fixed["status"]["status"] == "Ready" and "unusableSecret" not in fixed["status"]
+    assert not waits_for_a_secret(fixed) and work_for("LLM", fixed, NOW, 180, resync=True) == []
+
+
+def test_a_validation_stopped_at_a_secret_is_told_by_its_status_not_by_its_words() -> None:
+    """The watcher told a validation stopped at a Secret (checked again within SECRET_RECHECK_S: Secrets
+    are not watched) by the words of its statusDetail. Reworded, the object was checked again only at a
+    back-off of minutes; and an error that only quoted such words (here an LLM proxy's) was checked every
+    30 s. The status names the Secret (unusableSecret) whatever its statusDetail says."""
+    from kubechain.kube.fake import FakeKubeClient
+    from kubechain.llm.base import LLMError, LLMResponse
+    from kubechain.statemachines.routing import MAX_RECHECK_S, SECRET_RECHECK_S
+    from tests.unit.fakes import FakeLLM, context, create, message
+    from workers.validators import validate
+
+    class ProxyLLM(FakeLLM):
+        def validate_credentials(self) -> None:
+            raise LLMError('LLM proxy: failed to get secret: vault "team-a" is sealed', retryable=False)
+
+    kube = FakeKubeClient()
+    kube.add_secret("default", "keys", {"K": "sk-1"})
+    ctx = context(kube, ProxyLLM(lambda r: LLMResponse(content="x")))
+    for name, secret in (("stopped", "gone"), ("refused", "keys")):
+        key_ref = {"secretKeyRef": {"name": secret, "key": "K"}}
+        create(kube, "LLM", "llms", name, {"provider": "openai", "apiKeyFrom": key_ref})
+        validate(ctx, message("LLM", name))
+    stopped = kube.get_raw("llms", "default", "stopped")
+    reworded = {
+        **stopped,
+        "status": {**stopped["status"], "statusDetail": "its API key's Secret is not there"},
+    }
+    refused = kube.get_raw("llms", "default", "refused")
+    assert "failed to get secret: " in refused["status"]["statusDetail"]
+    cases = {"stopped": stopped, "reworded": reworded, "refused": refused}
+    rechecks = {}
+    for case, llm in cases.items():
+        assert llm["status"]["status"] == "Error"
+        (work,) = work_for("LLM", llm, NOW, 180, resync=True)
+        rechecks[case] = work.max_recheck_s
+    assert rechecks == {"stopped": SECRET_RECHECK_S, "reworded": SECRET_RECHECK_S, "refused": MAX_RECHECK_S}

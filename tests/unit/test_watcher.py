@@ -1136,8 +1136,17 @@ def test_an_object_in_error_for_a_missing_secret_is_checked_again_within_30s(mon
         "waits": 'failed to get secret: secrets "openai" not found',
         "refused": "OpenAI API key validation failed: invalid API key (status code: 401)",
     }
+    unusable = {"waits": {"unusableSecret": "openai"}, "refused": {}}  # as validate_llm writes them
     for name, detail in details.items():
-        llm = ready("LLM", name, {"provider": "openai"}, ready=False, status="Error", statusDetail=detail)
+        llm = ready(
+            "LLM",
+            name,
+            {"provider": "openai"},
+            ready=False,
+            status="Error",
+            statusDetail=detail,
+            **unusable[name],
+        )
         informer._store(("default", name), llm)
     sent_at: dict[str, list[float]] = {name: [] for name in details}
     for _ in range(20):  # ten minutes of resync ticks
