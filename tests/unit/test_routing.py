@@ -226,7 +226,9 @@ def test_every_way_a_validation_stops_at_a_secret_names_it_for_its_short_recheck
         }
 
     kube, forbidden = FakeKubeClient(), SecretsForbidden()
-    kube.add_secret("default", "keys", {"EMPTY": " ", "PASTED": "sk-1…", "TOKEN": "Bearer a\nb"})
+    kube.add_secret(
+        "default", "keys", {"EMPTY": " ", "PASTED": "sk-1…", "TOKEN": "Bearer a\nb", "NUL": "a\0b"}
+    )
     ways = {
         "missing": (kube, "gone", "K"),
         "key missing": (kube, "keys", "K"),
@@ -235,8 +237,8 @@ def test_every_way_a_validation_stops_at_a_secret_names_it_for_its_short_recheck
         "line break": (kube, "keys", "TOKEN"),
         "empty": (kube, "keys", "EMPTY"),
     }
-    # an MCPServer's header is sent stripped, and only a control character is refused in it
-    not_for_headers = ("unsendable", "empty")
+    # an MCPServer's header is sent stripped: a blank one is refused by its server, not by the validation
+    not_for_headers = ("empty",)
     found, expected = {}, {}
     for way, (client, secret, key) in ways.items():
         ctx = context(client, FakeLLM(lambda r: LLMResponse(content="x")))
@@ -250,6 +252,17 @@ def test_every_way_a_validation_stops_at_a_secret_names_it_for_its_short_recheck
             (work,) = work_for(kind, stored, NOW, 180, resync=True)
             found[(way, kind)] = (stored["status"].get("unusableSecret"), work.max_recheck_s)
             expected[(way, kind)] = (secret, SECRET_RECHECK_S)
+    # a stdio server's env var no process can be started with (a NUL)
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "NUL"}}}]
+    create(
+        kube, "MCPServer", "mcpservers", "mcpserver-nul", {"transport": "stdio", "command": "x", "env": env}
+    )
+    validate(ctx, message("MCPServer", "mcpserver-nul"))
+    stored = kube.get_raw("mcpservers", "default", "mcpserver-nul")
+    (work,) = work_for("MCPServer", stored, NOW, 180, resync=True)
+    found[("NUL", "MCPServer")] = (stored["status"].get("unusableSecret"), work.max_recheck_s)
+    expected[("NUL", "MCPServer")] = ("keys", SECRET_RECHECK_S)
     assert found == expected
 
     kube.add_secret("default", "gone", {"K": "sk-1"})
