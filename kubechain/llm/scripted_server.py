@@ -196,6 +196,10 @@ class RequestRecord(BaseModel):
     """Last 4 characters of the API key only (never the full key)."""
     rule: int | None = None
     """Index of the matching rule (None: default answer or rejected request)."""
+    caller_left_at: float | None = None
+    """When its caller closed the connection while the answer waited (its latency, delay or hold): a
+    caller that gave up (a deadline, a crash), for whom the request ended then. None: it was there for
+    the answer."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,6 +632,28 @@ def _select_turn(script: Script, messages: list[dict[str, Any]], model: str) -> 
     return _Answer(Turn(content_template=DEFAULT_TEMPLATE), None)
 
 
+class _CallerWatch:
+    """Notes when the caller of a request closes its connection, while its answer waits: the request
+    ended then for the caller (a worker's call cut short at its deadline, a crash), whatever the log's
+    ``finished_at`` says (when the answer was due). Watched only while an answer waits: a task per
+    request costs the server time that benchmarks measure."""
+
+    def __init__(self, request: Request) -> None:
+        self.left_at: float | None = None
+        self._watching = asyncio.ensure_future(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        # The request's body is read: uvicorn answers receive() only when the connection closes.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.left_at = time.time()
+
+    def stop(self) -> float | None:
+        """When the caller left, if it did; no longer watched from here (the answer is sent)."""
+        self._watching.cancel()
+        return self.left_at
+
+
 def build_app(state: _State) -> Starlette:
     """The Starlette app serving ``state``."""
 
@@ -647,6 +673,7 @@ def build_app(state: _State) -> Starlette:
         turn_index = _turn_index(messages)
         conv_key = conversation_key(raw_messages if isinstance(raw_messages, list) else [])
         rule_index: int | None = None
+        caller: _CallerWatch | None = None
         state.begin(seq, _first_user(messages), turn_index, received_at)
 
         def log(status: int) -> None:
@@ -668,6 +695,7 @@ def build_app(state: _State) -> Starlette:
                     status_code=status,
                     auth_key_suffix=key[-4:] if key else None,
                     rule=rule_index,
+                    caller_left_at=caller.stop() if caller is not None else None,
                 )
             )
 
@@ -691,6 +719,8 @@ def build_app(state: _State) -> Starlette:
         rule_index = answer.rule
         turn = answer.turn
         latency = state.effective_latency()
+        if latency + turn.delay_s > 0 or turn.error is not None or script.hold_until_in_flight is not None:
+            caller = _CallerWatch(request)
 
         depth = 0
         while turn.error is not None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from kubechain.llm.scripted_server import (
     example_from_schema,
     tool_call_id,
 )
+from kubechain.testing.waiting import wait_for
 
 ADD_TOOL: dict[str, Any] = {
     "type": "function",
@@ -511,8 +513,6 @@ def test_answers_can_be_held_until_enough_requests_are_in_flight_together(server
     """The in-flight bench holds every run's LLM call open at once this way, whatever rate runs arrive at."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from kubechain.testing.waiting import wait_for
-
     server.set_script({"default": {"content": "held"}, "hold_until_in_flight": 3})
 
     def ask(i: int) -> str:
@@ -533,8 +533,6 @@ def test_answers_can_be_held_until_enough_requests_are_in_flight_together(server
 def test_a_new_script_releases_answers_the_old_one_was_holding(server: ScriptedLLMServer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from kubechain.testing.waiting import wait_for
-
     server.set_script({"default": {"content": "held"}, "hold_until_in_flight": 5})
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(
@@ -545,3 +543,28 @@ def test_a_new_script_releases_answers_the_old_one_was_holding(server: ScriptedL
         wait_for(lambda: len(server.in_flight()) == 1, 10, what="one request held")
         server.set_script({"default": {"content": "next"}})  # from this thread, not the server's loop
         assert waiting.result(timeout=10).choices[0].message.content == "held"
+
+
+@pytest.mark.slow  # a real 1.5 s answer
+def test_a_request_its_caller_gave_up_says_when_the_caller_left(server: ScriptedLLMServer) -> None:
+    """A caller that hangs up before its answer (a worker's call cut short at its claim's deadline, a
+    crash) is logged with the moment it left: a test can tell when the request ended for its caller, and
+    so whether a repeat of it overlapped it."""
+    server.set_script({"default": {"content": "late", "delay_s": 1.5}})
+    with pytest.raises(openai.APITimeoutError):
+        client(server).with_options(timeout=0.3).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "gone"}]
+        )
+    gave_up = time.time()
+    # logged when its answer was due, as any other
+    record = wait_for(lambda: next(iter(server.requests()), None), 10, what="the request to be logged")
+    assert record.finished_at - record.received_at >= 1.5
+    assert record.caller_left_at is not None, "the caller left"
+    assert record.received_at < record.caller_left_at <= gave_up + 0.5
+
+    server.set_script({"default": {"content": "prompt", "delay_s": 0.2}})
+    c = client(server)
+    assert c.chat.completions.create(model="m", messages=[{"role": "user", "content": "here"}]).choices[
+        0
+    ].message.content == ("prompt")
+    assert server.requests()[-1].caller_left_at is None, "a caller that got its answer never left"
