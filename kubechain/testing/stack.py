@@ -115,6 +115,9 @@ class StackOptions:
     # Tests and benchmarks start their own: they flush it and pause its clients.
     redis_from_env: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The workers' own, on top of extra_env: a fault only they meet (a chaos test's KUBECONFIG through a
+    # proxy that answers them late, while the watcher's stays prompt).
+    worker_env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -378,7 +381,7 @@ class LocalStack:
             "--name",
             name,
         ]
-        env = self._process_env(name)
+        env = self._process_env(name) | self.options.worker_env
         process = ManagedProcess(name, argv, self.logs / f"{name}.log", env=env)
         process.start()
         self.workers[name] = process

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from kubechain.testing.controlplane import LocalControlPlane
 from kubechain.testing.stack import LocalStack, StackOptions
+from tests.chaos.late_claims_proxy import LateClaimsProxy
 from tests.conftest import exclusive_stack
 from tests.e2e.conftest import ScriptedLLM
 
@@ -17,9 +19,22 @@ CLAIM_TIMEOUT_S = 6.0
 
 
 @pytest.fixture
+def late_claims(control_plane: LocalControlPlane) -> Iterator[LateClaimsProxy]:
+    """A proxy in front of the API server that answers LLM claim writes as late as a test says; the
+    workers of a stack marked ``stack(late_claims=True)`` reach the API server through it (the watcher
+    does not)."""
+    with LateClaimsProxy(control_plane) as proxy:
+        yield proxy
+
+
+@pytest.fixture
 def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalStack]:
     marker = request.node.get_closest_marker("stack")
     overrides = dict(marker.kwargs) if marker else {}
+    worker_env: dict[str, str] = {}
+    if overrides.pop("late_claims", False):
+        proxy: LateClaimsProxy = request.getfixturevalue("late_claims")
+        worker_env["KUBECONFIG"] = str(proxy.kubeconfig(kubeconfig, tmp_path / "kubeconfig-late-claims"))
     options = StackOptions(
         workdir=tmp_path / "stack",
         cluster="current",
@@ -38,6 +53,7 @@ def chaos_stack(kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
             "KUBECHAIN_TOOL_TIMEOUT_S": "5",
             **overrides.pop("env", {}),
         },
+        worker_env=worker_env,
     )
     with exclusive_stack(options) as stack:
         yield stack

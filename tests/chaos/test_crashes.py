@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import accumulate
 
 import httpx
 import pytest
@@ -11,10 +12,12 @@ import pytest
 from kubechain.testing.stack import LocalStack
 from kubechain.testing.waiting import wait_for
 from tests.chaos.conftest import kill
+from tests.chaos.late_claims_proxy import LateClaimsProxy
 from tests.conftest import Kubectl
 from tests.e2e.conftest import OPENAI_SECRET, ScriptedLLM, apply, get, llm_resource, phase, resource
 from tests.e2e.test_observability import scrape, total
 from tests.e2e.test_tools import SlowAPI
+from workers.transitions import RECORD_RETRY_BUDGET_S, RECORD_RETRY_MAX_S, backoff_delays
 
 
 def setup_agent(
@@ -170,11 +173,44 @@ def test_leader_watcher_killed(
         assert len(chaos_llm.requests(f"{question} #{i}")) == 1
 
 
+# Under the chaos tier's claims (6 s, calls ending 2/3 s before them: KUBECHAIN_LLM_TIMEOUT_S 5) a claim
+# whose write is answered LATE_ANSWER_S after its stamp leaves its call under 2.9 s: an answer that takes
+# OUTAGE_ANSWER_S is cut short. (One answered later than 4.3 s, leaving under a second, is not acted on.)
+OUTAGE_ANSWER_S = 3.0
+LATE_ANSWER_S = 2.5
+
+
+def answer_holders_next_try_s() -> tuple[float, float]:
+    """When, after its answer, a worker holding one through an outage (its writes refused) tries to write
+    it for the last time before its longest wait between tries, and how long that wait is."""
+    delays = list(backoff_delays(RECORD_RETRY_BUDGET_S))
+    tries = list(accumulate(delays))
+    last = next(i for i, delay in enumerate(delays[1:]) if delay == RECORD_RETRY_MAX_S)
+    return tries[last], delays[last + 1]
+
+
+def requests_of(llm: ScriptedLLM, prefix: str, *, answering: bool = False) -> list[dict]:
+    """The requests logged (``answering``: in flight) whose first user message starts with ``prefix``."""
+    listed = httpx.get(f"{llm.url}/_admin/{'inflight' if answering else 'requests'}").json()
+    return [r for r in listed if (r["first_user"] or "").startswith(prefix)]
+
+
+@pytest.mark.stack(late_claims=True)
 def test_api_server_outage(
-    chaos_stack: LocalStack, chaos_llm: ScriptedLLM, kubectl: Kubectl, namespace: str, control_plane: object
+    chaos_stack: LocalStack,
+    chaos_llm: ScriptedLLM,
+    kubectl: Kubectl,
+    namespace: str,
+    control_plane: object,
+    late_claims: LateClaimsProxy,
 ) -> None:
+    """The API server goes away under ten LLM calls, long enough for their claims to expire, and comes
+    back answering claim writes late, as a loaded machine makes it: the answers held through the outage
+    are lost with their claims, and the calls made again under claims answered late are cut short and
+    made once more. Not a count of requests (load decides it) but what the claims guarantee: no two calls
+    of a turn at once, and an answered call made again at most once."""
     question = f"apiserver outage {namespace}"
-    chaos_llm.add_rule(question, [{"content": "back online", "delay_s": 2}])
+    chaos_llm.add_rule(question, [{"content": "back online", "delay_s": OUTAGE_ANSWER_S}])
     setup_agent(kubectl, namespace)
     runs = [
         resource("TaskRun", f"r{i}", {"agentRef": {"name": "agent"}, "userMessage": f"{question} #{i}"})
@@ -183,12 +219,44 @@ def test_api_server_outage(
     apply(kubectl, namespace, *runs)
     wait_for(lambda: chaos_llm.in_flight(f"{question} #0"), 60, what="work in flight")
     control_plane.stop_apiserver()  # type: ignore[attr-defined]
-    time.sleep(10)  # the outage itself: the fault being injected, not a wait for a condition
+    # The outage itself (the fault injected, not a wait for a condition). It ends just after the workers
+    # holding the answers of the calls it cut off have tried to write them, their next try 15 s away
+    # (their tries are timed from the answers, which the scripted LLM logs): each claim, expired by then,
+    # is taken again first, as when the restart takes 16 s on a loaded machine.
+    held = wait_for(
+        lambda: not requests_of(chaos_llm, question, answering=True) and requests_of(chaos_llm, question),
+        30,
+        what="the calls the outage cut off to be answered",
+    )
+    tried_s, next_try_s = answer_holders_next_try_s()
+    assert next_try_s >= 10, "the restart and the claims taken again fit before the holders try again"
+    time.sleep(max(0.0, max(r["finished_at"] for r in held) + tried_s + 0.5 - time.time()))
+    # It comes back answering the workers late, as on a loaded machine: a claim written now is acted on,
+    # its call cut short to end within it, and the turn claimed again.
+    late_claims.lag_s = LATE_ANSWER_S
     control_plane.start_apiserver()  # type: ignore[attr-defined]
+    wait_for(
+        lambda: any(r["caller_left_at"] for r in requests_of(chaos_llm, question)),
+        60,
+        what="a call cut short under a claim answered late",
+    )
+    late_claims.lag_s = 0.0
     for i in range(10):
         wait_for(lambda i=i: phase(kubectl, namespace, f"r{i}") == "FinalAnswer", 120, what=f"r{i}")
     for i in range(10):
-        assert 1 <= len(chaos_llm.requests(f"{question} #{i}")) <= 2
+        assert status(kubectl, namespace, "taskrun", f"r{i}")["output"] == "back online"
+        requests = sorted(chaos_llm.requests(f"{question} #{i}"), key=lambda r: r["received_at"])
+        # What the claims guarantee, however loaded the machine: no two calls of a turn at once. Each is
+        # made under a claim of its own and ends, for its worker, before that claim can be taken again
+        # (answered, or cut short when its claim, answered late, ran out); only then is it made again.
+        for earlier, later in zip(requests, requests[1:], strict=False):
+            ended = earlier["caller_left_at"] or earlier["finished_at"]
+            assert ended <= later["received_at"], (f"r{i}: two calls of one turn at once", requests)
+        # A call answered is made again only when its answer was lost with its claim (taken again once it
+        # expired in the outage), once: a second time fails the run. Calls cut short are retried as
+        # attempts (llmAttempts), each a paid request, as many as load makes.
+        answered = [r for r in requests if r["caller_left_at"] is None]
+        assert 1 <= len(answered) <= 2, (f"r{i}: an answered call made again more than once", requests)
 
 
 def test_deleting_a_run_mid_llm_call_stops_it(
