@@ -273,11 +273,10 @@ def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_init.connect
 def _settle_heap(**_: Any) -> None:
-    """Import the task handlers and the LLM SDKs now rather than on the first task, then freeze the
+    """Import the task handlers and the OpenAI SDK now rather than on the first task, then freeze the
     start-up heap (before prefork children are forked, so its pages stay shared)."""
-    # The SDKs are imported by the LLM clients' builders, which the first task's worker context makes:
-    # imported there, they held that task (the first run after `kubechain up`) for seconds.
-    import kubechain.llm.anthropic_provider  # noqa: F401
+    # Imported by the first task's first OpenAI client, the SDK held that task (the first run after
+    # `kubechain up`) for seconds. The Anthropic SDK (~40 MiB) waits for a worker's first Anthropic LLM.
     import kubechain.llm.openai_provider  # noqa: F401
     import workers.llm_call
     import workers.prepare

@@ -8,7 +8,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, Field
 
@@ -315,13 +315,20 @@ class LLMClientFactory:
 
 
 def default_builders() -> dict[str, ClientBuilder]:
-    from kubechain.llm.anthropic_provider import AnthropicClient
-    from kubechain.llm.openai_provider import OpenAIClient
+    """A client builder per provider. Each imports its provider's SDK when it first builds a client: the
+    Anthropic SDK alone adds ~40 MiB to a worker, which one whose LLMs are all OpenAI's need not hold."""
 
-    return {
-        "openai": lambda llm, key, timeout, base_url: OpenAIClient(key, timeout, base_url),
-        "anthropic": lambda llm, key, timeout, base_url: AnthropicClient(key, timeout, base_url),
-    }
+    def openai_client(llm: LLM, key: str, timeout_s: float, base_url: str | None) -> LLMClient:
+        from kubechain.llm.openai_provider import OpenAIClient
+
+        return OpenAIClient(key, timeout_s, base_url)
+
+    def anthropic_client(llm: LLM, key: str, timeout_s: float, base_url: str | None) -> LLMClient:
+        from kubechain.llm.anthropic_provider import AnthropicClient
+
+        return AnthropicClient(key, timeout_s, base_url)
+
+    return {"openai": openai_client, "anthropic": anthropic_client}
 
 
 def build_request(llm: LLM, messages: list[Message], tools: list[ToolDefinition]) -> LLMRequest:
@@ -398,10 +405,16 @@ class SamplingPolicy(Protocol):
 
 
 def _sampling_policy(provider: str) -> SamplingPolicy | None:
-    from kubechain.llm import anthropic_provider, openai_provider
+    # only the provider asked about is imported (and with it its SDK: see default_builders)
+    if provider == "openai":
+        from kubechain.llm import openai_provider
 
-    policies: dict[str, Any] = {"openai": openai_provider, "anthropic": anthropic_provider}
-    return policies.get(provider)
+        return cast(SamplingPolicy, openai_provider)
+    if provider == "anthropic":
+        from kubechain.llm import anthropic_provider
+
+        return cast(SamplingPolicy, anthropic_provider)
+    return None
 
 
 def parameter_notes(llm: LLM) -> list[str]:
