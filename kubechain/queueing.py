@@ -66,6 +66,31 @@ def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
         headers[SENT_AT_HEADER] = time.time()
 
 
+class AgentSeen(BaseModel):
+    """The Agent a TaskRun's work is built from (its turns, its tool calls' grants), as the watcher last
+    saw it. A worker's copy of that Agent behind it (read before the edit or the validation the watcher has
+    seen) is read again: never used as content, so a forged one costs a read and nothing else."""
+
+    name: str
+    uid: str = ""
+    generation: int = 0
+    observed_generation: int = 0  # its status.observedGeneration: the generation its validation was about
+
+    def outdates(self, agent: Resource[Any, Any]) -> bool:
+        """Whether ``agent`` (a copy a worker holds) is behind what the watcher saw of it: an older
+        generation, or one whose validation the watcher has seen and the copy has not, or another Agent
+        by that name (deleted and made again). A copy newer than the watcher's (its informer is behind)
+        is not."""
+        if agent.name != self.name:
+            return False
+        observed = getattr(agent.status, "observed_generation", None) or 0
+        return (
+            bool(self.uid and agent.uid and self.uid != agent.uid)
+            or self.generation > (agent.metadata.generation or 0)
+            or self.observed_generation > observed
+        )
+
+
 class ResourceMessage(BaseModel):
     """The payload of every task: which object to look at (and, for tracing, when and why). Only a hint:
     the worker reads the object from the API server and decides from that, so a forged or stale message
@@ -82,6 +107,9 @@ class ResourceMessage(BaseModel):
     traceparent: str | None = None
     # a re-check's: the traceparent of the task that scheduled it, linked to (its parent is that task's)
     linked: str | None = None
+    # work on a TaskRun or its tool call: the run's Agent as the watcher saw it (None: not known, or a
+    # worker's own follow-up, which reads the Agent as it would without)
+    agent_seen: AgentSeen | None = None
 
     def key(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}"

@@ -28,16 +28,19 @@ from kubechain.observability.metrics import (
     register_phase_collector,
 )
 from kubechain.observability.tracing import export_run_span, run_context, setup_tracing, span, traceparent_of
-from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.queueing import AgentSeen, ResourceMessage, TaskName
 from kubechain.settings import Settings, SettingsInvalid, load_settings, warn_of_unknown_variables
 from kubechain.statemachines.demand import demand
 from kubechain.statemachines.routing import (
+    BUILT_FROM_THE_RUNS_AGENT,
     VALIDATED_KINDS,
     Work,
+    agent_seen,
     dependents,
     is_terminal,
     readiness,
     ready_with_unready_dependencies,
+    run_agent_name,
     tasks_missing_their_output,
     tasks_missing_their_run,
     trace_uid_of,
@@ -420,13 +423,15 @@ class Watcher:
     def message_for(self, work: Work, rv: str, own_version: bool = False) -> ResourceMessage:
         """The task payload: which object, and the version seen of it when that version is the object's
         own (the worker may read it from the API server's watch cache, no older than that). Work on a
-        TaskRun (or its tool calls) carries a span of the run's trace."""
+        TaskRun (or its tool calls) carries a span of the run's trace, and the run's Agent as cached here
+        (made when sent, not when queued: the newest this watcher has seen)."""
         message = ResourceMessage(
             kind=work.kind,
             namespace=work.namespace,
             name=work.name,
             resource_version=rv if own_version else "",
             reason=work.reason,
+            agent_seen=self._agent_seen(work) if work.task in BUILT_FROM_THE_RUNS_AGENT else None,
         )
         # The trace is the one of the run the work is about: work that another object's change asked for
         # (an Agent became Ready, a sub-agent's run finished) carries that object's, or none.
@@ -451,6 +456,16 @@ class Watcher:
                 extra=self._log_fields(work),
             )
         return message
+
+    def _agent_seen(self, work: Work) -> AgentSeen | None:
+        """The Agent of the run ``work`` is on (or of the tool call's run), as cached; None if unknown."""
+        target = self._cached(work.kind, work.namespace, work.name)
+        run = self._owning_run(target) if target is not None and work.kind == "TaskRunToolCall" else target
+        if run is None:
+            return None
+        name = run_agent_name(run, lambda task: self._cached("Task", work.namespace, task))
+        agent = self._cached("Agent", work.namespace, name) if name else None
+        return agent_seen(agent) if agent is not None else None
 
     def _log_fields(self, work: Work) -> dict[str, str]:
         """The fields that name the work's object on a log line (a tool call's run from the cache)."""

@@ -15,7 +15,7 @@ from kubechain.llm.deadline import ending_by
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Task, TaskRun, TaskRunPhase, Tool
 from kubechain.observability.metrics import HANDOFFS, LLM_REQUESTS, LLM_SECONDS, LLM_TOKENS, model_label
 from kubechain.observability.tracing import span
-from kubechain.queueing import ResourceMessage, TaskName
+from kubechain.queueing import AgentSeen, ResourceMessage, TaskName
 from kubechain.redaction import redact
 from kubechain.statemachines.taskrun import (
     holds_claim,
@@ -65,46 +65,53 @@ def llm_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         TaskRun,
         message.namespace,
         message.name,
-        lambda run: _take_turn(ctx, run),
+        lambda run: _take_turn(ctx, run, message.agent_seen),
         seen_version=message.resource_version,
     )
 
 
-def take_turn_now(ctx: WorkerContext, run: TaskRun, ready: Transition, agent: Agent | None = None) -> None:
+def take_turn_now(
+    ctx: WorkerContext,
+    run: TaskRun,
+    ready: Transition,
+    agent: Agent | None = None,
+    seen: AgentSeen | None = None,
+) -> None:
     """Write ``ready`` (a transition of ``run`` to ReadyForLLM) together with the claim of the turn it
     starts, then make that turn's LLM call: a worker that consumes the llm queue takes a turn it made
     ready itself, without a round trip through the watcher and the queue or a claim write of its own.
     ``agent``: the run's Agent as ``ready`` was decided on (its first context window built from it), which
-    the turn is built from too. A Conflict leaves ``run`` as it was, for the caller to re-read and
-    re-decide."""
+    the turn is built from too (else it is read, a copy behind ``seen`` read again). A Conflict leaves
+    ``run`` as it was, for the caller to re-read and re-decide."""
     with span(
         "llm_call TaskRun",
         None,
         **{"kubechain.namespace": run.namespace, "kubechain.name": run.name, "kubechain.reason": "handoff"},
     ):
-        _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready, agent)
+        _claim_and_call(ctx, run, with_llm_claim(ready, ctx.identity, ctx.clock()), ready, agent, seen)
 
 
-def _agent_for_turn(ctx: WorkerContext, namespace: str, name: str) -> Agent | None:
+def _agent_for_turn(ctx: WorkerContext, namespace: str, name: str, seen: AgentSeen | None) -> Agent | None:
     """The Agent a turn is built from: one whose status (what its validation found of its tools, MCP
     servers, sub-agents and channels) is about its spec as it stands. A copy read a moment ago (the config
     cache) that is so will do: it is a generation that was validated, the turn taken as if just before a
-    later edit. One that is not (read between an edit and its validation) is read again, so a validation
-    done since is not waited out."""
-    agent = get_or_none(ctx, Agent, namespace, name, cached=True)
+    later edit, unless the watcher has seen a later one (``seen``): then it is read again. One that is not
+    validated as it stands (read between an edit and its validation) is read again, so a validation done
+    since is not waited out."""
+    agent = get_or_none(ctx, Agent, namespace, name, cached=True, behind=seen.outdates if seen else None)
     if agent is not None and not validated_as_it_stands(agent):
         agent = get_or_none(ctx, Agent, namespace, name)
     return agent
 
 
-def _read_agent(ctx: WorkerContext, run: TaskRun) -> Agent:
+def _read_agent(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -> Agent:
     agent_name = run.own_agent_name  # the one it started with: an edit of its Task's agentRef is not followed
     if agent_name is None and run.spec.task_ref is not None:
         task = get_or_none(ctx, Task, run.namespace, run.spec.task_ref.name, cached=True)
         if task is None:
             raise RunConfigError(f'Task "{run.spec.task_ref.name}" not found', "TaskValidationFailed")
         agent_name = task.spec.agent_ref.name
-    agent = _agent_for_turn(ctx, run.namespace, agent_name or "")
+    agent = _agent_for_turn(ctx, run.namespace, agent_name or "", seen)
     if agent is None:
         raise RunConfigError(f'Agent "{agent_name}" not found', "AgentFetchFailed")
     if not validated_as_it_stands(agent):
@@ -113,12 +120,13 @@ def _read_agent(ctx: WorkerContext, run: TaskRun) -> Agent:
 
 
 def _resolve(
-    ctx: WorkerContext, run: TaskRun, agent: Agent | None = None
+    ctx: WorkerContext, run: TaskRun, agent: Agent | None = None, seen: AgentSeen | None = None
 ) -> tuple[Agent, LLM, str, list[ToolDefinition]]:
-    """The agent (``agent`` if given), its LLM, the API key and the tool definitions; RunConfigError says
-    what is missing, AgentNotValidated that the Agent's edit is not validated yet."""
+    """The agent (``agent`` if given, else read: see _agent_for_turn), its LLM, the API key and the tool
+    definitions; RunConfigError says what is missing, AgentNotValidated that the Agent's edit is not
+    validated yet."""
     if agent is None:
-        agent = _read_agent(ctx, run)
+        agent = _read_agent(ctx, run, seen)
     llm = get_or_none(ctx, LLM, run.namespace, agent.spec.llm_ref.name, cached=True)
     if llm is None:
         raise RunConfigError(
@@ -165,20 +173,20 @@ BACKOFF_RECHECK_REASON = "backoff-recheck"
 MIN_RECHECK_DELAY_S = 0.5
 
 
-def resume_turn(ctx: WorkerContext, run: TaskRun) -> bool:
+def resume_turn(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None = None) -> bool:
     """Whether ``run`` holds a claim of this process that was left in doubt (see apply_claim): then its
     LLM call was never made, and is made now under a fresh claim. The retry of a hand-off is a prepare
     task, which calls this too."""
     claim = ctx.claims_in_doubt.held(run, lambda claimed_at: holds_claim(run, ctx.identity, claimed_at))
     if claim is None:
         return False
-    _claim_and_call(ctx, run, claim, claim_written=True)
+    _claim_and_call(ctx, run, claim, seen=seen, claim_written=True)
     return True
 
 
-def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
+def _take_turn(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -> None:
     """If the turn is free to take, claim it, call the LLM once and record the answer."""
-    if run.metadata.deletion_timestamp or resume_turn(ctx, run):
+    if run.metadata.deletion_timestamp or resume_turn(ctx, run, seen):
         return
     now = ctx.clock()
     claim = plan_llm_claim(run, ctx.identity, now, ctx.limits)
@@ -193,7 +201,7 @@ def _take_turn(ctx: WorkerContext, run: TaskRun) -> None:
     if claim.transition.phase() == "Failed":
         apply_transition(ctx, run, claim.transition)
         return
-    _claim_and_call(ctx, run, claim.transition)
+    _claim_and_call(ctx, run, claim.transition, seen=seen)
 
 
 def _claim_and_call(
@@ -202,16 +210,17 @@ def _claim_and_call(
     claim: Transition,
     ready: Transition | None = None,
     agent: Agent | None = None,
+    seen: AgentSeen | None = None,
     *,
     claim_written: bool = False,
 ) -> None:
     """Write ``claim`` and, if it lands, call the LLM once and record the answer (counted as a hand-off
     if ``claim`` is one's). ``ready``: the part of ``claim`` that made the turn ready, written without the
     claim when the run cannot call its LLM (or must wait for its Agent); ``agent``: the run's Agent as
-    ``ready`` was decided on; ``claim_written``: ``run`` holds ``claim`` already (one left in doubt,
-    stamped afresh here)."""
+    ``ready`` was decided on; ``seen``: the watcher's hint of it, for reading it otherwise;
+    ``claim_written``: ``run`` holds ``claim`` already (one left in doubt, stamped afresh here)."""
     try:
-        _agent, llm, api_key, tools = _resolve(ctx, run, agent)
+        _agent, llm, api_key, tools = _resolve(ctx, run, agent, seen)
     except AgentNotValidated as waiting:
         wait = plan_turn_waits_for_agent(run, waiting.agent_name, claim, claim_written=claim_written)
         if ready is not None:

@@ -16,7 +16,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
-from kubechain.queueing import ResourceMessage
+from kubechain.queueing import AgentSeen, ResourceMessage
 from kubechain.statemachines.taskrun import (
     expected_toolcalls,
     plan_fan_in,
@@ -47,32 +47,40 @@ def prepare(ctx: WorkerContext, message: ResourceMessage) -> None:
         TaskRun,
         message.namespace,
         message.name,
-        lambda run: _prepare_once(ctx, run),
+        lambda run: _prepare_once(ctx, run, message.agent_seen),
         seen_version=message.resource_version,
     )
 
 
-def _prepare_once(ctx: WorkerContext, run: TaskRun) -> None:
+def _prepare_once(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -> None:
+    """``seen``: the run's Agent as the watcher saw it; a cached copy behind it is read again."""
     if run.metadata.deletion_timestamp or run.is_terminal():
         return
     if run.phase in FAN_IN_TASKRUN_PHASES:
-        _fan_in(ctx, run)
+        _fan_in(ctx, run, seen)
     elif run.phase in ("", TaskRunPhase.INITIALIZING, TaskRunPhase.PENDING):
-        _initial_context(ctx, run)
+        _initial_context(ctx, run, seen)
     elif run.phase == TaskRunPhase.SEND_CONTEXT_WINDOW_TO_LLM:
-        resume_turn(ctx, run)  # this process's hand-off, if its claim was left in doubt
+        resume_turn(ctx, run, seen)  # this process's hand-off, if its claim was left in doubt
 
 
-def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition, agent: Agent | None = None) -> None:
+def _apply(
+    ctx: WorkerContext,
+    run: TaskRun,
+    transition: Transition,
+    agent: Agent | None = None,
+    seen: AgentSeen | None = None,
+) -> None:
     """A worker that consumes the llm queue takes a turn it makes ready (see ``take_turn_now``; ``agent``:
-    the one its first context window was built from); others leave it to the watcher and the queue.
+    the one its first context window was built from, ``seen``: the watcher's hint of it, to read it with
+    otherwise); others leave it to the watcher and the queue.
 
     A window the API server refuses as too large (TooLarge: over etcd's limit by a measure ours missed)
     fails the run: it would be refused again at every resync, the run left waiting with no word of why."""
     ready = transition.phase() == TaskRunPhase.READY_FOR_LLM.value
     try:
         if ctx.continues_llm and ready:
-            take_turn_now(ctx, run, transition, agent)
+            take_turn_now(ctx, run, transition, agent, seen)
         else:
             apply_transition(ctx, run, transition)
     except TooLarge as refused:
@@ -89,7 +97,7 @@ def _apply(ctx: WorkerContext, run: TaskRun, transition: Transition, agent: Agen
         apply_transition(ctx, run, plan_refused_as_too_large(run, what, str(refused), ctx.clock()))
 
 
-def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
+def _initial_context(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -> None:
     not_waited_for = delegation.not_waited_for(ctx, run)
     if not_waited_for is not None:
         apply_transition(ctx, run, plan_sub_agent_not_waited_for(run, not_waited_for, ctx.clock()))
@@ -105,9 +113,11 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
     )
     agent = None
     if agent_name and agent_ref_problem(agent_name) is None:  # (one no Agent can have fails the run)
-        # A Ready agent read a moment ago, validated as its spec stands, is good enough; anything else is
-        # read fresh, so a run never waits on a stale "not ready".
-        agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True)
+        # A Ready agent read a moment ago, validated as its spec stands, is good enough unless the watcher
+        # has seen a later generation or validation of it (the run was created right after an edit);
+        # anything else is read fresh, so a run never waits on a stale "not ready".
+        behind = seen.outdates if seen is not None else None
+        agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True, behind=behind)
         if agent is None or not agent.status.ready or not validated_as_it_stands(agent):
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), ctx.limits)
@@ -116,7 +126,7 @@ def _initial_context(ctx: WorkerContext, run: TaskRun) -> None:
         _apply(ctx, run, transition, agent)
 
 
-def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
+def _fan_in(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -> None:
     selector = (
         f"{LABEL_TASKRUNTOOLCALL}={label_value(run.name)},"
         f"{LABEL_TOOLCALLREQUEST}={run.status.tool_call_request_id}"
@@ -135,4 +145,4 @@ def _fan_in(ctx: WorkerContext, run: TaskRun) -> None:
         if all(child.name in existing for child in expected_toolcalls(run)):
             record_tool_calls_created(ctx, run)
     if decision.transition is not None:
-        _apply(ctx, run, decision.transition)
+        _apply(ctx, run, decision.transition, seen=seen)

@@ -23,7 +23,7 @@ from kubechain.models import (
 from kubechain.observability.logs import bind_to_context
 from kubechain.observability.metrics import count_tool_call
 from kubechain.observability.tracing import span_with_ids
-from kubechain.queueing import ResourceMessage
+from kubechain.queueing import AgentSeen, ResourceMessage
 from kubechain.redaction import Scrubber, scrub_then_cut
 from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
@@ -318,7 +318,7 @@ def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         # The call's run is known once it is read (not from its name: a long run name is hashed in it),
         # and names the task's lines from here to its end (its failure lines too, Celery's included).
         bind_to_context(run=toolcall.spec.task_run_ref.name)
-        _tool_call_once(ctx, toolcall)
+        _tool_call_once(ctx, toolcall, message.agent_seen)
 
     decide_on_current(
         ctx, TaskRunToolCall, message.namespace, message.name, step, seen_version=message.resource_version
@@ -353,7 +353,8 @@ def _not_its_runs(
     )
 
 
-def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall, seen: AgentSeen | None = None) -> None:
+    """``seen``: the run's Agent as the watcher saw it (a cached copy behind it is read again)."""
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
     # The parent's spec does not change, and the "is it finished or deleted" check races with the
@@ -377,7 +378,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             # (delegation.stop_sub_agent_runs): what it delegates to is resolved, from the configuration
             # cache, only for such a call.
             pending = toolcall.phase in delegation.NOT_STARTED_PHASES
-            executor = _executor_for(ctx, toolcall, parent) if pending else None
+            executor = _executor_for(ctx, toolcall, parent, seen) if pending else None
             sub_agents = delegation.stop_sub_agent_runs(ctx, toolcall, executor)
             if sub_agents:  # not "not run": the run of the sub-agent it started is named
                 ended = plan_call_of_finished_run(toolcall, why, now, timeout_s, sub_agents) or ended
@@ -395,7 +396,7 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
             ctx, toolcall, plan_tool_failure(toolcall, problem, ctx.clock(), reason="ValidationFailed")
         )
         return
-    executor = _executor_for(ctx, toolcall, parent)
+    executor = _executor_for(ctx, toolcall, parent, seen)
     now = ctx.clock()
     # A call that cannot run (unknown tool, not granted, its MCP server deleted while it waited for a
     # human) fails now instead of waiting forever; so does one whose worker was lost mid-run, rather
@@ -524,13 +525,19 @@ def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
     _record(ctx, claimed, claimed_at, plan, refused_as_too_large)
 
 
-def _executor_for(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun | None) -> Executor:
+def _executor_for(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun | None, seen: AgentSeen | None
+) -> Executor:
     """The call's target resolved with its run's Agent (None if the run or the Agent is gone: then what
-    it grants cannot be checked, and the Executor says so)."""
+    it grants cannot be checked, and the Executor says so). A cached copy of the Agent behind what the
+    watcher saw (``seen``) is read again: the turn that made the call may have offered a tool an edit
+    added, which a copy from before the edit does not grant."""
     agent_name = delegation.parent_agent(ctx, parent) if parent is not None else ""
-    namespace = toolcall.namespace
+    if not agent_name:
+        return Executor(ctx, toolcall, None)
+    behind = seen.outdates if seen is not None else None
     return Executor(
-        ctx, toolcall, get_or_none(ctx, Agent, namespace, agent_name, cached=True) if agent_name else None
+        ctx, toolcall, get_or_none(ctx, Agent, toolcall.namespace, agent_name, cached=True, behind=behind)
     )
 
 

@@ -4,6 +4,7 @@ their own modules)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kubechain.kube.errors import Forbidden, NotFound
@@ -34,11 +35,18 @@ R = TypeVar("R", bound=Resource[Any, Any])
 
 
 def get_or_none(
-    ctx: WorkerContext, model: type[R], namespace: str, name: str, *, cached: bool = False
+    ctx: WorkerContext,
+    model: type[R],
+    namespace: str,
+    name: str,
+    *,
+    cached: bool = False,
+    behind: Callable[[R], bool] | None = None,
 ) -> R | None:
+    """``cached``: from the config cache, where ``behind`` says which copy is outdated (read again)."""
     try:
         if cached:
-            return ctx.config_cache.get(model, namespace, name)
+            return ctx.config_cache.get(model, namespace, name, behind=behind)
         return ctx.kube.get(model, namespace, name)
     except NotFound:
         return None

@@ -58,19 +58,23 @@ class TTLReadCache:
             return True, entry[1]
         return False, None
 
-    def _cached(self, key: tuple[str, ...], load: Callable[[], T]) -> T:
+    def _cached(
+        self, key: tuple[str, ...], load: Callable[[], T], behind: Callable[[T], bool] | None = None
+    ) -> T:
         """Only objects that exist are cached: a "not found" is always re-read, because the usual next
         event is the object being created (and a stale absence would fail a run). Concurrent misses of
-        one key make one read (fifty tool calls of one turn start at once and all need the same Tool)."""
+        one key make one read (fifty tool calls of one turn start at once and all need the same Tool).
+        A copy ``behind`` says is outdated is a miss too: read again, and stored in its place (one being
+        read meanwhile is waited for, and looked at first)."""
         with self._lock:
             hit, value = self._fresh(key, self._clock())
-            if hit:
+            if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
                 hit, value = self._fresh(key, self._clock())
-            if hit:
+            if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             started = self._clock()
             try:
@@ -87,10 +91,17 @@ class TTLReadCache:
                     self._entries.popitem(last=False)
             return value
 
-    def get(self, model: type[R], namespace: str, name: str) -> R:
+    def get(
+        self, model: type[R], namespace: str, name: str, *, behind: Callable[[R], bool] | None = None
+    ) -> R:
+        """The object, read up to ``ttl_s`` ago; ``behind``: whether a copy is known to be outdated (a
+        newer version was seen elsewhere), then read now. What it reads is returned whatever ``behind``
+        says of it: it can cost a read, never choose the content."""
         if self.ttl_s <= 0:
             return self.kube.get(model, namespace, name)
-        return self._cached((model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name))
+        return self._cached(
+            (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name), behind
+        )
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         if self.ttl_s <= 0:

@@ -14,7 +14,7 @@ from typing import Any
 from kubechain.models.labels import LABEL_TASK, label_value
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES, TERMINAL_TASKRUN_PHASES, TaskRunPhase
 from kubechain.models.toolcall import TERMINAL_TOOLCALL_PHASES, ToolCallPhase
-from kubechain.queueing import TaskName
+from kubechain.queueing import AgentSeen, TaskName
 from kubechain.statemachines.approval import APPROVAL_ANNOTATION
 from kubechain.statemachines.transition import claim_remaining_s, parse_timestamp
 
@@ -262,6 +262,40 @@ def _work_for(
         ):
             return [Work(TaskName.TOOL_CALL, kind, namespace, name, reason=reason)]
     return []
+
+
+# The work built from a run's Agent (its first context window, its turns, its tool calls' grant checks):
+# its message carries the Agent as the watcher has it (agent_seen), for a worker's older copy to be read
+# again.
+BUILT_FROM_THE_RUNS_AGENT = (TaskName.PREPARE, TaskName.LLM_CALL, TaskName.TOOL_CALL)
+
+
+def run_agent_name(run: Mapping[str, Any], task_of: Callable[[str], Mapping[str, Any] | None]) -> str:
+    """The Agent a run is built from, found as the workers find it: the one it started with
+    (status.agentName), else its agentRef's, else its Task's (``task_of`` a Task's name: the Task as
+    cached, or None). "" if none is known."""
+    named = _status(run).get("agentName") or ((run.get("spec") or {}).get("agentRef") or {}).get("name")
+    if named:
+        return str(named)
+    task_name = ((run.get("spec") or {}).get("taskRef") or {}).get("name")
+    task = task_of(str(task_name)) if task_name else None
+    return str((((task or {}).get("spec") or {}).get("agentRef") or {}).get("name") or "")
+
+
+def agent_seen(agent: Mapping[str, Any]) -> AgentSeen:
+    """What a message says of an Agent as the watcher has it (see AgentSeen). A field that is not a
+    number (a hand-written status) counts as 0: it cannot make a worker read the Agent again."""
+
+    def number(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    meta = agent.get("metadata") or {}
+    return AgentSeen(
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        generation=number(meta.get("generation")),
+        observed_generation=number(_status(agent).get("observedGeneration")),
+    )
 
 
 def _has_approval_annotation(obj: Mapping[str, Any]) -> bool:

@@ -117,3 +117,58 @@ def test_read_cache_holds_no_more_than_its_bound_of_entries() -> None:
     reads = len(kube.requests)
     cache.get(TaskRun, "default", "r3")
     assert len(kube.requests) == reads, "the newest are still served from the cache"
+
+
+def test_a_copy_known_to_be_behind_is_read_again_even_the_one_a_read_in_flight_brings() -> None:
+    """A worker told of a later version of an Agent (workers.llm_call, the watcher's agent_seen) must not
+    take the copy another thread of its process was reading as the edit landed (whether it waits for that
+    read or finds it stored): it finds it behind and reads again, storing the newer copy for the others.
+    A copy that is not behind costs no read."""
+    from kubechain.kube.cache import TTLReadCache
+    from kubechain.kube.client import custom_path
+    from kubechain.models import Agent
+    from tests.unit.fakes import create
+
+    class HeldRead(FakeKubeClient):
+        """Holds the first GET, once answered, until released."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.answered = threading.Event()
+            self.release = threading.Event()
+            self.held = False
+
+        def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+            result = super().request(method, path, **kwargs)
+            if method == "GET" and not self.held:
+                self.held = True
+                self.answered.set()
+                assert self.release.wait(10)
+            return result
+
+    kube = HeldRead()
+    create(kube, "Agent", "agents", "a", {"llmRef": {"name": "l"}, "system": "s"})
+    cache = TTLReadCache(kube, ttl_s=3600.0)
+    read_first: list[Agent] = []
+    first = threading.Thread(target=lambda: read_first.append(cache.get(Agent, "default", "a")))
+    first.start()
+    assert kube.answered.wait(10)  # its copy is of generation 1, not stored yet
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "edited"}})
+    read_second: list[Agent] = []
+
+    def behind(agent: Agent) -> bool:
+        return (agent.metadata.generation or 0) < 2
+
+    second = threading.Thread(
+        target=lambda: read_second.append(cache.get(Agent, "default", "a", behind=behind))
+    )
+    second.start()
+    kube.release.set()
+    first.join(10)
+    second.join(10)
+    assert read_first[0].metadata.generation == 1
+    assert read_second[0].metadata.generation == 2, "waited for the read in flight, found it behind"
+    reads = len(kube.requests)
+    assert cache.get(Agent, "default", "a").spec.system == "edited", "stored in its place"
+    assert cache.get(Agent, "default", "a", behind=behind).metadata.generation == 2
+    assert len(kube.requests) == reads, "not behind: from the cache"

@@ -344,6 +344,57 @@ def test_a_message_names_the_object_and_its_own_version_but_never_carries_it() -
     assert watcher.message_for(work, "9", own_version=False).resource_version == ""
 
 
+def test_a_runs_work_carries_its_agent_as_the_watchers_informer_holds_it() -> None:
+    """A worker may hold a copy of the Agent read before its latest edit was validated: the message about
+    a run (its prepare, its turn, its tool calls) says which generation of the run's Agent the watcher has
+    seen, and whether validated, so that a copy behind it is read again. Only a hint: no content."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    for name, generation in (("a", 3), ("b", 1), ("c", 1)):
+        agent = ready("Agent", name)
+        agent["metadata"].update(uid=f"uid-{name}", generation=generation)
+        agent["status"]["observedGeneration"] = generation - 1 if name == "a" else generation
+        informers["Agent"].cache[("default", name)] = agent
+    informers["Task"].cache[("default", "t")] = ready("Task", "t", {"agentRef": {"name": "b"}})
+
+    def hint_of(kind: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+        informers[kind].cache[("default", obj["metadata"]["name"])] = (
+            obj  # (before its handler, as informers do)
+        )
+        watcher._on_event(kind, "ADDED", obj, None)
+        work, rv, own_version = watcher._outbox.get_nowait()
+        seen = watcher.message_for(work, rv, own_version).model_dump()["agent_seen"]
+        return None if seen is None else dict(seen)
+
+    direct = run("TaskRun", {"name": "r"}, "5")
+    direct["spec"] = {"agentRef": {"name": "a"}, "userMessage": "hi"}
+    a = {"name": "a", "uid": "uid-a", "generation": 3, "observed_generation": 2}
+    assert hint_of("TaskRun", direct) == a
+    direct["status"] = {"phase": "ReadyForLLM", "agentName": "a"}
+    direct["metadata"]["resourceVersion"] = "6"
+    assert hint_of("TaskRun", direct) == a, "its turn"
+    call = run("TaskRunToolCall", {"name": "r-abc-tc-01"}, "7")
+    call["spec"] = {"taskRunRef": {"name": "r"}, "toolRef": {"name": "add"}}
+    call["metadata"]["ownerReferences"] = [{"kind": "TaskRun", "name": "r", "uid": "u"}]
+    assert hint_of("TaskRunToolCall", call) == a, "its tool call's grant check"
+    of_task = run("TaskRun", {"name": "t-1"}, "8")
+    of_task["spec"] = {"taskRef": {"name": "t"}}
+    assert hint_of("TaskRun", of_task) == {
+        "name": "b",
+        "uid": "uid-b",
+        "generation": 1,
+        "observed_generation": 1,
+    }
+    of_task["status"] = {"phase": "ReadyForLLM", "agentName": "c"}
+    of_task["metadata"]["resourceVersion"] = "9"
+    assert hint_of("TaskRun", of_task)["name"] == "c", "the one it started with"  # type: ignore[index]
+    unknown = run("TaskRun", {"name": "u"}, "10")
+    unknown["spec"] = {"agentRef": {"name": "not-cached"}, "userMessage": "hi"}
+    assert hint_of("TaskRun", unknown) is None
+    informers["Agent"].cache[("default", "a")]["metadata"]["generation"] = 4  # edited since
+    assert hint_of("Agent", informers["Agent"].cache[("default", "a")]) is None, "its validation: no hint"
+
+
 def test_a_turn_claimed_by_the_worker_that_made_it_ready_is_not_queued_by_the_watcher() -> None:
     kube = FakeKubeClient()
     watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)

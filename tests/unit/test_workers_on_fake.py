@@ -20,7 +20,7 @@ from kubechain.kube.fake import FakeKubeClient
 from kubechain.llm.base import LLMError, LLMRequest, LLMResponse
 from kubechain.models import LABEL_TOOLCALLREQUEST, Agent, TaskRun, ToolCall, ToolCallFunction
 from kubechain.models.taskrun import TokenUsage
-from kubechain.queueing import TaskName
+from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.statemachines.routing import tasks_missing_their_run, work_for
 from kubechain.statemachines.taskrun import plan_initial_context, trace_ids
 from tests.unit.fakes import FakeLLM, context, create, message, ready_agent_setup
@@ -508,6 +508,129 @@ def test_the_first_turn_is_built_from_the_agent_its_context_window_was_built_fro
     (request,) = llm.requests
     assert request.messages[0].content == "be verbose"
     assert [tool.name for tool in request.tools] == [], "the tools of the Agent the window was built from"
+
+
+def message_seeing_agent(
+    kube: FakeKubeClient, kind: str, named: str, agent: str = "a", **seen: Any
+) -> ResourceMessage:
+    """A message as the watcher sends it about a run (or its tool call): with the hint of the run's Agent
+    as the watcher's informer holds it, here as the API server has it now (``seen`` overrides a field)."""
+    stored = kube.get_raw("agents", "default", agent)
+    hint = {
+        "name": agent,
+        "uid": stored["metadata"]["uid"],
+        "generation": stored["metadata"]["generation"],
+        "observed_generation": stored["status"]["observedGeneration"],
+        **seen,
+    }
+    return ResourceMessage.model_validate(
+        {"kind": kind, "namespace": "default", "name": named, "agent_seen": hint}
+    )
+
+
+def agent_edited_to_offer_add(kube: FakeKubeClient, llm: FakeLLM) -> None:
+    """An Agent without tools, validated; then edited to offer the "add" Tool and validated again."""
+    from kubechain.kube.client import custom_path
+
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"tools": [{"name": "add"}]}})
+    validate(context(kube, llm), message("Agent", "a"))
+    status = kube.get_raw("agents", "default", "a")["status"]
+    assert (status["observedGeneration"], [t["name"] for t in status["validTools"]]) == (2, ["add"])
+
+
+def test_a_run_started_right_after_its_agents_edit_was_validated_takes_its_first_turn_with_the_edit() -> None:
+    """A worker that read the Agent a moment before its edit was validated (its config cache) built the
+    first turn of a run created right after from that copy: the LLM was not offered the Tool the edit
+    added. The watcher's message says which generation of the Agent it has seen validated: a copy older
+    than that is read again."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm)
+    create(kube, "Tool", "tools", "add", ADD_TOOL)
+    validate(context(kube, llm), message("Tool", "add"))
+    # A worker that takes the turns it makes ready read the Agent a moment ago (and keeps it: however slow
+    # this test runs, its copy is fresh).
+    turns = context(kube, llm, continues_llm=True, config_cache_ttl_s=3600)
+    assert turns.config_cache.get(Agent, "default", "a").spec.tools == []
+    agent_edited_to_offer_add(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(turns, message_seeing_agent(kube, "TaskRun", "r"))
+    assert [tool.name for tool in llm.requests[0].tools] == ["add"], "the Agent as edited and validated"
+
+
+def test_a_tool_call_of_a_turn_that_offered_an_agents_new_tool_is_granted_by_a_worker_that_read_it_before() -> (
+    None
+):
+    """The README's failure: the turn offered the Tool the edit added, and a tools worker whose copy of
+    the Agent was from before the edit refused the call 'not in spec.tools'."""
+    kube = FakeKubeClient()
+    llm = tool_calling_llm(['{"a": 1, "b": 2}'])
+    validated(kube, llm)
+    create(kube, "Tool", "tools", "add", ADD_TOOL)
+    validate(context(kube, llm), message("Tool", "add"))
+    tools = context(kube, llm, config_cache_ttl_s=3600)
+    assert tools.config_cache.get(Agent, "default", "a").spec.tools == []
+    agent_edited_to_offer_add(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    turns = context(kube, llm, continues_llm=True, config_cache_ttl_s=0)
+    prepare(turns, message("TaskRun", "r"))
+    assert [tool.name for tool in llm.requests[0].tools] == ["add"]
+    (name,) = toolcall_names(kube)
+    tool_call(tools, message_seeing_agent(kube, "TaskRunToolCall", name))
+    call = kube.get_raw("taskruntoolcalls", "default", name)["status"]
+    assert (call["phase"], call.get("result")) == ("Succeeded", "3"), call
+
+
+def test_a_turn_taken_from_the_queue_right_after_its_agents_edit_was_validated_offers_the_edit() -> None:
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm)
+    create(kube, "Tool", "tools", "add", ADD_TOOL)
+    validate(context(kube, llm), message("Tool", "add"))
+    turns = context(kube, llm, config_cache_ttl_s=3600)
+    assert turns.config_cache.get(Agent, "default", "a").spec.tools == []
+    agent_edited_to_offer_add(kube, llm)
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+    prepare(context(kube, llm, config_cache_ttl_s=0), message("TaskRun", "r"))
+    llm_call(turns, message_seeing_agent(kube, "TaskRun", "r"))
+    assert [tool.name for tool in llm.requests[0].tools] == ["add"]
+
+
+def test_the_agent_hint_costs_a_read_only_when_the_cached_copy_is_behind_it_and_is_never_content() -> None:
+    """The hello path's turns read the Agent from the config cache: a hint no newer than the cached copy
+    (the watcher's informer may be behind the worker) costs no read; one newer (forged, or of another
+    Agent by that name) costs one read of the Agent, whose copy as read is what the turn is built from."""
+    kube = FakeKubeClient()
+    llm = FakeLLM(lambda r: LLMResponse(content="x"))
+    validated(kube, llm, ["add"])
+    turns = context(kube, llm, continues_llm=True, config_cache_ttl_s=3600)
+    turns.config_cache.get(Agent, "default", "a")
+    agent_path = "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/agents/a"
+
+    def agent_reads() -> int:
+        return sum(1 for method, path in kube.requests if (method, path) == ("GET", agent_path))
+
+    for index, seen in enumerate(
+        [{}, {"generation": 1, "observed_generation": 0}, {"name": "b", "generation": 7}]
+    ):
+        create(kube, "TaskRun", "taskruns", f"r{index}", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+        hinted = message_seeing_agent(kube, "TaskRun", f"r{index}", **seen)
+        before = agent_reads()
+        prepare(turns, hinted)
+        assert agent_reads() == before, seen
+    for index, seen in enumerate(
+        [{"generation": 7}, {"observed_generation": 7}, {"uid": "another-agent-by-that-name"}]
+    ):
+        create(kube, "TaskRun", "taskruns", f"f{index}", {"agentRef": {"name": "a"}, "userMessage": "hi"})
+        hinted = message_seeing_agent(kube, "TaskRun", f"f{index}", **seen)
+        before = agent_reads()
+        prepare(turns, hinted)
+        assert agent_reads() == before + 1, seen
+    assert all([tool.name for tool in request.tools] == ["add"] for request in llm.requests)
+    assert all(
+        kube.get_raw("taskruns", "default", name)["status"]["phase"] == "FinalAnswer"
+        for name in ("r0", "r1", "r2", "f0", "f1", "f2")
+    )
 
 
 def test_duplicate_tool_call_delivery_executes_once() -> None:
