@@ -227,10 +227,7 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _log_level_is_a_level(cls, value: str) -> str:
-        level = value.strip().upper()
-        if level not in LOG_LEVELS:
-            raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
-        return level
+        return log_level_named(value)
 
     @field_validator("redis_url")
     @classmethod
@@ -408,6 +405,14 @@ def warn_of_unknown_variables() -> None:
     _unknown_variables_said = True
     for line in unknown_variables(os.environ):
         log.warning(line)
+
+
+def log_level_named(value: str) -> str:
+    """``value`` (any case, spaces around it) as one of LOG_LEVELS; ValueError saying which they are."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def load_settings() -> Settings:

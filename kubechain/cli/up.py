@@ -68,6 +68,8 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
     def say(message: str) -> None:
         click.echo(click.style("[kubechain] ", fg="cyan") + message, err=True)
 
+    log_level = processes_log_level()
+
     # a pod's in-cluster configuration (no kubeconfig) is the current context when asked for by name only
     unusable = why_unusable(None, in_cluster=cluster == "current") if cluster != "local" else None
     try:
@@ -130,6 +132,7 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         llm="by-key",
         resync_interval_s=15.0,
         stale_after_s=15.0,
+        log_level=log_level,
         supervise=True,
         redis_from_env=True,  # a Redis of the user's own ($REDIS_URL), if named; else a redis-server here
     )
@@ -246,6 +249,24 @@ def up(cluster: str, workers: int, concurrency: int, workdir: Path) -> None:
         sys.exit(128 + (stopped_by[0] if stopped_by else signal.SIGTERM))  # 143 for SIGTERM, 129 for SIGHUP
     if interrupted:
         sys.exit(EXIT_SIGINT)
+
+
+def processes_log_level() -> str:
+    """The log level of the watcher and workers ``up`` starts: KUBECHAIN_LOG_LEVEL, the setting the README
+    documents for them, when it is set in up's environment (the stack gives its processes a level of its
+    own, which replaced it), else INFO. One they would refuse is refused here, before anything starts."""
+    from kubechain.cli.resources import CLIError
+    from kubechain.settings import log_level_named
+
+    level = os.environ.get("KUBECHAIN_LOG_LEVEL", "")
+    if not level.strip():
+        return "INFO"
+    try:
+        return log_level_named(level)
+    except ValueError as exc:
+        raise CLIError(
+            f"invalid settings: KUBECHAIN_LOG_LEVEL: {exc} (the watcher and workers read it)", 2
+        ) from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -814,3 +814,50 @@ def test_a_workdir_that_cannot_be_made_is_said_in_one_line(
     assert read_only.exit_code == 2, read_only.output
     assert f"cannot write in --workdir {mine}: Permission denied" in read_only.output
     assert "Traceback" not in read_only.output
+
+
+@pytest.mark.parametrize(("set_to", "given"), [(None, "INFO"), ("debug", "DEBUG"), (" WARNING ", "WARNING")])
+def test_up_gives_its_processes_the_log_level_set_in_its_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, set_to: str | None, given: str
+) -> None:
+    """``KUBECHAIN_LOG_LEVEL=DEBUG kubechain up``, the setting the README documents for the watcher and
+    workers, changed nothing: the stack set its processes' level to INFO over it."""
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    if set_to is None:
+        monkeypatch.delenv("KUBECHAIN_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("KUBECHAIN_LOG_LEVEL", set_to)
+    real_stack = stack.LocalStack
+    StopsAtStart.options.clear()
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "up")])
+    (options,) = StopsAtStart.options
+    assert isinstance(options, stack.StackOptions)
+
+    class Redis:
+        url = "redis://127.0.0.1:1/0"
+
+    started = real_stack(options, progress=lambda _: None)  # what the real stack gives its processes
+    started.redis, started.llm_port = Redis(), 1  # type: ignore[assignment]
+    assert started.env()["KUBECHAIN_LOG_LEVEL"] == given
+
+
+def test_up_refuses_a_log_level_its_processes_would_refuse_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import kubechain.testing.stack as stack
+    from kubechain.cli import main
+
+    monkeypatch.setenv("KUBECHAIN_LOG_LEVEL", "chatty")
+    StopsAtStart.options.clear()
+    monkeypatch.setattr(stack, "LocalStack", StopsAtStart)
+    result = CliRunner().invoke(main, ["up", "--cluster", "local", "--workdir", str(tmp_path / "up")])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, result.output
+    assert "KUBECHAIN_LOG_LEVEL: 'chatty' is not a log level: one of DEBUG, INFO" in result.output
+    assert not StopsAtStart.options, "nothing is started"
