@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 from kubechain.heap import freeze_startup_heap
 from kubechain.kube.client import KubeClient
 from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
+from kubechain.observability.health import Health
 from kubechain.observability.logs import resource_fields
 from kubechain.observability.metrics import (
     ENQUEUED,
@@ -573,6 +574,20 @@ class Watcher:
             threads.append(self.elector.thread)
         return threads
 
+    def readiness(self) -> Health:
+        """Ready once every informer's first list is in: before, what exists is not yet seen (nor acted on),
+        though the process is alive (/healthz) however long a list takes. /readyz, what `kubechain up` waits
+        for and the readinessProbe asks (the Service that answers /scaling then has only replicas whose cache
+        holds what exists)."""
+        waiting = [
+            informer.plural + (f" in {informer.namespace}" if informer.namespace else "")
+            for informer in self.informers
+            if not informer.synced.is_set()
+        ]
+        if waiting:
+            return Health(False, f"starting: the first list of {', '.join(waiting)} is not in yet")
+        return Health(True, "ok")
+
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -654,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     register_phase_collector(watcher.taskrun_phases)
     setup_tracing("kubechain-watcher")
     try:
-        serve(settings.metrics_port, health=threads_health(watcher.loop_threads))
+        serve(settings.metrics_port, health=threads_health(watcher.loop_threads), readiness=watcher.readiness)
     except MetricsPortUnavailable as exc:
         log.error("%s; the watcher stops", exc)
         raise SystemExit(1) from None

@@ -1,5 +1,8 @@
 """``/healthz`` for liveness probes: a process is alive while the loops that do its work turn, not merely
-while the thread that serves ``/metrics`` answers (it keeps answering when everything else is stuck)."""
+while the thread that serves ``/metrics`` answers (it keeps answering when everything else is stuck).
+``/readyz`` for readiness (and for ``kubechain up``'s "KubeChain is up"): the same verdict, ``alive`` then
+meaning ready, from a check of its own where a process is alive before it is ready (the watcher during its
+first lists)."""
 
 from __future__ import annotations
 

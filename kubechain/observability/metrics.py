@@ -207,16 +207,20 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a probe every few seconds is not worth a log line
 
 
-def metrics_app(registry: CollectorRegistry, health: HealthCheck | None) -> WSGIApplication:
-    """``/metrics`` (anything but ``/healthz``, as prometheus_client serves it) and ``/healthz``: 200 or
-    503 with a line saying why."""
+def metrics_app(
+    registry: CollectorRegistry, health: HealthCheck | None, readiness: HealthCheck | None = None
+) -> WSGIApplication:
+    """``/metrics`` (anything else, as prometheus_client serves it), and, given ``health``, ``/healthz`` and
+    ``/readyz`` (``readiness``; without it, ready is alive): 200 or 503 with a line saying why."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if health is None or environ.get("PATH_INFO") != "/healthz":
+        path = environ.get("PATH_INFO")
+        if health is None or path not in ("/healthz", "/readyz"):
             return metrics(environ, start_response)
+        check = readiness if path == "/readyz" and readiness is not None else health
         try:
-            verdict = health()
+            verdict = check()
         except Exception as exc:  # noqa: BLE001 - the check itself failing is an answer, not a crash
             alive, detail = False, f"the health check failed: {exc!r}"
         else:
@@ -235,20 +239,30 @@ class MetricsPortUnavailable(RuntimeError):
     """The /metrics port cannot be listened on (taken by another process, say)."""
 
 
-def serve(port: int, registry: CollectorRegistry = REGISTRY, health: HealthCheck | None = None) -> None:
-    """Start the /metrics (and, given ``health``, /healthz) endpoint from a daemon thread (port 0: none).
-    MetricsPortUnavailable, saying which port and which setting, when the port cannot be listened on."""
+def serve(
+    port: int,
+    registry: CollectorRegistry = REGISTRY,
+    health: HealthCheck | None = None,
+    readiness: HealthCheck | None = None,
+) -> None:
+    """Start the /metrics (and, given ``health``, /healthz and /readyz) endpoint from a daemon thread (port
+    0: none). MetricsPortUnavailable, saying which port and which setting, when the port cannot be listened
+    on."""
     if port <= 0:
         return
     try:
         server = make_server(
-            "0.0.0.0", port, metrics_app(registry, health), ThreadingWSGIServer, handler_class=_QuietHandler
+            "0.0.0.0",
+            port,
+            metrics_app(registry, health, readiness),
+            ThreadingWSGIServer,
+            handler_class=_QuietHandler,
         )
     except OSError as exc:
-        served = "/metrics and /healthz" if health else "/metrics"
+        served = "/metrics, /healthz and /readyz" if health else "/metrics"
         raise MetricsPortUnavailable(
             f"cannot serve {served} on port {port}: {exc.strerror or exc}; set KUBECHAIN_METRICS_PORT "
             "to a free port (each process on a host needs its own), or 0 for none"
         ) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("metrics on :%d/metrics%s", port, " and /healthz" if health else "")
+    log.info("metrics on :%d/metrics%s", port, ", /healthz and /readyz" if health else "")

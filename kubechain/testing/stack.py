@@ -44,7 +44,8 @@ Progress = Callable[[str], None]
 
 # Restarts of a process that keeps exiting wait 1 s, 2 s, 4 s, ... up to 30 s (a crash loop's back-off, like
 # a kubelet's), and start again from 1 s once a process had run for a minute.
-# How long a watcher or worker may take to answer on its /healthz at start (imports, Celery, Redis).
+# How long a watcher or worker may take to be ready (/readyz) at start (imports, Celery, Redis, the watcher's
+# first lists).
 PROCESS_START_TIMEOUT_S = 120.0
 
 
@@ -193,13 +194,15 @@ class LocalStack:
         self.progress(f"KubeChain is up ({time.monotonic() - started:.1f}s); logs in {self.logs}")
 
     def wait_until_serving(self, timeout_s: float = PROCESS_START_TIMEOUT_S) -> None:
-        """Wait until every watcher and worker answers on its /healthz: a worker serves it once its
-        Celery consumer takes tasks. "KubeChain is up" was said as they were spawned, seconds before they
-        could act (on 2 cores, the README's first run sat with empty columns meanwhile). One that exits
-        first fails the start, naming it and with the last lines it wrote."""
+        """Wait until every watcher and worker answers on its /readyz: a worker is ready once its Celery
+        consumer takes tasks, a watcher once its first lists are in (it answers /healthz before: "up" did
+        not yet mean it had seen what exists). "KubeChain is up" was said as they were spawned, seconds
+        before they could act (on 2 cores, the README's first run sat with empty columns meanwhile). One
+        that exits first fails the start, naming it and with the last lines it wrote."""
         deadline = time.monotonic() + timeout_s
         for name, process in [*self.watchers.items(), *self.workers.items()]:
-            url = f"http://127.0.0.1:{self.metrics_ports[name]}/healthz"
+            url = f"http://127.0.0.1:{self.metrics_ports[name]}/readyz"
+            said = ""  # its last answer: why it is not ready yet
             while True:
                 if not process.running():
                     raise ProcessStartError(
@@ -208,12 +211,15 @@ class LocalStack:
                     )
                 try:
                     # (a process of this machine: never through a proxy of the environment's)
-                    if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                    answer = httpx.get(url, timeout=2, trust_env=False)
+                    if answer.status_code == 200:
                         break
+                    said = answer.text.strip()
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not answer on /healthz within {timeout_s:.0f}s")
+                    why = f": {said}" if said else " (no answer on /readyz)"
+                    raise TimeoutError(f"{name} was not ready within {timeout_s:.0f}s{why}")
                 time.sleep(0.1)
 
     def start_redis(self) -> None:

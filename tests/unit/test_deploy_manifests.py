@@ -307,18 +307,21 @@ def test_watcher_deployment(release: list[dict[str, Any]]) -> None:
     env = env_of(c)
     assert "POD_NAME" in env, "the watcher needs POD_NAME (its leader-election identity)"
     assert env["POD_NAME"].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
-    assert_probes_on_metrics_port(c)
+    assert_probes_on_metrics_port(c, readiness="/readyz")
     assert_hardened(pod, c)
     assert {"configMapRef": {"name": config_map(release)["metadata"]["name"]}} in c["envFrom"]
 
 
-def assert_probes_on_metrics_port(c: dict[str, Any]) -> None:
+def assert_probes_on_metrics_port(c: dict[str, Any], readiness: str = "/healthz") -> None:
+    """Liveness (and start-up) on /healthz, readiness on ``readiness``: the watcher's /readyz waits for its
+    first lists, which must never fail its liveness however long they take."""
     port = int(env_of(c)["KUBECHAIN_METRICS_PORT"]["value"])
     named = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert probe in c, f"{c['name']}: no {probe}"
         http = c[probe]["httpGet"]
-        assert http["path"] == "/healthz", "/metrics answers from its own thread while the work is stuck"
+        wanted = readiness if probe == "readinessProbe" else "/healthz"
+        assert http["path"] == wanted, "/metrics answers from its own thread while the work is stuck"
         assert (named[http["port"]] if isinstance(http["port"], str) else http["port"]) == port
 
 

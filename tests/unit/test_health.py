@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +134,50 @@ def test_the_worker_beats_from_its_consumer_timer_and_pauses_while_it_reconnects
     assert heartbeat.health() == Health(True, "reconnecting to the broker (for 600s)")
     step.start(consumer)
     assert heartbeat.health() == Health(True, "ok")
+
+
+def test_the_metrics_port_serves_readyz_as_its_readiness_check_says_or_else_as_healthz() -> None:
+    registry = CollectorRegistry()
+    ready = [Health(False, "starting: the first list of taskruns is not in yet"), Health(True, "ok")]
+    port = free_port()
+    serve(port, registry, lambda: Health(True, "ok"), readiness=lambda: ready.pop(0))
+    base = f"http://127.0.0.1:{port}"
+    assert get(f"{base}/readyz") == (503, "starting: the first list of taskruns is not in yet\n")
+    assert get(f"{base}/healthz") == (200, "ok\n"), (
+        "alive meanwhile: a long first list is no reason to restart"
+    )
+    assert get(f"{base}/readyz") == (200, "ok\n")
+
+    alone = free_port()  # a worker: ready when alive
+    serve(alone, registry, lambda: Health(False, "starting: the loop has not turned yet"))
+    assert get(f"http://127.0.0.1:{alone}/readyz") == (503, "starting: the loop has not turned yet\n")
+
+
+class Running:
+    """A watcher process that runs (its answers come from a stub server)."""
+
+    def running(self) -> bool:
+        return True
+
+
+def test_up_is_up_once_the_watcher_has_listed_what_exists_not_when_it_first_answers(tmp_path: Path) -> None:
+    """`kubechain up` said KubeChain was up once the watcher answered on /healthz, which it does before its
+    first lists of the resources: "up" did not yet mean it had seen what exists."""
+    from kubechain.testing.stack import LocalStack, StackOptions
+    from tests.unit.http_stub import StubAnswer, StubHTTPServer, StubRequest
+
+    readiness_asked: list[str] = []
+
+    def answer(request: StubRequest) -> StubAnswer:
+        if request.path == "/readyz":
+            readiness_asked.append(request.path)
+            if len(readiness_asked) < 3:
+                return StubAnswer(503, b"starting: the first list of taskruns is not in yet\n")
+        return StubAnswer(200, b"ok\n")
+
+    stack = LocalStack(StackOptions(workdir=tmp_path), progress=lambda _: None)
+    with StubHTTPServer(answer) as watcher:
+        stack.watchers["watcher-0"] = Running()  # type: ignore[assignment]
+        stack.metrics_ports["watcher-0"] = int(watcher.url.rsplit(":", 1)[1])
+        stack.wait_until_serving(timeout_s=30)
+    assert len(readiness_asked) == 3, "up waited until the watcher said it was ready"

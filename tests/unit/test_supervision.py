@@ -199,7 +199,7 @@ def test_a_process_tail_is_its_own_run_only(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- ready
 
-# A watcher or worker as `up` sees it: it answers on /healthz (its metrics port) once the marker file
+# A watcher or worker as `up` sees it: it answers on /readyz (any path of its metrics port) once the marker file
 # exists, as a worker does once its Celery consumer takes tasks (or exits at once with "exit").
 FAKE_PROCESS = """
 import http.server, pathlib, sys, time

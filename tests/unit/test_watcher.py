@@ -13,6 +13,7 @@ import pytest
 
 from kubechain.kube.errors import Gone, Unavailable, error_for
 from kubechain.kube.fake import FakeKubeClient
+from kubechain.observability.health import Health
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.lease import lease_holder
@@ -1925,3 +1926,41 @@ def test_resyncs_while_its_work_waits_unsent_do_not_lengthen_an_objects_back_off
     assert sent == 2
     clock[0] += 40.0
     assert watcher.resync() == 1, "sent again as after two messages, not after twelve ticks"
+
+
+def test_the_watcher_is_ready_once_every_informers_first_list_is_in() -> None:
+    """What `kubechain up` waits for and the readinessProbe asks (/readyz); /healthz answers before."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    verdict = watcher.readiness()
+    assert not verdict.alive and "first list" in verdict.detail and "taskruns" in verdict.detail
+    for informer in watcher.informers:
+        if informer.plural != "taskruns":
+            informer.relist()
+    assert watcher.readiness() == Health(False, "starting: the first list of taskruns is not in yet")
+    (runs,) = [informer for informer in watcher.informers if informer.plural == "taskruns"]
+    runs.relist()
+    assert watcher.readiness() == Health(True, "ok")
+
+
+def test_the_watcher_process_serves_its_readiness_on_readyz(monkeypatch: Any) -> None:
+    import signal
+
+    import kubechain.observability.logs as logs
+    import kubechain.observability.metrics as metrics
+    import kubechain.queueing as queueing
+    import watcher.main as main
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(main, "load_settings", lambda: Settings(metrics_port=1))
+    monkeypatch.setattr(main.KubeClient, "from_settings", staticmethod(lambda *_: FakeKubeClient()))
+    monkeypatch.setattr(queueing, "make_celery", lambda _settings: None)
+    monkeypatch.setattr(logs, "configure_logging", lambda *_: None)
+    monkeypatch.setattr(metrics, "serve", lambda port, **checks: served.update(checks))
+    for name in ("serve_scaling", "freeze_startup_heap", "setup_tracing", "register_phase_collector"):
+        monkeypatch.setattr(main, name, lambda *_: None)
+    monkeypatch.setattr(main.Watcher, "run_forever", lambda self: None)
+    monkeypatch.setattr(signal, "signal", lambda *_: None)
+    main.main(["--no-leader-election"])
+    assert served["health"]().alive, "alive while its first lists are not in"
+    verdict = served["readiness"]()
+    assert not verdict.alive and verdict.detail.startswith("starting: the first list of ")
