@@ -221,7 +221,12 @@ def validate_task(ctx: WorkerContext, message: ResourceMessage) -> None:
         return
     agent = get_or_none(ctx, Agent, task.namespace, task.spec.agent_ref.name)
     run = taskrun_for_task(task)
-    if run_was_refused(task) and agent is not None and agent.status.ready and validated_as_it_stands(agent):
+    if (
+        agent is not None
+        and run_was_refused(task, agent)
+        and agent.status.ready
+        and validated_as_it_stands(agent)
+    ):
         # Its run was refused last time (a quota, a policy): try again before claiming Ready, so a refusal
         # that persists leaves the Task in Error instead of flapping to Ready on every resync.
         if create_children(ctx, task, [run]) is not None:

@@ -324,12 +324,16 @@ def taskrun_for_task(task: Task) -> TaskRun:
     )
 
 
-def run_was_refused(task: Task) -> bool:
-    """Whether the Task is in Error because the API server refused its run (see child_rejected_message)."""
-    run = taskrun_for_task(task)
-    return task.status.status == "Error" and (task.status.status_detail or "").startswith(
-        f"cannot create {run.KIND} {run.name}:"
-    )
+def run_was_refused(task: Task, agent: Agent | None) -> bool:
+    """Whether the Task is in Error because its run could not be created: the API server refused it
+    (child_rejected_message), or an object not the Task's holds its name (foreign_child_message).
+
+    Told from the Task's state, not from its statusDetail's words (a rewording made the Task flap to Ready at
+    every resync): the Task's own validation (plan_task) gives Error only for a missing Agent, so a Task in
+    Error whose Agent is found, and that has no run yet, is in it for its run. (Or, if the Agent's creation
+    went unseen between two validations of the Task, still for the missing Agent: its run is then created
+    a moment before the Task is Ready, which the run waits out.)"""
+    return agent is not None and task.status.status == "Error" and not task.status.task_run_name
 
 
 def plan_task_run_recorded(task: Task, run: TaskRun) -> Transition | None:

@@ -1333,6 +1333,47 @@ def test_a_task_whose_run_is_refused_is_an_error_until_the_run_can_be_created() 
     assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
 
 
+@pytest.mark.parametrize("refusal", ["reworded", "name-held-by-another-object"])
+def test_a_task_whose_run_cannot_be_created_stays_in_error_at_each_resync_whatever_its_words(
+    monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    """A refused run was recognised by the start of the Task's statusDetail ("cannot create TaskRun t-1:"):
+    reworded, the Task flapped to Ready (and back to Error) at every resync, as it did when the run's name
+    was held by an object not the Task's (a message of other words). It is recognised by the Task's state:
+    in Error while its Agent is found, which its own validation never gives."""
+    import workers.transitions as transitions
+
+    kube = QuotaKube()
+    validated(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    if refusal == "reworded":
+        monkeypatch.setattr(
+            transitions,
+            "child_rejected_message",
+            lambda kind, name, *_, **__: f"the API server will not store {kind} {name}",
+        )
+    else:
+        kube.full = False
+        create(kube, "TaskRun", "taskruns", "t-1", {"taskRef": {"name": "someone-elses"}})
+    create(kube, "Task", "tasks", "t", {"agentRef": {"name": "a"}, "message": "hi"})
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse(content="x")))
+    validate(ctx, message("Task", "t"))
+    status = kube.get_raw("tasks", "default", "t")["status"]
+    assert (status["ready"], status["status"]) == (False, "Error")
+    detail = status["statusDetail"]
+
+    version = kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"]
+    validate(ctx, message("Task", "t"))  # a resync while it still cannot be created: no flapping to Ready
+    assert kube.get_raw("tasks", "default", "t")["metadata"]["resourceVersion"] == version
+    assert kube.get_raw("tasks", "default", "t")["status"]["statusDetail"] == detail
+
+    kube.full = False
+    if refusal != "reworded":
+        kube.delete("taskruns", "default", "t-1")  # the object that held its name
+    validate(ctx, message("Task", "t"))
+    assert kube.get_raw("tasks", "default", "t")["status"]["ready"] is True
+    assert kube.get_raw("taskruns", "default", "t-1")["spec"] == {"taskRef": {"name": "t"}}
+
+
 def test_calls_failed_before_they_run_are_counted_with_a_bounded_tool_label() -> None:
     from prometheus_client import REGISTRY
 
