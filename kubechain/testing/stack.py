@@ -42,8 +42,6 @@ from kubechain.testing.redis_server import LocalRedis
 
 Progress = Callable[[str], None]
 
-# Restarts of a process that keeps exiting wait 1 s, 2 s, 4 s, ... up to 30 s (a crash loop's back-off, like
-# a kubelet's), and start again from 1 s once a process had run for a minute.
 # How long a watcher or worker may take to be ready (/readyz) at start (imports, Celery, Redis, the watcher's
 # first lists).
 PROCESS_START_TIMEOUT_S = 120.0
@@ -53,6 +51,8 @@ class ProcessStartError(RuntimeError):
     """A watcher or worker exited before it was ready."""
 
 
+# Restarts of a process that keeps exiting wait 1 s, 2 s, 4 s, ... up to 30 s (a crash loop's back-off, like
+# a kubelet's), and start again from 1 s once a process had run for a minute.
 RESTART_BACKOFF_INITIAL_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_BACKOFF_RESET_S = 60.0
