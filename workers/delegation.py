@@ -21,7 +21,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.common import LocalObjectReference
-from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN, is_object_name
+from kubechain.models.labels import LABEL_AGENT, LABEL_DEPTH, LABEL_PARENT_RUN, LABEL_ROOT_RUN, is_object_name
 from kubechain.models.taskrun import TaskRunSpec
 from kubechain.observability.tracing import toolcall_traceparent
 from kubechain.statemachines.toolcall import (
@@ -466,6 +466,10 @@ def delegate(ctx: WorkerContext, toolcall: TaskRunToolCall, parent: TaskRun, exe
                 LABEL_TASKRUNTOOLCALL: label_value(toolcall.name),
                 LABEL_DEPTH: str(len(chain)),
                 LABEL_ROOT_RUN: root,
+                # kubectl selects a run's sub-agent runs by its name, and an agent's runs (as for the
+                # runs `kubechain run` starts) by the agent's
+                LABEL_PARENT_RUN: label_value(parent.name),
+                LABEL_AGENT: label_value(agent),
             },
             annotations={
                 DELEGATION_CHAIN_ANNOTATION: ",".join(chain),

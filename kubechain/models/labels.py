@@ -15,6 +15,9 @@ LABEL_AGENT = "kubechain.humanlayer.dev/agent"
 LABEL_DEPTH = "kubechain.humanlayer.dev/depth"
 # On a sub-agent TaskRun: the uid of the run a user created that its delegation chain started from.
 LABEL_ROOT_RUN = "kubechain.humanlayer.dev/root-run"
+# On a sub-agent TaskRun: the name of the run whose tool call started it (label_value), so
+# `kubectl get taskruns -l kubechain.humanlayer.dev/parent-taskrun=<run>` lists a run's sub-agent runs.
+LABEL_PARENT_RUN = "kubechain.humanlayer.dev/parent-taskrun"
 
 MAX_LABEL_VALUE = 63
 MAX_OBJECT_NAME = 253

@@ -28,7 +28,7 @@ from kubechain.models import (
     ToolCallFunction,
     label_value,
 )
-from kubechain.models.labels import LABEL_DEPTH, LABEL_ROOT_RUN
+from kubechain.models.labels import LABEL_AGENT, LABEL_DEPTH, LABEL_PARENT_RUN, LABEL_ROOT_RUN
 from kubechain.observability.metrics import TOOL_CALLS
 from kubechain.queueing import TaskName
 from kubechain.settings import MAX_CONTEXT_WINDOW_BYTES, Settings
@@ -1345,6 +1345,31 @@ def test_a_sub_agent_run_carries_the_users_run_it_was_started_from() -> None:
     assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
     child = kube.get_raw("taskruns", "default", child_run_name(name, "helper"))
     assert child["metadata"]["labels"][LABEL_ROOT_RUN] == root
+
+
+def test_a_runs_sub_agent_runs_are_found_by_its_name_and_their_agents() -> None:
+    """`kubectl get taskruns -l kubechain.humanlayer.dev/parent-taskrun=<run>` lists a run's sub-agent
+    runs, and `-l kubechain.humanlayer.dev/agent=<agent>` an agent's runs, as for runs `kubechain run`
+    starts. A sub-agent run carried only its call's name and the user's run's uid: neither names a run."""
+    kube = FakeKubeClient()
+    ctx, name, child = delegated(kube)
+    by_parent = kube.list(TaskRun, "default", f"{LABEL_PARENT_RUN}=r")
+    assert [run.name for run in by_parent] == [child]
+    by_agent = kube.list(TaskRun, "default", f"{LABEL_AGENT}=helper")
+    assert [run.name for run in by_agent] == [child]
+
+
+def test_a_sub_agent_run_of_a_run_with_a_long_name_names_it_in_a_valid_label() -> None:
+    kube = FakeKubeClient()
+    create(kube, "Agent", "agents", "helper", {"llmRef": {"name": "gpt-4o"}, "system": "help"})
+    ctx = agent_with(kube, calling("ask", '{"message": "hi"}'), {"ask": ASK}, tools=[{"name": "ask"}])
+    validate(ctx, message("Agent", "helper"))
+    run = "r" * 200
+    (name,) = start_turn(ctx, kube, run)
+    tool_call(ctx, message("TaskRunToolCall", name))
+    assert toolcall_status(kube, name)["phase"] == "AwaitingSubAgent"
+    (child,) = kube.list(TaskRun, "default", f"{LABEL_PARENT_RUN}={label_value(run)}")
+    assert LABEL_VALUE.match(child.metadata.labels[LABEL_PARENT_RUN])
 
 
 def test_a_retried_delegation_whose_child_was_created_is_not_refused_by_the_limit() -> None:
