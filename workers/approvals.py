@@ -110,6 +110,7 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
         return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
     if rejected_by_annotation(ctx, toolcall):
         return False
+    _warn_if_annotation_ignored(ctx, toolcall)
     requirement = approval_requirement(executor)
     if requirement is None and phase not in machine.APPROVAL_WAITING_PHASES:
         requirement = _requirement_read_fresh(ctx, executor)
@@ -133,6 +134,18 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
         return False
     _humanlayer_approval(ctx, toolcall, requirement.channel)
     return False
+
+
+def _warn_if_annotation_ignored(ctx: WorkerContext, toolcall: TaskRunToolCall) -> None:
+    """An approval annotation whose value is not a decision: a Warning Event, once per value (its name
+    is keyed by the value, not by a write: a call waiting via HumanLayer is written at every check)."""
+    ignored = machine.ignored_annotation_value(toolcall)
+    if ignored is None:
+        return
+    event = machine.ignored_annotation_event(ignored)
+    log.warning("tool call %s/%s: %s", toolcall.namespace, toolcall.name, event.message)
+    key = f"{machine.APPROVAL_ANNOTATION}={ignored}"
+    ctx.events.emit(toolcall, event.type, event.reason, event.message, key=key)
 
 
 def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requirement | None:

@@ -44,6 +44,7 @@ from kubechain.models import TaskRunToolCall, ToolCallPhase
 from kubechain.statemachines.taskrun import LoopLimits, truncate
 from kubechain.statemachines.toolcall import plan_tool_failure, toolcall_span_context
 from kubechain.statemachines.transition import (
+    EventSpec,
     Transition,
     normal,
     parse_timestamp,
@@ -165,6 +166,27 @@ def annotation_decision(toolcall: TaskRunToolCall) -> Decision | None:
     if value not in ("approved", "rejected"):
         return None
     return Decision(value == "approved", "kubectl", annotations.get(APPROVAL_COMMENT_ANNOTATION, "").strip())
+
+
+def ignored_annotation_value(toolcall: TaskRunToolCall) -> str | None:
+    """The approval annotation's value when it is set but is not a decision (``approve``, the CLI's
+    verb, set with kubectl annotate; ``yes``; ``true``): None when unset or a decision. Such a value
+    decides nothing, so that whoever set it must be told, not left to think the call approved."""
+    value = toolcall.metadata.annotations.get(APPROVAL_ANNOTATION, "")
+    if not value.strip() or annotation_decision(toolcall) is not None:
+        return None
+    return value
+
+
+def ignored_annotation_note(value: str) -> str:
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    return f'annotation {APPROVAL_ANNOTATION}="{shown}" is not a decision: set it to "approved" or "rejected"'
+
+
+def ignored_annotation_event(value: str) -> EventSpec:
+    return warning(
+        "ApprovalAnnotationIgnored", f"{ignored_annotation_note(value)}; the call still waits for one"
+    )
 
 
 class MalformedAnswer(ValueError):
@@ -327,11 +349,16 @@ def kubectl_detail(name: str) -> str:
 
 
 def plan_await_kubectl(toolcall: TaskRunToolCall, now: datetime) -> Transition | None:
-    """Approval without a HumanLayer channel: wait for the annotation (None when already waiting)."""
+    """Approval without a HumanLayer channel: wait for the annotation (None when already waiting). An
+    annotation value that is not a decision is named in the statusDetail, where the wait is shown."""
+    detail = kubectl_detail(toolcall.name)
+    ignored = ignored_annotation_value(toolcall)
+    if ignored is not None:
+        detail = f"{detail} ({ignored_annotation_note(ignored)})"
     patch: dict[str, Any] = {
         "phase": ToolCallPhase.AWAITING_HUMAN_APPROVAL.value,
         "status": "Ready",
-        "statusDetail": kubectl_detail(toolcall.name),
+        "statusDetail": detail,
         "startTime": toolcall.status.start_time or timestamp(now),
         "error": None,
         "claimedBy": None,

@@ -838,6 +838,42 @@ def test_unknown_annotation_value_is_not_a_decision(world: World) -> None:
     assert w.status()["phase"] == "AwaitingHumanApproval"
 
 
+@pytest.mark.parametrize("value", ["approve", "reject", "yes"])
+def test_an_annotation_value_that_is_not_a_decision_is_said_to_be_ignored(world: World, value: str) -> None:
+    """`kubectl annotate ... approval=approve` (the CLI's verb, not the value) decided nothing, and
+    nothing said so: the person who set it took the call for approved while it waited on."""
+    w = world
+    awaiting_approval(w)
+    w.annotate(value)
+    w.run()
+    w.run()  # a second delivery (or the resync) says it again no more
+    assert w.status()["phase"] == "AwaitingHumanApproval"
+    assert w.events().count("ApprovalAnnotationIgnored") == 1
+    (said,) = [m for m in w.event_messages() if value in m and "approval" in m]
+    assert f'"{value}" is not a decision' in said and '"approved" or "rejected"' in said
+    w.annotate("Approved ")  # corrected (a case or a space aside): decided
+    w.run()
+    assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
+
+
+def test_a_kubectl_only_wait_shows_an_ignored_annotation_value(
+    world: World, counting_api: CountingAPI
+) -> None:
+    w = world
+    kubectl_only(w, counting_api)
+    w.run()
+    w.annotate("approve")
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval"
+    assert 'approval="approve" is not a decision' in status["statusDetail"]
+    assert w.events() == ["AwaitingHumanApproval", "ApprovalAnnotationIgnored"]
+    w.annotate("approved")
+    w.run()
+    w.run()
+    assert w.status()["phase"] == "Succeeded" and counting_api.bodies == [{"version": "1.2.3"}]
+
+
 def test_invalid_arguments_are_not_sent_for_approval(world: World) -> None:
     w = world
     add_toolcall(w, arguments="{not json")
