@@ -223,12 +223,18 @@ def human_response(contact: dict[str, Any]) -> tuple[str, str] | None:
     return str(status.get("response") or ""), _user(status)
 
 
+# Who answered is shown in a statusDetail and an Event: an email address or a name, bounded, since it is
+# HumanLayer's to say and goes into every status write of the call from then on.
+RESPONDER_MAX_CHARS = 100
+
+
 def _user(status: dict[str, Any]) -> str:
     info = status.get("user_info")
     if isinstance(info, dict):
         for key in ("email", "name", "username", "user_id", "id"):
             if info.get(key):
-                return str(info[key])
+                who = " ".join(str(info[key]).split())  # one line
+                return who if len(who) <= RESPONDER_MAX_CHARS else who[:RESPONDER_MAX_CHARS] + "..."
     return ""
 
 

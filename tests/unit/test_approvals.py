@@ -830,6 +830,24 @@ def test_second_decision_is_ignored(world: World) -> None:
     assert w.events().count("ToolCallApproved") == 1 and "ToolCallRejected" not in w.events()
 
 
+@pytest.mark.parametrize("approved", [True, False])
+def test_a_humanlayer_responder_named_at_great_length_is_named_briefly(world: World, approved: bool) -> None:
+    """Who decided is HumanLayer's to say (user_info), and it went into the statusDetail whole: a name of
+    2 MB (a malformed answer, a proxy's page) made the decision's write too large for etcd at every
+    check, and the call waited for good with its decision made."""
+    w = world
+    call_id = awaiting_approval(w)
+    who = "x" * 2_000_000 + "\nsecond line"
+    w.hl.respond_to_function_call(call_id, approved, "fine", who)
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == ("ReadyToExecuteApprovedTool" if approved else "ToolCallRejected")
+    assert len(status["statusDetail"]) < 300 and "\n" not in status["statusDetail"]
+    assert "by xxxxxxxx" in status["statusDetail"]
+    assert all(len(m) < 1100 for m in w.event_messages())
+
+
 def test_unknown_annotation_value_is_not_a_decision(world: World) -> None:
     w = world
     awaiting_approval(w)
