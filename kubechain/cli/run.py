@@ -47,6 +47,7 @@ from kubechain.models import (
     TaskRunPhase,
     TaskRunSpec,
     TaskRunToolCall,
+    ToolCallPhase,
     label_value,
 )
 from kubechain.models.labels import LABEL_AGENT, LABEL_ROOT_RUN, root_run_of
@@ -638,10 +639,18 @@ def decide(target: Target, name: str, decision: str, comment: str | None) -> Non
             except KubeAPIError as exc:
                 raise api_error(exc, f"cannot read {ref}") from None
             existing = annotation_decision(toolcall)  # as the workers read it ("Approved " counts)
-            if existing is not None:
-                click.echo(
-                    f"{ref} already {'approved' if existing.approved else 'rejected'}; ignoring", err=True
-                )
+            # The decision the status recorded is the one that counted (HumanLayer's, say): an annotation
+            # set by hand after it, which the workers ignored, must not be told as the decision.
+            if toolcall.phase == ToolCallPhase.TOOL_CALL_REJECTED:
+                already: bool | None = False
+            elif toolcall.phase == ToolCallPhase.READY_TO_EXECUTE_APPROVED_TOOL:
+                already = True
+            elif existing is not None and (toolcall.phase in UNDECIDED_PHASES or existing.approved):
+                already = existing.approved  # recorded or about to be (a rejection counts only so)
+            else:
+                already = None
+            if already is not None:
+                click.echo(f"{ref} already {'approved' if already else 'rejected'}; ignoring", err=True)
                 sys.exit(1)
             # (any other value is not a decision: the workers ignore it, and this one replaces it)
             if toolcall.phase not in UNDECIDED_PHASES:
