@@ -92,6 +92,9 @@ class Executor:
         self.delegate_to: str | None = None  # the sub-agent a delegation goes to
         self.human_channel: str | None = None  # the ContactChannel a human-contact tool reaches
         self.problem: str | None = None
+        # The Warning a call failed on ``problem`` gets: the original's ValidationFailed when its Tool does
+        # not exist or cannot be used, ExecutionFailed otherwise (as for a tool that ran).
+        self.problem_reason = "ExecutionFailed"
         self._secret_problem: str | None = None  # a Secret the call needs cannot be read (after prepare)
         self._token: str | None = None
         # the MCP server's spec with its Secrets read (by read_secrets)
@@ -156,9 +159,11 @@ class Executor:
                 self.problem = (
                     f'unknown tool "{self.target.name}": no Tool resource with that name or function name'
                 )
+                self.problem_reason = "ValidationFailed"
             elif (invalid := validate_tool_spec(self.tool)) is not None:
                 # edited while the call waited: its spec, not its status (which may not say so yet)
                 self.problem = f'tool "{self.target.name}" cannot be used: {invalid}'
+                self.problem_reason = "ValidationFailed"
             elif tool_type(self.tool) == "delegateToAgent" and self.tool.spec.agent_ref is not None:
                 self.delegate_to = self.tool.spec.agent_ref.name
         elif self.target.kind == "subagent":
@@ -553,7 +558,7 @@ def _fail_not_run(
     """A call that cannot run (unknown tool, not granted) fails, counted as "rejected" if ``counted``; a
     sub-agent it may have started is stopped first."""
     delegation.stop_sub_agent_runs(ctx, toolcall, executor)
-    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now))
+    apply_transition(ctx, toolcall, plan_tool_failure(toolcall, problem, now, reason=executor.problem_reason))
     if counted:  # before the look below, which may raise: the retry finds the call ended, counts nothing
         _count_not_run(executor, "rejected")
     delegation.stop_sub_agent_runs_created_meanwhile(ctx, toolcall, executor)

@@ -863,6 +863,42 @@ def test_a_tool_edited_to_be_invalid_while_its_call_waited_fails_it_with_the_too
 
 
 @pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("unknown-tool", "ValidationFailed"),
+        ("tool-made-invalid", "ValidationFailed"),
+        ("tool-not-granted", "ExecutionFailed"),
+        ("malformed-arguments", "ExecutionFailed"),
+    ],
+)
+def test_a_tool_call_fails_with_the_originals_event_reason(case: str, reason: str) -> None:
+    """The original's Warning on a TaskRunToolCall whose Tool does not exist, or has no valid execution
+    configuration, is ValidationFailed ("Failed to get Tool", "unknown tool type"); ExecutionFailed is for a
+    tool that was run, or its arguments. Event filters on either reason keep matching."""
+    kube = FakeKubeClient()
+    if case == "tool-not-granted":
+        create_multiply(kube)
+    calls: dict[str, tuple[str, str]] = {
+        "unknown-tool": ("nope", "{}"),
+        "tool-made-invalid": ("add", '{"a": 1, "b": 2}'),
+        "tool-not-granted": ("multiply", '{"a": 1, "b": 2}'),
+        "malformed-arguments": ("add", '{"a": '),
+    }
+    tool_turn(kube, [calls[case]])
+    if case == "tool-made-invalid":
+        raw = kube.get_raw("tools", "default", "add")
+        raw["spec"] = {**raw["spec"], "execute": {"externalAPI": {"method": "POST"}}}
+        kube.request("PUT", "/apis/kubechain.humanlayer.dev/v1alpha1/namespaces/default/tools/add", body=raw)
+    (name,) = toolcall_names(kube)
+    tool_call(context(kube, FakeLLM(lambda r: LLMResponse())), message("TaskRunToolCall", name))
+    assert kube.get_raw("taskruntoolcalls", "default", name)["status"]["phase"] == "Failed"
+    warnings = [
+        e["reason"] for e in kube.events() if e["involvedObject"]["name"] == name and e["type"] == "Warning"
+    ]
+    assert warnings == [reason]
+
+
+@pytest.mark.parametrize(
     ("call", "why"),
     [
         (("nope", "{}"), 'unknown tool "nope"'),
