@@ -262,3 +262,133 @@ def test_setting_defaults_quoted_in_field_descriptions_are_the_settings_defaults
         for t in _descriptions(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     ]
     assert any(f"KUBECHAIN_CLAIM_TIMEOUT_S less 30 s ({cap:g})" in t for t in texts)
+
+
+# The original's CRDs (shared/reference/kubechain-behaviour.md §1): (kind, plural, singular, printer columns
+# as (name, type, jsonPath, priority)). Ours add only TaskRun's Agent, in -o wide.
+ORIGINAL_CRDS = [
+    (
+        "LLM",
+        "llms",
+        "llm",
+        [
+            ("Provider", "string", ".spec.provider", 0),
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+        ],
+    ),
+    (
+        "Tool",
+        "tools",
+        "tool",
+        [
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+        ],
+    ),
+    (
+        "Agent",
+        "agents",
+        "agent",
+        [
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+        ],
+    ),
+    (
+        "Task",
+        "tasks",
+        "task",
+        [
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+            ("Agent", "string", ".spec.agentRef.name", 0),
+            ("Message", "string", ".spec.message", 0),
+            ("Output", "string", ".status.output", 1),
+        ],
+    ),
+    (
+        "TaskRun",
+        "taskruns",
+        "taskrun",
+        [
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+            ("Phase", "string", ".status.phase", 0),
+            ("Task", "string", ".spec.taskRef.name", 0),
+            ("Agent", "string", ".spec.agentRef.name", 1),  # ours
+            ("Preview", "string", ".status.userMsgPreview", 0),
+            ("Output", "string", ".status.output", 0),
+            ("Error", "string", ".status.error", 1),
+            ("Started", "date", ".status.startTime", 1),
+            ("Completed", "date", ".status.completionTime", 1),
+        ],
+    ),
+    (
+        "TaskRunToolCall",
+        "taskruntoolcalls",
+        "taskruntoolcall",
+        [
+            ("Phase", "string", ".status.phase", 0),
+            ("TaskRun", "string", ".spec.taskRunRef.name", 0),
+            ("Tool", "string", ".spec.toolRef.name", 0),
+            ("Started", "date", ".status.startTime", 1),
+            ("Completed", "date", ".status.completionTime", 1),
+            ("Error", "string", ".status.error", 1),
+        ],
+    ),
+    (
+        "MCPServer",
+        "mcpservers",
+        "mcpserver",
+        [
+            ("Connected", "boolean", ".status.connected", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+        ],
+    ),
+    (
+        "ContactChannel",
+        "contactchannels",
+        "contactchannel",
+        [
+            ("Type", "string", ".spec.type", 0),
+            ("Ready", "boolean", ".status.ready", 0),
+            ("Status", "string", ".status.status", 0),
+            ("Detail", "string", ".status.statusDetail", 1),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "plural", "singular", "columns"), ORIGINAL_CRDS, ids=[kind for kind, *_ in ORIGINAL_CRDS]
+)
+def test_names_scope_and_columns_are_the_originals(
+    kind: str, plural: str, singular: str, columns: list[tuple[str, str, str, int]]
+) -> None:
+    """`kubectl get <plural|singular>`, its columns (default and -o wide) and `-o custom-columns` habits of
+    the original keep working: no short name or category taken that it did not have, none dropped."""
+    import yaml
+
+    crd = yaml.safe_load(render_all()[f"kubechain.humanlayer.dev_{plural}.yaml"])
+    assert crd["metadata"]["name"] == f"{plural}.kubechain.humanlayer.dev"
+    assert crd["spec"]["names"] == {
+        "kind": kind,
+        "listKind": f"{kind}List",
+        "plural": plural,
+        "singular": singular,
+    }
+    assert crd["spec"]["scope"] == "Namespaced"
+    (version,) = crd["spec"]["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    got = [
+        (c["name"], c["type"], c["jsonPath"], c.get("priority", 0))
+        for c in version["additionalPrinterColumns"]
+    ]
+    assert got == columns
