@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubechain.kube.client import KubeClient
@@ -54,7 +54,7 @@ class Informer:
         handler: Handler,
         stop: threading.Event,
         watch_timeout_s: int = 290,
-        index_label: str | None = None,
+        index_labels: Sequence[str] = (),
         monotonic: Callable[[], float] = time.monotonic,
         after_first_list: Callable[[], None] | None = None,
     ) -> None:
@@ -77,10 +77,11 @@ class Informer:
         # object -> (the version whose handler failed, how many times): one entry per object, dropped
         # once the object is handled (a newer version, its deletion), so none outlives what it counts
         self._failures: dict[Key, tuple[str, int]] = {}
-        # (namespace, value of index_label) -> keys of the cached objects with it (client-go's Indexer):
-        # finding a turn's tool calls must not scan every tool call ever cached.
-        self.index_label = index_label
-        self._index: dict[tuple[str, str], set[Key]] = {}
+        # (label, namespace, value) -> keys of the cached objects with that value of one of index_labels
+        # (client-go's Indexer): finding a turn's tool calls, or a run's, must not scan every tool call ever
+        # cached.
+        self.index_labels = tuple(index_labels)
+        self._index: dict[tuple[str, str, str], set[Key]] = {}
         # Given, the first list only fills the cache (the handler does not hear of its objects) and this is
         # called once it is in: its owner decides what they need from the whole cache (a resync). Routed as
         # events, they would prompt again at every start what finished long ago.
@@ -90,29 +91,29 @@ class Informer:
         with self.lock:
             return dict(self.cache)
 
-    def indexed(self, namespace: str, value: str) -> list[dict[str, Any]]:
-        """The cached objects in ``namespace`` whose ``index_label`` is ``value``."""
+    def indexed(self, label: str, namespace: str, value: str) -> list[dict[str, Any]]:
+        """The cached objects in ``namespace`` whose ``label`` (one of index_labels) is ``value``."""
         with self.lock:
-            return [self.cache[key] for key in self._index.get((namespace, value), ()) if key in self.cache]
+            keys = self._index.get((label, namespace, value), ())
+            return [self.cache[key] for key in keys if key in self.cache]
 
     def _store(self, key: Key, obj: dict[str, Any] | None) -> None:
         """Put ``obj`` (None: remove) in the cache under ``key``, keeping the index; the lock is held."""
         previous = self.cache.pop(key, None) if obj is None else self.cache.get(key)
         if obj is not None:
             self.cache[key] = obj
-        if self.index_label is None:
-            return
-        before, after = _label(previous, self.index_label), _label(obj, self.index_label)
-        if before == after:
-            return
-        if before:
-            bucket = self._index.get((key[0], before))
-            if bucket is not None:
-                bucket.discard(key)
-                if not bucket:
-                    del self._index[(key[0], before)]
-        if after:
-            self._index.setdefault((key[0], after), set()).add(key)
+        for label in self.index_labels:
+            before, after = _label(previous, label), _label(obj, label)
+            if before == after:
+                continue
+            if before:
+                bucket = self._index.get((label, key[0], before))
+                if bucket is not None:
+                    bucket.discard(key)
+                    if not bucket:
+                        del self._index[(label, key[0], before)]
+            if after:
+                self._index.setdefault((label, key[0], after), set()).add(key)
 
     def _apply(
         self, event_type: str, obj: dict[str, Any], synthesized: bool = False, quiet: bool = False

@@ -19,7 +19,7 @@ from prometheus_client import Gauge
 
 from kubechain.heap import freeze_startup_heap
 from kubechain.kube.client import KubeClient
-from kubechain.models import KINDS, LABEL_TOOLCALLREQUEST
+from kubechain.models import KINDS, LABEL_TASKRUNTOOLCALL, LABEL_TOOLCALLREQUEST, label_value
 from kubechain.observability.health import Health
 from kubechain.observability.logs import resource_fields
 from kubechain.observability.metrics import (
@@ -42,10 +42,12 @@ from kubechain.statemachines.routing import (
     readiness,
     ready_with_unready_dependencies,
     run_agent_name,
+    run_just_ended,
     tasks_missing_their_output,
     tasks_missing_their_run,
     trace_uid_of,
     work_for,
+    work_for_calls_of_ended_run,
     work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
@@ -116,7 +118,10 @@ class Watcher:
                 namespace,
                 self._on_event,
                 self.stop_event,
-                index_label=LABEL_TOOLCALLREQUEST if info.kind == "TaskRunToolCall" else None,
+                # a turn's calls (fan-in), and a run's (its end stops those that still wait)
+                index_labels=(LABEL_TOOLCALLREQUEST, LABEL_TASKRUNTOOLCALL)
+                if info.kind == "TaskRunToolCall"
+                else (),
                 after_first_list=self._on_first_list,
             )
             for info in KINDS
@@ -237,6 +242,8 @@ class Watcher:
             works = work_for(kind, obj, now, self.settings.claim_timeout_s)
             if kind == "TaskRunToolCall" and works and not self._prompts_its_run(obj):
                 works = [work for work in works if work.kind != "TaskRun"]
+            if kind == "TaskRun" and run_just_ended(obj, previous):
+                works += work_for_calls_of_ended_run(obj, self._calls_of_run(obj))
         elif kind == "TaskRunToolCall" and self._cancels_a_call_of_a_live_run(obj):
             works = [work_for_deleted_toolcall(obj)]
         elif kind == "TaskRun":
@@ -272,6 +279,17 @@ class Watcher:
         owners = {ref.get("uid") for ref in metadata.get("ownerReferences") or []}
         return run if run is not None and (run.get("metadata") or {}).get("uid") in owners else None
 
+    def _calls_of_run(self, run: dict[str, Any]) -> list[dict[str, Any]]:
+        """The cached tool calls labelled as ``run``'s (by label_value of its name: a long name's hash may
+        be shared, and anyone may set a label, so routing keeps only those it owns)."""
+        namespace, name = object_key(run)
+        return [
+            call
+            for informer in self.informers
+            if informer.kind == "TaskRunToolCall"
+            for call in informer.indexed(LABEL_TASKRUNTOOLCALL, namespace, label_value(name))
+        ]
+
     def _all_siblings_finished(self, obj: dict[str, Any]) -> bool:
         labels = (obj.get("metadata") or {}).get("labels") or {}
         request = labels.get(LABEL_TOOLCALLREQUEST)
@@ -285,7 +303,7 @@ class Watcher:
             is_terminal("TaskRunToolCall", sibling)
             for informer in self.informers
             if informer.kind == "TaskRunToolCall"
-            for sibling in informer.indexed(str(namespace or ""), str(request))
+            for sibling in informer.indexed(LABEL_TOOLCALLREQUEST, str(namespace or ""), str(request))
             if _run_name(sibling) == run
         )
 

@@ -25,6 +25,7 @@ from kubechain.observability.metrics import count_tool_call
 from kubechain.observability.tracing import span_with_ids
 from kubechain.queueing import AgentSeen, ResourceMessage
 from kubechain.redaction import Scrubber, scrub_then_cut
+from kubechain.statemachines.routing import RUN_ENDED
 from kubechain.statemachines.taskrun import asked_for
 from kubechain.statemachines.toolcall import (
     WAITING_ELSEWHERE_PHASES,
@@ -323,7 +324,7 @@ def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
         # The call's run is known once it is read (not from its name: a long run name is hashed in it),
         # and names the task's lines from here to its end (its failure lines too, Celery's included).
         bind_to_context(run=toolcall.spec.task_run_ref.name)
-        _tool_call_once(ctx, toolcall, message.agent_seen)
+        _tool_call_once(ctx, toolcall, message.agent_seen, run_ended=message.reason == RUN_ENDED)
 
     decide_on_current(
         ctx, TaskRunToolCall, message.namespace, message.name, step, seen_version=message.resource_version
@@ -358,14 +359,19 @@ def _not_its_runs(
     )
 
 
-def _tool_call_once(ctx: WorkerContext, toolcall: TaskRunToolCall, seen: AgentSeen | None = None) -> None:
-    """``seen``: the run's Agent as the watcher saw it (a cached copy behind it is read again)."""
+def _tool_call_once(
+    ctx: WorkerContext, toolcall: TaskRunToolCall, seen: AgentSeen | None = None, *, run_ended: bool = False
+) -> None:
+    """``seen``: the run's Agent as the watcher saw it (a cached copy behind it is read again).
+    ``run_ended``: the watcher saw the call's run end (a cached copy of it still going is read again: read
+    by a sibling call a moment before, it would leave a call waiting for its sub-agent to wait on)."""
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
     # The parent's spec does not change, and the "is it finished or deleted" check races with the
     # deletion however fresh the read: a read shared by the turn's sibling calls is good enough.
     run_name = toolcall.spec.task_run_ref.name
-    parent = get_or_none(ctx, TaskRun, toolcall.namespace, run_name, cached=True)
+    behind = (lambda run: not run.is_terminal()) if run_ended else None
+    parent = get_or_none(ctx, TaskRun, toolcall.namespace, run_name, cached=True, behind=behind)
     if parent is not None and parent.metadata.deletion_timestamp:
         log.info("skipping tool call %s/%s: its TaskRun is being deleted", toolcall.namespace, toolcall.name)
         return

@@ -171,6 +171,57 @@ def _prompt_delegating_call(run: Mapping[str, Any], reason: str) -> list[Work]:
     ]
 
 
+# The reason of a tool call's work prompted by its run's end; the worker then takes a cached copy of the
+# run that has not ended as outdated (reads it again), since the watcher saw it end.
+RUN_ENDED = "run-ended"
+
+
+def run_just_ended(run: Mapping[str, Any], previous: Mapping[str, Any] | None) -> bool:
+    """Whether this change of a run is the one that ended it (seen first as ended counts), and the run is
+    not being deleted (its tool calls, and their sub-agents' runs, go with it)."""
+    return (
+        is_terminal("TaskRun", run)
+        and not (previous is not None and is_terminal("TaskRun", previous))
+        and not _deleting(run)
+    )
+
+
+def work_for_calls_of_ended_run(run: Mapping[str, Any], calls: Iterable[Mapping[str, Any]]) -> list[Work]:
+    """A run ended (run_just_ended) while some of its tool calls had not: those that wait, for a
+    sub-agent's run above all (which goes on paying for LLM calls, read by no one), or for a human, end now
+    (the worker fails them and deletes the sub-agent's unfinished run), not at their own resync, backed off
+    to MAX_RECHECK_S while nothing changes. ``calls``: candidates (the watcher's index of tool calls by
+    their run's label); only those that name this run and that it owns count. A Running call is left to
+    its claim's holder, whose write ends it (a lost holder's, to the resync's stale claim)."""
+    namespace, name = _meta(run)
+    uid = (run.get("metadata") or {}).get("uid")
+    out: list[Work] = []
+    for call in calls:
+        call_namespace, call_name = _meta(call)
+        owners = (call.get("metadata") or {}).get("ownerReferences") or []
+        if (
+            call_namespace != namespace
+            or ((call.get("spec") or {}).get("taskRunRef") or {}).get("name") != name
+            or not uid
+            or not any(owner.get("kind") == "TaskRun" and owner.get("uid") == uid for owner in owners)
+            or is_terminal("TaskRunToolCall", call)
+            or (_status(call).get("phase") or "") == ToolCallPhase.RUNNING
+            or _deleting(call)
+        ):
+            continue
+        out.append(
+            Work(
+                TaskName.TOOL_CALL,
+                "TaskRunToolCall",
+                namespace,
+                call_name,
+                reason=RUN_ENDED,
+                trace_uid=str(uid or ""),
+            )
+        )
+    return sorted(out, key=lambda work: work.name)
+
+
 def trace_uid_of(kind: str, obj: Mapping[str, Any]) -> str:
     """The uid of the TaskRun whose trace work on this object belongs to ("" for other kinds)."""
     meta = obj.get("metadata") or {}

@@ -127,7 +127,7 @@ def _failing_tool_call(kube: FakeKubeClient, monkeypatch: pytest.MonkeyPatch) ->
     """A tool call whose task fails after reading it; its run's name and its own."""
     import workers.tool_call
 
-    def fail(*_: Any) -> None:
+    def fail(*_: Any, **__: Any) -> None:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(workers.tool_call, "_tool_call_once", fail)

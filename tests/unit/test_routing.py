@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kubechain.queueing import TaskName
-from kubechain.statemachines.routing import dependents, readiness, ready_with_unready_dependencies, work_for
+from kubechain.statemachines.routing import (
+    dependents,
+    readiness,
+    ready_with_unready_dependencies,
+    run_just_ended,
+    work_for,
+    work_for_calls_of_ended_run,
+)
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -309,3 +316,41 @@ def test_a_validation_stopped_at_a_secret_is_told_by_its_status_not_by_its_words
         (work,) = work_for("LLM", llm, NOW, 180, resync=True)
         rechecks[case] = work.max_recheck_s
     assert rechecks == {"stopped": SECRET_RECHECK_S, "reworded": SECRET_RECHECK_S, "refused": MAX_RECHECK_S}
+
+
+def test_a_run_that_ends_prompts_its_calls_that_still_wait_for_a_sub_agent_or_a_human() -> None:
+    """Such a call was looked at again only at its own resync, backed off to minutes, while its sub-agent's
+    run went on paying for LLM calls no one would read."""
+    going = obj("TaskRun", "r", {}, {"phase": "ToolCallsPending"})
+    going["metadata"]["uid"] = "u"
+    failed = {**going, "status": {"phase": "Failed"}}
+
+    def call(name: str, phase: str, owner_uid: str = "u", run: str = "r") -> dict:
+        made = obj("TaskRunToolCall", name, {"taskRunRef": {"name": run}}, {"phase": phase})
+        made["metadata"]["ownerReferences"] = [{"kind": "TaskRun", "name": run, "uid": owner_uid}]
+        return made
+
+    calls = [
+        call("r-1", "AwaitingSubAgent"),
+        call("r-2", "AwaitingHumanInput"),
+        call("r-3", "Pending"),
+        call("r-4", "Succeeded"),  # ended already
+        call("r-5", "Running"),  # its holder's write ends it
+        call("r-6", "AwaitingSubAgent", owner_uid="other"),  # a run of that name made again since
+        call("r-7", "AwaitingSubAgent", run="r2"),  # another run's (its label's hash shared)
+    ]
+    deleting = call("r-8", "AwaitingSubAgent")
+    deleting["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    works = work_for_calls_of_ended_run(failed, [*calls, deleting])
+    assert [(w.task, w.kind, w.namespace, w.name, w.reason, w.trace_uid) for w in works] == [
+        (TaskName.TOOL_CALL, "TaskRunToolCall", "ns", name, "run-ended", "u")
+        for name in ("r-1", "r-2", "r-3")
+    ]
+    assert run_just_ended(failed, going) and run_just_ended(failed, None)
+    assert not run_just_ended(failed, failed), "ended before: its calls were prompted then"
+    assert not run_just_ended(going, None)
+    being_deleted = {
+        **failed,
+        "metadata": {**failed["metadata"], "deletionTimestamp": "2026-12-01T00:00:00Z"},
+    }
+    assert not run_just_ended(being_deleted, going), "its calls, and their sub-agents' runs, go with it"

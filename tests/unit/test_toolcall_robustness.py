@@ -44,6 +44,7 @@ from kubechain.statemachines.toolcall import (
 )
 from kubechain.statemachines.transition import Transition, patch_landed, precise_timestamp, status_fingerprint
 from tests.unit.fakes import FakeLLM, context, create, message, on_clock
+from watcher.main import Watcher
 from workers.context import ClaimsInDoubt, WorkerContext
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -538,6 +539,55 @@ def test_a_call_waiting_for_its_sub_agent_whose_run_ended_does_not_say_it_was_no
     tool_call(ctx, message("TaskRunToolCall", name))
     error = toolcall_status(kube, name)["error"]
     assert "not run" not in error and f"TaskRun {child}" in error, error
+
+
+def test_a_run_that_ends_stops_the_sub_agent_its_call_waits_for_at_once_not_at_the_calls_resync() -> None:
+    """The watcher, seeing the run end, prompts the call; a worker that read the run (for a sibling call) a
+    moment before it ended and holds that copy still reads it again: the call ends, naming the sub-agent's
+    run, which is deleted. It had waited for its resync (backed off to 300 s) while the sub-agent's run went
+    on paying for LLM calls no one would read."""
+    kube = FakeKubeClient()
+    _, name, child = delegated(kube)
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    for plural, kind, held in (("taskruns", "TaskRun", "r"), ("taskruns", "TaskRun", child)):
+        informers[kind]._apply("ADDED", kube.get_raw(plural, "default", held))
+    informers["TaskRunToolCall"]._apply("ADDED", kube.get_raw("taskruntoolcalls", "default", name))
+
+    def prompted() -> list[tuple[Any, ...]]:
+        works = []
+        while not watcher._outbox.empty():
+            works.append(watcher._outbox.get_nowait())
+        return works
+
+    prompted()
+    worker = context(kube, FakeLLM(lambda _: LLMResponse()), identity="w2", config_cache_ttl_s=3600)
+    assert worker.config_cache.get(TaskRun, "default", "r").phase == "ToolCallsPending"
+    run_ended(kube)
+    informers["TaskRun"]._apply("MODIFIED", kube.get_raw("taskruns", "default", "r"))
+    (work, rv, own_version), *others = [
+        sent for sent in prompted() if sent[0].kind == "TaskRunToolCall" and sent[0].name == name
+    ]
+    assert (work.task, work.reason, others) == (TaskName.TOOL_CALL, "run-ended", [])
+    tool_call(worker, watcher.message_for(work, rv, own_version))
+    status = toolcall_status(kube, name)
+    assert status["phase"] == "Failed", status
+    assert (
+        'TaskRun "r" already finished (Failed)' in status["error"] and f"TaskRun {child}" in status["error"]
+    )
+    assert warnings(kube, name) == ["ExecutionFailed"]
+    child_as_cached = informers["TaskRun"].cache[("default", child)]
+    with pytest.raises(NotFound):
+        kube.get_raw("taskruns", "default", child)
+    # What follows asks nothing more of anyone: the call's end prompts no run (its run ended), and the
+    # deletion's prompt finds the call ended.
+    informers["TaskRunToolCall"]._apply("MODIFIED", kube.get_raw("taskruntoolcalls", "default", name))
+    informers["TaskRun"]._apply("DELETED", child_as_cached)
+    (work, rv, own_version), *others = prompted()
+    assert (work.task, work.name, work.reason, others) == (TaskName.TOOL_CALL, name, "sub-agent-deleted", [])
+    before = kube.get_raw("taskruntoolcalls", "default", name)
+    tool_call(worker, watcher.message_for(work, rv, own_version))
+    assert kube.get_raw("taskruntoolcalls", "default", name) == before
 
 
 def not_granted(kube: FakeKubeClient) -> None:

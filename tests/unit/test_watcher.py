@@ -1318,7 +1318,7 @@ def test_the_tool_call_informer_indexes_a_turns_calls_through_changes_deletions_
         None,
         handler,
         threading.Event(),
-        index_label=label,
+        index_labels=(label,),
     )
     informer._apply("ADDED", toolcall_event("a1", "aaa", "Pending", "1"))
     informer._apply("ADDED", toolcall_event("a2", "aaa", "Pending", "2"))
@@ -1326,17 +1326,62 @@ def test_the_tool_call_informer_indexes_a_turns_calls_through_changes_deletions_
     informer._apply("ADDED", toolcall_event("x1", "aaa", "Pending", "4", namespace="other"))
 
     def names(namespace: str, request: str) -> list[str]:
-        return sorted(obj["metadata"]["name"] for obj in informer.indexed(namespace, request))
+        return sorted(obj["metadata"]["name"] for obj in informer.indexed(label, namespace, request))
 
     assert names("default", "aaa") == ["a1", "a2"] and names("other", "aaa") == ["x1"]
     informer._apply("MODIFIED", toolcall_event("a2", "bbb", "Pending", "5"))  # relabelled
     assert names("default", "aaa") == ["a1"] and names("default", "bbb") == ["a2", "b1"]
     informer._apply("DELETED", toolcall_event("a1", "aaa", "Pending", "6"))
-    assert names("default", "aaa") == [] and ("default", "aaa") not in informer._index
+    assert names("default", "aaa") == [] and (label, "default", "aaa") not in informer._index
     failing["on"] = True
     with pytest.raises(RuntimeError):
         informer._apply("MODIFIED", toolcall_event("b1", "ccc", "Pending", "7"))
     assert names("default", "bbb") == ["a2", "b1"] and names("default", "ccc") == [], "rolled back"
+
+
+def test_a_run_that_ends_prompts_its_tool_calls_that_still_wait_once() -> None:
+    """A run that ended (a sibling's create refused, say) while a call of it waited for its sub-agent's run
+    left the call to its own resync, backed off to 300 s while nothing changed: the sub-agent's run went on
+    paying for LLM calls that no one would read."""
+    watcher = Watcher(Settings(), FakeKubeClient(), lambda *_: None, leader_election=False)
+    informers = {informer.kind: informer for informer in watcher.informers}
+    going = run("TaskRun", {"name": "r", "status": {"phase": "ToolCallsPending"}}, "3")
+    informers["TaskRun"]._apply("ADDED", going)
+    for index, phase in (
+        (1, "AwaitingSubAgent"),
+        (2, "Succeeded"),
+        (3, "AwaitingHumanInput"),
+        (4, "Running"),
+    ):
+        call = toolcall_event(f"r-abc-tc-0{index}", "abc", phase, str(3 + index))
+        call["metadata"]["labels"]["kubechain.humanlayer.dev/taskruntoolcall"] = "r"
+        call["metadata"]["ownerReferences"] = [{"kind": "TaskRun", "name": "r", "uid": "u"}]
+        informers["TaskRunToolCall"]._apply("ADDED", call)
+    # labelled as r's, but not made by it: not prompted
+    forged = toolcall_event("x-abc-tc-01", "abc", "AwaitingSubAgent", "9")
+    forged["metadata"]["labels"]["kubechain.humanlayer.dev/taskruntoolcall"] = "r"
+    informers["TaskRunToolCall"]._apply("ADDED", forged)
+    while not watcher._outbox.empty():
+        watcher._outbox.get_nowait()
+
+    def prompted() -> list[tuple[TaskName, str, str, str]]:
+        works = []
+        while not watcher._outbox.empty():
+            work, _, _ = watcher._outbox.get_nowait()
+            works.append((work.task, work.kind, work.name, work.reason))
+        return sorted(works)
+
+    failed = run("TaskRun", {"name": "r", "status": {"phase": "Failed"}}, "10")
+    informers["TaskRun"]._apply("MODIFIED", failed)
+    assert prompted() == [
+        (TaskName.TOOL_CALL, "TaskRunToolCall", "r-abc-tc-01", "run-ended"),
+        (TaskName.TOOL_CALL, "TaskRunToolCall", "r-abc-tc-03", "run-ended"),
+    ]
+    # its end seen again (a relist), or another change of the ended run: already prompted
+    informers["TaskRun"]._apply(
+        "MODIFIED", {**failed, "metadata": {**failed["metadata"], "resourceVersion": "11"}}
+    )
+    assert prompted() == []
 
 
 def test_only_the_last_of_a_turns_tool_calls_to_finish_prompts_the_run() -> None:
