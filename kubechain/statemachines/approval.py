@@ -178,8 +178,13 @@ def ignored_annotation_value(toolcall: TaskRunToolCall) -> str | None:
     return value
 
 
+def _shortened(text: str, max_chars: int) -> str:
+    """``text`` as shown in a statusDetail or an Event: at most ``max_chars`` of it, "..." after a cut."""
+    return text if len(text) <= max_chars else text[:max_chars] + "..."
+
+
 def ignored_annotation_note(value: str) -> str:
-    shown = value if len(value) <= 40 else value[:40] + "..."
+    shown = _shortened(value, 40)
     return f'annotation {APPROVAL_ANNOTATION}="{shown}" is not a decision: set it to "approved" or "rejected"'
 
 
@@ -233,8 +238,7 @@ def _user(status: dict[str, Any]) -> str:
     if isinstance(info, dict):
         for key in ("email", "name", "username", "user_id", "id"):
             if info.get(key):
-                who = " ".join(str(info[key]).split())  # one line
-                return who if len(who) <= RESPONDER_MAX_CHARS else who[:RESPONDER_MAX_CHARS] + "..."
+                return _shortened(" ".join(str(info[key]).split()), RESPONDER_MAX_CHARS)  # one line
     return ""
 
 
