@@ -4,7 +4,6 @@ the Agent before the edit."""
 
 from __future__ import annotations
 
-import base64
 import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from kubechain.models import Agent, ToolCall, ToolCallFunction
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.testing.waiting import wait_for
+from tests.integration import create_secret
 from tests.unit.fakes import FakeLLM, context, create
 from watcher.main import Watcher
 from workers.context import WorkerContext
@@ -105,14 +105,7 @@ def test_a_run_created_right_after_its_agents_edit_is_validated_is_offered_the_e
     def status(plural: str, name: str) -> dict[str, Any]:
         return kube.get_raw(plural, namespace, name).get("status") or {}
 
-    key = base64.b64encode(b"sk-test").decode()
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": "openai"},
-        "data": {"OPENAI_API_KEY": key},
-    }
-    kube.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=secret)
+    create_secret(kube, namespace, "openai", {"OPENAI_API_KEY": "sk-test"})
     create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"}, namespace)
     create(kube, "Tool", "tools", "add", ADD_TOOL, namespace)
     create(kube, "Agent", "agents", "my-assistant", {"llmRef": {"name": "gpt-4o"}, "system": "s"}, namespace)

@@ -325,10 +325,9 @@ def test_a_validation_stopped_at_a_secret_names_it_in_a_status_the_api_server_ke
     """status.unusableSecret (what the watcher's short re-check goes by) is stored by the real API server
     as the worker writes it, and removed by the validation after the Secret is created (a merge patch's
     null), not pruned as a field the schema does not know."""
-    import base64
-
     from kubechain.llm.base import LLMResponse
     from kubechain.statemachines.routing import waits_for_a_secret
+    from tests.integration import create_secret
     from tests.unit.fakes import FakeLLM, context, create, message
     from workers.validators import validate
 
@@ -338,16 +337,7 @@ def test_a_validation_stopped_at_a_secret_names_it_in_a_status_the_api_server_ke
     stopped = kube.get_raw("llms", namespace, "gpt-4o")  # type: ignore[attr-defined]
     assert (stopped["status"]["status"], stopped["status"].get("unusableSecret")) == ("Error", "openai")
     assert waits_for_a_secret(stopped)
-    kube.request(  # type: ignore[attr-defined]
-        "POST",
-        f"/api/v1/namespaces/{namespace}/secrets",
-        body={
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "openai"},
-            "data": {"k": base64.b64encode(b"sk-test").decode()},
-        },
-    )
+    create_secret(kube, namespace, "openai", {"k": "sk-test"})
     validate(ctx, message("LLM", "gpt-4o", namespace))
     fixed = kube.get_raw("llms", namespace, "gpt-4o")  # type: ignore[attr-defined]
     assert fixed["status"]["status"] == "Ready" and "unusableSecret" not in fixed["status"]

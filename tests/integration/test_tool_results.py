@@ -3,7 +3,6 @@ with a scripted LLM and a stubbed tool."""
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -14,6 +13,7 @@ from kubechain.kube.client import KubeClient
 from kubechain.llm.base import LLMRequest, LLMResponse
 from kubechain.models import ToolCall, ToolCallFunction
 from kubechain.settings import MAX_CONTEXT_WINDOW_BYTES
+from tests.integration import create_secret
 from tests.unit.fakes import FakeLLM, context, create, message
 from workers.llm_call import llm_call
 from workers.prepare import prepare
@@ -59,17 +59,7 @@ def test_a_tool_result_etcd_refuses_beside_its_arguments_fails_the_call_and_the_
         max_context_window_bytes=MAX_CONTEXT_WINDOW_BYTES,
         max_tool_result_bytes=MAX_CONTEXT_WINDOW_BYTES // 12,
     )
-    key = base64.b64encode(b"sk-test").decode()
-    kube.request(
-        "POST",
-        f"/api/v1/namespaces/{namespace}/secrets",
-        body={
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "openai"},
-            "data": {"OPENAI_API_KEY": key},
-        },
-    )
+    create_secret(kube, namespace, "openai", {"OPENAI_API_KEY": "sk-test"})
     create(kube, "LLM", "llms", "gpt-4o", {"provider": "openai"}, namespace)
     create(kube, "Tool", "tools", "charge", CHARGE, namespace)
     agent = {"llmRef": {"name": "gpt-4o"}, "system": "s", "tools": [{"name": "charge"}]}
