@@ -38,7 +38,7 @@ from workers.transitions import (
     record_while_claimed,
     schedule_recheck,
 )
-from workers.validators import EmptySecretValue, SecretProblem, get_or_none, read_api_key
+from workers.validators import EmptySecretValue, SecretProblem, cached_agent, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def _agent_for_turn(ctx: WorkerContext, namespace: str, name: str, seen: AgentSe
     later edit, unless the watcher has seen a later one (``seen``): then it is read again. One that is not
     validated as it stands (read between an edit and its validation) is read again, so a validation done
     since is not waited out."""
-    agent = get_or_none(ctx, Agent, namespace, name, cached=True, behind=seen.outdates if seen else None)
+    agent = cached_agent(ctx, namespace, name, seen)
     if agent is not None and not validated_as_it_stands(agent):
         agent = get_or_none(ctx, Agent, namespace, name)
     return agent

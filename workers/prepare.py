@@ -36,7 +36,7 @@ from workers.transitions import (
     decide_on_current,
     record_tool_calls_created,
 )
-from workers.validators import get_or_none
+from workers.validators import cached_agent, get_or_none
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ def _initial_context(ctx: WorkerContext, run: TaskRun, seen: AgentSeen | None) -
         # A Ready agent read a moment ago, validated as its spec stands, is good enough unless the watcher
         # has seen a later generation or validation of it (the run was created right after an edit);
         # anything else is read fresh, so a run never waits on a stale "not ready".
-        behind = seen.outdates if seen is not None else None
-        agent = get_or_none(ctx, Agent, run.namespace, agent_name, cached=True, behind=behind)
+        agent = cached_agent(ctx, run.namespace, agent_name, seen)
         if agent is None or not agent.status.ready or not validated_as_it_stands(agent):
             agent = get_or_none(ctx, Agent, run.namespace, agent_name)
     transition = plan_initial_context(run, task, task_missing, agent, ctx.clock(), ctx.limits)

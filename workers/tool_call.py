@@ -60,7 +60,7 @@ from workers.transitions import (
     decide_on_current,
     record_while_claimed,
 )
-from workers.validators import SecretProblem, get_or_none, read_api_key
+from workers.validators import SecretProblem, cached_agent, get_or_none, read_api_key
 
 log = logging.getLogger(__name__)
 
@@ -546,10 +546,7 @@ def _executor_for(
     agent_name = delegation.parent_agent(ctx, parent) if parent is not None else ""
     if not agent_name:
         return Executor(ctx, toolcall, None)
-    behind = seen.outdates if seen is not None else None
-    return Executor(
-        ctx, toolcall, get_or_none(ctx, Agent, toolcall.namespace, agent_name, cached=True, behind=behind)
-    )
+    return Executor(ctx, toolcall, cached_agent(ctx, toolcall.namespace, agent_name, seen))
 
 
 def _fail_not_run(

@@ -11,7 +11,7 @@ from kubechain.kube.errors import Forbidden, NotFound
 from kubechain.llm.base import LLMError, parameter_notes
 from kubechain.models import LLM, Agent, ContactChannel, MCPServer, Resource, Task, TaskRun, Tool
 from kubechain.models.labels import is_object_name
-from kubechain.queueing import ResourceMessage
+from kubechain.queueing import AgentSeen, ResourceMessage
 from kubechain.statemachines.transition import Transition, validated_as_it_stands
 from kubechain.statemachines.validation import (
     AgentDependencies,
@@ -50,6 +50,12 @@ def get_or_none(
         return ctx.kube.get(model, namespace, name)
     except NotFound:
         return None
+
+
+def cached_agent(ctx: WorkerContext, namespace: str, name: str, seen: AgentSeen | None) -> Agent | None:
+    """The Agent from the config cache, read again when the watcher has seen a later version of it
+    (``seen``, a message's hint: it can cost a read, never choose the content)."""
+    return get_or_none(ctx, Agent, namespace, name, cached=True, behind=seen.outdates if seen else None)
 
 
 class SecretProblem(Exception):
