@@ -38,6 +38,7 @@ from kubechain.models import (
     label_value,
 )
 from kubechain.models.base import stored_json_bytes
+from kubechain.models.common import ToolCall
 from kubechain.models.labels import LABEL_ROOT_RUN, LABEL_TASK, MAX_OBJECT_NAME, shortened
 from kubechain.models.taskrun import FAN_IN_TASKRUN_PHASES
 from kubechain.observability.tracing import run_trace_ids
@@ -668,10 +669,16 @@ def expected_toolcalls(run: TaskRun) -> list[TaskRunToolCall]:
 
 def asked_for(run: TaskRun, toolcall: TaskRunToolCall) -> bool:
     """Whether ``toolcall`` is one of the calls the run's current turn asked for, exactly as it asked:
-    the same name, tool, arguments and tool call id (only KubeChain's own creates make such a call)."""
-    return any(
-        child.name == toolcall.name and child.spec == toolcall.spec for child in expected_toolcalls(run)
-    )
+    the same name, tool, arguments and tool call id (only KubeChain's own creates make such a call).
+    Only the call of that name is built: each of a turn's fifty calls asks this of its run."""
+    window = _window(run)
+    if not window or window[-1].role != "assistant" or not window[-1].tool_calls:
+        return False
+    req_id = run.status.tool_call_request_id or ""
+    for index, call in enumerate(window[-1].tool_calls, start=1):
+        if toolcall_name(run.name, req_id, index) == toolcall.name:
+            return _toolcall_for(run, call, index, req_id).spec == toolcall.spec
+    return False
 
 
 def _root_run_label(run: TaskRun) -> dict[str, str]:
@@ -687,26 +694,33 @@ def _toolcalls_for(
     (CUT_OFF_ANNOTATION). Not part of the spec: a call made again for one missing (``expected_toolcalls``,
     which cannot know it) is the same call, only its JSON error says less."""
     calls = assistant.tool_calls or []
-    children = []
-    for index, call in enumerate(calls, start=1):
-        meta = ObjectMeta(
-            name=toolcall_name(run.name, req_id, index),
-            namespace=run.namespace,
-            labels={LABEL_TASKRUNTOOLCALL: label_value(run.name), LABEL_TOOLCALLREQUEST: req_id}
-            | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {})
-            | _root_run_label(run),
-            annotations={CUT_OFF_ANNOTATION: cut_off_at} if cut_off_at and index == len(calls) else {},
-            owner_references=[run.owner_reference()],
-        )
-        spec = TaskRunToolCallSpec(
-            tool_call_id=call.id,
-            task_run_ref=LocalObjectReference(name=run.name),
-            # The LLM may send an empty or absurd name; the tool call then fails as an unknown tool.
-            tool_ref=LocalObjectReference(name=call.function.name[:253] or UNNAMED_TOOL),
-            arguments=call.function.arguments,
-        )
-        children.append(TaskRunToolCall(metadata=meta, spec=spec))
-    return children
+    return [
+        _toolcall_for(run, call, index, req_id, cut_off_at if index == len(calls) else None)
+        for index, call in enumerate(calls, start=1)
+    ]
+
+
+def _toolcall_for(
+    run: TaskRun, call: ToolCall, index: int, req_id: str, cut_off_at: str | None = None
+) -> TaskRunToolCall:
+    """The turn's ``index``-th TaskRunToolCall (from 1), for the assistant's ``call``."""
+    meta = ObjectMeta(
+        name=toolcall_name(run.name, req_id, index),
+        namespace=run.namespace,
+        labels={LABEL_TASKRUNTOOLCALL: label_value(run.name), LABEL_TOOLCALLREQUEST: req_id}
+        | ({LABEL_TASK: label_value(run.spec.task_ref.name)} if run.spec.task_ref else {})
+        | _root_run_label(run),
+        annotations={CUT_OFF_ANNOTATION: cut_off_at} if cut_off_at else {},
+        owner_references=[run.owner_reference()],
+    )
+    spec = TaskRunToolCallSpec(
+        tool_call_id=call.id,
+        task_run_ref=LocalObjectReference(name=run.name),
+        # The LLM may send an empty or absurd name; the tool call then fails as an unknown tool.
+        tool_ref=LocalObjectReference(name=call.function.name[:253] or UNNAMED_TOOL),
+        arguments=call.function.arguments,
+    )
+    return TaskRunToolCall(metadata=meta, spec=spec)
 
 
 def tool_message_content(toolcall: TaskRunToolCall, limits: LoopLimits) -> str:
