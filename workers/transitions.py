@@ -207,14 +207,16 @@ def create_children(
                 return refused
             raise
         reason = CHILD_CREATED_REASON.get(child.KIND, "ChildCreated")
-        # Keyed by the new object's uid: a child deleted and created again is a new Event. Deferred: a
-        # fan-out creates dozens of children at once, and their tool calls should not wait on Events.
+        # Keyed by the new object's uid: a child deleted and created again is a new Event. A burst's are
+        # deferred: a fan-out creates dozens of children at once, and their tool calls should not wait on
+        # Events (nor share the API server with them while they start).
         ctx.events.emit(
-            parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid, deferred=True
+            parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid, deferred=burst
         )
         return None
 
-    if len(children) <= 2:
+    burst = len(children) > 2
+    if not burst:
         outcomes = [create(child) for child in children]
     else:
         with ThreadPoolExecutor(max_workers=min(16, len(children)), thread_name_prefix="create") as pool:

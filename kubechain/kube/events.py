@@ -32,7 +32,9 @@ class EventRecorder:
     ``emit`` posts before it returns. With ``background=True`` the recorder also has sender threads,
     and ``emit(..., deferred=True)`` leaves the post to them (an Event's name is deterministic, so the
     order of posting does not matter): for bursts, such as the Events of dozens of children created at
-    once, that should not hold up the work that follows."""
+    once, that should not hold up the work that follows. ``delay_s``: how long a deferred Event waits
+    before it is posted, so that the burst's own work (fifty tool calls claimed and started) has the API
+    server first; ``flush`` posts what waits at once."""
 
     def __init__(
         self,
@@ -42,12 +44,16 @@ class EventRecorder:
         *,
         background: bool = False,
         senders: int = 4,
+        delay_s: float = 0.0,
     ) -> None:
         self._client = client
         self.controller = controller
         self.instance = instance
-        # each deferred post with its caller's context: the sender's log lines name what the caller's do
-        self._queue: queue.Queue[tuple[contextvars.Context, str, dict[str, Any]] | None] | None = None
+        self._delay_s = delay_s
+        self._hurry = threading.Event()  # set by flush: what waits is posted now
+        # each deferred post, when it is due, with its caller's context: the sender's log lines name what
+        # the caller's do
+        self._queue: queue.Queue[tuple[float, contextvars.Context, str, dict[str, Any]] | None] | None = None
         if background:
             self._queue = queue.Queue(maxsize=10_000)
             for index in range(senders):
@@ -60,16 +66,22 @@ class EventRecorder:
             try:
                 if item is None:
                     return
-                context, namespace, body = item
+                due, context, namespace, body = item
+                # due in the order queued: a sender waits only for the earliest of what it has not taken
+                wait_s = due - time.monotonic()
+                if wait_s > 0:
+                    self._hurry.wait(wait_s)
                 context.run(self._post, namespace, body)
             finally:
                 self._queue.task_done()
 
     def flush(self, timeout_s: float = 5.0) -> None:
         """Wait (bounded) until queued Events are posted, e.g. before a process exits."""
+        self._hurry.set()
         deadline = time.monotonic() + timeout_s
         while self._queue is not None and self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._hurry.clear()
 
     def _post(self, namespace: str, body: dict[str, Any]) -> None:
         try:
@@ -127,7 +139,8 @@ class EventRecorder:
         }
         if deferred and self._queue is not None:
             try:
-                self._queue.put_nowait((contextvars.copy_context(), obj.namespace, body))
+                due = time.monotonic() + self._delay_s
+                self._queue.put_nowait((due, contextvars.copy_context(), obj.namespace, body))
                 return
             except queue.Full:
                 pass  # overloaded: post inline rather than drop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -116,3 +117,35 @@ def test_a_deferred_event_that_fails_is_logged_naming_the_resource_its_caller_wo
         "run": "r1",
         "task": "kubechain.llm_call",
     }
+
+
+class TimedEvents(FakeKubeClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.posted_at: list[float] = []
+
+    def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.posted_at.append(time.monotonic())
+        return super().create_event(namespace, body)
+
+
+def test_a_deferred_event_waits_its_delay_so_the_work_it_describes_goes_first_and_flush_posts_it_now() -> (
+    None
+):
+    """A fan-out's ToolCallCreated Events were posted while its fifty tool calls were being claimed."""
+    kube = TimedEvents()
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "r", "namespace": "default", "uid": "u1", "resourceVersion": "7"}}
+    )
+    recorder = EventRecorder(kube, "kubechain-worker", "w1", background=True, senders=2, delay_s=0.3)
+    emitted = time.monotonic()
+    recorder.emit(run, "Normal", "ToolCallCreated", "Created TaskRunToolCall t1", key="t1", deferred=True)
+    recorder.emit(run, "Normal", "LLMFinalAnswer", "LLM response received successfully", key="8")
+    assert kube.event_reasons("r") == ["LLMFinalAnswer"], "not deferred: posted at once"
+    wait_for(lambda: len(kube.posted_at) == 2, what="the deferred Event")
+    assert kube.posted_at[1] - emitted >= 0.3
+    # flush (a worker shutting down) does not wait out the delay
+    waiting = EventRecorder(kube, "kubechain-worker", "w1", background=True, senders=1, delay_s=3600)
+    waiting.emit(run, "Normal", "ToolCallCreated", "Created TaskRunToolCall t2", key="t2", deferred=True)
+    waiting.flush(timeout_s=30)
+    assert kube.event_reasons("r") == ["LLMFinalAnswer", "ToolCallCreated", "ToolCallCreated"]

@@ -2243,3 +2243,34 @@ def test_the_fake_api_server_measures_an_object_as_kube_apiserver_stores_it() ->
     with pytest.raises(TooLarge):
         create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "<" * 300_000})
     create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "x" * 300_000})
+
+
+def test_a_bursts_created_events_wait_their_delay_but_one_or_twos_are_posted_with_the_create() -> None:
+    """A fan-out's ToolCallCreated Events shared the API server with its tool calls' claims; a Task's
+    one TaskRunCreated, or a turn's two calls', are posted at once (``kubectl describe`` shows them)."""
+    from kubechain.kube.events import EventRecorder
+    from kubechain.statemachines.taskrun import expected_toolcalls
+    from workers.transitions import create_children
+
+    kube = FakeKubeClient()
+    tool_turn(kube, ['{"a": 1, "b": 2}', '{"a": 3, "b": 4}', '{"a": 5, "b": 6}'])
+    ctx = context(kube, FakeLLM(lambda r: LLMResponse()))
+    ctx.events = EventRecorder(kube, "kubechain-worker", "w1", background=True, senders=1, delay_s=3600)
+    run = kube.get(TaskRun, "default", "r")
+    children = expected_toolcalls(run)
+    made = kube.event_reasons("r").count("ToolCallCreated")
+    assert made == 3
+
+    def delete_all() -> None:
+        for name in toolcall_names(kube):
+            kube.delete("taskruntoolcalls", "default", name)
+
+    delete_all()
+    assert create_children(ctx, run, children[:2]) is None
+    assert kube.event_reasons("r").count("ToolCallCreated") == made + 2, "posted with the create"
+    delete_all()
+    assert create_children(ctx, run, children) is None
+    assert len(toolcall_names(kube)) == 3
+    assert kube.event_reasons("r").count("ToolCallCreated") == made + 2, "a burst's wait their delay"
+    ctx.events.flush(timeout_s=30)
+    assert kube.event_reasons("r").count("ToolCallCreated") == made + 5
