@@ -97,14 +97,15 @@ def _requirement_of(server: MCPServer | None, tool: Tool | None) -> Requirement 
 # -- approval ----------------------------------------------------------------------------------------
 
 
-def gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> bool:
+def gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor, asked_at: float) -> bool:
+    """``asked_at``: when the task began (on the config cache's clock), after the call was created."""
     try:
-        return _gate(ctx, toolcall, executor)
+        return _gate(ctx, toolcall, executor, asked_at)
     except NotFound:
         return False  # the tool call was deleted meanwhile (its run was deleted): nothing to decide
 
 
-def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> bool:
+def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor, asked_at: float) -> bool:
     phase = toolcall.phase
     if phase not in machine.UNDECIDED_PHASES:
         return True  # ReadyToExecuteApprovedTool or Running: the execution claim decides
@@ -113,7 +114,7 @@ def _gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor) -> 
     _warn_if_annotation_ignored(ctx, toolcall)
     requirement = approval_requirement(executor)
     if requirement is None and phase not in machine.APPROVAL_WAITING_PHASES:
-        requirement = _requirement_read_fresh(ctx, executor)
+        requirement = _requirement_read_fresh(ctx, executor, asked_at)
     if requirement is None:
         if phase not in machine.APPROVAL_WAITING_PHASES:
             return True
@@ -148,15 +149,18 @@ def _warn_if_annotation_ignored(ctx: WorkerContext, toolcall: TaskRunToolCall) -
     ctx.events.emit(toolcall, event.type, event.reason, event.message, key=key)
 
 
-def _requirement_read_fresh(ctx: WorkerContext, executor: Executor) -> Requirement | None:
-    """Before a call runs unapproved: the approval setting as the API server has it now. The Executor read
-    its MCPServer or Tool through the short-lived cache, and an approval channel added a second ago must
-    already hold. Only the setting is taken from the fresh copy: the call itself runs as resolved."""
+def _requirement_read_fresh(ctx: WorkerContext, executor: Executor, asked_at: float) -> Requirement | None:
+    """Before a call runs unapproved: the approval setting as the API server had it once this task began.
+    The Executor read its MCPServer or Tool through the short-lived cache, and an approval channel added
+    a second ago, before the call was made, must already hold. A read begun since the task did is as
+    good as its own: a fan-out's fifty calls share a few. Only the setting is taken from that copy: the
+    call itself runs as resolved."""
     server, tool = executor.server, executor.tool
     if server is not None:
-        server = get_or_none(ctx, MCPServer, server.namespace, server.name) or server
+        server = get_or_none(ctx, MCPServer, server.namespace, server.name, cached=True, read_since=asked_at)
+        server = server or executor.server
     elif tool is not None and tool.spec.execute is not None and tool.spec.execute.external_api is not None:
-        tool = get_or_none(ctx, Tool, tool.namespace, tool.name) or tool
+        tool = get_or_none(ctx, Tool, tool.namespace, tool.name, cached=True, read_since=asked_at) or tool
     return _requirement_of(server, tool)
 
 

@@ -320,11 +320,15 @@ def _count_not_run(executor: Executor, outcome: str) -> None:
 
 
 def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
+    asked_at = ctx.config_cache.now()  # the call exists: the watcher saw it before sending this
+
     def step(toolcall: TaskRunToolCall) -> None:
         # The call's run is known once it is read (not from its name: a long run name is hashed in it),
         # and names the task's lines from here to its end (its failure lines too, Celery's included).
         bind_to_context(run=toolcall.spec.task_run_ref.name)
-        _tool_call_once(ctx, toolcall, message.agent_seen, run_ended=message.reason == RUN_ENDED)
+        _tool_call_once(
+            ctx, toolcall, message.agent_seen, run_ended=message.reason == RUN_ENDED, asked_at=asked_at
+        )
 
     decide_on_current(
         ctx, TaskRunToolCall, message.namespace, message.name, step, seen_version=message.resource_version
@@ -360,11 +364,17 @@ def _not_its_runs(
 
 
 def _tool_call_once(
-    ctx: WorkerContext, toolcall: TaskRunToolCall, seen: AgentSeen | None = None, *, run_ended: bool = False
+    ctx: WorkerContext,
+    toolcall: TaskRunToolCall,
+    seen: AgentSeen | None = None,
+    *,
+    run_ended: bool = False,
+    asked_at: float,
 ) -> None:
     """``seen``: the run's Agent as the watcher saw it (a cached copy behind it is read again).
     ``run_ended``: the watcher saw the call's run end (a cached copy of it still going is read again: read
-    by a sibling call a moment before, it would leave a call waiting for its sub-agent to wait on)."""
+    by a sibling call a moment before, it would leave a call waiting for its sub-agent to wait on).
+    ``asked_at``: when the task began, on the config cache's clock (see approvals.gate)."""
     if toolcall.is_terminal() or toolcall.metadata.deletion_timestamp:
         return
     # The parent's spec does not change, and the "is it finished or deleted" check races with the
@@ -460,7 +470,7 @@ def _tool_call_once(
             return
         approvals.contact_human(ctx, toolcall, executor)
         return
-    if executor.problem is None and not approvals.gate(ctx, toolcall, executor):
+    if executor.problem is None and not approvals.gate(ctx, toolcall, executor, asked_at):
         return  # approval requested, pending or rejected: the approval flow wrote the status
     in_doubt = ctx.claims_in_doubt.held(toolcall, lambda at: holds_claim(toolcall, ctx.identity, at))
     claim = (

@@ -42,11 +42,13 @@ def get_or_none(
     *,
     cached: bool = False,
     behind: Callable[[R], bool] | None = None,
+    read_since: float | None = None,
 ) -> R | None:
-    """``cached``: from the config cache, where ``behind`` says which copy is outdated (read again)."""
+    """``cached``: from the config cache, where ``behind`` says which copy is outdated (read again), and
+    ``read_since`` which copies are too old (see TTLReadCache.get)."""
     try:
         if cached:
-            return ctx.config_cache.get(model, namespace, name, behind=behind)
+            return ctx.config_cache.get(model, namespace, name, behind=behind, read_since=read_since)
         return ctx.kube.get(model, namespace, name)
     except NotFound:
         return None

@@ -51,29 +51,42 @@ class TTLReadCache:
                 return
             self._entries.popitem(last=False)
 
-    def _fresh(self, key: tuple[str, ...], now: float) -> tuple[bool, Any]:
+    def now(self) -> float:
+        """This cache's clock: what ``read_since`` is measured on."""
+        return self._clock()
+
+    def _fresh(self, key: tuple[str, ...], now: float, read_since: float | None) -> tuple[bool, Any]:
         self._drop_expired(now)
         entry = self._entries.get(key)
-        if entry is not None and now - entry[0] < self.ttl_s:
+        if (
+            entry is not None
+            and now - entry[0] < self.ttl_s
+            and (read_since is None or entry[0] >= read_since)
+        ):
             return True, entry[1]
         return False, None
 
     def _cached(
-        self, key: tuple[str, ...], load: Callable[[], T], behind: Callable[[T], bool] | None = None
+        self,
+        key: tuple[str, ...],
+        load: Callable[[], T],
+        behind: Callable[[T], bool] | None = None,
+        read_since: float | None = None,
     ) -> T:
         """Only objects that exist are cached: a "not found" is always re-read, because the usual next
         event is the object being created (and a stale absence would fail a run). Concurrent misses of
         one key make one read (fifty tool calls of one turn start at once and all need the same Tool).
         A copy ``behind`` says is outdated is a miss too: read again, and stored in its place (one being
-        read meanwhile is waited for, and looked at first)."""
+        read meanwhile is waited for, and looked at first). So is one whose read started before
+        ``read_since``."""
         with self._lock:
-            hit, value = self._fresh(key, self._clock())
+            hit, value = self._fresh(key, self._clock(), read_since)
             if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
-                hit, value = self._fresh(key, self._clock())
+                hit, value = self._fresh(key, self._clock(), read_since)
             if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             started = self._clock()
@@ -92,15 +105,23 @@ class TTLReadCache:
             return value
 
     def get(
-        self, model: type[R], namespace: str, name: str, *, behind: Callable[[R], bool] | None = None
+        self,
+        model: type[R],
+        namespace: str,
+        name: str,
+        *,
+        behind: Callable[[R], bool] | None = None,
+        read_since: float | None = None,
     ) -> R:
         """The object, read up to ``ttl_s`` ago; ``behind``: whether a copy is known to be outdated (a
         newer version was seen elsewhere), then read now. What it reads is returned whatever ``behind``
-        says of it: it can cost a read, never choose the content."""
+        says of it: it can cost a read, never choose the content. ``read_since`` (a time of ``now``): only
+        a read started since then will do. A read from the API server is current when it starts, so such
+        a copy holds every change made before ``read_since``, and concurrent callers share it."""
         if self.ttl_s <= 0:
             return self.kube.get(model, namespace, name)
         return self._cached(
-            (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name), behind
+            (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name), behind, read_since
         )
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:

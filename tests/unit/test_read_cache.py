@@ -172,3 +172,72 @@ def test_a_copy_known_to_be_behind_is_read_again_even_the_one_a_read_in_flight_b
     assert cache.get(Agent, "default", "a").spec.system == "edited", "stored in its place"
     assert cache.get(Agent, "default", "a", behind=behind).metadata.generation == 2
     assert len(kube.requests) == reads, "not behind: from the cache"
+
+
+def test_only_a_read_begun_since_read_since_will_do_and_callers_asking_before_it_began_share_it() -> None:
+    """Before a tool call runs unapproved, its Tool's approval setting must be as the API server had it
+    when the task began (workers.approvals): each of a fan-out's fifty calls read it from etcd. A read
+    begun since will do: it is current when it starts. One in flight since earlier will not."""
+    from kubechain.kube.cache import TTLReadCache
+    from kubechain.kube.client import custom_path
+    from kubechain.models import Agent
+    from tests.unit.fakes import create
+
+    class HeldRead(FakeKubeClient):
+        """Holds a GET, once answered, while ``hold`` is set."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hold = threading.Event()
+            self.answered = threading.Event()
+            self.release = threading.Event()
+
+        def request(self, method: str, path: str, **kwargs: Any) -> Any:  # type: ignore[override]
+            result = super().request(method, path, **kwargs)
+            if method == "GET" and self.hold.is_set():
+                self.hold.clear()
+                self.answered.set()
+                assert self.release.wait(10)
+            return result
+
+    def get_count(kube: FakeKubeClient) -> int:
+        return sum(1 for r in kube.requests if r[0] == "GET")
+
+    kube = HeldRead()
+    create(kube, "Agent", "agents", "a", {"llmRef": {"name": "l"}, "system": "s"})
+    now = [100.0]
+    cache = TTLReadCache(kube, ttl_s=3600.0, clock=lambda: now[0])
+    assert cache.get(Agent, "default", "a").spec.system == "s"  # read at 100
+    now[0] = 101.0
+    asked_at = cache.now()
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "edited"}})
+    reads = get_count(kube)
+    assert cache.get(Agent, "default", "a").spec.system == "s", "any copy within its TTL: the cached one"
+    assert cache.get(Agent, "default", "a", read_since=asked_at).spec.system == "edited"
+    assert get_count(kube) == reads + 1
+    assert cache.get(Agent, "default", "a", read_since=asked_at).spec.system == "edited"
+    assert cache.get(Agent, "default", "a", read_since=asked_at - 0.5).spec.system == "edited"
+    assert get_count(kube) == reads + 1, "asked before that read began: it will do"
+
+    # a read in flight since before a caller asked is waited for, then read again
+    now[0] = 102.0
+    kube.hold.set()
+    first: list[Agent] = []
+    reader = threading.Thread(
+        target=lambda: first.append(cache.get(Agent, "default", "a", read_since=cache.now()))
+    )
+    reader.start()
+    assert kube.answered.wait(10)  # its copy says "edited", not stored yet
+    now[0] = 103.0
+    later = cache.now()
+    kube.request("PATCH", custom_path("agents", "default", "a"), body={"spec": {"system": "again"}})
+    second: list[Agent] = []
+    waiting = threading.Thread(
+        target=lambda: second.append(cache.get(Agent, "default", "a", read_since=later))
+    )
+    waiting.start()
+    kube.release.set()
+    reader.join(10)
+    waiting.join(10)
+    assert first[0].spec.system == "edited" and second[0].spec.system == "again"
+    assert get_count(kube) == reads + 3
