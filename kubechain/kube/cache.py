@@ -25,6 +25,16 @@ R = TypeVar("R", bound=Resource[Any, Any])
 T = TypeVar("T")
 
 
+class _Flight:
+    """A read in progress for ``read_since`` callers: when it began, and what it brought once done."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = threading.Event()
+        self.value: Any = None
+        self.failed = False
+
+
 class TTLReadCache:
     def __init__(
         self,
@@ -40,6 +50,7 @@ class TTLReadCache:
         # key -> (when its read started, the object), oldest first: what has expired is at the front
         self._entries: OrderedDict[tuple[str, ...], tuple[float, Any]] = OrderedDict()
         self._loading: dict[tuple[str, ...], threading.Lock] = {}
+        self._flights: dict[tuple[str, ...], _Flight] = {}  # the latest read begun for a read_since
         self._lock = threading.Lock()
 
     def _drop_expired(self, now: float) -> None:
@@ -66,27 +77,33 @@ class TTLReadCache:
             return True, entry[1]
         return False, None
 
+    def _store(self, key: tuple[str, ...], started: float, value: Any) -> None:
+        """(The lock is held.) Stored at the back, in the order of its read; never over a copy whose read
+        began later."""
+        current = self._entries.get(key)
+        if current is not None and current[0] > started:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = (started, value)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
     def _cached(
-        self,
-        key: tuple[str, ...],
-        load: Callable[[], T],
-        behind: Callable[[T], bool] | None = None,
-        read_since: float | None = None,
+        self, key: tuple[str, ...], load: Callable[[], T], behind: Callable[[T], bool] | None = None
     ) -> T:
         """Only objects that exist are cached: a "not found" is always re-read, because the usual next
         event is the object being created (and a stale absence would fail a run). Concurrent misses of
         one key make one read (fifty tool calls of one turn start at once and all need the same Tool).
         A copy ``behind`` says is outdated is a miss too: read again, and stored in its place (one being
-        read meanwhile is waited for, and looked at first). So is one whose read started before
-        ``read_since``."""
+        read meanwhile is waited for, and looked at first)."""
         with self._lock:
-            hit, value = self._fresh(key, self._clock(), read_since)
+            hit, value = self._fresh(key, self._clock(), None)
             if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
             with self._lock:
-                hit, value = self._fresh(key, self._clock(), read_since)
+                hit, value = self._fresh(key, self._clock(), None)
             if hit and not (behind is not None and behind(value)):
                 return value  # type: ignore[no-any-return]
             started = self._clock()
@@ -97,12 +114,41 @@ class TTLReadCache:
                     self._loading.pop(key, None)
                 raise
             with self._lock:
-                self._entries.pop(key, None)  # (stored again at the back, in the order of its read)
-                self._entries[key] = (started, value)
+                self._store(key, started, value)
                 self._loading.pop(key, None)
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
             return value
+
+    def _read_begun_since(self, key: tuple[str, ...], load: Callable[[], T], read_since: float) -> T:
+        """A copy whose read began at ``read_since`` or later: the stored one, or one being read (joined),
+        or a read of its own begun at once. Never a wait for a read begun earlier, which would not do:
+        a fan-out's calls reach this one after another, and each would wait out a read, then make one."""
+        with self._lock:
+            hit, value = self._fresh(key, self._clock(), read_since)
+            if hit:
+                return value  # type: ignore[no-any-return]
+            flight = self._flights.get(key)
+            joined = flight is not None and flight.started >= read_since
+            if flight is None or not joined:
+                flight = self._flights[key] = _Flight(self._clock())
+        if joined:
+            flight.done.wait()
+            if flight.failed:
+                return load()  # its error (a Secret or object missing, the API server away) read as ours
+            return flight.value  # type: ignore[no-any-return]
+        try:
+            value = load()
+            flight.value = value
+            with self._lock:
+                self._store(key, flight.started, value)
+        except BaseException:
+            flight.failed = True
+            raise
+        finally:
+            with self._lock:
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
+            flight.done.set()
+        return value
 
     def get(
         self,
@@ -116,13 +162,15 @@ class TTLReadCache:
         """The object, read up to ``ttl_s`` ago; ``behind``: whether a copy is known to be outdated (a
         newer version was seen elsewhere), then read now. What it reads is returned whatever ``behind``
         says of it: it can cost a read, never choose the content. ``read_since`` (a time of ``now``): only
-        a read started since then will do. A read from the API server is current when it starts, so such
-        a copy holds every change made before ``read_since``, and concurrent callers share it."""
+        a read begun since then will do (``behind`` is not asked then). A read from the API server is
+        current when it begins, so such a copy holds every change made before ``read_since``, and
+        callers asking before it began share it."""
         if self.ttl_s <= 0:
             return self.kube.get(model, namespace, name)
-        return self._cached(
-            (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name), behind, read_since
-        )
+        key, load = (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name)
+        if read_since is not None:
+            return self._read_begun_since(key, load, read_since)
+        return self._cached(key, load, behind)
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         if self.ttl_s <= 0:

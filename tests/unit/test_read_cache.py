@@ -219,7 +219,7 @@ def test_only_a_read_begun_since_read_since_will_do_and_callers_asking_before_it
     assert cache.get(Agent, "default", "a", read_since=asked_at - 0.5).spec.system == "edited"
     assert get_count(kube) == reads + 1, "asked before that read began: it will do"
 
-    # a read in flight since before a caller asked is waited for, then read again
+    # a read in flight since before a caller asked will not do: not waited for, it reads at once
     now[0] = 102.0
     kube.hold.set()
     first: list[Agent] = []
@@ -236,8 +236,37 @@ def test_only_a_read_begun_since_read_since_will_do_and_callers_asking_before_it
         target=lambda: second.append(cache.get(Agent, "default", "a", read_since=later))
     )
     waiting.start()
+    waiting.join(10)
+    assert second and second[0].spec.system == "again", "read while the earlier read was held"
     kube.release.set()
     reader.join(10)
-    waiting.join(10)
-    assert first[0].spec.system == "edited" and second[0].spec.system == "again"
+    assert first[0].spec.system == "edited"
     assert get_count(kube) == reads + 3
+    assert cache.get(Agent, "default", "a", read_since=later).spec.system == "again", (
+        "the earlier read, done last, is not stored over the later one"
+    )
+    assert get_count(kube) == reads + 3
+
+    # callers asking before a read began join it while it is in flight
+    now[0] = 104.0
+    kube.hold.set()
+    kube.answered.clear()
+    kube.release.clear()
+    asked = cache.now()
+    now[0] = 105.0
+    firsts: list[Agent] = []
+    leader = threading.Thread(
+        target=lambda: firsts.append(cache.get(Agent, "default", "a", read_since=asked))
+    )
+    leader.start()
+    assert kube.answered.wait(10)
+    joiners = [
+        threading.Thread(target=lambda: firsts.append(cache.get(Agent, "default", "a", read_since=asked)))
+        for _ in range(3)
+    ]
+    for joiner in joiners:
+        joiner.start()
+    kube.release.set()
+    for thread in [leader, *joiners]:
+        thread.join(10)
+    assert len(firsts) == 4 and get_count(kube) == reads + 4
