@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 EventType = Literal["Normal", "Warning"]
 MAX_MESSAGE = 1024
+# An Event this process posted (or found there) in the last ten minutes is not posted again: its name says
+# it is the same one, and a condition checked again and again (an ignored approval annotation, at every
+# HumanLayer check) made a refused create each time. Well within the API server's Event TTL (1 h).
+REMEMBER_POSTED_S = 600.0
+REMEMBER_POSTED_MAX = 4096
 
 
 def event_name(object_name: str, uid: str, reason: str, key: str) -> str:
@@ -51,6 +57,8 @@ class EventRecorder:
         self.instance = instance
         self._delay_s = delay_s
         self._hurry = threading.Event()  # set by flush: what waits is posted now
+        self._posted: OrderedDict[str, float] = OrderedDict()  # namespace/name -> when, oldest first
+        self._posted_lock = threading.Lock()
         # each deferred post, when it is due, with its caller's context: the sender's log lines name what
         # the caller's do
         self._queue: queue.Queue[tuple[float, contextvars.Context, str, dict[str, Any]] | None] | None = None
@@ -83,11 +91,28 @@ class EventRecorder:
             time.sleep(0.01)
         self._hurry.clear()
 
+    def _posted_lately(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._posted_lock:
+            while self._posted:
+                oldest, at = next(iter(self._posted.items()))
+                if now - at < REMEMBER_POSTED_S and len(self._posted) <= REMEMBER_POSTED_MAX:
+                    break
+                del self._posted[oldest]
+            return key in self._posted
+
+    def _remember_posted(self, key: str) -> None:
+        with self._posted_lock:
+            self._posted.pop(key, None)
+            self._posted[key] = time.monotonic()
+
     def _post(self, namespace: str, body: dict[str, Any]) -> None:
+        key = f"{namespace}/{body['metadata']['name']}"
         try:
             self._client.create_event(namespace, body)
+            self._remember_posted(key)
         except AlreadyExists:
-            pass
+            self._remember_posted(key)
         except Exception as exc:  # noqa: BLE001 - best effort: a sender thread must not die, a task not fail
             reason = body.get("reason")
             involved = body["involvedObject"]
@@ -107,12 +132,15 @@ class EventRecorder:
         """Record ``reason`` on ``obj``. ``key`` names the transition (e.g. the resourceVersion the
         transition produced): the same (object, reason, key) always maps to the same Event name.
         ``deferred``: a sender thread posts it (when the recorder has them), not this call."""
+        name = event_name(obj.name, obj.uid, reason, key)
+        if self._posted_lately(f"{obj.namespace}/{name}"):
+            return
         now = datetime.now(UTC)
         body = {
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": event_name(obj.name, obj.uid, reason, key),
+                "name": name,
                 "namespace": obj.namespace,
             },
             "involvedObject": {

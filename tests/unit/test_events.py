@@ -149,3 +149,28 @@ def test_a_deferred_event_waits_its_delay_so_the_work_it_describes_goes_first_an
     waiting.emit(run, "Normal", "ToolCallCreated", "Created TaskRunToolCall t2", key="t2", deferred=True)
     waiting.flush(timeout_s=30)
     assert kube.event_reasons("r") == ["LLMFinalAnswer", "ToolCallCreated", "ToolCallCreated"]
+
+
+def test_an_event_this_process_posted_or_found_there_lately_is_not_posted_again() -> None:
+    """An ignored approval annotation on a call waiting via HumanLayer was warned about at every check: a
+    refused create (409) each time, for an Event that was already there."""
+    kube = FakeKubeClient()
+    run = TaskRun.from_wire(
+        {"metadata": {"name": "r", "namespace": "default", "uid": "u1", "resourceVersion": "7"}}
+    )
+    recorder = EventRecorder(kube, "kubechain-worker", "w1")
+
+    def posts() -> int:
+        return sum(1 for method, path in kube.requests if method == "POST" and path.endswith("/events"))
+
+    for _ in range(3):
+        recorder.emit(run, "Warning", "ApprovalAnnotationIgnored", "not a decision", key="approval=maybe")
+    assert posts() == 1 and kube.event_reasons("r") == ["ApprovalAnnotationIgnored"]
+    # another process's recorder finds it there once, then remembers it too
+    other = EventRecorder(kube, "kubechain-worker", "w2")
+    for _ in range(3):
+        other.emit(run, "Warning", "ApprovalAnnotationIgnored", "not a decision", key="approval=maybe")
+    assert posts() == 2
+    # another key is another Event
+    recorder.emit(run, "Warning", "ApprovalAnnotationIgnored", "not a decision", key="approval=perhaps")
+    assert posts() == 3
