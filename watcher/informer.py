@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubechain.kube.client import KubeClient
-from kubechain.kube.errors import Gone, KubeAPIError
+from kubechain.kube.errors import Forbidden, Gone, KubeAPIError, NotFound
 from kubechain.observability.logs import resource_fields
 from kubechain.statemachines.routing import cached_form
 
@@ -20,6 +20,18 @@ Key = tuple[str, str]
 # the informer made itself, for a cached object a relist no longer finds (deleted while the watch was
 # down, or missed): the object is the cached copy, possibly stale, and when it went is not known
 Handler = Callable[[str, str, dict[str, Any], dict[str, Any] | None, bool], None]
+
+
+def list_problem(plural: str, error: KubeAPIError) -> str:
+    """Why a kind cannot be listed, and what to fix."""
+    if isinstance(error, NotFound) and error.kind_unknown:
+        return f"{plural}: the API server does not serve this kind: its CRD is not installed (kubechain install --crds-only)"
+    if isinstance(error, Forbidden):
+        return (
+            f"{plural}: the watcher may not list it ({error.message}); grant its ServiceAccount list and watch "
+            "(deploy/base holds the RBAC)"
+        )
+    return f"{plural}: {error}"
 
 
 def object_key(obj: dict[str, Any]) -> Key:
@@ -69,6 +81,8 @@ class Informer:
         self.cache: dict[Key, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.synced = threading.Event()
+        # Why the first list is not in yet, if it failed (/readyz says it): what to fix, not only "waiting"
+        self.list_problem: str | None = None
         self.resource_version = ""
         self.relists = 0
         # The last list took longer than the API server keeps this kind's history (its watch expired
@@ -190,6 +204,7 @@ class Informer:
         self._failures.clear()
         self.resource_version = resource_version
         self.relists += 1
+        self.list_problem = None
         self.synced.set()
         if first and self.after_first_list is not None:
             self.after_first_list()
@@ -265,6 +280,8 @@ class Informer:
                     self.stop.wait(slow_list_backoff)
                     slow_list_backoff = min(slow_list_backoff * 2, 30.0)
             except KubeAPIError as exc:
+                if not self.synced.is_set():
+                    self.list_problem = list_problem(self.plural, exc)
                 if self._held_open(opened):
                     backoff = 0.2  # held open, then reset (a load balancer ending idle connections)
                 log.warning("watch of %s failed: %s; retrying in %.1fs", self.plural, exc, backoff)

@@ -603,7 +603,9 @@ class Watcher:
             if not informer.synced.is_set()
         ]
         if waiting:
-            return Health(False, f"starting: the first list of {', '.join(waiting)} is not in yet")
+            problems = [informer.list_problem for informer in self.informers if informer.list_problem]
+            failing = f"; failing: {'; '.join(problems)}" if problems else ""
+            return Health(False, f"starting: the first list of {', '.join(waiting)} is not in yet{failing}")
         return Health(True, "ok")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:

@@ -2009,3 +2009,39 @@ def test_the_watcher_process_serves_its_readiness_on_readyz(monkeypatch: Any) ->
     assert served["health"]().alive, "alive while its first lists are not in"
     verdict = served["readiness"]()
     assert not verdict.alive and verdict.detail.startswith("starting: the first list of ")
+
+
+def test_readyz_says_why_a_kind_cannot_be_listed_and_what_to_fix() -> None:
+    """A kind that can never be listed (its CRD missing, or RBAC refusing) kept /readyz at "the first list
+    of … is not in yet", with nothing to say why: `kubechain up` and the readinessProbe only waited."""
+    from kubechain.kube.errors import Forbidden, NotFound
+
+    class Refusing(FakeKubeClient):
+        def list_pages(self, plural: str, namespace: str | None = None, **kwargs: Any) -> Any:
+            if plural == "tools":
+                raise Forbidden(
+                    403, "Forbidden", 'tools.kubechain.humanlayer.dev is forbidden: User "w" cannot list'
+                )
+            if plural == "llms":
+                raise NotFound(404, "NotFound", "the server could not find the requested resource", {})
+            return super().list_pages(plural, namespace, **kwargs)
+
+    watcher = Watcher(Settings(), Refusing(), lambda *_: None, leader_election=False)
+    threads = [threading.Thread(target=informer.run, daemon=True) for informer in watcher.informers]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: all(i.synced.is_set() or i.list_problem for i in watcher.informers),
+            what="every first list",
+        )
+        verdict = watcher.readiness()
+    finally:
+        for informer in watcher.informers:
+            informer.stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert not verdict.alive
+    assert "tools: the watcher may not list it" in verdict.detail and "RBAC" in verdict.detail
+    assert "llms: the API server does not serve this kind" in verdict.detail
+    assert "kubechain install --crds-only" in verdict.detail
