@@ -143,25 +143,52 @@ def _process_problem(spec: MCPServerSpec) -> str | None:
 _HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 
 
-def _body_header_problem(header: EnvVar, transport: str) -> str | None:
-    """Why ``header`` contradicts the body the client sends, or None. The client frames each request's body
-    itself: h11 refuses a Content-Length of the spec's (the body is longer or shorter) and any
-    Transfer-Encoding but chunked. An SSE server refuses a message posted as anything but JSON, which the
-    SDK only logs; the streamable-HTTP client sets its own Content-Type for each message."""
-    name = header.name.lower()
-    literal = (header.value or "").strip().lower()
-    if name == "content-length" or (name == "transfer-encoding" and literal != "chunked"):
-        return f'header "{header.name}" is set by the HTTP client for each request, from its body: remove it'
+# Why a header contradicting the body is refused, each ending in the punctuation before what to do.
+_SET_BY_THE_CLIENT = "is set by the HTTP client for each request, from its body:"
+_NOT_JSON = (
+    "is not application/json: the client posts every MCP message as JSON, and an SSE server refuses one "
+    "said to be anything else;"
+)
+
+
+def _body_header_problem(name: str, value: str | None, transport: str) -> str | None:
+    """What in header ``name`` contradicts the body the client sends, or None; ``value`` None: it is read
+    from a Secret, and looked at when read (``_secret_body_header_problem``), so only its name is. The
+    client frames each request's body itself: h11 refuses a Content-Length of the spec's (the body is longer
+    or shorter) and any Transfer-Encoding but chunked. An SSE server refuses a message posted as anything
+    but JSON, which the SDK only logs; the streamable-HTTP client sets its own Content-Type for each
+    message."""
+    name = name.lower()
+    if name == "content-length":
+        return _SET_BY_THE_CLIENT
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if name == "transfer-encoding" and value != "chunked":
+        return _SET_BY_THE_CLIENT
     if (
         name == "content-type"
         and transport == "sse"
-        and literal.partition(";")[0].strip() != "application/json"
+        and value.partition(";")[0].strip() != "application/json"
     ):
-        return (
-            f'header "{header.name}" is not application/json: the client posts every MCP message as JSON, '
-            "and an SSE server refuses one said to be anything else; remove it"
-        )
+        return _NOT_JSON
     return None
+
+
+def _secret_body_header_problem(name: str, value: str, transport: str) -> str | None:
+    """What in header ``name``, its ``value`` read from a Secret, contradicts the body the client sends,
+    or None: ``_body_header_problem``'s rules, said as what the Secret may hold, never quoting it."""
+    problem = _body_header_problem(name, value, transport)
+    if problem is None:
+        return None
+    if name.lower() == "transfer-encoding":
+        return (
+            "is not chunked, the only Transfer-Encoding the HTTP client sends (it frames each request's "
+            "body itself): store chunked"
+        )
+    if name.lower() == "content-type":
+        return f"{problem} store application/json"
+    return problem  # a Content-Length: validate_spec refuses it before any Secret is read
 
 
 def _header_problem(header: EnvVar, transport: str) -> str | None:
@@ -175,7 +202,10 @@ def _header_problem(header: EnvVar, transport: str) -> str | None:
         )
     if header.value and (problem := _header_value_problem(header.value)):
         return f'header "{header.name}": its value contains {problem}; remove it'
-    return _body_header_problem(header, transport)
+    value = None if header.value_from is not None else header.value or ""
+    if problem := _body_header_problem(header.name, value, transport):
+        return f'header "{header.name}" {problem} remove it'
+    return None
 
 
 def command_problem(command: str, allowlist: Sequence[str] | None) -> str | None:
@@ -322,8 +352,10 @@ def _resolve_vars(
     what: str,
     resolve_secret: SecretResolver,
     secrets: list[str],
+    transport: str,
 ) -> tuple[tuple[str, str], ...]:
-    """Name/value pairs with secret references read (their values also added to ``secrets``)."""
+    """Name/value pairs with secret references read (their values also added to ``secrets``), each
+    Secret's value checked as ``validate_spec`` checks one written in the spec."""
     resolved: list[tuple[str, str]] = []
     for var in variables or []:
         ref = var.value_from.secret_key_ref if var.value_from is not None else None
@@ -355,6 +387,13 @@ def _resolve_vars(
                     "store the value without it",
                     ref.name,
                 )
+            # validate_spec could look only at the name of a header read from a Secret
+            if problem := _secret_body_header_problem(var.name, value, transport):
+                raise UnusableSecret(
+                    f'header "{var.name}" from secret "{ref.name}" (key "{ref.key}") {problem}, '
+                    "or remove the header",
+                    ref.name,
+                )
             value = value.strip()
         resolved.append((var.name, value))
     return tuple(resolved)
@@ -369,7 +408,7 @@ def resolve_spec(server: MCPServer, resolve_secret: SecretResolver) -> ResolvedS
         raise MCPError(problem)
     secrets: list[str] = []
     if spec.transport == "stdio":
-        env = _resolve_vars(server.namespace, spec.env, "env var", resolve_secret, secrets)
+        env = _resolve_vars(server.namespace, spec.env, "env var", resolve_secret, secrets, "stdio")
         return ResolvedSpec(
             transport="stdio",
             command=spec.command,
@@ -377,5 +416,5 @@ def resolve_spec(server: MCPServer, resolve_secret: SecretResolver) -> ResolvedS
             env=env,
             secret_values=tuple(secrets),
         )
-    headers = _resolve_vars(server.namespace, spec.headers, "header", resolve_secret, secrets)
+    headers = _resolve_vars(server.namespace, spec.headers, "header", resolve_secret, secrets, spec.transport)
     return ResolvedSpec(transport=spec.transport, url=spec.url, headers=headers, secret_values=tuple(secrets))

@@ -647,6 +647,90 @@ def test_a_header_that_contradicts_the_body_the_client_sends_is_a_validation_fai
         assert kube.event_reasons("remote") == ["ValidationFailed"]
 
 
+FROM_THE_SECRET = 'from secret "headers" (key "value")'
+
+
+@pytest.mark.parametrize(
+    ("transport", "name", "value", "said"),
+    [
+        *(
+            (
+                transport,
+                "Transfer-Encoding",
+                "gzip",
+                f'Connection failed: header "Transfer-Encoding" {FROM_THE_SECRET} is not chunked, the only '
+                "Transfer-Encoding the HTTP client sends (it frames each request's body itself): store "
+                "chunked, or remove the header",
+            )
+            for transport in ("http", "sse")
+        ),
+        (
+            "sse",
+            "Content-Type",
+            "text/plain",
+            f'Connection failed: header "Content-Type" {FROM_THE_SECRET} is not application/json: the client '
+            "posts every MCP message as JSON, and an SSE server refuses one said to be anything else; store "
+            "application/json, or remove the header",
+        ),
+        ("http", "Transfer-Encoding", "chunked\n", None),  # a Secret made with echo
+        ("sse", "Transfer-Encoding", "Chunked", None),
+        ("sse", "Content-Type", "application/json; charset=utf-8", None),
+        ("http", "Content-Type", "text/plain", None),  # the SDK sets its own for each message
+    ],
+)
+def test_a_header_secret_that_contradicts_the_body_the_client_sends_is_said_without_its_value(
+    kube: FakeKubeClient, served_urls: dict[str, str], transport: str, name: str, value: str, said: str | None
+) -> None:
+    """A Transfer-Encoding or (over SSE) Content-Type header read from a Secret was refused at validation
+    whatever the Secret held, as if written in the spec without a value ("is set by the HTTP client ...:
+    remove it", "is not application/json"), so chunked and application/json from a Secret never connected
+    and a wrong value was not said to be the Secret's. Now the Secret's value is checked when it is read,
+    as a literal's is: refused naming the header, Secret and key (never the value), in
+    status.unusableSecret so the watcher checks it again within SECRET_RECHECK_S; the fixed Secret
+    connects, and the values that work connect."""
+    import json
+
+    from kubechain.statemachines.routing import waits_for_a_secret
+
+    kube.add_secret("default", "headers", {"value": value})
+    header = {"name": name, "valueFrom": {"secretKeyRef": {"name": "headers", "key": "value"}}}
+    spec = {"transport": transport, "url": served_urls[transport], "headers": [header]}
+    create(kube, "MCPServer", "mcpservers", "remote", spec)
+    ctx = make_context(kube, None)
+    obj = run_validate(ctx, "remote")
+    status = obj["status"]
+    if said is None:
+        assert status["statusDetail"] == "Connected successfully with 1 tools", status
+        return
+    assert (status["status"], status["connected"]) == ("Error", False), status
+    assert status["statusDetail"] == said
+    assert status["unusableSecret"] == "headers" and waits_for_a_secret(obj)
+    assert kube.event_reasons("remote") == ["ConnectionFailed"]
+    events = [e["message"] for e in kube.events() if e["involvedObject"]["name"] == "remote"]
+    for where in (json.dumps(status), *events):
+        assert value not in where, where
+
+    allowed = "chunked" if name == "Transfer-Encoding" else "application/json"
+    kube.request("DELETE", "/api/v1/namespaces/default/secrets/headers")  # the Secret, fixed
+    kube.add_secret("default", "headers", {"value": allowed})
+    status = run_validate(ctx, "remote")["status"]  # what the watcher's re-check does
+    assert status["statusDetail"] == "Connected successfully with 1 tools", status
+    assert "unusableSecret" not in status
+
+
+def test_a_content_length_header_from_a_secret_is_a_validation_failure_before_it_is_read(
+    kube: FakeKubeClient, served_urls: dict[str, str]
+) -> None:
+    """A Content-Length contradicts every body whatever its value: refused by its name, as one written in
+    the spec is, without reading the Secret."""
+    header = {"name": "Content-Length", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "value"}}}
+    spec = {"transport": "http", "url": served_urls["http"], "headers": [header]}
+    create(kube, "MCPServer", "mcpservers", "remote", spec)
+    status = run_validate(make_context(kube, None), "remote")["status"]
+    assert status["statusDetail"] == f'Validation failed: header "Content-Length" {SET_BY_THE_CLIENT}', status
+    assert "unusableSecret" not in status
+
+
 NUL_IN_ENV = "contains a NUL character, which no environment variable can hold"
 
 
