@@ -10,7 +10,8 @@ Every request carries ``Authorization: Bearer <ContactChannel API key>``. TLS ce
 every request ends by a deadline: its connect timeout plus its timeout, the host's name resolution, the
 headers and the body included (httpx times each read alone, and the resolution not at all: an API or a
 proxy trickling its answer, or a resolver that does not answer, held a ContactChannel's check, or an
-approval's request, without bound). Errors say what went wrong without ever containing the key.
+approval's request, without bound). An answer is read up to MAX_ANSWER_BYTES, uncompressed: a larger one
+is refused, not held. Errors say what went wrong without ever containing the key.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from kubechain.redaction import redact, redact_url
 DEFAULT_TIMEOUT_S = 10.0  # each read and write; the connect has its own, at most CONNECT_TIMEOUT_S
 CONNECT_TIMEOUT_S = 5.0
 API_PREFIX = "/humanlayer/v1"
+# The largest answer echoes a call's spec: its arguments fit a Kubernetes object (1.5 MiB), at most three
+# times that as JSON's \u escapes; an answer past this is not HumanLayer's, and is not read further.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
 
 class HumanLayerError(Exception):
@@ -83,7 +87,12 @@ class HumanLayerClient:
         try:
             http = httpx.Client(
                 base_url=self.base_url,
-                headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+                headers={
+                    "Authorization": f"Bearer {api_key}",
+                    "Accept": "application/json",
+                    # httpx inflates each compressed piece whole, before it can be counted
+                    "Accept-Encoding": "identity",
+                },
                 timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
                 verify=True,
                 follow_redirects=False,
@@ -153,11 +162,19 @@ class HumanLayerClient:
                     f"cannot encode the request to HumanLayer as JSON ({where}): {type(exc).__name__}: {exc}"
                 ) from None
             headers = {"Content-Type": "application/json"}
+        answer = b""  # the answer's body
+        unreadable: str | None = None  # why the answer's body was not read
         try:
-            # the headers and the body (read by request()) by the deadline, every wait on the network cut to
-            # the time left
-            with io_ending_by(time.monotonic() + self.request_timeout_s):
-                response = self._http.request(method, path, content=content, headers=headers)
+            # the headers and the body by the deadline, every wait on the network cut to the time left
+            with (
+                io_ending_by(time.monotonic() + self.request_timeout_s),
+                self._http.stream(method, path, content=content, headers=headers) as response,
+            ):
+                if not 300 <= response.status_code < 400:  # a redirect's body is not looked at
+                    try:
+                        answer = _bounded_body(response)
+                    except _UnreadableAnswer as exc:
+                        unreadable = str(exc)
         except httpx.TimeoutException as exc:
             raise HumanLayerUnavailable(
                 f"HumanLayer API did not answer in time ({where}, within {self.request_timeout_s:g}s): "
@@ -197,7 +214,7 @@ class HumanLayerClient:
                 status,
             )
         if status >= 400:
-            detail = _detail(response, self._api_key)
+            detail = unreadable or _detail(answer, response.encoding, self._api_key)
             suffix = f": {detail}" if detail else ""
             if status == 401:
                 raise HumanLayerAuthError("invalid HumanLayer API key", status)
@@ -214,8 +231,14 @@ class HumanLayerClient:
                     f"HumanLayer API unavailable ({where}): HTTP {status}{suffix}", status
                 )
             raise HumanLayerError(f"HumanLayer rejected the request ({where}): HTTP {status}{suffix}", status)
+        if unreadable is not None:
+            raise HumanLayerError(
+                f"invalid response from HumanLayer ({where}): {unreadable}: check that HUMANLAYER_API_BASE "
+                "is the HumanLayer API's URL",
+                status,
+            )
         try:
-            payload = response.json()
+            payload = json.loads(answer)
         except (ValueError, RecursionError):  # not JSON, or nested deeper than json parses
             raise HumanLayerError(f"invalid response from HumanLayer ({where}): not JSON", status) from None
         if not isinstance(payload, dict):
@@ -260,13 +283,45 @@ def _segment(call_id: str) -> str:
     return quote(call_id, safe="", errors="surrogatepass")
 
 
-def _detail(response: httpx.Response, api_key: str) -> str:
+class _UnreadableAnswer(Exception):
+    """An answer's body not read: too large, or compressed."""
+
+
+def _bounded_body(response: httpx.Response) -> bytes:
+    """The body of a streamed ``response``, at most MAX_ANSWER_BYTES: read as sent (httpx would inflate a
+    compressed piece whole) and piece by piece, the reading stopped past the bound, unless its
+    Content-Length says so first."""
+    coding = response.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise _UnreadableAnswer(
+            f"the answer is in Content-Encoding {coding[:40]!r}, where none was asked for"
+        )
+    too_large = _UnreadableAnswer(
+        f"the answer is over {MAX_ANSWER_BYTES:,} bytes, more than any HumanLayer answer (not read further)"
+    )
+    declared = response.headers.get("Content-Length", "").strip()
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise too_large
+    pieces: list[bytes] = []
+    size = 0
+    # a piece is what one read of the connection gave, up to 64 KiB; a response read already (one a given
+    # transport made of bytes) has its content, and no stream left
+    read = [response.content] if response.is_stream_consumed else response.iter_raw()
+    for piece in read:
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            raise too_large
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _detail(body: bytes, encoding: str | None, api_key: str) -> str:
     """A short, printable reason from an error body (HumanLayer/FastAPI use ``{"detail": ...}``), without
     the key a proxy may have echoed: cut out before the text is shortened, which could leave its start."""
     try:
-        payload = response.json()
+        payload = json.loads(body)
     except (ValueError, RecursionError):
-        text = response.text.strip()
+        text = body.decode(encoding or "utf-8", "replace").strip()
     else:
         detail = payload.get("detail") if isinstance(payload, dict) and "detail" in payload else payload
         text = detail if isinstance(detail, str) else json.dumps(detail)

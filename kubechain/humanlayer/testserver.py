@@ -15,7 +15,7 @@ and an admin API (no auth) so tests can play the human and break things:
     GET  /_admin/state                                   every call, request counts
     POST /_admin/function_calls/{call_id}/respond        {approved, comment?, user?}
     POST /_admin/contact_requests/{call_id}/respond      {response, user?}
-    POST /_admin/down                                    {mode: "503" | "drop" | "lose-answer" | null}
+    POST /_admin/down                                    {mode: "503" | "drop" | "lose-answer" | "oversized" | null}
     POST /_admin/api_keys                                {keys: [...] | null}   (null: any key is valid)
 
 In-process use (a thread)::
@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from kubechain.humanlayer.client import MAX_ANSWER_BYTES
 
 PREFIX = "/humanlayer/v1"
 
@@ -101,7 +103,8 @@ class HumanLayerTestServer:
     def set_down(self, mode: str | bool | None) -> None:
         """``"503"`` (or True): answer every API request with 503; ``"drop"``: close the connection
         without an answer; ``"lose-answer"``: carry out each POST, then close the connection without its
-        answer; None/False: back to normal."""
+        answer; ``"oversized"``: answer every API request with a JSON object over the client's
+        MAX_ANSWER_BYTES; None/False: back to normal."""
         with self._lock:
             self._down = "503" if mode is True else (str(mode) if mode else None)
 
@@ -198,6 +201,8 @@ class HumanLayerTestServer:
             self.requests.append((method, path))
             if self._down == "drop":
                 return 0, None
+            if self._down == "oversized":
+                return 200, {"padding": "x" * MAX_ANSWER_BYTES}
             if self._down:
                 return 503, {"detail": "HumanLayer is down (test server)"}
             key = auth[len("Bearer ") :] if auth and auth.startswith("Bearer ") else ""
@@ -313,7 +318,10 @@ class HumanLayerTestServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading: an answer it refused ("oversized")
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 self._serve("GET")

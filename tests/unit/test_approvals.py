@@ -457,6 +457,34 @@ def test_outage_while_waiting_keeps_waiting(world: World) -> None:
     assert w.status()["phase"] == "ReadyToExecuteApprovedTool"
 
 
+def test_an_oversized_humanlayer_answer_is_a_failed_request_then_a_failed_check(world: World) -> None:
+    """An answer over the client's bound (an endpoint at a user-set HUMANLAYER_API_BASE sending hundreds of
+    MiB) is a bad HumanLayer answer: the request is retried as a failed one, the waiting call keeps
+    waiting; both say the answer was over the bound."""
+    from kubechain.humanlayer.client import MAX_ANSWER_BYTES
+
+    w = world
+    over = f"over {MAX_ANSWER_BYTES:,} bytes"
+    w.hl.set_down("oversized")
+    add_toolcall(w)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "ErrorRequestingHumanApproval" and status["attempts"] == 1, status
+    assert status["error"].startswith("HumanLayer request failed:") and over in status["error"], status
+    assert w.events()[-1] == "HumanLayerRequestFailed"
+    w.hl.set_down(None)
+    w.clock.advance(w.last_countdown())
+    w.run()
+    call_id = w.status()["externalCallID"]
+    w.hl.set_down("oversized")
+    w.clock.advance(2)
+    w.run()
+    status = w.status()
+    assert status["phase"] == "AwaitingHumanApproval" and status["externalCallID"] == call_id, status
+    assert "last check failed" in status["statusDetail"] and over in status["statusDetail"], status
+    assert "HumanLayerCheckFailed" in w.events()
+
+
 @pytest.mark.parametrize(
     ("breakage", "reason", "error"),
     [

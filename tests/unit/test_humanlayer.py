@@ -537,10 +537,10 @@ def test_what_else_httpx_raises_building_a_request_is_a_humanlayer_error(
     client, after the request's claim."""
     client, _ = recording_client()
 
-    def refuse(*_: Any, **__: Any) -> httpx.Response:
+    def refuse(*_: Any, **__: Any) -> httpx.Request:
         raise raised
 
-    monkeypatch.setattr(client._http, "request", refuse)
+    monkeypatch.setattr(client._http, "build_request", refuse)
     with pytest.raises(HumanLayerError, match=type(raised).__name__) as failed:
         client.get_function_call("kc-1")
     assert not isinstance(failed.value, HumanLayerUnavailable)
@@ -707,3 +707,137 @@ def test_a_ready_channel_meeting_an_api_base_it_cannot_use_is_pending_and_in_err
         assert "HUMANLAYER_API_BASE" in status["statusDetail"], status
     # it heals: a resync validates it again
     assert validated_status(kube, hl.url)["status"] == "Ready"
+
+
+# -- the size of an answer ---------------------------------------------------------------------------
+
+
+def json_of_size(size: int) -> bytes:
+    """A JSON object of exactly ``size`` bytes: ``{"id": "xxx..."}``."""
+    return b'{"id": "' + b"x" * (size - 10) + b'"}'
+
+
+class SizedAnswerServer:
+    """Answers every request with ``status`` and a JSON body of ``size`` bytes, framed by its
+    Content-Length ("length"), in chunks ("chunked"), or by closing the connection ("close"). With
+    ``ends=False`` the body's end never comes (no last chunk, no close): the connection is held open until
+    ``close()``, and a client that reads a whole body before it looks at its size waits for it."""
+
+    def __init__(self, framing: str, size: int, *, status: int = 200, ends: bool = True) -> None:
+        released = self.released = threading.Event()
+        body = json_of_size(size)
+        pieces = [body[start : start + 65536] for start in range(0, len(body), 65536)]
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if framing == "length":
+                    self.send_header("Content-Length", str(len(body)))
+                elif framing == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for piece in pieces:
+                        self.wfile.write(
+                            b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece
+                        )
+                    if ends and framing == "chunked":
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    if not ends:
+                        released.wait(60)  # a bound on a hang, not a pause
+                except OSError:
+                    pass  # the client stopped reading and closed the connection
+                self.close_connection = True
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        ).start()
+
+    def __enter__(self) -> SizedAnswerServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("framing", "ends"),
+    [("length", True), ("chunked", False), ("close", False)],
+    ids=["content-length", "chunked-unending", "close-delimited-unending"],
+)
+def test_an_answer_over_the_bound_is_refused_without_reading_it_whole(framing: str, ends: bool) -> None:
+    """The answer was read whole, whatever its size (only the request's deadline bounded it): an endpoint
+    at a user-set HUMANLAYER_API_BASE made a worker hold hundreds of MiB. Reading stops past
+    MAX_ANSWER_BYTES, and the answer is a bad one, as one not JSON is. A body that never ends is refused
+    at once (by its size, not by the deadline): the client did not wait for the whole of it."""
+    from kubechain.humanlayer.client import MAX_ANSWER_BYTES
+
+    with (
+        SizedAnswerServer(framing, MAX_ANSWER_BYTES + 1, ends=ends) as server,
+        HumanLayerClient(server.url, KEY, timeout_s=3) as client,
+        pytest.raises(HumanLayerError) as refused,
+    ):
+        client.get_project()
+    assert type(refused.value) is HumanLayerError, "not an outage: waiting does not make it smaller"
+    assert f"over {MAX_ANSWER_BYTES:,} bytes" in str(refused.value), str(refused.value)
+    assert f"GET {server.url}/humanlayer/v1/project" in str(refused.value)
+    assert "HUMANLAYER_API_BASE" in str(refused.value), "says what to check"
+
+
+def test_an_error_answer_over_the_bound_keeps_its_status() -> None:
+    """A 503 is an outage whatever its body (a proxy's error page): retried as one, the body not shown."""
+    from kubechain.humanlayer.client import MAX_ANSWER_BYTES
+
+    with (
+        SizedAnswerServer("chunked", MAX_ANSWER_BYTES + 1, status=503, ends=False) as server,
+        HumanLayerClient(server.url, KEY, timeout_s=3) as client,
+        pytest.raises(HumanLayerUnavailable) as failed,
+    ):
+        client.get_project()
+    assert "HTTP 503" in str(failed.value) and f"over {MAX_ANSWER_BYTES:,} bytes" in str(failed.value)
+    assert "xxxxxxxxxx" not in str(failed.value)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_an_answer_as_large_as_the_bound_is_read(framing: str) -> None:
+    from kubechain.humanlayer.client import MAX_ANSWER_BYTES
+
+    with (
+        SizedAnswerServer(framing, MAX_ANSWER_BYTES) as server,
+        HumanLayerClient(server.url, KEY) as client,
+    ):
+        assert len(client.get_project()["id"]) == MAX_ANSWER_BYTES - 10
+
+
+def test_answers_are_asked_for_uncompressed_and_a_compressed_one_is_not_inflated() -> None:
+    """httpx inflates each compressed piece whole: 10 KiB of gzip is 10 MiB, past any bound before it is
+    counted. HumanLayer's answers are small; they are asked for as they are, and one compressed anyway
+    is refused unread."""
+    import gzip
+
+    seen: list[httpx.Request] = []
+    bomb = gzip.compress(json_of_size(10 * 1024 * 1024))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=bomb, headers={"Content-Encoding": "gzip"})
+
+    client = HumanLayerClient("https://hl.example", KEY, transport=httpx.MockTransport(answer))
+    with client, pytest.raises(HumanLayerError, match="in Content-Encoding 'gzip'") as refused:
+        client.get_project()
+    assert type(refused.value) is HumanLayerError
+    assert [request.headers["accept-encoding"] for request in seen] == ["identity"]
