@@ -51,7 +51,7 @@ from kubechain.statemachines.routing import (
     work_for_deleted_sub_agent_run,
     work_for_deleted_toolcall,
 )
-from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION
+from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION, started_in_process
 from kubechain.statemachines.transition import parse_timestamp
 from watcher.informer import Informer, Key, log_fields, object_key
 from watcher.leader import LeaderElector
@@ -242,6 +242,10 @@ class Watcher:
             works = work_for(kind, obj, now, self.settings.claim_timeout_s)
             if kind == "TaskRunToolCall" and works and not self._prompts_its_run(obj):
                 works = [work for work in works if work.kind != "TaskRun"]
+            if kind == "TaskRunToolCall" and event_type == "ADDED" and started_in_process(obj):
+                # its creator runs it (a message would only have a worker find it claimed); resync
+                # finds it if that worker was lost first
+                works = [work for work in works if work.kind != "TaskRunToolCall"]
             if kind == "TaskRun" and run_just_ended(obj, previous):
                 works += work_for_calls_of_ended_run(obj, self._calls_of_run(obj))
         elif kind == "TaskRunToolCall" and self._cancels_a_call_of_a_live_run(obj):

@@ -63,6 +63,7 @@ _context: WorkerContext | None = None
 _context_lock = threading.Lock()
 _metrics_registry: CollectorRegistry = REGISTRY
 _prefork_parent = False
+_thread_pool_size = 0  # the threads pool's size, for the tool calls this worker starts itself
 # The consumer's event loop (which takes messages and acks them) beats this from its own timer: /healthz
 # fails when the loop is stuck, while /metrics, served by a thread of its own, would still answer.
 consumer_heartbeat = Heartbeat()
@@ -105,6 +106,7 @@ def context() -> WorkerContext:
                 lambda task, message, countdown: enqueue(app, task, message, countdown),
                 continues_llm=QueueName.LLM.value in app.amqp.queues.consume_from,
                 runs_tools=QueueName.TOOLS.value in app.amqp.queues.consume_from,
+                started_call_slots=_thread_pool_size,
             )
         return _context
 
@@ -262,11 +264,18 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _choose_metrics_registry(sender: Any = None, **_: Any) -> None:
-    global _metrics_registry, _prefork_parent
+    global _metrics_registry, _prefork_parent, _thread_pool_size
     # the pool is a class (from the CLI) or a name (from the config); Celery resolves it right after this
     prefork = sender is not None and issubclass(
         get_implementation(sender.pool_cls), get_implementation("prefork")
     )
+    # A threads pool's worker runs the tool calls it creates itself, on as many threads again: a prefork
+    # child runs one task at a time, and a gevent worker's threads would be greenlets (both leave them
+    # to the queue).
+    threads = sender is not None and issubclass(
+        get_implementation(sender.pool_cls), get_implementation("threads")
+    )
+    _thread_pool_size = int(getattr(sender, "concurrency", 0) or 0) if threads else 0
     _metrics_registry = registry_for(prefork, settings.prometheus_multiproc_dir)
     _prefork_parent = prefork
 

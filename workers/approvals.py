@@ -98,7 +98,8 @@ def _requirement_of(server: MCPServer | None, tool: Tool | None) -> Requirement 
 
 
 def gate(ctx: WorkerContext, toolcall: TaskRunToolCall, executor: Executor, asked_at: float) -> bool:
-    """``asked_at``: when the task began (on the config cache's clock), after the call was created."""
+    """``asked_at`` (on the config cache's clock): when the task began, after the call was created; for
+    a call its creator runs, when its turn began creating its calls."""
     try:
         return _gate(ctx, toolcall, executor, asked_at)
     except NotFound:

@@ -15,7 +15,7 @@ from kubechain.kube.client import KubeClient
 from kubechain.kube.events import EventRecorder
 from kubechain.llm.base import LLMClientFactory
 from kubechain.mcp.turns import Turns
-from kubechain.models import Resource
+from kubechain.models import Resource, TaskRunToolCall
 from kubechain.queueing import ResourceMessage, TaskName
 from kubechain.settings import Settings
 from kubechain.statemachines.taskrun import LoopLimits
@@ -144,6 +144,9 @@ class WorkerContext:
     claims_in_doubt: ClaimsInDoubt = field(default_factory=ClaimsInDoubt, repr=False)
     # This process consumes the llm queue: a turn it makes ready it also sends to the LLM, in-process.
     continues_llm: bool = False
+    # This process consumes the tools queue: the tool calls it creates it also starts, in-process
+    # (workers.started_calls); False when it cannot take one now. None: it leaves them to the queue.
+    start_tool_call: Callable[[TaskRunToolCall, float], bool] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     _config: TTLReadCache | None = None
     _config_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -185,17 +188,24 @@ class WorkerContext:
 
 
 def build_context(
-    settings: Settings, enqueue: Enqueue, *, continues_llm: bool = False, runs_tools: bool = True
+    settings: Settings,
+    enqueue: Enqueue,
+    *,
+    continues_llm: bool = False,
+    runs_tools: bool = True,
+    started_call_slots: int = 0,
 ) -> WorkerContext:
     """``runs_tools``: this process consumes the tools queue, so it keeps MCP sessions open for the tool
     calls to come. Without it (a checks worker), an MCPServer's validation connects, lists the tools and
-    closes: its stdio server does not keep running in a pod sized for no such children."""
+    closes: its stdio server does not keep running in a pod sized for no such children.
+    ``started_call_slots``: how many of the tool calls it creates it may run at once itself (its pool's
+    threads; 0: none, they go through the queue)."""
     from kubechain.mcp import MCPManager, kube_secret_resolver
     from kubechain.mcp.presence import kube_server_lister
     from workers.mcpservers import ToolsChangedRevalidator  # it imports this module
 
     kube = KubeClient.from_settings(settings, "kubechain-worker")
-    return WorkerContext(
+    ctx = WorkerContext(
         settings=settings,
         kube=kube,
         # A fan-out's fifty ToolCallCreated Events are posted a second later: meanwhile its tool calls,
@@ -226,3 +236,11 @@ def build_context(
         if runs_tools
         else None,
     )
+    if runs_tools and started_call_slots > 0:
+        from workers.started_calls import CallStarter
+        from workers.tool_call import run_started
+
+        ctx.start_tool_call = CallStarter(
+            started_call_slots, lambda toolcall, asked_at: run_started(ctx, toolcall, asked_at)
+        ).start
+    return ctx

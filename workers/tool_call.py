@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from kubechain.models import (
     Tool,
     ToolCallPhase,
 )
-from kubechain.observability.logs import bind_to_context
-from kubechain.observability.metrics import count_tool_call
-from kubechain.observability.tracing import span_with_ids
-from kubechain.queueing import AgentSeen, ResourceMessage
+from kubechain.observability.logs import bind_to_context, resource_context
+from kubechain.observability.metrics import TASK_SECONDS, TASKS, count_tool_call
+from kubechain.observability.tracing import span, span_with_ids
+from kubechain.queueing import AgentSeen, ResourceMessage, TaskName
 from kubechain.redaction import Scrubber, scrub_then_cut
 from kubechain.statemachines.routing import RUN_ENDED
 from kubechain.statemachines.taskrun import asked_for
@@ -333,6 +334,45 @@ def tool_call(ctx: WorkerContext, message: ResourceMessage) -> None:
     decide_on_current(
         ctx, TaskRunToolCall, message.namespace, message.name, step, seen_version=message.resource_version
     )
+
+
+def run_started(ctx: WorkerContext, created: TaskRunToolCall, asked_at: float) -> None:
+    """A call this process created to run itself (workers.started_calls), from the object its create was
+    answered with, as ``tool_call`` runs one from a message. ``asked_at``: when its turn began creating
+    its calls (on the config cache's clock). What it cannot finish now (the API server unavailable) goes
+    to the queue, whose retries take it from there."""
+    namespace, name = created.namespace, created.name
+    started = time.perf_counter()
+    outcome = "ok"
+    # a task's span and metrics, as for one from the queue (the span in its creator's trace: the run's)
+    with (
+        resource_context(created.KIND, namespace, name, TaskName.TOOL_CALL.value),
+        span(
+            f"tool_call {created.KIND}",
+            None,
+            **{"kubechain.namespace": namespace, "kubechain.name": name, "kubechain.reason": "started-here"},
+        ),
+    ):
+        bind_to_context(run=created.spec.task_run_ref.name)
+        try:
+            decide_on_current(
+                ctx,
+                TaskRunToolCall,
+                namespace,
+                name,
+                lambda toolcall: _tool_call_once(ctx, toolcall, asked_at=asked_at),
+                first=created,
+            )
+        except Exception as exc:  # noqa: BLE001 - not lost: the queue's task takes it over
+            outcome = "retry"
+            log.warning("tool call %s/%s started here goes to the queue: %s", namespace, name, exc)
+            message = ResourceMessage(
+                kind=created.KIND, namespace=namespace, name=name, reason="started-here-failed"
+            )
+            ctx.enqueue(TaskName.TOOL_CALL, message, 1.0)
+        finally:
+            TASKS.labels("tool_call", outcome).inc()
+            TASK_SECONDS.labels("tool_call").observe(time.perf_counter() - started)
 
 
 def _not_its_runs(

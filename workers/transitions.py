@@ -29,7 +29,11 @@ from kubechain.statemachines.taskrun import (
     plan_tool_calls_created,
     tool_calls_created,
 )
-from kubechain.statemachines.toolcall import DELEGATED_FROM_ANNOTATION, plan_tool_failure
+from kubechain.statemachines.toolcall import (
+    DELEGATED_FROM_ANNOTATION,
+    STARTED_BY_ANNOTATION,
+    plan_tool_failure,
+)
 from kubechain.statemachines.transition import (
     StatusFingerprint,
     Transition,
@@ -182,7 +186,16 @@ def create_children(
     (status, Warning Event, log line), and the parent as written is returned. None: every child exists.
     ``found``, if given, receives each child that was there already (ours), by name, as read."""
 
+    starts_calls = ctx.start_tool_call is not None and isinstance(parent, TaskRun)
+    # The calls started here are checked against the configuration as it was once the turn asked for
+    # them (see approvals.gate): one read of their Tool serves them all.
+    asked_at = ctx.config_cache.now() if starts_calls else 0.0
+
     def create(child: Resource[Any, Any]) -> KubeAPIError | None:
+        started_here = starts_calls and isinstance(child, TaskRunToolCall)
+        if started_here:
+            child = child.model_copy(deep=True)
+            child.metadata.annotations[STARTED_BY_ANNOTATION] = ctx.identity
         try:
             created = ctx.kube.create(child)
         except AlreadyExists as exists:
@@ -213,6 +226,8 @@ def create_children(
         ctx.events.emit(
             parent, "Normal", reason, f"Created {child.KIND} {child.name}", key=created.uid, deferred=burst
         )
+        if started_here:
+            _start(ctx, cast(TaskRunToolCall, created), asked_at)
         return None
 
     burst = len(children) > 2
@@ -228,6 +243,22 @@ def create_children(
         if refused is not None:
             return _child_rejected(ctx, parent, child, refused)
     return None
+
+
+def _start(ctx: WorkerContext, created: TaskRunToolCall, asked_at: float) -> None:
+    """Run a tool call this process just created, here; when it cannot now, through the queue (the
+    watcher sends no message for a call created to be started by its creator)."""
+    assert ctx.start_tool_call is not None
+    if ctx.start_tool_call(created, asked_at):
+        return
+    message = ResourceMessage(
+        kind=created.KIND,
+        namespace=created.namespace,
+        name=created.name,
+        resource_version=created.resource_version,
+        reason="started-by-queue",
+    )
+    ctx.enqueue(TaskName.TOOL_CALL, message, 0.0)
 
 
 def _as_created(child: TaskRunToolCall, found: dict[str, Any], metadata: ObjectMeta) -> bool:
@@ -299,15 +330,21 @@ def decide_on_current(
     step: Callable[[R], None],
     *,
     seen_version: str = "",
+    first: R | None = None,
 ) -> None:
     """Run ``step`` on the object until it decides without losing a race: on the first attempt a read
     from the API server no older than ``seen_version`` (the version the message was sent for, which the
     API server can answer from its watch cache); after each conflict, a fresh read. Never from the
     message's content: a message is only a hint, and anyone who can write to the broker could forge
-    one. An object deleted meanwhile ends it quietly."""
+    one. An object deleted meanwhile ends it quietly. ``first``: the object as the API server just
+    answered a write of it (its create), taken for the first attempt's read."""
     version = [seen_version]
+    given = [first]
 
     def read() -> R:
+        if given[0] is not None:
+            answered, given[0] = given[0], None
+            return answered
         not_older_than, version[0] = version[0], ""  # a conflict means that copy was stale: read fresh
         if not_older_than:
             try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -334,6 +334,19 @@ def plan_outcome_too_large(
 
 
 # -- delegation to a sub-agent ---------------------------------------------------------------------------
+
+# On a tool call: the worker that created it runs it too, at once, in its own process (a turn's dozens of
+# calls start without a trip through the watcher and the queue). The watcher sends no message for it when
+# it appears: its resync finds it if that worker is lost before claiming it.
+STARTED_BY_ANNOTATION = "kubechain.humanlayer.dev/started-by"
+
+
+def started_in_process(obj: Mapping[str, Any]) -> bool:
+    """Whether a tool call (as the watcher has it) was created to be run by the worker that created it,
+    and is not claimed yet."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get(STARTED_BY_ANNOTATION)) and not (obj.get("status") or {}).get("phase")
+
 
 DELEGATION_CHAIN_ANNOTATION = "kubechain.humanlayer.dev/delegation-chain"
 # On a sub-agent's run: the traceparent of its delegating call's span (in the parent run's trace), set when

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from kubechain.testing.waiting import wait_for
 from tests.conftest import Kubectl
 from tests.e2e.conftest import (
@@ -139,6 +141,22 @@ def test_parallel_builtin_tool_calls_fan_in_once(kubectl: Kubectl, namespace: st
         "get", "taskruntoolcall", "-l", "kubechain.humanlayer.dev/taskruntoolcall=sums", namespace=namespace
     ).stdout
     assert calls.count("Succeeded") == 2
+    # the worker (one pool of threads for every queue) ran the calls it created itself
+    listed = json.loads(
+        kubectl(
+            "get",
+            "taskruntoolcall",
+            "-l",
+            "kubechain.humanlayer.dev/taskruntoolcall=sums",
+            "-o",
+            "json",
+            namespace=namespace,
+        ).stdout
+    )["items"]
+    started_by = {
+        c["metadata"].get("annotations", {}).get("kubechain.humanlayer.dev/started-by") for c in listed
+    }
+    assert len(started_by) == 1 and None not in started_by, started_by
 
 
 def test_rate_limited_llm_backs_off_then_answers(kubectl: Kubectl, namespace: str, llm: ScriptedLLM) -> None:

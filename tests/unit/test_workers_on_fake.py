@@ -2274,3 +2274,63 @@ def test_a_bursts_created_events_wait_their_delay_but_one_or_twos_are_posted_wit
     assert kube.event_reasons("r").count("ToolCallCreated") == made + 2, "a burst's wait their delay"
     ctx.events.flush(timeout_s=30)
     assert kube.event_reasons("r").count("ToolCallCreated") == made + 5
+
+
+def test_a_worker_that_runs_tools_starts_the_calls_it_creates_itself_and_the_watcher_sends_none() -> None:
+    """A fan-out's calls went creator → watcher → queue → a worker that read each again before its claim:
+    for fifty calls, a quarter of the machine's work while they start. A worker consuming the tools queue
+    runs what it creates (from the create's answer), marked so; the watcher sends no message for such a
+    call until it is claimed, and its resync still finds one left unclaimed (its creator lost)."""
+    from kubechain.settings import Settings
+    from kubechain.statemachines.toolcall import STARTED_BY_ANNOTATION
+    from kubechain.testing.waiting import wait_for
+    from watcher.main import Watcher
+    from workers.started_calls import CallStarter
+    from workers.tool_call import run_started
+
+    kube = FakeKubeClient()
+    llm = tool_calling_llm(['{"a": 1, "b": 2}', '{"a": 3, "b": 4}', '{"a": 5, "b": 6}'])
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    ctx = context(kube, llm, "w1")
+    queued: list[tuple[TaskName, ResourceMessage]] = []
+    ctx.enqueue = lambda task, msg, countdown: queued.append((task, msg))
+    starter = CallStarter(2, lambda toolcall, asked_at: run_started(ctx, toolcall, asked_at))
+    ctx.start_tool_call = starter.start
+    prepare(ctx, message("TaskRun", "r"))
+    llm_call(ctx, message("TaskRun", "r"))
+    names = toolcall_names(kube)
+    assert len(names) == 3
+
+    def phases() -> list[str]:  # (not through requests: those are counted below)
+        calls = {
+            name: obj for (_, plural, _, name), obj in kube.objects.items() if plural == "taskruntoolcalls"
+        }
+        return [(calls[n].get("status") or {}).get("phase", "") for n in names]
+
+    # two slots: a call that found both taken (if none was done yet) went to the queue instead
+    assert len(queued) <= 1
+    wait_for(lambda: phases().count("Succeeded") == 3 - len(queued), what="the calls started in this process")
+    for _, msg in queued:
+        assert msg.kind == "TaskRunToolCall"
+        tool_call(ctx, msg)
+    assert phases() == ["Succeeded"] * 3
+    gets = [path for method, path in kube.requests if method == "GET" and "/taskruntoolcalls/" in path]
+    assert len(gets) == len(queued), "a call started here is not read again before its claim"
+    calls = [kube.get_raw("taskruntoolcalls", "default", n) for n in names]
+    assert all(c["metadata"]["annotations"][STARTED_BY_ANNOTATION] == "w1" for c in calls)
+    assert sorted(c["status"]["result"] for c in calls) == ["11", "3", "7"]
+
+    # the watcher: no message for such a call when it appears, unclaimed; its resync does send one
+    watcher = Watcher(Settings(), kube, lambda *_: None, leader_election=False)
+    fresh = dict(calls[0], status={})
+    assert [
+        w for w in watcher._event_work("TaskRunToolCall", "ADDED", fresh, None) if w.kind == "TaskRunToolCall"
+    ] == []
+    unmarked = dict(fresh, metadata={**fresh["metadata"], "annotations": {}})
+    assert [w.task for w in watcher._event_work("TaskRunToolCall", "ADDED", unmarked, None)] == [
+        TaskName.TOOL_CALL
+    ]
+    assert [w.task for w in work_for("TaskRunToolCall", fresh, datetime.now(UTC), 180, resync=True)] == [
+        TaskName.TOOL_CALL
+    ]
