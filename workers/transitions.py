@@ -33,6 +33,7 @@ from kubechain.statemachines.toolcall import (
     DELEGATED_FROM_ANNOTATION,
     STARTED_BY_ANNOTATION,
     plan_tool_failure,
+    started_in_process,
 )
 from kubechain.statemachines.transition import (
     StatusFingerprint,
@@ -189,7 +190,7 @@ def create_children(
     starts_calls = ctx.start_tool_call is not None and isinstance(parent, TaskRun)
     # The calls started here are checked against the configuration as it was once the turn asked for
     # them (see approvals.gate): one read of their Tool serves them all.
-    asked_at = ctx.config_cache.now() if starts_calls else 0.0
+    asked_at = ctx.config_cache.now() if isinstance(parent, TaskRun) else 0.0
 
     def create(child: Resource[Any, Any]) -> KubeAPIError | None:
         started_here = starts_calls and isinstance(child, TaskRunToolCall)
@@ -214,6 +215,10 @@ def create_children(
                 return exists
             if found is not None:
                 found[child.name] = current
+            if isinstance(child, TaskRunToolCall) and started_in_process(current):
+                # An earlier attempt made it to start it itself, and did not claim it (its worker lost,
+                # or its task retried): no message was sent for it.
+                _start(ctx, TaskRunToolCall.from_wire(current), asked_at)
             return None
         except KubeAPIError as refused:
             if refused_for_good(refused):
@@ -246,10 +251,9 @@ def create_children(
 
 
 def _start(ctx: WorkerContext, created: TaskRunToolCall, asked_at: float) -> None:
-    """Run a tool call this process just created, here; when it cannot now, through the queue (the
-    watcher sends no message for a call created to be started by its creator)."""
-    assert ctx.start_tool_call is not None
-    if ctx.start_tool_call(created, asked_at):
+    """Run a tool call made to be started by its creator, here; when this process cannot now (or does
+    not run tools), through the queue: the watcher sends no message for such a call."""
+    if ctx.start_tool_call is not None and ctx.start_tool_call(created, asked_at):
         return
     message = ResourceMessage(
         kind=created.KIND,

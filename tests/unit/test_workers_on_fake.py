@@ -2334,3 +2334,35 @@ def test_a_worker_that_runs_tools_starts_the_calls_it_creates_itself_and_the_wat
     assert [w.task for w in work_for("TaskRunToolCall", fresh, datetime.now(UTC), 180, resync=True)] == [
         TaskName.TOOL_CALL
     ]
+
+
+def test_a_call_made_to_be_started_by_its_creator_but_never_claimed_is_sent_on_by_the_next_attempt() -> None:
+    """The watcher sends no message for a call its creator starts itself: one whose creator was lost before
+    claiming it (or whose task was retried) is found by the next create of the turn's calls, and started
+    there or sent to the queue."""
+    from kubechain.statemachines.taskrun import expected_toolcalls
+    from kubechain.statemachines.toolcall import STARTED_BY_ANNOTATION
+    from workers.transitions import create_children
+
+    kube = FakeKubeClient()
+    llm = tool_calling_llm(['{"a": 1, "b": 2}'])
+    validated(kube, llm, ["add"])
+    create(kube, "TaskRun", "taskruns", "r", {"agentRef": {"name": "a"}, "userMessage": "add"})
+    lost = context(kube, llm, "w1")
+    lost.start_tool_call = lambda toolcall, asked_at: True  # taken, then the worker is gone: never run
+    prepare(lost, message("TaskRun", "r"))
+    llm_call(lost, message("TaskRun", "r"))
+    (name,) = toolcall_names(kube)
+    made = kube.get_raw("taskruntoolcalls", "default", name)
+    assert made["metadata"]["annotations"][STARTED_BY_ANNOTATION] == "w1" and not made.get("status")
+    other = context(kube, llm, "w2")  # runs no tools itself
+    queued: list[tuple[TaskName, ResourceMessage]] = []
+    other.enqueue = lambda task, msg, countdown: queued.append((task, msg))
+    run = kube.get(TaskRun, "default", "r")
+    assert create_children(other, run, expected_toolcalls(run)) is None
+    assert [(task, msg.name) for task, msg in queued] == [(TaskName.TOOL_CALL, name)]
+    tool_call(other, queued[0][1])
+    assert kube.get_raw("taskruntoolcalls", "default", name)["status"]["phase"] == "Succeeded"
+    queued.clear()
+    assert create_children(other, run, expected_toolcalls(run)) is None
+    assert queued == [], "claimed (and done): nothing to send on"
