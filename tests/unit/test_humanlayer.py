@@ -165,6 +165,14 @@ def test_unreachable_server_is_unavailable() -> None:
         client.get_project()
 
 
+def serving(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """``handler`` served on a local port by a thread of its own: the server and its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 class BodyTricklingServer:
     """Answers with its headers at once, then one byte of a JSON body every 0.1 s for a minute."""
 
@@ -186,12 +194,7 @@ class BodyTricklingServer:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        ).start()
+        self.server, self.url = serving(Handler)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -758,12 +761,7 @@ class SizedAnswerServer:
             def log_message(self, *_: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        ).start()
+        self.server, self.url = serving(Handler)
 
     def __enter__(self) -> SizedAnswerServer:
         return self
