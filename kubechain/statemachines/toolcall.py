@@ -333,7 +333,7 @@ def plan_outcome_too_large(
     return plan_tool_failure(toolcall, why + advice, now, reason=RESULT_TOO_LARGE)
 
 
-# -- delegation to a sub-agent ---------------------------------------------------------------------------
+# -- started by its creator ------------------------------------------------------------------------------
 
 # On a tool call: the worker that created it runs it too, at once, in its own process (a turn's dozens of
 # calls start without a trip through the watcher and the queue). The watcher sends no message for it when
@@ -347,6 +347,8 @@ def started_in_process(obj: Mapping[str, Any]) -> bool:
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
     return bool(annotations.get(STARTED_BY_ANNOTATION)) and not (obj.get("status") or {}).get("phase")
 
+
+# -- delegation to a sub-agent ---------------------------------------------------------------------------
 
 DELEGATION_CHAIN_ANNOTATION = "kubechain.humanlayer.dev/delegation-chain"
 # On a sub-agent's run: the traceparent of its delegating call's span (in the parent run's trace), set when
