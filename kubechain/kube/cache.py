@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 class _Flight:
-    """A read in progress for ``read_since`` callers: when it began, and what it brought once done."""
+    """A read in progress: when it began, and what it brought once done."""
 
     def __init__(self, started: float) -> None:
         self.started = started
@@ -49,8 +49,7 @@ class TTLReadCache:
         self._clock = clock
         # key -> (when its read started, the object), oldest first: what has expired is at the front
         self._entries: OrderedDict[tuple[str, ...], tuple[float, Any]] = OrderedDict()
-        self._loading: dict[tuple[str, ...], threading.Lock] = {}
-        self._flights: dict[tuple[str, ...], _Flight] = {}  # the latest read begun for a read_since
+        self._flights: dict[tuple[str, ...], _Flight] = {}  # the latest read begun of each key
         self._lock = threading.Lock()
 
     def _drop_expired(self, now: float) -> None:
@@ -89,52 +88,38 @@ class TTLReadCache:
             self._entries.popitem(last=False)
 
     def _cached(
-        self, key: tuple[str, ...], load: Callable[[], T], behind: Callable[[T], bool] | None = None
+        self,
+        key: tuple[str, ...],
+        load: Callable[[], T],
+        behind: Callable[[T], bool] | None = None,
+        read_since: float | None = None,
     ) -> T:
         """Only objects that exist are cached: a "not found" is always re-read, because the usual next
         event is the object being created (and a stale absence would fail a run). Concurrent misses of
-        one key make one read (fifty tool calls of one turn start at once and all need the same Tool).
-        A copy ``behind`` says is outdated is a miss too: read again, and stored in its place (one being
-        read meanwhile is waited for, and looked at first)."""
-        with self._lock:
-            hit, value = self._fresh(key, self._clock(), None)
-            if hit and not (behind is not None and behind(value)):
-                return value  # type: ignore[no-any-return]
-            loading = self._loading.setdefault(key, threading.Lock())
-        with loading:
-            with self._lock:
-                hit, value = self._fresh(key, self._clock(), None)
-            if hit and not (behind is not None and behind(value)):
-                return value  # type: ignore[no-any-return]
-            started = self._clock()
-            try:
-                value = load()
-            except BaseException:
-                with self._lock:
-                    self._loading.pop(key, None)
-                raise
-            with self._lock:
-                self._store(key, started, value)
-                self._loading.pop(key, None)
-            return value
+        one key share one read (fifty tool calls of one turn start at once and all need the same Tool):
+        the one in flight is joined and its copy looked at first. A copy ``behind`` says is outdated is a
+        miss too: read again, and stored in its place. With ``read_since``, only a copy whose read began
+        then or later will do, and a read begun earlier is not waited for: a fan-out's calls reach this
+        one after another, and each would wait out a read, then make one."""
 
-    def _read_begun_since(self, key: tuple[str, ...], load: Callable[[], T], read_since: float) -> T:
-        """A copy whose read began at ``read_since`` or later: the stored one, or one being read (joined),
-        or a read of its own begun at once. Never a wait for a read begun earlier, which would not do:
-        a fan-out's calls reach this one after another, and each would wait out a read, then make one."""
+        def usable(value: T) -> bool:
+            return not (behind is not None and behind(value))
+
         with self._lock:
             hit, value = self._fresh(key, self._clock(), read_since)
-            if hit:
+            if hit and usable(value):
                 return value  # type: ignore[no-any-return]
             flight = self._flights.get(key)
-            joined = flight is not None and flight.started >= read_since
+            joined = flight is not None and (read_since is None or flight.started >= read_since)
             if flight is None or not joined:
                 flight = self._flights[key] = _Flight(self._clock())
         if joined:
             flight.done.wait()
-            if flight.failed:
-                return load()  # its error (a Secret or object missing, the API server away) read as ours
-            return flight.value  # type: ignore[no-any-return]
+            if not flight.failed and usable(flight.value):
+                return flight.value  # type: ignore[no-any-return]
+            # it failed (its error read as ours) or brought a copy behind: a read of our own
+            with self._lock:
+                flight = self._flights[key] = _Flight(self._clock())
         try:
             value = load()
             flight.value = value
@@ -162,15 +147,12 @@ class TTLReadCache:
         """The object, read up to ``ttl_s`` ago; ``behind``: whether a copy is known to be outdated (a
         newer version was seen elsewhere), then read now. What it reads is returned whatever ``behind``
         says of it: it can cost a read, never choose the content. ``read_since`` (a time of ``now``): only
-        a read begun since then will do (``behind`` is not asked then). A read from the API server is
-        current when it begins, so such a copy holds every change made before ``read_since``, and
-        callers asking before it began share it."""
+        a read begun since then will do. A read from the API server is current when it begins, so such a
+        copy holds every change made before ``read_since``, and callers asking before it began share it."""
         if self.ttl_s <= 0:
             return self.kube.get(model, namespace, name)
         key, load = (model.KIND, namespace, name), lambda: self.kube.get(model, namespace, name)
-        if read_since is not None:
-            return self._read_begun_since(key, load, read_since)
-        return self._cached(key, load, behind)
+        return self._cached(key, load, behind, read_since)
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         if self.ttl_s <= 0:
